@@ -1,0 +1,227 @@
+"""Run folders, atomic writes, hashes and manifests.
+
+Every artifact is written to a temporary file in the same folder and then renamed into place, so a process
+killed midway never leaves a half-written file under the final name. Each stage folder carries a
+``manifest.json`` listing its outputs with their sha256; :func:`verify_outputs` re-hashes them on load and
+reports a truncated or altered file by name.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import platform
+import re
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Iterator, Mapping
+
+import numpy as np
+import pandas as pd
+
+MANIFEST = "manifest.json"
+_RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+
+class ArtifactError(RuntimeError):
+    """A missing, truncated or altered artifact, or a manifest that does not match."""
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while True:
+            b = f.read(chunk)
+            if not b:
+                break
+            h.update(b)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def stable_hash(obj: Any) -> str:
+    """sha256 of a JSON-serialisable object with sorted keys (config hashes)."""
+    return sha256_bytes(json.dumps(obj, sort_keys=True, default=str).encode())
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success fsync and rename it onto ``path``.
+
+    On an exception the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp_path, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            tmp_path.unlink()
+        raise
+
+
+def write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+    return Path(path)
+
+
+def write_text(path: str | os.PathLike, text: str) -> Path:
+    return write_bytes(path, text.encode("utf-8"))
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> Path:
+    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+def read_json(path: str | os.PathLike) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path}: file not found") from None
+    except json.JSONDecodeError as e:
+        raise ArtifactError(f"{path}: not valid JSON ({e}); the file is truncated or altered") from None
+
+
+def write_parquet(path: str | os.PathLike, df: pd.DataFrame) -> Path:
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False)
+    return Path(path)
+
+
+def write_npz(path: str | os.PathLike, **arrays: np.ndarray) -> Path:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+    return Path(path)
+
+
+def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Load arrays saved by :func:`write_npz`; never unpickles objects."""
+    with np.load(path, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def save_torch(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    import torch
+
+    with atomic_path(path) as tmp:
+        torch.save(dict(state), tmp)
+    return Path(path)
+
+
+def load_torch(path: str | os.PathLike) -> Any:
+    """Load a checkpoint with ``weights_only=True``: tensors and plain containers only, no arbitrary pickle."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def package_versions() -> dict[str, str]:
+    import importlib.metadata as md
+
+    out = {"python": platform.python_version()}
+    for pkg in ("cascade", "torch", "numpy", "pandas", "pyarrow", "lightgbm", "scikit-learn", "faiss-cpu", "faiss-gpu-cu12"):
+        with contextlib.suppress(md.PackageNotFoundError):
+            out[pkg] = md.version(pkg)
+    return out
+
+
+def check_run_name(name: str) -> str:
+    """Run names become folder names under the runs root; refuse anything that could escape it."""
+    if not _RUN_NAME.match(name) or name in (".", ".."):
+        raise ValueError(
+            f"run name {name!r} is not allowed: use letters, digits, '.', '_' or '-' (no path separators, not '..')"
+        )
+    return name
+
+
+def safe_join(root: str | os.PathLike, *parts: str) -> Path:
+    """Join ``parts`` under ``root`` and refuse a result outside ``root`` (e.g. through '..' or an absolute part)."""
+    root_r = Path(root).resolve()
+    p = root_r.joinpath(*parts).resolve()
+    if p != root_r and root_r not in p.parents:
+        raise ValueError(f"path {'/'.join(parts)!r} escapes the folder {root}")
+    return p
+
+
+def write_manifest(
+    stage_dir: str | os.PathLike,
+    *,
+    stage: str,
+    config: Any,
+    seed: int | None,
+    inputs: Mapping[str, str],
+    outputs: list[str],
+    metrics: Mapping[str, Any] | None = None,
+    wall_s: float | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict:
+    """Write ``stage_dir/manifest.json`` listing ``outputs`` (paths relative to stage_dir) with their sha256.
+
+    The manifest is written last, so its presence marks a complete stage.
+    """
+    stage_dir = Path(stage_dir)
+    manifest = {
+        "stage": stage,
+        "config": config,
+        "config_hash": stable_hash(config),
+        "seed": seed,
+        "versions": package_versions(),
+        "inputs": dict(inputs),
+        "outputs": {rel: sha256_file(stage_dir / rel) for rel in sorted(outputs)},
+        "metrics": dict(metrics or {}),
+        "wall_s": wall_s,
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+    if extra:
+        manifest.update(extra)
+    write_json(stage_dir / MANIFEST, manifest)
+    return manifest
+
+
+def read_manifest(stage_dir: str | os.PathLike, verify: bool = True) -> dict:
+    stage_dir = Path(stage_dir)
+    m = read_json(stage_dir / MANIFEST)
+    if verify:
+        verify_outputs(stage_dir, m)
+    return m
+
+
+def verify_outputs(stage_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
+    """Re-hash every output listed in the manifest; raise ArtifactError naming the first bad file."""
+    stage_dir = Path(stage_dir)
+    for rel, digest in manifest.get("outputs", {}).items():
+        p = stage_dir / rel
+        if not p.exists():
+            raise ArtifactError(f"{p}: listed in {stage_dir / MANIFEST} but missing")
+        got = sha256_file(p)
+        if got != digest:
+            raise ArtifactError(
+                f"{p}: sha256 {got[:12]}... does not match the manifest's {digest[:12]}...: the file is truncated or altered"
+            )
