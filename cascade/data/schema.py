@@ -118,8 +118,15 @@ def _dtype_family(s: pd.Series) -> str:
     return "other"
 
 
+def show(value) -> str:
+    """A value as a user would write it (numpy scalars unwrapped): ``77``, ``'abc'``, ``nan``."""
+    if isinstance(value, np.generic):
+        value = value.item()
+    return repr(value)
+
+
 def _example(values: pd.Series) -> str:
-    return repr(values.iloc[0]) if len(values) else "<none>"
+    return show(values.iloc[0]) if len(values) else "<none>"
 
 
 def check_columns(df: pd.DataFrame, required: Mapping[str, str], source: str) -> None:
@@ -142,7 +149,8 @@ def check_columns(df: pd.DataFrame, required: Mapping[str, str], source: str) ->
             bad = df[col]
             if fam == "other":
                 num = pd.to_numeric(bad, errors="coerce")
-                bad = bad[num.isna() & bad.notna()]
+                nonnum = bad[num.isna() & bad.notna()]
+                bad = nonnum if len(nonnum) else bad
             raise DataValidationError(
                 f"{source}: column {col!r} must be {want} but has dtype {df[col].dtype} (example value {_example(bad)})"
             )
@@ -152,7 +160,7 @@ def check_id_column(df: pd.DataFrame, col: str, source: str, unique: bool) -> No
     """Ids must be integer, non-null and (for entity tables) unique."""
     s = df[col]
     if s.isna().any():
-        raise DataValidationError(f"{source}: column {col!r} has NaN ids (first at row {int(np.flatnonzero(s.isna().to_numpy())[0])})")
+        raise DataValidationError(f"{source}: column {col!r} has NaN ids (value NaN first at row {int(np.flatnonzero(s.isna().to_numpy())[0])})")
     if _dtype_family(s) != "int":
         raise DataValidationError(f"{source}: column {col!r} must hold integer ids, has dtype {s.dtype} (example value {_example(s)})")
     if unique:
@@ -169,11 +177,11 @@ def check_finite(df: pd.DataFrame, cols: Iterable[str], source: str, nonnegative
         if v.dtype.kind == "f":
             bad = ~np.isfinite(v)
             if bad.any():
-                raise DataValidationError(f"{source}: column {col!r} has a non-finite value {v[bad][0]!r} at row {int(np.flatnonzero(bad)[0])}")
+                raise DataValidationError(f"{source}: column {col!r} has a non-finite value {show(v[bad][0])} at row {int(np.flatnonzero(bad)[0])}")
         if col in nonneg and v.dtype.kind in "fiu":
             bad = v < 0
             if bad.any():
-                raise DataValidationError(f"{source}: column {col!r} has a negative value {v[bad][0]!r} at row {int(np.flatnonzero(bad)[0])}")
+                raise DataValidationError(f"{source}: column {col!r} has a negative value {show(v[bad][0])} at row {int(np.flatnonzero(bad)[0])}")
 
 
 @dataclass
@@ -196,9 +204,9 @@ class Dataset:
     def validate(self) -> "Dataset":
         """Raise DataValidationError on the first problem found; return self when all is well."""
         u, i, imp = self.users, self.items, self.impressions
-        check_columns(u, {"user_id": "int"}, self.source("users"))
+        check_columns(u, {"user_id": "any"}, self.source("users"))
         check_id_column(u, "user_id", self.source("users"), unique=True)
-        check_columns(i, {"item_id": "int"}, self.source("items"))
+        check_columns(i, {"item_id": "any"}, self.source("items"))
         check_id_column(i, "item_id", self.source("items"), unique=True)
         src = self.source("impressions")
         if len(imp) == 0:
@@ -212,17 +220,17 @@ class Dataset:
         for col, allowed in (("click", (0, 1)), ("is_rand", (0, 1))):
             bad = ~imp[col].isin(allowed)
             if bad.any():
-                raise DataValidationError(f"{src}: column {col!r} must be 0/1, found {imp[col][bad].iloc[0]!r}")
+                raise DataValidationError(f"{src}: column {col!r} must be 0/1, found {_example(imp[col][bad])}")
         unknown = ~imp["user_id"].isin(u["user_id"])
         if unknown.any():
             raise DataValidationError(
-                f"{src}: column 'user_id' references unknown user {imp['user_id'][unknown].iloc[0]!r} "
+                f"{src}: column 'user_id' references unknown user {_example(imp['user_id'][unknown])} "
                 f"(not in {self.source('users')})"
             )
         unknown = ~imp["item_id"].isin(i["item_id"])
         if unknown.any():
             raise DataValidationError(
-                f"{src}: column 'item_id' references unknown item {imp['item_id'][unknown].iloc[0]!r} "
+                f"{src}: column 'item_id' references unknown item {_example(imp['item_id'][unknown])} "
                 f"(not in {self.source('items')})"
             )
         for f in self.schema.features:
