@@ -1,0 +1,152 @@
+"""The stage runner: run folders, skip-if-unchanged, forced re-runs and crash safety.
+
+A pipeline is an ordered list of :class:`Stage` objects. Each stage owns ``runs/<run>/<stage>/`` and declares the
+slice of the config it depends on and the stages it reads. A stage is *up to date* when its folder has a valid
+``manifest.json`` (every output present with the recorded sha256), the same config hash, and the same input
+fingerprints (the output hashes of its upstream stages). Up-to-date stages are skipped; the rest run.
+
+A stage runs in a temporary sibling folder which is renamed onto the stage folder only after its manifest is
+written, so a process killed midway (even with SIGKILL) never leaves a folder that looks complete: the next run
+finds no valid manifest and redoes that stage from its inputs.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+from . import artifacts as A
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageContext:
+    """What a stage function receives.
+
+    out: the (temporary) folder to write into. inputs: upstream stage name -> its final folder.
+    config: the stage's config slice. seed: the run seed. progress: show tqdm bars.
+    """
+
+    name: str
+    out: Path
+    inputs: dict[str, Path]
+    config: Any
+    seed: int
+    progress: bool = True
+
+
+@dataclass
+class StageResult:
+    """What a stage function returns: files it wrote (relative to ctx.out) and its headline metrics."""
+
+    outputs: list[str]
+    metrics: dict[str, Any] = field(default_factory=dict)
+    summary: str = ""
+
+
+@dataclass(frozen=True)
+class Stage:
+    name: str
+    deps: tuple[str, ...]
+    config_of: Callable[[Any], Any]
+    run: Callable[[StageContext], StageResult]
+
+
+def _fingerprint(manifest: Mapping[str, Any]) -> str:
+    """What downstream stages depend on: the stage's config hash and the hashes of its outputs."""
+    return A.stable_hash({"config_hash": manifest["config_hash"], "outputs": manifest["outputs"]})
+
+
+def stage_status(stage_dir: Path, config_dict: Any, inputs: Mapping[str, str]) -> tuple[bool, str]:
+    """(up_to_date, reason)."""
+    if not (stage_dir / A.MANIFEST).exists():
+        return False, "no manifest"
+    try:
+        m = A.read_manifest(stage_dir, verify=True)
+    except A.ArtifactError as e:
+        return False, f"invalid artifacts ({e})"
+    if m.get("config_hash") != A.stable_hash(config_dict):
+        return False, "config changed"
+    if m.get("inputs") != dict(inputs):
+        return False, "inputs changed"
+    return True, "up to date"
+
+
+def run_stages(
+    stages: list[Stage],
+    config: Any,
+    run_dir: str | os.PathLike,
+    seed: int,
+    force: tuple[str, ...] = (),
+    only: tuple[str, ...] | None = None,
+    progress: bool = True,
+    to_plain: Callable[[Any], Any] = lambda c: c,
+    on_stage: Callable[[str, str, Mapping[str, Any]], None] | None = None,
+) -> dict[str, dict]:
+    """Run ``stages`` in order under ``run_dir``; return stage -> {"status": "ran"|"skipped", "manifest": ...}.
+
+    force: stage names to redo even when up to date (their dependants then re-run because their inputs change
+    only if outputs change; pass them too to force them). only: run just these stages (their upstream stages
+    must be up to date). to_plain: turns a config slice into JSON-able data for hashing and the manifest.
+    """
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    names = [s.name for s in stages]
+    for f in force:
+        if f not in names:
+            raise ValueError(f"--force {f!r}: no such stage (stages: {names})")
+    results: dict[str, dict] = {}
+    fingerprints: dict[str, str] = {}
+    for stage in stages:
+        stage_dir = run_dir / stage.name
+        cfg_slice = stage.config_of(config)
+        cfg_plain = to_plain(cfg_slice)
+        missing = [d for d in stage.deps if d not in fingerprints]
+        if missing:
+            raise RuntimeError(f"stage {stage.name!r} needs {missing}, which did not run or are not up to date")
+        inputs = {d: fingerprints[d] for d in stage.deps}
+        up_to_date, reason = stage_status(stage_dir, cfg_plain, inputs)
+        wanted = only is None or stage.name in only
+        if up_to_date and stage.name not in force:
+            m = A.read_manifest(stage_dir, verify=False)
+            fingerprints[stage.name] = _fingerprint(m)
+            results[stage.name] = {"status": "skipped", "manifest": m}
+            log.info("%-9s skipped (%s)", stage.name, reason)
+            if on_stage:
+                on_stage(stage.name, "skipped", m)
+            continue
+        if not wanted:
+            raise RuntimeError(f"stage {stage.name!r} is not up to date ({reason}); run it first")
+        tmp = run_dir / f".{stage.name}.partial"
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir()
+        log.info("%-9s running (%s)", stage.name, reason if stage.name not in force else "forced")
+        t0 = time.perf_counter()
+        ctx = StageContext(stage.name, tmp, {d: run_dir / d for d in stage.deps}, cfg_slice, seed, progress)
+        res = stage.run(ctx)
+        wall = time.perf_counter() - t0
+        m = A.write_manifest(tmp, stage=stage.name, config=cfg_plain, seed=seed, inputs=inputs,
+                             outputs=res.outputs, metrics=res.metrics, wall_s=round(wall, 3),
+                             extra={"summary": res.summary})
+        # Swap the finished folder in: the old one is removed only once the new one is complete.
+        old = run_dir / f".{stage.name}.old"
+        if old.exists():
+            shutil.rmtree(old)
+        if stage_dir.exists():
+            os.replace(stage_dir, old)
+        os.replace(tmp, stage_dir)
+        if old.exists():
+            shutil.rmtree(old)
+        fingerprints[stage.name] = _fingerprint(m)
+        results[stage.name] = {"status": "ran", "manifest": m}
+        log.info("%-9s done in %.1fs %s", stage.name, wall, res.summary)
+        if on_stage:
+            on_stage(stage.name, "ran", m)
+    return results
