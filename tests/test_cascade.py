@@ -1,0 +1,104 @@
+"""The serving cascade on a toy corpus whose stage scores are known in closed form."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cascade.serve.cascade import PAD, Cascade, PairScorer, Requests, Retriever, SeenFilter, topk_rows
+
+
+class ExactIP:
+    """Reference inner-product index over item ids 100.. (non-contiguous ids on purpose)."""
+
+    def __init__(self, xb, ids):
+        self.xb, self.ids = xb, ids
+
+    def search(self, xq, k):
+        s = xq @ self.xb.T
+        return topk_rows(s, np.broadcast_to(self.ids, s.shape), k)[::-1]
+
+
+@pytest.fixture()
+def toy():
+    rng = np.random.default_rng(0)
+    n_users, n_items, d = 20, 60, 4
+    U = rng.normal(size=(n_users, d)).astype(np.float32)
+    V = rng.normal(size=(n_items, d)).astype(np.float32)
+    ids = np.arange(n_items, dtype=np.int64) * 3 + 100
+    row = {int(x): j for j, x in enumerate(ids)}
+    bias = rng.normal(size=n_items).astype(np.float32)
+
+    def user_embed(req):
+        return U[req.user_id]
+
+    def prerank(req, cand):
+        rows = np.vectorize(lambda x: row.get(int(x), 0))(cand)
+        return np.einsum("bd,bnd->bn", U[req.user_id], V[rows])
+
+    def rank(req, cand):  # a different function: inner product plus an item bias
+        rows = np.vectorize(lambda x: row.get(int(x), 0))(cand)
+        return np.einsum("bd,bnd->bn", U[req.user_id], V[rows]) + 3 * bias[rows]
+
+    c = Cascade(Retriever(user_embed, ExactIP(V, ids)), PairScorer(prerank), PairScorer(rank))
+    return dict(U=U, V=V, ids=ids, bias=bias, cascade=c, user_embed=user_embed, rank=rank)
+
+
+def test_topk_rows_hand_worked():
+    s = np.array([[0.1, 0.9, 0.5], [1.0, 2.0, 3.0]], np.float32)
+    it = np.array([[7, 8, 9], [4, PAD, 6]])
+    i, v = topk_rows(s, it, 2)
+    assert i.tolist() == [[8, 9], [6, 4]]  # pad (score 2.0) never wins
+    i, v = topk_rows(s, it, 4)
+    assert i.tolist() == [[8, 9, 7, PAD], [6, 4, PAD, PAD]] and np.isinf(v[1, 2])
+
+
+def test_every_stage_honours_the_contract(toy):
+    req = Requests(np.array([0, 5, 7]), np.array([1, 2, 3]))
+    c = toy["cascade"]
+    cand, _ = c.retriever.select(req, None, 30)
+    for stage, cands in ((c.retriever, None), (c.preranker, cand), (c.ranker, cand)):
+        items, scores = stage.select(req, cands, 10)
+        assert items.shape == (3, 10) and scores.shape == (3, 10) and items.dtype == np.int64
+        assert np.all(np.diff(scores, axis=1) <= 0)  # sorted best first
+        if cands is not None:
+            assert all(set(items[b]) <= set(cands[b]) for b in range(3))
+
+
+def test_cascade_matches_brute_force_when_stages_are_wide(toy):
+    # With n_retrieve = n_prerank = the whole corpus the final list is the ranker's top-k over all items.
+    req = Requests(np.arange(20), np.zeros(20, np.int64))
+    res = toy["cascade"].recommend(req, n_retrieve=60, n_prerank=60, k=5, return_stages=True)
+    full = np.broadcast_to(toy["ids"], (20, 60))
+    want, _ = topk_rows(toy["rank"](req, full), full, 5)
+    assert np.array_equal(res.items, want)
+    assert set(res.stages) == {"retrieval", "prerank", "rank"} and res.stages["retrieval"][0].shape == (20, 60)
+    assert all(t >= 0 for t in res.timing_s.values())
+
+
+def test_invalid_request_does_not_disturb_the_batch(toy):
+    req = Requests(np.array([3.0, np.nan, 4.0]), np.array([1, 1, 1]))
+    good = toy["cascade"].recommend(Requests(np.array([3, 4]), np.array([1, 1])), 20, 10, 5)
+    res = toy["cascade"].recommend(req, 20, 10, 5)
+    assert res.errors[0] is None and res.errors[2] is None and "invalid user_id" in res.errors[1]
+    assert np.all(res.items[1] == PAD)
+    assert np.array_equal(res.items[[0, 2]], good.items)
+
+
+def test_seen_items_are_filtered_without_shrinking(toy):
+    c = toy["cascade"]
+    req = Requests(np.array([2]), np.array([0]))
+    before = c.recommend(req, 20, 10, 5).items[0]
+    c.seen = SeenFilter(np.array([2, 2, 9]), np.array([before[0], before[1], before[2]]))
+    after = c.recommend(req, 20, 10, 5, filter_seen=True).items[0]
+    assert before[0] not in after and before[1] not in after and before[2] in after  # item 3 was seen by user 9 only
+    assert (after != PAD).all()
+    m = c.seen.mask(np.array([2, 9]), np.array([[before[0], 5], [before[2], PAD]]))
+    assert m.tolist() == [[True, False], [True, False]]
+
+
+def test_bad_sizes_raise(toy):
+    req = Requests(np.array([1]), np.array([0]))
+    with pytest.raises(ValueError, match="k <= n_prerank <= n_retrieve"):
+        toy["cascade"].recommend(req, n_retrieve=10, n_prerank=20, k=5)
+    with pytest.raises(ValueError, match="filter_seen"):
+        Cascade(*[toy["cascade"].retriever, toy["cascade"].preranker, toy["cascade"].ranker]).recommend(req, 20, 10, 5, filter_seen=True)
