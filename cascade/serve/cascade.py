@@ -182,7 +182,7 @@ class Cascade:
         timing = {n: 0.0 for n in self.STAGE_NAMES}
         stages: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if ok.any():
-            req = requests.take(np.flatnonzero(ok)) if not ok.all() else requests
+            req = requests.take(np.flatnonzero(ok))
             req.user_id = req.user_id.astype(np.int64)
             t0 = time.perf_counter()
             if filter_seen:
