@@ -1,0 +1,254 @@
+"""Bad input: every malformed file raises DataValidationError naming the file, the column and the value."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from cascade.data.custom import load_custom
+from cascade.data.io import assign_requests, check_time_unit, read_csv_strict, read_parquet_strict
+from cascade.data.kuairand import load_kuairand
+from cascade.data.movielens import load_movielens_1m
+from cascade.data.schema import DataValidationError
+
+from test_loaders import T0, kuairand_dir, log_row, write_custom_example, write_log, write_ml1m
+
+DTYPES = {"user_id": "int64", "score": "float64", "name": "str"}
+
+
+def write(path: Path, text: str) -> Path:
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def raises(match_all: list[str], fn, *args, **kwargs) -> str:
+    """Call fn, require a DataValidationError whose message contains every string of ``match_all``."""
+    with pytest.raises(DataValidationError) as info:
+        fn(*args, **kwargs)
+    msg = str(info.value)
+    for s in match_all:
+        assert s in msg, f"{s!r} not in {msg!r}"
+    return msg
+
+
+def read(p: Path, **kw) -> pd.DataFrame:
+    return read_csv_strict(p, ["user_id", "score", "name"], DTYPES, **kw)
+
+
+def test_good_file_reads(tmp_path):
+    df = read(write(tmp_path / "ok.csv", "user_id,score,name\n1,0.5,a\n2,1.5,b\n"))
+    assert df["user_id"].tolist() == [1, 2] and df["score"].tolist() == [0.5, 1.5] and df["name"].tolist() == ["a", "b"]
+
+
+def test_missing_file(tmp_path):
+    raises(["nope.csv", "not found"], read, tmp_path / "nope.csv")
+
+
+def test_empty_file(tmp_path):
+    raises(["empty.csv", "empty"], read, write(tmp_path / "empty.csv", "\n  \n"))
+
+
+def test_header_only(tmp_path):
+    raises(["head.csv", "no data rows"], read, write(tmp_path / "head.csv", "user_id,score,name\n"))
+
+
+def test_wrong_delimiter_is_named(tmp_path):
+    p = write(tmp_path / "semi.csv", "user_id;score;name\n1;0.5;a\n")
+    raises(["semi.csv", "seems to use ';'"], read, p)
+    p = write(tmp_path / "tab.csv", "user_id\tscore\tname\n1\t0.5\ta\n")
+    raises(["tab.csv", "tab"], read, p)
+
+
+def test_truncated_last_line(tmp_path):
+    p = write(tmp_path / "trunc.csv", "user_id,score,name\n1,0.5,a\n2,1.5,b\n3,0.")
+    # Header is line 1, so the fourth line holds the truncated row "3,0." (two fields of three).
+    raises(["trunc.csv", "line 4", "2 field(s), expected 3"], read, p)
+
+
+def test_missing_required_column(tmp_path):
+    p = write(tmp_path / "cols.csv", "user_id,name\n1,a\n")
+    raises(["cols.csv", "'score'"], read, p)
+
+
+def test_text_in_numeric_column(tmp_path):
+    p = write(tmp_path / "text.csv", "user_id,score,name\n1,0.5,a\n2,high,b\n")
+    raises(["text.csv", "'score'", "'high'", "line 3"], read, p)
+    p = write(tmp_path / "text2.csv", "user_id,score,name\n1,0.5,a\n2.5,1.0,b\n")
+    raises(["text2.csv", "'user_id'", "'2.5'", "line 3"], read, p)
+
+
+def test_nan_inf_negative(tmp_path):
+    raises(["nan.csv", "'score'", "line 3"], read, write(tmp_path / "nan.csv", "user_id,score,name\n1,0.5,a\n2,,b\n"))
+    p = write(tmp_path / "nan2.csv", "user_id,score,name\n1,NaN,a\n")
+    raises(["nan2.csv", "'score'", "nan", "line 2"], read, p)
+    raises(["inf.csv", "'score'", "inf"], read, write(tmp_path / "inf.csv", "user_id,score,name\n1,inf,a\n"))
+    p = write(tmp_path / "neg.csv", "user_id,score,name\n1,0.5,a\n2,-3.0,b\n")
+    raises(["neg.csv", "'score'", "-3.0", "line 3"], read, p, nonnegative=["score"])
+    # Allowed where declared nullable: NaN comes back, inf still does not.
+    df = read(write(tmp_path / "nullable.csv", "user_id,score,name\n1,,\n"), nullable=["score", "name"])
+    assert np.isnan(df["score"].iloc[0]) and df["name"].isna().iloc[0]
+
+
+def test_duplicate_ids(tmp_path):
+    p = write(tmp_path / "dup.csv", "user_id,score,name\n1,0.5,a\n2,0.5,b\n1,0.7,c\n")
+    raises(["dup.csv", "'user_id'", "duplicate id 1", "lines 2 and 4"], read, p, unique=["user_id"])
+
+
+def test_parquet_reader_checks(tmp_path):
+    p = tmp_path / "t.parquet"
+    pd.DataFrame({"user_id": [1, 1], "score": [0.5, np.inf]}).to_parquet(p)
+    raises(["t.parquet", "'score'", "inf"], read_parquet_strict, p, ["user_id", "score"])
+    raises(["t.parquet", "duplicate id 1", "lines 1 and 2"], read_parquet_strict, p, ["user_id"], usecols=["user_id"],
+           unique=["user_id"])
+    raises(["t.parquet", "'name'"], read_parquet_strict, p, ["user_id", "name"])
+    pd.DataFrame({"user_id": ["1", "x"]}).to_parquet(p)
+    raises(["t.parquet", "'user_id'", "'x'", "line 2"], read_parquet_strict, p, ["user_id"], {"user_id": "int64"})
+
+
+def test_multichar_separator_and_latin1(tmp_path):
+    p = tmp_path / "m.dat"
+    p.write_bytes("1::Caf\xe9::3\n2::Na\xefve::4\n".encode("latin-1"))
+    df = read_csv_strict(p, ["a", "b", "c"], {"a": "int64", "b": "str", "c": "int64"}, sep="::", names=["a", "b", "c"],
+                         encoding="latin-1", quoting=False)
+    assert df["b"].tolist() == ["Caf\xe9", "Na\xefve"] and df["c"].tolist() == [3, 4]
+    p.write_bytes(b"1,Cafe,3\n")
+    raises(["m.dat", "seems to use ','"], read_csv_strict, p, ["a", "b", "c"], sep="::", names=["a", "b", "c"])
+
+
+# ---------------------------------------------------------------------------------------------------- loaders
+
+
+def test_kuairand_time_in_seconds(tmp_path):
+    d = kuairand_dir(tmp_path)
+    p = d / "log_random_4_22_to_5_08_pure.csv"
+    write_log(p, [log_row(0, 16, T0 // 1000, is_rand=1)])
+    raises([str(p), "'time_ms'", "looks like seconds", str(T0 // 1000), "line 2"], load_kuairand, d)
+
+
+def test_kuairand_date_hourmin_disagree_with_time(tmp_path):
+    d = kuairand_dir(tmp_path)
+    p = d / "log_random_4_22_to_5_08_pure.csv"
+    # T0 + 1 h is 17:00 Beijing time, but the row says hourmin 1600.
+    write_log(p, [log_row(0, 16, T0 + 1000, is_rand=1), log_row(0, 17, T0 + 3_600_000, is_rand=1)])
+    raises([str(p), "line 3", "hourmin=1600", f"time_ms={T0 + 3_600_000}", "20220408 17:00"], load_kuairand, d)
+    # 8 hours off = the UTC date/hour instead of Beijing's.
+    write_log(p, [log_row(0, 16, T0 + 1000, is_rand=1, hourmin=800)])
+    raises([str(p), "line 2", "hourmin=800"], load_kuairand, d)
+
+
+def test_kuairand_unknown_user_and_item(tmp_path):
+    d = kuairand_dir(tmp_path)
+    p = d / "log_random_4_22_to_5_08_pure.csv"
+    write_log(p, [log_row(99999, 16, T0 + 1000, is_rand=1)])
+    raises(["log_random_*pure*.csv", "unknown user 99999", "user_features_pure.csv"], load_kuairand, d)
+    write_log(p, [log_row(0, 99999, T0 + 1000, is_rand=1)])
+    raises(["unknown item 99999", "video_features_basic_pure.csv"], load_kuairand, d)
+
+
+def test_kuairand_bad_label_and_missing_log(tmp_path):
+    d = kuairand_dir(tmp_path)
+    p = d / "log_random_4_22_to_5_08_pure.csv"
+    write_log(p, [log_row(0, 16, T0 + 1000, is_rand=1, click=2)])
+    raises([str(p), "'is_click'", "0/1", "line 2"], load_kuairand, d)
+    p.unlink()
+    raises(["log_random_*pure*.csv", "no random log"], load_kuairand, d)
+
+
+def test_movielens_1m_bad_genre(tmp_path):
+    write_ml1m(tmp_path / "ml")
+    (tmp_path / "ml" / "movies.dat").write_text("10::X (1995)::Action|Sci-Fy\n", encoding="latin-1")
+    raises(["movies.dat", "'genres'", "'Sci-Fy'", "line 1"], load_movielens_1m, tmp_path / "ml")
+
+
+def test_movielens_1m_time_in_milliseconds(tmp_path):
+    write_ml1m(tmp_path / "ml")
+    (tmp_path / "ml" / "ratings.dat").write_text("1::10::5::978300760000\n", encoding="latin-1")
+    raises(["ratings.dat", "'timestamp'", "looks like milliseconds"], load_movielens_1m, tmp_path / "ml")
+
+
+def test_custom_unknown_toml_key(tmp_path):
+    toml = write_custom_example(tmp_path)
+    text = toml.read_text(encoding="utf-8")
+    write(toml, text.replace("request_gap_s = 1800", "request_gap = 1800"))
+    raises([str(toml), "'request_gap'"], load_custom, toml)
+    write(toml, text.replace('time_ms = "ts"', 'time_sm = "ts"'))
+    raises(["columns.impressions.", "'time_sm'"], load_custom, toml)
+    write(toml, text + '\n[[features]]\nname = "x"\ntable = "users"\nkind = "numeric"\nside = "user"\ncolour = 1\n')
+    raises(["'colour'"], load_custom, toml)
+
+
+def test_custom_wrong_time_unit_and_unknown_item(tmp_path):
+    toml = write_custom_example(tmp_path)
+    text = toml.read_text(encoding="utf-8")
+    write(toml, text.replace('unit = "s"', 'unit = "ms"'))
+    raises(["impressions.csv", "'ts'", "looks like seconds", "line 2"], load_custom, toml)
+    write(toml, text)
+    imp = pd.read_csv(tmp_path / "impressions.csv")
+    imp.loc[2, "sku"] = 555
+    imp.to_csv(tmp_path / "impressions.csv", index=False)
+    raises(["impressions.csv", "unknown item 555", "items.csv"], load_custom, toml)
+
+
+def test_custom_missing_feature_value(tmp_path):
+    toml = write_custom_example(tmp_path)
+    write(tmp_path / "users.csv", "uid,country,age\n7,de,31\n8,fr,\n")
+    raises(["users.csv", "'age'", "line 3"], load_custom, toml)
+    write(toml, toml.read_text(encoding="utf-8").replace("fill = false", "fill = true"))
+    ds = load_custom(toml)
+    # Median of the one present age (31) fills the gap; the flag says so.
+    assert ds.users["age"].tolist() == [31.0, 31.0] and ds.users["age_missing"].tolist() == [0, 1]
+    assert ds.schema["age_missing"].side == "user"
+
+
+# ---------------------------------------------------------------------------------------------------- properties
+
+_names = st.text(alphabet=st.characters(whitelist_categories=("L", "N"), max_codepoint=0x17F), min_size=1, max_size=8)
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(rows=st.lists(st.tuples(st.integers(0, 2**62), st.floats(-1e12, 1e12, allow_nan=False), _names),
+                     min_size=1, max_size=12, unique_by=lambda r: r[0]))
+def test_csv_and_parquet_round_trip(tmp_path, rows):
+    df = pd.DataFrame(rows, columns=["user_id", "score", "name"])
+    csv_p, pq_p = tmp_path / "t.csv", tmp_path / "t.parquet"
+    df.to_csv(csv_p, index=False, float_format="%.17g")
+    df.to_parquet(pq_p)
+    for back in (read(csv_p, unique=["user_id"]), read_parquet_strict(pq_p, list(DTYPES), DTYPES, unique=["user_id"])):
+        assert back["user_id"].tolist() == df["user_id"].tolist()
+        assert back["score"].tolist() == df["score"].tolist()
+        assert back["name"].tolist() == df["name"].tolist()
+
+
+def _reference_requests(group, time_ms):
+    """Plain-pandas reference of assign_requests (row order breaks ties)."""
+    df = pd.DataFrame({"g": group, "t": time_ms, "row": np.arange(len(group))})
+    df = df.sort_values(["g", "t", "row"], kind="stable")
+    df["pos"] = df.groupby("g").cumcount()
+    firsts = df[df["pos"] == 0].sort_values(["t", "row"], kind="stable")
+    rank = pd.Series(np.arange(len(firsts)), index=firsts["g"].to_numpy())
+    df["rid"] = rank.loc[df["g"].to_numpy()].to_numpy()
+    df = df.sort_values("row")
+    return df["rid"].to_numpy(), df["pos"].to_numpy()
+
+
+@settings(max_examples=60, deadline=None)
+@given(data=st.lists(st.tuples(st.integers(0, 4), st.integers(0, 6)), min_size=1, max_size=30))
+def test_assign_requests_matches_reference(data):
+    group = np.array([g for g, _ in data])
+    t = np.array([x for _, x in data]) * 1000
+    rid, pos = assign_requests(group, t)
+    ref_rid, ref_pos = _reference_requests(group, t)
+    assert rid.tolist() == ref_rid.tolist() and pos.tolist() == ref_pos.tolist()
+
+
+@given(st.integers(10**8, 10**11 - 1))
+def test_seconds_never_pass_as_milliseconds(x):
+    with pytest.raises(DataValidationError, match=re.escape(f"{x!r}")):
+        check_time_unit(np.array([x]), "ms", "f.csv", "time_ms")
+    check_time_unit(np.array([x]), "s", "f.csv", "time_ms")

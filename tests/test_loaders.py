@@ -1,0 +1,228 @@
+"""Real-data loaders: KuaiRand (real side tables + hand-written logs), ML-100K (real), ML-1M (tiny files), custom."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cascade.data.custom import load_custom
+from cascade.data.kuairand import LOG_COLUMNS, load_kuairand
+from cascade.data.movielens import load_movielens_100k, load_movielens_1m
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+KUAIRAND_SIDE = REPO / "data"
+ML100K = SHARED_DATA / "ml-100k"
+
+# 2022-04-08 16:00:00 in Beijing (UTC+8) = 2022-04-08 08:00:00 UTC
+# = 1649376000 s (2022-04-08 00:00 UTC) + 8 * 3600 s = 1649404800 s -> ms. 2022-04-08 was a Friday.
+T0 = 1_649_404_800_000
+
+
+def log_row(user, video, time_ms, tab=1, is_rand=0, click=0, date=20220408, hourmin=None, play=1000):
+    hourmin = 1600 if hourmin is None else hourmin
+    return {"user_id": user, "video_id": video, "date": date, "hourmin": hourmin, "time_ms": time_ms,
+            "is_click": click, "is_like": 0, "is_follow": 0, "is_comment": 0, "is_forward": 0, "is_hate": 0,
+            "long_view": 0, "play_time_ms": play, "duration_ms": 30000, "profile_stay_time": 0,
+            "comment_stay_time": 0, "is_profile_enter": 0, "is_rand": is_rand, "tab": tab}
+
+
+def write_log(path: Path, rows: list[dict]) -> None:
+    pd.DataFrame(rows, columns=list(LOG_COLUMNS)).to_csv(path, index=False)
+
+
+def kuairand_dir(tmp_path: Path) -> Path:
+    """Real KuaiRand-Pure side tables (linked) + three tiny log files in the official layout."""
+    d = tmp_path / "kuairand"
+    d.mkdir()
+    for name in ("user_features_pure.csv", "video_features_basic_pure.csv"):
+        (d / name).symlink_to(KUAIRAND_SIDE / name)
+    write_log(d / "log_standard_4_08_to_4_21_pure.csv", [
+        log_row(0, 10, T0 + 5000, click=1),    # request A, second by time (tie with video 13: file order)
+        log_row(0, 11, T0 + 1000),             # request A, first
+        log_row(1, 12, T0 + 3000),             # request B (other user)
+        log_row(0, 13, T0 + 5000),             # request A, third
+        log_row(0, 14, T0 + 2000, tab=2),      # request C (other tab)
+    ])
+    write_log(d / "log_standard_4_22_to_5_08_pure.csv", [
+        log_row(0, 15, T0 + 3_600_010, hourmin=1700, click=1),  # request D (next hour)
+    ])
+    write_log(d / "log_random_4_22_to_5_08_pure.csv", [
+        log_row(0, 16, T0 + 1500, is_rand=1),  # request E (random traffic is its own request)
+    ])
+    return d
+
+
+def test_kuairand_requests_positions_and_tables(tmp_path):
+    ds = load_kuairand(kuairand_dir(tmp_path))
+    imp = ds.impressions
+    # Requests by first impression time: A (T0+1000) -> 0, E (+1500) -> 1, C (+2000) -> 2, B (+3000) -> 3,
+    # D (+3600010) -> 4. Within A: video 11 (+1000) pos 0, video 10 (+5000, earlier line) pos 1, video 13 pos 2.
+    got = {int(v): (int(r), int(p)) for v, r, p in imp[["item_id", "request_id", "position"]].to_numpy()}
+    assert got == {11: (0, 0), 10: (0, 1), 13: (0, 2), 16: (1, 0), 14: (2, 0), 12: (3, 0), 15: (4, 0)}
+    # Sorted by (request_id, position).
+    assert imp["item_id"].tolist() == [11, 10, 13, 16, 14, 12, 15]
+    assert imp["is_rand"].tolist() == [0, 0, 0, 1, 0, 0, 0]
+    assert imp["click"].tolist() == [0, 1, 0, 0, 0, 0, 1]
+    assert imp["hour"].tolist() == [16, 16, 16, 16, 16, 16, 17]
+    assert set(imp["weekday"]) == {4}  # Friday
+    assert imp["time_ms"].iloc[0] == T0 + 1000
+    # Side tables: every real row, id columns renamed, first tag.
+    assert len(ds.users) == 27285 and len(ds.items) == 7583
+    raw = pd.read_csv(KUAIRAND_SIDE / "video_features_basic_pure.csv", dtype={"tag": "string"})
+    items = ds.items.set_index("item_id")
+    assert items.loc[5, "tag"] == 20  # raw tag "20,43"
+    missing_tag = raw.loc[raw["tag"].isna(), "video_id"].to_numpy()
+    assert len(missing_tag) == 96 and (items.loc[missing_tag, "tag"] == -1).all()
+    # video_duration: NaN -> median of the present values, flagged.
+    miss = raw["video_duration"].isna().to_numpy()
+    assert np.allclose(ds.items["video_duration"].to_numpy()[miss], np.median(raw["video_duration"][~miss]))
+    assert ds.items["video_duration_missing"].sum() == miss.sum() == 239
+    # Schema sides.
+    sch = ds.schema
+    assert sch["user_id"].side == "user" and sch["item_id"].side == "item" and sch["item_id"].kind == "categorical"
+    assert {f.name for f in sch.by_side("context")} == {"hour", "weekday", "tab"}
+    assert "play_time_ms" in {f.name for f in sch.by_side("privileged")}
+    assert sch["video_duration"].kind == "numeric" and sch["author_id"].kind == "categorical"
+    assert ds.sources["users"].endswith("user_features_pure.csv")
+
+
+def test_kuairand_standard_only(tmp_path):
+    ds = load_kuairand(kuairand_dir(tmp_path), logs=("standard",), variant="pure")
+    # Without the random log the request order is A, C, B, D.
+    assert ds.impressions["item_id"].tolist() == [11, 10, 13, 14, 12, 15]
+    assert ds.impressions["request_id"].tolist() == [0, 0, 0, 1, 2, 3]
+    assert ds.name == "kuairand-pure"
+
+
+@pytest.fixture(scope="module")
+def ml100k():
+    if not (ML100K / "u.data").exists():
+        pytest.skip(f"MovieLens-100K not found at {ML100K} (research licence: never copied into the repo)")
+    return load_movielens_100k(ML100K)
+
+
+def test_movielens_100k_real(ml100k):
+    ds = ml100k
+    raw = np.loadtxt(ML100K / "u.data", dtype=np.int64)  # user item rating unix_s
+    assert len(ds.impressions) == 100_000 and len(ds.users) == 943 and len(ds.items) == 1682
+    assert ds.impressions["click"].mean() == pytest.approx((raw[:, 2] >= 4).mean(), abs=0)
+    # One request per user-day (UTC), counted independently.
+    n_days = len({(u, t // 86400) for u, t in zip(raw[:, 0].tolist(), raw[:, 3].tolist())})
+    assert ds.impressions["request_id"].nunique() == n_days
+    assert ds.impressions["time_ms"].sum() == raw[:, 3].sum() * 1000
+    # Positions are 0..n-1 within each request, ordered by (time, item_id).
+    imp = ds.impressions
+    size = imp.groupby("request_id")["position"].transform("size")
+    assert (imp.groupby("request_id")["position"].transform("max") == size - 1).all()
+    nxt = imp.groupby("request_id").shift(-1)
+    same = nxt["time_ms"].notna()
+    assert (imp["time_ms"][same] <= nxt["time_ms"][same]).all()
+    # Request ids follow the time of the first impression.
+    first = imp[imp["position"] == 0].sort_values("request_id")["time_ms"].to_numpy()
+    assert (np.diff(first) >= 0).all()
+    # The rating is a label source only.
+    assert "rating" not in ds.schema.names and not any("rating" in n for n in ds.schema.names)
+    items = ds.items.set_index("item_id")
+    assert items.loc[1, "genre"] == "Animation" and items.loc[1, "genre_comedy"] == 1.0  # Toy Story
+    assert items.loc[1, "release_year"] == 1995
+    assert items.loc[267, "release_year_missing"] == 1  # the "unknown" movie has no release date
+    users = ds.users.set_index("user_id")
+    assert users.loc[1, "age_bucket"] == 18 and users.loc[1, "zip_prefix"] == "8"  # 24 years, zip 85711
+
+
+def write_ml1m(d: Path) -> None:
+    d.mkdir()
+    # Days (UTC): 978300000 // 86400 = 11322, 978300760 // 86400 = 11322, 978301000 // 86400 = 11322,
+    # 978400000 // 86400 = 11324.
+    (d / "ratings.dat").write_text(
+        "1::10::5::978300760\n1::20::3::978300760\n1::30::4::978300000\n2::10::4::978301000\n1::40::2::978400000\n",
+        encoding="latin-1")
+    (d / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n", encoding="latin-1")
+    (d / "movies.dat").write_text(
+        "10::GoldenEye (1995)::Action|Adventure|Thriller\n20::Angela (1995)::Drama\n"
+        "30::Toy Story (1995)::Animation|Children's|Comedy\n40::Caf\xe9 Film::Comedy\n", encoding="latin-1")
+
+
+def test_movielens_1m_small(tmp_path):
+    write_ml1m(tmp_path / "ml-1m")
+    ds = load_movielens_1m(tmp_path / "ml-1m")
+    imp = ds.impressions
+    # Request 0: user 1, day 11322: item 30 (978300000), then 10 and 20 (978300760, tie -> item_id order).
+    # Request 1: user 2 (first at 978301000). Request 2: user 1, day 11324 (item 40).
+    assert imp[["request_id", "user_id", "item_id", "position"]].to_numpy().tolist() == [
+        [0, 1, 30, 0], [0, 1, 10, 1], [0, 1, 20, 2], [1, 2, 10, 0], [2, 1, 40, 0]]
+    assert imp["click"].tolist() == [1, 1, 0, 1, 0]  # ratings 4, 5, 3, 4, 2
+    assert imp["time_ms"].iloc[0] == 978_300_000_000
+    items = ds.items.set_index("item_id")
+    assert items.loc[10, "genre"] == "Action"
+    assert items.loc[10, ["genre_action", "genre_adventure", "genre_thriller", "genre_drama"]].tolist() == [1, 1, 1, 0]
+    assert items.loc[30, "genre_childrens"] == 1
+    # Item 40 has no "(year)": median of 1995, 1995, 1995 and the flag.
+    assert items.loc[40, "release_year"] == 1995 and items.loc[40, "release_year_missing"] == 1
+    assert items.loc[40, "title"] == "Caf\xe9 Film"  # latin-1 decoded
+    users = ds.users.set_index("user_id")
+    assert users.loc[2, ["age_bucket", "gender", "occupation", "zip_prefix"]].tolist() == [56, "M", 16, "7"]
+    assert "genre_unknown" not in ds.items.columns and "rating" not in ds.schema.names
+
+
+def write_custom_example(d: Path) -> Path:
+    """The tiny dataset that pipelines/custom.example.toml describes."""
+    d.mkdir(exist_ok=True)
+    pd.DataFrame({"uid": [7, 8], "country": ["de", "fr"], "age": [31.0, 45.0]}).to_csv(d / "users.csv", index=False)
+    pd.DataFrame({"sku": [100, 101, 102], "category": ["shoe", "hat", "shoe"],
+                  "price_eur": [59.9, 15.0, 80.0]}).to_csv(d / "items.csv", index=False)
+    # 1_700_000_000 s = 2023-11-14 22:13:20 UTC = 23:13:20 at UTC+1 (a Tuesday).
+    pd.DataFrame({
+        "uid": [7, 7, 8, 7],
+        "sku": [101, 100, 100, 102],
+        "ts": [1_700_000_060, 1_700_000_000, 1_700_000_030, 1_700_090_000],
+        "clicked": [1, 0, 0, 1],
+        "session": ["s1", "s1", "s2", "s3"],
+        "dwell_s": [12.0, 0.0, 0.0, 40.0],
+    }).to_csv(d / "impressions.csv", index=False)
+    shutil.copy(REPO / "pipelines" / "custom.example.toml", d / "custom.example.toml")
+    return d / "custom.example.toml"
+
+
+def test_custom_example(tmp_path):
+    ds = load_custom(write_custom_example(tmp_path))
+    imp = ds.impressions
+    # s1 starts at 1_700_000_000 (request 0: sku 100 then 101), s2 at +30 (request 1), s3 a day later (2).
+    assert imp[["request_id", "user_id", "item_id", "position", "click"]].to_numpy().tolist() == [
+        [0, 7, 100, 0, 0], [0, 7, 101, 1, 1], [1, 8, 100, 0, 0], [2, 7, 102, 0, 1]]
+    assert imp["time_ms"].iloc[0] == 1_700_000_000_000
+    assert imp["hour"].iloc[0] == 23 and imp["weekday"].iloc[0] == 1  # 23:13 on a Tuesday at UTC+1
+    # 1_700_090_000 = +90000 s = 25 h later: 2023-11-16 00:13:20 at UTC+1, a Thursday.
+    assert imp["hour"].iloc[3] == 0 and imp["weekday"].iloc[3] == 3
+    assert ds.items.set_index("item_id").loc[100, "price"] == 59.9  # renamed from price_eur
+    assert ds.name == "example-shop"
+    assert ds.schema["dwell_s"].side == "privileged" and ds.schema["user_id"].side == "user"
+    assert ds.schema["item_id"].kind == "categorical"
+
+
+def test_custom_parquet_glob_and_derived_requests(tmp_path):
+    d = tmp_path / "shop"
+    d.mkdir()
+    pd.DataFrame({"user_id": [1, 2]}).to_parquet(d / "u.parquet")
+    pd.DataFrame({"item_id": [5, 6, 7]}).to_parquet(d / "i.parquet")
+    (d / "imp").mkdir()
+    # User 1: 0 s, 100 s, then 2000 s (gap 1900 > 1800: new request); user 2: 50 s. Milliseconds in the files.
+    base = 1_700_000_000_000
+    pd.DataFrame({"user_id": [1, 2], "item_id": [5, 6], "t": [base, base + 50_000], "c": [True, False]}
+                 ).to_parquet(d / "imp" / "part0.parquet")
+    pd.DataFrame({"user_id": [1, 1], "item_id": [7, 6], "t": [base + 2_000_000, base + 100_000], "c": [False, True]}
+                 ).to_parquet(d / "imp" / "part1.parquet")
+    (d / "map.toml").write_text(
+        '[files]\nusers = "u.parquet"\nitems = "i.parquet"\nimpressions = "imp/*.parquet"\n'
+        '[columns.impressions]\ntime_ms = "t"\nclick = "c"\n[time]\nunit = "ms"\n', encoding="utf-8")
+    ds = load_custom(d / "map.toml")
+    # Requests by first time: user 1 at base (items 5, 6 at +100 s) -> 0; user 2 at +50 s -> 1; user 1 at +2000 s -> 2.
+    assert ds.impressions[["request_id", "user_id", "item_id", "position", "click"]].to_numpy().tolist() == [
+        [0, 1, 5, 0, 1], [0, 1, 6, 1, 1], [1, 2, 6, 0, 0], [2, 1, 7, 0, 0]]
+    assert ds.impressions["is_rand"].tolist() == [0, 0, 0, 0]
+    assert ds.schema.names == ["user_id", "item_id"]
