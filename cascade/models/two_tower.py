@@ -1,0 +1,283 @@
+"""Two-tower students: a user tower (user + context features) and an item tower (item features).
+
+score(u, v) = <u, v> / temperature. With ``l2_normalize`` the embeddings lie on the unit sphere, so the inner
+product is a cosine in [-1, 1] and the temperature sets how peaked a softmax over items is (0.05 turns a cosine
+gap of 0.1 into a logit gap of 2). The towers are plain modules that return embeddings and hold no loss, so they
+export unchanged for serving: the user tower answers queries, the item tower fills the FAISS inner-product
+index. Dividing by a positive temperature does not change any top-k, so the index only needs the embeddings.
+
+:class:`TowerInputs` carries the encoded side tables the students read (users, items, per-request context),
+addressed by dense row index, with the id <-> row maps.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from cascade.data.batches import FeatureSpec
+from cascade.models.layers import MLP, FeatureEmbedding
+
+
+@dataclass(frozen=True)
+class TowerConfig:
+    """Tower sizes and the score scale.
+
+    emb_dim: width of every categorical embedding. hidden: MLP hidden sizes. out_dim: embedding size d.
+    l2_normalize: unit-norm outputs. temperature: score divisor (> 0); with l2_normalize=False use 1.0 unless you
+    mean to rescale raw inner products. learn_temperature: learn log(1/temperature) (initialised from
+    ``temperature``, clamped so 1/temperature stays in [1, 100]). dropout: MLP dropout.
+    """
+
+    emb_dim: int = 16
+    hidden: tuple[int, ...] = (128,)
+    out_dim: int = 32
+    l2_normalize: bool = True
+    temperature: float = 0.05
+    learn_temperature: bool = False
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.emb_dim <= 0 or self.out_dim <= 0:
+            raise ValueError(f"TowerConfig: emb_dim and out_dim must be > 0, got {self.emb_dim}, {self.out_dim}")
+        if not self.temperature > 0:
+            raise ValueError(f"TowerConfig: temperature must be > 0, got {self.temperature}")
+        object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+
+
+class _SideEncoder(nn.Module):
+    """Embeds one encoded side table: (cat [B, C], num [B, M]) -> [B, C * emb_dim + M]; None when the spec is empty."""
+
+    def __init__(self, spec: FeatureSpec, side: str, emb_dim: int) -> None:
+        super().__init__()
+        self.n_cat = len(spec.cat_index(side))
+        self.n_num = len(spec.num_index(side))
+        if len(spec.cat_names) != self.n_cat or len(spec.num_names) != self.n_num:
+            raise ValueError(
+                f"two-tower: the {side!r} spec has columns of other sides "
+                f"({sorted(set(spec.cat_sides + spec.num_sides) - {side})}); pass spec.select({side!r})"
+            )
+        self.emb = FeatureEmbedding(spec, (side,), emb_dim, numeric="raw") if self.n_cat + self.n_num else None
+        self.out_dim = self.n_cat * emb_dim + self.n_num
+
+    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        if self.emb is None:
+            return num.new_zeros(num.shape[0], 0)
+        fields, dense = self.emb(cat, num)  # [B, C, e], [B, M]
+        return torch.cat([fields.flatten(1), dense], dim=1)
+
+
+def _head(in_dim: int, cfg: TowerConfig) -> nn.Sequential:
+    if in_dim == 0:
+        raise ValueError("two-tower: a tower has no input columns")
+    mlp = MLP(in_dim, cfg.hidden, dropout=cfg.dropout)
+    return nn.Sequential(mlp, nn.Linear(mlp.out_dim, cfg.out_dim))
+
+
+class UserTower(nn.Module):
+    """User + context features -> user embedding.
+
+    forward(user_cat [B, Cu] int64, user_num [B, Mu] f32, ctx_cat [B, Cc] int64, ctx_num [B, Mc] f32) -> [B, d].
+    user_spec has side "user" only, ctx_spec side "context" only (either may be empty of columns, not both).
+    """
+
+    def __init__(self, user_spec: FeatureSpec, ctx_spec: FeatureSpec, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.user = _SideEncoder(user_spec, "user", cfg.emb_dim)
+        self.ctx = _SideEncoder(ctx_spec, "context", cfg.emb_dim)
+        self.head = _head(self.user.out_dim + self.ctx.out_dim, cfg)
+
+    def forward(self, user_cat: torch.Tensor, user_num: torch.Tensor, ctx_cat: torch.Tensor,
+                ctx_num: torch.Tensor) -> torch.Tensor:
+        b = user_cat.shape[0]
+        if not (user_num.shape[0] == ctx_cat.shape[0] == ctx_num.shape[0] == b):
+            raise ValueError(f"UserTower: batch sizes differ: {user_cat.shape}, {user_num.shape}, "
+                             f"{ctx_cat.shape}, {ctx_num.shape}")
+        x = torch.cat([self.user(user_cat, user_num), self.ctx(ctx_cat, ctx_num)], dim=1)
+        out = self.head(x)
+        return F.normalize(out, dim=-1) if self.cfg.l2_normalize else out
+
+
+class ItemTower(nn.Module):
+    """Item features -> item embedding. forward(item_cat [N, Ci] int64, item_num [N, Mi] f32) -> [N, d]."""
+
+    def __init__(self, item_spec: FeatureSpec, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.item = _SideEncoder(item_spec, "item", cfg.emb_dim)
+        self.head = _head(self.item.out_dim, cfg)
+
+    def forward(self, item_cat: torch.Tensor, item_num: torch.Tensor) -> torch.Tensor:
+        out = self.head(self.item(item_cat, item_num))
+        return F.normalize(out, dim=-1) if self.cfg.l2_normalize else out
+
+
+class TwoTower(nn.Module):
+    """The pair of towers plus the score scale. Holds no loss.
+
+    score(u [B, d], v [B, L, d]) -> [B, L] (each request's own list) or score(u [B, d], v [N, d]) -> [B, N]
+    (every request against the same N items): <u, v> / temperature.
+    """
+
+    def __init__(self, user_tower: UserTower, item_tower: ItemTower, cfg: TowerConfig) -> None:
+        super().__init__()
+        self.user_tower = user_tower
+        self.item_tower = item_tower
+        self.cfg = cfg
+        inv_t = torch.tensor(math.log(1.0 / cfg.temperature))
+        if cfg.learn_temperature:
+            self.log_inv_temperature = nn.Parameter(inv_t)
+        else:
+            self.register_buffer("log_inv_temperature", inv_t)
+
+    @property
+    def inv_temperature(self) -> torch.Tensor:
+        # clamp: a learned temperature that runs to 0 makes the softmax a hard max and the gradients explode.
+        return self.log_inv_temperature.clamp(0.0, math.log(100.0)).exp()
+
+    @property
+    def temperature(self) -> float:
+        return float(1.0 / self.inv_temperature.detach())
+
+    def score(self, u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        if u.dim() != 2:
+            raise ValueError(f"TwoTower.score: u must be [B, d], got {tuple(u.shape)}")
+        if v.dim() == 3:
+            if v.shape[0] != u.shape[0] or v.shape[2] != u.shape[1]:
+                raise ValueError(f"TwoTower.score: v {tuple(v.shape)} does not match u {tuple(u.shape)}")
+            s = torch.einsum("bd,bld->bl", u, v)
+        elif v.dim() == 2:
+            if v.shape[1] != u.shape[1]:
+                raise ValueError(f"TwoTower.score: v {tuple(v.shape)} does not match u {tuple(u.shape)}")
+            s = u @ v.T
+        else:
+            raise ValueError(f"TwoTower.score: v must be [B, L, d] or [N, d], got {tuple(v.shape)}")
+        return s * self.inv_temperature
+
+
+@torch.inference_mode()
+def item_embeddings(item_tower: ItemTower, item_cat: np.ndarray | torch.Tensor, item_num: np.ndarray | torch.Tensor,
+                    batch_size: int = 65536) -> np.ndarray:
+    """Embed the whole corpus in chunks: item_cat [I, Ci], item_num [I, Mi] -> float32 [I, d] (row i = item row i).
+
+    Runs in eval mode (no dropout) and restores the tower's training flag afterwards.
+    """
+    if batch_size <= 0:
+        raise ValueError(f"item_embeddings: batch_size must be > 0, got {batch_size}")
+    n = item_cat.shape[0]
+    if item_num.shape[0] != n:
+        raise ValueError(f"item_embeddings: item_cat has {n} rows but item_num has {item_num.shape[0]}")
+    was_training = item_tower.training
+    item_tower.eval()
+    try:
+        out = np.empty((n, item_tower.cfg.out_dim), dtype=np.float32)
+        for s in range(0, n, batch_size):
+            c = torch.as_tensor(item_cat[s:s + batch_size])
+            x = torch.as_tensor(item_num[s:s + batch_size])
+            out[s:s + batch_size] = item_tower(c, x).float().numpy()
+    finally:
+        item_tower.train(was_training)
+    return out
+
+
+def _rows_of(ids_sorted: np.ndarray, order: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
+    ids = np.asarray(ids)
+    pos = np.searchsorted(ids_sorted, ids)
+    pos = np.minimum(pos, len(ids_sorted) - 1)
+    bad = ids_sorted[pos] != ids if len(ids_sorted) else np.ones(ids.shape, dtype=bool)
+    if bad.any():
+        raise KeyError(f"unknown {what} id {ids[bad].flat[0].item()!r} ({int(bad.sum())} unknown of {ids.size})")
+    return order[pos]
+
+
+@dataclass
+class TowerInputs:
+    """Encoded side tables for the towers, addressed by dense row index.
+
+    user_cat int64 [U, Cu], user_num float32 [U, Mu] with user_spec (side "user"); item_cat [I, Ci], item_num
+    [I, Mi] with item_spec (side "item"); ctx_cat [R, Cc], ctx_num [R, Mc] with ctx_spec (side "context"), one
+    row per request. user_ids [U], item_ids [I], request_ids [R] (int64): row -> raw id; the reverse maps are
+    :meth:`user_rows` / :meth:`item_rows` / :meth:`request_rows`. The request rows are the rows of the requests
+    frame given to :func:`cascade.distill.ranklog.build_rank_log`, so rank-log request rows index ctx_cat.
+    """
+
+    user_spec: FeatureSpec
+    user_cat: np.ndarray
+    user_num: np.ndarray
+    item_spec: FeatureSpec
+    item_cat: np.ndarray
+    item_num: np.ndarray
+    ctx_spec: FeatureSpec
+    ctx_cat: np.ndarray
+    ctx_num: np.ndarray
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    request_ids: np.ndarray
+    _sorted: dict = field(default_factory=dict, init=False, repr=False)
+
+    def __post_init__(self) -> None:
+        for name, cat, num, spec, ids in (
+            ("user", self.user_cat, self.user_num, self.user_spec, self.user_ids),
+            ("item", self.item_cat, self.item_num, self.item_spec, self.item_ids),
+            ("context", self.ctx_cat, self.ctx_num, self.ctx_spec, self.request_ids),
+        ):
+            n = len(ids)
+            if cat.shape != (n, len(spec.cat_names)) or num.shape != (n, len(spec.num_names)):
+                raise ValueError(
+                    f"TowerInputs: {name} arrays cat {cat.shape} / num {num.shape} do not match {n} ids and the "
+                    f"spec's {len(spec.cat_names)} cat / {len(spec.num_names)} num columns"
+                )
+            if cat.dtype != np.int64 or num.dtype != np.float32:
+                raise ValueError(f"TowerInputs: {name} cat must be int64 and num float32, got {cat.dtype}, {num.dtype}")
+            order = np.argsort(ids, kind="stable")
+            srt = np.asarray(ids)[order]
+            if n > 1 and (srt[1:] == srt[:-1]).any():
+                dup = srt[1:][srt[1:] == srt[:-1]][0]
+                raise ValueError(f"TowerInputs: duplicate {name} id {dup.item()!r}")
+            self._sorted[name] = (srt, order)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    @property
+    def n_requests(self) -> int:
+        return len(self.request_ids)
+
+    def user_rows(self, user_ids: np.ndarray) -> np.ndarray:
+        """Raw user ids [...] -> rows [...]; raises KeyError on an unknown id."""
+        return _rows_of(*self._sorted["user"], user_ids, "user")
+
+    def item_rows(self, item_ids: np.ndarray) -> np.ndarray:
+        return _rows_of(*self._sorted["item"], item_ids, "item")
+
+    def request_rows(self, request_ids: np.ndarray) -> np.ndarray:
+        return _rows_of(*self._sorted["context"], request_ids, "request")
+
+    def user_batch(self, user_rows: np.ndarray, request_rows: np.ndarray) -> tuple[torch.Tensor, ...]:
+        """Tensors for UserTower.forward: (user_cat [B, Cu], user_num [B, Mu], ctx_cat [B, Cc], ctx_num [B, Mc])."""
+        return (torch.from_numpy(self.user_cat[user_rows]), torch.from_numpy(self.user_num[user_rows]),
+                torch.from_numpy(self.ctx_cat[request_rows]), torch.from_numpy(self.ctx_num[request_rows]))
+
+    def item_batch(self, item_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+        """Tensors for ItemTower.forward: (item_cat [N, Ci], item_num [N, Mi])."""
+        return torch.from_numpy(self.item_cat[item_rows]), torch.from_numpy(self.item_num[item_rows])
+
+
+def build_two_tower(inputs: TowerInputs, cfg: TowerConfig, seed: int = 0) -> TwoTower:
+    """A fresh TwoTower for ``inputs``' specs, initialised under ``seed``."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        user = UserTower(inputs.user_spec, inputs.ctx_spec, cfg)
+        item = ItemTower(inputs.item_spec, cfg)
+    return TwoTower(user, item, cfg)

@@ -1,0 +1,389 @@
+"""Training the two-tower pre-rank and retrieval students from the rank log and / or click labels.
+
+One explicit loop (:func:`train_student`): per batch of requests, embed the users (user + context tower) and
+every item the batch touches (one item-tower forward over the batch's distinct items), score the teacher's
+candidate lists, compute the weighted loss terms of :mod:`cascade.distill.losses`, step.
+
+Loss terms (names of :data:`LOSS_NAMES`; a term runs only with a non-zero weight):
+
+- on the teacher's candidate lists (need a :class:`~cascade.distill.ranklog.RankLog`): ``pointwise`` (top-K
+  weighted BCE), ``bpr`` (pairs), ``lambda_ndcg`` / ``approx_ndcg`` (NDCG with graded relevance from the
+  teacher, ``StudentConfig.relevance``), ``listnet`` (softmax KL), ``logit_mse``;
+- ground truth (need :class:`ClickLists`): ``click_bce`` on the impressed items;
+- ``sampled_softmax``: the retrieval student ranks the whole corpus, so it also sees corpus negatives: each
+  request's positive (one clicked item, or one of the teacher's top ``softmax_topk`` when
+  ``softmax_positives="teacher_topk"``) against the other requests' positives (in-batch) and
+  ``n_uniform_negatives`` uniform corpus items, with log-Q correction. q is in "expected copies per batch"
+  units so the two negative sources are comparable: an in-batch positive j appears about B * p_j times, where
+  p_j is j's share of all training positives (add-one smoothed); a uniform item M / I times.
+
+A ground-truth-only student puts weights only on ``click_bce`` / ``sampled_softmax`` (with click positives) and
+needs no rank log.
+
+Not here: the joint "one teacher, three students" mode (see cascade/train/joint.py for synchronous teacher +
+student training).
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from cascade.distill import losses as L
+from cascade.distill.ranklog import RankLog
+from cascade.eval.metrics import ndcg_at_k, recall_at_k
+from cascade.models.two_tower import TowerInputs, TwoTower
+
+log = logging.getLogger(__name__)
+
+LIST_LOSSES = ("pointwise", "bpr", "lambda_ndcg", "approx_ndcg", "listnet", "logit_mse")
+LOSS_NAMES = LIST_LOSSES + ("click_bce", "sampled_softmax")
+STAGES = ("prerank", "retrieval")
+_LOSS_FN = {
+    "pointwise": L.pointwise_topk_loss, "bpr": L.bpr_pairwise_loss, "lambda_ndcg": L.lambda_ndcg_loss,
+    "approx_ndcg": L.approx_ndcg_loss, "listnet": L.listnet_kl_loss, "logit_mse": L.logit_mse,
+    "click_bce": L.click_bce,
+}
+# arguments the loop fills in itself; everything else of a loss's signature may be set in loss_params
+_FILLED = {"student", "teacher_rank", "teacher_logits", "teacher", "mask", "relevance", "generator", "logits",
+           "labels"}
+_SOFTMAX_PARAMS = {"in_batch"}
+
+
+def _default_weights() -> dict[str, float]:
+    return {"pointwise": 1.0, "bpr": 1.0, "lambda_ndcg": 1.0}
+
+
+@dataclass(frozen=True)
+class StudentConfig:
+    """How to train a two-tower student.
+
+    stage: "prerank" (learns the teacher's order on candidate lists) or "retrieval" (also needs
+    ``sampled_softmax`` for corpus negatives). loss_weights: term name -> weight (names in LOSS_NAMES).
+    loss_params: term name -> keyword arguments of that loss (checked against its signature).
+    relevance: keyword arguments of ``graded_relevance`` for the NDCG terms. softmax_positives: "clicks" or
+    "teacher_topk"; softmax_topk: K of teacher_topk. n_uniform_negatives: corpus negatives per batch.
+    epochs, lr, weight_decay, batch_size (requests per batch), grad_clip (max global norm, None = off), eval_k
+    (K of the validation teacher-recall), seed, progress (tqdm bar).
+    """
+
+    stage: str = "prerank"
+    loss_weights: Mapping[str, float] = field(default_factory=_default_weights)
+    loss_params: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    relevance: Mapping[str, Any] = field(default_factory=lambda: {"mode": "rank_buckets"})
+    softmax_positives: str = "clicks"
+    softmax_topk: int = 10
+    n_uniform_negatives: int = 256
+    epochs: int = 5
+    lr: float = 3e-3
+    weight_decay: float = 0.0
+    batch_size: int = 256
+    grad_clip: float | None = 5.0
+    eval_k: int = 10
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        if self.stage not in STAGES:
+            raise ValueError(f"StudentConfig: stage {self.stage!r} is not one of {STAGES}")
+        unknown = sorted(set(self.loss_weights) - set(LOSS_NAMES))
+        if unknown:
+            raise ValueError(f"StudentConfig: unknown loss name(s) {unknown} in loss_weights; known: {LOSS_NAMES}")
+        if not any(w != 0 for w in self.loss_weights.values()):
+            raise ValueError("StudentConfig: every loss weight is 0 (or none is given)")
+        for name, params in self.loss_params.items():
+            if name not in LOSS_NAMES:
+                raise ValueError(f"StudentConfig: unknown loss name {name!r} in loss_params; known: {LOSS_NAMES}")
+            allowed = (set(inspect.signature(L.sampled_softmax_loss).parameters) & _SOFTMAX_PARAMS
+                       if name == "sampled_softmax" else set(inspect.signature(_LOSS_FN[name]).parameters) - _FILLED)
+            bad = sorted(set(params) - allowed)
+            if bad:
+                raise ValueError(f"StudentConfig: loss_params[{name!r}] has unknown key(s) {bad}; allowed: {sorted(allowed)}")
+        bad = sorted(set(self.relevance) - (set(inspect.signature(L.graded_relevance).parameters) - _FILLED))
+        if bad:
+            raise ValueError(f"StudentConfig: relevance has unknown key(s) {bad}")
+        if self.softmax_positives not in ("clicks", "teacher_topk"):
+            raise ValueError(f"StudentConfig: softmax_positives {self.softmax_positives!r} is not 'clicks' or 'teacher_topk'")
+        if self.stage == "retrieval" and not self.loss_weights.get("sampled_softmax"):
+            raise ValueError("StudentConfig: stage 'retrieval' ranks the whole corpus and needs a non-zero "
+                             "'sampled_softmax' weight (in-batch + uniform corpus negatives)")
+        for name in ("epochs", "batch_size", "softmax_topk", "eval_k"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"StudentConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.n_uniform_negatives < 0 or self.lr <= 0:
+            raise ValueError("StudentConfig: n_uniform_negatives must be >= 0 and lr > 0")
+
+    def weight(self, name: str) -> float:
+        return float(self.loss_weights.get(name, 0.0))
+
+
+@dataclass
+class ClickLists:
+    """Ground truth per request: the impressed items and their click labels, padded.
+
+    request_rows [R] int64 (rows of TowerInputs' context arrays), user_rows [R] int64, items [R, L] int64 item
+    rows (-1 = padding), labels [R, L] float32 in [0, 1] (0 at padding).
+    """
+
+    request_rows: np.ndarray
+    user_rows: np.ndarray
+    items: np.ndarray
+    labels: np.ndarray
+
+    def __post_init__(self) -> None:
+        r = len(self.request_rows)
+        if self.user_rows.shape != (r,) or self.items.ndim != 2 or self.items.shape[0] != r \
+                or self.labels.shape != self.items.shape:
+            raise ValueError(f"ClickLists: shapes do not agree: request_rows {self.request_rows.shape}, user_rows "
+                             f"{self.user_rows.shape}, items {self.items.shape}, labels {self.labels.shape}")
+        if len(np.unique(self.request_rows)) != r:
+            raise ValueError("ClickLists: a request row appears twice")
+
+    @property
+    def mask(self) -> np.ndarray:
+        return self.items >= 0
+
+    def __len__(self) -> int:
+        return len(self.request_rows)
+
+    @classmethod
+    def from_long(cls, request_rows: np.ndarray, user_rows: np.ndarray, item_rows: np.ndarray,
+                  labels: np.ndarray) -> "ClickLists":
+        """From one row per impression (all [N]): one sort by request, then a vectorised scatter into [R, L_max]."""
+        request_rows = np.asarray(request_rows, dtype=np.int64)
+        order = np.argsort(request_rows, kind="stable")
+        rr = request_rows[order]
+        uniq, first, counts = np.unique(rr, return_index=True, return_counts=True)
+        req_idx = np.repeat(np.arange(len(uniq)), counts)
+        slot = np.arange(len(rr)) - np.repeat(first, counts)
+        width = int(counts.max()) if len(counts) else 0
+        items = np.full((len(uniq), width), -1, dtype=np.int64)
+        lab = np.zeros((len(uniq), width), dtype=np.float32)
+        items[req_idx, slot] = np.asarray(item_rows, dtype=np.int64)[order]
+        lab[req_idx, slot] = np.asarray(labels, dtype=np.float32)[order]
+        users = np.asarray(user_rows, dtype=np.int64)[order][first]
+        return cls(uniq, users, items, lab)
+
+
+def _positive_log_q(pos_items: np.ndarray, n_items: int, batch_size: int) -> torch.Tensor:
+    """log of the expected number of copies of each item among a batch's positives: log(B * p_j). [I]."""
+    counts = np.bincount(pos_items, minlength=n_items).astype(np.float64) + 1.0  # add-one: unseen items stay finite
+    return torch.from_numpy(np.log(batch_size * counts / counts.sum()).astype(np.float32))
+
+
+def _sample_one(valid: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """One uniformly chosen True column per row of valid [B, L]: (column [B], row has one [B] bool)."""
+    keys = torch.rand(valid.shape, generator=generator).masked_fill(~valid, -1.0)
+    return keys.argmax(dim=1), valid.any(dim=1)
+
+
+def _params(cfg: StudentConfig, name: str) -> dict[str, Any]:
+    return dict(cfg.loss_params.get(name, {}))
+
+
+def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | None, clicks: ClickLists | None,
+                  cfg: StudentConfig, valid: RankLog | None = None) -> list[dict[str, Any]]:
+    """Train ``towers`` in place. Returns the history: one dict per epoch with the mean loss terms ("loss" is the
+    weighted total), "seconds", and, when ``valid`` is given, "valid" = :func:`evaluate_on_log` of it.
+
+    Batches are requests of ``rank_log`` when a weighted term needs the teacher's lists (click terms then use
+    the clicks of the same request rows, where there are any), else requests of ``clicks``. Reproducible under
+    cfg.seed (batch order, sampled pairs / negatives, dropout).
+    """
+    w = {n: cfg.weight(n) for n in LOSS_NAMES if cfg.weight(n) != 0}
+    need_log = any(n in w for n in LIST_LOSSES) or ("sampled_softmax" in w and cfg.softmax_positives == "teacher_topk")
+    need_clicks = "click_bce" in w or ("sampled_softmax" in w and cfg.softmax_positives == "clicks")
+    if need_log and rank_log is None:
+        raise ValueError(f"train_student: loss term(s) {sorted(w)} need a rank log, got rank_log=None")
+    if need_clicks and clicks is None:
+        raise ValueError(f"train_student: loss term(s) {sorted(w)} need click labels, got clicks=None")
+    driver = rank_log if need_log else clicks
+    if driver is None or len(driver) == 0:
+        raise ValueError("train_student: no training requests")
+    n_items = inputs.n_items
+    g = torch.Generator().manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+
+    click_of = None  # request row -> index into clicks
+    if clicks is not None and driver is rank_log:
+        top = int(max(clicks.request_rows.max(initial=-1), rank_log.request_rows.max(initial=-1))) + 1
+        click_of = np.full(top, -1, dtype=np.int64)
+        click_of[clicks.request_rows] = np.arange(len(clicks))
+
+    pos_log_q = None
+    if "sampled_softmax" in w:
+        if cfg.softmax_positives == "clicks":
+            pos = clicks.items[(clicks.labels > 0) & clicks.mask]
+        else:
+            pos = rank_log.items[rank_log.mask & (rank_log.ranks <= cfg.softmax_topk)]
+        if pos.size == 0:
+            raise ValueError(f"train_student: sampled_softmax has no positives ({cfg.softmax_positives})")
+        pos_log_q = _positive_log_q(pos, n_items, cfg.batch_size)
+        neg_log_q_value = float(np.log(max(cfg.n_uniform_negatives, 1) / n_items))
+
+    # dropout draws from torch's global generator: seed it from cfg.seed without touching the caller's state
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        opt = torch.optim.Adam(towers.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        history: list[dict[str, Any]] = []
+        for epoch in range(cfg.epochs):
+            towers.train()
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            n_steps = 0
+            for b in tqdm(_batches(driver, cfg.batch_size, rng), disable=not cfg.progress, desc=f"epoch {epoch}",
+                          total=-(-len(driver) // cfg.batch_size)):
+                req, usr = b["request_rows"].numpy(), b["user_rows"].numpy()
+                u = towers.user_tower(*inputs.user_batch(usr, req))  # [B, d]
+
+                # every item row the batch needs, embedded once
+                parts: dict[str, torch.Tensor] = {}
+                if driver is rank_log:
+                    parts["list"] = b["items"].clamp(min=0)
+                cb = None
+                if "click_bce" in w or ("sampled_softmax" in w and cfg.softmax_positives == "clicks"):
+                    cb = _click_batch(clicks, b, click_of)
+                    parts["click"] = cb["items"].clamp(min=0)
+                if "sampled_softmax" in w:
+                    if cfg.softmax_positives == "clicks":
+                        col, has = _sample_one((cb["labels"] > 0) & cb["mask"], g)
+                        pos_items, pos_rows = cb["items"][has, col[has]], cb["rows"][has]
+                    else:
+                        col, has = _sample_one(b["mask"] & (b["ranks"] <= cfg.softmax_topk), g)
+                        pos_items, pos_rows = b["items"][has, col[has]], torch.nonzero(has).squeeze(1)
+                    parts["pos"] = pos_items
+                    if cfg.n_uniform_negatives:
+                        parts["neg"] = torch.from_numpy(rng.integers(0, n_items, cfg.n_uniform_negatives))
+                flat = torch.cat([p.reshape(-1) for p in parts.values()])
+                uniq, inv = torch.unique(flat, return_inverse=True)
+                v_all = towers.item_tower(*inputs.item_batch(uniq.numpy()))[inv]  # [n_flat, d]
+                emb, start = {}, 0
+                for k, p in parts.items():
+                    emb[k] = v_all[start:start + p.numel()].reshape(*p.shape, -1)
+                    start += p.numel()
+
+                terms: dict[str, torch.Tensor] = {}
+                if driver is rank_log and any(n in w for n in LIST_LOSSES):
+                    s = towers.score(u, emb["list"])  # [B, L]
+                    mask, ranks, tl = b["mask"], b["ranks"], b["logits"]
+                    if "pointwise" in w:
+                        terms["pointwise"] = L.pointwise_topk_loss(s, ranks, mask, generator=g, **_params(cfg, "pointwise"))
+                    if "bpr" in w:
+                        terms["bpr"] = L.bpr_pairwise_loss(s, ranks, mask, generator=g, **_params(cfg, "bpr"))
+                    if "lambda_ndcg" in w or "approx_ndcg" in w:
+                        rel = L.graded_relevance(teacher_rank=ranks, teacher_logits=tl, mask=mask, **cfg.relevance)
+                        if "lambda_ndcg" in w:
+                            terms["lambda_ndcg"] = L.lambda_ndcg_loss(s, rel, mask, **_params(cfg, "lambda_ndcg"))
+                        if "approx_ndcg" in w:
+                            terms["approx_ndcg"] = L.approx_ndcg_loss(s, rel, mask, **_params(cfg, "approx_ndcg"))
+                    if "listnet" in w:
+                        terms["listnet"] = L.listnet_kl_loss(s, tl, mask, **_params(cfg, "listnet"))
+                    if "logit_mse" in w:
+                        terms["logit_mse"] = L.logit_mse(s, tl, mask)
+                if "click_bce" in w:
+                    s_click = towers.score(u[cb["rows"]], emb["click"])  # [Bc, Lc]
+                    terms["click_bce"] = L.click_bce(s_click, cb["labels"], cb["mask"])
+                if "sampled_softmax" in w:
+                    if pos_rows.numel() == 0:
+                        terms["sampled_softmax"] = u.sum() * 0.0  # no positive in this batch: a zero that keeps the graph
+                    else:
+                        # the towers' temperature goes into the user side, so a learned temperature gets its gradient
+                        terms["sampled_softmax"] = L.sampled_softmax_loss(
+                            u[pos_rows] * towers.inv_temperature, emb["pos"], emb.get("neg"),
+                            pos_log_q=pos_log_q[pos_items],
+                            neg_log_q=torch.full((len(parts["neg"]),), neg_log_q_value) if "neg" in parts else None,
+                            temperature=1.0, pos_item_ids=pos_items, neg_item_ids=parts.get("neg"),
+                            **_params(cfg, "sampled_softmax"))
+                total, values = L.mix(terms, {n: w[n] for n in terms})
+                opt.zero_grad(set_to_none=True)
+                total.backward()
+                if cfg.grad_clip is not None:
+                    torch.nn.utils.clip_grad_norm_(towers.parameters(), cfg.grad_clip)
+                opt.step()
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_steps += 1
+            rec: dict[str, Any] = {"epoch": epoch, "seconds": time.perf_counter() - t0}
+            rec.update({("loss" if k == "total" else k): v / n_steps for k, v in sums.items()})
+            if valid is not None:
+                rec["valid"] = evaluate_on_log(towers, inputs, valid, k=cfg.eval_k)
+            log.info("student %s epoch %d: %s", cfg.stage, epoch, {k: v for k, v in rec.items() if k != "epoch"})
+            history.append(rec)
+    towers.eval()
+    return history
+
+
+def _batches(driver: RankLog | ClickLists, batch_size: int, rng: np.random.Generator):
+    if isinstance(driver, RankLog):
+        yield from driver.batches(batch_size, rng)
+        return
+    order = rng.permutation(len(driver))
+    for s in range(0, len(driver), batch_size):
+        idx = order[s:s + batch_size]
+        yield {"request_rows": torch.from_numpy(driver.request_rows[idx]),
+               "user_rows": torch.from_numpy(driver.user_rows[idx]), "click_idx": torch.from_numpy(idx)}
+
+
+def _click_batch(clicks: ClickLists, b: dict[str, torch.Tensor], click_of: np.ndarray | None) -> dict[str, torch.Tensor]:
+    """The clicks of the batch's requests: rows (positions in the batch that have clicks data) [Bc], items /
+    labels / mask [Bc, Lc]."""
+    if "click_idx" in b:
+        ci = b["click_idx"].numpy()
+        rows = np.arange(len(ci))
+    else:
+        req = b["request_rows"].numpy()
+        ci = np.where(req < len(click_of), click_of[np.minimum(req, len(click_of) - 1)], -1)
+        rows = np.flatnonzero(ci >= 0)
+        ci = ci[rows]
+    items = clicks.items[ci]
+    return {"rows": torch.from_numpy(rows), "items": torch.from_numpy(items),
+            "labels": torch.from_numpy(clicks.labels[ci]), "mask": torch.from_numpy(items >= 0)}
+
+
+@torch.no_grad()
+def student_list_scores(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog,
+                        batch_size: int = 1024) -> np.ndarray:
+    """The student's scores of the log's candidate lists: float32 [R, L] (-inf at padding), in eval mode."""
+    was = towers.training
+    towers.eval()
+    out = np.full(rank_log.items.shape, -np.inf, dtype=np.float32)
+    try:
+        for s in range(0, len(rank_log), batch_size):
+            sl = slice(s, s + batch_size)
+            u = towers.user_tower(*inputs.user_batch(rank_log.user_rows[sl], rank_log.request_rows[sl]))
+            items = rank_log.items[sl]
+            uniq, inv = np.unique(np.maximum(items, 0), return_inverse=True)
+            v = towers.item_tower(*inputs.item_batch(uniq))[torch.from_numpy(inv.reshape(items.shape))]
+            sc = towers.score(u, v).numpy()
+            out[sl] = np.where(items >= 0, sc, -np.inf)
+    finally:
+        towers.train(was)
+    return out
+
+
+def evaluate_on_log(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog, k: int = 10) -> dict[str, float]:
+    """Teacher-recall@k and NDCG@k of the student's order within the logged candidate lists.
+
+    teacher-recall@k = |teacher's top-k of the list ∩ student's top-k of the list| / k, mean over requests
+    (requests with fewer than k candidates are left out); NDCG@k against the teacher's rank-bucket relevance.
+    """
+    scores = student_list_scores(towers, inputs, rank_log)
+    keep = rank_log.mask.sum(1) >= k
+    if not keep.any():
+        raise ValueError(f"evaluate_on_log: no request has >= {k} candidates")
+    items, ranks, scores = rank_log.items[keep], rank_log.ranks[keep], scores[keep]
+    t_order = np.argsort(np.where(ranks > 0, ranks, np.iinfo(np.int64).max), axis=1, kind="stable")[:, :k]
+    s_order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
+    reference = np.take_along_axis(items, t_order, 1)
+    retrieved = np.take_along_axis(items, s_order, 1)
+    out = {f"teacher_recall@{k}": float(np.nanmean(recall_at_k(reference, retrieved)))}
+    rel = L.graded_relevance(teacher_rank=torch.from_numpy(ranks), mask=torch.from_numpy(ranks > 0)).numpy()
+    out[f"ndcg@{k}"] = float(np.nanmean(ndcg_at_k(retrieved, items, rel, k)))
+    return out
