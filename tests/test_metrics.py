@@ -1,0 +1,184 @@
+"""Tests for cascade.eval.metrics: scikit-learn references and hand-worked values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from sklearn.metrics import log_loss, roc_auc_score
+
+from cascade.eval.metrics import (
+    auc,
+    calibration,
+    click_recall,
+    gauc,
+    latency_summary,
+    logloss,
+    ndcg_at_k,
+    recall_at_k,
+)
+
+# ----------------------------------------------------------------------------------------------------------------
+# AUC / GAUC
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.tuples(st.integers(0, 1), st.integers(-3, 3)), min_size=2, max_size=60),
+    st.sampled_from([1.0, 0.1, 1e-3]),
+)
+def test_auc_equals_sklearn_with_ties(pairs, scale):
+    y = np.array([p[0] for p in pairs])
+    s = np.array([p[1] for p in pairs], dtype=float) * scale  # few distinct values: many ties
+    if y.min() == y.max():
+        assert math.isnan(auc(y, s))
+        return
+    assert auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+
+
+def test_auc_hand_worked_and_errors():
+    # positives score 0.8, 0.5; negatives 0.5, 0.1. Pairs (pos, neg): (0.8,0.5) 1, (0.8,0.1) 1, (0.5,0.5) 1/2,
+    # (0.5,0.1) 1 -> 3.5 / 4 = 0.875
+    assert auc([1, 1, 0, 0], [0.8, 0.5, 0.5, 0.1]) == pytest.approx(0.875)
+    assert math.isnan(auc([1, 1], [0.2, 0.3]))
+    with pytest.raises(ValueError, match="binary labels"):
+        auc([0, 2], [0.1, 0.2])
+    with pytest.raises(ValueError, match="non-finite"):
+        auc([0, 1], [0.1, np.nan])
+    with pytest.raises(ValueError, match="shape"):
+        auc([0, 1], [0.1, 0.2, 0.3])
+
+
+def _gauc_reference(y, s, g, weighted):
+    values, weights = [], []
+    for key in np.unique(g):
+        m = g == key
+        if y[m].min() != y[m].max():
+            values.append(roc_auc_score(y[m], s[m]))
+            weights.append(m.sum() if weighted else 1)
+    return float(np.average(values, weights=weights))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("weighted", [True, False])
+def test_gauc_equals_per_group_sklearn_loop(seed, weighted):
+    rng = np.random.default_rng(seed)
+    n = 400
+    g = rng.integers(0, 40, n)
+    y = rng.integers(0, 2, n)
+    s = np.round(rng.normal(size=n) + 0.5 * y, 1)  # rounding makes ties inside groups
+    got = gauc(y, s, g, weighted=weighted)
+    assert got == pytest.approx(_gauc_reference(y, s, g, weighted), abs=1e-12)
+    # the group keys may be strings; shuffling the rows changes nothing
+    perm = rng.permutation(n)
+    g_str = np.array([f"user{v}" for v in g])
+    assert gauc(y[perm], s[perm], g_str[perm], weighted=weighted) == pytest.approx(got, abs=1e-12)
+
+
+def test_gauc_hand_worked():
+    # group a: y 1,0 with scores 0.9, 0.1 -> AUC 1, size 2; group b: y 1,0,0 with 0.2, 0.5, 0.1 -> AUC 1/2, size 3;
+    # group c has one class only (excluded). weighted: (1*2 + 0.5*3) / 5 = 0.7; unweighted (1 + 0.5) / 2 = 0.75
+    y = [1, 0, 1, 0, 0, 1, 1]
+    s = [0.9, 0.1, 0.2, 0.5, 0.1, 0.3, 0.4]
+    g = ["a", "a", "b", "b", "b", "c", "c"]
+    assert gauc(y, s, g) == pytest.approx(0.7)
+    assert gauc(y, s, g, weighted=False) == pytest.approx(0.75)
+    assert math.isnan(gauc([1, 0], [0.1, 0.2], [1, 2]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# logloss / calibration
+
+
+def test_logloss_equals_sklearn():
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 2, 500)
+    p = rng.uniform(0.01, 0.99, 500)
+    assert logloss(y, p) == pytest.approx(log_loss(y, p), rel=1e-12)
+    # clipping: p = 0 on a positive costs -log(eps), not inf
+    assert logloss([1], [0.0], eps=1e-7) == pytest.approx(-math.log(1e-7))
+    with pytest.raises(ValueError, match="probabilities"):
+        logloss([1, 0], [0.5, 1.5])
+
+
+def test_calibration_hand_worked():
+    # mean p = (0.2 + 0.4 + 0.6 + 0.8) / 4 = 0.5; mean y = 1/4 -> 2.0 (over-predicting twice)
+    assert calibration([1, 0, 0, 0], [0.2, 0.4, 0.6, 0.8]) == pytest.approx(2.0)
+    assert math.isnan(calibration([0, 0], [0.1, 0.2]))
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# recall / NDCG / latency
+
+
+def test_recall_at_k_hand_worked():
+    reference = np.array([[1, 2, 3], [4, -1, -1], [-1, -1, -1], [5, 6, 7]])
+    retrieved = np.array([[3, 9, 1, 7], [5, 6, -1, 4], [1, 2, 3, 4], [-1, -1, 8, 9]])
+    # row 0: {1, 3} of {1, 2, 3} -> 2/3; row 1: {4} of {4} -> 1; row 2: no reference -> nan;
+    # row 3: nothing found (padding never matches) -> 0
+    got = recall_at_k(reference, retrieved)
+    np.testing.assert_allclose(got[[0, 1, 3]], [2 / 3, 1.0, 0.0])
+    assert math.isnan(got[2])
+    # a reference padded with -1 must not match a retrieved -1
+    assert recall_at_k(np.array([[-1, 5]]), np.array([[-1, 6]]))[0] == 0.0
+
+
+def test_recall_bounds_and_monotone_in_depth():
+    rng = np.random.default_rng(0)
+    B, K, N = 20, 10, 50
+    reference = np.stack([rng.choice(100, K, replace=False) for _ in range(B)])
+    retrieved = np.stack([rng.choice(100, N, replace=False) for _ in range(B)])
+    prev = np.zeros(B)
+    for depth in range(0, N + 1, 5):
+        r = recall_at_k(reference, retrieved[:, :depth])
+        assert ((r >= 0) & (r <= 1)).all()
+        assert (r >= prev).all()  # a deeper retrieved list can only find more
+        prev = r
+    # against a plain set computation on every row
+    expected = [len(set(a) & set(b)) / K for a, b in zip(reference, retrieved)]
+    np.testing.assert_allclose(prev, expected)
+
+
+def test_click_recall_hand_worked():
+    clicked = np.array([[10, 11, -1], [-1, -1, -1], [12, -1, -1]])
+    retrieved = np.array([[11, 12, 13], [10, 11, 12], [12, 12, 1]])
+    # row 0: 11 of {10, 11} -> 1/2; row 1 has no click -> nan; row 2: 12 (retrieved twice, counted once) -> 1
+    got = click_recall(clicked, retrieved)
+    assert got[0] == pytest.approx(0.5) and math.isnan(got[1]) and got[2] == pytest.approx(1.0)
+
+
+def test_ndcg_at_k_hand_worked():
+    ranked = np.array([[10, 11, 12], [5, 6, 7], [1, 2, 3], [9, 8, -1]])
+    rel_ids = np.array([[12, 10, -1], [1, 2, 3], [1, 2, 3], [8, 9, 7]])
+    grades = np.array([[1, 2, 9], [1, 1, 1], [0, 0, 0], [1, 3, 2]], dtype=float)
+    got = ndcg_at_k(ranked, rel_ids, grades, k=2)
+    # row 0: ranked 10 (grade 2, gain 3), 11 (absent, gain 0): DCG = 3/log2(2) = 3.
+    #        ideal gains 3, 1 (the 9 sits on a padded id): 3 + 1/log2(3) = 3.630930 -> 0.826235
+    # row 1: none of 5, 6 is relevant -> 0
+    # row 2: ideal DCG 0 -> nan
+    # row 3: ranked 9 (grade 3, gain 7), 8 (grade 1, gain 1): 7 + 1/log2 3 = 7.630930;
+    #        ideal gains 7, 3: 7 + 3/log2 3 = 8.892789 -> 0.858102
+    assert got[0] == pytest.approx(3 / (3 + 1 / math.log2(3)), rel=1e-12)
+    assert got[0] == pytest.approx(0.826235, abs=1e-6)
+    assert got[1] == 0.0
+    assert math.isnan(got[2])
+    assert got[3] == pytest.approx((7 + 1 / math.log2(3)) / (7 + 3 / math.log2(3)), rel=1e-12)
+    # the ideal order itself scores 1
+    assert ndcg_at_k(np.array([[9, 7, 8]]), rel_ids[3:], grades[3:], k=3)[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="duplicated id in row 1"):
+        ndcg_at_k(ranked[:2], np.array([[1, 2, 3], [4, 4, 5]]), grades[:2], k=2)
+
+
+def test_latency_summary_hand_worked():
+    # 1, 2, 3, 4 ms: numpy's linear percentile: p50 = 2.5, p95 = 1 + 0.95*3 = 3.85, p99 = 3.97; mean 2.5
+    out = latency_summary(np.array([0.001, 0.002, 0.003, 0.004]))
+    assert out["p50_ms"] == pytest.approx(2.5)
+    assert out["p95_ms"] == pytest.approx(3.85)
+    assert out["p99_ms"] == pytest.approx(3.97)
+    assert out["mean_ms"] == pytest.approx(2.5)
+    assert out["n"] == 4
+    with pytest.raises(ValueError, match="at least one"):
+        latency_summary([])
