@@ -9,6 +9,7 @@ for every hyper-parameter and its default.
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import tomllib
 import types
@@ -67,7 +68,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
         inner = args[0] if args else Any
         return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
-    if origin is dict:
+    if origin in (dict, collections.abc.Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a table, got {value!r}")
         kt, vt = get_args(tp) or (Any, Any)

@@ -63,7 +63,7 @@ def _fingerprint(manifest: Mapping[str, Any]) -> str:
     return A.stable_hash({"config_hash": manifest["config_hash"], "outputs": manifest["outputs"]})
 
 
-def stage_status(stage_dir: Path, config_dict: Any, inputs: Mapping[str, str]) -> tuple[bool, str]:
+def stage_status(stage_dir: Path, config_dict: Any, inputs: Mapping[str, str], seed: int | None = None) -> tuple[bool, str]:
     """(up_to_date, reason)."""
     if not (stage_dir / A.MANIFEST).exists():
         return False, "no manifest"
@@ -75,6 +75,8 @@ def stage_status(stage_dir: Path, config_dict: Any, inputs: Mapping[str, str]) -
         return False, "config changed"
     if m.get("inputs") != dict(inputs):
         return False, "inputs changed"
+    if seed is not None and m.get("seed") != seed:
+        return False, "seed changed"
     return True, "up to date"
 
 
@@ -111,7 +113,7 @@ def run_stages(
         if missing:
             raise RuntimeError(f"stage {stage.name!r} needs {missing}, which did not run or are not up to date")
         inputs = {d: fingerprints[d] for d in stage.deps}
-        up_to_date, reason = stage_status(stage_dir, cfg_plain, inputs)
+        up_to_date, reason = stage_status(stage_dir, cfg_plain, inputs, seed)
         wanted = only is None or stage.name in only
         if up_to_date and stage.name not in force:
             m = A.read_manifest(stage_dir, verify=False)

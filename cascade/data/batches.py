@@ -100,17 +100,10 @@ class EncodedTable:
 
     def take(self, idx: np.ndarray | slice) -> "EncodedTable":
         """Rows ``idx`` (an index array, a boolean mask or a slice) as a new table: one gather per array."""
+        g = _gather(idx)
         return EncodedTable(
-            self.spec,
-            self.cat[idx],
-            self.num[idx],
-            self.label[idx],
-            self.request_id[idx],
-            self.user_id[idx],
-            self.item_id[idx],
-            self.time_ms[idx],
-            self.is_rand[idx],
-            {k: v[idx] for k, v in self.extra.items()},
+            self.spec, g(self.cat), g(self.num), g(self.label), g(self.request_id), g(self.user_id), g(self.item_id),
+            g(self.time_ms), g(self.is_rand), {k: g(v) for k, v in self.extra.items()},
         )
 
     def arrays(self) -> dict[str, np.ndarray]:
@@ -128,6 +121,14 @@ class EncodedTable:
                    arrays["item_id"], arrays["time_ms"], arrays["is_rand"], extra)
 
 
+def _gather(idx):
+    """Row selection: a slice views, a boolean mask selects, an index array gathers with np.take (about 2x faster
+    than fancy indexing for [4096]-row batches of wide arrays, measured in benchmarks/bench_data.py)."""
+    if isinstance(idx, slice) or (isinstance(idx, np.ndarray) and idx.dtype == bool):
+        return lambda a: a[idx]
+    return lambda a: np.take(a, idx, axis=0)
+
+
 def batch_indices(n: int, batch_size: int, rng: np.random.Generator | None = None, drop_last: bool = False) -> Iterator[np.ndarray | slice]:
     """Yield batches of row positions: contiguous slices in order, or slices of one seeded permutation."""
     if batch_size <= 0:
@@ -143,8 +144,9 @@ def iter_batches(table: EncodedTable, batch_size: int, rng: np.random.Generator 
                  drop_last: bool = False) -> Iterator[dict[str, np.ndarray]]:
     """Yield dicts of numpy arrays (cat, num, label, extra...) for each batch; one gather per array per batch."""
     for idx in batch_indices(len(table), batch_size, rng, drop_last):
-        b = {"cat": table.cat[idx], "num": table.num[idx], "label": table.label[idx],
-             "user_id": table.user_id[idx], "item_id": table.item_id[idx], "request_id": table.request_id[idx]}
+        g = _gather(idx)
+        b = {"cat": g(table.cat), "num": g(table.num), "label": g(table.label),
+             "user_id": g(table.user_id), "item_id": g(table.item_id), "request_id": g(table.request_id)}
         for k, v in table.extra.items():
-            b[k] = v[idx]
+            b[k] = g(v)
         yield b

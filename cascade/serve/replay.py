@@ -117,4 +117,5 @@ def replay_latency(cascade: Cascade, requests: Requests, n_retrieve: int, n_prer
            "end_to_end_ms": latency_summary(np.array(total))}
     for st in STAGES:
         out[f"{st}_ms"] = latency_summary(np.array(per_stage[st]))
+    out["samples_ms"] = {**{st: [1e3 * x for x in per_stage[st]] for st in STAGES}, "end_to_end": [1e3 * x for x in total]}
     return out

@@ -1,0 +1,205 @@
+"""The `cascade` command line. Thin: it parses arguments, sets up logging and calls the library."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_CONFIG = Path("pipelines") / "default.toml"
+
+EPILOG_RUN = """examples:
+  cascade run                                   # pipelines/default.toml on the embedded synthetic world
+  cascade run pipelines/tiny.toml               # a one-minute run
+  cascade run pipelines/movielens.toml --set data.path=../ml-100k
+  cascade run --set teacher.model.backbone=deepfm --set run.name=deepfm
+  cascade run --force teacher                   # redo one stage (and whatever its change affects)
+"""
+
+
+def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
+    if log_file is not None:
+        log_file.parent.mkdir(parents=True, exist_ok=True)
+        handlers.append(logging.FileHandler(log_file))
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def _default_config_path() -> Path | None:
+    if DEFAULT_CONFIG.exists():
+        return DEFAULT_CONFIG
+    packaged = Path(__file__).resolve().parents[1] / DEFAULT_CONFIG
+    return packaged if packaged.exists() else None
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from . import artifacts as A
+    from .pipeline import load_config, run_pipeline
+
+    path = Path(args.config) if args.config else _default_config_path()
+    cfg = load_config(path, args.set)  # fails on an unknown key or a wrong type before any work starts
+    run_dir = A.safe_join(cfg.run.runs_dir, cfg.run.name)
+    _setup_logging(args.verbose, run_dir / "run.log")
+
+    def on_stage(name: str, status: str, manifest: dict) -> None:
+        summary = manifest.get("summary") or ""
+        wall = manifest.get("wall_s")
+        print(f"[{name:>8}] {status:<7} {'' if status == 'skipped' else f'{wall:.1f}s '}{summary}", flush=True)
+
+    run_pipeline(cfg, force=tuple(args.force or ()), progress=not args.no_progress, on_stage=on_stage)
+    print(f"report: {run_dir / 'report' / 'report.html'}")
+    return 0
+
+
+def cmd_replay(args: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline
+
+    run_dir = Path(args.run)
+    cfg = _run_config(run_dir, args.set)
+    _setup_logging(args.verbose, run_dir / "run.log")
+    res = run_pipeline(cfg, force=("replay",), progress=not args.no_progress)
+    print(json.dumps(res["replay"]["manifest"]["metrics"], indent=2, default=str))
+    return 0
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from .pipeline import run_pipeline
+
+    run_dir = Path(args.run)
+    cfg = _run_config(run_dir, args.set)
+    _setup_logging(args.verbose)
+    run_pipeline(cfg, force=("report",), progress=False)
+    print(f"report: {run_dir / 'report' / 'report.html'}")
+    return 0
+
+
+def _run_config(run_dir: Path, extra: list[str] | None):
+    """A finished run's resolved config (its config.json), with ``--set`` overrides applied."""
+    from . import artifacts as A
+    from .config import apply_overrides, from_dict
+    from .pipeline import PipelineConfig
+
+    saved = A.read_json(run_dir / "config.json")
+    saved["run"]["runs_dir"], saved["run"]["name"] = str(run_dir.parent), run_dir.name
+    return from_dict(PipelineConfig, apply_overrides(saved, list(extra or [])))
+
+
+def cmd_data(args: argparse.Namespace) -> int:
+    _setup_logging(args.verbose)
+    if args.source == "world":
+        from .data.world import WorldConfig, generate_world
+
+        cfg = WorldConfig(seed=args.seed, n_users=args.n_users, n_items=args.n_items, n_days=args.n_days)
+        world = generate_world(args.out, cfg, progress=True)
+        print(json.dumps(world.summary(), indent=2, default=str))
+        return 0
+    from .data import custom, kuairand, movielens
+
+    loaders = {"kuairand": kuairand.load_kuairand, "movielens-100k": movielens.load_movielens_100k,
+               "movielens-1m": movielens.load_movielens_1m, "custom": custom.load_custom}
+    ds = loaders[args.source](args.path)
+    imp = ds.impressions
+    print(json.dumps({"users": len(ds.users), "items": len(ds.items), "impressions": len(imp),
+                      "requests": int(imp.request_id.nunique()), "ctr": float(imp.click.mean()),
+                      "features": {s: [f.name for f in ds.schema.by_side(s)] for s in ("user", "item", "context", "cross", "privileged")}},
+                     indent=2))
+    return 0
+
+
+def cmd_index(args: argparse.Namespace) -> int:
+    import numpy as np
+
+    from .index.faiss_index import ItemIndex
+
+    _setup_logging(args.verbose)
+    if args.action == "build":
+        xb = np.load(args.embeddings)
+        ids = np.load(args.ids) if args.ids else np.arange(len(xb), dtype=np.int64)
+        index = ItemIndex.build(xb, ids, metric=args.metric, factory=args.factory)
+        if not index.is_exact and args.queries:
+            xq = np.load(args.queries)
+            index.sweep(xq, args.k)
+            index.set_operating_point(args.recall_target)
+        m = index.save(args.out, model_hash=args.model_hash)
+        print(json.dumps(m, indent=2, default=str))
+    else:
+        index = ItemIndex.load(args.index, expect_model_hash=args.model_hash)
+        xq = np.load(args.queries)
+        scores, items = index.search(xq, args.k)
+        np.save(args.out, items)
+        print(f"searched {len(xq)} queries, k={args.k}: item ids saved to {args.out}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="cascade", description="A distilled cascade recommender: one teacher, every stage a student.",
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="run the pipeline data -> teacher -> ranklog -> students -> index -> replay -> report",
+                       epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+    r.add_argument("config", nargs="?", help="pipeline TOML (default: pipelines/default.toml)")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. teacher.train.epochs=3")
+    r.add_argument("--force", action="append", metavar="STAGE", help="redo STAGE even if it is up to date")
+    r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.set_defaults(func=cmd_run)
+
+    for name, fn, help_ in (("replay", cmd_replay, "replay the test requests of a finished run again"),
+                            ("report", cmd_report, "rebuild a run's report")):
+        q = sub.add_parser(name, help=help_, epilog=f"example:\n  cascade {name} runs/default",
+                           formatter_class=argparse.RawDescriptionHelpFormatter)
+        q.add_argument("run", help="the run folder, e.g. runs/default")
+        q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+        q.add_argument("--no-progress", action="store_true")
+        q.set_defaults(func=fn)
+
+    d = sub.add_parser("data", help="generate the world or check a dataset's loader",
+                       epilog="examples:\n  cascade data world --out /tmp/world --n-users 2000 --n-items 1500\n"
+                              "  cascade data kuairand path/to/KuaiRand-Pure/data\n  cascade data movielens-100k path/to/ml-100k\n"
+                              "  cascade data custom my_mapping.toml", formatter_class=argparse.RawDescriptionHelpFormatter)
+    d.add_argument("source", choices=("world", "kuairand", "movielens-100k", "movielens-1m", "custom"))
+    d.add_argument("path", nargs="?", help="dataset directory (or mapping TOML for custom)")
+    d.add_argument("--out", default="world", help="world: output folder")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--n-users", type=int, default=None)
+    d.add_argument("--n-items", type=int, default=None)
+    d.add_argument("--n-days", type=int, default=21)
+    d.set_defaults(func=cmd_data)
+
+    i = sub.add_parser("index", help="build or search a FAISS inner-product index",
+                       epilog="examples:\n  cascade index build --embeddings items.npy --ids ids.npy --out idx --model-hash abc\n"
+                              "  cascade index search --index idx --queries users.npy --k 100 --out top.npy --model-hash abc",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i.add_argument("action", choices=("build", "search"))
+    i.add_argument("--embeddings", help="build: float32 [n, d] .npy of item embeddings")
+    i.add_argument("--ids", help="build: int64 [n] .npy of item ids (default 0..n-1)")
+    i.add_argument("--factory", default=None, help="Flat | IVF{n},Flat | HNSW{M} | IVF{n},PQ{m} (default: by corpus size)")
+    i.add_argument("--metric", default="ip", choices=("ip", "l2"))
+    i.add_argument("--queries", help=".npy of float32 [nq, d] queries (build: for the nprobe/efSearch sweep)")
+    i.add_argument("--k", type=int, default=100)
+    i.add_argument("--recall-target", type=float, default=0.95)
+    i.add_argument("--index", help="search: index folder")
+    i.add_argument("--model-hash", default="unknown", help="hash of the tower the embeddings come from")
+    i.add_argument("--out", required=True, help="build: index folder; search: .npy for the result ids")
+    i.set_defaults(func=cmd_index)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from .config import ConfigError
+    from .data.schema import DataValidationError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, DataValidationError) as e:
+        print(f"cascade: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

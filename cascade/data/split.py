@@ -1,0 +1,108 @@
+"""Time-based train / valid / test split of the impressions.
+
+A request is assigned to a split by its START time (the smallest ``time_ms`` among its impressions), so a
+request never straddles two splits and every item of a request sees the same history. Days are calendar days
+of the request start times, shifted by ``utc_offset_hours`` (KuaiRand's logs are in China time, UTC+8): the last
+``test_days`` days that hold any request are test, the ``valid_days`` days before them are valid, the rest train.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from .schema import Dataset, DataValidationError
+
+log = logging.getLogger(__name__)
+
+DAY_MS = 86_400_000
+SPLITS = ("train", "valid", "test")
+
+
+def request_start_ms(impressions: pd.DataFrame) -> np.ndarray:
+    """Start time of each row's request: min ``time_ms`` over the rows sharing its ``request_id``. int64 [N]."""
+    for col in ("request_id", "time_ms"):
+        if col not in impressions.columns:
+            raise DataValidationError(f"impressions: missing required column {col!r}")
+    start = impressions.groupby("request_id", sort=False)["time_ms"].transform("min")
+    return start.to_numpy(dtype=np.int64)
+
+
+def _fmt_ms(ms: int) -> str:
+    return pd.Timestamp(int(ms), unit="ms").strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def time_split(dataset: Dataset, valid_days: int = 1, test_days: int = 1,
+               utc_offset_hours: float = 0.0) -> dict[str, np.ndarray]:
+    """Boolean masks ``{"train", "valid", "test"}`` over ``dataset.impressions`` rows (each bool [N]).
+
+    Day ``d`` of a row is ``floor((request_start_ms + utc_offset_hours h) / 1 day)``. With ``D`` the last day,
+    test = days ``(D - test_days, D]``, valid = days ``(D - test_days - valid_days, D - test_days]``, train = the
+    earlier days. ``valid_days = 0`` gives an empty valid mask on purpose; any other empty part raises
+    :class:`DataValidationError` naming the part and the time range it would cover.
+    """
+    if test_days < 1:
+        raise ValueError(f"time_split: test_days must be >= 1, got {test_days}")
+    if valid_days < 0:
+        raise ValueError(f"time_split: valid_days must be >= 0, got {valid_days}")
+    imp = dataset.impressions
+    src = dataset.source("impressions")
+    if len(imp) == 0:
+        raise DataValidationError(f"{src}: no impressions to split")
+    start = request_start_ms(imp)
+    offset_ms = int(round(utc_offset_hours * 3_600_000))
+    day = np.floor_divide(start + offset_ms, DAY_MS)
+    last = int(day.max())
+    test_from = last - test_days + 1
+    valid_from = test_from - valid_days
+    masks = {
+        "train": day < valid_from,
+        "valid": (day >= valid_from) & (day < test_from),
+        "test": day >= test_from,
+    }
+    bounds = {  # [first day, last day] each part covers, for the error message
+        "train": (int(day.min()), valid_from - 1),
+        "valid": (valid_from, test_from - 1),
+        "test": (test_from, last),
+    }
+    for part in SPLITS:
+        if part == "valid" and valid_days == 0:
+            continue
+        if not masks[part].any():
+            lo, hi = bounds[part]
+            raise DataValidationError(
+                f"{src}: split {part!r} is empty: no request starts in "
+                f"[{_fmt_ms(lo * DAY_MS - offset_ms)}, {_fmt_ms((hi + 1) * DAY_MS - offset_ms)}) "
+                f"(request starts span {_fmt_ms(start.min())} .. {_fmt_ms(start.max())}; "
+                f"valid_days={valid_days}, test_days={test_days}, utc_offset_hours={utc_offset_hours})"
+            )
+    log.info("time_split: %s", {k: int(v.sum()) for k, v in masks.items()})
+    return masks
+
+
+def split_summary(dataset: Dataset, masks: dict[str, np.ndarray]) -> pd.DataFrame:
+    """One row per split: impressions, requests, users, items, clicks, CTR, random-exposure share, time range."""
+    imp = dataset.impressions
+    start = request_start_ms(imp)
+    rows = []
+    for part, m in masks.items():
+        m = np.asarray(m)
+        if m.dtype != bool or m.shape != (len(imp),):
+            raise ValueError(f"split_summary: mask {part!r} must be bool [{len(imp)}], got {m.dtype} {m.shape}")
+        sub = imp[m]
+        n = len(sub)
+        rows.append({
+            "split": part,
+            "impressions": n,
+            "requests": int(sub["request_id"].nunique()),
+            "users": int(sub["user_id"].nunique()),
+            "items": int(sub["item_id"].nunique()),
+            "clicks": int(sub["click"].sum()),
+            "ctr": float(sub["click"].mean()) if n else float("nan"),
+            "rand_share": float(sub["is_rand"].mean()) if n else float("nan"),
+            "start": _fmt_ms(start[m].min()) if n else "",
+            "end": _fmt_ms(start[m].max()) if n else "",
+        })
+    return pd.DataFrame(rows).set_index("split")
