@@ -230,3 +230,39 @@ def teacher_top_over_corpus(model: torch.nn.Module, data: RunData, requests: Req
             best_i, best_s = topk_rows(np.concatenate([best_s, sc], 1), np.concatenate([best_i, chunk], 1), k)
         out_i[r0:r0 + len(sub)], out_s[r0:r0 + len(sub)] = best_i, best_s
     return out_i, out_s
+
+
+def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = "teacher",
+                 data: RunData | None = None) -> tuple[RunData, Cascade]:
+    """The servable cascade of a finished run: (RunData, Cascade). variant: a students/ sub-folder
+    ("distilled" or "ground_truth"); ranker: "teacher" or "student" (the distilled rank student)."""
+    from ..index.faiss_index import ItemIndex
+
+    run_dir = Path(run_dir)
+    data = data or RunData(run_dir / "data")
+    sdir = run_dir / "students" / variant
+    if not (sdir / "retrieval").is_dir():
+        raise FileNotFoundError(f"{sdir}: no such student variant (have "
+                                f"{sorted(p.name for p in (run_dir / 'students').iterdir() if p.is_dir())})")
+    retr, pre = load_towers(sdir / "retrieval", data), load_towers(sdir / "prerank", data)
+    model = load_ranker(run_dir / "teacher" / "teacher" if ranker == "teacher" else run_dir / "students" / "rank_student", data.spec)
+    index = ItemIndex.load(run_dir / "index" / variant, expect_model_hash=A.sha256_file(sdir / "retrieval" / "model.pt"),
+                           expect_dim=retr.item_emb.shape[1], expect_metric="ip")
+    return data, build_cascade(data, retr, pre, model, index)
+
+
+def trace_requests(data: RunData, cascade: Cascade, requests: Requests, n_retrieve: int, n_prerank: int, k: int,
+                   show: int = 10) -> list[pd.DataFrame]:
+    """For each request, a table of its final items with the rank each got at every stage (a funnel trace)."""
+    res = cascade.recommend(requests, n_retrieve, n_prerank, k, return_stages=True)
+    tables = []
+    for b in range(len(requests)):
+        final = res.items[b][:show]
+        t = pd.DataFrame({"item_id": final, "final_score": res.scores[b][:show]})
+        for st, (items, scores) in res.stages.items():
+            pos = {int(x): j + 1 for j, x in enumerate(items[b]) if x != PAD}
+            t[f"{st}_rank"] = [pos.get(int(x)) for x in final]
+        tables.append(t.merge(data.items, on="item_id", how="left")[
+            ["item_id", "retrieval_rank", "prerank_rank", "rank_rank", "final_score"]
+            + [c for c in ("tag", "author_id", "video_type") if c in data.items.columns]])
+    return tables

@@ -1,0 +1,267 @@
+"""The per-run report: files, JSON round trip, self-contained HTML with real PNGs, formatted Markdown tables,
+missing sections, bad input, and (where Chromium is installed) a headless render that must not be blank."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+import struct
+
+import numpy as np
+import pytest
+
+from cascade.artifacts import ArtifactError
+from cascade.eval.report import (
+    MISSING,
+    NOT_COMPUTED,
+    find_chromium,
+    format_value,
+    load_report,
+    markdown_table,
+    render_screenshot,
+    to_jsonable,
+    toml_dump,
+    write_report,
+)
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+IMG_RE = re.compile(r'<img[^>]*\ssrc="data:image/png;base64,([A-Za-z0-9+/=]+)"')
+
+
+def _stage(size, tr, cr, ndcg, auc, gauc, p50):
+    return {"size": size, "teacher_recall": tr, "click_recall": cr, "ndcg": ndcg, "auc": auc, "gauc": gauc,
+            "p50_ms": p50, "p95_ms": p50 * 1.8, "p99_ms": p50 * 2.5}
+
+
+def _variant(rng: np.random.Generator, shift: float) -> dict:
+    k = [1, 2, 5, 10, 20, 50, 100, 200, 500]
+    # recall curves rise with K towards 1 (the shape a real replay gives), slower for the weaker variant
+    curve = lambda scale: [float(1 - np.exp(-x / (scale * (1 + 8 * shift)))) for x in k]  # noqa: E731
+    return {
+        "stages": {
+            "retrieval": _stage(500, 0.8123 - shift, 0.4411, 0.5012, 0.7012, 0.6234, 1.234),
+            "prerank": _stage(100, 0.7034 - shift, 0.3521, 0.6123, 0.7312 - shift, 0.6512, 0.456),
+            "rank": _stage(10, 0.6421 - shift, 0.2011, 0.7234, 0.75312 - shift, float("nan"), 2.345),
+        },
+        "end_to_end": {"p50_ms": 4.1, "p95_ms": 6.2, "p99_ms": 8.7654 + shift, "requests_per_s_batch1": 231.4,
+                       "requests_per_s_batched": 5812.3, "batch_size": 256},
+        "oracle": {"oracle_clicks": 1.234, "oracle_best": 1.9, "oracle_ratio": 0.6497 - shift},
+        "recall_curves": {"retrieval": {"k": k, "teacher_recall": curve(60.0)},
+                          "prerank": {"k": k[:7], "teacher_recall": curve(30.0)[:7]},
+                          "rank": {"k": k[:4], "teacher_recall": curve(8.0)[:4]}},
+        "latency_samples_ms": {s: rng.lognormal(math.log(m), 0.3, size=200).tolist()
+                               for s, m in (("retrieval", 1.2), ("prerank", 0.45), ("rank", 2.3), ("end_to_end", 4.1))},
+    }
+
+
+def make_report_data() -> dict:
+    """A realistic fabricated report_data: two cascade variants with curves and latency samples, index, models,
+    ablation, data and run details."""
+    rng = np.random.default_rng(0)
+    return {
+        "run": {"name": "demo-run", "created": "2026-11-22T10:00:00Z", "machine": "2-core test box",
+                "config": {"seed": 7, "data": {"source": "world", "n_users": 1000, "scale": 0.5},
+                           "teacher": {"backbone": "deepfm", "hidden": [64, 32], "privileged": True,
+                                       "optim": {"lr": 0.001, "fused": False}}},
+                "versions": {"python": "3.11.9", "torch": "2.13.0", "faiss-cpu": "1.15.1"},
+                "stage_wall_s": {"data": 1.5, "teacher": 12.25, "replay": 3.0}},
+        "data": {"summary": {"source": "world", "n_users": 1000, "n_items": 5000, "n_impressions": 123456,
+                             "ctr": 0.04567},
+                 "splits": {"test": {"rows": 20000, "requests": 2000, "ctr": 0.0401, "start": "2022-05-07",
+                                     "end": "2022-05-08"},
+                            "train": {"rows": 90000, "requests": 9000, "ctr": 0.0471, "start": "2022-04-08",
+                                      "end": "2022-05-06"}}},
+        "cascades": {"distilled": _variant(rng, 0.0), "ground_truth": _variant(rng, 0.05)},
+        "index": {"factory": "IVF64,Flat", "backend": "faiss-cpu", "metric": "inner_product", "n_items": 5000,
+                  "dim": 32, "recall_vs_exact": 0.9871,
+                  "operating_points": [{"param": "nprobe", "value": v, "recall_at_k": r, "qps": q}
+                                       for v, r, q in ((1, 0.612, 21000.0), (4, 0.874, 9100.0), (16, 0.9871, 2600.0))]},
+        "models": [
+            {"name": "teacher-deepfm", "role": "teacher", "auc": 0.7712, "gauc": 0.6601, "logloss": 0.1811,
+             "rand_auc": 0.7402, "rand_gauc": 0.6402, "latency_ms_per_100": 0.912, "n_params": 1234567, "size_mb": 4.71},
+            {"name": "rank-student", "role": "student", "auc": 0.7653, "gauc": 0.6555, "logloss": 0.1825,
+             "latency_ms_per_100": 0.2, "n_params": 123456, "size_mb": 0.47},
+            {"name": "lightgbm", "role": "baseline", "auc": 0.7581, "gauc": float("nan"), "logloss": 0.1844,
+             "latency_ms_per_100": 1.1, "n_params": 0, "size_mb": 0.9},
+        ],
+        "ablation": {"metrics": ["teacher_recall", "auc"], "seeds": [0, 1, 2], "rows": [
+            {"name": "ground truth only", "stage": "prerank",
+             "values": {"teacher_recall": {"mean": 0.61, "std": 0.012, "n": 3}, "auc": {"mean": 0.7011, "std": 0.002, "n": 3}}},
+            {"name": "listwise NDCG", "stage": "prerank",
+             "values": {"teacher_recall": {"mean": 0.7034, "std": 0.0051, "n": 3}, "auc": {"mean": 0.6987, "std": 0.003, "n": 3}}},
+            {"name": "ground truth only", "stage": "retrieval",
+             "values": {"teacher_recall": {"mean": 0.7701, "std": 0.01, "n": 2}, "auc": {"mean": 0.6801, "std": 0.004, "n": 3}}},
+            {"name": "mix", "stage": "retrieval",
+             "values": {"teacher_recall": {"mean": 0.8123, "std": 0.0098, "n": 3}, "auc": {"mean": float("nan"), "std": None, "n": 0}}},
+        ]},
+    }
+
+
+@pytest.fixture
+def report_data() -> dict:
+    return make_report_data()
+
+
+@pytest.fixture(scope="module")
+def written(tmp_path_factory):
+    """The full report written once for the tests that only read it (plots take a second or two to draw)."""
+    out = tmp_path_factory.mktemp("report")
+    return out, write_report(make_report_data(), out)
+
+
+def _md_row(md: str, first_cells: list[str]) -> list[str]:
+    """Cells of the first Markdown table row whose leading cells equal first_cells."""
+    for line in md.splitlines():
+        if line.startswith("| "):
+            cells = [c.strip() for c in line.strip()[1:-1].split(" | ")]
+            if cells[: len(first_cells)] == first_cells:
+                return cells
+    raise AssertionError(f"no table row starting with {first_cells}")
+
+
+def test_format_value_rules():
+    assert format_value(0.753149, "auc") == "0.7531"          # AUC: 4 decimals
+    assert format_value(0.81234, "teacher_recall") == "0.812"  # recall: 3
+    assert format_value(8.7654, "p99_ms") == "8.77"           # ms: 2
+    assert format_value(5812.34, "requests_per_s_batched") == "5,812.3"
+    assert format_value(1234567, "n_params") == "1,234,567"
+    assert format_value(2024, "seed") == "2024"
+    assert format_value(float("nan"), "auc") == MISSING == format_value(None, "auc") == "–"
+    assert format_value("world") == "world"
+
+
+def test_markdown_table_escapes_and_aligns():
+    out = markdown_table(["a", "b"], [["x|y", "1"]], right=[False, True])
+    assert out.splitlines() == ["| a | b |", "| --- | ---: |", "| x\\|y | 1 |"]
+    with pytest.raises(ValueError, match="row 0 has 1 cells"):
+        markdown_table(["a", "b"], [["x"]])
+
+
+def test_toml_dump_nested():
+    text = toml_dump({"seed": 7, "teacher": {"lr": 0.001, "optim": {"fused": False}}, "name": "a b"})
+    assert text.splitlines() == ["seed = 7", 'name = "a b"', "", "[teacher]", "lr = 0.001", "", "[teacher.optim]",
+                                 "fused = false"]
+
+
+def test_write_report_files_roundtrip_html_md(written, report_data):
+    tmp_path, written = written
+    assert written == ["report.json", "report.md", "report.html"]
+    for name in written:
+        assert (tmp_path / name).stat().st_size > 0
+
+    # JSON round trip: the dict itself, NaN stored as null (strict JSON that any parser reads)
+    loaded = load_report(tmp_path)
+    assert loaded == to_jsonable(report_data)
+    assert loaded["cascades"]["distilled"]["stages"]["rank"]["gauc"] is None
+    assert loaded["cascades"]["distilled"]["latency_samples_ms"]["rank"] == report_data["cascades"]["distilled"]["latency_samples_ms"]["rank"]
+    json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-standard {c}"))
+
+    page = (tmp_path / "report.html").read_text()
+    # self-contained: no external reference of any kind (not even inside the PNGs' text chunks)
+    assert "http" not in page
+    assert not re.search(r'(src|href)\s*=\s*"(?!data:|#)', page)
+    assert "<script" not in page
+    imgs = IMG_RE.findall(page)
+    # three plots: recall curves, latency histograms, index operating points
+    assert len(imgs) == 3
+    for b64 in imgs:
+        png = base64.b64decode(b64, validate=True)
+        assert png[:8] == PNG_MAGIC
+        width, height = struct.unpack(">II", png[16:24])  # IHDR: width, height big-endian after the chunk header
+        assert 500 <= width <= 1400 and 250 <= height <= 1400
+    # sections in the required order
+    order = ["Headline", "Per-stage metrics", "Teacher-recall@K curves", "Latency at batch 1", "Index", "Models",
+             "Distillation ablation", "Data", "Run: configuration"]
+    pos = [page.index(f"<h2>{t}") for t in order]
+    assert pos == sorted(pos)
+    assert "<b>0.812 ± 0.010</b>" in page  # best retrieval teacher-recall (0.8123 ± 0.0098 at 3 decimals), bold
+    assert "[teacher.optim]" in page and "fused = false" in page
+
+    md = (tmp_path / "report.md").read_text()
+    # per-stage table, variants side by side: columns ordered metric-major, distilled then ground_truth.
+    # rank row: size 10 (one column: both variants have K = 10); teacher-recall 0.6421 -> 0.642 and
+    # 0.6421 - 0.05 = 0.5921 -> 0.592; ...
+    # AUC 0.75312 -> 0.7531 and 0.70312 -> 0.7031; GAUC NaN -> "–"; p50 2.345 -> 2.35 (the double nearest
+    # 2.345 is 2.34500000000000019984, just above the half)
+    row = _md_row(md, ["rank"])
+    assert row[:4] == ["rank", "10", "0.642", "0.592"]
+    assert "| stage | size | teacher-recall distilled | teacher-recall ground_truth |" in md
+    assert "0.7531" in row and "0.7031" in row
+    assert row.count("–") >= 2
+    assert "2.35" in row
+    # headline: distilled K=10, teacher-recall 0.642, oracle clicks 1.234, best 1.900, ratio 0.6497 -> 0.650,
+    # e2e p50 4.10, p99 8.7654 -> 8.77, 231.4 and 5,812.3 req/s, batch 256
+    assert _md_row(md, ["distilled"]) == ["distilled", "10", "0.642", "1.234", "1.900", "0.650", "4.10", "8.77",
+                                          "231.4", "5,812.3", "256"]
+    # models: best AUC 0.7712 (teacher) and best logloss 0.1811 bold; the baseline's NaN GAUC shows as "–"
+    assert _md_row(md, ["teacher-deepfm"])[2:5] == ["**0.7712**", "**0.6601**", "**0.1811**"]
+    assert _md_row(md, ["lightgbm"])[2:5] == ["0.7581", "–", "0.1844"]
+    # ablation, best per stage: prerank teacher-recall 0.7034 (NDCG) but AUC 0.7011 (ground truth);
+    # retrieval: recall 0.770 with n=2 of 3 seeds flagged; the mix's NaN AUC is "–", so GT's 0.6801 is best
+    assert _md_row(md, ["prerank", "ground truth only"])[2:] == ["0.610 ± 0.012", "**0.7011 ± 0.0020**"]
+    assert _md_row(md, ["prerank", "listwise NDCG"])[2:] == ["**0.703 ± 0.005**", "0.6987 ± 0.0030"]
+    assert _md_row(md, ["retrieval", "ground truth only"])[2:] == ["0.770 ± 0.010 (n=2)", "**0.6801 ± 0.0040**"]
+    assert _md_row(md, ["retrieval", "mix"])[2:] == ["**0.812 ± 0.010**", "–"]
+    # data splits in time order train before test even though the dict listed test first
+    assert md.index("| train |") < md.index("| test |")
+    assert _md_row(md, ["test"]) == ["test", "20,000", "2,000", "0.0401", "2022-05-07", "2022-05-08"]
+    # stage wall times and their total 1.5 + 12.25 + 3.0 = 16.75
+    assert _md_row(md, ["total"]) == ["total", "16.75"]
+    assert NOT_COMPUTED not in md
+
+
+@pytest.mark.parametrize("minimal", [{}, {"run": None, "data": None, "cascades": None, "index": None,
+                                          "models": None, "ablation": None},
+                                     {"run": {"name": "bare"}, "cascades": {"v": {"stages": {"rank": {"size": 5}}}}}])
+def test_missing_sections_still_write_valid_files(tmp_path, minimal):
+    write_report(minimal, tmp_path)
+    assert load_report(tmp_path) == minimal
+    md = (tmp_path / "report.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert md.count(NOT_COMPUTED) >= 5  # curves, latency, index, models, ablation at least
+    assert page.count(NOT_COMPUTED) == md.count(NOT_COMPUTED)
+    assert IMG_RE.findall(page) == []
+    assert page.rstrip().endswith("</html>")
+
+
+def test_one_variant_without_oracle(tmp_path, report_data):
+    report_data["cascades"] = {"distilled": report_data["cascades"]["distilled"]}
+    report_data["cascades"]["distilled"]["oracle"] = None
+    write_report(report_data, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    # one variant: flat columns (no side by side); no oracle -> "–" in the headline
+    assert "AUC distilled" not in md
+    assert _md_row(md, ["distilled"])[3:6] == ["–", "–", "–"]
+    assert len(IMG_RE.findall((tmp_path / "report.html").read_text())) == 3
+
+
+def test_bad_input_names_the_key(tmp_path, report_data):
+    with pytest.raises(ValueError, match=r"report_data\['cascades'\] must be a dict"):
+        write_report({"cascades": [1, 2]}, tmp_path)
+    bad = report_data
+    bad["cascades"]["distilled"]["recall_curves"]["prerank"]["k"] = [1, 2]
+    with pytest.raises(ValueError, match=r"\['distilled'\]\['recall_curves'\]\['prerank'\]: 'k' has 2 values"):
+        write_report(bad, tmp_path)
+    with pytest.raises(ValueError, match=r"report_data\['run'\]\['when'\]: a object cannot go"):
+        write_report({"run": {"when": object()}}, tmp_path)
+    assert not (tmp_path / "report.json").exists()  # nothing half-written
+    with pytest.raises(ArtifactError, match="report.json: file not found"):
+        load_report(tmp_path)
+
+
+@pytest.mark.skipif(find_chromium() is None, reason="Chromium not installed (no 'chromium' or 'chromium-browser' on PATH)")
+def test_html_renders_in_headless_chromium(tmp_path, written):
+    from matplotlib.image import imread
+
+    out, _ = written
+    png = render_screenshot(out / "report.html", tmp_path / "shot.png", window_size=(1280, 2400))
+    assert png.stat().st_size > 50_000  # a page of tables and three plots, not an empty canvas
+    img = imread(png)
+    assert img.shape[:2] == (2400, 1280)
+    grey = img[..., :3].mean(axis=2)
+    # not blank: a white page has variance 0; text, table bands and plots give clearly more
+    assert grey.var() > 1e-3
+    # content reaches down the page (the plots are below the tables), not only a header strip
+    assert (grey[1200:] < 0.9).mean() > 0.01
