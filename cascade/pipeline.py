@@ -659,12 +659,18 @@ STAGES = [
 
 
 def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
-                 progress: bool = True, on_stage=None) -> dict[str, dict]:
-    """Run (or resume) the pipeline of ``cfg`` under ``cfg.run.runs_dir / cfg.run.name``."""
+                 progress: bool = True, on_stage=None, until: str | None = None) -> dict[str, dict]:
+    """Run (or resume) the pipeline of ``cfg`` under ``cfg.run.runs_dir / cfg.run.name``.
+
+    until: stop after this stage (e.g. "ranklog" to get data, teacher and rank logs only)."""
+    names = [s.name for s in STAGES]
+    if until is not None and until not in names:
+        raise ValueError(f"until={until!r}: no such stage (stages: {names})")
+    stages = STAGES if until is None else STAGES[: names.index(until) + 1]
     run_dir = A.safe_join(cfg.run.runs_dir, A.check_run_name(cfg.run.name))
     if cfg.run.threads:
         torch.set_num_threads(cfg.run.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
     A.write_json(run_dir / "config.json", to_dict(cfg))
-    return run_stages(STAGES, cfg, run_dir, cfg.run.seed, force=force, only=only, progress=progress,
+    return run_stages(stages, cfg, run_dir, cfg.run.seed, force=force, only=only, progress=progress,
                       to_plain=to_dict, on_stage=on_stage)

@@ -149,19 +149,29 @@ class FactorizationMachine(nn.Module):
 
 
 class CrossNetV2(nn.Module):
-    """DCN-V2 full-rank cross layers: x_{l+1} = x0 * (W_l x_l + b_l) + x_l.  x0 [B, in_dim] -> [B, in_dim]."""
+    """DCN-V2 cross layers: x_{l+1} = x0 * (W_l x_l + b_l) + x_l.  x0 [B, in_dim] -> [B, in_dim].
 
-    def __init__(self, in_dim: int, n_layers: int) -> None:
+    rank=None: full-rank W_l (in_dim^2 weights per layer). rank=r: the paper's low-rank form W_l = U_l V_l^T
+    (2 * in_dim * r weights), much cheaper when many fields make in_dim large.
+    """
+
+    def __init__(self, in_dim: int, n_layers: int, rank: int | None = None) -> None:
         super().__init__()
         if n_layers < 1:
             raise ValueError(f"CrossNetV2: n_layers must be >= 1, got {n_layers}")
-        self.layers = nn.ModuleList(nn.Linear(in_dim, in_dim) for _ in range(n_layers))
-        for lin in self.layers:
-            nn.init.zeros_(lin.bias)
-        self.in_dim = in_dim
+        if rank is not None and rank < 1:
+            raise ValueError(f"CrossNetV2: rank must be >= 1 or None, got {rank}")
+        if rank is None:
+            self.layers = nn.ModuleList(nn.Linear(in_dim, in_dim) for _ in range(n_layers))
+        else:
+            self.layers = nn.ModuleList(nn.Sequential(nn.Linear(in_dim, rank, bias=False), nn.Linear(rank, in_dim))
+                                        for _ in range(n_layers))
+        for layer in self.layers:
+            nn.init.zeros_(layer.bias if rank is None else layer[1].bias)
+        self.in_dim, self.rank = in_dim, rank
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         x = x0
-        for lin in self.layers:
-            x = x0 * lin(x) + x
+        for layer in self.layers:
+            x = x0 * layer(x) + x
         return x
