@@ -1,0 +1,240 @@
+"""The fine-ranking model: DNN, DeepFM and DCN-V2 backbones over user + item + context + cross features.
+
+One class serves the teacher, the PFD teacher (``sides`` adds "privileged") and the cheap rank student
+(``RankerConfig(backbone="dnn", mlp=(64,), emb_dim=8)``). A model receives the FULL ``cat`` [B, C] / ``num``
+[B, M] batch of an :class:`~cascade.data.batches.EncodedTable` and picks its columns by side.
+
+Parts (TorchRec style): an embedding part (:class:`FeatureEmbedding`, optionally shared with another model), an
+interaction part (FM or cross network), a dense part (MLP) and a one-unit output layer. ``forward_hidden``
+also returns the representation that feeds the output layer, for the hint loss.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, fields
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from cascade.data.batches import FeatureSpec
+from cascade.data.schema import SIDES
+from cascade.models.layers import NUMERIC_MODES, MLP, CrossNetV2, FactorizationMachine, FeatureEmbedding
+
+BACKBONES = ("dnn", "deepfm", "dcnv2")
+CROSS_STRUCTURES = ("stacked", "parallel")
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    """Hyper-parameters of a :class:`Ranker`.
+
+    backbone: "dnn" (embeddings -> MLP), "deepfm" (first-order + FM + MLP logits summed), "dcnv2" (DCN-V2 cross
+    network stacked before the MLP, or in parallel with it; cross_rank=r uses low-rank cross weights). sides: which feature sides the model reads.
+    numeric: "linear" (numerics become fields x_j * v_j + b_j) or "raw" (numerics concatenated to the MLP input).
+    sparse: sparse embedding gradients (pair with the "adagrad" optimizer).
+    """
+
+    backbone: str = "dnn"
+    emb_dim: int = 16
+    mlp: tuple[int, ...] = (256, 128)
+    dropout: float = 0.0
+    batch_norm: bool = False
+    cross_layers: int = 3
+    cross_structure: str = "stacked"
+    cross_rank: int | None = None
+    sides: tuple[str, ...] = ("user", "item", "context", "cross")
+    numeric: str = "linear"
+    sparse: bool = False
+
+    def __post_init__(self) -> None:
+        # tuples, not lists, so the config stays hashable and equal after a JSON round trip
+        object.__setattr__(self, "mlp", tuple(int(h) for h in self.mlp))
+        object.__setattr__(self, "sides", tuple(self.sides))
+        if self.backbone not in BACKBONES:
+            raise ValueError(f"RankerConfig: backbone {self.backbone!r} is not one of {BACKBONES}")
+        if self.cross_structure not in CROSS_STRUCTURES:
+            raise ValueError(f"RankerConfig: cross_structure {self.cross_structure!r} is not one of {CROSS_STRUCTURES}")
+        if self.numeric not in NUMERIC_MODES:
+            raise ValueError(f"RankerConfig: numeric {self.numeric!r} is not one of {NUMERIC_MODES}")
+        bad = [s for s in self.sides if s not in SIDES]
+        if bad or not self.sides:
+            raise ValueError(f"RankerConfig: sides {self.sides} must be a non-empty subset of {SIDES}")
+        if self.cross_rank is not None and self.cross_rank < 1:
+            raise ValueError(f"RankerConfig: cross_rank must be >= 1 or None, got {self.cross_rank}")
+        if self.emb_dim <= 0 or self.cross_layers < 1:
+            raise ValueError(f"RankerConfig: emb_dim ({self.emb_dim}) and cross_layers ({self.cross_layers}) must be >= 1")
+
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        d["mlp"], d["sides"] = list(self.mlp), list(self.sides)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RankerConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"RankerConfig: unknown key(s) {unknown}; known keys are {sorted(known)}")
+        return cls(**d)
+
+
+class Ranker(nn.Module):
+    """Click model over the columns of ``spec`` on ``cfg.sides``.
+
+    embedding: an existing FeatureEmbedding to share (it must cover every column on cfg.sides and have
+    cfg.emb_dim); None builds a private one. private_columns: categorical columns that get their own table in
+    this model even when the embedding is shared (PFD's private student user-id table). seed: initialisation
+    seed (the global torch RNG is left as it was).
+
+    forward(cat [B, C] int64, num [B, M] float32) -> logits [B];
+    forward_hidden(cat, num) -> (logits [B], hidden [B, hidden_dim]).
+    """
+
+    def __init__(self, spec: FeatureSpec, cfg: RankerConfig, embedding: FeatureEmbedding | None = None,
+                 private_columns: Sequence[str] = (), seed: int = 0) -> None:
+        super().__init__()
+        self.spec, self.cfg = spec, cfg
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            self._build(spec, cfg, embedding, tuple(private_columns))
+
+    def _build(self, spec: FeatureSpec, cfg: RankerConfig, embedding: FeatureEmbedding | None,
+               private_columns: tuple[str, ...]) -> None:
+        if embedding is None:
+            embedding = FeatureEmbedding(spec, cfg.sides, cfg.emb_dim, numeric=cfg.numeric, sparse=cfg.sparse)
+        elif embedding.emb_dim != cfg.emb_dim:
+            raise ValueError(f"Ranker: shared embedding has dim {embedding.emb_dim} but cfg.emb_dim is {cfg.emb_dim}")
+        self.embedding = embedding
+        # positions of this model's fields / dense columns inside the (possibly larger, shared) embedding output
+        side_of = dict(zip(spec.cat_names, spec.cat_sides)) | dict(zip(spec.num_names, spec.num_sides))
+        wanted = [n for n in spec.cat_names + spec.num_names if side_of[n] in cfg.sides]
+        have = set(embedding.cat_names + embedding.num_names)
+        missing = [n for n in wanted if n not in have]
+        if missing:
+            raise ValueError(f"Ranker: the shared embedding lacks column(s) {missing} on sides {cfg.sides}")
+        field_pos = [i for i, n in enumerate(embedding.field_names) if side_of[n] in cfg.sides]
+        dense_names = embedding.num_names if embedding.numeric == "raw" else ()
+        dense_pos = [i for i, n in enumerate(dense_names) if side_of[n] in cfg.sides]
+        self.register_buffer("field_pos", torch.tensor(field_pos, dtype=torch.long), persistent=False)
+        self.register_buffer("dense_pos", torch.tensor(dense_pos, dtype=torch.long), persistent=False)
+        self.field_names = tuple(embedding.field_names[i] for i in field_pos)
+
+        self.private_columns = private_columns
+        self.private = nn.ModuleDict()
+        private_slot = []
+        for name in private_columns:
+            if name not in spec.cat_names:
+                raise ValueError(f"Ranker: private column {name!r} is not a categorical column of the spec")
+            if name not in self.field_names:
+                raise ValueError(f"Ranker: private column {name!r} is not on this model's sides {cfg.sides}")
+            j = spec.cat_names.index(name)
+            emb = nn.Embedding(spec.cat_cardinality[j], cfg.emb_dim, sparse=cfg.sparse)
+            nn.init.normal_(emb.weight, std=0.01)
+            self.private[name] = emb
+            private_slot.append((self.field_names.index(name), j))
+        self._private_slot = tuple(private_slot)
+
+        n_fields, d = len(field_pos), cfg.emb_dim
+        in_dim = n_fields * d + len(dense_pos)
+        if in_dim == 0:
+            raise ValueError(f"Ranker: no input column on sides {cfg.sides}")
+        self.in_dim = in_dim
+        self.fm = None
+        self.first_order = None
+        self.cross = None
+        if cfg.backbone == "deepfm":
+            self.fm = FactorizationMachine()
+            # first-order term: a 1-d embedding per feature value (+ numeric weights); its own table, never shared
+            self.first_order = FeatureEmbedding(spec, cfg.sides, 1, numeric="linear", sparse=cfg.sparse)
+        if cfg.backbone == "dcnv2":
+            self.cross = CrossNetV2(in_dim, cfg.cross_layers, cfg.cross_rank)
+        mlp_in = in_dim
+        self.mlp = MLP(mlp_in, cfg.mlp, cfg.dropout, cfg.batch_norm)
+        self.hidden_dim = self.mlp.out_dim + (in_dim if cfg.backbone == "dcnv2" and cfg.cross_structure == "parallel" else 0)
+        self.out = nn.Linear(self.hidden_dim, 1)
+
+    def embed(self, cat: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This model's inputs: (fields [B, F, d], dense [B, M_raw]) from the shared / own embedding."""
+        fields_all, dense_all = self.embedding(cat, num)
+        return fields_all.index_select(1, self.field_pos), dense_all.index_select(1, self.dense_pos)
+
+    def head(self, cat: torch.Tensor, num: torch.Tensor, fields: torch.Tensor,
+             dense: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Interaction + dense parts on given embeddings -> (logits [B], hidden [B, hidden_dim]).
+
+        ``cat`` is still needed for the private tables and DeepFM's first-order term.
+        """
+        if self._private_slot:
+            fields = fields.clone()
+            for (slot, col), emb in zip(self._private_slot, self.private.values()):
+                codes = cat[:, col]
+                codes = torch.where((codes >= 0) & (codes < emb.num_embeddings), codes, torch.zeros_like(codes))
+                fields[:, slot] = emb(codes)
+        x = torch.cat([fields.flatten(1), dense], dim=1)
+        cfg = self.cfg
+        if cfg.backbone == "dnn":
+            hidden = self.mlp(x)
+            logit = self.out(hidden).squeeze(-1)
+        elif cfg.backbone == "deepfm":
+            hidden = self.mlp(x)
+            first, _ = self.first_order(cat, num)
+            logit = self.out(hidden).squeeze(-1) + self.fm(fields) + first.sum(dim=(1, 2))
+        else:  # dcnv2
+            if cfg.cross_structure == "stacked":
+                hidden = self.mlp(self.cross(x))
+            else:
+                hidden = torch.cat([self.cross(x), self.mlp(x)], dim=1)
+            logit = self.out(hidden).squeeze(-1)
+        return logit, hidden
+
+    def forward_hidden(self, cat: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        fields, dense = self.embed(cat, num)
+        return self.head(cat, num, fields, dense)
+
+    def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        return self.forward_hidden(cat, num)[0]
+
+
+def n_parameters(model: nn.Module) -> int:
+    """Number of trainable and frozen parameters (a shared module counted once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def serving_latency(model: nn.Module, spec: FeatureSpec | None = None, n_candidates: int = 100,
+                    repeats: int = 50, warmup: int = 5, seed: int = 0) -> float:
+    """Median wall time in ms to score ``n_candidates`` rows in one forward pass (torch.inference_mode, 1 thread).
+
+    spec: the column layout of the random inputs; defaults to ``model.spec``. Inputs are drawn uniformly from
+    each column's vocabulary (seeded), numerics standard normal.
+    """
+    spec = spec if spec is not None else getattr(model, "spec", None)
+    if spec is None:
+        raise ValueError("serving_latency: pass spec= for a model without a .spec attribute")
+    rng = np.random.default_rng(seed)
+    cat = np.stack([rng.integers(0, max(c, 1), n_candidates) for c in spec.cat_cardinality], axis=1) \
+        if spec.cat_names else np.zeros((n_candidates, 0), np.int64)
+    num = rng.standard_normal((n_candidates, len(spec.num_names))).astype(np.float32)
+    device = next(model.parameters()).device
+    cat_t = torch.as_tensor(cat, dtype=torch.long, device=device)
+    num_t = torch.as_tensor(num, device=device)
+    was_training = model.training
+    threads = torch.get_num_threads()
+    model.eval()
+    torch.set_num_threads(1)
+    try:
+        times = []
+        with torch.inference_mode():
+            for i in range(warmup + repeats):
+                t0 = time.perf_counter()
+                model(cat_t, num_t)
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                if i >= warmup:
+                    times.append(time.perf_counter() - t0)
+    finally:
+        torch.set_num_threads(threads)
+        model.train(was_training)
+    return float(np.median(times) * 1e3)

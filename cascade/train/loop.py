@@ -1,0 +1,305 @@
+"""One explicit training loop for every ranking model (teacher, student, joint teacher + student).
+
+``fit`` reads top to bottom: batch, forward + loss terms (``loss_fn``), mix, backward, clip, step, log, and every
+``eval_every_steps`` (or once per epoch) validation AUC with early stopping and a checkpoint of the best model.
+Distillation plugs in through ``loss_fn`` instead of a second loop:
+
+    loss_fn(model, batch, step) -> (terms: dict[str, Tensor], weights: dict[str, float])
+
+``batch`` is a dict of tensors on the training device (``cat`` int64 [B, C], ``num`` float32 [B, M], ``label``
+float32 [B], ``user_id`` / ``item_id`` / ``request_id`` int64 [B], plus the table's ``extra`` arrays). ``step`` is
+the number of optimizer steps taken so far; it lets a loss follow a schedule (PFD's warm-up). The default loss is
+click BCE on ``model(cat, num)``.
+
+A non-finite loss term stops training with FloatingPointError naming the step and the term; the checkpoint on
+disk is then still the last good (best validated) one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cascade.artifacts import load_torch, read_manifest, save_torch, write_manifest
+from cascade.data.batches import EncodedTable, iter_batches
+from cascade.distill.losses import click_bce, mix
+from cascade.eval.metrics import auc, gauc, logloss
+
+log = logging.getLogger(__name__)
+
+OPTIMIZERS = ("adamw", "adagrad")
+CHECKPOINT = "model.pt"
+
+LossFn = Callable[[nn.Module, dict[str, torch.Tensor], int], tuple[dict[str, torch.Tensor], dict[str, float]]]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation settings of :func:`fit`.
+
+    patience: evaluations without a better validation AUC before stopping. eval_every_steps: None evaluates once
+    per epoch. grad_clip: max global grad norm (None: no clipping). num_threads: torch intra-op threads during
+    fit (None: leave as is). progress: show a tqdm bar.
+    """
+
+    optimizer: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    batch_size: int = 4096
+    epochs: int = 1
+    patience: int = 2
+    eval_every_steps: int | None = None
+    grad_clip: float | None = None
+    seed: int = 0
+    device: str = "cpu"
+    num_threads: int | None = None
+    progress: bool = False
+    eval_batch_size: int = 65536
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"TrainConfig: optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"TrainConfig: device {self.device!r} must be 'cpu' or 'cuda'")
+        if self.lr <= 0 or self.batch_size <= 0 or self.epochs <= 0 or self.patience <= 0:
+            raise ValueError(f"TrainConfig: lr, batch_size, epochs and patience must be > 0 (got {self})")
+        if self.eval_every_steps is not None and self.eval_every_steps <= 0:
+            raise ValueError(f"TrainConfig: eval_every_steps must be > 0 or None, got {self.eval_every_steps}")
+
+
+@dataclass
+class FitResult:
+    """best_valid_auc / best_step of the kept (best) model; history: one dict per evaluation."""
+
+    best_valid_auc: float
+    best_step: int
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def default_loss(model: nn.Module, batch: dict[str, torch.Tensor], step: int):
+    """Click BCE on the model's logits."""
+    return {"bce": click_bce(model(batch["cat"], batch["num"]), batch["label"])}, {"bce": 1.0}
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, or Adagrad (the one that takes sparse embedding gradients).
+
+    Weight decay applies to dense parameters only: sparse embeddings cannot take it, and decaying every row on
+    every step would shrink rows the batch never touched.
+    """
+    sparse = [p for p in params if getattr(p, "_cascade_sparse", False)]
+    dense = [p for p in params if not getattr(p, "_cascade_sparse", False)]
+    groups = [g for g in ({"params": dense, "weight_decay": cfg.weight_decay},
+                          {"params": sparse, "weight_decay": 0.0}) if g["params"]]
+    if cfg.optimizer == "adamw":
+        if sparse:
+            raise ValueError("TrainConfig: optimizer 'adamw' cannot train sparse embeddings; use 'adagrad' or sparse=False")
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    return torch.optim.Adagrad(groups, lr=cfg.lr)
+
+
+def _mark_sparse(model: nn.Module) -> None:
+    for m in model.modules():
+        if isinstance(m, nn.Embedding) and m.sparse:
+            m.weight._cascade_sparse = True  # read by make_optimizer
+
+
+@contextlib.contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
+
+
+def to_tensors(batch: Mapping[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """numpy batch -> tensors: cat int64, num / label float32, other arrays with their own dtype."""
+    out = {}
+    for k, v in batch.items():
+        if k == "cat":
+            t = torch.as_tensor(v, dtype=torch.long)
+        elif k in ("num", "label"):
+            t = torch.as_tensor(v, dtype=torch.float32)
+        else:
+            t = torch.as_tensor(v)
+        out[k] = t.to(device, non_blocking=True)
+    return out
+
+
+def _check_table(table: EncodedTable, what: str) -> None:
+    if len(table) == 0:
+        raise ValueError(f"fit: the {what} table is empty")
+    y = table.label
+    if not np.isin(y, (0, 1)).all():
+        raise ValueError(f"fit: the {what} table's label must be 0/1, found {y[~np.isin(y, (0, 1))][0]!r}")
+
+
+def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainConfig,
+        loss_fn: LossFn | None = None, ckpt_dir: str | Path | None = None) -> FitResult:
+    """Train ``model`` on ``train``, early-stopping on the AUC of ``model(cat, num)`` on ``valid``.
+
+    On return the model holds the best validated weights; with ``ckpt_dir`` they are also saved there as
+    ``model.pt`` (cascade.artifacts.save_torch) with a ``manifest.json`` (configs, step, validation metrics).
+    """
+    _check_table(train, "train")
+    _check_table(valid, "valid")
+    if len(np.unique(valid.label)) < 2:
+        raise ValueError("fit: the valid table needs both clicks and non-clicks to compute AUC")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("TrainConfig.device='cuda' but torch sees no CUDA device")
+    loss_fn = loss_fn or default_loss
+    device = torch.device(cfg.device)
+    model.to(device)
+    _mark_sparse(model)
+    optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
+    rng = np.random.default_rng(cfg.seed)
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
+
+    result = FitResult(best_valid_auc=-math.inf, best_step=0)
+    best_state: dict[str, torch.Tensor] | None = None
+    evals_without_gain = 0
+    step, stop = 0, False
+    running: dict[str, float] = {}
+    n_running = 0
+
+    def validate(epoch: int) -> None:
+        nonlocal best_state, evals_without_gain, stop, running, n_running
+        metrics = evaluate(model, valid, cfg.eval_batch_size)
+        model.train()
+        row = {"step": step, "epoch": epoch, **{f"train_{k}": v / max(n_running, 1) for k, v in running.items()},
+               **{f"valid_{k}": v for k, v in metrics.items()}}
+        result.history.append(row)
+        running, n_running = {}, 0
+        log.info("step %d epoch %d: %s", step, epoch, {k: round(v, 5) for k, v in row.items() if isinstance(v, float)})
+        if metrics["auc"] > result.best_valid_auc:
+            result.best_valid_auc, result.best_step = metrics["auc"], step
+            best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
+            evals_without_gain = 0
+            if ckpt_dir is not None:
+                save_checkpoint(model, ckpt_dir, cfg, step, metrics)
+        else:
+            evals_without_gain += 1
+            stop = evals_without_gain >= cfg.patience
+
+    with _threads(cfg.num_threads), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)  # dropout; the global RNG is restored on exit
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not cfg.progress, desc="fit", leave=False)
+        for epoch in range(cfg.epochs):
+            model.train()
+            for np_batch in iter_batches(train, cfg.batch_size, rng):
+                if len(np_batch["label"]) < 2:  # a 1-row tail batch would break BatchNorm's training statistics
+                    continue
+                batch = to_tensors(np_batch, device)
+                terms, weights = loss_fn(model, batch, step)
+                try:
+                    total, values = mix(terms, weights)
+                except FloatingPointError as e:
+                    where = f"; the last good checkpoint is in {ckpt_dir}" if ckpt_dir is not None else ""
+                    raise FloatingPointError(f"fit: non-finite loss at step {step}: {e}{where}") from e
+                optimizer.zero_grad(set_to_none=True)
+                total.backward()
+                if cfg.grad_clip is not None:
+                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                optimizer.step()
+                step += 1
+                for k, v in values.items():
+                    running[k] = running.get(k, 0.0) + float(v)
+                n_running += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(total.detach()):.4f}", refresh=False)
+                if cfg.eval_every_steps is not None and step % cfg.eval_every_steps == 0:
+                    validate(epoch)
+                    if stop:
+                        break
+            if stop:
+                break
+            if cfg.eval_every_steps is None or n_running > 0:
+                validate(epoch)
+                if stop:
+                    break
+        bar.close()
+    if best_state is not None:
+        model.load_state_dict(best_state)
+    log.info("fit: best valid AUC %.5f at step %d", result.best_valid_auc, result.best_step)
+    return result
+
+
+def _model_config(model: nn.Module) -> Any:
+    cfg = getattr(model, "cfg", None)
+    if cfg is None:
+        return None
+    return cfg.to_dict() if hasattr(cfg, "to_dict") else asdict(cfg)
+
+
+def save_checkpoint(model: nn.Module, ckpt_dir: str | Path, cfg: TrainConfig, step: int,
+                    metrics: Mapping[str, float]) -> Path:
+    """Write ``ckpt_dir/model.pt`` (state dict, atomically) then ``manifest.json`` (configs, step, metrics)."""
+    ckpt_dir = Path(ckpt_dir)
+    save_torch(ckpt_dir / CHECKPOINT, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+    write_manifest(ckpt_dir, stage="fit", config={"train": asdict(cfg), "model": _model_config(model)},
+                   seed=cfg.seed, inputs={}, outputs=[CHECKPOINT], metrics=dict(metrics), extra={"step": step})
+    return ckpt_dir / CHECKPOINT
+
+
+def load_checkpoint(model: nn.Module, ckpt_dir: str | Path) -> dict:
+    """Load ``ckpt_dir/model.pt`` into ``model`` (weights_only=True, sha256 checked); return the manifest."""
+    manifest = read_manifest(ckpt_dir, verify=True)
+    model.load_state_dict(load_torch(Path(ckpt_dir) / CHECKPOINT))
+    return manifest
+
+
+@torch.no_grad()
+def predict(model: nn.Module, table: EncodedTable, batch_size: int = 65536) -> np.ndarray:
+    """Logits of ``model(cat, num)`` for every row of ``table``: float32 [N], in row order (eval mode)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    try:
+        with torch.inference_mode():
+            for b in iter_batches(table, batch_size):
+                t = to_tensors({"cat": b["cat"], "num": b["num"]}, device)
+                out.append(model(t["cat"], t["num"]).float().cpu().numpy())
+    finally:
+        model.train(was_training)
+    return np.concatenate(out).astype(np.float32) if out else np.zeros(0, np.float32)
+
+
+def score_metrics(y: np.ndarray, logits: np.ndarray, groups: np.ndarray, is_rand: np.ndarray | None = None,
+                  probabilities: bool = True) -> dict[str, float]:
+    """AUC, GAUC (grouped by ``groups``) and logloss of ``logits``; the same prefixed ``rand_`` on the
+    is_rand == 1 slice when that slice has both classes. probabilities=False skips logloss (ranking scores)."""
+
+    def block(mask: np.ndarray | slice) -> dict[str, float]:
+        yy, ss = y[mask], logits[mask]
+        m = {"auc": float(auc(yy, ss)), "gauc": float(gauc(yy, ss, groups[mask]))}
+        if probabilities:
+            p = 1.0 / (1.0 + np.exp(-ss.astype(np.float64)))
+            m["logloss"] = float(logloss(yy, p))
+        return m
+
+    out = block(slice(None))
+    if is_rand is not None:
+        r = is_rand == 1
+        if r.any() and len(np.unique(y[r])) == 2:
+            out.update({f"rand_{k}": v for k, v in block(r).items()})
+    return out
+
+
+def evaluate(model: nn.Module, table: EncodedTable, batch_size: int = 65536) -> dict[str, float]:
+    """{"auc", "gauc" (by user), "logloss"} of ``model`` on ``table``, plus "rand_*" on its random slice."""
+    return score_metrics(table.label, predict(model, table, batch_size), table.user_id, table.is_rand)
