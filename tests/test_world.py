@@ -90,9 +90,17 @@ def test_request_invariants(logs):
     np.testing.assert_array_equal((local.dt.hour * 100).to_numpy(), logs.hourmin.to_numpy())
     assert logs.date.min() == 20220408 and logs.date.max() == 20220412
     assert set(logs.tab.unique()) <= set(range(SMALL.n_tabs))
-    # post-click fields exist only after a click; play time never exceeds the duration
-    nc = logs[logs.is_click == 0]
-    assert (nc[["is_like", "long_view", "play_time_ms", "is_follow", "is_comment"]].to_numpy() == 0).all()
+    # likes, follows and comments need a click; unclicked videos only autoplay a preview (<= 60% of the duration,
+    # or a scroll-past of at most 1.5 s), so play time is informative about the click without determining it
+    nc, cl = logs[logs.is_click == 0], logs[logs.is_click == 1]
+    assert (nc[["is_like", "is_follow", "is_comment"]].to_numpy() == 0).all()
+    assert (nc.play_time_ms <= np.maximum(0.6 * nc.duration_ms, 1500) + 1).all()
+    frac_nc, frac_cl = nc.play_time_ms / nc.duration_ms, cl.play_time_ms / cl.duration_ms
+    assert frac_cl.mean() > frac_nc.mean() + 0.1
+    from cascade.eval.metrics import auc
+
+    a = auc(logs.is_click.to_numpy(), (logs.play_time_ms / logs.duration_ms).to_numpy())
+    assert 0.7 < a < 0.99, a  # informative, but not the label in disguise
     assert (logs.play_time_ms <= logs.duration_ms).all() and (logs.duration_ms > 0).all()
 
 

@@ -828,7 +828,7 @@ def _simulate(world: World, req: dict[str, np.ndarray], rng: np.random.Generator
     bounds = np.searchsorted(req["step"], np.arange(n_steps + 1))
     pos = np.arange(S)
     out: dict[str, list[np.ndarray]] = {k: [] for k in
-                                        ("req", "item", "pos", "click", "sat", "watch", "ctx", "hist", "logit")}
+                                        ("req", "item", "pos", "click", "examined", "sat", "watch", "ctx", "hist", "logit")}
     for s in tqdm(range(n_steps), disable=not progress, desc="world: hours", unit="h"):
         lo, hi = bounds[s], bounds[s + 1]
         if lo == hi:
@@ -867,7 +867,8 @@ def _simulate(world: World, req: dict[str, np.ndarray], rng: np.random.Generator
         lg = np.concatenate(logit)
         n = len(rows)
         users = np.broadcast_to(req["user"][rows][:, None], (n, S))
-        click = rng.random((n, S)) < world.exam[None, :] * _sigmoid(lg)
+        examined = rng.random((n, S)) < world.exam[None, :]
+        click = examined & (rng.random((n, S)) < _sigmoid(lg))
         sat = (cfg.satisfaction_affinity_weight * np.concatenate(aff) + a["item_quality"][items]
                + a["user_sat_bias"][users] + cfg.satisfaction_noise * rng.standard_normal((n, S)))
         watch = _sigmoid(sat + 0.5 * rng.standard_normal((n, S)))
@@ -878,7 +879,7 @@ def _simulate(world: World, req: dict[str, np.ndarray], rng: np.random.Generator
                  click_w.reshape(-1), skip_w.reshape(-1))
         out["req"].append(np.repeat(rows, S))
         out["pos"].append(np.tile(pos, n))
-        for k, v in (("item", items), ("click", click), ("sat", sat), ("watch", watch), ("logit", lg),
+        for k, v in (("item", items), ("click", click), ("examined", examined), ("sat", sat), ("watch", watch), ("logit", lg),
                      ("ctx", np.concatenate(ctx)), ("hist", np.concatenate(hterm))):
             out[k].append(v.reshape(-1))
     if not out["req"]:
@@ -889,7 +890,14 @@ def _simulate(world: World, req: dict[str, np.ndarray], rng: np.random.Generator
 
 def _post_click(cfg: WorldConfig, imp: dict[str, np.ndarray], duration_ms: np.ndarray, rng: np.random.Generator
                 ) -> dict[str, np.ndarray]:
-    """The post-click columns of the KuaiRand layout, from satisfaction; zero where there is no click."""
+    """The post-click columns of the KuaiRand layout, from satisfaction.
+
+    Clicked videos are watched for a fraction ``watch`` of their duration. Examined but unclicked videos still
+    autoplay in the feed for a while (a preview whose length grows with the appeal): their play time overlaps
+    with that of short clicked views, so play time is informative about the click (a privileged signal) without
+    determining it. Unexamined videos are scrolled past in well under two seconds. Likes, follows, comments,
+    forwards and hates need a click.
+    """
     N = len(duration_ms)
     click = imp["click"]
     sat = imp["sat"]
@@ -898,7 +906,11 @@ def _post_click(cfg: WorldConfig, imp: dict[str, np.ndarray], duration_ms: np.nd
     def draw(row: int, logit: np.ndarray) -> np.ndarray:
         return (click & (r[row] < _sigmoid(logit))).astype(np.int64)
 
-    play = np.where(click, np.round(duration_ms * imp["watch"]), 0).astype(np.int64)
+    preview = 0.6 * _sigmoid(imp["logit"] + rng.standard_normal(N))
+    scroll_ms = rng.uniform(200.0, 1500.0, N)
+    play = np.where(click, np.round(duration_ms * imp["watch"]),
+                    np.where(imp["examined"], np.round(duration_ms * preview), np.round(np.minimum(scroll_ms, duration_ms))))
+    play = play.astype(np.int64)
     enter = draw(5, sat - 3.5)
     comment = draw(2, sat - 5.0)
     return {
@@ -908,7 +920,7 @@ def _post_click(cfg: WorldConfig, imp: dict[str, np.ndarray], duration_ms: np.nd
         "is_comment": comment,
         "is_forward": draw(3, sat - 5.5),
         "is_hate": draw(4, -2.0 * sat - 6.0),
-        "long_view": (click & (imp["watch"] >= 0.5)).astype(np.int64),
+        "long_view": (play >= 0.5 * duration_ms).astype(np.int64),
         "play_time_ms": play,
         "duration_ms": duration_ms.astype(np.int64),
         "profile_stay_time": enter * np.ceil(rng.exponential(10.0, N)).astype(np.int64),
