@@ -77,7 +77,8 @@ class DataSection:
 
 @dataclass(frozen=True)
 class TeacherSection:
-    model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=16, mlp=(256, 128)))
+    model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
+                                                                     cross_layers=2, cross_rank=32))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=2, batch_size=4096))
     lightgbm: bool = True
     lightgbm_trees: int = 200
@@ -128,7 +129,8 @@ class StudentsSection:
     prerank_gt: StudentConfig = field(default_factory=_gt_prerank)
     retrieval_gt: StudentConfig = field(default_factory=_gt_retrieval)
     compare_ground_truth: bool = True
-    rank_student: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dnn", emb_dim=8, mlp=(64,)))
+    rank_student: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dnn", emb_dim=8, mlp=(64,),
+                                                                            sides=("user", "item", "context")))
     rank_student_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=2, batch_size=4096))
     rank_distill: DistillConfig = field(default_factory=lambda: DistillConfig(w_bce=1.0, w_kd=1.0, w_cr=0.4, w_rcr=0.5))
 
@@ -141,6 +143,7 @@ class IndexSection:
     recall_target: float = 0.95
     sweep_queries: int = 1000
     k: int = 100
+    omp_threads: int = 1  # 2 OpenMP threads were up to 15x slower on the 2-core machine (benchmarks/bench_index.py)
 
     def __post_init__(self) -> None:
         if not 0.0 < self.recall_target <= 1.0:
@@ -460,7 +463,7 @@ def stage_index(ctx: StageContext) -> StageResult:
         towers = load_towers(variant_dir / "retrieval", data)
         n_real = len(data.item_ids)
         xb, ids = towers.item_emb[:n_real], towers.inputs.item_ids[:n_real]
-        index = ItemIndex.build(xb, ids, metric="ip", factory=c.factory, seed=ctx.seed)
+        index = ItemIndex.build(xb, ids, metric="ip", factory=c.factory, seed=ctx.seed, omp_threads=c.omp_threads)
         xq = towers.user_embed(data, to_requests(valid, data.context_names))
         k = min(c.k, n_real)
         if not index.is_exact:
@@ -535,7 +538,7 @@ def stage_replay(ctx: StageContext) -> StageResult:
         v = variant_dir.name
         retr, pre = load_towers(variant_dir / "retrieval", data), load_towers(variant_dir / "prerank", data)
         index = ItemIndex.load(ctx.inputs["index"] / v, expect_model_hash=A.sha256_file(variant_dir / "retrieval" / "model.pt"),
-                               expect_dim=retr.item_emb.shape[1], expect_metric="ip")
+                               expect_dim=retr.item_emb.shape[1], expect_metric="ip", omp_threads=1)
         casc = build_cascade(data, retr, pre, ranker, index, seen)
         inp = ReplayInputs(requests, clicked, t_top, grades, oracle_prob, oracle_best)
         rows, summary = replay_quality(casc, inp, c.n_retrieve, c.n_prerank, c.k, c.batch_size, c.filter_seen, ctx.progress)
@@ -591,7 +594,7 @@ def stage_report(ctx: StageContext) -> StageResult:
     run_dir = ctx.inputs["data"].parent
     data = build_report_data(run_dir, ctx.config)
     files = write_report(data, ctx.out)
-    return StageResult(list(files), {}, f"report: {ctx.out / 'report.html'}")
+    return StageResult(list(files), {}, "report.html, report.md, report.json written")
 
 
 def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) -> dict:

@@ -247,7 +247,7 @@ def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = 
     retr, pre = load_towers(sdir / "retrieval", data), load_towers(sdir / "prerank", data)
     model = load_ranker(run_dir / "teacher" / "teacher" if ranker == "teacher" else run_dir / "students" / "rank_student", data.spec)
     index = ItemIndex.load(run_dir / "index" / variant, expect_model_hash=A.sha256_file(sdir / "retrieval" / "model.pt"),
-                           expect_dim=retr.item_emb.shape[1], expect_metric="ip")
+                           expect_dim=retr.item_emb.shape[1], expect_metric="ip", omp_threads=1)
     return data, build_cascade(data, retr, pre, model, index)
 
 
