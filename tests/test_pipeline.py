@@ -132,3 +132,47 @@ def test_walkthrough_notebook_executes_against_the_tiny_run(run_a, monkeypatch):
     assert "plots in the report" in outputs and "request " in outputs
     n_plots = int(outputs.split(" plots in the report")[0].split()[-1])
     assert n_plots >= 3
+
+
+def test_serving_maps_unknown_users_items_and_values_to_oov(run_a):
+    import numpy as np
+
+    from cascade.serve.cascade import PAD, Requests
+    from cascade.serve.run import load_cascade
+
+    _, run_dir, _ = run_a
+    data, casc = load_cascade(run_dir, variant="distilled", ranker="student")
+    known_user = int(data.user_ids[0])
+    req = Requests(np.array([known_user, 987654321]), np.array([data.impressions.time_ms.max()] * 2),
+                   {"hour": np.array([20, 99]), "weekday": np.array([2, 9]), "tab": np.array([1, 42])})
+    res = casc.recommend(req, n_retrieve=100, n_prerank=40, k=10)
+    assert res.errors == [None, None]
+    assert (res.items != PAD).all() and np.isfinite(res.scores).all()
+    # an unknown candidate item is scored through the OOV row instead of failing
+    cand = np.array([[int(data.item_ids[0]), 123456789, PAD]])
+    items, scores = casc.ranker.select(req.take(np.array([0])), cand, 3)
+    assert set(items[0][:2]) == {int(data.item_ids[0]), 123456789} and items[0][2] == PAD
+    # more candidates than the index holds: the retriever pads, the cascade still returns k real items
+    res = casc.recommend(req, n_retrieve=len(data.item_ids) + 100, n_prerank=40, k=10, return_stages=True)
+    assert (res.stages["retrieval"][0][:, len(data.item_ids):] == PAD).all() and (res.items != PAD).all()
+    # an empty batch is answered with empty arrays
+    empty = casc.recommend(req.take(np.array([], dtype=int)), 100, 40, 10)
+    assert empty.items.shape == (0, 10) and empty.errors == []
+
+
+def test_index_from_another_model_is_refused_naming_both_hashes(run_a, tmp_path):
+    import shutil
+
+    from cascade.index.faiss_index import IndexMismatchError
+    from cascade.serve.run import load_cascade
+
+    _, run_dir, _ = run_a
+    fake = tmp_path / "mixed"
+    shutil.copytree(run_dir, fake)
+    shutil.rmtree(fake / "index" / "distilled")
+    shutil.copytree(run_dir / "index" / "ground_truth", fake / "index" / "distilled")  # the other tower's index
+    mine = A.sha256_file(fake / "students" / "distilled" / "retrieval" / "model.pt")
+    theirs = A.sha256_file(fake / "students" / "ground_truth" / "retrieval" / "model.pt")
+    with pytest.raises(IndexMismatchError) as e:
+        load_cascade(fake, variant="distilled")
+    assert mine[:12] in str(e.value) and theirs[:12] in str(e.value)
