@@ -205,7 +205,8 @@ def _seeded(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def _device_train(cfg: TrainConfig, seed: int) -> TrainConfig:
+def _with_seed(cfg: TrainConfig, seed: int) -> TrainConfig:
+    """The stage's training config under the run's seed (one seed drives every stage)."""
     return dataclasses.replace(cfg, seed=seed)
 
 
@@ -297,12 +298,12 @@ def stage_data(ctx: StageContext) -> StageResult:
                "random_share": float(imp.is_rand.mean()), "n_cat_columns": len(spec.cat_names),
                "n_num_columns": len(spec.num_names),
                "sides": {s: len(spec.cat_index(s)) + len(spec.num_index(s)) for s in ("user", "item", "context", "cross", "privileged")}}
-    if world is not None:
-        ws = world.summary()
-        summary["world_wall_s"] = ws.get("wall_s")
     A.write_json(ctx.out / "summary.json", {"summary": summary, "splits": splits})
     outputs.append("summary.json")
-    return StageResult(outputs, {"summary": summary, "splits": splits},
+    metrics = {"summary": summary, "splits": splits}
+    if world is not None:  # wall times go to the manifest only, so that summary.json is reproducible
+        metrics["world_seconds"] = world.summary().get("seconds")
+    return StageResult(outputs, metrics,
                        f"{len(imp):,} impressions, {len(ds.users):,} users, {len(ds.items):,} items")
 
 
@@ -317,7 +318,7 @@ def stage_teacher(ctx: StageContext) -> StageResult:
     train, valid, test = data.encoded("train"), data.encoded("valid"), data.encoded("test")
     _seeded(ctx.seed)
     model = Ranker(train.spec, c.model)
-    res = fit(model, train, valid, _device_train(dataclasses.replace(c.train, progress=ctx.progress), ctx.seed))
+    res = fit(model, train, valid, _with_seed(dataclasses.replace(c.train, progress=ctx.progress), ctx.seed))
     model.eval()
     outputs = _save_ranker(model, c.model, ctx.out / "teacher")
     rows = [_model_row(f"teacher ({c.model.backbone})", "teacher", model, evaluate(model, test), train.spec)]
@@ -410,8 +411,6 @@ def stage_students(ctx: StageContext) -> StageResult:
     inputs = data.tower_inputs(frame)
     log_ = RankLog(ctx.inputs["ranklog"] / "log")
     clicks = _click_lists(data, inputs, frame)
-    # hold out 10% of the logged requests to report the students' agreement with the teacher
-    rng = np.random.default_rng(ctx.seed)
     outputs, metrics, rows = [], {}, []
     variants = {"distilled": (c.prerank, c.retrieval)}
     if c.compare_ground_truth:
@@ -432,7 +431,7 @@ def stage_students(ctx: StageContext) -> StageResult:
     # rank students: without distillation and distilled from the teacher (two-stage)
     train, valid, test = data.encoded("train"), data.encoded("valid"), data.encoded("test")
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
-    tcfg = _device_train(dataclasses.replace(c.rank_student_train, progress=ctx.progress), ctx.seed)
+    tcfg = _with_seed(dataclasses.replace(c.rank_student_train, progress=ctx.progress), ctx.seed)
     _seeded(ctx.seed)
     plain = Ranker(train.spec, c.rank_student)
     fit(plain, train, valid, tcfg)

@@ -95,9 +95,14 @@ def test_sigkill_midway_then_resume_matches_uninterrupted_run(run_a, tmp_path):
     for s in ("data", "teacher", "ranklog"):
         assert f"[{s:>8}] skipped" in done.stdout, done.stdout
     run_b_dir = runs_b / "tiny"
-    # identical data, encodings, teacher, rank logs and index files
+    # identical data, encodings, teacher weights, rank logs and index files (files that record measured speeds
+    # -- models.json with latencies, nested manifests with pairs/s or QPS -- are left out of the comparison)
+    def reproducible(h):
+        return {k: v for k, v in h.items() if not k.endswith(("models.json", "manifest.json"))}
+
     for s in ("data", "teacher", "ranklog", "index"):
-        assert _hashes(run_b_dir / s) == _hashes(run_a_dir / s), s
+        assert reproducible(_hashes(run_b_dir / s)) == reproducible(_hashes(run_a_dir / s)), s
+    assert any(k.endswith(".parquet") for k in _hashes(run_b_dir / "ranklog"))
     qa = A.read_json(run_a_dir / "replay" / "summary.json")
     qb = A.read_json(run_b_dir / "replay" / "summary.json")
     for v in qa:

@@ -1066,15 +1066,13 @@ def generate_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), dat
             for name, m in (("standard", std), ("random", rnd))
         },
         "files": log_names,
-        "seconds": {"build": round(t_build - t0, 3), "simulate": round(t_sim - t_build, 3),
-                    "write_csv": round(t_write - t_sim, 3)},
     }
     world._summary = _json_safe(world._summary)
+    # world.json holds only what the seed determines (no wall times), so the same config gives identical files
     world.save(out_dir)
+    world._summary["seconds"] = {"build": round(t_build - t0, 3), "simulate": round(t_sim - t_build, 3),
+                                 "write_csv": round(t_write - t_sim, 3)}
     world._summary["wall_s"] = round(time.perf_counter() - t0, 3)
-    # world.json carries the full summary, wall time included (rewritten once: it is small)
-    write_json(out_dir / WORLD_JSON, {"format_version": WORLD_FORMAT_VERSION, "config": cfg.to_dict(),
-                                      "summary": world._summary})
     logger.info("world: %d rows (%d random), %d requests, CTR %.3f, wall %.1f s -> %s", world._summary["rows"],
                 world._summary["rows_random"], world._summary["requests"], world._summary["ctr"],
                 world._summary["wall_s"], out_dir)
