@@ -13,6 +13,18 @@ click BCE on ``model(cat, num)``.
 
 A non-finite loss term stops training with FloatingPointError naming the step and the term; the checkpoint on
 disk is then still the last good (best validated) one.
+
+Data parallel (``torchrun``, see :mod:`cascade.train.distributed`): when a torch.distributed group is initialised,
+``fit`` wraps the model and the loss in DistributedDataParallel (gradients averaged over ranks after every
+backward). By default every rank holds the whole ``train`` table and trains on its block of ``cfg.batch_size`` rows
+of each global batch of ``world * cfg.batch_size`` rows (one seeded permutation, the same on every rank), so the
+effective batch is ``world * cfg.batch_size`` and a run equals a single-process run with that batch up to float
+summation order. With ``train_shard=True`` ``train`` holds only this rank's rows (e.g. read with
+``distributed.shard_rows``); each rank permutes its own rows (seed + rank) and all ranks take the
+same number of full batches per epoch (the minimum over ranks; tails are dropped). Validation runs on rank 0 on
+its whole ``valid`` table, and its metrics and the early-stopping decision are broadcast, so all ranks stop at the
+same step and return the same best weights; only rank 0 writes the checkpoint and the manifest. Dropout draws
+from seed + rank. The logged train loss is the mean over ranks.
 """
 
 from __future__ import annotations
@@ -31,9 +43,10 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cascade.artifacts import load_torch, read_manifest, save_torch, write_manifest
-from cascade.data.batches import EncodedTable, iter_batches
+from cascade.data.batches import EncodedTable, batch_indices, iter_batches
 from cascade.distill.losses import click_bce, mix
 from cascade.eval.metrics import auc, gauc, logloss
+from cascade.train import distributed as D
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +152,27 @@ def to_tensors(batch: Mapping[str, np.ndarray], device: torch.device | str = "cp
     return out
 
 
+class _LossModule(nn.Module):
+    """model + loss_fn as one module, so DistributedDataParallel sees the whole forward of a step (a loss_fn may
+    call any method of the model, e.g. ``forward_both``, which a DDP wrapper of the bare model would not sync)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn) -> None:
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: dict[str, torch.Tensor], step: int):
+        return self.loss_fn(self.model, batch, step)
+
+
+def _rank_batches(table: EncodedTable, idx_iter: Iterator[np.ndarray | slice]) -> Iterator[dict[str, np.ndarray]]:
+    """The batches of :func:`iter_batches` for given row selections (one gather per array per batch)."""
+    for idx in idx_iter:
+        b = table.take(idx)
+        yield {"cat": b.cat, "num": b.num, "label": b.label, "user_id": b.user_id, "item_id": b.item_id,
+               "request_id": b.request_id, **b.extra}
+
+
 def _check_table(table: EncodedTable, what: str) -> None:
     if len(table) == 0:
         raise ValueError(f"fit: the {what} table is empty")
@@ -148,11 +182,13 @@ def _check_table(table: EncodedTable, what: str) -> None:
 
 
 def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainConfig,
-        loss_fn: LossFn | None = None, ckpt_dir: str | Path | None = None) -> FitResult:
+        loss_fn: LossFn | None = None, ckpt_dir: str | Path | None = None, train_shard: bool = False) -> FitResult:
     """Train ``model`` on ``train``, early-stopping on the AUC of ``model(cat, num)`` on ``valid``.
 
     On return the model holds the best validated weights; with ``ckpt_dir`` they are also saved there as
     ``model.pt`` (cascade.artifacts.save_torch) with a ``manifest.json`` (configs, step, validation metrics).
+    Under an initialised torch.distributed group this is data-parallel training (see the module docstring;
+    ``cfg.batch_size`` is then per rank, ``train_shard`` says whether ``train`` is this rank's rows only).
     """
     _check_table(train, "train")
     _check_table(valid, "valid")
@@ -161,12 +197,33 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("TrainConfig.device='cuda' but torch sees no CUDA device")
     loss_fn = loss_fn or default_loss
-    device = torch.device(cfg.device)
+    env = D.current_env()
+    ddp = D.is_distributed()
+    if ddp and (cfg.device == "cuda") != (env.backend == "nccl"):
+        raise ValueError(f"fit: TrainConfig.device={cfg.device!r} does not match the process group's backend "
+                         f"{env.backend!r} (use 'cuda' with nccl, 'cpu' with gloo)")
+    device = torch.device(env.device if ddp else cfg.device)
     model.to(device)
     _mark_sparse(model)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
-    rng = np.random.default_rng(cfg.seed)
+    rng = np.random.default_rng([cfg.seed, env.rank] if train_shard else cfg.seed)
     steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    step_model: nn.Module = _LossModule(model, loss_fn)
+    if ddp:
+        from torch.nn.parallel import DistributedDataParallel
+
+        # find_unused_parameters: a loss_fn may leave parts of the model out of a step's graph (e.g. a hint
+        # projection whose term is off); without it DDP fails at the next step, still waiting for their
+        # gradients. It costs one graph traversal per step. The parameters are broadcast from rank 0 here, so
+        # every rank starts from rank 0's initialisation.
+        step_model = DistributedDataParallel(step_model, device_ids=[device.index] if device.type == "cuda" else None,
+                                             find_unused_parameters=True)
+        if train_shard:  # full batches only, the same count on every rank
+            steps_per_epoch = D.all_reduce_min_int(len(train) // cfg.batch_size)
+            if steps_per_epoch == 0:
+                raise ValueError(f"fit: some rank's train shard has fewer than batch_size={cfg.batch_size} rows")
+        else:
+            steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * env.world_size))
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
 
     result = FitResult(best_valid_auc=-math.inf, best_step=0)
@@ -178,38 +235,55 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
 
     def validate(epoch: int) -> None:
         nonlocal best_state, evals_without_gain, stop, running, n_running
-        metrics = evaluate(model, valid, cfg.eval_batch_size)
+        train_means = D.all_reduce_mean({k: v / max(n_running, 1) for k, v in running.items()})
+        metrics = evaluate(model, valid, cfg.eval_batch_size) if env.is_main else None
         model.train()
-        row = {"step": step, "epoch": epoch, **{f"train_{k}": v / max(n_running, 1) for k, v in running.items()},
+        improved = env.is_main and metrics["auc"] > result.best_valid_auc
+        if improved and ckpt_dir is not None:  # rank 0 only; the broadcast below waits for it
+            save_checkpoint(model, ckpt_dir, cfg, step, metrics)
+        metrics, improved = D.broadcast_object((metrics, improved)) if ddp else (metrics, improved)
+        row = {"step": step, "epoch": epoch, **{f"train_{k}": v for k, v in train_means.items()},
                **{f"valid_{k}": v for k, v in metrics.items()}}
         result.history.append(row)
         running, n_running = {}, 0
         log.info("step %d epoch %d: %s", step, epoch, {k: round(v, 5) for k, v in row.items() if isinstance(v, float)})
-        if metrics["auc"] > result.best_valid_auc:
+        if improved:
             result.best_valid_auc, result.best_step = metrics["auc"], step
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
             evals_without_gain = 0
-            if ckpt_dir is not None:
-                save_checkpoint(model, ckpt_dir, cfg, step, metrics)
         else:
             evals_without_gain += 1
             stop = evals_without_gain >= cfg.patience
 
     with _threads(cfg.num_threads), torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)  # dropout; the global RNG is restored on exit
-        bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not cfg.progress, desc="fit", leave=False)
+        torch.manual_seed(cfg.seed + env.rank)  # dropout; the global RNG is restored on exit
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not cfg.progress or not env.is_main, desc="fit",
+                   leave=False)
         for epoch in range(cfg.epochs):
             model.train()
-            for np_batch in iter_batches(train, cfg.batch_size, rng):
+            if not ddp:
+                batches = iter_batches(train, cfg.batch_size, rng)
+            elif train_shard:
+                batches = _rank_batches(train, (i for _, i in zip(range(steps_per_epoch),
+                                                                  batch_indices(len(train), cfg.batch_size, rng))))
+            else:
+                batches = _rank_batches(train, D.rank_batch_indices(len(train), cfg.batch_size, rng, env.rank,
+                                                                    env.world_size))
+            for np_batch in batches:
                 if len(np_batch["label"]) < 2:  # a 1-row tail batch would break BatchNorm's training statistics
                     continue
                 batch = to_tensors(np_batch, device)
-                terms, weights = loss_fn(model, batch, step)
+                terms, weights = step_model(batch, step)
                 try:
                     total, values = mix(terms, weights)
+                    error = None
                 except FloatingPointError as e:
+                    error = e
+                if ddp and D.all_reduce_min_int(error is None) == 0:  # every rank stops, none waits in backward
+                    error = error or FloatingPointError("a non-finite loss on another rank")
+                if error is not None:
                     where = f"; the last good checkpoint is in {ckpt_dir}" if ckpt_dir is not None else ""
-                    raise FloatingPointError(f"fit: non-finite loss at step {step}: {e}{where}") from e
+                    raise FloatingPointError(f"fit: non-finite loss at step {step}: {error}{where}") from error
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 if cfg.grad_clip is not None:
