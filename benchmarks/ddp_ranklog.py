@@ -28,39 +28,12 @@ import numpy as np
 import torch
 
 from cascade import artifacts as A
-from cascade.distill.ranklog import sample_candidates
 from cascade.distill.shard_runner import build_rank_log_distributed
 from cascade.models.ranker import Ranker
-from cascade.pipeline import RankLogSection, TeacherSection
-from cascade.serve.run import RunData, ranker_scorer, requests_frame, to_requests
+from cascade.pipeline import RankLogSection, TeacherSection, rank_log_inputs
+from cascade.serve.run import RunData, ranker_scorer, to_requests
 from cascade.train import distributed as D
 from cascade.train.loop import fit
-
-
-def rank_log_inputs(data: RunData, cfg: RankLogSection, seed: int):
-    """The sampled train requests (with user_row), their candidate item rows [R, L] (impressed first, then corpus
-    samples) and the item row -> id map, as stage_ranklog builds them; deterministic in ``seed``, so every rank
-    builds the same ones."""
-    tr = data.split_impressions("train")
-    frame = requests_frame(tr, data.context_names)
-    rng = np.random.default_rng(seed)
-    if cfg.max_requests is not None and len(frame) > cfg.max_requests:
-        frame = frame.iloc[np.sort(rng.choice(len(frame), cfg.max_requests, replace=False))].reset_index(drop=True)
-    inputs = data.tower_inputs(frame)
-    frame["user_row"] = inputs.user_rows(data.map_users(frame["user_id"].to_numpy()))
-    imp = tr[tr.request_id.isin(frame.request_id)]
-    req_row = inputs.request_rows(imp["request_id"].to_numpy(np.int64))
-    order = np.lexsort((imp["position"].to_numpy(), req_row))
-    rr = req_row[order]
-    counts = np.bincount(rr, minlength=len(frame))
-    slot = np.arange(len(rr)) - np.repeat(np.cumsum(counts) - counts, counts)
-    impressed = np.full((len(frame), max(int(counts.max()), 1)), -1, np.int64)
-    impressed[rr, slot] = inputs.item_rows(imp["item_id"].to_numpy(np.int64)[order])
-    n_real = len(data.item_ids)
-    pop = tr.groupby("item_id").size().reindex(inputs.item_ids[:n_real], fill_value=0).to_numpy(np.float64) + 1.0
-    cands = sample_candidates(impressed, n_real, cfg.n_candidates, pop_weights=pop, uniform_frac=cfg.uniform_frac,
-                              rng=rng)
-    return frame, cands, inputs.item_ids
 
 
 def main() -> None:

@@ -22,7 +22,7 @@ import pandas as pd
 import torch
 
 from . import artifacts as A
-from .config import ConfigError, from_dict, load_toml, apply_overrides, to_dict
+from .config import apply_overrides, from_dict, load_toml, to_dict
 from .data.world import WorldConfig
 from .models.ranker import RankerConfig
 from .models.two_tower import TowerConfig
@@ -342,18 +342,18 @@ def _popularity(data, item_ids: np.ndarray) -> np.ndarray:
     return counts.reindex(item_ids, fill_value=0).to_numpy(np.float64) + 1.0
 
 
-def stage_ranklog(ctx: StageContext) -> StageResult:
-    from .distill.ranklog import build_rank_log, sample_candidates
-    from .serve.run import RunData, load_ranker, ranker_scorer, requests_frame, to_requests
+def rank_log_inputs(data, cfg: RankLogSection, seed: int):
+    """The sampled train requests (with ``user_row``), their candidate item rows [R, L] (impressed items first, then
+    popularity-weighted and uniform corpus samples) and the item row -> id map. Deterministic in ``seed``, so every
+    torchrun rank builds the same ones and scores its own shard of them."""
+    from .distill.ranklog import sample_candidates
+    from .serve.run import requests_frame
 
-    c: RankLogSection = ctx.config
-    data = RunData(ctx.inputs["data"])
-    teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     tr = data.split_impressions("train")
     frame = requests_frame(tr, data.context_names)
-    rng = np.random.default_rng(ctx.seed)
-    if c.max_requests is not None and len(frame) > c.max_requests:
-        frame = frame.iloc[np.sort(rng.choice(len(frame), c.max_requests, replace=False))].reset_index(drop=True)
+    rng = np.random.default_rng(seed)
+    if cfg.max_requests is not None and len(frame) > cfg.max_requests:
+        frame = frame.iloc[np.sort(rng.choice(len(frame), cfg.max_requests, replace=False))].reset_index(drop=True)
     inputs = data.tower_inputs(frame)
     frame["user_row"] = inputs.user_rows(data.map_users(frame["user_id"].to_numpy()))
     # impressed items per request as item rows, padded with -1 (one sort, no per-row Python)
@@ -365,19 +365,30 @@ def stage_ranklog(ctx: StageContext) -> StageResult:
     slot = np.arange(len(rr)) - np.repeat(np.cumsum(counts) - counts, counts)
     impressed = np.full((len(frame), max(int(counts.max()), 1)), -1, np.int64)
     impressed[rr, slot] = inputs.item_rows(imp["item_id"].to_numpy(np.int64)[order])
-    n_real_items = len(data.item_ids)  # the OOV row (last) is never sampled
-    pop = _popularity(data, inputs.item_ids[:n_real_items])
-    cands = sample_candidates(impressed, n_real_items, c.n_candidates, pop_weights=pop, uniform_frac=c.uniform_frac, rng=rng)
+    n_real = len(data.item_ids)  # the OOV row (last) is never sampled
+    pop = _popularity(data, inputs.item_ids[:n_real])
+    cands = sample_candidates(impressed, n_real, cfg.n_candidates, pop_weights=pop, uniform_frac=cfg.uniform_frac, rng=rng)
+    return frame, cands, inputs.item_ids
+
+
+def stage_ranklog(ctx: StageContext) -> StageResult:
+    from .distill.shard_runner import build_rank_log_distributed
+    from .serve.run import RunData, load_ranker, ranker_scorer, to_requests
+
+    c: RankLogSection = ctx.config
+    data = RunData(ctx.inputs["data"])
+    teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
+    frame, cands, item_ids = rank_log_inputs(data, c, ctx.seed)
     requests = to_requests(frame, data.context_names)
     score = ranker_scorer(teacher, data)
-    item_ids = inputs.item_ids
 
     def scorer(request_rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         return score(requests.take(request_rows), item_ids[candidates])
 
     t0 = time.perf_counter()
-    manifest = build_rank_log(frame, cands, scorer, ctx.out / "log", requests_per_batch=c.requests_per_batch,
-                              progress=ctx.progress, item_ids=item_ids, seed=ctx.seed)
+    # one process: a plain log; under torchrun: one shard per rank, merged by rank 0 into one log
+    build_rank_log_distributed(frame, cands, scorer, ctx.out / "log", requests_per_batch=c.requests_per_batch,
+                               progress=ctx.progress, item_ids=item_ids, seed=ctx.seed)
     wall = time.perf_counter() - t0
     A.write_parquet(ctx.out / "requests.parquet", frame)
     outputs = ["requests.parquet"] + [str(p.relative_to(ctx.out)) for p in sorted((ctx.out / "log").rglob("*")) if p.is_file()]
@@ -508,7 +519,8 @@ def stage_replay(ctx: StageContext) -> StageResult:
     clicked = np.full((len(frame), max(int(counts.max()) if len(counts) else 1, 1)), PAD, np.int64)
     slot = np.arange(len(rr)) - np.repeat(np.cumsum(counts) - counts, counts)
     clicked[rr[order], slot] = clicked_imp.item_id.to_numpy(np.int64)[order]
-    oracle_prob = oracle_best = None
+    oracle_best = None
+    oracle_prob = None
     world_dir = ctx.inputs["data"] / "world"
     if (world_dir / "world.json").exists():
         from .data.world import World
@@ -530,8 +542,6 @@ def stage_replay(ctx: StageContext) -> StageResult:
     if c.filter_seen:
         hist = data.impressions[data.impressions.split != 2]
         seen = SeenFilter(hist.user_id.to_numpy(), hist.item_id.to_numpy())
-    # stage scoring functions on the test impressions (AUC / GAUC)
-    test_enc = data.encoded("test")
     outputs, variants = [], {}
     for variant_dir in sorted(p for p in ctx.inputs["students"].iterdir() if (p / "retrieval").is_dir()):
         v = variant_dir.name

@@ -58,7 +58,7 @@ def test_altered_artifact_is_recomputed(tmp_path):
     run_stages(make_stages(calls), Cfg(), tmp_path, seed=0)
     (tmp_path / "s1" / "x.json").write_text(json.dumps({"v": 999}))
     calls.clear()
-    r = run_stages(make_stages(calls), Cfg(), tmp_path, seed=0)
+    run_stages(make_stages(calls), Cfg(), tmp_path, seed=0)
     assert calls == ["s1"]  # s1's outputs are identical after the redo, so s2 stays valid
     assert A.read_json(tmp_path / "s1" / "x.json") == {"v": 10}
 

@@ -214,7 +214,7 @@ def test_oracle_topk_equals_exhaustive_search(small):
 
 def test_deterministic_under_seed_and_different_under_another(small, tmp_path):
     world, out = small
-    again = generate_world(tmp_path / "again", SMALL)
+    generate_world(tmp_path / "again", SMALL)
     for name in LOG_FILES + (W.USER_FEATURES_FILE, W.VIDEO_FEATURES_FILE):
         assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
     a, b = W.read_npz(out / W.WORLD_STATE), W.read_npz(tmp_path / "again" / W.WORLD_STATE)

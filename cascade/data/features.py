@@ -21,7 +21,6 @@ Sequence features are not supported by this encoder (fit raises).
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 from typing import Any, Mapping

@@ -159,7 +159,6 @@ def sample_candidates(impressed: np.ndarray, n_items: int, n_candidates: int = 2
     elif uniform_frac < 1.0:
         log.debug("sample_candidates: no pop_weights, all samples are uniform")
 
-    r = impressed.shape[0]
     target = min(n_candidates, n_items)
     out, n_valid = _first_occurrence_compact(impressed.astype(np.int64, copy=False), n_candidates)
     for _ in range(max_rounds):

@@ -11,7 +11,6 @@ and feature values map to the OOV index 0 of every vocabulary: the side tables g
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
