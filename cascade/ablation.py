@@ -345,7 +345,7 @@ def run_seed(cfg, settings: AblationSettings, seed: int, progress: bool = False)
     the test set and train + evaluate every (stage, variant). Returns {"values": {stage: {variant: {metric:
     value}}}, "reference": {...}, "wall_s": {...}}."""
     from .distill.ranklog import RankLog
-    from .pipeline import _click_lists, run_pipeline
+    from .pipeline import click_lists, run_pipeline
     from .serve.run import RunData, load_ranker
 
     t0 = time.perf_counter()
@@ -368,7 +368,7 @@ def run_seed(cfg, settings: AblationSettings, seed: int, progress: bool = False)
     frame = pd.read_parquet(run_dir / "ranklog" / "requests.parquet")
     inputs = data.tower_inputs(frame)
     rank_log = RankLog(run_dir / "ranklog" / "log")
-    clicks = _click_lists(data, inputs, frame)
+    clicks = click_lists(data, inputs, frame)
     log_hash = A.sha256_file(run_dir / "ranklog" / "manifest.json")
 
     values: dict[str, dict[str, dict[str, float]]] = {}

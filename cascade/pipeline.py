@@ -63,6 +63,8 @@ class DataSection:
     min_count: int = 2
     numeric: Literal["standardize", "log_standardize", "quantile"] = "log_standardize"
     cross_window_days: float = 7.0
+    cross_tag_column: str = "tag"  # the item column whose user x value history the cross features count
+    cross_author_column: str = "author_id"
 
     def __post_init__(self) -> None:
         if self.source != "world" and not self.path:
@@ -263,7 +265,8 @@ def stage_data(ctx: StageContext) -> StageResult:
     # KuaiRand (and the world, which writes its layout) keep Beijing time: split on Beijing calendar days.
     utc_offset = kuairand_offset() if c.source in ("world", "kuairand") else 0.0
     masks = time_split(ds, valid_days=c.valid_days, test_days=c.test_days, utc_offset_hours=utc_offset)
-    cross = CrossFeatureStore(window_days=c.cross_window_days).fit(ds.impressions, ds.items)
+    cross = CrossFeatureStore(window_days=c.cross_window_days, tag_column=c.cross_tag_column,
+                              author_column=c.cross_author_column).fit(ds.impressions, ds.items)
     enc = FeatureEncoder(ds.schema, min_count=c.min_count, numeric=c.numeric).fit(ds, masks["train"], cross)
     enc.save(ctx.out / "encoder")
     tables = build_encoded(ds, masks, enc, cross, privileged=True)
@@ -397,7 +400,7 @@ def stage_ranklog(ctx: StageContext) -> StageResult:
     return StageResult(outputs, metrics, f"{pairs:,} pairs at {metrics['pairs_per_s']:,.0f} pairs/s")
 
 
-def _click_lists(data, inputs, frame: pd.DataFrame):
+def click_lists(data, inputs, frame: pd.DataFrame):
     from .train.students import ClickLists
 
     tr = data.split_impressions("train")
@@ -421,7 +424,7 @@ def stage_students(ctx: StageContext) -> StageResult:
     frame = pd.read_parquet(ctx.inputs["ranklog"] / "requests.parquet")
     inputs = data.tower_inputs(frame)
     log_ = RankLog(ctx.inputs["ranklog"] / "log")
-    clicks = _click_lists(data, inputs, frame)
+    clicks = click_lists(data, inputs, frame)
     outputs, metrics, rows = [], {}, []
     variants = {"distilled": (c.prerank, c.retrieval)}
     if c.compare_ground_truth:

@@ -1,0 +1,630 @@
+"""Serving benchmark: retrieval overhead, index operating points and end-to-end cascade latency, 10K to 1M items.
+
+What it measures, all in one process so the ratios sit side by side:
+
+1. Retrieval throughput of our :class:`~cascade.serve.cascade.Retriever` against a bare ``faiss`` search on the
+   same index file and the identical query vectors, at batch 1 and batched. Four rows per corpus: bare faiss,
+   :meth:`ItemIndex.search` (id map, padding), the retriever's search part (``Retriever.select`` with the user tower
+   replaced by a lookup of the precomputed query vectors) and the full retriever (user tower + search). The 10%
+   overhead target applies to the retriever's search part over the bare faiss search on identical queries; the
+   user tower is a model cost, reported beside it.
+2. Exact (Flat) vs IVF / HNSW operating points on the trained retrieval tower's item embeddings: recall@k against
+   exact inner-product search, batched q/s and single-query latency.
+3. End-to-end cascade latency at batch 1 (p50 / p95 / p99, per stage) with the run's real stages (distilled
+   retrieval + pre-rank towers, DCNv2 teacher as the ranker), plus a finer breakdown of each stage (user tower,
+   index search, pre-rank scoring, pair-feature building incl. cross features, teacher forward, top-k), and batched
+   throughput.
+4. How retrieval and end-to-end cost grow with the corpus (10K, 100K, 1M items).
+
+Where the cascades come from: the pipeline (``cascade.pipeline.run_pipeline(cfg, until="index")``) on a synthetic
+world per corpus size with few users and days and small models (``pipeline_config``). Each size is a separately
+trained run (data, teacher, rank log, students, index), so stage costs compare across sizes but model quality
+does not (not measured here). Queries are the test-day requests of each run.
+
+Usage: ``nice python benchmarks/bench_serving.py --runs-dir <dir>`` (runs are resumed when present). Writes JSON
+(machine, date, versions, args, results) to --out and Markdown beside it, and prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import gc
+import logging
+import math
+import os
+import platform
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from cascade.artifacts import package_versions, write_json
+from cascade.index.exact import exact_topk, recall_at_k
+from cascade.index.faiss_index import INDEX_FILE, ItemIndex, configure_faiss, set_blas_threshold
+from cascade.eval.metrics import latency_summary
+from cascade.serve.cascade import Cascade, PairScorer, Requests, Retriever, topk_rows
+from cascade.serve.replay import replay_latency
+
+log = logging.getLogger("bench_serving")
+
+TINY_TOML = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
+
+
+# ------------------------------------------------------------------------------------------------ runs
+
+
+def pipeline_config(n_items: int, runs_dir: Path, n_users: int = 3000, n_days: int = 3, seed: int = 0,
+                    sweep_queries: int = 500):
+    """The pipeline config of the benchmark world with ``n_items`` items: pipelines/tiny.toml's small models with
+    a 32-d retrieval tower, ``n_users`` users over ``n_days`` days, the index chosen by corpus size (Flat below
+    200K items, IVF above) at recall@100 >= 0.95, and no ground-truth comparison students (not served here)."""
+    from cascade.pipeline import load_config
+
+    overrides = [f"run.name=serving_w{n_items}", f"run.runs_dir={runs_dir}", f"run.seed={seed}", "run.threads=1",
+                 f"data.world.n_users={n_users}", f"data.world.n_items={n_items}", f"data.world.n_days={n_days}",
+                 "students.tower.emb_dim=16", "students.tower.hidden=[64]", "students.tower.out_dim=32",
+                 "students.compare_ground_truth=false", "ranklog.n_candidates=100", "ranklog.max_requests=3000",
+                 "index.k=100", f"index.sweep_queries={sweep_queries}", "index.recall_target=0.95"]
+    return load_config(TINY_TOML, overrides)
+
+
+def ensure_run(cfg, progress: bool = False) -> Path:
+    """Run (or resume) the pipeline of ``cfg`` up to the index stage; return the run folder."""
+    from cascade.pipeline import run_pipeline
+
+    t0 = time.perf_counter()
+    run_pipeline(cfg, progress=progress, until="index")
+    log.info("run %s ready in %.0f s", cfg.run.name, time.perf_counter() - t0)
+    return Path(cfg.run.runs_dir) / cfg.run.name
+
+
+@dataclass
+class ServingParts:
+    """The callables of a cascade, exposed one by one so each step can be timed.
+
+    user_embed(requests) -> float32 [B, d] (retrieval tower); index: an ItemIndex over the corpus;
+    prerank_score(requests, candidates [B, N]) -> [B, N]; pair_features(requests, candidates [B, N]) -> (cat, num)
+    [B*N, ...] ranker inputs (user, item, context and cross features); rank_forward(cat, num) -> [B*N] logits;
+    cascade: the served :class:`Cascade` built from the same parts (for a run: ``build_cascade``, the real path).
+    """
+
+    user_embed: Callable[[Requests], np.ndarray]
+    index: ItemIndex
+    prerank_score: Callable[[Requests, np.ndarray], np.ndarray]
+    pair_features: Callable[[Requests, np.ndarray], tuple[np.ndarray, np.ndarray]]
+    rank_forward: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    cascade: Cascade
+
+    def with_index(self, index: ItemIndex) -> "ServingParts":
+        """The same parts serving another index over the same items."""
+        casc = Cascade(Retriever(self.user_embed, index), self.cascade.preranker, self.cascade.ranker)
+        return ServingParts(self.user_embed, index, self.prerank_score, self.pair_features, self.rank_forward, casc)
+
+
+def parts_from_callables(user_embed, index, prerank_score, pair_features, rank_forward) -> ServingParts:
+    """ServingParts whose cascade is assembled here as ``build_cascade`` does (the ranker scores pair features)."""
+
+    def rank_score(requests: Requests, candidates: np.ndarray) -> np.ndarray:
+        cat, num = pair_features(requests, candidates)
+        return np.asarray(rank_forward(cat, num)).reshape(candidates.shape)
+
+    casc = Cascade(Retriever(user_embed, index), PairScorer(prerank_score), PairScorer(rank_score))
+    return ServingParts(user_embed, index, prerank_score, pair_features, rank_forward, casc)
+
+
+def load_run(run_dir: Path, variant: str = "distilled"):
+    """A run's serving parts (distilled towers, the DCNv2 teacher as ranker, the run's index loaded on 1 faiss
+    thread), its test requests in time order, and the retrieval item embeddings: (parts, requests, xb [I, d], ids)."""
+    from cascade import artifacts as A
+    from cascade.serve.run import (RunData, build_cascade, load_ranker, load_towers, requests_frame, score_pairs,
+                                   to_requests)
+
+    data = RunData(run_dir / "data")
+    sdir = run_dir / "students" / variant
+    retr, pre = load_towers(sdir / "retrieval", data), load_towers(sdir / "prerank", data)
+    teacher = load_ranker(run_dir / "teacher" / "teacher", data.spec)
+    index = ItemIndex.load(run_dir / "index" / variant, expect_model_hash=A.sha256_file(sdir / "retrieval" / "model.pt"),
+                           expect_dim=retr.item_emb.shape[1], expect_metric="ip", device="cpu", omp_threads=1)
+    parts = ServingParts(lambda r: retr.user_embed(data, r), index, pre.scorer(data), data.pair_features,
+                         lambda cat, num: score_pairs(teacher, cat, num), build_cascade(data, retr, pre, teacher, index))
+    requests = to_requests(requests_frame(data.split_impressions("test"), data.context_names), data.context_names)
+    n_real = len(data.item_ids)  # item rows past n_real are the OOV row, never indexed
+    return parts, requests, retr.item_emb[:n_real], retr.inputs.item_ids[:n_real]
+
+
+def bare_faiss_copy(index_dir: Path, index: ItemIndex):
+    """The faiss index stored in ``index_dir`` read with plain ``faiss.read_index``, with ``index``'s search
+    settings (nprobe / efSearch): the same index, searched without any of our code."""
+    import faiss
+
+    bare = faiss.read_index(str(index_dir / INDEX_FILE))
+    ps = faiss.ParameterSpace()
+    if index.nprobe is not None:
+        ps.set_index_parameter(bare, "nprobe", float(index.nprobe))
+    if index.ef_search is not None:
+        ps.set_index_parameter(bare, "efSearch", float(index.ef_search))
+    return bare
+
+
+def cycle(requests: Requests, n: int) -> Requests:
+    """The first n requests, repeating the sequence when there are fewer (request ids stay unique)."""
+    idx = np.arange(n) % len(requests)
+    out = requests.take(idx)
+    out.request_id = np.arange(n, dtype=np.int64)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ measurements
+
+
+def time_retrieval(bare, index: ItemIndex, user_embed, xq: np.ndarray, requests: Requests, k: int, batch_size: int,
+                   rounds: int = 5, chunk_queries: int = 32, seed: int = 0) -> dict:
+    """Queries per second of bare faiss vs our wrappers on identical queries.
+
+    bare: a faiss index equal to ``index`` (same file, same search settings); xq: [nq, d] the user-tower vectors of
+    ``requests`` (nq of them), searched in batches of ``batch_size``. The methods are interleaved finely, so load
+    changes on a machine shared with other jobs hit all of them alike: the batches are cut into chunks of about
+    ``chunk_queries`` queries (at least one batch) and every chunk is run by each method in turn, in an order drawn
+    afresh (seeded) for every round. A method's overhead is the median over rounds of its total time / bare faiss's
+    - 1, on the wall clock and on the thread's CPU time (``time.thread_time``; faiss runs on the calling thread at 1
+    thread), which leaves out time spent waiting for a core taken by other jobs. Raises if the wrappers' ids differ
+    from bare faiss. Returns {"batch_size", "nq", "k", "rounds", "wall" / "cpu": {"qps": {method: median q/s},
+    "overhead_vs_bare": {method: fraction}}}.
+    """
+    nq, d = xq.shape
+    if len(requests) != nq:
+        raise ValueError(f"{len(requests)} requests but {nq} query vectors")
+    starts = range(0, nq, batch_size)
+    qs = [np.ascontiguousarray(xq[s:s + batch_size], dtype=np.float32) for s in starts]
+    reqs = [requests.take(np.arange(s, min(s + batch_size, nq))) for s in starts]
+    by_request = {id(r): q for r, q in zip(reqs, qs)}
+    # the retriever's search part: Retriever.select exactly, with the user tower swapped for a lookup of the same
+    # vectors the bare search gets
+    search_part = Retriever(lambda r: by_request[id(r)], index)
+    full = Retriever(user_embed, index)
+
+    def run_bare(sl: slice):
+        # the same BLAS-threshold value ItemIndex.search sets for this batch size, so both do identical work
+        set_blas_threshold(len(qs[0]), index.blas_threshold)
+        return [bare.search(q, k)[1] for q in qs[sl]]
+
+    methods = {
+        "bare_faiss": run_bare,
+        "item_index": lambda sl: [index.search(q, k)[1] for q in qs[sl]],
+        "retriever_search": lambda sl: [search_part.select(r, None, k)[0] for r in reqs[sl]],
+        "retriever_full": lambda sl: [full.select(r, None, k)[0] for r in reqs[sl]],
+        "user_tower": lambda sl: [user_embed(r) for r in reqs[sl]],
+    }
+    everything = slice(None)
+    ids_bare = np.concatenate(run_bare(everything))  # warm-up, and the reference for the identity check
+    ids_bare = np.where(ids_bare >= 0, index.item_ids[np.maximum(ids_bare, 0)], -1)
+    for name in ("item_index", "retriever_search"):
+        got = np.concatenate(methods[name](everything))
+        if not np.array_equal(got, ids_bare):
+            raise AssertionError(f"{name} returned other items than bare faiss on identical queries")
+    per_chunk = max(1, chunk_queries // batch_size)
+    chunks = [slice(c, c + per_chunk) for c in range(0, len(qs), per_chunk)]
+    names = list(methods)
+    rng = np.random.default_rng(seed)
+    wall = np.zeros((rounds, len(names)))
+    cpu = np.zeros((rounds, len(names)))
+    for r in range(rounds):
+        order = rng.permutation(len(names))
+        for sl in chunks:
+            for m in order:
+                t0, c0 = time.perf_counter(), time.thread_time()
+                methods[names[m]](sl)
+                wall[r, m] += time.perf_counter() - t0
+                cpu[r, m] += time.thread_time() - c0
+    out = {"batch_size": batch_size, "nq": nq, "k": k, "rounds": rounds, "chunk_queries": per_chunk * batch_size}
+    for clock, t in (("wall", wall), ("cpu", cpu)):
+        out[clock] = {"qps": {m: float(nq / np.median(t[:, j])) for j, m in enumerate(names)},
+                      "overhead_vs_bare": {m: float(np.median(t[:, j] / t[:, 0]) - 1) for j, m in enumerate(names)
+                                           if j > 0}}
+    return out
+
+
+def single_query_latency(index: ItemIndex, xq: np.ndarray, k: int) -> dict:
+    """Per-query latency of ``index.search`` one row at a time: {"p50_ms", "p99_ms", "qps"}."""
+    index.search(xq[:1], k)  # warm-up: the first call pays lazy allocations
+    lat = np.empty(len(xq))
+    for i in range(len(xq)):
+        t0 = time.perf_counter()
+        index.search(xq[i:i + 1], k)
+        lat[i] = time.perf_counter() - t0
+    return {"p50_ms": float(np.percentile(lat, 50) * 1e3), "p99_ms": float(np.percentile(lat, 99) * 1e3),
+            "qps": float(len(xq) / lat.sum())}
+
+
+def operating_points(index: ItemIndex, xq: np.ndarray, I_exact: np.ndarray, k: int, values=(None,),
+                     nq_single: int = 200, build_s: float | None = None, repeats: int = 3) -> list[dict]:
+    """Recall@k vs exact search, batched q/s and single-query latency of ``index`` at each search setting.
+
+    xq: [nq, d] queries; I_exact: [nq, k] exact item ids (not positions) of xq; values: nprobe (IVF) or efSearch
+    (HNSW) settings, (None,) for Flat; batched q/s is the best of ``repeats`` timings. The index keeps the last
+    setting.
+    """
+    kind = index.spec["kind"]
+    param = {"ivf": "nprobe", "ivfpq": "nprobe", "hnsw": "efSearch"}.get(kind)
+    rows = []
+    for v in values:
+        if param == "nprobe":
+            index.set_search_params(nprobe=int(v))
+        elif param == "efSearch":
+            index.set_search_params(ef_search=int(v))
+        index.search(xq[:8], k)
+        batched_s = math.inf
+        for _ in range(repeats):  # best of a few: other jobs share the machine
+            t0 = time.perf_counter()
+            _, I = index.search(xq, k)
+            batched_s = min(batched_s, time.perf_counter() - t0)
+        single = single_query_latency(index, xq[:nq_single], k)
+        rows.append({"factory": index.factory, "param": param, "value": v, "k": k, "nq": int(len(xq)),
+                     "recall_at_k": recall_at_k(I, I_exact), "batched_qps": float(len(xq) / batched_s),
+                     "single_p50_ms": single["p50_ms"], "single_p99_ms": single["p99_ms"], "build_s": build_s,
+                     "index_mb": index.index_bytes() / 2**20})
+        log.info("%s %s=%s recall@%d %.4f batched %.0f q/s single p50 %.2f ms", index.factory, param, v, k,
+                 rows[-1]["recall_at_k"], rows[-1]["batched_qps"], single["p50_ms"])
+    return rows
+
+
+def exact_ids(xq: np.ndarray, xb: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    """[nq, k] item ids of the exact inner-product top-k of xq [nq, d] over xb [n, d] (ids [n])."""
+    _, I = exact_topk(xq, xb, k, metric="ip")
+    return np.where(I >= 0, ids[np.maximum(I, 0)], -1)
+
+
+def stage_breakdown(parts: ServingParts, requests: Requests, n_retrieve: int, n_prerank: int, k: int) -> dict:
+    """Batch-1 latency of every step of the cascade, run one request at a time in the cascade's own order:
+    retrieval user tower, index search, pre-rank scoring, pre-rank top-k, pair features (user / item / context /
+    cross), ranker forward, final top-k.
+
+    Returns {"wall": {step: latency_summary (ms)}, "cpu": {...}} with a "total" step in each. "cpu" is the thread's
+    CPU time (``time.thread_time``; faiss and torch run on the calling thread at 1 thread): on a machine shared with
+    other jobs it leaves out the time spent waiting for the core, so it approximates the latency on an idle core.
+    """
+    steps = ("user_tower", "index_search", "prerank_score", "prerank_topk", "pair_features", "rank_forward", "rank_topk")
+    wall = np.empty((len(requests), len(steps) + 1))
+    cpu = np.empty_like(wall)
+
+    def mark(i: int, j: int) -> None:
+        wall[i, j] = time.perf_counter()
+        cpu[i, j] = time.thread_time()
+
+    for i in range(len(requests)):
+        r = requests.take(np.array([i]))
+        mark(i, 0)
+        u = parts.user_embed(r)
+        mark(i, 1)
+        _, cand = parts.index.search(u, n_retrieve)
+        mark(i, 2)
+        ps = parts.prerank_score(r, cand)
+        mark(i, 3)
+        pi, _ = topk_rows(np.asarray(ps, np.float32), cand, n_prerank)
+        mark(i, 4)
+        cat, num = parts.pair_features(r, pi)
+        mark(i, 5)
+        s = np.asarray(parts.rank_forward(cat, num)).reshape(pi.shape)
+        mark(i, 6)
+        topk_rows(s, pi, k)
+        mark(i, 7)
+    out = {}
+    for name, t in (("wall", wall), ("cpu", cpu)):
+        d = np.maximum(np.diff(t, axis=1), 0.0)
+        out[name] = {s: latency_summary(d[:, j]) for j, s in enumerate(steps)}
+        out[name]["total"] = latency_summary(d.sum(axis=1))
+    return out
+
+
+def end_to_end(parts: ServingParts, requests: Requests, n_retrieve: int, n_prerank: int, k: int, n_batch1: int,
+               batch_size: int, n_batched: int, warmup: int = 20) -> dict:
+    """Batch-1 latency through ``Cascade.recommend`` (p50/p95/p99 per stage and end to end, via replay_latency),
+    the finer per-step breakdown on the same requests, and batched throughput. Requests are cycled if too few."""
+    casc = parts.cascade
+    casc.recommend(cycle(requests, warmup), n_retrieve, n_prerank, k)  # warm-up: lazy allocations, caches
+    lat1 = replay_latency(casc, cycle(requests, n_batch1), n_retrieve, n_prerank, k, batch_size=1)
+    lat1.pop("samples_ms")
+    breakdown = stage_breakdown(parts, cycle(requests, n_batch1), n_retrieve, n_prerank, k)
+    latb = replay_latency(casc, cycle(requests, n_batched), n_retrieve, n_prerank, k, batch_size=batch_size)
+    latb.pop("samples_ms")
+    return {"n_retrieve": n_retrieve, "n_prerank": n_prerank, "k": k, "batch1": lat1, "breakdown": breakdown,
+            "batched": latb}
+
+
+# ------------------------------------------------------------------------------------------------ per corpus
+
+
+def ivf_nlist(n: int) -> int:
+    """IVF list count for n items by the library's rule (``default_factory``): 4 sqrt(n) rounded to a power of two."""
+    return 2 ** int(round(math.log2(4 * math.sqrt(n))))
+
+
+def build_index(xb, ids, factory: str, seed: int, **kw) -> tuple[ItemIndex, float]:
+    t0 = time.perf_counter()
+    index = ItemIndex.build(xb, ids, metric="ip", factory=factory, device="cpu", seed=seed, omp_threads=1, **kw)
+    return index, time.perf_counter() - t0
+
+
+def bench_size(n_items: int, args) -> dict:
+    """Everything measured on the run with ``n_items`` items."""
+    cfg = pipeline_config(n_items, args.runs_dir, n_users=args.n_users, n_days=args.n_days, seed=args.seed)
+    run_dir = ensure_run(cfg)
+    parts, requests, xb, ids = load_run(run_dir)
+    index = parts.index
+    out: dict = {"n_items": n_items, "dim": int(xb.shape[1]), "run_index": index.factory,
+                 "n_test_requests": len(requests)}
+    nq = min(args.nq, len(requests))
+    q_req = requests.take(np.arange(nq))
+    xq = parts.user_embed(q_req)
+    k_op = args.k_recall
+
+    # 2. operating points on the trained item embeddings (recall@k_op vs exact)
+    I_ex = exact_ids(xq, xb, ids, k_op)
+    points: list[dict] = []
+    flat = None
+    if n_items in args.points_sizes:
+        flat, s = (index, None) if index.is_exact else build_index(xb, ids, "Flat", args.seed)
+        points += operating_points(flat, xq, I_ex, k_op, build_s=s, nq_single=args.nq_single)
+        nlist = ivf_nlist(n_items)
+        if index.spec["kind"] == "ivf":
+            ivf, s = index, None  # the run's own IVF index (built by the pipeline's index stage)
+        else:
+            ivf, s = build_index(xb, ids, f"IVF{nlist},Flat", args.seed)
+        points += operating_points(ivf, xq, I_ex, k_op, [v for v in args.nprobes if v <= ivf.spec["nlist"]],
+                                   build_s=s, nq_single=args.nq_single)
+        if ivf is not index:
+            del ivf
+        if n_items <= args.hnsw_max_n:
+            hnsw, s = build_index(xb, ids, f"HNSW{args.hnsw_m}", args.seed, ef_construction=args.ef_construction)
+            points += operating_points(hnsw, xq, I_ex, k_op, args.ef_searches, build_s=s, nq_single=args.nq_single)
+            del hnsw
+        else:
+            out["hnsw_skipped"] = f"n_items > --hnsw-max-n {args.hnsw_max_n} (HNSW builds take minutes here)"
+    out["operating_points"] = points
+
+    # the served operating point: for IVF, the cheapest nprobe with recall@n_retrieve >= target on these queries
+    # (the pipeline picked its nprobe at recall@100 on validation requests)
+    served = {"factory": index.factory}
+    if index.spec["kind"] == "ivf":
+        I_ret = exact_ids(xq, xb, ids, args.n_retrieve)
+        chosen = None
+        for v in [v for v in args.nprobes if v <= index.spec["nlist"]]:
+            index.set_search_params(nprobe=v)
+            r = recall_at_k(index.search(xq, args.n_retrieve)[1], I_ret)
+            served.setdefault("recall_by_nprobe", {})[v] = r
+            if r >= args.recall_target:
+                chosen = (v, r)
+                break
+        if chosen is None:
+            raise RuntimeError(f"{n_items} items: no nprobe in {args.nprobes} reaches recall@{args.n_retrieve} "
+                               f">= {args.recall_target}: {served['recall_by_nprobe']}")
+        index.set_search_params(nprobe=chosen[0])
+        served.update({"nprobe": chosen[0], f"recall_at_{args.n_retrieve}": chosen[1],
+                       f"recall_at_{k_op}": recall_at_k(index.search(xq, k_op)[1], I_ex)})
+    out["served_index"] = served
+
+    # 1. retrieval overhead: bare faiss vs our wrappers, identical queries, at batch 1 and batched
+    bare = bare_faiss_copy(run_dir / "index" / "distilled", index)
+    out["retrieval"] = {
+        f"batch{b}": time_retrieval(bare, index, parts.user_embed, xq[: (args.nq_single if b == 1 else nq)],
+                                    q_req.take(np.arange(args.nq_single if b == 1 else nq)), args.n_retrieve, b,
+                                    rounds=args.rounds)
+        for b in (1, args.batch_size)}
+    del bare
+    log.info("%d items: retrieval overhead %s", n_items,
+             {b: (round(v["wall"]["overhead_vs_bare"]["retriever_search"], 4),
+                  round(v["cpu"]["overhead_vs_bare"]["retriever_search"], 4)) for b, v in out["retrieval"].items()})
+
+    # 3./4. end-to-end latency with the served index (and, above the Flat range, with exact Flat search too)
+    e2e = {index.factory + (f" nprobe={index.nprobe}" if index.nprobe else ""):
+           end_to_end(parts, requests, args.n_retrieve, args.n_prerank, args.k, args.n_latency, args.batch_size,
+                      args.n_batched)}
+    if not index.is_exact:
+        if flat is None or flat is index:
+            flat, _ = build_index(xb, ids, "Flat", args.seed)
+        e2e["Flat"] = end_to_end(parts.with_index(flat), requests, args.n_retrieve, args.n_prerank, args.k,
+                                 args.n_latency, args.batch_size, args.n_batched)
+    out["end_to_end"] = e2e
+    for name, e in e2e.items():
+        log.info("%d items, %s: batch-1 p50 %.2f p99 %.2f ms; batched %.0f req/s", n_items, name,
+                 e["batch1"]["end_to_end_ms"]["p50_ms"], e["batch1"]["end_to_end_ms"]["p99_ms"],
+                 e["batched"]["requests_per_s"])
+    del parts, flat, index
+    gc.collect()
+    return out
+
+
+# ------------------------------------------------------------------------------------------------ report
+
+
+def render_markdown(res: dict) -> str:
+    """BENCHMARKS-ready Markdown of a bench_serving result."""
+    a = res["args"]
+    m = res["machine"]
+    L = [f"### Serving: retrieval overhead, index operating points, end-to-end latency ({res['date_utc'][:10]})", "",
+         f"Machine: {m['platform']}, {m['cpu_count']} CPUs, load average {m['loadavg_before'][0]:.1f} before / "
+         f"{m['loadavg_after'][0]:.1f} after (shared with other jobs running at the same time; run under `nice`). "
+         f"faiss {res['versions'].get('faiss-cpu', '?')}, torch {res['versions'].get('torch', '?')}; faiss and torch "
+         f"on {a['threads']} thread. Wall time {res['wall_s'] / 60:.1f} min.", "",
+         f"Each corpus is its own pipeline run (`until=\"index\"`) on the synthetic world with {a['n_users']} users, "
+         f"{a['n_days']} days, pipelines/tiny.toml models with a 32-d retrieval tower (distilled students, DCNv2 "
+         "teacher as ranker); queries are the run's test-day requests. Cascade sizes: "
+         f"n_retrieve {a['n_retrieve']}, n_prerank {a['n_prerank']}, k {a['k']}.", ""]
+    L += ["**Checks** (overhead target: retriever search <= 10% over bare faiss; latency target: e2e p99 <= 20 ms at "
+          "batch 1):", ""]
+    for s in res["sizes"]:
+        over = ", ".join(f"batch {r['batch_size']}: cpu {r['cpu']['overhead_vs_bare']['retriever_search']:+.1%} "
+                         f"{'PASS' if r['cpu']['overhead_vs_bare']['retriever_search'] <= 0.10 else 'FAIL'} / wall "
+                         f"{r['wall']['overhead_vs_bare']['retriever_search']:+.1%} "
+                         f"{'PASS' if r['wall']['overhead_vs_bare']['retriever_search'] <= 0.10 else 'FAIL'}"
+                         for r in s["retrieval"].values())
+        lat = "; ".join(f"{name}: wall p99 {e['batch1']['end_to_end_ms']['p99_ms']:.1f} ms "
+                        f"{'PASS' if e['batch1']['end_to_end_ms']['p99_ms'] <= 20 else 'FAIL'}, cpu-time p99 "
+                        f"{e['breakdown']['cpu']['total']['p99_ms']:.1f} ms "
+                        f"{'PASS' if e['breakdown']['cpu']['total']['p99_ms'] <= 20 else 'FAIL'}"
+                        for name, e in s["end_to_end"].items())
+        L.append(f"- {s['n_items']:,} items: retrieval overhead {over}. End-to-end {lat}.")
+    L.append("")
+    L += ["**Retrieval overhead** (q/s; medians over rounds; within a round every chunk of about 32 queries is run by "
+          "each method in turn, in a random order per round; overhead = time / bare faiss - 1, "
+          "identical query vectors, identical index file, k = n_retrieve). The 10% target applies to *retriever "
+          "search*: `Retriever.select` with the user tower replaced by the precomputed vectors. *cpu* rows use the "
+          "thread's CPU time (robust to other jobs' load), *wall* rows elapsed time.", "",
+          "| items | index | batch | clock | bare faiss q/s | ItemIndex.search | retriever search | overhead | "
+          "full retriever (+ user tower) | user tower alone q/s |",
+          "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+    for s in res["sizes"]:
+        idx = s["served_index"]["factory"] + (f" nprobe={s['served_index']['nprobe']}" if "nprobe" in s["served_index"] else "")
+        for r in s["retrieval"].values():
+            for clock in ("cpu", "wall"):
+                q, o = r[clock]["qps"], r[clock]["overhead_vs_bare"]
+                L.append(f"| {s['n_items']:,} | {idx} | {r['batch_size']} | {clock} | {q['bare_faiss']:,.0f} | "
+                         f"{q['item_index']:,.0f} ({o['item_index']:+.1%}) | {q['retriever_search']:,.0f} | "
+                         f"**{o['retriever_search']:+.1%}** | {q['retriever_full']:,.0f} ({o['retriever_full']:+.1%}) | "
+                         f"{q['user_tower']:,.0f} |")
+    L += ["", f"**Operating points** on the trained retrieval tower's item embeddings (recall@{a['k_recall']} vs exact "
+          f"inner-product search over {a['nq']} test queries; batched = one search of all queries; single = one query "
+          "per call).", "",
+          "| items | index | setting | recall | batched q/s | single p50 ms | single p99 ms | build s | MB |",
+          "|---:|---|---|---:|---:|---:|---:|---:|---:|"]
+    for s in res["sizes"]:
+        for p in s["operating_points"]:
+            setting = f"{p['param']}={p['value']}" if p["param"] else "exact"
+            b = "run's index" if p["build_s"] is None else f"{p['build_s']:.1f}"
+            L.append(f"| {s['n_items']:,} | {p['factory']} | {setting} | {p['recall_at_k']:.4f} | {p['batched_qps']:,.0f} | "
+                     f"{p['single_p50_ms']:.2f} | {p['single_p99_ms']:.2f} | {b} | {p['index_mb']:.0f} |")
+        if "hnsw_skipped" in s:
+            L.append(f"| {s['n_items']:,} | HNSW | skipped: {s['hnsw_skipped']} | | | | | | |")
+    L += ["", f"**End-to-end latency at batch 1** through `Cascade.recommend` ({a['n_latency']} requests; ms) and "
+          f"batched throughput (batch {a['batch_size']}, {a['n_batched']} requests). Target: p99 <= 20 ms. The cpu-time "
+          "column is the per-step breakdown's total on the thread's CPU clock (same requests, run separately): what "
+          "the cascade costs without waiting for a core taken by other jobs.", "",
+          "| items | retrieval index | recall@500 | e2e p50 | e2e p95 | e2e p99 | retrieval p50 / p99 | pre-rank p50 / p99 "
+          "| rank p50 / p99 | cpu-time e2e p50 / p99 | batched req/s |",
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in res["sizes"]:
+        for name, e in s["end_to_end"].items():
+            b1 = e["batch1"]
+            rec = s["served_index"].get(f"recall_at_{a['n_retrieve']}") if name != "Flat" and "nprobe" in name else 1.0
+            L.append(f"| {s['n_items']:,} | {name} | {rec:.3f} | {b1['end_to_end_ms']['p50_ms']:.2f} | "
+                     f"{b1['end_to_end_ms']['p95_ms']:.2f} | **{b1['end_to_end_ms']['p99_ms']:.2f}** | "
+                     f"{b1['retrieval_ms']['p50_ms']:.2f} / {b1['retrieval_ms']['p99_ms']:.2f} | "
+                     f"{b1['prerank_ms']['p50_ms']:.2f} / {b1['prerank_ms']['p99_ms']:.2f} | "
+                     f"{b1['rank_ms']['p50_ms']:.2f} / {b1['rank_ms']['p99_ms']:.2f} | "
+                     f"{e['breakdown']['cpu']['total']['p50_ms']:.2f} / {e['breakdown']['cpu']['total']['p99_ms']:.2f} | "
+                     f"{e['batched']['requests_per_s']:,.0f} |")
+    L += ["", "**Per-step breakdown at batch 1** (p50 / p99 ms over the same requests, steps timed one by one in the "
+          "cascade's order). *wall* is elapsed time; *cpu* is the thread's CPU time, which leaves out waiting for a "
+          "core taken by other jobs (close to what an idle core would give). The teacher's cost = pair features "
+          "(user, item, context and cross features of the 100 candidates) + forward.", "",
+          "| items | index | clock | user tower | index search | pre-rank score | pair features | teacher forward | "
+          "top-k (both, p50) | total |",
+          "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in res["sizes"]:
+        for name, e in s["end_to_end"].items():
+            for clock in ("wall", "cpu"):
+                bd = e["breakdown"][clock]
+
+                def f(step):
+                    return f"{bd[step]['p50_ms']:.2f} / {bd[step]['p99_ms']:.2f}"
+
+                topk = bd["prerank_topk"]["p50_ms"] + bd["rank_topk"]["p50_ms"]
+                L.append(f"| {s['n_items']:,} | {name} | {clock} | {f('user_tower')} | {f('index_search')} | "
+                         f"{f('prerank_score')} | {f('pair_features')} | {f('rank_forward')} | {topk:.2f} | "
+                         f"**{f('total')}** |")
+    L += ["", "**Growth with the corpus** (batch 1 p50 / p99 ms unless noted).", "",
+          "| items | index | full retriever q/s (batch 1) | full retriever q/s (batched) | retrieval p50 / p99 | "
+          "e2e p50 / p99 | e2e batched req/s |",
+          "|---:|---|---:|---:|---:|---:|---:|"]
+    for s in res["sizes"]:
+        for name, e in s["end_to_end"].items():
+            b1 = e["batch1"]
+            served = name != "Flat" or s["served_index"]["factory"] == "Flat"
+            r1 = f"{s['retrieval']['batch1']['wall']['qps']['retriever_full']:,.0f}" if served else "-"
+            batched_key = f"batch{a['batch_size']}"
+            rb = f"{s['retrieval'][batched_key]['wall']['qps']['retriever_full']:,.0f}" if served else "-"
+            L.append(f"| {s['n_items']:,} | {name} | {r1} | {rb} | {b1['retrieval_ms']['p50_ms']:.2f} / "
+                     f"{b1['retrieval_ms']['p99_ms']:.2f} | {b1['end_to_end_ms']['p50_ms']:.2f} / "
+                     f"{b1['end_to_end_ms']['p99_ms']:.2f} | {e['batched']['requests_per_s']:,.0f} |")
+    return "\n".join(L) + "\n"
+
+
+# ------------------------------------------------------------------------------------------------ main
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--runs-dir", type=Path, default=Path("runs") / "bench_serving", help="where the pipeline runs live")
+    p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="corpus sizes (items)")
+    p.add_argument("--points-sizes", type=int, nargs="+", default=[100_000, 1_000_000],
+                   help="sizes at which Flat / IVF / HNSW operating points are measured")
+    p.add_argument("--n-users", type=int, default=3000)
+    p.add_argument("--n-days", type=int, default=3)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--n-retrieve", type=int, default=500)
+    p.add_argument("--n-prerank", type=int, default=100)
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--k-recall", type=int, default=100, help="k of the operating-point recall")
+    p.add_argument("--recall-target", type=float, default=0.95, help="recall@n_retrieve of the served IVF point")
+    p.add_argument("--nq", type=int, default=1000, help="test queries for batched search and recall")
+    p.add_argument("--nq-single", type=int, default=300, help="queries timed one at a time")
+    p.add_argument("--rounds", type=int, default=7, help="interleaved timing rounds of the retrieval overhead")
+    p.add_argument("--batch-size", type=int, default=256)
+    p.add_argument("--n-latency", type=int, default=1000, help="requests for batch-1 end-to-end latency")
+    p.add_argument("--n-batched", type=int, default=4096, help="requests for batched throughput")
+    p.add_argument("--nprobes", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32, 64, 128, 256])
+    p.add_argument("--hnsw-m", type=int, default=32)
+    p.add_argument("--ef-construction", type=int, default=80)
+    p.add_argument("--ef-searches", type=int, nargs="+", default=[128, 256, 512, 1024])
+    p.add_argument("--hnsw-max-n", type=int, default=100_000, help="skip HNSW above this many items")
+    # 1 thread: single queries are fastest on one faiss thread, and on this 2-core machine (one physical core)
+    # shared with other jobs two threads fight for the core (PERF_NOTES)
+    p.add_argument("--threads", type=int, default=1, help="faiss and torch threads")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_serving.json")
+    p.add_argument("--render", action="store_true", help="only re-render the Markdown of an existing --out JSON")
+    return p.parse_args(argv)
+
+
+def machine_info(load_before) -> dict:
+    return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
+            "cpu_count": os.cpu_count(), "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
+            "nice": os.nice(0)}
+
+
+def main(argv=None) -> dict:
+    import torch
+
+    args = parse_args(argv)
+    if args.render:
+        from cascade.artifacts import read_json
+
+        md = render_markdown(read_json(args.out))
+        args.out.with_suffix(".md").write_text(md)
+        print(md)
+        return read_json(args.out)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    logging.getLogger("cascade").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    configure_faiss(args.threads)
+    t0 = time.perf_counter()
+    load_before = os.getloadavg()
+    sizes = [bench_size(n, args) for n in args.sizes]
+    res = {"benchmark": "bench_serving",
+           "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "machine": machine_info(load_before), "versions": package_versions(),
+           # paths by name only: no machine-specific absolute paths in committed results
+           "args": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
+           "wall_s": time.perf_counter() - t0, "sizes": sizes}
+    write_json(args.out, res)
+    md = render_markdown(res)
+    args.out.with_suffix(".md").write_text(md)
+    print(md)
+    print(f"wrote {args.out} and {args.out.with_suffix('.md')} ({res['wall_s'] / 60:.1f} min)")
+    return res
+
+
+if __name__ == "__main__":
+    main()
