@@ -187,6 +187,7 @@ class ItemIndex:
         self.factory = factory
         self.dim = int(cpu_index.d)
         self.item_ids = item_ids
+        self._identity_ids: bool | None = None
         self.backend = backend
         self.backend_reason = backend_reason
         self.seed = seed
@@ -369,6 +370,13 @@ class ItemIndex:
         return D, self._map_ids(I)
 
     def _map_ids(self, I: np.ndarray) -> np.ndarray:
+        # ids 0..n-1 (every world run) need no lookup: at batch 1 the gather was 17-24% of a 0.15 ms search
+        if self._identity_ids is None:
+            ids = self.item_ids
+            self._identity_ids = bool(len(ids) == 0 or (ids[0] == 0 and ids[-1] == len(ids) - 1
+                                                        and np.array_equal(ids, np.arange(len(ids)))))
+        if self._identity_ids:
+            return I.astype(np.int64, copy=False)
         return np.where(I >= 0, self.item_ids[np.maximum(I, 0)], -1)
 
     # ------------------------------------------------------------------ recall

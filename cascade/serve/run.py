@@ -170,8 +170,7 @@ class Towers:
 
     def user_embed(self, data: RunData, requests: Requests) -> np.ndarray:
         u_rows = self.inputs.user_rows(data.map_users(requests.user_id))
-        frame = pd.DataFrame({c: np.asarray(requests.context[c]) for c in data.context_names})
-        ccat, cnum = data.encoder.encode_context(frame)
+        ccat, cnum = data.encoder.encode_context({c: np.asarray(requests.context[c]) for c in data.context_names})
         with torch.inference_mode():
             self.model.eval()
             u = self.model.user_tower(torch.from_numpy(self.inputs.user_cat[u_rows]), torch.from_numpy(self.inputs.user_num[u_rows]),
