@@ -87,6 +87,19 @@ def _run_config(run_dir: Path, extra: list[str] | None):
     return from_dict(PipelineConfig, apply_overrides(saved, list(extra or [])))
 
 
+def cmd_ablation(args: argparse.Namespace) -> int:
+    from .ablation import ablation_markdown, load_ablation_config, run_ablation, write_ablation
+
+    cfg, settings = load_ablation_config(args.config or Path("pipelines") / "ablation.toml", args.set)
+    _setup_logging(args.verbose)
+    label = cfg.data.source.replace("-", "_")
+    result = run_ablation(cfg, settings, label, progress=not args.no_progress)
+    json_path, md_path = write_ablation(result, args.out, f"ablation_{label}")
+    print(ablation_markdown(result))
+    print(f"wrote {json_path} and {md_path}; add `report.ablation = \"{json_path}\"` to a run's config to show it in its report")
+    return 0
+
+
 def cmd_data(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     if args.source == "world":
@@ -156,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
         q.add_argument("--no-progress", action="store_true")
         q.set_defaults(func=fn)
+
+    a = sub.add_parser("ablation", help="the distillation ablation of the two-tower students over seeds",
+                       epilog="examples:\n  cascade ablation                                  # pipelines/ablation.toml, the world\n"
+                              "  cascade ablation --set data.source='movielens-100k' --set data.path='../ml-100k'\n"
+                              "  cascade ablation --set ablation.seeds=[0]",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    a.add_argument("config", nargs="?", help="ablation TOML (default: pipelines/ablation.toml)")
+    a.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+    a.add_argument("--out", default="runs", help="folder for ablation_<source>.json / .md")
+    a.add_argument("--no-progress", action="store_true")
+    a.set_defaults(func=cmd_ablation)
 
     d = sub.add_parser("data", help="generate the world or check a dataset's loader",
                        epilog="examples:\n  cascade data world --out /tmp/world --n-users 2000 --n-items 1500\n"
