@@ -1,62 +1,96 @@
 """Rank-stage table: teachers per backbone, LightGBM, the rank student without / with each distillation loss, PFD.
 
-Builds a synthetic world (cascade.data.world), splits it by time, encodes it once, then for each seed trains:
-teacher (dnn, deepfm, dcnv2), LightGBM (binary, lambdarank), student (dnn, one hidden layer) on clicks only,
-student distilled two-stage from that seed's DCNv2 teacher with KD (logit MSE), hint, CR, RCR, CR+RCR, and the
-student trained jointly with a privileged teacher (PFD, private user-id table). Reports test AUC / GAUC /
-logloss (mean +- std over seeds), serving latency per 100 candidates (1 thread) and parameter count.
+The data are a pipeline's data stage (``run_pipeline(cfg, until="data")``: the default world of
+pipelines/default.toml, or ML-100K), built once under ``--runs-dir`` and reused. For each seed this trains
 
-    python benchmarks/rank_table.py --seeds 0 1 2 --n-users 3000 --n-items 2000 --n-days 14
+- the teacher (user + item + context + cross sides) with each backbone: dnn, deepfm, dcnv2 (the pipeline's
+  teacher sizes; DCN-V2 with low-rank cross weights, cross_rank=32, for speed);
+- LightGBM (binary objective) on the same encoded columns (cross side included; not the privileged side);
+- the rank student (the pipeline's ``students.rank_student``: a small MLP over user + item + context, WITHOUT
+  the cross side, so it needs no user x item history lookups at serving) on clicks only;
+- the same student distilled two-stage from that seed's DCN-V2 teacher with KD (logit MSE), hint, CR, RCR and
+  CR + RCR (weights from the pipeline's ``students.rank_distill``: CR 0.4, RCR 0.5);
+- PFD (Xu et al. KDD 2020): student and teacher trained synchronously, sharing embeddings, the student with a
+  private user-id table; the teacher reads the student's sides plus the privileged side (post-click fields),
+  and, as a second variant, plus the cross side ("cross as privileged": the paper's pre-rank setting).
 
-Writes benchmarks/results/rank_table.json and prints a Markdown table.
+It reports test AUC / GAUC / logloss (mean +- std over seeds; the data are fixed, the seeds move model
+initialisation and batch order), serving latency per 100 candidates (median of one forward pass on 1 thread)
+and model size, plus the issue's checks, and writes benchmarks/results/rank_table_<dataset>.{json,md}.
+
+    python benchmarks/rank_table.py --runs-dir /tmp/rank_runs                       # the default world
+    python benchmarks/rank_table.py --dataset movielens-100k --runs-dir /tmp/rank_runs
+    python benchmarks/rank_table.py --data-dir runs/default/data --max-train-rows 400000
+
+``--max-train-rows`` keeps the most recent train requests up to that many rows (valid and test stay whole).
+Seeds can run as separate processes (``--seeds 1 --out some/dir``) and be joined afterwards:
+
+    python benchmarks/rank_table.py --merge s0/rank_table_world.json s1/rank_table_world.json s2/rank_table_world.json
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import dataclasses
 import logging
 import platform
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
-from cascade.artifacts import package_versions, write_json
-from cascade.data.features import CrossFeatureStore, FeatureEncoder, build_encoded
-from cascade.data.kuairand import load_kuairand
-from cascade.data.split import time_split
-from cascade.data.world import WorldConfig, generate_world
+from cascade import artifacts as A
+from cascade.data.batches import EncodedTable, FeatureSpec
 from cascade.models.gbdt import GBDTRanker
 from cascade.models.ranker import Ranker, RankerConfig, n_parameters, serving_latency
+from cascade.pipeline import PipelineConfig, load_config, run_pipeline
 from cascade.train.joint import DistillConfig, DistilledStudent, JointRanker, joint_loss, pfd_configs, two_stage_loss
 from cascade.train.loop import TrainConfig, evaluate, fit, score_metrics
 
-TEACHER = dict(emb_dim=16, mlp=(256, 128))
-STUDENT = RankerConfig(backbone="dnn", emb_dim=8, mlp=(64,))
-DISTILL = {
-    "student + KD (logit MSE)": DistillConfig(w_kd=1.0),
-    "student + hint": DistillConfig(w_hint=1.0),
-    "student + CR": DistillConfig(w_cr=0.4),
-    "student + RCR": DistillConfig(w_rcr=0.5),
-    "student + CR + RCR": DistillConfig(w_cr=0.4, w_rcr=0.5),
-}
+ROOT = Path(__file__).resolve().parents[1]
+# ML-100K as in benchmarks/ablation.py: a request is a user-day and the last day holds ~10 requests, so test on
+# the last 4 weeks and validate on the 2 weeks before.
+MOVIELENS = ["data.source=movielens-100k", "data.test_days=28", "data.valid_days=14"]
+BACKBONES = ("dnn", "deepfm", "dcnv2")
+DISTILL_TEACHER = "dcnv2"  # the pipeline's teacher backbone
 
 
-def build_tables(args):
-    with tempfile.TemporaryDirectory() as d:
-        generate_world(d, WorldConfig(seed=args.world_seed, n_users=args.n_users, n_items=args.n_items,
-                                      n_days=args.n_days))
-        ds = load_kuairand(d)
-    masks = time_split(ds, valid_days=1, test_days=2)
-    store = CrossFeatureStore().fit(ds.impressions, ds.items)
-    enc = FeatureEncoder(ds.schema).fit(ds, masks["train"], store)
-    return build_encoded(ds, masks, enc, store)
+def distill_variants(d: DistillConfig) -> dict[str, DistillConfig]:
+    """The two-stage rows of the table, each one loss on top of click BCE (weights from the pipeline config)."""
+    return {
+        "student + KD (logit MSE)": DistillConfig(w_kd=d.w_kd or 1.0),
+        "student + hint": DistillConfig(w_hint=d.w_hint or 1.0),
+        "student + CR": DistillConfig(w_cr=d.w_cr or 0.4),
+        "student + RCR": DistillConfig(w_rcr=d.w_rcr or 0.5),
+        "student + CR + RCR": DistillConfig(w_cr=d.w_cr or 0.4, w_rcr=d.w_rcr or 0.5),
+    }
 
 
-def gbdt_latency(model: GBDTRanker, table, n: int = 100, repeats: int = 50) -> float:
+def load_tables(data_dir: Path) -> dict[str, EncodedTable]:
+    """The encoded train / valid / test tables of a data stage folder (what RunData.encoded reads)."""
+    spec = FeatureSpec.from_dict(A.read_json(data_dir / "spec.json"))
+    return {s: EncodedTable.from_arrays(spec, A.read_npz(data_dir / f"encoded_{s}.npz"))
+            for s in ("train", "valid", "test")}
+
+
+def most_recent_requests(table: EncodedTable, max_rows: int) -> EncodedTable:
+    """The rows of the latest requests (by first impression time) whose sizes add up to at most ``max_rows``."""
+    if len(table) <= max_rows:
+        return table
+    start = pd.Series(table.time_ms).groupby(table.request_id).min().sort_values(ascending=False)
+    sizes = pd.Series(table.request_id).value_counts().reindex(start.index).to_numpy()
+    keep = start.index.to_numpy()[np.cumsum(sizes) <= max_rows]
+    return table.take(np.flatnonzero(np.isin(table.request_id, keep)))
+
+
+def size_mb(model: torch.nn.Module) -> float:
+    return float(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
+
+
+def gbdt_latency(model: GBDTRanker, table: EncodedTable, n: int = 100, repeats: int = 50) -> float:
+    """Median ms of one LightGBM predict call on ``n`` rows (the booster's own threads)."""
     cat, num = table.cat[:n], table.num[:n]
     times = []
     for _ in range(repeats + 5):
@@ -66,101 +100,235 @@ def gbdt_latency(model: GBDTRanker, table, n: int = 100, repeats: int = 50) -> f
     return float(np.median(times[5:]) * 1e3)
 
 
-def main() -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    p.add_argument("--world-seed", type=int, default=0)
-    p.add_argument("--n-users", type=int, default=3000)
-    p.add_argument("--n-items", type=int, default=2000)
-    p.add_argument("--n-days", type=int, default=14)
-    p.add_argument("--epochs", type=int, default=4)
-    p.add_argument("--batch-size", type=int, default=1024)
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", default=str(Path(__file__).resolve().parent / "results" / "rank_table.json"))
-    args = p.parse_args()
-    logging.basicConfig(level=logging.WARNING)
-    torch.set_num_threads(args.threads)
-
-    t0 = time.perf_counter()
-    tabs = build_tables(args)
-    train, valid, test = tabs["train"], tabs["valid"], tabs["test"]
-    spec = train.spec
-    print(f"data: train {len(train)} valid {len(valid)} test {len(test)} rows, "
-          f"{len(spec.cat_names)} cat / {len(spec.num_names)} num columns ({time.perf_counter() - t0:.1f} s)")
-
-    rows: dict[str, list[dict]] = {}
-
-    def record(name: str, metrics: dict, model=None, latency_ms=None, params=None, wall=None) -> None:
-        if model is not None:
-            latency_ms, params = serving_latency(model, spec), n_parameters(model)
-        rows.setdefault(name, []).append({**metrics, "latency_ms_per_100": latency_ms, "params": params,
-                                          "train_s": wall})
-        print(f"  {name:28s} auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} "
-              f"logloss {metrics.get('logloss', float('nan')):.4f} ({wall:.1f} s)", flush=True)
-
-    for seed in args.seeds:
-        print(f"seed {seed}")
-        tc = TrainConfig(lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, patience=1, seed=seed,
-                         num_threads=args.threads)
-        teachers = {}
-        for backbone in ("dnn", "deepfm", "dcnv2"):
-            t = time.perf_counter()
-            m = Ranker(spec, RankerConfig(backbone=backbone, **TEACHER), seed=seed)
-            fit(m, train, valid, tc)
-            record(f"teacher {backbone}", evaluate(m, test), m, wall=time.perf_counter() - t)
-            teachers[backbone] = m
-        for objective in ("binary", "lambdarank"):
-            t = time.perf_counter()
-            g = GBDTRanker(objective=objective, n_estimators=300, learning_rate=0.05, num_leaves=31,
-                           num_threads=args.threads, seed=seed).fit(train, valid)
-            s = g.predict(test.cat, test.num)
-            metrics = score_metrics(test.label, s, test.user_id, test.is_rand, probabilities=objective == "binary")
-            metrics["n_trees"] = float(g.best_iteration_)
-            record(f"LightGBM {objective}", metrics, latency_ms=gbdt_latency(g, test), wall=time.perf_counter() - t)
-        t = time.perf_counter()
-        m = Ranker(spec, STUDENT, seed=seed)
-        fit(m, train, valid, tc)
-        record("student (clicks only)", evaluate(m, test), m, wall=time.perf_counter() - t)
-        teacher = teachers["dcnv2"]
-        for name, dcfg in DISTILL.items():
-            t = time.perf_counter()
-            m = DistilledStudent(Ranker(spec, STUDENT, seed=seed), teacher.hidden_dim if dcfg.w_hint else None,
-                                 seed=seed)
-            fit(m, train, valid, tc, loss_fn=two_stage_loss(teacher, dcfg))
-            record(name, evaluate(m, test), m.student, wall=time.perf_counter() - t)
-        t = time.perf_counter()
-        j = JointRanker(spec, *pfd_configs(STUDENT, "pfd"), private_student_columns=("user_id",), seed=seed)
-        fit(j, train, valid, tc, loss_fn=joint_loss(DistillConfig(pfd_lambda=0.5, warmup_steps=50)))
-        record("student PFD (joint)", evaluate(j, test), j.student, wall=time.perf_counter() - t)
-        record("  its privileged teacher", evaluate(j.teacher, test), j.teacher, wall=0.0)
-
-    summary = {}
+def summarise(rows: dict[str, list[dict]]) -> dict[str, dict[str, dict[str, float]]]:
+    """name -> metric -> {"mean", "std" (ddof=1; 0 for one run), "n"} over the runs that have the metric."""
+    out = {}
     for name, runs in rows.items():
         s = {}
         for k in runs[0]:
             v = np.array([r[k] for r in runs if r.get(k) is not None], dtype=np.float64)
             if len(v):
-                s[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
-        summary[name] = s
-    lines = ["| model | AUC | GAUC | logloss | rand AUC | ms / 100 cand. | params |", "|---|---|---|---|---|---|---|"]
+                s[k] = {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
+        out[name] = s
+    return out
 
+
+def checks(summary: dict) -> list[dict]:
+    """The issue's three claims, each as AUC difference of means with the pooled std of the two rows."""
+
+    def diff(a: str, b: str) -> dict:
+        if a not in summary or b not in summary:
+            return {"a": a, "b": b, "available": False}
+        sa, sb = summary[a]["auc"], summary[b]["auc"]
+        d = sa["mean"] - sb["mean"]
+        sd = float(np.sqrt((sa["std"] ** 2 + sb["std"] ** 2) / 2))
+        return {"a": a, "b": b, "available": True, "auc_diff": d, "pooled_std": sd,
+                "holds": bool(d > 0 and d > 2 * sd)}
+
+    out = []
+    teachers = [f"teacher {b}" for b in BACKBONES if f"teacher {b}" in summary]
+    best_teacher = max(teachers, key=lambda n: summary[n]["auc"]["mean"]) if teachers else "teacher"
+    out.append({"claim": "the teacher with cross features beats the student without distillation",
+                **diff(best_teacher, "student (clicks only)")})
+    for pfd in ("student PFD (privileged side)", "student PFD (cross as privileged)"):
+        out.append({"claim": f"{pfd} beats the student without it", **diff(pfd, "student (clicks only)")})
+    for kd in ("student + KD (logit MSE)", "student + CR", "student + RCR"):
+        out.append({"claim": f"{kd} beats plain BCE", **diff(kd, "student (clicks only)")})
+    return out
+
+
+def markdown(summary: dict, checks_: list[dict], meta: dict) -> str:
     def fmt(s, k, nd=4):
         return f"{s[k]['mean']:.{nd}f} ± {s[k]['std']:.{nd}f}" if k in s else "–"
 
+    lines = [f"# Rank stage on {meta['dataset']}", "",
+             f"Test AUC / GAUC (by user) / logloss, mean ± std over seeds {meta['seeds']} (fixed data; the seed moves "
+             f"initialisation and batch order). Train rows: {meta['rows']['train']:,}"
+             + (f" (the most recent requests of {meta['rows']['train_full']:,})"
+                if meta['rows']['train'] < meta['rows']['train_full'] else "")
+             + f"; valid {meta['rows']['valid']:,}; test {meta['rows']['test']:,}. "
+             f"Latency: median ms of one forward pass over 100 candidates on 1 thread (LightGBM: one predict call); "
+             f"measured while the 2-core machine ran other heavy jobs, so read latencies as relative.", "",
+             "| model | AUC | GAUC | logloss | rand AUC | ms / 100 cand. | params | MB |",
+             "|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
         params = f"{s['params']['mean']:,.0f}" if "params" in s else "–"
-        lines.append(f"| {name.strip()} | {fmt(s, 'auc')} | {fmt(s, 'gauc')} | {fmt(s, 'logloss')} | "
-                     f"{fmt(s, 'rand_auc')} | {fmt(s, 'latency_ms_per_100', 3)} | {params} |")
-    table = "\n".join(lines)
-    print(table)
-    write_json(args.out, {
-        "args": {k: v for k, v in vars(args).items() if k != "out"},  # no machine paths in results "machine": platform.platform(), "processor": platform.processor(),
-        "versions": package_versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "rows": {"train": len(train), "valid": len(valid), "test": len(test)},
-        "summary": summary, "runs": rows, "markdown": table, "wall_s": time.perf_counter() - t0,
+        mb = f"{s['size_mb']['mean']:.2f}" if "size_mb" in s else "–"
+        lines.append(f"| {name} | {fmt(s, 'auc')} | {fmt(s, 'gauc')} | {fmt(s, 'logloss')} | "
+                     f"{fmt(s, 'rand_auc')} | {fmt(s, 'latency_ms_per_100', 3)} | {params} | {mb} |")
+    lines += ["", "Checks (AUC difference of means; holds = positive and > 2 pooled std):", "",
+              "| claim | AUC diff | pooled std | holds |", "|---|---|---|---|"]
+    for c in checks_:
+        if c["available"]:
+            lines.append(f"| {c['claim']} ({c['a']} vs {c['b']}) | {c['auc_diff']:+.4f} | {c['pooled_std']:.4f} | "
+                         f"{'yes' if c['holds'] else 'no'} |")
+        else:
+            lines.append(f"| {c['claim']} | – | – | not run on this data |")
+    lines += ["", "Settings: " + "; ".join(f"{k} = {v}" for k, v in meta["settings"].items()), ""]
+    return "\n".join(lines)
+
+
+def write_results(out: Path, rows: dict[str, list[dict]], meta: dict, extra: dict, wall_s: float) -> None:
+    """Summarise ``rows`` (name -> one dict per seed), print the Markdown table and write
+    ``out/rank_table_<dataset>.{json,md}``."""
+    summary = summarise(rows)
+    checks_ = checks(summary)
+    md = markdown(summary, checks_, meta)
+    print(md)
+    stem = f"rank_table_{meta['dataset'].replace('-', '_')}"
+    A.write_text(out / f"{stem}.md", md)
+    A.write_json(out / f"{stem}.json", {
+        **meta, **extra, "machine": platform.platform(), "versions": A.package_versions(),
+        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "summary": summary, "checks": checks_,
+        "row_order": list(rows), "runs": rows, "markdown": md, "wall_s": wall_s,  # the JSON writer sorts keys
     })
 
 
+def merge(paths: list[str], out: Path) -> None:
+    """Join per-seed result files of the same dataset and settings into one table (runs in the given order)."""
+    docs = [A.read_json(p) for p in paths]
+    first = docs[0]
+    for p, d in zip(paths, docs):
+        for k in ("dataset", "settings", "rows"):
+            if d[k] != first[k]:
+                raise ValueError(f"merge: {p} has a different {k!r} ({d[k]!r}) than {paths[0]} ({first[k]!r})")
+    seeds = [s for d in docs for s in d["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise ValueError(f"merge: seeds repeat across the files: {seeds}")
+    rows: dict[str, list[dict]] = {name: [] for name in first["row_order"]}
+    for d in docs:
+        for name, runs in d["runs"].items():
+            rows.setdefault(name, []).extend(runs)
+    meta = {"dataset": first["dataset"], "seeds": seeds, "settings": first["settings"], "rows": first["rows"]}
+    extra = {k: first[k] for k in ("data_config", "has_privileged_side")}
+    write_results(out, rows, meta, extra, wall_s=float(sum(d["wall_s"] for d in docs)))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default=str(ROOT / "pipelines" / "default.toml"))
+    p.add_argument("--dataset", choices=("world", "movielens-100k"), default="world")
+    p.add_argument("--data-path", default=None, help="ML-100K folder; default ../shared/data/ml-100k (repo root)")
+    p.add_argument("--runs-dir", default="runs", help="where the data stage is built / reused (run name rank_<dataset>)")
+    p.add_argument("--data-dir", default=None, help="reuse this existing data stage folder instead of building one")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--max-train-rows", type=int, default=None, help="keep the most recent train requests")
+    p.add_argument("--epochs", type=int, default=None, help="default: 2 (world), 4 (movielens-100k)")
+    p.add_argument("--batch-size", type=int, default=None, help="default: 2048 (world), 1024 (movielens-100k)")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--pfd-lambda", type=float, default=0.5)
+    p.add_argument("--pfd-warmup", type=int, default=20, help="PFD warm-up optimizer steps (lambda = 0 before)")
+    p.add_argument("--lightgbm-trees", type=int, default=150)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--skip", nargs="*", default=[], help="row names (prefixes) to leave out, e.g. 'teacher deepfm'")
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
+    p.add_argument("--merge", nargs="+", default=None, metavar="JSON", help="join per-seed result files and exit")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    if args.merge:
+        merge(args.merge, Path(args.out))
+        return 0
+    torch.set_num_threads(args.threads)
+    movielens = args.dataset == "movielens-100k"
+    epochs = args.epochs or (4 if movielens else 2)
+    batch_size = args.batch_size or (1024 if movielens else 2048)
+
+    overrides = [f'run.runs_dir="{args.runs_dir}"', f'run.name="rank_{args.dataset.replace("-", "_")}"']
+    if movielens:
+        overrides += MOVIELENS + [f'data.path="{args.data_path or "../shared/data/ml-100k"}"']
+    cfg: PipelineConfig = load_config(args.config, overrides + args.overrides)
+    t0 = time.perf_counter()
+    if args.data_dir is None:
+        run_pipeline(cfg, until="data", progress=False)
+        data_dir = Path(cfg.run.runs_dir) / cfg.run.name / "data"
+    else:
+        data_dir = Path(args.data_dir)
+    tabs = load_tables(data_dir)
+    train_full, valid, test = tabs["train"], tabs["valid"], tabs["test"]
+    train = most_recent_requests(train_full, args.max_train_rows) if args.max_train_rows else train_full
+    spec = train.spec
+    has_privileged = bool(spec.cat_index("privileged") or spec.num_index("privileged"))
+    print(f"data ({args.dataset}): train {len(train):,} of {len(train_full):,}, valid {len(valid):,}, test "
+          f"{len(test):,} rows ({time.perf_counter() - t0:.1f} s)", flush=True)
+
+    teacher_model = cfg.teacher.model
+    student_cfg = cfg.students.rank_student
+    if "cross" in student_cfg.sides:
+        raise ValueError("rank_table: students.rank_student must not read the cross side (it is the teacher's)")
+    rows: dict[str, list[dict]] = {}
+
+    def skipped(name: str) -> bool:
+        return any(name.startswith(s) for s in args.skip)
+
+    def record(name: str, metrics: dict, model: torch.nn.Module | None = None, latency_ms: float | None = None,
+               wall: float = 0.0, **extra) -> None:
+        row = {**metrics, "latency_ms_per_100": latency_ms, "params": None, "size_mb": None, "train_s": wall, **extra}
+        if model is not None:
+            row.update(latency_ms_per_100=serving_latency(model, spec), params=n_parameters(model),
+                       size_mb=size_mb(model))
+        rows.setdefault(name, []).append(row)
+        print(f"  {name:36s} auc {metrics['auc']:.4f} gauc {metrics['gauc']:.4f} "
+              f"logloss {metrics.get('logloss', float('nan')):.4f} ({wall:.0f} s)", flush=True)
+
+    for seed in args.seeds:
+        print(f"seed {seed}", flush=True)
+        tc = TrainConfig(lr=args.lr, batch_size=batch_size, epochs=epochs, patience=1, seed=seed,
+                         num_threads=args.threads)
+        teachers = {}
+        for backbone in BACKBONES:
+            name = f"teacher {backbone}"
+            if skipped(name) and backbone != DISTILL_TEACHER:
+                continue
+            t = time.perf_counter()
+            m = Ranker(spec, dataclasses.replace(teacher_model, backbone=backbone), seed=seed)
+            fit(m, train, valid, tc)
+            record(name, evaluate(m, test), m, wall=time.perf_counter() - t)
+            teachers[backbone] = m
+        if not skipped("LightGBM"):
+            t = time.perf_counter()
+            g = GBDTRanker(objective="binary", n_estimators=args.lightgbm_trees, num_threads=args.threads,
+                           seed=seed).fit(train, valid)
+            m = score_metrics(test.label, g.predict(test.cat, test.num), test.user_id, test.is_rand)
+            record("LightGBM (binary)", m, latency_ms=gbdt_latency(g, test), wall=time.perf_counter() - t,
+                   n_trees=float(g.best_iteration_))
+        t = time.perf_counter()
+        m = Ranker(spec, student_cfg, seed=seed)
+        fit(m, train, valid, tc)
+        record("student (clicks only)", evaluate(m, test), m, wall=time.perf_counter() - t)
+        teacher = teachers[DISTILL_TEACHER]
+        for name, dcfg in distill_variants(cfg.students.rank_distill).items():
+            if skipped(name):
+                continue
+            t = time.perf_counter()
+            m = DistilledStudent(Ranker(spec, student_cfg, seed=seed),
+                                 teacher.hidden_dim if dcfg.w_hint else None, seed=seed)
+            fit(m, train, valid, tc, loss_fn=two_stage_loss(teacher, dcfg))
+            record(name, evaluate(m, test), m.student, wall=time.perf_counter() - t)
+        pfd = DistillConfig(pfd_lambda=args.pfd_lambda, warmup_steps=args.pfd_warmup)
+        for side, label in (("privileged", "privileged side"), ("cross", "cross as privileged")):
+            if side == "privileged" and not has_privileged:
+                continue  # ML-100K has no post-click field: the privileged-side PFD row cannot exist there
+            if skipped(f"student PFD ({label})"):
+                continue
+            t = time.perf_counter()
+            j = JointRanker(spec, *pfd_configs(student_cfg, "pfd", pfd_side=side),
+                            private_student_columns=("user_id",), seed=seed)
+            fit(j, train, valid, tc, loss_fn=joint_loss(pfd))
+            record(f"student PFD ({label})", evaluate(j, test), j.student, wall=time.perf_counter() - t)
+            record(f"  its PFD teacher ({label})", evaluate(j.teacher, test), j.teacher)
+
+    settings = {"teacher": teacher_model.to_dict(), "student": student_cfg.to_dict(), "epochs": epochs,
+                "batch_size": batch_size, "lr": args.lr, "patience": 1, "early stopping": "valid AUC per epoch",
+                "distillation teacher": DISTILL_TEACHER, "pfd_lambda": args.pfd_lambda,
+                "pfd_warmup_steps": args.pfd_warmup, "pfd student private columns": ["user_id"],
+                "lightgbm_trees": args.lightgbm_trees, "threads": args.threads}
+    meta = {"dataset": args.dataset, "seeds": args.seeds, "settings": settings,
+            "rows": {"train": len(train), "train_full": len(train_full), "valid": len(valid), "test": len(test)}}
+    extra = {"data_config": dataclasses.asdict(cfg.data), "has_privileged_side": has_privileged}
+    write_results(Path(args.out), rows, meta, extra, wall_s=time.perf_counter() - t0)
+    return 0
+
+
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -84,6 +84,7 @@ class TeacherSection:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=2, batch_size=4096))
     lightgbm: bool = True
     lightgbm_trees: int = 200
+    lightgbm_max_rows: int | None = 300_000  # the most recent train rows (GBDT cost grows with rows x features)
 
 
 @dataclass(frozen=True)
@@ -326,11 +327,12 @@ def stage_teacher(ctx: StageContext) -> StageResult:
     outputs = _save_ranker(model, c.model, ctx.out / "teacher")
     rows = [_model_row(f"teacher ({c.model.backbone})", "teacher", model, evaluate(model, test), train.spec)]
     if c.lightgbm:
-        gb = GBDTRanker(objective="binary", n_estimators=c.lightgbm_trees, seed=ctx.seed, num_threads=2).fit(train, valid)
+        gb_train = train if c.lightgbm_max_rows is None else train.take(slice(max(0, len(train) - c.lightgbm_max_rows), None))
+        gb = GBDTRanker(objective="binary", n_estimators=c.lightgbm_trees, seed=ctx.seed, num_threads=2).fit(gb_train, valid)
         from .train.loop import score_metrics
 
         m = score_metrics(test.label, gb.predict(test.cat, test.num), test.user_id, test.is_rand)
-        rows.append({"name": "LightGBM (binary)", "role": "baseline", **m})
+        rows.append({"name": f"LightGBM (binary, {len(gb_train):,} most recent train rows)", "role": "baseline", **m})
         A.write_text(ctx.out / "lightgbm.txt", gb.booster_.model_to_string())
         outputs.append("lightgbm.txt")
     A.write_json(ctx.out / "models.json", rows)
@@ -673,6 +675,18 @@ STAGES = [
 ]
 
 
+def code_hash() -> str:
+    """sha256 over the package's source files: a stage written by different code is not reused."""
+    import hashlib
+
+    h = hashlib.sha256()
+    root = Path(__file__).resolve().parent
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()
+
+
 def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
                  progress: bool = True, on_stage=None, until: str | None = None) -> dict[str, dict]:
     """Run (or resume) the pipeline of ``cfg`` under ``cfg.run.runs_dir / cfg.run.name``.
@@ -688,4 +702,4 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), only: tuple[s
     run_dir.mkdir(parents=True, exist_ok=True)
     A.write_json(run_dir / "config.json", to_dict(cfg))
     return run_stages(stages, cfg, run_dir, cfg.run.seed, force=force, only=only, progress=progress,
-                      to_plain=to_dict, on_stage=on_stage)
+                      to_plain=to_dict, on_stage=on_stage, code_hash=code_hash())

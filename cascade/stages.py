@@ -63,7 +63,8 @@ def _fingerprint(manifest: Mapping[str, Any]) -> str:
     return A.stable_hash({"config_hash": manifest["config_hash"], "outputs": manifest["outputs"]})
 
 
-def stage_status(stage_dir: Path, config_dict: Any, inputs: Mapping[str, str], seed: int | None = None) -> tuple[bool, str]:
+def stage_status(stage_dir: Path, config_dict: Any, inputs: Mapping[str, str], seed: int | None = None,
+                 code_hash: str | None = None) -> tuple[bool, str]:
     """(up_to_date, reason)."""
     if not (stage_dir / A.MANIFEST).exists():
         return False, "no manifest"
@@ -77,6 +78,8 @@ def stage_status(stage_dir: Path, config_dict: Any, inputs: Mapping[str, str], s
         return False, "inputs changed"
     if seed is not None and m.get("seed") != seed:
         return False, "seed changed"
+    if code_hash is not None and m.get("code_hash") != code_hash:
+        return False, "code changed"
     return True, "up to date"
 
 
@@ -90,12 +93,14 @@ def run_stages(
     progress: bool = True,
     to_plain: Callable[[Any], Any] = lambda c: c,
     on_stage: Callable[[str, str, Mapping[str, Any]], None] | None = None,
+    code_hash: str | None = None,
 ) -> dict[str, dict]:
     """Run ``stages`` in order under ``run_dir``; return stage -> {"status": "ran"|"skipped", "manifest": ...}.
 
     force: stage names to redo even when up to date (their dependants then re-run because their inputs change
     only if outputs change; pass them too to force them). only: run just these stages (their upstream stages
     must be up to date). to_plain: turns a config slice into JSON-able data for hashing and the manifest.
+    code_hash: a fingerprint of the code that computes the stages; a stage written by other code is redone.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -113,7 +118,7 @@ def run_stages(
         if missing:
             raise RuntimeError(f"stage {stage.name!r} needs {missing}, which did not run or are not up to date")
         inputs = {d: fingerprints[d] for d in stage.deps}
-        up_to_date, reason = stage_status(stage_dir, cfg_plain, inputs, seed)
+        up_to_date, reason = stage_status(stage_dir, cfg_plain, inputs, seed, code_hash)
         wanted = only is None or stage.name in only
         if up_to_date and stage.name not in force:
             m = A.read_manifest(stage_dir, verify=False)
@@ -136,7 +141,7 @@ def run_stages(
         wall = time.perf_counter() - t0
         m = A.write_manifest(tmp, stage=stage.name, config=cfg_plain, seed=seed, inputs=inputs,
                              outputs=res.outputs, metrics=res.metrics, wall_s=round(wall, 3),
-                             extra={"summary": res.summary})
+                             extra={"summary": res.summary, "code_hash": code_hash})
         # Swap the finished folder in: the old one is removed only once the new one is complete.
         old = run_dir / f".{stage.name}.old"
         if old.exists():

@@ -153,7 +153,7 @@ def test_walkthrough_notebook_executes_against_the_tiny_run(run_a, monkeypatch):
     outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "plots in the report" in outputs and "request " in outputs
     n_plots = int(outputs.split(" plots in the report")[0].split()[-1])
-    assert n_plots >= 3
+    assert n_plots >= 2  # recall@K curves and latency histograms (a Flat index has no operating-point plot)
 
 
 def test_serving_maps_unknown_users_items_and_values_to_oov(run_a):

@@ -74,3 +74,13 @@ def test_crash_leaves_previous_result_and_no_half_stage(tmp_path):
     r = run_stages(make_stages(calls), Cfg(b=7), tmp_path, seed=0)
     assert calls == ["s2"] and r["s2"]["manifest"]["metrics"]["v"] == 17
     assert not (tmp_path / ".s2.partial").exists()
+
+
+def test_code_change_reruns(tmp_path):
+    calls = []
+    run_stages(make_stages(calls), Cfg(), tmp_path, seed=0, code_hash="v1")
+    calls.clear()
+    run_stages(make_stages(calls), Cfg(), tmp_path, seed=0, code_hash="v1")
+    assert calls == []
+    run_stages(make_stages(calls), Cfg(), tmp_path, seed=0, code_hash="v2")
+    assert calls == ["s1", "s2"]  # every stage written by other code is redone

@@ -289,3 +289,17 @@ def test_fit_on_cuda_matches_cpu_quality(small):
         assert next(m.parameters()).device.type == device
     # same init and batches; only float reduction order differs between devices
     assert abs(aucs["cpu"] - aucs["cuda"]) < 0.02, aucs
+
+
+def test_pfd_configs_privileged_side():
+    from cascade.models.ranker import RankerConfig
+    from cascade.train.joint import pfd_configs
+
+    student = RankerConfig(backbone="dnn", emb_dim=4, mlp=(8,), sides=("user", "item", "context"))
+    teacher, s = pfd_configs(student, "pfd", pfd_side="cross")
+    assert teacher.sides == student.sides + ("cross",) and s == student
+    assert pfd_configs(student, "lupi")[0].sides == ("privileged",)
+    with pytest.raises(ValueError):
+        pfd_configs(student, "pfd", pfd_side="user")  # the student already reads it
+    with pytest.raises(ValueError):
+        pfd_configs(student, "pfd", pfd_side="nonsense")

@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from cascade.data.batches import FeatureSpec
+from cascade.data.schema import SIDES
 from cascade.distill.losses import (
     click_bce,
     confidence_ranking_loss,
@@ -256,22 +257,31 @@ def joint_loss(cfg: DistillConfig):
 PFD_VARIANTS = ("pfd", "pfd+md", "lupi")
 
 
-def pfd_configs(student: RankerConfig, variant: str = "pfd",
-                teacher_mlp: tuple[int, ...] = (256, 128)) -> tuple[RankerConfig, RankerConfig]:
+def pfd_configs(student: RankerConfig, variant: str = "pfd", teacher_mlp: tuple[int, ...] = (256, 128),
+                pfd_side: str = "privileged") -> tuple[RankerConfig, RankerConfig]:
     """(teacher_cfg, student_cfg) for privileged-feature distillation.
 
     "pfd": the teacher is the student's architecture reading the privileged side as well; "pfd+md": the same
     with a larger MLP (``teacher_mlp``), privileged AND model distillation; "lupi": the teacher reads the
     privileged side only (learning using privileged information).
+
+    pfd_side: the side the teacher alone reads. "privileged" (post-click fields, absent at serving) is the
+    default; "cross" gives the Taobao pre-rank setting, where user x item interaction features are privileged
+    because the cheap student cannot afford their lookups at serving time.
     """
     if variant not in PFD_VARIANTS:
         raise ValueError(f"pfd_configs: variant {variant!r} is not one of {PFD_VARIANTS}")
+    if pfd_side not in SIDES:
+        raise ValueError(f"pfd_configs: pfd_side {pfd_side!r} is not one of {SIDES}")
     if "privileged" in student.sides:
         raise ValueError("pfd_configs: the student must not read the privileged side (it is not there at serving)")
+    if pfd_side in student.sides:
+        raise ValueError(f"pfd_configs: the student already reads the {pfd_side!r} side, so it is not privileged "
+                         f"(student sides {student.sides})")
     if variant == "pfd":
-        teacher = replace(student, sides=student.sides + ("privileged",))
+        teacher = replace(student, sides=student.sides + (pfd_side,))
     elif variant == "pfd+md":
-        teacher = replace(student, sides=student.sides + ("privileged",), mlp=tuple(teacher_mlp))
+        teacher = replace(student, sides=student.sides + (pfd_side,), mlp=tuple(teacher_mlp))
     else:
-        teacher = replace(student, sides=("privileged",))
+        teacher = replace(student, sides=(pfd_side,))
     return teacher, student
