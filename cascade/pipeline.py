@@ -136,6 +136,7 @@ class StudentsSection:
                                                                             sides=("user", "item", "context")))
     rank_student_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=2, batch_size=4096))
     rank_distill: DistillConfig = field(default_factory=lambda: DistillConfig(w_bce=1.0, w_kd=1.0, w_cr=0.4, w_rcr=0.5))
+    rank_student_max_rows: int | None = None  # train both rank students on the most recent rows only
 
 
 @dataclass(frozen=True)
@@ -446,6 +447,8 @@ def stage_students(ctx: StageContext) -> StageResult:
             log.info("students: %s %s on the logged lists: %s", variant, stage, ev)
     # rank students: without distillation and distilled from the teacher (two-stage)
     train, valid, test = data.encoded("train"), data.encoded("valid"), data.encoded("test")
+    if c.rank_student_max_rows is not None and len(train) > c.rank_student_max_rows:
+        train = train.take(slice(len(train) - c.rank_student_max_rows, None))
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     tcfg = _with_seed(dataclasses.replace(c.rank_student_train, progress=ctx.progress), ctx.seed)
     _seeded(ctx.seed)
