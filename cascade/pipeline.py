@@ -135,7 +135,7 @@ class StudentsSection:
     rank_student: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dnn", emb_dim=8, mlp=(64,),
                                                                             sides=("user", "item", "context")))
     rank_student_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=2, batch_size=4096))
-    rank_distill: DistillConfig = field(default_factory=lambda: DistillConfig(w_bce=1.0, w_kd=1.0, w_cr=0.4, w_rcr=0.5))
+    rank_distill: DistillConfig = field(default_factory=lambda: DistillConfig(w_bce=1.0, w_kd=1.0))
     rank_student_max_rows: int | None = None  # train both rank students on the most recent rows only
 
 
@@ -638,7 +638,7 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
         if first:
             im = A.read_json(next((run_dir / "index").glob("*/manifest.json")))
             out["index"] = {"factory": first["factory"], "backend": first["backend"], "metric": im.get("metric", "ip"),
-                            "n_items": im.get("n_items"), "dim": im.get("dim"),
+                            "n_items": im.get("n_items"), "dim": im.get("embedding_dim"),
                             "recall_vs_exact": (first.get("recall") or {}).get("recall_at_k"),
                             "operating_points": first.get("operating_points", [])}
     if "replay" in m:
