@@ -69,12 +69,12 @@ def test_sigkill_midway_then_resume_matches_uninterrupted_run(run_a, tmp_path):
     runs_b = tmp_path / "runs_b"
     cmd = [sys.executable, "-m", "cascade.cli", "run", str(TINY), "--no-progress", "--set", f"run.runs_dir={json.dumps(str(runs_b))}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    partial = runs_b / "tiny" / ".students.partial"
+    # kill as soon as the students stage has written its first model (it then still trains five more)
+    first = runs_b / "tiny" / ".students.partial" / "distilled" / "prerank" / "model.pt"
     deadline = time.time() + 240
-    while not partial.exists() and proc.poll() is None and time.time() < deadline:
-        time.sleep(0.05)
-    assert partial.exists(), "the run never reached the students stage"
-    time.sleep(1.0)  # let it write some files of the stage
+    while not first.exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.01)
+    assert first.exists(), "the run never reached the students stage"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (runs_b / "tiny" / "students" / "manifest.json").exists()

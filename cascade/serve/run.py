@@ -63,7 +63,8 @@ class RunData:
         # Refitted from the logged history (deterministic); queries only ever see events before their time.
         self.cross = CrossFeatureStore(window_days=cfg["cross_window_days"],
                                        tag_column=cfg.get("cross_tag_column", "tag"),
-                                       author_column=cfg.get("cross_author_column", "author_id")).fit(self.impressions, self.items)
+                                       author_column=cfg.get("cross_author_column", "author_id")
+                                       ).fit(self.impressions, _with_oov_row(self.items, "item_id"))
         self.pairs = PairEncoder(self.encoder, self.cross, _with_oov_row(self.users, "user_id"),
                                  _with_oov_row(self.items, "item_id"))
         self.spec = self.pairs.spec
