@@ -331,6 +331,22 @@ def _relevant_rows(rel: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor,
     return idx, torch.gather(relevant, 1, idx)
 
 
+def _ndcg_setup(student: torch.Tensor, relevance: torch.Tensor, mask: torch.Tensor, k: int | None):
+    """What both NDCG surrogates need: (rel, gains 2^rel - 1, ideal DCG [B], rows with ideal DCG > 0, their count,
+    relevant-entry indices and validity), or None when no row has a relevant entry."""
+    rel = relevance.detach().to(student.dtype).masked_fill(~mask, 0.0)
+    if bool((rel < 0).any()):
+        raise ValueError("relevance must be >= 0")
+    gains = torch.pow(2.0, rel) - 1.0
+    max_dcg = _ideal_dcg(gains, k)
+    row_ok = max_dcg > 0
+    n_rows = int(row_ok.sum())
+    picked = _relevant_rows(rel, mask)
+    if n_rows == 0 or picked is None:
+        return None
+    return (rel, gains, max_dcg, row_ok, n_rows, *picked)
+
+
 def lambda_ndcg_loss(
     student: torch.Tensor,
     relevance: torch.Tensor,
@@ -360,17 +376,10 @@ def lambda_ndcg_loss(
     if k is not None and k < 1:
         raise ValueError(f"k must be >= 1 or None, got {k}")
     student = _clean_padding(student, mask)
-    rel = relevance.detach().to(student.dtype).masked_fill(~mask, 0.0)
-    if bool((rel < 0).any()):
-        raise ValueError("relevance must be >= 0")
-    gains = torch.pow(2.0, rel) - 1.0
-    max_dcg = _ideal_dcg(gains, k)
-    row_ok = max_dcg > 0
-    n_rows = int(row_ok.sum())
-    picked = _relevant_rows(rel, mask)
-    if n_rows == 0 or picked is None:
+    prep = _ndcg_setup(student, relevance, mask, k)
+    if prep is None:
         return _zero(student)
-    idx, valid_i = picked
+    rel, gains, max_dcg, row_ok, n_rows, idx, valid_i = prep
     G = gains / torch.where(row_ok, max_dcg, torch.ones_like(max_dcg))[:, None]
 
     L = student.shape[1]
@@ -415,17 +424,10 @@ def approx_ndcg_loss(
     _check_same_shape("relevance", relevance, "student", student)
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")
-    rel = relevance.detach().to(student.dtype).masked_fill(~mask, 0.0)
-    if bool((rel < 0).any()):
-        raise ValueError("relevance must be >= 0")
-    gains = torch.pow(2.0, rel) - 1.0
-    max_dcg = _ideal_dcg(gains, None)
-    row_ok = max_dcg > 0
-    n_rows = int(row_ok.sum())
-    picked = _relevant_rows(rel, mask)
-    if n_rows == 0 or picked is None:
+    prep = _ndcg_setup(student, relevance, mask, None)
+    if prep is None:
         return _zero(student)
-    idx, valid_i = picked
+    rel, gains, max_dcg, row_ok, n_rows, idx, valid_i = prep
     s = _clean_padding(student, mask)
     s_i = torch.gather(s, 1, idx)  # [B, M]
     cols = torch.arange(student.shape[1], device=student.device)
