@@ -198,6 +198,24 @@ def test_two_stage_from_precomputed_teacher_logits(small, teacher):
         del train.extra["teacher_logit"]
 
 
+def test_lightgbm_as_an_alternative_teacher(small):
+    from cascade.eval.metrics import auc
+    from cascade.models.gbdt import GBDTRanker
+
+    train, valid = small
+    gb = GBDTRanker(objective="binary", n_estimators=40, seed=0).fit(train, valid)
+    assert auc(valid.label, gb.predict(valid.cat, valid.num)) > 0.65
+    train.extra["teacher_logit"] = gb.predict(train.cat, train.num).astype(np.float32)  # raw scores = logits
+    try:
+        model = DistilledStudent(Ranker(SPEC, STUDENT, seed=0))
+        res = fit(model, train, valid, TrainConfig(lr=0.01, batch_size=128, epochs=2),
+                  loss_fn=two_stage_loss(None, DistillConfig(w_kd=1.0, w_cr=0.4, w_rcr=0.5)))
+        assert res.best_valid_auc > 0.65
+        assert all(np.isfinite(v) for row in res.history for k, v in row.items() if k.startswith("train_"))
+    finally:
+        del train.extra["teacher_logit"]
+
+
 @pytest.mark.parametrize("detach", [False, True])
 def test_joint_teacher_gradients_ignore_student_terms(small, detach):
     train, _ = small
