@@ -60,7 +60,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     cfg = _run_config(run_dir, args.set)
     _setup_logging(args.verbose, run_dir / "run.log")
-    res = run_pipeline(cfg, force=("replay",), progress=not args.no_progress)
+    res = run_pipeline(cfg, force=("replay", "report"), progress=not args.no_progress,
+                       reuse=("data", "teacher", "ranklog", "students", "index"))
     print(json.dumps(res["replay"]["manifest"]["metrics"], indent=2, default=str))
     return 0
 
@@ -71,7 +72,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     cfg = _run_config(run_dir, args.set)
     _setup_logging(args.verbose)
-    run_pipeline(cfg, force=("report",), progress=False)
+    run_pipeline(cfg, force=("report",), progress=False,
+                 reuse=("data", "teacher", "ranklog", "students", "index", "replay"))
     print(f"report: {run_dir / 'report' / 'report.html'}")
     return 0
 

@@ -691,7 +691,8 @@ def code_hash() -> str:
 
 
 def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
-                 progress: bool = True, on_stage=None, until: str | None = None) -> dict[str, dict]:
+                 progress: bool = True, on_stage=None, until: str | None = None,
+                 reuse: tuple[str, ...] = ()) -> dict[str, dict]:
     """Run (or resume) the pipeline of ``cfg`` under ``cfg.run.runs_dir / cfg.run.name``.
 
     until: stop after this stage (e.g. "ranklog" to get data, teacher and rank logs only)."""
@@ -705,4 +706,4 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), only: tuple[s
     run_dir.mkdir(parents=True, exist_ok=True)
     A.write_json(run_dir / "config.json", to_dict(cfg))
     return run_stages(stages, cfg, run_dir, cfg.run.seed, force=force, only=only, progress=progress,
-                      to_plain=to_dict, on_stage=on_stage, code_hash=code_hash())
+                      to_plain=to_dict, on_stage=on_stage, code_hash=code_hash(), reuse=reuse)

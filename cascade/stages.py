@@ -94,6 +94,7 @@ def run_stages(
     to_plain: Callable[[Any], Any] = lambda c: c,
     on_stage: Callable[[str, str, Mapping[str, Any]], None] | None = None,
     code_hash: str | None = None,
+    reuse: tuple[str, ...] = (),
 ) -> dict[str, dict]:
     """Run ``stages`` in order under ``run_dir``; return stage -> {"status": "ran"|"skipped", "manifest": ...}.
 
@@ -101,6 +102,8 @@ def run_stages(
     only if outputs change; pass them too to force them). only: run just these stages (their upstream stages
     must be up to date). to_plain: turns a config slice into JSON-able data for hashing and the manifest.
     code_hash: a fingerprint of the code that computes the stages; a stage written by other code is redone.
+    reuse: stages whose finished folder is taken as it is (outputs still hash-verified) even if their config or
+    the code changed since: `cascade replay RUN` / `cascade report RUN` redo their own stage on a finished run.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -119,6 +122,12 @@ def run_stages(
             raise RuntimeError(f"stage {stage.name!r} needs {missing}, which did not run or are not up to date")
         inputs = {d: fingerprints[d] for d in stage.deps}
         up_to_date, reason = stage_status(stage_dir, cfg_plain, inputs, seed, code_hash)
+        if not up_to_date and stage.name in reuse and stage.name not in force:
+            try:
+                A.read_manifest(stage_dir, verify=True)
+                up_to_date, reason = True, f"reused as it is ({reason})"
+            except A.ArtifactError:
+                pass
         wanted = only is None or stage.name in only
         if up_to_date and stage.name not in force:
             m = A.read_manifest(stage_dir, verify=False)

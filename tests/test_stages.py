@@ -84,3 +84,16 @@ def test_code_change_reruns(tmp_path):
     assert calls == []
     run_stages(make_stages(calls), Cfg(), tmp_path, seed=0, code_hash="v2")
     assert calls == ["s1", "s2"]  # every stage written by other code is redone
+
+
+def test_reuse_takes_finished_stages_as_they_are(tmp_path):
+    calls = []
+    run_stages(make_stages(calls), Cfg(), tmp_path, seed=0, code_hash="v1")
+    calls.clear()
+    # `cascade report RUN` after a code change: the finished upstream stage is reused, the asked one redone
+    run_stages(make_stages(calls), Cfg(), tmp_path, seed=0, code_hash="v2", reuse=("s1",), force=("s2",))
+    assert calls == ["s2"]
+    (tmp_path / "s1" / "x.json").write_text("{}")  # an altered artifact is never reused
+    calls.clear()
+    run_stages(make_stages(calls), Cfg(), tmp_path, seed=0, code_hash="v2", reuse=("s1",))
+    assert calls == ["s1"] or calls == ["s1", "s2"]
