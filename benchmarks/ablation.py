@@ -25,7 +25,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # train split is small (~80k ratings), so the teacher trains 4 epochs at batch 1024 (~300 steps instead of 20)
 # and the students take batches of 64 requests (~30 steps an epoch instead of 8).
 MOVIELENS = ["data.source=movielens-100k", "data.test_days=28", "data.valid_days=14", "ranklog.max_requests=20000",
-             "teacher.train.epochs=4", "teacher.train.batch_size=1024"] + [
+             "teacher.train.epochs=4", "teacher.train.batch_size=1024",
+             "data.cross_tag_column=genre", "data.cross_author_column=genre"] + [
     f"students.{s}.batch_size=64" for s in ("prerank", "retrieval", "prerank_gt", "retrieval_gt")]
 
 
