@@ -176,7 +176,14 @@ class ReplaySection:
 
 @dataclass(frozen=True)
 class ReportSection:
-    ablation: str | None = None  # path of an ablation.json (written by `cascade ablation`) to include
+    """ablation: an ablation JSON written by `cascade ablation` / benchmarks/ablation.py, shown in the report's
+    distillation-ablation section (it comes from its own multi-seed runs, as its table says)."""
+
+    ablation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ablation is not None and not Path(self.ablation).is_file():
+            raise ValueError(f"report.ablation {self.ablation!r} does not exist")
 
 
 @dataclass(frozen=True)
