@@ -355,6 +355,18 @@ def _popularity(data, item_ids: np.ndarray) -> np.ndarray:
     return counts.reindex(item_ids, fill_value=0).to_numpy(np.float64) + 1.0
 
 
+def _pad_by_row(rows: np.ndarray, values: np.ndarray, n_rows: int, fill: int = -1) -> np.ndarray:
+    """Scatter values [N] into a padded int64 [n_rows, max count] by their row [N], keeping the given order within
+    a row (one stable sort, no per-row Python)."""
+    order = np.argsort(rows, kind="stable")
+    rr = rows[order]
+    counts = np.bincount(rr, minlength=n_rows)
+    slot = np.arange(len(rr)) - np.repeat(np.cumsum(counts) - counts, counts)
+    out = np.full((n_rows, max(int(counts.max()) if len(counts) else 0, 1)), fill, np.int64)
+    out[rr, slot] = np.asarray(values, np.int64)[order]
+    return out
+
+
 def rank_log_inputs(data, cfg: RankLogSection, seed: int):
     """The sampled train requests (with ``user_row``), their candidate item rows [R, L] (impressed items first, then
     popularity-weighted and uniform corpus samples) and the item row -> id map. Deterministic in ``seed``, so every
@@ -371,13 +383,9 @@ def rank_log_inputs(data, cfg: RankLogSection, seed: int):
     frame["user_row"] = inputs.user_rows(data.map_users(frame["user_id"].to_numpy()))
     # impressed items per request as item rows, padded with -1 (one sort, no per-row Python)
     imp = tr[tr.request_id.isin(frame.request_id)]
-    req_row = inputs.request_rows(imp["request_id"].to_numpy(np.int64))
-    order = np.lexsort((imp["position"].to_numpy(), req_row))
-    rr = req_row[order]
-    counts = np.bincount(rr, minlength=len(frame))
-    slot = np.arange(len(rr)) - np.repeat(np.cumsum(counts) - counts, counts)
-    impressed = np.full((len(frame), max(int(counts.max()), 1)), -1, np.int64)
-    impressed[rr, slot] = inputs.item_rows(imp["item_id"].to_numpy(np.int64)[order])
+    imp = imp.sort_values("position", kind="stable")
+    impressed = _pad_by_row(inputs.request_rows(imp["request_id"].to_numpy(np.int64)),
+                            inputs.item_rows(imp["item_id"].to_numpy(np.int64)), len(frame))
     n_real = len(data.item_ids)  # the OOV row (last) is never sampled
     pop = _popularity(data, inputs.item_ids[:n_real])
     cands = sample_candidates(impressed, n_real, cfg.n_candidates, pop_weights=pop, uniform_frac=cfg.uniform_frac, rng=rng)
@@ -509,6 +517,7 @@ def stage_replay(ctx: StageContext) -> StageResult:
     from .serve.replay import ReplayInputs, replay_latency, replay_quality
     from .serve.run import RunData, build_cascade, load_ranker, load_towers, ranker_scorer, requests_frame, teacher_top_over_corpus, to_requests
     from .serve.cascade import PAD, SeenFilter
+    from .serve.run import SPLIT_CODES
 
     c: ReplaySection = ctx.config
     data = RunData(ctx.inputs["data"])
@@ -521,21 +530,16 @@ def stage_replay(ctx: StageContext) -> StageResult:
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     ranker = teacher if c.ranker == "teacher" else load_ranker(ctx.inputs["students"] / "rank_student", data.spec)
     ref_len = max(50, c.k)
-    t_top, t_logit = teacher_top_over_corpus(teacher, data, requests, ref_len, progress=ctx.progress)
+    t_top, _ = teacher_top_over_corpus(teacher, data, requests, ref_len, progress=ctx.progress)
     grades = np.select([np.arange(ref_len) < 5, np.arange(ref_len) < 10, np.arange(ref_len) < 20, np.arange(ref_len) < 50],
                        [4.0, 3.0, 2.0, 1.0], 0.0)
     grades = np.broadcast_to(grades, t_top.shape).copy()
     # clicked items of each replayed request
     clicked_imp = test[(test.click == 1) & test.request_id.isin(frame.request_id)]
     row_of = pd.Series(np.arange(len(frame)), index=frame.request_id.to_numpy())
-    rr = row_of.loc[clicked_imp.request_id.to_numpy()].to_numpy()
-    counts = np.bincount(rr, minlength=len(frame))
-    order = np.argsort(rr, kind="stable")
-    clicked = np.full((len(frame), max(int(counts.max()) if len(counts) else 1, 1)), PAD, np.int64)
-    slot = np.arange(len(rr)) - np.repeat(np.cumsum(counts) - counts, counts)
-    clicked[rr[order], slot] = clicked_imp.item_id.to_numpy(np.int64)[order]
-    oracle_best = None
-    oracle_prob = None
+    clicked = _pad_by_row(row_of.loc[clicked_imp.request_id.to_numpy()].to_numpy(),
+                          clicked_imp.item_id.to_numpy(np.int64), len(frame), fill=PAD)
+    oracle_prob = oracle_best = None
     world_dir = ctx.inputs["data"] / "world"
     if (world_dir / "world.json").exists():
         from .data.world import World
@@ -543,7 +547,7 @@ def stage_replay(ctx: StageContext) -> StageResult:
         world = World.load(world_dir)
         hour, tab = frame["hour"].to_numpy(), frame["tab"].to_numpy()
 
-        def oracle_prob(req, items):
+        def true_prob(req, items):
             b, k = items.shape
             ok = items != PAD
             p = np.zeros(items.shape)
@@ -551,11 +555,12 @@ def stage_replay(ctx: StageContext) -> StageResult:
                                           np.repeat(tab, k)[ok.ravel()])
             return p
 
+        oracle_prob = true_prob
         _, best_p = world.oracle_topk(frame["user_id"].to_numpy(), hour, tab, c.k)
         oracle_best = best_p.sum(axis=1)
     seen = None
     if c.filter_seen:
-        hist = data.impressions[data.impressions.split != 2]
+        hist = data.impressions[data.impressions.split != SPLIT_CODES["test"]]
         seen = SeenFilter(hist.user_id.to_numpy(), hist.item_id.to_numpy())
     outputs, variants = [], {}
     for variant_dir in sorted(p for p in ctx.inputs["students"].iterdir() if (p / "retrieval").is_dir()):

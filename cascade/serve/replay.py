@@ -22,7 +22,7 @@ import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
-from ..eval.metrics import latency_summary, ndcg_at_k, recall_at_k
+from ..eval.metrics import click_recall, latency_summary, ndcg_at_k, recall_at_k
 from .cascade import PAD, Cascade, Requests
 
 STAGES = ("retrieval", "prerank", "rank")
@@ -42,14 +42,6 @@ class ReplayInputs:
     teacher_grades: np.ndarray
     oracle_prob: Callable[[Requests, np.ndarray], np.ndarray] | None = None
     oracle_best: np.ndarray | None = None
-
-
-def _click_recall(clicked: np.ndarray, retrieved: np.ndarray) -> np.ndarray:
-    """|G ∩ S| / |G| per row; NaN for rows without clicks. clicked [B, C], retrieved [B, N] (pad -1)."""
-    hit = (clicked[:, :, None] == retrieved[:, None, :]).any(axis=2) & (clicked != PAD)
-    n = (clicked != PAD).sum(axis=1)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        return np.where(n > 0, hit.sum(axis=1) / np.maximum(n, 1), np.nan)
 
 
 def replay_quality(cascade: Cascade, inp: ReplayInputs, n_retrieve: int, n_prerank: int, k: int,
@@ -72,7 +64,7 @@ def replay_quality(cascade: Cascade, inp: ReplayInputs, n_retrieve: int, n_prera
         for name in STAGES:
             items = res.stages[name][0] if res.stages else np.full((len(idx), k), PAD)
             cols.setdefault(f"{name}_teacher_recall", []).append(recall_at_k(ref[idx], items))
-            cols.setdefault(f"{name}_click_recall", []).append(_click_recall(inp.clicked[idx], items))
+            cols.setdefault(f"{name}_click_recall", []).append(click_recall(inp.clicked[idx], items))
             cols.setdefault(f"{name}_ndcg", []).append(
                 ndcg_at_k(items[:, :k], inp.teacher_top[idx], inp.teacher_grades[idx], k))
         finals.append(res.items)
