@@ -17,7 +17,7 @@ import numpy as np
 from cascade import artifacts as A
 from cascade.pipeline import load_config, run_pipeline
 
-METRICS = ("rank_teacher_recall", "prerank_teacher_recall", "retrieval_teacher_recall", "oracle_clicks", "oracle_ratio",
+METRICS = ("n_requests", "rank_teacher_recall", "prerank_teacher_recall", "retrieval_teacher_recall", "oracle_clicks", "oracle_ratio",
            "rank_ndcg", "rank_click_recall")
 
 
@@ -45,11 +45,14 @@ def main(argv: list[str] | None = None) -> int:
     A.write_json(Path(args.out) / "replay_seeds.json", out)
     lines = [f"| metric | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
     for m in METRICS:
-        cells = [f"{agg[v][m]['mean']:.4f} ± {agg[v][m]['std']:.4f}" if agg[v][m]["std"] is not None
-                 else f"{agg[v][m]['mean']:.4f}" for v in variants]
+        fmt = ",.0f" if m == "n_requests" else ".4f"
+        cells = [f"{agg[v][m]['mean']:{fmt}} ± {agg[v][m]['std']:{fmt}}" if agg[v][m]["std"] is not None
+                 else f"{agg[v][m]['mean']:{fmt}}" for v in variants]
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     md = (f"Default pipeline, seeds {args.seeds} (each seed: its own world, teacher and students), replay of the "
-          f"test-day requests sampled by replay.max_requests; mean ± std over seeds.\n\n" + "\n".join(lines) + "\n")
+          f"test-day requests (n_requests: how many were replayed; replay.max_requests caps them; overrides: "
+          f"{args.overrides or 'none'}); mean ± std over seeds; {time.strftime('%Y-%m-%d')}, "
+          f"{(time.perf_counter() - t0) / 60:.0f} min.\n\n" + "\n".join(lines) + "\n")
     A.write_text(Path(args.out) / "replay_seeds.md", md)
     print(md)
     return 0

@@ -144,10 +144,20 @@ def load_ranker(model_dir: str | Path, spec: FeatureSpec) -> Ranker:
 
 
 @torch.inference_mode()
-def score_pairs(model: torch.nn.Module, cat: np.ndarray, num: np.ndarray, batch_size: int = 65536) -> np.ndarray:
+def score_pairs(model: torch.nn.Module, cat: np.ndarray, num: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+    """Logits float32 [N] of ``model(cat [N, C], num [N, M])`` (eval mode, inference_mode), in forward passes of
+    ``batch_size`` rows. Small passes are faster on the CPU: with 4,096 rows every activation of the default teacher
+    stays in the cache, and scoring ran 2.7x faster than with passes of 65,536 rows (BENCHMARKS.md, rank logs)."""
     out = np.empty(len(cat), np.float32)
-    for s in range(0, len(cat), batch_size):
-        out[s:s + batch_size] = model(torch.from_numpy(cat[s:s + batch_size]), torch.from_numpy(num[s:s + batch_size])).float().numpy()
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            for s in range(0, len(cat), batch_size):
+                out[s:s + batch_size] = model(torch.from_numpy(cat[s:s + batch_size]),
+                                              torch.from_numpy(num[s:s + batch_size])).float().numpy()
+    finally:
+        model.train(was_training)
     return out
 
 
