@@ -1,0 +1,462 @@
+"""One teacher, three students: the ranking teacher and its rank, pre-rank and retrieval students in ONE loop.
+
+DESIGN.md's joint mode (Zhang Junlin's "one teacher, three students"; Rocket Launching / double-DNN for the rank
+student). Each step takes a batch of training requests and does, top to bottom:
+
+1. **teacher + rank student** on the batch's impressions (rows of an :class:`EncodedTable`): one shared
+   embedding (:class:`~cascade.train.joint.JointRanker`), the teacher's head trained by click BCE exactly as a
+   teacher alone would be; the rank student's terms (:func:`cascade.train.joint.student_terms`: BCE + logit KD,
+   optionally hint / CR / RCR) on the teacher's outputs detached.
+2. **the current teacher scores the batch's candidate lists** (impressed + sampled items, as the rank log does:
+   :func:`cascade.distill.ranklog.sample_candidates`) in eval mode under ``torch.no_grad`` and ranks them.
+3. **pre-rank and retrieval two-tower students** learn from those lists with the list-wise distillation losses of
+   :mod:`cascade.distill.losses`, weighted by their :class:`~cascade.train.students.StudentConfig` (same names and
+   convention as :func:`~cascade.train.students.train_student`); the retrieval student also gets the sampled
+   softmax with in-batch + uniform corpus negatives and log-Q correction.
+
+Stop-gradient. No student loss may change a teacher parameter: every student term reads teacher outputs
+detached (or computed under no_grad), each of the four models has its own optimizer and its own gradient
+clipping (a global-norm clip over all parameters would couple them), and the students draw their dropout from
+their own per-step seeded RNG stream, so the teacher's random numbers do not depend on the students either.
+``JointCascadeConfig(teacher_only=True)`` runs the same loop without the students; the teacher it returns is
+bitwise equal to the joint run's (tests/test_three_students.py checks this).
+
+Shared embeddings (decided by the JointRanker convention and DESIGN.md's double-DNN row):
+
+- the rank student reads the teacher's embedding table, DETACHED (``detach_student_embeddings=True``): it
+  reuses the teacher's embeddings frozen and trains its own MLP. (JointRanker's default lets the student's
+  losses train the shared table; that would change teacher parameters, which this mode forbids.)
+- the two-tower students keep their OWN tables and do not read the teacher's rows. They must stay plain
+  :class:`~cascade.models.two_tower.TwoTower` modules that the serving and index code rebuilds from a
+  TowerConfig alone; reading the teacher's table would tie the served towers to the teacher at serving time
+  and change their input width. What they share with the teacher is its knowledge: the lists it ranks.
+
+Log-Q of the retrieval softmax: the teacher moves during training, so the share p_j of item j among the
+positives (the teacher's top-``softmax_topk`` of each list) is a streaming estimate: add-one counts of the
+positives drawn so far (Yi et al., RecSys 2019, estimate sampling frequencies from the stream).
+
+Returned models are standalone: the teacher and the rank student are plain :class:`Ranker` modules with their
+own copy of the shared embedding rows they read (``load_ranker`` / ``ranker_scorer`` serve them unchanged), the
+students plain TwoTower modules.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from cascade.data.batches import EncodedTable, FeatureSpec
+from cascade.distill import losses as L
+from cascade.models.ranker import Ranker, RankerConfig
+from cascade.models.two_tower import TowerConfig, TowerInputs, TwoTower, build_two_tower
+from cascade.train.joint import DistillConfig, JointRanker, student_terms
+from cascade.train.students import LIST_LOSSES, StudentConfig, _params, _sample_one
+
+log = logging.getLogger(__name__)
+
+#: pair_features(request_rows int64 [B], item_rows int64 [B, L]) -> (cat int64 [B*L, C], num float32 [B*L, M]):
+#: the teacher's per-pair features (user + item + context + cross) in the impressions' column layout.
+PairFeatures = Callable[[np.ndarray, np.ndarray], "tuple[np.ndarray, np.ndarray]"]
+
+TOWER_LOSSES = LIST_LOSSES + ("click_bce", "sampled_softmax")
+
+
+def _default_prerank() -> StudentConfig:
+    return StudentConfig(stage="prerank", loss_weights={"pointwise": 1.0, "bpr": 1.0, "lambda_ndcg": 1.0})
+
+
+def _default_retrieval() -> StudentConfig:
+    return StudentConfig(stage="retrieval", loss_weights={"sampled_softmax": 1.0, "pointwise": 1.0, "listnet": 1.0},
+                         softmax_positives="teacher_topk")
+
+
+@dataclass(frozen=True)
+class JointCascadeConfig:
+    """How to train one teacher and its three students together.
+
+    teacher / rank_student: RankerConfigs; they share one embedding, so emb_dim, numeric and sparse must agree
+    (sparse=False: the loop uses AdamW). rank_distill: the rank student's terms (w_bce, w_kd, kd, temperature,
+    w_hint, w_cr, w_rcr) and the teacher's BCE weight (w_teacher). tower: the size of both two-tower students.
+    prerank / retrieval: StudentConfigs, of which joint mode reads loss_weights, loss_params, relevance,
+    softmax_topk, n_uniform_negatives, lr, weight_decay and grad_clip (epochs, batch_size, seed, progress and
+    eval_k come from this config: there is one loop); the retrieval student's softmax positives must be
+    "teacher_topk" (the current teacher's lists; joint mode has no separate click-positive sampler).
+    lr / weight_decay / grad_clip: AdamW and clipping of the teacher and of the rank student (each clipped on
+    its own). epochs; batch_size: requests per step. score_batch_size: pairs per teacher forward when scoring
+    candidate lists (4,096 keeps activations in the CPU cache, see serve.run.score_pairs). teacher_only: train
+    the teacher alone in the same loop (same batches, same random numbers): the reference of the stop-gradient
+    check (the two-tower students are then returned untrained). seed; progress: tqdm bar.
+    """
+
+    teacher: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
+                                                                       cross_layers=2, cross_rank=32))
+    rank_student: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dnn", emb_dim=8, mlp=(64,),
+                                                                            sides=("user", "item", "context")))
+    rank_distill: DistillConfig = field(default_factory=lambda: DistillConfig(w_bce=1.0, w_kd=1.0))
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    prerank: StudentConfig = field(default_factory=_default_prerank)
+    retrieval: StudentConfig = field(default_factory=_default_retrieval)
+    lr: float = 2e-3
+    weight_decay: float = 0.0
+    grad_clip: float | None = None
+    epochs: int = 2
+    batch_size: int = 256
+    score_batch_size: int = 4096
+    teacher_only: bool = False
+    seed: int = 0
+    progress: bool = False
+
+    def __post_init__(self) -> None:
+        for k in ("emb_dim", "numeric", "sparse"):
+            if getattr(self.teacher, k) != getattr(self.rank_student, k):
+                raise ValueError(f"JointCascadeConfig: teacher and rank_student share embeddings and need equal {k} "
+                                 f"({getattr(self.teacher, k)!r} vs {getattr(self.rank_student, k)!r})")
+        if self.teacher.sparse:
+            raise ValueError("JointCascadeConfig: sparse embeddings are not supported (the loop uses AdamW)")
+        if self.rank_distill.w_hint != 0:
+            raise ValueError("JointCascadeConfig: rank_distill.w_hint is not supported in joint-cascade mode "
+                             "(use cascade.train.joint.JointRanker with hint=True)")
+        if self.prerank.stage != "prerank" or self.retrieval.stage != "retrieval":
+            raise ValueError(f"JointCascadeConfig: prerank.stage must be 'prerank' and retrieval.stage 'retrieval', "
+                             f"got {self.prerank.stage!r} and {self.retrieval.stage!r}")
+        for name, scfg in (("prerank", self.prerank), ("retrieval", self.retrieval)):
+            if scfg.weight("sampled_softmax") != 0 and scfg.softmax_positives != "teacher_topk":
+                raise ValueError(f"JointCascadeConfig: {name}.softmax_positives must be 'teacher_topk' in joint mode, "
+                                 f"got {scfg.softmax_positives!r}")
+        if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.score_batch_size < 1:
+            raise ValueError(f"JointCascadeConfig: lr must be > 0 and epochs, batch_size, score_batch_size >= 1 "
+                             f"(got lr={self.lr}, epochs={self.epochs}, batch_size={self.batch_size}, "
+                             f"score_batch_size={self.score_batch_size})")
+
+
+@dataclass
+class JointData:
+    """The training requests of the joint loop, addressed by request row r in [0, R).
+
+    impressions: EncodedTable [N] of the requests' impressions (the teacher's full column layout, labels).
+    imp_request_rows int64 [N]: request row of each impression; imp_item_rows int64 [N]: its item row in
+    ``inputs``. inputs: TowerInputs whose context rows are the R requests. user_rows int64 [R]: user row of each
+    request. candidates int64 [R, L]: item rows of each request's candidate list (impressed + sampled, -1 =
+    padding), e.g. from :func:`~cascade.distill.ranklog.sample_candidates`. pair_features: see
+    :data:`PairFeatures`.
+    """
+
+    impressions: EncodedTable
+    imp_request_rows: np.ndarray
+    imp_item_rows: np.ndarray
+    inputs: TowerInputs
+    user_rows: np.ndarray
+    candidates: np.ndarray
+    pair_features: PairFeatures
+
+    def __post_init__(self) -> None:
+        n, r = len(self.impressions), self.inputs.n_requests
+        self.imp_request_rows = np.asarray(self.imp_request_rows, dtype=np.int64)
+        self.imp_item_rows = np.asarray(self.imp_item_rows, dtype=np.int64)
+        self.user_rows = np.asarray(self.user_rows, dtype=np.int64)
+        self.candidates = np.asarray(self.candidates, dtype=np.int64)
+        if self.imp_request_rows.shape != (n,) or self.imp_item_rows.shape != (n,):
+            raise ValueError(f"JointData: imp_request_rows {self.imp_request_rows.shape} and imp_item_rows "
+                             f"{self.imp_item_rows.shape} must both be [{n}] (one per impression)")
+        if self.user_rows.shape != (r,) or self.candidates.ndim != 2 or self.candidates.shape[0] != r:
+            raise ValueError(f"JointData: user_rows {self.user_rows.shape} must be [{r}] and candidates "
+                             f"{self.candidates.shape} [{r}, L]: one per request row of inputs")
+        for what, a, hi in (("imp_request_rows", self.imp_request_rows, r), ("imp_item_rows", self.imp_item_rows,
+                            self.inputs.n_items), ("user_rows", self.user_rows, self.inputs.n_users)):
+            if len(a) and (a.min() < 0 or a.max() >= hi):
+                raise ValueError(f"JointData: {what} holds {a.min() if a.min() < 0 else a.max()}, outside [0, {hi})")
+        c = self.candidates
+        if c.size and (c.min() < -1 or c.max() >= self.inputs.n_items):
+            raise ValueError(f"JointData: candidates hold item rows outside [-1, {self.inputs.n_items})")
+        if not np.isin(self.impressions.label, (0, 1)).all():
+            raise ValueError("JointData: impressions.label must be 0/1")
+        # CSR over request rows: impressions of request r are imp_order[imp_start[r]: imp_start[r] + imp_count[r]]
+        self._imp_order = np.argsort(self.imp_request_rows, kind="stable")
+        self._imp_count = np.bincount(self.imp_request_rows, minlength=r)
+        self._imp_start = np.cumsum(self._imp_count) - self._imp_count
+
+    def __len__(self) -> int:
+        return self.inputs.n_requests
+
+    def impression_rows(self, request_rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Impressions of the given requests: (row indices into ``impressions`` [n], position of each one's request
+        in ``request_rows`` [n]); one repeat + arange, no per-request Python."""
+        counts = self._imp_count[request_rows]
+        pos = np.repeat(np.arange(len(request_rows)), counts)
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        return self._imp_order[self._imp_start[request_rows][pos] + within], pos
+
+
+@dataclass
+class JointCascade:
+    """The four trained models (standalone, eval mode) and the per-epoch history (mean loss terms, seconds)."""
+
+    teacher: Ranker
+    rank_student: Ranker
+    prerank: TwoTower
+    retrieval: TwoTower
+    history: list[dict[str, Any]]
+
+
+def standalone_ranker(model: Ranker, seed: int = 0) -> Ranker:
+    """A copy of ``model`` (a Ranker that reads a shared, possibly wider embedding) with its own embedding table
+    holding exactly the shared rows it reads: the layout ``Ranker(model.spec, model.cfg)`` has, so it saves and
+    loads like any Ranker. Outputs are identical to ``model``'s. Private tables are not supported."""
+    if model.private_columns:
+        raise ValueError("standalone_ranker: a model with private columns cannot be rebuilt from its config alone")
+    out = Ranker(model.spec, model.cfg, seed=seed)
+    src, dst = model.embedding, out.embedding
+    with torch.no_grad():
+        if dst.table is not None:
+            src_off = dict(zip(src.cat_names, src.offsets.tolist()))
+            for name, off, card in zip(dst.cat_names, dst.offsets.tolist(), dst.cards.tolist()):
+                dst.table.weight[off:off + card] = src.table.weight[src_off[name]:src_off[name] + card]
+        if dst.num_weight is not None:
+            idx = torch.tensor([src.num_names.index(n) for n in dst.num_names], dtype=torch.long)
+            dst.num_weight.copy_(src.num_weight.index_select(0, idx))
+            dst.num_bias.copy_(src.num_bias.index_select(0, idx))
+    state = {k: v for k, v in model.state_dict().items() if not k.startswith("embedding.")}
+    state.update({f"embedding.{k}": v for k, v in dst.state_dict().items()})
+    out.load_state_dict(state, strict=True)
+    out.eval()
+    return out
+
+
+def teacher_ranks(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Rank 1..n_valid per row (1 = highest logit, ties by slot order), 0 at padding: [B, L] -> int64 [B, L]."""
+    key = torch.where(mask, -logits, torch.full_like(logits, float("inf")))
+    order = torch.argsort(key, dim=1, stable=True)
+    ranks = torch.empty_like(order)
+    ranks.scatter_(1, order, torch.arange(1, logits.shape[1] + 1).expand_as(order).contiguous())
+    return ranks.masked_fill(~mask, 0)
+
+
+@torch.no_grad()
+def score_lists(teacher: nn.Module, data: JointData, request_rows: np.ndarray, batch_size: int = 4096) -> torch.Tensor:
+    """The teacher's logits of the requests' candidate lists: float32 [B, L] (0 at padding), eval mode, no grad.
+
+    Padded slots are scored as item row 0 (as build_rank_log does) and zeroed; the training flag is restored.
+    """
+    cand = data.candidates[request_rows]
+    cat, num = data.pair_features(request_rows, np.maximum(cand, 0))
+    if cat.shape[0] != cand.size or num.shape[0] != cand.size:
+        raise ValueError(f"pair_features returned {cat.shape[0]} / {num.shape[0]} rows for {cand.size} pairs")
+    was = teacher.training
+    teacher.eval()
+    try:
+        out = torch.cat([teacher(torch.as_tensor(cat[s:s + batch_size], dtype=torch.long),
+                                 torch.as_tensor(num[s:s + batch_size], dtype=torch.float32))
+                         for s in range(0, len(cat), batch_size)]).float()
+    finally:
+        teacher.train(was)
+    out = out.reshape(cand.shape)
+    return out.masked_fill(torch.from_numpy(cand < 0), 0.0)
+
+
+def _list_terms(s: torch.Tensor, ranks: torch.Tensor, t_logit: torch.Tensor, mask: torch.Tensor, cfg: StudentConfig,
+                w: dict[str, float], g: torch.Generator) -> dict[str, torch.Tensor]:
+    """The list losses of train_student on student scores s [B, L] against the teacher's ranks / logits [B, L]."""
+    terms: dict[str, torch.Tensor] = {}
+    if "pointwise" in w:
+        terms["pointwise"] = L.pointwise_topk_loss(s, ranks, mask, generator=g, **_params(cfg, "pointwise"))
+    if "bpr" in w:
+        terms["bpr"] = L.bpr_pairwise_loss(s, ranks, mask, generator=g, **_params(cfg, "bpr"))
+    if "lambda_ndcg" in w or "approx_ndcg" in w:
+        rel = L.graded_relevance(teacher_rank=ranks, teacher_logits=t_logit, mask=mask, **cfg.relevance)
+        if "lambda_ndcg" in w:
+            terms["lambda_ndcg"] = L.lambda_ndcg_loss(s, rel, mask, **_params(cfg, "lambda_ndcg"))
+        if "approx_ndcg" in w:
+            terms["approx_ndcg"] = L.approx_ndcg_loss(s, rel, mask, **_params(cfg, "approx_ndcg"))
+    if "listnet" in w:
+        terms["listnet"] = L.listnet_kl_loss(s, t_logit, mask, **_params(cfg, "listnet"))
+    if "logit_mse" in w:
+        terms["logit_mse"] = L.logit_mse(s, t_logit, mask)
+    return terms
+
+
+class _TowerStudent:
+    """One two-tower student of the joint loop: its towers, optimizer, loss weights and log-Q counts."""
+
+    def __init__(self, towers: TwoTower, cfg: StudentConfig, n_items: int) -> None:
+        self.towers, self.cfg = towers, cfg
+        self.w = {n: cfg.weight(n) for n in TOWER_LOSSES if cfg.weight(n) != 0}
+        self.opt = torch.optim.Adam(towers.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+        self.pos_counts = np.ones(n_items, dtype=np.float64)  # add-one streaming counts of softmax positives
+
+    def step(self, data: JointData, req: np.ndarray, lists: dict[str, torch.Tensor], clicks: dict[str, torch.Tensor],
+             rng: np.random.Generator, g: torch.Generator, batch_size: int) -> dict[str, float]:
+        """One optimizer step on the batch; returns the unweighted terms and "total"."""
+        cfg, w, tt, inputs = self.cfg, self.w, self.towers, data.inputs
+        u = tt.user_tower(*inputs.user_batch(data.user_rows[req], req))  # [B, d]
+        parts: dict[str, torch.Tensor] = {"list": lists["items"].clamp(min=0)}
+        if "click_bce" in w:
+            parts["click"] = clicks["items"]
+        if "sampled_softmax" in w:
+            col, has = _sample_one(lists["mask"] & (lists["ranks"] <= cfg.softmax_topk), g)
+            pos_rows = torch.nonzero(has).squeeze(1)
+            pos_items = lists["items"][has, col[has]]
+            parts["pos"] = pos_items
+            self.pos_counts += np.bincount(pos_items.numpy(), minlength=len(self.pos_counts))
+            if cfg.n_uniform_negatives:
+                parts["neg"] = torch.from_numpy(rng.integers(0, inputs.n_items, cfg.n_uniform_negatives))
+        # every item row the batch needs, embedded once
+        flat = torch.cat([p.reshape(-1) for p in parts.values()])
+        uniq, inv = torch.unique(flat, return_inverse=True)
+        v_all = tt.item_tower(*inputs.item_batch(uniq.numpy()))[inv]
+        emb, start = {}, 0
+        for k, p in parts.items():
+            emb[k] = v_all[start:start + p.numel()].reshape(*p.shape, -1)
+            start += p.numel()
+
+        terms: dict[str, torch.Tensor] = {}
+        if any(n in w for n in LIST_LOSSES):
+            s = tt.score(u, emb["list"])  # [B, L]
+            terms.update(_list_terms(s, lists["ranks"], lists["logits"], lists["mask"], cfg, w, g))
+        if "click_bce" in w:
+            s_click = (u[clicks["pos"]] * emb["click"]).sum(-1) * tt.inv_temperature  # [n_impressions]
+            terms["click_bce"] = L.click_bce(s_click, clicks["labels"])
+        if "sampled_softmax" in w:
+            if pos_rows.numel() == 0:
+                terms["sampled_softmax"] = u.sum() * 0.0  # no positive in this batch: a zero that keeps the graph
+            else:
+                p = self.pos_counts
+                pos_log_q = torch.from_numpy(np.log(batch_size * p[pos_items.numpy()] / p.sum()).astype(np.float32))
+                neg_log_q = (torch.full((cfg.n_uniform_negatives,), float(np.log(cfg.n_uniform_negatives / inputs.n_items)))
+                             if "neg" in parts else None)
+                # the towers' temperature goes into the user side, so a learned temperature gets its gradient
+                terms["sampled_softmax"] = L.sampled_softmax_loss(
+                    u[pos_rows] * tt.inv_temperature, emb["pos"], emb.get("neg"), pos_log_q=pos_log_q,
+                    neg_log_q=neg_log_q, temperature=1.0, pos_item_ids=pos_items, neg_item_ids=parts.get("neg"),
+                    **_params(cfg, "sampled_softmax"))
+        total, values = L.mix(terms, {n: w[n] for n in terms})
+        self.opt.zero_grad(set_to_none=True)
+        total.backward()
+        if cfg.grad_clip is not None:
+            nn.utils.clip_grad_norm_(tt.parameters(), cfg.grad_clip)
+        self.opt.step()
+        return values
+
+
+def _student_seed(seed: int, step: int, stream: int) -> int:
+    """A reproducible per-step seed of a student's dropout stream (not Python's hash: it is salted per process)."""
+    return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0] >> 1)
+
+
+def train_joint_cascade(data: JointData, spec: FeatureSpec, cfg: JointCascadeConfig) -> JointCascade:
+    """Train the teacher, the rank student and the pre-rank / retrieval two-tower students in one loop.
+
+    data: the training requests (see :class:`JointData`); spec: the column layout of ``data.impressions`` and of
+    ``data.pair_features``' output. Per step (a batch of ``cfg.batch_size`` requests): teacher BCE + rank
+    student terms on the batch's impressions, then the updated teacher scores the batch's candidate lists under
+    no_grad and each two-tower student takes one step on them (see the module docstring). Reproducible under
+    cfg.seed; the caller's global torch RNG is left as it was. Returns standalone models in eval mode and the
+    history: one dict per epoch with "epoch", "seconds", "steps" and the mean unweighted terms as
+    "<model>/<term>" (model in teacher, rank, prerank, retrieval; "<model>/total" is the weighted sum).
+    """
+    if len(data) == 0 or len(data.impressions) == 0:
+        raise ValueError("train_joint_cascade: no training requests / impressions")
+    if data.impressions.spec != spec:
+        raise ValueError("train_joint_cascade: data.impressions.spec differs from the given spec")
+    seed = cfg.seed
+    joint = JointRanker(spec, cfg.teacher, cfg.rank_student, share_embeddings=True, detach_student_embeddings=True,
+                        seed=seed)
+    teacher, student = joint.teacher, joint.student
+    teacher_params = list(teacher.parameters())  # the shared embedding + the teacher's head
+    shared = {id(p) for p in joint.embedding.parameters()}
+    student_params = [p for p in student.parameters() if id(p) not in shared]
+    opt_t = torch.optim.AdamW(teacher_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    opt_s = torch.optim.AdamW(student_params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    towers = {}
+    if not cfg.teacher_only:
+        towers = {"prerank": _TowerStudent(build_two_tower(data.inputs, cfg.tower, seed=seed + 10), cfg.prerank,
+                                           data.inputs.n_items),
+                  "retrieval": _TowerStudent(build_two_tower(data.inputs, cfg.tower, seed=seed + 11), cfg.retrieval,
+                                             data.inputs.n_items)}
+    # separate streams: batch order (shared by teacher-only and joint runs) vs the students' sampling
+    batch_rng = np.random.default_rng([seed, 0])
+    student_rng = np.random.default_rng([seed, 1])
+    g = torch.Generator().manual_seed(seed + 1)
+    imp = data.impressions
+    history: list[dict[str, Any]] = []
+    step = 0
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)  # the teacher's dropout stream
+        for epoch in range(cfg.epochs):
+            joint.train()
+            for st in towers.values():
+                st.towers.train()
+            t0 = time.perf_counter()
+            sums: dict[str, float] = {}
+            n_steps = 0
+            order = batch_rng.permutation(len(data))
+            for s in tqdm(range(0, len(data), cfg.batch_size), disable=not cfg.progress, desc=f"joint epoch {epoch}"):
+                req = order[s:s + cfg.batch_size]
+                rows, pos = data.impression_rows(req)
+                if len(rows) < 2:  # a 1-row batch would break BatchNorm's training statistics
+                    continue
+                cat, num = torch.from_numpy(imp.cat[rows]), torch.from_numpy(imp.num[rows])
+                y = torch.from_numpy(imp.label[rows].astype(np.float32))
+
+                # 1. teacher (+ rank student on the shared embedding, read detached)
+                fields, dense = joint.embedding(cat, num)
+                t_logit, t_hidden = teacher.head(cat, num, fields.index_select(1, teacher.field_pos),
+                                                 dense.index_select(1, teacher.dense_pos))
+                terms = {"teacher/bce": L.click_bce(t_logit, y)}
+                weights = {"teacher/bce": cfg.rank_distill.w_teacher}
+                if not cfg.teacher_only:
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(_student_seed(seed, step, 0))  # the students' own dropout stream
+                        s_logit, s_hidden = student.head(
+                            cat, num, fields.detach().index_select(1, student.field_pos),
+                            dense.detach().index_select(1, student.dense_pos))
+                    s_terms, s_w = student_terms(s_logit, s_hidden, t_logit.detach(), t_hidden.detach(), y, None,
+                                                 cfg.rank_distill, step)
+                    terms.update({f"rank/{k}": v for k, v in s_terms.items()})
+                    weights.update({f"rank/{k}": v for k, v in s_w.items()})
+                total, values = L.mix(terms, weights)
+                opt_t.zero_grad(set_to_none=True)
+                opt_s.zero_grad(set_to_none=True)
+                total.backward()
+                if cfg.grad_clip is not None:  # each model clipped on its own: a joint norm would couple them
+                    nn.utils.clip_grad_norm_(teacher_params, cfg.grad_clip)
+                    nn.utils.clip_grad_norm_(student_params, cfg.grad_clip)
+                opt_t.step()
+                opt_s.step()
+                values.pop("total")
+                values["teacher/total"] = values["teacher/bce"] * cfg.rank_distill.w_teacher
+                if not cfg.teacher_only:
+                    values["rank/total"] = sum(values[f"rank/{k}"] * s_w[k] for k in s_terms)
+
+                # 2. the current teacher ranks the batch's candidate lists; 3. the two-tower students learn them
+                if towers:
+                    t_lists = score_lists(teacher, data, req, cfg.score_batch_size)
+                    cand = torch.from_numpy(data.candidates[req])
+                    mask = cand >= 0
+                    lists = {"items": cand, "mask": mask, "logits": t_lists, "ranks": teacher_ranks(t_lists, mask)}
+                    clicks = {"items": torch.from_numpy(data.imp_item_rows[rows]), "pos": torch.from_numpy(pos), "labels": y}
+                    with torch.random.fork_rng(devices=[]):
+                        torch.manual_seed(_student_seed(seed, step, 1))
+                        for name, st in towers.items():
+                            for k, v in st.step(data, req, lists, clicks, student_rng, g, cfg.batch_size).items():
+                                values[f"{name}/{k}"] = v
+                for k, v in values.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                n_steps += 1
+                step += 1
+            rec: dict[str, Any] = {"epoch": epoch, "seconds": time.perf_counter() - t0, "steps": n_steps}
+            rec.update({k: v / max(n_steps, 1) for k, v in sorted(sums.items())})
+            log.info("joint cascade epoch %d: %s", epoch, {k: round(v, 5) for k, v in rec.items() if k != "epoch"})
+            history.append(rec)
+    joint.eval()
+    out_teacher = standalone_ranker(teacher, seed=seed)
+    out_student = standalone_ranker(student, seed=seed)
+    pre = towers["prerank"].towers.eval() if towers else build_two_tower(data.inputs, cfg.tower, seed=seed + 10).eval()
+    ret = towers["retrieval"].towers.eval() if towers else build_two_tower(data.inputs, cfg.tower, seed=seed + 11).eval()
+    return JointCascade(out_teacher, out_student, pre, ret, history)
