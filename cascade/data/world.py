@@ -815,73 +815,133 @@ def _draw_requests(cfg: WorldConfig, activity: np.ndarray, rng: np.random.Genera
     return {"user": user, "step": step, "tab": tab, "is_rand": is_rand, "gap": gap, "offset": offset}
 
 
+class _PopularSampler:
+    """Inverse-CDF draws of item rows from a normalised CDF, with a guide table.
+
+    ``draw(u)`` returns exactly ``np.minimum(np.searchsorted(cdf, u, side="right"), n - 1)`` (so a world drawn with it
+    is bit-identical to one drawn with a binary search), but a binary search over a 10M-entry CDF costs ~23 cache
+    misses per draw; the guide table (one entry per item: the first item whose CDF reaches each of n equal slices
+    of [0, 1)) starts a draw next to its answer, and a few vectorised forward steps finish it. Draws still
+    unresolved after ``max_steps`` (a slice holding many tiny items), and draws that float rounding started one
+    slice late, are redone with the binary search.
+    """
+
+    def __init__(self, cdf: np.ndarray, max_steps: int = 8) -> None:
+        self.cdf = cdf
+        self.n = len(cdf)
+        self.guide = np.searchsorted(cdf, np.arange(self.n) / self.n, side="left")
+        self.max_steps = max_steps
+
+    def draw(self, u: np.ndarray) -> np.ndarray:
+        """u: uniform [0, 1) floats of any shape -> item rows int64 of the same shape."""
+        cdf, last = self.cdf, self.n - 1
+        x = u.reshape(-1)
+        pos = self.guide[np.minimum((x * self.n).astype(np.int64), last)]
+        idx = np.flatnonzero(cdf[np.minimum(pos, last)] <= x)
+        for _ in range(self.max_steps):
+            idx = idx[pos[idx] < self.n]
+            if idx.size == 0:
+                break
+            pos[idx] += 1
+            idx = idx[cdf[np.minimum(pos[idx], last)] <= x[idx]]
+        if idx.size:
+            pos[idx] = np.searchsorted(cdf, x[idx], side="right")
+        late = np.flatnonzero((pos > 0) & (cdf[np.maximum(pos - 1, 0)] > x))
+        if late.size:
+            pos[late] = np.searchsorted(cdf, x[late], side="right")
+        return np.minimum(pos, last).reshape(u.shape)
+
+
+#: Per-impression arrays of a simulated hour step (see :func:`_simulate_step`).
+_STEP_KEYS = ("req", "item", "pos", "click", "examined", "sat", "watch", "ctx", "hist", "logit")
+
+
+def _simulate_step(world: World, req: dict[str, np.ndarray], lo: int, hi: int, s: int, hist: _History,
+                   rng: np.random.Generator, pop: _PopularSampler) -> dict[str, np.ndarray]:
+    """Simulate the requests ``lo:hi`` of ``req`` (all in hour step ``s``) and add their events to ``hist``.
+
+    Returns the per-impression arrays of :data:`_STEP_KEYS`, each [n_requests * request_size]: ``req`` the row of
+    the request in ``req``, ``item`` the internal item index, ``pos`` the position, then click, examined,
+    satisfaction, watch fraction, and the context / history terms and the full appeal logit.
+    """
+    cfg, a = world.config, world._c
+    I, S, C = world.n_items, cfg.request_size, cfg.candidates_per_request
+    ridx = np.arange(lo, hi)
+    hour = s % 24
+    rand = req["is_rand"][ridx] == 1
+    std_r, rnd_r = ridx[~rand], ridx[rand]
+    shown, logit, aff, ctx, hterm = [], [], [], [], []
+    if len(std_r):
+        n = len(std_r)
+        popular = pop.draw(rng.random((n, C)))
+        uniform = rng.integers(0, I, (n, C))
+        cand = np.where(rng.random((n, C)) < cfg.popular_candidate_fraction, popular, uniform)
+        cand = _sample_distinct(rng, n, C, I, first=cand)
+        u = req["user"][std_r][:, None]
+        tb = req["tab"][std_r][:, None]
+        lg, af, cx, ht = world._logit_parts(u, cand, hour // 4, tb, hist, t=float(s))
+        policy = lg + cfg.policy_noise * rng.standard_normal(lg.shape) \
+            + cfg.policy_popularity_weight * a["item_pop"][cand]
+        top = np.argpartition(-policy, S - 1, axis=1)[:, :S] if S < C else np.broadcast_to(np.arange(C), (n, C))
+        top = np.take_along_axis(top, np.argsort(-np.take_along_axis(policy, top, 1), axis=1), 1)
+        for lst, arr in ((shown, cand), (logit, lg), (aff, af), (ctx, cx), (hterm, ht)):
+            lst.append(np.take_along_axis(arr, top, 1))
+    if len(rnd_r):
+        n = len(rnd_r)
+        items = rng.permuted(_sample_distinct(rng, n, S, I), axis=1)
+        u = req["user"][rnd_r][:, None]
+        tb = req["tab"][rnd_r][:, None]
+        lg, af, cx, ht = world._logit_parts(u, items, hour // 4, tb, hist, t=float(s))
+        for lst, arr in ((shown, items), (logit, lg), (aff, af), (ctx, cx), (hterm, ht)):
+            lst.append(arr)
+    rows = np.concatenate([std_r, rnd_r])
+    items = np.concatenate(shown)
+    lg = np.concatenate(logit)
+    n = len(rows)
+    users = np.broadcast_to(req["user"][rows][:, None], (n, S))
+    examined = rng.random((n, S)) < world.exam[None, :]
+    click = examined & (rng.random((n, S)) < _sigmoid(lg))
+    sat = (cfg.satisfaction_affinity_weight * np.concatenate(aff) + a["item_quality"][items]
+           + a["user_sat_bias"][users] + cfg.satisfaction_noise * rng.standard_normal((n, S)))
+    watch = _sigmoid(sat + 0.5 * rng.standard_normal((n, S)))
+    click_w = np.where(click, 0.5 + _sigmoid(sat), 0.0)
+    # only examined exposures can tire the user: weight skips by the examination probability
+    skip_w = np.where(click, 0.0, world.exam[None, :])
+    hist.add(float(s), users.reshape(-1), a["item_tag"][items].reshape(-1), a["item_bucket"][items].reshape(-1),
+             click_w.reshape(-1), skip_w.reshape(-1))
+    out = {"req": np.repeat(rows, S), "pos": np.tile(np.arange(S), n)}
+    for k, v in (("item", items), ("click", click), ("examined", examined), ("sat", sat), ("watch", watch),
+                 ("logit", lg), ("ctx", np.concatenate(ctx)), ("hist", np.concatenate(hterm))):
+        out[k] = v.reshape(-1)
+    return out
+
+
+def _new_history(world: World) -> _History:
+    cfg = world.config
+    return _History(world.n_users, int(world._c["item_tag"].max()) + 1, cfg.author_buckets,
+                    cfg.history_half_life_hours / math.log(2.0))
+
+
+def _popular_sampler(world: World) -> _PopularSampler:
+    pop_cdf = np.cumsum(np.exp(world._c["item_pop"]))
+    pop_cdf /= pop_cdf[-1]
+    return _PopularSampler(pop_cdf)
+
+
 def _simulate(world: World, req: dict[str, np.ndarray], rng: np.random.Generator, progress: bool
               ) -> tuple[dict[str, np.ndarray], HistoryState]:
     """Run the hour steps. Returns per-impression arrays (internal indices) and the final history state."""
-    cfg, a = world.config, world._c
-    U, I, S, C = world.n_users, world.n_items, cfg.request_size, cfg.candidates_per_request
-    n_steps = cfg.n_days * 24
-    hist = _History(U, int(a["item_tag"].max()) + 1, cfg.author_buckets,
-                    cfg.history_half_life_hours / math.log(2.0))
-    pop_cdf = np.cumsum(np.exp(a["item_pop"]))
-    pop_cdf /= pop_cdf[-1]
+    n_steps = world.config.n_days * 24
+    hist = _new_history(world)
+    pop = _popular_sampler(world)
     bounds = np.searchsorted(req["step"], np.arange(n_steps + 1))
-    pos = np.arange(S)
-    out: dict[str, list[np.ndarray]] = {k: [] for k in
-                                        ("req", "item", "pos", "click", "examined", "sat", "watch", "ctx", "hist", "logit")}
+    out: dict[str, list[np.ndarray]] = {k: [] for k in _STEP_KEYS}
     for s in tqdm(range(n_steps), disable=not progress, desc="world: hours", unit="h"):
         lo, hi = bounds[s], bounds[s + 1]
         if lo == hi:
             continue
-        ridx = np.arange(lo, hi)
-        hour = s % 24
-        rand = req["is_rand"][ridx] == 1
-        std_r, rnd_r = ridx[~rand], ridx[rand]
-        shown, logit, aff, ctx, hterm = [], [], [], [], []
-        if len(std_r):
-            n = len(std_r)
-            popular = np.searchsorted(pop_cdf, rng.random((n, C)), side="right")
-            popular = np.minimum(popular, I - 1)
-            uniform = rng.integers(0, I, (n, C))
-            cand = np.where(rng.random((n, C)) < cfg.popular_candidate_fraction, popular, uniform)
-            cand = _sample_distinct(rng, n, C, I, first=cand)
-            u = req["user"][std_r][:, None]
-            tb = req["tab"][std_r][:, None]
-            lg, af, cx, ht = world._logit_parts(u, cand, hour // 4, tb, hist, t=float(s))
-            policy = lg + cfg.policy_noise * rng.standard_normal(lg.shape) \
-                + cfg.policy_popularity_weight * a["item_pop"][cand]
-            top = np.argpartition(-policy, S - 1, axis=1)[:, :S] if S < C else np.broadcast_to(np.arange(C), (n, C))
-            top = np.take_along_axis(top, np.argsort(-np.take_along_axis(policy, top, 1), axis=1), 1)
-            for lst, arr in ((shown, cand), (logit, lg), (aff, af), (ctx, cx), (hterm, ht)):
-                lst.append(np.take_along_axis(arr, top, 1))
-        if len(rnd_r):
-            n = len(rnd_r)
-            items = rng.permuted(_sample_distinct(rng, n, S, I), axis=1)
-            u = req["user"][rnd_r][:, None]
-            tb = req["tab"][rnd_r][:, None]
-            lg, af, cx, ht = world._logit_parts(u, items, hour // 4, tb, hist, t=float(s))
-            for lst, arr in ((shown, items), (logit, lg), (aff, af), (ctx, cx), (hterm, ht)):
-                lst.append(arr)
-        rows = np.concatenate([std_r, rnd_r])
-        items = np.concatenate(shown)
-        lg = np.concatenate(logit)
-        n = len(rows)
-        users = np.broadcast_to(req["user"][rows][:, None], (n, S))
-        examined = rng.random((n, S)) < world.exam[None, :]
-        click = examined & (rng.random((n, S)) < _sigmoid(lg))
-        sat = (cfg.satisfaction_affinity_weight * np.concatenate(aff) + a["item_quality"][items]
-               + a["user_sat_bias"][users] + cfg.satisfaction_noise * rng.standard_normal((n, S)))
-        watch = _sigmoid(sat + 0.5 * rng.standard_normal((n, S)))
-        click_w = np.where(click, 0.5 + _sigmoid(sat), 0.0)
-        # only examined exposures can tire the user: weight skips by the examination probability
-        skip_w = np.where(click, 0.0, world.exam[None, :])
-        hist.add(float(s), users.reshape(-1), a["item_tag"][items].reshape(-1), a["item_bucket"][items].reshape(-1),
-                 click_w.reshape(-1), skip_w.reshape(-1))
-        out["req"].append(np.repeat(rows, S))
-        out["pos"].append(np.tile(pos, n))
-        for k, v in (("item", items), ("click", click), ("examined", examined), ("sat", sat), ("watch", watch), ("logit", lg),
-                     ("ctx", np.concatenate(ctx)), ("hist", np.concatenate(hterm))):
-            out[k].append(v.reshape(-1))
+        for k, v in _simulate_step(world, req, lo, hi, s, hist, rng, pop).items():
+            out[k].append(v)
     if not out["req"]:
         raise ValueError("the world has no requests: raise mean_requests_per_user, n_users or n_days")
     imp = {k: np.concatenate(v) for k, v in out.items()}
