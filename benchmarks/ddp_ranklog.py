@@ -12,6 +12,15 @@ world x batch), rank 0 writes ``OUT/teacher/`` (model.pt, manifest.json, config.
 cascade.serve.run.load_ranker); then every rank scores its block of the sampled train requests and writes
 ``OUT/log/shard-r-of-W/``, rank 0 merges them into one log (``RankLog(OUT/log)``) and writes
 ``OUT/ddp_ranklog.json`` with the timings, which it also prints.
+
+With ``--students`` every rank then trains the distilled two-tower pre-rank and retrieval students (the default
+pipeline's StudentsSection: tower, loss weights, epochs; ``--student-batch-size`` is PER RANK) on that log with
+DistributedDataParallel (cascade.train.students.train_student), and rank 0 writes
+``OUT/students/distilled/{prerank,retrieval}/`` (model.pt, config.json, history.json: the pipeline's layout,
+loadable with cascade.serve.run.load_towers). The students train on the CPU even in a ``--device cuda`` job.
+In-batch softmax negatives are per rank (see cascade/train/students.py).
+
+    torchrun --standalone --nproc_per_node 2 benchmarks/ddp_ranklog.py --data runs/tiny/data --out runs/ddp --students
 """
 
 from __future__ import annotations
@@ -28,12 +37,46 @@ import numpy as np
 import torch
 
 from cascade import artifacts as A
+from cascade.config import to_dict
+from cascade.distill.ranklog import RankLog
 from cascade.distill.shard_runner import build_rank_log_distributed
 from cascade.models.ranker import Ranker
-from cascade.pipeline import RankLogSection, TeacherSection, rank_log_inputs
+from cascade.models.two_tower import build_two_tower
+from cascade.pipeline import RankLogSection, StudentsSection, TeacherSection, click_lists, rank_log_inputs
 from cascade.serve.run import RunData, ranker_scorer, to_requests
 from cascade.train import distributed as D
 from cascade.train.loop import fit
+from cascade.train.students import evaluate_on_log, train_student
+
+
+def train_students(data: RunData, frame, log_dir: Path, out: Path, batch_size: int | None, epochs: int | None,
+                   seed: int, progress: bool) -> dict:
+    """The distilled pre-rank and retrieval students on the rank log in ``log_dir`` (DDP under a process group);
+    rank 0 writes ``out/distilled/{stage}/``. Returns {stage: {"fit_s", "steps", "valid" metrics, ...}}."""
+    section = StudentsSection()
+    inputs = data.tower_inputs(frame)
+    log_ = RankLog(log_dir)
+    clicks = click_lists(data, inputs, frame)
+    summary = {}
+    for stage, scfg in (("prerank", section.prerank), ("retrieval", section.retrieval)):
+        scfg = dataclasses.replace(scfg, seed=seed, progress=progress,
+                                   **({"batch_size": batch_size} if batch_size else {}),
+                                   **({"epochs": epochs} if epochs else {}))
+        towers = build_two_tower(inputs, section.tower, seed=seed)  # DDP broadcasts rank 0's weights
+        D.barrier()
+        t0 = time.perf_counter()
+        hist = train_student(towers, inputs, log_, clicks, scfg)
+        fit_s = time.perf_counter() - t0
+        if D.is_main():
+            d = out / "distilled" / stage
+            A.save_torch(d / "model.pt", towers.state_dict())
+            A.write_json(d / "config.json", to_dict(section.tower))
+            A.write_json(d / "history.json", hist)
+            summary[stage] = {"fit_s": fit_s, "per_rank_batch": scfg.batch_size, "epochs": scfg.epochs,
+                              "requests_per_s": scfg.epochs * len(log_) / fit_s, "final_loss": hist[-1]["loss"],
+                              "train_log": evaluate_on_log(towers, inputs, log_, k=10)}
+    D.barrier()
+    return summary
 
 
 def main() -> None:
@@ -48,6 +91,9 @@ def main() -> None:
     ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads per process")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--students", action="store_true", help="also train the two-tower students with DDP")
+    ap.add_argument("--student-batch-size", type=int, default=None, help="per rank (default: the pipeline's)")
+    ap.add_argument("--student-epochs", type=int, default=None, help="default: the pipeline's")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     if args.threads:
@@ -84,6 +130,8 @@ def main() -> None:
     man = build_rank_log_distributed(frame, cands, scorer, out / "log", progress=env.is_main, item_ids=item_ids,
                                      seed=args.seed)
     log_s = time.perf_counter() - t0
+    students = (train_students(data, frame, out / "log", out / "students", args.student_batch_size,
+                               args.student_epochs, args.seed, env.is_main) if args.students else None)
     if env.is_main:
         n_steps = res.history[-1]["step"] if res.history else 0
         summary = {
@@ -95,6 +143,8 @@ def main() -> None:
             "best_valid_auc": res.best_valid_auc, "rank_log_s": log_s, "rank_log_pairs": man["n_rows"],
             "rank_log_pairs_per_s": man["n_rows"] / log_s,
         }
+        if students is not None:
+            summary["students"] = students
         A.write_json(out / "ddp_ranklog.json", summary)
         print(json.dumps(summary, indent=2))
     D.destroy()

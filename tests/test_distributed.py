@@ -2,7 +2,8 @@
 
 One ``torch.multiprocessing.spawn`` of 2 ranks runs every distributed scenario (process start-up dominates the
 cost); each rank saves what it ended with under tmp_path and the parent compares with single-process runs.
-Uses the planted-signal table of tests/test_ranker.py.
+Uses the planted-signal table of tests/test_ranker.py and, for the two-tower students, the synthetic world of
+tests/test_two_tower.py (its rank log is written by the parent before the spawn).
 """
 
 from __future__ import annotations
@@ -18,14 +19,17 @@ import torch
 import torch.multiprocessing as mp
 
 from cascade.artifacts import load_torch, read_manifest, save_torch
-from cascade.distill.ranklog import RankLog, build_rank_log
+from cascade.distill.ranklog import RankLog, build_rank_log, sample_candidates
 from cascade.distill.shard_runner import build_rank_log_distributed
 from cascade.models.ranker import Ranker, RankerConfig
+from cascade.models.two_tower import TowerConfig, build_two_tower
 from cascade.train import distributed as D
 from cascade.train.joint import DistillConfig, JointRanker, joint_loss
 from cascade.train.loop import CHECKPOINT, TrainConfig, fit
+from cascade.train.students import ClickLists, StudentConfig, train_student
 from test_ranker import SPEC, make_table
 from test_ranklog import _world
+from test_two_tower import _synthetic_world
 
 torch.set_num_threads(1)
 
@@ -38,6 +42,52 @@ BATCH = 128  # single-process batch; each of the 2 ranks takes BATCH // 2 rows o
 # well under 1e-5 (Adam divides by sqrt(v), so it does not amplify relative errors).
 WEIGHT_ATOL = 1e-5
 AUC_ATOL = 1e-4
+
+
+# Two-tower students: 64 users x 4 = 256 training requests, 20 candidates each (full lists: no padding), 10
+# impressed with clicks. Single-process batch 64 = 2 ranks x 32: 4 steps per epoch, 3 epochs, no tail.
+STUDENT_BATCH = 64
+STUDENT_TOWER = TowerConfig(emb_dim=4, hidden=(16,), out_dim=8)  # no dropout: it would draw per rank
+# Terms without sampling whose batch value is a mean over requests or over list entries (every list is full, so
+# a rank's half-batch has exactly half the entries): 2 ranks and one process take the same step up to float32
+# summation order. Left out by design: bpr / tail_samples (pairs and negatives drawn per rank) and
+# sampled_softmax (in-batch negatives are the rank's own 31 positives, not the 63 of one batch of 64).
+STUDENT_WEIGHTS = {"pointwise": 1.0, "lambda_ndcg": 1.0, "approx_ndcg": 0.5, "listnet": 1.0, "logit_mse": 0.01,
+                   "click_bce": 0.5}
+# Tolerance for the students: 12 Adam steps from the same weights. Summation order changes the loss gradients by
+# ~1e-7 relative; lambda_ndcg's weights depend on the student's sort order, which such noise cannot flip unless two
+# scores tie to ~1e-6 (the check below would show it as a jump far above this tolerance). Observed: 7.5e-7.
+STUDENT_ATOL = 1e-5
+
+
+def _student_data(root: Path, build: bool = False):
+    """(inputs, train RankLog, valid RankLog, ClickLists) of a small synthetic world; build=True writes the logs
+    (the parent, before the spawn), else they are opened from root."""
+    inputs, teacher, requests, imp, n_train, rng = _synthetic_world(3, n_users=64, n_items=120, n_imp=10)
+    cand = sample_candidates(imp, inputs.n_items, 20, rng=rng)
+    train = (np.arange(len(requests)) < n_train)[:, None]
+    if build:
+        build_rank_log(requests, np.where(train, cand, -1), teacher, root / "student-train", progress=False)
+        build_rank_log(requests, np.where(~train, cand, -1), teacher, root / "student-valid", progress=False)
+    t = teacher(np.arange(n_train), imp[:n_train])
+    y = (rng.random(t.shape) < 1 / (1 + np.exp(-(2.0 * (t - t.mean()) / t.std() - 2.0)))).astype(np.float32)
+    clicks = ClickLists(np.arange(n_train), requests["user_row"].to_numpy()[:n_train], imp[:n_train].astype(np.int64), y)
+    return inputs, RankLog(root / "student-train"), RankLog(root / "student-valid"), clicks
+
+
+def _student_cfg(batch_size: int, **kw) -> StudentConfig:
+    return StudentConfig(**{"loss_weights": STUDENT_WEIGHTS, "epochs": 3, "batch_size": batch_size, "lr": 1e-2,
+                            "seed": 2, **kw})
+
+
+def _retrieval_cfg(batch_size: int) -> StudentConfig:
+    return _student_cfg(batch_size, stage="retrieval", loss_weights={"sampled_softmax": 1.0, "bpr": 1.0},
+                        softmax_positives="teacher_topk", n_uniform_negatives=16)
+
+
+def _dump_student(path: Path, towers: torch.nn.Module, hist: list) -> None:
+    save_torch(path, {"state": {k: v.detach().cpu() for k, v in towers.state_dict().items()},
+                      "hist": [{k: v for k, v in h.items() if k != "seconds"} for h in hist]})
 
 
 def _tables():
@@ -94,6 +144,14 @@ def _worker(rank: int, world: int, port: int, out: str, backend: str, device: st
         man = build_rank_log_distributed(requests, cand, scorer, out / "log", requests_per_batch=16, progress=False,
                                          item_ids=item_ids)
         save_torch(out / f"log-rank{rank}.pt", {"n_rows": man["n_rows"]})
+        # two-tower students; each rank starts from other weights (seed=rank): DDP must broadcast rank 0's
+        inputs, log_train, log_valid, clicks = _student_data(out)
+        tt = build_two_tower(inputs, STUDENT_TOWER, seed=rank)
+        hist = train_student(tt, inputs, log_train, clicks, _student_cfg(STUDENT_BATCH // world), valid=log_valid)
+        _dump_student(out / f"student-rank{rank}.pt", tt, hist)
+        tt = build_two_tower(inputs, STUDENT_TOWER, seed=rank)
+        hist = train_student(tt, inputs, log_train, None, _retrieval_cfg(STUDENT_BATCH // world))
+        _dump_student(out / f"retrieval-rank{rank}.pt", tt, hist)
     finally:
         D.destroy()
 
@@ -105,6 +163,7 @@ def _spawn(tmp: Path, backend: str = "gloo", device: str = "cpu", world: int = W
 @pytest.fixture(scope="module")
 def ddp_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddp")
+    _student_data(out, build=True)
     _spawn(out)
     return out
 
@@ -207,6 +266,37 @@ def test_sharded_rank_log_reads_as_one_process_log(ddp_run, tmp_path):
     a, b = RankLog(tmp_path / "one"), RankLog(ddp_run / "log")
     for name in ("items", "ranks", "logits", "mask", "request_rows", "request_ids", "user_rows", "time_ms"):
         np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+
+
+def test_ddp_two_tower_student_matches_single_process(ddp_run):
+    # 2 ranks x 32 requests vs 1 process x 64 on the same permutation, with the sampling-free terms (see
+    # STUDENT_WEIGHTS); the ranks started from different weights (seed 0 / 1), the single run from seed 0
+    inputs, log_train, log_valid, clicks = _student_data(ddp_run)
+    single = build_two_tower(inputs, STUDENT_TOWER, seed=0)
+    hist = train_student(single, inputs, log_train, clicks, _student_cfg(STUDENT_BATCH), valid=log_valid)
+    ranks = [load_torch(ddp_run / f"student-rank{r}.pt") for r in range(WORLD)]
+    _assert_states_close(ranks[0]["state"], ranks[1]["state"], atol=0)
+    _assert_states_close(ranks[0]["state"], single.state_dict(), atol=STUDENT_ATOL)
+    # the weights moved far more than the tolerance, so the match is not two untrained towers
+    moved = build_two_tower(inputs, STUDENT_TOWER, seed=0).state_dict()
+    assert max(float((single.state_dict()[k] - moved[k]).abs().max()) for k in moved) > 100 * STUDENT_ATOL
+    # the same history on both ranks (validation on rank 0, broadcast; losses are means over ranks) and, within
+    # float noise, the single process's: 3 epochs, each with every term of STUDENT_WEIGHTS
+    assert ranks[0]["hist"] == ranks[1]["hist"] and len(hist) == 3
+    for got, ref in zip(ranks[0]["hist"], hist):
+        assert set(STUDENT_WEIGHTS) <= set(got) and got["valid"] == pytest.approx(ref["valid"], abs=1e-6)
+        for k in (*STUDENT_WEIGHTS, "loss"):
+            assert got[k] == pytest.approx(ref[k], rel=1e-5), k
+    assert hist[-1]["loss"] < hist[0]["loss"]
+
+
+def test_ddp_retrieval_student_with_in_batch_negatives_stays_in_sync(ddp_run):
+    # sampled softmax (in-batch negatives per rank) + bpr (pairs drawn per rank): no single-process twin by design,
+    # but both ranks hold identical weights after every step and the softmax loss falls
+    ranks = [load_torch(ddp_run / f"retrieval-rank{r}.pt") for r in range(WORLD)]
+    _assert_states_close(ranks[0]["state"], ranks[1]["state"], atol=0)
+    assert ranks[0]["hist"] == ranks[1]["hist"]
+    assert ranks[0]["hist"][-1]["sampled_softmax"] < ranks[0]["hist"][0]["sampled_softmax"]
 
 
 @pytest.mark.gpu

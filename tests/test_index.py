@@ -230,6 +230,70 @@ def test_opq_ivf_pq_with_refine_reaches_stated_recall(data):
     assert index.measure_recall(xq, 50) >= 0.93
 
 
+def test_compressed_sq8_refine_store_is_4x_smaller_and_keeps_recall(data, tmp_path):
+    xb, xq, ids = data
+    _, I_exact = exact_topk(xq, xb, 50, metric="ip")
+    flat = ItemIndex.build(xb, ids, metric="ip", factory="IVF128,PQ16x4", k_factor=4, nprobe=32, seed=0)
+    sq8 = ItemIndex.build(xb, ids, metric="ip", factory="IVF128,PQ16x4", k_factor=4, nprobe=32, seed=0,
+                          refine="SQ8")
+    # the re-rank store: float32 = 20000 x 32 x 4 = 2,560,000 bytes, SQ8 = 20000 x 32 x 1 = 640,000 bytes; the
+    # rest (IVF lists, PQ codebooks, the SQ8 ranges of 2 x 32 floats, headers) is shared, so the difference is
+    # 1,920,000 bytes up to a few hundred bytes of headers
+    assert abs((flat.index_bytes() - sq8.index_bytes()) - 1_920_000) < 1_000
+    # an 8-bit re-rank order is close to the exact one: stated recall@50 >= 0.93 (float32 store >= 0.95 above)
+    r = sq8.measure_recall(xq, 50, I_exact=I_exact)
+    assert r >= 0.93 and r <= flat.measure_recall(xq, 50) + 1e-9
+    # scores are inner products with 8-bit reconstructions. Per dimension the step is range / 255 (range ~ 2.1 for
+    # these vectors: step 0.0084), so each coordinate is off by a uniform error of std 0.0084 / sqrt(12) = 0.0024,
+    # and <q, error> with |q| = 1 has std 0.0024 too: stated mean |error| < 0.005. Items outside the ranges
+    # seen in training are clipped, so single scores may be off more: stated max < 0.1
+    scores, got = sq8.search(xq, 10)
+    row_of = np.empty(ids.max() + 1, dtype=np.int64)
+    row_of[ids] = np.arange(N)
+    err = np.abs(scores - np.einsum("qd,qkd->qk", xq, xb[row_of[got]]))
+    assert err.mean() < 0.005 and err.max() < 0.1, (err.mean(), err.max())
+    # no exact vectors inside: recall needs caller-given ground truth, and says so
+    with pytest.raises(ValueError, match="holds no exact vectors: pass I_exact"):
+        sq8.measure_recall(xq, 50)
+    points = sq8.sweep(xq, 50, nprobes=(4, 32), I_exact=I_exact)
+    assert points[0]["recall_at_k"] < points[1]["recall_at_k"] == pytest.approx(r, abs=1e-12)
+    sq8.save(tmp_path / "sq8", model_hash="m")
+    loaded = ItemIndex.load(tmp_path / "sq8", expect_model_hash="m", device="cpu")
+    assert loaded.refine == "SQ8" and loaded.k_factor == 4
+    np.testing.assert_array_equal(loaded.search(xq, 10)[1], got)
+
+
+def test_k_factor_one_is_the_pq_shortlist_and_re_ranking_recovers_recall(data):
+    xb, xq, ids = data
+    _, I_exact = exact_topk(xq, xb, 50, metric="ip")
+    # k_factor 1: the refine step only reorders PQ's own top-50, so recall is PQ's; a 8x shortlist re-ranked
+    # exactly must find clearly more of the true top-50 (8-byte codes lose most of the fine order)
+    pq_only = ItemIndex.build(xb, ids, metric="ip", factory="IVF128,PQ16x4", k_factor=1, nprobe=32, seed=0)
+    wide = ItemIndex.build(xb, ids, metric="ip", factory="IVF128,PQ16x4", k_factor=8, nprobe=32, seed=0)
+    r1, r8 = pq_only.measure_recall(xq, 50, I_exact=I_exact), wide.measure_recall(xq, 50, I_exact=I_exact)
+    assert r8 > r1 + 0.1 and r8 >= 0.95, (r1, r8)
+    # the same trained index with its shortlist cut to k_factor 1 is exactly the PQ-only index
+    wide.set_search_params(k_factor=1)
+    assert wide.measure_recall(xq, 50, I_exact=I_exact) == r1 and wide.k_factor == 1
+    with pytest.raises(ValueError, match="k_factor must be an integer >= 1"):
+        wide.set_search_params(k_factor=0)
+    # memory by part, worked out: 20000 x 8-byte codes (PQ16x4) = 160,000; ids 20000 x 8 = 160,000; coarse
+    # 128 x 32 x 4 = 16,384; codebooks 16 sub-quantizers x 16 centroids x 2 dims x 4 = 2,048; float32 re-rank
+    # store 20000 x 32 x 4 = 2,560,000
+    mem = wide.memory_bytes()
+    assert mem == {"codes": 160_000, "ids": 160_000, "coarse": 16_384, "codebooks": 2_048, "refine": 2_560_000,
+                   "total": 2_898_432}
+    assert abs(wide.index_bytes() - mem["total"]) < 0.01 * mem["total"]  # the serialised size agrees
+
+
+def test_refine_is_checked(data):
+    xb, _, ids = data
+    with pytest.raises(ValueError, match="refine 'SQ4' is not supported"):
+        ItemIndex.build(xb[:2000], ids[:2000], metric="ip", factory="IVF8,PQ8", refine="SQ4")
+    with pytest.raises(ValueError, match="applies to IVF-PQ indexes"):
+        ItemIndex.build(xb[:2000], ids[:2000], metric="ip", factory="IVF8,Flat", refine="SQ8")
+
+
 def test_k_larger_than_corpus_pads_with_minus_one(data):
     xb, xq, ids = data
     index = ItemIndex.build(xb[:30], ids[:30], metric="ip", factory="Flat")

@@ -7,6 +7,13 @@
 - :meth:`ItemIndex.sweep` measures recall@k against exact search (:func:`cascade.index.exact.exact_topk`) and
   throughput over nprobe / efSearch values; :meth:`ItemIndex.set_operating_point` picks the cheapest one that
   reaches a recall target.
+- IVF-PQ indexes re-rank a shortlist of ``k * k_factor`` PQ candidates from a second copy of the vectors,
+  ``refine`` (:data:`REFINES`): "Flat" keeps the float32 vectors (exact inner products, 4 * d bytes per item on
+  top of the PQ code), "SQfp16" half floats (2 * d bytes, scores exact to ~1e-3 relative), "SQ8" one byte per
+  dimension (d bytes, 4x smaller than float32; the re-rank order is then approximate too). "SQ8" is the choice
+  for corpora whose float32 vectors do not fit in memory (see benchmarks/bench_index_10m.py). With a non-"Flat"
+  store the index holds no exact vectors, so recall is measured against ground truth the caller passes
+  (``I_exact`` of :meth:`ItemIndex.measure_recall` / :meth:`ItemIndex.sweep`).
 - :meth:`ItemIndex.save` / :meth:`ItemIndex.load` write and check the index file, the id map and a manifest
   (model hash, dim, metric, factory, backend, recall, operating points, file hashes). Loading refuses an index built
   for another model, dimension or metric (:class:`IndexMismatchError`) and a corrupted file (``ArtifactError``).
@@ -52,6 +59,7 @@ DEFAULT_NPROBES = (1, 2, 4, 8, 16, 32, 64)
 DEFAULT_EF_SEARCHES = (16, 32, 64, 128, 256, 512)
 GPU_MAX_K = 2048  # faiss GPU k-selection limit
 FAISS_BLAS_THRESHOLD_DEFAULT = 128_000  # faiss's shipped distance_compute_blas_threshold
+REFINES = ("Flat", "SQfp16", "SQ8")  # re-rank stores of IVF-PQ indexes: float32, float16, 8-bit per dimension
 
 _FACTORIES = {
     "flat": re.compile(r"^Flat$"),
@@ -182,6 +190,7 @@ class ItemIndex:
         k_factor: int | None = None,
         n_gpus: int | None = None,
         blas_threshold: int | None = 20,
+        refine: str = "Flat",
     ):
         self.metric = check_metric(metric)
         self.factory = factory
@@ -193,6 +202,7 @@ class ItemIndex:
         self.seed = seed
         self.k_factor = k_factor
         self.blas_threshold = blas_threshold
+        self.refine = _check_refine(refine)
         self.spec = parse_factory(factory, self.dim)
         self.nprobe: int | None = None
         self.ef_search: int | None = None
@@ -210,6 +220,9 @@ class ItemIndex:
                 # IndexRefine keeps its host copy: its exact vectors stay in host memory for re-ranking anyway.)
                 self._cpu_index = None
         elif backend == "torch":
+            if self.refine != "Flat":
+                raise ValueError(f"the torch exact backend needs float32 vectors, but {factory!r} with "
+                                 f"refine={refine!r} keeps none: use device='cpu' (or 'gpu' with faiss-gpu)")
             self._torch = TorchExactIndex(self._exact_vectors(), metric)
         log.info("item index: %s, metric=%s, %d items x %d, backend=%s (%s)", factory, metric, len(item_ids),
                  self.dim, backend, backend_reason)
@@ -232,6 +245,7 @@ class ItemIndex:
         train_size: int | None = None,
         omp_threads: int | None = None,
         blas_threshold: int | None = 20,
+        refine: str = "Flat",
     ) -> "ItemIndex":
         """Build an index over item embeddings.
 
@@ -243,7 +257,10 @@ class ItemIndex:
         ef_construction: HNSW build-time beam (None keeps faiss's 40). Inner-product graphs over non-normalised
         vectors need more than L2 ones: on clustered 20k x 32 data HNSW32 reached recall@100 0.96 at efSearch 800 with
         40, and 0.98 at efSearch 400 with 200 (3x the build time).
-        k_factor: PQ variants re-rank k * k_factor shortlisted items by exact inner product (IndexRefineFlat).
+        k_factor: PQ variants re-rank k * k_factor shortlisted items (k_factor 1: the PQ top-k, only reordered).
+        refine: the re-rank store of PQ variants (:data:`REFINES`): "Flat" exact float32 inner products
+        (IndexRefineFlat), "SQfp16" / "SQ8" a float16 / 8-bit copy (IndexRefine over an IndexScalarQuantizer,
+        trained on the same rows as the PQ); see the module docs.
         device: "auto" | "cpu" | "gpu" | "torch" (see module docs). seed: k-means / PQ training seed and the seed of
         the training subsample. train_size: rows used to train IVF / PQ (default min(n, max(64 * nlist, 10000))).
         omp_threads: faiss threads (:func:`configure_faiss`); blas_threshold: batches of at least this many
@@ -259,6 +276,11 @@ class ItemIndex:
             raise ValueError("xb has no rows: cannot build an index over an empty corpus")
         factory = factory or default_factory(n)
         spec = parse_factory(factory, d)
+        _check_refine(refine)
+        if refine != "Flat" and spec["kind"] != "ivfpq":
+            raise ValueError(f"refine={refine!r} applies to IVF-PQ indexes, not {factory!r}")
+        if k_factor < 1:
+            raise ValueError(f"k_factor must be >= 1, got {k_factor}")
         backend, reason = select_backend(device)
         if backend == "faiss-gpu" and spec["kind"] == "hnsw":
             if device == "gpu":
@@ -295,12 +317,19 @@ class ItemIndex:
                 raise ValueError(f"ef_construction applies to HNSW indexes, not {factory!r}")
             index.hnsw.efConstruction = int(ef_construction)
         if spec["kind"] == "ivfpq":
-            index = faiss.IndexRefineFlat(index)
+            if refine == "Flat":
+                index = faiss.IndexRefineFlat(index)
+            else:
+                qtype = {"SQfp16": faiss.ScalarQuantizer.QT_fp16, "SQ8": faiss.ScalarQuantizer.QT_8bit}[refine]
+                store = faiss.IndexScalarQuantizer(d, qtype, _faiss_metric(metric))
+                store.train(xb[rows])  # per-dimension ranges (SQ8); a no-op for fp16
+                index = faiss.IndexRefine(index, store)
             index.k_factor = float(k_factor)
         index.add(xb)
         log.info("item index: built %s over %d x %d in %.2f s", factory, n, d, time.perf_counter() - t0)
         self = cls(index, item_ids, metric=metric, factory=factory, backend=backend, backend_reason=reason,
-                   seed=seed, k_factor=k_factor if spec["kind"] == "ivfpq" else None, blas_threshold=blas_threshold)
+                   seed=seed, k_factor=k_factor if spec["kind"] == "ivfpq" else None, blas_threshold=blas_threshold,
+                   refine=refine)
         self.ef_construction = ef_construction
         self.set_search_params(nprobe=nprobe, ef_search=ef_search)
         return self
@@ -315,9 +344,19 @@ class ItemIndex:
     def n_items(self) -> int:
         return int(len(self.item_ids))
 
-    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None) -> None:
-        """Set IVF ``nprobe`` / HNSW ``ef_search`` (None leaves a setting as it is); raise where not applicable."""
+    def set_search_params(self, nprobe: int | None = None, ef_search: int | None = None,
+                          k_factor: int | None = None) -> None:
+        """Set IVF ``nprobe`` / HNSW ``ef_search`` / IVF-PQ ``k_factor`` (shortlist = k * k_factor; None leaves a
+        setting as it is); raise where not applicable."""
         kind = self.spec["kind"]
+        if k_factor is not None:
+            if kind != "ivfpq":
+                raise ValueError(f"k_factor applies to IVF-PQ indexes, not {self.factory!r}")
+            if isinstance(k_factor, bool) or not isinstance(k_factor, (int, np.integer)) or k_factor < 1:
+                raise ValueError(f"k_factor must be an integer >= 1, got {k_factor!r}")
+            for index in {id(i): i for i in (self._live, self._cpu_index) if i is not None}.values():
+                index.k_factor = float(k_factor)  # both are IndexRefine (the live one may hold a GPU base)
+            self.k_factor = int(k_factor)
         if nprobe is not None:
             if kind not in ("ivf", "ivfpq"):
                 raise ValueError(f"nprobe applies to IVF indexes, not {self.factory!r}")
@@ -381,9 +420,13 @@ class ItemIndex:
 
     # ------------------------------------------------------------------ recall
     def _exact_vectors(self) -> np.ndarray:
-        """[n, d] float32 exact item vectors, read back from the index (every supported factory stores them)."""
+        """[n, d] float32 exact item vectors, read back from the index (every factory stores them, except IVF-PQ
+        with a compressed re-rank store: that raises, since its reconstructions are not exact)."""
         import faiss
 
+        if self.refine != "Flat":
+            raise ValueError(f"item index {self.factory!r} with refine={self.refine!r} holds no exact vectors: pass "
+                             "I_exact (exact top-k positions from exact_topk over the original vectors)")
         index = self._host_index()
         if isinstance(index, faiss.IndexRefine):
             return faiss.downcast_index(index.refine_index).reconstruct_n(0, index.ntotal)
@@ -420,18 +463,23 @@ class ItemIndex:
         nprobes: Sequence[int] | None = None,
         ef_searches: Sequence[int] | None = None,
         repeats: int = 1,
+        I_exact: np.ndarray | None = None,
     ) -> list[dict]:
         """Measure operating points: recall@k vs exact search and batched queries per second.
 
         xq: [nq, d] held-out queries; k: results per query. IVF indexes sweep ``nprobes`` (default
         1..64, capped at nlist), HNSW sweeps ``ef_searches`` (default 16..512, values below k dropped since faiss
         searches with max(efSearch, k)), Flat gives one point. qps is the best of ``repeats`` timings.
+        I_exact: optional exact top-k positions [nq, k] (required with a compressed re-rank store).
         On the torch backend the points describe the faiss CPU index that :meth:`save` writes.
         Returns and stores in ``operating_points_`` a list of {"param", "value", "recall_at_k", "qps", "k", "nq",
         "backend"}; the search settings in force before the sweep are restored.
         """
         xq = as_float32_matrix(xq, "xq", self.dim)
-        _, I_exact = exact_topk(xq, self._exact_vectors(), k, metric=self.metric)
+        if I_exact is None:
+            _, I_exact = exact_topk(xq, self._exact_vectors(), k, metric=self.metric)
+        elif I_exact.shape != (len(xq), k):
+            raise ValueError(f"I_exact must be [nq={len(xq)}, k={k}], got shape {I_exact.shape}")
         kind = self.spec["kind"]
         index = self._live if self._torch is None else self._cpu_index
         backend = self.backend if self._torch is None else "faiss-cpu"
@@ -499,6 +547,27 @@ class ItemIndex:
 
         return int(faiss.serialize_index(self._host_index()).nbytes)
 
+    def memory_bytes(self) -> dict[str, int]:
+        """Bytes an IVF-PQ index holds in memory, by part, from its sizes: "codes" (PQ codes, n x code_size), "ids"
+        (n x 8, the IVF lists' ids), "coarse" (nlist x d x 4), "codebooks" (PQ centroids and the OPQ matrix),
+        "refine" (the re-rank store, n x 4d / 2d / d bytes for Flat / SQfp16 / SQ8) and "total". Unlike
+        :meth:`index_bytes` nothing is serialised (at 10M items that would copy the whole index once more).
+        """
+        import faiss
+
+        if self.spec["kind"] != "ivfpq":
+            raise ValueError(f"memory_bytes covers IVF-PQ indexes, not {self.factory!r}; use index_bytes()")
+        host = self._host_index()
+        base = faiss.downcast_index(host.base_index)
+        ivf = faiss.downcast_index(faiss.extract_index_ivf(base))
+        n = int(ivf.ntotal)
+        out = {"codes": n * int(ivf.code_size), "ids": n * 8, "coarse": int(ivf.nlist) * self.dim * 4,
+               "codebooks": int(ivf.pq.M * ivf.pq.ksub * ivf.pq.dsub) * 4
+               + (self.dim * self.dim * 4 if isinstance(base, faiss.IndexPreTransform) else 0),
+               "refine": n * int(faiss.downcast_index(host.refine_index).code_size)}
+        out["total"] = sum(out.values())
+        return out
+
     # ------------------------------------------------------------------ save / load
     def save(self, directory, model_hash: str, extra: Mapping[str, Any] | None = None) -> dict:
         """Write ``index.faiss`` (CPU version), ``item_ids.npy`` and, last, ``manifest.json`` into ``directory``.
@@ -520,7 +589,7 @@ class ItemIndex:
         if self.recall_ is None and not self.is_exact:
             log.warning("item index: saving an approximate index with no measured recall (call sweep/measure_recall)")
         config = {"factory": self.factory, "metric": self.metric, "nprobe": self.nprobe, "ef_search": self.ef_search,
-                  "ef_construction": self.ef_construction, "k_factor": self.k_factor}
+                  "ef_construction": self.ef_construction, "k_factor": self.k_factor, "refine": self.refine}
         return write_manifest(
             directory,
             stage="index",
@@ -601,7 +670,7 @@ class ItemIndex:
         cfg = m["config"]
         self = cls(index, item_ids.astype(np.int64), metric=m["metric"], factory=m["factory"], backend=backend,
                    backend_reason=reason, seed=m.get("seed"), k_factor=cfg.get("k_factor"),
-                   blas_threshold=blas_threshold)
+                   blas_threshold=blas_threshold, refine=cfg.get("refine", "Flat"))
         self.ef_construction = cfg.get("ef_construction")
         self.set_search_params(nprobe=cfg.get("nprobe"), ef_search=cfg.get("ef_search"))
         self.operating_points_ = list(m.get("operating_points") or [])
@@ -629,6 +698,12 @@ class ItemIndex:
             self._gpu_refs = [base, refine, cpu_index]
             return live
         return faiss.index_cpu_to_all_gpus(cpu_index, co=co, ngpu=ngpu)
+
+
+def _check_refine(refine: str) -> str:
+    if refine not in REFINES:
+        raise ValueError(f"refine {refine!r} is not supported: use one of {REFINES}")
+    return refine
 
 
 def _check_item_ids(item_ids, n: int) -> np.ndarray:

@@ -20,6 +20,28 @@ Loss terms (names of :data:`LOSS_NAMES`; a term runs only with a non-zero weight
 A ground-truth-only student puts weights only on ``click_bce`` / ``sampled_softmax`` (with click positives) and
 needs no rank log.
 
+Data parallel (``torchrun``; see :mod:`cascade.train.distributed`): under an initialised torch.distributed
+group, :func:`train_student` wraps the towers and the loss terms in one DistributedDataParallel module (gradients
+averaged over ranks after every backward). Every rank holds the whole rank log / click lists and draws the same
+seeded permutation of the requests; rank r trains on its block of ``cfg.batch_size`` requests of each global
+batch of ``world * cfg.batch_size`` (``distributed.rank_batch_indices``), so all ranks take the same number of
+steps and stop together. What equals a single-process run with batch ``world * cfg.batch_size``:
+
+- terms that are means over requests or list entries with no sampling (``lambda_ndcg``, ``approx_ndcg``,
+  ``listnet``, ``pointwise`` without ``tail_samples``, ``logit_mse`` and ``click_bce``) give the same step up to
+  float summation order, when every request of a batch has the same number of real entries (a mean over
+  entries weights a rank's entries by its share of the global batch's entries, DDP by 1 / world);
+- ``bpr`` pairs, ``tail_samples`` and softmax positives / uniform negatives are drawn per rank (rank 0 with the
+  single-process seed), so they differ from one process's draws;
+- ``sampled_softmax``'s in-batch negatives are PER RANK: each request's positive competes with the other
+  positives of its rank's batch (``batch_size - 1`` of them, not ``world * batch_size - 1``) plus the uniform
+  negatives, and log-Q counts copies in a batch of ``cfg.batch_size``. It is a different (smaller-pool) loss
+  by design: gathering every rank's item embeddings would need an all-gather with gradient.
+
+Validation runs on rank 0 and its numbers are broadcast (every rank returns the same history; the logged loss
+terms are means over ranks). ``train_student`` writes nothing; callers save on rank 0. The students train on the
+CPU; under an NCCL group (a GPU job) their gradients go through a gloo subgroup.
+
 Not here: the joint "one teacher, three students" mode (see cascade/train/joint.py for synchronous teacher +
 student training).
 """
@@ -34,12 +56,14 @@ from typing import Any, Mapping
 
 import numpy as np
 import torch
+from torch import nn
 from tqdm.auto import tqdm
 
 from cascade.distill import losses as L
 from cascade.distill.ranklog import RankLog
 from cascade.eval.metrics import ndcg_at_k, recall_at_k
 from cascade.models.two_tower import TowerInputs, TwoTower
+from cascade.train import distributed as D
 
 log = logging.getLogger(__name__)
 
@@ -188,6 +212,109 @@ def _params(cfg: StudentConfig, name: str) -> dict[str, Any]:
     return dict(cfg.loss_params.get(name, {}))
 
 
+class _StudentStep(nn.Module):
+    """The towers plus one batch's loss terms as one module: DistributedDataParallel must see the whole forward of
+    a step (user tower, item tower, scores, losses), as ``loop._LossModule`` does for ``fit``.
+
+    forward(b) -> terms {name: scalar tensor}; b is a batch of :func:`_batches` / :func:`_rank_batches`.
+    ``g`` (torch) and ``rng`` (numpy) draw the sampled pairs, tail negatives, softmax positives and uniform
+    corpus negatives; the step consumes them in a fixed order, so a run is reproducible under its seeds.
+    """
+
+    def __init__(self, towers: TwoTower, inputs: TowerInputs, cfg: StudentConfig, w: Mapping[str, float],
+                 rank_log: RankLog | None, clicks: ClickLists | None, click_of: np.ndarray | None,
+                 pos_log_q: torch.Tensor | None, neg_log_q_value: float, g: torch.Generator,
+                 rng: np.random.Generator) -> None:
+        super().__init__()
+        self.towers = towers
+        self.inputs, self.cfg, self.w = inputs, cfg, dict(w)
+        self.rank_log, self.clicks, self.click_of = rank_log, clicks, click_of
+        self.pos_log_q, self.neg_log_q_value = pos_log_q, neg_log_q_value
+        self.g, self.rng = g, rng
+
+    def forward(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        towers, inputs, cfg, w, g = self.towers, self.inputs, self.cfg, self.w, self.g
+        from_log = "items" in b  # a rank-log batch (else a ClickLists batch)
+        req, usr = b["request_rows"].numpy(), b["user_rows"].numpy()
+        u = towers.user_tower(*inputs.user_batch(usr, req))  # [B, d]
+
+        # every item row the batch needs, embedded once
+        parts: dict[str, torch.Tensor] = {}
+        if from_log:
+            parts["list"] = b["items"].clamp(min=0)
+        cb = None
+        if "click_bce" in w or ("sampled_softmax" in w and cfg.softmax_positives == "clicks"):
+            cb = _click_batch(self.clicks, b, self.click_of)
+            parts["click"] = cb["items"].clamp(min=0)
+        if "sampled_softmax" in w:
+            if cfg.softmax_positives == "clicks":
+                col, has = _sample_one((cb["labels"] > 0) & cb["mask"], g)
+                pos_items, pos_rows = cb["items"][has, col[has]], cb["rows"][has]
+            else:
+                col, has = _sample_one(b["mask"] & (b["ranks"] <= cfg.softmax_topk), g)
+                pos_items, pos_rows = b["items"][has, col[has]], torch.nonzero(has).squeeze(1)
+            parts["pos"] = pos_items
+            if cfg.n_uniform_negatives:
+                parts["neg"] = torch.from_numpy(self.rng.integers(0, inputs.n_items, cfg.n_uniform_negatives))
+        flat = torch.cat([p.reshape(-1) for p in parts.values()])
+        uniq, inv = torch.unique(flat, return_inverse=True)
+        v_all = towers.item_tower(*inputs.item_batch(uniq.numpy()))[inv]  # [n_flat, d]
+        emb, start = {}, 0
+        for k, p in parts.items():
+            emb[k] = v_all[start:start + p.numel()].reshape(*p.shape, -1)
+            start += p.numel()
+
+        terms: dict[str, torch.Tensor] = {}
+        if from_log and any(n in w for n in LIST_LOSSES):
+            s = towers.score(u, emb["list"])  # [B, L]
+            mask, ranks, tl = b["mask"], b["ranks"], b["logits"]
+            if "pointwise" in w:
+                terms["pointwise"] = L.pointwise_topk_loss(s, ranks, mask, generator=g, **_params(cfg, "pointwise"))
+            if "bpr" in w:
+                terms["bpr"] = L.bpr_pairwise_loss(s, ranks, mask, generator=g, **_params(cfg, "bpr"))
+            if "lambda_ndcg" in w or "approx_ndcg" in w:
+                rel = L.graded_relevance(teacher_rank=ranks, teacher_logits=tl, mask=mask, **cfg.relevance)
+                if "lambda_ndcg" in w:
+                    terms["lambda_ndcg"] = L.lambda_ndcg_loss(s, rel, mask, **_params(cfg, "lambda_ndcg"))
+                if "approx_ndcg" in w:
+                    terms["approx_ndcg"] = L.approx_ndcg_loss(s, rel, mask, **_params(cfg, "approx_ndcg"))
+            if "listnet" in w:
+                terms["listnet"] = L.listnet_kl_loss(s, tl, mask, **_params(cfg, "listnet"))
+            if "logit_mse" in w:
+                terms["logit_mse"] = L.logit_mse(s, tl, mask)
+        if "click_bce" in w:
+            s_click = towers.score(u[cb["rows"]], emb["click"])  # [Bc, Lc]
+            terms["click_bce"] = L.click_bce(s_click, cb["labels"], cb["mask"])
+        if "sampled_softmax" in w:
+            if pos_rows.numel() == 0:
+                terms["sampled_softmax"] = u.sum() * 0.0  # no positive in this batch: a zero that keeps the graph
+            else:
+                # the towers' temperature goes into the user side, so a learned temperature gets its gradient.
+                # Under DDP the in-batch negatives are this rank's own positives (b - 1 of them, not world * b - 1).
+                terms["sampled_softmax"] = L.sampled_softmax_loss(
+                    u[pos_rows] * towers.inv_temperature, emb["pos"], emb.get("neg"),
+                    pos_log_q=self.pos_log_q[pos_items],
+                    neg_log_q=torch.full((len(parts["neg"]),), self.neg_log_q_value) if "neg" in parts else None,
+                    temperature=1.0, pos_item_ids=pos_items, neg_item_ids=parts.get("neg"),
+                    **_params(cfg, "sampled_softmax"))
+        return terms
+
+
+def _ddp_wrap(step: _StudentStep, env: D.DistEnv) -> nn.Module:
+    """``step`` in DistributedDataParallel on the CPU. Under an NCCL group (a GPU job) the students still train on
+    the CPU, so their gradients are averaged over a gloo subgroup of all ranks (created here, on every rank)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    group = None
+    if env.backend == "nccl":
+        import torch.distributed as dist
+
+        group = dist.new_group(backend="gloo")
+    # find_unused_parameters: a step may leave parts of the towers out of its graph (a batch without a softmax
+    # positive on one rank; a learned temperature with no softmax term). Construction broadcasts rank 0's weights.
+    return DistributedDataParallel(step, process_group=group, find_unused_parameters=True)
+
+
 def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | None, clicks: ClickLists | None,
                   cfg: StudentConfig, valid: RankLog | None = None) -> list[dict[str, Any]]:
     """Train ``towers`` in place. Returns the history: one dict per epoch with the mean loss terms ("loss" is the
@@ -196,6 +323,10 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
     Batches are requests of ``rank_log`` when a weighted term needs the teacher's lists (click terms then use
     the clicks of the same request rows, where there are any), else requests of ``clicks``. Reproducible under
     cfg.seed (batch order, sampled pairs / negatives, dropout).
+
+    Data parallel (under an initialised torch.distributed group, e.g. started by ``torchrun``; see the module
+    docstring): the towers and the loss are wrapped in DistributedDataParallel; ``cfg.batch_size`` is per rank.
+    Writes nothing itself, so the caller saves on rank 0 only (``distributed.is_main()``).
     """
     w = {n: cfg.weight(n) for n in LOSS_NAMES if cfg.weight(n) != 0}
     need_log = any(n in w for n in LIST_LOSSES) or ("sampled_softmax" in w and cfg.softmax_positives == "teacher_topk")
@@ -207,9 +338,16 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
     driver = rank_log if need_log else clicks
     if driver is None or len(driver) == 0:
         raise ValueError("train_student: no training requests")
+    if any(p.device.type != "cpu" for p in towers.parameters()):
+        raise ValueError("train_student: the towers must be on the CPU (students train on the CPU)")
     n_items = inputs.n_items
-    g = torch.Generator().manual_seed(cfg.seed)
+    env, ddp = D.current_env(), D.is_distributed()
+    # rank 0 draws exactly what a single process draws; the batch order (rng's permutation) is the same on every
+    # rank, while the sampled negatives / pairs (g, sample_rng) and dropout differ per rank, as they would between
+    # the rows of one large batch. In one process sample_rng IS rng: one stream, as before DDP existed.
+    g = torch.Generator().manual_seed(cfg.seed + env.rank)
     rng = np.random.default_rng(cfg.seed)
+    sample_rng = np.random.default_rng([cfg.seed, env.rank]) if ddp else rng
 
     click_of = None  # request row -> index into clicks
     if clicks is not None and driver is rank_log:
@@ -217,7 +355,7 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
         click_of = np.full(top, -1, dtype=np.int64)
         click_of[clicks.request_rows] = np.arange(len(clicks))
 
-    pos_log_q = None
+    pos_log_q, neg_log_q_value = None, 0.0
     if "sampled_softmax" in w:
         if cfg.softmax_positives == "clicks":
             pos = clicks.items[(clicks.labels > 0) & clicks.mask]
@@ -225,12 +363,18 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
             pos = rank_log.items[rank_log.mask & (rank_log.ranks <= cfg.softmax_topk)]
         if pos.size == 0:
             raise ValueError(f"train_student: sampled_softmax has no positives ({cfg.softmax_positives})")
+        # per-rank batch: under DDP the in-batch pool is the rank's own batch of cfg.batch_size requests
         pos_log_q = _positive_log_q(pos, n_items, cfg.batch_size)
         neg_log_q_value = float(np.log(max(cfg.n_uniform_negatives, 1) / n_items))
 
-    # dropout draws from torch's global generator: seed it from cfg.seed without touching the caller's state
+    step_model: nn.Module = _StudentStep(towers, inputs, cfg, w, rank_log, clicks, click_of, pos_log_q,
+                                         neg_log_q_value, g, sample_rng)
+    if ddp:
+        step_model = _ddp_wrap(step_model, env)
+    n_batches = -(-len(driver) // (cfg.batch_size * env.world_size))
+    # dropout draws from torch's global generator: seed it from cfg.seed (+ rank) without touching the caller's state
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(cfg.seed)
+        torch.manual_seed(cfg.seed + env.rank)
         opt = torch.optim.Adam(towers.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         history: list[dict[str, Any]] = []
         for epoch in range(cfg.epochs):
@@ -238,70 +382,21 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
             n_steps = 0
-            for b in tqdm(_batches(driver, cfg.batch_size, rng), disable=not cfg.progress, desc=f"epoch {epoch}",
-                          total=-(-len(driver) // cfg.batch_size)):
-                req, usr = b["request_rows"].numpy(), b["user_rows"].numpy()
-                u = towers.user_tower(*inputs.user_batch(usr, req))  # [B, d]
-
-                # every item row the batch needs, embedded once
-                parts: dict[str, torch.Tensor] = {}
-                if driver is rank_log:
-                    parts["list"] = b["items"].clamp(min=0)
-                cb = None
-                if "click_bce" in w or ("sampled_softmax" in w and cfg.softmax_positives == "clicks"):
-                    cb = _click_batch(clicks, b, click_of)
-                    parts["click"] = cb["items"].clamp(min=0)
-                if "sampled_softmax" in w:
-                    if cfg.softmax_positives == "clicks":
-                        col, has = _sample_one((cb["labels"] > 0) & cb["mask"], g)
-                        pos_items, pos_rows = cb["items"][has, col[has]], cb["rows"][has]
-                    else:
-                        col, has = _sample_one(b["mask"] & (b["ranks"] <= cfg.softmax_topk), g)
-                        pos_items, pos_rows = b["items"][has, col[has]], torch.nonzero(has).squeeze(1)
-                    parts["pos"] = pos_items
-                    if cfg.n_uniform_negatives:
-                        parts["neg"] = torch.from_numpy(rng.integers(0, n_items, cfg.n_uniform_negatives))
-                flat = torch.cat([p.reshape(-1) for p in parts.values()])
-                uniq, inv = torch.unique(flat, return_inverse=True)
-                v_all = towers.item_tower(*inputs.item_batch(uniq.numpy()))[inv]  # [n_flat, d]
-                emb, start = {}, 0
-                for k, p in parts.items():
-                    emb[k] = v_all[start:start + p.numel()].reshape(*p.shape, -1)
-                    start += p.numel()
-
-                terms: dict[str, torch.Tensor] = {}
-                if driver is rank_log and any(n in w for n in LIST_LOSSES):
-                    s = towers.score(u, emb["list"])  # [B, L]
-                    mask, ranks, tl = b["mask"], b["ranks"], b["logits"]
-                    if "pointwise" in w:
-                        terms["pointwise"] = L.pointwise_topk_loss(s, ranks, mask, generator=g, **_params(cfg, "pointwise"))
-                    if "bpr" in w:
-                        terms["bpr"] = L.bpr_pairwise_loss(s, ranks, mask, generator=g, **_params(cfg, "bpr"))
-                    if "lambda_ndcg" in w or "approx_ndcg" in w:
-                        rel = L.graded_relevance(teacher_rank=ranks, teacher_logits=tl, mask=mask, **cfg.relevance)
-                        if "lambda_ndcg" in w:
-                            terms["lambda_ndcg"] = L.lambda_ndcg_loss(s, rel, mask, **_params(cfg, "lambda_ndcg"))
-                        if "approx_ndcg" in w:
-                            terms["approx_ndcg"] = L.approx_ndcg_loss(s, rel, mask, **_params(cfg, "approx_ndcg"))
-                    if "listnet" in w:
-                        terms["listnet"] = L.listnet_kl_loss(s, tl, mask, **_params(cfg, "listnet"))
-                    if "logit_mse" in w:
-                        terms["logit_mse"] = L.logit_mse(s, tl, mask)
-                if "click_bce" in w:
-                    s_click = towers.score(u[cb["rows"]], emb["click"])  # [Bc, Lc]
-                    terms["click_bce"] = L.click_bce(s_click, cb["labels"], cb["mask"])
-                if "sampled_softmax" in w:
-                    if pos_rows.numel() == 0:
-                        terms["sampled_softmax"] = u.sum() * 0.0  # no positive in this batch: a zero that keeps the graph
-                    else:
-                        # the towers' temperature goes into the user side, so a learned temperature gets its gradient
-                        terms["sampled_softmax"] = L.sampled_softmax_loss(
-                            u[pos_rows] * towers.inv_temperature, emb["pos"], emb.get("neg"),
-                            pos_log_q=pos_log_q[pos_items],
-                            neg_log_q=torch.full((len(parts["neg"]),), neg_log_q_value) if "neg" in parts else None,
-                            temperature=1.0, pos_item_ids=pos_items, neg_item_ids=parts.get("neg"),
-                            **_params(cfg, "sampled_softmax"))
-                total, values = L.mix(terms, {n: w[n] for n in terms})
+            batches = (_rank_batches(driver, cfg.batch_size, rng, env.rank, env.world_size) if ddp
+                       else _batches(driver, cfg.batch_size, rng))
+            for b in tqdm(batches, disable=not cfg.progress or not env.is_main, desc=f"epoch {epoch}",
+                          total=n_batches):
+                terms = step_model(b)
+                try:
+                    total, values = L.mix(terms, {n: w[n] for n in terms})
+                    error = None
+                except FloatingPointError as e:
+                    error = e
+                if ddp and D.all_reduce_min_int(error is None) == 0:  # every rank stops, none waits in backward
+                    error = error or FloatingPointError("a non-finite loss on another rank")
+                if error is not None:
+                    raise FloatingPointError(f"train_student: non-finite loss in epoch {epoch}, step {n_steps}: "
+                                             f"{error}") from error
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 if cfg.grad_clip is not None:
@@ -310,14 +405,34 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
                 for k, v in values.items():
                     sums[k] = sums.get(k, 0.0) + v
                 n_steps += 1
+            means = {k: v / n_steps for k, v in sums.items()}
+            if ddp:  # every rank took the same number of steps and logs the same terms: the mean over ranks
+                means = D.all_reduce_mean(means)
             rec: dict[str, Any] = {"epoch": epoch, "seconds": time.perf_counter() - t0}
-            rec.update({("loss" if k == "total" else k): v / n_steps for k, v in sums.items()})
+            rec.update({("loss" if k == "total" else k): v for k, v in means.items()})
             if valid is not None:
-                rec["valid"] = evaluate_on_log(towers, inputs, valid, k=cfg.eval_k)
+                # rank 0 evaluates (all ranks hold the same weights) and every rank records its numbers
+                ev = evaluate_on_log(towers, inputs, valid, k=cfg.eval_k) if env.is_main else None
+                rec["valid"] = D.broadcast_object(ev)
             log.info("student %s epoch %d: %s", cfg.stage, epoch, {k: v for k, v in rec.items() if k != "epoch"})
             history.append(rec)
     towers.eval()
     return history
+
+
+def _rank_batches(driver: RankLog | ClickLists, batch_size: int, rng: np.random.Generator, rank: int,
+                  world: int):
+    """This rank's block of ``batch_size`` requests of every global batch of ``world * batch_size``
+    (:func:`distributed.rank_batch_indices`: the same permutation on every rank); empty tail blocks are skipped on
+    every rank alike."""
+    for idx in D.rank_batch_indices(len(driver), batch_size, rng, rank, world):
+        if len(idx) == 0:
+            continue
+        if isinstance(driver, RankLog):
+            yield driver.tensors(idx)
+        else:
+            yield {"request_rows": torch.from_numpy(driver.request_rows[idx]),
+                   "user_rows": torch.from_numpy(driver.user_rows[idx]), "click_idx": torch.from_numpy(idx)}
 
 
 def _batches(driver: RankLog | ClickLists, batch_size: int, rng: np.random.Generator):
