@@ -143,6 +143,47 @@ def test_ranker_forward_shapes(cfg):
         assert model.hidden_dim == 8 + model.in_dim
 
 
+@pytest.mark.parametrize("cfg, factored", [
+    (RankerConfig(backbone="dnn", emb_dim=4, mlp=(16, 8)), True),
+    (RankerConfig(backbone="dnn", emb_dim=4, mlp=(16, 8), batch_norm=True), True),
+    (RankerConfig(backbone="dcnv2", emb_dim=4, mlp=(16, 8), cross_structure="stacked"), True),
+    (RankerConfig(backbone="dcnv2", emb_dim=4, mlp=(16, 8), cross_structure="parallel", cross_layers=2), True),
+    (RankerConfig(backbone="dcnv2", emb_dim=4, mlp=(16, 8), cross_structure="parallel", cross_rank=3), True),
+    (RankerConfig(backbone="dcnv2", emb_dim=4, mlp=(16,), cross_rank=3,
+                  sides=("user", "item", "context", "cross", "privileged")), True),
+    (RankerConfig(backbone="deepfm", emb_dim=4, mlp=(16, 8)), False),
+    (RankerConfig(backbone="dcnv2", emb_dim=4, mlp=(16, 8), numeric="raw"), False),
+])
+def test_forward_lists_equals_forward(cfg, factored):
+    """Candidate lists (blocks of 10 rows sharing user and hour): the factored forward computes the same logits.
+    Every parameter is perturbed first (biases start at 0, and a wrong column permutation must show)."""
+    t = make_table(60, seed=3)
+    model = Ranker(SPEC, cfg, seed=1)
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(0)
+        for p in model.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm1d):
+                m.running_mean.normal_(0, 0.5, generator=g)
+                m.running_var.uniform_(0.5, 2.0, generator=g)
+    model.eval()
+    cat, num = torch.as_tensor(t.cat), torch.as_tensor(t.num)
+    assert model.supports_lists() == factored
+    with torch.inference_mode():
+        want = model(cat, num)
+        got = model.forward_lists(cat, num, 10)
+    assert want.std() > 0.1  # the perturbed model's logits really vary
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    if factored:
+        # the request-level columns are read from each list's first row only: that is the factoring
+        cat2 = cat.clone()
+        cat2[1::10, 0] = 7  # user_id of the 2nd row of every list
+        torch.testing.assert_close(model.forward_lists(cat2, num, 10), want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="whole lists"):
+        model.forward_lists(cat, num, 7)
+
+
 def test_ranker_ignores_privileged_unless_asked():
     t = make_table(40, seed=1)
     cat, num = torch.as_tensor(t.cat), torch.as_tensor(t.num)

@@ -61,6 +61,7 @@ class FeatureEmbedding(nn.Module):
         self.register_buffer("num_idx", torch.tensor(num_idx, dtype=torch.long), persistent=False)
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
         self.register_buffer("cards", torch.tensor(cards, dtype=torch.long), persistent=False)
+        self._all_cat = list(cat_idx) == list(range(len(spec.cat_names)))  # every column: no gather needed
         self.table = nn.Embedding(max(sum(cards), 1), emb_dim, sparse=sparse) if cat_idx else None
         if self.table is not None:
             nn.init.normal_(self.table.weight, std=init_std)
@@ -90,9 +91,9 @@ class FeatureEmbedding(nn.Module):
         A code outside [0, cardinality) is mapped to the column's OOV row 0 instead of reading a neighbouring
         column's rows.
         """
-        x = cat.index_select(1, self.cat_idx)
-        x = torch.where((x >= 0) & (x < self.cards), x, torch.zeros_like(x))
-        return x + self.offsets
+        x = cat if self._all_cat else cat.index_select(1, self.cat_idx)
+        x = torch.where((x >= 0) & (x < self.cards), x + self.offsets, self.offsets)
+        return x
 
     def forward(self, cat: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         b = cat.shape[0]
@@ -101,10 +102,33 @@ class FeatureEmbedding(nn.Module):
             parts.append(self.table(self.cat_codes(cat)))  # [B, n_cat, d]
         x_num = num.index_select(1, self.num_idx)  # [B, n_num]
         if self.num_weight is not None:
-            parts.append(x_num.unsqueeze(-1) * self.num_weight + self.num_bias)  # [B, n_num, d]
+            parts.append(torch.addcmul(self.num_bias, x_num.unsqueeze(-1), self.num_weight))  # [B, n_num, d]: b + x*v
         fields = torch.cat(parts, dim=1) if parts else num.new_zeros(b, 0, self.emb_dim)
         dense = x_num if self.numeric == "raw" else num.new_zeros(b, 0)
         return fields, dense
+
+    def embed_columns(self, cat: torch.Tensor, num: torch.Tensor, cat_pos: torch.Tensor,
+                      num_pos: torch.Tensor) -> torch.Tensor:
+        """Fields of a subset of this layer's columns: [B, len(cat_pos) + len(num_pos), d], categorical first.
+
+        cat_pos / num_pos: int64 positions among this layer's own categorical / numeric columns (``cat_names`` /
+        ``num_names``), in the order wanted. Same values as the matching fields of ``forward`` (numeric "linear").
+        """
+        parts = []
+        if len(cat_pos):
+            x = cat.index_select(1, self.cat_idx.index_select(0, cat_pos))
+            off = self.offsets.index_select(0, cat_pos)
+            x = torch.where((x >= 0) & (x < self.cards.index_select(0, cat_pos)), x + off, off)
+            parts.append(self.table(x))
+        if len(num_pos):
+            if self.num_weight is None:
+                raise ValueError("FeatureEmbedding.embed_columns: numeric fields need numeric='linear'")
+            x_num = num.index_select(1, self.num_idx.index_select(0, num_pos))
+            parts.append(torch.addcmul(self.num_bias.index_select(0, num_pos), x_num.unsqueeze(-1),
+                                       self.num_weight.index_select(0, num_pos)))
+        if not parts:
+            return num.new_zeros(cat.shape[0], 0, self.emb_dim)
+        return torch.cat(parts, dim=1) if len(parts) > 1 else parts[0]
 
 
 class MLP(nn.Module):
@@ -173,5 +197,5 @@ class CrossNetV2(nn.Module):
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         x = x0
         for layer in self.layers:
-            x = x0 * layer(x) + x
+            x = torch.addcmul(x, x0, layer(x))  # x + x0 * layer(x) in one pass over [B, in_dim]
         return x

@@ -144,18 +144,26 @@ def load_ranker(model_dir: str | Path, spec: FeatureSpec) -> Ranker:
 
 
 @torch.inference_mode()
-def score_pairs(model: torch.nn.Module, cat: np.ndarray, num: np.ndarray, batch_size: int = 4096) -> np.ndarray:
+def score_pairs(model: torch.nn.Module, cat: np.ndarray, num: np.ndarray, batch_size: int = 4096,
+                list_len: int | None = None) -> np.ndarray:
     """Logits float32 [N] of ``model(cat [N, C], num [N, M])`` (eval mode, inference_mode), in forward passes of
-    ``batch_size`` rows. Small passes are faster on the CPU: with 4,096 rows every activation of the default teacher
-    stays in the cache, and scoring ran 2.7x faster than with passes of 65,536 rows (BENCHMARKS.md, rank logs)."""
+    about ``batch_size`` rows. Small passes are faster on the CPU: with 4,096 rows every activation of the default
+    teacher stays in the cache, and scoring ran 2.7x faster than with passes of 65,536 rows (BENCHMARKS.md).
+
+    list_len: the rows are candidate lists of this length (consecutive rows share one request); a Ranker then
+    scores them with :meth:`~cascade.models.ranker.Ranker.forward_lists`, which does the user / context work once
+    per request. Passes hold whole lists.
+    """
     out = np.empty(len(cat), np.float32)
     was_training = model.training
     model.eval()
+    lists = list_len is not None and hasattr(model, "forward_lists")
+    step = max(1, batch_size // list_len) * list_len if lists else batch_size
     try:
         with torch.inference_mode():
-            for s in range(0, len(cat), batch_size):
-                out[s:s + batch_size] = model(torch.from_numpy(cat[s:s + batch_size]),
-                                              torch.from_numpy(num[s:s + batch_size])).float().numpy()
+            for s in range(0, len(cat), step):
+                c, x = torch.from_numpy(cat[s:s + step]), torch.from_numpy(num[s:s + step])
+                out[s:s + step] = (model.forward_lists(c, x, list_len) if lists else model(c, x)).float().numpy()
     finally:
         model.train(was_training)
     return out
@@ -166,7 +174,7 @@ def ranker_scorer(model: torch.nn.Module, data: RunData):
 
     def score(requests: Requests, candidates: np.ndarray) -> np.ndarray:
         cat, num = data.pair_features(requests, candidates)
-        return score_pairs(model, cat, num).reshape(candidates.shape)
+        return score_pairs(model, cat, num, list_len=candidates.shape[1]).reshape(candidates.shape)
 
     return score
 
