@@ -143,15 +143,20 @@ def configure_faiss(omp_threads: int | None) -> None:
         faiss.omp_set_num_threads(int(omp_threads))
 
 
+_blas_threshold_set: int | None = None  # the value this module last wrote into faiss's global
+
+
 def set_blas_threshold(nq: int, blas_threshold: int | None) -> None:
     """Before a search of nq queries: BLAS (one GEMM) for batches of >= blas_threshold queries, faiss's default
     (a scan per query, faster for one or a few queries) below. None leaves the setting alone."""
     import faiss
 
+    global _blas_threshold_set
     if blas_threshold is not None:
-        faiss.cvar.distance_compute_blas_threshold = (
-            int(blas_threshold) if nq >= blas_threshold else FAISS_BLAS_THRESHOLD_DEFAULT
-        )
+        value = int(blas_threshold) if nq >= blas_threshold else FAISS_BLAS_THRESHOLD_DEFAULT
+        if value != _blas_threshold_set:  # a SWIG global write costs ~1 us: skip it when nothing changes
+            faiss.cvar.distance_compute_blas_threshold = value
+            _blas_threshold_set = value
 
 
 def _faiss():
@@ -395,8 +400,10 @@ class ItemIndex:
     def _faiss_search(self, index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         set_blas_threshold(len(xq), self.blas_threshold)
         D, I = index.search(xq, k)
-        # faiss pads missing results with -1 and +-FLT_MAX; use +-inf so padding never looks like a score
-        D[I < 0] = -np.inf if self.metric == "ip" else np.inf
+        # faiss pads missing results with -1 and +-FLT_MAX; use +-inf so padding never looks like a score. Results
+        # are sorted, so padding sits at the end of a row: one look at the last column tells whether there is any.
+        if len(I) and (I[0, -1] < 0 if len(I) == 1 else I[:, -1].min() < 0):  # batch 1: a scalar look
+            D[I < 0] = -np.inf if self.metric == "ip" else np.inf
         return D, I
 
     def search(self, xq, k: int) -> tuple[np.ndarray, np.ndarray]:
