@@ -42,8 +42,8 @@ Validation runs on rank 0 and its numbers are broadcast (every rank returns the 
 terms are means over ranks). ``train_student`` writes nothing; callers save on rank 0. The students train on the
 CPU; under an NCCL group (a GPU job) their gradients go through a gloo subgroup.
 
-Not here: the joint "one teacher, three students" mode (see cascade/train/joint.py for synchronous teacher +
-student training).
+Not here: the joint "one teacher, three students" mode, in which the students learn from the lists of a teacher
+still in training (cascade/train/three_students.py; it reuses this module's loss dispatch conventions).
 """
 
 from __future__ import annotations
@@ -202,13 +202,14 @@ def _positive_log_q(pos_items: np.ndarray, n_items: int, batch_size: int) -> tor
     return torch.from_numpy(np.log(batch_size * counts / counts.sum()).astype(np.float32))
 
 
-def _sample_one(valid: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def sample_one_per_row(valid: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One uniformly chosen True column per row of valid [B, L]: (column [B], row has one [B] bool)."""
     keys = torch.rand(valid.shape, generator=generator).masked_fill(~valid, -1.0)
     return keys.argmax(dim=1), valid.any(dim=1)
 
 
-def _params(cfg: StudentConfig, name: str) -> dict[str, Any]:
+def loss_params(cfg: StudentConfig, name: str) -> dict[str, Any]:
+    """The extra keyword arguments of loss ``name`` from ``cfg.loss_params`` (a copy; {} when none)."""
     return dict(cfg.loss_params.get(name, {}))
 
 
@@ -248,17 +249,19 @@ class _StudentStep(nn.Module):
             parts["click"] = cb["items"].clamp(min=0)
         if "sampled_softmax" in w:
             if cfg.softmax_positives == "clicks":
-                col, has = _sample_one((cb["labels"] > 0) & cb["mask"], g)
+                col, has = sample_one_per_row((cb["labels"] > 0) & cb["mask"], g)
                 pos_items, pos_rows = cb["items"][has, col[has]], cb["rows"][has]
             else:
-                col, has = _sample_one(b["mask"] & (b["ranks"] <= cfg.softmax_topk), g)
+                col, has = sample_one_per_row(b["mask"] & (b["ranks"] <= cfg.softmax_topk), g)
                 pos_items, pos_rows = b["items"][has, col[has]], torch.nonzero(has).squeeze(1)
             parts["pos"] = pos_items
             if cfg.n_uniform_negatives:
                 parts["neg"] = torch.from_numpy(self.rng.integers(0, inputs.n_items, cfg.n_uniform_negatives))
         flat = torch.cat([p.reshape(-1) for p in parts.values()])
         uniq, inv = torch.unique(flat, return_inverse=True)
-        v_all = towers.item_tower(*inputs.item_batch(uniq.numpy()))[inv]  # [n_flat, d]
+        # index_select: its backward (index_add_) sums in a fixed order; "[inv]" accumulates with several threads in
+        # a racy order, so 2-thread training was not bit-reproducible under a seed
+        v_all = towers.item_tower(*inputs.item_batch(uniq.numpy())).index_select(0, inv)  # [n_flat, d]
         emb, start = {}, 0
         for k, p in parts.items():
             emb[k] = v_all[start:start + p.numel()].reshape(*p.shape, -1)
@@ -269,17 +272,17 @@ class _StudentStep(nn.Module):
             s = towers.score(u, emb["list"])  # [B, L]
             mask, ranks, tl = b["mask"], b["ranks"], b["logits"]
             if "pointwise" in w:
-                terms["pointwise"] = L.pointwise_topk_loss(s, ranks, mask, generator=g, **_params(cfg, "pointwise"))
+                terms["pointwise"] = L.pointwise_topk_loss(s, ranks, mask, generator=g, **loss_params(cfg, "pointwise"))
             if "bpr" in w:
-                terms["bpr"] = L.bpr_pairwise_loss(s, ranks, mask, generator=g, **_params(cfg, "bpr"))
+                terms["bpr"] = L.bpr_pairwise_loss(s, ranks, mask, generator=g, **loss_params(cfg, "bpr"))
             if "lambda_ndcg" in w or "approx_ndcg" in w:
                 rel = L.graded_relevance(teacher_rank=ranks, teacher_logits=tl, mask=mask, **cfg.relevance)
                 if "lambda_ndcg" in w:
-                    terms["lambda_ndcg"] = L.lambda_ndcg_loss(s, rel, mask, **_params(cfg, "lambda_ndcg"))
+                    terms["lambda_ndcg"] = L.lambda_ndcg_loss(s, rel, mask, **loss_params(cfg, "lambda_ndcg"))
                 if "approx_ndcg" in w:
-                    terms["approx_ndcg"] = L.approx_ndcg_loss(s, rel, mask, **_params(cfg, "approx_ndcg"))
+                    terms["approx_ndcg"] = L.approx_ndcg_loss(s, rel, mask, **loss_params(cfg, "approx_ndcg"))
             if "listnet" in w:
-                terms["listnet"] = L.listnet_kl_loss(s, tl, mask, **_params(cfg, "listnet"))
+                terms["listnet"] = L.listnet_kl_loss(s, tl, mask, **loss_params(cfg, "listnet"))
             if "logit_mse" in w:
                 terms["logit_mse"] = L.logit_mse(s, tl, mask)
         if "click_bce" in w:
@@ -296,7 +299,7 @@ class _StudentStep(nn.Module):
                     pos_log_q=self.pos_log_q[pos_items],
                     neg_log_q=torch.full((len(parts["neg"]),), self.neg_log_q_value) if "neg" in parts else None,
                     temperature=1.0, pos_item_ids=pos_items, neg_item_ids=parts.get("neg"),
-                    **_params(cfg, "sampled_softmax"))
+                    **loss_params(cfg, "sampled_softmax"))
         return terms
 
 

@@ -57,7 +57,7 @@ from cascade.distill import losses as L
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.models.two_tower import TowerConfig, TowerInputs, TwoTower, build_two_tower
 from cascade.train.joint import DistillConfig, JointRanker, student_terms
-from cascade.train.students import LIST_LOSSES, StudentConfig, _params, _sample_one
+from cascade.train.students import LIST_LOSSES, StudentConfig, loss_params, sample_one_per_row
 
 log = logging.getLogger(__name__)
 
@@ -265,17 +265,17 @@ def _list_terms(s: torch.Tensor, ranks: torch.Tensor, t_logit: torch.Tensor, mas
     """The list losses of train_student on student scores s [B, L] against the teacher's ranks / logits [B, L]."""
     terms: dict[str, torch.Tensor] = {}
     if "pointwise" in w:
-        terms["pointwise"] = L.pointwise_topk_loss(s, ranks, mask, generator=g, **_params(cfg, "pointwise"))
+        terms["pointwise"] = L.pointwise_topk_loss(s, ranks, mask, generator=g, **loss_params(cfg, "pointwise"))
     if "bpr" in w:
-        terms["bpr"] = L.bpr_pairwise_loss(s, ranks, mask, generator=g, **_params(cfg, "bpr"))
+        terms["bpr"] = L.bpr_pairwise_loss(s, ranks, mask, generator=g, **loss_params(cfg, "bpr"))
     if "lambda_ndcg" in w or "approx_ndcg" in w:
         rel = L.graded_relevance(teacher_rank=ranks, teacher_logits=t_logit, mask=mask, **cfg.relevance)
         if "lambda_ndcg" in w:
-            terms["lambda_ndcg"] = L.lambda_ndcg_loss(s, rel, mask, **_params(cfg, "lambda_ndcg"))
+            terms["lambda_ndcg"] = L.lambda_ndcg_loss(s, rel, mask, **loss_params(cfg, "lambda_ndcg"))
         if "approx_ndcg" in w:
-            terms["approx_ndcg"] = L.approx_ndcg_loss(s, rel, mask, **_params(cfg, "approx_ndcg"))
+            terms["approx_ndcg"] = L.approx_ndcg_loss(s, rel, mask, **loss_params(cfg, "approx_ndcg"))
     if "listnet" in w:
-        terms["listnet"] = L.listnet_kl_loss(s, t_logit, mask, **_params(cfg, "listnet"))
+        terms["listnet"] = L.listnet_kl_loss(s, t_logit, mask, **loss_params(cfg, "listnet"))
     if "logit_mse" in w:
         terms["logit_mse"] = L.logit_mse(s, t_logit, mask)
     return terms
@@ -299,7 +299,7 @@ class _TowerStudent:
         if "click_bce" in w:
             parts["click"] = clicks["items"]
         if "sampled_softmax" in w:
-            col, has = _sample_one(lists["mask"] & (lists["ranks"] <= cfg.softmax_topk), g)
+            col, has = sample_one_per_row(lists["mask"] & (lists["ranks"] <= cfg.softmax_topk), g)
             pos_rows = torch.nonzero(has).squeeze(1)
             pos_items = lists["items"][has, col[has]]
             parts["pos"] = pos_items
@@ -309,7 +309,7 @@ class _TowerStudent:
         # every item row the batch needs, embedded once
         flat = torch.cat([p.reshape(-1) for p in parts.values()])
         uniq, inv = torch.unique(flat, return_inverse=True)
-        v_all = tt.item_tower(*inputs.item_batch(uniq.numpy()))[inv]
+        v_all = tt.item_tower(*inputs.item_batch(uniq.numpy())).index_select(0, inv)  # reproducible backward (students.py)
         emb, start = {}, 0
         for k, p in parts.items():
             emb[k] = v_all[start:start + p.numel()].reshape(*p.shape, -1)
@@ -334,7 +334,7 @@ class _TowerStudent:
                 terms["sampled_softmax"] = L.sampled_softmax_loss(
                     u[pos_rows] * tt.inv_temperature, emb["pos"], emb.get("neg"), pos_log_q=pos_log_q,
                     neg_log_q=neg_log_q, temperature=1.0, pos_item_ids=pos_items, neg_item_ids=parts.get("neg"),
-                    **_params(cfg, "sampled_softmax"))
+                    **loss_params(cfg, "sampled_softmax"))
         total, values = L.mix(terms, {n: w[n] for n in terms})
         self.opt.zero_grad(set_to_none=True)
         total.backward()
