@@ -71,12 +71,15 @@ def pipeline_config(n_items: int, runs_dir: Path, n_users: int = 3000, n_days: i
     return load_config(TINY_TOML, overrides)
 
 
-def ensure_run(cfg, progress: bool = False) -> Path:
-    """Run (or resume) the pipeline of ``cfg`` up to the index stage; return the run folder."""
+def ensure_run(cfg, progress: bool = False, reuse: bool = False) -> Path:
+    """Run (or resume) the pipeline of ``cfg`` up to the index stage; return the run folder. reuse: take finished
+    stages as they are even if the package's code changed since (the timed serving code is always the current one;
+    only the trained models and the index come from the earlier run)."""
     from cascade.pipeline import run_pipeline
 
     t0 = time.perf_counter()
-    run_pipeline(cfg, progress=progress, until="index")
+    run_pipeline(cfg, progress=progress, until="index",
+                 reuse=("data", "teacher", "ranklog", "students", "index") if reuse else ())
     log.info("run %s ready in %.0f s", cfg.run.name, time.perf_counter() - t0)
     return Path(cfg.run.runs_dir) / cfg.run.name
 
@@ -351,7 +354,7 @@ def build_index(xb, ids, factory: str, seed: int, **kw) -> tuple[ItemIndex, floa
 def bench_size(n_items: int, args) -> dict:
     """Everything measured on the run with ``n_items`` items."""
     cfg = pipeline_config(n_items, args.runs_dir, n_users=args.n_users, n_days=args.n_days, seed=args.seed)
-    run_dir = ensure_run(cfg)
+    run_dir = ensure_run(cfg, reuse=args.reuse_runs)
     parts, requests, xb, ids = load_run(run_dir)
     index = parts.index
     out: dict = {"n_items": n_items, "dim": int(xb.shape[1]), "run_index": index.factory,
@@ -559,6 +562,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs-dir", type=Path, default=Path("runs") / "bench_serving", help="where the pipeline runs live")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="corpus sizes (items)")
+    p.add_argument("--reuse-runs", action="store_true",
+                   help="take finished pipeline stages under --runs-dir as they are, even if the code changed since")
+    p.add_argument("--prepare-only", action="store_true", help="build the pipeline runs and stop (nothing timed)")
     p.add_argument("--points-sizes", type=int, nargs="+", default=[100_000, 1_000_000],
                    help="sizes at which Flat / IVF / HNSW operating points are measured")
     p.add_argument("--n-users", type=int, default=3000)
@@ -609,6 +615,11 @@ def main(argv=None) -> dict:
     logging.getLogger("cascade").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
     configure_faiss(args.threads)
+    if args.prepare_only:
+        for n in args.sizes:
+            ensure_run(pipeline_config(n, args.runs_dir, n_users=args.n_users, n_days=args.n_days, seed=args.seed),
+                       reuse=args.reuse_runs)
+        return {}
     t0 = time.perf_counter()
     load_before = os.getloadavg()
     sizes = [bench_size(n, args) for n in args.sizes]
