@@ -5,6 +5,10 @@ Each ``--impressions`` value is one run (phases in order, in one process; a phas
 sampled during it). Results go to ``benchmarks/results/bench_stream.json`` and ``.md``.
 
     nice python benchmarks/bench_stream.py --items 200000 --users 20000 --impressions 1000000 4000000
+    # with cross features over a 2-day window (encoder fit and encoding stream them; a "cross" phase records the
+    # events the window buffer held; --cross-in-memory adds the whole-table CrossFeatureStore for comparison):
+    nice python benchmarks/bench_stream.py --items 200000 --users 20000 --impressions 1000000 4000000 \
+        --cross-window-days 2 --cross-in-memory --out benchmarks/results/bench_stream_cross.json
     # the target (see bench_stream.md for the time and disk estimate):
     nice python benchmarks/bench_stream.py --items 10000000 --users 200000 --impressions 100000000 \\
         --chunk-hours 6 --cat-dtype int32 --workdir <a folder with ~60 GB free>
@@ -26,6 +30,7 @@ import numpy as np
 import torch
 
 from cascade.data import stream as S
+from cascade.data.features import CrossFeatureStore
 from cascade.data.world import WorldConfig
 from cascade.data.world_stream import generate_world_stream
 from cascade.models.ranker import Ranker, RankerConfig
@@ -73,7 +78,8 @@ def _du(path: Path) -> int:
 
 
 def run_one(n_items: int, n_users: int, n_impressions: int, n_days: int, chunk_hours: int, train_steps: int,
-            batch_size: int, cat_dtype: str, workdir: Path, seed: int) -> dict:
+            batch_size: int, cat_dtype: str, workdir: Path, seed: int, cross_window_days: float | None = None,
+            cross_in_memory: bool = False) -> dict:
     # requests per user such that the expected impressions are about n_impressions (6 per request; the
     # one-request-per-(user, hour, tab, is_rand) rule removes a few)
     mpu = n_impressions / (6 * n_users)
@@ -81,7 +87,7 @@ def run_one(n_items: int, n_users: int, n_impressions: int, n_days: int, chunk_h
     out = workdir / f"world_{n_impressions}"
     enc_dir = workdir / f"encoded_{n_impressions}"
     res: dict = {"n_items": n_items, "n_users": n_users, "target_impressions": n_impressions, "n_days": n_days,
-                 "chunk_hours": chunk_hours, "cat_dtype": cat_dtype}
+                 "chunk_hours": chunk_hours, "cat_dtype": cat_dtype, "cross_window_days": cross_window_days}
     with _Sampler() as s:
         w = generate_world_stream(out, cfg, chunk_hours=chunk_hours)
     rows = w.summary["rows"]
@@ -95,14 +101,27 @@ def run_one(n_items: int, n_users: int, n_impressions: int, n_days: int, chunk_h
         sp = S.stream_time_split(sd, utc_offset_hours=8.0)
     res["split"] = {"s": round(s.seconds, 2), "rows_per_s": round(rows / s.seconds), "rows": sp.rows,
                     "peak_rss_anon_gb": round(s.peak / 1e9, 3)}
+    if cross_window_days is not None:
+        # every row's cross features, streamed (then dropped): what the window buffer holds at most
+        with _Sampler() as s:
+            rss0 = _rss_bytes()
+            wc = S.WindowedCrossFeatures(sd, cross_window_days)
+            for df in S.scan(sd, ["user_id", "item_id"]):
+                wc.query_frame(df)
+        res["cross_stream"] = {"s": round(s.seconds, 2), "rows_per_s": round(rows / s.seconds),
+                               "max_events_buffered": wc.max_events_, "events_total": rows,
+                               "max_buffered_fraction": round(wc.max_events_ / rows, 4), "chunk_fits": wc.n_fits_,
+                               "rss_anon_start_gb": round(rss0 / 1e9, 3), "peak_rss_anon_gb": round(s.peak / 1e9, 3)}
+        del wc
+        print("cross_stream", res["cross_stream"], flush=True)
     with _Sampler() as s:
-        enc = S.fit_encoder_stream(sd, sp, min_count=2)
+        enc = S.fit_encoder_stream(sd, sp, min_count=2, cross_window_days=cross_window_days)
     res["fit_encoder"] = {"s": round(s.seconds, 2), "rows_per_s": round(sp.rows["train"] / s.seconds),
                           "peak_rss_anon_gb": round(s.peak / 1e9, 3)}
     print("split", res["split"], "fit", res["fit_encoder"], flush=True)
     with _Sampler() as s:
         tables = S.encode_stream(sd, sp, enc, enc_dir, parts=("train", "valid"), privileged=False,
-                                 cat_dtype=cat_dtype)
+                                 cat_dtype=cat_dtype, cross_window_days=cross_window_days)
     n_enc = sum(len(t) for t in tables.values())
     res["encode"] = {"rows": n_enc, "s": round(s.seconds, 2), "rows_per_s": round(n_enc / s.seconds),
                      "peak_rss_anon_gb": round(s.peak / 1e9, 3), "disk_gb": round(_du(enc_dir) / 1e9, 3)}
@@ -124,6 +143,19 @@ def run_one(n_items: int, n_users: int, n_impressions: int, n_days: int, chunk_h
                     "samples_per_s": round(n_train / s.seconds), "peak_rss_anon_gb": round(s.peak / 1e9, 3),
                     "valid_auc": round(r.best_valid_auc, 4), "memmapped_train_rows": len(train)}
     print("train", res["train"], flush=True)
+    if cross_window_days is not None and cross_in_memory:
+        # the whole-table store the streaming path replaces (last: its heap would inflate later phases' peaks)
+        del tables, train, train_sub, valid
+        with _Sampler() as s:
+            rss0 = _rss_bytes()
+            cols = ["request_id", "user_id", "item_id", "time_ms", "click"]
+            imp = sd.impressions.to_table(columns=cols).to_pandas()
+            store = CrossFeatureStore(cross_window_days).fit(imp, sd.items)
+            store.query_impressions(imp)
+        res["cross_in_memory"] = {"s": round(s.seconds, 2), "rows_per_s": round(rows / s.seconds),
+                                  "rss_anon_start_gb": round(rss0 / 1e9, 3), "peak_rss_anon_gb": round(s.peak / 1e9, 3)}
+        del store, imp
+        print("cross_in_memory", res["cross_in_memory"], flush=True)
     return res
 
 
@@ -142,6 +174,10 @@ def main() -> None:
     ap.add_argument("--workdir", type=Path, default=None, help="where the data goes (default: a temporary folder)")
     ap.add_argument("--keep", action="store_true", help="keep the generated data")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--cross-window-days", type=float, default=None,
+                    help="stream cross features over this window (default: none)")
+    ap.add_argument("--cross-in-memory", action="store_true",
+                    help="also fit the whole-table CrossFeatureStore, for comparison (small runs only)")
     ap.add_argument("--out", type=Path, default=RESULTS / "bench_stream.json")
     args = ap.parse_args()
     work = args.workdir or Path(tempfile.mkdtemp(prefix="bench_stream_"))
@@ -151,7 +187,8 @@ def main() -> None:
         for n in args.impressions:
             ch = args.chunk_hours or int(np.clip(round(args.chunk_rows * args.days * 24 / n), 1, 24))
             runs.append(run_one(args.items, args.users, n, args.days, ch, args.train_steps,
-                                args.batch_size, args.cat_dtype, work, args.seed))
+                                args.batch_size, args.cat_dtype, work, args.seed, args.cross_window_days,
+                                args.cross_in_memory))
             if not args.keep:
                 for p in work.glob(f"*_{n}"):
                     shutil.rmtree(p)

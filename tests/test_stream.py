@@ -16,9 +16,9 @@ from cascade.data import stream as S
 from cascade.data import world as W
 from cascade.data import world_stream as WS
 from cascade.data.batches import EncodedTable
-from cascade.data.features import FeatureEncoder, build_encoded
+from cascade.data.features import CrossFeatureStore, FeatureEncoder, build_encoded
 from cascade.data.schema import DataValidationError
-from cascade.data.split import time_split
+from cascade.data.split import DAY_MS, SPLITS, time_split
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.train.loop import TrainConfig, fit
 
@@ -229,3 +229,104 @@ def test_scan_rejects_non_contiguous_requests(opened, tmp_path):
     sd2 = S.StreamDataset(sd.users, sd.items, pads.dataset(str(tmp_path / "bad.parquet")), sd.schema, tmp_path)
     with pytest.raises(DataValidationError, match="request_id' must be non-decreasing"):
         list(S.scan(sd2, []))
+
+
+# ---- streamed cross features ---------------------------------------------------------------------------------
+
+FIVE = W.WorldConfig(seed=4, n_users=250, n_items=400, n_days=5, mean_requests_per_user=7.0)
+
+
+@pytest.fixture(scope="module")
+def five_days(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ws_five")
+    WS.generate_world_stream(out, FIVE, chunk_hours=24)
+    sd = S.open_stream_dataset(out)
+    return sd, S.read_dataset(sd)
+
+
+@pytest.mark.parametrize("window_days,chunk_days", [(2.0, 1.0), (2.0, 0.3), (10.0, 1.0), (0.25, 0.7)])
+def test_windowed_cross_features_equal_the_whole_table_store(five_days, window_days, chunk_days):
+    sd, ds = five_days
+    imp = ds.impressions
+    ref = CrossFeatureStore(window_days).fit(imp, ds.items).query_impressions(imp)
+    wc = S.WindowedCrossFeatures(sd, window_days, chunk_days=chunk_days, batch_rows=700)
+    parts = [wc.query_frame(df) for df in S.scan(sd, ["user_id", "item_id"], 700)]
+    for name in CrossFeatureStore.feature_names:
+        got = np.concatenate([p[name] for p in parts])
+        assert got.dtype == ref[name].dtype == np.float32
+        np.testing.assert_array_equal(got, ref[name], err_msg=name)
+    assert ref["user_tag_clicks"].max() > 0 and ref["item_exposures"].max() > 0  # the counts are not all zero
+    span_days = (imp["time_ms"].max() - imp["time_ms"].min()) / DAY_MS
+    assert wc.n_fits_ >= int(span_days / chunk_days)  # several chunks
+    if window_days < span_days:
+        # the window bites (a longer one counts more), and the buffer held less than the whole log
+        longer = CrossFeatureStore(window_days + 1).fit(imp, ds.items).query_impressions(imp)
+        assert (longer["user_exposures"] > ref["user_exposures"]).any()
+        assert wc.max_events_ < 0.85 * len(imp)
+
+
+def test_chunk_boundaries_cut_requests(five_days):
+    """The 0.3-day chunks of the test above end inside requests: rows of one request lie on both sides of a
+    boundary, and rows of a request share one query time (its start), so its own rows never count."""
+    _, ds = five_days
+    imp = ds.impressions
+    chunk_ms = int(round(0.3 * DAY_MS))
+    first = imp.groupby("request_id")["time_ms"].transform("min").to_numpy() // chunk_ms
+    assert (imp["time_ms"].to_numpy() // chunk_ms != first).any()
+
+
+@pytest.mark.parametrize("window_days", [2.0, 10.0])
+def test_streaming_cross_fit_and_encoding_equal_in_memory(five_days, tmp_path, window_days):
+    sd, ds = five_days
+    masks = time_split(ds, utc_offset_hours=8.0)
+    store = CrossFeatureStore(window_days).fit(ds.impressions, ds.items)
+    ref_enc = FeatureEncoder(ds.schema, min_count=2).fit(ds, masks["train"], store)
+    sp = S.stream_time_split(sd, utc_offset_hours=8.0, batch_rows=900)
+    enc = S.fit_encoder_stream(sd, sp, min_count=2, batch_rows=900, cross_window_days=window_days)
+    assert enc.cross_names_ == ref_enc.cross_names_ == list(CrossFeatureStore.feature_names)
+    np.testing.assert_allclose(enc.cross_mean_, ref_enc.cross_mean_, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(enc.cross_std_, ref_enc.cross_std_, rtol=1e-12, atol=1e-12)
+    assert [c["name"] for c in enc.columns_] == [c["name"] for c in ref_enc.columns_]
+    ref = build_encoded(ds, masks, enc, store, privileged=True)
+    got = S.encode_stream(sd, sp, enc, tmp_path / "enc", parts=("test", "train", "valid"), batch_rows=900,
+                          cross_window_days=window_days)
+    assert set(got) == {"train", "valid", "test"}
+    for part in SPLITS:
+        r, g = ref[part], got[part]
+        assert g.spec == r.spec and len(g) == len(r) > 0 and "cross" in r.spec.num_sides
+        for k, v in r.arrays().items():
+            np.testing.assert_array_equal(g.arrays()[k], v, err_msg=f"{part}/{k}")
+    # the cross columns carry information: standardised values are not all equal
+    xcols = [j for j, s in enumerate(ref["test"].spec.num_sides) if s == "cross"]
+    assert len(xcols) == 10 and np.ptp(got["test"].num[:, xcols], axis=0).min() > 0
+
+
+def test_cross_options_must_match_the_encoder(five_days, tmp_path):
+    sd, _ = five_days
+    sp = S.stream_time_split(sd, utc_offset_hours=8.0)
+    plain = S.fit_encoder_stream(sd, sp)
+    with pytest.raises(ValueError, match="without cross features"):
+        S.encode_stream(sd, sp, plain, tmp_path / "a", cross_window_days=2.0)
+    plain.cross_names_ = list(CrossFeatureStore.feature_names)
+    with pytest.raises(ValueError, match="with cross features"):
+        S.encode_stream(sd, sp, plain, tmp_path / "b")
+    wc = S.WindowedCrossFeatures(sd, 2.0)
+    t = int(sd.impressions.to_table(columns=["time_ms"]).column(0).to_numpy().max())
+    item = np.array([int(sd.items["item_id"].iloc[0])])
+    wc.query(np.array([0]), item, np.array([t]))
+    with pytest.raises(ValueError, match="request start order"):
+        wc.query(np.array([0]), item, np.array([t - 2 * DAY_MS]))
+
+
+def test_windowed_cross_rejects_requests_out_of_start_order(five_days, tmp_path):
+    sd, _ = five_days
+    t = pq.read_table(sd.files[0])
+    rid, tm = t.column("request_id").to_numpy(), t.column("time_ms").to_numpy()
+    late = rid < np.median(rid)  # the first half of the requests moved two days later: ids no longer in start order
+    bad = t.set_column(t.schema.get_field_index("time_ms"), "time_ms", pa.array(tm + late * 2 * DAY_MS))
+    pq.write_table(bad, tmp_path / "bad.parquet")
+    sd2 = S.StreamDataset(sd.users, sd.items, pads.dataset(str(tmp_path / "bad.parquet")), sd.schema, tmp_path)
+    wc = S.WindowedCrossFeatures(sd2, 1.0, batch_rows=100)
+    with pytest.raises(DataValidationError, match="start times must be non-decreasing"):
+        wc.query(t.column("user_id").to_numpy()[:1], t.column("item_id").to_numpy()[:1],
+                 np.array([int(tm.max()) + 3 * DAY_MS]))

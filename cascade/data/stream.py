@@ -25,12 +25,18 @@ Requests must be contiguous in the dataset (rows sorted by ``request_id``, as th
 request's start time is known when its last row is read; a batch that ends inside a request carries that
 request's rows over to the next batch. A decreasing ``request_id`` raises naming the file.
 
-Cross features are NOT part of the streaming path. :class:`~cascade.data.features.CrossFeatureStore` answers a
-query from every earlier event of the user, the item and the user's tags / authors held in memory (sorted event
-arrays with cumulative counts), which grows with the number of impressions; a streamed version would need
-windowed per-key state updated in time order plus an out-of-core event index, which this module does not
-implement. Encoders fitted here have no cross columns (``cross_names_ == []``), and models trained on these
-tables must not list the ``cross`` side.
+Cross features (optional: ``cross_window_days``). :class:`~cascade.data.features.CrossFeatureStore` answers a
+query at time t from the events with ``t - W <= time_ms < t`` only, so the rows whose request starts in a time
+chunk [c0, c1) need only the events of [c0 - W, c1). :class:`WindowedCrossFeatures` reads the events (user, item,
+time, click) with a second scan that runs just ahead of the rows being encoded, keeps those of the trailing window,
+and for each chunk (``chunk_days``, one day by default) fits a ``CrossFeatureStore`` on the events of
+[c0 - W, c1) and answers the chunk's rows from it. The counts are those of a store fitted on the whole table
+(bit for bit), and events of a row's own request never count (queries use the request START time). Memory: the
+events of one window plus one chunk (plus the requests read ahead to finish the chunk, at most one scan batch),
+25 bytes each in the buffer, plus the ``CrossFeatureStore`` built on them (four sorted event indexes, more while
+it sorts); never the whole log. This relies on request start times being non-decreasing in dataset order
+(the chunked world's dense request ids are in start-time order); a dataset that breaks it raises. Each event is
+indexed (W + chunk) / chunk times over the pass: a window of 7 days with day chunks fits every event 8 times.
 """
 
 from __future__ import annotations
@@ -52,7 +58,8 @@ from tqdm.auto import tqdm
 from cascade.artifacts import ArtifactError, read_json, read_manifest, write_json, write_manifest
 from cascade.data import kuairand
 from cascade.data.batches import EncodedTable, FeatureSpec
-from cascade.data.features import FeatureEncoder, PairEncoder, _IdIndex, _cat_keys, _column, _float_values
+from cascade.data.features import (CrossFeatureStore, FeatureEncoder, PairEncoder, _IdIndex, _cat_keys, _column,
+                                   _float_values)
 from cascade.data.schema import Dataset, DataValidationError, Feature, Schema
 from cascade.data.split import DAY_MS, SPLITS, request_start_ms
 from cascade.data.world import USER_FEATURES_FILE, VIDEO_FEATURES_FILE
@@ -216,6 +223,145 @@ def stream_time_split(sd: StreamDataset, valid_days: int = 1, test_days: int = 1
 
 
 # --------------------------------------------------------------------------------------------------------------
+# cross features over a trailing window
+
+
+class WindowedCrossFeatures:
+    """Cross features of streamed impression rows, equal to a :class:`CrossFeatureStore` fitted on the whole table.
+
+    Call :meth:`query` with the rows in dataset order (request start times non-decreasing from call to call; within
+    a call any order). The events come from a second scan of ``sd`` that reads ahead only as far as the queried
+    times need; for each chunk of ``chunk_days`` (chunk k = [k, k + 1) * chunk_days since the epoch) a store is
+    fitted on the buffered events of [chunk start - W, chunk end), W = ``window_days``. ``max_events_`` is the
+    largest number of events buffered at once (the memory bound, for benchmarks).
+    """
+
+    feature_names = CrossFeatureStore.feature_names
+
+    def __init__(self, sd: StreamDataset, window_days: float, chunk_days: float = 1.0, tag_column: str = "tag",
+                 author_column: str = "author_id", batch_rows: int = 1 << 20):
+        if not window_days > 0:
+            raise ValueError(f"WindowedCrossFeatures: window_days must be > 0, got {window_days}")
+        self.chunk_ms = int(round(chunk_days * DAY_MS))
+        if self.chunk_ms < 1:
+            raise ValueError(f"WindowedCrossFeatures: chunk_days must be > 0, got {chunk_days}")
+        self.sd = sd
+        self.window_days, self.chunk_days = window_days, chunk_days
+        self.tag_column, self.author_column = tag_column, author_column
+        self.window_ms = int(round(window_days * DAY_MS))  # as CrossFeatureStore.query rounds it
+        self._items = sd.items[list(dict.fromkeys(["item_id", tag_column, author_column]))]
+        self._events = scan(sd, ["user_id", "item_id", "click"], batch_rows)
+        # (user, item, time, click, max time) of each buffered scan frame
+        self._frames: list[tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, int]] = []
+        self._read_start = np.iinfo(np.int64).min  # every request starting before this has been read
+        self._done = False
+        self._chunk: int | None = None
+        self._store: CrossFeatureStore | None = None
+        self.max_events_ = 0
+        self.n_fits_ = 0
+
+    def _read_until(self, t: int, drop_before: int) -> None:
+        """Read events until every request starting before ``t`` is buffered; drop frames entirely before
+        ``drop_before`` on the way."""
+        src = self.sd.source("impressions")
+        while not self._done and self._read_start < t:
+            df = next(self._events, None)
+            if df is None:
+                self._done = True
+                break
+            start = df["request_start_ms"].to_numpy()
+            if start[0] < self._read_start or np.any(np.diff(start) < 0):
+                raise DataValidationError(f"{src}: request start times must be non-decreasing in dataset order "
+                                          "(request ids in start-time order) for streamed cross features")
+            self._read_start = int(start[-1])
+            # copies: a view would keep the frame's whole int64 block (five columns) alive
+            user, item, tm, click = (df[c].to_numpy(dt, copy=True) for c, dt in
+                                     (("user_id", np.int64), ("item_id", np.int64), ("time_ms", np.int64),
+                                      ("click", np.int8)))
+            self._frames.append((user, item, tm, click, int(tm.max())))
+            self._frames = [f for f in self._frames if f[4] >= drop_before]
+
+    def _move_to(self, chunk: int) -> None:
+        """Fit the store that answers queries of ``chunk`` (on the events of [start - W, end))."""
+        lo, hi = chunk * self.chunk_ms - self.window_ms, (chunk + 1) * self.chunk_ms
+        self._store = None  # let the previous chunk's index go before the next one is built
+        # drop the events before the new window first, so the read-ahead below adds to the window only
+        kept = []
+        for user, item, tm, click, tmax in self._frames:
+            if tmax >= lo:
+                k = tm >= lo
+                kept.append((user[k], item[k], tm[k], click[k], tmax))
+        self._frames = kept
+        self._read_until(hi, lo)
+        self.max_events_ = max(self.max_events_, sum(len(f[2]) for f in self._frames))
+        if len(self._frames) > 1:  # one array per column from here on (a copy of the window, once per chunk)
+            self._frames = [(*(np.concatenate([f[k] for f in self._frames]) for k in range(4)),
+                             max(f[4] for f in self._frames))]
+        user, item, tm, click, _ = self._frames[0] if self._frames else (np.zeros(0, np.int64),) * 4 + (lo,)
+        sel = tm < hi  # later events stay buffered for the next chunks
+        events = pd.DataFrame({"user_id": user[sel], "item_id": item[sel], "time_ms": tm[sel], "click": click[sel]})
+        del user, item, tm, click, sel
+        self._store = CrossFeatureStore(self.window_days, tag_column=self.tag_column,
+                                        author_column=self.author_column).fit(events, self._items)
+        self._chunk = chunk
+        self.n_fits_ += 1
+
+    def query(self, user_ids: np.ndarray, item_ids: np.ndarray, t_ms: np.ndarray) -> dict[str, np.ndarray]:
+        """Cross features of (user_ids[n], item_ids[n]) at t_ms[n] (request start times): name -> float32 [N],
+        as :meth:`CrossFeatureStore.query`. A time in a chunk before the last one queried raises."""
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        t_ms = np.broadcast_to(np.asarray(t_ms, dtype=np.int64), user_ids.shape)
+        if user_ids.shape != item_ids.shape or user_ids.ndim != 1:
+            raise ValueError(f"WindowedCrossFeatures.query: user_ids {user_ids.shape} and item_ids {item_ids.shape} "
+                             "must be equal 1-d")
+        n = len(user_ids)
+        out = {name: np.zeros(n, np.float32) for name in self.feature_names}
+        if n == 0:
+            return out
+        chunk = np.floor_divide(t_ms, self.chunk_ms)
+        first, last = int(chunk.min()), int(chunk.max())
+        if self._chunk is not None and first < self._chunk:
+            raise ValueError(f"WindowedCrossFeatures.query: time chunk {first} comes after chunk {self._chunk}; "
+                             "rows must be queried in request start order")
+        for k in ([first] if first == last else np.unique(chunk).tolist()):
+            rows = slice(None) if first == last else np.flatnonzero(chunk == k)
+            if k != self._chunk:
+                self._move_to(k)
+            got = self._store.query(user_ids[rows], item_ids[rows], t_ms[rows])
+            for name in self.feature_names:
+                out[name][rows] = got[name]
+        return out
+
+    def query_frame(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Cross features of a :func:`scan` frame's rows at their ``request_start_ms``."""
+        return self.query(df["user_id"].to_numpy(), df["item_id"].to_numpy(), df["request_start_ms"].to_numpy())
+
+
+class _MeanVar:
+    """Column means and population variances merged batch by batch (Chan et al.'s pairwise update)."""
+
+    def __init__(self, k: int) -> None:
+        self.n, self.mean, self.m2 = 0, np.zeros(k), np.zeros(k)
+
+    def add(self, x: np.ndarray) -> None:
+        """x: float64 [n, k]."""
+        nb = len(x)
+        if nb == 0:
+            return
+        mb = x.mean(axis=0)
+        m2b = ((x - mb) ** 2).sum(axis=0)
+        n = self.n + nb
+        delta = mb - self.mean
+        self.mean = self.mean + delta * (nb / n)
+        self.m2 = self.m2 + m2b + delta ** 2 * (self.n * nb / n)
+        self.n = n
+
+    def std(self) -> np.ndarray:
+        return np.sqrt(self.m2 / self.n)
+
+
+# --------------------------------------------------------------------------------------------------------------
 # pass 2: fitting the encoder
 
 
@@ -292,11 +438,16 @@ def _numeric_column(col: dict, x: np.ndarray, c: np.ndarray, n_nan: int, numeric
 
 
 def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1, numeric: str = "log_standardize",
-                       n_buckets: int = 32, batch_rows: int = 1 << 20, progress: bool = False) -> FeatureEncoder:
-    """A FeatureEncoder fitted on the train rows of ``split`` in one streaming pass (no cross features).
+                       n_buckets: int = 32, batch_rows: int = 1 << 20, progress: bool = False,
+                       cross_window_days: float | None = None, cross_tag_column: str = "tag",
+                       cross_author_column: str = "author_id", cross_chunk_days: float = 1.0) -> FeatureEncoder:
+    """A FeatureEncoder fitted on the train rows of ``split`` in one streaming pass.
 
-    Equal to ``FeatureEncoder(sd.schema, min_count, numeric, n_buckets).fit(dataset, train_mask)`` on the same rows
-    in memory (see the module doc for what is exact and what agrees to rounding).
+    Equal to ``FeatureEncoder(sd.schema, min_count, numeric, n_buckets).fit(dataset, train_mask, cross_store)`` on
+    the same rows in memory (see the module doc for what is exact and what agrees to rounding), where cross_store is
+    ``CrossFeatureStore(cross_window_days, tag_column=cross_tag_column, author_column=cross_author_column)`` fitted
+    on the whole table, or None when ``cross_window_days`` is None (no cross columns). The cross features of the
+    train rows come from :class:`WindowedCrossFeatures` (``cross_chunk_days`` per fitted chunk).
     """
     enc = FeatureEncoder(sd.schema, min_count=min_count, numeric=numeric, n_buckets=n_buckets)
     enc._check_args()
@@ -305,6 +456,14 @@ def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1
         if f.kind == "sequence":
             raise ValueError(f"FeatureEncoder: sequence feature {f.name!r} is not supported")
     imp_feats = [f for f in feats if f.table == "impressions"]
+    cross = None
+    if cross_window_days is not None:
+        clash = set(CrossFeatureStore.feature_names) & set(sd.schema.names)
+        if clash:
+            raise ValueError(f"FeatureEncoder: cross feature name(s) {sorted(clash)} clash with schema features")
+        cross = WindowedCrossFeatures(sd, cross_window_days, cross_chunk_days, cross_tag_column, cross_author_column,
+                                      batch_rows)
+        cross_stats = _MeanVar(len(cross.feature_names))
     users, items = sd.users, sd.items
     u_order = np.argsort(users["user_id"].to_numpy(np.int64), kind="stable")
     i_order = np.argsort(items["item_id"].to_numpy(np.int64), kind="stable")
@@ -323,6 +482,9 @@ def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1
         if len(df) == 0:
             continue
         n_train += len(df)
+        if cross is not None:
+            x = cross.query_frame(df)
+            cross_stats.add(np.log1p(np.stack([x[n].astype(np.float64) for n in cross.feature_names], axis=1)))
         u_count += np.bincount(u_order[u_index.positions(df["user_id"].to_numpy(), src, "user_id")],
                                minlength=len(users))
         i_count += np.bincount(i_order[i_index.positions(df["item_id"].to_numpy(), src, "item_id")],
@@ -379,7 +541,14 @@ def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1
         columns.append(col)
     enc.columns_, enc.vocab_, enc.edges_ = columns, vocab, edges
     enc.cross_names_, enc.cross_mean_, enc.cross_std_ = [], np.zeros(0), np.ones(0)
-    log.info("fit_encoder_stream: %d columns from %d train rows", len(columns), n_train)
+    if cross is not None:
+        std = cross_stats.std()
+        enc.cross_names_ = list(cross.feature_names)
+        enc.cross_mean_, enc.cross_std_ = cross_stats.mean, np.where(std > 0, std, 1.0)
+        log.info("fit_encoder_stream: cross features from %d chunk fits, at most %d events buffered",
+                 cross.n_fits_, cross.max_events_)
+    log.info("fit_encoder_stream: %d columns, %d cross features from %d train rows", len(columns),
+             len(enc.cross_names_), n_train)
     return enc
 
 
@@ -389,10 +558,15 @@ def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1
 
 def encode_stream(sd: StreamDataset, split: StreamSplit, encoder: FeatureEncoder, out_dir: str | Path,
                   parts: Sequence[str] = SPLITS, privileged: bool = True, cat_dtype: str = "int64",
-                  batch_rows: int = 1 << 20, progress: bool = False) -> dict[str, EncodedTable]:
+                  batch_rows: int = 1 << 20, progress: bool = False, cross_window_days: float | None = None,
+                  cross_tag_column: str = "tag", cross_author_column: str = "author_id",
+                  cross_chunk_days: float = 1.0) -> dict[str, EncodedTable]:
     """Encode the rows of each split in ``parts`` into ``out_dir/<part>/*.npy`` and return them memory-mapped.
 
-    The arrays equal :func:`cascade.data.features.build_encoded` (``cross_store=None``) on the whole table.
+    The arrays equal :func:`cascade.data.features.build_encoded` on the whole table with the same encoder and
+    ``cross_store`` = ``CrossFeatureStore(cross_window_days, tag_column=cross_tag_column,
+    author_column=cross_author_column)`` fitted on the whole table (None when ``cross_window_days`` is None; it
+    must be given exactly when the encoder was fitted with cross features, with the window it was fitted with).
     cat_dtype: "int64" (the EncodedTable contract) or "int32" (half the disk for large runs; batches become
     int64 tensors in ``cascade.train.loop.to_tensors``; only valid while every cardinality fits int32).
     Files are written under temporary names and renamed after a flush; ``out_dir/manifest.json`` comes last.
@@ -403,10 +577,18 @@ def encode_stream(sd: StreamDataset, split: StreamSplit, encoder: FeatureEncoder
     bad = [p for p in parts if p not in SPLITS]
     if bad or not parts:
         raise ValueError(f"encode_stream: parts must be a non-empty subset of {SPLITS}, got {list(parts)}")
-    if encoder.cross_names_:
-        raise ValueError("encode_stream: the encoder was fitted with cross features; the streaming path has none")
+    if bool(encoder.cross_names_) != (cross_window_days is not None):
+        raise ValueError("encode_stream: the encoder was fitted " + ("with" if encoder.cross_names_ else "without")
+                         + " cross features but cross_window_days is " + str(cross_window_days))
+    if encoder.cross_names_ and list(encoder.cross_names_) != list(CrossFeatureStore.feature_names):
+        raise ValueError(f"encode_stream: encoder cross features {encoder.cross_names_} are not "
+                         f"{list(CrossFeatureStore.feature_names)}")
+    parts = [p for p in SPLITS if p in parts]  # in time order: the cross features are queried forward in time
     out_dir = Path(out_dir)
-    pairs = PairEncoder(encoder, None, sd.users, sd.items)
+    cross = None if cross_window_days is None else WindowedCrossFeatures(
+        sd, cross_window_days, cross_chunk_days, cross_tag_column, cross_author_column, batch_rows)
+    # the windowed store stands in for a CrossFeatureStore: PairEncoder only calls its query(user, item, t)
+    pairs = PairEncoder(encoder, cross, sd.users, sd.items)
     spec = encoder.spec(privileged=privileged)
     if cat_dtype == "int32" and max(spec.cat_cardinality, default=0) >= 2**31:
         raise ValueError("encode_stream: a cardinality does not fit int32; use cat_dtype='int64'")
@@ -475,9 +657,16 @@ def encode_stream(sd: StreamDataset, split: StreamSplit, encoder: FeatureEncoder
     wall = time.perf_counter() - t0
     write_manifest(out_dir, stage="encode_stream", config={"privileged": privileged, "cat_dtype": cat_dtype,
                                                            "parts": list(parts), "valid_from": split.valid_from,
-                                                           "test_from": split.test_from, "offset_ms": split.offset_ms},
+                                                           "test_from": split.test_from, "offset_ms": split.offset_ms,
+                                                           "cross_window_days": cross_window_days,
+                                                           "cross_tag_column": cross_tag_column,
+                                                           "cross_author_column": cross_author_column,
+                                                           "cross_chunk_days": cross_chunk_days},
                    seed=None, inputs={"dataset": str(sd.path)}, outputs=outputs, metrics={"rows": filled},
                    wall_s=round(wall, 3))
+    if cross is not None:
+        log.info("encode_stream: cross features from %d chunk fits, at most %d events buffered", cross.n_fits_,
+                 cross.max_events_)
     log.info("encode_stream: %s rows in %.1f s -> %s", filled, wall, out_dir)
     return {p: open_encoded(out_dir, p) for p in parts}
 
