@@ -161,7 +161,7 @@ def test_metric_is_required_and_checked(data):
 def test_ivf_operating_point_reaches_target_and_survives_reload(data, ivf, tmp_path):
     xb, xq, ids = data
     index, points = ivf
-    assert [p["value"] for p in points] == [1, 2, 4, 8, 16, 32, 64]
+    assert [p["value"] for p in points] == [1, 2, 4, 8, 16, 32, 64, 128]  # defaults up to 256, capped at nlist 128
     # more probes never lose recall on the same queries (the probed lists only grow)
     recalls = [p["recall_at_k"] for p in points]
     assert recalls == sorted(recalls) and recalls[0] < 0.9 and recalls[-1] > 0.99
@@ -176,7 +176,7 @@ def test_ivf_operating_point_reaches_target_and_survives_reload(data, ivf, tmp_p
     assert on_disk["recall"]["recall_at_k"] == chosen["recall_at_k"]
     assert on_disk["embedding_dim"] == D and on_disk["metric"] == "ip" and on_disk["factory"] == "IVF128,Flat"
     assert on_disk["n_items"] == N and on_disk["backend"] == "faiss-cpu" and on_disk["extra"] == {"note": "test"}
-    assert len(on_disk["operating_points"]) == 7 and set(on_disk["outputs"]) == {INDEX_FILE, IDS_FILE}
+    assert len(on_disk["operating_points"]) == 8 and set(on_disk["outputs"]) == {INDEX_FILE, IDS_FILE}
     assert manifest["model_hash"] == "a" * 64
 
     loaded = ItemIndex.load(tmp_path / "idx", expect_model_hash="a" * 64, expect_dim=D, expect_metric="ip", device="cpu")
@@ -191,7 +191,7 @@ def test_ivf_operating_point_reaches_target_and_survives_reload(data, ivf, tmp_p
 
 def test_unreachable_recall_target_is_refused(ivf):
     index, points = ivf
-    with pytest.raises(ValueError, match=r"reaches recall@100 >= 1.01: the best is 0\.\d{4} at nprobe=64"):
+    with pytest.raises(ValueError, match=r"reaches recall@100 >= 1.01: the best is [01]\.\d{4} at nprobe=128"):
         index.set_operating_point(1.01)
 
 
