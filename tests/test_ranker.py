@@ -180,6 +180,13 @@ def test_forward_lists_equals_forward(cfg, factored):
         cat2 = cat.clone()
         cat2[1::10, 0] = 7  # user_id of the 2nd row of every list
         torch.testing.assert_close(model.forward_lists(cat2, num, 10), want, rtol=1e-5, atol=1e-5)
+    # the permuted weights are cached between calls: an in-place update (an optimizer step) must invalidate them
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.5)
+    with torch.inference_mode():
+        torch.testing.assert_close(model.forward_lists(cat, num, 10), model(cat, num), rtol=1e-5, atol=1e-5)
+        assert not torch.allclose(model(cat, num), want)
     with pytest.raises(ValueError, match="whole lists"):
         model.forward_lists(cat, num, 7)
 

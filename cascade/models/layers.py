@@ -196,6 +196,9 @@ class CrossNetV2(nn.Module):
 
     def forward(self, x0: torch.Tensor) -> torch.Tensor:
         x = x0
+        grad = torch.is_grad_enabled()
         for layer in self.layers:
-            x = torch.addcmul(x, x0, layer(x))  # x + x0 * layer(x) in one pass over [B, in_dim]
+            y = layer(x)
+            # x + x0 * y; without autograd it is computed inside y (a fresh buffer): no copy, no allocation
+            x = torch.addcmul(x, x0, y) if grad else y.mul_(x0).add_(x)
         return x
