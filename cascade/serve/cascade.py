@@ -130,7 +130,10 @@ class Retriever:
             raise ValueError("the retriever searches the whole corpus: candidates must be None")
         u = np.ascontiguousarray(self.user_embed(requests), dtype=np.float32)
         d, i = self.index.search(u, k)
-        return np.asarray(i, np.int64), np.where(np.asarray(i) == PAD, -np.inf, d).astype(np.float32)
+        i, d = np.asarray(i, np.int64), np.asarray(d, np.float32)
+        if (i == PAD).any():  # padding must never look like a score (rewritten only when there is any: batch 1 is
+            d = np.where(i == PAD, np.float32(-np.inf), d)  # ~60 us in all, and this was 3 us of it)
+        return i, d
 
 
 class PairScorer:
