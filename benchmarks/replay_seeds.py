@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     md = (f"Default pipeline, seeds {args.seeds} (each seed: its own world, teacher and students), replay of the "
           f"test-day requests (n_requests: how many were replayed; replay.max_requests caps them; overrides: "
-          f"{args.overrides or 'none'}); mean ± std over seeds; {time.strftime('%Y-%m-%d')}, "
+          f"{[o for o in args.overrides if not o.startswith('run.runs_dir')] or 'none'}); mean ± std over seeds; {time.strftime('%Y-%m-%d')}, "
           f"{(time.perf_counter() - t0) / 60:.0f} min.\n\n" + "\n".join(lines) + "\n")
     A.write_text(Path(args.out) / "replay_seeds.md", md)
     print(md)

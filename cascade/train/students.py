@@ -213,6 +213,28 @@ def loss_params(cfg: StudentConfig, name: str) -> dict[str, Any]:
     return dict(cfg.loss_params.get(name, {}))
 
 
+def list_loss_terms(s: torch.Tensor, ranks: torch.Tensor, t_logit: torch.Tensor, mask: torch.Tensor, cfg: StudentConfig,
+                    w: dict[str, float], g: torch.Generator) -> dict[str, torch.Tensor]:
+    """The list losses weighted in ``w`` on student scores s [B, L] against the teacher's ranks / logits [B, L]
+    (mask [B, L]); sampled terms draw from ``g`` in a fixed order. Shared by train_student and the joint mode."""
+    terms: dict[str, torch.Tensor] = {}
+    if "pointwise" in w:
+        terms["pointwise"] = L.pointwise_topk_loss(s, ranks, mask, generator=g, **loss_params(cfg, "pointwise"))
+    if "bpr" in w:
+        terms["bpr"] = L.bpr_pairwise_loss(s, ranks, mask, generator=g, **loss_params(cfg, "bpr"))
+    if "lambda_ndcg" in w or "approx_ndcg" in w:
+        rel = L.graded_relevance(teacher_rank=ranks, teacher_logits=t_logit, mask=mask, **cfg.relevance)
+        if "lambda_ndcg" in w:
+            terms["lambda_ndcg"] = L.lambda_ndcg_loss(s, rel, mask, **loss_params(cfg, "lambda_ndcg"))
+        if "approx_ndcg" in w:
+            terms["approx_ndcg"] = L.approx_ndcg_loss(s, rel, mask, **loss_params(cfg, "approx_ndcg"))
+    if "listnet" in w:
+        terms["listnet"] = L.listnet_kl_loss(s, t_logit, mask, **loss_params(cfg, "listnet"))
+    if "logit_mse" in w:
+        terms["logit_mse"] = L.logit_mse(s, t_logit, mask)
+    return terms
+
+
 class _StudentStep(nn.Module):
     """The towers plus one batch's loss terms as one module: DistributedDataParallel must see the whole forward of
     a step (user tower, item tower, scores, losses), as ``loop._LossModule`` does for ``fit``.
@@ -270,21 +292,7 @@ class _StudentStep(nn.Module):
         terms: dict[str, torch.Tensor] = {}
         if from_log and any(n in w for n in LIST_LOSSES):
             s = towers.score(u, emb["list"])  # [B, L]
-            mask, ranks, tl = b["mask"], b["ranks"], b["logits"]
-            if "pointwise" in w:
-                terms["pointwise"] = L.pointwise_topk_loss(s, ranks, mask, generator=g, **loss_params(cfg, "pointwise"))
-            if "bpr" in w:
-                terms["bpr"] = L.bpr_pairwise_loss(s, ranks, mask, generator=g, **loss_params(cfg, "bpr"))
-            if "lambda_ndcg" in w or "approx_ndcg" in w:
-                rel = L.graded_relevance(teacher_rank=ranks, teacher_logits=tl, mask=mask, **cfg.relevance)
-                if "lambda_ndcg" in w:
-                    terms["lambda_ndcg"] = L.lambda_ndcg_loss(s, rel, mask, **loss_params(cfg, "lambda_ndcg"))
-                if "approx_ndcg" in w:
-                    terms["approx_ndcg"] = L.approx_ndcg_loss(s, rel, mask, **loss_params(cfg, "approx_ndcg"))
-            if "listnet" in w:
-                terms["listnet"] = L.listnet_kl_loss(s, tl, mask, **loss_params(cfg, "listnet"))
-            if "logit_mse" in w:
-                terms["logit_mse"] = L.logit_mse(s, tl, mask)
+            terms.update(list_loss_terms(s, b["ranks"], b["logits"], b["mask"], cfg, w, g))
         if "click_bce" in w:
             s_click = towers.score(u[cb["rows"]], emb["click"])  # [Bc, Lc]
             terms["click_bce"] = L.click_bce(s_click, cb["labels"], cb["mask"])

@@ -57,7 +57,7 @@ from cascade.distill import losses as L
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.models.two_tower import TowerConfig, TowerInputs, TwoTower, build_two_tower
 from cascade.train.joint import DistillConfig, JointRanker, student_terms
-from cascade.train.students import LIST_LOSSES, StudentConfig, loss_params, sample_one_per_row
+from cascade.train.students import LIST_LOSSES, StudentConfig, list_loss_terms, loss_params, sample_one_per_row
 
 log = logging.getLogger(__name__)
 
@@ -260,27 +260,6 @@ def score_lists(teacher: nn.Module, data: JointData, request_rows: np.ndarray, b
     return out.masked_fill(torch.from_numpy(cand < 0), 0.0)
 
 
-def _list_terms(s: torch.Tensor, ranks: torch.Tensor, t_logit: torch.Tensor, mask: torch.Tensor, cfg: StudentConfig,
-                w: dict[str, float], g: torch.Generator) -> dict[str, torch.Tensor]:
-    """The list losses of train_student on student scores s [B, L] against the teacher's ranks / logits [B, L]."""
-    terms: dict[str, torch.Tensor] = {}
-    if "pointwise" in w:
-        terms["pointwise"] = L.pointwise_topk_loss(s, ranks, mask, generator=g, **loss_params(cfg, "pointwise"))
-    if "bpr" in w:
-        terms["bpr"] = L.bpr_pairwise_loss(s, ranks, mask, generator=g, **loss_params(cfg, "bpr"))
-    if "lambda_ndcg" in w or "approx_ndcg" in w:
-        rel = L.graded_relevance(teacher_rank=ranks, teacher_logits=t_logit, mask=mask, **cfg.relevance)
-        if "lambda_ndcg" in w:
-            terms["lambda_ndcg"] = L.lambda_ndcg_loss(s, rel, mask, **loss_params(cfg, "lambda_ndcg"))
-        if "approx_ndcg" in w:
-            terms["approx_ndcg"] = L.approx_ndcg_loss(s, rel, mask, **loss_params(cfg, "approx_ndcg"))
-    if "listnet" in w:
-        terms["listnet"] = L.listnet_kl_loss(s, t_logit, mask, **loss_params(cfg, "listnet"))
-    if "logit_mse" in w:
-        terms["logit_mse"] = L.logit_mse(s, t_logit, mask)
-    return terms
-
-
 class _TowerStudent:
     """One two-tower student of the joint loop: its towers, optimizer, loss weights and log-Q counts."""
 
@@ -318,7 +297,7 @@ class _TowerStudent:
         terms: dict[str, torch.Tensor] = {}
         if any(n in w for n in LIST_LOSSES):
             s = tt.score(u, emb["list"])  # [B, L]
-            terms.update(_list_terms(s, lists["ranks"], lists["logits"], lists["mask"], cfg, w, g))
+            terms.update(list_loss_terms(s, lists["ranks"], lists["logits"], lists["mask"], cfg, w, g))
         if "click_bce" in w:
             s_click = (u[clicks["pos"]] * emb["click"]).sum(-1) * tt.inv_temperature  # [n_impressions]
             terms["click_bce"] = L.click_bce(s_click, clicks["labels"])
