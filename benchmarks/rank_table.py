@@ -44,7 +44,7 @@ import torch
 from cascade import artifacts as A
 from cascade.data.batches import EncodedTable, FeatureSpec
 from cascade.models.gbdt import GBDTRanker
-from cascade.models.ranker import Ranker, RankerConfig, n_parameters, serving_latency
+from cascade.models.ranker import Ranker, n_parameters, serving_latency
 from cascade.pipeline import PipelineConfig, load_config, run_pipeline
 from cascade.train.joint import DistillConfig, DistilledStudent, JointRanker, joint_loss, pfd_configs, two_stage_loss
 from cascade.train.loop import TrainConfig, evaluate, fit, score_metrics

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
            "mean_std": agg, "wall_s": time.perf_counter() - t0, "date": time.strftime("%Y-%m-%d")}
     Path(args.out).mkdir(parents=True, exist_ok=True)
     A.write_json(Path(args.out) / "replay_seeds.json", out)
-    lines = [f"| metric | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
+    lines = ["| metric | " + " | ".join(variants) + " |", "|---|" + "---:|" * len(variants)]
     for m in METRICS:
         fmt = ",.0f" if m == "n_requests" else ".4f"
         cells = [f"{agg[v][m]['mean']:{fmt}} ± {agg[v][m]['std']:{fmt}}" if agg[v][m]["std"] is not None

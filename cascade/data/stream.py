@@ -41,7 +41,6 @@ indexed (W + chunk) / chunk times over the pass: a window of 7 days with day chu
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import shutil

@@ -799,16 +799,22 @@ def _draw_requests(cfg: WorldConfig, activity: np.ndarray, rng: np.random.Genera
     tab_p = 0.5 ** np.arange(cfg.n_tabs)
     tab = rng.choice(cfg.n_tabs, size=R, p=tab_p / tab_p.sum())
     is_rand = (rng.random(R) < cfg.random_fraction).astype(np.int64)
-    step = day * 24 + hour
+    return _unique_requests(day * 24 + hour, user, tab, is_rand, cfg, U, rng)
+
+
+def _unique_requests(step: np.ndarray, user: np.ndarray, tab: np.ndarray, is_rand: np.ndarray, cfg: "WorldConfig",
+                     n_users: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+    """Requests from drawn (hour step, user, tab, is_rand) [R]: duplicates removed and sorted by time, then each
+    request's gap between impressions and start offset in its hour drawn from ``rng``. Shared by the in-memory
+    and the chunked world (same draws in the same order)."""
     # step-major key: np.unique both removes duplicate keys and sorts the requests by time
-    key = ((step * U + user) * cfg.n_tabs + tab) * 2 + is_rand
-    key = np.unique(key)
+    key = np.unique(((step * n_users + user) * cfg.n_tabs + tab) * 2 + is_rand)
     is_rand = key % 2
     key //= 2
     tab = key % cfg.n_tabs
     key //= cfg.n_tabs
-    user = key % U
-    step = key // U
+    user = key % n_users
+    step = key // n_users
     R = len(key)
     gap = rng.integers(_GAP_MS[0], _GAP_MS[1] + 1, R)
     offset = rng.integers(0, HOUR_MS - cfg.request_size * _GAP_MS[1], R)

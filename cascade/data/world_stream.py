@@ -40,10 +40,8 @@ chunk 0 (``resume=False`` or another config). The checkpoint is as large as the 
 
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import logging
-import math
 import re
 import time
 from dataclasses import dataclass
@@ -122,17 +120,7 @@ def _draw_chunk_requests(cfg: W.WorldConfig, rate: np.ndarray, s0: int, s1: int,
     tab_p = 0.5 ** np.arange(cfg.n_tabs)
     tab = rng.choice(cfg.n_tabs, size=R, p=tab_p / tab_p.sum())
     is_rand = (rng.random(R) < cfg.random_fraction).astype(np.int64)
-    key = np.unique(((step * U + user) * cfg.n_tabs + tab) * 2 + is_rand)
-    is_rand = key % 2
-    key //= 2
-    tab = key % cfg.n_tabs
-    key //= cfg.n_tabs
-    user = key % U
-    step = key // U
-    R = len(key)
-    gap = rng.integers(W._GAP_MS[0], W._GAP_MS[1] + 1, R)
-    offset = rng.integers(0, W.HOUR_MS - cfg.request_size * W._GAP_MS[1], R)
-    return {"user": user, "step": step, "tab": tab, "is_rand": is_rand, "gap": gap, "offset": offset}
+    return W._unique_requests(step, user, tab, is_rand, cfg, U, rng)
 
 
 def _simulate_chunk(world: W.World, hist: W._History, pop: W._PopularSampler, s0: int, s1: int,
