@@ -28,7 +28,7 @@ import datetime
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import numpy as np
 import torch
@@ -167,6 +167,19 @@ def all_reduce_min_int(value: int) -> int:
     t = torch.tensor([int(value)], dtype=torch.int64, device=current_env().device)
     dist.all_reduce(t, op=dist.ReduceOp.MIN)
     return int(t.item())
+
+
+def finite_on_all_ranks(compute: Callable[[], Any], ddp: bool) -> tuple[Any, FloatingPointError | None]:
+    """Run ``compute`` (a loss mix that raises FloatingPointError on a non-finite term) -> (result, None), or
+    (None, error) when it failed on this rank or, under DDP, on any other rank: every rank learns it, so all stop
+    together and none waits forever in backward's gradient all-reduce."""
+    try:
+        out, error = compute(), None
+    except FloatingPointError as e:
+        out, error = None, e
+    if ddp and all_reduce_min_int(error is None) == 0:
+        error = error or FloatingPointError("a non-finite loss on another rank")
+    return (None, error) if error is not None else (out, None)
 
 
 def all_reduce_mean(values: dict[str, float]) -> dict[str, float]:

@@ -274,16 +274,11 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
                     continue
                 batch = to_tensors(np_batch, device)
                 terms, weights = step_model(batch, step)
-                try:
-                    total, values = mix(terms, weights)
-                    error = None
-                except FloatingPointError as e:
-                    error = e
-                if ddp and D.all_reduce_min_int(error is None) == 0:  # every rank stops, none waits in backward
-                    error = error or FloatingPointError("a non-finite loss on another rank")
+                mixed, error = D.finite_on_all_ranks(lambda: mix(terms, weights), ddp)
                 if error is not None:
                     where = f"; the last good checkpoint is in {ckpt_dir}" if ckpt_dir is not None else ""
                     raise FloatingPointError(f"fit: non-finite loss at step {step}: {error}{where}") from error
+                total, values = mixed
                 optimizer.zero_grad(set_to_none=True)
                 total.backward()
                 if cfg.grad_clip is not None:

@@ -398,16 +398,11 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
             for b in tqdm(batches, disable=not cfg.progress or not env.is_main, desc=f"epoch {epoch}",
                           total=n_batches):
                 terms = step_model(b)
-                try:
-                    total, values = L.mix(terms, {n: w[n] for n in terms})
-                    error = None
-                except FloatingPointError as e:
-                    error = e
-                if ddp and D.all_reduce_min_int(error is None) == 0:  # every rank stops, none waits in backward
-                    error = error or FloatingPointError("a non-finite loss on another rank")
+                mixed, error = D.finite_on_all_ranks(lambda: L.mix(terms, {n: w[n] for n in terms}), ddp)
                 if error is not None:
                     raise FloatingPointError(f"train_student: non-finite loss in epoch {epoch}, step {n_steps}: "
                                              f"{error}") from error
+                total, values = mixed
                 opt.zero_grad(set_to_none=True)
                 total.backward()
                 if cfg.grad_clip is not None:
