@@ -90,7 +90,8 @@ class ServingParts:
 
     user_embed(requests) -> float32 [B, d] (retrieval tower); index: an ItemIndex over the corpus;
     prerank_score(requests, candidates [B, N]) -> [B, N]; pair_features(requests, candidates [B, N]) -> (cat, num)
-    [B*N, ...] ranker inputs (user, item, context and cross features); rank_forward(cat, num) -> [B*N] logits;
+    [B*N, ...] ranker inputs (user, item, context and cross features); rank_forward(cat, num, list_len) -> [B*N]
+    logits of B consecutive candidate lists of list_len rows (the served ranker's own call, forward_lists);
     cascade: the served :class:`Cascade` built from the same parts (for a run: ``build_cascade``, the real path).
     """
 
@@ -98,7 +99,7 @@ class ServingParts:
     index: ItemIndex
     prerank_score: Callable[[Requests, np.ndarray], np.ndarray]
     pair_features: Callable[[Requests, np.ndarray], tuple[np.ndarray, np.ndarray]]
-    rank_forward: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    rank_forward: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
     cascade: Cascade
 
     def with_index(self, index: ItemIndex) -> "ServingParts":
@@ -112,7 +113,7 @@ def parts_from_callables(user_embed, index, prerank_score, pair_features, rank_f
 
     def rank_score(requests: Requests, candidates: np.ndarray) -> np.ndarray:
         cat, num = pair_features(requests, candidates)
-        return np.asarray(rank_forward(cat, num)).reshape(candidates.shape)
+        return np.asarray(rank_forward(cat, num, candidates.shape[1])).reshape(candidates.shape)
 
     casc = Cascade(Retriever(user_embed, index), PairScorer(prerank_score), PairScorer(rank_score))
     return ServingParts(user_embed, index, prerank_score, pair_features, rank_forward, casc)
@@ -132,7 +133,8 @@ def load_run(run_dir: Path, variant: str = "distilled"):
     index = ItemIndex.load(run_dir / "index" / variant, expect_model_hash=A.sha256_file(sdir / "retrieval" / "model.pt"),
                            expect_dim=retr.item_emb.shape[1], expect_metric="ip", device="cpu", omp_threads=1)
     parts = ServingParts(lambda r: retr.user_embed(data, r), index, pre.scorer(data), data.pair_features,
-                         lambda cat, num: score_pairs(teacher, cat, num), build_cascade(data, retr, pre, teacher, index))
+                         lambda cat, num, n: score_pairs(teacher, cat, num, list_len=n),
+                         build_cascade(data, retr, pre, teacher, index))
     requests = to_requests(requests_frame(data.split_impressions("test"), data.context_names), data.context_names)
     n_real = len(data.item_ids)  # item rows past n_real are the OOV row, never indexed
     return parts, requests, retr.item_emb[:n_real], retr.inputs.item_ids[:n_real]
@@ -310,7 +312,7 @@ def stage_breakdown(parts: ServingParts, requests: Requests, n_retrieve: int, n_
         mark(i, 4)
         cat, num = parts.pair_features(r, pi)
         mark(i, 5)
-        s = np.asarray(parts.rank_forward(cat, num)).reshape(pi.shape)
+        s = np.asarray(parts.rank_forward(cat, num, pi.shape[1])).reshape(pi.shape)
         mark(i, 6)
         topk_rows(s, pi, k)
         mark(i, 7)

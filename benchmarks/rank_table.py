@@ -33,6 +33,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
+import os
 import platform
 import time
 from pathlib import Path
@@ -52,7 +53,8 @@ from cascade.train.loop import TrainConfig, evaluate, fit, score_metrics
 ROOT = Path(__file__).resolve().parents[1]
 # ML-100K as in benchmarks/ablation.py: a request is a user-day and the last day holds ~10 requests, so test on
 # the last 4 weeks and validate on the 2 weeks before.
-MOVIELENS = ["data.source=movielens-100k", "data.test_days=28", "data.valid_days=14"]
+MOVIELENS = ["data.source=movielens-100k", "data.test_days=28", "data.valid_days=14",
+             'data.cross_tag_column="genre"', 'data.cross_author_column="genre"']  # movies have no tag / author
 BACKBONES = ("dnn", "deepfm", "dcnv2")
 DISTILL_TEACHER = "dcnv2"  # the pipeline's teacher backbone
 
@@ -148,7 +150,9 @@ def markdown(summary: dict, checks_: list[dict], meta: dict) -> str:
                 if meta['rows']['train'] < meta['rows']['train_full'] else "")
              + f"; valid {meta['rows']['valid']:,}; test {meta['rows']['test']:,}. "
              f"Latency: median ms of one forward pass over 100 candidates on 1 thread (LightGBM: one predict call); "
-             f"measured while the 2-core machine ran other heavy jobs, so read latencies as relative.", "",
+             + (f"load average of the {os.cpu_count()}-core machine {meta['load_average']['start']:.1f} at the start, "
+                f"{meta['load_average']['end']:.1f} at the end." if "load_average" in meta
+                else "read latencies as relative (the load of the machine was not recorded)."), "",
              "| model | AUC | GAUC | logloss | rand AUC | ms / 100 cand. | params | MB |",
              "|---|---|---|---|---|---|---|---|"]
     for name, s in summary.items():
@@ -200,6 +204,8 @@ def merge(paths: list[str], out: Path) -> None:
         for name, runs in d["runs"].items():
             rows.setdefault(name, []).extend(runs)
     meta = {"dataset": first["dataset"], "seeds": seeds, "settings": first["settings"], "rows": first["rows"]}
+    if all("load_average" in d for d in docs):
+        meta["load_average"] = {"start": docs[0]["load_average"]["start"], "end": docs[-1]["load_average"]["end"]}
     extra = {k: first[k] for k in ("data_config", "has_privileged_side")}
     write_results(out, rows, meta, extra, wall_s=float(sum(d["wall_s"] for d in docs)))
 
@@ -219,6 +225,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--pfd-lambda", type=float, default=0.5)
     p.add_argument("--pfd-warmup", type=int, default=20, help="PFD warm-up optimizer steps (lambda = 0 before)")
+    p.add_argument("--pfd-kd", choices=("hinton", "mse"), default="hinton",
+                   help="PFD's distillation term L_d: 'hinton' = cross-entropy against the teacher's probability "
+                        "(T = 1, the paper's), 'mse' = MSE on logits")
     p.add_argument("--lightgbm-trees", type=int, default=150)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--skip", nargs="*", default=[], help="row names (prefixes) to leave out, e.g. 'teacher deepfm'")
@@ -230,6 +239,7 @@ def main(argv: list[str] | None = None) -> int:
         merge(args.merge, Path(args.out))
         return 0
     torch.set_num_threads(args.threads)
+    load_start = os.getloadavg()[0]
     movielens = args.dataset == "movielens-100k"
     epochs = args.epochs or (4 if movielens else 2)
     batch_size = args.batch_size or (1024 if movielens else 2048)
@@ -305,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
                                  teacher.hidden_dim if dcfg.w_hint else None, seed=seed)
             fit(m, train, valid, tc, loss_fn=two_stage_loss(teacher, dcfg))
             record(name, evaluate(m, test), m.student, wall=time.perf_counter() - t)
-        pfd = DistillConfig(pfd_lambda=args.pfd_lambda, warmup_steps=args.pfd_warmup)
+        pfd = DistillConfig(pfd_lambda=args.pfd_lambda, warmup_steps=args.pfd_warmup, kd=args.pfd_kd)
         for side, label in (("privileged", "privileged side"), ("cross", "cross as privileged")):
             if side == "privileged" and not has_privileged:
                 continue  # ML-100K has no post-click field: the privileged-side PFD row cannot exist there
@@ -321,9 +331,10 @@ def main(argv: list[str] | None = None) -> int:
     settings = {"teacher": teacher_model.to_dict(), "student": student_cfg.to_dict(), "epochs": epochs,
                 "batch_size": batch_size, "lr": args.lr, "patience": 1, "early stopping": "valid AUC per epoch",
                 "distillation teacher": DISTILL_TEACHER, "pfd_lambda": args.pfd_lambda,
-                "pfd_warmup_steps": args.pfd_warmup, "pfd student private columns": ["user_id"],
+                "pfd_warmup_steps": args.pfd_warmup, "pfd_kd": args.pfd_kd, "pfd student private columns": ["user_id"],
                 "lightgbm_trees": args.lightgbm_trees, "threads": args.threads}
     meta = {"dataset": args.dataset, "seeds": args.seeds, "settings": settings,
+            "load_average": {"start": load_start, "end": os.getloadavg()[0]},
             "rows": {"train": len(train), "train_full": len(train_full), "valid": len(valid), "test": len(test)}}
     extra = {"data_config": dataclasses.asdict(cfg.data), "has_privileged_side": has_privileged}
     write_results(Path(args.out), rows, meta, extra, wall_s=time.perf_counter() - t0)

@@ -43,7 +43,7 @@ def toy(tmp_path_factory):
         users = np.repeat(r.user_id, cand.shape[1])
         return users[:, None], rows(cand).reshape(-1, 1).astype(np.float32)
 
-    def rank_forward(cat, num):
+    def rank_forward(cat, num, list_len):
         u, i = cat[:, 0], num[:, 0].astype(np.int64)
         return np.einsum("nd,nd->n", xq[u], xb[i]) + 3 * bias[i]
 

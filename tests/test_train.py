@@ -21,6 +21,7 @@ from cascade.train.joint import (
     JointRanker,
     joint_loss,
     pfd_configs,
+    student_terms,
     two_stage_loss,
 )
 from cascade.train.loop import TrainConfig, evaluate, fit, load_checkpoint, predict
@@ -154,6 +155,29 @@ def test_distill_config_schedule():
     assert DistillConfig().student_weights(0) == {"bce": 1.0}
     with pytest.raises(ValueError, match="kd"):
         DistillConfig(kd="kl")
+
+
+def test_pfd_distillation_term_is_the_papers_cross_entropy():
+    # PFD's L_d defaults to the cross-entropy of the student against the teacher's probability (Xu et al. 2020);
+    # plain KD keeps logit MSE; an explicit kd wins.
+    assert DistillConfig(pfd_lambda=0.5).kd == "hinton" and DistillConfig(pfd_lambda=0.5).temperature == 1.0
+    assert DistillConfig(w_kd=1.0).kd == "mse"
+    assert DistillConfig(pfd_lambda=0.5, kd="mse").kd == "mse"
+    # teacher logits [4, -4, 0] (p = 0.98201, 0.01799, 0.5), student logits all 0 (q = 0.5), label 1 everywhere.
+    # L_d = mean(-p ln q - (1 - p) ln(1 - q)) = ln 2 = 0.693147 whatever p is, because q = 0.5;
+    # logit MSE would be (16 + 16 + 0) / 3 = 10.6667. After the warm-up the weights are (1 - l, l) = (0.5, 0.5).
+    s, t, y = torch.zeros(3), torch.tensor([4.0, -4.0, 0.0]), torch.ones(3)
+    terms, weights = student_terms(s, None, t, None, y, None, DistillConfig(pfd_lambda=0.5, warmup_steps=2), step=2)
+    assert terms["kd"].item() == pytest.approx(0.693147, abs=1e-6)
+    assert weights == {"bce": 0.5, "kd": 0.5}
+    terms, _ = student_terms(s, None, t, None, y, None, DistillConfig(pfd_lambda=0.5, kd="mse"), step=2)
+    assert terms["kd"].item() == pytest.approx(10.666667, abs=1e-5)
+    # student logits [1, -1, 0]: q = 0.731059, 0.268941, 0.5
+    # row 1: -(0.982014 ln 0.731059 + 0.017986 ln 0.268941) = 0.307627 + 0.023621 = 0.331248
+    # row 2: the mirror image, 0.331248; row 3: ln 2 = 0.693147 -> mean 0.451881
+    terms, _ = student_terms(torch.tensor([1.0, -1.0, 0.0]), None, t, None, y, None,
+                             DistillConfig(pfd_lambda=0.5), step=0)
+    assert terms["kd"].item() == pytest.approx(0.451881, abs=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -321,3 +345,22 @@ def test_pfd_configs_privileged_side():
         pfd_configs(student, "pfd", pfd_side="user")  # the student already reads it
     with pytest.raises(ValueError):
         pfd_configs(student, "pfd", pfd_side="nonsense")
+
+
+def test_bf16_autocast_trains_the_same_model_in_float32_state(small):
+    train, valid = small
+
+    def run(autocast):
+        m = Ranker(SPEC, RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(32, 16)), seed=0)
+        res = fit(m, train, valid, TrainConfig(lr=0.01, batch_size=128, epochs=2, autocast=autocast))
+        return m, res
+
+    m32, r32 = run(None)
+    m16, r16 = run("bf16")
+    assert all(p.dtype == torch.float32 for p in m16.parameters())  # weights and optimizer state stay float32
+    # the switch takes effect: bfloat16 GEMMs move the weights away from the float32 run ...
+    assert max(float((a - b).detach().abs().max()) for a, b in zip(m32.parameters(), m16.parameters())) > 1e-4
+    # ... but not what is learned
+    assert r16.best_valid_auc > 0.65 and abs(r16.best_valid_auc - r32.best_valid_auc) < 0.01
+    with pytest.raises(ValueError, match="autocast"):
+        TrainConfig(autocast="fp16")

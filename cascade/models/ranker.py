@@ -193,7 +193,8 @@ class Ranker(nn.Module):
             else:
                 hidden = torch.cat([self.cross(x), self.mlp(x)], dim=1)
             logit = self.out(hidden).squeeze(-1)
-        return logit, hidden
+        # float32 logits even under bfloat16 autocast (TrainConfig.autocast), so every loss on them runs in float32
+        return logit.float(), hidden
 
     def forward_hidden(self, cat: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         fields, dense = self.embed(cat, num)

@@ -12,9 +12,13 @@ All three are ``loss_fn`` closures for the one loop in :mod:`cascade.train.loop`
   the teacher's outputs ``.detach()``-ed, so the teacher's head gets exactly the gradient of its own BCE.
 - **PFD** (Xu et al. KDD 2020): a JointRanker whose teacher also reads the "privileged" side, trained with
   ``DistillConfig(pfd_lambda=l, warmup_steps=N)``: (1 - l) * L_s(y, f_s) + l * L_d(f_t, f_s) + L_t(y, f_t), l = 0
-  for the first N steps. ``private_student_columns=("user_id",)`` gives the student its own user-id table (the
-  paper's best setting). :func:`pfd_configs` builds PFD, PFD+MD (larger teacher) and LUPI (teacher on the
-  privileged side only) as configurations of the same code.
+  for the first N steps. L_d is the paper's: cross-entropy of the student against the teacher's probability
+  (``kd="hinton"`` at T = 1, the default when pfd_lambda is set). Logit MSE (``kd="mse"``) is offered, but it
+  chases a privileged teacher's near-certain logits (large when post-click fields almost give the label away)
+  and cost the student AUC and calibration on the world (BENCHMARKS.md; benchmarks/rank_table.py ``--pfd-kd``).
+  ``private_student_columns=("user_id",)`` gives the student its own user-id table (the paper's best setting).
+  :func:`pfd_configs` builds PFD, PFD+MD (larger teacher) and LUPI (teacher on the privileged side only) as
+  configurations of the same code.
 
 The joint module's ``forward`` returns the STUDENT's logits, so ``fit`` early-stops on the served model's AUC.
 """
@@ -47,14 +51,16 @@ KD_KINDS = ("mse", "hinton")
 class DistillConfig:
     """Weights of the student's loss terms (and, for joint training, the teacher's own BCE).
 
-    kd: "mse" (logit MSE) or "hinton" (soft targets at ``temperature``, T^2-scaled). pfd_lambda: when set, the
-    student's BCE weight is (1 - l) and its KD weight l, with l = 0 for the first ``warmup_steps`` steps (w_bce
-    and w_kd are then ignored). w_teacher: weight of BCE(y, f_t) in joint training.
+    kd: "mse" (logit MSE) or "hinton" (soft targets at ``temperature``, T^2-scaled); None (default) picks
+    "hinton" when pfd_lambda is set (PFD's L_d is the cross-entropy against the teacher's probability) and "mse"
+    otherwise. pfd_lambda: when set, the student's BCE weight is (1 - l) and its KD weight l, with l = 0 for the
+    first ``warmup_steps`` steps (w_bce and w_kd are then ignored). w_teacher: weight of BCE(y, f_t) in joint
+    training.
     """
 
     w_bce: float = 1.0
     w_kd: float = 0.0
-    kd: str = "mse"
+    kd: str | None = None
     temperature: float = 1.0
     w_hint: float = 0.0
     w_cr: float = 0.0
@@ -64,6 +70,8 @@ class DistillConfig:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
+        if self.kd is None:
+            object.__setattr__(self, "kd", "hinton" if self.pfd_lambda is not None else "mse")
         if self.kd not in KD_KINDS:
             raise ValueError(f"DistillConfig: kd {self.kd!r} is not one of {KD_KINDS}")
         if self.temperature <= 0:
