@@ -5,14 +5,18 @@ pipelines/default.toml, or ML-100K), built once under ``--runs-dir`` and reused.
 
 - the teacher (user + item + context + cross sides) with each backbone: dnn, deepfm, dcnv2 (the pipeline's
   teacher sizes; DCN-V2 with low-rank cross weights, cross_rank=32, for speed);
-- LightGBM (binary objective) on the same encoded columns (cross side included; not the privileged side);
+- LightGBM on the same encoded columns (cross side included; not the privileged side): binary objective, and
+  lambdarank grouped by request (ranking scores: AUC / GAUC only);
 - the rank student (the pipeline's ``students.rank_student``: a small MLP over user + item + context, WITHOUT
   the cross side, so it needs no user x item history lookups at serving) on clicks only;
 - the same student distilled two-stage from that seed's DCN-V2 teacher with KD (logit MSE), hint, CR, RCR and
   CR + RCR (weights from the pipeline's ``students.rank_distill``: CR 0.4, RCR 0.5);
 - PFD (Xu et al. KDD 2020): student and teacher trained synchronously, sharing embeddings, the student with a
   private user-id table; the teacher reads the student's sides plus the privileged side (post-click fields),
-  and, as a second variant, plus the cross side ("cross as privileged": the paper's pre-rank setting).
+  and, as a second variant, plus the cross side ("cross as privileged": the paper's pre-rank setting); on the
+  privileged side also PFD+MD (a larger privileged teacher) and LUPI (a teacher on the privileged side alone);
+- the student distilled from LightGBM (binary) as the alternative teacher (KD on its log-odds), and the joint
+  mode (Rocket Launching / double-DNN: the pipeline's teacher and the student share embeddings, one loop, KD).
 
 It reports test AUC / GAUC / logloss (mean +- std over seeds; the data are fixed, the seeds move model
 initialisation and batch order), serving latency per 100 candidates (median of one forward pass on 1 thread)
@@ -295,12 +299,22 @@ def main(argv: list[str] | None = None) -> int:
             fit(m, train, valid, tc)
             record(name, evaluate(m, test), m, wall=time.perf_counter() - t)
             teachers[backbone] = m
-        if not skipped("LightGBM"):
+        gbdt = None
+        if not skipped("LightGBM (binary)"):
             t = time.perf_counter()
-            g = GBDTRanker(objective="binary", n_estimators=args.lightgbm_trees, num_threads=args.threads,
+            gbdt = GBDTRanker(objective="binary", n_estimators=args.lightgbm_trees, num_threads=args.threads,
+                              seed=seed).fit(train, valid)
+            m = score_metrics(test.label, gbdt.predict(test.cat, test.num), test.user_id, test.is_rand)
+            record("LightGBM (binary)", m, latency_ms=gbdt_latency(gbdt, test), wall=time.perf_counter() - t,
+                   n_trees=float(gbdt.best_iteration_))
+        if not skipped("LightGBM (lambdarank)"):
+            t = time.perf_counter()
+            g = GBDTRanker(objective="lambdarank", n_estimators=args.lightgbm_trees, num_threads=args.threads,
                            seed=seed).fit(train, valid)
-            m = score_metrics(test.label, g.predict(test.cat, test.num), test.user_id, test.is_rand)
-            record("LightGBM (binary)", m, latency_ms=gbdt_latency(g, test), wall=time.perf_counter() - t,
+            # ranking scores, not log-odds: AUC and GAUC only
+            m = score_metrics(test.label, g.predict(test.cat, test.num), test.user_id, test.is_rand,
+                              probabilities=False)
+            record("LightGBM (lambdarank)", m, latency_ms=gbdt_latency(g, test), wall=time.perf_counter() - t,
                    n_trees=float(g.best_iteration_))
         t = time.perf_counter()
         m = Ranker(spec, student_cfg, seed=seed)
@@ -315,6 +329,24 @@ def main(argv: list[str] | None = None) -> int:
                                  teacher.hidden_dim if dcfg.w_hint else None, seed=seed)
             fit(m, train, valid, tc, loss_fn=two_stage_loss(teacher, dcfg))
             record(name, evaluate(m, test), m.student, wall=time.perf_counter() - t)
+        if gbdt is not None and not skipped("student + KD (LightGBM teacher)"):
+            # LightGBM as the alternative teacher: its log-odds on the train rows are the KD targets
+            t = time.perf_counter()
+            train.extra["teacher_logit"] = gbdt.predict(train.cat, train.num).astype(np.float32)
+            try:
+                m = DistilledStudent(Ranker(spec, student_cfg, seed=seed))
+                fit(m, train, valid, tc, loss_fn=two_stage_loss(None, DistillConfig(w_kd=1.0)))
+            finally:
+                del train.extra["teacher_logit"]
+            record("student + KD (LightGBM teacher)", evaluate(m, test), m.student, wall=time.perf_counter() - t)
+        if not skipped("student joint KD"):
+            # joint on the fly (Rocket Launching / double-DNN): the pipeline's teacher and the student share the
+            # embeddings and train in one loop; the KD term reaches only the student
+            t = time.perf_counter()
+            j = JointRanker(spec, teacher_model, student_cfg, seed=seed)
+            fit(j, train, valid, tc, loss_fn=joint_loss(DistillConfig(w_kd=1.0)))
+            record("student joint KD (Rocket Launching)", evaluate(j, test), j.student, wall=time.perf_counter() - t)
+            record("  its joint teacher", evaluate(j.teacher, test), j.teacher)
         pfd = DistillConfig(pfd_lambda=args.pfd_lambda, warmup_steps=args.pfd_warmup, kd=args.pfd_kd)
         for side, label in (("privileged", "privileged side"), ("cross", "cross as privileged")):
             if side == "privileged" and not has_privileged:
@@ -327,6 +359,16 @@ def main(argv: list[str] | None = None) -> int:
             fit(j, train, valid, tc, loss_fn=joint_loss(pfd))
             record(f"student PFD ({label})", evaluate(j, test), j.student, wall=time.perf_counter() - t)
             record(f"  its PFD teacher ({label})", evaluate(j.teacher, test), j.teacher)
+        for variant, label in (("pfd+md", "PFD+MD"), ("lupi", "LUPI")):
+            # the paper's contrasts on the privileged side: a larger privileged teacher; a teacher on it alone
+            if not has_privileged or skipped(f"student {label}"):
+                continue
+            t = time.perf_counter()
+            j = JointRanker(spec, *pfd_configs(student_cfg, variant, pfd_side="privileged"),
+                            private_student_columns=("user_id",), seed=seed)
+            fit(j, train, valid, tc, loss_fn=joint_loss(pfd))
+            record(f"student {label} (privileged side)", evaluate(j, test), j.student, wall=time.perf_counter() - t)
+            record(f"  its {label} teacher (privileged side)", evaluate(j.teacher, test), j.teacher)
 
     settings = {"teacher": teacher_model.to_dict(), "student": student_cfg.to_dict(), "epochs": epochs,
                 "batch_size": batch_size, "lr": args.lr, "patience": 1, "early stopping": "valid AUC per epoch",
