@@ -451,7 +451,8 @@ def render_markdown(res: dict) -> str:
     m = res["machine"]
     L = [f"### Serving: retrieval overhead, index operating points, end-to-end latency ({res['date_utc'][:10]})", "",
          f"Machine: {m['platform']}, {m['cpu_count']} CPUs, load average {m['loadavg_before'][0]:.1f} before / "
-         f"{m['loadavg_after'][0]:.1f} after (shared with other jobs running at the same time; run under `nice`). "
+         f"{m['loadavg_after'][0]:.1f} after (the benchmark itself keeps one core busy)"
+         + (f", run under nice {m['nice']}. " if m.get("nice") else ". ") +
          f"faiss {res['versions'].get('faiss-cpu', '?')}, torch {res['versions'].get('torch', '?')}; faiss and torch "
          f"on {a['threads']} thread. Wall time {res['wall_s'] / 60:.1f} min.", "",
          f"Each corpus is its own pipeline run (`until=\"index\"`) on the synthetic world with {a['n_users']} users, "

@@ -300,3 +300,26 @@ def test_gbdt_rejects_bad_input(data):
     m = GBDTRanker(n_estimators=5).fit(train)
     with pytest.raises(ValueError, match="cat must be"):
         m.predict(valid.cat[:, :2], valid.num)
+
+
+def test_score_pairs_uses_forward_lists_only_for_passes_of_many_lists(monkeypatch):
+    """score_pairs gives forward's logits whatever the path; it takes forward_lists from LISTS_MIN lists per pass on
+    (one list at batch 1 is faster through forward)."""
+    from cascade.serve.run import LISTS_MIN, score_pairs
+
+    t = make_table(LISTS_MIN * 10, seed=3)
+    model = Ranker(SPEC, RankerConfig(backbone="dcnv2", emb_dim=4, mlp=(16, 8), cross_rank=3), seed=1).eval()
+    calls = []
+    real = model.forward_lists
+    monkeypatch.setattr(model, "forward_lists", lambda c, x, n: calls.append(len(c)) or real(c, x, n))
+    with torch.inference_mode():
+        want = model(torch.as_tensor(t.cat), torch.as_tensor(t.num)).numpy()
+    one = score_pairs(model, t.cat[:10], t.num[:10], list_len=10)  # one list: forward
+    assert calls == []
+    np.testing.assert_allclose(one, want[:10], rtol=1e-5, atol=1e-5)
+    many = score_pairs(model, t.cat, t.num, list_len=10)  # LISTS_MIN lists in one pass: forward_lists
+    assert calls == [LISTS_MIN * 10]
+    np.testing.assert_allclose(many, want, rtol=1e-5, atol=1e-5)
+    # passes of 40 rows hold 4 lists each: below LISTS_MIN, so forward again
+    np.testing.assert_allclose(score_pairs(model, t.cat, t.num, batch_size=40, list_len=10), want, rtol=1e-5, atol=1e-5)
+    assert calls == [LISTS_MIN * 10]
