@@ -137,6 +137,20 @@ class StudentsSection:
     rank_student_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=2, batch_size=4096))
     rank_distill: DistillConfig = field(default_factory=lambda: DistillConfig(w_bce=1.0, w_kd=1.0))
     rank_student_max_rows: int | None = None  # train both rank students on the most recent rows only
+    # PFD instead of two-stage distillation when rank_distill.pfd_lambda is set: a teacher that also reads this
+    # side trains together with the student (sharing embeddings; the student keeps private tables for these
+    # columns); the student alone is saved and served
+    rank_pfd_side: str = "privileged"
+    rank_pfd_private_columns: tuple[str, ...] = ("user_id",)
+
+    def __post_init__(self) -> None:
+        from .data.schema import SIDES
+
+        if self.rank_pfd_side not in SIDES:
+            raise ValueError(f"rank_pfd_side {self.rank_pfd_side!r} is not one of {SIDES}")
+        if self.rank_distill.pfd_lambda is not None and self.rank_pfd_side in self.rank_student.sides:
+            raise ValueError(f"rank_pfd_side {self.rank_pfd_side!r} is read by the rank student itself "
+                             f"(rank_student.sides {self.rank_student.sides}), so it is not privileged")
 
 
 @dataclass(frozen=True)
@@ -433,7 +447,7 @@ def stage_students(ctx: StageContext) -> StageResult:
     from .models.ranker import Ranker
     from .models.two_tower import build_two_tower
     from .serve.run import RunData, load_ranker
-    from .train.joint import DistilledStudent, two_stage_loss
+    from .train.joint import DistilledStudent, JointRanker, joint_loss, pfd_configs, two_stage_loss
     from .train.loop import evaluate, fit
     from .train.students import evaluate_on_log, train_student
 
@@ -471,11 +485,26 @@ def stage_students(ctx: StageContext) -> StageResult:
     fit(plain, train, valid, tcfg)
     rows.append(_model_row("rank student (no distillation)", "student", plain, evaluate(plain, test), train.spec))
     _seeded(ctx.seed)
-    student = DistilledStudent(Ranker(train.spec, c.rank_student), teacher_hidden_dim=None, seed=ctx.seed)
-    fit(student, train, valid, tcfg, loss_fn=two_stage_loss(teacher, c.rank_distill))
-    student.eval()
-    rows.append(_model_row("rank student (distilled)", "student", student.student, evaluate(student.student, test), train.spec))
-    outputs += _save_ranker(student.student, c.rank_student, ctx.out / "rank_student")
+    if c.rank_distill.pfd_lambda is None:  # two-stage: from the frozen teacher of the teacher stage
+        distilled = DistilledStudent(Ranker(train.spec, c.rank_student), teacher_hidden_dim=None, seed=ctx.seed)
+        fit(distilled, train, valid, tcfg, loss_fn=two_stage_loss(teacher, c.rank_distill))
+        served, name = distilled.student.eval(), "rank student (distilled)"
+    else:  # PFD: its own privileged teacher, trained synchronously with the student
+        side = c.rank_pfd_side
+        if not (train.spec.cat_index(side) or train.spec.num_index(side)):
+            raise ValueError(f"students.rank_distill.pfd_lambda is set (PFD), but the data have no column on the "
+                             f"{side!r} side (students.rank_pfd_side); sides with columns: "
+                             f"{sorted(set(train.spec.cat_sides + train.spec.num_sides))}")
+        joint = JointRanker(train.spec, *pfd_configs(c.rank_student, "pfd", pfd_side=side),
+                            private_student_columns=c.rank_pfd_private_columns, seed=ctx.seed)
+        fit(joint, train, valid, tcfg, loss_fn=joint_loss(c.rank_distill))
+        served = joint.export_student().eval()
+        name = f"rank student (distilled, PFD on the {side} side)"
+    rows.append(_model_row(name, "student", served, evaluate(served, test), train.spec))
+    if c.rank_distill.pfd_lambda is not None:
+        rows.append(_model_row(f"its PFD teacher (also reads the {side} side; not served)", "pfd_teacher",
+                               joint.teacher, evaluate(joint.teacher, test), train.spec))
+    outputs += _save_ranker(served, c.rank_student, ctx.out / "rank_student")
     A.write_json(ctx.out / "models.json", rows)
     outputs.append("models.json")
     metrics["models"] = rows

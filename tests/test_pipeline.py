@@ -19,6 +19,7 @@ import pytest
 import torch
 
 from cascade import artifacts as A
+from cascade.config import ConfigError
 from cascade.pipeline import STAGES, load_config, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -198,3 +199,34 @@ def test_index_from_another_model_is_refused_naming_both_hashes(run_a, tmp_path)
     with pytest.raises(IndexMismatchError) as e:
         load_cascade(fake, variant="distilled")
     assert mine[:12] in str(e.value) and theirs[:12] in str(e.value)
+
+
+def test_pfd_rank_student_through_the_pipeline_and_serving(run_a, tmp_path):
+    """students.rank_distill.pfd_lambda switches the rank student to PFD: the students stage trains a privileged
+    teacher with it, saves the student alone, and the replay serves that student as the ranker."""
+    import shutil
+
+    from cascade.serve.run import RunData, load_ranker
+    from cascade.train.loop import evaluate
+
+    _, run_dir, _ = run_a
+    shutil.copytree(run_dir, tmp_path / "tiny")
+    cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(tmp_path))}", "students.rank_distill.pfd_lambda=0.5",
+                             "students.rank_distill.warmup_steps=5", 'replay.ranker="student"'])
+    res = run_pipeline(cfg, progress=False)
+    assert [s for s, r in res.items() if r["status"] == "ran"] == ["students", "index", "replay", "report"]
+    rows = {r["name"]: r for r in A.read_json(tmp_path / "tiny" / "students" / "models.json")}
+    student = rows["rank student (distilled, PFD on the privileged side)"]
+    teacher = rows["its PFD teacher (also reads the privileged side; not served)"]
+    assert "rank student (distilled)" not in rows
+    assert teacher["auc"] > student["auc"] + 0.1  # post-click fields nearly give the click away
+    data = RunData(tmp_path / "tiny" / "data")
+    served = load_ranker(tmp_path / "tiny" / "students" / "rank_student", data.spec)
+    assert "privileged" not in served.cfg.sides and not served.private_columns
+    assert evaluate(served, data.encoded("test"))["auc"] == pytest.approx(student["auc"], abs=1e-6)
+    summary = A.read_json(tmp_path / "tiny" / "replay" / "summary.json")
+    assert summary["distilled"]["sizes"]["rank"] == cfg.replay.k
+    # a side that is not one, or one the student reads itself, fails when the config is read, before any work
+    for side, message in (("nope", "is not one of"), ("item", "read by the rank student itself")):
+        with pytest.raises(ConfigError, match=message):
+            load_config(TINY, ["students.rank_distill.pfd_lambda=0.5", f'students.rank_pfd_side="{side}"'])

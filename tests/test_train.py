@@ -364,3 +364,40 @@ def test_bf16_autocast_trains_the_same_model_in_float32_state(small):
     assert r16.best_valid_auc > 0.65 and abs(r16.best_valid_auc - r32.best_valid_auc) < 0.01
     with pytest.raises(ValueError, match="autocast"):
         TrainConfig(autocast="fp16")
+
+
+@pytest.mark.parametrize("variant,side,backbone,share", [
+    ("pfd", "privileged", "dnn", True),
+    ("pfd", "cross", "dcnv2", True),
+    ("pfd+md", "privileged", "deepfm", True),
+    ("lupi", "privileged", "dnn", True),
+    ("pfd", "privileged", "dcnv2", False),
+])
+def test_export_student_is_a_standalone_ranker_with_the_same_logits(small, tmp_path, variant, side, backbone, share):
+    from cascade import artifacts as A
+    from cascade.serve.run import load_ranker
+
+    train, _ = small
+    student_cfg = RankerConfig(backbone=backbone, emb_dim=4, mlp=(16, 8), cross_rank=3,
+                               sides=("user", "item", "context"))
+    private = ("user_id",) if share else ()
+    joint = JointRanker(SPEC, *pfd_configs(student_cfg, variant, teacher_mlp=(16,), pfd_side=side),
+                        share_embeddings=share, private_student_columns=private, seed=0)
+    with torch.no_grad():  # every parameter away from its initial value (biases start at 0)
+        g = torch.Generator().manual_seed(0)
+        for p in joint.parameters():
+            p.add_(0.3 * torch.randn(p.shape, generator=g))
+    joint.eval()
+    exported = joint.export_student()
+    assert not exported.private_columns and exported.embedding is not joint.student.embedding
+    assert set(exported.embedding.cat_names + exported.embedding.num_names) == set(exported.field_names)
+    cat, num = torch.as_tensor(train.cat[:300]), torch.as_tensor(train.num[:300])
+    with torch.inference_mode():
+        want = joint(cat, num)
+        assert want.std() > 0.1
+        torch.testing.assert_close(exported(cat, num), want, rtol=1e-6, atol=1e-6)
+    # saved the way the pipeline saves a rank student, and loaded the way serving loads it
+    A.save_torch(tmp_path / "model.pt", exported.state_dict())
+    A.write_json(tmp_path / "config.json", exported.cfg.to_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(load_ranker(tmp_path, SPEC)(cat, num), want, rtol=1e-6, atol=1e-6)
