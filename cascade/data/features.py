@@ -95,6 +95,16 @@ def _cat_keys(s: pd.Series, source: str, name: str, kind: str | None = None) -> 
     return keys, valid, kind or got
 
 
+def _scale(std):
+    """The standardisation divisor for ``std`` (a float or an array): 1.0 where a column is constant up to float
+    rounding (below 10 machine epsilons, scikit-learn's StandardScaler rule). Dividing by such a std (say 1e-110,
+    left by values 0 and 4e-110) turns any other value into inf in float32."""
+    tiny = 10 * np.finfo(np.float64).eps
+    if np.ndim(std) == 0:
+        return float(std) if std >= tiny else 1.0
+    return np.where(np.asarray(std) >= tiny, std, 1.0)
+
+
 def _vocab_lookup(vocab: np.ndarray, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Index of each key in the sorted ``vocab`` plus 1; 0 (OOV) for unseen or invalid keys. int64 [N]."""
     if len(vocab) == 0:
@@ -275,8 +285,7 @@ class FeatureEncoder:
                     # searchsorted(side="right") + 1 gives 1..len(edges)+1; 0 stays free as the OOV index
                     col.update(out="cat", cardinality=int(len(edges[f.name]) + 2))
                 else:
-                    std = float(v.std())
-                    col.update(out="num", mean=float(v.mean()), std=std if std > 0 else 1.0)
+                    col.update(out="num", mean=float(v.mean()), std=_scale(float(v.std())))
             columns.append(col)
         self.columns_ = columns
         self.vocab_ = vocab
@@ -295,7 +304,7 @@ class FeatureEncoder:
             std = x.std(axis=0)
             self.cross_names_ = list(cross_store.feature_names)
             self.cross_mean_ = x.mean(axis=0)
-            self.cross_std_ = np.where(std > 0, std, 1.0)
+            self.cross_std_ = _scale(std)
         log.info("FeatureEncoder fitted: %d columns, %d cross features", len(columns), len(self.cross_names_))
         return self
 

@@ -58,7 +58,7 @@ from cascade.artifacts import ArtifactError, read_json, read_manifest, write_jso
 from cascade.data import kuairand
 from cascade.data.batches import EncodedTable, FeatureSpec
 from cascade.data.features import (CrossFeatureStore, FeatureEncoder, PairEncoder, _IdIndex, _cat_keys, _column,
-                                   _float_values)
+                                   _float_values, _scale)
 from cascade.data.schema import Dataset, DataValidationError, Feature, Schema
 from cascade.data.split import DAY_MS, SPLITS, request_start_ms
 from cascade.data.world import USER_FEATURES_FILE, VIDEO_FEATURES_FILE
@@ -432,7 +432,7 @@ def _numeric_column(col: dict, x: np.ndarray, c: np.ndarray, n_nan: int, numeric
     n = float(c.sum())
     mean = float(np.dot(c, v) / n)
     std = float(np.sqrt(np.dot(c, (v - mean) ** 2) / n))
-    col.update(out="num", mean=mean, std=std if std > 0 else 1.0)
+    col.update(out="num", mean=mean, std=_scale(std))
     return None
 
 
@@ -543,7 +543,7 @@ def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1
     if cross is not None:
         std = cross_stats.std()
         enc.cross_names_ = list(cross.feature_names)
-        enc.cross_mean_, enc.cross_std_ = cross_stats.mean, np.where(std > 0, std, 1.0)
+        enc.cross_mean_, enc.cross_std_ = cross_stats.mean, _scale(std)
         log.info("fit_encoder_stream: cross features from %d chunk fits, at most %d events buffered",
                  cross.n_fits_, cross.max_events_)
     log.info("fit_encoder_stream: %d columns, %d cross features from %d train rows", len(columns),
