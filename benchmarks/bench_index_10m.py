@@ -30,14 +30,19 @@ import logging
 import os
 import platform
 import resource
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from cascade.artifacts import atomic_path, package_versions, write_json
-from cascade.index.exact import exact_topk, recall_at_k
+from cascade.artifacts import package_versions, write_json, write_text
+from cascade.index.exact import clustered_vectors, exact_topk, recall_at_k
 from cascade.index.faiss_index import ItemIndex, configure_faiss
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
+from bench_index import time_single  # noqa: E402
+from bench_soak import rss_bytes  # noqa: E402
 
 log = logging.getLogger("bench_index_10m")
 
@@ -71,43 +76,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def rss_bytes() -> int:
-    """Current resident set size of this process (Linux /proc)."""
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
 def peak_rss_bytes() -> int:
     """Peak resident set size of this process so far (ru_maxrss is in KiB on Linux)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def clustered_corpus(n: int, d: int, n_clusters: int, nq: int, spread: float, chunk: int,
-                     rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """xb [n, d] float32 (filled chunk by chunk, float64 only per chunk) and xq [nq, d] float32 unit queries."""
-    centres = rng.standard_normal((n_clusters, d))
-    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-
-    def draw(m: int) -> np.ndarray:
-        x = centres[rng.integers(0, n_clusters, size=m)] + rng.standard_normal((m, d)) * (spread / np.sqrt(d))
-        return x / np.linalg.norm(x, axis=1, keepdims=True)
-
-    xb = np.empty((n, d), dtype=np.float32)
-    for s in range(0, n, chunk):
-        m = min(chunk, n - s)
-        xb[s:s + m] = draw(m) * rng.uniform(0.5, 2.0, size=(m, 1))
-    return xb, draw(nq).astype(np.float32)
-
-
-def time_single(index: ItemIndex, xq: np.ndarray, k: int) -> dict:
-    """p50 / p99 latency (ms) of one-query searches on 1 thread."""
-    index.search_positions(xq[:1], k)  # warm-up
-    lat = np.empty(len(xq))
-    for i in range(len(xq)):
-        t0 = time.perf_counter()
-        index.search_positions(xq[i:i + 1], k)
-        lat[i] = time.perf_counter() - t0
-    return {"single_p50_ms": float(np.percentile(lat, 50) * 1e3), "single_p99_ms": float(np.percentile(lat, 99) * 1e3)}
 
 
 def bench_config(config: str, xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, I_exact: np.ndarray,
@@ -134,7 +105,7 @@ def bench_config(config: str, xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, I
             qps = len(xq) / (time.perf_counter() - t)
             configure_faiss(1)
             row = {"nprobe": nprobe, "k_factor": kf, "recall_at_k": recall_at_k(I, I_exact), "batched_qps": qps,
-                   **time_single(index, xq[: args.nq_single], args.k)}
+                   **time_single(index.search_positions, xq[: args.nq_single], args.k)}
             log.info("  nprobe %3d k_factor %d: recall@%d %.4f, %6.0f q/s batched, single p50 %.2f ms p99 %.2f ms",
                      nprobe, kf, args.k, row["recall_at_k"], qps, row["single_p50_ms"], row["single_p99_ms"])
             points.append(row)
@@ -179,7 +150,8 @@ def main(argv=None) -> None:
     rng = np.random.default_rng(args.seed)
     clusters = max(1, args.n // args.points_per_cluster)
     t0 = time.perf_counter()
-    xb, xq = clustered_corpus(args.n, args.dim, clusters, args.nq, args.spread, args.chunk, rng)
+    xb, xq = clustered_vectors(args.n, args.dim, clusters, rng, n_queries=args.nq, spread=args.spread,
+                               chunk_rows=args.chunk)
     ids = np.arange(args.n, dtype=np.int64)
     log.info("corpus %d x %d (%.2f GB) in %.1f s", args.n, args.dim, xb.nbytes / 1e9, time.perf_counter() - t0)
     configure_faiss(args.threads)
@@ -201,8 +173,7 @@ def main(argv=None) -> None:
     }
     write_json(args.out.with_suffix(".json"), out)
     md = to_markdown(out)
-    with atomic_path(args.out.with_suffix(".md")) as tmp:
-        Path(tmp).write_text(md)
+    write_text(args.out.with_suffix(".md"), md)
     print(md)
 
 

@@ -2,12 +2,13 @@
 memory-mapped tables. Records wall time, rows/s, peak RSS of each phase (sampled every 0.2 s) and bytes on disk.
 
 Each ``--impressions`` value is one run (phases in order, in one process; a phase's peak RSS is the largest RSS
-sampled during it). Results go to ``benchmarks/results/bench_stream.json`` and ``.md``.
+sampled during it). Results go to ``benchmarks/results/bench_stream.json`` (the Markdown next to it is
+written by hand from it).
 
     nice python benchmarks/bench_stream.py --items 200000 --users 20000 --impressions 1000000 4000000
     # with cross features over a 2-day window (encoder fit and encoding stream them; a "cross" phase records the
     # events the window buffer held; --cross-in-memory adds the whole-table CrossFeatureStore for comparison):
-    nice python benchmarks/bench_stream.py --items 200000 --users 20000 --impressions 1000000 4000000 \
+    nice python benchmarks/bench_stream.py --items 200000 --users 20000 --impressions 1000000 4000000 \\
         --cross-window-days 2 --cross-in-memory --out benchmarks/results/bench_stream_cross.json
     # the target (see bench_stream.md for the time and disk estimate):
     nice python benchmarks/bench_stream.py --items 10000000 --users 200000 --impressions 100000000 \\

@@ -348,27 +348,21 @@ def main(argv: list[str] | None = None) -> int:
             record("student joint KD (Rocket Launching)", evaluate(j, test), j.student, wall=time.perf_counter() - t)
             record("  its joint teacher", evaluate(j.teacher, test), j.teacher)
         pfd = DistillConfig(pfd_lambda=args.pfd_lambda, warmup_steps=args.pfd_warmup, kd=args.pfd_kd)
-        for side, label in (("privileged", "privileged side"), ("cross", "cross as privileged")):
-            if side == "privileged" and not has_privileged:
-                continue  # ML-100K has no post-click field: the privileged-side PFD row cannot exist there
-            if skipped(f"student PFD ({label})"):
-                continue
+        # PFD with the post-click side and with the cross side as privileged (the paper's pre-rank setting), then the
+        # paper's contrasts on the privileged side: a larger privileged teacher (PFD+MD), a teacher on it alone (LUPI)
+        for variant, label, side, where in (("pfd", "PFD", "privileged", "privileged side"),
+                                            ("pfd", "PFD", "cross", "cross as privileged"),
+                                            ("pfd+md", "PFD+MD", "privileged", "privileged side"),
+                                            ("lupi", "LUPI", "privileged", "privileged side")):
+            name = f"student {label} ({where})"
+            if (side == "privileged" and not has_privileged) or skipped(name):
+                continue  # ML-100K has no post-click field: the privileged-side rows cannot exist there
             t = time.perf_counter()
-            j = JointRanker(spec, *pfd_configs(student_cfg, "pfd", pfd_side=side),
+            j = JointRanker(spec, *pfd_configs(student_cfg, variant, pfd_side=side),
                             private_student_columns=("user_id",), seed=seed)
             fit(j, train, valid, tc, loss_fn=joint_loss(pfd))
-            record(f"student PFD ({label})", evaluate(j, test), j.student, wall=time.perf_counter() - t)
-            record(f"  its PFD teacher ({label})", evaluate(j.teacher, test), j.teacher)
-        for variant, label in (("pfd+md", "PFD+MD"), ("lupi", "LUPI")):
-            # the paper's contrasts on the privileged side: a larger privileged teacher; a teacher on it alone
-            if not has_privileged or skipped(f"student {label}"):
-                continue
-            t = time.perf_counter()
-            j = JointRanker(spec, *pfd_configs(student_cfg, variant, pfd_side="privileged"),
-                            private_student_columns=("user_id",), seed=seed)
-            fit(j, train, valid, tc, loss_fn=joint_loss(pfd))
-            record(f"student {label} (privileged side)", evaluate(j, test), j.student, wall=time.perf_counter() - t)
-            record(f"  its {label} teacher (privileged side)", evaluate(j.teacher, test), j.teacher)
+            record(name, evaluate(j, test), j.student, wall=time.perf_counter() - t)
+            record(f"  its {label} teacher ({where})", evaluate(j.teacher, test), j.teacher)
 
     settings = {"teacher": teacher_model.to_dict(), "student": student_cfg.to_dict(), "epochs": epochs,
                 "batch_size": batch_size, "lr": args.lr, "patience": 1, "early stopping": "valid AUC per epoch",

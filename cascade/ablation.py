@@ -168,14 +168,11 @@ class TestSet:
 
 def _impressed_rows(imp: pd.DataFrame, inputs, n_requests: int) -> np.ndarray:
     """Impressed item rows per request row, in position order, padded with -1: int64 [R, Lmax]."""
-    req_row = inputs.request_rows(imp["request_id"].to_numpy(np.int64))
-    order = np.lexsort((imp["position"].to_numpy(), req_row))
-    rr = req_row[order]
-    counts = np.bincount(rr, minlength=n_requests)
-    slot = np.arange(len(rr)) - np.repeat(np.cumsum(counts) - counts, counts)
-    out = np.full((n_requests, max(int(counts.max(initial=0)), 1)), -1, np.int64)
-    out[rr, slot] = inputs.item_rows(imp["item_id"].to_numpy(np.int64)[order])
-    return out
+    from .pipeline import _pad_by_row
+
+    imp = imp.sort_values("position", kind="stable")
+    return _pad_by_row(inputs.request_rows(imp["request_id"].to_numpy(np.int64)),
+                       inputs.item_rows(imp["item_id"].to_numpy(np.int64)), n_requests)
 
 
 def build_test_set(run_dir: Path, data, teacher: torch.nn.Module, settings: AblationSettings, n_candidates: int,

@@ -485,6 +485,7 @@ def stage_students(ctx: StageContext) -> StageResult:
     fit(plain, train, valid, tcfg)
     rows.append(_model_row("rank student (no distillation)", "student", plain, evaluate(plain, test), train.spec))
     _seeded(ctx.seed)
+    pfd_rows = []  # PFD's own teacher, reported after the student it taught
     if c.rank_distill.pfd_lambda is None:  # two-stage: from the frozen teacher of the teacher stage
         distilled = DistilledStudent(Ranker(train.spec, c.rank_student), teacher_hidden_dim=None, seed=ctx.seed)
         fit(distilled, train, valid, tcfg, loss_fn=two_stage_loss(teacher, c.rank_distill))
@@ -500,10 +501,9 @@ def stage_students(ctx: StageContext) -> StageResult:
         fit(joint, train, valid, tcfg, loss_fn=joint_loss(c.rank_distill))
         served = joint.export_student().eval()
         name = f"rank student (distilled, PFD on the {side} side)"
-    rows.append(_model_row(name, "student", served, evaluate(served, test), train.spec))
-    if c.rank_distill.pfd_lambda is not None:
-        rows.append(_model_row(f"its PFD teacher (also reads the {side} side; not served)", "pfd_teacher",
-                               joint.teacher, evaluate(joint.teacher, test), train.spec))
+        pfd_rows.append(_model_row(f"its PFD teacher (also reads the {side} side; not served)", "pfd_teacher",
+                                   joint.teacher, evaluate(joint.teacher, test), train.spec))
+    rows += [_model_row(name, "student", served, evaluate(served, test), train.spec)] + pfd_rows
     outputs += _save_ranker(served, c.rank_student, ctx.out / "rank_student")
     A.write_json(ctx.out / "models.json", rows)
     outputs.append("models.json")

@@ -7,7 +7,8 @@ import pandas as pd
 import pytest
 
 from cascade.artifacts import ArtifactError
-from cascade.distill.ranklog import RankLog, _PopSampler, build_rank_log, merge_manifests, sample_candidates
+from cascade.data.sampling import CdfSampler
+from cascade.distill.ranklog import RankLog, build_rank_log, merge_manifests, sample_candidates
 
 
 def _no_repeats(c: np.ndarray) -> bool:
@@ -58,7 +59,7 @@ def test_pop_sampler_equals_binary_search():
     # also for zero-weight items (never drawn) and one huge weight beside many tiny ones (long forward scans)
     rng = np.random.default_rng(3)
     for w in (np.r_[np.zeros(5), rng.pareto(1.2, 3000), np.zeros(4)], np.r_[1e9, np.full(5000, 1e-6)], np.ones(7)):
-        ps = _PopSampler(w)
+        ps = CdfSampler.from_weights(w)
         u = np.r_[0.0, np.nextafter(1.0, 0.0), rng.random(20000)]
         ref = np.minimum(np.searchsorted(np.cumsum(w), u * np.cumsum(w)[-1], side="right"), len(w) - 1)
         got = ps.draw(u)

@@ -15,8 +15,8 @@ from cascade.models.ranker import RankerConfig
 from cascade.models.two_tower import TowerConfig, TowerInputs, build_two_tower
 from cascade.train.joint import DistillConfig
 from cascade.train.students import StudentConfig, evaluate_on_log
-from cascade.train.three_students import (JointCascadeConfig, JointData, score_lists, standalone_ranker,
-                                          teacher_ranks, train_joint_cascade)
+from cascade.train.three_students import (JointCascadeConfig, JointData, score_lists, teacher_ranks,
+                                          train_joint_cascade)
 
 torch.set_num_threads(1)
 
@@ -176,7 +176,7 @@ def test_prerank_student_learns_its_teachers_order(world, trained, tmp_path):
 
 
 def test_standalone_ranker_and_scoring_match_the_joint_models(world):
-    """standalone_ranker copies exactly the shared rows a model reads; score_lists equals the teacher on the
+    """Ranker.standalone copies exactly the shared rows a model reads; score_lists equals the teacher on the
     pair features, with padding zeroed."""
     from cascade.train.joint import JointRanker
 
@@ -188,11 +188,11 @@ def test_standalone_ranker_and_scoring_match_the_joint_models(world):
     jr.eval()
     cat, num = torch.from_numpy(data.impressions.cat[:50]), torch.from_numpy(data.impressions.num[:50])
     for m in (jr.teacher, jr.student):
-        alone = standalone_ranker(m)
+        alone = m.standalone()
         assert alone.embedding is not jr.embedding
         torch.testing.assert_close(alone(cat, num), m(cat, num), rtol=0, atol=0)
     # the student reads user + item columns only: its own table has 4 columns, the shared one 5 (+ hour)
-    assert standalone_ranker(jr.student).embedding.table.num_embeddings == N_USERS + N_GROUPS + N_ITEMS + N_TAGS + 4
+    assert jr.student.standalone().embedding.table.num_embeddings == N_USERS + N_GROUPS + N_ITEMS + N_TAGS + 4
 
     data.candidates[1, -3:] = -1  # padding at the end of one list (restored below)
     try:

@@ -67,7 +67,6 @@ from cascade.data.world_stream import world_stream_files
 log = logging.getLogger(__name__)
 
 ENCODED_SPEC = "spec.json"
-_BASE_ARRAYS = ("cat", "num", "label", "request_id", "user_id", "item_id", "time_ms", "is_rand")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -94,10 +93,6 @@ class StreamDataset:
     def source(self, table: str) -> str:
         return {"users": str(self.path / USER_FEATURES_FILE), "items": str(self.path / VIDEO_FEATURES_FILE)}.get(
             table, str(self.path / "impressions"))
-
-    @property
-    def n_rows(self) -> int:
-        return self.impressions.count_rows()
 
 
 def open_stream_dataset(path: str | Path) -> StreamDataset:
@@ -646,7 +641,6 @@ def encode_stream(sd: StreamDataset, split: StreamSplit, encoder: FeatureEncoder
                                 f"counted {split.rows[p]}; the dataset changed during encoding")
         for k, mm in files[p].items():
             mm.flush()
-            del mm
             os.replace(out_dir / p / f".{k}.npy.tmp", out_dir / p / f"{k}.npy")
             outputs.append(f"{p}/{k}.npy")
         write_json(out_dir / p / ENCODED_SPEC, {"spec": spec.to_dict(), "rows": filled[p],

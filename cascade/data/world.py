@@ -72,6 +72,7 @@ from tqdm.auto import tqdm
 
 import cascade
 from cascade.artifacts import ArtifactError, atomic_path, read_json, read_npz, write_json, write_npz
+from cascade.data.sampling import CdfSampler
 from cascade.data.schema import DataValidationError, check_columns, check_id_column
 
 logger = logging.getLogger(__name__)
@@ -821,49 +822,12 @@ def _unique_requests(step: np.ndarray, user: np.ndarray, tab: np.ndarray, is_ran
     return {"user": user, "step": step, "tab": tab, "is_rand": is_rand, "gap": gap, "offset": offset}
 
 
-class _PopularSampler:
-    """Inverse-CDF draws of item rows from a normalised CDF, with a guide table.
-
-    ``draw(u)`` returns exactly ``np.minimum(np.searchsorted(cdf, u, side="right"), n - 1)`` (so a world drawn with it
-    is bit-identical to one drawn with a binary search), but a binary search over a 10M-entry CDF costs ~23 cache
-    misses per draw; the guide table (one entry per item: the first item whose CDF reaches each of n equal slices
-    of [0, 1)) starts a draw next to its answer, and a few vectorised forward steps finish it. Draws still
-    unresolved after ``max_steps`` (a slice holding many tiny items), and draws that float rounding started one
-    slice late, are redone with the binary search.
-    """
-
-    def __init__(self, cdf: np.ndarray, max_steps: int = 8) -> None:
-        self.cdf = cdf
-        self.n = len(cdf)
-        self.guide = np.searchsorted(cdf, np.arange(self.n) / self.n, side="left")
-        self.max_steps = max_steps
-
-    def draw(self, u: np.ndarray) -> np.ndarray:
-        """u: uniform [0, 1) floats of any shape -> item rows int64 of the same shape."""
-        cdf, last = self.cdf, self.n - 1
-        x = u.reshape(-1)
-        pos = self.guide[np.minimum((x * self.n).astype(np.int64), last)]
-        idx = np.flatnonzero(cdf[np.minimum(pos, last)] <= x)
-        for _ in range(self.max_steps):
-            idx = idx[pos[idx] < self.n]
-            if idx.size == 0:
-                break
-            pos[idx] += 1
-            idx = idx[cdf[np.minimum(pos[idx], last)] <= x[idx]]
-        if idx.size:
-            pos[idx] = np.searchsorted(cdf, x[idx], side="right")
-        late = np.flatnonzero((pos > 0) & (cdf[np.maximum(pos - 1, 0)] > x))
-        if late.size:
-            pos[late] = np.searchsorted(cdf, x[late], side="right")
-        return np.minimum(pos, last).reshape(u.shape)
-
-
 #: Per-impression arrays of a simulated hour step (see :func:`_simulate_step`).
 _STEP_KEYS = ("req", "item", "pos", "click", "examined", "sat", "watch", "ctx", "hist", "logit")
 
 
 def _simulate_step(world: World, req: dict[str, np.ndarray], lo: int, hi: int, s: int, hist: _History,
-                   rng: np.random.Generator, pop: _PopularSampler) -> dict[str, np.ndarray]:
+                   rng: np.random.Generator, pop: CdfSampler) -> dict[str, np.ndarray]:
     """Simulate the requests ``lo:hi`` of ``req`` (all in hour step ``s``) and add their events to ``hist``.
 
     Returns the per-impression arrays of :data:`_STEP_KEYS`, each [n_requests * request_size]: ``req`` the row of
@@ -928,10 +892,10 @@ def _new_history(world: World) -> _History:
                     cfg.history_half_life_hours / math.log(2.0))
 
 
-def _popular_sampler(world: World) -> _PopularSampler:
+def _popular_sampler(world: World) -> CdfSampler:
     pop_cdf = np.cumsum(np.exp(world._c["item_pop"]))
     pop_cdf /= pop_cdf[-1]
-    return _PopularSampler(pop_cdf)
+    return CdfSampler(pop_cdf)
 
 
 def _simulate(world: World, req: dict[str, np.ndarray], rng: np.random.Generator, progress: bool

@@ -57,6 +57,7 @@ from cascade.artifacts import (MANIFEST, ArtifactError, atomic_path, read_manife
                                write_manifest, write_npz)
 from cascade.data import world as W
 from cascade.data.io import hour_weekday
+from cascade.data.sampling import CdfSampler
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,7 @@ def _draw_chunk_requests(cfg: W.WorldConfig, rate: np.ndarray, s0: int, s1: int,
     return W._unique_requests(step, user, tab, is_rand, cfg, U, rng)
 
 
-def _simulate_chunk(world: W.World, hist: W._History, pop: W._PopularSampler, s0: int, s1: int,
+def _simulate_chunk(world: W.World, hist: W._History, pop: CdfSampler, s0: int, s1: int,
                     rate: np.ndarray, day_ms: np.ndarray, day_int: np.ndarray, first_request_id: int,
                     rng: np.random.Generator) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """Simulate hour steps [s0, s1): (arrow table of IMPRESSION_SCHEMA, per-row arrays for the summary)."""

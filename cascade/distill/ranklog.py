@@ -33,6 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cascade import artifacts
+from cascade.data.sampling import CdfSampler
 from cascade.data.schema import DataValidationError, check_columns
 
 log = logging.getLogger(__name__)
@@ -73,42 +74,7 @@ def _first_occurrence_compact(x: np.ndarray, width: int) -> tuple[np.ndarray, np
     return out, np.minimum(keep.sum(axis=1), width)
 
 
-class _PopSampler:
-    """Draws item rows with probability w_i / sum(w): inverse CDF with a guide table.
-
-    A plain binary search over a large CDF costs ~17 cache misses per draw. The guide table (one entry per item)
-    gives for each of n equal slices of [0, total) the first item whose CDF reaches the slice, so a draw starts
-    next to its answer and a few vectorised forward steps finish it; the rare draw still unresolved after
-    ``max_steps`` (a slice holding many tiny items) falls back to binary search.
-    """
-
-    def __init__(self, weights: np.ndarray, max_steps: int = 8) -> None:
-        self.cdf = np.cumsum(weights)
-        self.n = len(self.cdf)
-        self.guide = np.searchsorted(self.cdf, np.arange(self.n) * (self.cdf[-1] / self.n), side="left")
-        self.max_steps = max_steps
-
-    def draw(self, u: np.ndarray) -> np.ndarray:
-        """u: uniform [0, 1) floats [m] -> item rows [m]: the first i with cdf[i] > u * total."""
-        cdf, last = self.cdf, self.n - 1
-        x = u * cdf[-1]
-        pos = self.guide[np.minimum((u * self.n).astype(np.int64), last)]
-        idx = np.flatnonzero((cdf[np.minimum(pos, last)] <= x) & (pos < last))
-        for _ in range(self.max_steps):
-            if idx.size == 0:
-                break
-            pos[idx] += 1
-            idx = idx[(cdf[pos[idx]] <= x[idx]) & (pos[idx] < last)]
-        if idx.size:
-            pos[idx] = np.searchsorted(cdf, x[idx], side="right")
-        # float rounding in the guide could start a draw one slice late: check and redo those exactly
-        late = np.flatnonzero((pos > 0) & (cdf[np.maximum(pos - 1, 0)] > x))
-        if late.size:
-            pos[late] = np.searchsorted(cdf, x[late], side="right")
-        return np.minimum(pos, last)  # guards u * total == total from float rounding
-
-
-def _draw(n_rows: int, n_draw: int, n_items: int, pop: _PopSampler | None, uniform_frac: float,
+def _draw(n_rows: int, n_draw: int, n_items: int, pop: CdfSampler | None, uniform_frac: float,
           rng: np.random.Generator) -> np.ndarray:
     """[n_rows, n_draw] item rows: each draw uniform with probability uniform_frac, else popularity-weighted."""
     out = rng.integers(0, n_items, size=(n_rows, n_draw))
@@ -155,7 +121,7 @@ def sample_candidates(impressed: np.ndarray, n_items: int, n_candidates: int = 2
             raise ValueError(f"sample_candidates: pop_weights must have shape ({n_items},), got {w.shape}")
         if not np.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
             raise ValueError("sample_candidates: pop_weights must be finite, >= 0 and not all 0")
-        pop = _PopSampler(w)
+        pop = CdfSampler.from_weights(w)
     elif uniform_frac < 1.0:
         log.debug("sample_candidates: no pop_weights, all samples are uniform")
 

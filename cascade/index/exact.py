@@ -34,19 +34,18 @@ def check_metric(metric: str) -> str:
 
 def as_float32_matrix(x, name: str, d: int | None = None) -> np.ndarray:
     """``x`` as a C-contiguous float32 array ``[n, d]``; raise a ValueError naming ``name`` on a bad shape or value."""
-    if (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2 and x.flags.c_contiguous
-            and (d is None or x.shape[1] == d) and np.isfinite(x.sum())):
-        return x  # the serving path's common case, checked in ~1 us
-    if hasattr(x, "detach"):  # a torch tensor, possibly on the GPU
-        x = x.detach().cpu().numpy()
-    x = np.asarray(x)
-    if x.ndim != 2:
-        raise ValueError(f"{name} must be a 2-d array [n, d], got shape {x.shape}")
-    if d is not None and x.shape[1] != d:
-        raise ValueError(f"{name} has dimension {x.shape[1]}, expected {d}")
-    if x.dtype.kind not in "fiu":
-        raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
-    x = np.ascontiguousarray(x, dtype=np.float32)
+    if not (type(x) is np.ndarray and x.dtype == np.float32 and x.ndim == 2 and x.flags.c_contiguous
+            and (d is None or x.shape[1] == d)):  # the serving path's common case needs no conversion
+        if hasattr(x, "detach"):  # a torch tensor, possibly on the GPU
+            x = x.detach().cpu().numpy()
+        x = np.asarray(x)
+        if x.ndim != 2:
+            raise ValueError(f"{name} must be a 2-d array [n, d], got shape {x.shape}")
+        if d is not None and x.shape[1] != d:
+            raise ValueError(f"{name} has dimension {x.shape[1]}, expected {d}")
+        if x.dtype.kind not in "fiu":
+            raise ValueError(f"{name} must be numeric, got dtype {x.dtype}")
+        x = np.ascontiguousarray(x, dtype=np.float32)
     # one reduction (a batch-1 query costs ~60 us in all): a finite sum means every value is finite (nan and inf
     # propagate); a non-finite sum (also from float32 overflow of large finite values) falls through to the exact check
     if np.isfinite(x.sum()):
@@ -273,6 +272,7 @@ def clustered_vectors(
     n_queries: int = 0,
     spread: float = 1.0,
     norm_range: tuple[float, float] = (0.5, 2.0),
+    chunk_rows: int | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Seeded embeddings with planted structure for index tests and benchmarks.
 
@@ -280,7 +280,8 @@ def clustered_vectors(
     points are drawn around ``n_clusters`` random unit-norm centres with gaussian noise of std ``spread / sqrt(d)``.
     Items are scaled by a norm drawn uniformly from ``norm_range``: non-normalised on purpose, so inner-product and
     L2 neighbours differ, as they do for trained item towers. Queries come from the same centres, unit norm.
-    Returns xb [n, d] float32 items and xq [n_queries, d] float32 queries.
+    Returns xb [n, d] float32 items and xq [n_queries, d] float32 queries. chunk_rows: draw the items this many at
+    a time (float64 only per chunk, for corpora of millions); the values are the same for any chunk size.
     """
     centres = rng.standard_normal((n_clusters, d))
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
@@ -289,5 +290,9 @@ def clustered_vectors(
         x = centres[rng.integers(0, n_clusters, size=m)] + rng.standard_normal((m, d)) * (spread / np.sqrt(d))
         return x / np.linalg.norm(x, axis=1, keepdims=True)
 
-    xb = draw(n) * rng.uniform(norm_range[0], norm_range[1], size=(n, 1))
-    return xb.astype(np.float32), draw(n_queries).astype(np.float32)
+    xb = np.empty((n, d), dtype=np.float32)
+    chunk = max(1, chunk_rows or n)
+    for s in range(0, n, chunk):
+        m = min(chunk, n - s)
+        xb[s:s + m] = draw(m) * rng.uniform(norm_range[0], norm_range[1], size=(m, 1))
+    return xb, draw(n_queries).astype(np.float32)

@@ -145,20 +145,14 @@ def configure_faiss(omp_threads: int | None) -> None:
         faiss.omp_set_num_threads(int(omp_threads))
 
 
-_blas_threshold_set: int | None = None  # the value this module last wrote into faiss's global
-
-
 def set_blas_threshold(nq: int, blas_threshold: int | None) -> None:
     """Before a search of nq queries: BLAS (one GEMM) for batches of >= blas_threshold queries, faiss's default
     (a scan per query, faster for one or a few queries) below. None leaves the setting alone."""
     import faiss
 
-    global _blas_threshold_set
     if blas_threshold is not None:
         value = int(blas_threshold) if nq >= blas_threshold else FAISS_BLAS_THRESHOLD_DEFAULT
-        if value != _blas_threshold_set:  # a SWIG global write costs ~1 us: skip it when nothing changes
-            faiss.cvar.distance_compute_blas_threshold = value
-            _blas_threshold_set = value
+        faiss.cvar.distance_compute_blas_threshold = value
 
 
 def _faiss():
@@ -457,13 +451,20 @@ class ItemIndex:
         xq: [nq, d] queries; I_exact: optional precomputed exact positions [nq, k] (from :func:`exact_topk`).
         """
         xq = as_float32_matrix(xq, "xq", self.dim)
-        if I_exact is None:
-            _, I_exact = exact_topk(xq, self._exact_vectors(), k, metric=self.metric)
+        I_exact = self._exact_positions(xq, k, I_exact)
         _, I = self.search_positions(xq, k)
         r = recall_at_k(I, I_exact)
         self.recall_ = {"recall_at_k": r, "k": int(k), "nq": int(len(xq)), "nprobe": self.nprobe,
                         "ef_search": self.ef_search}
         return r
+
+    def _exact_positions(self, xq: np.ndarray, k: int, I_exact: np.ndarray | None) -> np.ndarray:
+        """The exact top-k positions [nq, k] of ``xq``: computed when not given, shape-checked when given."""
+        if I_exact is None:
+            return exact_topk(xq, self._exact_vectors(), k, metric=self.metric)[1]
+        if I_exact.shape != (len(xq), k):
+            raise ValueError(f"I_exact must be [nq={len(xq)}, k={k}], got shape {I_exact.shape}")
+        return I_exact
 
     def sweep(
         self,
@@ -485,10 +486,7 @@ class ItemIndex:
         "backend"}; the search settings in force before the sweep are restored.
         """
         xq = as_float32_matrix(xq, "xq", self.dim)
-        if I_exact is None:
-            _, I_exact = exact_topk(xq, self._exact_vectors(), k, metric=self.metric)
-        elif I_exact.shape != (len(xq), k):
-            raise ValueError(f"I_exact must be [nq={len(xq)}, k={k}], got shape {I_exact.shape}")
+        I_exact = self._exact_positions(xq, k, I_exact)
         kind = self.spec["kind"]
         index = self._live if self._torch is None else self._cpu_index
         backend = self.backend if self._torch is None else "faiss-cpu"
@@ -558,7 +556,7 @@ class ItemIndex:
 
     def memory_bytes(self) -> dict[str, int]:
         """Bytes an IVF-PQ index holds in memory, by part, from its sizes: "codes" (PQ codes, n x code_size), "ids"
-        (n x 8, the IVF lists' ids), "coarse" (nlist x d x 4), "codebooks" (PQ centroids and the OPQ matrix),
+        (n x 8, the IVF lists' ids), "coarse" (nlist x d_ivf x 4), "codebooks" (PQ centroids and the OPQ matrix),
         "refine" (the re-rank store, n x 4d / 2d / d bytes for Flat / SQfp16 / SQ8) and "total". Unlike
         :meth:`index_bytes` nothing is serialised (at 10M items that would copy the whole index once more).
         """
@@ -570,9 +568,12 @@ class ItemIndex:
         base = faiss.downcast_index(host.base_index)
         ivf = faiss.downcast_index(faiss.extract_index_ivf(base))
         n = int(ivf.ntotal)
-        out = {"codes": n * int(ivf.code_size), "ids": n * 8, "coarse": int(ivf.nlist) * self.dim * 4,
-               "codebooks": int(ivf.pq.M * ivf.pq.ksub * ivf.pq.dsub) * 4
-               + (self.dim * self.dim * 4 if isinstance(base, faiss.IndexPreTransform) else 0),
+        opq = 0
+        if isinstance(base, faiss.IndexPreTransform):  # the OPQ matrix, d_in x d_out (OPQ{m}_{dout} may reduce d)
+            vt = faiss.downcast_VectorTransform(base.chain.at(0))
+            opq = int(vt.d_in) * int(vt.d_out) * 4
+        out = {"codes": n * int(ivf.code_size), "ids": n * 8, "coarse": int(ivf.nlist) * int(ivf.d) * 4,
+               "codebooks": int(ivf.pq.M * ivf.pq.ksub * ivf.pq.dsub) * 4 + opq,
                "refine": n * int(faiss.downcast_index(host.refine_index).code_size)}
         out["total"] = sum(out.values())
         return out

@@ -161,7 +161,11 @@ class Ranker(nn.Module):
 
     def embed(self, cat: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This model's inputs: (fields [B, F, d], dense [B, M_raw]) from the shared / own embedding."""
-        fields_all, dense_all = self.embedding(cat, num)
+        return self.select(*self.embedding(cat, num))
+
+    def select(self, fields_all: torch.Tensor, dense_all: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """This model's fields / dense columns of the (possibly shared, wider) embedding's output; a model that
+        reads all of them (the teacher) skips the gather, which would only copy."""
         fields = fields_all if self._all_fields else fields_all.index_select(1, self.field_pos)
         dense = dense_all if self._all_dense else dense_all.index_select(1, self.dense_pos)
         return fields, dense
@@ -202,6 +206,29 @@ class Ranker(nn.Module):
 
     def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
         return self.forward_hidden(cat, num)[0]
+
+    def standalone(self) -> "Ranker":
+        """This model with its own embedding holding exactly the rows it reads from a shared (possibly wider) one,
+        a private column's table taking the place of that column's rows: the layout ``Ranker(spec, cfg)`` has, so
+        it saves and loads like any Ranker, with the same logits. What joint / PFD training saves and serves."""
+        out = Ranker(self.spec, self.cfg)
+        src, dst = self.embedding, out.embedding
+        with torch.no_grad():
+            if dst.table is not None:
+                src_off = dict(zip(src.cat_names, src.offsets.tolist()))
+                for name, off, card in zip(dst.cat_names, dst.offsets.tolist(), dst.cards.tolist()):
+                    rows = (self.private[name].weight if name in self.private
+                            else src.table.weight[src_off[name]:src_off[name] + card])
+                    dst.table.weight[off:off + card] = rows
+            if dst.num_weight is not None:
+                idx = torch.tensor([src.num_names.index(n) for n in dst.num_names], dtype=torch.long)
+                dst.num_weight.copy_(src.num_weight.index_select(0, idx))
+                dst.num_bias.copy_(src.num_bias.index_select(0, idx))
+        head = {k: v for k, v in self.state_dict().items() if not k.startswith(("embedding.", "private."))}
+        result = out.load_state_dict(head, strict=False)
+        if result.unexpected_keys or any(not k.startswith("embedding.") for k in result.missing_keys):
+            raise RuntimeError(f"Ranker.standalone: state mismatch {result}")
+        return out.train(self.training)
 
     REQUEST_SIDES = ("user", "context")
 

@@ -156,22 +156,24 @@ def score_pairs(model: torch.nn.Module, cat: np.ndarray, num: np.ndarray, batch_
     list_len: the rows are candidate lists of this length (consecutive rows share one request); a Ranker then
     scores them with :meth:`~cascade.models.ranker.Ranker.forward_lists`, which does the user / context work once
     per request, when a pass holds at least ``LISTS_MIN`` lists. Passes hold whole lists. (Side by side on the
-    default and the tiny DCN-V2 teachers: forward_lists takes 0.88-1.04x the time of forward from 4 to 40 lists
-    per pass, but 1.15-1.33x at one list, where its fixed cost is not paid back; batch-1 serving scores one list.)
+    default and the tiny DCN-V2 teachers (low-rank cross): forward_lists takes 0.88-1.05x the time of forward
+    from 4 to 40 lists per pass, but 1.08-1.33x at one list, where its fixed cost is not paid back; batch-1
+    serving scores one list.)
     """
     out = np.empty(len(cat), np.float32)
     was_training = model.training
-    model.eval()
+    if was_training:  # served models are already in eval mode: a mode switch walks the module tree per call
+        model.eval()
     lists = (list_len is not None and hasattr(model, "forward_lists")
              and min(len(cat), batch_size) >= LISTS_MIN * list_len)
     step = max(1, batch_size // list_len) * list_len if lists else batch_size
     try:
-        with torch.inference_mode():
-            for s in range(0, len(cat), step):
-                c, x = torch.from_numpy(cat[s:s + step]), torch.from_numpy(num[s:s + step])
-                out[s:s + step] = (model.forward_lists(c, x, list_len) if lists else model(c, x)).float().numpy()
+        for s in range(0, len(cat), step):
+            c, x = torch.from_numpy(cat[s:s + step]), torch.from_numpy(num[s:s + step])
+            out[s:s + step] = (model.forward_lists(c, x, list_len) if lists else model(c, x)).float().numpy()
     finally:
-        model.train(was_training)
+        if was_training:
+            model.train()
     return out
 
 

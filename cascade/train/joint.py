@@ -231,44 +231,20 @@ class JointRanker(nn.Module):
         if self.embedding is None:
             return (*self.teacher.forward_hidden(cat, num), *self.student.forward_hidden(cat, num))
         fields, dense = self.embedding(cat, num)  # computed once for both models
-        t_logit, t_hidden = self.teacher.head(cat, num, fields.index_select(1, self.teacher.field_pos),
-                                              dense.index_select(1, self.teacher.dense_pos))
+        t_logit, t_hidden = self.teacher.head(cat, num, *self.teacher.select(fields, dense))
         if self.detach_student_embeddings:
             fields, dense = fields.detach(), dense.detach()
-        s_logit, s_hidden = self.student.head(cat, num, fields.index_select(1, self.student.field_pos),
-                                              dense.index_select(1, self.student.dense_pos))
+        s_logit, s_hidden = self.student.head(cat, num, *self.student.select(fields, dense))
         return t_logit, t_hidden, s_logit, s_hidden
 
     def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
         return self.student(cat, num)
 
     def export_student(self) -> Ranker:
-        """The student as a standalone :class:`Ranker` (its own embedding, no private table) computing the same
-        logits: the student's embedding rows are copied out of the shared table, and a private column's table
-        (PFD's student user-id table) takes the place of that column's rows. What the pipeline saves and serves.
-        """
-        s = self.student
-        out = Ranker(self.spec, s.cfg)
-        src, dst = s.embedding, out.embedding
-        with torch.no_grad():
-            if dst.table is not None:
-                for j, name in enumerate(dst.cat_names):
-                    lo, n = int(dst.offsets[j]), int(dst.cards[j])
-                    if name in s.private:
-                        rows = s.private[name].weight
-                    else:
-                        k = src.cat_names.index(name)
-                        rows = src.table.weight[int(src.offsets[k]):int(src.offsets[k]) + n]
-                    dst.table.weight[lo:lo + n] = rows
-            if dst.num_weight is not None:
-                k = [src.num_names.index(name) for name in dst.num_names]
-                dst.num_weight.copy_(src.num_weight[k])
-                dst.num_bias.copy_(src.num_bias[k])
-        head = {k: v for k, v in s.state_dict().items() if not k.startswith(("embedding.", "private."))}
-        result = out.load_state_dict(head, strict=False)
-        if result.unexpected_keys or any(not k.startswith("embedding.") for k in result.missing_keys):
-            raise RuntimeError(f"JointRanker.export_student: state mismatch {result}")
-        return out.train(s.training)
+        """The student as a standalone :class:`Ranker` with the same logits (:meth:`Ranker.standalone`: its rows
+        copied out of the shared table, a private table such as PFD's user ids in place of that column's rows).
+        What the pipeline saves and serves."""
+        return self.student.standalone()
 
 
 def joint_loss(cfg: DistillConfig):

@@ -239,19 +239,19 @@ class _StudentStep(nn.Module):
     """The towers plus one batch's loss terms as one module: DistributedDataParallel must see the whole forward of
     a step (user tower, item tower, scores, losses), as ``loop._LossModule`` does for ``fit``.
 
-    forward(b) -> terms {name: scalar tensor}; b is a batch of :func:`_batches` / :func:`_rank_batches`.
+    forward(b) -> terms {name: scalar tensor}; b is a batch of :func:`_rank_batches`.
     ``g`` (torch) and ``rng`` (numpy) draw the sampled pairs, tail negatives, softmax positives and uniform
     corpus negatives; the step consumes them in a fixed order, so a run is reproducible under its seeds.
     """
 
     def __init__(self, towers: TwoTower, inputs: TowerInputs, cfg: StudentConfig, w: Mapping[str, float],
-                 rank_log: RankLog | None, clicks: ClickLists | None, click_of: np.ndarray | None,
+                 clicks: ClickLists | None, click_of: np.ndarray | None,
                  pos_log_q: torch.Tensor | None, neg_log_q_value: float, g: torch.Generator,
                  rng: np.random.Generator) -> None:
         super().__init__()
         self.towers = towers
         self.inputs, self.cfg, self.w = inputs, cfg, dict(w)
-        self.rank_log, self.clicks, self.click_of = rank_log, clicks, click_of
+        self.clicks, self.click_of = clicks, click_of
         self.pos_log_q, self.neg_log_q_value = pos_log_q, neg_log_q_value
         self.g, self.rng = g, rng
 
@@ -378,7 +378,7 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
         pos_log_q = _positive_log_q(pos, n_items, cfg.batch_size)
         neg_log_q_value = float(np.log(max(cfg.n_uniform_negatives, 1) / n_items))
 
-    step_model: nn.Module = _StudentStep(towers, inputs, cfg, w, rank_log, clicks, click_of, pos_log_q,
+    step_model: nn.Module = _StudentStep(towers, inputs, cfg, w, clicks, click_of, pos_log_q,
                                          neg_log_q_value, g, sample_rng)
     if ddp:
         step_model = _ddp_wrap(step_model, env)
@@ -393,8 +393,7 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
             t0 = time.perf_counter()
             sums: dict[str, float] = {}
             n_steps = 0
-            batches = (_rank_batches(driver, cfg.batch_size, rng, env.rank, env.world_size) if ddp
-                       else _batches(driver, cfg.batch_size, rng))
+            batches = _rank_batches(driver, cfg.batch_size, rng, env.rank, env.world_size)  # world 1: all rows
             for b in tqdm(batches, disable=not cfg.progress or not env.is_main, desc=f"epoch {epoch}",
                           total=n_batches):
                 terms = step_model(b)
@@ -439,17 +438,6 @@ def _rank_batches(driver: RankLog | ClickLists, batch_size: int, rng: np.random.
         else:
             yield {"request_rows": torch.from_numpy(driver.request_rows[idx]),
                    "user_rows": torch.from_numpy(driver.user_rows[idx]), "click_idx": torch.from_numpy(idx)}
-
-
-def _batches(driver: RankLog | ClickLists, batch_size: int, rng: np.random.Generator):
-    if isinstance(driver, RankLog):
-        yield from driver.batches(batch_size, rng)
-        return
-    order = rng.permutation(len(driver))
-    for s in range(0, len(driver), batch_size):
-        idx = order[s:s + batch_size]
-        yield {"request_rows": torch.from_numpy(driver.request_rows[idx]),
-               "user_rows": torch.from_numpy(driver.user_rows[idx]), "click_idx": torch.from_numpy(idx)}
 
 
 def _click_batch(clicks: ClickLists, b: dict[str, torch.Tensor], click_of: np.ndarray | None) -> dict[str, torch.Tensor]:

@@ -54,8 +54,10 @@ from tqdm.auto import tqdm
 
 from cascade.data.batches import EncodedTable, FeatureSpec
 from cascade.distill import losses as L
+from cascade.distill.ranklog import _ranks
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.models.two_tower import TowerConfig, TowerInputs, TwoTower, build_two_tower
+from cascade.serve.run import score_pairs
 from cascade.train.joint import DistillConfig, JointRanker, student_terms
 from cascade.train.students import LIST_LOSSES, StudentConfig, list_loss_terms, loss_params, sample_one_per_row
 
@@ -205,37 +207,9 @@ class JointCascade:
     history: list[dict[str, Any]]
 
 
-def standalone_ranker(model: Ranker, seed: int = 0) -> Ranker:
-    """A copy of ``model`` (a Ranker that reads a shared, possibly wider embedding) with its own embedding table
-    holding exactly the shared rows it reads: the layout ``Ranker(model.spec, model.cfg)`` has, so it saves and
-    loads like any Ranker. Outputs are identical to ``model``'s. Private tables are not supported."""
-    if model.private_columns:
-        raise ValueError("standalone_ranker: a model with private columns cannot be rebuilt from its config alone")
-    out = Ranker(model.spec, model.cfg, seed=seed)
-    src, dst = model.embedding, out.embedding
-    with torch.no_grad():
-        if dst.table is not None:
-            src_off = dict(zip(src.cat_names, src.offsets.tolist()))
-            for name, off, card in zip(dst.cat_names, dst.offsets.tolist(), dst.cards.tolist()):
-                dst.table.weight[off:off + card] = src.table.weight[src_off[name]:src_off[name] + card]
-        if dst.num_weight is not None:
-            idx = torch.tensor([src.num_names.index(n) for n in dst.num_names], dtype=torch.long)
-            dst.num_weight.copy_(src.num_weight.index_select(0, idx))
-            dst.num_bias.copy_(src.num_bias.index_select(0, idx))
-    state = {k: v for k, v in model.state_dict().items() if not k.startswith("embedding.")}
-    state.update({f"embedding.{k}": v for k, v in dst.state_dict().items()})
-    out.load_state_dict(state, strict=True)
-    out.eval()
-    return out
-
-
 def teacher_ranks(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Rank 1..n_valid per row (1 = highest logit, ties by slot order), 0 at padding: [B, L] -> int64 [B, L]."""
-    key = torch.where(mask, -logits, torch.full_like(logits, float("inf")))
-    order = torch.argsort(key, dim=1, stable=True)
-    ranks = torch.empty_like(order)
-    ranks.scatter_(1, order, torch.arange(1, logits.shape[1] + 1).expand_as(order).contiguous())
-    return ranks.masked_fill(~mask, 0)
+    return torch.from_numpy(_ranks(logits.numpy(), mask.numpy())).long()  # the rank log's own ranking
 
 
 @torch.no_grad()
@@ -248,16 +222,8 @@ def score_lists(teacher: nn.Module, data: JointData, request_rows: np.ndarray, b
     cat, num = data.pair_features(request_rows, np.maximum(cand, 0))
     if cat.shape[0] != cand.size or num.shape[0] != cand.size:
         raise ValueError(f"pair_features returned {cat.shape[0]} / {num.shape[0]} rows for {cand.size} pairs")
-    was = teacher.training
-    teacher.eval()
-    try:
-        out = torch.cat([teacher(torch.as_tensor(cat[s:s + batch_size], dtype=torch.long),
-                                 torch.as_tensor(num[s:s + batch_size], dtype=torch.float32))
-                         for s in range(0, len(cat), batch_size)]).float()
-    finally:
-        teacher.train(was)
-    out = out.reshape(cand.shape)
-    return out.masked_fill(torch.from_numpy(cand < 0), 0.0)
+    out = score_pairs(teacher, np.asarray(cat, np.int64), np.asarray(num, np.float32), batch_size)
+    return torch.from_numpy(out).reshape(cand.shape).masked_fill(torch.from_numpy(cand < 0), 0.0)
 
 
 class _TowerStudent:
@@ -385,16 +351,13 @@ def train_joint_cascade(data: JointData, spec: FeatureSpec, cfg: JointCascadeCon
 
                 # 1. teacher (+ rank student on the shared embedding, read detached)
                 fields, dense = joint.embedding(cat, num)
-                t_logit, t_hidden = teacher.head(cat, num, fields.index_select(1, teacher.field_pos),
-                                                 dense.index_select(1, teacher.dense_pos))
+                t_logit, t_hidden = teacher.head(cat, num, *teacher.select(fields, dense))
                 terms = {"teacher/bce": L.click_bce(t_logit, y)}
                 weights = {"teacher/bce": cfg.rank_distill.w_teacher}
                 if not cfg.teacher_only:
                     with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(_student_seed(seed, step, 0))  # the students' own dropout stream
-                        s_logit, s_hidden = student.head(
-                            cat, num, fields.detach().index_select(1, student.field_pos),
-                            dense.detach().index_select(1, student.dense_pos))
+                        s_logit, s_hidden = student.head(cat, num, *student.select(fields.detach(), dense.detach()))
                     s_terms, s_w = student_terms(s_logit, s_hidden, t_logit.detach(), t_hidden.detach(), y, None,
                                                  cfg.rank_distill, step)
                     terms.update({f"rank/{k}": v for k, v in s_terms.items()})
@@ -434,8 +397,7 @@ def train_joint_cascade(data: JointData, spec: FeatureSpec, cfg: JointCascadeCon
             log.info("joint cascade epoch %d: %s", epoch, {k: round(v, 5) for k, v in rec.items() if k != "epoch"})
             history.append(rec)
     joint.eval()
-    out_teacher = standalone_ranker(teacher, seed=seed)
-    out_student = standalone_ranker(student, seed=seed)
+    out_teacher, out_student = teacher.standalone().eval(), student.standalone().eval()
     pre = towers["prerank"].towers.eval() if towers else build_two_tower(data.inputs, cfg.tower, seed=seed + 10).eval()
     ret = towers["retrieval"].towers.eval() if towers else build_two_tower(data.inputs, cfg.tower, seed=seed + 11).eval()
     return JointCascade(out_teacher, out_student, pre, ret, history)
