@@ -38,7 +38,9 @@ SOURCES = ("world", "kuairand", "movielens-100k", "movielens-1m", "custom")
 
 @dataclass(frozen=True)
 class RunSection:
-    """name: the run folder under runs_dir. seed: the one seed every stage derives its randomness from."""
+    """name: the run folder under runs_dir. seed: the one seed every stage derives its randomness from.
+    threads: torch threads while the run lasts (None: the process's setting); weights depend on it in the last
+    float bits, so two runs compare bit for bit only under the same count."""
 
     name: str = "default"
     seed: int = 0
@@ -742,9 +744,13 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), only: tuple[s
         raise ValueError(f"until={until!r}: no such stage (stages: {names})")
     stages = STAGES if until is None else STAGES[: names.index(until) + 1]
     run_dir = A.safe_join(cfg.run.runs_dir, A.check_run_name(cfg.run.name))
-    if cfg.run.threads:
-        torch.set_num_threads(cfg.run.threads)
     run_dir.mkdir(parents=True, exist_ok=True)
     A.write_json(run_dir / "config.json", to_dict(cfg))
-    return run_stages(stages, cfg, run_dir, cfg.run.seed, force=force, only=only, progress=progress,
-                      to_plain=to_dict, on_stage=on_stage, code_hash=code_hash(), reuse=reuse)
+    threads = torch.get_num_threads()
+    if cfg.run.threads:  # for the run only: the caller's process keeps its own setting
+        torch.set_num_threads(cfg.run.threads)
+    try:
+        return run_stages(stages, cfg, run_dir, cfg.run.seed, force=force, only=only, progress=progress,
+                          to_plain=to_dict, on_stage=on_stage, code_hash=code_hash(), reuse=reuse)
+    finally:
+        torch.set_num_threads(threads)

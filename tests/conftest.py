@@ -1,5 +1,11 @@
 """Suite-wide test settings.
 
+Threads: every test runs with torch and faiss on ``THREADS`` threads (the fixture :func:`thread_counts`), the same
+number whatever ran before it, and the process's own settings come back at the end. A test that needs another
+count sets it and restores it itself; if it does not, the count is put back after it. Test modules never set
+thread counts at import (that leaked into every later test: an in-process pipeline run then trained on 1 thread and
+the subprocess it was compared with on 2).
+
 Hypothesis runs derandomized by default: its examples follow from the code, so CI and a local run try the same
 cases and a red CI run is reproducible. ``CASCADE_HYPOTHESIS=explore python -m pytest -q`` draws fresh random
 examples instead (that is how a column whose train values differ by 4e-110 was found to standardise unseen
@@ -8,6 +14,9 @@ values to inf); a failure it finds should become an ``@example`` on the test.
 
 import os
 
+import faiss
+import pytest
+import torch
 from hypothesis import settings
 
 PROFILES = {"deterministic": dict(derandomize=True), "explore": dict(derandomize=False)}
@@ -17,3 +26,28 @@ _profile = os.environ.get("CASCADE_HYPOTHESIS") or "deterministic"
 if _profile not in PROFILES:
     raise ValueError(f"CASCADE_HYPOTHESIS={_profile!r} is not one of {sorted(PROFILES)}")
 settings.load_profile(_profile)
+
+THREADS = 1  # small tensors train faster on one thread, and results do not depend on the machine's core count
+
+
+def _set_threads(torch_threads: int, faiss_threads: int) -> None:
+    torch.set_num_threads(torch_threads)
+    faiss.omp_set_num_threads(faiss_threads)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def thread_counts():
+    """torch / faiss thread counts: THREADS for the whole session (module fixtures included, as they are set up
+    after this one), the process's own counts restored at the end; see :func:`_threads_per_test`."""
+    before = torch.get_num_threads(), faiss.omp_get_max_threads()
+    _set_threads(THREADS, THREADS)
+    yield THREADS
+    _set_threads(*before)
+
+
+@pytest.fixture(autouse=True)
+def _threads_per_test(thread_counts):
+    """Put the counts back to THREADS after a test that changed them (a library call may set faiss threads)."""
+    yield
+    if (torch.get_num_threads(), faiss.omp_get_max_threads()) != (thread_counts, thread_counts):
+        _set_threads(thread_counts, thread_counts)

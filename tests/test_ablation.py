@@ -8,17 +8,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cascade import ablation as AB
 from cascade.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    torch.set_num_threads(1)
 
 
 def test_variant_configs_add_one_loss_to_ground_truth():

@@ -31,8 +31,6 @@ from test_ranker import SPEC, make_table
 from test_ranklog import _world
 from test_two_tower import _synthetic_world
 
-torch.set_num_threads(1)
-
 TINY = RankerConfig(emb_dim=4, mlp=(8,))
 WORLD = 2
 N_TRAIN = 1280  # = 10 global batches of 128: no tail, so every step of both runs averages the same 128 rows

@@ -28,14 +28,6 @@ from cascade.index.faiss_index import (  # noqa: E402
 N, D, N_CLUSTERS, NQ = 20_000, 32, 64, 200
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    import torch
-
-    torch.set_num_threads(1)
-    faiss.omp_set_num_threads(1)
-
-
 @pytest.fixture(scope="module")
 def data():
     """20k clustered, non-normalised item vectors, 200 queries from the same clusters, shuffled non-contiguous ids."""

@@ -27,8 +27,6 @@ from cascade.distill.losses import (
     sampled_softmax_loss,
 )
 
-torch.set_num_threads(1)
-
 LN2, LN3, LN4_3 = math.log(2), math.log(3), math.log(4 / 3)
 T, F = True, False
 

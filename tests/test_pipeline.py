@@ -32,7 +32,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs_a")
-    cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(runs))}"])
+    cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(runs))}", "run.threads=1"])
     res = run_pipeline(cfg, progress=False)
     return cfg, runs / "tiny", res
 
@@ -68,7 +68,9 @@ def test_every_stage_writes_verified_artifacts(run_a):
 def test_sigkill_midway_then_resume_matches_uninterrupted_run(run_a, tmp_path):
     _, run_a_dir, _ = run_a
     runs_b = tmp_path / "runs_b"
-    cmd = [sys.executable, "-m", "cascade.cli", "run", str(TINY), "--no-progress", "--set", f"run.runs_dir={json.dumps(str(runs_b))}"]
+    # the same thread count as run A (float sums, and so the weights, depend on it)
+    cmd = [sys.executable, "-m", "cascade.cli", "run", str(TINY), "--no-progress", "--set", f"run.runs_dir={json.dumps(str(runs_b))}",
+           "--set", "run.threads=1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # kill as soon as the students stage has written its first model (it then still trains five more)
     first = runs_b / "tiny" / ".students.partial" / "distilled" / "prerank" / "model.pt"

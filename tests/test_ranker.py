@@ -18,8 +18,6 @@ from cascade.data.batches import EncodedTable, FeatureSpec
 from cascade.models.layers import MLP, CrossNetV2, FactorizationMachine, FeatureEmbedding
 from cascade.models.ranker import Ranker, RankerConfig, n_parameters, serving_latency
 
-torch.set_num_threads(1)
-
 N_USERS, N_ITEMS, N_GROUPS, N_CATS = 300, 120, 6, 6
 
 SPEC = FeatureSpec(

@@ -198,7 +198,6 @@ def test_chunked_encoding_equals_encoding_at_once(opened, tmp_path, cat_dtype):
 
 
 def test_fit_from_memmapped_table_gives_the_same_weights(opened, tmp_path):
-    torch.set_num_threads(1)
     sd, _ = opened
     sp = S.stream_time_split(sd, utc_offset_hours=8.0)
     enc = S.fit_encoder_stream(sd, sp)

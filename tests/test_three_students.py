@@ -18,8 +18,6 @@ from cascade.train.students import StudentConfig, evaluate_on_log
 from cascade.train.three_students import (JointCascadeConfig, JointData, score_lists, teacher_ranks,
                                           train_joint_cascade)
 
-torch.set_num_threads(1)
-
 N_USERS, N_ITEMS, N_GROUPS, N_TAGS, N_HOURS = 200, 300, 5, 8, 4
 N_TRAIN, N_HELD, N_IMP, N_CAND = 1000, 150, 8, 40
 

@@ -27,8 +27,6 @@ from cascade.train.joint import (
 from cascade.train.loop import TrainConfig, evaluate, fit, load_checkpoint, predict
 from test_ranker import SPEC, make_table
 
-torch.set_num_threads(1)
-
 TINY = RankerConfig(emb_dim=4, mlp=(8,))
 STUDENT = RankerConfig(emb_dim=8, mlp=(16,))
 

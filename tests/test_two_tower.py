@@ -13,8 +13,6 @@ from cascade.data.batches import FeatureSpec
 from cascade.models.two_tower import (ItemTower, TowerConfig, TowerInputs, TwoTower, UserTower, build_two_tower,
                                       item_embeddings)
 
-torch.set_num_threads(1)
-
 USER_SPEC = FeatureSpec(("user_id", "segment"), ("user", "user"), (11, 4), ("activity",), ("user",))
 ITEM_SPEC = FeatureSpec(("item_id", "tag"), ("item", "item"), (21, 6), ("age", "dur"), ("item", "item"))
 CTX_SPEC = FeatureSpec(("hour",), ("context",), (25,), (), ())
