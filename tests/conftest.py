@@ -6,6 +6,9 @@ count sets it and restores it itself; if it does not, the count is put back afte
 thread counts at import (that leaked into every later test: an in-process pipeline run then trained on 1 thread and
 the subprocess it was compared with on 2).
 
+Tiny worlds: the builders live in ``worlds.py`` (plain functions that spawned DDP workers can import too; test
+modules never import each other); the fixtures below hand out the ones that write files.
+
 Hypothesis runs derandomized by default: its examples follow from the code, so CI and a local run try the same
 cases and a red CI run is reproducible. ``CASCADE_HYPOTHESIS=explore python -m pytest -q`` draws fresh random
 examples instead (that is how a column whose train values differ by 4e-110 was found to standardise unseen
@@ -18,6 +21,8 @@ import faiss
 import pytest
 import torch
 from hypothesis import settings
+
+import worlds
 
 PROFILES = {"deterministic": dict(derandomize=True), "explore": dict(derandomize=False)}
 for _name, _kw in PROFILES.items():
@@ -51,3 +56,26 @@ def _threads_per_test(thread_counts):
     yield
     if (torch.get_num_threads(), faiss.omp_get_max_threads()) != (thread_counts, thread_counts):
         _set_threads(thread_counts, thread_counts)
+
+
+# ---------------------------------------------------------------------------------------------------- tiny worlds
+
+
+@pytest.fixture
+def kuairand_logs(tmp_path):
+    """A KuaiRand-Pure folder: the real side tables (linked) and three tiny logs (see worlds.kuairand_dir)."""
+    return worlds.kuairand_dir(tmp_path)
+
+
+@pytest.fixture
+def ml1m_dir(tmp_path):
+    """A MovieLens-1M folder of five ratings, two users and four movies."""
+    d = tmp_path / "ml-1m"
+    worlds.write_ml1m(d)
+    return d
+
+
+@pytest.fixture
+def custom_example(tmp_path):
+    """The files that pipelines/custom.example.toml maps, in tmp_path; the mapping TOML's path."""
+    return worlds.write_custom_example(tmp_path)

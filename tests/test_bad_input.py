@@ -16,8 +16,7 @@ from cascade.data.io import assign_requests, check_time_unit, read_csv_strict, r
 from cascade.data.kuairand import load_kuairand
 from cascade.data.movielens import load_movielens_1m
 from cascade.data.schema import DataValidationError
-
-from test_loaders import T0, kuairand_dir, log_row, write_custom_example, write_log, write_ml1m
+from worlds import T0, log_row, write_log
 
 DTYPES = {"user_id": "int64", "score": "float64", "name": "str"}
 
@@ -124,15 +123,15 @@ def test_multichar_separator_and_latin1(tmp_path):
 # ---------------------------------------------------------------------------------------------------- loaders
 
 
-def test_kuairand_time_in_seconds(tmp_path):
-    d = kuairand_dir(tmp_path)
+def test_kuairand_time_in_seconds(kuairand_logs):
+    d = kuairand_logs
     p = d / "log_random_4_22_to_5_08_pure.csv"
     write_log(p, [log_row(0, 16, T0 // 1000, is_rand=1)])
     raises([str(p), "'time_ms'", "looks like seconds", str(T0 // 1000), "line 2"], load_kuairand, d)
 
 
-def test_kuairand_date_hourmin_disagree_with_time(tmp_path):
-    d = kuairand_dir(tmp_path)
+def test_kuairand_date_hourmin_disagree_with_time(kuairand_logs):
+    d = kuairand_logs
     p = d / "log_random_4_22_to_5_08_pure.csv"
     # T0 + 1 h is 17:00 Beijing time, but the row says hourmin 1600.
     write_log(p, [log_row(0, 16, T0 + 1000, is_rand=1), log_row(0, 17, T0 + 3_600_000, is_rand=1)])
@@ -142,8 +141,8 @@ def test_kuairand_date_hourmin_disagree_with_time(tmp_path):
     raises([str(p), "line 2", "hourmin=800"], load_kuairand, d)
 
 
-def test_kuairand_unknown_user_and_item(tmp_path):
-    d = kuairand_dir(tmp_path)
+def test_kuairand_unknown_user_and_item(kuairand_logs):
+    d = kuairand_logs
     p = d / "log_random_4_22_to_5_08_pure.csv"
     write_log(p, [log_row(99999, 16, T0 + 1000, is_rand=1)])
     raises(["log_random_*pure*.csv", "unknown user 99999", "user_features_pure.csv"], load_kuairand, d)
@@ -151,8 +150,8 @@ def test_kuairand_unknown_user_and_item(tmp_path):
     raises(["unknown item 99999", "video_features_basic_pure.csv"], load_kuairand, d)
 
 
-def test_kuairand_bad_label_and_missing_log(tmp_path):
-    d = kuairand_dir(tmp_path)
+def test_kuairand_bad_label_and_missing_log(kuairand_logs):
+    d = kuairand_logs
     p = d / "log_random_4_22_to_5_08_pure.csv"
     write_log(p, [log_row(0, 16, T0 + 1000, is_rand=1, click=2)])
     raises([str(p), "'is_click'", "0/1", "line 2"], load_kuairand, d)
@@ -160,20 +159,18 @@ def test_kuairand_bad_label_and_missing_log(tmp_path):
     raises(["log_random_*pure*.csv", "no random log"], load_kuairand, d)
 
 
-def test_movielens_1m_bad_genre(tmp_path):
-    write_ml1m(tmp_path / "ml")
-    (tmp_path / "ml" / "movies.dat").write_text("10::X (1995)::Action|Sci-Fy\n", encoding="latin-1")
-    raises(["movies.dat", "'genres'", "'Sci-Fy'", "line 1"], load_movielens_1m, tmp_path / "ml")
+def test_movielens_1m_bad_genre(ml1m_dir):
+    (ml1m_dir / "movies.dat").write_text("10::X (1995)::Action|Sci-Fy\n", encoding="latin-1")
+    raises(["movies.dat", "'genres'", "'Sci-Fy'", "line 1"], load_movielens_1m, ml1m_dir)
 
 
-def test_movielens_1m_time_in_milliseconds(tmp_path):
-    write_ml1m(tmp_path / "ml")
-    (tmp_path / "ml" / "ratings.dat").write_text("1::10::5::978300760000\n", encoding="latin-1")
-    raises(["ratings.dat", "'timestamp'", "looks like milliseconds"], load_movielens_1m, tmp_path / "ml")
+def test_movielens_1m_time_in_milliseconds(ml1m_dir):
+    (ml1m_dir / "ratings.dat").write_text("1::10::5::978300760000\n", encoding="latin-1")
+    raises(["ratings.dat", "'timestamp'", "looks like milliseconds"], load_movielens_1m, ml1m_dir)
 
 
-def test_custom_unknown_toml_key(tmp_path):
-    toml = write_custom_example(tmp_path)
+def test_custom_unknown_toml_key(custom_example):
+    toml = custom_example
     text = toml.read_text(encoding="utf-8")
     write(toml, text.replace("request_gap_s = 1800", "request_gap = 1800"))
     raises([str(toml), "'request_gap'"], load_custom, toml)
@@ -183,8 +180,8 @@ def test_custom_unknown_toml_key(tmp_path):
     raises(["'colour'"], load_custom, toml)
 
 
-def test_custom_wrong_time_unit_and_unknown_item(tmp_path):
-    toml = write_custom_example(tmp_path)
+def test_custom_wrong_time_unit_and_unknown_item(custom_example, tmp_path):
+    toml = custom_example
     text = toml.read_text(encoding="utf-8")
     write(toml, text.replace('unit = "s"', 'unit = "ms"'))
     raises(["impressions.csv", "'ts'", "looks like seconds", "line 2"], load_custom, toml)
@@ -195,8 +192,8 @@ def test_custom_wrong_time_unit_and_unknown_item(tmp_path):
     raises(["impressions.csv", "unknown item 555", "items.csv"], load_custom, toml)
 
 
-def test_custom_missing_feature_value(tmp_path):
-    toml = write_custom_example(tmp_path)
+def test_custom_missing_feature_value(custom_example, tmp_path):
+    toml = custom_example
     write(tmp_path / "users.csv", "uid,country,age\n7,de,31\n8,fr,\n")
     raises(["users.csv", "'age'", "line 3"], load_custom, toml)
     write(toml, toml.read_text(encoding="utf-8").replace("fill = false", "fill = true"))

@@ -27,9 +27,7 @@ from cascade.train import distributed as D
 from cascade.train.joint import DistillConfig, JointRanker, joint_loss
 from cascade.train.loop import CHECKPOINT, TrainConfig, fit
 from cascade.train.students import ClickLists, StudentConfig, train_student
-from test_ranker import SPEC, make_table
-from test_ranklog import _world
-from test_two_tower import _synthetic_world
+from worlds import SPEC, make_table, rank_log_world, tower_world
 
 TINY = RankerConfig(emb_dim=4, mlp=(8,))
 WORLD = 2
@@ -61,7 +59,7 @@ STUDENT_ATOL = 1e-5
 def _student_data(root: Path, build: bool = False):
     """(inputs, train RankLog, valid RankLog, ClickLists) of a small synthetic world; build=True writes the logs
     (the parent, before the spawn), else they are opened from root."""
-    inputs, teacher, requests, imp, n_train, rng = _synthetic_world(3, n_users=64, n_items=120, n_imp=10)
+    inputs, teacher, requests, imp, n_train, rng = tower_world(3, n_users=64, n_items=120, n_imp=10)
     cand = sample_candidates(imp, inputs.n_items, 20, rng=rng)
     train = (np.arange(len(requests)) < n_train)[:, None]
     if build:
@@ -138,7 +136,7 @@ def _worker(rank: int, world: int, port: int, out: str, backend: str, device: st
         res = fit(m, train.take(D.shard_rows(len(train), rank, world)), valid, _train_cfg(per_rank),
                   train_shard=True)
         _dump(out / f"shard-rank{rank}.pt", m, res)
-        requests, cand, scorer, item_ids, _, _ = _world(r=41)
+        requests, cand, scorer, item_ids, _, _ = rank_log_world(r=41)
         man = build_rank_log_distributed(requests, cand, scorer, out / "log", requests_per_batch=16, progress=False,
                                          item_ids=item_ids)
         save_torch(out / f"log-rank{rank}.pt", {"n_rows": man["n_rows"]})
@@ -253,7 +251,7 @@ def test_ddp_on_row_shards_stays_in_sync_and_learns(ddp_run):
 
 
 def test_sharded_rank_log_reads_as_one_process_log(ddp_run, tmp_path):
-    requests, cand, scorer, item_ids, _, _ = _world(r=41)
+    requests, cand, scorer, item_ids, _, _ = rank_log_world(r=41)
     build_rank_log(requests, cand, scorer, tmp_path / "one", requests_per_batch=16, progress=False, item_ids=item_ids)
     # linspace(0, 41, 3) rounded = [0, 20, 41]: rank 0 scored requests [0, 20), rank 1 [20, 41)
     for k, rows in ((0, [0, 20]), (1, [20, 41])):

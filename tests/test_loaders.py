@@ -2,63 +2,17 @@
 
 from __future__ import annotations
 
-import shutil
-from pathlib import Path
-
 import numpy as np
 import pandas as pd
 import pytest
 
 from cascade.data.custom import load_custom
-from cascade.data.kuairand import LOG_COLUMNS, load_kuairand
+from cascade.data.kuairand import load_kuairand
 from cascade.data.movielens import load_movielens_100k, load_movielens_1m
+from worlds import KUAIRAND_SIDE, ML100K, T0
 
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-KUAIRAND_SIDE = REPO / "data"
-ML100K = SHARED_DATA / "ml-100k"
-
-# 2022-04-08 16:00:00 in Beijing (UTC+8) = 2022-04-08 08:00:00 UTC
-# = 1649376000 s (2022-04-08 00:00 UTC) + 8 * 3600 s = 1649404800 s -> ms. 2022-04-08 was a Friday.
-T0 = 1_649_404_800_000
-
-
-def log_row(user, video, time_ms, tab=1, is_rand=0, click=0, date=20220408, hourmin=None, play=1000):
-    hourmin = 1600 if hourmin is None else hourmin
-    return {"user_id": user, "video_id": video, "date": date, "hourmin": hourmin, "time_ms": time_ms,
-            "is_click": click, "is_like": 0, "is_follow": 0, "is_comment": 0, "is_forward": 0, "is_hate": 0,
-            "long_view": 0, "play_time_ms": play, "duration_ms": 30000, "profile_stay_time": 0,
-            "comment_stay_time": 0, "is_profile_enter": 0, "is_rand": is_rand, "tab": tab}
-
-
-def write_log(path: Path, rows: list[dict]) -> None:
-    pd.DataFrame(rows, columns=list(LOG_COLUMNS)).to_csv(path, index=False)
-
-
-def kuairand_dir(tmp_path: Path) -> Path:
-    """Real KuaiRand-Pure side tables (linked) + three tiny log files in the official layout."""
-    d = tmp_path / "kuairand"
-    d.mkdir()
-    for name in ("user_features_pure.csv", "video_features_basic_pure.csv"):
-        (d / name).symlink_to(KUAIRAND_SIDE / name)
-    write_log(d / "log_standard_4_08_to_4_21_pure.csv", [
-        log_row(0, 10, T0 + 5000, click=1),    # request A, second by time (tie with video 13: file order)
-        log_row(0, 11, T0 + 1000),             # request A, first
-        log_row(1, 12, T0 + 3000),             # request B (other user)
-        log_row(0, 13, T0 + 5000),             # request A, third
-        log_row(0, 14, T0 + 2000, tab=2),      # request C (other tab)
-    ])
-    write_log(d / "log_standard_4_22_to_5_08_pure.csv", [
-        log_row(0, 15, T0 + 3_600_010, hourmin=1700, click=1),  # request D (next hour)
-    ])
-    write_log(d / "log_random_4_22_to_5_08_pure.csv", [
-        log_row(0, 16, T0 + 1500, is_rand=1),  # request E (random traffic is its own request)
-    ])
-    return d
-
-
-def test_kuairand_requests_positions_and_tables(tmp_path):
-    ds = load_kuairand(kuairand_dir(tmp_path))
+def test_kuairand_requests_positions_and_tables(kuairand_logs):
+    ds = load_kuairand(kuairand_logs)
     imp = ds.impressions
     # Requests by first impression time: A (T0+1000) -> 0, E (+1500) -> 1, C (+2000) -> 2, B (+3000) -> 3,
     # D (+3600010) -> 4. Within A: video 11 (+1000) pos 0, video 10 (+5000, earlier line) pos 1, video 13 pos 2.
@@ -91,8 +45,8 @@ def test_kuairand_requests_positions_and_tables(tmp_path):
     assert ds.sources["users"].endswith("user_features_pure.csv")
 
 
-def test_kuairand_standard_only(tmp_path):
-    ds = load_kuairand(kuairand_dir(tmp_path), logs=("standard",), variant="pure")
+def test_kuairand_standard_only(kuairand_logs):
+    ds = load_kuairand(kuairand_logs, logs=("standard",), variant="pure")
     # Without the random log the request order is A, C, B, D.
     assert ds.impressions["item_id"].tolist() == [11, 10, 13, 14, 12, 15]
     assert ds.impressions["request_id"].tolist() == [0, 0, 0, 1, 2, 3]
@@ -135,22 +89,8 @@ def test_movielens_100k_real(ml100k):
     assert users.loc[1, "age_bucket"] == 18 and users.loc[1, "zip_prefix"] == "8"  # 24 years, zip 85711
 
 
-def write_ml1m(d: Path) -> None:
-    d.mkdir()
-    # Days (UTC): 978300000 // 86400 = 11322, 978300760 // 86400 = 11322, 978301000 // 86400 = 11322,
-    # 978400000 // 86400 = 11324.
-    (d / "ratings.dat").write_text(
-        "1::10::5::978300760\n1::20::3::978300760\n1::30::4::978300000\n2::10::4::978301000\n1::40::2::978400000\n",
-        encoding="latin-1")
-    (d / "users.dat").write_text("1::F::1::10::48067\n2::M::56::16::70072\n", encoding="latin-1")
-    (d / "movies.dat").write_text(
-        "10::GoldenEye (1995)::Action|Adventure|Thriller\n20::Angela (1995)::Drama\n"
-        "30::Toy Story (1995)::Animation|Children's|Comedy\n40::Caf\xe9 Film::Comedy\n", encoding="latin-1")
-
-
-def test_movielens_1m_small(tmp_path):
-    write_ml1m(tmp_path / "ml-1m")
-    ds = load_movielens_1m(tmp_path / "ml-1m")
+def test_movielens_1m_small(ml1m_dir):
+    ds = load_movielens_1m(ml1m_dir)
     imp = ds.impressions
     # Request 0: user 1, day 11322: item 30 (978300000), then 10 and 20 (978300760, tie -> item_id order).
     # Request 1: user 2 (first at 978301000). Request 2: user 1, day 11324 (item 40).
@@ -170,27 +110,8 @@ def test_movielens_1m_small(tmp_path):
     assert "genre_unknown" not in ds.items.columns and "rating" not in ds.schema.names
 
 
-def write_custom_example(d: Path) -> Path:
-    """The tiny dataset that pipelines/custom.example.toml describes."""
-    d.mkdir(exist_ok=True)
-    pd.DataFrame({"uid": [7, 8], "country": ["de", "fr"], "age": [31.0, 45.0]}).to_csv(d / "users.csv", index=False)
-    pd.DataFrame({"sku": [100, 101, 102], "category": ["shoe", "hat", "shoe"],
-                  "price_eur": [59.9, 15.0, 80.0]}).to_csv(d / "items.csv", index=False)
-    # 1_700_000_000 s = 2023-11-14 22:13:20 UTC = 23:13:20 at UTC+1 (a Tuesday).
-    pd.DataFrame({
-        "uid": [7, 7, 8, 7],
-        "sku": [101, 100, 100, 102],
-        "ts": [1_700_000_060, 1_700_000_000, 1_700_000_030, 1_700_090_000],
-        "clicked": [1, 0, 0, 1],
-        "session": ["s1", "s1", "s2", "s3"],
-        "dwell_s": [12.0, 0.0, 0.0, 40.0],
-    }).to_csv(d / "impressions.csv", index=False)
-    shutil.copy(REPO / "pipelines" / "custom.example.toml", d / "custom.example.toml")
-    return d / "custom.example.toml"
-
-
-def test_custom_example(tmp_path):
-    ds = load_custom(write_custom_example(tmp_path))
+def test_custom_example(custom_example):
+    ds = load_custom(custom_example)
     imp = ds.impressions
     # s1 starts at 1_700_000_000 (request 0: sku 100 then 101), s2 at +30 (request 1), s3 a day later (2).
     assert imp[["request_id", "user_id", "item_id", "position", "click"]].to_numpy().tolist() == [

@@ -14,50 +14,10 @@ import pytest
 import torch
 from sklearn.metrics import roc_auc_score
 
-from cascade.data.batches import EncodedTable, FeatureSpec
+from cascade.data.batches import FeatureSpec
 from cascade.models.layers import MLP, CrossNetV2, FactorizationMachine, FeatureEmbedding
 from cascade.models.ranker import Ranker, RankerConfig, n_parameters, serving_latency
-
-N_USERS, N_ITEMS, N_GROUPS, N_CATS = 300, 120, 6, 6
-
-SPEC = FeatureSpec(
-    cat_names=("user_id", "user_group", "item_id", "item_cat", "hour"),
-    cat_sides=("user", "user", "item", "item", "context"),
-    cat_cardinality=(N_USERS + 1, N_GROUPS + 1, N_ITEMS + 1, N_CATS + 1, 25),
-    num_names=("item_pop", "cross_num", "priv"),
-    num_sides=("item", "cross", "privileged"),
-)
-
-
-def make_table(n: int, seed: int, world_seed: int = 0) -> EncodedTable:
-    """``n`` impressions in requests of 10 rows (one user per request); the world (W, groups, categories) is
-    fixed by ``world_seed`` so tables drawn with different ``seed`` share it."""
-    w = np.random.default_rng(world_seed)
-    interaction = w.standard_normal((N_GROUPS, N_CATS))
-    user_group = w.integers(0, N_GROUPS, N_USERS)
-    item_cat = w.integers(0, N_CATS, N_ITEMS)
-    item_pop = w.standard_normal(N_ITEMS).astype(np.float32)
-
-    rng = np.random.default_rng(seed)
-    n_req = n // 10
-    req_user = rng.integers(0, N_USERS, n_req)
-    user = np.repeat(req_user, 10)
-    item = rng.integers(0, N_ITEMS, n)
-    hour = np.repeat(rng.integers(0, 24, n_req), 10)
-    cross_num = rng.standard_normal(n).astype(np.float32)
-    z = 1.5 * interaction[user_group[user], item_cat[item]] + 1.0 * cross_num - 0.5
-    label = (rng.random(n) < 1 / (1 + np.exp(-z))).astype(np.float32)
-    priv = (z + 0.3 * rng.standard_normal(n)).astype(np.float32)
-    cat = np.stack([user + 1, user_group[user] + 1, item + 1, item_cat[item] + 1, hour + 1], axis=1).astype(np.int64)
-    num = np.stack([item_pop[item], cross_num, priv], axis=1).astype(np.float32)
-    return EncodedTable(
-        SPEC, cat, num, label,
-        request_id=np.repeat(np.arange(n_req), 10).astype(np.int64) + seed * 10**6,
-        user_id=user.astype(np.int64), item_id=item.astype(np.int64),
-        time_ms=np.arange(n, dtype=np.int64), is_rand=(rng.random(n) < 0.2).astype(np.int8),
-        extra={"true_logit": z.astype(np.float32)},
-    )
-
+from worlds import N_ITEMS, SPEC, make_table
 
 # ------------------------------------------------------------------------------------------------ layers
 

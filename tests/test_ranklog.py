@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import numpy as np
-import pandas as pd
 import pytest
 
 from cascade.artifacts import ArtifactError
 from cascade.data.sampling import CdfSampler
 from cascade.distill.ranklog import RankLog, build_rank_log, merge_manifests, sample_candidates
+from worlds import rank_log_world
 
 
 def _no_repeats(c: np.ndarray) -> bool:
@@ -78,33 +78,8 @@ def test_sampler_rejects_bad_input():
 
 # ---------------------------------------------------------------------------------------------------------------
 
-def _world(r: int = 37, n_items: int = 60, L: int = 9, seed: int = 0):
-    rng = np.random.default_rng(seed)
-    requests = pd.DataFrame({
-        "request_id": 1000 + np.arange(r, dtype=np.int64) * 3,
-        "user_id": rng.integers(500, 520, r).astype(np.int64),
-        "time_ms": np.arange(r, dtype=np.int64) * 10,
-    })
-    requests["user_row"] = requests["user_id"] - 500
-    imp = rng.integers(0, n_items, (r, 3))
-    cand = sample_candidates(imp, n_items, L, rng=rng)
-    cand[::5, -2:] = -1  # some short lists
-    u = rng.normal(size=(20, 4)).astype(np.float32)
-    v = rng.normal(size=(n_items, 4)).astype(np.float32)
-    item_ids = 10_000 + np.arange(n_items, dtype=np.int64) * 7
-    calls = []
-
-    def scorer(rows, c):
-        calls.append(len(rows))
-        assert (c >= 0).all()  # padding arrives as row 0
-        return np.einsum("bd,bld->bl", u[requests["user_row"].to_numpy()[rows]], v[c])
-
-    expected = np.einsum("bd,bld->bl", u[requests["user_row"].to_numpy()], v[np.maximum(cand, 0)])
-    return requests, cand, scorer, item_ids, expected, calls
-
-
 def test_rank_log_round_trip(tmp_path):
-    requests, cand, scorer, item_ids, expected, calls = _world()
+    requests, cand, scorer, item_ids, expected, calls = rank_log_world()
     man = build_rank_log(requests, cand, scorer, tmp_path, requests_per_batch=8, shard_rows=100,
                          progress=False, item_ids=item_ids)
     assert calls == [8, 8, 8, 8, 5]  # 37 requests in batches of 8
@@ -134,7 +109,7 @@ def test_rank_log_round_trip(tmp_path):
 
 
 def test_rank_log_detects_corrupt_shard(tmp_path):
-    requests, cand, scorer, item_ids, _, _ = _world()
+    requests, cand, scorer, item_ids, _, _ = rank_log_world()
     man = build_rank_log(requests, cand, scorer, tmp_path, requests_per_batch=8, shard_rows=100, progress=False)
     victim = tmp_path / man["shards"][1]["path"]
     data = bytearray(victim.read_bytes())
@@ -145,7 +120,7 @@ def test_rank_log_detects_corrupt_shard(tmp_path):
 
 
 def test_sharded_build_and_merge_equals_one_pass(tmp_path):
-    requests, cand, scorer, item_ids, _, _ = _world(r=41)
+    requests, cand, scorer, item_ids, _, _ = rank_log_world(r=41)
     build_rank_log(requests, cand, scorer, tmp_path / "one", requests_per_batch=16, progress=False, item_ids=item_ids)
     for k in (1, 0):  # order of workers does not matter
         m = build_rank_log(requests, cand, scorer, tmp_path / "sh", requests_per_batch=16, n_shards=2,
@@ -159,7 +134,7 @@ def test_sharded_build_and_merge_equals_one_pass(tmp_path):
 
 
 def test_merge_refuses_missing_shard(tmp_path):
-    requests, cand, scorer, _, _, _ = _world(r=20)
+    requests, cand, scorer, _, _, _ = rank_log_world(r=20)
     build_rank_log(requests, cand, scorer, tmp_path, n_shards=3, shard_index=0, progress=False)
     build_rank_log(requests, cand, scorer, tmp_path, n_shards=3, shard_index=2, progress=False)
     with pytest.raises(ArtifactError, match="shard-00001-of-00003"):
@@ -167,7 +142,7 @@ def test_merge_refuses_missing_shard(tmp_path):
 
 
 def test_build_rejects_bad_scorer_and_requests(tmp_path):
-    requests, cand, scorer, _, _, _ = _world(r=10)
+    requests, cand, scorer, _, _, _ = rank_log_world(r=10)
 
     def nan_scorer(rows, c):
         out = scorer(rows, c)

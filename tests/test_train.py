@@ -25,7 +25,7 @@ from cascade.train.joint import (
     two_stage_loss,
 )
 from cascade.train.loop import TrainConfig, evaluate, fit, load_checkpoint, predict
-from test_ranker import SPEC, make_table
+from worlds import SPEC, make_table
 
 TINY = RankerConfig(emb_dim=4, mlp=(8,))
 STUDENT = RankerConfig(emb_dim=8, mlp=(16,))

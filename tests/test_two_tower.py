@@ -5,7 +5,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import pandas as pd
 import pytest
 import torch
 
@@ -119,47 +118,11 @@ def test_towers_without_context_columns():
 from cascade.distill.ranklog import RankLog, build_rank_log, sample_candidates  # noqa: E402
 from cascade.eval.metrics import recall_at_k  # noqa: E402
 from cascade.train.students import ClickLists, StudentConfig, _positive_log_q, evaluate_on_log, train_student  # noqa: E402
-
-
-def _synthetic_world(seed: int, n_users: int = 300, n_items: int = 500, train_per_user: int = 4, n_imp: int = 20):
-    """Users and items with group / tag latents; a teacher = fixed random bilinear form of the latents plus
-    nonlinear terms (tanh of a latent product, item quality, hour x tag table) that no tower sees directly.
-
-    Requests: train_per_user per user for training, then one per user for validation, each with a random hour
-    and n_imp uniformly impressed items. Returns (inputs, teacher(request_rows [B], item_rows [B, L]) -> [B, L],
-    request frame, impressed [R, n_imp], n_train, rng)."""
-    rng = np.random.default_rng(seed)
-    n_groups, n_tags, n_hours, d = 6, 10, 4, 6
-    group, tag = rng.integers(0, n_groups, n_users), rng.integers(0, n_tags, n_items)
-    zu = rng.normal(size=(n_groups, d))[group] + 0.7 * rng.normal(size=(n_users, d))
-    zi = rng.normal(size=(n_tags, d))[tag] + 0.7 * rng.normal(size=(n_items, d))
-    activity, quality = rng.normal(size=n_users).astype(np.float32), rng.normal(size=n_items).astype(np.float32)
-    bilinear, hour_tag = rng.normal(size=(d, d)) / np.sqrt(d), rng.normal(size=(n_hours, n_tags))
-    n_req = n_users * (train_per_user + 1)
-    req_user = np.tile(np.arange(n_users), train_per_user + 1)
-    hour = rng.integers(0, n_hours, n_req)
-
-    def teacher(req_rows: np.ndarray, item_rows: np.ndarray) -> np.ndarray:
-        u, v = zu[req_user[req_rows]], zi[item_rows]  # [B, d], [B, L, d]
-        return (np.einsum("bd,de,ble->bl", u, bilinear, v) + 1.5 * np.tanh(u[:, None, 0] * v[..., 1])
-                + 0.5 * quality[item_rows] + 0.7 * hour_tag[hour[req_rows][:, None], tag[item_rows]]).astype(np.float32)
-
-    inputs = TowerInputs(
-        FeatureSpec(("user_id", "group"), ("user", "user"), (n_users + 1, n_groups + 1), ("activity",), ("user",)),
-        np.stack([np.arange(1, n_users + 1), group + 1], 1).astype(np.int64), activity[:, None],
-        FeatureSpec(("item_id", "tag"), ("item", "item"), (n_items + 1, n_tags + 1), ("quality",), ("item",)),
-        np.stack([np.arange(1, n_items + 1), tag + 1], 1).astype(np.int64), quality[:, None],
-        FeatureSpec(("hour",), ("context",), (n_hours + 1,), (), ()),
-        (hour + 1)[:, None].astype(np.int64), np.zeros((n_req, 0), np.float32),
-        np.arange(n_users, dtype=np.int64), np.arange(n_items, dtype=np.int64), np.arange(n_req, dtype=np.int64))
-    requests = pd.DataFrame({"request_id": np.arange(n_req), "user_id": req_user, "user_row": req_user,
-                             "time_ms": np.arange(n_req)})
-    impressed = np.argsort(rng.random((n_req, n_items)), axis=1)[:, :n_imp]
-    return inputs, teacher, requests, impressed, n_users * train_per_user, rng
+from worlds import tower_world  # noqa: E402
 
 
 def _logs_and_clicks(tmp_path, seed: int, n_candidates: int = 50):
-    inputs, teacher, requests, imp, n_train, rng = _synthetic_world(seed)
+    inputs, teacher, requests, imp, n_train, rng = tower_world(seed)
     cand = sample_candidates(imp, inputs.n_items, n_candidates, rng=rng)
     train = (np.arange(len(requests)) < n_train)[:, None]
     build_rank_log(requests, np.where(train, cand, -1), teacher, tmp_path / f"train{seed}", progress=False)
@@ -205,7 +168,7 @@ def test_retrieval_student_learns_corpus_order(tmp_path):
     far more often than its untrained towers (random: 10/500 = 0.02)."""
     inputs, teacher, log_train, _, clicks, n_train = _logs_and_clicks(tmp_path, seed=0)
     valid = np.arange(n_train, inputs.n_requests)
-    users = valid % inputs.n_users  # request r belongs to user r mod 300 (see _synthetic_world)
+    users = valid % inputs.n_users  # request r belongs to user r mod 300 (see tower_world)
     full = teacher(valid, np.broadcast_to(np.arange(inputs.n_items), (len(valid), inputs.n_items)))
     reference = np.argsort(-full, axis=1)[:, :10]
 
