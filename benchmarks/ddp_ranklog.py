@@ -44,7 +44,7 @@ from cascade.models.ranker import Ranker
 from cascade.models.two_tower import build_two_tower
 from cascade.pipeline import RankLogSection, StudentsSection, TeacherSection, click_lists, rank_log_inputs
 from cascade.serve.run import RunData, ranker_scorer, to_requests
-from cascade.train import distributed as D
+from cascade import distributed as D
 from cascade.train.loop import fit
 from cascade.train.students import evaluate_on_log, train_student
 

@@ -23,7 +23,7 @@ from cascade.distill.ranklog import RankLog, build_rank_log, sample_candidates
 from cascade.distill.shard_runner import build_rank_log_distributed
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.models.two_tower import TowerConfig, build_two_tower
-from cascade.train import distributed as D
+from cascade import distributed as D
 from cascade.train.joint import DistillConfig, JointRanker, joint_loss
 from cascade.train.loop import CHECKPOINT, TrainConfig, fit
 from cascade.train.students import ClickLists, StudentConfig, train_student

@@ -20,7 +20,7 @@ import pandas as pd
 
 from cascade import artifacts
 from cascade.distill.ranklog import Scorer, build_rank_log, merge_manifests
-from cascade.train import distributed as D
+from cascade import distributed as D
 
 log = logging.getLogger(__name__)
 

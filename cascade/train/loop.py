@@ -14,7 +14,7 @@ click BCE on ``model(cat, num)``.
 A non-finite loss term stops training with FloatingPointError naming the step and the term; the checkpoint on
 disk is then still the last good (best validated) one.
 
-Data parallel (``torchrun``, see :mod:`cascade.train.distributed`): when a torch.distributed group is initialised,
+Data parallel (``torchrun``, see :mod:`cascade.distributed`): when a torch.distributed group is initialised,
 ``fit`` wraps the model and the loss in DistributedDataParallel (gradients averaged over ranks after every
 backward). By default every rank holds the whole ``train`` table and trains on its block of ``cfg.batch_size`` rows
 of each global batch of ``world * cfg.batch_size`` rows (one seeded permutation, the same on every rank), so the
@@ -46,7 +46,7 @@ from cascade.artifacts import load_torch, read_manifest, save_torch, write_manif
 from cascade.data.batches import EncodedTable, batch_indices, iter_batches
 from cascade.distill.losses import click_bce, mix
 from cascade.eval.metrics import auc, gauc, logloss
-from cascade.train import distributed as D
+from cascade import distributed as D
 
 log = logging.getLogger(__name__)
 

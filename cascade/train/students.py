@@ -20,7 +20,7 @@ Loss terms (names of :data:`LOSS_NAMES`; a term runs only with a non-zero weight
 A ground-truth-only student puts weights only on ``click_bce`` / ``sampled_softmax`` (with click positives) and
 needs no rank log.
 
-Data parallel (``torchrun``; see :mod:`cascade.train.distributed`): under an initialised torch.distributed
+Data parallel (``torchrun``; see :mod:`cascade.distributed`): under an initialised torch.distributed
 group, :func:`train_student` wraps the towers and the loss terms in one DistributedDataParallel module (gradients
 averaged over ranks after every backward). Every rank holds the whole rank log / click lists and draws the same
 seeded permutation of the requests; rank r trains on its block of ``cfg.batch_size`` requests of each global
@@ -63,7 +63,7 @@ from cascade.distill import losses as L
 from cascade.distill.ranklog import RankLog
 from cascade.eval.metrics import ndcg_at_k, recall_at_k
 from cascade.models.two_tower import TowerInputs, TwoTower
-from cascade.train import distributed as D
+from cascade import distributed as D
 
 log = logging.getLogger(__name__)
 
