@@ -45,7 +45,9 @@ from cascade.artifacts import package_versions, write_json
 from cascade.index.exact import exact_topk, recall_at_k
 from cascade.index.faiss_index import INDEX_FILE, ItemIndex, configure_faiss, set_blas_threshold
 from cascade.eval.metrics import latency_summary
-from cascade.serve.cascade import Cascade, PairScorer, Requests, Retriever, topk_rows
+from cascade.arrays import topk_rows
+from cascade.data.requests import Requests
+from cascade.serve.cascade import Cascade, PairScorer, Retriever
 from cascade.serve.replay import replay_latency
 
 log = logging.getLogger("bench_serving")
@@ -123,8 +125,10 @@ def load_run(run_dir: Path, variant: str = "distilled"):
     """A run's serving parts (distilled towers, the DCNv2 teacher as ranker, the run's index loaded on 1 faiss
     thread), its test requests in time order, and the retrieval item embeddings: (parts, requests, xb [I, d], ids)."""
     from cascade import artifacts as A
-    from cascade.serve.run import (RunData, build_cascade, load_ranker, load_towers, requests_frame, score_pairs,
-                                   to_requests)
+    from cascade.data.requests import requests_frame, to_requests
+    from cascade.models.scoring import score_pairs
+    from cascade.run_data import RunData, load_ranker, load_towers
+    from cascade.serve.cascade import build_cascade
 
     data = RunData(run_dir / "data")
     sdir = run_dir / "students" / variant

@@ -38,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 from bench_serving import cycle, ensure_run, machine_info, pipeline_config  # noqa: E402
 
 from cascade.artifacts import package_versions, write_json  # noqa: E402
-from cascade.serve.cascade import PAD, Cascade, Requests  # noqa: E402
+from cascade.arrays import PAD  # noqa: E402
+from cascade.data.requests import Requests  # noqa: E402
+from cascade.serve.cascade import Cascade  # noqa: E402
 
 log = logging.getLogger("bench_soak")
 
@@ -192,7 +194,8 @@ def main(argv=None) -> dict:
     import torch
 
     from cascade.index.faiss_index import configure_faiss
-    from cascade.serve.run import load_cascade, requests_frame, to_requests
+    from cascade.data.requests import requests_frame, to_requests
+    from cascade.serve.cascade import load_cascade
 
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")

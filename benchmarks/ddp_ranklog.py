@@ -9,7 +9,7 @@ Run it under torchrun (one process per GPU on a GPU node, or N CPU processes wit
 or as one plain process (no torchrun: no process group, the single-process baseline). Every rank reads the data
 folder, trains the teacher (the default pipeline's DCNv2; ``--batch-size`` is PER RANK, the effective batch is
 world x batch), rank 0 writes ``OUT/teacher/`` (model.pt, manifest.json, config.json, loadable with
-cascade.serve.run.load_ranker); then every rank scores its block of the sampled train requests and writes
+cascade.run_data.load_ranker); then every rank scores its block of the sampled train requests and writes
 ``OUT/log/shard-r-of-W/``, rank 0 merges them into one log (``RankLog(OUT/log)``) and writes
 ``OUT/ddp_ranklog.json`` with the timings, which it also prints.
 
@@ -17,7 +17,7 @@ With ``--students`` every rank then trains the distilled two-tower pre-rank and 
 pipeline's StudentsSection: tower, loss weights, epochs; ``--student-batch-size`` is PER RANK) on that log with
 DistributedDataParallel (cascade.train.students.train_student), and rank 0 writes
 ``OUT/students/distilled/{prerank,retrieval}/`` (model.pt, config.json, history.json: the pipeline's layout,
-loadable with cascade.serve.run.load_towers). The students train on the CPU even in a ``--device cuda`` job.
+loadable with cascade.run_data.load_towers). The students train on the CPU even in a ``--device cuda`` job.
 In-batch softmax negatives are per rank (see cascade/train/students.py).
 
     torchrun --standalone --nproc_per_node 2 benchmarks/ddp_ranklog.py --data runs/tiny/data --out runs/ddp --students
@@ -43,7 +43,9 @@ from cascade.distill.shard_runner import build_rank_log_distributed
 from cascade.models.ranker import Ranker
 from cascade.models.two_tower import build_two_tower
 from cascade.pipeline import RankLogSection, StudentsSection, TeacherSection, click_lists, rank_log_inputs
-from cascade.serve.run import RunData, ranker_scorer, to_requests
+from cascade.data.requests import to_requests
+from cascade.models.scoring import ranker_scorer
+from cascade.run_data import RunData
 from cascade import distributed as D
 from cascade.train.loop import fit
 from cascade.train.students import evaluate_on_log, train_student

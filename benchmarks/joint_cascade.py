@@ -36,7 +36,9 @@ from cascade.config import from_dict
 from cascade.distill.ranklog import RankLog, build_rank_log, sample_candidates
 from cascade.models.two_tower import build_two_tower
 from cascade.pipeline import PipelineConfig, RankLogSection, _pad_by_row, _popularity, rank_log_inputs
-from cascade.serve.run import RunData, load_ranker, requests_frame, score_pairs, to_requests
+from cascade.data.requests import requests_frame, to_requests
+from cascade.models.scoring import score_pairs
+from cascade.run_data import RunData, load_ranker
 from cascade.train.loop import evaluate
 from cascade.train.students import evaluate_on_log, train_student
 from cascade.train.three_students import JointCascadeConfig, JointData, train_joint_cascade

@@ -182,7 +182,9 @@ def build_test_set(run_dir: Path, data, teacher: torch.nn.Module, settings: Abla
     The cache is keyed on the teacher's weights and the settings that shape the set; a mismatch rebuilds it.
     """
     from .distill.ranklog import RankLog, build_rank_log, sample_candidates
-    from .serve.run import ranker_scorer, requests_frame, teacher_top_over_corpus, to_requests
+    from .data.requests import requests_frame, to_requests
+    from .models.scoring import ranker_scorer
+    from .serve.replay import teacher_top_over_corpus
 
     out = run_dir / "ablation" / "test"
     key = {"teacher": A.sha256_file(run_dir / "teacher" / "teacher" / "model.pt"), "seed": seed,
@@ -271,10 +273,9 @@ def corpus_topk(user_emb: np.ndarray, item_emb: np.ndarray, item_ids: np.ndarray
 
 def evaluate_student(towers, data, test: TestSet, test_imp: pd.DataFrame, settings: AblationSettings,
                      world=None) -> dict[str, float]:
-    """Every ablation metric of one trained student (a :class:`cascade.serve.run.Towers`)."""
+    """Every ablation metric of one trained student (a :class:`cascade.run_data.Towers`)."""
     from .eval.metrics import auc, recall_at_k
-    from .serve.cascade import Requests
-    from .serve.run import to_requests
+    from .data.requests import Requests, to_requests
     from .train.students import student_list_scores
 
     k = settings.k
@@ -319,7 +320,7 @@ def train_or_load_student(run_dir: Path, data, inputs, rank_log, clicks, tower_c
     """A trained Towers for (variant, stage): loaded from its folder when its key (configs + rank log) matches,
     else trained with :func:`cascade.train.students.train_student` and saved there."""
     from .models.two_tower import build_two_tower, item_embeddings
-    from .serve.run import Towers
+    from .run_data import Towers
     from .train.students import train_student
 
     d = Path(key["dir"])
@@ -343,7 +344,7 @@ def run_seed(cfg, settings: AblationSettings, seed: int, progress: bool = False)
     value}}}, "reference": {...}, "wall_s": {...}}."""
     from .distill.ranklog import RankLog
     from .pipeline import click_lists, run_pipeline
-    from .serve.run import RunData, load_ranker
+    from .run_data import RunData, load_ranker
 
     t0 = time.perf_counter()
     run_pipeline(cfg, until="ranklog", progress=progress)

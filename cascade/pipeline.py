@@ -283,7 +283,7 @@ def kuairand_offset() -> float:
 def stage_data(ctx: StageContext) -> StageResult:
     from .data.features import CrossFeatureStore, FeatureEncoder, build_encoded
     from .data.split import time_split
-    from .serve.run import SPLIT_CODES
+    from .run_data import SPLIT_CODES
 
     c: DataSection = ctx.config
     ds, world = _load_source(c, ctx.out, ctx.seed, ctx.progress)
@@ -338,7 +338,7 @@ def stage_data(ctx: StageContext) -> StageResult:
 def stage_teacher(ctx: StageContext) -> StageResult:
     from .models.gbdt import GBDTRanker
     from .models.ranker import Ranker
-    from .serve.run import RunData
+    from .run_data import RunData
     from .train.loop import evaluate, fit
 
     c: TeacherSection = ctx.config
@@ -388,7 +388,7 @@ def rank_log_inputs(data, cfg: RankLogSection, seed: int):
     popularity-weighted and uniform corpus samples) and the item row -> id map. Deterministic in ``seed``, so every
     torchrun rank builds the same ones and scores its own shard of them."""
     from .distill.ranklog import sample_candidates
-    from .serve.run import requests_frame
+    from .data.requests import requests_frame
 
     tr = data.split_impressions("train")
     frame = requests_frame(tr, data.context_names)
@@ -410,7 +410,9 @@ def rank_log_inputs(data, cfg: RankLogSection, seed: int):
 
 def stage_ranklog(ctx: StageContext) -> StageResult:
     from .distill.shard_runner import build_rank_log_distributed
-    from .serve.run import RunData, load_ranker, ranker_scorer, to_requests
+    from .data.requests import to_requests
+    from .models.scoring import ranker_scorer
+    from .run_data import RunData, load_ranker
 
     c: RankLogSection = ctx.config
     data = RunData(ctx.inputs["data"])
@@ -448,7 +450,7 @@ def stage_students(ctx: StageContext) -> StageResult:
     from .distill.ranklog import RankLog
     from .models.ranker import Ranker
     from .models.two_tower import build_two_tower
-    from .serve.run import RunData, load_ranker
+    from .run_data import RunData, load_ranker
     from .train.joint import DistilledStudent, JointRanker, joint_loss, pfd_configs, two_stage_loss
     from .train.loop import evaluate, fit
     from .train.students import evaluate_on_log, train_student
@@ -516,7 +518,8 @@ def stage_students(ctx: StageContext) -> StageResult:
 
 def stage_index(ctx: StageContext) -> StageResult:
     from .index.faiss_index import ItemIndex
-    from .serve.run import RunData, load_towers, requests_frame, to_requests
+    from .data.requests import requests_frame, to_requests
+    from .run_data import RunData, load_towers
 
     c: IndexSection = ctx.config
     data = RunData(ctx.inputs["data"])
@@ -545,10 +548,12 @@ def stage_index(ctx: StageContext) -> StageResult:
 def stage_replay(ctx: StageContext) -> StageResult:
     from .eval.metrics import auc, gauc
     from .index.faiss_index import ItemIndex
-    from .serve.replay import ReplayInputs, replay_latency, replay_quality
-    from .serve.run import RunData, build_cascade, load_ranker, load_towers, ranker_scorer, requests_frame, teacher_top_over_corpus, to_requests
-    from .serve.cascade import PAD, SeenFilter
-    from .serve.run import SPLIT_CODES
+    from .arrays import PAD
+    from .data.requests import requests_frame, to_requests
+    from .models.scoring import ranker_scorer
+    from .run_data import SPLIT_CODES, RunData, load_ranker, load_towers
+    from .serve.cascade import SeenFilter, build_cascade
+    from .serve.replay import ReplayInputs, replay_latency, replay_quality, teacher_top_over_corpus
 
     c: ReplaySection = ctx.config
     data = RunData(ctx.inputs["data"])
@@ -629,7 +634,7 @@ def stage_replay(ctx: StageContext) -> StageResult:
 
 
 def _impression_requests(imp: pd.DataFrame, context_names: list[str]):
-    from .serve.cascade import Requests
+    from .data.requests import Requests
     from .data.split import request_start_ms
 
     return Requests(imp["user_id"].to_numpy(np.int64), request_start_ms(imp),

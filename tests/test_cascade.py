@@ -4,7 +4,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cascade.serve.cascade import PAD, Cascade, PairScorer, Requests, Retriever, SeenFilter, topk_rows
+from cascade.arrays import PAD, topk_rows
+from cascade.data.requests import Requests
+from cascade.serve.cascade import Cascade, PairScorer, Retriever, SeenFilter
 
 
 class ExactIP:

@@ -162,8 +162,9 @@ def test_walkthrough_notebook_executes_against_the_tiny_run(run_a, monkeypatch):
 def test_serving_maps_unknown_users_items_and_values_to_oov(run_a):
     import numpy as np
 
-    from cascade.serve.cascade import PAD, Requests
-    from cascade.serve.run import load_cascade
+    from cascade.arrays import PAD
+    from cascade.data.requests import Requests
+    from cascade.serve.cascade import load_cascade
 
     _, run_dir, _ = run_a
     data, casc = load_cascade(run_dir, variant="distilled", ranker="student")
@@ -189,7 +190,7 @@ def test_index_from_another_model_is_refused_naming_both_hashes(run_a, tmp_path)
     import shutil
 
     from cascade.index.faiss_index import IndexMismatchError
-    from cascade.serve.run import load_cascade
+    from cascade.serve.cascade import load_cascade
 
     _, run_dir, _ = run_a
     fake = tmp_path / "mixed"
@@ -208,7 +209,7 @@ def test_pfd_rank_student_through_the_pipeline_and_serving(run_a, tmp_path):
     teacher with it, saves the student alone, and the replay serves that student as the ranker."""
     import shutil
 
-    from cascade.serve.run import RunData, load_ranker
+    from cascade.run_data import RunData, load_ranker
     from cascade.train.loop import evaluate
 
     _, run_dir, _ = run_a

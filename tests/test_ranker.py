@@ -263,7 +263,7 @@ def test_gbdt_rejects_bad_input(data):
 def test_score_pairs_uses_forward_lists_only_for_passes_of_many_lists(monkeypatch):
     """score_pairs gives forward's logits whatever the path; it takes forward_lists from LISTS_MIN lists per pass on
     (one list at batch 1 is faster through forward)."""
-    from cascade.serve.run import LISTS_MIN, score_pairs
+    from cascade.models.scoring import LISTS_MIN, score_pairs
 
     t = make_table(LISTS_MIN * 10, seed=3)
     model = Ranker(SPEC, RankerConfig(backbone="dcnv2", emb_dim=4, mlp=(16, 8), cross_rank=3), seed=1).eval()

@@ -13,7 +13,8 @@ import bench_serving as bs  # noqa: E402
 import bench_soak as bk  # noqa: E402
 from cascade.index.exact import clustered_vectors  # noqa: E402
 from cascade.index.faiss_index import ItemIndex  # noqa: E402
-from cascade.serve.cascade import Requests, topk_rows  # noqa: E402
+from cascade.arrays import topk_rows  # noqa: E402
+from cascade.data.requests import Requests  # noqa: E402
 
 N_ITEMS, DIM, N_USERS = 400, 8, 40
 

@@ -373,7 +373,7 @@ def test_bf16_autocast_trains_the_same_model_in_float32_state(small):
 ])
 def test_export_student_is_a_standalone_ranker_with_the_same_logits(small, tmp_path, variant, side, backbone, share):
     from cascade import artifacts as A
-    from cascade.serve.run import load_ranker
+    from cascade.run_data import load_ranker
 
     train, _ = small
     student_cfg = RankerConfig(backbone=backbone, emb_dim=4, mlp=(16, 8), cross_rank=3,

@@ -12,7 +12,8 @@ from cascade.eval.metrics import auc
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.models.two_tower import TowerConfig, build_two_tower
 from cascade.pipeline import load_config, run_pipeline
-from cascade.serve.run import RunData, requests_frame
+from cascade.data.requests import requests_frame
+from cascade.run_data import RunData
 from cascade.train.loop import TrainConfig, fit, predict
 from cascade.train.students import ClickLists, StudentConfig, train_student
 

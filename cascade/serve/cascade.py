@@ -8,92 +8,31 @@ Every stage answers the same contract::
 ids padded with -1 for the later stages. Padding in the output is item id -1 with score -inf.
 
 Stages are thin: each wraps a scoring callable built by the pipeline from a trained model and the saved feature
-encoder, so the same classes serve the teacher, the distilled students and test doubles.
+encoder, so the same classes serve the teacher, the distilled students and test doubles. :func:`load_cascade`
+builds the cascade of a finished run.
 """
 
 from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Protocol
 
 import numpy as np
+import pandas as pd
+import torch
 
-PAD = -1
-
-
-@dataclass
-class Requests:
-    """A batch of B requests. user_id, time_ms: int64 [B]; context: name -> array [B] (e.g. hour, tab).
-
-    Rows may be invalid (a negative or missing user id); those get an error message and an empty result
-    without disturbing the rest of the batch.
-    """
-
-    user_id: np.ndarray
-    time_ms: np.ndarray
-    context: dict[str, np.ndarray] = field(default_factory=dict)
-    request_id: np.ndarray | None = None
-
-    def __post_init__(self) -> None:
-        self.user_id = np.asarray(self.user_id)
-        self.time_ms = np.asarray(self.time_ms, dtype=np.int64)
-        b = len(self.user_id)
-        if self.time_ms.shape != (b,):
-            raise ValueError(f"Requests: time_ms has shape {self.time_ms.shape}, expected ({b},)")
-        for k, v in self.context.items():
-            if len(v) != b:
-                raise ValueError(f"Requests: context {k!r} has {len(v)} rows, expected {b}")
-        if self.request_id is None:
-            self.request_id = np.arange(b, dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.user_id)
-
-    def take(self, idx: np.ndarray) -> "Requests":
-        return Requests(self.user_id[idx], self.time_ms[idx], {k: np.asarray(v)[idx] for k, v in self.context.items()},
-                        self.request_id[idx])
-
-    def validity(self) -> list[str | None]:
-        """Per request: None when valid, else the reason it cannot be served."""
-        out: list[str | None] = [None] * len(self)
-        uid = self.user_id
-        bad = np.zeros(len(self), dtype=bool)
-        if uid.dtype.kind == "f":
-            bad |= ~np.isfinite(uid)
-        if uid.dtype.kind in "fiu":
-            bad |= np.nan_to_num(uid.astype(np.float64), nan=-1) < 0
-        else:
-            bad |= True
-        bad |= self.time_ms < 0
-        for i in np.flatnonzero(bad):
-            out[i] = f"request {int(self.request_id[i])}: invalid user_id {uid[i]!r} or time_ms {int(self.time_ms[i])}"
-        return out
+from .. import artifacts as A
+from ..arrays import PAD, topk_rows
+from ..data.requests import Requests
+from ..index.faiss_index import ItemIndex
+from ..models.scoring import ranker_scorer
+from ..run_data import RunData, Towers, load_ranker, load_towers
 
 
 class Stage(Protocol):
     def select(self, requests: Requests, candidates: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-def topk_rows(scores: np.ndarray, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the k best (item, score) by score; pads (item -1) sort last. scores, items: [B, N]."""
-    b, n = scores.shape
-    scores = np.where(items == PAD, -np.inf, scores).astype(np.float32)
-    k_eff = min(k, n)
-    if k_eff < n:
-        part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
-    else:
-        part = np.broadcast_to(np.arange(n), (b, n))
-    s = np.take_along_axis(scores, part, 1)
-    order = np.argsort(-s, axis=1, kind="stable")
-    idx = np.take_along_axis(part, order, 1)
-    out_s = np.take_along_axis(scores, idx, 1)
-    out_i = np.take_along_axis(items, idx, 1)
-    out_i = np.where(np.isfinite(out_s), out_i, PAD)
-    if k_eff < k:
-        out_s = np.pad(out_s, ((0, 0), (0, k - k_eff)), constant_values=-np.inf)
-        out_i = np.pad(out_i, ((0, 0), (0, k - k_eff)), constant_values=PAD)
-    return out_i.astype(np.int64), out_s
 
 
 class SeenFilter:
@@ -209,3 +148,48 @@ class Cascade:
                     full_i[ok], full_s[ok] = si, ss
                     stages[name] = (full_i, full_s)
         return CascadeResult(items, scores, errors, timing, stages)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# the cascade of a finished run
+
+
+def build_cascade(data: RunData, retrieval: Towers, prerank: Towers, ranker: torch.nn.Module, index,
+                  seen: SeenFilter | None = None) -> Cascade:
+    """retrieval tower + index -> pre-rank tower -> ranker (teacher or distilled student)."""
+    return Cascade(Retriever(lambda r: retrieval.user_embed(data, r), index), PairScorer(prerank.scorer(data)),
+                   PairScorer(ranker_scorer(ranker, data)), seen)
+
+
+def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = "teacher",
+                 data: RunData | None = None) -> tuple[RunData, Cascade]:
+    """The servable cascade of a finished run: (RunData, Cascade). variant: a students/ sub-folder
+    ("distilled" or "ground_truth"); ranker: "teacher" or "student" (the distilled rank student)."""
+    run_dir = Path(run_dir)
+    data = data or RunData(run_dir / "data")
+    sdir = run_dir / "students" / variant
+    if not (sdir / "retrieval").is_dir():
+        raise FileNotFoundError(f"{sdir}: no such student variant (have "
+                                f"{sorted(p.name for p in (run_dir / 'students').iterdir() if p.is_dir())})")
+    retr, pre = load_towers(sdir / "retrieval", data), load_towers(sdir / "prerank", data)
+    model = load_ranker(run_dir / "teacher" / "teacher" if ranker == "teacher" else run_dir / "students" / "rank_student", data.spec)
+    index = ItemIndex.load(run_dir / "index" / variant, expect_model_hash=A.sha256_file(sdir / "retrieval" / "model.pt"),
+                           expect_dim=retr.item_emb.shape[1], expect_metric="ip", omp_threads=1)
+    return data, build_cascade(data, retr, pre, model, index)
+
+
+def trace_requests(data: RunData, cascade: Cascade, requests: Requests, n_retrieve: int, n_prerank: int, k: int,
+                   show: int = 10) -> list[pd.DataFrame]:
+    """For each request, a table of its final items with the rank each got at every stage (a funnel trace)."""
+    res = cascade.recommend(requests, n_retrieve, n_prerank, k, return_stages=True)
+    tables = []
+    for b in range(len(requests)):
+        final = res.items[b][:show]
+        t = pd.DataFrame({"item_id": final, "final_score": res.scores[b][:show]})
+        for st, (items, scores) in res.stages.items():
+            pos = {int(x): j + 1 for j, x in enumerate(items[b]) if x != PAD}
+            t[f"{st}_rank"] = [pos.get(int(x)) for x in final]
+        tables.append(t.merge(data.items, on="item_id", how="left")[
+            ["item_id", "retrieval_rank", "prerank_rank", "rank_rank", "final_score"]
+            + [c for c in ("tag", "author_id", "video_type") if c in data.items.columns]])
+    return tables

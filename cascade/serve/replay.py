@@ -10,6 +10,8 @@ Quality (DESIGN.md section 5), per request r and stage output S_r (retrieval N1,
   ratio to the oracle top-K.
 
 Latency: batch 1 (per-request p50 / p95 / p99, per stage and end to end) and batched throughput (requests/s).
+
+:func:`teacher_top_over_corpus` gives the reference lists T_r: the ranker's top-K over the whole corpus.
 """
 
 from __future__ import annotations
@@ -20,10 +22,15 @@ from typing import Callable
 
 import numpy as np
 import pandas as pd
+import torch
 from tqdm.auto import tqdm
 
+from ..arrays import PAD, topk_rows
+from ..data.requests import Requests
 from ..eval.metrics import click_recall, latency_summary, ndcg_at_k, recall_at_k
-from .cascade import PAD, Cascade, Requests
+from ..models.scoring import ranker_scorer
+from ..run_data import RunData
+from .cascade import Cascade
 
 STAGES = ("retrieval", "prerank", "rank")
 
@@ -111,3 +118,28 @@ def replay_latency(cascade: Cascade, requests: Requests, n_retrieve: int, n_prer
         out[f"{st}_ms"] = latency_summary(np.array(per_stage[st]))
     out["samples_ms"] = {**{st: [1e3 * x for x in per_stage[st]] for st in STAGES}, "end_to_end": [1e3 * x for x in total]}
     return out
+
+
+def teacher_top_over_corpus(model: torch.nn.Module, data: RunData, requests: Requests, k: int,
+                            pairs_per_batch: int = 262144, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """The ranker's top-k over the whole corpus for each request: (item ids [B, k], logits [B, k]).
+
+    Scores B x I pairs in blocks of about ``pairs_per_batch`` (requests x item chunk), keeping a running top-k,
+    so memory stays bounded for any corpus size. This is the reference list of teacher-recall.
+    """
+    b, n_items = len(requests), len(data.item_ids)
+    item_chunk = min(n_items, pairs_per_batch)
+    req_chunk = max(1, pairs_per_batch // item_chunk)
+    score = ranker_scorer(model, data)
+    out_i = np.full((b, k), PAD, np.int64)
+    out_s = np.full((b, k), -np.inf, np.float32)
+    for r0 in tqdm(range(0, b, req_chunk), desc="teacher over corpus", disable=not progress, leave=False):
+        sub = requests.take(np.arange(r0, min(r0 + req_chunk, b)))
+        best_i = np.full((len(sub), 0), PAD, np.int64)
+        best_s = np.zeros((len(sub), 0), np.float32)
+        for s in range(0, n_items, item_chunk):
+            chunk = np.ascontiguousarray(np.broadcast_to(data.item_ids[s:s + item_chunk], (len(sub), min(item_chunk, n_items - s))))
+            sc = score(sub, chunk)
+            best_i, best_s = topk_rows(np.concatenate([best_s, sc], 1), np.concatenate([best_i, chunk], 1), k)
+        out_i[r0:r0 + len(sub)], out_s[r0:r0 + len(sub)] = best_i, best_s
+    return out_i, out_s

@@ -342,7 +342,7 @@ def load_checkpoint(model: nn.Module, ckpt_dir: str | Path) -> dict:
 @torch.no_grad()
 def predict(model: nn.Module, table: EncodedTable, batch_size: int = 4096) -> np.ndarray:
     """Logits of ``model(cat, num)`` for every row of ``table``: float32 [N], in row order (eval mode). Batches of
-    4,096 rows keep the activations in the CPU cache (faster than large batches; see ``serve.run.score_pairs``)."""
+    4,096 rows keep the activations in the CPU cache (faster than large batches; see ``models.scoring.score_pairs``)."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -57,7 +57,7 @@ from cascade.distill import losses as L
 from cascade.distill.ranklog import _ranks
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.models.two_tower import TowerConfig, TowerInputs, TwoTower, build_two_tower
-from cascade.serve.run import score_pairs
+from cascade.models.scoring import score_pairs
 from cascade.train.joint import DistillConfig, JointRanker, student_terms
 from cascade.train.students import LIST_LOSSES, StudentConfig, list_loss_terms, loss_params, sample_one_per_row
 
@@ -92,7 +92,7 @@ class JointCascadeConfig:
     "teacher_topk" (the current teacher's lists; joint mode has no separate click-positive sampler).
     lr / weight_decay / grad_clip: AdamW and clipping of the teacher and of the rank student (each clipped on
     its own). epochs; batch_size: requests per step. score_batch_size: pairs per teacher forward when scoring
-    candidate lists (4,096 keeps activations in the CPU cache, see serve.run.score_pairs). teacher_only: train
+    candidate lists (4,096 keeps activations in the CPU cache, see models.scoring.score_pairs). teacher_only: train
     the teacher alone in the same loop (same batches, same random numbers): the reference of the stop-gradient
     check (the two-tower students are then returned untrained). seed; progress: tqdm bar.
     """

@@ -1,0 +1,166 @@
+"""A finished run read back: its data, encoder and models, for the later pipeline steps, training and serving.
+
+:class:`RunData` reads the data step's folder (canonical tables, the saved feature encoder, the cross-feature
+store refitted from the logged history) and builds feature rows for any (request, item) pair. Unknown users,
+items and feature values map to the OOV index 0 of every vocabulary: the side tables get one extra all-missing
+row (user id / item id ``OOV_ID``) that every unknown id is routed to, so serving never fails on a new id.
+:func:`load_ranker` and :func:`load_towers` read the saved models; :class:`Towers` is a two-tower student with
+its item embeddings, ready to embed requests and score candidates. :mod:`cascade.serve.cascade` assembles them
+into a cascade (``load_cascade``).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from . import artifacts as A
+from .arrays import PAD
+from .data.batches import EncodedTable, FeatureSpec
+from .data.features import CrossFeatureStore, FeatureEncoder, PairEncoder
+from .data.requests import Requests
+from .data.schema import Schema
+from .models.ranker import Ranker, RankerConfig
+from .models.two_tower import TowerConfig, TowerInputs, TwoTower, build_two_tower, item_embeddings
+
+log = logging.getLogger(__name__)
+
+OOV_ID = -(2**31)  # the id of the all-missing user / item row; never a real id in any supported source
+SPLIT_CODES = {"train": 0, "valid": 1, "test": 2}
+
+
+def _with_oov_row(df: pd.DataFrame, id_col: str) -> pd.DataFrame:
+    """Append one row whose id is OOV_ID and whose features are missing (NaN / empty), encoding to OOV."""
+    row = {}
+    for c in df.columns:
+        if c == id_col:
+            row[c] = OOV_ID
+        elif pd.api.types.is_numeric_dtype(df[c]):
+            row[c] = np.nan
+        else:
+            row[c] = None
+    oov = pd.DataFrame([row]).astype({c: ("float64" if pd.api.types.is_numeric_dtype(df[c]) and c != id_col else df[c].dtype)
+                                      for c in df.columns})
+    return pd.concat([df, oov], ignore_index=True)
+
+
+class RunData:
+    """The data stage of a run, ready for scoring. data_dir: runs/<run>/data."""
+
+    def __init__(self, data_dir: str | Path, verify: bool = True):
+        self.dir = Path(data_dir)
+        self.manifest = A.read_manifest(self.dir, verify=verify)
+        self.schema = Schema.from_dict(A.read_json(self.dir / "schema.json"))
+        self.users = pd.read_parquet(self.dir / "users.parquet")
+        self.items = pd.read_parquet(self.dir / "items.parquet")
+        self.impressions = pd.read_parquet(self.dir / "impressions.parquet")
+        self.encoder = FeatureEncoder.load(self.dir / "encoder")
+        cfg = self.manifest["config"]
+        # Refitted from the logged history (deterministic); queries only ever see events before their time.
+        self.cross = CrossFeatureStore(window_days=cfg["cross_window_days"],
+                                       tag_column=cfg.get("cross_tag_column", "tag"),
+                                       author_column=cfg.get("cross_author_column", "author_id")
+                                       ).fit(self.impressions, _with_oov_row(self.items, "item_id"))
+        self.pairs = PairEncoder(self.encoder, self.cross, _with_oov_row(self.users, "user_id"),
+                                 _with_oov_row(self.items, "item_id"))
+        self.spec = self.pairs.spec
+        self.item_ids = np.sort(self.items["item_id"].to_numpy(np.int64))
+        self.user_ids = np.sort(self.users["user_id"].to_numpy(np.int64))
+        self.context_names = [f.name for f in self.schema.by_side("context")]
+
+    def encoded(self, split: str) -> EncodedTable:
+        spec = FeatureSpec.from_dict(A.read_json(self.dir / "spec.json"))
+        return EncodedTable.from_arrays(spec, A.read_npz(self.dir / f"encoded_{split}.npz"))
+
+    def split_impressions(self, split: str) -> pd.DataFrame:
+        return self.impressions[self.impressions["split"] == SPLIT_CODES[split]]
+
+    def known(self, ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+        pos = np.minimum(np.searchsorted(table, ids), len(table) - 1)
+        return table[pos] == ids
+
+    def map_users(self, user_ids: np.ndarray) -> np.ndarray:
+        u = np.asarray(user_ids, np.int64)
+        return np.where(self.known(u, self.user_ids), u, OOV_ID)
+
+    def map_items(self, item_ids: np.ndarray) -> np.ndarray:
+        i = np.asarray(item_ids, np.int64)
+        return np.where(self.known(i, self.item_ids) & (i != PAD), i, OOV_ID)
+
+    def pair_features(self, requests: Requests, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(cat, num) [B*N, ...] for every (request, candidate) pair; candidates int64 [B, N] item ids (-1 pad)."""
+        b, n = candidates.shape
+        users = np.repeat(self.map_users(requests.user_id), n)
+        items = self.map_items(candidates.reshape(-1))
+        t = np.repeat(requests.time_ms, n)
+        ctx = {}
+        for c in self.context_names:
+            if c not in requests.context:
+                raise ValueError(f"requests have no context column {c!r} (needs {self.context_names})")
+            ctx[c] = np.repeat(np.asarray(requests.context[c]), n)
+        return self.pairs.encode_pairs(users, items, t, ctx)
+
+    def tower_inputs(self, requests: pd.DataFrame) -> TowerInputs:
+        """TowerInputs over all users and items (plus the OOV rows) and one context row per request of ``requests``."""
+        users = _with_oov_row(self.users, "user_id")
+        items = _with_oov_row(self.items, "item_id")
+        ucat, unum = self.encoder.encode_users(users)
+        icat, inum = self.encoder.encode_items(items)
+        ccat, cnum = self.encoder.encode_context(requests)
+        return TowerInputs(self.encoder.user_spec(), ucat, unum, self.encoder.item_spec(), icat, inum,
+                           self.encoder.context_spec(), ccat, cnum, users["user_id"].to_numpy(np.int64),
+                           items["item_id"].to_numpy(np.int64), requests["request_id"].to_numpy(np.int64))
+
+
+def load_ranker(model_dir: str | Path, spec: FeatureSpec) -> Ranker:
+    """A Ranker saved by the pipeline: config.json + model.pt (weights_only)."""
+    model_dir = Path(model_dir)
+    cfg = RankerConfig.from_dict(A.read_json(model_dir / "config.json"))
+    model = Ranker(spec, cfg)
+    state = A.load_torch(model_dir / "model.pt")
+    model.load_state_dict(state["model"] if "model" in state else state)
+    model.eval()
+    return model
+
+
+@dataclass
+class Towers:
+    """A trained two-tower student with everything needed to serve it."""
+
+    model: TwoTower
+    inputs: TowerInputs  # item rows = data items + OOV row
+    item_emb: np.ndarray  # float32 [I, d], rows as inputs.item_ids
+
+    def user_embed(self, data: RunData, requests: Requests) -> np.ndarray:
+        u_rows = self.inputs.user_rows(data.map_users(requests.user_id))
+        ccat, cnum = data.encoder.encode_context({c: np.asarray(requests.context[c]) for c in data.context_names})
+        with torch.inference_mode():
+            self.model.eval()
+            u = self.model.user_tower(torch.from_numpy(self.inputs.user_cat[u_rows]), torch.from_numpy(self.inputs.user_num[u_rows]),
+                                      torch.from_numpy(ccat), torch.from_numpy(cnum))
+        return u.float().numpy()
+
+    def scorer(self, data: RunData):
+        def score(requests: Requests, candidates: np.ndarray) -> np.ndarray:
+            u = self.user_embed(data, requests)
+            rows = self.inputs.item_rows(data.map_items(candidates.reshape(-1))).reshape(candidates.shape)
+            return np.einsum("bd,bnd->bn", u, self.item_emb[rows]) * float(1.0 / self.model.temperature)
+        return score
+
+
+def load_towers(model_dir: str | Path, data: RunData, requests: pd.DataFrame | None = None) -> Towers:
+    model_dir = Path(model_dir)
+    cfg = TowerConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in A.read_json(model_dir / "config.json").items()})
+    frame = requests if requests is not None else pd.DataFrame(
+        {"request_id": np.array([0], np.int64), **{c: np.zeros(1, np.int64) for c in data.context_names}})
+    inputs = data.tower_inputs(frame)
+    model = build_two_tower(inputs, cfg)
+    model.load_state_dict(A.load_torch(model_dir / "model.pt"))
+    model.eval()
+    emb = item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num)
+    return Towers(model, inputs, emb)
