@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from cascade.ablation import ablation_markdown, load_ablation_config, run_ablation, write_ablation
+from cascade.pipeline.ablation import ablation_markdown, load_ablation_config, run_ablation, write_ablation
 
 ROOT = Path(__file__).resolve().parents[1]
 # ML-100K: a request is a user-day and the last day holds ~10 requests, so test on the last 4 weeks (~400

@@ -42,7 +42,9 @@ from cascade.distill.ranklog import RankLog
 from cascade.distill.shard_runner import build_rank_log_distributed
 from cascade.models.ranker import Ranker
 from cascade.models.two_tower import build_two_tower
-from cascade.pipeline import RankLogSection, StudentsSection, TeacherSection, click_lists, rank_log_inputs
+from cascade.pipeline.config import RankLogSection, StudentsSection, TeacherSection
+from cascade.pipeline.ranklog import rank_log_inputs
+from cascade.pipeline.students import click_lists
 from cascade.data.requests import to_requests
 from cascade.models.scoring import ranker_scorer
 from cascade.run_data import RunData

@@ -35,7 +35,9 @@ from cascade import artifacts as A
 from cascade.config import from_dict
 from cascade.distill.ranklog import RankLog, build_rank_log, sample_candidates
 from cascade.models.two_tower import build_two_tower
-from cascade.pipeline import PipelineConfig, RankLogSection, _pad_by_row, _popularity, rank_log_inputs
+from cascade.pipeline import PipelineConfig
+from cascade.pipeline.config import RankLogSection
+from cascade.pipeline.ranklog import pad_by_row, popularity, rank_log_inputs
 from cascade.data.requests import requests_frame, to_requests
 from cascade.models.scoring import score_pairs
 from cascade.run_data import RunData, load_ranker
@@ -65,10 +67,10 @@ def _test_lists(data: RunData, n_requests: int, n_candidates: int, uniform_frac:
     inputs = data.tower_inputs(frame)
     frame["user_row"] = inputs.user_rows(data.map_users(frame["user_id"].to_numpy()))
     imp = test[test.request_id.isin(frame.request_id)].sort_values("position", kind="stable")
-    impressed = _pad_by_row(inputs.request_rows(imp["request_id"].to_numpy(np.int64)),
+    impressed = pad_by_row(inputs.request_rows(imp["request_id"].to_numpy(np.int64)),
                             inputs.item_rows(data.map_items(imp["item_id"].to_numpy(np.int64))), len(frame))
     n_real = len(data.item_ids)
-    pop = _popularity(data, inputs.item_ids[:n_real])
+    pop = popularity(data, inputs.item_ids[:n_real])
     cands = sample_candidates(impressed, n_real, n_candidates, pop_weights=pop, uniform_frac=uniform_frac,
                               rng=np.random.default_rng([seed, 7]))
     return frame, inputs, cands
@@ -134,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
                        item_ids=item_ids)
         train_log = RankLog(tmp / "train_log")
         timings["two_stage_rank_log_s"] = time.perf_counter() - t0
-        from cascade.pipeline import click_lists
+        from cascade.pipeline.students import click_lists
 
         clicks = click_lists(data, inputs, frame)
         same = {}

@@ -90,7 +90,7 @@ def _run_config(run_dir: Path, extra: list[str] | None):
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
-    from .ablation import ablation_markdown, load_ablation_config, run_ablation, write_ablation
+    from .pipeline.ablation import ablation_markdown, load_ablation_config, run_ablation, write_ablation
 
     cfg, settings = load_ablation_config(args.config or Path("pipelines") / "ablation.toml", args.set)
     _setup_logging(args.verbose)

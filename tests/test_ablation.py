@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascade import ablation as AB
+from cascade.pipeline import ablation as AB
 from cascade.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import pytest
 
 from cascade import artifacts as A
-from cascade.stages import Stage, StageResult, run_stages
+from cascade.pipeline.runner import Stage, StageResult, run_stages
 
 
 @dataclass(frozen=True)

@@ -43,8 +43,22 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import artifacts as A
-from .config import apply_overrides, from_dict, load_toml, to_dict
+from .. import artifacts as A
+from ..config import apply_overrides, from_dict, load_toml, to_dict
+from ..data.requests import Requests, requests_frame, to_requests
+from ..data.world import World
+from ..distill.losses import graded_relevance
+from ..distill.ranklog import RankLog, build_rank_log, sample_candidates
+from ..eval.metrics import auc, ndcg_at_k, recall_at_k
+from ..models.scoring import ranker_scorer
+from ..models.two_tower import build_two_tower, item_embeddings
+from ..run_data import RunData, Towers, load_ranker
+from ..serve.replay import teacher_top_over_corpus
+from ..train.students import student_list_scores, train_student
+from .config import PipelineConfig
+from .ranklog import pad_by_row
+from .run import run_pipeline
+from .students import click_lists
 
 log = logging.getLogger(__name__)
 
@@ -114,8 +128,6 @@ def load_ablation_config(path: str | Path | None, overrides: list[str] | None = 
     Overrides ``a.b=v`` apply to both (``ablation.seeds=[0]``, ``data.source=...``); unknown keys raise
     ConfigError naming the key, as for :func:`cascade.pipeline.load_config`.
     """
-    from .pipeline import PipelineConfig
-
     data = load_toml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
     ab = data.pop("ablation", {})
@@ -168,10 +180,8 @@ class TestSet:
 
 def _impressed_rows(imp: pd.DataFrame, inputs, n_requests: int) -> np.ndarray:
     """Impressed item rows per request row, in position order, padded with -1: int64 [R, Lmax]."""
-    from .pipeline import _pad_by_row
-
     imp = imp.sort_values("position", kind="stable")
-    return _pad_by_row(inputs.request_rows(imp["request_id"].to_numpy(np.int64)),
+    return pad_by_row(inputs.request_rows(imp["request_id"].to_numpy(np.int64)),
                        inputs.item_rows(imp["item_id"].to_numpy(np.int64)), n_requests)
 
 
@@ -181,11 +191,6 @@ def build_test_set(run_dir: Path, data, teacher: torch.nn.Module, settings: Abla
 
     The cache is keyed on the teacher's weights and the settings that shape the set; a mismatch rebuilds it.
     """
-    from .distill.ranklog import RankLog, build_rank_log, sample_candidates
-    from .data.requests import requests_frame, to_requests
-    from .models.scoring import ranker_scorer
-    from .serve.replay import teacher_top_over_corpus
-
     out = run_dir / "ablation" / "test"
     key = {"teacher": A.sha256_file(run_dir / "teacher" / "teacher" / "model.pt"), "seed": seed,
            "n_test_requests": settings.n_test_requests, "n_corpus_requests": settings.n_corpus_requests,
@@ -237,9 +242,6 @@ def list_metrics(student_scores: np.ndarray, items: np.ndarray, ranks: np.ndarra
     student_scores float [R, L] (any value at padding), items int [R, L] (-1 = padding), ranks int [R, L]
     (the teacher's rank in the list, 1 = best, 0 = padding). Requests with fewer than k candidates are left out.
     """
-    from .distill.losses import graded_relevance
-    from .eval.metrics import ndcg_at_k, recall_at_k
-
     valid = items >= 0
     keep = valid.sum(1) >= k
     if not keep.any():
@@ -274,10 +276,6 @@ def corpus_topk(user_emb: np.ndarray, item_emb: np.ndarray, item_ids: np.ndarray
 def evaluate_student(towers, data, test: TestSet, test_imp: pd.DataFrame, settings: AblationSettings,
                      world=None) -> dict[str, float]:
     """Every ablation metric of one trained student (a :class:`cascade.run_data.Towers`)."""
-    from .eval.metrics import auc, recall_at_k
-    from .data.requests import Requests, to_requests
-    from .train.students import student_list_scores
-
     k = settings.k
     lst = test.log
     scores = student_list_scores(towers.model, test.inputs, lst)
@@ -319,10 +317,6 @@ def _student_path(run_dir: Path, variant: str, stage: str) -> Path:
 def train_or_load_student(run_dir: Path, data, inputs, rank_log, clicks, tower_cfg, scfg, seed: int, key: dict):
     """A trained Towers for (variant, stage): loaded from its folder when its key (configs + rank log) matches,
     else trained with :func:`cascade.train.students.train_student` and saved there."""
-    from .models.two_tower import build_two_tower, item_embeddings
-    from .run_data import Towers
-    from .train.students import train_student
-
     d = Path(key["dir"])
     towers = build_two_tower(inputs, tower_cfg, seed=seed)
     meta = {k: v for k, v in key.items() if k != "dir"}
@@ -342,10 +336,6 @@ def run_seed(cfg, settings: AblationSettings, seed: int, progress: bool = False)
     """Run the pipeline to the rank log for ``cfg`` (its run.name / run.seed already set for this seed), build
     the test set and train + evaluate every (stage, variant). Returns {"values": {stage: {variant: {metric:
     value}}}, "reference": {...}, "wall_s": {...}}."""
-    from .distill.ranklog import RankLog
-    from .pipeline import click_lists, run_pipeline
-    from .run_data import RunData, load_ranker
-
     t0 = time.perf_counter()
     run_pipeline(cfg, until="ranklog", progress=progress)
     t_pipe = time.perf_counter() - t0
@@ -354,8 +344,6 @@ def run_seed(cfg, settings: AblationSettings, seed: int, progress: bool = False)
     teacher = load_ranker(run_dir / "teacher" / "teacher", data.spec)
     world = None
     if (run_dir / "data" / "world" / "world.json").exists():
-        from .data.world import World
-
         world = World.load(run_dir / "data" / "world")
     n_cand = settings.n_candidates or cfg.ranklog.n_candidates
     t1 = time.perf_counter()

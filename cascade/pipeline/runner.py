@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
-from . import artifacts as A
+from .. import artifacts as A
 
 log = logging.getLogger(__name__)
 

@@ -1,0 +1,38 @@
+"""Helpers the pipeline's steps share: seeding, saving a ranker, one row of the models table."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .. import artifacts as A
+from ..models.ranker import RankerConfig, n_parameters, serving_latency
+from ..train.loop import TrainConfig
+
+
+def seeded(seed: int) -> None:
+    np.random.seed(seed % (2**32))
+    torch.manual_seed(seed)
+
+
+def with_seed(cfg: TrainConfig, seed: int) -> TrainConfig:
+    """The stage's training config under the run's seed (one seed drives every stage)."""
+    return dataclasses.replace(cfg, seed=seed)
+
+
+def save_ranker(model: torch.nn.Module, cfg: RankerConfig, out: Path) -> list[str]:
+    A.save_torch(out / "model.pt", model.state_dict())
+    A.write_json(out / "config.json", cfg.to_dict())
+    return [str(Path(out.name) / "model.pt"), str(Path(out.name) / "config.json")]
+
+
+def model_row(name: str, role: str, model: torch.nn.Module | None, metrics: dict, spec=None) -> dict:
+    row = {"name": name, "role": role, **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
+    if model is not None:
+        row["n_params"] = int(n_parameters(model))
+        row["size_mb"] = float(sum(p.numel() * p.element_size() for p in model.parameters()) / 2**20)
+        row["latency_ms_per_100"] = float(serving_latency(model, spec, n_candidates=100))
+    return row

@@ -1,0 +1,209 @@
+"""The pipeline's config: one typed, strict :class:`PipelineConfig` with one section per step.
+
+Each section nests the dataclasses of the modules that do the work (WorldConfig, RankerConfig, TrainConfig,
+DistillConfig, TowerConfig, StudentConfig), so every hyper-parameter has one definition and one default.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from .. import artifacts as A
+from ..config import apply_overrides, from_dict, load_toml
+from ..data.schema import SIDES
+from ..data.world import WorldConfig
+from ..models.ranker import RankerConfig
+from ..models.two_tower import TowerConfig
+from ..train.joint import DistillConfig
+from ..train.loop import TrainConfig
+from ..train.students import StudentConfig
+
+SOURCES = ("world", "kuairand", "movielens-100k", "movielens-1m", "custom")
+
+
+@dataclass(frozen=True)
+class RunSection:
+    """name: the run folder under runs_dir. seed: the one seed every stage derives its randomness from.
+    threads: torch threads while the run lasts (None: the process's setting); weights depend on it in the last
+    float bits, so two runs compare bit for bit only under the same count."""
+
+    name: str = "default"
+    seed: int = 0
+    runs_dir: str = "runs"
+    threads: int | None = None
+
+    def __post_init__(self) -> None:
+        A.check_run_name(self.name)
+        if self.threads is not None and self.threads < 1:
+            raise ValueError(f"run.threads must be >= 1, got {self.threads}")
+
+
+@dataclass(frozen=True)
+class DataSection:
+    """source: where the logs come from; path: the directory (kuairand, movielens) or mapping TOML (custom)."""
+
+    source: Literal["world", "kuairand", "movielens-100k", "movielens-1m", "custom"] = "world"
+    path: str | None = None
+    world: WorldConfig = field(default_factory=WorldConfig)
+    valid_days: int = 1
+    test_days: int = 1
+    min_count: int = 2
+    numeric: Literal["standardize", "log_standardize", "quantile"] = "log_standardize"
+    cross_window_days: float = 7.0
+    cross_tag_column: str = "tag"  # the item column whose user x value history the cross features count
+    cross_author_column: str = "author_id"
+
+    def __post_init__(self) -> None:
+        if self.source != "world" and not self.path:
+            raise ValueError(f"data.path is required for data.source = {self.source!r}")
+        if self.path and not Path(self.path).exists():
+            raise ValueError(f"data.path {self.path!r} does not exist")
+        if self.valid_days < 1 or self.test_days < 1:
+            raise ValueError("data.valid_days and data.test_days must be >= 1")
+        if self.cross_window_days <= 0:
+            raise ValueError(f"data.cross_window_days must be > 0, got {self.cross_window_days}")
+
+
+@dataclass(frozen=True)
+class TeacherSection:
+    model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
+                                                                     cross_layers=2, cross_rank=32))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=2, batch_size=4096))
+    lightgbm: bool = True
+    lightgbm_trees: int = 200
+    lightgbm_max_rows: int | None = 300_000  # the most recent train rows (GBDT cost grows with rows x features)
+
+
+@dataclass(frozen=True)
+class RankLogSection:
+    """max_requests: train requests scored (a seeded sample; None = all). n_candidates: list length per request
+    (impressed items + corpus samples); uniform_frac: share of uniform (vs popularity-weighted) samples."""
+
+    max_requests: int | None = 20000
+    n_candidates: int = 200
+    uniform_frac: float = 0.5
+    requests_per_batch: int = 256
+
+    def __post_init__(self) -> None:
+        if self.n_candidates < 2 or not 0.0 <= self.uniform_frac <= 1.0:
+            raise ValueError("ranklog.n_candidates must be >= 2 and ranklog.uniform_frac in [0, 1]")
+        if self.max_requests is not None and self.max_requests < 1:
+            raise ValueError("ranklog.max_requests must be >= 1")
+
+
+def _distilled_prerank() -> StudentConfig:
+    return StudentConfig(stage="prerank", loss_weights={"pointwise": 1.0, "bpr": 1.0, "lambda_ndcg": 1.0, "click_bce": 0.5},
+                         epochs=3)
+
+
+def _gt_prerank() -> StudentConfig:
+    return StudentConfig(stage="prerank", loss_weights={"click_bce": 1.0}, epochs=3)
+
+
+def _distilled_retrieval() -> StudentConfig:
+    return StudentConfig(stage="retrieval", loss_weights={"sampled_softmax": 1.0, "pointwise": 1.0, "listnet": 1.0},
+                         softmax_positives="teacher_topk", epochs=3)
+
+
+def _gt_retrieval() -> StudentConfig:
+    return StudentConfig(stage="retrieval", loss_weights={"sampled_softmax": 1.0}, softmax_positives="clicks", epochs=3)
+
+
+@dataclass(frozen=True)
+class StudentsSection:
+    """The distilled students and, for comparison, the same students trained on ground truth only."""
+
+    tower: TowerConfig = field(default_factory=TowerConfig)
+    prerank: StudentConfig = field(default_factory=_distilled_prerank)
+    retrieval: StudentConfig = field(default_factory=_distilled_retrieval)
+    prerank_gt: StudentConfig = field(default_factory=_gt_prerank)
+    retrieval_gt: StudentConfig = field(default_factory=_gt_retrieval)
+    compare_ground_truth: bool = True
+    rank_student: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dnn", emb_dim=8, mlp=(64,),
+                                                                            sides=("user", "item", "context")))
+    rank_student_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=2, batch_size=4096))
+    rank_distill: DistillConfig = field(default_factory=lambda: DistillConfig(w_bce=1.0, w_kd=1.0))
+    rank_student_max_rows: int | None = None  # train both rank students on the most recent rows only
+    # PFD instead of two-stage distillation when rank_distill.pfd_lambda is set: a teacher that also reads this
+    # side trains together with the student (sharing embeddings; the student keeps private tables for these
+    # columns); the student alone is saved and served
+    rank_pfd_side: str = "privileged"
+    rank_pfd_private_columns: tuple[str, ...] = ("user_id",)
+
+    def __post_init__(self) -> None:
+        if self.rank_pfd_side not in SIDES:
+            raise ValueError(f"rank_pfd_side {self.rank_pfd_side!r} is not one of {SIDES}")
+        if self.rank_distill.pfd_lambda is not None and self.rank_pfd_side in self.rank_student.sides:
+            raise ValueError(f"rank_pfd_side {self.rank_pfd_side!r} is read by the rank student itself "
+                             f"(rank_student.sides {self.rank_student.sides}), so it is not privileged")
+
+
+@dataclass(frozen=True)
+class IndexSection:
+    """factory: None chooses from the corpus size. recall_target: the operating point picked from the sweep."""
+
+    factory: str | None = None
+    recall_target: float = 0.95
+    sweep_queries: int = 1000
+    k: int = 100
+    omp_threads: int = 1  # 2 OpenMP threads were up to 15x slower on the 2-core machine (benchmarks/bench_index.py)
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.recall_target <= 1.0:
+            raise ValueError(f"index.recall_target must be in (0, 1], got {self.recall_target}")
+
+
+@dataclass(frozen=True)
+class ReplaySection:
+    n_retrieve: int = 500
+    n_prerank: int = 100
+    k: int = 10
+    ranker: Literal["teacher", "student"] = "teacher"
+    max_requests: int | None = 1000
+    latency_requests: int = 300
+    batch_size: int = 256
+    filter_seen: bool = False
+    recall_ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200, 500)
+
+    def __post_init__(self) -> None:
+        if not (0 < self.k <= self.n_prerank <= self.n_retrieve):
+            raise ValueError(f"replay: need 0 < k <= n_prerank <= n_retrieve, got k={self.k}, "
+                             f"n_prerank={self.n_prerank}, n_retrieve={self.n_retrieve}")
+        if self.batch_size < 1 or self.latency_requests < 1:
+            raise ValueError("replay.batch_size and replay.latency_requests must be >= 1")
+
+
+@dataclass(frozen=True)
+class ReportSection:
+    """ablation: an ablation JSON written by `cascade ablation` / benchmarks/ablation.py, shown in the report's
+    distillation-ablation section (it comes from its own multi-seed runs, as its table says)."""
+
+    ablation: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.ablation is not None and not Path(self.ablation).is_file():
+            raise ValueError(f"report.ablation {self.ablation!r} does not exist")
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    run: RunSection = field(default_factory=RunSection)
+    data: DataSection = field(default_factory=DataSection)
+    teacher: TeacherSection = field(default_factory=TeacherSection)
+    ranklog: RankLogSection = field(default_factory=RankLogSection)
+    students: StudentsSection = field(default_factory=StudentsSection)
+    index: IndexSection = field(default_factory=IndexSection)
+    replay: ReplaySection = field(default_factory=ReplaySection)
+    report: ReportSection = field(default_factory=ReportSection)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
+    """Load and check a pipeline config (TOML) with ``key.path=value`` overrides; raises ConfigError early."""
+    data = load_toml(path) if path is not None else {}
+    data = apply_overrides(data, list(overrides or []))
+    if path is not None and isinstance(data.get("data"), dict) and data["data"].get("path"):
+        p = Path(data["data"]["path"]).expanduser()
+        data["data"]["path"] = str(p)
+    return from_dict(PipelineConfig, data)
