@@ -83,7 +83,9 @@ def _run_config(run_dir: Path, extra: list[str] | None):
     from . import artifacts as A
     from .config import apply_overrides, from_dict
     from .pipeline import PipelineConfig
+    from .pipeline.config import check_settable
 
+    check_settable(apply_overrides({}, list(extra or [])))
     saved = A.read_json(run_dir / "config.json")
     saved["run"]["runs_dir"], saved["run"]["name"] = str(run_dir.parent), run_dir.name
     return from_dict(PipelineConfig, apply_overrides(saved, list(extra or [])))

@@ -3,8 +3,12 @@
 Configs are frozen dataclasses. :func:`from_dict` builds one from a plain mapping (a parsed TOML file), and
 refuses an unknown key or a value of the wrong type *before any work starts*, naming the dotted key
 (``teacher.model.mlp``). ``--set a.b=v`` overrides are parsed as TOML values and go through the same checks.
-Each stage section nests the dataclasses that the stage's own module defines, so there is one source of truth
-for every hyper-parameter and its default.
+Each section nests the dataclasses that the working module defines, so there is one source of truth for every
+hyper-parameter and its default.
+
+A table merges over its default: the keys it leaves out keep the value they have in the default of the field
+that holds the table (a section default built by a factory, e.g. a DCN-V2 teacher), not the bare defaults of the
+nested class. So ``--set teacher.model.emb_dim=16`` changes one number of the default teacher and nothing else.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ def _type_name(tp: Any) -> str:
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 
-def _coerce(value: Any, tp: Any, key: str) -> Any:
+def coerce(value: Any, tp: Any, key: str) -> Any:
     """Check ``value`` against the annotation ``tp``; return it converted (lists -> tuples, int -> float)."""
     origin = get_origin(tp)
     if tp is Any:
@@ -42,7 +46,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             if a is type(None):
                 continue
             try:
-                return _coerce(value, a, key)
+                return coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
         raise ConfigError(f"{key}: value {value!r} is not a {_type_name(tp)}")
@@ -61,18 +65,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         args = get_args(tp)
         if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+            return tuple(coerce(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
         if origin is tuple and args:
             if len(args) != len(value):
                 raise ConfigError(f"{key}: expected {len(args)} values, got {len(value)}")
-            return tuple(_coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
+            return tuple(coerce(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(args, value)))
         inner = args[0] if args else Any
-        return tuple(_coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
+        return tuple(coerce(v, inner, f"{key}[{i}]") for i, v in enumerate(value))
     if origin in (dict, collections.abc.Mapping):
         if not isinstance(value, Mapping):
             raise ConfigError(f"{key}: expected a table, got {value!r}")
         kt, vt = get_args(tp) or (Any, Any)
-        return {_coerce(k, kt, key): _coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
+        return {coerce(k, kt, key): coerce(v, vt, f"{key}.{k}") for k, v in value.items()}
     if tp is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{key}: expected true/false, got {value!r}")
@@ -96,8 +100,21 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
     return value
 
 
-def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
-    """Build the frozen dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError."""
+def _field_default(f: dataclasses.Field) -> Any:
+    """The default value of a dataclass field (its factory called), or MISSING."""
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return dataclasses.MISSING
+
+
+def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "", base: T | None = None) -> T:
+    """Build the frozen dataclass ``cls`` from ``data``; unknown keys and wrong types raise ConfigError.
+
+    base: the instance ``data`` merges over (None: the class's defaults). A nested table merges over the value
+    the field has in ``base``, or without base over the field's own default (see the module docstring).
+    """
     if not isinstance(data, Mapping):
         raise ConfigError(f"{prefix or cls.__name__}: expected a table, got {data!r}")
     hints = typing.get_type_hints(cls)
@@ -106,9 +123,14 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "") -> T:
         if k not in fields:
             where = f"{prefix}.{k}" if prefix else k
             raise ConfigError(f"unknown config key {where!r} (known keys here: {sorted(fields)})")
-    kwargs = {}
+    kwargs = {} if base is None else {name: getattr(base, name) for name in fields}
     for name, value in data.items():
-        kwargs[name] = _coerce(value, hints[name], f"{prefix}.{name}" if prefix else name)
+        key, tp = f"{prefix}.{name}" if prefix else name, hints[name]
+        default = getattr(base, name) if base is not None else _field_default(fields[name])
+        if dataclasses.is_dataclass(tp) and isinstance(value, Mapping) and isinstance(default, tp):
+            kwargs[name] = from_dict(tp, value, key, base=default)
+        else:
+            kwargs[name] = coerce(value, tp, key)
     try:
         return cls(**kwargs)
     except (ValueError, TypeError) as e:

@@ -1,11 +1,18 @@
 from __future__ import annotations
 
+import dataclasses
+import re
+import tomllib
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Literal
 
 import pytest
 
-from cascade.config import ConfigError, apply_overrides, from_dict, load, parse_override, to_dict
+from cascade.config import ConfigError, coerce, apply_overrides, from_dict, load, parse_override, to_dict
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @dataclass(frozen=True)
@@ -71,3 +78,82 @@ def test_overrides_parse_toml_values_and_type_check(tmp_path):
     with pytest.raises(ConfigError, match="does not exist"):
         load(Outer, tmp_path / "missing.toml")
     assert apply_overrides({"a": {"b": 1}}, ["a.c=2"]) == {"a": {"b": 1, "c": 2}}
+
+
+# ---------------------------------------------------------------------------------------------------- merging
+
+
+@dataclass(frozen=True)
+class WithFactory:
+    inner: Inner = field(default_factory=lambda: Inner(lr=0.5, opt="adagrad"))
+
+
+def test_a_partial_table_merges_over_the_fields_own_default():
+    # the field's default is Inner(lr=0.5, opt="adagrad"), not Inner(): a one-key table keeps the other two values
+    c = from_dict(WithFactory, {"inner": {"mlp": [4]}})
+    assert c.inner == Inner(lr=0.5, mlp=(4,), opt="adagrad")
+    # with a base, every left-out key keeps the base's value, recursively
+    base = WithFactory(Inner(lr=0.1, mlp=(2,), opt="adamw"))
+    assert from_dict(WithFactory, {"inner": {"lr": 0.2}}, base=base).inner == Inner(lr=0.2, mlp=(2,), opt="adamw")
+
+
+def test_pipeline_overrides_change_one_value_of_the_section_default():
+    from cascade.pipeline import PipelineConfig, load_config
+
+    # no file: the teacher stays the default DCN-V2 (it became a plain DNN when the table was rebuilt from
+    # RankerConfig's own defaults)
+    teacher = load_config(None, ["teacher.model.emb_dim=16"]).teacher.model
+    assert teacher == dataclasses.replace(PipelineConfig().teacher.model, emb_dim=16)
+    assert teacher.backbone == "dcnv2" and teacher.cross_rank == 32
+    # a file that does not spell the table out: the retrieval student stays a retrieval student (sampled softmax)
+    ml = load_config(ROOT / "pipelines" / "movielens.toml", ["students.retrieval.epochs=1", f'data.path="{ROOT}"'])
+    assert ml.students.retrieval == dataclasses.replace(PipelineConfig().students.retrieval, epochs=1)
+    # a derived default is decided again after the merge: PFD's distillation term is its cross-entropy
+    distill = load_config(None, ["students.rank_distill.pfd_lambda=0.5"]).students.rank_distill
+    assert distill.kd is None and distill.kd_loss == "hinton" and distill.w_kd == 1.0
+
+
+@pytest.mark.parametrize("key, what", [("teacher.train.seed=7", "run.seed"),
+                                       ("students.rank_student_train.seed=1", "run.seed"),
+                                       ("students.prerank_gt.progress=true", "--no-progress"),
+                                       ("students.retrieval.eval_k=5", "students stage")])
+def test_keys_the_pipeline_sets_itself_are_refused(key, what):
+    from cascade.pipeline import load_config
+
+    with pytest.raises(ConfigError, match=rf"{re.escape(key.split('=')[0])} cannot be set.*{re.escape(what)}"):
+        load_config(None, [key])
+
+
+# ---------------------------------------------------------------------------------------------------- pipelines/
+
+
+def _leaves(data: dict, cls, default, prefix: str = ""):
+    """(dotted key, type, value given, schema default) of every value a (partial) config table sets: a nested
+    table of a dataclass-typed field is walked, any other value (a list, a loss-weight table) is one leaf."""
+    hints = typing.get_type_hints(cls)
+    for k, v in data.items():
+        tp, d = hints[k], getattr(default, k)
+        if dataclasses.is_dataclass(tp) and isinstance(v, dict):
+            yield from _leaves(v, tp, d, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", tp, v, d
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "pipelines").glob("*.toml") if p.name != "custom.example.toml"))
+def test_pipeline_files_set_only_values_that_differ_from_the_schema(path):
+    """One source of truth: the schema's dataclasses hold every default, a pipeline file only what differs."""
+    from cascade.pipeline import PipelineConfig, load_config
+    from cascade.pipeline.ablation import AblationSettings, load_ablation_config
+
+    raw = tomllib.loads((ROOT / "pipelines" / path).read_text())
+    ablation = raw.pop("ablation", None)
+    given = list(_leaves(raw, PipelineConfig, PipelineConfig()))
+    if ablation is not None:
+        given += list(_leaves(ablation, AblationSettings, AblationSettings(), "ablation."))
+    restated = [key for key, tp, v, d in given if to_dict(coerce(v, tp, key)) == to_dict(d)]
+    assert not restated, f"pipelines/{path} restates schema defaults: {restated}"
+    # and the file loads (real-data pipelines need a data.path; any existing folder does for the check)
+    if ablation is not None:
+        load_ablation_config(ROOT / "pipelines" / path)
+    else:
+        load_config(ROOT / "pipelines" / path, [f'data.path="{ROOT}"'] if raw.get("data", {}).get("source", "world") != "world" else [])

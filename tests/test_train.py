@@ -158,9 +158,9 @@ def test_distill_config_schedule():
 def test_pfd_distillation_term_is_the_papers_cross_entropy():
     # PFD's L_d defaults to the cross-entropy of the student against the teacher's probability (Xu et al. 2020);
     # plain KD keeps logit MSE; an explicit kd wins.
-    assert DistillConfig(pfd_lambda=0.5).kd == "hinton" and DistillConfig(pfd_lambda=0.5).temperature == 1.0
-    assert DistillConfig(w_kd=1.0).kd == "mse"
-    assert DistillConfig(pfd_lambda=0.5, kd="mse").kd == "mse"
+    assert DistillConfig(pfd_lambda=0.5).kd_loss == "hinton" and DistillConfig(pfd_lambda=0.5).temperature == 1.0
+    assert DistillConfig(w_kd=1.0).kd_loss == "mse" and DistillConfig(w_kd=1.0).kd is None
+    assert DistillConfig(pfd_lambda=0.5, kd="mse").kd_loss == "mse"
     # teacher logits [4, -4, 0] (p = 0.98201, 0.01799, 0.5), student logits all 0 (q = 0.5), label 1 everywhere.
     # L_d = mean(-p ln q - (1 - p) ln(1 - q)) = ln 2 = 0.693147 whatever p is, because q = 0.5;
     # logit MSE would be (16 + 16 + 0) / 3 = 10.6667. After the warm-up the weights are (1 - l, l) = (0.5, 0.5).

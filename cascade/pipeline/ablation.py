@@ -55,7 +55,7 @@ from ..models.two_tower import build_two_tower, item_embeddings
 from ..run_data import RunData, Towers, load_ranker
 from ..serve.replay import teacher_top_over_corpus
 from ..train.students import student_list_scores, train_student
-from .config import PipelineConfig
+from .config import PipelineConfig, check_settable
 from .ranklog import pad_by_row
 from .run import run_pipeline
 from .students import click_lists
@@ -130,6 +130,7 @@ def load_ablation_config(path: str | Path | None, overrides: list[str] | None = 
     """
     data = load_toml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
+    check_settable(data)
     ab = data.pop("ablation", {})
     if isinstance(data.get("data"), dict) and data["data"].get("path"):
         data["data"]["path"] = str(Path(data["data"]["path"]).expanduser())

@@ -1,17 +1,23 @@
-"""The pipeline's config: one typed, strict :class:`PipelineConfig` with one section per step.
+"""The pipeline's config: one typed, strict :class:`PipelineConfig` with one section per stage.
 
 Each section nests the dataclasses of the modules that do the work (WorldConfig, RankerConfig, TrainConfig,
-DistillConfig, TowerConfig, StudentConfig), so every hyper-parameter has one definition and one default.
+DistillConfig, TowerConfig, StudentConfig), so every hyper-parameter has one definition and one default: the
+dataclasses here and the tables they nest are the defaults, and a file under ``pipelines/`` sets only the values
+that differ from them (tests/test_config.py checks that no file restates a default). A table merges over its
+section's default (:func:`cascade.config.from_dict`).
+
+A few keys of the nested configs are set by the pipeline itself (the run's seed, the progress bars):
+:data:`SET_BY_THE_PIPELINE` lists them, and a config that sets one is refused, naming the key and what sets it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal, Mapping
 
 from .. import artifacts as A
-from ..config import apply_overrides, from_dict, load_toml
+from ..config import ConfigError, apply_overrides, from_dict, load_toml
 from ..data.schema import SIDES
 from ..data.world import WorldConfig
 from ..models.ranker import RankerConfig
@@ -21,6 +27,17 @@ from ..train.loop import TrainConfig
 from ..train.students import StudentConfig
 
 SOURCES = ("world", "kuairand", "movielens-100k", "movielens-1m", "custom")
+STUDENTS = ("prerank", "retrieval", "prerank_gt", "retrieval_gt")
+
+#: Keys of the nested configs that a stage sets itself -> what sets them. A pipeline config may not set them.
+SET_BY_THE_PIPELINE: dict[str, str] = {
+    **{f"{t}.seed": "run.seed (every stage trains under the run's seed)"
+       for t in ("teacher.train", "students.rank_student_train", *(f"students.{s}" for s in STUDENTS))},
+    **{f"{t}.progress": "the command line (progress bars unless --no-progress; run_pipeline(progress=...))"
+       for t in ("teacher.train", "students.rank_student_train", *(f"students.{s}" for s in STUDENTS))},
+    **{f"students.{s}.eval_k": "the students stage (teacher-recall@10 and NDCG@10 on the whole rank log)"
+       for s in STUDENTS},
+}
 
 
 @dataclass(frozen=True)
@@ -70,9 +87,9 @@ class DataSection:
 class TeacherSection:
     model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
                                                                      cross_layers=2, cross_rank=32))
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=2, batch_size=4096))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=1, batch_size=4096))
     lightgbm: bool = True
-    lightgbm_trees: int = 200
+    lightgbm_trees: int = 100
     lightgbm_max_rows: int | None = 300_000  # the most recent train rows (GBDT cost grows with rows x features)
 
 
@@ -81,7 +98,7 @@ class RankLogSection:
     """max_requests: train requests scored (a seeded sample; None = all). n_candidates: list length per request
     (impressed items + corpus samples); uniform_frac: share of uniform (vs popularity-weighted) samples."""
 
-    max_requests: int | None = 20000
+    max_requests: int | None = 10000
     n_candidates: int = 200
     uniform_frac: float = 0.5
     requests_per_batch: int = 256
@@ -95,20 +112,20 @@ class RankLogSection:
 
 def _distilled_prerank() -> StudentConfig:
     return StudentConfig(stage="prerank", loss_weights={"pointwise": 1.0, "bpr": 1.0, "lambda_ndcg": 1.0, "click_bce": 0.5},
-                         epochs=3)
+                         epochs=2)
 
 
 def _gt_prerank() -> StudentConfig:
-    return StudentConfig(stage="prerank", loss_weights={"click_bce": 1.0}, epochs=3)
+    return StudentConfig(stage="prerank", loss_weights={"click_bce": 1.0}, epochs=2)
 
 
 def _distilled_retrieval() -> StudentConfig:
     return StudentConfig(stage="retrieval", loss_weights={"sampled_softmax": 1.0, "pointwise": 1.0, "listnet": 1.0},
-                         softmax_positives="teacher_topk", epochs=3)
+                         softmax_positives="teacher_topk", epochs=2)
 
 
 def _gt_retrieval() -> StudentConfig:
-    return StudentConfig(stage="retrieval", loss_weights={"sampled_softmax": 1.0}, softmax_positives="clicks", epochs=3)
+    return StudentConfig(stage="retrieval", loss_weights={"sampled_softmax": 1.0}, softmax_positives="clicks", epochs=2)
 
 
 @dataclass(frozen=True)
@@ -121,11 +138,18 @@ class StudentsSection:
     prerank_gt: StudentConfig = field(default_factory=_gt_prerank)
     retrieval_gt: StudentConfig = field(default_factory=_gt_retrieval)
     compare_ground_truth: bool = True
+    # The rank student is cheap to serve: a small MLP without the user x item cross features (no history lookups at
+    # serving); distillation from the teacher, which has them, is how their knowledge reaches it.
     rank_student: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dnn", emb_dim=8, mlp=(64,),
                                                                             sides=("user", "item", "context")))
-    rank_student_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=2, batch_size=4096))
+    rank_student_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=1, batch_size=4096))
+    # Logit KD: the best single distillation term for the rank student in benchmarks/results/rank_table_world.md
+    # (+0.008 AUC over plain BCE on the world; CR and RCR gave +0.002 / +0.003). Setting pfd_lambda (e.g. 0.5, with
+    # warmup_steps = 20) trains the rank student with PFD instead: a teacher that also reads rank_pfd_side
+    # ("privileged": the post-click fields) learns together with it (+0.002 AUC in the rank table, +0.001 in the
+    # default pipeline: less than logit KD from the cross-feature teacher on the world).
     rank_distill: DistillConfig = field(default_factory=lambda: DistillConfig(w_bce=1.0, w_kd=1.0))
-    rank_student_max_rows: int | None = None  # train both rank students on the most recent rows only
+    rank_student_max_rows: int | None = None  # both rank students train on the most recent rows only
     # PFD instead of two-stage distillation when rank_distill.pfd_lambda is set: a teacher that also reads this
     # side trains together with the student (sharing embeddings; the student keeps private tables for these
     # columns); the student alone is saved and served
@@ -161,7 +185,7 @@ class ReplaySection:
     n_prerank: int = 100
     k: int = 10
     ranker: Literal["teacher", "student"] = "teacher"
-    max_requests: int | None = 1000
+    max_requests: int | None = 500
     latency_requests: int = 300
     batch_size: int = 256
     filter_seen: bool = False
@@ -199,10 +223,24 @@ class PipelineConfig:
     report: ReportSection = field(default_factory=ReportSection)
 
 
+def check_settable(data: Mapping[str, Any]) -> None:
+    """Raise ConfigError when the (partial) pipeline config ``data`` sets a key of :data:`SET_BY_THE_PIPELINE`."""
+    for key, what in SET_BY_THE_PIPELINE.items():
+        node: Any = data
+        for part in key.split("."):
+            node = node.get(part, _ABSENT) if isinstance(node, Mapping) else _ABSENT
+        if node is not _ABSENT:
+            raise ConfigError(f"{key} cannot be set in a pipeline config: {what} sets it")
+
+
+_ABSENT = object()
+
+
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
     """Load and check a pipeline config (TOML) with ``key.path=value`` overrides; raises ConfigError early."""
     data = load_toml(path) if path is not None else {}
     data = apply_overrides(data, list(overrides or []))
+    check_settable(data)
     if path is not None and isinstance(data.get("data"), dict) and data["data"].get("path"):
         p = Path(data["data"]["path"]).expanduser()
         data["data"]["path"] = str(p)

@@ -51,9 +51,9 @@ KD_KINDS = ("mse", "hinton")
 class DistillConfig:
     """Weights of the student's loss terms (and, for joint training, the teacher's own BCE).
 
-    kd: "mse" (logit MSE) or "hinton" (soft targets at ``temperature``, T^2-scaled); None (default) picks
-    "hinton" when pfd_lambda is set (PFD's L_d is the cross-entropy against the teacher's probability) and "mse"
-    otherwise. pfd_lambda: when set, the student's BCE weight is (1 - l) and its KD weight l, with l = 0 for the
+    kd: "mse" (logit MSE) or "hinton" (soft targets at ``temperature``, T^2-scaled); None (default) stays None
+    and :attr:`kd_loss` picks "hinton" when pfd_lambda is set (PFD's L_d is the cross-entropy against the
+    teacher's probability) and "mse" otherwise, so a config merged over this one re-decides it. pfd_lambda: when set, the student's BCE weight is (1 - l) and its KD weight l, with l = 0 for the
     first ``warmup_steps`` steps (w_bce and w_kd are then ignored). w_teacher: weight of BCE(y, f_t) in joint
     training.
     """
@@ -70,9 +70,7 @@ class DistillConfig:
     warmup_steps: int = 0
 
     def __post_init__(self) -> None:
-        if self.kd is None:
-            object.__setattr__(self, "kd", "hinton" if self.pfd_lambda is not None else "mse")
-        if self.kd not in KD_KINDS:
+        if self.kd is not None and self.kd not in KD_KINDS:
             raise ValueError(f"DistillConfig: kd {self.kd!r} is not one of {KD_KINDS}")
         if self.temperature <= 0:
             raise ValueError(f"DistillConfig: temperature must be > 0, got {self.temperature}")
@@ -80,6 +78,13 @@ class DistillConfig:
             raise ValueError(f"DistillConfig: pfd_lambda must be in [0, 1], got {self.pfd_lambda}")
         if self.warmup_steps < 0:
             raise ValueError(f"DistillConfig: warmup_steps must be >= 0, got {self.warmup_steps}")
+
+    @property
+    def kd_loss(self) -> str:
+        """The KD term in use: ``kd``, or its default ("hinton" for PFD, "mse" otherwise) when kd is None."""
+        if self.kd is not None:
+            return self.kd
+        return "hinton" if self.pfd_lambda is not None else "mse"
 
     def student_weights(self, step: int) -> dict[str, float]:
         """Weights of the student's terms at optimizer step ``step`` (only the terms that are switched on)."""
@@ -105,7 +110,7 @@ def student_terms(s_logit: torch.Tensor, s_hidden: torch.Tensor | None, t_logit:
     weights = cfg.student_weights(step)
     terms: dict[str, torch.Tensor] = {"bce": click_bce(s_logit, label)}
     if "kd" in weights:
-        terms["kd"] = (logit_mse(s_logit, t_logit) if cfg.kd == "mse"
+        terms["kd"] = (logit_mse(s_logit, t_logit) if cfg.kd_loss == "mse"
                        else hinton_kd_loss(s_logit, t_logit, cfg.temperature))
     if "hint" in weights:
         if projection is None or s_hidden is None or t_hidden is None:
