@@ -22,6 +22,7 @@ import torch
 from . import artifacts as A
 from .arrays import PAD
 from .data.batches import EncodedTable, FeatureSpec
+from .data.ids import IdIndex
 from .data.features import CrossFeatureStore, FeatureEncoder, PairEncoder
 from .data.requests import Requests
 from .data.schema import Schema
@@ -71,6 +72,8 @@ class RunData:
         self.spec = self.pairs.spec
         self.item_ids = np.sort(self.items["item_id"].to_numpy(np.int64))
         self.user_ids = np.sort(self.users["user_id"].to_numpy(np.int64))
+        self._item_index = IdIndex(self.item_ids, "item_id", str(self.dir))
+        self._user_index = IdIndex(self.user_ids, "user_id", str(self.dir))
         self.context_names = [f.name for f in self.schema.by_side("context")]
 
     def encoded(self, split: str) -> EncodedTable:
@@ -80,17 +83,15 @@ class RunData:
     def split_impressions(self, split: str) -> pd.DataFrame:
         return self.impressions[self.impressions["split"] == SPLIT_CODES[split]]
 
-    def known(self, ids: np.ndarray, table: np.ndarray) -> np.ndarray:
-        pos = np.minimum(np.searchsorted(table, ids), len(table) - 1)
-        return table[pos] == ids
-
     def map_users(self, user_ids: np.ndarray) -> np.ndarray:
+        """user ids [...] with every id the data step never saw replaced by OOV_ID (its all-missing row)."""
         u = np.asarray(user_ids, np.int64)
-        return np.where(self.known(u, self.user_ids), u, OOV_ID)
+        return np.where(self._user_index.find(u)[1], u, OOV_ID)
 
     def map_items(self, item_ids: np.ndarray) -> np.ndarray:
+        """item ids [...] with unknown ids and padding (PAD) replaced by OOV_ID."""
         i = np.asarray(item_ids, np.int64)
-        return np.where(self.known(i, self.item_ids) & (i != PAD), i, OOV_ID)
+        return np.where(self._item_index.find(i)[1] & (i != PAD), i, OOV_ID)
 
     def pair_features(self, requests: Requests, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(cat, num) [B*N, ...] for every (request, candidate) pair; candidates int64 [B, N] item ids (-1 pad)."""

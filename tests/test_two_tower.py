@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from cascade.data.batches import FeatureSpec
+from cascade.data.schema import DataValidationError
 from cascade.models.two_tower import (ItemTower, TowerConfig, TowerInputs, TwoTower, UserTower, build_two_tower,
                                       item_embeddings)
 
@@ -91,9 +92,9 @@ def test_tower_inputs_maps_and_validation():
     # item_ids = [57, 54, ..., 0] (row i holds id 3 * (19 - i))
     np.testing.assert_array_equal(inp.item_rows(np.array([0, 57, 30])), [19, 0, 9])
     np.testing.assert_array_equal(inp.user_rows(np.array([[25, 5]])), [[2, 0]])
-    with pytest.raises(KeyError, match="unknown item id 4"):
+    with pytest.raises(DataValidationError, match="TowerInputs: unknown item_id 4"):
         inp.item_rows(np.array([3, 4]))
-    with pytest.raises(ValueError, match="duplicate user id 5"):
+    with pytest.raises(DataValidationError, match="duplicate user_id 5"):
         TowerInputs(USER_SPEC, inp.user_cat[:2], inp.user_num[:2], ITEM_SPEC, inp.item_cat, inp.item_num,
                     CTX_SPEC, inp.ctx_cat, inp.ctx_num, np.array([5, 5]), inp.item_ids, inp.request_ids)
     with pytest.raises(ValueError, match="do not match"):

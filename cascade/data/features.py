@@ -30,6 +30,7 @@ import pandas as pd
 
 from ..artifacts import read_json, read_npz, sha256_file, write_json, write_npz
 from .batches import OOV, EncodedTable, FeatureSpec
+from .ids import IdIndex
 from .schema import Dataset, DataValidationError, Feature, Schema
 from .split import request_start_ms
 
@@ -126,55 +127,6 @@ def _float_values(s: pd.Series, source: str, name: str) -> np.ndarray:
     return v
 
 
-def _sorted_id_positions(sorted_ids: np.ndarray, ids: np.ndarray, source: str, what: str) -> np.ndarray:
-    """Positions of ``ids`` in ``sorted_ids`` (int64 [N]); an id that is not there raises naming it."""
-    ids = np.asarray(ids, dtype=np.int64)
-    if len(sorted_ids) == 0:
-        if len(ids):
-            raise DataValidationError(f"{source}: unknown {what} {int(ids[0])} (the {what} table is empty)")
-        return np.zeros(0, np.int64)
-    pos_c = np.minimum(np.searchsorted(sorted_ids, ids), len(sorted_ids) - 1)
-    miss = sorted_ids[pos_c] != ids
-    if miss.any():
-        raise DataValidationError(f"{source}: unknown {what} {int(ids[np.flatnonzero(miss)[0]])} (not in the {what} table)")
-    return pos_c
-
-
-class _IdIndex:
-    """Position of each id in a sorted id array. Compact id ranges (the usual 0..N-1 ids) use a direct lookup
-    table (one gather, several times faster than a binary search per id); sparse ranges use searchsorted."""
-
-    def __init__(self, sorted_ids: np.ndarray):
-        self.ids = np.asarray(sorted_ids, dtype=np.int64)
-        self.table = None
-        if len(self.ids) and int(self.ids[-1]) - int(self.ids[0]) < 4 * len(self.ids) + 1024:
-            self.lo = int(self.ids[0])
-            self.table = np.full(int(self.ids[-1]) - self.lo + 1, -1, np.int64)
-            self.table[self.ids - self.lo] = np.arange(len(self.ids))
-
-    def find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(position int64 [N] (0 where not found), found bool [N])."""
-        ids = np.asarray(ids, dtype=np.int64)
-        if len(self.ids) == 0:
-            return np.zeros(len(ids), np.int64), np.zeros(len(ids), bool)
-        if self.table is not None:
-            off = ids - self.lo
-            inside = (off >= 0) & (off < len(self.table))
-            pos = self.table[np.where(inside, off, 0)]
-            found = inside & (pos >= 0)
-            return np.where(found, pos, 0), found
-        pos = np.minimum(np.searchsorted(self.ids, ids), len(self.ids) - 1)
-        return pos, self.ids[pos] == ids
-
-    def positions(self, ids: np.ndarray, source: str, what: str) -> np.ndarray:
-        """Positions of ids that must all be present; a missing one raises naming it."""
-        pos, found = self.find(ids)
-        if not found.all():
-            raise DataValidationError(
-                f"{source}: unknown {what} {int(np.asarray(ids)[np.flatnonzero(~found)[0]])} (not in the {what} table)")
-        return pos
-
-
 def _concat_specs(*specs: FeatureSpec) -> FeatureSpec:
     return FeatureSpec(*(sum((getattr(s, k) for s in specs), ()) for k in
                          ("cat_names", "cat_sides", "cat_cardinality", "num_names", "num_sides")))
@@ -238,12 +190,9 @@ class FeatureEncoder:
         if len(train) == 0:
             raise DataValidationError(f"{dataset.source('impressions')}: train mask selects no impressions")
         users, items = dataset.users, dataset.items
-        u_order = np.argsort(users["user_id"].to_numpy(np.int64), kind="stable")
-        i_order = np.argsort(items["item_id"].to_numpy(np.int64), kind="stable")
-        u_rows = u_order[_sorted_id_positions(users["user_id"].to_numpy(np.int64)[u_order], train["user_id"].to_numpy(),
-                                              dataset.source("impressions"), "user_id")]
-        i_rows = i_order[_sorted_id_positions(items["item_id"].to_numpy(np.int64)[i_order], train["item_id"].to_numpy(),
-                                              dataset.source("impressions"), "item_id")]
+        src = dataset.source("impressions")
+        u_rows = IdIndex(users["user_id"].to_numpy(np.int64), "user_id", src).rows(train["user_id"].to_numpy())
+        i_rows = IdIndex(items["item_id"].to_numpy(np.int64), "item_id", src).rows(train["item_id"].to_numpy())
         frames = {"user": (users, u_rows, dataset.source("users")), "item": (items, i_rows, dataset.source("items")),
                   "context": (train, None, dataset.source("impressions")),
                   "privileged": (train, None, dataset.source("impressions"))}
@@ -535,7 +484,7 @@ class CrossFeatureStore:
         item_ids = items["item_id"].to_numpy(np.int64)
         order = np.argsort(item_ids, kind="stable")
         self.item_ids_ = item_ids[order]
-        self._item_index = _IdIndex(self.item_ids_)
+        self._item_index = IdIndex(self.item_ids_, "item_id", "impressions")
         # factorize works for int and str columns alike; NaN -> -1 (no tag / author)
         self.item_tag_ = pd.factorize(items[self.tag_column])[0][order].astype(np.int64)
         self.item_author_ = pd.factorize(items[self.author_column])[0][order].astype(np.int64)
@@ -543,14 +492,14 @@ class CrossFeatureStore:
         self.n_authors_ = int(self.item_author_.max()) + 1 if len(order) else 0
 
         user = impressions["user_id"].to_numpy(np.int64)
-        item_row = self._item_index.positions(impressions["item_id"].to_numpy(), "impressions", "item_id")
+        item_row = self._item_index.rows(impressions["item_id"].to_numpy())
         t = impressions["time_ms"].to_numpy(np.int64)
         click = impressions["click"].to_numpy(np.int64)
         self.times_ = np.unique(t)
         rank = np.searchsorted(self.times_, t).astype(np.int64)
         stride = len(self.times_) + 1
         self.users_, ucode = np.unique(user, return_inverse=True)
-        self._user_index = _IdIndex(self.users_)
+        self._user_index = IdIndex(self.users_, "user_id")
         ucode = ucode.astype(np.int64)
         tag, author = self.item_tag_[item_row], self.item_author_[item_row]
         has_tag, has_author = tag >= 0, author >= 0
@@ -590,7 +539,7 @@ class CrossFeatureStore:
         rank_hi[o_t] = np.searchsorted(self.times_, t_sorted)
         rank_lo[o_t] = np.searchsorted(self.times_, t_sorted - window_ms)
 
-        item_row = self._item_index.positions(item_ids, "CrossFeatureStore.query", "item_id")
+        item_row = self._item_index.rows(item_ids, "CrossFeatureStore.query")
         o_i = np.argsort(item_row * stride + rank_hi)
         d, f = self.item_.lookup(item_row[o_i], np.ones(n, bool))
         it_c, it_e = self.item_.counts(d, f, rank_lo[o_i], rank_hi[o_i])
@@ -654,7 +603,8 @@ class PairEncoder:
         iid = items["item_id"].to_numpy(np.int64)
         uo, io = np.argsort(uid, kind="stable"), np.argsort(iid, kind="stable")
         self.user_ids_, self.item_ids_ = uid[uo], iid[io]
-        self._user_index, self._item_index = _IdIndex(self.user_ids_), _IdIndex(self.item_ids_)
+        self._user_index = IdIndex(self.user_ids_, "user_id", "encode_pairs")
+        self._item_index = IdIndex(self.item_ids_, "item_id", "encode_pairs")
         ucat, unum = encoder.encode_users(users)
         icat, inum = encoder.encode_items(items)
         self.user_cat_, self.user_num_ = ucat[uo], unum[uo]
@@ -671,8 +621,8 @@ class PairEncoder:
         user_ids = np.asarray(user_ids, dtype=np.int64)
         item_ids = np.asarray(item_ids, dtype=np.int64)
         n = len(user_ids)
-        upos = self._user_index.positions(user_ids, "encode_pairs", "user_id")
-        ipos = self._item_index.positions(item_ids, "encode_pairs", "item_id")
+        upos = self._user_index.rows(user_ids)
+        ipos = self._item_index.rows(item_ids)
         ctx = {}
         for c in self.encoder.columns_:
             if c["part"] == "context":

@@ -57,8 +57,9 @@ from tqdm.auto import tqdm
 from cascade.artifacts import ArtifactError, read_json, read_manifest, write_json, write_manifest
 from cascade.data import kuairand
 from cascade.data.batches import EncodedTable, FeatureSpec
-from cascade.data.features import (CrossFeatureStore, FeatureEncoder, PairEncoder, _IdIndex, _cat_keys, _column,
+from cascade.data.features import (CrossFeatureStore, FeatureEncoder, PairEncoder, _cat_keys, _column,
                                    _float_values, _scale)
+from cascade.data.ids import IdIndex
 from cascade.data.schema import Dataset, DataValidationError, Feature, Schema
 from cascade.data.split import DAY_MS, SPLITS, request_start_ms
 from cascade.data.world import USER_FEATURES_FILE, VIDEO_FEATURES_FILE
@@ -459,10 +460,9 @@ def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1
                                       batch_rows)
         cross_stats = _MeanVar(len(cross.feature_names))
     users, items = sd.users, sd.items
-    u_order = np.argsort(users["user_id"].to_numpy(np.int64), kind="stable")
-    i_order = np.argsort(items["item_id"].to_numpy(np.int64), kind="stable")
-    u_index = _IdIndex(users["user_id"].to_numpy(np.int64)[u_order])
-    i_index = _IdIndex(items["item_id"].to_numpy(np.int64)[i_order])
+    src = sd.source("impressions")
+    u_index = IdIndex(users["user_id"].to_numpy(np.int64), "user_id", src)
+    i_index = IdIndex(items["item_id"].to_numpy(np.int64), "item_id", src)
     u_count = np.zeros(len(users), np.int64)
     i_count = np.zeros(len(items), np.int64)
     counts = {f.name: _ValueCounts() for f in imp_feats}
@@ -479,9 +479,9 @@ def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1
         if cross is not None:
             x = cross.query_frame(df)
             cross_stats.add(np.log1p(np.stack([x[n].astype(np.float64) for n in cross.feature_names], axis=1)))
-        u_count += np.bincount(u_order[u_index.positions(df["user_id"].to_numpy(), src, "user_id")],
+        u_count += np.bincount(u_index.rows(df["user_id"].to_numpy()),
                                minlength=len(users))
-        i_count += np.bincount(i_order[i_index.positions(df["item_id"].to_numpy(), src, "item_id")],
+        i_count += np.bincount(i_index.rows(df["item_id"].to_numpy()),
                                minlength=len(items))
         for f in imp_feats:
             s = _column(df, f.name, src)

@@ -72,6 +72,7 @@ from tqdm.auto import tqdm
 
 import cascade
 from cascade.artifacts import ArtifactError, atomic_path, read_json, read_npz, write_json, write_npz
+from cascade.data.ids import IdIndex
 from cascade.data.sampling import CdfSampler
 from cascade.data.schema import DataValidationError, check_columns, check_id_column
 
@@ -444,6 +445,8 @@ class World:
         self._c = {k: v.astype(np.float64) if v.dtype == np.float32 else v for k, v in self._a.items()}
         self.user_ids: np.ndarray = self._a["user_ids"]
         self.item_ids: np.ndarray = self._a["item_ids"]
+        self._user_index: IdIndex | None = None  # built on the first lookup
+        self._item_index: IdIndex | None = None
         self.history_end = history_end
         self._summary = dict(summary or {})
         self.out_dir = out_dir
@@ -459,24 +462,16 @@ class World:
         return len(self.item_ids)
 
     def user_index(self, user_ids: np.ndarray) -> np.ndarray:
-        """Row indices of user ids (any shape); ValueError naming the first unknown id."""
-        return self._index(self.user_ids, user_ids, "user_id")
+        """Row indices of user ids (any shape); DataValidationError naming the first unknown id."""
+        if self._user_index is None:
+            self._user_index = IdIndex(self.user_ids, "user_id", "world")
+        return self._user_index.rows(user_ids)
 
     def item_index(self, item_ids: np.ndarray) -> np.ndarray:
-        """Row indices of item (video) ids (any shape); ValueError naming the first unknown id."""
-        return self._index(self.item_ids, item_ids, "video_id")
-
-    @staticmethod
-    def _index(ids: np.ndarray, query: np.ndarray, what: str) -> np.ndarray:
-        q = np.asarray(query)
-        if q.dtype.kind not in "iu":
-            raise ValueError(f"{what}s must be integers, got dtype {q.dtype}")
-        pos = np.searchsorted(ids, q)
-        pos_c = np.minimum(pos, len(ids) - 1)
-        bad = ids[pos_c] != q
-        if bad.any():
-            raise ValueError(f"unknown {what} {q[bad].flat[0]} (not in the world)")
-        return pos_c
+        """Row indices of item (video) ids (any shape); DataValidationError naming the first unknown id."""
+        if self._item_index is None:
+            self._item_index = IdIndex(self.item_ids, "video_id", "world")
+        return self._item_index.rows(item_ids)
 
     def _resolve_history(self, history: "str | HistoryState | None") -> HistoryState | None:
         if history is None:

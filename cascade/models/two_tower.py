@@ -21,6 +21,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from cascade.data.batches import FeatureSpec
+from cascade.data.ids import IdIndex
 from cascade.models.layers import MLP, FeatureEmbedding
 
 
@@ -186,16 +187,6 @@ def item_embeddings(item_tower: ItemTower, item_cat: np.ndarray | torch.Tensor, 
     return out
 
 
-def _rows_of(ids_sorted: np.ndarray, order: np.ndarray, ids: np.ndarray, what: str) -> np.ndarray:
-    ids = np.asarray(ids)
-    pos = np.searchsorted(ids_sorted, ids)
-    pos = np.minimum(pos, len(ids_sorted) - 1)
-    bad = ids_sorted[pos] != ids if len(ids_sorted) else np.ones(ids.shape, dtype=bool)
-    if bad.any():
-        raise KeyError(f"unknown {what} id {ids[bad].flat[0].item()!r} ({int(bad.sum())} unknown of {ids.size})")
-    return order[pos]
-
-
 @dataclass
 class TowerInputs:
     """Encoded side tables for the towers, addressed by dense row index.
@@ -219,7 +210,7 @@ class TowerInputs:
     user_ids: np.ndarray
     item_ids: np.ndarray
     request_ids: np.ndarray
-    _sorted: dict = field(default_factory=dict, init=False, repr=False)
+    _index: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
         for name, cat, num, spec, ids in (
@@ -235,12 +226,7 @@ class TowerInputs:
                 )
             if cat.dtype != np.int64 or num.dtype != np.float32:
                 raise ValueError(f"TowerInputs: {name} cat must be int64 and num float32, got {cat.dtype}, {num.dtype}")
-            order = np.argsort(ids, kind="stable")
-            srt = np.asarray(ids)[order]
-            if n > 1 and (srt[1:] == srt[:-1]).any():
-                dup = srt[1:][srt[1:] == srt[:-1]][0]
-                raise ValueError(f"TowerInputs: duplicate {name} id {dup.item()!r}")
-            self._sorted[name] = (srt, order)
+            self._index[name] = IdIndex(ids, "request_id" if name == "context" else f"{name}_id", "TowerInputs")
 
     @property
     def n_users(self) -> int:
@@ -255,14 +241,14 @@ class TowerInputs:
         return len(self.request_ids)
 
     def user_rows(self, user_ids: np.ndarray) -> np.ndarray:
-        """Raw user ids [...] -> rows [...]; raises KeyError on an unknown id."""
-        return _rows_of(*self._sorted["user"], user_ids, "user")
+        """Raw user ids [...] -> rows [...]; an unknown id raises DataValidationError."""
+        return self._index["user"].rows(user_ids)
 
     def item_rows(self, item_ids: np.ndarray) -> np.ndarray:
-        return _rows_of(*self._sorted["item"], item_ids, "item")
+        return self._index["item"].rows(item_ids)
 
     def request_rows(self, request_ids: np.ndarray) -> np.ndarray:
-        return _rows_of(*self._sorted["context"], request_ids, "request")
+        return self._index["context"].rows(request_ids)
 
     def user_batch(self, user_rows: np.ndarray, request_rows: np.ndarray) -> tuple[torch.Tensor, ...]:
         """Tensors for UserTower.forward: (user_cat [B, Cu], user_num [B, Mu], ctx_cat [B, Cc], ctx_num [B, Mc])."""

@@ -1,0 +1,76 @@
+"""Id -> row lookup: one index over an id column, used by every table that is addressed by raw ids.
+
+``IdIndex(ids)`` takes the ids of a table's rows (int64 [N], any order, unique) and answers the row of any id:
+:meth:`IdIndex.find` gives (rows, found) without raising (the caller decides what an unknown id means, e.g. the
+OOV row at serving), :meth:`IdIndex.rows` raises :class:`~cascade.data.schema.DataValidationError` naming the
+first unknown id. Compact id ranges (the usual 0..N-1 ids) use a direct lookup table (one gather, several times
+faster than a binary search per id); sparse ranges use ``searchsorted`` on the sorted ids.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .schema import DataValidationError
+
+
+class IdIndex:
+    """Row of each id among ``ids`` (int64 [N], unique). what: the id's name in messages ("user_id");
+    source: the table or function that asks (the message's prefix)."""
+
+    def __init__(self, ids: np.ndarray, what: str = "id", source: str = "") -> None:
+        ids = _as_ids(ids, what, source)
+        if ids.ndim != 1:
+            raise ValueError(f"IdIndex: ids must be 1-d, got shape {ids.shape}")
+        self.what, self.source = what, source
+        self.order = np.argsort(ids, kind="stable")
+        self.sorted_ids = ids[self.order]
+        dup = np.flatnonzero(self.sorted_ids[1:] == self.sorted_ids[:-1])
+        if len(dup):
+            raise DataValidationError(f"{source + ': ' if source else ''}duplicate {what} {int(self.sorted_ids[dup[0]])}")
+        self.identity = bool(np.array_equal(self.order, np.arange(len(ids))))  # sorted ids: row = position
+        self.table = None
+        n = len(ids)
+        if n and int(self.sorted_ids[-1]) - int(self.sorted_ids[0]) < 4 * n + 1024:
+            self.lo = int(self.sorted_ids[0])
+            self.table = np.full(int(self.sorted_ids[-1]) - self.lo + 1, -1, np.int64)
+            self.table[self.sorted_ids - self.lo] = self.order
+
+    def __len__(self) -> int:
+        return len(self.sorted_ids)
+
+    def find(self, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(row int64 [...] (0 where not found), found bool [...]) of ``ids`` of any shape."""
+        ids = _as_ids(ids, self.what, self.source)
+        if len(self.sorted_ids) == 0:
+            return np.zeros(ids.shape, np.int64), np.zeros(ids.shape, bool)
+        if self.table is not None:
+            off = ids - self.lo
+            inside = (off >= 0) & (off < len(self.table))
+            rows = self.table[np.where(inside, off, 0)]
+            found = inside & (rows >= 0)
+            return np.where(found, rows, 0), found
+        pos = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
+        found = self.sorted_ids[pos] == ids
+        rows = pos if self.identity else self.order[pos]
+        return np.where(found, rows, 0), found
+
+    def rows(self, ids: np.ndarray, source: str | None = None) -> np.ndarray:
+        """Rows int64 [...] of ``ids`` that must all be present; the first unknown id raises DataValidationError
+        (its message starts with ``source``, default the index's own)."""
+        rows, found = self.find(ids)
+        if not found.all():
+            bad = int(np.asarray(ids).reshape(-1)[np.flatnonzero(~found.reshape(-1))[0]])
+            where = "is empty" if len(self.sorted_ids) == 0 else f"has {len(self.sorted_ids):,} ids"
+            src = self.source if source is None else source
+            raise DataValidationError(f"{src + ': ' if src else ''}unknown {self.what} {bad} (not in the {self.what} "
+                                      f"table, which {where})")
+        return rows
+
+
+def _as_ids(ids, what: str, source: str) -> np.ndarray:
+    """``ids`` as int64; non-integer ids raise (a float id would otherwise be truncated silently)."""
+    a = np.asarray(ids)
+    if a.dtype.kind not in "iu" and a.size:
+        raise DataValidationError(f"{source + ': ' if source else ''}{what}s must be integers, got dtype {a.dtype}")
+    return a.astype(np.int64, copy=False)
