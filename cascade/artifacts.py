@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import math
 import os
 import platform
 import re
@@ -83,20 +84,34 @@ def write_text(path: str | os.PathLike, text: str) -> Path:
     return write_bytes(path, text.encode("utf-8"))
 
 
-def write_json(path: str | os.PathLike, obj: Any) -> Path:
-    return write_text(path, json.dumps(obj, indent=2, sort_keys=True, default=_json_default) + "\n")
+def write_json(path: str | os.PathLike, obj: Any, sort_keys: bool = True) -> Path:
+    """Write ``to_jsonable(obj)`` as strict JSON (NaN / inf as null), indented, atomically."""
+    text = json.dumps(to_jsonable(obj), indent=2, sort_keys=sort_keys, allow_nan=False, ensure_ascii=False)
+    return write_text(path, text + "\n")
 
 
-def _json_default(o: Any) -> Any:
-    if isinstance(o, (np.integer,)):
-        return int(o)
-    if isinstance(o, (np.floating,)):
-        return float(o)
-    if isinstance(o, np.ndarray):
-        return o.tolist()
-    if isinstance(o, Path):
-        return str(o)
-    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+def to_jsonable(obj: Any, path: str = "obj") -> Any:
+    """A copy of ``obj`` made of plain JSON types: NaN / inf -> None (strict JSON has no NaN), numpy scalars and
+    arrays -> Python values and lists, tuples -> lists, Path -> str, dict keys -> str. Anything else raises
+    ValueError naming its path. Every JSON file the project writes goes through it (:func:`write_json`)."""
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, (int, np.integer)) and not isinstance(obj, np.bool_):
+        return int(obj)
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, (float, np.floating)):
+        v = float(obj)
+        return v if math.isfinite(v) else None
+    if isinstance(obj, Path):
+        return str(obj)
+    if isinstance(obj, Mapping):
+        return {str(k): to_jsonable(v, f"{path}[{k!r}]") for k, v in obj.items()}
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist(), path)
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v, f"{path}[{i}]") for i, v in enumerate(obj)]
+    raise ValueError(f"{path}: a {type(obj).__name__} cannot go into JSON (use plain dicts, lists and numbers)")
 
 
 def read_json(path: str | os.PathLike) -> Any:

@@ -61,3 +61,14 @@ def test_safe_join_refuses_escape(tmp_path):
         A.safe_join(tmp_path, "..", "x")
     with pytest.raises(ValueError, match="escapes"):
         A.safe_join(tmp_path, "/etc")
+
+
+def test_every_json_file_is_strict_json(tmp_path):
+    # NaN / inf become null, numpy scalars and arrays plain numbers and lists, tuples lists, keys strings
+    p = A.write_json(tmp_path / "m.json", {"auc": float("nan"), "p99": np.float32(np.inf), "n": np.int64(3),
+                                           "ids": np.arange(2), "ks": (1, 5), 7: "x", "name": "café"})
+    text = p.read_text(encoding="utf-8")
+    assert "NaN" not in text and "Infinity" not in text and "café" in text
+    assert A.read_json(p) == {"auc": None, "p99": None, "n": 3, "ids": [0, 1], "ks": [1, 5], "7": "x", "name": "café"}
+    with pytest.raises(ValueError, match=r"obj\['bad'\]: a set cannot go into JSON"):
+        A.write_json(tmp_path / "bad.json", {"bad": {1, 2}})

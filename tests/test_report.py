@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from cascade.artifacts import ArtifactError
+from cascade.artifacts import to_jsonable
 from cascade.eval.report import (
     MISSING,
     NOT_COMPUTED,
@@ -21,7 +22,6 @@ from cascade.eval.report import (
     load_report,
     markdown_table,
     render_screenshot,
-    to_jsonable,
     toml_dump,
     write_report,
 )

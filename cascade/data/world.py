@@ -71,7 +71,7 @@ import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
 import cascade
-from cascade.artifacts import ArtifactError, atomic_path, read_json, read_npz, write_json, write_npz
+from cascade.artifacts import ArtifactError, atomic_path, read_json, read_npz, to_jsonable, write_json, write_npz
 from cascade.data.ids import IdIndex
 from cascade.data.sampling import CdfSampler
 from cascade.data.schema import DataValidationError, check_columns, check_id_column
@@ -979,17 +979,6 @@ def _auc(y: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def _json_safe(obj: Any) -> Any:
-    """NaN (e.g. the random-slice CTR of a world without a random slice) becomes None: strict JSON has no NaN."""
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return None
-    if isinstance(obj, dict):
-        return {k: _json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_json_safe(v) for v in obj]
-    return obj
-
-
 def generate_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), data_dir: str | Path | None = None,
                    progress: bool = False) -> World:
     """Generate the world, write its files into ``out_dir`` (see the module doc) and return it.
@@ -1092,7 +1081,7 @@ def generate_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), dat
         },
         "files": log_names,
     }
-    world._summary = _json_safe(world._summary)
+    world._summary = to_jsonable(world._summary)  # strict JSON: NaN (no random slice) -> None
     # world.json holds only what the seed determines (no wall times), so the same config gives identical files
     world.save(out_dir)
     world._summary["seconds"] = {"build": round(t_build - t0, 3), "simulate": round(t_sim - t_build, 3),

@@ -20,7 +20,7 @@ optional; a missing or ``None`` section is rendered as a one-line "not computed 
 
 JSON has no NaN: ``report.json`` stores NaN / inf as ``null`` (strict JSON that any parser reads), so
 :func:`load_report` gives ``None`` where the pipeline had NaN; the renderers show both as "–".
-:func:`to_jsonable` is exactly the transformation ``load_report(write_report(d))`` applies.
+:func:`cascade.artifacts.to_jsonable` is exactly the transformation ``load_report(write_report(d))`` applies.
 
 Both documents are built from one list of sections (title + blocks: tables, plots, notes, preformatted text), so
 the Markdown and the HTML cannot drift apart; the Markdown leaves the plots to the HTML. Plots use matplotlib's
@@ -49,7 +49,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import pandas as pd
 
-from cascade.artifacts import ArtifactError, read_json, write_text
+from cascade.artifacts import ArtifactError, read_json, to_jsonable, write_json, write_text
 
 __all__ = [
     "REPORT_JSON",
@@ -59,7 +59,6 @@ __all__ = [
     "load_report",
     "render_markdown",
     "render_html",
-    "to_jsonable",
     "format_value",
     "toml_dump",
     "markdown_table",
@@ -109,29 +108,6 @@ _DPI = 100
 # JSON
 
 
-def to_jsonable(obj: Any, path: str = "report_data") -> Any:
-    """A copy of ``obj`` made of plain JSON types: NaN / inf -> None, numpy scalars and arrays -> Python values and
-    lists, tuples -> lists, Path -> str, dict keys -> str. Anything else raises ValueError naming its path."""
-    if obj is None or isinstance(obj, (bool, str)):
-        return obj
-    if isinstance(obj, (int, np.integer)) and not isinstance(obj, np.bool_):
-        return int(obj)
-    if isinstance(obj, np.bool_):
-        return bool(obj)
-    if isinstance(obj, (float, np.floating)):
-        v = float(obj)
-        return v if math.isfinite(v) else None
-    if isinstance(obj, Path):
-        return str(obj)
-    if isinstance(obj, Mapping):
-        return {str(k): to_jsonable(v, f"{path}[{k!r}]") for k, v in obj.items()}
-    if isinstance(obj, np.ndarray):
-        return to_jsonable(obj.tolist(), path)
-    if isinstance(obj, (list, tuple)):
-        return [to_jsonable(v, f"{path}[{i}]") for i, v in enumerate(obj)]
-    raise ValueError(f"{path}: a {type(obj).__name__} cannot go into report.json (use plain dicts, lists and numbers)")
-
-
 def load_report(out_dir: str | os.PathLike) -> dict:
     """Read ``out_dir/report.json`` back into a dict (NaN were stored as None). Raises ArtifactError when the file
     is missing, not JSON, or not a JSON object."""
@@ -150,12 +126,12 @@ def write_report(report_data: Mapping[str, Any], out_dir: str | os.PathLike) -> 
     """
     if not isinstance(report_data, Mapping):
         raise ValueError(f"report_data must be a dict, got {type(report_data).__name__}")
-    data = to_jsonable(report_data)
+    data = to_jsonable(report_data, "report_data")
     # render both documents before writing anything, so bad input leaves no partial report behind
     md = render_markdown(data)
     page = render_html(data)
     out_dir = Path(out_dir)
-    write_text(out_dir / REPORT_JSON, json.dumps(data, indent=2, allow_nan=False, ensure_ascii=False) + "\n")
+    write_json(out_dir / REPORT_JSON, data, sort_keys=False)
     write_text(out_dir / REPORT_MD, md)
     write_text(out_dir / REPORT_HTML, page)
     log.info("report written to %s", out_dir)
@@ -845,7 +821,7 @@ def _sections(data: Mapping) -> list[_Section]:
 
 def render_markdown(report_data: Mapping[str, Any]) -> str:
     """The report as Markdown text (tables; the plots are only in the HTML)."""
-    data = to_jsonable(report_data)
+    data = to_jsonable(report_data, "report_data")
     name, facts = _header(data)
     out = [f"# cascade report: {name}", "", " · ".join(f"{k}: {v}" for k, v in facts), ""]
     for sec in _sections(data):
@@ -913,7 +889,7 @@ footer { margin-top: 36px; color: var(--muted); font-size: 12px; }
 def render_html(report_data: Mapping[str, Any]) -> str:
     """The report as one self-contained HTML page (inline CSS, plots as data: URIs, no script)."""
     e = html.escape
-    data = to_jsonable(report_data)
+    data = to_jsonable(report_data, "report_data")
     name, facts = _header(data)
     sections = _sections(data)
     body = [f"<header><h1>cascade report: {e(name)}</h1>",

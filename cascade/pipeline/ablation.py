@@ -506,20 +506,9 @@ def ablation_markdown(result: Mapping[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def _jsonable(x: Any) -> Any:
-    """NaN / inf -> None (strict JSON), recursively."""
-    if isinstance(x, float):
-        return x if math.isfinite(x) else None
-    if isinstance(x, Mapping):
-        return {str(k): _jsonable(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return [_jsonable(v) for v in x]
-    return x
-
-
 def write_ablation(result: Mapping[str, Any], out_dir: str | Path, stem: str) -> tuple[Path, Path]:
     """Write ``<stem>.json`` (strict JSON: NaN -> null) and ``<stem>.md`` under out_dir; returns both paths."""
     out_dir = Path(out_dir)
-    j = A.write_json(out_dir / f"{stem}.json", _jsonable(result))
+    j = A.write_json(out_dir / f"{stem}.json", result)
     m = A.write_text(out_dir / f"{stem}.md", ablation_markdown(result))
     return j, m
