@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from cascade.artifacts import package_versions, write_json
-from cascade.index.exact import TorchExactIndex, clustered_vectors, exact_topk, recall_at_k
+from cascade.eval.metrics import mean_recall_at_k
+from cascade.index.exact import TorchExactIndex, clustered_vectors, exact_topk
 from cascade.index.faiss_index import FLAT_MAX_ITEMS, ItemIndex, configure_faiss, default_factory
 
 log = logging.getLogger("bench_index")
@@ -86,7 +87,7 @@ def bench_index(index: ItemIndex, build_s: float, xq, xq1, k, I_exact, threads, 
         configure_faiss(1)  # single queries are fastest on one thread (PERF_NOTES)
         single = time_single(index.search_positions, xq1, k)
         row = {"factory": index.factory, "backend": index.backend, "param": param, "value": v, "build_s": build_s,
-               "index_bytes": size, "recall_at_k": recall_at_k(I, I_exact), "batched_qps": qps,
+               "index_bytes": size, "recall_at_k": mean_recall_at_k(I_exact, I), "batched_qps": qps,
                "batched_threads": threads, **single}
         log.info("%-22s %-8s %-5s recall@%d %.4f  batched %8.0f q/s  single p50 %.2f ms", index.factory,
                  param or "", v if v is not None else "", k, row["recall_at_k"], qps, single["single_p50_ms"])
@@ -148,7 +149,7 @@ def run_size(n: int, args) -> dict:
         torch.set_num_threads(1)
         single = time_single(tix.search, xq1, args.k)
         rows.append({"factory": "torch-exact", "backend": "torch (cpu)", "param": None, "value": None, "build_s": s,
-                     "index_bytes": int(xb.nbytes), "recall_at_k": recall_at_k(I, I_exact), "batched_qps": qps,
+                     "index_bytes": int(xb.nbytes), "recall_at_k": mean_recall_at_k(I_exact, I), "batched_qps": qps,
                      "batched_threads": args.threads, **single})
         log.info("%-22s recall@%d %.4f  batched %8.0f q/s  single p50 %.2f ms", "torch-exact", args.k,
                  rows[-1]["recall_at_k"], qps, single["single_p50_ms"])

@@ -37,7 +37,8 @@ from pathlib import Path
 import numpy as np
 
 from cascade.artifacts import package_versions, write_json, write_text
-from cascade.index.exact import clustered_vectors, exact_topk, recall_at_k
+from cascade.eval.metrics import mean_recall_at_k
+from cascade.index.exact import clustered_vectors, exact_topk
 from cascade.index.faiss_index import ItemIndex, configure_faiss
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
@@ -104,7 +105,7 @@ def bench_config(config: str, xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, I
             _, I = index.search_positions(xq, args.k)
             qps = len(xq) / (time.perf_counter() - t)
             configure_faiss(1)
-            row = {"nprobe": nprobe, "k_factor": kf, "recall_at_k": recall_at_k(I, I_exact), "batched_qps": qps,
+            row = {"nprobe": nprobe, "k_factor": kf, "recall_at_k": mean_recall_at_k(I_exact, I), "batched_qps": qps,
                    **time_single(index.search_positions, xq[: args.nq_single], args.k)}
             log.info("  nprobe %3d k_factor %d: recall@%d %.4f, %6.0f q/s batched, single p50 %.2f ms p99 %.2f ms",
                      nprobe, kf, args.k, row["recall_at_k"], qps, row["single_p50_ms"], row["single_p99_ms"])

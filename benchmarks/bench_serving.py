@@ -42,7 +42,8 @@ from typing import Callable
 import numpy as np
 
 from cascade.artifacts import package_versions, write_json
-from cascade.index.exact import exact_topk, recall_at_k
+from cascade.eval.metrics import mean_recall_at_k
+from cascade.index.exact import exact_topk
 from cascade.index.faiss_index import INDEX_FILE, ItemIndex, configure_faiss, set_blas_threshold
 from cascade.eval.metrics import latency_summary
 from cascade.arrays import topk_rows
@@ -272,7 +273,7 @@ def operating_points(index: ItemIndex, xq: np.ndarray, I_exact: np.ndarray, k: i
             batched_s = min(batched_s, time.perf_counter() - t0)
         single = single_query_latency(index, xq[:nq_single], k)
         rows.append({"factory": index.factory, "param": param, "value": v, "k": k, "nq": int(len(xq)),
-                     "recall_at_k": recall_at_k(I, I_exact), "batched_qps": float(len(xq) / batched_s),
+                     "recall_at_k": mean_recall_at_k(I_exact, I), "batched_qps": float(len(xq) / batched_s),
                      "single_p50_ms": single["p50_ms"], "single_p99_ms": single["p99_ms"], "build_s": build_s,
                      "index_mb": index.index_bytes() / 2**20})
         log.info("%s %s=%s recall@%d %.4f batched %.0f q/s single p50 %.2f ms", index.factory, param, v, k,
@@ -402,7 +403,7 @@ def bench_size(n_items: int, args) -> dict:
         chosen = None
         for v in [v for v in args.nprobes if v <= index.spec["nlist"]]:
             index.set_search_params(nprobe=v)
-            r = recall_at_k(index.search(xq, args.n_retrieve)[1], I_ret)
+            r = mean_recall_at_k(I_ret, index.search(xq, args.n_retrieve)[1])
             served.setdefault("recall_by_nprobe", {})[v] = r
             if r >= args.recall_target:
                 chosen = (v, r)
@@ -412,7 +413,7 @@ def bench_size(n_items: int, args) -> dict:
                                f">= {args.recall_target}: {served['recall_by_nprobe']}")
         index.set_search_params(nprobe=chosen[0])
         served.update({"nprobe": chosen[0], f"recall_at_{args.n_retrieve}": chosen[1],
-                       f"recall_at_{k_op}": recall_at_k(index.search(xq, k_op)[1], I_ex)})
+                       f"recall_at_{k_op}": mean_recall_at_k(I_ex, index.search(xq, k_op)[1])})
     out["served_index"] = served
 
     # 1. retrieval overhead: bare faiss vs our wrappers, identical queries, at batch 1 and batched

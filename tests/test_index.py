@@ -10,11 +10,11 @@ import pytest
 faiss = pytest.importorskip("faiss")
 
 from cascade.artifacts import ArtifactError  # noqa: E402
+from cascade.eval.metrics import mean_recall_at_k  # noqa: E402
 from cascade.index.exact import (  # noqa: E402
     TorchExactIndex,
     clustered_vectors,
     exact_topk,
-    recall_at_k,
 )
 from cascade.index.faiss_index import (  # noqa: E402
     IDS_FILE,
@@ -109,10 +109,13 @@ def test_exact_chunked_equals_unchunked_and_reference(data):
 
 
 def test_recall_at_k_hand_worked():
-    # row 0: {1, 2} of {1, 2, 3} found -> 2/3; row 1: reference {4} (rest padding), found -> 1; mean 5/6
+    # row 0: {1, 2} of {1, 2, 3} found -> 2/3; row 1: reference {4} (rest padding), found -> 1; mean 5/6.
+    # One argument order everywhere: the reference (exact ids) first, then what was retrieved.
     I = np.array([[1, 2, 9], [4, 7, 8]])
     I_ref = np.array([[3, 2, 1], [4, -1, -1]])
-    assert recall_at_k(I, I_ref) == pytest.approx(5 / 6)
+    assert mean_recall_at_k(I_ref, I) == pytest.approx(5 / 6)
+    with pytest.raises(ValueError, match="no row has a reference id"):
+        mean_recall_at_k(np.full((2, 3), -1), I)
 
 
 def test_exact_rejects_bad_input():
@@ -139,7 +142,7 @@ def test_flat_equals_exact_inner_product_and_not_l2(data):
     np.testing.assert_allclose(scores, D_ip, rtol=1e-5, atol=1e-5)
     # on non-normalised vectors the L2 neighbours are other items: a L2 index would fail the line above
     _, I_l2 = exact_topk(xq, xb, 100, metric="l2")
-    assert recall_at_k(I_l2, I_ip) < 0.5
+    assert mean_recall_at_k(I_ip, I_l2) < 0.5
 
 
 def test_metric_is_required_and_checked(data):
@@ -372,7 +375,7 @@ def test_faiss_gpu_backend_matches_exact(data):
     assert index.backend == "faiss-gpu"
     _, got = index.search(xq, 50)
     _, I_ip = exact_topk(xq, xb, 50)
-    assert recall_at_k(got, ids[I_ip]) > 0.999  # GPU float summation order may swap near-equal scores
+    assert mean_recall_at_k(ids[I_ip], got) > 0.999  # GPU float summation order may swap near-equal scores
     ivfpq = ItemIndex.build(xb, ids, metric="ip", factory="IVF128,PQ16x4", nprobe=32, device="gpu")
     assert ivfpq.measure_recall(xq, 50) >= 0.95
 
@@ -386,5 +389,5 @@ def test_torch_cuda_exact_matches_numpy(data):
     xb, xq, _ = data
     D, I = TorchExactIndex(xb, "ip", device="cuda", chunk_rows=4096, query_rows=64).search(xq, 50)
     D_ref, I_ref = exact_topk(xq, xb, 50)
-    assert recall_at_k(I, I_ref) > 0.999
+    assert mean_recall_at_k(I_ref, I) > 0.999
     np.testing.assert_allclose(D, D_ref, rtol=1e-4, atol=1e-4)

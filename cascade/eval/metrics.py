@@ -219,6 +219,15 @@ def recall_at_k(reference, retrieved, pad: int = -1) -> np.ndarray:
     return _overlap_fraction(reference, retrieved, pad)
 
 
+def mean_recall_at_k(reference, retrieved, pad: int = -1) -> float:
+    """Mean of :func:`recall_at_k` over the rows that have a reference id (e.g. an index's recall against exact
+    search: reference = the exact ids, retrieved = the index's). ValueError when no row has one."""
+    r = recall_at_k(reference, retrieved, pad)
+    if r.size == 0 or np.isnan(r).all():
+        raise ValueError("mean_recall_at_k: no row has a reference id (all padding): recall is undefined")
+    return float(np.nanmean(r))
+
+
 def click_recall(clicked, retrieved, pad: int = -1) -> np.ndarray:
     """Per-row click recall |clicked ∩ retrieved| / |clicked|.
 

@@ -150,30 +150,6 @@ def exact_topk(
     return D, I
 
 
-def recall_at_k(I: np.ndarray, I_ref: np.ndarray) -> float:
-    """Mean over queries of |I[r] ∩ I_ref[r]| / |I_ref[r]|, ignoring -1 padding.
-
-    I: [nq, k] ids returned by the search under test; I_ref: [nq, k_ref] exact ids (k_ref <= k usually equal).
-    """
-    I = np.asarray(I)
-    I_ref = np.asarray(I_ref)
-    if I.ndim != 2 or I_ref.ndim != 2 or I.shape[0] != I_ref.shape[0]:
-        raise ValueError(f"I {I.shape} and I_ref {I_ref.shape} must be [nq, k] with the same nq")
-    valid_ref = I_ref >= 0
-    # [nq, k_ref, k] comparison: k is at most a few hundred in practice, so this stays small per row block.
-    hits = np.zeros(I.shape[0], dtype=np.int64)
-    step = max(1, 4_000_000 // max(1, I.shape[1] * I_ref.shape[1]))
-    for r0 in range(0, I.shape[0], step):
-        a, b = I[r0:r0 + step], I_ref[r0:r0 + step]
-        match = (b[:, :, None] == a[:, None, :]) & (b[:, :, None] >= 0)
-        hits[r0:r0 + step] = match.any(axis=2).sum(axis=1)
-    denom = valid_ref.sum(axis=1)
-    rows = denom > 0
-    if not rows.any():
-        raise ValueError("I_ref has no valid ids (all -1): recall is undefined")
-    return float(np.mean(hits[rows] / denom[rows]))
-
-
 class TorchExactIndex:
     """Exact top-k with torch (``matmul`` + ``topk``), on CUDA when torch has it; chunked over queries and items.
 

@@ -46,7 +46,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from cascade.artifacts import ArtifactError, atomic_path, read_json, verify_outputs, write_manifest, MANIFEST
-from cascade.index.exact import TorchExactIndex, as_float32_matrix, check_metric, exact_topk, recall_at_k
+from cascade.eval.metrics import mean_recall_at_k
+from cascade.index.exact import TorchExactIndex, as_float32_matrix, check_metric, exact_topk
 
 log = logging.getLogger(__name__)
 
@@ -453,7 +454,7 @@ class ItemIndex:
         xq = as_float32_matrix(xq, "xq", self.dim)
         I_exact = self._exact_positions(xq, k, I_exact)
         _, I = self.search_positions(xq, k)
-        r = recall_at_k(I, I_exact)
+        r = mean_recall_at_k(I_exact, I)
         self.recall_ = {"recall_at_k": r, "k": int(k), "nq": int(len(xq)), "nprobe": self.nprobe,
                         "ef_search": self.ef_search}
         return r
@@ -512,7 +513,7 @@ class ItemIndex:
                 t0 = time.perf_counter()
                 _, I = self._faiss_search(index, xq, k)
                 best = min(best, time.perf_counter() - t0)
-            points.append({"param": param, "value": v, "recall_at_k": recall_at_k(I, I_exact),
+            points.append({"param": param, "value": v, "recall_at_k": mean_recall_at_k(I_exact, I),
                            "qps": len(xq) / max(best, 1e-9), "k": int(k), "nq": int(len(xq)), "backend": backend})
             log.info("sweep %s=%s: recall@%d %.4f, %.0f q/s", param, v, k, points[-1]["recall_at_k"], points[-1]["qps"])
         if param is not None:

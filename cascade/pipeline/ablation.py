@@ -49,7 +49,7 @@ from ..data.requests import Requests, requests_frame, to_requests
 from ..data.world import World
 from ..distill.losses import graded_relevance
 from ..distill.ranklog import RankLog, build_rank_log, sample_candidates
-from ..eval.metrics import auc, ndcg_at_k, recall_at_k
+from ..eval.metrics import auc, mean_recall_at_k, ndcg_at_k
 from ..models.scoring import ranker_scorer
 from ..models.two_tower import build_two_tower, item_embeddings
 from ..run_data import RunData, Towers, load_ranker
@@ -254,7 +254,7 @@ def list_metrics(student_scores: np.ndarray, items: np.ndarray, ranks: np.ndarra
     t_order = np.argsort(np.where(valid, ranks, np.iinfo(np.int64).max), axis=1, kind="stable")[:, :k]
     reference = np.take_along_axis(items, t_order, 1)
     rel = graded_relevance(teacher_rank=torch.from_numpy(ranks.astype(np.int64)), mask=torch.from_numpy(valid)).numpy()
-    return {f"list_teacher_recall@{k}": float(np.nanmean(recall_at_k(reference, picked))),
+    return {f"list_teacher_recall@{k}": mean_recall_at_k(reference, picked),
             f"ndcg@{k}": float(np.nanmean(ndcg_at_k(picked[:, :k], items, rel, k)))}
 
 
@@ -287,7 +287,7 @@ def evaluate_student(towers, data, test: TestSet, test_imp: pd.DataFrame, settin
     req = to_requests(sub, data.context_names)
     picked = corpus_topk(towers.user_embed(data, req), towers.item_emb[:n_real], towers.inputs.item_ids[:n_real],
                          settings.n_pick)
-    out[f"corpus_teacher_recall@{k}"] = float(np.nanmean(recall_at_k(test.teacher_top, picked)))
+    out[f"corpus_teacher_recall@{k}"] = mean_recall_at_k(test.teacher_top, picked)
     # AUC of the student's score on every test impression; the towers read user and context features only
     req_t = Requests(test_imp["user_id"].to_numpy(np.int64), test_imp["time_ms"].to_numpy(np.int64),
                      {c: test_imp[c].to_numpy() for c in data.context_names}, test_imp["request_id"].to_numpy(np.int64))

@@ -10,7 +10,7 @@ from ..arrays import PAD
 from ..data.requests import Requests, requests_frame, to_requests
 from ..data.split import request_start_ms
 from ..data.world import World
-from ..eval.metrics import auc, gauc, recall_at_k
+from ..eval.metrics import auc, gauc, mean_recall_at_k
 from ..index.faiss_index import ItemIndex
 from ..models.scoring import ranker_scorer
 from ..run_data import SPLIT_CODES, RunData, load_ranker, load_towers
@@ -109,5 +109,5 @@ def _recall_curves(casc, requests, ref: np.ndarray, c: ReplaySection) -> dict:
     out = {}
     for st, (items, _) in res.stages.items():
         ks = [k for k in c.recall_ks if k <= items.shape[1]]
-        out[st] = {"k": ks, "teacher_recall": [float(np.nanmean(recall_at_k(ref[: len(sub)], items[:, :k]))) for k in ks]}
+        out[st] = {"k": ks, "teacher_recall": [mean_recall_at_k(ref[: len(sub)], items[:, :k]) for k in ks]}
     return out

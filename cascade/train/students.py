@@ -61,7 +61,7 @@ from tqdm.auto import tqdm
 
 from cascade.distill import losses as L
 from cascade.distill.ranklog import RankLog
-from cascade.eval.metrics import ndcg_at_k, recall_at_k
+from cascade.eval.metrics import mean_recall_at_k, ndcg_at_k
 from cascade.models.two_tower import TowerInputs, TwoTower
 from cascade import distributed as D
 
@@ -492,7 +492,7 @@ def evaluate_on_log(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog, k:
     s_order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     reference = np.take_along_axis(items, t_order, 1)
     retrieved = np.take_along_axis(items, s_order, 1)
-    out = {f"teacher_recall@{k}": float(np.nanmean(recall_at_k(reference, retrieved)))}
+    out = {f"teacher_recall@{k}": mean_recall_at_k(reference, retrieved)}
     rel = L.graded_relevance(teacher_rank=torch.from_numpy(ranks), mask=torch.from_numpy(ranks > 0)).numpy()
     out[f"ndcg@{k}"] = float(np.nanmean(ndcg_at_k(retrieved, items, rel, k)))
     return out
