@@ -2,6 +2,8 @@
 
 PAD (-1) marks an empty slot in an id matrix: a candidate list shorter than its row, a result list with fewer
 than k items. Item, user and request ids of every supported source are never negative.
+
+:func:`topk_rows` is the project's one exact top-k (score descending, ties to the lower column).
 """
 
 from __future__ import annotations
@@ -11,22 +13,53 @@ import numpy as np
 PAD = -1
 
 
-def topk_rows(scores: np.ndarray, items: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row, the k best (item, score) by score; pads (item -1) sort last. scores, items: [B, N]."""
+def top_columns(scores: np.ndarray, k: int) -> np.ndarray:
+    """Columns int64 [B, k] of each row's k largest entries of ``scores [B, N]`` (1 <= k <= N), in no particular
+    order; among entries equal to the k-th largest value the lower columns win.
+
+    argpartition alone picks arbitrarily among entries equal to the k-th largest value; rows where such a tie
+    straddles the boundary are redone with a mask that keeps the lowest columns among the tied entries.
+    """
     b, n = scores.shape
-    scores = np.where(items == PAD, -np.inf, scores).astype(np.float32)
+    if k == n:
+        return np.broadcast_to(np.arange(n), (b, n))
+    idx = np.argpartition(scores, n - k, axis=1)[:, n - k:]
+    thr = np.take_along_axis(scores, idx, axis=1).min(axis=1)
+    n_ge = (scores >= thr[:, None]).sum(axis=1)
+    tied = np.flatnonzero(n_ge > k)
+    if tied.size:
+        st, tt = scores[tied], thr[tied, None]
+        gt = st > tt
+        eq = st == tt
+        need = k - gt.sum(axis=1, keepdims=True)
+        keep = gt | (eq & (np.cumsum(eq, axis=1) <= need))
+        # every row of keep has exactly k True entries, so the row-major nonzero() reshapes to [rows, k]
+        idx[tied] = np.nonzero(keep)[1].reshape(len(tied), k)
+    return idx
+
+
+def topk_rows(scores: np.ndarray, ids: np.ndarray, k: int, pad: int = PAD) -> tuple[np.ndarray, np.ndarray]:
+    """The one exact top-k: per row, the k best (id, score) by score, ties to the lower column.
+
+    scores: float [B, N] (the dtype is kept); ids: int [B, N], ``pad`` marks an empty slot (it never wins).
+    Returns (ids int64 [B, k], scores [B, k]) best first; slots beyond a row's finite scores are (pad, -inf).
+    Used by every stage of the cascade, the teacher's and the world's top-k over the corpus (running over
+    chunks: the previous best come first in the row, so equal scores keep the earlier chunk's ids) and exact
+    search.
+    """
+    ids = np.asarray(ids)
+    scores = np.where(ids == pad, -np.inf, scores)
+    b, n = scores.shape
     k_eff = min(k, n)
-    if k_eff < n:
-        part = np.argpartition(-scores, k_eff - 1, axis=1)[:, :k_eff]
-    else:
-        part = np.broadcast_to(np.arange(n), (b, n))
-    s = np.take_along_axis(scores, part, 1)
-    order = np.argsort(-s, axis=1, kind="stable")
-    idx = np.take_along_axis(part, order, 1)
+    if k_eff == 0:
+        return np.full((b, k), pad, np.int64), np.full((b, k), -np.inf, scores.dtype)
+    cols = top_columns(scores, k_eff)
+    s = np.take_along_axis(scores, cols, 1)
+    order = np.lexsort((cols, -s), axis=1)  # score descending, then column ascending
+    idx = np.take_along_axis(cols, order, 1)
     out_s = np.take_along_axis(scores, idx, 1)
-    out_i = np.take_along_axis(items, idx, 1)
-    out_i = np.where(np.isfinite(out_s), out_i, PAD)
+    out_i = np.where(np.isfinite(out_s), np.take_along_axis(ids, idx, 1), pad).astype(np.int64)
     if k_eff < k:
         out_s = np.pad(out_s, ((0, 0), (0, k - k_eff)), constant_values=-np.inf)
-        out_i = np.pad(out_i, ((0, 0), (0, k - k_eff)), constant_values=PAD)
-    return out_i.astype(np.int64), out_s
+        out_i = np.pad(out_i, ((0, 0), (0, k - k_eff)), constant_values=pad)
+    return out_i, out_s

@@ -68,7 +68,7 @@ def test_corpus_topk_matches_exact_search():
     rng = np.random.default_rng(0)
     xq, xb = rng.normal(size=(7, 5)).astype(np.float32), rng.normal(size=(300, 5)).astype(np.float32)
     ids = rng.permutation(10_000)[:300]
-    got = AB.corpus_topk(xq, xb, ids, 20, block=3)
+    got = AB.corpus_topk(xq, xb, ids, 20)
     ref = ids[np.argsort(-(xq.astype(np.float64) @ xb.T.astype(np.float64)), axis=1)[:, :20]]
     np.testing.assert_array_equal(got, ref)
 

@@ -104,3 +104,18 @@ def test_bad_sizes_raise(toy):
         toy["cascade"].recommend(req, n_retrieve=10, n_prerank=20, k=5)
     with pytest.raises(ValueError, match="filter_seen"):
         Cascade(*[toy["cascade"].retriever, toy["cascade"].preranker, toy["cascade"].ranker]).recommend(req, 20, 10, 5, filter_seen=True)
+
+
+def test_topk_rows_breaks_ties_by_the_lower_column_and_keeps_the_dtype():
+    # row 0: three entries tie at 0.5 across the k = 2 boundary -> columns 1 and 2 (the lowest tied) in that order;
+    # row 1: a float64 row keeps float64 and its -inf slots come back as padding
+    s = np.array([[0.1, 0.5, 0.5, 0.5], [2.0, -np.inf, 1.0, -np.inf]])
+    ids = np.array([[10, 11, 12, 13], [20, 21, 22, 23]])
+    i, v = topk_rows(s, ids, 2)
+    assert i.tolist() == [[11, 12], [20, 22]] and v.dtype == np.float64
+    i, v = topk_rows(s.astype(np.float32), ids, 4)
+    assert i.tolist() == [[11, 12, 13, 10], [20, 22, PAD, PAD]] and v.dtype == np.float32
+    # running over chunks: the earlier best come first, so a tie keeps the earlier chunk's id
+    best_i, best_v = topk_rows(s[:1, :2], ids[:1, :2], 1)
+    i, _ = topk_rows(np.concatenate([best_v, s[:1, 2:]], 1), np.concatenate([best_i, ids[:1, 2:]], 1), 1)
+    assert i.tolist() == [[11]]

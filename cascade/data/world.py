@@ -71,6 +71,7 @@ import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
 import cascade
+from cascade.arrays import topk_rows
 from cascade.artifacts import ArtifactError, atomic_path, read_json, read_npz, to_jsonable, write_json, write_npz
 from cascade.data.ids import IdIndex
 from cascade.data.sampling import CdfSampler
@@ -627,14 +628,10 @@ class World:
                 packed_l[rows, slot] = logit[rows, cols]
                 packed_i[rows, slot] = items[rows, cols]
                 logit, items = packed_l, packed_i
-            all_l = np.concatenate([best_l, logit], axis=1)
-            all_i = np.concatenate([best_i, items], axis=1)
-            kk = min(k, all_l.shape[1])
-            sel = np.argpartition(-all_l, kk - 1, axis=1)[:, :kk]
-            best_l = np.take_along_axis(all_l, sel, 1)
-            best_i = np.take_along_axis(all_i, sel, 1)
-        order = np.argsort(-best_l, axis=1, kind="stable")
-        return self.item_ids[np.take_along_axis(best_i, order, 1)], _sigmoid(np.take_along_axis(best_l, order, 1))
+            kk = min(k, best_l.shape[1] + logit.shape[1])
+            best_i, best_l = topk_rows(np.concatenate([best_l, logit], axis=1), np.concatenate([best_i, items], axis=1),
+                                       kk)
+        return self.item_ids[best_i], _sigmoid(best_l)
 
     def summary(self) -> dict[str, Any]:
         """Rows, users, items, requests, CTR, random-slice CTR, CTR by position, oracle AUCs, wall time."""

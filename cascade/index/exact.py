@@ -20,6 +20,8 @@ import logging
 
 import numpy as np
 
+from cascade.arrays import top_columns, topk_rows
+
 log = logging.getLogger(__name__)
 
 METRICS = ("ip", "l2")
@@ -63,34 +65,6 @@ def _check_k(k: int) -> int:
     return int(k)
 
 
-def _block_topk(s: np.ndarray, k: int) -> np.ndarray:
-    """Column positions ``[m, k]`` of each row's k largest entries of ``s [m, n]`` (k < n), ties to the lower column.
-
-    argpartition alone picks arbitrarily among entries equal to the k-th largest value; rows where such a tie
-    straddles the boundary are redone with a mask that keeps the lowest columns among the tied entries.
-    """
-    m, n = s.shape
-    idx = np.argpartition(s, n - k, axis=1)[:, n - k:]
-    thr = np.take_along_axis(s, idx, axis=1).min(axis=1)
-    n_ge = (s >= thr[:, None]).sum(axis=1)
-    tied = np.flatnonzero(n_ge > k)
-    if tied.size:
-        st, tt = s[tied], thr[tied, None]
-        gt = st > tt
-        eq = st == tt
-        need = k - gt.sum(axis=1, keepdims=True)
-        keep = gt | (eq & (np.cumsum(eq, axis=1) <= need))
-        # every row of keep has exactly k True entries, so the row-major nonzero() reshapes to [rows, k]
-        idx[tied] = np.nonzero(keep)[1].reshape(len(tied), k)
-    return idx
-
-
-def _merge(vals: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Keep the k best of ``vals, ids [m, c]`` per row, ordered by decreasing value then increasing id."""
-    order = np.lexsort((ids, -vals), axis=1)[:, :k]
-    return np.take_along_axis(vals, order, axis=1), np.take_along_axis(ids, order, axis=1)
-
-
 def exact_topk(
     xq,
     xb,
@@ -124,22 +98,19 @@ def exact_topk(
         return (D if metric == "ip" else -D), I
     # "l2" ranks by -(||x||^2 - 2<q,x>): ||q||^2 is constant per query and added back at the end.
     xb_sq = (xb.astype(np.float64) ** 2).sum(1).astype(np.float32) if metric == "l2" else None
-    sentinel = np.int64(nb)  # sorts after every real id among equal (-inf) values
     for q0 in range(0, nq, query_rows):
         q = xq[q0:q0 + query_rows]
-        best_v = np.full((len(q), kk), -np.inf, dtype=np.float32)
-        best_i = np.full((len(q), kk), sentinel, dtype=np.int64)
+        best_v = np.zeros((len(q), 0), dtype=np.float32)
+        best_i = np.zeros((len(q), 0), dtype=np.int64)
         for b0 in range(0, nb, chunk_rows):
             s = q @ xb[b0:b0 + chunk_rows].T
             if metric == "l2":
                 s = 2.0 * s - xb_sq[None, b0:b0 + chunk_rows]
-            if s.shape[1] > kk:
-                pos = _block_topk(s, kk)
-                v = np.take_along_axis(s, pos, axis=1)
-            else:
-                pos = np.broadcast_to(np.arange(s.shape[1]), s.shape)
-                v = s
-            best_v, best_i = _merge(np.concatenate([best_v, v], 1), np.concatenate([best_i, pos + b0], 1), kk)
+            # the block's best, in row order: the earlier best (lower rows) come first, so among equal scores
+            # topk_rows' lower column is the lower row
+            pos = np.sort(top_columns(s, min(kk, s.shape[1])), axis=1)
+            v = np.take_along_axis(s, pos, axis=1)
+            best_i, best_v = topk_rows(np.concatenate([best_v, v], 1), np.concatenate([best_i, pos + b0], 1), kk)
         if metric == "l2":
             q_sq = (q.astype(np.float64) ** 2).sum(1).astype(np.float32)
             best_v = np.maximum(q_sq[:, None] - best_v, 0.0)
@@ -211,7 +182,7 @@ class TorchExactIndex:
 
 
 def _torch_block_topk(s, k: int):
-    """Torch twin of :func:`_block_topk`: values and columns of each row's k largest, ties to the lower column."""
+    """Torch twin of :func:`cascade.arrays.top_columns`: values and columns of each row's k largest, ties to the lower column."""
     import torch
 
     k = min(k, s.shape[1])

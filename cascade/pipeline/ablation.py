@@ -44,11 +44,13 @@ import pandas as pd
 import torch
 
 from .. import artifacts as A
+from ..arrays import topk_rows
 from ..config import apply_overrides, from_dict, load_toml, to_dict
 from ..data.requests import Requests, requests_frame, to_requests
 from ..data.world import World
 from ..distill.losses import graded_relevance
 from ..distill.ranklog import RankLog, build_rank_log, sample_candidates
+from ..index.exact import exact_topk
 from ..eval.metrics import auc, mean_recall_at_k, ndcg_at_k
 from ..models.scoring import ranker_scorer
 from ..models.two_tower import build_two_tower, item_embeddings
@@ -248,9 +250,7 @@ def list_metrics(student_scores: np.ndarray, items: np.ndarray, ranks: np.ndarra
     if not keep.any():
         raise ValueError(f"list_metrics: no list has >= {k} candidates")
     items, ranks, valid = items[keep], ranks[keep], valid[keep]
-    s = np.where(valid, np.asarray(student_scores, np.float64)[keep], -np.inf)
-    s_order = np.argsort(-s, axis=1, kind="stable")
-    picked = np.take_along_axis(items, s_order[:, :n_pick], 1)  # padding sorts last and stays -1
+    picked, _ = topk_rows(np.asarray(student_scores, np.float64)[keep], items, n_pick)  # padding never wins
     t_order = np.argsort(np.where(valid, ranks, np.iinfo(np.int64).max), axis=1, kind="stable")[:, :k]
     reference = np.take_along_axis(items, t_order, 1)
     rel = graded_relevance(teacher_rank=torch.from_numpy(ranks.astype(np.int64)), mask=torch.from_numpy(valid)).numpy()
@@ -258,20 +258,13 @@ def list_metrics(student_scores: np.ndarray, items: np.ndarray, ranks: np.ndarra
             f"ndcg@{k}": float(np.nanmean(ndcg_at_k(picked[:, :k], items, rel, k)))}
 
 
-def corpus_topk(user_emb: np.ndarray, item_emb: np.ndarray, item_ids: np.ndarray, n: int,
-                block: int = 256) -> np.ndarray:
+def corpus_topk(user_emb: np.ndarray, item_emb: np.ndarray, item_ids: np.ndarray, n: int) -> np.ndarray:
     """Exact inner-product top-n over the corpus: user_emb [B, d], item_emb [I, d], item_ids [I] -> ids [B, n]
-    in descending score order (blocks of users bound the memory of the [block, I] score matrix)."""
-    b, d = user_emb.shape
-    if item_emb.shape[1] != d or len(item_ids) != len(item_emb):
-        raise ValueError(f"corpus_topk: user_emb {user_emb.shape}, item_emb {item_emb.shape}, item_ids {item_ids.shape}")
-    n = min(n, len(item_ids))
-    xb = torch.from_numpy(np.ascontiguousarray(item_emb, np.float32))
-    out = np.empty((b, n), np.int64)
-    for s in range(0, b, block):
-        sc = torch.from_numpy(np.ascontiguousarray(user_emb[s:s + block], np.float32)) @ xb.T
-        out[s:s + block] = item_ids[torch.topk(sc, n, dim=1).indices.numpy()]
-    return out
+    in descending score order (:func:`cascade.index.exact.exact_topk`, blocks bound the memory)."""
+    if len(item_ids) != len(item_emb):
+        raise ValueError(f"corpus_topk: item_emb {item_emb.shape} and item_ids {item_ids.shape} disagree")
+    _, rows = exact_topk(user_emb, item_emb, min(n, len(item_ids)), metric="ip")
+    return item_ids[rows]
 
 
 def evaluate_student(towers, data, test: TestSet, test_imp: pd.DataFrame, settings: AblationSettings,

@@ -59,6 +59,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cascade.arrays import topk_rows
 from cascade.distill import losses as L
 from cascade.distill.ranklog import RankLog
 from cascade.eval.metrics import mean_recall_at_k, ndcg_at_k
@@ -489,9 +490,8 @@ def evaluate_on_log(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog, k:
         raise ValueError(f"evaluate_on_log: no request has >= {k} candidates")
     items, ranks, scores = rank_log.items[keep], rank_log.ranks[keep], scores[keep]
     t_order = np.argsort(np.where(ranks > 0, ranks, np.iinfo(np.int64).max), axis=1, kind="stable")[:, :k]
-    s_order = np.argsort(-scores, axis=1, kind="stable")[:, :k]
     reference = np.take_along_axis(items, t_order, 1)
-    retrieved = np.take_along_axis(items, s_order, 1)
+    retrieved, _ = topk_rows(scores, items, k)
     out = {f"teacher_recall@{k}": mean_recall_at_k(reference, retrieved)}
     rel = L.graded_relevance(teacher_rank=torch.from_numpy(ranks), mask=torch.from_numpy(ranks > 0)).numpy()
     out[f"ndcg@{k}"] = float(np.nanmean(ndcg_at_k(retrieved, items, rel, k)))
