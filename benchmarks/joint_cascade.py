@@ -33,11 +33,11 @@ import torch
 
 from cascade import artifacts as A
 from cascade.config import from_dict
-from cascade.distill.ranklog import RankLog, build_rank_log, sample_candidates
+from cascade.distill.ranklog import RankLog, build_rank_log
 from cascade.models.two_tower import build_two_tower
 from cascade.pipeline import PipelineConfig
 from cascade.pipeline.config import RankLogSection
-from cascade.pipeline.ranklog import pad_by_row, popularity, rank_log_inputs
+from cascade.pipeline.ranklog import candidate_lists, rank_log_inputs
 from cascade.data.requests import requests_frame, to_requests
 from cascade.models.scoring import score_pairs
 from cascade.run_data import RunData, load_ranker
@@ -66,13 +66,7 @@ def _test_lists(data: RunData, n_requests: int, n_candidates: int, uniform_frac:
         frame = frame.iloc[np.linspace(0, len(frame) - 1, n_requests).round().astype(int)].reset_index(drop=True)
     inputs = data.tower_inputs(frame)
     frame["user_row"] = inputs.user_rows(data.map_users(frame["user_id"].to_numpy()))
-    imp = test[test.request_id.isin(frame.request_id)].sort_values("position", kind="stable")
-    impressed = pad_by_row(inputs.request_rows(imp["request_id"].to_numpy(np.int64)),
-                            inputs.item_rows(data.map_items(imp["item_id"].to_numpy(np.int64))), len(frame))
-    n_real = len(data.item_ids)
-    pop = popularity(data, inputs.item_ids[:n_real])
-    cands = sample_candidates(impressed, n_real, n_candidates, pop_weights=pop, uniform_frac=uniform_frac,
-                              rng=np.random.default_rng([seed, 7]))
+    cands = candidate_lists(data, frame, test, inputs, n_candidates, uniform_frac, np.random.default_rng([seed, 7]))
     return frame, inputs, cands
 
 

@@ -3,7 +3,8 @@
 PAD (-1) marks an empty slot in an id matrix: a candidate list shorter than its row, a result list with fewer
 than k items. Item, user and request ids of every supported source are never negative.
 
-:func:`topk_rows` is the project's one exact top-k (score descending, ties to the lower column).
+:func:`topk_rows` is the project's one exact top-k (score descending, ties to the lower column) and
+:func:`pad_by_row` its one padded scatter (long rows -> one padded row per key).
 """
 
 from __future__ import annotations
@@ -63,3 +64,18 @@ def topk_rows(scores: np.ndarray, ids: np.ndarray, k: int, pad: int = PAD) -> tu
         out_s = np.pad(out_s, ((0, 0), (0, k - k_eff)), constant_values=-np.inf)
         out_i = np.pad(out_i, ((0, 0), (0, k - k_eff)), constant_values=pad)
     return out_i, out_s
+
+
+def pad_by_row(rows: np.ndarray, values: np.ndarray, n_rows: int, fill=PAD) -> np.ndarray:
+    """The one padded scatter: values [N] into [n_rows, W] by their row [N] (ints in [0, n_rows)), keeping the
+    given order within a row; W = the largest count (at least 1), empty slots ``fill``; values' dtype is kept.
+    One stable sort, no per-row Python."""
+    rows = np.asarray(rows, np.int64)
+    values = np.asarray(values)
+    order = np.argsort(rows, kind="stable")
+    rr = rows[order]
+    counts = np.bincount(rr, minlength=n_rows)
+    slot = np.arange(len(rr)) - np.repeat(np.cumsum(counts) - counts, counts)
+    out = np.full((n_rows, max(int(counts.max(initial=0)), 1)), fill, values.dtype)
+    out[rr, slot] = values[order]
+    return out

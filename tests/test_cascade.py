@@ -119,3 +119,14 @@ def test_topk_rows_breaks_ties_by_the_lower_column_and_keeps_the_dtype():
     best_i, best_v = topk_rows(s[:1, :2], ids[:1, :2], 1)
     i, _ = topk_rows(np.concatenate([best_v, s[:1, 2:]], 1), np.concatenate([best_i, ids[:1, 2:]], 1), 1)
     assert i.tolist() == [[11]]
+
+
+def test_pad_by_row_keeps_order_within_a_row_and_the_dtype():
+    from cascade.arrays import pad_by_row
+
+    rows = np.array([2, 0, 2, 2, 0])
+    got = pad_by_row(rows, np.array([10, 11, 12, 13, 14]), 4)
+    assert got.tolist() == [[11, 14, PAD], [PAD, PAD, PAD], [10, 12, 13], [PAD, PAD, PAD]]
+    labels = pad_by_row(rows, np.array([1.0, 0.0, 0.5, 0.0, 1.0], np.float32), 4, fill=0.0)
+    assert labels.dtype == np.float32 and labels[2].tolist() == [1.0, 0.5, 0.0]
+    assert pad_by_row(np.zeros(0, np.int64), np.zeros(0, np.int64), 2).shape == (2, 1)  # at least one column

@@ -71,7 +71,7 @@ import pyarrow.csv as pacsv
 from tqdm.auto import tqdm
 
 import cascade
-from cascade.arrays import topk_rows
+from cascade.arrays import PAD, pad_by_row, topk_rows
 from cascade.artifacts import ArtifactError, atomic_path, read_json, read_npz, to_jsonable, write_json, write_npz
 from cascade.data.ids import IdIndex
 from cascade.data.sampling import CdfSampler
@@ -619,15 +619,9 @@ class World:
             if best_l.shape[1] == k:
                 # only entries above a row's current k-th best can enter its top k: keep those (few, after the
                 # first chunks), packed left into a [B, max_count] block, so the selection below stays small
-                keep = logit > best_l.min(axis=1, keepdims=True)
-                counts = keep.sum(axis=1)
-                rows, cols = np.nonzero(keep)
-                slot = np.arange(len(rows)) - np.repeat(np.cumsum(counts) - counts, counts)
-                packed_l = np.full((B, int(counts.max(initial=0))), -np.inf)
-                packed_i = np.zeros(packed_l.shape, np.int64)
-                packed_l[rows, slot] = logit[rows, cols]
-                packed_i[rows, slot] = items[rows, cols]
-                logit, items = packed_l, packed_i
+                rows, cols = np.nonzero(logit > best_l.min(axis=1, keepdims=True))
+                logit = pad_by_row(rows, logit[rows, cols], B, fill=-np.inf)
+                items = pad_by_row(rows, items[rows, cols], B, fill=PAD)
             kk = min(k, best_l.shape[1] + logit.shape[1])
             best_i, best_l = topk_rows(np.concatenate([best_l, logit], axis=1), np.concatenate([best_i, items], axis=1),
                                        kk)

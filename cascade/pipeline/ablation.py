@@ -49,7 +49,7 @@ from ..config import apply_overrides, from_dict, load_toml, to_dict
 from ..data.requests import Requests, requests_frame, to_requests
 from ..data.world import World
 from ..distill.losses import graded_relevance
-from ..distill.ranklog import RankLog, build_rank_log, sample_candidates
+from ..distill.ranklog import RankLog, build_rank_log
 from ..index.exact import exact_topk
 from ..eval.metrics import auc, mean_recall_at_k, ndcg_at_k
 from ..models.scoring import ranker_scorer
@@ -58,7 +58,7 @@ from ..run_data import RunData, Towers, load_ranker
 from ..serve.replay import teacher_top_over_corpus
 from ..train.students import student_list_scores, train_student
 from .config import PipelineConfig, check_settable
-from .ranklog import pad_by_row
+from .ranklog import candidate_lists
 from .run import run_pipeline
 from .students import click_lists
 
@@ -181,13 +181,6 @@ class TestSet:
     teacher_logit: np.ndarray
 
 
-def _impressed_rows(imp: pd.DataFrame, inputs, n_requests: int) -> np.ndarray:
-    """Impressed item rows per request row, in position order, padded with -1: int64 [R, Lmax]."""
-    imp = imp.sort_values("position", kind="stable")
-    return pad_by_row(inputs.request_rows(imp["request_id"].to_numpy(np.int64)),
-                       inputs.item_rows(imp["item_id"].to_numpy(np.int64)), n_requests)
-
-
 def build_test_set(run_dir: Path, data, teacher: torch.nn.Module, settings: AblationSettings, n_candidates: int,
                    uniform_frac: float, seed: int, progress: bool = False) -> TestSet:
     """Build (or load from ``run_dir/ablation/test``) the seed's test set; see :class:`TestSet`.
@@ -213,13 +206,8 @@ def build_test_set(run_dir: Path, data, teacher: torch.nn.Module, settings: Abla
     frame = frame.iloc[even_spread(len(frame), settings.n_test_requests)].reset_index(drop=True)
     inputs = data.tower_inputs(frame)
     frame["user_row"] = inputs.user_rows(data.map_users(frame["user_id"].to_numpy()))
-    imp = test_imp[test_imp.request_id.isin(frame.request_id)]
-    impressed = _impressed_rows(imp, inputs, len(frame))
-    n_real = len(data.item_ids)  # the OOV row (last) is never a candidate
-    train = data.split_impressions("train")
-    pop = train.groupby("item_id").size().reindex(inputs.item_ids[:n_real], fill_value=0).to_numpy(np.float64) + 1.0
     rng = np.random.default_rng([seed, 7])  # its own stream: independent of the training rank log's
-    cands = sample_candidates(impressed, n_real, n_candidates, pop_weights=pop, uniform_frac=uniform_frac, rng=rng)
+    cands = candidate_lists(data, frame, test_imp, inputs, n_candidates, uniform_frac, rng)
     requests = to_requests(frame, data.context_names)
     score = ranker_scorer(teacher, data)
     item_ids = inputs.item_ids

@@ -5,8 +5,10 @@ from __future__ import annotations
 import time
 
 import numpy as np
+import pandas as pd
 
 from .. import artifacts as A
+from ..arrays import pad_by_row
 from ..data.requests import requests_frame, to_requests
 from ..distill.ranklog import sample_candidates
 from ..distill.shard_runner import build_rank_log_distributed
@@ -22,16 +24,19 @@ def popularity(data, item_ids: np.ndarray) -> np.ndarray:
     return counts.reindex(item_ids, fill_value=0).to_numpy(np.float64) + 1.0
 
 
-def pad_by_row(rows: np.ndarray, values: np.ndarray, n_rows: int, fill: int = -1) -> np.ndarray:
-    """Scatter values [N] into a padded int64 [n_rows, max count] by their row [N], keeping the given order within
-    a row (one stable sort, no per-row Python)."""
-    order = np.argsort(rows, kind="stable")
-    rr = rows[order]
-    counts = np.bincount(rr, minlength=n_rows)
-    slot = np.arange(len(rr)) - np.repeat(np.cumsum(counts) - counts, counts)
-    out = np.full((n_rows, max(int(counts.max()) if len(counts) else 0, 1)), fill, np.int64)
-    out[rr, slot] = np.asarray(values, np.int64)[order]
-    return out
+def candidate_lists(data, frame: pd.DataFrame, impressions: pd.DataFrame, inputs, n_candidates: int,
+                    uniform_frac: float, rng: np.random.Generator) -> np.ndarray:
+    """Item rows of each request's candidate list, int64 [R, n_candidates] (-1 = none): its impressed items in
+    position order, then popularity-weighted and uniform samples of the corpus (never the OOV row).
+
+    frame: the R requests (request_id); impressions: logged rows that hold theirs; inputs: TowerInputs whose
+    context rows are the requests of ``frame``."""
+    imp = impressions[impressions.request_id.isin(frame.request_id)].sort_values("position", kind="stable")
+    impressed = pad_by_row(inputs.request_rows(imp["request_id"].to_numpy(np.int64)),
+                           inputs.item_rows(data.map_items(imp["item_id"].to_numpy(np.int64))), len(frame))
+    n_real = len(data.item_ids)  # the OOV row (last) is never sampled
+    pop = popularity(data, inputs.item_ids[:n_real])
+    return sample_candidates(impressed, n_real, n_candidates, pop_weights=pop, uniform_frac=uniform_frac, rng=rng)
 
 
 def rank_log_inputs(data, cfg: RankLogSection, seed: int):
@@ -45,14 +50,7 @@ def rank_log_inputs(data, cfg: RankLogSection, seed: int):
         frame = frame.iloc[np.sort(rng.choice(len(frame), cfg.max_requests, replace=False))].reset_index(drop=True)
     inputs = data.tower_inputs(frame)
     frame["user_row"] = inputs.user_rows(data.map_users(frame["user_id"].to_numpy()))
-    # impressed items per request as item rows, padded with -1 (one sort, no per-row Python)
-    imp = tr[tr.request_id.isin(frame.request_id)]
-    imp = imp.sort_values("position", kind="stable")
-    impressed = pad_by_row(inputs.request_rows(imp["request_id"].to_numpy(np.int64)),
-                            inputs.item_rows(imp["item_id"].to_numpy(np.int64)), len(frame))
-    n_real = len(data.item_ids)  # the OOV row (last) is never sampled
-    pop = popularity(data, inputs.item_ids[:n_real])
-    cands = sample_candidates(impressed, n_real, cfg.n_candidates, pop_weights=pop, uniform_frac=cfg.uniform_frac, rng=rng)
+    cands = candidate_lists(data, frame, tr, inputs, cfg.n_candidates, cfg.uniform_frac, rng)
     return frame, cands, inputs.item_ids
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pandas as pd
 
 from .. import artifacts as A
-from ..arrays import PAD
+from ..arrays import PAD, pad_by_row
 from ..data.requests import Requests, requests_frame, to_requests
 from ..data.split import request_start_ms
 from ..data.world import World
@@ -17,7 +17,6 @@ from ..run_data import SPLIT_CODES, RunData, load_ranker, load_towers
 from ..serve.cascade import SeenFilter, build_cascade
 from ..serve.replay import ReplayInputs, replay_latency, replay_quality, teacher_top_over_corpus
 from .config import ReplaySection
-from .ranklog import pad_by_row
 from .runner import StageContext, StageResult
 
 

@@ -59,7 +59,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from cascade.arrays import topk_rows
+from cascade.arrays import pad_by_row, topk_rows
 from cascade.distill import losses as L
 from cascade.distill.ranklog import RankLog
 from cascade.eval.metrics import mean_recall_at_k, ndcg_at_k
@@ -181,20 +181,12 @@ class ClickLists:
     @classmethod
     def from_long(cls, request_rows: np.ndarray, user_rows: np.ndarray, item_rows: np.ndarray,
                   labels: np.ndarray) -> "ClickLists":
-        """From one row per impression (all [N]): one sort by request, then a vectorised scatter into [R, L_max]."""
-        request_rows = np.asarray(request_rows, dtype=np.int64)
-        order = np.argsort(request_rows, kind="stable")
-        rr = request_rows[order]
-        uniq, first, counts = np.unique(rr, return_index=True, return_counts=True)
-        req_idx = np.repeat(np.arange(len(uniq)), counts)
-        slot = np.arange(len(rr)) - np.repeat(first, counts)
-        width = int(counts.max()) if len(counts) else 0
-        items = np.full((len(uniq), width), -1, dtype=np.int64)
-        lab = np.zeros((len(uniq), width), dtype=np.float32)
-        items[req_idx, slot] = np.asarray(item_rows, dtype=np.int64)[order]
-        lab[req_idx, slot] = np.asarray(labels, dtype=np.float32)[order]
-        users = np.asarray(user_rows, dtype=np.int64)[order][first]
-        return cls(uniq, users, items, lab)
+        """From one row per impression (all [N]), in their order within a request: a padded scatter into
+        [R, L_max] (:func:`cascade.arrays.pad_by_row`); a request's user is that of its first row."""
+        uniq, first, key = np.unique(np.asarray(request_rows, np.int64), return_index=True, return_inverse=True)
+        items = pad_by_row(key, np.asarray(item_rows, np.int64), len(uniq), fill=-1)
+        lab = pad_by_row(key, np.asarray(labels, np.float32), len(uniq), fill=0.0)
+        return cls(uniq, np.asarray(user_rows, np.int64)[first], items, lab)
 
 
 def _positive_log_q(pos_items: np.ndarray, n_items: int, batch_size: int) -> torch.Tensor:
