@@ -11,7 +11,8 @@ import pytest
 from cascade.data.batches import EncodedTable
 from cascade.data.features import CrossFeatureStore, FeatureEncoder, PairEncoder, build_encoded
 from cascade.data.schema import Dataset, DataValidationError, Feature, Schema
-from cascade.data.split import DAY_MS, request_start_ms, split_summary, time_split
+from cascade.data.requests import request_start_ms
+from cascade.data.split import DAY_MS, split_summary, time_split
 
 T0 = 1_650_000_000_000 - (1_650_000_000_000 % DAY_MS)  # a UTC midnight
 

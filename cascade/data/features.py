@@ -32,7 +32,7 @@ from ..artifacts import read_json, read_npz, sha256_file, write_json, write_npz
 from .batches import OOV, EncodedTable, FeatureSpec
 from .ids import IdIndex
 from .schema import Dataset, DataValidationError, Feature, Schema
-from .split import request_start_ms
+from .requests import request_start_ms
 
 log = logging.getLogger(__name__)
 

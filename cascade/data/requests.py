@@ -1,8 +1,11 @@
 """Requests: what the cascade serves, and how logged impressions become requests.
 
 A request is one user at one moment in one context (e.g. hour, tab); its logged impressions are the items shown.
-:func:`requests_frame` turns impressions into one row per request, :func:`to_requests` a frame into the
-:class:`Requests` batch that every stage of the cascade takes.
+One meaning of a request's time everywhere: its START, the smallest ``time_ms`` of its impressions
+(:func:`request_start_ms`). Splits, cross features (events strictly before it) and serving all use it, so no item
+of a request sees another one's click. :func:`requests_frame` turns impressions into one row per request,
+:func:`to_requests` a frame into the :class:`Requests` batch that every stage of the cascade takes, and
+:func:`impression_requests` makes each impression a one-item request (scoring logged pairs, e.g. for AUC).
 """
 
 from __future__ import annotations
@@ -11,6 +14,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import pandas as pd
+
+from .schema import DataValidationError
 
 
 @dataclass
@@ -62,17 +67,35 @@ class Requests:
         return out
 
 
+def request_start_ms(impressions: pd.DataFrame) -> np.ndarray:
+    """Start time of each row's request: min ``time_ms`` over the rows sharing its ``request_id``. int64 [N]."""
+    for col in ("request_id", "time_ms"):
+        if col not in impressions.columns:
+            raise DataValidationError(f"impressions: missing required column {col!r}")
+    start = impressions.groupby("request_id", sort=False)["time_ms"].transform("min")
+    return start.to_numpy(dtype=np.int64)
+
+
 def requests_frame(impressions: pd.DataFrame, context_names: list[str]) -> pd.DataFrame:
     """One row per request (in time order): request_id, user_id, time_ms (the request's start) and context."""
-    g = impressions.groupby("request_id", sort=False)
-    first = g.head(1).set_index("request_id")
-    out = pd.DataFrame({"request_id": first.index.to_numpy(np.int64), "user_id": first["user_id"].to_numpy(np.int64),
-                        "time_ms": g["time_ms"].min().loc[first.index].to_numpy(np.int64)})
+    start = request_start_ms(impressions)
+    first = ~impressions["request_id"].duplicated().to_numpy()  # each request's first row
+    rows = impressions[first]
+    out = pd.DataFrame({"request_id": rows["request_id"].to_numpy(np.int64), "user_id": rows["user_id"].to_numpy(np.int64),
+                        "time_ms": start[first]})
     for c in context_names:
-        out[c] = first[c].to_numpy()
+        out[c] = rows[c].to_numpy()
     return out.sort_values(["time_ms", "request_id"], kind="stable").reset_index(drop=True)
 
 
 def to_requests(frame: pd.DataFrame, context_names: list[str]) -> Requests:
     return Requests(frame["user_id"].to_numpy(np.int64), frame["time_ms"].to_numpy(np.int64),
                     {c: frame[c].to_numpy() for c in context_names}, frame["request_id"].to_numpy(np.int64))
+
+
+def impression_requests(impressions: pd.DataFrame, context_names: list[str]) -> Requests:
+    """Each impression as a one-item request (B = number of impressions) at its request's start, with the
+    impression's context: score ``candidates = item_id[:, None]`` with a stage's scorer to get its score of every
+    logged pair."""
+    return Requests(impressions["user_id"].to_numpy(np.int64), request_start_ms(impressions),
+                    {c: impressions[c].to_numpy() for c in context_names}, impressions["request_id"].to_numpy(np.int64))

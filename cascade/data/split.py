@@ -13,21 +13,13 @@ import logging
 import numpy as np
 import pandas as pd
 
+from .requests import request_start_ms
 from .schema import Dataset, DataValidationError
 
 log = logging.getLogger(__name__)
 
 DAY_MS = 86_400_000
 SPLITS = ("train", "valid", "test")
-
-
-def request_start_ms(impressions: pd.DataFrame) -> np.ndarray:
-    """Start time of each row's request: min ``time_ms`` over the rows sharing its ``request_id``. int64 [N]."""
-    for col in ("request_id", "time_ms"):
-        if col not in impressions.columns:
-            raise DataValidationError(f"impressions: missing required column {col!r}")
-    start = impressions.groupby("request_id", sort=False)["time_ms"].transform("min")
-    return start.to_numpy(dtype=np.int64)
 
 
 def _fmt_ms(ms: int) -> str:

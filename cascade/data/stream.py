@@ -61,7 +61,8 @@ from cascade.data.features import (CrossFeatureStore, FeatureEncoder, PairEncode
                                    _float_values, _scale)
 from cascade.data.ids import IdIndex
 from cascade.data.schema import Dataset, DataValidationError, Feature, Schema
-from cascade.data.split import DAY_MS, SPLITS, request_start_ms
+from cascade.data.requests import request_start_ms
+from cascade.data.split import DAY_MS, SPLITS
 from cascade.data.world import USER_FEATURES_FILE, VIDEO_FEATURES_FILE
 from cascade.data.world_stream import world_stream_files
 

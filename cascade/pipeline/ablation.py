@@ -46,7 +46,7 @@ import torch
 from .. import artifacts as A
 from ..arrays import topk_rows
 from ..config import apply_overrides, from_dict, load_toml, to_dict
-from ..data.requests import Requests, requests_frame, to_requests
+from ..data.requests import impression_requests, requests_frame, to_requests
 from ..data.world import World
 from ..distill.losses import graded_relevance
 from ..distill.ranklog import RankLog, build_rank_log
@@ -270,8 +270,7 @@ def evaluate_student(towers, data, test: TestSet, test_imp: pd.DataFrame, settin
                          settings.n_pick)
     out[f"corpus_teacher_recall@{k}"] = mean_recall_at_k(test.teacher_top, picked)
     # AUC of the student's score on every test impression; the towers read user and context features only
-    req_t = Requests(test_imp["user_id"].to_numpy(np.int64), test_imp["time_ms"].to_numpy(np.int64),
-                     {c: test_imp[c].to_numpy() for c in data.context_names}, test_imp["request_id"].to_numpy(np.int64))
+    req_t = impression_requests(test_imp, data.context_names)
     s = towers.scorer(data)(req_t, test_imp["item_id"].to_numpy(np.int64)[:, None])[:, 0]
     out["auc"] = auc(test_imp["click"].to_numpy(), s)
     if world is not None:

@@ -7,8 +7,7 @@ import pandas as pd
 
 from .. import artifacts as A
 from ..arrays import PAD, pad_by_row
-from ..data.requests import Requests, requests_frame, to_requests
-from ..data.split import request_start_ms
+from ..data.requests import impression_requests, requests_frame, to_requests
 from ..data.world import World
 from ..eval.metrics import auc, gauc, mean_recall_at_k
 from ..index.faiss_index import ItemIndex
@@ -76,7 +75,7 @@ def run(ctx: StageContext) -> StageResult:
         lat1 = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=1, max_requests=c.latency_requests)
         latb = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=c.batch_size)
         # AUC / GAUC of each stage's scoring function on the test impressions
-        req_t = _impression_requests(test, data.context_names)
+        req_t = impression_requests(test, data.context_names)
         cand = test["item_id"].to_numpy(np.int64)[:, None]
         stage_scores = {"retrieval": retr.scorer(data)(req_t, cand)[:, 0], "prerank": pre.scorer(data)(req_t, cand)[:, 0],
                         "rank": ranker_scorer(ranker, data)(req_t, cand)[:, 0]}
@@ -95,11 +94,6 @@ def run(ctx: StageContext) -> StageResult:
     outputs.append("summary.json")
     head = {v: round(s["quality"]["rank_teacher_recall"], 4) for v, s in variants.items()}
     return StageResult(outputs, {v: s["quality"] for v, s in variants.items()}, f"final teacher-recall@{c.k}: {head}")
-
-
-def _impression_requests(imp: pd.DataFrame, context_names: list[str]):
-    return Requests(imp["user_id"].to_numpy(np.int64), request_start_ms(imp),
-                    {c: imp[c].to_numpy() for c in context_names}, imp["request_id"].to_numpy(np.int64))
 
 
 def _recall_curves(casc, requests, ref: np.ndarray, c: ReplaySection) -> dict:
