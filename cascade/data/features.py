@@ -47,7 +47,7 @@ DAY_MS = 86_400_000
 # column helpers
 
 
-def _column(frame: Any, name: str, source: str) -> pd.Series:
+def column(frame: Any, name: str, source: str) -> pd.Series:
     """Column ``name`` of a DataFrame or a mapping of arrays, as a Series; a clear error when it is missing."""
     try:
         col = frame[name]
@@ -57,7 +57,7 @@ def _column(frame: Any, name: str, source: str) -> pd.Series:
     return col if isinstance(col, pd.Series) else pd.Series(np.asarray(col))
 
 
-def _cat_keys(s: pd.Series, source: str, name: str, kind: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+def cat_keys(s: pd.Series, source: str, name: str, kind: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """Sortable keys of a categorical column: (keys [N] int64 or str, valid bool [N], key kind "int" | "str").
 
     Integer columns give int64 keys; float columns must hold whole numbers (pandas stores an int column with
@@ -96,7 +96,7 @@ def _cat_keys(s: pd.Series, source: str, name: str, kind: str | None = None) -> 
     return keys, valid, kind or got
 
 
-def _scale(std):
+def scale(std):
     """The standardisation divisor for ``std`` (a float or an array): 1.0 where a column is constant up to float
     rounding (below 10 machine epsilons, scikit-learn's StandardScaler rule). Dividing by such a std (say 1e-110,
     left by values 0 and 4e-110) turns any other value into inf in float32."""
@@ -106,7 +106,7 @@ def _scale(std):
     return np.where(np.asarray(std) >= tiny, std, 1.0)
 
 
-def _vocab_lookup(vocab: np.ndarray, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
+def vocab_lookup(vocab: np.ndarray, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
     """Index of each key in the sorted ``vocab`` plus 1; 0 (OOV) for unseen or invalid keys. int64 [N]."""
     if len(vocab) == 0:
         return np.zeros(len(keys), dtype=np.int64)
@@ -116,7 +116,7 @@ def _vocab_lookup(vocab: np.ndarray, keys: np.ndarray, valid: np.ndarray) -> np.
     return np.where(hit, pos_c + 1, OOV).astype(np.int64)
 
 
-def _float_values(s: pd.Series, source: str, name: str) -> np.ndarray:
+def float_values(s: pd.Series, source: str, name: str) -> np.ndarray:
     """float64 [N] of a numeric column (NaN kept); inf or non-numbers raise."""
     if not (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)):
         raise DataValidationError(f"{source}: numeric column {name!r} has dtype {s.dtype} (example {s.iloc[0]!r})")
@@ -127,9 +127,157 @@ def _float_values(s: pd.Series, source: str, name: str) -> np.ndarray:
     return v
 
 
-def _concat_specs(*specs: FeatureSpec) -> FeatureSpec:
+def concat_specs(*specs: FeatureSpec) -> FeatureSpec:
     return FeatureSpec(*(sum((getattr(s, k) for s in specs), ()) for k in
                          ("cat_names", "cat_sides", "cat_cardinality", "num_names", "num_sides")))
+
+
+# --------------------------------------------------------------------------------------------------------------
+# the fit rules: one definition, for the in-memory fit and the streaming fit (cascade.data.stream)
+
+
+class TrainValues:
+    """A numeric column's train values held in memory: float64 [N] (NaN = missing)."""
+
+    def __init__(self, v: np.ndarray) -> None:
+        self.v = v
+
+    @property
+    def n_finite(self) -> int:
+        return int((~np.isnan(self.v)).sum())
+
+    def median(self) -> float:
+        return float(np.median(self.v[~np.isnan(self.v)]))
+
+    def filled(self, value: float) -> "TrainValues":
+        return TrainValues(np.where(np.isnan(self.v), value, self.v))
+
+    def min(self) -> float:
+        return float(self.v.min())
+
+    def log1p(self) -> "TrainValues":
+        return TrainValues(np.log1p(self.v))
+
+    def quantile(self, probs: np.ndarray) -> np.ndarray:
+        return np.quantile(self.v, probs)
+
+    def mean_std(self) -> tuple[float, float]:
+        return float(self.v.mean()), float(self.v.std())
+
+
+class WeightedValues:
+    """A numeric column's train values as a multiset (the streaming fit): x sorted distinct finite values [K],
+    c their int64 counts [K], n_nan the number of missing values. Every statistic equals :class:`TrainValues` on
+    the expanded values exactly, except mean / std, which agree to float rounding (a weighted sum instead of
+    numpy's pairwise sum)."""
+
+    def __init__(self, x: np.ndarray, c: np.ndarray, n_nan: int = 0) -> None:
+        self.x, self.c, self.n_nan = x, c, n_nan
+
+    @property
+    def n_finite(self) -> int:
+        return int(self.c.sum())
+
+    def _order_stat(self, k: int) -> float:
+        return float(self.x[np.searchsorted(np.cumsum(self.c), k, side="right")])
+
+    def median(self) -> float:
+        n = self.n_finite
+        return self._order_stat(n // 2) if n % 2 else (self._order_stat(n // 2 - 1) + self._order_stat(n // 2)) / 2.0
+
+    def filled(self, value: float) -> "WeightedValues":
+        x, c = self.x, self.c
+        if self.n_nan:
+            pos = int(np.searchsorted(x, value))
+            if pos < len(x) and x[pos] == value:
+                c = c.copy()
+                c[pos] += self.n_nan
+            else:
+                x, c = np.insert(x, pos, value), np.insert(c, pos, self.n_nan)
+        return WeightedValues(x, c)
+
+    def min(self) -> float:
+        return float(self.x[0])
+
+    def log1p(self) -> "WeightedValues":
+        return WeightedValues(np.log1p(self.x), self.c, self.n_nan)
+
+    def quantile(self, probs: np.ndarray) -> np.ndarray:
+        """``np.quantile(v, probs)`` (method 'linear') of the expanded values: the same virtual index (n - 1) * q,
+        the same order statistics and numpy's own lerp, so the result is equal."""
+        x, c = self.x, self.c
+        n = int(c.sum())
+        ends = np.cumsum(c)  # order statistic k is x[searchsorted(ends, k, 'right')]
+        virtual = (n - 1) * probs
+        prev = np.floor(virtual)
+        gamma = virtual - prev
+        prev_i = np.clip(prev.astype(np.int64), 0, n - 1)
+        next_i = np.clip(prev_i + 1, 0, n - 1)
+        a = x[np.searchsorted(ends, prev_i, side="right")]
+        b = x[np.searchsorted(ends, next_i, side="right")]
+        diff = b - a
+        out = np.add(a, diff * gamma)
+        np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5)
+        return out
+
+    def mean_std(self) -> tuple[float, float]:
+        n = float(self.c.sum())
+        mean = float(np.dot(self.c, self.x) / n)
+        return mean, float(np.sqrt(np.dot(self.c, (self.x - mean) ** 2) / n))
+
+
+def fit_categorical(col: dict, keys: np.ndarray, counts: np.ndarray, key_kind: str, min_count: int) -> np.ndarray:
+    """Fill ``col`` (out, key_kind, cardinality) from a categorical column's distinct train keys [K] (sorted) and
+    their counts [K]; return the vocabulary: the keys seen at least ``min_count`` times (index i encodes as i + 1,
+    0 is OOV)."""
+    vocab = keys[counts >= min_count]
+    col.update(out="cat", key_kind=key_kind, cardinality=int(len(vocab) + 1))
+    return vocab
+
+
+def fit_numeric(col: dict, values: TrainValues | WeightedValues, numeric: str, n_buckets: int,
+                source: str) -> np.ndarray | None:
+    """Fill ``col`` (median, log1p, then out with mean / std or cardinality) from a numeric column's train values;
+    return the quantile edges (numeric "quantile") or None. NaN is filled with the train median before any
+    transform; "log_standardize" takes log1p when the train minimum is >= 0; a column constant up to float
+    rounding standardises with scale 1."""
+    if values.n_finite == 0:
+        raise DataValidationError(f"{source}: numeric column {col['name']!r} is all NaN on the train rows")
+    median = values.median()
+    values = values.filled(median)
+    use_log = numeric == "log_standardize" and values.min() >= 0.0
+    if use_log:
+        values = values.log1p()
+    col.update(median=median, log1p=bool(use_log))
+    if numeric == "quantile":
+        edges = np.unique(values.quantile(np.linspace(0.0, 1.0, n_buckets + 1)[1:-1]))
+        # searchsorted(side="right") + 1 gives 1..len(edges)+1; 0 stays free as the OOV index
+        col.update(out="cat", cardinality=int(len(edges) + 2))
+        return edges
+    mean, std = values.mean_std()
+    col.update(out="num", mean=mean, std=scale(std))
+    return None
+
+
+def encoded_features(schema: Schema) -> list[tuple[Feature, str]]:
+    """(feature, part) of every schema feature the encoder reads from a table, in schema order; a sequence
+    feature raises (not supported); cross-table features are left to CrossFeatureStore."""
+    out = []
+    for f in schema.features:
+        part = FeatureEncoder.part_of(f)
+        if part is None:
+            log.info("FeatureEncoder: schema feature %r of table 'cross' is computed by CrossFeatureStore", f.name)
+            continue
+        if f.kind == "sequence":
+            raise ValueError(f"FeatureEncoder: sequence feature {f.name!r} is not supported")
+        out.append((f, part))
+    return out
+
+
+def check_cross_names(schema: Schema, names) -> None:
+    clash = set(names) & set(schema.names)
+    if clash:
+        raise ValueError(f"FeatureEncoder: cross feature name(s) {sorted(clash)} clash with schema features")
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -159,7 +307,8 @@ class FeatureEncoder:
 
     # ---- fitting ---------------------------------------------------------------------------------------------
 
-    def _check_args(self) -> None:
+    def check_args(self) -> None:
+        """Raise ValueError on a bad numeric mode, min_count or n_buckets."""
         if self.numeric not in NUMERIC_MODES:
             raise ValueError(f"FeatureEncoder: numeric={self.numeric!r} is not one of {NUMERIC_MODES}")
         if self.min_count < 1:
@@ -168,7 +317,9 @@ class FeatureEncoder:
             raise ValueError(f"FeatureEncoder: n_buckets must be >= 2, got {self.n_buckets}")
 
     @staticmethod
-    def _part(f: Feature) -> str | None:
+    def part_of(f: Feature) -> str | None:
+        """Which rows a feature's column is read from: "user", "item", "context", "privileged"; None for a
+        cross-table feature (computed by CrossFeatureStore)."""
         if f.table == "users":
             return "user"
         if f.table == "items":
@@ -184,7 +335,7 @@ class FeatureEncoder:
         exposure). ``cross_store``, when given, is queried for the train rows at their request start time to
         fit the cross features' log1p-standardisation.
         """
-        self._check_args()
+        self.check_args()
         imp = dataset.impressions
         train = imp.iloc[np.flatnonzero(train_mask)] if np.asarray(train_mask).dtype == bool else imp.iloc[np.asarray(train_mask)]
         if len(train) == 0:
@@ -200,60 +351,41 @@ class FeatureEncoder:
         columns: list[dict] = []
         vocab: dict[str, np.ndarray] = {}
         edges: dict[str, np.ndarray] = {}
-        for f in self.schema.features:
-            part = self._part(f)
-            if part is None:
-                log.info("FeatureEncoder: schema feature %r of table 'cross' is computed by CrossFeatureStore", f.name)
-                continue
-            if f.kind == "sequence":
-                raise ValueError(f"FeatureEncoder: sequence feature {f.name!r} is not supported")
+        for f, part in encoded_features(self.schema):
             frame, rows, source = frames[part]
-            s = _column(frame, f.name, source)
+            s = column(frame, f.name, source)
             if rows is not None:
                 s = s.iloc[rows]
             col = {"name": f.name, "side": f.side, "part": part, "kind": f.kind}
             if f.kind == "categorical":
-                keys, valid, kind = _cat_keys(s, source, f.name)
+                keys, valid, kind = cat_keys(s, source, f.name)
                 uniq, counts = np.unique(keys[valid], return_counts=True)
-                vocab[f.name] = uniq[counts >= self.min_count]
-                col.update(out="cat", key_kind=kind, cardinality=int(len(vocab[f.name]) + 1))
+                vocab[f.name] = fit_categorical(col, uniq, counts, kind, self.min_count)
             else:
-                v = _float_values(s, source, f.name)
-                finite = v[~np.isnan(v)]
-                if len(finite) == 0:
-                    raise DataValidationError(f"{source}: numeric column {f.name!r} is all NaN on the train rows")
-                median = float(np.median(finite))
-                v = np.where(np.isnan(v), median, v)
-                use_log = self.numeric == "log_standardize" and float(v.min()) >= 0.0
-                if use_log:
-                    v = np.log1p(v)
-                col.update(median=median, log1p=bool(use_log))
-                if self.numeric == "quantile":
-                    qs = np.quantile(v, np.linspace(0.0, 1.0, self.n_buckets + 1)[1:-1])
-                    edges[f.name] = np.unique(qs)
-                    # searchsorted(side="right") + 1 gives 1..len(edges)+1; 0 stays free as the OOV index
-                    col.update(out="cat", cardinality=int(len(edges[f.name]) + 2))
-                else:
-                    col.update(out="num", mean=float(v.mean()), std=_scale(float(v.std())))
+                e = fit_numeric(col, TrainValues(float_values(s, source, f.name)), self.numeric, self.n_buckets, source)
+                if e is not None:
+                    edges[f.name] = e
             columns.append(col)
-        self.columns_ = columns
-        self.vocab_ = vocab
-        self.edges_ = edges
+        cross = None
+        if cross_store is not None:
+            check_cross_names(self.schema, cross_store.feature_names)
+            starts = request_start_ms(imp)[np.asarray(train_mask)]
+            q = cross_store.query(train["user_id"].to_numpy(), train["item_id"].to_numpy(), starts)
+            x = np.log1p(np.stack([q[n].astype(np.float64) for n in cross_store.feature_names], axis=1))
+            cross = (cross_store.feature_names, x.mean(axis=0), x.std(axis=0))
+        return self.set_fitted(columns, vocab, edges, cross)
 
+    def set_fitted(self, columns: list[dict], vocab: dict, edges: dict,
+                   cross: tuple[Any, np.ndarray, np.ndarray] | None) -> "FeatureEncoder":
+        """Store what a fit learned: column metadata, vocabularies, quantile edges and the cross features'
+        (names, mean [K], std [K]) of log1p (None: no cross features); std is guarded as every scale is."""
+        self.columns_, self.vocab_, self.edges_ = columns, vocab, edges
         self.cross_names_: list[str] = []
         self.cross_mean_ = np.zeros(0)
         self.cross_std_ = np.ones(0)
-        if cross_store is not None:
-            clash = set(cross_store.feature_names) & set(self.schema.names)
-            if clash:
-                raise ValueError(f"FeatureEncoder: cross feature name(s) {sorted(clash)} clash with schema features")
-            starts = request_start_ms(imp)[np.asarray(train_mask)]
-            cross = cross_store.query(train["user_id"].to_numpy(), train["item_id"].to_numpy(), starts)
-            x = np.log1p(np.stack([cross[n].astype(np.float64) for n in cross_store.feature_names], axis=1))
-            std = x.std(axis=0)
-            self.cross_names_ = list(cross_store.feature_names)
-            self.cross_mean_ = x.mean(axis=0)
-            self.cross_std_ = _scale(std)
+        if cross is not None:
+            names, mean, std = cross
+            self.cross_names_, self.cross_mean_, self.cross_std_ = list(names), mean, scale(std)
         log.info("FeatureEncoder fitted: %d columns, %d cross features", len(columns), len(self.cross_names_))
         return self
 
@@ -269,15 +401,15 @@ class FeatureEncoder:
         cat_out, num_out = [], []
         n = len(frame) if isinstance(frame, pd.DataFrame) else None
         for c in cols:
-            s = _column(frame, c["name"], source)
+            s = column(frame, c["name"], source)
             if n is not None and len(s) != n:
                 raise ValueError(f"{source}: column {c['name']!r} has {len(s)} rows, expected {n}")
             n = len(s)
             if c["kind"] == "categorical":
-                keys, valid, _ = _cat_keys(s, source, c["name"], kind=c["key_kind"])
-                cat_out.append(_vocab_lookup(self.vocab_[c["name"]], keys, valid))
+                keys, valid, _ = cat_keys(s, source, c["name"], kind=c["key_kind"])
+                cat_out.append(vocab_lookup(self.vocab_[c["name"]], keys, valid))
                 continue
-            v = _float_values(s, source, c["name"])
+            v = float_values(s, source, c["name"])
             v = np.where(np.isnan(v), c["median"], v)
             if c["log1p"]:
                 if (v < 0).any():
@@ -357,7 +489,7 @@ class FeatureEncoder:
         parts = [self.user_spec(), self.item_spec(), self.context_spec(), self.cross_spec()]
         if privileged:
             parts.append(self.privileged_spec())
-        return _concat_specs(*parts)
+        return concat_specs(*parts)
 
     # ---- persistence -----------------------------------------------------------------------------------------
 
@@ -478,9 +610,9 @@ class CrossFeatureStore:
             raise ValueError(f"CrossFeatureStore: prior_ctr must be in [0, 1] and prior_strength >= 0, "
                              f"got {self.prior_ctr}, {self.prior_strength}")
         for col in ("item_id", self.tag_column, self.author_column):
-            _column(items, col, "items")
+            column(items, col, "items")
         for col in ("user_id", "item_id", "time_ms", "click"):
-            _column(impressions, col, "impressions")
+            column(impressions, col, "impressions")
         item_ids = items["item_id"].to_numpy(np.int64)
         order = np.argsort(item_ids, kind="stable")
         self.item_ids_ = item_ids[order]

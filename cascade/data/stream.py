@@ -57,8 +57,9 @@ from tqdm.auto import tqdm
 from cascade.artifacts import ArtifactError, read_json, read_manifest, write_json, write_manifest
 from cascade.data import kuairand
 from cascade.data.batches import EncodedTable, FeatureSpec
-from cascade.data.features import (CrossFeatureStore, FeatureEncoder, PairEncoder, _cat_keys, _column,
-                                   _float_values, _scale)
+from cascade.data.features import (CrossFeatureStore, FeatureEncoder, PairEncoder, WeightedValues, cat_keys,
+                                   check_cross_names, column, encoded_features, fit_categorical, fit_numeric,
+                                   float_values)
 from cascade.data.ids import IdIndex
 from cascade.data.schema import Dataset, DataValidationError, Feature, Schema
 from cascade.data.requests import request_start_ms
@@ -381,58 +382,6 @@ class _ValueCounts:
         self._empty = False
 
 
-def _quantile_linear(x: np.ndarray, c: np.ndarray, probs: np.ndarray) -> np.ndarray:
-    """``np.quantile(v, probs)`` (method 'linear') of the multiset {x[j] repeated c[j] times}, x sorted:
-    the same virtual index (n - 1) * q, the same order statistics and numpy's own lerp, so the result is equal."""
-    n = int(c.sum())
-    ends = np.cumsum(c)  # order statistic k is x[searchsorted(ends, k, 'right')]
-    virtual = (n - 1) * probs
-    prev = np.floor(virtual)
-    gamma = virtual - prev
-    prev_i = np.clip(prev.astype(np.int64), 0, n - 1)
-    next_i = np.clip(prev_i + 1, 0, n - 1)
-    a = x[np.searchsorted(ends, prev_i, side="right")]
-    b = x[np.searchsorted(ends, next_i, side="right")]
-    diff = b - a
-    out = np.add(a, diff * gamma)
-    np.subtract(b, diff * (1 - gamma), out=out, where=gamma >= 0.5)
-    return out
-
-
-def _numeric_column(col: dict, x: np.ndarray, c: np.ndarray, n_nan: int, numeric: str, n_buckets: int,
-                    source: str) -> np.ndarray | None:
-    """Fill ``col`` (median, log1p, mean/std or cardinality) from the multiset of a numeric column's train values:
-    x sorted distinct finite values, c their counts, n_nan the NaN count. Returns quantile edges or None."""
-    n_fin = int(c.sum())
-    if n_fin == 0:
-        raise DataValidationError(f"{source}: numeric column {col['name']!r} is all NaN on the train rows")
-    ends = np.cumsum(c)
-
-    def order_stat(k: int) -> float:
-        return float(x[np.searchsorted(ends, k, side="right")])
-
-    median = order_stat(n_fin // 2) if n_fin % 2 else (order_stat(n_fin // 2 - 1) + order_stat(n_fin // 2)) / 2.0
-    if n_nan:  # NaN is filled with the median before any transform
-        pos = int(np.searchsorted(x, median))
-        if pos < len(x) and x[pos] == median:
-            c = c.copy()
-            c[pos] += n_nan
-        else:
-            x, c = np.insert(x, pos, median), np.insert(c, pos, n_nan)
-    use_log = numeric == "log_standardize" and float(x[0]) >= 0.0
-    v = np.log1p(x) if use_log else x
-    col.update(median=median, log1p=bool(use_log))
-    if numeric == "quantile":
-        edges = np.unique(_quantile_linear(v, c, np.linspace(0.0, 1.0, n_buckets + 1)[1:-1]))
-        col.update(out="cat", cardinality=int(len(edges) + 2))
-        return edges
-    n = float(c.sum())
-    mean = float(np.dot(c, v) / n)
-    std = float(np.sqrt(np.dot(c, (v - mean) ** 2) / n))
-    col.update(out="num", mean=mean, std=_scale(std))
-    return None
-
-
 def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1, numeric: str = "log_standardize",
                        n_buckets: int = 32, batch_rows: int = 1 << 20, progress: bool = False,
                        cross_window_days: float | None = None, cross_tag_column: str = "tag",
@@ -446,17 +395,12 @@ def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1
     train rows come from :class:`WindowedCrossFeatures` (``cross_chunk_days`` per fitted chunk).
     """
     enc = FeatureEncoder(sd.schema, min_count=min_count, numeric=numeric, n_buckets=n_buckets)
-    enc._check_args()
-    feats = [f for f in sd.schema.features if FeatureEncoder._part(f) is not None]
-    for f in feats:
-        if f.kind == "sequence":
-            raise ValueError(f"FeatureEncoder: sequence feature {f.name!r} is not supported")
-    imp_feats = [f for f in feats if f.table == "impressions"]
+    enc.check_args()
+    feats = encoded_features(sd.schema)
+    imp_feats = [f for f, _ in feats if f.table == "impressions"]
     cross = None
     if cross_window_days is not None:
-        clash = set(CrossFeatureStore.feature_names) & set(sd.schema.names)
-        if clash:
-            raise ValueError(f"FeatureEncoder: cross feature name(s) {sorted(clash)} clash with schema features")
+        check_cross_names(sd.schema, CrossFeatureStore.feature_names)
         cross = WindowedCrossFeatures(sd, cross_window_days, cross_chunk_days, cross_tag_column, cross_author_column,
                                       batch_rows)
         cross_stats = _MeanVar(len(cross.feature_names))
@@ -485,12 +429,12 @@ def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1
         i_count += np.bincount(i_index.rows(df["item_id"].to_numpy()),
                                minlength=len(items))
         for f in imp_feats:
-            s = _column(df, f.name, src)
+            s = column(df, f.name, src)
             if f.kind == "categorical":
-                keys, valid, kinds[f.name] = _cat_keys(s, src, f.name, kind=kinds.get(f.name))
+                keys, valid, kinds[f.name] = cat_keys(s, src, f.name, kind=kinds.get(f.name))
                 counts[f.name].add(keys[valid])
             else:
-                v = _float_values(s, src, f.name)
+                v = float_values(s, src, f.name)
                 nan = np.isnan(v)
                 nan_counts[f.name] += int(nan.sum())
                 counts[f.name].add(v[~nan])
@@ -500,21 +444,20 @@ def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1
         raise DataValidationError(f"{src}: the train split selects no impressions")
 
     columns, vocab, edges = [], {}, {}
-    for f in feats:
-        part = FeatureEncoder._part(f)
+    for f, part in feats:
         col = {"name": f.name, "side": f.side, "part": part, "kind": f.kind}
         if part in ("user", "item"):
             table, w, source = (users, u_count, sd.source("users")) if part == "user" else \
                 (items, i_count, sd.source("items"))
-            s = _column(table, f.name, source)
+            s = column(table, f.name, source)
             if f.kind == "categorical":
-                keys, valid, kind = _cat_keys(s, source, f.name)
+                keys, valid, kind = cat_keys(s, source, f.name)
                 vc = _ValueCounts()
                 keep = valid & (w > 0)
                 vc.add(keys[keep], w[keep])
                 uk, uc = vc.keys, vc.counts
             else:
-                v = _float_values(s, source, f.name)
+                v = float_values(s, source, f.name)
                 nan = np.isnan(v)
                 vc = _ValueCounts()
                 keep = ~nan & (w > 0)
@@ -527,19 +470,15 @@ def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1
             else:
                 x, c, n_nan = counts[f.name].keys, counts[f.name].counts, nan_counts[f.name]
         if f.kind == "categorical":
-            vocab[f.name] = uk[uc >= min_count]
-            col.update(out="cat", key_kind=kind, cardinality=int(len(vocab[f.name]) + 1))
+            vocab[f.name] = fit_categorical(col, uk, uc, kind, min_count)
         else:
-            e = _numeric_column(col, x, c, n_nan, numeric, n_buckets, source)
+            e = fit_numeric(col, WeightedValues(x, c, n_nan), numeric, n_buckets, source)
             if e is not None:
                 edges[f.name] = e
         columns.append(col)
-    enc.columns_, enc.vocab_, enc.edges_ = columns, vocab, edges
-    enc.cross_names_, enc.cross_mean_, enc.cross_std_ = [], np.zeros(0), np.ones(0)
+    enc.set_fitted(columns, vocab, edges,
+                   None if cross is None else (cross.feature_names, cross_stats.mean, cross_stats.std()))
     if cross is not None:
-        std = cross_stats.std()
-        enc.cross_names_ = list(cross.feature_names)
-        enc.cross_mean_, enc.cross_std_ = cross_stats.mean, _scale(std)
         log.info("fit_encoder_stream: cross features from %d chunk fits, at most %d events buffered",
                  cross.n_fits_, cross.max_events_)
     log.info("fit_encoder_stream: %d columns, %d cross features from %d train rows", len(columns),
