@@ -1,6 +1,7 @@
 """One explicit training loop for every ranking model (teacher, student, joint teacher + student).
 
-``fit`` reads top to bottom: batch, forward + loss terms (``loss_fn``), mix, backward, clip, step, log, and every
+``fit`` reads top to bottom: batch, forward + loss terms (``loss_fn``), one :func:`step_on_loss` (mix, backward,
+clip, step; shared with the students' loops), log, and every
 ``eval_every_steps`` (or once per epoch) validation AUC with early stopping and a checkpoint of the best model.
 Distillation plugs in through ``loss_fn`` instead of a second loop:
 
@@ -35,7 +36,7 @@ import logging
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -126,6 +127,48 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
             raise ValueError("TrainConfig: optimizer 'adamw' cannot train sparse embeddings; use 'adagrad' or sparse=False")
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.Adagrad(groups, lr=cfg.lr)
+
+
+def step_on_loss(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float],
+                 optimizers: Sequence[torch.optim.Optimizer], clip_groups: Sequence[Any], grad_clip: float | None,
+                 context: str, ddp: bool = False) -> tuple[torch.Tensor, dict[str, float]]:
+    """One optimizer step on weighted loss terms, the same in every training loop of the project (:func:`fit`,
+    :func:`cascade.train.students.train_student`, :mod:`cascade.train.three_students`): mix the terms (a
+    non-finite term raises FloatingPointError starting with ``context``, on every rank at once under DDP), zero
+    the gradients, backward, clip each parameter group of ``clip_groups`` to ``grad_clip`` on its own (a joint
+    norm would couple the models of a group), step every optimizer. Returns (total, the terms' float values)."""
+    mixed, error = D.finite_on_all_ranks(lambda: mix(terms, weights), ddp)
+    if error is not None:
+        raise FloatingPointError(f"{context}: {error}") from error
+    total, values = mixed
+    for opt in optimizers:
+        opt.zero_grad(set_to_none=True)
+    total.backward()
+    if grad_clip is not None:
+        for params in clip_groups:
+            nn.utils.clip_grad_norm_(params, grad_clip)
+    for opt in optimizers:
+        opt.step()
+    return total, values
+
+
+class RunningMeans:
+    """Means of logged loss values over the steps since the last reset: add(values) per step, means()."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, float] = {}
+        self.n = 0
+
+    def add(self, values: Mapping[str, float]) -> None:
+        for k, v in values.items():
+            self.sums[k] = self.sums.get(k, 0.0) + float(v)
+        self.n += 1
+
+    def means(self) -> dict[str, float]:
+        return {k: v / max(self.n, 1) for k, v in self.sums.items()}
+
+    def reset(self) -> None:
+        self.sums, self.n = {}, 0
 
 
 def _mark_sparse(model: nn.Module) -> None:
@@ -237,12 +280,11 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
     best_state: dict[str, torch.Tensor] | None = None
     evals_without_gain = 0
     step, stop = 0, False
-    running: dict[str, float] = {}
-    n_running = 0
+    running = RunningMeans()
 
     def validate(epoch: int) -> None:
-        nonlocal best_state, evals_without_gain, stop, running, n_running
-        train_means = D.all_reduce_mean({k: v / max(n_running, 1) for k, v in running.items()})
+        nonlocal best_state, evals_without_gain, stop
+        train_means = D.all_reduce_mean(running.means())
         metrics = evaluate(model, valid, cfg.eval_batch_size) if env.is_main else None
         model.train()
         improved = env.is_main and metrics["auc"] > result.best_valid_auc
@@ -252,7 +294,7 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
         row = {"step": step, "epoch": epoch, **{f"train_{k}": v for k, v in train_means.items()},
                **{f"valid_{k}": v for k, v in metrics.items()}}
         result.history.append(row)
-        running, n_running = {}, 0
+        running.reset()
         log.info("step %d epoch %d: %s", step, epoch, {k: round(v, 5) for k, v in row.items() if isinstance(v, float)})
         if improved:
             result.best_valid_auc, result.best_step = metrics["auc"], step
@@ -282,20 +324,11 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
                 batch = to_tensors(np_batch, device)
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
                     terms, weights = step_model(batch, step)
-                mixed, error = D.finite_on_all_ranks(lambda: mix(terms, weights), ddp)
-                if error is not None:
-                    where = f"; the last good checkpoint is in {ckpt_dir}" if ckpt_dir is not None else ""
-                    raise FloatingPointError(f"fit: non-finite loss at step {step}: {error}{where}") from error
-                total, values = mixed
-                optimizer.zero_grad(set_to_none=True)
-                total.backward()
-                if cfg.grad_clip is not None:
-                    nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                optimizer.step()
+                where = f" (the last good checkpoint is in {ckpt_dir})" if ckpt_dir is not None else ""
+                total, values = step_on_loss(terms, weights, [optimizer], [model.parameters()], cfg.grad_clip,
+                                             f"fit: non-finite loss at step {step}{where}", ddp)
                 step += 1
-                for k, v in values.items():
-                    running[k] = running.get(k, 0.0) + float(v)
-                n_running += 1
+                running.add(values)
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(total.detach()):.4f}", refresh=False)
                 if cfg.eval_every_steps is not None and step % cfg.eval_every_steps == 0:
@@ -304,7 +337,7 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
                         break
             if stop:
                 break
-            if cfg.eval_every_steps is None or n_running > 0:
+            if cfg.eval_every_steps is None or running.n > 0:
                 validate(epoch)
                 if stop:
                     break

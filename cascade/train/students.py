@@ -1,8 +1,9 @@
 """Training the two-tower pre-rank and retrieval students from the rank log and / or click labels.
 
 One explicit loop (:func:`train_student`): per batch of requests, embed the users (user + context tower) and
-every item the batch touches (one item-tower forward over the batch's distinct items), score the teacher's
-candidate lists, compute the weighted loss terms of :mod:`cascade.distill.losses`, step.
+every item the batch touches (one item-tower forward over the batch's distinct items, :func:`embed_items`), score
+the teacher's candidate lists, compute the weighted loss terms of :mod:`cascade.distill.losses`, and take the
+training loops' one optimizer step (:func:`cascade.train.loop.step_on_loss`).
 
 Loss terms (names of :data:`LOSS_NAMES`; a term runs only with a non-zero weight):
 
@@ -65,6 +66,7 @@ from cascade.distill.ranklog import RankLog
 from cascade.eval.metrics import mean_recall_at_k, ndcg_at_k
 from cascade.models.two_tower import TowerInputs, TwoTower
 from cascade import distributed as D
+from cascade.train.loop import RunningMeans, step_on_loss
 
 log = logging.getLogger(__name__)
 
@@ -228,6 +230,37 @@ def list_loss_terms(s: torch.Tensor, ranks: torch.Tensor, t_logit: torch.Tensor,
     return terms
 
 
+def embed_items(towers: TwoTower, inputs: TowerInputs, parts: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Item-tower embeddings of several item-row tensors of one batch (e.g. "list" [B, L], "pos" [P], "neg" [M]),
+    each distinct row embedded once: {name: [*shape, d]} in the order of ``parts``."""
+    flat = torch.cat([p.reshape(-1) for p in parts.values()])
+    uniq, inv = torch.unique(flat, return_inverse=True)
+    # index_select: its backward (index_add_) sums in a fixed order; "[inv]" accumulates with several threads in
+    # a racy order, so 2-thread training was not bit-reproducible under a seed
+    v_all = towers.item_tower(*inputs.item_batch(uniq.numpy())).index_select(0, inv)  # [n_flat, d]
+    emb, start = {}, 0
+    for k, p in parts.items():
+        emb[k] = v_all[start:start + p.numel()].reshape(*p.shape, -1)
+        start += p.numel()
+    return emb
+
+
+def sampled_softmax_term(towers: TwoTower, u: torch.Tensor, pos_rows: torch.Tensor, pos_items: torch.Tensor,
+                         emb: dict[str, torch.Tensor], neg_items: torch.Tensor | None, pos_log_q: torch.Tensor,
+                         neg_log_q: float, cfg: StudentConfig) -> torch.Tensor:
+    """The retrieval student's sampled softmax: each batch row in ``pos_rows`` (of u [B, d]) against its positive
+    item (emb["pos"]), the other rows' positives (in-batch) and ``neg_items`` (uniform corpus negatives, emb["neg"]),
+    log-Q corrected by ``pos_log_q`` [P] and ``neg_log_q``. A batch without a positive gives a zero that keeps the
+    graph."""
+    if pos_rows.numel() == 0:
+        return u.sum() * 0.0
+    # the towers' temperature goes into the user side, so a learned temperature gets its gradient
+    return L.sampled_softmax_loss(
+        u[pos_rows] * towers.inv_temperature, emb["pos"], emb.get("neg"), pos_log_q=pos_log_q,
+        neg_log_q=torch.full((len(neg_items),), neg_log_q) if neg_items is not None else None,
+        temperature=1.0, pos_item_ids=pos_items, neg_item_ids=neg_items, **loss_params(cfg, "sampled_softmax"))
+
+
 class _StudentStep(nn.Module):
     """The towers plus one batch's loss terms as one module: DistributedDataParallel must see the whole forward of
     a step (user tower, item tower, scores, losses), as ``loop._LossModule`` does for ``fit``.
@@ -272,15 +305,7 @@ class _StudentStep(nn.Module):
             parts["pos"] = pos_items
             if cfg.n_uniform_negatives:
                 parts["neg"] = torch.from_numpy(self.rng.integers(0, inputs.n_items, cfg.n_uniform_negatives))
-        flat = torch.cat([p.reshape(-1) for p in parts.values()])
-        uniq, inv = torch.unique(flat, return_inverse=True)
-        # index_select: its backward (index_add_) sums in a fixed order; "[inv]" accumulates with several threads in
-        # a racy order, so 2-thread training was not bit-reproducible under a seed
-        v_all = towers.item_tower(*inputs.item_batch(uniq.numpy())).index_select(0, inv)  # [n_flat, d]
-        emb, start = {}, 0
-        for k, p in parts.items():
-            emb[k] = v_all[start:start + p.numel()].reshape(*p.shape, -1)
-            start += p.numel()
+        emb = embed_items(towers, inputs, parts)
 
         terms: dict[str, torch.Tensor] = {}
         if from_log and any(n in w for n in LIST_LOSSES):
@@ -290,17 +315,9 @@ class _StudentStep(nn.Module):
             s_click = towers.score(u[cb["rows"]], emb["click"])  # [Bc, Lc]
             terms["click_bce"] = L.click_bce(s_click, cb["labels"], cb["mask"])
         if "sampled_softmax" in w:
-            if pos_rows.numel() == 0:
-                terms["sampled_softmax"] = u.sum() * 0.0  # no positive in this batch: a zero that keeps the graph
-            else:
-                # the towers' temperature goes into the user side, so a learned temperature gets its gradient.
-                # Under DDP the in-batch negatives are this rank's own positives (b - 1 of them, not world * b - 1).
-                terms["sampled_softmax"] = L.sampled_softmax_loss(
-                    u[pos_rows] * towers.inv_temperature, emb["pos"], emb.get("neg"),
-                    pos_log_q=self.pos_log_q[pos_items],
-                    neg_log_q=torch.full((len(parts["neg"]),), self.neg_log_q_value) if "neg" in parts else None,
-                    temperature=1.0, pos_item_ids=pos_items, neg_item_ids=parts.get("neg"),
-                    **loss_params(cfg, "sampled_softmax"))
+            # under DDP the in-batch negatives are this rank's own positives (b - 1 of them, not world * b - 1)
+            terms["sampled_softmax"] = sampled_softmax_term(towers, u, pos_rows, pos_items, emb, parts.get("neg"),
+                                                            self.pos_log_q[pos_items], self.neg_log_q_value, cfg)
         return terms
 
 
@@ -384,26 +401,15 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
         for epoch in range(cfg.epochs):
             towers.train()
             t0 = time.perf_counter()
-            sums: dict[str, float] = {}
-            n_steps = 0
+            running = RunningMeans()
             batches = _rank_batches(driver, cfg.batch_size, rng, env.rank, env.world_size)  # world 1: all rows
             for b in tqdm(batches, disable=not cfg.progress or not env.is_main, desc=f"epoch {epoch}",
                           total=n_batches):
                 terms = step_model(b)
-                mixed, error = D.finite_on_all_ranks(lambda: L.mix(terms, {n: w[n] for n in terms}), ddp)
-                if error is not None:
-                    raise FloatingPointError(f"train_student: non-finite loss in epoch {epoch}, step {n_steps}: "
-                                             f"{error}") from error
-                total, values = mixed
-                opt.zero_grad(set_to_none=True)
-                total.backward()
-                if cfg.grad_clip is not None:
-                    torch.nn.utils.clip_grad_norm_(towers.parameters(), cfg.grad_clip)
-                opt.step()
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_steps += 1
-            means = {k: v / n_steps for k, v in sums.items()}
+                _, values = step_on_loss(terms, {n: w[n] for n in terms}, [opt], [towers.parameters()], cfg.grad_clip,
+                                         f"train_student: non-finite loss in epoch {epoch}, step {running.n}", ddp)
+                running.add(values)
+            means = running.means()
             if ddp:  # every rank took the same number of steps and logs the same terms: the mean over ranks
                 means = D.all_reduce_mean(means)
             rec: dict[str, Any] = {"epoch": epoch, "seconds": time.perf_counter() - t0}

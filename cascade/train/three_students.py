@@ -59,7 +59,9 @@ from cascade.models.ranker import Ranker, RankerConfig
 from cascade.models.two_tower import TowerConfig, TowerInputs, TwoTower, build_two_tower
 from cascade.models.scoring import score_pairs
 from cascade.train.joint import DistillConfig, JointRanker, student_terms
-from cascade.train.students import LIST_LOSSES, StudentConfig, list_loss_terms, loss_params, sample_one_per_row
+from cascade.train.loop import RunningMeans, step_on_loss
+from cascade.train.students import (LIST_LOSSES, StudentConfig, embed_items, list_loss_terms, sample_one_per_row,
+                                    sampled_softmax_term)
 
 log = logging.getLogger(__name__)
 
@@ -251,14 +253,7 @@ class _TowerStudent:
             self.pos_counts += np.bincount(pos_items.numpy(), minlength=len(self.pos_counts))
             if cfg.n_uniform_negatives:
                 parts["neg"] = torch.from_numpy(rng.integers(0, inputs.n_items, cfg.n_uniform_negatives))
-        # every item row the batch needs, embedded once
-        flat = torch.cat([p.reshape(-1) for p in parts.values()])
-        uniq, inv = torch.unique(flat, return_inverse=True)
-        v_all = tt.item_tower(*inputs.item_batch(uniq.numpy())).index_select(0, inv)  # reproducible backward (students.py)
-        emb, start = {}, 0
-        for k, p in parts.items():
-            emb[k] = v_all[start:start + p.numel()].reshape(*p.shape, -1)
-            start += p.numel()
+        emb = embed_items(tt, inputs, parts)  # every item row the batch needs, embedded once
 
         terms: dict[str, torch.Tensor] = {}
         if any(n in w for n in LIST_LOSSES):
@@ -268,24 +263,13 @@ class _TowerStudent:
             s_click = (u[clicks["pos"]] * emb["click"]).sum(-1) * tt.inv_temperature  # [n_impressions]
             terms["click_bce"] = L.click_bce(s_click, clicks["labels"])
         if "sampled_softmax" in w:
-            if pos_rows.numel() == 0:
-                terms["sampled_softmax"] = u.sum() * 0.0  # no positive in this batch: a zero that keeps the graph
-            else:
-                p = self.pos_counts
-                pos_log_q = torch.from_numpy(np.log(batch_size * p[pos_items.numpy()] / p.sum()).astype(np.float32))
-                neg_log_q = (torch.full((cfg.n_uniform_negatives,), float(np.log(cfg.n_uniform_negatives / inputs.n_items)))
-                             if "neg" in parts else None)
-                # the towers' temperature goes into the user side, so a learned temperature gets its gradient
-                terms["sampled_softmax"] = L.sampled_softmax_loss(
-                    u[pos_rows] * tt.inv_temperature, emb["pos"], emb.get("neg"), pos_log_q=pos_log_q,
-                    neg_log_q=neg_log_q, temperature=1.0, pos_item_ids=pos_items, neg_item_ids=parts.get("neg"),
-                    **loss_params(cfg, "sampled_softmax"))
-        total, values = L.mix(terms, {n: w[n] for n in terms})
-        self.opt.zero_grad(set_to_none=True)
-        total.backward()
-        if cfg.grad_clip is not None:
-            nn.utils.clip_grad_norm_(tt.parameters(), cfg.grad_clip)
-        self.opt.step()
+            p = self.pos_counts
+            pos_log_q = torch.from_numpy(np.log(batch_size * p[pos_items.numpy()] / p.sum()).astype(np.float32))
+            neg_log_q = float(np.log(cfg.n_uniform_negatives / inputs.n_items)) if "neg" in parts else 0.0
+            terms["sampled_softmax"] = sampled_softmax_term(tt, u, pos_rows, pos_items, emb, parts.get("neg"),
+                                                            pos_log_q, neg_log_q, cfg)
+        _, values = step_on_loss(terms, {n: w[n] for n in terms}, [self.opt], [tt.parameters()], cfg.grad_clip,
+                                 f"the one-loop cascade's {cfg.stage} student: non-finite loss")
         return values
 
 
@@ -338,8 +322,7 @@ def train_joint_cascade(data: JointData, spec: FeatureSpec, cfg: JointCascadeCon
             for st in towers.values():
                 st.towers.train()
             t0 = time.perf_counter()
-            sums: dict[str, float] = {}
-            n_steps = 0
+            running = RunningMeans()
             order = batch_rng.permutation(len(data))
             for s in tqdm(range(0, len(data), cfg.batch_size), disable=not cfg.progress, desc=f"joint epoch {epoch}"):
                 req = order[s:s + cfg.batch_size]
@@ -362,15 +345,9 @@ def train_joint_cascade(data: JointData, spec: FeatureSpec, cfg: JointCascadeCon
                                                  cfg.rank_distill, step)
                     terms.update({f"rank/{k}": v for k, v in s_terms.items()})
                     weights.update({f"rank/{k}": v for k, v in s_w.items()})
-                total, values = L.mix(terms, weights)
-                opt_t.zero_grad(set_to_none=True)
-                opt_s.zero_grad(set_to_none=True)
-                total.backward()
-                if cfg.grad_clip is not None:  # each model clipped on its own: a joint norm would couple them
-                    nn.utils.clip_grad_norm_(teacher_params, cfg.grad_clip)
-                    nn.utils.clip_grad_norm_(student_params, cfg.grad_clip)
-                opt_t.step()
-                opt_s.step()
+                # each model clipped on its own: a joint norm would couple them
+                _, values = step_on_loss(terms, weights, [opt_t, opt_s], [teacher_params, student_params],
+                                         cfg.grad_clip, f"the one-loop cascade: non-finite loss at step {step}")
                 values.pop("total")
                 values["teacher/total"] = values["teacher/bce"] * cfg.rank_distill.w_teacher
                 if not cfg.teacher_only:
@@ -388,12 +365,10 @@ def train_joint_cascade(data: JointData, spec: FeatureSpec, cfg: JointCascadeCon
                         for name, st in towers.items():
                             for k, v in st.step(data, req, lists, clicks, student_rng, g, cfg.batch_size).items():
                                 values[f"{name}/{k}"] = v
-                for k, v in values.items():
-                    sums[k] = sums.get(k, 0.0) + v
-                n_steps += 1
+                running.add(values)
                 step += 1
-            rec: dict[str, Any] = {"epoch": epoch, "seconds": time.perf_counter() - t0, "steps": n_steps}
-            rec.update({k: v / max(n_steps, 1) for k, v in sorted(sums.items())})
+            rec: dict[str, Any] = {"epoch": epoch, "seconds": time.perf_counter() - t0, "steps": running.n}
+            rec.update(sorted(running.means().items()))
             log.info("joint cascade epoch %d: %s", epoch, {k: round(v, 5) for k, v in rec.items() if k != "epoch"})
             history.append(rec)
     joint.eval()
