@@ -1,0 +1,111 @@
+"""Column helpers of the encoder: reading a column, its categorical keys or numeric values, the scale rule."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from ..batches import OOV, FeatureSpec
+from ..schema import DataValidationError, Feature
+
+NUMERIC_MODES = ("standardize", "log_standardize", "quantile")
+PARTS = ("user", "item", "context", "privileged")  # which input table / row set a column is read from
+
+
+def part_of(f: Feature) -> str | None:
+    """Which rows a feature's column is read from: "user", "item", "context", "privileged"; None for a
+    cross-table feature (computed by CrossFeatureStore)."""
+    if f.table == "users":
+        return "user"
+    if f.table == "items":
+        return "item"
+    if f.table == "impressions":
+        return "privileged" if f.side == "privileged" else "context"
+    return None  # table "cross": computed by CrossFeatureStore, not read from a table
+
+
+def column(frame: Any, name: str, source: str) -> pd.Series:
+    """Column ``name`` of a DataFrame or a mapping of arrays, as a Series; a clear error when it is missing."""
+    try:
+        col = frame[name]
+    except KeyError:
+        have = list(frame.columns) if hasattr(frame, "columns") else list(frame)
+        raise DataValidationError(f"{source}: missing feature column {name!r} (has {have})") from None
+    return col if isinstance(col, pd.Series) else pd.Series(np.asarray(col))
+
+
+def cat_keys(s: pd.Series, source: str, name: str, kind: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+    """Sortable keys of a categorical column: (keys [N] int64 or str, valid bool [N], key kind "int" | "str").
+
+    Integer columns give int64 keys; float columns must hold whole numbers (pandas stores an int column with
+    NaN as float) and give int64 keys; anything else gives str keys. Missing values are invalid (-> OOV).
+    ``kind`` forces the key kind fitted earlier, so ``"39"`` and ``39`` meet in the same vocabulary.
+    """
+    valid = ~s.isna().to_numpy()
+    if pd.api.types.is_bool_dtype(s) or pd.api.types.is_integer_dtype(s):
+        keys, got = s.to_numpy(dtype=np.int64, na_value=0), "int"
+    elif pd.api.types.is_float_dtype(s):
+        v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+        bad = valid & ((v != np.round(v)) | ~np.isfinite(v))
+        if bad.any():
+            raise DataValidationError(
+                f"{source}: categorical column {name!r} holds a non-integer float {v[bad][0]!r}; "
+                "declare it numeric or cast it to int/str"
+            )
+        keys, got = np.where(valid, v, 0).astype(np.int64), "int"
+    else:
+        obj = s.to_numpy(dtype=object, copy=True)
+        obj[~valid] = ""
+        keys, got = obj.astype(str), "str"  # (Series.to_numpy(dtype=str) truncates to 1 char in pandas 3)
+    if kind is not None and kind != got:
+        if kind == "str":
+            keys = keys.astype(str)  # int -> decimal text, so 39 meets "39"
+        else:
+            num = pd.to_numeric(pd.Series(keys[valid]), errors="coerce")
+            if num.isna().any():
+                raise DataValidationError(
+                    f"{source}: categorical column {name!r} was fitted on integer values but holds "
+                    f"{keys[valid][num.isna().to_numpy()][0]!r}"
+                )
+            ints = np.zeros(len(keys), dtype=np.int64)
+            ints[valid] = num.to_numpy(dtype=np.int64)
+            keys = ints
+    return keys, valid, kind or got
+
+
+def scale(std):
+    """The standardisation divisor for ``std`` (a float or an array): 1.0 where a column is constant up to float
+    rounding (below 10 machine epsilons, scikit-learn's StandardScaler rule). Dividing by such a std (say 1e-110,
+    left by values 0 and 4e-110) turns any other value into inf in float32."""
+    tiny = 10 * np.finfo(np.float64).eps
+    if np.ndim(std) == 0:
+        return float(std) if std >= tiny else 1.0
+    return np.where(np.asarray(std) >= tiny, std, 1.0)
+
+
+def vocab_lookup(vocab: np.ndarray, keys: np.ndarray, valid: np.ndarray) -> np.ndarray:
+    """Index of each key in the sorted ``vocab`` plus 1; 0 (OOV) for unseen or invalid keys. int64 [N]."""
+    if len(vocab) == 0:
+        return np.zeros(len(keys), dtype=np.int64)
+    pos = np.searchsorted(vocab, keys)
+    pos_c = np.minimum(pos, len(vocab) - 1)
+    hit = valid & (vocab[pos_c] == keys)
+    return np.where(hit, pos_c + 1, OOV).astype(np.int64)
+
+
+def float_values(s: pd.Series, source: str, name: str) -> np.ndarray:
+    """float64 [N] of a numeric column (NaN kept); inf or non-numbers raise."""
+    if not (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)):
+        raise DataValidationError(f"{source}: numeric column {name!r} has dtype {s.dtype} (example {s.iloc[0]!r})")
+    v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+    inf = np.isinf(v)
+    if inf.any():
+        raise DataValidationError(f"{source}: numeric column {name!r} has an infinite value at row {int(np.flatnonzero(inf)[0])}")
+    return v
+
+
+def concat_specs(*specs: FeatureSpec) -> FeatureSpec:
+    return FeatureSpec(*(sum((getattr(s, k) for s in specs), ()) for k in
+                         ("cat_names", "cat_sides", "cat_cardinality", "num_names", "num_sides")))

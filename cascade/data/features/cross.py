@@ -1,0 +1,188 @@
+"""User x item cross features from strictly earlier events, for any (user, item, t)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pandas as pd
+
+from ..ids import IdIndex
+from ..requests import request_start_ms
+from ..split import DAY_MS
+from .columns import column
+
+log = logging.getLogger(__name__)
+
+
+class _History:
+    """Events of one key family, sorted by (key, time): answers windowed counts with two searchsorted calls.
+
+    Keys are first made dense (0..K-1) and times replaced by their rank among the distinct event times, so
+    ``dense_key * stride + time_rank`` fits int64 for any id range and any time span (both factors are at most
+    the number of events) and one global ``searchsorted`` finds a (key, time) bound.
+    """
+
+    def __init__(self, keys: np.ndarray, time_rank: np.ndarray, click: np.ndarray, stride: int):
+        self.keys, dense = np.unique(keys, return_inverse=True)
+        if len(self.keys) and (len(self.keys) + 1) * stride >= 2**62:
+            raise OverflowError(f"cross history: {len(self.keys)} keys x {stride} time ranks overflow int64")
+        comb = dense.astype(np.int64) * stride + time_rank
+        order = np.argsort(comb, kind="stable")
+        self.comb = comb[order]
+        self.cum_click = np.concatenate([[0], np.cumsum(click[order], dtype=np.int64)])
+        self.stride = stride
+
+    def counts(self, dense: np.ndarray, found: np.ndarray, rank_lo: np.ndarray, rank_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(clicks, exposures) int64 [N] of events with key ``dense`` and time rank in [rank_lo, rank_hi)."""
+        base = np.where(found, dense, 0) * self.stride
+        lo = np.searchsorted(self.comb, base + rank_lo)
+        hi = np.searchsorted(self.comb, base + rank_hi)
+        expo = np.where(found, hi - lo, 0)
+        clicks = np.where(found, self.cum_click[hi] - self.cum_click[lo], 0)
+        return clicks, expo
+
+    def lookup(self, keys: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(dense key [N], found bool [N]) of raw keys; a key without events is not found."""
+        if len(self.keys) == 0:
+            return np.zeros(len(keys), np.int64), np.zeros(len(keys), bool)
+        pos = np.minimum(np.searchsorted(self.keys, keys), len(self.keys) - 1)
+        return pos, valid & (self.keys[pos] == keys)
+
+
+class CrossFeatureStore:
+    """User x item interaction statistics from strictly earlier events, for any (user, item, t).
+
+    For a query (u, i, t) with window W = ``window_days`` days, only events with ``t - W <= time_ms < t`` count:
+
+    - ``user_tag_clicks`` / ``user_tag_exposures``: u's clicks / exposures on items with i's tag;
+    - ``user_author_clicks`` / ``user_author_exposures``: the same for i's author;
+    - ``item_clicks`` / ``item_exposures`` / ``item_ctr``: i's clicks / exposures (all users) and smoothed CTR;
+    - ``user_clicks`` / ``user_exposures`` / ``user_ctr``: u's clicks / exposures (all items) and smoothed CTR.
+
+    Smoothed CTR = (clicks + prior_ctr * prior_strength) / (exposures + prior_strength); the prior is a fixed
+    number (not fitted on the history) so that no later event can move an earlier row's feature. The tag and
+    author of an item come from ``items[tag_column]`` / ``items[author_column]`` (the whole value is the key;
+    a missing tag gives zero user-tag counts). Fit on the whole impression history; features of an impression
+    row use its request's start time (:meth:`query_impressions`), so no event of the same request can leak.
+    """
+
+    feature_names = ("user_tag_clicks", "user_tag_exposures", "user_author_clicks", "user_author_exposures",
+                     "item_clicks", "item_exposures", "item_ctr", "user_clicks", "user_exposures", "user_ctr")
+
+    def __init__(self, window_days: float = 7.0, prior_ctr: float = 0.1, prior_strength: float = 20.0,
+                 tag_column: str = "tag", author_column: str = "author_id"):
+        self.window_days = window_days
+        self.prior_ctr = prior_ctr
+        self.prior_strength = prior_strength
+        self.tag_column = tag_column
+        self.author_column = author_column
+
+    def fit(self, impressions: pd.DataFrame, items: pd.DataFrame) -> "CrossFeatureStore":
+        """Index every impression (user_id, item_id, time_ms, click) of ``impressions``; return self."""
+        if self.window_days <= 0:
+            raise ValueError(f"CrossFeatureStore: window_days must be > 0, got {self.window_days}")
+        if not (0.0 <= self.prior_ctr <= 1.0) or self.prior_strength < 0:
+            raise ValueError(f"CrossFeatureStore: prior_ctr must be in [0, 1] and prior_strength >= 0, "
+                             f"got {self.prior_ctr}, {self.prior_strength}")
+        for col in ("item_id", self.tag_column, self.author_column):
+            column(items, col, "items")
+        for col in ("user_id", "item_id", "time_ms", "click"):
+            column(impressions, col, "impressions")
+        item_ids = items["item_id"].to_numpy(np.int64)
+        order = np.argsort(item_ids, kind="stable")
+        self.item_ids_ = item_ids[order]
+        self._item_index = IdIndex(self.item_ids_, "item_id", "impressions")
+        # factorize works for int and str columns alike; NaN -> -1 (no tag / author)
+        self.item_tag_ = pd.factorize(items[self.tag_column])[0][order].astype(np.int64)
+        self.item_author_ = pd.factorize(items[self.author_column])[0][order].astype(np.int64)
+        self.n_tags_ = int(self.item_tag_.max()) + 1 if len(order) else 0
+        self.n_authors_ = int(self.item_author_.max()) + 1 if len(order) else 0
+
+        user = impressions["user_id"].to_numpy(np.int64)
+        item_row = self._item_index.rows(impressions["item_id"].to_numpy())
+        t = impressions["time_ms"].to_numpy(np.int64)
+        click = impressions["click"].to_numpy(np.int64)
+        self.times_ = np.unique(t)
+        rank = np.searchsorted(self.times_, t).astype(np.int64)
+        stride = len(self.times_) + 1
+        self.users_, ucode = np.unique(user, return_inverse=True)
+        self._user_index = IdIndex(self.users_, "user_id")
+        ucode = ucode.astype(np.int64)
+        tag, author = self.item_tag_[item_row], self.item_author_[item_row]
+        has_tag, has_author = tag >= 0, author >= 0
+        self.user_tag_ = _History(ucode[has_tag] * max(self.n_tags_, 1) + tag[has_tag], rank[has_tag], click[has_tag], stride)
+        self.user_author_ = _History(ucode[has_author] * max(self.n_authors_, 1) + author[has_author],
+                                     rank[has_author], click[has_author], stride)
+        self.item_ = _History(item_row, rank, click, stride)
+        self.user_ = _History(ucode, rank, click, stride)
+        log.info("CrossFeatureStore fitted on %d events (%d users, %d items)", len(t), len(self.users_), len(self.item_ids_))
+        return self
+
+    def query(self, user_ids: np.ndarray, item_ids: np.ndarray, t_ms: np.ndarray) -> dict[str, np.ndarray]:
+        """Cross features of each (user_ids[n], item_ids[n], t_ms[n]): name -> float32 [N].
+
+        Users without history get zero counts (and the prior CTR); an item id unknown to the fitted items
+        table raises.
+        """
+        if not hasattr(self, "times_"):
+            raise RuntimeError("CrossFeatureStore is not fitted: call fit()")
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        t_ms = np.broadcast_to(np.asarray(t_ms, dtype=np.int64), user_ids.shape)
+        if user_ids.shape != item_ids.shape or user_ids.ndim != 1:
+            raise ValueError(f"CrossFeatureStore.query: user_ids {user_ids.shape} and item_ids {item_ids.shape} must be equal 1-d")
+        n = len(user_ids)
+        # np.searchsorted is ~10x faster on sorted needles (each search starts from the previous hit and touches
+        # the same, cached part of the history), so the searches into the histories run on needles put in
+        # order by one argsort each: by time for the time ranks, by (item, time) for the item family and by
+        # (user, time) for the three user families (user-tag / user-author needles are then sorted by user and
+        # nearly sorted within a user).
+        window_ms = int(round(self.window_days * DAY_MS))
+        stride = len(self.times_) + 1
+        o_t = np.argsort(t_ms)
+        t_sorted = t_ms[o_t]
+        # event rank < rank_hi <=> time < t ; event rank >= rank_lo <=> time >= t - W
+        rank_hi, rank_lo = np.empty(n, np.int64), np.empty(n, np.int64)
+        rank_hi[o_t] = np.searchsorted(self.times_, t_sorted)
+        rank_lo[o_t] = np.searchsorted(self.times_, t_sorted - window_ms)
+
+        item_row = self._item_index.rows(item_ids, "CrossFeatureStore.query")
+        o_i = np.argsort(item_row * stride + rank_hi)
+        d, f = self.item_.lookup(item_row[o_i], np.ones(n, bool))
+        it_c, it_e = self.item_.counts(d, f, rank_lo[o_i], rank_hi[o_i])
+
+        upos, uknown = self._user_index.find(user_ids)
+        o_u = np.argsort(upos * stride + rank_hi)
+        up, known = upos[o_u], uknown[o_u]
+        lo, hi = rank_lo[o_u], rank_hi[o_u]
+        tag, author = self.item_tag_[item_row[o_u]], self.item_author_[item_row[o_u]]
+        d, f = self.user_tag_.lookup(up * max(self.n_tags_, 1) + tag, known & (tag >= 0))
+        ut_c, ut_e = self.user_tag_.counts(d, f, lo, hi)
+        d, f = self.user_author_.lookup(up * max(self.n_authors_, 1) + author, known & (author >= 0))
+        ua_c, ua_e = self.user_author_.counts(d, f, lo, hi)
+        # users_ are exactly the keys of the user history, so a user's position is its dense key
+        us_c, us_e = self.user_.counts(up, known, lo, hi)
+
+        def back(x: np.ndarray, order: np.ndarray) -> np.ndarray:
+            out = np.empty(n, np.float64)
+            out[order] = x
+            return out
+
+        ut_c, ut_e, ua_c, ua_e, us_c, us_e = (back(x, o_u) for x in (ut_c, ut_e, ua_c, ua_e, us_c, us_e))
+        it_c, it_e = back(it_c, o_i), back(it_e, o_i)
+        a, b = self.prior_ctr * self.prior_strength, self.prior_strength
+        f32 = np.float32
+        return {
+            "user_tag_clicks": ut_c.astype(f32), "user_tag_exposures": ut_e.astype(f32),
+            "user_author_clicks": ua_c.astype(f32), "user_author_exposures": ua_e.astype(f32),
+            "item_clicks": it_c.astype(f32), "item_exposures": it_e.astype(f32),
+            "item_ctr": ((it_c + a) / (it_e + b)).astype(f32),
+            "user_clicks": us_c.astype(f32), "user_exposures": us_e.astype(f32),
+            "user_ctr": ((us_c + a) / (us_e + b)).astype(f32),
+        }
+
+    def query_impressions(self, impressions: pd.DataFrame) -> dict[str, np.ndarray]:
+        """Cross features of impression rows at their request's START time (all items of a request alike)."""
+        return self.query(impressions["user_id"].to_numpy(), impressions["item_id"].to_numpy(),
+                          request_start_ms(impressions))

@@ -1,0 +1,266 @@
+"""The feature encoder: vocabularies and numeric statistics fitted on the train impressions, applied with
+vectorised numpy; saved as JSON + npz (no pickle)."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from ...artifacts import read_json, read_npz, sha256_file, write_json, write_npz
+from ..batches import FeatureSpec
+from ..ids import IdIndex
+from ..requests import request_start_ms
+from ..schema import Dataset, DataValidationError, Schema
+from .columns import NUMERIC_MODES, cat_keys, column, concat_specs, float_values, scale, vocab_lookup
+from .fit import TrainValues, check_cross_names, encoded_features, fit_categorical, fit_numeric
+
+if TYPE_CHECKING:
+    from .cross import CrossFeatureStore
+
+log = logging.getLogger(__name__)
+
+ENCODER_JSON = "feature_encoder.json"
+ENCODER_NPZ = "feature_encoder.npz"
+
+
+class FeatureEncoder:
+    """Fits vocabularies and numeric statistics on train impressions; encodes users, items, context, privileged.
+
+    numeric: ``"standardize"`` ((x - mean) / std), ``"log_standardize"`` (log1p first for every column whose
+    train minimum is >= 0: log1p is monotone, tames heavy tails such as follower counts or watch time, and only
+    rescales a bounded column), or ``"quantile"`` (``n_buckets`` train quantile buckets, encoded as a
+    categorical column with indices 1..B+1; the bucketed column moves from ``num`` to ``cat``). NaN is filled
+    with the train median before any transform. A column that is constant in train standardises to 0.
+
+    Learned attributes (after :meth:`fit`): ``columns_`` (per-column metadata, JSON-able), ``vocab_`` (column
+    name -> sorted vocabulary array; index i of the vocabulary encodes as i + 1), ``edges_`` (column name ->
+    quantile edges), ``cross_names_``, ``cross_mean_``, ``cross_std_`` (log1p-standardisation of the cross
+    features on the train rows).
+    """
+
+    def __init__(self, schema: Schema, min_count: int = 1, numeric: str = "log_standardize", n_buckets: int = 32):
+        self.schema = schema
+        self.min_count = min_count
+        self.numeric = numeric
+        self.n_buckets = n_buckets
+
+    # ---- fitting ---------------------------------------------------------------------------------------------
+
+    def check_args(self) -> None:
+        """Raise ValueError on a bad numeric mode, min_count or n_buckets."""
+        if self.numeric not in NUMERIC_MODES:
+            raise ValueError(f"FeatureEncoder: numeric={self.numeric!r} is not one of {NUMERIC_MODES}")
+        if self.min_count < 1:
+            raise ValueError(f"FeatureEncoder: min_count must be >= 1, got {self.min_count}")
+        if self.n_buckets < 2:
+            raise ValueError(f"FeatureEncoder: n_buckets must be >= 2, got {self.n_buckets}")
+
+    def fit(self, dataset: Dataset, train_mask: np.ndarray, cross_store: "CrossFeatureStore | None" = None) -> "FeatureEncoder":
+        """Fit on the impressions selected by ``train_mask`` (bool [N] or int index array) and return self.
+
+        User and item columns are read from the user / item rows of the train impressions (one row per train
+        exposure). ``cross_store``, when given, is queried for the train rows at their request start time to
+        fit the cross features' log1p-standardisation.
+        """
+        self.check_args()
+        imp = dataset.impressions
+        train = imp.iloc[np.flatnonzero(train_mask)] if np.asarray(train_mask).dtype == bool else imp.iloc[np.asarray(train_mask)]
+        if len(train) == 0:
+            raise DataValidationError(f"{dataset.source('impressions')}: train mask selects no impressions")
+        users, items = dataset.users, dataset.items
+        src = dataset.source("impressions")
+        u_rows = IdIndex(users["user_id"].to_numpy(np.int64), "user_id", src).rows(train["user_id"].to_numpy())
+        i_rows = IdIndex(items["item_id"].to_numpy(np.int64), "item_id", src).rows(train["item_id"].to_numpy())
+        frames = {"user": (users, u_rows, dataset.source("users")), "item": (items, i_rows, dataset.source("items")),
+                  "context": (train, None, dataset.source("impressions")),
+                  "privileged": (train, None, dataset.source("impressions"))}
+
+        columns: list[dict] = []
+        vocab: dict[str, np.ndarray] = {}
+        edges: dict[str, np.ndarray] = {}
+        for f, part in encoded_features(self.schema):
+            frame, rows, source = frames[part]
+            s = column(frame, f.name, source)
+            if rows is not None:
+                s = s.iloc[rows]
+            col = {"name": f.name, "side": f.side, "part": part, "kind": f.kind}
+            if f.kind == "categorical":
+                keys, valid, kind = cat_keys(s, source, f.name)
+                uniq, counts = np.unique(keys[valid], return_counts=True)
+                vocab[f.name] = fit_categorical(col, uniq, counts, kind, self.min_count)
+            else:
+                e = fit_numeric(col, TrainValues(float_values(s, source, f.name)), self.numeric, self.n_buckets, source)
+                if e is not None:
+                    edges[f.name] = e
+            columns.append(col)
+        cross = None
+        if cross_store is not None:
+            check_cross_names(self.schema, cross_store.feature_names)
+            starts = request_start_ms(imp)[np.asarray(train_mask)]
+            q = cross_store.query(train["user_id"].to_numpy(), train["item_id"].to_numpy(), starts)
+            x = np.log1p(np.stack([q[n].astype(np.float64) for n in cross_store.feature_names], axis=1))
+            cross = (cross_store.feature_names, x.mean(axis=0), x.std(axis=0))
+        return self.set_fitted(columns, vocab, edges, cross)
+
+    def set_fitted(self, columns: list[dict], vocab: dict, edges: dict,
+                   cross: tuple[Any, np.ndarray, np.ndarray] | None) -> "FeatureEncoder":
+        """Store what a fit learned: column metadata, vocabularies, quantile edges and the cross features'
+        (names, mean [K], std [K]) of log1p (None: no cross features); std is guarded as every scale is."""
+        self.columns_, self.vocab_, self.edges_ = columns, vocab, edges
+        self.cross_names_: list[str] = []
+        self.cross_mean_ = np.zeros(0)
+        self.cross_std_ = np.ones(0)
+        if cross is not None:
+            names, mean, std = cross
+            self.cross_names_, self.cross_mean_, self.cross_std_ = list(names), mean, scale(std)
+        log.info("FeatureEncoder fitted: %d columns, %d cross features", len(columns), len(self.cross_names_))
+        return self
+
+    # ---- encoding --------------------------------------------------------------------------------------------
+
+    def _fitted(self) -> None:
+        if not hasattr(self, "columns_"):
+            raise RuntimeError("FeatureEncoder is not fitted: call fit() or FeatureEncoder.load()")
+
+    def _encode_part(self, part: str, frame: Any, source: str) -> tuple[np.ndarray, np.ndarray]:
+        self._fitted()
+        cols = [c for c in self.columns_ if c["part"] == part]
+        cat_out, num_out = [], []
+        n = len(frame) if isinstance(frame, pd.DataFrame) else None
+        for c in cols:
+            s = column(frame, c["name"], source)
+            if n is not None and len(s) != n:
+                raise ValueError(f"{source}: column {c['name']!r} has {len(s)} rows, expected {n}")
+            n = len(s)
+            if c["kind"] == "categorical":
+                keys, valid, _ = cat_keys(s, source, c["name"], kind=c["key_kind"])
+                cat_out.append(vocab_lookup(self.vocab_[c["name"]], keys, valid))
+                continue
+            v = float_values(s, source, c["name"])
+            v = np.where(np.isnan(v), c["median"], v)
+            if c["log1p"]:
+                if (v < 0).any():
+                    raise DataValidationError(
+                        f"{source}: column {c['name']!r} was non-negative in train (log1p) but holds {v[v < 0][0]!r}")
+                v = np.log1p(v)
+            if c["out"] == "cat":
+                cat_out.append(np.searchsorted(self.edges_[c["name"]], v, side="right").astype(np.int64) + 1)
+            else:
+                num_out.append(((v - c["mean"]) / c["std"]).astype(np.float32))
+        if n is None:
+            raise ValueError(f"{source}: cannot tell the number of rows of a {type(frame).__name__} without columns")
+        cat = np.stack(cat_out, axis=1) if cat_out else np.zeros((n, 0), np.int64)
+        num = np.stack(num_out, axis=1) if num_out else np.zeros((n, 0), np.float32)
+        return np.ascontiguousarray(cat), np.ascontiguousarray(num)
+
+    def encode_users(self, users: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """User-table columns of ``users`` rows: (cat int64 [U, Cu], num float32 [U, Mu])."""
+        return self._encode_part("user", users, "users")
+
+    def encode_items(self, items: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+        """Item-table columns of ``items`` rows: (cat int64 [I, Ci], num float32 [I, Mi])."""
+        return self._encode_part("item", items, "items")
+
+    def encode_context(self, impressions: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Context columns (impression table, non-privileged) of a DataFrame or a mapping of arrays [N]."""
+        return self._encode_part("context", impressions, "impressions")
+
+    def encode_privileged(self, impressions: Any) -> tuple[np.ndarray, np.ndarray]:
+        """Privileged (post-click) columns; training only, never a serving-time input."""
+        return self._encode_part("privileged", impressions, "impressions")
+
+    def encode_cross(self, cross: Mapping[str, np.ndarray]) -> np.ndarray:
+        """Cross features (name -> [N] counts / CTRs) -> float32 [N, K]: log1p, then train standardisation."""
+        self._fitted()
+        missing = [n for n in self.cross_names_ if n not in cross]
+        if missing:
+            raise ValueError(f"encode_cross: missing cross feature(s) {missing}; the encoder was fitted on {self.cross_names_}")
+        if not self.cross_names_:
+            n = len(next(iter(cross.values()))) if cross else 0
+            return np.zeros((n, 0), np.float32)
+        n = len(cross[self.cross_names_[0]])
+        out = np.empty((n, len(self.cross_names_)), np.float32)
+        for j, name in enumerate(self.cross_names_):
+            out[:, j] = (np.log1p(np.asarray(cross[name], dtype=np.float64)) - self.cross_mean_[j]) / self.cross_std_[j]
+        return out
+
+    # ---- specs -----------------------------------------------------------------------------------------------
+
+    def _spec_part(self, part: str) -> FeatureSpec:
+        self._fitted()
+        cols = [c for c in self.columns_ if c["part"] == part]
+        cat = [c for c in cols if c["out"] == "cat"]
+        num = [c for c in cols if c["out"] == "num"]
+        return FeatureSpec(tuple(c["name"] for c in cat), tuple(c["side"] for c in cat),
+                           tuple(c["cardinality"] for c in cat), tuple(c["name"] for c in num),
+                           tuple(c["side"] for c in num))
+
+    def user_spec(self) -> FeatureSpec:
+        return self._spec_part("user")
+
+    def item_spec(self) -> FeatureSpec:
+        return self._spec_part("item")
+
+    def context_spec(self) -> FeatureSpec:
+        return self._spec_part("context")
+
+    def privileged_spec(self) -> FeatureSpec:
+        return self._spec_part("privileged")
+
+    def cross_spec(self) -> FeatureSpec:
+        self._fitted()
+        return FeatureSpec(num_names=tuple(self.cross_names_), num_sides=("cross",) * len(self.cross_names_))
+
+    def spec(self, privileged: bool = True) -> FeatureSpec:
+        """Combined layout: user, item, context, cross, then (if ``privileged``) privileged columns."""
+        parts = [self.user_spec(), self.item_spec(), self.context_spec(), self.cross_spec()]
+        if privileged:
+            parts.append(self.privileged_spec())
+        return concat_specs(*parts)
+
+    # ---- persistence -----------------------------------------------------------------------------------------
+
+    def save(self, directory: str | Path) -> Path:
+        """Write ``feature_encoder.npz`` (vocabularies, edges) then ``feature_encoder.json`` (the rest, with the
+        npz's sha256), both atomically. No pickle anywhere."""
+        self._fitted()
+        d = Path(directory)
+        arrays = {f"vocab__{k}": v for k, v in self.vocab_.items()}
+        arrays.update({f"edges__{k}": v for k, v in self.edges_.items()})
+        arrays["cross_mean"] = np.asarray(self.cross_mean_, np.float64)
+        arrays["cross_std"] = np.asarray(self.cross_std_, np.float64)
+        write_npz(d / ENCODER_NPZ, **arrays)
+        meta = {
+            "format": 1,
+            "schema": self.schema.to_dict(),
+            "params": {"min_count": self.min_count, "numeric": self.numeric, "n_buckets": self.n_buckets},
+            "columns": self.columns_,
+            "cross_names": self.cross_names_,
+            "npz_sha256": sha256_file(d / ENCODER_NPZ),
+        }
+        write_json(d / ENCODER_JSON, meta)
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "FeatureEncoder":
+        """Read what :meth:`save` wrote; a missing or altered file raises naming it."""
+        d = Path(directory)
+        meta = read_json(d / ENCODER_JSON)
+        npz = d / ENCODER_NPZ
+        if not npz.exists():
+            raise FileNotFoundError(f"{npz}: missing (FeatureEncoder.load)")
+        if sha256_file(npz) != meta["npz_sha256"]:
+            raise ValueError(f"{npz}: sha256 does not match {d / ENCODER_JSON}; the file is truncated or altered")
+        arrays = read_npz(npz)
+        enc = cls(Schema.from_dict(meta["schema"]), **meta["params"])
+        enc.columns_ = meta["columns"]
+        enc.vocab_ = {k[len("vocab__"):]: v for k, v in arrays.items() if k.startswith("vocab__")}
+        enc.edges_ = {k[len("edges__"):]: v for k, v in arrays.items() if k.startswith("edges__")}
+        enc.cross_names_ = list(meta["cross_names"])
+        enc.cross_mean_ = arrays["cross_mean"]
+        enc.cross_std_ = arrays["cross_std"]
+        return enc

@@ -1,0 +1,119 @@
+"""Encoded tables of a dataset's splits and feature rows of arbitrary (user, item, time, context) pairs, in one
+column layout: user, item, context, cross, privileged."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Mapping
+
+import numpy as np
+import pandas as pd
+
+from ..batches import EncodedTable
+from ..ids import IdIndex
+from ..requests import request_start_ms
+from ..schema import Dataset, DataValidationError
+from .cross import CrossFeatureStore
+from .encoder import FeatureEncoder
+
+log = logging.getLogger(__name__)
+
+
+class PairEncoder:
+    """Feature rows for arbitrary (user, item, time, context) pairs, in the impressions' column layout minus
+    the privileged columns. Encodes the user and item tables once; each call is a few gathers.
+
+    users / items: the side tables (every user / item a query may name must be in them).
+    """
+
+    def __init__(self, encoder: FeatureEncoder, cross_store: CrossFeatureStore | None,
+                 users: pd.DataFrame, items: pd.DataFrame):
+        encoder._fitted()
+        if bool(encoder.cross_names_) != (cross_store is not None):
+            raise ValueError("PairEncoder: the encoder was fitted "
+                             + ("with" if encoder.cross_names_ else "without")
+                             + " cross features but cross_store is " + ("None" if cross_store is None else "given"))
+        self.encoder, self.cross_store = encoder, cross_store
+        uid = users["user_id"].to_numpy(np.int64)
+        iid = items["item_id"].to_numpy(np.int64)
+        uo, io = np.argsort(uid, kind="stable"), np.argsort(iid, kind="stable")
+        self.user_ids_, self.item_ids_ = uid[uo], iid[io]
+        self._user_index = IdIndex(self.user_ids_, "user_id", "encode_pairs")
+        self._item_index = IdIndex(self.item_ids_, "item_id", "encode_pairs")
+        ucat, unum = encoder.encode_users(users)
+        icat, inum = encoder.encode_items(items)
+        self.user_cat_, self.user_num_ = ucat[uo], unum[uo]
+        self.item_cat_, self.item_num_ = icat[io], inum[io]
+        self.spec = encoder.spec(privileged=False)
+
+    def encode_pairs(self, user_ids: np.ndarray, item_ids: np.ndarray, t_ms: np.ndarray | int,
+                     context: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(cat int64 [N, C], num float32 [N, M]) laid out as ``self.spec``.
+
+        user_ids, item_ids: int64 [N]; t_ms: [N] or a scalar (cross features use events strictly before it);
+        context: context column name -> [N] array or a scalar (e.g. ``{"hour": 20, "tab": 1}``).
+        """
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        n = len(user_ids)
+        upos = self._user_index.rows(user_ids)
+        ipos = self._item_index.rows(item_ids)
+        ctx = {}
+        for c in self.encoder.columns_:
+            if c["part"] == "context":
+                if c["name"] not in context:
+                    raise DataValidationError(f"encode_pairs: context has no column {c['name']!r} (has {list(context)})")
+                v = context[c["name"]]
+                v = v.to_numpy() if isinstance(v, pd.Series) else np.asarray(v)
+                if v.ndim == 0 or len(v) == 1:  # one value for every pair (e.g. one request at serving)
+                    v = np.repeat(v.reshape(-1)[:1], n)
+                if v.shape != (n,):
+                    raise ValueError(f"encode_pairs: context {c['name']!r} has shape {v.shape}, expected ({n},)")
+                ctx[c["name"]] = v
+        ccat, cnum = self.encoder.encode_context(pd.DataFrame(ctx, index=np.arange(n)))
+        if self.cross_store is not None:
+            xnum = self.encoder.encode_cross(self.cross_store.query(user_ids, item_ids, np.broadcast_to(np.asarray(t_ms, np.int64), (n,))))
+        else:
+            xnum = np.zeros((n, 0), np.float32)
+        cat = np.concatenate([self.user_cat_[upos], self.item_cat_[ipos], ccat], axis=1)
+        num = np.concatenate([self.user_num_[upos], self.item_num_[ipos], cnum, xnum], axis=1)
+        return cat, num
+
+
+def build_encoded(dataset: Dataset, masks: Mapping[str, np.ndarray], encoder: FeatureEncoder,
+                  cross_store: CrossFeatureStore | None, privileged: bool = True) -> dict[str, EncodedTable]:
+    """One :class:`EncodedTable` per split of ``masks`` (bool [N] over ``dataset.impressions``).
+
+    Columns: user, item, context, cross (at each row's request start time), then privileged columns if
+    ``privileged``. label = click (float32). extra: ``position`` (int64) and the raw privileged columns
+    (float32, NaN kept) when ``privileged``.
+    """
+    pairs = PairEncoder(encoder, cross_store, dataset.users, dataset.items)
+    spec = encoder.spec(privileged=privileged)
+    imp = dataset.impressions
+    starts = request_start_ms(imp)
+    priv_names = [c["name"] for c in encoder.columns_ if c["part"] == "privileged"]
+    out = {}
+    for part, mask in masks.items():
+        mask = np.asarray(mask)
+        if mask.shape != (len(imp),):
+            raise ValueError(f"build_encoded: mask {part!r} has shape {mask.shape}, expected ({len(imp)},)")
+        sub = imp[mask]
+        cat, num = pairs.encode_pairs(sub["user_id"].to_numpy(), sub["item_id"].to_numpy(), starts[mask], sub)
+        extra: dict[str, np.ndarray] = {}
+        if "position" in sub.columns:
+            extra["position"] = sub["position"].to_numpy(np.int64)
+        if privileged:
+            pcat, pnum = encoder.encode_privileged(sub)
+            cat = np.concatenate([cat, pcat], axis=1)
+            num = np.concatenate([num, pnum], axis=1)
+            for name in priv_names:
+                extra[name] = sub[name].to_numpy(np.float32, na_value=np.nan)
+        out[part] = EncodedTable(
+            spec, np.ascontiguousarray(cat), np.ascontiguousarray(num),
+            sub["click"].to_numpy(np.float32), sub["request_id"].to_numpy(np.int64),
+            sub["user_id"].to_numpy(np.int64), sub["item_id"].to_numpy(np.int64),
+            sub["time_ms"].to_numpy(np.int64), sub["is_rand"].to_numpy(np.int8), extra,
+        )
+        log.info("build_encoded: %s %d rows, cat %s, num %s", part, len(sub), cat.shape, num.shape)
+    return out
