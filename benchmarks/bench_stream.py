@@ -32,8 +32,7 @@ import torch
 
 from cascade.data import stream as S
 from cascade.data.features import CrossFeatureStore
-from cascade.data.world import WorldConfig
-from cascade.data.world_stream import generate_world_stream
+from cascade.data.world import WorldConfig, generate_world_stream
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.train.loop import TrainConfig, fit
 

@@ -1,4 +1,4 @@
-"""Tests of the chunked world writer (cascade.data.world_stream) and the streaming data layer (cascade.data.stream)."""
+"""Tests of the chunked world writer (cascade.data.world.chunked) and the streaming data layer (cascade.data.stream)."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import torch
 from cascade.artifacts import MANIFEST, read_npz
 from cascade.data import stream as S
 from cascade.data import world as W
-from cascade.data import world_stream as WS
+from cascade.data.world import chunked as WS
 from cascade.data.batches import EncodedTable
 from cascade.data.features import CrossFeatureStore, FeatureEncoder, build_encoded
 from cascade.data.sampling import CdfSampler

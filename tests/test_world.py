@@ -10,7 +10,9 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
+from cascade.artifacts import read_npz
 from cascade.data import world as W
+from cascade.data.world.generate import auc as world_auc
 from cascade.data.world import KUAIRAND_LOG_COLUMNS, HistoryState, World, WorldConfig, generate_world
 
 SMALL = WorldConfig(seed=0, n_users=1500, n_items=1200, n_days=5)
@@ -218,7 +220,7 @@ def test_deterministic_under_seed_and_different_under_another(small, tmp_path):
     generate_world(tmp_path / "again", SMALL)
     for name in LOG_FILES + (W.USER_FEATURES_FILE, W.VIDEO_FEATURES_FILE):
         assert (out / name).read_bytes() == (tmp_path / "again" / name).read_bytes(), name
-    a, b = W.read_npz(out / W.WORLD_STATE), W.read_npz(tmp_path / "again" / W.WORLD_STATE)
+    a, b = read_npz(out / W.WORLD_STATE), read_npz(tmp_path / "again" / W.WORLD_STATE)
     assert a.keys() == b.keys()
     for key in a:
         np.testing.assert_array_equal(a[key], b[key], err_msg=key)
@@ -286,4 +288,4 @@ def test_auc_helper_matches_sklearn():
     rng = np.random.default_rng(0)
     y = rng.random(500) < 0.3
     s = np.round(rng.standard_normal(500) + y, 1)  # rounded: many ties, which both must average
-    assert W._auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)
+    assert world_auc(y, s) == pytest.approx(roc_auc_score(y, s), abs=1e-12)

@@ -1,6 +1,6 @@
 """Streaming data layer: a parquet impression dataset larger than RAM -> encoder -> on-disk EncodedTables.
 
-A :class:`StreamDataset` is a folder written by :func:`cascade.data.world_stream.generate_world_stream`: side
+A :class:`StreamDataset` is a folder written by :func:`cascade.data.world.generate_world_stream`: side
 tables (read into memory: they grow with users and items only) and impressions as a pyarrow dataset of parquet
 files, scanned in record batches. Three streaming passes, each holding one batch at a time:
 

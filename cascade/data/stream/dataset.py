@@ -16,8 +16,7 @@ from .. import kuairand
 from ..requests import request_start_ms
 from ..schema import Dataset, DataValidationError, Feature, Schema
 from ..split import DAY_MS, SPLITS
-from ..world import USER_FEATURES_FILE, VIDEO_FEATURES_FILE
-from ..world_stream import world_stream_files
+from ..world import USER_FEATURES_FILE, VIDEO_FEATURES_FILE, world_stream_files
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The synthetic world written in chunks: 10 M items and 100 M impressions without holding the log in memory.
 
 :func:`generate_world_stream` runs the generative model of :mod:`cascade.data.world` (the same side tables, the
-same latent arrays, the same per-hour simulation code, :func:`cascade.data.world._simulate_step`, and the same
+same latent arrays, the same per-hour simulation code, :func:`cascade.data.world.simulate.simulate_step`, and the same
 post-click model) but draws the requests of each chunk of ``chunk_hours`` hour steps only when that chunk is
 simulated, and writes each chunk as its own parquet file. Memory then grows with the number of users and items
 (latent arrays, the users x tags / users x author-buckets history state) and with the size of ONE chunk, never
@@ -53,11 +53,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from cascade.artifacts import (MANIFEST, ArtifactError, atomic_path, read_manifest, read_npz, stable_hash,
-                               write_manifest, write_npz)
-from cascade.data import world as W
-from cascade.data.io import hour_weekday
-from cascade.data.sampling import CdfSampler
+from ...artifacts import (MANIFEST, ArtifactError, atomic_path, read_manifest, read_npz, stable_hash, write_manifest,
+                          write_npz)
+from ..io import hour_weekday
+from ..sampling import CdfSampler
+from .config import (BEIJING, HOUR_MS, HOUR_WEIGHTS, USER_FEATURES_FILE, VIDEO_FEATURES_FILE, WORLD_JSON, WORLD_STATE,
+                     HistoryState, WorldConfig, embedded_data_dir)
+from .model import History, World, build_arrays
+from .simulate import STEP_KEYS, new_history, popular_sampler, post_click, simulate_step, unique_requests
+from .tables import read_tables, write_side_table
 
 logger = logging.getLogger(__name__)
 
@@ -106,36 +110,36 @@ def _chunk_rng(seed: int, chunk: int) -> np.random.Generator:
     return np.random.default_rng(np.random.SeedSequence([seed, 1, chunk]))
 
 
-def _draw_chunk_requests(cfg: W.WorldConfig, rate: np.ndarray, s0: int, s1: int, rng: np.random.Generator
+def _draw_chunk_requests(cfg: WorldConfig, rate: np.ndarray, s0: int, s1: int, rng: np.random.Generator
                          ) -> dict[str, np.ndarray]:
     """The requests of hour steps [s0, s1), at most one per (user, step, tab, is_rand), sorted by step.
 
     rate: [U] expected requests of each user over the whole period. Same keys as world._draw_requests.
     """
     U = len(rate)
-    w = W._HOUR_WEIGHTS[np.arange(s0, s1) % 24]
-    lam = rate * (w.sum() / (cfg.n_days * W._HOUR_WEIGHTS.sum()))
+    w = HOUR_WEIGHTS[np.arange(s0, s1) % 24]
+    lam = rate * (w.sum() / (cfg.n_days * HOUR_WEIGHTS.sum()))
     user = np.repeat(np.arange(U, dtype=np.int64), rng.poisson(lam))
     R = len(user)
     step = s0 + rng.choice(len(w), size=R, p=w / w.sum())
     tab_p = 0.5 ** np.arange(cfg.n_tabs)
     tab = rng.choice(cfg.n_tabs, size=R, p=tab_p / tab_p.sum())
     is_rand = (rng.random(R) < cfg.random_fraction).astype(np.int64)
-    return W._unique_requests(step, user, tab, is_rand, cfg, U, rng)
+    return unique_requests(step, user, tab, is_rand, cfg, U, rng)
 
 
-def _simulate_chunk(world: W.World, hist: W._History, pop: CdfSampler, s0: int, s1: int,
+def _simulate_chunk(world: World, hist: History, pop: CdfSampler, s0: int, s1: int,
                     rate: np.ndarray, day_ms: np.ndarray, day_int: np.ndarray, first_request_id: int,
                     rng: np.random.Generator) -> tuple[pa.Table, dict[str, np.ndarray]]:
     """Simulate hour steps [s0, s1): (arrow table of IMPRESSION_SCHEMA, per-row arrays for the summary)."""
     cfg, arrays = world.config, world._a
     req = _draw_chunk_requests(cfg, rate, s0, s1, rng)
     bounds = np.searchsorted(req["step"], np.arange(s0, s1 + 1))
-    parts: dict[str, list[np.ndarray]] = {k: [] for k in W._STEP_KEYS}
+    parts: dict[str, list[np.ndarray]] = {k: [] for k in STEP_KEYS}
     for j, s in enumerate(range(s0, s1)):
         lo, hi = bounds[j], bounds[j + 1]
         if lo < hi:
-            for k, v in W._simulate_step(world, req, lo, hi, s, hist, rng, pop).items():
+            for k, v in simulate_step(world, req, lo, hi, s, hist, rng, pop).items():
                 parts[k].append(v)
     if not parts["req"]:
         return IMPRESSION_SCHEMA.empty_table(), {"click": np.zeros(0, bool), "is_rand": np.zeros(0, np.int64),
@@ -144,7 +148,7 @@ def _simulate_chunk(world: W.World, hist: W._History, pop: CdfSampler, s0: int, 
     del parts
     step = req["step"]
     day, hour = step // 24, step % 24
-    req_start = day_ms[day] + hour * W.HOUR_MS + req["offset"]
+    req_start = day_ms[day] + hour * HOUR_MS + req["offset"]
     # request ids in order of start time (ties: the simulation order), dense across chunks
     req_rank = np.empty(len(step), np.int64)
     req_rank[np.lexsort((np.arange(len(step)), req_start))] = np.arange(len(step))
@@ -152,7 +156,7 @@ def _simulate_chunk(world: W.World, hist: W._History, pop: CdfSampler, s0: int, 
     request_id = first_request_id + req_rank[r]
     order = np.lexsort((imp["pos"], request_id))
     time_ms = req_start[r] + imp["pos"] * req["gap"][r]
-    post = W._post_click(cfg, imp, arrays["item_duration_ms"][imp["item"]], rng)
+    post = post_click(cfg, imp, arrays["item_duration_ms"][imp["item"]], rng)
     hour_bj, weekday = hour_weekday(time_ms, 8.0)
     cols = {
         "request_id": request_id, "user_id": arrays["user_ids"][req["user"][r]],
@@ -178,11 +182,11 @@ def _part_files(imp_dir: Path) -> dict[int, Path]:
     return out
 
 
-def _run_key(cfg: W.WorldConfig, chunk_hours: int) -> dict[str, Any]:
+def _run_key(cfg: WorldConfig, chunk_hours: int) -> dict[str, Any]:
     return {"format_version": STREAM_FORMAT_VERSION, "world": cfg.to_dict(), "chunk_hours": chunk_hours}
 
 
-def generate_world_stream(out_dir: str | Path, config: W.WorldConfig = W.WorldConfig(), chunk_hours: int = 24,
+def generate_world_stream(out_dir: str | Path, config: WorldConfig = WorldConfig(), chunk_hours: int = 24,
                           data_dir: str | Path | None = None, resume: bool = True, compression: str = "zstd",
                           progress: bool = False) -> StreamWorldResult:
     """Generate the world into ``out_dir`` chunk by chunk (see the module doc for the layout and the model).
@@ -214,18 +218,18 @@ def generate_world_stream(out_dir: str | Path, config: W.WorldConfig = W.WorldCo
     out_dir.mkdir(parents=True, exist_ok=True)
     imp_dir.mkdir(exist_ok=True)
 
-    data_dir = Path(data_dir) if data_dir is not None else W.embedded_data_dir()
+    data_dir = Path(data_dir) if data_dir is not None else embedded_data_dir()
     rng = np.random.default_rng(cfg.seed)  # the same draws as generate_world: identical side tables and arrays
-    users_real, items_real = W._read_tables(data_dir)
+    users_real, items_real = read_tables(data_dir)
     if cfg.n_items is None and len(items_real) < cfg.candidates_per_request:
         raise ValueError(f"WorldConfig.candidates_per_request = {cfg.candidates_per_request}: more than the "
-                         f"{len(items_real)} videos in {data_dir / W.VIDEO_FEATURES_FILE}")
-    users_out, items_out, arrays, activity = W._build_arrays(cfg, users_real, items_real, rng)
+                         f"{len(items_real)} videos in {data_dir / VIDEO_FEATURES_FILE}")
+    users_out, items_out, arrays, activity = build_arrays(cfg, users_real, items_real, rng)
     del users_real, items_real
-    empty = W.HistoryState(*(np.zeros((0, 0), np.float32) for _ in range(4)), hour=0.0)
-    world = W.World(cfg, arrays, empty, out_dir=out_dir)
-    hist = W._new_history(world)
-    pop = W._popular_sampler(world)
+    empty = HistoryState(*(np.zeros((0, 0), np.float32) for _ in range(4)), hour=0.0)
+    world = World(cfg, arrays, empty, out_dir=out_dir)
+    hist = new_history(world)
+    pop = popular_sampler(world)
     rate = cfg.mean_requests_per_user * activity / activity.mean()
     n_pos = cfg.request_size
     counters = {k: 0 for k in _SUMMARY_COUNTERS}
@@ -257,17 +261,17 @@ def generate_world_stream(out_dir: str | Path, config: W.WorldConfig = W.WorldCo
             p.unlink()
     for p in imp_dir.glob(".part-*.tmp"):
         p.unlink()
-    if start_chunk == 0 or not (out_dir / W.USER_FEATURES_FILE).exists() \
-            or not (out_dir / W.VIDEO_FEATURES_FILE).exists():
-        W._write_side_table(out_dir / W.USER_FEATURES_FILE, users_out)
-        W._write_side_table(out_dir / W.VIDEO_FEATURES_FILE, items_out)
+    if start_chunk == 0 or not (out_dir / USER_FEATURES_FILE).exists() \
+            or not (out_dir / VIDEO_FEATURES_FILE).exists():
+        write_side_table(out_dir / USER_FEATURES_FILE, users_out)
+        write_side_table(out_dir / VIDEO_FEATURES_FILE, items_out)
     del users_out, items_out
     t_build = time.perf_counter()
 
     start = dt.date.fromisoformat(cfg.start_date)
     days = [start + dt.timedelta(days=k) for k in range(cfg.n_days)]
     day_int = np.array([d.year * 10000 + d.month * 100 + d.day for d in days], np.int64)
-    day_ms = np.array([int(dt.datetime(d.year, d.month, d.day, tzinfo=W.BEIJING).timestamp()) * 1000 for d in days],
+    day_ms = np.array([int(dt.datetime(d.year, d.month, d.day, tzinfo=BEIJING).timestamp()) * 1000 for d in days],
                       np.int64)
     sim_s = write_s = 0.0
     for c in tqdm(range(start_chunk, len(chunks)), disable=not progress, desc="world_stream: chunks", unit="chunk"):
@@ -318,7 +322,7 @@ def generate_world_stream(out_dir: str | Path, config: W.WorldConfig = W.WorldCo
     world.history_end = hist.snapshot(float(cfg.n_days * 24))
     world._summary = {**summary, "files": [f"{IMPRESSIONS_DIR}/{part_name(c)}" for c in range(len(chunks))]}
     world.save(out_dir)
-    outputs = [W.USER_FEATURES_FILE, W.VIDEO_FEATURES_FILE, W.WORLD_JSON, W.WORLD_STATE,
+    outputs = [USER_FEATURES_FILE, VIDEO_FEATURES_FILE, WORLD_JSON, WORLD_STATE,
                *(f"{IMPRESSIONS_DIR}/{part_name(c)}" for c in range(len(chunks)))]
     wall = time.perf_counter() - t0
     write_manifest(out_dir, stage="world_stream", config=key, seed=cfg.seed, inputs={}, outputs=outputs,
