@@ -7,24 +7,18 @@ import base64
 import json
 import math
 import re
+import shutil
 import struct
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from cascade.artifacts import ArtifactError
-from cascade.artifacts import to_jsonable
-from cascade.eval.report import (
-    MISSING,
-    NOT_COMPUTED,
-    find_chromium,
-    format_value,
-    load_report,
-    markdown_table,
-    render_screenshot,
-    toml_dump,
-    write_report,
-)
+from cascade.artifacts import ArtifactError, to_jsonable
+from cascade.eval.report import format_value, load_report, markdown_table, toml_dump, write_report
+from cascade.eval.report.blocks import MISSING, NOT_COMPUTED
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 IMG_RE = re.compile(r'<img[^>]*\ssrc="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -251,12 +245,17 @@ def test_bad_input_names_the_key(tmp_path, report_data):
         load_report(tmp_path)
 
 
-@pytest.mark.skipif(find_chromium() is None, reason="Chromium not installed (no 'chromium' or 'chromium-browser' on PATH)")
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="Chromium not installed (no 'chromium' or 'chromium-browser' on PATH)")
 def test_html_renders_in_headless_chromium(tmp_path, written):
     from matplotlib.image import imread
 
     out, _ = written
-    png = render_screenshot(out / "report.html", tmp_path / "shot.png", window_size=(1280, 2400))
+    tool = Path(__file__).resolve().parents[1] / "tools" / "render_report.py"
+    done = subprocess.run([sys.executable, str(tool), str(out / "report.html"), "--out", str(tmp_path / "shot.png"),
+                           "--window-size", "1280x2400"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    png = Path(json.loads(done.stdout.splitlines()[-1])["png"])
     assert png.stat().st_size > 50_000  # a page of tables and three plots, not an empty canvas
     img = imread(png)
     assert img.shape[:2] == (2400, 1280)

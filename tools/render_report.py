@@ -1,7 +1,7 @@
 """Render a run's report.html in headless Chromium, save a PNG screenshot and check that it is not blank.
 
-    python benchmarks/render_report.py runs/<name>            # the run folder (or .../report/) or report.html
-    python benchmarks/render_report.py runs/<name> --out shot.png --window-size 1280x6000
+    python tools/render_report.py runs/<name>            # the run folder (or .../report/) or report.html
+    python tools/render_report.py runs/<name> --out shot.png --window-size 1280x6000
 
 Prints one JSON line (png path, bytes, pixel size, grey-level variance, share of non-white pixels) and exits 1
 when the screenshot looks blank (variance below --min-var), 2 when there is no Chromium or no report.
@@ -12,14 +12,67 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shutil
+import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from cascade.eval.report import REPORT_HTML, find_chromium, render_screenshot
+from cascade.eval.report import REPORT_HTML
 
 log = logging.getLogger("render_report")
+
+
+def find_chromium() -> str | None:
+    """Path of a Chromium executable on PATH (``chromium`` or ``chromium-browser``), or None."""
+    for name in ("chromium", "chromium-browser"):
+        p = shutil.which(name)
+        if p:
+            return p
+    return None
+
+
+def render_screenshot(
+    html_path: str | os.PathLike,
+    png_path: str | os.PathLike,
+    *,
+    chromium: str | None = None,
+    window_size: tuple[int, int] = (1280, 2400),
+    timeout_s: float = 120.0,
+) -> Path:
+    """Render ``html_path`` in headless Chromium and save a PNG screenshot of the window at ``png_path``.
+
+    Network features are switched off (the page needs none; a request would show up as a failure to render
+    offline). Raises FileNotFoundError when there is no Chromium or no page, RuntimeError when Chromium fails or
+    writes no image (its stderr tail is in the message)."""
+    html_path = Path(html_path).resolve()
+    if not html_path.is_file():
+        raise FileNotFoundError(f"{html_path}: no such report page")
+    exe = chromium or find_chromium()
+    if exe is None:
+        raise FileNotFoundError("no Chromium found on PATH (looked for 'chromium' and 'chromium-browser')")
+    png_path = Path(png_path).resolve()
+    png_path.parent.mkdir(parents=True, exist_ok=True)
+    if png_path.exists():
+        png_path.unlink()  # a stale screenshot must not pass for a fresh one
+    w, h = window_size
+    with tempfile.TemporaryDirectory(prefix="cascade-chromium-") as profile:
+        cmd = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+               "--disable-background-networking", "--disable-component-update", "--disable-sync",
+               "--disable-dev-shm-usage", "--hide-scrollbars", f"--user-data-dir={profile}",
+               f"--screenshot={png_path}", f"--window-size={w},{h}", html_path.as_uri()]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s,
+                                  env={**os.environ, "HOME": profile})
+        except subprocess.TimeoutExpired:
+            raise RuntimeError(f"chromium did not finish rendering {html_path} within {timeout_s:.0f} s") from None
+    if proc.returncode != 0 or not png_path.is_file():
+        tail = (proc.stderr or "")[-1500:]
+        raise RuntimeError(f"chromium exited with {proc.returncode} and wrote no screenshot {png_path}:\n{tail}")
+    return png_path
 
 
 def find_report(path: Path) -> Path:

@@ -1,0 +1,349 @@
+"""The report's sections, each built from the report data: headline, per-stage metrics, recall curves, latency,
+index, models, distillation ablation, data, run (with the resolved config as TOML)."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pandas as pd
+
+from .blocks import (MISSING, MODEL_COLUMNS, NOT_COMPUTED, STAGE_METRICS, STAGE_ORDER, Section, Table, as_floats, as_list,
+                     as_mapping, cell_number, format_value, kv_table, lower_is_better, metric_label, stage_order)
+from .plots import plot_index, plot_latency, plot_recall_curves
+
+
+def header(data: Mapping) -> tuple[str, list[tuple[str, str]]]:
+    run = as_mapping(data.get("run"), "report_data['run']") or {}
+    name = str(run.get("name") or "unnamed run")
+    facts = [("created", format_value(run.get("created"))), ("machine", format_value(run.get("machine")))]
+    return name, facts
+
+
+def _variants(data: Mapping) -> dict[str, Mapping]:
+    cascades = as_mapping(data.get("cascades"), "report_data['cascades']") or {}
+    out = {}
+    for v, entry in cascades.items():
+        e = as_mapping(entry, f"report_data['cascades'][{v!r}]")
+        if e is not None:
+            out[str(v)] = e
+    return out
+
+
+def _stages_of(variant: str, entry: Mapping) -> dict[str, Mapping]:
+    path = f"report_data['cascades'][{variant!r}]['stages']"
+    stages = as_mapping(entry.get("stages"), path) or {}
+    return {s: (as_mapping(stages[s], f"{path}[{s!r}]") or {}) for s in stage_order(stages)}
+
+
+def _section_headline(variants: dict[str, Mapping]) -> Section:
+    sec = Section("headline", "Headline")
+    if not variants:
+        return sec.note(f"Cascade replay {NOT_COMPUTED}.")
+    cards, rows = [], []
+    for v, entry in variants.items():
+        stages = _stages_of(v, entry)
+        final = stages.get("rank") or (stages[list(stages)[-1]] if stages else {})
+        e2e = as_mapping(entry.get("end_to_end"), f"report_data['cascades'][{v!r}]['end_to_end']") or {}
+        oracle = as_mapping(entry.get("oracle"), f"report_data['cascades'][{v!r}]['oracle']") or {}
+        k = final.get("size")
+        rows.append({
+            "variant": v, "K": k, "teacher-recall@K": final.get("teacher_recall"),
+            "oracle clicks": oracle.get("oracle_clicks"), "oracle best": oracle.get("oracle_best"),
+            "oracle ratio": oracle.get("oracle_ratio"), "e2e p50 ms": e2e.get("p50_ms"), "e2e p99 ms": e2e.get("p99_ms"),
+            "req/s batch 1": e2e.get("requests_per_s_batch1"), "req/s batched": e2e.get("requests_per_s_batched"),
+            "batch": e2e.get("batch_size"),
+        })
+        cards.append((v, [
+            (f"teacher-recall@{k if k is not None else 'K'}", format_value(final.get("teacher_recall"), "teacher_recall")),
+            ("oracle ratio", format_value(oracle.get("oracle_ratio"), "oracle_ratio")),
+            ("end-to-end p99", format_value(e2e.get("p99_ms"), "p99_ms") + (" ms" if e2e.get("p99_ms") is not None else "")),
+        ]))
+    sec.blocks.append(("cards", cards))
+    keys = ["", "size", "teacher_recall", "oracle_clicks", "oracle_best", "oracle_ratio", "p50_ms", "p99_ms",
+            "requests_per_s_batch1", "requests_per_s_batched", "batch_size"]
+    sec.blocks.append(("table", Table(pd.DataFrame(rows), keys)))
+    sec.blocks.append(("p", "teacher-recall@K: share of the teacher's top-K over the whole corpus that the final list "
+                            "keeps. Oracle ratio: expected clicks of the final list over those of the oracle top-K "
+                            "under the true click model (synthetic world only)."))
+    return sec
+
+
+def _section_stages(variants: dict[str, Mapping]) -> Section:
+    sec = Section("stages", "Per-stage metrics")
+    per_variant = {v: _stages_of(v, e) for v, e in variants.items()}
+    if not any(per_variant.values()):
+        return sec.note(f"Per-stage metrics {NOT_COMPUTED}.")
+    stage_names = stage_order(dict.fromkeys(s for st in per_variant.values() for s in st))
+    e2e = {v: as_mapping(e.get("end_to_end"), f"report_data['cascades'][{v!r}]['end_to_end']") for v, e in variants.items()}
+    row_names = stage_names + (["end to end"] if any(e2e.values()) else [])
+    vnames = list(per_variant)
+    two_level = len(vnames) > 1
+    columns, keys, cols_data = [("stage", "") if two_level else "stage"], [""], [row_names]
+    for key, label in STAGE_METRICS:
+        by_variant = {}
+        for v in vnames:
+            vals = []
+            for s in row_names:
+                src = (e2e[v] or {}) if s == "end to end" else per_variant[v].get(s, {})
+                vals.append(src.get(key))
+            if any(x is not None for x in vals):  # metric absent for this variant everywhere: no empty column
+                by_variant[v] = vals
+        if key == "size" and two_level and len(by_variant) == len(vnames) \
+                and all(x == by_variant[vnames[0]] for x in by_variant.values()):
+            by_variant = {"": by_variant[vnames[0]]}  # same N1 / N2 / K in every variant: one column is enough
+        for v, vals in by_variant.items():
+            columns.append((label, v) if two_level else label)
+            keys.append(key)
+            cols_data.append(vals)
+    frame = pd.DataFrame(dict(enumerate(cols_data)))
+    frame.columns = pd.MultiIndex.from_tuples(columns) if two_level else columns
+    caption = ("variants side by side: " + ", ".join(vnames)) if two_level else f"variant: {vnames[0]}"
+    sec.blocks.append(("table", Table(frame, keys, caption=caption)))
+    sec.blocks.append(("p", "size: the stage's output length (N1 / N2 / K). teacher-recall and NDCG are measured "
+                            "against the teacher's top-K; click-recall against the clicked items; AUC / GAUC of the "
+                            "stage's scoring function on the test impressions; latency per request at batch 1."))
+    return sec
+
+
+def _section_curves(variants: dict[str, Mapping]) -> Section:
+    sec = Section("curves", "Teacher-recall@K curves")
+    curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]] = {}
+    for v, entry in variants.items():
+        path = f"report_data['cascades'][{v!r}]['recall_curves']"
+        rc = as_mapping(entry.get("recall_curves"), path) or {}
+        for stage in stage_order(rc):
+            c = as_mapping(rc[stage], f"{path}[{stage!r}]")
+            if not c:
+                continue
+            k = as_floats(c.get("k"), f"{path}[{stage!r}]['k']")
+            r = as_floats(c.get("teacher_recall"), f"{path}[{stage!r}]['teacher_recall']")
+            if k.shape != r.shape:
+                raise ValueError(f"{path}[{stage!r}]: 'k' has {k.size} values but 'teacher_recall' has {r.size}")
+            if k.size == 0:
+                continue
+            if not (np.isfinite(k).all() and (k >= 1).all()):
+                raise ValueError(f"{path}[{stage!r}]['k'] must hold list lengths >= 1 (the axis is log-scaled)")
+            curves.setdefault(v, {})[stage] = (k, r)
+    if not curves:
+        return sec.note(f"Recall curves {NOT_COMPUTED}.")
+    sec.blocks.append(("img", plot_recall_curves(curves), "teacher-recall@K per stage and variant, log-x"))
+    return sec
+
+
+def _section_latency(variants: dict[str, Mapping]) -> Section:
+    sec = Section("latency", "Latency at batch 1")
+    samples: dict[str, dict[str, np.ndarray]] = {}
+    for v, entry in variants.items():
+        path = f"report_data['cascades'][{v!r}]['latency_samples_ms']"
+        ls = as_mapping(entry.get("latency_samples_ms"), path) or {}
+        for stage in stage_order(ls, STAGE_ORDER + ("end_to_end",)):
+            x = as_floats(ls[stage], f"{path}[{stage!r}]")
+            x = x[np.isfinite(x)]
+            if x.size:
+                samples.setdefault(stage, {})[v] = x
+    if not samples:
+        return sec.note(f"Latency samples {NOT_COMPUTED}.")
+    sec.blocks.append(("img", plot_latency(samples), "per-request latency histograms per stage and end to end"))
+    return sec
+
+
+def _section_index(data: Mapping) -> Section:
+    sec = Section("index", "Index")
+    idx = as_mapping(data.get("index"), "report_data['index']")
+    if not idx:
+        return sec.note(f"Index {NOT_COMPUTED}.")
+    facts = {k: v for k, v in idx.items() if k != "operating_points"}
+    if facts:
+        sec.blocks.append(("table", kv_table(facts, "property")))
+    ops = as_list(idx.get("operating_points"), "report_data['index']['operating_points']") or []
+    rows = [as_mapping(p, f"report_data['index']['operating_points'][{i}]") or {} for i, p in enumerate(ops)]
+    if not rows:
+        return sec.note(f"Operating points {NOT_COMPUTED}.")
+    frame = pd.DataFrame([{c: r.get(c) for c in ("param", "value", "recall_at_k", "qps")} for r in rows])
+    shown = frame.rename(columns={"param": "search parameter", "recall_at_k": "recall@k vs exact", "qps": "queries / s"})
+    sec.blocks.append(("table", Table(shown, ["", "value", "recall_at_k", "qps"])))
+    pts = frame.assign(recall_at_k=pd.to_numeric(frame["recall_at_k"], errors="coerce"),
+                       qps=pd.to_numeric(frame["qps"], errors="coerce"),
+                       param=frame["param"].astype(str))
+    if pts[["recall_at_k", "qps"]].notna().all(axis=1).any():
+        sec.blocks.append(("img", plot_index(pts), "index recall@k against queries per second"))
+    return sec
+
+
+def _best_mask(values: np.ndarray, groups: Sequence[Any], lower_better: Sequence[bool]) -> np.ndarray:
+    """values [rows, cols] (nan = none) -> bool [rows, cols]: per column, the best value within each group (ties
+    all marked); lower_better[j] flips column j's direction."""
+    mask = np.zeros(values.shape, dtype=bool)
+    g = np.asarray([str(x) for x in groups])
+    for grp in dict.fromkeys(g):
+        rows = g == grp
+        for j in range(values.shape[1]):
+            col = values[rows, j]
+            if not np.isfinite(col).any():
+                continue
+            best = np.nanmin(col) if lower_better[j] else np.nanmax(col)
+            mask[np.flatnonzero(rows), j] = col == best
+    return mask
+
+
+def _section_models(data: Mapping) -> Section:
+    sec = Section("models", "Models")
+    models = as_list(data.get("models"), "report_data['models']")
+    if not models:
+        return sec.note(f"Model comparison {NOT_COMPUTED}.")
+    rows = [as_mapping(m, f"report_data['models'][{i}]") or {} for i, m in enumerate(models)]
+    present = [(k, label) for k, label in MODEL_COLUMNS if any(r.get(k) is not None for r in rows)]
+    frame = pd.DataFrame({"model": [r.get("name") for r in rows], "role": [r.get("role") for r in rows],
+                          **{label: [r.get(k) for r in rows] for k, label in present}})
+    keys = ["", ""] + [k for k, _ in present]
+    # bold the best quality metric over all models (latency / size are trade-offs, not "best")
+    quality = [k in ("auc", "gauc", "logloss", "rand_auc", "rand_gauc") for k in keys]
+    vals = np.array([[cell_number(v) if q else math.nan for v, q in zip(row, quality)]
+                     for row in frame.itertuples(index=False)], dtype=np.float64).reshape(len(frame), len(keys))
+    bold = _best_mask(vals, ["all"] * len(frame), [lower_is_better(k) for k in keys])
+    sec.blocks.append(("table", Table(frame, keys, bold=bold)))
+    sec.blocks.append(("p", "Scores on the test impressions (and on the random-exposure slice where there is one); "
+                            "best quality value in bold. ms / 100 pairs: scoring time of 100 (user, item) pairs."))
+    return sec
+
+
+def _section_ablation(data: Mapping) -> Section:
+    sec = Section("ablation", "Distillation ablation")
+    ab = as_mapping(data.get("ablation"), "report_data['ablation']")
+    if not ab:
+        return sec.note(f"Ablation {NOT_COMPUTED}.")
+    rows = [as_mapping(r, f"report_data['ablation']['rows'][{i}]") or {}
+            for i, r in enumerate(as_list(ab.get("rows"), "report_data['ablation']['rows']") or [])]
+    if not rows:
+        return sec.note(f"Ablation rows {NOT_COMPUTED}.")
+    metrics = [str(m) for m in (as_list(ab.get("metrics"), "report_data['ablation']['metrics']") or [])]
+    if not metrics:  # fall back to the metrics the rows carry, in first-seen order
+        metrics = list(dict.fromkeys(m for r in rows for m in (as_mapping(r.get("values"), "values") or {})))
+    seeds = as_list(ab.get("seeds"), "report_data['ablation']['seeds']") or []
+    # group rows by stage (first-seen order) so "best per stage" reads down one block
+    stage_order = list(dict.fromkeys(str(r.get("stage")) for r in rows))
+    rows = sorted(rows, key=lambda r: stage_order.index(str(r.get("stage"))))
+    cells, means = [], []
+    for i, r in enumerate(rows):
+        vals = as_mapping(r.get("values"), f"report_data['ablation']['rows'][{i}]['values']") or {}
+        line, mline = [], []
+        for m in metrics:
+            st = as_mapping(vals.get(m), f"report_data['ablation']['rows'][{i}]['values'][{m!r}]") or {}
+            mean, std, n = st.get("mean"), st.get("std"), st.get("n")
+            text = format_value(mean, m)
+            if mean is not None and std is not None:
+                text += f" ± {format_value(std, m)}"
+            if mean is not None and n is not None and seeds and n != len(seeds):
+                text += f" (n={n})"
+            line.append(text)
+            mline.append(cell_number(mean))
+        cells.append(line)
+        means.append(mline)
+    frame = pd.DataFrame({"stage": [r.get("stage") for r in rows], "variant": [r.get("name") for r in rows],
+                          **{metric_label(m): [c[j] for c in cells] for j, m in enumerate(metrics)}})
+    keys = ["", ""] + metrics
+    vals = np.concatenate([np.full((len(rows), 2), math.nan), np.array(means, dtype=np.float64).reshape(len(rows), -1)], axis=1)
+    bold = _best_mask(vals, frame["stage"].tolist(), [lower_is_better(k) for k in keys])
+    seeds_txt = ", ".join(format_value(s, "seed") for s in seeds) if seeds else MISSING
+    cap = f"mean ± std over seeds [{seeds_txt}]; best mean per stage in bold"
+    sec.blocks.append(("table", Table(frame, keys, bold=bold, caption=cap)))
+    return sec
+
+
+def _section_data(data: Mapping) -> Section:
+    sec = Section("data", "Data")
+    d = as_mapping(data.get("data"), "report_data['data']")
+    if not d:
+        return sec.note(f"Data summary {NOT_COMPUTED}.")
+    summary = as_mapping(d.get("summary"), "report_data['data']['summary']")
+    if summary:
+        sec.blocks.append(("h3", "Summary"))
+        sec.blocks.append(("table", kv_table(summary)))
+    splits = as_mapping(d.get("splits"), "report_data['data']['splits']")
+    if splits:
+        names = stage_order(splits, ("train", "valid", "test"))
+        recs = []
+        for s in names:
+            sp = as_mapping(splits[s], f"report_data['data']['splits'][{s!r}]") or {}
+            recs.append({"split": s, **{c: sp.get(c) for c in ("rows", "requests", "ctr", "start", "end")}})
+        sec.blocks.append(("h3", "Splits (by time)"))
+        sec.blocks.append(("table", Table(pd.DataFrame(recs), ["", "rows", "requests", "ctr", "", ""])))
+    if not summary and not splits:
+        sec.note(f"Data summary {NOT_COMPUTED}.")
+    return sec
+
+
+def _toml_value(v: Any) -> str:
+    if v is None:
+        return '"<unset>"'
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, str):
+        return json.dumps(v, ensure_ascii=False)
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    if isinstance(v, Mapping):
+        return "{ " + ", ".join(f"{_toml_key(k)} = {_toml_value(x)}" for k, x in v.items()) + " }"
+    return json.dumps(str(v))
+
+
+def _toml_key(k: Any) -> str:
+    k = str(k)
+    return k if k and all(c.isalnum() or c in "_-" for c in k) else json.dumps(k)
+
+
+def toml_dump(cfg: Mapping, prefix: tuple[str, ...] = ()) -> str:
+    """A nested dict as TOML-like text: scalars first, then one ``[a.b]`` table per nested dict (None shown as
+    "<unset>", since TOML has no null)."""
+    lines = []
+    scalars = {k: v for k, v in cfg.items() if not isinstance(v, Mapping)}
+    tables = {k: v for k, v in cfg.items() if isinstance(v, Mapping)}
+    if prefix and (scalars or not tables):
+        lines.append("[" + ".".join(_toml_key(p) for p in prefix) + "]")
+    lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in scalars.items()]
+    for k, v in tables.items():
+        if lines:
+            lines.append("")
+        lines.append(toml_dump(v, prefix + (str(k),)))
+    return "\n".join(lines)
+
+
+def _section_run(data: Mapping) -> Section:
+    sec = Section("run", "Run: configuration, versions, stage times")
+    run = as_mapping(data.get("run"), "report_data['run']")
+    if not run:
+        return sec.note(f"Run details {NOT_COMPUTED}.")
+    walls = as_mapping(run.get("stage_wall_s"), "report_data['run']['stage_wall_s']")
+    if walls:
+        frame = pd.DataFrame({"stage": list(walls), "wall s": list(walls.values())})
+        total = sum(cell_number(v) for v in walls.values() if np.isfinite(cell_number(v)))
+        frame = pd.concat([frame, pd.DataFrame({"stage": ["total"], "wall s": [total]})], ignore_index=True)
+        sec.blocks.append(("h3", "Stage wall time"))
+        sec.blocks.append(("table", Table(frame, ["", "wall_s"])))
+    versions = as_mapping(run.get("versions"), "report_data['run']['versions']")
+    sec.blocks.append(("h3", "Versions"))
+    if versions:
+        sec.blocks.append(("table", kv_table(versions, "package", "version")))
+    else:
+        sec.note(f"Versions {NOT_COMPUTED}.")
+    cfg = run.get("config")
+    sec.blocks.append(("h3", "Resolved configuration"))
+    if cfg is None:
+        sec.note(f"Configuration {NOT_COMPUTED}.")
+    elif isinstance(cfg, Mapping):
+        sec.blocks.append(("pre", toml_dump(cfg) or "# (empty)"))
+    else:
+        sec.blocks.append(("pre", str(cfg)))
+    return sec
+
+
+def report_sections(data: Mapping) -> list[Section]:
+    variants = _variants(data)
+    return [_section_headline(variants), _section_stages(variants), _section_curves(variants),
+            _section_latency(variants), _section_index(data), _section_models(data), _section_ablation(data),
+            _section_data(data), _section_run(data)]
