@@ -14,9 +14,9 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import re
 import os
 import platform
+import re
 import time
 from pathlib import Path
 
@@ -74,7 +74,8 @@ def time_single(search, xq: np.ndarray, k: int) -> dict:
             "single_qps": float(len(xq) / lat.sum())}
 
 
-def bench_index(index: ItemIndex, build_s: float, xq, xq1, k, I_exact, threads, param=None, values=(None,)) -> list[dict]:
+def bench_index(index: ItemIndex, build_s: float, xq, xq1, k, I_exact, threads, param=None,
+                values=(None,)) -> list[dict]:
     rows = []
     size = index.index_bytes()
     for v in values:
@@ -153,7 +154,8 @@ def run_size(n: int, args) -> dict:
                      "batched_threads": args.threads, **single})
         log.info("%-22s recall@%d %.4f  batched %8.0f q/s  single p50 %.2f ms", "torch-exact", args.k,
                  rows[-1]["recall_at_k"], qps, single["single_p50_ms"])
-    return {"n_items": n, "dim": args.dim, "clusters": clusters, "spread": args.spread, "nq": args.nq, "nq_single": args.nq_single,
+    return {"n_items": n, "dim": args.dim, "clusters": clusters, "spread": args.spread, "nq": args.nq,
+            "nq_single": args.nq_single,
             "k": args.k, "nlist": nlist, "numpy_exact_s": exact_s, "rows": rows}
 
 
@@ -166,7 +168,7 @@ def main(argv=None) -> None:
     results = [run_size(n, args) for n in args.sizes]
     out = {
         "benchmark": "bench_index",
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "versions": package_versions(),
@@ -176,7 +178,8 @@ def main(argv=None) -> None:
         "results": results,
     }
     write_json(args.out, out)
-    print(f"\n{'n':>8} {'factory':<22} {'param':<14} {'recall':>7} {'batch q/s':>10} {'p50 ms':>7} {'build s':>8} {'MB':>7}")
+    print(f"\n{'n':>8} {'factory':<22} {'param':<14} {'recall':>7} {'batch q/s':>10} {'p50 ms':>7} {'build s':>8} "
+          f"{'MB':>7}")
     for res in results:
         for r in res["rows"]:
             p = f"{r['param']}={r['value']}" if r["param"] else ""

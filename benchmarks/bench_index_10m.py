@@ -163,7 +163,7 @@ def main(argv=None) -> None:
     indexes = [bench_config(c, xb, ids, xq, I_exact, args) for c in args.configs]
     out = {
         "benchmark": "bench_index_10m",
-        "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+        "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
         "machine": {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
                     "cpu_count": os.cpu_count(), "loadavg_before": load_before, "loadavg_after": os.getloadavg()},
         "versions": package_versions(),

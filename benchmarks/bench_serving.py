@@ -35,19 +35,18 @@ import math
 import os
 import platform
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from cascade.arrays import topk_rows
 from cascade.artifacts import package_versions, write_json
-from cascade.eval.metrics import mean_recall_at_k
+from cascade.data.requests import Requests
+from cascade.eval.metrics import latency_summary, mean_recall_at_k
 from cascade.index.exact import exact_topk
 from cascade.index.faiss_index import INDEX_FILE, ItemIndex, configure_faiss, set_blas_threshold
-from cascade.eval.metrics import latency_summary
-from cascade.arrays import topk_rows
-from cascade.data.requests import Requests
 from cascade.serve.cascade import Cascade, PairScorer, Retriever
 from cascade.serve.replay import replay_latency
 
@@ -105,7 +104,7 @@ class ServingParts:
     rank_forward: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
     cascade: Cascade
 
-    def with_index(self, index: ItemIndex) -> "ServingParts":
+    def with_index(self, index: ItemIndex) -> ServingParts:
         """The same parts serving another index over the same items."""
         casc = Cascade(Retriever(self.user_embed, index), self.cascade.preranker, self.cascade.ranker)
         return ServingParts(self.user_embed, index, self.prerank_score, self.pair_features, self.rank_forward, casc)
@@ -135,7 +134,8 @@ def load_run(run_dir: Path, variant: str = "distilled"):
     sdir = run_dir / "students" / variant
     retr, pre = load_towers(sdir / "retrieval", data), load_towers(sdir / "prerank", data)
     teacher = load_ranker(run_dir / "teacher" / "teacher", data.spec)
-    index = ItemIndex.load(run_dir / "index" / variant, expect_model_hash=A.sha256_file(sdir / "retrieval" / "model.pt"),
+    index = ItemIndex.load(run_dir / "index" / variant,
+                           expect_model_hash=A.sha256_file(sdir / "retrieval" / "model.pt"),
                            expect_dim=retr.item_emb.shape[1], expect_metric="ip", device="cpu", omp_threads=1)
     parts = ServingParts(lambda r: retr.user_embed(data, r), index, pre.scorer(data), data.pair_features,
                          lambda cat, num, n: score_pairs(teacher, cat, num, list_len=n),
@@ -296,7 +296,8 @@ def stage_breakdown(parts: ServingParts, requests: Requests, n_retrieve: int, n_
     CPU time (``time.thread_time``; faiss and torch run on the calling thread at 1 thread): on a machine shared with
     other jobs it leaves out the time spent waiting for the core, so it approximates the latency on an idle core.
     """
-    steps = ("user_tower", "index_search", "prerank_score", "prerank_topk", "pair_features", "rank_forward", "rank_topk")
+    steps = ("user_tower", "index_search", "prerank_score", "prerank_topk", "pair_features", "rank_forward",
+             "rank_topk")
     wall = np.empty((len(requests), len(steps) + 1))
     cpu = np.empty_like(wall)
 
@@ -488,13 +489,15 @@ def render_markdown(res: dict) -> str:
           "full retriever (+ user tower) | user tower alone q/s |",
           "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
     for s in res["sizes"]:
-        idx = s["served_index"]["factory"] + (f" nprobe={s['served_index']['nprobe']}" if "nprobe" in s["served_index"] else "")
+        served = s["served_index"]
+        idx = served["factory"] + (f" nprobe={served['nprobe']}" if "nprobe" in served else "")
         for r in s["retrieval"].values():
             for clock in ("cpu", "wall"):
                 q, o = r[clock]["qps"], r[clock]["overhead_vs_bare"]
                 L.append(f"| {s['n_items']:,} | {idx} | {r['batch_size']} | {clock} | {q['bare_faiss']:,.0f} | "
                          f"{q['item_index']:,.0f} ({o['item_index']:+.1%}) | {q['retriever_search']:,.0f} | "
-                         f"**{o['retriever_search']:+.1%}** | {q['retriever_full']:,.0f} ({o['retriever_full']:+.1%}) | "
+                         f"**{o['retriever_search']:+.1%}** | {q['retriever_full']:,.0f} ({o['retriever_full']:+.1%}) "
+                         f"| "
                          f"{q['user_tower']:,.0f} |")
     L += ["", f"**Operating points** on the trained retrieval tower's item embeddings (recall@{a['k_recall']} vs exact "
           f"inner-product search over {a['nq']} test queries; batched = one search of all queries; single = one query "
@@ -505,15 +508,18 @@ def render_markdown(res: dict) -> str:
         for p in s["operating_points"]:
             setting = f"{p['param']}={p['value']}" if p["param"] else "exact"
             b = "run's index" if p["build_s"] is None else f"{p['build_s']:.1f}"
-            L.append(f"| {s['n_items']:,} | {p['factory']} | {setting} | {p['recall_at_k']:.4f} | {p['batched_qps']:,.0f} | "
+            L.append(f"| {s['n_items']:,} | {p['factory']} | {setting} | {p['recall_at_k']:.4f} | "
+                     f"{p['batched_qps']:,.0f} | "
                      f"{p['single_p50_ms']:.2f} | {p['single_p99_ms']:.2f} | {b} | {p['index_mb']:.0f} |")
         if "hnsw_skipped" in s:
             L.append(f"| {s['n_items']:,} | HNSW | skipped: {s['hnsw_skipped']} | | | | | | |")
     L += ["", f"**End-to-end latency at batch 1** through `Cascade.recommend` ({a['n_latency']} requests; ms) and "
-          f"batched throughput (batch {a['batch_size']}, {a['n_batched']} requests). Target: p99 <= 20 ms. The cpu-time "
+          f"batched throughput (batch {a['batch_size']}, {a['n_batched']} requests). Target: p99 <= 20 ms. The "
+          f"cpu-time "
           "column is the per-step breakdown's total on the thread's CPU clock (same requests, run separately): what "
           "the cascade costs without waiting for a core taken by other jobs.", "",
-          "| items | retrieval index | recall@500 | e2e p50 | e2e p95 | e2e p99 | retrieval p50 / p99 | pre-rank p50 / p99 "
+          "| items | retrieval index | recall@500 | e2e p50 | e2e p95 | e2e p99 | retrieval p50 / p99 | pre-rank p50 / "
+          "p99 "
           "| rank p50 / p99 | cpu-time e2e p50 / p99 | batched req/s |",
           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in res["sizes"]:
@@ -525,7 +531,8 @@ def render_markdown(res: dict) -> str:
                      f"{b1['retrieval_ms']['p50_ms']:.2f} / {b1['retrieval_ms']['p99_ms']:.2f} | "
                      f"{b1['prerank_ms']['p50_ms']:.2f} / {b1['prerank_ms']['p99_ms']:.2f} | "
                      f"{b1['rank_ms']['p50_ms']:.2f} / {b1['rank_ms']['p99_ms']:.2f} | "
-                     f"{e['breakdown']['cpu']['total']['p50_ms']:.2f} / {e['breakdown']['cpu']['total']['p99_ms']:.2f} | "
+                     f"{e['breakdown']['cpu']['total']['p50_ms']:.2f} / {e['breakdown']['cpu']['total']['p99_ms']:.2f} "
+                     f"| "
                      f"{e['batched']['requests_per_s']:,.0f} |")
     L += ["", "**Per-step breakdown at batch 1** (p50 / p99 ms over the same requests, steps timed one by one in the "
           "cascade's order). *wall* is elapsed time; *cpu* is the thread's CPU time, which leaves out waiting for a "
@@ -539,7 +546,7 @@ def render_markdown(res: dict) -> str:
             for clock in ("wall", "cpu"):
                 bd = e["breakdown"][clock]
 
-                def f(step):
+                def f(step, bd=bd):
                     return f"{bd[step]['p50_ms']:.2f} / {bd[step]['p99_ms']:.2f}"
 
                 topk = bd["prerank_topk"]["p50_ms"] + bd["rank_topk"]["p50_ms"]
@@ -632,7 +639,7 @@ def main(argv=None) -> dict:
     load_before = os.getloadavg()
     sizes = [bench_size(n, args) for n in args.sizes]
     res = {"benchmark": "bench_serving",
-           "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+           "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "machine": machine_info(load_before), "versions": package_versions(),
            # paths by name only: no machine-specific absolute paths in committed results
            "args": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},

@@ -37,8 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmar
 
 from bench_serving import cycle, ensure_run, machine_info, pipeline_config  # noqa: E402
 
-from cascade.artifacts import package_versions, write_json  # noqa: E402
 from cascade.arrays import PAD  # noqa: E402
+from cascade.artifacts import package_versions, write_json  # noqa: E402
 from cascade.data.requests import Requests  # noqa: E402
 from cascade.serve.cascade import Cascade  # noqa: E402
 
@@ -70,7 +70,8 @@ def soak(cascade: Cascade, requests: Requests, n_requests: int, batch_size: int,
     (p99 of each 1/checkpoints part), "ratio_all", "ratio_last" (p99 / p99_first)}, plus "checks" (pass flags).
     """
     if n_requests < 1 or batch_size < 1 or checkpoints < 1:
-        raise ValueError(f"need n_requests, batch_size, checkpoints >= 1, got {n_requests}, {batch_size}, {checkpoints}")
+        raise ValueError(f"need n_requests, batch_size, checkpoints >= 1, got {n_requests}, {batch_size}, "
+                         f"{checkpoints}")
     reqs = cycle(requests, n_requests)
     starts = np.arange(0, n_requests, batch_size)
     n_calls = len(starts)
@@ -122,7 +123,8 @@ def render_markdown(res: dict) -> str:
          f"faiss and torch on {a['threads']} thread. Wall time {res['wall_s'] / 60:.1f} min"
          + (f" (modes run side by side in {len(res['parts'])} processes, RSS measured per process)"
             if res.get("parts") else "") + ".", "",
-         f"Cascade: the {a['n_items']:,}-item synthetic-world run of the serving benchmark ({res['run']['index']} index, "
+         f"Cascade: the {a['n_items']:,}-item synthetic-world run of the serving benchmark ({res['run']['index']} "
+         f"index, "
          f"distilled towers, DCNv2 teacher as ranker), n_retrieve {a['n_retrieve']}, n_prerank {a['n_prerank']}, "
          f"k {a['k']}; its {res['run']['n_test_requests']:,} test-day requests cycled in time order. Latency is per "
          "call (a batch-B call serves B requests); *wall* is elapsed time, *cpu* the thread's CPU time (leaves out "
@@ -193,8 +195,8 @@ def merge_results(results: list[dict]) -> dict:
 def main(argv=None) -> dict:
     import torch
 
-    from cascade.index.faiss_index import configure_faiss
     from cascade.data.requests import requests_frame, to_requests
+    from cascade.index.faiss_index import configure_faiss
     from cascade.serve.cascade import load_cascade
 
     args = parse_args(argv)
@@ -218,10 +220,11 @@ def main(argv=None) -> dict:
         r = soak(casc, requests, args.n_requests, b, args.n_retrieve, args.n_prerank, args.k, progress=False)
         log.info("soak b=%d: %s", b, r["checks"])
         modes.append(r)
-    res = {"benchmark": "bench_soak", "date_utc": dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ"),
+    res = {"benchmark": "bench_soak", "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "machine": machine_info(load_before), "versions": package_versions(),
            "args": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
-           "run": {"index": casc.retriever.index.factory, "n_items": len(data.item_ids), "n_test_requests": len(requests)},
+           "run": {"index": casc.retriever.index.factory, "n_items": len(data.item_ids),
+                   "n_test_requests": len(requests)},
            "wall_s": time.perf_counter() - t0,
            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "modes": modes}
     return _write(res, args.out)

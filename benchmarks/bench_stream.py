@@ -55,7 +55,7 @@ class _Sampler:
     def __init__(self, every: float = 0.2) -> None:
         self.every, self.peak, self._stop = every, 0, threading.Event()
 
-    def __enter__(self) -> "_Sampler":
+    def __enter__(self) -> _Sampler:
         self.peak = _rss_bytes()
         self.t0 = time.perf_counter()
         self._th = threading.Thread(target=self._run, daemon=True)
@@ -199,7 +199,8 @@ def main() -> None:
            "machine": {"platform": platform.platform(), "cpu_count": os.cpu_count(),
                        "python": platform.python_version(), "numpy": np.__version__, "torch": torch.__version__,
                        "loadavg": os.getloadavg()},
-           "args": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k not in ("workdir", "out")},
+           "args": {k: (str(v) if isinstance(v, Path) else v) for k,
+                    v in vars(args).items() if k not in ("workdir", "out")},
            "runs": runs}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(out, indent=2) + "\n")

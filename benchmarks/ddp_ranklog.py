@@ -37,18 +37,18 @@ import numpy as np
 import torch
 
 from cascade import artifacts as A
+from cascade import distributed as D
 from cascade.config import to_dict
+from cascade.data.requests import to_requests
 from cascade.distill.ranklog import RankLog
 from cascade.distill.shard_runner import build_rank_log_distributed
 from cascade.models.ranker import Ranker
+from cascade.models.scoring import ranker_scorer
 from cascade.models.two_tower import build_two_tower
 from cascade.pipeline.config import RankLogSection, StudentsSection, TeacherSection
 from cascade.pipeline.ranklog import rank_log_inputs
 from cascade.pipeline.students import click_lists
-from cascade.data.requests import to_requests
-from cascade.models.scoring import ranker_scorer
 from cascade.run_data import RunData
-from cascade import distributed as D
 from cascade.train.loop import fit
 from cascade.train.students import evaluate_on_log, train_student
 

@@ -33,13 +33,13 @@ import torch
 
 from cascade import artifacts as A
 from cascade.config import from_dict
+from cascade.data.requests import requests_frame, to_requests
 from cascade.distill.ranklog import RankLog, build_rank_log
+from cascade.models.scoring import score_pairs
 from cascade.models.two_tower import build_two_tower
 from cascade.pipeline import PipelineConfig
 from cascade.pipeline.config import RankLogSection
 from cascade.pipeline.ranklog import candidate_lists, rank_log_inputs
-from cascade.data.requests import requests_frame, to_requests
-from cascade.models.scoring import score_pairs
 from cascade.run_data import RunData, load_ranker
 from cascade.train.loop import evaluate
 from cascade.train.students import evaluate_on_log, train_student
@@ -158,7 +158,8 @@ def main(argv: list[str] | None = None) -> int:
             return tt.eval()
 
         students = {
-            "two-stage (run's students)": ({"prerank": load_pipeline("prerank"), "retrieval": load_pipeline("retrieval")},
+            "two-stage (run's students)": ({"prerank": load_pipeline("prerank"),
+                                            "retrieval": load_pipeline("retrieval")},
                                            "run_teacher"),
             "two-stage (same requests)": (same, "run_teacher"),
             "joint": ({"prerank": joint.prerank, "retrieval": joint.retrieval}, "joint_teacher"),
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
     test = data.encoded("test")
     test = dataclasses.replace(test, spec=spec, num=np.ascontiguousarray(test.num[:, num_cols]))
     rankers = {"run teacher": evaluate(teacher, test), "joint teacher": evaluate(joint.teacher, test),
-               "run rank student (two-stage)": evaluate(load_ranker(run / "students" / "rank_student", data.spec), test),
+               "run rank student (two-stage)": evaluate(load_ranker(run / "students" / "rank_student", data.spec),
+                                                        test),
                "joint rank student": evaluate(joint.rank_student, test)}
     timings["total_s"] = time.perf_counter() - t_all
     out = {
@@ -213,14 +215,16 @@ def _markdown(r: dict) -> str:
         f"(impressed + sampled, {r['n_candidates']} per request), each list ranked by the joint teacher and by the "
         f"run's teacher. \"own\" = against the teacher the student was distilled from (the cascade's consistency).",
         "",
-        "| students | stage | recall@10 vs own teacher | recall@10 vs run teacher | recall@10 vs joint teacher | NDCG@10 vs own |",
+        "| students | stage | recall@10 vs own teacher | recall@10 vs run teacher | recall@10 vs joint teacher | "
+        "NDCG@10 vs own |",
         "|---|---|---|---|---|---|",
     ]
     for variant, row in r["students"].items():
         for stage, m in row.items():
             own = m["own_teacher"]
             lines.append(f"| {variant} | {stage} | {m[own]['teacher_recall@10']:.3f} | "
-                         f"{m['run_teacher']['teacher_recall@10']:.3f} | {m['joint_teacher']['teacher_recall@10']:.3f} | "
+                         f"{m['run_teacher']['teacher_recall@10']:.3f} | {m['joint_teacher']['teacher_recall@10']:.3f} "
+                         f"| "
                          f"{m[own]['ndcg@10']:.3f} |")
     lines += ["", "Rankers on the test impressions:", "", "| model | AUC | GAUC | logloss |", "|---|---|---|---|"]
     for name, m in r["rankers"].items():

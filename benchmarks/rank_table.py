@@ -219,7 +219,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=str(ROOT / "pipelines" / "default.toml"))
     p.add_argument("--dataset", choices=("world", "movielens-100k"), default="world")
     p.add_argument("--data-path", default=None, help="ML-100K folder; default ../shared/data/ml-100k (repo root)")
-    p.add_argument("--runs-dir", default="runs", help="where the data stage is built / reused (run name rank_<dataset>)")
+    p.add_argument("--runs-dir", default="runs",
+                   help="where the data stage is built / reused (run name rank_<dataset>)")
     p.add_argument("--data-dir", default=None, help="reuse this existing data stage folder instead of building one")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])

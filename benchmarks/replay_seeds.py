@@ -17,7 +17,8 @@ import numpy as np
 from cascade import artifacts as A
 from cascade.pipeline import load_config, run_pipeline
 
-METRICS = ("n_requests", "rank_teacher_recall", "prerank_teacher_recall", "retrieval_teacher_recall", "oracle_clicks", "oracle_ratio",
+METRICS = ("n_requests", "rank_teacher_recall", "prerank_teacher_recall", "retrieval_teacher_recall", "oracle_clicks",
+           "oracle_ratio",
            "rank_ndcg", "rank_click_recall")
 
 
@@ -51,7 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         lines.append(f"| {m} | " + " | ".join(cells) + " |")
     md = (f"Default pipeline, seeds {args.seeds} (each seed: its own world, teacher and students), replay of the "
           f"test-day requests (n_requests: how many were replayed; replay.max_requests caps them; overrides: "
-          f"{[o for o in args.overrides if not o.startswith('run.runs_dir')] or 'none'}); mean ± std over seeds; {time.strftime('%Y-%m-%d')}, "
+          f"{[o for o in args.overrides if not o.startswith('run.runs_dir')] or 'none'}); mean ± std over seeds; "
+          f"{time.strftime('%Y-%m-%d')}, "
           f"{(time.perf_counter() - t0) / 60:.0f} min.\n\n" + "\n".join(lines) + "\n")
     A.write_text(Path(args.out) / "replay_seeds.md", md)
     print(md)

@@ -17,8 +17,9 @@ import platform
 import re
 import tempfile
 import time
+from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -162,7 +163,8 @@ def package_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("cascade", "torch", "numpy", "pandas", "pyarrow", "lightgbm", "scikit-learn", "faiss-cpu", "faiss-gpu-cu12"):
+    for pkg in ("cascade", "torch", "numpy", "pandas", "pyarrow", "lightgbm", "scikit-learn", "faiss-cpu",
+                "faiss-gpu-cu12"):
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
     return out
@@ -239,5 +241,6 @@ def verify_outputs(stage_dir: str | os.PathLike, manifest: Mapping[str, Any]) ->
         got = sha256_file(p)
         if got != digest:
             raise ArtifactError(
-                f"{p}: sha256 {got[:12]}... does not match the manifest's {digest[:12]}...: the file is truncated or altered"
+                f"{p}: sha256 {got[:12]}... does not match the manifest's {digest[:12]}...: the file is truncated or "
+                f"altered"
             )

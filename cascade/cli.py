@@ -100,7 +100,8 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     result = run_ablation(cfg, settings, label, progress=not args.no_progress)
     json_path, md_path = write_ablation(result, args.out, f"ablation_{label}")
     print(ablation_markdown(result))
-    print(f"wrote {json_path} and {md_path}; add `report.ablation = \"{json_path}\"` to a run's config to show it in its report")
+    print(f"wrote {json_path} and {md_path}; add `report.ablation = \"{json_path}\"` to a run's config to show it in "
+          f"its report")
     return 0
 
 
@@ -121,7 +122,8 @@ def cmd_data(args: argparse.Namespace) -> int:
     imp = ds.impressions
     print(json.dumps({"users": len(ds.users), "items": len(ds.items), "impressions": len(imp),
                       "requests": int(imp.request_id.nunique()), "ctr": float(imp.click.mean()),
-                      "features": {s: [f.name for f in ds.schema.by_side(s)] for s in ("user", "item", "context", "cross", "privileged")}},
+                      "features": {s: [f.name for f in ds.schema.by_side(s)] for s in ("user", "item", "context",
+                                                                                       "cross", "privileged")}},
                      indent=2))
     return 0
 
@@ -152,15 +154,18 @@ def cmd_index(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cascade", description="A distilled cascade recommender: one teacher, every stage a student.",
+    p = argparse.ArgumentParser(prog="cascade",
+                                description="A distilled cascade recommender: one teacher, every stage a student.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = p.add_subparsers(dest="command", required=True)
 
-    r = sub.add_parser("run", help="run the pipeline data -> teacher -> ranklog -> students -> index -> replay -> report",
+    r = sub.add_parser("run",
+                       help="run the pipeline data -> teacher -> ranklog -> students -> index -> replay -> report",
                        epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
     r.add_argument("config", nargs="?", help="pipeline TOML (default: pipelines/default.toml)")
-    r.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value, e.g. teacher.train.epochs=3")
+    r.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="override a config value, e.g. teacher.train.epochs=3")
     r.add_argument("--force", action="append", metavar="STAGE", help="redo STAGE even if it is up to date")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
@@ -175,7 +180,8 @@ def build_parser() -> argparse.ArgumentParser:
         q.set_defaults(func=fn)
 
     a = sub.add_parser("ablation", help="the distillation ablation of the two-tower students over seeds",
-                       epilog="examples:\n  cascade ablation                                  # pipelines/ablation.toml, the world\n"
+                       epilog="examples:\n  cascade ablation                                  # "
+                              "pipelines/ablation.toml, the world\n"
                               "  cascade ablation --set data.source='movielens-100k' --set data.path='../ml-100k'\n"
                               "  cascade ablation --set ablation.seeds=[0]",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -187,8 +193,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="generate the world or check a dataset's loader",
                        epilog="examples:\n  cascade data world --out /tmp/world --n-users 2000 --n-items 1500\n"
-                              "  cascade data kuairand path/to/KuaiRand-Pure/data\n  cascade data movielens-100k path/to/ml-100k\n"
-                              "  cascade data custom my_mapping.toml", formatter_class=argparse.RawDescriptionHelpFormatter)
+                              "  cascade data kuairand path/to/KuaiRand-Pure/data\n"
+                              "  cascade data movielens-100k path/to/ml-100k\n"
+                              "  cascade data custom my_mapping.toml",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     d.add_argument("source", choices=("world", "kuairand", "movielens-100k", "movielens-1m", "custom"))
     d.add_argument("path", nargs="?", help="dataset directory (or mapping TOML for custom)")
     d.add_argument("--out", default="world", help="world: output folder")
@@ -199,13 +207,16 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_data)
 
     i = sub.add_parser("index", help="build or search a FAISS inner-product index",
-                       epilog="examples:\n  cascade index build --embeddings items.npy --ids ids.npy --out idx --model-hash abc\n"
-                              "  cascade index search --index idx --queries users.npy --k 100 --out top.npy --model-hash abc",
+                       epilog="examples:\n  cascade index build --embeddings items.npy --ids ids.npy --out idx "
+                              "--model-hash abc\n"
+                              "  cascade index search --index idx --queries users.npy --k 100 --out top.npy "
+                              "--model-hash abc",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("action", choices=("build", "search"))
     i.add_argument("--embeddings", help="build: float32 [n, d] .npy of item embeddings")
     i.add_argument("--ids", help="build: int64 [n] .npy of item ids (default 0..n-1)")
-    i.add_argument("--factory", default=None, help="Flat | IVF{n},Flat | HNSW{M} | IVF{n},PQ{m} (default: by corpus size)")
+    i.add_argument("--factory", default=None,
+                   help="Flat | IVF{n},Flat | HNSW{M} | IVF{n},PQ{m} (default: by corpus size)")
     i.add_argument("--metric", default="ip", choices=("ip", "l2"))
     i.add_argument("--queries", help=".npy of float32 [nq, d] queries (build: for the nprobe/efSearch sweep)")
     i.add_argument("--k", type=int, default=100)

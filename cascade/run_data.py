@@ -22,8 +22,8 @@ import torch
 from . import artifacts as A
 from .arrays import PAD
 from .data.batches import EncodedTable, FeatureSpec
-from .data.ids import IdIndex
 from .data.features import CrossFeatureStore, FeatureEncoder, PairEncoder
+from .data.ids import IdIndex
 from .data.requests import Requests
 from .data.schema import Schema
 from .models.ranker import Ranker, RankerConfig
@@ -45,7 +45,8 @@ def _with_oov_row(df: pd.DataFrame, id_col: str) -> pd.DataFrame:
             row[c] = np.nan
         else:
             row[c] = None
-    oov = pd.DataFrame([row]).astype({c: ("float64" if pd.api.types.is_numeric_dtype(df[c]) and c != id_col else df[c].dtype)
+    oov = pd.DataFrame([row]).astype({c: ("float64" if pd.api.types.is_numeric_dtype(df[c]) and c != id_col
+                                          else df[c].dtype)
                                       for c in df.columns})
     return pd.concat([df, oov], ignore_index=True)
 
@@ -142,7 +143,8 @@ class Towers:
         ccat, cnum = data.encoder.encode_context({c: np.asarray(requests.context[c]) for c in data.context_names})
         with torch.inference_mode():
             self.model.eval()
-            u = self.model.user_tower(torch.from_numpy(self.inputs.user_cat[u_rows]), torch.from_numpy(self.inputs.user_num[u_rows]),
+            u = self.model.user_tower(torch.from_numpy(self.inputs.user_cat[u_rows]),
+                                      torch.from_numpy(self.inputs.user_num[u_rows]),
                                       torch.from_numpy(ccat), torch.from_numpy(cnum))
         return u.float().numpy()
 
@@ -156,7 +158,8 @@ class Towers:
 
 def load_towers(model_dir: str | Path, data: RunData, requests: pd.DataFrame | None = None) -> Towers:
     model_dir = Path(model_dir)
-    cfg = TowerConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in A.read_json(model_dir / "config.json").items()})
+    cfg = TowerConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k,
+                         v in A.read_json(model_dir / "config.json").items()})
     frame = requests if requests is not None else pd.DataFrame(
         {"request_id": np.array([0], np.int64), **{c: np.zeros(1, np.int64) for c in data.context_names}})
     inputs = data.tower_inputs(frame)

@@ -9,8 +9,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cascade.pipeline import ablation as AB
 from cascade.config import ConfigError
+from cascade.pipeline import ablation as AB
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -113,7 +113,8 @@ def test_tiny_ablation_end_to_end(tmp_path):
     result = AB.run_ablation(cfg, settings, "world")
     j, m = AB.write_ablation(result, tmp_path / "out", "ablation_world")
     data = json.loads(j.read_text())
-    assert data["metrics"] == ["list_teacher_recall@10", "corpus_teacher_recall@10", "ndcg@10", "auc", "oracle_clicks@10"]
+    assert data["metrics"] == ["list_teacher_recall@10", "corpus_teacher_recall@10", "ndcg@10", "auc",
+                               "oracle_clicks@10"]
     assert data["seeds"] == [0]
     assert [(r["stage"], r["name"]) for r in data["rows"]] == [
         (s, v) for s in ("prerank", "retrieval") for v in ("ground truth only", "+ bpr", "+ mix")]

@@ -103,7 +103,8 @@ def test_bad_sizes_raise(toy):
     with pytest.raises(ValueError, match="k <= n_prerank <= n_retrieve"):
         toy["cascade"].recommend(req, n_retrieve=10, n_prerank=20, k=5)
     with pytest.raises(ValueError, match="filter_seen"):
-        Cascade(*[toy["cascade"].retriever, toy["cascade"].preranker, toy["cascade"].ranker]).recommend(req, 20, 10, 5, filter_seen=True)
+        Cascade(*[toy["cascade"].retriever, toy["cascade"].preranker, toy["cascade"].ranker]).recommend(req, 20, 10, 5,
+                                                                                                        filter_seen=True)
 
 
 def test_topk_rows_breaks_ties_by_the_lower_column_and_keeps_the_dtype():

@@ -10,7 +10,7 @@ from typing import Literal
 
 import pytest
 
-from cascade.config import ConfigError, coerce, apply_overrides, from_dict, load, parse_override, to_dict
+from cascade.config import ConfigError, apply_overrides, coerce, from_dict, load, parse_override, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -139,7 +139,8 @@ def _leaves(data: dict, cls, default, prefix: str = ""):
             yield f"{prefix}{k}", tp, v, d
 
 
-@pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "pipelines").glob("*.toml") if p.name != "custom.example.toml"))
+@pytest.mark.parametrize("path",
+                         sorted(p.name for p in (ROOT / "pipelines").glob("*.toml") if p.name != "custom.example.toml"))
 def test_pipeline_files_set_only_values_that_differ_from_the_schema(path):
     """One source of truth: the schema's dataclasses hold every default, a pipeline file only what differs."""
     from cascade.pipeline import PipelineConfig, load_config
@@ -156,4 +157,5 @@ def test_pipeline_files_set_only_values_that_differ_from_the_schema(path):
     if ablation is not None:
         load_ablation_config(ROOT / "pipelines" / path)
     else:
-        load_config(ROOT / "pipelines" / path, [f'data.path="{ROOT}"'] if raw.get("data", {}).get("source", "world") != "world" else [])
+        load_config(ROOT / "pipelines" / path,
+                    [f'data.path="{ROOT}"'] if raw.get("data", {}).get("source", "world") != "world" else [])

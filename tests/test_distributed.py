@@ -18,12 +18,12 @@ import pytest
 import torch
 import torch.multiprocessing as mp
 
+from cascade import distributed as D
 from cascade.artifacts import load_torch, read_manifest, save_torch
 from cascade.distill.ranklog import RankLog, build_rank_log, sample_candidates
 from cascade.distill.shard_runner import build_rank_log_distributed
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.models.two_tower import TowerConfig, build_two_tower
-from cascade import distributed as D
 from cascade.train.joint import DistillConfig, JointRanker, joint_loss
 from cascade.train.loop import CHECKPOINT, TrainConfig, fit
 from cascade.train.students import ClickLists, StudentConfig, train_student
@@ -67,7 +67,8 @@ def _student_data(root: Path, build: bool = False):
         build_rank_log(requests, np.where(~train, cand, -1), teacher, root / "student-valid", progress=False)
     t = teacher(np.arange(n_train), imp[:n_train])
     y = (rng.random(t.shape) < 1 / (1 + np.exp(-(2.0 * (t - t.mean()) / t.std() - 2.0)))).astype(np.float32)
-    clicks = ClickLists(np.arange(n_train), requests["user_row"].to_numpy()[:n_train], imp[:n_train].astype(np.int64), y)
+    clicks = ClickLists(np.arange(n_train), requests["user_row"].to_numpy()[:n_train], imp[:n_train].astype(np.int64),
+                        y)
     return inputs, RankLog(root / "student-train"), RankLog(root / "student-valid"), clicks
 
 

@@ -10,8 +10,8 @@ import pytest
 
 from cascade.data.batches import EncodedTable
 from cascade.data.features import CrossFeatureStore, FeatureEncoder, PairEncoder, build_encoded
-from cascade.data.schema import Dataset, DataValidationError, Feature, Schema
 from cascade.data.requests import request_start_ms
+from cascade.data.schema import Dataset, DataValidationError, Feature, Schema
 from cascade.data.split import DAY_MS, split_summary, time_split
 
 T0 = 1_650_000_000_000 - (1_650_000_000_000 % DAY_MS)  # a UTC midnight
@@ -33,7 +33,8 @@ def _schema() -> Schema:
     ))
 
 
-def _random_dataset(seed: int = 0, n_users: int = 12, n_items: int = 15, n_requests: int = 90, days: int = 5) -> Dataset:
+def _random_dataset(seed: int = 0, n_users: int = 12, n_items: int = 15, n_requests: int = 90,
+                    days: int = 5) -> Dataset:
     """Requests of 1-4 impressions, spread over ``days`` days; rows of one request are 10 ms apart."""
     rng = np.random.default_rng(seed)
     users = pd.DataFrame({
@@ -290,7 +291,8 @@ def test_cross_features_do_not_leak_later_labels():
     flipped = imp.copy()
     late = flipped["time_ms"].to_numpy() >= t_cut
     flipped.loc[late, "click"] = 1 - flipped.loc[late, "click"]
-    flipped.loc[late, "play_time_ms"] = np.random.default_rng(0).permutation(flipped.loc[late, "play_time_ms"].to_numpy())
+    flipped.loc[late,
+                "play_time_ms"] = np.random.default_rng(0).permutation(flipped.loc[late, "play_time_ms"].to_numpy())
     q2 = CrossFeatureStore(window_days=2).fit(flipped, ds.items).query_impressions(flipped)
     changed = np.zeros(len(imp), bool)
     for k in q1:

@@ -174,7 +174,8 @@ def test_ivf_operating_point_reaches_target_and_survives_reload(data, ivf, tmp_p
     assert len(on_disk["operating_points"]) == 8 and set(on_disk["outputs"]) == {INDEX_FILE, IDS_FILE}
     assert manifest["model_hash"] == "a" * 64
 
-    loaded = ItemIndex.load(tmp_path / "idx", expect_model_hash="a" * 64, expect_dim=D, expect_metric="ip", device="cpu")
+    loaded = ItemIndex.load(tmp_path / "idx", expect_model_hash="a" * 64, expect_dim=D, expect_metric="ip",
+                            device="cpu")
     assert loaded.nprobe == chosen["value"]
     # re-measured recall at the loaded operating point equals what the manifest recorded
     assert loaded.measure_recall(xq, 100) == pytest.approx(on_disk["recall"]["recall_at_k"], abs=1e-12)

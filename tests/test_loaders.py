@@ -8,8 +8,9 @@ import pytest
 
 from cascade.data.custom import load_custom
 from cascade.data.kuairand import load_kuairand
-from cascade.data.movielens import load_movielens_100k, load_movielens_1m
+from cascade.data.movielens import load_movielens_1m, load_movielens_100k
 from worlds import KUAIRAND_SIDE, ML100K, T0
+
 
 def test_kuairand_requests_positions_and_tables(kuairand_logs):
     ds = load_kuairand(kuairand_logs)

@@ -253,7 +253,8 @@ def test_logit_mse_hand_worked():
 
 
 def test_hinton_kd_hand_worked():
-    # T = 2. Item 0: s = t = 0 -> BCE(1/2 target, 1/2) = ln 2. Item 1: s/T = ln 3 (sigmoid 3/4), target sigmoid(0) = 1/2:
+    # T = 2. Item 0: s = t = 0 -> BCE(1/2 target, 1/2) = ln 2.
+    # Item 1: s/T = ln 3 (sigmoid 3/4), target sigmoid(0) = 1/2:
     # BCE = -(1/2 ln 3/4 + 1/2 ln 1/4) = 0.836988. mean * T^2 = (0.693147 + 0.836988) / 2 * 4 = 3.060271
     s, tt = t([0.0, 2 * LN3]), t([0.0, 0.0])
     bce1 = -(0.5 * math.log(0.75) + 0.5 * math.log(0.25))

@@ -69,7 +69,8 @@ def test_sigkill_midway_then_resume_matches_uninterrupted_run(run_a, tmp_path):
     _, run_a_dir, _ = run_a
     runs_b = tmp_path / "runs_b"
     # the same thread count as run A (float sums, and so the weights, depend on it)
-    cmd = [sys.executable, "-m", "cascade.cli", "run", str(TINY), "--no-progress", "--set", f"run.runs_dir={json.dumps(str(runs_b))}",
+    cmd = [sys.executable, "-m", "cascade.cli", "run", str(TINY), "--no-progress", "--set",
+           f"run.runs_dir={json.dumps(str(runs_b))}",
            "--set", "run.threads=1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # kill as soon as the students stage has written its first model (it then still trains five more)
@@ -107,7 +108,8 @@ def test_sigkill_midway_then_resume_matches_uninterrupted_run(run_a, tmp_path):
         xa = faiss.read_index(str(run_a_dir / "index" / v / "index.faiss"))
         xb = faiss.read_index(str(run_b_dir / "index" / v / "index.faiss"))
         np.testing.assert_allclose(xa.reconstruct_n(0, xa.ntotal), xb.reconstruct_n(0, xb.ntotal), atol=1e-5)
-        assert np.array_equal(np.load(run_a_dir / "index" / v / "item_ids.npy"), np.load(run_b_dir / "index" / v / "item_ids.npy"))
+        assert np.array_equal(np.load(run_a_dir / "index" / v / "item_ids.npy"),
+                              np.load(run_b_dir / "index" / v / "item_ids.npy"))
     assert any(k.endswith(".parquet") for k in _hashes(run_b_dir / "ranklog"))
     qa = A.read_json(run_a_dir / "replay" / "summary.json")
     qb = A.read_json(run_b_dir / "replay" / "summary.json")
@@ -133,7 +135,8 @@ def test_rerun_skips_everything_and_a_change_reruns_only_dependants(run_a):
 def test_bad_config_fails_before_any_work(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[teacher.model]\nbackbone = 'dcnv2'\nmlpp = [8]\n")
-    r = subprocess.run([sys.executable, "-m", "cascade.cli", "run", str(bad), "--set", f"run.runs_dir={json.dumps(str(tmp_path / 'r'))}"],
+    r = subprocess.run([sys.executable, "-m", "cascade.cli", "run", str(bad), "--set",
+                        f"run.runs_dir={json.dumps(str(tmp_path / 'r'))}"],
                        cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "teacher.model.mlpp" in r.stderr
     assert not (tmp_path / "r").exists()
@@ -141,7 +144,8 @@ def test_bad_config_fails_before_any_work(tmp_path):
                              ("data.source='kuairand'", "data.path"), ("run.name='../escape'", "run name"),
                              ("students.tower.temperature=0", "temperature")):
         r = subprocess.run([sys.executable, "-m", "cascade.cli", "run", str(TINY), "--set", override,
-                            "--set", f"run.runs_dir={json.dumps(str(tmp_path / 'r'))}"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+                            "--set", f"run.runs_dir={json.dumps(str(tmp_path / 'r'))}"], cwd=ROOT, capture_output=True,
+                            text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr, (override, r.stderr[-500:])
     assert not (tmp_path / "r").exists()
 
@@ -152,7 +156,8 @@ def test_walkthrough_notebook_executes_against_the_tiny_run(run_a, monkeypatch):
     _, run_dir, _ = run_a
     monkeypatch.setenv("CASCADE_RUN", str(run_dir))
     nb = nbformat.read(ROOT / "notebooks" / "walkthrough.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(ROOT)}}).execute()
+    nbclient.NotebookClient(nb, timeout=300, kernel_name="python3",
+                            resources={"metadata": {"path": str(ROOT)}}).execute()
     outputs = "\n".join(o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", []))
     assert "plots in the report" in outputs and "request " in outputs
     n_plots = int(outputs.split(" plots in the report")[0].split()[-1])

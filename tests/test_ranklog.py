@@ -45,7 +45,8 @@ def test_sampler_popularity_weighting_effect():
     pop = sample_candidates(imp, n_items, 10, pop_weights=w, uniform_frac=0.0, rng=np.random.default_rng(2))
     uni = sample_candidates(imp, n_items, 10, pop_weights=w, uniform_frac=1.0, rng=np.random.default_rng(2))
     mix = sample_candidates(imp, n_items, 10, pop_weights=w, uniform_frac=0.5, rng=np.random.default_rng(2))
-    head = lambda c: float((c < 20).mean())
+    def head(c):
+        return float((c < 20).mean())
     # uniform: 10 of 1000 per row -> head share 20/1000 = 0.02. Pure popularity without replacement: the first
     # draws are mostly head items, so well over half the slots; the 50/50 mix lies in between.
     assert head(uni) < 0.05

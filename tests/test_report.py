@@ -74,7 +74,8 @@ def make_report_data() -> dict:
                                        for v, r, q in ((1, 0.612, 21000.0), (4, 0.874, 9100.0), (16, 0.9871, 2600.0))]},
         "models": [
             {"name": "teacher-deepfm", "role": "teacher", "auc": 0.7712, "gauc": 0.6601, "logloss": 0.1811,
-             "rand_auc": 0.7402, "rand_gauc": 0.6402, "latency_ms_per_100": 0.912, "n_params": 1234567, "size_mb": 4.71},
+             "rand_auc": 0.7402, "rand_gauc": 0.6402, "latency_ms_per_100": 0.912, "n_params": 1234567,
+             "size_mb": 4.71},
             {"name": "rank-student", "role": "student", "auc": 0.7653, "gauc": 0.6555, "logloss": 0.1825,
              "latency_ms_per_100": 0.2, "n_params": 123456, "size_mb": 0.47},
             {"name": "lightgbm", "role": "baseline", "auc": 0.7581, "gauc": float("nan"), "logloss": 0.1844,
@@ -82,13 +83,17 @@ def make_report_data() -> dict:
         ],
         "ablation": {"metrics": ["teacher_recall", "auc"], "seeds": [0, 1, 2], "rows": [
             {"name": "ground truth only", "stage": "prerank",
-             "values": {"teacher_recall": {"mean": 0.61, "std": 0.012, "n": 3}, "auc": {"mean": 0.7011, "std": 0.002, "n": 3}}},
+             "values": {"teacher_recall": {"mean": 0.61, "std": 0.012, "n": 3},
+                        "auc": {"mean": 0.7011, "std": 0.002, "n": 3}}},
             {"name": "listwise NDCG", "stage": "prerank",
-             "values": {"teacher_recall": {"mean": 0.7034, "std": 0.0051, "n": 3}, "auc": {"mean": 0.6987, "std": 0.003, "n": 3}}},
+             "values": {"teacher_recall": {"mean": 0.7034, "std": 0.0051, "n": 3},
+                        "auc": {"mean": 0.6987, "std": 0.003, "n": 3}}},
             {"name": "ground truth only", "stage": "retrieval",
-             "values": {"teacher_recall": {"mean": 0.7701, "std": 0.01, "n": 2}, "auc": {"mean": 0.6801, "std": 0.004, "n": 3}}},
+             "values": {"teacher_recall": {"mean": 0.7701, "std": 0.01, "n": 2},
+                        "auc": {"mean": 0.6801, "std": 0.004, "n": 3}}},
             {"name": "mix", "stage": "retrieval",
-             "values": {"teacher_recall": {"mean": 0.8123, "std": 0.0098, "n": 3}, "auc": {"mean": float("nan"), "std": None, "n": 0}}},
+             "values": {"teacher_recall": {"mean": 0.8123, "std": 0.0098, "n": 3},
+                        "auc": {"mean": float("nan"), "std": None, "n": 0}}},
         ]},
     }
 
@@ -149,7 +154,8 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     loaded = load_report(tmp_path)
     assert loaded == to_jsonable(report_data)
     assert loaded["cascades"]["distilled"]["stages"]["rank"]["gauc"] is None
-    assert loaded["cascades"]["distilled"]["latency_samples_ms"]["rank"] == report_data["cascades"]["distilled"]["latency_samples_ms"]["rank"]
+    samples = report_data["cascades"]["distilled"]["latency_samples_ms"]["rank"]
+    assert loaded["cascades"]["distilled"]["latency_samples_ms"]["rank"] == samples
     json.loads((tmp_path / "report.json").read_text(), parse_constant=lambda c: pytest.fail(f"non-standard {c}"))
 
     page = (tmp_path / "report.html").read_text()

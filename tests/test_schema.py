@@ -4,7 +4,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from cascade.data.schema import DataValidationError, Dataset, Feature, Schema
+from cascade.data.schema import Dataset, DataValidationError, Feature, Schema
 
 
 def _ds(**changes):

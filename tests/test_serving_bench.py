@@ -11,10 +11,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
 import bench_serving as bs  # noqa: E402
 import bench_soak as bk  # noqa: E402
-from cascade.index.exact import clustered_vectors  # noqa: E402
-from cascade.index.faiss_index import ItemIndex  # noqa: E402
+
 from cascade.arrays import topk_rows  # noqa: E402
 from cascade.data.requests import Requests  # noqa: E402
+from cascade.index.exact import clustered_vectors  # noqa: E402
+from cascade.index.faiss_index import ItemIndex  # noqa: E402
 
 N_ITEMS, DIM, N_USERS = 400, 8, 40
 
@@ -60,7 +61,8 @@ def test_retrieval_timing_checks_identical_results(toy):
                                 batch_size=b, rounds=2)
         assert out["batch_size"] == b and out["nq"] == N_USERS
         for clock in ("wall", "cpu"):
-            assert set(out[clock]["qps"]) == {"bare_faiss", "item_index", "retriever_search", "retriever_full", "user_tower"}
+            assert set(out[clock]["qps"]) == {"bare_faiss", "item_index", "retriever_search", "retriever_full",
+                                              "user_tower"}
             assert all(q > 0 for q in out[clock]["qps"].values())
     # a "bare" index over other vectors must be caught: the overhead is only meaningful on identical work
     import faiss
@@ -123,7 +125,8 @@ def test_soak_counts_checkpoints_and_drops(toy):
     def result(modes, load, n_items=N_ITEMS):
         return {"args": {"n_requests": 50, "threads": 1, "n_items": n_items, "n_retrieve": 50, "n_prerank": 20,
                          "k": 5, "modes": [m["batch_size"] for m in modes]},
-                "machine": {"platform": "toy", "cpu_count": 2, "loadavg_before": [1, 1, 1], "loadavg_after": [load, 1, 1]},
+                "machine": {"platform": "toy", "cpu_count": 2, "loadavg_before": [1, 1, 1],
+                            "loadavg_after": [load, 1, 1]},
                 "date_utc": "2026-01-01T00:00:00Z", "wall_s": load, "peak_rss_mib": 100.0 * load,
                 "run": {"index": "Flat", "n_test_requests": N_USERS}, "modes": modes}
 

@@ -14,12 +14,12 @@ import torch
 from cascade.artifacts import MANIFEST, read_npz
 from cascade.data import stream as S
 from cascade.data import world as W
-from cascade.data.world import chunked as WS
 from cascade.data.batches import EncodedTable
 from cascade.data.features import CrossFeatureStore, FeatureEncoder, build_encoded
 from cascade.data.sampling import CdfSampler
 from cascade.data.schema import DataValidationError
 from cascade.data.split import DAY_MS, SPLITS, time_split
+from cascade.data.world import chunked as WS
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.train.loop import TrainConfig, fit
 

@@ -15,8 +15,7 @@ from cascade.models.ranker import RankerConfig
 from cascade.models.two_tower import TowerConfig, TowerInputs, build_two_tower
 from cascade.train.joint import DistillConfig
 from cascade.train.students import StudentConfig, evaluate_on_log
-from cascade.train.three_students import (JointCascadeConfig, JointData, score_lists, teacher_ranks,
-                                          train_joint_cascade)
+from cascade.train.three_students import JointCascadeConfig, JointData, score_lists, teacher_ranks, train_joint_cascade
 
 N_USERS, N_ITEMS, N_GROUPS, N_TAGS, N_HOURS = 200, 300, 5, 8, 4
 N_TRAIN, N_HELD, N_IMP, N_CAND = 1000, 150, 8, 40
@@ -68,7 +67,8 @@ def _world(seed: int = 0):
 
     def tower_inputs(rows: np.ndarray) -> TowerInputs:
         return TowerInputs(
-            spec.select("user"), np.stack([np.arange(1, N_USERS + 1), group + 1], 1).astype(np.int64), activity[:, None],
+            spec.select("user"), np.stack([np.arange(1, N_USERS + 1), group + 1], 1).astype(np.int64),
+            activity[:, None],
             spec.select("item"), np.stack([np.arange(1, N_ITEMS + 1), tag + 1], 1).astype(np.int64), quality[:, None],
             spec.select("context"), (hour[rows] + 1)[:, None].astype(np.int64), np.zeros((len(rows), 0), np.float32),
             np.arange(N_USERS, dtype=np.int64), np.arange(N_ITEMS, dtype=np.int64), rows.astype(np.int64))
@@ -179,7 +179,8 @@ def test_standalone_ranker_and_scoring_match_the_joint_models(world):
     from cascade.train.joint import JointRanker
 
     spec, pair_features, data, *_ = world
-    jr = JointRanker(spec, RankerConfig(emb_dim=8, mlp=(16,)), RankerConfig(emb_dim=8, mlp=(8,), sides=("user", "item")),
+    jr = JointRanker(spec, RankerConfig(emb_dim=8, mlp=(16,)),
+                     RankerConfig(emb_dim=8, mlp=(8,), sides=("user", "item")),
                      detach_student_embeddings=True, seed=1)
     with torch.no_grad():  # make the shared table non-trivial
         jr.embedding.table.weight.normal_(generator=torch.Generator().manual_seed(0))

@@ -325,7 +325,8 @@ def test_fit_on_cuda_matches_cpu_quality(small):
     aucs = {}
     for device in ("cpu", "cuda"):
         m = Ranker(SPEC, TINY, seed=0)
-        aucs[device] = fit(m, train, valid, TrainConfig(lr=0.01, batch_size=128, epochs=3, device=device)).best_valid_auc
+        aucs[device] = fit(m, train, valid,
+                           TrainConfig(lr=0.01, batch_size=128, epochs=3, device=device)).best_valid_auc
         assert next(m.parameters()).device.type == device
     # same init and batches; only float reduction order differs between devices
     assert abs(aucs["cpu"] - aucs["cuda"]) < 0.02, aucs

@@ -10,8 +10,15 @@ import torch
 
 from cascade.data.batches import FeatureSpec
 from cascade.data.schema import DataValidationError
-from cascade.models.two_tower import (ItemTower, TowerConfig, TowerInputs, TwoTower, UserTower, build_two_tower,
-                                      item_embeddings)
+from cascade.models.two_tower import (
+    ItemTower,
+    TowerConfig,
+    TowerInputs,
+    TwoTower,
+    UserTower,
+    build_two_tower,
+    item_embeddings,
+)
 
 USER_SPEC = FeatureSpec(("user_id", "segment"), ("user", "user"), (11, 4), ("activity",), ("user",))
 ITEM_SPEC = FeatureSpec(("item_id", "tag"), ("item", "item"), (21, 6), ("age", "dur"), ("item", "item"))

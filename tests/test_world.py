@@ -12,8 +12,8 @@ from sklearn.metrics import roc_auc_score
 
 from cascade.artifacts import read_npz
 from cascade.data import world as W
-from cascade.data.world.generate import auc as world_auc
 from cascade.data.world import KUAIRAND_LOG_COLUMNS, HistoryState, World, WorldConfig, generate_world
+from cascade.data.world.generate import auc as world_auc
 
 SMALL = WorldConfig(seed=0, n_users=1500, n_items=1200, n_days=5)
 HEADER = ("user_id,video_id,date,hourmin,time_ms,is_click,is_like,is_follow,is_comment,is_forward,is_hate,"

@@ -8,11 +8,11 @@ import numpy as np
 import pytest
 import torch
 
+from cascade.data.requests import requests_frame
 from cascade.eval.metrics import auc
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.models.two_tower import TowerConfig, build_two_tower
 from cascade.pipeline import load_config, run_pipeline
-from cascade.data.requests import requests_frame
 from cascade.run_data import RunData
 from cascade.train.loop import TrainConfig, fit, predict
 from cascade.train.students import ClickLists, StudentConfig, train_student
@@ -42,7 +42,8 @@ def _inner_product_auc(data, seed):
     tr = data.split_impressions("train")
     frame = requests_frame(tr, data.context_names)
     inputs = data.tower_inputs(frame)
-    clicks = ClickLists.from_long(inputs.request_rows(tr.request_id.to_numpy()), inputs.user_rows(tr.user_id.to_numpy()),
+    clicks = ClickLists.from_long(inputs.request_rows(tr.request_id.to_numpy()),
+                                  inputs.user_rows(tr.user_id.to_numpy()),
                                   inputs.item_rows(tr.item_id.to_numpy()), tr.click.to_numpy(np.float32))
     towers = build_two_tower(inputs, TowerConfig(emb_dim=8, hidden=(64,), out_dim=16), seed=seed)
     train_student(towers, inputs, None, clicks, StudentConfig(stage="prerank", loss_weights={"click_bce": 1.0},

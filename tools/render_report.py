@@ -114,7 +114,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("path", type=Path, help="run folder, report folder, or report.html")
     p.add_argument("--out", type=Path, default=None, help="PNG to write (default: report.png beside report.html)")
     p.add_argument("--window-size", type=window_size, default=(1280, 2400), help="WIDTHxHEIGHT in pixels")
-    p.add_argument("--chromium", default=None, help="Chromium executable (default: chromium / chromium-browser on PATH)")
+    p.add_argument("--chromium", default=None,
+                   help="Chromium executable (default: chromium / chromium-browser on PATH)")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for Chromium")
     p.add_argument("--min-var", type=float, default=1e-3, help="grey-level variance below which the shot is blank")
     return p.parse_args(argv)

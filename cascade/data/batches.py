@@ -8,8 +8,8 @@ with an index list. A batch is a slice or one index gather of these arrays: ther
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Iterator
 
 import numpy as np
 
@@ -48,7 +48,7 @@ class FeatureSpec:
     def num_index(self, *sides: str) -> list[int]:
         return [j for j, s in enumerate(self.num_sides) if s in sides]
 
-    def select(self, *sides: str) -> "FeatureSpec":
+    def select(self, *sides: str) -> FeatureSpec:
         ci, ni = self.cat_index(*sides), self.num_index(*sides)
         return FeatureSpec(
             tuple(self.cat_names[j] for j in ci),
@@ -59,10 +59,11 @@ class FeatureSpec:
         )
 
     def to_dict(self) -> dict:
-        return {k: list(getattr(self, k)) for k in ("cat_names", "cat_sides", "cat_cardinality", "num_names", "num_sides")}
+        return {k: list(getattr(self, k)) for k in ("cat_names", "cat_sides", "cat_cardinality", "num_names",
+                                                    "num_sides")}
 
     @classmethod
-    def from_dict(cls, d: dict) -> "FeatureSpec":
+    def from_dict(cls, d: dict) -> FeatureSpec:
         return cls(**{k: tuple(v) for k, v in d.items()})
 
 
@@ -98,7 +99,7 @@ class EncodedTable:
     def __len__(self) -> int:
         return len(self.label)
 
-    def take(self, idx: np.ndarray | slice) -> "EncodedTable":
+    def take(self, idx: np.ndarray | slice) -> EncodedTable:
         """Rows ``idx`` (an index array, a boolean mask or a slice) as a new table: one gather per array."""
         g = _gather(idx)
         return EncodedTable(
@@ -115,7 +116,7 @@ class EncodedTable:
         return out
 
     @classmethod
-    def from_arrays(cls, spec: FeatureSpec, arrays: dict[str, np.ndarray]) -> "EncodedTable":
+    def from_arrays(cls, spec: FeatureSpec, arrays: dict[str, np.ndarray]) -> EncodedTable:
         extra = {k[len("extra__"):]: v for k, v in arrays.items() if k.startswith("extra__")}
         return cls(spec, arrays["cat"], arrays["num"], arrays["label"], arrays["request_id"], arrays["user_id"],
                    arrays["item_id"], arrays["time_ms"], arrays["is_rand"], extra)
@@ -129,7 +130,8 @@ def _gather(idx):
     return lambda a: np.take(a, idx, axis=0)
 
 
-def batch_indices(n: int, batch_size: int, rng: np.random.Generator | None = None, drop_last: bool = False) -> Iterator[np.ndarray | slice]:
+def batch_indices(n: int, batch_size: int, rng: np.random.Generator | None = None,
+                  drop_last: bool = False) -> Iterator[np.ndarray | slice]:
     """Yield batches of row positions: contiguous slices in order, or slices of one seeded permutation."""
     if batch_size <= 0:
         raise ValueError(f"batch_size must be > 0, got {batch_size}")

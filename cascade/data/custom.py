@@ -39,17 +39,25 @@ from __future__ import annotations
 
 import logging
 import tomllib
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .io import (
-    assign_requests, check_time_unit, expand_glob, fill_missing_categorical, fill_missing_numeric, hour_weekday,
-    py_scalar, read_table_strict, sort_impressions,
+    assign_requests,
+    check_time_unit,
+    expand_glob,
+    fill_missing_categorical,
+    fill_missing_numeric,
+    hour_weekday,
+    py_scalar,
+    read_table_strict,
+    sort_impressions,
 )
-from .schema import IMPRESSION_COLUMNS, DataValidationError, Dataset, Feature, Schema
+from .schema import IMPRESSION_COLUMNS, Dataset, DataValidationError, Feature, Schema
 
 log = logging.getLogger(__name__)
 

@@ -27,7 +27,8 @@ class IdIndex:
         self.sorted_ids = ids[self.order]
         dup = np.flatnonzero(self.sorted_ids[1:] == self.sorted_ids[:-1])
         if len(dup):
-            raise DataValidationError(f"{source + ': ' if source else ''}duplicate {what} {int(self.sorted_ids[dup[0]])}")
+            raise DataValidationError(f"{source + ': ' if source else ''}duplicate {what} "
+                                      f"{int(self.sorted_ids[dup[0]])}")
         self.identity = bool(np.array_equal(self.order, np.arange(len(ids))))  # sorted ids: row = position
         self.table = None
         n = len(ids)

@@ -28,17 +28,26 @@ table's ``video_duration`` carries it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import pandas as pd
 
 from .io import (
-    py_scalar, MISSING_INT, assign_requests, check_time_unit, fill_missing_categorical, fill_missing_numeric,
-    group_ids, hour_weekday, read_csv_strict, sort_impressions, yyyymmdd,
+    MISSING_INT,
+    assign_requests,
+    check_time_unit,
+    fill_missing_categorical,
+    fill_missing_numeric,
+    group_ids,
+    hour_weekday,
+    py_scalar,
+    read_csv_strict,
+    sort_impressions,
+    yyyymmdd,
 )
-from .schema import DataValidationError, Dataset, Feature, Schema
+from .schema import Dataset, DataValidationError, Feature, Schema
 
 log = logging.getLogger(__name__)
 

@@ -27,10 +27,16 @@ import numpy as np
 import pandas as pd
 
 from .io import (
-    py_scalar, assign_requests, check_time_unit, fill_missing_numeric, group_ids, hour_weekday, read_csv_strict,
+    assign_requests,
+    check_time_unit,
+    fill_missing_numeric,
+    group_ids,
+    hour_weekday,
+    py_scalar,
+    read_csv_strict,
     sort_impressions,
 )
-from .schema import DataValidationError, Dataset, Feature, Schema
+from .schema import Dataset, DataValidationError, Feature, Schema
 
 log = logging.getLogger(__name__)
 

@@ -46,7 +46,7 @@ class Requests:
     def __len__(self) -> int:
         return len(self.user_id)
 
-    def take(self, idx: np.ndarray) -> "Requests":
+    def take(self, idx: np.ndarray) -> Requests:
         return Requests(self.user_id[idx], self.time_ms[idx], {k: np.asarray(v)[idx] for k, v in self.context.items()},
                         self.request_id[idx])
 
@@ -81,7 +81,8 @@ def requests_frame(impressions: pd.DataFrame, context_names: list[str]) -> pd.Da
     start = request_start_ms(impressions)
     first = ~impressions["request_id"].duplicated().to_numpy()  # each request's first row
     rows = impressions[first]
-    out = pd.DataFrame({"request_id": rows["request_id"].to_numpy(np.int64), "user_id": rows["user_id"].to_numpy(np.int64),
+    out = pd.DataFrame({"request_id": rows["request_id"].to_numpy(np.int64),
+                        "user_id": rows["user_id"].to_numpy(np.int64),
                         "time_ms": start[first]})
     for c in context_names:
         out[c] = rows[c].to_numpy()

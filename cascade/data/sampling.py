@@ -24,7 +24,7 @@ class CdfSampler:
         self.max_steps = max_steps
 
     @classmethod
-    def from_weights(cls, weights: np.ndarray, max_steps: int = 8) -> "CdfSampler":
+    def from_weights(cls, weights: np.ndarray, max_steps: int = 8) -> CdfSampler:
         """Rows drawn with probability w_i / sum(w)."""
         return cls(np.cumsum(weights), max_steps)
 

@@ -19,8 +19,8 @@ an unknown user or item raises :class:`DataValidationError` naming the file, the
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Iterable, Mapping
 
 import numpy as np
 import pandas as pd
@@ -101,10 +101,10 @@ class Schema:
         return {"features": [vars(f).copy() for f in self.features]}
 
     @classmethod
-    def from_dict(cls, d: Mapping) -> "Schema":
+    def from_dict(cls, d: Mapping) -> Schema:
         return cls(tuple(Feature(**f) for f in d["features"]))
 
-    def extend(self, features: Iterable[Feature]) -> "Schema":
+    def extend(self, features: Iterable[Feature]) -> Schema:
         return Schema(self.features + tuple(features))
 
 
@@ -160,9 +160,11 @@ def check_id_column(df: pd.DataFrame, col: str, source: str, unique: bool) -> No
     """Ids must be integer, non-null and (for entity tables) unique."""
     s = df[col]
     if s.isna().any():
-        raise DataValidationError(f"{source}: column {col!r} has NaN ids (value NaN first at row {int(np.flatnonzero(s.isna().to_numpy())[0])})")
+        raise DataValidationError(f"{source}: column {col!r} has NaN ids (value NaN first at row "
+                                  f"{int(np.flatnonzero(s.isna().to_numpy())[0])})")
     if _dtype_family(s) != "int":
-        raise DataValidationError(f"{source}: column {col!r} must hold integer ids, has dtype {s.dtype} (example value {_example(s)})")
+        raise DataValidationError(f"{source}: column {col!r} must hold integer ids, has dtype {s.dtype} (example value "
+                                  f"{_example(s)})")
     if unique:
         dup = s[s.duplicated()]
         if len(dup):
@@ -177,11 +179,13 @@ def check_finite(df: pd.DataFrame, cols: Iterable[str], source: str, nonnegative
         if v.dtype.kind == "f":
             bad = ~np.isfinite(v)
             if bad.any():
-                raise DataValidationError(f"{source}: column {col!r} has a non-finite value {show(v[bad][0])} at row {int(np.flatnonzero(bad)[0])}")
+                raise DataValidationError(f"{source}: column {col!r} has a non-finite value {show(v[bad][0])} at row "
+                                          f"{int(np.flatnonzero(bad)[0])}")
         if col in nonneg and v.dtype.kind in "fiu":
             bad = v < 0
             if bad.any():
-                raise DataValidationError(f"{source}: column {col!r} has a negative value {show(v[bad][0])} at row {int(np.flatnonzero(bad)[0])}")
+                raise DataValidationError(f"{source}: column {col!r} has a negative value {show(v[bad][0])} at row "
+                                          f"{int(np.flatnonzero(bad)[0])}")
 
 
 @dataclass
@@ -201,7 +205,7 @@ class Dataset:
     def source(self, table: str) -> str:
         return self.sources.get(table, f"{self.name}:{table}")
 
-    def validate(self) -> "Dataset":
+    def validate(self) -> Dataset:
         """Raise DataValidationError on the first problem found; return self when all is well."""
         u, i, imp = self.users, self.items, self.impressions
         check_columns(u, {"user_id": "any"}, self.source("users"))
@@ -237,6 +241,7 @@ class Dataset:
             table = {"users": u, "items": i, "impressions": imp}.get(f.table)
             if table is not None and f.name not in table.columns:
                 raise DataValidationError(
-                    f"{self.source(f.table)}: schema feature {f.name!r} (side {f.side}) is not a column of table {f.table}"
+                    f"{self.source(f.table)}: schema feature {f.name!r} (side {f.side}) is not a column of table "
+                    f"{f.table}"
                 )
         return self

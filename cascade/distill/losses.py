@@ -616,7 +616,8 @@ def sampled_softmax_loss(
     """
     if user_emb.dim() != 2 or pos_item_emb.shape != user_emb.shape:
         raise ValueError(
-            f"user_emb and pos_item_emb must both be [B, d], got {tuple(user_emb.shape)} and {tuple(pos_item_emb.shape)}"
+            f"user_emb and pos_item_emb must both be [B, d], got {tuple(user_emb.shape)} and "
+            f"{tuple(pos_item_emb.shape)}"
         )
     if temperature <= 0:
         raise ValueError(f"temperature must be > 0, got {temperature}")

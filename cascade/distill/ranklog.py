@@ -22,8 +22,8 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Callable, Iterator
 
 import numpy as np
 import pandas as pd
@@ -311,7 +311,8 @@ def merge_manifests(out_dir: str | Path, n_shards: int) -> dict:
             raise artifacts.ArtifactError(f"{d / artifacts.MANIFEST}: not shard {k} of {n_shards} of a rank log")
         lo, hi = m["request_row_range"]
         if lo != expected_lo:
-            raise artifacts.ArtifactError(f"{d}: covers request rows [{lo}, {hi}) but [{expected_lo}, ...) was expected")
+            raise artifacts.ArtifactError(f"{d}: covers request rows [{lo}, {hi}) but [{expected_lo}, ...) was "
+                                          f"expected")
         expected_lo = hi
         total = m["n_requests_total"] if total is None else total
         cfg = {k2: v for k2, v in m["config"].items() if k2 != "shard_index"}
@@ -358,7 +359,8 @@ class RankLog:
         if tables:
             missing = [c for c in COLUMNS if c not in tables[0].column_names]
             if missing:
-                raise artifacts.ArtifactError(f"{self.path / self.manifest['shards'][0]['path']}: missing columns {missing}")
+                raise artifacts.ArtifactError(f"{self.path / self.manifest['shards'][0]['path']}: missing columns "
+                                              f"{missing}")
         col = {c: (np.concatenate([t.column(c).to_numpy() for t in tables]) if tables else np.zeros(0, np.int64))
                for c in COLUMNS}
         self._build(col)
@@ -404,7 +406,8 @@ class RankLog:
                 continue
             ref = np.asarray(ref)
             if len(rows) and rows.max() >= len(ref):
-                raise artifacts.ArtifactError(f"{self.path}: {what} row {rows.max()} is beyond the {len(ref)} known rows")
+                raise artifacts.ArtifactError(f"{self.path}: {what} row {rows.max()} is beyond the {len(ref)} known "
+                                              f"rows")
             bad = ref[rows] != ids
             if bad.any():
                 j = int(np.argmax(bad))
@@ -417,7 +420,8 @@ class RankLog:
         return {
             "items": torch.from_numpy(self.items[idx]), "ranks": torch.from_numpy(self.ranks[idx]),
             "logits": torch.from_numpy(self.logits[idx]), "mask": torch.from_numpy(self.mask[idx]),
-            "request_rows": torch.from_numpy(self.request_rows[idx]), "user_rows": torch.from_numpy(self.user_rows[idx]),
+            "request_rows": torch.from_numpy(self.request_rows[idx]),
+            "user_rows": torch.from_numpy(self.user_rows[idx]),
         }
 
     def batches(self, batch_size: int, rng: np.random.Generator | None = None) -> Iterator[dict[str, torch.Tensor]]:

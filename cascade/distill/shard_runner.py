@@ -19,8 +19,8 @@ import numpy as np
 import pandas as pd
 
 from cascade import artifacts
-from cascade.distill.ranklog import Scorer, build_rank_log, merge_manifests
 from cascade import distributed as D
+from cascade.distill.ranklog import Scorer, build_rank_log, merge_manifests
 
 log = logging.getLogger(__name__)
 

@@ -296,4 +296,5 @@ def latency_summary(seconds) -> dict[str, float]:
         raise ValueError("latencies must be finite and >= 0 seconds")
     ms = t * 1e3
     p50, p95, p99 = np.percentile(ms, [50, 95, 99])
-    return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99), "mean_ms": float(ms.mean()), "n": int(t.size)}
+    return {"p50_ms": float(p50), "p95_ms": float(p95), "p99_ms": float(p99), "mean_ms": float(ms.mean()),
+            "n": int(t.size)}

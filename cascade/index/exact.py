@@ -182,7 +182,8 @@ class TorchExactIndex:
 
 
 def _torch_block_topk(s, k: int):
-    """Torch twin of :func:`cascade.arrays.top_columns`: values and columns of each row's k largest, ties to the lower column."""
+    """Torch twin of :func:`cascade.arrays.top_columns`: values and columns of each row's k largest, ties to the
+    lower column."""
     import torch
 
     k = min(k, s.shape[1])

@@ -40,12 +40,13 @@ import logging
 import math
 import re
 import time
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from cascade.artifacts import ArtifactError, atomic_path, read_json, verify_outputs, write_manifest, MANIFEST
+from cascade.artifacts import MANIFEST, ArtifactError, atomic_path, read_json, verify_outputs, write_manifest
 from cascade.eval.metrics import mean_recall_at_k
 from cascade.index.exact import TorchExactIndex, as_float32_matrix, check_metric, exact_topk
 
@@ -83,7 +84,8 @@ def parse_factory(factory: str, d: int) -> dict[str, Any]:
         if m:
             out = {"kind": kind, **{k: int(v) for k, v in m.groupdict().items() if v is not None}}
             if kind == "ivfpq" and d % out["m"] != 0:
-                raise ValueError(f"factory {factory!r}: PQ{out['m']} needs the dimension {d} to be a multiple of {out['m']}")
+                raise ValueError(f"factory {factory!r}: PQ{out['m']} needs the dimension {d} to be a multiple of "
+                                 f"{out['m']}")
             if kind == "ivfpq" and "opq" in out and out["opq"] != out["m"]:
                 raise ValueError(f"factory {factory!r}: OPQ{out['opq']} must match PQ{out['m']}")
             return out
@@ -248,7 +250,7 @@ class ItemIndex:
         omp_threads: int | None = None,
         blas_threshold: int | None = 20,
         refine: str = "Flat",
-    ) -> "ItemIndex":
+    ) -> ItemIndex:
         """Build an index over item embeddings.
 
         xb: [n, d] float32 item vectors; item_ids: [n] int64 unique ids (any values >= 0, need not be contiguous).
@@ -310,7 +312,8 @@ class ItemIndex:
                 ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(d))
             n_train = train_size or min(n, max(64 * spec["nlist"], 10_000))
             n_train = min(n_train, n)
-            rows = np.sort(np.random.default_rng(seed).choice(n, size=n_train, replace=False)) if n_train < n else slice(None)
+            rows = np.sort(np.random.default_rng(seed).choice(n, size=n_train,
+                                                              replace=False)) if n_train < n else slice(None)
             index.train(xb[rows])
             if backend == "faiss-gpu":
                 ivf.clustering_index = None
@@ -536,7 +539,8 @@ class ItemIndex:
             best = max(self.operating_points_, key=lambda p: p["recall_at_k"])
             raise ValueError(
                 f"no operating point of {self.factory!r} reaches recall@{best['k']} >= {recall_target}: the best is "
-                f"{best['recall_at_k']:.4f} at {best['param']}={best['value']}; sweep larger values or use another factory"
+                f"{best['recall_at_k']:.4f} at {best['param']}={best['value']}; sweep larger values or use another "
+                f"factory"
             )
         p = min(ok, key=lambda p: -1 if p["value"] is None else p["value"])
         if p["param"] == "nprobe":
@@ -634,7 +638,7 @@ class ItemIndex:
         device: str = "auto",
         omp_threads: int | None = None,
         blas_threshold: int | None = 20,
-    ) -> "ItemIndex":
+    ) -> ItemIndex:
         """Load an index written by :meth:`save`, refusing one that does not fit or is damaged.
 
         expect_model_hash / expect_dim / expect_metric: raise :class:`IndexMismatchError` naming both values when
@@ -659,7 +663,8 @@ class ItemIndex:
                 f"{where}: user embedding dimension {expect_dim} does not match the index's {m['embedding_dim']}"
             )
         if expect_metric is not None and m["metric"] != expect_metric:
-            raise IndexMismatchError(f"{where}: expected metric {expect_metric!r} does not match the index's {m['metric']!r}")
+            raise IndexMismatchError(f"{where}: expected metric {expect_metric!r} does not match the index's "
+                                     f"{m['metric']!r}")
         verify_outputs(directory, m)
         backend, reason = select_backend(device)
         spec = parse_factory(m["factory"], int(m["embedding_dim"]))

@@ -9,7 +9,7 @@ Early stopping watches the validation table (AUC for binary, NDCG@10 for lambdar
 from __future__ import annotations
 
 import logging
-from typing import Sequence
+from collections.abc import Sequence
 
 import lightgbm as lgb
 import numpy as np
@@ -87,7 +87,7 @@ class GBDTRanker:
                            categorical_feature=list(range(len(self.cat_index_))),
                            reference=reference, free_raw_data=True)
 
-    def fit(self, train: EncodedTable, valid: EncodedTable | None = None) -> "GBDTRanker":
+    def fit(self, train: EncodedTable, valid: EncodedTable | None = None) -> GBDTRanker:
         params = self._params()
         spec: FeatureSpec = train.spec
         self.spec_ = spec

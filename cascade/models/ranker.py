@@ -12,8 +12,8 @@ also returns the representation that feeds the output layer, for the hint loss.
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, fields
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -21,7 +21,7 @@ from torch import nn
 
 from cascade.data.batches import FeatureSpec
 from cascade.data.schema import SIDES
-from cascade.models.layers import NUMERIC_MODES, MLP, CrossNetV2, FactorizationMachine, FeatureEmbedding
+from cascade.models.layers import MLP, NUMERIC_MODES, CrossNetV2, FactorizationMachine, FeatureEmbedding
 
 BACKBONES = ("dnn", "deepfm", "dcnv2")
 CROSS_STRUCTURES = ("stacked", "parallel")
@@ -32,7 +32,8 @@ class RankerConfig:
     """Hyper-parameters of a :class:`Ranker`.
 
     backbone: "dnn" (embeddings -> MLP), "deepfm" (first-order + FM + MLP logits summed), "dcnv2" (DCN-V2 cross
-    network stacked before the MLP, or in parallel with it; cross_rank=r uses low-rank cross weights). sides: which feature sides the model reads.
+    network stacked before the MLP,
+    or in parallel with it; cross_rank=r uses low-rank cross weights). sides: which feature sides the model reads.
     numeric: "linear" (numerics become fields x_j * v_j + b_j) or "raw" (numerics concatenated to the MLP input).
     sparse: sparse embedding gradients (pair with the "adagrad" optimizer).
     """
@@ -65,7 +66,8 @@ class RankerConfig:
         if self.cross_rank is not None and self.cross_rank < 1:
             raise ValueError(f"RankerConfig: cross_rank must be >= 1 or None, got {self.cross_rank}")
         if self.emb_dim <= 0 or self.cross_layers < 1:
-            raise ValueError(f"RankerConfig: emb_dim ({self.emb_dim}) and cross_layers ({self.cross_layers}) must be >= 1")
+            raise ValueError(f"RankerConfig: emb_dim ({self.emb_dim}) and cross_layers ({self.cross_layers}) must be "
+                             f">= 1")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -73,7 +75,7 @@ class RankerConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "RankerConfig":
+    def from_dict(cls, d: dict) -> RankerConfig:
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
@@ -156,7 +158,8 @@ class Ranker(nn.Module):
             self.cross = CrossNetV2(in_dim, cfg.cross_layers, cfg.cross_rank)
         mlp_in = in_dim
         self.mlp = MLP(mlp_in, cfg.mlp, cfg.dropout, cfg.batch_norm)
-        self.hidden_dim = self.mlp.out_dim + (in_dim if cfg.backbone == "dcnv2" and cfg.cross_structure == "parallel" else 0)
+        parallel_cross = cfg.backbone == "dcnv2" and cfg.cross_structure == "parallel"
+        self.hidden_dim = self.mlp.out_dim + (in_dim if parallel_cross else 0)
         self.out = nn.Linear(self.hidden_dim, 1)
 
     def embed(self, cat: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -207,7 +210,7 @@ class Ranker(nn.Module):
     def forward(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
         return self.forward_hidden(cat, num)[0]
 
-    def standalone(self) -> "Ranker":
+    def standalone(self) -> Ranker:
         """This model with its own embedding holding exactly the rows it reads from a shared (possibly wider) one,
         a private column's table taking the place of that column's rows: the layout ``Ranker(spec, cfg)`` has, so
         it saves and loads like any Ranker, with the same logits. What joint / PFD training saves and serves."""
@@ -243,7 +246,8 @@ class Ranker(nn.Module):
         columns of ``x`` reordered as [request-level fields, pair-level fields]. Cached: it depends on the spec only."""
         layout = getattr(self, "_layout", None)
         if layout is None or layout[0].device != self.field_pos.device:
-            side_of = dict(zip(self.spec.cat_names, self.spec.cat_sides)) | dict(zip(self.spec.num_names, self.spec.num_sides))
+            side_of = dict(zip(self.spec.cat_names, self.spec.cat_sides)) | dict(zip(self.spec.num_names,
+                                                                                     self.spec.num_sides))
             emb, d = self.embedding, self.cfg.emb_dim
             n_cat = len(emb.cat_names)
             groups = {True: ([], [], []), False: ([], [], [])}  # is request-level -> (cat_pos, num_pos, x columns)
@@ -259,7 +263,9 @@ class Ranker(nn.Module):
                 ordered = [f for f, c in zip(fields_i, is_cat) if c] + [f for f, c in zip(fields_i, is_cat) if not c]
                 cols += [f * d + k for f in ordered for k in range(d)]
             with torch.inference_mode(False):  # normal tensors: the cache outlives the first call's mode
-                t = lambda v: torch.tensor(v, dtype=torch.long, device=self.field_pos.device)
+                def t(v):
+                    return torch.tensor(v, dtype=torch.long, device=self.field_pos.device)
+
                 self._layout = (t(groups[True][0]), t(groups[True][1]), t(groups[False][0]), t(groups[False][1]),
                                 t(cols), len(groups[True][2]) * d)
         return self._layout

@@ -12,7 +12,6 @@ import torch
 
 from cascade.data.requests import Requests
 
-
 LISTS_MIN = 8  # score_pairs uses forward_lists from this many candidate lists per forward pass on
 
 

@@ -35,9 +35,10 @@ import logging
 import math
 import shutil
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -50,8 +51,8 @@ from ..data.requests import impression_requests, requests_frame, to_requests
 from ..data.world import World
 from ..distill.losses import graded_relevance
 from ..distill.ranklog import RankLog, build_rank_log
-from ..index.exact import exact_topk
 from ..eval.metrics import auc, mean_recall_at_k, ndcg_at_k
+from ..index.exact import exact_topk
 from ..models.scoring import ranker_scorer
 from ..models.two_tower import build_two_tower, item_embeddings
 from ..run_data import RunData, Towers, load_ranker
@@ -227,7 +228,8 @@ def build_test_set(run_dir: Path, data, teacher: torch.nn.Module, settings: Abla
 # ------------------------------------------------------------------------------------------------ metrics
 
 
-def list_metrics(student_scores: np.ndarray, items: np.ndarray, ranks: np.ndarray, k: int, n_pick: int) -> dict[str, float]:
+def list_metrics(student_scores: np.ndarray, items: np.ndarray, ranks: np.ndarray, k: int, n_pick: int) -> dict[str,
+                                                                                                                float]:
     """Teacher-recall@k of the student's top-n_pick and NDCG@k of its top-k, within logged lists.
 
     student_scores float [R, L] (any value at padding), items int [R, L] (-1 = padding), ranks int [R, L]
@@ -348,17 +350,20 @@ def run_seed(cfg, settings: AblationSettings, seed: int, progress: bool = False)
             key = {"dir": str(_student_path(run_dir, variant, stage)), "student": to_dict(scfg),
                    "tower": to_dict(cfg.students.tower), "rank_log": log_hash, "seed": seed}
             ts = time.perf_counter()
-            towers, _ = train_or_load_student(run_dir, data, inputs, rank_log, clicks, cfg.students.tower, scfg, seed, key)
+            towers, _ = train_or_load_student(run_dir, data, inputs, rank_log, clicks, cfg.students.tower, scfg, seed,
+                                              key)
             train_s[f"{stage}/{variant}"] = time.perf_counter() - ts
             values[stage][variant] = evaluate_student(towers, data, test, test_imp, settings, world)
             log.info("ablation seed %d %s %s: %s", seed, stage, variant, values[stage][variant])
-    reference: dict[str, float] = {"n_test_requests": int(len(test.frame)), "n_corpus_requests": int(len(test.corpus_rows)),
+    reference: dict[str, float] = {"n_test_requests": int(len(test.frame)),
+                                   "n_corpus_requests": int(len(test.corpus_rows)),
                                    "n_test_impressions": int(len(test_imp)), "n_candidates": int(test.log.width),
                                    "n_items": int(len(data.item_ids))}
     if world is not None:
         sub = test.frame.iloc[test.corpus_rows]
         reference[f"teacher_oracle_clicks@{settings.k}"] = float(oracle_clicks(world, sub, test.teacher_top).mean())
-        _, best = world.oracle_topk(sub["user_id"].to_numpy(), sub["hour"].to_numpy(), sub["tab"].to_numpy(), settings.k)
+        _, best = world.oracle_topk(sub["user_id"].to_numpy(), sub["hour"].to_numpy(), sub["tab"].to_numpy(),
+                                    settings.k)
         reference[f"oracle_best_clicks@{settings.k}"] = float(best.sum(1).mean())
     return {"values": values, "reference": reference,
             "wall_s": {"pipeline": t_pipe, "test_set": t_test, "students": train_s, "total": time.perf_counter() - t0}}
@@ -421,7 +426,8 @@ def run_ablation(cfg, settings: AblationSettings, dataset: str, progress: bool =
     metrics = settings.metric_names(with_oracle)
     t0 = time.perf_counter()
     for seed in settings.seeds:
-        scfg = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, name=f"ablation-{dataset}-seed{seed}", seed=seed))
+        scfg = dataclasses.replace(cfg,
+                                   run=dataclasses.replace(cfg.run, name=f"ablation-{dataset}-seed{seed}", seed=seed))
         res = run_seed(scfg, settings, seed, progress)
         per_seed[seed], refs[seed], walls[seed] = res["values"], res["reference"], res["wall_s"]
         if on_seed is not None:
@@ -459,7 +465,8 @@ def ablation_markdown(result: Mapping[str, Any]) -> str:
             cells = []
             for m in metrics:
                 v = r["values"][m]
-                cells.append(f"{_fmt(v['mean'])} ± {_fmt(v['std'])}" + ("" if v["n"] == len(seeds) else f" (n={v['n']})"))
+                n_note = "" if v["n"] == len(seeds) else f" (n={v['n']})"
+                cells.append(f"{_fmt(v['mean'])} ± {_fmt(v['std'])}{n_note}")
             lines.append(f"| {r['name']} | " + " | ".join(cells) + " |")
         lines.append("")
     if result.get("checks"):

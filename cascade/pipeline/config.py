@@ -12,9 +12,10 @@ A few keys of the nested configs are set by the pipeline itself (the run's seed,
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Mapping
+from typing import Any, Literal
 
 from .. import artifacts as A
 from ..config import ConfigError, apply_overrides, from_dict, load_toml
@@ -111,7 +112,8 @@ class RankLogSection:
 
 
 def _distilled_prerank() -> StudentConfig:
-    return StudentConfig(stage="prerank", loss_weights={"pointwise": 1.0, "bpr": 1.0, "lambda_ndcg": 1.0, "click_bce": 0.5},
+    return StudentConfig(stage="prerank",
+                         loss_weights={"pointwise": 1.0, "bpr": 1.0, "lambda_ndcg": 1.0, "click_bce": 0.5},
                          epochs=2)
 
 

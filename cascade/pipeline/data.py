@@ -70,14 +70,17 @@ def run(ctx: StageContext) -> StageResult:
     splits = {}
     for name, m in masks.items():
         sub = imp[np.asarray(m)]
-        splits[name] = {"rows": int(len(sub)), "requests": int(sub.request_id.nunique()), "ctr": float(sub.click.mean()),
+        splits[name] = {"rows": int(len(sub)), "requests": int(sub.request_id.nunique()),
+                        "ctr": float(sub.click.mean()),
                         "start": pd.to_datetime(sub.time_ms.min(), unit="ms").isoformat(),
                         "end": pd.to_datetime(sub.time_ms.max(), unit="ms").isoformat()}
     summary = {"source": c.source, "n_users": int(len(ds.users)), "n_items": int(len(ds.items)),
-               "n_impressions": int(len(imp)), "n_requests": int(imp.request_id.nunique()), "ctr": float(imp.click.mean()),
+               "n_impressions": int(len(imp)), "n_requests": int(imp.request_id.nunique()),
+               "ctr": float(imp.click.mean()),
                "random_share": float(imp.is_rand.mean()), "n_cat_columns": len(spec.cat_names),
                "n_num_columns": len(spec.num_names),
-               "sides": {s: len(spec.cat_index(s)) + len(spec.num_index(s)) for s in ("user", "item", "context", "cross", "privileged")}}
+               "sides": {s: len(spec.cat_index(s)) + len(spec.num_index(s)) for s in ("user", "item", "context",
+                                                                                      "cross", "privileged")}}
     A.write_json(ctx.out / "summary.json", {"summary": summary, "splits": splits})
     outputs.append("summary.json")
     metrics = {"summary": summary, "splits": splits}

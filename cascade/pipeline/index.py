@@ -32,4 +32,5 @@ def run(ctx: StageContext) -> StageResult:
         metrics[variant_dir.name] = {"factory": index.factory, "backend": index.backend, "recall": index.recall_,
                                      "operating_points": index.operating_points_}
     outputs = sorted(str(p.relative_to(ctx.out)) for p in ctx.out.rglob("*") if p.is_file())
-    return StageResult(outputs, metrics, ", ".join(f"{k}: {v['factory']} on {v['backend']}" for k, v in metrics.items()))
+    return StageResult(outputs, metrics,
+                       ", ".join(f"{k}: {v['factory']} on {v['backend']}" for k, v in metrics.items()))

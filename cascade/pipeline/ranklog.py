@@ -71,7 +71,8 @@ def run(ctx: StageContext) -> StageResult:
                                progress=ctx.progress, item_ids=item_ids, seed=ctx.seed)
     wall = time.perf_counter() - t0
     A.write_parquet(ctx.out / "requests.parquet", frame)
-    outputs = ["requests.parquet"] + [str(p.relative_to(ctx.out)) for p in sorted((ctx.out / "log").rglob("*")) if p.is_file()]
+    log_files = [str(p.relative_to(ctx.out)) for p in sorted((ctx.out / "log").rglob("*")) if p.is_file()]
+    outputs = ["requests.parquet", *log_files]
     pairs = int(np.sum(cands >= 0))
     metrics = {"n_requests": len(frame), "n_pairs": pairs, "pairs_per_s": pairs / max(wall, 1e-9)}
     return StageResult(outputs, metrics, f"{pairs:,} pairs at {metrics['pairs_per_s']:,.0f} pairs/s")

@@ -32,7 +32,8 @@ def run(ctx: StageContext) -> StageResult:
     ranker = teacher if c.ranker == "teacher" else load_ranker(ctx.inputs["students"] / "rank_student", data.spec)
     ref_len = max(50, c.k)
     t_top, _ = teacher_top_over_corpus(teacher, data, requests, ref_len, progress=ctx.progress)
-    grades = np.select([np.arange(ref_len) < 5, np.arange(ref_len) < 10, np.arange(ref_len) < 20, np.arange(ref_len) < 50],
+    grades = np.select([np.arange(ref_len) < 5, np.arange(ref_len) < 10, np.arange(ref_len) < 20,
+                        np.arange(ref_len) < 50],
                        [4.0, 3.0, 2.0, 1.0], 0.0)
     grades = np.broadcast_to(grades, t_top.shape).copy()
     # clicked items of each replayed request
@@ -50,7 +51,8 @@ def run(ctx: StageContext) -> StageResult:
             b, k = items.shape
             ok = items != PAD
             p = np.zeros(items.shape)
-            p[ok] = world.true_click_prob(np.repeat(req.user_id, k)[ok.ravel()], items[ok], np.repeat(hour, k)[ok.ravel()],
+            p[ok] = world.true_click_prob(np.repeat(req.user_id, k)[ok.ravel()], items[ok],
+                                          np.repeat(hour, k)[ok.ravel()],
                                           np.repeat(tab, k)[ok.ravel()])
             return p
 
@@ -65,19 +67,23 @@ def run(ctx: StageContext) -> StageResult:
     for variant_dir in sorted(p for p in ctx.inputs["students"].iterdir() if (p / "retrieval").is_dir()):
         v = variant_dir.name
         retr, pre = load_towers(variant_dir / "retrieval", data), load_towers(variant_dir / "prerank", data)
-        index = ItemIndex.load(ctx.inputs["index"] / v, expect_model_hash=A.sha256_file(variant_dir / "retrieval" / "model.pt"),
+        index = ItemIndex.load(ctx.inputs["index"] / v,
+                               expect_model_hash=A.sha256_file(variant_dir / "retrieval" / "model.pt"),
                                expect_dim=retr.item_emb.shape[1], expect_metric="ip", omp_threads=1)
         casc = build_cascade(data, retr, pre, ranker, index, seen)
         inp = ReplayInputs(requests, clicked, t_top, grades, oracle_prob, oracle_best)
-        rows, summary = replay_quality(casc, inp, c.n_retrieve, c.n_prerank, c.k, c.batch_size, c.filter_seen, ctx.progress)
+        rows, summary = replay_quality(casc, inp, c.n_retrieve, c.n_prerank, c.k, c.batch_size, c.filter_seen,
+                                       ctx.progress)
         # recall@K curves: teacher top-k inside the first K of each stage's output
         curves = _recall_curves(casc, requests, t_top[:, :c.k], c)
-        lat1 = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=1, max_requests=c.latency_requests)
+        lat1 = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=1,
+                              max_requests=c.latency_requests)
         latb = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=c.batch_size)
         # AUC / GAUC of each stage's scoring function on the test impressions
         req_t = impression_requests(test, data.context_names)
         cand = test["item_id"].to_numpy(np.int64)[:, None]
-        stage_scores = {"retrieval": retr.scorer(data)(req_t, cand)[:, 0], "prerank": pre.scorer(data)(req_t, cand)[:, 0],
+        stage_scores = {"retrieval": retr.scorer(data)(req_t, cand)[:, 0],
+                        "prerank": pre.scorer(data)(req_t, cand)[:, 0],
                         "rank": ranker_scorer(ranker, data)(req_t, cand)[:, 0]}
         y, g, rnd = test["click"].to_numpy(), test["user_id"].to_numpy(), test["is_rand"].to_numpy() == 1
         stage_auc = {}
@@ -88,7 +94,8 @@ def run(ctx: StageContext) -> StageResult:
         A.write_parquet(ctx.out / f"{v}_requests.parquet", rows)
         outputs.append(f"{v}_requests.parquet")
         variants[v] = {"quality": summary, "curves": curves, "latency_batch1": lat1, "latency_batched": latb,
-                       "stage_auc": stage_auc, "sizes": {"retrieval": c.n_retrieve, "prerank": c.n_prerank, "rank": c.k},
+                       "stage_auc": stage_auc,
+                       "sizes": {"retrieval": c.n_retrieve, "prerank": c.n_prerank, "rank": c.k},
                        "latency_samples_ms": lat1.pop("samples_ms", None)}
     A.write_json(ctx.out / "summary.json", variants)
     outputs.append("summary.json")

@@ -26,11 +26,14 @@ def run(ctx: StageContext) -> StageResult:
 def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) -> dict:
     """Assemble the report's input from a run folder's stage manifests and artifacts."""
     run_dir = Path(run_dir)
-    m = {s: A.read_manifest(run_dir / s, verify=False) for s in ("data", "teacher", "ranklog", "students", "index", "replay")
+    m = {s: A.read_manifest(run_dir / s, verify=False) for s in ("data", "teacher", "ranklog", "students", "index",
+                                                                 "replay")
          if (run_dir / s / A.MANIFEST).exists()}
     out: dict[str, Any] = {"run": {"name": run_dir.name, "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                   "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, "
-                                              f"torch {torch.__version__}, cuda {'yes' if torch.cuda.is_available() else 'no'}",
+                                   "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} "
+                                              f"CPUs, "
+                                              f"torch {torch.__version__}, cuda "
+                                              f"{'yes' if torch.cuda.is_available() else 'no'}",
                                    "config": {s: mm["config"] for s, mm in m.items()},
                                    "versions": next(iter(m.values()))["versions"] if m else {},
                                    "stage_wall_s": {s: mm.get("wall_s") for s, mm in m.items()}}}
@@ -68,7 +71,8 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
                                       "requests_per_s_batch1": s["latency_batch1"]["requests_per_s"],
                                       "requests_per_s_batched": s["latency_batched"]["requests_per_s"],
                                       "batch_size": s["latency_batched"]["batch_size"]},
-                       "oracle": ({k: q[k] for k in ("oracle_clicks", "oracle_best", "oracle_ratio")} if "oracle_ratio" in q else None),
+                       "oracle": ({k: q[k] for k in ("oracle_clicks", "oracle_best",
+                                                     "oracle_ratio")} if "oracle_ratio" in q else None),
                        "recall_curves": s["curves"], "latency_samples_ms": s.get("latency_samples_ms")}
         out["cascades"] = casc
     if report_cfg is not None and report_cfg.ablation:

@@ -18,7 +18,6 @@ from . import data, index, ranklog, replay, report, students, teacher
 from .config import PipelineConfig
 from .runner import Stage, run_stages
 
-
 STAGES = [
     Stage("data", (), lambda c: c.data, data.run),
     Stage("teacher", ("data",), lambda c: c.teacher, teacher.run),

@@ -1,4 +1,5 @@
-"""The students step: two-tower pre-rank / retrieval students (distilled and ground-truth-only) and the rank students."""
+"""The students stage: two-tower pre-rank / retrieval students (distilled and ground-truth-only) and the rank
+students."""
 
 from __future__ import annotations
 

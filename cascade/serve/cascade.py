@@ -15,9 +15,10 @@ builds the cascade of a finished run.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Protocol
 
 import numpy as np
 import pandas as pd
@@ -113,7 +114,8 @@ class Cascade:
     def recommend(self, requests: Requests, n_retrieve: int, n_prerank: int, k: int,
                   return_stages: bool = False, filter_seen: bool = False) -> CascadeResult:
         if not (0 < k <= n_prerank <= n_retrieve):
-            raise ValueError(f"need 0 < k <= n_prerank <= n_retrieve, got k={k}, n_prerank={n_prerank}, n_retrieve={n_retrieve}")
+            raise ValueError(f"need 0 < k <= n_prerank <= n_retrieve, got k={k}, n_prerank={n_prerank}, "
+                             f"n_retrieve={n_retrieve}")
         if filter_seen and self.seen is None:
             raise ValueError("filter_seen=True but the cascade was built without a SeenFilter")
         b = len(requests)
@@ -172,8 +174,10 @@ def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = 
         raise FileNotFoundError(f"{sdir}: no such student variant (have "
                                 f"{sorted(p.name for p in (run_dir / 'students').iterdir() if p.is_dir())})")
     retr, pre = load_towers(sdir / "retrieval", data), load_towers(sdir / "prerank", data)
-    model = load_ranker(run_dir / "teacher" / "teacher" if ranker == "teacher" else run_dir / "students" / "rank_student", data.spec)
-    index = ItemIndex.load(run_dir / "index" / variant, expect_model_hash=A.sha256_file(sdir / "retrieval" / "model.pt"),
+    model_dir = run_dir / "teacher" / "teacher" if ranker == "teacher" else run_dir / "students" / "rank_student"
+    model = load_ranker(model_dir, data.spec)
+    index = ItemIndex.load(run_dir / "index" / variant,
+                           expect_model_hash=A.sha256_file(sdir / "retrieval" / "model.pt"),
                            expect_dim=retr.item_emb.shape[1], expect_metric="ip", omp_threads=1)
     return data, build_cascade(data, retr, pre, model, index)
 
@@ -186,7 +190,7 @@ def trace_requests(data: RunData, cascade: Cascade, requests: Requests, n_retrie
     for b in range(len(requests)):
         final = res.items[b][:show]
         t = pd.DataFrame({"item_id": final, "final_score": res.scores[b][:show]})
-        for st, (items, scores) in res.stages.items():
+        for st, (items, _) in res.stages.items():
             pos = {int(x): j + 1 for j, x in enumerate(items[b]) if x != PAD}
             t[f"{st}_rank"] = [pos.get(int(x)) for x in final]
         tables.append(t.merge(data.items, on="item_id", how="left")[

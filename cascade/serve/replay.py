@@ -17,8 +17,8 @@ Latency: batch 1 (per-request p50 / p95 / p99, per stage and end to end) and bat
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -52,12 +52,14 @@ class ReplayInputs:
 
 
 def replay_quality(cascade: Cascade, inp: ReplayInputs, n_retrieve: int, n_prerank: int, k: int,
-                   batch_size: int = 256, filter_seen: bool = False, progress: bool = False) -> tuple[pd.DataFrame, dict]:
+                   batch_size: int = 256, filter_seen: bool = False,
+                   progress: bool = False) -> tuple[pd.DataFrame, dict]:
     """Per-request quality rows and their summary (means over requests)."""
     req = inp.requests
     b = len(req)
     if inp.teacher_top.shape[0] != b or inp.clicked.shape[0] != b:
-        raise ValueError(f"replay inputs disagree: {b} requests, teacher_top {inp.teacher_top.shape}, clicked {inp.clicked.shape}")
+        raise ValueError(f"replay inputs disagree: {b} requests, teacher_top {inp.teacher_top.shape}, clicked "
+                         f"{inp.clicked.shape}")
     if inp.teacher_top.shape[1] < k:
         raise ValueError(f"teacher_top has {inp.teacher_top.shape[1]} items per request, need >= k={k}")
     ref = inp.teacher_top[:, :k]
@@ -116,7 +118,8 @@ def replay_latency(cascade: Cascade, requests: Requests, n_retrieve: int, n_prer
            "end_to_end_ms": latency_summary(np.array(total))}
     for st in STAGES:
         out[f"{st}_ms"] = latency_summary(np.array(per_stage[st]))
-    out["samples_ms"] = {**{st: [1e3 * x for x in per_stage[st]] for st in STAGES}, "end_to_end": [1e3 * x for x in total]}
+    out["samples_ms"] = {**{st: [1e3 * x for x in per_stage[st]] for st in STAGES},
+                         "end_to_end": [1e3 * x for x in total]}
     return out
 
 
@@ -138,7 +141,8 @@ def teacher_top_over_corpus(model: torch.nn.Module, data: RunData, requests: Req
         best_i = np.full((len(sub), 0), PAD, np.int64)
         best_s = np.zeros((len(sub), 0), np.float32)
         for s in range(0, n_items, item_chunk):
-            chunk = np.ascontiguousarray(np.broadcast_to(data.item_ids[s:s + item_chunk], (len(sub), min(item_chunk, n_items - s))))
+            chunk = np.ascontiguousarray(np.broadcast_to(data.item_ids[s:s + item_chunk],
+                                                         (len(sub), min(item_chunk, n_items - s))))
             sc = score(sub, chunk)
             best_i, best_s = topk_rows(np.concatenate([best_s, sc], 1), np.concatenate([best_i, chunk], 1), k)
         out_i[r0:r0 + len(sub)], out_s[r0:r0 + len(sub)] = best_i, best_s

@@ -25,8 +25,8 @@ The joint module's ``forward`` returns the STUDENT's logits, so ``fit`` early-st
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
-from typing import Sequence
 
 import torch
 from torch import nn
@@ -36,8 +36,8 @@ from cascade.data.schema import SIDES
 from cascade.distill.losses import (
     click_bce,
     confidence_ranking_loss,
-    hinton_kd_loss,
     hint_loss,
+    hinton_kd_loss,
     logit_mse,
     relative_confidence_ranking_loss,
 )
@@ -53,9 +53,9 @@ class DistillConfig:
 
     kd: "mse" (logit MSE) or "hinton" (soft targets at ``temperature``, T^2-scaled); None (default) stays None
     and :attr:`kd_loss` picks "hinton" when pfd_lambda is set (PFD's L_d is the cross-entropy against the
-    teacher's probability) and "mse" otherwise, so a config merged over this one re-decides it. pfd_lambda: when set, the student's BCE weight is (1 - l) and its KD weight l, with l = 0 for the
-    first ``warmup_steps`` steps (w_bce and w_kd are then ignored). w_teacher: weight of BCE(y, f_t) in joint
-    training.
+    teacher's probability) and "mse" otherwise, so a config merged over this one re-decides it.
+    pfd_lambda: when set, the student's BCE weight is (1 - l) and its KD weight l, with l = 0 for the first
+    ``warmup_steps`` steps (w_bce and w_kd are then ignored). w_teacher: weight of BCE(y, f_t) in joint training.
     """
 
     w_bce: float = 1.0

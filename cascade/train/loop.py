@@ -34,20 +34,21 @@ import contextlib
 import copy
 import logging
 import math
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cascade import distributed as D
 from cascade.artifacts import load_torch, read_manifest, save_torch, write_manifest
 from cascade.data.batches import EncodedTable, batch_indices, iter_batches
 from cascade.distill.losses import click_bce, mix
 from cascade.eval.metrics import auc, gauc, logloss
-from cascade import distributed as D
 
 log = logging.getLogger(__name__)
 
@@ -124,7 +125,8 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
                           {"params": sparse, "weight_decay": 0.0}) if g["params"]]
     if cfg.optimizer == "adamw":
         if sparse:
-            raise ValueError("TrainConfig: optimizer 'adamw' cannot train sparse embeddings; use 'adagrad' or sparse=False")
+            raise ValueError("TrainConfig: optimizer 'adamw' cannot train sparse embeddings; use 'adagrad' or "
+                             "sparse=False")
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.Adagrad(groups, lr=cfg.lr)
 

@@ -52,20 +52,21 @@ from __future__ import annotations
 import inspect
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
-from typing import Any, Mapping
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from cascade import distributed as D
 from cascade.arrays import pad_by_row, topk_rows
 from cascade.distill import losses as L
 from cascade.distill.ranklog import RankLog
 from cascade.eval.metrics import mean_recall_at_k, ndcg_at_k
 from cascade.models.two_tower import TowerInputs, TwoTower
-from cascade import distributed as D
 from cascade.train.loop import RunningMeans, step_on_loss
 
 log = logging.getLogger(__name__)
@@ -132,12 +133,14 @@ class StudentConfig:
                        if name == "sampled_softmax" else set(inspect.signature(_LOSS_FN[name]).parameters) - _FILLED)
             bad = sorted(set(params) - allowed)
             if bad:
-                raise ValueError(f"StudentConfig: loss_params[{name!r}] has unknown key(s) {bad}; allowed: {sorted(allowed)}")
+                raise ValueError(f"StudentConfig: loss_params[{name!r}] has unknown key(s) {bad}; allowed: "
+                                 f"{sorted(allowed)}")
         bad = sorted(set(self.relevance) - (set(inspect.signature(L.graded_relevance).parameters) - _FILLED))
         if bad:
             raise ValueError(f"StudentConfig: relevance has unknown key(s) {bad}")
         if self.softmax_positives not in ("clicks", "teacher_topk"):
-            raise ValueError(f"StudentConfig: softmax_positives {self.softmax_positives!r} is not 'clicks' or 'teacher_topk'")
+            raise ValueError(f"StudentConfig: softmax_positives {self.softmax_positives!r} is not 'clicks' or "
+                             f"'teacher_topk'")
         if self.stage == "retrieval" and not self.loss_weights.get("sampled_softmax"):
             raise ValueError("StudentConfig: stage 'retrieval' ranks the whole corpus and needs a non-zero "
                              "'sampled_softmax' weight (in-batch + uniform corpus negatives)")
@@ -182,7 +185,7 @@ class ClickLists:
 
     @classmethod
     def from_long(cls, request_rows: np.ndarray, user_rows: np.ndarray, item_rows: np.ndarray,
-                  labels: np.ndarray) -> "ClickLists":
+                  labels: np.ndarray) -> ClickLists:
         """From one row per impression (all [N]), in their order within a request: a padded scatter into
         [R, L_max] (:func:`cascade.arrays.pad_by_row`); a request's user is that of its first row."""
         uniq, first, key = np.unique(np.asarray(request_rows, np.int64), return_index=True, return_inverse=True)
@@ -439,7 +442,8 @@ def _rank_batches(driver: RankLog | ClickLists, batch_size: int, rng: np.random.
                    "user_rows": torch.from_numpy(driver.user_rows[idx]), "click_idx": torch.from_numpy(idx)}
 
 
-def _click_batch(clicks: ClickLists, b: dict[str, torch.Tensor], click_of: np.ndarray | None) -> dict[str, torch.Tensor]:
+def _click_batch(clicks: ClickLists, b: dict[str, torch.Tensor], click_of: np.ndarray | None) -> dict[str,
+                                                                                                      torch.Tensor]:
     """The clicks of the batch's requests: rows (positions in the batch that have clicks data) [Bc], items /
     labels / mask [Bc, Lc]."""
     if "click_idx" in b:

@@ -44,8 +44,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,12 +57,18 @@ from cascade.data.batches import EncodedTable, FeatureSpec
 from cascade.distill import losses as L
 from cascade.distill.ranklog import _ranks
 from cascade.models.ranker import Ranker, RankerConfig
-from cascade.models.two_tower import TowerConfig, TowerInputs, TwoTower, build_two_tower
 from cascade.models.scoring import score_pairs
+from cascade.models.two_tower import TowerConfig, TowerInputs, TwoTower, build_two_tower
 from cascade.train.joint import DistillConfig, JointRanker, student_terms
 from cascade.train.loop import RunningMeans, step_on_loss
-from cascade.train.students import (LIST_LOSSES, StudentConfig, embed_items, list_loss_terms, sample_one_per_row,
-                                    sampled_softmax_term)
+from cascade.train.students import (
+    LIST_LOSSES,
+    StudentConfig,
+    embed_items,
+    list_loss_terms,
+    sample_one_per_row,
+    sampled_softmax_term,
+)
 
 log = logging.getLogger(__name__)
 
@@ -359,7 +366,8 @@ def train_joint_cascade(data: JointData, spec: FeatureSpec, cfg: JointCascadeCon
                     cand = torch.from_numpy(data.candidates[req])
                     mask = cand >= 0
                     lists = {"items": cand, "mask": mask, "logits": t_lists, "ranks": teacher_ranks(t_lists, mask)}
-                    clicks = {"items": torch.from_numpy(data.imp_item_rows[rows]), "pos": torch.from_numpy(pos), "labels": y}
+                    clicks = {"items": torch.from_numpy(data.imp_item_rows[rows]), "pos": torch.from_numpy(pos),
+                              "labels": y}
                     with torch.random.fork_rng(devices=[]):
                         torch.manual_seed(_student_seed(seed, step, 1))
                         for name, st in towers.items():
@@ -374,5 +382,6 @@ def train_joint_cascade(data: JointData, spec: FeatureSpec, cfg: JointCascadeCon
     joint.eval()
     out_teacher, out_student = teacher.standalone().eval(), student.standalone().eval()
     pre = towers["prerank"].towers.eval() if towers else build_two_tower(data.inputs, cfg.tower, seed=seed + 10).eval()
-    ret = towers["retrieval"].towers.eval() if towers else build_two_tower(data.inputs, cfg.tower, seed=seed + 11).eval()
+    ret = towers["retrieval"].towers.eval() if towers else build_two_tower(data.inputs, cfg.tower,
+                                                                           seed=seed + 11).eval()
     return JointCascade(out_teacher, out_student, pre, ret, history)

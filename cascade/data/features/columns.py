@@ -102,7 +102,8 @@ def float_values(s: pd.Series, source: str, name: str) -> np.ndarray:
     v = s.to_numpy(dtype=np.float64, na_value=np.nan)
     inf = np.isinf(v)
     if inf.any():
-        raise DataValidationError(f"{source}: numeric column {name!r} has an infinite value at row {int(np.flatnonzero(inf)[0])}")
+        raise DataValidationError(f"{source}: numeric column {name!r} has an infinite value at row "
+                                  f"{int(np.flatnonzero(inf)[0])}")
     return v
 
 

@@ -33,7 +33,8 @@ class _History:
         self.cum_click = np.concatenate([[0], np.cumsum(click[order], dtype=np.int64)])
         self.stride = stride
 
-    def counts(self, dense: np.ndarray, found: np.ndarray, rank_lo: np.ndarray, rank_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def counts(self, dense: np.ndarray, found: np.ndarray, rank_lo: np.ndarray,
+               rank_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(clicks, exposures) int64 [N] of events with key ``dense`` and time rank in [rank_lo, rank_hi)."""
         base = np.where(found, dense, 0) * self.stride
         lo = np.searchsorted(self.comb, base + rank_lo)
@@ -78,7 +79,7 @@ class CrossFeatureStore:
         self.tag_column = tag_column
         self.author_column = author_column
 
-    def fit(self, impressions: pd.DataFrame, items: pd.DataFrame) -> "CrossFeatureStore":
+    def fit(self, impressions: pd.DataFrame, items: pd.DataFrame) -> CrossFeatureStore:
         """Index every impression (user_id, item_id, time_ms, click) of ``impressions``; return self."""
         if self.window_days <= 0:
             raise ValueError(f"CrossFeatureStore: window_days must be > 0, got {self.window_days}")
@@ -111,12 +112,14 @@ class CrossFeatureStore:
         ucode = ucode.astype(np.int64)
         tag, author = self.item_tag_[item_row], self.item_author_[item_row]
         has_tag, has_author = tag >= 0, author >= 0
-        self.user_tag_ = _History(ucode[has_tag] * max(self.n_tags_, 1) + tag[has_tag], rank[has_tag], click[has_tag], stride)
+        self.user_tag_ = _History(ucode[has_tag] * max(self.n_tags_, 1) + tag[has_tag], rank[has_tag], click[has_tag],
+                                  stride)
         self.user_author_ = _History(ucode[has_author] * max(self.n_authors_, 1) + author[has_author],
                                      rank[has_author], click[has_author], stride)
         self.item_ = _History(item_row, rank, click, stride)
         self.user_ = _History(ucode, rank, click, stride)
-        log.info("CrossFeatureStore fitted on %d events (%d users, %d items)", len(t), len(self.users_), len(self.item_ids_))
+        log.info("CrossFeatureStore fitted on %d events (%d users, %d items)", len(t), len(self.users_),
+                 len(self.item_ids_))
         return self
 
     def query(self, user_ids: np.ndarray, item_ids: np.ndarray, t_ms: np.ndarray) -> dict[str, np.ndarray]:
@@ -131,7 +134,8 @@ class CrossFeatureStore:
         item_ids = np.asarray(item_ids, dtype=np.int64)
         t_ms = np.broadcast_to(np.asarray(t_ms, dtype=np.int64), user_ids.shape)
         if user_ids.shape != item_ids.shape or user_ids.ndim != 1:
-            raise ValueError(f"CrossFeatureStore.query: user_ids {user_ids.shape} and item_ids {item_ids.shape} must be equal 1-d")
+            raise ValueError(f"CrossFeatureStore.query: user_ids {user_ids.shape} and item_ids {item_ids.shape} must "
+                             f"be equal 1-d")
         n = len(user_ids)
         # np.searchsorted is ~10x faster on sorted needles (each search starts from the previous hit and touches
         # the same, cached part of the history), so the searches into the histories run on needles put in

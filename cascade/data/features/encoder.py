@@ -4,8 +4,9 @@ vectorised numpy; saved as JSON + npz (no pickle)."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -59,7 +60,8 @@ class FeatureEncoder:
         if self.n_buckets < 2:
             raise ValueError(f"FeatureEncoder: n_buckets must be >= 2, got {self.n_buckets}")
 
-    def fit(self, dataset: Dataset, train_mask: np.ndarray, cross_store: "CrossFeatureStore | None" = None) -> "FeatureEncoder":
+    def fit(self, dataset: Dataset, train_mask: np.ndarray,
+            cross_store: CrossFeatureStore | None = None) -> FeatureEncoder:
         """Fit on the impressions selected by ``train_mask`` (bool [N] or int index array) and return self.
 
         User and item columns are read from the user / item rows of the train impressions (one row per train
@@ -68,7 +70,8 @@ class FeatureEncoder:
         """
         self.check_args()
         imp = dataset.impressions
-        train = imp.iloc[np.flatnonzero(train_mask)] if np.asarray(train_mask).dtype == bool else imp.iloc[np.asarray(train_mask)]
+        mask = np.asarray(train_mask)
+        train = imp.iloc[np.flatnonzero(mask) if mask.dtype == bool else mask]
         if len(train) == 0:
             raise DataValidationError(f"{dataset.source('impressions')}: train mask selects no impressions")
         users, items = dataset.users, dataset.items
@@ -107,7 +110,7 @@ class FeatureEncoder:
         return self.set_fitted(columns, vocab, edges, cross)
 
     def set_fitted(self, columns: list[dict], vocab: dict, edges: dict,
-                   cross: tuple[Any, np.ndarray, np.ndarray] | None) -> "FeatureEncoder":
+                   cross: tuple[Any, np.ndarray, np.ndarray] | None) -> FeatureEncoder:
         """Store what a fit learned: column metadata, vocabularies, quantile edges and the cross features'
         (names, mean [K], std [K]) of log1p (None: no cross features); std is guarded as every scale is."""
         self.columns_, self.vocab_, self.edges_ = columns, vocab, edges
@@ -178,7 +181,8 @@ class FeatureEncoder:
         self._fitted()
         missing = [n for n in self.cross_names_ if n not in cross]
         if missing:
-            raise ValueError(f"encode_cross: missing cross feature(s) {missing}; the encoder was fitted on {self.cross_names_}")
+            raise ValueError(f"encode_cross: missing cross feature(s) {missing}; the encoder was fitted on "
+                             f"{self.cross_names_}")
         if not self.cross_names_:
             n = len(next(iter(cross.values()))) if cross else 0
             return np.zeros((n, 0), np.float32)
@@ -246,7 +250,7 @@ class FeatureEncoder:
         return d
 
     @classmethod
-    def load(cls, directory: str | Path) -> "FeatureEncoder":
+    def load(cls, directory: str | Path) -> FeatureEncoder:
         """Read what :meth:`save` wrote; a missing or altered file raises naming it."""
         d = Path(directory)
         meta = read_json(d / ENCODER_JSON)

@@ -28,13 +28,13 @@ class TrainValues:
     def median(self) -> float:
         return float(np.median(self.v[~np.isnan(self.v)]))
 
-    def filled(self, value: float) -> "TrainValues":
+    def filled(self, value: float) -> TrainValues:
         return TrainValues(np.where(np.isnan(self.v), value, self.v))
 
     def min(self) -> float:
         return float(self.v.min())
 
-    def log1p(self) -> "TrainValues":
+    def log1p(self) -> TrainValues:
         return TrainValues(np.log1p(self.v))
 
     def quantile(self, probs: np.ndarray) -> np.ndarray:
@@ -64,7 +64,7 @@ class WeightedValues:
         n = self.n_finite
         return self._order_stat(n // 2) if n % 2 else (self._order_stat(n // 2 - 1) + self._order_stat(n // 2)) / 2.0
 
-    def filled(self, value: float) -> "WeightedValues":
+    def filled(self, value: float) -> WeightedValues:
         x, c = self.x, self.c
         if self.n_nan:
             pos = int(np.searchsorted(x, value))
@@ -78,7 +78,7 @@ class WeightedValues:
     def min(self) -> float:
         return float(self.x[0])
 
-    def log1p(self) -> "WeightedValues":
+    def log1p(self) -> WeightedValues:
         return WeightedValues(np.log1p(self.x), self.c, self.n_nan)
 
     def quantile(self, probs: np.ndarray) -> np.ndarray:

@@ -4,7 +4,8 @@ column layout: user, item, context, cross, privileged."""
 from __future__ import annotations
 
 import logging
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -62,7 +63,8 @@ class PairEncoder:
         for c in self.encoder.columns_:
             if c["part"] == "context":
                 if c["name"] not in context:
-                    raise DataValidationError(f"encode_pairs: context has no column {c['name']!r} (has {list(context)})")
+                    raise DataValidationError(f"encode_pairs: context has no column {c['name']!r} (has "
+                                              f"{list(context)})")
                 v = context[c["name"]]
                 v = v.to_numpy() if isinstance(v, pd.Series) else np.asarray(v)
                 if v.ndim == 0 or len(v) == 1:  # one value for every pair (e.g. one request at serving)
@@ -72,7 +74,8 @@ class PairEncoder:
                 ctx[c["name"]] = v
         ccat, cnum = self.encoder.encode_context(pd.DataFrame(ctx, index=np.arange(n)))
         if self.cross_store is not None:
-            xnum = self.encoder.encode_cross(self.cross_store.query(user_ids, item_ids, np.broadcast_to(np.asarray(t_ms, np.int64), (n,))))
+            xnum = self.encoder.encode_cross(self.cross_store.query(user_ids, item_ids,
+                                                                    np.broadcast_to(np.asarray(t_ms, np.int64), (n,))))
         else:
             xnum = np.zeros((n, 0), np.float32)
         cat = np.concatenate([self.user_cat_[upos], self.item_cat_[ipos], ccat], axis=1)

@@ -7,8 +7,18 @@ import logging
 import numpy as np
 from tqdm.auto import tqdm
 
-from ..features import (CrossFeatureStore, FeatureEncoder, WeightedValues, cat_keys, check_cross_names, column,
-                        encoded_features, fit_categorical, fit_numeric, float_values)
+from ..features import (
+    CrossFeatureStore,
+    FeatureEncoder,
+    WeightedValues,
+    cat_keys,
+    check_cross_names,
+    column,
+    encoded_features,
+    fit_categorical,
+    fit_numeric,
+    float_values,
+)
 from ..ids import IdIndex
 from ..schema import DataValidationError
 from .cross import WindowedCrossFeatures

@@ -53,12 +53,30 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
-from ...artifacts import (MANIFEST, ArtifactError, atomic_path, read_manifest, read_npz, stable_hash, write_manifest,
-                          write_npz)
+from ...artifacts import (
+    MANIFEST,
+    ArtifactError,
+    atomic_path,
+    read_manifest,
+    read_npz,
+    stable_hash,
+    write_manifest,
+    write_npz,
+)
 from ..io import hour_weekday
 from ..sampling import CdfSampler
-from .config import (BEIJING, HOUR_MS, HOUR_WEIGHTS, USER_FEATURES_FILE, VIDEO_FEATURES_FILE, WORLD_JSON, WORLD_STATE,
-                     HistoryState, WorldConfig, embedded_data_dir)
+from .config import (
+    BEIJING,
+    HOUR_MS,
+    HOUR_WEIGHTS,
+    USER_FEATURES_FILE,
+    VIDEO_FEATURES_FILE,
+    WORLD_JSON,
+    WORLD_STATE,
+    HistoryState,
+    WorldConfig,
+    embedded_data_dir,
+)
 from .model import History, World, build_arrays
 from .simulate import STEP_KEYS, new_history, popular_sampler, post_click, simulate_step, unique_requests
 from .tables import read_tables, write_side_table
@@ -186,7 +204,7 @@ def _run_key(cfg: WorldConfig, chunk_hours: int) -> dict[str, Any]:
     return {"format_version": STREAM_FORMAT_VERSION, "world": cfg.to_dict(), "chunk_hours": chunk_hours}
 
 
-def generate_world_stream(out_dir: str | Path, config: WorldConfig = WorldConfig(), chunk_hours: int = 24,
+def generate_world_stream(out_dir: str | Path, config: WorldConfig | None = None, chunk_hours: int = 24,
                           data_dir: str | Path | None = None, resume: bool = True, compression: str = "zstd",
                           progress: bool = False) -> StreamWorldResult:
     """Generate the world into ``out_dir`` chunk by chunk (see the module doc for the layout and the model).
@@ -197,7 +215,7 @@ def generate_world_stream(out_dir: str | Path, config: WorldConfig = WorldConfig
     compression: parquet codec of the part files. progress: a tqdm bar over the chunks.
     """
     t0 = time.perf_counter()
-    cfg = config
+    cfg = config if config is not None else WorldConfig()  # the default world
     if not isinstance(chunk_hours, int) or not 1 <= chunk_hours <= cfg.n_days * 24:
         raise ValueError(f"chunk_hours = {chunk_hours!r}: must be an integer in 1..{cfg.n_days * 24} (n_days * 24)")
     out_dir = Path(out_dir)
@@ -214,7 +232,8 @@ def generate_world_stream(out_dir: str | Path, config: WorldConfig = WorldConfig
         return StreamWorldResult(out_dir, len(chunks), list(m["rows_per_chunk"]), m["metrics"], {}, len(chunks))
     stale = sorted(p.name for p in out_dir.glob("log_*_pure.csv"))
     if stale:
-        raise FileExistsError(f"{out_dir}: holds KuaiRand log file(s) {stale} of an in-memory world; use an empty folder")
+        raise FileExistsError(f"{out_dir}: holds KuaiRand log file(s) {stale} of an in-memory world; use an empty "
+                              f"folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     imp_dir.mkdir(exist_ok=True)
 

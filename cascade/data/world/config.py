@@ -164,7 +164,7 @@ class WorldConfig:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WorldConfig":
+    def from_dict(cls, d: dict[str, Any]) -> WorldConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:

@@ -13,8 +13,16 @@ import pyarrow as pa
 import pyarrow.csv as pacsv
 
 from ...artifacts import atomic_path, to_jsonable
-from .config import (BEIJING, HOUR_MS, KUAIRAND_LOG_COLUMNS, USER_FEATURES_FILE, VIDEO_FEATURES_FILE, HistoryState,
-                     WorldConfig, embedded_data_dir)
+from .config import (
+    BEIJING,
+    HOUR_MS,
+    KUAIRAND_LOG_COLUMNS,
+    USER_FEATURES_FILE,
+    VIDEO_FEATURES_FILE,
+    HistoryState,
+    WorldConfig,
+    embedded_data_dir,
+)
 from .model import World, build_arrays
 from .simulate import draw_requests, post_click, simulate
 from .tables import read_tables, write_side_table
@@ -46,7 +54,7 @@ def auc(y: np.ndarray, score: np.ndarray) -> float:
     return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
-def generate_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), data_dir: str | Path | None = None,
+def generate_world(out_dir: str | Path, config: WorldConfig | None = None, data_dir: str | Path | None = None,
                    progress: bool = False) -> World:
     """Generate the world, write its files into ``out_dir`` (see the module doc) and return it.
 
@@ -54,7 +62,7 @@ def generate_world(out_dir: str | Path, config: WorldConfig = WorldConfig(), dat
     bar over the hour steps.
     """
     t0 = time.perf_counter()
-    cfg = config
+    cfg = config if config is not None else WorldConfig()  # the default world
     out_dir = Path(out_dir)
     data_dir = Path(data_dir) if data_dir is not None else embedded_data_dir()
     rng = np.random.default_rng(cfg.seed)

@@ -14,8 +14,20 @@ from ...arrays import PAD, pad_by_row, topk_rows
 from ...artifacts import ArtifactError, read_json, read_npz, write_json, write_npz
 from ..ids import IdIndex
 from ..schema import DataValidationError
-from .config import (ACTIVITY_LEVEL, HOUR_BUCKETS, ITEM_CAT_COLUMNS, ITEM_CAT_WEIGHTS, TAG_GROUPS, USER_CAT_COLUMNS,
-                     VIDEO_FEATURES_FILE, WORLD_FORMAT_VERSION, WORLD_JSON, WORLD_STATE, HistoryState, WorldConfig)
+from .config import (
+    ACTIVITY_LEVEL,
+    HOUR_BUCKETS,
+    ITEM_CAT_COLUMNS,
+    ITEM_CAT_WEIGHTS,
+    TAG_GROUPS,
+    USER_CAT_COLUMNS,
+    VIDEO_FEATURES_FILE,
+    WORLD_FORMAT_VERSION,
+    WORLD_JSON,
+    WORLD_STATE,
+    HistoryState,
+    WorldConfig,
+)
 from .tables import first_tag, resize_items, resize_users, value_codes
 
 
@@ -140,7 +152,7 @@ class World:
             self._item_index = IdIndex(self.item_ids, "video_id", "world")
         return self._item_index.rows(item_ids)
 
-    def _resolve_history(self, history: "str | HistoryState | None") -> HistoryState | None:
+    def _resolve_history(self, history: str | HistoryState | None) -> HistoryState | None:
         if history is None:
             return None
         if isinstance(history, str):
@@ -200,7 +212,7 @@ class World:
         return static + ctx + h, affinity, ctx, h
 
     def true_click_prob(self, user_ids: np.ndarray, item_ids: np.ndarray, hour: np.ndarray | int,
-                        tab: np.ndarray | int, history: "str | HistoryState | None" = "end") -> np.ndarray:
+                        tab: np.ndarray | int, history: str | HistoryState | None = "end") -> np.ndarray:
         """Ground-truth probability of a click if examined at the top position: float64 [N].
 
         user_ids, item_ids: [N] ids (or broadcastable shapes); hour: hour of day 0..23 and tab: 0..n_tabs-1,
@@ -214,7 +226,7 @@ class World:
         return sigmoid(logit)
 
     def oracle_topk(self, user_ids: np.ndarray, hour: np.ndarray | int, tab: np.ndarray | int, k: int,
-                    candidate_items: np.ndarray | None = None, history: "str | HistoryState | None" = "end",
+                    candidate_items: np.ndarray | None = None, history: str | HistoryState | None = "end",
                     chunk_pairs: int = 1 << 20) -> tuple[np.ndarray, np.ndarray]:
         """The k items with the highest true click probability per user: (item_ids [B, k] int64, probs [B, k]).
 
@@ -320,7 +332,7 @@ class World:
                                           "summary": self._summary})
 
     @classmethod
-    def load(cls, out_dir: str | Path) -> "World":
+    def load(cls, out_dir: str | Path) -> World:
         """Restore a world written by :func:`generate_world` (reads world.json and world_state.npz)."""
         out_dir = Path(out_dir)
         meta = read_json(out_dir / WORLD_JSON)

@@ -46,7 +46,7 @@ def draw_requests(cfg: WorldConfig, activity: np.ndarray, rng: np.random.Generat
     return unique_requests(day * 24 + hour, user, tab, is_rand, cfg, U, rng)
 
 
-def unique_requests(step: np.ndarray, user: np.ndarray, tab: np.ndarray, is_rand: np.ndarray, cfg: "WorldConfig",
+def unique_requests(step: np.ndarray, user: np.ndarray, tab: np.ndarray, is_rand: np.ndarray, cfg: WorldConfig,
                      n_users: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Requests from drawn (hour step, user, tab, is_rand) [R]: duplicates removed and sorted by time, then each
     request's gap between impressions and start offset in its hour drawn from ``rng``. Shared by the in-memory
@@ -182,7 +182,8 @@ def post_click(cfg: WorldConfig, imp: dict[str, np.ndarray], duration_ms: np.nda
     preview = 0.6 * sigmoid(imp["logit"] + rng.standard_normal(N))
     scroll_ms = rng.uniform(200.0, 1500.0, N)
     play = np.where(click, np.round(duration_ms * imp["watch"]),
-                    np.where(imp["examined"], np.round(duration_ms * preview), np.round(np.minimum(scroll_ms, duration_ms))))
+                    np.where(imp["examined"], np.round(duration_ms * preview),
+                             np.round(np.minimum(scroll_ms, duration_ms))))
     play = play.astype(np.int64)
     enter = draw(5, sat - 3.5)
     comment = draw(2, sat - 5.0)

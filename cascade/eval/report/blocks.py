@@ -6,8 +6,9 @@ from __future__ import annotations
 import html
 import json
 import math
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -123,9 +124,10 @@ class Section:
     anchor: str
     title: str
     blocks: list[tuple] = field(default_factory=list)  # ("note"|"p"|"h3"|"pre", text) | ("table", Table)
-    #                                                   | ("img", png bytes, alt) | ("cards", [(title, [(label, value)])])
+    #                                                   | ("img", png bytes, alt)
+    #                                                   | ("cards", [(title, [(label, value)])])
 
-    def note(self, text: str) -> "Section":
+    def note(self, text: str) -> Section:
         self.blocks.append(("note", text))
         return self
 
@@ -208,7 +210,8 @@ def table_html(t: Table) -> str:
 
 def kv_table(items: Mapping[str, Any], key_label: str = "fact", value_label: str = "value") -> Table:
     """Two-column table of facts; each value formatted by its own key (pre-formatted, so one column mixes kinds)."""
-    frame = pd.DataFrame({key_label: [str(k) for k in items], value_label: [format_value(v, str(k)) for k, v in items.items()]})
+    frame = pd.DataFrame({key_label: [str(k) for k in items],
+                          value_label: [format_value(v, str(k)) for k, v in items.items()]})
     return Table(frame, ["", ""])
 
 

@@ -7,8 +7,9 @@ import base64
 import html
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from cascade.artifacts import ArtifactError, read_json, to_jsonable, write_json, write_text
 
@@ -105,7 +106,8 @@ td.num, th.num { text-align: right; }
 td.lab, th.lab { text-align: left; }
 tbody tr:nth-child(even) td { background: #fafbfd; }
 .cards { display: flex; flex-wrap: wrap; gap: 14px; margin: 4px 0 12px; }
-.card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 16px; min-width: 300px; background: var(--band); }
+.card { border: 1px solid var(--line); border-radius: 8px; padding: 10px 16px; min-width: 300px;
+        background: var(--band); }
 .card h4 { margin: 0 0 6px; font-size: 14px; color: var(--accent); }
 .card dl { display: grid; grid-template-columns: auto auto; gap: 2px 18px; margin: 0; }
 .card dt { color: var(--muted); }

@@ -5,13 +5,30 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from .blocks import (MISSING, MODEL_COLUMNS, NOT_COMPUTED, STAGE_METRICS, STAGE_ORDER, Section, Table, as_floats, as_list,
-                     as_mapping, cell_number, format_value, kv_table, lower_is_better, metric_label, stage_order)
+from .blocks import (
+    MISSING,
+    MODEL_COLUMNS,
+    NOT_COMPUTED,
+    STAGE_METRICS,
+    STAGE_ORDER,
+    Section,
+    Table,
+    as_floats,
+    as_list,
+    as_mapping,
+    cell_number,
+    format_value,
+    kv_table,
+    lower_is_better,
+    metric_label,
+    stage_order,
+)
 from .plots import plot_index, plot_latency, plot_recall_curves
 
 
@@ -52,14 +69,17 @@ def _section_headline(variants: dict[str, Mapping]) -> Section:
         rows.append({
             "variant": v, "K": k, "teacher-recall@K": final.get("teacher_recall"),
             "oracle clicks": oracle.get("oracle_clicks"), "oracle best": oracle.get("oracle_best"),
-            "oracle ratio": oracle.get("oracle_ratio"), "e2e p50 ms": e2e.get("p50_ms"), "e2e p99 ms": e2e.get("p99_ms"),
+            "oracle ratio": oracle.get("oracle_ratio"), "e2e p50 ms": e2e.get("p50_ms"),
+            "e2e p99 ms": e2e.get("p99_ms"),
             "req/s batch 1": e2e.get("requests_per_s_batch1"), "req/s batched": e2e.get("requests_per_s_batched"),
             "batch": e2e.get("batch_size"),
         })
         cards.append((v, [
-            (f"teacher-recall@{k if k is not None else 'K'}", format_value(final.get("teacher_recall"), "teacher_recall")),
+            (f"teacher-recall@{k if k is not None else 'K'}",
+             format_value(final.get("teacher_recall"), "teacher_recall")),
             ("oracle ratio", format_value(oracle.get("oracle_ratio"), "oracle_ratio")),
-            ("end-to-end p99", format_value(e2e.get("p99_ms"), "p99_ms") + (" ms" if e2e.get("p99_ms") is not None else "")),
+            ("end-to-end p99",
+             format_value(e2e.get("p99_ms"), "p99_ms") + (" ms" if e2e.get("p99_ms") is not None else "")),
         ]))
     sec.blocks.append(("cards", cards))
     keys = ["", "size", "teacher_recall", "oracle_clicks", "oracle_best", "oracle_ratio", "p50_ms", "p99_ms",
@@ -77,7 +97,8 @@ def _section_stages(variants: dict[str, Mapping]) -> Section:
     if not any(per_variant.values()):
         return sec.note(f"Per-stage metrics {NOT_COMPUTED}.")
     stage_names = stage_order(dict.fromkeys(s for st in per_variant.values() for s in st))
-    e2e = {v: as_mapping(e.get("end_to_end"), f"report_data['cascades'][{v!r}]['end_to_end']") for v, e in variants.items()}
+    e2e = {v: as_mapping(e.get("end_to_end"), f"report_data['cascades'][{v!r}]['end_to_end']") for v,
+           e in variants.items()}
     row_names = stage_names + (["end to end"] if any(e2e.values()) else [])
     vnames = list(per_variant)
     two_level = len(vnames) > 1
@@ -163,7 +184,8 @@ def _section_index(data: Mapping) -> Section:
     if not rows:
         return sec.note(f"Operating points {NOT_COMPUTED}.")
     frame = pd.DataFrame([{c: r.get(c) for c in ("param", "value", "recall_at_k", "qps")} for r in rows])
-    shown = frame.rename(columns={"param": "search parameter", "recall_at_k": "recall@k vs exact", "qps": "queries / s"})
+    shown = frame.rename(columns={"param": "search parameter", "recall_at_k": "recall@k vs exact",
+                                  "qps": "queries / s"})
     sec.blocks.append(("table", Table(shown, ["", "value", "recall_at_k", "qps"])))
     pts = frame.assign(recall_at_k=pd.to_numeric(frame["recall_at_k"], errors="coerce"),
                        qps=pd.to_numeric(frame["qps"], errors="coerce"),
@@ -245,7 +267,8 @@ def _section_ablation(data: Mapping) -> Section:
     frame = pd.DataFrame({"stage": [r.get("stage") for r in rows], "variant": [r.get("name") for r in rows],
                           **{metric_label(m): [c[j] for c in cells] for j, m in enumerate(metrics)}})
     keys = ["", ""] + metrics
-    vals = np.concatenate([np.full((len(rows), 2), math.nan), np.array(means, dtype=np.float64).reshape(len(rows), -1)], axis=1)
+    vals = np.concatenate([np.full((len(rows), 2), math.nan), np.array(means, dtype=np.float64).reshape(len(rows), -1)],
+                          axis=1)
     bold = _best_mask(vals, frame["stage"].tolist(), [lower_is_better(k) for k in keys])
     seeds_txt = ", ".join(format_value(s, "seed") for s in seeds) if seeds else MISSING
     cap = f"mean ± std over seeds [{seeds_txt}]; best mean per stage in bold"
