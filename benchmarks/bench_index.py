@@ -25,7 +25,8 @@ import numpy as np
 from cascade.artifacts import package_versions, write_json
 from cascade.eval.metrics import mean_recall_at_k
 from cascade.index.exact import TorchExactIndex, clustered_vectors, exact_topk
-from cascade.index.faiss_index import FLAT_MAX_ITEMS, ItemIndex, configure_faiss, default_factory
+from cascade.index.factory import FLAT_MAX_ITEMS, configure_faiss, default_factory
+from cascade.index.faiss_index import ItemIndex
 
 log = logging.getLogger("bench_index")
 

@@ -39,7 +39,8 @@ import numpy as np
 from cascade.artifacts import package_versions, write_json, write_text
 from cascade.eval.metrics import mean_recall_at_k
 from cascade.index.exact import clustered_vectors, exact_topk
-from cascade.index.faiss_index import ItemIndex, configure_faiss
+from cascade.index.factory import configure_faiss
+from cascade.index.faiss_index import ItemIndex
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
 from bench_index import time_single  # noqa: E402

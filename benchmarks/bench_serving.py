@@ -46,7 +46,8 @@ from cascade.artifacts import package_versions, write_json
 from cascade.data.requests import Requests
 from cascade.eval.metrics import latency_summary, mean_recall_at_k
 from cascade.index.exact import exact_topk
-from cascade.index.faiss_index import INDEX_FILE, ItemIndex, configure_faiss, set_blas_threshold
+from cascade.index.factory import configure_faiss, set_blas_threshold
+from cascade.index.faiss_index import INDEX_FILE, ItemIndex
 from cascade.serve.cascade import Cascade, PairScorer, Retriever
 from cascade.serve.replay import replay_latency
 

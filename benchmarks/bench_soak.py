@@ -196,7 +196,7 @@ def main(argv=None) -> dict:
     import torch
 
     from cascade.data.requests import requests_frame, to_requests
-    from cascade.index.faiss_index import configure_faiss
+    from cascade.index.factory import configure_faiss
     from cascade.serve.cascade import load_cascade
 
     args = parse_args(argv)

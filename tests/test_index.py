@@ -16,14 +16,8 @@ from cascade.index.exact import (  # noqa: E402
     clustered_vectors,
     exact_topk,
 )
-from cascade.index.faiss_index import (  # noqa: E402
-    IDS_FILE,
-    INDEX_FILE,
-    IndexMismatchError,
-    ItemIndex,
-    default_factory,
-    parse_factory,
-)
+from cascade.index.factory import default_factory, parse_factory  # noqa: E402
+from cascade.index.faiss_index import IDS_FILE, INDEX_FILE, IndexMismatchError, ItemIndex  # noqa: E402
 
 N, D, N_CLUSTERS, NQ = 20_000, 32, 64, 200
 

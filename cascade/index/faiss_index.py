@@ -23,22 +23,13 @@ several GPUs); where torch has CUDA but faiss is a CPU build, exact search by to
 ("torch", :class:`cascade.index.exact.TorchExactIndex`), which on a GPU beats approximate search on the CPU for
 corpora of a few million items; else faiss on the CPU ("faiss-cpu"). The choice is logged and kept in ``backend``.
 
-Process-wide faiss settings that decide CPU speed (see PERF_NOTES):
-- ``faiss.cvar.distance_compute_blas_threshold``: with the shipped 128000 a batch of queries scans the corpus once
-  per query instead of one GEMM. Measured here (100k x 64 Flat, k=100, 1 thread): 128000 -> 1269 q/s for a batch
-  of 500, 20 -> 4715 q/s; but for a single query 20 is 4x slower (256 vs 1082 q/s). So each search sets it:
-  ``blas_threshold`` (20) for batches of at least that many queries, faiss's default for smaller ones. It is a
-  process-wide variable: concurrent searches from several Python threads may see each other's value (a speed
-  effect only, never a correctness one).
-- ``faiss.omp_set_num_threads`` (``omp_threads``): single queries are fastest on 1 thread; on this 2-core machine
-  shared with other jobs, 2 OpenMP threads made batched Flat search 15x slower (spinning threads fight for the core).
+Process-wide faiss settings (OpenMP threads, the BLAS threshold) and factory strings: :mod:`cascade.index.factory`.
 """
 
 from __future__ import annotations
 
 import logging
 import math
-import re
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -49,125 +40,28 @@ import numpy as np
 from cascade.artifacts import MANIFEST, ArtifactError, atomic_path, read_json, verify_outputs, write_manifest
 from cascade.eval.metrics import mean_recall_at_k
 from cascade.index.exact import TorchExactIndex, as_float32_matrix, check_metric, exact_topk
+from cascade.index.factory import (
+    DEFAULT_EF_SEARCHES,
+    DEFAULT_NPROBES,
+    GPU_MAX_K,
+    check_refine,
+    configure_faiss,
+    default_factory,
+    faiss_metric,
+    import_faiss,
+    parse_factory,
+    select_backend,
+    set_blas_threshold,
+)
 
 log = logging.getLogger(__name__)
 
 INDEX_FILE = "index.faiss"
 IDS_FILE = "item_ids.npy"
-BACKENDS = ("faiss-cpu", "faiss-gpu", "torch")
-DEVICES = ("auto", "cpu", "gpu", "torch")
-FLAT_MAX_ITEMS = 200_000
-# up to 256: the index stage picks the cheapest point that reaches its recall target, and a 1 M-item corpus of a
-# weakly trained tower needed more than 64 of 4,096 lists for recall@100 >= 0.95
-DEFAULT_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-DEFAULT_EF_SEARCHES = (16, 32, 64, 128, 256, 512)
-GPU_MAX_K = 2048  # faiss GPU k-selection limit
-FAISS_BLAS_THRESHOLD_DEFAULT = 128_000  # faiss's shipped distance_compute_blas_threshold
-REFINES = ("Flat", "SQfp16", "SQ8")  # re-rank stores of IVF-PQ indexes: float32, float16, 8-bit per dimension
-
-_FACTORIES = {
-    "flat": re.compile(r"^Flat$"),
-    "ivf": re.compile(r"^IVF(?P<nlist>\d+),Flat$"),
-    "hnsw": re.compile(r"^HNSW(?P<M>\d+)(,Flat)?$"),
-    "ivfpq": re.compile(r"^(OPQ(?P<opq>\d+)(_\d+)?,)?IVF(?P<nlist>\d+),PQ(?P<m>\d+)(x(?P<nbits>\d+))?$"),
-}
 
 
 class IndexMismatchError(ArtifactError):
     """A saved index that does not fit the caller: another model hash, embedding dimension or metric."""
-
-
-def parse_factory(factory: str, d: int) -> dict[str, Any]:
-    """Classify a factory string: {"kind": "flat"|"ivf"|"hnsw"|"ivfpq", "nlist", "M", "m", ...}; raise on others."""
-    for kind, pat in _FACTORIES.items():
-        m = pat.match(factory)
-        if m:
-            out = {"kind": kind, **{k: int(v) for k, v in m.groupdict().items() if v is not None}}
-            if kind == "ivfpq" and d % out["m"] != 0:
-                raise ValueError(f"factory {factory!r}: PQ{out['m']} needs the dimension {d} to be a multiple of "
-                                 f"{out['m']}")
-            if kind == "ivfpq" and "opq" in out and out["opq"] != out["m"]:
-                raise ValueError(f"factory {factory!r}: OPQ{out['opq']} must match PQ{out['m']}")
-            return out
-    raise ValueError(
-        f"factory {factory!r} is not supported: use 'Flat', 'IVF{{nlist}},Flat', 'HNSW{{M}}', 'IVF{{nlist}},PQ{{m}}' "
-        "or 'OPQ{m},IVF{nlist},PQ{m}'"
-    )
-
-
-def default_factory(n_items: int) -> str:
-    """The factory used when none is given.
-
-    Below :data:`FLAT_MAX_ITEMS` (200k) items exact "Flat" search is cheap enough (about 1 ms per query at 100k x 64
-    on one core, and one GEMM for a batch) that approximation buys little and costs recall. Above it, "IVF{nlist},Flat"
-    with nlist ~ 4 * sqrt(n) rounded to a power of two: each list then holds ~sqrt(n)/4 items, which balances the
-    coarse-quantizer cost (nlist dot products) against the list scan (nprobe * n / nlist), and IVF builds 10-30x
-    faster than HNSW here at equal recall on clustered embeddings (PERF_NOTES).
-    """
-    if n_items < FLAT_MAX_ITEMS:
-        return "Flat"
-    nlist = 2 ** int(round(math.log2(4 * math.sqrt(n_items))))
-    return f"IVF{nlist},Flat"
-
-
-def select_backend(device: str) -> tuple[str, str]:
-    """Map a device request to (backend, reason). Raises where an explicit request cannot be met."""
-    import faiss
-
-    if device not in DEVICES:
-        raise ValueError(f"device {device!r} is not supported: use one of {DEVICES}")
-    faiss_gpus = faiss.get_num_gpus() if hasattr(faiss, "StandardGpuResources") else 0
-    if device == "cpu":
-        return "faiss-cpu", "requested"
-    if device == "gpu":
-        if faiss_gpus == 0:
-            raise RuntimeError("device='gpu' asked for a faiss GPU index, but this faiss build sees no GPU "
-                               "(install faiss-gpu on a CUDA machine, or use device='auto'/'torch'/'cpu')")
-        return "faiss-gpu", f"requested; {faiss_gpus} GPU(s)"
-    if device == "torch":
-        return "torch", "requested"
-    if faiss_gpus > 0:
-        return "faiss-gpu", f"faiss sees {faiss_gpus} GPU(s)"
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            return "torch", "torch has CUDA but faiss is a CPU build: exact torch matmul + topk on the GPU"
-    except ImportError:  # torch is a dependency; this only guards odd installs
-        pass
-    return "faiss-cpu", "no GPU visible to faiss or torch"
-
-
-def configure_faiss(omp_threads: int | None) -> None:
-    """Set faiss's process-wide OpenMP thread count (None leaves it as it is)."""
-    import faiss
-
-    if omp_threads is not None:
-        if omp_threads < 1:
-            raise ValueError(f"omp_threads must be >= 1, got {omp_threads}")
-        faiss.omp_set_num_threads(int(omp_threads))
-
-
-def set_blas_threshold(nq: int, blas_threshold: int | None) -> None:
-    """Before a search of nq queries: BLAS (one GEMM) for batches of >= blas_threshold queries, faiss's default
-    (a scan per query, faster for one or a few queries) below. None leaves the setting alone."""
-    import faiss
-
-    if blas_threshold is not None:
-        value = int(blas_threshold) if nq >= blas_threshold else FAISS_BLAS_THRESHOLD_DEFAULT
-        faiss.cvar.distance_compute_blas_threshold = value
-
-
-def _faiss():
-    import faiss
-
-    return faiss
-
-
-def _faiss_metric(metric: str) -> int:
-    import faiss
-
-    return faiss.METRIC_INNER_PRODUCT if metric == "ip" else faiss.METRIC_L2
 
 
 class ItemIndex:
@@ -206,7 +100,7 @@ class ItemIndex:
         self.seed = seed
         self.k_factor = k_factor
         self.blas_threshold = blas_threshold
-        self.refine = _check_refine(refine)
+        self.refine = check_refine(refine)
         self.spec = parse_factory(factory, self.dim)
         self.nprobe: int | None = None
         self.ef_search: int | None = None
@@ -219,7 +113,7 @@ class ItemIndex:
         self._torch: TorchExactIndex | None = None
         if backend == "faiss-gpu":
             self._live = self._to_gpu(cpu_index, n_gpus)
-            if not isinstance(cpu_index, _faiss().IndexRefine):
+            if not isinstance(cpu_index, import_faiss().IndexRefine):
                 # the GPU clone now holds the data; _host_index() copies it back when save/recall need it. (An
                 # IndexRefine keeps its host copy: its exact vectors stay in host memory for re-ranking anyway.)
                 self._cpu_index = None
@@ -280,7 +174,7 @@ class ItemIndex:
             raise ValueError("xb has no rows: cannot build an index over an empty corpus")
         factory = factory or default_factory(n)
         spec = parse_factory(factory, d)
-        _check_refine(refine)
+        check_refine(refine)
         if refine != "Flat" and spec["kind"] != "ivfpq":
             raise ValueError(f"refine={refine!r} applies to IVF-PQ indexes, not {factory!r}")
         if k_factor < 1:
@@ -297,7 +191,7 @@ class ItemIndex:
         if "nlist" in spec and spec["nlist"] > n:
             raise ValueError(f"factory {factory!r}: nlist {spec['nlist']} exceeds the {n} items to cluster")
         t0 = time.perf_counter()
-        index = faiss.index_factory(d, factory, _faiss_metric(metric))
+        index = faiss.index_factory(d, factory, faiss_metric(metric))
         if spec["kind"] in ("ivf", "ivfpq"):
             ivf = faiss.extract_index_ivf(index)
             ivf.cp.seed = seed
@@ -326,7 +220,7 @@ class ItemIndex:
                 index = faiss.IndexRefineFlat(index)
             else:
                 qtype = {"SQfp16": faiss.ScalarQuantizer.QT_fp16, "SQ8": faiss.ScalarQuantizer.QT_8bit}[refine]
-                store = faiss.IndexScalarQuantizer(d, qtype, _faiss_metric(metric))
+                store = faiss.IndexScalarQuantizer(d, qtype, faiss_metric(metric))
                 store.train(xb[rows])  # per-dimension ranges (SQ8); a no-op for fp16
                 index = faiss.IndexRefine(index, store)
             index.k_factor = float(k_factor)
@@ -714,12 +608,6 @@ class ItemIndex:
             self._gpu_refs = [base, refine, cpu_index]
             return live
         return faiss.index_cpu_to_all_gpus(cpu_index, co=co, ngpu=ngpu)
-
-
-def _check_refine(refine: str) -> str:
-    if refine not in REFINES:
-        raise ValueError(f"refine {refine!r} is not supported: use one of {REFINES}")
-    return refine
 
 
 def _check_item_ids(item_ids, n: int) -> np.ndarray:
