@@ -75,7 +75,7 @@ def pipeline_config(n_items: int, runs_dir: Path, n_users: int = 3000, n_days: i
 
 
 def ensure_run(cfg, progress: bool = False, reuse: bool = False) -> Path:
-    """Run (or resume) the pipeline of ``cfg`` up to the index stage; return the run folder. reuse: take finished
+    """Run (or resume) the pipeline of ``cfg`` up to the index step; return the run folder. reuse: take finished
     stages as they are even if the package's code changed since (the timed serving code is always the current one;
     only the trained models and the index come from the earlier run)."""
     from cascade.pipeline import run_pipeline
@@ -382,7 +382,7 @@ def bench_size(n_items: int, args) -> dict:
         points += operating_points(flat, xq, I_ex, k_op, build_s=s, nq_single=args.nq_single)
         nlist = ivf_nlist(n_items)
         if index.spec["kind"] == "ivf":
-            ivf, s = index, None  # the run's own IVF index (built by the pipeline's index stage)
+            ivf, s = index, None  # the run's own IVF index (built by the pipeline's index step)
         else:
             ivf, s = build_index(xb, ids, f"IVF{nlist},Flat", args.seed)
         points += operating_points(ivf, xq, I_ex, k_op, [v for v in args.nprobes if v <= ivf.spec["nlist"]],
@@ -579,7 +579,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs-dir", type=Path, default=Path("runs") / "bench_serving", help="where the pipeline runs live")
     p.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 1_000_000], help="corpus sizes (items)")
     p.add_argument("--reuse-runs", action="store_true",
-                   help="take finished pipeline stages under --runs-dir as they are, even if the code changed since")
+                   help="take finished pipeline steps under --runs-dir as they are, even if the code changed since")
     p.add_argument("--prepare-only", action="store_true", help="build the pipeline runs and stop (nothing timed)")
     p.add_argument("--points-sizes", type=int, nargs="+", default=[100_000, 1_000_000],
                    help="sizes at which Flat / IVF / HNSW operating points are measured")

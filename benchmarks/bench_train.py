@@ -4,7 +4,7 @@ latency of teacher and student per 100 candidates.
 
     python benchmarks/bench_train.py --data-dir runs/default/data --deepctr-python /tmp/deepctr-venv/bin/python
 
-Data: the encoded tables of a pipeline data stage (the default world), the model's sides user + item + context +
+Data: the encoded tables of a pipeline data step (the default world), the model's sides user + item + context +
 cross (the privileged side left out); the most recent ``--train-rows`` train rows, test whole. Each contender
 trains ONE epoch over the same rows at batch 4096 and is scored on the test split (AUC, logloss).
 
@@ -268,7 +268,7 @@ def bench_dataset(train: EncodedTable, test: EncodedTable, args, deepctr_python:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--data-dir", required=True, help="a pipeline data stage folder (runs/<run>/data)")
+    p.add_argument("--data-dir", required=True, help="a pipeline data step folder (runs/<run>/data)")
     p.add_argument("--config", default=str(ROOT / "pipelines" / "default.toml"), help="for the latency models")
     p.add_argument("--deepctr-python", default=None, help="python of a venv with deepctr-torch (skipped if absent)")
     p.add_argument("--train-rows", type=int, default=150_000)

@@ -3,7 +3,7 @@
     nice python benchmarks/joint_cascade.py --run runs/default [--max-requests 10000] [--epochs 2]
 
 Reads the run folder (never writes there). Trains, on one seed and a capped sample of the run's training
-requests (candidate lists built as the rank-log stage builds them: impressed + popularity / uniform samples):
+requests (candidate lists built as the ranklog step builds them: impressed + popularity / uniform samples):
 
 - joint: cascade.train.three_students.train_joint_cascade (teacher, rank student, pre-rank and retrieval
   students in one loop; the joint teacher sees only the sampled requests' impressions);
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     t_all = time.perf_counter()
     timings: dict[str, float] = {}
 
-    # ---- training requests and candidate lists, as the rank-log stage builds them (capped)
+    # ---- training requests and candidate lists, as the ranklog step builds them (capped)
     t0 = time.perf_counter()
     rl = RankLogSection(max_requests=args.max_requests, n_candidates=cfg.ranklog.n_candidates,
                         uniform_frac=cfg.ranklog.uniform_frac)

@@ -1,6 +1,6 @@
 """Rank-stage table: teachers per backbone, LightGBM, the rank student without / with each distillation loss, PFD.
 
-The data are a pipeline's data stage (``run_pipeline(cfg, until="data")``: the default world of
+The data are a pipeline's data step (``run_pipeline(cfg, until="data")``: the default world of
 pipelines/default.toml, or ML-100K), built once under ``--runs-dir`` and reused. For each seed this trains
 
 - the teacher (user + item + context + cross sides) with each backbone: dnn, deepfm, dcnv2 (the pipeline's
@@ -75,7 +75,7 @@ def distill_variants(d: DistillConfig) -> dict[str, DistillConfig]:
 
 
 def load_tables(data_dir: Path) -> dict[str, EncodedTable]:
-    """The encoded train / valid / test tables of a data stage folder (what RunData.encoded reads)."""
+    """The encoded train / valid / test tables of a data step folder (what RunData.encoded reads)."""
     spec = FeatureSpec.from_dict(A.read_json(data_dir / "spec.json"))
     return {s: EncodedTable.from_arrays(spec, A.read_npz(data_dir / f"encoded_{s}.npz"))
             for s in ("train", "valid", "test")}
@@ -220,8 +220,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--dataset", choices=("world", "movielens-100k"), default="world")
     p.add_argument("--data-path", default=None, help="ML-100K folder; default ../shared/data/ml-100k (repo root)")
     p.add_argument("--runs-dir", default="runs",
-                   help="where the data stage is built / reused (run name rank_<dataset>)")
-    p.add_argument("--data-dir", default=None, help="reuse this existing data stage folder instead of building one")
+                   help="where the data step is built / reused (run name rank_<dataset>)")
+    p.add_argument("--data-dir", default=None, help="reuse this existing data step folder instead of building one")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--max-train-rows", type=int, default=None, help="keep the most recent train requests")

@@ -1,7 +1,7 @@
 """Run folders, atomic writes, hashes and manifests.
 
 Every artifact is written to a temporary file in the same folder and then renamed into place, so a process
-killed midway never leaves a half-written file under the final name. Each stage folder carries a
+killed midway never leaves a half-written file under the final name. Each step folder carries a
 ``manifest.json`` listing its outputs with their sha256; :func:`verify_outputs` re-hashes them on load and
 reports a truncated or altered file by name.
 """
@@ -189,9 +189,9 @@ def safe_join(root: str | os.PathLike, *parts: str) -> Path:
 
 
 def write_manifest(
-    stage_dir: str | os.PathLike,
+    folder: str | os.PathLike,
     *,
-    stage: str,
+    kind: str,
     config: Any,
     seed: int | None,
     inputs: Mapping[str, str],
@@ -200,44 +200,45 @@ def write_manifest(
     wall_s: float | None = None,
     extra: Mapping[str, Any] | None = None,
 ) -> dict:
-    """Write ``stage_dir/manifest.json`` listing ``outputs`` (paths relative to stage_dir) with their sha256.
+    """Write ``folder/manifest.json`` listing ``outputs`` (paths relative to folder) with their sha256.
 
-    The manifest is written last, so its presence marks a complete stage.
+    kind: what wrote the folder (a pipeline step's name, "fit", "encode_stream", ...). The manifest is written
+    last, so its presence marks a complete folder.
     """
-    stage_dir = Path(stage_dir)
+    folder = Path(folder)
     manifest = {
-        "stage": stage,
+        "kind": kind,
         "config": config,
         "config_hash": stable_hash(config),
         "seed": seed,
         "versions": package_versions(),
         "inputs": dict(inputs),
-        "outputs": {rel: sha256_file(stage_dir / rel) for rel in sorted(outputs)},
+        "outputs": {rel: sha256_file(folder / rel) for rel in sorted(outputs)},
         "metrics": dict(metrics or {}),
         "wall_s": wall_s,
         "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
     if extra:
         manifest.update(extra)
-    write_json(stage_dir / MANIFEST, manifest)
+    write_json(folder / MANIFEST, manifest)
     return manifest
 
 
-def read_manifest(stage_dir: str | os.PathLike, verify: bool = True) -> dict:
-    stage_dir = Path(stage_dir)
-    m = read_json(stage_dir / MANIFEST)
+def read_manifest(folder: str | os.PathLike, verify: bool = True) -> dict:
+    folder = Path(folder)
+    m = read_json(folder / MANIFEST)
     if verify:
-        verify_outputs(stage_dir, m)
+        verify_outputs(folder, m)
     return m
 
 
-def verify_outputs(stage_dir: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
+def verify_outputs(folder: str | os.PathLike, manifest: Mapping[str, Any]) -> None:
     """Re-hash every output listed in the manifest; raise ArtifactError naming the first bad file."""
-    stage_dir = Path(stage_dir)
+    folder = Path(folder)
     for rel, digest in manifest.get("outputs", {}).items():
-        p = stage_dir / rel
+        p = folder / rel
         if not p.exists():
-            raise ArtifactError(f"{p}: listed in {stage_dir / MANIFEST} but missing")
+            raise ArtifactError(f"{p}: listed in {folder / MANIFEST} but missing")
         got = sha256_file(p)
         if got != digest:
             raise ArtifactError(

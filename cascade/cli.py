@@ -15,7 +15,7 @@ EPILOG_RUN = """examples:
   cascade run pipelines/tiny.toml               # a one-minute run
   cascade run pipelines/movielens.toml --set data.path=../ml-100k
   cascade run --set teacher.model.backbone=deepfm --set run.name=deepfm
-  cascade run --force teacher                   # redo one stage (and whatever its change affects)
+  cascade run --force teacher                   # redo one step (and whatever its change affects)
 """
 
 
@@ -44,12 +44,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     run_dir = A.safe_join(cfg.run.runs_dir, cfg.run.name)
     _setup_logging(args.verbose, run_dir / "run.log")
 
-    def on_stage(name: str, status: str, manifest: dict) -> None:
+    def on_step(name: str, status: str, manifest: dict) -> None:
         summary = manifest.get("summary") or ""
         wall = manifest.get("wall_s")
         print(f"[{name:>8}] {status:<7} {'' if status == 'skipped' else f'{wall:.1f}s '}{summary}", flush=True)
 
-    run_pipeline(cfg, force=tuple(args.force or ()), progress=not args.no_progress, on_stage=on_stage)
+    run_pipeline(cfg, force=tuple(args.force or ()), progress=not args.no_progress, on_step=on_step)
     print(f"report: {run_dir / 'report' / 'report.html'}")
     return 0
 
@@ -166,7 +166,7 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("config", nargs="?", help="pipeline TOML (default: pipelines/default.toml)")
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. teacher.train.epochs=3")
-    r.add_argument("--force", action="append", metavar="STAGE", help="redo STAGE even if it is up to date")
+    r.add_argument("--force", action="append", metavar="STEP", help="redo STEP even if it is up to date")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 

@@ -52,7 +52,7 @@ def _with_oov_row(df: pd.DataFrame, id_col: str) -> pd.DataFrame:
 
 
 class RunData:
-    """The data stage of a run, ready for scoring. data_dir: runs/<run>/data."""
+    """The data step of a run, ready for scoring. data_dir: runs/<run>/data."""
 
     def __init__(self, data_dir: str | Path, verify: bool = True):
         self.dir = Path(data_dir)

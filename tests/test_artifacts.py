@@ -23,14 +23,14 @@ def test_atomic_write_leaves_old_file_on_failure(tmp_path):
 def test_manifest_hashes_detect_truncation_and_alteration(tmp_path):
     A.write_npz(tmp_path / "a.npz", x=np.arange(10))
     A.write_text(tmp_path / "b.txt", "hello")
-    m = A.write_manifest(tmp_path, stage="s", config={"k": 1}, seed=0, inputs={}, outputs=["a.npz", "b.txt"])
+    m = A.write_manifest(tmp_path, kind="s", config={"k": 1}, seed=0, inputs={}, outputs=["a.npz", "b.txt"])
     assert m["outputs"]["b.txt"] == A.sha256_bytes(b"hello")
     A.read_manifest(tmp_path)  # verifies
     with open(tmp_path / "a.npz", "r+b") as f:
         f.truncate(os.path.getsize(tmp_path / "a.npz") - 5)
     with pytest.raises(A.ArtifactError, match="a.npz.*truncated or altered"):
         A.read_manifest(tmp_path)
-    m = A.write_manifest(tmp_path, stage="s", config={"k": 1}, seed=0, inputs={}, outputs=["a.npz", "b.txt"])
+    m = A.write_manifest(tmp_path, kind="s", config={"k": 1}, seed=0, inputs={}, outputs=["a.npz", "b.txt"])
     (tmp_path / "b.txt").unlink()
     with pytest.raises(A.ArtifactError, match="b.txt"):
         A.verify_outputs(tmp_path, m)

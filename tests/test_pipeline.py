@@ -1,6 +1,6 @@
 """End to end: `cascade run pipelines/tiny.toml` — artifacts, manifests, caching, a SIGKILL midway, determinism.
 
-One uninterrupted run (A) and one run killed with SIGKILL inside the students stage and then resumed (B) must
+One uninterrupted run (A) and one run killed with SIGKILL inside the students step and then resumed (B) must
 give byte-identical data, encodings, rank logs and indexes, and the same metrics: this proves both that a killed
 run resumes without corrupted artifacts and that the same config and seed reproduce a run on CPU.
 """
@@ -20,11 +20,11 @@ import torch
 
 from cascade import artifacts as A
 from cascade.config import ConfigError
-from cascade.pipeline import STAGES, load_config, run_pipeline
+from cascade.pipeline import STEPS, load_config, run_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "pipelines" / "tiny.toml"
-STAGE_NAMES = [s.name for s in STAGES]
+STEP_NAMES = [s.name for s in STEPS]
 
 pytestmark = pytest.mark.slow
 
@@ -37,16 +37,16 @@ def run_a(tmp_path_factory):
     return cfg, runs / "tiny", res
 
 
-def _hashes(stage_dir: Path) -> dict:
-    return A.read_manifest(stage_dir, verify=True)["outputs"]
+def _hashes(step_dir: Path) -> dict:
+    return A.read_manifest(step_dir, verify=True)["outputs"]
 
 
-def test_every_stage_writes_verified_artifacts(run_a):
+def test_every_step_writes_verified_artifacts(run_a):
     cfg, run_dir, res = run_a
-    assert [s for s, r in res.items() if r["status"] == "ran"] == STAGE_NAMES
-    for s in STAGE_NAMES:
+    assert [s for s, r in res.items() if r["status"] == "ran"] == STEP_NAMES
+    for s in STEP_NAMES:
         m = A.read_manifest(run_dir / s, verify=True)  # every listed output exists with its sha256
-        assert m["stage"] == s and m["outputs"] and m["wall_s"] >= 0
+        assert m["kind"] == s and m["outputs"] and m["wall_s"] >= 0
         assert m["versions"]["torch"] and m["config_hash"] == A.stable_hash(m["config"])
     for f in ("report.html", "report.md", "report.json"):
         assert (run_dir / "report" / f).stat().st_size > 1000
@@ -73,12 +73,12 @@ def test_sigkill_midway_then_resume_matches_uninterrupted_run(run_a, tmp_path):
            f"run.runs_dir={json.dumps(str(runs_b))}",
            "--set", "run.threads=1"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    # kill as soon as the students stage has written its first model (it then still trains five more)
+    # kill as soon as the students step has written its first model (it then still trains five more)
     first = runs_b / "tiny" / ".students.partial" / "distilled" / "prerank" / "model.pt"
     deadline = time.time() + 240
     while not first.exists() and proc.poll() is None and time.time() < deadline:
         time.sleep(0.01)
-    assert first.exists(), "the run never reached the students stage"
+    assert first.exists(), "the run never reached the students step"
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     assert not (runs_b / "tiny" / "students" / "manifest.json").exists()
@@ -121,10 +121,10 @@ def test_sigkill_midway_then_resume_matches_uninterrupted_run(run_a, tmp_path):
 
 def test_rerun_skips_everything_and_a_change_reruns_only_dependants(run_a):
     cfg, run_dir, _ = run_a
-    before = {s: _hashes(run_dir / s) for s in STAGE_NAMES}
+    before = {s: _hashes(run_dir / s) for s in STEP_NAMES}
     res = run_pipeline(cfg, progress=False)
     assert all(r["status"] == "skipped" for r in res.values())
-    assert {s: _hashes(run_dir / s) for s in STAGE_NAMES} == before
+    assert {s: _hashes(run_dir / s) for s in STEP_NAMES} == before
     cfg2 = load_config(TINY, [f"run.runs_dir={json.dumps(str(run_dir.parent))}", "replay.k=5"])
     res = run_pipeline(cfg2, progress=False)
     assert [s for s, r in res.items() if r["status"] == "ran"] == ["replay", "report"]
@@ -210,7 +210,7 @@ def test_index_from_another_model_is_refused_naming_both_hashes(run_a, tmp_path)
 
 
 def test_pfd_rank_student_through_the_pipeline_and_serving(run_a, tmp_path):
-    """students.rank_distill.pfd_lambda switches the rank student to PFD: the students stage trains a privileged
+    """students.rank_distill.pfd_lambda switches the rank student to PFD: the students step trains a privileged
     teacher with it, saves the student alone, and the replay serves that student as the ranker."""
     import shutil
 

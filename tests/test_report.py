@@ -60,7 +60,7 @@ def make_report_data() -> dict:
                            "teacher": {"backbone": "deepfm", "hidden": [64, 32], "privileged": True,
                                        "optim": {"lr": 0.001, "fused": False}}},
                 "versions": {"python": "3.11.9", "torch": "2.13.0", "faiss-cpu": "1.15.1"},
-                "stage_wall_s": {"data": 1.5, "teacher": 12.25, "replay": 3.0}},
+                "step_wall_s": {"data": 1.5, "teacher": 12.25, "replay": 3.0}},
         "data": {"summary": {"source": "world", "n_users": 1000, "n_items": 5000, "n_impressions": 123456,
                              "ctr": 0.04567},
                  "splits": {"test": {"rows": 20000, "requests": 2000, "ctr": 0.0401, "start": "2022-05-07",
@@ -207,7 +207,7 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     # data splits in time order train before test even though the dict listed test first
     assert md.index("| train |") < md.index("| test |")
     assert _md_row(md, ["test"]) == ["test", "20,000", "2,000", "0.0401", "2022-05-07", "2022-05-08"]
-    # stage wall times and their total 1.5 + 12.25 + 3.0 = 16.75
+    # pipeline step wall times and their total 1.5 + 12.25 + 3.0 = 16.75
     assert _md_row(md, ["total"]) == ["total", "16.75"]
     assert NOT_COMPUTED not in md
 

@@ -38,7 +38,7 @@ from cascade.data.schema import DataValidationError, check_columns
 
 log = logging.getLogger(__name__)
 
-STAGE = "rank_log"
+KIND = "rank_log"  # the manifest kind of a rank log
 #: Columns of a rank-log shard, in file order.
 COLUMNS = ("request_id", "user_id", "time_ms", "item_id", "teacher_logit", "rank",
            "request_row", "user_row", "item_row", "slot")
@@ -279,7 +279,7 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
     config = {"requests_per_batch": requests_per_batch, "shard_rows": shard_rows, "n_candidates": int(L),
               "n_shards": n_shards, "shard_index": shard_index}
     man = artifacts.write_manifest(
-        shard_dir, stage=STAGE, config=config, seed=seed, inputs={}, outputs=[p["path"] for p in parts],
+        shard_dir, kind=KIND, config=config, seed=seed, inputs={}, outputs=[p["path"] for p in parts],
         metrics={"pairs_per_s": n_rows / wall if wall > 0 else None, "score_s": score_s, "n_rows": n_rows},
         wall_s=wall,
         extra={"shards": _with_hashes(parts, shard_dir), "n_requests": hi_r - lo_r, "n_rows": n_rows,
@@ -307,7 +307,7 @@ def merge_manifests(out_dir: str | Path, n_shards: int) -> dict:
     for k in range(n_shards):
         d = _shard_dir(out_dir, n_shards, k)
         m = artifacts.read_manifest(d, verify=True)
-        if m.get("stage") != STAGE or m["config"].get("n_shards") != n_shards or m["config"].get("shard_index") != k:
+        if m.get("kind") != KIND or m["config"].get("n_shards") != n_shards or m["config"].get("shard_index") != k:
             raise artifacts.ArtifactError(f"{d / artifacts.MANIFEST}: not shard {k} of {n_shards} of a rank log")
         lo, hi = m["request_row_range"]
         if lo != expected_lo:
@@ -329,7 +329,7 @@ def merge_manifests(out_dir: str | Path, n_shards: int) -> dict:
     if expected_lo != total:
         raise artifacts.ArtifactError(f"{out_dir}: the shards cover request rows [0, {expected_lo}) of {total}")
     return artifacts.write_manifest(
-        out_dir, stage=STAGE, config={**cfg0, "shard_index": None}, seed=None, inputs={}, outputs=outputs,
+        out_dir, kind=KIND, config={**cfg0, "shard_index": None}, seed=None, inputs={}, outputs=outputs,
         metrics={"n_rows": n_rows},
         extra={"shards": shards, "n_requests": n_req, "n_rows": n_rows, "request_row_range": [0, total],
                "n_requests_total": total, "n_items": m.get("n_items"), "columns": list(COLUMNS)},
@@ -352,9 +352,9 @@ class RankLog:
     def __init__(self, path: str | Path, verify: bool = True) -> None:
         self.path = Path(path)
         self.manifest = artifacts.read_manifest(self.path, verify=verify)
-        if self.manifest.get("stage") != STAGE:
-            raise artifacts.ArtifactError(f"{self.path / artifacts.MANIFEST}: stage {self.manifest.get('stage')!r} "
-                                          f"is not a {STAGE}")
+        if self.manifest.get("kind") != KIND:
+            raise artifacts.ArtifactError(f"{self.path / artifacts.MANIFEST}: kind {self.manifest.get('kind')!r} "
+                                          f"is not a {KIND}")
         tables = [pq.read_table(self.path / s["path"]) for s in self.manifest["shards"]]
         if tables:
             missing = [c for c in COLUMNS if c not in tables[0].column_names]

@@ -20,7 +20,7 @@ from typing import Any
 BACKENDS = ("faiss-cpu", "faiss-gpu", "torch")
 DEVICES = ("auto", "cpu", "gpu", "torch")
 FLAT_MAX_ITEMS = 200_000
-# up to 256: the index stage picks the cheapest point that reaches its recall target, and a 1 M-item corpus of a
+# up to 256: the index step picks the cheapest point that reaches its recall target, and a 1 M-item corpus of a
 # weakly trained tower needed more than 64 of 4,096 lists for recall@100 >= 0.95
 DEFAULT_NPROBES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 DEFAULT_EF_SEARCHES = (16, 32, 64, 128, 256, 512)

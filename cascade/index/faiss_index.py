@@ -501,7 +501,7 @@ class ItemIndex:
                   "ef_construction": self.ef_construction, "k_factor": self.k_factor, "refine": self.refine}
         return write_manifest(
             directory,
-            stage="index",
+            kind="index",
             config=config,
             seed=self.seed,
             inputs={"model_hash": model_hash},
@@ -545,8 +545,8 @@ class ItemIndex:
         directory = Path(directory)
         m = read_json(directory / MANIFEST)
         where = directory / MANIFEST
-        if m.get("stage") != "index":
-            raise ArtifactError(f"{where}: not an item-index manifest (stage={m.get('stage')!r})")
+        if m.get("kind") != "index":
+            raise ArtifactError(f"{where}: not an item-index manifest (kind={m.get('kind')!r})")
         if expect_model_hash is not None and m["model_hash"] != expect_model_hash:
             raise IndexMismatchError(
                 f"{where}: user tower hash {expect_model_hash} does not match the index's {m['model_hash']}: "

@@ -1,6 +1,6 @@
 """The distillation ablation of the two-tower students (pre-rank and retrieval), over seeds.
 
-For each seed the pipeline runs up to the rank log (data, teacher, rank log; cached by the stage graph), then
+For each seed the pipeline runs up to the rank log (data, teacher, rank log; cached by the runner), then
 every variant of each student is trained on that seed's rank log and click labels and evaluated on the test
 split:
 
@@ -12,7 +12,7 @@ split:
 
 The test set of a seed (built once, cached under ``runs/<run>/ablation/test``): a time-even sample of
 ``n_test_requests`` test requests whose candidate lists (impressed items first, then popularity / uniform corpus
-samples, as in the pipeline's rank-log stage) the teacher scores into a test rank log, and, for the first
+samples, as in the pipeline's ranklog step) the teacher scores into a test rank log, and, for the first
 ``n_corpus_requests`` of them, the teacher's top-k over the whole corpus. Metrics per student:
 
 - ``list_teacher_recall@k``: |teacher's top-k of the list ∩ student's top-``n_pick`` of the list| / k;

@@ -19,7 +19,7 @@ def seeded(seed: int) -> None:
 
 
 def with_seed(cfg: TrainConfig, seed: int) -> TrainConfig:
-    """The stage's training config under the run's seed (one seed drives every stage)."""
+    """The step's training config under the run's seed (one seed drives every step)."""
     return dataclasses.replace(cfg, seed=seed)
 
 

@@ -1,4 +1,4 @@
-"""The pipeline's config: one typed, strict :class:`PipelineConfig` with one section per stage.
+"""The pipeline's config: one typed, strict :class:`PipelineConfig` with one section per step.
 
 Each section nests the dataclasses of the modules that do the work (WorldConfig, RankerConfig, TrainConfig,
 DistillConfig, TowerConfig, StudentConfig), so every hyper-parameter has one definition and one default: the
@@ -30,20 +30,20 @@ from ..train.students import StudentConfig
 SOURCES = ("world", "kuairand", "movielens-100k", "movielens-1m", "custom")
 STUDENTS = ("prerank", "retrieval", "prerank_gt", "retrieval_gt")
 
-#: Keys of the nested configs that a stage sets itself -> what sets them. A pipeline config may not set them.
+#: Keys of the nested configs that a step sets itself -> what sets them. A pipeline config may not set them.
 SET_BY_THE_PIPELINE: dict[str, str] = {
-    **{f"{t}.seed": "run.seed (every stage trains under the run's seed)"
+    **{f"{t}.seed": "run.seed (every step trains under the run's seed)"
        for t in ("teacher.train", "students.rank_student_train", *(f"students.{s}" for s in STUDENTS))},
     **{f"{t}.progress": "the command line (progress bars unless --no-progress; run_pipeline(progress=...))"
        for t in ("teacher.train", "students.rank_student_train", *(f"students.{s}" for s in STUDENTS))},
-    **{f"students.{s}.eval_k": "the students stage (teacher-recall@10 and NDCG@10 on the whole rank log)"
+    **{f"students.{s}.eval_k": "the students step (teacher-recall@10 and NDCG@10 on the whole rank log)"
        for s in STUDENTS},
 }
 
 
 @dataclass(frozen=True)
 class RunSection:
-    """name: the run folder under runs_dir. seed: the one seed every stage derives its randomness from.
+    """name: the run folder under runs_dir. seed: the one seed every step derives its randomness from.
     threads: torch threads while the run lasts (None: the process's setting); weights depend on it in the last
     float bits, so two runs compare bit for bit only under the same count."""
 

@@ -15,7 +15,7 @@ from ..data.split import time_split
 from ..data.world import generate_world
 from ..run_data import SPLIT_CODES
 from .config import DataSection
-from .runner import StageContext, StageResult
+from .runner import StepContext, StepResult
 
 
 def _load_source(c: DataSection, out: Path, seed: int, progress: bool):
@@ -36,7 +36,7 @@ def kuairand_offset() -> float:
     return float(kuairand.BEIJING_UTC_OFFSET_HOURS)
 
 
-def run(ctx: StageContext) -> StageResult:
+def run(ctx: StepContext) -> StepResult:
     c: DataSection = ctx.config
     ds, world = _load_source(c, ctx.out, ctx.seed, ctx.progress)
     # KuaiRand (and the world, which writes its layout) keep Beijing time: split on Beijing calendar days.
@@ -86,5 +86,5 @@ def run(ctx: StageContext) -> StageResult:
     metrics = {"summary": summary, "splits": splits}
     if world is not None:  # wall times go to the manifest only, so that summary.json is reproducible
         metrics["world_seconds"] = world.summary().get("seconds")
-    return StageResult(outputs, metrics,
+    return StepResult(outputs, metrics,
                        f"{len(imp):,} impressions, {len(ds.users):,} users, {len(ds.items):,} items")

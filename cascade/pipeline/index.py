@@ -7,10 +7,10 @@ from ..data.requests import requests_frame, to_requests
 from ..index.faiss_index import ItemIndex
 from ..run_data import RunData, load_towers
 from .config import IndexSection
-from .runner import StageContext, StageResult
+from .runner import StepContext, StepResult
 
 
-def run(ctx: StageContext) -> StageResult:
+def run(ctx: StepContext) -> StepResult:
     c: IndexSection = ctx.config
     data = RunData(ctx.inputs["data"])
     outputs, metrics = [], {}
@@ -32,5 +32,5 @@ def run(ctx: StageContext) -> StageResult:
         metrics[variant_dir.name] = {"factory": index.factory, "backend": index.backend, "recall": index.recall_,
                                      "operating_points": index.operating_points_}
     outputs = sorted(str(p.relative_to(ctx.out)) for p in ctx.out.rglob("*") if p.is_file())
-    return StageResult(outputs, metrics,
+    return StepResult(outputs, metrics,
                        ", ".join(f"{k}: {v['factory']} on {v['backend']}" for k, v in metrics.items()))

@@ -15,7 +15,7 @@ from ..distill.shard_runner import build_rank_log_distributed
 from ..models.scoring import ranker_scorer
 from ..run_data import RunData, load_ranker
 from .config import RankLogSection
-from .runner import StageContext, StageResult
+from .runner import StepContext, StepResult
 
 
 def popularity(data, item_ids: np.ndarray) -> np.ndarray:
@@ -54,7 +54,7 @@ def rank_log_inputs(data, cfg: RankLogSection, seed: int):
     return frame, cands, inputs.item_ids
 
 
-def run(ctx: StageContext) -> StageResult:
+def run(ctx: StepContext) -> StepResult:
     c: RankLogSection = ctx.config
     data = RunData(ctx.inputs["data"])
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
@@ -75,4 +75,4 @@ def run(ctx: StageContext) -> StageResult:
     outputs = ["requests.parquet", *log_files]
     pairs = int(np.sum(cands >= 0))
     metrics = {"n_requests": len(frame), "n_pairs": pairs, "pairs_per_s": pairs / max(wall, 1e-9)}
-    return StageResult(outputs, metrics, f"{pairs:,} pairs at {metrics['pairs_per_s']:,.0f} pairs/s")
+    return StepResult(outputs, metrics, f"{pairs:,} pairs at {metrics['pairs_per_s']:,.0f} pairs/s")

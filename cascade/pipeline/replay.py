@@ -16,10 +16,10 @@ from ..run_data import SPLIT_CODES, RunData, load_ranker, load_towers
 from ..serve.cascade import SeenFilter, build_cascade
 from ..serve.replay import ReplayInputs, replay_latency, replay_quality, teacher_top_over_corpus
 from .config import ReplaySection
-from .runner import StageContext, StageResult
+from .runner import StepContext, StepResult
 
 
-def run(ctx: StageContext) -> StageResult:
+def run(ctx: StepContext) -> StepResult:
     c: ReplaySection = ctx.config
     data = RunData(ctx.inputs["data"])
     test = data.split_impressions("test")
@@ -100,7 +100,7 @@ def run(ctx: StageContext) -> StageResult:
     A.write_json(ctx.out / "summary.json", variants)
     outputs.append("summary.json")
     head = {v: round(s["quality"]["rank_teacher_recall"], 4) for v, s in variants.items()}
-    return StageResult(outputs, {v: s["quality"] for v, s in variants.items()}, f"final teacher-recall@{c.k}: {head}")
+    return StepResult(outputs, {v: s["quality"] for v, s in variants.items()}, f"final teacher-recall@{c.k}: {head}")
 
 
 def _recall_curves(casc, requests, ref: np.ndarray, c: ReplaySection) -> dict:

@@ -13,18 +13,18 @@ import torch
 from .. import artifacts as A
 from ..eval.report import write_report
 from .config import ReportSection
-from .runner import StageContext, StageResult
+from .runner import StepContext, StepResult
 
 
-def run(ctx: StageContext) -> StageResult:
+def run(ctx: StepContext) -> StepResult:
     run_dir = ctx.inputs["data"].parent
     data = build_report_data(run_dir, ctx.config)
     files = write_report(data, ctx.out)
-    return StageResult(list(files), {}, "report.html, report.md, report.json written")
+    return StepResult(list(files), {}, "report.html, report.md, report.json written")
 
 
 def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) -> dict:
-    """Assemble the report's input from a run folder's stage manifests and artifacts."""
+    """Assemble the report's input from a run folder's step manifests and artifacts."""
     run_dir = Path(run_dir)
     m = {s: A.read_manifest(run_dir / s, verify=False) for s in ("data", "teacher", "ranklog", "students", "index",
                                                                  "replay")
@@ -36,7 +36,7 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
                                               f"{'yes' if torch.cuda.is_available() else 'no'}",
                                    "config": {s: mm["config"] for s, mm in m.items()},
                                    "versions": next(iter(m.values()))["versions"] if m else {},
-                                   "stage_wall_s": {s: mm.get("wall_s") for s, mm in m.items()}}}
+                                   "step_wall_s": {s: mm.get("wall_s") for s, mm in m.items()}}}
     if "data" in m:
         out["data"] = A.read_json(run_dir / "data" / "summary.json")
     models = []

@@ -1,8 +1,8 @@
 """The pipeline: data -> teacher -> ranklog -> students -> index -> replay -> report.
 
-Each stage is a function of a :class:`~cascade.pipeline.runner.StageContext` (one module per stage in this
-package) that writes into its own folder ``runs/<run>/<stage>/`` and returns its outputs and headline metrics;
-:func:`~cascade.pipeline.runner.run_stages` skips a stage whose config slice and inputs are unchanged.
+Each step is a function of a :class:`~cascade.pipeline.runner.StepContext` (one module per step in this
+package) that writes into its own folder ``runs/<run>/<step>/`` and returns its outputs and headline metrics;
+:func:`~cascade.pipeline.runner.run_steps` skips a step whose config slice and inputs are unchanged.
 """
 
 from __future__ import annotations
@@ -16,21 +16,21 @@ from .. import artifacts as A
 from ..config import to_dict
 from . import data, index, ranklog, replay, report, students, teacher
 from .config import PipelineConfig
-from .runner import Stage, run_stages
+from .runner import Step, run_steps
 
-STAGES = [
-    Stage("data", (), lambda c: c.data, data.run),
-    Stage("teacher", ("data",), lambda c: c.teacher, teacher.run),
-    Stage("ranklog", ("data", "teacher"), lambda c: c.ranklog, ranklog.run),
-    Stage("students", ("data", "teacher", "ranklog"), lambda c: c.students, students.run),
-    Stage("index", ("data", "students"), lambda c: c.index, index.run),
-    Stage("replay", ("data", "teacher", "students", "index"), lambda c: c.replay, replay.run),
-    Stage("report", ("data", "teacher", "ranklog", "students", "index", "replay"), lambda c: c.report, report.run),
+STEPS = [
+    Step("data", (), lambda c: c.data, data.run),
+    Step("teacher", ("data",), lambda c: c.teacher, teacher.run),
+    Step("ranklog", ("data", "teacher"), lambda c: c.ranklog, ranklog.run),
+    Step("students", ("data", "teacher", "ranklog"), lambda c: c.students, students.run),
+    Step("index", ("data", "students"), lambda c: c.index, index.run),
+    Step("replay", ("data", "teacher", "students", "index"), lambda c: c.replay, replay.run),
+    Step("report", ("data", "teacher", "ranklog", "students", "index", "replay"), lambda c: c.report, report.run),
 ]
 
 
 def code_hash() -> str:
-    """sha256 over the package's source files: a stage written by different code is not reused."""
+    """sha256 over the package's source files: a step written by different code is not reused."""
     h = hashlib.sha256()
     root = Path(__file__).resolve().parents[1]  # the cascade package
     for p in sorted(root.rglob("*.py")):
@@ -40,15 +40,15 @@ def code_hash() -> str:
 
 
 def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
-                 progress: bool = True, on_stage=None, until: str | None = None,
+                 progress: bool = True, on_step=None, until: str | None = None,
                  reuse: tuple[str, ...] = ()) -> dict[str, dict]:
     """Run (or resume) the pipeline of ``cfg`` under ``cfg.run.runs_dir / cfg.run.name``.
 
-    until: stop after this stage (e.g. "ranklog" to get data, teacher and rank logs only)."""
-    names = [s.name for s in STAGES]
+    until: stop after this step (e.g. "ranklog" to get data, teacher and rank logs only)."""
+    names = [s.name for s in STEPS]
     if until is not None and until not in names:
-        raise ValueError(f"until={until!r}: no such stage (stages: {names})")
-    stages = STAGES if until is None else STAGES[: names.index(until) + 1]
+        raise ValueError(f"until={until!r}: no such step (steps: {names})")
+    steps = STEPS if until is None else STEPS[: names.index(until) + 1]
     run_dir = A.safe_join(cfg.run.runs_dir, A.check_run_name(cfg.run.name))
     run_dir.mkdir(parents=True, exist_ok=True)
     A.write_json(run_dir / "config.json", to_dict(cfg))
@@ -56,7 +56,7 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), only: tuple[s
     if cfg.run.threads:  # for the run only: the caller's process keeps its own setting
         torch.set_num_threads(cfg.run.threads)
     try:
-        return run_stages(stages, cfg, run_dir, cfg.run.seed, force=force, only=only, progress=progress,
-                          to_plain=to_dict, on_stage=on_stage, code_hash=code_hash(), reuse=reuse)
+        return run_steps(steps, cfg, run_dir, cfg.run.seed, force=force, only=only, progress=progress,
+                          to_plain=to_dict, on_step=on_step, code_hash=code_hash(), reuse=reuse)
     finally:
         torch.set_num_threads(threads)

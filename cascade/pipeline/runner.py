@@ -1,13 +1,13 @@
-"""The stage runner: run folders, skip-if-unchanged, forced re-runs and crash safety.
+"""The step runner: run folders, skip-if-unchanged, forced re-runs and crash safety.
 
-A pipeline is an ordered list of :class:`Stage` objects. Each stage owns ``runs/<run>/<stage>/`` and declares the
-slice of the config it depends on and the stages it reads. A stage is *up to date* when its folder has a valid
+A pipeline is an ordered list of :class:`Step` objects. Each step owns ``runs/<run>/<step>/`` and declares the
+slice of the config it depends on and the steps it reads. A step is *up to date* when its folder has a valid
 ``manifest.json`` (every output present with the recorded sha256), the same config hash, and the same input
-fingerprints (the output hashes of its upstream stages). Up-to-date stages are skipped; the rest run.
+fingerprints (the output hashes of its upstream steps). Up-to-date steps are skipped; the rest run.
 
-A stage runs in a temporary sibling folder which is renamed onto the stage folder only after its manifest is
+A step runs in a temporary sibling folder which is renamed onto the step folder only after its manifest is
 written, so a process killed midway (even with SIGKILL) never leaves a folder that looks complete: the next run
-finds no valid manifest and redoes that stage from its inputs.
+finds no valid manifest and redoes that step from its inputs.
 """
 
 from __future__ import annotations
@@ -27,11 +27,11 @@ log = logging.getLogger(__name__)
 
 
 @dataclass
-class StageContext:
-    """What a stage function receives.
+class StepContext:
+    """What a step function receives.
 
-    out: the (temporary) folder to write into. inputs: upstream stage name -> its final folder.
-    config: the stage's config slice. seed: the run seed. progress: show tqdm bars.
+    out: the (temporary) folder to write into. inputs: upstream step name -> its final folder.
+    config: the step's config slice. seed: the run seed. progress: show tqdm bars.
     """
 
     name: str
@@ -43,8 +43,8 @@ class StageContext:
 
 
 @dataclass
-class StageResult:
-    """What a stage function returns: files it wrote (relative to ctx.out) and its headline metrics."""
+class StepResult:
+    """What a step function returns: files it wrote (relative to ctx.out) and its headline metrics."""
 
     outputs: list[str]
     metrics: dict[str, Any] = field(default_factory=dict)
@@ -52,25 +52,25 @@ class StageResult:
 
 
 @dataclass(frozen=True)
-class Stage:
+class Step:
     name: str
     deps: tuple[str, ...]
     config_of: Callable[[Any], Any]
-    run: Callable[[StageContext], StageResult]
+    run: Callable[[StepContext], StepResult]
 
 
 def _fingerprint(manifest: Mapping[str, Any]) -> str:
-    """What downstream stages depend on: the stage's config hash and the hashes of its outputs."""
+    """What downstream steps depend on: the step's config hash and the hashes of its outputs."""
     return A.stable_hash({"config_hash": manifest["config_hash"], "outputs": manifest["outputs"]})
 
 
-def stage_status(stage_dir: Path, config_dict: Any, inputs: Mapping[str, str], seed: int | None = None,
+def step_status(step_dir: Path, config_dict: Any, inputs: Mapping[str, str], seed: int | None = None,
                  code_hash: str | None = None) -> tuple[bool, str]:
     """(up_to_date, reason)."""
-    if not (stage_dir / A.MANIFEST).exists():
+    if not (step_dir / A.MANIFEST).exists():
         return False, "no manifest"
     try:
-        m = A.read_manifest(stage_dir, verify=True)
+        m = A.read_manifest(step_dir, verify=True)
     except A.ArtifactError as e:
         return False, f"invalid artifacts ({e})"
     if m.get("config_hash") != A.stable_hash(config_dict):
@@ -84,8 +84,8 @@ def stage_status(stage_dir: Path, config_dict: Any, inputs: Mapping[str, str], s
     return True, "up to date"
 
 
-def run_stages(
-    stages: list[Stage],
+def run_steps(
+    steps: list[Step],
     config: Any,
     run_dir: str | os.PathLike,
     seed: int,
@@ -93,77 +93,77 @@ def run_stages(
     only: tuple[str, ...] | None = None,
     progress: bool = True,
     to_plain: Callable[[Any], Any] = lambda c: c,
-    on_stage: Callable[[str, str, Mapping[str, Any]], None] | None = None,
+    on_step: Callable[[str, str, Mapping[str, Any]], None] | None = None,
     code_hash: str | None = None,
     reuse: tuple[str, ...] = (),
 ) -> dict[str, dict]:
-    """Run ``stages`` in order under ``run_dir``; return stage -> {"status": "ran"|"skipped", "manifest": ...}.
+    """Run ``steps`` in order under ``run_dir``; return step -> {"status": "ran"|"skipped", "manifest": ...}.
 
-    force: stage names to redo even when up to date (their dependants then re-run because their inputs change
-    only if outputs change; pass them too to force them). only: run just these stages (their upstream stages
+    force: step names to redo even when up to date (their dependants then re-run because their inputs change
+    only if outputs change; pass them too to force them). only: run just these steps (their upstream steps
     must be up to date). to_plain: turns a config slice into JSON-able data for hashing and the manifest.
-    code_hash: a fingerprint of the code that computes the stages; a stage written by other code is redone.
-    reuse: stages whose finished folder is taken as it is (outputs still hash-verified) even if their config or
-    the code changed since: `cascade replay RUN` / `cascade report RUN` redo their own stage on a finished run.
+    code_hash: a fingerprint of the code that computes the steps; a step written by other code is redone.
+    reuse: steps whose finished folder is taken as it is (outputs still hash-verified) even if their config or
+    the code changed since: `cascade replay RUN` / `cascade report RUN` redo their own step on a finished run.
     """
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    names = [s.name for s in stages]
+    names = [s.name for s in steps]
     for f in force:
         if f not in names:
-            raise ValueError(f"--force {f!r}: no such stage (stages: {names})")
+            raise ValueError(f"--force {f!r}: no such step (steps: {names})")
     results: dict[str, dict] = {}
     fingerprints: dict[str, str] = {}
-    for stage in stages:
-        stage_dir = run_dir / stage.name
-        cfg_slice = stage.config_of(config)
+    for step in steps:
+        step_dir = run_dir / step.name
+        cfg_slice = step.config_of(config)
         cfg_plain = to_plain(cfg_slice)
-        missing = [d for d in stage.deps if d not in fingerprints]
+        missing = [d for d in step.deps if d not in fingerprints]
         if missing:
-            raise RuntimeError(f"stage {stage.name!r} needs {missing}, which did not run or are not up to date")
-        inputs = {d: fingerprints[d] for d in stage.deps}
-        up_to_date, reason = stage_status(stage_dir, cfg_plain, inputs, seed, code_hash)
-        if not up_to_date and stage.name in reuse and stage.name not in force:
+            raise RuntimeError(f"step {step.name!r} needs {missing}, which did not run or are not up to date")
+        inputs = {d: fingerprints[d] for d in step.deps}
+        up_to_date, reason = step_status(step_dir, cfg_plain, inputs, seed, code_hash)
+        if not up_to_date and step.name in reuse and step.name not in force:
             try:
-                A.read_manifest(stage_dir, verify=True)
+                A.read_manifest(step_dir, verify=True)
                 up_to_date, reason = True, f"reused as it is ({reason})"
             except A.ArtifactError:
                 pass
-        wanted = only is None or stage.name in only
-        if up_to_date and stage.name not in force:
-            m = A.read_manifest(stage_dir, verify=False)
-            fingerprints[stage.name] = _fingerprint(m)
-            results[stage.name] = {"status": "skipped", "manifest": m}
-            log.info("%-9s skipped (%s)", stage.name, reason)
-            if on_stage:
-                on_stage(stage.name, "skipped", m)
+        wanted = only is None or step.name in only
+        if up_to_date and step.name not in force:
+            m = A.read_manifest(step_dir, verify=False)
+            fingerprints[step.name] = _fingerprint(m)
+            results[step.name] = {"status": "skipped", "manifest": m}
+            log.info("%-9s skipped (%s)", step.name, reason)
+            if on_step:
+                on_step(step.name, "skipped", m)
             continue
         if not wanted:
-            raise RuntimeError(f"stage {stage.name!r} is not up to date ({reason}); run it first")
-        tmp = run_dir / f".{stage.name}.partial"
+            raise RuntimeError(f"step {step.name!r} is not up to date ({reason}); run it first")
+        tmp = run_dir / f".{step.name}.partial"
         if tmp.exists():
             shutil.rmtree(tmp)
         tmp.mkdir()
-        log.info("%-9s running (%s)", stage.name, reason if stage.name not in force else "forced")
+        log.info("%-9s running (%s)", step.name, reason if step.name not in force else "forced")
         t0 = time.perf_counter()
-        ctx = StageContext(stage.name, tmp, {d: run_dir / d for d in stage.deps}, cfg_slice, seed, progress)
-        res = stage.run(ctx)
+        ctx = StepContext(step.name, tmp, {d: run_dir / d for d in step.deps}, cfg_slice, seed, progress)
+        res = step.run(ctx)
         wall = time.perf_counter() - t0
-        m = A.write_manifest(tmp, stage=stage.name, config=cfg_plain, seed=seed, inputs=inputs,
+        m = A.write_manifest(tmp, kind=step.name, config=cfg_plain, seed=seed, inputs=inputs,
                              outputs=res.outputs, metrics=res.metrics, wall_s=round(wall, 3),
                              extra={"summary": res.summary, "code_hash": code_hash})
         # Swap the finished folder in: the old one is removed only once the new one is complete.
-        old = run_dir / f".{stage.name}.old"
+        old = run_dir / f".{step.name}.old"
         if old.exists():
             shutil.rmtree(old)
-        if stage_dir.exists():
-            os.replace(stage_dir, old)
-        os.replace(tmp, stage_dir)
+        if step_dir.exists():
+            os.replace(step_dir, old)
+        os.replace(tmp, step_dir)
         if old.exists():
             shutil.rmtree(old)
-        fingerprints[stage.name] = _fingerprint(m)
-        results[stage.name] = {"status": "ran", "manifest": m}
-        log.info("%-9s done in %.1fs %s", stage.name, wall, res.summary)
-        if on_stage:
-            on_stage(stage.name, "ran", m)
+        fingerprints[step.name] = _fingerprint(m)
+        results[step.name] = {"status": "ran", "manifest": m}
+        log.info("%-9s done in %.1fs %s", step.name, wall, res.summary)
+        if on_step:
+            on_step(step.name, "ran", m)
     return results

@@ -1,4 +1,4 @@
-"""The students stage: two-tower pre-rank / retrieval students (distilled and ground-truth-only) and the rank
+"""The students step: two-tower pre-rank / retrieval students (distilled and ground-truth-only) and the rank
 students."""
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from ..train.loop import evaluate, fit
 from ..train.students import ClickLists, evaluate_on_log, train_student
 from .common import model_row, save_ranker, seeded, with_seed
 from .config import StudentsSection
-from .runner import StageContext, StageResult
+from .runner import StepContext, StepResult
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +33,7 @@ def click_lists(data, inputs, frame: pd.DataFrame):
                                 inputs.item_rows(imp["item_id"].to_numpy(np.int64)), imp["click"].to_numpy(np.float32))
 
 
-def run(ctx: StageContext) -> StageResult:
+def run(ctx: StepContext) -> StepResult:
     c: StudentsSection = ctx.config
     data = RunData(ctx.inputs["data"])
     frame = pd.read_parquet(ctx.inputs["ranklog"] / "requests.parquet")
@@ -69,7 +69,7 @@ def run(ctx: StageContext) -> StageResult:
     rows.append(model_row("rank student (no distillation)", "student", plain, evaluate(plain, test), train.spec))
     seeded(ctx.seed)
     pfd_rows = []  # PFD's own teacher, reported after the student it taught
-    if c.rank_distill.pfd_lambda is None:  # two-stage: from the frozen teacher of the teacher stage
+    if c.rank_distill.pfd_lambda is None:  # two-stage: from the frozen teacher of the teacher step
         distilled = DistilledStudent(Ranker(train.spec, c.rank_student), teacher_hidden_dim=None, seed=ctx.seed)
         fit(distilled, train, valid, tcfg, loss_fn=two_stage_loss(teacher, c.rank_distill))
         served, name = distilled.student.eval(), "rank student (distilled)"
@@ -91,5 +91,5 @@ def run(ctx: StageContext) -> StageResult:
     A.write_json(ctx.out / "models.json", rows)
     outputs.append("models.json")
     metrics["models"] = rows
-    return StageResult(outputs, metrics, "students trained: " + ", ".join(f"{k} {v['teacher_recall@10']:.3f}"
+    return StepResult(outputs, metrics, "students trained: " + ", ".join(f"{k} {v['teacher_recall@10']:.3f}"
                                                                         for k, v in metrics.items() if k != "models"))

@@ -11,10 +11,10 @@ from ..run_data import RunData
 from ..train.loop import evaluate, fit, score_metrics
 from .common import model_row, save_ranker, seeded, with_seed
 from .config import TeacherSection
-from .runner import StageContext, StageResult
+from .runner import StepContext, StepResult
 
 
-def run(ctx: StageContext) -> StageResult:
+def run(ctx: StepContext) -> StepResult:
     c: TeacherSection = ctx.config
     data = RunData(ctx.inputs["data"])
     train, valid, test = data.encoded("train"), data.encoded("valid"), data.encoded("test")
@@ -35,5 +35,5 @@ def run(ctx: StageContext) -> StageResult:
         outputs.append("lightgbm.txt")
     A.write_json(ctx.out / "models.json", rows)
     outputs.append("models.json")
-    return StageResult(outputs, {"models": rows, "best_valid_auc": res.best_valid_auc},
+    return StepResult(outputs, {"models": rows, "best_valid_auc": res.best_valid_auc},
                        f"teacher test AUC {rows[0].get('auc', float('nan')):.4f}")

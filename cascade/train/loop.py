@@ -362,7 +362,7 @@ def save_checkpoint(model: nn.Module, ckpt_dir: str | Path, cfg: TrainConfig, st
     """Write ``ckpt_dir/model.pt`` (state dict, atomically) then ``manifest.json`` (configs, step, metrics)."""
     ckpt_dir = Path(ckpt_dir)
     save_torch(ckpt_dir / CHECKPOINT, {k: v.detach().cpu() for k, v in model.state_dict().items()})
-    write_manifest(ckpt_dir, stage="fit", config={"train": asdict(cfg), "model": _model_config(model)},
+    write_manifest(ckpt_dir, kind="fit", config={"train": asdict(cfg), "model": _model_config(model)},
                    seed=cfg.seed, inputs={}, outputs=[CHECKPOINT], metrics=dict(metrics), extra={"step": step})
     return ckpt_dir / CHECKPOINT
 

@@ -122,7 +122,7 @@ def encode_stream(sd: StreamDataset, split: StreamSplit, encoder: FeatureEncoder
         outputs.append(f"{p}/{ENCODED_SPEC}")
     files.clear()
     wall = time.perf_counter() - t0
-    write_manifest(out_dir, stage="encode_stream", config={"privileged": privileged, "cat_dtype": cat_dtype,
+    write_manifest(out_dir, kind="encode_stream", config={"privileged": privileged, "cat_dtype": cat_dtype,
                                                            "parts": list(parts), "valid_from": split.valid_from,
                                                            "test_from": split.test_from, "offset_ms": split.offset_ms,
                                                            "cross_window_days": cross_window_days,

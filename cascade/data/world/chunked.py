@@ -344,7 +344,7 @@ def generate_world_stream(out_dir: str | Path, config: WorldConfig | None = None
     outputs = [USER_FEATURES_FILE, VIDEO_FEATURES_FILE, WORLD_JSON, WORLD_STATE,
                *(f"{IMPRESSIONS_DIR}/{part_name(c)}" for c in range(len(chunks)))]
     wall = time.perf_counter() - t0
-    write_manifest(out_dir, stage="world_stream", config=key, seed=cfg.seed, inputs={}, outputs=outputs,
+    write_manifest(out_dir, kind="world_stream", config=key, seed=cfg.seed, inputs={}, outputs=outputs,
                    metrics=summary, wall_s=round(wall, 3),
                    extra={"rows_per_chunk": rows_per_chunk, "n_chunks": len(chunks), "chunk_hours": chunk_hours})
     prog_path.unlink(missing_ok=True)
@@ -359,8 +359,9 @@ def world_stream_files(out_dir: str | Path) -> list[Path]:
     """The part files of a finished streamed world, in chunk order (checked against its manifest)."""
     out_dir = Path(out_dir)
     m = read_manifest(out_dir, verify=False)
-    if m.get("stage") != "world_stream":
-        raise ArtifactError(f"{out_dir / MANIFEST}: stage {m.get('stage')!r}, expected 'world_stream'")
+    if m.get("kind") != "world_stream":
+        raise ArtifactError(f"{out_dir / MANIFEST}: kind {m.get('kind')!r}, expected 'world_stream' (a streamed world "
+                            "written before manifests had a kind: generate it again)")
     files = [out_dir / IMPRESSIONS_DIR / part_name(c) for c in range(int(m["n_chunks"]))]
     missing = [str(p) for p in files if not p.exists()]
     if missing:

@@ -4,7 +4,7 @@ page: inline CSS, plots as base64 PNG ``<img>``; no script, no external URL).
 The pipeline assembles one plain dict ``report_data`` and calls :func:`write_report`. Its schema (every section is
 optional; a missing or ``None`` section is rendered as a one-line "not computed in this run" note)::
 
-    run:       {name, created, machine, config: dict, versions: dict, stage_wall_s: {stage: s}}
+    run:       {name, created, machine, config: dict, versions: dict, step_wall_s: {step: s}}
     data:      {summary: {fact: scalar}, splits: {train|valid|test: {rows, requests, ctr, start, end}}}
     cascades:  {variant: {stages: {retrieval|prerank|rank: {size, teacher_recall, click_recall, ndcg, auc, gauc,
                                                             p50_ms, p95_ms, p99_ms}},

@@ -337,16 +337,16 @@ def toml_dump(cfg: Mapping, prefix: tuple[str, ...] = ()) -> str:
 
 
 def _section_run(data: Mapping) -> Section:
-    sec = Section("run", "Run: configuration, versions, stage times")
+    sec = Section("run", "Run: configuration, versions, step times")
     run = as_mapping(data.get("run"), "report_data['run']")
     if not run:
         return sec.note(f"Run details {NOT_COMPUTED}.")
-    walls = as_mapping(run.get("stage_wall_s"), "report_data['run']['stage_wall_s']")
+    walls = as_mapping(run.get("step_wall_s"), "report_data['run']['step_wall_s']")
     if walls:
-        frame = pd.DataFrame({"stage": list(walls), "wall s": list(walls.values())})
+        frame = pd.DataFrame({"step": list(walls), "wall s": list(walls.values())})
         total = sum(cell_number(v) for v in walls.values() if np.isfinite(cell_number(v)))
-        frame = pd.concat([frame, pd.DataFrame({"stage": ["total"], "wall s": [total]})], ignore_index=True)
-        sec.blocks.append(("h3", "Stage wall time"))
+        frame = pd.concat([frame, pd.DataFrame({"step": ["total"], "wall s": [total]})], ignore_index=True)
+        sec.blocks.append(("h3", "Pipeline step wall time"))
         sec.blocks.append(("table", Table(frame, ["", "wall_s"])))
     versions = as_mapping(run.get("versions"), "report_data['run']['versions']")
     sec.blocks.append(("h3", "Versions"))
