@@ -9,7 +9,7 @@ pipelines/default.toml, or ML-100K), built once under ``--runs-dir`` and reused.
   lambdarank grouped by request (ranking scores: AUC / GAUC only);
 - the rank student (the pipeline's ``students.rank_student``: a small MLP over user + item + context, WITHOUT
   the cross side, so it needs no user x item history lookups at serving) on clicks only;
-- the same student distilled two-stage from that seed's DCN-V2 teacher with KD (logit MSE), hint, CR, RCR and
+- the same student distilled teacher-first from that seed's DCN-V2 teacher with KD (logit MSE), hint, CR, RCR and
   CR + RCR (weights from the pipeline's ``students.rank_distill``: CR 0.4, RCR 0.5);
 - PFD (Xu et al. KDD 2020): student and teacher trained synchronously, sharing embeddings, the student with a
   private user-id table; the teacher reads the student's sides plus the privileged side (post-click fields),
@@ -51,7 +51,14 @@ from cascade.data.batches import EncodedTable, FeatureSpec
 from cascade.models.gbdt import GBDTRanker
 from cascade.models.ranker import Ranker, n_parameters, serving_latency
 from cascade.pipeline import PipelineConfig, load_config, run_pipeline
-from cascade.train.joint import DistillConfig, DistilledStudent, JointRanker, joint_loss, pfd_configs, two_stage_loss
+from cascade.train.joint import (
+    DistillConfig,
+    DistilledStudent,
+    JointRanker,
+    joint_loss,
+    pfd_configs,
+    teacher_first_loss,
+)
 from cascade.train.loop import TrainConfig, evaluate, fit, score_metrics
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -64,7 +71,7 @@ DISTILL_TEACHER = "dcnv2"  # the pipeline's teacher backbone
 
 
 def distill_variants(d: DistillConfig) -> dict[str, DistillConfig]:
-    """The two-stage rows of the table, each one loss on top of click BCE (weights from the pipeline config)."""
+    """The teacher-first rows of the table, each one loss on top of click BCE (weights from the pipeline config)."""
     return {
         "student + KD (logit MSE)": DistillConfig(w_kd=d.w_kd or 1.0),
         "student + hint": DistillConfig(w_hint=d.w_hint or 1.0),
@@ -328,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
             t = time.perf_counter()
             m = DistilledStudent(Ranker(spec, student_cfg, seed=seed),
                                  teacher.hidden_dim if dcfg.w_hint else None, seed=seed)
-            fit(m, train, valid, tc, loss_fn=two_stage_loss(teacher, dcfg))
+            fit(m, train, valid, tc, loss_fn=teacher_first_loss(teacher, dcfg))
             record(name, evaluate(m, test), m.student, wall=time.perf_counter() - t)
         if gbdt is not None and not skipped("student + KD (LightGBM teacher)"):
             # LightGBM as the alternative teacher: its log-odds on the train rows are the KD targets
@@ -336,7 +343,7 @@ def main(argv: list[str] | None = None) -> int:
             train.extra["teacher_logit"] = gbdt.predict(train.cat, train.num).astype(np.float32)
             try:
                 m = DistilledStudent(Ranker(spec, student_cfg, seed=seed))
-                fit(m, train, valid, tc, loss_fn=two_stage_loss(None, DistillConfig(w_kd=1.0)))
+                fit(m, train, valid, tc, loss_fn=teacher_first_loss(None, DistillConfig(w_kd=1.0)))
             finally:
                 del train.extra["teacher_logit"]
             record("student + KD (LightGBM teacher)", evaluate(m, test), m.student, wall=time.perf_counter() - t)

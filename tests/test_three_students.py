@@ -15,7 +15,13 @@ from cascade.models.ranker import RankerConfig
 from cascade.models.two_tower import TowerConfig, TowerInputs, build_two_tower
 from cascade.train.joint import DistillConfig
 from cascade.train.students import StudentConfig, evaluate_on_log
-from cascade.train.three_students import JointCascadeConfig, JointData, score_lists, teacher_ranks, train_joint_cascade
+from cascade.train.three_students import (
+    ThreeStudentsConfig,
+    ThreeStudentsData,
+    score_lists,
+    teacher_ranks,
+    train_three_students,
+)
 
 N_USERS, N_ITEMS, N_GROUPS, N_TAGS, N_HOURS = 200, 300, 5, 8, 4
 N_TRAIN, N_HELD, N_IMP, N_CAND = 1000, 150, 8, 40
@@ -27,7 +33,7 @@ def _world(seed: int = 0):
     hour x tag table. Requests 0..N_TRAIN-1 train, the next N_HELD are held out; each impresses N_IMP random
     items and has N_CAND candidates (the impressed ones first, then uniform samples).
 
-    Returns (spec, pair_features, train JointData, all-request TowerInputs, requests frame, candidates)."""
+    Returns (spec, pair_features, train ThreeStudentsData, all-request TowerInputs, requests frame, candidates)."""
     rng = np.random.default_rng(seed)
     d = 6
     group, tag = rng.integers(0, N_GROUPS, N_USERS), rng.integers(0, N_TAGS, N_ITEMS)
@@ -73,7 +79,7 @@ def _world(seed: int = 0):
             spec.select("context"), (hour[rows] + 1)[:, None].astype(np.int64), np.zeros((len(rows), 0), np.float32),
             np.arange(N_USERS, dtype=np.int64), np.arange(N_ITEMS, dtype=np.int64), rows.astype(np.int64))
 
-    data = JointData(imp, np.repeat(tr, N_IMP), impressed[:N_TRAIN].reshape(-1), tower_inputs(tr), req_user[tr],
+    data = ThreeStudentsData(imp, np.repeat(tr, N_IMP), impressed[:N_TRAIN].reshape(-1), tower_inputs(tr), req_user[tr],
                      cand[:N_TRAIN], pair_features)
     requests = pd.DataFrame({"request_id": np.arange(n_req), "user_id": req_user, "user_row": req_user,
                              "time_ms": np.arange(n_req)})
@@ -83,7 +89,7 @@ def _world(seed: int = 0):
 SMALL = TowerConfig(emb_dim=8, hidden=(32,), out_dim=16)
 
 
-def _cfg(**kw) -> JointCascadeConfig:
+def _cfg(**kw) -> ThreeStudentsConfig:
     # dropout everywhere: the stop-gradient check also covers the random numbers the students draw
     base = dict(
         teacher=RankerConfig(backbone="dnn", emb_dim=8, mlp=(32, 16), dropout=0.1),
@@ -97,7 +103,7 @@ def _cfg(**kw) -> JointCascadeConfig:
                                 softmax_positives="teacher_topk", n_uniform_negatives=64, lr=1e-2),
         lr=1e-2, grad_clip=5.0, epochs=4, batch_size=100, seed=3)
     base.update(kw)
-    return JointCascadeConfig(**base)
+    return ThreeStudentsConfig(**base)
 
 
 @pytest.fixture(scope="module")
@@ -108,20 +114,20 @@ def world():
 @pytest.fixture(scope="module")
 def trained(world):
     spec, _, data, *_ = world
-    return train_joint_cascade(data, spec, _cfg())
+    return train_three_students(data, spec, _cfg())
 
 
 def test_students_never_change_the_teacher(world, trained):
-    """STOP-GRADIENT, exactly: the teacher after 4 epochs of joint training (rank student KD + BCE, pre-rank and
+    """STOP-GRADIENT, exactly: the teacher after 4 epochs of one-loop training (rank student KD + BCE, pre-rank and
     retrieval list losses on lists the teacher scored, dropout in every model) is bitwise the teacher of the
     same loop without any student loss (teacher_only, same seed and batches)."""
     spec, _, data, *_ = world
-    alone = train_joint_cascade(data, spec, _cfg(teacher_only=True))
+    alone = train_three_students(data, spec, _cfg(teacher_only=True))
     joint_state, alone_state = trained.teacher.state_dict(), alone.teacher.state_dict()
     assert joint_state.keys() == alone_state.keys()
     for k in joint_state:
         assert torch.equal(joint_state[k], alone_state[k]), k
-    # the students did train in the joint run (else the equality above proves nothing)
+    # the students did train in the one-loop run (else the equality above proves nothing)
     assert {"rank/kd", "prerank/lambda_ndcg", "retrieval/sampled_softmax"} <= set(trained.history[0])
     assert "prerank/total" not in alone.history[0]
     untrained = build_two_tower(data.inputs, _cfg().tower, seed=3 + 10)
@@ -149,9 +155,9 @@ def test_students_losses_decrease(world, trained):
 
 
 def test_prerank_student_learns_its_teachers_order(world, trained, tmp_path):
-    """EFFECT: on held-out requests' candidate lists (40 per request) ranked by the joint teacher, the joint
+    """EFFECT: on held-out requests' candidate lists (40 per request) ranked by the one-loop teacher, the one-loop
     pre-rank student recovers the teacher's top-10 far better than the same towers untrained (a random order
-    scores 10/40 = 0.25; the untrained towers scored 0.27). Stated margin: +0.4 (observed 0.90 vs 0.27); the joint
+    scores 10/40 = 0.25; the untrained towers scored 0.27). Stated margin: +0.4 (observed 0.90 vs 0.27); the one-loop
     retrieval student, trained with sampled softmax beside its list losses, orders the lists well too (0.88)."""
     spec, pair_features, data, all_inputs, requests, cand = world
     held = (np.arange(len(requests)) >= N_TRAIN)[:, None]
@@ -223,8 +229,8 @@ def test_bad_config_and_data_raise(world):
     with pytest.raises(ValueError, match="prerank.stage must be 'prerank'"):
         _cfg(prerank=_cfg().retrieval)
     with pytest.raises(ValueError, match="imp_item_rows holds 300"):
-        JointData(data.impressions, data.imp_request_rows, np.full(len(data.impressions), N_ITEMS), data.inputs,
+        ThreeStudentsData(data.impressions, data.imp_request_rows, np.full(len(data.impressions), N_ITEMS), data.inputs,
                   data.user_rows, data.candidates, pair_features)
     with pytest.raises(ValueError, match="candidates"):
-        JointData(data.impressions, data.imp_request_rows, data.imp_item_rows, data.inputs, data.user_rows,
+        ThreeStudentsData(data.impressions, data.imp_request_rows, data.imp_item_rows, data.inputs, data.user_rows,
                   data.candidates[:5], pair_features)

@@ -1,4 +1,4 @@
-"""The training loop (determinism, NaN stop, checkpoints, evaluation) and distillation (two-stage, joint, PFD).
+"""The training loop (determinism, NaN stop, checkpoints, evaluation) and distillation (teacher-first, joint, PFD).
 
 Uses the planted-signal table of tests/test_ranker.py (see its module docstring).
 """
@@ -22,7 +22,7 @@ from cascade.train.joint import (
     joint_loss,
     pfd_configs,
     student_terms,
-    two_stage_loss,
+    teacher_first_loss,
 )
 from cascade.train.loop import TrainConfig, evaluate, fit, load_checkpoint, predict
 from worlds import SPEC, make_table
@@ -191,12 +191,12 @@ def teacher(small):
     DistillConfig(w_kd=1.0, kd="hinton", temperature=2.0, w_hint=0.5),
     DistillConfig(w_cr=0.4, w_rcr=0.5),
 ], ids=["kd_mse", "hinton_hint", "cr_rcr"])
-def test_two_stage_student_trains_with_finite_terms(small, teacher, dcfg):
+def test_teacher_first_student_trains_with_finite_terms(small, teacher, dcfg):
     train, valid = small
     frozen_before = {k: v.clone() for k, v in teacher.state_dict().items()}
     model = DistilledStudent(Ranker(SPEC, STUDENT, seed=0), teacher.hidden_dim if dcfg.w_hint else None)
     res = fit(model, train, valid, TrainConfig(lr=0.01, batch_size=128, epochs=2, seed=0),
-              loss_fn=two_stage_loss(teacher, dcfg))
+              loss_fn=teacher_first_loss(teacher, dcfg))
     expected = {"bce"} | {k for k, w in (("kd", dcfg.w_kd), ("hint", dcfg.w_hint), ("cr", dcfg.w_cr),
                                          ("rcr", dcfg.w_rcr)) if w}
     for row in res.history:
@@ -208,13 +208,13 @@ def test_two_stage_student_trains_with_finite_terms(small, teacher, dcfg):
     assert all(torch.equal(frozen_before[k], v) for k, v in teacher.state_dict().items())
 
 
-def test_two_stage_from_precomputed_teacher_logits(small, teacher):
+def test_teacher_first_from_precomputed_teacher_logits(small, teacher):
     train, valid = small
     train.extra["teacher_logit"] = predict(teacher, train)
     try:
         model = DistilledStudent(Ranker(SPEC, STUDENT, seed=0))
         res = fit(model, train, valid, TrainConfig(lr=0.01, batch_size=128, epochs=2),
-                  loss_fn=two_stage_loss(None, DistillConfig(w_kd=1.0)))
+                  loss_fn=teacher_first_loss(None, DistillConfig(w_kd=1.0)))
         assert res.best_valid_auc > 0.68
     finally:
         del train.extra["teacher_logit"]
@@ -231,7 +231,7 @@ def test_lightgbm_as_an_alternative_teacher(small):
     try:
         model = DistilledStudent(Ranker(SPEC, STUDENT, seed=0))
         res = fit(model, train, valid, TrainConfig(lr=0.01, batch_size=128, epochs=2),
-                  loss_fn=two_stage_loss(None, DistillConfig(w_kd=1.0, w_cr=0.4, w_rcr=0.5)))
+                  loss_fn=teacher_first_loss(None, DistillConfig(w_kd=1.0, w_cr=0.4, w_rcr=0.5)))
         assert res.best_valid_auc > 0.65
         assert all(np.isfinite(v) for row in res.history for k, v in row.items() if k.startswith("train_"))
     finally:

@@ -152,7 +152,7 @@ class StudentsSection:
     # default pipeline: less than logit KD from the cross-feature teacher on the world).
     rank_distill: DistillConfig = field(default_factory=lambda: DistillConfig(w_bce=1.0, w_kd=1.0))
     rank_student_max_rows: int | None = None  # both rank students train on the most recent rows only
-    # PFD instead of two-stage distillation when rank_distill.pfd_lambda is set: a teacher that also reads this
+    # PFD instead of teacher-first distillation when rank_distill.pfd_lambda is set: a teacher that also reads this
     # side trains together with the student (sharing embeddings; the student keeps private tables for these
     # columns); the student alone is saved and served
     rank_pfd_side: str = "privileged"

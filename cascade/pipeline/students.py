@@ -15,7 +15,7 @@ from ..distill.ranklog import RankLog
 from ..models.ranker import Ranker
 from ..models.two_tower import build_two_tower
 from ..run_data import RunData, load_ranker
-from ..train.joint import DistilledStudent, JointRanker, joint_loss, pfd_configs, two_stage_loss
+from ..train.joint import DistilledStudent, JointRanker, joint_loss, pfd_configs, teacher_first_loss
 from ..train.loop import evaluate, fit
 from ..train.students import ClickLists, evaluate_on_log, train_student
 from .common import model_row, save_ranker, seeded, with_seed
@@ -57,7 +57,7 @@ def run(ctx: StepContext) -> StepResult:
             ev = evaluate_on_log(towers, inputs, log_, k=10)
             metrics[f"{variant}_{stage}"] = ev
             log.info("students: %s %s on the logged lists: %s", variant, stage, ev)
-    # rank students: without distillation and distilled from the teacher (two-stage)
+    # rank students: without distillation and distilled from the teacher (teacher-first)
     train, valid, test = data.encoded("train"), data.encoded("valid"), data.encoded("test")
     if c.rank_student_max_rows is not None and len(train) > c.rank_student_max_rows:
         train = train.take(slice(len(train) - c.rank_student_max_rows, None))
@@ -69,9 +69,9 @@ def run(ctx: StepContext) -> StepResult:
     rows.append(model_row("rank student (no distillation)", "student", plain, evaluate(plain, test), train.spec))
     seeded(ctx.seed)
     pfd_rows = []  # PFD's own teacher, reported after the student it taught
-    if c.rank_distill.pfd_lambda is None:  # two-stage: from the frozen teacher of the teacher step
+    if c.rank_distill.pfd_lambda is None:  # teacher-first: from the frozen teacher of the teacher step
         distilled = DistilledStudent(Ranker(train.spec, c.rank_student), teacher_hidden_dim=None, seed=ctx.seed)
-        fit(distilled, train, valid, tcfg, loss_fn=two_stage_loss(teacher, c.rank_distill))
+        fit(distilled, train, valid, tcfg, loss_fn=teacher_first_loss(teacher, c.rank_distill))
         served, name = distilled.student.eval(), "rank student (distilled)"
     else:  # PFD: its own privileged teacher, trained synchronously with the student
         side = c.rank_pfd_side

@@ -1,9 +1,9 @@
-"""Distillation of the ranking teacher into the rank student: two-stage, joint on the fly, and PFD.
+"""Distillation of the ranking teacher into the rank student: teacher-first, joint on the fly, and PFD.
 
 All three are ``loss_fn`` closures for the one loop in :mod:`cascade.train.loop` (no second loop):
 
-- **two-stage**: the teacher is trained first and frozen; :class:`DistilledStudent` (student + hint projection)
-  trains on ``two_stage_loss(teacher, cfg)``: w_bce * BCE + w_kd * (logit MSE, or Hinton KD at T) + w_hint *
+- **teacher-first**: the teacher is trained first and frozen; :class:`DistilledStudent` (student + hint projection)
+  trains on ``teacher_first_loss(teacher, cfg)``: w_bce * BCE + w_kd * (logit MSE, or Hinton KD at T) + w_hint *
   hint(student hidden -> Linear -> teacher hidden) + w_cr * CR + w_rcr * RCR. Teacher logits come from the
   frozen teacher on the fly (no grad), or from a precomputed ``teacher_logit`` column of the table's extras.
 - **joint** (Rocket Launching, Zhou et al. AAAI 2018; iQIYI's double-DNN): :class:`JointRanker` holds teacher
@@ -123,7 +123,7 @@ def student_terms(s_logit: torch.Tensor, s_hidden: torch.Tensor | None, t_logit:
     return terms, weights
 
 
-# ------------------------------------------------------------------------------------------ two-stage
+# ------------------------------------------------------------------------------------------ teacher-first
 
 
 class DistilledStudent(nn.Module):
@@ -149,16 +149,16 @@ class DistilledStudent(nn.Module):
         return self.student(cat, num)
 
 
-def two_stage_loss(teacher: Ranker | None, cfg: DistillConfig):
+def teacher_first_loss(teacher: Ranker | None, cfg: DistillConfig):
     """loss_fn for :func:`cascade.train.loop.fit` training a :class:`DistilledStudent` from a frozen teacher.
 
     teacher: the trained teacher (put in eval mode and frozen here), or None when every batch carries a
     precomputed ``teacher_logit`` [B] (from the table's extras) and no hint loss is asked for.
     """
     if cfg.pfd_lambda is not None:
-        raise ValueError("DistillConfig.pfd_lambda belongs to joint (PFD) training, not to two-stage distillation")
+        raise ValueError("DistillConfig.pfd_lambda belongs to joint (PFD) training, not to teacher-first distillation")
     if teacher is None and cfg.w_hint != 0:
-        raise ValueError("two_stage_loss: the hint loss needs the teacher's hidden layer; pass the teacher")
+        raise ValueError("teacher_first_loss: the hint loss needs the teacher's hidden layer; pass the teacher")
     if teacher is not None:
         teacher.eval()
         teacher.requires_grad_(False)
@@ -171,7 +171,7 @@ def two_stage_loss(teacher: Ranker | None, cfg: DistillConfig):
         elif "teacher_logit" in batch:
             t_logit, t_hidden = batch["teacher_logit"].float(), None
         else:
-            raise KeyError("two_stage_loss: no teacher given and the batch has no 'teacher_logit' column")
+            raise KeyError("teacher_first_loss: no teacher given and the batch has no 'teacher_logit' column")
         s_logit, s_hidden = model.forward_hidden(cat, num)
         return student_terms(s_logit, s_hidden, t_logit, t_hidden, y, model.projection, cfg, step)
 

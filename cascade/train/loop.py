@@ -137,7 +137,7 @@ def step_on_loss(terms: Mapping[str, torch.Tensor], weights: Mapping[str, float]
     """One optimizer step on weighted loss terms, the same in every training loop of the project (:func:`fit`,
     :func:`cascade.train.students.train_student`, :mod:`cascade.train.three_students`): mix the terms (a
     non-finite term raises FloatingPointError starting with ``context``, on every rank at once under DDP), zero
-    the gradients, backward, clip each parameter group of ``clip_groups`` to ``grad_clip`` on its own (a joint
+    the gradients, backward, clip each parameter group of ``clip_groups`` to ``grad_clip`` on its own (a shared
     norm would couple the models of a group), step every optimizer. Returns (total, the terms' float values)."""
     mixed, error = D.finite_on_all_ranks(lambda: mix(terms, weights), ddp)
     if error is not None:

@@ -43,7 +43,7 @@ Validation runs on rank 0 and its numbers are broadcast (every rank returns the 
 terms are means over ranks). ``train_student`` writes nothing; callers save on rank 0. The students train on the
 CPU; under an NCCL group (a GPU job) their gradients go through a gloo subgroup.
 
-Not here: the joint "one teacher, three students" mode, in which the students learn from the lists of a teacher
+Not here: the one-loop cascade ("one teacher, three students"), in which the students learn from the lists of a teacher
 still in training (cascade/train/three_students.py; it reuses this module's loss dispatch conventions).
 """
 
@@ -214,7 +214,7 @@ def loss_params(cfg: StudentConfig, name: str) -> dict[str, Any]:
 def list_loss_terms(s: torch.Tensor, ranks: torch.Tensor, t_logit: torch.Tensor, mask: torch.Tensor, cfg: StudentConfig,
                     w: dict[str, float], g: torch.Generator) -> dict[str, torch.Tensor]:
     """The list losses weighted in ``w`` on student scores s [B, L] against the teacher's ranks / logits [B, L]
-    (mask [B, L]); sampled terms draw from ``g`` in a fixed order. Shared by train_student and the joint mode."""
+    (mask [B, L]); sampled terms draw from ``g`` in a fixed order. Shared by train_student and the one-loop cascade."""
     terms: dict[str, torch.Tensor] = {}
     if "pointwise" in w:
         terms["pointwise"] = L.pointwise_topk_loss(s, ranks, mask, generator=g, **loss_params(cfg, "pointwise"))

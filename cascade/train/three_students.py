@@ -1,7 +1,8 @@
-"""One teacher, three students: the ranking teacher and its rank, pre-rank and retrieval students in ONE loop.
+"""The one-loop cascade: the ranking teacher and its rank, pre-rank and retrieval students trained in ONE loop.
 
-DESIGN.md's joint mode (Zhang Junlin's "one teacher, three students"; Rocket Launching / double-DNN for the rank
-student). Each step takes a batch of training requests and does, top to bottom:
+Zhang Junlin's "one teacher, three students" (with Rocket Launching / double-DNN for the rank student), as opposed
+to the pipeline's teacher-first path (teacher, then rank log, then students). Each step takes a batch of training
+requests and does, top to bottom:
 
 1. **teacher + rank student** on the batch's impressions (rows of an :class:`EncodedTable`): one shared
    embedding (:class:`~cascade.train.joint.JointRanker`), the teacher's head trained by click BCE exactly as a
@@ -18,10 +19,11 @@ Stop-gradient. No student loss may change a teacher parameter: every student ter
 detached (or computed under no_grad), each of the four models has its own optimizer and its own gradient
 clipping (a global-norm clip over all parameters would couple them), and the students draw their dropout from
 their own per-step seeded RNG stream, so the teacher's random numbers do not depend on the students either.
-``JointCascadeConfig(teacher_only=True)`` runs the same loop without the students; the teacher it returns is
-bitwise equal to the joint run's (tests/test_three_students.py checks this).
+``ThreeStudentsConfig(teacher_only=True)`` runs the same loop without the students; the teacher it returns is
+bitwise equal to the one-loop run's (tests/test_three_students.py checks this).
 
-Shared embeddings (decided by the JointRanker convention and DESIGN.md's double-DNN row):
+Shared embeddings (decided by the JointRanker convention and the double-DNN design: the student reuses the
+teacher's embeddings frozen):
 
 - the rank student reads the teacher's embedding table, DETACHED (``detach_student_embeddings=True``): it
   reuses the teacher's embeddings frozen and trains its own MLP. (JointRanker's default lets the student's
@@ -89,16 +91,16 @@ def _default_retrieval() -> StudentConfig:
 
 
 @dataclass(frozen=True)
-class JointCascadeConfig:
+class ThreeStudentsConfig:
     """How to train one teacher and its three students together.
 
     teacher / rank_student: RankerConfigs; they share one embedding, so emb_dim, numeric and sparse must agree
     (sparse=False: the loop uses AdamW). rank_distill: the rank student's terms (w_bce, w_kd, kd, temperature,
     w_hint, w_cr, w_rcr) and the teacher's BCE weight (w_teacher). tower: the size of both two-tower students.
-    prerank / retrieval: StudentConfigs, of which joint mode reads loss_weights, loss_params, relevance,
+    prerank / retrieval: StudentConfigs, of which the one-loop cascade reads loss_weights, loss_params, relevance,
     softmax_topk, n_uniform_negatives, lr, weight_decay and grad_clip (epochs, batch_size, seed, progress and
     eval_k come from this config: there is one loop); the retrieval student's softmax positives must be
-    "teacher_topk" (the current teacher's lists; joint mode has no separate click-positive sampler).
+    "teacher_topk" (the current teacher's lists; the one-loop cascade has no separate click-positive sampler).
     lr / weight_decay / grad_clip: AdamW and clipping of the teacher and of the rank student (each clipped on
     its own). epochs; batch_size: requests per step. score_batch_size: pairs per teacher forward when scoring
     candidate lists (4,096 keeps activations in the CPU cache, see models.scoring.score_pairs). teacher_only: train
@@ -127,29 +129,30 @@ class JointCascadeConfig:
     def __post_init__(self) -> None:
         for k in ("emb_dim", "numeric", "sparse"):
             if getattr(self.teacher, k) != getattr(self.rank_student, k):
-                raise ValueError(f"JointCascadeConfig: teacher and rank_student share embeddings and need equal {k} "
+                raise ValueError(f"ThreeStudentsConfig: teacher and rank_student share embeddings and need equal {k} "
                                  f"({getattr(self.teacher, k)!r} vs {getattr(self.rank_student, k)!r})")
         if self.teacher.sparse:
-            raise ValueError("JointCascadeConfig: sparse embeddings are not supported (the loop uses AdamW)")
+            raise ValueError("ThreeStudentsConfig: sparse embeddings are not supported (the loop uses AdamW)")
         if self.rank_distill.w_hint != 0:
-            raise ValueError("JointCascadeConfig: rank_distill.w_hint is not supported in joint-cascade mode "
+            raise ValueError("ThreeStudentsConfig: rank_distill.w_hint is not supported in the one-loop cascade "
                              "(use cascade.train.joint.JointRanker with hint=True)")
         if self.prerank.stage != "prerank" or self.retrieval.stage != "retrieval":
-            raise ValueError(f"JointCascadeConfig: prerank.stage must be 'prerank' and retrieval.stage 'retrieval', "
+            raise ValueError(f"ThreeStudentsConfig: prerank.stage must be 'prerank' and retrieval.stage 'retrieval', "
                              f"got {self.prerank.stage!r} and {self.retrieval.stage!r}")
         for name, scfg in (("prerank", self.prerank), ("retrieval", self.retrieval)):
             if scfg.weight("sampled_softmax") != 0 and scfg.softmax_positives != "teacher_topk":
-                raise ValueError(f"JointCascadeConfig: {name}.softmax_positives must be 'teacher_topk' in joint mode, "
+                raise ValueError(f"ThreeStudentsConfig: {name}.softmax_positives must be 'teacher_topk' in the "
+                                 f"one-loop cascade, "
                                  f"got {scfg.softmax_positives!r}")
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.score_batch_size < 1:
-            raise ValueError(f"JointCascadeConfig: lr must be > 0 and epochs, batch_size, score_batch_size >= 1 "
+            raise ValueError(f"ThreeStudentsConfig: lr must be > 0 and epochs, batch_size, score_batch_size >= 1 "
                              f"(got lr={self.lr}, epochs={self.epochs}, batch_size={self.batch_size}, "
                              f"score_batch_size={self.score_batch_size})")
 
 
 @dataclass
-class JointData:
-    """The training requests of the joint loop, addressed by request row r in [0, R).
+class ThreeStudentsData:
+    """The training requests of the one loop, addressed by request row r in [0, R).
 
     impressions: EncodedTable [N] of the requests' impressions (the teacher's full column layout, labels).
     imp_request_rows int64 [N]: request row of each impression; imp_item_rows int64 [N]: its item row in
@@ -174,20 +177,21 @@ class JointData:
         self.user_rows = np.asarray(self.user_rows, dtype=np.int64)
         self.candidates = np.asarray(self.candidates, dtype=np.int64)
         if self.imp_request_rows.shape != (n,) or self.imp_item_rows.shape != (n,):
-            raise ValueError(f"JointData: imp_request_rows {self.imp_request_rows.shape} and imp_item_rows "
+            raise ValueError(f"ThreeStudentsData: imp_request_rows {self.imp_request_rows.shape} and imp_item_rows "
                              f"{self.imp_item_rows.shape} must both be [{n}] (one per impression)")
         if self.user_rows.shape != (r,) or self.candidates.ndim != 2 or self.candidates.shape[0] != r:
-            raise ValueError(f"JointData: user_rows {self.user_rows.shape} must be [{r}] and candidates "
+            raise ValueError(f"ThreeStudentsData: user_rows {self.user_rows.shape} must be [{r}] and candidates "
                              f"{self.candidates.shape} [{r}, L]: one per request row of inputs")
         for what, a, hi in (("imp_request_rows", self.imp_request_rows, r), ("imp_item_rows", self.imp_item_rows,
                             self.inputs.n_items), ("user_rows", self.user_rows, self.inputs.n_users)):
             if len(a) and (a.min() < 0 or a.max() >= hi):
-                raise ValueError(f"JointData: {what} holds {a.min() if a.min() < 0 else a.max()}, outside [0, {hi})")
+                raise ValueError(f"ThreeStudentsData: {what} holds {a.min() if a.min() < 0 else a.max()}, outside [0, "
+                                 f"{hi})")
         c = self.candidates
         if c.size and (c.min() < -1 or c.max() >= self.inputs.n_items):
-            raise ValueError(f"JointData: candidates hold item rows outside [-1, {self.inputs.n_items})")
+            raise ValueError(f"ThreeStudentsData: candidates hold item rows outside [-1, {self.inputs.n_items})")
         if not np.isin(self.impressions.label, (0, 1)).all():
-            raise ValueError("JointData: impressions.label must be 0/1")
+            raise ValueError("ThreeStudentsData: impressions.label must be 0/1")
         # CSR over request rows: impressions of request r are imp_order[imp_start[r]: imp_start[r] + imp_count[r]]
         self._imp_order = np.argsort(self.imp_request_rows, kind="stable")
         self._imp_count = np.bincount(self.imp_request_rows, minlength=r)
@@ -206,7 +210,7 @@ class JointData:
 
 
 @dataclass
-class JointCascade:
+class ThreeStudents:
     """The four trained models (standalone, eval mode) and the per-epoch history (mean loss terms, seconds)."""
 
     teacher: Ranker
@@ -222,7 +226,8 @@ def teacher_ranks(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def score_lists(teacher: nn.Module, data: JointData, request_rows: np.ndarray, batch_size: int = 4096) -> torch.Tensor:
+def score_lists(teacher: nn.Module, data: ThreeStudentsData, request_rows: np.ndarray,
+                batch_size: int = 4096) -> torch.Tensor:
     """The teacher's logits of the requests' candidate lists: float32 [B, L] (0 at padding), eval mode, no grad.
 
     Padded slots are scored as item row 0 (as build_rank_log does) and zeroed; the training flag is restored.
@@ -236,7 +241,7 @@ def score_lists(teacher: nn.Module, data: JointData, request_rows: np.ndarray, b
 
 
 class _TowerStudent:
-    """One two-tower student of the joint loop: its towers, optimizer, loss weights and log-Q counts."""
+    """One two-tower student of the one loop: its towers, optimizer, loss weights and log-Q counts."""
 
     def __init__(self, towers: TwoTower, cfg: StudentConfig, n_items: int) -> None:
         self.towers, self.cfg = towers, cfg
@@ -244,7 +249,8 @@ class _TowerStudent:
         self.opt = torch.optim.Adam(towers.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
         self.pos_counts = np.ones(n_items, dtype=np.float64)  # add-one streaming counts of softmax positives
 
-    def step(self, data: JointData, req: np.ndarray, lists: dict[str, torch.Tensor], clicks: dict[str, torch.Tensor],
+    def step(self, data: ThreeStudentsData, req: np.ndarray, lists: dict[str, torch.Tensor],
+             clicks: dict[str, torch.Tensor],
              rng: np.random.Generator, g: torch.Generator, batch_size: int) -> dict[str, float]:
         """One optimizer step on the batch; returns the unweighted terms and "total"."""
         cfg, w, tt, inputs = self.cfg, self.w, self.towers, data.inputs
@@ -285,10 +291,10 @@ def _student_seed(seed: int, step: int, stream: int) -> int:
     return int(np.random.SeedSequence([seed, step, stream]).generate_state(1, np.uint64)[0] >> 1)
 
 
-def train_joint_cascade(data: JointData, spec: FeatureSpec, cfg: JointCascadeConfig) -> JointCascade:
+def train_three_students(data: ThreeStudentsData, spec: FeatureSpec, cfg: ThreeStudentsConfig) -> ThreeStudents:
     """Train the teacher, the rank student and the pre-rank / retrieval two-tower students in one loop.
 
-    data: the training requests (see :class:`JointData`); spec: the column layout of ``data.impressions`` and of
+    data: the training requests (see :class:`ThreeStudentsData`); spec: the column layout of ``data.impressions`` and of
     ``data.pair_features``' output. Per step (a batch of ``cfg.batch_size`` requests): teacher BCE + rank
     student terms on the batch's impressions, then the updated teacher scores the batch's candidate lists under
     no_grad and each two-tower student takes one step on them (see the module docstring). Reproducible under
@@ -297,9 +303,9 @@ def train_joint_cascade(data: JointData, spec: FeatureSpec, cfg: JointCascadeCon
     "<model>/<term>" (model in teacher, rank, prerank, retrieval; "<model>/total" is the weighted sum).
     """
     if len(data) == 0 or len(data.impressions) == 0:
-        raise ValueError("train_joint_cascade: no training requests / impressions")
+        raise ValueError("train_three_students: no training requests / impressions")
     if data.impressions.spec != spec:
-        raise ValueError("train_joint_cascade: data.impressions.spec differs from the given spec")
+        raise ValueError("train_three_students: data.impressions.spec differs from the given spec")
     seed = cfg.seed
     joint = JointRanker(spec, cfg.teacher, cfg.rank_student, share_embeddings=True, detach_student_embeddings=True,
                         seed=seed)
@@ -315,7 +321,7 @@ def train_joint_cascade(data: JointData, spec: FeatureSpec, cfg: JointCascadeCon
                                            data.inputs.n_items),
                   "retrieval": _TowerStudent(build_two_tower(data.inputs, cfg.tower, seed=seed + 11), cfg.retrieval,
                                              data.inputs.n_items)}
-    # separate streams: batch order (shared by teacher-only and joint runs) vs the students' sampling
+    # separate streams: batch order (shared by teacher-only and one-loop runs) vs the students' sampling
     batch_rng = np.random.default_rng([seed, 0])
     student_rng = np.random.default_rng([seed, 1])
     g = torch.Generator().manual_seed(seed + 1)
@@ -331,7 +337,8 @@ def train_joint_cascade(data: JointData, spec: FeatureSpec, cfg: JointCascadeCon
             t0 = time.perf_counter()
             running = RunningMeans()
             order = batch_rng.permutation(len(data))
-            for s in tqdm(range(0, len(data), cfg.batch_size), disable=not cfg.progress, desc=f"joint epoch {epoch}"):
+            for s in tqdm(range(0, len(data), cfg.batch_size), disable=not cfg.progress,
+                          desc=f"one-loop epoch {epoch}"):
                 req = order[s:s + cfg.batch_size]
                 rows, pos = data.impression_rows(req)
                 if len(rows) < 2:  # a 1-row batch would break BatchNorm's training statistics
@@ -377,11 +384,11 @@ def train_joint_cascade(data: JointData, spec: FeatureSpec, cfg: JointCascadeCon
                 step += 1
             rec: dict[str, Any] = {"epoch": epoch, "seconds": time.perf_counter() - t0, "steps": running.n}
             rec.update(sorted(running.means().items()))
-            log.info("joint cascade epoch %d: %s", epoch, {k: round(v, 5) for k, v in rec.items() if k != "epoch"})
+            log.info("one-loop cascade epoch %d: %s", epoch, {k: round(v, 5) for k, v in rec.items() if k != "epoch"})
             history.append(rec)
     joint.eval()
     out_teacher, out_student = teacher.standalone().eval(), student.standalone().eval()
     pre = towers["prerank"].towers.eval() if towers else build_two_tower(data.inputs, cfg.tower, seed=seed + 10).eval()
     ret = towers["retrieval"].towers.eval() if towers else build_two_tower(data.inputs, cfg.tower,
                                                                            seed=seed + 11).eval()
-    return JointCascade(out_teacher, out_student, pre, ret, history)
+    return ThreeStudents(out_teacher, out_student, pre, ret, history)

@@ -1,15 +1,15 @@
-"""Two-stage vs joint ("one teacher, three students") pre-rank and retrieval students on a finished default run.
+"""Teacher-first vs one loop ("one teacher, three students") pre-rank and retrieval students on a finished default run.
 
-    nice python benchmarks/joint_cascade.py --run runs/default [--max-requests 10000] [--epochs 2]
+    nice python benchmarks/three_students.py --run runs/default [--max-requests 10000] [--epochs 2]
 
 Reads the run folder (never writes there). Trains, on one seed and a capped sample of the run's training
 requests (candidate lists built as the ranklog step builds them: impressed + popularity / uniform samples):
 
-- joint: cascade.train.three_students.train_joint_cascade (teacher, rank student, pre-rank and retrieval
-  students in one loop; the joint teacher sees only the sampled requests' impressions);
-- two-stage, same requests: the run's teacher ranks the same candidate lists into a rank log and the pipeline's
-  student configs train on it (train_student), so only "joint vs two-stage" differs;
-- two-stage, pipeline: the run's own students (its rank log of ranklog.max_requests requests).
+- one loop: cascade.train.three_students.train_three_students (teacher, rank student, pre-rank and retrieval
+  students in one loop; the one-loop teacher sees only the sampled requests' impressions);
+- teacher-first, same requests: the run's teacher ranks the same candidate lists into a rank log and the pipeline's
+  student configs train on it (train_student), so only "one loop vs teacher-first" differs;
+- teacher-first, pipeline: the run's own students (its rank log of ranklog.max_requests requests).
 
 Evaluation: held-out candidate lists of test requests (impressed + sampled), ranked by each teacher; every
 student's teacher-recall@10 / NDCG@10 within the lists (cascade.train.students.evaluate_on_log) against its own
@@ -43,9 +43,9 @@ from cascade.pipeline.ranklog import candidate_lists, rank_log_inputs
 from cascade.run_data import RunData, load_ranker
 from cascade.train.loop import evaluate
 from cascade.train.students import evaluate_on_log, train_student
-from cascade.train.three_students import JointCascadeConfig, JointData, train_joint_cascade
+from cascade.train.three_students import ThreeStudentsConfig, ThreeStudentsData, train_three_students
 
-log = logging.getLogger("joint_cascade")
+log = logging.getLogger("three_students")
 
 
 def _scorer(model, data: RunData, requests, item_ids: np.ndarray):
@@ -107,29 +107,30 @@ def main(argv: list[str] | None = None) -> int:
         raise ValueError(f"{run / 'data'}: encoded categorical columns differ from the pair features' columns")
     num_cols = [imp.spec.num_names.index(n) for n in spec.num_names]
     imp = dataclasses.replace(imp, spec=spec, num=np.ascontiguousarray(imp.num[:, num_cols]))
-    jdata = JointData(imp, inputs.request_rows(imp.request_id), inputs.item_rows(data.map_items(imp.item_id)), inputs,
+    jdata = ThreeStudentsData(imp, inputs.request_rows(imp.request_id), inputs.item_rows(data.map_items(imp.item_id)),
+                              inputs,
                       frame["user_row"].to_numpy(), cands,
                       lambda rows, items: data.pair_features(requests.take(rows), item_ids[items]))
     timings["prepare_s"] = time.perf_counter() - t0
     log.info("%d requests, %d impressions, lists of %d", len(frame), len(imp), cands.shape[1])
 
-    # ---- joint
-    jcfg = JointCascadeConfig(teacher=cfg.teacher.model, rank_student=sc.rank_student, rank_distill=sc.rank_distill,
+    # ---- one loop
+    jcfg = ThreeStudentsConfig(teacher=cfg.teacher.model, rank_student=sc.rank_student, rank_distill=sc.rank_distill,
                               tower=sc.tower, prerank=sc.prerank, retrieval=sc.retrieval, lr=cfg.teacher.train.lr,
                               epochs=args.epochs, batch_size=sc.prerank.batch_size, seed=args.seed, progress=True)
     t0 = time.perf_counter()
-    joint = train_joint_cascade(jdata, data.spec, jcfg)
-    timings["joint_train_s"] = time.perf_counter() - t0
+    one_loop = train_three_students(jdata, data.spec, jcfg)
+    timings["one_loop_train_s"] = time.perf_counter() - t0
 
     teacher = load_ranker(run / "teacher" / "teacher", data.spec)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        # ---- two-stage on the same requests: the run's teacher ranks the same lists, the pipeline configs train
+        # ---- teacher-first on the same requests: the run's teacher ranks the same lists, the pipeline configs train
         t0 = time.perf_counter()
         build_rank_log(frame, cands, _scorer(teacher, data, requests, item_ids), tmp / "train_log", progress=False,
                        item_ids=item_ids)
         train_log = RankLog(tmp / "train_log")
-        timings["two_stage_rank_log_s"] = time.perf_counter() - t0
+        timings["teacher_first_rank_log_s"] = time.perf_counter() - t0
         from cascade.pipeline.students import click_lists
 
         clicks = click_lists(data, inputs, frame)
@@ -139,7 +140,7 @@ def main(argv: list[str] | None = None) -> int:
             tt = build_two_tower(inputs, sc.tower, seed=args.seed)
             train_student(tt, inputs, train_log, clicks, dataclasses.replace(scfg, seed=args.seed, epochs=args.epochs))
             same[stage] = tt
-        timings["two_stage_students_s"] = time.perf_counter() - t0
+        timings["teacher_first_students_s"] = time.perf_counter() - t0
 
         # ---- held-out test lists ranked by each teacher
         t0 = time.perf_counter()
@@ -147,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
                                               cfg.ranklog.uniform_frac, args.seed)
         treq = to_requests(tframe, data.context_names)
         logs = {}
-        for name, model in (("run_teacher", teacher), ("joint_teacher", joint.teacher)):
+        for name, model in (("run_teacher", teacher), ("one_loop_teacher", one_loop.teacher)):
             build_rank_log(tframe, tcands, _scorer(model, data, treq, tinputs.item_ids), tmp / name, progress=False,
                            item_ids=tinputs.item_ids)
             logs[name] = RankLog(tmp / name)
@@ -158,11 +159,11 @@ def main(argv: list[str] | None = None) -> int:
             return tt.eval()
 
         students = {
-            "two-stage (run's students)": ({"prerank": load_pipeline("prerank"),
+            "teacher-first (run's students)": ({"prerank": load_pipeline("prerank"),
                                             "retrieval": load_pipeline("retrieval")},
                                            "run_teacher"),
-            "two-stage (same requests)": (same, "run_teacher"),
-            "joint": ({"prerank": joint.prerank, "retrieval": joint.retrieval}, "joint_teacher"),
+            "teacher-first (same requests)": (same, "run_teacher"),
+            "one-loop": ({"prerank": one_loop.prerank, "retrieval": one_loop.retrieval}, "one_loop_teacher"),
         }
         results = {}
         for variant, (models, own) in students.items():
@@ -175,10 +176,10 @@ def main(argv: list[str] | None = None) -> int:
 
     test = data.encoded("test")
     test = dataclasses.replace(test, spec=spec, num=np.ascontiguousarray(test.num[:, num_cols]))
-    rankers = {"run teacher": evaluate(teacher, test), "joint teacher": evaluate(joint.teacher, test),
-               "run rank student (two-stage)": evaluate(load_ranker(run / "students" / "rank_student", data.spec),
+    rankers = {"run teacher": evaluate(teacher, test), "one-loop teacher": evaluate(one_loop.teacher, test),
+               "run rank student (teacher-first)": evaluate(load_ranker(run / "students" / "rank_student", data.spec),
                                                         test),
-               "joint rank student": evaluate(joint.rank_student, test)}
+               "one-loop rank student": evaluate(one_loop.rank_student, test)}
     timings["total_s"] = time.perf_counter() - t_all
     out = {
         "date": time.strftime("%Y-%m-%d", time.gmtime()),
@@ -188,34 +189,34 @@ def main(argv: list[str] | None = None) -> int:
         "run_train_requests": int(data.split_impressions("train").request_id.nunique()),
         "run_rank_log_requests": cfg.ranklog.max_requests, "n_candidates": int(cands.shape[1]),
         "epochs": args.epochs, "test_requests": len(tframe),
-        "students": results, "rankers": rankers, "history": joint.history, "timings": timings,
+        "students": results, "rankers": rankers, "history": one_loop.history, "timings": timings,
     }
     out_dir = Path(args.out)
-    A.write_json(out_dir / "joint_cascade.json", out)
-    A.write_text(out_dir / "joint_cascade.md", _markdown(out))
-    print((out_dir / "joint_cascade.md").read_text())
+    A.write_json(out_dir / "three_students.json", out)
+    A.write_text(out_dir / "three_students.md", _markdown(out))
+    print((out_dir / "three_students.md").read_text())
     return 0
 
 
 def _markdown(r: dict) -> str:
     lines = [
-        "# One teacher, three students: joint vs two-stage",
+        "# One teacher, three students: one loop vs teacher-first",
         "",
         f"{r['date']}, {r['machine']}. Run `{r['run']}` (default world), seed {r['seed']} (one seed only: no spread "
         f"is measured, differences of a few points may be noise).",
         "",
-        f"CPU budget: the joint loop and the same-requests two-stage students train on a CAPPED sample of "
+        f"CPU budget: the one loop and the same-requests teacher-first students train on a CAPPED sample of "
         f"{r['train_requests']:,} of the run's {r['run_train_requests']:,} training requests "
         f"({r['train_impressions']:,} impressions), lists of {r['n_candidates']} candidates, {r['epochs']} epochs. "
-        f"The joint teacher therefore sees only those impressions, while the run's teacher was trained on every "
+        f"The one-loop teacher therefore sees only those impressions, while the run's teacher was trained on every "
         f"training impression; the run's own students learned from a rank log of {r['run_rank_log_requests']:,} "
         f"requests.",
         "",
         f"Teacher-recall@10 within held-out candidate lists of {r['test_requests']} test requests "
-        f"(impressed + sampled, {r['n_candidates']} per request), each list ranked by the joint teacher and by the "
+        f"(impressed + sampled, {r['n_candidates']} per request), each list ranked by the one-loop teacher and by the "
         f"run's teacher. \"own\" = against the teacher the student was distilled from (the cascade's consistency).",
         "",
-        "| students | stage | recall@10 vs own teacher | recall@10 vs run teacher | recall@10 vs joint teacher | "
+        "| students | stage | recall@10 vs own teacher | recall@10 vs run teacher | recall@10 vs one-loop teacher | "
         "NDCG@10 vs own |",
         "|---|---|---|---|---|---|",
     ]
@@ -223,14 +224,15 @@ def _markdown(r: dict) -> str:
         for stage, m in row.items():
             own = m["own_teacher"]
             lines.append(f"| {variant} | {stage} | {m[own]['teacher_recall@10']:.3f} | "
-                         f"{m['run_teacher']['teacher_recall@10']:.3f} | {m['joint_teacher']['teacher_recall@10']:.3f} "
-                         f"| "
-                         f"{m[own]['ndcg@10']:.3f} |")
+                         f"{m['run_teacher']['teacher_recall@10']:.3f} | "
+                         f"{m['one_loop_teacher']['teacher_recall@10']:.3f} | {m[own]['ndcg@10']:.3f} |")
     lines += ["", "Rankers on the test impressions:", "", "| model | AUC | GAUC | logloss |", "|---|---|---|---|"]
     for name, m in r["rankers"].items():
         lines.append(f"| {name} | {m['auc']:.4f} | {m['gauc']:.4f} | {m['logloss']:.4f} |")
-    lines += ["", "How to read it: \"two-stage (same requests)\" and \"joint\" differ only in the training mode (same "
-              "requests, candidate lists, configs, epochs). The joint students learn from a teacher that starts "
+    lines += ["",
+              "How to read it: \"teacher-first (same requests)\" and \"one-loop\" differ only in the training mode "
+              "(same "
+              "requests, candidate lists, configs, epochs). The one-loop students learn from a teacher that starts "
               "untrained and moves every step, and that teacher sees only the capped impressions (compare the "
               "two teachers' AUC), so on this budget the comparison mixes the mode with a weaker teacher; the "
               "rank student reads the teacher's embeddings frozen (detached) while they are still moving. A "
@@ -238,7 +240,7 @@ def _markdown(r: dict) -> str:
               "here.", ""]
     t = r["timings"]
     lines += ["Wall times (s): " + ", ".join(f"{k} {v:.1f}" for k, v in t.items()), "",
-              "Reproduce: `nice python benchmarks/joint_cascade.py --run runs/default` after `cascade run` of the "
+              "Reproduce: `nice python benchmarks/three_students.py --run runs/default` after `cascade run` of the "
               "default pipeline.", ""]
     return "\n".join(lines)
 
