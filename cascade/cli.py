@@ -153,6 +153,24 @@ def cmd_index(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_ddp_ranklog(args: argparse.Namespace) -> int:
+    from .distributed import is_main
+    from .pipeline.distributed_ranklog import run_distributed_ranklog
+
+    _setup_logging(args.verbose)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    summary = run_distributed_ranklog(args.data, args.out, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+                                      max_requests=args.max_requests, n_candidates=args.n_candidates,
+                                      device=args.device, seed=args.seed, students=args.students,
+                                      student_batch_size=args.student_batch_size, student_epochs=args.student_epochs)
+    if is_main() and summary is not None:
+        print(json.dumps(summary, indent=2))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cascade",
                                 description="A distilled cascade recommender: one teacher, every stage a student.",
@@ -225,6 +243,26 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--model-hash", default="unknown", help="hash of the tower the embeddings come from")
     i.add_argument("--out", required=True, help="build: index folder; search: .npy for the result ids")
     i.set_defaults(func=cmd_index)
+    g = sub.add_parser("ddp-ranklog", help="teacher with DistributedDataParallel + a sharded rank log, under torchrun",
+                       epilog="examples:\n"
+                              "  torchrun --standalone --nproc_per_node 2 -m cascade.cli ddp-ranklog \\\n"
+                              "      --data runs/tiny/data --out runs/ddp\n"
+                              "  cascade ddp-ranklog --data runs/tiny/data --out runs/ddp1   # one process",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    g.add_argument("--data", required=True, help="a run's data folder (runs/<name>/data)")
+    g.add_argument("--out", required=True)
+    g.add_argument("--epochs", type=int, default=1)
+    g.add_argument("--batch-size", type=int, default=2048, help="per rank")
+    g.add_argument("--lr", type=float, default=2e-3)
+    g.add_argument("--max-requests", type=int, default=2000)
+    g.add_argument("--n-candidates", type=int, default=200)
+    g.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    g.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--students", action="store_true", help="also train the two-tower students with DDP")
+    g.add_argument("--student-batch-size", type=int, default=None, help="per rank (default: the pipeline's)")
+    g.add_argument("--student-epochs", type=int, default=None, help="default: the pipeline's")
+    g.set_defaults(func=cmd_ddp_ranklog)
     return p
 
 

@@ -238,3 +238,23 @@ def test_pfd_rank_student_through_the_pipeline_and_serving(run_a, tmp_path):
     for side, message in (("nope", "is not one of"), ("item", "read by the rank student itself")):
         with pytest.raises(ConfigError, match=message):
             load_config(TINY, ["students.rank_distill.pfd_lambda=0.5", f'students.rank_pfd_side="{side}"'])
+
+
+def test_ddp_ranklog_entry_point_in_one_process(run_a, tmp_path, capsys):
+    """`cascade ddp-ranklog` (the torchrun entry point) as one plain process: teacher, rank log, students, summary."""
+    from cascade.cli import main
+    from cascade.distill.ranklog import RankLog
+    from cascade.run_data import RunData, load_ranker, load_towers
+
+    _, run_dir, _ = run_a
+    out = tmp_path / "ddp"
+    assert main(["ddp-ranklog", "--data", str(run_dir / "data"), "--out", str(out), "--max-requests", "80",
+                 "--n-candidates", "30", "--batch-size", "1024", "--students", "--student-epochs", "1"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary == A.read_json(out / "ddp_ranklog.json")
+    assert summary["world_size"] == 1 and summary["backend"] is None and summary["rank_log_pairs"] == 80 * 30
+    assert 0.5 < summary["best_valid_auc"] < 1.0 and set(summary["students"]) == {"prerank", "retrieval"}
+    data = RunData(run_dir / "data")
+    load_ranker(out / "teacher", data.spec)  # the pipeline's layout: loadable as it is
+    assert len(RankLog(out / "log")) == 80
+    load_towers(out / "students" / "distilled" / "retrieval", data)

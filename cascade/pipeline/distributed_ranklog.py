@@ -1,17 +1,19 @@
-"""Teacher training with DistributedDataParallel and sharded rank-log scoring, on a run's data folder.
+"""Teacher training with DistributedDataParallel and sharded rank-log scoring, on a run's data folder: the
+multi-GPU / multi-process entry point (:func:`run_distributed_ranklog`; the command line is ``cascade ddp-ranklog``).
 
 Run it under torchrun (one process per GPU on a GPU node, or N CPU processes with gloo):
 
-    torchrun --nproc_per_node 2 benchmarks/ddp_ranklog.py --data runs/tiny/data --out runs/ddp
+    torchrun --standalone --nproc_per_node 2 -m cascade.cli ddp-ranklog --data runs/tiny/data --out runs/ddp
     torchrun --nnodes 2 --node_rank K --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \
-        benchmarks/ddp_ranklog.py --data runs/default/data --out /shared/runs/ddp --device cuda
+        -m cascade.cli ddp-ranklog --data runs/default/data --out /shared/runs/ddp --device cuda
 
-or as one plain process (no torchrun: no process group, the single-process baseline). Every rank reads the data
+or as one plain process (``cascade ddp-ranklog ...``: no process group, the single-process baseline). Every rank
+reads the data
 folder, trains the teacher (the default pipeline's DCNv2; ``--batch-size`` is PER RANK, the effective batch is
 world x batch), rank 0 writes ``OUT/teacher/`` (model.pt, manifest.json, config.json, loadable with
 cascade.run_data.load_ranker); then every rank scores its block of the sampled train requests and writes
 ``OUT/log/shard-r-of-W/``, rank 0 merges them into one log (``RankLog(OUT/log)``) and writes
-``OUT/ddp_ranklog.json`` with the timings, which it also prints.
+``OUT/ddp_ranklog.json`` with the timings (the command prints them).
 
 With ``--students`` every rank then trains the distilled two-tower pre-rank and retrieval students (the default
 pipeline's StudentsSection: tower, loss weights, epochs; ``--student-batch-size`` is PER RANK) on that log with
@@ -20,15 +22,12 @@ DistributedDataParallel (cascade.train.students.train_student), and rank 0 write
 loadable with cascade.run_data.load_towers). The students train on the CPU even in a ``--device cuda`` job.
 In-batch softmax negatives are per rank (see cascade/train/students.py).
 
-    torchrun --standalone --nproc_per_node 2 benchmarks/ddp_ranklog.py --data runs/tiny/data --out runs/ddp --students
+    torchrun --standalone --nproc_per_node 2 -m cascade.cli ddp-ranklog --data runs/tiny/data --out runs/ddp --students
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
-import json
-import logging
 import platform
 import time
 from pathlib import Path
@@ -56,7 +55,8 @@ from cascade.train.students import evaluate_on_log, train_student
 def train_students(data: RunData, frame, log_dir: Path, out: Path, batch_size: int | None, epochs: int | None,
                    seed: int, progress: bool) -> dict:
     """The distilled pre-rank and retrieval students on the rank log in ``log_dir`` (DDP under a process group);
-    rank 0 writes ``out/distilled/{stage}/``. Returns {stage: {"fit_s", "steps", "valid" metrics, ...}}."""
+    rank 0 writes ``out/distilled/{stage}/`` (stage: the cascade stage, prerank or retrieval). Returns
+    {stage: {"fit_s", "steps", "valid" metrics, ...}}."""
     section = StudentsSection()
     inputs = data.tower_inputs(frame)
     log_ = RankLog(log_dir)
@@ -83,34 +83,23 @@ def train_students(data: RunData, frame, log_dir: Path, out: Path, batch_size: i
     return summary
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--data", required=True, help="a run's data folder (runs/<name>/data)")
-    ap.add_argument("--out", required=True)
-    ap.add_argument("--epochs", type=int, default=1)
-    ap.add_argument("--batch-size", type=int, default=2048, help="per rank")
-    ap.add_argument("--lr", type=float, default=2e-3)
-    ap.add_argument("--max-requests", type=int, default=2000)
-    ap.add_argument("--n-candidates", type=int, default=200)
-    ap.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    ap.add_argument("--threads", type=int, default=None, help="torch threads per process")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--students", action="store_true", help="also train the two-tower students with DDP")
-    ap.add_argument("--student-batch-size", type=int, default=None, help="per rank (default: the pipeline's)")
-    ap.add_argument("--student-epochs", type=int, default=None, help="default: the pipeline's")
-    args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-
-    env = D.init_from_env(backend="nccl" if args.device == "cuda" else "gloo")
-    out = Path(args.out)
-    data = RunData(args.data)
+def run_distributed_ranklog(data_dir: str | Path, out: str | Path, epochs: int = 1, batch_size: int = 2048,
+                            lr: float = 2e-3, max_requests: int = 2000, n_candidates: int = 200, device: str = "cpu",
+                            seed: int = 0, students: bool = False, student_batch_size: int | None = None,
+                            student_epochs: int | None = None) -> dict | None:
+    """Join torchrun's process group (none in a plain process), train the default pipeline's teacher with DDP on
+    ``data_dir`` (``batch_size`` per rank), score the sampled train requests into a sharded rank log and, with
+    ``students``, train the distilled two-tower students on it; see the module docstring. Rank 0 writes
+    ``out/ddp_ranklog.json`` and returns the summary (timings, throughput, validation AUC); other ranks return None.
+    """
+    env = D.init_from_env(backend="nccl" if device == "cuda" else "gloo")
+    out = Path(out)
+    data = RunData(data_dir)
     train, valid = data.encoded("train"), data.encoded("valid")
     teacher_section = TeacherSection()
-    train_cfg = dataclasses.replace(teacher_section.train, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                                    seed=args.seed, device=args.device, progress=env.is_main)
-    torch.manual_seed(args.seed)
+    train_cfg = dataclasses.replace(teacher_section.train, epochs=epochs, batch_size=batch_size, lr=lr,
+                                    seed=seed, device=device, progress=env.is_main)
+    torch.manual_seed(seed)
     model = Ranker(train.spec, teacher_section.model)  # DDP broadcasts rank 0's initial weights to every rank
     D.barrier()
     t0 = time.perf_counter()
@@ -121,9 +110,8 @@ def main() -> None:
     model.eval()
 
     frame, cands, item_ids = rank_log_inputs(data, dataclasses.replace(
-        RankLogSection(), max_requests=args.max_requests, n_candidates=args.n_candidates), args.seed)
+        RankLogSection(), max_requests=max_requests, n_candidates=n_candidates), seed)
     score = ranker_scorer(model, data)
-
     requests = to_requests(frame, data.context_names)
 
     def scorer(request_rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
@@ -132,27 +120,24 @@ def main() -> None:
     D.barrier()
     t0 = time.perf_counter()
     man = build_rank_log_distributed(frame, cands, scorer, out / "log", progress=env.is_main, item_ids=item_ids,
-                                     seed=args.seed)
+                                     seed=seed)
     log_s = time.perf_counter() - t0
-    students = (train_students(data, frame, out / "log", out / "students", args.student_batch_size,
-                               args.student_epochs, args.seed, env.is_main) if args.students else None)
+    student_summary = (train_students(data, frame, out / "log", out / "students", student_batch_size,
+                                      student_epochs, seed, env.is_main) if students else None)
+    summary = None
     if env.is_main:
         n_steps = res.history[-1]["step"] if res.history else 0
         summary = {
             "world_size": env.world_size, "backend": env.backend, "device": env.device,
             "machine": platform.processor() or platform.machine(), "torch_threads": torch.get_num_threads(),
-            "train_rows": len(train), "per_rank_batch": args.batch_size,
-            "effective_batch": args.batch_size * env.world_size, "epochs": args.epochs, "steps": n_steps,
-            "fit_s": fit_s, "train_rows_per_s": n_steps * args.batch_size * env.world_size / fit_s,
+            "train_rows": len(train), "per_rank_batch": batch_size,
+            "effective_batch": batch_size * env.world_size, "epochs": epochs, "steps": n_steps,
+            "fit_s": fit_s, "train_rows_per_s": n_steps * batch_size * env.world_size / fit_s,
             "best_valid_auc": res.best_valid_auc, "rank_log_s": log_s, "rank_log_pairs": man["n_rows"],
             "rank_log_pairs_per_s": man["n_rows"] / log_s,
         }
-        if students is not None:
-            summary["students"] = students
+        if student_summary is not None:
+            summary["students"] = student_summary
         A.write_json(out / "ddp_ranklog.json", summary)
-        print(json.dumps(summary, indent=2))
     D.destroy()
-
-
-if __name__ == "__main__":
-    main()
+    return summary
