@@ -1,7 +1,7 @@
 """The distillation ablation of the two-tower students, over seeds, on the default world or on ML-100K.
 
     python benchmarks/ablation.py                                   # the world, seeds of pipelines/ablation.toml
-    python benchmarks/ablation.py --dataset movielens-100k --data-path ../shared/data/ml-100k
+    python benchmarks/ablation.py --dataset movielens-100k --data-path path/to/ml-100k
     python benchmarks/ablation.py --runs-dir /tmp/abl --set ablation.seeds=[0] --set ranklog.max_requests=2000
 
 Writes benchmarks/results/ablation_<dataset>.json (the report's ablation schema plus per-seed values, checks,
@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import platform
 import sys
 import time
@@ -34,8 +35,9 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "pipelines" / "ablation.toml"))
     p.add_argument("--dataset", choices=("world", "movielens-100k"), default="world")
-    p.add_argument("--data-path", default=None,
-                   help="ML-100K folder (u.data, u.item, u.user); default ../shared/data/ml-100k from the repo root")
+    p.add_argument("--data-path", default=os.environ.get("CASCADE_ML100K"),
+                   help="ML-100K folder (u.data, u.item, u.user); default $CASCADE_ML100K. A path relative to the "
+                        "working directory keeps machine paths out of the results JSON")
     p.add_argument("--runs-dir", default=None, help="where the per-seed pipeline runs go (default: the config's)")
     p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
@@ -45,10 +47,9 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = []
     if args.dataset == "movielens-100k":
-        # relative to the working directory (run from the repo root), so no machine path lands in the JSON
-        path = args.data_path or "../shared/data/ml-100k"
-        if not Path(path).is_dir():
-            p.error(f"ML-100K folder {path} does not exist (give --data-path)")
+        path = args.data_path
+        if not path or not Path(path).is_dir():
+            p.error(f"ML-100K folder {path!r} does not exist (give --data-path or set CASCADE_ML100K)")
         overrides += MOVIELENS + [f'data.path="{path}"']
     if args.runs_dir:
         overrides.append(f'run.runs_dir="{args.runs_dir}"')

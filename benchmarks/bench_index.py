@@ -86,7 +86,7 @@ def bench_index(index: ItemIndex, build_s: float, xq, xq1, k, I_exact, threads, 
             index.set_search_params(ef_search=v)
         configure_faiss(threads)
         qps, I = time_batched(index.search_positions, xq, k)
-        configure_faiss(1)  # single queries are fastest on one thread (PERF_NOTES)
+        configure_faiss(1)  # single queries are fastest on one thread (BENCHMARKS.md, bench_index)
         single = time_single(index.search_positions, xq1, k)
         row = {"factory": index.factory, "backend": index.backend, "param": param, "value": v, "build_s": build_s,
                "index_bytes": size, "recall_at_k": mean_recall_at_k(I_exact, I), "batched_qps": qps,

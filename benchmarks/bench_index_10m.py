@@ -70,7 +70,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     # nprobe 256 gave 0.71 with PQ alone and 0.83 with a 4x shortlist, so the sweep goes to nprobe 1024 and 16x
     p.add_argument("--nprobes", type=int, nargs="+", default=[64, 256, 1024])
     p.add_argument("--k-factors", type=int, nargs="+", default=[1, 4, 16])
-    # one faiss thread: this 2-core machine is one physical core (PERF_NOTES); 2 threads made batched search slower
+    # one faiss thread: this 2-core machine is one physical core; 2 threads made batched search slower
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_index_10m",

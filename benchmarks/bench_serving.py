@@ -603,7 +603,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--ef-searches", type=int, nargs="+", default=[128, 256, 512, 1024])
     p.add_argument("--hnsw-max-n", type=int, default=100_000, help="skip HNSW above this many items")
     # 1 thread: single queries are fastest on one faiss thread, and on this 2-core machine (one physical core)
-    # shared with other jobs two threads fight for the core (PERF_NOTES)
+    # shared with other jobs two threads fight for the core (bench_index)
     p.add_argument("--threads", type=int, default=1, help="faiss and torch threads")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_serving.json")
     p.add_argument("--render", action="store_true", help="only re-render the Markdown of an existing --out JSON")

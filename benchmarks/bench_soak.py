@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
     run_dir = ensure_run(pipeline_config(args.n_items, args.runs_dir, n_users=args.n_users, n_days=args.n_days,
                                          seed=args.seed))
     data, casc = load_cascade(run_dir)
-    configure_faiss(args.threads)  # after loading: single queries are fastest on one faiss thread (PERF_NOTES)
+    configure_faiss(args.threads)  # after loading: single queries are fastest on one faiss thread (bench_index)
     requests = to_requests(requests_frame(data.split_impressions("test"), data.context_names), data.context_names)
     modes = []
     for b in args.modes:

@@ -225,7 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", default=str(ROOT / "pipelines" / "default.toml"))
     p.add_argument("--dataset", choices=("world", "movielens-100k"), default="world")
-    p.add_argument("--data-path", default=None, help="ML-100K folder; default ../shared/data/ml-100k (repo root)")
+    p.add_argument("--data-path", default=os.environ.get("CASCADE_ML100K"),
+                   help="ML-100K folder; default $CASCADE_ML100K")
     p.add_argument("--runs-dir", default="runs",
                    help="where the data step is built / reused (run name rank_<dataset>)")
     p.add_argument("--data-dir", default=None, help="reuse this existing data step folder instead of building one")
@@ -258,7 +259,9 @@ def main(argv: list[str] | None = None) -> int:
 
     overrides = [f'run.runs_dir="{args.runs_dir}"', f'run.name="rank_{args.dataset.replace("-", "_")}"']
     if movielens:
-        overrides += MOVIELENS + [f'data.path="{args.data_path or "../shared/data/ml-100k"}"']
+        if not args.data_path:
+            p.error("--dataset movielens-100k needs --data-path (or CASCADE_ML100K)")
+        overrides += MOVIELENS + [f'data.path="{args.data_path}"']
     cfg: PipelineConfig = load_config(args.config, overrides + args.overrides)
     t0 = time.perf_counter()
     if args.data_dir is None:

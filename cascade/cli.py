@@ -13,7 +13,7 @@ DEFAULT_CONFIG = Path("pipelines") / "default.toml"
 EPILOG_RUN = """examples:
   cascade run                                   # pipelines/default.toml on the embedded synthetic world
   cascade run pipelines/tiny.toml               # a one-minute run
-  cascade run pipelines/movielens.toml --set data.path=../ml-100k
+  cascade run pipelines/movielens.toml --set data.path=path/to/ml-100k
   cascade run --set teacher.model.backbone=deepfm --set run.name=deepfm
   cascade run --force teacher                   # redo one step (and whatever its change affects)
 """
@@ -198,9 +198,9 @@ def build_parser() -> argparse.ArgumentParser:
         q.set_defaults(func=fn)
 
     a = sub.add_parser("ablation", help="the distillation ablation of the two-tower students over seeds",
-                       epilog="examples:\n  cascade ablation                                  # "
-                              "pipelines/ablation.toml, the world\n"
-                              "  cascade ablation --set data.source='movielens-100k' --set data.path='../ml-100k'\n"
+                       epilog="examples:\n"
+                              "  cascade ablation                  # pipelines/ablation.toml, the world\n"
+                              "  cascade ablation --set data.source='movielens-100k' --set data.path=path/to/ml-100k\n"
                               "  cascade ablation --set ablation.seeds=[0]",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     a.add_argument("config", nargs="?", help="ablation TOML (default: pipelines/ablation.toml)")

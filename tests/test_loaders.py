@@ -56,8 +56,8 @@ def test_kuairand_standard_only(kuairand_logs):
 
 @pytest.fixture(scope="module")
 def ml100k():
-    if not (ML100K / "u.data").exists():
-        pytest.skip(f"MovieLens-100K not found at {ML100K} (research licence: never copied into the repo)")
+    if ML100K is None or not (ML100K / "u.data").exists():
+        pytest.skip(f"MovieLens-100K not found (CASCADE_ML100K={ML100K}; research licence: never copied into the repo)")
     return load_movielens_100k(ML100K)
 
 

@@ -25,9 +25,9 @@ from cascade.models.two_tower import TowerInputs
 
 REPO = Path(__file__).resolve().parents[1]
 KUAIRAND_SIDE = REPO / "data"
-# MovieLens-100K is not in the repository (research licence): CASCADE_ML100K names its folder; tests that need it
-# skip without it. The default is the data folder a checkout of this project sits beside.
-ML100K = Path(os.environ.get("CASCADE_ML100K") or REPO.parent / "shared" / "data" / "ml-100k")
+# MovieLens-100K is not in the repository (research licence): CASCADE_ML100K names its folder; the tests that
+# need it skip without it.
+ML100K = Path(os.environ["CASCADE_ML100K"]) if os.environ.get("CASCADE_ML100K") else None
 
 # ------------------------------------------------------------------------------------------------ ranker table
 

@@ -1,6 +1,6 @@
 """Request replay: push the test-period requests through the cascade in time order and measure every stage.
 
-Quality (DESIGN.md section 5), per request r and stage output S_r (retrieval N1, pre-rank N2, final K):
+Quality, per request r and stage output S_r (retrieval N1, pre-rank N2, final K):
 
 - teacher-recall@K = |T_r ∩ S_r| / K with T_r the teacher's top-K over the whole corpus;
 - click-recall = |G_r ∩ S_r| / |G_r| with G_r the clicked items of the request (requests with clicks only);
