@@ -59,16 +59,16 @@ array the ground truth needs; plain arrays, no pickle). :meth:`World.load` resto
 
 from .chunked import StreamWorldResult, generate_world_stream, world_stream_files
 from .config import (
-                     BEIJING,
-                     HOUR_MS,
-                     KUAIRAND_LOG_COLUMNS,
-                     USER_FEATURES_FILE,
-                     VIDEO_FEATURES_FILE,
-                     WORLD_JSON,
-                     WORLD_STATE,
-                     HistoryState,
-                     WorldConfig,
-                     embedded_data_dir,
+    BEIJING,
+    HOUR_MS,
+    KUAIRAND_LOG_COLUMNS,
+    USER_FEATURES_FILE,
+    VIDEO_FEATURES_FILE,
+    WORLD_JSON,
+    WORLD_STATE,
+    HistoryState,
+    WorldConfig,
+    embedded_data_dir,
 )
 from .generate import generate_world
 from .model import World
