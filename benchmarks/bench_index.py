@@ -179,8 +179,8 @@ def main(argv=None) -> None:
         "results": results,
     }
     write_json(args.out, out)
-    print(f"\n{'n':>8} {'factory':<22} {'param':<14} {'recall':>7} {'batch q/s':>10} {'p50 ms':>7} {'build s':>8} "
-          f"{'MB':>7}")
+    print(f"\n{'n':>8} {'factory':<22} {'param':<14} {'recall':>7} {'batch q/s':>10} "
+          f"{'p50 ms':>7} {'build s':>8} {'MB':>7}")
     for res in results:
         for r in res["rows"]:
             p = f"{r['param']}={r['value']}" if r["param"] else ""

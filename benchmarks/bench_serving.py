@@ -497,8 +497,8 @@ def render_markdown(res: dict) -> str:
                 q, o = r[clock]["qps"], r[clock]["overhead_vs_bare"]
                 L.append(f"| {s['n_items']:,} | {idx} | {r['batch_size']} | {clock} | {q['bare_faiss']:,.0f} | "
                          f"{q['item_index']:,.0f} ({o['item_index']:+.1%}) | {q['retriever_search']:,.0f} | "
-                         f"**{o['retriever_search']:+.1%}** | {q['retriever_full']:,.0f} ({o['retriever_full']:+.1%}) "
-                         f"| "
+                         f"**{o['retriever_search']:+.1%}** | {q['retriever_full']:,.0f} "
+                         f"({o['retriever_full']:+.1%}) | "
                          f"{q['user_tower']:,.0f} |")
     L += ["", f"**Operating points** on the trained retrieval tower's item embeddings (recall@{a['k_recall']} vs exact "
           f"inner-product search over {a['nq']} test queries; batched = one search of all queries; single = one query "
@@ -515,12 +515,12 @@ def render_markdown(res: dict) -> str:
         if "hnsw_skipped" in s:
             L.append(f"| {s['n_items']:,} | HNSW | skipped: {s['hnsw_skipped']} | | | | | | |")
     L += ["", f"**End-to-end latency at batch 1** through `Cascade.recommend` ({a['n_latency']} requests; ms) and "
-          f"batched throughput (batch {a['batch_size']}, {a['n_batched']} requests). Target: p99 <= 20 ms. The "
-          f"cpu-time "
+          f"batched throughput (batch {a['batch_size']}, {a['n_batched']} requests). Target: "
+          "p99 <= 20 ms. The cpu-time "
           "column is the per-step breakdown's total on the thread's CPU clock (same requests, run separately): what "
           "the cascade costs without waiting for a core taken by other jobs.", "",
-          "| items | retrieval index | recall@500 | e2e p50 | e2e p95 | e2e p99 | retrieval p50 / p99 | pre-rank p50 / "
-          "p99 "
+          "| items | retrieval index | recall@500 | e2e p50 | e2e p95 | e2e p99 | retrieval p50 / "
+          "p99 | pre-rank p50 / p99 "
           "| rank p50 / p99 | cpu-time e2e p50 / p99 | batched req/s |",
           "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in res["sizes"]:
@@ -532,8 +532,8 @@ def render_markdown(res: dict) -> str:
                      f"{b1['retrieval_ms']['p50_ms']:.2f} / {b1['retrieval_ms']['p99_ms']:.2f} | "
                      f"{b1['prerank_ms']['p50_ms']:.2f} / {b1['prerank_ms']['p99_ms']:.2f} | "
                      f"{b1['rank_ms']['p50_ms']:.2f} / {b1['rank_ms']['p99_ms']:.2f} | "
-                     f"{e['breakdown']['cpu']['total']['p50_ms']:.2f} / {e['breakdown']['cpu']['total']['p99_ms']:.2f} "
-                     f"| "
+                     f"{e['breakdown']['cpu']['total']['p50_ms']:.2f} / "
+                     f"{e['breakdown']['cpu']['total']['p99_ms']:.2f} | "
                      f"{e['batched']['requests_per_s']:,.0f} |")
     L += ["", "**Per-step breakdown at batch 1** (p50 / p99 ms over the same requests, steps timed one by one in the "
           "cascade's order). *wall* is elapsed time; *cpu* is the thread's CPU time, which leaves out waiting for a "

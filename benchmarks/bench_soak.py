@@ -70,8 +70,8 @@ def soak(cascade: Cascade, requests: Requests, n_requests: int, batch_size: int,
     (p99 of each 1/checkpoints part), "ratio_all", "ratio_last" (p99 / p99_first)}, plus "checks" (pass flags).
     """
     if n_requests < 1 or batch_size < 1 or checkpoints < 1:
-        raise ValueError(f"need n_requests, batch_size, checkpoints >= 1, got {n_requests}, {batch_size}, "
-                         f"{checkpoints}")
+        raise ValueError(f"need n_requests, batch_size, checkpoints >= 1, got {n_requests}, "
+                         f"{batch_size}, {checkpoints}")
     reqs = cycle(requests, n_requests)
     starts = np.arange(0, n_requests, batch_size)
     n_calls = len(starts)
@@ -123,8 +123,8 @@ def render_markdown(res: dict) -> str:
          f"faiss and torch on {a['threads']} thread. Wall time {res['wall_s'] / 60:.1f} min"
          + (f" (modes run side by side in {len(res['parts'])} processes, RSS measured per process)"
             if res.get("parts") else "") + ".", "",
-         f"Cascade: the {a['n_items']:,}-item synthetic-world run of the serving benchmark ({res['run']['index']} "
-         f"index, "
+         f"Cascade: the {a['n_items']:,}-item synthetic-world run of the serving benchmark "
+         f"({res['run']['index']} index, "
          f"distilled towers, DCNv2 teacher as ranker), n_retrieve {a['n_retrieve']}, n_prerank {a['n_prerank']}, "
          f"k {a['k']}; its {res['run']['n_test_requests']:,} test-day requests cycled in time order. Latency is per "
          "call (a batch-B call serves B requests); *wall* is elapsed time, *cpu* the thread's CPU time (leaves out "

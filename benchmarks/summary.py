@@ -71,8 +71,8 @@ def _serving(d: dict) -> tuple[str, bool]:
         overheads.append(s["retrieval"]["batch1"]["wall"]["overhead_vs_bare"]["retriever_search"])
         p99s += [e["batch1"]["end_to_end_ms"]["p99_ms"] for e in s["end_to_end"].values()]
     sizes = ", ".join(f"{s['n_items']:,}" for s in d["sizes"])
-    text = (f"retriever overhead <= {max(overheads):+.1%}; e2e p99 {min(p99s):.1f}-{max(p99s):.1f} ms at batch 1 "
-            f"({sizes} items)")
+    text = (f"retriever overhead <= {max(overheads):+.1%}; e2e p99 {min(p99s):.1f}-{max(p99s):.1f} ms "
+            f"at batch 1 ({sizes} items)")
     return text, max(overheads) <= 0.10 and max(p99s) <= 20.0
 
 

@@ -109,15 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     imp = dataclasses.replace(imp, spec=spec, num=np.ascontiguousarray(imp.num[:, num_cols]))
     jdata = ThreeStudentsData(imp, inputs.request_rows(imp.request_id), inputs.item_rows(data.map_items(imp.item_id)),
                               inputs,
-                      frame["user_row"].to_numpy(), cands,
-                      lambda rows, items: data.pair_features(requests.take(rows), item_ids[items]))
+                              frame["user_row"].to_numpy(), cands,
+                              lambda rows, items: data.pair_features(requests.take(rows), item_ids[items]))
     timings["prepare_s"] = time.perf_counter() - t0
     log.info("%d requests, %d impressions, lists of %d", len(frame), len(imp), cands.shape[1])
 
     # ---- one loop
     jcfg = ThreeStudentsConfig(teacher=cfg.teacher.model, rank_student=sc.rank_student, rank_distill=sc.rank_distill,
-                              tower=sc.tower, prerank=sc.prerank, retrieval=sc.retrieval, lr=cfg.teacher.train.lr,
-                              epochs=args.epochs, batch_size=sc.prerank.batch_size, seed=args.seed, progress=True)
+                               tower=sc.tower, prerank=sc.prerank, retrieval=sc.retrieval, lr=cfg.teacher.train.lr,
+                               epochs=args.epochs, batch_size=sc.prerank.batch_size, seed=args.seed, progress=True)
     t0 = time.perf_counter()
     one_loop = train_three_students(jdata, data.spec, jcfg)
     timings["one_loop_train_s"] = time.perf_counter() - t0
@@ -160,8 +160,8 @@ def main(argv: list[str] | None = None) -> int:
 
         students = {
             "teacher-first (run's students)": ({"prerank": load_pipeline("prerank"),
-                                            "retrieval": load_pipeline("retrieval")},
-                                           "run_teacher"),
+                                                "retrieval": load_pipeline("retrieval")},
+                                               "run_teacher"),
             "teacher-first (same requests)": (same, "run_teacher"),
             "one-loop": ({"prerank": one_loop.prerank, "retrieval": one_loop.retrieval}, "one_loop_teacher"),
         }
@@ -178,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     test = dataclasses.replace(test, spec=spec, num=np.ascontiguousarray(test.num[:, num_cols]))
     rankers = {"run teacher": evaluate(teacher, test), "one-loop teacher": evaluate(one_loop.teacher, test),
                "run rank student (teacher-first)": evaluate(load_ranker(run / "students" / "rank_student", data.spec),
-                                                        test),
+                                                            test),
                "one-loop rank student": evaluate(one_loop.rank_student, test)}
     timings["total_s"] = time.perf_counter() - t_all
     out = {
@@ -209,15 +209,15 @@ def _markdown(r: dict) -> str:
         f"{r['train_requests']:,} of the run's {r['run_train_requests']:,} training requests "
         f"({r['train_impressions']:,} impressions), lists of {r['n_candidates']} candidates, {r['epochs']} epochs. "
         f"The one-loop teacher therefore sees only those impressions, while the run's teacher was trained on every "
-        f"training impression; the run's own students learned from a rank log of {r['run_rank_log_requests']:,} "
-        f"requests.",
+        "training impression; the run's own students learned from a rank log of "
+        f"{r['run_rank_log_requests']:,} requests.",
         "",
         f"Teacher-recall@10 within held-out candidate lists of {r['test_requests']} test requests "
         f"(impressed + sampled, {r['n_candidates']} per request), each list ranked by the one-loop teacher and by the "
         f"run's teacher. \"own\" = against the teacher the student was distilled from (the cascade's consistency).",
         "",
-        "| students | stage | recall@10 vs own teacher | recall@10 vs run teacher | recall@10 vs one-loop teacher | "
-        "NDCG@10 vs own |",
+        "| students | stage | recall@10 vs own teacher | recall@10 vs run teacher | recall@10 vs one-loop "
+        "teacher | NDCG@10 vs own |",
         "|---|---|---|---|---|---|",
     ]
     for variant, row in r["students"].items():
@@ -230,8 +230,8 @@ def _markdown(r: dict) -> str:
     for name, m in r["rankers"].items():
         lines.append(f"| {name} | {m['auc']:.4f} | {m['gauc']:.4f} | {m['logloss']:.4f} |")
     lines += ["",
-              "How to read it: \"teacher-first (same requests)\" and \"one-loop\" differ only in the training mode "
-              "(same "
+              "How to read it: \"teacher-first (same requests)\" and \"one-loop\" differ only "
+              "in the training mode (same "
               "requests, candidate lists, configs, epochs). The one-loop students learn from a teacher that starts "
               "untrained and moves every step, and that teacher sees only the capped impressions (compare the "
               "two teachers' AUC), so on this budget the comparison mixes the mode with a weaker teacher; the "

@@ -242,6 +242,6 @@ def verify_outputs(folder: str | os.PathLike, manifest: Mapping[str, Any]) -> No
         got = sha256_file(p)
         if got != digest:
             raise ArtifactError(
-                f"{p}: sha256 {got[:12]}... does not match the manifest's {digest[:12]}...: the file is truncated or "
-                f"altered"
+                f"{p}: sha256 {got[:12]}... does not match the manifest's {digest[:12]}...: the "
+                "file is truncated or altered"
             )

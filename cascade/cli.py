@@ -100,8 +100,8 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     result = run_ablation(cfg, settings, label, progress=not args.no_progress)
     json_path, md_path = write_ablation(result, args.out, f"ablation_{label}")
     print(ablation_markdown(result))
-    print(f"wrote {json_path} and {md_path}; add `report.ablation = \"{json_path}\"` to a run's config to show it in "
-          f"its report")
+    print(f"wrote {json_path} and {md_path}; add `report.ablation = \"{json_path}\"` to a run's "
+          "config to show it in its report")
     return 0
 
 
@@ -225,10 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.set_defaults(func=cmd_data)
 
     i = sub.add_parser("index", help="build or search a FAISS inner-product index",
-                       epilog="examples:\n  cascade index build --embeddings items.npy --ids ids.npy --out idx "
-                              "--model-hash abc\n"
-                              "  cascade index search --index idx --queries users.npy --k 100 --out top.npy "
-                              "--model-hash abc",
+                       epilog="examples:\n  cascade index build --embeddings items.npy --ids ids.npy "
+                              "--out idx --model-hash abc\n"
+                              "  cascade index search --index idx --queries users.npy --k 100 "
+                              "--out top.npy --model-hash abc",
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     i.add_argument("action", choices=("build", "search"))
     i.add_argument("--embeddings", help="build: float32 [n, d] .npy of item embeddings")

@@ -145,7 +145,7 @@ def test_bad_config_fails_before_any_work(tmp_path):
                              ("students.tower.temperature=0", "temperature")):
         r = subprocess.run([sys.executable, "-m", "cascade.cli", "run", str(TINY), "--set", override,
                             "--set", f"run.runs_dir={json.dumps(str(tmp_path / 'r'))}"], cwd=ROOT, capture_output=True,
-                            text=True, timeout=120)
+                           text=True, timeout=120)
         assert r.returncode == 2 and needle in r.stderr, (override, r.stderr[-500:])
     assert not (tmp_path / "r").exists()
 

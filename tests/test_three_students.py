@@ -80,7 +80,7 @@ def _world(seed: int = 0):
             np.arange(N_USERS, dtype=np.int64), np.arange(N_ITEMS, dtype=np.int64), rows.astype(np.int64))
 
     data = ThreeStudentsData(imp, np.repeat(tr, N_IMP), impressed[:N_TRAIN].reshape(-1), tower_inputs(tr), req_user[tr],
-                     cand[:N_TRAIN], pair_features)
+                             cand[:N_TRAIN], pair_features)
     requests = pd.DataFrame({"request_id": np.arange(n_req), "user_id": req_user, "user_row": req_user,
                              "time_ms": np.arange(n_req)})
     return spec, pair_features, data, tower_inputs(np.arange(n_req)), requests, cand
@@ -230,7 +230,7 @@ def test_bad_config_and_data_raise(world):
         _cfg(prerank=_cfg().retrieval)
     with pytest.raises(ValueError, match="imp_item_rows holds 300"):
         ThreeStudentsData(data.impressions, data.imp_request_rows, np.full(len(data.impressions), N_ITEMS), data.inputs,
-                  data.user_rows, data.candidates, pair_features)
+                          data.user_rows, data.candidates, pair_features)
     with pytest.raises(ValueError, match="candidates"):
         ThreeStudentsData(data.impressions, data.imp_request_rows, data.imp_item_rows, data.inputs, data.user_rows,
-                  data.candidates[:5], pair_features)
+                          data.candidates[:5], pair_features)

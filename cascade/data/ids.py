@@ -64,8 +64,8 @@ class IdIndex:
             bad = int(np.asarray(ids).reshape(-1)[np.flatnonzero(~found.reshape(-1))[0]])
             where = "is empty" if len(self.sorted_ids) == 0 else f"has {len(self.sorted_ids):,} ids"
             src = self.source if source is None else source
-            raise DataValidationError(f"{src + ': ' if src else ''}unknown {self.what} {bad} (not in the {self.what} "
-                                      f"table, which {where})")
+            raise DataValidationError(f"{src + ': ' if src else ''}unknown {self.what} {bad} (not in the "
+                                      f"{self.what} table, which {where})")
         return rows
 
 

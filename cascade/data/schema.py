@@ -163,8 +163,8 @@ def check_id_column(df: pd.DataFrame, col: str, source: str, unique: bool) -> No
         raise DataValidationError(f"{source}: column {col!r} has NaN ids (value NaN first at row "
                                   f"{int(np.flatnonzero(s.isna().to_numpy())[0])})")
     if _dtype_family(s) != "int":
-        raise DataValidationError(f"{source}: column {col!r} must hold integer ids, has dtype {s.dtype} (example value "
-                                  f"{_example(s)})")
+        raise DataValidationError(f"{source}: column {col!r} must hold integer ids, has dtype {s.dtype} "
+                                  f"(example value {_example(s)})")
     if unique:
         dup = s[s.duplicated()]
         if len(dup):
@@ -241,7 +241,7 @@ class Dataset:
             table = {"users": u, "items": i, "impressions": imp}.get(f.table)
             if table is not None and f.name not in table.columns:
                 raise DataValidationError(
-                    f"{self.source(f.table)}: schema feature {f.name!r} (side {f.side}) is not a column of table "
-                    f"{f.table}"
+                    f"{self.source(f.table)}: schema feature {f.name!r} (side {f.side}) is not a "
+                    f"column of table {f.table}"
                 )
         return self

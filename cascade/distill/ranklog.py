@@ -311,8 +311,8 @@ def merge_manifests(out_dir: str | Path, n_shards: int) -> dict:
             raise artifacts.ArtifactError(f"{d / artifacts.MANIFEST}: not shard {k} of {n_shards} of a rank log")
         lo, hi = m["request_row_range"]
         if lo != expected_lo:
-            raise artifacts.ArtifactError(f"{d}: covers request rows [{lo}, {hi}) but [{expected_lo}, ...) was "
-                                          f"expected")
+            raise artifacts.ArtifactError(f"{d}: covers request rows [{lo}, {hi}) but "
+                                          f"[{expected_lo}, ...) was expected")
         expected_lo = hi
         total = m["n_requests_total"] if total is None else total
         cfg = {k2: v for k2, v in m["config"].items() if k2 != "shard_index"}
@@ -353,14 +353,14 @@ class RankLog:
         self.path = Path(path)
         self.manifest = artifacts.read_manifest(self.path, verify=verify)
         if self.manifest.get("kind") != KIND:
-            raise artifacts.ArtifactError(f"{self.path / artifacts.MANIFEST}: kind {self.manifest.get('kind')!r} "
-                                          f"is not a {KIND}")
+            raise artifacts.ArtifactError(f"{self.path / artifacts.MANIFEST}: kind "
+                                          f"{self.manifest.get('kind')!r} is not a {KIND}")
         tables = [pq.read_table(self.path / s["path"]) for s in self.manifest["shards"]]
         if tables:
             missing = [c for c in COLUMNS if c not in tables[0].column_names]
             if missing:
-                raise artifacts.ArtifactError(f"{self.path / self.manifest['shards'][0]['path']}: missing columns "
-                                              f"{missing}")
+                raise artifacts.ArtifactError(f"{self.path / self.manifest['shards'][0]['path']}: "
+                                              f"missing columns {missing}")
         col = {c: (np.concatenate([t.column(c).to_numpy() for t in tables]) if tables else np.zeros(0, np.int64))
                for c in COLUMNS}
         self._build(col)
@@ -406,8 +406,8 @@ class RankLog:
                 continue
             ref = np.asarray(ref)
             if len(rows) and rows.max() >= len(ref):
-                raise artifacts.ArtifactError(f"{self.path}: {what} row {rows.max()} is beyond the {len(ref)} known "
-                                              f"rows")
+                raise artifacts.ArtifactError(f"{self.path}: {what} row {rows.max()} is beyond "
+                                              f"the {len(ref)} known rows")
             bad = ref[rows] != ids
             if bad.any():
                 j = int(np.argmax(bad))

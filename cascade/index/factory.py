@@ -44,8 +44,8 @@ def parse_factory(factory: str, d: int) -> dict[str, Any]:
         if m:
             out = {"kind": kind, **{k: int(v) for k, v in m.groupdict().items() if v is not None}}
             if kind == "ivfpq" and d % out["m"] != 0:
-                raise ValueError(f"factory {factory!r}: PQ{out['m']} needs the dimension {d} to be a multiple of "
-                                 f"{out['m']}")
+                raise ValueError(f"factory {factory!r}: PQ{out['m']} needs the dimension {d} to "
+                                 f"be a multiple of {out['m']}")
             if kind == "ivfpq" and "opq" in out and out["opq"] != out["m"]:
                 raise ValueError(f"factory {factory!r}: OPQ{out['opq']} must match PQ{out['m']}")
             return out

@@ -433,8 +433,8 @@ class ItemIndex:
             best = max(self.operating_points_, key=lambda p: p["recall_at_k"])
             raise ValueError(
                 f"no operating point of {self.factory!r} reaches recall@{best['k']} >= {recall_target}: the best is "
-                f"{best['recall_at_k']:.4f} at {best['param']}={best['value']}; sweep larger values or use another "
-                f"factory"
+                f"{best['recall_at_k']:.4f} at {best['param']}={best['value']}; sweep larger "
+                "values or use another factory"
             )
         p = min(ok, key=lambda p: -1 if p["value"] is None else p["value"])
         if p["param"] == "nprobe":
@@ -557,8 +557,8 @@ class ItemIndex:
                 f"{where}: user embedding dimension {expect_dim} does not match the index's {m['embedding_dim']}"
             )
         if expect_metric is not None and m["metric"] != expect_metric:
-            raise IndexMismatchError(f"{where}: expected metric {expect_metric!r} does not match the index's "
-                                     f"{m['metric']!r}")
+            raise IndexMismatchError(f"{where}: expected metric {expect_metric!r} does not match "
+                                     f"the index's {m['metric']!r}")
         verify_outputs(directory, m)
         backend, reason = select_backend(device)
         spec = parse_factory(m["factory"], int(m["embedding_dim"]))

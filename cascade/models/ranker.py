@@ -66,8 +66,8 @@ class RankerConfig:
         if self.cross_rank is not None and self.cross_rank < 1:
             raise ValueError(f"RankerConfig: cross_rank must be >= 1 or None, got {self.cross_rank}")
         if self.emb_dim <= 0 or self.cross_layers < 1:
-            raise ValueError(f"RankerConfig: emb_dim ({self.emb_dim}) and cross_layers ({self.cross_layers}) must be "
-                             f">= 1")
+            raise ValueError(f"RankerConfig: emb_dim ({self.emb_dim}) and cross_layers "
+                             f"({self.cross_layers}) must be >= 1")
 
     def to_dict(self) -> dict:
         d = asdict(self)

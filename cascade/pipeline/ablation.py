@@ -481,7 +481,7 @@ def ablation_markdown(result: Mapping[str, Any]) -> str:
         failed = [c for c in result["checks"] if not c["holds"]]
         lines += ["", f"{len(result['checks']) - len(failed)} of {len(result['checks'])} checks hold."
                   + ("" if not failed else " Failing: " + "; ".join(f"{c['stage']} {c['variant']} {c['metric']}"
-                                                                     for c in failed) + "."), ""]
+                                                                    for c in failed) + "."), ""]
     ref = result.get("reference") or {}
     if ref:
         keys = list(dict.fromkeys(k for r in ref.values() for k in r))

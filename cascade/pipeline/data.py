@@ -87,4 +87,4 @@ def run(ctx: StepContext) -> StepResult:
     if world is not None:  # wall times go to the manifest only, so that summary.json is reproducible
         metrics["world_seconds"] = world.summary().get("seconds")
     return StepResult(outputs, metrics,
-                       f"{len(imp):,} impressions, {len(ds.users):,} users, {len(ds.items):,} items")
+                      f"{len(imp):,} impressions, {len(ds.users):,} users, {len(ds.items):,} items")

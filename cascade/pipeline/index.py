@@ -33,4 +33,4 @@ def run(ctx: StepContext) -> StepResult:
                                      "operating_points": index.operating_points_}
     outputs = sorted(str(p.relative_to(ctx.out)) for p in ctx.out.rglob("*") if p.is_file())
     return StepResult(outputs, metrics,
-                       ", ".join(f"{k}: {v['factory']} on {v['backend']}" for k, v in metrics.items()))
+                      ", ".join(f"{k}: {v['factory']} on {v['backend']}" for k, v in metrics.items()))

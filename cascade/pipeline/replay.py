@@ -40,7 +40,7 @@ def run(ctx: StepContext) -> StepResult:
     clicked_imp = test[(test.click == 1) & test.request_id.isin(frame.request_id)]
     row_of = pd.Series(np.arange(len(frame)), index=frame.request_id.to_numpy())
     clicked = pad_by_row(row_of.loc[clicked_imp.request_id.to_numpy()].to_numpy(),
-                          clicked_imp.item_id.to_numpy(np.int64), len(frame), fill=PAD)
+                         clicked_imp.item_id.to_numpy(np.int64), len(frame), fill=PAD)
     oracle_prob = oracle_best = None
     world_dir = ctx.inputs["data"] / "world"
     if (world_dir / "world.json").exists():

@@ -26,14 +26,12 @@ def run(ctx: StepContext) -> StepResult:
 def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) -> dict:
     """Assemble the report's input from a run folder's step manifests and artifacts."""
     run_dir = Path(run_dir)
-    m = {s: A.read_manifest(run_dir / s, verify=False) for s in ("data", "teacher", "ranklog", "students", "index",
-                                                                 "replay")
-         if (run_dir / s / A.MANIFEST).exists()}
+    steps = ("data", "teacher", "ranklog", "students", "index", "replay")
+    m = {s: A.read_manifest(run_dir / s, verify=False) for s in steps if (run_dir / s / A.MANIFEST).exists()}
+    machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+               f"cuda {'yes' if torch.cuda.is_available() else 'no'}")
     out: dict[str, Any] = {"run": {"name": run_dir.name, "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                   "machine": f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} "
-                                              f"CPUs, "
-                                              f"torch {torch.__version__}, cuda "
-                                              f"{'yes' if torch.cuda.is_available() else 'no'}",
+                                   "machine": machine,
                                    "config": {s: mm["config"] for s, mm in m.items()},
                                    "versions": next(iter(m.values()))["versions"] if m else {},
                                    "step_wall_s": {s: mm.get("wall_s") for s, mm in m.items()}}}

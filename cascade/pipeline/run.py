@@ -57,6 +57,6 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), only: tuple[s
         torch.set_num_threads(cfg.run.threads)
     try:
         return run_steps(steps, cfg, run_dir, cfg.run.seed, force=force, only=only, progress=progress,
-                          to_plain=to_dict, on_step=on_step, code_hash=code_hash(), reuse=reuse)
+                         to_plain=to_dict, on_step=on_step, code_hash=code_hash(), reuse=reuse)
     finally:
         torch.set_num_threads(threads)

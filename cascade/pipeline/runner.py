@@ -65,7 +65,7 @@ def _fingerprint(manifest: Mapping[str, Any]) -> str:
 
 
 def step_status(step_dir: Path, config_dict: Any, inputs: Mapping[str, str], seed: int | None = None,
-                 code_hash: str | None = None) -> tuple[bool, str]:
+                code_hash: str | None = None) -> tuple[bool, str]:
     """(up_to_date, reason)."""
     if not (step_dir / A.MANIFEST).exists():
         return False, "no manifest"

@@ -85,11 +85,11 @@ def run(ctx: StepContext) -> StepResult:
         served = joint.export_student().eval()
         name = f"rank student (distilled, PFD on the {side} side)"
         pfd_rows.append(model_row(f"its PFD teacher (also reads the {side} side; not served)", "pfd_teacher",
-                                   joint.teacher, evaluate(joint.teacher, test), train.spec))
+                                  joint.teacher, evaluate(joint.teacher, test), train.spec))
     rows += [model_row(name, "student", served, evaluate(served, test), train.spec)] + pfd_rows
     outputs += save_ranker(served, c.rank_student, ctx.out / "rank_student")
     A.write_json(ctx.out / "models.json", rows)
     outputs.append("models.json")
     metrics["models"] = rows
     return StepResult(outputs, metrics, "students trained: " + ", ".join(f"{k} {v['teacher_recall@10']:.3f}"
-                                                                        for k, v in metrics.items() if k != "models"))
+                                                                         for k, v in metrics.items() if k != "models"))

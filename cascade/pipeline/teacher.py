@@ -36,4 +36,4 @@ def run(ctx: StepContext) -> StepResult:
     A.write_json(ctx.out / "models.json", rows)
     outputs.append("models.json")
     return StepResult(outputs, {"models": rows, "best_valid_auc": res.best_valid_auc},
-                       f"teacher test AUC {rows[0].get('auc', float('nan')):.4f}")
+                      f"teacher test AUC {rows[0].get('auc', float('nan')):.4f}")

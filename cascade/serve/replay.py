@@ -58,8 +58,8 @@ def replay_quality(cascade: Cascade, inp: ReplayInputs, n_retrieve: int, n_prera
     req = inp.requests
     b = len(req)
     if inp.teacher_top.shape[0] != b or inp.clicked.shape[0] != b:
-        raise ValueError(f"replay inputs disagree: {b} requests, teacher_top {inp.teacher_top.shape}, clicked "
-                         f"{inp.clicked.shape}")
+        raise ValueError(f"replay inputs disagree: {b} requests, teacher_top {inp.teacher_top.shape}, "
+                         f"clicked {inp.clicked.shape}")
     if inp.teacher_top.shape[1] < k:
         raise ValueError(f"teacher_top has {inp.teacher_top.shape[1]} items per request, need >= k={k}")
     ref = inp.teacher_top[:, :k]

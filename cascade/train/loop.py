@@ -125,8 +125,8 @@ def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig) -> torch.optim.
                           {"params": sparse, "weight_decay": 0.0}) if g["params"]]
     if cfg.optimizer == "adamw":
         if sparse:
-            raise ValueError("TrainConfig: optimizer 'adamw' cannot train sparse embeddings; use 'adagrad' or "
-                             "sparse=False")
+            raise ValueError("TrainConfig: optimizer 'adamw' cannot train sparse embeddings; use "
+                             "'adagrad' or sparse=False")
         return torch.optim.AdamW(groups, lr=cfg.lr)
     return torch.optim.Adagrad(groups, lr=cfg.lr)
 

@@ -133,14 +133,14 @@ class StudentConfig:
                        if name == "sampled_softmax" else set(inspect.signature(_LOSS_FN[name]).parameters) - _FILLED)
             bad = sorted(set(params) - allowed)
             if bad:
-                raise ValueError(f"StudentConfig: loss_params[{name!r}] has unknown key(s) {bad}; allowed: "
-                                 f"{sorted(allowed)}")
+                raise ValueError(f"StudentConfig: loss_params[{name!r}] has unknown key(s) {bad}; "
+                                 f"allowed: {sorted(allowed)}")
         bad = sorted(set(self.relevance) - (set(inspect.signature(L.graded_relevance).parameters) - _FILLED))
         if bad:
             raise ValueError(f"StudentConfig: relevance has unknown key(s) {bad}")
         if self.softmax_positives not in ("clicks", "teacher_topk"):
-            raise ValueError(f"StudentConfig: softmax_positives {self.softmax_positives!r} is not 'clicks' or "
-                             f"'teacher_topk'")
+            raise ValueError(f"StudentConfig: softmax_positives {self.softmax_positives!r} is not "
+                             "'clicks' or 'teacher_topk'")
         if self.stage == "retrieval" and not self.loss_weights.get("sampled_softmax"):
             raise ValueError("StudentConfig: stage 'retrieval' ranks the whole corpus and needs a non-zero "
                              "'sampled_softmax' weight (in-batch + uniform corpus negatives)")

@@ -141,8 +141,8 @@ class ThreeStudentsConfig:
                              f"got {self.prerank.stage!r} and {self.retrieval.stage!r}")
         for name, scfg in (("prerank", self.prerank), ("retrieval", self.retrieval)):
             if scfg.weight("sampled_softmax") != 0 and scfg.softmax_positives != "teacher_topk":
-                raise ValueError(f"ThreeStudentsConfig: {name}.softmax_positives must be 'teacher_topk' in the "
-                                 f"one-loop cascade, "
+                raise ValueError(f"ThreeStudentsConfig: {name}.softmax_positives must be 'teacher_topk' "
+                                 "in the one-loop cascade, "
                                  f"got {scfg.softmax_positives!r}")
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.score_batch_size < 1:
             raise ValueError(f"ThreeStudentsConfig: lr must be > 0 and epochs, batch_size, score_batch_size >= 1 "
@@ -185,8 +185,8 @@ class ThreeStudentsData:
         for what, a, hi in (("imp_request_rows", self.imp_request_rows, r), ("imp_item_rows", self.imp_item_rows,
                             self.inputs.n_items), ("user_rows", self.user_rows, self.inputs.n_users)):
             if len(a) and (a.min() < 0 or a.max() >= hi):
-                raise ValueError(f"ThreeStudentsData: {what} holds {a.min() if a.min() < 0 else a.max()}, outside [0, "
-                                 f"{hi})")
+                raise ValueError(f"ThreeStudentsData: {what} holds "
+                                 f"{a.min() if a.min() < 0 else a.max()}, outside [0, {hi})")
         c = self.candidates
         if c.size and (c.min() < -1 or c.max() >= self.inputs.n_items):
             raise ValueError(f"ThreeStudentsData: candidates hold item rows outside [-1, {self.inputs.n_items})")

@@ -134,8 +134,8 @@ class CrossFeatureStore:
         item_ids = np.asarray(item_ids, dtype=np.int64)
         t_ms = np.broadcast_to(np.asarray(t_ms, dtype=np.int64), user_ids.shape)
         if user_ids.shape != item_ids.shape or user_ids.ndim != 1:
-            raise ValueError(f"CrossFeatureStore.query: user_ids {user_ids.shape} and item_ids {item_ids.shape} must "
-                             f"be equal 1-d")
+            raise ValueError(f"CrossFeatureStore.query: user_ids {user_ids.shape} and item_ids "
+                             f"{item_ids.shape} must be equal 1-d")
         n = len(user_ids)
         # np.searchsorted is ~10x faster on sorted needles (each search starts from the previous hit and touches
         # the same, cached part of the history), so the searches into the histories run on needles put in

@@ -181,8 +181,8 @@ class FeatureEncoder:
         self._fitted()
         missing = [n for n in self.cross_names_ if n not in cross]
         if missing:
-            raise ValueError(f"encode_cross: missing cross feature(s) {missing}; the encoder was fitted on "
-                             f"{self.cross_names_}")
+            raise ValueError(f"encode_cross: missing cross feature(s) {missing}; the encoder was "
+                             f"fitted on {self.cross_names_}")
         if not self.cross_names_:
             n = len(next(iter(cross.values()))) if cross else 0
             return np.zeros((n, 0), np.float32)

@@ -63,8 +63,8 @@ class PairEncoder:
         for c in self.encoder.columns_:
             if c["part"] == "context":
                 if c["name"] not in context:
-                    raise DataValidationError(f"encode_pairs: context has no column {c['name']!r} (has "
-                                              f"{list(context)})")
+                    raise DataValidationError("encode_pairs: context has no column "
+                                              f"{c['name']!r} (has {list(context)})")
                 v = context[c["name"]]
                 v = v.to_numpy() if isinstance(v, pd.Series) else np.asarray(v)
                 if v.ndim == 0 or len(v) == 1:  # one value for every pair (e.g. one request at serving)

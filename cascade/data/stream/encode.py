@@ -123,12 +123,12 @@ def encode_stream(sd: StreamDataset, split: StreamSplit, encoder: FeatureEncoder
     files.clear()
     wall = time.perf_counter() - t0
     write_manifest(out_dir, kind="encode_stream", config={"privileged": privileged, "cat_dtype": cat_dtype,
-                                                           "parts": list(parts), "valid_from": split.valid_from,
-                                                           "test_from": split.test_from, "offset_ms": split.offset_ms,
-                                                           "cross_window_days": cross_window_days,
-                                                           "cross_tag_column": cross_tag_column,
-                                                           "cross_author_column": cross_author_column,
-                                                           "cross_chunk_days": cross_chunk_days},
+                                                          "parts": list(parts), "valid_from": split.valid_from,
+                                                          "test_from": split.test_from, "offset_ms": split.offset_ms,
+                                                          "cross_window_days": cross_window_days,
+                                                          "cross_tag_column": cross_tag_column,
+                                                          "cross_author_column": cross_author_column,
+                                                          "cross_chunk_days": cross_chunk_days},
                    seed=None, inputs={"dataset": str(sd.path)}, outputs=outputs, metrics={"rows": filled},
                    wall_s=round(wall, 3))
     if cross is not None:

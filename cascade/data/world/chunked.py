@@ -232,8 +232,8 @@ def generate_world_stream(out_dir: str | Path, config: WorldConfig | None = None
         return StreamWorldResult(out_dir, len(chunks), list(m["rows_per_chunk"]), m["metrics"], {}, len(chunks))
     stale = sorted(p.name for p in out_dir.glob("log_*_pure.csv"))
     if stale:
-        raise FileExistsError(f"{out_dir}: holds KuaiRand log file(s) {stale} of an in-memory world; use an empty "
-                              f"folder")
+        raise FileExistsError(f"{out_dir}: holds KuaiRand log file(s) {stale} of an in-memory "
+                              "world; use an empty folder")
     out_dir.mkdir(parents=True, exist_ok=True)
     imp_dir.mkdir(exist_ok=True)
 

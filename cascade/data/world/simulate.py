@@ -14,7 +14,7 @@ from .model import History, World, sigmoid
 
 
 def sample_distinct(rng: np.random.Generator, n_rows: int, k: int, n: int,
-                     first: np.ndarray | None = None) -> np.ndarray:
+                    first: np.ndarray | None = None) -> np.ndarray:
     """[n_rows, k] item indices in 0..n-1, distinct within each row. ``first``: an initial draw whose
     duplicates are replaced by uniform draws (the popularity-weighted candidates). Rows come out sorted."""
     x = rng.integers(0, n, (n_rows, k)) if first is None else first
@@ -47,7 +47,7 @@ def draw_requests(cfg: WorldConfig, activity: np.ndarray, rng: np.random.Generat
 
 
 def unique_requests(step: np.ndarray, user: np.ndarray, tab: np.ndarray, is_rand: np.ndarray, cfg: WorldConfig,
-                     n_users: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+                    n_users: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
     """Requests from drawn (hour step, user, tab, is_rand) [R]: duplicates removed and sorted by time, then each
     request's gap between impressions and start offset in its hour drawn from ``rng``. Shared by the in-memory
     and the chunked world (same draws in the same order)."""
@@ -70,7 +70,7 @@ STEP_KEYS = ("req", "item", "pos", "click", "examined", "sat", "watch", "ctx", "
 
 
 def simulate_step(world: World, req: dict[str, np.ndarray], lo: int, hi: int, s: int, hist: History,
-                   rng: np.random.Generator, pop: CdfSampler) -> dict[str, np.ndarray]:
+                  rng: np.random.Generator, pop: CdfSampler) -> dict[str, np.ndarray]:
     """Simulate the requests ``lo:hi`` of ``req`` (all in hour step ``s``) and add their events to ``hist``.
 
     Returns the per-impression arrays of :data:`STEP_KEYS`, each [n_requests * request_size]: ``req`` the row of
@@ -132,7 +132,7 @@ def simulate_step(world: World, req: dict[str, np.ndarray], lo: int, hi: int, s:
 def new_history(world: World) -> History:
     cfg = world.config
     return History(world.n_users, int(world._c["item_tag"].max()) + 1, cfg.author_buckets,
-                    cfg.history_half_life_hours / math.log(2.0))
+                   cfg.history_half_life_hours / math.log(2.0))
 
 
 def popular_sampler(world: World) -> CdfSampler:
