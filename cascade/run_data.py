@@ -11,6 +11,7 @@ into a cascade (``load_cascade``).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,8 +24,9 @@ from . import artifacts as A
 from .arrays import PAD
 from .data.batches import EncodedTable, FeatureSpec
 from .data.features import CrossFeatureStore, FeatureEncoder, PairEncoder
+from .data.history import EventHistory
 from .data.ids import IdIndex
-from .data.requests import Requests
+from .data.requests import Requests, request_start_ms
 from .data.schema import Schema
 from .models.ranker import Ranker, RankerConfig
 from .models.two_tower import TowerConfig, TowerInputs, TwoTower, build_two_tower, item_embeddings
@@ -76,6 +78,20 @@ class RunData:
         self._item_index = IdIndex(self.item_ids, "item_id", str(self.dir))
         self._user_index = IdIndex(self.user_ids, "user_id", str(self.dir))
         self.context_names = [f.name for f in self.schema.by_side("context")]
+
+    @functools.cached_property
+    def history(self) -> EventHistory:
+        """Every logged impression as an event at its request's start, clicks flagged: what serving knows of the
+        past (queries only ever see events strictly before their time)."""
+        imp = self.impressions
+        return EventHistory(imp["user_id"].to_numpy(np.int64), imp["item_id"].to_numpy(np.int64),
+                            request_start_ms(imp), imp["click"].to_numpy())
+
+    def split_history(self, split: str) -> EventHistory:
+        """The events of one split only (e.g. "train": what a model built at the end of train may know)."""
+        imp = self.split_impressions(split)
+        return EventHistory(imp["user_id"].to_numpy(np.int64), imp["item_id"].to_numpy(np.int64),
+                            request_start_ms(imp), imp["click"].to_numpy())
 
     def encoded(self, split: str) -> EncodedTable:
         spec = FeatureSpec.from_dict(A.read_json(self.dir / "spec.json"))

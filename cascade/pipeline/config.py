@@ -190,7 +190,7 @@ class ReplaySection:
     max_requests: int | None = 500
     latency_requests: int = 300
     batch_size: int = 256
-    filter_seen: bool = False
+    filter_seen: bool | Literal["auto"] = "auto"  # "auto": from the data (see pipeline/replay.py)
     recall_ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200, 500)
 
     def __post_init__(self) -> None:

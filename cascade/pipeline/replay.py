@@ -1,4 +1,11 @@
-"""The replay step: the test requests in time order through both cascades, quality and latency per stage."""
+"""The replay step: the test requests in time order through both cascades, outcomes and latency per stage.
+
+Next to the cascades it measures, on the same requests and at the same stage sizes, the teacher's own top list over
+the whole corpus (the cascade's ceiling). Seen items are filtered when ``replay.filter_seen`` says so; "auto"
+decides from the data: filter when re-consumption is rare in train (the data step's ``repeat_click_share`` below
+:data:`REPEAT_SHARE_FILTER_MAX`), since a filter then costs at most that share of the clicks and frees the slots
+that already-seen items would take.
+"""
 
 from __future__ import annotations
 
@@ -12,16 +19,33 @@ from ..data.world import World
 from ..eval.metrics import auc, gauc, mean_recall_at_k
 from ..index.faiss_index import ItemIndex
 from ..models.scoring import ranker_scorer
-from ..run_data import SPLIT_CODES, RunData, load_ranker, load_towers
-from ..serve.cascade import SeenFilter, build_cascade
-from ..serve.replay import ReplayInputs, replay_latency, replay_quality, teacher_top_over_corpus
+from ..run_data import RunData, load_ranker, load_towers
+from ..serve.cascade import build_cascade
+from ..serve.replay import ReplayInputs, ranking_quality, replay_latency, replay_quality, teacher_top_over_corpus
 from .config import ReplaySection
 from .runner import StepContext, StepResult
+
+REPEAT_SHARE_FILTER_MAX = 0.02
+
+
+def decide_filter_seen(setting: bool | str, data: RunData) -> tuple[bool, str]:
+    """(filter or not, why) for ``replay.filter_seen`` = true / false / "auto"."""
+    if setting != "auto":
+        return bool(setting), f"replay.filter_seen = {str(setting).lower()}"
+    share = A.read_json(data.dir / "summary.json")["summary"]["repeat_click_share"]
+    if share is None or not np.isfinite(share):
+        return False, "auto: no train clicks to measure re-consumption on: not filtered"
+    verdict = share < REPEAT_SHARE_FILTER_MAX
+    return verdict, (f"auto: {share:.1%} of train clicks were on items the user had been shown before "
+                     f"({'<' if verdict else '>='} {REPEAT_SHARE_FILTER_MAX:.0%}): "
+                     f"{'seen items filtered' if verdict else 'not filtered'}")
 
 
 def run(ctx: StepContext) -> StepResult:
     c: ReplaySection = ctx.config
     data = RunData(ctx.inputs["data"])
+    filter_seen, filter_reason = decide_filter_seen(c.filter_seen, data)
+    seen = data.history if filter_seen else None
     test = data.split_impressions("test")
     frame = requests_frame(test, data.context_names)
     if c.max_requests is not None and len(frame) > c.max_requests:
@@ -30,8 +54,8 @@ def run(ctx: StepContext) -> StepResult:
     requests = to_requests(frame, data.context_names)
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     ranker = teacher if c.ranker == "teacher" else load_ranker(ctx.inputs["students"] / "rank_student", data.spec)
-    ref_len = max(50, c.k)
-    t_top, _ = teacher_top_over_corpus(teacher, data, requests, ref_len, progress=ctx.progress)
+    ref_len = max(50, c.n_retrieve)  # the grades below use the first 50; the ceiling row every stage size
+    t_top, _ = teacher_top_over_corpus(teacher, data, requests, ref_len, progress=ctx.progress, exclude_seen=seen)
     grades = np.select([np.arange(ref_len) < 5, np.arange(ref_len) < 10, np.arange(ref_len) < 20,
                         np.arange(ref_len) < 50],
                        [4.0, 3.0, 2.0, 1.0], 0.0)
@@ -59,10 +83,10 @@ def run(ctx: StepContext) -> StepResult:
         oracle_prob = true_prob
         _, best_p = world.oracle_topk(frame["user_id"].to_numpy(), hour, tab, c.k)
         oracle_best = best_p.sum(axis=1)
-    seen = None
-    if c.filter_seen:
-        hist = data.impressions[data.impressions.split != SPLIT_CODES["test"]]
-        seen = SeenFilter(hist.user_id.to_numpy(), hist.item_id.to_numpy())
+    is_rand = (test.groupby("request_id").is_rand.max().reindex(frame.request_id).to_numpy() == 1)
+    inp = ReplayInputs(requests, clicked, t_top, grades, is_rand if is_rand.any() else None, len(data.item_ids),
+                       oracle_prob, oracle_best)
+    sizes = {"retrieval": c.n_retrieve, "prerank": c.n_prerank, "rank": c.k}
     outputs, variants = [], {}
     for variant_dir in sorted(p for p in ctx.inputs["students"].iterdir() if (p / "retrieval").is_dir()):
         v = variant_dir.name
@@ -71,8 +95,7 @@ def run(ctx: StepContext) -> StepResult:
                                expect_model_hash=A.sha256_file(variant_dir / "retrieval" / "model.pt"),
                                expect_dim=retr.item_emb.shape[1], expect_metric="ip", omp_threads=1)
         casc = build_cascade(data, retr, pre, ranker, index, seen)
-        inp = ReplayInputs(requests, clicked, t_top, grades, oracle_prob, oracle_best)
-        rows, summary = replay_quality(casc, inp, c.n_retrieve, c.n_prerank, c.k, c.batch_size, c.filter_seen,
+        rows, summary = replay_quality(casc, inp, c.n_retrieve, c.n_prerank, c.k, c.batch_size, filter_seen,
                                        ctx.progress)
         # recall@K curves: teacher top-k inside the first K of each stage's output
         curves = _recall_curves(casc, requests, t_top[:, :c.k], c)
@@ -95,12 +118,16 @@ def run(ctx: StepContext) -> StepResult:
         outputs.append(f"{v}_requests.parquet")
         variants[v] = {"quality": summary, "curves": curves, "latency_batch1": lat1, "latency_batched": latb,
                        "stage_auc": stage_auc,
-                       "sizes": {"retrieval": c.n_retrieve, "prerank": c.n_prerank, "rank": c.k},
+                       "sizes": sizes,
                        "latency_samples_ms": lat1.pop("samples_ms", None)}
-    A.write_json(ctx.out / "summary.json", variants)
+    references = {"teacher_corpus": {"quality": ranking_quality(t_top, inp, sizes, c.k), "sizes": sizes}}
+    summary = {"variants": variants, "references": references,
+               "filter_seen": {"applied": filter_seen, "why": filter_reason}}
+    A.write_json(ctx.out / "summary.json", summary)
     outputs.append("summary.json")
-    head = {v: round(s["quality"]["rank_teacher_recall"], 4) for v, s in variants.items()}
-    return StepResult(outputs, {v: s["quality"] for v, s in variants.items()}, f"final teacher-recall@{c.k}: {head}")
+    head = {v: round(s["quality"]["rank_click_recall"], 4) for v, s in {**variants, **references}.items()}
+    return StepResult(outputs, {v: s["quality"] for v, s in {**variants, **references}.items()},
+                      f"end-to-end click-recall@{c.k}: {head}")
 
 
 def _recall_curves(casc, requests, ref: np.ndarray, c: ReplaySection) -> dict:
