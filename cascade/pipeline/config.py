@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from .. import artifacts as A
 from ..config import ConfigError, apply_overrides, from_dict, load_toml
 from ..data.schema import SIDES
@@ -72,6 +74,9 @@ class DataSection:
     cross_window_days: float = 7.0
     cross_tag_column: str = "tag"  # the item column whose user x value history the cross features count
     cross_author_column: str = "author_id"
+    # drop items a user was shown before from every list (cascade, baselines, validation); "auto": when the train
+    # log shows little re-consumption (pipeline/judge.py)
+    filter_seen: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         if self.source != "world" and not self.path:
@@ -82,6 +87,51 @@ class DataSection:
             raise ValueError("data.valid_days and data.test_days must be >= 1")
         if self.cross_window_days <= 0:
             raise ValueError(f"data.cross_window_days must be > 0, got {self.cross_window_days}")
+
+
+CHANNEL_NAMES = ("popular", "recent", "itemcf", "content", "als")
+
+
+@dataclass(frozen=True)
+class ChannelsSection:
+    """The classic retrieval channels (cascade/channels): each in ``build`` is fitted on the train split and its
+    settings chosen from the grids below by validation click-recall@tune_k (pipeline/judge.py). They are the
+    replay's reference baselines and candidate sources beside the two-tower.
+
+    popular_window_days: trailing windows tried for most-popular; refresh_minutes: how often its list is recounted.
+    history_length / history_decay: the recent clicks that drive itemcf and content. content_column: the item
+    column whose values are the content categories. als_*: the ALS grid (implicit's settings)."""
+
+    build: tuple[str, ...] = CHANNEL_NAMES
+    popular_window_days: tuple[float, ...] = (1.0, 7.0, 30.0)
+    refresh_minutes: float = 60.0
+    itemcf_neighbours: int = 100
+    history_length: int = 20
+    history_decay: float = 0.9
+    content_column: str = "tag"
+    als_factors: tuple[int, ...] = (32, 128)
+    als_regularization: tuple[float, ...] = (0.01, 0.1)
+    als_alpha: tuple[float, ...] = (1.0, 10.0)
+    als_iterations: int = 15
+    tune_requests: int = 2000
+    tune_k: int = 10
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.build) - set(CHANNEL_NAMES))
+        if unknown:
+            raise ValueError(f"channels.build: unknown channel(s) {unknown}; known: {list(CHANNEL_NAMES)}")
+        if len(set(self.build)) != len(self.build):
+            raise ValueError(f"channels.build lists a channel twice: {list(self.build)}")
+        for key in ("popular_window_days", "als_factors", "als_regularization", "als_alpha"):
+            if not getattr(self, key):
+                raise ValueError(f"channels.{key} needs at least one value")
+        if any(not (np.isfinite(w) and w > 0) for w in self.popular_window_days):
+            raise ValueError(f"channels.popular_window_days must be > 0, got {list(self.popular_window_days)}")
+        for key in ("itemcf_neighbours", "history_length", "als_iterations", "tune_requests", "tune_k"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"channels.{key} must be >= 1, got {getattr(self, key)}")
+        if not (self.refresh_minutes > 0 and 0 < self.history_decay <= 1):
+            raise ValueError("channels.refresh_minutes must be > 0 and channels.history_decay in (0, 1]")
 
 
 @dataclass(frozen=True)
@@ -190,7 +240,6 @@ class ReplaySection:
     max_requests: int | None = 500
     latency_requests: int = 300
     batch_size: int = 256
-    filter_seen: bool | Literal["auto"] = "auto"  # "auto": from the data (see pipeline/replay.py)
     recall_ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200, 500)
 
     def __post_init__(self) -> None:
@@ -217,6 +266,7 @@ class ReportSection:
 class PipelineConfig:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
+    channels: ChannelsSection = field(default_factory=ChannelsSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     ranklog: RankLogSection = field(default_factory=RankLogSection)
     students: StudentsSection = field(default_factory=StudentsSection)

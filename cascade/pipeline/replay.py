@@ -1,10 +1,8 @@
 """The replay step: the test requests in time order through both cascades, outcomes and latency per stage.
 
 Next to the cascades it measures, on the same requests and at the same stage sizes, the teacher's own top list over
-the whole corpus (the cascade's ceiling). Seen items are filtered when ``replay.filter_seen`` says so; "auto"
-decides from the data: filter when re-consumption is rare in train (the data step's ``repeat_click_share`` below
-:data:`REPEAT_SHARE_FILTER_MAX`), since a filter then costs at most that share of the clicks and frees the slots
-that already-seen items would take.
+the whole corpus (the cascade's ceiling). Seen items are filtered when the data step decided so (``data.filter_seen``;
+"auto": :func:`~cascade.pipeline.judge.decide_filter_seen`).
 """
 
 from __future__ import annotations
@@ -20,32 +18,19 @@ from ..eval.metrics import auc, gauc, mean_recall_at_k
 from ..index.faiss_index import ItemIndex
 from ..models.scoring import ranker_scorer
 from ..run_data import RunData, load_ranker, load_towers
-from ..serve.cascade import build_cascade
+from ..serve.cascade import build_cascade, select_unseen
 from ..serve.replay import ReplayInputs, ranking_quality, replay_latency, replay_quality, teacher_top_over_corpus
+from .channels import load_channels
 from .config import ReplaySection
+from .judge import seen_filter
 from .runner import StepContext, StepResult
-
-REPEAT_SHARE_FILTER_MAX = 0.02
-
-
-def decide_filter_seen(setting: bool | str, data: RunData) -> tuple[bool, str]:
-    """(filter or not, why) for ``replay.filter_seen`` = true / false / "auto"."""
-    if setting != "auto":
-        return bool(setting), f"replay.filter_seen = {str(setting).lower()}"
-    share = A.read_json(data.dir / "summary.json")["summary"]["repeat_click_share"]
-    if share is None or not np.isfinite(share):
-        return False, "auto: no train clicks to measure re-consumption on: not filtered"
-    verdict = share < REPEAT_SHARE_FILTER_MAX
-    return verdict, (f"auto: {share:.1%} of train clicks were on items the user had been shown before "
-                     f"({'<' if verdict else '>='} {REPEAT_SHARE_FILTER_MAX:.0%}): "
-                     f"{'seen items filtered' if verdict else 'not filtered'}")
 
 
 def run(ctx: StepContext) -> StepResult:
     c: ReplaySection = ctx.config
     data = RunData(ctx.inputs["data"])
-    filter_seen, filter_reason = decide_filter_seen(c.filter_seen, data)
-    seen = data.history if filter_seen else None
+    seen, filter_reason = seen_filter(data)
+    filter_seen = seen is not None
     test = data.split_impressions("test")
     frame = requests_frame(test, data.context_names)
     if c.max_requests is not None and len(frame) > c.max_requests:
@@ -121,13 +106,28 @@ def run(ctx: StepContext) -> StepResult:
                        "sizes": sizes,
                        "latency_samples_ms": lat1.pop("samples_ms", None)}
     references = {"teacher_corpus": {"quality": ranking_quality(t_top, inp, sizes, c.k), "sizes": sizes}}
-    summary = {"variants": variants, "references": references,
+    baselines = {}
+    for name, ch in load_channels(ctx.inputs["channels"], data).items():
+        ranking = select_unseen(ch, requests, c.n_retrieve, seen)[0]
+        baselines[baseline_name(name, ch.params())] = {"quality": ranking_quality(ranking, inp, sizes, c.k),
+                                                       "sizes": sizes, "channel": name, "params": ch.params()}
+    summary = {"variants": variants, "references": references, "baselines": baselines,
                "filter_seen": {"applied": filter_seen, "why": filter_reason}}
     A.write_json(ctx.out / "summary.json", summary)
     outputs.append("summary.json")
-    head = {v: round(s["quality"]["rank_click_recall"], 4) for v, s in {**variants, **references}.items()}
-    return StepResult(outputs, {v: s["quality"] for v, s in {**variants, **references}.items()},
+    everything = {**variants, **references, **baselines}
+    head = {v: round(s["quality"]["rank_click_recall"], 4) for v, s in everything.items()}
+    return StepResult(outputs, {v: s["quality"] for v, s in everything.items()},
                       f"end-to-end click-recall@{c.k}: {head}")
+
+
+def baseline_name(channel: str, params: dict) -> str:
+    """A baseline's row name: the channel and the setting that was chosen for it ("popular (7 days)")."""
+    if channel == "popular":
+        return f"popular ({params['window_days']:g} days)"
+    if channel == "als":
+        return f"als ({params['factors']} factors)"
+    return channel
 
 
 def _recall_curves(casc, requests, ref: np.ndarray, c: ReplaySection) -> dict:

@@ -1,4 +1,4 @@
-"""The pipeline: data -> teacher -> ranklog -> students -> index -> replay -> report.
+"""The pipeline: data -> channels -> teacher -> ranklog -> students -> index -> replay -> report.
 
 Each step is a function of a :class:`~cascade.pipeline.runner.StepContext` (one module per step in this
 package) that writes into its own folder ``runs/<run>/<step>/`` and returns its outputs and headline metrics;
@@ -14,18 +14,20 @@ import torch
 
 from .. import artifacts as A
 from ..config import to_dict
-from . import data, index, ranklog, replay, report, students, teacher
+from . import channels, data, index, ranklog, replay, report, students, teacher
 from .config import PipelineConfig
 from .runner import Step, run_steps
 
 STEPS = [
     Step("data", (), lambda c: c.data, data.run),
+    Step("channels", ("data",), lambda c: c.channels, channels.run),
     Step("teacher", ("data",), lambda c: c.teacher, teacher.run),
     Step("ranklog", ("data", "teacher"), lambda c: c.ranklog, ranklog.run),
     Step("students", ("data", "teacher", "ranklog"), lambda c: c.students, students.run),
     Step("index", ("data", "students"), lambda c: c.index, index.run),
-    Step("replay", ("data", "teacher", "students", "index"), lambda c: c.replay, replay.run),
-    Step("report", ("data", "teacher", "ranklog", "students", "index", "replay"), lambda c: c.report, report.run),
+    Step("replay", ("data", "channels", "teacher", "students", "index"), lambda c: c.replay, replay.run),
+    Step("report", ("data", "channels", "teacher", "ranklog", "students", "index", "replay"), lambda c: c.report,
+         report.run),
 ]
 
 

@@ -70,6 +70,22 @@ class PairScorer:
         return topk_rows(s, candidates, k)
 
 
+MAX_OVERFETCH = 4  # filtering fetches at most (1 + this) x n items from a retriever
+
+
+def select_unseen(stage: Stage, requests: Requests, n: int, seen: EventHistory | None) -> tuple[np.ndarray, np.ndarray]:
+    """``stage.select(requests, None, n)``, without the items each user was shown strictly before the request when
+    ``seen`` is given: over-fetch by what the users saw (at most MAX_OVERFETCH x n more), drop the seen items,
+    keep the best n, so filtering does not shrink the list."""
+    if seen is None:
+        return stage.select(requests, None, n)
+    lo, hi = seen.before(requests.user_id, requests.time_ms)
+    extra = min(int((hi - lo).max(initial=0)), MAX_OVERFETCH * n)
+    items, scores = stage.select(requests, None, n + extra)
+    items = np.where(seen.seen(requests.user_id, items, requests.time_ms), PAD, items)
+    return topk_rows(scores, items, n)
+
+
 @dataclass
 class CascadeResult:
     """items/scores: the final [B, k] lists; stages: stage -> (items, scores) when asked; timing_s: stage -> wall s;
@@ -90,7 +106,6 @@ class Cascade:
     """
 
     STAGE_NAMES = ("retrieval", "prerank", "rank")
-    MAX_OVERFETCH = 4  # filtering fetches at most (1 + this) x n_retrieve from the retriever
 
     def __init__(self, retriever: Stage, preranker: Stage, ranker: Stage, seen: EventHistory | None = None):
         self.retriever, self.preranker, self.ranker, self.seen = retriever, preranker, ranker, seen
@@ -113,16 +128,7 @@ class Cascade:
             req = requests.take(np.flatnonzero(ok))
             req.user_id = req.user_id.astype(np.int64)
             t0 = time.perf_counter()
-            if filter_seen:
-                # Over-fetch by what the users saw (bounded), drop seen items, keep the best n_retrieve:
-                # filtering must not shrink the list.
-                lo, hi = self.seen.before(req.user_id, req.time_ms)
-                extra = min(int((hi - lo).max(initial=0)), self.MAX_OVERFETCH * n_retrieve)
-                ri, rs = self.retriever.select(req, None, n_retrieve + extra)
-                ri = np.where(self.seen.seen(req.user_id, ri, req.time_ms), PAD, ri)
-                ri, rs = topk_rows(rs, ri, n_retrieve)
-            else:
-                ri, rs = self.retriever.select(req, None, n_retrieve)
+            ri, rs = select_unseen(self.retriever, req, n_retrieve, self.seen if filter_seen else None)
             t1 = time.perf_counter()
             pi, ps = self.preranker.select(req, ri, n_prerank)
             t2 = time.perf_counter()
