@@ -28,6 +28,7 @@ from .data.history import EventHistory
 from .data.ids import IdIndex
 from .data.requests import Requests, request_start_ms
 from .data.schema import Schema
+from .models.entire_space import EntireSpaceRanker
 from .models.ranker import Ranker, RankerConfig
 from .models.two_tower import TowerConfig, TowerInputs, TwoTower, build_two_tower, item_embeddings
 
@@ -135,11 +136,21 @@ class RunData:
                            items["item_id"].to_numpy(np.int64), requests["request_id"].to_numpy(np.int64))
 
 
-def load_ranker(model_dir: str | Path, spec: FeatureSpec) -> Ranker:
-    """A Ranker saved by the pipeline: config.json + model.pt (weights_only)."""
+def ranker_config_json(model: torch.nn.Module, cfg: RankerConfig) -> dict:
+    """What config.json holds for a saved ranker: the RankerConfig, wrapped with its kind for an entire-space one."""
+    if isinstance(model, EntireSpaceRanker):
+        return {"kind": "entire_space", "ranker": cfg.to_dict()}
+    return cfg.to_dict()
+
+
+def load_ranker(model_dir: str | Path, spec: FeatureSpec) -> Ranker | EntireSpaceRanker:
+    """A ranker saved by the pipeline: config.json (:func:`ranker_config_json`) + model.pt (weights_only)."""
     model_dir = Path(model_dir)
-    cfg = RankerConfig.from_dict(A.read_json(model_dir / "config.json"))
-    model = Ranker(spec, cfg)
+    meta = A.read_json(model_dir / "config.json")
+    if meta.get("kind") == "entire_space":
+        model = EntireSpaceRanker(spec, RankerConfig.from_dict(meta["ranker"]))
+    else:
+        model = Ranker(spec, RankerConfig.from_dict(meta))
     state = A.load_torch(model_dir / "model.pt")
     model.load_state_dict(state["model"] if "model" in state else state)
     model.eval()

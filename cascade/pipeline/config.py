@@ -135,10 +135,46 @@ class ChannelsSection:
 
 
 @dataclass(frozen=True)
+class EntireSpaceSection:
+    """Entire-space training of the teacher (cascade/train/entire_space.py): besides the impressions, per request
+    ``unshown_per_shown`` x its impressions items not shown to it (a ``popularity_share`` of them drawn by train
+    popularity, the rest uniformly; only items that exist at the request's time), and an exposure model next to
+    the click model. The weight of exposure in the corpus-wide ranking is chosen from ``exposure_weights`` by the
+    teacher's click-recall@``select_k`` over the whole corpus on up to ``select_requests`` validation requests
+    (pipeline/judge.py); 0 in the grid lets validation switch it off. unshown_per_shown = 0 trains the plain
+    P(click | shown) teacher."""
+
+    unshown_per_shown: float = 1.0
+    popularity_share: float = 0.5
+    w_exposure: float = 1.0
+    exposure_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
+    select_k: int = 10
+    select_requests: int = 1000
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.unshown_per_shown) and self.unshown_per_shown >= 0):
+            raise ValueError(f"teacher.entire_space.unshown_per_shown must be >= 0, got {self.unshown_per_shown}")
+        if not 0.0 <= self.popularity_share <= 1.0:
+            raise ValueError(f"teacher.entire_space.popularity_share must be in [0, 1], got {self.popularity_share}")
+        if not (np.isfinite(self.w_exposure) and self.w_exposure > 0):
+            raise ValueError(f"teacher.entire_space.w_exposure must be > 0, got {self.w_exposure}")
+        if not self.exposure_weights or any(not (np.isfinite(b) and b >= 0) for b in self.exposure_weights):
+            raise ValueError(f"teacher.entire_space.exposure_weights must be values >= 0, got "
+                             f"{list(self.exposure_weights)}")
+        if self.select_k < 1 or self.select_requests < 1:
+            raise ValueError("teacher.entire_space.select_k and select_requests must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.unshown_per_shown > 0
+
+
+@dataclass(frozen=True)
 class TeacherSection:
     model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
                                                                      cross_layers=2, cross_rank=32))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=1, batch_size=4096))
+    entire_space: EntireSpaceSection = field(default_factory=EntireSpaceSection)
     lightgbm: bool = True
     lightgbm_trees: int = 100
     lightgbm_max_rows: int | None = 300_000  # the most recent train rows (GBDT cost grows with rows x features)
