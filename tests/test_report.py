@@ -78,6 +78,22 @@ def make_report_data() -> dict:
                             "train": {"rows": 90000, "requests": 9000, "ctr": 0.0471, "start": "2022-04-08",
                                       "end": "2022-05-06"}}},
         "cascades": {"distilled": _variant(rng, 0.0), "ground_truth": _variant(rng, 0.05)},
+        "choices": {
+            "filter_seen": {"applied": False, "why": "auto: 7.7% of train clicks were re-clicks"},
+            "channels": {"judge": "300 validation requests", "popular": {"chosen": {"window_days": 7.0},
+                                                                         "grid": [{"valid_click_recall@10": 0.061}]}},
+            "entire_space": {"exposure_weight": 0.25, "judge": "846 validation requests",
+                             "grid": [{"exposure_weight": 0.0, "valid_click_recall@10": 0.498},
+                                      {"exposure_weight": 0.25, "valid_click_recall@10": 0.519}]},
+            "students": {"retrieval": {"size": 500, "chosen_scale": 0.25,
+                                       "grid": [{"scale": 0.0, "valid_click_recall@500": 0.699,
+                                                 "teacher_agreement": {"teacher_recall@10": 0.639}},
+                                                {"scale": 0.25, "valid_click_recall@500": 0.747,
+                                                 "teacher_agreement": {"teacher_recall@10": 0.731}}],
+                                       "gate": {"teacher": 0.68, "ground_truth_student": 0.699, "gain": -0.019,
+                                                "standard_error": 0.01, "teacher_better": False}},
+                         "rank_student": {"chosen_scale": 0.5, "grid": [{"scale": 0.0, "valid_auc": 0.6012},
+                                                                        {"scale": 0.5, "valid_auc": 0.6034}]}}},
         "outcomes": {"rows": [_outcome("distilled", "cascade", 0.0611, 1.234, 0.6421, 812),
                               _outcome("ground_truth", "cascade", 0.0702, 1.184, 0.5921, 1304),
                               _outcome("teacher_corpus", "reference", 0.0655, 1.301, 1.0, 640),
@@ -189,7 +205,7 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
         assert 500 <= width <= 1400 and 250 <= height <= 1400
     # sections in the required order
     order = ["Headline", "Per-stage metrics", "Teacher-recall@K curves", "Latency at batch 1", "Index", "Models",
-             "Distillation ablation", "Data", "Run: configuration"]
+             "Choices made on validation", "Distillation ablation", "Data", "Run: configuration"]
     pos = [page.index(f"<h2>{t}") for t in order]
     assert pos == sorted(pos)
     assert "<b>0.812 ± 0.010</b>" in page  # best retrieval teacher-recall (0.8123 ± 0.0098 at 3 decimals), bold
@@ -216,6 +232,12 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     assert _md_row(md, ["popular (7 days)", "baseline"])[2] == "0.065"
     assert "Warning: The distilled cascade finds fewer of the test clicks than popular (7 days)." in md
     assert "Seen items: auto: 7.7% of train clicks were re-clicks." in md
+    # the choices made on validation: every grid point, the chosen one named, the gate's verdict in words
+    assert _md_row(md, ["0.25", "0.519"]) and _md_row(md, ["0.25", "0.747", "0.731"])
+    assert "retrieval student (scale 0.25 chosen; 0 = ground truth only)" in md
+    assert ("the ground-truth-only tower 0.699 (gain -0.019, one standard error 0.010): the teacher is NOT better."
+            in md)
+    assert _md_row(md, ["0.5", "0.6034"]) and "Rank student (scale 0.5 chosen)" in md
     # models: best AUC 0.7712 (teacher) and best logloss 0.1811 bold; the baseline's NaN GAUC shows as "–"
     assert _md_row(md, ["teacher-deepfm"])[2:5] == ["**0.7712**", "**0.6601**", "**0.1811**"]
     assert _md_row(md, ["lightgbm"])[2:5] == ["0.7581", "–", "0.1844"]

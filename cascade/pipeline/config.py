@@ -27,10 +27,10 @@ from ..models.ranker import RankerConfig
 from ..models.two_tower import TowerConfig
 from ..train.joint import DistillConfig
 from ..train.loop import TrainConfig
-from ..train.students import StudentConfig
+from ..train.students import StudentConfig, is_ground_truth
 
 SOURCES = ("world", "kuairand", "movielens-100k", "movielens-1m", "custom")
-STUDENTS = ("prerank", "retrieval", "prerank_gt", "retrieval_gt")
+STUDENTS = ("prerank", "retrieval")
 
 #: Keys of the nested configs that a step sets itself -> what sets them. A pipeline config may not set them.
 SET_BY_THE_PIPELINE: dict[str, str] = {
@@ -39,6 +39,8 @@ SET_BY_THE_PIPELINE: dict[str, str] = {
     **{f"{t}.progress": "the command line (progress bars unless --no-progress; run_pipeline(progress=...))"
        for t in ("teacher.train", "students.rank_student_train", *(f"students.{s}" for s in STUDENTS))},
     **{f"students.{s}.eval_k": "the students step (teacher-recall@10 and NDCG@10 on the whole rank log)"
+       for s in STUDENTS},
+    **{f"students.{s}.distill_scale": "students.distill (a scale, or \"auto\": chosen on validation)"
        for s in STUDENTS},
 }
 
@@ -197,35 +199,47 @@ class RankLogSection:
             raise ValueError("ranklog.max_requests must be >= 1")
 
 
-def _distilled_prerank() -> StudentConfig:
-    return StudentConfig(stage="prerank",
-                         loss_weights={"pointwise": 1.0, "bpr": 1.0, "lambda_ndcg": 1.0, "click_bce": 0.5},
-                         epochs=2)
+def _prerank() -> StudentConfig:
+    return StudentConfig(stage="prerank", loss_weights={"click_bce": 1.0, "pointwise": 1.0, "bpr": 1.0,
+                                                        "lambda_ndcg": 1.0}, epochs=2)
 
 
-def _gt_prerank() -> StudentConfig:
-    return StudentConfig(stage="prerank", loss_weights={"click_bce": 1.0}, epochs=2)
+def _retrieval() -> StudentConfig:
+    return StudentConfig(stage="retrieval", loss_weights={"sampled_softmax": 1.0, "teacher_softmax": 1.0,
+                                                          "pointwise": 1.0, "listnet": 1.0}, epochs=2)
 
 
-def _distilled_retrieval() -> StudentConfig:
-    return StudentConfig(stage="retrieval", loss_weights={"sampled_softmax": 1.0, "pointwise": 1.0, "listnet": 1.0},
-                         softmax_positives="teacher_topk", epochs=2)
-
-
-def _gt_retrieval() -> StudentConfig:
-    return StudentConfig(stage="retrieval", loss_weights={"sampled_softmax": 1.0}, softmax_positives="clicks", epochs=2)
+def _scale_grid(values: tuple[float, ...], key: str) -> None:
+    if not values or any(not (np.isfinite(v) and v >= 0) for v in values) or 0.0 not in values:
+        raise ValueError(f"students.{key} must be values >= 0 that include 0 (the ground-truth-only student), "
+                         f"got {list(values)}")
 
 
 @dataclass(frozen=True)
 class StudentsSection:
-    """The distilled students and, for comparison, the same students trained on ground truth only."""
+    """The students: two-tower pre-rank and retrieval students and the rank student, each learning from the clicks
+    (its ground-truth terms) plus weighted distillation from the teacher.
+
+    distill: the scale of the towers' distillation terms (cascade/train/students.py ``distill_scale``), or
+    "auto": every scale of ``distill_grid`` is trained and the one whose tower keeps most validation clicks at
+    its stage size (click-recall@N1 / @N2 over the corpus, on the validation judge) is served; scale 0 is the
+    ground-truth-only student, saved as the ``ground_truth`` variant for comparison (compare_ground_truth).
+    keep_fixed: also save the scale-1 students as the ``fixed`` variant (distillation at the configured
+    weights, whatever validation says). rank_distill_scale / rank_distill_grid: the same for the rank student's
+    distillation weights (rank_distill's KD, hint, CR, RCR or PFD lambda), chosen by validation AUC.
+    confidence: distil each tower only from the rank-log requests whose teacher list ordered the request's
+    impressed items at least as well as chance (per-request AUC >= 0.5; requests with one class kept).
+    select_requests: validation requests of the judge."""
 
     tower: TowerConfig = field(default_factory=TowerConfig)
-    prerank: StudentConfig = field(default_factory=_distilled_prerank)
-    retrieval: StudentConfig = field(default_factory=_distilled_retrieval)
-    prerank_gt: StudentConfig = field(default_factory=_gt_prerank)
-    retrieval_gt: StudentConfig = field(default_factory=_gt_retrieval)
+    prerank: StudentConfig = field(default_factory=_prerank)
+    retrieval: StudentConfig = field(default_factory=_retrieval)
+    distill: float | Literal["auto"] = "auto"
+    distill_grid: tuple[float, ...] = (0.0, 0.25, 1.0, 4.0)
     compare_ground_truth: bool = True
+    keep_fixed: bool = False
+    confidence: bool = False
+    select_requests: int = 500
     # The rank student is cheap to serve: a small MLP without the user x item cross features (no history lookups at
     # serving); distillation from the teacher, which has them, is how their knowledge reaches it.
     rank_student: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dnn", emb_dim=8, mlp=(64,),
@@ -237,6 +251,8 @@ class StudentsSection:
     # ("privileged": the post-click fields) learns together with it (+0.002 AUC in the rank table, +0.001 in the
     # default pipeline: less than logit KD from the cross-feature teacher on the world).
     rank_distill: DistillConfig = field(default_factory=lambda: DistillConfig(w_bce=1.0, w_kd=1.0))
+    rank_distill_scale: float | Literal["auto"] = "auto"
+    rank_distill_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
     rank_student_max_rows: int | None = None  # both rank students train on the most recent rows only
     # PFD instead of teacher-first distillation when rank_distill.pfd_lambda is set: a teacher that also reads this
     # side trains together with the student (sharing embeddings; the student keeps private tables for these
@@ -250,6 +266,32 @@ class StudentsSection:
         if self.rank_distill.pfd_lambda is not None and self.rank_pfd_side in self.rank_student.sides:
             raise ValueError(f"rank_pfd_side {self.rank_pfd_side!r} is read by the rank student itself "
                              f"(rank_student.sides {self.rank_student.sides}), so it is not privileged")
+        _scale_grid(self.distill_grid, "distill_grid")
+        _scale_grid(self.rank_distill_grid, "rank_distill_grid")
+        for key in ("distill", "rank_distill_scale"):
+            v = getattr(self, key)
+            if v != "auto" and not (np.isfinite(v) and v >= 0):
+                raise ValueError(f"students.{key} must be \"auto\" or a number >= 0, got {v!r}")
+        for name, scfg in (("prerank", self.prerank), ("retrieval", self.retrieval)):
+            if scfg.stage != name:
+                raise ValueError(f"students.{name}.stage must be {name!r}, got {scfg.stage!r}")
+            if not any(is_ground_truth(scfg, t) and w for t, w in scfg.loss_weights.items()):
+                raise ValueError(f"students.{name} has no ground-truth term (click_bce, or sampled_softmax on "
+                                 f"clicks): a student always keeps one, so that distillation cannot take over")
+        if self.select_requests < 1:
+            raise ValueError(f"students.select_requests must be >= 1, got {self.select_requests}")
+
+    def scales(self) -> tuple[float, ...]:
+        """The distillation scales the towers are trained at."""
+        if self.distill == "auto":
+            return tuple(sorted(set(self.distill_grid)))
+        return tuple(sorted({float(self.distill)} | ({0.0} if self.compare_ground_truth else set())
+                            | ({1.0} if self.keep_fixed else set())))
+
+    def rank_scales(self) -> tuple[float, ...]:
+        if self.rank_distill_scale == "auto":
+            return tuple(sorted(set(self.rank_distill_grid)))
+        return tuple(sorted({float(self.rank_distill_scale), 0.0}))
 
 
 @dataclass(frozen=True)

@@ -26,7 +26,7 @@ def run(ctx: StepContext) -> StepResult:
 def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) -> dict:
     """Assemble the report's input from a run folder's step manifests and artifacts."""
     run_dir = Path(run_dir)
-    steps = ("data", "teacher", "ranklog", "students", "index", "replay")
+    steps = ("data", "channels", "teacher", "ranklog", "students", "index", "replay")
     m = {s: A.read_manifest(run_dir / s, verify=False) for s in steps if (run_dir / s / A.MANIFEST).exists()}
     machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                f"cuda {'yes' if torch.cuda.is_available() else 'no'}")
@@ -51,10 +51,11 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
                             "n_items": im.get("n_items"), "dim": im.get("embedding_dim"),
                             "recall_vs_exact": (first.get("recall") or {}).get("recall_at_k"),
                             "operating_points": first.get("operating_points", [])}
+    out["choices"] = choices(run_dir, m)
     if "replay" in m:
         summ = A.read_json(run_dir / "replay" / "summary.json")
         out["cascades"] = {v: _cascade_entry(s) for v, s in summ["variants"].items()}
-        out["outcomes"] = outcome_rows(summ)
+        out["outcomes"] = outcome_rows(summ, gate_flags(out["choices"]))
     if report_cfg is not None and report_cfg.ablation:
         out["ablation"] = A.read_json(report_cfg.ablation)
     return out
@@ -84,7 +85,41 @@ def _cascade_entry(s: dict) -> dict:
             "recall_curves": s["curves"], "latency_samples_ms": s.get("latency_samples_ms")}
 
 
-def outcome_rows(summary: dict) -> dict:
+def choices(run_dir: Path, manifests: dict) -> dict:
+    """What the run chose on validation, and on what: the seen-item filter, the channels' settings, the teacher's
+    exposure weight, the students' distillation scales and the teacher-quality gates."""
+    out: dict[str, Any] = {}
+    if "data" in manifests:
+        out["filter_seen"] = A.read_json(run_dir / "data" / "summary.json")["summary"].get("filter_seen")
+    if "channels" in manifests:
+        mc = manifests["channels"]["metrics"]
+        out["channels"] = {k: v for k, v in mc.items()}
+    if "teacher" in manifests:
+        out["entire_space"] = manifests["teacher"]["metrics"].get("entire_space")
+    if (run_dir / "students" / "selection.json").exists():
+        out["students"] = A.read_json(run_dir / "students" / "selection.json")
+    return out
+
+
+def gate_flags(choices: dict) -> list[str]:
+    """Headline warnings where the teacher was not better than the ground-truth-only student on validation."""
+    flags = []
+    sel = choices.get("students") or {}
+    for stage in ("retrieval", "prerank"):
+        g = (sel.get(stage) or {}).get("gate")
+        if g and not g["teacher_better"]:
+            flags.append(f"The teacher is not better than the ground-truth-only {stage} student on validation "
+                         f"(click-recall@{sel[stage]['size']} {g['teacher']:.3f} vs {g['ground_truth_student']:.3f}; "
+                         f"gain {g['gain']:+.3f}, one standard error {g['standard_error']:.3f}): distilling it "
+                         "can only copy a ranking no better than the clicks give.")
+    g = (sel.get("rank_student") or {}).get("gate")
+    if g and not g["teacher_better"]:
+        flags.append(f"The teacher's validation AUC ({g['teacher_valid_auc']:.4f}) is not above the plain rank "
+                     f"student's ({g['plain_student_valid_auc']:.4f}).")
+    return flags
+
+
+def outcome_rows(summary: dict, extra_flags: list[str] | None = None) -> dict:
     """The report's outcome table: one row per cascade variant, reference (the teacher's own ranking of the
     corpus) and baseline, with the end-to-end click metrics at K, the click-recall kept at each stage size, the
     random-slice numbers, oracle clicks, agreement with the teacher and the diversity of the final lists; and the
@@ -112,5 +147,5 @@ def outcome_rows(summary: dict) -> dict:
             if mine is not None and theirs is not None and mine < theirs:
                 flags.append(f"The {r['name']} cascade finds fewer of the test clicks than {p['name']} "
                              f"(click-recall@{r['k']} {r['click_recall']:.3f} < {p['click_recall']:.3f}).")
-    return {"rows": rows, "flags": flags + list(summary.get("flags") or []),
+    return {"rows": rows, "flags": flags + list(extra_flags or []),
             "filter_seen": summary.get("filter_seen")}

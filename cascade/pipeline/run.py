@@ -18,12 +18,18 @@ from . import channels, data, index, ranklog, replay, report, students, teacher
 from .config import PipelineConfig
 from .runner import Step, run_steps
 
+
+def students_slice(c: PipelineConfig) -> dict:
+    """The students step's config: its section, and the stage sizes its choices are judged at (the replay's)."""
+    return {"students": c.students, "select_at": {"retrieval": c.replay.n_retrieve, "prerank": c.replay.n_prerank}}
+
+
 STEPS = [
     Step("data", (), lambda c: c.data, data.run),
     Step("channels", ("data",), lambda c: c.channels, channels.run),
     Step("teacher", ("data",), lambda c: c.teacher, teacher.run),
     Step("ranklog", ("data", "teacher"), lambda c: c.ranklog, ranklog.run),
-    Step("students", ("data", "teacher", "ranklog"), lambda c: c.students, students.run),
+    Step("students", ("data", "teacher", "ranklog"), lambda c: students_slice(c), students.run),
     Step("index", ("data", "students"), lambda c: c.index, index.run),
     Step("replay", ("data", "channels", "teacher", "students", "index"), lambda c: c.replay, replay.run),
     Step("report", ("data", "channels", "teacher", "ranklog", "students", "index", "replay"), lambda c: c.report,

@@ -248,6 +248,73 @@ def _section_models(data: Mapping) -> Section:
     return sec
 
 
+def _section_choices(data: Mapping) -> Section:
+    """What the run chose on validation (the seen filter, channel settings, the teacher's exposure weight, the
+    students' distillation scales) with every grid point, and the teacher-quality gates."""
+    sec = Section("choices", "Choices made on validation")
+    ch = as_mapping(data.get("choices"), "report_data['choices']")
+    if not ch:
+        return sec.note(f"Validation choices {NOT_COMPUTED}.")
+    fs = as_mapping(ch.get("filter_seen"), "report_data['choices']['filter_seen']")
+    if fs:
+        sec.blocks.append(("p", f"Seen items: {fs.get('why')}."))
+    channels = as_mapping(ch.get("channels"), "report_data['choices']['channels']") or {}
+    rows = []
+    for name, entry in channels.items():
+        if name == "judge":
+            continue
+        e = as_mapping(entry, f"report_data['choices']['channels'][{name!r}]")
+        if not e:
+            continue
+        grid = as_list(e.get("grid"), "grid") or []
+        best = max((v for g in grid for k, v in g.items() if k.startswith("valid_click_recall")), default=None)
+        rows.append({"channel": name, "chosen": json.dumps(e.get("chosen")), "valid click-recall@10": best})
+    if rows:
+        sec.blocks.append(("h3", "Retrieval channels (settings chosen by validation click-recall)"))
+        sec.blocks.append(("table", Table(pd.DataFrame(rows), ["", "", "click_recall"],
+                                          caption=str(channels.get("judge", "")))))
+    es = as_mapping(ch.get("entire_space"), "report_data['choices']['entire_space']")
+    if es:
+        grid = [as_mapping(g, "grid") or {} for g in as_list(es.get("grid"), "grid") or []]
+        key = next((k for k in (grid[0] if grid else {}) if k.startswith("valid_click_recall")), None)
+        frame = pd.DataFrame({"exposure weight": [g.get("exposure_weight") for g in grid],
+                              key or "valid click-recall": [g.get(key) for g in grid]})
+        sec.blocks.append(("h3", f"Teacher: exposure weight of the corpus-wide ranking (chosen "
+                                 f"{format_value(es.get('exposure_weight'))})"))
+        sec.blocks.append(("table", Table(frame, ["", "click_recall"], caption=str(es.get("judge", "")))))
+    st = as_mapping(ch.get("students"), "report_data['choices']['students']") or {}
+    for stage in ("retrieval", "prerank"):
+        e = as_mapping(st.get(stage), f"report_data['choices']['students'][{stage!r}]")
+        if not e:
+            continue
+        grid = [as_mapping(g, "grid") or {} for g in as_list(e.get("grid"), "grid") or []]
+        n = e.get("size")
+        frame = pd.DataFrame({"distillation scale": [g.get("scale") for g in grid],
+                              f"valid click-recall@{n}": [g.get(f"valid_click_recall@{n}") for g in grid],
+                              "teacher-recall@10 on the rank log": [(g.get("teacher_agreement") or {}).get(
+                                  "teacher_recall@10") for g in grid]})
+        sec.blocks.append(("h3", f"{stage} student (scale {format_value(e.get('chosen_scale'))} chosen; 0 = ground "
+                                 "truth only)"))
+        sec.blocks.append(("table", Table(frame, ["", "click_recall", "teacher_recall"])))
+        g = as_mapping(e.get("gate"), "gate")
+        if g:
+            verdict = "better" if g.get("teacher_better") else "NOT better"
+            cr = {k: format_value(g.get(k), "click_recall") for k in ("teacher", "ground_truth_student", "gain",
+                                                                      "standard_error")}
+            sec.blocks.append(("p", f"Teacher gate: the teacher's own top-{n} keeps {cr['teacher']} of the validation "
+                                    f"clicks, the ground-truth-only tower {cr['ground_truth_student']} (gain "
+                                    f"{cr['gain']}, one standard error {cr['standard_error']}): the teacher is "
+                                    f"{verdict}."))
+    rs = as_mapping(st.get("rank_student"), "report_data['choices']['students']['rank_student']")
+    if rs:
+        grid = [as_mapping(g, "grid") or {} for g in as_list(rs.get("grid"), "grid") or []]
+        frame = pd.DataFrame({"distillation scale": [g.get("scale") for g in grid],
+                              "valid AUC": [g.get("valid_auc") for g in grid]})
+        sec.blocks.append(("h3", f"Rank student (scale {format_value(rs.get('chosen_scale'))} chosen)"))
+        sec.blocks.append(("table", Table(frame, ["", "auc"])))
+    return sec
+
+
 def _section_ablation(data: Mapping) -> Section:
     sec = Section("ablation", "Distillation ablation")
     ab = as_mapping(data.get("ablation"), "report_data['ablation']")
@@ -384,5 +451,5 @@ def _section_run(data: Mapping) -> Section:
 def report_sections(data: Mapping) -> list[Section]:
     variants = _variants(data)
     return [_section_headline(data, variants), _section_stages(variants), _section_curves(variants),
-            _section_latency(variants), _section_index(data), _section_models(data), _section_ablation(data),
-            _section_data(data), _section_run(data)]
+            _section_latency(variants), _section_index(data), _section_models(data), _section_choices(data),
+            _section_ablation(data), _section_data(data), _section_run(data)]
