@@ -51,13 +51,16 @@ def test_every_step_writes_verified_artifacts(run_a):
     for f in ("report.html", "report.md", "report.json"):
         assert (run_dir / "report" / f).stat().st_size > 1000
     summary = A.read_json(run_dir / "replay" / "summary.json")
-    assert set(summary["variants"]) == {"distilled", "ground_truth"}
-    for v in summary["variants"].values():
+    assert set(summary["variants"]) == {"distilled", "ground_truth", "distilled+channels"}
+    for name, v in summary["variants"].items():
         q = v["quality"]
         for st in ("retrieval", "prerank", "rank"):
             for m in ("teacher_recall", "teacher_ndcg", "click_recall", "hit_rate", "click_ndcg"):
                 assert 0.0 <= q[f"{st}_{m}"] <= 1.0, (st, m)
-            assert 0.5 < v["stage_auc"][st]["auc"] < 1.0
+            if st in v["stage_auc"]:  # the merged retrieval stage has no single scoring function
+                assert 0.5 < v["stage_auc"][st]["auc"] < 1.0
+        assert set(v["stage_auc"]) == ({"prerank", "rank"} if name.endswith("+channels")
+                                       else {"retrieval", "prerank", "rank"})
         # a stage can only lose items: its output is a subset of the previous stage's
         for m in ("teacher_recall", "click_recall", "hit_rate"):
             assert q[f"retrieval_{m}"] >= q[f"prerank_{m}"] >= q[f"rank_{m}"] - 1e-12, m
@@ -70,6 +73,12 @@ def test_every_step_writes_verified_artifacts(run_a):
     ceiling = summary["references"]["teacher_corpus"]["quality"]
     assert ceiling["rank_teacher_recall"] == 1.0 and ceiling["rank_teacher_ndcg"] == pytest.approx(1.0)
     assert summary["filter_seen"]["why"]
+    # the multi-channel cascade: every channel's share of the final slots sums to 1, and a channel's marginal
+    # contribution is the union's click-recall minus the union without it
+    ch = summary["channels"]
+    assert sum(ch["final_origin_share"].values()) == pytest.approx(1.0)
+    for name, e in ch["per_channel"].items():
+        assert e["marginal"] == pytest.approx(ch["union_click_recall"] - e["union_without"]), name
     html = (run_dir / "report" / "report.html").read_text()
     assert "http://" not in html and "https://" not in html.replace("https://kuairand.com", "")
 

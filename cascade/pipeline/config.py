@@ -319,6 +319,11 @@ class ReplaySection:
     latency_requests: int = 300
     batch_size: int = 256
     recall_ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200, 500)
+    # the multi-channel cascade ("distilled+channels"): the distilled two-tower plus these channels (built by the
+    # channels step) in one retrieval stage, the two-tower taking two_tower_quota of the N1 slots and the channels
+    # sharing the rest evenly; () replays no multi-channel cascade
+    channels: tuple[str, ...] = ("popular", "itemcf", "als", "recent", "content")
+    two_tower_quota: float = 0.5
 
     def __post_init__(self) -> None:
         if not (0 < self.k <= self.n_prerank <= self.n_retrieve):
@@ -326,6 +331,12 @@ class ReplaySection:
                              f"n_prerank={self.n_prerank}, n_retrieve={self.n_retrieve}")
         if self.batch_size < 1 or self.latency_requests < 1:
             raise ValueError("replay.batch_size and replay.latency_requests must be >= 1")
+        unknown = sorted(set(self.channels) - set(CHANNEL_NAMES))
+        if unknown or len(set(self.channels)) != len(self.channels):
+            raise ValueError(f"replay.channels must name distinct channels of {list(CHANNEL_NAMES)}, got "
+                             f"{list(self.channels)}")
+        if self.channels and not 0.0 < self.two_tower_quota < 1.0:
+            raise ValueError(f"replay.two_tower_quota must be in (0, 1), got {self.two_tower_quota}")
 
 
 @dataclass(frozen=True)

@@ -72,7 +72,7 @@ def _cascade_entry(s: dict) -> dict:
     for st in STAGES:
         lat = s["latency_batch1"][f"{st}_ms"]
         stages[st] = {"size": s["sizes"][st], **{k: q.get(f"{st}_{k}") for k in STAGE_KEYS},
-                      "auc": s["stage_auc"][st]["auc"], "gauc": s["stage_auc"][st]["gauc"],
+                      "auc": s["stage_auc"].get(st, {}).get("auc"), "gauc": s["stage_auc"].get(st, {}).get("gauc"),
                       "p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"], "p99_ms": lat["p99_ms"]}
     e2e = s["latency_batch1"]["end_to_end_ms"]
     return {"stages": stages,
