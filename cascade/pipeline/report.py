@@ -39,9 +39,8 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
         out["data"] = A.read_json(run_dir / "data" / "summary.json")
     models = []
     for s in ("teacher", "students"):
-        p = run_dir / s / "models.json"
-        if p.exists():
-            models += A.read_json(p)
+        if s in m:  # the manifest's rows hold the measured latencies too (models.json does not)
+            models += m[s]["metrics"].get("models") or A.read_json(run_dir / s / "models.json")
     out["models"] = models
     if "index" in m:
         first = next(iter(m["index"]["metrics"].values()), None)
@@ -53,8 +52,10 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
                             "operating_points": first.get("operating_points", [])}
     if "replay" in m:
         summ = A.read_json(run_dir / "replay" / "summary.json")
+        latency = m["replay"]["metrics"].get("latency", {})  # measured times live in the manifest
         casc = {}
         for v, s in summ.items():
+            s = {**s, **latency.get(v, {})}
             q = s["quality"]
             stages = {}
             for st in ("retrieval", "prerank", "rank"):

@@ -18,7 +18,7 @@ from ..run_data import RunData, load_ranker
 from ..train.joint import DistilledStudent, JointRanker, joint_loss, pfd_configs, teacher_first_loss
 from ..train.loop import evaluate, fit
 from ..train.students import ClickLists, evaluate_on_log, train_student
-from .common import model_row, save_ranker, seeded, with_seed
+from .common import model_row, save_ranker, seeded, with_seed, without_timings
 from .config import StudentsSection
 from .runner import StepContext, StepResult
 
@@ -52,10 +52,10 @@ def run(ctx: StepContext) -> StepResult:
             d = ctx.out / variant / stage
             A.save_torch(d / "model.pt", towers.state_dict())
             A.write_json(d / "config.json", to_dict(c.tower))
-            A.write_json(d / "history.json", hist)
+            A.write_json(d / "history.json", [{k: v for k, v in h.items() if k != "seconds"} for h in hist])
             outputs += [f"{variant}/{stage}/{f}" for f in ("model.pt", "config.json", "history.json")]
             ev = evaluate_on_log(towers, inputs, log_, k=10)
-            metrics[f"{variant}_{stage}"] = ev
+            metrics[f"{variant}_{stage}"] = {**ev, "epoch_seconds": [h.get("seconds") for h in hist]}  # not hashed
             log.info("students: %s %s on the logged lists: %s", variant, stage, ev)
     # rank students: without distillation and distilled from the teacher (teacher-first)
     train, valid, test = data.encoded("train"), data.encoded("valid"), data.encoded("test")
@@ -88,7 +88,7 @@ def run(ctx: StepContext) -> StepResult:
                                   joint.teacher, evaluate(joint.teacher, test), train.spec))
     rows += [model_row(name, "student", served, evaluate(served, test), train.spec)] + pfd_rows
     outputs += save_ranker(served, c.rank_student, ctx.out / "rank_student")
-    A.write_json(ctx.out / "models.json", rows)
+    A.write_json(ctx.out / "models.json", without_timings(rows))  # the latencies: in the manifest
     outputs.append("models.json")
     metrics["models"] = rows
     return StepResult(outputs, metrics, "students trained: " + ", ".join(f"{k} {v['teacher_recall@10']:.3f}"
