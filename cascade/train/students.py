@@ -63,6 +63,7 @@ from tqdm.auto import tqdm
 
 from cascade import distributed as D
 from cascade.arrays import pad_by_row, topk_rows
+from cascade.config import FieldError, at_least, nonnegative, positive, require
 from cascade.distill import losses as L
 from cascade.distill.ranklog import RankLog
 from cascade.eval.metrics import mean_recall_at_k, ndcg_at_k
@@ -144,11 +145,17 @@ class StudentConfig:
         if self.stage == "retrieval" and not self.loss_weights.get("sampled_softmax"):
             raise ValueError("StudentConfig: stage 'retrieval' ranks the whole corpus and needs a non-zero "
                              "'sampled_softmax' weight (in-batch + uniform corpus negatives)")
+        for name, w in self.loss_weights.items():
+            if not nonnegative(w):
+                raise FieldError(type(self).__name__, f"loss_weights.{name}", w, "must be a finite number >= 0")
         for name in ("epochs", "batch_size", "softmax_topk", "eval_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"StudentConfig: {name} must be >= 1, got {getattr(self, name)}")
-        if self.n_uniform_negatives < 0 or self.lr <= 0:
-            raise ValueError("StudentConfig: n_uniform_negatives must be >= 0 and lr > 0")
+            require(self, name, at_least(getattr(self, name), 1), "must be an integer >= 1")
+        require(self, "n_uniform_negatives", at_least(self.n_uniform_negatives, 0), "must be an integer >= 0")
+        require(self, "lr", positive(self.lr), "must be a finite number > 0")
+        require(self, "weight_decay", nonnegative(self.weight_decay), "must be a finite number >= 0")
+        require(self, "grad_clip", self.grad_clip is None or positive(self.grad_clip),
+                "must be a finite number > 0 (the max gradient norm) or None (no clipping)")
+        require(self, "seed", at_least(self.seed, 0), "must be an integer >= 0")
 
     def weight(self, name: str) -> float:
         return float(self.loss_weights.get(name, 0.0))
