@@ -3,8 +3,8 @@
 1 run-folder lock, 3 leakage guard, 4 config values named before any work, 5 load_cascade verifies what it loads,
 6 per-request validation, 7 non-UTF-8 CSV, 8 rank-log lists longer than the corpus, 9 an unchanged redo keeps the
 downstream cache, 10 symlinked step folders, 11 replay / report never rewrite a finished run, 12 loader messages
-and mapping paths, 13 thread counts pinned by the run. (2, the seen filter's id packing, belongs to the serving
-code and is tested there.)
+and mapping paths, 13 thread counts pinned by the run. (2, the seen filter's 32-bit id packing, is left to the
+rewrite of the seen filter.)
 """
 
 from __future__ import annotations
@@ -472,6 +472,9 @@ def test_12_mapping_paths_are_confined_to_the_mapping_folder(tmp_path, custom_ex
 
 
 def test_13_two_processes_with_different_thread_settings_train_the_same_teacher(tmp_path):
+    """The run pins torch's threads (run.threads) and records them in every manifest. (With this machine's torch
+    build the tiny teacher happened to train the same weights on 1 and 3 threads even unpinned; the manifest
+    record is what the code before the fix lacks here, the equal weights what the pinning guarantees anywhere.)"""
     script = textwrap.dedent("""
         import json, sys
         import torch
