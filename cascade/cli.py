@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 DEFAULT_CONFIG = Path("pipelines") / "default.toml"
@@ -13,10 +14,18 @@ DEFAULT_CONFIG = Path("pipelines") / "default.toml"
 EPILOG_RUN = """examples:
   cascade run                                   # pipelines/default.toml on the embedded synthetic world
   cascade run pipelines/tiny.toml               # a one-minute run
+  cascade run --data custom:examples/own_logs/mapping.toml     # your own logs (runs/own-logs/)
   cascade run pipelines/movielens.toml --set data.path=path/to/ml-100k
+  cascade run --data kuairand:path/to/KuaiRand-Pure/data
   cascade run --set teacher.model.backbone=deepfm --set run.name=deepfm
   cascade run --force teacher                   # redo one step (and whatever its change affects)
 """
+#: --set keys `cascade replay` / `cascade report` take: their own steps' sections (every other step is finished).
+REPLAY_SECTIONS = {"replay": ("replay", "report", "run.threads"), "report": ("report", "run.threads")}
+
+
+class UsageError(Exception):
+    """A mistake on the command line (a missing option or folder): printed as ``cascade: error: ...``."""
 
 
 def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
@@ -38,9 +47,15 @@ def _default_config_path() -> Path | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from . import artifacts as A
     from .pipeline import load_config, run_pipeline
+    from .pipeline.run import STEP_NAMES
 
     path = Path(args.config) if args.config else _default_config_path()
-    cfg = load_config(path, args.set)  # fails on an unknown key or a wrong type before any work starts
+    _setup_logging(args.verbose)
+    # fails on an unknown key, a wrong type or an impossible value before any work starts
+    cfg = load_config(path, args.set, data_spec=args.data)
+    unknown = [f for f in args.force or () if f not in STEP_NAMES]
+    if unknown:
+        raise UsageError(f"--force {unknown[0]!r}: no such step (steps: {', '.join(STEP_NAMES)})")
     run_dir = A.safe_join(cfg.run.runs_dir, cfg.run.name)
     _setup_logging(args.verbose, run_dir / "run.log")
 
@@ -49,7 +64,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         wall = manifest.get("wall_s")
         print(f"[{name:>8}] {status:<7} {'' if status == 'skipped' else f'{wall:.1f}s '}{summary}", flush=True)
 
-    run_pipeline(cfg, force=tuple(args.force or ()), progress=not args.no_progress, on_step=on_step)
+    run_pipeline(cfg, force=tuple(args.force or ()), progress=not args.no_progress, on_step=on_step, wait=args.wait)
     print(f"report: {run_dir / 'report' / 'report.html'}")
     return 0
 
@@ -58,10 +73,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
     run_dir = Path(args.run)
-    cfg = _run_config(run_dir, args.set)
+    cfg = _run_config(run_dir, args.set, "replay")
     _setup_logging(args.verbose, run_dir / "run.log")
-    res = run_pipeline(cfg, force=("replay", "report"), progress=not args.no_progress,
-                       reuse=("data", "teacher", "ranklog", "students", "index"))
+    res = run_pipeline(cfg, force=("replay", "report"), progress=not args.no_progress, write_config=False,
+                       frozen=("data", "teacher", "ranklog", "students", "index"), wait=args.wait)
     print(json.dumps(res["replay"]["manifest"]["metrics"], indent=2, default=str))
     return 0
 
@@ -70,22 +85,33 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
     run_dir = Path(args.run)
-    cfg = _run_config(run_dir, args.set)
+    cfg = _run_config(run_dir, args.set, "report")
     _setup_logging(args.verbose)
-    run_pipeline(cfg, force=("report",), progress=False,
-                 reuse=("data", "teacher", "ranklog", "students", "index", "replay"))
+    run_pipeline(cfg, force=("report",), progress=False, write_config=False,
+                 frozen=("data", "teacher", "ranklog", "students", "index", "replay"), wait=args.wait)
     print(f"report: {run_dir / 'report' / 'report.html'}")
     return 0
 
 
-def _run_config(run_dir: Path, extra: list[str] | None):
-    """A finished run's resolved config (its config.json), with ``--set`` overrides applied."""
+def _run_config(run_dir: Path, extra: list[str] | None, command: str):
+    """A finished run's resolved config (its config.json), with ``--set`` overrides of the command's own
+    sections (:data:`REPLAY_SECTIONS`) applied; any other key is refused: it would change a finished step."""
     from . import artifacts as A
-    from .config import apply_overrides, from_dict
+    from .config import ConfigError, apply_overrides, from_dict, parse_override
     from .pipeline import PipelineConfig
     from .pipeline.config import check_settable
 
+    allowed = REPLAY_SECTIONS[command]
+    for item in extra or []:
+        key = ".".join(parse_override(item)[0])
+        if not any(key == a or key.startswith(a + ".") for a in allowed):
+            raise ConfigError(f"cascade {command} --set {key}: {command} redoes only the {' and '.join(allowed[:-1])} "
+                              f"step(s) of a finished run and cannot change {key.split('.')[0]!r}; use "
+                              f"`cascade run CONFIG --set {item}` (it re-runs what the change affects)")
     check_settable(apply_overrides({}, list(extra or [])))
+    if not (run_dir / "config.json").is_file():
+        raise UsageError(f"{run_dir} is not a finished run (no {run_dir / 'config.json'}); runs are folders like "
+                         "runs/default, written by `cascade run`")
     saved = A.read_json(run_dir / "config.json")
     saved["run"]["runs_dir"], saved["run"]["name"] = str(run_dir.parent), run_dir.name
     return from_dict(PipelineConfig, apply_overrides(saved, list(extra or [])))
@@ -109,47 +135,98 @@ def cmd_data(args: argparse.Namespace) -> int:
     _setup_logging(args.verbose)
     if args.source == "world":
         from .data.world import WorldConfig, generate_world
+        from .run_lock import folder_lock
 
-        cfg = WorldConfig(seed=args.seed, n_users=args.n_users, n_items=args.n_items, n_days=args.n_days)
-        world = generate_world(args.out, cfg, progress=True)
+        for flag, given in (("a PATH", args.path), ("--check", args.check)):
+            if given:
+                raise UsageError(f"cascade data world takes no {flag}: it generates the world into --out")
+        cfg = WorldConfig(seed=0 if args.seed is None else args.seed, n_users=args.n_users, n_items=args.n_items,
+                          n_days=21 if args.n_days is None else args.n_days)
+        with folder_lock(args.out or "world", wait=args.wait):
+            world = generate_world(args.out or "world", cfg, progress=True)
         print(json.dumps(world.summary(), indent=2, default=str))
         return 0
     from .data import custom, kuairand, movielens
+    from .data.describe import describe_dataset
 
+    given = [f for f, v in (("--out", args.out), ("--seed", args.seed), ("--n-users", args.n_users),
+                            ("--n-items", args.n_items), ("--n-days", args.n_days)) if v is not None]
+    if given:
+        raise UsageError(f"cascade data {args.source}: {given[0]} applies to `cascade data world` only")
+    if not args.path:
+        what = "mapping TOML" if args.source == "custom" else "dataset folder"
+        raise UsageError(f"cascade data {args.source} needs the {what}: cascade data {args.source} PATH --check")
     loaders = {"kuairand": kuairand.load_kuairand, "movielens-100k": movielens.load_movielens_100k,
                "movielens-1m": movielens.load_movielens_1m, "custom": custom.load_custom}
     ds = loaders[args.source](args.path)
-    imp = ds.impressions
-    print(json.dumps({"users": len(ds.users), "items": len(ds.items), "impressions": len(imp),
-                      "requests": int(imp.request_id.nunique()), "ctr": float(imp.click.mean()),
-                      "features": {s: [f.name for f in ds.schema.by_side(s)] for s in ("user", "item", "context",
-                                                                                       "cross", "privileged")}},
-                     indent=2))
+    offset = float(kuairand.BEIJING_UTC_OFFSET_HOURS) if args.source == "kuairand" else 0.0
+    print(json.dumps(describe_dataset(ds, offset), indent=2, default=str))
+    print(f"ok: run it with `cascade run --data {args.source}:{args.path}`", file=sys.stderr)
     return 0
+
+
+def _npy(path: str | None, option: str, action: str):
+    """A .npy array given with ``option``; a missing option or file is a UsageError naming it."""
+    import numpy as np
+
+    if not path:
+        raise UsageError(f"cascade index {action} needs {option} FILE.npy")
+    if not Path(path).is_file():
+        raise UsageError(f"{option} {path}: no such file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise UsageError(f"{option} {path}: not a .npy array ({e})") from None
 
 
 def cmd_index(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .index.faiss_index import ItemIndex
+    from .run_lock import folder_lock
 
     _setup_logging(args.verbose)
     if args.action == "build":
-        xb = np.load(args.embeddings)
-        ids = np.load(args.ids) if args.ids else np.arange(len(xb), dtype=np.int64)
-        index = ItemIndex.build(xb, ids, metric=args.metric, factory=args.factory)
-        if not index.is_exact and args.queries:
-            xq = np.load(args.queries)
-            index.sweep(xq, args.k)
-            index.set_operating_point(args.recall_target)
-        m = index.save(args.out, model_hash=args.model_hash)
+        if args.run:
+            from .pipeline.config import IndexSection
+            from .pipeline.index import build_run_index
+
+            clash = [o for o, v in (("--embeddings", args.embeddings), ("--ids", args.ids), ("--queries", args.queries),
+                                    ("--model-hash", args.model_hash)) if v]
+            if clash:
+                raise UsageError(f"cascade index build --run takes the run's tower, its item ids, queries and hash; "
+                                 f"{clash[0]} does not apply")
+            if not (Path(args.run) / "config.json").is_file():
+                raise UsageError(f"--run {args.run}: not a finished run (no config.json)")
+            from . import artifacts as A
+            from .config import from_dict
+
+            saved = A.read_json(Path(args.run) / "config.json").get("index", {})
+            given = {k: v for k, v in (("factory", args.factory), ("k", args.k), ("recall_target", args.recall_target))
+                     if v is not None}
+            c = from_dict(IndexSection, {**saved, **given}, prefix="index")
+            with folder_lock(args.out, wait=args.wait):
+                m = build_run_index(args.run, args.out, variant=args.variant, c=c)
+            print(json.dumps(m, indent=2, default=str))
+            return 0
+        xb = _npy(args.embeddings, "--embeddings", "build")
+        ids = _npy(args.ids, "--ids", "build") if args.ids else np.arange(len(xb), dtype=np.int64)
+        with folder_lock(args.out, wait=args.wait):
+            index = ItemIndex.build(xb, ids, metric=args.metric, factory=args.factory)
+            if not index.is_exact and args.queries:
+                index.sweep(_npy(args.queries, "--queries", "build"), args.k or 100)
+                index.set_operating_point(args.recall_target or 0.95)
+            m = index.save(args.out, model_hash=args.model_hash or "unknown")
         print(json.dumps(m, indent=2, default=str))
     else:
+        if not args.index or not (Path(args.index) / "manifest.json").is_file():
+            raise UsageError(f"cascade index search needs --index FOLDER written by `cascade index build` "
+                             f"(got {args.index!r})")
+        xq = _npy(args.queries, "--queries", "search")
         index = ItemIndex.load(args.index, expect_model_hash=args.model_hash)
-        xq = np.load(args.queries)
-        scores, items = index.search(xq, args.k)
+        scores, items = index.search(xq, args.k or 100)
         np.save(args.out, items)
-        print(f"searched {len(xq)} queries, k={args.k}: item ids saved to {args.out}")
+        print(f"searched {len(xq)} queries, k={args.k or 100}: item ids saved to {args.out}")
     return 0
 
 
@@ -172,83 +249,115 @@ def cmd_ddp_ranklog(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cascade",
-                                description="A distilled cascade recommender: one teacher, every stage a student.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    # -v / --verbose is accepted before or after the subcommand (SUPPRESS: a subcommand's default never hides the
+    # top-level flag)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, and the traceback of an error")
+    lock = argparse.ArgumentParser(add_help=False)
+    lock.add_argument("--wait", action="store_true",
+                      help="if another process holds the output folder, wait for it instead of failing")
+    raw = argparse.RawDescriptionHelpFormatter
 
-    r = sub.add_parser("run",
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="cascade", parents=[common], formatter_class=raw,
+                                description="A distilled cascade recommender: one teacher, every stage a student.",
+                                epilog="every command has its own --help with examples, e.g. cascade run --help")
+    p.add_argument("--version", action="version", version=f"cascade {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", parents=[common, lock], formatter_class=raw, epilog=EPILOG_RUN,
                        help="run the pipeline data -> teacher -> ranklog -> students -> index -> replay -> report",
-                       epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description="Run (or resume) the pipeline; steps whose config and inputs are unchanged are "
+                                   "skipped.")
     r.add_argument("config", nargs="?", help="pipeline TOML (default: pipelines/default.toml)")
+    r.add_argument("--data", metavar="SOURCE[:PATH]",
+                   help="the dataset, on top of the config: custom:MAPPING.toml (your own logs), kuairand:DIR, "
+                        "movielens-100k:DIR, movielens-1m:DIR or world. It replaces the config's [data] table and "
+                        "names the run after the dataset unless --set run.name names it")
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. teacher.train.epochs=3")
     r.add_argument("--force", action="append", metavar="STEP", help="redo STEP even if it is up to date")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
     r.set_defaults(func=cmd_run)
 
-    for name, fn, help_ in (("replay", cmd_replay, "replay the test requests of a finished run again"),
-                            ("report", cmd_report, "rebuild a run's report")):
-        q = sub.add_parser(name, help=help_, epilog=f"example:\n  cascade {name} runs/default",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, fn, help_, also in (
+            ("replay", cmd_replay, "replay the test requests of a finished run again (then rebuild its report)",
+             "  cascade replay runs/default --set replay.k=20 --set replay.n_prerank=50"),
+            ("report", cmd_report, "rebuild a finished run's report", "  cascade report runs/tiny -v")):
+        q = sub.add_parser(name, parents=[common, lock], help=help_, description=help_[0].upper() + help_[1:] + ". "
+                           f"Only the {name} step(s) are redone; the other steps are used as they are (verified).",
+                           epilog=f"examples:\n  cascade {name} runs/default\n{also}", formatter_class=raw)
         q.add_argument("run", help="the run folder, e.g. runs/default")
-        q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+        q.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help=f"override a value of {' / '.join(REPLAY_SECTIONS[name])} (other keys: cascade run)")
         q.add_argument("--no-progress", action="store_true")
         q.set_defaults(func=fn)
 
-    a = sub.add_parser("ablation", help="the distillation ablation of the two-tower students over seeds",
+    a = sub.add_parser("ablation", parents=[common],
+                       help="the distillation ablation of the two-tower students over seeds",
                        epilog="examples:\n"
                               "  cascade ablation                  # pipelines/ablation.toml, the world\n"
                               "  cascade ablation --set data.source='movielens-100k' --set data.path=path/to/ml-100k\n"
                               "  cascade ablation --set ablation.seeds=[0]",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=raw)
     a.add_argument("config", nargs="?", help="ablation TOML (default: pipelines/ablation.toml)")
     a.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
     a.add_argument("--out", default="runs", help="folder for ablation_<source>.json / .md")
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=cmd_ablation)
 
-    d = sub.add_parser("data", help="generate the world or check a dataset's loader",
+    d = sub.add_parser("data", parents=[common, lock], help="generate the world, or check a dataset and its loader",
+                       description="world: generate the synthetic world into --out. Any other source: load the "
+                                   "dataset as a run would, check it, and print what was found (rows, users, items, "
+                                   "clicks, days, features per side, suggested split days); nothing is written.",
                        epilog="examples:\n  cascade data world --out /tmp/world --n-users 2000 --n-items 1500\n"
+                              "  cascade data custom examples/own_logs/mapping.toml --check\n"
                               "  cascade data kuairand path/to/KuaiRand-Pure/data\n"
-                              "  cascade data movielens-100k path/to/ml-100k\n"
-                              "  cascade data custom my_mapping.toml",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                              "  cascade data movielens-100k path/to/ml-100k",
+                       formatter_class=raw)
     d.add_argument("source", choices=("world", "kuairand", "movielens-100k", "movielens-1m", "custom"))
-    d.add_argument("path", nargs="?", help="dataset directory (or mapping TOML for custom)")
-    d.add_argument("--out", default="world", help="world: output folder")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--n-users", type=int, default=None)
-    d.add_argument("--n-items", type=int, default=None)
-    d.add_argument("--n-days", type=int, default=21)
+    d.add_argument("path", nargs="?", help="dataset folder (custom: the mapping TOML)")
+    d.add_argument("--check", action="store_true",
+                   help="check the dataset and print what was found (what a loader source always does)")
+    d.add_argument("--out", default=None, help="world: output folder (default: world)")
+    d.add_argument("--seed", type=int, default=None, help="world: seed (default 0)")
+    d.add_argument("--n-users", type=int, default=None, help="world: users (default: the real tables')")
+    d.add_argument("--n-items", type=int, default=None, help="world: items (default: the real tables')")
+    d.add_argument("--n-days", type=int, default=None, help="world: days (default 21)")
     d.set_defaults(func=cmd_data)
 
-    i = sub.add_parser("index", help="build or search a FAISS inner-product index",
-                       epilog="examples:\n  cascade index build --embeddings items.npy --ids ids.npy "
-                              "--out idx --model-hash abc\n"
-                              "  cascade index search --index idx --queries users.npy --k 100 "
-                              "--out top.npy --model-hash abc",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i = sub.add_parser("index", parents=[common, lock], help="build or search a FAISS inner-product index",
+                       epilog="examples:\n"
+                              "  cascade index build --run runs/default --out idx        # a run's retrieval tower\n"
+                              "  cascade index build --embeddings items.npy --ids ids.npy --out idx --model-hash abc\n"
+                              "  cascade index search --index idx --queries users.npy --k 100 --out top.npy",
+                       formatter_class=raw)
     i.add_argument("action", choices=("build", "search"))
+    i.add_argument("--run", help="build: a finished run folder; indexes its retrieval tower's items")
+    i.add_argument("--variant", default="distilled", help="build --run: the student variant (default: distilled)")
     i.add_argument("--embeddings", help="build: float32 [n, d] .npy of item embeddings")
     i.add_argument("--ids", help="build: int64 [n] .npy of item ids (default 0..n-1)")
     i.add_argument("--factory", default=None,
-                   help="Flat | IVF{n},Flat | HNSW{M} | IVF{n},PQ{m} (default: by corpus size)")
+                   help="Flat | IVF{n},Flat | HNSW{M} | IVF{n},PQ{m} (default: by corpus size; --run: the run's)")
     i.add_argument("--metric", default="ip", choices=("ip", "l2"))
     i.add_argument("--queries", help=".npy of float32 [nq, d] queries (build: for the nprobe/efSearch sweep)")
-    i.add_argument("--k", type=int, default=100)
-    i.add_argument("--recall-target", type=float, default=0.95)
+    i.add_argument("--k", type=int, default=None, help="results per query (default 100)")
+    i.add_argument("--recall-target", type=float, default=None, help="build: the operating point (default 0.95)")
     i.add_argument("--index", help="search: index folder")
-    i.add_argument("--model-hash", default="unknown", help="hash of the tower the embeddings come from")
+    i.add_argument("--model-hash", default=None,
+                   help="build: hash of the tower the embeddings come from (recorded; default 'unknown'); search: "
+                        "refuse an index built from another tower (default: no check)")
     i.add_argument("--out", required=True, help="build: index folder; search: .npy for the result ids")
     i.set_defaults(func=cmd_index)
-    g = sub.add_parser("ddp-ranklog", help="teacher with DistributedDataParallel + a sharded rank log, under torchrun",
+    g = sub.add_parser("ddp-ranklog", parents=[common],
+                       help="teacher with DistributedDataParallel + a sharded rank log, under torchrun",
                        epilog="examples:\n"
                               "  torchrun --standalone --nproc_per_node 2 -m cascade.cli ddp-ranklog \\\n"
                               "      --data runs/tiny/data --out runs/ddp\n"
                               "  cascade ddp-ranklog --data runs/tiny/data --out runs/ddp1   # one process",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=raw)
     g.add_argument("--data", required=True, help="a run's data folder (runs/<name>/data)")
     g.add_argument("--out", required=True)
     g.add_argument("--epochs", type=int, default=1)
@@ -267,13 +376,23 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `cascade` command: 0 on success; a user mistake (a bad config, data, path or option, a run folder in
+    use) prints ``cascade: error: ...`` and returns 2 (with -v also its traceback); anything else is a bug and
+    raises."""
+    from .artifacts import ArtifactError
     from .config import ConfigError
     from .data.schema import DataValidationError
+    from .index.faiss_index import IndexMismatchError
+    from .run_lock import RunLockedError
 
     args = build_parser().parse_args(argv)
+    args.verbose = getattr(args, "verbose", False)
     try:
         return args.func(args)
-    except (ConfigError, DataValidationError) as e:
+    except (ConfigError, DataValidationError, ArtifactError, IndexMismatchError, RunLockedError, UsageError,
+            FileNotFoundError) as e:
+        if args.verbose:
+            traceback.print_exc()
         print(f"cascade: error: {e}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import math
 import tomllib
 import types
 import typing
@@ -27,6 +28,47 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config that cannot be used: unknown key, wrong type or impossible value. The message names the key."""
+
+
+class FieldError(ConfigError):
+    """An impossible value of one field of a config dataclass (raised by its ``__post_init__``).
+
+    Built directly the message names ``Class.field``; :func:`from_dict` re-raises it under the field's dotted key
+    (``teacher.train.lr = nan: must be a finite number > 0``)."""
+
+    def __init__(self, owner: str, field: str, value: Any, want: str):
+        self.owner, self.field, self.value, self.want = owner, field, value, want
+        super().__init__(f"{owner}.{field} = {value!r}: {want}")
+
+    def at(self, prefix: str) -> ConfigError:
+        return ConfigError(f"{prefix}.{self.field} = {self.value!r}: {self.want}" if prefix else str(self))
+
+
+def require(obj: Any, name: str, ok: bool, want: str) -> None:
+    """Raise :class:`FieldError` for field ``name`` of the config ``obj`` unless ``ok``; ``want`` says what the
+    value must be ("must be a finite number > 0")."""
+    if not ok:
+        raise FieldError(type(obj).__name__, name, getattr(obj, name), want)
+
+
+def finite(x: Any) -> bool:
+    """A real number that is not NaN or +-inf."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def positive(x: Any) -> bool:
+    """A finite number > 0."""
+    return finite(x) and x > 0
+
+
+def nonnegative(x: Any) -> bool:
+    """A finite number >= 0."""
+    return finite(x) and x >= 0
+
+
+def at_least(x: Any, lo: int) -> bool:
+    """An integer >= lo."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
 
 
 def _type_name(tp: Any) -> str:
@@ -134,6 +176,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "", base: T |
             kwargs[name] = coerce(value, tp, key)
     try:
         return cls(**kwargs)
+    except FieldError as e:
+        raise e.at(prefix) from None
     except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError):
             raise

@@ -52,6 +52,7 @@ def test_every_step_writes_verified_artifacts(run_a):
         assert (run_dir / "report" / f).stat().st_size > 1000
     summary = A.read_json(run_dir / "replay" / "summary.json")
     assert set(summary["variants"]) == {"distilled", "ground_truth", "distilled+channels"}
+    latency = A.read_manifest(run_dir / "replay")["metrics"]["latency"]  # measured times: in the manifest only
     for name, v in summary["variants"].items():
         q = v["quality"]
         for st in ("retrieval", "prerank", "rank"):
@@ -67,7 +68,8 @@ def test_every_step_writes_verified_artifacts(run_a):
         assert q["rank_hit_rate"] >= q["rank_click_recall"]  # a hit needs one click, recall all of them
         assert 0.0 < q["oracle_ratio"] <= 1.0 + 1e-9
         assert 1 <= q["final_distinct"] <= 5 * q["n_requests"] and 0 < q["final_top_share"] <= 1.0
-        assert v["latency_batch1"]["served"] == v["latency_batch1"]["n_requests"]
+        assert "latency_batch1" not in v and latency[name]["latency_batch1"]["served"] == \
+            latency[name]["latency_batch1"]["n_requests"]
     # the teacher's own top list over the corpus: agrees with itself, and keeps at least what any cascade keeps
     # of the teacher's top-K (it IS that list)
     ceiling = summary["references"]["teacher_corpus"]["quality"]
@@ -105,18 +107,13 @@ def test_sigkill_midway_then_resume_matches_uninterrupted_run(run_a, tmp_path):
     for s in ("data", "teacher", "ranklog"):
         assert f"[{s:>8}] skipped" in done.stdout, done.stdout
     run_b_dir = runs_b / "tiny"
-    # identical data, encodings, teacher weights, rank logs and index files (files that record measured speeds
-    # -- models.json with latencies, nested manifests with pairs/s or QPS -- are left out of the comparison)
-    # torch.save's archive carries a serialization id that can differ between processes: compare .pt by tensors
-    def reproducible(h):
-        return {k: v for k, v in h.items() if not k.endswith(("models.json", "manifest.json", ".pt"))}
-
+    # byte-identical data, encodings, teacher checkpoint, models table and rank logs: step outputs hold no
+    # timings (they live in the step manifests) and checkpoints no temporary file names
     for s in ("data", "teacher", "ranklog"):
-        ha, hb = _hashes(run_a_dir / s), _hashes(run_b_dir / s)
-        assert reproducible(hb) == reproducible(ha), s
-        for k in (k for k in ha if k.endswith(".pt")):
-            ta, tb = A.load_torch(run_a_dir / s / k), A.load_torch(run_b_dir / s / k)
-            assert ta.keys() == tb.keys() and all(torch.equal(ta[n], tb[n]) for n in ta), (s, k)
+        assert _hashes(run_b_dir / s) == _hashes(run_a_dir / s), s
+    ta = A.load_torch(run_a_dir / "teacher" / "teacher" / "model.pt")
+    tb = A.load_torch(run_b_dir / "teacher" / "teacher" / "model.pt")
+    assert ta.keys() == tb.keys() and all(torch.equal(ta[n], tb[n]) for n in ta)
     # The two-tower students train through sums whose float order can differ between processes: their item
     # embeddings (the index contents) agree to 1e-5 (measured: 1.5e-7), the id maps exactly.
     import faiss

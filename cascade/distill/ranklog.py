@@ -256,17 +256,19 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
     n_rows = sum(p["rows"] for p in parts)
     config = {"requests_per_batch": requests_per_batch, "shard_rows": shard_rows, "n_candidates": int(L),
               "n_shards": n_shards, "shard_index": shard_index}
+    # the manifest holds what the inputs determine (no times), so an unchanged redo writes the same bytes
     man = artifacts.write_manifest(
         shard_dir, kind=KIND, config=config, seed=seed, inputs={}, outputs=[p["path"] for p in parts],
-        metrics={"pairs_per_s": n_rows / wall if wall > 0 else None, "score_s": score_s, "n_rows": n_rows},
-        wall_s=wall,
+        metrics={"n_rows": n_rows}, stamp=False,
         extra={"shards": _with_hashes(parts, shard_dir), "n_requests": hi_r - lo_r, "n_rows": n_rows,
                "request_row_range": [lo_r, hi_r], "n_requests_total": n_req, "n_items": n_items,
                "columns": list(COLUMNS)},
     )
     log.info("rank log: %d requests, %d pairs in %.2fs (%.0f pairs/s, scorer %.2fs) -> %s",
              hi_r - lo_r, n_rows, wall, n_rows / max(wall, 1e-9), score_s, shard_dir)
-    return man
+    # the timings go back to the caller only
+    return {**man, "wall_s": wall, "metrics": {**man["metrics"], "score_s": score_s,
+                                               "pairs_per_s": n_rows / wall if wall > 0 else None}}
 
 
 def _with_hashes(parts: list[dict], base: Path, prefix: str = "") -> list[dict]:
@@ -308,7 +310,7 @@ def merge_manifests(out_dir: str | Path, n_shards: int) -> dict:
         raise artifacts.ArtifactError(f"{out_dir}: the shards cover request rows [0, {expected_lo}) of {total}")
     return artifacts.write_manifest(
         out_dir, kind=KIND, config={**cfg0, "shard_index": None}, seed=None, inputs={}, outputs=outputs,
-        metrics={"n_rows": n_rows},
+        metrics={"n_rows": n_rows}, stamp=False,
         extra={"shards": shards, "n_requests": n_req, "n_rows": n_rows, "request_row_range": [0, total],
                "n_requests_total": total, "n_items": m.get("n_items"), "columns": list(COLUMNS)},
     )

@@ -46,7 +46,7 @@ import torch
 
 from .. import artifacts as A
 from ..arrays import topk_rows
-from ..config import apply_overrides, from_dict, load_toml, to_dict
+from ..config import from_dict, to_dict
 from ..data.requests import impression_requests, requests_frame, to_requests
 from ..data.world import World
 from ..distill.losses import graded_relevance
@@ -58,7 +58,7 @@ from ..models.two_tower import build_two_tower, item_embeddings
 from ..run_data import RunData, Towers, load_ranker
 from ..serve.replay import teacher_top_over_corpus
 from ..train.students import is_ground_truth, student_list_scores, train_student
-from .config import PipelineConfig, check_settable
+from .config import PipelineConfig, config_data
 from .ranklog import candidate_lists
 from .run import run_pipeline
 from .students import click_lists
@@ -131,12 +131,8 @@ def load_ablation_config(path: str | Path | None, overrides: list[str] | None = 
     Overrides ``a.b=v`` apply to both (``ablation.seeds=[0]``, ``data.source=...``); unknown keys raise
     ConfigError naming the key, as for :func:`cascade.pipeline.load_config`.
     """
-    data = load_toml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
-    check_settable(data)
+    data = config_data(path, overrides)
     ab = data.pop("ablation", {})
-    if isinstance(data.get("data"), dict) and data["data"].get("path"):
-        data["data"]["path"] = str(Path(data["data"]["path"]).expanduser())
     return from_dict(PipelineConfig, data), from_dict(AblationSettings, ab, prefix="ablation")
 
 

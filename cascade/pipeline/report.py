@@ -39,9 +39,8 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
         out["data"] = A.read_json(run_dir / "data" / "summary.json")
     models = []
     for s in ("teacher", "students"):
-        p = run_dir / s / "models.json"
-        if p.exists():
-            models += A.read_json(p)
+        if s in m:  # the manifest's rows hold the measured latencies too (models.json does not)
+            models += m[s]["metrics"].get("models") or A.read_json(run_dir / s / "models.json")
     out["models"] = models
     if "index" in m:
         first = next(iter(m["index"]["metrics"].values()), None)
@@ -54,7 +53,8 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
     out["choices"] = choices(run_dir, m)
     if "replay" in m:
         summ = A.read_json(run_dir / "replay" / "summary.json")
-        out["cascades"] = {v: _cascade_entry(s) for v, s in summ["variants"].items()}
+        latency = m["replay"]["metrics"].get("latency", {})  # measured times live in the manifest
+        out["cascades"] = {v: _cascade_entry({**s, **latency.get(v, {})}) for v, s in summ["variants"].items()}
         out["outcomes"] = outcome_rows(summ, gate_flags(out["choices"]))
     if report_cfg is not None and report_cfg.ablation:
         out["ablation"] = A.read_json(report_cfg.ablation)

@@ -37,7 +37,7 @@ from ..serve.replay import teacher_top_over_corpus
 from ..train.joint import DistillConfig, DistilledStudent, JointRanker, joint_loss, pfd_configs, teacher_first_loss
 from ..train.loop import evaluate, fit, predict
 from ..train.students import ClickLists, evaluate_on_log, is_ground_truth, train_student
-from .common import model_row, save_ranker, seeded, with_seed
+from .common import model_row, save_ranker, seeded, with_seed, without_timings
 from .config import StudentsSection
 from .judge import Judge, validation_judge
 from .runner import StepContext, StepResult
@@ -165,10 +165,12 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
             d = ctx.out / variant / stage
             A.save_torch(d / "model.pt", towers.state_dict())
             A.write_json(d / "config.json", to_dict(c.tower))
-            A.write_json(d / "history.json", hist)
+            A.write_json(d / "history.json", [{k: v for k, v in h.items() if k != "seconds"} for h in hist])
             outputs += [f"{variant}/{stage}/{f}" for f in ("model.pt", "config.json", "history.json")]
         gate = teacher_gate(judge.recall(t_lists, n), models[0.0][2]) if 0.0 in models else None
         metrics[stage] = {"size": n, "grid": grid, "chosen_scale": chosen, "variants": variants, "gate": gate}
+        metrics[f"{stage}_epoch_seconds"] = {str(sc): [h.get("seconds") for h in m[1]]  # manifest only: not hashed
+                                             for sc, m in models.items()}
         log.info("students: %s scale %s chosen (%s); teacher gate %s", stage, chosen, grid, gate)
     return outputs, metrics
 
@@ -234,8 +236,8 @@ def run(ctx: StepContext) -> StepResult:
     outputs, metrics = _train_towers(ctx, c, sizes, data, judge)
     rank_outputs, rows, metrics["rank_student"] = _train_rank_students(ctx, c, data)
     outputs += rank_outputs
-    A.write_json(ctx.out / "models.json", rows)
-    A.write_json(ctx.out / "selection.json", metrics)
+    A.write_json(ctx.out / "models.json", without_timings(rows))  # the latencies: in the manifest
+    A.write_json(ctx.out / "selection.json", {k: v for k, v in metrics.items() if not k.endswith("epoch_seconds")})
     outputs += ["models.json", "selection.json"]
     metrics["models"] = rows
     summary = ", ".join(f"{st} scale {metrics[st]['chosen_scale']:g}" for st in STAGES)

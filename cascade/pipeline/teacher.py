@@ -18,7 +18,7 @@ from ..models.ranker import Ranker
 from ..run_data import RunData
 from ..train.entire_space import choose_exposure_weight, entire_space_loss, entire_space_table
 from ..train.loop import evaluate, fit, score_metrics
-from .common import model_row, save_ranker, seeded, with_seed
+from .common import model_row, save_ranker, seeded, with_seed, without_timings
 from .config import TeacherSection
 from .judge import validation_judge
 from .runner import StepContext, StepResult
@@ -59,7 +59,7 @@ def run(ctx: StepContext) -> StepResult:
         rows.append({"name": f"LightGBM (binary, {len(gb_train):,} most recent train rows)", "role": "baseline", **m})
         A.write_text(ctx.out / "lightgbm.txt", gb.booster_.model_to_string())
         outputs.append("lightgbm.txt")
-    A.write_json(ctx.out / "models.json", rows)
+    A.write_json(ctx.out / "models.json", without_timings(rows))  # the latencies: in the manifest
     outputs.append("models.json")
     return StepResult(outputs, {"models": rows, "best_valid_auc": res.best_valid_auc, **metrics},
                       f"teacher test AUC {rows[0].get('auc', float('nan')):.4f}")

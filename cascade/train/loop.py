@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from cascade import distributed as D
 from cascade.artifacts import load_torch, read_manifest, save_torch, write_manifest
+from cascade.config import at_least, nonnegative, positive, require
 from cascade.data.batches import EncodedTable, batch_indices, iter_batches
 from cascade.distill.losses import click_bce, mix
 from cascade.eval.metrics import auc, gauc, logloss
@@ -93,10 +94,17 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"TrainConfig: device {self.device!r} must be 'cpu' or 'cuda'")
-        if self.lr <= 0 or self.batch_size <= 0 or self.epochs <= 0 or self.patience <= 0:
-            raise ValueError(f"TrainConfig: lr, batch_size, epochs and patience must be > 0 (got {self})")
-        if self.eval_every_steps is not None and self.eval_every_steps <= 0:
-            raise ValueError(f"TrainConfig: eval_every_steps must be > 0 or None, got {self.eval_every_steps}")
+        require(self, "lr", positive(self.lr), "must be a finite number > 0")
+        require(self, "weight_decay", nonnegative(self.weight_decay), "must be a finite number >= 0")
+        for name in ("batch_size", "epochs", "patience", "eval_batch_size"):
+            require(self, name, at_least(getattr(self, name), 1), "must be an integer >= 1")
+        require(self, "eval_every_steps", self.eval_every_steps is None or at_least(self.eval_every_steps, 1),
+                "must be an integer >= 1 or None (once per epoch)")
+        require(self, "grad_clip", self.grad_clip is None or positive(self.grad_clip),
+                "must be a finite number > 0 (the max gradient norm) or None (no clipping)")
+        require(self, "seed", at_least(self.seed, 0), "must be an integer >= 0")
+        require(self, "num_threads", self.num_threads is None or at_least(self.num_threads, 1),
+                "must be an integer >= 1 or None")
 
 
 @dataclass

@@ -69,6 +69,7 @@ from tqdm.auto import tqdm
 
 from cascade import distributed as D
 from cascade.arrays import pad_by_row, topk_rows
+from cascade.config import FieldError, at_least, nonnegative, positive, require
 from cascade.distill import losses as L
 from cascade.distill.ranklog import RankLog
 from cascade.eval.metrics import mean_recall_at_k, ndcg_at_k
@@ -134,11 +135,10 @@ class StudentConfig:
         unknown = sorted(set(self.loss_weights) - set(LOSS_NAMES))
         if unknown:
             raise ValueError(f"StudentConfig: unknown loss name(s) {unknown} in loss_weights; known: {LOSS_NAMES}")
-        if not (np.isfinite(self.distill_scale) and self.distill_scale >= 0):
-            raise ValueError(f"StudentConfig: distill_scale must be >= 0, got {self.distill_scale}")
-        bad_w = {k: v for k, v in self.loss_weights.items() if not (np.isfinite(v) and v >= 0)}
-        if bad_w:
-            raise ValueError(f"StudentConfig: loss weights must be finite and >= 0, got {bad_w}")
+        require(self, "distill_scale", nonnegative(self.distill_scale), "must be a finite number >= 0")
+        for name, w in self.loss_weights.items():
+            if not nonnegative(w):
+                raise FieldError(type(self).__name__, f"loss_weights.{name}", w, "must be a finite number >= 0")
         if not any(self.weight(n) != 0 for n in self.loss_weights):
             raise ValueError("StudentConfig: every loss weight is 0 (or none is given)")
         for name, params in self.loss_params.items():
@@ -160,10 +160,13 @@ class StudentConfig:
             raise ValueError("StudentConfig: stage 'retrieval' ranks the whole corpus and needs a non-zero "
                              "'sampled_softmax' or 'teacher_softmax' weight (in-batch + uniform corpus negatives)")
         for name in ("epochs", "batch_size", "softmax_topk", "eval_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"StudentConfig: {name} must be >= 1, got {getattr(self, name)}")
-        if self.n_uniform_negatives < 0 or self.lr <= 0:
-            raise ValueError("StudentConfig: n_uniform_negatives must be >= 0 and lr > 0")
+            require(self, name, at_least(getattr(self, name), 1), "must be an integer >= 1")
+        require(self, "n_uniform_negatives", at_least(self.n_uniform_negatives, 0), "must be an integer >= 0")
+        require(self, "lr", positive(self.lr), "must be a finite number > 0")
+        require(self, "weight_decay", nonnegative(self.weight_decay), "must be a finite number >= 0")
+        require(self, "grad_clip", self.grad_clip is None or positive(self.grad_clip),
+                "must be a finite number > 0 (the max gradient norm) or None (no clipping)")
+        require(self, "seed", at_least(self.seed, 0), "must be an integer >= 0")
 
     def weight(self, name: str) -> float:
         """The effective weight of term ``name``: its loss weight, times distill_scale for a distillation term."""

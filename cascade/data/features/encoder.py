@@ -129,11 +129,12 @@ class FeatureEncoder:
         if not hasattr(self, "columns_"):
             raise RuntimeError("FeatureEncoder is not fitted: call fit() or FeatureEncoder.load()")
 
-    def _encode_part(self, part: str, frame: Any, source: str) -> tuple[np.ndarray, np.ndarray]:
+    def _encode_part(self, part: str, frame: Any, source: str,
+                     n_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         self._fitted()
         cols = [c for c in self.columns_ if c["part"] == part]
         cat_out, num_out = [], []
-        n = len(frame) if isinstance(frame, pd.DataFrame) else None
+        n = len(frame) if isinstance(frame, pd.DataFrame) else n_rows
         for c in cols:
             s = column(frame, c["name"], source)
             if n is not None and len(s) != n:
@@ -168,9 +169,10 @@ class FeatureEncoder:
         """Item-table columns of ``items`` rows: (cat int64 [I, Ci], num float32 [I, Mi])."""
         return self._encode_part("item", items, "items")
 
-    def encode_context(self, impressions: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Context columns (impression table, non-privileged) of a DataFrame or a mapping of arrays [N]."""
-        return self._encode_part("context", impressions, "impressions")
+    def encode_context(self, impressions: Any, n_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Context columns (impression table, non-privileged) of a DataFrame or a mapping of arrays [N] (n_rows:
+        N, needed for a mapping when the data have no context column)."""
+        return self._encode_part("context", impressions, "impressions", n_rows)
 
     def encode_privileged(self, impressions: Any) -> tuple[np.ndarray, np.ndarray]:
         """Privileged (post-click) columns; training only, never a serving-time input."""
