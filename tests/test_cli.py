@@ -38,7 +38,8 @@ def test_everyday_mistakes_are_one_line_errors(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)  # nothing may be written here
     for cmd in ("replay", "report"):
         fails(capsys, [cmd, str(tmp_path / "no_such_run")], "is not a finished run (no ")
-    fails(capsys, ["run", str(TINY), "--force", "teachr"], "--force 'teachr': no such step (steps: data, channels, teacher")
+    fails(capsys, ["run", str(TINY), "--force", "teachr"],
+          "--force 'teachr': no such step (steps: data, channels, teacher")
     fails(capsys, ["data", "movielens-100k"], "cascade data movielens-100k needs the dataset folder")
     fails(capsys, ["data", "custom"], "needs the mapping TOML")
     fails(capsys, ["data", "movielens-100k", str(tmp_path), "--n-days", "3"], "--n-days applies to `cascade data "
