@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 DEFAULT_CONFIG = Path("pipelines") / "default.toml"
@@ -19,13 +21,35 @@ EPILOG_RUN = """examples:
 """
 
 
-def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file is not None:
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+def _setup_logging(args: argparse.Namespace, log_file: Path | None = None) -> None:
+    """Handlers on the library's logger ``cascade`` only: the root logger is left alone, so other libraries' INFO
+    lines (faiss's loader reports every SIMD build it tries, with ModuleNotFoundError lines that read like
+    failures) stay silent. -v: DEBUG; --quiet: warnings and errors only (and no progress bars)."""
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    lib = logging.getLogger("cascade")
+    for h in list(lib.handlers):
+        lib.removeHandler(h)
+        h.close()
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
+    console.setLevel(level)
+    lib.addHandler(console)
+    lib.setLevel(min(level, logging.INFO) if log_file is not None else level)
+    if log_file is not None:  # the run's log keeps the INFO lines even under --quiet
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(logging.Formatter(LOG_FORMAT))
+        fh.setLevel(min(level, logging.INFO))
+        lib.addHandler(fh)
+    lib.propagate = False
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not (getattr(args, "no_progress", False) or getattr(args, "quiet", False))
 
 
 def _default_config_path() -> Path | None:
@@ -35,6 +59,15 @@ def _default_config_path() -> Path | None:
     return packaged if packaged.exists() else None
 
 
+@contextlib.contextmanager
+def _bars_beside_logs() -> Iterator[None]:
+    """Log lines of the library printed through tqdm while bars are shown, so a line never cuts a bar in two."""
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm(loggers=[logging.getLogger("cascade")]):
+        yield
+
+
 def cmd_run(args: argparse.Namespace) -> int:
     from . import artifacts as A
     from .pipeline import load_config, run_pipeline
@@ -42,14 +75,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     path = Path(args.config) if args.config else _default_config_path()
     cfg = load_config(path, args.set)  # fails on an unknown key or a wrong type before any work starts
     run_dir = A.safe_join(cfg.run.runs_dir, cfg.run.name)
-    _setup_logging(args.verbose, run_dir / "run.log")
-
-    def on_step(name: str, status: str, manifest: dict) -> None:
-        summary = manifest.get("summary") or ""
-        wall = manifest.get("wall_s")
-        print(f"[{name:>8}] {status:<7} {'' if status == 'skipped' else f'{wall:.1f}s '}{summary}", flush=True)
-
-    run_pipeline(cfg, force=tuple(args.force or ()), progress=not args.no_progress, on_step=on_step)
+    _setup_logging(args, run_dir / "run.log")
+    with _bars_beside_logs():
+        run_pipeline(cfg, force=tuple(args.force or ()), progress=_progress(args))
     print(f"report: {run_dir / 'report' / 'report.html'}")
     return 0
 
@@ -59,9 +87,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run)
     cfg = _run_config(run_dir, args.set)
-    _setup_logging(args.verbose, run_dir / "run.log")
-    res = run_pipeline(cfg, force=("replay", "report"), progress=not args.no_progress,
-                       reuse=("data", "teacher", "ranklog", "students", "index"))
+    _setup_logging(args, run_dir / "run.log")
+    with _bars_beside_logs():
+        res = run_pipeline(cfg, force=("replay", "report"), progress=_progress(args),
+                           reuse=("data", "teacher", "ranklog", "students", "index"))
     print(json.dumps(res["replay"]["manifest"]["metrics"], indent=2, default=str))
     return 0
 
@@ -71,7 +100,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run)
     cfg = _run_config(run_dir, args.set)
-    _setup_logging(args.verbose)
+    _setup_logging(args)
     run_pipeline(cfg, force=("report",), progress=False,
                  reuse=("data", "teacher", "ranklog", "students", "index", "replay"))
     print(f"report: {run_dir / 'report' / 'report.html'}")
@@ -95,9 +124,10 @@ def cmd_ablation(args: argparse.Namespace) -> int:
     from .pipeline.ablation import ablation_markdown, load_ablation_config, run_ablation, write_ablation
 
     cfg, settings = load_ablation_config(args.config or Path("pipelines") / "ablation.toml", args.set)
-    _setup_logging(args.verbose)
+    _setup_logging(args)
     label = cfg.data.source.replace("-", "_")
-    result = run_ablation(cfg, settings, label, progress=not args.no_progress)
+    with _bars_beside_logs():
+        result = run_ablation(cfg, settings, label, progress=_progress(args))
     json_path, md_path = write_ablation(result, args.out, f"ablation_{label}")
     print(ablation_markdown(result))
     print(f"wrote {json_path} and {md_path}; add `report.ablation = \"{json_path}\"` to a run's "
@@ -106,12 +136,13 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    _setup_logging(args.verbose)
+    _setup_logging(args)
     if args.source == "world":
         from .data.world import WorldConfig, generate_world
 
         cfg = WorldConfig(seed=args.seed, n_users=args.n_users, n_items=args.n_items, n_days=args.n_days)
-        world = generate_world(args.out, cfg, progress=True)
+        with _bars_beside_logs():
+            world = generate_world(args.out, cfg, progress=_progress(args))
         print(json.dumps(world.summary(), indent=2, default=str))
         return 0
     from .data import custom, kuairand, movielens
@@ -133,7 +164,7 @@ def cmd_index(args: argparse.Namespace) -> int:
 
     from .index.faiss_index import ItemIndex
 
-    _setup_logging(args.verbose)
+    _setup_logging(args)
     if args.action == "build":
         xb = np.load(args.embeddings)
         ids = np.load(args.ids) if args.ids else np.arange(len(xb), dtype=np.int64)
@@ -157,7 +188,7 @@ def cmd_ddp_ranklog(args: argparse.Namespace) -> int:
     from .distributed import is_main
     from .pipeline.distributed_ranklog import run_distributed_ranklog
 
-    _setup_logging(args.verbose)
+    _setup_logging(args)
     if args.threads:
         import torch
 
@@ -175,7 +206,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="cascade",
                                 description="A distilled cascade recommender: one teacher, every stage a student.",
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    noise = p.add_mutually_exclusive_group()
+    noise.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    noise.add_argument("-q", "--quiet", action="store_true",
+                       help="warnings and errors only, no progress bars (the run's run.log keeps the INFO lines)")
     sub = p.add_subparsers(dest="command", required=True)
 
     r = sub.add_parser("run",

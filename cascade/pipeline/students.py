@@ -48,7 +48,7 @@ def run(ctx: StepContext) -> StepResult:
         for stage, scfg in (("prerank", pre_cfg), ("retrieval", ret_cfg)):
             towers = build_two_tower(inputs, c.tower, seed=ctx.seed)
             scfg = dataclasses.replace(scfg, seed=ctx.seed, progress=ctx.progress)
-            hist = train_student(towers, inputs, log_, clicks, scfg)
+            hist = train_student(towers, inputs, log_, clicks, scfg, label=f"{variant} {stage}")
             d = ctx.out / variant / stage
             A.save_torch(d / "model.pt", towers.state_dict())
             A.write_json(d / "config.json", to_dict(c.tower))
@@ -65,13 +65,14 @@ def run(ctx: StepContext) -> StepResult:
     tcfg = with_seed(dataclasses.replace(c.rank_student_train, progress=ctx.progress), ctx.seed)
     seeded(ctx.seed)
     plain = Ranker(train.spec, c.rank_student)
-    fit(plain, train, valid, tcfg)
+    fit(plain, train, valid, tcfg, label="rank student (no distillation)")
     rows.append(model_row("rank student (no distillation)", "student", plain, evaluate(plain, test), train.spec))
     seeded(ctx.seed)
     pfd_rows = []  # PFD's own teacher, reported after the student it taught
     if c.rank_distill.pfd_lambda is None:  # teacher-first: from the frozen teacher of the teacher step
         distilled = DistilledStudent(Ranker(train.spec, c.rank_student), teacher_hidden_dim=None, seed=ctx.seed)
-        fit(distilled, train, valid, tcfg, loss_fn=teacher_first_loss(teacher, c.rank_distill))
+        fit(distilled, train, valid, tcfg, loss_fn=teacher_first_loss(teacher, c.rank_distill),
+            label="rank student (distilled)")
         served, name = distilled.student.eval(), "rank student (distilled)"
     else:  # PFD: its own privileged teacher, trained synchronously with the student
         side = c.rank_pfd_side
@@ -81,7 +82,7 @@ def run(ctx: StepContext) -> StepResult:
                              f"{sorted(set(train.spec.cat_sides + train.spec.num_sides))}")
         joint = JointRanker(train.spec, *pfd_configs(c.rank_student, "pfd", pfd_side=side),
                             private_student_columns=c.rank_pfd_private_columns, seed=ctx.seed)
-        fit(joint, train, valid, tcfg, loss_fn=joint_loss(c.rank_distill))
+        fit(joint, train, valid, tcfg, loss_fn=joint_loss(c.rank_distill), label="rank student (PFD)")
         served = joint.export_student().eval()
         name = f"rank student (distilled, PFD on the {side} side)"
         pfd_rows.append(model_row(f"its PFD teacher (also reads the {side} side; not served)", "pfd_teacher",

@@ -20,15 +20,16 @@ def run(ctx: StepContext) -> StepResult:
     train, valid, test = data.encoded("train"), data.encoded("valid"), data.encoded("test")
     seeded(ctx.seed)
     model = Ranker(train.spec, c.model)
-    res = fit(model, train, valid, with_seed(dataclasses.replace(c.train, progress=ctx.progress), ctx.seed))
+    res = fit(model, train, valid, with_seed(dataclasses.replace(c.train, progress=ctx.progress), ctx.seed),
+              label="teacher")
     model.eval()
     outputs = save_ranker(model, c.model, ctx.out / "teacher")
     rows = [model_row(f"teacher ({c.model.backbone})", "teacher", model, evaluate(model, test), train.spec)]
     if c.lightgbm:
         gb_train = train if c.lightgbm_max_rows is None else train.take(slice(max(0, len(train) - c.lightgbm_max_rows),
                                                                               None))
-        gb = GBDTRanker(objective="binary", n_estimators=c.lightgbm_trees, seed=ctx.seed, num_threads=2).fit(gb_train,
-                                                                                                             valid)
+        gb = GBDTRanker(objective="binary", n_estimators=c.lightgbm_trees, seed=ctx.seed, num_threads=2,
+                        progress=ctx.progress).fit(gb_train, valid)
         m = score_metrics(test.label, gb.predict(test.cat, test.num), test.user_id, test.is_rand)
         rows.append({"name": f"LightGBM (binary, {len(gb_train):,} most recent train rows)", "role": "baseline", **m})
         A.write_text(ctx.out / "lightgbm.txt", gb.booster_.model_to_string())

@@ -340,9 +340,10 @@ def _ddp_wrap(step: _StudentStep, env: D.DistEnv) -> nn.Module:
 
 
 def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | None, clicks: ClickLists | None,
-                  cfg: StudentConfig, valid: RankLog | None = None) -> list[dict[str, Any]]:
+                  cfg: StudentConfig, valid: RankLog | None = None, label: str | None = None) -> list[dict[str, Any]]:
     """Train ``towers`` in place. Returns the history: one dict per epoch with the mean loss terms ("loss" is the
     weighted total), "seconds", and, when ``valid`` is given, "valid" = :func:`evaluate_on_log` of it.
+    label: what the progress bar and the log lines call the student (default: its stage).
 
     Batches are requests of ``rank_log`` when a weighted term needs the teacher's lists (click terms then use
     the clicks of the same request rows, where there are any), else requests of ``clicks``. Reproducible under
@@ -396,6 +397,8 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
     if ddp:
         step_model = _ddp_wrap(step_model, env)
     n_batches = -(-len(driver) // (cfg.batch_size * env.world_size))
+    label = label or cfg.stage
+    shown: dict[str, str] = {}  # the bar's postfix: running loss, last validation
     # dropout draws from torch's global generator: seed it from cfg.seed (+ rank) without touching the caller's state
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + env.rank)
@@ -406,12 +409,15 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
             t0 = time.perf_counter()
             running = RunningMeans()
             batches = _rank_batches(driver, cfg.batch_size, rng, env.rank, env.world_size)  # world 1: all rows
-            for b in tqdm(batches, disable=not cfg.progress or not env.is_main, desc=f"epoch {epoch}",
-                          total=n_batches):
+            bar = tqdm(batches, disable=not cfg.progress or not env.is_main, desc=f"{label} epoch {epoch + 1}/"
+                       f"{cfg.epochs}", total=n_batches, unit="batch", leave=False)
+            for b in bar:
                 terms = step_model(b)
                 _, values = step_on_loss(terms, {n: w[n] for n in terms}, [opt], [towers.parameters()], cfg.grad_clip,
                                          f"train_student: non-finite loss in epoch {epoch}, step {running.n}", ddp)
                 running.add(values)
+                shown["loss"] = f"{running.sums.get('total', float('nan')) / running.n:.4f}"
+                bar.set_postfix(shown, refresh=False)
             means = running.means()
             if ddp:  # every rank took the same number of steps and logs the same terms: the mean over ranks
                 means = D.all_reduce_mean(means)
@@ -421,7 +427,9 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
                 # rank 0 evaluates (all ranks hold the same weights) and every rank records its numbers
                 ev = evaluate_on_log(towers, inputs, valid, k=cfg.eval_k) if env.is_main else None
                 rec["valid"] = D.broadcast_object(ev)
-            log.info("student %s epoch %d: %s", cfg.stage, epoch, {k: v for k, v in rec.items() if k != "epoch"})
+                shown.update({f"valid_{k}": f"{v:.4f}" for k, v in rec["valid"].items()})
+            log.info("%s epoch %d/%d: %s", label, epoch + 1, cfg.epochs,
+                     {k: (round(v, 5) if isinstance(v, float) else v) for k, v in rec.items() if k != "epoch"})
             history.append(rec)
     towers.eval()
     return history
