@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 DEFAULT_CONFIG = Path("pipelines") / "default.toml"
@@ -18,10 +16,25 @@ EPILOG_RUN = """examples:
   cascade run pipelines/movielens.toml --set data.path=path/to/ml-100k
   cascade run --set teacher.model.backbone=deepfm --set run.name=deepfm
   cascade run --force teacher                   # redo one step (and whatever its change affects)
+  cascade run --set replay.k=20 --update        # change an existing run in place (else refused, naming the keys)
 """
 
 
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _BarSafeHandler(logging.StreamHandler):
+    """Writes through ``tqdm.write``, which clears a progress bar and draws it again below the line, so a log line
+    never cuts a bar in two."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # logging's own rule: a failing handler reports and does not raise
+            self.handleError(record)
 
 
 def _setup_logging(args: argparse.Namespace, log_file: Path | None = None) -> None:
@@ -34,7 +47,7 @@ def _setup_logging(args: argparse.Namespace, log_file: Path | None = None) -> No
     for h in list(lib.handlers):
         lib.removeHandler(h)
         h.close()
-    console = logging.StreamHandler(sys.stderr)
+    console = _BarSafeHandler(sys.stderr)
     console.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
     console.setLevel(level)
     lib.addHandler(console)
@@ -59,15 +72,6 @@ def _default_config_path() -> Path | None:
     return packaged if packaged.exists() else None
 
 
-@contextlib.contextmanager
-def _bars_beside_logs() -> Iterator[None]:
-    """Log lines of the library printed through tqdm while bars are shown, so a line never cuts a bar in two."""
-    from tqdm.contrib.logging import logging_redirect_tqdm
-
-    with logging_redirect_tqdm(loggers=[logging.getLogger("cascade")]):
-        yield
-
-
 def cmd_run(args: argparse.Namespace) -> int:
     from . import artifacts as A
     from .pipeline import load_config, run_pipeline
@@ -76,8 +80,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cfg = load_config(path, args.set)  # fails on an unknown key or a wrong type before any work starts
     run_dir = A.safe_join(cfg.run.runs_dir, cfg.run.name)
     _setup_logging(args, run_dir / "run.log")
-    with _bars_beside_logs():
-        run_pipeline(cfg, force=tuple(args.force or ()), progress=_progress(args))
+    run_pipeline(cfg, force=tuple(args.force or ()), progress=_progress(args), update=args.update)
     print(f"report: {run_dir / 'report' / 'report.html'}")
     return 0
 
@@ -88,9 +91,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     cfg = _run_config(run_dir, args.set)
     _setup_logging(args, run_dir / "run.log")
-    with _bars_beside_logs():
-        res = run_pipeline(cfg, force=("replay", "report"), progress=_progress(args),
-                           reuse=("data", "teacher", "ranklog", "students", "index"))
+    res = run_pipeline(cfg, force=("replay", "report"), progress=_progress(args), update=args.update,
+                       reuse=("data", "teacher", "ranklog", "students", "index"))
     print(json.dumps(res["replay"]["manifest"]["metrics"], indent=2, default=str))
     return 0
 
@@ -101,7 +103,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     cfg = _run_config(run_dir, args.set)
     _setup_logging(args)
-    run_pipeline(cfg, force=("report",), progress=False,
+    run_pipeline(cfg, force=("report",), progress=False, update=args.update,
                  reuse=("data", "teacher", "ranklog", "students", "index", "replay"))
     print(f"report: {run_dir / 'report' / 'report.html'}")
     return 0
@@ -120,14 +122,46 @@ def _run_config(run_dir: Path, extra: list[str] | None):
     return from_dict(PipelineConfig, apply_overrides(saved, list(extra or [])))
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .pipeline.runs import list_runs, runs_markdown
+
+    _setup_logging(args)
+    rows = list_runs(args.runs_dir)
+    if not rows:
+        print(f"no runs in {args.runs_dir} (a run is a folder with a config.json, written by `cascade run`)")
+        return 0
+    print(runs_markdown(rows))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .eval.report import markdown_table
+    from .pipeline.runs import find_run, write_compare
+
+    _setup_logging(args)
+    dirs = [find_run(r, args.runs_dir) for r in args.runs]
+    out = Path(args.out) if args.out else Path(args.runs_dir) / ("compare_" + "_vs_".join(d.name for d in dirs))
+    comparison, files = write_compare(dirs, out)
+    names = [d.name for d in dirs]
+    if comparison["config_diff"]:
+        print(markdown_table(["config key", *names],
+                             [[d["key"], *(json.dumps(v, default=str) if not isinstance(v, str) else v
+                                           for v in d["values"])] for d in comparison["config_diff"]]))
+    else:
+        print("the runs have the same resolved config")
+    print()
+    print((out / "compare.md").read_text().split("## Metrics side by side", 1)[1].strip())
+    print("\nwrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
 def cmd_ablation(args: argparse.Namespace) -> int:
     from .pipeline.ablation import ablation_markdown, load_ablation_config, run_ablation, write_ablation
 
     cfg, settings = load_ablation_config(args.config or Path("pipelines") / "ablation.toml", args.set)
     _setup_logging(args)
     label = cfg.data.source.replace("-", "_")
-    with _bars_beside_logs():
-        result = run_ablation(cfg, settings, label, progress=_progress(args))
+    result = run_ablation(cfg, settings, label, progress=_progress(args))
     json_path, md_path = write_ablation(result, args.out, f"ablation_{label}")
     print(ablation_markdown(result))
     print(f"wrote {json_path} and {md_path}; add `report.ablation = \"{json_path}\"` to a run's "
@@ -141,8 +175,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         from .data.world import WorldConfig, generate_world
 
         cfg = WorldConfig(seed=args.seed, n_users=args.n_users, n_items=args.n_items, n_days=args.n_days)
-        with _bars_beside_logs():
-            world = generate_world(args.out, cfg, progress=_progress(args))
+        world = generate_world(args.out, cfg, progress=_progress(args))
         print(json.dumps(world.summary(), indent=2, default=str))
         return 0
     from .data import custom, kuairand, movielens
@@ -220,6 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. teacher.train.epochs=3")
     r.add_argument("--force", action="append", metavar="STEP", help="redo STEP even if it is up to date")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--update", action="store_true",
+                   help="the run folder exists with another config: redo the steps the change affects in it (without "
+                        "this a different config is refused, naming the keys; or pick a new --set run.name=...)")
     r.set_defaults(func=cmd_run)
 
     for name, fn, help_ in (("replay", cmd_replay, "replay the test requests of a finished run again"),
@@ -228,8 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
                            formatter_class=argparse.RawDescriptionHelpFormatter)
         q.add_argument("run", help="the run folder, e.g. runs/default")
         q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+        q.add_argument("--update", action="store_true",
+                       help="with --set: rewrite the run's config and results (without this a change is refused)")
         q.add_argument("--no-progress", action="store_true")
         q.set_defaults(func=fn)
+
+    ls = sub.add_parser("runs", help="list the runs under a runs folder with their headline metrics",
+                        epilog="examples:\n  cascade runs\n  cascade runs --runs-dir path/to/runs",
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    ls.add_argument("--runs-dir", default="runs", help="the folder holding the runs (default: runs)")
+    ls.set_defaults(func=cmd_runs)
+
+    c = sub.add_parser("compare", help="two or more runs side by side: config differences and metrics (md + html)",
+                       epilog="examples:\n  cascade compare default deepfm\n"
+                              "  cascade compare runs/default other/runs/tiny --out cmp",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run names under --runs-dir, or run folders")
+    c.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: runs)")
+    c.add_argument("--out", default=None,
+                   help="folder for compare.md / compare.html / compare.json (default: RUNS_DIR/compare_A_vs_B)")
+    c.set_defaults(func=cmd_compare)
 
     a = sub.add_parser("ablation", help="the distillation ablation of the two-tower students over seeds",
                        epilog="examples:\n"

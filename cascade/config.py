@@ -224,6 +224,15 @@ def _plain(v: Any) -> Any:
     return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
 
 
+def config_get(cfg: Any, key: str) -> Any:
+    """The value at dotted ``key`` of a plain nested config, or :data:`ABSENT`."""
+    for part in key.split("."):
+        if not isinstance(cfg, Mapping) or part not in cfg:
+            return ABSENT
+        cfg = cfg[part]
+    return cfg
+
+
 def format_diff(diff: list[tuple[str, Any, Any]], limit: int = 8) -> str:
     """``key: old -> new`` for the first ``limit`` differences, then how many more (JSON spelling of values)."""
 

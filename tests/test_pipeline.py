@@ -21,6 +21,7 @@ import torch
 from cascade import artifacts as A
 from cascade.config import ConfigError
 from cascade.pipeline import STEPS, load_config, run_pipeline
+from cascade.pipeline.run import RunConfigMismatch
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "pipelines" / "tiny.toml"
@@ -127,11 +128,33 @@ def test_rerun_skips_everything_and_a_change_reruns_only_dependants(run_a):
     res = run_pipeline(cfg, progress=False)
     assert all(r["status"] == "skipped" for r in res.values())
     assert {s: _hashes(run_dir / s) for s in STEP_NAMES} == before
-    cfg2 = load_config(TINY, [f"run.runs_dir={json.dumps(str(run_dir.parent))}", "replay.k=5"])
-    res = run_pipeline(cfg2, progress=False)
+    # the same config from the command line, --quiet: nothing on stderr, the report's path on stdout
+    q = subprocess.run([sys.executable, "-m", "cascade.cli", "--quiet", "run", str(TINY), "--set", "run.threads=1",
+                        "--set", f"run.runs_dir={json.dumps(str(run_dir.parent))}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
+    assert q.returncode == 0 and q.stderr == "" and q.stdout == f"report: {run_dir / 'report' / 'report.html'}\n"
+    assert "[teacher] skipped (up to date)" in (run_dir / "run.log").read_text()  # run.log keeps the INFO lines
+    cfg2 = load_config(TINY, [f"run.runs_dir={json.dumps(str(run_dir.parent))}", "run.threads=1", "replay.k=5"])
+    # a different config on an existing run is refused, naming the key, before anything is written
+    with pytest.raises(RunConfigMismatch, match=r"replay.k: 10 -> 5\); a run is never overwritten"):
+        run_pipeline(cfg2, progress=False)
+    assert {s: _hashes(run_dir / s) for s in STEP_NAMES} == before
+    assert A.read_json(run_dir / "config.json")["replay"]["k"] == 10
+    r = subprocess.run([sys.executable, "-m", "cascade.cli", "run", str(TINY), "--set", "replay.k=5", "--set",
+                        "run.threads=1", "--set",
+                        f"run.runs_dir={json.dumps(str(run_dir.parent))}"], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and r.stderr.startswith("cascade: error: run 'tiny'"), r.stderr
+    assert "replay.k: 10 -> 5" in r.stderr and "--set run.name=NEW" in r.stderr and "--update" in r.stderr
+    res = run_pipeline(cfg2, progress=False, update=True)
     assert [s for s, r in res.items() if r["status"] == "ran"] == ["replay", "report"]
     summary = A.read_json(run_dir / "replay" / "summary.json")
     assert summary["distilled"]["sizes"]["rank"] == 5
+    # `cascade report RUN --set ...` does not rewrite a finished run's config either, unless --update
+    from cascade.cli import main
+
+    assert main(["report", str(run_dir), "--set", "replay.k=7"]) == 2
+    assert A.read_json(run_dir / "config.json")["replay"]["k"] == 5
 
 
 def test_bad_config_fails_before_any_work(tmp_path):
@@ -223,7 +246,7 @@ def test_pfd_rank_student_through_the_pipeline_and_serving(run_a, tmp_path):
     shutil.copytree(run_dir, tmp_path / "tiny")
     cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(tmp_path))}", "students.rank_distill.pfd_lambda=0.5",
                              "students.rank_distill.warmup_steps=5", 'replay.ranker="student"'])
-    res = run_pipeline(cfg, progress=False)
+    res = run_pipeline(cfg, progress=False, update=True)
     assert [s for s, r in res.items() if r["status"] == "ran"] == ["students", "index", "replay", "report"]
     rows = {r["name"]: r for r in A.read_json(tmp_path / "tiny" / "students" / "models.json")}
     student = rows["rank student (distilled, PFD on the privileged side)"]

@@ -320,7 +320,7 @@ def run_seed(cfg, settings: AblationSettings, seed: int, progress: bool = False)
     the test set and train + evaluate every (stage, variant). Returns {"values": {stage: {variant: {metric:
     value}}}, "reference": {...}, "wall_s": {...}}."""
     t0 = time.perf_counter()
-    run_pipeline(cfg, until="ranklog", progress=progress)
+    run_pipeline(cfg, until="ranklog", progress=progress, update=True)  # its own runs: a cache of the seed's steps
     t_pipe = time.perf_counter() - t0
     run_dir = A.safe_join(cfg.run.runs_dir, cfg.run.name)
     data = RunData(run_dir / "data")

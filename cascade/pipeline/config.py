@@ -41,6 +41,11 @@ SET_BY_THE_PIPELINE: dict[str, str] = {
 }
 
 
+#: Keys (or whole sections) that say where a run lives, not what it computes: a run folder's config.json may differ
+#: from a new config in these without the run counting as another one (cascade.pipeline.run.run_config_diff).
+NOT_COMPARED: tuple[str, ...] = ("run.name", "run.runs_dir")
+
+
 @dataclass(frozen=True)
 class RunSection:
     """name: the run folder under runs_dir. seed: the one seed every step derives its randomness from.

@@ -13,9 +13,9 @@ from pathlib import Path
 import torch
 
 from .. import artifacts as A
-from ..config import to_dict
+from ..config import ABSENT, ConfigError, config_diff, config_get, format_diff, to_dict
 from . import data, index, ranklog, replay, report, students, teacher
-from .config import PipelineConfig
+from .config import NOT_COMPARED, PipelineConfig
 from .runner import Step, run_steps
 
 STEPS = [
@@ -27,6 +27,24 @@ STEPS = [
     Step("replay", ("data", "teacher", "students", "index"), lambda c: c.replay, replay.run),
     Step("report", ("data", "teacher", "ranklog", "students", "index", "replay"), lambda c: c.report, report.run),
 ]
+
+
+class RunConfigMismatch(ConfigError):
+    """``cascade run`` on an existing run whose config.json differs from the resolved config (the keys named)."""
+
+
+def run_config_diff(saved: dict, new: dict) -> list[tuple[str, object, object]]:
+    """Where a run's saved config.json and a resolved config differ: [(key, saved, new)]. Left out: where the run
+    lives (:data:`NOT_COMPARED`) and a key the saved config lacks (written by older code) that holds its default."""
+    default = to_dict(PipelineConfig())
+    out = []
+    for key, old, value in config_diff(saved, new):
+        if key in NOT_COMPARED or key.split(".")[0] in NOT_COMPARED:
+            continue
+        if old == ABSENT and config_get(default, key) == value:
+            continue
+        out.append((key, old, value))
+    return out
 
 
 def code_hash() -> str:
@@ -41,15 +59,24 @@ def code_hash() -> str:
 
 def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), only: tuple[str, ...] | None = None,
                  progress: bool = True, on_step=None, until: str | None = None,
-                 reuse: tuple[str, ...] = ()) -> dict[str, dict]:
+                 reuse: tuple[str, ...] = (), update: bool = False) -> dict[str, dict]:
     """Run (or resume) the pipeline of ``cfg`` under ``cfg.run.runs_dir / cfg.run.name``.
 
-    until: stop after this step (e.g. "ranklog" to get data, teacher and rank logs only)."""
+    until: stop after this step (e.g. "ranklog" to get data, teacher and rank logs only).
+    update: a run folder made with another config is refused (:class:`RunConfigMismatch`, naming the keys) unless
+    this is set; then the steps the change affects are redone in that folder and the others kept."""
     names = [s.name for s in STEPS]
     if until is not None and until not in names:
         raise ValueError(f"until={until!r}: no such step (steps: {names})")
     steps = STEPS if until is None else STEPS[: names.index(until) + 1]
     run_dir = A.safe_join(cfg.run.runs_dir, A.check_run_name(cfg.run.name))
+    if (run_dir / "config.json").is_file() and not update:
+        diff = run_config_diff(A.read_json(run_dir / "config.json"), to_dict(cfg))
+        if diff:
+            raise RunConfigMismatch(
+                f"run {cfg.run.name!r} ({run_dir}) was made with another config ({format_diff(diff)}); a run is never "
+                f"overwritten by a different config: pass --set run.name=NEW for a new run beside it, or --update "
+                f"(run_pipeline(update=True)) to redo the steps the change affects in this run")
     run_dir.mkdir(parents=True, exist_ok=True)
     A.write_json(run_dir / "config.json", to_dict(cfg))
     threads = torch.get_num_threads()
