@@ -33,7 +33,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs_a")
-    cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(runs))}", "run.threads=1"])
+    cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(runs))}", "run.threads=1", "tracking.tensorboard=true"])
     res = run_pipeline(cfg, progress=False)
     return cfg, runs / "tiny", res
 
@@ -62,6 +62,12 @@ def test_every_step_writes_verified_artifacts(run_a):
         assert q["retrieval_teacher_recall"] >= q["prerank_teacher_recall"] >= q["rank_teacher_recall"] - 1e-12
         assert 0.0 < q["oracle_ratio"] <= 1.0 + 1e-9
         assert v["latency_batch1"]["served"] == v["latency_batch1"]["n_requests"]
+        # the teacher-recall@K curves use every replayed request and the teacher's top-K for each K: the rank
+        # stage's point at K = k is the final teacher-recall (the plot once showed top-10 of 200 requests only)
+        curves = v["curves"]
+        assert curves["rank"]["k"] == [1, 5, 10] and curves["retrieval"]["k"] == [1, 5, 10, 20, 50, 100]
+        assert curves["rank"]["teacher_recall"][-1] == pytest.approx(q["rank_teacher_recall"], abs=1e-12)
+        assert all(0.0 <= r <= 1.0 for c in curves.values() for r in c["teacher_recall"])
     html = (run_dir / "report" / "report.html").read_text()
     assert "http://" not in html and "https://" not in html.replace("https://kuairand.com", "")
 
@@ -155,6 +161,67 @@ def test_rerun_skips_everything_and_a_change_reruns_only_dependants(run_a):
 
     assert main(["report", str(run_dir), "--set", "replay.k=7"]) == 2
     assert A.read_json(run_dir / "config.json")["replay"]["k"] == 5
+
+
+def test_training_curves_in_the_report_tensorboard_and_mlflow(run_a, tmp_path, monkeypatch):
+    """Every model's train loss and validation metric per epoch: written by the steps, shown in the report, logged
+    to TensorBoard (run A asked for it) and to MLflow (the logger run here on run A's folder)."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from cascade.pipeline.tracking import Trackers
+
+    cfg, run_dir, res = run_a
+    teacher = A.read_json(run_dir / "teacher" / "history.json")
+    assert [r["epoch"] for r in teacher] == [0, 1]  # tiny.toml: 2 epochs, one evaluation each
+    training = A.read_json(run_dir / "report" / "report.json")["training"]
+    assert list(training) == ["teacher", "rank student (no distillation)", "rank student (distilled)",
+                              "prerank student (distilled)", "retrieval student (distilled)",
+                              "prerank student (ground_truth)", "retrieval student (ground_truth)"]
+    assert training["teacher"]["loss"] == [r["train_total"] for r in teacher]
+    assert training["teacher"]["valid"] == [r["valid_auc"] for r in teacher]
+    pre = A.read_json(run_dir / "students" / "distilled" / "prerank" / "history.json")
+    assert training["prerank student (distilled)"]["epoch"] == [1, 2]
+    assert training["prerank student (distilled)"]["valid"] == [r["valid"]["teacher_recall@10"] for r in pre]
+    # the distilled pre-rank student fits the teacher's lists better after its second epoch than after its first
+    assert pre[1]["valid"]["teacher_recall@10"] > pre[0]["valid"]["teacher_recall@10"]
+    assert "Training curves" in (run_dir / "report" / "report.md").read_text()
+
+    ea = EventAccumulator(str(run_dir / "tensorboard"))
+    ea.Reload()
+    tb = [(e.step, e.value) for e in ea.Scalars("teacher/train_loss")]
+    assert [t for t, _ in tb] == [1, 2] and np.allclose([v for _, v in tb], training["teacher"]["loss"], rtol=1e-6)
+    tb = ea.Scalars("prerank student distilled/teacher-recall at 10 on a rank-log sample")
+    assert np.allclose([e.value for e in tb], training["prerank student (distilled)"]["valid"], rtol=1e-6)
+    recall = ea.Scalars("replay/distilled/rank_teacher_recall")[0].value
+    assert recall == pytest.approx(res["replay"]["manifest"]["metrics"]["distilled"]["rank_teacher_recall"], rel=1e-6)
+
+    mlflow = pytest.importorskip("mlflow", reason="mlflow is not installed (the tracking or dev extra)")
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow's file store, kept for tests
+    uri = (tmp_path / "mlruns").as_uri()
+    mcfg = load_config(TINY, ["tracking.mlflow=true", f"tracking.mlflow_tracking_uri={json.dumps(uri)}"])
+    trackers = Trackers(mcfg.tracking, run_dir, "tiny", A.read_json(run_dir / "config.json"))
+    for step, r in res.items():
+        trackers.step(step, r["status"], r["manifest"])
+    trackers.close(ok=True)
+    client = mlflow.tracking.MlflowClient(uri)
+    run = client.get_run(trackers.mlflow_run.info.run_id)
+    assert run.info.status == "FINISHED" and run.data.params["teacher.train.epochs"] == "2"
+    hist = client.get_metric_history(run.info.run_id, "teacher/train_loss")
+    assert [m.step for m in hist] == [1, 2]
+    assert [m.value for m in hist] == pytest.approx(training["teacher"]["loss"])
+
+
+def test_an_unavailable_tracker_asked_for_is_an_error(monkeypatch):
+    import cascade.pipeline.config as pc
+
+    monkeypatch.setattr(pc, "_installed", lambda module: False)
+    for key, package in (("tracking.tensorboard", "tensorboard"), ("tracking.mlflow", "mlflow")):
+        with pytest.raises(ConfigError, match=f"{key} = true needs the {package} package, which is not installed"):
+            load_config(TINY, [f"{key}=true"])
+    load_config(TINY)  # nothing asked for: nothing needed
+    with pytest.raises(ConfigError, match="tracking.mlflow_tracking_uri is set but tracking.mlflow is false"):
+        load_config(TINY, ['tracking.mlflow_tracking_uri="file:x"'])
 
 
 def test_bad_config_fails_before_any_work(tmp_path):

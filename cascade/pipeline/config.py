@@ -41,9 +41,10 @@ SET_BY_THE_PIPELINE: dict[str, str] = {
 }
 
 
-#: Keys (or whole sections) that say where a run lives, not what it computes: a run folder's config.json may differ
-#: from a new config in these without the run counting as another one (cascade.pipeline.run.run_config_diff).
-NOT_COMPARED: tuple[str, ...] = ("run.name", "run.runs_dir")
+#: Keys (or whole sections) that say where a run lives or what watches it, not what it computes: a run folder's
+#: config.json may differ from a new config in these without the run counting as another one
+#: (cascade.pipeline.run.run_config_diff).
+NOT_COMPARED: tuple[str, ...] = ("run.name", "run.runs_dir", "tracking")
 
 
 @dataclass(frozen=True)
@@ -218,6 +219,45 @@ class ReportSection:
             raise ValueError(f"report.ablation {self.ablation!r} does not exist")
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+@dataclass(frozen=True)
+class TrackingSection:
+    """Experiment tracking of a run (what it logs: every model's train loss and validation metric per epoch, the
+    step metrics, the resolved config; :mod:`cascade.pipeline.tracking`). Off by default; a tracker asked for
+    whose package is not installed is an error, not silently skipped (``pip install 'cascade-distill[tracking]'``).
+
+    tensorboard: event files under ``runs/<run>/tensorboard/`` (``tensorboard --logdir runs``), written anew by
+    every ``cascade run``. mlflow: one MLflow run per ``cascade run``, named after the run; mlflow_tracking_uri
+    (default: MLflow's own, e.g. the MLFLOW_TRACKING_URI variable) and mlflow_experiment (default "cascade") only
+    with mlflow = true."""
+
+    tensorboard: bool = False
+    mlflow: bool = False
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tensorboard and not (_installed("tensorboard") and _installed("torch.utils.tensorboard")):
+            raise ValueError("tracking.tensorboard = true needs the tensorboard package, which is not installed: "
+                             "pip install 'cascade-distill[tracking]' (or tensorboard)")
+        if self.mlflow and not _installed("mlflow"):
+            raise ValueError("tracking.mlflow = true needs the mlflow package, which is not installed: "
+                             "pip install 'cascade-distill[tracking]' (or mlflow)")
+        if not self.mlflow:
+            unused = [k for k in ("mlflow_tracking_uri", "mlflow_experiment") if getattr(self, k) is not None]
+            if unused:
+                raise ValueError(f"tracking.{unused[0]} is set but tracking.mlflow is false: it would do nothing")
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     run: RunSection = field(default_factory=RunSection)
@@ -228,6 +268,7 @@ class PipelineConfig:
     index: IndexSection = field(default_factory=IndexSection)
     replay: ReplaySection = field(default_factory=ReplaySection)
     report: ReportSection = field(default_factory=ReportSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
 
 
 def check_settable(data: Mapping[str, Any]) -> None:

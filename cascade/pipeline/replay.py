@@ -9,7 +9,7 @@ from .. import artifacts as A
 from ..arrays import PAD, pad_by_row
 from ..data.requests import impression_requests, requests_frame, to_requests
 from ..data.world import World
-from ..eval.metrics import auc, gauc, mean_recall_at_k
+from ..eval.metrics import auc, gauc, recall_at_k
 from ..index.faiss_index import ItemIndex
 from ..models.scoring import ranker_scorer
 from ..run_data import SPLIT_CODES, RunData, load_ranker, load_towers
@@ -30,7 +30,9 @@ def run(ctx: StepContext) -> StepResult:
     requests = to_requests(frame, data.context_names)
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     ranker = teacher if c.ranker == "teacher" else load_ranker(ctx.inputs["students"] / "rank_student", data.spec)
-    ref_len = max(50, c.k)
+    # the reference list: the teacher's top-50 (NDCG's graded relevance), the top-k (teacher-recall@k) and the
+    # top-K of every K of the recall curves (teacher-recall@K for each K)
+    ref_len = max([50, c.k] + curve_ks(c, len(data.item_ids)))
     t_top, _ = teacher_top_over_corpus(teacher, data, requests, ref_len, progress=ctx.progress)
     grades = np.select([np.arange(ref_len) < 5, np.arange(ref_len) < 10, np.arange(ref_len) < 20,
                         np.arange(ref_len) < 50],
@@ -74,8 +76,7 @@ def run(ctx: StepContext) -> StepResult:
         inp = ReplayInputs(requests, clicked, t_top, grades, oracle_prob, oracle_best)
         rows, summary = replay_quality(casc, inp, c.n_retrieve, c.n_prerank, c.k, c.batch_size, c.filter_seen,
                                        ctx.progress)
-        # recall@K curves: teacher top-k inside the first K of each stage's output
-        curves = _recall_curves(casc, requests, t_top[:, :c.k], c)
+        curves = recall_curves(casc, requests, t_top, c)
         lat1 = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=1,
                               max_requests=c.latency_requests)
         latb = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=c.batch_size)
@@ -103,11 +104,27 @@ def run(ctx: StepContext) -> StepResult:
     return StepResult(outputs, {v: s["quality"] for v, s in variants.items()}, f"final teacher-recall@{c.k}: {head}")
 
 
-def _recall_curves(casc, requests, ref: np.ndarray, c: ReplaySection) -> dict:
-    sub = requests.take(np.arange(min(len(requests), 200)))
-    res = casc.recommend(sub, c.n_retrieve, c.n_prerank, c.k, return_stages=True)
-    out = {}
-    for st, (items, _) in res.stages.items():
-        ks = [k for k in c.recall_ks if k <= items.shape[1]]
-        out[st] = {"k": ks, "teacher_recall": [mean_recall_at_k(ref[: len(sub)], items[:, :k]) for k in ks]}
-    return out
+def curve_ks(c: ReplaySection, n_items: int) -> list[int]:
+    """The K of the teacher-recall@K curves: ``c.recall_ks`` up to the retrieval stage's length and the corpus."""
+    return [k for k in c.recall_ks if k <= min(c.n_retrieve, n_items)]
+
+
+def recall_curves(casc, requests, teacher_top: np.ndarray, c: ReplaySection) -> dict:
+    """Teacher-recall@K of each stage for every K of :func:`curve_ks` up to the stage's length, over all replayed
+    requests: |the teacher's top-K over the corpus ∩ the stage's first K| / K, mean over requests. teacher_top:
+    int64 [B, L >= max K], best first. {stage: {"k": [K], "teacher_recall": [mean]}}; the rank stage at K = c.k
+    is the quality summary's final teacher-recall."""
+    ks = curve_ks(c, teacher_top.shape[1])
+    if ks and teacher_top.shape[1] < max(ks):
+        raise ValueError(f"recall_curves: the teacher's top {teacher_top.shape[1]} is shorter than K = {max(ks)}")
+    per_request: dict[str, dict[int, list[np.ndarray]]] = {}
+    for s in range(0, len(requests), c.batch_size):
+        idx = np.arange(s, min(s + c.batch_size, len(requests)))
+        res = casc.recommend(requests.take(idx), c.n_retrieve, c.n_prerank, c.k, return_stages=True,
+                             filter_seen=c.filter_seen)
+        for st, (items, _) in res.stages.items():
+            for k in (k for k in ks if k <= items.shape[1]):
+                per_request.setdefault(st, {}).setdefault(k, []).append(
+                    recall_at_k(teacher_top[idx, :k], items[:, :k]))
+    return {st: {"k": list(by_k), "teacher_recall": [float(np.nanmean(np.concatenate(v))) for v in by_k.values()]}
+            for st, by_k in per_request.items()}

@@ -13,6 +13,7 @@ import torch
 from .. import artifacts as A
 from ..eval.report import write_report
 from .config import ReportSection
+from .histories import training_histories
 from .runner import StepContext, StepResult
 
 
@@ -43,6 +44,7 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
         if p.exists():
             models += A.read_json(p)
     out["models"] = models
+    out["training"] = training_histories(run_dir) or None
     if "index" in m:
         first = next(iter(m["index"]["metrics"].values()), None)
         if first:
@@ -50,7 +52,8 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
             out["index"] = {"factory": first["factory"], "backend": first["backend"], "metric": im.get("metric", "ip"),
                             "n_items": im.get("n_items"), "dim": im.get("embedding_dim"),
                             "recall_vs_exact": (first.get("recall") or {}).get("recall_at_k"),
-                            "operating_points": first.get("operating_points", [])}
+                            "operating_points": first.get("operating_points", []),
+                            "operating_point": _operating_point(first)}
     if "replay" in m:
         summ = A.read_json(run_dir / "replay" / "summary.json")
         casc = {}
@@ -76,3 +79,13 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
     if report_cfg is not None and report_cfg.ablation:
         out["ablation"] = A.read_json(report_cfg.ablation)
     return out
+
+
+def _operating_point(index_metrics: dict) -> dict | None:
+    """The swept setting the index step chose ({param, value}), from the search parameters its recall was
+    measured with; None for an exact index (nothing swept)."""
+    points, recall = index_metrics.get("operating_points") or [], index_metrics.get("recall") or {}
+    if not points:
+        return None
+    param = points[0]["param"]
+    return {"param": param, "value": recall.get("nprobe" if param == "nprobe" else "ef_search")}

@@ -17,6 +17,7 @@ from ..config import ABSENT, ConfigError, config_diff, config_get, format_diff, 
 from . import data, index, ranklog, replay, report, students, teacher
 from .config import NOT_COMPARED, PipelineConfig
 from .runner import Step, run_steps
+from .tracking import Trackers
 
 STEPS = [
     Step("data", (), lambda c: c.data, data.run),
@@ -82,8 +83,19 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), only: tuple[s
     threads = torch.get_num_threads()
     if cfg.run.threads:  # for the run only: the caller's process keeps its own setting
         torch.set_num_threads(cfg.run.threads)
+    trackers = Trackers(cfg.tracking, run_dir, cfg.run.name, to_dict(cfg))
+
+    def each_step(name: str, status: str, manifest) -> None:
+        trackers.step(name, status, manifest)
+        if on_step is not None:
+            on_step(name, status, manifest)
+
+    ok = False
     try:
-        return run_steps(steps, cfg, run_dir, cfg.run.seed, force=force, only=only, progress=progress,
-                         to_plain=to_dict, on_step=on_step, code_hash=code_hash(), reuse=reuse)
+        results = run_steps(steps, cfg, run_dir, cfg.run.seed, force=force, only=only, progress=progress,
+                            to_plain=to_dict, on_step=each_step, code_hash=code_hash(), reuse=reuse)
+        ok = True
+        return results
     finally:
+        trackers.close(ok)
         torch.set_num_threads(threads)

@@ -24,6 +24,8 @@ from .runner import StepContext, StepResult
 
 log = logging.getLogger(__name__)
 
+CURVE_REQUESTS = 1000  # rank-log requests the two-tower students' training curves are measured on
+
 
 def click_lists(data, inputs, frame: pd.DataFrame):
     tr = data.split_impressions("train")
@@ -41,6 +43,9 @@ def run(ctx: StepContext) -> StepResult:
     log_ = RankLog(ctx.inputs["ranklog"] / "log")
     clicks = click_lists(data, inputs, frame)
     outputs, metrics, rows = [], {}, []
+    # a fixed sample of the rank log that every two-tower student is evaluated on after each epoch (the training
+    # curves: in-sample for the distilled students, the teacher's order they never saw for the ground-truth ones)
+    curve_log = log_.subset(np.random.default_rng(ctx.seed).permutation(len(log_))[:CURVE_REQUESTS])
     variants = {"distilled": (c.prerank, c.retrieval)}
     if c.compare_ground_truth:
         variants["ground_truth"] = (c.prerank_gt, c.retrieval_gt)
@@ -48,7 +53,7 @@ def run(ctx: StepContext) -> StepResult:
         for stage, scfg in (("prerank", pre_cfg), ("retrieval", ret_cfg)):
             towers = build_two_tower(inputs, c.tower, seed=ctx.seed)
             scfg = dataclasses.replace(scfg, seed=ctx.seed, progress=ctx.progress)
-            hist = train_student(towers, inputs, log_, clicks, scfg, label=f"{variant} {stage}")
+            hist = train_student(towers, inputs, log_, clicks, scfg, valid=curve_log, label=f"{variant} {stage}")
             d = ctx.out / variant / stage
             A.save_torch(d / "model.pt", towers.state_dict())
             A.write_json(d / "config.json", to_dict(c.tower))
@@ -65,14 +70,14 @@ def run(ctx: StepContext) -> StepResult:
     tcfg = with_seed(dataclasses.replace(c.rank_student_train, progress=ctx.progress), ctx.seed)
     seeded(ctx.seed)
     plain = Ranker(train.spec, c.rank_student)
-    fit(plain, train, valid, tcfg, label="rank student (no distillation)")
+    plain_fit = fit(plain, train, valid, tcfg, label="rank student (no distillation)")
     rows.append(model_row("rank student (no distillation)", "student", plain, evaluate(plain, test), train.spec))
     seeded(ctx.seed)
     pfd_rows = []  # PFD's own teacher, reported after the student it taught
     if c.rank_distill.pfd_lambda is None:  # teacher-first: from the frozen teacher of the teacher step
         distilled = DistilledStudent(Ranker(train.spec, c.rank_student), teacher_hidden_dim=None, seed=ctx.seed)
-        fit(distilled, train, valid, tcfg, loss_fn=teacher_first_loss(teacher, c.rank_distill),
-            label="rank student (distilled)")
+        served_fit = fit(distilled, train, valid, tcfg, loss_fn=teacher_first_loss(teacher, c.rank_distill),
+                         label="rank student (distilled)")
         served, name = distilled.student.eval(), "rank student (distilled)"
     else:  # PFD: its own privileged teacher, trained synchronously with the student
         side = c.rank_pfd_side
@@ -82,13 +87,16 @@ def run(ctx: StepContext) -> StepResult:
                              f"{sorted(set(train.spec.cat_sides + train.spec.num_sides))}")
         joint = JointRanker(train.spec, *pfd_configs(c.rank_student, "pfd", pfd_side=side),
                             private_student_columns=c.rank_pfd_private_columns, seed=ctx.seed)
-        fit(joint, train, valid, tcfg, loss_fn=joint_loss(c.rank_distill), label="rank student (PFD)")
+        served_fit = fit(joint, train, valid, tcfg, loss_fn=joint_loss(c.rank_distill), label="rank student (PFD)")
         served = joint.export_student().eval()
         name = f"rank student (distilled, PFD on the {side} side)"
         pfd_rows.append(model_row(f"its PFD teacher (also reads the {side} side; not served)", "pfd_teacher",
                                   joint.teacher, evaluate(joint.teacher, test), train.spec))
     rows += [model_row(name, "student", served, evaluate(served, test), train.spec)] + pfd_rows
     outputs += save_ranker(served, c.rank_student, ctx.out / "rank_student")
+    A.write_json(ctx.out / "rank_student" / "history.json", served_fit.history)
+    A.write_json(ctx.out / "rank_student" / "history_no_distillation.json", plain_fit.history)
+    outputs += ["rank_student/history.json", "rank_student/history_no_distillation.json"]
     A.write_json(ctx.out / "models.json", rows)
     outputs.append("models.json")
     metrics["models"] = rows

@@ -24,6 +24,8 @@ def run(ctx: StepContext) -> StepResult:
               label="teacher")
     model.eval()
     outputs = save_ranker(model, c.model, ctx.out / "teacher")
+    A.write_json(ctx.out / "history.json", res.history)  # per evaluation: train loss terms, valid metrics
+    outputs.append("history.json")
     rows = [model_row(f"teacher ({c.model.backbone})", "teacher", model, evaluate(model, test), train.spec)]
     if c.lightgbm:
         gb_train = train if c.lightgbm_max_rows is None else train.take(slice(max(0, len(train) - c.lightgbm_max_rows),

@@ -104,6 +104,9 @@ p.expl { color: var(--muted); font-size: 12.5px; max-width: 900px; }
 table { border-collapse: collapse; font-size: 13px; font-variant-numeric: tabular-nums; }
 caption { caption-side: top; text-align: left; color: var(--muted); font-size: 12px; padding: 2px 0 4px; }
 th, td { padding: 4px 10px; border-bottom: 1px solid var(--line); white-space: nowrap; }
+/* headers and label cells may wrap, numbers never: a wide table then shrinks to the page instead of overflowing */
+th, td.lab { white-space: normal; }
+td.lab { min-width: 7em; }
 thead th { background: var(--band); font-weight: 600; border-bottom: 2px solid var(--line); }
 table.wide th, table.wide td { padding: 4px 6px; }
 th.grp { text-align: center; border-left: 1px solid var(--line); }
