@@ -155,6 +155,23 @@ def cmd_compare(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_export(args: argparse.Namespace) -> int:
+    from .pipeline.runs import find_run
+    from .serve.export import export_run
+
+    _setup_logging(args)
+    run_dir = find_run(args.run, args.runs_dir)
+    out = Path(args.out) if args.out else run_dir / "export" / args.format
+    m = export_run(run_dir, args.format, out, variants=tuple(args.variant) if args.variant else None,
+                   tolerance=args.tolerance)
+    for name, info in m["models"].items():
+        ins = ", ".join(f"{i['name']} {i['dtype']} [{', '.join(map(str, i['shape']))}]" for i in info["inputs"])
+        print(f"{name}: {out / info['file']}  ({ins}) -> [{', '.join(map(str, info['output']['shape']))}], "
+              f"max |exported - eager| {info['max_abs_diff']:.2g} on {info['checked_rows']} test rows")
+    print(f"manifest: {out / 'manifest.json'}")
+    return 0
+
+
 def cmd_ablation(args: argparse.Namespace) -> int:
     from .pipeline.ablation import ablation_markdown, load_ablation_config, run_ablation, write_ablation
 
@@ -284,6 +301,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--out", default=None,
                    help="folder for compare.md / compare.html / compare.json (default: RUNS_DIR/compare_A_vs_B)")
     c.set_defaults(func=cmd_compare)
+
+    x = sub.add_parser("export", help="export a run's towers and rankers (torch.export or ONNX), each checked "
+                                      "against its eager model",
+                       epilog="examples:\n  cascade export default --format torch-export\n"
+                              "  cascade export runs/default --format onnx --variant distilled --out serving/\n"
+                              "(--format onnx needs pip install 'cascade-distill[export]')",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    x.add_argument("run", help="a run name under --runs-dir, or a run folder")
+    x.add_argument("--format", required=True, choices=("torch-export", "onnx"))
+    x.add_argument("--out", default=None, help="output folder (default: RUN/export/FORMAT)")
+    x.add_argument("--variant", action="append", metavar="VARIANT",
+                   help="only these two-tower variants (default: all the run trained: distilled, ground_truth)")
+    x.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: runs)")
+    x.add_argument("--tolerance", type=float, default=1e-5,
+                   help="largest allowed |exported - eager| on the parity rows (default 1e-5)")
+    x.set_defaults(func=cmd_export)
 
     a = sub.add_parser("ablation", help="the distillation ablation of the two-tower students over seeds",
                        epilog="examples:\n"
