@@ -75,9 +75,12 @@ def _default_config_path() -> Path | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from . import artifacts as A
     from .pipeline import load_config, run_pipeline
+    from .pipeline.run import check_device
 
     path = Path(args.config) if args.config else _default_config_path()
-    cfg = load_config(path, args.set)  # fails on an unknown key or a wrong type before any work starts
+    overrides = list(args.set or []) + ([f'run.device="{args.device}"'] if args.device else [])
+    cfg = load_config(path, overrides)  # fails on an unknown key or a wrong type before any work starts
+    check_device(cfg)  # and on a device the machine does not have
     run_dir = A.safe_join(cfg.run.runs_dir, cfg.run.name)
     _setup_logging(args, run_dir / "run.log")
     run_pipeline(cfg, force=tuple(args.force or ()), progress=_progress(args), update=args.update)
@@ -270,6 +273,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. teacher.train.epochs=3")
     r.add_argument("--force", action="append", metavar="STEP", help="redo STEP even if it is up to date")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where every training step trains (run.device; default: the config's, cpu)")
     r.add_argument("--update", action="store_true",
                    help="the run folder exists with another config: redo the steps the change affects in it (without "
                         "this a different config is refused, naming the keys; or pick a new --set run.name=...)")

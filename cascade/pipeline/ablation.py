@@ -58,7 +58,7 @@ from ..models.two_tower import build_two_tower, item_embeddings
 from ..run_data import RunData, Towers, load_ranker
 from ..serve.replay import teacher_top_over_corpus
 from ..train.students import student_list_scores, train_student
-from .config import PipelineConfig, check_settable
+from .config import PipelineConfig, check_settable, with_run_device
 from .ranklog import candidate_lists
 from .run import run_pipeline
 from .students import click_lists
@@ -137,7 +137,7 @@ def load_ablation_config(path: str | Path | None, overrides: list[str] | None = 
     ab = data.pop("ablation", {})
     if isinstance(data.get("data"), dict) and data["data"].get("path"):
         data["data"]["path"] = str(Path(data["data"]["path"]).expanduser())
-    return from_dict(PipelineConfig, data), from_dict(AblationSettings, ab, prefix="ablation")
+    return with_run_device(from_dict(PipelineConfig, data)), from_dict(AblationSettings, ab, prefix="ablation")
 
 
 def variant_config(students, stage: str, variant: str, distill_weight: float = 1.0):

@@ -12,6 +12,7 @@ A few keys of the nested configs are set by the pipeline itself (the run's seed,
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +39,8 @@ SET_BY_THE_PIPELINE: dict[str, str] = {
        for t in ("teacher.train", "students.rank_student_train", *(f"students.{s}" for s in STUDENTS))},
     **{f"students.{s}.eval_k": "the students step (teacher-recall@10 and NDCG@10 on the whole rank log)"
        for s in STUDENTS},
+    **{f"{t}.device": "run.device (--device: every training step follows the run's one device switch)"
+       for t in ("teacher.train", "students.rank_student_train", *(f"students.{s}" for s in STUDENTS))},
 }
 
 
@@ -50,6 +53,8 @@ NOT_COMPARED: tuple[str, ...] = ("run.name", "run.runs_dir", "tracking")
 @dataclass(frozen=True)
 class RunSection:
     """name: the run folder under runs_dir. seed: the one seed every step derives its randomness from.
+    device: where every training step trains (the teacher, the rank students, the two-tower students;
+    :func:`with_run_device`); "cuda" on a machine without one is refused before any work.
     threads: torch threads while the run lasts (None: the process's setting); weights depend on it in the last
     float bits, so two runs compare bit for bit only under the same count."""
 
@@ -57,6 +62,7 @@ class RunSection:
     seed: int = 0
     runs_dir: str = "runs"
     threads: int | None = None
+    device: Literal["cpu", "cuda"] = "cpu"
 
     def __post_init__(self) -> None:
         A.check_run_name(self.name)
@@ -271,6 +277,16 @@ class PipelineConfig:
     tracking: TrackingSection = field(default_factory=TrackingSection)
 
 
+def with_run_device(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with every training config (teacher.train, students.rank_student_train, the four two-tower students)
+    on ``run.device``: the one device switch of a run."""
+    d, r = cfg.run.device, dataclasses.replace
+    st = cfg.students
+    students = r(st, rank_student_train=r(st.rank_student_train, device=d),
+                 **{s: r(getattr(st, s), device=d) for s in STUDENTS})
+    return r(cfg, teacher=r(cfg.teacher, train=r(cfg.teacher.train, device=d)), students=students)
+
+
 def check_settable(data: Mapping[str, Any]) -> None:
     """Raise ConfigError when the (partial) pipeline config ``data`` sets a key of :data:`SET_BY_THE_PIPELINE`."""
     for key, what in SET_BY_THE_PIPELINE.items():
@@ -292,4 +308,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     if path is not None and isinstance(data.get("data"), dict) and data["data"].get("path"):
         p = Path(data["data"]["path"]).expanduser()
         data["data"]["path"] = str(p)
-    return from_dict(PipelineConfig, data)
+    return with_run_device(from_dict(PipelineConfig, data))

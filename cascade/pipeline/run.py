@@ -15,7 +15,7 @@ import torch
 from .. import artifacts as A
 from ..config import ABSENT, ConfigError, config_diff, config_get, format_diff, to_dict
 from . import data, index, ranklog, replay, report, students, teacher
-from .config import NOT_COMPARED, PipelineConfig
+from .config import NOT_COMPARED, PipelineConfig, with_run_device
 from .runner import Step, run_steps
 from .tracking import Trackers
 
@@ -48,6 +48,16 @@ def run_config_diff(saved: dict, new: dict) -> list[tuple[str, object, object]]:
     return out
 
 
+def check_device(cfg: PipelineConfig, steps: tuple[str, ...] = tuple(s.name for s in STEPS),
+                 reuse: tuple[str, ...] = ()) -> None:
+    """Refuse run.device = "cuda" where torch sees no CUDA device, unless no training step of ``steps`` can run
+    (the teacher and the students are both reused as they are, e.g. `cascade report RUN`)."""
+    trains = {"teacher", "students"} & set(steps)
+    if cfg.run.device == "cuda" and not torch.cuda.is_available() and not trains <= set(reuse):
+        raise ConfigError(f"run.device = 'cuda' (--device cuda) but torch {torch.__version__} sees no CUDA device "
+                          f"(built for CUDA {torch.version.cuda or 'none'}): use --device cpu, or run on a GPU machine")
+
+
 def code_hash() -> str:
     """sha256 over the package's source files: a step written by different code is not reused."""
     h = hashlib.sha256()
@@ -70,6 +80,8 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), only: tuple[s
     if until is not None and until not in names:
         raise ValueError(f"until={until!r}: no such step (steps: {names})")
     steps = STEPS if until is None else STEPS[: names.index(until) + 1]
+    cfg = with_run_device(cfg)
+    check_device(cfg, steps=tuple(s.name for s in steps), reuse=reuse)
     run_dir = A.safe_join(cfg.run.runs_dir, A.check_run_name(cfg.run.name))
     if (run_dir / "config.json").is_file() and not update:
         diff = run_config_diff(A.read_json(run_dir / "config.json"), to_dict(cfg))

@@ -66,8 +66,8 @@ def run(ctx: StepContext) -> StepResult:
     train, valid, test = data.encoded("train"), data.encoded("valid"), data.encoded("test")
     if c.rank_student_max_rows is not None and len(train) > c.rank_student_max_rows:
         train = train.take(slice(len(train) - c.rank_student_max_rows, None))
-    teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     tcfg = with_seed(dataclasses.replace(c.rank_student_train, progress=ctx.progress), ctx.seed)
+    teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec).to(tcfg.device)  # scores the student's batches
     seeded(ctx.seed)
     plain = Ranker(train.spec, c.rank_student)
     plain_fit = fit(plain, train, valid, tcfg, label="rank student (no distillation)")

@@ -39,9 +39,12 @@ steps and stop together. What equals a single-process run with batch ``world * c
   negatives, and log-Q counts copies in a batch of ``cfg.batch_size``. It is a different (smaller-pool) loss
   by design: gathering every rank's item embeddings would need an all-gather with gradient.
 
+Device: ``StudentConfig.device`` ("cuda" in a pipeline run with ``--device cuda``) holds the towers, the batches and
+the sampling generator; the side tables stay in host memory and each batch's rows are copied over.
+
 Validation runs on rank 0 and its numbers are broadcast (every rank returns the same history; the logged loss
-terms are means over ranks). ``train_student`` writes nothing; callers save on rank 0. The students train on the
-CPU; under an NCCL group (a GPU job) their gradients go through a gloo subgroup.
+terms are means over ranks). ``train_student`` writes nothing; callers save on rank 0. Under torch.distributed the
+students train on the CPU ranks; under an NCCL group (a GPU job) their gradients go through a gloo subgroup.
 
 Not here: the one-loop cascade ("one teacher, three students"), in which the students learn from the lists of a teacher
 still in training (cascade/train/three_students.py; it reuses this module's loss dispatch conventions).
@@ -99,7 +102,8 @@ class StudentConfig:
     relevance: keyword arguments of ``graded_relevance`` for the NDCG terms. softmax_positives: "clicks" or
     "teacher_topk"; softmax_topk: K of teacher_topk. n_uniform_negatives: corpus negatives per batch.
     epochs, lr, weight_decay, batch_size (requests per batch), grad_clip (max global norm, None = off), eval_k
-    (K of the validation teacher-recall), seed, progress (tqdm bar).
+    (K of the validation teacher-recall), seed, progress (tqdm bar), device ("cpu" or "cuda": where the towers
+    train; the sampled pairs and negatives are drawn on it, so a CUDA run draws other samples than a CPU one).
     """
 
     stage: str = "prerank"
@@ -117,6 +121,7 @@ class StudentConfig:
     eval_k: int = 10
     seed: int = 0
     progress: bool = False
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
         if self.stage not in STAGES:
@@ -147,6 +152,8 @@ class StudentConfig:
         for name in ("epochs", "batch_size", "softmax_topk", "eval_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StudentConfig: {name} must be >= 1, got {getattr(self, name)}")
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"StudentConfig: device {self.device!r} must be 'cpu' or 'cuda'")
         if self.n_uniform_negatives < 0 or self.lr <= 0:
             raise ValueError("StudentConfig: n_uniform_negatives must be >= 0 and lr > 0")
 
@@ -202,7 +209,7 @@ def _positive_log_q(pos_items: np.ndarray, n_items: int, batch_size: int) -> tor
 
 def sample_one_per_row(valid: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One uniformly chosen True column per row of valid [B, L]: (column [B], row has one [B] bool)."""
-    keys = torch.rand(valid.shape, generator=generator).masked_fill(~valid, -1.0)
+    keys = torch.rand(valid.shape, generator=generator, device=valid.device).masked_fill(~valid, -1.0)
     return keys.argmax(dim=1), valid.any(dim=1)
 
 
@@ -240,7 +247,8 @@ def embed_items(towers: TwoTower, inputs: TowerInputs, parts: dict[str, torch.Te
     uniq, inv = torch.unique(flat, return_inverse=True)
     # index_select: its backward (index_add_) sums in a fixed order; "[inv]" accumulates with several threads in
     # a racy order, so 2-thread training was not bit-reproducible under a seed
-    v_all = towers.item_tower(*inputs.item_batch(uniq.numpy())).index_select(0, inv)  # [n_flat, d]
+    xs = [x.to(flat.device) for x in inputs.item_batch(uniq.cpu().numpy())]
+    v_all = towers.item_tower(*xs).index_select(0, inv)  # [n_flat, d]
     emb, start = {}, 0
     for k, p in parts.items():
         emb[k] = v_all[start:start + p.numel()].reshape(*p.shape, -1)
@@ -260,7 +268,7 @@ def sampled_softmax_term(towers: TwoTower, u: torch.Tensor, pos_rows: torch.Tens
     # the towers' temperature goes into the user side, so a learned temperature gets its gradient
     return L.sampled_softmax_loss(
         u[pos_rows] * towers.inv_temperature, emb["pos"], emb.get("neg"), pos_log_q=pos_log_q,
-        neg_log_q=torch.full((len(neg_items),), neg_log_q) if neg_items is not None else None,
+        neg_log_q=torch.full((len(neg_items),), neg_log_q, device=u.device) if neg_items is not None else None,
         temperature=1.0, pos_item_ids=pos_items, neg_item_ids=neg_items, **loss_params(cfg, "sampled_softmax"))
 
 
@@ -276,19 +284,22 @@ class _StudentStep(nn.Module):
     def __init__(self, towers: TwoTower, inputs: TowerInputs, cfg: StudentConfig, w: Mapping[str, float],
                  clicks: ClickLists | None, click_of: np.ndarray | None,
                  pos_log_q: torch.Tensor | None, neg_log_q_value: float, g: torch.Generator,
-                 rng: np.random.Generator) -> None:
+                 rng: np.random.Generator, device: torch.device) -> None:
         super().__init__()
         self.towers = towers
+        self.device = device
         self.inputs, self.cfg, self.w = inputs, cfg, dict(w)
         self.clicks, self.click_of = clicks, click_of
         self.pos_log_q, self.neg_log_q_value = pos_log_q, neg_log_q_value
         self.g, self.rng = g, rng
 
     def forward(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        towers, inputs, cfg, w, g = self.towers, self.inputs, self.cfg, self.w, self.g
+        towers, inputs, cfg, w, g, dev = self.towers, self.inputs, self.cfg, self.w, self.g, self.device
         from_log = "items" in b  # a rank-log batch (else a ClickLists batch)
         req, usr = b["request_rows"].numpy(), b["user_rows"].numpy()
-        u = towers.user_tower(*inputs.user_batch(usr, req))  # [B, d]
+        on_cpu = b
+        b = {k: v.to(dev) for k, v in b.items()}
+        u = towers.user_tower(*(x.to(dev) for x in inputs.user_batch(usr, req)))  # [B, d]
 
         # every item row the batch needs, embedded once
         parts: dict[str, torch.Tensor] = {}
@@ -296,7 +307,7 @@ class _StudentStep(nn.Module):
             parts["list"] = b["items"].clamp(min=0)
         cb = None
         if "click_bce" in w or ("sampled_softmax" in w and cfg.softmax_positives == "clicks"):
-            cb = _click_batch(self.clicks, b, self.click_of)
+            cb = {k: v.to(dev) for k, v in _click_batch(self.clicks, on_cpu, self.click_of).items()}
             parts["click"] = cb["items"].clamp(min=0)
         if "sampled_softmax" in w:
             if cfg.softmax_positives == "clicks":
@@ -307,7 +318,7 @@ class _StudentStep(nn.Module):
                 pos_items, pos_rows = b["items"][has, col[has]], torch.nonzero(has).squeeze(1)
             parts["pos"] = pos_items
             if cfg.n_uniform_negatives:
-                parts["neg"] = torch.from_numpy(self.rng.integers(0, inputs.n_items, cfg.n_uniform_negatives))
+                parts["neg"] = torch.from_numpy(self.rng.integers(0, inputs.n_items, cfg.n_uniform_negatives)).to(dev)
         emb = embed_items(towers, inputs, parts)
 
         terms: dict[str, torch.Tensor] = {}
@@ -341,7 +352,8 @@ def _ddp_wrap(step: _StudentStep, env: D.DistEnv) -> nn.Module:
 
 def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | None, clicks: ClickLists | None,
                   cfg: StudentConfig, valid: RankLog | None = None, label: str | None = None) -> list[dict[str, Any]]:
-    """Train ``towers`` in place. Returns the history: one dict per epoch with the mean loss terms ("loss" is the
+    """Train ``towers`` in place on ``cfg.device`` (they come back on the CPU). Returns the history: one dict per
+    epoch with the mean loss terms ("loss" is the
     weighted total), "seconds", and, when ``valid`` is given, "valid" = :func:`evaluate_on_log` of it.
     label: what the progress bar and the log lines call the student (default: its stage).
 
@@ -363,14 +375,19 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
     driver = rank_log if need_log else clicks
     if driver is None or len(driver) == 0:
         raise ValueError("train_student: no training requests")
-    if any(p.device.type != "cpu" for p in towers.parameters()):
-        raise ValueError("train_student: the towers must be on the CPU (students train on the CPU)")
     n_items = inputs.n_items
     env, ddp = D.current_env(), D.is_distributed()
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("StudentConfig.device='cuda' but torch sees no CUDA device")
+    if ddp and cfg.device != "cpu":
+        raise ValueError("train_student: under torch.distributed the students train on the CPU ranks (gloo); "
+                         f"StudentConfig.device={cfg.device!r} is not supported there")
+    device = torch.device(cfg.device)
+    towers.to(device)
     # rank 0 draws exactly what a single process draws; the batch order (rng's permutation) is the same on every
     # rank, while the sampled negatives / pairs (g, sample_rng) and dropout differ per rank, as they would between
     # the rows of one large batch. In one process sample_rng IS rng: one stream, as before DDP existed.
-    g = torch.Generator().manual_seed(cfg.seed + env.rank)
+    g = torch.Generator(device=device).manual_seed(cfg.seed + env.rank)
     rng = np.random.default_rng(cfg.seed)
     sample_rng = np.random.default_rng([cfg.seed, env.rank]) if ddp else rng
 
@@ -389,11 +406,11 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
         if pos.size == 0:
             raise ValueError(f"train_student: sampled_softmax has no positives ({cfg.softmax_positives})")
         # per-rank batch: under DDP the in-batch pool is the rank's own batch of cfg.batch_size requests
-        pos_log_q = _positive_log_q(pos, n_items, cfg.batch_size)
+        pos_log_q = _positive_log_q(pos, n_items, cfg.batch_size).to(device)
         neg_log_q_value = float(np.log(max(cfg.n_uniform_negatives, 1) / n_items))
 
     step_model: nn.Module = _StudentStep(towers, inputs, cfg, w, clicks, click_of, pos_log_q,
-                                         neg_log_q_value, g, sample_rng)
+                                         neg_log_q_value, g, sample_rng, device)
     if ddp:
         step_model = _ddp_wrap(step_model, env)
     n_batches = -(-len(driver) // (cfg.batch_size * env.world_size))
@@ -431,6 +448,7 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
             log.info("%s epoch %d/%d: %s", label, epoch + 1, cfg.epochs,
                      {k: (round(v, 5) if isinstance(v, float) else v) for k, v in rec.items() if k != "epoch"})
             history.append(rec)
+    towers.to("cpu")  # trained on cfg.device, handed back where the callers save and serve them
     towers.eval()
     return history
 
@@ -473,15 +491,18 @@ def student_list_scores(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog
     """The student's scores of the log's candidate lists: float32 [R, L] (-inf at padding), in eval mode."""
     was = towers.training
     towers.eval()
+    dev = next(towers.parameters()).device
     out = np.full(rank_log.items.shape, -np.inf, dtype=np.float32)
     try:
         for s in range(0, len(rank_log), batch_size):
             sl = slice(s, s + batch_size)
-            u = towers.user_tower(*inputs.user_batch(rank_log.user_rows[sl], rank_log.request_rows[sl]))
+            u = towers.user_tower(*(x.to(dev) for x in inputs.user_batch(rank_log.user_rows[sl],
+                                                                         rank_log.request_rows[sl])))
             items = rank_log.items[sl]
             uniq, inv = np.unique(np.maximum(items, 0), return_inverse=True)
-            v = towers.item_tower(*inputs.item_batch(uniq))[torch.from_numpy(inv.reshape(items.shape))]
-            sc = towers.score(u, v).numpy()
+            v = towers.item_tower(*(x.to(dev) for x in inputs.item_batch(uniq)))[
+                torch.from_numpy(inv.reshape(items.shape)).to(dev)]
+            sc = towers.score(u, v).cpu().numpy()
             out[sl] = np.where(items >= 0, sc, -np.inf)
     finally:
         towers.train(was)
