@@ -138,23 +138,14 @@ def cmd_runs(args: argparse.Namespace) -> int:
 
 
 def cmd_compare(args: argparse.Namespace) -> int:
-    from .eval.report import markdown_table
     from .pipeline.runs import find_run, write_compare
 
     _setup_logging(args)
     dirs = [find_run(r, args.runs_dir) for r in args.runs]
     out = Path(args.out) if args.out else Path(args.runs_dir) / ("compare_" + "_vs_".join(d.name for d in dirs))
-    comparison, files = write_compare(dirs, out)
-    names = [d.name for d in dirs]
-    if comparison["config_diff"]:
-        print(markdown_table(["config key", *names],
-                             [[d["key"], *(json.dumps(v, default=str) if not isinstance(v, str) else v
-                                           for v in d["values"])] for d in comparison["config_diff"]]))
-    else:
-        print("the runs have the same resolved config")
-    print()
-    print((out / "compare.md").read_text().split("## Metrics side by side", 1)[1].strip())
-    print("\nwrote " + ", ".join(str(f) for f in files))
+    _, files = write_compare(dirs, out)
+    print(next(f for f in files if f.suffix == ".md").read_text())
+    print("wrote " + ", ".join(str(f) for f in files))
     return 0
 
 
