@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 MOVIELENS = ["data.source=movielens-100k", "data.test_days=28", "data.valid_days=14", "ranklog.max_requests=20000",
              "teacher.train.epochs=4", "teacher.train.batch_size=1024",
              "data.cross_tag_column=genre", "data.cross_author_column=genre"] + [
-    f"students.{s}.batch_size=64" for s in ("prerank", "retrieval", "prerank_gt", "retrieval_gt")]
+    f"students.{s}.batch_size=64" for s in ("prerank", "retrieval")]
 
 
 def main(argv: list[str] | None = None) -> int:

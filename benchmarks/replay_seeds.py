@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config, args.overrides + [f"run.seed={seed}", f"run.name='default-seed{seed}'"])
         run_pipeline(cfg, progress=False)
         summary = A.read_json(Path(cfg.run.runs_dir) / cfg.run.name / "replay" / "summary.json")
-        per_seed[seed] = {v: {m: s["quality"][m] for m in METRICS if m in s["quality"]} for v, s in summary.items()}
+        per_seed[seed] = {v: {m: s["quality"][m] for m in METRICS if m in s["quality"]}
+                          for v, s in summary["variants"].items()}
         print(f"seed {seed}: " + json.dumps(per_seed[seed]), flush=True)
     variants = sorted(next(iter(per_seed.values())))
     agg = {v: {m: {"mean": float(np.mean([per_seed[s][v][m] for s in per_seed])),

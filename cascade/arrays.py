@@ -3,8 +3,9 @@
 PAD (-1) marks an empty slot in an id matrix: a candidate list shorter than its row, a result list with fewer
 than k items. Item, user and request ids of every supported source are never negative.
 
-:func:`topk_rows` is the project's one exact top-k (score descending, ties to the lower column) and
-:func:`pad_by_row` its one padded scatter (long rows -> one padded row per key).
+:func:`topk_rows` is the project's one exact top-k (score descending, ties to the lower column),
+:func:`pad_by_row` its one padded scatter (long rows -> one padded row per key) and
+:func:`first_occurrence_columns` its one per-row de-duplication (first occurrence wins, order kept).
 """
 
 from __future__ import annotations
@@ -79,3 +80,35 @@ def pad_by_row(rows: np.ndarray, values: np.ndarray, n_rows: int, fill=PAD) -> n
     out = np.full((n_rows, max(int(counts.max(initial=0)), 1)), fill, values.dtype)
     out[rr, slot] = values[order]
     return out
+
+
+def first_occurrence_columns(x: np.ndarray, width: int, pad: int = PAD) -> np.ndarray:
+    """The one per-row de-duplication: per row of x [R, W], the columns of the first occurrence of each non-pad
+    value, in column order, cut to ``width``: int64 [R, width], -1 beyond a row's distinct values.
+
+    One stable sort per row finds the repeats: in a stable sort equal values keep their column order, so an element
+    equal to its left neighbour in sorted order is a later occurrence. Gather any payload of x with the columns.
+    """
+    r, w = x.shape
+    order = np.argsort(x, axis=1, kind="stable")
+    xs = np.take_along_axis(x, order, axis=1)
+    repeat_sorted = np.zeros(xs.shape, dtype=bool)
+    repeat_sorted[:, 1:] = xs[:, 1:] == xs[:, :-1]
+    keep = np.empty_like(repeat_sorted)
+    np.put_along_axis(keep, order, ~repeat_sorted, axis=1)
+    keep &= x != pad
+    pos = np.cumsum(keep, axis=1) - 1  # target slot of each kept element
+    keep &= pos < width
+    out = np.full((r, width), -1, dtype=np.int64)
+    rows = np.broadcast_to(np.arange(r)[:, None], x.shape)
+    out[rows[keep], pos[keep]] = np.broadcast_to(np.arange(w), x.shape)[keep]
+    return out
+
+
+def first_occurrences(x: np.ndarray, width: int, pad: int = PAD) -> tuple[np.ndarray, np.ndarray]:
+    """Per row of x [R, W]: its distinct non-pad values in first-occurrence order, cut to ``width``:
+    (values [R, width] padded with ``pad``, count [R])."""
+    cols = first_occurrence_columns(x, width, pad)
+    ok = cols >= 0
+    out = np.where(ok, np.take_along_axis(x, np.maximum(cols, 0), 1), pad)
+    return out.astype(x.dtype, copy=False), ok.sum(axis=1)

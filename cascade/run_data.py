@@ -11,6 +11,7 @@ into a cascade (``load_cascade``).
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,9 +24,11 @@ from . import artifacts as A
 from .arrays import PAD
 from .data.batches import EncodedTable, FeatureSpec
 from .data.features import CrossFeatureStore, FeatureEncoder, PairEncoder
+from .data.history import EventHistory
 from .data.ids import IdIndex
-from .data.requests import Requests
+from .data.requests import Requests, request_start_ms
 from .data.schema import Schema
+from .models.entire_space import EntireSpaceRanker
 from .models.ranker import Ranker, RankerConfig
 from .models.two_tower import TowerConfig, TowerInputs, TwoTower, build_two_tower, item_embeddings
 
@@ -77,6 +80,20 @@ class RunData:
         self._user_index = IdIndex(self.user_ids, "user_id", str(self.dir))
         self.context_names = [f.name for f in self.schema.by_side("context")]
 
+    @functools.cached_property
+    def history(self) -> EventHistory:
+        """Every logged impression as an event at its request's start, clicks flagged: what serving knows of the
+        past (queries only ever see events strictly before their time)."""
+        imp = self.impressions
+        return EventHistory(imp["user_id"].to_numpy(np.int64), imp["item_id"].to_numpy(np.int64),
+                            request_start_ms(imp), imp["click"].to_numpy())
+
+    def split_history(self, split: str) -> EventHistory:
+        """The events of one split only (e.g. "train": what a model built at the end of train may know)."""
+        imp = self.split_impressions(split)
+        return EventHistory(imp["user_id"].to_numpy(np.int64), imp["item_id"].to_numpy(np.int64),
+                            request_start_ms(imp), imp["click"].to_numpy())
+
     def encoded(self, split: str) -> EncodedTable:
         spec = FeatureSpec.from_dict(A.read_json(self.dir / "spec.json"))
         return EncodedTable.from_arrays(spec, A.read_npz(self.dir / f"encoded_{split}.npz"))
@@ -119,11 +136,21 @@ class RunData:
                            items["item_id"].to_numpy(np.int64), requests["request_id"].to_numpy(np.int64))
 
 
-def load_ranker(model_dir: str | Path, spec: FeatureSpec) -> Ranker:
-    """A Ranker saved by the pipeline: config.json + model.pt (weights_only)."""
+def ranker_config_json(model: torch.nn.Module, cfg: RankerConfig) -> dict:
+    """What config.json holds for a saved ranker: the RankerConfig, wrapped with its kind for an entire-space one."""
+    if isinstance(model, EntireSpaceRanker):
+        return {"kind": "entire_space", "ranker": cfg.to_dict()}
+    return cfg.to_dict()
+
+
+def load_ranker(model_dir: str | Path, spec: FeatureSpec) -> Ranker | EntireSpaceRanker:
+    """A ranker saved by the pipeline: config.json (:func:`ranker_config_json`) + model.pt (weights_only)."""
     model_dir = Path(model_dir)
-    cfg = RankerConfig.from_dict(A.read_json(model_dir / "config.json"))
-    model = Ranker(spec, cfg)
+    meta = A.read_json(model_dir / "config.json")
+    if meta.get("kind") == "entire_space":
+        model = EntireSpaceRanker(spec, RankerConfig.from_dict(meta["ranker"]))
+    else:
+        model = Ranker(spec, RankerConfig.from_dict(meta))
     state = A.load_torch(model_dir / "model.pt")
     model.load_state_dict(state["model"] if "model" in state else state)
     model.eval()

@@ -95,3 +95,18 @@ def ml1m_dir(tmp_path):
 def custom_example(tmp_path):
     """The files that pipelines/custom.example.toml maps, in tmp_path; the mapping TOML's path."""
     return worlds.write_custom_example(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory):
+    """The data step of pipelines/tiny.toml, run once per session: a RunData over a small synthetic world."""
+    from pathlib import Path
+
+    from cascade.pipeline import load_config, run_pipeline
+    from cascade.run_data import RunData
+
+    runs = tmp_path_factory.mktemp("tiny_data")
+    tiny = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
+    cfg = load_config(tiny, [f"run.runs_dir={str(runs)!r}"])
+    run_pipeline(cfg, until="data", progress=False)
+    return RunData(runs / cfg.run.name / "data")

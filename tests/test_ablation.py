@@ -23,6 +23,7 @@ def test_variant_configs_add_one_loss_to_ground_truth():
     assert dict(bpr.loss_weights) == {"click_bce": 1.0, "bpr": 0.5}
     r = AB.variant_config(cfg.students, "retrieval", "+ listnet")
     assert dict(r.loss_weights) == {"sampled_softmax": 1.0, "listnet": 1.0} and r.softmax_positives == "clicks"
+    assert dict(AB.variant_config(cfg.students, "retrieval", AB.GROUND_TRUTH).loss_weights) == {"sampled_softmax": 1.0}
     assert AB.variant_config(cfg.students, "retrieval", AB.MIX) == cfg.students.retrieval
     with pytest.raises(ValueError, match="unknown ablation variant"):
         AB.variant_config(cfg.students, "prerank", "+ hinton")
@@ -104,9 +105,8 @@ def test_tiny_ablation_end_to_end(tmp_path):
                  "teacher.train.epochs=1", "teacher.train.batch_size=1024",
                  "ranklog.max_requests=600", "ranklog.n_candidates=50",
                  "students.tower.emb_dim=8", "students.tower.hidden=[16]", "students.tower.out_dim=8",
-                 "students.prerank.epochs=1", "students.prerank_gt.epochs=1",
-                 "students.retrieval.epochs=1", "students.retrieval_gt.epochs=1",
-                 "students.retrieval.n_uniform_negatives=32", "students.retrieval_gt.n_uniform_negatives=32",
+                 "students.prerank.epochs=1", "students.retrieval.epochs=1",
+                 "students.retrieval.n_uniform_negatives=32",
                  "ablation.seeds=[0]", 'ablation.variants=["ground truth only", "+ bpr", "+ mix"]',
                  "ablation.n_test_requests=120", "ablation.n_corpus_requests=60", "ablation.n_pick=20"]
     cfg, settings = AB.load_ablation_config(ROOT / "pipelines" / "ablation.toml", overrides)

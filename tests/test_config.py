@@ -115,7 +115,8 @@ def test_pipeline_overrides_change_one_value_of_the_section_default():
 
 @pytest.mark.parametrize("key, what", [("teacher.train.seed=7", "run.seed"),
                                        ("students.rank_student_train.seed=1", "run.seed"),
-                                       ("students.prerank_gt.progress=true", "--no-progress"),
+                                       ("students.prerank.progress=true", "--no-progress"),
+                                       ("students.retrieval.distill_scale=0.5", "students.distill"),
                                        ("students.retrieval.eval_k=5", "students step")])
 def test_keys_the_pipeline_sets_itself_are_refused(key, what):
     from cascade.pipeline import load_config

@@ -27,9 +27,8 @@ NO_CUDA = not torch.cuda.is_available()
 def test_run_device_reaches_every_training_config():
     cfg = load_config(TINY, ['run.device="cuda"'])
     s = cfg.students
-    devices = [cfg.teacher.train.device, s.rank_student_train.device, s.prerank.device, s.retrieval.device,
-               s.prerank_gt.device, s.retrieval_gt.device]
-    assert devices == ["cuda"] * 6
+    devices = [cfg.teacher.train.device, s.rank_student_train.device, s.prerank.device, s.retrieval.device]
+    assert devices == ["cuda"] * 4
     assert load_config(TINY).teacher.train.device == "cpu" and load_config(TINY).students.prerank.device == "cpu"
     for key in ("teacher.train.device", "students.prerank.device", "students.rank_student_train.device"):
         with pytest.raises(ConfigError, match=f"{key} cannot be set in a pipeline config: run.device"):

@@ -233,6 +233,13 @@ def test_cross_hand_worked():
         "item_ctr": [2 / 21, 3 / 21, 3 / 21, 2 / 20, 3 / 22],
         "user_clicks": [1, 1, 0, 0, 2], "user_exposures": [2, 1, 0, 0, 3],
         "user_ctr": [3 / 22, 3 / 21, 2 / 20, 2 / 20, 4 / 23],
+        # u1's own history of the very item in the window: q0 item 11 (e2, no click); q1 item 12 (e3, a click);
+        # q4 item 10 (e1, a click); u2 / the unknown user none
+        "user_item_clicks": [0, 1, 0, 0, 1], "user_item_exposures": [1, 1, 0, 0, 1],
+        # "recent" = the last DAY / 7 before t: q0 [3000 - DAY/7, 3000) holds e1, e2 -> item 11 has e2;
+        # q1 [DAY + 2500 - DAY/7, DAY + 2500): nothing of item 12 (e3 is at t=3000, long before); q2 item 10: e1;
+        # q4 [DAY + 1000 - DAY/7, DAY + 1000): item 10's e1 (t=1000) and e4 (t=3000) are older, e5 is later
+        "item_recent_clicks": [0, 0, 1, 0, 0], "item_recent_exposures": [1, 0, 1, 0, 0],
     }
     assert set(q) == set(exp)
     for k, v in exp.items():
@@ -252,6 +259,9 @@ def _brute_force(ev: pd.DataFrame, items: pd.DataFrame, u: int, i: int, t: int, 
     return {"user_tag_clicks": ut.click.sum(), "user_tag_exposures": len(ut), "user_author_clicks": ua.click.sum(),
             "user_author_exposures": len(ua), "item_clicks": it.click.sum(), "item_exposures": len(it),
             "item_ctr": (it.click.sum() + 0.5) / (len(it) + 5), "user_clicks": mine.click.sum(),
+            "user_item_clicks": mine[mine.item_id == i].click.sum(), "user_item_exposures": (mine.item_id == i).sum(),
+            "item_recent_clicks": it[it.time_ms >= t - w // 7].click.sum(),
+            "item_recent_exposures": (it.time_ms >= t - w // 7).sum(),
             "user_exposures": len(mine), "user_ctr": (mine.click.sum() + 0.5) / (len(mine) + 5)}
 
 
@@ -319,8 +329,8 @@ def test_build_encoded_layout_and_pairs_match():
     tr = tables["train"]
     assert isinstance(tr, EncodedTable) and tr.cat.dtype == np.int64 and tr.num.dtype == np.float32
     spec = tr.spec
-    # num layout: user [age], item [duration], context [] (hour, tab are categorical), 10 cross, 2 privileged
-    assert spec.num_index("cross") == list(range(2, 12))
+    # num layout: user [age], item [duration], context [] (hour, tab are categorical), 14 cross, 2 privileged
+    assert spec.num_index("cross") == list(range(2, 16))
     assert spec.num_names[:2] == ("age", "duration") and spec.num_names[-2:] == ("play_time_ms", "long_view")
     # cross columns are log1p-standardised with train statistics: mean 0 and std 1 (or 0 if constant) on train
     x = tr.num[:, spec.num_index("cross")].astype(np.float64)

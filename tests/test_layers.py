@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cascade"
 LAYERS = {  # module prefix -> floor (higher floors may import lower ones, never the reverse)
     "cascade.config": 0, "cascade.artifacts": 0, "cascade.distributed": 0, "cascade.arrays": 0,
     "cascade.data": 1,
-    "cascade.models": 2, "cascade.distill": 2, "cascade.index": 2, "cascade.eval": 2,
+    "cascade.models": 2, "cascade.distill": 2, "cascade.index": 2, "cascade.eval": 2, "cascade.channels": 2,
     "cascade.run_data": 3, "cascade.train": 3, "cascade.serve": 3,
     "cascade.pipeline": 4,
     "cascade.cli": 5,

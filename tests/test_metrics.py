@@ -13,9 +13,12 @@ from sklearn.metrics import log_loss, roc_auc_score
 from cascade.eval.metrics import (
     auc,
     calibration,
+    click_ndcg,
     click_recall,
     gauc,
+    hit_rate,
     latency_summary,
+    list_diversity,
     logloss,
     ndcg_at_k,
     recall_at_k,
@@ -182,3 +185,33 @@ def test_latency_summary_hand_worked():
     assert out["n"] == 4
     with pytest.raises(ValueError, match="at least one"):
         latency_summary([])
+
+
+# ---------------------------------------------------------------------------------------------------------- outcomes
+
+
+def test_hit_rate_and_click_ndcg_hand_worked():
+    clicked = np.array([[7, 9, -1], [3, -1, -1], [-1, -1, -1]])
+    ranked = np.array([[9, 1, 7, 2], [4, 5, 6, 8], [1, 2, 3, 4]])
+    np.testing.assert_array_equal(hit_rate(clicked, ranked), [1.0, 0.0, np.nan])
+    # row 0: clicks 9 (rank 1) and 7 (rank 3); DCG@4 = 1/log2(2) + 1/log2(4) = 1.5; ideal = 1 + 1/log2(3)
+    expected0 = 1.5 / (1 + 1 / math.log2(3))
+    got = click_ndcg(ranked, clicked, k=4)
+    assert got[0] == pytest.approx(expected0)
+    assert got[1] == 0.0 and math.isnan(got[2])
+    # k = 1: only the first slot counts; the ideal puts one click there
+    np.testing.assert_allclose(click_ndcg(ranked, clicked, k=1)[:2], [1.0, 0.0])
+
+
+def test_click_ndcg_counts_a_repeated_click_once():
+    clicked = np.array([[5, 5, 6]])
+    ranked = np.array([[6, 5]])
+    assert click_ndcg(ranked, clicked, k=2)[0] == pytest.approx(1.0)
+
+
+def test_list_diversity_hand_worked():
+    lists = np.array([[1, 2, 3], [1, 2, 4], [1, 5, -1]])
+    d = list_diversity(lists, n_items=10, top=2)
+    # ids 1,2,3,4,5: 5 distinct of 10; the two most frequent (1: 3 times, 2: twice) fill 5 of 8 slots
+    assert d == {"distinct": 5, "coverage": 0.5, "top_share": 5 / 8}
+    assert list_diversity(np.array([[7, 8]] * 4), n_items=100, top=2)["top_share"] == 1.0

@@ -26,8 +26,18 @@ IMG_RE = re.compile(r'<img[^>]*\ssrc="data:image/png;base64,([A-Za-z0-9+/=]+)"')
 
 
 def _stage(size, tr, cr, ndcg, auc, gauc, p50):
-    return {"size": size, "teacher_recall": tr, "click_recall": cr, "ndcg": ndcg, "auc": auc, "gauc": gauc,
+    return {"size": size, "click_recall": cr, "hit_rate": min(1.0, 2 * cr), "click_ndcg": cr / 2,
+            "teacher_recall": tr, "teacher_ndcg": ndcg, "auc": auc, "gauc": gauc,
             "p50_ms": p50, "p95_ms": p50 * 1.8, "p99_ms": p50 * 2.5}
+
+
+def _outcome(name, kind, cr, oracle, tr, distinct):
+    return {"name": name, "kind": kind, "k": 10, "click_recall": cr, "hit_rate": min(1.0, 3 * cr),
+            "click_ndcg": cr / 2, "teacher_recall": tr, "teacher_ndcg": None, "click_recall_rand": cr / 4,
+            "hit_rate_rand": None, "retrieval_click_recall": 4 * cr, "prerank_click_recall": 2 * cr,
+            "retrieval_size": 500, "prerank_size": 100, "oracle_clicks": oracle, "oracle_ratio": None,
+            "final_distinct": distinct, "final_coverage": distinct / 5000, "final_top_share": 0.25,
+            "n_requests_with_clicks": 1800, "n_rand_requests": 90}
 
 
 def _variant(rng: np.random.Generator, shift: float) -> dict:
@@ -69,6 +79,28 @@ def make_report_data() -> dict:
                             "train": {"rows": 90000, "requests": 9000, "ctr": 0.0471, "start": "2022-04-08",
                                       "end": "2022-05-06"}}},
         "cascades": {"distilled": _variant(rng, 0.0), "ground_truth": _variant(rng, 0.05)},
+        "choices": {
+            "filter_seen": {"applied": False, "why": "auto: 7.7% of train clicks were re-clicks"},
+            "channels": {"judge": "300 validation requests", "popular": {"chosen": {"window_days": 7.0},
+                                                                         "grid": [{"valid_click_recall@10": 0.061}]}},
+            "entire_space": {"exposure_weight": 0.25, "judge": "846 validation requests",
+                             "grid": [{"exposure_weight": 0.0, "valid_click_recall@10": 0.498},
+                                      {"exposure_weight": 0.25, "valid_click_recall@10": 0.519}]},
+            "students": {"retrieval": {"size": 500, "chosen_scale": 0.25,
+                                       "grid": [{"scale": 0.0, "valid_click_recall@500": 0.699,
+                                                 "teacher_agreement": {"teacher_recall@10": 0.639}},
+                                                {"scale": 0.25, "valid_click_recall@500": 0.747,
+                                                 "teacher_agreement": {"teacher_recall@10": 0.731}}],
+                                       "gate": {"teacher": 0.68, "ground_truth_student": 0.699, "gain": -0.019,
+                                                "standard_error": 0.01, "teacher_better": False}},
+                         "rank_student": {"chosen_scale": 0.5, "grid": [{"scale": 0.0, "valid_auc": 0.6012},
+                                                                        {"scale": 0.5, "valid_auc": 0.6034}]}}},
+        "outcomes": {"rows": [_outcome("distilled", "cascade", 0.0611, 1.234, 0.6421, 812),
+                              _outcome("ground_truth", "cascade", 0.0702, 1.184, 0.5921, 1304),
+                              _outcome("teacher_corpus", "reference", 0.0655, 1.301, 1.0, 640),
+                              _outcome("popular (7 days)", "baseline", 0.0650, 1.001, 0.1, 10)],
+                     "flags": ["The distilled cascade finds fewer of the test clicks than popular (7 days)."],
+                     "filter_seen": {"applied": False, "why": "auto: 7.7% of train clicks were re-clicks"}},
         "index": {"factory": "IVF64,Flat", "backend": "faiss-cpu", "metric": "inner_product", "n_items": 5000,
                   "dim": 32, "recall_vs_exact": 0.9871,
                   "operating_points": [{"param": "nprobe", "value": v, "recall_at_k": r, "qps": q}
@@ -189,7 +221,8 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
         assert 500 <= width <= 1400 and 250 <= height <= 1400
     # sections in the required order
     order = ["Headline", "Per-stage metrics", "Teacher-recall@K curves", "Latency at batch 1", "Index", "Models",
-             "Training curves", "Distillation ablation", "Data", "Run: configuration"]
+             "Training curves", "Choices made on validation", "Distillation ablation", "Data",
+             "Run: configuration"]
     pos = [page.index(f"<h2>{t}") for t in order]
     assert pos == sorted(pos)
     assert "<b>0.812 ± 0.010</b>" in page  # best retrieval teacher-recall (0.8123 ± 0.0098 at 3 decimals), bold
@@ -201,21 +234,33 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     # 0.6421 - 0.05 = 0.5921 -> 0.592; ...
     # AUC 0.75312 -> 0.7531 and 0.70312 -> 0.7031; GAUC NaN -> "–"; p50 2.345 -> 2.35 (the double nearest
     # 2.345 is 2.34500000000000019984, just above the half)
-    # one table per metric family (recall / ranking quality, AUC, latency), each narrow enough to read
-    quality, aucs, latency = (_md_section(md, t) for t in ("Recall and ranking quality", "AUC on the test impressions",
-                                                          "Latency per request (batch 1)"))
-    for table in (quality, aucs, latency):
+    # one table per metric family (outcomes, agreement with the teacher, AUC, latency), each narrow enough to read
+    outcomes, agreement, aucs, latency = (_md_section(md, t) for t in (
+        "Outcomes: the held-out clicks", "Agreement with the teacher", "AUC on the test impressions",
+        "Latency per request (batch 1)"))
+    for table in (outcomes, agreement, aucs, latency):
         header = next(line for line in table.splitlines() if line.startswith("| stage"))
         assert header.count("|") - 1 <= 8, header
-    assert "| stage | size | teacher-recall distilled | teacher-recall ground_truth |" in quality
-    assert _md_row(quality, ["rank"])[:4] == ["rank", "10", "0.642", "0.592"]
+    assert "| stage | size | click-recall distilled | click-recall ground_truth |" in outcomes
+    assert _md_row(outcomes, ["rank"])[:4] == ["rank", "10", "0.201", "0.201"]
+    assert _md_row(agreement, ["rank"]) == ["rank", "10", "0.642", "0.592", "0.7234", "0.7234"]
     assert _md_row(aucs, ["rank"]) == ["rank", "10", "0.7531", "0.7031", "–", "–"]
     assert _md_row(latency, ["rank"])[:3] == ["rank", "10", "2.35"]
-    assert "end to end" not in quality and _md_row(latency, ["end to end"])[:3] == ["end to end", "–", "4.10"]
-    # headline: distilled K=10, teacher-recall 0.642, oracle clicks 1.234, best 1.900, ratio 0.6497 -> 0.650,
-    # e2e p50 4.10, p99 8.7654 -> 8.77, 231.4 and 5,812.3 req/s, batch 256
-    assert _md_row(md, ["distilled"]) == ["distilled", "10", "0.642", "1.234", "1.900", "0.650", "4.10", "8.77",
-                                          "231.4", "5,812.3", "256"]
+    assert "end to end" not in outcomes and _md_row(latency, ["end to end"])[:3] == ["end to end", "–", "4.10"]
+    # headline, outcomes first: click-recall 0.0611 -> 0.061, HitRate 0.1833 -> 0.183, click-NDCG 0.0306, random
+    # slice 0.015, oracle clicks 1.234, @N1 0.244, @N2 0.122, then agreement 0.642, 812 distinct items, coverage
+    # 812 / 5000 = 0.162, top-10 share 0.250 (the all-None teacher-NDCG and oracle-ratio columns are left out)
+    assert _md_row(md, ["distilled", "cascade"]) == ["distilled", "cascade", "0.061", "0.183", "0.0306", "0.015",
+                                                     "1.234", "0.244", "0.122", "0.642", "812", "0.162", "0.250"]
+    assert _md_row(md, ["popular (7 days)", "baseline"])[2] == "0.065"
+    assert "Warning: The distilled cascade finds fewer of the test clicks than popular (7 days)." in md
+    assert "Seen items: auto: 7.7% of train clicks were re-clicks." in md
+    # the choices made on validation: every grid point, the chosen one named, the gate's verdict in words
+    assert _md_row(md, ["0.25", "0.519"]) and _md_row(md, ["0.25", "0.747", "0.731"])
+    assert "retrieval student (scale 0.25 chosen; 0 = ground truth only)" in md
+    assert ("the ground-truth-only tower 0.699 (gain -0.019, one standard error 0.010): the teacher is NOT better."
+            in md)
+    assert _md_row(md, ["0.5", "0.6034"]) and "Rank student (scale 0.5 chosen)" in md
     # models: best AUC 0.7712 (teacher) and best logloss 0.1811 bold; the baseline's NaN GAUC shows as "–"
     assert _md_row(md, ["teacher-deepfm"])[2:5] == ["**0.7712**", "**0.6601**", "**0.1811**"]
     assert _md_row(md, ["lightgbm"])[2:5] == ["0.7581", "–", "0.1844"]
@@ -262,11 +307,14 @@ def test_missing_sections_still_write_valid_files(tmp_path, minimal):
 def test_one_variant_without_oracle(tmp_path, report_data):
     report_data["cascades"] = {"distilled": report_data["cascades"]["distilled"]}
     report_data["cascades"]["distilled"]["oracle"] = None
+    report_data["outcomes"]["rows"] = report_data["outcomes"]["rows"][:1]
+    report_data["outcomes"]["rows"][0]["oracle_clicks"] = None
     write_report(report_data, tmp_path)
     md = (tmp_path / "report.md").read_text()
-    # one variant: flat columns (no side by side); no oracle -> "–" in the headline
+    # one variant: flat columns (no side by side); no oracle anywhere -> no oracle column in the headline
     assert "AUC distilled" not in md
-    assert _md_row(md, ["distilled"])[3:6] == ["–", "–", "–"]
+    assert "oracle clicks@K" not in md
+    assert _md_row(md, ["distilled", "cascade"])[2:5] == ["0.061", "0.183", "0.0306"]
     assert len(IMG_RE.findall((tmp_path / "report.html").read_text())) == 4
 
 

@@ -33,10 +33,10 @@ def _run(runs, name: str, epochs: int, recall: float, click: float, teacher_auc:
                                                  {"name": "LightGBM", "role": "baseline", "auc": 0.61}])
     if with_replay:
         A.write_json(d / "replay" / "manifest.json", {"written_at": "2026-01-02T03:20:00Z"})
-        A.write_json(d / "replay" / "summary.json", {
+        A.write_json(d / "replay" / "summary.json", {"variants": {
             v: {"quality": _quality(recall - 0.3 * i, click), "sizes": {"retrieval": 500, "prerank": 100, "rank": 10},
                 "latency_batch1": {"end_to_end_ms": {"p99_ms": 5.0 + i}}}
-            for i, v in enumerate(("distilled", "ground_truth"))})
+            for i, v in enumerate(("distilled", "ground_truth"))}})
     return d
 
 
@@ -62,8 +62,8 @@ def test_runs_lists_every_run_with_its_headline_metrics(runs, capsys):
     out = capsys.readouterr().out.splitlines()
     assert out[0] == ("| run | created | data | steps | teacher AUC | teacher-recall@K | click-recall | "
                       "oracle ratio |")
-    assert out[2] == "| base | 2026-01-02 03:04:05 UTC | world | 3/7 | 0.6355 | 0.667 (K=10) | 0.500 | 0.900 |"
-    assert out[3] == "| half | 2026-01-02 03:04:05 UTC | world | 2/7 | 0.6200 | – | – | – |"
+    assert out[2] == "| base | 2026-01-02 03:04:05 UTC | world | 3/8 | 0.6355 | 0.667 (K=10) | 0.500 | 0.900 |"
+    assert out[3] == "| half | 2026-01-02 03:04:05 UTC | world | 2/8 | 0.6200 | – | – | – |"
 
 
 def test_compare_prints_and_writes_the_config_diff_and_the_metrics(runs, tmp_path, capsys):

@@ -294,7 +294,7 @@ def test_streaming_cross_fit_and_encoding_equal_in_memory(five_days, tmp_path, w
             np.testing.assert_array_equal(g.arrays()[k], v, err_msg=f"{part}/{k}")
     # the cross columns carry information: standardised values are not all equal
     xcols = [j for j, s in enumerate(ref["test"].spec.num_sides) if s == "cross"]
-    assert len(xcols) == 10 and np.ptp(got["test"].num[:, xcols], axis=0).min() > 0
+    assert len(xcols) == 14 and np.ptp(got["test"].num[:, xcols], axis=0).min() > 0
 
 
 def test_cross_options_must_match_the_encoder(five_days, tmp_path):

@@ -34,6 +34,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cascade import artifacts
+from cascade.arrays import first_occurrences
 from cascade.data.sampling import CdfSampler
 from cascade.data.schema import DataValidationError, check_columns
 
@@ -51,29 +52,6 @@ Scorer = Callable[[np.ndarray, np.ndarray], "np.ndarray | torch.Tensor"]
 # ----------------------------------------------------------------------------------------------------------------
 # candidate sampling
 # ----------------------------------------------------------------------------------------------------------------
-
-def _first_occurrence_compact(x: np.ndarray, width: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per row of x [R, W] (-1 = empty): drop -1 and repeats of an earlier value, keep order, cut to ``width``.
-
-    Returns (out [R, width] padded with -1, n_valid [R]). One stable sort per row block finds the repeats: in a
-    stable sort equal values keep their column order, so every element equal to its left neighbour in sorted
-    order is a later occurrence.
-    """
-    r, w = x.shape
-    order = np.argsort(x, axis=1, kind="stable")
-    xs = np.take_along_axis(x, order, axis=1)
-    repeat_sorted = np.zeros_like(xs, dtype=bool)
-    repeat_sorted[:, 1:] = xs[:, 1:] == xs[:, :-1]
-    keep = np.empty_like(repeat_sorted)
-    np.put_along_axis(keep, order, ~repeat_sorted, axis=1)
-    keep &= x >= 0
-    pos = np.cumsum(keep, axis=1) - 1  # target column of each kept element
-    keep &= pos < width
-    out = np.full((r, width), -1, dtype=np.int64)
-    rows = np.broadcast_to(np.arange(r)[:, None], x.shape)
-    out[rows[keep], pos[keep]] = x[keep]
-    return out, np.minimum(keep.sum(axis=1), width)
-
 
 def _draw(n_rows: int, n_draw: int, n_items: int, pop: CdfSampler | None, uniform_frac: float,
           rng: np.random.Generator) -> np.ndarray:
@@ -127,7 +105,7 @@ def sample_candidates(impressed: np.ndarray, n_items: int, n_candidates: int = 2
         log.debug("sample_candidates: no pop_weights, all samples are uniform")
 
     target = min(n_candidates, n_items)
-    out, n_valid = _first_occurrence_compact(impressed.astype(np.int64, copy=False), n_candidates)
+    out, n_valid = first_occurrences(impressed.astype(np.int64, copy=False), n_candidates)
     for _ in range(max_rounds):
         short = np.flatnonzero(n_valid < target)
         if short.size == 0:
@@ -135,7 +113,7 @@ def sample_candidates(impressed: np.ndarray, n_items: int, n_candidates: int = 2
         need = int((target - n_valid[short]).max())
         # oversample: popular items repeat, so draw twice the gap plus a margin
         draws = _draw(short.size, 2 * need + 16, n_items, pop, uniform_frac, rng)
-        merged, nv = _first_occurrence_compact(np.concatenate([out[short], draws], axis=1), n_candidates)
+        merged, nv = first_occurrences(np.concatenate([out[short], draws], axis=1), n_candidates)
         out[short], n_valid[short] = merged, nv
     short = np.flatnonzero(n_valid < target)
     if short.size:
@@ -144,7 +122,7 @@ def sample_candidates(impressed: np.ndarray, n_items: int, n_candidates: int = 2
         for s in range(0, short.size, chunk):
             rows = short[s:s + chunk]
             perm = np.argsort(rng.random((rows.size, n_items)), axis=1)
-            merged, nv = _first_occurrence_compact(np.concatenate([out[rows], perm], axis=1), n_candidates)
+            merged, nv = first_occurrences(np.concatenate([out[rows], perm], axis=1), n_candidates)
             out[rows], n_valid[rows] = merged, nv
     return out
 

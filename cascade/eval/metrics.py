@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..arrays import first_occurrences
+
 __all__ = [
     "auc",
     "gauc",
@@ -21,7 +23,10 @@ __all__ = [
     "calibration",
     "recall_at_k",
     "click_recall",
+    "hit_rate",
     "ndcg_at_k",
+    "click_ndcg",
+    "list_diversity",
     "latency_summary",
 ]
 
@@ -239,6 +244,16 @@ def click_recall(clicked, retrieved, pad: int = -1) -> np.ndarray:
     return _overlap_fraction(clicked, retrieved, pad)
 
 
+def hit_rate(clicked, retrieved, pad: int = -1) -> np.ndarray:
+    """Per-row HitRate: 1.0 when any clicked id is among the retrieved ids, else 0.0.
+
+    clicked: [B, C] int ids padded with ``pad``; retrieved: [B, N] int ids. Returns float64 [B], nan for a row
+    without clicks.
+    """
+    r = click_recall(clicked, retrieved, pad)
+    return np.where(np.isnan(r), np.nan, (r > 0).astype(np.float64))
+
+
 def ndcg_at_k(ranked_ids, rel_ids, rel_grades, k: int, pad: int = -1) -> np.ndarray:
     """Per-row NDCG@k of an order against graded relevance: DCG = sum_i (2^rel_i - 1) / log2(i + 1), i = 1..k.
 
@@ -285,6 +300,36 @@ def ndcg_at_k(ranked_ids, rel_ids, rel_grades, k: int, pad: int = -1) -> np.ndar
     idcg = (ideal_gains * (1.0 / np.log2(np.arange(2, ideal_gains.shape[1] + 2)))).sum(axis=1)
     with np.errstate(invalid="ignore", divide="ignore"):
         return np.where(idcg > 0, dcg / idcg, np.nan)
+
+
+def click_ndcg(ranked_ids, clicked, k: int, pad: int = -1) -> np.ndarray:
+    """Per-row NDCG@k of an order against the held-out clicks (binary relevance: a clicked id has grade 1).
+
+    ranked_ids: [B, n] int ids in ranked order; clicked: [B, C] clicked ids padded with ``pad`` (an id clicked
+    twice counts once). The ideal DCG puts min(|clicked|, k) clicks on top. Returns float64 [B], nan for a row
+    without clicks.
+    """
+    clicked = _id_matrix(clicked, "clicked")
+    clicked = first_occurrences(clicked, clicked.shape[1], pad)[0]
+    return ndcg_at_k(ranked_ids, clicked, np.ones(clicked.shape), k, pad)
+
+
+def list_diversity(lists, n_items: int, top: int = 10, pad: int = -1) -> dict[str, float]:
+    """How varied a set of recommendation lists is. lists: [B, k] int ids (``pad`` = empty slot).
+
+    distinct: distinct ids over all lists; coverage: distinct / n_items (the catalogue size); top_share: share of
+    the filled slots taken by the ``top`` most frequent ids (1.0 when everyone gets the same ``top`` items).
+    """
+    lists = _id_matrix(lists, "lists")
+    if n_items < 1:
+        raise ValueError(f"n_items must be >= 1, got {n_items}")
+    ids = lists[lists != pad]
+    if ids.size == 0:
+        return {"distinct": 0, "coverage": 0.0, "top_share": float("nan")}
+    _, counts = np.unique(ids, return_counts=True)
+    top_counts = -np.sort(-counts)[:top]
+    return {"distinct": int(counts.size), "coverage": float(counts.size / n_items),
+            "top_share": float(top_counts.sum() / ids.size)}
 
 
 def latency_summary(seconds) -> dict[str, float]:

@@ -46,12 +46,19 @@ def score_pairs(model: torch.nn.Module, cat: np.ndarray, num: np.ndarray, batch_
     return out
 
 
+def ranking_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The module whose output orders candidates: a model's ``ranking`` (an entire-space ranker's corpus-wide
+    score) where it has one, else the model itself (its logits)."""
+    return getattr(model, "ranking", model)
+
+
 def ranker_scorer(model: torch.nn.Module, data):
-    """score(requests, candidates [B, N]) -> logits [B, N] with the pair features built on the fly by
-    ``data.pair_features(requests, candidates)`` (a :class:`cascade.run_data.RunData`)."""
+    """score(requests, candidates [B, N]) -> ranking scores [B, N] (:func:`ranking_model`) with the pair features
+    built on the fly by ``data.pair_features(requests, candidates)`` (a :class:`cascade.run_data.RunData`)."""
+    ranking = ranking_model(model)
 
     def score(requests: Requests, candidates: np.ndarray) -> np.ndarray:
         cat, num = data.pair_features(requests, candidates)
-        return score_pairs(model, cat, num, list_len=candidates.shape[1]).reshape(candidates.shape)
+        return score_pairs(ranking, cat, num, list_len=candidates.shape[1]).reshape(candidates.shape)
 
     return score

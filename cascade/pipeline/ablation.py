@@ -5,7 +5,7 @@ every variant of each student is trained on that seed's rank log and click label
 split:
 
 - ``ground truth only``: pre-rank ``click_bce``; retrieval ``sampled_softmax`` with click positives (the
-  pipeline's ``students.prerank_gt`` / ``students.retrieval_gt``);
+  ground-truth terms of the pipeline's ``students.prerank`` / ``students.retrieval``);
 - ``+ <loss>`` for each distillation loss of :data:`cascade.train.students.LIST_LOSSES`: the ground-truth
   config plus that one loss on the teacher's logged lists (weight ``AblationSettings.distill_weight``);
 - ``+ mix``: the pipeline's distilled config (``students.prerank`` / ``students.retrieval``).
@@ -57,7 +57,7 @@ from ..models.scoring import ranker_scorer
 from ..models.two_tower import build_two_tower, item_embeddings
 from ..run_data import RunData, Towers, load_ranker
 from ..serve.replay import teacher_top_over_corpus
-from ..train.students import student_list_scores, train_student
+from ..train.students import is_ground_truth, student_list_scores, train_student
 from .config import PipelineConfig, check_settable, with_run_device
 from .ranklog import candidate_lists
 from .run import run_pipeline
@@ -143,11 +143,12 @@ def load_ablation_config(path: str | Path | None, overrides: list[str] | None = 
 def variant_config(students, stage: str, variant: str, distill_weight: float = 1.0):
     """The StudentConfig of one variant: students is the pipeline's StudentsSection; stage "prerank" or
     "retrieval". ``+ <loss>`` adds one distillation term to the ground-truth config."""
-    gt = students.prerank_gt if stage == "prerank" else students.retrieval_gt
+    mix = students.prerank if stage == "prerank" else students.retrieval
+    gt = dataclasses.replace(mix, loss_weights={k: v for k, v in mix.loss_weights.items() if is_ground_truth(mix, k)})
     if variant == GROUND_TRUTH:
         return gt
     if variant == MIX:
-        return students.prerank if stage == "prerank" else students.retrieval
+        return mix
     loss = VARIANT_SLUGS.get(variant)
     if loss not in DISTILL_LOSSES:
         raise ValueError(f"unknown ablation variant {variant!r}; known: {list(VARIANTS)}")

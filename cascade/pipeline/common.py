@@ -10,6 +10,7 @@ import torch
 
 from .. import artifacts as A
 from ..models.ranker import RankerConfig, n_parameters, serving_latency
+from ..run_data import ranker_config_json
 from ..train.loop import TrainConfig
 
 
@@ -25,7 +26,7 @@ def with_seed(cfg: TrainConfig, seed: int) -> TrainConfig:
 
 def save_ranker(model: torch.nn.Module, cfg: RankerConfig, out: Path) -> list[str]:
     A.save_torch(out / "model.pt", model.state_dict())
-    A.write_json(out / "config.json", cfg.to_dict())
+    A.write_json(out / "config.json", ranker_config_json(model, cfg))
     return [str(Path(out.name) / "model.pt"), str(Path(out.name) / "config.json")]
 
 

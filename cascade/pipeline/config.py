@@ -18,6 +18,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+import numpy as np
+
 from .. import artifacts as A
 from ..config import ConfigError, apply_overrides, from_dict, load_toml
 from ..data.schema import SIDES
@@ -26,10 +28,10 @@ from ..models.ranker import RankerConfig
 from ..models.two_tower import TowerConfig
 from ..train.joint import DistillConfig
 from ..train.loop import TrainConfig
-from ..train.students import StudentConfig
+from ..train.students import StudentConfig, is_ground_truth
 
 SOURCES = ("world", "kuairand", "movielens-100k", "movielens-1m", "custom")
-STUDENTS = ("prerank", "retrieval", "prerank_gt", "retrieval_gt")
+STUDENTS = ("prerank", "retrieval")
 
 #: Keys of the nested configs that a step sets itself -> what sets them. A pipeline config may not set them.
 SET_BY_THE_PIPELINE: dict[str, str] = {
@@ -41,6 +43,8 @@ SET_BY_THE_PIPELINE: dict[str, str] = {
        for s in STUDENTS},
     **{f"{t}.device": "run.device (--device: every training step follows the run's one device switch)"
        for t in ("teacher.train", "students.rank_student_train", *(f"students.{s}" for s in STUDENTS))},
+    **{f"students.{s}.distill_scale": "students.distill (a scale, or \"auto\": chosen on validation)"
+       for s in STUDENTS},
 }
 
 
@@ -84,6 +88,9 @@ class DataSection:
     cross_window_days: float = 7.0
     cross_tag_column: str = "tag"  # the item column whose user x value history the cross features count
     cross_author_column: str = "author_id"
+    # drop items a user was shown before from every list (cascade, baselines, validation); "auto": when the train
+    # log shows little re-consumption (pipeline/judge.py)
+    filter_seen: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
         if self.source != "world" and not self.path:
@@ -96,11 +103,92 @@ class DataSection:
             raise ValueError(f"data.cross_window_days must be > 0, got {self.cross_window_days}")
 
 
+CHANNEL_NAMES = ("popular", "recent", "itemcf", "content", "als")
+
+
+@dataclass(frozen=True)
+class ChannelsSection:
+    """The classic retrieval channels (cascade/channels): each in ``build`` is fitted on the train split and its
+    settings chosen from the grids below by validation click-recall@tune_k (pipeline/judge.py). They are the
+    replay's reference baselines and candidate sources beside the two-tower.
+
+    popular_window_days: trailing windows tried for most-popular; refresh_minutes: how often its list is recounted.
+    history_length / history_decay: the recent clicks that drive itemcf and content. content_column: the item
+    column whose values are the content categories. als_*: the ALS grid (implicit's settings)."""
+
+    build: tuple[str, ...] = CHANNEL_NAMES
+    popular_window_days: tuple[float, ...] = (1.0, 7.0, 30.0)
+    refresh_minutes: float = 60.0
+    itemcf_neighbours: int = 100
+    history_length: int = 20
+    history_decay: float = 0.9
+    content_column: str = "tag"
+    als_factors: tuple[int, ...] = (32, 128)
+    als_regularization: tuple[float, ...] = (0.01, 0.1)
+    als_alpha: tuple[float, ...] = (1.0, 10.0)
+    als_iterations: int = 15
+    tune_requests: int = 2000
+    tune_k: int = 10
+
+    def __post_init__(self) -> None:
+        unknown = sorted(set(self.build) - set(CHANNEL_NAMES))
+        if unknown:
+            raise ValueError(f"channels.build: unknown channel(s) {unknown}; known: {list(CHANNEL_NAMES)}")
+        if len(set(self.build)) != len(self.build):
+            raise ValueError(f"channels.build lists a channel twice: {list(self.build)}")
+        for key in ("popular_window_days", "als_factors", "als_regularization", "als_alpha"):
+            if not getattr(self, key):
+                raise ValueError(f"channels.{key} needs at least one value")
+        if any(not (np.isfinite(w) and w > 0) for w in self.popular_window_days):
+            raise ValueError(f"channels.popular_window_days must be > 0, got {list(self.popular_window_days)}")
+        for key in ("itemcf_neighbours", "history_length", "als_iterations", "tune_requests", "tune_k"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"channels.{key} must be >= 1, got {getattr(self, key)}")
+        if not (self.refresh_minutes > 0 and 0 < self.history_decay <= 1):
+            raise ValueError("channels.refresh_minutes must be > 0 and channels.history_decay in (0, 1]")
+
+
+@dataclass(frozen=True)
+class EntireSpaceSection:
+    """Entire-space training of the teacher (cascade/train/entire_space.py): besides the impressions, per request
+    ``unshown_per_shown`` x its impressions items not shown to it (a ``popularity_share`` of them drawn by train
+    popularity, the rest uniformly; only items that exist at the request's time), and an exposure model next to
+    the click model. The weight of exposure in the corpus-wide ranking is chosen from ``exposure_weights`` by the
+    teacher's click-recall@``select_k`` over the whole corpus on up to ``select_requests`` validation requests
+    (pipeline/judge.py); 0 in the grid lets validation switch it off. unshown_per_shown = 0 trains the plain
+    P(click | shown) teacher."""
+
+    unshown_per_shown: float = 1.0
+    popularity_share: float = 0.5
+    w_exposure: float = 1.0
+    exposure_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
+    select_k: int = 10
+    select_requests: int = 1000
+
+    def __post_init__(self) -> None:
+        if not (np.isfinite(self.unshown_per_shown) and self.unshown_per_shown >= 0):
+            raise ValueError(f"teacher.entire_space.unshown_per_shown must be >= 0, got {self.unshown_per_shown}")
+        if not 0.0 <= self.popularity_share <= 1.0:
+            raise ValueError(f"teacher.entire_space.popularity_share must be in [0, 1], got {self.popularity_share}")
+        if not (np.isfinite(self.w_exposure) and self.w_exposure > 0):
+            raise ValueError(f"teacher.entire_space.w_exposure must be > 0, got {self.w_exposure}")
+        if not self.exposure_weights or any(not (np.isfinite(b) and b >= 0) for b in self.exposure_weights):
+            raise ValueError(f"teacher.entire_space.exposure_weights must be values >= 0, got "
+                             f"{list(self.exposure_weights)}")
+        if self.select_k < 1 or self.select_requests < 1:
+            raise ValueError("teacher.entire_space.select_k and select_requests must be >= 1")
+
+    @property
+    def enabled(self) -> bool:
+        return self.unshown_per_shown > 0
+
+
 @dataclass(frozen=True)
 class TeacherSection:
     model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
                                                                      cross_layers=2, cross_rank=32))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=1, batch_size=4096))
+    entire_space: EntireSpaceSection = field(default_factory=EntireSpaceSection)
     lightgbm: bool = True
     lightgbm_trees: int = 100
     lightgbm_max_rows: int | None = 300_000  # the most recent train rows (GBDT cost grows with rows x features)
@@ -123,35 +211,47 @@ class RankLogSection:
             raise ValueError("ranklog.max_requests must be >= 1")
 
 
-def _distilled_prerank() -> StudentConfig:
-    return StudentConfig(stage="prerank",
-                         loss_weights={"pointwise": 1.0, "bpr": 1.0, "lambda_ndcg": 1.0, "click_bce": 0.5},
-                         epochs=2)
+def _prerank() -> StudentConfig:
+    return StudentConfig(stage="prerank", loss_weights={"click_bce": 1.0, "pointwise": 1.0, "bpr": 1.0,
+                                                        "lambda_ndcg": 1.0}, epochs=2)
 
 
-def _gt_prerank() -> StudentConfig:
-    return StudentConfig(stage="prerank", loss_weights={"click_bce": 1.0}, epochs=2)
+def _retrieval() -> StudentConfig:
+    return StudentConfig(stage="retrieval", loss_weights={"sampled_softmax": 1.0, "teacher_softmax": 1.0,
+                                                          "pointwise": 1.0, "listnet": 1.0}, epochs=2)
 
 
-def _distilled_retrieval() -> StudentConfig:
-    return StudentConfig(stage="retrieval", loss_weights={"sampled_softmax": 1.0, "pointwise": 1.0, "listnet": 1.0},
-                         softmax_positives="teacher_topk", epochs=2)
-
-
-def _gt_retrieval() -> StudentConfig:
-    return StudentConfig(stage="retrieval", loss_weights={"sampled_softmax": 1.0}, softmax_positives="clicks", epochs=2)
+def _scale_grid(values: tuple[float, ...], key: str) -> None:
+    if not values or any(not (np.isfinite(v) and v >= 0) for v in values) or 0.0 not in values:
+        raise ValueError(f"students.{key} must be values >= 0 that include 0 (the ground-truth-only student), "
+                         f"got {list(values)}")
 
 
 @dataclass(frozen=True)
 class StudentsSection:
-    """The distilled students and, for comparison, the same students trained on ground truth only."""
+    """The students: two-tower pre-rank and retrieval students and the rank student, each learning from the clicks
+    (its ground-truth terms) plus weighted distillation from the teacher.
+
+    distill: the scale of the towers' distillation terms (cascade/train/students.py ``distill_scale``), or
+    "auto": every scale of ``distill_grid`` is trained and the one whose tower keeps most validation clicks at
+    its stage size (click-recall@N1 / @N2 over the corpus, on the validation judge) is served; scale 0 is the
+    ground-truth-only student, saved as the ``ground_truth`` variant for comparison (compare_ground_truth).
+    keep_fixed: also save the scale-1 students as the ``fixed`` variant (distillation at the configured
+    weights, whatever validation says). rank_distill_scale / rank_distill_grid: the same for the rank student's
+    distillation weights (rank_distill's KD, hint, CR, RCR or PFD lambda), chosen by validation AUC.
+    confidence: distil each tower only from the rank-log requests whose teacher list ordered the request's
+    impressed items at least as well as chance (per-request AUC >= 0.5; requests with one class kept).
+    select_requests: validation requests of the judge."""
 
     tower: TowerConfig = field(default_factory=TowerConfig)
-    prerank: StudentConfig = field(default_factory=_distilled_prerank)
-    retrieval: StudentConfig = field(default_factory=_distilled_retrieval)
-    prerank_gt: StudentConfig = field(default_factory=_gt_prerank)
-    retrieval_gt: StudentConfig = field(default_factory=_gt_retrieval)
+    prerank: StudentConfig = field(default_factory=_prerank)
+    retrieval: StudentConfig = field(default_factory=_retrieval)
+    distill: float | Literal["auto"] = "auto"
+    distill_grid: tuple[float, ...] = (0.0, 0.25, 1.0, 4.0)
     compare_ground_truth: bool = True
+    keep_fixed: bool = False
+    confidence: bool = False
+    select_requests: int = 500
     # The rank student is cheap to serve: a small MLP without the user x item cross features (no history lookups at
     # serving); distillation from the teacher, which has them, is how their knowledge reaches it.
     rank_student: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dnn", emb_dim=8, mlp=(64,),
@@ -163,6 +263,8 @@ class StudentsSection:
     # ("privileged": the post-click fields) learns together with it (+0.002 AUC in the rank table, +0.001 in the
     # default pipeline: less than logit KD from the cross-feature teacher on the world).
     rank_distill: DistillConfig = field(default_factory=lambda: DistillConfig(w_bce=1.0, w_kd=1.0))
+    rank_distill_scale: float | Literal["auto"] = "auto"
+    rank_distill_grid: tuple[float, ...] = (0.0, 0.5, 1.0, 2.0)
     rank_student_max_rows: int | None = None  # both rank students train on the most recent rows only
     # PFD instead of teacher-first distillation when rank_distill.pfd_lambda is set: a teacher that also reads this
     # side trains together with the student (sharing embeddings; the student keeps private tables for these
@@ -176,6 +278,32 @@ class StudentsSection:
         if self.rank_distill.pfd_lambda is not None and self.rank_pfd_side in self.rank_student.sides:
             raise ValueError(f"rank_pfd_side {self.rank_pfd_side!r} is read by the rank student itself "
                              f"(rank_student.sides {self.rank_student.sides}), so it is not privileged")
+        _scale_grid(self.distill_grid, "distill_grid")
+        _scale_grid(self.rank_distill_grid, "rank_distill_grid")
+        for key in ("distill", "rank_distill_scale"):
+            v = getattr(self, key)
+            if v != "auto" and not (np.isfinite(v) and v >= 0):
+                raise ValueError(f"students.{key} must be \"auto\" or a number >= 0, got {v!r}")
+        for name, scfg in (("prerank", self.prerank), ("retrieval", self.retrieval)):
+            if scfg.stage != name:
+                raise ValueError(f"students.{name}.stage must be {name!r}, got {scfg.stage!r}")
+            if not any(is_ground_truth(scfg, t) and w for t, w in scfg.loss_weights.items()):
+                raise ValueError(f"students.{name} has no ground-truth term (click_bce, or sampled_softmax on "
+                                 f"clicks): a student always keeps one, so that distillation cannot take over")
+        if self.select_requests < 1:
+            raise ValueError(f"students.select_requests must be >= 1, got {self.select_requests}")
+
+    def scales(self) -> tuple[float, ...]:
+        """The distillation scales the towers are trained at."""
+        if self.distill == "auto":
+            return tuple(sorted(set(self.distill_grid)))
+        return tuple(sorted({float(self.distill)} | ({0.0} if self.compare_ground_truth else set())
+                            | ({1.0} if self.keep_fixed else set())))
+
+    def rank_scales(self) -> tuple[float, ...]:
+        if self.rank_distill_scale == "auto":
+            return tuple(sorted(set(self.rank_distill_grid)))
+        return tuple(sorted({float(self.rank_distill_scale), 0.0}))
 
 
 @dataclass(frozen=True)
@@ -202,7 +330,6 @@ class ReplaySection:
     max_requests: int | None = 500
     latency_requests: int = 300
     batch_size: int = 256
-    filter_seen: bool = False
     recall_ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200, 500)
 
     def __post_init__(self) -> None:
@@ -268,6 +395,7 @@ class TrackingSection:
 class PipelineConfig:
     run: RunSection = field(default_factory=RunSection)
     data: DataSection = field(default_factory=DataSection)
+    channels: ChannelsSection = field(default_factory=ChannelsSection)
     teacher: TeacherSection = field(default_factory=TeacherSection)
     ranklog: RankLogSection = field(default_factory=RankLogSection)
     students: StudentsSection = field(default_factory=StudentsSection)
@@ -278,7 +406,7 @@ class PipelineConfig:
 
 
 def with_run_device(cfg: PipelineConfig) -> PipelineConfig:
-    """``cfg`` with every training config (teacher.train, students.rank_student_train, the four two-tower students)
+    """``cfg`` with every training config (teacher.train, students.rank_student_train, the two-tower students)
     on ``run.device``: the one device switch of a run."""
     d, r = cfg.run.device, dataclasses.replace
     st = cfg.students

@@ -11,10 +11,13 @@ import pandas as pd
 from .. import artifacts as A
 from ..data import custom, kuairand, movielens
 from ..data.features import CrossFeatureStore, FeatureEncoder, build_encoded
+from ..data.history import EventHistory
+from ..data.requests import request_start_ms
 from ..data.split import time_split
 from ..data.world import generate_world
 from ..run_data import SPLIT_CODES
 from .config import DataSection
+from .judge import decide_filter_seen
 from .runner import StepContext, StepResult
 
 
@@ -74,11 +77,19 @@ def run(ctx: StepContext) -> StepResult:
                         "ctr": float(sub.click.mean()),
                         "start": pd.to_datetime(sub.time_ms.min(), unit="ms").isoformat(),
                         "end": pd.to_datetime(sub.time_ms.max(), unit="ms").isoformat()}
+    tr = imp[split_col == SPLIT_CODES["train"]]
+    train_events = EventHistory(tr["user_id"].to_numpy(np.int64), tr["item_id"].to_numpy(np.int64),
+                                request_start_ms(tr), tr["click"].to_numpy())
+    repeat_share = train_events.repeat_share(int(tr.time_ms.min()), int(tr.time_ms.max()) + 1)
+    applied, why = decide_filter_seen(c.filter_seen, repeat_share)
     summary = {"source": c.source, "n_users": int(len(ds.users)), "n_items": int(len(ds.items)),
                "n_impressions": int(len(imp)), "n_requests": int(imp.request_id.nunique()),
                "ctr": float(imp.click.mean()),
                "random_share": float(imp.is_rand.mean()), "n_cat_columns": len(spec.cat_names),
                "n_num_columns": len(spec.num_names),
+               # share of train clicks on an item the same user had been shown before: re-consumption
+               "repeat_click_share": repeat_share,
+               "filter_seen": {"applied": applied, "why": why},
                "sides": {s: len(spec.cat_index(s)) + len(spec.num_index(s)) for s in ("user", "item", "context",
                                                                                       "cross", "privileged")}}
     A.write_json(ctx.out / "summary.json", {"summary": summary, "splits": splits})

@@ -19,7 +19,7 @@ from .. import artifacts as A
 #: (file under the run folder, model label) of the rankers' fit histories
 RANKER_HISTORIES = (("teacher/history.json", "teacher"),
                     ("students/rank_student/history_no_distillation.json", "rank student (no distillation)"),
-                    ("students/rank_student/history.json", "rank student (distilled)"))
+                    ("students/rank_student/history.json", "rank student (served)"))
 
 
 def _fit_curve(rows: list[dict]) -> dict[str, Any]:

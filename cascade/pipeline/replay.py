@@ -1,4 +1,9 @@
-"""The replay step: the test requests in time order through both cascades, quality and latency per stage."""
+"""The replay step: the test requests in time order through both cascades, outcomes and latency per stage.
+
+Next to the cascades it measures, on the same requests and at the same stage sizes, the teacher's own top list over
+the whole corpus (the cascade's ceiling). Seen items are filtered when the data step decided so (``data.filter_seen``;
+"auto": :func:`~cascade.pipeline.judge.decide_filter_seen`).
+"""
 
 from __future__ import annotations
 
@@ -12,16 +17,20 @@ from ..data.world import World
 from ..eval.metrics import auc, gauc, recall_at_k
 from ..index.faiss_index import ItemIndex
 from ..models.scoring import ranker_scorer
-from ..run_data import SPLIT_CODES, RunData, load_ranker, load_towers
-from ..serve.cascade import SeenFilter, build_cascade
-from ..serve.replay import ReplayInputs, replay_latency, replay_quality, teacher_top_over_corpus
+from ..run_data import RunData, load_ranker, load_towers
+from ..serve.cascade import build_cascade, select_unseen
+from ..serve.replay import ReplayInputs, ranking_quality, replay_latency, replay_quality, teacher_top_over_corpus
+from .channels import load_channels
 from .config import ReplaySection
+from .judge import seen_filter
 from .runner import StepContext, StepResult
 
 
 def run(ctx: StepContext) -> StepResult:
     c: ReplaySection = ctx.config
     data = RunData(ctx.inputs["data"])
+    seen, filter_reason = seen_filter(data)
+    filter_seen = seen is not None
     test = data.split_impressions("test")
     frame = requests_frame(test, data.context_names)
     if c.max_requests is not None and len(frame) > c.max_requests:
@@ -30,10 +39,10 @@ def run(ctx: StepContext) -> StepResult:
     requests = to_requests(frame, data.context_names)
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     ranker = teacher if c.ranker == "teacher" else load_ranker(ctx.inputs["students"] / "rank_student", data.spec)
-    # the reference list: the teacher's top-50 (NDCG's graded relevance), the top-k (teacher-recall@k) and the
-    # top-K of every K of the recall curves (teacher-recall@K for each K)
-    ref_len = max([50, c.k] + curve_ks(c, len(data.item_ids)))
-    t_top, _ = teacher_top_over_corpus(teacher, data, requests, ref_len, progress=ctx.progress)
+    # the teacher's top list over the corpus: the grades below use the first 50, the ceiling row every stage size,
+    # the teacher-recall@K curves the top-K of every K up to the retrieval stage's size
+    ref_len = max(50, c.n_retrieve)
+    t_top, _ = teacher_top_over_corpus(teacher, data, requests, ref_len, progress=ctx.progress, exclude_seen=seen)
     grades = np.select([np.arange(ref_len) < 5, np.arange(ref_len) < 10, np.arange(ref_len) < 20,
                         np.arange(ref_len) < 50],
                        [4.0, 3.0, 2.0, 1.0], 0.0)
@@ -61,10 +70,10 @@ def run(ctx: StepContext) -> StepResult:
         oracle_prob = true_prob
         _, best_p = world.oracle_topk(frame["user_id"].to_numpy(), hour, tab, c.k)
         oracle_best = best_p.sum(axis=1)
-    seen = None
-    if c.filter_seen:
-        hist = data.impressions[data.impressions.split != SPLIT_CODES["test"]]
-        seen = SeenFilter(hist.user_id.to_numpy(), hist.item_id.to_numpy())
+    is_rand = (test.groupby("request_id").is_rand.max().reindex(frame.request_id).to_numpy() == 1)
+    inp = ReplayInputs(requests, clicked, t_top, grades, is_rand if is_rand.any() else None, len(data.item_ids),
+                       oracle_prob, oracle_best)
+    sizes = {"retrieval": c.n_retrieve, "prerank": c.n_prerank, "rank": c.k}
     outputs, variants = [], {}
     for variant_dir in sorted(p for p in ctx.inputs["students"].iterdir() if (p / "retrieval").is_dir()):
         v = variant_dir.name
@@ -73,10 +82,9 @@ def run(ctx: StepContext) -> StepResult:
                                expect_model_hash=A.sha256_file(variant_dir / "retrieval" / "model.pt"),
                                expect_dim=retr.item_emb.shape[1], expect_metric="ip", omp_threads=1)
         casc = build_cascade(data, retr, pre, ranker, index, seen)
-        inp = ReplayInputs(requests, clicked, t_top, grades, oracle_prob, oracle_best)
-        rows, summary = replay_quality(casc, inp, c.n_retrieve, c.n_prerank, c.k, c.batch_size, c.filter_seen,
+        rows, summary = replay_quality(casc, inp, c.n_retrieve, c.n_prerank, c.k, c.batch_size, filter_seen,
                                        ctx.progress)
-        curves = recall_curves(casc, requests, t_top, c)
+        curves = recall_curves(casc, requests, t_top, c, filter_seen)
         lat1 = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=1,
                               max_requests=c.latency_requests)
         latb = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=c.batch_size)
@@ -96,12 +104,31 @@ def run(ctx: StepContext) -> StepResult:
         outputs.append(f"{v}_requests.parquet")
         variants[v] = {"quality": summary, "curves": curves, "latency_batch1": lat1, "latency_batched": latb,
                        "stage_auc": stage_auc,
-                       "sizes": {"retrieval": c.n_retrieve, "prerank": c.n_prerank, "rank": c.k},
+                       "sizes": sizes,
                        "latency_samples_ms": lat1.pop("samples_ms", None)}
-    A.write_json(ctx.out / "summary.json", variants)
+    references = {"teacher_corpus": {"quality": ranking_quality(t_top, inp, sizes, c.k), "sizes": sizes}}
+    baselines = {}
+    for name, ch in load_channels(ctx.inputs["channels"], data).items():
+        ranking = select_unseen(ch, requests, c.n_retrieve, seen)[0]
+        baselines[baseline_name(name, ch.params())] = {"quality": ranking_quality(ranking, inp, sizes, c.k),
+                                                       "sizes": sizes, "channel": name, "params": ch.params()}
+    summary = {"variants": variants, "references": references, "baselines": baselines,
+               "filter_seen": {"applied": filter_seen, "why": filter_reason}}
+    A.write_json(ctx.out / "summary.json", summary)
     outputs.append("summary.json")
-    head = {v: round(s["quality"]["rank_teacher_recall"], 4) for v, s in variants.items()}
-    return StepResult(outputs, {v: s["quality"] for v, s in variants.items()}, f"final teacher-recall@{c.k}: {head}")
+    everything = {**variants, **references, **baselines}
+    head = {v: round(s["quality"]["rank_click_recall"], 4) for v, s in everything.items()}
+    return StepResult(outputs, {v: s["quality"] for v, s in everything.items()},
+                      f"end-to-end click-recall@{c.k}: {head}")
+
+
+def baseline_name(channel: str, params: dict) -> str:
+    """A baseline's row name: the channel and the setting that was chosen for it ("popular (7 days)")."""
+    if channel == "popular":
+        return f"popular ({params['window_days']:g} days)"
+    if channel == "als":
+        return f"als ({params['factors']} factors)"
+    return channel
 
 
 def curve_ks(c: ReplaySection, n_items: int) -> list[int]:
@@ -109,19 +136,17 @@ def curve_ks(c: ReplaySection, n_items: int) -> list[int]:
     return [k for k in c.recall_ks if k <= min(c.n_retrieve, n_items)]
 
 
-def recall_curves(casc, requests, teacher_top: np.ndarray, c: ReplaySection) -> dict:
+def recall_curves(casc, requests, teacher_top: np.ndarray, c: ReplaySection, filter_seen: bool) -> dict:
     """Teacher-recall@K of each stage for every K of :func:`curve_ks` up to the stage's length, over all replayed
     requests: |the teacher's top-K over the corpus ∩ the stage's first K| / K, mean over requests. teacher_top:
     int64 [B, L >= max K], best first. {stage: {"k": [K], "teacher_recall": [mean]}}; the rank stage at K = c.k
     is the quality summary's final teacher-recall."""
     ks = curve_ks(c, teacher_top.shape[1])
-    if ks and teacher_top.shape[1] < max(ks):
-        raise ValueError(f"recall_curves: the teacher's top {teacher_top.shape[1]} is shorter than K = {max(ks)}")
     per_request: dict[str, dict[int, list[np.ndarray]]] = {}
     for s in range(0, len(requests), c.batch_size):
         idx = np.arange(s, min(s + c.batch_size, len(requests)))
         res = casc.recommend(requests.take(idx), c.n_retrieve, c.n_prerank, c.k, return_stages=True,
-                             filter_seen=c.filter_seen)
+                             filter_seen=filter_seen)
         for st, (items, _) in res.stages.items():
             for k in (k for k in ks if k <= items.shape[1]):
                 per_request.setdefault(st, {}).setdefault(k, []).append(

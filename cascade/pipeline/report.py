@@ -27,7 +27,7 @@ def run(ctx: StepContext) -> StepResult:
 def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) -> dict:
     """Assemble the report's input from a run folder's step manifests and artifacts."""
     run_dir = Path(run_dir)
-    steps = ("data", "teacher", "ranklog", "students", "index", "replay")
+    steps = ("data", "channels", "teacher", "ranklog", "students", "index", "replay")
     m = {s: A.read_manifest(run_dir / s, verify=False) for s in steps if (run_dir / s / A.MANIFEST).exists()}
     machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
                f"cuda {'yes' if torch.cuda.is_available() else 'no'}")
@@ -54,31 +54,104 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
                             "recall_vs_exact": (first.get("recall") or {}).get("recall_at_k"),
                             "operating_points": first.get("operating_points", []),
                             "operating_point": _operating_point(first)}
+    out["choices"] = choices(run_dir, m)
     if "replay" in m:
         summ = A.read_json(run_dir / "replay" / "summary.json")
-        casc = {}
-        for v, s in summ.items():
-            q = s["quality"]
-            stages = {}
-            for st in ("retrieval", "prerank", "rank"):
-                lat = s["latency_batch1"][f"{st}_ms"]
-                stages[st] = {"size": s["sizes"][st], "teacher_recall": q[f"{st}_teacher_recall"],
-                              "click_recall": q[f"{st}_click_recall"], "ndcg": q[f"{st}_ndcg"],
-                              "auc": s["stage_auc"][st]["auc"], "gauc": s["stage_auc"][st]["gauc"],
-                              "p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"], "p99_ms": lat["p99_ms"]}
-            e2e = s["latency_batch1"]["end_to_end_ms"]
-            casc[v] = {"stages": stages,
-                       "end_to_end": {**{k: e2e[k] for k in ("p50_ms", "p95_ms", "p99_ms")},
-                                      "requests_per_s_batch1": s["latency_batch1"]["requests_per_s"],
-                                      "requests_per_s_batched": s["latency_batched"]["requests_per_s"],
-                                      "batch_size": s["latency_batched"]["batch_size"]},
-                       "oracle": ({k: q[k] for k in ("oracle_clicks", "oracle_best",
-                                                     "oracle_ratio")} if "oracle_ratio" in q else None),
-                       "recall_curves": s["curves"], "latency_samples_ms": s.get("latency_samples_ms")}
-        out["cascades"] = casc
+        out["cascades"] = {v: _cascade_entry(s) for v, s in summ["variants"].items()}
+        out["outcomes"] = outcome_rows(summ, gate_flags(out["choices"]))
     if report_cfg is not None and report_cfg.ablation:
         out["ablation"] = A.read_json(report_cfg.ablation)
     return out
+
+
+STAGES = ("retrieval", "prerank", "rank")
+STAGE_KEYS = ("click_recall", "hit_rate", "click_ndcg", "teacher_recall", "teacher_ndcg")
+
+
+def _cascade_entry(s: dict) -> dict:
+    """One cascade variant of the replay summary in the report's ``cascades`` layout."""
+    q = s["quality"]
+    stages = {}
+    for st in STAGES:
+        lat = s["latency_batch1"][f"{st}_ms"]
+        stages[st] = {"size": s["sizes"][st], **{k: q.get(f"{st}_{k}") for k in STAGE_KEYS},
+                      "auc": s["stage_auc"][st]["auc"], "gauc": s["stage_auc"][st]["gauc"],
+                      "p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"], "p99_ms": lat["p99_ms"]}
+    e2e = s["latency_batch1"]["end_to_end_ms"]
+    return {"stages": stages,
+            "end_to_end": {**{k: e2e[k] for k in ("p50_ms", "p95_ms", "p99_ms")},
+                           "requests_per_s_batch1": s["latency_batch1"]["requests_per_s"],
+                           "requests_per_s_batched": s["latency_batched"]["requests_per_s"],
+                           "batch_size": s["latency_batched"]["batch_size"]},
+            "oracle": ({k: q[k] for k in ("oracle_clicks", "oracle_best", "oracle_ratio")}
+                       if "oracle_ratio" in q else None),
+            "recall_curves": s["curves"], "latency_samples_ms": s.get("latency_samples_ms")}
+
+
+def choices(run_dir: Path, manifests: dict) -> dict:
+    """What the run chose on validation, and on what: the seen-item filter, the channels' settings, the teacher's
+    exposure weight, the students' distillation scales and the teacher-quality gates."""
+    out: dict[str, Any] = {}
+    if "data" in manifests:
+        out["filter_seen"] = A.read_json(run_dir / "data" / "summary.json")["summary"].get("filter_seen")
+    if "channels" in manifests:
+        mc = manifests["channels"]["metrics"]
+        out["channels"] = {k: v for k, v in mc.items()}
+    if "teacher" in manifests:
+        out["entire_space"] = manifests["teacher"]["metrics"].get("entire_space")
+    if (run_dir / "students" / "selection.json").exists():
+        out["students"] = A.read_json(run_dir / "students" / "selection.json")
+    return out
+
+
+def gate_flags(choices: dict) -> list[str]:
+    """Headline warnings where the teacher was not better than the ground-truth-only student on validation."""
+    flags = []
+    sel = choices.get("students") or {}
+    for stage in ("retrieval", "prerank"):
+        g = (sel.get(stage) or {}).get("gate")
+        if g and not g["teacher_better"]:
+            flags.append(f"The teacher is not better than the ground-truth-only {stage} student on validation "
+                         f"(click-recall@{sel[stage]['size']} {g['teacher']:.3f} vs {g['ground_truth_student']:.3f}; "
+                         f"gain {g['gain']:+.3f}, one standard error {g['standard_error']:.3f}): distilling it "
+                         "can only copy a ranking no better than the clicks give.")
+    g = (sel.get("rank_student") or {}).get("gate")
+    if g and not g["teacher_better"]:
+        flags.append(f"The teacher's validation AUC ({g['teacher_valid_auc']:.4f}) is not above the plain rank "
+                     f"student's ({g['plain_student_valid_auc']:.4f}).")
+    return flags
+
+
+def outcome_rows(summary: dict, extra_flags: list[str] | None = None) -> dict:
+    """The report's outcome table: one row per cascade variant, reference (the teacher's own ranking of the
+    corpus) and baseline, with the end-to-end click metrics at K, the click-recall kept at each stage size, the
+    random-slice numbers, oracle clicks, agreement with the teacher and the diversity of the final lists; and the
+    flags that a reader must see first (a cascade that loses to most-popular)."""
+    kinds = {"variants": "cascade", "references": "reference", "baselines": "baseline"}
+    rows = []
+    for group, kind in kinds.items():
+        for name, s in (summary.get(group) or {}).items():
+            q = s["quality"]
+            row = {"name": name, "kind": kind, "k": s["sizes"]["rank"],
+                   **{k: q.get(f"rank_{k}") for k in STAGE_KEYS},
+                   **{f"{k}_rand": q.get(f"rank_{k}_rand") for k in ("click_recall", "hit_rate")},
+                   **{f"{st}_click_recall": q.get(f"{st}_click_recall") for st in ("retrieval", "prerank")},
+                   **{f"{st}_size": s["sizes"][st] for st in ("retrieval", "prerank")},
+                   **{k: q.get(k) for k in ("oracle_clicks", "oracle_ratio", "final_distinct", "final_coverage",
+                                            "final_top_share", "n_requests_with_clicks", "n_rand_requests")}}
+            rows.append(row)
+    flags = []
+    popular = [r for r in rows if r["kind"] == "baseline" and r["name"].startswith("popular")]
+    for r in rows:
+        if r["kind"] != "cascade":
+            continue
+        for p in popular:
+            mine, theirs = r["click_recall"], p["click_recall"]
+            if mine is not None and theirs is not None and mine < theirs:
+                flags.append(f"The {r['name']} cascade finds fewer of the test clicks than {p['name']} "
+                             f"(click-recall@{r['k']} {r['click_recall']:.3f} < {p['click_recall']:.3f}).")
+    return {"rows": rows, "flags": flags + list(extra_flags or []),
+            "filter_seen": summary.get("filter_seen")}
 
 
 def _operating_point(index_metrics: dict) -> dict | None:

@@ -1,4 +1,4 @@
-"""The pipeline: data -> teacher -> ranklog -> students -> index -> replay -> report.
+"""The pipeline: data -> channels -> teacher -> ranklog -> students -> index -> replay -> report.
 
 Each step is a function of a :class:`~cascade.pipeline.runner.StepContext` (one module per step in this
 package) that writes into its own folder ``runs/<run>/<step>/`` and returns its outputs and headline metrics;
@@ -14,19 +14,27 @@ import torch
 
 from .. import artifacts as A
 from ..config import ABSENT, ConfigError, config_diff, config_get, format_diff, to_dict
-from . import data, index, ranklog, replay, report, students, teacher
+from . import channels, data, index, ranklog, replay, report, students, teacher
 from .config import NOT_COMPARED, PipelineConfig, with_run_device
 from .runner import Step, run_steps
 from .tracking import Trackers
 
+
+def students_slice(c: PipelineConfig) -> dict:
+    """The students step's config: its section, and the stage sizes its choices are judged at (the replay's)."""
+    return {"students": c.students, "select_at": {"retrieval": c.replay.n_retrieve, "prerank": c.replay.n_prerank}}
+
+
 STEPS = [
     Step("data", (), lambda c: c.data, data.run),
+    Step("channels", ("data",), lambda c: c.channels, channels.run),
     Step("teacher", ("data",), lambda c: c.teacher, teacher.run),
     Step("ranklog", ("data", "teacher"), lambda c: c.ranklog, ranklog.run),
-    Step("students", ("data", "teacher", "ranklog"), lambda c: c.students, students.run),
+    Step("students", ("data", "teacher", "ranklog"), lambda c: students_slice(c), students.run),
     Step("index", ("data", "students"), lambda c: c.index, index.run),
-    Step("replay", ("data", "teacher", "students", "index"), lambda c: c.replay, replay.run),
-    Step("report", ("data", "teacher", "ranklog", "students", "index", "replay"), lambda c: c.report, report.run),
+    Step("replay", ("data", "channels", "teacher", "students", "index"), lambda c: c.replay, replay.run),
+    Step("report", ("data", "channels", "teacher", "ranklog", "students", "index", "replay"), lambda c: c.report,
+         report.run),
 ]
 
 

@@ -18,6 +18,7 @@ from ..config import ConfigError, config_diff, config_get
 from ..eval.report.blocks import format_value, markdown_table
 from ..eval.report.compare import write_comparison
 from .config import NOT_COMPARED
+from .run import STEPS
 
 CONFIG = "config.json"
 
@@ -64,7 +65,7 @@ def run_facts(run_dir: Path) -> dict[str, Any]:
             "steps": [s for s in _STEPS if s in manifests]}
 
 
-_STEPS = ("data", "teacher", "ranklog", "students", "index", "replay", "report")
+_STEPS = tuple(s.name for s in STEPS)
 
 
 def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
@@ -75,7 +76,7 @@ def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     summary_path = run_dir / "replay" / "summary.json"
     if summary_path.is_file():
-        for variant, s in A.read_json(summary_path).items():
+        for variant, s in A.read_json(summary_path)["variants"].items():
             q, k = s.get("quality", {}), s.get("sizes", {}).get("rank")
             out += [{"metric": f"{variant}: final teacher-recall@{k}", "key": "teacher_recall",
                      "value": q.get("rank_teacher_recall")},

@@ -1,33 +1,54 @@
-"""The students step: two-tower pre-rank / retrieval students (distilled and ground-truth-only) and the rank
-students."""
+"""The students step: two-tower pre-rank / retrieval students and the rank student, their distillation chosen on
+validation outcomes.
+
+Every student learns from the clicks (its ground-truth terms) plus distillation from the teacher scaled by one
+number. With ``students.distill = "auto"`` each tower is trained at every scale of ``distill_grid`` (0 included:
+the ground-truth-only student) and the scale whose tower keeps most validation clicks at its stage size
+(click-recall@N1 for retrieval, @N2 for pre-rank, over the whole corpus, on the validation judge of
+:mod:`cascade.pipeline.judge`) is served as the ``distilled`` variant; scale 0 is saved as ``ground_truth`` for the
+comparison. The rank student's distillation scale is chosen the same way by validation AUC.
+
+The teacher-quality gate: at each tower's size, the teacher's own top list over the corpus is compared with the
+ground-truth-only tower on the same validation requests; the teacher counts as better only when the mean per-request
+gain in click-recall exceeds one standard error of it (paired over requests). When it is not, distillation can only
+copy a ranking no better than the clicks give, and the report says so in its headline.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
+from scipy.stats import rankdata
 
 from .. import artifacts as A
+from ..arrays import topk_rows
 from ..config import to_dict
+from ..data.requests import Requests
 from ..distill.ranklog import RankLog
+from ..eval.metrics import auc
 from ..models.ranker import Ranker
-from ..models.two_tower import build_two_tower
-from ..run_data import RunData, load_ranker
-from ..train.joint import DistilledStudent, JointRanker, joint_loss, pfd_configs, teacher_first_loss
-from ..train.loop import evaluate, fit
-from ..train.students import ClickLists, evaluate_on_log, train_student
+from ..models.two_tower import build_two_tower, item_embeddings
+from ..run_data import RunData, Towers, load_ranker
+from ..serve.replay import teacher_top_over_corpus
+from ..train.joint import DistillConfig, DistilledStudent, JointRanker, joint_loss, pfd_configs, teacher_first_loss
+from ..train.loop import evaluate, fit, predict
+from ..train.students import ClickLists, evaluate_on_log, is_ground_truth, train_student
 from .common import model_row, save_ranker, seeded, with_seed
 from .config import StudentsSection
+from .judge import Judge, validation_judge
 from .runner import StepContext, StepResult
 
 log = logging.getLogger(__name__)
 
+STAGES = ("prerank", "retrieval")
 CURVE_REQUESTS = 1000  # rank-log requests the two-tower students' training curves are measured on
 
 
-def click_lists(data, inputs, frame: pd.DataFrame):
+def click_lists(data, inputs, frame: pd.DataFrame) -> ClickLists:
     tr = data.split_impressions("train")
     imp = tr[tr.request_id.isin(frame.request_id)]
     return ClickLists.from_long(inputs.request_rows(imp["request_id"].to_numpy(np.int64)),
@@ -35,70 +56,197 @@ def click_lists(data, inputs, frame: pd.DataFrame):
                                 inputs.item_rows(imp["item_id"].to_numpy(np.int64)), imp["click"].to_numpy(np.float32))
 
 
-def run(ctx: StepContext) -> StepResult:
-    c: StudentsSection = ctx.config
-    data = RunData(ctx.inputs["data"])
+def trusted_requests(rank_log: RankLog, clicks: ClickLists, n_rows: int) -> np.ndarray:
+    """bool [n_rows] by request row: whether the teacher's logged list ordered the request's impressed items at
+    least as well as chance (AUC of its logits over the impressed items >= 0.5). Requests with clicks of one class
+    only (or not in the log) cannot be checked and are trusted."""
+    trusted = np.ones(n_rows, bool)
+    # the teacher's logit of each impressed item: look the (request row, item row) pairs up in the log
+    width = max(int(rank_log.items.max(initial=0)), int(clicks.items.max(initial=0))) + 1
+    log_keys = rank_log.request_rows[:, None] * width + rank_log.items
+    order = np.argsort(log_keys[rank_log.mask])
+    keys_sorted, logits_sorted = log_keys[rank_log.mask][order], rank_log.logits[rank_log.mask][order]
+    keys = clicks.request_rows[:, None] * width + clicks.items
+    pos = np.minimum(np.searchsorted(keys_sorted, keys), max(len(keys_sorted) - 1, 0))
+    found = clicks.mask & (keys_sorted[pos] == keys) if len(keys_sorted) else np.zeros(keys.shape, bool)
+    logit = np.where(found, logits_sorted[pos] if len(keys_sorted) else 0.0, np.nan)
+    y = clicks.labels > 0
+    # per-request AUC from average ranks among the request's found items (the others rank last): Mann-Whitney U
+    ranks = rankdata(np.where(found, logit, np.inf), axis=1, method="average")
+    n_pos, n_neg = (found & y).sum(1), (found & ~y).sum(1)
+    u = np.where(found & y, ranks, 0.0).sum(1) - n_pos * (n_pos + 1) / 2.0
+    checkable = (n_pos > 0) & (n_neg > 0)
+    trusted[clicks.request_rows[checkable]] = u[checkable] / (n_pos[checkable] * n_neg[checkable]) >= 0.5
+    return trusted
+
+
+class _ExactTowers:
+    """A trained tower pair as an exact retrieval stage over the corpus (for validation)."""
+
+    def __init__(self, towers: Towers, data: RunData) -> None:
+        self.towers, self.data = towers, data
+        self.n_real = len(data.item_ids)  # the last item row is the OOV row
+
+    def select(self, requests: Requests, candidates, n: int) -> tuple[np.ndarray, np.ndarray]:
+        u = self.towers.user_embed(self.data, requests)
+        scores = u @ self.towers.item_emb[: self.n_real].T
+        ids = np.broadcast_to(self.towers.inputs.item_ids[: self.n_real], scores.shape)
+        return topk_rows(scores, ids, n)
+
+
+def _tower_recall(model, inputs, data: RunData, judge: Judge, n: int) -> np.ndarray:
+    model.eval()
+    towers = Towers(model, inputs, item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num))
+    return judge.recall(judge.lists(_ExactTowers(towers, data), n), n)
+
+
+def grid_search(scales, train: Callable[[float], object], score: Callable[[object], float]) -> tuple[float, list, dict]:
+    """Train at every distillation scale and keep the best: (the scale with the highest ``score`` (ties: the
+    smallest scale), [{"scale", "score"}] in scale order, {scale: model})."""
+    table, models = [], {}
+    for scale in sorted(scales):
+        models[scale] = train(scale)
+        table.append({"scale": scale, "score": float(score(models[scale]))})
+    best = max(table, key=lambda row: row["score"])["scale"]  # max keeps the first of equals: the smallest scale
+    return best, table, models
+
+
+def teacher_gate(teacher: np.ndarray, student: np.ndarray) -> dict:
+    """Paired comparison of per-request validation click-recall (float [R], nan = no click): the teacher is better
+    when its mean gain over the ground-truth-only student exceeds one standard error of the gain."""
+    d = teacher - student
+    d = d[np.isfinite(d)]
+    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
+    gain = float(d.mean()) if len(d) else float("nan")
+    return {"teacher": float(np.nanmean(teacher)), "ground_truth_student": float(np.nanmean(student)),
+            "gain": gain, "standard_error": se, "teacher_better": bool(len(d) > 1 and gain > se)}
+
+
+def _scaled(cfg: DistillConfig, scale: float) -> DistillConfig:
+    """``cfg`` with every distillation weight (KD, hint, CR, RCR, PFD lambda) multiplied by ``scale``."""
+    pfd = None if cfg.pfd_lambda is None else min(1.0, cfg.pfd_lambda * scale)
+    return dataclasses.replace(cfg, w_kd=cfg.w_kd * scale, w_hint=cfg.w_hint * scale, w_cr=cfg.w_cr * scale,
+                               w_rcr=cfg.w_rcr * scale, pfd_lambda=pfd)
+
+
+def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunData, judge: Judge) -> tuple:
+    """Train every tower of the grid; save the chosen / ground-truth / fixed variants; return outputs and metrics."""
     frame = pd.read_parquet(ctx.inputs["ranklog"] / "requests.parquet")
     inputs = data.tower_inputs(frame)
-    log_ = RankLog(ctx.inputs["ranklog"] / "log")
+    rank_log = RankLog(ctx.inputs["ranklog"] / "log")
     clicks = click_lists(data, inputs, frame)
-    outputs, metrics, rows = [], {}, []
-    # a fixed sample of the rank log that every two-tower student is evaluated on after each epoch (the training
-    # curves: in-sample for the distilled students, the teacher's order they never saw for the ground-truth ones)
-    curve_log = log_.subset(np.random.default_rng(ctx.seed).permutation(len(log_))[:CURVE_REQUESTS])
-    variants = {"distilled": (c.prerank, c.retrieval)}
-    if c.compare_ground_truth:
-        variants["ground_truth"] = (c.prerank_gt, c.retrieval_gt)
-    for variant, (pre_cfg, ret_cfg) in variants.items():
-        for stage, scfg in (("prerank", pre_cfg), ("retrieval", ret_cfg)):
+    trusted = trusted_requests(rank_log, clicks, len(frame)) if c.confidence else None
+    teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
+    t_lists, _ = teacher_top_over_corpus(teacher, data, judge.requests, max(sizes.values()), exclude_seen=judge.seen)
+    outputs, metrics = [], {"judge": judge.what}
+    # a fixed sample of the rank log every two-tower student is evaluated on after each epoch (its training curve:
+    # in-sample for a distilled student, the teacher's order it never trained on for a ground-truth one)
+    curve_log = rank_log.subset(np.random.default_rng(ctx.seed).permutation(len(rank_log))[:CURVE_REQUESTS])
+    if trusted is not None:
+        metrics["confidence"] = {"trusted_share": float(trusted[rank_log.request_rows].mean())}
+    for stage in STAGES:
+        base, n = (c.prerank if stage == "prerank" else c.retrieval), sizes[stage]
+
+        def train(scale: float, base=base, n=n, stage=stage):
             towers = build_two_tower(inputs, c.tower, seed=ctx.seed)
-            scfg = dataclasses.replace(scfg, seed=ctx.seed, progress=ctx.progress)
-            hist = train_student(towers, inputs, log_, clicks, scfg, valid=curve_log, label=f"{variant} {stage}")
+            scfg = dataclasses.replace(base, seed=ctx.seed, progress=ctx.progress, distill_scale=scale)
+            needs_log = any(scfg.weight(t) and not is_ground_truth(scfg, t) for t in scfg.loss_weights)
+            hist = train_student(towers, inputs, rank_log if needs_log else None, clicks, scfg, trusted=trusted,
+                                 valid=curve_log, label=f"{stage} student, distillation scale {scale:g}")
+            return towers, hist, _tower_recall(towers, inputs, data, judge, n)
+
+        best, table, models = grid_search(c.scales(), train, lambda m: np.nanmean(m[2]))
+        grid = [{"scale": row["scale"], f"valid_click_recall@{n}": row["score"],
+                 "teacher_agreement": evaluate_on_log(models[row["scale"]][0], inputs, rank_log, k=10)}
+                for row in table]
+        chosen = best if c.distill == "auto" else float(c.distill)
+        variants = {"distilled": chosen}
+        if c.compare_ground_truth:
+            variants["ground_truth"] = 0.0
+        if c.keep_fixed:
+            variants["fixed"] = 1.0
+        for variant, scale in variants.items():
+            towers, hist, _ = models[scale]
             d = ctx.out / variant / stage
             A.save_torch(d / "model.pt", towers.state_dict())
             A.write_json(d / "config.json", to_dict(c.tower))
             A.write_json(d / "history.json", hist)
             outputs += [f"{variant}/{stage}/{f}" for f in ("model.pt", "config.json", "history.json")]
-            ev = evaluate_on_log(towers, inputs, log_, k=10)
-            metrics[f"{variant}_{stage}"] = ev
-            log.info("students: %s %s on the logged lists: %s", variant, stage, ev)
-    # rank students: without distillation and distilled from the teacher (teacher-first)
+        gate = teacher_gate(judge.recall(t_lists, n), models[0.0][2]) if 0.0 in models else None
+        metrics[stage] = {"size": n, "grid": grid, "chosen_scale": chosen, "variants": variants, "gate": gate}
+        log.info("students: %s scale %s chosen (%s); teacher gate %s", stage, chosen, grid, gate)
+    return outputs, metrics
+
+
+def _train_rank_students(ctx: StepContext, c: StudentsSection, data: RunData) -> tuple[list[str], list[dict], dict]:
+    """The rank student at every scale of its grid, the one with the best validation AUC served."""
     train, valid, test = data.encoded("train"), data.encoded("valid"), data.encoded("test")
     if c.rank_student_max_rows is not None and len(train) > c.rank_student_max_rows:
         train = train.take(slice(len(train) - c.rank_student_max_rows, None))
     tcfg = with_seed(dataclasses.replace(c.rank_student_train, progress=ctx.progress), ctx.seed)
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec).to(tcfg.device)  # scores the student's batches
-    seeded(ctx.seed)
-    plain = Ranker(train.spec, c.rank_student)
-    plain_fit = fit(plain, train, valid, tcfg, label="rank student (no distillation)")
-    rows.append(model_row("rank student (no distillation)", "student", plain, evaluate(plain, test), train.spec))
-    seeded(ctx.seed)
-    pfd_rows = []  # PFD's own teacher, reported after the student it taught
-    if c.rank_distill.pfd_lambda is None:  # teacher-first: from the frozen teacher of the teacher step
-        distilled = DistilledStudent(Ranker(train.spec, c.rank_student), teacher_hidden_dim=None, seed=ctx.seed)
-        served_fit = fit(distilled, train, valid, tcfg, loss_fn=teacher_first_loss(teacher, c.rank_distill),
-                         label="rank student (distilled)")
-        served, name = distilled.student.eval(), "rank student (distilled)"
-    else:  # PFD: its own privileged teacher, trained synchronously with the student
-        side = c.rank_pfd_side
-        if not (train.spec.cat_index(side) or train.spec.num_index(side)):
-            raise ValueError(f"students.rank_distill.pfd_lambda is set (PFD), but the data have no column on the "
-                             f"{side!r} side (students.rank_pfd_side); sides with columns: "
-                             f"{sorted(set(train.spec.cat_sides + train.spec.num_sides))}")
-        joint = JointRanker(train.spec, *pfd_configs(c.rank_student, "pfd", pfd_side=side),
-                            private_student_columns=c.rank_pfd_private_columns, seed=ctx.seed)
-        served_fit = fit(joint, train, valid, tcfg, loss_fn=joint_loss(c.rank_distill), label="rank student (PFD)")
-        served = joint.export_student().eval()
-        name = f"rank student (distilled, PFD on the {side} side)"
-        pfd_rows.append(model_row(f"its PFD teacher (also reads the {side} side; not served)", "pfd_teacher",
-                                  joint.teacher, evaluate(joint.teacher, test), train.spec))
-    rows += [model_row(name, "student", served, evaluate(served, test), train.spec)] + pfd_rows
-    outputs += save_ranker(served, c.rank_student, ctx.out / "rank_student")
-    A.write_json(ctx.out / "rank_student" / "history.json", served_fit.history)
-    A.write_json(ctx.out / "rank_student" / "history_no_distillation.json", plain_fit.history)
+    pfd = c.rank_distill.pfd_lambda is not None
+    side = c.rank_pfd_side
+    if pfd and not (train.spec.cat_index(side) or train.spec.num_index(side)):
+        raise ValueError(f"students.rank_distill.pfd_lambda is set (PFD), but the data have no column on the "
+                         f"{side!r} side (students.rank_pfd_side); sides with columns: "
+                         f"{sorted(set(train.spec.cat_sides + train.spec.num_sides))}")
+
+    def train_one(scale: float):
+        seeded(ctx.seed)
+        dcfg = _scaled(c.rank_distill, scale)
+        extra = None
+        label = f"rank student, distillation scale {scale:g}"
+        if scale == 0:  # no distillation: the plain student on clicks
+            model = Ranker(train.spec, c.rank_student)
+            res = fit(model, train, valid, tcfg, label=label)
+        elif not pfd:  # teacher-first: from the frozen teacher of the teacher step
+            distilled = DistilledStudent(Ranker(train.spec, c.rank_student), teacher_hidden_dim=None, seed=ctx.seed)
+            res = fit(distilled, train, valid, tcfg, loss_fn=teacher_first_loss(teacher, dcfg), label=label)
+            model = distilled.student
+        else:  # PFD: its own privileged teacher, trained synchronously with the student
+            joint = JointRanker(train.spec, *pfd_configs(c.rank_student, "pfd", pfd_side=side),
+                                private_student_columns=c.rank_pfd_private_columns, seed=ctx.seed)
+            res = fit(joint, train, valid, tcfg, loss_fn=joint_loss(dcfg), label=label)
+            model, extra = joint.export_student(), joint.teacher
+        return model.eval(), extra, res.history
+
+    best, table, trained = grid_search(c.rank_scales(), train_one,
+                                       lambda m: auc(valid.label, predict(m[0], valid)))
+    grid = [{"scale": row["scale"], "valid_auc": row["score"]} for row in table]
+    chosen = best if c.rank_distill_scale == "auto" else float(c.rank_distill_scale)
+    plain, _, plain_history = trained[0.0]
+    served, pfd_teacher, served_history = trained[chosen]
+    how = "PFD" if pfd else "logit KD" if c.rank_distill.kd_loss == "mse" else c.rank_distill.kd_loss
+    rows = [model_row("rank student (no distillation)", "student", plain, evaluate(plain, test), train.spec),
+            model_row(f"rank student (served: {how} at scale {chosen:g}"
+                      f"{', chosen on validation AUC' if c.rank_distill_scale == 'auto' else ''})", "student",
+                      served, evaluate(served, test), train.spec)]
+    if pfd_teacher is not None:
+        rows.append(model_row(f"its PFD teacher (also reads the {side} side; not served)", "pfd_teacher",
+                              pfd_teacher, evaluate(pfd_teacher, test), train.spec))
+    gate = {"teacher_valid_auc": auc(valid.label, predict(teacher, valid)),
+            "plain_student_valid_auc": grid[[g["scale"] for g in grid].index(0.0)]["valid_auc"]}
+    gate["teacher_better"] = bool(gate["teacher_valid_auc"] > gate["plain_student_valid_auc"])
+    outputs = save_ranker(served, c.rank_student, ctx.out / "rank_student")
+    A.write_json(ctx.out / "rank_student" / "history.json", served_history)
+    A.write_json(ctx.out / "rank_student" / "history_no_distillation.json", plain_history)
     outputs += ["rank_student/history.json", "rank_student/history_no_distillation.json"]
+    return outputs, rows, {"grid": grid, "chosen_scale": chosen, "gate": gate}
+
+
+def run(ctx: StepContext) -> StepResult:
+    c: StudentsSection = ctx.config["students"]
+    sizes: dict = ctx.config["select_at"]
+    data = RunData(ctx.inputs["data"])
+    judge = validation_judge(data, c.select_requests, ctx.seed)
+    outputs, metrics = _train_towers(ctx, c, sizes, data, judge)
+    rank_outputs, rows, metrics["rank_student"] = _train_rank_students(ctx, c, data)
+    outputs += rank_outputs
     A.write_json(ctx.out / "models.json", rows)
-    outputs.append("models.json")
+    A.write_json(ctx.out / "selection.json", metrics)
+    outputs += ["models.json", "selection.json"]
     metrics["models"] = rows
-    return StepResult(outputs, metrics, "students trained: " + ", ".join(f"{k} {v['teacher_recall@10']:.3f}"
-                                                                         for k, v in metrics.items() if k != "models"))
+    summary = ", ".join(f"{st} scale {metrics[st]['chosen_scale']:g}" for st in STAGES)
+    return StepResult(outputs, metrics, f"distillation chosen on validation: {summary}, rank student scale "
+                      f"{metrics['rank_student']['chosen_scale']:g}")

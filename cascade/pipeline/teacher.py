@@ -1,16 +1,26 @@
-"""The teacher step: the ranking teacher (early-stopped on valid AUC) and the LightGBM baseline."""
+"""The teacher step: the ranking teacher (early-stopped on valid AUC) and the LightGBM baseline.
+
+With ``teacher.entire_space`` on (the default), the teacher is an entire-space ranker: a click model and an
+exposure model trained on the impressions plus sampled unshown items, the exposure weight of its corpus-wide
+ranking chosen by validation click-recall over the whole corpus (cascade/train/entire_space.py).
+"""
 
 from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from .. import artifacts as A
+from ..models.entire_space import EntireSpaceRanker
 from ..models.gbdt import GBDTRanker
 from ..models.ranker import Ranker
 from ..run_data import RunData
+from ..train.entire_space import choose_exposure_weight, entire_space_loss, entire_space_table
 from ..train.loop import evaluate, fit, score_metrics
 from .common import model_row, save_ranker, seeded, with_seed
 from .config import TeacherSection
+from .judge import validation_judge
 from .runner import StepContext, StepResult
 
 
@@ -19,14 +29,30 @@ def run(ctx: StepContext) -> StepResult:
     data = RunData(ctx.inputs["data"])
     train, valid, test = data.encoded("train"), data.encoded("valid"), data.encoded("test")
     seeded(ctx.seed)
-    model = Ranker(train.spec, c.model)
-    res = fit(model, train, valid, with_seed(dataclasses.replace(c.train, progress=ctx.progress), ctx.seed),
-              label="teacher")
-    model.eval()
+    tcfg = with_seed(dataclasses.replace(c.train, progress=ctx.progress), ctx.seed)
+    es = c.entire_space
+    metrics = {}
+    if es.enabled:
+        model = EntireSpaceRanker(train.spec, c.model, seed=ctx.seed)
+        rng = np.random.default_rng(ctx.seed)
+        table = entire_space_table(data, "train", es.unshown_per_shown, es.popularity_share, rng)
+        res = fit(model, table, valid, tcfg, loss_fn=entire_space_loss(es.w_exposure), label="teacher")
+        model.cpu()  # trained on run.device; the corpus scoring below and every later step read it on the CPU
+        judge = validation_judge(data, es.select_requests, ctx.seed)
+        choice, grid = choose_exposure_weight(model, data, judge.requests, judge.clicked, es.exposure_weights,
+                                              es.select_k, judge.seen)
+        metrics["entire_space"] = {"exposure_weight": choice, "grid": grid, "judge": judge.what,
+                                   "train_rows": {"shown": int(len(train)), "unshown": int(len(table) - len(train))}}
+        name = f"teacher ({c.model.backbone}, entire space: exposure weight {choice:g})"
+    else:
+        model = Ranker(train.spec, c.model)
+        res = fit(model, train, valid, tcfg, label="teacher")
+        name = f"teacher ({c.model.backbone})"
+    model.cpu().eval()
     outputs = save_ranker(model, c.model, ctx.out / "teacher")
     A.write_json(ctx.out / "history.json", res.history)  # per evaluation: train loss terms, valid metrics
     outputs.append("history.json")
-    rows = [model_row(f"teacher ({c.model.backbone})", "teacher", model, evaluate(model, test), train.spec)]
+    rows = [model_row(name, "teacher", model, evaluate(model, test), train.spec)]
     if c.lightgbm:
         gb_train = train if c.lightgbm_max_rows is None else train.take(slice(max(0, len(train) - c.lightgbm_max_rows),
                                                                               None))
@@ -38,5 +64,5 @@ def run(ctx: StepContext) -> StepResult:
         outputs.append("lightgbm.txt")
     A.write_json(ctx.out / "models.json", rows)
     outputs.append("models.json")
-    return StepResult(outputs, {"models": rows, "best_valid_auc": res.best_valid_auc},
+    return StepResult(outputs, {"models": rows, "best_valid_auc": res.best_valid_auc, **metrics},
                       f"teacher test AUC {rows[0].get('auc', float('nan')):.4f}")

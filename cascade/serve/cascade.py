@@ -26,6 +26,7 @@ import torch
 
 from .. import artifacts as A
 from ..arrays import PAD, topk_rows
+from ..data.history import EventHistory
 from ..data.requests import Requests
 from ..index.faiss_index import ItemIndex
 from ..models.scoring import ranker_scorer
@@ -34,28 +35,6 @@ from ..run_data import RunData, Towers, load_ranker, load_towers
 
 class Stage(Protocol):
     def select(self, requests: Requests, candidates: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]: ...
-
-
-class SeenFilter:
-    """Items each user was already exposed to, as sorted int64 keys user_row * n + item_row (no per-row Python).
-
-    user_ids, item_ids: int64 [E] exposure pairs (any order, duplicates allowed).
-    """
-
-    def __init__(self, user_ids: np.ndarray, item_ids: np.ndarray):
-        self.keys_ = np.unique(_pair_key(np.asarray(user_ids, np.int64), np.asarray(item_ids, np.int64)))
-
-    def mask(self, user_ids: np.ndarray, items: np.ndarray) -> np.ndarray:
-        """bool [B, N]: True where items[b, j] was seen by user_ids[b]."""
-        keys = _pair_key(np.broadcast_to(np.asarray(user_ids, np.int64)[:, None], items.shape), items)
-        pos = np.searchsorted(self.keys_, keys)
-        pos = np.minimum(pos, len(self.keys_) - 1) if len(self.keys_) else pos
-        return (items != PAD) & (len(self.keys_) > 0) & (self.keys_[pos] == keys if len(self.keys_) else False)
-
-
-def _pair_key(u: np.ndarray, i: np.ndarray) -> np.ndarray:
-    # Cantor-free packing: ids fit in 32 bits in every supported source (checked by the caller's encoders).
-    return (u.astype(np.int64) << 32) | (i.astype(np.int64) & 0xFFFFFFFF)
 
 
 class Retriever:
@@ -91,6 +70,22 @@ class PairScorer:
         return topk_rows(s, candidates, k)
 
 
+MAX_OVERFETCH = 4  # filtering fetches at most (1 + this) x n items from a retriever
+
+
+def select_unseen(stage: Stage, requests: Requests, n: int, seen: EventHistory | None) -> tuple[np.ndarray, np.ndarray]:
+    """``stage.select(requests, None, n)``, without the items each user was shown strictly before the request when
+    ``seen`` is given: over-fetch by what the users saw (at most MAX_OVERFETCH x n more), drop the seen items,
+    keep the best n, so filtering does not shrink the list."""
+    if seen is None:
+        return stage.select(requests, None, n)
+    lo, hi = seen.before(requests.user_id, requests.time_ms)
+    extra = min(int((hi - lo).max(initial=0)), MAX_OVERFETCH * n)
+    items, scores = stage.select(requests, None, n + extra)
+    items = np.where(seen.seen(requests.user_id, items, requests.time_ms), PAD, items)
+    return topk_rows(scores, items, n)
+
+
 @dataclass
 class CascadeResult:
     """items/scores: the final [B, k] lists; stages: stage -> (items, scores) when asked; timing_s: stage -> wall s;
@@ -104,11 +99,15 @@ class CascadeResult:
 
 
 class Cascade:
-    """retrieval -> pre-rank -> rank. The ranker can be the teacher or the distilled rank student."""
+    """retrieval -> pre-rank -> rank. The ranker can be the teacher or the distilled rank student.
+
+    seen: the logged history of what users were shown (an :class:`EventHistory` of impressions); with
+    ``filter_seen=True`` an item the user was shown strictly before the request never reaches a list.
+    """
 
     STAGE_NAMES = ("retrieval", "prerank", "rank")
 
-    def __init__(self, retriever: Stage, preranker: Stage, ranker: Stage, seen: SeenFilter | None = None):
+    def __init__(self, retriever: Stage, preranker: Stage, ranker: Stage, seen: EventHistory | None = None):
         self.retriever, self.preranker, self.ranker, self.seen = retriever, preranker, ranker, seen
 
     def recommend(self, requests: Requests, n_retrieve: int, n_prerank: int, k: int,
@@ -117,7 +116,7 @@ class Cascade:
             raise ValueError(f"need 0 < k <= n_prerank <= n_retrieve, got k={k}, n_prerank={n_prerank}, "
                              f"n_retrieve={n_retrieve}")
         if filter_seen and self.seen is None:
-            raise ValueError("filter_seen=True but the cascade was built without a SeenFilter")
+            raise ValueError("filter_seen=True but the cascade was built without the seen history")
         b = len(requests)
         errors = requests.validity()
         ok = np.array([e is None for e in errors], dtype=bool)
@@ -129,13 +128,7 @@ class Cascade:
             req = requests.take(np.flatnonzero(ok))
             req.user_id = req.user_id.astype(np.int64)
             t0 = time.perf_counter()
-            if filter_seen:
-                # Over-fetch, drop seen items, keep the best n_retrieve: filtering must not shrink the list.
-                ri, rs = self.retriever.select(req, None, 2 * n_retrieve)
-                ri = np.where(self.seen.mask(req.user_id, ri), PAD, ri)
-                ri, rs = topk_rows(rs, ri, n_retrieve)
-            else:
-                ri, rs = self.retriever.select(req, None, n_retrieve)
+            ri, rs = select_unseen(self.retriever, req, n_retrieve, self.seen if filter_seen else None)
             t1 = time.perf_counter()
             pi, ps = self.preranker.select(req, ri, n_prerank)
             t2 = time.perf_counter()
@@ -157,7 +150,7 @@ class Cascade:
 
 
 def build_cascade(data: RunData, retrieval: Towers, prerank: Towers, ranker: torch.nn.Module, index,
-                  seen: SeenFilter | None = None) -> Cascade:
+                  seen: EventHistory | None = None) -> Cascade:
     """retrieval tower + index -> pre-rank tower -> ranker (teacher or distilled student)."""
     return Cascade(Retriever(lambda r: retrieval.user_embed(data, r), index), PairScorer(prerank.scorer(data)),
                    PairScorer(ranker_scorer(ranker, data)), seen)

@@ -1,16 +1,21 @@
 """Request replay: push the test-period requests through the cascade in time order and measure every stage.
 
-Quality, per request r and stage output S_r (retrieval N1, pre-rank N2, final K):
+Outcomes first. Per request r with held-out clicked items G_r and a stage's output S_r (retrieval N1, pre-rank
+N2, final K), :func:`list_quality` measures:
 
-- teacher-recall@K = |T_r ∩ S_r| / K with T_r the teacher's top-K over the whole corpus;
-- click-recall = |G_r ∩ S_r| / |G_r| with G_r the clicked items of the request (requests with clicks only);
-- NDCG@K of the stage's first K items against the teacher's graded relevance (rank buckets of the teacher's
-  top list over the whole corpus);
-- on the synthetic world, the oracle expected clicks of the final list under the true click probability and its
-  ratio to the oracle top-K.
+- click-recall = |G_r ∩ S_r| / |G_r| and HitRate (any click kept), over the whole stage output;
+- click-NDCG@K: NDCG of the stage's first K items against the clicks (binary relevance);
+- teacher-recall@K = |T_r ∩ S_r| / K with T_r the teacher's top-K over the whole corpus, and teacher-NDCG@K
+  against the teacher's graded relevance: agreement with the ranker (a diagnostic: worth as much as the teacher);
+- on the synthetic world, the oracle expected clicks of the final list (true click probabilities) and its ratio
+  to the oracle's own top-K.
+
+Means over requests with clicks, and the same over the random-exposure requests (``*_rand``: the unbiased slice,
+where the data has one); diversity of the final lists (distinct items, catalogue coverage, share of the 10 most
+frequent items). :func:`replay_quality` measures a cascade stage by stage; :func:`ranking_quality` measures one
+ranking of the whole corpus (a baseline, or the teacher's own top list: the cascade's ceiling) at the same sizes.
 
 Latency: batch 1 (per-request p50 / p95 / p99, per stage and end to end) and batched throughput (requests/s).
-
 :func:`teacher_top_over_corpus` gives the reference lists T_r: the ranker's top-K over the whole corpus.
 """
 
@@ -26,13 +31,15 @@ import torch
 from tqdm.auto import tqdm
 
 from ..arrays import PAD, topk_rows
+from ..data.history import EventHistory
 from ..data.requests import Requests
-from ..eval.metrics import click_recall, latency_summary, ndcg_at_k, recall_at_k
+from ..eval.metrics import click_ndcg, click_recall, hit_rate, latency_summary, list_diversity, ndcg_at_k, recall_at_k
 from ..models.scoring import ranker_scorer
 from ..run_data import RunData
 from .cascade import Cascade
 
 STAGES = ("retrieval", "prerank", "rank")
+RAND_METRICS = ("click_recall", "hit_rate", "click_ndcg")  # also reported on the random-exposure requests
 
 
 @dataclass
@@ -40,6 +47,8 @@ class ReplayInputs:
     """requests: the test requests in time order (B). clicked: int64 [B, C] clicked item ids padded with -1.
     teacher_top: int64 [B, L] the teacher's best L items over the whole corpus, best first (L >= k).
     teacher_grades: float [B, L] graded relevance of teacher_top (e.g. rank buckets 4, 3, 2, 1).
+    is_rand: bool [B] requests of the random-exposure slice (None: the data has none).
+    n_items: the catalogue size (diversity's coverage).
     oracle_prob: optional f(requests, items [B, k]) -> true click probability [B, k] (the world only).
     oracle_best: optional [B] expected clicks of the oracle's own top-k list."""
 
@@ -47,35 +56,74 @@ class ReplayInputs:
     clicked: np.ndarray
     teacher_top: np.ndarray
     teacher_grades: np.ndarray
+    is_rand: np.ndarray | None = None
+    n_items: int = 0
     oracle_prob: Callable[[Requests, np.ndarray], np.ndarray] | None = None
     oracle_best: np.ndarray | None = None
+
+    def __post_init__(self) -> None:
+        b = len(self.requests)
+        for name in ("clicked", "teacher_top", "teacher_grades"):
+            if getattr(self, name).shape[0] != b:
+                raise ValueError(f"replay inputs disagree: {b} requests, {name} {getattr(self, name).shape}")
+        if self.is_rand is not None and self.is_rand.shape != (b,):
+            raise ValueError(f"replay inputs: is_rand has shape {self.is_rand.shape}, expected ({b},)")
+
+
+def list_quality(items: np.ndarray, inp: ReplayInputs, rows: np.ndarray, k: int) -> dict[str, np.ndarray]:
+    """Per-request quality [len(rows)] of the lists ``items`` [len(rows), N] of requests ``rows`` (see the module
+    docstring); k: the K of the @K metrics (the final list's length)."""
+    if inp.teacher_top.shape[1] < k:
+        raise ValueError(f"teacher_top has {inp.teacher_top.shape[1]} items per request, need >= k={k}")
+    clicked = inp.clicked[rows]
+    return {"click_recall": click_recall(clicked, items), "hit_rate": hit_rate(clicked, items),
+            "click_ndcg": click_ndcg(items, clicked, k),
+            "teacher_recall": recall_at_k(inp.teacher_top[rows, :k], items),
+            "teacher_ndcg": ndcg_at_k(items[:, :k], inp.teacher_top[rows], inp.teacher_grades[rows], k)}
+
+
+def _summary(rows: pd.DataFrame, final: np.ndarray, inp: ReplayInputs) -> dict:
+    """Means over requests of every per-request column (nan-aware: click metrics over requests with clicks),
+    random-slice means of the click metrics, oracle clicks and the diversity of the final lists."""
+    skip = ("request_id", "user_id", "time_ms", "final_items", "error")
+    out = {c: float(np.nanmean(rows[c])) if rows[c].notna().any() else float("nan")
+           for c in rows.columns if c not in skip}
+    if inp.is_rand is not None and inp.is_rand.any():
+        for c in rows.columns:
+            if c.split("_", 1)[-1] in RAND_METRICS:
+                v = rows[c].to_numpy()[inp.is_rand]
+                out[f"{c}_rand"] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
+        out["n_rand_requests"] = int(inp.is_rand.sum())
+    if inp.oracle_prob is not None:
+        p = inp.oracle_prob(inp.requests, final)
+        oc = np.where(final == PAD, 0.0, p).sum(axis=1)
+        out["oracle_clicks"] = float(oc.mean())
+        if inp.oracle_best is not None:
+            out["oracle_best"] = float(inp.oracle_best.mean())
+            out["oracle_ratio"] = float(np.mean(oc / np.maximum(inp.oracle_best, 1e-12)))
+    if inp.n_items:
+        out.update({f"final_{k}": v for k, v in list_diversity(final, inp.n_items).items()})
+    out["n_requests"] = len(rows)
+    out["n_requests_with_clicks"] = int((inp.clicked != PAD).any(axis=1).sum())
+    return out
 
 
 def replay_quality(cascade: Cascade, inp: ReplayInputs, n_retrieve: int, n_prerank: int, k: int,
                    batch_size: int = 256, filter_seen: bool = False,
                    progress: bool = False) -> tuple[pd.DataFrame, dict]:
-    """Per-request quality rows and their summary (means over requests)."""
+    """Per-request quality rows (``{stage}_{metric}`` columns, the final items) and their summary."""
     req = inp.requests
     b = len(req)
-    if inp.teacher_top.shape[0] != b or inp.clicked.shape[0] != b:
-        raise ValueError(f"replay inputs disagree: {b} requests, teacher_top {inp.teacher_top.shape}, "
-                         f"clicked {inp.clicked.shape}")
-    if inp.teacher_top.shape[1] < k:
-        raise ValueError(f"teacher_top has {inp.teacher_top.shape[1]} items per request, need >= k={k}")
-    ref = inp.teacher_top[:, :k]
     cols: dict[str, list[np.ndarray]] = {}
     finals = []
     bar = tqdm(range(0, b, batch_size), desc="replay quality", disable=not progress, leave=False)
     for s in bar:
         idx = np.arange(s, min(s + batch_size, b))
-        sub = req.take(idx)
-        res = cascade.recommend(sub, n_retrieve, n_prerank, k, return_stages=True, filter_seen=filter_seen)
+        res = cascade.recommend(req.take(idx), n_retrieve, n_prerank, k, return_stages=True, filter_seen=filter_seen)
         for name in STAGES:
             items = res.stages[name][0] if res.stages else np.full((len(idx), k), PAD)
-            cols.setdefault(f"{name}_teacher_recall", []).append(recall_at_k(ref[idx], items))
-            cols.setdefault(f"{name}_click_recall", []).append(click_recall(inp.clicked[idx], items))
-            cols.setdefault(f"{name}_ndcg", []).append(
-                ndcg_at_k(items[:, :k], inp.teacher_top[idx], inp.teacher_grades[idx], k))
+            for metric, v in list_quality(items, inp, idx, k).items():
+                cols.setdefault(f"{name}_{metric}", []).append(v)
         finals.append(res.items)
         if any(e is not None for e in res.errors):
             cols.setdefault("error", []).append(np.array([e or "" for e in res.errors], dtype=object))
@@ -84,16 +132,19 @@ def replay_quality(cascade: Cascade, inp: ReplayInputs, n_retrieve: int, n_prera
         rows[c] = np.concatenate(parts)
     final = np.concatenate(finals) if finals else np.zeros((0, k), np.int64)
     rows["final_items"] = list(final)  # a list column in parquet
-    if inp.oracle_prob is not None:
-        p = inp.oracle_prob(req, final)
-        rows["oracle_clicks"] = np.where(final == PAD, 0.0, p).sum(axis=1)
-        if inp.oracle_best is not None:
-            rows["oracle_best"] = inp.oracle_best
-            rows["oracle_ratio"] = rows["oracle_clicks"] / np.maximum(inp.oracle_best, 1e-12)
-    summary = {c: float(np.nanmean(rows[c])) for c in rows.columns
-               if c not in ("request_id", "user_id", "time_ms", "final_items", "error")}
-    summary["n_requests"] = int(b)
-    return rows, summary
+    return rows, _summary(rows, final, inp)
+
+
+def ranking_quality(ranking: np.ndarray, inp: ReplayInputs, sizes: dict[str, int], k: int) -> dict:
+    """The summary of one ranking of the corpus per request (``ranking`` int64 [B, >= max size], best first: a
+    baseline's list, or the teacher's own top list), measured as if each stage kept its first ``sizes[stage]``
+    items: the same keys as :func:`replay_quality`'s summary."""
+    rows = pd.DataFrame({"request_id": inp.requests.request_id})
+    all_rows = np.arange(len(inp.requests))
+    for stage, n in sizes.items():
+        for metric, v in list_quality(ranking[:, :n], inp, all_rows, k).items():
+            rows[f"{stage}_{metric}"] = v
+    return _summary(rows, ranking[:, :k], inp)
 
 
 def replay_latency(cascade: Cascade, requests: Requests, n_retrieve: int, n_prerank: int, k: int,
@@ -124,11 +175,13 @@ def replay_latency(cascade: Cascade, requests: Requests, n_retrieve: int, n_prer
 
 
 def teacher_top_over_corpus(model: torch.nn.Module, data: RunData, requests: Requests, k: int,
-                            pairs_per_batch: int = 262144, progress: bool = False) -> tuple[np.ndarray, np.ndarray]:
+                            pairs_per_batch: int = 262144, progress: bool = False,
+                            exclude_seen: EventHistory | None = None) -> tuple[np.ndarray, np.ndarray]:
     """The ranker's top-k over the whole corpus for each request: (item ids [B, k], logits [B, k]).
 
     Scores B x I pairs in blocks of about ``pairs_per_batch`` (requests x item chunk), keeping a running top-k,
-    so memory stays bounded for any corpus size. This is the reference list of teacher-recall.
+    so memory stays bounded for any corpus size. This is the reference list of teacher-recall. exclude_seen: leave
+    out the items each user was shown strictly before the request (when the cascade filters them too).
     """
     b, n_items = len(requests), len(data.item_ids)
     item_chunk = min(n_items, pairs_per_batch)
@@ -144,6 +197,8 @@ def teacher_top_over_corpus(model: torch.nn.Module, data: RunData, requests: Req
             chunk = np.ascontiguousarray(np.broadcast_to(data.item_ids[s:s + item_chunk],
                                                          (len(sub), min(item_chunk, n_items - s))))
             sc = score(sub, chunk)
+            if exclude_seen is not None:
+                sc = np.where(exclude_seen.seen(sub.user_id, chunk, sub.time_ms), -np.inf, sc)
             best_i, best_s = topk_rows(np.concatenate([best_s, sc], 1), np.concatenate([best_i, chunk], 1), k)
         out_i[r0:r0 + len(sub)], out_s[r0:r0 + len(sub)] = best_i, best_s
     return out_i, out_s

@@ -16,10 +16,16 @@ Loss terms (names of :data:`LOSS_NAMES`; a term runs only with a non-zero weight
   ``softmax_positives="teacher_topk"``) against the other requests' positives (in-batch) and
   ``n_uniform_negatives`` uniform corpus items, with log-Q correction. q is in "expected copies per batch"
   units so the two negative sources are comparable: an in-batch positive j appears about B * p_j times, where
-  p_j is j's share of all training positives (add-one smoothed); a uniform item M / I times.
+  p_j is j's share of all training positives (add-one smoothed); a uniform item M / I times;
+- ``teacher_softmax``: the same sampled softmax with one of the teacher's top ``softmax_topk`` as the positive,
+  next to a ``sampled_softmax`` on clicks (distillation of the teacher's corpus-wide choice).
 
-A ground-truth-only student puts weights only on ``click_bce`` / ``sampled_softmax`` (with click positives) and
-needs no rank log.
+Ground truth and distillation: ``click_bce`` and a ``sampled_softmax`` on clicks are the ground-truth terms
+(:func:`is_ground_truth`); every other term distils the teacher, and ``StudentConfig.distill_scale`` multiplies
+their weights, so scale 0 is the ground-truth-only student (it needs no rank log) and the pipeline chooses the
+scale on validation outcomes. ``train_student(trusted=...)`` limits distillation to the requests whose teacher
+lists are trusted (confidence-aware distillation: the students step trusts a list where the teacher ordered
+that request's impressed items at least as well as chance).
 
 Data parallel (``torchrun``; see :mod:`cascade.distributed`): under an initialised torch.distributed
 group, :func:`train_student` wraps the towers and the loss terms in one DistributedDataParallel module (gradients
@@ -39,12 +45,12 @@ steps and stop together. What equals a single-process run with batch ``world * c
   negatives, and log-Q counts copies in a batch of ``cfg.batch_size``. It is a different (smaller-pool) loss
   by design: gathering every rank's item embeddings would need an all-gather with gradient.
 
-Device: ``StudentConfig.device`` ("cuda" in a pipeline run with ``--device cuda``) holds the towers, the batches and
-the sampling generator; the side tables stay in host memory and each batch's rows are copied over.
-
 Validation runs on rank 0 and its numbers are broadcast (every rank returns the same history; the logged loss
 terms are means over ranks). ``train_student`` writes nothing; callers save on rank 0. Under torch.distributed the
 students train on the CPU ranks; under an NCCL group (a GPU job) their gradients go through a gloo subgroup.
+
+Device: ``StudentConfig.device`` ("cuda" in a pipeline run with ``--device cuda``) holds the towers, the batches and
+the sampling generator; the side tables stay in host memory and each batch's rows are copied over.
 
 Not here: the one-loop cascade ("one teacher, three students"), in which the students learn from the lists of a teacher
 still in training (cascade/train/three_students.py; it reuses this module's loss dispatch conventions).
@@ -75,7 +81,8 @@ from cascade.train.loop import RunningMeans, step_on_loss
 log = logging.getLogger(__name__)
 
 LIST_LOSSES = ("pointwise", "bpr", "lambda_ndcg", "approx_ndcg", "listnet", "logit_mse")
-LOSS_NAMES = LIST_LOSSES + ("click_bce", "sampled_softmax")
+LOSS_NAMES = LIST_LOSSES + ("click_bce", "sampled_softmax", "teacher_softmax")
+SOFTMAX_TERMS = ("sampled_softmax", "teacher_softmax")
 STAGES = ("prerank", "retrieval")
 _LOSS_FN = {
     "pointwise": L.pointwise_topk_loss, "bpr": L.bpr_pairwise_loss, "lambda_ndcg": L.lambda_ndcg_loss,
@@ -100,7 +107,9 @@ class StudentConfig:
     ``sampled_softmax`` for corpus negatives). loss_weights: term name -> weight (names in LOSS_NAMES).
     loss_params: term name -> keyword arguments of that loss (checked against its signature).
     relevance: keyword arguments of ``graded_relevance`` for the NDCG terms. softmax_positives: "clicks" or
-    "teacher_topk"; softmax_topk: K of teacher_topk. n_uniform_negatives: corpus negatives per batch.
+    "teacher_topk" (of ``sampled_softmax``); softmax_topk: K of teacher_topk (and of ``teacher_softmax``).
+    n_uniform_negatives: corpus negatives per batch. distill_scale: multiplies the weight of every distillation
+    term (not of the ground-truth terms, :func:`is_ground_truth`).
     epochs, lr, weight_decay, batch_size (requests per batch), grad_clip (max global norm, None = off), eval_k
     (K of the validation teacher-recall), seed, progress (tqdm bar), device ("cpu" or "cuda": where the towers
     train; the sampled pairs and negatives are drawn on it, so a CUDA run draws other samples than a CPU one).
@@ -113,6 +122,7 @@ class StudentConfig:
     softmax_positives: str = "clicks"
     softmax_topk: int = 10
     n_uniform_negatives: int = 256
+    distill_scale: float = 1.0
     epochs: int = 5
     lr: float = 3e-3
     weight_decay: float = 0.0
@@ -124,18 +134,25 @@ class StudentConfig:
     device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"StudentConfig: device {self.device!r} must be 'cpu' or 'cuda'")
         if self.stage not in STAGES:
             raise ValueError(f"StudentConfig: stage {self.stage!r} is not one of {STAGES}")
         unknown = sorted(set(self.loss_weights) - set(LOSS_NAMES))
         if unknown:
             raise ValueError(f"StudentConfig: unknown loss name(s) {unknown} in loss_weights; known: {LOSS_NAMES}")
-        if not any(w != 0 for w in self.loss_weights.values()):
+        if not (np.isfinite(self.distill_scale) and self.distill_scale >= 0):
+            raise ValueError(f"StudentConfig: distill_scale must be >= 0, got {self.distill_scale}")
+        bad_w = {k: v for k, v in self.loss_weights.items() if not (np.isfinite(v) and v >= 0)}
+        if bad_w:
+            raise ValueError(f"StudentConfig: loss weights must be finite and >= 0, got {bad_w}")
+        if not any(self.weight(n) != 0 for n in self.loss_weights):
             raise ValueError("StudentConfig: every loss weight is 0 (or none is given)")
         for name, params in self.loss_params.items():
             if name not in LOSS_NAMES:
                 raise ValueError(f"StudentConfig: unknown loss name {name!r} in loss_params; known: {LOSS_NAMES}")
             allowed = (set(inspect.signature(L.sampled_softmax_loss).parameters) & _SOFTMAX_PARAMS
-                       if name == "sampled_softmax" else set(inspect.signature(_LOSS_FN[name]).parameters) - _FILLED)
+                       if name in SOFTMAX_TERMS else set(inspect.signature(_LOSS_FN[name]).parameters) - _FILLED)
             bad = sorted(set(params) - allowed)
             if bad:
                 raise ValueError(f"StudentConfig: loss_params[{name!r}] has unknown key(s) {bad}; "
@@ -146,19 +163,25 @@ class StudentConfig:
         if self.softmax_positives not in ("clicks", "teacher_topk"):
             raise ValueError(f"StudentConfig: softmax_positives {self.softmax_positives!r} is not "
                              "'clicks' or 'teacher_topk'")
-        if self.stage == "retrieval" and not self.loss_weights.get("sampled_softmax"):
+        if self.stage == "retrieval" and not (self.weight("sampled_softmax") or self.weight("teacher_softmax")):
             raise ValueError("StudentConfig: stage 'retrieval' ranks the whole corpus and needs a non-zero "
-                             "'sampled_softmax' weight (in-batch + uniform corpus negatives)")
+                             "'sampled_softmax' or 'teacher_softmax' weight (in-batch + uniform corpus negatives)")
         for name in ("epochs", "batch_size", "softmax_topk", "eval_k"):
             if getattr(self, name) < 1:
                 raise ValueError(f"StudentConfig: {name} must be >= 1, got {getattr(self, name)}")
-        if self.device not in ("cpu", "cuda"):
-            raise ValueError(f"StudentConfig: device {self.device!r} must be 'cpu' or 'cuda'")
         if self.n_uniform_negatives < 0 or self.lr <= 0:
             raise ValueError("StudentConfig: n_uniform_negatives must be >= 0 and lr > 0")
 
     def weight(self, name: str) -> float:
-        return float(self.loss_weights.get(name, 0.0))
+        """The effective weight of term ``name``: its loss weight, times distill_scale for a distillation term."""
+        w = float(self.loss_weights.get(name, 0.0))
+        return w if is_ground_truth(self, name) else w * self.distill_scale
+
+
+def is_ground_truth(cfg: StudentConfig, name: str) -> bool:
+    """Whether loss term ``name`` learns from the logged clicks (not from the teacher): ``click_bce``, and
+    ``sampled_softmax`` with click positives."""
+    return name == "click_bce" or (name == "sampled_softmax" and cfg.softmax_positives == "clicks")
 
 
 @dataclass
@@ -257,19 +280,20 @@ def embed_items(towers: TwoTower, inputs: TowerInputs, parts: dict[str, torch.Te
 
 
 def sampled_softmax_term(towers: TwoTower, u: torch.Tensor, pos_rows: torch.Tensor, pos_items: torch.Tensor,
-                         emb: dict[str, torch.Tensor], neg_items: torch.Tensor | None, pos_log_q: torch.Tensor,
-                         neg_log_q: float, cfg: StudentConfig) -> torch.Tensor:
+                         pos_emb: torch.Tensor, neg_emb: torch.Tensor | None, neg_items: torch.Tensor | None,
+                         pos_log_q: torch.Tensor, neg_log_q: float, cfg: StudentConfig,
+                         name: str = "sampled_softmax") -> torch.Tensor:
     """The retrieval student's sampled softmax: each batch row in ``pos_rows`` (of u [B, d]) against its positive
-    item (emb["pos"]), the other rows' positives (in-batch) and ``neg_items`` (uniform corpus negatives, emb["neg"]),
-    log-Q corrected by ``pos_log_q`` [P] and ``neg_log_q``. A batch without a positive gives a zero that keeps the
-    graph."""
+    item (``pos_emb`` [P, d]), the other rows' positives (in-batch) and ``neg_items`` (uniform corpus negatives,
+    ``neg_emb``), log-Q corrected by ``pos_log_q`` [P] and ``neg_log_q``. A batch without a positive gives a zero
+    that keeps the graph."""
     if pos_rows.numel() == 0:
         return u.sum() * 0.0
     # the towers' temperature goes into the user side, so a learned temperature gets its gradient
     return L.sampled_softmax_loss(
-        u[pos_rows] * towers.inv_temperature, emb["pos"], emb.get("neg"), pos_log_q=pos_log_q,
+        u[pos_rows] * towers.inv_temperature, pos_emb, neg_emb, pos_log_q=pos_log_q,
         neg_log_q=torch.full((len(neg_items),), neg_log_q, device=u.device) if neg_items is not None else None,
-        temperature=1.0, pos_item_ids=pos_items, neg_item_ids=neg_items, **loss_params(cfg, "sampled_softmax"))
+        temperature=1.0, pos_item_ids=pos_items, neg_item_ids=neg_items, **loss_params(cfg, name))
 
 
 class _StudentStep(nn.Module):
@@ -283,8 +307,8 @@ class _StudentStep(nn.Module):
 
     def __init__(self, towers: TwoTower, inputs: TowerInputs, cfg: StudentConfig, w: Mapping[str, float],
                  clicks: ClickLists | None, click_of: np.ndarray | None,
-                 pos_log_q: torch.Tensor | None, neg_log_q_value: float, g: torch.Generator,
-                 rng: np.random.Generator, device: torch.device) -> None:
+                 pos_log_q: dict[str, torch.Tensor], neg_log_q_value: float, g: torch.Generator,
+                 rng: np.random.Generator, device: torch.device, trusted: np.ndarray | None = None) -> None:
         super().__init__()
         self.towers = towers
         self.device = device
@@ -292,6 +316,7 @@ class _StudentStep(nn.Module):
         self.clicks, self.click_of = clicks, click_of
         self.pos_log_q, self.neg_log_q_value = pos_log_q, neg_log_q_value
         self.g, self.rng = g, rng
+        self.trusted = trusted  # bool per request row: distil from this request's teacher list
 
     def forward(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         towers, inputs, cfg, w, g, dev = self.towers, self.inputs, self.cfg, self.w, self.g, self.device
@@ -303,35 +328,43 @@ class _StudentStep(nn.Module):
 
         # every item row the batch needs, embedded once
         parts: dict[str, torch.Tensor] = {}
+        list_mask = None
         if from_log:
             parts["list"] = b["items"].clamp(min=0)
+            list_mask = b["mask"]
+            if self.trusted is not None:  # distil only from the trusted requests' lists
+                list_mask = list_mask & torch.from_numpy(self.trusted[req]).to(dev)[:, None]
         cb = None
-        if "click_bce" in w or ("sampled_softmax" in w and cfg.softmax_positives == "clicks"):
+        if "click_bce" in w or any(n in w and _positives(cfg, n) == "clicks" for n in SOFTMAX_TERMS):
             cb = {k: v.to(dev) for k, v in _click_batch(self.clicks, on_cpu, self.click_of).items()}
             parts["click"] = cb["items"].clamp(min=0)
-        if "sampled_softmax" in w:
-            if cfg.softmax_positives == "clicks":
+        positives = {}
+        for name in SOFTMAX_TERMS:
+            if name not in w:
+                continue
+            if _positives(cfg, name) == "clicks":
                 col, has = sample_one_per_row((cb["labels"] > 0) & cb["mask"], g)
-                pos_items, pos_rows = cb["items"][has, col[has]], cb["rows"][has]
+                positives[name] = (cb["items"][has, col[has]], cb["rows"][has])
             else:
-                col, has = sample_one_per_row(b["mask"] & (b["ranks"] <= cfg.softmax_topk), g)
-                pos_items, pos_rows = b["items"][has, col[has]], torch.nonzero(has).squeeze(1)
-            parts["pos"] = pos_items
-            if cfg.n_uniform_negatives:
-                parts["neg"] = torch.from_numpy(self.rng.integers(0, inputs.n_items, cfg.n_uniform_negatives)).to(dev)
+                col, has = sample_one_per_row(list_mask & (b["ranks"] <= cfg.softmax_topk), g)
+                positives[name] = (b["items"][has, col[has]], torch.nonzero(has).squeeze(1))
+            parts[f"pos_{name}"] = positives[name][0]
+        if positives and cfg.n_uniform_negatives:
+            parts["neg"] = torch.from_numpy(self.rng.integers(0, inputs.n_items, cfg.n_uniform_negatives)).to(dev)
         emb = embed_items(towers, inputs, parts)
 
         terms: dict[str, torch.Tensor] = {}
         if from_log and any(n in w for n in LIST_LOSSES):
             s = towers.score(u, emb["list"])  # [B, L]
-            terms.update(list_loss_terms(s, b["ranks"], b["logits"], b["mask"], cfg, w, g))
+            terms.update(list_loss_terms(s, b["ranks"], b["logits"], list_mask, cfg, w, g))
         if "click_bce" in w:
             s_click = towers.score(u[cb["rows"]], emb["click"])  # [Bc, Lc]
             terms["click_bce"] = L.click_bce(s_click, cb["labels"], cb["mask"])
-        if "sampled_softmax" in w:
+        for name, (pos_items, pos_rows) in positives.items():
             # under DDP the in-batch negatives are this rank's own positives (b - 1 of them, not world * b - 1)
-            terms["sampled_softmax"] = sampled_softmax_term(towers, u, pos_rows, pos_items, emb, parts.get("neg"),
-                                                            self.pos_log_q[pos_items], self.neg_log_q_value, cfg)
+            terms[name] = sampled_softmax_term(towers, u, pos_rows, pos_items, emb[f"pos_{name}"], emb.get("neg"),
+                                               parts.get("neg"), self.pos_log_q[name][pos_items],
+                                               self.neg_log_q_value, cfg, name)
         return terms
 
 
@@ -350,12 +383,18 @@ def _ddp_wrap(step: _StudentStep, env: D.DistEnv) -> nn.Module:
     return DistributedDataParallel(step, process_group=group, find_unused_parameters=True)
 
 
+def _positives(cfg: StudentConfig, name: str) -> str:
+    """Where a softmax term's positives come from: "clicks" or "teacher_topk"."""
+    return cfg.softmax_positives if name == "sampled_softmax" else "teacher_topk"
+
+
 def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | None, clicks: ClickLists | None,
-                  cfg: StudentConfig, valid: RankLog | None = None, label: str | None = None) -> list[dict[str, Any]]:
+                  cfg: StudentConfig, valid: RankLog | None = None,
+                  trusted: np.ndarray | None = None, label: str | None = None) -> list[dict[str, Any]]:
     """Train ``towers`` in place on ``cfg.device`` (they come back on the CPU). Returns the history: one dict per
-    epoch with the mean loss terms ("loss" is the
-    weighted total), "seconds", and, when ``valid`` is given, "valid" = :func:`evaluate_on_log` of it.
-    label: what the progress bar and the log lines call the student (default: its stage).
+    epoch with the mean loss terms ("loss" is the weighted total), "seconds", and, when ``valid`` is given, "valid"
+    = :func:`evaluate_on_log` of it. label: what the progress bar and the log lines call the student (default:
+    its stage).
 
     Batches are requests of ``rank_log`` when a weighted term needs the teacher's lists (click terms then use
     the clicks of the same request rows, where there are any), else requests of ``clicks``. Reproducible under
@@ -364,10 +403,14 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
     Data parallel (under an initialised torch.distributed group, e.g. started by ``torchrun``; see the module
     docstring): the towers and the loss are wrapped in DistributedDataParallel; ``cfg.batch_size`` is per rank.
     Writes nothing itself, so the caller saves on rank 0 only (``distributed.is_main()``).
+
+    trusted: bool per request row (the rows of ``inputs``' context arrays): distillation terms learn only from
+    these requests' teacher lists (the ground-truth terms from every request); None trusts every list.
     """
     w = {n: cfg.weight(n) for n in LOSS_NAMES if cfg.weight(n) != 0}
-    need_log = any(n in w for n in LIST_LOSSES) or ("sampled_softmax" in w and cfg.softmax_positives == "teacher_topk")
-    need_clicks = "click_bce" in w or ("sampled_softmax" in w and cfg.softmax_positives == "clicks")
+    need_log = any(n in w for n in LIST_LOSSES) or any(n in w and _positives(cfg, n) == "teacher_topk"
+                                                       for n in SOFTMAX_TERMS)
+    need_clicks = "click_bce" in w or any(n in w and _positives(cfg, n) == "clicks" for n in SOFTMAX_TERMS)
     if need_log and rank_log is None:
         raise ValueError(f"train_student: loss term(s) {sorted(w)} need a rank log, got rank_log=None")
     if need_clicks and clicks is None:
@@ -397,20 +440,21 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
         click_of = np.full(top, -1, dtype=np.int64)
         click_of[clicks.request_rows] = np.arange(len(clicks))
 
-    pos_log_q, neg_log_q_value = None, 0.0
-    if "sampled_softmax" in w:
-        if cfg.softmax_positives == "clicks":
+    pos_log_q, neg_log_q_value = {}, float(np.log(max(cfg.n_uniform_negatives, 1) / n_items))
+    for name in SOFTMAX_TERMS:
+        if name not in w:
+            continue
+        if _positives(cfg, name) == "clicks":
             pos = clicks.items[(clicks.labels > 0) & clicks.mask]
         else:
             pos = rank_log.items[rank_log.mask & (rank_log.ranks <= cfg.softmax_topk)]
         if pos.size == 0:
-            raise ValueError(f"train_student: sampled_softmax has no positives ({cfg.softmax_positives})")
+            raise ValueError(f"train_student: {name} has no positives ({_positives(cfg, name)})")
         # per-rank batch: under DDP the in-batch pool is the rank's own batch of cfg.batch_size requests
-        pos_log_q = _positive_log_q(pos, n_items, cfg.batch_size).to(device)
-        neg_log_q_value = float(np.log(max(cfg.n_uniform_negatives, 1) / n_items))
+        pos_log_q[name] = _positive_log_q(pos, n_items, cfg.batch_size).to(device)
 
     step_model: nn.Module = _StudentStep(towers, inputs, cfg, w, clicks, click_of, pos_log_q,
-                                         neg_log_q_value, g, sample_rng, device)
+                                         neg_log_q_value, g, sample_rng, device, trusted)
     if ddp:
         step_model = _ddp_wrap(step_model, env)
     n_batches = -(-len(driver) // (cfg.batch_size * env.world_size))

@@ -144,6 +144,9 @@ class ThreeStudentsConfig:
                 raise ValueError(f"ThreeStudentsConfig: {name}.softmax_positives must be 'teacher_topk' "
                                  "in the one-loop cascade, "
                                  f"got {scfg.softmax_positives!r}")
+            if scfg.weight("teacher_softmax") != 0:
+                raise ValueError(f"ThreeStudentsConfig: {name} sets 'teacher_softmax', which the one-loop cascade "
+                                 "does not train (its sampled_softmax already takes the teacher's top items)")
         if self.lr <= 0 or self.epochs < 1 or self.batch_size < 1 or self.score_batch_size < 1:
             raise ValueError(f"ThreeStudentsConfig: lr must be > 0 and epochs, batch_size, score_batch_size >= 1 "
                              f"(got lr={self.lr}, epochs={self.epochs}, batch_size={self.batch_size}, "
@@ -279,8 +282,8 @@ class _TowerStudent:
             p = self.pos_counts
             pos_log_q = torch.from_numpy(np.log(batch_size * p[pos_items.numpy()] / p.sum()).astype(np.float32))
             neg_log_q = float(np.log(cfg.n_uniform_negatives / inputs.n_items)) if "neg" in parts else 0.0
-            terms["sampled_softmax"] = sampled_softmax_term(tt, u, pos_rows, pos_items, emb, parts.get("neg"),
-                                                            pos_log_q, neg_log_q, cfg)
+            terms["sampled_softmax"] = sampled_softmax_term(tt, u, pos_rows, pos_items, emb["pos"], emb.get("neg"),
+                                                            parts.get("neg"), pos_log_q, neg_log_q, cfg)
         _, values = step_on_loss(terms, {n: w[n] for n in terms}, [self.opt], [tt.parameters()], cfg.grad_clip,
                                  f"the one-loop cascade's {cfg.stage} student: non-finite loss")
         return values

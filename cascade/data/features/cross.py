@@ -59,7 +59,10 @@ class CrossFeatureStore:
     - ``user_tag_clicks`` / ``user_tag_exposures``: u's clicks / exposures on items with i's tag;
     - ``user_author_clicks`` / ``user_author_exposures``: the same for i's author;
     - ``item_clicks`` / ``item_exposures`` / ``item_ctr``: i's clicks / exposures (all users) and smoothed CTR;
-    - ``user_clicks`` / ``user_exposures`` / ``user_ctr``: u's clicks / exposures (all items) and smoothed CTR.
+    - ``user_clicks`` / ``user_exposures`` / ``user_ctr``: u's clicks / exposures (all items) and smoothed CTR;
+    - ``user_item_clicks`` / ``user_item_exposures``: u's own clicks / exposures of i itself (re-consumption);
+    - ``item_recent_clicks`` / ``item_recent_exposures``: i's clicks / exposures in the last W / RECENT_SHARE of
+      the window only (what is popular now, next to the whole window's counts).
 
     Smoothed CTR = (clicks + prior_ctr * prior_strength) / (exposures + prior_strength); the prior is a fixed
     number (not fitted on the history) so that no later event can move an earlier row's feature. The tag and
@@ -69,7 +72,9 @@ class CrossFeatureStore:
     """
 
     feature_names = ("user_tag_clicks", "user_tag_exposures", "user_author_clicks", "user_author_exposures",
-                     "item_clicks", "item_exposures", "item_ctr", "user_clicks", "user_exposures", "user_ctr")
+                     "item_clicks", "item_exposures", "item_ctr", "user_clicks", "user_exposures", "user_ctr",
+                     "user_item_clicks", "user_item_exposures", "item_recent_clicks", "item_recent_exposures")
+    RECENT_SHARE = 7  # the "recent" counts look back W / 7 (one day of a one-week window)
 
     def __init__(self, window_days: float = 7.0, prior_ctr: float = 0.1, prior_strength: float = 20.0,
                  tag_column: str = "tag", author_column: str = "author_id"):
@@ -118,6 +123,7 @@ class CrossFeatureStore:
                                      rank[has_author], click[has_author], stride)
         self.item_ = _History(item_row, rank, click, stride)
         self.user_ = _History(ucode, rank, click, stride)
+        self.user_item_ = _History(ucode * max(len(self.item_ids_), 1) + item_row, rank, click, stride)
         log.info("CrossFeatureStore fitted on %d events (%d users, %d items)", len(t), len(self.users_),
                  len(self.item_ids_))
         return self
@@ -150,11 +156,14 @@ class CrossFeatureStore:
         rank_hi, rank_lo = np.empty(n, np.int64), np.empty(n, np.int64)
         rank_hi[o_t] = np.searchsorted(self.times_, t_sorted)
         rank_lo[o_t] = np.searchsorted(self.times_, t_sorted - window_ms)
+        rank_recent = np.empty(n, np.int64)
+        rank_recent[o_t] = np.searchsorted(self.times_, t_sorted - window_ms // self.RECENT_SHARE)
 
         item_row = self._item_index.rows(item_ids, "CrossFeatureStore.query")
         o_i = np.argsort(item_row * stride + rank_hi)
         d, f = self.item_.lookup(item_row[o_i], np.ones(n, bool))
         it_c, it_e = self.item_.counts(d, f, rank_lo[o_i], rank_hi[o_i])
+        ir_c, ir_e = self.item_.counts(d, f, rank_recent[o_i], rank_hi[o_i])
 
         upos, uknown = self._user_index.find(user_ids)
         o_u = np.argsort(upos * stride + rank_hi)
@@ -167,14 +176,17 @@ class CrossFeatureStore:
         ua_c, ua_e = self.user_author_.counts(d, f, lo, hi)
         # users_ are exactly the keys of the user history, so a user's position is its dense key
         us_c, us_e = self.user_.counts(up, known, lo, hi)
+        d, f = self.user_item_.lookup(up * max(len(self.item_ids_), 1) + item_row[o_u], known)
+        ui_c, ui_e = self.user_item_.counts(d, f, lo, hi)
 
         def back(x: np.ndarray, order: np.ndarray) -> np.ndarray:
             out = np.empty(n, np.float64)
             out[order] = x
             return out
 
-        ut_c, ut_e, ua_c, ua_e, us_c, us_e = (back(x, o_u) for x in (ut_c, ut_e, ua_c, ua_e, us_c, us_e))
-        it_c, it_e = back(it_c, o_i), back(it_e, o_i)
+        ut_c, ut_e, ua_c, ua_e, us_c, us_e, ui_c, ui_e = (back(x, o_u) for x in (ut_c, ut_e, ua_c, ua_e, us_c, us_e,
+                                                                                  ui_c, ui_e))
+        it_c, it_e, ir_c, ir_e = (back(x, o_i) for x in (it_c, it_e, ir_c, ir_e))
         a, b = self.prior_ctr * self.prior_strength, self.prior_strength
         f32 = np.float32
         return {
@@ -184,6 +196,8 @@ class CrossFeatureStore:
             "item_ctr": ((it_c + a) / (it_e + b)).astype(f32),
             "user_clicks": us_c.astype(f32), "user_exposures": us_e.astype(f32),
             "user_ctr": ((us_c + a) / (us_e + b)).astype(f32),
+            "user_item_clicks": ui_c.astype(f32), "user_item_exposures": ui_e.astype(f32),
+            "item_recent_clicks": ir_c.astype(f32), "item_recent_exposures": ir_e.astype(f32),
         }
 
     def query_impressions(self, impressions: pd.DataFrame) -> dict[str, np.ndarray]:

@@ -19,9 +19,11 @@ MISSING = "–"  # en dash: the cell of a value that is absent or NaN
 STAGE_ORDER = ("retrieval", "prerank", "rank")
 STAGE_METRICS = (
     ("size", "size"),
-    ("teacher_recall", "teacher-recall"),
     ("click_recall", "click-recall"),
-    ("ndcg", "NDCG"),
+    ("hit_rate", "HitRate"),
+    ("click_ndcg", "click-NDCG@K"),
+    ("teacher_recall", "teacher-recall"),
+    ("teacher_ndcg", "teacher-NDCG@K"),
     ("auc", "AUC"),
     ("gauc", "GAUC"),
     ("p50_ms", "p50 ms"),
@@ -31,7 +33,8 @@ STAGE_METRICS = (
 # the per-stage table is split into one table per family, so each stays narrow (Markdown has no column groups);
 # a metric of STAGE_METRICS in no family gets a table of its own at the end
 STAGE_FAMILIES = (
-    ("Recall and ranking quality", ("teacher_recall", "click_recall", "ndcg")),
+    ("Outcomes: the held-out clicks", ("click_recall", "hit_rate", "click_ndcg")),
+    ("Agreement with the teacher", ("teacher_recall", "teacher_ndcg")),
     ("AUC on the test impressions", ("auc", "gauc")),
     ("Latency per request (batch 1)", ("p50_ms", "p95_ms", "p99_ms")),
 )
@@ -50,7 +53,7 @@ MODEL_COLUMNS = (
 def _decimals(key: str) -> int | None:
     """Decimals for a metric by its name: AUC-like 4, recall and ratios 3, milliseconds 2, throughput 1."""
     k = key.lower()
-    if "recall" in k or "ratio" in k or k.startswith("oracle"):
+    if any(s in k for s in ("recall", "ratio", "hit_rate", "coverage", "share")) or k.startswith("oracle"):
         return 3
     if any(s in k for s in ("auc", "ndcg", "logloss", "loss", "ctr")):
         return 4

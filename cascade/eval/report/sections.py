@@ -56,39 +56,54 @@ def _stages_of(variant: str, entry: Mapping) -> dict[str, Mapping]:
     return {s: (as_mapping(stages[s], f"{path}[{s!r}]") or {}) for s in stage_order(stages)}
 
 
-def _section_headline(variants: dict[str, Mapping]) -> Section:
-    sec = Section("headline", "Headline")
-    if not variants:
+OUTCOME_COLUMNS = (
+    ("click_recall", "click-recall@K"), ("hit_rate", "HitRate@K"), ("click_ndcg", "click-NDCG@K"),
+    ("click_recall_rand", "click-recall@K (random slice)"), ("oracle_clicks", "oracle clicks@K"),
+    ("retrieval_click_recall", "click-recall@N1"), ("prerank_click_recall", "click-recall@N2"),
+    ("teacher_recall", "teacher-recall@K"), ("final_distinct", "distinct items"), ("final_coverage", "coverage"),
+    ("final_top_share", "top-10 share"),
+)
+
+
+def _section_headline(data: Mapping, variants: dict[str, Mapping]) -> Section:
+    """Outcomes first: what users would get (held-out clicks; on the world, oracle clicks), then agreement."""
+    sec = Section("headline", "Headline: outcomes")
+    outcomes = as_mapping(data.get("outcomes"), "report_data['outcomes']") or {}
+    rows = [as_mapping(r, f"report_data['outcomes']['rows'][{i}]") or {}
+            for i, r in enumerate(as_list(outcomes.get("rows"), "report_data['outcomes']['rows']") or [])]
+    if not rows:
         return sec.note(f"Cascade replay {NOT_COMPUTED}.")
-    cards, rows = [], []
-    for v, entry in variants.items():
-        stages = _stages_of(v, entry)
-        final = stages.get("rank") or (stages[list(stages)[-1]] if stages else {})
-        e2e = as_mapping(entry.get("end_to_end"), f"report_data['cascades'][{v!r}]['end_to_end']") or {}
-        oracle = as_mapping(entry.get("oracle"), f"report_data['cascades'][{v!r}]['oracle']") or {}
-        k = final.get("size")
-        rows.append({
-            "variant": v, "K": k, "teacher-recall@K": final.get("teacher_recall"),
-            "oracle clicks": oracle.get("oracle_clicks"), "oracle best": oracle.get("oracle_best"),
-            "oracle ratio": oracle.get("oracle_ratio"), "e2e p50 ms": e2e.get("p50_ms"),
-            "e2e p99 ms": e2e.get("p99_ms"),
-            "req/s batch 1": e2e.get("requests_per_s_batch1"), "req/s batched": e2e.get("requests_per_s_batched"),
-            "batch": e2e.get("batch_size"),
-        })
-        cards.append((v, [
-            (f"teacher-recall@{k if k is not None else 'K'}",
-             format_value(final.get("teacher_recall"), "teacher_recall")),
-            ("oracle ratio", format_value(oracle.get("oracle_ratio"), "oracle_ratio")),
-            ("end-to-end p99",
-             format_value(e2e.get("p99_ms"), "p99_ms") + (" ms" if e2e.get("p99_ms") is not None else "")),
-        ]))
+    for flag in as_list(outcomes.get("flags"), "report_data['outcomes']['flags']") or []:
+        sec.blocks.append(("p", f"Warning: {flag}"))
+    oracle = any(r.get("oracle_clicks") is not None for r in rows)
+    cards = []
+    for r in rows:
+        if r.get("kind") != "cascade":
+            continue
+        k = r.get("k")
+        lead = [(f"click-recall@{k}", format_value(r.get("click_recall"), "click_recall"))]
+        if oracle:
+            lead = [(f"oracle clicks@{k}", format_value(r.get("oracle_clicks"), "oracle_clicks"))] + lead
+        cards.append((str(r.get("name")), lead + [
+            (f"teacher-recall@{k}", format_value(r.get("teacher_recall"), "teacher_recall")),
+            ("distinct items", format_value(r.get("final_distinct"), "final_distinct"))]))
     sec.blocks.append(("cards", cards))
-    keys = ["", "size", "teacher_recall", "oracle_clicks", "oracle_best", "oracle_ratio", "p50_ms", "p99_ms",
-            "requests_per_s_batch1", "requests_per_s_batched", "batch_size"]
-    sec.blocks.append(("table", Table(pd.DataFrame(rows), keys)))
-    sec.blocks.append(("p", "teacher-recall@K: share of the teacher's top-K over the whole corpus that the final list "
-                            "keeps. Oracle ratio: expected clicks of the final list over those of the oracle top-K "
-                            "under the true click model (synthetic world only)."))
+    present = [(key, label) for key, label in OUTCOME_COLUMNS if any(r.get(key) is not None for r in rows)]
+    frame = pd.DataFrame({"list": [r.get("name") for r in rows], "kind": [r.get("kind") for r in rows],
+                          **{label: [r.get(key) for r in rows] for key, label in present}})
+    keys = ["", ""] + [key for key, _ in present]
+    k = rows[0].get("k")
+    sizes = f"N1 = {rows[0].get('retrieval_size')}, N2 = {rows[0].get('prerank_size')}, K = {k}"
+    sec.blocks.append(("table", Table(frame, keys, caption=f"test requests; {sizes}")))
+    fs = as_mapping(outcomes.get("filter_seen"), "report_data['outcomes']['filter_seen']") or {}
+    sec.blocks.append(("p", "click-recall@K: share of each request's held-out clicked items that the list keeps "
+                            "(HitRate: any of them; click-NDCG: their positions); @N1 / @N2: what the retrieval and "
+                            "pre-rank stages keep. Random slice: the randomly exposed requests, free of the logging "
+                            "policy's bias. Oracle clicks: expected clicks of the final list under the true click "
+                            "model (synthetic world only). teacher-recall: agreement with the teacher's top-K over "
+                            "the corpus (worth as much as the teacher). Reference 'teacher_corpus': the teacher's own "
+                            "top list over the corpus, the ceiling of a cascade that copies it."
+                            + (f" Seen items: {fs.get('why')}." if fs.get("why") else "")))
     return sec
 
 
@@ -108,9 +123,10 @@ def _section_stages(variants: dict[str, Mapping]) -> Section:
         table = _stage_table(per_variant, e2e, row_names, [(k, lab) for k, lab in STAGE_METRICS if k in keys])
         if table is not None:
             sec.blocks += [("h3", title), ("table", table)]
-    sec.blocks.append(("p", "size: the stage's output length (N1 / N2 / K). teacher-recall and NDCG are measured "
-                            "against the teacher's top-K; click-recall against the clicked items; AUC / GAUC of the "
-                            "stage's scoring function on the test impressions; latency per request at batch 1."))
+    sec.blocks.append(("p", "size: the stage's output length (N1 / N2 / K). click-recall / HitRate over the stage's "
+                            "whole output and click-NDCG of its first K against the held-out clicks; teacher-recall "
+                            "and teacher-NDCG against the teacher's top-K; AUC / GAUC of the stage's scoring function "
+                            "on the test impressions; latency per request at batch 1."))
     return sec
 
 
@@ -296,6 +312,73 @@ def _section_models(data: Mapping) -> Section:
     return sec
 
 
+def _section_choices(data: Mapping) -> Section:
+    """What the run chose on validation (the seen filter, channel settings, the teacher's exposure weight, the
+    students' distillation scales) with every grid point, and the teacher-quality gates."""
+    sec = Section("choices", "Choices made on validation")
+    ch = as_mapping(data.get("choices"), "report_data['choices']")
+    if not ch:
+        return sec.note(f"Validation choices {NOT_COMPUTED}.")
+    fs = as_mapping(ch.get("filter_seen"), "report_data['choices']['filter_seen']")
+    if fs:
+        sec.blocks.append(("p", f"Seen items: {fs.get('why')}."))
+    channels = as_mapping(ch.get("channels"), "report_data['choices']['channels']") or {}
+    rows = []
+    for name, entry in channels.items():
+        if name == "judge":
+            continue
+        e = as_mapping(entry, f"report_data['choices']['channels'][{name!r}]")
+        if not e:
+            continue
+        grid = as_list(e.get("grid"), "grid") or []
+        best = max((v for g in grid for k, v in g.items() if k.startswith("valid_click_recall")), default=None)
+        rows.append({"channel": name, "chosen": json.dumps(e.get("chosen")), "valid click-recall@10": best})
+    if rows:
+        sec.blocks.append(("h3", "Retrieval channels (settings chosen by validation click-recall)"))
+        sec.blocks.append(("table", Table(pd.DataFrame(rows), ["", "", "click_recall"],
+                                          caption=str(channels.get("judge", "")))))
+    es = as_mapping(ch.get("entire_space"), "report_data['choices']['entire_space']")
+    if es:
+        grid = [as_mapping(g, "grid") or {} for g in as_list(es.get("grid"), "grid") or []]
+        key = next((k for k in (grid[0] if grid else {}) if k.startswith("valid_click_recall")), None)
+        frame = pd.DataFrame({"exposure weight": [g.get("exposure_weight") for g in grid],
+                              key or "valid click-recall": [g.get(key) for g in grid]})
+        sec.blocks.append(("h3", f"Teacher: exposure weight of the corpus-wide ranking (chosen "
+                                 f"{format_value(es.get('exposure_weight'))})"))
+        sec.blocks.append(("table", Table(frame, ["", "click_recall"], caption=str(es.get("judge", "")))))
+    st = as_mapping(ch.get("students"), "report_data['choices']['students']") or {}
+    for stage in ("retrieval", "prerank"):
+        e = as_mapping(st.get(stage), f"report_data['choices']['students'][{stage!r}]")
+        if not e:
+            continue
+        grid = [as_mapping(g, "grid") or {} for g in as_list(e.get("grid"), "grid") or []]
+        n = e.get("size")
+        frame = pd.DataFrame({"distillation scale": [g.get("scale") for g in grid],
+                              f"valid click-recall@{n}": [g.get(f"valid_click_recall@{n}") for g in grid],
+                              "teacher-recall@10 on the rank log": [(g.get("teacher_agreement") or {}).get(
+                                  "teacher_recall@10") for g in grid]})
+        sec.blocks.append(("h3", f"{stage} student (scale {format_value(e.get('chosen_scale'))} chosen; 0 = ground "
+                                 "truth only)"))
+        sec.blocks.append(("table", Table(frame, ["", "click_recall", "teacher_recall"])))
+        g = as_mapping(e.get("gate"), "gate")
+        if g:
+            verdict = "better" if g.get("teacher_better") else "NOT better"
+            cr = {k: format_value(g.get(k), "click_recall") for k in ("teacher", "ground_truth_student", "gain",
+                                                                      "standard_error")}
+            sec.blocks.append(("p", f"Teacher gate: the teacher's own top-{n} keeps {cr['teacher']} of the validation "
+                                    f"clicks, the ground-truth-only tower {cr['ground_truth_student']} (gain "
+                                    f"{cr['gain']}, one standard error {cr['standard_error']}): the teacher is "
+                                    f"{verdict}."))
+    rs = as_mapping(st.get("rank_student"), "report_data['choices']['students']['rank_student']")
+    if rs:
+        grid = [as_mapping(g, "grid") or {} for g in as_list(rs.get("grid"), "grid") or []]
+        frame = pd.DataFrame({"distillation scale": [g.get("scale") for g in grid],
+                              "valid AUC": [g.get("valid_auc") for g in grid]})
+        sec.blocks.append(("h3", f"Rank student (scale {format_value(rs.get('chosen_scale'))} chosen)"))
+        sec.blocks.append(("table", Table(frame, ["", "auc"])))
+    return sec
+
+
 def _section_ablation(data: Mapping) -> Section:
     sec = Section("ablation", "Distillation ablation")
     ab = as_mapping(data.get("ablation"), "report_data['ablation']")
@@ -431,7 +514,6 @@ def _section_run(data: Mapping) -> Section:
 
 def report_sections(data: Mapping) -> list[Section]:
     variants = _variants(data)
-    return [_section_headline(variants), _section_stages(variants), _section_curves(variants),
+    return [_section_headline(data, variants), _section_stages(variants), _section_curves(variants),
             _section_latency(variants), _section_index(data), _section_models(data), _section_training(data),
-            _section_ablation(data),
-            _section_data(data), _section_run(data)]
+            _section_choices(data), _section_ablation(data), _section_data(data), _section_run(data)]

@@ -1,0 +1,15 @@
+"""Retrieval channels: candidate sources beside the distilled two-tower, and their merger.
+
+Every channel answers the stage contract ``select(requests, None, n) -> (item_ids [B, n], scores [B, n])``. The
+classic ones (:mod:`.classic`: most-popular in a trailing window, the user's recent items, item-to-item
+collaborative filtering, content categories, ALS matrix factorisation) read logged history strictly before each
+request, and what they learn comes from the train period only. :class:`~.merge.MergedRetriever` unites several
+channels into one retrieval stage with per-channel quotas, keeping each candidate's channel of origin. Each channel
+alone is also a reference baseline of the replay.
+"""
+
+from .classic import CHANNELS, ALSChannel, Channel, ContentChannel, ItemCFChannel, PopularChannel, RecentChannel
+from .merge import MergedRetriever
+
+__all__ = ["CHANNELS", "ALSChannel", "Channel", "ContentChannel", "ItemCFChannel", "MergedRetriever", "PopularChannel",
+           "RecentChannel"]

@@ -1,0 +1,88 @@
+"""The channels step: the classic retrieval channels, built from the train period and tuned on validation.
+
+Each channel of ``channels.build`` is fitted on the train split's events only (so no later event shapes it) and
+its settings are chosen from a small grid by click-recall@``tune_k`` on the validation judge
+(:mod:`cascade.pipeline.judge`). The chosen channels are saved (``<name>/channel.json`` and ``channel.npz``) with
+the whole grid in the manifest; the replay serves each alone as a reference baseline, and the retrieval stage and
+the rank log can draw candidates from them.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from pathlib import Path
+
+import numpy as np
+
+from ..channels import CHANNELS, ALSChannel, Channel, ContentChannel, ItemCFChannel, PopularChannel, RecentChannel
+from ..data.history import EventHistory
+from ..run_data import RunData
+from .config import ChannelsSection
+from .judge import Judge, validation_judge
+from .runner import StepContext, StepResult
+
+log = logging.getLogger(__name__)
+
+
+def candidates(c: ChannelsSection, name: str, history: EventHistory, seed: int) -> list[Channel]:
+    """The grid of one channel's settings (unfitted)."""
+    if name == "popular":
+        return [PopularChannel(history, w, int(c.refresh_minutes * 60_000)) for w in c.popular_window_days]
+    if name == "recent":
+        return [RecentChannel(history)]
+    if name == "itemcf":
+        return [ItemCFChannel(history, c.itemcf_neighbours, c.history_length, c.history_decay)]
+    if name == "content":
+        return [ContentChannel(history, c.history_length, c.history_decay)]
+    if name == "als":
+        return [ALSChannel(history, f, r, a, c.als_iterations, seed)
+                for f, r, a in itertools.product(c.als_factors, c.als_regularization, c.als_alpha)]
+    raise ValueError(f"channels.build: unknown channel {name!r} (known: {sorted(CHANNELS)})")
+
+
+def fit_channel(ch: Channel, data: RunData, train: EventHistory, category_column: str) -> Channel:
+    if isinstance(ch, ContentChannel):
+        if category_column not in data.items.columns:
+            raise ValueError(f"channels.content_column {category_column!r} is not an item column "
+                             f"(items have {sorted(data.items.columns)})")
+        codes = data.items.set_index("item_id")[category_column].reindex(data.item_ids)
+        return ch.fit(train, data.item_ids, np.asarray(codes.factorize()[0], np.int64))
+    return ch.fit(train, data.item_ids)
+
+
+def tune(c: ChannelsSection, name: str, data: RunData, train: EventHistory, judge: Judge,
+         seed: int) -> tuple[Channel, list[dict]]:
+    """The channel of the grid with the best validation click-recall@tune_k, and every grid point's score."""
+    best, best_score, table = None, -np.inf, []
+    for ch in candidates(c, name, data.history, seed):
+        fit_channel(ch, data, train, c.content_column)
+        score = float(np.nanmean(judge.recall(judge.lists(ch, c.tune_k), c.tune_k)))
+        table.append({"params": ch.params(), f"valid_click_recall@{c.tune_k}": score})
+        if score > best_score:
+            best, best_score = ch, score
+    log.info("channels: %s chose %s (valid click-recall@%d %.4f)", name, best.params(), c.tune_k, best_score)
+    return best, table
+
+
+def run(ctx: StepContext) -> StepResult:
+    c: ChannelsSection = ctx.config
+    data = RunData(ctx.inputs["data"])
+    train = data.split_history("train")
+    judge = validation_judge(data, c.tune_requests, ctx.seed)
+    outputs, metrics, best = [], {"judge": judge.what}, {}
+    for name in c.build:
+        ch, table = tune(c, name, data, train, judge, ctx.seed)
+        outputs += [f"{name}/{f}" for f in ch.save(ctx.out / name)]
+        metrics[name] = {"chosen": ch.params(), "grid": table}
+        best[name] = max(row[f"valid_click_recall@{c.tune_k}"] for row in table)
+    return StepResult(outputs, metrics, f"valid click-recall@{c.tune_k}: "
+                      + ", ".join(f"{n} {v:.3f}" for n, v in best.items()))
+
+
+def load_channels(folder: Path, data: RunData) -> dict[str, Channel]:
+    """The channels a finished channels step saved, reading ``data``'s whole logged history (what serving knows)."""
+    out = {}
+    for sub in sorted(p for p in Path(folder).iterdir() if (p / "channel.json").exists()):
+        out[sub.name] = CHANNELS[sub.name].load(sub, data.history)
+    return out

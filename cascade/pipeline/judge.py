@@ -1,0 +1,92 @@
+"""The validation judge: the requests and clicks on which every weight, window and setting is chosen.
+
+Choices are made on the validation split by outcomes (held-out clicks), never on agreement with the teacher. The
+judge is the validation requests of the random-exposure slice when the data has enough of them with clicks
+(:data:`MIN_RANDOM_REQUESTS`): their clicks are free of the logging policy's bias. Otherwise it is a seeded
+sample of all validation requests with clicks. Items the user was shown before are filtered as the replay filters
+them (:func:`seen_filter`: the data step's decision, :func:`decide_filter_seen`), so a choice is judged on the
+lists users would get.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+
+from .. import artifacts as A
+from ..arrays import PAD, pad_by_row
+from ..data.history import EventHistory
+from ..data.requests import Requests, requests_frame, to_requests
+from ..eval.metrics import click_recall
+from ..run_data import RunData
+from ..serve.cascade import select_unseen
+
+MIN_RANDOM_REQUESTS = 200
+REPEAT_SHARE_FILTER_MAX = 0.02
+
+
+def decide_filter_seen(setting: bool | str, repeat_click_share: float) -> tuple[bool, str]:
+    """(filter seen items or not, why) for a ``data.filter_seen`` setting of true / false / "auto". "auto" filters
+    when re-consumption is rare in train (``repeat_click_share``, the share of train clicks on items the user had
+    been shown before, below REPEAT_SHARE_FILTER_MAX): a filter then costs at most that share of the clicks and
+    frees the slots already-seen items would take."""
+    if setting != "auto":
+        return bool(setting), f"data.filter_seen = {str(setting).lower()}"
+    if not np.isfinite(repeat_click_share):
+        return False, "auto: no train clicks to measure re-consumption on: not filtered"
+    verdict = repeat_click_share < REPEAT_SHARE_FILTER_MAX
+    return verdict, (f"auto: {repeat_click_share:.1%} of train clicks were on items the user had been shown before "
+                     f"({'<' if verdict else '>='} {REPEAT_SHARE_FILTER_MAX:.0%}): "
+                     f"{'seen items filtered' if verdict else 'not filtered'}")
+
+
+def seen_filter(data: RunData) -> tuple[EventHistory | None, str]:
+    """(the shown-items history when the run filters seen items, else None; why), as the data step decided."""
+    decision = A.read_json(data.dir / "summary.json")["summary"]["filter_seen"]
+    return (data.history if decision["applied"] else None), decision["why"]
+
+
+@dataclass
+class Judge:
+    """requests: the judged validation requests (R); clicked: int64 [R, C] their clicked items (PAD-padded);
+    seen: the shown-items history when seen items are filtered (else None); what: a line saying which requests."""
+
+    requests: Requests
+    clicked: np.ndarray
+    seen: EventHistory | None
+    what: str
+
+    def lists(self, stage, n: int) -> np.ndarray:
+        """A retrieval stage's top-n items for the judged requests (seen items filtered as in serving): [R, n]."""
+        return select_unseen(stage, self.requests, n, self.seen)[0]
+
+    def recall(self, items: np.ndarray, k: int) -> np.ndarray:
+        """Per-request click-recall@k of ``items`` [R, >= k] (float64 [R]; every judged request has a click)."""
+        return click_recall(self.clicked, items[:, :k])
+
+
+def validation_judge(data: RunData, max_requests: int, seed: int) -> Judge:
+    """The judge of ``data``'s validation split (see the module docstring); at most ``max_requests`` requests,
+    a seeded sample kept in time order."""
+    valid = data.split_impressions("valid")
+    clicked_any = valid.groupby("request_id").click.max()
+    rand_req = valid.groupby("request_id").is_rand.max()
+    rand = rand_req.index[(rand_req == 1) & (clicked_any == 1)]
+    use_rand = len(rand) >= MIN_RANDOM_REQUESTS
+    keep = rand if use_rand else clicked_any.index[clicked_any == 1]
+    if len(keep) == 0:
+        raise ValueError(f"{data.dir}: the validation split has no request with a click: nothing to choose on")
+    frame = requests_frame(valid[valid.request_id.isin(keep)], data.context_names)
+    if len(frame) > max_requests:
+        rng = np.random.default_rng(seed)
+        frame = frame.iloc[np.sort(rng.choice(len(frame), max_requests, replace=False))].reset_index(drop=True)
+    clicks = valid[(valid.click == 1) & valid.request_id.isin(frame.request_id)]
+    row = pd.Series(np.arange(len(frame)), index=frame.request_id.to_numpy()).loc[clicks.request_id.to_numpy()]
+    clicked = pad_by_row(row.to_numpy(), clicks.item_id.to_numpy(np.int64), len(frame), fill=PAD)
+    seen, _ = seen_filter(data)
+    what = (f"{len(frame):,} validation requests with clicks "
+            f"({'the random-exposure slice' if use_rand else 'logged traffic'}; seen items "
+            f"{'filtered' if seen is not None else 'kept'})")
+    return Judge(to_requests(frame, data.context_names), clicked, seen, what)
