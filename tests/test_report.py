@@ -378,6 +378,17 @@ def test_html_renders_in_headless_chromium(tmp_path, written, browser):
     assert (grey[1200:] < 0.9).mean() > 0.01
 
 
+def test_the_readme_shows_a_small_screenshot_of_a_report():
+    """docs/report-screenshot.png (made by tools/render_report.py, as the README says) is a PNG of the report at
+    1280 px, small enough to keep in the repository, and the README shows it."""
+    root = TOOL.parents[1]
+    png = root / "docs" / "report-screenshot.png"
+    data = png.read_bytes()
+    assert data[:8] == PNG_MAGIC and struct.unpack(">II", data[16:24]) == (1280, 1800)
+    assert len(data) < 200_000
+    assert "](docs/report-screenshot.png)" in (root / "README.md").read_text()
+
+
 def test_browser_check_fails_on_a_broken_page(tmp_path, browser):
     """The checks can fail: an image that does not decode, a table wider than its box, a resource that is not there
     (a console error) each make the tool exit 1 and name the problem."""
