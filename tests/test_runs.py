@@ -50,6 +50,19 @@ def runs(tmp_path):
     return r
 
 
+def test_a_run_in_an_older_layout_is_named_not_a_traceback(runs, capsys):
+    old = _run(runs, "old", 1, 0.5, 0.5, 0.6)
+    A.write_json(old / "replay" / "summary.json", {"distilled": {"quality": {}}})  # before summary["variants"]
+    rows = {r["name"]: r for r in list_runs(runs)}
+    assert rows["old"]["teacher_recall"] is None and "older layout" in rows["old"]["problem"]
+    assert rows["base"]["problem"] is None
+    assert main(["runs", "--runs-dir", str(runs)]) == 0
+    assert "old: " in capsys.readouterr().out
+    assert main(["compare", "base", "old", "--runs-dir", str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("cascade: error: ") and "older layout" in err and "cascade replay" in err
+
+
 def test_runs_lists_every_run_with_its_headline_metrics(runs, capsys):
     rows = {r["name"]: r for r in list_runs(runs)}
     assert sorted(rows) == ["base", "half", "longer"]

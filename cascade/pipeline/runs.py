@@ -27,6 +27,10 @@ class RunNotFound(ConfigError):
     """A run name or folder the user gave that holds no run."""
 
 
+class RunLayoutError(ConfigError):
+    """A run whose outputs are in a layout this code does not read (written by an older version)."""
+
+
 def find_run(name_or_path: str | os.PathLike, runs_dir: str | os.PathLike = "runs") -> Path:
     """The run folder of ``name_or_path``: a folder holding config.json, or a run name under ``runs_dir``."""
     p = Path(name_or_path)
@@ -76,7 +80,11 @@ def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     summary_path = run_dir / "replay" / "summary.json"
     if summary_path.is_file():
-        for variant, s in A.read_json(summary_path)["variants"].items():
+        summary = A.read_json(summary_path)
+        if "variants" not in summary:
+            raise RunLayoutError(f"{summary_path}: a replay summary in an older layout (no 'variants'); redo the "
+                                 f"replay with this version: cascade replay {run_dir}")
+        for variant, s in summary["variants"].items():
             q, k = s.get("quality", {}), s.get("sizes", {}).get("rank")
             out += [{"metric": f"{variant}: final teacher-recall@{k}", "key": "teacher_recall",
                      "value": q.get("rank_teacher_recall")},
@@ -103,18 +111,22 @@ def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
 
 def list_runs(runs_dir: str | os.PathLike = "runs") -> list[dict[str, Any]]:
     """Every run under ``runs_dir`` with its facts (:func:`run_facts`) and headline metrics: the teacher's test AUC
-    and the distilled cascade's final teacher-recall@K, click-recall and oracle ratio (None where not computed)."""
+    and the distilled cascade's final teacher-recall@K, click-recall and oracle ratio (None where not computed);
+    "problem" says why a run's metrics cannot be read (an older layout), else None."""
     rows = []
     for d in run_folders(runs_dir):
         facts = run_facts(d)
-        metrics = {m["metric"]: m["value"] for m in run_metrics(d)}
+        try:
+            metrics, problem = {m["metric"]: m["value"] for m in run_metrics(d)}, None
+        except RunLayoutError as e:  # listed all the same, its metrics as "–" and the reason beside
+            metrics, problem = {}, str(e)
         teacher = next((v for k, v in metrics.items() if k.startswith("test AUC: teacher")), None)
         recall = next(((k, v) for k, v in metrics.items() if k.startswith("distilled: final teacher-recall@")),
                       (None, None))
         rows.append({**facts, "teacher_auc": teacher, "teacher_recall": recall[1],
                      "k": recall[0].rsplit("@", 1)[1] if recall[0] else None,
                      "click_recall": metrics.get("distilled: final click-recall"),
-                     "oracle_ratio": metrics.get("distilled: oracle ratio")})
+                     "oracle_ratio": metrics.get("distilled: oracle ratio"), "problem": problem})
     return rows
 
 
@@ -126,7 +138,8 @@ def runs_markdown(rows: list[dict[str, Any]]) -> str:
               format_value(r["teacher_recall"], "teacher_recall") + (f" (K={r['k']})" if r["k"] else ""),
               format_value(r["click_recall"], "click_recall"), format_value(r["oracle_ratio"], "oracle_ratio")]
              for r in rows]
-    return markdown_table(header, cells, [False] * 4 + [True] * 4)
+    notes = [f"{r['name']}: {r['problem']}" for r in rows if r.get("problem")]
+    return markdown_table(header, cells, [False] * 4 + [True] * 4) + "".join(f"\n\n{n}" for n in notes)
 
 
 def compare_runs(run_dirs: list[Path]) -> dict[str, Any]:
