@@ -168,7 +168,7 @@ def package_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("cascade", "torch", "numpy", "pandas", "pyarrow", "lightgbm", "scikit-learn", "faiss-cpu",
+    for pkg in ("cascade-distill", "torch", "numpy", "pandas", "pyarrow", "lightgbm", "scikit-learn", "faiss-cpu",
                 "faiss-gpu-cu12"):
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)

@@ -19,6 +19,7 @@ EPILOG_RUN = """examples:
   cascade run --data kuairand:path/to/KuaiRand-Pure/data
   cascade run --set teacher.model.backbone=deepfm --set run.name=deepfm
   cascade run --force teacher                   # redo one step (and whatever its change affects)
+  cascade run --set replay.k=20 --update        # change an existing run in place (else refused, naming the keys)
 """
 #: --set keys `cascade replay` / `cascade report` take: their own steps' sections (every other step is finished).
 REPLAY_SECTIONS = {"replay": ("replay", "report", "run.threads"), "report": ("report", "run.threads")}
@@ -28,13 +29,49 @@ class UsageError(Exception):
     """A mistake on the command line (a missing option or folder): printed as ``cascade: error: ...``."""
 
 
-def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file is not None:
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _BarSafeHandler(logging.StreamHandler):
+    """Writes through ``tqdm.write``, which clears a progress bar and draws it again below the line, so a log line
+    never cuts a bar in two."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # logging's own rule: a failing handler reports and does not raise
+            self.handleError(record)
+
+
+def _setup_logging(args: argparse.Namespace, log_file: Path | None = None) -> None:
+    """Handlers on the library's logger ``cascade`` only: the root logger is left alone, so other libraries' INFO
+    lines (faiss's loader reports every SIMD build it tries, with ModuleNotFoundError lines that read like
+    failures) stay silent. -v: DEBUG; --quiet: warnings and errors only (and no progress bars)."""
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    lib = logging.getLogger("cascade")
+    for h in list(lib.handlers):
+        lib.removeHandler(h)
+        h.close()
+    console = _BarSafeHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
+    console.setLevel(level)
+    lib.addHandler(console)
+    lib.setLevel(min(level, logging.INFO) if log_file is not None else level)
+    if log_file is not None:  # the run's log keeps the INFO lines even under --quiet
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(logging.Formatter(LOG_FORMAT))
+        fh.setLevel(min(level, logging.INFO))
+        lib.addHandler(fh)
+    lib.propagate = False
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not (getattr(args, "no_progress", False) or getattr(args, "quiet", False))
 
 
 def _default_config_path() -> Path | None:
@@ -47,24 +84,20 @@ def _default_config_path() -> Path | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from . import artifacts as A
     from .pipeline import load_config, run_pipeline
-    from .pipeline.run import STEP_NAMES
+    from .pipeline.run import STEP_NAMES, check_device
 
     path = Path(args.config) if args.config else _default_config_path()
-    _setup_logging(args.verbose)
+    _setup_logging(args)
     # fails on an unknown key, a wrong type or an impossible value before any work starts
-    cfg = load_config(path, args.set, data_spec=args.data)
+    overrides = list(args.set or []) + ([f'run.device="{args.device}"'] if args.device else [])
+    cfg = load_config(path, overrides, data_spec=args.data)
+    check_device(cfg)  # and on a device the machine does not have
     unknown = [f for f in args.force or () if f not in STEP_NAMES]
     if unknown:
         raise UsageError(f"--force {unknown[0]!r}: no such step (steps: {', '.join(STEP_NAMES)})")
     run_dir = A.safe_join(cfg.run.runs_dir, cfg.run.name)
-    _setup_logging(args.verbose, run_dir / "run.log")
-
-    def on_step(name: str, status: str, manifest: dict) -> None:
-        summary = manifest.get("summary") or ""
-        wall = manifest.get("wall_s")
-        print(f"[{name:>8}] {status:<7} {'' if status == 'skipped' else f'{wall:.1f}s '}{summary}", flush=True)
-
-    run_pipeline(cfg, force=tuple(args.force or ()), progress=not args.no_progress, on_step=on_step, wait=args.wait)
+    _setup_logging(args, run_dir / "run.log")
+    run_pipeline(cfg, force=tuple(args.force or ()), progress=_progress(args), update=args.update, wait=args.wait)
     print(f"report: {run_dir / 'report' / 'report.html'}")
     return 0
 
@@ -74,8 +107,8 @@ def cmd_replay(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run)
     cfg = _run_config(run_dir, args.set, "replay")
-    _setup_logging(args.verbose, run_dir / "run.log")
-    res = run_pipeline(cfg, force=("replay", "report"), progress=not args.no_progress, write_config=False,
+    _setup_logging(args, run_dir / "run.log")
+    res = run_pipeline(cfg, force=("replay", "report"), progress=_progress(args), update=args.update,
                        frozen=("data", "teacher", "ranklog", "students", "index"), wait=args.wait)
     print(json.dumps(res["replay"]["manifest"]["metrics"], indent=2, default=str))
     return 0
@@ -86,8 +119,8 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     run_dir = Path(args.run)
     cfg = _run_config(run_dir, args.set, "report")
-    _setup_logging(args.verbose)
-    run_pipeline(cfg, force=("report",), progress=False, write_config=False,
+    _setup_logging(args)
+    run_pipeline(cfg, force=("report",), progress=False, update=args.update,
                  frozen=("data", "teacher", "ranklog", "students", "index", "replay"), wait=args.wait)
     print(f"report: {run_dir / 'report' / 'report.html'}")
     return 0
@@ -117,13 +150,54 @@ def _run_config(run_dir: Path, extra: list[str] | None, command: str):
     return from_dict(PipelineConfig, apply_overrides(saved, list(extra or [])))
 
 
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .pipeline.runs import list_runs, runs_markdown
+
+    _setup_logging(args)
+    rows = list_runs(args.runs_dir)
+    if not rows:
+        print(f"no runs in {args.runs_dir} (a run is a folder with a config.json, written by `cascade run`)")
+        return 0
+    print(runs_markdown(rows))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .pipeline.runs import find_run, write_compare
+
+    _setup_logging(args)
+    dirs = [find_run(r, args.runs_dir) for r in args.runs]
+    out = Path(args.out) if args.out else Path(args.runs_dir) / ("compare_" + "_vs_".join(d.name for d in dirs))
+    _, files = write_compare(dirs, out)
+    print(next(f for f in files if f.suffix == ".md").read_text())
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .pipeline.runs import find_run
+    from .serve.export import export_run
+
+    _setup_logging(args)
+    run_dir = find_run(args.run, args.runs_dir)
+    out = Path(args.out) if args.out else run_dir / "export" / args.format
+    m = export_run(run_dir, args.format, out, variants=tuple(args.variant) if args.variant else None,
+                   tolerance=args.tolerance)
+    for name, info in m["models"].items():
+        ins = ", ".join(f"{i['name']} {i['dtype']} [{', '.join(map(str, i['shape']))}]" for i in info["inputs"])
+        print(f"{name}: {out / info['file']}  ({ins}) -> [{', '.join(map(str, info['output']['shape']))}], "
+              f"max |exported - eager| {info['max_abs_diff']:.2g} on {info['checked_rows']} test rows")
+    print(f"manifest: {out / 'manifest.json'}")
+    return 0
+
+
 def cmd_ablation(args: argparse.Namespace) -> int:
     from .pipeline.ablation import ablation_markdown, load_ablation_config, run_ablation, write_ablation
 
     cfg, settings = load_ablation_config(args.config or Path("pipelines") / "ablation.toml", args.set)
-    _setup_logging(args.verbose)
+    _setup_logging(args)
     label = cfg.data.source.replace("-", "_")
-    result = run_ablation(cfg, settings, label, progress=not args.no_progress)
+    result = run_ablation(cfg, settings, label, progress=_progress(args))
     json_path, md_path = write_ablation(result, args.out, f"ablation_{label}")
     print(ablation_markdown(result))
     print(f"wrote {json_path} and {md_path}; add `report.ablation = \"{json_path}\"` to a run's "
@@ -132,7 +206,7 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    _setup_logging(args.verbose)
+    _setup_logging(args)
     if args.source == "world":
         from .data.world import WorldConfig, generate_world
         from .run_lock import folder_lock
@@ -143,7 +217,7 @@ def cmd_data(args: argparse.Namespace) -> int:
         cfg = WorldConfig(seed=0 if args.seed is None else args.seed, n_users=args.n_users, n_items=args.n_items,
                           n_days=21 if args.n_days is None else args.n_days)
         with folder_lock(args.out or "world", wait=args.wait):
-            world = generate_world(args.out or "world", cfg, progress=True)
+            world = generate_world(args.out or "world", cfg, progress=_progress(args))
         print(json.dumps(world.summary(), indent=2, default=str))
         return 0
     from .data import custom, kuairand, movielens
@@ -185,7 +259,7 @@ def cmd_index(args: argparse.Namespace) -> int:
     from .index.faiss_index import ItemIndex
     from .run_lock import folder_lock
 
-    _setup_logging(args.verbose)
+    _setup_logging(args)
     if args.action == "build":
         if args.run:
             from .pipeline.config import IndexSection
@@ -234,7 +308,7 @@ def cmd_ddp_ranklog(args: argparse.Namespace) -> int:
     from .distributed import is_main
     from .pipeline.distributed_ranklog import run_distributed_ranklog
 
-    _setup_logging(args.verbose)
+    _setup_logging(args)
     if args.threads:
         import torch
 
@@ -254,6 +328,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
                         help="debug logging, and the traceback of an error")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="warnings and errors only, no progress bars (a run's run.log keeps the INFO lines)")
     lock = argparse.ArgumentParser(add_help=False)
     lock.add_argument("--wait", action="store_true",
                       help="if another process holds the output folder, wait for it instead of failing")
@@ -280,6 +356,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="override a config value, e.g. teacher.train.epochs=3")
     r.add_argument("--force", action="append", metavar="STEP", help="redo STEP even if it is up to date")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where every training step trains (run.device; default: the config's, cpu)")
+    r.add_argument("--update", action="store_true",
+                   help="the run folder exists with another config: redo the steps the change affects in it (without "
+                        "this a different config is refused, naming the keys; or pick a new --set run.name=...)")
     r.set_defaults(func=cmd_run)
 
     for name, fn, help_, also in (
@@ -292,8 +373,46 @@ def build_parser() -> argparse.ArgumentParser:
         q.add_argument("run", help="the run folder, e.g. runs/default")
         q.add_argument("--set", action="append", metavar="KEY=VALUE",
                        help=f"override a value of {' / '.join(REPLAY_SECTIONS[name])} (other keys: cascade run)")
+        q.add_argument("--update", action="store_true",
+                       help="with --set: rewrite the run's config and redo the step(s) (without this a change is "
+                            "refused, naming the keys)")
         q.add_argument("--no-progress", action="store_true")
         q.set_defaults(func=fn)
+
+    ls = sub.add_parser("runs", parents=[common],
+                        help="list the runs under a runs folder with their headline metrics",
+                        epilog="examples:\n  cascade runs\n  cascade runs --runs-dir path/to/runs",
+                        formatter_class=raw)
+    ls.add_argument("--runs-dir", default="runs", help="the folder holding the runs (default: runs)")
+    ls.set_defaults(func=cmd_runs)
+
+    c = sub.add_parser("compare", parents=[common],
+                       help="two or more runs side by side: config differences and metrics (md + html)",
+                       epilog="examples:\n  cascade compare default deepfm\n"
+                              "  cascade compare runs/default other/runs/tiny --out cmp",
+                       formatter_class=raw)
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run names under --runs-dir, or run folders")
+    c.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: runs)")
+    c.add_argument("--out", default=None,
+                   help="folder for compare.md / compare.html / compare.json (default: RUNS_DIR/compare_A_vs_B)")
+    c.set_defaults(func=cmd_compare)
+
+    x = sub.add_parser("export", parents=[common],
+                       help="export a run's towers and rankers (torch.export or ONNX), each checked against its "
+                            "eager model",
+                       epilog="examples:\n  cascade export default --format torch-export\n"
+                              "  cascade export runs/default --format onnx --variant distilled --out serving/\n"
+                              "(--format onnx needs pip install 'cascade-distill[export]')",
+                       formatter_class=raw)
+    x.add_argument("run", help="a run name under --runs-dir, or a run folder")
+    x.add_argument("--format", required=True, choices=("torch-export", "onnx"))
+    x.add_argument("--out", default=None, help="output folder (default: RUN/export/FORMAT)")
+    x.add_argument("--variant", action="append", metavar="VARIANT",
+                   help="only these two-tower variants (default: all the run trained: distilled, ground_truth)")
+    x.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: runs)")
+    x.add_argument("--tolerance", type=float, default=1e-5,
+                   help="largest allowed |exported - eager| on the parity rows (default 1e-5)")
+    x.set_defaults(func=cmd_export)
 
     a = sub.add_parser("ablation", parents=[common],
                        help="the distillation ablation of the two-tower students over seeds",
@@ -386,7 +505,10 @@ def main(argv: list[str] | None = None) -> int:
     from .run_lock import RunLockedError
 
     args = build_parser().parse_args(argv)
-    args.verbose = getattr(args, "verbose", False)
+    args.verbose, args.quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    if args.verbose and args.quiet:
+        print("cascade: error: -v/--verbose and -q/--quiet exclude each other", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
     except (ConfigError, DataValidationError, ArtifactError, IndexMismatchError, RunLockedError, UsageError,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import json
 import math
 import tomllib
 import types
@@ -243,3 +244,46 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
     data = dict(base or {}) if path is None else load_toml(path)
     data = apply_overrides(data, list(overrides or []))
     return from_dict(cls, data)
+
+
+ABSENT = "(absent)"  # how a key that one side of a config_diff lacks is shown
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The leaves where two plain configs (nested dicts of JSON values) differ: [(dotted key, old, new)], in key
+    order; a key missing on one side has :data:`ABSENT` there. Tuples and lists compare equal element by element."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: list[tuple[str, Any, Any]] = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old or k not in new:
+                out.append((key, old.get(k, ABSENT), new.get(k, ABSENT)))
+            else:
+                out += config_diff(old[k], new[k], key)
+        return out
+    return [] if _plain(old) == _plain(new) else [(prefix, old, new)]
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def config_get(cfg: Any, key: str) -> Any:
+    """The value at dotted ``key`` of a plain nested config, or :data:`ABSENT`."""
+    for part in key.split("."):
+        if not isinstance(cfg, Mapping) or part not in cfg:
+            return ABSENT
+        cfg = cfg[part]
+    return cfg
+
+
+def format_diff(diff: list[tuple[str, Any, Any]], limit: int = 8) -> str:
+    """``key: old -> new`` for the first ``limit`` differences, then how many more (JSON spelling of values)."""
+
+    def show(v: Any) -> str:
+        return v if v is ABSENT else json.dumps(v, default=str)
+
+    parts = [f"{k}: {show(a)} -> {show(b)}" if k else f"{show(a)} -> {show(b)}" for k, a, b in diff[:limit]]
+    if len(diff) > limit:
+        parts.append(f"and {len(diff) - limit} more")
+    return ", ".join(parts)

@@ -221,7 +221,7 @@ def test_4_values_known_after_the_data_step_are_checked_before_the_teacher(tmp_p
             (["replay.n_retrieve=600"], ConfigError, "replay.n_retrieve = 600 is more than the 500 items"),
             (["index.factory='IVF1024,Flat'"], ConfigError, "1024 inverted lists for 500 items")):
         with pytest.raises(error, match=needle):
-            run_pipeline(tiny(runs, *overrides), progress=False)
+            run_pipeline(tiny(runs, *overrides), progress=False, update=True)
         assert (runs / "tiny" / "data" / "manifest.json").exists() and not (runs / "tiny" / "teacher").exists()
     with caplog.at_level(logging.WARNING, logger="cascade.pipeline.checks"):
         warnings = check_against_data(tiny(runs, "replay.n_retrieve=500", "replay.n_prerank=100"),
@@ -372,7 +372,7 @@ def test_10_a_symlinked_step_folder_is_swapped_at_its_target_and_a_leftover_old_
     elsewhere.parent.mkdir()
     shutil.move(run_dir / "teacher", elsewhere)
     (run_dir / "teacher").symlink_to(elsewhere, target_is_directory=True)
-    res = run_pipeline(tiny(tmp_path, "teacher.train.epochs=1"), progress=False, until="teacher")
+    res = run_pipeline(tiny(tmp_path, "teacher.train.epochs=1"), progress=False, until="teacher", update=True)
     assert res["teacher"]["status"] == "ran"
     assert (run_dir / "teacher").is_symlink() and (run_dir / "teacher").resolve() == elsewhere.resolve()
     assert A.read_manifest(elsewhere)["config"]["train"]["epochs"] == 1
@@ -380,9 +380,9 @@ def test_10_a_symlinked_step_folder_is_swapped_at_its_target_and_a_leftover_old_
     # the state the old swap left behind: a `.teacher.old` symlink (and a stale `.teacher.partial`)
     (run_dir / ".teacher.old").symlink_to(elsewhere, target_is_directory=True)
     (run_dir / ".ranklog.old").mkdir()
-    res = run_pipeline(tiny(tmp_path, "teacher.train.epochs=1"), progress=False, until="teacher")
+    res = run_pipeline(tiny(tmp_path, "teacher.train.epochs=1"), progress=False, until="teacher", update=True)
     assert res["teacher"]["status"] == "skipped"  # up to date: no work, no crash
-    res = run_pipeline(tiny(tmp_path), progress=False, until="ranklog", force=("ranklog",))
+    res = run_pipeline(tiny(tmp_path), progress=False, until="ranklog", force=("ranklog",), update=True)
     assert res["teacher"]["status"] == "ran" and res["ranklog"]["status"] == "ran"
     assert not (run_dir / ".ranklog.old").exists()
 
@@ -401,10 +401,14 @@ def test_11_replay_refuses_upstream_changes_and_never_rewrites_a_finished_run(fi
     assert "use `cascade run CONFIG --set teacher.train.lr=0.03`" in r.stderr
     r = cli("report", str(run_dir), "--set", "replay.k=5")
     assert r.returncode == 2 and "cannot change 'replay'" in r.stderr
-    r = cli("replay", str(run_dir), "--set", "replay.k=5", "--no-progress")
+    r = cli("replay", str(run_dir), "--set", "replay.k=5", "--no-progress")  # a change needs --update
+    assert r.returncode == 2 and "replay.k: 10 -> 5" in r.stderr and "--update" in r.stderr
+    assert (run_dir / "config.json").read_bytes() == config_bytes
+    r = cli("replay", str(run_dir), "--set", "replay.k=5", "--update", "--no-progress")
     assert r.returncode == 0, r.stderr[-2000:]
     assert A.read_json(run_dir / "replay" / "summary.json")["variants"]["distilled"]["sizes"]["rank"] == 5
-    assert (run_dir / "config.json").read_bytes() == config_bytes
+    old, new = json.loads(config_bytes), A.read_json(run_dir / "config.json")  # only the replay's key changed
+    assert new["replay"]["k"] == 5 and {**new, "replay": old["replay"], "run": old["run"]} == old
     assert {s: (run_dir / s / "manifest.json").read_bytes() for s in upstream} == upstream
     # an altered upstream step is refused, never redone by replay
     (run_dir / "teacher" / "teacher" / "config.json").write_text("{}")

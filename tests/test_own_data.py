@@ -100,12 +100,12 @@ def test_two_commands_from_a_csv_folder_to_a_report(tmp_path, monkeypatch, capsy
     assert tables[0]["item_key"].str.startswith("sku-").all()
     # an unchanged re-run does nothing; an edited data file re-runs the data step
     assert main(["run", str(TINY), "--data", f"custom:{toml}", "--no-progress"]) == 0
-    assert capsys.readouterr().out.count("skipped") == 8
+    assert capsys.readouterr().err.count("skipped (up to date)") == 8
     imp = pd.read_csv(toml.parent / "impressions.csv")
     imp.loc[0, "clicked"] = 1 - imp.loc[0, "clicked"]
     imp.to_csv(toml.parent / "impressions.csv", index=False)
     assert main(["run", str(TINY), "--data", f"custom:{toml}", "--no-progress"]) == 0
-    assert "[    data] ran" in capsys.readouterr().out
+    assert "[data] running (" in capsys.readouterr().err
 
 
 def test_cross_features_by_column_or_none_and_no_context_feature(tmp_path):

@@ -20,6 +20,7 @@ vectorised scatter: no per-request Python.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -393,6 +394,20 @@ class RankLog:
                 j = int(np.argmax(bad))
                 raise artifacts.ArtifactError(f"{self.path}: {what} row {rows[j]} holds id {ids[j]} in the log but "
                                               f"{ref[rows[j]]} in the given map: the log belongs to another encoding")
+
+    def subset(self, idx: np.ndarray) -> RankLog:
+        """The requests ``idx`` (positions, int [n]) as a RankLog of their own (arrays copied; same path and
+        manifest), e.g. a fixed sample to follow a student's fit of the teacher's lists epoch by epoch."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = copy.copy(self)
+        for name in ("items", "ranks", "logits", "mask", "request_rows", "request_ids", "user_ids", "user_rows",
+                     "time_ms"):
+            setattr(out, name, getattr(self, name)[idx])
+        id_of_row = np.zeros(int(self._item_row_flat.max(initial=-1)) + 1, dtype=np.int64)
+        id_of_row[self._item_row_flat] = self.item_ids_flat
+        out._item_row_flat = out.items[out.mask]
+        out.item_ids_flat = id_of_row[out._item_row_flat]
+        return out
 
     def tensors(self, idx: np.ndarray | slice = slice(None)) -> dict[str, torch.Tensor]:
         """The requests ``idx`` as torch tensors: items/ranks [B, L] int64, logits [B, L] f32, mask [B, L] bool,

@@ -12,6 +12,7 @@ A few keys of the nested configs are set by the pipeline itself (the run's seed,
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -52,14 +53,24 @@ SET_BY_THE_PIPELINE: dict[str, str] = {
        for t in ("teacher.train", "students.rank_student_train", *(f"students.{s}" for s in STUDENTS))},
     **{f"students.{s}.eval_k": "the students step (teacher-recall@10 and NDCG@10 on the whole rank log)"
        for s in STUDENTS},
+    **{f"{t}.device": "run.device (--device: every training step follows the run's one device switch)"
+       for t in ("teacher.train", "students.rank_student_train", *(f"students.{s}" for s in STUDENTS))},
     **{f"students.{s}.distill_scale": "students.distill (a scale, or \"auto\": chosen on validation)"
        for s in STUDENTS},
 }
 
 
+#: Keys (or whole sections) that say where a run lives or what watches it, not what it computes: a run folder's
+#: config.json may differ from a new config in these without the run counting as another one
+#: (cascade.pipeline.run.run_config_diff).
+NOT_COMPARED: tuple[str, ...] = ("run.name", "run.runs_dir", "tracking")
+
+
 @dataclass(frozen=True)
 class RunSection:
     """name: the run folder under runs_dir. seed: the one seed every step derives its randomness from.
+    device: where every training step trains (the teacher, the rank students, the two-tower students;
+    :func:`with_run_device`); "cuda" on a machine without one is refused before any work.
     threads: torch's intra-op threads while the run lasts, whatever the process or OMP_NUM_THREADS say: weights
     depend on it in the last float bits, so it is pinned (and recorded in every step manifest) for two processes
     to train the same weights. 2 keeps the default pipeline fast on a 2-core machine."""
@@ -68,6 +79,7 @@ class RunSection:
     seed: int = 0
     runs_dir: str = "runs"
     threads: int = 2
+    device: Literal["cpu", "cuda"] = "cpu"
 
     def __post_init__(self) -> None:
         try:
@@ -403,6 +415,45 @@ class ReportSection:
                                                        f"({problem})")
 
 
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+@dataclass(frozen=True)
+class TrackingSection:
+    """Experiment tracking of a run (what it logs: every model's train loss and validation metric per epoch, the
+    step metrics, the resolved config; :mod:`cascade.pipeline.tracking`). Off by default; a tracker asked for
+    whose package is not installed is an error, not silently skipped (``pip install 'cascade-distill[tracking]'``).
+
+    tensorboard: event files under ``runs/<run>/tensorboard/`` (``tensorboard --logdir runs``), written anew by
+    every ``cascade run``. mlflow: one MLflow run per ``cascade run``, named after the run; mlflow_tracking_uri
+    (default: MLflow's own, e.g. the MLFLOW_TRACKING_URI variable) and mlflow_experiment (default "cascade") only
+    with mlflow = true."""
+
+    tensorboard: bool = False
+    mlflow: bool = False
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tensorboard and not (_installed("tensorboard") and _installed("torch.utils.tensorboard")):
+            raise ValueError("tracking.tensorboard = true needs the tensorboard package, which is not installed: "
+                             "pip install 'cascade-distill[tracking]' (or tensorboard)")
+        if self.mlflow and not _installed("mlflow"):
+            raise ValueError("tracking.mlflow = true needs the mlflow package, which is not installed: "
+                             "pip install 'cascade-distill[tracking]' (or mlflow)")
+        if not self.mlflow:
+            unused = [k for k in ("mlflow_tracking_uri", "mlflow_experiment") if getattr(self, k) is not None]
+            if unused:
+                raise ValueError(f"tracking.{unused[0]} is set but tracking.mlflow is false: it would do nothing")
+
+
 @dataclass(frozen=True)
 class PipelineConfig:
     run: RunSection = field(default_factory=RunSection)
@@ -414,6 +465,8 @@ class PipelineConfig:
     index: IndexSection = field(default_factory=IndexSection)
     replay: ReplaySection = field(default_factory=ReplaySection)
     report: ReportSection = field(default_factory=ReportSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
 
     def __post_init__(self) -> None:
         """Checks across sections (each section checked its own values)."""
@@ -428,6 +481,16 @@ class PipelineConfig:
                 raise ConfigError(f"report.ablation = {self.report.ablation!r} is the ablation of dataset {shown!r}, "
                                   f"but data.source is {self.data.source!r}: use --data {self.data.source}:PATH "
                                   "(it leaves out an ablation of another dataset) or a config without it")
+
+
+def with_run_device(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with every training config (teacher.train, students.rank_student_train, the two-tower students)
+    on ``run.device``: the one device switch of a run."""
+    d, r = cfg.run.device, dataclasses.replace
+    st = cfg.students
+    students = r(st, rank_student_train=r(st.rank_student_train, device=d),
+                 **{s: r(getattr(st, s), device=d) for s in STUDENTS})
+    return r(cfg, teacher=r(cfg.teacher, train=r(cfg.teacher.train, device=d)), students=students)
 
 
 def ablation_file_problem(path: Path) -> str | None:
@@ -568,4 +631,4 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
                 data_spec: str | None = None) -> PipelineConfig:
     """Load and check a pipeline config (TOML) with ``key.path=value`` overrides and an optional ``--data``
     dataset (:func:`config_data`); raises ConfigError naming the key before any work starts."""
-    return from_dict(PipelineConfig, config_data(path, overrides, data_spec))
+    return with_run_device(from_dict(PipelineConfig, config_data(path, overrides, data_spec)))

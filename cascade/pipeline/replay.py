@@ -15,7 +15,7 @@ from ..arrays import PAD, pad_by_row
 from ..channels import MergedRetriever
 from ..data.requests import impression_requests, requests_frame, to_requests
 from ..data.world import World
-from ..eval.metrics import auc, gauc, mean_recall_at_k
+from ..eval.metrics import auc, gauc, recall_at_k
 from ..index.faiss_index import ItemIndex
 from ..models.scoring import ranker_scorer
 from ..run_data import RunData, Towers, load_ranker, load_towers
@@ -47,7 +47,9 @@ def run(ctx: StepContext) -> StepResult:
     requests = to_requests(frame, data.context_names)
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     ranker = teacher if c.ranker == "teacher" else load_ranker(ctx.inputs["students"] / "rank_student", data.spec)
-    ref_len = max(50, c.n_retrieve)  # the grades below use the first 50; the ceiling row every stage size
+    # the teacher's top list over the corpus: the grades below use the first 50, the ceiling row every stage size,
+    # the teacher-recall@K curves the top-K of every K up to the retrieval stage's size
+    ref_len = max(50, c.n_retrieve)
     t_top, _ = teacher_top_over_corpus(teacher, data, requests, ref_len, progress=ctx.progress, exclude_seen=seen)
     grades = np.select([np.arange(ref_len) < 5, np.arange(ref_len) < 10, np.arange(ref_len) < 20,
                         np.arange(ref_len) < 50],
@@ -100,8 +102,7 @@ def run(ctx: StepContext) -> StepResult:
     def measure(name: str, casc, auc_of: dict) -> dict:
         rows, summary = replay_quality(casc, inp, c.n_retrieve, c.n_prerank, c.k, c.batch_size, filter_seen,
                                        ctx.progress)
-        # recall@K curves: teacher top-k inside the first K of each stage's output
-        curves = _recall_curves(casc, requests, t_top[:, :c.k], c)
+        curves = recall_curves(casc, requests, t_top, c, filter_seen)
         lat1 = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=1,
                               max_requests=c.latency_requests)
         latb = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=c.batch_size)
@@ -219,11 +220,25 @@ def baseline_name(channel: str, params: dict) -> str:
     return channel
 
 
-def _recall_curves(casc, requests, ref: np.ndarray, c: ReplaySection) -> dict:
-    sub = requests.take(np.arange(min(len(requests), 200)))
-    res = casc.recommend(sub, c.n_retrieve, c.n_prerank, c.k, return_stages=True)
-    out = {}
-    for st, (items, _) in res.stages.items():
-        ks = [k for k in c.recall_ks if k <= items.shape[1]]
-        out[st] = {"k": ks, "teacher_recall": [mean_recall_at_k(ref[: len(sub)], items[:, :k]) for k in ks]}
-    return out
+def curve_ks(c: ReplaySection, n_items: int) -> list[int]:
+    """The K of the teacher-recall@K curves: ``c.recall_ks`` up to the retrieval stage's length and the corpus."""
+    return [k for k in c.recall_ks if k <= min(c.n_retrieve, n_items)]
+
+
+def recall_curves(casc, requests, teacher_top: np.ndarray, c: ReplaySection, filter_seen: bool) -> dict:
+    """Teacher-recall@K of each stage for every K of :func:`curve_ks` up to the stage's length, over all replayed
+    requests: |the teacher's top-K over the corpus ∩ the stage's first K| / K, mean over requests. teacher_top:
+    int64 [B, L >= max K], best first. {stage: {"k": [K], "teacher_recall": [mean]}}; the rank stage at K = c.k
+    is the quality summary's final teacher-recall."""
+    ks = curve_ks(c, teacher_top.shape[1])
+    per_request: dict[str, dict[int, list[np.ndarray]]] = {}
+    for s in range(0, len(requests), c.batch_size):
+        idx = np.arange(s, min(s + c.batch_size, len(requests)))
+        res = casc.recommend(requests.take(idx), c.n_retrieve, c.n_prerank, c.k, return_stages=True,
+                             filter_seen=filter_seen)
+        for st, (items, _) in res.stages.items():
+            for k in (k for k in ks if k <= items.shape[1]):
+                per_request.setdefault(st, {}).setdefault(k, []).append(
+                    recall_at_k(teacher_top[idx, :k], items[:, :k]))
+    return {st: {"k": list(by_k), "teacher_recall": [float(np.nanmean(np.concatenate(v))) for v in by_k.values()]}
+            for st, by_k in per_request.items()}

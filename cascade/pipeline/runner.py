@@ -14,6 +14,7 @@ link stays.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from .. import artifacts as A
-from ..config import ConfigError
+from ..config import ConfigError, config_diff, format_diff
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +78,8 @@ def _fingerprint(manifest: Mapping[str, Any]) -> str:
 
 def step_status(step_dir: Path, config_dict: Any, inputs: Mapping[str, str], seed: int | None = None,
                 code_hash: str | None = None) -> tuple[bool, str]:
-    """(up_to_date, reason)."""
+    """(up_to_date, reason). A changed config names its keys (``config changed: train.epochs: 1 -> 2``, keys
+    relative to the step's config slice); changed inputs name the upstream steps."""
     if not (step_dir / A.MANIFEST).exists():
         return False, "no manifest"
     try:
@@ -85,9 +87,12 @@ def step_status(step_dir: Path, config_dict: Any, inputs: Mapping[str, str], see
     except A.ArtifactError as e:
         return False, f"invalid artifacts ({e})"
     if m.get("config_hash") != A.stable_hash(config_dict):
-        return False, "config changed"
+        diff = config_diff(m.get("config"), json.loads(json.dumps(config_dict, default=str)))
+        return False, f"config changed: {format_diff(diff)}" if diff else "config changed"
     if m.get("inputs") != dict(inputs):
-        return False, "inputs changed"
+        old = m.get("inputs") or {}
+        changed = [d for d in inputs if old.get(d) != inputs[d]] + [d for d in old if d not in inputs]
+        return False, f"inputs changed: new outputs of {', '.join(changed)}"
     if seed is not None and m.get("seed") != seed:
         return False, "seed changed"
     if code_hash is not None and m.get("code_hash") != code_hash:
@@ -178,7 +183,7 @@ def run_steps(
             m = A.read_manifest(step_dir, verify=False)
             fingerprints[step.name] = _fingerprint(m)
             results[step.name] = {"status": "skipped", "manifest": m}
-            log.info("%-9s skipped (%s)", step.name, reason)
+            log.info("[%s] skipped (%s)", step.name, reason)
             if on_step:
                 on_step(step.name, "skipped", m)
             if step.after is not None:
@@ -192,7 +197,7 @@ def run_steps(
         _remove(tmp)
         _remove(old)  # a swap killed midway leaves it (the step folder itself is already complete then)
         tmp.mkdir()
-        log.info("%-9s running (%s)", step.name, reason if step.name not in force else "forced")
+        log.info("[%s] running (%s)", step.name, reason if step.name not in force else "forced")
         t0 = time.perf_counter()
         ctx = StepContext(step.name, tmp, {d: run_dir / d for d in step.deps}, cfg_slice, seed, progress)
         res = step.run(ctx)
@@ -207,7 +212,7 @@ def run_steps(
         _remove(old)
         fingerprints[step.name] = _fingerprint(m)
         results[step.name] = {"status": "ran", "manifest": m}
-        log.info("%-9s done in %.1fs %s", step.name, wall, res.summary)
+        log.info("[%s] done in %.1f s: %s", step.name, wall, res.summary)
         if on_step:
             on_step(step.name, "ran", m)
         if step.after is not None:

@@ -36,7 +36,8 @@ def run(ctx: StepContext) -> StepResult:
         model = EntireSpaceRanker(train.spec, c.model, seed=ctx.seed)
         rng = np.random.default_rng(ctx.seed)
         table = entire_space_table(data, "train", es.unshown_per_shown, es.popularity_share, rng)
-        res = fit(model, table, valid, tcfg, loss_fn=entire_space_loss(es.w_exposure))
+        res = fit(model, table, valid, tcfg, loss_fn=entire_space_loss(es.w_exposure), label="teacher")
+        model.cpu()  # trained on run.device; the corpus scoring below and every later step read it on the CPU
         judge = validation_judge(data, es.select_requests, ctx.seed)
         choice, grid = choose_exposure_weight(model, data, judge.requests, judge.clicked, es.exposure_weights,
                                               es.select_k, judge.seen)
@@ -45,16 +46,18 @@ def run(ctx: StepContext) -> StepResult:
         name = f"teacher ({c.model.backbone}, entire space: exposure weight {choice:g})"
     else:
         model = Ranker(train.spec, c.model)
-        res = fit(model, train, valid, tcfg)
+        res = fit(model, train, valid, tcfg, label="teacher")
         name = f"teacher ({c.model.backbone})"
-    model.eval()
+    model.cpu().eval()
     outputs = save_ranker(model, c.model, ctx.out / "teacher")
+    A.write_json(ctx.out / "history.json", res.history)  # per evaluation: train loss terms, valid metrics
+    outputs.append("history.json")
     rows = [model_row(name, "teacher", model, evaluate(model, test), train.spec)]
     if c.lightgbm:
         gb_train = train if c.lightgbm_max_rows is None else train.take(slice(max(0, len(train) - c.lightgbm_max_rows),
                                                                               None))
-        gb = GBDTRanker(objective="binary", n_estimators=c.lightgbm_trees, seed=ctx.seed, num_threads=2).fit(gb_train,
-                                                                                                             valid)
+        gb = GBDTRanker(objective="binary", n_estimators=c.lightgbm_trees, seed=ctx.seed, num_threads=2,
+                        progress=ctx.progress).fit(gb_train, valid)
         m = score_metrics(test.label, gb.predict(test.cat, test.num), test.user_id, test.is_rand)
         rows.append({"name": f"LightGBM (binary, {len(gb_train):,} most recent train rows)", "role": "baseline", **m})
         A.write_text(ctx.out / "lightgbm.txt", gb.booster_.model_to_string())
