@@ -82,6 +82,17 @@ def _config(dataset: str) -> tuple[str, str | None, str]:
     return CONFIGS.get(source, "pipelines/default.toml"), dataset, source if source != "custom" else Path(path).stem
 
 
+def _data_args(config: str, spec: str | None) -> tuple[list[str], str | None]:
+    """(--set overrides, --data spec) naming the dataset: a pipeline file made for the dataset (MovieLens) keeps
+    its [data] table and gets the source and path; any other takes --data (which replaces the table)."""
+    if spec is None:
+        return [], None
+    source, _, path = spec.partition(":")
+    if config == CONFIGS.get(source):
+        return [f"data.source='{source}'", f"data.path='{Path(path).resolve()}'"], None
+    return [], spec
+
+
 def run_one(dataset: str, seed: int, runs_dir: str, extra: list[str], config: str | None = None) -> dict:
     """Both confidence settings of one (dataset, seed): the run as configured, then --update with it switched.
     config: a pipeline file instead of the dataset's own (e.g. pipelines/tiny.toml for a smoke run)."""
@@ -91,7 +102,9 @@ def run_one(dataset: str, seed: int, runs_dir: str, extra: list[str], config: st
             "students.keep_fixed=true", *extra]
     out = {}
     for confidence in (False, True):
-        cfg = load_config(config, [*base, f"students.confidence={'true' if confidence else 'false'}"], data_spec=spec)
+        sets, data_spec = _data_args(config, spec)
+        cfg = load_config(config, [*sets, *base, f"students.confidence={'true' if confidence else 'false'}"],
+                          data_spec=data_spec)
         t0 = time.perf_counter()
         run_pipeline(cfg, progress=False, update=True)
         out["confidence" if confidence else "plain"] = {**measure(Path(runs_dir) / cfg.run.name),
