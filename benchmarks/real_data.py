@@ -39,8 +39,13 @@ def _lists(summary: dict) -> dict[str, dict]:
     """Every list of a replay summary by row name -> its quality metrics (the held-out clicks' and agreement)."""
     rows = {v: s["quality"] for v, s in summary["variants"].items()}
     rows.update({f"reference: {r}": s["quality"] for r, s in summary.get("references", {}).items()})
-    rows.update({f"baseline: {b}": s["quality"] for b, s in summary.get("baselines", {}).items()})
+    rows.update({f"baseline: {s['channel']}": s["quality"] for s in summary.get("baselines", {}).values()})
     return rows
+
+
+def _settings(summary: dict) -> dict[str, str]:
+    """Each baseline channel's setting chosen on validation ("popular (7 days)"), by channel."""
+    return {s["channel"]: b for b, s in summary.get("baselines", {}).items()}
 
 
 def _rank_students(run_dir: Path) -> dict[str, float]:
@@ -65,6 +70,7 @@ def measure(run_dir: Path) -> dict:
     teacher = A.read_manifest(run_dir / "teacher")["metrics"]
     rows = {name: {c: q[c] for c in COLUMNS if c in q} for name, q in _lists(summary).items()}
     return {"rows": rows, "rank_student_auc": _rank_students(run_dir), "chosen_scales": _choices(run_dir),
+            "baseline_settings": _settings(summary),
             "teacher_test_auc": teacher["models"][0]["auc"], "n_requests": summary["variants"]["distilled"]["quality"][
                 "n_requests"], "k": summary["variants"]["distilled"]["sizes"]["rank"]}
 
@@ -113,6 +119,16 @@ def run_one(dataset: str, seed: int, runs_dir: str, extra: list[str], config: st
     return out
 
 
+def per_seed_raw(per_seed: dict[int, dict], setting: str) -> list[dict]:
+    return [r[setting] for r in per_seed.values()]
+
+
+def _row_key(name: str) -> str:
+    """A row's name without the setting a baseline chose on validation ("baseline: popular (7 days)" -> "baseline:
+    popular"), so that one channel is one row over seeds whatever each seed chose."""
+    return name.split(" (")[0] if name.startswith("baseline: ") else name
+
+
 def _mean_std(values: list[float]) -> dict:
     v = [x for x in values if x is not None]
     return {"mean": float(np.mean(v)) if v else None, "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
@@ -123,7 +139,8 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
     """mean +- std over seeds of every row and column, the rank-student AUCs and the chosen scales."""
     out = {}
     for setting in ("plain", "confidence"):
-        runs = [r[setting] for r in per_seed.values()]
+        runs = [{**r[setting], "rows": {_row_key(n): v for n, v in r[setting]["rows"].items()}}
+                for r in per_seed.values()]
         rows = sorted({name for r in runs for name in r["rows"]}, key=lambda n: (n not in CASCADES, n))
         out[setting] = {
             "rows": {name: {c: _mean_std([r["rows"].get(name, {}).get(c) for r in runs]) for c in COLUMNS
@@ -132,6 +149,13 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
                                  for k in ("plain", "served")},
             "chosen_scales": [r["chosen_scales"] for r in runs],
             "teacher_test_auc": _mean_std([r["teacher_test_auc"] for r in runs]),
+            # paired over seeds: the same world / split / teacher, only the students differ
+            "auto_minus_ground_truth": {c: _mean_std([r["rows"]["distilled"][c] - r["rows"]["ground_truth"][c]
+                                                      for r in runs])
+                                        for c in ("rank_click_recall", "oracle_ratio", "rank_click_recall_rand")
+                                        if all(c in r["rows"]["distilled"] for r in runs)},
+            "baseline_settings": [sorted(n[10:] for n in r["rows"] if n.startswith("baseline: "))
+                                  for r in per_seed_raw(per_seed, setting)],
             "n_requests": [r["n_requests"] for r in runs], "k": runs[0]["k"],
             "wall_s": _mean_std([r["wall_s"] for r in runs])}
     return out
@@ -140,7 +164,8 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
 def _cell(s: dict, fmt: str) -> str:
     if s["mean"] is None:
         return "–"
-    return f"{s['mean']:{fmt}} ± {s['std']:{fmt}}" if s["std"] is not None else f"{s['mean']:{fmt}}"
+    std = fmt.lstrip("+")
+    return f"{s['mean']:{fmt}} ± {s['std']:{std}}" if s["std"] is not None else f"{s['mean']:{fmt}}"
 
 
 def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
@@ -163,6 +188,10 @@ def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
         for name, r in a["rows"].items():
             cells = [_cell(r[c], ",.0f" if c == "final_distinct" else ".4f") if c in r else "–" for c in cols]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "distilled (auto) minus ground truth, paired per seed: " + ", ".join(
+            f"{c} {_cell(v, '+.4f')}" for c, v in a["auto_minus_ground_truth"].items()),
+            "", "baseline settings chosen on validation per seed: " +
+            "; ".join(f"seed {s}: {', '.join(b)}" for s, b in zip(seeds, a["baseline_settings"]))]
         lines += ["", "scales chosen on validation per seed (retrieval, pre-rank towers; rank student): " +
                   "; ".join(f"seed {s}: {c['retrieval']}, {c['prerank']}; {c['rank_student']}"
                             for s, c in zip(seeds, a["chosen_scales"])), ""]
@@ -171,7 +200,7 @@ def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--dataset", action="append", required=True,
+    p.add_argument("--dataset", action="append",
                    help="world, movielens-100k:DIR, movielens-1m:DIR, kuairand:DIR or custom:MAPPING.toml")
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--runs-dir", default="runs")
@@ -179,19 +208,30 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="a pipeline file for every dataset instead of its own")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default="real_data", help="results file stem (default real_data)")
+    p.add_argument("--render", metavar="JSON", help="only aggregate and write the tables again from a results JSON")
     args = p.parse_args(argv)
+    if args.render:
+        out = A.read_json(args.render)
+        for r in out["datasets"].values():
+            r["mean_std"] = aggregate({int(s): v for s, v in r["per_seed"].items()})
+        return _write(out, args)
     results, t0 = {}, time.perf_counter()
-    for dataset in args.dataset:
+    for dataset in args.dataset or []:
         per_seed = {s: run_one(dataset, s, args.runs_dir, args.overrides, args.config) for s in args.seeds}
         results[_config(dataset)[2]] = {"per_seed": per_seed, "mean_std": aggregate(per_seed)}
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     out = {"seeds": args.seeds, "overrides": args.overrides, "datasets": results, "date": time.strftime("%Y-%m-%d"),
            "machine": machine, "wall_s": time.perf_counter() - t0}
+    return _write(out, args)
+
+
+def _write(out: dict, args: argparse.Namespace) -> int:
     Path(args.out).mkdir(parents=True, exist_ok=True)
     A.write_json(Path(args.out) / f"{args.name}.json", out)
-    md = (f"Outcomes on held-out test clicks, seeds {args.seeds}, mean ± std over seeds; {out['date']}, {machine}, "
-          f"{out['wall_s'] / 60:.0f} min in all. Overrides: {args.overrides or 'none'}.\n\n" +
-          "\n".join(markdown(d, r["mean_std"], args.seeds) for d, r in results.items()))
+    md = (f"Outcomes on held-out test clicks, seeds {out['seeds']}, mean ± std over seeds; {out['date']}, "
+          f"{out['machine']}, "
+          f"{out['wall_s'] / 60:.0f} min in all. Overrides: {out['overrides'] or 'none'}.\n\n" +
+          "\n".join(markdown(d, r["mean_std"], out["seeds"]) for d, r in out["datasets"].items()))
     A.write_text(Path(args.out) / f"{args.name}.md", md)
     print(md)
     return 0

@@ -373,6 +373,9 @@ class ReplaySection:
     k: int = 10
     ranker: Literal["teacher", "student"] = "teacher"
     max_requests: int | None = 500
+    # random-exposure test requests replayed besides the even spread of max_requests (an even spread of them; they
+    # count only in the random slice's means, so that the unbiased slice is measured on enough requests)
+    max_rand_requests: int | None = 1000
     latency_requests: int = 300
     batch_size: int = 256
     recall_ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200, 500)
@@ -390,6 +393,8 @@ class ReplaySection:
                              f"replay.n_prerank={self.n_prerank}, replay.n_retrieve={self.n_retrieve}")
         require(self, "max_requests", self.max_requests is None or at_least(self.max_requests, 1),
                 "must be an integer >= 1 or None (every test request)")
+        require(self, "max_rand_requests", self.max_rand_requests is None or at_least(self.max_rand_requests, 0),
+                "must be an integer >= 0 or None (every random-exposure test request)")
         require(self, "recall_ks", bool(self.recall_ks) and all(at_least(k, 1) for k in self.recall_ks),
                 "must be a non-empty list of integers >= 1")
         unknown = sorted(set(self.channels) - set(CHANNEL_NAMES))

@@ -41,10 +41,9 @@ def run(ctx: StepContext) -> StepResult:
     filter_seen = seen is not None
     test = data.split_impressions("test")
     frame = requests_frame(test, data.context_names)
-    if c.max_requests is not None and len(frame) > c.max_requests:
-        # an even spread over the test period, kept in time order
-        frame = frame.iloc[np.linspace(0, len(frame) - 1, c.max_requests).round().astype(int)].reset_index(drop=True)
+    frame, in_sample = replayed_requests(frame, test, c.max_requests, c.max_rand_requests)
     requests = to_requests(frame, data.context_names)
+    sample_rows = np.flatnonzero(in_sample)
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     ranker = teacher if c.ranker == "teacher" else load_ranker(ctx.inputs["students"] / "rank_student", data.spec)
     # the teacher's top list over the corpus: the grades below use the first 50, the ceiling row every stage size,
@@ -80,7 +79,8 @@ def run(ctx: StepContext) -> StepResult:
         oracle_best = best_p.sum(axis=1)
     is_rand = (test.groupby("request_id").is_rand.max().reindex(frame.request_id).to_numpy() == 1)
     inp = ReplayInputs(requests, clicked, t_top, grades, is_rand if is_rand.any() else None, len(data.item_ids),
-                       oracle_prob, oracle_best)
+                       oracle_prob, oracle_best, in_sample)
+    sampled = requests.take(sample_rows)  # the logged traffic's even spread: curves and latency
     sizes = {"retrieval": c.n_retrieve, "prerank": c.n_prerank, "rank": c.k}
     outputs, variants, timings = [], {}, {}
     y, g, rnd = test["click"].to_numpy(), test["user_id"].to_numpy(), test["is_rand"].to_numpy() == 1
@@ -102,10 +102,10 @@ def run(ctx: StepContext) -> StepResult:
     def measure(name: str, casc, auc_of: dict) -> dict:
         rows, summary = replay_quality(casc, inp, c.n_retrieve, c.n_prerank, c.k, c.batch_size, filter_seen,
                                        ctx.progress)
-        curves = recall_curves(casc, requests, t_top, c, filter_seen)
-        lat1 = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=1,
+        curves = recall_curves(casc, sampled, t_top[sample_rows], c, filter_seen)
+        lat1 = replay_latency(casc, sampled, c.n_retrieve, c.n_prerank, c.k, batch_size=1,
                               max_requests=c.latency_requests)
-        latb = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=c.batch_size)
+        latb = replay_latency(casc, sampled, c.n_retrieve, c.n_prerank, c.k, batch_size=c.batch_size)
         A.write_parquet(ctx.out / f"{name}_requests.parquet", rows)
         outputs.append(f"{name}_requests.parquet")
         # summary.json holds what the models and data determine; measured latencies go to the manifest's metrics
@@ -144,10 +144,9 @@ def run(ctx: StepContext) -> StepResult:
         variants[name] = measure(name, casc, stage_auc(None, pre.scorer(data)(req_t, cand)[:, 0]))
         variants[name]["channels"] = {"quotas": dict(zip(merged.names, merged.quotas.tolist()))}
         channel_report = channel_contributions(merged, requests, inp, c.n_retrieve, c.k, seen)
-        channel_report["final_origin_share"] = final_origin_share(merged, requests, c.n_retrieve, seen,
-                                                                  np.stack(pd.read_parquet(
-                                                                      ctx.out / f"{name}_requests.parquet")
-                                                                      ["final_items"].to_list()))
+        finals = np.stack(pd.read_parquet(ctx.out / f"{name}_requests.parquet")["final_items"].to_list())
+        channel_report["final_origin_share"] = final_origin_share(merged, sampled, c.n_retrieve, seen,
+                                                                  finals[sample_rows])
     summary = {"variants": variants, "references": references, "baselines": baselines,
                "channels": channel_report, "filter_seen": {"applied": filter_seen, "why": filter_reason}}
     A.write_json(ctx.out / "summary.json", summary)
@@ -168,11 +167,28 @@ def merged_retriever(data: RunData, retrieval: Towers, index, channels: dict,
                            {"two_tower": two_tower_quota, **{n: rest for n in channels}})
 
 
+def replayed_requests(frame: pd.DataFrame, test: pd.DataFrame, max_requests: int | None,
+                      max_rand: int | None) -> tuple[pd.DataFrame, np.ndarray]:
+    """The test requests replayed, in time order, and in_sample bool [R]: an even spread of at most
+    ``max_requests`` over the test period (the overall means), plus up to ``max_rand`` random-exposure requests
+    (an even spread of them; ``in_sample`` False where they are not in the spread already), so that the random
+    slice is measured on enough requests without weighing more in the logged means."""
+    n = len(frame)
+    spread = (np.arange(n) if max_requests is None or n <= max_requests
+              else np.unique(np.linspace(0, n - 1, max_requests).round().astype(int)))
+    rand = np.flatnonzero(test.groupby("request_id").is_rand.max().reindex(frame.request_id).to_numpy() == 1)
+    if max_rand is not None and len(rand) > max_rand:
+        rand = rand[np.unique(np.linspace(0, len(rand) - 1, max_rand).round().astype(int))]
+    rows = np.union1d(spread, rand if max_rand != 0 else rand[:0])
+    return frame.iloc[rows].reset_index(drop=True), np.isin(rows, spread)
+
+
 def channel_contributions(merged: MergedRetriever, requests, inp: ReplayInputs, n: int, k: int, seen) -> dict:
-    """Per channel of the merged retrieval stage, on the test requests: its own click-recall@n and teacher-recall@k
-    within its top n, and what the union loses without it (click-recall@n of the union minus that of the union of
-    the others, quotas renormalised)."""
-    rows = np.arange(len(requests))
+    """Per channel of the merged retrieval stage, on the (sampled) test requests: its own click-recall@n and
+    teacher-recall@k within its top n, and what the union loses without it (click-recall@n of the union minus that
+    of the union of the others, quotas renormalised)."""
+    rows = np.arange(len(requests)) if inp.in_sample is None else np.flatnonzero(inp.in_sample)
+    requests = requests.take(rows)
     full = select_unseen(merged, requests, n, seen)[0]
     full_recall = float(np.nanmean(list_quality(full, inp, rows, k)["click_recall"]))
     out = {"union_click_recall": full_recall, "per_channel": {}}

@@ -50,7 +50,9 @@ class ReplayInputs:
     is_rand: bool [B] requests of the random-exposure slice (None: the data has none).
     n_items: the catalogue size (diversity's coverage).
     oracle_prob: optional f(requests, items [B, k]) -> true click probability [B, k] (the world only).
-    oracle_best: optional [B] expected clicks of the oracle's own top-k list."""
+    oracle_best: optional [B] expected clicks of the oracle's own top-k list.
+    in_sample: bool [B] the requests the overall means are taken over (None: all); the others are random-exposure
+    requests replayed in addition, counted only in the random-slice (``*_rand``) means."""
 
     requests: Requests
     clicked: np.ndarray
@@ -60,9 +62,14 @@ class ReplayInputs:
     n_items: int = 0
     oracle_prob: Callable[[Requests, np.ndarray], np.ndarray] | None = None
     oracle_best: np.ndarray | None = None
+    in_sample: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         b = len(self.requests)
+        if self.in_sample is not None and (self.in_sample.shape != (b,) or (
+                self.is_rand is None and not self.in_sample.all()) or not (self.in_sample | self.is_rand).all()):
+            raise ValueError("replay inputs: in_sample must be bool [B], every request outside it a random-exposure "
+                             "one")
         for name in ("clicked", "teacher_top", "teacher_grades"):
             if getattr(self, name).shape[0] != b:
                 raise ValueError(f"replay inputs disagree: {b} requests, {name} {getattr(self, name).shape}")
@@ -86,7 +93,9 @@ def _summary(rows: pd.DataFrame, final: np.ndarray, inp: ReplayInputs) -> dict:
     """Means over requests of every per-request column (nan-aware: click metrics over requests with clicks),
     random-slice means of the click metrics, oracle clicks and the diversity of the final lists."""
     skip = ("request_id", "user_id", "time_ms", "final_items", "error")
-    out = {c: float(np.nanmean(rows[c])) if rows[c].notna().any() else float("nan")
+    sample = np.ones(len(rows), bool) if inp.in_sample is None else inp.in_sample
+    logged = rows[sample]
+    out = {c: float(np.nanmean(logged[c])) if logged[c].notna().any() else float("nan")
            for c in rows.columns if c not in skip}
     if inp.is_rand is not None and inp.is_rand.any():
         for c in rows.columns:
@@ -97,14 +106,17 @@ def _summary(rows: pd.DataFrame, final: np.ndarray, inp: ReplayInputs) -> dict:
     if inp.oracle_prob is not None:
         p = inp.oracle_prob(inp.requests, final)
         oc = np.where(final == PAD, 0.0, p).sum(axis=1)
-        out["oracle_clicks"] = float(oc.mean())
+        out["oracle_clicks"] = float(oc[sample].mean())
         if inp.oracle_best is not None:
-            out["oracle_best"] = float(inp.oracle_best.mean())
-            out["oracle_ratio"] = float(np.mean(oc / np.maximum(inp.oracle_best, 1e-12)))
+            out["oracle_best"] = float(inp.oracle_best[sample].mean())
+            ratio = oc / np.maximum(inp.oracle_best, 1e-12)
+            out["oracle_ratio"] = float(np.mean(ratio[sample]))
+            if inp.is_rand is not None and inp.is_rand.any():
+                out["oracle_ratio_rand"] = float(np.mean(ratio[inp.is_rand]))
     if inp.n_items:
-        out.update({f"final_{k}": v for k, v in list_diversity(final, inp.n_items).items()})
-    out["n_requests"] = len(rows)
-    out["n_requests_with_clicks"] = int((inp.clicked != PAD).any(axis=1).sum())
+        out.update({f"final_{k}": v for k, v in list_diversity(final[sample], inp.n_items).items()})
+    out["n_requests"] = int(sample.sum())
+    out["n_requests_with_clicks"] = int((inp.clicked[sample] != PAD).any(axis=1).sum())
     return out
 
 

@@ -1,0 +1,49 @@
+"""The replay's choice of requests and its means: the logged sample and the random-exposure slice, hand-worked."""
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cascade.data.requests import Requests
+from cascade.pipeline.replay import replayed_requests
+from cascade.serve.replay import ReplayInputs, ranking_quality
+
+
+def _frames(n: int, rand_at: list[int]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    frame = pd.DataFrame({"request_id": np.arange(100, 100 + n), "time_ms": np.arange(n) * 1000})
+    test = pd.DataFrame({"request_id": np.repeat(frame.request_id, 2), "is_rand": 0})
+    test.loc[test.request_id.isin(100 + np.array(rand_at)), "is_rand"] = 1
+    return frame, test
+
+
+@pytest.mark.parametrize("max_rand, rows, in_sample", [
+    # the spread of 4 over 10 is rows 0, 3, 6, 9; the random requests are rows 1, 6, 8 (6 already in the spread)
+    (None, [0, 1, 3, 6, 8, 9], [1, 0, 1, 1, 0, 1]),
+    (0, [0, 3, 6, 9], [1, 1, 1, 1]),
+    (2, [0, 1, 3, 6, 8, 9], [1, 0, 1, 1, 0, 1]),  # an even spread of 2 of the 3 random ones: rows 1 and 8
+    (1, [0, 1, 3, 6, 9], [1, 0, 1, 1, 1]),  # one: the first (linspace(0, 2, 1) = [0])
+])
+def test_the_random_slice_is_replayed_beside_the_even_spread(max_rand, rows, in_sample):
+    frame, test = _frames(10, [1, 6, 8])
+    out, sample = replayed_requests(frame, test, 4, max_rand)
+    assert out.request_id.tolist() == [100 + r for r in rows]
+    assert sample.tolist() == [bool(x) for x in in_sample]
+    assert out.time_ms.is_monotonic_increasing
+
+
+def test_extra_random_requests_count_in_the_random_slice_only():
+    # three requests: 0 logged (2 clicks, one kept), 1 random and in the sample (1 click, kept), 2 random and
+    # replayed only for the slice (1 click, missed)
+    req = Requests(np.array([1, 2, 3]), np.array([10, 20, 30]))
+    clicked = np.array([[5, 6], [7, -1], [8, -1]])
+    top = np.tile(np.arange(10), (3, 1))
+    ranking = np.array([[5, 1], [7, 1], [1, 2]])
+    inp = ReplayInputs(req, clicked, top, np.ones_like(top, float), np.array([False, True, True]), 100,
+                       in_sample=np.array([True, True, False]))
+    q = ranking_quality(ranking, inp, {"retrieval": 2, "prerank": 2, "rank": 2}, 2)
+    assert q["rank_click_recall"] == pytest.approx((0.5 + 1.0) / 2)  # requests 0 and 1
+    assert q["rank_click_recall_rand"] == pytest.approx((1.0 + 0.0) / 2)  # requests 1 and 2
+    assert q["n_requests"] == 2 and q["n_rand_requests"] == 2 and q["final_distinct"] == 3  # items 5, 1, 7
+    with pytest.raises(ValueError, match="every request outside it a random-exposure one"):
+        ReplayInputs(req, clicked, top, np.ones_like(top, float), np.array([False, False, True]), 100,
+                     in_sample=np.array([False, True, True]))
