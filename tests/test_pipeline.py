@@ -202,6 +202,33 @@ def test_serving_maps_unknown_users_items_and_values_to_oov(run_a):
     assert empty.items.shape == (0, 10) and empty.errors == []
 
 
+def test_teacher_reads_the_behaviour_sequence_built_by_the_serving_path(run_a):
+    """The default teacher reads the history side through attention; the pair features that the rank log, the rank
+    stage and the replay build for a request (RunData.pair_features -> PairEncoder) equal the encoded test rows,
+    history columns included."""
+    import numpy as np
+
+    from cascade.data.requests import impression_requests
+    from cascade.run_data import RunData, load_ranker
+
+    cfg, run_dir, _ = run_a
+    assert "history" in cfg.teacher.model.sides and cfg.data.history_length == 20
+    data = RunData(run_dir / "data")
+    test = data.encoded("test")
+    hist = test.spec.cat_index("history")
+    assert len(hist) == 3 * 20 and data.encoder.history_attrs_ == ["item_id", "tag", "author_id"]
+    assert (test.cat[:, hist[0]] > 0).mean() > 0.5  # most test rows have a clicked item in the window
+    teacher = load_ranker(run_dir / "teacher" / "teacher", data.spec)
+    assert teacher.click.attention is not None and teacher.exposure.attention is not None
+    imp = data.split_impressions("test")
+    req = impression_requests(imp, data.context_names)
+    cat, num = data.pair_features(req, imp["item_id"].to_numpy(np.int64)[:, None])
+    served = test.spec.select("user", "item", "context", "cross", "history")
+    assert data.spec == served
+    np.testing.assert_array_equal(cat, test.cat[:, test.spec.cat_index(*served.cat_sides)])
+    np.testing.assert_array_equal(num, test.num[:, test.spec.num_index(*served.num_sides)])
+
+
 def test_index_from_another_model_is_refused_naming_both_hashes(run_a, tmp_path):
     import shutil
 

@@ -76,6 +76,9 @@ class DataSection:
     cross_window_days: float = 7.0
     cross_tag_column: str = "tag"  # the item column whose user x value history the cross features count
     cross_author_column: str = "author_id"
+    # the behaviour sequence (side "history"): the user's last history_length distinct clicked items in the cross
+    # window before the request (item id, tag and author columns where categorical); 0: none
+    history_length: int = 20
     # drop items a user was shown before from every list (cascade, baselines, validation); "auto": when the train
     # log shows little re-consumption (pipeline/judge.py)
     filter_seen: bool | Literal["auto"] = "auto"
@@ -89,6 +92,8 @@ class DataSection:
             raise ValueError("data.valid_days and data.test_days must be >= 1")
         if self.cross_window_days <= 0:
             raise ValueError(f"data.cross_window_days must be > 0, got {self.cross_window_days}")
+        if self.history_length < 0:
+            raise ValueError(f"data.history_length must be >= 0, got {self.history_length}")
 
 
 CHANNEL_NAMES = ("popular", "recent", "itemcf", "content", "als")
@@ -173,8 +178,10 @@ class EntireSpaceSection:
 
 @dataclass(frozen=True)
 class TeacherSection:
-    model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
-                                                                     cross_layers=2, cross_rank=32))
+    # the teacher reads the behaviour sequence through target attention (data.history_length = 0: no sequence)
+    model: RankerConfig = field(default_factory=lambda: RankerConfig(
+        backbone="dcnv2", emb_dim=8, mlp=(128, 64), cross_layers=2, cross_rank=32,
+        sides=("user", "item", "context", "cross", "history")))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=1, batch_size=4096))
     entire_space: EntireSpaceSection = field(default_factory=EntireSpaceSection)
     lightgbm: bool = True

@@ -13,6 +13,7 @@ from ..data import custom, kuairand, movielens
 from ..data.features import CrossFeatureStore, FeatureEncoder, build_encoded
 from ..data.history import EventHistory
 from ..data.requests import request_start_ms
+from ..data.schema import SIDES
 from ..data.split import time_split
 from ..data.world import generate_world
 from ..run_data import SPLIT_CODES
@@ -47,7 +48,8 @@ def run(ctx: StepContext) -> StepResult:
     masks = time_split(ds, valid_days=c.valid_days, test_days=c.test_days, utc_offset_hours=utc_offset)
     cross = CrossFeatureStore(window_days=c.cross_window_days, tag_column=c.cross_tag_column,
                               author_column=c.cross_author_column).fit(ds.impressions, ds.items)
-    enc = FeatureEncoder(ds.schema, min_count=c.min_count, numeric=c.numeric).fit(ds, masks["train"], cross)
+    enc = FeatureEncoder(ds.schema, min_count=c.min_count, numeric=c.numeric,
+                         history_length=c.history_length).fit(ds, masks["train"], cross)
     enc.save(ctx.out / "encoder")
     tables = build_encoded(ds, masks, enc, cross, privileged=True)
     outputs = []
@@ -90,8 +92,8 @@ def run(ctx: StepContext) -> StepResult:
                # share of train clicks on an item the same user had been shown before: re-consumption
                "repeat_click_share": repeat_share,
                "filter_seen": {"applied": applied, "why": why},
-               "sides": {s: len(spec.cat_index(s)) + len(spec.num_index(s)) for s in ("user", "item", "context",
-                                                                                      "cross", "privileged")}}
+               "sides": {s: len(spec.cat_index(s)) + len(spec.num_index(s)) for s in SIDES},
+               "history_attributes": enc.history_attrs_}
     A.write_json(ctx.out / "summary.json", {"summary": summary, "splits": splits})
     outputs.append("summary.json")
     metrics = {"summary": summary, "splits": splits}
