@@ -19,8 +19,10 @@ import importlib
 from importlib.metadata import PackageNotFoundError, version
 from typing import Any
 
+DISTRIBUTION = "cascade-distill"  # the name on PyPI ("cascade" there is another project); the import name is cascade
+
 try:
-    __version__ = version("cascade")
+    __version__ = version(DISTRIBUTION)
 except PackageNotFoundError:  # a source tree used without installing it (pip install -e . records the version)
     __version__ = "0+unknown"
 

@@ -145,11 +145,16 @@ def read_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
 
 
 def save_torch(path: str | os.PathLike, state: Mapping[str, Any]) -> Path:
+    """torch.save ``state`` atomically. Saved through a buffer: torch names the zip's folder after the file it
+    writes, so saving to the temporary file would put its random name into the bytes; equal tensors give equal
+    files (and sha256), which keeps a redone step's downstream cache valid."""
+    import io
+
     import torch
 
-    with atomic_path(path) as tmp:
-        torch.save(dict(state), tmp)
-    return Path(path)
+    buf = io.BytesIO()
+    torch.save(dict(state), buf)
+    return write_bytes(path, buf.getvalue())
 
 
 def load_torch(path: str | os.PathLike) -> Any:
@@ -163,7 +168,7 @@ def package_versions() -> dict[str, str]:
     import importlib.metadata as md
 
     out = {"python": platform.python_version()}
-    for pkg in ("cascade", "torch", "numpy", "pandas", "pyarrow", "lightgbm", "scikit-learn", "faiss-cpu",
+    for pkg in ("cascade-distill", "torch", "numpy", "pandas", "pyarrow", "lightgbm", "scikit-learn", "faiss-cpu",
                 "faiss-gpu-cu12"):
         with contextlib.suppress(md.PackageNotFoundError):
             out[pkg] = md.version(pkg)
@@ -199,11 +204,14 @@ def write_manifest(
     metrics: Mapping[str, Any] | None = None,
     wall_s: float | None = None,
     extra: Mapping[str, Any] | None = None,
+    stamp: bool = True,
 ) -> dict:
     """Write ``folder/manifest.json`` listing ``outputs`` (paths relative to folder) with their sha256.
 
     kind: what wrote the folder (a pipeline step's name, "fit", "encode_stream", ...). The manifest is written
-    last, so its presence marks a complete folder.
+    last, so its presence marks a complete folder. stamp: record the time it was written; a manifest that is
+    itself the output of a pipeline step passes False (and no timings), so that redoing the step unchanged
+    writes the same bytes.
     """
     folder = Path(folder)
     manifest = {
@@ -216,8 +224,9 @@ def write_manifest(
         "outputs": {rel: sha256_file(folder / rel) for rel in sorted(outputs)},
         "metrics": dict(metrics or {}),
         "wall_s": wall_s,
-        "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    if stamp:
+        manifest["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     if extra:
         manifest.update(extra)
     write_json(folder / MANIFEST, manifest)
@@ -245,3 +254,22 @@ def verify_outputs(folder: str | os.PathLike, manifest: Mapping[str, Any]) -> No
                 f"{p}: sha256 {got[:12]}... does not match the manifest's {digest[:12]}...: the "
                 "file is truncated or altered"
             )
+
+
+def verify_listed(folder: str | os.PathLike, rels: list[str]) -> None:
+    """Check the files ``rels`` (paths relative to ``folder``) against ``folder``'s manifest: each must be listed
+    there and have the sha256 it records. Raise ArtifactError naming the first file that is not (unlisted, missing,
+    truncated or altered). Cheaper than :func:`read_manifest` (verify=True) when a caller loads a few files of a
+    folder that holds many."""
+    folder = Path(folder)
+    outputs = read_json(folder / MANIFEST).get("outputs", {})
+    for rel in rels:
+        p = folder / rel
+        if rel not in outputs:
+            raise ArtifactError(f"{p}: not listed in {folder / MANIFEST}, so it cannot be verified")
+        if not p.exists():
+            raise ArtifactError(f"{p}: listed in {folder / MANIFEST} but missing")
+        got = sha256_file(p)
+        if got != outputs[rel]:
+            raise ArtifactError(f"{p}: sha256 {got[:12]}... does not match the manifest's {outputs[rel][:12]}...: the "
+                                "file is truncated or altered")

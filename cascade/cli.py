@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 
 DEFAULT_CONFIG = Path("pipelines") / "default.toml"
@@ -13,19 +14,64 @@ DEFAULT_CONFIG = Path("pipelines") / "default.toml"
 EPILOG_RUN = """examples:
   cascade run                                   # pipelines/default.toml on the embedded synthetic world
   cascade run pipelines/tiny.toml               # a one-minute run
+  cascade run --data custom:examples/own_logs/mapping.toml     # your own logs (runs/own-logs/)
   cascade run pipelines/movielens.toml --set data.path=path/to/ml-100k
+  cascade run --data kuairand:path/to/KuaiRand-Pure/data
   cascade run --set teacher.model.backbone=deepfm --set run.name=deepfm
   cascade run --force teacher                   # redo one step (and whatever its change affects)
+  cascade run --set replay.k=20 --update        # change an existing run in place (else refused, naming the keys)
 """
+#: --set keys `cascade replay` / `cascade report` take: their own steps' sections (every other step is finished).
+REPLAY_SECTIONS = {"replay": ("replay", "report", "run.threads"), "report": ("report", "run.threads")}
 
 
-def _setup_logging(verbose: bool, log_file: Path | None = None) -> None:
-    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stderr)]
-    if log_file is not None:
+class UsageError(Exception):
+    """A mistake on the command line (a missing option or folder): printed as ``cascade: error: ...``."""
+
+
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class _BarSafeHandler(logging.StreamHandler):
+    """Writes through ``tqdm.write``, which clears a progress bar and draws it again below the line, so a log line
+    never cuts a bar in two."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        from tqdm import tqdm
+
+        try:
+            tqdm.write(self.format(record), file=self.stream)
+            self.flush()
+        except Exception:  # logging's own rule: a failing handler reports and does not raise
+            self.handleError(record)
+
+
+def _setup_logging(args: argparse.Namespace, log_file: Path | None = None) -> None:
+    """Handlers on the library's logger ``cascade`` only: the root logger is left alone, so other libraries' INFO
+    lines (faiss's loader reports every SIMD build it tries, with ModuleNotFoundError lines that read like
+    failures) stay silent. -v: DEBUG; --quiet: warnings and errors only (and no progress bars)."""
+    verbose, quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    lib = logging.getLogger("cascade")
+    for h in list(lib.handlers):
+        lib.removeHandler(h)
+        h.close()
+    console = _BarSafeHandler(sys.stderr)
+    console.setFormatter(logging.Formatter(LOG_FORMAT, "%H:%M:%S"))
+    console.setLevel(level)
+    lib.addHandler(console)
+    lib.setLevel(min(level, logging.INFO) if log_file is not None else level)
+    if log_file is not None:  # the run's log keeps the INFO lines even under --quiet
         log_file.parent.mkdir(parents=True, exist_ok=True)
-        handlers.append(logging.FileHandler(log_file))
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, handlers=handlers, force=True,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        fh = logging.FileHandler(log_file)
+        fh.setFormatter(logging.Formatter(LOG_FORMAT))
+        fh.setLevel(min(level, logging.INFO))
+        lib.addHandler(fh)
+    lib.propagate = False
+
+
+def _progress(args: argparse.Namespace) -> bool:
+    return not (getattr(args, "no_progress", False) or getattr(args, "quiet", False))
 
 
 def _default_config_path() -> Path | None:
@@ -38,18 +84,20 @@ def _default_config_path() -> Path | None:
 def cmd_run(args: argparse.Namespace) -> int:
     from . import artifacts as A
     from .pipeline import load_config, run_pipeline
+    from .pipeline.run import STEP_NAMES, check_device
 
     path = Path(args.config) if args.config else _default_config_path()
-    cfg = load_config(path, args.set)  # fails on an unknown key or a wrong type before any work starts
+    _setup_logging(args)
+    # fails on an unknown key, a wrong type or an impossible value before any work starts
+    overrides = list(args.set or []) + ([f'run.device="{args.device}"'] if args.device else [])
+    cfg = load_config(path, overrides, data_spec=args.data)
+    check_device(cfg)  # and on a device the machine does not have
+    unknown = [f for f in args.force or () if f not in STEP_NAMES]
+    if unknown:
+        raise UsageError(f"--force {unknown[0]!r}: no such step (steps: {', '.join(STEP_NAMES)})")
     run_dir = A.safe_join(cfg.run.runs_dir, cfg.run.name)
-    _setup_logging(args.verbose, run_dir / "run.log")
-
-    def on_step(name: str, status: str, manifest: dict) -> None:
-        summary = manifest.get("summary") or ""
-        wall = manifest.get("wall_s")
-        print(f"[{name:>8}] {status:<7} {'' if status == 'skipped' else f'{wall:.1f}s '}{summary}", flush=True)
-
-    run_pipeline(cfg, force=tuple(args.force or ()), progress=not args.no_progress, on_step=on_step)
+    _setup_logging(args, run_dir / "run.log")
+    run_pipeline(cfg, force=tuple(args.force or ()), progress=_progress(args), update=args.update, wait=args.wait)
     print(f"report: {run_dir / 'report' / 'report.html'}")
     return 0
 
@@ -58,10 +106,10 @@ def cmd_replay(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
     run_dir = Path(args.run)
-    cfg = _run_config(run_dir, args.set)
-    _setup_logging(args.verbose, run_dir / "run.log")
-    res = run_pipeline(cfg, force=("replay", "report"), progress=not args.no_progress,
-                       reuse=("data", "teacher", "ranklog", "students", "index"))
+    cfg = _run_config(run_dir, args.set, "replay")
+    _setup_logging(args, run_dir / "run.log")
+    res = run_pipeline(cfg, force=("replay", "report"), progress=_progress(args), update=args.update,
+                       frozen=("data", "teacher", "ranklog", "students", "index"), wait=args.wait)
     print(json.dumps(res["replay"]["manifest"]["metrics"], indent=2, default=str))
     return 0
 
@@ -70,34 +118,86 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
     run_dir = Path(args.run)
-    cfg = _run_config(run_dir, args.set)
-    _setup_logging(args.verbose)
-    run_pipeline(cfg, force=("report",), progress=False,
-                 reuse=("data", "teacher", "ranklog", "students", "index", "replay"))
+    cfg = _run_config(run_dir, args.set, "report")
+    _setup_logging(args)
+    run_pipeline(cfg, force=("report",), progress=False, update=args.update,
+                 frozen=("data", "teacher", "ranklog", "students", "index", "replay"), wait=args.wait)
     print(f"report: {run_dir / 'report' / 'report.html'}")
     return 0
 
 
-def _run_config(run_dir: Path, extra: list[str] | None):
-    """A finished run's resolved config (its config.json), with ``--set`` overrides applied."""
+def _run_config(run_dir: Path, extra: list[str] | None, command: str):
+    """A finished run's resolved config (its config.json), with ``--set`` overrides of the command's own
+    sections (:data:`REPLAY_SECTIONS`) applied; any other key is refused: it would change a finished step."""
     from . import artifacts as A
-    from .config import apply_overrides, from_dict
+    from .config import ConfigError, apply_overrides, from_dict, parse_override
     from .pipeline import PipelineConfig
     from .pipeline.config import check_settable
 
+    allowed = REPLAY_SECTIONS[command]
+    for item in extra or []:
+        key = ".".join(parse_override(item)[0])
+        if not any(key == a or key.startswith(a + ".") for a in allowed):
+            raise ConfigError(f"cascade {command} --set {key}: {command} redoes only the {' and '.join(allowed[:-1])} "
+                              f"step(s) of a finished run and cannot change {key.split('.')[0]!r}; use "
+                              f"`cascade run CONFIG --set {item}` (it re-runs what the change affects)")
     check_settable(apply_overrides({}, list(extra or [])))
+    if not (run_dir / "config.json").is_file():
+        raise UsageError(f"{run_dir} is not a finished run (no {run_dir / 'config.json'}); runs are folders like "
+                         "runs/default, written by `cascade run`")
     saved = A.read_json(run_dir / "config.json")
     saved["run"]["runs_dir"], saved["run"]["name"] = str(run_dir.parent), run_dir.name
     return from_dict(PipelineConfig, apply_overrides(saved, list(extra or [])))
+
+
+def cmd_runs(args: argparse.Namespace) -> int:
+    from .pipeline.runs import list_runs, runs_markdown
+
+    _setup_logging(args)
+    rows = list_runs(args.runs_dir)
+    if not rows:
+        print(f"no runs in {args.runs_dir} (a run is a folder with a config.json, written by `cascade run`)")
+        return 0
+    print(runs_markdown(rows))
+    return 0
+
+
+def cmd_compare(args: argparse.Namespace) -> int:
+    from .pipeline.runs import find_run, write_compare
+
+    _setup_logging(args)
+    dirs = [find_run(r, args.runs_dir) for r in args.runs]
+    out = Path(args.out) if args.out else Path(args.runs_dir) / ("compare_" + "_vs_".join(d.name for d in dirs))
+    _, files = write_compare(dirs, out)
+    print(next(f for f in files if f.suffix == ".md").read_text())
+    print("wrote " + ", ".join(str(f) for f in files))
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from .pipeline.runs import find_run
+    from .serve.export import export_run
+
+    _setup_logging(args)
+    run_dir = find_run(args.run, args.runs_dir)
+    out = Path(args.out) if args.out else run_dir / "export" / args.format
+    m = export_run(run_dir, args.format, out, variants=tuple(args.variant) if args.variant else None,
+                   tolerance=args.tolerance)
+    for name, info in m["models"].items():
+        ins = ", ".join(f"{i['name']} {i['dtype']} [{', '.join(map(str, i['shape']))}]" for i in info["inputs"])
+        print(f"{name}: {out / info['file']}  ({ins}) -> [{', '.join(map(str, info['output']['shape']))}], "
+              f"max |exported - eager| {info['max_abs_diff']:.2g} on {info['checked_rows']} test rows")
+    print(f"manifest: {out / 'manifest.json'}")
+    return 0
 
 
 def cmd_ablation(args: argparse.Namespace) -> int:
     from .pipeline.ablation import ablation_markdown, load_ablation_config, run_ablation, write_ablation
 
     cfg, settings = load_ablation_config(args.config or Path("pipelines") / "ablation.toml", args.set)
-    _setup_logging(args.verbose)
+    _setup_logging(args)
     label = cfg.data.source.replace("-", "_")
-    result = run_ablation(cfg, settings, label, progress=not args.no_progress)
+    result = run_ablation(cfg, settings, label, progress=_progress(args))
     json_path, md_path = write_ablation(result, args.out, f"ablation_{label}")
     print(ablation_markdown(result))
     print(f"wrote {json_path} and {md_path}; add `report.ablation = \"{json_path}\"` to a run's "
@@ -106,50 +206,101 @@ def cmd_ablation(args: argparse.Namespace) -> int:
 
 
 def cmd_data(args: argparse.Namespace) -> int:
-    _setup_logging(args.verbose)
+    _setup_logging(args)
     if args.source == "world":
         from .data.world import WorldConfig, generate_world
+        from .run_lock import folder_lock
 
-        cfg = WorldConfig(seed=args.seed, n_users=args.n_users, n_items=args.n_items, n_days=args.n_days)
-        world = generate_world(args.out, cfg, progress=True)
+        for flag, given in (("a PATH", args.path), ("--check", args.check)):
+            if given:
+                raise UsageError(f"cascade data world takes no {flag}: it generates the world into --out")
+        cfg = WorldConfig(seed=0 if args.seed is None else args.seed, n_users=args.n_users, n_items=args.n_items,
+                          n_days=21 if args.n_days is None else args.n_days)
+        with folder_lock(args.out or "world", wait=args.wait):
+            world = generate_world(args.out or "world", cfg, progress=_progress(args))
         print(json.dumps(world.summary(), indent=2, default=str))
         return 0
     from .data import custom, kuairand, movielens
+    from .data.describe import describe_dataset
 
+    given = [f for f, v in (("--out", args.out), ("--seed", args.seed), ("--n-users", args.n_users),
+                            ("--n-items", args.n_items), ("--n-days", args.n_days)) if v is not None]
+    if given:
+        raise UsageError(f"cascade data {args.source}: {given[0]} applies to `cascade data world` only")
+    if not args.path:
+        what = "mapping TOML" if args.source == "custom" else "dataset folder"
+        raise UsageError(f"cascade data {args.source} needs the {what}: cascade data {args.source} PATH --check")
     loaders = {"kuairand": kuairand.load_kuairand, "movielens-100k": movielens.load_movielens_100k,
                "movielens-1m": movielens.load_movielens_1m, "custom": custom.load_custom}
     ds = loaders[args.source](args.path)
-    imp = ds.impressions
-    print(json.dumps({"users": len(ds.users), "items": len(ds.items), "impressions": len(imp),
-                      "requests": int(imp.request_id.nunique()), "ctr": float(imp.click.mean()),
-                      "features": {s: [f.name for f in ds.schema.by_side(s)] for s in ("user", "item", "context",
-                                                                                       "cross", "privileged")}},
-                     indent=2))
+    offset = float(kuairand.BEIJING_UTC_OFFSET_HOURS) if args.source == "kuairand" else 0.0
+    print(json.dumps(describe_dataset(ds, offset), indent=2, default=str))
+    print(f"ok: run it with `cascade run --data {args.source}:{args.path}`", file=sys.stderr)
     return 0
+
+
+def _npy(path: str | None, option: str, action: str):
+    """A .npy array given with ``option``; a missing option or file is a UsageError naming it."""
+    import numpy as np
+
+    if not path:
+        raise UsageError(f"cascade index {action} needs {option} FILE.npy")
+    if not Path(path).is_file():
+        raise UsageError(f"{option} {path}: no such file")
+    try:
+        return np.load(path, allow_pickle=False)
+    except ValueError as e:
+        raise UsageError(f"{option} {path}: not a .npy array ({e})") from None
 
 
 def cmd_index(args: argparse.Namespace) -> int:
     import numpy as np
 
     from .index.faiss_index import ItemIndex
+    from .run_lock import folder_lock
 
-    _setup_logging(args.verbose)
+    _setup_logging(args)
     if args.action == "build":
-        xb = np.load(args.embeddings)
-        ids = np.load(args.ids) if args.ids else np.arange(len(xb), dtype=np.int64)
-        index = ItemIndex.build(xb, ids, metric=args.metric, factory=args.factory)
-        if not index.is_exact and args.queries:
-            xq = np.load(args.queries)
-            index.sweep(xq, args.k)
-            index.set_operating_point(args.recall_target)
-        m = index.save(args.out, model_hash=args.model_hash)
+        if args.run:
+            from .pipeline.config import IndexSection
+            from .pipeline.index import build_run_index
+
+            clash = [o for o, v in (("--embeddings", args.embeddings), ("--ids", args.ids), ("--queries", args.queries),
+                                    ("--model-hash", args.model_hash)) if v]
+            if clash:
+                raise UsageError(f"cascade index build --run takes the run's tower, its item ids, queries and hash; "
+                                 f"{clash[0]} does not apply")
+            if not (Path(args.run) / "config.json").is_file():
+                raise UsageError(f"--run {args.run}: not a finished run (no config.json)")
+            from . import artifacts as A
+            from .config import from_dict
+
+            saved = A.read_json(Path(args.run) / "config.json").get("index", {})
+            given = {k: v for k, v in (("factory", args.factory), ("k", args.k), ("recall_target", args.recall_target))
+                     if v is not None}
+            c = from_dict(IndexSection, {**saved, **given}, prefix="index")
+            with folder_lock(args.out, wait=args.wait):
+                m = build_run_index(args.run, args.out, variant=args.variant, c=c)
+            print(json.dumps(m, indent=2, default=str))
+            return 0
+        xb = _npy(args.embeddings, "--embeddings", "build")
+        ids = _npy(args.ids, "--ids", "build") if args.ids else np.arange(len(xb), dtype=np.int64)
+        with folder_lock(args.out, wait=args.wait):
+            index = ItemIndex.build(xb, ids, metric=args.metric, factory=args.factory)
+            if not index.is_exact and args.queries:
+                index.sweep(_npy(args.queries, "--queries", "build"), args.k or 100)
+                index.set_operating_point(args.recall_target or 0.95)
+            m = index.save(args.out, model_hash=args.model_hash or "unknown")
         print(json.dumps(m, indent=2, default=str))
     else:
+        if not args.index or not (Path(args.index) / "manifest.json").is_file():
+            raise UsageError(f"cascade index search needs --index FOLDER written by `cascade index build` "
+                             f"(got {args.index!r})")
+        xq = _npy(args.queries, "--queries", "search")
         index = ItemIndex.load(args.index, expect_model_hash=args.model_hash)
-        xq = np.load(args.queries)
-        scores, items = index.search(xq, args.k)
+        scores, items = index.search(xq, args.k or 100)
         np.save(args.out, items)
-        print(f"searched {len(xq)} queries, k={args.k}: item ids saved to {args.out}")
+        print(f"searched {len(xq)} queries, k={args.k or 100}: item ids saved to {args.out}")
     return 0
 
 
@@ -157,7 +308,7 @@ def cmd_ddp_ranklog(args: argparse.Namespace) -> int:
     from .distributed import is_main
     from .pipeline.distributed_ranklog import run_distributed_ranklog
 
-    _setup_logging(args.verbose)
+    _setup_logging(args)
     if args.threads:
         import torch
 
@@ -172,83 +323,160 @@ def cmd_ddp_ranklog(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cascade",
-                                description="A distilled cascade recommender: one teacher, every stage a student.",
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    sub = p.add_subparsers(dest="command", required=True)
+    # -v / --verbose is accepted before or after the subcommand (SUPPRESS: a subcommand's default never hides the
+    # top-level flag)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                        help="debug logging, and the traceback of an error")
+    common.add_argument("-q", "--quiet", action="store_true", default=argparse.SUPPRESS,
+                        help="warnings and errors only, no progress bars (a run's run.log keeps the INFO lines)")
+    lock = argparse.ArgumentParser(add_help=False)
+    lock.add_argument("--wait", action="store_true",
+                      help="if another process holds the output folder, wait for it instead of failing")
+    raw = argparse.RawDescriptionHelpFormatter
 
-    r = sub.add_parser("run",
+    from . import __version__
+
+    p = argparse.ArgumentParser(prog="cascade", parents=[common], formatter_class=raw,
+                                description="A distilled cascade recommender: one teacher, every stage a student.",
+                                epilog="every command has its own --help with examples, e.g. cascade run --help")
+    p.add_argument("--version", action="version", version=f"cascade {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    r = sub.add_parser("run", parents=[common, lock], formatter_class=raw, epilog=EPILOG_RUN,
                        help="run the pipeline data -> teacher -> ranklog -> students -> index -> replay -> report",
-                       epilog=EPILOG_RUN, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description="Run (or resume) the pipeline; steps whose config and inputs are unchanged are "
+                                   "skipped.")
     r.add_argument("config", nargs="?", help="pipeline TOML (default: pipelines/default.toml)")
+    r.add_argument("--data", metavar="SOURCE[:PATH]",
+                   help="the dataset, on top of the config: custom:MAPPING.toml (your own logs), kuairand:DIR, "
+                        "movielens-100k:DIR, movielens-1m:DIR or world. It replaces the config's [data] table and "
+                        "names the run after the dataset unless --set run.name names it")
     r.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="override a config value, e.g. teacher.train.epochs=3")
     r.add_argument("--force", action="append", metavar="STEP", help="redo STEP even if it is up to date")
     r.add_argument("--no-progress", action="store_true", help="no progress bars")
+    r.add_argument("--device", choices=("cpu", "cuda"), default=None,
+                   help="where every training step trains (run.device; default: the config's, cpu)")
+    r.add_argument("--update", action="store_true",
+                   help="the run folder exists with another config: redo the steps the change affects in it (without "
+                        "this a different config is refused, naming the keys; or pick a new --set run.name=...)")
     r.set_defaults(func=cmd_run)
 
-    for name, fn, help_ in (("replay", cmd_replay, "replay the test requests of a finished run again"),
-                            ("report", cmd_report, "rebuild a run's report")):
-        q = sub.add_parser(name, help=help_, epilog=f"example:\n  cascade {name} runs/default",
-                           formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, fn, help_, also in (
+            ("replay", cmd_replay, "replay the test requests of a finished run again (then rebuild its report)",
+             "  cascade replay runs/default --set replay.k=20 --set replay.n_prerank=50"),
+            ("report", cmd_report, "rebuild a finished run's report", "  cascade report runs/tiny -v")):
+        q = sub.add_parser(name, parents=[common, lock], help=help_, description=help_[0].upper() + help_[1:] + ". "
+                           f"Only the {name} step(s) are redone; the other steps are used as they are (verified).",
+                           epilog=f"examples:\n  cascade {name} runs/default\n{also}", formatter_class=raw)
         q.add_argument("run", help="the run folder, e.g. runs/default")
-        q.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
+        q.add_argument("--set", action="append", metavar="KEY=VALUE",
+                       help=f"override a value of {' / '.join(REPLAY_SECTIONS[name])} (other keys: cascade run)")
+        q.add_argument("--update", action="store_true",
+                       help="with --set: rewrite the run's config and redo the step(s) (without this a change is "
+                            "refused, naming the keys)")
         q.add_argument("--no-progress", action="store_true")
         q.set_defaults(func=fn)
 
-    a = sub.add_parser("ablation", help="the distillation ablation of the two-tower students over seeds",
+    ls = sub.add_parser("runs", parents=[common],
+                        help="list the runs under a runs folder with their headline metrics",
+                        epilog="examples:\n  cascade runs\n  cascade runs --runs-dir path/to/runs",
+                        formatter_class=raw)
+    ls.add_argument("--runs-dir", default="runs", help="the folder holding the runs (default: runs)")
+    ls.set_defaults(func=cmd_runs)
+
+    c = sub.add_parser("compare", parents=[common],
+                       help="two or more runs side by side: config differences and metrics (md + html)",
+                       epilog="examples:\n  cascade compare default deepfm\n"
+                              "  cascade compare runs/default other/runs/tiny --out cmp",
+                       formatter_class=raw)
+    c.add_argument("runs", nargs="+", metavar="RUN", help="run names under --runs-dir, or run folders")
+    c.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: runs)")
+    c.add_argument("--out", default=None,
+                   help="folder for compare.md / compare.html / compare.json (default: RUNS_DIR/compare_A_vs_B)")
+    c.set_defaults(func=cmd_compare)
+
+    x = sub.add_parser("export", parents=[common],
+                       help="export a run's towers and rankers (torch.export or ONNX), each checked against its "
+                            "eager model",
+                       epilog="examples:\n  cascade export default --format torch-export\n"
+                              "  cascade export runs/default --format onnx --variant distilled --out serving/\n"
+                              "(--format onnx needs pip install 'cascade-distill[export]')",
+                       formatter_class=raw)
+    x.add_argument("run", help="a run name under --runs-dir, or a run folder")
+    x.add_argument("--format", required=True, choices=("torch-export", "onnx"))
+    x.add_argument("--out", default=None, help="output folder (default: RUN/export/FORMAT)")
+    x.add_argument("--variant", action="append", metavar="VARIANT",
+                   help="only these two-tower variants (default: all the run trained: distilled, ground_truth)")
+    x.add_argument("--runs-dir", default="runs", help="where run names are looked up (default: runs)")
+    x.add_argument("--tolerance", type=float, default=1e-5,
+                   help="largest allowed |exported - eager| on the parity rows (default 1e-5)")
+    x.set_defaults(func=cmd_export)
+
+    a = sub.add_parser("ablation", parents=[common],
+                       help="the distillation ablation of the two-tower students over seeds",
                        epilog="examples:\n"
                               "  cascade ablation                  # pipelines/ablation.toml, the world\n"
                               "  cascade ablation --set data.source='movielens-100k' --set data.path=path/to/ml-100k\n"
                               "  cascade ablation --set ablation.seeds=[0]",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=raw)
     a.add_argument("config", nargs="?", help="ablation TOML (default: pipelines/ablation.toml)")
     a.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config value")
     a.add_argument("--out", default="runs", help="folder for ablation_<source>.json / .md")
     a.add_argument("--no-progress", action="store_true")
     a.set_defaults(func=cmd_ablation)
 
-    d = sub.add_parser("data", help="generate the world or check a dataset's loader",
+    d = sub.add_parser("data", parents=[common, lock], help="generate the world, or check a dataset and its loader",
+                       description="world: generate the synthetic world into --out. Any other source: load the "
+                                   "dataset as a run would, check it, and print what was found (rows, users, items, "
+                                   "clicks, days, features per side, suggested split days); nothing is written.",
                        epilog="examples:\n  cascade data world --out /tmp/world --n-users 2000 --n-items 1500\n"
+                              "  cascade data custom examples/own_logs/mapping.toml --check\n"
                               "  cascade data kuairand path/to/KuaiRand-Pure/data\n"
-                              "  cascade data movielens-100k path/to/ml-100k\n"
-                              "  cascade data custom my_mapping.toml",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                              "  cascade data movielens-100k path/to/ml-100k",
+                       formatter_class=raw)
     d.add_argument("source", choices=("world", "kuairand", "movielens-100k", "movielens-1m", "custom"))
-    d.add_argument("path", nargs="?", help="dataset directory (or mapping TOML for custom)")
-    d.add_argument("--out", default="world", help="world: output folder")
-    d.add_argument("--seed", type=int, default=0)
-    d.add_argument("--n-users", type=int, default=None)
-    d.add_argument("--n-items", type=int, default=None)
-    d.add_argument("--n-days", type=int, default=21)
+    d.add_argument("path", nargs="?", help="dataset folder (custom: the mapping TOML)")
+    d.add_argument("--check", action="store_true",
+                   help="check the dataset and print what was found (what a loader source always does)")
+    d.add_argument("--out", default=None, help="world: output folder (default: world)")
+    d.add_argument("--seed", type=int, default=None, help="world: seed (default 0)")
+    d.add_argument("--n-users", type=int, default=None, help="world: users (default: the real tables')")
+    d.add_argument("--n-items", type=int, default=None, help="world: items (default: the real tables')")
+    d.add_argument("--n-days", type=int, default=None, help="world: days (default 21)")
     d.set_defaults(func=cmd_data)
 
-    i = sub.add_parser("index", help="build or search a FAISS inner-product index",
-                       epilog="examples:\n  cascade index build --embeddings items.npy --ids ids.npy "
-                              "--out idx --model-hash abc\n"
-                              "  cascade index search --index idx --queries users.npy --k 100 "
-                              "--out top.npy --model-hash abc",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    i = sub.add_parser("index", parents=[common, lock], help="build or search a FAISS inner-product index",
+                       epilog="examples:\n"
+                              "  cascade index build --run runs/default --out idx        # a run's retrieval tower\n"
+                              "  cascade index build --embeddings items.npy --ids ids.npy --out idx --model-hash abc\n"
+                              "  cascade index search --index idx --queries users.npy --k 100 --out top.npy",
+                       formatter_class=raw)
     i.add_argument("action", choices=("build", "search"))
+    i.add_argument("--run", help="build: a finished run folder; indexes its retrieval tower's items")
+    i.add_argument("--variant", default="distilled", help="build --run: the student variant (default: distilled)")
     i.add_argument("--embeddings", help="build: float32 [n, d] .npy of item embeddings")
     i.add_argument("--ids", help="build: int64 [n] .npy of item ids (default 0..n-1)")
     i.add_argument("--factory", default=None,
-                   help="Flat | IVF{n},Flat | HNSW{M} | IVF{n},PQ{m} (default: by corpus size)")
+                   help="Flat | IVF{n},Flat | HNSW{M} | IVF{n},PQ{m} (default: by corpus size; --run: the run's)")
     i.add_argument("--metric", default="ip", choices=("ip", "l2"))
     i.add_argument("--queries", help=".npy of float32 [nq, d] queries (build: for the nprobe/efSearch sweep)")
-    i.add_argument("--k", type=int, default=100)
-    i.add_argument("--recall-target", type=float, default=0.95)
+    i.add_argument("--k", type=int, default=None, help="results per query (default 100)")
+    i.add_argument("--recall-target", type=float, default=None, help="build: the operating point (default 0.95)")
     i.add_argument("--index", help="search: index folder")
-    i.add_argument("--model-hash", default="unknown", help="hash of the tower the embeddings come from")
+    i.add_argument("--model-hash", default=None,
+                   help="build: hash of the tower the embeddings come from (recorded; default 'unknown'); search: "
+                        "refuse an index built from another tower (default: no check)")
     i.add_argument("--out", required=True, help="build: index folder; search: .npy for the result ids")
     i.set_defaults(func=cmd_index)
-    g = sub.add_parser("ddp-ranklog", help="teacher with DistributedDataParallel + a sharded rank log, under torchrun",
+    g = sub.add_parser("ddp-ranklog", parents=[common],
+                       help="teacher with DistributedDataParallel + a sharded rank log, under torchrun",
                        epilog="examples:\n"
                               "  torchrun --standalone --nproc_per_node 2 -m cascade.cli ddp-ranklog \\\n"
                               "      --data runs/tiny/data --out runs/ddp\n"
                               "  cascade ddp-ranklog --data runs/tiny/data --out runs/ddp1   # one process",
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=raw)
     g.add_argument("--data", required=True, help="a run's data folder (runs/<name>/data)")
     g.add_argument("--out", required=True)
     g.add_argument("--epochs", type=int, default=1)
@@ -267,13 +495,26 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `cascade` command: 0 on success; a user mistake (a bad config, data, path or option, a run folder in
+    use) prints ``cascade: error: ...`` and returns 2 (with -v also its traceback); anything else is a bug and
+    raises."""
+    from .artifacts import ArtifactError
     from .config import ConfigError
     from .data.schema import DataValidationError
+    from .index.faiss_index import IndexMismatchError
+    from .run_lock import RunLockedError
 
     args = build_parser().parse_args(argv)
+    args.verbose, args.quiet = getattr(args, "verbose", False), getattr(args, "quiet", False)
+    if args.verbose and args.quiet:
+        print("cascade: error: -v/--verbose and -q/--quiet exclude each other", file=sys.stderr)
+        return 2
     try:
         return args.func(args)
-    except (ConfigError, DataValidationError) as e:
+    except (ConfigError, DataValidationError, ArtifactError, IndexMismatchError, RunLockedError, UsageError,
+            FileNotFoundError) as e:
+        if args.verbose:
+            traceback.print_exc()
         print(f"cascade: error: {e}", file=sys.stderr)
         return 2
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import collections.abc
 import dataclasses
+import json
+import math
 import tomllib
 import types
 import typing
@@ -27,6 +29,47 @@ T = TypeVar("T")
 
 class ConfigError(ValueError):
     """A config that cannot be used: unknown key, wrong type or impossible value. The message names the key."""
+
+
+class FieldError(ConfigError):
+    """An impossible value of one field of a config dataclass (raised by its ``__post_init__``).
+
+    Built directly the message names ``Class.field``; :func:`from_dict` re-raises it under the field's dotted key
+    (``teacher.train.lr = nan: must be a finite number > 0``)."""
+
+    def __init__(self, owner: str, field: str, value: Any, want: str):
+        self.owner, self.field, self.value, self.want = owner, field, value, want
+        super().__init__(f"{owner}.{field} = {value!r}: {want}")
+
+    def at(self, prefix: str) -> ConfigError:
+        return ConfigError(f"{prefix}.{self.field} = {self.value!r}: {self.want}" if prefix else str(self))
+
+
+def require(obj: Any, name: str, ok: bool, want: str) -> None:
+    """Raise :class:`FieldError` for field ``name`` of the config ``obj`` unless ``ok``; ``want`` says what the
+    value must be ("must be a finite number > 0")."""
+    if not ok:
+        raise FieldError(type(obj).__name__, name, getattr(obj, name), want)
+
+
+def finite(x: Any) -> bool:
+    """A real number that is not NaN or +-inf."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def positive(x: Any) -> bool:
+    """A finite number > 0."""
+    return finite(x) and x > 0
+
+
+def nonnegative(x: Any) -> bool:
+    """A finite number >= 0."""
+    return finite(x) and x >= 0
+
+
+def at_least(x: Any, lo: int) -> bool:
+    """An integer >= lo."""
+    return isinstance(x, int) and not isinstance(x, bool) and x >= lo
 
 
 def _type_name(tp: Any) -> str:
@@ -134,6 +177,8 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "", base: T |
             kwargs[name] = coerce(value, tp, key)
     try:
         return cls(**kwargs)
+    except FieldError as e:
+        raise e.at(prefix) from None
     except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError):
             raise
@@ -199,3 +244,46 @@ def load(cls: type[T], path: str | Path | None = None, overrides: list[str] | No
     data = dict(base or {}) if path is None else load_toml(path)
     data = apply_overrides(data, list(overrides or []))
     return from_dict(cls, data)
+
+
+ABSENT = "(absent)"  # how a key that one side of a config_diff lacks is shown
+
+
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The leaves where two plain configs (nested dicts of JSON values) differ: [(dotted key, old, new)], in key
+    order; a key missing on one side has :data:`ABSENT` there. Tuples and lists compare equal element by element."""
+    if isinstance(old, Mapping) and isinstance(new, Mapping):
+        out: list[tuple[str, Any, Any]] = []
+        for k in sorted(set(old) | set(new), key=str):
+            key = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old or k not in new:
+                out.append((key, old.get(k, ABSENT), new.get(k, ABSENT)))
+            else:
+                out += config_diff(old[k], new[k], key)
+        return out
+    return [] if _plain(old) == _plain(new) else [(prefix, old, new)]
+
+
+def _plain(v: Any) -> Any:
+    return [_plain(x) for x in v] if isinstance(v, (list, tuple)) else v
+
+
+def config_get(cfg: Any, key: str) -> Any:
+    """The value at dotted ``key`` of a plain nested config, or :data:`ABSENT`."""
+    for part in key.split("."):
+        if not isinstance(cfg, Mapping) or part not in cfg:
+            return ABSENT
+        cfg = cfg[part]
+    return cfg
+
+
+def format_diff(diff: list[tuple[str, Any, Any]], limit: int = 8) -> str:
+    """``key: old -> new`` for the first ``limit`` differences, then how many more (JSON spelling of values)."""
+
+    def show(v: Any) -> str:
+        return v if v is ABSENT else json.dumps(v, default=str)
+
+    parts = [f"{k}: {show(a)} -> {show(b)}" if k else f"{show(a)} -> {show(b)}" for k, a, b in diff[:limit]]
+    if len(diff) > limit:
+        parts.append(f"and {len(diff) - limit} more")
+    return ", ".join(parts)

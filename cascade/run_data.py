@@ -67,10 +67,10 @@ class RunData:
         self.encoder = FeatureEncoder.load(self.dir / "encoder")
         cfg = self.manifest["config"]
         # Refitted from the logged history (deterministic); queries only ever see events before their time.
-        self.cross = CrossFeatureStore(window_days=cfg["cross_window_days"],
-                                       tag_column=cfg.get("cross_tag_column", "tag"),
-                                       author_column=cfg.get("cross_author_column", "author_id")
-                                       ).fit(self.impressions, _with_oov_row(self.items, "item_id"))
+        self.cross = None if not cfg.get("cross_features", True) else CrossFeatureStore(
+            window_days=cfg["cross_window_days"], tag_column=cfg.get("cross_tag_column", "tag"),
+            author_column=cfg.get("cross_author_column", "author_id")
+        ).fit(self.impressions, _with_oov_row(self.items, "item_id"))
         self.pairs = PairEncoder(self.encoder, self.cross, _with_oov_row(self.users, "user_id"),
                                  _with_oov_row(self.items, "item_id"))
         self.spec = self.pairs.spec
@@ -79,6 +79,9 @@ class RunData:
         self._item_index = IdIndex(self.item_ids, "item_id", str(self.dir))
         self._user_index = IdIndex(self.user_ids, "user_id", str(self.dir))
         self.context_names = [f.name for f in self.schema.by_side("context")]
+        kinds = {c["name"]: ("float" if c["kind"] == "numeric" else c.get("key_kind", "str"))
+                 for c in self.encoder.columns_ if c["part"] == "context"}
+        self.context_kinds = {c: kinds.get(c, "str") for c in self.context_names}  # what a request must hold
 
     @functools.cached_property
     def history(self) -> EventHistory:
@@ -167,7 +170,8 @@ class Towers:
 
     def user_embed(self, data: RunData, requests: Requests) -> np.ndarray:
         u_rows = self.inputs.user_rows(data.map_users(requests.user_id))
-        ccat, cnum = data.encoder.encode_context({c: np.asarray(requests.context[c]) for c in data.context_names})
+        ccat, cnum = data.encoder.encode_context({c: np.asarray(requests.context[c]) for c in data.context_names},
+                                                 n_rows=len(requests))
         with torch.inference_mode():
             self.model.eval()
             u = self.model.user_tower(torch.from_numpy(self.inputs.user_cat[u_rows]),

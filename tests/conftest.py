@@ -15,6 +15,7 @@ examples instead (that is how a column whose train values differ by 4e-110 was f
 values to inf); a failure it finds should become an ``@example`` on the test.
 """
 
+import logging
 import os
 
 import faiss
@@ -56,6 +57,21 @@ def _threads_per_test(thread_counts):
     yield
     if (torch.get_num_threads(), faiss.omp_get_max_threads()) != (thread_counts, thread_counts):
         _set_threads(thread_counts, thread_counts)
+
+
+@pytest.fixture(autouse=True)
+def _library_logger_restored():
+    """A test that calls the CLI in-process (``cascade.cli.main``) sets handlers on the logger ``cascade``; put its
+    handlers, level and propagation back afterwards, so no later test writes to a closed capture stream."""
+    lib = logging.getLogger("cascade")
+    saved = list(lib.handlers), lib.level, lib.propagate
+    yield
+    for h in lib.handlers:
+        if h not in saved[0]:
+            h.close()
+    lib.handlers[:] = saved[0]
+    lib.setLevel(saved[1])
+    lib.propagate = saved[2]
 
 
 # ---------------------------------------------------------------------------------------------------- tiny worlds

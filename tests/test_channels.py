@@ -158,3 +158,15 @@ def test_save_and_load_serve_the_same_lists(tmp_path):
             np.testing.assert_array_equal(a, b)
     with pytest.raises(ValueError, match="holds channel 'als', not 'itemcf'"):
         ItemCFChannel.load(tmp_path / "als", h)
+
+
+def test_sparse_topk_hand_worked():
+    import scipy.sparse as sp
+
+    from cascade.channels.classic import sparse_topk
+
+    m = sp.csr_matrix(np.array([[0.0, 2.0, 0.0, 2.0, 1.0], [0.0, 0.0, 0.0, 0.0, 0.0], [3.0, 0.0, 0.0, 0.0, 0.0]]))
+    ids, scores = sparse_topk(m, np.array([10, 11, 12, 13, 14]), 2)
+    # row 0: 2.0 at columns 1 and 3 tie: the lower column first; row 1 has nothing; row 2 one item
+    np.testing.assert_array_equal(ids, [[11, 13], [PAD, PAD], [10, PAD]])
+    np.testing.assert_array_equal(scores, [[2.0, 2.0], [-np.inf, -np.inf], [3.0, -np.inf]])

@@ -160,3 +160,54 @@ def test_pipeline_files_set_only_values_that_differ_from_the_schema(path):
     else:
         load_config(ROOT / "pipelines" / path,
                     [f'data.path="{ROOT}"'] if raw.get("data", {}).get("source", "world") != "world" else [])
+
+
+@dataclass(frozen=True)
+class Checked:
+    lr: float = 1e-3
+    weights: tuple[float, ...] = (1.0,)
+
+    def __post_init__(self):
+        from cascade.config import positive, require
+
+        require(self, "lr", positive(self.lr), "must be a finite number > 0")
+
+
+@dataclass(frozen=True)
+class Holder:
+    train: Checked = field(default_factory=Checked)
+
+
+@pytest.mark.parametrize("value", [float("nan"), float("inf"), -1.0, 0.0])
+def test_a_field_check_is_named_by_its_dotted_key(value):
+    from cascade.config import FieldError
+
+    with pytest.raises(ConfigError) as e:
+        from_dict(Holder, {"train": {"lr": value}})
+    assert str(e.value) == f"train.lr = {value!r}: must be a finite number > 0"
+    with pytest.raises(FieldError, match=r"Checked.lr = .*: must be a finite number > 0"):
+        Checked(lr=value)  # built directly: the class names it
+
+
+def test_model_and_training_configs_check_every_value():
+    from cascade.models.ranker import RankerConfig
+    from cascade.models.two_tower import TowerConfig
+    from cascade.train.joint import DistillConfig
+    from cascade.train.loop import TrainConfig
+    from cascade.train.students import StudentConfig
+
+    for cls, kwargs, needle in ((TrainConfig, {"grad_clip": -1.0}, "TrainConfig.grad_clip = -1.0"),
+                                (TrainConfig, {"weight_decay": -0.1}, "TrainConfig.weight_decay"),
+                                (TrainConfig, {"lr": float("nan")}, "TrainConfig.lr = nan"),
+                                (TrainConfig, {"seed": -1}, "TrainConfig.seed = -1"),
+                                (RankerConfig, {"mlp": (-5,)}, "RankerConfig.mlp = (-5,)"),
+                                (RankerConfig, {"dropout": 1.0}, "RankerConfig.dropout"),
+                                (TowerConfig, {"hidden": (0,)}, "TowerConfig.hidden"),
+                                (TowerConfig, {"temperature": float("inf")}, "TowerConfig.temperature = inf"),
+                                (StudentConfig, {"loss_weights": {"pointwise": -1.0}},
+                                 "StudentConfig.loss_weights.pointwise = -1.0"),
+                                (StudentConfig, {"grad_clip": 0.0}, "StudentConfig.grad_clip = 0.0"),
+                                (DistillConfig, {"w_kd": float("nan")}, "DistillConfig.w_kd = nan"),
+                                (DistillConfig, {"w_bce": -1.0}, "DistillConfig.w_bce = -1.0")):
+        with pytest.raises(ConfigError, match=re.escape(needle)):
+            cls(**kwargs)

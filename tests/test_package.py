@@ -23,3 +23,25 @@ def test_py_typed_is_shipped_and_import_is_cheap():
     code = "import sys, cascade; print('torch' in sys.modules, 'faiss' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout.split()
     assert out == ["False", "False"]  # the API names load their modules on first use
+
+
+def test_distribution_name_version_and_runtime_dependencies():
+    """The PyPI name is cascade-distill ("cascade" is another project there); `import cascade` stays; scikit-learn
+    is a test / benchmark dependency only (no module of the package imports it)."""
+    import ast
+    import importlib.metadata as md
+    import tomllib
+
+    root = Path(__file__).resolve().parents[1]
+    project = tomllib.loads((root / "pyproject.toml").read_text())["project"]
+    assert project["name"] == cascade.DISTRIBUTION == "cascade-distill"
+    assert md.version("cascade-distill") == project["version"] == cascade.__version__
+    assert not any(d.startswith("scikit-learn") for d in project["dependencies"])
+    assert any(d.startswith("scikit-learn") for d in project["optional-dependencies"]["dev"])
+    runtime = [r for r in md.requires("cascade-distill") if "extra ==" not in r]
+    assert runtime and not any(r.startswith("scikit-learn") for r in runtime)
+    for path in (root / "cascade").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) else [])
+            assert not any(n.split(".")[0] == "sklearn" for n in names), path

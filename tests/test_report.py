@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import json
 import math
+import os
 import re
 import shutil
 import struct
@@ -103,7 +104,8 @@ def make_report_data() -> dict:
         "index": {"factory": "IVF64,Flat", "backend": "faiss-cpu", "metric": "inner_product", "n_items": 5000,
                   "dim": 32, "recall_vs_exact": 0.9871,
                   "operating_points": [{"param": "nprobe", "value": v, "recall_at_k": r, "qps": q}
-                                       for v, r, q in ((1, 0.612, 21000.0), (4, 0.874, 9100.0), (16, 0.9871, 2600.0))]},
+                                       for v, r, q in ((1, 0.612, 21000.0), (4, 0.874, 9100.0), (16, 0.9871, 2600.0))],
+                  "operating_point": {"param": "nprobe", "value": 16}},
         "models": [
             {"name": "teacher-deepfm", "role": "teacher", "auc": 0.7712, "gauc": 0.6601, "logloss": 0.1811,
              "rand_auc": 0.7402, "rand_gauc": 0.6402, "latency_ms_per_100": 0.912, "n_params": 1234567,
@@ -111,8 +113,13 @@ def make_report_data() -> dict:
             {"name": "rank-student", "role": "student", "auc": 0.7653, "gauc": 0.6555, "logloss": 0.1825,
              "latency_ms_per_100": 0.2, "n_params": 123456, "size_mb": 0.47},
             {"name": "lightgbm", "role": "baseline", "auc": 0.7581, "gauc": float("nan"), "logloss": 0.1844,
-             "latency_ms_per_100": 1.1, "n_params": 0, "size_mb": 0.9},
+             "latency_ms_per_100": 1.1},
         ],
+        "training": {"teacher": {"epoch": [1, 2], "loss": [0.66359, 0.62014], "valid": [0.67715, 0.68451],
+                                 "valid_metric": "valid AUC"},
+                     "prerank student (distilled)": {"epoch": [1, 2], "loss": [4.4806, 2.37555],
+                                                     "valid": [None, 0.8009],
+                                                     "valid_metric": "teacher-recall@10 on a rank-log sample"}},
         "ablation": {"metrics": ["teacher_recall", "auc"], "seeds": [0, 1, 2], "rows": [
             {"name": "ground truth only", "stage": "prerank",
              "values": {"teacher_recall": {"mean": 0.61, "std": 0.012, "n": 3},
@@ -152,12 +159,21 @@ def _md_row(md: str, first_cells: list[str]) -> list[str]:
     raise AssertionError(f"no table row starting with {first_cells}")
 
 
+def _md_section(md: str, heading: str) -> str:
+    """The Markdown from the heading (### or ##) named ``heading`` to the next heading."""
+    start = md.index(f"# {heading}\n")
+    nxt = re.search(r"^#{2,3} ", md[start + 2:], flags=re.M)
+    return md[start: start + 2 + nxt.start()] if nxt else md[start:]
+
+
 def test_format_value_rules():
     assert format_value(0.753149, "auc") == "0.7531"          # AUC: 4 decimals
     assert format_value(0.81234, "teacher_recall") == "0.812"  # recall: 3
     assert format_value(8.7654, "p99_ms") == "8.77"           # ms: 2
     assert format_value(5812.34, "requests_per_s_batched") == "5,812.3"
     assert format_value(1234567, "n_params") == "1,234,567"
+    assert format_value(526697.0, "n_params") == "526,697"  # a count that pandas made float (a gap in the column)
+    assert format_value(500.0, "size") == "500" and format_value(2.5, "n_items") == "2.5"
     assert format_value(2024, "seed") == "2024"
     assert format_value(float("nan"), "auc") == MISSING == format_value(None, "auc") == "–"
     assert format_value("world") == "world"
@@ -196,8 +212,8 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     assert not re.search(r'(src|href)\s*=\s*"(?!data:|#)', page)
     assert "<script" not in page
     imgs = IMG_RE.findall(page)
-    # three plots: recall curves, latency histograms, index operating points
-    assert len(imgs) == 3
+    # four plots: recall curves, latency histograms, index operating points, training curves
+    assert len(imgs) == 4
     for b64 in imgs:
         png = base64.b64decode(b64, validate=True)
         assert png[:8] == PNG_MAGIC
@@ -205,7 +221,8 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
         assert 500 <= width <= 1400 and 250 <= height <= 1400
     # sections in the required order
     order = ["Headline", "Per-stage metrics", "Teacher-recall@K curves", "Latency at batch 1", "Index", "Models",
-             "Choices made on validation", "Distillation ablation", "Data", "Run: configuration"]
+             "Training curves", "Choices made on validation", "Distillation ablation", "Data",
+             "Run: configuration"]
     pos = [page.index(f"<h2>{t}") for t in order]
     assert pos == sorted(pos)
     assert "<b>0.812 ± 0.010</b>" in page  # best retrieval teacher-recall (0.8123 ± 0.0098 at 3 decimals), bold
@@ -217,13 +234,19 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     # 0.6421 - 0.05 = 0.5921 -> 0.592; ...
     # AUC 0.75312 -> 0.7531 and 0.70312 -> 0.7031; GAUC NaN -> "–"; p50 2.345 -> 2.35 (the double nearest
     # 2.345 is 2.34500000000000019984, just above the half)
-    row = _md_row(md, ["rank"])
-    assert row[:4] == ["rank", "10", "0.201", "0.201"]
-    assert row[8:12] == ["0.642", "0.592", "0.7234", "0.7234"]  # teacher-recall and teacher-NDCG side by side
-    assert "| stage | size | click-recall distilled | click-recall ground_truth |" in md
-    assert "0.7531" in row and "0.7031" in row
-    assert row.count("–") >= 2
-    assert "2.35" in row
+    # one table per metric family (outcomes, agreement with the teacher, AUC, latency), each narrow enough to read
+    outcomes, agreement, aucs, latency = (_md_section(md, t) for t in (
+        "Outcomes: the held-out clicks", "Agreement with the teacher", "AUC on the test impressions",
+        "Latency per request (batch 1)"))
+    for table in (outcomes, agreement, aucs, latency):
+        header = next(line for line in table.splitlines() if line.startswith("| stage"))
+        assert header.count("|") - 1 <= 8, header
+    assert "| stage | size | click-recall distilled | click-recall ground_truth |" in outcomes
+    assert _md_row(outcomes, ["rank"])[:4] == ["rank", "10", "0.201", "0.201"]
+    assert _md_row(agreement, ["rank"]) == ["rank", "10", "0.642", "0.592", "0.7234", "0.7234"]
+    assert _md_row(aucs, ["rank"]) == ["rank", "10", "0.7531", "0.7031", "–", "–"]
+    assert _md_row(latency, ["rank"])[:3] == ["rank", "10", "2.35"]
+    assert "end to end" not in outcomes and _md_row(latency, ["end to end"])[:3] == ["end to end", "–", "4.10"]
     # headline, outcomes first: click-recall 0.0611 -> 0.061, HitRate 0.1833 -> 0.183, click-NDCG 0.0306, random
     # slice 0.015, oracle clicks 1.234, @N1 0.244, @N2 0.122, then agreement 0.642, 812 distinct items, coverage
     # 812 / 5000 = 0.162, top-10 share 0.250 (the all-None teacher-NDCG and oracle-ratio columns are left out)
@@ -241,6 +264,13 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     # models: best AUC 0.7712 (teacher) and best logloss 0.1811 bold; the baseline's NaN GAUC shows as "–"
     assert _md_row(md, ["teacher-deepfm"])[2:5] == ["**0.7712**", "**0.6601**", "**0.1811**"]
     assert _md_row(md, ["lightgbm"])[2:5] == ["0.7581", "–", "0.1844"]
+    # parameter counts are integers even in a column with a gap (the baseline has none)
+    assert _md_row(md, ["teacher-deepfm"])[-2:] == ["1,234,567", "4.71"]
+    assert _md_row(md, ["lightgbm"])[-2:] == ["–", "–"]
+    # the index's operating point: its row in bold, named in the caption (and circled on the plot)
+    assert _md_row(md, ["**nprobe**"]) == ["**nprobe**", "**16**", "**0.987**", "**2,600.0**"]
+    assert _md_row(md, ["nprobe", "4"]) == ["nprobe", "4", "0.874", "9,100.0"]
+    assert "operating point in bold: nprobe=16" in md
     # ablation, best per stage: prerank teacher-recall 0.7034 (NDCG) but AUC 0.7011 (ground truth);
     # retrieval: recall 0.770 with n=2 of 3 seeds flagged; the mix's NaN AUC is "–", so GT's 0.6801 is best
     assert _md_row(md, ["prerank", "ground truth only"])[2:] == ["0.610 ± 0.012", "**0.7011 ± 0.0020**"]
@@ -252,12 +282,17 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     assert _md_row(md, ["test"]) == ["test", "20,000", "2,000", "0.0401", "2022-05-07", "2022-05-08"]
     # pipeline step wall times and their total 1.5 + 12.25 + 3.0 = 16.75
     assert _md_row(md, ["total"]) == ["total", "16.75"]
+    # training curves: one row per model and epoch, the loss at 4 decimals, a missing validation as "–"
+    assert _md_row(md, ["teacher", "2"]) == ["teacher", "2", "0.6201", "valid AUC", "0.6845"]
+    assert _md_row(md, ["prerank student (distilled)", "1"]) == ["prerank student (distilled)", "1", "4.4806",
+                                                                 "teacher-recall@10 on a rank-log sample", "–"]
     assert NOT_COMPUTED not in md
 
 
 @pytest.mark.parametrize("minimal", [{}, {"run": None, "data": None, "cascades": None, "index": None,
                                           "models": None, "ablation": None},
-                                     {"run": {"name": "bare"}, "cascades": {"v": {"stages": {"rank": {"size": 5}}}}}])
+                                     {"run": {"name": "bare"}, "cascades": {"v": {"stages": {"rank": {"size": 5}}}}},
+                                     {"training": {"teacher": {"epoch": [], "loss": [], "valid": []}}}])
 def test_missing_sections_still_write_valid_files(tmp_path, minimal):
     write_report(minimal, tmp_path)
     assert load_report(tmp_path) == minimal
@@ -280,7 +315,7 @@ def test_one_variant_without_oracle(tmp_path, report_data):
     assert "AUC distilled" not in md
     assert "oracle clicks@K" not in md
     assert _md_row(md, ["distilled", "cascade"])[2:5] == ["0.061", "0.183", "0.0306"]
-    assert len(IMG_RE.findall((tmp_path / "report.html").read_text())) == 3
+    assert len(IMG_RE.findall((tmp_path / "report.html").read_text())) == 4
 
 
 def test_bad_input_names_the_key(tmp_path, report_data):
@@ -290,6 +325,10 @@ def test_bad_input_names_the_key(tmp_path, report_data):
     bad["cascades"]["distilled"]["recall_curves"]["prerank"]["k"] = [1, 2]
     with pytest.raises(ValueError, match=r"\['distilled'\]\['recall_curves'\]\['prerank'\]: 'k' has 2 values"):
         write_report(bad, tmp_path)
+    bad = make_report_data()
+    bad["index"]["operating_point"]["value"] = 8
+    with pytest.raises(ValueError, match="operating point nprobe=8 is not among the swept points"):
+        write_report(bad, tmp_path)
     with pytest.raises(ValueError, match=r"report_data\['run'\]\['when'\]: a object cannot go"):
         write_report({"run": {"when": object()}}, tmp_path)
     assert not (tmp_path / "report.json").exists()  # nothing half-written
@@ -297,18 +336,39 @@ def test_bad_input_names_the_key(tmp_path, report_data):
         load_report(tmp_path)
 
 
-@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
-                    reason="Chromium not installed (no 'chromium' or 'chromium-browser' on PATH)")
-def test_html_renders_in_headless_chromium(tmp_path, written):
+NO_BROWSER = not ((shutil.which("chromium") or shutil.which("chromium-browser")) and shutil.which("chromedriver"))
+BROWSER_REASON = ("Chromium or chromedriver not installed (Debian: apt-get install chromium chromium-driver; .ci/run "
+                  "installs both)")
+TOOL = Path(__file__).resolve().parents[1] / "tools" / "render_report.py"
+
+
+@pytest.fixture
+def browser():
+    """Skip where there is no browser, except in CI (CI=true: .ci/run installs one), where that is a failure."""
+    if NO_BROWSER:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true and {BROWSER_REASON}")
+        pytest.skip(BROWSER_REASON)
+
+
+def _render(page: Path, png: Path, size: str = "1280x2400") -> tuple[subprocess.CompletedProcess, dict]:
+    done = subprocess.run([sys.executable, str(TOOL), str(page), "--out", str(png), "--window-size", size],
+                          capture_output=True, text=True, timeout=300)
+    return done, json.loads(done.stdout.splitlines()[-1]) if done.stdout.strip() else {}
+
+
+def test_html_renders_in_headless_chromium(tmp_path, written, browser):
+    """The page in a real browser at 1280 px: loaded without a browser error, all four plots decoded, no table
+    clipped (the models table was cut off behind a scroll bar before its headers could wrap), not blank."""
     from matplotlib.image import imread
 
     out, _ = written
-    tool = Path(__file__).resolve().parents[1] / "tools" / "render_report.py"
-    done = subprocess.run([sys.executable, str(tool), str(out / "report.html"), "--out", str(tmp_path / "shot.png"),
-                           "--window-size", "1280x2400"], capture_output=True, text=True, timeout=300)
+    done, stats = _render(out / "report.html", tmp_path / "shot.png")
     assert done.returncode == 0, done.stderr[-2000:]
-    png = Path(json.loads(done.stdout.splitlines()[-1])["png"])
-    assert png.stat().st_size > 50_000  # a page of tables and three plots, not an empty canvas
+    assert stats["problems"] == [] and stats["images"] == 4
+    assert stats["page_height"] > 2400  # the whole report is longer than the window
+    png = Path(stats["png"])
+    assert png.stat().st_size > 50_000  # a page of tables and plots, not an empty canvas
     img = imread(png)
     assert img.shape[:2] == (2400, 1280)
     grey = img[..., :3].mean(axis=2)
@@ -316,3 +376,30 @@ def test_html_renders_in_headless_chromium(tmp_path, written):
     assert grey.var() > 1e-3
     # content reaches down the page (the plots are below the tables), not only a header strip
     assert (grey[1200:] < 0.9).mean() > 0.01
+
+
+def test_the_readme_shows_a_small_screenshot_of_a_report():
+    """docs/report-screenshot.png (made by tools/render_report.py, as the README says) is a PNG of the report at
+    1280 px, small enough to keep in the repository, and the README shows it."""
+    root = TOOL.parents[1]
+    png = root / "docs" / "report-screenshot.png"
+    data = png.read_bytes()
+    assert data[:8] == PNG_MAGIC and struct.unpack(">II", data[16:24]) == (1280, 1800)
+    assert len(data) < 200_000
+    assert "](docs/report-screenshot.png)" in (root / "README.md").read_text()
+
+
+def test_browser_check_fails_on_a_broken_page(tmp_path, browser):
+    """The checks can fail: an image that does not decode, a table wider than its box, a resource that is not there
+    (a console error) each make the tool exit 1 and name the problem."""
+    page = tmp_path / "report.html"
+    wide = "<tr>" + "".join(f"<td>column {i} with long text</td>" for i in range(40)) + "</tr>"
+    page.write_text('<!DOCTYPE html><html><body><p>text</p><img alt="broken plot" src="data:image/png;base64,AAAA">'
+                    f'<img alt="missing file" src="nope.png"><section id="models"><div class="tw" '
+                    f'style="overflow-x:auto"><table>{wide}</table></div></section></body></html>')
+    done, stats = _render(page, tmp_path / "shot.png", "800x600")
+    assert done.returncode == 1
+    found = "\n".join(stats["problems"])
+    assert "image 'broken plot' did not load" in found and "image 'missing file' did not load" in found
+    assert "a table in section 'models' is clipped" in found
+    assert "nope.png" in found and "browser SEVERE" in found  # the failed load, from the browser's log

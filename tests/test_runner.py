@@ -97,3 +97,47 @@ def test_reuse_takes_finished_steps_as_they_are(tmp_path):
     calls.clear()
     run_steps(make_steps(calls), Cfg(), tmp_path, seed=0, code_hash="v2", reuse=("s1",))
     assert calls == ["s1"]  # redone identically, so s2 (already written by v2 code) stays valid
+
+
+def test_reason_names_the_changed_keys_and_the_changed_inputs(tmp_path, caplog):
+    import dataclasses
+    import logging
+
+    from cascade.config import config_diff, format_diff, to_dict
+
+    @dataclass(frozen=True)
+    class Train:
+        epochs: int = 1
+        mlp: tuple = (8, 4)
+
+    @dataclass(frozen=True)
+    class Two:
+        train: Train = Train()
+        name: str = "x"
+
+    def make(calls):
+        def s1(ctx):
+            calls.append("s1")
+            A.write_json(ctx.out / "x.json", dataclasses.asdict(ctx.config))
+            return StepResult(["x.json"])
+
+        def s2(ctx):
+            calls.append("s2")
+            A.write_json(ctx.out / "y.json", {})
+            return StepResult(["y.json"])
+
+        return [Step("s1", (), lambda c: c, s1), Step("s2", ("s1",), lambda c: 0, s2)]
+
+    calls = []
+    run_steps(make(calls), Two(), tmp_path, seed=0, to_plain=to_dict)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="cascade.pipeline.runner"):
+        run_steps(make(calls), Two(Train(epochs=3, mlp=(8, 2))), tmp_path, seed=0, to_plain=to_dict)
+    lines = [r.getMessage() for r in caplog.records if r.name == "cascade.pipeline.runner"]
+    assert "[s1] running (config changed: train.epochs: 1 -> 3, train.mlp: [8, 4] -> [8, 2])" in lines
+    assert "[s2] running (inputs changed: new outputs of s1)" in lines
+    assert sum("[s1]" in line for line in lines) == 2  # one line when it starts, one when it is done
+    # a key on one side only, and the cut after `limit` differences
+    diff = config_diff({"a": 1, "b": {"c": [1, 2]}}, {"b": {"c": (1, 2), "d": "x"}})
+    assert diff == [("a", 1, "(absent)"), ("b.d", "(absent)", "x")]
+    assert format_diff(diff, limit=1) == "a: 1 -> (absent), and 1 more"

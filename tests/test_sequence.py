@@ -14,9 +14,13 @@ from cascade.data.features import CrossFeatureStore, FeatureEncoder, PairEncoder
 from cascade.data.requests import request_start_ms
 from cascade.data.schema import Dataset, Feature, Schema
 from cascade.data.split import DAY_MS
+from cascade.models.entire_space import EntireSpaceRanker
 from cascade.models.layers import FeatureEmbedding
 from cascade.models.ranker import Ranker, RankerConfig
+from cascade.models.scoring import ranking_model
 from cascade.models.sequence import TargetAttention
+from cascade.pipeline.common import save_ranker
+from cascade.run_data import load_ranker
 from cascade.train.joint import JointRanker, pfd_configs
 
 HIST_SIDES = ("user", "item", "context", "cross", "history")
@@ -346,3 +350,27 @@ def test_pfd_and_standalone_export_with_a_history_reading_teacher_and_student():
     assert joint.student.attention is None
     with torch.inference_mode():
         torch.testing.assert_close(joint.export_student()(cat, num), joint(cat, num), rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["ranker", "entire_space"])
+def test_save_load_of_a_sequence_reading_teacher_keeps_its_scores(kind, tmp_path):
+    cfg = RankerConfig(backbone="dcnv2", emb_dim=4, mlp=(16,), cross_rank=3, sides=HIST_SIDES, attention_mlp=(6, 3))
+    model = _perturbed(Ranker(SPEC, cfg, seed=2) if kind == "ranker" else EntireSpaceRanker(SPEC, cfg, seed=2))
+    save_ranker(model, cfg, tmp_path / "teacher")
+    loaded = load_ranker(tmp_path / "teacher", SPEC)
+    fresh = _perturbed(Ranker(SPEC, cfg, seed=2), seed=7)  # other weights: the comparison below can fail
+    cat, num = _lists(8, 6, seed=3)
+    with torch.inference_mode():
+        want = model(cat, num)
+        assert torch.equal(loaded(cat, num), want)
+        assert not torch.allclose(fresh(cat, num), want)
+        # the list scoring that orders candidates (the rank log, the rank stage) reads the same sequence per request
+        score, score_loaded = (ranking_model(m) for m in (model, loaded))
+        torch.testing.assert_close(score_loaded.forward_lists(cat, num, 6), score(cat, num), rtol=1e-5, atol=1e-5)
+
+
+def test_a_history_side_without_history_columns_is_an_error():
+    plain = FeatureSpec(SPEC.cat_names[:4], SPEC.cat_sides[:4], SPEC.cat_cardinality[:4], SPEC.num_names,
+                        SPEC.num_sides)
+    with pytest.raises(ValueError, match="has no history column"):
+        Ranker(plain, RankerConfig(emb_dim=4, mlp=(8,), sides=HIST_SIDES))

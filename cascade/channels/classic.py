@@ -43,6 +43,24 @@ def _dense_topk(score_rows, n_rows: int, ids: np.ndarray, n: int, chunk_cells: i
     return out_i, out_s
 
 
+def sparse_topk(scores: sp.csr_matrix, ids: np.ndarray, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """Top-n (ids, scores) per row of a sparse score matrix [B, I] (only stored entries are candidates; ties to
+    the lower column): cost follows the stored entries, not B x I."""
+    scores = scores.tocsr()
+    scores.sum_duplicates()
+    b = scores.shape[0]
+    rows = np.repeat(np.arange(b), np.diff(scores.indptr))
+    order = np.lexsort((scores.indices, -scores.data, rows))  # by row, score descending, column ascending
+    rank = np.arange(len(order)) - scores.indptr[rows[order]]
+    keep = order[rank < n]
+    out_i = np.full((b, n), PAD, np.int64)
+    out_s = np.full((b, n), -np.inf, np.float32)
+    slot = rank[rank < n]
+    out_i[rows[keep], slot] = ids[scores.indices[keep]]
+    out_s[rows[keep], slot] = scores.data[keep]
+    return out_i, out_s
+
+
 def _click_matrix(train: EventHistory, items: IdIndex) -> sp.csr_matrix:
     """Binary users x items matrix of the clicks of ``train`` (a pair clicked several times counts once)."""
     c = train.click
@@ -210,13 +228,11 @@ class ItemCFChannel(Channel):
 
     def select(self, requests: Requests, candidates: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         check_select(self.name, candidates, n)
-        scores = (_recent_weights(self.history, requests, self.n_history, self.decay, self._items) @ self._sim).tocsr()
-
-        def rows(sl: slice) -> np.ndarray:
-            d = scores[sl].toarray().astype(np.float32)
-            return np.where(d > 0, d, -np.inf).astype(np.float32)
-
-        return _dense_topk(rows, len(requests), self.item_ids_, n)
+        scores = _recent_weights(self.history, requests, self.n_history, self.decay, self._items) @ self._sim
+        scores = scores.tocsr()
+        scores.data = scores.data.astype(np.float32)
+        scores.eliminate_zeros()
+        return sparse_topk(scores, self.item_ids_, n)
 
 
 class ContentChannel(Channel):
@@ -255,7 +271,6 @@ class ContentChannel(Channel):
         self._items = IdIndex(self.item_ids_, "item_id", "content")
         has = self.category_ >= 0
         n_cat = int(self.category_.max(initial=-1)) + 1
-        self._has = has
         self._to_category = sp.csr_matrix((np.ones(int(has.sum()), np.float32), (np.flatnonzero(has),
                                                                                  self.category_[has])),
                                           shape=(len(self.item_ids_), max(n_cat, 1)))
@@ -263,13 +278,10 @@ class ContentChannel(Channel):
     def select(self, requests: Requests, candidates: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         check_select(self.name, candidates, n)
         h = _recent_weights(self.history, requests, self.n_history, self.decay, self._items)
-        weights = (h @ self._to_category).toarray().astype(np.float32)  # [B, categories]
-
-        def rows(sl: slice) -> np.ndarray:
-            w = weights[sl][:, np.maximum(self.category_, 0)] * self._has[None, :]
-            return np.where(w > 0, w + self.pop_rank_[None, :], -np.inf).astype(np.float32)
-
-        return _dense_topk(rows, len(requests), self.item_ids_, n)
+        weights = (h @ self._to_category).tocsr()  # [B, categories]
+        scores = (weights @ self._to_category.T).tocsr()  # [B, I]: the weight of each item's category
+        scores.data = (scores.data + self.pop_rank_[scores.indices]).astype(np.float32)
+        return sparse_topk(scores, self.item_ids_, n)
 
 
 class ALSChannel(Channel):

@@ -6,7 +6,8 @@ model features::
 
     name = "my-shop"                      # optional, default: the TOML's file stem
     [files]     users = "u.parquet"  items = "i.csv"  impressions = "imp/*.parquet"
-    [csv]       sep = ","                 # optional, for the CSV files
+                allow_outside = false     # optional: true lets paths leave the TOML's folder
+    [csv]       sep = ","  encoding = "utf-8"      # optional, for the CSV files
     [columns.users]        user_id = "uid"            # canonical name = your column name
     [columns.items]        item_id = "iid"
     [columns.impressions]  user_id = "uid"  item_id = "iid"  time_ms = "ts"  click = "clicked"
@@ -17,8 +18,18 @@ model features::
 
 Rules:
 
+- Paths are relative to the TOML's folder and must stay inside it (no absolute path, no ``..`` out of it, no
+  symbolic link out of it) unless ``[files] allow_outside = true``; a path that leaves it is refused unread.
 - A column not named under ``[columns.<table>]`` keeps its own name. A key there must be a canonical column or a
   declared feature of that table; any other key (and any unknown key anywhere in the file) raises, naming it.
+- Optional canonical columns (impressions: ``request_id``, ``position``, ``is_rand``, ``hour``, ``weekday``; items:
+  ``tag``, ``author_id``, the columns the cross features count) are read when a file has a column of that name,
+  even if not mapped (logged), so a ``is_rand`` column is never silently ignored.
+- Ids: integer columns are the ids; text ids (e.g. ``"A1B2"``, ``"sku-42"``) are mapped to int64 ids 0..n-1 in
+  sorted order of the users / items table, and the original ids kept in a ``user_key`` / ``item_key`` column of
+  the users / items table (a float id such as 1.5 or NaN raises, naming the column and line).
+- A feature may not be the click label: the ``click`` column, or another name for the same file column, is refused
+  as a feature on every side.
 - ``time_ms`` is converted from ``[time] unit`` ("ms" or "s") to epoch milliseconds and its unit is checked.
 - ``request_id`` absent: a request is a run of one user's impressions in which consecutive impressions are at
   most ``request_gap_s`` seconds apart (default 1800 = 30 minutes, the usual web-session cut-off); the user's next
@@ -38,6 +49,7 @@ Rules:
 from __future__ import annotations
 
 import logging
+import os
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -56,6 +68,7 @@ from .io import (
     py_scalar,
     read_table_strict,
     sort_impressions,
+    table_columns,
 )
 from .schema import IMPRESSION_COLUMNS, Dataset, DataValidationError, Feature, Schema
 
@@ -63,8 +76,8 @@ log = logging.getLogger(__name__)
 
 _TOP_KEYS = {"name", "files", "csv", "columns", "time", "missing", "features"}
 _SECTION_KEYS = {
-    "files": {"users", "items", "impressions"},
-    "csv": {"sep"},
+    "files": {"users", "items", "impressions", "allow_outside"},
+    "csv": {"sep", "encoding"},
     "columns": {"users", "items", "impressions"},
     "time": {"unit", "utc_offset_hours", "request_gap_s"},
     "missing": {"fill"},
@@ -72,9 +85,13 @@ _SECTION_KEYS = {
 _FEATURE_KEYS = {"name", "table", "kind", "side"}
 _CANONICAL = {
     "users": {"user_id"},
-    "items": {"item_id"},
+    "items": {"item_id", "tag", "author_id"},
     "impressions": set(IMPRESSION_COLUMNS) | {"hour", "weekday"},
 }
+#: Canonical columns read when a file has them (mapped or not); the others are required.
+_OPTIONAL = {"users": [], "items": ["tag", "author_id"],
+             "impressions": ["request_id", "position", "is_rand", "hour", "weekday"]}
+_REQUIRED = {"users": ["user_id"], "items": ["item_id"], "impressions": ["user_id", "item_id", "time_ms", "click"]}
 _ID_COLUMN = {"users": "user_id", "items": "item_id"}
 DEFAULT_REQUEST_GAP_S = 1800.0
 
@@ -136,27 +153,95 @@ def _parse(toml_path: Path) -> dict:
     if not gap > 0:
         raise DataValidationError(f"{toml_path}: time.request_gap_s must be > 0, got {gap!r}")
     sep = cfg.get("csv", {}).get("sep", ",")
+    encoding = cfg.get("csv", {}).get("encoding", "utf-8")
+    if not isinstance(encoding, str):
+        raise DataValidationError(f"{toml_path}: csv.encoding must be a string such as \"latin-1\"")
     fill = cfg.get("missing", {}).get("fill", False)
     if not isinstance(fill, bool):
         raise DataValidationError(f"{toml_path}: missing.fill must be true or false, got {fill!r}")
-    return {"name": str(cfg.get("name", toml_path.stem)), "files": files, "sep": sep, "columns": columns,
-            "unit": unit, "utc_offset_hours": float(time.get("utc_offset_hours", 0.0)), "gap_s": gap,
-            "fill": fill, "features": features}
+    outside = files.get("allow_outside", False)
+    if not isinstance(outside, bool):
+        raise DataValidationError(f"{toml_path}: files.allow_outside must be true or false, got {outside!r}")
+    click_src = columns.get("impressions", {}).get("click", "click")
+    for f in features:
+        src = columns.get(f.table, {}).get(f.name, f.name)
+        if f.name == "click" or (f.table == "impressions" and src == click_src):
+            raise DataValidationError(
+                f"{toml_path}: feature {f.name!r} is the click label (column {src!r} of the impressions): a model "
+                "that reads its own label learns nothing; remove it from [[features]]"
+            )
+    return {"name": str(cfg.get("name", toml_path.stem)), "files": files, "sep": sep, "encoding": encoding,
+            "columns": columns, "unit": unit, "utc_offset_hours": float(time.get("utc_offset_hours", 0.0)),
+            "gap_s": gap, "fill": fill, "features": features, "allow_outside": outside}
+
+
+def _confined(base: Path, rel: str, key: str, toml_path: Path, allow_outside: bool) -> Path:
+    """``base / rel``, refused (unread) when it leaves ``base`` and ``allow_outside`` is false."""
+    p = Path(rel).expanduser()
+    if allow_outside:
+        return p if p.is_absolute() else base / p
+    if p.is_absolute():
+        raise DataValidationError(f"{toml_path}: files.{key} is an absolute path; paths are relative to the "
+                                  "mapping's folder (set [files] allow_outside = true to allow others)")
+    root = base.resolve()
+    target = (base / p).resolve()
+    if target != root and root not in target.parents:
+        raise DataValidationError(f"{toml_path}: files.{key} leaves the mapping's folder {base} (through '..' or a "
+                                  "symbolic link); set [files] allow_outside = true to allow it")
+    return base / p
+
+
+def mapping_files(mapping_toml_path: str | Path) -> list[Path]:
+    """Every file a mapping reads: the TOML itself, then the users, items and impression files (globs expanded).
+    Raises like :func:`load_custom` for a bad mapping or a path outside the mapping's folder."""
+    toml_path = Path(mapping_toml_path)
+    cfg = _parse(toml_path)
+    user_path, item_path, imp_paths, _ = _paths(cfg, toml_path)
+    return [toml_path, user_path, item_path, *imp_paths]
+
+
+def _paths(cfg: dict, toml_path: Path) -> tuple[Path, Path, list[Path], Path]:
+    """(users file, items file, impression files, impressions path or pattern) of a parsed mapping."""
+    base, files, outside = toml_path.parent, cfg["files"], cfg["allow_outside"]
+    user_path = _confined(base, files["users"], "users", toml_path, outside)
+    item_path = _confined(base, files["items"], "items", toml_path, outside)
+    imp_pattern = _confined(base, files["impressions"], "impressions", toml_path, outside)
+    if any(ch in files["impressions"] for ch in "*?["):
+        imp_paths = expand_glob(imp_pattern)
+        for q in imp_paths:
+            _confined(base, os.path.relpath(q, base), "impressions", toml_path, outside)
+    else:
+        imp_paths = [imp_pattern]
+    return user_path, item_path, imp_paths, imp_pattern
 
 
 def _read(paths: list[Path], table: str, cfg: dict, features: list[Feature]) -> tuple[pd.DataFrame, list[int]]:
-    """Read the files of one table, rename columns to canonical names; also return each file's row count."""
-    rename = cfg["columns"].get(table, {})  # canonical -> source
-    required_canon = {"users": ["user_id"], "items": ["item_id"],
-                      "impressions": ["user_id", "item_id", "time_ms", "click"]}[table]
-    optional_canon = ["request_id", "position", "is_rand", "hour", "weekday"] if table == "impressions" else []
+    """Read the files of one table, rename columns to canonical names; also return each file's row count.
+
+    Optional canonical columns (:data:`_OPTIONAL`) are read where mapped, or where the files have a column of that
+    name (logged); ids are read as the files hold them (integers or text, see :func:`_ids`)."""
+    rename = dict(cfg["columns"].get(table, {}))  # canonical -> source
+    required_canon = _REQUIRED[table]
+    optional_canon = _OPTIONAL[table]
     feat_names = [f.name for f in features if f.table == table and f.name not in required_canon]
     src = lambda c: rename.get(c, c)  # noqa: E731 - a one-line lookup
+    headers = [table_columns(q, cfg["sep"], cfg["encoding"]) for q in paths]
+    for c in optional_canon:
+        if c in rename or c in feat_names:
+            continue
+        have = [c in h for h in headers]
+        if all(have):
+            log.info("%s: column %r is picked up as the canonical %s.%s (present, not mapped)", paths[0], c, table, c)
+            rename[c] = c
+        elif any(have):
+            lacking = paths[have.index(False)]
+            raise DataValidationError(f"{lacking}: has no column {c!r}, which {paths[have.index(True)]} has; the "
+                                      f"files of {table!r} must have the same columns")
     required = [src(c) for c in required_canon] + [src(c) for c in feat_names if c not in optional_canon]
     for c in optional_canon:
         if c in rename:
             required.append(rename[c])
-    dtypes = {src(c): "int64" for c in required_canon if c in ("user_id", "item_id")}
+    dtypes: dict[str, str] = {src(c): "str" for c in required_canon if c in ("user_id", "item_id")}
     if table == "impressions":
         dtypes[src("time_ms")] = "float64"
     for f in features:
@@ -165,16 +250,83 @@ def _read(paths: list[Path], table: str, cfg: dict, features: list[Feature]) -> 
     id_cols = [src(c) for c in required_canon if c in ("user_id", "item_id")]
     nullable = [src(c) for c in feat_names] if cfg["fill"] else []
     frames, counts = [], []
-    for p in paths:
-        checks: dict[str, Any] = {"nonnegative": id_cols, "unique": id_cols if table != "impressions" else ()}
-        if p.suffix.lower() not in (".parquet", ".pq"):
+    for q in paths:
+        checks: dict[str, Any] = {"unique": id_cols if table != "impressions" else ()}
+        if q.suffix.lower() not in (".parquet", ".pq"):
             checks["sep"] = cfg["sep"]
+            checks["encoding"] = cfg["encoding"]
         # Columns neither canonical nor declared as features are not read: they may hold anything.
-        df = read_table_strict(p, required, dtypes, usecols=list(dict.fromkeys(required)), nullable=nullable,
+        df = read_table_strict(q, required, dtypes, usecols=list(dict.fromkeys(required)), nullable=nullable,
                                **checks)
-        frames.append(df.rename(columns={v: k for k, v in rename.items()}))
+        # canonical name <- its source column; one source may serve two names (a feature and the cross tag)
+        own = {c for c in (*required_canon, *feat_names) if c not in rename}  # read under their own names
+        renamed = {k: df[v] for k, v in rename.items()}
+        df = pd.DataFrame({**{c: df[c] for c in df.columns if c not in rename.values() or c in own}, **renamed})
+        for c in ("user_id", "item_id"):
+            if c in df.columns:
+                df[c] = _id_values(df[c], str(q), rename.get(c, c), 1 if q.suffix.lower() in (".parquet", ".pq") else 2)
+        frames.append(df)
         counts.append(len(df))
     return (pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]), counts
+
+
+_INT_TEXT = r"\s*[+-]?\d+\s*"
+_FLOAT_TEXT = r"\s*([+-]?(\d+\.\d*|\.\d+|\d+(\.\d*)?[eE][+-]?\d+)|[+-]?(nan|NaN|NAN|inf|Inf|INF))\s*"
+
+
+def _id_values(s: pd.Series, source: str, col: str, first_line: int) -> pd.Series:
+    """An id column as read (CSV: text; parquet: as stored) -> int64 (integer ids) or str (text ids). A float id
+    (``7.0``, ``1.5``, NaN), a boolean or a negative integer raises naming the column, the value and its line."""
+    if pd.api.types.is_bool_dtype(s) or pd.api.types.is_float_dtype(s):
+        v = s.to_numpy()
+        bad = (~np.isfinite(v) | (v != np.floor(v))) if pd.api.types.is_float_dtype(s) else np.ones(len(v), bool)
+        row = int(np.flatnonzero(bad)[0]) if bad.any() else 0
+        raise DataValidationError(f"{source}: column {col!r} must hold integer or text ids, but line "
+                                  f"{row + first_line} holds {py_scalar(v[row])!r} (the column is stored as "
+                                  f"{s.dtype})")
+    if not pd.api.types.is_integer_dtype(s):
+        text = s.astype(str)
+        is_int = text.str.fullmatch(_INT_TEXT).to_numpy(bool)
+        if not is_int.all():
+            floaty = text.str.fullmatch(_FLOAT_TEXT).to_numpy(bool)
+            if floaty.any():
+                row = int(np.flatnonzero(floaty)[0])
+                raise DataValidationError(f"{source}: column {col!r} must hold integer or text ids, but line "
+                                          f"{row + first_line} holds {text.iloc[row]!r}")
+            return text  # text ids
+        num = pd.to_numeric(text)
+        if num.dtype != np.int64:  # beyond int64: text ids, exactly as written
+            return text
+        s = num
+    v = s.to_numpy(np.int64)
+    if (v < 0).any():
+        row = int(np.flatnonzero(v < 0)[0])
+        raise DataValidationError(f"{source}: column {col!r} has a negative id {py_scalar(v[row])!r} at line "
+                                  f"{row + first_line} (integer ids are >= 0; text ids are fine too)")
+    return s.astype(np.int64)
+
+
+def _ids(users: pd.DataFrame, items: pd.DataFrame, imp: pd.DataFrame, sources: dict[str, str]) -> None:
+    """In place: text ids -> int64 ids 0..n-1 in sorted order of the side table (original in ``<entity>_key``).
+
+    Where one table holds text ids of an entity and another integer ones, the integers are read as text (``7``
+    meets ``"7"``). An impression naming an id its side table lacks raises, naming the original id."""
+    for col, side, key in (("user_id", users, "user_key"), ("item_id", items, "item_key")):
+        table = "users" if col == "user_id" else "items"
+        if side[col].dtype == np.int64 and imp[col].dtype == np.int64:
+            continue
+        keys = side[col].astype(str).to_numpy()
+        vocab = pd.Index(np.sort(keys))
+        side[key] = keys
+        side[col] = vocab.get_indexer(keys).astype(np.int64)
+        rows = vocab.get_indexer(imp[col].astype(str).to_numpy())
+        if (rows < 0).any():
+            bad = imp[col].iloc[int(np.flatnonzero(rows < 0)[0])]
+            raise DataValidationError(f"{sources['impressions']}: column {col!r} references unknown "
+                                      f"{table[:-1]} {py_scalar(bad)!r} (not in {sources[table]})")
+        imp[col] = rows.astype(np.int64)
+        log.info("%s: text ids mapped to 0..%d (sorted; the original ids are in column %r)", sources[table],
+                 len(vocab) - 1, key)
 
 
 def _derive_requests(imp: pd.DataFrame, gap_ms: float, source: str) -> tuple[np.ndarray, np.ndarray | None]:
@@ -222,16 +374,33 @@ def _derive_requests(imp: pd.DataFrame, gap_ms: float, source: str) -> tuple[np.
     return np.asarray(group, dtype=np.int64), position
 
 
-def _binary(imp: pd.DataFrame, col: str, source: str) -> None:
-    v = imp[col].to_numpy()
-    if v.dtype.kind == "b":
-        imp[col] = v.astype(np.int64)
+def _locate(row: int, paths: list[Path], counts: list[int]) -> str:
+    """'FILE line N' of row ``row`` of the impressions concatenated from ``paths`` (``counts`` rows each)."""
+    for q, n in zip(paths, counts):
+        if row < n:
+            return f"{q} line {row + (1 if q.suffix.lower() in ('.parquet', '.pq') else 2)}"
+        row -= n
+    return f"row {row}"
+
+
+def _binary(imp: pd.DataFrame, col: str, where, source_col: str) -> None:
+    """In place: a 0/1 column (numbers 0 / 1, booleans, or the texts "0" / "1" / "true" / "false") -> int64;
+    any other value raises naming it and its file and line (``where(row)``)."""
+    s = imp[col]
+    if pd.api.types.is_bool_dtype(s):
+        imp[col] = s.to_numpy().astype(np.int64)
         return
+    if pd.api.types.is_numeric_dtype(s):
+        v = s.to_numpy(dtype=np.float64)
+    else:
+        text = s.astype(str).str.strip().str.lower()
+        v = pd.to_numeric(text.replace({"true": "1", "false": "0"}), errors="coerce").to_numpy(np.float64)
     with np.errstate(invalid="ignore"):
-        bad = ~np.isin(v, (0, 1))
+        bad = ~np.isin(v, (0.0, 1.0))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataValidationError(f"{source}: column {col!r} must be 0/1, row {row} holds {py_scalar(v[row])!r}")
+        raise DataValidationError(f"{where(row)}: column {source_col!r} must be 0/1 (or true/false), but holds "
+                                  f"{py_scalar(s.iloc[row])!r}")
     imp[col] = v.astype(np.int64)
 
 
@@ -254,21 +423,18 @@ def load_custom(mapping_toml_path: str | Path) -> Dataset:
     """
     toml_path = Path(mapping_toml_path)
     cfg = _parse(toml_path)
-    base = toml_path.parent
     features = list(cfg["features"])
     declared = {f.name for f in features}
     for name, table, side in (("user_id", "users", "user"), ("item_id", "items", "item")):
         if name not in declared:
             features.insert(0 if table == "users" else len(features), Feature(name, table, "categorical", side))
-    user_path = base / cfg["files"]["users"]
-    item_path = base / cfg["files"]["items"]
-    imp_pattern = base / cfg["files"]["impressions"]
-    imp_paths = expand_glob(imp_pattern) if any(ch in cfg["files"]["impressions"] for ch in "*?[") else [imp_pattern]
+    user_path, item_path, imp_paths, imp_pattern = _paths(cfg, toml_path)
 
     users, _ = _read([user_path], "users", cfg, features)
     items, _ = _read([item_path], "items", cfg, features)
     imp, counts = _read(imp_paths, "impressions", cfg, features)
     imp_src = str(imp_paths[0]) if len(imp_paths) == 1 else str(imp_pattern)
+    _ids(users, items, imp, {"users": str(user_path), "items": str(item_path), "impressions": imp_src})
 
     # Time: per file, so that an error names the file and its row.
     t = imp["time_ms"].to_numpy(np.float64)
@@ -287,9 +453,13 @@ def load_custom(mapping_toml_path: str | Path) -> Dataset:
         )
     imp["time_ms"] = t_ms.astype(np.int64)
 
-    _binary(imp, "click", imp_src)
+    def where(row: int) -> str:
+        return _locate(row, imp_paths, counts)
+
+    mapped = cfg["columns"].get("impressions", {})
+    _binary(imp, "click", where, mapped.get("click", "click"))
     if "is_rand" in imp.columns:
-        _binary(imp, "is_rand", imp_src)
+        _binary(imp, "is_rand", where, mapped.get("is_rand", "is_rand"))
     else:
         imp["is_rand"] = np.zeros(len(imp), dtype=np.int64)
     group, given_position = _derive_requests(imp, cfg["gap_s"] * 1000.0, imp_src)

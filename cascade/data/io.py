@@ -120,6 +120,21 @@ def _read_bytes(path: Path) -> bytes:
     return raw
 
 
+def _check_encoding(raw: bytes, path: Path, encoding: str) -> None:
+    """Raise DataValidationError naming the file, line and byte where ``raw`` is not valid ``encoding``."""
+    try:
+        raw.decode(encoding)
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        column = e.start - (raw.rfind(b"\n", 0, e.start) + 1) + 1
+        raise DataValidationError(
+            f"{path}: line {line} is not valid {encoding} (byte 0x{raw[e.start]:02x} at character {column}); save "
+            f"the file as {encoding}, or name its encoding ([csv] encoding = \"latin-1\" in a custom mapping)"
+        ) from None
+    except LookupError:
+        raise DataValidationError(f"{path}: unknown text encoding {encoding!r}") from None
+
+
 def read_csv_strict(
     path: PathLike,
     required_columns: Sequence[str],
@@ -156,6 +171,7 @@ def read_csv_strict(
         if dt not in _ARROW_TYPES:
             raise ValueError(f"read_csv_strict: dtype {dt!r} of column {col!r} is not one of {list(_ARROW_TYPES)}")
     raw = _read_bytes(path)
+    _check_encoding(raw, path, encoding)
     header = _first_line(raw, encoding)
     fields = _split_header(header, sep)
     want = len(names) if names is not None else len(required_columns)
@@ -256,8 +272,9 @@ def _raise_conversion_error(raw: bytes, path: Path, read_opts, parse_opts, keep,
         num = pd.to_numeric(s.str.strip(), errors="coerce")
         bad = s.notna() & num.isna()
         if dtypes[col] == "int64":
-            # "1.5" parses as a number but is not an integer.
-            bad |= num.notna() & (num != np.floor(num))
+            # "1.5" parses as a number but is not an integer; "1.0" or "1e3" are not integer literals either
+            bad |= s.notna() & ~s.str.fullmatch(r"\s*[+-]?\d+\s*").fillna(False).astype(bool)
+            bad |= num.notna() & (num.abs() >= 2.0**63)  # an integer beyond int64
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataValidationError(
@@ -373,6 +390,26 @@ def read_table_strict(path: PathLike, required_columns: Sequence[str], dtypes: M
     if Path(path).suffix.lower() in (".parquet", ".pq"):
         return read_parquet_strict(path, required_columns, dtypes, **checks)
     return read_csv_strict(path, required_columns, dtypes, sep, **checks)
+
+
+def table_columns(path: PathLike, sep: str = ",", encoding: str = "utf-8") -> list[str]:
+    """The column names of a parquet file (its schema) or a CSV file (its header line), reading nothing else."""
+    path = Path(path)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        if not path.exists():
+            raise DataValidationError(f"{path}: file not found")
+        try:
+            return list(pq.read_schema(path).names)
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise DataValidationError(f"{path}: not a readable parquet file ({exc})") from None
+    if not path.exists():
+        raise DataValidationError(f"{path}: file not found")
+    if path.is_dir():
+        raise DataValidationError(f"{path}: is a directory, expected a file")
+    with open(path, "rb") as f:
+        line = f.readline(1 << 20)
+    _check_encoding(line, path, encoding)
+    return _split_header(_first_line(line, encoding), sep)
 
 
 def expand_glob(pattern: PathLike) -> list[Path]:

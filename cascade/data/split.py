@@ -74,6 +74,45 @@ def time_split(dataset: Dataset, valid_days: int = 1, test_days: int = 1,
     return masks
 
 
+def request_days(dataset: Dataset, utc_offset_hours: float = 0.0) -> np.ndarray:
+    """Calendar day (days since the epoch, local time) of each impression's request start, int64 [N]."""
+    start = request_start_ms(dataset.impressions)
+    return np.floor_divide(start + int(round(utc_offset_hours * 3_600_000)), DAY_MS)
+
+
+def quantile_split_days(dataset: Dataset, utc_offset_hours: float = 0.0, valid_share: float = 0.1,
+                        test_share: float = 0.1) -> tuple[int, int]:
+    """(valid_days, test_days) for :func:`time_split` when none are given: the last days that hold about
+    ``test_share`` of the requests are test, the days before them that hold about ``valid_share`` valid.
+
+    Counted in requests, not calendar days, so sparse or uneven logs (a few busy days, long quiet gaps) still get
+    a test period with about a tenth of the traffic. With q_test the day of the (1 - test_share) quantile of the
+    request start days and D the last day, test_days = D - q_test + 1 (at least 1); likewise valid_days from the
+    (1 - test_share - valid_share) quantile, at least 1. Raises DataValidationError when the data span fewer than
+    three days (no train / valid / test split by day is possible)."""
+    imp = dataset.impressions
+    first = ~imp["request_id"].duplicated().to_numpy()
+    day = request_days(dataset, utc_offset_hours)[first]  # one entry per request
+    days = np.unique(day)
+    if len(days) < 3:
+        raise DataValidationError(
+            f"{dataset.source('impressions')}: the requests span {len(days)} calendar day(s); a split by day into "
+            "train, valid and test needs at least 3"
+        )
+    last = int(days[-1])
+    q_test = int(np.quantile(day, 1.0 - test_share, method="higher"))
+    test_days = max(1, last - q_test + 1)
+    valid_end = last - test_days  # last valid day
+    q_valid = int(np.quantile(day, 1.0 - test_share - valid_share, method="higher"))
+    valid_days = max(1, valid_end - q_valid + 1)
+    # the train part must keep at least one day with data
+    while valid_days > 1 and not (day < valid_end - valid_days + 1).any():
+        valid_days -= 1
+    while test_days > 1 and not (day < last - test_days + 1 - valid_days).any():
+        test_days -= 1
+    return int(valid_days), int(test_days)
+
+
 def split_summary(dataset: Dataset, masks: dict[str, np.ndarray]) -> pd.DataFrame:
     """One row per split: impressions, requests, users, items, clicks, CTR, random-exposure share, time range."""
     imp = dataset.impressions

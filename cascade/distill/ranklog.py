@@ -20,6 +20,7 @@ vectorised scatter: no per-request Python.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Iterator
@@ -256,17 +257,19 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
     n_rows = sum(p["rows"] for p in parts)
     config = {"requests_per_batch": requests_per_batch, "shard_rows": shard_rows, "n_candidates": int(L),
               "n_shards": n_shards, "shard_index": shard_index}
+    # the manifest holds what the inputs determine (no times), so an unchanged redo writes the same bytes
     man = artifacts.write_manifest(
         shard_dir, kind=KIND, config=config, seed=seed, inputs={}, outputs=[p["path"] for p in parts],
-        metrics={"pairs_per_s": n_rows / wall if wall > 0 else None, "score_s": score_s, "n_rows": n_rows},
-        wall_s=wall,
+        metrics={"n_rows": n_rows}, stamp=False,
         extra={"shards": _with_hashes(parts, shard_dir), "n_requests": hi_r - lo_r, "n_rows": n_rows,
                "request_row_range": [lo_r, hi_r], "n_requests_total": n_req, "n_items": n_items,
                "columns": list(COLUMNS)},
     )
     log.info("rank log: %d requests, %d pairs in %.2fs (%.0f pairs/s, scorer %.2fs) -> %s",
              hi_r - lo_r, n_rows, wall, n_rows / max(wall, 1e-9), score_s, shard_dir)
-    return man
+    # the timings go back to the caller only
+    return {**man, "wall_s": wall, "metrics": {**man["metrics"], "score_s": score_s,
+                                               "pairs_per_s": n_rows / wall if wall > 0 else None}}
 
 
 def _with_hashes(parts: list[dict], base: Path, prefix: str = "") -> list[dict]:
@@ -308,7 +311,7 @@ def merge_manifests(out_dir: str | Path, n_shards: int) -> dict:
         raise artifacts.ArtifactError(f"{out_dir}: the shards cover request rows [0, {expected_lo}) of {total}")
     return artifacts.write_manifest(
         out_dir, kind=KIND, config={**cfg0, "shard_index": None}, seed=None, inputs={}, outputs=outputs,
-        metrics={"n_rows": n_rows},
+        metrics={"n_rows": n_rows}, stamp=False,
         extra={"shards": shards, "n_requests": n_req, "n_rows": n_rows, "request_row_range": [0, total],
                "n_requests_total": total, "n_items": m.get("n_items"), "columns": list(COLUMNS)},
     )
@@ -391,6 +394,20 @@ class RankLog:
                 j = int(np.argmax(bad))
                 raise artifacts.ArtifactError(f"{self.path}: {what} row {rows[j]} holds id {ids[j]} in the log but "
                                               f"{ref[rows[j]]} in the given map: the log belongs to another encoding")
+
+    def subset(self, idx: np.ndarray) -> RankLog:
+        """The requests ``idx`` (positions, int [n]) as a RankLog of their own (arrays copied; same path and
+        manifest), e.g. a fixed sample to follow a student's fit of the teacher's lists epoch by epoch."""
+        idx = np.asarray(idx, dtype=np.int64)
+        out = copy.copy(self)
+        for name in ("items", "ranks", "logits", "mask", "request_rows", "request_ids", "user_ids", "user_rows",
+                     "time_ms"):
+            setattr(out, name, getattr(self, name)[idx])
+        id_of_row = np.zeros(int(self._item_row_flat.max(initial=-1)) + 1, dtype=np.int64)
+        id_of_row[self._item_row_flat] = self.item_ids_flat
+        out._item_row_flat = out.items[out.mask]
+        out.item_ids_flat = id_of_row[out._item_row_flat]
+        return out
 
     def tensors(self, idx: np.ndarray | slice = slice(None)) -> dict[str, torch.Tensor]:
         """The requests ``idx`` as torch tensors: items/ranks [B, L] int64, logits [B, L] f32, mask [B, L] bool,

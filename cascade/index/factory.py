@@ -43,6 +43,9 @@ def parse_factory(factory: str, d: int) -> dict[str, Any]:
         m = pat.match(factory)
         if m:
             out = {"kind": kind, **{k: int(v) for k, v in m.groupdict().items() if v is not None}}
+            zero = [k for k, v in out.items() if k != "kind" and v < 1]
+            if zero:
+                raise ValueError(f"factory {factory!r}: {zero[0]} must be >= 1")
             if kind == "ivfpq" and d % out["m"] != 0:
                 raise ValueError(f"factory {factory!r}: PQ{out['m']} needs the dimension {d} to "
                                  f"be a multiple of {out['m']}")

@@ -499,6 +499,8 @@ class ItemIndex:
             log.warning("item index: saving an approximate index with no measured recall (call sweep/measure_recall)")
         config = {"factory": self.factory, "metric": self.metric, "nprobe": self.nprobe, "ef_search": self.ef_search,
                   "ef_construction": self.ef_construction, "k_factor": self.k_factor, "refine": self.refine}
+        # no times in the file (no timestamp, no queries / s): equal indexes give equal manifests, so a redone
+        # index step leaves its hashes and the cache of later steps intact; sweep() returns the speeds
         return write_manifest(
             directory,
             kind="index",
@@ -507,6 +509,7 @@ class ItemIndex:
             inputs={"model_hash": model_hash},
             outputs=[INDEX_FILE, IDS_FILE],
             metrics={"recall": self.recall_},
+            stamp=False,
             extra={
                 "model_hash": model_hash,
                 "embedding_dim": self.dim,
@@ -517,7 +520,7 @@ class ItemIndex:
                 "backend_reason": self.backend_reason,
                 "is_exact": self.is_exact,
                 "recall": self.recall_,
-                "operating_points": self.operating_points_,
+                "operating_points": [{k: v for k, v in p.items() if k != "qps"} for p in self.operating_points_],
                 "extra": dict(extra or {}),
             },
         )

@@ -13,6 +13,7 @@ from collections.abc import Sequence
 
 import lightgbm as lgb
 import numpy as np
+from tqdm.auto import tqdm
 
 from cascade.data.batches import EncodedTable, FeatureSpec
 
@@ -21,18 +22,34 @@ log = logging.getLogger(__name__)
 GBDT_OBJECTIVES = ("binary", "lambdarank")
 
 
+def _report_rounds(bar: tqdm, n_rounds: int, log_every: int):
+    """A LightGBM callback: one bar step per boosting round with the validation metric as postfix, and (log_every
+    > 0) a log line every ``log_every`` rounds, so a long fit is never silent."""
+
+    def callback(env: lgb.callback.CallbackEnv) -> None:
+        valid = {f"valid_{name}": round(float(value), 5) for _, name, value, *_ in env.evaluation_result_list or ()}
+        bar.set_postfix(valid, refresh=False)
+        bar.update(1)
+        done = env.iteration + 1
+        if log_every and (done % log_every == 0 or done == n_rounds):
+            log.info("LightGBM: tree %d/%d %s", done, n_rounds, valid)
+
+    return callback
+
+
 class GBDTRanker:
     """Gradient-boosted trees over the columns of ``sides`` (scikit-learn estimator style).
 
     fit(train, valid=None) -> self; predict(cat [N, C], num [N, M]) -> scores float64 [N] (log-odds for binary,
     ranking scores for lambdarank). Learned attributes: ``booster_``, ``best_iteration_``, ``spec_``,
-    ``feature_names_``, ``cat_index_``, ``num_index_``.
+    ``feature_names_``, ``cat_index_``, ``num_index_``. progress: a tqdm bar over the boosting rounds (with the
+    validation metric); without it, a log line every tenth of the rounds.
     """
 
     def __init__(self, objective: str = "binary", n_estimators: int = 300, learning_rate: float = 0.05,
                  num_leaves: int = 31, min_child_samples: int = 20, min_data_per_group: int = 20,
                  early_stopping_rounds: int | None = 30, sides: Sequence[str] = ("user", "item", "context", "cross"),
-                 num_threads: int = 1, seed: int = 0) -> None:
+                 num_threads: int = 1, seed: int = 0, progress: bool = False) -> None:
         self.objective = objective
         self.n_estimators = n_estimators
         self.learning_rate = learning_rate
@@ -43,6 +60,7 @@ class GBDTRanker:
         self.sides = sides
         self.num_threads = num_threads
         self.seed = seed
+        self.progress = progress
 
     def _params(self) -> dict:
         if self.objective not in GBDT_OBJECTIVES:
@@ -106,8 +124,15 @@ class GBDTRanker:
             valid_sets = [self._dataset(valid, reference=dtrain)]
             if self.early_stopping_rounds:
                 callbacks.append(lgb.early_stopping(self.early_stopping_rounds, first_metric_only=True, verbose=False))
-        self.booster_ = lgb.train(params, dtrain, num_boost_round=self.n_estimators, valid_sets=valid_sets,
-                                  valid_names=["valid"] * len(valid_sets), callbacks=callbacks)
+        bar = tqdm(total=self.n_estimators, desc=f"LightGBM ({self.objective})", unit="tree", leave=False,
+                   disable=not self.progress)
+        callbacks.append(_report_rounds(bar, self.n_estimators, log_every=0 if self.progress else
+                                        max(1, self.n_estimators // 10)))
+        try:
+            self.booster_ = lgb.train(params, dtrain, num_boost_round=self.n_estimators, valid_sets=valid_sets,
+                                      valid_names=["valid"] * len(valid_sets), callbacks=callbacks)
+        finally:
+            bar.close()
         best = self.booster_.best_iteration
         self.best_iteration_ = int(best) if best and best > 0 else self.booster_.current_iteration()
         log.info("GBDTRanker(%s): %d trees kept", self.objective, self.best_iteration_)

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cascade.config import at_least, finite, require
 from cascade.data.batches import FeatureSpec
 from cascade.data.schema import SIDES
 from cascade.models.layers import MLP, NUMERIC_MODES, CrossNetV2, FactorizationMachine, FeatureEmbedding
@@ -75,11 +76,12 @@ class RankerConfig:
         bad = [s for s in self.sides if s not in SIDES]
         if bad or not self.sides:
             raise ValueError(f"RankerConfig: sides {self.sides} must be a non-empty subset of {SIDES}")
-        if self.cross_rank is not None and self.cross_rank < 1:
-            raise ValueError(f"RankerConfig: cross_rank must be >= 1 or None, got {self.cross_rank}")
-        if self.emb_dim <= 0 or self.cross_layers < 1:
-            raise ValueError(f"RankerConfig: emb_dim ({self.emb_dim}) and cross_layers "
-                             f"({self.cross_layers}) must be >= 1")
+        require(self, "cross_rank", self.cross_rank is None or at_least(self.cross_rank, 1),
+                "must be an integer >= 1 or None")
+        require(self, "emb_dim", at_least(self.emb_dim, 1), "must be an integer >= 1")
+        require(self, "cross_layers", at_least(self.cross_layers, 1), "must be an integer >= 1")
+        require(self, "mlp", all(h >= 1 for h in self.mlp), "every hidden size must be >= 1")
+        require(self, "dropout", finite(self.dropout) and 0.0 <= self.dropout < 1.0, "must be in [0, 1)")
 
     def to_dict(self) -> dict:
         d = asdict(self)
@@ -195,6 +197,9 @@ class Ranker(nn.Module):
         flat = [i for i in range(len(self.field_names)) if i not in set(hist)]
         self.register_buffer("_flat_slots", torch.tensor(flat, dtype=torch.long), persistent=False)
         self._all_flat = not hist
+        if "history" in cfg.sides and not hist:
+            raise ValueError("Ranker: sides name \"history\" but the spec has no history column (an encoder fitted "
+                             "with history_length = 0): the sequence option would do nothing")
         if not hist:
             return
         cols = [spec.cat_names.index(self.field_names[i]) for i in hist]

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cascade.config import at_least, finite, positive, require
 from cascade.data.batches import FeatureSpec
 from cascade.data.ids import IdIndex
 from cascade.models.layers import MLP, FeatureEmbedding
@@ -44,11 +45,12 @@ class TowerConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
-        if self.emb_dim <= 0 or self.out_dim <= 0:
-            raise ValueError(f"TowerConfig: emb_dim and out_dim must be > 0, got {self.emb_dim}, {self.out_dim}")
-        if not self.temperature > 0:
-            raise ValueError(f"TowerConfig: temperature must be > 0, got {self.temperature}")
+        require(self, "emb_dim", at_least(self.emb_dim, 1), "must be an integer >= 1")
+        require(self, "out_dim", at_least(self.out_dim, 1), "must be an integer >= 1")
+        require(self, "temperature", positive(self.temperature), "must be a finite number > 0")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
+        require(self, "hidden", all(h >= 1 for h in self.hidden), "every hidden size must be >= 1")
+        require(self, "dropout", finite(self.dropout) and 0.0 <= self.dropout < 1.0, "must be in [0, 1)")
 
 
 class _SideEncoder(nn.Module):

@@ -46,7 +46,7 @@ import torch
 
 from .. import artifacts as A
 from ..arrays import topk_rows
-from ..config import apply_overrides, from_dict, load_toml, to_dict
+from ..config import from_dict, to_dict
 from ..data.requests import impression_requests, requests_frame, to_requests
 from ..data.world import World
 from ..distill.losses import graded_relevance
@@ -58,7 +58,7 @@ from ..models.two_tower import build_two_tower, item_embeddings
 from ..run_data import RunData, Towers, load_ranker
 from ..serve.replay import teacher_top_over_corpus
 from ..train.students import is_ground_truth, student_list_scores, train_student
-from .config import PipelineConfig, check_settable
+from .config import PipelineConfig, config_data, with_run_device
 from .ranklog import candidate_lists
 from .run import run_pipeline
 from .students import click_lists
@@ -131,13 +131,9 @@ def load_ablation_config(path: str | Path | None, overrides: list[str] | None = 
     Overrides ``a.b=v`` apply to both (``ablation.seeds=[0]``, ``data.source=...``); unknown keys raise
     ConfigError naming the key, as for :func:`cascade.pipeline.load_config`.
     """
-    data = load_toml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
-    check_settable(data)
+    data = config_data(path, overrides)
     ab = data.pop("ablation", {})
-    if isinstance(data.get("data"), dict) and data["data"].get("path"):
-        data["data"]["path"] = str(Path(data["data"]["path"]).expanduser())
-    return from_dict(PipelineConfig, data), from_dict(AblationSettings, ab, prefix="ablation")
+    return with_run_device(from_dict(PipelineConfig, data)), from_dict(AblationSettings, ab, prefix="ablation")
 
 
 def variant_config(students, stage: str, variant: str, distill_weight: float = 1.0):
@@ -321,7 +317,7 @@ def run_seed(cfg, settings: AblationSettings, seed: int, progress: bool = False)
     the test set and train + evaluate every (stage, variant). Returns {"values": {stage: {variant: {metric:
     value}}}, "reference": {...}, "wall_s": {...}}."""
     t0 = time.perf_counter()
-    run_pipeline(cfg, until="ranklog", progress=progress)
+    run_pipeline(cfg, until="ranklog", progress=progress, update=True)  # its own runs: a cache of the seed's steps
     t_pipe = time.perf_counter() - t0
     run_dir = A.safe_join(cfg.run.runs_dir, cfg.run.name)
     data = RunData(run_dir / "data")

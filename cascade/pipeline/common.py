@@ -30,6 +30,16 @@ def save_ranker(model: torch.nn.Module, cfg: RankerConfig, out: Path) -> list[st
     return [str(Path(out.name) / "model.pt"), str(Path(out.name) / "config.json")]
 
 
+#: Keys of a models-table row that are measured times: kept in the step's manifest metrics (and so in the report),
+#: never in models.json, whose hash must not change when a step is redone unchanged.
+TIMING_KEYS = ("latency_ms_per_100",)
+
+
+def without_timings(rows: list[dict]) -> list[dict]:
+    """The rows of a models table without :data:`TIMING_KEYS` (what models.json holds)."""
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
 def model_row(name: str, role: str, model: torch.nn.Module | None, metrics: dict, spec=None) -> dict:
     row = {"name": name, "role": role, **{k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))}}
     if model is not None:

@@ -12,6 +12,8 @@ A few keys of the nested configs are set by the pipeline itself (the run's seed,
 
 from __future__ import annotations
 
+import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,9 +22,20 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import artifacts as A
-from ..config import ConfigError, apply_overrides, from_dict, load_toml
+from ..config import (
+    ConfigError,
+    FieldError,
+    apply_overrides,
+    at_least,
+    finite,
+    from_dict,
+    load_toml,
+    positive,
+    require,
+)
 from ..data.schema import SIDES
 from ..data.world import WorldConfig
+from ..index.factory import parse_factory
 from ..models.ranker import RankerConfig
 from ..models.two_tower import TowerConfig
 from ..train.joint import DistillConfig
@@ -40,60 +53,81 @@ SET_BY_THE_PIPELINE: dict[str, str] = {
        for t in ("teacher.train", "students.rank_student_train", *(f"students.{s}" for s in STUDENTS))},
     **{f"students.{s}.eval_k": "the students step (teacher-recall@10 and NDCG@10 on the whole rank log)"
        for s in STUDENTS},
+    **{f"{t}.device": "run.device (--device: every training step follows the run's one device switch)"
+       for t in ("teacher.train", "students.rank_student_train", *(f"students.{s}" for s in STUDENTS))},
     **{f"students.{s}.distill_scale": "students.distill (a scale, or \"auto\": chosen on validation)"
        for s in STUDENTS},
 }
 
 
+#: Keys (or whole sections) that say where a run lives or what watches it, not what it computes: a run folder's
+#: config.json may differ from a new config in these without the run counting as another one
+#: (cascade.pipeline.run.run_config_diff).
+NOT_COMPARED: tuple[str, ...] = ("run.name", "run.runs_dir", "tracking")
+
+
 @dataclass(frozen=True)
 class RunSection:
     """name: the run folder under runs_dir. seed: the one seed every step derives its randomness from.
-    threads: torch threads while the run lasts (None: the process's setting); weights depend on it in the last
-    float bits, so two runs compare bit for bit only under the same count."""
+    device: where every training step trains (the teacher, the rank students, the two-tower students;
+    :func:`with_run_device`); "cuda" on a machine without one is refused before any work.
+    threads: torch's intra-op threads while the run lasts, whatever the process or OMP_NUM_THREADS say: weights
+    depend on it in the last float bits, so it is pinned (and recorded in every step manifest) for two processes
+    to train the same weights. 2 keeps the default pipeline fast on a 2-core machine."""
 
     name: str = "default"
     seed: int = 0
     runs_dir: str = "runs"
-    threads: int | None = None
+    threads: int = 2
+    device: Literal["cpu", "cuda"] = "cpu"
 
     def __post_init__(self) -> None:
-        A.check_run_name(self.name)
-        if self.threads is not None and self.threads < 1:
-            raise ValueError(f"run.threads must be >= 1, got {self.threads}")
+        try:
+            A.check_run_name(self.name)
+        except ValueError as e:
+            raise FieldError(type(self).__name__, "name", self.name, str(e)) from None
+        require(self, "seed", at_least(self.seed, 0), "must be an integer >= 0")
+        require(self, "threads", at_least(self.threads, 1), "must be an integer >= 1")
 
 
 @dataclass(frozen=True)
 class DataSection:
-    """source: where the logs come from; path: the directory (kuairand, movielens) or mapping TOML (custom)."""
+    """source: where the logs come from; path: the directory (kuairand, movielens) or mapping TOML (custom).
+    valid_days / test_days: the last days of the logs held out (unset: about the last 10% / 10% of the requests,
+    chosen from the data and recorded in data/summary.json)."""
 
     source: Literal["world", "kuairand", "movielens-100k", "movielens-1m", "custom"] = "world"
     path: str | None = None
     world: WorldConfig = field(default_factory=WorldConfig)
-    valid_days: int = 1
-    test_days: int = 1
+    valid_days: int | None = None  # None: chosen from the data (cascade.data.split.quantile_split_days), logged
+    test_days: int | None = None
     min_count: int = 2
     numeric: Literal["standardize", "log_standardize", "quantile"] = "log_standardize"
     cross_window_days: float = 7.0
-    cross_tag_column: str = "tag"  # the item column whose user x value history the cross features count
+    # the item columns whose user x value histories the cross features count ("": leave that family out);
+    # cross_features = false: no cross features at all (the teacher then reads user, item and context only)
+    cross_tag_column: str = "tag"
     cross_author_column: str = "author_id"
-    # the behaviour sequence (side "history"): the user's last history_length distinct clicked items in the cross
-    # window before the request (item id, tag and author columns where categorical); 0: none
-    history_length: int = 20
+    cross_features: bool = True
     # drop items a user was shown before from every list (cascade, baselines, validation); "auto": when the train
     # log shows little re-consumption (pipeline/judge.py)
     filter_seen: bool | Literal["auto"] = "auto"
 
     def __post_init__(self) -> None:
-        if self.source != "world" and not self.path:
-            raise ValueError(f"data.path is required for data.source = {self.source!r}")
-        if self.path and not Path(self.path).exists():
-            raise ValueError(f"data.path {self.path!r} does not exist")
-        if self.valid_days < 1 or self.test_days < 1:
-            raise ValueError("data.valid_days and data.test_days must be >= 1")
-        if self.cross_window_days <= 0:
-            raise ValueError(f"data.cross_window_days must be > 0, got {self.cross_window_days}")
-        if self.history_length < 0:
-            raise ValueError(f"data.history_length must be >= 0, got {self.history_length}")
+        require(self, "path", self.source == "world" or bool(self.path),
+                f"is required for data.source = {self.source!r} (e.g. --data {self.source}:PATH)")
+        require(self, "path", self.source != "world" or self.path is None,
+                "must be unset for data.source = 'world' (the world is generated)")
+        require(self, "path", not self.path or Path(self.path).exists(), "does not exist")
+        require(self, "path", self.source != "custom" or not self.path or Path(self.path).is_file(),
+                "must be a mapping TOML file for data.source = 'custom'")
+        require(self, "path", self.source in ("world", "custom") or not self.path or Path(self.path).is_dir(),
+                f"must be the dataset's folder for data.source = {self.source!r}")
+        for name in ("valid_days", "test_days"):
+            require(self, name, getattr(self, name) is None or at_least(getattr(self, name), 1),
+                    "must be an integer >= 1, or unset (the last 10% of the days, see data.split)")
+        require(self, "min_count", at_least(self.min_count, 1), "must be an integer >= 1")
+        require(self, "cross_window_days", positive(self.cross_window_days), "must be a finite number > 0")
 
 
 CHANNEL_NAMES = ("popular", "recent", "itemcf", "content", "als")
@@ -178,15 +212,55 @@ class EntireSpaceSection:
 
 @dataclass(frozen=True)
 class TeacherSection:
-    # the teacher reads the behaviour sequence through target attention (data.history_length = 0: no sequence)
-    model: RankerConfig = field(default_factory=lambda: RankerConfig(
-        backbone="dcnv2", emb_dim=8, mlp=(128, 64), cross_layers=2, cross_rank=32,
-        sides=("user", "item", "context", "cross", "history")))
+    """sequence_length: N > 0 gives the teacher the user's behaviour sequence: the last N distinct items the user
+    clicked in the cross-feature window strictly before the request (item id, and the cross tag / author columns
+    where they are categorical item features), read through DIN target attention (cascade/models/sequence.py;
+    model.attention_mlp: its score MLP). 0: no sequence. The data step builds the sequences' columns; the teacher's
+    model reads side "history" exactly when N > 0 (:attr:`ranker`)."""
+
+    model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
+                                                                     cross_layers=2, cross_rank=32))
+    sequence_length: int = 0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=1, batch_size=4096))
     entire_space: EntireSpaceSection = field(default_factory=EntireSpaceSection)
     lightgbm: bool = True
     lightgbm_trees: int = 100
     lightgbm_max_rows: int | None = 300_000  # the most recent train rows (GBDT cost grows with rows x features)
+
+    def __post_init__(self) -> None:
+        require(self, "sequence_length", self.sequence_length == 0 or at_least(self.sequence_length, 1),
+                "must be an integer >= 0 (0: no behaviour sequence)")
+        require(self, "model", "history" not in self.model.sides,
+                "sides must not name \"history\": set teacher.sequence_length = N instead (the teacher then reads "
+                "the sequence)")
+        require(self, "lightgbm_trees", at_least(self.lightgbm_trees, 1), "must be an integer >= 1")
+        require(self, "lightgbm_max_rows", self.lightgbm_max_rows is None or at_least(self.lightgbm_max_rows, 1),
+                "must be an integer >= 1 or None (all train rows)")
+
+    @property
+    def ranker(self) -> RankerConfig:
+        """The teacher's model config: ``model``, reading side "history" when sequence_length > 0."""
+        if not self.sequence_length:
+            return self.model
+        return dataclasses.replace(self.model, sides=(*self.model.sides, "history"))
+
+
+@dataclass(frozen=True)
+class DataStepConfig(DataSection):
+    """The data step's config when the teacher reads a behaviour sequence: ``data`` and the sequence length the
+    step builds columns for (:func:`data_step_config`)."""
+
+    sequence_length: int = 0
+
+
+def data_step_config(cfg: PipelineConfig) -> DataSection:
+    """The data step's config slice: ``data``, plus teacher.sequence_length when it is > 0 (a run without a sequence
+    keeps the slice, and so the data step, it had before sequences existed)."""
+    n = cfg.teacher.sequence_length
+    if not n:
+        return cfg.data
+    return DataStepConfig(**{f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(cfg.data)},
+                          sequence_length=n)
 
 
 @dataclass(frozen=True)
@@ -200,10 +274,12 @@ class RankLogSection:
     requests_per_batch: int = 256
 
     def __post_init__(self) -> None:
-        if self.n_candidates < 2 or not 0.0 <= self.uniform_frac <= 1.0:
-            raise ValueError("ranklog.n_candidates must be >= 2 and ranklog.uniform_frac in [0, 1]")
-        if self.max_requests is not None and self.max_requests < 1:
-            raise ValueError("ranklog.max_requests must be >= 1")
+        require(self, "n_candidates", at_least(self.n_candidates, 2), "must be an integer >= 2")
+        require(self, "uniform_frac", finite(self.uniform_frac) and 0.0 <= self.uniform_frac <= 1.0,
+                "must be in [0, 1]")
+        require(self, "max_requests", self.max_requests is None or at_least(self.max_requests, 1),
+                "must be an integer >= 1 or None (every train request)")
+        require(self, "requests_per_batch", at_least(self.requests_per_batch, 1), "must be an integer >= 1")
 
 
 def _prerank() -> StudentConfig:
@@ -268,8 +344,10 @@ class StudentsSection:
     rank_pfd_private_columns: tuple[str, ...] = ("user_id",)
 
     def __post_init__(self) -> None:
-        if self.rank_pfd_side not in SIDES:
-            raise ValueError(f"rank_pfd_side {self.rank_pfd_side!r} is not one of {SIDES}")
+        require(self, "rank_pfd_side", self.rank_pfd_side in SIDES, f"is not one of {SIDES}")
+        require(self, "rank_student_max_rows",
+                self.rank_student_max_rows is None or at_least(self.rank_student_max_rows, 1),
+                "must be an integer >= 1 or None (all train rows)")
         if self.rank_distill.pfd_lambda is not None and self.rank_pfd_side in self.rank_student.sides:
             raise ValueError(f"rank_pfd_side {self.rank_pfd_side!r} is read by the rank student itself "
                              f"(rank_student.sides {self.rank_student.sides}), so it is not privileged")
@@ -312,8 +390,17 @@ class IndexSection:
     omp_threads: int = 1  # 2 OpenMP threads were up to 15x slower on the 2-core machine (benchmarks/bench_index.py)
 
     def __post_init__(self) -> None:
-        if not 0.0 < self.recall_target <= 1.0:
-            raise ValueError(f"index.recall_target must be in (0, 1], got {self.recall_target}")
+        require(self, "recall_target", finite(self.recall_target) and 0.0 < self.recall_target <= 1.0,
+                "must be in (0, 1]")
+        for name in ("sweep_queries", "k", "omp_threads"):
+            require(self, name, at_least(getattr(self, name), 1), "must be an integer >= 1")
+        if self.factory is not None:
+            try:
+                spec = parse_factory(self.factory, d=0)
+            except ValueError as e:
+                raise FieldError(type(self).__name__, "factory", self.factory, str(e)) from None
+            sizes = {k: v for k, v in spec.items() if k in ("nlist", "M", "m", "nbits", "opq")}
+            require(self, "factory", all(v >= 1 for v in sizes.values()), f"sizes {sizes} must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -326,13 +413,28 @@ class ReplaySection:
     latency_requests: int = 300
     batch_size: int = 256
     recall_ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200, 500)
+    # the multi-channel cascade ("distilled+channels"): the distilled two-tower plus these channels (built by the
+    # channels step) in one retrieval stage, the two-tower taking two_tower_quota of the N1 slots and the channels
+    # sharing the rest evenly; () replays no multi-channel cascade
+    channels: tuple[str, ...] = ("popular", "itemcf", "als", "recent", "content")
+    two_tower_quota: float = 0.5
 
     def __post_init__(self) -> None:
-        if not (0 < self.k <= self.n_prerank <= self.n_retrieve):
-            raise ValueError(f"replay: need 0 < k <= n_prerank <= n_retrieve, got k={self.k}, "
-                             f"n_prerank={self.n_prerank}, n_retrieve={self.n_retrieve}")
-        if self.batch_size < 1 or self.latency_requests < 1:
-            raise ValueError("replay.batch_size and replay.latency_requests must be >= 1")
+        for name in ("k", "n_prerank", "n_retrieve", "batch_size", "latency_requests"):
+            require(self, name, at_least(getattr(self, name), 1), "must be an integer >= 1")
+        if not (self.k <= self.n_prerank <= self.n_retrieve):
+            raise ValueError(f"need 0 < k <= n_prerank <= n_retrieve, got replay.k={self.k}, "
+                             f"replay.n_prerank={self.n_prerank}, replay.n_retrieve={self.n_retrieve}")
+        require(self, "max_requests", self.max_requests is None or at_least(self.max_requests, 1),
+                "must be an integer >= 1 or None (every test request)")
+        require(self, "recall_ks", bool(self.recall_ks) and all(at_least(k, 1) for k in self.recall_ks),
+                "must be a non-empty list of integers >= 1")
+        unknown = sorted(set(self.channels) - set(CHANNEL_NAMES))
+        if unknown or len(set(self.channels)) != len(self.channels):
+            raise ValueError(f"replay.channels must name distinct channels of {list(CHANNEL_NAMES)}, got "
+                             f"{list(self.channels)}")
+        if self.channels and not 0.0 < self.two_tower_quota < 1.0:
+            raise ValueError(f"replay.two_tower_quota must be in (0, 1), got {self.two_tower_quota}")
 
 
 @dataclass(frozen=True)
@@ -343,8 +445,50 @@ class ReportSection:
     ablation: str | None = None
 
     def __post_init__(self) -> None:
-        if self.ablation is not None and not Path(self.ablation).is_file():
-            raise ValueError(f"report.ablation {self.ablation!r} does not exist")
+        if self.ablation is not None:
+            require(self, "ablation", Path(self.ablation).is_file(), "does not exist (or is not a file)")
+            problem = ablation_file_problem(Path(self.ablation))
+            require(self, "ablation", problem is None, f"is not an ablation JSON written by `cascade ablation` "
+                                                       f"({problem})")
+
+
+def _installed(module: str) -> bool:
+    """Whether ``module`` can be imported (without importing it)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec(module) is not None
+    except ModuleNotFoundError:  # a parent package is missing
+        return False
+
+
+@dataclass(frozen=True)
+class TrackingSection:
+    """Experiment tracking of a run (what it logs: every model's train loss and validation metric per epoch, the
+    step metrics, the resolved config; :mod:`cascade.pipeline.tracking`). Off by default; a tracker asked for
+    whose package is not installed is an error, not silently skipped (``pip install 'cascade-distill[tracking]'``).
+
+    tensorboard: event files under ``runs/<run>/tensorboard/`` (``tensorboard --logdir runs``), written anew by
+    every ``cascade run``. mlflow: one MLflow run per ``cascade run``, named after the run; mlflow_tracking_uri
+    (default: MLflow's own, e.g. the MLFLOW_TRACKING_URI variable) and mlflow_experiment (default "cascade") only
+    with mlflow = true."""
+
+    tensorboard: bool = False
+    mlflow: bool = False
+    mlflow_tracking_uri: str | None = None
+    mlflow_experiment: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.tensorboard and not (_installed("tensorboard") and _installed("torch.utils.tensorboard")):
+            raise ValueError("tracking.tensorboard = true needs the tensorboard package, which is not installed: "
+                             "pip install 'cascade-distill[tracking]' (or tensorboard)")
+        if self.mlflow and not _installed("mlflow"):
+            raise ValueError("tracking.mlflow = true needs the mlflow package, which is not installed: "
+                             "pip install 'cascade-distill[tracking]' (or mlflow)")
+        if not self.mlflow:
+            unused = [k for k in ("mlflow_tracking_uri", "mlflow_experiment") if getattr(self, k) is not None]
+            if unused:
+                raise ValueError(f"tracking.{unused[0]} is set but tracking.mlflow is false: it would do nothing")
 
 
 @dataclass(frozen=True)
@@ -358,6 +502,55 @@ class PipelineConfig:
     index: IndexSection = field(default_factory=IndexSection)
     replay: ReplaySection = field(default_factory=ReplaySection)
     report: ReportSection = field(default_factory=ReportSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
+
+
+    def __post_init__(self) -> None:
+        """Checks across sections (each section checked its own values)."""
+        if self.teacher.sequence_length and not self.data.cross_features:
+            raise ConfigError(f"teacher.sequence_length = {self.teacher.sequence_length} needs data.cross_features = "
+                              "true (the cross-feature store answers the behaviour sequences, in its window)")
+        if "history" in self.students.rank_student.sides and not self.teacher.sequence_length:
+            raise ConfigError("students.rank_student.sides names \"history\" but teacher.sequence_length = 0: no "
+                              "behaviour sequence is built; set teacher.sequence_length = N")
+        if self.index.factory is not None:
+            try:
+                parse_factory(self.index.factory, self.students.tower.out_dim)
+            except ValueError as e:
+                raise ConfigError(f"index.factory = {self.index.factory!r}: {e} (students.tower.out_dim)") from None
+        if self.report.ablation is not None:
+            shown = _ablation_dataset(Path(self.report.ablation))
+            if shown is not None and shown != self.data.source.replace("-", "_"):
+                raise ConfigError(f"report.ablation = {self.report.ablation!r} is the ablation of dataset {shown!r}, "
+                                  f"but data.source is {self.data.source!r}: use --data {self.data.source}:PATH "
+                                  "(it leaves out an ablation of another dataset) or a config without it")
+
+
+def with_run_device(cfg: PipelineConfig) -> PipelineConfig:
+    """``cfg`` with every training config (teacher.train, students.rank_student_train, the two-tower students)
+    on ``run.device``: the one device switch of a run."""
+    d, r = cfg.run.device, dataclasses.replace
+    st = cfg.students
+    students = r(st, rank_student_train=r(st.rank_student_train, device=d),
+                 **{s: r(getattr(st, s), device=d) for s in STUDENTS})
+    return r(cfg, teacher=r(cfg.teacher, train=r(cfg.teacher.train, device=d)), students=students)
+
+
+def ablation_file_problem(path: Path) -> str | None:
+    """Why the file ``path`` is not an ablation result (a JSON object with "metrics", "seeds" and "rows" lists, as
+    `cascade ablation` writes it); None when it is one. Never echoes the file's contents."""
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "not a UTF-8 JSON file"
+    except OSError as e:
+        return f"cannot be read: {e.strerror}"
+    if not isinstance(data, dict):
+        return "its JSON is not an object"
+    missing = [k for k in ("metrics", "seeds", "rows") if not isinstance(data.get(k), list)]
+    return f"no list {missing[0]!r}" if missing else None
 
 
 def check_settable(data: Mapping[str, Any]) -> None:
@@ -373,12 +566,112 @@ def check_settable(data: Mapping[str, Any]) -> None:
 _ABSENT = object()
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> PipelineConfig:
-    """Load and check a pipeline config (TOML) with ``key.path=value`` overrides; raises ConfigError early."""
+#: Keys whose values are paths: in a pipeline file relative to the file's folder, in a --set value to the
+#: current folder (so a run started from any folder reads the same files).
+PATH_KEYS = (("data", "path"), ("report", "ablation"))
+#: The keys of [data] a --data option replaces: the rest of the table describes the config's own dataset.
+DATA_SPEC_HELP = ("SOURCE[:PATH]: world, custom:MAPPING.toml, kuairand:DIR, movielens-100k:DIR or "
+                  "movielens-1m:DIR")
+
+
+def _resolve_paths(data: dict, base: Path) -> None:
+    for section, key in PATH_KEYS:
+        node = data.get(section)
+        if isinstance(node, dict) and isinstance(node.get(key), str) and node[key]:
+            p = Path(node[key]).expanduser()
+            node[key] = os.path.normpath(p if p.is_absolute() else (base / p))
+
+
+def parse_data_spec(spec: str) -> tuple[str, str | None]:
+    """``--data SOURCE[:PATH]`` -> (source, path); raises ConfigError naming what is wrong."""
+    source, sep, path = spec.partition(":")
+    if source not in SOURCES:
+        raise ConfigError(f"--data {spec!r}: unknown source {source!r}; use {DATA_SPEC_HELP}")
+    if source == "world" and sep:
+        raise ConfigError(f"--data {spec!r}: the world is generated and takes no path; use --data world")
+    if source != "world" and not path:
+        raise ConfigError(f"--data {spec!r}: {source} needs a path, e.g. --data {source}:"
+                          f"{'path/to/mapping.toml' if source == 'custom' else 'path/to/folder'}")
+    return source, (os.path.normpath(Path.cwd() / Path(path).expanduser()) if path else None)
+
+
+def _dataset_run_name(source: str, path: str | None) -> str:
+    """The run name a --data option gives when the config names no run: the mapping's ``name`` (custom) or the
+    source, made a valid run name."""
+    import re
+    import tomllib
+
+    name = source
+    if source == "custom" and path and Path(path).is_file():
+        try:
+            name = str(tomllib.loads(Path(path).read_text(encoding="utf-8")).get("name") or Path(path).stem)
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError, OSError):
+            name = Path(path).stem  # the data step reports what is wrong with the mapping
+    name = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-_") or source
+    return name[:128]
+
+
+def config_data(path: str | Path | None = None, overrides: list[str] | None = None,
+                data_spec: str | None = None) -> dict[str, Any]:
+    """The plain config data of a pipeline file with ``key.path=value`` overrides, paths resolved (see
+    :data:`PATH_KEYS`) and, with ``data_spec`` (``--data SOURCE[:PATH]``), the dataset replaced: the file's
+    [data] table is dropped for source and path (every other data key at its default unless a --set gives it),
+    the run is named after the dataset (the mapping's ``name``, or the source) unless a --set names it, and a
+    report.ablation of another dataset is dropped (each logged)."""
+    import logging
+
     data = load_toml(path) if path is not None else {}
-    data = apply_overrides(data, list(overrides or []))
+    if path is not None:
+        _resolve_paths(data, Path(path).resolve().parent)
+    given = apply_overrides({}, list(overrides or []))
+    check_settable(given)
+    _resolve_paths(given, Path.cwd())
+    if data_spec is not None:
+        source, data_path = parse_data_spec(data_spec)
+        if "data" in given and {"source", "path"} & set(given["data"]):
+            raise ConfigError("--data and --set data.source / data.path both name the dataset; use one")
+        dropped = sorted(data.pop("data", {}) or {})
+        log = logging.getLogger(__name__)
+        if dropped:
+            log.info("--data %s replaces the config's [data] table (%s back at their defaults)", data_spec,
+                     ", ".join(dropped))
+        data["data"] = {"source": source, **({"path": data_path} if data_path else {})}
+        if "name" not in given.get("run", {}):
+            name = _dataset_run_name(source, data_path)
+            if data.get("run", {}).get("name", name) != name:
+                log.info("--data %s: the run is named %r (not the config's %r; --set run.name=... names it)",
+                         data_spec, name, data["run"]["name"])
+            data.setdefault("run", {})["name"] = name
+        ablation = (data.get("report") or {}).get("ablation")
+        if ablation and "ablation" not in given.get("report", {}):
+            shown = _ablation_dataset(Path(ablation))
+            if shown is not None and shown != source.replace("-", "_"):
+                log.info("--data %s: report.ablation (the ablation of %r) is not shown", data_spec, shown)
+                del data["report"]["ablation"]
+    data = _merge(data, given)
     check_settable(data)
-    if path is not None and isinstance(data.get("data"), dict) and data["data"].get("path"):
-        p = Path(data["data"]["path"]).expanduser()
-        data["data"]["path"] = str(p)
-    return from_dict(PipelineConfig, data)
+    return data
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def _ablation_dataset(path: Path) -> str | None:
+    import json
+
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return None  # ReportSection names the problem
+    return d.get("dataset") if isinstance(d, dict) else None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None,
+                data_spec: str | None = None) -> PipelineConfig:
+    """Load and check a pipeline config (TOML) with ``key.path=value`` overrides and an optional ``--data``
+    dataset (:func:`config_data`); raises ConfigError naming the key before any work starts."""
+    return with_run_device(from_dict(PipelineConfig, config_data(path, overrides, data_spec)))

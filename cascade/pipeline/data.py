@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,17 @@ from .. import artifacts as A
 from ..data import custom, kuairand, movielens
 from ..data.features import CrossFeatureStore, FeatureEncoder, build_encoded
 from ..data.history import EventHistory
+from ..data.leakage import check_leakage
 from ..data.requests import request_start_ms
-from ..data.schema import SIDES
-from ..data.split import time_split
+from ..data.schema import SIDES, DataValidationError
+from ..data.split import quantile_split_days, time_split
 from ..data.world import generate_world
 from ..run_data import SPLIT_CODES
-from .config import DataSection
+from .config import DataSection, DataStepConfig
 from .judge import decide_filter_seen
 from .runner import StepContext, StepResult
+
+log = logging.getLogger(__name__)
 
 
 def _load_source(c: DataSection, out: Path, seed: int, progress: bool):
@@ -40,16 +44,61 @@ def kuairand_offset() -> float:
     return float(kuairand.BEIJING_UTC_OFFSET_HOURS)
 
 
+def input_fingerprint(c: DataSection) -> dict[str, str]:
+    """sha256 over the names, sizes and contents of the files the data step reads (the mapping and the files it
+    names; every file of a dataset folder), so that editing a data file re-runs the step. The world is generated
+    from the config and the shipped side tables: no entry."""
+    if c.source == "world" or c.path is None:
+        return {}
+    path = Path(c.path)
+    if c.source == "custom":
+        files = custom.mapping_files(path)
+    else:
+        files = sorted(p for p in path.iterdir() if p.is_file()) if path.is_dir() else [path]
+    return {"files": A.stable_hash([[str(p), p.stat().st_size, A.sha256_file(p)] for p in files])}
+
+
+def split_days(c: DataSection, ds, utc_offset: float) -> tuple[int, int, str]:
+    """(valid_days, test_days, how): data.valid_days / data.test_days, or where unset the quantile rule of
+    :func:`cascade.data.split.quantile_split_days` (logged)."""
+    if c.valid_days is not None and c.test_days is not None:
+        return c.valid_days, c.test_days, "config"
+    q_valid, q_test = quantile_split_days(ds, utc_offset)
+    valid = c.valid_days if c.valid_days is not None else q_valid
+    test = c.test_days if c.test_days is not None else q_test
+    log.info("data: split days chosen from the data (the last ~10%%/10%% of the requests): valid_days=%d, "
+             "test_days=%d (set data.valid_days / data.test_days to choose)", valid, test)
+    return valid, test, "quantile of the request days"
+
+
+def cross_store(c: DataSection, ds) -> CrossFeatureStore | None:
+    """The fitted cross-feature store of data.cross_* (None with data.cross_features = false); a cross column the
+    items lack raises naming the key."""
+    if not c.cross_features:
+        return None
+    for key, col in (("cross_tag_column", c.cross_tag_column), ("cross_author_column", c.cross_author_column)):
+        if col and col not in ds.items.columns:
+            raise DataValidationError(
+                f"data.{key} = {col!r}: the items ({ds.source('items')}) have no column {col!r} (they have "
+                f"{list(ds.items.columns)}); set data.{key} to one of them, \"\" to leave out the user x "
+                f"{key.split('_')[1]} cross features, or data.cross_features = false for none at all")
+    return CrossFeatureStore(window_days=c.cross_window_days, tag_column=c.cross_tag_column,
+                             author_column=c.cross_author_column).fit(ds.impressions, ds.items)
+
+
 def run(ctx: StepContext) -> StepResult:
     c: DataSection = ctx.config
     ds, world = _load_source(c, ctx.out, ctx.seed, ctx.progress)
     # KuaiRand (and the world, which writes its layout) keep Beijing time: split on Beijing calendar days.
     utc_offset = kuairand_offset() if c.source in ("world", "kuairand") else 0.0
-    masks = time_split(ds, valid_days=c.valid_days, test_days=c.test_days, utc_offset_hours=utc_offset)
-    cross = CrossFeatureStore(window_days=c.cross_window_days, tag_column=c.cross_tag_column,
-                              author_column=c.cross_author_column).fit(ds.impressions, ds.items)
+    valid_days, test_days, chosen = split_days(c, ds, utc_offset)
+    masks = time_split(ds, valid_days=valid_days, test_days=test_days, utc_offset_hours=utc_offset)
+    check_leakage(ds, masks["train"])
+    cross = cross_store(c, ds)
+    # the teacher's behaviour sequence (teacher.sequence_length, carried by the step's config: DataStepConfig)
+    n_seq = c.sequence_length if isinstance(c, DataStepConfig) else 0
     enc = FeatureEncoder(ds.schema, min_count=c.min_count, numeric=c.numeric,
-                         history_length=c.history_length).fit(ds, masks["train"], cross)
+                         history_length=n_seq).fit(ds, masks["train"], cross)
     enc.save(ctx.out / "encoder")
     tables = build_encoded(ds, masks, enc, cross, privileged=True)
     outputs = []
@@ -88,6 +137,7 @@ def run(ctx: StepContext) -> StepResult:
                "n_impressions": int(len(imp)), "n_requests": int(imp.request_id.nunique()),
                "ctr": float(imp.click.mean()),
                "random_share": float(imp.is_rand.mean()), "n_cat_columns": len(spec.cat_names),
+               "split_days": {"valid_days": valid_days, "test_days": test_days, "chosen_by": chosen},
                "n_num_columns": len(spec.num_names),
                # share of train clicks on an item the same user had been shown before: re-consumption
                "repeat_click_share": repeat_share,

@@ -36,7 +36,9 @@ def candidate_lists(data, frame: pd.DataFrame, impressions: pd.DataFrame, inputs
                            inputs.item_rows(data.map_items(imp["item_id"].to_numpy(np.int64))), len(frame))
     n_real = len(data.item_ids)  # the OOV row (last) is never sampled
     pop = popularity(data, inputs.item_ids[:n_real])
-    return sample_candidates(impressed, n_real, n_candidates, pop_weights=pop, uniform_frac=uniform_frac, rng=rng)
+    # no list longer than the corpus (checks.check_against_data warns): [R, n_candidates] would be mostly padding
+    return sample_candidates(impressed, n_real, min(n_candidates, n_real), pop_weights=pop,
+                             uniform_frac=uniform_frac, rng=rng)
 
 
 def rank_log_inputs(data, cfg: RankLogSection, seed: int):

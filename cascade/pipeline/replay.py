@@ -12,14 +12,22 @@ import pandas as pd
 
 from .. import artifacts as A
 from ..arrays import PAD, pad_by_row
+from ..channels import MergedRetriever
 from ..data.requests import impression_requests, requests_frame, to_requests
 from ..data.world import World
-from ..eval.metrics import auc, gauc, mean_recall_at_k
+from ..eval.metrics import auc, gauc, recall_at_k
 from ..index.faiss_index import ItemIndex
 from ..models.scoring import ranker_scorer
-from ..run_data import RunData, load_ranker, load_towers
-from ..serve.cascade import build_cascade, select_unseen
-from ..serve.replay import ReplayInputs, ranking_quality, replay_latency, replay_quality, teacher_top_over_corpus
+from ..run_data import RunData, Towers, load_ranker, load_towers
+from ..serve.cascade import MAX_OVERFETCH, Cascade, PairScorer, Retriever, build_cascade, select_unseen
+from ..serve.replay import (
+    ReplayInputs,
+    list_quality,
+    ranking_quality,
+    replay_latency,
+    replay_quality,
+    teacher_top_over_corpus,
+)
 from .channels import load_channels
 from .config import ReplaySection
 from .judge import seen_filter
@@ -39,7 +47,9 @@ def run(ctx: StepContext) -> StepResult:
     requests = to_requests(frame, data.context_names)
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     ranker = teacher if c.ranker == "teacher" else load_ranker(ctx.inputs["students"] / "rank_student", data.spec)
-    ref_len = max(50, c.n_retrieve)  # the grades below use the first 50; the ceiling row every stage size
+    # the teacher's top list over the corpus: the grades below use the first 50, the ceiling row every stage size,
+    # the teacher-recall@K curves the top-K of every K up to the retrieval stage's size
+    ref_len = max(50, c.n_retrieve)
     t_top, _ = teacher_top_over_corpus(teacher, data, requests, ref_len, progress=ctx.progress, exclude_seen=seen)
     grades = np.select([np.arange(ref_len) < 5, np.arange(ref_len) < 10, np.arange(ref_len) < 20,
                         np.arange(ref_len) < 50],
@@ -72,53 +82,133 @@ def run(ctx: StepContext) -> StepResult:
     inp = ReplayInputs(requests, clicked, t_top, grades, is_rand if is_rand.any() else None, len(data.item_ids),
                        oracle_prob, oracle_best)
     sizes = {"retrieval": c.n_retrieve, "prerank": c.n_prerank, "rank": c.k}
-    outputs, variants = [], {}
+    outputs, variants, timings = [], {}, {}
+    y, g, rnd = test["click"].to_numpy(), test["user_id"].to_numpy(), test["is_rand"].to_numpy() == 1
+    req_t = impression_requests(test, data.context_names)
+    cand = test["item_id"].to_numpy(np.int64)[:, None]
+    rank_scores = ranker_scorer(ranker, data)(req_t, cand)[:, 0]
+
+    def stage_auc(retrieval_scores: np.ndarray | None, prerank_scores: np.ndarray) -> dict:
+        """AUC / GAUC (and on the random slice) of each stage's scoring function on the test impressions."""
+        out = {}
+        for st, sc in (("retrieval", retrieval_scores), ("prerank", prerank_scores), ("rank", rank_scores)):
+            if sc is None:
+                continue
+            out[st] = {"auc": auc(y, sc), "gauc": gauc(y, sc, g)}
+            if rnd.any() and len(np.unique(y[rnd])) == 2:
+                out[st]["rand_auc"] = auc(y[rnd], sc[rnd])
+        return out
+
+    def measure(name: str, casc, auc_of: dict) -> dict:
+        rows, summary = replay_quality(casc, inp, c.n_retrieve, c.n_prerank, c.k, c.batch_size, filter_seen,
+                                       ctx.progress)
+        curves = recall_curves(casc, requests, t_top, c, filter_seen)
+        lat1 = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=1,
+                              max_requests=c.latency_requests)
+        latb = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=c.batch_size)
+        A.write_parquet(ctx.out / f"{name}_requests.parquet", rows)
+        outputs.append(f"{name}_requests.parquet")
+        # summary.json holds what the models and data determine; measured latencies go to the manifest's metrics
+        timings[name] = {"latency_batch1": lat1, "latency_batched": latb,
+                         "latency_samples_ms": lat1.pop("samples_ms", None)}
+        return {"quality": summary, "curves": curves, "stage_auc": auc_of, "sizes": sizes}
+
+    towers = {}
     for variant_dir in sorted(p for p in ctx.inputs["students"].iterdir() if (p / "retrieval").is_dir()):
         v = variant_dir.name
         retr, pre = load_towers(variant_dir / "retrieval", data), load_towers(variant_dir / "prerank", data)
         index = ItemIndex.load(ctx.inputs["index"] / v,
                                expect_model_hash=A.sha256_file(variant_dir / "retrieval" / "model.pt"),
                                expect_dim=retr.item_emb.shape[1], expect_metric="ip", omp_threads=1)
+        towers[v] = (retr, pre, index)
         casc = build_cascade(data, retr, pre, ranker, index, seen)
-        rows, summary = replay_quality(casc, inp, c.n_retrieve, c.n_prerank, c.k, c.batch_size, filter_seen,
-                                       ctx.progress)
-        # recall@K curves: teacher top-k inside the first K of each stage's output
-        curves = _recall_curves(casc, requests, t_top[:, :c.k], c)
-        lat1 = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=1,
-                              max_requests=c.latency_requests)
-        latb = replay_latency(casc, requests, c.n_retrieve, c.n_prerank, c.k, batch_size=c.batch_size)
-        # AUC / GAUC of each stage's scoring function on the test impressions
-        req_t = impression_requests(test, data.context_names)
-        cand = test["item_id"].to_numpy(np.int64)[:, None]
-        stage_scores = {"retrieval": retr.scorer(data)(req_t, cand)[:, 0],
-                        "prerank": pre.scorer(data)(req_t, cand)[:, 0],
-                        "rank": ranker_scorer(ranker, data)(req_t, cand)[:, 0]}
-        y, g, rnd = test["click"].to_numpy(), test["user_id"].to_numpy(), test["is_rand"].to_numpy() == 1
-        stage_auc = {}
-        for st, s in stage_scores.items():
-            stage_auc[st] = {"auc": auc(y, s), "gauc": gauc(y, s, g)}
-            if rnd.any() and len(np.unique(y[rnd])) == 2:
-                stage_auc[st]["rand_auc"] = auc(y[rnd], s[rnd])
-        A.write_parquet(ctx.out / f"{v}_requests.parquet", rows)
-        outputs.append(f"{v}_requests.parquet")
-        variants[v] = {"quality": summary, "curves": curves, "latency_batch1": lat1, "latency_batched": latb,
-                       "stage_auc": stage_auc,
-                       "sizes": sizes,
-                       "latency_samples_ms": lat1.pop("samples_ms", None)}
+        variants[v] = measure(v, casc, stage_auc(retr.scorer(data)(req_t, cand)[:, 0],
+                                                 pre.scorer(data)(req_t, cand)[:, 0]))
     references = {"teacher_corpus": {"quality": ranking_quality(t_top, inp, sizes, c.k), "sizes": sizes}}
+    channels = load_channels(ctx.inputs["channels"], data)
     baselines = {}
-    for name, ch in load_channels(ctx.inputs["channels"], data).items():
+    for name, ch in channels.items():
         ranking = select_unseen(ch, requests, c.n_retrieve, seen)[0]
         baselines[baseline_name(name, ch.params())] = {"quality": ranking_quality(ranking, inp, sizes, c.k),
                                                        "sizes": sizes, "channel": name, "params": ch.params()}
+    channel_report = None
+    if c.channels:
+        missing = sorted(set(c.channels) - set(channels))
+        if missing:
+            raise ValueError(f"replay.channels names {missing}, which the channels step did not build "
+                             f"(channels.build: {sorted(channels)})")
+        retr, pre, index = towers["distilled"]
+        merged = merged_retriever(data, retr, index, {n: channels[n] for n in c.channels}, c.two_tower_quota)
+        casc = Cascade(merged, PairScorer(pre.scorer(data)), PairScorer(ranker_scorer(ranker, data)), seen)
+        name = "distilled+channels"
+        variants[name] = measure(name, casc, stage_auc(None, pre.scorer(data)(req_t, cand)[:, 0]))
+        variants[name]["channels"] = {"quotas": dict(zip(merged.names, merged.quotas.tolist()))}
+        channel_report = channel_contributions(merged, requests, inp, c.n_retrieve, c.k, seen)
+        channel_report["final_origin_share"] = final_origin_share(merged, requests, c.n_retrieve, seen,
+                                                                  np.stack(pd.read_parquet(
+                                                                      ctx.out / f"{name}_requests.parquet")
+                                                                      ["final_items"].to_list()))
     summary = {"variants": variants, "references": references, "baselines": baselines,
-               "filter_seen": {"applied": filter_seen, "why": filter_reason}}
+               "channels": channel_report, "filter_seen": {"applied": filter_seen, "why": filter_reason}}
     A.write_json(ctx.out / "summary.json", summary)
     outputs.append("summary.json")
     everything = {**variants, **references, **baselines}
     head = {v: round(s["quality"]["rank_click_recall"], 4) for v, s in everything.items()}
-    return StepResult(outputs, {v: s["quality"] for v, s in everything.items()},
+    return StepResult(outputs, {**{v: s["quality"] for v, s in everything.items()}, "latency": timings},
                       f"end-to-end click-recall@{c.k}: {head}")
+
+
+def merged_retriever(data: RunData, retrieval: Towers, index, channels: dict,
+                     two_tower_quota: float) -> MergedRetriever:
+    """The two-tower retriever (user tower + index) and ``channels`` as one retrieval stage: the two-tower takes
+    ``two_tower_quota`` of the slots, the channels share the rest evenly."""
+    two_tower = Retriever(lambda r: retrieval.user_embed(data, r), index)
+    rest = (1.0 - two_tower_quota) / max(len(channels), 1)
+    return MergedRetriever({"two_tower": two_tower, **channels},
+                           {"two_tower": two_tower_quota, **{n: rest for n in channels}})
+
+
+def channel_contributions(merged: MergedRetriever, requests, inp: ReplayInputs, n: int, k: int, seen) -> dict:
+    """Per channel of the merged retrieval stage, on the test requests: its own click-recall@n and teacher-recall@k
+    within its top n, and what the union loses without it (click-recall@n of the union minus that of the union of
+    the others, quotas renormalised)."""
+    rows = np.arange(len(requests))
+    full = select_unseen(merged, requests, n, seen)[0]
+    full_recall = float(np.nanmean(list_quality(full, inp, rows, k)["click_recall"]))
+    out = {"union_click_recall": full_recall, "per_channel": {}}
+    for name, ch, q in zip(merged.names, merged.channels, merged.quotas):
+        alone = list_quality(select_unseen(ch, requests, n, seen)[0], inp, rows, k)
+        others = {m: c for m, c in zip(merged.names, merged.channels) if m != name}
+        quotas = {m: float(qq) for m, qq in zip(merged.names, merged.quotas) if m != name}
+        without = float(np.nanmean(list_quality(select_unseen(MergedRetriever(others, quotas), requests, n, seen)[0],
+                                                inp, rows, k)["click_recall"])) if others else 0.0
+        out["per_channel"][name] = {"quota": float(q), "click_recall_alone": float(np.nanmean(alone["click_recall"])),
+                                    "teacher_recall_alone": float(np.nanmean(alone["teacher_recall"])),
+                                    "union_without": without, "marginal": full_recall - without}
+    return out
+
+
+def final_origin_share(merged: MergedRetriever, requests, n: int, seen, finals: np.ndarray) -> dict:
+    """Share of the final lists' items that each channel placed in the retrieval stage."""
+    items, _, origin = merged.select_with_origin(requests, n) if seen is None else _origin_unseen(merged, requests, n,
+                                                                                                    seen)
+    key_final = finals[:, :, None] == items[:, None, :]  # [B, K, N1]
+    placed = np.where(key_final.any(axis=2), np.take_along_axis(origin, key_final.argmax(axis=2), 1), -1)
+    filled = placed[finals != PAD]
+    return {name: float(np.mean(filled == i)) if filled.size else float("nan")
+            for i, name in enumerate(merged.names)}
+
+
+def _origin_unseen(merged: MergedRetriever, requests, n: int, seen):
+    """select_with_origin with seen items dropped, as select_unseen does for the items."""
+    lo, hi = seen.before(requests.user_id, requests.time_ms)
+    extra = min(int((hi - lo).max(initial=0)), MAX_OVERFETCH * n)
+    items, scores, origin = merged.select_with_origin(requests, n + extra)
+    keep = ~seen.seen(requests.user_id, items, requests.time_ms) & (items != PAD)
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :n]  # kept entries first, in their (merged) order
+    take = lambda a: np.take_along_axis(a, order, 1)  # noqa: E731
+    ok = take(keep)
+    return np.where(ok, take(items), PAD), np.where(ok, take(scores), -np.inf), np.where(ok, take(origin), -1)
 
 
 def baseline_name(channel: str, params: dict) -> str:
@@ -130,11 +220,25 @@ def baseline_name(channel: str, params: dict) -> str:
     return channel
 
 
-def _recall_curves(casc, requests, ref: np.ndarray, c: ReplaySection) -> dict:
-    sub = requests.take(np.arange(min(len(requests), 200)))
-    res = casc.recommend(sub, c.n_retrieve, c.n_prerank, c.k, return_stages=True)
-    out = {}
-    for st, (items, _) in res.stages.items():
-        ks = [k for k in c.recall_ks if k <= items.shape[1]]
-        out[st] = {"k": ks, "teacher_recall": [mean_recall_at_k(ref[: len(sub)], items[:, :k]) for k in ks]}
-    return out
+def curve_ks(c: ReplaySection, n_items: int) -> list[int]:
+    """The K of the teacher-recall@K curves: ``c.recall_ks`` up to the retrieval stage's length and the corpus."""
+    return [k for k in c.recall_ks if k <= min(c.n_retrieve, n_items)]
+
+
+def recall_curves(casc, requests, teacher_top: np.ndarray, c: ReplaySection, filter_seen: bool) -> dict:
+    """Teacher-recall@K of each stage for every K of :func:`curve_ks` up to the stage's length, over all replayed
+    requests: |the teacher's top-K over the corpus ∩ the stage's first K| / K, mean over requests. teacher_top:
+    int64 [B, L >= max K], best first. {stage: {"k": [K], "teacher_recall": [mean]}}; the rank stage at K = c.k
+    is the quality summary's final teacher-recall."""
+    ks = curve_ks(c, teacher_top.shape[1])
+    per_request: dict[str, dict[int, list[np.ndarray]]] = {}
+    for s in range(0, len(requests), c.batch_size):
+        idx = np.arange(s, min(s + c.batch_size, len(requests)))
+        res = casc.recommend(requests.take(idx), c.n_retrieve, c.n_prerank, c.k, return_stages=True,
+                             filter_seen=filter_seen)
+        for st, (items, _) in res.stages.items():
+            for k in (k for k in ks if k <= items.shape[1]):
+                per_request.setdefault(st, {}).setdefault(k, []).append(
+                    recall_at_k(teacher_top[idx, :k], items[:, :k]))
+    return {st: {"k": list(by_k), "teacher_recall": [float(np.nanmean(np.concatenate(v))) for v in by_k.values()]}
+            for st, by_k in per_request.items()}

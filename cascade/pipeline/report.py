@@ -13,6 +13,7 @@ import torch
 from .. import artifacts as A
 from ..eval.report import write_report
 from .config import ReportSection
+from .histories import training_histories
 from .runner import StepContext, StepResult
 
 
@@ -39,10 +40,10 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
         out["data"] = A.read_json(run_dir / "data" / "summary.json")
     models = []
     for s in ("teacher", "students"):
-        p = run_dir / s / "models.json"
-        if p.exists():
-            models += A.read_json(p)
+        if s in m:  # the manifest's rows hold the measured latencies too (models.json does not)
+            models += m[s]["metrics"].get("models") or A.read_json(run_dir / s / "models.json")
     out["models"] = models
+    out["training"] = training_histories(run_dir) or None
     if "index" in m:
         first = next(iter(m["index"]["metrics"].values()), None)
         if first:
@@ -50,11 +51,13 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
             out["index"] = {"factory": first["factory"], "backend": first["backend"], "metric": im.get("metric", "ip"),
                             "n_items": im.get("n_items"), "dim": im.get("embedding_dim"),
                             "recall_vs_exact": (first.get("recall") or {}).get("recall_at_k"),
-                            "operating_points": first.get("operating_points", [])}
+                            "operating_points": first.get("operating_points", []),
+                            "operating_point": _operating_point(first)}
     out["choices"] = choices(run_dir, m)
     if "replay" in m:
         summ = A.read_json(run_dir / "replay" / "summary.json")
-        out["cascades"] = {v: _cascade_entry(s) for v, s in summ["variants"].items()}
+        latency = m["replay"]["metrics"].get("latency", {})  # measured times live in the manifest
+        out["cascades"] = {v: _cascade_entry({**s, **latency.get(v, {})}) for v, s in summ["variants"].items()}
         out["outcomes"] = outcome_rows(summ, gate_flags(out["choices"]))
     if report_cfg is not None and report_cfg.ablation:
         out["ablation"] = A.read_json(report_cfg.ablation)
@@ -72,7 +75,7 @@ def _cascade_entry(s: dict) -> dict:
     for st in STAGES:
         lat = s["latency_batch1"][f"{st}_ms"]
         stages[st] = {"size": s["sizes"][st], **{k: q.get(f"{st}_{k}") for k in STAGE_KEYS},
-                      "auc": s["stage_auc"][st]["auc"], "gauc": s["stage_auc"][st]["gauc"],
+                      "auc": s["stage_auc"].get(st, {}).get("auc"), "gauc": s["stage_auc"].get(st, {}).get("gauc"),
                       "p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"], "p99_ms": lat["p99_ms"]}
     e2e = s["latency_batch1"]["end_to_end_ms"]
     return {"stages": stages,
@@ -149,3 +152,13 @@ def outcome_rows(summary: dict, extra_flags: list[str] | None = None) -> dict:
                              f"(click-recall@{r['k']} {r['click_recall']:.3f} < {p['click_recall']:.3f}).")
     return {"rows": rows, "flags": flags + list(extra_flags or []),
             "filter_seen": summary.get("filter_seen")}
+
+
+def _operating_point(index_metrics: dict) -> dict | None:
+    """The swept setting the index step chose ({param, value}), from the search parameters its recall was
+    measured with; None for an exact index (nothing swept)."""
+    points, recall = index_metrics.get("operating_points") or [], index_metrics.get("recall") or {}
+    if not points:
+        return None
+    param = points[0]["param"]
+    return {"param": param, "value": recall.get("nprobe" if param == "nprobe" else "ef_search")}

@@ -37,7 +37,7 @@ from ..serve.replay import teacher_top_over_corpus
 from ..train.joint import DistillConfig, DistilledStudent, JointRanker, joint_loss, pfd_configs, teacher_first_loss
 from ..train.loop import evaluate, fit, predict
 from ..train.students import ClickLists, evaluate_on_log, is_ground_truth, train_student
-from .common import model_row, save_ranker, seeded, with_seed
+from .common import model_row, save_ranker, seeded, with_seed, without_timings
 from .config import StudentsSection
 from .judge import Judge, validation_judge
 from .runner import StepContext, StepResult
@@ -45,6 +45,7 @@ from .runner import StepContext, StepResult
 log = logging.getLogger(__name__)
 
 STAGES = ("prerank", "retrieval")
+CURVE_REQUESTS = 1000  # rank-log requests the two-tower students' training curves are measured on
 
 
 def click_lists(data, inputs, frame: pd.DataFrame) -> ClickLists:
@@ -138,16 +139,20 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     t_lists, _ = teacher_top_over_corpus(teacher, data, judge.requests, max(sizes.values()), exclude_seen=judge.seen)
     outputs, metrics = [], {"judge": judge.what}
+    # a fixed sample of the rank log every two-tower student is evaluated on after each epoch (its training curve:
+    # in-sample for a distilled student, the teacher's order it never trained on for a ground-truth one)
+    curve_log = rank_log.subset(np.random.default_rng(ctx.seed).permutation(len(rank_log))[:CURVE_REQUESTS])
     if trusted is not None:
         metrics["confidence"] = {"trusted_share": float(trusted[rank_log.request_rows].mean())}
     for stage in STAGES:
         base, n = (c.prerank if stage == "prerank" else c.retrieval), sizes[stage]
 
-        def train(scale: float, base=base, n=n):
+        def train(scale: float, base=base, n=n, stage=stage):
             towers = build_two_tower(inputs, c.tower, seed=ctx.seed)
             scfg = dataclasses.replace(base, seed=ctx.seed, progress=ctx.progress, distill_scale=scale)
             needs_log = any(scfg.weight(t) and not is_ground_truth(scfg, t) for t in scfg.loss_weights)
-            hist = train_student(towers, inputs, rank_log if needs_log else None, clicks, scfg, trusted=trusted)
+            hist = train_student(towers, inputs, rank_log if needs_log else None, clicks, scfg, trusted=trusted,
+                                 valid=curve_log, label=f"{stage} student, distillation scale {scale:g}")
             return towers, hist, _tower_recall(towers, inputs, data, judge, n)
 
         best, table, models = grid_search(c.scales(), train, lambda m: np.nanmean(m[2]))
@@ -165,10 +170,12 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
             d = ctx.out / variant / stage
             A.save_torch(d / "model.pt", towers.state_dict())
             A.write_json(d / "config.json", to_dict(c.tower))
-            A.write_json(d / "history.json", hist)
+            A.write_json(d / "history.json", [{k: v for k, v in h.items() if k != "seconds"} for h in hist])
             outputs += [f"{variant}/{stage}/{f}" for f in ("model.pt", "config.json", "history.json")]
         gate = teacher_gate(judge.recall(t_lists, n), models[0.0][2]) if 0.0 in models else None
         metrics[stage] = {"size": n, "grid": grid, "chosen_scale": chosen, "variants": variants, "gate": gate}
+        metrics[f"{stage}_epoch_seconds"] = {str(sc): [h.get("seconds") for h in m[1]]  # manifest only: not hashed
+                                             for sc, m in models.items()}
         log.info("students: %s scale %s chosen (%s); teacher gate %s", stage, chosen, grid, gate)
     return outputs, metrics
 
@@ -178,8 +185,8 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection, data: RunData) ->
     train, valid, test = data.encoded("train"), data.encoded("valid"), data.encoded("test")
     if c.rank_student_max_rows is not None and len(train) > c.rank_student_max_rows:
         train = train.take(slice(len(train) - c.rank_student_max_rows, None))
-    teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     tcfg = with_seed(dataclasses.replace(c.rank_student_train, progress=ctx.progress), ctx.seed)
+    teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec).to(tcfg.device)  # scores the student's batches
     pfd = c.rank_distill.pfd_lambda is not None
     side = c.rank_pfd_side
     if pfd and not (train.spec.cat_index(side) or train.spec.num_index(side)):
@@ -191,26 +198,27 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection, data: RunData) ->
         seeded(ctx.seed)
         dcfg = _scaled(c.rank_distill, scale)
         extra = None
+        label = f"rank student, distillation scale {scale:g}"
         if scale == 0:  # no distillation: the plain student on clicks
             model = Ranker(train.spec, c.rank_student)
-            fit(model, train, valid, tcfg)
+            res = fit(model, train, valid, tcfg, label=label)
         elif not pfd:  # teacher-first: from the frozen teacher of the teacher step
             distilled = DistilledStudent(Ranker(train.spec, c.rank_student), teacher_hidden_dim=None, seed=ctx.seed)
-            fit(distilled, train, valid, tcfg, loss_fn=teacher_first_loss(teacher, dcfg))
+            res = fit(distilled, train, valid, tcfg, loss_fn=teacher_first_loss(teacher, dcfg), label=label)
             model = distilled.student
         else:  # PFD: its own privileged teacher, trained synchronously with the student
             joint = JointRanker(train.spec, *pfd_configs(c.rank_student, "pfd", pfd_side=side),
                                 private_student_columns=c.rank_pfd_private_columns, seed=ctx.seed)
-            fit(joint, train, valid, tcfg, loss_fn=joint_loss(dcfg))
+            res = fit(joint, train, valid, tcfg, loss_fn=joint_loss(dcfg), label=label)
             model, extra = joint.export_student(), joint.teacher
-        return model.eval(), extra
+        return model.eval(), extra, res.history
 
     best, table, trained = grid_search(c.rank_scales(), train_one,
                                        lambda m: auc(valid.label, predict(m[0], valid)))
     grid = [{"scale": row["scale"], "valid_auc": row["score"]} for row in table]
     chosen = best if c.rank_distill_scale == "auto" else float(c.rank_distill_scale)
-    plain = trained[0.0][0]
-    served, pfd_teacher = trained[chosen]
+    plain, _, plain_history = trained[0.0]
+    served, pfd_teacher, served_history = trained[chosen]
     how = "PFD" if pfd else "logit KD" if c.rank_distill.kd_loss == "mse" else c.rank_distill.kd_loss
     rows = [model_row("rank student (no distillation)", "student", plain, evaluate(plain, test), train.spec),
             model_row(f"rank student (served: {how} at scale {chosen:g}"
@@ -223,6 +231,9 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection, data: RunData) ->
             "plain_student_valid_auc": grid[[g["scale"] for g in grid].index(0.0)]["valid_auc"]}
     gate["teacher_better"] = bool(gate["teacher_valid_auc"] > gate["plain_student_valid_auc"])
     outputs = save_ranker(served, c.rank_student, ctx.out / "rank_student")
+    A.write_json(ctx.out / "rank_student" / "history.json", served_history)
+    A.write_json(ctx.out / "rank_student" / "history_no_distillation.json", plain_history)
+    outputs += ["rank_student/history.json", "rank_student/history_no_distillation.json"]
     return outputs, rows, {"grid": grid, "chosen_scale": chosen, "gate": gate}
 
 
@@ -234,8 +245,8 @@ def run(ctx: StepContext) -> StepResult:
     outputs, metrics = _train_towers(ctx, c, sizes, data, judge)
     rank_outputs, rows, metrics["rank_student"] = _train_rank_students(ctx, c, data)
     outputs += rank_outputs
-    A.write_json(ctx.out / "models.json", rows)
-    A.write_json(ctx.out / "selection.json", metrics)
+    A.write_json(ctx.out / "models.json", without_timings(rows))  # the latencies: in the manifest
+    A.write_json(ctx.out / "selection.json", {k: v for k, v in metrics.items() if not k.endswith("epoch_seconds")})
     outputs += ["models.json", "selection.json"]
     metrics["models"] = rows
     summary = ", ".join(f"{st} scale {metrics[st]['chosen_scale']:g}" for st in STAGES)

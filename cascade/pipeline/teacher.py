@@ -18,7 +18,7 @@ from ..models.ranker import Ranker
 from ..run_data import RunData
 from ..train.entire_space import choose_exposure_weight, entire_space_loss, entire_space_table
 from ..train.loop import evaluate, fit, score_metrics
-from .common import model_row, save_ranker, seeded, with_seed
+from .common import model_row, save_ranker, seeded, with_seed, without_timings
 from .config import TeacherSection
 from .judge import validation_judge
 from .runner import StepContext, StepResult
@@ -33,33 +33,36 @@ def run(ctx: StepContext) -> StepResult:
     es = c.entire_space
     metrics = {}
     if es.enabled:
-        model = EntireSpaceRanker(train.spec, c.model, seed=ctx.seed)
+        model = EntireSpaceRanker(train.spec, c.ranker, seed=ctx.seed)
         rng = np.random.default_rng(ctx.seed)
         table = entire_space_table(data, "train", es.unshown_per_shown, es.popularity_share, rng)
-        res = fit(model, table, valid, tcfg, loss_fn=entire_space_loss(es.w_exposure))
+        res = fit(model, table, valid, tcfg, loss_fn=entire_space_loss(es.w_exposure), label="teacher")
+        model.cpu()  # trained on run.device; the corpus scoring below and every later step read it on the CPU
         judge = validation_judge(data, es.select_requests, ctx.seed)
         choice, grid = choose_exposure_weight(model, data, judge.requests, judge.clicked, es.exposure_weights,
                                               es.select_k, judge.seen)
         metrics["entire_space"] = {"exposure_weight": choice, "grid": grid, "judge": judge.what,
                                    "train_rows": {"shown": int(len(train)), "unshown": int(len(table) - len(train))}}
-        name = f"teacher ({c.model.backbone}, entire space: exposure weight {choice:g})"
+        name = f"teacher ({c.ranker.backbone}, entire space: exposure weight {choice:g})"
     else:
-        model = Ranker(train.spec, c.model)
-        res = fit(model, train, valid, tcfg)
-        name = f"teacher ({c.model.backbone})"
-    model.eval()
-    outputs = save_ranker(model, c.model, ctx.out / "teacher")
+        model = Ranker(train.spec, c.ranker)
+        res = fit(model, train, valid, tcfg, label="teacher")
+        name = f"teacher ({c.ranker.backbone})"
+    model.cpu().eval()
+    outputs = save_ranker(model, c.ranker, ctx.out / "teacher")
+    A.write_json(ctx.out / "history.json", res.history)  # per evaluation: train loss terms, valid metrics
+    outputs.append("history.json")
     rows = [model_row(name, "teacher", model, evaluate(model, test), train.spec)]
     if c.lightgbm:
         gb_train = train if c.lightgbm_max_rows is None else train.take(slice(max(0, len(train) - c.lightgbm_max_rows),
                                                                               None))
-        gb = GBDTRanker(objective="binary", n_estimators=c.lightgbm_trees, seed=ctx.seed, num_threads=2).fit(gb_train,
-                                                                                                             valid)
+        gb = GBDTRanker(objective="binary", n_estimators=c.lightgbm_trees, seed=ctx.seed, num_threads=2,
+                        progress=ctx.progress).fit(gb_train, valid)
         m = score_metrics(test.label, gb.predict(test.cat, test.num), test.user_id, test.is_rand)
         rows.append({"name": f"LightGBM (binary, {len(gb_train):,} most recent train rows)", "role": "baseline", **m})
         A.write_text(ctx.out / "lightgbm.txt", gb.booster_.model_to_string())
         outputs.append("lightgbm.txt")
-    A.write_json(ctx.out / "models.json", rows)
+    A.write_json(ctx.out / "models.json", without_timings(rows))  # the latencies: in the manifest
     outputs.append("models.json")
     return StepResult(outputs, {"models": rows, "best_valid_auc": res.best_valid_auc, **metrics},
                       f"teacher test AUC {rows[0].get('auc', float('nan')):.4f}")

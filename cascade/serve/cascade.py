@@ -64,6 +64,7 @@ class PairScorer:
     def select(self, requests: Requests, candidates: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
         if candidates is None:
             raise ValueError("this stage re-scores candidates: pass candidates [B, N]")
+        candidates = _item_ids(candidates)
         s = np.asarray(self.score(requests, candidates), dtype=np.float32)
         if s.shape != candidates.shape:
             raise ValueError(f"scorer returned shape {s.shape}, expected {candidates.shape}")
@@ -84,6 +85,24 @@ def select_unseen(stage: Stage, requests: Requests, n: int, seen: EventHistory |
     items, scores = stage.select(requests, None, n + extra)
     items = np.where(seen.seen(requests.user_id, items, requests.time_ms), PAD, items)
     return topk_rows(scores, items, n)
+
+
+def _item_ids(candidates: np.ndarray) -> np.ndarray:
+    """Candidate item ids as int64 [B, N]; a NaN, fractional or non-numeric id raises naming its row and column
+    (padding is -1, never NaN: a NaN cast to int64 would come back as a real-looking item)."""
+    c = np.asarray(candidates)
+    if c.ndim != 2:
+        raise ValueError(f"candidates must be [B, N] item ids, got shape {c.shape}")
+    if c.dtype.kind in "iu":
+        return c.astype(np.int64, copy=False)
+    v = pd.to_numeric(pd.Series(c.ravel(), dtype=object), errors="coerce").to_numpy(np.float64).reshape(c.shape)
+    with np.errstate(invalid="ignore"):
+        bad = ~np.isfinite(v) | (v != np.floor(v))
+    if bad.any():
+        b, j = (int(x[0]) for x in np.nonzero(bad))
+        x = c[b, j].item() if isinstance(c[b, j], np.generic) else c[b, j]
+        raise ValueError(f"candidates[{b}, {j}] = {x!r} is not an item id: ids are integers, padding is -1")
+    return v.astype(np.int64)
 
 
 @dataclass
@@ -107,8 +126,10 @@ class Cascade:
 
     STAGE_NAMES = ("retrieval", "prerank", "rank")
 
-    def __init__(self, retriever: Stage, preranker: Stage, ranker: Stage, seen: EventHistory | None = None):
+    def __init__(self, retriever: Stage, preranker: Stage, ranker: Stage, seen: EventHistory | None = None,
+                 context_kinds: dict[str, str] | None = None):
         self.retriever, self.preranker, self.ranker, self.seen = retriever, preranker, ranker, seen
+        self.context_kinds = context_kinds  # context name -> "int" | "float" | "str": checked per request
 
     def recommend(self, requests: Requests, n_retrieve: int, n_prerank: int, k: int,
                   return_stages: bool = False, filter_seen: bool = False) -> CascadeResult:
@@ -118,15 +139,14 @@ class Cascade:
         if filter_seen and self.seen is None:
             raise ValueError("filter_seen=True but the cascade was built without the seen history")
         b = len(requests)
-        errors = requests.validity()
+        errors = requests.validity(self.context_kinds)
         ok = np.array([e is None for e in errors], dtype=bool)
         items = np.full((b, k), PAD, np.int64)
         scores = np.full((b, k), -np.inf, np.float32)
         timing = {n: 0.0 for n in self.STAGE_NAMES}
         stages: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         if ok.any():
-            req = requests.take(np.flatnonzero(ok))
-            req.user_id = req.user_id.astype(np.int64)
+            req = requests.take(np.flatnonzero(ok)).valid_rows(self.context_kinds)
             t0 = time.perf_counter()
             ri, rs = select_unseen(self.retriever, req, n_retrieve, self.seen if filter_seen else None)
             t1 = time.perf_counter()
@@ -153,25 +173,38 @@ def build_cascade(data: RunData, retrieval: Towers, prerank: Towers, ranker: tor
                   seen: EventHistory | None = None) -> Cascade:
     """retrieval tower + index -> pre-rank tower -> ranker (teacher or distilled student)."""
     return Cascade(Retriever(lambda r: retrieval.user_embed(data, r), index), PairScorer(prerank.scorer(data)),
-                   PairScorer(ranker_scorer(ranker, data)), seen)
+                   PairScorer(ranker_scorer(ranker, data)), seen, context_kinds=data.context_kinds)
 
 
 def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = "teacher",
                  data: RunData | None = None) -> tuple[RunData, Cascade]:
     """The servable cascade of a finished run: (RunData, Cascade). variant: a students/ sub-folder
-    ("distilled" or "ground_truth"); ranker: "teacher" or "student" (the distilled rank student)."""
+    ("distilled" or "ground_truth"); ranker: "teacher" or "student" (the distilled rank student).
+
+    Every file it loads is checked against the sha256 its step's manifest records (RunData checks the data step's
+    tables): an altered checkpoint, table or index raises ArtifactError naming the file."""
     run_dir = Path(run_dir)
+    if ranker not in ("teacher", "student"):
+        raise ValueError(f"ranker {ranker!r} must be 'teacher' or 'student'")
     data = data or RunData(run_dir / "data")
     sdir = run_dir / "students" / variant
     if not (sdir / "retrieval").is_dir():
         raise FileNotFoundError(f"{sdir}: no such student variant (have "
                                 f"{sorted(p.name for p in (run_dir / 'students').iterdir() if p.is_dir())})")
+    towers = [f"{variant}/{stage}/{f}" for stage in ("retrieval", "prerank") for f in ("model.pt", "config.json")]
+    ranker_files = ["rank_student/model.pt", "rank_student/config.json"] if ranker == "student" else []
+    A.verify_listed(run_dir / "students", towers + ranker_files)
+    if ranker == "teacher":
+        A.verify_listed(run_dir / "teacher", ["teacher/model.pt", "teacher/config.json"])
     retr, pre = load_towers(sdir / "retrieval", data), load_towers(sdir / "prerank", data)
     model_dir = run_dir / "teacher" / "teacher" if ranker == "teacher" else run_dir / "students" / "rank_student"
     model = load_ranker(model_dir, data.spec)
+    # the index checks its own files and that it holds this tower's items (naming both hashes), then the step's
+    # manifest confirms that the whole index folder is the one the index step wrote
     index = ItemIndex.load(run_dir / "index" / variant,
                            expect_model_hash=A.sha256_file(sdir / "retrieval" / "model.pt"),
                            expect_dim=retr.item_emb.shape[1], expect_metric="ip", omp_threads=1)
+    A.verify_listed(run_dir / "index", [f"{variant}/{f}" for f in ("manifest.json", "index.faiss", "item_ids.npy")])
     return data, build_cascade(data, retr, pre, model, index)
 
 
@@ -188,5 +221,5 @@ def trace_requests(data: RunData, cascade: Cascade, requests: Requests, n_retrie
             t[f"{st}_rank"] = [pos.get(int(x)) for x in final]
         tables.append(t.merge(data.items, on="item_id", how="left")[
             ["item_id", "retrieval_rank", "prerank_rank", "rank_rank", "final_score"]
-            + [c for c in ("tag", "author_id", "video_type") if c in data.items.columns]])
+            + [c for c in ("item_key", "tag", "author_id", "video_type") if c in data.items.columns]])
     return tables

@@ -31,6 +31,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
+from cascade.config import at_least, finite, nonnegative, positive, require
 from cascade.data.batches import FeatureSpec
 from cascade.data.schema import SIDES
 from cascade.distill.losses import (
@@ -72,12 +73,12 @@ class DistillConfig:
     def __post_init__(self) -> None:
         if self.kd is not None and self.kd not in KD_KINDS:
             raise ValueError(f"DistillConfig: kd {self.kd!r} is not one of {KD_KINDS}")
-        if self.temperature <= 0:
-            raise ValueError(f"DistillConfig: temperature must be > 0, got {self.temperature}")
-        if self.pfd_lambda is not None and not 0.0 <= self.pfd_lambda <= 1.0:
-            raise ValueError(f"DistillConfig: pfd_lambda must be in [0, 1], got {self.pfd_lambda}")
-        if self.warmup_steps < 0:
-            raise ValueError(f"DistillConfig: warmup_steps must be >= 0, got {self.warmup_steps}")
+        require(self, "temperature", positive(self.temperature), "must be a finite number > 0")
+        for name in ("w_bce", "w_kd", "w_hint", "w_cr", "w_rcr", "w_teacher"):
+            require(self, name, nonnegative(getattr(self, name)), "must be a finite number >= 0")
+        lam = self.pfd_lambda
+        require(self, "pfd_lambda", lam is None or (finite(lam) and 0.0 <= lam <= 1.0), "must be in [0, 1] or None")
+        require(self, "warmup_steps", at_least(self.warmup_steps, 0), "must be an integer >= 0")
 
     @property
     def kd_loss(self) -> str:

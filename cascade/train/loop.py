@@ -46,6 +46,7 @@ from tqdm.auto import tqdm
 
 from cascade import distributed as D
 from cascade.artifacts import load_torch, read_manifest, save_torch, write_manifest
+from cascade.config import at_least, nonnegative, positive, require
 from cascade.data.batches import EncodedTable, batch_indices, iter_batches
 from cascade.distill.losses import click_bce, mix
 from cascade.eval.metrics import auc, gauc, logloss
@@ -93,10 +94,17 @@ class TrainConfig:
             raise ValueError(f"TrainConfig: optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.device not in ("cpu", "cuda"):
             raise ValueError(f"TrainConfig: device {self.device!r} must be 'cpu' or 'cuda'")
-        if self.lr <= 0 or self.batch_size <= 0 or self.epochs <= 0 or self.patience <= 0:
-            raise ValueError(f"TrainConfig: lr, batch_size, epochs and patience must be > 0 (got {self})")
-        if self.eval_every_steps is not None and self.eval_every_steps <= 0:
-            raise ValueError(f"TrainConfig: eval_every_steps must be > 0 or None, got {self.eval_every_steps}")
+        require(self, "lr", positive(self.lr), "must be a finite number > 0")
+        require(self, "weight_decay", nonnegative(self.weight_decay), "must be a finite number >= 0")
+        for name in ("batch_size", "epochs", "patience", "eval_batch_size"):
+            require(self, name, at_least(getattr(self, name), 1), "must be an integer >= 1")
+        require(self, "eval_every_steps", self.eval_every_steps is None or at_least(self.eval_every_steps, 1),
+                "must be an integer >= 1 or None (once per epoch)")
+        require(self, "grad_clip", self.grad_clip is None or positive(self.grad_clip),
+                "must be a finite number > 0 (the max gradient norm) or None (no clipping)")
+        require(self, "seed", at_least(self.seed, 0), "must be an integer >= 0")
+        require(self, "num_threads", self.num_threads is None or at_least(self.num_threads, 1),
+                "must be an integer >= 1 or None")
 
 
 @dataclass
@@ -234,8 +242,11 @@ def _check_table(table: EncodedTable, what: str) -> None:
 
 
 def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainConfig,
-        loss_fn: LossFn | None = None, ckpt_dir: str | Path | None = None, train_shard: bool = False) -> FitResult:
+        loss_fn: LossFn | None = None, ckpt_dir: str | Path | None = None, train_shard: bool = False,
+        label: str = "fit") -> FitResult:
     """Train ``model`` on ``train``, early-stopping on the AUC of ``model(cat, num)`` on ``valid``.
+
+    label: what the progress bar and the log lines call the model ("teacher": "teacher epoch 1/2").
 
     On return the model holds the best validated weights; with ``ckpt_dir`` they are also saved there as
     ``model.pt`` (cascade.artifacts.save_torch) with a ``manifest.json`` (configs, step, validation metrics).
@@ -283,6 +294,7 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
     evals_without_gain = 0
     step, stop = 0, False
     running = RunningMeans()
+    shown: dict[str, str] = {}  # the bar's postfix: running train loss, last valid AUC
 
     def validate(epoch: int) -> None:
         nonlocal best_state, evals_without_gain, stop
@@ -297,7 +309,9 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
                **{f"valid_{k}": v for k, v in metrics.items()}}
         result.history.append(row)
         running.reset()
-        log.info("step %d epoch %d: %s", step, epoch, {k: round(v, 5) for k, v in row.items() if isinstance(v, float)})
+        log.info("%s step %d epoch %d/%d: %s", label, step, epoch + 1, cfg.epochs,
+                 {k: round(v, 5) for k, v in row.items() if isinstance(v, float)})
+        shown["valid_auc"] = f"{metrics['auc']:.4f}"
         if improved:
             result.best_valid_auc, result.best_step = metrics["auc"], step
             best_state = copy.deepcopy({k: v.detach().cpu() for k, v in model.state_dict().items()})
@@ -308,10 +322,11 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
 
     with _threads(cfg.num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + env.rank)  # dropout; the global RNG is restored on exit
-        bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not cfg.progress or not env.is_main, desc="fit",
-                   leave=False)
+        bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not cfg.progress or not env.is_main, desc=label,
+                   unit="step", leave=False)
         for epoch in range(cfg.epochs):
             model.train()
+            bar.set_description(f"{label} epoch {epoch + 1}/{cfg.epochs}", refresh=False)
             if not ddp:
                 batches = iter_batches(train, cfg.batch_size, rng)
             elif train_shard:
@@ -327,12 +342,13 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
                     terms, weights = step_model(batch, step)
                 where = f" (the last good checkpoint is in {ckpt_dir})" if ckpt_dir is not None else ""
-                total, values = step_on_loss(terms, weights, [optimizer], [model.parameters()], cfg.grad_clip,
-                                             f"fit: non-finite loss at step {step}{where}", ddp)
+                _, values = step_on_loss(terms, weights, [optimizer], [model.parameters()], cfg.grad_clip,
+                                         f"fit: non-finite loss at step {step}{where}", ddp)
                 step += 1
                 running.add(values)
+                shown["loss"] = f"{running.sums.get('total', math.nan) / running.n:.4f}"  # mean since the last eval
+                bar.set_postfix(shown, refresh=False)
                 bar.update(1)
-                bar.set_postfix(loss=f"{float(total.detach()):.4f}", refresh=False)
                 if cfg.eval_every_steps is not None and step % cfg.eval_every_steps == 0:
                     validate(epoch)
                     if stop:
@@ -346,7 +362,7 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
         bar.close()
     if best_state is not None:
         model.load_state_dict(best_state)
-    log.info("fit: best valid AUC %.5f at step %d", result.best_valid_auc, result.best_step)
+    log.info("%s: best valid AUC %.5f at step %d", label, result.best_valid_auc, result.best_step)
     return result
 
 

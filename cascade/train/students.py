@@ -46,8 +46,11 @@ steps and stop together. What equals a single-process run with batch ``world * c
   by design: gathering every rank's item embeddings would need an all-gather with gradient.
 
 Validation runs on rank 0 and its numbers are broadcast (every rank returns the same history; the logged loss
-terms are means over ranks). ``train_student`` writes nothing; callers save on rank 0. The students train on the
-CPU; under an NCCL group (a GPU job) their gradients go through a gloo subgroup.
+terms are means over ranks). ``train_student`` writes nothing; callers save on rank 0. Under torch.distributed the
+students train on the CPU ranks; under an NCCL group (a GPU job) their gradients go through a gloo subgroup.
+
+Device: ``StudentConfig.device`` ("cuda" in a pipeline run with ``--device cuda``) holds the towers, the batches and
+the sampling generator; the side tables stay in host memory and each batch's rows are copied over.
 
 Not here: the one-loop cascade ("one teacher, three students"), in which the students learn from the lists of a teacher
 still in training (cascade/train/three_students.py; it reuses this module's loss dispatch conventions).
@@ -69,6 +72,7 @@ from tqdm.auto import tqdm
 
 from cascade import distributed as D
 from cascade.arrays import pad_by_row, topk_rows
+from cascade.config import FieldError, at_least, nonnegative, positive, require
 from cascade.distill import losses as L
 from cascade.distill.ranklog import RankLog
 from cascade.eval.metrics import mean_recall_at_k, ndcg_at_k
@@ -108,7 +112,8 @@ class StudentConfig:
     n_uniform_negatives: corpus negatives per batch. distill_scale: multiplies the weight of every distillation
     term (not of the ground-truth terms, :func:`is_ground_truth`).
     epochs, lr, weight_decay, batch_size (requests per batch), grad_clip (max global norm, None = off), eval_k
-    (K of the validation teacher-recall), seed, progress (tqdm bar).
+    (K of the validation teacher-recall), seed, progress (tqdm bar), device ("cpu" or "cuda": where the towers
+    train; the sampled pairs and negatives are drawn on it, so a CUDA run draws other samples than a CPU one).
     """
 
     stage: str = "prerank"
@@ -127,18 +132,20 @@ class StudentConfig:
     eval_k: int = 10
     seed: int = 0
     progress: bool = False
+    device: str = "cpu"
 
     def __post_init__(self) -> None:
+        if self.device not in ("cpu", "cuda"):
+            raise ValueError(f"StudentConfig: device {self.device!r} must be 'cpu' or 'cuda'")
         if self.stage not in STAGES:
             raise ValueError(f"StudentConfig: stage {self.stage!r} is not one of {STAGES}")
         unknown = sorted(set(self.loss_weights) - set(LOSS_NAMES))
         if unknown:
             raise ValueError(f"StudentConfig: unknown loss name(s) {unknown} in loss_weights; known: {LOSS_NAMES}")
-        if not (np.isfinite(self.distill_scale) and self.distill_scale >= 0):
-            raise ValueError(f"StudentConfig: distill_scale must be >= 0, got {self.distill_scale}")
-        bad_w = {k: v for k, v in self.loss_weights.items() if not (np.isfinite(v) and v >= 0)}
-        if bad_w:
-            raise ValueError(f"StudentConfig: loss weights must be finite and >= 0, got {bad_w}")
+        require(self, "distill_scale", nonnegative(self.distill_scale), "must be a finite number >= 0")
+        for name, w in self.loss_weights.items():
+            if not nonnegative(w):
+                raise FieldError(type(self).__name__, f"loss_weights.{name}", w, "must be a finite number >= 0")
         if not any(self.weight(n) != 0 for n in self.loss_weights):
             raise ValueError("StudentConfig: every loss weight is 0 (or none is given)")
         for name, params in self.loss_params.items():
@@ -160,10 +167,13 @@ class StudentConfig:
             raise ValueError("StudentConfig: stage 'retrieval' ranks the whole corpus and needs a non-zero "
                              "'sampled_softmax' or 'teacher_softmax' weight (in-batch + uniform corpus negatives)")
         for name in ("epochs", "batch_size", "softmax_topk", "eval_k"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"StudentConfig: {name} must be >= 1, got {getattr(self, name)}")
-        if self.n_uniform_negatives < 0 or self.lr <= 0:
-            raise ValueError("StudentConfig: n_uniform_negatives must be >= 0 and lr > 0")
+            require(self, name, at_least(getattr(self, name), 1), "must be an integer >= 1")
+        require(self, "n_uniform_negatives", at_least(self.n_uniform_negatives, 0), "must be an integer >= 0")
+        require(self, "lr", positive(self.lr), "must be a finite number > 0")
+        require(self, "weight_decay", nonnegative(self.weight_decay), "must be a finite number >= 0")
+        require(self, "grad_clip", self.grad_clip is None or positive(self.grad_clip),
+                "must be a finite number > 0 (the max gradient norm) or None (no clipping)")
+        require(self, "seed", at_least(self.seed, 0), "must be an integer >= 0")
 
     def weight(self, name: str) -> float:
         """The effective weight of term ``name``: its loss weight, times distill_scale for a distillation term."""
@@ -225,7 +235,7 @@ def _positive_log_q(pos_items: np.ndarray, n_items: int, batch_size: int) -> tor
 
 def sample_one_per_row(valid: torch.Tensor, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """One uniformly chosen True column per row of valid [B, L]: (column [B], row has one [B] bool)."""
-    keys = torch.rand(valid.shape, generator=generator).masked_fill(~valid, -1.0)
+    keys = torch.rand(valid.shape, generator=generator, device=valid.device).masked_fill(~valid, -1.0)
     return keys.argmax(dim=1), valid.any(dim=1)
 
 
@@ -263,7 +273,8 @@ def embed_items(towers: TwoTower, inputs: TowerInputs, parts: dict[str, torch.Te
     uniq, inv = torch.unique(flat, return_inverse=True)
     # index_select: its backward (index_add_) sums in a fixed order; "[inv]" accumulates with several threads in
     # a racy order, so 2-thread training was not bit-reproducible under a seed
-    v_all = towers.item_tower(*inputs.item_batch(uniq.numpy())).index_select(0, inv)  # [n_flat, d]
+    xs = [x.to(flat.device) for x in inputs.item_batch(uniq.cpu().numpy())]
+    v_all = towers.item_tower(*xs).index_select(0, inv)  # [n_flat, d]
     emb, start = {}, 0
     for k, p in parts.items():
         emb[k] = v_all[start:start + p.numel()].reshape(*p.shape, -1)
@@ -284,7 +295,7 @@ def sampled_softmax_term(towers: TwoTower, u: torch.Tensor, pos_rows: torch.Tens
     # the towers' temperature goes into the user side, so a learned temperature gets its gradient
     return L.sampled_softmax_loss(
         u[pos_rows] * towers.inv_temperature, pos_emb, neg_emb, pos_log_q=pos_log_q,
-        neg_log_q=torch.full((len(neg_items),), neg_log_q) if neg_items is not None else None,
+        neg_log_q=torch.full((len(neg_items),), neg_log_q, device=u.device) if neg_items is not None else None,
         temperature=1.0, pos_item_ids=pos_items, neg_item_ids=neg_items, **loss_params(cfg, name))
 
 
@@ -300,9 +311,10 @@ class _StudentStep(nn.Module):
     def __init__(self, towers: TwoTower, inputs: TowerInputs, cfg: StudentConfig, w: Mapping[str, float],
                  clicks: ClickLists | None, click_of: np.ndarray | None,
                  pos_log_q: dict[str, torch.Tensor], neg_log_q_value: float, g: torch.Generator,
-                 rng: np.random.Generator, trusted: np.ndarray | None = None) -> None:
+                 rng: np.random.Generator, device: torch.device, trusted: np.ndarray | None = None) -> None:
         super().__init__()
         self.towers = towers
+        self.device = device
         self.inputs, self.cfg, self.w = inputs, cfg, dict(w)
         self.clicks, self.click_of = clicks, click_of
         self.pos_log_q, self.neg_log_q_value = pos_log_q, neg_log_q_value
@@ -310,10 +322,12 @@ class _StudentStep(nn.Module):
         self.trusted = trusted  # bool per request row: distil from this request's teacher list
 
     def forward(self, b: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        towers, inputs, cfg, w, g = self.towers, self.inputs, self.cfg, self.w, self.g
+        towers, inputs, cfg, w, g, dev = self.towers, self.inputs, self.cfg, self.w, self.g, self.device
         from_log = "items" in b  # a rank-log batch (else a ClickLists batch)
         req, usr = b["request_rows"].numpy(), b["user_rows"].numpy()
-        u = towers.user_tower(*inputs.user_batch(usr, req))  # [B, d]
+        on_cpu = b
+        b = {k: v.to(dev) for k, v in b.items()}
+        u = towers.user_tower(*(x.to(dev) for x in inputs.user_batch(usr, req)))  # [B, d]
 
         # every item row the batch needs, embedded once
         parts: dict[str, torch.Tensor] = {}
@@ -322,10 +336,10 @@ class _StudentStep(nn.Module):
             parts["list"] = b["items"].clamp(min=0)
             list_mask = b["mask"]
             if self.trusted is not None:  # distil only from the trusted requests' lists
-                list_mask = list_mask & torch.from_numpy(self.trusted[req])[:, None]
+                list_mask = list_mask & torch.from_numpy(self.trusted[req]).to(dev)[:, None]
         cb = None
         if "click_bce" in w or any(n in w and _positives(cfg, n) == "clicks" for n in SOFTMAX_TERMS):
-            cb = _click_batch(self.clicks, b, self.click_of)
+            cb = {k: v.to(dev) for k, v in _click_batch(self.clicks, on_cpu, self.click_of).items()}
             parts["click"] = cb["items"].clamp(min=0)
         positives = {}
         for name in SOFTMAX_TERMS:
@@ -339,7 +353,7 @@ class _StudentStep(nn.Module):
                 positives[name] = (b["items"][has, col[has]], torch.nonzero(has).squeeze(1))
             parts[f"pos_{name}"] = positives[name][0]
         if positives and cfg.n_uniform_negatives:
-            parts["neg"] = torch.from_numpy(self.rng.integers(0, inputs.n_items, cfg.n_uniform_negatives))
+            parts["neg"] = torch.from_numpy(self.rng.integers(0, inputs.n_items, cfg.n_uniform_negatives)).to(dev)
         emb = embed_items(towers, inputs, parts)
 
         terms: dict[str, torch.Tensor] = {}
@@ -379,9 +393,11 @@ def _positives(cfg: StudentConfig, name: str) -> str:
 
 def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | None, clicks: ClickLists | None,
                   cfg: StudentConfig, valid: RankLog | None = None,
-                  trusted: np.ndarray | None = None) -> list[dict[str, Any]]:
-    """Train ``towers`` in place. Returns the history: one dict per epoch with the mean loss terms ("loss" is the
-    weighted total), "seconds", and, when ``valid`` is given, "valid" = :func:`evaluate_on_log` of it.
+                  trusted: np.ndarray | None = None, label: str | None = None) -> list[dict[str, Any]]:
+    """Train ``towers`` in place on ``cfg.device`` (they come back on the CPU). Returns the history: one dict per
+    epoch with the mean loss terms ("loss" is the weighted total), "seconds", and, when ``valid`` is given, "valid"
+    = :func:`evaluate_on_log` of it. label: what the progress bar and the log lines call the student (default:
+    its stage).
 
     Batches are requests of ``rank_log`` when a weighted term needs the teacher's lists (click terms then use
     the clicks of the same request rows, where there are any), else requests of ``clicks``. Reproducible under
@@ -405,14 +421,19 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
     driver = rank_log if need_log else clicks
     if driver is None or len(driver) == 0:
         raise ValueError("train_student: no training requests")
-    if any(p.device.type != "cpu" for p in towers.parameters()):
-        raise ValueError("train_student: the towers must be on the CPU (students train on the CPU)")
     n_items = inputs.n_items
     env, ddp = D.current_env(), D.is_distributed()
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("StudentConfig.device='cuda' but torch sees no CUDA device")
+    if ddp and cfg.device != "cpu":
+        raise ValueError("train_student: under torch.distributed the students train on the CPU ranks (gloo); "
+                         f"StudentConfig.device={cfg.device!r} is not supported there")
+    device = torch.device(cfg.device)
+    towers.to(device)
     # rank 0 draws exactly what a single process draws; the batch order (rng's permutation) is the same on every
     # rank, while the sampled negatives / pairs (g, sample_rng) and dropout differ per rank, as they would between
     # the rows of one large batch. In one process sample_rng IS rng: one stream, as before DDP existed.
-    g = torch.Generator().manual_seed(cfg.seed + env.rank)
+    g = torch.Generator(device=device).manual_seed(cfg.seed + env.rank)
     rng = np.random.default_rng(cfg.seed)
     sample_rng = np.random.default_rng([cfg.seed, env.rank]) if ddp else rng
 
@@ -433,13 +454,15 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
         if pos.size == 0:
             raise ValueError(f"train_student: {name} has no positives ({_positives(cfg, name)})")
         # per-rank batch: under DDP the in-batch pool is the rank's own batch of cfg.batch_size requests
-        pos_log_q[name] = _positive_log_q(pos, n_items, cfg.batch_size)
+        pos_log_q[name] = _positive_log_q(pos, n_items, cfg.batch_size).to(device)
 
     step_model: nn.Module = _StudentStep(towers, inputs, cfg, w, clicks, click_of, pos_log_q,
-                                         neg_log_q_value, g, sample_rng, trusted)
+                                         neg_log_q_value, g, sample_rng, device, trusted)
     if ddp:
         step_model = _ddp_wrap(step_model, env)
     n_batches = -(-len(driver) // (cfg.batch_size * env.world_size))
+    label = label or cfg.stage
+    shown: dict[str, str] = {}  # the bar's postfix: running loss, last validation
     # dropout draws from torch's global generator: seed it from cfg.seed (+ rank) without touching the caller's state
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + env.rank)
@@ -450,12 +473,15 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
             t0 = time.perf_counter()
             running = RunningMeans()
             batches = _rank_batches(driver, cfg.batch_size, rng, env.rank, env.world_size)  # world 1: all rows
-            for b in tqdm(batches, disable=not cfg.progress or not env.is_main, desc=f"epoch {epoch}",
-                          total=n_batches):
+            bar = tqdm(batches, disable=not cfg.progress or not env.is_main, desc=f"{label} epoch {epoch + 1}/"
+                       f"{cfg.epochs}", total=n_batches, unit="batch", leave=False)
+            for b in bar:
                 terms = step_model(b)
                 _, values = step_on_loss(terms, {n: w[n] for n in terms}, [opt], [towers.parameters()], cfg.grad_clip,
                                          f"train_student: non-finite loss in epoch {epoch}, step {running.n}", ddp)
                 running.add(values)
+                shown["loss"] = f"{running.sums.get('total', float('nan')) / running.n:.4f}"
+                bar.set_postfix(shown, refresh=False)
             means = running.means()
             if ddp:  # every rank took the same number of steps and logs the same terms: the mean over ranks
                 means = D.all_reduce_mean(means)
@@ -465,8 +491,11 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
                 # rank 0 evaluates (all ranks hold the same weights) and every rank records its numbers
                 ev = evaluate_on_log(towers, inputs, valid, k=cfg.eval_k) if env.is_main else None
                 rec["valid"] = D.broadcast_object(ev)
-            log.info("student %s epoch %d: %s", cfg.stage, epoch, {k: v for k, v in rec.items() if k != "epoch"})
+                shown.update({f"valid_{k}": f"{v:.4f}" for k, v in rec["valid"].items()})
+            log.info("%s epoch %d/%d: %s", label, epoch + 1, cfg.epochs,
+                     {k: (round(v, 5) if isinstance(v, float) else v) for k, v in rec.items() if k != "epoch"})
             history.append(rec)
+    towers.to("cpu")  # trained on cfg.device, handed back where the callers save and serve them
     towers.eval()
     return history
 
@@ -509,15 +538,18 @@ def student_list_scores(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog
     """The student's scores of the log's candidate lists: float32 [R, L] (-inf at padding), in eval mode."""
     was = towers.training
     towers.eval()
+    dev = next(towers.parameters()).device
     out = np.full(rank_log.items.shape, -np.inf, dtype=np.float32)
     try:
         for s in range(0, len(rank_log), batch_size):
             sl = slice(s, s + batch_size)
-            u = towers.user_tower(*inputs.user_batch(rank_log.user_rows[sl], rank_log.request_rows[sl]))
+            u = towers.user_tower(*(x.to(dev) for x in inputs.user_batch(rank_log.user_rows[sl],
+                                                                         rank_log.request_rows[sl])))
             items = rank_log.items[sl]
             uniq, inv = np.unique(np.maximum(items, 0), return_inverse=True)
-            v = towers.item_tower(*inputs.item_batch(uniq))[torch.from_numpy(inv.reshape(items.shape))]
-            sc = towers.score(u, v).numpy()
+            v = towers.item_tower(*(x.to(dev) for x in inputs.item_batch(uniq)))[
+                torch.from_numpy(inv.reshape(items.shape)).to(dev)]
+            sc = towers.score(u, v).cpu().numpy()
             out[sl] = np.where(items >= 0, sc, -np.inf)
     finally:
         towers.train(was)

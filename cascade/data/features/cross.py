@@ -68,26 +68,33 @@ class CrossFeatureStore:
     Smoothed CTR = (clicks + prior_ctr * prior_strength) / (exposures + prior_strength); the prior is a fixed
     number (not fitted on the history) so that no later event can move an earlier row's feature. The tag and
     author of an item come from ``items[tag_column]`` / ``items[author_column]`` (the whole value is the key;
-    a missing tag gives zero user-tag counts). Fit on the whole impression history; features of an impression
-    row use its request's start time (:meth:`query_impressions`), so no event of the same request can leak.
+    a missing tag gives zero user-tag counts). ``tag_column`` / ``author_column`` None or "" leave that family out
+    (items without tags or authors): the instance's ``feature_names`` then lack its two features. Fit on the whole
+    impression history; features of an impression row use its request's start time (:meth:`query_impressions`),
+    so no event of the same request can leak.
 
     :meth:`history` answers the behaviour sequence of (u, t) from the same events and window: u's last ``n``
     distinct CLICKED items with ``t - W <= time_ms < t``, most recent first (the items of u's last 4 n clicks in
     the window, de-duplicated, so a row is short only when those repeat a lot or there are fewer clicks).
     """
 
-    feature_names = ("user_tag_clicks", "user_tag_exposures", "user_author_clicks", "user_author_exposures",
-                     "item_clicks", "item_exposures", "item_ctr", "user_clicks", "user_exposures", "user_ctr",
-                     "user_item_clicks", "user_item_exposures", "item_recent_clicks", "item_recent_exposures")
+    #: every feature, in the order of the encoded columns (an instance may leave out the tag / author family)
+    feature_names: tuple[str, ...] = (
+        "user_tag_clicks", "user_tag_exposures", "user_author_clicks", "user_author_exposures",
+        "item_clicks", "item_exposures", "item_ctr", "user_clicks", "user_exposures", "user_ctr",
+        "user_item_clicks", "user_item_exposures", "item_recent_clicks", "item_recent_exposures")
     RECENT_SHARE = 7  # the "recent" counts look back W / 7 (one day of a one-week window)
 
     def __init__(self, window_days: float = 7.0, prior_ctr: float = 0.1, prior_strength: float = 20.0,
-                 tag_column: str = "tag", author_column: str = "author_id"):
+                 tag_column: str | None = "tag", author_column: str | None = "author_id"):
         self.window_days = window_days
         self.prior_ctr = prior_ctr
         self.prior_strength = prior_strength
-        self.tag_column = tag_column
-        self.author_column = author_column
+        self.tag_column = tag_column or None
+        self.author_column = author_column or None
+        left_out = {f"user_{fam}_{x}" for fam, col in (("tag", self.tag_column), ("author", self.author_column))
+                    if col is None for x in ("clicks", "exposures")}
+        self.feature_names = tuple(n for n in CrossFeatureStore.feature_names if n not in left_out)
 
     def fit(self, impressions: pd.DataFrame, items: pd.DataFrame) -> CrossFeatureStore:
         """Index every impression (user_id, item_id, time_ms, click) of ``impressions``; return self."""
@@ -97,7 +104,8 @@ class CrossFeatureStore:
             raise ValueError(f"CrossFeatureStore: prior_ctr must be in [0, 1] and prior_strength >= 0, "
                              f"got {self.prior_ctr}, {self.prior_strength}")
         for col in ("item_id", self.tag_column, self.author_column):
-            column(items, col, "items")
+            if col is not None:
+                column(items, col, "items")
         for col in ("user_id", "item_id", "time_ms", "click"):
             column(impressions, col, "impressions")
         item_ids = items["item_id"].to_numpy(np.int64)
@@ -105,8 +113,11 @@ class CrossFeatureStore:
         self.item_ids_ = item_ids[order]
         self._item_index = IdIndex(self.item_ids_, "item_id", "impressions")
         # factorize works for int and str columns alike; NaN -> -1 (no tag / author)
-        self.item_tag_ = pd.factorize(items[self.tag_column])[0][order].astype(np.int64)
-        self.item_author_ = pd.factorize(items[self.author_column])[0][order].astype(np.int64)
+        none = np.full(len(order), -1, np.int64)  # a family left out: no item has a tag / author
+        self.item_tag_ = (none if self.tag_column is None
+                          else pd.factorize(items[self.tag_column])[0][order].astype(np.int64))
+        self.item_author_ = (none if self.author_column is None
+                             else pd.factorize(items[self.author_column])[0][order].astype(np.int64))
         self.n_tags_ = int(self.item_tag_.max()) + 1 if len(order) else 0
         self.n_authors_ = int(self.item_author_.max()) + 1 if len(order) else 0
 
@@ -196,7 +207,7 @@ class CrossFeatureStore:
         it_c, it_e, ir_c, ir_e = (back(x, o_i) for x in (it_c, it_e, ir_c, ir_e))
         a, b = self.prior_ctr * self.prior_strength, self.prior_strength
         f32 = np.float32
-        return {
+        out = {
             "user_tag_clicks": ut_c.astype(f32), "user_tag_exposures": ut_e.astype(f32),
             "user_author_clicks": ua_c.astype(f32), "user_author_exposures": ua_e.astype(f32),
             "item_clicks": it_c.astype(f32), "item_exposures": it_e.astype(f32),
@@ -206,6 +217,7 @@ class CrossFeatureStore:
             "user_item_clicks": ui_c.astype(f32), "user_item_exposures": ui_e.astype(f32),
             "item_recent_clicks": ir_c.astype(f32), "item_recent_exposures": ir_e.astype(f32),
         }
+        return {n: out[n] for n in self.feature_names}
 
     def history(self, user_ids: np.ndarray, t_ms: np.ndarray, n: int) -> np.ndarray:
         """Each (user_ids[b], t_ms[b])'s last ``n`` distinct clicked item ids in [t - W, t), most recent first:

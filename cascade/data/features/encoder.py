@@ -130,7 +130,8 @@ class FeatureEncoder:
             q = cross_store.query(train["user_id"].to_numpy(), train["item_id"].to_numpy(), starts)
             x = np.log1p(np.stack([q[n].astype(np.float64) for n in cross_store.feature_names], axis=1))
             cross = (cross_store.feature_names, x.mean(axis=0), x.std(axis=0))
-        history = None if cross_store is None else (cross_store.tag_column, cross_store.author_column)
+        history = None if cross_store is None else tuple(c for c in (cross_store.tag_column,
+                                                                     cross_store.author_column) if c)
         return self.set_fitted(columns, vocab, edges, cross, history)
 
     def set_fitted(self, columns: list[dict], vocab: dict, edges: dict,
@@ -160,11 +161,12 @@ class FeatureEncoder:
         if not hasattr(self, "columns_"):
             raise RuntimeError("FeatureEncoder is not fitted: call fit() or FeatureEncoder.load()")
 
-    def _encode_part(self, part: str, frame: Any, source: str) -> tuple[np.ndarray, np.ndarray]:
+    def _encode_part(self, part: str, frame: Any, source: str,
+                     n_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         self._fitted()
         cols = [c for c in self.columns_ if c["part"] == part]
         cat_out, num_out = [], []
-        n = len(frame) if isinstance(frame, pd.DataFrame) else None
+        n = len(frame) if isinstance(frame, pd.DataFrame) else n_rows
         for c in cols:
             s = column(frame, c["name"], source)
             if n is not None and len(s) != n:
@@ -199,9 +201,10 @@ class FeatureEncoder:
         """Item-table columns of ``items`` rows: (cat int64 [I, Ci], num float32 [I, Mi])."""
         return self._encode_part("item", items, "items")
 
-    def encode_context(self, impressions: Any) -> tuple[np.ndarray, np.ndarray]:
-        """Context columns (impression table, non-privileged) of a DataFrame or a mapping of arrays [N]."""
-        return self._encode_part("context", impressions, "impressions")
+    def encode_context(self, impressions: Any, n_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Context columns (impression table, non-privileged) of a DataFrame or a mapping of arrays [N] (n_rows:
+        N, needed for a mapping when the data have no context column)."""
+        return self._encode_part("context", impressions, "impressions", n_rows)
 
     def encode_privileged(self, impressions: Any) -> tuple[np.ndarray, np.ndarray]:
         """Privileged (post-click) columns; training only, never a serving-time input."""

@@ -12,6 +12,7 @@ from typing import Any
 import numpy as np
 
 import cascade
+from cascade.config import require
 
 USER_FEATURES_FILE = "user_features_pure.csv"
 VIDEO_FEATURES_FILE = "video_features_basic_pure.csv"
@@ -116,8 +117,7 @@ class WorldConfig:
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, what: str) -> None:
-            if not ok:
-                raise ValueError(f"WorldConfig.{name} = {getattr(self, name)!r}: {what}")
+            require(self, name, ok, what)
 
         ints = ("seed", "n_days", "request_size", "candidates_per_request", "n_tabs", "latent_dim", "author_buckets")
         for name in ints + ("n_users", "n_items"):

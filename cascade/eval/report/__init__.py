@@ -14,8 +14,9 @@ optional; a missing or ``None`` section is rendered as a one-line "not computed 
                           recall_curves: {stage: {k: [int], teacher_recall: [float]}},
                           latency_samples_ms: {stage | end_to_end: [float]}}}
     index:     {factory, backend, metric, n_items, dim, recall_vs_exact,
-                operating_points: [{param, value, recall_at_k, qps}]}
+                operating_points: [{param, value, recall_at_k, qps}], operating_point: {param, value} | None}
     models:    [{name, role, auc, gauc, logloss, rand_auc?, rand_gauc?, latency_ms_per_100, n_params, size_mb}]
+    training:  {model: {epoch: [int], loss: [float], valid: [float | None], valid_metric: str | None}} | None
     ablation:  {metrics: [str], seeds: [int], rows: [{name, stage, values: {metric: {mean, std, n}}}]} | None
 
 JSON has no NaN: ``report.json`` stores NaN / inf as ``null`` (strict JSON that any parser reads), so

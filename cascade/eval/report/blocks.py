@@ -30,6 +30,14 @@ STAGE_METRICS = (
     ("p95_ms", "p95 ms"),
     ("p99_ms", "p99 ms"),
 )
+# the per-stage table is split into one table per family, so each stays narrow (Markdown has no column groups);
+# a metric of STAGE_METRICS in no family gets a table of its own at the end
+STAGE_FAMILIES = (
+    ("Outcomes: the held-out clicks", ("click_recall", "hit_rate", "click_ndcg")),
+    ("Agreement with the teacher", ("teacher_recall", "teacher_ndcg")),
+    ("AUC on the test impressions", ("auc", "gauc")),
+    ("Latency per request (batch 1)", ("p50_ms", "p95_ms", "p99_ms")),
+)
 MODEL_COLUMNS = (
     ("auc", "AUC"),
     ("gauc", "GAUC"),
@@ -58,10 +66,20 @@ def _decimals(key: str) -> int | None:
     return None
 
 
+def is_count(key: str) -> bool:
+    """Whether the metric named ``key`` counts things (parameters, rows, items): shown as an integer."""
+    k = key.lower()
+    return k.startswith("n_") or k in _COUNTS
+
+
+_COUNTS = {"size", "rows", "requests", "batch_size", "batch", "params", "k", "dim"}
+
+
 def format_value(value: Any, key: str = "") -> str:
     """One table cell: ``value`` formatted for the metric named ``key`` (AUC 4 decimals, recall 3, ms 2, ...).
 
-    None / NaN -> "–"; ints get thousands separators (except seeds); strings pass through; other floats get 4
+    None / NaN -> "–"; ints get thousands separators (except seeds), and so do whole floats of a count
+    (:func:`is_count`: a column of ints with a gap is float in pandas); strings pass through; other floats get 4
     significant digits (or one decimal from 1000 up)."""
     if value is None:
         return MISSING
@@ -75,6 +93,8 @@ def format_value(value: Any, key: str = "") -> str:
             return MISSING
         if math.isinf(v):
             return "∞" if v > 0 else "-∞"
+        if is_count(key) and v.is_integer():
+            return f"{int(v):,}"
         dec = _decimals(key)
         if dec is not None:
             return f"{v:,.{dec}f}"

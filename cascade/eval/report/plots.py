@@ -54,7 +54,8 @@ def _stage_colour(stage: str, extra: dict) -> str:
 
 
 def plot_recall_curves(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]]]) -> bytes:
-    """curves[variant][stage] = (k [n], teacher_recall [n]) -> PNG: one line per stage and variant, log-x."""
+    """curves[variant][stage] = (k [n], teacher_recall [n]) -> PNG: one line per stage and variant, log-x (the
+    teacher-recall@K of each K: the teacher's top-K over the corpus against the stage's first K items)."""
     fig = _figure((9.5, 4.6))
     ax = fig.add_subplot()
     extra: dict = {}
@@ -70,7 +71,7 @@ def plot_recall_curves(curves: dict[str, dict[str, tuple[np.ndarray, np.ndarray]
     ax.grid(True, which="both", alpha=0.3)
     # legend beside the axes: inside it would hide the curves' low-K start, where the stages differ most
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
-    ax.set_title("Share of the teacher's top-K kept by each stage")
+    ax.set_title("Teacher-recall@K: the share of the teacher's top-K in each stage's first K")
     return _png(fig)
 
 
@@ -110,8 +111,9 @@ def plot_latency(samples: dict[str, dict[str, np.ndarray]]) -> bytes:
     return _png(fig)
 
 
-def plot_index(points: pd.DataFrame) -> bytes:
-    """points: rows (param, value, recall_at_k, qps) -> PNG: QPS vs recall, one line per search parameter."""
+def plot_index(points: pd.DataFrame, chosen: tuple[str, float] | None = None) -> bytes:
+    """points: rows (param, value, recall_at_k, qps) -> PNG: QPS vs recall, one line per search parameter; the
+    chosen operating point (param, value) circled and named in the legend."""
     fig = _figure((8.5, 4.4))
     ax = fig.add_subplot()
     for pi, (param, grp) in enumerate(points.groupby("param", sort=False)):
@@ -121,6 +123,12 @@ def plot_index(points: pd.DataFrame) -> bytes:
         for rec, qps, val in zip(grp["recall_at_k"], grp["qps"], grp["value"]):
             if np.isfinite(rec) and np.isfinite(qps):
                 ax.annotate(f"{param}={val}", (rec, qps), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    if chosen is not None:
+        hit = points[(points["param"] == str(chosen[0])) & (points["value"] == chosen[1])]
+        if hit.empty:
+            raise ValueError(f"plot_index: the operating point {chosen[0]}={chosen[1]} is not among the swept points")
+        ax.scatter(hit["recall_at_k"], hit["qps"], s=260, facecolors="none", edgecolors="black", linewidths=2.2,
+                   zorder=5, label=f"operating point: {chosen[0]}={chosen[1]}")
     q = points["qps"].to_numpy(dtype=np.float64)
     q = q[np.isfinite(q) & (q > 0)]
     if q.size and q.max() / q.min() > 10:
@@ -131,4 +139,31 @@ def plot_index(points: pd.DataFrame) -> bytes:
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
     ax.set_title("Index operating points")
+    return _png(fig)
+
+
+def plot_training(curves: dict[str, tuple[np.ndarray, np.ndarray, np.ndarray, str | None]]) -> bytes:
+    """curves[model] = (x [n] evaluation number (epoch), loss [n], valid [n] (nan = none), valid label) -> PNG:
+    one panel per model, the train loss on the left axis, the validation metric dashed on the right axis."""
+    n = len(curves)
+    ncols = min(n, 3)
+    nrows = math.ceil(n / ncols)
+    fig = _figure((3.6 * ncols + 0.6, 2.7 * nrows + 0.3))
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax, (model, (x, loss, valid, valid_label)) in zip(axes, curves.items()):
+        ax.plot(x, loss, marker="o", markersize=3, color=_VARIANT_COLOURS[0], label="train loss")
+        ax.set_title(model, fontsize=9)
+        ax.set_xlabel("epoch", fontsize=8)
+        ax.set_ylabel("train loss", fontsize=8, color=_VARIANT_COLOURS[0])
+        ax.tick_params(labelsize=7)
+        ax.grid(True, alpha=0.3)
+        if x.size:
+            ax.set_xticks(np.unique(x))
+        if np.isfinite(valid).any():
+            right = ax.twinx()
+            right.plot(x, valid, marker="s", markersize=3, linestyle="--", color=_VARIANT_COLOURS[1])
+            right.set_ylabel(valid_label or "valid", fontsize=8, color=_VARIANT_COLOURS[1])
+            right.tick_params(labelsize=7)
+    for ax in axes[n:]:
+        ax.set_visible(False)
     return _png(fig)

@@ -13,7 +13,7 @@ from typing import Any
 
 from cascade.artifacts import ArtifactError, read_json, to_jsonable, write_json, write_text
 
-from .blocks import table_html, table_md
+from .blocks import Section, table_html, table_md
 from .sections import header, report_sections
 
 log = logging.getLogger(__name__)
@@ -57,8 +57,14 @@ def render_markdown(report_data: Mapping[str, Any]) -> str:
     """The report as Markdown text (tables; the plots are only in the HTML)."""
     data = to_jsonable(report_data, "report_data")
     name, facts = header(data)
-    out = [f"# cascade report: {name}", "", " · ".join(f"{k}: {v}" for k, v in facts), ""]
-    for sec in report_sections(data):
+    return document_markdown(f"cascade report: {name}", facts, report_sections(data))
+
+
+def document_markdown(title: str, facts: list[tuple[str, str]], sections: list[Section]) -> str:
+    """A document of sections (the report, a comparison of runs) as Markdown: the plots become a pointer to the
+    HTML page."""
+    out = [f"# {title}", "", " · ".join(f"{k}: {v}" for k, v in facts), ""]
+    for sec in sections:
         out += [f"## {sec.title}", ""]
         for b in sec.blocks:
             kind = b[0]
@@ -73,7 +79,7 @@ def render_markdown(report_data: Mapping[str, Any]) -> str:
             elif kind == "table":
                 out += [table_md(b[1]), ""]
             elif kind == "img":
-                out += [f"_Plot in report.html: {b[2]}._", ""]
+                out += [f"_Plot in the HTML page: {b[2]}._", ""]
             elif kind == "cards":
                 pass  # the headline table that follows carries the same numbers
     return "\n".join(out).rstrip() + "\n"
@@ -98,6 +104,9 @@ p.expl { color: var(--muted); font-size: 12.5px; max-width: 900px; }
 table { border-collapse: collapse; font-size: 13px; font-variant-numeric: tabular-nums; }
 caption { caption-side: top; text-align: left; color: var(--muted); font-size: 12px; padding: 2px 0 4px; }
 th, td { padding: 4px 10px; border-bottom: 1px solid var(--line); white-space: nowrap; }
+/* headers and label cells may wrap, numbers never: a wide table then shrinks to the page instead of overflowing */
+th, td.lab { white-space: normal; }
+td.lab { min-width: 7em; }
 thead th { background: var(--band); font-weight: 600; border-bottom: 2px solid var(--line); }
 table.wide th, table.wide td { padding: 4px 6px; }
 th.grp { text-align: center; border-left: 1px solid var(--line); }
@@ -123,11 +132,16 @@ footer { margin-top: 36px; color: var(--muted); font-size: 12px; }
 
 def render_html(report_data: Mapping[str, Any]) -> str:
     """The report as one self-contained HTML page (inline CSS, plots as data: URIs, no script)."""
-    e = html.escape
     data = to_jsonable(report_data, "report_data")
     name, facts = header(data)
-    sections = report_sections(data)
-    body = [f"<header><h1>cascade report: {e(name)}</h1>",
+    return document_html(f"cascade report: {name}", facts, report_sections(data),
+                         "Written by cascade.eval.report; the numbers are in report.json beside this file.")
+
+
+def document_html(title: str, facts: list[tuple[str, str]], sections: list[Section], footer: str = "") -> str:
+    """A document of sections as one self-contained HTML page (inline CSS, plots as data: URIs, no script)."""
+    e = html.escape
+    body = [f"<header><h1>{e(title)}</h1>",
             '<p class="meta">' + " &middot; ".join(f"{e(k)}: <b>{e(v)}</b>" for k, v in facts) + "</p></header>",
             "<nav>" + "".join(f'<a href="#{s.anchor}">{e(s.title)}</a>' for s in sections) + "</nav>"]
     for sec in sections:
@@ -150,13 +164,14 @@ def render_html(report_data: Mapping[str, Any]) -> str:
                             f"<figcaption>{e(b[2])}</figcaption></figure>")
             elif kind == "cards":
                 body.append('<div class="cards">')
-                for title, items in b[1]:
+                for card_title, items in b[1]:
                     dl = "".join(f"<dt>{e(label)}</dt><dd>{e(value)}</dd>" for label, value in items)
-                    body.append(f'<div class="card"><h4>{e(title)}</h4><dl>{dl}</dl></div>')
+                    body.append(f'<div class="card"><h4>{e(card_title)}</h4><dl>{dl}</dl></div>')
                 body.append("</div>")
         body.append("</section>")
-    body.append("<footer>Written by cascade.eval.report; the numbers are in report.json beside this file.</footer>")
+    if footer:
+        body.append(f"<footer>{e(footer)}</footer>")
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
-            f"<title>cascade report: {e(name)}</title><style>{_CSS}</style></head>\n"
+            f"<title>{e(title)}</title><style>{_CSS}</style></head>\n"
             "<body><main>\n" + "\n".join(body) + "\n</main></body></html>\n")

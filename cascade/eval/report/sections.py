@@ -1,5 +1,5 @@
 """The report's sections, each built from the report data: headline, per-stage metrics, recall curves, latency,
-index, models, distillation ablation, data, run (with the resolved config as TOML)."""
+index, models, training curves, distillation ablation, data, run (with the resolved config as TOML)."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from .blocks import (
     MISSING,
     MODEL_COLUMNS,
     NOT_COMPUTED,
+    STAGE_FAMILIES,
     STAGE_METRICS,
     STAGE_ORDER,
     Section,
@@ -29,7 +30,7 @@ from .blocks import (
     metric_label,
     stage_order,
 )
-from .plots import plot_index, plot_latency, plot_recall_curves
+from .plots import plot_index, plot_latency, plot_recall_curves, plot_training
 
 
 def header(data: Mapping) -> tuple[str, list[tuple[str, str]]]:
@@ -115,18 +116,37 @@ def _section_stages(variants: dict[str, Mapping]) -> Section:
     e2e = {v: as_mapping(e.get("end_to_end"), f"report_data['cascades'][{v!r}]['end_to_end']") for v,
            e in variants.items()}
     row_names = stage_names + (["end to end"] if any(e2e.values()) else [])
+    in_family = {k for _, keys in STAGE_FAMILIES for k in keys}
+    families = list(STAGE_FAMILIES) + [(label, (key,)) for key, label in STAGE_METRICS
+                                       if key != "size" and key not in in_family]
+    for title, keys in families:
+        table = _stage_table(per_variant, e2e, row_names, [(k, lab) for k, lab in STAGE_METRICS if k in keys])
+        if table is not None:
+            sec.blocks += [("h3", title), ("table", table)]
+    sec.blocks.append(("p", "size: the stage's output length (N1 / N2 / K). click-recall / HitRate over the stage's "
+                            "whole output and click-NDCG of its first K against the held-out clicks; teacher-recall "
+                            "and teacher-NDCG against the teacher's top-K; AUC / GAUC of the stage's scoring function "
+                            "on the test impressions; latency per request at batch 1."))
+    return sec
+
+
+def _stage_table(per_variant: dict[str, dict[str, Mapping]], e2e: dict[str, Mapping | None], row_names: list[str],
+                 metrics: list[tuple[str, str]]) -> Table | None:
+    """One table of the per-stage section: a row per stage (and end to end) that has a value, the stage's size,
+    then ``metrics`` [(key, label)], variants side by side. None when no row has a value."""
     vnames = list(per_variant)
     two_level = len(vnames) > 1
-    columns, keys, cols_data = [("stage", "") if two_level else "stage"], [""], [row_names]
-    for key, label in STAGE_METRICS:
-        by_variant = {}
-        for v in vnames:
-            vals = []
-            for s in row_names:
-                src = (e2e[v] or {}) if s == "end to end" else per_variant[v].get(s, {})
-                vals.append(src.get(key))
-            if any(x is not None for x in vals):  # metric absent for this variant everywhere: no empty column
-                by_variant[v] = vals
+
+    def value(v: str, s: str, key: str):
+        return ((e2e[v] or {}) if s == "end to end" else per_variant[v].get(s, {})).get(key)
+
+    rows = [s for s in row_names if any(value(v, s, k) is not None for v in vnames for k, _ in metrics)]
+    if not rows:
+        return None
+    columns, keys, cols_data = [("stage", "") if two_level else "stage"], [""], [rows]
+    for key, label in [("size", "size")] + metrics:
+        by_variant = {v: [value(v, s, key) for s in rows] for v in vnames}
+        by_variant = {v: vals for v, vals in by_variant.items() if any(x is not None for x in vals)}
         if key == "size" and two_level and len(by_variant) == len(vnames) \
                 and all(x == by_variant[vnames[0]] for x in by_variant.values()):
             by_variant = {"": by_variant[vnames[0]]}  # same N1 / N2 / K in every variant: one column is enough
@@ -137,12 +157,7 @@ def _section_stages(variants: dict[str, Mapping]) -> Section:
     frame = pd.DataFrame(dict(enumerate(cols_data)))
     frame.columns = pd.MultiIndex.from_tuples(columns) if two_level else columns
     caption = ("variants side by side: " + ", ".join(vnames)) if two_level else f"variant: {vnames[0]}"
-    sec.blocks.append(("table", Table(frame, keys, caption=caption)))
-    sec.blocks.append(("p", "size: the stage's output length (N1 / N2 / K). click-recall / HitRate over the stage's "
-                            "whole output and click-NDCG of its first K against the held-out clicks; teacher-recall "
-                            "and teacher-NDCG against the teacher's top-K; AUC / GAUC of the stage's scoring function "
-                            "on the test impressions; latency per request at batch 1."))
-    return sec
+    return Table(frame, keys, caption=caption)
 
 
 def _section_curves(variants: dict[str, Mapping]) -> Section:
@@ -167,6 +182,11 @@ def _section_curves(variants: dict[str, Mapping]) -> Section:
     if not curves:
         return sec.note(f"Recall curves {NOT_COMPUTED}.")
     sec.blocks.append(("img", plot_recall_curves(curves), "teacher-recall@K per stage and variant, log-x"))
+    sec.blocks.append(("p", "teacher-recall@K: the share of the teacher's top-K over the whole corpus among the "
+                            "first K items of a stage's output, mean over all replayed requests. The rank stage's "
+                            "point at K = the final list's length is the headline's teacher-recall@K; the per-stage "
+                            "table's teacher-recall of retrieval and pre-rank is another measure (the teacher's "
+                            "top-K of the final K anywhere in the stage's whole output)."))
     return sec
 
 
@@ -192,7 +212,7 @@ def _section_index(data: Mapping) -> Section:
     idx = as_mapping(data.get("index"), "report_data['index']")
     if not idx:
         return sec.note(f"Index {NOT_COMPUTED}.")
-    facts = {k: v for k, v in idx.items() if k != "operating_points"}
+    facts = {k: v for k, v in idx.items() if k not in ("operating_points", "operating_point")}
     if facts:
         sec.blocks.append(("table", kv_table(facts, "property")))
     ops = as_list(idx.get("operating_points"), "report_data['index']['operating_points']") or []
@@ -202,12 +222,56 @@ def _section_index(data: Mapping) -> Section:
     frame = pd.DataFrame([{c: r.get(c) for c in ("param", "value", "recall_at_k", "qps")} for r in rows])
     shown = frame.rename(columns={"param": "search parameter", "recall_at_k": "recall@k vs exact",
                                   "qps": "queries / s"})
-    sec.blocks.append(("table", Table(shown, ["", "value", "recall_at_k", "qps"])))
+    op = as_mapping(idx.get("operating_point"), "report_data['index']['operating_point']")
+    chosen = (str(op.get("param")), op.get("value")) if op else None
+    is_chosen = np.array([chosen is not None and (str(r.get("param")), r.get("value")) == chosen for r in rows])
+    if chosen is not None and not is_chosen.any():
+        raise ValueError(f"report_data['index']['operating_point']: the operating point {chosen[0]}={chosen[1]} "
+                         "is not among the swept points")
+    sec.blocks.append(("table", Table(shown, ["", "value", "recall_at_k", "qps"],
+                                      bold=np.repeat(is_chosen[:, None], 4, axis=1),
+                                      caption=(f"operating point in bold: {chosen[0]}={chosen[1]}, the cheapest "
+                                               "setting that reaches the recall target" if chosen else ""))))
     pts = frame.assign(recall_at_k=pd.to_numeric(frame["recall_at_k"], errors="coerce"),
                        qps=pd.to_numeric(frame["qps"], errors="coerce"),
                        param=frame["param"].astype(str))
     if pts[["recall_at_k", "qps"]].notna().all(axis=1).any():
-        sec.blocks.append(("img", plot_index(pts), "index recall@k against queries per second"))
+        sec.blocks.append(("img", plot_index(pts, chosen),
+                           "index recall@k against queries per second" + (", the operating point circled"
+                                                                          if chosen else "")))
+    return sec
+
+
+def _section_training(data: Mapping) -> Section:
+    sec = Section("training", "Training curves")
+    tr = as_mapping(data.get("training"), "report_data['training']")
+    if not tr:
+        return sec.note(f"Training histories {NOT_COMPUTED}.")
+    curves, rows = {}, []
+    for model, h in tr.items():
+        path = f"report_data['training'][{model!r}]"
+        h = as_mapping(h, path) or {}
+        x = as_floats(h.get("epoch"), f"{path}['epoch']")
+        loss = as_floats(h.get("loss"), f"{path}['loss']")
+        valid = as_floats(h.get("valid"), f"{path}['valid']")
+        if not (x.shape == loss.shape == valid.shape):
+            raise ValueError(f"{path}: 'epoch', 'loss' and 'valid' have {x.size}, {loss.size} and {valid.size} values")
+        if x.size == 0:
+            continue
+        label = h.get("valid_metric")
+        curves[str(model)] = (x, loss, valid, label)
+        rows += [{"model": str(model), "epoch": int(e), "loss": lo, "metric": label or MISSING,
+                  "value": None if np.isnan(v) else v} for e, lo, v in zip(x, loss, valid)]
+    if not curves:
+        return sec.note(f"Training histories {NOT_COMPUTED}.")
+    sec.blocks.append(("img", plot_training(curves), "train loss and validation metric per epoch, one panel per model"))
+    frame = pd.DataFrame(rows).rename(columns={"loss": "train loss", "metric": "validation metric"})
+    sec.blocks.append(("table", Table(frame, ["", "epoch", "loss", "", "valid"])))
+    sec.blocks.append(("p", "train loss: the weighted total of the model's loss terms, mean over the epoch (or since "
+                            "the last evaluation). Validation: the rankers' AUC on the valid split; the two-tower "
+                            "students' teacher-recall@10 on a fixed sample of the rank log, in-sample for the "
+                            "distilled students and the teacher's order they never trained on for the "
+                            "ground-truth ones."))
     return sec
 
 
@@ -451,5 +515,5 @@ def _section_run(data: Mapping) -> Section:
 def report_sections(data: Mapping) -> list[Section]:
     variants = _variants(data)
     return [_section_headline(data, variants), _section_stages(variants), _section_curves(variants),
-            _section_latency(variants), _section_index(data), _section_models(data), _section_choices(data),
-            _section_ablation(data), _section_data(data), _section_run(data)]
+            _section_latency(variants), _section_index(data), _section_models(data), _section_training(data),
+            _section_choices(data), _section_ablation(data), _section_data(data), _section_run(data)]

@@ -1,0 +1,156 @@
+"""Your own logs, first-class (issue #17, item 1): the example in examples/own_logs, from a CSV folder to a finished
+report with two commands; text ids, canonical columns picked up, cross features by column or none, no context
+feature, data files in the cache key, split days chosen from the data."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from cascade import artifacts as A
+from cascade.cli import main
+from cascade.data.custom import load_custom
+from cascade.data.schema import Dataset, DataValidationError, Feature, Schema
+from cascade.data.split import DAY_MS, quantile_split_days, time_split
+from cascade.pipeline import load_config, run_pipeline
+from cascade.run_data import RunData
+from cascade.serve.cascade import load_cascade, trace_requests
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLE = ROOT / "examples" / "own_logs"
+TINY = ROOT / "pipelines" / "tiny.toml"
+
+pytestmark = pytest.mark.slow
+
+
+def own_logs(tmp_path: Path) -> Path:
+    """A copy of the example (tests edit their copy); the mapping's path."""
+    d = tmp_path / "own_logs"
+    shutil.copytree(EXAMPLE, d, ignore=shutil.ignore_patterns("__pycache__"))
+    return d / "mapping.toml"
+
+
+def test_the_example_files_are_what_its_script_writes(tmp_path):
+    spec = importlib.util.spec_from_file_location("make_logs", EXAMPLE / "make_logs.py")
+    make_logs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_logs)
+    make_logs.write(tmp_path)
+    for name in ("users.csv", "items.csv", "impressions.csv"):
+        assert (tmp_path / name).read_bytes() == (EXAMPLE / name).read_bytes(), name
+
+
+def test_check_prints_what_it_found(capsys):
+    assert main(["data", "custom", str(EXAMPLE / "mapping.toml"), "--check"]) == 0
+    found = json.loads(capsys.readouterr().out)
+    imp = pd.read_csv(EXAMPLE / "impressions.csv")
+    assert (found["rows"], found["users"], found["items"], found["requests"]) == (len(imp), 400, 600, 1200)
+    assert found["clicks"] == int(imp["clicked"].sum()) and found["random_share"] == pytest.approx(imp.is_rand.mean())
+    assert found["days"] == {"first": "2024-01-01", "last": "2024-01-20", "span": 20, "with_requests": 20}
+    assert found["features"]["user"] == {"user_id": "categorical", "country": "categorical", "age": "numeric"}
+    assert found["features"]["context"] == {"hour": "categorical", "weekday": "categorical"}
+    split = found["suggested_split"]
+    assert split["test_days"] == 2 and split["valid_days"] == 3
+    assert split["set_with"] == "--set data.valid_days=3 --set data.test_days=2"
+
+
+def test_text_ids_and_canonical_columns_are_read(tmp_path, caplog):
+    caplog.set_level("INFO", logger="cascade.data.custom")
+    ds = load_custom(EXAMPLE / "mapping.toml")
+    users = pd.read_csv(EXAMPLE / "users.csv")
+    imp = pd.read_csv(EXAMPLE / "impressions.csv")
+    # text ids -> 0..n-1 in sorted order, the original ids kept
+    assert ds.users["user_id"].tolist() == list(range(400)) and ds.users["user_key"].tolist() == sorted(users.customer)
+    key_of = dict(zip(ds.items["item_id"], ds.items["item_key"]))
+    first = ds.impressions.sort_values("time_ms", kind="stable").iloc[0]
+    assert key_of[first["item_id"]] == imp.sort_values("ts", kind="stable").iloc[0]["sku"]
+    # position / is_rand / hour carry canonical names in the file: read without a mapping entry, never ignored
+    assert ds.impressions["is_rand"].mean() == pytest.approx(imp["is_rand"].mean())
+    assert sorted(ds.impressions["position"].unique()) == sorted(imp["position"].unique())
+    assert "column 'is_rand' is picked up as the canonical impressions.is_rand" in caplog.text
+    assert set(ds.items["tag"]) == set(pd.read_csv(EXAMPLE / "items.csv")["category"])  # mapped tag = "category"
+
+
+def test_two_commands_from_a_csv_folder_to_a_report(tmp_path, monkeypatch, capsys):
+    """The new user's path: check the mapping, then run on top of a pipeline config (here the tiny one)."""
+    toml = own_logs(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    assert main(["data", "custom", str(toml), "--check"]) == 0
+    assert main(["run", str(TINY), "--data", f"custom:{toml}", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "runs" / "own-logs"  # named after the mapping's dataset
+    assert f"report: {run_dir / 'report' / 'report.html'}" in out
+    summary = A.read_json(run_dir / "data" / "summary.json")["summary"]
+    assert summary["source"] == "custom" and summary["n_items"] == 600
+    assert summary["split_days"] == {"valid_days": 3, "test_days": 2, "chosen_by": "quantile of the request days"}
+    assert summary["random_share"] > 0.04  # the is_rand column was used
+    data = RunData(run_dir / "data")
+    assert {"user_tag_clicks", "user_author_clicks"} <= set(data.encoder.cross_names_)
+    # serving: original ids where users see them
+    data, casc = load_cascade(run_dir)
+    frame = data.split_impressions("test").drop_duplicates("request_id").head(2)
+    from cascade.data.requests import requests_frame, to_requests
+    req = to_requests(requests_frame(frame, data.context_names), data.context_names)
+    tables = trace_requests(data, casc, req, 100, 40, 10)
+    assert tables[0]["item_key"].str.startswith("sku-").all()
+    # an unchanged re-run does nothing; an edited data file re-runs the data step
+    assert main(["run", str(TINY), "--data", f"custom:{toml}", "--no-progress"]) == 0
+    assert capsys.readouterr().err.count("skipped (up to date)") == 8
+    imp = pd.read_csv(toml.parent / "impressions.csv")
+    imp.loc[0, "clicked"] = 1 - imp.loc[0, "clicked"]
+    imp.to_csv(toml.parent / "impressions.csv", index=False)
+    assert main(["run", str(TINY), "--data", f"custom:{toml}", "--no-progress"]) == 0
+    assert "[data] running (" in capsys.readouterr().err
+
+
+def test_cross_features_by_column_or_none_and_no_context_feature(tmp_path):
+    toml = own_logs(tmp_path)
+    runs = tmp_path / "runs"
+
+    def cfg(*overrides: str, mapping: Path = toml):
+        return load_config(TINY, [f"run.runs_dir={json.dumps(str(runs))}", *overrides],
+                           data_spec=f"custom:{mapping}")
+
+    run_pipeline(cfg("data.cross_tag_column=''", "run.name='no-tag'"), progress=False, until="data")
+    names = RunData(runs / "no-tag" / "data").encoder.cross_names_
+    assert "user_tag_clicks" not in names and "user_author_clicks" in names and "item_ctr" in names
+    run_pipeline(cfg("data.cross_features=false", "run.name='no-cross'"), progress=False, until="data")
+    assert RunData(runs / "no-cross" / "data").spec.num_index("cross") == []
+    # items without the default tag column: a clear error naming the key, before any work
+    with pytest.raises(DataValidationError, match=r"data.cross_tag_column = 'colour': the items .* have no column "
+                                                  r"'colour'"):
+        run_pipeline(cfg("data.cross_tag_column='colour'", "run.name='bad'"), progress=False, until="data")
+    # no context feature at all: the whole pipeline and serving work
+    text = toml.read_text(encoding="utf-8")
+    bare = toml.parent / "bare.toml"
+    bare.write_text(text[: text.index('[[features]]\nname = "hour"')], encoding="utf-8")
+    run_pipeline(cfg("run.name='no-context'", mapping=bare), progress=False)
+    data, casc = load_cascade(runs / "no-context")
+    assert data.context_names == []
+    from cascade.data.requests import Requests
+    res = casc.recommend(Requests(data.user_ids[:3], np.full(3, data.impressions.time_ms.max()), {}), 100, 40, 10)
+    assert res.errors == [None] * 3 and (res.items >= 0).all()
+
+
+def test_split_days_by_quantile_on_sparse_logs():
+    # requests on days 0..2 (many), 10, 30, 31, 32, 33: the last ~10% of the requests are the test part
+    days = np.array([0] * 30 + [1] * 30 + [2] * 20 + [10] * 5 + [30] * 5 + [31] * 4 + [32] * 3 + [33] * 3)
+    n = len(days)
+    imp = pd.DataFrame({"request_id": np.arange(n), "user_id": np.zeros(n, np.int64), "item_id": np.zeros(n, np.int64),
+                        "time_ms": days * DAY_MS + 3_600_000, "position": 0, "click": np.arange(n) % 2,
+                        "is_rand": 0})
+    ds = Dataset(pd.DataFrame({"user_id": [0]}), pd.DataFrame({"item_id": [0]}), imp,
+                 Schema((Feature("user_id", "users", "categorical", "user"),)))
+    valid_days, test_days = quantile_split_days(ds)
+    masks = time_split(ds, valid_days, test_days)
+    # test: days 31..33 (10 of the 100 requests); valid: days 10..30 (the next 10), however sparse the days are
+    assert (valid_days, test_days) == (21, 3)
+    assert masks["test"].sum() == 10 and masks["valid"].sum() == 10 and masks["train"].sum() == 80
+    two_days = ds.impressions.assign(time_ms=(days > 2) * DAY_MS)
+    with pytest.raises(DataValidationError, match="span 2 calendar day"):
+        quantile_split_days(Dataset(ds.users, ds.items, two_days, ds.schema))
