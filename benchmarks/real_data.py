@@ -1,0 +1,201 @@
+"""Outcomes of the cascade on the world and on real logs, over seeds: does distillation find more of what users click?
+
+    python benchmarks/real_data.py --dataset world --dataset movielens-100k:path/to/ml-100k --seeds 0 1 2
+    python benchmarks/real_data.py --dataset custom:path/to/mapping.toml --seeds 0
+
+Each (dataset, seed) is a full run of the dataset's pipeline (world: pipelines/default.toml; MovieLens:
+pipelines/movielens.toml; custom / kuairand: pipelines/default.toml with --data) with ``students.keep_fixed`` so the
+replay serves three cascades that differ only in their students: ``ground_truth`` (distillation scale 0),
+``fixed`` (scale 1: the configured distillation whatever validation says) and ``distilled`` (the scale chosen on
+validation outcomes), beside the teacher's own top list over the corpus (the ceiling), the multi-channel cascade and
+the channels measured alone (most-popular, item-CF, ALS, ...). The same run is then redone with
+``students.confidence`` switched (``--update``: only the students and later steps), to measure confidence-aware
+distillation. Rows: those lists; columns: end-to-end click-recall@K / click-NDCG@K / HitRate@K on the held-out test
+clicks, what the retrieval and pre-rank stages keep, teacher-recall@K (agreement, a diagnostic), distinct items in
+the final lists, and on the world the oracle ratio. Also the rank student's test AUC without and with distillation,
+and the scales chosen on validation. Mean +- std over seeds to benchmarks/results/real_data.{json,md}.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cascade import artifacts as A
+from cascade.pipeline import load_config, run_pipeline
+
+CONFIGS = {"world": "pipelines/default.toml", "movielens-100k": "pipelines/movielens.toml",
+           "movielens-1m": "pipelines/movielens.toml"}
+COLUMNS = ("rank_click_recall", "rank_click_ndcg", "rank_hit_rate", "retrieval_click_recall", "prerank_click_recall",
+           "rank_teacher_recall", "final_distinct", "oracle_ratio", "rank_click_recall_rand")
+CASCADES = ("ground_truth", "fixed", "distilled", "distilled+channels")
+
+
+def _lists(summary: dict) -> dict[str, dict]:
+    """Every list of a replay summary by row name -> its quality metrics (the held-out clicks' and agreement)."""
+    rows = {v: s["quality"] for v, s in summary["variants"].items()}
+    rows.update({f"reference: {r}": s["quality"] for r, s in summary.get("references", {}).items()})
+    rows.update({f"baseline: {b}": s["quality"] for b, s in summary.get("baselines", {}).items()})
+    return rows
+
+
+def _rank_students(run_dir: Path) -> dict[str, float]:
+    """The rank students' test AUC: without distillation and as served (the scale chosen on validation)."""
+    models = A.read_manifest(run_dir / "students")["metrics"]["models"]
+    out = {}
+    for m in models:
+        key = "plain" if "no distillation" in m["name"] else "served" if "served" in m["name"] else None
+        if key:
+            out[key] = m["auc"]
+    return out
+
+
+def _choices(run_dir: Path) -> dict[str, float | None]:
+    metrics = A.read_manifest(run_dir / "students")["metrics"]
+    return {s: metrics.get(s, {}).get("chosen_scale") for s in ("retrieval", "prerank", "rank_student")}
+
+
+def measure(run_dir: Path) -> dict:
+    """One finished run's rows, rank-student AUCs, chosen scales and teacher test AUC."""
+    summary = A.read_json(run_dir / "replay" / "summary.json")
+    teacher = A.read_manifest(run_dir / "teacher")["metrics"]
+    rows = {name: {c: q[c] for c in COLUMNS if c in q} for name, q in _lists(summary).items()}
+    return {"rows": rows, "rank_student_auc": _rank_students(run_dir), "chosen_scales": _choices(run_dir),
+            "teacher_test_auc": teacher["models"][0]["auc"], "n_requests": summary["variants"]["distilled"]["quality"][
+                "n_requests"], "k": summary["variants"]["distilled"]["sizes"]["rank"]}
+
+
+def _config(dataset: str) -> tuple[str, str | None, str]:
+    """(pipeline file, --data spec or None, short name) of a --dataset value."""
+    source, _, path = dataset.partition(":")
+    if source == "world":
+        return CONFIGS["world"], None, "world"
+    if source not in ("movielens-100k", "movielens-1m", "kuairand", "custom"):
+        raise SystemExit(f"--dataset {dataset!r}: use world, movielens-100k:DIR, movielens-1m:DIR, kuairand:DIR or "
+                         f"custom:MAPPING.toml")
+    if not path:
+        raise SystemExit(f"--dataset {dataset!r}: {source} needs a path ({source}:PATH)")
+    return CONFIGS.get(source, "pipelines/default.toml"), dataset, source if source != "custom" else Path(path).stem
+
+
+def _data_args(config: str, spec: str | None) -> tuple[list[str], str | None]:
+    """(--set overrides, --data spec) naming the dataset: a pipeline file made for the dataset (MovieLens) keeps
+    its [data] table and gets the source and path; any other takes --data (which replaces the table)."""
+    if spec is None:
+        return [], None
+    source, _, path = spec.partition(":")
+    if config == CONFIGS.get(source):
+        return [f"data.source='{source}'", f"data.path='{Path(path).resolve()}'"], None
+    return [], spec
+
+
+def run_one(dataset: str, seed: int, runs_dir: str, extra: list[str], config: str | None = None) -> dict:
+    """Both confidence settings of one (dataset, seed): the run as configured, then --update with it switched.
+    config: a pipeline file instead of the dataset's own (e.g. pipelines/tiny.toml for a smoke run)."""
+    default_config, spec, name = _config(dataset)
+    config = config or default_config
+    base = [f"run.seed={seed}", f"run.name='bench-{name}-seed{seed}'", f"run.runs_dir='{runs_dir}'",
+            "students.keep_fixed=true", *extra]
+    out = {}
+    for confidence in (False, True):
+        sets, data_spec = _data_args(config, spec)
+        cfg = load_config(config, [*sets, *base, f"students.confidence={'true' if confidence else 'false'}"],
+                          data_spec=data_spec)
+        t0 = time.perf_counter()
+        run_pipeline(cfg, progress=False, update=True)
+        out["confidence" if confidence else "plain"] = {**measure(Path(runs_dir) / cfg.run.name),
+                                                        "wall_s": time.perf_counter() - t0}
+        print(f"{name} seed {seed} confidence={confidence}: {time.perf_counter() - t0:.0f} s", flush=True)
+    return out
+
+
+def _mean_std(values: list[float]) -> dict:
+    v = [x for x in values if x is not None]
+    return {"mean": float(np.mean(v)) if v else None, "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
+            "n": len(v)}
+
+
+def aggregate(per_seed: dict[int, dict]) -> dict:
+    """mean +- std over seeds of every row and column, the rank-student AUCs and the chosen scales."""
+    out = {}
+    for setting in ("plain", "confidence"):
+        runs = [r[setting] for r in per_seed.values()]
+        rows = sorted({name for r in runs for name in r["rows"]}, key=lambda n: (n not in CASCADES, n))
+        out[setting] = {
+            "rows": {name: {c: _mean_std([r["rows"].get(name, {}).get(c) for r in runs]) for c in COLUMNS
+                            if any(c in r["rows"].get(name, {}) for r in runs)} for name in rows},
+            "rank_student_auc": {k: _mean_std([r["rank_student_auc"].get(k) for r in runs])
+                                 for k in ("plain", "served")},
+            "chosen_scales": [r["chosen_scales"] for r in runs],
+            "teacher_test_auc": _mean_std([r["teacher_test_auc"] for r in runs]),
+            "n_requests": [r["n_requests"] for r in runs], "k": runs[0]["k"],
+            "wall_s": _mean_std([r["wall_s"] for r in runs])}
+    return out
+
+
+def _cell(s: dict, fmt: str) -> str:
+    if s["mean"] is None:
+        return "–"
+    return f"{s['mean']:{fmt}} ± {s['std']:{fmt}}" if s["std"] is not None else f"{s['mean']:{fmt}}"
+
+
+def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
+    lines = []
+    for setting, title in (("plain", "students.confidence = false"), ("confidence", "students.confidence = true")):
+        a = agg[setting]
+        k = a["k"]
+        cols = [c for c in COLUMNS if any(c in r for r in a["rows"].values())]
+        head = {"rank_click_recall": f"click-recall@{k}", "rank_click_ndcg": f"click-NDCG@{k}",
+                "rank_hit_rate": f"HitRate@{k}", "retrieval_click_recall": "click-recall@N1 (retrieval)",
+                "prerank_click_recall": "click-recall@N2 (pre-rank)", "rank_teacher_recall": f"teacher-recall@{k}",
+                "final_distinct": "distinct items", "oracle_ratio": "oracle ratio",
+                "rank_click_recall_rand": f"random slice click-recall@{k}"}
+        lines += [f"### {dataset}, {title}", "",
+                  f"requests replayed per seed: {a['n_requests']}; teacher test AUC "
+                  f"{_cell(a['teacher_test_auc'], '.4f')};"
+                  f" rank student test AUC: plain {_cell(a['rank_student_auc']['plain'], '.4f')}, distilled (served) "
+                  f"{_cell(a['rank_student_auc']['served'], '.4f')}; wall per run {_cell(a['wall_s'], '.0f')} s", "",
+                  "| list | " + " | ".join(head[c] for c in cols) + " |", "| --- |" + " ---: |" * len(cols)]
+        for name, r in a["rows"].items():
+            cells = [_cell(r[c], ",.0f" if c == "final_distinct" else ".4f") if c in r else "–" for c in cols]
+            lines.append(f"| {name} | " + " | ".join(cells) + " |")
+        lines += ["", "scales chosen on validation per seed (retrieval, pre-rank towers; rank student): " +
+                  "; ".join(f"seed {s}: {c['retrieval']}, {c['prerank']}; {c['rank_student']}"
+                            for s, c in zip(seeds, a["chosen_scales"])), ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", action="append", required=True,
+                   help="world, movielens-100k:DIR, movielens-1m:DIR, kuairand:DIR or custom:MAPPING.toml")
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--runs-dir", default="runs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], help="KEY=VALUE for every run")
+    p.add_argument("--config", default=None, help="a pipeline file for every dataset instead of its own")
+    p.add_argument("--out", default="benchmarks/results")
+    p.add_argument("--name", default="real_data", help="results file stem (default real_data)")
+    args = p.parse_args(argv)
+    results, t0 = {}, time.perf_counter()
+    for dataset in args.dataset:
+        per_seed = {s: run_one(dataset, s, args.runs_dir, args.overrides, args.config) for s in args.seeds}
+        results[_config(dataset)[2]] = {"per_seed": per_seed, "mean_std": aggregate(per_seed)}
+    machine = f"{platform.machine()}, {os.cpu_count()} cores"
+    out = {"seeds": args.seeds, "overrides": args.overrides, "datasets": results, "date": time.strftime("%Y-%m-%d"),
+           "machine": machine, "wall_s": time.perf_counter() - t0}
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    A.write_json(Path(args.out) / f"{args.name}.json", out)
+    md = (f"Outcomes on held-out test clicks, seeds {args.seeds}, mean ± std over seeds; {out['date']}, {machine}, "
+          f"{out['wall_s'] / 60:.0f} min in all. Overrides: {args.overrides or 'none'}.\n\n" +
+          "\n".join(markdown(d, r["mean_std"], args.seeds) for d, r in results.items()))
+    A.write_text(Path(args.out) / f"{args.name}.md", md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
