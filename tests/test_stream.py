@@ -11,11 +11,13 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
+from cascade.arrays import PAD
 from cascade.artifacts import MANIFEST, read_npz
 from cascade.data import stream as S
 from cascade.data import world as W
 from cascade.data.batches import EncodedTable
 from cascade.data.features import CrossFeatureStore, FeatureEncoder, build_encoded
+from cascade.data.requests import request_start_ms
 from cascade.data.sampling import CdfSampler
 from cascade.data.schema import DataValidationError
 from cascade.data.split import DAY_MS, SPLITS, time_split
@@ -254,14 +256,21 @@ def test_windowed_cross_features_equal_the_whole_table_store(five_days, window_d
         chunk_ms = int(round(chunk_days * DAY_MS))
         first = imp.groupby("request_id")["time_ms"].transform("min").to_numpy() // chunk_ms
         assert (imp["time_ms"].to_numpy() // chunk_ms != first).any()
-    ref = CrossFeatureStore(window_days).fit(imp, ds.items).query_impressions(imp)
+    store = CrossFeatureStore(window_days).fit(imp, ds.items)
+    ref = store.query_impressions(imp)
+    ref_hist = store.history(imp["user_id"].to_numpy(), request_start_ms(imp), 6)
     wc = S.WindowedCrossFeatures(sd, window_days, chunk_days=chunk_days, batch_rows=700)
-    parts = [wc.query_frame(df) for df in S.scan(sd, ["user_id", "item_id"], 700)]
+    parts = [wc.query_with_history(df["user_id"].to_numpy(), df["item_id"].to_numpy(),
+                                   df["request_start_ms"].to_numpy(), 6)
+             for df in S.scan(sd, ["user_id", "item_id"], 700)]
     for name in CrossFeatureStore.feature_names:
-        got = np.concatenate([p[name] for p in parts])
+        got = np.concatenate([p[0][name] for p in parts])
         assert got.dtype == ref[name].dtype == np.float32
         np.testing.assert_array_equal(got, ref[name], err_msg=name)
     assert ref["user_tag_clicks"].max() > 0 and ref["item_exposures"].max() > 0  # the counts are not all zero
+    # the behaviour sequences too: the last 6 distinct clicked items in the window, most recent first
+    np.testing.assert_array_equal(np.concatenate([p[1] for p in parts]), ref_hist)
+    assert (ref_hist[:, 0] != PAD).mean() > 0.3 and (ref_hist[:, -1] == PAD).any()
     span_days = (imp["time_ms"].max() - imp["time_ms"].min()) / DAY_MS
     assert wc.n_fits_ >= int(span_days / chunk_days)  # several chunks
     if window_days < span_days:
@@ -271,14 +280,17 @@ def test_windowed_cross_features_equal_the_whole_table_store(five_days, window_d
         assert wc.max_events_ < 0.85 * len(imp)
 
 
-@pytest.mark.parametrize("window_days", [2.0, 10.0])
-def test_streaming_cross_fit_and_encoding_equal_in_memory(five_days, tmp_path, window_days):
+@pytest.mark.parametrize("window_days,history_length", [(2.0, 6), (10.0, 0)])
+def test_streaming_cross_fit_and_encoding_equal_in_memory(five_days, tmp_path, window_days, history_length):
     sd, ds = five_days
     masks = time_split(ds, utc_offset_hours=8.0)
     store = CrossFeatureStore(window_days).fit(ds.impressions, ds.items)
-    ref_enc = FeatureEncoder(ds.schema, min_count=2).fit(ds, masks["train"], store)
+    ref_enc = FeatureEncoder(ds.schema, min_count=2, history_length=history_length).fit(ds, masks["train"], store)
     sp = S.stream_time_split(sd, utc_offset_hours=8.0, batch_rows=900)
-    enc = S.fit_encoder_stream(sd, sp, min_count=2, batch_rows=900, cross_window_days=window_days)
+    enc = S.fit_encoder_stream(sd, sp, min_count=2, batch_rows=900, cross_window_days=window_days,
+                               history_length=history_length)
+    assert enc.history_attrs_ == ref_enc.history_attrs_
+    assert enc.history_attrs_ == (["item_id", "tag", "author_id"] if history_length else [])
     assert enc.cross_names_ == ref_enc.cross_names_ == list(CrossFeatureStore.feature_names)
     np.testing.assert_allclose(enc.cross_mean_, ref_enc.cross_mean_, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(enc.cross_std_, ref_enc.cross_std_, rtol=1e-12, atol=1e-12)
@@ -295,6 +307,10 @@ def test_streaming_cross_fit_and_encoding_equal_in_memory(five_days, tmp_path, w
     # the cross columns carry information: standardised values are not all equal
     xcols = [j for j, s in enumerate(ref["test"].spec.num_sides) if s == "cross"]
     assert len(xcols) == 14 and np.ptp(got["test"].num[:, xcols], axis=0).min() > 0
+    hcols = ref["test"].spec.cat_index("history")
+    assert len(hcols) == 3 * history_length
+    if history_length:
+        assert (got["test"].cat[:, hcols[0]] > 0).mean() > 0.3  # most test rows have a coded history
 
 
 def test_cross_options_must_match_the_encoder(five_days, tmp_path):

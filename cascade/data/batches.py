@@ -24,6 +24,9 @@ class FeatureSpec:
 
     cat_names/cat_sides/cat_cardinality: one entry per column of ``cat``; cardinality counts the OOV index 0.
     num_names/num_sides: one entry per column of ``num``.
+    cat_shares: per column of ``cat``, the name of the column whose embedding table it reads ("" = its own;
+    empty tuple = every column its own). A history column ``hist_item_id_3`` holds codes of the ``item_id``
+    vocabulary and reads ``item_id``'s table, so a clicked item and a candidate item share one vector.
     """
 
     cat_names: tuple[str, ...] = ()
@@ -31,6 +34,7 @@ class FeatureSpec:
     cat_cardinality: tuple[int, ...] = ()
     num_names: tuple[str, ...] = ()
     num_sides: tuple[str, ...] = ()
+    cat_shares: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (len(self.cat_names) == len(self.cat_sides) == len(self.cat_cardinality)):
@@ -40,6 +44,20 @@ class FeatureSpec:
         for s in self.cat_sides + self.num_sides:
             if s not in SIDES:
                 raise ValueError(f"FeatureSpec: side {s!r} is not one of {SIDES}")
+        if self.cat_shares and not any(self.cat_shares):
+            object.__setattr__(self, "cat_shares", ())  # one spelling of "no column shares": equal specs compare equal
+        if self.cat_shares and len(self.cat_shares) != len(self.cat_names):
+            raise ValueError(f"FeatureSpec: cat_shares has {len(self.cat_shares)} entries for {len(self.cat_names)} "
+                             "categorical columns")
+        share = dict(zip(self.cat_names, self.cat_shares))
+        for name, src in share.items():
+            if src and (src == name or share.get(src)):
+                raise ValueError(f"FeatureSpec: column {name!r} reads the table of {src!r}, which is itself or "
+                                 "reads another's")
+
+    def table_of(self, j: int) -> str:
+        """The name of the embedding table categorical column j reads (its own name unless it shares)."""
+        return (self.cat_shares[j] if self.cat_shares else "") or self.cat_names[j]
 
     def cat_index(self, *sides: str) -> list[int]:
         """Column indices of ``cat`` whose side is in ``sides``, in column order."""
@@ -56,11 +74,12 @@ class FeatureSpec:
             tuple(self.cat_cardinality[j] for j in ci),
             tuple(self.num_names[j] for j in ni),
             tuple(self.num_sides[j] for j in ni),
+            tuple(self.cat_shares[j] for j in ci) if self.cat_shares else (),
         )
 
     def to_dict(self) -> dict:
         return {k: list(getattr(self, k)) for k in ("cat_names", "cat_sides", "cat_cardinality", "num_names",
-                                                    "num_sides")}
+                                                    "num_sides", "cat_shares")}
 
     @classmethod
     def from_dict(cls, d: dict) -> FeatureSpec:

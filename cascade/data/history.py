@@ -53,24 +53,30 @@ class EventHistory:
     def __len__(self) -> int:
         return len(self.user_code)
 
-    def before(self, user_ids: np.ndarray, t_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(lo, hi) int64 [B]: the user's events strictly before t are positions [lo, hi) (empty for new users)."""
+    def before(self, user_ids: np.ndarray, t_ms: np.ndarray,
+               window_ms: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(lo, hi) int64 [B]: the user's events strictly before t (and at or after t - window_ms when given) are
+        positions [lo, hi) (empty for new users)."""
         pos, known = self.users.find(np.asarray(user_ids, np.int64))
-        rank = np.searchsorted(self.times, np.asarray(t_ms, np.int64))  # events of time rank < rank are before t
+        t_ms = np.asarray(t_ms, np.int64)
+        rank = np.searchsorted(self.times, t_ms)  # events of time rank < rank are before t
         lo = np.where(known, self.start[pos], 0)
         hi = np.where(known, np.searchsorted(self.key, pos * self.stride + rank), 0)
-        return lo, hi
+        if window_ms is not None:  # events of time rank >= rank_lo are at or after t - W
+            rank_lo = np.searchsorted(self.times, t_ms - int(window_ms))
+            lo = np.maximum(lo, np.where(known, np.searchsorted(self.key, pos * self.stride + rank_lo), 0))
+        return lo, np.maximum(hi, lo)
 
     def recent(self, user_ids: np.ndarray, t_ms: np.ndarray, n: int, clicks_only: bool = True,
-               lookback: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               lookback: int | None = None, window_ms: int | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Each query's last ``n`` distinct items strictly before t, most recent first: (item ids int64 [B, n],
         their latest times int64 [B, n]; PAD / 0 where fewer). clicks_only: clicked events only. The items come
         from the last ``lookback`` events of the user (default 4 n; None of them clicked or all repeats leaves the
-        row short)."""
+        row short). window_ms: only events at or after t - window_ms."""
         if n < 1:
             raise ValueError(f"EventHistory.recent: n must be >= 1, got {n}")
         lookback = 4 * n if lookback is None else int(lookback)
-        lo, hi = self.before(user_ids, t_ms)
+        lo, hi = self.before(user_ids, t_ms, window_ms)
         pos = hi[:, None] - 1 - np.arange(max(lookback, n))[None, :]  # most recent first
         ok = pos >= lo[:, None]
         if len(self.item_id) == 0:
@@ -116,3 +122,15 @@ class EventHistory:
         j = np.searchsorted(self.pair_keys, pair)
         return float(np.mean(self.pair_first_ms[j] < self.time_ms[c]))
 
+
+
+def query_runs(user_ids: np.ndarray, t_ms: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Runs of consecutive equal (user, t) queries (a request's candidates share one): (first row of each run
+    int64 [R], run of each row int64 [N]). Answering the R runs and gathering by ``run`` gives every row's answer;
+    rows in any order stay correct (unordered rows only make more, shorter runs)."""
+    user_ids, t_ms = np.asarray(user_ids), np.asarray(t_ms)
+    n = len(user_ids)
+    start = np.ones(n, bool)
+    if n > 1:
+        start[1:] = (user_ids[1:] != user_ids[:-1]) | (t_ms[1:] != t_ms[:-1])
+    return np.flatnonzero(start), np.cumsum(start) - 1

@@ -10,8 +10,9 @@ tables, held in a :class:`Dataset`:
   (e.g. ``play_time_ms``, ``long_view``).
 
 A :class:`Schema` says for each feature its table, its kind (``categorical`` / ``numeric`` / ``sequence``) and
-its *side* (``user``, ``item``, ``context``, ``cross``, ``privileged``). Stage models pick their inputs by side:
-towers take user/context and item sides, the ranker adds ``cross``, a PFD teacher adds ``privileged``.
+its *side* (``user``, ``item``, ``context``, ``cross``, ``history``, ``privileged``). Stage models pick their inputs
+by side: towers take user/context and item sides, the ranker adds ``cross`` (and the teacher ``history``: the
+user's behaviour sequence, built by the feature encoder, never a table column), a PFD teacher adds ``privileged``.
 
 Validation is strict: a missing column, a wrong dtype, a NaN or duplicate id, or an impression that references
 an unknown user or item raises :class:`DataValidationError` naming the file, the column and an example value.
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
-SIDES = ("user", "item", "context", "cross", "privileged")
+SIDES = ("user", "item", "context", "cross", "history", "privileged")
 KINDS = ("categorical", "numeric", "sequence")
 TABLES = ("users", "items", "impressions", "cross")
 

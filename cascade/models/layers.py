@@ -24,7 +24,9 @@ class FeatureEmbedding(nn.Module):
 
     Categorical columns share ONE concatenated table with per-column offsets (one gather for all fields is
     faster than C small embedding calls). Index 0 of every column is OOV / padding; each column keeps its own
-    OOV row (offset + 0), so an unseen user and an unseen item do not share a vector.
+    OOV row (offset + 0), so an unseen user and an unseen item do not share a vector. A column that reads another
+    column's table (``spec.cat_shares``: the behaviour sequence's ``hist_item_id_j`` read ``item_id``) gets that
+    column's offset, not rows of its own; the shared table is there even when its column is not on ``sides``.
 
     numeric: "linear" turns numeric column j into a field vector x_j * v_j + b_j (the DeepFM way, so FM / cross
     layers see numerics as fields); "raw" passes the numerics through untouched as ``dense``.
@@ -54,15 +56,25 @@ class FeatureEmbedding(nn.Module):
         for name, c in zip(self.cat_names, cards):
             if c < 1:
                 raise ValueError(f"FeatureEmbedding: column {name!r} has cardinality {c} (needs >= 1, OOV included)")
-        offsets = [0]
-        for c in cards[:-1]:
-            offsets.append(offsets[-1] + c)
+        # one block of rows per table, in order of first use: a column's own, or the one it shares
+        self.table_names = tuple(dict.fromkeys(spec.table_of(j) for j in cat_idx))
+        table_card = {}
+        for j, c in zip(cat_idx, cards):
+            t = spec.table_of(j)
+            if table_card.setdefault(t, c) != c:
+                raise ValueError(f"FeatureEmbedding: column {spec.cat_names[j]!r} reads table {t!r} of cardinality "
+                                 f"{table_card[t]} but has cardinality {c}")
+        start, block = 0, {}
+        for t in self.table_names:
+            block[t] = start
+            start += table_card[t]
+        offsets = [block[spec.table_of(j)] for j in cat_idx]
         self.register_buffer("cat_idx", torch.tensor(cat_idx, dtype=torch.long), persistent=False)
         self.register_buffer("num_idx", torch.tensor(num_idx, dtype=torch.long), persistent=False)
         self.register_buffer("offsets", torch.tensor(offsets, dtype=torch.long), persistent=False)
         self.register_buffer("cards", torch.tensor(cards, dtype=torch.long), persistent=False)
         self._all_cat = list(cat_idx) == list(range(len(spec.cat_names)))  # every column: no gather needed
-        self.table = nn.Embedding(max(sum(cards), 1), emb_dim, sparse=sparse) if cat_idx else None
+        self.table = nn.Embedding(max(start, 1), emb_dim, sparse=sparse) if cat_idx else None
         if self.table is not None:
             nn.init.normal_(self.table.weight, std=init_std)
         n_num = len(num_idx)

@@ -1,4 +1,5 @@
-"""The fine-ranking model: DNN, DeepFM and DCN-V2 backbones over user + item + context + cross features.
+"""The fine-ranking model: DNN, DeepFM and DCN-V2 backbones over user + item + context + cross features, and the
+user's behaviour sequence through target attention.
 
 One class serves the teacher, the PFD teacher (``sides`` adds "privileged") and the cheap rank student
 (``RankerConfig(backbone="dnn", mlp=(64,), emb_dim=8)``). A model receives the FULL ``cat`` [B, C] / ``num``
@@ -7,6 +8,11 @@ One class serves the teacher, the PFD teacher (``sides`` adds "privileged") and 
 Parts (TorchRec style): an embedding part (:class:`FeatureEmbedding`, optionally shared with another model), an
 interaction part (FM or cross network), a dense part (MLP) and a one-unit output layer. ``forward_hidden``
 also returns the representation that feeds the output layer, for the hint loss.
+
+A model whose ``sides`` include "history" reads the behaviour sequence (the encoder's ``hist_<attr>_<j>`` columns)
+through a DIN block (:mod:`cascade.models.sequence`): the history fields do not enter the input x themselves; the
+candidate's own embeddings of the same attributes attend over them, and the pooled vector joins x as one more field
+per attribute, so the FM, the cross network and the MLP all read it.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from cascade.config import at_least, finite, require
 from cascade.data.batches import FeatureSpec
 from cascade.data.schema import SIDES
 from cascade.models.layers import MLP, NUMERIC_MODES, CrossNetV2, FactorizationMachine, FeatureEmbedding
+from cascade.models.sequence import TargetAttention
 
 BACKBONES = ("dnn", "deepfm", "dcnv2")
 CROSS_STRUCTURES = ("stacked", "parallel")
@@ -36,7 +43,8 @@ class RankerConfig:
     network stacked before the MLP,
     or in parallel with it; cross_rank=r uses low-rank cross weights). sides: which feature sides the model reads.
     numeric: "linear" (numerics become fields x_j * v_j + b_j) or "raw" (numerics concatenated to the MLP input).
-    sparse: sparse embedding gradients (pair with the "adagrad" optimizer).
+    sparse: sparse embedding gradients (pair with the "adagrad" optimizer). attention_mlp: hidden sizes of the
+    target-attention score MLP (used when ``sides`` has "history" and the spec has history columns).
     """
 
     backbone: str = "dnn"
@@ -50,11 +58,15 @@ class RankerConfig:
     sides: tuple[str, ...] = ("user", "item", "context", "cross")
     numeric: str = "linear"
     sparse: bool = False
+    attention_mlp: tuple[int, ...] = (32,)
 
     def __post_init__(self) -> None:
         # tuples, not lists, so the config stays hashable and equal after a JSON round trip
         object.__setattr__(self, "mlp", tuple(int(h) for h in self.mlp))
         object.__setattr__(self, "sides", tuple(self.sides))
+        object.__setattr__(self, "attention_mlp", tuple(int(h) for h in self.attention_mlp))
+        if not self.attention_mlp or min(self.attention_mlp) < 1:
+            raise ValueError(f"RankerConfig: attention_mlp {self.attention_mlp} must be sizes >= 1, at least one")
         if self.backbone not in BACKBONES:
             raise ValueError(f"RankerConfig: backbone {self.backbone!r} is not one of {BACKBONES}")
         if self.cross_structure not in CROSS_STRUCTURES:
@@ -73,7 +85,7 @@ class RankerConfig:
 
     def to_dict(self) -> dict:
         d = asdict(self)
-        d["mlp"], d["sides"] = list(self.mlp), list(self.sides)
+        d["mlp"], d["sides"], d["attention_mlp"] = list(self.mlp), list(self.sides), list(self.attention_mlp)
         return d
 
     @classmethod
@@ -95,6 +107,10 @@ class Ranker(nn.Module):
 
     forward(cat [B, C] int64, num [B, M] float32) -> logits [B];
     forward_hidden(cat, num) -> (logits [B], hidden [B, hidden_dim]).
+
+    With "history" in cfg.sides and history columns in the spec, ``attention`` is a :class:`TargetAttention` over
+    D = A * emb_dim (A attributes); it needs the "item" side (the candidate's attributes are the query). A history
+    position is padding where its first attribute (the item id) has code 0.
     """
 
     def __init__(self, spec: FeatureSpec, cfg: RankerConfig, embedding: FeatureEmbedding | None = None,
@@ -143,8 +159,10 @@ class Ranker(nn.Module):
             self.private[name] = emb
             private_slot.append((self.field_names.index(name), j))
         self._private_slot = tuple(private_slot)
+        self.attention = None
+        self._build_history(spec, cfg)
 
-        n_fields, d = len(field_pos), cfg.emb_dim
+        n_fields, d = len(self._flat_slots) + self.n_history_attrs, cfg.emb_dim
         in_dim = n_fields * d + len(dense_pos)
         if in_dim == 0:
             raise ValueError(f"Ranker: no input column on sides {cfg.sides}")
@@ -155,7 +173,10 @@ class Ranker(nn.Module):
         if cfg.backbone == "deepfm":
             self.fm = FactorizationMachine()
             # first-order term: a 1-d embedding per feature value (+ numeric weights); its own table, never shared
-            self.first_order = FeatureEmbedding(spec, cfg.sides, 1, numeric="linear", sparse=cfg.sparse)
+            # (the behaviour sequence enters through attention only: a first-order weight per clicked item would
+            # count the padding)
+            self.first_order = FeatureEmbedding(spec, [s for s in cfg.sides if s != "history"], 1, numeric="linear",
+                                                sparse=cfg.sparse)
         if cfg.backbone == "dcnv2":
             self.cross = CrossNetV2(in_dim, cfg.cross_layers, cfg.cross_rank)
         mlp_in = in_dim
@@ -163,6 +184,58 @@ class Ranker(nn.Module):
         parallel_cross = cfg.backbone == "dcnv2" and cfg.cross_structure == "parallel"
         self.hidden_dim = self.mlp.out_dim + (in_dim if parallel_cross else 0)
         self.out = nn.Linear(self.hidden_dim, 1)
+
+    def _build_history(self, spec: FeatureSpec, cfg: RankerConfig) -> None:
+        """Slots of the behaviour sequence among this model's fields, and the attention block (none without it).
+
+        ``_flat_slots``: the fields that enter x directly; ``_hist_slots`` [N * A]: the history fields in (position,
+        attribute) order, so that a view [B, N, A * d] holds one key per position; ``_query_slots`` [A]: the
+        candidate's fields of the same attributes; ``_mask_cols`` [N]: the spec columns of the first attribute."""
+        hist = [i for i, n in enumerate(self.field_names)
+                if n in spec.cat_names and spec.cat_sides[spec.cat_names.index(n)] == "history"]
+        self.n_history_attrs = 0
+        flat = [i for i in range(len(self.field_names)) if i not in set(hist)]
+        self.register_buffer("_flat_slots", torch.tensor(flat, dtype=torch.long), persistent=False)
+        self._all_flat = not hist
+        if "history" in cfg.sides and not hist:
+            raise ValueError("Ranker: sides name \"history\" but the spec has no history column (an encoder fitted "
+                             "with history_length = 0): the sequence option would do nothing")
+        if not hist:
+            return
+        cols = [spec.cat_names.index(self.field_names[i]) for i in hist]
+        attrs = list(dict.fromkeys(spec.table_of(j) for j in cols))
+        per_attr = {a: [i for i, j in zip(hist, cols) if spec.table_of(j) == a] for a in attrs}
+        n = len(per_attr[attrs[0]])
+        if any(len(v) != n for v in per_attr.values()):
+            raise ValueError(f"Ranker: history attributes {attrs} have different lengths "
+                             f"{[len(v) for v in per_attr.values()]}")
+        missing = [a for a in attrs if a not in self.field_names]
+        if missing:
+            raise ValueError(f"Ranker: the history side needs the candidate's own column(s) {missing} (the attention "
+                             f"query) among its fields; sides {cfg.sides}")
+        shared = sorted(set(attrs) & set(self.private_columns))
+        if shared:
+            raise ValueError(f"Ranker: private column(s) {shared} are read by the history columns too")
+        slots = [per_attr[a][j] for j in range(n) for a in attrs]  # (position, attribute) order
+        self.register_buffer("_hist_slots", torch.tensor(slots, dtype=torch.long), persistent=False)
+        self.register_buffer("_query_slots", torch.tensor([self.field_names.index(a) for a in attrs],
+                                                          dtype=torch.long), persistent=False)
+        mask_cols = [spec.cat_names.index(self.field_names[i]) for i in per_attr[attrs[0]]]
+        self.register_buffer("_mask_cols", torch.tensor(mask_cols, dtype=torch.long), persistent=False)
+        self.n_history_attrs, self.history_length = len(attrs), n
+        self.attention = TargetAttention(len(attrs) * cfg.emb_dim, cfg.attention_mlp)
+
+    def attend(self, cat: torch.Tensor, fields: torch.Tensor) -> torch.Tensor:
+        """This model's fields [B, F, d] -> the fields x is made of [B, F_flat + A, d]: the flat fields, then the
+        attention-pooled history, one field per attribute."""
+        if self.attention is None:
+            return fields
+        b, d = fields.shape[0], fields.shape[2]
+        keys = fields.index_select(1, self._hist_slots).reshape(b, self.history_length, -1)  # [B, N, A * d]
+        query = fields.index_select(1, self._query_slots).reshape(b, 1, -1)  # [B, 1, A * d]
+        mask = cat.index_select(1, self._mask_cols) != 0  # [B, N]
+        pooled = self.attention(query, keys, mask).view(b, self.n_history_attrs, d)
+        return torch.cat([fields.index_select(1, self._flat_slots), pooled], dim=1)
 
     def embed(self, cat: torch.Tensor, num: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """This model's inputs: (fields [B, F, d], dense [B, M_raw]) from the shared / own embedding."""
@@ -187,6 +260,7 @@ class Ranker(nn.Module):
                 codes = cat[:, col]
                 codes = torch.where((codes >= 0) & (codes < emb.num_embeddings), codes, torch.zeros_like(codes))
                 fields[:, slot] = emb(codes)
+        fields = self.attend(cat, fields)
         x = torch.cat([fields.flatten(1), dense], dim=1) if dense.shape[1] else fields.flatten(1)
         cfg = self.cfg
         if cfg.backbone == "dnn":
@@ -244,32 +318,42 @@ class Ranker(nn.Module):
                 and len(self.dense_pos) == 0 and not self.training)
 
     def _list_layout(self):
-        """(cat_pos, num_pos) of the request-level and of the pair-level fields in the embedding, and ``perm``: the
-        columns of ``x`` reordered as [request-level fields, pair-level fields]. Cached: it depends on the spec only."""
+        """(cat_pos, num_pos) of the request-level and of the pair-level fields in the embedding, ``perm``: the
+        columns of ``x`` reordered as [request-level fields, pair-level fields (the pooled history last)], the width
+        of the request-level part, and the embedding's cat positions of the history keys and of the attention query.
+        Cached: it depends on the spec only."""
         layout = getattr(self, "_layout", None)
         if layout is None or layout[0].device != self.field_pos.device:
             side_of = dict(zip(self.spec.cat_names, self.spec.cat_sides)) | dict(zip(self.spec.num_names,
                                                                                      self.spec.num_sides))
             emb, d = self.embedding, self.cfg.emb_dim
             n_cat = len(emb.cat_names)
-            groups = {True: ([], [], []), False: ([], [], [])}  # is request-level -> (cat_pos, num_pos, x columns)
-            for i, pos in enumerate(self.field_pos.tolist()):
-                g = groups[side_of[self.field_names[i]] in self.REQUEST_SIDES]
-                (g[0] if pos < n_cat else g[1]).append(pos if pos < n_cat else pos - n_cat)
-                g[2].append(i)
-            # embed_columns returns categorical fields first: order each group's x columns the same way
-            cols = []
-            for req in (True, False):
-                cat_pos, num_pos, fields_i = groups[req]
-                is_cat = [self.field_pos[i].item() < n_cat for i in fields_i]
-                ordered = [f for f, c in zip(fields_i, is_cat) if c] + [f for f, c in zip(fields_i, is_cat) if not c]
-                cols += [f * d + k for f in ordered for k in range(d)]
+            field_pos = self.field_pos.tolist()
+            flat = self._flat_slots.tolist()
+            # is request-level -> (cat_pos, num_pos, x fields of cat columns, x fields of numeric columns)
+            groups = {True: ([], [], [], []), False: ([], [], [], [])}
+            for xi, slot in enumerate(flat):
+                pos = field_pos[slot]
+                g = groups[side_of[self.field_names[slot]] in self.REQUEST_SIDES]
+                if pos < n_cat:
+                    g[0].append(pos)
+                    g[2].append(xi)
+                else:
+                    g[1].append(pos - n_cat)
+                    g[3].append(xi)
+            # embed_columns returns categorical fields first: order each group's x columns the same way; the pooled
+            # history fields (x fields after the flat ones) are pair-level, appended after the embedded ones
+            pooled = list(range(len(flat), len(flat) + self.n_history_attrs))
+            ordered = groups[True][2] + groups[True][3] + groups[False][2] + groups[False][3] + pooled
+            cols = [f * d + k for f in ordered for k in range(d)]
+            hist = [field_pos[i] for i in self._hist_slots.tolist()] if self.attention is not None else []
+            query = [field_pos[i] for i in self._query_slots.tolist()] if self.attention is not None else []
             with torch.inference_mode(False):  # normal tensors: the cache outlives the first call's mode
                 def t(v):
                     return torch.tensor(v, dtype=torch.long, device=self.field_pos.device)
 
                 self._layout = (t(groups[True][0]), t(groups[True][1]), t(groups[False][0]), t(groups[False][1]),
-                                t(cols), len(groups[True][2]) * d)
+                                t(cols), (len(groups[True][2]) + len(groups[True][3])) * d, t(hist), t(query))
         return self._layout
 
     def forward_lists(self, cat: torch.Tensor, num: torch.Tensor, list_len: int) -> torch.Tensor:
@@ -281,7 +365,9 @@ class Ranker(nn.Module):
         request, and their share of the first linear maps (the first cross layer's projection; the MLP's first
         layer where it reads the embeddings: DNN, parallel DCN-V2) is computed once per request and broadcast
         over the list; only item, cross and privileged
-        fields are embedded and multiplied per (request, candidate) pair. Needs eval mode; a model that
+        fields are embedded and multiplied per (request, candidate) pair. The behaviour sequence (request-level)
+        is embedded once per request and its keys' share of the attention MLP computed once per position; only the
+        candidate's query and the pooled vector are per pair. Needs eval mode; a model that
         :meth:`supports_lists` does not cover is scored by ``forward``.
         """
         n = cat.shape[0]
@@ -290,7 +376,7 @@ class Ranker(nn.Module):
         if not self.supports_lists():
             return self.forward(cat, num)
         r = n // list_len
-        rc, rn, pc, pn, perm, dr = self._list_layout()
+        rc, rn, pc, pn, perm, dr, hc, qc = self._list_layout()
         cache = self.__dict__.setdefault("_perm_cache", {})
         grad = torch.is_grad_enabled()
 
@@ -310,6 +396,13 @@ class Ranker(nn.Module):
             return out
         x_req = self.embedding.embed_columns(cat[::list_len], num[::list_len], rc, rn).flatten(1)  # [R, Dr]
         x_pair = self.embedding.embed_columns(cat, num, pc, pn).flatten(1)  # [N, Dp]
+        if self.attention is not None:
+            none = hc[:0]
+            req_cat = cat[::list_len]
+            keys = self.embedding.embed_columns(req_cat, num[::list_len], hc, none).reshape(r, self.history_length, -1)
+            query = self.embedding.embed_columns(cat, num, qc, none).reshape(r, list_len, -1)
+            pooled = self.attention(query, keys, req_cat.index_select(1, self._mask_cols) != 0)  # [R, L, A * d]
+            x_pair = torch.cat([x_pair, pooled.reshape(n, -1)], dim=1)
 
         def first_linear(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
             """w [H, in_dim] (columns already permuted) applied to [x_req, x_pair] -> [N, H] without building x."""

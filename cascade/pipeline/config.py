@@ -212,8 +212,15 @@ class EntireSpaceSection:
 
 @dataclass(frozen=True)
 class TeacherSection:
+    """sequence_length: N > 0 gives the teacher the user's behaviour sequence: the last N distinct items the user
+    clicked in the cross-feature window strictly before the request (item id, and the cross tag / author columns
+    where they are categorical item features), read through DIN target attention (cascade/models/sequence.py;
+    model.attention_mlp: its score MLP). 0: no sequence. The data step builds the sequences' columns; the teacher's
+    model reads side "history" exactly when N > 0 (:attr:`ranker`)."""
+
     model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
                                                                      cross_layers=2, cross_rank=32))
+    sequence_length: int = 0
     train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=1, batch_size=4096))
     entire_space: EntireSpaceSection = field(default_factory=EntireSpaceSection)
     lightgbm: bool = True
@@ -221,9 +228,39 @@ class TeacherSection:
     lightgbm_max_rows: int | None = 300_000  # the most recent train rows (GBDT cost grows with rows x features)
 
     def __post_init__(self) -> None:
+        require(self, "sequence_length", self.sequence_length == 0 or at_least(self.sequence_length, 1),
+                "must be an integer >= 0 (0: no behaviour sequence)")
+        require(self, "model", "history" not in self.model.sides,
+                "sides must not name \"history\": set teacher.sequence_length = N instead (the teacher then reads "
+                "the sequence)")
         require(self, "lightgbm_trees", at_least(self.lightgbm_trees, 1), "must be an integer >= 1")
         require(self, "lightgbm_max_rows", self.lightgbm_max_rows is None or at_least(self.lightgbm_max_rows, 1),
                 "must be an integer >= 1 or None (all train rows)")
+
+    @property
+    def ranker(self) -> RankerConfig:
+        """The teacher's model config: ``model``, reading side "history" when sequence_length > 0."""
+        if not self.sequence_length:
+            return self.model
+        return dataclasses.replace(self.model, sides=(*self.model.sides, "history"))
+
+
+@dataclass(frozen=True)
+class DataStepConfig(DataSection):
+    """The data step's config when the teacher reads a behaviour sequence: ``data`` and the sequence length the
+    step builds columns for (:func:`data_step_config`)."""
+
+    sequence_length: int = 0
+
+
+def data_step_config(cfg: PipelineConfig) -> DataSection:
+    """The data step's config slice: ``data``, plus teacher.sequence_length when it is > 0 (a run without a sequence
+    keeps the slice, and so the data step, it had before sequences existed)."""
+    n = cfg.teacher.sequence_length
+    if not n:
+        return cfg.data
+    return DataStepConfig(**{f.name: getattr(cfg.data, f.name) for f in dataclasses.fields(cfg.data)},
+                          sequence_length=n)
 
 
 @dataclass(frozen=True)
@@ -475,6 +512,12 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         """Checks across sections (each section checked its own values)."""
+        if self.teacher.sequence_length and not self.data.cross_features:
+            raise ConfigError(f"teacher.sequence_length = {self.teacher.sequence_length} needs data.cross_features = "
+                              "true (the cross-feature store answers the behaviour sequences, in its window)")
+        if "history" in self.students.rank_student.sides and not self.teacher.sequence_length:
+            raise ConfigError("students.rank_student.sides names \"history\" but teacher.sequence_length = 0: no "
+                              "behaviour sequence is built; set teacher.sequence_length = N")
         if self.index.factory is not None:
             try:
                 parse_factory(self.index.factory, self.students.tower.out_dim)

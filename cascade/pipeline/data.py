@@ -15,11 +15,11 @@ from ..data.features import CrossFeatureStore, FeatureEncoder, build_encoded
 from ..data.history import EventHistory
 from ..data.leakage import check_leakage
 from ..data.requests import request_start_ms
-from ..data.schema import DataValidationError
+from ..data.schema import SIDES, DataValidationError
 from ..data.split import quantile_split_days, time_split
 from ..data.world import generate_world
 from ..run_data import SPLIT_CODES
-from .config import DataSection
+from .config import DataSection, DataStepConfig
 from .judge import decide_filter_seen
 from .runner import StepContext, StepResult
 
@@ -95,7 +95,10 @@ def run(ctx: StepContext) -> StepResult:
     masks = time_split(ds, valid_days=valid_days, test_days=test_days, utc_offset_hours=utc_offset)
     check_leakage(ds, masks["train"])
     cross = cross_store(c, ds)
-    enc = FeatureEncoder(ds.schema, min_count=c.min_count, numeric=c.numeric).fit(ds, masks["train"], cross)
+    # the teacher's behaviour sequence (teacher.sequence_length, carried by the step's config: DataStepConfig)
+    n_seq = c.sequence_length if isinstance(c, DataStepConfig) else 0
+    enc = FeatureEncoder(ds.schema, min_count=c.min_count, numeric=c.numeric,
+                         history_length=n_seq).fit(ds, masks["train"], cross)
     enc.save(ctx.out / "encoder")
     tables = build_encoded(ds, masks, enc, cross, privileged=True)
     outputs = []
@@ -139,8 +142,8 @@ def run(ctx: StepContext) -> StepResult:
                # share of train clicks on an item the same user had been shown before: re-consumption
                "repeat_click_share": repeat_share,
                "filter_seen": {"applied": applied, "why": why},
-               "sides": {s: len(spec.cat_index(s)) + len(spec.num_index(s)) for s in ("user", "item", "context",
-                                                                                      "cross", "privileged")}}
+               "sides": {s: len(spec.cat_index(s)) + len(spec.num_index(s)) for s in SIDES},
+               "history_attributes": enc.history_attrs_}
     A.write_json(ctx.out / "summary.json", {"summary": summary, "splits": splits})
     outputs.append("summary.json")
     metrics = {"summary": summary, "splits": splits}

@@ -18,7 +18,7 @@ from ..config import ABSENT, ConfigError, config_diff, config_get, format_diff, 
 from ..run_lock import folder_lock
 from . import channels, data, index, ranklog, replay, report, students, teacher
 from .checks import check_against_data
-from .config import NOT_COMPARED, PipelineConfig, with_run_device
+from .config import NOT_COMPARED, PipelineConfig, data_step_config, with_run_device
 from .runner import Step, run_steps
 from .tracking import Trackers
 
@@ -29,7 +29,7 @@ def students_slice(c: PipelineConfig) -> dict:
 
 
 STEPS = [
-    Step("data", (), lambda c: c.data, data.run, external=lambda c: data.input_fingerprint(c.data),
+    Step("data", (), data_step_config, data.run, external=lambda c: data.input_fingerprint(c.data),
          after=check_against_data),
     Step("channels", ("data",), lambda c: c.channels, channels.run),
     Step("teacher", ("data",), lambda c: c.teacher, teacher.run),

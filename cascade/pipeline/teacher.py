@@ -33,7 +33,7 @@ def run(ctx: StepContext) -> StepResult:
     es = c.entire_space
     metrics = {}
     if es.enabled:
-        model = EntireSpaceRanker(train.spec, c.model, seed=ctx.seed)
+        model = EntireSpaceRanker(train.spec, c.ranker, seed=ctx.seed)
         rng = np.random.default_rng(ctx.seed)
         table = entire_space_table(data, "train", es.unshown_per_shown, es.popularity_share, rng)
         res = fit(model, table, valid, tcfg, loss_fn=entire_space_loss(es.w_exposure), label="teacher")
@@ -43,13 +43,13 @@ def run(ctx: StepContext) -> StepResult:
                                               es.select_k, judge.seen)
         metrics["entire_space"] = {"exposure_weight": choice, "grid": grid, "judge": judge.what,
                                    "train_rows": {"shown": int(len(train)), "unshown": int(len(table) - len(train))}}
-        name = f"teacher ({c.model.backbone}, entire space: exposure weight {choice:g})"
+        name = f"teacher ({c.ranker.backbone}, entire space: exposure weight {choice:g})"
     else:
-        model = Ranker(train.spec, c.model)
+        model = Ranker(train.spec, c.ranker)
         res = fit(model, train, valid, tcfg, label="teacher")
-        name = f"teacher ({c.model.backbone})"
+        name = f"teacher ({c.ranker.backbone})"
     model.cpu().eval()
-    outputs = save_ranker(model, c.model, ctx.out / "teacher")
+    outputs = save_ranker(model, c.ranker, ctx.out / "teacher")
     A.write_json(ctx.out / "history.json", res.history)  # per evaluation: train loss terms, valid metrics
     outputs.append("history.json")
     rows = [model_row(name, "teacher", model, evaluate(model, test), train.spec)]

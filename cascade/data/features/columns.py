@@ -108,5 +108,6 @@ def float_values(s: pd.Series, source: str, name: str) -> np.ndarray:
 
 
 def concat_specs(*specs: FeatureSpec) -> FeatureSpec:
+    shares = sum((s.cat_shares or ("",) * len(s.cat_names) for s in specs), ())
     return FeatureSpec(*(sum((getattr(s, k) for s in specs), ()) for k in
-                         ("cat_names", "cat_sides", "cat_cardinality", "num_names", "num_sides")))
+                         ("cat_names", "cat_sides", "cat_cardinality", "num_names", "num_sides")), shares)

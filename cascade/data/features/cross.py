@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from ..history import EventHistory, query_runs
 from ..ids import IdIndex
 from ..requests import request_start_ms
 from ..split import DAY_MS
@@ -71,6 +72,10 @@ class CrossFeatureStore:
     (items without tags or authors): the instance's ``feature_names`` then lack its two features. Fit on the whole
     impression history; features of an impression row use its request's start time (:meth:`query_impressions`),
     so no event of the same request can leak.
+
+    :meth:`history` answers the behaviour sequence of (u, t) from the same events and window: u's last ``n``
+    distinct CLICKED items with ``t - W <= time_ms < t``, most recent first (the items of u's last 4 n clicks in
+    the window, de-duplicated, so a row is short only when those repeat a lot or there are fewer clicks).
     """
 
     #: every feature, in the order of the encoded columns (an instance may leave out the tag / author family)
@@ -135,6 +140,8 @@ class CrossFeatureStore:
         self.item_ = _History(item_row, rank, click, stride)
         self.user_ = _History(ucode, rank, click, stride)
         self.user_item_ = _History(ucode * max(len(self.item_ids_), 1) + item_row, rank, click, stride)
+        c = click > 0
+        self.clicks_ = EventHistory(user[c], impressions["item_id"].to_numpy(np.int64)[c], t[c])
         log.info("CrossFeatureStore fitted on %d events (%d users, %d items)", len(t), len(self.users_),
                  len(self.item_ids_))
         return self
@@ -211,6 +218,23 @@ class CrossFeatureStore:
             "item_recent_clicks": ir_c.astype(f32), "item_recent_exposures": ir_e.astype(f32),
         }
         return {n: out[n] for n in self.feature_names}
+
+    def history(self, user_ids: np.ndarray, t_ms: np.ndarray, n: int) -> np.ndarray:
+        """Each (user_ids[b], t_ms[b])'s last ``n`` distinct clicked item ids in [t - W, t), most recent first:
+        int64 [B, n], PAD where fewer. Consecutive equal queries (a request's candidates) are answered once."""
+        if not hasattr(self, "clicks_"):
+            raise RuntimeError("CrossFeatureStore is not fitted: call fit()")
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        t_ms = np.broadcast_to(np.asarray(t_ms, dtype=np.int64), user_ids.shape)
+        first, run = query_runs(user_ids, t_ms)
+        items, _ = self.clicks_.recent(user_ids[first], t_ms[first], n, clicks_only=False,
+                                       window_ms=int(round(self.window_days * DAY_MS)))
+        return items[run]
+
+    def query_with_history(self, user_ids: np.ndarray, item_ids: np.ndarray, t_ms: np.ndarray,
+                           n: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """(:meth:`query`, :meth:`history` with ``n``) of the same rows in one call."""
+        return self.query(user_ids, item_ids, t_ms), self.history(user_ids, t_ms, n)
 
     def query_impressions(self, impressions: pd.DataFrame) -> dict[str, np.ndarray]:
         """Cross features of impression rows at their request's START time (all items of a request alike)."""

@@ -17,7 +17,15 @@ from ..ids import IdIndex
 from ..requests import request_start_ms
 from ..schema import Dataset, DataValidationError, Schema
 from .columns import NUMERIC_MODES, cat_keys, column, concat_specs, float_values, scale, vocab_lookup
-from .fit import TrainValues, check_cross_names, encoded_features, fit_categorical, fit_numeric
+from .fit import (
+    TrainValues,
+    check_cross_names,
+    encoded_features,
+    fit_categorical,
+    fit_numeric,
+    history_attributes,
+    history_names,
+)
 
 if TYPE_CHECKING:
     from .cross import CrossFeatureStore
@@ -40,14 +48,23 @@ class FeatureEncoder:
     Learned attributes (after :meth:`fit`): ``columns_`` (per-column metadata, JSON-able), ``vocab_`` (column
     name -> sorted vocabulary array; index i of the vocabulary encodes as i + 1), ``edges_`` (column name ->
     quantile edges), ``cross_names_``, ``cross_mean_``, ``cross_std_`` (log1p-standardisation of the cross
-    features on the train rows).
+    features on the train rows), ``history_attrs_`` (the item attributes of the behaviour sequence).
+
+    history_length: N > 0 adds the user's behaviour sequence (side "history"): for each attribute of
+    ``history_attrs_`` (``item_id``, then the cross features' tag and author columns where they are categorical
+    item features) N categorical columns ``hist_<attr>_<j>`` holding the j-th most recent clicked item's value,
+    coded with the attribute's own vocabulary (padding and unknown values: OOV 0); they read the attribute's
+    embedding table (``FeatureSpec.cat_shares``). The items come from the cross-feature store
+    (:meth:`CrossFeatureStore.history`), so a fit with history needs the store.
     """
 
-    def __init__(self, schema: Schema, min_count: int = 1, numeric: str = "log_standardize", n_buckets: int = 32):
+    def __init__(self, schema: Schema, min_count: int = 1, numeric: str = "log_standardize", n_buckets: int = 32,
+                 history_length: int = 0):
         self.schema = schema
         self.min_count = min_count
         self.numeric = numeric
         self.n_buckets = n_buckets
+        self.history_length = history_length
 
     # ---- fitting ---------------------------------------------------------------------------------------------
 
@@ -59,6 +76,8 @@ class FeatureEncoder:
             raise ValueError(f"FeatureEncoder: min_count must be >= 1, got {self.min_count}")
         if self.n_buckets < 2:
             raise ValueError(f"FeatureEncoder: n_buckets must be >= 2, got {self.n_buckets}")
+        if self.history_length < 0:
+            raise ValueError(f"FeatureEncoder: history_length must be >= 0, got {self.history_length}")
 
     def fit(self, dataset: Dataset, train_mask: np.ndarray,
             cross_store: CrossFeatureStore | None = None) -> FeatureEncoder:
@@ -66,9 +85,13 @@ class FeatureEncoder:
 
         User and item columns are read from the user / item rows of the train impressions (one row per train
         exposure). ``cross_store``, when given, is queried for the train rows at their request start time to
-        fit the cross features' log1p-standardisation.
+        fit the cross features' log1p-standardisation; it also names the tag and author columns of the behaviour
+        sequence (needed when history_length > 0).
         """
         self.check_args()
+        if self.history_length and cross_store is None:
+            raise ValueError("FeatureEncoder.fit: history_length > 0 needs the cross-feature store (it answers the "
+                             "behaviour sequences)")
         imp = dataset.impressions
         mask = np.asarray(train_mask)
         train = imp.iloc[np.flatnonzero(mask) if mask.dtype == bool else mask]
@@ -107,12 +130,20 @@ class FeatureEncoder:
             q = cross_store.query(train["user_id"].to_numpy(), train["item_id"].to_numpy(), starts)
             x = np.log1p(np.stack([q[n].astype(np.float64) for n in cross_store.feature_names], axis=1))
             cross = (cross_store.feature_names, x.mean(axis=0), x.std(axis=0))
-        return self.set_fitted(columns, vocab, edges, cross)
+        history = None if cross_store is None else tuple(c for c in (cross_store.tag_column,
+                                                                     cross_store.author_column) if c)
+        return self.set_fitted(columns, vocab, edges, cross, history)
 
     def set_fitted(self, columns: list[dict], vocab: dict, edges: dict,
-                   cross: tuple[Any, np.ndarray, np.ndarray] | None) -> FeatureEncoder:
-        """Store what a fit learned: column metadata, vocabularies, quantile edges and the cross features'
-        (names, mean [K], std [K]) of log1p (None: no cross features); std is guarded as every scale is."""
+                   cross: tuple[Any, np.ndarray, np.ndarray] | None,
+                   history_columns: tuple[str, ...] | None = None) -> FeatureEncoder:
+        """Store what a fit learned: column metadata, vocabularies, quantile edges, the cross features'
+        (names, mean [K], std [K]) of log1p (None: no cross features; std is guarded as every scale is) and the
+        behaviour sequence's attributes from the candidate item columns ``history_columns`` (tag, author)."""
+        self.history_attrs_ = history_attributes(columns, history_columns or (), self.history_length)
+        clash = set(history_names(self.history_attrs_, self.history_length)) & set(self.schema.names)
+        if clash:
+            raise ValueError(f"FeatureEncoder: history column name(s) {sorted(clash)} clash with schema features")
         self.columns_, self.vocab_, self.edges_ = columns, vocab, edges
         self.cross_names_: list[str] = []
         self.cross_mean_ = np.zeros(0)
@@ -120,7 +151,8 @@ class FeatureEncoder:
         if cross is not None:
             names, mean, std = cross
             self.cross_names_, self.cross_mean_, self.cross_std_ = list(names), mean, scale(std)
-        log.info("FeatureEncoder fitted: %d columns, %d cross features", len(columns), len(self.cross_names_))
+        log.info("FeatureEncoder fitted: %d columns, %d cross features, behaviour sequence of %d x %s", len(columns),
+                 len(self.cross_names_), self.history_length, self.history_attrs_)
         return self
 
     # ---- encoding --------------------------------------------------------------------------------------------
@@ -221,9 +253,18 @@ class FeatureEncoder:
         self._fitted()
         return FeatureSpec(num_names=tuple(self.cross_names_), num_sides=("cross",) * len(self.cross_names_))
 
+    def history_spec(self) -> FeatureSpec:
+        """The behaviour sequence's columns (attribute-major), each reading its attribute's table."""
+        self._fitted()
+        names = history_names(self.history_attrs_, self.history_length)
+        card = {c["name"]: c["cardinality"] for c in self.columns_ if c["out"] == "cat"}
+        attrs = [a for a in self.history_attrs_ for _ in range(self.history_length)]
+        return FeatureSpec(tuple(names), ("history",) * len(names), tuple(card[a] for a in attrs),
+                           cat_shares=tuple(attrs))
+
     def spec(self, privileged: bool = True) -> FeatureSpec:
-        """Combined layout: user, item, context, cross, then (if ``privileged``) privileged columns."""
-        parts = [self.user_spec(), self.item_spec(), self.context_spec(), self.cross_spec()]
+        """Combined layout: user, item, context, cross, history, then (if ``privileged``) privileged columns."""
+        parts = [self.user_spec(), self.item_spec(), self.context_spec(), self.cross_spec(), self.history_spec()]
         if privileged:
             parts.append(self.privileged_spec())
         return concat_specs(*parts)
@@ -243,9 +284,11 @@ class FeatureEncoder:
         meta = {
             "format": 1,
             "schema": self.schema.to_dict(),
-            "params": {"min_count": self.min_count, "numeric": self.numeric, "n_buckets": self.n_buckets},
+            "params": {"min_count": self.min_count, "numeric": self.numeric, "n_buckets": self.n_buckets,
+                       "history_length": self.history_length},
             "columns": self.columns_,
             "cross_names": self.cross_names_,
+            "history_attrs": self.history_attrs_,
             "npz_sha256": sha256_file(d / ENCODER_NPZ),
         }
         write_json(d / ENCODER_JSON, meta)
@@ -267,6 +310,7 @@ class FeatureEncoder:
         enc.vocab_ = {k[len("vocab__"):]: v for k, v in arrays.items() if k.startswith("vocab__")}
         enc.edges_ = {k[len("edges__"):]: v for k, v in arrays.items() if k.startswith("edges__")}
         enc.cross_names_ = list(meta["cross_names"])
+        enc.history_attrs_ = list(meta.get("history_attrs", []))
         enc.cross_mean_ = arrays["cross_mean"]
         enc.cross_std_ = arrays["cross_std"]
         return enc

@@ -153,6 +153,37 @@ def encoded_features(schema: Schema) -> list[tuple[Feature, str]]:
     return out
 
 
+HISTORY_PREFIX = "hist_"
+
+
+def history_attributes(columns: list[dict], candidates, history_length: int) -> list[str]:
+    """The item attributes of a behaviour sequence: ``item_id``, then each of ``candidates`` (the cross features'
+    tag and author columns) that is a categorical item column, each once. Empty when history_length is 0. A history
+    without the item id itself raises; a candidate that is not a categorical item column is left out (logged)."""
+    if history_length < 0:
+        raise ValueError(f"FeatureEncoder: history_length must be >= 0, got {history_length}")
+    if history_length == 0:
+        return []
+    cat_items = [c["name"] for c in columns if c["part"] == "item" and c["kind"] == "categorical"]
+    if "item_id" not in cat_items:
+        raise ValueError("FeatureEncoder: behaviour sequences (history_length > 0) need 'item_id' as a categorical "
+                         f"item feature; the categorical item features are {cat_items}")
+    attrs = ["item_id"]
+    for name in candidates:
+        if name in attrs:
+            continue
+        if name in cat_items:
+            attrs.append(name)
+        else:
+            log.info("FeatureEncoder: the behaviour sequence leaves out %r (not a categorical item feature)", name)
+    return attrs
+
+
+def history_names(attrs, history_length: int) -> list[str]:
+    """Column names of a behaviour sequence, attribute-major: hist_<attr>_<j>, j = 0 the most recent."""
+    return [f"{HISTORY_PREFIX}{a}_{j}" for a in attrs for j in range(history_length)]
+
+
 def check_cross_names(schema: Schema, names) -> None:
     clash = set(names) & set(schema.names)
     if clash:

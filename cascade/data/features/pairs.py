@@ -1,5 +1,5 @@
 """Encoded tables of a dataset's splits and feature rows of arbitrary (user, item, time, context) pairs, in one
-column layout: user, item, context, cross, privileged."""
+column layout: user, item, context, cross, history, privileged."""
 
 from __future__ import annotations
 
@@ -10,7 +10,9 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from ..batches import EncodedTable
+from ...arrays import PAD
+from ..batches import OOV, EncodedTable
+from ..history import query_runs
 from ..ids import IdIndex
 from ..requests import request_start_ms
 from ..schema import Dataset, DataValidationError
@@ -24,7 +26,10 @@ class PairEncoder:
     """Feature rows for arbitrary (user, item, time, context) pairs, in the impressions' column layout minus
     the privileged columns. Encodes the user and item tables once; each call is a few gathers.
 
-    users / items: the side tables (every user / item a query may name must be in them).
+    users / items: the side tables (every user / item a query may name must be in them). The behaviour sequence
+    (encoder.history_length > 0) comes from ``cross_store.history`` at the row's time and is coded by gathering
+    the encoded item rows of the clicked items: training rows, rank-log pairs and served requests all take this one
+    path.
     """
 
     def __init__(self, encoder: FeatureEncoder, cross_store: CrossFeatureStore | None,
@@ -34,6 +39,9 @@ class PairEncoder:
             raise ValueError("PairEncoder: the encoder was fitted "
                              + ("with" if encoder.cross_names_ else "without")
                              + " cross features but cross_store is " + ("None" if cross_store is None else "given"))
+        if encoder.history_length and cross_store is None:
+            raise ValueError("PairEncoder: the encoder has behaviour sequences (history_length > 0) but no "
+                             "cross-feature store answers them")
         self.encoder, self.cross_store = encoder, cross_store
         uid = users["user_id"].to_numpy(np.int64)
         iid = items["item_id"].to_numpy(np.int64)
@@ -46,6 +54,19 @@ class PairEncoder:
         self.user_cat_, self.user_num_ = ucat[uo], unum[uo]
         self.item_cat_, self.item_num_ = icat[io], inum[io]
         self.spec = encoder.spec(privileged=False)
+        item_cat_names = encoder.item_spec().cat_names
+        self.history_length = encoder.history_length
+        # the item table's codes of each history attribute, one column per attribute: int64 [I, A]
+        self.history_codes_ = self.item_cat_[:, [item_cat_names.index(a) for a in encoder.history_attrs_]]
+
+    def history_codes(self, items: np.ndarray) -> np.ndarray:
+        """Codes of history item ids int64 [R, N] (PAD where empty) -> int64 [R, A * N], attribute-major as the
+        history columns; PAD and items unknown to the item table give OOV 0 in every attribute."""
+        r, n = items.shape
+        pos, found = self._item_index.find(items)
+        found &= items != PAD
+        codes = np.where(found[:, :, None], self.history_codes_[pos], OOV)  # [R, N, A]
+        return np.ascontiguousarray(codes.transpose(0, 2, 1)).reshape(r, -1)
 
     def encode_pairs(self, user_ids: np.ndarray, item_ids: np.ndarray, t_ms: np.ndarray | int,
                      context: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
@@ -73,12 +94,16 @@ class PairEncoder:
                     raise ValueError(f"encode_pairs: context {c['name']!r} has shape {v.shape}, expected ({n},)")
                 ctx[c["name"]] = v
         ccat, cnum = self.encoder.encode_context(pd.DataFrame(ctx, index=np.arange(n)))
-        if self.cross_store is not None:
-            xnum = self.encoder.encode_cross(self.cross_store.query(user_ids, item_ids,
-                                                                    np.broadcast_to(np.asarray(t_ms, np.int64), (n,))))
-        else:
-            xnum = np.zeros((n, 0), np.float32)
-        cat = np.concatenate([self.user_cat_[upos], self.item_cat_[ipos], ccat], axis=1)
+        t_ms = np.broadcast_to(np.asarray(t_ms, np.int64), (n,))
+        hcat = np.zeros((n, 0), np.int64)
+        if self.cross_store is not None and self.history_length:
+            cross, hist = self.cross_store.query_with_history(user_ids, item_ids, t_ms, self.history_length)
+            first, run = query_runs(user_ids, t_ms)  # code each request's sequence once
+            hcat = self.history_codes(hist[first])[run]
+        elif self.cross_store is not None:
+            cross = self.cross_store.query(user_ids, item_ids, t_ms)
+        xnum = self.encoder.encode_cross(cross) if self.cross_store is not None else np.zeros((n, 0), np.float32)
+        cat = np.concatenate([self.user_cat_[upos], self.item_cat_[ipos], ccat, hcat], axis=1)
         num = np.concatenate([self.user_num_[upos], self.item_num_[ipos], cnum, xnum], axis=1)
         return cat, num
 
@@ -87,7 +112,7 @@ def build_encoded(dataset: Dataset, masks: Mapping[str, np.ndarray], encoder: Fe
                   cross_store: CrossFeatureStore | None, privileged: bool = True) -> dict[str, EncodedTable]:
     """One :class:`EncodedTable` per split of ``masks`` (bool [N] over ``dataset.impressions``).
 
-    Columns: user, item, context, cross (at each row's request start time), then privileged columns if
+    Columns: user, item, context, cross and history (at each row's request start time), then privileged columns if
     ``privileged``. label = click (float32). extra: ``position`` (int64) and the raw privileged columns
     (float32, NaN kept) when ``privileged``.
     """

@@ -1,10 +1,12 @@
-"""Cross features of streamed rows from a windowed store refitted per time chunk (bit-equal to the whole table's)."""
+"""Cross features and behaviour sequences of streamed rows from a windowed store refitted per time chunk (bit-equal
+to the whole table's)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pandas as pd
 
+from ...arrays import PAD
 from ..features import CrossFeatureStore
 from ..schema import DataValidationError
 from ..split import DAY_MS
@@ -12,13 +14,15 @@ from .dataset import StreamDataset, scan
 
 
 class WindowedCrossFeatures:
-    """Cross features of streamed impression rows, equal to a :class:`CrossFeatureStore` fitted on the whole table.
+    """Cross features (and behaviour sequences) of streamed impression rows, equal to a :class:`CrossFeatureStore`
+    fitted on the whole table.
 
-    Call :meth:`query` with the rows in dataset order (request start times non-decreasing from call to call; within
-    a call any order). The events come from a second scan of ``sd`` that reads ahead only as far as the queried
-    times need; for each chunk of ``chunk_days`` (chunk k = [k, k + 1) * chunk_days since the epoch) a store is
-    fitted on the buffered events of [chunk start - W, chunk end), W = ``window_days``. ``max_events_`` is the
-    largest number of events buffered at once (the memory bound, for benchmarks).
+    Call :meth:`query` (or :meth:`query_with_history`, :meth:`history`) with the rows in dataset order (request
+    start times non-decreasing from call to call; within a call any order). The events come from a second scan of
+    ``sd`` that reads ahead only as far as the queried times need; for each chunk of ``chunk_days`` (chunk k =
+    [k, k + 1) * chunk_days since the epoch) a store is fitted on the buffered events of [chunk start - W, chunk
+    end), W = ``window_days``. ``max_events_`` is the largest number of events buffered at once (the memory bound,
+    for benchmarks).
     """
 
     feature_names = CrossFeatureStore.feature_names
@@ -91,32 +95,65 @@ class WindowedCrossFeatures:
         self._chunk = chunk
         self.n_fits_ += 1
 
-    def query(self, user_ids: np.ndarray, item_ids: np.ndarray, t_ms: np.ndarray) -> dict[str, np.ndarray]:
-        """Cross features of (user_ids[n], item_ids[n]) at t_ms[n] (request start times): name -> float32 [N],
-        as :meth:`CrossFeatureStore.query`. A time in a chunk before the last one queried raises."""
-        user_ids = np.asarray(user_ids, dtype=np.int64)
-        item_ids = np.asarray(item_ids, dtype=np.int64)
-        t_ms = np.broadcast_to(np.asarray(t_ms, dtype=np.int64), user_ids.shape)
-        if user_ids.shape != item_ids.shape or user_ids.ndim != 1:
-            raise ValueError(f"WindowedCrossFeatures.query: user_ids {user_ids.shape} and item_ids {item_ids.shape} "
-                             "must be equal 1-d")
-        n = len(user_ids)
-        out = {name: np.zeros(n, np.float32) for name in self.feature_names}
-        if n == 0:
-            return out
+    def _by_chunk(self, t_ms: np.ndarray, answer) -> None:
+        """Call ``answer(store, rows)`` for the rows of each time chunk of ``t_ms`` (request start times), moving
+        the store forward chunk by chunk; ``rows`` is a slice (one chunk) or an index array."""
         chunk = np.floor_divide(t_ms, self.chunk_ms)
         first, last = int(chunk.min()), int(chunk.max())
         if self._chunk is not None and first < self._chunk:
             raise ValueError(f"WindowedCrossFeatures.query: time chunk {first} comes after chunk {self._chunk}; "
                              "rows must be queried in request start order")
         for k in ([first] if first == last else np.unique(chunk).tolist()):
-            rows = slice(None) if first == last else np.flatnonzero(chunk == k)
             if k != self._chunk:
                 self._move_to(k)
-            got = self._store.query(user_ids[rows], item_ids[rows], t_ms[rows])
+            answer(self._store, slice(None) if first == last else np.flatnonzero(chunk == k))
+
+    def query_with_history(self, user_ids: np.ndarray, item_ids: np.ndarray, t_ms: np.ndarray,
+                           n: int) -> tuple[dict[str, np.ndarray], np.ndarray]:
+        """Cross features of (user_ids[r], item_ids[r]) at t_ms[r] (request start times): name -> float32 [R], as
+        :meth:`CrossFeatureStore.query`, and (n > 0) each row's behaviour sequence int64 [R, n] as
+        :meth:`CrossFeatureStore.history` (n = 0: an [R, 0] array). A time in a chunk before the last one queried
+        raises."""
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        t_ms = np.broadcast_to(np.asarray(t_ms, dtype=np.int64), user_ids.shape)
+        if user_ids.shape != item_ids.shape or user_ids.ndim != 1:
+            raise ValueError(f"WindowedCrossFeatures.query: user_ids {user_ids.shape} and item_ids {item_ids.shape} "
+                             "must be equal 1-d")
+        r = len(user_ids)
+        out = {name: np.zeros(r, np.float32) for name in self.feature_names}
+        hist = np.full((r, n), PAD, np.int64)
+        if r == 0:
+            return out, hist
+
+        def answer(store: CrossFeatureStore, rows) -> None:
+            got = store.query(user_ids[rows], item_ids[rows], t_ms[rows])
             for name in self.feature_names:
                 out[name][rows] = got[name]
-        return out
+            if n:
+                hist[rows] = store.history(user_ids[rows], t_ms[rows], n)
+
+        self._by_chunk(t_ms, answer)
+        return out, hist
+
+    def query(self, user_ids: np.ndarray, item_ids: np.ndarray, t_ms: np.ndarray) -> dict[str, np.ndarray]:
+        """Cross features of (user_ids[r], item_ids[r]) at t_ms[r] (request start times): name -> float32 [R],
+        as :meth:`CrossFeatureStore.query`. A time in a chunk before the last one queried raises."""
+        return self.query_with_history(user_ids, item_ids, t_ms, 0)[0]
+
+    def history(self, user_ids: np.ndarray, t_ms: np.ndarray, n: int) -> np.ndarray:
+        """Behaviour sequences int64 [R, n] of (user_ids[r], t_ms[r]), as :meth:`CrossFeatureStore.history`."""
+        if n < 1:
+            raise ValueError(f"WindowedCrossFeatures.history: n must be >= 1, got {n}")
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        t_ms = np.broadcast_to(np.asarray(t_ms, dtype=np.int64), user_ids.shape)
+        hist = np.full((len(user_ids), n), PAD, np.int64)
+        if len(user_ids):
+            def answer(store: CrossFeatureStore, rows) -> None:
+                hist[rows] = store.history(user_ids[rows], t_ms[rows], n)
+
+            self._by_chunk(t_ms, answer)
+        return hist
 
     def query_frame(self, df: pd.DataFrame) -> dict[str, np.ndarray]:
         """Cross features of a :func:`scan` frame's rows at their ``request_start_ms``."""

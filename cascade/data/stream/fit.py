@@ -73,17 +73,23 @@ class _ValueCounts:
 def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1, numeric: str = "log_standardize",
                        n_buckets: int = 32, batch_rows: int = 1 << 20, progress: bool = False,
                        cross_window_days: float | None = None, cross_tag_column: str = "tag",
-                       cross_author_column: str = "author_id", cross_chunk_days: float = 1.0) -> FeatureEncoder:
+                       cross_author_column: str = "author_id", cross_chunk_days: float = 1.0,
+                       history_length: int = 0) -> FeatureEncoder:
     """A FeatureEncoder fitted on the train rows of ``split`` in one streaming pass.
 
     Equal to ``FeatureEncoder(sd.schema, min_count, numeric, n_buckets).fit(dataset, train_mask, cross_store)`` on
     the same rows in memory (see the module doc for what is exact and what agrees to rounding), where cross_store is
     ``CrossFeatureStore(cross_window_days, tag_column=cross_tag_column, author_column=cross_author_column)`` fitted
     on the whole table, or None when ``cross_window_days`` is None (no cross columns). The cross features of the
-    train rows come from :class:`WindowedCrossFeatures` (``cross_chunk_days`` per fitted chunk).
+    train rows come from :class:`WindowedCrossFeatures` (``cross_chunk_days`` per fitted chunk). history_length:
+    the behaviour sequence's length (needs cross features: the windowed store answers the sequences).
     """
-    enc = FeatureEncoder(sd.schema, min_count=min_count, numeric=numeric, n_buckets=n_buckets)
+    enc = FeatureEncoder(sd.schema, min_count=min_count, numeric=numeric, n_buckets=n_buckets,
+                         history_length=history_length)
     enc.check_args()
+    if history_length and cross_window_days is None:
+        raise ValueError("fit_encoder_stream: history_length > 0 needs cross_window_days (the windowed cross-feature "
+                         "store answers the behaviour sequences)")
     feats = encoded_features(sd.schema)
     imp_feats = [f for f, _ in feats if f.table == "impressions"]
     cross = None
@@ -165,7 +171,8 @@ def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1
                 edges[f.name] = e
         columns.append(col)
     enc.set_fitted(columns, vocab, edges,
-                   None if cross is None else (cross.feature_names, cross_stats.mean, cross_stats.std()))
+                   None if cross is None else (cross.feature_names, cross_stats.mean, cross_stats.std()),
+                   None if cross is None else tuple(c for c in (cross_tag_column, cross_author_column) if c))
     if cross is not None:
         log.info("fit_encoder_stream: cross features from %d chunk fits, at most %d events buffered",
                  cross.n_fits_, cross.max_events_)
