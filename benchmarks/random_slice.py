@@ -29,15 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("runs", nargs="+", help="finished run folders")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default="random_slice")
+    p.add_argument("--no-replay", action="store_true", help="aggregate the runs' replays as they are")
     args = p.parse_args(argv)
     t0, per_run = time.perf_counter(), {}
     for run in args.runs:
-        if cascade_main(["replay", run, "--set", "replay.max_rand_requests=1000000", "--update", "--no-progress",
-                         "-q"]) != 0:
+        replay = ["replay", run, "--set", "replay.max_rand_requests=1000000", "--update", "--no-progress", "-q"]
+        if not args.no_replay and cascade_main(replay) != 0:
             raise SystemExit(f"cascade replay {run} failed")
         s = A.read_json(Path(run) / "replay" / "summary.json")
         lists = {**s["variants"], **{f"reference: {r}": v for r, v in s["references"].items()},
-                 **{f"baseline: {b}": v for b, v in s["baselines"].items()}}
+                 **{f"baseline: {v['channel']}": v for v in s["baselines"].values()}}  # one row per channel
         per_run[Path(run).name] = {n: {c: v["quality"].get(c) for c in (*COLUMNS, "n_rand_requests")}
                                    for n, v in lists.items()}
     names = list(next(iter(per_run.values())))

@@ -99,7 +99,8 @@ def _data_args(config: str, spec: str | None) -> tuple[list[str], str | None]:
     return [], spec
 
 
-def run_one(dataset: str, seed: int, runs_dir: str, extra: list[str], config: str | None = None) -> dict:
+def run_one(dataset: str, seed: int, runs_dir: str, extra: list[str], config: str | None = None,
+            confidence_too: bool = True) -> dict:
     """Both confidence settings of one (dataset, seed): the run as configured, then --update with it switched.
     config: a pipeline file instead of the dataset's own (e.g. pipelines/tiny.toml for a smoke run)."""
     default_config, spec, name = _config(dataset)
@@ -107,7 +108,7 @@ def run_one(dataset: str, seed: int, runs_dir: str, extra: list[str], config: st
     base = [f"run.seed={seed}", f"run.name='bench-{name}-seed{seed}'", f"run.runs_dir='{runs_dir}'",
             "students.keep_fixed=true", *extra]
     out = {}
-    for confidence in (False, True):
+    for confidence in (False, True) if confidence_too else (False,):
         sets, data_spec = _data_args(config, spec)
         cfg = load_config(config, [*sets, *base, f"students.confidence={'true' if confidence else 'false'}"],
                           data_spec=data_spec)
@@ -138,7 +139,7 @@ def _mean_std(values: list[float]) -> dict:
 def aggregate(per_seed: dict[int, dict]) -> dict:
     """mean +- std over seeds of every row and column, the rank-student AUCs and the chosen scales."""
     out = {}
-    for setting in ("plain", "confidence"):
+    for setting in [x for x in ("plain", "confidence") if all(x in r for r in per_seed.values())]:
         runs = [{**r[setting], "rows": {_row_key(n): v for n, v in r[setting]["rows"].items()}}
                 for r in per_seed.values()]
         rows = sorted({name for r in runs for name in r["rows"]}, key=lambda n: (n not in CASCADES, n))
@@ -171,6 +172,8 @@ def _cell(s: dict, fmt: str) -> str:
 def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
     lines = []
     for setting, title in (("plain", "students.confidence = false"), ("confidence", "students.confidence = true")):
+        if setting not in agg:
+            continue
         a = agg[setting]
         k = a["k"]
         cols = [c for c in COLUMNS if any(c in r for r in a["rows"].values())]
@@ -208,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--config", default=None, help="a pipeline file for every dataset instead of its own")
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default="real_data", help="results file stem (default real_data)")
+    p.add_argument("--no-confidence", action="store_true", help="skip the students.confidence = true runs")
     p.add_argument("--render", metavar="JSON", help="only aggregate and write the tables again from a results JSON")
     args = p.parse_args(argv)
     if args.render:
@@ -217,7 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         return _write(out, args)
     results, t0 = {}, time.perf_counter()
     for dataset in args.dataset or []:
-        per_seed = {s: run_one(dataset, s, args.runs_dir, args.overrides, args.config) for s in args.seeds}
+        per_seed = {s: run_one(dataset, s, args.runs_dir, args.overrides, args.config, not args.no_confidence)
+                    for s in args.seeds}
         results[_config(dataset)[2]] = {"per_seed": per_seed, "mean_std": aggregate(per_seed)}
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
     out = {"seeds": args.seeds, "overrides": args.overrides, "datasets": results, "date": time.strftime("%Y-%m-%d"),

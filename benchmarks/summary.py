@@ -149,9 +149,12 @@ def _random_slice(d: dict) -> tuple[str, bool]:
     classic = max(((n, v) for n, v in rec.items() if n.startswith("baseline:") and "popular" not in n),
                   key=lambda x: x[1])
     auto, gt = rec["distilled"], rec["ground_truth"]
-    return (f"click-recall@10 on {d['n_rand_requests'][0]:,} random-exposure requests: distilled {auto:.3f}, "
-            f"ground truth {gt:.3f}, most-popular {popular:.3f}, best classic ({classic[0][10:]}) {classic[1]:.3f} "
-            f"({len(d['runs'])} seeds)"), auto > max(popular, classic[1])
+    oracle = {n: v["oracle_ratio_rand"]["mean"] for n, v in m.items() if "oracle_ratio_rand" in v}
+    best_oracle = max(((n, v) for n, v in oracle.items() if n.startswith("baseline:")), key=lambda x: x[1])
+    return (f"click-recall@10 on {min(d['n_rand_requests']):,}+ random-exposure requests: distilled {auto:.4f}, "
+            f"ground truth {gt:.4f}, most-popular {popular:.4f}, best classic ({classic[0][10:]}) {classic[1]:.4f}; "
+            f"oracle ratio distilled {oracle['distilled']:.3f} vs best channel ({best_oracle[0][10:]}) "
+            f"{best_oracle[1]:.3f} ({len(d['runs'])} seeds)"), auto > max(popular, classic[1])
 
 
 def _three(d: dict) -> tuple[str, None]:
