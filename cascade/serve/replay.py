@@ -92,7 +92,7 @@ def list_quality(items: np.ndarray, inp: ReplayInputs, rows: np.ndarray, k: int)
 def _summary(rows: pd.DataFrame, final: np.ndarray, inp: ReplayInputs) -> dict:
     """Means over requests of every per-request column (nan-aware: click metrics over requests with clicks),
     random-slice means of the click metrics, oracle clicks and the diversity of the final lists."""
-    skip = ("request_id", "user_id", "time_ms", "final_items", "error")
+    skip = ("request_id", "user_id", "time_ms", "in_sample", "final_items", "error")
     sample = np.ones(len(rows), bool) if inp.in_sample is None else inp.in_sample
     logged = rows[sample]
     out = {c: float(np.nanmean(logged[c])) if logged[c].notna().any() else float("nan")
@@ -123,7 +123,8 @@ def _summary(rows: pd.DataFrame, final: np.ndarray, inp: ReplayInputs) -> dict:
 def replay_quality(cascade: Cascade, inp: ReplayInputs, n_retrieve: int, n_prerank: int, k: int,
                    batch_size: int = 256, filter_seen: bool = False,
                    progress: bool = False) -> tuple[pd.DataFrame, dict]:
-    """Per-request quality rows (``{stage}_{metric}`` columns, the final items) and their summary."""
+    """Per-request quality rows (``{stage}_{metric}`` columns, the final items; ``in_sample``: False for a
+    random-exposure request replayed for the random slice only) and their summary."""
     req = inp.requests
     b = len(req)
     cols: dict[str, list[np.ndarray]] = {}
@@ -139,7 +140,8 @@ def replay_quality(cascade: Cascade, inp: ReplayInputs, n_retrieve: int, n_prera
         finals.append(res.items)
         if any(e is not None for e in res.errors):
             cols.setdefault("error", []).append(np.array([e or "" for e in res.errors], dtype=object))
-    rows = pd.DataFrame({"request_id": req.request_id, "user_id": req.user_id, "time_ms": req.time_ms})
+    rows = pd.DataFrame({"request_id": req.request_id, "user_id": req.user_id, "time_ms": req.time_ms,
+                         "in_sample": np.ones(b, bool) if inp.in_sample is None else inp.in_sample})
     for c, parts in cols.items():
         rows[c] = np.concatenate(parts)
     final = np.concatenate(finals) if finals else np.zeros((0, k), np.int64)
