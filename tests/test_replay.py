@@ -31,6 +31,12 @@ def test_the_random_slice_is_replayed_beside_the_even_spread(max_rand, rows, in_
     assert out.time_ms.is_monotonic_increasing
 
 
+def test_data_without_a_random_slice_replays_the_spread_only():
+    frame, test = _frames(5, [])
+    out, sample = replayed_requests(frame, test, 3, 1000)
+    assert out.request_id.tolist() == [100, 102, 104] and sample.all()
+
+
 def test_extra_random_requests_count_in_the_random_slice_only():
     # three requests: 0 logged (2 clicks, one kept), 1 random and in the sample (1 click, kept), 2 random and
     # replayed only for the slice (1 click, missed)
@@ -47,3 +53,9 @@ def test_extra_random_requests_count_in_the_random_slice_only():
     with pytest.raises(ValueError, match="every request outside it a random-exposure one"):
         ReplayInputs(req, clicked, top, np.ones_like(top, float), np.array([False, False, True]), 100,
                      in_sample=np.array([False, True, True]))
+    # data without a random slice (MovieLens): every request is in the sample
+    plain = ReplayInputs(req, clicked, top, np.ones_like(top, float), None, 100, in_sample=np.ones(3, bool))
+    q = ranking_quality(ranking, plain, {"retrieval": 2, "prerank": 2, "rank": 2}, 2)
+    assert q["rank_click_recall"] == pytest.approx((0.5 + 1.0 + 0.0) / 3) and "n_rand_requests" not in q
+    with pytest.raises(ValueError, match="every request outside it a random-exposure one"):
+        ReplayInputs(req, clicked, top, np.ones_like(top, float), None, 100, in_sample=np.array([True, False, True]))

@@ -66,8 +66,8 @@ class ReplayInputs:
 
     def __post_init__(self) -> None:
         b = len(self.requests)
-        if self.in_sample is not None and (self.in_sample.shape != (b,) or (
-                self.is_rand is None and not self.in_sample.all()) or not (self.in_sample | self.is_rand).all()):
+        rand = np.zeros(b, bool) if self.is_rand is None else self.is_rand
+        if self.in_sample is not None and (self.in_sample.shape != (b,) or not (self.in_sample | rand).all()):
             raise ValueError("replay inputs: in_sample must be bool [B], every request outside it a random-exposure "
                              "one")
         for name in ("clicked", "teacher_top", "teacher_grades"):
