@@ -155,7 +155,8 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
                                                       for r in runs])
                                         for c in ("rank_click_recall", "oracle_ratio", "rank_click_recall_rand")
                                         if all(c in r["rows"]["distilled"] for r in runs)},
-            "baseline_settings": [sorted(n[10:] for n in r["rows"] if n.startswith("baseline: "))
+            "baseline_settings": [sorted(r["baseline_settings"].values()) if "baseline_settings" in r else
+                                  sorted(n[10:] for n in r["rows"] if n.startswith("baseline: "))
                                   for r in per_seed_raw(per_seed, setting)],
             "n_requests": [r["n_requests"] for r in runs], "k": runs[0]["k"],
             "wall_s": _mean_std([r["wall_s"] for r in runs])}

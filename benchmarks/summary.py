@@ -140,6 +140,11 @@ def _real_data(d: dict) -> tuple[str, bool]:
     return "; ".join(parts) + f" ({len(d['seeds'])} seeds)", ok
 
 
+def _sequence(d: dict) -> tuple[str, None]:
+    """The same outcome rows with the behaviour-sequence teacher (an option, off by default): a measurement."""
+    return _real_data(d)[0] + f" with {', '.join(d['overrides'])}", None
+
+
 def _random_slice(d: dict) -> tuple[str, bool]:
     """The world's random-exposure requests: the distilled cascade against most-popular and the best other classic
     channel on click-recall@K there (met: above both)."""
@@ -193,6 +198,7 @@ ROWS = [
     Row("ablation_movielens_100k.json", "distillation ablation, ML-100K", None, _checks_elsewhere),
     Row("real_data.json", "outcomes: distilled cascade vs ground truth and classic baselines",
         "auto >= ground truth; the cascade beats most-popular and the best classic channel", _real_data),
+    Row("real_data_ml_sequence.json", "outcomes with the behaviour-sequence teacher, ML-100K", None, _sequence),
     Row("random_slice.json", "outcomes on the world's random-exposure slice",
         "the cascade beats most-popular and the best classic channel", _random_slice),
     Row("three_students.json", "one-loop cascade vs teacher-first", None, _three),
