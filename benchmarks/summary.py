@@ -199,6 +199,7 @@ ROWS = [
     Row("real_data.json", "outcomes: distilled cascade vs ground truth and classic baselines",
         "auto >= ground truth; the cascade beats most-popular and the best classic channel", _real_data),
     Row("real_data_ml_sequence.json", "outcomes with the behaviour-sequence teacher, ML-100K", None, _sequence),
+    Row("real_data_world_sequence.json", "outcomes with the behaviour-sequence teacher, world", None, _sequence),
     Row("random_slice.json", "outcomes on the world's random-exposure slice",
         "the cascade beats most-popular and the best classic channel", _random_slice),
     Row("three_students.json", "one-loop cascade vs teacher-first", None, _three),
