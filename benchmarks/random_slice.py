@@ -16,7 +16,7 @@ import platform
 import time
 from pathlib import Path
 
-import numpy as np
+from real_data import cell, mean_std, quality_rows
 
 from cascade import artifacts as A
 from cascade.cli import main as cascade_main
@@ -36,14 +36,10 @@ def main(argv: list[str] | None = None) -> int:
         replay = ["replay", run, "--set", "replay.max_rand_requests=1000000", "--update", "--no-progress", "-q"]
         if not args.no_replay and cascade_main(replay) != 0:
             raise SystemExit(f"cascade replay {run} failed")
-        s = A.read_json(Path(run) / "replay" / "summary.json")
-        lists = {**s["variants"], **{f"reference: {r}": v for r, v in s["references"].items()},
-                 **{f"baseline: {v['channel']}": v for v in s["baselines"].values()}}  # one row per channel
-        per_run[Path(run).name] = {n: {c: v["quality"].get(c) for c in (*COLUMNS, "n_rand_requests")}
-                                   for n, v in lists.items()}
+        lists = quality_rows(A.read_json(Path(run) / "replay" / "summary.json"))  # one row per channel
+        per_run[Path(run).name] = {n: {c: q.get(c) for c in (*COLUMNS, "n_rand_requests")} for n, q in lists.items()}
     names = list(next(iter(per_run.values())))
-    agg = {n: {c: {"mean": float(np.mean([r[n][c] for r in per_run.values()])),
-                   "std": float(np.std([r[n][c] for r in per_run.values()], ddof=1)) if len(per_run) > 1 else None}
+    agg = {n: {c: mean_std([r[n][c] for r in per_run.values()])
                for c in COLUMNS if all(r[n].get(c) is not None for r in per_run.values())} for n in names}
     n_rand = [next(iter(r.values()))["n_rand_requests"] for r in per_run.values()]
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
@@ -54,8 +50,7 @@ def main(argv: list[str] | None = None) -> int:
             "click-recall@K (logged sample)", "oracle ratio (logged sample)"]
     lines = ["| list | " + " | ".join(head) + " |", "| --- |" + " ---: |" * len(head)]
     for n in names:
-        cells = [f"{agg[n][c]['mean']:.4f} ± {agg[n][c]['std']:.4f}" if c in agg[n] and agg[n][c]["std"] is not None
-                 else (f"{agg[n][c]['mean']:.4f}" if c in agg[n] else "–") for c in COLUMNS]
+        cells = [cell(agg[n][c], ".4f") if c in agg[n] else "–" for c in COLUMNS]
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     md = (f"Random-exposure test requests of {list(per_run)} ({n_rand} requests per run), mean ± std over the runs; "
           f"{out['date']}, {machine}.\n\n" + "\n".join(lines) + "\n")

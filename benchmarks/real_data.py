@@ -35,7 +35,7 @@ COLUMNS = ("rank_click_recall", "rank_click_ndcg", "rank_hit_rate", "retrieval_c
 CASCADES = ("ground_truth", "fixed", "distilled", "distilled+channels")
 
 
-def _lists(summary: dict) -> dict[str, dict]:
+def quality_rows(summary: dict) -> dict[str, dict]:
     """Every list of a replay summary by row name -> its quality metrics (the held-out clicks' and agreement)."""
     rows = {v: s["quality"] for v, s in summary["variants"].items()}
     rows.update({f"reference: {r}": s["quality"] for r, s in summary.get("references", {}).items()})
@@ -68,7 +68,7 @@ def measure(run_dir: Path) -> dict:
     """One finished run's rows, rank-student AUCs, chosen scales and teacher test AUC."""
     summary = A.read_json(run_dir / "replay" / "summary.json")
     teacher = A.read_manifest(run_dir / "teacher")["metrics"]
-    rows = {name: {c: q[c] for c in COLUMNS if c in q} for name, q in _lists(summary).items()}
+    rows = {name: {c: q[c] for c in COLUMNS if c in q} for name, q in quality_rows(summary).items()}
     return {"rows": rows, "rank_student_auc": _rank_students(run_dir), "chosen_scales": _choices(run_dir),
             "baseline_settings": _settings(summary),
             "teacher_test_auc": teacher["models"][0]["auc"], "n_requests": summary["variants"]["distilled"]["quality"][
@@ -120,17 +120,13 @@ def run_one(dataset: str, seed: int, runs_dir: str, extra: list[str], config: st
     return out
 
 
-def per_seed_raw(per_seed: dict[int, dict], setting: str) -> list[dict]:
-    return [r[setting] for r in per_seed.values()]
-
-
 def _row_key(name: str) -> str:
     """A row's name without the setting a baseline chose on validation ("baseline: popular (7 days)" -> "baseline:
     popular"), so that one channel is one row over seeds whatever each seed chose."""
     return name.split(" (")[0] if name.startswith("baseline: ") else name
 
 
-def _mean_std(values: list[float]) -> dict:
+def mean_std(values: list[float]) -> dict:
     v = [x for x in values if x is not None]
     return {"mean": float(np.mean(v)) if v else None, "std": float(np.std(v, ddof=1)) if len(v) > 1 else None,
             "n": len(v)}
@@ -144,26 +140,26 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
                 for r in per_seed.values()]
         rows = sorted({name for r in runs for name in r["rows"]}, key=lambda n: (n not in CASCADES, n))
         out[setting] = {
-            "rows": {name: {c: _mean_std([r["rows"].get(name, {}).get(c) for r in runs]) for c in COLUMNS
+            "rows": {name: {c: mean_std([r["rows"].get(name, {}).get(c) for r in runs]) for c in COLUMNS
                             if any(c in r["rows"].get(name, {}) for r in runs)} for name in rows},
-            "rank_student_auc": {k: _mean_std([r["rank_student_auc"].get(k) for r in runs])
+            "rank_student_auc": {k: mean_std([r["rank_student_auc"].get(k) for r in runs])
                                  for k in ("plain", "served")},
             "chosen_scales": [r["chosen_scales"] for r in runs],
-            "teacher_test_auc": _mean_std([r["teacher_test_auc"] for r in runs]),
+            "teacher_test_auc": mean_std([r["teacher_test_auc"] for r in runs]),
             # paired over seeds: the same world / split / teacher, only the students differ
-            "auto_minus_ground_truth": {c: _mean_std([r["rows"]["distilled"][c] - r["rows"]["ground_truth"][c]
+            "auto_minus_ground_truth": {c: mean_std([r["rows"]["distilled"][c] - r["rows"]["ground_truth"][c]
                                                       for r in runs])
                                         for c in ("rank_click_recall", "oracle_ratio", "rank_click_recall_rand")
                                         if all(c in r["rows"]["distilled"] for r in runs)},
             "baseline_settings": [sorted(r["baseline_settings"].values()) if "baseline_settings" in r else
                                   sorted(n[10:] for n in r["rows"] if n.startswith("baseline: "))
-                                  for r in per_seed_raw(per_seed, setting)],
+                                  for r in (p[setting] for p in per_seed.values())],
             "n_requests": [r["n_requests"] for r in runs], "k": runs[0]["k"],
-            "wall_s": _mean_std([r["wall_s"] for r in runs])}
+            "wall_s": mean_std([r["wall_s"] for r in runs])}
     return out
 
 
-def _cell(s: dict, fmt: str) -> str:
+def cell(s: dict, fmt: str) -> str:
     if s["mean"] is None:
         return "–"
     std = fmt.lstrip("+")
@@ -185,15 +181,15 @@ def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
                 "rank_click_recall_rand": f"random slice click-recall@{k}"}
         lines += [f"### {dataset}, {title}", "",
                   f"requests replayed per seed: {a['n_requests']}; teacher test AUC "
-                  f"{_cell(a['teacher_test_auc'], '.4f')};"
-                  f" rank student test AUC: plain {_cell(a['rank_student_auc']['plain'], '.4f')}, distilled (served) "
-                  f"{_cell(a['rank_student_auc']['served'], '.4f')}; wall per run {_cell(a['wall_s'], '.0f')} s", "",
+                  f"{cell(a['teacher_test_auc'], '.4f')};"
+                  f" rank student test AUC: plain {cell(a['rank_student_auc']['plain'], '.4f')}, distilled (served) "
+                  f"{cell(a['rank_student_auc']['served'], '.4f')}; wall per run {cell(a['wall_s'], '.0f')} s", "",
                   "| list | " + " | ".join(head[c] for c in cols) + " |", "| --- |" + " ---: |" * len(cols)]
         for name, r in a["rows"].items():
-            cells = [_cell(r[c], ",.0f" if c == "final_distinct" else ".4f") if c in r else "–" for c in cols]
+            cells = [cell(r[c], ",.0f" if c == "final_distinct" else ".4f") if c in r else "–" for c in cols]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", "distilled (auto) minus ground truth, paired per seed: " + ", ".join(
-            f"{c} {_cell(v, '+.4f')}" for c, v in a["auto_minus_ground_truth"].items()),
+            f"{c} {cell(v, '+.4f')}" for c, v in a["auto_minus_ground_truth"].items()),
             "", "baseline settings chosen on validation per seed: " +
             "; ".join(f"seed {s}: {', '.join(b)}" for s, b in zip(seeds, a["baseline_settings"]))]
         lines += ["", "scales chosen on validation per seed (retrieval, pre-rank towers; rank student): " +
