@@ -462,6 +462,7 @@ def render_markdown(res: dict) -> str:
          + (f", run under nice {m['nice']}. " if m.get("nice") else ". ") +
          f"faiss {res['versions'].get('faiss-cpu', '?')}, torch {res['versions'].get('torch', '?')}; faiss and torch "
          f"on {a['threads']} thread. Wall time {res['wall_s'] / 60:.1f} min.", "",
+         *([bounds_line(m, a["n_retrieve"]), ""] if m.get("bounds") else []),
          f"Each corpus is its own pipeline run (`until=\"index\"`) on the synthetic world with {a['n_users']} users, "
          f"{a['n_days']} days, pipelines/tiny.toml models with a 32-d retrieval tower (distilled students, DCNv2 "
          "teacher as ranker); queries are the run's test-day requests. Cascade sizes: "
@@ -610,10 +611,30 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def machine_info(load_before) -> dict:
+def machine_info(load_before, threads: int = 1) -> dict:
+    """The machine as this run saw it: platform, load, the CPU (cascade.machine.machine_record: model, bf16 / AMX
+    flags, torch's view) and its bounds on ``threads`` threads (float32 / bf16 GEMM GFLOP/s, memory GB/s)."""
+    from cascade.machine import machine_bounds, machine_record
+
     return {"platform": platform.platform(), "processor": platform.processor() or platform.machine(),
             "cpu_count": os.cpu_count(), "loadavg_before": list(load_before), "loadavg_after": list(os.getloadavg()),
-            "nice": os.nice(0)}
+            "nice": os.nice(0), "cpu": machine_record(), "bounds": machine_bounds(threads)}
+
+
+def bounds_line(m: dict, n_candidates: int, dim: int = 32) -> str:
+    """The machine's bounds and what they allow the pre-rank product (``n_candidates`` item vectors of ``dim``
+    float32 dotted with one user vector): its bytes at the memory bandwidth, its FLOPs at the float32 GEMM rate;
+    "" for a result recorded without bounds."""
+    from cascade.machine import format_bounds
+
+    b = m.get("bounds")
+    if not b:
+        return ""
+    nbytes, flops = n_candidates * dim * 4, 2 * n_candidates * dim
+    return (f"Machine bounds: {format_bounds(b)}. The pre-rank product ({n_candidates} candidates x {dim}-d float32) "
+            f"reads {nbytes / 1024:.0f} KiB: {nbytes / (b['memory_gbs'] * 1e9) * 1e6:.1f} us at the memory bandwidth "
+            f"(from DRAM; less where the rows are in cache), {flops / (b['float32_gflops'] * 1e9) * 1e6:.2f} us at the "
+            "float32 GEMM rate: the pre-rank scoring time in the breakdown below against these.")
 
 
 def main(argv=None) -> dict:
@@ -641,7 +662,7 @@ def main(argv=None) -> dict:
     sizes = [bench_size(n, args) for n in args.sizes]
     res = {"benchmark": "bench_serving",
            "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
-           "machine": machine_info(load_before), "versions": package_versions(),
+           "machine": machine_info(load_before, args.threads), "versions": package_versions(),
            # paths by name only: no machine-specific absolute paths in committed results
            "args": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "wall_s": time.perf_counter() - t0, "sizes": sizes}

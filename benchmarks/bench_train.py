@@ -20,6 +20,9 @@ trains ONE epoch over the same rows at batch 4096 and is scored on the test spli
 - compute-bound limit: FLOPs of one training sample (3 x the forward GEMM FLOPs of every Linear, plus the FM
   term; gathers and element-wise work not counted) against the float32 GEMM rate of torch.mm (2048^3) with the
   same thread count, measured right before and after each trainer's epoch (the shared machine's load moves it).
+- the machine's own bounds (:func:`cascade.machine.machine_bounds`: float32 and bf16 GEMM GFLOP/s, memory GB/s,
+  AMX present), measured at the start and printed; every trainer is also given as a % of the bound of the type
+  its GEMMs run in (float32 or bf16), and the result records the CPU (:func:`cascade.machine.machine_record`).
 - a second data set, Criteo-sized (26 fields x 100k ids: 42 M embedding parameters), shows the levers where the
   optimizer update over the embedding tables, not the MLP, dominates a step.
 - latency: p50 / p99 ms of one forward pass over 100 test candidates (1 thread, inference_mode) for the
@@ -48,6 +51,7 @@ from torch import nn
 from cascade import artifacts as A
 from cascade.data.batches import EncodedTable, FeatureSpec, iter_batches
 from cascade.distill.losses import click_bce
+from cascade.machine import format_bounds, largest_gemm, machine_bounds, machine_record, resolve_autocast
 from cascade.models.layers import FactorizationMachine
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.pipeline import load_config
@@ -160,13 +164,14 @@ def optimizer_for(model: nn.Module, kind: str, lr: float, adagrad_lr: float) -> 
 
 
 DEEPCTR = "DeepCTR-Torch 0.3.0 DeepFM"
-VARIANTS = {  # name -> (optimizer kind, sparse embedding gradients, bf16 autocast)
-    "ours: AdamW (foreach, fit's default)": ("adamw", False, False),
-    "ours: Adam fused": ("adam_fused", False, False),
-    "ours: sparse emb + SparseAdam, fused Adam dense": ("sparse_adam", True, False),
-    "ours: sparse emb + Adagrad": ("adagrad", True, False),
-    "ours: AdamW, bf16 autocast (TrainConfig(autocast=\"bf16\"))": ("adamw", False, True),
-    "ours: sparse emb + SparseAdam, fused Adam, bf16 autocast": ("sparse_adam", True, True),
+VARIANTS = {  # name -> (optimizer kind, sparse embedding gradients, TrainConfig.autocast)
+    "ours: AdamW (foreach, fit's default)": ("adamw", False, "off"),  # float32: autocast off
+    "ours: Adam fused": ("adam_fused", False, "off"),
+    "ours: sparse emb + SparseAdam, fused Adam dense": ("sparse_adam", True, "off"),
+    "ours: sparse emb + Adagrad": ("adagrad", True, "off"),
+    "ours: AdamW, bf16 autocast (TrainConfig(autocast=\"bf16\"))": ("adamw", False, "bf16"),
+    "ours: sparse emb + SparseAdam, fused Adam, bf16 autocast": ("sparse_adam", True, "bf16"),
+    "ours: AdamW, autocast \"auto\" (fit's default)": ("adamw", False, "auto"),
 }
 
 
@@ -240,9 +245,11 @@ def bench_dataset(train: EncodedTable, test: EncodedTable, args, deepctr_python:
     cat_idx, num_idx = spec.cat_index(*SIDES), spec.num_index(*SIDES)
     results: dict[str, dict] = {}
     flops = None
-    for name, (kind, sparse, bf16) in VARIANTS.items():
+    for name, (kind, sparse, autocast) in VARIANTS.items():
         model = Ranker(spec, dataclasses.replace(MODEL, sparse=sparse), seed=args.seed)
         _mark_sparse(model)
+        amp = resolve_autocast(autocast, "cpu", largest_gemm(model, args.batch_size), what=name)
+        bf16 = amp.bf16
         flops = flops or train_flops_per_sample(model)
         opts = optimizer_for(model, kind, args.lr, args.adagrad_lr)
         g0 = gemm_gflops(repeats=5)["median_gflops"]
@@ -250,7 +257,8 @@ def bench_dataset(train: EncodedTable, test: EncodedTable, args, deepctr_python:
         g1 = gemm_gflops(repeats=5)["median_gflops"]
         m = score_metrics(test.label, predict(model, test), test.user_id)
         results[name] = {"fit_s": wall, "samples_per_s": len(train) / wall, "auc": m["auc"], "logloss": m["logloss"],
-                         "params": int(sum(q.numel() for q in model.parameters())), "gemm_gflops_adjacent": (g0, g1)}
+                         "params": int(sum(q.numel() for q in model.parameters())), "gemm_gflops_adjacent": (g0, g1),
+                         "autocast": amp.to_dict()}
         print(f"  {name:48s} {results[name]['samples_per_s']:9,.0f} samples/s  AUC {m['auc']:.4f} "
               f"(GEMM {g0:.0f} / {g1:.0f} GFLOP/s)", flush=True)
     if deepctr_python:
@@ -264,6 +272,10 @@ def bench_dataset(train: EncodedTable, test: EncodedTable, args, deepctr_python:
     return {"rows": {"train": len(train), "test": len(test)}, "n_categorical": len(cat_idx),
             "n_numeric": len(num_idx), "vocabulary_rows": int(sum(spec.cat_cardinality[j] for j in cat_idx)),
             "flops_per_sample": flops, "trainers": results}
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.0f}%"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -293,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
     train = train_full.take(np.sort(order))
     del train_full
     print(f"load average {load['start']}", flush=True)
+    bounds = machine_bounds(args.threads)
+    print(f"machine bounds: {format_bounds(bounds)}", flush=True)
     gemm = {"before": gemm_gflops()}
     print(f"GEMM before: {gemm['before']}", flush=True)
     datasets = {}
@@ -316,6 +330,8 @@ def main(argv: list[str] | None = None) -> int:
         for r in d["trainers"].values():
             r["compute_bound_samples_per_s"] = float(np.mean(r["gemm_gflops_adjacent"])) * 1e9 / train_flops
             r["pct_of_compute_bound"] = 100.0 * r["samples_per_s"] / r["compute_bound_samples_per_s"]
+            rate = bounds["bf16_gflops" if r.get("autocast", {}).get("dtype") == "bf16" else "float32_gflops"]
+            r["pct_of_machine_bound"] = 100.0 * r["samples_per_s"] * train_flops / (rate * 1e9)
             if ref is not None:
                 r["speedup_vs_deepctr"] = r["samples_per_s"] / ref["samples_per_s"]
                 r["auc_minus_deepctr"] = r["auc"] - ref["auc"]
@@ -339,8 +355,9 @@ def main(argv: list[str] | None = None) -> int:
              f"same rows, {args.threads} torch thread(s), test AUC after that epoch. Load average of the "
              f"{os.cpu_count()}-core machine {load['start'][0]:.1f} at start, {load['end'][0]:.1f} at end (the "
              f"benchmark itself keeps {args.threads} busy); compare rates within this run: the GEMM rates measured "
-             f"alongside show the share of the CPU it got (about 90 "
-             f"GFLOP/s is this CPU's float32 peak on one thread). float32 GEMM (torch.mm 2048^3, same threads) median "
+             f"alongside show the share of the CPU it got. Machine bounds at the start: {format_bounds(bounds)}; "
+             f"\"% of its bound\" holds each trainer against the GEMM rate of the type its GEMMs run in. float32 "
+             f"GEMM (torch.mm 2048^3, same threads) median "
              f"{gemm['before']['median_gflops']:.1f} GFLOP/s at the start, {gemm['after']['median_gflops']:.1f} at "
              f"the end; bfloat16 GEMM best {gemm['bf16']['best_gflops']:.1f} GFLOP/s. The bf16 row runs "
              f"its GEMMs in bfloat16, so it can pass the float32 bound.", ""]
@@ -355,12 +372,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{d['compute_bound_samples_per_s']:,.0f} samples/s. Each trainer's % uses the GEMM rate measured "
                   f"right before and after its own epoch.", "",
                   "| trainer | samples/s | x DeepCTR | GEMM GFLOP/s (before / after) | % of float32 compute bound "
-                  "| test AUC | logloss | params |", "|---|---|---|---|---|---|---|---|"]
+                  "| % of its bound | test AUC | logloss | params |", "|---|---|---|---|---|---|---|---|---|"]
         for name, r in d["trainers"].items():
             sp = f"{r['speedup_vs_deepctr']:.1f}" if "speedup_vs_deepctr" in r else "–"
             g0, g1 = r["gemm_gflops_adjacent"]
             lines.append(f"| {name} | {r['samples_per_s']:,.0f} | {sp} | {g0:.0f} / {g1:.0f} | "
-                         f"{r['pct_of_compute_bound']:.0f}% | {r['auc']:.4f} | {r['logloss']:.4f} | {r['params']:,} |")
+                         f"{r['pct_of_compute_bound']:.0f}% | {_pct(r.get('pct_of_machine_bound'))} | "
+                         f"{r['auc']:.4f} | {r['logloss']:.4f} | {r['params']:,} |")
         if "ten_x_deepctr" in d:
             t = d["ten_x_deepctr"]
             lines += ["", f"10x DeepCTR-Torch here would be {t['samples_per_s']:,.0f} samples/s, i.e. "
@@ -382,6 +400,7 @@ def main(argv: list[str] | None = None) -> int:
     A.write_json(out / "bench_train.json", {
         "args": {k: v for k, v in vars(args).items() if k not in ("out", "data_dir", "deepctr_python", "config")},
         "machine": platform.platform(), "cpu_count": os.cpu_count(), "load_average": load,
+        "cpu": machine_record(), "bounds": bounds,
         "versions": A.package_versions(), "written_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "model": MODEL.to_dict(), "gemm": gemm, "datasets": datasets, "latency_per_100": lat,
         "markdown": md, "wall_s": time.perf_counter() - t_start,

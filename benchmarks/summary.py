@@ -214,7 +214,8 @@ def _date(d: dict) -> str:
 
 
 def _machine(d: dict) -> str:
-    """CPU count (and the load average when the JSON kept one) as the results record them."""
+    """CPU count (and the load average when the JSON kept one) as the results record them; the CPU model and its
+    bf16 / AMX flags where the result recorded them (``cpu``, cascade.machine.machine_record)."""
     m = d.get("machine")
     cpus = m.get("cpu_count") if isinstance(m, dict) else d.get("cpu_count")
     for unit in (" CPUs", " cores"):
@@ -228,6 +229,10 @@ def _machine(d: dict) -> str:
             if isinstance(m, dict) else None) or (d.get("load_average") or {}).get("start")
     if load is not None:
         text += f", load {load[0] if isinstance(load, list) else load:.1f}"
+    cpu = d.get("cpu") or (m.get("cpu") if isinstance(m, dict) else None)
+    if cpu:  # cascade.machine.machine_record: the CPU model and its bf16 / AMX flags
+        flags = [f for f in ("avx512_bf16", "amx_bf16") if cpu["flags"].get(f)]
+        text = f"{cpu['cpu_model']} ({', '.join(flags) or 'no bf16 flags'}), {text}"
     return text
 
 

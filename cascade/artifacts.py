@@ -209,7 +209,8 @@ def write_manifest(
     """Write ``folder/manifest.json`` listing ``outputs`` (paths relative to folder) with their sha256.
 
     kind: what wrote the folder (a pipeline step's name, "fit", "encode_stream", ...). The manifest is written
-    last, so its presence marks a complete folder. stamp: record the time it was written; a manifest that is
+    last, so its presence marks a complete folder. stamp: record the time it was written and the machine
+    (:func:`cascade.machine.machine_record`: CPU model and flags, what torch reports, threads); a manifest that is
     itself the output of a pipeline step passes False (and no timings), so that redoing the step unchanged
     writes the same bytes.
     """
@@ -226,7 +227,10 @@ def write_manifest(
         "wall_s": wall_s,
     }
     if stamp:
+        from cascade.machine import machine_record  # imports torch: only where a stamped manifest is written
+
         manifest["written_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        manifest["machine"] = machine_record()
     if extra:
         manifest.update(extra)
     write_json(folder / MANIFEST, manifest)

@@ -33,6 +33,11 @@ if _profile not in PROFILES:
     raise ValueError(f"CASCADE_HYPOTHESIS={_profile!r} is not one of {sorted(PROFILES)}")
 settings.load_profile(_profile)
 
+# autocast "auto" (the default of training and scoring) takes bfloat16 only on a CPU with native bf16 where a probe
+# finds it faster: results would depend on the machine. The suite runs as on a CPU without it (float32); set here, so
+# subprocesses (CLI runs, DDP workers) inherit it. tests/test_machine.py tests the detection and "auto" itself.
+os.environ["CASCADE_NATIVE_BF16"] = "0"
+
 THREADS = 1  # small tensors train faster on one thread, and results do not depend on the machine's core count
 
 

@@ -36,6 +36,7 @@ from ..config import (
 from ..data.schema import SIDES
 from ..data.world import WorldConfig
 from ..index.factory import parse_factory
+from ..machine import AUTOCAST
 from ..models.ranker import RankerConfig
 from ..models.two_tower import TowerConfig
 from ..train.joint import DistillConfig
@@ -266,12 +267,15 @@ def data_step_config(cfg: PipelineConfig) -> DataSection:
 @dataclass(frozen=True)
 class RankLogSection:
     """max_requests: train requests scored (a seeded sample; None = all). n_candidates: list length per request
-    (impressed items + corpus samples); uniform_frac: share of uniform (vs popularity-weighted) samples."""
+    (impressed items + corpus samples); uniform_frac: share of uniform (vs popularity-weighted) samples.
+    autocast: the teacher's scoring in bfloat16 ("auto" | "bf16" | "off"; cascade.models.scoring.scoring_autocast;
+    what it resolved to is in the step's manifest)."""
 
     max_requests: int | None = 10000
     n_candidates: int = 200
     uniform_frac: float = 0.5
     requests_per_batch: int = 256
+    autocast: Literal["auto", "bf16", "off"] = "auto"
 
     def __post_init__(self) -> None:
         require(self, "n_candidates", at_least(self.n_candidates, 2), "must be an integer >= 2")
@@ -280,6 +284,7 @@ class RankLogSection:
         require(self, "max_requests", self.max_requests is None or at_least(self.max_requests, 1),
                 "must be an integer >= 1 or None (every train request)")
         require(self, "requests_per_batch", at_least(self.requests_per_batch, 1), "must be an integer >= 1")
+        require(self, "autocast", self.autocast in AUTOCAST, f"must be one of {AUTOCAST}")
 
 
 def _prerank() -> StudentConfig:

@@ -62,7 +62,7 @@ def run(ctx: StepContext) -> StepResult:
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     frame, cands, item_ids = rank_log_inputs(data, c, ctx.seed)
     requests = to_requests(frame, data.context_names)
-    score = ranker_scorer(teacher, data)
+    score = ranker_scorer(teacher, data, c.autocast)
 
     def scorer(request_rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         return score(requests.take(request_rows), item_ids[candidates])
@@ -76,5 +76,6 @@ def run(ctx: StepContext) -> StepResult:
     log_files = [str(p.relative_to(ctx.out)) for p in sorted((ctx.out / "log").rglob("*")) if p.is_file()]
     outputs = ["requests.parquet", *log_files]
     pairs = int(np.sum(cands >= 0))
-    metrics = {"n_requests": len(frame), "n_pairs": pairs, "pairs_per_s": pairs / max(wall, 1e-9)}
+    metrics = {"n_requests": len(frame), "n_pairs": pairs, "pairs_per_s": pairs / max(wall, 1e-9),
+               "autocast": score.autocast.to_dict()}
     return StepResult(outputs, metrics, f"{pairs:,} pairs at {metrics['pairs_per_s']:,.0f} pairs/s")

@@ -180,8 +180,10 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
     return outputs, metrics
 
 
-def _train_rank_students(ctx: StepContext, c: StudentsSection, data: RunData) -> tuple[list[str], list[dict], dict]:
-    """The rank student at every scale of its grid, the one with the best validation AUC served."""
+def _train_rank_students(ctx: StepContext, c: StudentsSection,
+                         data: RunData) -> tuple[list[str], list[dict], dict, dict]:
+    """The rank student at every scale of its grid, the one with the best validation AUC served; the last dict:
+    scale -> the autocast each trained under."""
     train, valid, test = data.encoded("train"), data.encoded("valid"), data.encoded("test")
     if c.rank_student_max_rows is not None and len(train) > c.rank_student_max_rows:
         train = train.take(slice(len(train) - c.rank_student_max_rows, None))
@@ -193,6 +195,8 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection, data: RunData) ->
         raise ValueError(f"students.rank_distill.pfd_lambda is set (PFD), but the data have no column on the "
                          f"{side!r} side (students.rank_pfd_side); sides with columns: "
                          f"{sorted(set(train.spec.cat_sides + train.spec.num_sides))}")
+
+    autocast = {}  # scale -> what TrainConfig.autocast resolved to (manifest only: its probe varies run to run)
 
     def train_one(scale: float):
         seeded(ctx.seed)
@@ -211,6 +215,7 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection, data: RunData) ->
                                 private_student_columns=c.rank_pfd_private_columns, seed=ctx.seed)
             res = fit(joint, train, valid, tcfg, loss_fn=joint_loss(dcfg), label=label)
             model, extra = joint.export_student(), joint.teacher
+        autocast[str(scale)] = res.autocast
         return model.eval(), extra, res.history
 
     best, table, trained = grid_search(c.rank_scales(), train_one,
@@ -234,7 +239,7 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection, data: RunData) ->
     A.write_json(ctx.out / "rank_student" / "history.json", served_history)
     A.write_json(ctx.out / "rank_student" / "history_no_distillation.json", plain_history)
     outputs += ["rank_student/history.json", "rank_student/history_no_distillation.json"]
-    return outputs, rows, {"grid": grid, "chosen_scale": chosen, "gate": gate}
+    return outputs, rows, {"grid": grid, "chosen_scale": chosen, "gate": gate}, autocast
 
 
 def run(ctx: StepContext) -> StepResult:
@@ -243,10 +248,11 @@ def run(ctx: StepContext) -> StepResult:
     data = RunData(ctx.inputs["data"])
     judge = validation_judge(data, c.select_requests, ctx.seed)
     outputs, metrics = _train_towers(ctx, c, sizes, data, judge)
-    rank_outputs, rows, metrics["rank_student"] = _train_rank_students(ctx, c, data)
+    rank_outputs, rows, metrics["rank_student"], autocast = _train_rank_students(ctx, c, data)
     outputs += rank_outputs
     A.write_json(ctx.out / "models.json", without_timings(rows))  # the latencies: in the manifest
     A.write_json(ctx.out / "selection.json", {k: v for k, v in metrics.items() if not k.endswith("epoch_seconds")})
+    metrics["rank_student_autocast"] = autocast
     outputs += ["models.json", "selection.json"]
     metrics["models"] = rows
     summary = ", ".join(f"{st} scale {metrics[st]['chosen_scale']:g}" for st in STAGES)

@@ -48,6 +48,7 @@ def run(ctx: StepContext) -> StepResult:
         model = Ranker(train.spec, c.ranker)
         res = fit(model, train, valid, tcfg, label="teacher")
         name = f"teacher ({c.ranker.backbone})"
+    metrics["autocast"] = res.autocast  # manifest only (its probed speed-up varies from run to run)
     model.cpu().eval()
     outputs = save_ranker(model, c.ranker, ctx.out / "teacher")
     A.write_json(ctx.out / "history.json", res.history)  # per evaluation: train loss terms, valid metrics

@@ -50,6 +50,7 @@ from cascade.config import at_least, nonnegative, positive, require
 from cascade.data.batches import EncodedTable, batch_indices, iter_batches
 from cascade.distill.losses import click_bce, mix
 from cascade.eval.metrics import auc, gauc, logloss
+from cascade.machine import AUTOCAST, largest_gemm, resolve_autocast
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +70,8 @@ class TrainConfig:
     ``torch.autocast`` in bfloat16 (GEMMs in bf16; weights, optimizer state, logits and losses stay float32;
     validation in float32): 1.8x the samples/s of float32 for a DeepFM on a CPU with avx512_bf16, equal test AUC
     (BENCHMARKS.md; it does not pay where the optimizer step over the embeddings dominates a step);
-    None trains in float32.
+    "off" (or None) trains in float32; "auto" takes bf16 where this CPU runs it natively and the model's largest
+    GEMM probes at least 1.25x faster in it (:func:`cascade.machine.resolve_autocast`), else float32.
     """
 
     optimizer: str = "adamw"
@@ -85,11 +87,11 @@ class TrainConfig:
     num_threads: int | None = None
     progress: bool = False
     eval_batch_size: int = 4096
-    autocast: str | None = None
+    autocast: str | None = "auto"
 
     def __post_init__(self) -> None:
-        if self.autocast not in (None, "bf16"):
-            raise ValueError(f"TrainConfig: autocast {self.autocast!r} must be 'bf16' or None")
+        require(self, "autocast", self.autocast is None or self.autocast in AUTOCAST,
+                f"must be one of {AUTOCAST} (None: 'off')")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig: optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.device not in ("cpu", "cuda"):
@@ -109,11 +111,13 @@ class TrainConfig:
 
 @dataclass
 class FitResult:
-    """best_valid_auc / best_step of the kept (best) model; history: one dict per evaluation."""
+    """best_valid_auc / best_step of the kept (best) model; history: one dict per evaluation. autocast: what
+    TrainConfig.autocast resolved to ({requested, dtype, reason, speedup}, cascade.machine.AutocastChoice)."""
 
     best_valid_auc: float
     best_step: int
     history: list[dict[str, Any]] = field(default_factory=list)
+    autocast: dict[str, Any] = field(default_factory=dict)
 
 
 def default_loss(model: nn.Module, batch: dict[str, torch.Tensor], step: int):
@@ -289,7 +293,9 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
             steps_per_epoch = math.ceil(len(train) / (cfg.batch_size * env.world_size))
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
 
-    result = FitResult(best_valid_auc=-math.inf, best_step=0)
+    with _threads(cfg.num_threads):  # probed on the threads it trains on
+        amp = resolve_autocast(cfg.autocast, device.type, largest_gemm(model, cfg.batch_size), what=label)
+    result = FitResult(best_valid_auc=-math.inf, best_step=0, autocast=amp.to_dict())
     best_state: dict[str, torch.Tensor] | None = None
     evals_without_gain = 0
     step, stop = 0, False
@@ -339,7 +345,7 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
                 if len(np_batch["label"]) < 2:  # a 1-row tail batch would break BatchNorm's training statistics
                     continue
                 batch = to_tensors(np_batch, device)
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cfg.autocast == "bf16"):
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp.bf16):
                     terms, weights = step_model(batch, step)
                 where = f" (the last good checkpoint is in {ckpt_dir})" if ckpt_dir is not None else ""
                 _, values = step_on_loss(terms, weights, [optimizer], [model.parameters()], cfg.grad_clip,

@@ -1,0 +1,179 @@
+"""CPU capability detection, the autocast "auto" choice (capability and probe mocked), and bf16 scoring quality.
+
+The suite runs with CASCADE_NATIVE_BF16=0 (tests/conftest.py); the tests here replace the detector and the probe
+themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from cascade import artifacts as A
+from cascade import machine as M
+from cascade.config import ConfigError, FieldError, from_dict
+from cascade.models.ranker import Ranker, RankerConfig
+from cascade.models.scoring import score_pairs, scoring_autocast
+from cascade.pipeline.config import PipelineConfig
+from cascade.train.loop import TrainConfig, fit
+from worlds import SPEC, make_table
+
+GEMM = (4096, 200, 128)
+TEACHER = RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64), cross_layers=2, cross_rank=32)  # the default
+
+
+@pytest.fixture(scope="module")
+def small():
+    return make_table(1200, seed=31), make_table(800, seed=32)
+
+
+def _capability(monkeypatch, native: bool, speedup: float | None):
+    """The detector says ``native``; the probe returns ``speedup`` (None: calling it fails the test)."""
+    monkeypatch.setattr(M, "native_bf16", lambda: (native, f"mocked native={native}"))
+
+    def probe(rows, k, n):
+        if speedup is None:
+            raise AssertionError("the probe ran although the CPU has no native bf16")
+        return speedup
+
+    monkeypatch.setattr(M, "bf16_speedup", probe)
+
+
+# ------------------------------------------------------------------------------------------ detection
+
+
+def test_cpuinfo_flags_and_model_from_the_file(tmp_path):
+    p = tmp_path / "cpuinfo"
+    p.write_text("processor\t: 0\nmodel name\t: Some Xeon\nflags\t\t: fpu avx2 avx512f amx_tile amx_bf16\n\n"
+                 "processor\t: 1\nmodel name\t: Other\nflags\t\t: fpu\n")
+    model, flags = M.read_cpuinfo(p)
+    assert model == "Some Xeon" and {"avx2", "avx512f", "amx_tile", "amx_bf16"} <= flags
+    assert "avx512_bf16" not in flags
+    assert M.read_cpuinfo(tmp_path / "absent") == (None, None)  # not Linux: unknown, not False
+
+
+def test_machine_record_is_json_and_names_flags_torch_and_threads():
+    rec = json.loads(json.dumps(M.machine_record()))
+    assert set(rec["flags"]) == set(M.CPU_FLAGS)
+    assert all(v in (True, False, None) for v in rec["flags"].values())
+    assert rec["torch"]["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert rec["threads"]["torch"] == torch.get_num_threads() and rec["versions"]["torch"] == torch.__version__
+
+
+def test_stamped_manifest_records_the_machine_and_an_unstamped_one_does_not(tmp_path):
+    (tmp_path / "a.txt").write_text("x")
+    m = A.write_manifest(tmp_path, kind="t", config={}, seed=0, inputs={}, outputs=["a.txt"])
+    assert m["machine"]["cpu_model"] == M.cpu_capability()["cpu_model"]
+    assert "machine" in A.read_json(tmp_path / A.MANIFEST)
+    m = A.write_manifest(tmp_path, kind="t", config={}, seed=0, inputs={}, outputs=["a.txt"], stamp=False)
+    assert "machine" not in m
+
+
+def test_native_bf16_override_and_its_bad_value(monkeypatch):
+    monkeypatch.setenv(M.NATIVE_BF16_ENV, "1")
+    assert M.native_bf16() == (True, "CASCADE_NATIVE_BF16=1")
+    monkeypatch.setenv(M.NATIVE_BF16_ENV, "yes")
+    with pytest.raises(ValueError, match="CASCADE_NATIVE_BF16='yes'"):
+        M.native_bf16()
+
+
+# ------------------------------------------------------------------------------------------ "auto"
+
+
+def test_auto_is_float32_without_native_bf16_and_probes_nothing(monkeypatch):
+    _capability(monkeypatch, native=False, speedup=None)
+    c = M.resolve_autocast("auto", "cpu", GEMM)
+    assert (c.dtype, c.speedup) == ("float32", None) and "no native bf16" in c.reason
+
+
+def test_auto_is_bf16_where_native_and_the_probe_is_fast_enough(monkeypatch):
+    _capability(monkeypatch, native=True, speedup=2.0)
+    c = M.resolve_autocast("auto", "cpu", GEMM)
+    assert (c.dtype, c.speedup) == ("bf16", 2.0) and "4096x200x128 bf16 2.00x" in c.reason
+
+
+def test_auto_is_float32_where_native_but_the_probe_is_slow(monkeypatch):
+    _capability(monkeypatch, native=True, speedup=M.MIN_BF16_SPEEDUP - 0.01)
+    c = M.resolve_autocast("auto", "cpu", GEMM)
+    assert (c.dtype, c.speedup) == ("float32", 1.24) and "< 1.25" in c.reason
+    assert M.resolve_autocast("auto", "cpu", None).dtype == "float32"  # no GEMM in the model
+
+
+def test_off_none_bf16_and_cuda(monkeypatch, caplog):
+    _capability(monkeypatch, native=False, speedup=None)
+    assert M.resolve_autocast(None).dtype == M.resolve_autocast("off").dtype == "float32"
+    assert M.resolve_autocast("auto", "cuda", GEMM).dtype == "float32"  # a GPU keeps its own path
+    assert M.resolve_autocast("bf16", "cuda", GEMM).dtype == "bf16"
+    with caplog.at_level(logging.WARNING, logger="cascade.machine"):
+        assert M.resolve_autocast("bf16", "cpu", GEMM, what="test-emulated").dtype == "bf16"  # allowed: emulated
+    assert "without native bf16" in caplog.text and "test-emulated" in caplog.text
+
+
+def test_fit_resolves_auto_records_it_and_it_takes_effect(monkeypatch, small):
+    train, valid = small
+
+    def run(native: bool):
+        _capability(monkeypatch, native=native, speedup=2.0 if native else None)
+        m = Ranker(SPEC, RankerConfig(emb_dim=8, mlp=(32, 16)), seed=0)
+        res = fit(m, train, valid, TrainConfig(lr=0.01, batch_size=128, epochs=1))  # autocast "auto": the default
+        return m, res
+
+    m32, r32 = run(native=False)
+    m16, r16 = run(native=True)
+    assert r32.autocast["dtype"] == "float32" and r16.autocast["dtype"] == "bf16"
+    assert r16.autocast["speedup"] == 2.0 and r16.autocast["requested"] == "auto"
+    assert max(float((a - b).detach().abs().max()) for a, b in zip(m32.parameters(), m16.parameters())) > 1e-4
+
+
+def test_bad_autocast_values_name_the_key_and_the_value():
+    with pytest.raises(FieldError, match=r"TrainConfig.autocast = 'fp16'"):
+        TrainConfig(autocast="fp16")
+    assert TrainConfig(autocast=None).autocast is None  # configs written before "auto" still load
+    with pytest.raises(ConfigError, match=r"teacher.train.autocast = 'fp16'"):
+        from_dict(PipelineConfig, {"teacher": {"train": {"autocast": "fp16"}}})
+    with pytest.raises(ConfigError, match=r"ranklog.autocast.*'half'"):
+        from_dict(PipelineConfig, {"ranklog": {"autocast": "half"}})
+    assert from_dict(PipelineConfig, {"ranklog": {"autocast": "off"}}).ranklog.autocast == "off"
+
+
+# ------------------------------------------------------------------------------------------ bf16 scoring
+
+
+def test_bf16_scoring_keeps_the_top10_of_float32():
+    """A trained default-sized teacher scores 120 lists of 100 candidates in float32 and under bf16 autocast
+    (emulated where the CPU has no native bf16: the rounding is the same); the issue's bar is a top-10 agreement
+    >= 0.99 (0.993 on an AMD EPYC with avx512_bf16, 2026-12-05)."""
+    train, valid = make_table(6000, seed=41), make_table(2000, seed=42)
+    model = Ranker(SPEC, TEACHER, seed=0)
+    res = fit(model, train, valid, TrainConfig(lr=2e-3, batch_size=256, epochs=2, autocast="off"))
+    assert res.best_valid_auc > 0.65  # it learned the planted effects: its ordering is not noise
+    pairs = make_table(12000, seed=43)
+    s32 = score_pairs(model, pairs.cat, pairs.num).reshape(120, 100)
+    s16 = score_pairs(model, pairs.cat, pairs.num, bf16=True).reshape(120, 100)
+    assert s16.dtype == np.float32 and not np.array_equal(s32, s16)  # bf16 did run
+    top32, top16 = np.argsort(-s32, 1)[:, :10], np.argsort(-s16, 1)[:, :10]
+    agreement = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(top32, top16)])
+    assert agreement >= 0.99, agreement
+
+
+def test_scoring_autocast_follows_the_capability(monkeypatch):
+    model = Ranker(SPEC, TEACHER, seed=0)
+    _capability(monkeypatch, native=False, speedup=None)
+    assert scoring_autocast(model).dtype == "float32"
+    _capability(monkeypatch, native=True, speedup=1.8)
+    assert scoring_autocast(model).dtype == "bf16"
+    assert scoring_autocast(model, "off").dtype == "float32"
+
+
+# ------------------------------------------------------------------------------------------ bounds
+
+
+def test_format_bounds_names_the_machine_and_each_rate():
+    b = {"cpu_model": "Some Xeon", "float32_gflops": 170.4, "bf16_gflops": 1215.0, "threads": 1,
+         "native_bf16": True, "amx": True, "memory_gbs": 24.6}
+    assert M.format_bounds(b) == ("Some Xeon: float32 GEMM 170 GFLOP/s, bf16 GEMM 1,215 GFLOP/s (1 thread; native "
+                                  "bf16 True, AMX True), memory 25 GB/s")
