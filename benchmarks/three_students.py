@@ -38,8 +38,7 @@ from cascade.distill.ranklog import RankLog, build_rank_log
 from cascade.models.scoring import score_pairs
 from cascade.models.two_tower import build_two_tower
 from cascade.pipeline import PipelineConfig
-from cascade.pipeline.config import RankLogSection
-from cascade.pipeline.ranklog import candidate_lists, rank_log_inputs
+from cascade.pipeline.ranklog import candidate_lists, rank_log_inputs, ranklog_channels
 from cascade.run_data import RunData, load_ranker
 from cascade.train.loop import evaluate
 from cascade.train.students import evaluate_on_log, train_student
@@ -91,9 +90,8 @@ def main(argv: list[str] | None = None) -> int:
 
     # ---- training requests and candidate lists, as the ranklog step builds them (capped)
     t0 = time.perf_counter()
-    rl = RankLogSection(max_requests=args.max_requests, n_candidates=cfg.ranklog.n_candidates,
-                        uniform_frac=cfg.ranklog.uniform_frac)
-    frame, cands, item_ids = rank_log_inputs(data, rl, args.seed)
+    rl = dataclasses.replace(cfg.ranklog, max_requests=args.max_requests)
+    frame, cands, item_ids, _ = rank_log_inputs(data, rl, args.seed, ranklog_channels(rl, run / "channels", data))
     inputs = data.tower_inputs(frame)
     requests = to_requests(frame, data.context_names)
     train = data.encoded("train")

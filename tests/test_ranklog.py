@@ -156,3 +156,27 @@ def test_build_rejects_bad_scorer_and_requests(tmp_path):
         build_rank_log(requests, cand, lambda r, c: np.zeros((len(r), 2)), tmp_path / "b", progress=False)
     with pytest.raises(Exception, match="user_row"):
         build_rank_log(requests.drop(columns="user_row"), cand, scorer, tmp_path / "c", progress=False)
+
+
+def test_sources_round_trip_through_shards(tmp_path):
+    requests, cand, scorer, item_ids, _, _ = rank_log_world(r=41)
+    # slots 0-2 impressed (0), 3-5 a channel (1), the rest samples (2); -1 at the padded slots
+    src = np.where(cand >= 0, np.minimum(np.arange(cand.shape[1]) // 3, 2)[None, :], -1).astype(np.int8)
+    names = ["impressed", "popular", "sample"]
+    for k in range(2):
+        build_rank_log(requests, cand, scorer, tmp_path, requests_per_batch=16, n_shards=2, shard_index=k,
+                       progress=False, item_ids=item_ids, sources=src, source_names=names)
+    merged = merge_manifests(tmp_path, n_shards=2)
+    # 41 lists: 3 impressed and 3 channel slots each; 9 - 6 = 3 sample slots, 2 fewer in the 9 lists r % 5 == 0
+    assert merged["source_counts"] == {"impressed": 123, "popular": 123, "sample": 41 * 3 - 9 * 2}
+    assert merged["source_share"]["impressed"] == pytest.approx(123 / (41 * 9 - 18))
+    rl = RankLog(tmp_path)
+    assert rl.source_names == names
+    np.testing.assert_array_equal(rl.sources, src)
+    np.testing.assert_array_equal(rl.subset(np.array([5, 2])).sources, src[[5, 2]])
+    assert RankLog(tmp_path / "shard-00000-of-00002").sources.shape == (20, 9)
+    with pytest.raises(ValueError, match="not an index into source_names"):
+        build_rank_log(requests, cand, scorer, tmp_path / "bad", progress=False, sources=src,
+                       source_names=names[:2])
+    plain = build_rank_log(requests, cand, scorer, tmp_path / "plain", progress=False)
+    assert "source_names" not in plain and RankLog(tmp_path / "plain").sources is None

@@ -6,7 +6,9 @@ the corpus) and the log keeps one row per (request, candidate) in long format:
     request_id, user_id, time_ms, item_id, teacher_logit, rank        (rank 1 = the teacher's best in the request)
 
 plus the dense rows the students index with (``request_row``, ``user_row``, ``item_row``) and ``slot``, the
-candidate's position in its list, so the reader restores the lists exactly. Rows are written as parquet shards
+candidate's position in its list, so the reader restores the lists exactly. A log built with ``sources`` also has
+an int8 ``source`` column indexing the manifest's ``source_names`` (e.g. impressed / a channel / sample) and the
+manifest's ``source_share`` (each source's share of the rows). Rows are written as parquet shards
 through :mod:`cascade.artifacts` (atomic) with a manifest listing each shard's sha256, row count and requests.
 
 Scale-out: ``build_rank_log(..., n_shards=S, shard_index=k)`` scores and writes only the k-th contiguous block of
@@ -44,6 +46,7 @@ KIND = "rank_log"  # the manifest kind of a rank log
 #: Columns of a rank-log shard, in file order.
 COLUMNS = ("request_id", "user_id", "time_ms", "item_id", "teacher_logit", "rank",
            "request_row", "user_row", "item_row", "slot")
+SOURCE = "source"  # the optional column: where a candidate came from (an index into the manifest's source_names)
 REQUEST_COLUMNS = {"request_id": "int", "user_id": "int", "user_row": "int", "time_ms": "int"}
 
 Scorer = Callable[[np.ndarray, np.ndarray], "np.ndarray | torch.Tensor"]
@@ -148,14 +151,16 @@ def _shard_dir(out_dir: Path, n_shards: int | None, shard_index: int | None) -> 
 def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Scorer, out_dir: str | Path,
                    requests_per_batch: int = 256, shard_rows: int = 1_000_000, n_shards: int | None = None,
                    shard_index: int | None = None, progress: bool = True, item_ids: np.ndarray | None = None,
-                   seed: int | None = None) -> dict:
+                   seed: int | None = None, sources: np.ndarray | None = None,
+                   source_names: list[str] | None = None) -> dict:
     """Score every request's candidate list with the teacher and write the long-format log. Returns the manifest.
 
     requests: one row per request with int columns ``request_id, user_id, user_row, time_ms`` (row r of the frame
     is request row r: it indexes the per-request context arrays). candidates: int [R, L] item rows, -1 = none.
     scorer(request_rows int64 [R_b], candidates int64 [R_b, L]) -> logits [R_b, L] (numpy or torch): one call
     per batch of ``requests_per_batch`` requests; padded slots are passed as item row 0 and their scores
-    ignored. item_ids: int [I] item row -> raw item id (default: the row is the id).
+    ignored. item_ids: int [I] item row -> raw item id (default: the row is the id). sources: int [R, L], each
+    slot's source (an index into ``source_names``; -1 at padding), written as the ``source`` column.
 
     Files: ``part-00000.parquet``, ... (a new part once ``shard_rows`` rows are buffered; a part ends on a batch
     boundary, so it may exceed shard_rows by one batch) and ``manifest.json``. With ``n_shards``/``shard_index``
@@ -180,6 +185,19 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
     rid = requests["request_id"].to_numpy(np.int64)
     if len(np.unique(rid)) != n_req:
         raise DataValidationError("build_rank_log: requests: column 'request_id' has duplicate values")
+    if (sources is None) != (source_names is None):
+        raise ValueError("build_rank_log: give both sources and source_names, or neither")
+    if sources is not None:
+        sources = np.asarray(sources)
+        if sources.shape != candidates.shape:
+            raise ValueError(f"build_rank_log: sources must have the candidates' shape {candidates.shape}, "
+                             f"got {sources.shape}")
+        bad = (candidates >= 0) & ((sources < 0) | (sources >= len(source_names)))
+        if bad.any():
+            raise ValueError(f"build_rank_log: a candidate's source {sources[bad][0]} is not an index into "
+                             f"source_names {list(source_names)}")
+        sources = sources.astype(np.int8)
+    columns = COLUMNS if sources is None else (*COLUMNS, SOURCE)
     if item_ids is not None:
         item_ids = np.asarray(item_ids, dtype=np.int64)
         n_items = len(item_ids)
@@ -212,7 +230,7 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
         nonlocal buf, buffered
         if not buf:
             return
-        cols = {c: np.concatenate([b[c] for b in buf]) for c in COLUMNS}
+        cols = {c: np.concatenate([b[c] for b in buf]) for c in columns}
         name = f"part-{len(parts):05d}.parquet"
         with artifacts.atomic_path(shard_dir / name) as tmp:
             pq.write_table(pa.table(cols), tmp)
@@ -247,6 +265,7 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
             "teacher_logit": logits[valid], "rank": ranks[valid].astype(np.int16 if L < 2**15 else np.int32),
             "request_row": rr, "user_row": urow[rr].astype(np.int32), "item_row": item_row.astype(np.int32),
             "slot": np.broadcast_to(slot_row, cand.shape)[valid],
+            **({SOURCE: sources[s:e][valid]} if sources is not None else {}),
         })
         buffered += len(rr)
         if buffered >= shard_rows:
@@ -263,13 +282,28 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
         metrics={"n_rows": n_rows}, stamp=False,
         extra={"shards": _with_hashes(parts, shard_dir), "n_requests": hi_r - lo_r, "n_rows": n_rows,
                "request_row_range": [lo_r, hi_r], "n_requests_total": n_req, "n_items": n_items,
-               "columns": list(COLUMNS)},
+               "columns": list(columns), **_source_fields(sources, source_names, lo_r, hi_r)},
     )
     log.info("rank log: %d requests, %d pairs in %.2fs (%.0f pairs/s, scorer %.2fs) -> %s",
              hi_r - lo_r, n_rows, wall, n_rows / max(wall, 1e-9), score_s, shard_dir)
     # the timings go back to the caller only
     return {**man, "wall_s": wall, "metrics": {**man["metrics"], "score_s": score_s,
                                                "pairs_per_s": n_rows / wall if wall > 0 else None}}
+
+
+def _source_fields(sources: np.ndarray | None, names: list[str] | None, lo: int, hi: int) -> dict:
+    """The manifest's source_names and source_counts (rows per source over request rows [lo, hi)), if any."""
+    if sources is None:
+        return {}
+    block = sources[lo:hi]
+    counts = np.bincount(block[block >= 0].astype(np.int64), minlength=len(names))
+    return {"source_names": list(names), "source_counts": {n: int(c) for n, c in zip(names, counts)},
+            "source_share": _shares(counts, names)}
+
+
+def _shares(counts, names: list[str]) -> dict[str, float]:
+    total = max(int(np.sum(counts)), 1)
+    return {n: float(c) / total for n, c in zip(names, counts)}
 
 
 def _with_hashes(parts: list[dict], base: Path, prefix: str = "") -> list[dict]:
@@ -283,6 +317,7 @@ def merge_manifests(out_dir: str | Path, n_shards: int) -> dict:
     """
     out_dir = Path(out_dir)
     shards, outputs, n_rows, n_req, cfg0 = [], [], 0, 0, None
+    names0, columns0, counts = None, None, None
     expected_lo = 0
     total = None
     for k in range(n_shards):
@@ -301,6 +336,13 @@ def merge_manifests(out_dir: str | Path, n_shards: int) -> dict:
             cfg0 = cfg
         elif cfg != cfg0:
             raise artifacts.ArtifactError(f"{d}: shard config {cfg} differs from shard 0's {cfg0}")
+        if k == 0:
+            names0, columns0 = m.get("source_names"), m.get("columns", list(COLUMNS))
+            counts = dict.fromkeys(names0 or (), 0)
+        elif m.get("source_names") != names0 or m.get("columns", list(COLUMNS)) != columns0:
+            raise artifacts.ArtifactError(f"{d}: shard columns / source names differ from shard 0's")
+        for name, c in (m.get("source_counts") or {}).items():
+            counts[name] += c
         prefix = d.name + "/"
         for s in m["shards"]:
             shards.append({**s, "path": prefix + s["path"]})
@@ -313,7 +355,9 @@ def merge_manifests(out_dir: str | Path, n_shards: int) -> dict:
         out_dir, kind=KIND, config={**cfg0, "shard_index": None}, seed=None, inputs={}, outputs=outputs,
         metrics={"n_rows": n_rows}, stamp=False,
         extra={"shards": shards, "n_requests": n_req, "n_rows": n_rows, "request_row_range": [0, total],
-               "n_requests_total": total, "n_items": m.get("n_items"), "columns": list(COLUMNS)},
+               "n_requests_total": total, "n_items": m.get("n_items"), "columns": columns0,
+               **({"source_names": names0, "source_counts": counts,
+                   "source_share": _shares(list(counts.values()), names0)} if names0 else {})},
     )
 
 
@@ -326,6 +370,8 @@ class RankLog:
 
     items int64 [R, L] item rows (-1 = padding); ranks int64 [R, L] (1 = best, 0 = padding); logits float32
     [R, L] (0 at padding); mask bool [R, L]; request_rows, request_ids, user_rows, user_ids, time_ms int64 [R].
+    sources int8 [R, L] (an index into source_names, -1 at padding) and source_names, where the log records
+    where each candidate came from (else None).
     Slot j of request r is the j-th candidate passed to build_rank_log, so a round trip restores the input.
     verify=True re-hashes every shard against the manifest first.
     """
@@ -342,8 +388,13 @@ class RankLog:
             if missing:
                 raise artifacts.ArtifactError(f"{self.path / self.manifest['shards'][0]['path']}: "
                                               f"missing columns {missing}")
+        self.source_names = self.manifest.get("source_names")
+        names = (*COLUMNS, SOURCE) if self.source_names is not None else COLUMNS
+        if tables and self.source_names is not None and SOURCE not in tables[0].column_names:
+            raise artifacts.ArtifactError(f"{self.path}: the manifest names sources but the shards have no "
+                                          f"{SOURCE!r} column")
         col = {c: (np.concatenate([t.column(c).to_numpy() for t in tables]) if tables else np.zeros(0, np.int64))
-               for c in COLUMNS}
+               for c in names}
         self._build(col)
 
     def _build(self, col: dict[str, np.ndarray]) -> None:
@@ -361,6 +412,10 @@ class RankLog:
         self.ranks[inv, slot] = col["rank"]
         self.logits[inv, slot] = col["teacher_logit"]
         self.mask[inv, slot] = True
+        self.sources = None
+        if SOURCE in col:
+            self.sources = np.full((r, width), -1, dtype=np.int8)
+            self.sources[inv, slot] = col[SOURCE]
         if int(self.mask.sum()) != n:
             raise artifacts.ArtifactError(f"{self.path}: some (request, slot) pairs appear more than once")
         self.request_ids = col["request_id"][first].astype(np.int64)
@@ -401,8 +456,9 @@ class RankLog:
         idx = np.asarray(idx, dtype=np.int64)
         out = copy.copy(self)
         for name in ("items", "ranks", "logits", "mask", "request_rows", "request_ids", "user_ids", "user_rows",
-                     "time_ms"):
-            setattr(out, name, getattr(self, name)[idx])
+                     "time_ms", "sources"):
+            if getattr(self, name) is not None:
+                setattr(out, name, getattr(self, name)[idx])
         id_of_row = np.zeros(int(self._item_row_flat.max(initial=-1)) + 1, dtype=np.int64)
         id_of_row[self._item_row_flat] = self.item_ids_flat
         out._item_row_flat = out.items[out.mask]

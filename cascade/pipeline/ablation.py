@@ -12,8 +12,8 @@ split:
 
 The test set of a seed (built once, cached under ``runs/<run>/ablation/test``): a time-even sample of
 ``n_test_requests`` test requests whose candidate lists (impressed items first, then popularity / uniform corpus
-samples, as in the pipeline's ranklog step) the teacher scores into a test rank log, and, for the first
-``n_corpus_requests`` of them, the teacher's top-k over the whole corpus. Metrics per student:
+samples: the pipeline's ranklog step without its channel items) the teacher scores into a test rank log, and, for
+the first ``n_corpus_requests`` of them, the teacher's top-k over the whole corpus. Metrics per student:
 
 - ``list_teacher_recall@k``: |teacher's top-k of the list ∩ student's top-``n_pick`` of the list| / k;
 - ``corpus_teacher_recall@k``: |teacher's top-k over the corpus ∩ student's top-``n_pick`` over the corpus

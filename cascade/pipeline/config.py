@@ -266,16 +266,22 @@ def data_step_config(cfg: PipelineConfig) -> DataSection:
 
 @dataclass(frozen=True)
 class RankLogSection:
-    """max_requests: train requests scored (a seeded sample; None = all). n_candidates: list length per request
-    (impressed items + corpus samples); uniform_frac: share of uniform (vs popularity-weighted) samples.
-    autocast: the teacher's scoring in bfloat16 ("auto" | "bf16" | "off"; cascade.models.scoring.scoring_autocast;
-    what it resolved to is in the step's manifest)."""
+    """max_requests: train requests scored (a seeded sample; None = all). n_candidates: list length per request:
+    its impressed items, then channel items, then corpus samples. channels: the classic channels (built by the
+    channels step) whose merged list (equal quotas, de-duplicated) fills ``channel_share`` of each request's
+    non-impressed slots, so the students learn on candidates like those serving retrieves (None: every channel of
+    channels.build; the two-tower is not one: it is trained on this log). The rest are corpus samples;
+    uniform_frac: their share of uniform (vs popularity-weighted) draws. autocast: the teacher's scoring in
+    bfloat16 ("auto" | "bf16" | "off"; cascade.models.scoring.scoring_autocast; what it resolved to is in the step's
+    manifest)."""
 
     max_requests: int | None = 10000
     n_candidates: int = 200
     uniform_frac: float = 0.5
     requests_per_batch: int = 256
     autocast: Literal["auto", "bf16", "off"] = "auto"
+    channels: tuple[str, ...] | None = None
+    channel_share: float = 0.5
 
     def __post_init__(self) -> None:
         require(self, "n_candidates", at_least(self.n_candidates, 2), "must be an integer >= 2")
@@ -285,6 +291,22 @@ class RankLogSection:
                 "must be an integer >= 1 or None (every train request)")
         require(self, "requests_per_batch", at_least(self.requests_per_batch, 1), "must be an integer >= 1")
         require(self, "autocast", self.autocast in AUTOCAST, f"must be one of {AUTOCAST}")
+        require(self, "channel_share", finite(self.channel_share) and 0.0 <= self.channel_share <= 1.0,
+                "must be in [0, 1]")
+        if self.channels is not None:
+            unknown = sorted(set(self.channels) - set(CHANNEL_NAMES))
+            require(self, "channels", not unknown and len(set(self.channels)) == len(self.channels),
+                    f"must name distinct channels of {list(CHANNEL_NAMES)} (the two-tower is trained on the rank "
+                    f"log, so it cannot feed it)")
+            require(self, "channels", not (self.channels and self.channel_share == 0.0),
+                    "names channels but ranklog.channel_share = 0 takes nothing from them: set a share > 0, or "
+                    "leave ranklog.channels out")
+
+    def channels_of(self, built: tuple[str, ...]) -> tuple[str, ...]:
+        """The channels the rank log draws from, given those the channels step builds (none at share 0)."""
+        if self.channel_share == 0.0:
+            return ()
+        return tuple(built) if self.channels is None else tuple(self.channels)
 
 
 def _prerank() -> StudentConfig:
@@ -517,6 +539,15 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         """Checks across sections (each section checked its own values)."""
+        drawn = self.ranklog.channels_of(self.channels.build)
+        missing = [n for n in drawn if n not in self.channels.build]
+        if missing:
+            raise ConfigError(f"ranklog.channels names {missing}, which the channels step does not build "
+                              f"(channels.build = {list(self.channels.build)})")
+        if self.ranklog.channel_share > 0 and not drawn:
+            raise ConfigError(f"ranklog.channel_share = {self.ranklog.channel_share} but no channel to draw from "
+                              f"(ranklog.channels = {_listed(self.ranklog.channels)}, channels.build = "
+                              f"{list(self.channels.build)}): name channels, or set ranklog.channel_share = 0")
         if self.teacher.sequence_length and not self.data.cross_features:
             raise ConfigError(f"teacher.sequence_length = {self.teacher.sequence_length} needs data.cross_features = "
                               "true (the cross-feature store answers the behaviour sequences, in its window)")
@@ -534,6 +565,10 @@ class PipelineConfig:
                 raise ConfigError(f"report.ablation = {self.report.ablation!r} is the ablation of dataset {shown!r}, "
                                   f"but data.source is {self.data.source!r}: use --data {self.data.source}:PATH "
                                   "(it leaves out an ablation of another dataset) or a config without it")
+
+
+def _listed(names: tuple[str, ...] | None) -> object:
+    return None if names is None else list(names)
 
 
 def with_run_device(cfg: PipelineConfig) -> PipelineConfig:

@@ -109,8 +109,9 @@ def run_distributed_ranklog(data_dir: str | Path, out: str | Path, epochs: int =
         A.write_json(out / "teacher" / "config.json", teacher_section.model.to_dict())
     model.eval()
 
-    frame, cands, item_ids = rank_log_inputs(data, dataclasses.replace(
-        RankLogSection(), max_requests=max_requests, n_candidates=n_candidates), seed)
+    # no channels step here: impressed items and corpus samples only
+    frame, cands, item_ids, _ = rank_log_inputs(data, dataclasses.replace(
+        RankLogSection(), max_requests=max_requests, n_candidates=n_candidates, channel_share=0.0), seed)
     score = ranker_scorer(model, data)
     requests = to_requests(frame, data.context_names)
 
