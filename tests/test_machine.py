@@ -16,6 +16,7 @@ import torch
 from cascade import artifacts as A
 from cascade import machine as M
 from cascade.config import ConfigError, FieldError, from_dict
+from cascade.machine import largest_gemm
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.models.scoring import score_pairs, scoring_autocast
 from cascade.pipeline.config import PipelineConfig
@@ -167,6 +168,19 @@ def test_scoring_autocast_follows_the_capability(monkeypatch):
     _capability(monkeypatch, native=True, speedup=1.8)
     assert scoring_autocast(model).dtype == "bf16"
     assert scoring_autocast(model, "off").dtype == "float32"
+
+
+def test_scoring_autocast_reads_the_entire_space_teachers_ranking_score(monkeypatch):
+    """The default teacher is scored through its RankScore (not a module): the probe reads the parent's GEMMs."""
+    from cascade.models.entire_space import EntireSpaceRanker
+    from cascade.models.scoring import ranking_model
+
+    ranking = ranking_model(EntireSpaceRanker(SPEC, TEACHER, seed=0))
+    linears = [m for m in Ranker(SPEC, TEACHER, seed=0).modules() if isinstance(m, torch.nn.Linear)]
+    big = max(linears, key=lambda m: m.in_features * m.out_features)
+    assert largest_gemm(ranking, 64) == (64, big.in_features, big.out_features)
+    _capability(monkeypatch, native=True, speedup=1.8)
+    assert scoring_autocast(ranking).dtype == "bf16"
 
 
 # ------------------------------------------------------------------------------------------ bounds

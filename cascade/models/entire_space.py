@@ -60,7 +60,7 @@ class EntireSpaceRanker(nn.Module):
 
 class RankScore:
     """The ranking score of an :class:`EntireSpaceRanker` in a ranker's calling shape (``__call__``,
-    ``forward_lists``, ``training`` / ``eval`` / ``train``), so batched scoring
+    ``forward_lists``, ``training`` / ``eval`` / ``train``, ``modules``), so batched scoring
     (:func:`cascade.models.scoring.score_pairs`) treats it like any ranker. Not a module: it holds no parameter,
     and its mode is the parent's."""
 
@@ -81,6 +81,10 @@ class RankScore:
     def eval(self) -> RankScore:
         self.parent.eval()
         return self
+
+    def modules(self):
+        """The parent's modules (what the autocast probe reads the GEMM shapes from)."""
+        return self.parent.modules()
 
     def train(self, mode: bool = True) -> RankScore:
         self.parent.train(mode)
