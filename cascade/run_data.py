@@ -115,17 +115,14 @@ class RunData:
         return np.where(self._item_index.find(i)[1] & (i != PAD), i, OOV_ID)
 
     def pair_features(self, requests: Requests, candidates: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(cat, num) [B*N, ...] for every (request, candidate) pair; candidates int64 [B, N] item ids (-1 pad)."""
-        b, n = candidates.shape
-        users = np.repeat(self.map_users(requests.user_id), n)
-        items = self.map_items(candidates.reshape(-1))
-        t = np.repeat(requests.time_ms, n)
-        ctx = {}
+        """(cat, num) [B*N, ...] for every (request, candidate) pair; candidates int64 [B, N] item ids (-1 pad).
+        Request-level features (user, context, the user's cross counts) are encoded once per request."""
         for c in self.context_names:
             if c not in requests.context:
                 raise ValueError(f"requests have no context column {c!r} (needs {self.context_names})")
-            ctx[c] = np.repeat(np.asarray(requests.context[c]), n)
-        return self.pairs.encode_pairs(users, items, t, ctx)
+        ctx = {c: np.asarray(requests.context[c]) for c in self.context_names}
+        return self.pairs.encode_lists(self.map_users(requests.user_id), self.map_items(candidates),
+                                       requests.time_ms, ctx)
 
     def tower_inputs(self, requests: pd.DataFrame) -> TowerInputs:
         """TowerInputs over all users and items (plus the OOV rows) and one context row per request of ``requests``."""

@@ -150,17 +150,37 @@ class CrossFeatureStore:
         """Cross features of each (user_ids[n], item_ids[n], t_ms[n]): name -> float32 [N].
 
         Users without history get zero counts (and the prior CTR); an item id unknown to the fitted items
-        table raises.
+        table raises. Every row is its own request here: :meth:`query_requests` answers candidate lists.
         """
-        if not hasattr(self, "times_"):
-            raise RuntimeError("CrossFeatureStore is not fitted: call fit()")
         user_ids = np.asarray(user_ids, dtype=np.int64)
         item_ids = np.asarray(item_ids, dtype=np.int64)
         t_ms = np.broadcast_to(np.asarray(t_ms, dtype=np.int64), user_ids.shape)
         if user_ids.shape != item_ids.shape or user_ids.ndim != 1:
             raise ValueError(f"CrossFeatureStore.query: user_ids {user_ids.shape} and item_ids "
                              f"{item_ids.shape} must be equal 1-d")
-        n = len(user_ids)
+        return self.query_requests(user_ids, t_ms, item_ids, np.arange(len(user_ids)))
+
+    def query_requests(self, user_ids: np.ndarray, t_ms: np.ndarray, item_ids: np.ndarray,
+                       request: np.ndarray) -> dict[str, np.ndarray]:
+        """Cross features of N (request, item) pairs: name -> float32 [N], pair p being (user_ids[request[p]],
+        item_ids[p], t_ms[request[p]]). user_ids, t_ms: int64 [R]; item_ids, request: int64 [N].
+
+        What depends on the request alone (the window's time ranks, the user family) is computed once per request
+        and gathered: a candidate list of L items shares one request, so this does that work 1 / L as often as
+        :meth:`query` on the pairs, with the same values.
+        """
+        if not hasattr(self, "times_"):
+            raise RuntimeError("CrossFeatureStore is not fitted: call fit()")
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        t_ms = np.broadcast_to(np.asarray(t_ms, dtype=np.int64), user_ids.shape)
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        request = np.asarray(request, dtype=np.int64)
+        if user_ids.ndim != 1 or item_ids.ndim != 1 or request.shape != item_ids.shape:
+            raise ValueError(f"CrossFeatureStore.query_requests: user_ids {user_ids.shape} must be 1-d [R], "
+                             f"item_ids {item_ids.shape} and request {request.shape} equal 1-d [N]")
+        r, n = len(user_ids), len(item_ids)
+        if n and (request.min() < 0 or request.max() >= r):
+            raise ValueError(f"CrossFeatureStore.query_requests: request rows must be in [0, {r})")
         # np.searchsorted is ~10x faster on sorted needles (each search starts from the previous hit and touches
         # the same, cached part of the history), so the searches into the histories run on needles put in
         # order by one argsort each: by time for the time ranks, by (item, time) for the item family and by
@@ -170,30 +190,37 @@ class CrossFeatureStore:
         stride = len(self.times_) + 1
         o_t = np.argsort(t_ms)
         t_sorted = t_ms[o_t]
-        # event rank < rank_hi <=> time < t ; event rank >= rank_lo <=> time >= t - W
-        rank_hi, rank_lo = np.empty(n, np.int64), np.empty(n, np.int64)
+        # per request: event rank < rank_hi <=> time < t ; event rank >= rank_lo <=> time >= t - W
+        rank_hi, rank_lo, rank_recent = np.empty(r, np.int64), np.empty(r, np.int64), np.empty(r, np.int64)
         rank_hi[o_t] = np.searchsorted(self.times_, t_sorted)
         rank_lo[o_t] = np.searchsorted(self.times_, t_sorted - window_ms)
-        rank_recent = np.empty(n, np.int64)
         rank_recent[o_t] = np.searchsorted(self.times_, t_sorted - window_ms // self.RECENT_SHARE)
 
         item_row = self._item_index.rows(item_ids, "CrossFeatureStore.query")
-        o_i = np.argsort(item_row * stride + rank_hi)
+        hi_p = rank_hi[request]
+        o_i = np.argsort(item_row * stride + hi_p)
         d, f = self.item_.lookup(item_row[o_i], np.ones(n, bool))
-        it_c, it_e = self.item_.counts(d, f, rank_lo[o_i], rank_hi[o_i])
-        ir_c, ir_e = self.item_.counts(d, f, rank_recent[o_i], rank_hi[o_i])
+        req_i = request[o_i]
+        it_c, it_e = self.item_.counts(d, f, rank_lo[req_i], hi_p[o_i])
+        ir_c, ir_e = self.item_.counts(d, f, rank_recent[req_i], hi_p[o_i])
 
+        # requests in (user, time) order; the pairs follow their request (a stable sort keeps each list together)
         upos, uknown = self._user_index.find(user_ids)
-        o_u = np.argsort(upos * stride + rank_hi)
-        up, known = upos[o_u], uknown[o_u]
-        lo, hi = rank_lo[o_u], rank_hi[o_u]
+        o_r = np.argsort(upos * stride + rank_hi)
+        # users_ are exactly the keys of the user history, so a user's position is its dense key
+        us_c, us_e = np.empty(r, np.int64), np.empty(r, np.int64)
+        us_c[o_r], us_e[o_r] = self.user_.counts(upos[o_r], uknown[o_r], rank_lo[o_r], rank_hi[o_r])
+        place = np.empty(r, np.int64)
+        place[o_r] = np.arange(r)
+        o_u = np.argsort(place[request], kind="stable")
+        req_u = request[o_u]
+        up, known = upos[req_u], uknown[req_u]
+        lo, hi = rank_lo[req_u], rank_hi[req_u]
         tag, author = self.item_tag_[item_row[o_u]], self.item_author_[item_row[o_u]]
         d, f = self.user_tag_.lookup(up * max(self.n_tags_, 1) + tag, known & (tag >= 0))
         ut_c, ut_e = self.user_tag_.counts(d, f, lo, hi)
         d, f = self.user_author_.lookup(up * max(self.n_authors_, 1) + author, known & (author >= 0))
         ua_c, ua_e = self.user_author_.counts(d, f, lo, hi)
-        # users_ are exactly the keys of the user history, so a user's position is its dense key
-        us_c, us_e = self.user_.counts(up, known, lo, hi)
         d, f = self.user_item_.lookup(up * max(len(self.item_ids_), 1) + item_row[o_u], known)
         ui_c, ui_e = self.user_item_.counts(d, f, lo, hi)
 
@@ -202,18 +229,19 @@ class CrossFeatureStore:
             out[order] = x
             return out
 
-        ut_c, ut_e, ua_c, ua_e, us_c, us_e, ui_c, ui_e = (back(x, o_u) for x in (ut_c, ut_e, ua_c, ua_e, us_c, us_e,
-                                                                                  ui_c, ui_e))
+        ut_c, ut_e, ua_c, ua_e, ui_c, ui_e = (back(x, o_u) for x in (ut_c, ut_e, ua_c, ua_e, ui_c, ui_e))
         it_c, it_e, ir_c, ir_e = (back(x, o_i) for x in (it_c, it_e, ir_c, ir_e))
         a, b = self.prior_ctr * self.prior_strength, self.prior_strength
         f32 = np.float32
+        us_c, us_e = us_c.astype(np.float64), us_e.astype(np.float64)
+        user_ctr = ((us_c + a) / (us_e + b)).astype(f32)
         out = {
             "user_tag_clicks": ut_c.astype(f32), "user_tag_exposures": ut_e.astype(f32),
             "user_author_clicks": ua_c.astype(f32), "user_author_exposures": ua_e.astype(f32),
             "item_clicks": it_c.astype(f32), "item_exposures": it_e.astype(f32),
             "item_ctr": ((it_c + a) / (it_e + b)).astype(f32),
-            "user_clicks": us_c.astype(f32), "user_exposures": us_e.astype(f32),
-            "user_ctr": ((us_c + a) / (us_e + b)).astype(f32),
+            "user_clicks": us_c.astype(f32)[request], "user_exposures": us_e.astype(f32)[request],
+            "user_ctr": user_ctr[request],
             "user_item_clicks": ui_c.astype(f32), "user_item_exposures": ui_e.astype(f32),
             "item_recent_clicks": ir_c.astype(f32), "item_recent_exposures": ir_e.astype(f32),
         }

@@ -70,7 +70,7 @@ class PairEncoder:
 
     def encode_pairs(self, user_ids: np.ndarray, item_ids: np.ndarray, t_ms: np.ndarray | int,
                      context: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
-        """(cat int64 [N, C], num float32 [N, M]) laid out as ``self.spec``.
+        """(cat int64 [N, C], num float32 [N, M]) laid out as ``self.spec``, every row its own request.
 
         user_ids, item_ids: int64 [N]; t_ms: [N] or a scalar (cross features use events strictly before it);
         context: context column name -> [N] array or a scalar (e.g. ``{"hour": 20, "tab": 1}``).
@@ -78,8 +78,28 @@ class PairEncoder:
         user_ids = np.asarray(user_ids, dtype=np.int64)
         item_ids = np.asarray(item_ids, dtype=np.int64)
         n = len(user_ids)
-        upos = self._user_index.rows(user_ids)
-        ipos = self._item_index.rows(item_ids)
+        return self._encode(user_ids, np.broadcast_to(np.asarray(t_ms, np.int64), (n,)),
+                            self._context(context, n), item_ids, None)
+
+    def encode_lists(self, user_ids: np.ndarray, item_ids: np.ndarray, t_ms: np.ndarray | int,
+                     context: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+        """(cat int64 [B*L, C], num float32 [B*L, M]) of B candidate lists, row b*L + j being (user_ids[b],
+        item_ids[b, j]) at t_ms[b] in context b: the rows :meth:`encode_pairs` gives for the flattened pairs.
+
+        user_ids: int64 [B]; item_ids: int64 [B, L]; t_ms: [B] or a scalar; context: name -> [B] array or a scalar.
+        The user, context and per-user cross features are encoded once per request and gathered.
+        """
+        user_ids = np.asarray(user_ids, dtype=np.int64)
+        item_ids = np.asarray(item_ids, dtype=np.int64)
+        b = len(user_ids)
+        if item_ids.ndim != 2 or item_ids.shape[0] != b:
+            raise ValueError(f"encode_lists: item_ids must be [B={b}, L], got shape {item_ids.shape}")
+        request = np.repeat(np.arange(b), item_ids.shape[1])
+        return self._encode(user_ids, np.broadcast_to(np.asarray(t_ms, np.int64), (b,)),
+                            self._context(context, b), item_ids.reshape(-1), request)
+
+    def _context(self, context: Mapping[str, Any], n: int) -> dict[str, np.ndarray]:
+        """The encoder's context columns of ``context`` as arrays [n] (a scalar or one value is repeated)."""
         ctx = {}
         for c in self.encoder.columns_:
             if c["part"] == "context":
@@ -93,19 +113,53 @@ class PairEncoder:
                 if v.shape != (n,):
                     raise ValueError(f"encode_pairs: context {c['name']!r} has shape {v.shape}, expected ({n},)")
                 ctx[c["name"]] = v
-        ccat, cnum = self.encoder.encode_context(pd.DataFrame(ctx, index=np.arange(n)))
-        t_ms = np.broadcast_to(np.asarray(t_ms, np.int64), (n,))
-        hcat = np.zeros((n, 0), np.int64)
-        if self.cross_store is not None and self.history_length:
-            cross, hist = self.cross_store.query_with_history(user_ids, item_ids, t_ms, self.history_length)
-            first, run = query_runs(user_ids, t_ms)  # code each request's sequence once
-            hcat = self.history_codes(hist[first])[run]
-        elif self.cross_store is not None:
-            cross = self.cross_store.query(user_ids, item_ids, t_ms)
-        xnum = self.encoder.encode_cross(cross) if self.cross_store is not None else np.zeros((n, 0), np.float32)
-        cat = np.concatenate([self.user_cat_[upos], self.item_cat_[ipos], ccat, hcat], axis=1)
-        num = np.concatenate([self.user_num_[upos], self.item_num_[ipos], cnum, xnum], axis=1)
-        return cat, num
+        return ctx
+
+    def _encode(self, user_ids: np.ndarray, t_ms: np.ndarray, context: dict[str, np.ndarray], item_ids: np.ndarray,
+                request: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        """Rows of N pairs (user_ids[request[p]], item_ids[p]) at t_ms[request[p]] in context request[p]: user_ids,
+        t_ms, context arrays [R] per request, item_ids and request int64 [N] (None: R = N, row p is request p).
+        Request-level columns are encoded for the R requests and gathered into the rows."""
+        r, n = len(user_ids), len(item_ids)
+        upos = self._user_index.rows(user_ids)
+        ipos = self._item_index.rows(item_ids)
+        ccat, cnum = self.encoder.encode_context(pd.DataFrame(context, index=np.arange(r)))
+        hcat = np.zeros((r, 0), np.int64)
+        xnum = np.zeros((n, 0), np.float32)
+        store, hl = self.cross_store, self.history_length
+        if store is not None:
+            hist = None
+            if request is None:  # rows are their own requests: what the stream's windowed store answers
+                cross, hist = store.query_with_history(user_ids, item_ids, t_ms, hl) if hl else (
+                    store.query(user_ids, item_ids, t_ms), None)
+            else:
+                cross = store.query_requests(user_ids, t_ms, item_ids, request)
+                if hl:
+                    hist = store.history(user_ids, t_ms, hl)
+            if hl:
+                first, run = query_runs(user_ids, t_ms)  # code each request's sequence once
+                hcat = self.history_codes(hist[first])[run]
+            xnum = self.encoder.encode_cross(cross)
+        u_rows = upos if request is None else upos[request]
+        cat_parts = [(self.user_cat_, u_rows), (self.item_cat_, ipos), (ccat, request), (hcat, request)]
+        num_parts = [(self.user_num_, u_rows), (self.item_num_, ipos), (cnum, request), (xnum, None)]
+        return _gather_columns(cat_parts, n, np.int64), _gather_columns(num_parts, n, np.float32)
+
+
+def _gather_columns(parts: list[tuple[np.ndarray, np.ndarray | None]], n: int, dtype) -> np.ndarray:
+    """[n, sum of widths]: ``table[rows]`` of each (table, rows) side by side (rows None: the table as it is),
+    gathered straight into the output (no per-part temporary and no concatenate copy)."""
+    out = np.empty((n, sum(t.shape[1] for t, _ in parts)), dtype)
+    at = 0
+    for table, rows in parts:
+        w = table.shape[1]
+        if w:
+            if rows is None:
+                out[:, at:at + w] = table
+            else:
+                out[:, at:at + w] = table[rows]
+        at += w
+    return out
 
 
 def build_encoded(dataset: Dataset, masks: Mapping[str, np.ndarray], encoder: FeatureEncoder,

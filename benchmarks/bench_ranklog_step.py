@@ -1,0 +1,110 @@
+"""Throughput of the pipeline's ranklog step on a finished run: the run's teacher scores the sampled candidate lists
+through ``ranker_scorer`` (pair features built from the history, then the teacher's forward), ranks them and
+writes the parquet log, as ``cascade.pipeline.ranklog.run`` does. Prints one JSON line and, with --out, writes it.
+
+Side by side with an older version: run this file alternately with PYTHONPATH on each checkout (the same run
+folder, the same machine) and compare medians. --profile adds each part's share of one build (cProfile,
+cumulative time): candidate sampling is timed apart (it happens before the log is built).
+
+    python benchmarks/bench_ranklog_step.py --run runs/default --threads 1 --reps 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import json
+import os
+import platform
+import pstats
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import cascade
+from cascade.data.requests import to_requests
+from cascade.distill.ranklog import build_rank_log
+from cascade.models.scoring import ranker_scorer
+from cascade.pipeline.config import RankLogSection
+from cascade.pipeline.ranklog import rank_log_inputs
+from cascade.run_data import RunData, load_ranker
+
+#: (share name, functions "file:name" whose cumulative time it is; the first one found counts)
+PARTS = (("pair features", ("run_data.py:pair_features",)),
+         ("  cross-feature lookups", ("cross.py:query_requests", "cross.py:query")),
+         ("teacher forward", ("scoring.py:score_pairs",)),
+         ("ranking", ("ranklog.py:_ranks",)),
+         ("parquet writing", ("ranklog.py:flush",)))
+
+
+def shares(prof: cProfile.Profile, total_s: float) -> dict[str, float]:
+    cum: dict[str, float] = {}
+    for (f, _, name), (_, _, _, ct, _) in pstats.Stats(prof).stats.items():
+        key = f"{Path(f).name}:{name}"
+        cum[key] = cum.get(key, 0.0) + ct
+    out = {}
+    for part, keys in PARTS:
+        got = [cum[k] for k in keys if k in cum]
+        out[part] = got[0] / total_s if got else 0.0
+    return out
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--run", required=True, help="a run folder with finished data and teacher steps")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--reps", type=int, default=2)
+    p.add_argument("--profile", action="store_true")
+    p.add_argument("--out", default=None)
+    a = p.parse_args()
+    torch.set_num_threads(a.threads)
+    run = Path(a.run)
+    resolved = json.loads((run / "config.json").read_text())
+    cfg = RankLogSection(**resolved["ranklog"])
+    seed = resolved["run"]["seed"]
+    data = RunData(run / "data")
+    teacher = load_ranker(run / "teacher" / "teacher", data.spec)
+    t0 = time.perf_counter()
+    frame, cands, item_ids = rank_log_inputs(data, cfg, seed)
+    sampling_s = time.perf_counter() - t0
+    requests = to_requests(frame, data.context_names)
+    score = ranker_scorer(teacher, data)
+
+    def scorer(request_rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
+        return score(requests.take(request_rows), item_ids[candidates])
+
+    pairs = int(np.sum(cands >= 0))
+    with tempfile.TemporaryDirectory() as tmp:
+        def build(name: str, n: int | None = None) -> float:
+            t = time.perf_counter()
+            build_rank_log(frame.iloc[:n], cands[:n], scorer, Path(tmp) / name,
+                           requests_per_batch=cfg.requests_per_batch, progress=False, item_ids=item_ids, seed=seed)
+            return time.perf_counter() - t
+
+        build("warm", 2 * cfg.requests_per_batch)
+        walls = [build(f"log{i}") for i in range(a.reps)]
+        out = {"benchmark": "bench_ranklog_step", "code": str(Path(cascade.__file__).parent.parent),
+               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                        cwd=Path(cascade.__file__).parent).stdout.strip(),
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": a.threads,
+               "n_requests": len(frame), "n_pairs": pairs, "sampling_s": sampling_s, "walls_s": walls,
+               "pairs_per_s": [pairs / w for w in walls]}
+        if a.profile:
+            prof = cProfile.Profile()
+            prof.enable()
+            wall = build("profiled")
+            prof.disable()
+            out["profile"] = {"wall_s": wall, "shares": shares(prof, wall)}
+    out["machine"] = {"cpu_count": os.cpu_count(), "load_avg_1_5_15": list(os.getloadavg()),
+                      "platform": platform.platform(), "torch": torch.__version__}
+    print(json.dumps(out))
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main()
