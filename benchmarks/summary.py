@@ -237,7 +237,9 @@ def _machine(d: dict) -> str:
     if load is not None:
         text += f", load {load[0] if isinstance(load, list) else load:.1f}"
     cpu = d.get("cpu") or (m.get("cpu") if isinstance(m, dict) else None)
-    if cpu:  # cascade.machine.machine_record: the CPU model and its bf16 / AMX flags
+    if isinstance(cpu, str):  # a hand-written description
+        text = f"{cpu}, {text}"
+    elif cpu:  # cascade.machine.machine_record: the CPU model and its bf16 / AMX flags
         flags = [f for f in ("avx512_bf16", "amx_bf16") if cpu["flags"].get(f)]
         text = f"{cpu['cpu_model']} ({', '.join(flags) or 'no bf16 flags'}), {text}"
     return text
