@@ -21,6 +21,11 @@ world per corpus size with few users and days and small models (``pipeline_confi
 trained run (data, teacher, rank log, students, index), so stage costs compare across sizes but model quality
 does not (not measured here). Queries are the test-day requests of each run.
 
+5. With ``--channels`` (its own results file, bench_serving_channels.json): the multi-channel cascade
+   (``load_cascade(run, "distilled+channels")``: the two-tower and the classic channels in one retrieval stage)
+   against the two-tower alone, batch-1 end to end and per channel, interleaved request by request; and each
+   channel's served path against the plain whole-corpus computation it replaces (cascade/channels/reference.py).
+
 Usage: ``nice python benchmarks/bench_serving.py --runs-dir <dir>`` (runs are resumed when present). Writes JSON
 (machine, date, versions, args, results) to --out and Markdown beside it, and prints the Markdown.
 """
@@ -54,6 +59,7 @@ from cascade.serve.replay import replay_latency
 log = logging.getLogger("bench_serving")
 
 TINY_TOML = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
+RESULTS = Path(__file__).resolve().parent / "results"
 
 
 # ------------------------------------------------------------------------------------------------ runs
@@ -63,26 +69,39 @@ def pipeline_config(n_items: int, runs_dir: Path, n_users: int = 3000, n_days: i
                     sweep_queries: int = 500):
     """The pipeline config of the benchmark world with ``n_items`` items: pipelines/tiny.toml's small models with
     a 32-d retrieval tower, ``n_users`` users over ``n_days`` days, the index chosen by corpus size (Flat below
-    200K items, IVF above) at recall@100 >= 0.95, and no ground-truth comparison students (not served here)."""
+    200K items, IVF above) at recall@100 >= 0.95, and no ground-truth comparison students (not served here).
+
+    The channels step (built before the teacher: ``until="index"`` includes it) keeps pipelines/tiny.toml's grids
+    except ALS, which is fitted once with the settings the default world's run chose (128 factors,
+    regularization 0.01, alpha 10) and 5 iterations: the serving cost of the largest model (it depends on the
+    factors and the index, not on how long ALS trained), without fitting a 128-factor grid at 1M items on a
+    shared 2-core machine; its item-factor index is chosen by corpus size as the two-tower's.
+
+    The teacher's exposure weight and the students' distillation scale are chosen on 50 validation requests (each
+    choice scores every item for every judged request: the defaults' 1000 and 500 requests x 1M items took the
+    better part of an hour on the 2 cores); they shape model quality, which this benchmark does not measure."""
     from cascade.pipeline import load_config
 
     overrides = [f"run.name=serving_w{n_items}", f"run.runs_dir={runs_dir}", f"run.seed={seed}", "run.threads=1",
                  f"data.world.n_users={n_users}", f"data.world.n_items={n_items}", f"data.world.n_days={n_days}",
                  "students.tower.emb_dim=16", "students.tower.hidden=[64]", "students.tower.out_dim=32",
                  "students.compare_ground_truth=false", "ranklog.n_candidates=100", "ranklog.max_requests=3000",
-                 "index.k=100", f"index.sweep_queries={sweep_queries}", "index.recall_target=0.95"]
+                 "index.k=100", f"index.sweep_queries={sweep_queries}", "index.recall_target=0.95",
+                 "channels.als_factors=[128]", "channels.als_regularization=[0.01]", "channels.als_alpha=[10.0]",
+                 "channels.als_iterations=5", "teacher.entire_space.select_requests=50", "students.select_requests=50"]
     return load_config(TINY_TOML, overrides)
 
 
 def ensure_run(cfg, progress: bool = False, reuse: bool = False) -> Path:
-    """Run (or resume) the pipeline of ``cfg`` up to the index step; return the run folder. reuse: take finished
-    stages as they are even if the package's code changed since (the timed serving code is always the current one;
-    only the trained models and the index come from the earlier run)."""
+    """Run (or resume) the pipeline of ``cfg`` up to the index step (the channels step included); return the run
+    folder. reuse: take finished stages as they are even if the package's code changed since (the timed serving
+    code is always the current one; only the trained models, the fitted channels and the indexes come from the
+    earlier run)."""
     from cascade.pipeline import run_pipeline
 
     t0 = time.perf_counter()
     run_pipeline(cfg, progress=progress, until="index",
-                 reuse=("data", "teacher", "ranklog", "students", "index") if reuse else ())
+                 reuse=("data", "channels", "teacher", "ranklog", "students", "index") if reuse else ())
     log.info("run %s ready in %.0f s", cfg.run.name, time.perf_counter() - t0)
     return Path(cfg.run.runs_dir) / cfg.run.name
 
@@ -449,6 +468,225 @@ def bench_size(n_items: int, args) -> dict:
     return out
 
 
+# ------------------------------------------------------------------------------------------------ channels
+
+
+def interleaved_latency(cascades: dict, requests: Requests, n_retrieve: int, n_prerank: int, k: int,
+                        seed: int = 0) -> dict:
+    """Batch-1 latency through ``Cascade.recommend`` of several cascades on the same requests, interleaved: each
+    request is served by every cascade in turn, in an order drawn afresh per request (seeded), so load changes on a
+    machine shared with other jobs hit them alike. Per cascade: end-to-end p50/p95/p99 on the wall clock and on the
+    thread's CPU clock (faiss and torch run on the calling thread), per stage, and per retrieval channel
+    ("retrieval_channels_ms", from ``CascadeResult.timing_s``)."""
+    names = list(cascades)
+    rng = np.random.default_rng(seed)
+    wall = {n: np.empty(len(requests)) for n in names}
+    cpu = {n: np.empty(len(requests)) for n in names}
+    timing: dict[str, dict[str, list[float]]] = {n: {} for n in names}
+    for i in range(len(requests)):
+        r = requests.take(np.array([i]))
+        for j in rng.permutation(len(names)):
+            name = names[j]
+            t0, c0 = time.perf_counter(), time.thread_time()
+            res = cascades[name].recommend(r, n_retrieve, n_prerank, k)
+            wall[name][i], cpu[name][i] = time.perf_counter() - t0, time.thread_time() - c0
+            if res.errors != [None]:
+                raise RuntimeError(f"{name}: request {i} was not served: {res.errors[0]}")
+            for key, v in res.timing_s.items():
+                timing[name].setdefault(key, []).append(v)
+    out = {}
+    for n in names:
+        t = timing[n]
+        out[n] = {"n_requests": len(requests), "end_to_end_ms": latency_summary(wall[n]),
+                  "end_to_end_cpu_ms": latency_summary(cpu[n]),
+                  **{f"{st}_ms": latency_summary(np.array(t[st])) for st in Cascade.STAGE_NAMES},
+                  "retrieval_channels_ms": {key.split("/", 1)[1]: latency_summary(np.array(v))
+                                            for key, v in t.items() if key.startswith("retrieval/")}}
+    return out
+
+
+def channel_paths(merged, requests: Requests, n: int) -> dict:
+    """Each channel's served path against the plain whole-corpus computation it replaces
+    (cascade/channels/reference.py), batch 1 on the same requests: p50/p99 of both and whether the lists agree
+    (identical lists; ALS: recall@n of the served list against the exact one, as its index may be approximate).
+    Most-popular's plain and served work is its per-period refresh (a request only reads the list): both are timed
+    counting one period's list afresh."""
+    from cascade.channels import ALSChannel, ContentChannel, ItemCFChannel, PopularChannel
+    from cascade.channels.reference import als_lists, content_lists, itemcf_lists, popular_lists
+
+    def paths(ch):
+        """(served, plain) of one channel: each maps a request to its (items, scores); None: no plain path."""
+        def served(r):
+            return ch.select(r, None, n)
+
+        if isinstance(ch, PopularChannel):
+            def refresh(r):
+                ch._cache.clear()  # a refresh: the period's list counted afresh
+                return ch.select(r, None, n)
+
+            return refresh, lambda r: popular_lists(ch, r, n)
+        if isinstance(ch, ItemCFChannel):
+            return served, lambda r: itemcf_lists(ch, r, n)
+        if isinstance(ch, ContentChannel):
+            return served, lambda r: content_lists(ch, r, n)
+        if isinstance(ch, ALSChannel):
+            return served, lambda r: als_lists(ch, r, n)
+        return None
+
+    out = {}
+    reqs = [requests.take(np.array([i])) for i in range(len(requests))]
+    for name, ch in zip(merged.names, merged.channels):
+        pair = paths(ch)
+        if pair is None:
+            continue
+        served, plain = pair
+        t_served, t_plain, same, recall = [], [], True, []
+        for r in reqs:  # interleaved, one request at a time
+            t0 = time.perf_counter()
+            a = served(r)
+            t1 = time.perf_counter()
+            b = plain(r)
+            t_served.append(t1 - t0)
+            t_plain.append(time.perf_counter() - t1)
+            if isinstance(ch, ALSChannel):
+                recall.append(mean_recall_at_k(b[0], a[0]) if (b[0] != -1).any() else 1.0)
+            else:
+                same &= bool(np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1]))
+        row = {"served_ms": latency_summary(np.array(t_served)), "plain_ms": latency_summary(np.array(t_plain)),
+               "n_requests": len(reqs)}
+        if isinstance(ch, ALSChannel):
+            row.update({"index": None if ch.index is None else ch.index.factory, "items_indexed": len(ch._scored),
+                        "nprobe": None if ch.index is None else ch.index.nprobe,
+                        f"recall_at_{n}_vs_dense": float(np.mean(recall))})
+        else:
+            row["identical_lists"] = same
+        if isinstance(ch, PopularChannel):
+            ch._cache.clear()
+        out[name] = row
+        log.info("channel %s: served p50 %.2f ms, plain p50 %.2f ms", name, row["served_ms"]["p50_ms"],
+                 row["plain_ms"]["p50_ms"])
+    return out
+
+
+def bench_channels(n_items: int, args) -> dict:
+    """The distilled+channels cascade of the run with ``n_items`` items (``load_cascade``, the DCNv2 teacher as
+    ranker) against the two-tower cascade alone, batch 1, interleaved; per-channel latency; each channel's served
+    path against its plain computation."""
+    from cascade import artifacts as A
+    from cascade.data.requests import requests_frame, to_requests
+    from cascade.serve.cascade import CHANNELS_VARIANT, load_cascade
+
+    cfg = pipeline_config(n_items, args.runs_dir, n_users=args.n_users, n_days=args.n_days, seed=args.seed)
+    run_dir = ensure_run(cfg, reuse=args.reuse_runs)
+    data, alone = load_cascade(run_dir, "distilled")
+    _, multi = load_cascade(run_dir, CHANNELS_VARIANT, data=data)
+    requests = to_requests(requests_frame(data.split_impressions("test"), data.context_names), data.context_names)
+    timed = cycle(requests, args.n_latency)
+    merged = multi.retriever
+    channels = dict(zip(merged.names, merged.channels))
+    out: dict = {"n_items": n_items, "n_test_requests": len(requests), "channels": merged.names,
+                 "quotas": dict(zip(merged.names, merged.quotas.tolist()))}
+    index = alone.retriever.index
+    out["two_tower_index"] = {"factory": index.factory, "nprobe": index.nprobe, "recall": index.recall_}
+    out["channels_step"] = {k: v for k, v in A.read_manifest(run_dir / "channels")["metrics"].items() if k != "judge"}
+    for v in out["channels_step"].values():
+        if isinstance(v, dict):
+            v.pop("grid", None)
+    # most-popular's list of each refresh period the timed requests fall in, counted ahead: a server refreshes it
+    # on a timer, off the request path (its cost: channel_paths, and popular_refresh here)
+    pop = channels.get("popular")
+    if pop is not None:
+        periods = np.unique(timed.time_ms // pop.refresh_ms * pop.refresh_ms)
+        t0 = time.perf_counter()
+        for s in periods:
+            pop.ranked(int(s))
+        out["popular_refresh"] = {"periods": len(periods), "ms_per_period": (time.perf_counter() - t0) * 1e3
+                                  / max(len(periods), 1)}
+    for casc in (alone, multi):  # warm-up: lazy allocations, caches
+        casc.recommend(cycle(requests, 20), args.n_retrieve, args.n_prerank, args.k)
+    out["batch1"] = interleaved_latency({"two_tower": alone, CHANNELS_VARIANT: multi}, timed, args.n_retrieve,
+                                        args.n_prerank, args.k, seed=args.seed)
+    for name, e in out["batch1"].items():
+        log.info("%d items, %s: batch-1 e2e p50 %.2f p99 %.2f ms (cpu p99 %.2f)", n_items, name,
+                 e["end_to_end_ms"]["p50_ms"], e["end_to_end_ms"]["p99_ms"], e["end_to_end_cpu_ms"]["p99_ms"])
+    out["channel_paths"] = channel_paths(merged, cycle(requests, args.n_plain), args.n_retrieve)
+    del alone, multi, data
+    gc.collect()
+    return out
+
+
+def render_channels_markdown(res: dict) -> str:
+    """BENCHMARKS-ready Markdown of a bench_serving --channels result."""
+    a, m = res["args"], res["machine"]
+    L = [f"### Serving with the classic channels: batch-1 latency ({res['date_utc'][:10]})", "",
+         f"Machine: {m['platform']}, {m['cpu_count']} CPUs, load average {m['loadavg_before'][0]:.1f} before / "
+         f"{m['loadavg_after'][0]:.1f} after (the benchmark itself keeps one core busy; other jobs shared the "
+         "cores: wall-clock times are pessimistic, the cpu-time columns leave out waiting for a core)"
+         + (f", run under nice {m['nice']}. " if m.get("nice") else ". ") +
+         f"faiss {res['versions'].get('faiss-cpu', '?')}, torch {res['versions'].get('torch', '?')}; faiss and torch "
+         f"on {a['threads']} thread. Wall time {res['wall_s'] / 60:.1f} min.", "",
+         f"Each corpus is the pipeline run of bench_serving's other sections (`until=\"index\"`, which includes the "
+         f"channels step) on the synthetic world with {a['n_users']} users and {a['n_days']} days. The cascades "
+         "are `load_cascade(run, \"distilled\")` (the two-tower retrieves alone) and `load_cascade(run, "
+         "\"distilled+channels\")` (the two-tower and the classic channels in one retrieval stage, as the replay "
+         "builds it), both with the DCNv2 teacher as ranker and the run's own index settings; every request is "
+         f"served by both in turn, in a random order per request ({a['n_latency']} test requests). Cascade sizes: "
+         f"n_retrieve {a['n_retrieve']}, n_prerank {a['n_prerank']}, k {a['k']}. Most-popular's list of each "
+         "refresh period is counted before timing (a server refreshes it on a timer); its refresh cost is in the "
+         "last table.", ""]
+    L += ["**Check** (budget: batch-1 e2e p99 <= 20 ms at 100,000 items; 1M reported):", ""]
+    for s in res["sizes"]:
+        e = s["batch1"]["distilled+channels"]
+        t = s["batch1"]["two_tower"]
+        ok = e["end_to_end_ms"]["p99_ms"] <= 20
+        L.append(f"- {s['n_items']:,} items: distilled+channels e2e p99 {e['end_to_end_ms']['p99_ms']:.1f} ms wall"
+                 + (f" {'PASS' if ok else 'FAIL'}" if s["n_items"] == 100_000 else "")
+                 + f", {e['end_to_end_cpu_ms']['p99_ms']:.1f} ms cpu-time; the two-tower alone "
+                 f"{t['end_to_end_ms']['p99_ms']:.1f} ms wall, {t['end_to_end_cpu_ms']['p99_ms']:.1f} ms cpu-time.")
+    L += ["", "**End to end** (batch 1, ms).", "",
+          "| items | cascade | two-tower index | e2e p50 | e2e p95 | e2e p99 | cpu-time p50 / p99 "
+          "| retrieval p50 / p99 | pre-rank p50 / p99 | rank p50 / p99 |",
+          "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for s in res["sizes"]:
+        ix = s["two_tower_index"]
+        idx = ix["factory"] + (f" nprobe={ix['nprobe']}" if ix.get("nprobe") else "")
+        for name, e in s["batch1"].items():
+            def f(key, e=e):
+                return f"{e[key]['p50_ms']:.2f} / {e[key]['p99_ms']:.2f}"
+
+            L.append(f"| {s['n_items']:,} | {name} | {idx} | {e['end_to_end_ms']['p50_ms']:.2f} | "
+                     f"{e['end_to_end_ms']['p95_ms']:.2f} | **{e['end_to_end_ms']['p99_ms']:.2f}** | "
+                     f"{f('end_to_end_cpu_ms')} | {f('retrieval_ms')} | {f('prerank_ms')} | {f('rank_ms')} |")
+    names = res["sizes"][0]["channels"]
+    L += ["", "**Per channel** inside the distilled+channels retrieval stage (batch 1, p50 / p99 ms; "
+          "`CascadeResult.timing_s[\"retrieval/<channel>\"]`; quotas: the two-tower "
+          f"{res['sizes'][0]['quotas']['two_tower']:.2f}, the others sharing the rest).", "",
+          "| items | " + " | ".join(names) + " | ALS index |", "|---:|" + "---:|" * len(names) + "---|"]
+    for s in res["sizes"]:
+        ch = s["batch1"]["distilled+channels"]["retrieval_channels_ms"]
+        als = s["channels_step"].get("als", {}).get("index") or {}
+        rec = (als.get("recall") or {}).get("recall_at_k")
+        als_txt = (als.get("factory", "-") + (f" nprobe={als['nprobe']}" if als.get("nprobe") else "")
+                   + (f" over the {als['items']:,} items with factors" if "items" in als else "")
+                   + (f", recall@100 {rec:.3f}" if rec is not None else ""))
+        L.append(f"| {s['n_items']:,} | " + " | ".join(f"{ch[n]['p50_ms']:.2f} / {ch[n]['p99_ms']:.2f}" for n in names)
+                 + f" | {als_txt} |")
+    L += ["", f"**Served path vs the plain computation** of each channel (batch 1, {a['n_plain']} requests, p50 / p99 "
+          "ms; the plain ones are cascade/channels/reference.py: ALS scores every item and masks those without "
+          "factors, the served ALS searches an index of the items with factors; most-popular: one refresh of a "
+          "period's list). Lists: identical, or ALS's recall against the exact lists.", "",
+          "| items | channel | plain | served | speed-up (p50) | lists |", "|---:|---|---:|---:|---:|---|"]
+    for s in res["sizes"]:
+        for name, r in s["channel_paths"].items():
+            recall_key = f"recall_at_{a['n_retrieve']}_vs_dense"
+            agree = (("identical" if r["identical_lists"] else "**differ**") if "identical_lists" in r
+                     else f"recall@{a['n_retrieve']} {r[recall_key]:.3f}")
+            L.append(f"| {s['n_items']:,} | {name} | {r['plain_ms']['p50_ms']:.2f} / {r['plain_ms']['p99_ms']:.2f} | "
+                     f"{r['served_ms']['p50_ms']:.2f} / {r['served_ms']['p99_ms']:.2f} | "
+                     f"{r['plain_ms']['p50_ms'] / max(r['served_ms']['p50_ms'], 1e-9):.0f}x | {agree} |")
+    return "\n".join(L) + "\n"
+
+
 # ------------------------------------------------------------------------------------------------ report
 
 
@@ -606,9 +844,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     # 1 thread: single queries are fastest on one faiss thread, and on this 2-core machine (one physical core)
     # shared with other jobs two threads fight for the core (bench_index)
     p.add_argument("--threads", type=int, default=1, help="faiss and torch threads")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_serving.json")
+    p.add_argument("--channels", action="store_true",
+                   help="only the multi-channel section: load_cascade(run, \"distilled+channels\") vs the two-tower "
+                        "alone, per-channel latency, each channel's served path vs its plain computation (default "
+                        "--out bench_serving_channels.json)")
+    p.add_argument("--n-plain", type=int, default=100, help="--channels: requests timing each channel's paths")
+    p.add_argument("--out", type=Path, default=None,
+                   help="results JSON (default benchmarks/results/bench_serving.json, or bench_serving_channels.json "
+                        "with --channels)")
     p.add_argument("--render", action="store_true", help="only re-render the Markdown of an existing --out JSON")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.out is None:
+        args.out = RESULTS / ("bench_serving_channels.json" if args.channels else "bench_serving.json")
+    return args
 
 
 def machine_info(load_before, threads: int = 1) -> dict:
@@ -644,10 +892,11 @@ def main(argv=None) -> dict:
     if args.render:
         from cascade.artifacts import read_json
 
-        md = render_markdown(read_json(args.out))
+        res = read_json(args.out)
+        md = (render_channels_markdown if res.get("mode") == "channels" else render_markdown)(res)
         args.out.with_suffix(".md").write_text(md)
         print(md)
-        return read_json(args.out)
+        return res
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("cascade").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
@@ -659,15 +908,15 @@ def main(argv=None) -> dict:
         return {}
     t0 = time.perf_counter()
     load_before = os.getloadavg()
-    sizes = [bench_size(n, args) for n in args.sizes]
-    res = {"benchmark": "bench_serving",
+    sizes = [(bench_channels if args.channels else bench_size)(n, args) for n in args.sizes]
+    res = {"benchmark": "bench_serving", "mode": "channels" if args.channels else "stages",
            "date_utc": dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ"),
            "machine": machine_info(load_before, args.threads), "versions": package_versions(),
            # paths by name only: no machine-specific absolute paths in committed results
            "args": {k: (v.name if isinstance(v, Path) else v) for k, v in vars(args).items()},
            "wall_s": time.perf_counter() - t0, "sizes": sizes}
     write_json(args.out, res)
-    md = render_markdown(res)
+    md = (render_channels_markdown if args.channels else render_markdown)(res)
     args.out.with_suffix(".md").write_text(md)
     print(md)
     print(f"wrote {args.out} and {args.out.with_suffix('.md')} ({res['wall_s'] / 60:.1f} min)")

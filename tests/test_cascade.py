@@ -133,3 +133,81 @@ def test_pad_by_row_keeps_order_within_a_row_and_the_dtype():
     labels = pad_by_row(rows, np.array([1.0, 0.0, 0.5, 0.0, 1.0], np.float32), 4, fill=0.0)
     assert labels.dtype == np.float32 and labels[2].tolist() == [1.0, 0.5, 0.0]
     assert pad_by_row(np.zeros(0, np.int64), np.zeros(0, np.int64), 2).shape == (2, 1)  # at least one column
+
+
+# ------------------------------------------------------------------------------------------------ channels
+
+
+class FixedLists:
+    """A stub channel: request b gets lists[user_id[b]] (item ids, best first)."""
+
+    def __init__(self, lists):
+        self.lists = lists
+
+    def select(self, requests, candidates, n):
+        out = np.full((len(requests), n), PAD, np.int64)
+        for b, u in enumerate(requests.user_id):
+            got = self.lists.get(int(u), [])[:n]
+            out[b, :len(got)] = got
+        return out, np.where(out == PAD, -np.inf, -np.arange(n, dtype=np.float32)[None, :]).astype(np.float32)
+
+
+def _merged_cascade(toy, seen=None):
+    from cascade.channels import MergedRetriever
+
+    # item ids of the corpus are 100, 103, ..., 277; the stub channels propose corpus items too (the later stages
+    # score them) and one item the two-tower also proposes
+    a = FixedLists({1: [118, 121, 124], 2: [130]})
+    b = FixedLists({1: [160, 118], 2: []})
+    merged = MergedRetriever({"two_tower": toy["cascade"].retriever, "a": a, "b": b},
+                             {"two_tower": 0.5, "a": 0.25, "b": 0.25})
+    c = toy["cascade"]
+    return Cascade(merged, c.preranker, c.ranker, seen), (c.retriever, a, b)
+
+
+def test_merged_retrieval_names_its_channels_times_each_and_tells_who_proposed_each_candidate(toy):
+    casc, (tt, a, b) = _merged_cascade(toy)
+    req = Requests(np.array([1, 2, 1.5]), np.array([5, 5, 5]))  # the last one is invalid: no list, no origin
+    res = casc.recommend(req, n_retrieve=8, n_prerank=6, k=3, return_stages=True)
+    assert res.channels == ("two_tower", "a", "b") and casc.channels == res.channels
+    assert set(res.timing_s) == {"retrieval", "prerank", "rank", "retrieval/two_tower", "retrieval/a", "retrieval/b"}
+    items = res.stages["retrieval"][0]
+    tt1 = tt.select(Requests(np.array([1]), np.array([5])), None, 8)[0][0]
+    # keys (r + 0.5) / quota: two-tower 1, 3, 5, 7, ...; a and b 2, 6, 10; at equal keys the earlier channel first.
+    # user 1: tt0 (1), a:118 (2), b:160 (2), tt1 (3), tt2 (5), a:121 (6), b:118 (6, already placed by a), tt3 (7)
+    want = [tt1[0], 118, 160, tt1[1], tt1[2], 121, tt1[3]]
+    want_origin = [0, 1, 2, 0, 0, 1, 0]
+    assert not {118, 121, 160} & set(tt1[:4].tolist())  # the toy's two-tower list: the hand-worked order holds
+    np.testing.assert_array_equal(items[0, :7], want)
+    np.testing.assert_array_equal(res.origin[0, :7], want_origin)
+    # user 2: a proposes 130 only, b nothing: the two-tower fills the rest
+    row = dict(zip(items[1].tolist(), res.origin[1].tolist()))
+    assert row[130] == 1 and sum(o == 0 for o in row.values()) == 7 and 2 not in row.values()
+    assert (res.origin[2] == -1).all() and (items[2] == PAD).all()
+    # the single two-tower cascade: no channels, no origin, the three stage timings only
+    single = toy["cascade"].recommend(req, 8, 6, 3, return_stages=True)
+    assert single.channels == () and single.origin is None and set(single.timing_s) == {"retrieval", "prerank", "rank"}
+
+
+def test_merged_retrieval_filters_seen_items_and_keeps_the_origins_of_what_is_left(toy):
+    from cascade.serve.cascade import select_unseen, select_unseen_origin
+
+    casc, _ = _merged_cascade(toy)
+    req = Requests(np.array([1]), np.array([100]))
+    before = casc.recommend(req, 8, 6, 3, return_stages=True)
+    b_items, b_origin = before.stages["retrieval"][0][0], before.origin[0]
+    # user 1 saw 118 (a's first item) and the two-tower's first item before t=100
+    casc.seen = EventHistory(np.array([1, 1]), np.array([118, b_items[0]]), np.array([10, 20]))
+    after = casc.recommend(req, 8, 6, 3, return_stages=True, filter_seen=True)
+    a_items, a_origin = after.stages["retrieval"][0][0], after.origin[0]
+    assert 118 not in a_items and b_items[0] not in a_items and (a_items != PAD).all()
+    # what was kept keeps its channel; 118 was a's, now a's next item takes its place
+    was = dict(zip(b_items.tolist(), b_origin.tolist()))
+    assert all(was[i] == o for i, o in zip(a_items.tolist(), a_origin.tolist()) if i in was)
+    assert dict(zip(a_items.tolist(), a_origin.tolist()))[121] == 1
+    # with and without origins the filtered lists are the same
+    i1, s1 = select_unseen(casc.retriever, req, 8, casc.seen)
+    i2, s2, _ = select_unseen_origin(casc.retriever, req, 8, casc.seen)
+    np.testing.assert_array_equal(i1, i2)
+    np.testing.assert_array_equal(s1, s2)
+    np.testing.assert_array_equal(i1[0], a_items)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 
 from cascade.arrays import PAD
 from cascade.channels import (
@@ -15,6 +16,8 @@ from cascade.channels import (
     PopularChannel,
     RecentChannel,
 )
+from cascade.channels.classic import als_factory, weighted_rows
+from cascade.channels.reference import als_lists, content_lists, itemcf_lists, popular_lists
 from cascade.data.history import EventHistory
 from cascade.data.requests import Requests
 
@@ -170,3 +173,153 @@ def test_sparse_topk_hand_worked():
     # row 0: 2.0 at columns 1 and 3 tie: the lower column first; row 1 has nothing; row 2 one item
     np.testing.assert_array_equal(ids, [[11, 13], [PAD, PAD], [10, PAD]])
     np.testing.assert_array_equal(scores, [[2.0, 2.0], [-np.inf, -np.inf], [3.0, -np.inf]])
+
+
+# ------------------------------------------------------------------------------------------------ fast paths
+# Each channel's per-request work follows what the request touches (benchmarks/bench_serving.py --channels); the
+# lists must be identical to those of the plain computations over the whole corpus (cascade/channels/reference.py).
+
+
+def _world(seed=3, n_users=40, n_items=300, n_events=4000, days=6):
+    rng = np.random.default_rng(seed)
+    items = rng.zipf(1.6, n_events) % n_items  # popular items and a long tail
+    rows = [(int(u), int(i), int(t), int(c)) for u, i, t, c in zip(rng.integers(n_users, size=n_events), items,
+                                                                   rng.integers(0, days * DAY, n_events),
+                                                                   rng.random(n_events) < 0.4)]
+    req = _req(np.arange(n_users + 2), np.linspace(DAY, days * DAY, n_users + 2).astype(np.int64))  # 2 new users
+    return _hist(rows), req, np.arange(n_items), rng
+
+
+@pytest.mark.parametrize("n", [1, 7, 60, 400])
+def test_the_fast_channels_give_the_lists_of_the_plain_computation(n):
+    h, req, ids, rng = _world()
+    cases = [(PopularChannel(h, window_days=2.0, refresh_ms=DAY // 3), popular_lists),
+             (PopularChannel(h, window_days=None, refresh_ms=DAY), popular_lists),
+             (ItemCFChannel(h, neighbours=20, n_history=8, decay=0.8).fit(h, ids), itemcf_lists),
+             (ContentChannel(h, n_history=8, decay=0.8).fit(h, ids, np.where(ids % 11 == 0, -1, ids % 7)),
+              content_lists)]
+    for ch, reference in cases:
+        got, want = ch.select(req, None, n), reference(ch, req, n)
+        np.testing.assert_array_equal(got[0], want[0], err_msg=ch.name)
+        np.testing.assert_array_equal(got[1], want[1], err_msg=ch.name)
+        assert (got[0] != PAD).any(), ch.name
+    # the popular channel keeps one whole list per period: a longer request after a shorter one is not cut short
+    pop = PopularChannel(h, window_days=None, refresh_ms=DAY)
+    pop.select(req, None, 3)
+    np.testing.assert_array_equal(pop.select(req, None, n)[0], popular_lists(pop, req, n)[0])
+
+
+def test_content_keeps_the_items_tied_with_the_nth_at_the_cut():
+    # one category, float32 scores 1 + rank that round to the same value for neighbouring ranks: the plain
+    # computation breaks the tie by the lower column, which is not the more popular item here
+    h = _hist([(1, 0, 10, 1)])
+    ids = np.arange(6)
+    ch = ContentChannel(h, n_history=1, decay=1.0).fit(h, ids, np.zeros(6, np.int64))
+    ch.pop_rank_ = np.array([0.5, 0.5 + 2e-8, 0.5 + 4e-8, 0.5 + 6e-8, 0.9, 0.1], np.float32)
+    ch._restored()
+    req = _req([1], [20])
+    for n in range(1, 7):
+        got, want = ch.select(req, None, n), content_lists(ch, req, n)
+        np.testing.assert_array_equal(got[0], want[0], err_msg=str(n))
+        np.testing.assert_array_equal(got[1], want[1], err_msg=str(n))
+    assert ch.select(req, None, 3)[0].tolist() == [[4, 0, 1]]  # 0..3 tie at float32(1.5): the lower columns win
+
+
+def test_weighted_rows_is_scipys_product_bit_for_bit():
+    rng = np.random.default_rng(4)
+    m = sp.random(200, 500, density=0.05, random_state=5, dtype=np.float32).tocsr()
+    h = sp.random(6, 200, density=0.08, random_state=6, dtype=np.float64).tocsr()
+    h.data = rng.random(h.nnz) ** 3  # values far apart in scale: the summation order shows
+    rows, cols, sums = weighted_rows(h, m)
+    want = (h @ m).tocoo()
+    order = np.lexsort((want.col, want.row))
+    np.testing.assert_array_equal(rows, want.row[order])
+    np.testing.assert_array_equal(cols, want.col[order])
+    np.testing.assert_array_equal(sums, want.data[order])
+
+
+def _als_with_factors(n_users=3000, n_items=5000, d=16, seed=0):
+    """An ALS channel with clustered factors set directly (what fit learns, without fitting)."""
+    from cascade.index.exact import clustered_vectors
+
+    rng = np.random.default_rng(seed)
+    xb, xq = clustered_vectors(n_items, d, 40, rng, n_queries=n_users, spread=0.5)
+    ch = ALSChannel(_hist([(0, 0, 0, 1)]), factors=d)
+    ch.item_ids_ = 10 + 3 * np.arange(n_items, dtype=np.int64)
+    ch.user_ids_ = np.arange(n_users, dtype=np.int64)
+    ch.user_factors_, ch.item_factors_ = xq.astype(np.float32), xb.astype(np.float32)
+    ch._restored()
+    return ch
+
+
+def test_als_served_from_an_exact_index_gives_the_dense_lists(tmp_path):
+    ch = _als_with_factors(n_users=200, n_items=800)
+    # items and users ALS learned nothing for have all-zero factors: never proposed, no list
+    ch.item_factors_[::4] = 0
+    ch.user_factors_[7] = 0
+    ch._restored()
+    req = _req([0, 5, 199, 7, 12345], [0] * 5)  # user 7: zero factors; 12345: not in train
+    plain = als_lists(ch, req, 50)
+    dense = ch.select(req, None, 50)
+    np.testing.assert_array_equal(dense[0], plain[0])
+    np.testing.assert_allclose(dense[1], plain[1], rtol=1e-5)
+    index = ch.build_index()
+    assert index.factory == "Flat" and index.is_exact and index.n_items == 600
+    got = ch.select(req, None, 50)
+    np.testing.assert_array_equal(got[0], plain[0])
+    np.testing.assert_allclose(got[1][:3], plain[1][:3], rtol=1e-5)
+    assert not np.isin(got[0], ch.item_ids_[::4]).any()
+    assert (got[0][3:] == PAD).all() and np.isneginf(got[1][3:]).all()
+    assert (ch.select(req, None, 900)[0][0, 600:] == PAD).all()  # more than the items with factors: padded
+    # saved with its index, loaded with it, refused when the factors change under it
+    files = ch.save(tmp_path / "als")
+    assert {"index/index.faiss", "index/item_ids.npy", "index/manifest.json"} <= set(files)
+    back = ALSChannel.load(tmp_path / "als", ch.history)
+    assert back.index is not None
+    np.testing.assert_array_equal(back.select(req, None, 50)[0], dense[0])
+    ch.item_factors_ = ch.item_factors_ * 2
+    ch.index = None
+    ch.save(tmp_path / "other")
+    (tmp_path / "als" / "channel.npz").write_bytes((tmp_path / "other" / "channel.npz").read_bytes())
+    from cascade.index.faiss_index import IndexMismatchError
+
+    with pytest.raises(IndexMismatchError, match="hash"):
+        ALSChannel.load(tmp_path / "als", ch.history)
+
+
+def test_als_served_from_an_ivf_index_reaches_its_recall_against_exact_search():
+    from cascade.eval.metrics import mean_recall_at_k
+
+    ch = _als_with_factors()
+    req = _req(np.arange(3000), np.zeros(3000, np.int64))
+    exact = als_lists(ch, req, 100)[0]
+    index = ch.build_index("IVF64,Flat", recall_target=0.95, k=100, n_queries=500)
+    assert not index.is_exact and index.recall_["recall_at_k"] >= 0.95 and index.nprobe < 64
+    # on all users, 2500 of them not among the ones the operating point was chosen on
+    assert mean_recall_at_k(exact, ch.select(req, None, 100)[0]) >= 0.93
+    # the default: exact while a request scans at most 200K x 32 floats, IVF above (128 factors: from 50K items)
+    assert als_factory(200_000, 32) == "Flat" and als_factory(50_000, 128) == "Flat"
+    assert als_factory(100_000, 128) == "IVF1024,Flat" and als_factory(1_000_000, 32) == "IVF4096,Flat"
+
+
+def test_load_channels_checks_every_file_and_names_what_was_saved(tmp_path):
+    from cascade import artifacts as A
+    from cascade.channels import load_channels
+
+    h, req, ids, _ = _world()
+    files = []
+    for ch in (RecentChannel(h), ItemCFChannel(h, neighbours=5).fit(h, ids), _als_with_factors(50, 300)):
+        if isinstance(ch, ALSChannel):
+            ch.build_index()
+        files += [f"{ch.name}/{f}" for f in ch.save(tmp_path / ch.name)]
+    A.write_manifest(tmp_path, kind="channels", config={}, seed=0, inputs={}, outputs=files)
+    assert list(load_channels(tmp_path, h)) == ["als", "itemcf", "recent"]
+    got = load_channels(tmp_path, h, ["recent", "als"])
+    assert list(got) == ["recent", "als"] and got["als"].index is not None
+    with pytest.raises(ValueError, match=r"no saved channel \['content'\].*\['als', 'itemcf', 'recent'\]"):
+        load_channels(tmp_path, h, ["content", "recent"])
+    idx = tmp_path / "als" / "index" / "item_ids.npy"
+    idx.write_bytes(idx.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(A.ArtifactError, match="als/index/item_ids.npy"):
+        load_channels(tmp_path, h, ["als"])
+    load_channels(tmp_path, h, ["recent", "itemcf"])  # the other channels still load

@@ -55,6 +55,14 @@ def test_item_counts_over_a_window(hist):
     assert dict(zip(hist.items.sorted_ids.tolist(), allc.tolist())) == {10: 3.0, 11: 2.0, 12: 1.0, BIG + 7: 1.0}
 
 
+def test_clicked_items_are_the_nonzero_click_counts(hist):
+    for t, window in ((401, 200), (401, None), (150, 100), (0, None)):
+        codes, counts = hist.clicked_items(t, window)
+        full = hist.item_counts(t, window)
+        np.testing.assert_array_equal(codes, np.flatnonzero(full))
+        np.testing.assert_array_equal(counts, full[codes])
+
+
 def test_repeat_share(hist):
     # clicks in [0, 1000): (1,10,100) new, (1,10,300) repeat, (1,12,400) new, (BIG+1,BIG+7) new, (BIG+1,10) new,
     # (2,11,400) new -> 1 of 6

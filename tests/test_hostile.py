@@ -247,22 +247,30 @@ def test_4_train_clicks_of_one_class_are_refused_before_training(tmp_path):
 # ------------------------------------------------------------------------------------------------ 5. integrity
 
 
-@pytest.mark.parametrize("rel, ranker", [("teacher/teacher/model.pt", "teacher"),
-                                         ("students/distilled/prerank/model.pt", "teacher"),
-                                         ("students/rank_student/model.pt", "student"),
-                                         ("students/distilled/retrieval/config.json", "teacher"),
-                                         ("index/distilled/manifest.json", "teacher")])
-def test_5_load_cascade_refuses_an_altered_checkpoint_naming_it(finished, tmp_path, rel, ranker):
+@pytest.mark.parametrize("rel, ranker, variant", [("teacher/teacher/model.pt", "teacher", "distilled"),
+                                                  ("students/distilled/prerank/model.pt", "teacher", "distilled"),
+                                                  ("students/rank_student/model.pt", "student", "distilled"),
+                                                  ("students/distilled/retrieval/config.json", "teacher", "distilled"),
+                                                  ("index/distilled/manifest.json", "teacher", "distilled"),
+                                                  ("channels/popular/channel.json", "teacher", "distilled+channels"),
+                                                  ("channels/itemcf/channel.npz", "teacher", "distilled+channels"),
+                                                  ("channels/als/index/index.faiss", "teacher", "distilled+channels"),
+                                                  ("index/distilled/index.faiss", "teacher", "distilled+channels")])
+def test_5_load_cascade_refuses_an_altered_checkpoint_naming_it(finished, tmp_path, rel, ranker, variant):
     run_dir = copy_run(finished, tmp_path)
-    load_cascade(run_dir, ranker=ranker)  # intact: loads
+    load_cascade(run_dir, variant=variant, ranker=ranker)  # intact: loads
     target = run_dir / rel
     if target.suffix == ".pt":  # a well-formed checkpoint of the same shapes, other weights
         state = A.load_torch(target)
         A.save_torch(target, {k: v + 0.01 if v.is_floating_point() else v for k, v in state.items()})
+    elif target.suffix in (".npz", ".faiss"):  # the same length, one byte changed near the end
+        data = bytearray(target.read_bytes())
+        data[-9] ^= 1
+        target.write_bytes(bytes(data))
     else:
         target.write_text(target.read_text().replace("\n", "\n ", 1))  # same content, other bytes
     with pytest.raises(A.ArtifactError) as e:
-        load_cascade(run_dir, ranker=ranker)
+        load_cascade(run_dir, variant=variant, ranker=ranker)
     assert str(target) in str(e.value) and "does not match the manifest" in str(e.value)
 
 

@@ -380,6 +380,75 @@ def test_serving_maps_unknown_users_items_and_values_to_oov(run_a):
     assert empty.items.shape == (0, 10) and empty.errors == []
 
 
+def test_load_cascade_serves_the_replays_channel_cascade(run_a):
+    """load_cascade(run, "distilled+channels") gives, request for request, the final lists the replay's
+    distilled+channels variant wrote (same channels, quotas, ranker, seen-item filter and batches)."""
+    import numpy as np
+    import pandas as pd
+
+    from cascade.data.requests import requests_frame, to_requests
+    from cascade.pipeline.judge import seen_filter
+    from cascade.serve.cascade import cascade_variants, load_cascade
+
+    _, run_dir, _ = run_a
+    c = A.read_manifest(run_dir / "replay")["config"]  # the replay as it ran (other tests may have redone it)
+    assert cascade_variants(run_dir) == ["distilled", "ground_truth", "distilled+channels"]
+    data, casc = load_cascade(run_dir, variant="distilled+channels", ranker=c["ranker"])
+    assert casc.channels == ("two_tower", *c["channels"])
+    rest = (1 - c["two_tower_quota"]) / len(c["channels"])
+    np.testing.assert_allclose(casc.retriever.quotas, [c["two_tower_quota"]] + [rest] * len(c["channels"]))
+    rows = pd.read_parquet(run_dir / "replay" / "distilled+channels_requests.parquet")
+    frame = requests_frame(data.split_impressions("test"), data.context_names)
+    frame = frame.set_index("request_id").loc[rows.request_id.to_numpy()].reset_index()
+    req = to_requests(frame, data.context_names)
+    casc.seen, _ = seen_filter(data)
+    b = c["batch_size"]
+    finals = [casc.recommend(req.take(np.arange(s, min(s + b, len(req)))), c["n_retrieve"], c["n_prerank"], c["k"],
+                             filter_seen=casc.seen is not None).items for s in range(0, len(req), b)]
+    np.testing.assert_array_equal(np.concatenate(finals), np.stack(rows.final_items.to_list()))
+    # the replay's latency of this variant has each channel's, named as the run's channels
+    lat = A.read_manifest(run_dir / "replay")["metrics"]["latency"]["distilled+channels"]["latency_batch1"]
+    assert set(lat["retrieval_channels_ms"]) == {"two_tower", *c["channels"]}
+
+
+def test_channel_cascade_times_each_channel_traces_origins_and_refuses_unknown_variants(run_a, tmp_path):
+    import shutil
+
+    from cascade.arrays import PAD
+    from cascade.data.requests import requests_frame, to_requests
+    from cascade.serve.cascade import load_cascade, trace_requests
+
+    cfg, run_dir, _ = run_a
+    data, casc = load_cascade(run_dir, variant="distilled+channels", ranker="student")
+    req = to_requests(requests_frame(data.split_impressions("test"), data.context_names).iloc[:3],
+                      data.context_names)
+    res = casc.recommend(req, 100, 40, 10, return_stages=True)
+    assert {t for t in res.timing_s if t.startswith("retrieval/")} == \
+        {f"retrieval/{n}" for n in ("two_tower", *cfg.replay.channels)}
+    items = res.stages["retrieval"][0]
+    assert res.origin.shape == items.shape and ((res.origin == -1) == (items == PAD)).all()
+    # each candidate's origin is a channel that proposes it (the two-tower: the retriever's own list)
+    for c, name in enumerate(res.channels):
+        own = casc.retriever.channels[c].select(req, None, 100)[0]
+        mine = res.origin == c
+        assert all(set(items[b][mine[b]]) <= set(own[b]) for b in range(len(req))), name
+    tables = trace_requests(data, casc, req, 100, 40, 10)
+    assert all(set(t["channel"]) <= set(res.channels) and t["channel"].notna().all() for t in tables)
+    with pytest.raises(FileNotFoundError, match=r"no cascade variant 'ground_truth\+channels'.*distilled\+channels"):
+        load_cascade(run_dir, variant="ground_truth+channels")
+    from cascade.serve.export import ExportError, exportables
+
+    with pytest.raises(ExportError, match="the distilled variant's towers"):  # export takes two-tower variants only
+        exportables(run_dir, ("distilled+channels",))
+    # a changed channel file is refused, naming it
+    bad = tmp_path / "run"
+    shutil.copytree(run_dir, bad)
+    npz = bad / "channels" / "itemcf" / "channel.npz"
+    npz.write_bytes(npz.read_bytes()[:-8] + b"\0" * 8)
+    with pytest.raises(A.ArtifactError, match="itemcf/channel.npz"):
+        load_cascade(bad, variant="distilled+channels")
+
+
 def test_index_from_another_model_is_refused_naming_both_hashes(run_a, tmp_path):
     import shutil
 

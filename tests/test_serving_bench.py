@@ -16,6 +16,7 @@ from cascade.arrays import topk_rows  # noqa: E402
 from cascade.data.requests import Requests  # noqa: E402
 from cascade.index.exact import clustered_vectors  # noqa: E402
 from cascade.index.faiss_index import ItemIndex  # noqa: E402
+from cascade.pipeline.run import STEP_NAMES  # noqa: E402
 
 N_ITEMS, DIM, N_USERS = 400, 8, 40
 
@@ -144,3 +145,46 @@ def test_pipeline_config_sets_the_world_size(tmp_path):
     cfg = bs.pipeline_config(12_345, tmp_path, n_users=100, n_days=2)
     assert cfg.data.world.n_items == 12_345 and cfg.data.world.n_users == 100 and cfg.data.world.n_days == 2
     assert cfg.run.name == "serving_w12345" and cfg.index.recall_target == 0.95 and cfg.students.tower.out_dim == 32
+    # the channels step is built too (it runs before the index step), with one ALS setting
+    assert cfg.channels.als_factors == (128,) and "channels" in STEP_NAMES[:STEP_NAMES.index("index")]
+
+
+def test_channels_section_times_each_channel_and_checks_the_served_paths(toy):
+    from cascade.channels import ALSChannel, ContentChannel, ItemCFChannel, MergedRetriever, PopularChannel
+    from cascade.data.history import EventHistory
+    from cascade.serve.cascade import Cascade
+
+    rng = np.random.default_rng(1)
+    n_ev = 3000
+    users, items = rng.integers(N_USERS, size=n_ev), toy["ids"][rng.zipf(1.5, n_ev) % N_ITEMS]
+    h = EventHistory(users, items, rng.integers(0, 10 * 86_400_000, n_ev), rng.random(n_ev) < 0.5)
+    als = ALSChannel(h, factors=4, iterations=3).fit(h, toy["ids"])
+    als.build_index()
+    channels = {"popular": PopularChannel(h, 2.0), "itemcf": ItemCFChannel(h, neighbours=10).fit(h, toy["ids"]),
+                "content": ContentChannel(h).fit(h, toy["ids"], np.arange(N_ITEMS) % 5), "als": als}
+    alone = toy["parts"].cascade
+    merged = MergedRetriever({"two_tower": alone.retriever, **channels}, {"two_tower": 0.5, **{c: 0.125 for c in
+                                                                                              channels}})
+    multi = Cascade(merged, alone.preranker, alone.ranker)
+    req = Requests(np.arange(N_USERS), np.full(N_USERS, 11 * 86_400_000, np.int64))
+    lat = bs.interleaved_latency({"two_tower": alone, "distilled+channels": multi}, req, 50, 20, 5)
+    assert lat["two_tower"]["retrieval_channels_ms"] == {}
+    assert list(lat["distilled+channels"]["retrieval_channels_ms"]) == ["two_tower", "popular", "itemcf", "content",
+                                                                         "als"]
+    assert lat["distilled+channels"]["end_to_end_cpu_ms"]["n"] == N_USERS
+    paths = bs.channel_paths(merged, req.take(np.arange(10)), 50)
+    assert list(paths) == ["popular", "itemcf", "content", "als"]  # the two-tower has no plain path here
+    assert all(paths[c]["identical_lists"] for c in ("popular", "itemcf", "content"))
+    assert paths["als"]["index"] == "Flat" and paths["als"]["recall_at_50_vs_dense"] == 1.0
+    res = {"args": {"threads": 1, "n_users": N_USERS, "n_days": 10, "n_latency": N_USERS, "n_retrieve": 50,
+                    "n_prerank": 20, "k": 5, "n_plain": 10},
+           "machine": {"platform": "toy", "cpu_count": 2, "loadavg_before": [1, 1, 1], "loadavg_after": [1, 1, 1]},
+           "versions": {}, "date_utc": "2026-01-01T00:00:00Z", "wall_s": 1.0,
+           "sizes": [{"n_items": 100_000, "channels": merged.names,
+                      "quotas": dict(zip(merged.names, merged.quotas.tolist())),
+                      "two_tower_index": {"factory": "Flat", "nprobe": None}, "batch1": lat,
+                      "channels_step": {"als": {"index": {"factory": "Flat", "recall": {"recall_at_k": 1.0}}}},
+                      "channel_paths": paths}]}
+    md = bs.render_channels_markdown(res)
+    assert "distilled+channels e2e p99" in md and ("PASS" in md or "FAIL" in md)
+    assert "| 100,000 | als |" in md and "identical" in md and "**differ**" not in md

@@ -5,11 +5,21 @@ classic ones (:mod:`.classic`: most-popular in a trailing window, the user's rec
 collaborative filtering, content categories, ALS matrix factorisation) read logged history strictly before each
 request, and what they learn comes from the train period only. :class:`~.merge.MergedRetriever` unites several
 channels into one retrieval stage with per-channel quotas, keeping each candidate's channel of origin. Each channel
-alone is also a reference baseline of the replay.
+alone is also a reference baseline of the replay. :func:`~.classic.load_channels` reads back the channels a run's
+channels step saved (hash-checked), for the replay and for serving.
 """
 
-from .classic import CHANNELS, ALSChannel, Channel, ContentChannel, ItemCFChannel, PopularChannel, RecentChannel
+from .classic import (
+    CHANNELS,
+    ALSChannel,
+    Channel,
+    ContentChannel,
+    ItemCFChannel,
+    PopularChannel,
+    RecentChannel,
+    load_channels,
+)
 from .merge import MergedRetriever
 
 __all__ = ["CHANNELS", "ALSChannel", "Channel", "ContentChannel", "ItemCFChannel", "MergedRetriever", "PopularChannel",
-           "RecentChannel"]
+           "RecentChannel", "load_channels"]

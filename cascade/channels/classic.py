@@ -4,6 +4,15 @@ Each answers ``select(requests, None, n) -> (item_ids int64 [B, n], scores float
 has fewer than n items). They read the logged history only strictly before each request's time
 (:class:`~cascade.data.history.EventHistory`), and what they learn offline (co-click similarities, ALS factors)
 comes from the train period's clicks only, so a later event never changes an earlier request's list.
+
+Per request they cost what the request touches, not the corpus (batch-1 serving at 1M items,
+benchmarks/bench_serving.py --channels): most-popular keeps each refresh period's whole ranked list; item-CF reads the
+similarity rows of the user's recent items only; content merges per-category lists ranked by popularity; ALS
+searches a FAISS inner-product index over its item factors (:meth:`ALSChannel.build_index`: exact Flat for small
+corpora, IVF at a measured recall above, :func:`als_factory`). Each fast path gives the lists of the plain
+computation it replaces (:mod:`.reference`; tests/test_channels.py checks them against it, and the IVF index
+against exact search). :func:`load_channels` reads the channels a run saved, every file checked against the step's
+manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +27,8 @@ from ..arrays import PAD, topk_rows
 from ..data.history import EventHistory
 from ..data.ids import IdIndex
 from ..data.requests import Requests
+from ..index.factory import DEFAULT_NPROBES, FLAT_MAX_ITEMS, ivf_factory
+from ..index.faiss_index import IDS_FILE, INDEX_FILE, ItemIndex
 
 DAY_MS = 86_400_000
 
@@ -71,7 +82,7 @@ def _click_matrix(train: EventHistory, items: IdIndex) -> sp.csr_matrix:
     return x
 
 
-def _recent_weights(history: EventHistory, requests: Requests, n_history: int, decay: float,
+def recent_weights(history: EventHistory, requests: Requests, n_history: int, decay: float,
                     items: IdIndex) -> sp.csr_matrix:
     """sparse [B, I]: each request's last ``n_history`` clicked items before it, weighted decay ** age (the most
     recent 1); items outside ``items`` are left out."""
@@ -91,6 +102,27 @@ def keep_top_per_row(m: sp.csr_matrix, k: int) -> sp.csr_matrix:
     rank = np.arange(len(order)) - m.indptr[rows[order]]
     keep = order[rank < k]
     return sp.csr_matrix((m.data[keep], (rows[keep], m.indices[keep])), shape=m.shape)
+
+
+def weighted_rows(h: sp.csr_matrix, m: sp.csr_matrix) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The product h @ m of a sparse h [B, I] with few entries per row and a sparse m [I, J], reading only the rows
+    of m that h names: (rows int64, columns int64, sums float64) of its nonzero entries, by row then column.
+
+    The sums are the ones scipy's ``h @ m`` gives, bit for bit (float64 products summed in h's stored order, then
+    m's row order, from 0), at the cost of the entries read: scipy's product copies the whole of m to float64 and
+    allocates a [J] accumulator per call (item-CF with 100 neighbours for each of 100K items: 27 ms per request,
+    0.2 ms this way; 1M items: 109 ms and 0.4 ms)."""
+    h, m = h.tocsr(), m.tocsr()
+    rows_h = np.repeat(np.arange(h.shape[0], dtype=np.int64), np.diff(h.indptr))
+    count = np.diff(m.indptr)[h.indices]
+    src = np.repeat(np.arange(h.nnz), count)  # the h entry of each product, in h's order
+    pos = m.indptr[h.indices][src] + np.arange(len(src)) - np.repeat(np.cumsum(count) - count, count)
+    key = rows_h[src] * m.shape[1] + m.indices[pos]
+    vals = h.data[src].astype(np.float64) * m.data[pos].astype(np.float64)
+    keys, inv = np.unique(key, return_inverse=True)
+    sums = np.bincount(inv.ravel(), weights=vals, minlength=len(keys))  # sequential adds, in the products' order
+    nz = sums != 0
+    return keys[nz] // m.shape[1], keys[nz] % m.shape[1], sums[nz]
 
 
 class Channel:
@@ -137,7 +169,10 @@ class Channel:
 class PopularChannel(Channel):
     """The most clicked items of the ``window_days`` (None: all history) before the request, as of the last
     refresh: a request at t sees the clicks in [s - window, s) with s = t rounded down to ``refresh_ms``, so the
-    requests of one refresh period share one list. scores: the click counts. Nothing to learn."""
+    requests of one refresh period share one list. scores: the click counts. Nothing to learn.
+
+    Each refresh period's whole ranked list (every item clicked in its window, by count, ties to the lower item id)
+    is counted once, from the window's clicks only, and kept: a request of any length n takes its first n."""
 
     name = "popular"
     PARAMS = ("window_days", "refresh_ms")
@@ -148,18 +183,19 @@ class PopularChannel(Channel):
         if refresh_ms < 1:
             raise ValueError(f"PopularChannel: refresh_ms must be >= 1, got {refresh_ms}")
         self.history, self.window_days, self.refresh_ms = history, window_days, int(refresh_ms)
-        self._cache: dict[tuple[int, int], tuple[np.ndarray, np.ndarray]] = {}
+        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _snapshot(self, s: int, n: int) -> tuple[np.ndarray, np.ndarray]:
-        if (s, n) not in self._cache:
+    def ranked(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """The list of the refresh period starting at ``s``: (item ids int64 [m], click counts float32 [m]) of the
+        m items clicked in its window, most clicked first, ties to the lower item id."""
+        if s not in self._cache:
             window = None if self.window_days is None else int(round(self.window_days * DAY_MS))
-            counts = self.history.item_counts(s, window)
-            ids = np.where(counts > 0, self.history.items.sorted_ids, PAD)
-            top_i, top_s = topk_rows(counts[None, :], ids[None, :], n)
+            codes, counts = self.history.clicked_items(s, window)
+            order = np.lexsort((codes, -counts))  # count descending, then item code (= id order) ascending
             if len(self._cache) >= 256:  # a replay walks forward in time: old periods are not asked again
                 self._cache.clear()
-            self._cache[(s, n)] = (top_i[0], top_s[0].astype(np.float32))
-        return self._cache[(s, n)]
+            self._cache[s] = (self.history.items.sorted_ids[codes[order]], counts[order].astype(np.float32))
+        return self._cache[s]
 
     def select(self, requests: Requests, candidates: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         check_select(self.name, candidates, n)
@@ -168,7 +204,9 @@ class PopularChannel(Channel):
         scores = np.full((len(requests), n), -np.inf, np.float32)
         for s in np.unique(period):
             rows = period == s
-            items[rows], scores[rows] = self._snapshot(int(s), n)
+            ids, counts = self.ranked(int(s))
+            m = min(n, len(ids))
+            items[rows, :m], scores[rows, :m] = ids[:m], counts[:m]
         return items, scores
 
 
@@ -228,10 +266,11 @@ class ItemCFChannel(Channel):
 
     def select(self, requests: Requests, candidates: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         check_select(self.name, candidates, n)
-        scores = _recent_weights(self.history, requests, self.n_history, self.decay, self._items) @ self._sim
-        scores = scores.tocsr()
-        scores.data = scores.data.astype(np.float32)
-        scores.eliminate_zeros()
+        h = recent_weights(self.history, requests, self.n_history, self.decay, self._items)
+        rows, cols, sums = weighted_rows(h, self._sim)  # = h @ sim, from the rows of the recent items only
+        s32 = sums.astype(np.float32)
+        nz = s32 != 0
+        scores = sp.csr_matrix((s32[nz], (rows[nz], cols[nz])), shape=(len(requests), len(self.item_ids_)))
         return sparse_topk(scores, self.item_ids_, n)
 
 
@@ -274,24 +313,69 @@ class ContentChannel(Channel):
         self._to_category = sp.csr_matrix((np.ones(int(has.sum()), np.float32), (np.flatnonzero(has),
                                                                                  self.category_[has])),
                                           shape=(len(self.item_ids_), max(n_cat, 1)))
+        # each category's items (columns), most popular first: category c holds _by_cat[_cat_start[c]:...[c + 1]]
+        cols = np.flatnonzero(has)
+        order = np.lexsort((-self.pop_rank_[cols], self.category_[cols]))
+        self._by_cat = cols[order]
+        self._cat_start = np.searchsorted(self.category_[cols][order], np.arange(max(n_cat, 1) + 1))
 
     def select(self, requests: Requests, candidates: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
+        """An item's score is float32(its category's weight + its popularity rank); within a category the order
+        is the popularity order, so a request's top n lie among each of its categories' first n items and the
+        items tied with the n-th (float32 rounding can tie neighbours): only those are scored."""
         check_select(self.name, candidates, n)
-        h = _recent_weights(self.history, requests, self.n_history, self.decay, self._items)
-        weights = (h @ self._to_category).tocsr()  # [B, categories]
-        scores = (weights @ self._to_category.T).tocsr()  # [B, I]: the weight of each item's category
-        scores.data = (scores.data + self.pop_rank_[scores.indices]).astype(np.float32)
+        h = recent_weights(self.history, requests, self.n_history, self.decay, self._items)
+        rows, cats, w = weighted_rows(h, self._to_category)  # each request's weight of each of its categories
+        start, end = self._cat_start[cats], self._cat_start[cats + 1]
+        take = np.minimum(end - start, n)
+
+        def score(pair: np.ndarray, pos: np.ndarray) -> np.ndarray:  # as h @ to_category @ to_category.T + rank
+            return (w[pair] + self.pop_rank_[self._by_cat[pos]].astype(np.float64)).astype(np.float32)
+
+        pair = np.repeat(np.arange(len(cats)), take)
+        pos = start[pair] + np.arange(len(pair)) - np.repeat(np.cumsum(take) - take, take)
+        extra_pair, extra_pos = [], []
+        longer = np.flatnonzero(take < end - start)  # categories cut at n: add the run tied with the n-th item
+        tied = longer[score(longer, start[longer] + n - 1) == score(longer, start[longer] + n)]
+        for p in tied:
+            last = score(np.array([p]), np.array([start[p] + n - 1]))[0]
+            j = start[p] + n
+            while j < end[p] and score(np.array([p]), np.array([j]))[0] == last:
+                extra_pair.append(p)
+                extra_pos.append(j)
+                j += 1
+        pair = np.concatenate([pair, np.array(extra_pair, np.int64)])
+        pos = np.concatenate([pos, np.array(extra_pos, np.int64)])
+        scores = sp.csr_matrix((score(pair, pos), (rows[pair], self._by_cat[pos])),
+                               shape=(len(requests), len(self.item_ids_)))
         return sparse_topk(scores, self.item_ids_, n)
+
+
+ALS_FLAT_MAX_FLOATS = FLAT_MAX_ITEMS * 32
+
+
+def als_factory(n_items: int, factors: int) -> str:
+    """The default index of ALS item factors: exact "Flat" while a request scans at most ``ALS_FLAT_MAX_FLOATS``
+    floats (200K items x 32: the two-tower default's Flat bound at its 32 dimensions, about 0.5 ms a query here;
+    128 factors over 100K items took 3 ms, 30 times an IVF search at recall 0.95), IVF above (:func:`ivf_factory`)."""
+    return "Flat" if n_items * factors <= ALS_FLAT_MAX_FLOATS else ivf_factory(n_items)
 
 
 class ALSChannel(Channel):
     """Implicit-feedback matrix factorisation of the train clicks with ``implicit``'s AlternatingLeastSquares (one
-    thread, so a seed reproduces it): score = <user factors, item factors>. Users without train clicks get no
-    list. factors / regularization / alpha / iterations: ALS's own settings; seed: its random_state."""
+    thread, so a seed reproduces it): score = <user factors, item factors>. Only the items and users ALS learned
+    factors for (clicked in the train period; the others' factors are all zero) take part: other items are never
+    proposed, other users get no list. factors / regularization / alpha / iterations: ALS's own settings; seed:
+    its random_state.
+
+    Without an index a request scores every item with factors (a [factors x items] product); after
+    :meth:`build_index` (the channels step builds one for the chosen settings, saved beside the factors) a request
+    is one search of a FAISS inner-product index over them, as the two-tower retriever's."""
 
     name = "als"
     PARAMS = ("factors", "regularization", "alpha", "iterations", "seed")
     LEARNED = ("item_ids_", "user_ids_", "user_factors_", "item_factors_")
+    INDEX = "index"  # the index's sub-folder of the channel's folder
 
     def __init__(self, history: EventHistory, factors: int = 64, regularization: float = 0.05, alpha: float = 10.0,
                  iterations: int = 15, seed: int = 0) -> None:
@@ -300,6 +384,7 @@ class ALSChannel(Channel):
                              f"got {factors}, {iterations}, {regularization}, {alpha}")
         self.history, self.factors, self.regularization = history, int(factors), float(regularization)
         self.alpha, self.iterations, self.seed = float(alpha), int(iterations), int(seed)
+        self.index: ItemIndex | None = None
 
     def fit(self, train: EventHistory, item_ids: np.ndarray) -> ALSChannel:
         import threadpoolctl
@@ -314,21 +399,91 @@ class ALSChannel(Channel):
             model.fit(_click_matrix(train, IdIndex(self.item_ids_, "item_id", "als")), show_progress=False)
         self.user_factors_ = np.asarray(model.user_factors, np.float32)
         self.item_factors_ = np.asarray(model.item_factors, np.float32)
+        self.index = None
         self._restored()
         return self
 
     def _restored(self) -> None:
         self._users = IdIndex(self.user_ids_, "user_id", "als")
+        self._user_has = np.any(self.user_factors_ != 0, axis=1)
+        self._scored = np.flatnonzero(np.any(self.item_factors_ != 0, axis=1))  # the items with factors
+
+    def build_index(self, factory: str | None = None, recall_target: float = 0.95, k: int = 100,
+                    n_queries: int = 1000, seed: int = 0) -> ItemIndex:
+        """Serve from a FAISS inner-product index over the item factors: ``factory`` (None: :func:`als_factory`);
+        an approximate one is set to the cheapest nprobe whose recall@k against exact search reaches
+        ``recall_target`` on ``n_queries`` train users' factors (a seeded sample), and its measured recall kept in
+        ``index.recall_``."""
+        xb, d = self.item_factors_[self._scored], self.item_factors_.shape[1]
+        if not len(xb) or not self._user_has.any():
+            raise ValueError("ALSChannel.build_index: ALS learned no item or no user factors (no train clicks)")
+        index = ItemIndex.build(xb, self.item_ids_[self._scored], metric="ip",
+                                factory=factory or als_factory(len(xb), d), seed=seed, omp_threads=1)
+        users = np.flatnonzero(self._user_has)
+        xq = self.user_factors_[np.sort(np.random.default_rng(seed).choice(users, min(n_queries, len(users)),
+                                                                             replace=False))]
+        k = min(k, len(xb))
+        if not index.is_exact:  # up to every list (exhaustive), so that the target is always reached
+            nlist = index.spec.get("nlist", 1)
+            index.sweep(xq, k, nprobes=sorted({*(v for v in DEFAULT_NPROBES if v < nlist),
+                                               *(2 ** j for j in range(int(np.log2(nlist)) + 1)), nlist}))
+            index.set_operating_point(recall_target)
+        index.measure_recall(xq, k)
+        self.index = index
+        return index
+
+    def save(self, folder: Path) -> list[str]:
+        files = super().save(folder)
+        if self.index is not None:  # tied to these factors by the hash of channel.npz (load checks it)
+            self.index.save(folder / self.INDEX, model_hash=A.sha256_file(folder / "channel.npz"))
+            files += [f"{self.INDEX}/{f}" for f in (INDEX_FILE, IDS_FILE, A.MANIFEST)]
+        return files
+
+    @classmethod
+    def load(cls, folder: Path, history: EventHistory) -> ALSChannel:
+        ch = super().load(folder, history)
+        if (Path(folder) / cls.INDEX / A.MANIFEST).exists():
+            ch.index = ItemIndex.load(Path(folder) / cls.INDEX,
+                                      expect_model_hash=A.sha256_file(Path(folder) / "channel.npz"),
+                                      expect_dim=ch.item_factors_.shape[1], expect_metric="ip", omp_threads=1)
+        return ch
 
     def select(self, requests: Requests, candidates: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         check_select(self.name, candidates, n)
         pos, known = self._users.find(np.asarray(requests.user_id, np.int64))
+        known &= self._user_has[pos]
+        if self.index is not None:
+            d, i = self.index.search(np.ascontiguousarray(self.user_factors_[pos]), n)
+            i = np.where(known[:, None], np.asarray(i, np.int64), PAD)
+            return i, np.where(i == PAD, np.float32(-np.inf), np.asarray(d, np.float32))
+        items = self.item_factors_[self._scored]
 
         def rows(sl: slice) -> np.ndarray:
-            s = self.user_factors_[pos[sl]] @ self.item_factors_.T
+            s = self.user_factors_[pos[sl]] @ items.T
             return np.where(known[sl, None], s, -np.inf).astype(np.float32)
 
-        return _dense_topk(rows, len(requests), self.item_ids_, n)
+        return _dense_topk(rows, len(requests), self.item_ids_[self._scored], n)
 
 
 CHANNELS = {c.name: c for c in (PopularChannel, RecentChannel, ItemCFChannel, ContentChannel, ALSChannel)}
+
+
+def load_channels(folder: str | Path, history: EventHistory,
+                  names: tuple[str, ...] | list[str] | None = None) -> dict[str, Channel]:
+    """The channels a finished channels step saved in ``folder`` (``<name>/channel.json``, ``channel.npz``, the ALS
+    index), reading ``history`` (what serving knows: the whole logged history). names: these channels, in this
+    order (None: every saved one, by name); one the step did not save raises naming those it did. Every file of a
+    loaded channel is checked against the folder's manifest first (ArtifactError naming an unlisted, missing or
+    altered file)."""
+    folder = Path(folder)
+    outputs = A.read_json(folder / A.MANIFEST).get("outputs", {})
+    saved = sorted(rel.split("/")[0] for rel in outputs if rel.count("/") == 1 and rel.endswith("/channel.json"))
+    names = saved if names is None else list(names)
+    missing = [n for n in names if n not in saved]
+    if missing:
+        raise ValueError(f"{folder}: no saved channel {missing} (the channels step saved {saved})")
+    out = {}
+    for name in names:
+        A.verify_listed(folder, sorted(rel for rel in outputs if rel.startswith(name + "/")))
+        out[name] = CHANNELS[name].load(folder / name, history)
+    return out

@@ -107,10 +107,23 @@ class EventHistory:
     def item_counts(self, t_ms: int, window_ms: int | None, clicks_only: bool = True) -> np.ndarray:
         """float64 [I] in ``self.items`` order: each item's events (clicks, or all) in [t - window, t) (every
         event before t when window_ms is None)."""
+        sl = self._window(t_ms, window_ms)
+        w = self.t_click[sl].astype(np.float64) if clicks_only else None
+        return np.bincount(self.t_item[sl], weights=w, minlength=self.n_items).astype(np.float64)
+
+    def clicked_items(self, t_ms: int, window_ms: int | None) -> tuple[np.ndarray, np.ndarray]:
+        """The items clicked in [t - window, t) (every click before t when window_ms is None): (item codes int64
+        [m] ascending, in ``self.items`` order; click counts float64 [m]), the nonzero entries of
+        :meth:`item_counts`. Costs the window's events, not the catalogue."""
+        sl = self._window(t_ms, window_ms)
+        codes, counts = np.unique(self.t_item[sl][self.t_click[sl]], return_counts=True)
+        return codes.astype(np.int64), counts.astype(np.float64)
+
+    def _window(self, t_ms: int, window_ms: int | None) -> slice:
+        """The positions in time order of the events in [t - window, t) (all before t when window_ms is None)."""
         hi = int(np.searchsorted(self.t_sorted, t_ms))
         lo = 0 if window_ms is None else int(np.searchsorted(self.t_sorted, t_ms - window_ms))
-        w = self.t_click[lo:hi].astype(np.float64) if clicks_only else None
-        return np.bincount(self.t_item[lo:hi], weights=w, minlength=self.n_items).astype(np.float64)
+        return slice(lo, hi)
 
     def repeat_share(self, t0_ms: int, t1_ms: int) -> float:
         """Share of the clicks in [t0, t1) on items the same user had been logged with (shown or clicked) before

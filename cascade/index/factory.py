@@ -69,6 +69,12 @@ def default_factory(n_items: int) -> str:
     """
     if n_items < FLAT_MAX_ITEMS:
         return "Flat"
+    return ivf_factory(n_items)
+
+
+def ivf_factory(n_items: int) -> str:
+    """"IVF{nlist},Flat" for ``n_items`` items: nlist ~ 4 * sqrt(n) rounded to a power of two (see
+    :func:`default_factory`)."""
     nlist = 2 ** int(round(math.log2(4 * math.sqrt(n_items))))
     return f"IVF{nlist},Flat"
 

@@ -3,15 +3,16 @@
 Each channel of ``channels.build`` is fitted on the train split's events only (so no later event shapes it) and
 its settings are chosen from a small grid by click-recall@``tune_k`` on the validation judge
 (:mod:`cascade.pipeline.judge`). The chosen channels are saved (``<name>/channel.json`` and ``channel.npz``) with
-the whole grid in the manifest; the replay serves each alone as a reference baseline, and the retrieval stage and
-the rank log can draw candidates from them.
+the whole grid in the manifest; the chosen ALS model also gets a FAISS index over its item factors
+(``als/index/``), which serves its lists. The replay serves each channel alone as a reference baseline and with the
+two-tower in the "distilled+channels" cascade, which ``load_cascade`` serves too
+(:func:`cascade.channels.load_channels` reads them back).
 """
 
 from __future__ import annotations
 
 import itertools
 import logging
-from pathlib import Path
 
 import numpy as np
 
@@ -73,16 +74,13 @@ def run(ctx: StepContext) -> StepResult:
     outputs, metrics, best = [], {"judge": judge.what}, {}
     for name in c.build:
         ch, table = tune(c, name, data, train, judge, ctx.seed)
-        outputs += [f"{name}/{f}" for f in ch.save(ctx.out / name)]
         metrics[name] = {"chosen": ch.params(), "grid": table}
+        if isinstance(ch, ALSChannel):
+            index = ch.build_index(c.als_index, c.als_index_recall, seed=ctx.seed)
+            metrics[name]["index"] = {"factory": index.factory, "nprobe": index.nprobe, "recall": index.recall_,
+                                      "items": index.n_items}
+        outputs += [f"{name}/{f}" for f in ch.save(ctx.out / name)]
         best[name] = max(row[f"valid_click_recall@{c.tune_k}"] for row in table)
     return StepResult(outputs, metrics, f"valid click-recall@{c.tune_k}: "
                       + ", ".join(f"{n} {v:.3f}" for n, v in best.items()))
 
-
-def load_channels(folder: Path, data: RunData) -> dict[str, Channel]:
-    """The channels a finished channels step saved, reading ``data``'s whole logged history (what serving knows)."""
-    out = {}
-    for sub in sorted(p for p in Path(folder).iterdir() if (p / "channel.json").exists()):
-        out[sub.name] = CHANNELS[sub.name].load(sub, data.history)
-    return out

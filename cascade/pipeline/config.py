@@ -142,7 +142,10 @@ class ChannelsSection:
 
     popular_window_days: trailing windows tried for most-popular; refresh_minutes: how often its list is recounted.
     history_length / history_decay: the recent clicks that drive itemcf and content. content_column: the item
-    column whose values are the content categories. als_*: the ALS grid (implicit's settings)."""
+    column whose values are the content categories. als_*: the ALS grid (implicit's settings). als_index: the FAISS
+    factory of the chosen ALS model's item-factor index, which serves its lists (None: exact Flat while items x
+    factors <= 200K x 32, IVF above: cascade.channels.classic.als_factory); als_index_recall: the recall@100
+    against exact search an approximate one is tuned to."""
 
     build: tuple[str, ...] = CHANNEL_NAMES
     popular_window_days: tuple[float, ...] = (1.0, 7.0, 30.0)
@@ -155,6 +158,8 @@ class ChannelsSection:
     als_regularization: tuple[float, ...] = (0.01, 0.1)
     als_alpha: tuple[float, ...] = (1.0, 10.0)
     als_iterations: int = 15
+    als_index: str | None = None
+    als_index_recall: float = 0.95
     tune_requests: int = 2000
     tune_k: int = 10
 
@@ -174,6 +179,13 @@ class ChannelsSection:
                 raise ValueError(f"channels.{key} must be >= 1, got {getattr(self, key)}")
         if not (self.refresh_minutes > 0 and 0 < self.history_decay <= 1):
             raise ValueError("channels.refresh_minutes must be > 0 and channels.history_decay in (0, 1]")
+        require(self, "als_index_recall", finite(self.als_index_recall) and 0.0 < self.als_index_recall <= 1.0,
+                "must be in (0, 1]")
+        if self.als_index is not None:
+            try:
+                parse_factory(self.als_index, d=0)
+            except ValueError as e:
+                raise FieldError(type(self).__name__, "als_index", self.als_index, str(e)) from None
 
 
 @dataclass(frozen=True)

@@ -12,14 +12,14 @@ import pandas as pd
 
 from .. import artifacts as A
 from ..arrays import PAD, pad_by_row
-from ..channels import MergedRetriever
+from ..channels import MergedRetriever, load_channels
 from ..data.requests import impression_requests, requests_frame, to_requests
 from ..data.world import World
 from ..eval.metrics import auc, gauc, recall_at_k
 from ..index.faiss_index import ItemIndex
 from ..models.scoring import ranker_scorer
-from ..run_data import RunData, Towers, load_ranker, load_towers
-from ..serve.cascade import MAX_OVERFETCH, Cascade, PairScorer, Retriever, build_cascade, select_unseen
+from ..run_data import RunData, load_ranker, load_towers
+from ..serve.cascade import CHANNELS_VARIANT, build_cascade, select_unseen, select_unseen_origin
 from ..serve.replay import (
     ReplayInputs,
     list_quality,
@@ -28,7 +28,6 @@ from ..serve.replay import (
     replay_quality,
     teacher_top_over_corpus,
 )
-from .channels import load_channels
 from .config import ReplaySection
 from .judge import seen_filter
 from .runner import StepContext, StepResult
@@ -125,7 +124,7 @@ def run(ctx: StepContext) -> StepResult:
         variants[v] = measure(v, casc, stage_auc(retr.scorer(data)(req_t, cand)[:, 0],
                                                  pre.scorer(data)(req_t, cand)[:, 0]))
     references = {"teacher_corpus": {"quality": ranking_quality(t_top, inp, sizes, c.k), "sizes": sizes}}
-    channels = load_channels(ctx.inputs["channels"], data)
+    channels = load_channels(ctx.inputs["channels"], data.history)
     baselines = {}
     for name, ch in channels.items():
         ranking = select_unseen(ch, requests, c.n_retrieve, seen)[0]
@@ -138,9 +137,11 @@ def run(ctx: StepContext) -> StepResult:
             raise ValueError(f"replay.channels names {missing}, which the channels step did not build "
                              f"(channels.build: {sorted(channels)})")
         retr, pre, index = towers["distilled"]
-        merged = merged_retriever(data, retr, index, {n: channels[n] for n in c.channels}, c.two_tower_quota)
-        casc = Cascade(merged, PairScorer(pre.scorer(data)), PairScorer(ranker_scorer(ranker, data)), seen)
-        name = "distilled+channels"
+        # the cascade load_cascade(run, "distilled+channels") serves
+        casc = build_cascade(data, retr, pre, ranker, index, seen, channels={n: channels[n] for n in c.channels},
+                             two_tower_quota=c.two_tower_quota)
+        merged = casc.retriever
+        name = CHANNELS_VARIANT
         variants[name] = measure(name, casc, stage_auc(None, pre.scorer(data)(req_t, cand)[:, 0]))
         variants[name]["channels"] = {"quotas": dict(zip(merged.names, merged.quotas.tolist()))}
         channel_report = channel_contributions(merged, requests, inp, c.n_retrieve, c.k, seen)
@@ -155,16 +156,6 @@ def run(ctx: StepContext) -> StepResult:
     head = {v: round(s["quality"]["rank_click_recall"], 4) for v, s in everything.items()}
     return StepResult(outputs, {**{v: s["quality"] for v, s in everything.items()}, "latency": timings},
                       f"end-to-end click-recall@{c.k}: {head}")
-
-
-def merged_retriever(data: RunData, retrieval: Towers, index, channels: dict,
-                     two_tower_quota: float) -> MergedRetriever:
-    """The two-tower retriever (user tower + index) and ``channels`` as one retrieval stage: the two-tower takes
-    ``two_tower_quota`` of the slots, the channels share the rest evenly."""
-    two_tower = Retriever(lambda r: retrieval.user_embed(data, r), index)
-    rest = (1.0 - two_tower_quota) / max(len(channels), 1)
-    return MergedRetriever({"two_tower": two_tower, **channels},
-                           {"two_tower": two_tower_quota, **{n: rest for n in channels}})
 
 
 def replayed_requests(frame: pd.DataFrame, test: pd.DataFrame, max_requests: int | None,
@@ -206,25 +197,12 @@ def channel_contributions(merged: MergedRetriever, requests, inp: ReplayInputs, 
 
 def final_origin_share(merged: MergedRetriever, requests, n: int, seen, finals: np.ndarray) -> dict:
     """Share of the final lists' items that each channel placed in the retrieval stage."""
-    items, _, origin = merged.select_with_origin(requests, n) if seen is None else _origin_unseen(merged, requests, n,
-                                                                                                    seen)
+    items, _, origin = select_unseen_origin(merged, requests, n, seen)
     key_final = finals[:, :, None] == items[:, None, :]  # [B, K, N1]
     placed = np.where(key_final.any(axis=2), np.take_along_axis(origin, key_final.argmax(axis=2), 1), -1)
     filled = placed[finals != PAD]
     return {name: float(np.mean(filled == i)) if filled.size else float("nan")
             for i, name in enumerate(merged.names)}
-
-
-def _origin_unseen(merged: MergedRetriever, requests, n: int, seen):
-    """select_with_origin with seen items dropped, as select_unseen does for the items."""
-    lo, hi = seen.before(requests.user_id, requests.time_ms)
-    extra = min(int((hi - lo).max(initial=0)), MAX_OVERFETCH * n)
-    items, scores, origin = merged.select_with_origin(requests, n + extra)
-    keep = ~seen.seen(requests.user_id, items, requests.time_ms) & (items != PAD)
-    order = np.argsort(~keep, axis=1, kind="stable")[:, :n]  # kept entries first, in their (merged) order
-    take = lambda a: np.take_along_axis(a, order, 1)  # noqa: E731
-    ok = take(keep)
-    return np.where(ok, take(items), PAD), np.where(ok, take(scores), -np.inf), np.where(ok, take(origin), -1)
 
 
 def baseline_name(channel: str, params: dict) -> str:

@@ -8,14 +8,16 @@ Every stage answers the same contract::
 ids padded with -1 for the later stages. Padding in the output is item id -1 with score -inf.
 
 Stages are thin: each wraps a scoring callable built by the pipeline from a trained model and the saved feature
-encoder, so the same classes serve the teacher, the distilled students and test doubles. :func:`load_cascade`
-builds the cascade of a finished run.
+encoder, so the same classes serve the teacher, the distilled students and test doubles. The retrieval stage is
+the two-tower :class:`Retriever` or a :class:`~cascade.channels.MergedRetriever` of it and the classic channels;
+then :meth:`Cascade.recommend` also times each channel and tells which channel proposed each candidate.
+:func:`load_cascade` builds the cascade of a finished run: a two-tower variant, or "distilled+channels".
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -26,6 +28,7 @@ import torch
 
 from .. import artifacts as A
 from ..arrays import PAD, topk_rows
+from ..channels import MergedRetriever, load_channels
 from ..data.history import EventHistory
 from ..data.requests import Requests
 from ..index.faiss_index import ItemIndex
@@ -80,11 +83,36 @@ def select_unseen(stage: Stage, requests: Requests, n: int, seen: EventHistory |
     keep the best n, so filtering does not shrink the list."""
     if seen is None:
         return stage.select(requests, None, n)
+    items, scores = stage.select(requests, None, n + _overfetch(requests, n, seen))
+    cols, out_s = _unseen_columns(items, scores, requests, n, seen)
+    return _gather(items, cols, PAD), out_s
+
+
+def select_unseen_origin(retriever: MergedRetriever, requests: Requests, n: int,
+                         seen: EventHistory | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """:func:`select_unseen` through a merged retriever, keeping each item's channel of origin: (items, scores,
+    origin int8 [B, n]: index into ``retriever.names``, -1 at padding)."""
+    if seen is None:
+        return retriever.select_with_origin(requests, n)
+    items, scores, origin = retriever.select_with_origin(requests, n + _overfetch(requests, n, seen))
+    cols, out_s = _unseen_columns(items, scores, requests, n, seen)
+    return _gather(items, cols, PAD), out_s, _gather(origin, cols, -1).astype(np.int8)
+
+
+def _overfetch(requests: Requests, n: int, seen: EventHistory) -> int:
     lo, hi = seen.before(requests.user_id, requests.time_ms)
-    extra = min(int((hi - lo).max(initial=0)), MAX_OVERFETCH * n)
-    items, scores = stage.select(requests, None, n + extra)
+    return min(int((hi - lo).max(initial=0)), MAX_OVERFETCH * n)
+
+
+def _unseen_columns(items: np.ndarray, scores: np.ndarray, requests: Requests, n: int,
+                    seen: EventHistory) -> tuple[np.ndarray, np.ndarray]:
+    """The columns (PAD where none) and scores of the best n unseen items of each row of an over-fetched list."""
     items = np.where(seen.seen(requests.user_id, items, requests.time_ms), PAD, items)
-    return topk_rows(scores, items, n)
+    return topk_rows(scores, np.where(items == PAD, PAD, np.arange(items.shape[1])[None, :]), n)
+
+
+def _gather(x: np.ndarray, cols: np.ndarray, pad: int) -> np.ndarray:
+    return np.where(cols == PAD, pad, np.take_along_axis(x, np.maximum(cols, 0), 1))
 
 
 def _item_ids(candidates: np.ndarray) -> np.ndarray:
@@ -107,14 +135,21 @@ def _item_ids(candidates: np.ndarray) -> np.ndarray:
 
 @dataclass
 class CascadeResult:
-    """items/scores: the final [B, k] lists; stages: stage -> (items, scores) when asked; timing_s: stage -> wall s;
-    errors: per request None or the reason it was not served (its row is all padding)."""
+    """items/scores: the final [B, k] lists; stages: stage -> (items, scores) when asked; timing_s: stage -> wall s,
+    and with a multi-channel retriever "retrieval/<channel>" -> the wall s of each channel (within "retrieval");
+    errors: per request None or the reason it was not served (its row is all padding).
+
+    origin: with a multi-channel retriever and ``return_stages``, int8 [B, n_retrieve]: the channel that proposed
+    each retrieval candidate (``stages["retrieval"]``), as an index into ``channels``; -1 at padding. channels: the
+    retriever's channel names (empty for the two-tower retriever alone)."""
 
     items: np.ndarray
     scores: np.ndarray
     errors: list[str | None]
     timing_s: dict[str, float]
     stages: dict[str, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
+    origin: np.ndarray | None = None
+    channels: tuple[str, ...] = ()
 
 
 class Cascade:
@@ -131,6 +166,11 @@ class Cascade:
         self.retriever, self.preranker, self.ranker, self.seen = retriever, preranker, ranker, seen
         self.context_kinds = context_kinds  # context name -> "int" | "float" | "str": checked per request
 
+    @property
+    def channels(self) -> tuple[str, ...]:
+        """The retrieval channels (a :class:`MergedRetriever`'s names), () for a single retriever."""
+        return tuple(self.retriever.names) if isinstance(self.retriever, MergedRetriever) else ()
+
     def recommend(self, requests: Requests, n_retrieve: int, n_prerank: int, k: int,
                   return_stages: bool = False, filter_seen: bool = False) -> CascadeResult:
         if not (0 < k <= n_prerank <= n_retrieve):
@@ -143,18 +183,26 @@ class Cascade:
         ok = np.array([e is None for e in errors], dtype=bool)
         items = np.full((b, k), PAD, np.int64)
         scores = np.full((b, k), -np.inf, np.float32)
-        timing = {n: 0.0 for n in self.STAGE_NAMES}
+        channels = self.channels
+        timing = {n: 0.0 for n in (*self.STAGE_NAMES, *(f"retrieval/{c}" for c in channels))}
         stages: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        origin = None
         if ok.any():
             req = requests.take(np.flatnonzero(ok)).valid_rows(self.context_kinds)
+            seen = self.seen if filter_seen else None
             t0 = time.perf_counter()
-            ri, rs = select_unseen(self.retriever, req, n_retrieve, self.seen if filter_seen else None)
+            if channels:
+                ri, rs, ro = select_unseen_origin(self.retriever, req, n_retrieve, seen)
+            else:
+                ri, rs = select_unseen(self.retriever, req, n_retrieve, seen)
             t1 = time.perf_counter()
             pi, ps = self.preranker.select(req, ri, n_prerank)
             t2 = time.perf_counter()
             fi, fs = self.ranker.select(req, pi, k)
             t3 = time.perf_counter()
-            timing = {"retrieval": t1 - t0, "prerank": t2 - t1, "rank": t3 - t2}
+            timing.update({"retrieval": t1 - t0, "prerank": t2 - t1, "rank": t3 - t2})
+            if channels:
+                timing.update({f"retrieval/{c}": self.retriever.last_timing_s[c] for c in channels})
             items[ok], scores[ok] = fi, fs
             if return_stages:
                 for name, (si, ss) in zip(self.STAGE_NAMES, ((ri, rs), (pi, ps), (fi, fs))):
@@ -162,36 +210,98 @@ class Cascade:
                     full_s = np.full((b, si.shape[1]), -np.inf, np.float32)
                     full_i[ok], full_s[ok] = si, ss
                     stages[name] = (full_i, full_s)
-        return CascadeResult(items, scores, errors, timing, stages)
+                if channels:
+                    origin = np.full((b, ro.shape[1]), -1, np.int8)
+                    origin[ok] = ro
+        return CascadeResult(items, scores, errors, timing, stages, origin, channels)
 
 
 # ---------------------------------------------------------------------------------------------------------------
 # the cascade of a finished run
 
 
+CHANNELS_VARIANT = "distilled+channels"  # the distilled two-tower and the classic channels in one retrieval stage
+
+
 def build_cascade(data: RunData, retrieval: Towers, prerank: Towers, ranker: torch.nn.Module, index,
-                  seen: EventHistory | None = None) -> Cascade:
-    """retrieval tower + index -> pre-rank tower -> ranker (teacher or distilled student)."""
-    return Cascade(Retriever(lambda r: retrieval.user_embed(data, r), index), PairScorer(prerank.scorer(data)),
-                   PairScorer(ranker_scorer(ranker, data)), seen, context_kinds=data.context_kinds)
+                  seen: EventHistory | None = None, channels: Mapping[str, Stage] | None = None,
+                  two_tower_quota: float = 0.5) -> Cascade:
+    """retrieval tower + index -> pre-rank tower -> ranker (teacher or distilled student). channels: classic
+    channels (name -> stage) retrieving beside the two-tower (:func:`merged_retriever`), or None / {}: the two-tower
+    alone."""
+    retriever = (merged_retriever(data, retrieval, index, channels, two_tower_quota) if channels
+                 else Retriever(lambda r: retrieval.user_embed(data, r), index))
+    return Cascade(retriever, PairScorer(prerank.scorer(data)), PairScorer(ranker_scorer(ranker, data)), seen,
+                   context_kinds=data.context_kinds)
+
+
+def merged_retriever(data: RunData, retrieval: Towers, index, channels: Mapping[str, Stage],
+                     two_tower_quota: float) -> MergedRetriever:
+    """The two-tower retriever (user tower + index) and ``channels`` as one retrieval stage: the two-tower takes
+    ``two_tower_quota`` of the slots, the channels share the rest evenly (in ``channels``' order, which breaks
+    ties between equal keys)."""
+    if channels and not 0.0 < two_tower_quota < 1.0:
+        raise ValueError(f"two_tower_quota must be in (0, 1) beside channels, got {two_tower_quota}")
+    two_tower = Retriever(lambda r: retrieval.user_embed(data, r), index)
+    rest = (1.0 - two_tower_quota) / max(len(channels), 1)
+    return MergedRetriever({"two_tower": two_tower, **channels},
+                           {"two_tower": two_tower_quota, **{n: rest for n in channels}})
+
+
+def run_channel_settings(run_dir: str | Path) -> tuple[list[str], float]:
+    """(replay.channels, replay.two_tower_quota) of a run, as its replay builds "distilled+channels": from the
+    replay step's manifest when the replay has run (its config_hash checked), else from the run's config.json."""
+    run_dir = Path(run_dir)
+    manifest = run_dir / "replay" / A.MANIFEST
+    if manifest.is_file():
+        m = A.read_json(manifest)
+        if A.stable_hash(m.get("config")) != m.get("config_hash"):
+            raise A.ArtifactError(f"{manifest}: its config does not match its config_hash: the file is altered")
+        replay, where = m["config"], manifest
+    else:
+        replay, where = A.read_json(run_dir / "config.json").get("replay", {}), run_dir / "config.json"
+    if "channels" not in replay or "two_tower_quota" not in replay:
+        raise A.ArtifactError(f"{where}: no replay.channels / replay.two_tower_quota: the run predates the "
+                              f"{CHANNELS_VARIANT!r} cascade")
+    return list(replay["channels"]), float(replay["two_tower_quota"])
+
+
+def cascade_variants(run_dir: str | Path) -> list[str]:
+    """The cascades a finished run can serve: its two-tower variants (students/<variant>/ with a retrieval tower:
+    "distilled", "ground_truth") and "distilled+channels" where the run has a distilled tower, a finished channels
+    step and replay.channels names channels."""
+    run_dir = Path(run_dir)
+    students = run_dir / "students"
+    towers = sorted(p.name for p in students.iterdir() if (p / "retrieval").is_dir()) if students.is_dir() else []
+    if "distilled" in towers and (run_dir / "channels" / A.MANIFEST).is_file() and \
+            ((run_dir / "replay" / A.MANIFEST).is_file() or (run_dir / "config.json").is_file()):
+        if run_channel_settings(run_dir)[0]:
+            towers.append(CHANNELS_VARIANT)
+    return towers
 
 
 def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = "teacher",
                  data: RunData | None = None) -> tuple[RunData, Cascade]:
-    """The servable cascade of a finished run: (RunData, Cascade). variant: a students/ sub-folder
-    ("distilled" or "ground_truth"); ranker: "teacher" or "student" (the distilled rank student).
+    """The servable cascade of a finished run: (RunData, Cascade). variant: a students/ sub-folder ("distilled" or
+    "ground_truth": its two-tower retrieves alone) or "distilled+channels" (the distilled two-tower and the classic
+    channels of the run's channels step in one retrieval stage, with the channels and quotas of the run's replay:
+    :func:`run_channel_settings`; the replay's variant of that name, request for request); :func:`cascade_variants`
+    lists what a run has, and another name raises naming them. ranker: "teacher" or "student" (the distilled rank
+    student).
 
     Every file it loads is checked against the sha256 its step's manifest records (RunData checks the data step's
-    tables): an altered checkpoint, table or index raises ArtifactError naming the file."""
+    tables): an altered checkpoint, table, index or channel raises ArtifactError naming the file."""
     run_dir = Path(run_dir)
     if ranker not in ("teacher", "student"):
         raise ValueError(f"ranker {ranker!r} must be 'teacher' or 'student'")
+    have = cascade_variants(run_dir)
+    if variant not in have:
+        raise FileNotFoundError(f"{run_dir}: no cascade variant {variant!r} (the run has {have})")
+    with_channels = variant == CHANNELS_VARIANT
+    tower = "distilled" if with_channels else variant
     data = data or RunData(run_dir / "data")
-    sdir = run_dir / "students" / variant
-    if not (sdir / "retrieval").is_dir():
-        raise FileNotFoundError(f"{sdir}: no such student variant (have "
-                                f"{sorted(p.name for p in (run_dir / 'students').iterdir() if p.is_dir())})")
-    towers = [f"{variant}/{stage}/{f}" for stage in ("retrieval", "prerank") for f in ("model.pt", "config.json")]
+    sdir = run_dir / "students" / tower
+    towers = [f"{tower}/{stage}/{f}" for stage in ("retrieval", "prerank") for f in ("model.pt", "config.json")]
     ranker_files = ["rank_student/model.pt", "rank_student/config.json"] if ranker == "student" else []
     A.verify_listed(run_dir / "students", towers + ranker_files)
     if ranker == "teacher":
@@ -201,16 +311,21 @@ def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = 
     model = load_ranker(model_dir, data.spec)
     # the index checks its own files and that it holds this tower's items (naming both hashes), then the step's
     # manifest confirms that the whole index folder is the one the index step wrote
-    index = ItemIndex.load(run_dir / "index" / variant,
+    index = ItemIndex.load(run_dir / "index" / tower,
                            expect_model_hash=A.sha256_file(sdir / "retrieval" / "model.pt"),
                            expect_dim=retr.item_emb.shape[1], expect_metric="ip", omp_threads=1)
-    A.verify_listed(run_dir / "index", [f"{variant}/{f}" for f in ("manifest.json", "index.faiss", "item_ids.npy")])
-    return data, build_cascade(data, retr, pre, model, index)
+    A.verify_listed(run_dir / "index", [f"{tower}/{f}" for f in ("manifest.json", "index.faiss", "item_ids.npy")])
+    channels, quota = None, 0.5
+    if with_channels:
+        names, quota = run_channel_settings(run_dir)
+        channels = load_channels(run_dir / "channels", data.history, names)
+    return data, build_cascade(data, retr, pre, model, index, channels=channels, two_tower_quota=quota)
 
 
 def trace_requests(data: RunData, cascade: Cascade, requests: Requests, n_retrieve: int, n_prerank: int, k: int,
                    show: int = 10) -> list[pd.DataFrame]:
-    """For each request, a table of its final items with the rank each got at every stage (a funnel trace)."""
+    """For each request, a table of its final items with the rank each got at every stage (a funnel trace); with a
+    multi-channel retriever also the channel that proposed each item ("channel")."""
     res = cascade.recommend(requests, n_retrieve, n_prerank, k, return_stages=True)
     tables = []
     for b in range(len(requests)):
@@ -219,7 +334,12 @@ def trace_requests(data: RunData, cascade: Cascade, requests: Requests, n_retrie
         for st, (items, _) in res.stages.items():
             pos = {int(x): j + 1 for j, x in enumerate(items[b]) if x != PAD}
             t[f"{st}_rank"] = [pos.get(int(x)) for x in final]
+        extra = []
+        if res.origin is not None and "retrieval" in res.stages:
+            by_item = {int(x): res.channels[o] for x, o in zip(res.stages["retrieval"][0][b], res.origin[b]) if o >= 0}
+            t["channel"] = [by_item.get(int(x)) for x in final]
+            extra = ["channel"]
         tables.append(t.merge(data.items, on="item_id", how="left")[
-            ["item_id", "retrieval_rank", "prerank_rank", "rank_rank", "final_score"]
+            ["item_id", "retrieval_rank", "prerank_rank", "rank_rank", "final_score", *extra]
             + [c for c in ("item_key", "tag", "author_id", "video_type") if c in data.items.columns]])
     return tables

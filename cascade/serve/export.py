@@ -78,7 +78,10 @@ def exportables(run_dir: str | os.PathLike, variants: tuple[str, ...] | None = N
     trained = sorted(p.name for p in (run_dir / "students").iterdir() if (p / "retrieval").is_dir())
     unknown = sorted(set(variants or ()) - set(trained))
     if unknown:
-        raise ExportError(f"variant(s) {unknown} not in the run {run_dir} (it has {trained})")
+        hint = ("; the distilled+channels cascade's models are the distilled variant's towers (the classic channels "
+                "are no torch models: they are served from the run's channels step)"
+                if any(v.endswith("+channels") for v in unknown) else "")
+        raise ExportError(f"variant(s) {unknown} not in the run {run_dir} (it has {trained}){hint}")
     frame = requests_frame(data.split_impressions("test"), data.context_names)
     for variant in (v for v in trained if variants is None or v in variants):
         for stage in ("retrieval", "prerank"):

@@ -164,9 +164,11 @@ def ranking_quality(ranking: np.ndarray, inp: ReplayInputs, sizes: dict[str, int
 def replay_latency(cascade: Cascade, requests: Requests, n_retrieve: int, n_prerank: int, k: int,
                    batch_size: int = 1, max_requests: int | None = None, progress: bool = False) -> dict:
     """Serve ``requests`` in time order in batches of ``batch_size``; per-stage and end-to-end latency per batch
-    (p50/p95/p99 ms) and throughput (requests/s over the whole replay)."""
+    (p50/p95/p99 ms) and throughput (requests/s over the whole replay). With a multi-channel retriever also each
+    channel's latency within the retrieval stage ("retrieval_channels_ms": channel -> p50/p95/p99)."""
     n = len(requests) if max_requests is None else min(max_requests, len(requests))
     per_stage: dict[str, list[float]] = {s: [] for s in STAGES}
+    per_channel: dict[str, list[float]] = {c: [] for c in getattr(cascade, "channels", ())}
     total: list[float] = []
     served = 0
     t_start = time.perf_counter()
@@ -177,12 +179,16 @@ def replay_latency(cascade: Cascade, requests: Requests, n_retrieve: int, n_prer
         total.append(time.perf_counter() - t0)
         for st in STAGES:
             per_stage[st].append(res.timing_s[st])
+        for c, v in per_channel.items():
+            v.append(res.timing_s[f"retrieval/{c}"])
         served += int(sum(e is None for e in res.errors))
     wall = time.perf_counter() - t_start
     out = {"batch_size": batch_size, "n_requests": n, "served": served, "requests_per_s": n / max(wall, 1e-12),
            "end_to_end_ms": latency_summary(np.array(total))}
     for st in STAGES:
         out[f"{st}_ms"] = latency_summary(np.array(per_stage[st]))
+    if per_channel:
+        out["retrieval_channels_ms"] = {c: latency_summary(np.array(v)) for c, v in per_channel.items()}
     out["samples_ms"] = {**{st: [1e3 * x for x in per_stage[st]] for st in STAGES},
                          "end_to_end": [1e3 * x for x in total]}
     return out
