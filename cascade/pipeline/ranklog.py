@@ -14,13 +14,12 @@ import pandas as pd
 
 from .. import artifacts as A
 from ..arrays import PAD, first_occurrence_columns, first_occurrences, pad_by_row
-from ..channels import Channel, MergedRetriever
+from ..channels import Channel, MergedRetriever, load_channels
 from ..data.requests import Requests, requests_frame, to_requests
 from ..distill.ranklog import sample_candidates
 from ..distill.shard_runner import build_rank_log_distributed
 from ..models.scoring import ranker_scorer
 from ..run_data import RunData, load_ranker
-from .channels import load_channels
 from .config import RankLogSection
 from .runner import StepContext, StepResult
 
@@ -141,7 +140,7 @@ def ranklog_channels(cfg: RankLogSection, folder, data) -> dict[str, Channel]:
     """The channels the rank log draws from, loaded from the channels step's folder (none at channel_share 0)."""
     if cfg.channel_share == 0.0:
         return {}
-    built = load_channels(folder, data)
+    built = load_channels(folder, data.history)
     names = cfg.channels_of(tuple(built))
     missing = [n for n in names if n not in built]
     if missing:
