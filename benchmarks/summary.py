@@ -218,6 +218,8 @@ ROWS = [
     Row("ablation_movielens_100k.json", "distillation ablation, ML-100K", None, _checks_elsewhere),
     Row("real_data.json", "outcomes: distilled cascade vs ground truth and classic baselines",
         "auto >= ground truth; the cascade beats most-popular and the best classic channel", _real_data),
+    Row("real_data_random_judge.json", "outcomes before the logged-traffic judge and the channel-fed rank log", None,
+        lambda d: (_real_data(d)[0], None)),
     Row("real_data_ml_sequence.json", "outcomes with the behaviour-sequence teacher, ML-100K", None, _sequence),
     Row("real_data_world_sequence.json", "outcomes with the behaviour-sequence teacher, world", None, _sequence),
     Row("random_slice.json", "outcomes on the world's random-exposure slice",
