@@ -23,15 +23,7 @@ import numpy as np
 from cascade.data.batches import EncodedTable, FeatureSpec, iter_batches
 from cascade.data.features import CrossFeatureStore, FeatureEncoder, build_encoded
 from cascade.data.split import time_split
-
-
-def _best(fn, repeat: int) -> float:
-    best = float("inf")
-    for _ in range(repeat):
-        t = time.perf_counter()
-        fn()
-        best = min(best, time.perf_counter() - t)
-    return best
+from cascade.machine import best_seconds
 
 
 def bench_world(n_items: int | None, seed: int) -> tuple[dict, object]:
@@ -83,13 +75,13 @@ def bench_cross_queries(store: CrossFeatureStore, ds, n_queries: int, seed: int,
     u = rng.choice(users, n_queries)
     i = rng.choice(items, n_queries)
     tq = rng.integers(t.min(), t.max() + 1, n_queries)
-    random_s = _best(lambda: store.query(u, i, tq), repeat)
+    random_s = best_seconds(lambda: store.query(u, i, tq), repeat)
     # impression-like queries: 100-item candidate lists, one user and one time per list
     lists = max(n_queries // 100, 1)
     ul = np.repeat(rng.choice(users, lists), 100)
     tl = np.repeat(rng.integers(t.min(), t.max() + 1, lists), 100)
     il = rng.choice(items, lists * 100)
-    list_s = _best(lambda: store.query(ul, il, tl), repeat)
+    list_s = best_seconds(lambda: store.query(ul, il, tl), repeat)
     return {"n_queries": n_queries, "events": int(len(t)), "random_pairs_s": random_s,
             "random_pairs_queries_per_s": n_queries / random_s, "candidate_lists_queries_per_s": len(ul) / list_s}
 
@@ -114,8 +106,8 @@ def bench_batches(n_rows: int, batch_size: int, n_cat: int, n_num: int, seed: in
             for a in (table.cat, table.num, table.label, table.user_id, table.item_id, table.request_id):
                 np.take(a, idx, axis=0)
 
-    s = _best(epoch, repeat)
-    s_take = _best(epoch_take, repeat)
+    s = best_seconds(epoch, repeat)
+    s_take = best_seconds(epoch_take, repeat)
     return {"rows": n_rows, "batch_size": batch_size, "cat_columns": n_cat, "num_columns": n_num,
             "epoch_s": s, "rows_per_s": n_rows / s, "np_take_rows_per_s": n_rows / s_take}
 

@@ -110,7 +110,8 @@ def native_bf16() -> tuple[bool, str]:
     return bool(avx or amx), f"avx512_bf16={avx}, amx={amx}"
 
 
-def _best_seconds(fn, repeats: int) -> float:
+def best_seconds(fn, repeats: int) -> float:
+    """The best wall seconds of ``repeats`` calls of ``fn()`` after one warm-up call."""
     fn()  # warm-up: first-call allocation and oneDNN kernel selection
     best = float("inf")
     for _ in range(repeats):
@@ -125,13 +126,13 @@ def _probe(rows: int, k: int, n: int, threads: int, repeats: int) -> float:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
     with torch.inference_mode():
-        f32 = _best_seconds(lambda: nn.functional.linear(x, w), repeats)
+        f32 = best_seconds(lambda: nn.functional.linear(x, w), repeats)
 
         def bf16():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 nn.functional.linear(x, w)
 
-        return f32 / _best_seconds(bf16, repeats)
+        return f32 / best_seconds(bf16, repeats)
 
 
 def bf16_speedup(rows: int, k: int, n: int, repeats: int = 5) -> float:
@@ -228,7 +229,7 @@ def gemm_gflops(dtype: torch.dtype = torch.float32, n: int = 1024, repeats: int 
     g = torch.Generator().manual_seed(0)
     a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
     with torch.inference_mode():
-        return 2 * n ** 3 / _best_seconds(lambda: torch.matmul(a, b), repeats) / 1e9
+        return 2 * n ** 3 / best_seconds(lambda: torch.matmul(a, b), repeats) / 1e9
 
 
 def memory_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
@@ -236,7 +237,7 @@ def memory_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
     ``repeats``: well past every cache level, so DRAM bandwidth."""
     src = np.ones(mib * 2 ** 20 // 4, np.float32)
     dst = np.empty_like(src)
-    return 2 * src.nbytes / _best_seconds(lambda: np.copyto(dst, src), repeats) / 1e9
+    return 2 * src.nbytes / best_seconds(lambda: np.copyto(dst, src), repeats) / 1e9
 
 
 def machine_bounds(threads: int = 1, n: int = 1024, repeats: int = 5) -> dict:
