@@ -162,6 +162,21 @@ def _sequence(d: dict) -> tuple[str, None]:
     return _real_data(d)[0] + f" with {', '.join(d['overrides'])}", None
 
 
+def _exposure_judge(d: dict) -> tuple[str, None]:
+    """Per world run: the exposure weight the validation random-slice AUC would pick, and the test oracle ratio of
+    the teacher's corpus list at it and at the weight the pipeline chose on logged clicks."""
+    parts = []
+    for name, r in d["runs"].items():
+        auc = r["valid"]["auc"]
+        by_auc = max(auc, key=lambda b: (auc[b], -float(b)))
+        chosen = str(float(r["chosen_on_logged_clicks"]))
+        c = r["corpus"]
+        parts.append(f"{name[-5:]}: AUC picks {by_auc} (oracle {c[by_auc]['oracle_ratio']:.3f}, logged click-recall "
+                     f"{c[by_auc]['click_recall@10']:.3f}), logged clicks picked {chosen} "
+                     f"({c[chosen]['oracle_ratio']:.3f}, {c[chosen]['click_recall@10']:.3f})")
+    return "; ".join(parts), None
+
+
 def _random_slice(d: dict) -> tuple[str, bool]:
     """The world's random-exposure requests: the distilled cascade against most-popular and the best other classic
     channel on click-recall@K there (met: above both)."""
@@ -222,6 +237,8 @@ ROWS = [
         lambda d: (_real_data(d)[0], None)),
     Row("real_data_ml_sequence.json", "outcomes with the behaviour-sequence teacher, ML-100K", None, _sequence),
     Row("real_data_world_sequence.json", "outcomes with the behaviour-sequence teacher, world", None, _sequence),
+    Row("exposure_judge.json", "the teacher's exposure weight: random-slice AUC vs logged clicks as its judge", None,
+        _exposure_judge),
     Row("random_slice.json", "outcomes on the world's random-exposure slice",
         "the cascade beats most-popular and the best classic channel", _random_slice),
     Row("three_students.json", "one-loop cascade vs teacher-first", None, _three),
