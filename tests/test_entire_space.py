@@ -141,3 +141,55 @@ def test_choose_exposure_weight_picks_the_known_best(tiny_data):
     recall = {row["exposure_weight"]: row["valid_click_recall@20"] for row in table}
     assert recall[0.0] == 0.0 and recall[0.5] == recall[1.0] == 1.0
     assert model.exposure_weight.item() == 0.5
+
+
+def test_exposure_weight_by_random_auc_matches_sklearn_and_takes_the_best(tiny_data):
+    """Each weight's AUC equals scikit-learn's on the validation random-exposure impressions scored by hand, and the
+    choice is the best one (the model is untrained: only the arithmetic is under test)."""
+    from sklearn.metrics import roc_auc_score
+
+    from cascade.data.requests import impression_requests
+    from cascade.train.entire_space import choose_exposure_weight_by_random_auc
+
+    data = tiny_data
+    model = EntireSpaceRanker(data.spec, CFG, seed=5).eval()
+    grid = [0.0, 0.5, 2.0]
+    choice, table = choose_exposure_weight_by_random_auc(model, data, grid)
+    r = data.split_impressions("valid").query("is_rand == 1")
+    cat, num = data.pair_features(impression_requests(r, data.context_names), r.item_id.to_numpy(np.int64)[:, None])
+    with torch.no_grad():
+        lc = F.logsigmoid(model.click(torch.from_numpy(cat), torch.from_numpy(num))).numpy()
+        le = model.exposure(torch.from_numpy(cat), torch.from_numpy(num)).numpy()
+    want = [roc_auc_score(r.click.to_numpy(), lc + b * le) for b in grid]
+    assert [row["valid_random_auc"] for row in table] == pytest.approx(want, abs=1e-6)
+    assert len(set(np.round(want, 6))) == 3  # the weights really rank differently
+    assert choice == grid[int(np.argmax(want))]
+    assert float(model.exposure_weight) == choice
+
+
+def test_random_auc_judge_refuses_data_without_a_random_slice_and_a_bad_value(tiny_data):
+    from cascade.pipeline.config import EntireSpaceSection
+    from cascade.train.entire_space import random_slice
+
+    logged = tiny_data.split_impressions("valid").query("is_rand == 0")
+    with pytest.raises(ValueError, match=r"0 random-exposure impressions.*judge = \"clicks\""):
+        random_slice(logged, 'teacher.entire_space.judge = "random_auc"')
+    with pytest.raises(ValueError, match="teacher.entire_space.judge must be 'clicks' or 'random_auc', got 'auc'"):
+        EntireSpaceSection(judge="auc")
+
+
+def test_teacher_step_with_the_random_auc_judge_records_its_grid(tmp_path):
+    from pathlib import Path
+
+    from cascade import artifacts as A
+    from cascade.pipeline import load_config, run_pipeline
+
+    tiny = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
+    cfg = load_config(tiny, [f"run.runs_dir={str(tmp_path)!r}", 'teacher.entire_space.judge="random_auc"'])
+    run_pipeline(cfg, until="teacher", progress=False)
+    es = A.read_json(tmp_path / cfg.run.name / "teacher" / "manifest.json")["metrics"]["entire_space"]
+    assert "random-exposure impressions" in es["judge"]
+    aucs = {row["exposure_weight"]: row["valid_random_auc"] for row in es["grid"]}
+    assert set(aucs) == set(cfg.teacher.entire_space.exposure_weights)
+    assert es["exposure_weight"] == max(aucs, key=lambda b: (aucs[b], -b))
+    assert all(0.0 < a < 1.0 for a in aucs.values())

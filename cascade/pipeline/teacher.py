@@ -16,7 +16,13 @@ from ..models.entire_space import EntireSpaceRanker
 from ..models.gbdt import GBDTRanker
 from ..models.ranker import Ranker
 from ..run_data import RunData
-from ..train.entire_space import choose_exposure_weight, entire_space_loss, entire_space_table
+from ..train.entire_space import (
+    choose_exposure_weight,
+    choose_exposure_weight_by_random_auc,
+    entire_space_loss,
+    entire_space_table,
+    random_slice,
+)
 from ..train.loop import evaluate, fit, score_metrics
 from .common import model_row, save_ranker, seeded, with_seed, without_timings
 from .config import TeacherSection
@@ -32,16 +38,23 @@ def run(ctx: StepContext) -> StepResult:
     tcfg = with_seed(dataclasses.replace(c.train, progress=ctx.progress), ctx.seed)
     es = c.entire_space
     metrics = {}
+    if es.enabled and es.judge == "random_auc":  # before any training: data without the slice is refused
+        random_slice(data.split_impressions("valid"), 'teacher.entire_space.judge = "random_auc"')
     if es.enabled:
         model = EntireSpaceRanker(train.spec, c.ranker, seed=ctx.seed)
         rng = np.random.default_rng(ctx.seed)
         table = entire_space_table(data, "train", es.unshown_per_shown, es.popularity_share, rng)
         res = fit(model, table, valid, tcfg, loss_fn=entire_space_loss(es.w_exposure), label="teacher")
         model.cpu()  # trained on run.device; the corpus scoring below and every later step read it on the CPU
-        judge = validation_judge(data, es.select_requests, ctx.seed)
-        choice, grid = choose_exposure_weight(model, data, judge.requests, judge.clicked, es.exposure_weights,
-                                              es.select_k, judge.seen)
-        metrics["entire_space"] = {"exposure_weight": choice, "grid": grid, "judge": judge.what,
+        if es.judge == "random_auc":
+            choice, grid = choose_exposure_weight_by_random_auc(model, data, es.exposure_weights)
+            what = "AUC on the validation split's random-exposure impressions"
+        else:
+            judge = validation_judge(data, es.select_requests, ctx.seed)
+            choice, grid = choose_exposure_weight(model, data, judge.requests, judge.clicked, es.exposure_weights,
+                                                  es.select_k, judge.seen)
+            what = judge.what
+        metrics["entire_space"] = {"exposure_weight": choice, "grid": grid, "judge": what,
                                    "train_rows": {"shown": int(len(train)), "unshown": int(len(table) - len(train))}}
         name = f"teacher ({c.ranker.backbone}, entire space: exposure weight {choice:g})"
     else:

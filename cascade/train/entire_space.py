@@ -11,7 +11,8 @@ log-Q correction, for a binary task), so the exposure model learns the log-prope
 :func:`entire_space_loss` trains an :class:`~cascade.models.entire_space.EntireSpaceRanker`: click BCE on the
 impressions (P(click | shown), as a plain teacher) plus ``w_exposure`` x BCE of (exposure logit - log_mq) against
 ``shown``. :func:`choose_exposure_weight` then picks how much exposure the corpus-wide ranking uses, by
-validation click-recall over the whole corpus.
+validation click-recall over the whole corpus, or (:func:`choose_exposure_weight_by_random_auc`) by the AUC of the
+ranking score on the validation split's randomly shown impressions, free of the logging policy's bias.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 
 from ..arrays import PAD, first_occurrences, topk_rows
 from ..data.batches import EncodedTable
-from ..data.requests import Requests, request_start_ms, requests_frame, to_requests
+from ..data.requests import Requests, impression_requests, request_start_ms, requests_frame, to_requests
 from ..models.entire_space import EntireSpaceRanker
 from ..models.scoring import score_pairs
 from ..run_data import RunData
@@ -168,4 +169,37 @@ def choose_exposure_weight(model: EntireSpaceRanker, data: RunData, requests: Re
     with torch.no_grad():
         model.exposure_weight.fill_(choice)
     log.info("entire space: exposure weight %s chosen (%s)", choice, table)
+    return choice, table
+
+
+def random_slice(impressions: pd.DataFrame, what: str) -> pd.DataFrame:
+    """The random-exposure rows of ``impressions`` (``is_rand == 1``); a ValueError naming ``what`` when there are
+    none or they hold only one class (no AUC to judge by)."""
+    r = impressions[impressions["is_rand"] == 1] if "is_rand" in impressions.columns else impressions.iloc[:0]
+    if r["click"].nunique() < 2:
+        raise ValueError(f"{what}: the validation split has {len(r):,} random-exposure impressions"
+                         f"{' with one class only' if len(r) else ''}: no random-slice AUC to judge by "
+                         f"(use teacher.entire_space.judge = \"clicks\")")
+    return r
+
+
+def choose_exposure_weight_by_random_auc(model: EntireSpaceRanker, data: RunData, grid: Sequence[float],
+                                         ) -> tuple[float, list[dict]]:
+    """The exposure weight of ``grid`` whose ranking score log sigmoid(click) + weight x exposure has the highest
+    AUC on the validation split's randomly shown impressions (ties: the smaller weight), and every weight's AUC.
+    Sets ``model.exposure_weight`` to the choice."""
+    from ..eval.metrics import auc
+
+    r = random_slice(data.split_impressions("valid"), "teacher.entire_space.judge = \"random_auc\"")
+    requests = impression_requests(r, data.context_names)
+    cat, num = data.pair_features(requests, r["item_id"].to_numpy(np.int64)[:, None])
+    model.eval()
+    lc = F.logsigmoid(torch.from_numpy(score_pairs(model.click, cat, num))).numpy()
+    le = score_pairs(model.exposure, cat, num)
+    y = r["click"].to_numpy()
+    table = [{"exposure_weight": float(b), "valid_random_auc": auc(y, lc + float(b) * le)} for b in grid]
+    choice = max(table, key=lambda row: (row["valid_random_auc"], -row["exposure_weight"]))["exposure_weight"]
+    with torch.no_grad():
+        model.exposure_weight.fill_(choice)
+    log.info("entire space: exposure weight %s chosen by random-slice AUC (%s)", choice, table)
     return choice, table

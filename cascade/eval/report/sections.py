@@ -340,7 +340,8 @@ def _section_choices(data: Mapping) -> Section:
     es = as_mapping(ch.get("entire_space"), "report_data['choices']['entire_space']")
     if es:
         grid = [as_mapping(g, "grid") or {} for g in as_list(es.get("grid"), "grid") or []]
-        key = next((k for k in (grid[0] if grid else {}) if k.startswith("valid_click_recall")), None)
+        key = next((k for k in (grid[0] if grid else {}) if k.startswith(("valid_click_recall", "valid_random_auc"))),
+                   None)
         frame = pd.DataFrame({"exposure weight": [g.get("exposure_weight") for g in grid],
                               key or "valid click-recall": [g.get(key) for g in grid]})
         sec.blocks.append(("h3", f"Teacher: exposure weight of the corpus-wide ranking (chosen "
