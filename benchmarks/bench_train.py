@@ -51,7 +51,7 @@ from torch import nn
 from cascade import artifacts as A
 from cascade.data.batches import EncodedTable, FeatureSpec, iter_batches
 from cascade.distill.losses import click_bce
-from cascade.machine import format_bounds, largest_gemm, machine_bounds, machine_record, resolve_autocast
+from cascade.machine import format_bounds, gemm_rates, largest_gemm, machine_bounds, machine_record, resolve_autocast
 from cascade.models.layers import FactorizationMachine
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.pipeline import load_config
@@ -124,20 +124,6 @@ def synthetic_tables(n_train: int, n_test: int, n_fields: int = 26, vocab: int =
     rows = np.arange(n, dtype=np.int64)
     full = EncodedTable(spec, cat, num, label, rows, rows % 1000, rows, rows, np.zeros(n, np.int8))
     return full.take(slice(0, n_train)), full.take(slice(n_train, n))
-
-
-def gemm_gflops(n: int = 2048, repeats: int = 10, dtype: torch.dtype = torch.float32) -> dict[str, float]:
-    """torch.mm rate of [n, n] @ [n, n] (2 n^3 FLOPs) in ``dtype``: median and best over ``repeats`` calls."""
-    g = torch.Generator().manual_seed(0)
-    a, b = torch.randn(n, n, generator=g).to(dtype), torch.randn(n, n, generator=g).to(dtype)
-    torch.mm(a, b)
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        torch.mm(a, b)
-        times.append(time.perf_counter() - t0)
-    flops = 2.0 * n**3
-    return {"median_gflops": flops / np.median(times) / 1e9, "best_gflops": flops / min(times) / 1e9}
 
 
 def train_flops_per_sample(model: Ranker) -> dict[str, float]:
@@ -252,9 +238,9 @@ def bench_dataset(train: EncodedTable, test: EncodedTable, args, deepctr_python:
         bf16 = amp.bf16
         flops = flops or train_flops_per_sample(model)
         opts = optimizer_for(model, kind, args.lr, args.adagrad_lr)
-        g0 = gemm_gflops(repeats=5)["median_gflops"]
+        g0 = gemm_rates(n=2048, repeats=5)["median_gflops"]
         wall = train_one_epoch(model, opts, train, args.batch_size, args.seed, bf16=bf16)
-        g1 = gemm_gflops(repeats=5)["median_gflops"]
+        g1 = gemm_rates(n=2048, repeats=5)["median_gflops"]
         m = score_metrics(test.label, predict(model, test), test.user_id)
         results[name] = {"fit_s": wall, "samples_per_s": len(train) / wall, "auc": m["auc"], "logloss": m["logloss"],
                          "params": int(sum(q.numel() for q in model.parameters())), "gemm_gflops_adjacent": (g0, g1),
@@ -263,10 +249,10 @@ def bench_dataset(train: EncodedTable, test: EncodedTable, args, deepctr_python:
               f"(GEMM {g0:.0f} / {g1:.0f} GFLOP/s)", flush=True)
     if deepctr_python:
         t = time.perf_counter()
-        g0 = gemm_gflops(repeats=5)["median_gflops"]
+        g0 = gemm_rates(n=2048, repeats=5)["median_gflops"]
         r = results[DEEPCTR] = run_deepctr(deepctr_python, train, test, cat_idx, num_idx, args.threads,
                                            args.batch_size, args.seed)
-        r["gemm_gflops_adjacent"] = (g0, gemm_gflops(repeats=5)["median_gflops"])
+        r["gemm_gflops_adjacent"] = (g0, gemm_rates(n=2048, repeats=5)["median_gflops"])
         print(f"  {DEEPCTR:48s} {r['samples_per_s']:9,.0f} samples/s  AUC {r['auc']:.4f} "
               f"({time.perf_counter() - t:.0f} s with set-up)", flush=True)
     return {"rows": {"train": len(train), "test": len(test)}, "n_categorical": len(cat_idx),
@@ -307,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"load average {load['start']}", flush=True)
     bounds = machine_bounds(args.threads)
     print(f"machine bounds: {format_bounds(bounds)}", flush=True)
-    gemm = {"before": gemm_gflops()}
+    gemm = {"before": gemm_rates(n=2048, repeats=10)}
     print(f"GEMM before: {gemm['before']}", flush=True)
     datasets = {}
     print(f"world: {len(train):,} train rows", flush=True)
@@ -316,8 +302,8 @@ def main(argv: list[str] | None = None) -> int:
         s_train, s_test = synthetic_tables(args.train_rows, 50_000, vocab=args.synthetic_vocab, seed=args.seed)
         print(f"synthetic: {len(s_train):,} train rows, 26 x {args.synthetic_vocab:,} vocabulary", flush=True)
         datasets["synthetic"] = bench_dataset(s_train, s_test, args, args.deepctr_python)
-    gemm["after"] = gemm_gflops()
-    gemm["bf16"] = gemm_gflops(dtype=torch.bfloat16)
+    gemm["after"] = gemm_rates(n=2048, repeats=10)
+    gemm["bf16"] = gemm_rates(torch.bfloat16, n=2048, repeats=10)
     load["end"] = os.getloadavg()
     # The load of the shared machine moves the GEMM rate during the run, so each trainer is held against the rate
     # measured right before and after its own epoch; the dataset's limit uses the mean of those rates.

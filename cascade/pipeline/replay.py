@@ -170,7 +170,7 @@ def replayed_requests(frame: pd.DataFrame, test: pd.DataFrame, max_requests: int
     rand = np.flatnonzero(test.groupby("request_id").is_rand.max().reindex(frame.request_id).to_numpy() == 1)
     if max_rand is not None and len(rand) > max_rand:
         rand = rand[np.unique(np.linspace(0, len(rand) - 1, max_rand).round().astype(int))]
-    rows = np.union1d(spread, rand if max_rand != 0 else rand[:0])
+    rows = np.union1d(spread, rand)
     return frame.iloc[rows].reset_index(drop=True), np.isin(rows, spread)
 
 

@@ -128,14 +128,13 @@ class PairEncoder:
         xnum = np.zeros((n, 0), np.float32)
         store, hl = self.cross_store, self.history_length
         if store is not None:
-            hist = None
-            if request is None:  # rows are their own requests: what the stream's windowed store answers
-                cross, hist = store.query_with_history(user_ids, item_ids, t_ms, hl) if hl else (
-                    store.query(user_ids, item_ids, t_ms), None)
+            if request is None and hl:  # rows are their own requests: what the stream's windowed store answers
+                cross, hist = store.query_with_history(user_ids, item_ids, t_ms, hl)
+            elif request is None:
+                cross = store.query(user_ids, item_ids, t_ms)
             else:
                 cross = store.query_requests(user_ids, t_ms, item_ids, request)
-                if hl:
-                    hist = store.history(user_ids, t_ms, hl)
+                hist = store.history(user_ids, t_ms, hl) if hl else None
             if hl:
                 first, run = query_runs(user_ids, t_ms)  # code each request's sequence once
                 hcat = self.history_codes(hist[first])[run]
