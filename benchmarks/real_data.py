@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from cascade import artifacts as A
-from cascade.pipeline import load_config, run_pipeline
+from cascade.pipeline import STEPS, load_config, run_pipeline
 
 CONFIGS = {"world": "pipelines/default.toml", "movielens-100k": "pipelines/movielens.toml",
            "movielens-1m": "pipelines/movielens.toml"}
@@ -64,13 +64,20 @@ def _choices(run_dir: Path) -> dict[str, float | None]:
     return {s: metrics.get(s, {}).get("chosen_scale") for s in ("retrieval", "prerank", "rank_student")}
 
 
+def _paired(summary: dict) -> dict[str, dict]:
+    """The distilled cascade minus every other list on the same requests (diff, SE, n), by row name."""
+    shown = {b: f"baseline: {s['channel']}" for b, s in summary.get("baselines", {}).items()}
+    shown["teacher_corpus"] = "reference: teacher_corpus"
+    return {shown.get(other, other): gaps for other, gaps in summary.get("paired", {}).get("distilled", {}).items()}
+
+
 def measure(run_dir: Path) -> dict:
-    """One finished run's rows, rank-student AUCs, chosen scales and teacher test AUC."""
+    """One finished run's rows, paired gaps, rank-student AUCs, chosen scales and teacher test AUC."""
     summary = A.read_json(run_dir / "replay" / "summary.json")
     teacher = A.read_manifest(run_dir / "teacher")["metrics"]
     rows = {name: {c: q[c] for c in COLUMNS if c in q} for name, q in quality_rows(summary).items()}
     return {"rows": rows, "rank_student_auc": _rank_students(run_dir), "chosen_scales": _choices(run_dir),
-            "baseline_settings": _settings(summary),
+            "baseline_settings": _settings(summary), "paired": _paired(summary),
             "teacher_test_auc": teacher["models"][0]["auc"], "n_requests": summary["variants"]["distilled"]["quality"][
                 "n_requests"], "k": summary["variants"]["distilled"]["sizes"]["rank"]}
 
@@ -99,10 +106,14 @@ def _data_args(config: str, spec: str | None) -> tuple[list[str], str | None]:
     return [], spec
 
 
+REMEASURED = ("replay", "report")  # what --remeasure redoes; every other finished step is taken as it is
+
+
 def run_one(dataset: str, seed: int, runs_dir: str, extra: list[str], config: str | None = None,
-            confidence_too: bool = True) -> dict:
+            confidence_too: bool = True, remeasure: bool = False) -> dict:
     """Both confidence settings of one (dataset, seed): the run as configured, then --update with it switched.
-    config: a pipeline file instead of the dataset's own (e.g. pipelines/tiny.toml for a smoke run)."""
+    config: a pipeline file instead of the dataset's own (e.g. pipelines/tiny.toml for a smoke run). remeasure:
+    keep the run's finished models (written by earlier code) and redo only the replay and the report."""
     default_config, spec, name = _config(dataset)
     config = config or default_config
     base = [f"run.seed={seed}", f"run.name='bench-{name}-seed{seed}'", f"run.runs_dir='{runs_dir}'",
@@ -113,7 +124,8 @@ def run_one(dataset: str, seed: int, runs_dir: str, extra: list[str], config: st
         cfg = load_config(config, [*sets, *base, f"students.confidence={'true' if confidence else 'false'}"],
                           data_spec=data_spec)
         t0 = time.perf_counter()
-        run_pipeline(cfg, progress=False, update=True)
+        frozen = tuple(st.name for st in STEPS if st.name not in REMEASURED) if remeasure else ()
+        run_pipeline(cfg, progress=False, update=True, frozen=frozen)
         out["confidence" if confidence else "plain"] = {**measure(Path(runs_dir) / cfg.run.name),
                                                         "wall_s": time.perf_counter() - t0}
         print(f"{name} seed {seed} confidence={confidence}: {time.perf_counter() - t0:.0f} s", flush=True)
@@ -154,6 +166,7 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
             "baseline_settings": [sorted(r["baseline_settings"].values()) if "baseline_settings" in r else
                                   sorted(n[10:] for n in r["rows"] if n.startswith("baseline: "))
                                   for r in (p[setting] for p in per_seed.values())],
+            "paired": [r.get("paired", {}) for r in runs],
             "n_requests": [r["n_requests"] for r in runs], "k": runs[0]["k"],
             "wall_s": mean_std([r["wall_s"] for r in runs])}
     return out
@@ -164,6 +177,29 @@ def cell(s: dict, fmt: str) -> str:
         return "–"
     std = fmt.lstrip("+")
     return f"{s['mean']:{fmt}} ± {s['std']:{std}}" if s["std"] is not None else f"{s['mean']:{fmt}}"
+
+
+def paired_lines(paired: list[dict], seeds: list[int], rows: dict) -> list[str]:
+    """Per seed, the distilled cascade minus ground truth, most-popular and the best baseline on the same test
+    requests (mean ± SE over requests): whether a gap is beyond the requests' noise, which the spread over seeds
+    (the same test requests every seed) does not show."""
+    if not any(paired):
+        return []
+    out = []
+    for metric, label in (("rank_click_recall", "click-recall@K"), ("oracle_ratio", "oracle ratio")):
+        base = {n: r[metric]["mean"] for n, r in rows.items() if n.startswith("baseline: ") and metric in r
+                and r[metric]["mean"] is not None}
+        if not base:
+            continue
+        best = max(base, key=base.get)
+        for other in dict.fromkeys(("ground_truth", "baseline: popular", best)):
+            gaps = [p.get(other, {}).get(metric) for p in paired]
+            if any(g is None for g in gaps):
+                continue
+            out.append(f"- {label}, distilled minus {other}: " + "; ".join(
+                f"seed {s} {g['diff']:+.4f} ± {g['se']:.4f}" + (" *" if abs(g["diff"]) > 2 * g["se"] else "")
+                for s, g in zip(seeds, gaps)) + f" ({gaps[0]['n']} requests)")
+    return ["", "paired on the same test requests (mean ± SE over requests; * beyond 2 SE):", *out] if out else []
 
 
 def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
@@ -192,6 +228,7 @@ def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
             f"{c} {cell(v, '+.4f')}" for c, v in a["auto_minus_ground_truth"].items()),
             "", "baseline settings chosen on validation per seed: " +
             "; ".join(f"seed {s}: {', '.join(b)}" for s, b in zip(seeds, a["baseline_settings"]))]
+        lines += paired_lines(a["paired"], seeds, a["rows"])
         lines += ["", "scales chosen on validation per seed (retrieval, pre-rank towers; rank student): " +
                   "; ".join(f"seed {s}: {c['retrieval']}, {c['prerank']}; {c['rank_student']}"
                             for s, c in zip(seeds, a["chosen_scales"])), ""]
@@ -209,6 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", default="benchmarks/results")
     p.add_argument("--name", default="real_data", help="results file stem (default real_data)")
     p.add_argument("--no-confidence", action="store_true", help="skip the students.confidence = true runs")
+    p.add_argument("--remeasure", action="store_true",
+                   help="runs already in --runs-dir keep their models; only the replay and the report are redone")
     p.add_argument("--render", metavar="JSON", help="only aggregate and write the tables again from a results JSON")
     args = p.parse_args(argv)
     if args.render:
@@ -218,11 +257,12 @@ def main(argv: list[str] | None = None) -> int:
         return _write(out, args)
     results, t0 = {}, time.perf_counter()
     for dataset in args.dataset or []:
-        per_seed = {s: run_one(dataset, s, args.runs_dir, args.overrides, args.config, not args.no_confidence)
-                    for s in args.seeds}
+        per_seed = {s: run_one(dataset, s, args.runs_dir, args.overrides, args.config, not args.no_confidence,
+                               args.remeasure) for s in args.seeds}
         results[_config(dataset)[2]] = {"per_seed": per_seed, "mean_std": aggregate(per_seed)}
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
-    out = {"seeds": args.seeds, "overrides": args.overrides, "datasets": results, "date": time.strftime("%Y-%m-%d"),
+    out = {"seeds": args.seeds, "overrides": args.overrides, "remeasured": args.remeasure, "datasets": results,
+           "date": time.strftime("%Y-%m-%d"),
            "machine": machine, "wall_s": time.perf_counter() - t0}
     return _write(out, args)
 
@@ -232,7 +272,9 @@ def _write(out: dict, args: argparse.Namespace) -> int:
     A.write_json(Path(args.out) / f"{args.name}.json", out)
     md = (f"Outcomes on held-out test clicks, seeds {out['seeds']}, mean ± std over seeds; {out['date']}, "
           f"{out['machine']}, "
-          f"{out['wall_s'] / 60:.0f} min in all. Overrides: {out['overrides'] or 'none'}.\n\n" +
+          f"{out['wall_s'] / 60:.0f} min in all. Overrides: {out['overrides'] or 'none'}."
+          + (" Remeasured: the runs' models as trained earlier, the replay and report redone by this code (wall per "
+             "run: those two steps)." if out.get("remeasured") else "") + "\n\n" +
           "\n".join(markdown(d, r["mean_std"], out["seeds"]) for d, r in out["datasets"].items()))
     A.write_text(Path(args.out) / f"{args.name}.md", md)
     print(md)

@@ -21,6 +21,7 @@ from cascade.eval.metrics import (
     list_diversity,
     logloss,
     ndcg_at_k,
+    paired_difference,
     recall_at_k,
 )
 
@@ -215,3 +216,19 @@ def test_list_diversity_hand_worked():
     # ids 1,2,3,4,5: 5 distinct of 10; the two most frequent (1: 3 times, 2: twice) fill 5 of 8 slots
     assert d == {"distinct": 5, "coverage": 0.5, "top_share": 5 / 8}
     assert list_diversity(np.array([[7, 8]] * 4), n_items=100, top=2)["top_share"] == 1.0
+
+
+def test_paired_difference_hand_worked_and_against_scipy():
+    # rows 0..3: differences 0.2, -0.1, 0.5 (row 3 nan in b: left out); mean 0.2, std(ddof=1) 0.3, SE 0.3 / sqrt(3)
+    out = paired_difference([0.5, 0.1, 1.0, 0.3], [0.3, 0.2, 0.5, np.nan])
+    assert out["n"] == 3 and out["diff"] == pytest.approx(0.2) and out["se"] == pytest.approx(0.3 / math.sqrt(3))
+    rng = np.random.default_rng(0)
+    a, b = rng.random(50), rng.random(50)
+    from scipy import stats
+    t = stats.ttest_rel(a, b)  # the paired t statistic is diff / SE
+    got = paired_difference(a, b)
+    assert got["diff"] / got["se"] == pytest.approx(t.statistic)
+    assert paired_difference([1.0], [0.0])["n"] == 1 and math.isnan(paired_difference([1.0], [0.0])["se"])
+    assert paired_difference([np.nan], [0.0])["n"] == 0
+    with pytest.raises(ValueError, match="rows"):
+        paired_difference([1.0, 2.0], [1.0])

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -53,6 +54,9 @@ def test_every_step_writes_verified_artifacts(run_a):
         assert (run_dir / "report" / f).stat().st_size > 1000
     summary = A.read_json(run_dir / "replay" / "summary.json")
     assert set(summary["variants"]) == {"distilled", "ground_truth", "distilled+channels"}
+    stem_of = {**{v: v for v in summary["variants"]}, "teacher_corpus": "teacher_corpus",
+               **{b: f"baseline_{s['channel']}" for b, s in summary["baselines"].items()}}
+    assert set(summary["paired"]["distilled"]) == set(stem_of) - {"distilled"}
     latency = A.read_manifest(run_dir / "replay")["metrics"]["latency"]  # measured times: in the manifest only
     for name, v in summary["variants"].items():
         q = v["quality"]
@@ -68,6 +72,14 @@ def test_every_step_writes_verified_artifacts(run_a):
             assert q[f"retrieval_{m}"] >= q[f"prerank_{m}"] >= q[f"rank_{m}"] - 1e-12, m
         assert q["rank_hit_rate"] >= q["rank_click_recall"]  # a hit needs one click, recall all of them
         assert 0.0 < q["oracle_ratio"] <= 1.0 + 1e-9
+        # the paired gaps are the per-request rows' mean differences (the rows the parquet files hold)
+        mine = pd.read_parquet(run_dir / "replay" / f"{name}_requests.parquet")
+        for other, gaps in summary["paired"][name].items():
+            theirs = pd.read_parquet(run_dir / "replay" / f"{stem_of[other]}_requests.parquet")
+            assert (theirs.request_id.to_numpy() == mine.request_id.to_numpy()).all()
+            for metric, gap in gaps.items():
+                d = (mine[metric] - theirs[metric])[mine.in_sample].dropna()
+                assert gap["n"] == len(d) and gap["diff"] == pytest.approx(d.mean()), (name, other, metric)
         assert 1 <= q["final_distinct"] <= 5 * q["n_requests"] and 0 < q["final_top_share"] <= 1.0
         assert "latency_batch1" not in v and latency[name]["latency_batch1"]["served"] == \
             latency[name]["latency_batch1"]["n_requests"]

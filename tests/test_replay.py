@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from cascade.data.requests import Requests
-from cascade.pipeline.replay import replayed_requests
+from cascade.pipeline.replay import paired_comparisons, replayed_requests
 from cascade.serve.replay import ReplayInputs, ranking_quality
 
 
@@ -46,7 +46,8 @@ def test_extra_random_requests_count_in_the_random_slice_only():
     ranking = np.array([[5, 1], [7, 1], [1, 2]])
     inp = ReplayInputs(req, clicked, top, np.ones_like(top, float), np.array([False, True, True]), 100,
                        in_sample=np.array([True, True, False]))
-    q = ranking_quality(ranking, inp, {"retrieval": 2, "prerank": 2, "rank": 2}, 2)
+    rows, q = ranking_quality(ranking, inp, {"retrieval": 2, "prerank": 2, "rank": 2}, 2)
+    assert rows.rank_click_recall.tolist() == [0.5, 1.0, 0.0] and rows.in_sample.tolist() == [True, True, False]
     assert q["rank_click_recall"] == pytest.approx((0.5 + 1.0) / 2)  # requests 0 and 1
     assert q["rank_click_recall_rand"] == pytest.approx((1.0 + 0.0) / 2)  # requests 1 and 2
     assert q["n_requests"] == 2 and q["n_rand_requests"] == 2 and q["final_distinct"] == 3  # items 5, 1, 7
@@ -55,7 +56,19 @@ def test_extra_random_requests_count_in_the_random_slice_only():
                      in_sample=np.array([False, True, True]))
     # data without a random slice (MovieLens): every request is in the sample
     plain = ReplayInputs(req, clicked, top, np.ones_like(top, float), None, 100, in_sample=np.ones(3, bool))
-    q = ranking_quality(ranking, plain, {"retrieval": 2, "prerank": 2, "rank": 2}, 2)
+    _, q = ranking_quality(ranking, plain, {"retrieval": 2, "prerank": 2, "rank": 2}, 2)
     assert q["rank_click_recall"] == pytest.approx((0.5 + 1.0 + 0.0) / 3) and "n_rand_requests" not in q
     with pytest.raises(ValueError, match="every request outside it a random-exposure one"):
         ReplayInputs(req, clicked, top, np.ones_like(top, float), None, 100, in_sample=np.array([True, False, True]))
+
+
+def test_paired_comparisons_take_the_logged_requests_with_clicks_of_both_lists():
+    # three logged requests and one random-only request (left out); request 2 has no clicks (nan in both)
+    a = pd.DataFrame({"rank_click_recall": [1.0, 0.5, np.nan, 1.0]})
+    b = pd.DataFrame({"rank_click_recall": [0.0, 0.5, np.nan, 0.0]})
+    out = paired_comparisons({"distilled": a, "popular (7 days)": b}, ["distilled"],
+                             np.array([True, True, True, False]))
+    gap = out["distilled"]["popular (7 days)"]["rank_click_recall"]
+    # differences 1.0 and 0.0: mean 0.5, std(ddof=1) = sqrt(0.5), SE = sqrt(0.5) / sqrt(2) = 0.5
+    assert gap == {"diff": 0.5, "se": pytest.approx(0.5), "n": 2}
+    assert "oracle_ratio" not in out["distilled"]["popular (7 days)"] and list(out) == ["distilled"]

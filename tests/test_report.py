@@ -100,6 +100,10 @@ def make_report_data() -> dict:
                               _outcome("teacher_corpus", "reference", 0.0655, 1.301, 1.0, 640),
                               _outcome("popular (7 days)", "baseline", 0.0650, 1.001, 0.1, 10)],
                      "flags": ["The distilled cascade finds fewer of the test clicks than popular (7 days)."],
+                     "gaps": [{"cascade": "distilled", "other": "popular (7 days)", "metric": "rank_click_recall",
+                               "diff": -0.0039, "se": 0.0102, "n": 1800},
+                              {"cascade": "distilled", "other": "ground_truth", "metric": "rank_click_recall",
+                               "diff": -0.0091, "se": 0.0031, "n": 1800}],
                      "filter_seen": {"applied": False, "why": "auto: 7.7% of train clicks were re-clicks"}},
         "index": {"factory": "IVF64,Flat", "backend": "faiss-cpu", "metric": "inner_product", "n_items": 5000,
                   "dim": 32, "recall_vs_exact": 0.9871,
@@ -254,6 +258,9 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
                                                      "1.234", "0.244", "0.122", "0.642", "812", "0.162", "0.250"]
     assert _md_row(md, ["popular (7 days)", "baseline"])[2] == "0.065"
     assert "Warning: The distilled cascade finds fewer of the test clicks than popular (7 days)." in md
+    # the paired gaps: within 2 SE (0.0039 < 2 x 0.0102) and beyond it (0.0091 > 2 x 0.0031)
+    assert _md_row(md, ["distilled", "popular (7 days)", "click-recall@10"])[3:] == ["-0.0039 ± 0.0102", "no", "1,800"]
+    assert _md_row(md, ["distilled", "ground_truth", "click-recall@10"])[3:] == ["-0.0091 ± 0.0031", "yes", "1,800"]
     assert "Seen items: auto: 7.7% of train clicks were re-clicks." in md
     # the choices made on validation: every grid point, the chosen one named, the gate's verdict in words
     assert _md_row(md, ["0.25", "0.519"]) and _md_row(md, ["0.25", "0.747", "0.731"])
@@ -403,3 +410,28 @@ def test_browser_check_fails_on_a_broken_page(tmp_path, browser):
     assert "image 'broken plot' did not load" in found and "image 'missing file' did not load" in found
     assert "a table in section 'models' is clipped" in found
     assert "nope.png" in found and "browser SEVERE" in found  # the failed load, from the browser's log
+
+
+def test_outcome_rows_flag_a_loss_to_most_popular_with_its_paired_gap_and_pick_the_gaps_to_show():
+    from cascade.pipeline.report import outcome_rows
+
+    def q(cr, oracle=None):
+        return {"quality": {"rank_click_recall": cr, "oracle_ratio": oracle},
+                "sizes": {"retrieval": 300, "prerank": 50, "rank": 10}}
+
+    gap = {"diff": -0.012, "se": 0.019, "n": 116}
+    summary = {"variants": {"distilled": q(0.111), "ground_truth": q(0.101)},
+               "references": {"teacher_corpus": q(0.108)},
+               "baselines": {"popular (7 days)": q(0.124), "itemcf": q(0.106), "als (32 factors)": q(0.077)},
+               "paired": {"distilled": {"popular (7 days)": {"rank_click_recall": gap},
+                                        "ground_truth": {"rank_click_recall": {"diff": 0.01, "se": 0.004, "n": 116}},
+                                        "itemcf": {"rank_click_recall": gap}},
+                          "ground_truth": {"popular (7 days)": {"rank_click_recall": gap}}}}
+    out = outcome_rows(summary)
+    assert out["flags"][0] == ("The distilled cascade finds fewer of the test clicks than popular (7 days) "
+                               "(click-recall@10 0.111 < 0.124; paired over 116 requests -0.0120 ± 0.0190 (SE): "
+                               "within 2 SE, not distinguishable on these requests).")
+    # each cascade against ground truth and most-popular (here also the best baseline); no oracle on this data
+    assert [(g["cascade"], g["other"]) for g in out["gaps"]] == [("distilled", "ground_truth"),
+                                                                  ("distilled", "popular (7 days)"),
+                                                                  ("ground_truth", "popular (7 days)")]

@@ -332,6 +332,20 @@ def list_diversity(lists, n_items: int, top: int = 10, pad: int = -1) -> dict[st
             "top_share": float(top_counts.sum() / ids.size)}
 
 
+def paired_difference(a, b) -> dict[str, float]:
+    """Mean per-row difference a - b of two measurements of the same rows [n] (e.g. two lists' click-recall on the
+    same requests), over the rows where both are finite: {"diff", "se" (its standard error, std(ddof=1) / sqrt(n);
+    nan below 2 rows), "n"}. The paired SE is what says whether two lists differ beyond the requests' noise."""
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    if a.shape != b.shape:
+        raise ValueError(f"paired_difference: {a.shape} vs {b.shape} rows")
+    d = (a - b)[np.isfinite(a) & np.isfinite(b)]
+    if d.size == 0:
+        return {"diff": float("nan"), "se": float("nan"), "n": 0}
+    se = float(d.std(ddof=1) / np.sqrt(d.size)) if d.size > 1 else float("nan")
+    return {"diff": float(d.mean()), "se": se, "n": int(d.size)}
+
+
 def latency_summary(seconds) -> dict[str, float]:
     """Latency percentiles of per-request times in seconds [n] -> {"p50_ms", "p95_ms", "p99_ms", "mean_ms", "n"}."""
     t = np.asarray(seconds, dtype=np.float64).ravel()

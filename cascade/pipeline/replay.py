@@ -15,7 +15,7 @@ from ..arrays import PAD, pad_by_row
 from ..channels import MergedRetriever, load_channels
 from ..data.requests import impression_requests, requests_frame, to_requests
 from ..data.world import World
-from ..eval.metrics import auc, gauc, recall_at_k
+from ..eval.metrics import auc, gauc, paired_difference, recall_at_k
 from ..index.faiss_index import ItemIndex
 from ..models.scoring import ranker_scorer
 from ..run_data import RunData, load_ranker, load_towers
@@ -98,6 +98,13 @@ def run(ctx: StepContext) -> StepResult:
                 out[st]["rand_auc"] = auc(y[rnd], sc[rnd])
         return out
 
+    per_request = {}  # list name (as in the summary) -> its per-request rows, for the paired comparisons
+
+    def write_rows(name: str, rows: pd.DataFrame, file_stem: str | None = None) -> None:
+        per_request[name] = rows
+        A.write_parquet(ctx.out / f"{file_stem or name}_requests.parquet", rows)
+        outputs.append(f"{file_stem or name}_requests.parquet")
+
     def measure(name: str, casc, auc_of: dict) -> dict:
         rows, summary = replay_quality(casc, inp, c.n_retrieve, c.n_prerank, c.k, c.batch_size, filter_seen,
                                        ctx.progress)
@@ -105,8 +112,7 @@ def run(ctx: StepContext) -> StepResult:
         lat1 = replay_latency(casc, sampled, c.n_retrieve, c.n_prerank, c.k, batch_size=1,
                               max_requests=c.latency_requests)
         latb = replay_latency(casc, sampled, c.n_retrieve, c.n_prerank, c.k, batch_size=c.batch_size)
-        A.write_parquet(ctx.out / f"{name}_requests.parquet", rows)
-        outputs.append(f"{name}_requests.parquet")
+        write_rows(name, rows)
         # summary.json holds what the models and data determine; measured latencies go to the manifest's metrics
         timings[name] = {"latency_batch1": lat1, "latency_batched": latb,
                          "latency_samples_ms": lat1.pop("samples_ms", None)}
@@ -123,13 +129,16 @@ def run(ctx: StepContext) -> StepResult:
         casc = build_cascade(data, retr, pre, ranker, index, seen)
         variants[v] = measure(v, casc, stage_auc(retr.scorer(data)(req_t, cand)[:, 0],
                                                  pre.scorer(data)(req_t, cand)[:, 0]))
-    references = {"teacher_corpus": {"quality": ranking_quality(t_top, inp, sizes, c.k), "sizes": sizes}}
+    rows, quality = ranking_quality(t_top, inp, sizes, c.k)
+    write_rows("teacher_corpus", rows)
+    references = {"teacher_corpus": {"quality": quality, "sizes": sizes}}
     channels = load_channels(ctx.inputs["channels"], data.history)
     baselines = {}
     for name, ch in channels.items():
-        ranking = select_unseen(ch, requests, c.n_retrieve, seen)[0]
-        baselines[baseline_name(name, ch.params())] = {"quality": ranking_quality(ranking, inp, sizes, c.k),
-                                                       "sizes": sizes, "channel": name, "params": ch.params()}
+        rows, quality = ranking_quality(select_unseen(ch, requests, c.n_retrieve, seen)[0], inp, sizes, c.k)
+        shown = baseline_name(name, ch.params())
+        write_rows(shown, rows, file_stem=f"baseline_{name}")
+        baselines[shown] = {"quality": quality, "sizes": sizes, "channel": name, "params": ch.params()}
     channel_report = None
     if c.channels:
         missing = sorted(set(c.channels) - set(channels))
@@ -145,17 +154,35 @@ def run(ctx: StepContext) -> StepResult:
         variants[name] = measure(name, casc, stage_auc(None, pre.scorer(data)(req_t, cand)[:, 0]))
         variants[name]["channels"] = {"quotas": dict(zip(merged.names, merged.quotas.tolist()))}
         channel_report = channel_contributions(merged, requests, inp, c.n_retrieve, c.k, seen)
-        finals = np.stack(pd.read_parquet(ctx.out / f"{name}_requests.parquet")["final_items"].to_list())
+        finals = np.stack(per_request[name]["final_items"].to_list())
         channel_report["final_origin_share"] = final_origin_share(merged, sampled, c.n_retrieve, seen,
                                                                   finals[sample_rows])
     summary = {"variants": variants, "references": references, "baselines": baselines,
-               "channels": channel_report, "filter_seen": {"applied": filter_seen, "why": filter_reason}}
+               "paired": paired_comparisons(per_request, list(variants), in_sample), "channels": channel_report,
+               "filter_seen": {"applied": filter_seen, "why": filter_reason}}
     A.write_json(ctx.out / "summary.json", summary)
     outputs.append("summary.json")
     everything = {**variants, **references, **baselines}
     head = {v: round(s["quality"]["rank_click_recall"], 4) for v, s in everything.items()}
     return StepResult(outputs, {**{v: s["quality"] for v, s in everything.items()}, "latency": timings},
                       f"end-to-end click-recall@{c.k}: {head}")
+
+
+PAIRED_METRICS = ("rank_click_recall", "oracle_ratio")
+
+
+def paired_comparisons(per_request: dict[str, pd.DataFrame], cascades: list[str],
+                       in_sample: np.ndarray) -> dict:
+    """Each cascade variant minus every other list on the same logged requests: {cascade: {other: {metric:
+    paired_difference}}} for end-to-end click-recall@K (requests with clicks) and, on the world, the oracle ratio;
+    the SE over requests says whether a gap is beyond the test requests' noise."""
+    out: dict = {}
+    for name in cascades:
+        mine = per_request[name][in_sample]
+        out[name] = {other: {m: paired_difference(mine[m].to_numpy(), rows[in_sample][m].to_numpy())
+                             for m in PAIRED_METRICS if m in mine and m in rows}
+                     for other, rows in per_request.items() if other != name}
+    return out
 
 
 def replayed_requests(frame: pd.DataFrame, test: pd.DataFrame, max_requests: int | None,

@@ -140,6 +140,7 @@ def outcome_rows(summary: dict, extra_flags: list[str] | None = None) -> dict:
                    **{k: q.get(k) for k in ("oracle_clicks", "oracle_ratio", "final_distinct", "final_coverage",
                                             "final_top_share", "n_requests_with_clicks", "n_rand_requests")}}
             rows.append(row)
+    paired = summary.get("paired") or {}
     flags = []
     popular = [r for r in rows if r["kind"] == "baseline" and r["name"].startswith("popular")]
     for r in rows:
@@ -148,10 +149,39 @@ def outcome_rows(summary: dict, extra_flags: list[str] | None = None) -> dict:
         for p in popular:
             mine, theirs = r["click_recall"], p["click_recall"]
             if mine is not None and theirs is not None and mine < theirs:
+                gap = paired.get(r["name"], {}).get(p["name"], {}).get("rank_click_recall")
                 flags.append(f"The {r['name']} cascade finds fewer of the test clicks than {p['name']} "
-                             f"(click-recall@{r['k']} {r['click_recall']:.3f} < {p['click_recall']:.3f}).")
-    return {"rows": rows, "flags": flags + list(extra_flags or []),
+                             f"(click-recall@{r['k']} {r['click_recall']:.3f} < {p['click_recall']:.3f}"
+                             + (f"; {describe_gap(gap)}" if gap else "") + ").")
+    return {"rows": rows, "flags": flags + list(extra_flags or []), "gaps": gap_rows(rows, paired),
             "filter_seen": summary.get("filter_seen")}
+
+
+def describe_gap(gap: dict) -> str:
+    """A paired difference in words: its size, SE and whether it is beyond 2 SE of the requests' noise."""
+    if not gap.get("n") or gap.get("se") is None or gap["se"] != gap["se"]:
+        return "too few requests to judge the gap"
+    beyond = abs(gap["diff"]) > 2 * gap["se"]
+    return (f"paired over {gap['n']} requests {gap['diff']:+.4f} ± {gap['se']:.4f} (SE): "
+            + ("beyond 2 SE" if beyond else "within 2 SE, not distinguishable on these requests"))
+
+
+def gap_rows(rows: list[dict], paired: dict) -> list[dict]:
+    """Each cascade against ground truth, most-popular and the best other baseline, paired on the same requests:
+    one row per (cascade, other list, metric) with the mean difference, its SE and the number of requests."""
+    baselines = [r for r in rows if r["kind"] == "baseline"]
+    out = []
+    for metric, key in (("rank_click_recall", "click_recall"), ("oracle_ratio", "oracle_ratio")):
+        scored = [r for r in baselines if r.get(key) is not None]
+        best = max(scored, key=lambda r: r[key])["name"] if scored else None
+        popular = [r["name"] for r in scored if r["name"].startswith("popular")]
+        for cascade, against in paired.items():
+            others = dict.fromkeys(o for o in ("ground_truth", *popular, best) if o and o != cascade)
+            for other in others:
+                gap = against.get(other, {}).get(metric)
+                if gap is not None:
+                    out.append({"cascade": cascade, "other": other, "metric": metric, **gap})
+    return out
 
 
 def _operating_point(index_metrics: dict) -> dict | None:

@@ -89,30 +89,39 @@ def list_quality(items: np.ndarray, inp: ReplayInputs, rows: np.ndarray, k: int)
             "teacher_ndcg": ndcg_at_k(items[:, :k], inp.teacher_top[rows], inp.teacher_grades[rows], k)}
 
 
+def _oracle_columns(final: np.ndarray, inp: ReplayInputs) -> dict[str, np.ndarray]:
+    """Per-request oracle expected clicks of the final lists [B] and their ratio to the oracle's own top-K [B]
+    (the world only; empty without an oracle)."""
+    if inp.oracle_prob is None:
+        return {}
+    p = inp.oracle_prob(inp.requests, final)
+    oc = np.where(final == PAD, 0.0, p).sum(axis=1)
+    out = {"oracle_clicks": oc}
+    if inp.oracle_best is not None:
+        out["oracle_ratio"] = oc / np.maximum(inp.oracle_best, 1e-12)
+    return out
+
+
 def _summary(rows: pd.DataFrame, final: np.ndarray, inp: ReplayInputs) -> dict:
-    """Means over requests of every per-request column (nan-aware: click metrics over requests with clicks),
-    random-slice means of the click metrics, oracle clicks and the diversity of the final lists."""
+    """Means over requests of every per-request column (nan-aware: click metrics over requests with clicks; the
+    oracle columns over all), random-slice means of the click metrics and the oracle ratio, and the diversity of
+    the final lists."""
     skip = ("request_id", "user_id", "time_ms", "in_sample", "final_items", "error")
     sample = np.ones(len(rows), bool) if inp.in_sample is None else inp.in_sample
     logged = rows[sample]
     out = {c: float(np.nanmean(logged[c])) if logged[c].notna().any() else float("nan")
            for c in rows.columns if c not in skip}
-    if inp.is_rand is not None and inp.is_rand.any():
+    rand = inp.is_rand is not None and inp.is_rand.any()
+    if rand:
         for c in rows.columns:
             if c.split("_", 1)[-1] in RAND_METRICS:
                 v = rows[c].to_numpy()[inp.is_rand]
                 out[f"{c}_rand"] = float(np.nanmean(v)) if np.isfinite(v).any() else float("nan")
         out["n_rand_requests"] = int(inp.is_rand.sum())
-    if inp.oracle_prob is not None:
-        p = inp.oracle_prob(inp.requests, final)
-        oc = np.where(final == PAD, 0.0, p).sum(axis=1)
-        out["oracle_clicks"] = float(oc[sample].mean())
-        if inp.oracle_best is not None:
-            out["oracle_best"] = float(inp.oracle_best[sample].mean())
-            ratio = oc / np.maximum(inp.oracle_best, 1e-12)
-            out["oracle_ratio"] = float(np.mean(ratio[sample]))
-            if inp.is_rand is not None and inp.is_rand.any():
-                out["oracle_ratio_rand"] = float(np.mean(ratio[inp.is_rand]))
+    if inp.oracle_best is not None and inp.oracle_prob is not None:
+        out["oracle_best"] = float(inp.oracle_best[sample].mean())
+        if rand:
+            out["oracle_ratio_rand"] = float(rows["oracle_ratio"].to_numpy()[inp.is_rand].mean())
     if inp.n_items:
         out.update({f"final_{k}": v for k, v in list_diversity(final[sample], inp.n_items).items()})
     out["n_requests"] = int(sample.sum())
@@ -145,20 +154,28 @@ def replay_quality(cascade: Cascade, inp: ReplayInputs, n_retrieve: int, n_prera
     for c, parts in cols.items():
         rows[c] = np.concatenate(parts)
     final = np.concatenate(finals) if finals else np.zeros((0, k), np.int64)
+    for c, v in _oracle_columns(final, inp).items():
+        rows[c] = v
     rows["final_items"] = list(final)  # a list column in parquet
     return rows, _summary(rows, final, inp)
 
 
-def ranking_quality(ranking: np.ndarray, inp: ReplayInputs, sizes: dict[str, int], k: int) -> dict:
-    """The summary of one ranking of the corpus per request (``ranking`` int64 [B, >= max size], best first: a
-    baseline's list, or the teacher's own top list), measured as if each stage kept its first ``sizes[stage]``
-    items: the same keys as :func:`replay_quality`'s summary."""
-    rows = pd.DataFrame({"request_id": inp.requests.request_id})
+def ranking_quality(ranking: np.ndarray, inp: ReplayInputs, sizes: dict[str, int],
+                    k: int) -> tuple[pd.DataFrame, dict]:
+    """Per-request quality rows and summary of one ranking of the corpus per request (``ranking`` int64
+    [B, >= max size], best first: a baseline's list, or the teacher's own top list), measured as if each stage kept
+    its first ``sizes[stage]`` items: the same columns and keys as :func:`replay_quality`'s."""
+    rows = pd.DataFrame({"request_id": inp.requests.request_id, "user_id": inp.requests.user_id,
+                         "time_ms": inp.requests.time_ms,
+                         "in_sample": np.ones(len(inp.requests), bool) if inp.in_sample is None else inp.in_sample})
     all_rows = np.arange(len(inp.requests))
     for stage, n in sizes.items():
         for metric, v in list_quality(ranking[:, :n], inp, all_rows, k).items():
             rows[f"{stage}_{metric}"] = v
-    return _summary(rows, ranking[:, :k], inp)
+    for c, v in _oracle_columns(ranking[:, :k], inp).items():
+        rows[c] = v
+    rows["final_items"] = list(ranking[:, :k])
+    return rows, _summary(rows, ranking[:, :k], inp)
 
 
 def replay_latency(cascade: Cascade, requests: Requests, n_retrieve: int, n_prerank: int, k: int,

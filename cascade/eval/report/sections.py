@@ -95,6 +95,19 @@ def _section_headline(data: Mapping, variants: dict[str, Mapping]) -> Section:
     k = rows[0].get("k")
     sizes = f"N1 = {rows[0].get('retrieval_size')}, N2 = {rows[0].get('prerank_size')}, K = {k}"
     sec.blocks.append(("table", Table(frame, keys, caption=f"test requests; {sizes}")))
+    gaps = [as_mapping(g, f"report_data['outcomes']['gaps'][{i}]") or {}
+            for i, g in enumerate(as_list(outcomes.get("gaps"), "report_data['outcomes']['gaps']") or [])]
+    if gaps:
+        label = {"rank_click_recall": f"click-recall@{k}", "oracle_ratio": "oracle ratio"}
+        frame = pd.DataFrame({
+            "cascade": [g.get("cascade") for g in gaps], "minus": [g.get("other") for g in gaps],
+            "metric": [label.get(str(g.get("metric")), g.get("metric")) for g in gaps],
+            "difference ± SE": [f"{g['diff']:+.4f} ± {g['se']:.4f}" if g.get("n", 0) > 1 else MISSING for g in gaps],
+            "beyond 2 SE": [g.get("n", 0) > 1 and abs(g["diff"]) > 2 * g["se"] for g in gaps],
+            "requests": [g.get("n") for g in gaps]})
+        sec.blocks.append(("table", Table(frame, ["", "", "", "", "beyond", "requests"],
+                                          caption="paired on the same test requests: the cascade's per-request "
+                                                  "value minus the other list's, mean ± standard error")))
     fs = as_mapping(outcomes.get("filter_seen"), "report_data['outcomes']['filter_seen']") or {}
     sec.blocks.append(("p", "click-recall@K: share of each request's held-out clicked items that the list keeps "
                             "(HitRate: any of them; click-NDCG: their positions); @N1 / @N2: what the retrieval and "
