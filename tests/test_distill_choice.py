@@ -65,7 +65,14 @@ def _search(inputs, rank_log, clicks, valid, clicked, scales):
         top, _ = topk_rows(s, np.broadcast_to(np.arange(inputs.n_items), s.shape), N)
         return click_recall(clicked, top)
 
-    return grid_search(scales, train, lambda tt: np.mean(recall(tt))), recall
+    per_request = {}  # id(tower) -> its per-request validation click-recall, computed once
+
+    def statistic(tt, units):
+        if id(tt) not in per_request:
+            per_request[id(tt)] = recall(tt)
+        return float(np.mean(per_request[id(tt)][units]))
+
+    return grid_search(scales, train, statistic, len(valid), 0), recall
 
 
 def test_grid_search_picks_distillation_from_a_teacher_that_knows(tmp_path):
@@ -89,8 +96,10 @@ def test_gate_fires_and_search_refuses_a_useless_teacher(tmp_path):
 
 
 def test_grid_search_ties_go_to_the_smaller_scale_and_gate_hand_worked():
-    best, table, models = grid_search([1.0, 0.0, 0.5], lambda s: s, lambda s: 0.5 if s > 0 else 0.4)
+    # a constant score has no noise: 0 loses by 0.1 beyond its SE of 0, 0.5 ties the best
+    best, table, models = grid_search([1.0, 0.0, 0.5], lambda s: s, lambda s, units: 0.5 if s > 0 else 0.4, 5, 0)
     assert best == 0.5 and [r["scale"] for r in table] == [0.0, 0.5, 1.0] and models[1.0] == 1.0
+    assert [r["within_one_se"] for r in table] == [False, True, True] and table[0]["gap"] == pytest.approx(0.1)
     # gains 0.1, 0.3, -0.1 (the nan request left out): mean 0.1, sd 0.2, se 0.2 / sqrt(3) = 0.1155 > 0.1
     g = teacher_gate(np.array([0.5, 0.6, 0.2, np.nan]), np.array([0.4, 0.3, 0.3, 0.1]))
     assert g["gain"] == pytest.approx(0.1) and g["standard_error"] == pytest.approx(0.2 / np.sqrt(3))

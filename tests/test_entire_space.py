@@ -163,7 +163,10 @@ def test_exposure_weight_by_random_auc_matches_sklearn_and_takes_the_best(tiny_d
     want = [roc_auc_score(r.click.to_numpy(), lc + b * le) for b in grid]
     assert [row["valid_random_auc"] for row in table] == pytest.approx(want, abs=1e-6)
     assert len(set(np.round(want, 6))) == 3  # the weights really rank differently
-    assert choice == grid[int(np.argmax(want))]
+    # the one-SE rule: the smallest weight whose AUC is within one (bootstrapped) SE of the best
+    best = max(want)
+    assert choice == min(b for b, w, row in zip(grid, want, table) if best - w <= row["se_of_gap"] + 1e-12)
+    assert all(row["se_of_gap"] > 0 for row, w in zip(table, want) if w != best)
     assert float(model.exposure_weight) == choice
 
 
@@ -191,5 +194,7 @@ def test_teacher_step_with_the_random_auc_judge_records_its_grid(tmp_path):
     assert "random-exposure impressions" in es["judge"]
     aucs = {row["exposure_weight"]: row["valid_random_auc"] for row in es["grid"]}
     assert set(aucs) == set(cfg.teacher.entire_space.exposure_weights)
-    assert es["exposure_weight"] == max(aucs, key=lambda b: (aucs[b], -b))
+    best = max(aucs.values())  # the one-SE rule: the smallest weight within one SE of the best AUC
+    assert es["exposure_weight"] == min(row["exposure_weight"] for row in es["grid"]
+                                        if best - row["valid_random_auc"] <= row["se_of_gap"] + 1e-12)
     assert all(0.0 < a < 1.0 for a in aucs.values())

@@ -93,8 +93,11 @@ def make_report_data() -> dict:
                                                  "teacher_agreement": {"teacher_recall@10": 0.731}}],
                                        "gate": {"teacher": 0.68, "ground_truth_student": 0.699, "gain": -0.019,
                                                 "standard_error": 0.01, "teacher_better": False}},
-                         "rank_student": {"chosen_scale": 0.5, "grid": [{"scale": 0.0, "valid_auc": 0.6012},
-                                                                        {"scale": 0.5, "valid_auc": 0.6034}]}}},
+                         "rank_student": {"chosen_scale": 0.0, "grid": [
+                             {"scale": 0.0, "valid_auc": 0.6012, "gap_to_best": 0.0022, "se_of_gap": 0.0031,
+                              "within_one_se": True},
+                             {"scale": 0.5, "valid_auc": 0.6034, "gap_to_best": 0.0, "se_of_gap": 0.0,
+                              "within_one_se": True}]}}},
         "outcomes": {"rows": [_outcome("distilled", "cascade", 0.0611, 1.234, 0.6421, 812),
                               _outcome("ground_truth", "cascade", 0.0702, 1.184, 0.5921, 1304),
                               _outcome("teacher_corpus", "reference", 0.0655, 1.301, 1.0, 640),
@@ -265,9 +268,12 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     # the choices made on validation: every grid point, the chosen one named, the gate's verdict in words
     assert _md_row(md, ["0.25", "0.519"]) and _md_row(md, ["0.25", "0.747", "0.731"])
     assert "retrieval student (scale 0.25 chosen; 0 = ground truth only)" in md
+    # the one-SE rule's columns where the grid has them: 0.5 wins by 0.0022 < its SE 0.0031, so 0 is chosen
+    assert "Rank student (scale 0 chosen)" in md
+    assert _md_row(md, ["0", "0.6012"]) == ["0", "0.6012", "0.0022", "0.0031", "yes"]
     assert ("the ground-truth-only tower 0.699 (gain -0.019, one standard error 0.010): the teacher is NOT better."
             in md)
-    assert _md_row(md, ["0.5", "0.6034"]) and "Rank student (scale 0.5 chosen)" in md
+    assert _md_row(md, ["0.5", "0.6034"]) == ["0.5", "0.6034", "0", "0", "yes"]
     # models: best AUC 0.7712 (teacher) and best logloss 0.1811 bold; the baseline's NaN GAUC shows as "–"
     assert _md_row(md, ["teacher-deepfm"])[2:5] == ["**0.7712**", "**0.6601**", "**0.1811**"]
     assert _md_row(md, ["lightgbm"])[2:5] == ["0.7581", "–", "0.1844"]
@@ -435,3 +441,14 @@ def test_outcome_rows_flag_a_loss_to_most_popular_with_its_paired_gap_and_pick_t
     assert [(g["cascade"], g["other"]) for g in out["gaps"]] == [("distilled", "ground_truth"),
                                                                   ("distilled", "popular (7 days)"),
                                                                   ("ground_truth", "popular (7 days)")]
+
+
+def test_rank_student_gate_flag_states_its_margin():
+    from cascade.pipeline.report import gate_flags
+
+    gate = {"teacher_valid_auc": 0.7010, "plain_student_valid_auc": 0.6995, "gain": 0.0015, "standard_error": 0.0031,
+            "teacher_better": False}
+    assert gate_flags({"students": {"rank_student": {"gate": gate}}}) == [
+        "The teacher's validation AUC (0.7010) is not above the plain rank student's (0.6995; gain +0.0015, one "
+        "standard error 0.0031) by more than one standard error."]
+    assert gate_flags({"students": {"rank_student": {"gate": {**gate, "teacher_better": True}}}}) == []

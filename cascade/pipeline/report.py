@@ -117,8 +117,10 @@ def gate_flags(choices: dict) -> list[str]:
                          "can only copy a ranking no better than the clicks give.")
     g = (sel.get("rank_student") or {}).get("gate")
     if g and not g["teacher_better"]:
+        margin = (f"; gain {g['gain']:+.4f}, one standard error {g['standard_error']:.4f}" if "standard_error" in g
+                  else "")
         flags.append(f"The teacher's validation AUC ({g['teacher_valid_auc']:.4f}) is not above the plain rank "
-                     f"student's ({g['plain_student_valid_auc']:.4f}).")
+                     f"student's ({g['plain_student_valid_auc']:.4f}{margin}) by more than one standard error.")
     return flags
 
 

@@ -3,10 +3,12 @@ validation outcomes.
 
 Every student learns from the clicks (its ground-truth terms) plus distillation from the teacher scaled by one
 number. With ``students.distill = "auto"`` each tower is trained at every scale of ``distill_grid`` (0 included:
-the ground-truth-only student) and the scale whose tower keeps most validation clicks at its stage size
-(click-recall@N1 for retrieval, @N2 for pre-rank, over the whole corpus, on the validation judge of
-:mod:`cascade.pipeline.judge`) is served as the ``distilled`` variant; scale 0 is saved as ``ground_truth`` for the
-comparison. The rank student's distillation scale is chosen the same way by validation AUC.
+the ground-truth-only student), scored by the validation clicks its tower keeps at its stage size (click-recall@N1
+for retrieval, @N2 for pre-rank, over the whole corpus, on the validation judge of :mod:`cascade.pipeline.judge`),
+and the smallest scale within one standard error of the best score (the one-SE rule of
+:mod:`cascade.eval.selection`: distillation is chosen only when it wins beyond the validation requests' noise) is
+served as the ``distilled`` variant; scale 0 is saved as ``ground_truth`` for the comparison. The rank student's
+distillation scale is chosen the same way by validation AUC (its SE bootstrapped over validation requests).
 
 The teacher-quality gate: at each tower's size, the teacher's own top list over the corpus is compared with the
 ground-truth-only tower on the same validation requests; the teacher counts as better only when the mean per-request
@@ -30,6 +32,7 @@ from ..config import to_dict
 from ..data.requests import Requests
 from ..distill.ranklog import RankLog
 from ..eval.metrics import auc
+from ..eval.selection import gap_se, one_se_choice, one_se_columns, paired_bootstrap, rows_of_units, unit_ranges
 from ..models.ranker import Ranker
 from ..models.two_tower import build_two_tower, item_embeddings
 from ..run_data import RunData, Towers, load_ranker
@@ -100,15 +103,15 @@ def _tower_recall(model, inputs, data: RunData, judge: Judge, n: int) -> np.ndar
     return judge.recall(judge.lists(_ExactTowers(towers, data), n), n)
 
 
-def grid_search(scales, train: Callable[[float], object], score: Callable[[object], float]) -> tuple[float, list, dict]:
-    """Train at every distillation scale and keep the best: (the scale with the highest ``score`` (ties: the
-    smallest scale), [{"scale", "score"}] in scale order, {scale: model})."""
-    table, models = [], {}
-    for scale in sorted(scales):
-        models[scale] = train(scale)
-        table.append({"scale": scale, "score": float(score(models[scale]))})
-    best = max(table, key=lambda row: row["score"])["scale"]  # max keeps the first of equals: the smallest scale
-    return best, table, models
+def grid_search(scales, train: Callable[[float], object], statistic: Callable[[object, np.ndarray], float],
+                n_units: int, seed: int) -> tuple[float, list, dict]:
+    """Train at every distillation scale and choose one by the one-standard-error rule
+    (:func:`cascade.eval.selection.one_se_choice`: the smallest scale within one SE of the best validation score;
+    statistic(model, request indices) -> its score over those validation requests). Returns (the chosen scale,
+    [{"scale", "score", "gap", "se", "within_one_se"}] in scale order, {scale: model})."""
+    models = {float(scale): train(float(scale)) for scale in sorted(scales)}
+    chosen, rows = one_se_choice(list(models), lambda v, units: statistic(models[v], units), n_units, seed=seed)
+    return chosen, [{"scale": r.pop("value"), **r} for r in rows], models
 
 
 def teacher_gate(teacher: np.ndarray, student: np.ndarray) -> dict:
@@ -155,8 +158,9 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
                                  valid=curve_log, label=f"{stage} student, distillation scale {scale:g}")
             return towers, hist, _tower_recall(towers, inputs, data, judge, n)
 
-        best, table, models = grid_search(c.scales(), train, lambda m: np.nanmean(m[2]))
-        grid = [{"scale": row["scale"], f"valid_click_recall@{n}": row["score"],
+        best, table, models = grid_search(c.scales(), train, lambda m, units: float(np.nanmean(m[2][units])),
+                                          len(judge.requests), ctx.seed)
+        grid = [{"scale": row["scale"], f"valid_click_recall@{n}": row["score"], **one_se_columns(row),
                  "teacher_agreement": evaluate_on_log(models[row["scale"]][0], inputs, rank_log, k=10)}
                 for row in table]
         chosen = best if c.distill == "auto" else float(c.distill)
@@ -218,9 +222,18 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection,
         autocast[str(scale)] = res.autocast
         return model.eval(), extra, res.history
 
-    best, table, trained = grid_search(c.rank_scales(), train_one,
-                                       lambda m: auc(valid.label, predict(m[0], valid)))
-    grid = [{"scale": row["scale"], "valid_auc": row["score"]} for row in table]
+    order, starts, lengths = unit_ranges(valid.request_id)
+    label = valid.label[order]
+    predicted: dict[int, np.ndarray] = {}  # id(model) -> its validation scores in request order
+
+    def valid_auc(m, units: np.ndarray) -> float:
+        if id(m[0]) not in predicted:
+            predicted[id(m[0])] = predict(m[0], valid)[order]
+        rows = rows_of_units(starts, lengths, units)
+        return auc(label[rows], predicted[id(m[0])][rows])
+
+    best, table, trained = grid_search(c.rank_scales(), train_one, valid_auc, len(starts), ctx.seed)
+    grid = [{"scale": row["scale"], "valid_auc": row["score"], **one_se_columns(row)} for row in table]
     chosen = best if c.rank_distill_scale == "auto" else float(c.rank_distill_scale)
     plain, _, plain_history = trained[0.0]
     served, pfd_teacher, served_history = trained[chosen]
@@ -232,9 +245,15 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection,
     if pfd_teacher is not None:
         rows.append(model_row(f"its PFD teacher (also reads the {side} side; not served)", "pfd_teacher",
                               pfd_teacher, evaluate(pfd_teacher, test), train.spec))
-    gate = {"teacher_valid_auc": auc(valid.label, predict(teacher, valid)),
-            "plain_student_valid_auc": grid[[g["scale"] for g in grid].index(0.0)]["valid_auc"]}
-    gate["teacher_better"] = bool(gate["teacher_valid_auc"] > gate["plain_student_valid_auc"])
+    t_scores = predict(teacher, valid)[order]
+    plain_scores = predict(plain, valid)[order]
+    scores, boot = paired_bootstrap(
+        {m: (lambda u, sc=sc: auc(label[rows_of_units(starts, lengths, u)], sc[rows_of_units(starts, lengths, u)]))
+         for m, sc in (("teacher", t_scores), ("plain", plain_scores))}, len(starts), seed=ctx.seed)
+    gate = {"teacher_valid_auc": scores["teacher"], "plain_student_valid_auc": scores["plain"],
+            "gain": scores["teacher"] - scores["plain"], "standard_error": gap_se(boot["teacher"], boot["plain"])}
+    # the same margin as the towers' gate: better only by more than one standard error of the paired gain
+    gate["teacher_better"] = bool(gate["gain"] > gate["standard_error"])
     outputs = save_ranker(served, c.rank_student, ctx.out / "rank_student")
     A.write_json(ctx.out / "rank_student" / "history.json", served_history)
     A.write_json(ctx.out / "rank_student" / "history_no_distillation.json", plain_history)

@@ -47,12 +47,12 @@ def run(ctx: StepContext) -> StepResult:
         res = fit(model, table, valid, tcfg, loss_fn=entire_space_loss(es.w_exposure), label="teacher")
         model.cpu()  # trained on run.device; the corpus scoring below and every later step read it on the CPU
         if es.judge == "random_auc":
-            choice, grid = choose_exposure_weight_by_random_auc(model, data, es.exposure_weights)
+            choice, grid = choose_exposure_weight_by_random_auc(model, data, es.exposure_weights, ctx.seed)
             what = "AUC on the validation split's random-exposure impressions"
         else:
             judge = validation_judge(data, es.select_requests, ctx.seed)
             choice, grid = choose_exposure_weight(model, data, judge.requests, judge.clicked, es.exposure_weights,
-                                                  es.select_k, judge.seen)
+                                                  es.select_k, judge.seen, seed=ctx.seed)
             what = judge.what
         metrics["entire_space"] = {"exposure_weight": choice, "grid": grid, "judge": what,
                                    "train_rows": {"shown": int(len(train)), "unshown": int(len(table) - len(train))}}

@@ -28,6 +28,8 @@ import torch.nn.functional as F
 from ..arrays import PAD, first_occurrences, topk_rows
 from ..data.batches import EncodedTable
 from ..data.requests import Requests, impression_requests, request_start_ms, requests_frame, to_requests
+from ..eval.metrics import auc, click_recall
+from ..eval.selection import one_se_choice, one_se_columns, rows_of_units, unit_ranges
 from ..models.entire_space import EntireSpaceRanker
 from ..models.scoring import score_pairs
 from ..run_data import RunData
@@ -132,12 +134,11 @@ def entire_space_loss(w_exposure: float = 1.0):
 
 def choose_exposure_weight(model: EntireSpaceRanker, data: RunData, requests: Requests, clicked: np.ndarray,
                            grid: Sequence[float], k: int, exclude_seen=None,
-                           pairs_per_batch: int = 262_144) -> tuple[float, list[dict]]:
-    """The exposure weight of ``grid`` whose corpus-wide top-k keeps most of ``clicked`` (int64 [R, C]) for
-    ``requests``, and every weight's click-recall@k. Scores every (request, item) pair once per model and keeps a
+                           pairs_per_batch: int = 262_144, seed: int = 0) -> tuple[float, list[dict]]:
+    """The exposure weight of ``grid`` by how much of ``clicked`` (int64 [R, C]) its corpus-wide top-k keeps for
+    ``requests`` (the one-SE rule of :mod:`cascade.eval.selection`: the smallest weight within one SE of the best
+    click-recall@k), and every weight's click-recall@k. Scores every (request, item) pair once per model and keeps a
     running top-k per weight. Sets ``model.exposure_weight`` to the choice."""
-    from ..eval.metrics import click_recall
-
     grid = [float(b) for b in grid]
     n_items = len(data.item_ids)
     item_chunk = min(n_items, pairs_per_batch)
@@ -162,10 +163,11 @@ def choose_exposure_weight(model: EntireSpaceRanker, data: RunData, requests: Re
                 got[b] = topk_rows(np.concatenate([sc, lc + b * le], 1), np.concatenate([i, chunk], 1), k)
         for b in grid:
             parts[b].append(got[b][0])
-    table = [{"exposure_weight": b,
-              f"valid_click_recall@{k}": float(np.nanmean(click_recall(clicked, np.concatenate(parts[b]))))}
-             for b in grid]
-    choice = max(table, key=lambda row: row[f"valid_click_recall@{k}"])["exposure_weight"]  # ties: the smaller
+    recall = {b: click_recall(clicked, np.concatenate(parts[b])) for b in grid}
+    choice, rows = one_se_choice(grid, lambda b, units: float(np.nanmean(recall[b][units])), len(requests),
+                                 seed=seed)
+    table = [{"exposure_weight": r["value"], f"valid_click_recall@{k}": r["score"], **one_se_columns(r)}
+             for r in rows]
     with torch.no_grad():
         model.exposure_weight.fill_(choice)
     log.info("entire space: exposure weight %s chosen (%s)", choice, table)
@@ -184,21 +186,26 @@ def random_slice(impressions: pd.DataFrame, what: str) -> pd.DataFrame:
 
 
 def choose_exposure_weight_by_random_auc(model: EntireSpaceRanker, data: RunData, grid: Sequence[float],
-                                         ) -> tuple[float, list[dict]]:
-    """The exposure weight of ``grid`` whose ranking score log sigmoid(click) + weight x exposure has the highest
-    AUC on the validation split's randomly shown impressions (ties: the smaller weight), and every weight's AUC.
-    Sets ``model.exposure_weight`` to the choice."""
-    from ..eval.metrics import auc
-
-    r = random_slice(data.split_impressions("valid"), "teacher.entire_space.judge = \"random_auc\"")
-    requests = impression_requests(r, data.context_names)
-    cat, num = data.pair_features(requests, r["item_id"].to_numpy(np.int64)[:, None])
+                                         seed: int = 0) -> tuple[float, list[dict]]:
+    """The exposure weight of ``grid`` by the AUC of the ranking score log sigmoid(click) + weight x exposure on the
+    validation split's randomly shown impressions (the one-SE rule of :mod:`cascade.eval.selection`, bootstrapped
+    over those requests: the smallest weight within one SE of the best AUC), and every weight's AUC. Sets
+    ``model.exposure_weight`` to the choice."""
+    shown = random_slice(data.split_impressions("valid"), "teacher.entire_space.judge = \"random_auc\"")
+    requests = impression_requests(shown, data.context_names)
+    cat, num = data.pair_features(requests, shown["item_id"].to_numpy(np.int64)[:, None])
     model.eval()
     lc = F.logsigmoid(torch.from_numpy(score_pairs(model.click, cat, num))).numpy()
     le = score_pairs(model.exposure, cat, num)
-    y = r["click"].to_numpy()
-    table = [{"exposure_weight": float(b), "valid_random_auc": auc(y, lc + float(b) * le)} for b in grid]
-    choice = max(table, key=lambda row: (row["valid_random_auc"], -row["exposure_weight"]))["exposure_weight"]
+    order, starts, lengths = unit_ranges(shown["request_id"].to_numpy())
+    y, lc, le = shown["click"].to_numpy()[order], lc[order], le[order]
+
+    def random_auc(b: float, units: np.ndarray) -> float:
+        rows = rows_of_units(starts, lengths, units)
+        return auc(y[rows], lc[rows] + b * le[rows])
+
+    choice, grid_rows = one_se_choice(grid, random_auc, len(starts), seed=seed)
+    table = [{"exposure_weight": r["value"], "valid_random_auc": r["score"], **one_se_columns(r)} for r in grid_rows]
     with torch.no_grad():
         model.exposure_weight.fill_(choice)
     log.info("entire space: exposure weight %s chosen by random-slice AUC (%s)", choice, table)

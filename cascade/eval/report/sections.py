@@ -356,10 +356,11 @@ def _section_choices(data: Mapping) -> Section:
         key = next((k for k in (grid[0] if grid else {}) if k.startswith(("valid_click_recall", "valid_random_auc"))),
                    None)
         frame = pd.DataFrame({"exposure weight": [g.get("exposure_weight") for g in grid],
-                              key or "valid click-recall": [g.get(key) for g in grid]})
+                              key or "valid click-recall": [g.get(key) for g in grid], **_one_se_frame(grid)})
         sec.blocks.append(("h3", f"Teacher: exposure weight of the corpus-wide ranking (chosen "
                                  f"{format_value(es.get('exposure_weight'))})"))
-        sec.blocks.append(("table", Table(frame, ["", "click_recall"], caption=str(es.get("judge", "")))))
+        sec.blocks.append(("table", Table(frame, ["", "click_recall", *_one_se_keys(grid)],
+                                          caption=str(es.get("judge", "")))))
     st = as_mapping(ch.get("students"), "report_data['choices']['students']") or {}
     for stage in ("retrieval", "prerank"):
         e = as_mapping(st.get(stage), f"report_data['choices']['students'][{stage!r}]")
@@ -370,10 +371,11 @@ def _section_choices(data: Mapping) -> Section:
         frame = pd.DataFrame({"distillation scale": [g.get("scale") for g in grid],
                               f"valid click-recall@{n}": [g.get(f"valid_click_recall@{n}") for g in grid],
                               "teacher-recall@10 on the rank log": [(g.get("teacher_agreement") or {}).get(
-                                  "teacher_recall@10") for g in grid]})
+                                  "teacher_recall@10") for g in grid], **_one_se_frame(grid)})
         sec.blocks.append(("h3", f"{stage} student (scale {format_value(e.get('chosen_scale'))} chosen; 0 = ground "
                                  "truth only)"))
-        sec.blocks.append(("table", Table(frame, ["", "click_recall", "teacher_recall"])))
+        sec.blocks.append(("table", Table(frame, ["", "click_recall", "teacher_recall",
+                                                  *_one_se_keys(grid)])))
         g = as_mapping(e.get("gate"), "gate")
         if g:
             verdict = "better" if g.get("teacher_better") else "NOT better"
@@ -387,10 +389,28 @@ def _section_choices(data: Mapping) -> Section:
     if rs:
         grid = [as_mapping(g, "grid") or {} for g in as_list(rs.get("grid"), "grid") or []]
         frame = pd.DataFrame({"distillation scale": [g.get("scale") for g in grid],
-                              "valid AUC": [g.get("valid_auc") for g in grid]})
+                              "valid AUC": [g.get("valid_auc") for g in grid], **_one_se_frame(grid)})
         sec.blocks.append(("h3", f"Rank student (scale {format_value(rs.get('chosen_scale'))} chosen)"))
-        sec.blocks.append(("table", Table(frame, ["", "auc"])))
+        sec.blocks.append(("table", Table(frame, ["", "auc", *_one_se_keys(grid)])))
+    sec.blocks.append(("p", "Each grid is decided by the one-standard-error rule: the smallest value whose score is "
+                            "within one standard error of the best score (the SE of the paired gap, bootstrapped "
+                            "over the validation requests), so a setting that wins by less than the validation "
+                            "split's noise does not replace a simpler one."))
     return sec
+
+
+def _one_se_keys(grid: list[Mapping]) -> list[str]:
+    """The format keys of :func:`_one_se_frame`'s columns."""
+    return ["gap", "gap", ""] if _one_se_frame(grid) else []
+
+
+def _one_se_frame(grid: list[Mapping]) -> dict[str, list]:
+    """The one-SE rule's columns of a validation grid (gap to the best score, its SE, within one SE); none for a
+    grid recorded without them."""
+    if not any("se_of_gap" in g for g in grid):
+        return {}
+    return {"gap to best": [g.get("gap_to_best") for g in grid], "SE of the gap": [g.get("se_of_gap") for g in grid],
+            "within one SE": [g.get("within_one_se") for g in grid]}
 
 
 def _section_ablation(data: Mapping) -> Section:

@@ -1,0 +1,63 @@
+"""The one-standard-error rule of grid choices: hand-worked cases, its SE against the analytic paired SE."""
+
+import numpy as np
+import pytest
+from sklearn.metrics import roc_auc_score
+
+from cascade.eval.selection import one_se_choice, rows_of_units, unit_ranges
+
+
+def test_rows_of_units_and_unit_ranges_hand_worked():
+    unit_of_row = np.array([7, 3, 7, 5, 3, 7])  # unit 3: rows 1, 4; unit 5: row 3; unit 7: rows 0, 2, 5
+    order, starts, lengths = unit_ranges(unit_of_row)
+    assert order.tolist() == [1, 4, 3, 0, 2, 5] and starts.tolist() == [0, 2, 3] and lengths.tolist() == [2, 1, 3]
+    # units 2 (= id 7), 0 (= 3), 2 again
+    assert order[rows_of_units(starts, lengths, np.array([2, 0, 2]))].tolist() == [0, 2, 5, 1, 4, 0, 2, 5]
+
+
+def _means(per_unit: dict[float, np.ndarray]):
+    return lambda v, units: float(per_unit[v][units].mean())
+
+
+def test_a_gain_inside_the_noise_chooses_the_simplest_setting():
+    rng = np.random.default_rng(0)
+    base = rng.random(400)
+    # scale 1 beats scale 0 by 0.01 on average with per-request noise of sd 0.3: SE ~ 0.015 > 0.01
+    per_unit = {0.0: base, 1.0: base + 0.01 + 0.3 * rng.standard_normal(400)}
+    chosen, rows = one_se_choice([1.0, 0.0], _means(per_unit), 400)
+    d = per_unit[1.0] - per_unit[0.0]
+    assert rows[1]["score"] > rows[0]["score"] and chosen == 0.0
+    # the bootstrapped SE of the paired gap agrees with the analytic one within 15%
+    assert rows[0]["se"] == pytest.approx(d.std(ddof=1) / np.sqrt(400), rel=0.15)
+    assert rows[0]["gap"] == pytest.approx(d.mean()) and rows[0]["gap"] <= rows[0]["se"]
+
+
+def test_a_gain_beyond_the_noise_chooses_the_best_and_ties_go_to_the_smaller_value():
+    rng = np.random.default_rng(1)
+    base = rng.random(400)
+    per_unit = {0.0: base, 0.5: base + 0.2 + 0.05 * rng.standard_normal(400)}
+    per_unit[2.0] = per_unit[0.5].copy()  # exactly equal to 0.5: within one SE (gap 0)
+    chosen, rows = one_se_choice([0.0, 0.5, 2.0], _means(per_unit), 400)
+    assert chosen == 0.5 and [r["within_one_se"] for r in rows] == [False, True, True]
+
+
+def test_auc_grouped_by_request_through_the_rule():
+    """A statistic over rows grouped by request: the full-sample score is scikit-learn's AUC."""
+    rng = np.random.default_rng(2)
+    req = np.repeat(np.arange(300), 8)
+    y = (rng.random(len(req)) < 0.3).astype(int)
+    scores = {0.0: y + rng.standard_normal(len(req)), 1.0: y + 3 * rng.standard_normal(len(req))}
+    order, starts, lengths = unit_ranges(req)
+
+    def auc_of(v, units):
+        rows = order[rows_of_units(starts, lengths, units)]
+        return roc_auc_score(y[rows], scores[v][rows])
+
+    chosen, rows = one_se_choice([0.0, 1.0], auc_of, len(starts), n_boot=100)
+    assert rows[0]["score"] == pytest.approx(roc_auc_score(y, scores[0.0]))
+    assert chosen == 0.0 and rows[1]["gap"] > 3 * rows[1]["se"]  # the noisier score loses far beyond its SE
+
+
+def test_an_empty_grid_is_an_error():
+    with pytest.raises(ValueError, match="empty grid"):
+        one_se_choice([], lambda v, u: 0.0, 3)
