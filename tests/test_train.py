@@ -56,6 +56,18 @@ def test_same_seed_same_weights_other_seed_differs(small):
     assert not _states_equal(runs[0], runs[2])
 
 
+def test_fit_counts_the_rows_it_trained_on(small):
+    train, valid = small
+    res = fit(Ranker(SPEC, TINY), train, valid, TrainConfig(lr=0.01, batch_size=128, epochs=2))
+    # 1,200 rows a epoch: 9 batches of 128 and a tail of 48, twice; the time leaves validation out
+    assert res.train_samples == 2 * 1200 and res.train_seconds > 0
+    th = res.throughput()
+    assert th["samples_per_s"] == pytest.approx(2400 / th["seconds"])
+    stopped = fit(Ranker(SPEC, TINY), train, valid, TrainConfig(lr=0.5, batch_size=64, epochs=20, eval_every_steps=1,
+                                                                 patience=2))
+    assert stopped.train_samples == 64 * stopped.history[-1]["step"]  # early stop: only the steps taken
+
+
 def test_evaluate_matches_sklearn_and_rand_slice(small):
     train, valid = small
     m = Ranker(SPEC, TINY)

@@ -62,6 +62,7 @@ def run(ctx: StepContext) -> StepResult:
         res = fit(model, train, valid, tcfg, label="teacher")
         name = f"teacher ({c.ranker.backbone})"
     metrics["autocast"] = res.autocast  # manifest only (its probed speed-up varies from run to run)
+    metrics["train_throughput"] = res.throughput()  # measured: the manifest's metrics, never summary.json
     model.cpu().eval()
     outputs = save_ranker(model, c.ranker, ctx.out / "teacher")
     A.write_json(ctx.out / "history.json", res.history)  # per evaluation: train loss terms, valid metrics

@@ -34,6 +34,7 @@ import contextlib
 import copy
 import logging
 import math
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -112,12 +113,21 @@ class TrainConfig:
 @dataclass
 class FitResult:
     """best_valid_auc / best_step of the kept (best) model; history: one dict per evaluation. autocast: what
-    TrainConfig.autocast resolved to ({requested, dtype, reason, speedup}, cascade.machine.AutocastChoice)."""
+    TrainConfig.autocast resolved to ({requested, dtype, reason, speedup}, cascade.machine.AutocastChoice).
+    train_samples / train_seconds: rows trained on and the wall time of the training steps (batch assembly,
+    forward, backward, optimizer; validation left out), this rank's."""
 
     best_valid_auc: float
     best_step: int
     history: list[dict[str, Any]] = field(default_factory=list)
     autocast: dict[str, Any] = field(default_factory=dict)
+    train_samples: int = 0
+    train_seconds: float = 0.0
+
+    def throughput(self) -> dict[str, float]:
+        """{"samples", "seconds", "samples_per_s"} of the training steps (a manifest's measured metrics)."""
+        return {"samples": self.train_samples, "seconds": self.train_seconds,
+                "samples_per_s": self.train_samples / self.train_seconds if self.train_seconds > 0 else float("nan")}
 
 
 def default_loss(model: nn.Module, batch: dict[str, torch.Tensor], step: int):
@@ -302,8 +312,11 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
     running = RunningMeans()
     shown: dict[str, str] = {}  # the bar's postfix: running train loss, last valid AUC
 
+    validate_s = 0.0
+
     def validate(epoch: int) -> None:
-        nonlocal best_state, evals_without_gain, stop
+        nonlocal best_state, evals_without_gain, stop, validate_s
+        t_validate = time.perf_counter()
         train_means = D.all_reduce_mean(running.means())
         metrics = evaluate(model, valid, cfg.eval_batch_size) if env.is_main else None
         model.train()
@@ -325,7 +338,9 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
         else:
             evals_without_gain += 1
             stop = evals_without_gain >= cfg.patience
+        validate_s += time.perf_counter() - t_validate
 
+    t_loop = time.perf_counter()
     with _threads(cfg.num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + env.rank)  # dropout; the global RNG is restored on exit
         bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not cfg.progress or not env.is_main, desc=label,
@@ -351,6 +366,7 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
                 _, values = step_on_loss(terms, weights, [optimizer], [model.parameters()], cfg.grad_clip,
                                          f"fit: non-finite loss at step {step}{where}", ddp)
                 step += 1
+                result.train_samples += len(np_batch["label"])
                 running.add(values)
                 shown["loss"] = f"{running.sums.get('total', math.nan) / running.n:.4f}"  # mean since the last eval
                 bar.set_postfix(shown, refresh=False)
@@ -366,6 +382,7 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
                 if stop:
                     break
         bar.close()
+    result.train_seconds = time.perf_counter() - t_loop - validate_s
     if best_state is not None:
         model.load_state_dict(best_state)
     log.info("%s: best valid AUC %.5f at step %d", label, result.best_valid_auc, result.best_step)
