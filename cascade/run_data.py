@@ -169,8 +169,9 @@ class Towers:
         u_rows = self.inputs.user_rows(data.map_users(requests.user_id))
         ccat, cnum = data.encoder.encode_context({c: np.asarray(requests.context[c]) for c in data.context_names},
                                                  n_rows=len(requests))
-        with torch.inference_mode():
+        if self.model.training:  # loaded in eval mode; a mode switch walks the module tree on every call
             self.model.eval()
+        with torch.inference_mode():
             u = self.model.user_tower(torch.from_numpy(self.inputs.user_cat[u_rows]),
                                       torch.from_numpy(self.inputs.user_num[u_rows]),
                                       torch.from_numpy(ccat), torch.from_numpy(cnum))

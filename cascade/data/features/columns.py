@@ -26,28 +26,46 @@ def part_of(f: Feature) -> str | None:
     return None  # table "cross": computed by CrossFeatureStore, not read from a table
 
 
-def column(frame: Any, name: str, source: str) -> pd.Series:
-    """Column ``name`` of a DataFrame or a mapping of arrays, as a Series; a clear error when it is missing."""
+NUMPY_KINDS = "iubf"  # numpy dtype kinds a column is read as without pandas: int, uint, bool, float
+
+
+def column(frame: Any, name: str, source: str) -> pd.Series | np.ndarray:
+    """Column ``name`` of a DataFrame (a Series) or of a mapping of arrays (a numeric array as it is, so that a
+    serving request's few values are read without pandas; anything else as a Series); a clear error when it is
+    missing. :func:`cat_keys` and :func:`float_values` read either."""
     try:
         col = frame[name]
     except KeyError:
         have = list(frame.columns) if hasattr(frame, "columns") else list(frame)
         raise DataValidationError(f"{source}: missing feature column {name!r} (has {have})") from None
-    return col if isinstance(col, pd.Series) else pd.Series(np.asarray(col))
+    if isinstance(col, pd.Series):
+        return col
+    arr = np.asarray(col)
+    return arr if arr.dtype.kind in NUMPY_KINDS and arr.ndim == 1 else pd.Series(arr)
 
 
-def cat_keys(s: pd.Series, source: str, name: str, kind: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
+def cat_keys(s: pd.Series | np.ndarray, source: str, name: str,
+             kind: str | None = None) -> tuple[np.ndarray, np.ndarray, str]:
     """Sortable keys of a categorical column: (keys [N] int64 or str, valid bool [N], key kind "int" | "str").
 
     Integer columns give int64 keys; float columns must hold whole numbers (pandas stores an int column with
     NaN as float) and give int64 keys; anything else gives str keys. Missing values are invalid (-> OOV).
-    ``kind`` forces the key kind fitted earlier, so ``"39"`` and ``39`` meet in the same vocabulary.
+    ``kind`` forces the key kind fitted earlier, so ``"39"`` and ``39`` meet in the same vocabulary. ``s``: a
+    Series, or a numeric numpy array (read without pandas).
     """
-    valid = ~s.isna().to_numpy()
-    if pd.api.types.is_bool_dtype(s) or pd.api.types.is_integer_dtype(s):
-        keys, got = s.to_numpy(dtype=np.int64, na_value=0), "int"
-    elif pd.api.types.is_float_dtype(s):
-        v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+    if isinstance(s, np.ndarray) and s.dtype.kind not in NUMPY_KINDS:
+        s = pd.Series(s)
+    if isinstance(s, np.ndarray):
+        is_int, is_float = s.dtype.kind in "iub", s.dtype.kind == "f"
+        valid = ~np.isnan(s) if is_float else np.ones(len(s), bool)
+    else:
+        is_int = pd.api.types.is_bool_dtype(s) or pd.api.types.is_integer_dtype(s)
+        is_float = pd.api.types.is_float_dtype(s)
+        valid = ~s.isna().to_numpy()
+    if is_int:
+        keys, got = _values(s, np.int64, 0), "int"
+    elif is_float:
+        v = _values(s, np.float64, np.nan)
         bad = valid & ((v != np.round(v)) | ~np.isfinite(v))
         if bad.any():
             raise DataValidationError(
@@ -95,11 +113,19 @@ def vocab_lookup(vocab: np.ndarray, keys: np.ndarray, valid: np.ndarray) -> np.n
     return np.where(hit, pos_c + 1, OOV).astype(np.int64)
 
 
-def float_values(s: pd.Series, source: str, name: str) -> np.ndarray:
-    """float64 [N] of a numeric column (NaN kept); inf or non-numbers raise."""
-    if not (pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s)):
-        raise DataValidationError(f"{source}: numeric column {name!r} has dtype {s.dtype} (example {s.iloc[0]!r})")
-    v = s.to_numpy(dtype=np.float64, na_value=np.nan)
+def _values(s: pd.Series | np.ndarray, dtype, na) -> np.ndarray:
+    """A Series' or a numeric array's values as ``dtype`` (missing values -> ``na``)."""
+    return s.to_numpy(dtype=dtype, na_value=na) if isinstance(s, pd.Series) else s.astype(dtype)
+
+
+def float_values(s: pd.Series | np.ndarray, source: str, name: str) -> np.ndarray:
+    """float64 [N] of a numeric column (a Series or a numeric numpy array; NaN kept); inf or non-numbers raise."""
+    numeric = (s.dtype.kind in NUMPY_KINDS if isinstance(s, np.ndarray)
+               else pd.api.types.is_numeric_dtype(s) or pd.api.types.is_bool_dtype(s))
+    if not numeric:
+        example = s[0] if isinstance(s, np.ndarray) else s.iloc[0]
+        raise DataValidationError(f"{source}: numeric column {name!r} has dtype {s.dtype} (example {example!r})")
+    v = _values(s, np.float64, np.nan)
     inf = np.isinf(v)
     if inf.any():
         raise DataValidationError(f"{source}: numeric column {name!r} has an infinite value at row "

@@ -123,7 +123,7 @@ class PairEncoder:
         r, n = len(user_ids), len(item_ids)
         upos = self._user_index.rows(user_ids)
         ipos = self._item_index.rows(item_ids)
-        ccat, cnum = self.encoder.encode_context(pd.DataFrame(context, index=np.arange(r)))
+        ccat, cnum = self.encoder.encode_context(context, n_rows=r)
         hcat = np.zeros((r, 0), np.int64)
         xnum = np.zeros((n, 0), np.float32)
         store, hl = self.cross_store, self.history_length
