@@ -186,6 +186,38 @@ def test_encoder_save_load_encodes_identically_and_unseen_to_oov(tmp_path):
         FeatureEncoder.load(tmp_path / "enc")
 
 
+def test_arrays_are_encoded_as_their_dataframe_is():
+    """A mapping of numpy arrays (a serving request's columns, read without pandas) encodes exactly as the same
+    columns in a DataFrame: int, bool, float with a missing value, whole floats as categorical keys, strings."""
+    from cascade.data.features.columns import cat_keys, float_values
+
+    cols = {"i": np.array([3, 7, 3], np.int32), "b": np.array([True, False, True]),
+            "f": np.array([1.0, np.nan, 2.0]), "w": np.array([4.0, 5.0, np.nan]),
+            "s": np.array(["x", "y", "x"], dtype=object)}
+    frame = pd.DataFrame(cols)
+    for name, arr in cols.items():
+        want = cat_keys(frame[name], "t", name)
+        got = cat_keys(arr, "t", name)
+        np.testing.assert_array_equal(got[0][got[1]], want[0][want[1]])
+        np.testing.assert_array_equal(got[1], want[1])
+        assert got[2] == want[2]
+        if name != "s":
+            np.testing.assert_array_equal(float_values(arr, "t", name), float_values(frame[name], "t", name))
+    assert cat_keys(cols["i"], "t", "i", kind="str")[0].tolist() == ["3", "7", "3"]  # the fitted kind wins
+    with pytest.raises(DataValidationError, match="non-integer float 1.5"):
+        cat_keys(np.array([1.5]), "t", "w")
+    with pytest.raises(DataValidationError, match="infinite"):
+        float_values(np.array([1.0, np.inf]), "t", "f")
+    with pytest.raises(DataValidationError, match="numeric column 's'"):
+        float_values(cols["s"], "t", "s")
+    ds = _random_dataset(seed=4)
+    enc = FeatureEncoder(ds.schema).fit(ds, time_split(ds)["train"])
+    ctx = ds.impressions.iloc[:50]
+    as_arrays = {c: ctx[c].to_numpy() for c in ctx.columns}
+    for a, b in zip(enc.encode_context(ctx), enc.encode_context(as_arrays, n_rows=len(ctx))):
+        np.testing.assert_array_equal(a, b)
+
+
 def test_encoder_bad_input_errors():
     ds, train = _tiny_dataset()
     with pytest.raises(ValueError, match="numeric='zscore'"):

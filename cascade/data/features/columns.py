@@ -69,7 +69,7 @@ def cat_keys(s: pd.Series | np.ndarray, source: str, name: str,
         bad = valid & ((v != np.round(v)) | ~np.isfinite(v))
         if bad.any():
             raise DataValidationError(
-                f"{source}: categorical column {name!r} holds a non-integer float {v[bad][0]!r}; "
+                f"{source}: categorical column {name!r} holds a non-integer float {float(v[bad][0])!r}; "
                 "declare it numeric or cast it to int/str"
             )
         keys, got = np.where(valid, v, 0).astype(np.int64), "int"
