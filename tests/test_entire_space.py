@@ -104,6 +104,18 @@ def test_rank_score_save_load_and_list_scoring(tiny_data, tmp_path):
     back = load_ranker(tmp_path, spec)
     assert isinstance(back, EntireSpaceRanker) and back.exposure_weight.item() == 0.5
     np.testing.assert_allclose(ranker_scorer(back, tiny_data)(r, cand).reshape(-1), got, rtol=1e-6)
+    # weight 0: the click model's log sigmoid alone, without running the exposure model (which would fail here)
+    with torch.no_grad():
+        back.exposure_weight.fill_(0.0)
+        click_only = F.logsigmoid(back.click(torch.from_numpy(cat), torch.from_numpy(num))).numpy()
+
+    def no_exposure(*args):
+        raise AssertionError("the exposure model ran at weight 0")
+
+    back.exposure.forward = back.exposure.forward_lists = no_exposure
+    np.testing.assert_allclose(ranker_scorer(back, tiny_data)(r, cand).reshape(-1), click_only, rtol=1e-5, atol=1e-6)
+    lists = score_pairs(ranking_model(back), np.tile(cat, (8, 1)), np.tile(num, (8, 1)), list_len=60)
+    np.testing.assert_allclose(lists[: len(got)], click_only, rtol=1e-4, atol=1e-5)
 
 
 def test_choose_exposure_weight_picks_the_known_best(tiny_data):

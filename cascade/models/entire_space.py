@@ -9,8 +9,9 @@ ESMM's P(click, shown) = P(shown) P(click | shown):
     rank_score = log sigmoid(click logit) + exposure_weight * exposure log-propensity
 
 ``exposure_weight`` (a buffer saved with the weights) is chosen on validation outcomes; 0 ranks by P(click | shown)
-alone. ``forward`` stays the click logit (AUC, calibration and the rank student's KD read it); everything that
-orders candidates (the rank log, the rank stage, the teacher's top list over the corpus) reads :attr:`ranking`.
+alone (and skips the exposure model's forward). ``forward`` stays the click logit (AUC, calibration and the rank
+student's KD read it); everything that orders candidates (the rank log, the rank stage, the teacher's top list over
+the corpus) reads :attr:`ranking`.
 """
 
 from __future__ import annotations
@@ -54,7 +55,15 @@ class EntireSpaceRanker(nn.Module):
     def combine(self, click_logit: torch.Tensor, exposure_logit: torch.Tensor) -> torch.Tensor:
         return F.logsigmoid(click_logit) + self.exposure_weight * exposure_logit
 
+    @property
+    def uses_exposure(self) -> bool:
+        """False at exposure weight 0: the ranking score is the click model's alone, and the exposure model's
+        forward (half the cost of a ranking) is skipped."""
+        return bool(self.exposure_weight != 0)
+
     def rank_score(self, cat: torch.Tensor, num: torch.Tensor) -> torch.Tensor:
+        if not self.uses_exposure:
+            return F.logsigmoid(self.click(cat, num))
         return self.combine(self.click(cat, num), self.exposure(cat, num))
 
 
@@ -72,7 +81,10 @@ class RankScore:
 
     def forward_lists(self, cat: torch.Tensor, num: torch.Tensor, list_len: int) -> torch.Tensor:
         p = self.parent
-        return p.combine(p.click.forward_lists(cat, num, list_len), p.exposure.forward_lists(cat, num, list_len))
+        click = p.click.forward_lists(cat, num, list_len)
+        if not p.uses_exposure:
+            return F.logsigmoid(click)
+        return p.combine(click, p.exposure.forward_lists(cat, num, list_len))
 
     @property
     def training(self) -> bool:
