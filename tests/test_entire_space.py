@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -189,8 +190,23 @@ def test_random_auc_judge_refuses_data_without_a_random_slice_and_a_bad_value(ti
     logged = tiny_data.split_impressions("valid").query("is_rand == 0")
     with pytest.raises(ValueError, match=r"0 random-exposure impressions.*judge = \"clicks\""):
         random_slice(logged, 'teacher.entire_space.judge = "random_auc"')
-    with pytest.raises(ValueError, match="teacher.entire_space.judge must be 'clicks' or 'random_auc', got 'auc'"):
+    with pytest.raises(ValueError, match="judge must be 'auto', 'clicks' or 'random_auc', got 'auc'"):
         EntireSpaceSection(judge="auc")
+
+
+def test_a_random_slice_needs_random_rows_with_both_labels():
+    from cascade.train.entire_space import has_random_slice
+
+    frame = pd.DataFrame({"is_rand": [0, 1, 1, 0], "click": [1, 0, 1, 0]})
+    assert has_random_slice(frame)
+    assert not has_random_slice(frame.assign(click=[1, 0, 0, 1]))  # the random rows hold one label only
+    assert not has_random_slice(frame.assign(is_rand=0)) and not has_random_slice(frame.drop(columns="is_rand"))
+    from cascade.pipeline.teacher import exposure_judge
+
+    assert exposure_judge("auto", frame) == "random_auc" and exposure_judge("auto", frame.assign(is_rand=0)) == "clicks"
+    assert exposure_judge("clicks", frame) == "clicks" and exposure_judge("random_auc", frame) == "random_auc"
+    with pytest.raises(ValueError, match="0 random-exposure impressions"):
+        exposure_judge("random_auc", frame.assign(is_rand=0))
 
 
 def test_teacher_step_with_the_random_auc_judge_records_its_grid(tmp_path):

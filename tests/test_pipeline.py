@@ -52,6 +52,8 @@ def test_every_step_writes_verified_artifacts(run_a):
         assert m["versions"]["torch"] and m["config_hash"] == A.stable_hash(m["config"])
     for f in ("report.html", "report.md", "report.json"):
         assert (run_dir / "report" / f).stat().st_size > 1000
+    es = A.read_manifest(run_dir / "teacher")["metrics"]["entire_space"]
+    assert es["judged_by"] == "random_auc" and es["judge"].startswith("auto: AUC")  # the world has a random slice
     summary = A.read_json(run_dir / "replay" / "summary.json")
     assert set(summary["variants"]) == {"distilled", "ground_truth", "distilled+channels"}
     stem_of = {**{v: v for v in summary["variants"]}, "teacher_corpus": "teacher_corpus",

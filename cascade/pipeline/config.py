@@ -195,10 +195,12 @@ class EntireSpaceSection:
     popularity, the rest uniformly; only items that exist at the request's time), and an exposure model next to
     the click model. The weight of exposure in the corpus-wide ranking is chosen from ``exposure_weights`` by the
     teacher's click-recall@``select_k`` over the whole corpus on up to ``select_requests`` validation requests
-    (pipeline/judge.py); 0 in the grid lets validation switch it off. judge = "random_auc" chooses it instead by the
-    AUC of the ranking score on the validation split's random-exposure impressions (data with such a slice only:
-    logged clicks favour what the logging policy showed; benchmarks/exposure_judge.py). unshown_per_shown = 0
-    trains the plain P(click | shown) teacher."""
+    (pipeline/judge.py; judge = "clicks"), or by the AUC of the ranking score on the validation split's
+    random-exposure impressions (judge = "random_auc"; data with such a slice only: logged clicks favour what the
+    logging policy showed, the random slice does not; benchmarks/exposure_judge.py). judge = "auto" (the default)
+    takes "random_auc" where the validation split has random-exposure impressions with clicks and non-clicks and
+    "clicks" elsewhere; the teacher's manifest records which. 0 in the grid lets validation switch the exposure
+    term off. unshown_per_shown = 0 trains the plain P(click | shown) teacher."""
 
     unshown_per_shown: float = 1.0
     popularity_share: float = 0.5
@@ -206,11 +208,12 @@ class EntireSpaceSection:
     exposure_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
     select_k: int = 10
     select_requests: int = 1000
-    judge: str = "clicks"
+    judge: str = "auto"
 
     def __post_init__(self) -> None:
-        if self.judge not in ("clicks", "random_auc"):
-            raise ValueError(f"teacher.entire_space.judge must be 'clicks' or 'random_auc', got {self.judge!r}")
+        if self.judge not in ("auto", "clicks", "random_auc"):
+            raise ValueError(f"teacher.entire_space.judge must be 'auto', 'clicks' or 'random_auc', got "
+                             f"{self.judge!r}")
         if not (np.isfinite(self.unshown_per_shown) and self.unshown_per_shown >= 0):
             raise ValueError(f"teacher.entire_space.unshown_per_shown must be >= 0, got {self.unshown_per_shown}")
         if not 0.0 <= self.popularity_share <= 1.0:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pandas as pd
 
 from .. import artifacts as A
 from ..models.entire_space import EntireSpaceRanker
@@ -21,6 +22,7 @@ from ..train.entire_space import (
     choose_exposure_weight_by_random_auc,
     entire_space_loss,
     entire_space_table,
+    has_random_slice,
     random_slice,
 )
 from ..train.loop import evaluate, fit, score_metrics
@@ -28,6 +30,17 @@ from .common import model_row, save_ranker, seeded, with_seed, without_timings
 from .config import TeacherSection
 from .judge import validation_judge
 from .runner import StepContext, StepResult
+
+
+def exposure_judge(setting: str, valid: pd.DataFrame) -> str:
+    """What judges the exposure weight ("clicks" | "random_auc") for ``teacher.entire_space.judge = setting`` on the
+    validation impressions ``valid``: "auto" takes the random slice where it has both labels; "random_auc" on data
+    without one is a ValueError."""
+    if setting == "random_auc":
+        random_slice(valid, 'teacher.entire_space.judge = "random_auc"')
+    if setting == "auto":
+        return "random_auc" if has_random_slice(valid) else "clicks"
+    return setting
 
 
 def run(ctx: StepContext) -> StepResult:
@@ -38,15 +51,15 @@ def run(ctx: StepContext) -> StepResult:
     tcfg = with_seed(dataclasses.replace(c.train, progress=ctx.progress), ctx.seed)
     es = c.entire_space
     metrics = {}
-    if es.enabled and es.judge == "random_auc":  # before any training: data without the slice is refused
-        random_slice(data.split_impressions("valid"), 'teacher.entire_space.judge = "random_auc"')
+    # before any training: data without a random slice is refused for judge = "random_auc"
+    judge_by = exposure_judge(es.judge, data.split_impressions("valid")) if es.enabled else None
     if es.enabled:
         model = EntireSpaceRanker(train.spec, c.ranker, seed=ctx.seed)
         rng = np.random.default_rng(ctx.seed)
         table = entire_space_table(data, "train", es.unshown_per_shown, es.popularity_share, rng)
         res = fit(model, table, valid, tcfg, loss_fn=entire_space_loss(es.w_exposure), label="teacher")
         model.cpu()  # trained on run.device; the corpus scoring below and every later step read it on the CPU
-        if es.judge == "random_auc":
+        if judge_by == "random_auc":
             choice, grid = choose_exposure_weight_by_random_auc(model, data, es.exposure_weights, ctx.seed)
             what = "AUC on the validation split's random-exposure impressions"
         else:
@@ -54,7 +67,10 @@ def run(ctx: StepContext) -> StepResult:
             choice, grid = choose_exposure_weight(model, data, judge.requests, judge.clicked, es.exposure_weights,
                                                   es.select_k, judge.seen, seed=ctx.seed)
             what = judge.what
-        metrics["entire_space"] = {"exposure_weight": choice, "grid": grid, "judge": what,
+        if es.judge == "auto":
+            what = (f"auto: {what}" + ("" if judge_by == "random_auc" else
+                                       " (the validation split has no random-exposure impressions with both labels)"))
+        metrics["entire_space"] = {"exposure_weight": choice, "grid": grid, "judge": what, "judged_by": judge_by,
                                    "train_rows": {"shown": int(len(train)), "unshown": int(len(table) - len(train))}}
         name = f"teacher ({c.ranker.backbone}, entire space: exposure weight {choice:g})"
     else:

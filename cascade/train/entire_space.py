@@ -174,11 +174,18 @@ def choose_exposure_weight(model: EntireSpaceRanker, data: RunData, requests: Re
     return choice, table
 
 
+def has_random_slice(impressions: pd.DataFrame) -> bool:
+    """Whether ``impressions`` hold random-exposure rows (``is_rand == 1``) with both labels (an AUC to judge by)."""
+    if "is_rand" not in impressions.columns:
+        return False
+    return impressions.loc[impressions["is_rand"] == 1, "click"].nunique() == 2
+
+
 def random_slice(impressions: pd.DataFrame, what: str) -> pd.DataFrame:
     """The random-exposure rows of ``impressions`` (``is_rand == 1``); a ValueError naming ``what`` when there are
     none or they hold only one class (no AUC to judge by)."""
     r = impressions[impressions["is_rand"] == 1] if "is_rand" in impressions.columns else impressions.iloc[:0]
-    if r["click"].nunique() < 2:
+    if not has_random_slice(impressions):
         raise ValueError(f"{what}: the validation split has {len(r):,} random-exposure impressions"
                          f"{' with one class only' if len(r) else ''}: no random-slice AUC to judge by "
                          f"(use teacher.entire_space.judge = \"clicks\")")
