@@ -472,10 +472,13 @@ def test_index_from_another_model_is_refused_naming_both_hashes(run_a, tmp_path)
     _, run_dir, _ = run_a
     fake = tmp_path / "mixed"
     shutil.copytree(run_dir, fake)
-    shutil.rmtree(fake / "index" / "distilled")
-    shutil.copytree(run_dir / "index" / "ground_truth", fake / "index" / "distilled")  # the other tower's index
+    # an index that records another tower (the variants may share one retrieval tower, at scale 0): the
+    # pre-rank tower's weights stand for "another model"
     mine = A.sha256_file(fake / "students" / "distilled" / "retrieval" / "model.pt")
-    theirs = A.sha256_file(fake / "students" / "ground_truth" / "retrieval" / "model.pt")
+    theirs = A.sha256_file(fake / "students" / "distilled" / "prerank" / "model.pt")
+    index_manifest = fake / "index" / "distilled" / "manifest.json"
+    A.write_json(index_manifest, {**A.read_json(index_manifest), "model_hash": theirs})
+    assert mine != theirs
     with pytest.raises(IndexMismatchError) as e:
         load_cascade(fake, variant="distilled")
     assert mine[:12] in str(e.value) and theirs[:12] in str(e.value)
