@@ -94,14 +94,14 @@ def pipeline_config(n_items: int, runs_dir: Path, n_users: int = 3000, n_days: i
 
 def ensure_run(cfg, progress: bool = False, reuse: bool = False) -> Path:
     """Run (or resume) the pipeline of ``cfg`` up to the index step (the channels step included); return the run
-    folder. reuse: take finished stages as they are even if the package's code changed since (the timed serving
-    code is always the current one; only the trained models, the fitted channels and the indexes come from the
-    earlier run)."""
+    folder. reuse: take finished steps as they are even if the package's code or the config's defaults changed
+    since (the timed serving code is always the current one; only the trained models, the fitted channels and the
+    indexes come from the earlier run)."""
     from cascade.pipeline import run_pipeline
 
     t0 = time.perf_counter()
-    run_pipeline(cfg, progress=progress, until="index",
-                 reuse=("data", "channels", "teacher", "ranklog", "students", "index") if reuse else ())
+    steps = ("data", "channels", "teacher", "ranklog", "students", "index")
+    run_pipeline(cfg, progress=progress, until="index", update=reuse, frozen=steps if reuse else ())
     log.info("run %s ready in %.0f s", cfg.run.name, time.perf_counter() - t0)
     return Path(cfg.run.runs_dir) / cfg.run.name
 

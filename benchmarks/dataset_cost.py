@@ -24,11 +24,14 @@ from cascade import artifacts as A
 from cascade.machine import machine_record
 from cascade.pipeline import load_config, run_pipeline
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 def measure(dataset: str, runs_dir: str, sequence_length: int, seed: int) -> dict:
     """One dataset's run up to the rank log; its teacher samples/s, rank-log pairs/s and sizes."""
     config, spec, name = _config(dataset)
     sets, data_spec = _data_args(config, spec)
+    config = str(ROOT / config)  # the dataset's pipeline file, wherever the benchmark is started from
     cfg = load_config(config, [*sets, f"run.seed={seed}", f"run.name='cost-{name}'", f"run.runs_dir='{runs_dir}'",
                                f"teacher.sequence_length={sequence_length}"], data_spec=data_spec)
     t0 = time.perf_counter()
@@ -62,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--runs-dir", required=True)
     p.add_argument("--sequence-length", type=int, default=20)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--out", default=str(Path(__file__).parent / "results"))
+    p.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     a = p.parse_args(argv)
     rows = [measure(d, a.runs_dir, a.sequence_length, a.seed) for d in a.dataset]
     out = {"sequence_length": a.sequence_length, "date": time.strftime("%Y-%m-%d"),
