@@ -226,11 +226,17 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection,
     label = valid.label[order]
     predicted: dict[int, np.ndarray] = {}  # id(model) -> its validation scores in request order
 
+    def auc_over(scores: np.ndarray) -> Callable[[np.ndarray], float]:
+        """The validation AUC of ``scores`` (request order) over a sample of validation requests."""
+        def on(units: np.ndarray) -> float:
+            rows = rows_of_units(starts, lengths, units)
+            return auc(label[rows], scores[rows])
+        return on
+
     def valid_auc(m, units: np.ndarray) -> float:
         if id(m[0]) not in predicted:
             predicted[id(m[0])] = predict(m[0], valid)[order]
-        rows = rows_of_units(starts, lengths, units)
-        return auc(label[rows], predicted[id(m[0])][rows])
+        return auc_over(predicted[id(m[0])])(units)
 
     best, table, trained = grid_search(c.rank_scales(), train_one, valid_auc, len(starts), ctx.seed)
     grid = [{"scale": row["scale"], "valid_auc": row["score"], **one_se_columns(row)} for row in table]
@@ -245,11 +251,8 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection,
     if pfd_teacher is not None:
         rows.append(model_row(f"its PFD teacher (also reads the {side} side; not served)", "pfd_teacher",
                               pfd_teacher, evaluate(pfd_teacher, test), train.spec))
-    t_scores = predict(teacher, valid)[order]
-    plain_scores = predict(plain, valid)[order]
-    scores, boot = paired_bootstrap(
-        {m: (lambda u, sc=sc: auc(label[rows_of_units(starts, lengths, u)], sc[rows_of_units(starts, lengths, u)]))
-         for m, sc in (("teacher", t_scores), ("plain", plain_scores))}, len(starts), seed=ctx.seed)
+    scores, boot = paired_bootstrap({"teacher": auc_over(predict(teacher, valid)[order]),
+                                     "plain": auc_over(predicted[id(plain)])}, len(starts), seed=ctx.seed)
     gate = {"teacher_valid_auc": scores["teacher"], "plain_student_valid_auc": scores["plain"],
             "gain": scores["teacher"] - scores["plain"], "standard_error": gap_se(boot["teacher"], boot["plain"])}
     # the same margin as the towers' gate: better only by more than one standard error of the paired gain
