@@ -171,6 +171,20 @@ def _sequence(d: dict) -> tuple[str, None]:
     return _real_data(d)[0] + f" with {', '.join(d['overrides'])}", None
 
 
+def _dataset_cost(d: dict) -> tuple[str, bool]:
+    """Teacher samples/s and rank-log pairs/s per dataset with the sequence features on; met: every dataset's
+    per-row cost within 2x of the world's, for both."""
+    world = next(r for r in d["rows"] if r["dataset"] == "world")
+    parts, ok = [], True
+    for r in d["rows"]:
+        t = world["teacher_samples_per_s"] / r["teacher_samples_per_s"]
+        p = world["ranklog_pairs_per_s"] / r["ranklog_pairs_per_s"]
+        ok &= t <= 2.0 and p <= 2.0
+        parts.append(f"{r['dataset']}: teacher {r['teacher_samples_per_s']:,.0f} samples/s ({t:.2f}x the world's "
+                     f"cost), rank log {r['ranklog_pairs_per_s']:,.0f} pairs/s ({p:.2f}x)")
+    return "; ".join(parts) + f" (sequence length {d['sequence_length']})", ok
+
+
 def _exposure_judge(d: dict) -> tuple[str, None]:
     """Per world run: the exposure weight the validation random-slice AUC would pick, and the test oracle ratio of
     the teacher's corpus list at it and at the weight the pipeline chose on logged clicks."""
@@ -250,6 +264,8 @@ ROWS = [
         lambda d: (_real_data(d)[0], None)),
     Row("real_data_ml_sequence.json", "outcomes with the behaviour-sequence teacher, ML-100K", None, _sequence),
     Row("real_data_world_sequence.json", "outcomes with the behaviour-sequence teacher, world", None, _sequence),
+    Row("dataset_cost.json", "per-row cost on a log with long histories (ML-100K) vs the world",
+        "within 2x of the world's per-row cost", _dataset_cost),
     Row("exposure_judge.json", "the teacher's exposure weight: random-slice AUC vs logged clicks as its judge", None,
         _exposure_judge),
     Row("random_slice.json", "outcomes on the world's random-exposure slice",
