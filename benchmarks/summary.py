@@ -79,7 +79,11 @@ def _serving(d: dict) -> tuple[str, bool]:
     sizes = ", ".join(f"{s['n_items']:,}" for s in d["sizes"])
     text = (f"retriever overhead <= {max(overheads):+.1%}; e2e p99 {min(p99s):.1f}-{max(p99s):.1f} ms "
             f"at batch 1 ({sizes} items)")
-    return text, max(overheads) <= 0.10 and max(p99s) <= 20.0
+    ivf = [(name, e["batch1"]["end_to_end_ms"]["p99_ms"]) for s in d["sizes"] if s["n_items"] == 1_000_000
+           for name, e in s["end_to_end"].items() if name.startswith("IVF")]
+    if ivf:  # the serving-speed issue's target: <= 5 ms at 1 M items through IVF (recall >= 0.95), one thread
+        text += "; 1 M items, " + ", ".join(f"{n}: p99 {p:.1f} ms (target 5 ms)" for n, p in ivf)
+    return text, max(overheads) <= 0.10 and max(p99s) <= 20.0 and all(p <= 5.0 for _, p in ivf)
 
 
 def _serving_channels(d: dict) -> tuple[str, bool | None]:
@@ -241,7 +245,7 @@ ROWS = [
     Row("bench_index.json", "item index (100 K / 1 M items)", "an approximate index at recall >= 0.95", _index),
     Row("bench_index_10m.json", "item index at 10 M items (CPU)", "smaller than float32, recall >= 0.95",
         _index_10m),
-    Row("bench_serving.json", "serving", "overhead <= 10%, e2e p99 <= 20 ms", _serving),
+    Row("bench_serving.json", "serving", "overhead <= 10%, e2e p99 <= 20 ms (<= 5 ms at 1 M items, IVF)", _serving),
     Row("bench_serving_channels.json", "serving with the classic channels (distilled+channels)",
         "e2e p99 <= 20 ms at 100 K items", _serving_channels),
     Row("bench_soak.json", "soak (latency drift, memory)", "every check holds", _soak),
