@@ -30,7 +30,7 @@ from cascade.data.requests import to_requests
 from cascade.distill.ranklog import build_rank_log
 from cascade.models.scoring import ranker_scorer
 from cascade.pipeline.config import RankLogSection
-from cascade.pipeline.ranklog import rank_log_inputs
+from cascade.pipeline.ranklog import rank_log_inputs, ranklog_channels
 from cascade.run_data import RunData, load_ranker
 
 #: (share name, functions "file:name" whose cumulative time it is; the first one found counts)
@@ -69,7 +69,8 @@ def main() -> None:
     data = RunData(run / "data")
     teacher = load_ranker(run / "teacher" / "teacher", data.spec)
     t0 = time.perf_counter()
-    frame, cands, item_ids = rank_log_inputs(data, cfg, seed)
+    channels = ranklog_channels(cfg, run / "channels", data)  # the run's classic channels (none at share 0)
+    frame, cands, item_ids, _ = rank_log_inputs(data, cfg, seed, channels)
     sampling_s = time.perf_counter() - t0
     requests = to_requests(frame, data.context_names)
     score = ranker_scorer(teacher, data)
