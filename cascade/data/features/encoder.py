@@ -112,7 +112,7 @@ class FeatureEncoder:
             frame, rows, source = frames[part]
             s = column(frame, f.name, source)
             if rows is not None:
-                s = s.iloc[rows]
+                s = s.iloc[rows] if isinstance(s, pd.Series) else s[rows]
             col = {"name": f.name, "side": f.side, "part": part, "kind": f.kind}
             if f.kind == "categorical":
                 keys, valid, kind = cat_keys(s, source, f.name)
