@@ -189,6 +189,15 @@ def _dataset_cost(d: dict) -> tuple[str, bool]:
     return "; ".join(parts) + f" (sequence length {d['sequence_length']})", ok
 
 
+def _bf16_quality(d: dict) -> tuple[str, bool]:
+    """bf16 autocast vs float32 training of the teacher, over seeds: met when every seed's test AUC gap is within
+    the bar (0.001)."""
+    gaps = ", ".join(f"{r['auc_gap']:+.5f}" for r in d["rows"])
+    return (f"test AUC gap bf16 - float32 per seed {gaps} (largest {d['max_abs_auc_gap']:.5f}; "
+            f"{len(d['rows'])} seeds, {d['train_rows']:,} rows, native bf16: {d['native_bf16']})",
+            d["max_abs_auc_gap"] <= d["bar"])
+
+
 def _exposure_judge(d: dict) -> tuple[str, None]:
     """Per world run: the exposure weight the validation random-slice AUC would pick, and the test oracle ratio of
     the teacher's corpus list at it and at the weight the pipeline chose on logged clicks."""
@@ -247,6 +256,8 @@ ROWS = [
     Row("bench_index.json", "item index (100 K / 1 M items)", "an approximate index at recall >= 0.95", _index),
     Row("bench_index_10m.json", "item index at 10 M items (CPU)", "smaller than float32, recall >= 0.95",
         _index_10m),
+    Row("bf16_quality.json", "bf16 autocast training at equal quality", "test AUC within 0.001 of float32",
+        _bf16_quality),
     Row("bench_serving.json", "serving", "overhead <= 10%, e2e p99 <= 20 ms (<= 5 ms at 1 M items, IVF)", _serving),
     Row("bench_serving_channels.json", "serving with the classic channels (distilled+channels)",
         "e2e p99 <= 20 ms at 100 K items", _serving_channels),
