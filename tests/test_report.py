@@ -104,9 +104,9 @@ def make_report_data() -> dict:
                               _outcome("popular (7 days)", "baseline", 0.0650, 1.001, 0.1, 10)],
                      "flags": ["The distilled cascade finds fewer of the test clicks than popular (7 days)."],
                      "gaps": [{"cascade": "distilled", "other": "popular (7 days)", "metric": "rank_click_recall",
-                               "diff": -0.0039, "se": 0.0102, "n": 1800},
+                               "diff": -0.0039, "se": 0.0102, "n": 1800, "beyond_2se": False},
                               {"cascade": "distilled", "other": "ground_truth", "metric": "rank_click_recall",
-                               "diff": -0.0091, "se": 0.0031, "n": 1800}],
+                               "diff": -0.0091, "se": 0.0031, "n": 1800, "beyond_2se": True}],
                      "filter_seen": {"applied": False, "why": "auto: 7.7% of train clicks were re-clicks"}},
         "index": {"factory": "IVF64,Flat", "backend": "faiss-cpu", "metric": "inner_product", "n_items": 5000,
                   "dim": 32, "recall_vs_exact": 0.9871,
@@ -438,9 +438,9 @@ def test_outcome_rows_flag_a_loss_to_most_popular_with_its_paired_gap_and_pick_t
                                "(click-recall@10 0.111 < 0.124; paired over 116 requests -0.0120 ± 0.0190 (SE): "
                                "within 2 SE, not distinguishable on these requests).")
     # each cascade against ground truth and most-popular (here also the best baseline); no oracle on this data
-    assert [(g["cascade"], g["other"]) for g in out["gaps"]] == [("distilled", "ground_truth"),
-                                                                  ("distilled", "popular (7 days)"),
-                                                                  ("ground_truth", "popular (7 days)")]
+    assert [(g["cascade"], g["other"], g["beyond_2se"]) for g in out["gaps"]] == [
+        ("distilled", "ground_truth", True), ("distilled", "popular (7 days)", False),
+        ("ground_truth", "popular (7 days)", False)]
 
 
 def test_rank_student_gate_flag_states_its_margin():

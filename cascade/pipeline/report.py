@@ -159,11 +159,19 @@ def outcome_rows(summary: dict, extra_flags: list[str] | None = None) -> dict:
             "filter_seen": summary.get("filter_seen")}
 
 
+def beyond_two_se(gap: dict) -> bool | None:
+    """Whether a paired difference ({"diff", "se", "n"}) is beyond 2 SE of the requests' noise; None when there are
+    too few requests to tell."""
+    if not gap.get("n") or gap.get("se") is None or gap["se"] != gap["se"]:
+        return None
+    return bool(abs(gap["diff"]) > 2 * gap["se"])
+
+
 def describe_gap(gap: dict) -> str:
     """A paired difference in words: its size, SE and whether it is beyond 2 SE of the requests' noise."""
-    if not gap.get("n") or gap.get("se") is None or gap["se"] != gap["se"]:
+    beyond = beyond_two_se(gap)
+    if beyond is None:
         return "too few requests to judge the gap"
-    beyond = abs(gap["diff"]) > 2 * gap["se"]
     return (f"paired over {gap['n']} requests {gap['diff']:+.4f} ± {gap['se']:.4f} (SE): "
             + ("beyond 2 SE" if beyond else "within 2 SE, not distinguishable on these requests"))
 
@@ -182,7 +190,8 @@ def gap_rows(rows: list[dict], paired: dict) -> list[dict]:
             for other in others:
                 gap = against.get(other, {}).get(metric)
                 if gap is not None:
-                    out.append({"cascade": cascade, "other": other, "metric": metric, **gap})
+                    out.append({"cascade": cascade, "other": other, "metric": metric, **gap,
+                                "beyond_2se": beyond_two_se(gap)})
     return out
 
 

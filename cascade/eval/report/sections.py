@@ -102,8 +102,9 @@ def _section_headline(data: Mapping, variants: dict[str, Mapping]) -> Section:
         frame = pd.DataFrame({
             "cascade": [g.get("cascade") for g in gaps], "minus": [g.get("other") for g in gaps],
             "metric": [label.get(str(g.get("metric")), g.get("metric")) for g in gaps],
-            "difference ± SE": [f"{g['diff']:+.4f} ± {g['se']:.4f}" if g.get("n", 0) > 1 else MISSING for g in gaps],
-            "beyond 2 SE": [g.get("n", 0) > 1 and abs(g["diff"]) > 2 * g["se"] for g in gaps],
+            "difference ± SE": [f"{g['diff']:+.4f} ± {g['se']:.4f}" if g.get("beyond_2se") is not None else MISSING
+                                for g in gaps],
+            "beyond 2 SE": [g.get("beyond_2se") for g in gaps],
             "requests": [g.get("n") for g in gaps]})
         sec.blocks.append(("table", Table(frame, ["", "", "", "", "beyond", "requests"],
                                           caption="paired on the same test requests: the cascade's per-request "
