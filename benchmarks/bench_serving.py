@@ -66,6 +66,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 
 def pipeline_config(n_items: int, runs_dir: Path, n_users: int = 3000, n_days: int = 3, seed: int = 0,
+                    extra: tuple[str, ...] = (),
                     sweep_queries: int = 500):
     """The pipeline config of the benchmark world with ``n_items`` items: pipelines/tiny.toml's small models with
     a 32-d retrieval tower, ``n_users`` users over ``n_days`` days, the index chosen by corpus size (Flat below
@@ -88,7 +89,8 @@ def pipeline_config(n_items: int, runs_dir: Path, n_users: int = 3000, n_days: i
                  "students.compare_ground_truth=false", "ranklog.n_candidates=100", "ranklog.max_requests=3000",
                  "index.k=100", f"index.sweep_queries={sweep_queries}", "index.recall_target=0.95",
                  "channels.als_factors=[128]", "channels.als_regularization=[0.01]", "channels.als_alpha=[10.0]",
-                 "channels.als_iterations=5", "teacher.entire_space.select_requests=50", "students.select_requests=50"]
+                 "channels.als_iterations=5", "teacher.entire_space.select_requests=50", "students.select_requests=50",
+                 *extra]
     return load_config(TINY_TOML, overrides)
 
 
@@ -381,7 +383,8 @@ def build_index(xb, ids, factory: str, seed: int, **kw) -> tuple[ItemIndex, floa
 
 def bench_size(n_items: int, args) -> dict:
     """Everything measured on the run with ``n_items`` items."""
-    cfg = pipeline_config(n_items, args.runs_dir, n_users=args.n_users, n_days=args.n_days, seed=args.seed)
+    cfg = pipeline_config(n_items, args.runs_dir, n_users=args.n_users, n_days=args.n_days, seed=args.seed,
+                          extra=tuple(args.overrides))
     run_dir = ensure_run(cfg, reuse=args.reuse_runs)
     parts, requests, xb, ids = load_run(run_dir)
     index = parts.index
@@ -576,7 +579,8 @@ def bench_channels(n_items: int, args) -> dict:
     from cascade.data.requests import requests_frame, to_requests
     from cascade.serve.cascade import CHANNELS_VARIANT, load_cascade
 
-    cfg = pipeline_config(n_items, args.runs_dir, n_users=args.n_users, n_days=args.n_days, seed=args.seed)
+    cfg = pipeline_config(n_items, args.runs_dir, n_users=args.n_users, n_days=args.n_days, seed=args.seed,
+                          extra=tuple(args.overrides))
     run_dir = ensure_run(cfg, reuse=args.reuse_runs)
     data, alone = load_cascade(run_dir, "distilled")
     _, multi = load_cascade(run_dir, CHANNELS_VARIANT, data=data)
@@ -704,7 +708,8 @@ def render_markdown(res: dict) -> str:
          f"Each corpus is its own pipeline run (`until=\"index\"`) on the synthetic world with {a['n_users']} users, "
          f"{a['n_days']} days, pipelines/tiny.toml models with a 32-d retrieval tower (distilled students, DCNv2 "
          "teacher as ranker); queries are the run's test-day requests. Cascade sizes: "
-         f"n_retrieve {a['n_retrieve']}, n_prerank {a['n_prerank']}, k {a['k']}.", ""]
+         f"n_retrieve {a['n_retrieve']}, n_prerank {a['n_prerank']}, k {a['k']}."
+         + (f" Pipeline overrides: {', '.join(a['overrides'])}." if a.get("overrides") else ""), ""]
     L += ["**Checks** (overhead target: retriever search <= 10% over bare faiss; latency target: e2e p99 <= 20 ms at "
           "batch 1):", ""]
     for s in res["sizes"]:
@@ -848,6 +853,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="only the multi-channel section: load_cascade(run, \"distilled+channels\") vs the two-tower "
                         "alone, per-channel latency, each channel's served path vs its plain computation (default "
                         "--out bench_serving_channels.json)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="a pipeline override for every run (e.g. teacher.sequence_length=20: serving with the "
+                        "behaviour-sequence teacher); use its own --runs-dir")
     p.add_argument("--n-plain", type=int, default=100, help="--channels: requests timing each channel's paths")
     p.add_argument("--out", type=Path, default=None,
                    help="results JSON (default benchmarks/results/bench_serving.json, or bench_serving_channels.json "
@@ -903,7 +911,8 @@ def main(argv=None) -> dict:
     configure_faiss(args.threads)
     if args.prepare_only:
         for n in args.sizes:
-            ensure_run(pipeline_config(n, args.runs_dir, n_users=args.n_users, n_days=args.n_days, seed=args.seed),
+            ensure_run(pipeline_config(n, args.runs_dir, n_users=args.n_users, n_days=args.n_days, seed=args.seed,
+                                       extra=tuple(args.overrides)),
                        reuse=args.reuse_runs)
         return {}
     t0 = time.perf_counter()
