@@ -259,6 +259,8 @@ ROWS = [
     Row("bf16_quality.json", "bf16 autocast training at equal quality", "test AUC within 0.001 of float32",
         _bf16_quality),
     Row("bench_serving.json", "serving", "overhead <= 10%, e2e p99 <= 20 ms (<= 5 ms at 1 M items, IVF)", _serving),
+    Row("bench_serving_sequence.json", "serving with the behaviour-sequence teacher (sequences built per request)",
+        "e2e p99 <= 20 ms at 100 K items", _serving),
     Row("bench_serving_channels.json", "serving with the classic channels (distilled+channels)",
         "e2e p99 <= 20 ms at 100 K items", _serving_channels),
     Row("bench_soak.json", "soak (latency drift, memory)", "every check holds", _soak),
