@@ -132,6 +132,9 @@ def _scaled(cfg: DistillConfig, scale: float) -> DistillConfig:
                                w_rcr=cfg.w_rcr * scale, pfd_lambda=pfd)
 
 
+MACHINE_FACTS = ("seconds", "autocast")  # per-epoch history keys the machine decides: manifest only, never hashed
+
+
 def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunData, judge: Judge) -> tuple:
     """Train every tower of the grid; save the chosen / ground-truth / fixed variants; return outputs and metrics."""
     frame = pd.read_parquet(ctx.inputs["ranklog"] / "requests.parquet")
@@ -174,12 +177,13 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
             d = ctx.out / variant / stage
             A.save_torch(d / "model.pt", towers.state_dict())
             A.write_json(d / "config.json", to_dict(c.tower))
-            A.write_json(d / "history.json", [{k: v for k, v in h.items() if k != "seconds"} for h in hist])
+            A.write_json(d / "history.json", [{k: v for k, v in h.items() if k not in MACHINE_FACTS} for h in hist])
             outputs += [f"{variant}/{stage}/{f}" for f in ("model.pt", "config.json", "history.json")]
         gate = teacher_gate(judge.recall(t_lists, n), models[0.0][2]) if 0.0 in models else None
         metrics[stage] = {"size": n, "grid": grid, "chosen_scale": chosen, "variants": variants, "gate": gate}
         metrics[f"{stage}_epoch_seconds"] = {str(sc): [h.get("seconds") for h in m[1]]  # manifest only: not hashed
                                              for sc, m in models.items()}
+        metrics[f"{stage}_autocast"] = {str(sc): m[1][0]["autocast"] if m[1] else None for sc, m in models.items()}
         log.info("students: %s scale %s chosen (%s); teacher gate %s", stage, chosen, grid, gate)
     return outputs, metrics
 
@@ -273,7 +277,8 @@ def run(ctx: StepContext) -> StepResult:
     rank_outputs, rows, metrics["rank_student"], autocast = _train_rank_students(ctx, c, data)
     outputs += rank_outputs
     A.write_json(ctx.out / "models.json", without_timings(rows))  # the latencies: in the manifest
-    A.write_json(ctx.out / "selection.json", {k: v for k, v in metrics.items() if not k.endswith("epoch_seconds")})
+    A.write_json(ctx.out / "selection.json", {k: v for k, v in metrics.items()
+                                              if not k.endswith(("epoch_seconds", "_autocast"))})
     metrics["rank_student_autocast"] = autocast
     outputs += ["models.json", "selection.json"]
     metrics["models"] = rows
