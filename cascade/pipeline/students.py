@@ -31,7 +31,7 @@ from ..arrays import topk_rows
 from ..config import to_dict
 from ..data.requests import Requests
 from ..distill.ranklog import RankLog
-from ..eval.metrics import auc
+from ..eval.metrics import auc, paired_difference
 from ..eval.selection import gap_se, one_se_choice, one_se_columns, paired_bootstrap, rows_of_units, unit_ranges
 from ..models.ranker import Ranker
 from ..models.two_tower import build_two_tower, item_embeddings
@@ -117,12 +117,10 @@ def grid_search(scales, train: Callable[[float], object], statistic: Callable[[o
 def teacher_gate(teacher: np.ndarray, student: np.ndarray) -> dict:
     """Paired comparison of per-request validation click-recall (float [R], nan = no click): the teacher is better
     when its mean gain over the ground-truth-only student exceeds one standard error of the gain."""
-    d = teacher - student
-    d = d[np.isfinite(d)]
-    se = float(d.std(ddof=1) / np.sqrt(len(d))) if len(d) > 1 else float("nan")
-    gain = float(d.mean()) if len(d) else float("nan")
+    gap = paired_difference(teacher, student)
     return {"teacher": float(np.nanmean(teacher)), "ground_truth_student": float(np.nanmean(student)),
-            "gain": gain, "standard_error": se, "teacher_better": bool(len(d) > 1 and gain > se)}
+            "gain": gap["diff"], "standard_error": gap["se"],
+            "teacher_better": bool(gap["n"] > 1 and gap["diff"] > gap["se"])}
 
 
 def _scaled(cfg: DistillConfig, scale: float) -> DistillConfig:
