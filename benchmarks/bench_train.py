@@ -9,10 +9,12 @@ cross (the privileged side left out); the most recent ``--train-rows`` train row
 trains ONE epoch over the same rows at batch 4096 and is scored on the test split (AUC, logloss).
 
 - ours: :class:`cascade.models.ranker.Ranker` (backbone "deepfm") in the same step as ``cascade.train.loop.fit``
-  (iter_batches slice -> to_tensors -> forward -> BCE -> backward -> step), with these set-ups: AdamW (foreach;
+  (iter_batches slice -> to_tensors -> forward -> BCE -> backward -> step), with these set-ups: AdamW (fused;
   ``fit``'s default), Adam(fused=True), sparse embedding gradients with SparseAdam + fused Adam on the dense part
   (lazy Adam), sparse embeddings with Adagrad (``TrainConfig(optimizer="adagrad")``), and the forward under
-  bfloat16 autocast (``TrainConfig(autocast="bf16")``: logits and losses in float32) with AdamW and with lazy Adam.
+  bfloat16 autocast (``TrainConfig(autocast="bf16")``: logits and losses in float32) with AdamW and with lazy Adam,
+  and the step through ``torch.compile`` (``TrainConfig(compile=True)``), compiled for the epoch's batch shapes
+  before its epoch is timed (the compilation's seconds are reported beside it).
 - DeepCTR-Torch 0.3.0 runs in its OWN virtual environment (``--deepctr-python``; never a project dependency)
   on the same arrays, written to a temporary npz: ``DeepFM(dnn_hidden_units=(400, 400, 400))``, 16-d SparseFeat
   per categorical column, DenseFeat per numeric column, ``compile("adam", "binary_crossentropy")`` with no
@@ -150,14 +152,17 @@ def optimizer_for(model: nn.Module, kind: str, lr: float, adagrad_lr: float) -> 
 
 
 DEEPCTR = "DeepCTR-Torch 0.3.0 DeepFM"
-VARIANTS = {  # name -> (optimizer kind, sparse embedding gradients, TrainConfig.autocast)
-    "ours: AdamW (foreach, fit's default)": ("adamw", False, "off"),  # float32: autocast off
-    "ours: Adam fused": ("adam_fused", False, "off"),
-    "ours: sparse emb + SparseAdam, fused Adam dense": ("sparse_adam", True, "off"),
-    "ours: sparse emb + Adagrad": ("adagrad", True, "off"),
-    "ours: AdamW, bf16 autocast (TrainConfig(autocast=\"bf16\"))": ("adamw", False, "bf16"),
-    "ours: sparse emb + SparseAdam, fused Adam, bf16 autocast": ("sparse_adam", True, "bf16"),
-    "ours: AdamW, autocast \"auto\" (fit's default)": ("adamw", False, "auto"),
+VARIANTS = {  # name -> (optimizer kind, sparse embedding gradients, TrainConfig.autocast, TrainConfig.compile)
+    "ours: AdamW (fused, fit's default)": ("adamw", False, "off", False),  # float32: autocast off
+    "ours: Adam fused": ("adam_fused", False, "off", False),
+    "ours: sparse emb + SparseAdam, fused Adam dense": ("sparse_adam", True, "off", False),
+    "ours: sparse emb + Adagrad": ("adagrad", True, "off", False),
+    "ours: AdamW, bf16 autocast (TrainConfig(autocast=\"bf16\"))": ("adamw", False, "bf16", False),
+    "ours: sparse emb + SparseAdam, fused Adam, bf16 autocast": ("sparse_adam", True, "bf16", False),
+    "ours: AdamW, autocast \"auto\" (fit's default)": ("adamw", False, "auto", False),
+    "ours: AdamW, torch.compile (TrainConfig(compile=True))": ("adamw", False, "off", True),
+    "ours: AdamW, bf16 autocast + torch.compile": ("adamw", False, "bf16", True),
+    "ours: sparse emb + SparseAdam, fused Adam, bf16 + torch.compile": ("sparse_adam", True, "bf16", True),
 }
 
 
@@ -182,6 +187,23 @@ def train_one_epoch(model: Ranker, opts: list[torch.optim.Optimizer], train: Enc
         for o in opts:
             o.step()
     return time.perf_counter() - t0
+
+
+def compiled_warm(model: Ranker, kind: str, train: EncodedTable, args, bf16: bool) -> tuple[nn.Module, float]:
+    """``torch.compile(model)`` compiled for every batch shape of an epoch (a full batch, the epoch's tail) by
+    training steps on the first rows with throw-away optimizers, then the weights put back: the timed epoch starts
+    from the same weights as every other trainer's. Returns (compiled module, seconds the compilation took)."""
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    compiled = torch.compile(model)
+    tail = len(train) % args.batch_size
+    rows = np.arange(min(len(train), 2 * args.batch_size + tail))
+    t0 = time.perf_counter()
+    warm = train.take(rows)
+    train_one_epoch(compiled, optimizer_for(model, kind, args.lr, args.adagrad_lr), warm, args.batch_size, args.seed,
+                    bf16=bf16)
+    seconds = time.perf_counter() - t0
+    model.load_state_dict(state)
+    return compiled, seconds
 
 
 def latency(model: nn.Module, table: EncodedTable, n: int = 100, repeats: int = 300, warmup: int = 20) -> dict:
@@ -231,22 +253,26 @@ def bench_dataset(train: EncodedTable, test: EncodedTable, args, deepctr_python:
     cat_idx, num_idx = spec.cat_index(*SIDES), spec.num_index(*SIDES)
     results: dict[str, dict] = {}
     flops = None
-    for name, (kind, sparse, autocast) in VARIANTS.items():
+    for name, (kind, sparse, autocast, compiled) in VARIANTS.items():
         model = Ranker(spec, dataclasses.replace(MODEL, sparse=sparse), seed=args.seed)
         _mark_sparse(model)
         amp = resolve_autocast(autocast, "cpu", largest_gemm(model, args.batch_size), what=name)
         bf16 = amp.bf16
         flops = flops or train_flops_per_sample(model)
+        step_model, compile_s = model, None
+        if compiled:
+            step_model, compile_s = compiled_warm(model, kind, train, args, bf16)
         opts = optimizer_for(model, kind, args.lr, args.adagrad_lr)
         g0 = gemm_rates(n=2048, repeats=5)["median_gflops"]
-        wall = train_one_epoch(model, opts, train, args.batch_size, args.seed, bf16=bf16)
+        wall = train_one_epoch(step_model, opts, train, args.batch_size, args.seed, bf16=bf16)
         g1 = gemm_rates(n=2048, repeats=5)["median_gflops"]
         m = score_metrics(test.label, predict(model, test), test.user_id)
         results[name] = {"fit_s": wall, "samples_per_s": len(train) / wall, "auc": m["auc"], "logloss": m["logloss"],
                          "params": int(sum(q.numel() for q in model.parameters())), "gemm_gflops_adjacent": (g0, g1),
-                         "autocast": amp.to_dict()}
+                         "autocast": amp.to_dict(), "compile_s": compile_s}
         print(f"  {name:48s} {results[name]['samples_per_s']:9,.0f} samples/s  AUC {m['auc']:.4f} "
-              f"(GEMM {g0:.0f} / {g1:.0f} GFLOP/s)", flush=True)
+              f"(GEMM {g0:.0f} / {g1:.0f} GFLOP/s)" + (f", compiled in {compile_s:.1f} s" if compiled else ""),
+              flush=True)
     if deepctr_python:
         t = time.perf_counter()
         g0 = gemm_rates(n=2048, repeats=5)["median_gflops"]

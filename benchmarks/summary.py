@@ -19,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+DEEPCTR_ROW = "DeepCTR-Torch 0.3.0 DeepFM"  # bench_train.py's name of the DeepCTR-Torch row
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 BENCHMARKS_MD = ROOT / "BENCHMARKS.md"
@@ -121,15 +123,24 @@ def _stream_small(d: dict) -> tuple[str, None]:
             f"encode {r['encode']['rows_per_s']:,.0f} rows/s, peak {_stream_peak(r):.1f} GB"), None
 
 
-def _train(d: dict) -> tuple[str, bool]:
+def _train(d: dict) -> tuple[str, bool | None]:
+    """#19's target: >= 2.5x DeepCTR-Torch's samples/s on a CPU without AMX, >= 8x and >= 50% of the bf16 bound on
+    one with AMX, at equal test AUC (within 0.001), on the default world; the best of our trainers that keeps it."""
     world = d["datasets"]["world"]["trainers"]
-    ours = world["ours: AdamW (foreach, fit's default)"]
-    synth = d["datasets"]["synthetic"]
-    best = max(v["samples_per_s"] for k, v in synth["trainers"].items() if k.startswith("ours"))
-    ten_x = synth["ten_x_deepctr"]["samples_per_s"]
-    text = (f"fit at {ours['pct_of_compute_bound']:.0f}% of the float32 bound (world); Criteo-sized best "
-            f"{best:,.0f} samples/s vs 10x DeepCTR-Torch {ten_x:,.0f}")
-    return text, best >= ten_x
+    ref = world.get(DEEPCTR_ROW)
+    if ref is None:
+        return "no DeepCTR-Torch row in this run", None
+    cpu = d.get("cpu", {})
+    amx = bool(cpu.get("torch", {}).get("amx_tile") or cpu.get("flags", {}).get("amx_bf16"))
+    fair = {k: v for k, v in world.items() if k.startswith("ours") and v["auc"] >= ref["auc"] - 0.001}
+    name, best = max(fair.items(), key=lambda kv: kv[1]["samples_per_s"])
+    x = best["samples_per_s"] / ref["samples_per_s"]
+    pct = best.get("pct_of_machine_bound")
+    text = (f"world, {'AMX' if amx else 'no AMX'}: {name.removeprefix('ours: ')} {best['samples_per_s']:,.0f} "
+            f"samples/s = {x:.1f}x DeepCTR-Torch ({ref['samples_per_s']:,.0f}), AUC {best['auc']:.4f} vs "
+            f"{ref['auc']:.4f}" + (f", {pct:.0f}% of its bound" if pct is not None else ""))
+    met = x >= 8.0 and (pct or 0) >= 50.0 if amx else x >= 2.5
+    return text, met
 
 
 def _checks(d: dict) -> tuple[str, bool]:
@@ -268,13 +279,22 @@ ROWS = [
         _stream_large),
     Row("bench_stream.json", "streaming data, 1 M impressions", None, _stream_small),
     Row("bench_stream_cross.json", "streaming data with cross features", None, _stream_small),
-    Row("bench_train.json", "teacher training throughput", "10x DeepCTR-Torch samples/s", _train),
+    Row("bench_train.json", "teacher training throughput", "without AMX >= 2.5x DeepCTR-Torch samples/s (with AMX "
+        ">= 8x and 50% of the bf16 bound), equal AUC", _train),
     Row("rank_table_world.json", "rank stage, default world", "every check holds", _checks),
     Row("rank_table_movielens_100k.json", "rank stage, ML-100K", None, _checks_elsewhere),
     Row("ablation_world.json", "distillation ablation, default world", "every check holds", _checks),
     Row("ablation_movielens_100k.json", "distillation ablation, ML-100K", None, _checks_elsewhere),
     Row("real_data.json", "outcomes: distilled cascade vs ground truth and classic baselines",
         "auto >= ground truth; the cascade beats most-popular and the best classic channel", _real_data),
+    Row("real_data_one_se.json", "outcomes before the exposure model left the item id out", None,
+        lambda d: (_real_data(d)[0], None)),
+    Row("real_data_ml_item_id.json", "outcomes, ML-100K, the exposure model reading the item id", None,
+        lambda d: (_real_data(d)[0], None)),
+    Row("real_data_ml_28d.json", "outcomes, ML-100K with a 28-day test split (345 requests)",
+        "the cascade beats most-popular", lambda d: _real_data(d)),
+    Row("real_data_ml_28d_item_id.json", "outcomes, ML-100K 28-day test, the exposure model reading the item id",
+        None, lambda d: (_real_data(d)[0], None)),
     Row("real_data_clicks_judge.json", "outcomes with the exposure weight judged by logged clicks (one-SE rule)",
         None, lambda d: (_real_data(d)[0], None)),
     Row("real_data_logged_judge.json", "outcomes before the one-SE rule (logged-traffic judge, best score)", None,

@@ -139,7 +139,7 @@ class RunData:
 def ranker_config_json(model: torch.nn.Module, cfg: RankerConfig) -> dict:
     """What config.json holds for a saved ranker: the RankerConfig, wrapped with its kind for an entire-space one."""
     if isinstance(model, EntireSpaceRanker):
-        return {"kind": "entire_space", "ranker": cfg.to_dict()}
+        return {"kind": "entire_space", "ranker": cfg.to_dict(), "exposure": model.exposure_cfg.to_dict()}
     return cfg.to_dict()
 
 
@@ -148,7 +148,9 @@ def load_ranker(model_dir: str | Path, spec: FeatureSpec) -> Ranker | EntireSpac
     model_dir = Path(model_dir)
     meta = A.read_json(model_dir / "config.json")
     if meta.get("kind") == "entire_space":
-        model = EntireSpaceRanker(spec, RankerConfig.from_dict(meta["ranker"]))
+        exposure = meta.get("exposure")  # absent in runs saved before the exposure model had its own config
+        model = EntireSpaceRanker(spec, RankerConfig.from_dict(meta["ranker"]),
+                                  exposure_cfg=None if exposure is None else RankerConfig.from_dict(exposure))
     else:
         model = Ranker(spec, RankerConfig.from_dict(meta))
     state = A.load_torch(model_dir / "model.pt")

@@ -149,11 +149,13 @@ def test_choose_exposure_weight_picks_the_known_best(tiny_data):
 
     model.click = Const()
     model.exposure = Knows()
-    choice, table = choose_exposure_weight(model, data, req, clicked, [0.0, 0.5, 1.0], k=20)
-    assert choice == 0.5  # ties between 0.5 and 1.0 go to the first (smaller) weight
+    choice, table = choose_exposure_weight(model, data, req, clicked, [0.0, 0.5, 1.0, 2.0], k=20)
+    assert choice == 1.0  # 0.5, 1 and 2 tie: the one-SE rule takes the product rule's weight among them
     recall = {row["exposure_weight"]: row["valid_click_recall@20"] for row in table}
-    assert recall[0.0] == 0.0 and recall[0.5] == recall[1.0] == 1.0
-    assert model.exposure_weight.item() == 0.5
+    assert recall[0.0] == 0.0 and recall[0.5] == recall[1.0] == recall[2.0] == 1.0
+    assert model.exposure_weight.item() == 1.0
+    choice, _ = choose_exposure_weight(model, data, req, clicked, [0.0, 0.25, 0.5], k=20)
+    assert choice == 0.5 and model.exposure_weight.item() == 0.5  # without 1 in the grid: the closest tie
 
 
 def test_exposure_weight_by_random_auc_matches_sklearn_and_takes_the_best(tiny_data):
@@ -222,7 +224,25 @@ def test_teacher_step_with_the_random_auc_judge_records_its_grid(tmp_path):
     assert "random-exposure impressions" in es["judge"]
     aucs = {row["exposure_weight"]: row["valid_random_auc"] for row in es["grid"]}
     assert set(aucs) == set(cfg.teacher.entire_space.exposure_weights)
-    best = max(aucs.values())  # the one-SE rule: the smallest weight within one SE of the best AUC
-    assert es["exposure_weight"] == min(row["exposure_weight"] for row in es["grid"]
-                                        if best - row["valid_random_auc"] <= row["se_of_gap"] + 1e-12)
+    best = max(aucs.values())  # the one-SE rule: the weight closest to 1 within one SE of the best AUC
+    within = [row["exposure_weight"] for row in es["grid"]
+              if best - row["valid_random_auc"] <= row["se_of_gap"] + 1e-12]
+    assert es["exposure_weight"] == min(within, key=lambda w: (abs(w - 1.0), w))
     assert all(0.0 < a < 1.0 for a in aucs.values())
+
+
+def test_teacher_step_refuses_an_unknown_exposure_exclude_column_and_records_the_exposure_config(tmp_path):
+    from pathlib import Path
+
+    from cascade import artifacts as A
+    from cascade.pipeline import load_config, run_pipeline
+
+    tiny = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
+    cfg = load_config(tiny, [f"run.runs_dir={str(tmp_path)!r}", 'teacher.entire_space.exposure_exclude=["no_such"]'])
+    with pytest.raises(ValueError, match=r"teacher.entire_space.exposure_exclude names \['no_such'\]"):
+        run_pipeline(cfg, until="teacher", progress=False)
+    assert not (tmp_path / cfg.run.name / "teacher" / "teacher" / "model.pt").exists()
+    cfg = load_config(tiny, [f"run.runs_dir={str(tmp_path)!r}"])  # the default: the exposure model without item_id
+    run_pipeline(cfg, until="teacher", progress=False, update=True)
+    saved = A.read_json(tmp_path / cfg.run.name / "teacher" / "teacher" / "config.json")
+    assert saved["exposure"]["exclude"] == ["item_id"] and saved["ranker"]["exclude"] == []

@@ -41,6 +41,26 @@ def test_a_gain_beyond_the_noise_chooses_the_best_and_ties_go_to_the_smaller_val
     assert chosen == 0.5 and [r["within_one_se"] for r in rows] == [False, True, True]
 
 
+def test_prefer_takes_the_setting_closest_to_the_reference_among_those_within_one_se():
+    rng = np.random.default_rng(3)
+    base = rng.random(400)
+    best = base + 0.3 * rng.standard_normal(400)
+
+    def behind(gap):  # per-request noise of sd 0.3 (SE of a paired gap ~0.02), mean exactly ``gap`` below the best
+        e = 0.3 * rng.standard_normal(400)
+        return best + e - e.mean() - gap
+
+    per_unit = {0.0: best - 0.3, 0.25: best, 1.0: behind(0.004), 4.0: behind(0.002)}
+    chosen, rows = one_se_choice(list(per_unit), _means(per_unit), 400)
+    assert [r["within_one_se"] for r in rows] == [False, True, True, True] and chosen == 0.25
+    assert one_se_choice(list(per_unit), _means(per_unit), 400, prefer=1.0)[0] == 1.0
+    assert one_se_choice(list(per_unit), _means(per_unit), 400, prefer=10.0)[0] == 4.0
+    # 0 is far beyond one SE: never chosen, however close the reference
+    assert one_se_choice(list(per_unit), _means(per_unit), 400, prefer=0.0)[0] == 0.25
+    # equally close to the reference: the smaller
+    assert one_se_choice([0.5, 1.5], _means({0.5: base, 1.5: base.copy()}), 400, prefer=1.0)[0] == 0.5
+
+
 def test_auc_grouped_by_request_through_the_rule():
     """A statistic over rows grouped by request: the full-sample score is scikit-learn's AUC."""
     rng = np.random.default_rng(2)

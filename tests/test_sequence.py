@@ -3,6 +3,8 @@ masked padding), the ranker that reads them (every backbone, list scoring, PFD, 
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -14,7 +16,7 @@ from cascade.data.features import CrossFeatureStore, FeatureEncoder, PairEncoder
 from cascade.data.requests import request_start_ms
 from cascade.data.schema import Dataset, Feature, Schema
 from cascade.data.split import DAY_MS
-from cascade.models.entire_space import EntireSpaceRanker
+from cascade.models.entire_space import EntireSpaceRanker, exposure_config
 from cascade.models.layers import FeatureEmbedding
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.models.scoring import ranking_model
@@ -374,3 +376,55 @@ def test_a_history_side_without_history_columns_is_an_error():
                         SPEC.num_sides)
     with pytest.raises(ValueError, match="has no history column"):
         Ranker(plain, RankerConfig(emb_dim=4, mlp=(8,), sides=HIST_SIDES))
+
+
+@pytest.mark.parametrize("backbone", ["dnn", "deepfm", "dcnv2"])
+def test_an_excluded_column_is_not_read_and_list_scoring_agrees(backbone):
+    cfg = RankerConfig(backbone=backbone, emb_dim=4, mlp=(8,), cross_rank=2, exclude=("item_id", "item_pop"))
+    full = _perturbed(Ranker(SPEC, dataclasses.replace(cfg, exclude=()), seed=1))
+    model = _perturbed(Ranker(SPEC, cfg, seed=1))
+    assert "item_id" not in model.field_names and "item_pop" not in model.field_names
+    assert "tag" in model.field_names and len(model.field_names) == len(full.field_names) - 2
+    cat, num = _lists(6, 5, seed=4)
+    other_cat, other_num = cat.clone(), num.clone()
+    other_cat[:, 1] = (other_cat[:, 1] + 7) % 21  # another item id, another item_pop
+    other_num[:, 0] += 2.0
+    with torch.inference_mode():
+        torch.testing.assert_close(model(other_cat, other_num), model(cat, num), rtol=0, atol=0)
+        assert not torch.allclose(full(other_cat, other_num), full(cat, num))  # the same change moves a full model
+        if model.supports_lists():
+            torch.testing.assert_close(model.forward_lists(cat, num, 5), model(cat, num), rtol=1e-5, atol=1e-5)
+
+
+def test_exclude_names_an_unknown_column_and_the_exposure_config_drops_the_sequence_with_the_item_id():
+    with pytest.raises(ValueError, match=r"exclude names column\(s\) \['no_such'\]"):
+        Ranker(SPEC, RankerConfig(exclude=("no_such",)))
+    with pytest.raises(ValueError, match="exclude"):
+        RankerConfig(exclude=("tag", "tag"))
+    teacher = RankerConfig(backbone="dcnv2", emb_dim=4, mlp=(8,), sides=HIST_SIDES, exclude=("hour",))
+    expo = exposure_config(teacher, ("item_id",), SPEC)
+    # the sequence's query is the candidate's item id: without it the sequence goes too; other sides stay
+    assert expo.sides == ("user", "item", "context", "cross") and expo.exclude == ("hour", "item_id")
+    model = Ranker(SPEC, expo)
+    assert model.attention is None and not any(n.startswith("hist_") for n in model.field_names)
+    # a column that is not a sequence attribute keeps the sequence
+    kept = exposure_config(teacher, ("item_pop",), SPEC)
+    assert kept.sides == HIST_SIDES and Ranker(SPEC, kept).attention is not None
+    assert exposure_config(teacher, (), SPEC) is teacher
+
+
+def test_an_entire_space_ranker_saves_and_loads_its_own_exposure_config(tmp_path):
+    cfg = RankerConfig(backbone="dcnv2", emb_dim=4, mlp=(8,), cross_rank=2)
+    model = _perturbed(EntireSpaceRanker(SPEC, cfg, seed=2, exposure_cfg=exposure_config(cfg, ("item_id",), SPEC)))
+    with torch.no_grad():
+        model.exposure_weight.fill_(0.5)
+    save_ranker(model, cfg, tmp_path / "teacher")
+    loaded = load_ranker(tmp_path / "teacher", SPEC)
+    assert loaded.exposure_cfg.exclude == ("item_id",) and loaded.cfg.exclude == ()
+    cat, num = _lists(4, 6, seed=5)
+    with torch.inference_mode():
+        want = ranking_model(model)(cat, num)
+        torch.testing.assert_close(ranking_model(loaded)(cat, num), want, rtol=0, atol=0)
+        # list scoring (the rank log, the rank stage) runs each model's own layout
+        torch.testing.assert_close(ranking_model(loaded).forward_lists(cat, num, 6), want, rtol=1e-5, atol=1e-5)
+        assert "item_id" in loaded.click.field_names and "item_id" not in loaded.exposure.field_names

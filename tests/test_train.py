@@ -377,6 +377,26 @@ def test_bf16_autocast_trains_the_same_model_in_float32_state(small):
         TrainConfig(autocast="fp16")
 
 
+def test_compiled_training_steps_learn_what_eager_steps_learn(small):
+    """TrainConfig(compile=True): the step runs through torch.compile (Inductor); same batches, same optimizer, so the
+    weights differ from eager by float reordering only, and the model stays an eager module afterwards."""
+    train, valid = small
+
+    def run(compiled):
+        m = Ranker(SPEC, RankerConfig(backbone="deepfm", emb_dim=8, mlp=(32, 16)), seed=0)
+        res = fit(m, train, valid, TrainConfig(lr=0.01, batch_size=128, epochs=2, autocast="off", compile=compiled))
+        return m, res
+
+    eager, r_eager = run(False)
+    compiled, r_compiled = run(True)
+    assert type(compiled) is Ranker and not hasattr(compiled, "_orig_mod")
+    assert r_eager.best_valid_auc > 0.65
+    assert abs(r_compiled.best_valid_auc - r_eager.best_valid_auc) < 1e-3
+    drift = max(float((a - b).detach().abs().max()) for a, b in zip(eager.parameters(), compiled.parameters()))
+    assert drift < 1e-3, drift
+    assert r_compiled.train_samples == r_eager.train_samples
+
+
 @pytest.mark.parametrize("variant,side,backbone,share", [
     ("pfd", "privileged", "dnn", True),
     ("pfd", "cross", "dcnv2", True),

@@ -9,6 +9,10 @@ on the same validation requests; its standard error is bootstrapped over request
 correlated), so the same rule serves a mean over requests (click-recall) and a statistic over rows grouped by
 request (AUC).
 
+Where a setting other than the smallest is the reference (the entire-space teacher's exposure weight: 1 is the
+product rule P(shown) P(click | shown), 0 drops exposure altogether, and neither is "no change"), ``prefer`` names
+it: among the settings within one SE of the best, the one closest to it is chosen.
+
 :func:`one_se_choice` takes the statistic as a function of a sample of request indices; :func:`rows_of_units`
 turns a sample of requests into the row indices of their impressions.
 """
@@ -49,8 +53,9 @@ def gap_se(boot_a: np.ndarray, boot_b: np.ndarray) -> float:
 
 
 def one_se_choice(grid: Sequence[float], statistic: Callable[[float, np.ndarray], float], n_units: int,
-                  n_boot: int = N_BOOT, seed: int = 0) -> tuple[float, list[dict]]:
-    """The smallest value of ``grid`` whose score is within one standard error of the best score.
+                  n_boot: int = N_BOOT, seed: int = 0, prefer: float | None = None) -> tuple[float, list[dict]]:
+    """The smallest value of ``grid`` whose score is within one standard error of the best score (``prefer``: the
+    one closest to ``prefer`` among those, the smaller on a tie).
 
     statistic(value, units int64 [n]) -> the setting's score over those units (higher is better; nan where the
     sample has nothing to score). Returns (chosen value, one row per value in ascending order: {"value", "score"
@@ -66,7 +71,8 @@ def one_se_choice(grid: Sequence[float], statistic: Callable[[float, np.ndarray]
         gap, se = scores[best] - scores[v], gap_se(boot[best], boot[v])
         rows.append({"value": v, "score": scores[v], "gap": gap, "se": se,
                      "within_one_se": bool(v == best or (np.isfinite(gap) and gap <= se))})
-    chosen = next(r["value"] for r in rows if r["within_one_se"])
+    within = [r["value"] for r in rows if r["within_one_se"]]
+    chosen = within[0] if prefer is None else min(within, key=lambda v: (abs(v - prefer), v))
     return chosen, rows
 
 

@@ -8,6 +8,13 @@ ESMM's P(click, shown) = P(shown) P(click | shown):
 
     rank_score = log sigmoid(click logit) + exposure_weight * exposure log-propensity
 
+The exposure model has its own :class:`RankerConfig` (by default the click model's): the pipeline's leaves the item
+id out (``teacher.entire_space.exposure_exclude``). What the logs show drifts with time; an item-id embedding
+memorises how much each item was shown over the whole train period and carries that into a later period, while the
+item's windowed counts (the cross features) say what is shown now. On ML-100K's last 28 days the exposure model
+alone keeps 0.107 of the test clicks in its top 10 with the item id and 0.137 without (most-popular of the last 30
+days: 0.131).
+
 ``exposure_weight`` (a buffer saved with the weights) is chosen on validation outcomes; 0 ranks by P(click | shown)
 alone (and skips the exposure model's forward). ``forward`` stays the click logit (AUC, calibration and the rank
 student's KD read it); everything that orders candidates (the rank log, the rank stage, the teacher's top list over
@@ -15,6 +22,8 @@ the corpus) reads :attr:`ranking`.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 import torch
 import torch.nn.functional as F
@@ -25,17 +34,20 @@ from .ranker import Ranker, RankerConfig
 
 
 class EntireSpaceRanker(nn.Module):
-    """click: P(click | shown) model; exposure: log exposure-propensity model; both :class:`Ranker` over ``spec``.
+    """click: P(click | shown) model (``cfg``); exposure: log exposure-propensity model (``exposure_cfg``, None: the
+    same as ``cfg``); both :class:`Ranker` over ``spec``.
 
     forward(cat [B, C], num [B, M]) -> click logits [B]; forward_hidden -> (click logits, click hidden);
     exposure_logit(cat, num) -> [B]; rank_score(cat, num) -> [B] (module docstring).
     """
 
-    def __init__(self, spec: FeatureSpec, cfg: RankerConfig, seed: int = 0) -> None:
+    def __init__(self, spec: FeatureSpec, cfg: RankerConfig, seed: int = 0,
+                 exposure_cfg: RankerConfig | None = None) -> None:
         super().__init__()
         self.spec, self.cfg = spec, cfg
+        self.exposure_cfg = exposure_cfg or cfg
         self.click = Ranker(spec, cfg, seed=seed)
-        self.exposure = Ranker(spec, cfg, seed=seed + 1)
+        self.exposure = Ranker(spec, self.exposure_cfg, seed=seed + 1)
         self.register_buffer("exposure_weight", torch.tensor(1.0))
 
     @property
@@ -65,6 +77,17 @@ class EntireSpaceRanker(nn.Module):
         if not self.uses_exposure:
             return F.logsigmoid(self.click(cat, num))
         return self.combine(self.click(cat, num), self.exposure(cat, num))
+
+
+def exposure_config(cfg: RankerConfig, exclude: tuple[str, ...], spec: FeatureSpec) -> RankerConfig:
+    """The exposure model's config: the click model's ``cfg`` without the columns of ``exclude`` (added to what
+    ``cfg`` already leaves out). The behaviour sequence is dropped with them when an excluded column is one of its
+    attributes (the candidate's own column is the attention's query)."""
+    if not exclude:
+        return cfg
+    attrs = {spec.table_of(j) for j, side in enumerate(spec.cat_sides) if side == "history"}
+    sides = tuple(s for s in cfg.sides if s != "history" or not attrs & set(exclude))
+    return replace(cfg, sides=sides, exclude=tuple(dict.fromkeys(cfg.exclude + tuple(exclude))))
 
 
 class RankScore:

@@ -29,14 +29,15 @@ class FeatureEmbedding(nn.Module):
     column's offset, not rows of its own; the shared table is there even when its column is not on ``sides``.
 
     numeric: "linear" turns numeric column j into a field vector x_j * v_j + b_j (the DeepFM way, so FM / cross
-    layers see numerics as fields); "raw" passes the numerics through untouched as ``dense``.
+    layers see numerics as fields); "raw" passes the numerics through untouched as ``dense``. ``exclude``: columns on
+    ``sides`` left out (no table rows, no field).
     sparse=True gives sparse gradients (use with Adagrad; AdamW does not accept them).
 
     forward(cat, num) -> (fields [B, F, d], dense [B, M_raw]); F = n_cat + (n_num if numeric == "linear").
     """
 
     def __init__(self, spec: FeatureSpec, sides: Sequence[str], emb_dim: int, numeric: str = "linear",
-                 sparse: bool = False, init_std: float = 0.01) -> None:
+                 sparse: bool = False, init_std: float = 0.01, exclude: Sequence[str] = ()) -> None:
         super().__init__()
         if numeric not in NUMERIC_MODES:
             raise ValueError(f"FeatureEmbedding: numeric={numeric!r} is not one of {NUMERIC_MODES}")
@@ -46,10 +47,12 @@ class FeatureEmbedding(nn.Module):
         self.sides = tuple(sides)
         self.emb_dim = emb_dim
         self.numeric = numeric
-        cat_idx = spec.cat_index(*self.sides)
-        num_idx = spec.num_index(*self.sides)
+        self.exclude = tuple(exclude)
+        cat_idx = [j for j in spec.cat_index(*self.sides) if spec.cat_names[j] not in self.exclude]
+        num_idx = [j for j in spec.num_index(*self.sides) if spec.num_names[j] not in self.exclude]
         if not cat_idx and not num_idx:
-            raise ValueError(f"FeatureEmbedding: the spec has no column on sides {self.sides}")
+            raise ValueError(f"FeatureEmbedding: the spec has no column on sides {self.sides}"
+                             + (f" outside {list(self.exclude)}" if self.exclude else ""))
         self.cat_names = tuple(spec.cat_names[j] for j in cat_idx)
         self.num_names = tuple(spec.num_names[j] for j in num_idx)
         cards = [spec.cat_cardinality[j] for j in cat_idx]

@@ -44,7 +44,8 @@ class RankerConfig:
     or in parallel with it; cross_rank=r uses low-rank cross weights). sides: which feature sides the model reads.
     numeric: "linear" (numerics become fields x_j * v_j + b_j) or "raw" (numerics concatenated to the MLP input).
     sparse: sparse embedding gradients (pair with the "adagrad" optimizer). attention_mlp: hidden sizes of the
-    target-attention score MLP (used when ``sides`` has "history" and the spec has history columns).
+    target-attention score MLP (used when ``sides`` has "history" and the spec has history columns). exclude:
+    columns on ``sides`` the model does not read (a name the spec lacks is an error when the model is built).
     """
 
     backbone: str = "dnn"
@@ -59,12 +60,16 @@ class RankerConfig:
     numeric: str = "linear"
     sparse: bool = False
     attention_mlp: tuple[int, ...] = (32,)
+    exclude: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         # tuples, not lists, so the config stays hashable and equal after a JSON round trip
         object.__setattr__(self, "mlp", tuple(int(h) for h in self.mlp))
         object.__setattr__(self, "sides", tuple(self.sides))
         object.__setattr__(self, "attention_mlp", tuple(int(h) for h in self.attention_mlp))
+        object.__setattr__(self, "exclude", tuple(self.exclude))
+        require(self, "exclude", all(isinstance(n, str) and n for n in self.exclude)
+                and len(set(self.exclude)) == len(self.exclude), "must be distinct column names")
         if not self.attention_mlp or min(self.attention_mlp) < 1:
             raise ValueError(f"RankerConfig: attention_mlp {self.attention_mlp} must be sizes >= 1, at least one")
         if self.backbone not in BACKBONES:
@@ -86,6 +91,7 @@ class RankerConfig:
     def to_dict(self) -> dict:
         d = asdict(self)
         d["mlp"], d["sides"], d["attention_mlp"] = list(self.mlp), list(self.sides), list(self.attention_mlp)
+        d["exclude"] = list(self.exclude)
         return d
 
     @classmethod
@@ -123,21 +129,30 @@ class Ranker(nn.Module):
 
     def _build(self, spec: FeatureSpec, cfg: RankerConfig, embedding: FeatureEmbedding | None,
                private_columns: tuple[str, ...]) -> None:
+        unknown = [n for n in cfg.exclude if n not in spec.cat_names + spec.num_names]
+        if unknown:
+            raise ValueError(f"Ranker: exclude names column(s) {unknown} that the data does not have; its columns: "
+                             f"{list(spec.cat_names + spec.num_names)}")
         if embedding is None:
-            embedding = FeatureEmbedding(spec, cfg.sides, cfg.emb_dim, numeric=cfg.numeric, sparse=cfg.sparse)
+            embedding = FeatureEmbedding(spec, cfg.sides, cfg.emb_dim, numeric=cfg.numeric, sparse=cfg.sparse,
+                                         exclude=cfg.exclude)
         elif embedding.emb_dim != cfg.emb_dim:
             raise ValueError(f"Ranker: shared embedding has dim {embedding.emb_dim} but cfg.emb_dim is {cfg.emb_dim}")
         self.embedding = embedding
         # positions of this model's fields / dense columns inside the (possibly larger, shared) embedding output
         side_of = dict(zip(spec.cat_names, spec.cat_sides)) | dict(zip(spec.num_names, spec.num_sides))
-        wanted = [n for n in spec.cat_names + spec.num_names if side_of[n] in cfg.sides]
+
+        def reads(n: str) -> bool:
+            return side_of[n] in cfg.sides and n not in cfg.exclude
+
+        wanted = [n for n in spec.cat_names + spec.num_names if reads(n)]
         have = set(embedding.cat_names + embedding.num_names)
         missing = [n for n in wanted if n not in have]
         if missing:
             raise ValueError(f"Ranker: the shared embedding lacks column(s) {missing} on sides {cfg.sides}")
-        field_pos = [i for i, n in enumerate(embedding.field_names) if side_of[n] in cfg.sides]
+        field_pos = [i for i, n in enumerate(embedding.field_names) if reads(n)]
         dense_names = embedding.num_names if embedding.numeric == "raw" else ()
-        dense_pos = [i for i, n in enumerate(dense_names) if side_of[n] in cfg.sides]
+        dense_pos = [i for i, n in enumerate(dense_names) if reads(n)]
         self.register_buffer("field_pos", torch.tensor(field_pos, dtype=torch.long), persistent=False)
         self.register_buffer("dense_pos", torch.tensor(dense_pos, dtype=torch.long), persistent=False)
         # a model that uses every field of the embedding (the teacher) skips the gather: it would only copy
@@ -176,7 +191,7 @@ class Ranker(nn.Module):
             # (the behaviour sequence enters through attention only: a first-order weight per clicked item would
             # count the padding)
             self.first_order = FeatureEmbedding(spec, [s for s in cfg.sides if s != "history"], 1, numeric="linear",
-                                                sparse=cfg.sparse)
+                                                sparse=cfg.sparse, exclude=cfg.exclude)
         if cfg.backbone == "dcnv2":
             self.cross = CrossNetV2(in_dim, cfg.cross_layers, cfg.cross_rank)
         mlp_in = in_dim

@@ -200,12 +200,15 @@ class EntireSpaceSection:
     logging policy showed, the random slice does not; benchmarks/exposure_judge.py). judge = "auto" (the default)
     takes "random_auc" where the validation split has random-exposure impressions with clicks and non-clicks and
     "clicks" elsewhere; the teacher's manifest records which. 0 in the grid lets validation switch the exposure
-    term off. unshown_per_shown = 0 trains the plain P(click | shown) teacher."""
+    term off. unshown_per_shown = 0 trains the plain P(click | shown) teacher. ``exposure_exclude``: columns the
+    exposure model does not read (default the item id: its embedding memorises the train period's exposure volume,
+    which drifts; the item's windowed counts say what is shown now; models/entire_space.py)."""
 
     unshown_per_shown: float = 1.0
     popularity_share: float = 0.5
     w_exposure: float = 1.0
-    exposure_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0)
+    exposure_weights: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    exposure_exclude: tuple[str, ...] = ("item_id",)
     select_k: int = 10
     select_requests: int = 1000
     judge: str = "auto"

@@ -13,7 +13,7 @@ import numpy as np
 import pandas as pd
 
 from .. import artifacts as A
-from ..models.entire_space import EntireSpaceRanker
+from ..models.entire_space import EntireSpaceRanker, exposure_config
 from ..models.gbdt import GBDTRanker
 from ..models.ranker import Ranker
 from ..run_data import RunData
@@ -54,7 +54,13 @@ def run(ctx: StepContext) -> StepResult:
     # before any training: data without a random slice is refused for judge = "random_auc"
     judge_by = exposure_judge(es.judge, data.split_impressions("valid")) if es.enabled else None
     if es.enabled:
-        model = EntireSpaceRanker(train.spec, c.ranker, seed=ctx.seed)
+        columns = train.spec.cat_names + train.spec.num_names
+        unknown = [n for n in es.exposure_exclude if n not in columns]
+        if unknown:
+            raise ValueError(f"teacher.entire_space.exposure_exclude names {unknown}, which the data step's features "
+                             f"do not have; they are {list(columns)}")
+        model = EntireSpaceRanker(train.spec, c.ranker, seed=ctx.seed,
+                                  exposure_cfg=exposure_config(c.ranker, es.exposure_exclude, train.spec))
         rng = np.random.default_rng(ctx.seed)
         table = entire_space_table(data, "train", es.unshown_per_shown, es.popularity_share, rng)
         res = fit(model, table, valid, tcfg, loss_fn=entire_space_loss(es.w_exposure), label="teacher")

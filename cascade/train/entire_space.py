@@ -36,6 +36,10 @@ from ..run_data import RunData
 
 log = logging.getLogger(__name__)
 
+#: The exposure weight the one-SE rule leans to among weights validation cannot tell apart: 1 ranks by
+#: log P(click | shown) + log P(shown), ESMM's P(click, shown); 0 (no exposure) is not a safer default
+PRODUCT_RULE = 1.0
+
 
 def sample_unshown(data: RunData, split: str, unshown_per_shown: float, popularity_share: float,
                    rng: np.random.Generator) -> tuple[Requests, np.ndarray, np.ndarray, np.ndarray]:
@@ -136,9 +140,10 @@ def choose_exposure_weight(model: EntireSpaceRanker, data: RunData, requests: Re
                            grid: Sequence[float], k: int, exclude_seen=None,
                            pairs_per_batch: int = 262_144, seed: int = 0) -> tuple[float, list[dict]]:
     """The exposure weight of ``grid`` by how much of ``clicked`` (int64 [R, C]) its corpus-wide top-k keeps for
-    ``requests`` (the one-SE rule of :mod:`cascade.eval.selection`: the smallest weight within one SE of the best
-    click-recall@k), and every weight's click-recall@k. Scores every (request, item) pair once per model and keeps a
-    running top-k per weight. Sets ``model.exposure_weight`` to the choice."""
+    ``requests`` (the one-SE rule of :mod:`cascade.eval.selection`: of the weights within one SE of the best
+    click-recall@k, the one closest to :data:`PRODUCT_RULE`), and every weight's click-recall@k. Scores every
+    (request, item) pair once per model and keeps a running top-k per weight. Sets ``model.exposure_weight`` to the
+    choice."""
     grid = [float(b) for b in grid]
     n_items = len(data.item_ids)
     item_chunk = min(n_items, pairs_per_batch)
@@ -165,7 +170,7 @@ def choose_exposure_weight(model: EntireSpaceRanker, data: RunData, requests: Re
             parts[b].append(got[b][0])
     recall = {b: click_recall(clicked, np.concatenate(parts[b])) for b in grid}
     choice, rows = one_se_choice(grid, lambda b, units: float(np.nanmean(recall[b][units])), len(requests),
-                                 seed=seed)
+                                 seed=seed, prefer=PRODUCT_RULE)
     table = [{"exposure_weight": r["value"], f"valid_click_recall@{k}": r["score"], **one_se_columns(r)}
              for r in rows]
     with torch.no_grad():
@@ -196,8 +201,8 @@ def choose_exposure_weight_by_random_auc(model: EntireSpaceRanker, data: RunData
                                          seed: int = 0) -> tuple[float, list[dict]]:
     """The exposure weight of ``grid`` by the AUC of the ranking score log sigmoid(click) + weight x exposure on the
     validation split's randomly shown impressions (the one-SE rule of :mod:`cascade.eval.selection`, bootstrapped
-    over those requests: the smallest weight within one SE of the best AUC), and every weight's AUC. Sets
-    ``model.exposure_weight`` to the choice."""
+    over those requests: of the weights within one SE of the best AUC, the one closest to :data:`PRODUCT_RULE`), and
+    every weight's AUC. Sets ``model.exposure_weight`` to the choice."""
     shown = random_slice(data.split_impressions("valid"), "teacher.entire_space.judge = \"random_auc\"")
     requests = impression_requests(shown, data.context_names)
     cat, num = data.pair_features(requests, shown["item_id"].to_numpy(np.int64)[:, None])
@@ -211,7 +216,7 @@ def choose_exposure_weight_by_random_auc(model: EntireSpaceRanker, data: RunData
         rows = rows_of_units(starts, lengths, units)
         return auc(y[rows], lc[rows] + b * le[rows])
 
-    choice, grid_rows = one_se_choice(grid, random_auc, len(starts), seed=seed)
+    choice, grid_rows = one_se_choice(grid, random_auc, len(starts), seed=seed, prefer=PRODUCT_RULE)
     table = [{"exposure_weight": r["value"], "valid_random_auc": r["score"], **one_se_columns(r)} for r in grid_rows]
     with torch.no_grad():
         model.exposure_weight.fill_(choice)
