@@ -62,7 +62,10 @@ def test_the_saved_teacher_round_trips_and_its_scores_depend_on_the_sequence(run
     data = RunData(run_dir / "data")
     test = data.encoded("test")
     teacher = load_ranker(run_dir / "teacher" / "teacher", data.spec)
-    assert teacher.click.attention is not None and teacher.exposure.attention is not None
+    # the click model reads the sequence; the exposure model, without the item id by default, goes without it (the
+    # item id is the attention's query)
+    assert teacher.click.attention is not None and teacher.exposure.attention is None
+    assert "history" not in teacher.exposure_cfg.sides and teacher.exposure_cfg.exclude == ("item_id",)
     row = A.read_json(run_dir / "teacher" / "models.json")[0]
     assert row["role"] == "teacher"
     assert evaluate(teacher, test)["auc"] == pytest.approx(row["auc"], abs=1e-9)  # the saved model is the trained one

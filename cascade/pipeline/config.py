@@ -240,7 +240,8 @@ class TeacherSection:
     clicked in the cross-feature window strictly before the request (item id, and the cross tag / author columns
     where they are categorical item features), read through DIN target attention (cascade/models/sequence.py;
     model.attention_mlp: its score MLP). 0: no sequence. The data step builds the sequences' columns; the teacher's
-    model reads side "history" exactly when N > 0 (:attr:`ranker`)."""
+    model reads side "history" exactly when N > 0 (:attr:`ranker`; an entire-space teacher's exposure model that
+    leaves the item id out goes without it, the item id being the attention's query)."""
 
     model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
                                                                      cross_layers=2, cross_rank=32))
