@@ -57,13 +57,15 @@ def _scorer(model, data: RunData, requests, item_ids: np.ndarray):
     return score
 
 
-def _test_lists(data: RunData, n_requests: int, n_candidates: int, uniform_frac: float, seed: int):
-    """Test requests (an even spread, time order) with user_row, their tower inputs and candidate lists."""
+def _test_lists(data: RunData, n_requests: int, n_candidates: int, uniform_frac: float, seed: int,
+                history_length: int):
+    """Test requests (an even spread, time order) with user_row, their tower inputs (with each request's last
+    ``history_length`` clicks) and candidate lists."""
     test = data.split_impressions("test")
     frame = requests_frame(test, data.context_names)
     if len(frame) > n_requests:
         frame = frame.iloc[np.linspace(0, len(frame) - 1, n_requests).round().astype(int)].reset_index(drop=True)
-    inputs = data.tower_inputs(frame)
+    inputs = data.tower_inputs(frame, history_length)
     frame["user_row"] = inputs.user_rows(data.map_users(frame["user_id"].to_numpy()))
     cands = candidate_lists(data, frame, test, inputs, n_candidates, uniform_frac, np.random.default_rng([seed, 7]))
     return frame, inputs, cands
@@ -92,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     rl = dataclasses.replace(cfg.ranklog, max_requests=args.max_requests)
     frame, cands, item_ids, _ = rank_log_inputs(data, rl, args.seed, ranklog_channels(rl, run / "channels", data))
-    inputs = data.tower_inputs(frame)
+    inputs = data.tower_inputs(frame, sc.tower.history_length)
     requests = to_requests(frame, data.context_names)
     train = data.encoded("train")
     keep = np.flatnonzero(np.isin(train.request_id, frame["request_id"].to_numpy()))
@@ -143,7 +145,7 @@ def main(argv: list[str] | None = None) -> int:
         # ---- held-out test lists ranked by each teacher
         t0 = time.perf_counter()
         tframe, tinputs, tcands = _test_lists(data, args.test_requests, cfg.ranklog.n_candidates,
-                                              cfg.ranklog.uniform_frac, args.seed)
+                                              cfg.ranklog.uniform_frac, args.seed, sc.tower.history_length)
         treq = to_requests(tframe, data.context_names)
         logs = {}
         for name, model in (("run_teacher", teacher), ("one_loop_teacher", one_loop.teacher)):

@@ -124,16 +124,36 @@ class RunData:
         return self.pairs.encode_lists(self.map_users(requests.user_id), self.map_items(candidates),
                                        requests.time_ms, ctx)
 
-    def tower_inputs(self, requests: pd.DataFrame) -> TowerInputs:
-        """TowerInputs over all users and items (plus the OOV rows) and one context row per request of ``requests``."""
+    def tower_inputs(self, requests: pd.DataFrame, history_length: int = 0) -> TowerInputs:
+        """TowerInputs over all users and items (plus the OOV rows) and one context row per request of ``requests``;
+        history_length > 0: also each request's last that many clicked items (:meth:`recent_clicks`; the frame
+        needs user_id and time_ms)."""
         users = _with_oov_row(self.users, "user_id")
         items = _with_oov_row(self.items, "item_id")
         ucat, unum = self.encoder.encode_users(users)
         icat, inum = self.encoder.encode_items(items)
         ccat, cnum = self.encoder.encode_context(requests)
-        return TowerInputs(self.encoder.user_spec(), ucat, unum, self.encoder.item_spec(), icat, inum,
-                           self.encoder.context_spec(), ccat, cnum, users["user_id"].to_numpy(np.int64),
-                           items["item_id"].to_numpy(np.int64), requests["request_id"].to_numpy(np.int64))
+        inputs = TowerInputs(self.encoder.user_spec(), ucat, unum, self.encoder.item_spec(), icat, inum,
+                             self.encoder.context_spec(), ccat, cnum, users["user_id"].to_numpy(np.int64),
+                             items["item_id"].to_numpy(np.int64), requests["request_id"].to_numpy(np.int64))
+        if history_length:
+            inputs.history = inputs.history_codes(self.recent_clicks(requests["user_id"].to_numpy(np.int64),
+                                                                     requests["time_ms"].to_numpy(np.int64),
+                                                                     history_length))
+        return inputs
+
+    def recent_clicks(self, user_ids: np.ndarray, t_ms: np.ndarray, n: int) -> np.ndarray:
+        """Each (user, time)'s last ``n`` distinct clicked item ids strictly before the time, most recent first:
+        int64 [B, n], PAD where fewer (the logged history, as serving knows it)."""
+        return self.click_history.recent(user_ids, t_ms, n, clicks_only=False)[0]
+
+    @functools.cached_property
+    def click_history(self) -> EventHistory:
+        """The logged clicks alone, as events at their request's start (:attr:`history` less the unclicked
+        impressions): "the last n clicked items" reach back over n clicks, however many impressions lie between."""
+        imp = self.impressions[self.impressions["click"].to_numpy() > 0]
+        return EventHistory(imp["user_id"].to_numpy(np.int64), imp["item_id"].to_numpy(np.int64),
+                            request_start_ms(imp), imp["click"].to_numpy())
 
 
 def ranker_config_json(model: torch.nn.Module, cfg: RankerConfig) -> dict:
@@ -173,10 +193,15 @@ class Towers:
                                                  n_rows=len(requests))
         if self.model.training:  # loaded in eval mode; a mode switch walks the module tree on every call
             self.model.eval()
+        x = [torch.from_numpy(self.inputs.user_cat[u_rows]), torch.from_numpy(self.inputs.user_num[u_rows]),
+             torch.from_numpy(ccat), torch.from_numpy(cnum)]
+        n_hist = self.model.cfg.history_length
+        if n_hist:
+            x.append(torch.from_numpy(self.inputs.history_codes(
+                data.recent_clicks(np.asarray(requests.user_id, np.int64), np.asarray(requests.time_ms, np.int64),
+                                   n_hist))))
         with torch.inference_mode():
-            u = self.model.user_tower(torch.from_numpy(self.inputs.user_cat[u_rows]),
-                                      torch.from_numpy(self.inputs.user_num[u_rows]),
-                                      torch.from_numpy(ccat), torch.from_numpy(cnum))
+            u = self.model.user_tower(*x)
         return u.float().numpy()
 
     def scorer(self, data: RunData):
@@ -192,8 +217,9 @@ def load_towers(model_dir: str | Path, data: RunData, requests: pd.DataFrame | N
     cfg = TowerConfig(**{k: (tuple(v) if isinstance(v, list) else v) for k,
                          v in A.read_json(model_dir / "config.json").items()})
     frame = requests if requests is not None else pd.DataFrame(
-        {"request_id": np.array([0], np.int64), **{c: np.zeros(1, np.int64) for c in data.context_names}})
-    inputs = data.tower_inputs(frame)
+        {"request_id": np.array([0], np.int64), "user_id": data.user_ids[:1], "time_ms": np.zeros(1, np.int64),
+         **{c: np.zeros(1, np.int64) for c in data.context_names}})
+    inputs = data.tower_inputs(frame, cfg.history_length)
     model = build_two_tower(inputs, cfg)
     model.load_state_dict(A.load_torch(model_dir / "model.pt"))
     model.eval()

@@ -285,6 +285,44 @@ def test_export_torch_program_matches_the_eager_models(run_a, tmp_path, capsys):
         export_run(run_dir, "torch-export", tmp_path / "x", variants=("nope",))
 
 
+def test_towers_read_the_recent_clicks_alike_in_training_and_serving(run_a):
+    """The user tower's history: each request's last tower.history_length distinct clicked items strictly before
+    it (checked against the log by hand, as sets where the user has no more), the same in the students' inputs and
+    in serving's Towers.user_embed (embeddings equal to 1e-6)."""
+    import numpy as np
+
+    from cascade.data.requests import request_start_ms, requests_frame, to_requests
+    from cascade.run_data import RunData, load_towers
+
+    _, run_dir, _ = run_a
+    data = RunData(run_dir / "data")
+    towers = load_towers(run_dir / "students" / "distilled" / "retrieval", data)
+    h = towers.model.cfg.history_length
+    assert h == 20  # the pipeline's default
+    frame = requests_frame(data.split_impressions("test"), data.context_names).iloc[:60].reset_index(drop=True)
+    inputs = data.tower_inputs(frame, h)
+    recent = data.recent_clicks(frame["user_id"].to_numpy(), frame["time_ms"].to_numpy(), h)  # ids [R, h]
+    # the tower reads their codes: 0 where the item-id vocabulary does not hold the item (e.g. first seen in test)
+    np.testing.assert_array_equal(inputs.history, inputs.history_codes(recent))
+    imp = data.impressions
+    start, clicked = request_start_ms(imp), imp["click"].to_numpy() > 0
+    checked = 0
+    for r in range(len(frame)):
+        before = set(imp["item_id"].to_numpy()[clicked & (imp["user_id"].to_numpy() == frame.user_id[r])
+                                               & (start < frame.time_ms[r])].tolist())
+        got = recent[r][recent[r] >= 0].tolist()
+        assert len(set(got)) == len(got) == min(len(before), h)
+        if len(before) <= h:
+            assert set(got) == before
+            checked += len(got) > 0
+    assert checked >= 10
+    served = towers.user_embed(data, to_requests(frame, data.context_names))
+    with torch.inference_mode():
+        trained = towers.model.user_tower(*inputs.user_batch(inputs.user_rows(data.map_users(
+            frame["user_id"].to_numpy())), np.arange(len(frame)))).numpy()
+    np.testing.assert_allclose(served, trained, atol=1e-6)
+
+
 def test_export_onnx_matches_the_eager_models_in_onnxruntime(run_a, tmp_path):
     """`--format onnx`: each model in onnxruntime against the eager model, max |onnx - eager| < 1e-5 (measured:
     3e-8 to 2.4e-7)."""

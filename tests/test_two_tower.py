@@ -120,6 +120,43 @@ def test_towers_without_context_columns():
     assert u.shape == (1, 4) and math.isclose(u.norm().item(), 1.0, rel_tol=1e-5)
 
 
+def test_history_codes_and_the_pooled_recent_clicks():
+    inp = _inputs()
+    # item_ids = [57, 54, ..., 0]: id 57 is row 0 with item_id code 1, id 0 row 19 with code 20; PAD and an id the
+    # table does not hold (4) give code 0
+    codes = inp.history_codes(np.array([[57, 0, -1], [4, 54, -1]], np.int64))
+    np.testing.assert_array_equal(codes, [[1, 20, 0], [0, 2, 0]])
+    assert inp.n_item_codes == 21
+    inp.history = codes[[0, 1, 1, 0, 0, 1, 0, 1]]  # one row per request
+    cfg = TowerConfig(out_dim=4, history_length=3)
+    tt = build_two_tower(inp, cfg, seed=0)
+    bag = tt.user_tower.history
+    with torch.no_grad():
+        bag.weight.copy_(torch.arange(21 * cfg.emb_dim, dtype=torch.float32).reshape(21, -1))
+    # the mean over the row's real items only: codes 1 and 20 -> (w1 + w20) / 2; code 2 alone -> w2; none -> 0
+    pooled = bag(torch.tensor([[1, 20, 0], [0, 2, 0], [0, 0, 0]]))
+    w = bag.weight.detach()
+    torch.testing.assert_close(pooled, torch.stack([(w[1] + w[20]) / 2, w[2], torch.zeros(cfg.emb_dim)]))
+    # the history reaches the embedding: same user and context, other recent clicks -> another vector
+    b = inp.user_batch(np.array([0, 0]), np.array([0, 0]))
+    assert len(b) == 5
+    other = b[4].clone()
+    other[1] = torch.tensor([0, 2, 0])
+    u = tt.user_tower(*b[:4], other)
+    assert torch.allclose(u[0], tt.user_tower(*b)[0]) and not torch.allclose(u[0], u[1])
+    # a tower and its inputs must agree on the history
+    with pytest.raises(ValueError, match="history is missing"):
+        tt.user_tower(*b[:4])
+    with pytest.raises(ValueError, match=r"history must be \[2, 3\]"):
+        tt.user_tower(*b[:4], b[4][:, :2])
+    with pytest.raises(ValueError, match="history_length = 2 but the inputs hold 3 items"):
+        build_two_tower(inp, TowerConfig(history_length=2))
+    with pytest.raises(ValueError, match="history_length = -1: must be an integer >= 0"):
+        TowerConfig(history_length=-1)
+    with pytest.raises(ValueError, match="history is given"):
+        build_two_tower(inp, TowerConfig()).user_tower(*b)
+
+
 # ---------------------------------------------------------------------------------------------------------------
 # students
 

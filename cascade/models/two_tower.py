@@ -1,4 +1,5 @@
-"""Two-tower students: a user tower (user + context features) and an item tower (item features).
+"""Two-tower students: a user tower (user + context features, and optionally the user's recent clicks) and an
+item tower (item features).
 
 score(u, v) = <u, v> / temperature. With ``l2_normalize`` the embeddings lie on the unit sphere, so the inner
 product is a cosine in [-1, 1] and the temperature sets how peaked a softmax over items is (0.05 turns a cosine
@@ -20,6 +21,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from cascade.arrays import PAD
 from cascade.config import at_least, finite, positive, require
 from cascade.data.batches import FeatureSpec
 from cascade.data.ids import IdIndex
@@ -33,7 +35,9 @@ class TowerConfig:
     emb_dim: width of every categorical embedding. hidden: MLP hidden sizes. out_dim: embedding size d.
     l2_normalize: unit-norm outputs. temperature: score divisor (> 0); with l2_normalize=False use 1.0 unless you
     mean to rescale raw inner products. learn_temperature: learn log(1/temperature) (initialised from
-    ``temperature``, clamped so 1/temperature stays in [1, 100]). dropout: MLP dropout.
+    ``temperature``, clamped so 1/temperature stays in [1, 100]). dropout: MLP dropout. history_length: the user
+    tower also reads the user's last ``history_length`` distinct clicked items before the request, as the mean of
+    their embeddings (its own table over the item-id vocabulary; YouTube DNN's "watch vector"); 0 = none.
     """
 
     emb_dim: int = 16
@@ -43,9 +47,11 @@ class TowerConfig:
     temperature: float = 0.05
     learn_temperature: bool = False
     dropout: float = 0.0
+    history_length: int = 0
 
     def __post_init__(self) -> None:
         require(self, "emb_dim", at_least(self.emb_dim, 1), "must be an integer >= 1")
+        require(self, "history_length", at_least(self.history_length, 0), "must be an integer >= 0")
         require(self, "out_dim", at_least(self.out_dim, 1), "must be an integer >= 1")
         require(self, "temperature", positive(self.temperature), "must be a finite number > 0")
         object.__setattr__(self, "hidden", tuple(int(h) for h in self.hidden))
@@ -83,27 +89,48 @@ def _head(in_dim: int, cfg: TowerConfig) -> nn.Sequential:
 
 
 class UserTower(nn.Module):
-    """User + context features -> user embedding.
+    """User + context features (+ the user's recent clicks) -> user embedding.
 
-    forward(user_cat [B, Cu] int64, user_num [B, Mu] f32, ctx_cat [B, Cc] int64, ctx_num [B, Mc] f32) -> [B, d].
-    user_spec has side "user" only, ctx_spec side "context" only (either may be empty of columns, not both).
+    forward(user_cat [B, Cu] int64, user_num [B, Mu] f32, ctx_cat [B, Cc] int64, ctx_num [B, Mc] f32[, history
+    [B, H] int64]) -> [B, d]. user_spec has side "user" only, ctx_spec side "context" only (either may be empty of
+    columns, not both). history: codes of the item-id vocabulary (0 = no item), given exactly when
+    cfg.history_length > 0; n_item_codes: that vocabulary's size (OOV 0 included).
     """
 
-    def __init__(self, user_spec: FeatureSpec, ctx_spec: FeatureSpec, cfg: TowerConfig) -> None:
+    def __init__(self, user_spec: FeatureSpec, ctx_spec: FeatureSpec, cfg: TowerConfig,
+                 n_item_codes: int = 0) -> None:
         super().__init__()
         self.cfg = cfg
         self.user = _SideEncoder(user_spec, "user", cfg.emb_dim)
         self.ctx = _SideEncoder(ctx_spec, "context", cfg.emb_dim)
-        self.head = _head(self.user.out_dim + self.ctx.out_dim, cfg)
+        self.history = None
+        if cfg.history_length:
+            if n_item_codes < 2:
+                raise ValueError(f"UserTower: history_length = {cfg.history_length} needs the item-id vocabulary "
+                                 f"(n_item_codes >= 2), got {n_item_codes}")
+            # mean over the real items of the row; code 0 (no item / OOV) is left out, an empty row gives zeros
+            self.history = nn.EmbeddingBag(n_item_codes, cfg.emb_dim, mode="mean", padding_idx=0)
+            nn.init.normal_(self.history.weight, std=0.01)
+            with torch.no_grad():
+                self.history.weight[0].zero_()
+        self.head = _head(self.user.out_dim + self.ctx.out_dim + (cfg.emb_dim if self.history else 0), cfg)
 
     def forward(self, user_cat: torch.Tensor, user_num: torch.Tensor, ctx_cat: torch.Tensor,
-                ctx_num: torch.Tensor) -> torch.Tensor:
+                ctx_num: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
         b = user_cat.shape[0]
         if not (user_num.shape[0] == ctx_cat.shape[0] == ctx_num.shape[0] == b):
             raise ValueError(f"UserTower: batch sizes differ: {user_cat.shape}, {user_num.shape}, "
                              f"{ctx_cat.shape}, {ctx_num.shape}")
-        x = torch.cat([self.user(user_cat, user_num), self.ctx(ctx_cat, ctx_num)], dim=1)
-        out = self.head(x)
+        parts = [self.user(user_cat, user_num), self.ctx(ctx_cat, ctx_num)]
+        if (history is None) != (self.history is None):
+            raise ValueError(f"UserTower: history_length is {self.cfg.history_length} but history is "
+                             f"{'missing' if history is None else 'given'}")
+        if self.history is not None:
+            if history.shape != (b, self.cfg.history_length):
+                raise ValueError(f"UserTower: history must be [{b}, {self.cfg.history_length}], got "
+                                 f"{tuple(history.shape)}")
+            parts.append(self.history(history))
+        out = self.head(torch.cat(parts, dim=1))
         return F.normalize(out, dim=-1) if self.cfg.l2_normalize else out
 
 
@@ -198,6 +225,8 @@ class TowerInputs:
     row per request. user_ids [U], item_ids [I], request_ids [R] (int64): row -> raw id; the reverse maps are
     :meth:`user_rows` / :meth:`item_rows` / :meth:`request_rows`. The request rows are the rows of the requests
     frame given to :func:`cascade.distill.ranklog.build_rank_log`, so rank-log request rows index ctx_cat.
+    history int64 [R, H] or None: each request's recent clicked items as codes of the item-id vocabulary (0 = no
+    item; :meth:`history_codes`), for a user tower with ``history_length`` H.
     """
 
     user_spec: FeatureSpec
@@ -212,6 +241,7 @@ class TowerInputs:
     user_ids: np.ndarray
     item_ids: np.ndarray
     request_ids: np.ndarray
+    history: np.ndarray | None = None
     _index: dict = field(default_factory=dict, init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -229,6 +259,10 @@ class TowerInputs:
             if cat.dtype != np.int64 or num.dtype != np.float32:
                 raise ValueError(f"TowerInputs: {name} cat must be int64 and num float32, got {cat.dtype}, {num.dtype}")
             self._index[name] = IdIndex(ids, "request_id" if name == "context" else f"{name}_id", "TowerInputs")
+        if self.history is not None and (self.history.dtype != np.int64 or self.history.ndim != 2
+                                         or len(self.history) != len(self.request_ids)):
+            raise ValueError(f"TowerInputs: history must be int64 [{len(self.request_ids)}, H], got "
+                             f"{self.history.dtype} {self.history.shape}")
 
     @property
     def n_users(self) -> int:
@@ -252,10 +286,29 @@ class TowerInputs:
     def request_rows(self, request_ids: np.ndarray) -> np.ndarray:
         return self._index["context"].rows(request_ids)
 
+    @property
+    def n_item_codes(self) -> int:
+        """Size of the item-id vocabulary (OOV 0 included): what a user tower's history table needs."""
+        return self.item_spec.cat_cardinality[self._item_id_column()]
+
+    def _item_id_column(self) -> int:
+        if "item_id" not in self.item_spec.cat_names:
+            raise ValueError("TowerInputs: the item table has no categorical item_id column, so the user tower "
+                             "cannot read a history of items (set tower.history_length = 0)")
+        return self.item_spec.cat_names.index("item_id")
+
+    def history_codes(self, item_ids: np.ndarray) -> np.ndarray:
+        """Raw item ids int64 [R, H] (PAD where none) -> codes of the item-id vocabulary int64 [R, H] (0 for PAD
+        and for items this table does not hold)."""
+        pos, found = self._index["item"].find(item_ids)
+        return np.where(found & (item_ids != PAD), self.item_cat[pos, self._item_id_column()], 0).astype(np.int64)
+
     def user_batch(self, user_rows: np.ndarray, request_rows: np.ndarray) -> tuple[torch.Tensor, ...]:
-        """Tensors for UserTower.forward: (user_cat [B, Cu], user_num [B, Mu], ctx_cat [B, Cc], ctx_num [B, Mc])."""
-        return (torch.from_numpy(self.user_cat[user_rows]), torch.from_numpy(self.user_num[user_rows]),
-                torch.from_numpy(self.ctx_cat[request_rows]), torch.from_numpy(self.ctx_num[request_rows]))
+        """Tensors for UserTower.forward: (user_cat [B, Cu], user_num [B, Mu], ctx_cat [B, Cc], ctx_num [B, Mc]),
+        then history [B, H] when the inputs hold one."""
+        out = (torch.from_numpy(self.user_cat[user_rows]), torch.from_numpy(self.user_num[user_rows]),
+               torch.from_numpy(self.ctx_cat[request_rows]), torch.from_numpy(self.ctx_num[request_rows]))
+        return out if self.history is None else (*out, torch.from_numpy(self.history[request_rows]))
 
     def item_batch(self, item_rows: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         """Tensors for ItemTower.forward: (item_cat [N, Ci], item_num [N, Mi])."""
@@ -266,6 +319,10 @@ def build_two_tower(inputs: TowerInputs, cfg: TowerConfig, seed: int = 0) -> Two
     """A fresh TwoTower for ``inputs``' specs, initialised under ``seed``."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        user = UserTower(inputs.user_spec, inputs.ctx_spec, cfg)
+        if cfg.history_length and (inputs.history is None or inputs.history.shape[1] != cfg.history_length):
+            raise ValueError(f"build_two_tower: tower.history_length = {cfg.history_length} but the inputs hold "
+                             f"{'no history' if inputs.history is None else f'{inputs.history.shape[1]} items'}")
+        user = UserTower(inputs.user_spec, inputs.ctx_spec, cfg,
+                         inputs.n_item_codes if cfg.history_length else 0)
         item = ItemTower(inputs.item_spec, cfg)
     return TwoTower(user, item, cfg)

@@ -180,8 +180,9 @@ class TestSet:
 
 
 def build_test_set(run_dir: Path, data, teacher: torch.nn.Module, settings: AblationSettings, n_candidates: int,
-                   uniform_frac: float, seed: int, progress: bool = False) -> TestSet:
-    """Build (or load from ``run_dir/ablation/test``) the seed's test set; see :class:`TestSet`.
+                   uniform_frac: float, seed: int, progress: bool = False, history_length: int = 0) -> TestSet:
+    """Build (or load from ``run_dir/ablation/test``) the seed's test set; see :class:`TestSet`. history_length:
+    the recent clicks the towers' inputs hold (the students' ``tower.history_length``).
 
     The cache is keyed on the teacher's weights and the settings that shape the set; a mismatch rebuilds it.
     """
@@ -196,13 +197,13 @@ def build_test_set(run_dir: Path, data, teacher: torch.nn.Module, settings: Abla
     if cached:
         frame = pd.read_parquet(out / "requests.parquet")
         top = A.read_npz(out / "teacher_top.npz")
-        inputs = data.tower_inputs(frame)
+        inputs = data.tower_inputs(frame, history_length)
         return TestSet(frame, inputs, RankLog(out / "log"), top["corpus_rows"], top["item_ids"], top["logits"])
     if out.exists():
         shutil.rmtree(out)
     frame = requests_frame(test_imp, data.context_names)
     frame = frame.iloc[even_spread(len(frame), settings.n_test_requests)].reset_index(drop=True)
-    inputs = data.tower_inputs(frame)
+    inputs = data.tower_inputs(frame, history_length)
     frame["user_row"] = inputs.user_rows(data.map_users(frame["user_id"].to_numpy()))
     rng = np.random.default_rng([seed, 7])  # its own stream: independent of the training rank log's
     cands = candidate_lists(data, frame, test_imp, inputs, n_candidates, uniform_frac, rng)
@@ -327,12 +328,13 @@ def run_seed(cfg, settings: AblationSettings, seed: int, progress: bool = False)
         world = World.load(run_dir / "data" / "world")
     n_cand = settings.n_candidates or cfg.ranklog.n_candidates
     t1 = time.perf_counter()
-    test = build_test_set(run_dir, data, teacher, settings, n_cand, cfg.ranklog.uniform_frac, seed, progress)
+    test = build_test_set(run_dir, data, teacher, settings, n_cand, cfg.ranklog.uniform_frac, seed, progress,
+                          cfg.students.tower.history_length)
     t_test = time.perf_counter() - t1
     test_imp = data.split_impressions("test")
 
     frame = pd.read_parquet(run_dir / "ranklog" / "requests.parquet")
-    inputs = data.tower_inputs(frame)
+    inputs = data.tower_inputs(frame, cfg.students.tower.history_length)
     rank_log = RankLog(run_dir / "ranklog" / "log")
     clicks = click_lists(data, inputs, frame)
     log_hash = A.sha256_file(run_dir / "ranklog" / "manifest.json")

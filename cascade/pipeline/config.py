@@ -365,7 +365,9 @@ class StudentsSection:
     impressed items at least as well as chance (per-request AUC >= 0.5; requests with one class kept).
     select_requests: validation requests of the judge."""
 
-    tower: TowerConfig = field(default_factory=TowerConfig)
+    # the user tower reads the user's last 20 clicked items (as many as the channels' history): without them a tower
+    # cannot hold what the teacher knows from the user's history (BENCHMARKS.md, "Outcomes": with and without)
+    tower: TowerConfig = field(default_factory=lambda: TowerConfig(history_length=20))
     prerank: StudentConfig = field(default_factory=_prerank)
     retrieval: StudentConfig = field(default_factory=_retrieval)
     distill: float | Literal["auto"] = "auto"

@@ -58,7 +58,7 @@ def train_students(data: RunData, frame, log_dir: Path, out: Path, batch_size: i
     rank 0 writes ``out/distilled/{stage}/`` (stage: the cascade stage, prerank or retrieval). Returns
     {stage: {"fit_s", "steps", "valid" metrics, ...}}."""
     section = StudentsSection()
-    inputs = data.tower_inputs(frame)
+    inputs = data.tower_inputs(frame, section.tower.history_length)
     log_ = RankLog(log_dir)
     clicks = click_lists(data, inputs, frame)
     summary = {}

@@ -136,7 +136,7 @@ MACHINE_FACTS = ("seconds", "autocast")  # per-epoch history keys the machine de
 def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunData, judge: Judge) -> tuple:
     """Train every tower of the grid; save the chosen / ground-truth / fixed variants; return outputs and metrics."""
     frame = pd.read_parquet(ctx.inputs["ranklog"] / "requests.parquet")
-    inputs = data.tower_inputs(frame)
+    inputs = data.tower_inputs(frame, c.tower.history_length)
     rank_log = RankLog(ctx.inputs["ranklog"] / "log")
     clicks = click_lists(data, inputs, frame)
     trusted = trusted_requests(rank_log, clicks, len(frame)) if c.confidence else None

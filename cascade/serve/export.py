@@ -92,7 +92,8 @@ def exportables(run_dir: str | os.PathLike, variants: tuple[str, ...] | None = N
             item = _rows(len(inp.item_ids))
             weights = run_dir / "students" / variant / stage / "model.pt"
             out.append(Exportable(f"{variant}_{stage}_user_tower", weights, model.user_tower,
-                                  ("user_cat", "user_num", "ctx_cat", "ctx_num"), "user_embedding",
+                                  ("user_cat", "user_num", "ctx_cat", "ctx_num")
+                                  + (("history",) if inp.history is not None else ()), "user_embedding",
                                   inp.user_batch(user_rows[req[0]], req[0]), inp.user_batch(user_rows[req[1]], req[1])))
             out.append(Exportable(f"{variant}_{stage}_item_tower", weights, model.item_tower, ("item_cat", "item_num"),
                                   "item_embedding", inp.item_batch(item[0]), inp.item_batch(item[1])))
