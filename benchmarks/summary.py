@@ -285,6 +285,8 @@ ROWS = [
     Row("ablation_movielens_100k.json", "distillation ablation, ML-100K", None, _checks_elsewhere),
     Row("real_data.json", "outcomes: distilled cascade vs ground truth and classic baselines",
         "auto >= ground truth; the cascade beats most-popular and the best classic channel", _real_data),
+    Row("real_data_no_history.json", "outcomes before the towers read the user's recent clicks", None,
+        lambda d: (_real_data(d)[0], None)),
     Row("real_data_one_se.json", "outcomes before the exposure model left the item id out", None,
         lambda d: (_real_data(d)[0], None)),
     Row("real_data_ml_item_id.json", "outcomes, ML-100K, the exposure model reading the item id", None,
