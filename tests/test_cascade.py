@@ -211,3 +211,21 @@ def test_merged_retrieval_filters_seen_items_and_keeps_the_origins_of_what_is_le
     np.testing.assert_array_equal(i1, i2)
     np.testing.assert_array_equal(s1, s2)
     np.testing.assert_array_equal(i1[0], a_items)
+
+
+def test_retriever_turns_the_index_padding_into_minus_inf():
+    """An index that finds fewer than k items pads the end of a row with id -1 and a finite score (faiss: -FLT_MAX,
+    or a stub's 0): the retriever gives those slots -inf, at batch 1 and in a batch, and leaves full rows alone."""
+
+    class Short:
+        def search(self, xq, k):
+            rows = [[5, 3, PAD, PAD], [7, 6, 2, 1]][: len(xq)]
+            return np.zeros((len(xq), k), np.float32) + 0.5 * (np.array(rows) != PAD), np.array(rows, np.int64)
+
+    r = Retriever(lambda q: np.ones((len(q.user_id), 2), np.float32), Short())
+    for b in (1, 2):
+        q = Requests(user_id=np.arange(b), time_ms=np.zeros(b, np.int64))
+        i, d = r.select(q, None, 4)
+        assert i[0].tolist() == [5, 3, PAD, PAD] and d[0].tolist() == [0.5, 0.5, -np.inf, -np.inf]
+        if b == 2:
+            assert d[1].tolist() == [0.5] * 4
