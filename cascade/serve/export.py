@@ -6,8 +6,10 @@ What is exported (every model a cascade serves):
 - ``teacher`` and ``rank_student`` (:class:`~cascade.models.ranker.Ranker`): ``(cat int64 [B, C], num float32
   [B, M]) -> logit [B]`` over the encoded pair columns (the encoder's feature order, data/ in the run);
 - per variant (``distilled``, ``ground_truth``) and stage (``retrieval``, ``prerank``) the two towers:
-  ``<variant>_<stage>_user_tower`` ``(user_cat [B, Cu], user_num [B, Mu], ctx_cat [B, Cc], ctx_num [B, Mc]) ->
-  [B, d]`` and ``<variant>_<stage>_item_tower`` ``(item_cat [N, Ci], item_num [N, Mi]) -> [N, d]``.
+  ``<variant>_<stage>_user_tower`` ``(user_cat [B, Cu], user_num [B, Mu], ctx_cat [B, Cc], ctx_num [B, Mc][,
+  history [B, H]]) -> [B, d]`` (history, where the tower reads one: the user's last H clicked items as codes of
+  the item-id vocabulary, 0 = none; ``TowerInputs.history_codes``) and ``<variant>_<stage>_item_tower``
+  ``(item_cat [N, Ci], item_num [N, Mi]) -> [N, d]``.
 
 The batch dimension is dynamic. Parity: each exported file is loaded back (``torch.export.load``, or an
 onnxruntime session on the CPU) and run on rows it was not traced with, in a batch of another size; the largest
