@@ -297,6 +297,8 @@ ROWS = [
         lambda d: (_real_data(d)[0], None)),
     Row("real_data_ml_28d.json", "outcomes, ML-100K with a 28-day test split (345 requests)",
         "the cascade beats most-popular", lambda d: _real_data(d)),
+    Row("real_data_ml_28d_no_history.json", "outcomes, ML-100K 28-day test, before the towers read the recent clicks",
+        None, lambda d: (_real_data(d)[0], None)),
     Row("real_data_ml_28d_item_id.json", "outcomes, ML-100K 28-day test, the exposure model reading the item id",
         None, lambda d: (_real_data(d)[0], None)),
     Row("real_data_clicks_judge.json", "outcomes with the exposure weight judged by logged clicks (one-SE rule)",
