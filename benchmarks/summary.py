@@ -286,6 +286,8 @@ ROWS = [
     Row("rank_table_world.json", "rank stage, default world", "every check holds", _checks),
     Row("rank_table_movielens_100k.json", "rank stage, ML-100K", None, _checks_elsewhere),
     Row("ablation_world.json", "distillation ablation, default world", "every check holds", _checks),
+    Row("ablation_world_no_history.json", "distillation ablation, default world, before the towers read the recent "
+        "clicks", None, lambda d: (_checks(d)[0], None)),
     Row("ablation_movielens_100k.json", "distillation ablation, ML-100K", None, _checks_elsewhere),
     Row("real_data.json", "outcomes: distilled cascade vs ground truth and classic baselines",
         "auto >= ground truth; the cascade beats most-popular and the best classic channel", _real_data),
