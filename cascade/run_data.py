@@ -82,6 +82,7 @@ class RunData:
         kinds = {c["name"]: ("float" if c["kind"] == "numeric" else c.get("key_kind", "str"))
                  for c in self.encoder.columns_ if c["part"] == "context"}
         self.context_kinds = {c: kinds.get(c, "str") for c in self.context_names}  # what a request must hold
+        self._last_recent: tuple | None = None  # (query, answer) of the last recent_clicks call
 
     @functools.cached_property
     def history(self) -> EventHistory:
@@ -144,8 +145,17 @@ class RunData:
 
     def recent_clicks(self, user_ids: np.ndarray, t_ms: np.ndarray, n: int) -> np.ndarray:
         """Each (user, time)'s last ``n`` distinct clicked item ids strictly before the time, most recent first:
-        int64 [B, n], PAD where fewer (the logged history, as serving knows it)."""
-        return self.click_history.recent(user_ids, t_ms, n, clicks_only=False)[0]
+        int64 [B, n], PAD where fewer (the logged history, as serving knows it). Read-only: the last answer is
+        kept, so the pre-rank tower reuses the lookup the retrieval tower made for the same requests."""
+        user_ids, t_ms = np.asarray(user_ids, np.int64), np.asarray(t_ms, np.int64)
+        key = (int(n), user_ids.tobytes(), t_ms.tobytes())
+        last = self._last_recent
+        if last is not None and last[0] == key:
+            return last[1]
+        out = self.click_history.recent(user_ids, t_ms, n, clicks_only=False)[0]
+        out.setflags(write=False)
+        self._last_recent = (key, out)
+        return out
 
     @functools.cached_property
     def click_history(self) -> EventHistory:

@@ -302,6 +302,11 @@ def test_towers_read_the_recent_clicks_alike_in_training_and_serving(run_a):
     frame = requests_frame(data.split_impressions("test"), data.context_names).iloc[:60].reset_index(drop=True)
     inputs = data.tower_inputs(frame, h)
     recent = data.recent_clicks(frame["user_id"].to_numpy(), frame["time_ms"].to_numpy(), h)  # ids [R, h]
+    # the same query again (the pre-rank tower after the retrieval tower) is answered from the last lookup, read-only
+    assert data.recent_clicks(frame["user_id"].to_numpy(), frame["time_ms"].to_numpy(), h) is recent
+    assert not recent.flags.writeable
+    np.testing.assert_array_equal(data.recent_clicks(frame["user_id"].to_numpy()[:3], frame["time_ms"].to_numpy()[:3],
+                                                     h), recent[:3])
     # the tower reads their codes: 0 where the item-id vocabulary does not hold the item (e.g. first seen in test)
     np.testing.assert_array_equal(inputs.history, inputs.history_codes(recent))
     imp = data.impressions
