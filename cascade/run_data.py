@@ -54,6 +54,12 @@ def _with_oov_row(df: pd.DataFrame, id_col: str) -> pd.DataFrame:
     return pd.concat([df, oov], ignore_index=True)
 
 
+def _events(imp: pd.DataFrame) -> EventHistory:
+    """Impression rows as events at their request's start, clicks flagged."""
+    return EventHistory(imp["user_id"].to_numpy(np.int64), imp["item_id"].to_numpy(np.int64), request_start_ms(imp),
+                        imp["click"].to_numpy())
+
+
 class RunData:
     """The data step of a run, ready for scoring. data_dir: runs/<run>/data."""
 
@@ -88,15 +94,11 @@ class RunData:
     def history(self) -> EventHistory:
         """Every logged impression as an event at its request's start, clicks flagged: what serving knows of the
         past (queries only ever see events strictly before their time)."""
-        imp = self.impressions
-        return EventHistory(imp["user_id"].to_numpy(np.int64), imp["item_id"].to_numpy(np.int64),
-                            request_start_ms(imp), imp["click"].to_numpy())
+        return _events(self.impressions)
 
     def split_history(self, split: str) -> EventHistory:
         """The events of one split only (e.g. "train": what a model built at the end of train may know)."""
-        imp = self.split_impressions(split)
-        return EventHistory(imp["user_id"].to_numpy(np.int64), imp["item_id"].to_numpy(np.int64),
-                            request_start_ms(imp), imp["click"].to_numpy())
+        return _events(self.split_impressions(split))
 
     def encoded(self, split: str) -> EncodedTable:
         spec = FeatureSpec.from_dict(A.read_json(self.dir / "spec.json"))
@@ -138,10 +140,15 @@ class RunData:
                              self.encoder.context_spec(), ccat, cnum, users["user_id"].to_numpy(np.int64),
                              items["item_id"].to_numpy(np.int64), requests["request_id"].to_numpy(np.int64))
         if history_length:
-            inputs.history = inputs.history_codes(self.recent_clicks(requests["user_id"].to_numpy(np.int64),
-                                                                     requests["time_ms"].to_numpy(np.int64),
-                                                                     history_length))
+            inputs.history = self.history_codes(inputs, requests["user_id"].to_numpy(), requests["time_ms"].to_numpy(),
+                                                history_length)
         return inputs
+
+    def history_codes(self, inputs: TowerInputs, user_ids: np.ndarray, t_ms: np.ndarray, n: int) -> np.ndarray:
+        """What a user tower with ``history_length`` n reads for these requests: their :meth:`recent_clicks` as
+        codes of ``inputs``' item-id vocabulary, int64 [B, n] (0 = none). Training inputs and serving both take
+        this path."""
+        return inputs.history_codes(self.recent_clicks(user_ids, t_ms, n))
 
     def recent_clicks(self, user_ids: np.ndarray, t_ms: np.ndarray, n: int) -> np.ndarray:
         """Each (user, time)'s last ``n`` distinct clicked item ids strictly before the time, most recent first:
@@ -161,9 +168,7 @@ class RunData:
     def click_history(self) -> EventHistory:
         """The logged clicks alone, as events at their request's start (:attr:`history` less the unclicked
         impressions): "the last n clicked items" reach back over n clicks, however many impressions lie between."""
-        imp = self.impressions[self.impressions["click"].to_numpy() > 0]
-        return EventHistory(imp["user_id"].to_numpy(np.int64), imp["item_id"].to_numpy(np.int64),
-                            request_start_ms(imp), imp["click"].to_numpy())
+        return _events(self.impressions[self.impressions["click"].to_numpy() > 0])
 
 
 def ranker_config_json(model: torch.nn.Module, cfg: RankerConfig) -> dict:
@@ -205,11 +210,9 @@ class Towers:
             self.model.eval()
         x = [torch.from_numpy(self.inputs.user_cat[u_rows]), torch.from_numpy(self.inputs.user_num[u_rows]),
              torch.from_numpy(ccat), torch.from_numpy(cnum)]
-        n_hist = self.model.cfg.history_length
-        if n_hist:
-            x.append(torch.from_numpy(self.inputs.history_codes(
-                data.recent_clicks(np.asarray(requests.user_id, np.int64), np.asarray(requests.time_ms, np.int64),
-                                   n_hist))))
+        if self.model.cfg.history_length:
+            x.append(torch.from_numpy(data.history_codes(self.inputs, requests.user_id, requests.time_ms,
+                                                         self.model.cfg.history_length)))
         with torch.inference_mode():
             u = self.model.user_tower(*x)
         return u.float().numpy()

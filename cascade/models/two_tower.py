@@ -113,7 +113,7 @@ class UserTower(nn.Module):
             nn.init.normal_(self.history.weight, std=0.01)
             with torch.no_grad():
                 self.history.weight[0].zero_()
-        self.head = _head(self.user.out_dim + self.ctx.out_dim + (cfg.emb_dim if self.history else 0), cfg)
+        self.head = _head(self.user.out_dim + self.ctx.out_dim + (cfg.emb_dim if self.history is not None else 0), cfg)
 
     def forward(self, user_cat: torch.Tensor, user_num: torch.Tensor, ctx_cat: torch.Tensor,
                 ctx_num: torch.Tensor, history: torch.Tensor | None = None) -> torch.Tensor:
