@@ -22,6 +22,8 @@ import torch
 
 from . import artifacts as A
 from .arrays import PAD
+from .channels.classic import PopularChannel
+from .channels.prior import PRIOR_FILE, PopularityPrior
 from .data.batches import EncodedTable, FeatureSpec
 from .data.features import CrossFeatureStore, FeatureEncoder, PairEncoder
 from .data.history import EventHistory
@@ -201,6 +203,7 @@ class Towers:
     model: TwoTower
     inputs: TowerInputs  # item rows = data items + OOV row
     item_emb: np.ndarray  # float32 [I, d], rows as inputs.item_ids
+    prior: PopularityPrior | None = None  # the recent-popularity term added to its scores (None: none)
 
     def user_embed(self, data: RunData, requests: Requests) -> np.ndarray:
         u_rows = self.inputs.user_rows(data.map_users(requests.user_id))
@@ -217,11 +220,20 @@ class Towers:
             u = self.model.user_tower(*x)
         return u.float().numpy()
 
+    def scores(self, data: RunData, requests: Requests, candidates: np.ndarray,
+               u: np.ndarray | None = None) -> np.ndarray:
+        """float32 [B, N]: the tower's score of each request's candidates [B, N] (PAD: -inf), <u, v> / T plus
+        the prior's term; u [B, d]: the requests' user embeddings when already computed."""
+        u = self.user_embed(data, requests) if u is None else u
+        rows = self.inputs.item_rows(data.map_items(candidates.reshape(-1))).reshape(candidates.shape)
+        s = np.einsum("bd,bnd->bn", u, self.item_emb[rows]) * np.float32(1.0 / self.model.temperature)
+        if self.prior is not None:
+            s = s + self.prior.boost(requests, u, candidates)
+        return np.where(candidates == PAD, np.float32(-np.inf), s).astype(np.float32, copy=False)
+
     def scorer(self, data: RunData):
         def score(requests: Requests, candidates: np.ndarray) -> np.ndarray:
-            u = self.user_embed(data, requests)
-            rows = self.inputs.item_rows(data.map_items(candidates.reshape(-1))).reshape(candidates.shape)
-            return np.einsum("bd,bnd->bn", u, self.item_emb[rows]) * float(1.0 / self.model.temperature)
+            return self.scores(data, requests, candidates)
         return score
 
 
@@ -237,4 +249,10 @@ def load_towers(model_dir: str | Path, data: RunData, requests: pd.DataFrame | N
     model.load_state_dict(A.load_torch(model_dir / "model.pt"))
     model.eval()
     emb = item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num)
-    return Towers(model, inputs, emb)
+    prior = None
+    if (model_dir / PRIOR_FILE).is_file():
+        p = A.read_json(model_dir / PRIOR_FILE)
+        if p["weight"] > 0:
+            popular = PopularChannel(data.history, p["window_days"], p["refresh_ms"])
+            prior = PopularityPrior(popular, p["weight"], emb[: len(data.item_ids)], model.temperature)
+    return Towers(model, inputs, emb, prior)

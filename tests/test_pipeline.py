@@ -279,6 +279,14 @@ def test_export_torch_program_matches_the_eager_models(run_a, tmp_path, capsys):
         assert float((item(*xi) - towers.model.item_tower(*xi)).abs().max()) < 1e-5
     assert m["inputs"]["distilled_retrieval_item_tower"] == A.sha256_file(run_dir / "students" / "distilled" /
                                                                          "retrieval" / "model.pt")
+    # a user tower's entry says how serving scores with it: its temperature and, where it has one, its prior
+    for v in ("distilled", "ground_truth"):
+        for s in ("retrieval", "prerank"):
+            about = m["models"][f"{v}_{s}_user_tower"]["serving_score"]
+            t = load_towers(run_dir / "students" / v / s, data)
+            assert about["temperature"] == pytest.approx(t.model.temperature)
+            prior = A.read_json(run_dir / "students" / v / s / "prior.json")
+            assert about.get("popularity_prior") == (prior if prior["weight"] > 0 else None)
     with pytest.raises(ExportError, match="teacher: the torch-export model differs from the eager model by up to"):
         export_run(run_dir, "torch-export", tmp_path / "strict", tolerance=1e-12)
     with pytest.raises(ExportError, match=r"variant\(s\) \['nope'\] not in the run"):
@@ -326,6 +334,44 @@ def test_towers_read_the_recent_clicks_alike_in_training_and_serving(run_a):
         trained = towers.model.user_tower(*inputs.user_batch(inputs.user_rows(data.map_users(
             frame["user_id"].to_numpy())), np.arange(len(frame)))).numpy()
     np.testing.assert_allclose(served, trained, atol=1e-6)
+
+
+def test_towers_serve_the_popularity_prior_validation_chose(run_a):
+    """Every saved tower records the prior weight its grid chose on validation (students/selection.json) and the
+    popular channel's settings; serving (load_towers: Towers.scores, the retriever) adds the same term the
+    students step judged with (_ExactTowers over the corpus), to float rounding."""
+    import numpy as np
+
+    from cascade.channels.prior import PRIOR_FILE
+    from cascade.data.requests import requests_frame, to_requests
+    from cascade.pipeline.students import _ExactTowers
+    from cascade.run_data import RunData, load_towers
+
+    _, run_dir, _ = run_a
+    data = RunData(run_dir / "data")
+    sel = A.read_json(run_dir / "students" / "selection.json")
+    popular = A.read_json(run_dir / "channels" / "popular" / "channel.json")["params"]
+    weights = []
+    for stage in ("retrieval", "prerank"):
+        by_scale = {g["scale"]: g for g in sel[stage]["grid"]}
+        for variant, scale in sel[stage]["variants"].items():
+            saved = A.read_json(run_dir / "students" / variant / stage / PRIOR_FILE)
+            row = by_scale[scale]
+            assert saved == {"weight": row["popularity_prior"], **popular}
+            assert [r["weight"] for r in row["popularity_prior_grid"]] == [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
+            assert row["popularity_prior"] in [r["weight"] for r in row["popularity_prior_grid"]
+                                               if r["within_one_se"]]
+            weights.append(saved["weight"])
+    assert any(w > 0 for w in weights)  # the tiny world's towers take a prior somewhere
+    frame = requests_frame(data.split_impressions("test"), data.context_names).iloc[:40].reset_index(drop=True)
+    req = to_requests(frame, data.context_names)
+    for variant in ("distilled", "ground_truth"):
+        for stage in ("retrieval", "prerank"):
+            towers = load_towers(run_dir / "students" / variant / stage, data)
+            w = A.read_json(run_dir / "students" / variant / stage / PRIOR_FILE)["weight"]
+            assert (towers.prior is None) == (w == 0) and (towers.prior is None or towers.prior.weight == w)
+            ids, scores = _ExactTowers(towers, data).select(req, None, 30)
+            np.testing.assert_allclose(towers.scores(data, req, ids), scores, rtol=1e-4, atol=1e-4)
 
 
 def test_export_onnx_matches_the_eager_models_in_onnxruntime(run_a, tmp_path):

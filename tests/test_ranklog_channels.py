@@ -164,7 +164,7 @@ def test_config_defaults_and_errors():
                                           r"build \(channels.build = \['popular', 'recent'\]\)"):
         _cfg("channels.build=['popular', 'recent']", "ranklog.channels=['popular', 'als']")
     with pytest.raises(ConfigError, match=r"ranklog.channel_share = 0.5 but no channel to draw from"):
-        _cfg("channels.build=[]")
+        _cfg("channels.build=[]", "students.popularity_prior_grid=[0]")
     with pytest.raises(ConfigError, match=r"ranklog.channel_share = 0.3 but no channel to draw from"):
         _cfg("ranklog.channels=[]", "ranklog.channel_share=0.3")
     with pytest.raises(ConfigError, match=r"ranklog.channels = \('popular',\): names channels but "
@@ -174,7 +174,16 @@ def test_config_defaults_and_errors():
         _cfg("ranklog.channel_share=1.5")
     with pytest.raises(ConfigError, match=r"ranklog.channels = .*must name distinct channels"):
         _cfg("ranklog.channels=['two_tower']")
-    assert _cfg("channels.build=[]", "ranklog.channel_share=0").ranklog.channels_of(()) == ()
+    assert _cfg("channels.build=[]", "ranklog.channel_share=0",
+                "students.popularity_prior_grid=[0]").ranklog.channels_of(()) == ()
+    # the towers' popularity prior reads the popular channel: without it, a grid with a weight above 0 is refused
+    with pytest.raises(ConfigError, match=r"students.popularity_prior_grid = \[0.0, 0.25, 0.5, 1.0, 2.0, 4.0\] "
+                                          r"tries a recent-popularity prior, which reads the popular channel, but "
+                                          r"channels.build = \['recent'\] does not build it"):
+        _cfg("channels.build=['recent']")
+    with pytest.raises(ConfigError, match=r"popularity_prior_grid.*must be values >= 0 that include 0 \(the "
+                                          r"tower without a prior\)"):
+        _cfg("students.popularity_prior_grid=[1.0]")
 
 
 # ------------------------------------------------------------------------------------------------ the step

@@ -343,10 +343,9 @@ def _retrieval() -> StudentConfig:
                                                           "pointwise": 1.0, "listnet": 1.0}, epochs=2)
 
 
-def _scale_grid(values: tuple[float, ...], key: str) -> None:
+def _scale_grid(values: tuple[float, ...], key: str, zero: str = "the ground-truth-only student") -> None:
     if not values or any(not (np.isfinite(v) and v >= 0) for v in values) or 0.0 not in values:
-        raise ValueError(f"students.{key} must be values >= 0 that include 0 (the ground-truth-only student), "
-                         f"got {list(values)}")
+        raise ValueError(f"students.{key} must be values >= 0 that include 0 ({zero}), got {list(values)}")
 
 
 @dataclass(frozen=True)
@@ -363,7 +362,12 @@ class StudentsSection:
     distillation weights (rank_distill's KD, hint, CR, RCR or PFD lambda), chosen by validation AUC.
     confidence: distil each tower only from the rank-log requests whose teacher list ordered the request's
     impressed items at least as well as chance (per-request AUC >= 0.5; requests with one class kept).
-    select_requests: validation requests of the judge."""
+    select_requests: validation requests of the judge.
+    popularity_prior_grid: the weights tried for each tower's recent-popularity prior (cascade/channels/prior.py:
+    the popular channel's trailing-window click counts added to the tower's scores, which fixed item embeddings
+    cannot hold); each trained tower keeps the smallest weight within one SE of its best validation click-recall at
+    its stage size, and the distillation scale is then chosen on those. (0,): no prior. A weight above 0 needs
+    "popular" in channels.build."""
 
     # the user tower reads the user's last 20 clicked items (as many as the channels' history): without them a tower
     # cannot hold what the teacher knows from the user's history (BENCHMARKS.md, "Outcomes": with and without)
@@ -376,6 +380,8 @@ class StudentsSection:
     keep_fixed: bool = False
     confidence: bool = False
     select_requests: int = 500
+    # BENCHMARKS.md, "Outcomes": without the prior the towers lost to most-popular at their own stage sizes
+    popularity_prior_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
     # The rank student is cheap to serve: a small MLP without the user x item cross features (no history lookups at
     # serving); distillation from the teacher, which has them, is how their knowledge reaches it.
     rank_student: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dnn", emb_dim=8, mlp=(64,),
@@ -406,6 +412,7 @@ class StudentsSection:
                              f"(rank_student.sides {self.rank_student.sides}), so it is not privileged")
         _scale_grid(self.distill_grid, "distill_grid")
         _scale_grid(self.rank_distill_grid, "rank_distill_grid")
+        _scale_grid(self.popularity_prior_grid, "popularity_prior_grid", "the tower without a prior")
         for key in ("distill", "rank_distill_scale"):
             v = getattr(self, key)
             if v != "auto" and not (np.isfinite(v) and v >= 0):
@@ -565,6 +572,10 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         """Checks across sections (each section checked its own values)."""
+        if any(self.students.popularity_prior_grid) and "popular" not in self.channels.build:
+            raise ConfigError(f"students.popularity_prior_grid = {list(self.students.popularity_prior_grid)} tries a "
+                              f"recent-popularity prior, which reads the popular channel, but channels.build = "
+                              f"{list(self.channels.build)} does not build it: add \"popular\", or set the grid to [0]")
         drawn = self.ranklog.channels_of(self.channels.build)
         missing = [n for n in drawn if n not in self.channels.build]
         if missing:

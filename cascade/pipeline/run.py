@@ -34,7 +34,7 @@ STEPS = [
     Step("channels", ("data",), lambda c: c.channels, channels.run),
     Step("teacher", ("data",), lambda c: c.teacher, teacher.run),
     Step("ranklog", ("data", "channels", "teacher"), lambda c: c.ranklog, ranklog.run),
-    Step("students", ("data", "teacher", "ranklog"), lambda c: students_slice(c), students.run),
+    Step("students", ("data", "channels", "teacher", "ranklog"), lambda c: students_slice(c), students.run),
     Step("index", ("data", "students"), lambda c: c.index, index.run),
     Step("replay", ("data", "channels", "teacher", "students", "index"), lambda c: c.replay, replay.run),
     Step("report", ("data", "channels", "teacher", "ranklog", "students", "index", "replay"), lambda c: c.report,

@@ -28,6 +28,8 @@ from scipy.stats import rankdata
 
 from .. import artifacts as A
 from ..arrays import topk_rows
+from ..channels import PopularChannel, load_channels
+from ..channels.prior import PRIOR_FILE, PopularityPrior
 from ..config import to_dict
 from ..data.requests import Requests
 from ..distill.ranklog import RankLog
@@ -84,7 +86,7 @@ def trusted_requests(rank_log: RankLog, clicks: ClickLists, n_rows: int) -> np.n
 
 
 class _ExactTowers:
-    """A trained tower pair as an exact retrieval stage over the corpus (for validation)."""
+    """A trained tower pair as an exact retrieval stage over the corpus (for validation), with its prior if any."""
 
     def __init__(self, towers: Towers, data: RunData) -> None:
         self.towers, self.data = towers, data
@@ -92,15 +94,35 @@ class _ExactTowers:
 
     def select(self, requests: Requests, candidates, n: int) -> tuple[np.ndarray, np.ndarray]:
         u = self.towers.user_embed(self.data, requests)
-        scores = u @ self.towers.item_emb[: self.n_real].T
-        ids = np.broadcast_to(self.towers.inputs.item_ids[: self.n_real], scores.shape)
-        return topk_rows(scores, ids, n)
+        ids = self.towers.inputs.item_ids[: self.n_real]
+        scores = u @ self.towers.item_emb[: self.n_real].T * np.float32(1.0 / self.towers.model.temperature)
+        if self.towers.prior is not None:
+            scores += self.towers.prior.boost_corpus(requests, u, ids)
+        return topk_rows(scores, np.broadcast_to(ids, scores.shape), n)
 
 
-def _tower_recall(model, inputs, data: RunData, judge: Judge, n: int) -> np.ndarray:
+def _tower_recall(model, inputs, data: RunData, judge: Judge, n: int,
+                  prior: PopularityPrior | None = None) -> np.ndarray:
     model.eval()
-    towers = Towers(model, inputs, item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num))
+    towers = Towers(model, inputs, item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num), prior)
     return judge.recall(judge.lists(_ExactTowers(towers, data), n), n)
+
+
+def choose_prior(model, inputs, data: RunData, judge: Judge, n: int, popular: PopularChannel | None,
+                 grid: tuple[float, ...], seed: int) -> tuple[float, np.ndarray, list[dict]]:
+    """The weight of a tower's recent-popularity prior (:class:`PopularityPrior` over ``popular``'s counts): the
+    smallest of ``grid`` within one SE of the best validation click-recall@n (one-SE rule). Returns (weight, the
+    per-request click-recall at that weight, one row per weight)."""
+    if popular is None or grid == (0.0,):
+        return 0.0, _tower_recall(model, inputs, data, judge, n), []
+    emb = item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num)[: len(data.item_ids)]
+    recall = {float(w): _tower_recall(model, inputs, data, judge, n,
+                                      PopularityPrior(popular, w, emb, model.temperature) if w else None)
+              for w in grid}
+    chosen, rows = one_se_choice(list(recall), lambda w, units: float(np.nanmean(recall[w][units])),
+                                 len(judge.requests), seed=seed)
+    return chosen, recall[chosen], [{"weight": r["value"], f"valid_click_recall@{n}": r["score"],
+                                     **one_se_columns(r)} for r in rows]
 
 
 def grid_search(scales, train: Callable[[float], object], statistic: Callable[[object, np.ndarray], float],
@@ -146,6 +168,8 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
     # a fixed sample of the rank log every two-tower student is evaluated on after each epoch (its training curve:
     # in-sample for a distilled student, the teacher's order it never trained on for a ground-truth one)
     curve_log = rank_log.subset(np.random.default_rng(ctx.seed).permutation(len(rank_log))[:CURVE_REQUESTS])
+    popular = (load_channels(ctx.inputs["channels"], data.history, ["popular"])["popular"]
+               if any(c.popularity_prior_grid) else None)
     if trusted is not None:
         metrics["confidence"] = {"trusted_share": float(trusted[rank_log.request_rows].mean())}
     for stage in STAGES:
@@ -157,11 +181,14 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
             needs_log = any(scfg.weight(t) and not is_ground_truth(scfg, t) for t in scfg.loss_weights)
             hist = train_student(towers, inputs, rank_log if needs_log else None, clicks, scfg, trusted=trusted,
                                  valid=curve_log, label=f"{stage} student, distillation scale {scale:g}")
-            return towers, hist, _tower_recall(towers, inputs, data, judge, n)
+            weight, recall, prior_grid = choose_prior(towers, inputs, data, judge, n, popular,
+                                                      c.popularity_prior_grid, ctx.seed)
+            return towers, hist, recall, weight, prior_grid
 
         best, table, models = grid_search(c.scales(), train, lambda m, units: float(np.nanmean(m[2][units])),
                                           len(judge.requests), ctx.seed)
         grid = [{"scale": row["scale"], f"valid_click_recall@{n}": row["score"], **one_se_columns(row),
+                 "popularity_prior": models[row["scale"]][3], "popularity_prior_grid": models[row["scale"]][4],
                  "teacher_agreement": evaluate_on_log(models[row["scale"]][0], inputs, rank_log, k=10)}
                 for row in table]
         chosen = best if c.distill == "auto" else float(c.distill)
@@ -171,12 +198,15 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
         if c.keep_fixed:
             variants["fixed"] = 1.0
         for variant, scale in variants.items():
-            towers, hist, _ = models[scale]
+            towers, hist, _, weight, _ = models[scale]
             d = ctx.out / variant / stage
             A.save_torch(d / "model.pt", towers.state_dict())
             A.write_json(d / "config.json", to_dict(c.tower))
             A.write_json(d / "history.json", [{k: v for k, v in h.items() if k not in MACHINE_FACTS} for h in hist])
             outputs += [f"{variant}/{stage}/{f}" for f in ("model.pt", "config.json", "history.json")]
+            if popular is not None:
+                A.write_json(d / PRIOR_FILE, {"weight": weight, **popular.params()})
+                outputs.append(f"{variant}/{stage}/{PRIOR_FILE}")
         gate = teacher_gate(judge.recall(t_lists, n), models[0.0][2]) if 0.0 in models else None
         metrics[stage] = {"size": n, "grid": grid, "chosen_scale": chosen, "variants": variants, "gate": gate}
         metrics[f"{stage}_epoch_seconds"] = {str(sc): [h.get("seconds") for h in m[1]]  # manifest only: not hashed

@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from .. import artifacts as A
-from ..arrays import PAD, topk_rows
+from ..arrays import PAD, first_occurrences, topk_rows
 from ..channels import MergedRetriever, load_channels
 from ..data.history import EventHistory
 from ..data.requests import Requests
@@ -42,11 +42,19 @@ class Stage(Protocol):
 
 class Retriever:
     """User tower + item index. user_embed(requests) -> float32 [B, d]; index.search(xq, k) -> (D, item_ids), each
-    row best first with its padding (item id -1) at the end, as faiss and the exact searches return them."""
+    row best first with its padding (item id -1) at the end, as faiss and the exact searches return them.
+    towers, data: towers with a recent-popularity prior (``Towers.prior``) rescore the index's top k together with
+    the prior's k most clicked items by their full score (``Towers.scores``) and keep the best k; without one (or
+    None) the index's answer is the stage's."""
 
-    def __init__(self, user_embed: Callable[[Requests], np.ndarray], index):
+    def __init__(self, user_embed: Callable[[Requests], np.ndarray], index, towers: Towers | None = None,
+                 data: RunData | None = None):
+        if towers is not None and towers.prior is not None and data is None:
+            raise ValueError("Retriever: towers with a prior need the run's data to score it")
         self.user_embed = user_embed
         self.index = index
+        self.prior_towers = towers if towers is not None and towers.prior is not None else None
+        self.data = data
 
     def select(self, requests: Requests, candidates: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
         if candidates is not None:
@@ -54,6 +62,10 @@ class Retriever:
         u = np.ascontiguousarray(self.user_embed(requests), dtype=np.float32)
         d, i = self.index.search(u, k)
         i, d = np.asarray(i, np.int64), np.asarray(d, np.float32)
+        if self.prior_towers is not None:
+            towers = self.prior_towers
+            both = first_occurrences(np.concatenate([i, towers.prior.candidates(requests, k)], axis=1), 2 * k)[0]
+            return topk_rows(towers.scores(self.data, requests, both, u), both, k)
         # padding must never look like a score; it sits at the end of a row, so the last column tells whether there
         # is any (a full [B, k] comparison was 3 us of a 0.1 ms batch-1 search)
         if len(i) and (i[0, -1] == PAD if len(i) == 1 else (i[:, -1] == PAD).any()):
@@ -233,7 +245,7 @@ def build_cascade(data: RunData, retrieval: Towers, prerank: Towers, ranker: tor
     channels (name -> stage) retrieving beside the two-tower (:func:`merged_retriever`), or None / {}: the two-tower
     alone."""
     retriever = (merged_retriever(data, retrieval, index, channels, two_tower_quota) if channels
-                 else Retriever(lambda r: retrieval.user_embed(data, r), index))
+                 else Retriever(lambda r: retrieval.user_embed(data, r), index, retrieval, data))
     return Cascade(retriever, PairScorer(prerank.scorer(data)), PairScorer(ranker_scorer(ranker, data)), seen,
                    context_kinds=data.context_kinds)
 
@@ -245,7 +257,7 @@ def merged_retriever(data: RunData, retrieval: Towers, index, channels: Mapping[
     ties between equal keys)."""
     if channels and not 0.0 < two_tower_quota < 1.0:
         raise ValueError(f"two_tower_quota must be in (0, 1) beside channels, got {two_tower_quota}")
-    two_tower = Retriever(lambda r: retrieval.user_embed(data, r), index)
+    two_tower = Retriever(lambda r: retrieval.user_embed(data, r), index, retrieval, data)
     rest = (1.0 - two_tower_quota) / max(len(channels), 1)
     return MergedRetriever({"two_tower": two_tower, **channels},
                            {"two_tower": two_tower_quota, **{n: rest for n in channels}})

@@ -9,7 +9,8 @@ What is exported (every model a cascade serves):
   ``<variant>_<stage>_user_tower`` ``(user_cat [B, Cu], user_num [B, Mu], ctx_cat [B, Cc], ctx_num [B, Mc][,
   history [B, H]]) -> [B, d]`` (history, where the tower reads one: the user's last H clicked items as codes of
   the item-id vocabulary, 0 = none; ``TowerInputs.history_codes``) and ``<variant>_<stage>_item_tower``
-  ``(item_cat [N, Ci], item_num [N, Mi]) -> [N, d]``.
+  ``(item_cat [N, Ci], item_num [N, Mi]) -> [N, d]``. A user tower's manifest entry says how serving scores an
+  item with it (``serving_score``: the temperature and, where the tower has one, its popularity prior).
 
 The batch dimension is dynamic. Parity: each exported file is loaded back (``torch.export.load``, or an
 onnxruntime session on the CPU) and run on rows it was not traced with, in a batch of another size; the largest
@@ -60,6 +61,7 @@ class Exportable:
     output_name: str
     trace: tuple[torch.Tensor, ...]
     check: tuple[torch.Tensor, ...]
+    about: dict | None = None  # what serving adds around the model's output (a user tower's score), for the manifest
 
 
 def exportables(run_dir: str | os.PathLike, variants: tuple[str, ...] | None = None) -> list[Exportable]:
@@ -96,10 +98,22 @@ def exportables(run_dir: str | os.PathLike, variants: tuple[str, ...] | None = N
             out.append(Exportable(f"{variant}_{stage}_user_tower", weights, model.user_tower,
                                   ("user_cat", "user_num", "ctx_cat", "ctx_num")
                                   + (("history",) if inp.history is not None else ()), "user_embedding",
-                                  inp.user_batch(user_rows[req[0]], req[0]), inp.user_batch(user_rows[req[1]], req[1])))
+                                  inp.user_batch(user_rows[req[0]], req[0]), inp.user_batch(user_rows[req[1]], req[1]),
+                                  _serving_score(towers)))
             out.append(Exportable(f"{variant}_{stage}_item_tower", weights, model.item_tower, ("item_cat", "item_num"),
                                   "item_embedding", inp.item_batch(item[0]), inp.item_batch(item[1])))
     return out
+
+
+def _serving_score(towers) -> dict:
+    """How serving scores an item with this user tower: the temperature, and the popularity prior where the
+    tower has one (cascade/channels/prior.py), which an exported tower does not compute."""
+    about = {"score": "<user_embedding, item_embedding> / temperature", "temperature": towers.model.temperature}
+    if towers.prior is not None:
+        about["score"] += (" + weight * sqrt(u' Cov(item_embedding) u) / temperature * log(1 + the item's clicks "
+                           "in the trailing window_days, recounted every refresh_ms)")
+        about["popularity_prior"] = towers.prior.params()
+    return about
 
 
 def _rows(n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -174,6 +188,7 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike 
                        for n, x in zip(m.input_names, m.trace)],
             "output": {"name": m.output_name, "shape": ["batch", *eager.shape[1:]]},
             "max_abs_diff": diff, "checked_rows": int(len(eager)),
+            **({"serving_score": m.about} if m.about else {}),
         }
     inputs = {m.name: A.sha256_file(m.weights) for m in ms}
     return A.write_manifest(out_dir, kind="export", config={"format": fmt, "tolerance": tolerance,

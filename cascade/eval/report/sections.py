@@ -369,14 +369,18 @@ def _section_choices(data: Mapping) -> Section:
             continue
         grid = [as_mapping(g, "grid") or {} for g in as_list(e.get("grid"), "grid") or []]
         n = e.get("size")
+        prior = {}
+        if any("popularity_prior" in g for g in grid):  # runs before the prior have no such column
+            prior = {"popularity prior weight": [g.get("popularity_prior") for g in grid],
+                     f"valid click-recall@{n} without it": [_weight_zero_score(g, n) for g in grid]}
         frame = pd.DataFrame({"distillation scale": [g.get("scale") for g in grid],
-                              f"valid click-recall@{n}": [g.get(f"valid_click_recall@{n}") for g in grid],
+                              f"valid click-recall@{n}": [g.get(f"valid_click_recall@{n}") for g in grid], **prior,
                               "teacher-recall@10 on the rank log": [(g.get("teacher_agreement") or {}).get(
                                   "teacher_recall@10") for g in grid], **_one_se_frame(grid)})
         sec.blocks.append(("h3", f"{stage} student (scale {format_value(e.get('chosen_scale'))} chosen; 0 = ground "
                                  "truth only)"))
-        sec.blocks.append(("table", Table(frame, ["", "click_recall", "teacher_recall",
-                                                  *_one_se_keys(grid)])))
+        sec.blocks.append(("table", Table(frame, ["", "click_recall", *(["", "click_recall"] if prior else []),
+                                                  "teacher_recall", *_one_se_keys(grid)])))
         g = as_mapping(e.get("gate"), "gate")
         if g:
             verdict = "better" if g.get("teacher_better") else "NOT better"
@@ -393,6 +397,9 @@ def _section_choices(data: Mapping) -> Section:
                               "valid AUC": [g.get("valid_auc") for g in grid], **_one_se_frame(grid)})
         sec.blocks.append(("h3", f"Rank student (scale {format_value(rs.get('chosen_scale'))} chosen)"))
         sec.blocks.append(("table", Table(frame, ["", "auc", *_one_se_keys(grid)])))
+    sec.blocks.append(("p", "A tower's popularity prior adds the popular channel's recent click counts to its scores "
+                            "(its item embeddings are fixed when the index is built); its weight is chosen per "
+                            "trained tower on the same validation requests before the distillation scale is."))
     sec.blocks.append(("p", "Each grid is decided by the one-standard-error rule: the smallest value whose score is "
                             "within one standard error of the best score (the SE of the paired gap, bootstrapped "
                             "over the validation requests), so a setting that wins by less than the validation "
@@ -404,6 +411,14 @@ def _section_choices(data: Mapping) -> Section:
 def _one_se_keys(grid: list[Mapping]) -> list[str]:
     """The format keys of :func:`_one_se_frame`'s columns."""
     return ["gap", "gap", ""] if _one_se_frame(grid) else []
+
+
+def _weight_zero_score(row: dict, n) -> float | None:
+    """A tower grid row's validation click-recall@n without its popularity prior (weight 0 of its prior grid)."""
+    for p in as_list(row.get("popularity_prior_grid"), "popularity_prior_grid") or []:
+        if (as_mapping(p, "popularity_prior_grid") or {}).get("weight") == 0.0:
+            return p.get(f"valid_click_recall@{n}")
+    return None
 
 
 def _one_se_frame(grid: list[Mapping]) -> dict[str, list]:
