@@ -117,6 +117,8 @@ class ServingParts:
     [B*N, ...] ranker inputs (user, item, context and cross features); rank_forward(cat, num, list_len) -> [B*N]
     logits of B consecutive candidate lists of list_len rows (the served ranker's own call, forward_lists);
     cascade: the served :class:`Cascade` built from the same parts (for a run: ``build_cascade``, the real path).
+    retrieval_prior(requests, u, ids [B, n], n) -> (ids, scores): the served retriever's rescoring of the index's
+    answer with its towers' popularity prior (``Retriever.with_prior``), None when the retrieval tower has none.
     """
 
     user_embed: Callable[[Requests], np.ndarray]
@@ -125,11 +127,16 @@ class ServingParts:
     pair_features: Callable[[Requests, np.ndarray], tuple[np.ndarray, np.ndarray]]
     rank_forward: Callable[[np.ndarray, np.ndarray, int], np.ndarray]
     cascade: Cascade
+    retrieval_prior: Callable | None = None
 
     def with_index(self, index: ItemIndex) -> ServingParts:
-        """The same parts serving another index over the same items."""
-        casc = Cascade(Retriever(self.user_embed, index), self.cascade.preranker, self.cascade.ranker)
-        return ServingParts(self.user_embed, index, self.prerank_score, self.pair_features, self.rank_forward, casc)
+        """The same parts serving another index over the same items (the retrieval tower's prior kept)."""
+        served = self.cascade.retriever
+        retriever = Retriever(self.user_embed, index, getattr(served, "prior_towers", None),
+                              getattr(served, "data", None))
+        casc = Cascade(retriever, self.cascade.preranker, self.cascade.ranker)
+        return ServingParts(self.user_embed, index, self.prerank_score, self.pair_features, self.rank_forward, casc,
+                            retriever.with_prior if retriever.prior_towers is not None else None)
 
 
 def parts_from_callables(user_embed, index, prerank_score, pair_features, rank_forward) -> ServingParts:
@@ -159,9 +166,10 @@ def load_run(run_dir: Path, variant: str = "distilled"):
     index = ItemIndex.load(run_dir / "index" / variant,
                            expect_model_hash=A.sha256_file(sdir / "retrieval" / "model.pt"),
                            expect_dim=retr.item_emb.shape[1], expect_metric="ip", device="cpu", omp_threads=1)
+    casc = build_cascade(data, retr, pre, teacher, index)
     parts = ServingParts(lambda r: retr.user_embed(data, r), index, pre.scorer(data), data.pair_features,
-                         lambda cat, num, n: score_pairs(teacher, cat, num, list_len=n),
-                         build_cascade(data, retr, pre, teacher, index))
+                         lambda cat, num, n: score_pairs(teacher, cat, num, list_len=n), casc,
+                         casc.retriever.with_prior if casc.retriever.prior_towers is not None else None)
     requests = to_requests(requests_frame(data.split_impressions("test"), data.context_names), data.context_names)
     n_real = len(data.item_ids)  # item rows past n_real are the OOV row, never indexed
     return parts, requests, retr.item_emb[:n_real], retr.inputs.item_ids[:n_real]
@@ -193,7 +201,7 @@ def cycle(requests: Requests, n: int) -> Requests:
 
 
 def time_retrieval(bare, index: ItemIndex, user_embed, xq: np.ndarray, requests: Requests, k: int, batch_size: int,
-                   rounds: int = 5, chunk_queries: int = 32, seed: int = 0) -> dict:
+                   rounds: int = 5, chunk_queries: int = 32, seed: int = 0, served: Retriever | None = None) -> dict:
     """Queries per second of bare faiss vs our wrappers on identical queries.
 
     bare: a faiss index equal to ``index`` (same file, same search settings); xq: [nq, d] the user-tower vectors of
@@ -230,6 +238,8 @@ def time_retrieval(bare, index: ItemIndex, user_embed, xq: np.ndarray, requests:
         "retriever_full": lambda sl: [full.select(r, None, k)[0] for r in reqs[sl]],
         "user_tower": lambda sl: [user_embed(r) for r in reqs[sl]],
     }
+    if served is not None:  # the served retriever with its towers' popularity prior: user tower, search, rescoring
+        methods["retriever_served"] = lambda sl: [served.select(r, None, k)[0] for r in reqs[sl]]
     everything = slice(None)
     ids_bare = np.concatenate(run_bare(everything))  # warm-up, and the reference for the identity check
     ids_bare = np.where(ids_bare >= 0, index.item_ids[np.maximum(ids_bare, 0)], -1)
@@ -318,8 +328,8 @@ def stage_breakdown(parts: ServingParts, requests: Requests, n_retrieve: int, n_
     CPU time (``time.thread_time``; faiss and torch run on the calling thread at 1 thread): on a machine shared with
     other jobs it leaves out the time spent waiting for the core, so it approximates the latency on an idle core.
     """
-    steps = ("user_tower", "index_search", "prerank_score", "prerank_topk", "pair_features", "rank_forward",
-             "rank_topk")
+    steps = ("user_tower", "index_search", "retrieval_prior", "prerank_score", "prerank_topk", "pair_features",
+             "rank_forward", "rank_topk")
     wall = np.empty((len(requests), len(steps) + 1))
     cpu = np.empty_like(wall)
 
@@ -334,16 +344,19 @@ def stage_breakdown(parts: ServingParts, requests: Requests, n_retrieve: int, n_
         mark(i, 1)
         _, cand = parts.index.search(u, n_retrieve)
         mark(i, 2)
-        ps = parts.prerank_score(r, cand)
+        if parts.retrieval_prior is not None:
+            cand = parts.retrieval_prior(r, u, np.asarray(cand, np.int64), n_retrieve)[0]
         mark(i, 3)
-        pi, _ = topk_rows(np.asarray(ps, np.float32), cand, n_prerank)
+        ps = parts.prerank_score(r, cand)
         mark(i, 4)
-        cat, num = parts.pair_features(r, pi)
+        pi, _ = topk_rows(np.asarray(ps, np.float32), cand, n_prerank)
         mark(i, 5)
-        s = np.asarray(parts.rank_forward(cat, num, pi.shape[1])).reshape(pi.shape)
+        cat, num = parts.pair_features(r, pi)
         mark(i, 6)
-        topk_rows(s, pi, k)
+        s = np.asarray(parts.rank_forward(cat, num, pi.shape[1])).reshape(pi.shape)
         mark(i, 7)
+        topk_rows(s, pi, k)
+        mark(i, 8)
     out = {}
     for name, t in (("wall", wall), ("cpu", cpu)):
         d = np.maximum(np.diff(t, axis=1), 0.0)
@@ -445,7 +458,8 @@ def bench_size(n_items: int, args) -> dict:
     out["retrieval"] = {
         f"batch{b}": time_retrieval(bare, index, parts.user_embed, xq[: (args.nq_single if b == 1 else nq)],
                                     q_req.take(np.arange(args.nq_single if b == 1 else nq)), args.n_retrieve, b,
-                                    rounds=args.rounds)
+                                    rounds=args.rounds,
+                                    served=parts.cascade.retriever if parts.retrieval_prior is not None else None)
         for b in (1, args.batch_size)}
     del bare
     log.info("%d items: retrieval overhead %s", n_items,
@@ -731,8 +745,8 @@ def render_markdown(res: dict) -> str:
           "search*: `Retriever.select` with the user tower replaced by the precomputed vectors. *cpu* rows use the "
           "thread's CPU time (robust to other jobs' load), *wall* rows elapsed time.", "",
           "| items | index | batch | clock | bare faiss q/s | ItemIndex.search | retriever search | overhead | "
-          "full retriever (+ user tower) | user tower alone q/s |",
-          "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|"]
+          "full retriever (+ user tower) | served retriever (+ popularity prior) | user tower alone q/s |",
+          "|---:|---|---:|---|---:|---:|---:|---:|---:|---:|---:|"]
     for s in res["sizes"]:
         served = s["served_index"]
         idx = served["factory"] + (f" nprobe={served['nprobe']}" if "nprobe" in served else "")
@@ -743,6 +757,8 @@ def render_markdown(res: dict) -> str:
                          f"{q['item_index']:,.0f} ({o['item_index']:+.1%}) | {q['retriever_search']:,.0f} | "
                          f"**{o['retriever_search']:+.1%}** | {q['retriever_full']:,.0f} "
                          f"({o['retriever_full']:+.1%}) | "
+                         + (f"{q['retriever_served']:,.0f} ({o['retriever_served']:+.1%}) | " if "retriever_served" in q
+                            else "- (no prior) | ") +
                          f"{q['user_tower']:,.0f} |")
     L += ["", f"**Operating points** on the trained retrieval tower's item embeddings (recall@{a['k_recall']} vs exact "
           f"inner-product search over {a['nq']} test queries; batched = one search of all queries; single = one query "
@@ -783,9 +799,9 @@ def render_markdown(res: dict) -> str:
           "cascade's order). *wall* is elapsed time; *cpu* is the thread's CPU time, which leaves out waiting for a "
           "core taken by other jobs (close to what an idle core would give). The teacher's cost = pair features "
           "(user, item, context and cross features of the 100 candidates) + forward.", "",
-          "| items | index | clock | user tower | index search | pre-rank score | pair features | teacher forward | "
-          "top-k (both, p50) | total |",
-          "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+          "| items | index | clock | user tower | index search | prior rescoring | pre-rank score | pair features | "
+          "teacher forward | top-k (both, p50) | total |",
+          "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in res["sizes"]:
         for name, e in s["end_to_end"].items():
             for clock in ("wall", "cpu"):
@@ -795,7 +811,8 @@ def render_markdown(res: dict) -> str:
                     return f"{bd[step]['p50_ms']:.2f} / {bd[step]['p99_ms']:.2f}"
 
                 topk = bd["prerank_topk"]["p50_ms"] + bd["rank_topk"]["p50_ms"]
-                L.append(f"| {s['n_items']:,} | {name} | {clock} | {f('user_tower')} | {f('index_search')} | "
+                prior = f("retrieval_prior") if "retrieval_prior" in bd else "-"
+                L.append(f"| {s['n_items']:,} | {name} | {clock} | {f('user_tower')} | {f('index_search')} | {prior} | "
                          f"{f('prerank_score')} | {f('pair_features')} | {f('rank_forward')} | {topk:.2f} | "
                          f"**{f('total')}** |")
     L += ["", "**Growth with the corpus** (batch 1 p50 / p99 ms unless noted).", "",

@@ -65,6 +65,11 @@ def test_retrieval_timing_checks_identical_results(toy):
             assert set(out[clock]["qps"]) == {"bare_faiss", "item_index", "retriever_search", "retriever_full",
                                               "user_tower"}
             assert all(q > 0 for q in out[clock]["qps"].values())
+    # the served retriever (with its towers' popularity prior, where they have one) is timed beside them
+    served = bs.Retriever(toy["parts"].user_embed, toy["index"])
+    out = bs.time_retrieval(bare, toy["index"], toy["parts"].user_embed, toy["xq"], toy["requests"], k=20,
+                            batch_size=4, rounds=1, served=served)
+    assert out["wall"]["qps"]["retriever_served"] > 0 and "retriever_served" in out["cpu"]["overhead_vs_bare"]
     # a "bare" index over other vectors must be caught: the overhead is only meaningful on identical work
     import faiss
 
@@ -95,6 +100,7 @@ def test_breakdown_and_end_to_end_match_the_cascade(toy):
     bd = bs.stage_breakdown(parts, req, n_ret, n_pre, k)
     assert set(bd) == {"wall", "cpu"}
     assert bd["cpu"]["total"]["n"] == N_USERS and bd["wall"]["rank_forward"]["n"] == N_USERS
+    assert parts.retrieval_prior is None and bd["wall"]["retrieval_prior"]["n"] == N_USERS  # timed, nothing to do
     e2e = bs.end_to_end(parts, req, n_ret, n_pre, k, n_batch1=60, batch_size=16, n_batched=70, warmup=3)
     assert e2e["batch1"]["served"] == 60 and e2e["batched"]["served"] == 70  # cycled past the 40 requests
     # the assembled cascade = exact IP top-50 -> IP top-20 -> (IP + 3 bias) top-5, computed here by brute force

@@ -63,14 +63,19 @@ class Retriever:
         d, i = self.index.search(u, k)
         i, d = np.asarray(i, np.int64), np.asarray(d, np.float32)
         if self.prior_towers is not None:
-            towers = self.prior_towers
-            both = first_occurrences(np.concatenate([i, towers.prior.candidates(requests, k)], axis=1), 2 * k)[0]
-            return topk_rows(towers.scores(self.data, requests, both, u), both, k)
+            return self.with_prior(requests, u, i, k)
         # padding must never look like a score; it sits at the end of a row, so the last column tells whether there
         # is any (a full [B, k] comparison was 3 us of a 0.1 ms batch-1 search)
         if len(i) and (i[0, -1] == PAD if len(i) == 1 else (i[:, -1] == PAD).any()):
             d = np.where(i == PAD, np.float32(-np.inf), d)
         return i, d
+
+    def with_prior(self, requests: Requests, u: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """The index's answer ids [B, k] for user embeddings u [B, d] and the prior's k most clicked items, scored
+        by the towers' full score: the best k (ids, scores)."""
+        towers = self.prior_towers
+        both = first_occurrences(np.concatenate([ids, towers.prior.candidates(requests, k)], axis=1), 2 * k)[0]
+        return topk_rows(towers.scores(self.data, requests, both, u), both, k)
 
 
 class PairScorer:
