@@ -198,12 +198,17 @@ def load_ranker(model_dir: str | Path, spec: FeatureSpec) -> Ranker | EntireSpac
 
 @dataclass
 class Towers:
-    """A trained two-tower student with everything needed to serve it."""
+    """A trained two-tower student with everything needed to serve it. Its item rows: the data's items, then the
+    OOV row (``n_real`` of them real); unknown ids and PAD score as the OOV row."""
 
     model: TwoTower
     inputs: TowerInputs  # item rows = data items + OOV row
     item_emb: np.ndarray  # float32 [I, d], rows as inputs.item_ids
     prior: PopularityPrior | None = None  # the recent-popularity term added to its scores (None: none)
+
+    def __post_init__(self) -> None:
+        self.n_real = len(self.inputs.item_ids) - 1
+        self._real_rows = IdIndex(self.inputs.item_ids[: self.n_real], "item_id", "Towers")
 
     def user_embed(self, data: RunData, requests: Requests) -> np.ndarray:
         u_rows = self.inputs.user_rows(data.map_users(requests.user_id))
@@ -220,16 +225,25 @@ class Towers:
             u = self.model.user_tower(*x)
         return u.float().numpy()
 
+    def item_rows(self, item_ids: np.ndarray) -> np.ndarray:
+        """Item rows int64 [...] of ids [...]: unknown ids and PAD -> the OOV row (``n_real``)."""
+        rows, found = self._real_rows.find(item_ids)
+        return np.where(found, rows, self.n_real)
+
+    def row_scores(self, requests: Requests, u: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        """float32 [B, N]: <u, v> / T plus the prior's term for item rows [B, N] (the OOV row scores too)."""
+        s = np.matmul(self.item_emb[rows], u[:, :, None])[:, :, 0] * np.float32(1.0 / self.model.temperature)
+        if self.prior is not None:
+            s += self.prior.boost(requests, u, rows)
+        return s
+
     def scores(self, data: RunData, requests: Requests, candidates: np.ndarray,
                u: np.ndarray | None = None) -> np.ndarray:
-        """float32 [B, N]: the tower's score of each request's candidates [B, N] (PAD: -inf), <u, v> / T plus
+        """float32 [B, N]: the tower's score of each request's candidate ids [B, N] (PAD: -inf), <u, v> / T plus
         the prior's term; u [B, d]: the requests' user embeddings when already computed."""
         u = self.user_embed(data, requests) if u is None else u
-        rows = self.inputs.item_rows(data.map_items(candidates.reshape(-1))).reshape(candidates.shape)
-        s = np.einsum("bd,bnd->bn", u, self.item_emb[rows]) * np.float32(1.0 / self.model.temperature)
-        if self.prior is not None:
-            s = s + self.prior.boost(requests, u, candidates)
-        return np.where(candidates == PAD, np.float32(-np.inf), s).astype(np.float32, copy=False)
+        s = self.row_scores(requests, u, self.item_rows(candidates))
+        return np.where(candidates == PAD, np.float32(-np.inf), s)
 
     def scorer(self, data: RunData):
         def score(requests: Requests, candidates: np.ndarray) -> np.ndarray:
@@ -254,5 +268,6 @@ def load_towers(model_dir: str | Path, data: RunData, requests: pd.DataFrame | N
         p = A.read_json(model_dir / PRIOR_FILE)
         if p["weight"] > 0:
             popular = PopularChannel(data.history, p["window_days"], p["refresh_ms"])
-            prior = PopularityPrior(popular, p["weight"], emb[: len(data.item_ids)], model.temperature)
+            n_real = len(inputs.item_ids) - 1
+            prior = PopularityPrior(popular, p["weight"], emb[:n_real], inputs.item_ids[:n_real], model.temperature)
     return Towers(model, inputs, emb, prior)

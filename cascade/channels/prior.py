@@ -10,7 +10,11 @@ c_i(t): item i's clicks in the trailing window of a :class:`~.classic.PopularCha
 on validation), as of the request's refresh period; spread(u) = sqrt(u' Cov(v) u) / T, the standard deviation of
 u's scores over the corpus, so that one weight suits every user; T the towers' temperature. ``weight`` is chosen
 on validation outcomes (0 in its grid: no prior). A retriever with a prior also scores the channel's top n beside
-the index's top n and keeps the best n of both by the full score (:meth:`candidates`).
+the index's top n and keeps the best n of both by the full score.
+
+Items are addressed by the towers' item rows (row r = ``item_ids[r]``; row I, one past the last item, is the
+towers' OOV row and PAD's: no clicks). Each refresh period's counts become, once, a dense vector over the rows and
+the rows of its most clicked items, so a request pays a gather, not an id lookup.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..arrays import PAD
+from ..data.ids import IdIndex
 from ..data.requests import Requests
 from .classic import PopularChannel
 
@@ -26,20 +31,25 @@ PRIOR_FILE = "prior.json"  # a saved tower's prior: PopularityPrior.params()
 
 class PopularityPrior:
     """popular: the channel whose trailing-window click counts c_i(t) are the prior; weight >= 0;
-    item_emb float32 [I, d]: the tower's item embeddings of the corpus (their covariance gives spread(u));
-    temperature: the towers' T.
+    item_emb float32 [I, d] and item_ids int64 [I]: the towers' item embeddings and ids by row (their covariance
+    gives spread(u)); temperature: the towers' T.
 
-    boost(requests, u [B, d], items [B, N] int64, PAD allowed) -> float32 [B, N] (the prior's term);
-    candidates(requests, n) -> int64 [B, n]: the channel's n most clicked items per request (PAD-padded)."""
+    boost(requests, u [B, d], rows [B, N]) -> float32 [B, N] (the prior's term; rows PAD or I: 0);
+    boost_corpus(requests, u) -> float32 [B, I]; candidates(requests, n) -> rows int64 [B, n] of the channel's n
+    most clicked items (PAD-padded); log_counts(requests, rows) -> float32 [B, N]."""
 
-    def __init__(self, popular: PopularChannel, weight: float, item_emb: np.ndarray, temperature: float = 1.0) -> None:
+    def __init__(self, popular: PopularChannel, weight: float, item_emb: np.ndarray, item_ids: np.ndarray,
+                 temperature: float = 1.0) -> None:
         if not (np.isfinite(weight) and weight >= 0):
             raise ValueError(f"PopularityPrior: weight must be a finite number >= 0, got {weight}")
-        if item_emb.ndim != 2 or len(item_emb) < 2:
-            raise ValueError(f"PopularityPrior: item_emb must be [I >= 2, d], got {item_emb.shape}")
+        if item_emb.ndim != 2 or len(item_emb) < 2 or len(item_ids) != len(item_emb):
+            raise ValueError(f"PopularityPrior: item_emb must be [I >= 2, d] with one id per row, got "
+                             f"{item_emb.shape} and {len(item_ids)} ids")
         self.popular, self.weight, self.temperature = popular, float(weight), float(temperature)
         self.cov = np.cov(np.asarray(item_emb, np.float64), rowvar=False).reshape(item_emb.shape[1], -1)
-        self._lookup: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self.n_items = len(item_ids)
+        self._rows = IdIndex(np.asarray(item_ids, np.int64), "item_id", "PopularityPrior")
+        self._periods_seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def params(self) -> dict:
         """What a saved tower records to rebuild the prior: the channel's settings and the weight."""
@@ -50,45 +60,45 @@ class PopularityPrior:
         u = np.asarray(u, np.float64)
         return np.sqrt(np.maximum(np.einsum("bd,de,be->b", u, self.cov, u), 0.0)) / self.temperature
 
-    def _period(self, s: int) -> tuple[np.ndarray, np.ndarray]:
-        """(item ids sorted ascending, log1p click counts in that order) of the refresh period starting at s."""
-        if s not in self._lookup:
+    def period(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        """The refresh period starting at s: (log1p click counts float32 [I + 1] by row, the last entry 0; rows
+        int64 [m] of its clicked items, most clicked first)."""
+        if s not in self._periods_seen:
             ids, counts = self.popular.ranked(s)
-            order = np.argsort(ids, kind="stable")
-            if len(self._lookup) >= 256:  # a replay walks forward in time: old periods are not asked again
-                self._lookup.clear()
-            self._lookup[s] = (ids[order], np.log1p(counts[order].astype(np.float64)))
-        return self._lookup[s]
+            rows, found = self._rows.find(ids)
+            rows, counts = rows[found], counts[found]
+            dense = np.zeros(self.n_items + 1, np.float32)
+            dense[rows] = np.log1p(counts)
+            if len(self._periods_seen) >= 16:  # a replay walks forward in time: old periods are not asked again
+                self._periods_seen.clear()
+            self._periods_seen[s] = (dense, rows)
+        return self._periods_seen[s]
 
-    def log_counts(self, requests: Requests, items: np.ndarray) -> np.ndarray:
-        """float64 [B, N]: log(1 + c_i(t)) of each request's items (0 for PAD and for items not clicked lately)."""
-        items = np.asarray(items, np.int64)
-        out = np.zeros(items.shape, np.float64)
+    def log_counts(self, requests: Requests, rows: np.ndarray) -> np.ndarray:
+        rows = np.where(np.asarray(rows, np.int64) == PAD, self.n_items, rows)
         period = self._periods(requests)
+        if len(period) == 1 or (period == period[0]).all():
+            return self.period(int(period[0]))[0][rows]
+        out = np.zeros(rows.shape, np.float32)
         for s in np.unique(period):
-            rows = np.flatnonzero(period == s)
-            ids, logc = self._period(int(s))
-            if not len(ids):
-                continue
-            x = items[rows]
-            pos = np.minimum(np.searchsorted(ids, x), len(ids) - 1)
-            out[rows] = np.where((ids[pos] == x) & (x != PAD), logc[pos], 0.0)
+            b = period == s
+            out[b] = self.period(int(s))[0][rows[b]]
         return out
 
-    def boost(self, requests: Requests, u: np.ndarray, items: np.ndarray) -> np.ndarray:
-        return (self.weight * self.spread(u)[:, None] * self.log_counts(requests, items)).astype(np.float32)
+    def boost(self, requests: Requests, u: np.ndarray, rows: np.ndarray) -> np.ndarray:
+        scale = (self.weight * self.spread(u)).astype(np.float32)
+        return scale[:, None] * self.log_counts(requests, rows)
 
-    def boost_corpus(self, requests: Requests, u: np.ndarray, item_ids: np.ndarray) -> np.ndarray:
-        """float32 [B, I]: :meth:`boost` of every item of ``item_ids`` [I] for every request (one lookup per refresh
-        period, not per request)."""
-        period = self._periods(requests)
-        uniq, which = np.unique(period, return_inverse=True)
-        per_period = np.stack([self.log_counts(requests.take(np.flatnonzero(period == s)[:1]), item_ids[None, :])[0]
-                               for s in uniq])
-        return (self.weight * self.spread(u)[:, None] * per_period[which]).astype(np.float32)
+    def boost_corpus(self, requests: Requests, u: np.ndarray) -> np.ndarray:
+        return self.boost(requests, u, np.broadcast_to(np.arange(self.n_items), (len(u), self.n_items)))
 
     def candidates(self, requests: Requests, n: int) -> np.ndarray:
-        return self.popular.select(requests, None, n)[0]
+        period = self._periods(requests)
+        out = np.full((len(period), n), PAD, np.int64)
+        for s in np.unique(period):
+            top = self.period(int(s))[1][:n]
+            out[period == s, :len(top)] = top
+        return out
 
     def _periods(self, requests: Requests) -> np.ndarray:
         r = self.popular.refresh_ms

@@ -90,15 +90,14 @@ class _ExactTowers:
 
     def __init__(self, towers: Towers, data: RunData) -> None:
         self.towers, self.data = towers, data
-        self.n_real = len(data.item_ids)  # the last item row is the OOV row
 
     def select(self, requests: Requests, candidates, n: int) -> tuple[np.ndarray, np.ndarray]:
-        u = self.towers.user_embed(self.data, requests)
-        ids = self.towers.inputs.item_ids[: self.n_real]
-        scores = u @ self.towers.item_emb[: self.n_real].T * np.float32(1.0 / self.towers.model.temperature)
-        if self.towers.prior is not None:
-            scores += self.towers.prior.boost_corpus(requests, u, ids)
-        return topk_rows(scores, np.broadcast_to(ids, scores.shape), n)
+        t = self.towers
+        u = t.user_embed(self.data, requests)
+        scores = u @ t.item_emb[: t.n_real].T * np.float32(1.0 / t.model.temperature)
+        if t.prior is not None:
+            scores += t.prior.boost_corpus(requests, u)
+        return topk_rows(scores, np.broadcast_to(t.inputs.item_ids[: t.n_real], scores.shape), n)
 
 
 def _tower_recall(model, inputs, data: RunData, judge: Judge, n: int,
@@ -115,9 +114,11 @@ def choose_prior(model, inputs, data: RunData, judge: Judge, n: int, popular: Po
     per-request click-recall at that weight, one row per weight)."""
     if popular is None or grid == (0.0,):
         return 0.0, _tower_recall(model, inputs, data, judge, n), []
-    emb = item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num)[: len(data.item_ids)]
+    n_real = len(inputs.item_ids) - 1  # the last item row is the OOV row
+    emb = item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num)[:n_real]
     recall = {float(w): _tower_recall(model, inputs, data, judge, n,
-                                      PopularityPrior(popular, w, emb, model.temperature) if w else None)
+                                      PopularityPrior(popular, w, emb, inputs.item_ids[:n_real], model.temperature)
+                                      if w else None)
               for w in grid}
     chosen, rows = one_se_choice(list(recall), lambda w, units: float(np.nanmean(recall[w][units])),
                                  len(judge.requests), seed=seed)

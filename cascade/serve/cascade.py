@@ -74,8 +74,15 @@ class Retriever:
         """The index's answer ids [B, k] for user embeddings u [B, d] and the prior's k most clicked items, scored
         by the towers' full score: the best k (ids, scores)."""
         towers = self.prior_towers
-        both = first_occurrences(np.concatenate([ids, towers.prior.candidates(requests, k)], axis=1), 2 * k)[0]
-        return topk_rows(towers.scores(self.data, requests, both, u), both, k)
+        rows = np.where(ids == PAD, PAD, towers.item_rows(ids))
+        both = np.concatenate([rows, towers.prior.candidates(requests, k)], axis=1)
+        if len(both) == 1:  # batch 1 (the serving path): each row once (their order does not matter: all are scored)
+            both = np.unique(both[0])[None, :]
+        else:
+            both = first_occurrences(both, 2 * k)[0]
+        s = towers.row_scores(requests, u, np.where(both == PAD, towers.n_real, both))
+        top, scores = topk_rows(np.where(both == PAD, np.float32(-np.inf), s), both, k)
+        return np.where(top == PAD, PAD, towers.inputs.item_ids[np.maximum(top, 0)]), scores
 
 
 class PairScorer:
