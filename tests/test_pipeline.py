@@ -374,6 +374,46 @@ def test_towers_serve_the_popularity_prior_validation_chose(run_a):
             np.testing.assert_allclose(towers.scores(data, req, ids), scores, rtol=1e-4, atol=1e-4)
 
 
+def test_prior_weight_is_chosen_by_what_validation_clicks(run_a):
+    """choose_prior on constructed judges: when every judged request clicked exactly the popular channel's three most
+    clicked items, a prior above 0 is chosen and its lists keep nearly all of them; when the clicks are items nobody
+    clicked in the window, the prior cannot help and 0 (no prior) is chosen."""
+    import numpy as np
+
+    from cascade.arrays import PAD
+    from cascade.channels import PopularChannel
+    from cascade.pipeline.judge import Judge, validation_judge
+    from cascade.pipeline.students import _ExactTowers, choose_prior
+    from cascade.run_data import RunData, load_towers
+
+    _, run_dir, _ = run_a
+    data = RunData(run_dir / "data")
+    towers = load_towers(run_dir / "students" / "distilled" / "retrieval", data)
+    towers.prior = None  # the tower alone: the constructed judges below are about its own lists
+    base = validation_judge(data, 200, seed=0)
+    popular = PopularChannel(data.history, 1.0, 3_600_000)
+    top = popular.select(base.requests, None, 3)[0]
+    keep = (top != PAD).all(axis=1)
+    req = base.requests.take(np.flatnonzero(keep))
+    grid = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0, 16.0)
+    w, recall, rows = choose_prior(towers.model, towers.inputs, data, Judge(req, top[keep], None, "popular"), 10,
+                                   popular, grid, seed=0)
+    assert len(req) >= 20 and w > 0 and np.nanmean(recall) >= 0.9
+    assert rows[0]["weight"] == 0.0 and rows[0]["valid_click_recall@10"] < np.nanmean(recall)
+    # the tower's own favourites that were clicked least in the window: the prior only pushes others ahead of them
+    counts = np.zeros(len(data.item_ids))
+    for s in np.unique((np.asarray(req.time_ms) // 3_600_000) * 3_600_000):
+        ids, c = popular.ranked(int(s))
+        counts[np.searchsorted(data.item_ids, ids)] += c
+    own = _ExactTowers(towers, data).select(req, None, 50)[0]
+    least = np.argsort(counts[np.searchsorted(data.item_ids, own)], axis=1, kind="stable")[:, :2]
+    clicked = np.take_along_axis(own, least, axis=1)
+    w, _, rows = choose_prior(towers.model, towers.inputs, data, Judge(req, clicked, None, "least clicked"), 50,
+                              popular, grid, seed=0)
+    assert w == 0.0 and rows[0]["valid_click_recall@50"] == 1.0, rows
+    assert rows[-1]["valid_click_recall@50"] < 0.9  # a heavy prior pushes them out
+
+
 def test_export_onnx_matches_the_eager_models_in_onnxruntime(run_a, tmp_path):
     """`--format onnx`: each model in onnxruntime against the eager model, max |onnx - eager| < 1e-5 (measured:
     3e-8 to 2.4e-7)."""
