@@ -60,8 +60,13 @@ def _rank_students(run_dir: Path) -> dict[str, float]:
 
 
 def _choices(run_dir: Path) -> dict[str, float | None]:
+    """The distillation scales chosen on validation, and the popularity prior weight of each served tower."""
     metrics = A.read_manifest(run_dir / "students")["metrics"]
-    return {s: metrics.get(s, {}).get("chosen_scale") for s in ("retrieval", "prerank", "rank_student")}
+    out = {s: metrics.get(s, {}).get("chosen_scale") for s in ("retrieval", "prerank", "rank_student")}
+    for s in ("retrieval", "prerank"):
+        row = [g for g in metrics.get(s, {}).get("grid", []) if g.get("scale") == out[s]]
+        out[f"{s}_prior"] = row[0].get("popularity_prior") if row else None
+    return out
 
 
 def _paired(summary: dict) -> dict[str, dict]:
@@ -232,6 +237,10 @@ def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
         lines += ["", "scales chosen on validation per seed (retrieval, pre-rank towers; rank student): " +
                   "; ".join(f"seed {s}: {c['retrieval']}, {c['prerank']}; {c['rank_student']}"
                             for s, c in zip(seeds, a["chosen_scales"])), ""]
+        if any(c.get("retrieval_prior") is not None for c in a["chosen_scales"]):
+            lines += ["popularity prior weights of the served towers per seed (retrieval, pre-rank): " +
+                      "; ".join(f"seed {s}: {c['retrieval_prior']}, {c['prerank_prior']}"
+                                for s, c in zip(seeds, a["chosen_scales"])), ""]
     return "\n".join(lines)
 
 
