@@ -90,7 +90,13 @@ class PopularityPrior:
         return scale[:, None] * self.log_counts(requests, rows)
 
     def boost_corpus(self, requests: Requests, u: np.ndarray) -> np.ndarray:
-        return self.boost(requests, u, np.broadcast_to(np.arange(self.n_items), (len(u), self.n_items)))
+        period = self._periods(requests)
+        uniq, which = np.unique(period, return_inverse=True)
+        dense = np.stack([self.period(int(s))[0][: self.n_items] for s in uniq])  # [P, I]: one per refresh period
+        scale = (self.weight * self.spread(u)).astype(np.float32)
+        out = dense[which]
+        out *= scale[:, None]
+        return out
 
     def candidates(self, requests: Requests, n: int) -> np.ndarray:
         period = self._periods(requests)
