@@ -229,3 +229,26 @@ def test_retriever_turns_the_index_padding_into_minus_inf():
         assert i[0].tolist() == [5, 3, PAD, PAD] and d[0].tolist() == [0.5, 0.5, -np.inf, -np.inf]
         if b == 2:
             assert d[1].tolist() == [0.5] * 4
+
+
+def test_a_user_who_saw_more_than_the_over_fetch_still_gets_a_full_list(toy):
+    """select_unseen over-fetches at most MAX_OVERFETCH x n at first; a user who saw more of the stage's best items
+    than that is fetched again with all they saw on top: n unseen items, the exact best n unseen, beside a light
+    user of the same batch whose list is untouched."""
+    from cascade.serve.cascade import MAX_OVERFETCH, select_unseen, select_unseen_origin
+
+    retriever = toy["cascade"].retriever
+    req = Requests(np.array([3, 4]), np.array([1000, 1000]))
+    n = 2
+    full = retriever.select(req, None, 60)[0]
+    heavy = full[0, : MAX_OVERFETCH * n + 5]  # user 3 saw the retriever's 13 best items for them
+    seen = EventHistory(np.r_[np.full(len(heavy), 3), [4]], np.r_[heavy, full[1, 0]], np.arange(len(heavy) + 1))
+    items, scores = select_unseen(retriever, req, n, seen)
+    np.testing.assert_array_equal(items[0], full[0, len(heavy): len(heavy) + n])  # the next two after what they saw
+    np.testing.assert_array_equal(items[1], full[1, 1: 1 + n])
+    assert np.isfinite(scores).all()
+    merged, _ = _merged_cascade(toy)
+    i1, s1 = select_unseen(merged.retriever, req, n, seen)
+    i2, s2, origin = select_unseen_origin(merged.retriever, req, n, seen)
+    np.testing.assert_array_equal(i1, i2)
+    assert (i1 != PAD).all() and (origin >= 0).all() and not np.isin(i1[0], heavy).any()

@@ -72,19 +72,26 @@ class Judge:
 def validation_judge(data: RunData, max_requests: int, seed: int) -> Judge:
     """The judge of ``data``'s validation split (see the module docstring); at most ``max_requests`` requests,
     a seeded sample kept in time order."""
-    valid = data.split_impressions("valid")
-    clicked_any = valid.groupby("request_id").click.max()
+    return split_judge(data, "valid", max_requests, seed)
+
+
+def split_judge(data: RunData, split: str, max_requests: int, seed: int) -> Judge:
+    """The requests with clicks of one split and their clicked items, judged as the validation judge is (seen
+    items filtered as the run decided); at most ``max_requests`` requests, a seeded sample kept in time order."""
+    imp = data.split_impressions(split)
+    clicked_any = imp.groupby("request_id").click.max()
     keep = clicked_any.index[clicked_any == 1]
+    name = {"valid": "validation"}.get(split, split)
     if len(keep) == 0:
-        raise ValueError(f"{data.dir}: the validation split has no request with a click: nothing to choose on")
-    frame = requests_frame(valid[valid.request_id.isin(keep)], data.context_names)
+        raise ValueError(f"{data.dir}: the {name} split has no request with a click: nothing to choose on")
+    frame = requests_frame(imp[imp.request_id.isin(keep)], data.context_names)
     if len(frame) > max_requests:
         rng = np.random.default_rng(seed)
         frame = frame.iloc[np.sort(rng.choice(len(frame), max_requests, replace=False))].reset_index(drop=True)
-    clicks = valid[(valid.click == 1) & valid.request_id.isin(frame.request_id)]
+    clicks = imp[(imp.click == 1) & imp.request_id.isin(frame.request_id)]
     row = pd.Series(np.arange(len(frame)), index=frame.request_id.to_numpy()).loc[clicks.request_id.to_numpy()]
     clicked = pad_by_row(row.to_numpy(), clicks.item_id.to_numpy(np.int64), len(frame), fill=PAD)
     seen, _ = seen_filter(data)
-    what = (f"{len(frame):,} validation requests with clicks (logged traffic; seen items "
+    what = (f"{len(frame):,} {name} requests with clicks (logged traffic; seen items "
             f"{'filtered' if seen is not None else 'kept'})")
     return Judge(to_requests(frame, data.context_names), clicked, seen, what)

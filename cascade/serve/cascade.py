@@ -101,18 +101,18 @@ class PairScorer:
         return topk_rows(s, candidates, k)
 
 
-MAX_OVERFETCH = 4  # filtering fetches at most (1 + this) x n items from a retriever
+MAX_OVERFETCH = 4  # filtering first fetches at most (1 + this) x n items; rows still short are fetched again
 
 
 def select_unseen(stage: Stage, requests: Requests, n: int, seen: EventHistory | None) -> tuple[np.ndarray, np.ndarray]:
     """``stage.select(requests, None, n)``, without the items each user was shown strictly before the request when
     ``seen`` is given: over-fetch by what the users saw (at most MAX_OVERFETCH x n more), drop the seen items,
-    keep the best n, so filtering does not shrink the list."""
+    keep the best n; the rows of users who saw more than that and are left short are fetched again with all they
+    saw on top, so filtering does not shrink a list the stage could fill."""
     if seen is None:
         return stage.select(requests, None, n)
-    items, scores = stage.select(requests, None, n + _overfetch(requests, n, seen))
-    cols, out_s = _unseen_columns(items, scores, requests, n, seen)
-    return _gather(items, cols, PAD), out_s
+    (items,), scores = _unseen(lambda r, m: stage.select(r, None, m), requests, n, seen, (PAD,))
+    return items, scores
 
 
 def select_unseen_origin(retriever: MergedRetriever, requests: Requests, n: int,
@@ -121,14 +121,28 @@ def select_unseen_origin(retriever: MergedRetriever, requests: Requests, n: int,
     origin int8 [B, n]: index into ``retriever.names``, -1 at padding)."""
     if seen is None:
         return retriever.select_with_origin(requests, n)
-    items, scores, origin = retriever.select_with_origin(requests, n + _overfetch(requests, n, seen))
-    cols, out_s = _unseen_columns(items, scores, requests, n, seen)
-    return _gather(items, cols, PAD), out_s, _gather(origin, cols, -1).astype(np.int8)
+    (items, origin), scores = _unseen(retriever.select_with_origin, requests, n, seen, (PAD, -1))
+    return items, scores, origin.astype(np.int8)
 
 
-def _overfetch(requests: Requests, n: int, seen: EventHistory) -> int:
+def _unseen(fetch, requests: Requests, n: int, seen: EventHistory, pads: tuple) -> tuple[list, np.ndarray]:
+    """The best n unseen of ``fetch(requests, m) -> (items [B, m], scores [B, m], *aligned)``: ([items, *aligned]
+    gathered [B, n], scores [B, n]), padded with ``pads``. A row left short although its user saw more than was
+    over-fetched is fetched again with n + all its user saw (at most that many can be seen, so n unseen are in)."""
     lo, hi = seen.before(requests.user_id, requests.time_ms)
-    return min(int((hi - lo).max(initial=0)), MAX_OVERFETCH * n)
+    count = hi - lo
+    extra = min(int(count.max(initial=0)), MAX_OVERFETCH * n)
+    got = fetch(requests, n + extra)
+    cols, scores = _unseen_columns(got[0], got[1], requests, n, seen)
+    out = [_gather(a, cols, pad) for a, pad in zip((got[0], *got[2:]), pads)]
+    short = np.flatnonzero((cols == PAD).any(axis=1) & (count > extra))
+    if len(short):
+        sub = requests.take(short)
+        again = fetch(sub, n + int(count[short].max()))
+        cols2, scores[short] = _unseen_columns(again[0], again[1], sub, n, seen)
+        for o, a, pad in zip(out, (again[0], *again[2:]), pads):
+            o[short] = _gather(a, cols2, pad)
+    return out, scores
 
 
 def _unseen_columns(items: np.ndarray, scores: np.ndarray, requests: Requests, n: int,

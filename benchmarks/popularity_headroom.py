@@ -1,0 +1,132 @@
+"""How much do a run's test clicks reward anything beyond trailing popularity? Offline, on finished runs.
+
+On ML-100K every cascade variant ends at most-popular's click-recall (BENCHMARKS.md, "Outcomes"). This measures
+what the data would give a list that knows more than popularity, on the run's own validation and test requests
+with clicks (the judge of cascade.pipeline.judge, seen items filtered as the run decided):
+
+- most-popular of a trailing window of 1, 7 or 30 days, counting clicks (the popular channel) or every logged
+  impression (on MovieLens: every rating, liked or not);
+- the run's most-popular re-ranked with its item-CF channel: score = log(1 + clicks in the window) + b x the
+  request's item-CF score / its largest, over the popular list's top 200, b from a grid, chosen on validation
+  click-recall@K (b = 0 is the popular list itself).
+
+For each list: click-recall@K on validation and test (mean and SE over requests), and for the chosen blend its
+test gain over most-popular paired on the same requests. Writes <out>/popularity_headroom.{json,md}.
+
+    python benchmarks/popularity_headroom.py runs/ml-14d runs/ml-28d --out benchmarks/results
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cascade import artifacts as A
+from cascade.arrays import PAD, topk_rows
+from cascade.channels import PopularChannel, load_channels
+from cascade.data.history import EventHistory
+from cascade.data.requests import request_start_ms
+from cascade.eval.metrics import paired_difference
+from cascade.machine import machine_record
+from cascade.pipeline.judge import Judge, split_judge
+from cascade.run_data import RunData
+
+WINDOWS = (1.0, 7.0, 30.0)
+BLEND = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+POOL = 200  # the popular items the blend re-ranks
+
+
+class Blend:
+    """The popular list's top POOL re-ranked by log(1 + count) + b x item-CF score / the request's largest."""
+
+    def __init__(self, popular, itemcf, b: float) -> None:
+        self.popular, self.itemcf, self.b = popular, itemcf, b
+
+    def select(self, requests, candidates, n: int):
+        ids, counts = self.popular.select(requests, None, max(n, POOL))
+        score = np.where(ids == PAD, -np.inf, np.log1p(np.where(np.isfinite(counts), counts, 0.0)))
+        if self.b:
+            cf_ids, cf = self.itemcf.select(requests, None, 1000)
+            cf = np.where(cf_ids == PAD, 0.0, cf)
+            top = np.maximum(cf.max(axis=1, keepdims=True), 1e-12)
+            for r in range(len(ids)):
+                lookup = dict(zip(cf_ids[r].tolist(), (cf[r] / top[r]).tolist()))
+                score[r] += self.b * np.array([lookup.get(i, 0.0) for i in ids[r].tolist()])
+        return topk_rows(score.astype(np.float32), ids, n)
+
+
+def recall(judge: Judge, stage, k: int) -> np.ndarray:
+    return judge.recall(judge.lists(stage, k), k)
+
+
+def summary(x: np.ndarray) -> dict:
+    x = x[np.isfinite(x)]
+    return {"mean": float(x.mean()), "se": float(x.std(ddof=1) / np.sqrt(len(x))), "n": int(len(x))}
+
+
+def measure(run: Path, k: int) -> dict:
+    data = RunData(run / "data")
+    judges = {split: split_judge(data, split, 10**9, seed=0) for split in ("valid", "test")}
+    chosen = load_channels(run / "channels", data.history, ["popular", "itemcf"])
+    refresh = chosen["popular"].refresh_ms
+    imp = data.impressions
+    shown = EventHistory(imp["user_id"].to_numpy(), imp["item_id"].to_numpy(), request_start_ms(imp))
+    lists = {}
+    for w in WINDOWS:
+        lists[f"most-popular, clicks, {w:g} days"] = PopularChannel(data.history, w, refresh)
+        lists[f"most-popular, every impression, {w:g} days"] = PopularChannel(shown, w, refresh)
+    per = {name: {s: recall(j, stage, k) for s, j in judges.items()} for name, stage in lists.items()}
+    blend = {b: {s: recall(j, Blend(chosen["popular"], chosen["itemcf"], b), k) for s, j in judges.items()}
+             for b in BLEND}
+    best = max(BLEND, key=lambda b: (np.nanmean(blend[b]["valid"]), -b))
+    base = blend[0.0]["test"]
+    return {"run": run.name, "popular": chosen["popular"].params(), "judges": {s: j.what for s, j in judges.items()},
+            "lists": {name: {s: summary(v) for s, v in r.items()} for name, r in per.items()},
+            "blend": {str(b): {s: summary(v) for s, v in r.items()} for b, r in blend.items()},
+            "blend_chosen_on_valid": best,
+            "blend_minus_popular_test": paired_difference(blend[best]["test"], base)}
+
+
+def markdown(res: dict) -> str:
+    k = res["k"]
+    lines = [f"Trailing popularity and what lies beyond it, click-recall@{k} (mean ± SE over requests); "
+             f"{res['date']}, {res['machine']}.", ""]
+    for r in res["runs"]:
+        lines += [f"### {r['run']} (the run's popular channel: {r['popular']})", "",
+                  f"validation: {r['judges']['valid']}; test: {r['judges']['test']}", "",
+                  "| list | validation | test |", "| --- | ---: | ---: |"]
+        rows = [(name, v) for name, v in r["lists"].items()]
+        rows += [(f"its most-popular + {b} x item-CF" + (" (chosen on validation)"
+                                                          if float(b) == r["blend_chosen_on_valid"] else ""), v)
+                 for b, v in r["blend"].items()]
+        for name, v in rows:
+            lines.append(f"| {name} | {v['valid']['mean']:.4f} ± {v['valid']['se']:.4f} | "
+                         f"{v['test']['mean']:.4f} ± {v['test']['se']:.4f} |")
+        d = r["blend_minus_popular_test"]
+        lines += ["", f"chosen blend minus the run's most-popular on test, paired: {d['diff']:+.4f} ± {d['se']:.4f} "
+                      f"({d['n']} requests)", ""]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", type=Path, help="finished runs (their data, channels steps)")
+    p.add_argument("--k", type=int, default=10)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = p.parse_args(argv)
+    t0 = time.perf_counter()
+    res = {"date": time.strftime("%Y-%m-%d"), "k": args.k, "machine": f"{os.cpu_count()} CPUs",
+           "cpu": machine_record(), "runs": [measure(run, args.k) for run in args.runs]}
+    res["wall_s"] = time.perf_counter() - t0
+    A.write_json(args.out / "popularity_headroom.json", res)
+    A.write_text(args.out / "popularity_headroom.md", markdown(res))
+    print(markdown(res))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
