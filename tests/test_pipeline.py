@@ -414,6 +414,37 @@ def test_prior_weight_is_chosen_by_what_validation_clicks(run_a):
     assert rows[-1]["valid_click_recall@50"] < 0.9  # a heavy prior pushes them out
 
 
+def test_popularity_headroom_benchmark_agrees_with_the_replay(run_a):
+    """benchmarks/popularity_headroom.py on the tiny run: its blend at b = 0 is the run's most-popular, and that
+    list's test click-recall@10 equals the replay's most-popular baseline request for request (the replay fetches
+    300 and keeps 10; the benchmark asks for 10: the seen filter must not shrink either)."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import popularity_headroom as ph
+
+    from cascade.channels import load_channels
+    from cascade.pipeline.judge import split_judge
+    from cascade.run_data import RunData
+
+    _, run_dir, _ = run_a
+    res = ph.measure(run_dir, 10)
+    window = A.read_json(run_dir / "channels" / "popular" / "channel.json")["params"]["window_days"]
+    assert res["blend"]["0.0"]["test"]["mean"] == pytest.approx(
+        res["lists"][f"most-popular, clicks, {window:g} days"]["test"]["mean"])
+    assert res["blend_chosen_on_valid"] in ph.BLEND and len(res["lists"]) == 2 * len(ph.WINDOWS)
+    data = RunData(run_dir / "data")
+    judge = split_judge(data, "test", 10**9, seed=0)
+    popular = load_channels(run_dir / "channels", data.history, ["popular"])["popular"]
+    mine = pd.DataFrame({"request_id": np.asarray(judge.requests.request_id), "mine": ph.recall(judge, popular, 10)})
+    replay = pd.read_parquet(run_dir / "replay" / "baseline_popular_requests.parquet")
+    both = mine.merge(replay[["request_id", "rank_click_recall"]], on="request_id")
+    assert len(both) >= 50
+    np.testing.assert_allclose(both["mine"], both["rank_click_recall"])
+
+
 def test_export_onnx_matches_the_eager_models_in_onnxruntime(run_a, tmp_path):
     """`--format onnx`: each model in onnxruntime against the eager model, max |onnx - eager| < 1e-5 (measured:
     3e-8 to 2.4e-7)."""
