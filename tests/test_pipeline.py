@@ -416,8 +416,8 @@ def test_prior_weight_is_chosen_by_what_validation_clicks(run_a):
 
 def test_popularity_headroom_benchmark_agrees_with_the_replay(run_a):
     """benchmarks/popularity_headroom.py on the tiny run: its blend at b = 0 is the run's most-popular, and that
-    list's test click-recall@10 equals the replay's most-popular baseline request for request (the replay fetches
-    300 and keeps 10; the benchmark asks for 10: the seen filter must not shrink either)."""
+    list's test click-recall@K equals the replay's most-popular baseline request for request at the replay's K (the
+    replay fetches N1 and keeps K; the benchmark asks for K: the seen filter must not shrink either)."""
     import sys
 
     import numpy as np
@@ -430,7 +430,8 @@ def test_popularity_headroom_benchmark_agrees_with_the_replay(run_a):
     from cascade.run_data import RunData
 
     _, run_dir, _ = run_a
-    res = ph.measure(run_dir, 10)
+    k = A.read_json(run_dir / "config.json")["replay"]["k"]  # another test of this module replays at k = 5
+    res = ph.measure(run_dir, k)
     window = A.read_json(run_dir / "channels" / "popular" / "channel.json")["params"]["window_days"]
     assert res["blend"]["0.0"]["test"]["mean"] == pytest.approx(
         res["lists"][f"most-popular, clicks, {window:g} days"]["test"]["mean"])
@@ -438,7 +439,7 @@ def test_popularity_headroom_benchmark_agrees_with_the_replay(run_a):
     data = RunData(run_dir / "data")
     judge = split_judge(data, "test", 10**9, seed=0)
     popular = load_channels(run_dir / "channels", data.history, ["popular"])["popular"]
-    mine = pd.DataFrame({"request_id": np.asarray(judge.requests.request_id), "mine": ph.recall(judge, popular, 10)})
+    mine = pd.DataFrame({"request_id": np.asarray(judge.requests.request_id), "mine": ph.recall(judge, popular, k)})
     replay = pd.read_parquet(run_dir / "replay" / "baseline_popular_requests.parquet")
     both = mine.merge(replay[["request_id", "rank_click_recall"]], on="request_id")
     assert len(both) >= 50
