@@ -132,8 +132,7 @@ class ServingParts:
     def with_index(self, index: ItemIndex) -> ServingParts:
         """The same parts serving another index over the same items (the retrieval tower's prior kept)."""
         served = self.cascade.retriever
-        retriever = Retriever(self.user_embed, index, getattr(served, "prior_towers", None),
-                              getattr(served, "data", None))
+        retriever = Retriever(self.user_embed, index, served.prior_towers, served.data)
         casc = Cascade(retriever, self.cascade.preranker, self.cascade.ranker)
         return ServingParts(self.user_embed, index, self.prerank_score, self.pair_features, self.rank_forward, casc,
                             retriever.with_prior if retriever.prior_towers is not None else None)

@@ -50,13 +50,23 @@ class Blend:
         ids, counts = self.popular.select(requests, None, max(n, POOL))
         score = np.where(ids == PAD, -np.inf, np.log1p(np.where(np.isfinite(counts), counts, 0.0)))
         if self.b:
-            cf_ids, cf = self.itemcf.select(requests, None, 1000)
-            cf = np.where(cf_ids == PAD, 0.0, cf)
-            top = np.maximum(cf.max(axis=1, keepdims=True), 1e-12)
-            for r in range(len(ids)):
-                lookup = dict(zip(cf_ids[r].tolist(), (cf[r] / top[r]).tolist()))
-                score[r] += self.b * np.array([lookup.get(i, 0.0) for i in ids[r].tolist()])
+            score += self.b * self._itemcf_share(requests, ids)
         return topk_rows(score.astype(np.float32), ids, n)
+
+    def _itemcf_share(self, requests, ids: np.ndarray) -> np.ndarray:
+        """float64 [B, N]: each listed item's item-CF score for its request over the request's largest (0 where
+        item-CF does not propose it), looked up by one sorted (request, item) key."""
+        cf_ids, cf = self.itemcf.select(requests, None, 1000)
+        cf = np.where(cf_ids == PAD, 0.0, cf)
+        cf /= np.maximum(cf.max(axis=1, keepdims=True), 1e-12)
+        codes = np.unique(np.concatenate([ids.ravel(), cf_ids.ravel()]), return_inverse=True)[1]
+        stride = np.arange(len(ids))[:, None] * (int(codes.max()) + 1)
+        want = (stride + codes[: ids.size].reshape(ids.shape)).ravel()
+        have = (stride + codes[ids.size:].reshape(cf_ids.shape)).ravel()
+        order = np.argsort(have)
+        pos = np.minimum(np.searchsorted(have[order], want), len(order) - 1)
+        found = (have[order][pos] == want) & (ids.ravel() != PAD)
+        return np.where(found, cf.ravel()[order][pos], 0.0).reshape(ids.shape)
 
 
 def recall(judge: Judge, stage, k: int) -> np.ndarray:

@@ -208,7 +208,7 @@ class Towers:
 
     def __post_init__(self) -> None:
         self.n_real = len(self.inputs.item_ids) - 1
-        self._real_rows = IdIndex(self.inputs.item_ids[: self.n_real], "item_id", "Towers")
+        self.item_index = IdIndex(self.inputs.item_ids[: self.n_real], "item_id", "Towers")  # real items' rows
 
     def user_embed(self, data: RunData, requests: Requests) -> np.ndarray:
         u_rows = self.inputs.user_rows(data.map_users(requests.user_id))
@@ -227,7 +227,7 @@ class Towers:
 
     def item_rows(self, item_ids: np.ndarray) -> np.ndarray:
         """Item rows int64 [...] of ids [...]: unknown ids and PAD -> the OOV row (``n_real``)."""
-        rows, found = self._real_rows.find(item_ids)
+        rows, found = self.item_index.find(item_ids)
         return np.where(found, rows, self.n_real)
 
     def row_scores(self, requests: Requests, u: np.ndarray, rows: np.ndarray) -> np.ndarray:
@@ -262,12 +262,11 @@ def load_towers(model_dir: str | Path, data: RunData, requests: pd.DataFrame | N
     model = build_two_tower(inputs, cfg)
     model.load_state_dict(A.load_torch(model_dir / "model.pt"))
     model.eval()
-    emb = item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num)
-    prior = None
+    towers = Towers(model, inputs, item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num))
     if (model_dir / PRIOR_FILE).is_file():
         p = A.read_json(model_dir / PRIOR_FILE)
         if p["weight"] > 0:
             popular = PopularChannel(data.history, p["window_days"], p["refresh_ms"])
-            n_real = len(inputs.item_ids) - 1
-            prior = PopularityPrior(popular, p["weight"], emb[:n_real], inputs.item_ids[:n_real], model.temperature)
-    return Towers(model, inputs, emb, prior)
+            towers.prior = PopularityPrior(popular, p["weight"], towers.item_emb[: towers.n_real], towers.item_index,
+                                           model.temperature)
+    return towers

@@ -18,49 +18,39 @@ from cascade.channels import (
 )
 from cascade.channels.classic import als_factory, weighted_rows
 from cascade.channels.reference import als_lists, content_lists, itemcf_lists, popular_lists
-from cascade.data.history import EventHistory
-from cascade.data.requests import Requests
+from worlds import event_history, requests_at
 
 DAY = 86_400_000
 
 
-def _hist(rows):
-    u, i, t, c = (np.array(x, np.int64) for x in zip(*rows))
-    return EventHistory(u, i, t, c)
-
-
-def _req(users, times):
-    return Requests(np.array(users, np.int64), np.array(times, np.int64))
-
-
 def test_popular_counts_clicks_in_the_trailing_window_as_of_the_refresh():
-    h = _hist([(1, 10, 1 * DAY, 1), (2, 10, 1 * DAY, 1), (3, 11, 2 * DAY, 1), (4, 11, 2 * DAY, 1),
+    h = event_history([(1, 10, 1 * DAY, 1), (2, 10, 1 * DAY, 1), (3, 11, 2 * DAY, 1), (4, 11, 2 * DAY, 1),
                (5, 11, 2 * DAY, 1), (6, 12, 2 * DAY, 0), (7, 12, 3 * DAY + 5, 1)])
     ch = PopularChannel(h, window_days=1.5, refresh_ms=DAY)
-    items, scores = ch.select(_req([9, 9], [3 * DAY + 10, 2 * DAY]), None, 3)
+    items, scores = ch.select(requests_at([9, 9], [3 * DAY + 10, 2 * DAY]), None, 3)
     # request 0: period starts at 3 DAY; window [1.5 DAY, 3 DAY): item 11 clicked 3 times, the click of 12 at
     # 3 DAY + 5 is after the refresh, 10 is out of the window, 12's event at 2 DAY is no click
     np.testing.assert_array_equal(items[0], [11, PAD, PAD])
     assert scores[0, 0] == 3.0
     # request 1: period 2 DAY, window [0.5 DAY, 2 DAY): only item 10, twice
     np.testing.assert_array_equal(items[1], [10, PAD, PAD])
-    all_time = PopularChannel(h, window_days=None, refresh_ms=DAY).select(_req([9], [4 * DAY]), None, 3)[0]
+    all_time = PopularChannel(h, window_days=None, refresh_ms=DAY).select(requests_at([9], [4 * DAY]), None, 3)[0]
     np.testing.assert_array_equal(all_time[0], [11, 10, 12])  # 3, 2, 1 clicks
 
 
 def test_recent_is_the_users_own_clicks_most_recent_first():
-    h = _hist([(1, 10, 100, 1), (1, 11, 200, 1), (1, 12, 300, 0), (1, 10, 400, 1)])
-    items, scores = RecentChannel(h).select(_req([1, 1], [401, 250]), None, 3)
+    h = event_history([(1, 10, 100, 1), (1, 11, 200, 1), (1, 12, 300, 0), (1, 10, 400, 1)])
+    items, scores = RecentChannel(h).select(requests_at([1, 1], [401, 250]), None, 3)
     np.testing.assert_array_equal(items, [[10, 11, PAD], [11, 10, PAD]])
     assert scores[0, 0] > scores[0, 1] and scores[0, 2] == -np.inf
 
 
 def test_itemcf_hand_worked_cosines():
     # train clicks: users 1 and 2 click items 10 and 11; user 3 clicks 11 and 12
-    train = _hist([(1, 10, 1, 1), (1, 11, 2, 1), (2, 10, 3, 1), (2, 11, 4, 1), (3, 11, 5, 1), (3, 12, 6, 1)])
+    train = event_history([(1, 10, 1, 1), (1, 11, 2, 1), (2, 10, 3, 1), (2, 11, 4, 1), (3, 11, 5, 1), (3, 12, 6, 1)])
     ch = ItemCFChannel(train, neighbours=5, n_history=2, decay=0.5).fit(train, np.array([10, 11, 12, 13]))
     # cos(10, 11) = 2 / (sqrt(2) sqrt(3)); cos(11, 12) = 1 / (sqrt(3) sqrt(1)); cos(10, 12) = 0
-    items, scores = ch.select(_req([3], [100]), None, 4)
+    items, scores = ch.select(requests_at([3], [100]), None, 4)
     # user 3's last clicks: 12 (weight 1), then 11 (weight 0.5)
     # score(10) = 0.5 * cos(11, 10) = 0.5 * 2 / sqrt(6); score(11) = 1 * cos(12, 11) = 1 / sqrt(3);
     # score(12) = 0.5 * cos(11, 12) = 0.5 / sqrt(3); item 13 has no similarity: not proposed
@@ -69,12 +59,13 @@ def test_itemcf_hand_worked_cosines():
 
 
 def test_content_prefers_the_users_category_then_popularity():
-    h = _hist([(1, 10, 100, 1), (1, 20, 50, 1)])
+    h = event_history([(1, 10, 100, 1), (1, 20, 50, 1)])
     # train clicks give the popularity: 11 > 10 > 12 in category 0, 20 > 21 in category 1, 30 the most popular
-    train = _hist([(u, i, 1, 1) for i, n in ((10, 5), (11, 9), (12, 1), (20, 3), (21, 2), (30, 20)) for u in range(n)])
+    train = event_history([(u, i, 1, 1) for i, n in ((10, 5), (11, 9), (12, 1), (20, 3), (21, 2), (30, 20))
+                           for u in range(n)])
     ids = np.array([10, 11, 12, 20, 21, 30])
     cat = np.array([0, 0, 0, 1, 1, 2])
-    items, _ = ContentChannel(h, n_history=2, decay=0.5).fit(train, ids, cat).select(_req([1], [200]), None, 6)
+    items, _ = ContentChannel(h, n_history=2, decay=0.5).fit(train, ids, cat).select(requests_at([1], [200]), None, 6)
     # category 0 weight 1 (item 10 the latest click), category 1 weight 0.5; category 2 never clicked
     np.testing.assert_array_equal(items[0], [11, 10, 12, 20, 21, PAD])
 
@@ -86,9 +77,9 @@ def test_als_recovers_two_planted_groups():
         group = u % 2
         for i in rng.choice(10, 6, replace=False):
             rows.append((u, 100 * group + int(i), len(rows), 1))
-    h = _hist(rows)
+    h = event_history(rows)
     ch = ALSChannel(h, factors=4, iterations=20, seed=0).fit(h, np.r_[np.arange(10), 100 + np.arange(10)])
-    items, _ = ch.select(_req([0, 1, 999], [10**6] * 3), None, 5)
+    items, _ = ch.select(requests_at([0, 1, 999], [10**6] * 3), None, 5)
     assert (items[0] < 100).all() and (items[1] >= 100).all()  # each user's own group
     assert (items[2] == PAD).all()  # a user without train clicks gets no list
 
@@ -96,8 +87,8 @@ def test_als_recovers_two_planted_groups():
 @pytest.mark.parametrize("make", [
     lambda h: PopularChannel(h, window_days=2.0, refresh_ms=1000),
     lambda h: RecentChannel(h),
-    lambda h: ItemCFChannel(h).fit(_hist(TRAIN), np.arange(30)),
-    lambda h: ContentChannel(h).fit(_hist(TRAIN), np.arange(30), np.arange(30) % 4),
+    lambda h: ItemCFChannel(h).fit(event_history(TRAIN), np.arange(30)),
+    lambda h: ContentChannel(h).fit(event_history(TRAIN), np.arange(30), np.arange(30) % 4),
 ])
 def test_a_later_event_changes_no_earlier_list(make):
     rng = np.random.default_rng(1)
@@ -105,9 +96,9 @@ def test_a_later_event_changes_no_earlier_list(make):
             for _ in range(300)]
     t_req = 3 * DAY
     later = [(u, (i + 7) % 30, t_req + 1 + k, 1) for k, (u, i, _, _) in enumerate(base[:50])]
-    req = _req(range(5), [t_req] * 5)
-    before = make(_hist([r for r in base if r[2] < t_req])).select(req, None, 10)
-    after = make(_hist(base + later)).select(req, None, 10)
+    req = requests_at(range(5), [t_req] * 5)
+    before = make(event_history([r for r in base if r[2] < t_req])).select(req, None, 10)
+    after = make(event_history(base + later)).select(req, None, 10)
     np.testing.assert_array_equal(before[0], after[0])
     np.testing.assert_array_equal(before[1], after[1])
 
@@ -130,7 +121,7 @@ def test_merger_quotas_dedup_and_origin():
     a = _Fixed([[1, 2, 3, 4, 5, 6]])
     b = _Fixed([[2, 7, 8, 9, PAD, PAD]])
     m = MergedRetriever({"a": a, "b": b}, {"a": 2.0, "b": 1.0})
-    items, scores, origin = m.select_with_origin(_req([1], [0]), 6)
+    items, scores, origin = m.select_with_origin(requests_at([1], [0]), 6)
     # keys: a -> (r + 0.5) / (2/3) = 0.75, 2.25, 3.75, 5.25, ...; b -> (r + 0.5) / (1/3) = 1.5, 4.5, 7.5, 10.5
     # order: a1 .75, b2 1.5, a2 2.25 (repeat: dropped), a3 3.75, b7 4.5, a4 5.25, a5 6.75, b8 7.5
     np.testing.assert_array_equal(items[0], [1, 2, 3, 7, 4, 5])
@@ -146,8 +137,8 @@ def test_merger_quotas_dedup_and_origin():
 def test_save_and_load_serve_the_same_lists(tmp_path):
     rng = np.random.default_rng(2)
     rows = [(int(rng.integers(8)), int(rng.integers(30)), int(t), int(rng.integers(2))) for t in range(400)]
-    h = _hist(rows)
-    req = _req(range(8), [500] * 8)
+    h = event_history(rows)
+    req = requests_at(range(8), [500] * 8)
     for ch in (PopularChannel(h, window_days=None, refresh_ms=10), RecentChannel(h),
                ItemCFChannel(h, neighbours=7).fit(h, np.arange(30)),
                ContentChannel(h).fit(h, np.arange(30), np.arange(30) % 3),
@@ -186,8 +177,8 @@ def _world(seed=3, n_users=40, n_items=300, n_events=4000, days=6):
     rows = [(int(u), int(i), int(t), int(c)) for u, i, t, c in zip(rng.integers(n_users, size=n_events), items,
                                                                    rng.integers(0, days * DAY, n_events),
                                                                    rng.random(n_events) < 0.4)]
-    req = _req(np.arange(n_users + 2), np.linspace(DAY, days * DAY, n_users + 2).astype(np.int64))  # 2 new users
-    return _hist(rows), req, np.arange(n_items), rng
+    req = requests_at(np.arange(n_users + 2), np.linspace(DAY, days * DAY, n_users + 2).astype(np.int64))  # 2 new users
+    return event_history(rows), req, np.arange(n_items), rng
 
 
 @pytest.mark.parametrize("n", [1, 7, 60, 400])
@@ -212,12 +203,12 @@ def test_the_fast_channels_give_the_lists_of_the_plain_computation(n):
 def test_content_keeps_the_items_tied_with_the_nth_at_the_cut():
     # one category, float32 scores 1 + rank that round to the same value for neighbouring ranks: the plain
     # computation breaks the tie by the lower column, which is not the more popular item here
-    h = _hist([(1, 0, 10, 1)])
+    h = event_history([(1, 0, 10, 1)])
     ids = np.arange(6)
     ch = ContentChannel(h, n_history=1, decay=1.0).fit(h, ids, np.zeros(6, np.int64))
     ch.pop_rank_ = np.array([0.5, 0.5 + 2e-8, 0.5 + 4e-8, 0.5 + 6e-8, 0.9, 0.1], np.float32)
     ch._restored()
-    req = _req([1], [20])
+    req = requests_at([1], [20])
     for n in range(1, 7):
         got, want = ch.select(req, None, n), content_lists(ch, req, n)
         np.testing.assert_array_equal(got[0], want[0], err_msg=str(n))
@@ -244,7 +235,7 @@ def _als_with_factors(n_users=3000, n_items=5000, d=16, seed=0):
 
     rng = np.random.default_rng(seed)
     xb, xq = clustered_vectors(n_items, d, 40, rng, n_queries=n_users, spread=0.5)
-    ch = ALSChannel(_hist([(0, 0, 0, 1)]), factors=d)
+    ch = ALSChannel(event_history([(0, 0, 0, 1)]), factors=d)
     ch.item_ids_ = 10 + 3 * np.arange(n_items, dtype=np.int64)
     ch.user_ids_ = np.arange(n_users, dtype=np.int64)
     ch.user_factors_, ch.item_factors_ = xq.astype(np.float32), xb.astype(np.float32)
@@ -258,7 +249,7 @@ def test_als_served_from_an_exact_index_gives_the_dense_lists(tmp_path):
     ch.item_factors_[::4] = 0
     ch.user_factors_[7] = 0
     ch._restored()
-    req = _req([0, 5, 199, 7, 12345], [0] * 5)  # user 7: zero factors; 12345: not in train
+    req = requests_at([0, 5, 199, 7, 12345], [0] * 5)  # user 7: zero factors; 12345: not in train
     plain = als_lists(ch, req, 50)
     dense = ch.select(req, None, 50)
     np.testing.assert_array_equal(dense[0], plain[0])
@@ -291,7 +282,7 @@ def test_als_served_from_an_ivf_index_reaches_its_recall_against_exact_search():
     from cascade.eval.metrics import mean_recall_at_k
 
     ch = _als_with_factors()
-    req = _req(np.arange(3000), np.zeros(3000, np.int64))
+    req = requests_at(np.arange(3000), np.zeros(3000, np.int64))
     exact = als_lists(ch, req, 100)[0]
     index = ch.build_index("IVF64,Flat", recall_target=0.95, k=100, n_queries=500)
     assert not index.is_exact and index.recall_["recall_at_k"] >= 0.95 and index.nprobe < 64

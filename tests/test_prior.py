@@ -8,40 +8,31 @@ import pytest
 from cascade.arrays import PAD, topk_rows
 from cascade.channels import PopularChannel
 from cascade.channels.prior import PopularityPrior
-from cascade.data.history import EventHistory
-from cascade.data.requests import Requests
+from cascade.data.ids import IdIndex
 from cascade.index.exact import exact_topk
 from cascade.serve.cascade import Retriever
+from worlds import event_history, requests_at
 
 DAY = 86_400_000
-
-
-def _hist(rows):
-    u, i, t, c = (np.array(x, np.int64) for x in zip(*rows))
-    return EventHistory(u, i, t, c)
-
-
-def _req(users, times):
-    return Requests(np.array(users, np.int64), np.array(times, np.int64))
 
 
 def test_spread_is_the_std_of_each_users_scores_over_the_corpus():
     rng = np.random.default_rng(0)
     emb, u = rng.normal(size=(50, 4)).astype(np.float32), rng.normal(size=(3, 4)).astype(np.float32)
-    prior = PopularityPrior(PopularChannel(_hist([(1, 10, 0, 1)]), 1.0, DAY), 1.0, emb, np.arange(50),
+    prior = PopularityPrior(PopularChannel(event_history([(1, 10, 0, 1)]), 1.0, DAY), 1.0, emb, IdIndex(np.arange(50)),
                             temperature=0.5)
     np.testing.assert_allclose(prior.spread(u), np.std(u @ emb.T / 0.5, axis=1, ddof=1), rtol=1e-5)
 
 
 def test_counts_are_the_popular_channels_by_hand():
     # item 11: 3 clicks at 2 DAY, item 10: 2 clicks at 1 DAY, item 12: a non-click at 2 DAY and a click after 3 DAY
-    h = _hist([(1, 10, 1 * DAY, 1), (2, 10, 1 * DAY, 1), (3, 11, 2 * DAY, 1), (4, 11, 2 * DAY, 1),
+    h = event_history([(1, 10, 1 * DAY, 1), (2, 10, 1 * DAY, 1), (3, 11, 2 * DAY, 1), (4, 11, 2 * DAY, 1),
                (5, 11, 2 * DAY, 1), (6, 12, 2 * DAY, 0), (7, 12, 3 * DAY + 5, 1)])
     # the towers' rows: 0 -> item 12, 1 -> item 10, 2 -> item 11, 3 -> item 13; row 4 is the OOV row
     ids = np.array([12, 10, 11, 13])
     prior = PopularityPrior(PopularChannel(h, window_days=1.5, refresh_ms=DAY), 2.0, np.eye(4, dtype=np.float32),
-                            ids)
-    req = _req([9, 9], [3 * DAY + 10, 2 * DAY])
+                            IdIndex(ids))
+    req = requests_at([9, 9], [3 * DAY + 10, 2 * DAY])
     rows = np.array([[2, 1, 0, PAD], [2, 1, 0, 4]])  # items 11, 10, 12, then PAD / the OOV row
     # request 0: window [1.5 DAY, 3 DAY) as of the refresh at 3 DAY: 11 three times, nothing else;
     # request 1: [0.5 DAY, 2 DAY): 10 twice
@@ -54,15 +45,15 @@ def test_counts_are_the_popular_channels_by_hand():
     np.testing.assert_allclose(prior.boost_corpus(req, u), prior.boost(req, u, corpus), rtol=1e-6)
     np.testing.assert_array_equal(prior.candidates(req, 2), [[2, PAD], [1, PAD]])
     # requests of one refresh period share its counts
-    one = _req([1, 2], [3 * DAY + 10, 3 * DAY + 99])
+    one = requests_at([1, 2], [3 * DAY + 10, 3 * DAY + 99])
     np.testing.assert_allclose(prior.log_counts(one, rows), np.log1p([[3, 0, 0, 0], [3, 0, 0, 0]]), rtol=1e-6)
 
 
 def test_weight_must_be_finite_and_not_negative():
-    ch = PopularChannel(_hist([(1, 10, 0, 1)]), 1.0, DAY)
+    ch = PopularChannel(event_history([(1, 10, 0, 1)]), 1.0, DAY)
     for w in (-0.5, float("nan")):
         with pytest.raises(ValueError, match="weight must be a finite number >= 0"):
-            PopularityPrior(ch, w, np.eye(3, dtype=np.float32), np.arange(3))
+            PopularityPrior(ch, w, np.eye(3, dtype=np.float32), IdIndex(np.arange(3)))
 
 
 class _Towers:
@@ -102,8 +93,9 @@ def test_retriever_with_a_prior_is_the_exact_top_k_of_the_full_score(seed):
     clicked = rng.choice(ids, 15, replace=False)  # fewer than k items clicked in the window
     rows = [(int(rng.integers(100)), int(i), int(rng.integers(0, DAY)), 1) for i in clicked for _ in
             range(int(rng.integers(1, 30)))]
-    prior = PopularityPrior(PopularChannel(_hist(rows), window_days=2.0, refresh_ms=DAY), 1.0, emb, ids)
-    req = _req([1, 2, 3, 4], [DAY + 5, DAY + 9, DAY + 50, DAY + 70])
+    popular = PopularChannel(event_history(rows), window_days=2.0, refresh_ms=DAY)
+    prior = PopularityPrior(popular, 1.0, emb, IdIndex(ids))
+    req = requests_at([1, 2, 3, 4], [DAY + 5, DAY + 9, DAY + 50, DAY + 70])
     u = rng.normal(size=(4, d)).astype(np.float32)
     towers = _Towers(emb, ids, prior)
     retriever = Retriever(lambda r: u, _Exact(emb, ids), towers, data=object())
@@ -124,6 +116,6 @@ def test_retriever_with_a_prior_is_the_exact_top_k_of_the_full_score(seed):
 
 def test_retriever_needs_the_data_for_a_prior():
     emb = np.eye(3, dtype=np.float32)
-    prior = PopularityPrior(PopularChannel(_hist([(1, 10, 0, 1)]), 1.0, DAY), 1.0, emb, np.arange(3))
+    prior = PopularityPrior(PopularChannel(event_history([(1, 10, 0, 1)]), 1.0, DAY), 1.0, emb, IdIndex(np.arange(3)))
     with pytest.raises(ValueError, match="need the run's data"):
         Retriever(lambda r: emb[:1], _Exact(emb, np.arange(3)), _Towers(emb, np.arange(3), prior))

@@ -4,7 +4,8 @@
   (the rankers' tests, training, distributed training);
 - :func:`rank_log_world`: requests, candidate lists and a planted scorer (rank logs);
 - :func:`tower_world`: users, items, requests and a teacher with effects no tower sees (two-tower students);
-- :func:`kuairand_dir`, :func:`write_ml1m`, :func:`write_custom_example`: tiny files in each loader's layout.
+- :func:`kuairand_dir`, :func:`write_ml1m`, :func:`write_custom_example`: tiny files in each loader's layout;
+- :func:`event_history`, :func:`requests_at`: a hand-written event log and requests (channels, the towers' prior).
 
 ``conftest.py`` wraps the file builders as fixtures (``kuairand_logs``, ``ml1m_dir``, ``custom_example``).
 """
@@ -215,3 +216,18 @@ def write_custom_example(d: Path) -> Path:
     }).to_csv(d / "impressions.csv", index=False)
     shutil.copy(REPO / "pipelines" / "custom.example.toml", d / "custom.example.toml")
     return d / "custom.example.toml"
+
+
+def event_history(rows):
+    """An EventHistory from (user_id, item_id, time_ms, click) tuples."""
+    from cascade.data.history import EventHistory
+
+    u, i, t, c = (np.array(x, np.int64) for x in zip(*rows))
+    return EventHistory(u, i, t, c)
+
+
+def requests_at(users, times):
+    """Requests of these users at these times (no context)."""
+    from cascade.data.requests import Requests
+
+    return Requests(np.array(users, np.int64), np.array(times, np.int64))

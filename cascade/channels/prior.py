@@ -31,24 +31,24 @@ PRIOR_FILE = "prior.json"  # a saved tower's prior: PopularityPrior.params()
 
 class PopularityPrior:
     """popular: the channel whose trailing-window click counts c_i(t) are the prior; weight >= 0;
-    item_emb float32 [I, d] and item_ids int64 [I]: the towers' item embeddings and ids by row (their covariance
-    gives spread(u)); temperature: the towers' T.
+    item_emb float32 [I, d]: the towers' item embeddings by row (their covariance gives spread(u)); items: the
+    towers' id -> row index over those I items (``Towers.item_index``); temperature: the towers' T.
 
     boost(requests, u [B, d], rows [B, N]) -> float32 [B, N] (the prior's term; rows PAD or I: 0);
     boost_corpus(requests, u) -> float32 [B, I]; candidates(requests, n) -> rows int64 [B, n] of the channel's n
     most clicked items (PAD-padded); log_counts(requests, rows) -> float32 [B, N]."""
 
-    def __init__(self, popular: PopularChannel, weight: float, item_emb: np.ndarray, item_ids: np.ndarray,
+    def __init__(self, popular: PopularChannel, weight: float, item_emb: np.ndarray, items: IdIndex,
                  temperature: float = 1.0) -> None:
         if not (np.isfinite(weight) and weight >= 0):
             raise ValueError(f"PopularityPrior: weight must be a finite number >= 0, got {weight}")
-        if item_emb.ndim != 2 or len(item_emb) < 2 or len(item_ids) != len(item_emb):
+        if item_emb.ndim != 2 or len(item_emb) < 2 or len(items) != len(item_emb):
             raise ValueError(f"PopularityPrior: item_emb must be [I >= 2, d] with one id per row, got "
-                             f"{item_emb.shape} and {len(item_ids)} ids")
+                             f"{item_emb.shape} and {len(items)} ids")
         self.popular, self.weight, self.temperature = popular, float(weight), float(temperature)
         self.cov = np.cov(np.asarray(item_emb, np.float64), rowvar=False).reshape(item_emb.shape[1], -1)
-        self.n_items = len(item_ids)
-        self._rows = IdIndex(np.asarray(item_ids, np.int64), "item_id", "PopularityPrior")
+        self.n_items = len(items)
+        self._rows = items
         self._periods_seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def params(self) -> dict:
@@ -77,7 +77,7 @@ class PopularityPrior:
     def log_counts(self, requests: Requests, rows: np.ndarray) -> np.ndarray:
         rows = np.where(np.asarray(rows, np.int64) == PAD, self.n_items, rows)
         period = self._periods(requests)
-        if len(period) == 1 or (period == period[0]).all():
+        if (period == period[0]).all():
             return self.period(int(period[0]))[0][rows]
         out = np.zeros(rows.shape, np.float32)
         for s in np.unique(period):

@@ -100,26 +100,26 @@ class _ExactTowers:
         return topk_rows(scores, np.broadcast_to(t.inputs.item_ids[: t.n_real], scores.shape), n)
 
 
-def _tower_recall(model, inputs, data: RunData, judge: Judge, n: int,
-                  prior: PopularityPrior | None = None) -> np.ndarray:
-    model.eval()
-    towers = Towers(model, inputs, item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num), prior)
+def _tower_recall(towers: Towers, data: RunData, judge: Judge, n: int) -> np.ndarray:
     return judge.recall(judge.lists(_ExactTowers(towers, data), n), n)
 
 
 def choose_prior(model, inputs, data: RunData, judge: Judge, n: int, popular: PopularChannel | None,
                  grid: tuple[float, ...], seed: int) -> tuple[float, np.ndarray, list[dict]]:
-    """The weight of a tower's recent-popularity prior (:class:`PopularityPrior` over ``popular``'s counts): the
-    smallest of ``grid`` within one SE of the best validation click-recall@n (one-SE rule). Returns (weight, the
-    per-request click-recall at that weight, one row per weight)."""
-    if popular is None or grid == (0.0,):
-        return 0.0, _tower_recall(model, inputs, data, judge, n), []
-    n_real = len(inputs.item_ids) - 1  # the last item row is the OOV row
-    emb = item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num)[:n_real]
-    recall = {float(w): _tower_recall(model, inputs, data, judge, n,
-                                      PopularityPrior(popular, w, emb, inputs.item_ids[:n_real], model.temperature)
-                                      if w else None)
-              for w in grid}
+    """The weight of a tower's recent-popularity prior (:class:`PopularityPrior` over ``popular``'s counts; None:
+    no prior): the smallest of ``grid`` within one SE of the best validation click-recall@n (one-SE rule). Returns
+    (weight, the per-request click-recall at that weight, one row per weight)."""
+    model.eval()
+    towers = Towers(model, inputs, item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num))
+    if popular is None:
+        return 0.0, _tower_recall(towers, data, judge, n), []
+
+    def recall_at(w: float) -> np.ndarray:
+        towers.prior = (PopularityPrior(popular, w, towers.item_emb[: towers.n_real], towers.item_index,
+                                        model.temperature) if w else None)
+        return _tower_recall(towers, data, judge, n)
+
+    recall = {float(w): recall_at(float(w)) for w in grid}
     chosen, rows = one_se_choice(list(recall), lambda w, units: float(np.nanmean(recall[w][units])),
                                  len(judge.requests), seed=seed)
     return chosen, recall[chosen], [{"weight": r["value"], f"valid_click_recall@{n}": r["score"],
