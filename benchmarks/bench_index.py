@@ -20,12 +20,13 @@ import re
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from cascade.artifacts import package_versions, write_json
 from cascade.eval.metrics import mean_recall_at_k
 from cascade.index.exact import TorchExactIndex, clustered_vectors, exact_topk
-from cascade.index.factory import FLAT_MAX_ITEMS, configure_faiss, default_factory
+from cascade.index.factory import FLAT_MAX_ITEMS, default_factory
 from cascade.index.faiss_index import ItemIndex
 
 log = logging.getLogger("bench_index")
@@ -84,9 +85,9 @@ def bench_index(index: ItemIndex, build_s: float, xq, xq1, k, I_exact, threads, 
             index.set_search_params(nprobe=v)
         elif param == "efSearch":
             index.set_search_params(ef_search=v)
-        configure_faiss(threads)
+        faiss.omp_set_num_threads(threads)
         qps, I = time_batched(index.search_positions, xq, k)
-        configure_faiss(1)  # single queries are fastest on one thread (BENCHMARKS.md, bench_index)
+        faiss.omp_set_num_threads(1)  # single queries are fastest on one thread (BENCHMARKS.md, bench_index)
         single = time_single(index.search_positions, xq1, k)
         row = {"factory": index.factory, "backend": index.backend, "param": param, "value": v, "build_s": build_s,
                "index_bytes": size, "recall_at_k": mean_recall_at_k(I_exact, I), "batched_qps": qps,
@@ -106,7 +107,7 @@ def run_size(n: int, args) -> dict:
     xq1 = xq[: args.nq_single]
     gen_s = time.perf_counter() - t0
 
-    configure_faiss(args.threads)
+    faiss.omp_set_num_threads(args.threads)
     t0 = time.perf_counter()
     _, I_exact = exact_topk(xq, xb, args.k, metric="ip")
     exact_s = time.perf_counter() - t0
@@ -117,7 +118,7 @@ def run_size(n: int, args) -> dict:
     nlist = int(re.match(r"IVF(\d+)", default_factory(max(n, FLAT_MAX_ITEMS))).group(1))
 
     def build(factory, **kw):
-        configure_faiss(args.threads)
+        faiss.omp_set_num_threads(args.threads)
         t = time.perf_counter()
         index = ItemIndex.build(xb, ids, metric="ip", factory=factory, device="cpu", seed=args.seed, **kw)
         return index, time.perf_counter() - t

@@ -34,12 +34,12 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from cascade.artifacts import package_versions, write_json, write_text
 from cascade.eval.metrics import mean_recall_at_k
 from cascade.index.exact import clustered_vectors, exact_topk
-from cascade.index.factory import configure_faiss
 from cascade.index.faiss_index import ItemIndex
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the sibling benchmark modules
@@ -87,7 +87,7 @@ def bench_config(config: str, xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, I
                  args: argparse.Namespace) -> dict:
     factory, _, refine = config.format(nlist=args.nlist).partition("/")
     refine = refine or "Flat"
-    configure_faiss(args.threads)
+    faiss.omp_set_num_threads(args.threads)
     rss0 = rss_bytes()
     t0 = time.perf_counter()
     index = ItemIndex.build(xb, ids, metric="ip", factory=factory, refine=refine, device="cpu", seed=args.seed,
@@ -101,11 +101,11 @@ def bench_config(config: str, xb: np.ndarray, ids: np.ndarray, xq: np.ndarray, I
     for nprobe in [v for v in args.nprobes if v <= args.nlist]:
         for kf in args.k_factors:
             index.set_search_params(nprobe=nprobe, k_factor=kf)
-            configure_faiss(args.threads)
+            faiss.omp_set_num_threads(args.threads)
             t = time.perf_counter()
             _, I = index.search_positions(xq, args.k)
             qps = len(xq) / (time.perf_counter() - t)
-            configure_faiss(1)
+            faiss.omp_set_num_threads(1)
             row = {"nprobe": nprobe, "k_factor": kf, "recall_at_k": mean_recall_at_k(I_exact, I), "batched_qps": qps,
                    **time_single(index.search_positions, xq[: args.nq_single], args.k)}
             log.info("  nprobe %3d k_factor %d: recall@%d %.4f, %6.0f q/s batched, single p50 %.2f ms p99 %.2f ms",
@@ -156,7 +156,7 @@ def main(argv=None) -> None:
                                chunk_rows=args.chunk)
     ids = np.arange(args.n, dtype=np.int64)
     log.info("corpus %d x %d (%.2f GB) in %.1f s", args.n, args.dim, xb.nbytes / 1e9, time.perf_counter() - t0)
-    configure_faiss(args.threads)
+    faiss.omp_set_num_threads(args.threads)
     t0 = time.perf_counter()
     _, I_exact = exact_topk(xq, xb, args.k, metric="ip")
     exact_s = time.perf_counter() - t0

@@ -44,6 +44,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+import faiss
 import numpy as np
 
 from cascade.arrays import topk_rows
@@ -51,7 +52,7 @@ from cascade.artifacts import package_versions, write_json
 from cascade.data.requests import Requests
 from cascade.eval.metrics import latency_summary, mean_recall_at_k
 from cascade.index.exact import exact_topk
-from cascade.index.factory import configure_faiss, set_blas_threshold
+from cascade.index.factory import set_blas_threshold
 from cascade.index.faiss_index import INDEX_FILE, ItemIndex
 from cascade.serve.cascade import Cascade, PairScorer, Retriever
 from cascade.serve.replay import replay_latency
@@ -924,7 +925,7 @@ def main(argv=None) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     logging.getLogger("cascade").setLevel(logging.WARNING)
     torch.set_num_threads(args.threads)
-    configure_faiss(args.threads)
+    faiss.omp_set_num_threads(args.threads)
     if args.prepare_only:
         for n in args.sizes:
             ensure_run(pipeline_config(n, args.runs_dir, n_users=args.n_users, n_days=args.n_days, seed=args.seed,

@@ -30,6 +30,7 @@ import sys
 import time
 from pathlib import Path
 
+import faiss
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -196,7 +197,6 @@ def main(argv=None) -> dict:
     import torch
 
     from cascade.data.requests import requests_frame, to_requests
-    from cascade.index.factory import configure_faiss
     from cascade.serve.cascade import load_cascade
 
     args = parse_args(argv)
@@ -213,7 +213,7 @@ def main(argv=None) -> dict:
     run_dir = ensure_run(pipeline_config(args.n_items, args.runs_dir, n_users=args.n_users, n_days=args.n_days,
                                          seed=args.seed))
     data, casc = load_cascade(run_dir)
-    configure_faiss(args.threads)  # after loading: single queries are fastest on one faiss thread (bench_index)
+    faiss.omp_set_num_threads(args.threads)  # after loading: single queries are fastest on one thread (bench_index)
     requests = to_requests(requests_frame(data.split_impressions("test"), data.context_names), data.context_names)
     modes = []
     for b in args.modes:

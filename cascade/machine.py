@@ -19,6 +19,7 @@ import logging
 import os
 import platform
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -112,12 +113,21 @@ def native_bf16() -> tuple[bool, str]:
 
 def best_seconds(fn, repeats: int) -> float:
     """The best wall seconds of ``repeats`` calls of ``fn()`` after one warm-up call."""
-    fn()  # warm-up: first-call allocation and oneDNN kernel selection
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
+    return best_seconds_alternating([fn], repeats)[0]
+
+
+def best_seconds_alternating(fns: Sequence[Callable[[], object]], repeats: int) -> list[float]:
+    """The best wall seconds of each of ``fns`` over ``repeats`` rounds that call them in turn, after one warm-up
+    round (first-call allocation and oneDNN kernel selection): a load that comes and goes on a shared machine then
+    falls on each of them alike, so their ratio holds where separate timings of each would not."""
+    for fn in fns:
         fn()
-        best = min(best, time.perf_counter() - t0)
+    best = [float("inf")] * len(fns)
+    for _ in range(repeats):
+        for i, fn in enumerate(fns):
+            t0 = time.perf_counter()
+            fn()
+            best[i] = min(best[i], time.perf_counter() - t0)
     return best
 
 
@@ -126,19 +136,21 @@ def _probe(rows: int, k: int, n: int, threads: int, repeats: int) -> float:
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(rows, k, generator=g), torch.randn(n, k, generator=g)
     with torch.inference_mode():
-        f32 = best_seconds(lambda: nn.functional.linear(x, w), repeats)
+        def f32():
+            nn.functional.linear(x, w)
 
         def bf16():
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 nn.functional.linear(x, w)
 
-        return f32 / best_seconds(bf16, repeats)
+        t_f32, t_bf16 = best_seconds_alternating([f32, bf16], repeats)
+        return t_f32 / t_bf16
 
 
-def bf16_speedup(rows: int, k: int, n: int, repeats: int = 5) -> float:
+def bf16_speedup(rows: int, k: int, n: int, repeats: int = 9) -> float:
     """float32 time / bfloat16-autocast time of ``linear(x [rows, k], w [n, k])`` on torch's current threads, best
-    of ``repeats`` each (the autocast side includes casting x and w, as a model's forward does). Cached per shape
-    and thread count."""
+    of ``repeats`` rounds that time the two in turn (the autocast side includes casting x and w, as a model's
+    forward does). Cached per shape and thread count."""
     return _probe(rows, k, n, torch.get_num_threads(), repeats)
 
 

@@ -100,6 +100,11 @@ def test_grid_search_ties_go_to_the_smaller_scale_and_gate_hand_worked():
     best, table, models = grid_search([1.0, 0.0, 0.5], lambda s: s, lambda s, units: 0.5 if s > 0 else 0.4, 5, 0)
     assert best == 0.5 and [r["scale"] for r in table] == [0.0, 0.5, 1.0] and models[1.0] == 1.0
     assert [r["within_one_se"] for r in table] == [False, True, True] and table[0]["gap"] == pytest.approx(0.1)
+    # a score that keeps rising with the scale: the grid is widened (a model trained) while its top scores best
+    trained = []
+    best, table, models = grid_search([0.0, 1.0], lambda s: trained.append(s) or s,
+                                      lambda s, units: min(s, 4.0) / 10, 5, 0, doublings=5)
+    assert trained == [0.0, 1.0, 2.0, 4.0, 8.0] and [r["scale"] for r in table] == trained and best == 4.0
     # gains 0.1, 0.3, -0.1 (the nan request left out): mean 0.1, sd 0.2, se 0.2 / sqrt(3) = 0.1155 > 0.1
     g = teacher_gate(np.array([0.5, 0.6, 0.2, np.nan]), np.array([0.4, 0.3, 0.3, 0.1]))
     assert g["gain"] == pytest.approx(0.1) and g["standard_error"] == pytest.approx(0.2 / np.sqrt(3))

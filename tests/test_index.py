@@ -386,3 +386,53 @@ def test_torch_cuda_exact_matches_numpy(data):
     D_ref, I_ref = exact_topk(xq, xb, 50)
     assert mean_recall_at_k(I_ref, I) > 0.999
     np.testing.assert_allclose(D, D_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_faiss_threads_are_set_only_while_faiss_works(data, tmp_path):
+    """An index built, searched or loaded with omp_threads = 1 runs faiss on 1 thread and leaves the OpenMP count as
+    it found it. Where torch is imported before faiss (as the package does) the two share one OpenMP runtime, and
+    that count is torch's intra-op threads: building an index used to set it for good, so every later step of a
+    pipeline trained on 1 thread whatever run.threads said. (This suite imports faiss first, which gives faiss its
+    own runtime; the shared case runs in a fresh interpreter.)"""
+    import subprocess
+    import sys
+
+    import faiss
+
+    xb, _, ids = data
+    index = ItemIndex.build(xb, ids, metric="ip", factory="IVF16,Flat", nprobe=4, device="cpu", omp_threads=1)
+    faiss.omp_set_num_threads(2)
+    seen = []
+
+    class Recording:  # stands in for the faiss index: what thread count does a search run under?
+        def search(self, xq, k):
+            seen.append(faiss.omp_get_max_threads())
+            return index._live.search(xq, k)
+
+    _, rows = index._faiss_search(Recording(), xb[:3], 5)
+    assert seen == [1] and faiss.omp_get_max_threads() == 2
+    np.testing.assert_array_equal(rows, index.search_positions(xb[:3], 5)[1])
+    with pytest.raises(ValueError, match="omp_threads must be an integer >= 1"):
+        ItemIndex.build(xb, ids, metric="ip", factory="Flat", device="cpu", omp_threads=0)
+    script = f"""
+import numpy as np, torch
+torch.set_num_threads(2)
+from cascade.index.faiss_index import ItemIndex
+import faiss
+faiss.omp_set_num_threads(2)
+assert torch.get_num_threads() == 2
+faiss.omp_set_num_threads(1)
+shared = torch.get_num_threads() == 1  # one OpenMP runtime for both
+faiss.omp_set_num_threads(2)
+xb = np.random.default_rng(0).standard_normal((2000, 16)).astype(np.float32)
+index = ItemIndex.build(xb, np.arange(2000), metric="ip", factory="IVF8,Flat", nprobe=2, device="cpu", omp_threads=1)
+after_build = torch.get_num_threads()
+index.search(xb[:4], 5)
+after_search = torch.get_num_threads()
+index.save({str(tmp_path / "ix")!r}, model_hash="towers")
+ItemIndex.load({str(tmp_path / "ix")!r}, device="cpu", omp_threads=1).search(xb[:4], 5)
+print(shared, after_build, after_search, torch.get_num_threads())
+"""
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.split() == ["True", "2", "2", "2"], out.stdout

@@ -104,6 +104,23 @@ def test_auto_is_float32_where_native_but_the_probe_is_slow(monkeypatch):
     assert M.resolve_autocast("auto", "cpu", None).dtype == "float32"  # no GEMM in the model
 
 
+def test_the_probe_times_float32_and_bf16_in_turn(monkeypatch):
+    """best_seconds_alternating calls its functions in turn, a warm-up round first, and keeps each one's best time:
+    a clock that charges 1 s extra for every call in the first two timed rounds (a passing load) changes neither."""
+    calls, now = [], [0.0]
+    durations = {"f32": 4.0, "bf16": 2.0}
+
+    def timed(name):
+        def fn():
+            calls.append(name)
+            now[0] += durations[name] + (1.0 if 2 <= len(calls) // 2 < 4 else 0.0)
+        return fn
+
+    monkeypatch.setattr(M.time, "perf_counter", lambda: now[0])
+    best = M.best_seconds_alternating([timed("f32"), timed("bf16")], repeats=5)
+    assert calls == ["f32", "bf16"] * 6 and best == [4.0, 2.0]
+
+
 def test_off_none_bf16_and_cuda(monkeypatch, caplog):
     _capability(monkeypatch, native=False, speedup=None)
     assert M.resolve_autocast(None).dtype == M.resolve_autocast("off").dtype == "float32"

@@ -358,7 +358,9 @@ def test_towers_serve_the_popularity_prior_validation_chose(run_a):
             saved = A.read_json(run_dir / "students" / variant / stage / PRIOR_FILE)
             row = by_scale[scale]
             assert saved == {"weight": row["popularity_prior"], **popular}
-            assert [r["weight"] for r in row["popularity_prior_grid"]] == [0.0, 0.25, 0.5, 1.0, 2.0, 4.0]
+            tried = [r["weight"] for r in row["popularity_prior_grid"]]
+            assert tried[:6] == [0.0, 0.25, 0.5, 1.0, 2.0, 4.0] and tried[6:] == [8.0, 16.0, 32.0][:len(tried) - 6]
+            assert_doubled_only_at_the_edge(row["popularity_prior_grid"], 6, "valid_click_recall@")
             assert row["popularity_prior"] in [r["weight"] for r in row["popularity_prior_grid"]
                                                if r["within_one_se"]]
             weights.append(saved["weight"])
@@ -372,6 +374,15 @@ def test_towers_serve_the_popularity_prior_validation_chose(run_a):
             assert (towers.prior is None) == (w == 0) and (towers.prior is None or towers.prior.weight == w)
             ids, scores = _ExactTowers(towers, data).select(req, None, 30)
             np.testing.assert_allclose(towers.scores(data, req, ids), scores, rtol=1e-4, atol=1e-4)
+
+
+def assert_doubled_only_at_the_edge(rows: list[dict], n_grid: int, score_prefix: str, key: str = "weight") -> None:
+    """Each value tried beyond the first ``n_grid`` grid rows is twice the largest before it, tried because that
+    one scored best of all tried before it."""
+    score = [next(v for k, v in r.items() if k.startswith(score_prefix)) for r in rows]
+    for i in range(n_grid, len(rows)):
+        assert rows[i][key] == 2 * rows[i - 1][key]
+        assert max(range(i), key=lambda j: (score[j], -j)) == i - 1, (i, score)
 
 
 def test_prior_weight_is_chosen_by_what_validation_clicks(run_a):
@@ -400,6 +411,16 @@ def test_prior_weight_is_chosen_by_what_validation_clicks(run_a):
                                    popular, grid, seed=0)
     assert len(req) >= 20 and w > 0 and np.nanmean(recall) >= 0.9
     assert rows[0]["weight"] == 0.0 and rows[0]["valid_click_recall@10"] < np.nanmean(recall)
+    # a grid that stops short of the best weight is widened: doubled while its largest weight scores best
+    judge = Judge(req, top[keep], None, "popular")
+    _, _, short = choose_prior(towers.model, towers.inputs, data, judge, 10, popular, (0.0, 0.01), seed=0)
+    assert [r["weight"] for r in short] == [0.0, 0.01]  # no doubling asked for
+    _, _, wide = choose_prior(towers.model, towers.inputs, data, judge, 10, popular, (0.0, 0.01), seed=0,
+                              doublings=12)
+    scores = [r["valid_click_recall@10"] for r in wide]
+    assert len(wide) > 3 and scores[-1] >= 0.9 > scores[1], wide  # 0.01 alone keeps few of the popular top 3
+    assert_doubled_only_at_the_edge(wide, 2, "valid_click_recall@")
+    assert len(wide) == 14 or max(scores[:-1]) >= scores[-1]  # stopped: the largest no longer scored best alone
     # the tower's own favourites that were clicked least in the window: the prior only pushes others ahead of them
     counts = np.zeros(len(data.item_ids))
     for s in np.unique((np.asarray(req.time_ms) // 3_600_000) * 3_600_000):
@@ -412,6 +433,9 @@ def test_prior_weight_is_chosen_by_what_validation_clicks(run_a):
                               popular, grid, seed=0)
     assert w == 0.0 and rows[0]["valid_click_recall@50"] == 1.0, rows
     assert rows[-1]["valid_click_recall@50"] < 0.9  # a heavy prior pushes them out
+    _, _, same = choose_prior(towers.model, towers.inputs, data, Judge(req, clicked, None, "least clicked"), 50,
+                              popular, grid, seed=0, doublings=3)
+    assert same == rows  # the best weight (0) is not the largest: nothing to widen
 
 
 def test_popularity_headroom_benchmark_agrees_with_the_replay(run_a):

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from cascade.eval.selection import one_se_choice, rows_of_units, unit_ranges
+from cascade.eval.selection import one_se_choice, rows_of_units, unit_ranges, widen_top
 
 
 def test_rows_of_units_and_unit_ranges_hand_worked():
@@ -81,3 +81,22 @@ def test_auc_grouped_by_request_through_the_rule():
 def test_an_empty_grid_is_an_error():
     with pytest.raises(ValueError, match="empty grid"):
         one_se_choice([], lambda v, u: 0.0, 3)
+
+
+def test_widen_top_doubles_the_largest_value_only_while_it_scores_best():
+    """A score that peaks at 6: the grid (0, 1, 2) is widened to 4 and 8, and stops once 8 scores below 4."""
+    peak = lambda v: -abs(v - 6.0)  # noqa: E731
+    calls = []
+
+    def evaluate(v):
+        calls.append(v)
+        return peak(v)
+
+    tried = widen_top({v: peak(v) for v in (0.0, 1.0, 2.0)}, evaluate, lambda r: r, doublings=5)
+    assert sorted(tried) == [0.0, 1.0, 2.0, 4.0, 8.0] and calls == [4.0, 8.0]
+    # at most `doublings` times; none when the best is inside the grid, at 0, or tied with a smaller value
+    assert sorted(widen_top({v: peak(v) for v in (0.0, 1.0, 2.0)}, peak, lambda r: r, 1)) == [0.0, 1.0, 2.0, 4.0]
+    assert sorted(widen_top({v: peak(v) for v in (0.0, 4.0, 16.0)}, peak, lambda r: r, 3)) == [0.0, 4.0, 16.0]
+    assert sorted(widen_top({0.0: 1.0}, peak, lambda r: r, 3)) == [0.0]
+    assert sorted(widen_top({0.0: 1.0, 1.0: 1.0}, peak, lambda r: r, 3)) == [0.0, 1.0]
+    assert sorted(widen_top({0.0: 0.5, 1.0: float("nan")}, peak, lambda r: r, 3)) == [0.0, 1.0]  # nan: no score

@@ -14,7 +14,8 @@ product rule P(shown) P(click | shown), 0 drops exposure altogether, and neither
 it: among the settings within one SE of the best, the one closest to it is chosen.
 
 :func:`one_se_choice` takes the statistic as a function of a sample of request indices; :func:`rows_of_units`
-turns a sample of requests into the row indices of their impressions.
+turns a sample of requests into the row indices of their impressions. A grid whose largest value scores best stops
+short of the best setting: :func:`widen_top` doubles it while that holds, before the rule chooses.
 """
 
 from __future__ import annotations
@@ -50,6 +51,19 @@ def gap_se(boot_a: np.ndarray, boot_b: np.ndarray) -> float:
     d = boot_a - boot_b
     d = d[np.isfinite(d)]
     return float(d.std(ddof=1)) if len(d) > 1 else float("nan")
+
+
+def widen_top(tried: dict, evaluate: Callable[[float], object], score: Callable[[object], float],
+              doublings: int) -> dict:
+    """``tried`` (grid value -> what :func:`evaluate` gave for it) with twice its largest value added while that
+    value scores best of all tried (ties go to the smaller value) and is above 0, at most ``doublings`` times.
+    score(result) -> its validation score (higher is better). Returns ``tried``, widened in place."""
+    for _ in range(doublings):
+        top = max(tried)
+        if top <= 0 or max(tried, key=lambda v: (np.nan_to_num(score(tried[v]), nan=-np.inf), -v)) != top:
+            break
+        tried[2 * top] = evaluate(2 * top)
+    return tried
 
 
 def one_se_choice(grid: Sequence[float], statistic: Callable[[float, np.ndarray], float], n_units: int,

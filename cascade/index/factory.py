@@ -9,12 +9,16 @@ Process-wide faiss settings that decide CPU speed (measured by benchmarks/bench_
   effect only, never a correctness one).
 - ``faiss.omp_set_num_threads`` (``omp_threads``): single queries are fastest on 1 thread; on this 2-core machine
   shared with other jobs, 2 OpenMP threads made batched Flat search 15x slower (spinning threads fight for the core).
+  faiss and torch share one OpenMP runtime in a process, so this count is torch's intra-op thread count too: it is
+  set only while faiss works (:func:`faiss_threads`) and given back after.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import re
+from collections.abc import Iterator
 from typing import Any
 
 BACKENDS = ("faiss-cpu", "faiss-gpu", "torch")
@@ -107,14 +111,30 @@ def select_backend(device: str) -> tuple[str, str]:
     return "faiss-cpu", "no GPU visible to faiss or torch"
 
 
-def configure_faiss(omp_threads: int | None) -> None:
-    """Set faiss's process-wide OpenMP thread count (None leaves it as it is)."""
+def check_omp_threads(omp_threads: int | None) -> None:
+    """A ValueError unless ``omp_threads`` is None or an integer >= 1."""
+    if omp_threads is not None and (isinstance(omp_threads, bool) or not isinstance(omp_threads, int)
+                                    or omp_threads < 1):
+        raise ValueError(f"omp_threads must be an integer >= 1 (or None), got {omp_threads!r}")
+
+
+@contextlib.contextmanager
+def faiss_threads(omp_threads: int | None) -> Iterator[None]:
+    """faiss's OpenMP thread count is ``omp_threads`` inside the block (None: left as it is) and what it was after.
+    It is the process's OpenMP count, torch's intra-op threads included: a count left set after an index was built
+    made every later torch step of a pipeline run on it, whatever ``run.threads`` said."""
+    check_omp_threads(omp_threads)
+    if omp_threads is None:
+        yield
+        return
     import faiss
 
-    if omp_threads is not None:
-        if omp_threads < 1:
-            raise ValueError(f"omp_threads must be >= 1, got {omp_threads}")
-        faiss.omp_set_num_threads(int(omp_threads))
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(int(omp_threads))
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def set_blas_threshold(nq: int, blas_threshold: int | None) -> None:

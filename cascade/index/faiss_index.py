@@ -44,10 +44,11 @@ from cascade.index.factory import (
     DEFAULT_EF_SEARCHES,
     DEFAULT_NPROBES,
     GPU_MAX_K,
+    check_omp_threads,
     check_refine,
-    configure_faiss,
     default_factory,
     faiss_metric,
+    faiss_threads,
     import_faiss,
     parse_factory,
     select_backend,
@@ -89,7 +90,9 @@ class ItemIndex:
         n_gpus: int | None = None,
         blas_threshold: int | None = 20,
         refine: str = "Flat",
+        omp_threads: int | None = None,
     ):
+        check_omp_threads(omp_threads)
         self.metric = check_metric(metric)
         self.factory = factory
         self.dim = int(cpu_index.d)
@@ -100,6 +103,7 @@ class ItemIndex:
         self.seed = seed
         self.k_factor = k_factor
         self.blas_threshold = blas_threshold
+        self.omp_threads = omp_threads  # faiss's threads while it searches (faiss_threads)
         self.refine = check_refine(refine)
         self.spec = parse_factory(factory, self.dim)
         self.nprobe: int | None = None
@@ -161,8 +165,8 @@ class ItemIndex:
         trained on the same rows as the PQ); see the module docs.
         device: "auto" | "cpu" | "gpu" | "torch" (see module docs). seed: k-means / PQ training seed and the seed of
         the training subsample. train_size: rows used to train IVF / PQ (default min(n, max(64 * nlist, 10000))).
-        omp_threads: faiss threads (:func:`configure_faiss`); blas_threshold: batches of at least this many
-        queries use one GEMM (:func:`set_blas_threshold`; None leaves faiss's setting alone).
+        omp_threads: faiss's threads while it builds and searches (:func:`faiss_threads`); blas_threshold: batches
+        of at least this many queries use one GEMM (:func:`set_blas_threshold`; None leaves faiss's setting alone).
         """
         import faiss
 
@@ -185,50 +189,50 @@ class ItemIndex:
                 raise RuntimeError(f"factory {factory!r}: faiss has no GPU HNSW; use IVF on the GPU or device='cpu'")
             backend, reason = "faiss-cpu", "faiss has no GPU HNSW, so the HNSW index stays on the CPU"
             log.warning("item index: %s", reason)
-        configure_faiss(omp_threads)
-        set_blas_threshold(n, blas_threshold)  # k-means assignment and IVF add are large batches
-
-        if "nlist" in spec and spec["nlist"] > n:
-            raise ValueError(f"factory {factory!r}: nlist {spec['nlist']} exceeds the {n} items to cluster")
-        t0 = time.perf_counter()
-        index = faiss.index_factory(d, factory, faiss_metric(metric))
-        if spec["kind"] in ("ivf", "ivfpq"):
-            ivf = faiss.extract_index_ivf(index)
-            ivf.cp.seed = seed
+        check_omp_threads(omp_threads)
+        with faiss_threads(omp_threads):  # k-means, graph construction and add on faiss's threads
+            set_blas_threshold(n, blas_threshold)  # k-means assignment and IVF add are large batches
+            if "nlist" in spec and spec["nlist"] > n:
+                raise ValueError(f"factory {factory!r}: nlist {spec['nlist']} exceeds the {n} items to cluster")
+            t0 = time.perf_counter()
+            index = faiss.index_factory(d, factory, faiss_metric(metric))
+            if spec["kind"] in ("ivf", "ivfpq"):
+                ivf = faiss.extract_index_ivf(index)
+                ivf.cp.seed = seed
+                if spec["kind"] == "ivfpq":
+                    ivfpq = faiss.downcast_index(ivf)
+                    ivfpq.pq.cp.seed = seed
+                    # polysemous codes only serve Hamming pre-filtering, which we never use; training them took
+                    # 25 of the 29 s to train IVF128,PQ8 on 10k x 32 here
+                    ivfpq.do_polysemous_training = False
+                if backend == "faiss-gpu":
+                    # k-means on the GPU: training IVF4096 on 1M items takes minutes on a CPU, seconds on a GPU
+                    ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(d))
+                n_train = train_size or min(n, max(64 * spec["nlist"], 10_000))
+                n_train = min(n_train, n)
+                rows = np.sort(np.random.default_rng(seed).choice(n, size=n_train,
+                                                                  replace=False)) if n_train < n else slice(None)
+                index.train(xb[rows])
+                if backend == "faiss-gpu":
+                    ivf.clustering_index = None
+            if ef_construction is not None:
+                if spec["kind"] != "hnsw":
+                    raise ValueError(f"ef_construction applies to HNSW indexes, not {factory!r}")
+                index.hnsw.efConstruction = int(ef_construction)
             if spec["kind"] == "ivfpq":
-                ivfpq = faiss.downcast_index(ivf)
-                ivfpq.pq.cp.seed = seed
-                # polysemous codes only serve Hamming pre-filtering, which we never use; training them took
-                # 25 of the 29 s to train IVF128,PQ8 on 10k x 32 here
-                ivfpq.do_polysemous_training = False
-            if backend == "faiss-gpu":
-                # k-means on the GPU: training IVF4096 on 1M items takes minutes on a CPU, seconds on a GPU
-                ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(d))
-            n_train = train_size or min(n, max(64 * spec["nlist"], 10_000))
-            n_train = min(n_train, n)
-            rows = np.sort(np.random.default_rng(seed).choice(n, size=n_train,
-                                                              replace=False)) if n_train < n else slice(None)
-            index.train(xb[rows])
-            if backend == "faiss-gpu":
-                ivf.clustering_index = None
-        if ef_construction is not None:
-            if spec["kind"] != "hnsw":
-                raise ValueError(f"ef_construction applies to HNSW indexes, not {factory!r}")
-            index.hnsw.efConstruction = int(ef_construction)
-        if spec["kind"] == "ivfpq":
-            if refine == "Flat":
-                index = faiss.IndexRefineFlat(index)
-            else:
-                qtype = {"SQfp16": faiss.ScalarQuantizer.QT_fp16, "SQ8": faiss.ScalarQuantizer.QT_8bit}[refine]
-                store = faiss.IndexScalarQuantizer(d, qtype, faiss_metric(metric))
-                store.train(xb[rows])  # per-dimension ranges (SQ8); a no-op for fp16
-                index = faiss.IndexRefine(index, store)
-            index.k_factor = float(k_factor)
-        index.add(xb)
-        log.info("item index: built %s over %d x %d in %.2f s", factory, n, d, time.perf_counter() - t0)
+                if refine == "Flat":
+                    index = faiss.IndexRefineFlat(index)
+                else:
+                    qtype = {"SQfp16": faiss.ScalarQuantizer.QT_fp16, "SQ8": faiss.ScalarQuantizer.QT_8bit}[refine]
+                    store = faiss.IndexScalarQuantizer(d, qtype, faiss_metric(metric))
+                    store.train(xb[rows])  # per-dimension ranges (SQ8); a no-op for fp16
+                    index = faiss.IndexRefine(index, store)
+                index.k_factor = float(k_factor)
+            index.add(xb)
+            log.info("item index: built %s over %d x %d in %.2f s", factory, n, d, time.perf_counter() - t0)
         self = cls(index, item_ids, metric=metric, factory=factory, backend=backend, backend_reason=reason,
                    seed=seed, k_factor=k_factor if spec["kind"] == "ivfpq" else None, blas_threshold=blas_threshold,
-                   refine=refine)
+                   refine=refine, omp_threads=omp_threads)
         self.ef_construction = ef_construction
         self.set_search_params(nprobe=nprobe, ef_search=ef_search)
         return self
@@ -293,7 +297,8 @@ class ItemIndex:
 
     def _faiss_search(self, index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         set_blas_threshold(len(xq), self.blas_threshold)
-        D, I = index.search(xq, k)
+        with faiss_threads(self.omp_threads):
+            D, I = index.search(xq, k)
         # faiss pads missing results with -1 and +-FLT_MAX; use +-inf so padding never looks like a score. Results
         # are sorted, so padding sits at the end of a row: one look at the last column tells whether there is any.
         if len(I) and (I[0, -1] < 0 if len(I) == 1 else I[:, -1].min() < 0):  # batch 1: a scalar look
@@ -569,7 +574,7 @@ class ItemIndex:
             if device == "gpu":
                 raise RuntimeError(f"factory {m['factory']!r}: faiss has no GPU HNSW; load with device='cpu'")
             backend, reason = "faiss-cpu", "faiss has no GPU HNSW, so the HNSW index stays on the CPU"
-        configure_faiss(omp_threads)
+        check_omp_threads(omp_threads)
         try:
             index = faiss.read_index(str(directory / INDEX_FILE))
         except RuntimeError as e:
@@ -583,7 +588,7 @@ class ItemIndex:
         cfg = m["config"]
         self = cls(index, item_ids.astype(np.int64), metric=m["metric"], factory=m["factory"], backend=backend,
                    backend_reason=reason, seed=m.get("seed"), k_factor=cfg.get("k_factor"),
-                   blas_threshold=blas_threshold, refine=cfg.get("refine", "Flat"))
+                   blas_threshold=blas_threshold, refine=cfg.get("refine", "Flat"), omp_threads=omp_threads)
         self.ef_construction = cfg.get("ef_construction")
         self.set_search_params(nprobe=cfg.get("nprobe"), ef_search=cfg.get("ef_search"))
         self.operating_points_ = list(m.get("operating_points") or [])

@@ -367,7 +367,10 @@ class StudentsSection:
     the popular channel's trailing-window click counts added to the tower's scores, which fixed item embeddings
     cannot hold); each trained tower keeps the smallest weight within one SE of its best validation click-recall at
     its stage size, and the distillation scale is then chosen on those. (0,): no prior. A weight above 0 needs
-    "popular" in channels.build."""
+    "popular" in channels.build. grid_doublings: every grid above ("auto" scales, prior weights) is widened
+    while its largest value scores best on validation: twice that value is tried too (a tower or rank student
+    trained, a prior weight judged), at most this many times (a best value on the grid's edge says the grid stops
+    short; 0: the grids as given)."""
 
     # the user tower reads the user's last 20 clicked items (as many as the channels' history): without them a tower
     # cannot hold what the teacher knows from the user's history (BENCHMARKS.md, "Outcomes": with and without)
@@ -382,6 +385,7 @@ class StudentsSection:
     select_requests: int = 500
     # BENCHMARKS.md, "Outcomes": without the prior the towers lost to most-popular at their own stage sizes
     popularity_prior_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
+    grid_doublings: int = 3
     # The rank student is cheap to serve: a small MLP without the user x item cross features (no history lookups at
     # serving); distillation from the teacher, which has them, is how their knowledge reaches it.
     rank_student: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dnn", emb_dim=8, mlp=(64,),
@@ -413,6 +417,8 @@ class StudentsSection:
         _scale_grid(self.distill_grid, "distill_grid")
         _scale_grid(self.rank_distill_grid, "rank_distill_grid")
         _scale_grid(self.popularity_prior_grid, "popularity_prior_grid", "the tower without a prior")
+        require(self, "grid_doublings", at_least(self.grid_doublings, 0),
+                "must be an integer >= 0 (0: the grids as given)")
         for key in ("distill", "rank_distill_scale"):
             v = getattr(self, key)
             if v != "auto" and not (np.isfinite(v) and v >= 0):

@@ -34,7 +34,15 @@ from ..config import to_dict
 from ..data.requests import Requests
 from ..distill.ranklog import RankLog
 from ..eval.metrics import auc, paired_difference
-from ..eval.selection import gap_se, one_se_choice, one_se_columns, paired_bootstrap, rows_of_units, unit_ranges
+from ..eval.selection import (
+    gap_se,
+    one_se_choice,
+    one_se_columns,
+    paired_bootstrap,
+    rows_of_units,
+    unit_ranges,
+    widen_top,
+)
 from ..models.ranker import Ranker
 from ..models.two_tower import build_two_tower, item_embeddings
 from ..run_data import RunData, Towers, load_ranker
@@ -105,10 +113,11 @@ def _tower_recall(towers: Towers, data: RunData, judge: Judge, n: int) -> np.nda
 
 
 def choose_prior(model, inputs, data: RunData, judge: Judge, n: int, popular: PopularChannel | None,
-                 grid: tuple[float, ...], seed: int) -> tuple[float, np.ndarray, list[dict]]:
+                 grid: tuple[float, ...], seed: int, doublings: int = 0) -> tuple[float, np.ndarray, list[dict]]:
     """The weight of a tower's recent-popularity prior (:class:`PopularityPrior` over ``popular``'s counts; None:
-    no prior): the smallest of ``grid`` within one SE of the best validation click-recall@n (one-SE rule). Returns
-    (weight, the per-request click-recall at that weight, one row per weight)."""
+    no prior): the smallest of the weights tried within one SE of the best validation click-recall@n (one-SE
+    rule). The weights tried: ``grid``, widened by :func:`~cascade.eval.selection.widen_top` (``doublings``).
+    Returns (weight, the per-request click-recall at that weight, one row per weight tried)."""
     model.eval()
     towers = Towers(model, inputs, item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num))
     if popular is None:
@@ -119,7 +128,7 @@ def choose_prior(model, inputs, data: RunData, judge: Judge, n: int, popular: Po
                                         model.temperature) if w else None)
         return _tower_recall(towers, data, judge, n)
 
-    recall = {float(w): recall_at(float(w)) for w in grid}
+    recall = widen_top({float(w): recall_at(float(w)) for w in grid}, recall_at, np.nanmean, doublings)
     chosen, rows = one_se_choice(list(recall), lambda w, units: float(np.nanmean(recall[w][units])),
                                  len(judge.requests), seed=seed)
     return chosen, recall[chosen], [{"weight": r["value"], f"valid_click_recall@{n}": r["score"],
@@ -127,12 +136,15 @@ def choose_prior(model, inputs, data: RunData, judge: Judge, n: int, popular: Po
 
 
 def grid_search(scales, train: Callable[[float], object], statistic: Callable[[object, np.ndarray], float],
-                n_units: int, seed: int) -> tuple[float, list, dict]:
-    """Train at every distillation scale and choose one by the one-standard-error rule
-    (:func:`cascade.eval.selection.one_se_choice`: the smallest scale within one SE of the best validation score;
-    statistic(model, request indices) -> its score over those validation requests). Returns (the chosen scale,
-    [{"scale", "score", "gap", "se", "within_one_se"}] in scale order, {scale: model})."""
-    models = {float(scale): train(float(scale)) for scale in sorted(scales)}
+                n_units: int, seed: int, doublings: int = 0) -> tuple[float, list, dict]:
+    """Train at every distillation scale, widen the grid while its largest scale scores best
+    (:func:`cascade.eval.selection.widen_top`, at most ``doublings`` times) and choose one by the one-standard-error
+    rule (:func:`cascade.eval.selection.one_se_choice`: the smallest scale within one SE of the best validation
+    score; statistic(model, request indices) -> its score over those validation requests). Returns (the chosen
+    scale, [{"scale", "score", "gap", "se", "within_one_se"}] in scale order, {scale: model})."""
+    everything = np.arange(n_units)
+    models = widen_top({float(scale): train(float(scale)) for scale in sorted(scales)}, train,
+                       lambda m: statistic(m, everything), doublings)
     chosen, rows = one_se_choice(list(models), lambda v, units: statistic(models[v], units), n_units, seed=seed)
     return chosen, [{"scale": r.pop("value"), **r} for r in rows], models
 
@@ -183,11 +195,12 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
             hist = train_student(towers, inputs, rank_log if needs_log else None, clicks, scfg, trusted=trusted,
                                  valid=curve_log, label=f"{stage} student, distillation scale {scale:g}")
             weight, recall, prior_grid = choose_prior(towers, inputs, data, judge, n, popular,
-                                                      c.popularity_prior_grid, ctx.seed)
+                                                      c.popularity_prior_grid, ctx.seed, c.grid_doublings)
             return towers, hist, recall, weight, prior_grid
 
         best, table, models = grid_search(c.scales(), train, lambda m, units: float(np.nanmean(m[2][units])),
-                                          len(judge.requests), ctx.seed)
+                                          len(judge.requests), ctx.seed,
+                                          c.grid_doublings if c.distill == "auto" else 0)
         grid = [{"scale": row["scale"], f"valid_click_recall@{n}": row["score"], **one_se_columns(row),
                  "popularity_prior": models[row["scale"]][3], "popularity_prior_grid": models[row["scale"]][4],
                  "teacher_agreement": evaluate_on_log(models[row["scale"]][0], inputs, rank_log, k=10)}
@@ -271,7 +284,8 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection,
             predicted[id(m[0])] = predict(m[0], valid)[order]
         return auc_over(predicted[id(m[0])])(units)
 
-    best, table, trained = grid_search(c.rank_scales(), train_one, valid_auc, len(starts), ctx.seed)
+    best, table, trained = grid_search(c.rank_scales(), train_one, valid_auc, len(starts), ctx.seed,
+                                       c.grid_doublings if c.rank_distill_scale == "auto" else 0)
     grid = [{"scale": row["scale"], "valid_auc": row["score"], **one_se_columns(row)} for row in table]
     chosen = best if c.rank_distill_scale == "auto" else float(c.rank_distill_scale)
     plain, _, plain_history = trained[0.0]
