@@ -141,3 +141,37 @@ def test_reason_names_the_changed_keys_and_the_changed_inputs(tmp_path, caplog):
     diff = config_diff({"a": 1, "b": {"c": [1, 2]}}, {"b": {"c": (1, 2), "d": "x"}})
     assert diff == [("a", 1, "(absent)"), ("b.d", "(absent)", "x")]
     assert format_diff(diff, limit=1) == "a: 1 -> (absent), and 1 more"
+
+
+def test_run_threads_hold_for_every_step(tmp_path, monkeypatch, caplog):
+    """run.threads holds for every step of a pipeline: a step (or a library it calls: building a faiss index used
+    to do it) that leaves torch on another thread count is named in a warning and set back before the next step."""
+    import dataclasses
+    import logging
+    from pathlib import Path
+
+    import torch
+
+    import cascade.pipeline.run as R
+    from cascade.pipeline import load_config, run_pipeline
+
+    data_step, channels_step = R.STEPS[0], R.STEPS[1]
+    seen = []
+
+    def data_then_one_thread(ctx):
+        result = data_step.run(ctx)
+        torch.set_num_threads(1)
+        return result
+
+    def channels_counting(ctx):
+        seen.append(torch.get_num_threads())
+        return channels_step.run(ctx)
+
+    monkeypatch.setattr(R, "STEPS", [dataclasses.replace(data_step, run=data_then_one_thread),
+                                     dataclasses.replace(channels_step, run=channels_counting), *R.STEPS[2:]])
+    tiny = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
+    cfg = load_config(tiny, [f"run.runs_dir={str(tmp_path)!r}", "run.threads=2"])
+    with caplog.at_level(logging.WARNING, logger="cascade.pipeline.run"):
+        run_pipeline(cfg, until="channels", progress=False)
+    assert seen == [2]
+    assert "step data left torch on 1 threads: back to run.threads = 2" in caplog.text

@@ -189,8 +189,7 @@ class ItemIndex:
                 raise RuntimeError(f"factory {factory!r}: faiss has no GPU HNSW; use IVF on the GPU or device='cpu'")
             backend, reason = "faiss-cpu", "faiss has no GPU HNSW, so the HNSW index stays on the CPU"
             log.warning("item index: %s", reason)
-        check_omp_threads(omp_threads)
-        with faiss_threads(omp_threads):  # k-means, graph construction and add on faiss's threads
+        with faiss_threads(omp_threads):  # k-means, graph construction and add on faiss's threads (checked first)
             set_blas_threshold(n, blas_threshold)  # k-means assignment and IVF add are large batches
             if "nlist" in spec and spec["nlist"] > n:
                 raise ValueError(f"factory {factory!r}: nlist {spec['nlist']} exceeds the {n} items to cluster")

@@ -74,7 +74,8 @@ class RunSection:
     :func:`with_run_device`); "cuda" on a machine without one is refused before any work.
     threads: torch's intra-op threads while the run lasts, whatever the process or OMP_NUM_THREADS say: weights
     depend on it in the last float bits, so it is pinned (and recorded in every step manifest) for two processes
-    to train the same weights. 2 keeps the default pipeline fast on a 2-core machine."""
+    to train the same weights (a step that leaves another count behind is named in a warning and the count set
+    back). 2 keeps the default pipeline fast on a 2-core machine."""
 
     name: str = "default"
     seed: int = 0

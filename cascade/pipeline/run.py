@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import logging
 from pathlib import Path
 
 import torch
@@ -21,6 +22,8 @@ from .checks import check_against_data
 from .config import NOT_COMPARED, PipelineConfig, data_step_config, with_run_device
 from .runner import Step, run_steps
 from .tracking import Trackers
+
+log = logging.getLogger(__name__)
 
 
 def students_slice(c: PipelineConfig) -> dict:
@@ -122,6 +125,10 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), only: tuple[s
         trackers = Trackers(cfg.tracking, run_dir, cfg.run.name, to_dict(cfg))
 
         def each_step(name: str, status: str, manifest) -> None:
+            if torch.get_num_threads() != cfg.run.threads:  # a library changed the process's OpenMP count
+                log.warning("step %s left torch on %d threads: back to run.threads = %d", name,
+                            torch.get_num_threads(), cfg.run.threads)
+                torch.set_num_threads(cfg.run.threads)
             trackers.step(name, status, manifest)
             if on_step is not None:
                 on_step(name, status, manifest)
