@@ -865,7 +865,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hnsw-max-n", type=int, default=100_000, help="skip HNSW above this many items")
     # 1 thread: single queries are fastest on one faiss thread, and on this 2-core machine (one physical core)
     # shared with other jobs two threads fight for the core (bench_index)
-    p.add_argument("--threads", type=int, default=1, help="faiss and torch threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads, and faiss's where an index sets none (the served indexes search on 1)")
     p.add_argument("--channels", action="store_true",
                    help="only the multi-channel section: load_cascade(run, \"distilled+channels\") vs the two-tower "
                         "alone, per-channel latency, each channel's served path vs its plain computation (default "

@@ -166,7 +166,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--n-retrieve", type=int, default=500)
     p.add_argument("--n-prerank", type=int, default=100)
     p.add_argument("--k", type=int, default=10)
-    p.add_argument("--threads", type=int, default=1, help="faiss and torch threads")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch threads, and faiss's where an index sets none (the served indexes search on 1)")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results" / "bench_soak.json")
     p.add_argument("--merge", type=Path, nargs="+", default=None,
                    help="instead of soaking: combine the JSON results of earlier runs (e.g. one process per mode, run "
