@@ -585,9 +585,13 @@ def channel_paths(merged, requests: Requests, n: int) -> dict:
     return out
 
 
+BY_SCORE = "distilled+channels, pre-rank by score"  # the multi-channel cascade before its pre-rank kept the quotas
+
+
 def bench_channels(n_items: int, args) -> dict:
     """The distilled+channels cascade of the run with ``n_items`` items (``load_cascade``, the DCNv2 teacher as
-    ranker) against the two-tower cascade alone, batch 1, interleaved; per-channel latency; each channel's served
+    ranker; its pre-rank keeping the channels' quotas, and the same cascade with a pre-rank that cuts by its score
+    alone) against the two-tower cascade alone, batch 1, interleaved; per-channel latency; each channel's served
     path against its plain computation."""
     from cascade import artifacts as A
     from cascade.data.requests import requests_frame, to_requests
@@ -597,7 +601,11 @@ def bench_channels(n_items: int, args) -> dict:
                           extra=tuple(args.overrides))
     run_dir = ensure_run(cfg, reuse=args.reuse_runs)
     data, alone = load_cascade(run_dir, "distilled")
-    _, multi = load_cascade(run_dir, CHANNELS_VARIANT, data=data)
+    _, loaded = load_cascade(run_dir, CHANNELS_VARIANT, data=data)
+    # both pre-rank cuts over the same stages, whatever the run's replay.prerank_quotas says (a run made before it
+    # existed reads False)
+    multi, by_score = (Cascade(loaded.retriever, loaded.preranker, loaded.ranker, loaded.seen, loaded.context_kinds,
+                               prerank_quotas=q) for q in (True, False))
     requests = to_requests(requests_frame(data.split_impressions("test"), data.context_names), data.context_names)
     timed = cycle(requests, args.n_latency)
     merged = multi.retriever
@@ -620,15 +628,15 @@ def bench_channels(n_items: int, args) -> dict:
             pop.ranked(int(s))
         out["popular_refresh"] = {"periods": len(periods), "ms_per_period": (time.perf_counter() - t0) * 1e3
                                   / max(len(periods), 1)}
-    for casc in (alone, multi):  # warm-up: lazy allocations, caches
+    for casc in (alone, multi, by_score):  # warm-up: lazy allocations, caches
         casc.recommend(cycle(requests, 20), args.n_retrieve, args.n_prerank, args.k)
-    out["batch1"] = interleaved_latency({"two_tower": alone, CHANNELS_VARIANT: multi}, timed, args.n_retrieve,
-                                        args.n_prerank, args.k, seed=args.seed)
+    out["batch1"] = interleaved_latency({"two_tower": alone, CHANNELS_VARIANT: multi, BY_SCORE: by_score}, timed,
+                                        args.n_retrieve, args.n_prerank, args.k, seed=args.seed)
     for name, e in out["batch1"].items():
         log.info("%d items, %s: batch-1 e2e p50 %.2f p99 %.2f ms (cpu p99 %.2f)", n_items, name,
                  e["end_to_end_ms"]["p50_ms"], e["end_to_end_ms"]["p99_ms"], e["end_to_end_cpu_ms"]["p99_ms"])
     out["channel_paths"] = channel_paths(merged, cycle(requests, args.n_plain), args.n_retrieve)
-    del alone, multi, data
+    del alone, multi, by_score, loaded, data
     gc.collect()
     return out
 
@@ -647,8 +655,10 @@ def render_channels_markdown(res: dict) -> str:
          f"channels step) on the synthetic world with {a['n_users']} users and {a['n_days']} days. The cascades "
          "are `load_cascade(run, \"distilled\")` (the two-tower retrieves alone) and `load_cascade(run, "
          "\"distilled+channels\")` (the two-tower and the classic channels in one retrieval stage, as the replay "
-         "builds it), both with the DCNv2 teacher as ranker and the run's own index settings; every request is "
-         f"served by both in turn, in a random order per request ({a['n_latency']} test requests). Cascade sizes: "
+         "builds it, its pre-rank keeping the channels' quotas; and the same stages with a pre-rank that keeps its "
+         "best n_prerank by score, as before `replay.prerank_quotas`), all with the DCNv2 teacher as ranker and "
+         "the run's own index settings; every request is served by each in turn, in a random order per request "
+         f"({a['n_latency']} test requests). Cascade sizes: "
          f"n_retrieve {a['n_retrieve']}, n_prerank {a['n_prerank']}, k {a['k']}. Most-popular's list of each "
          "refresh period is counted before timing (a server refreshes it on a timer); its refresh cost is in the "
          "last table.", ""]

@@ -70,10 +70,15 @@ def _choices(run_dir: Path) -> dict[str, float | None]:
 
 
 def _paired(summary: dict) -> dict[str, dict]:
-    """The distilled cascade minus every other list on the same requests (diff, SE, n), by row name."""
+    """The distilled cascade minus every other list on the same requests (diff, SE, n), by row name; and under
+    "distilled+channels minus distilled" the multi-channel cascade minus the two-tower alone."""
     shown = {b: f"baseline: {s['channel']}" for b, s in summary.get("baselines", {}).items()}
     shown["teacher_corpus"] = "reference: teacher_corpus"
-    return {shown.get(other, other): gaps for other, gaps in summary.get("paired", {}).get("distilled", {}).items()}
+    paired = summary.get("paired", {})
+    out = {shown.get(other, other): gaps for other, gaps in paired.get("distilled", {}).items()}
+    if "distilled" in paired.get("distilled+channels", {}):
+        out["distilled+channels minus distilled"] = paired["distilled+channels"]["distilled"]
+    return out
 
 
 def measure(run_dir: Path) -> dict:
@@ -190,6 +195,12 @@ def paired_lines(paired: list[dict], seeds: list[int], rows: dict) -> list[str]:
     (the same test requests every seed) does not show."""
     if not any(paired):
         return []
+
+    def line(label: str, what: str, gaps: list[dict]) -> str:
+        return f"- {label}, {what}: " + "; ".join(
+            f"seed {s} {g['diff']:+.4f} ± {g['se']:.4f}" + (" *" if abs(g["diff"]) > 2 * g["se"] else "")
+            for s, g in zip(seeds, gaps)) + f" ({gaps[0]['n']} requests)"
+
     out = []
     for metric, label in (("rank_click_recall", "click-recall@K"), ("oracle_ratio", "oracle ratio")):
         base = {n: r[metric]["mean"] for n, r in rows.items() if n.startswith("baseline: ") and metric in r
@@ -199,11 +210,11 @@ def paired_lines(paired: list[dict], seeds: list[int], rows: dict) -> list[str]:
         best = max(base, key=base.get)
         for other in dict.fromkeys(("ground_truth", "baseline: popular", best)):
             gaps = [p.get(other, {}).get(metric) for p in paired]
-            if any(g is None for g in gaps):
-                continue
-            out.append(f"- {label}, distilled minus {other}: " + "; ".join(
-                f"seed {s} {g['diff']:+.4f} ± {g['se']:.4f}" + (" *" if abs(g["diff"]) > 2 * g["se"] else "")
-                for s, g in zip(seeds, gaps)) + f" ({gaps[0]['n']} requests)")
+            if all(g is not None for g in gaps):
+                out.append(line(label, f"distilled minus {other}", gaps))
+        gaps = [p.get("distilled+channels minus distilled", {}).get(metric) for p in paired]
+        if all(g is not None for g in gaps):
+            out.append(line(label, "distilled+channels minus distilled (the two-tower alone)", gaps))
     return ["", "paired on the same test requests (mean ± SE over requests; * beyond 2 SE):", *out] if out else []
 
 

@@ -173,7 +173,9 @@ def _real_data(d: dict) -> tuple[str, bool]:
                           key=lambda x: x[1])
             if metric == judge:
                 ok &= auto["mean"] >= gt["mean"] - (gt["std"] or 0.0) and auto["mean"] > max(popular, classic[1])
-            texts.append(f"{label} auto {auto['mean']:.3f}, ground truth {gt['mean']:.3f}, most-popular "
+            multi = (f", with the channels {rows['distilled+channels'][metric]['mean']:.3f}"
+                     if metric in rows.get("distilled+channels", {}) else "")
+            texts.append(f"{label} auto {auto['mean']:.3f}{multi}, ground truth {gt['mean']:.3f}, most-popular "
                          f"{popular:.3f}, best classic ({classic[0][10:]}) {classic[1]:.3f}")
         parts.append(f"{name}: " + "; ".join(texts))
     return " | ".join(parts) + f" ({len(d['seeds'])} seeds)", ok
@@ -289,6 +291,8 @@ ROWS = [
         "e2e p99 <= 20 ms at 100 K items", _serving),
     Row("bench_serving_channels.json", "serving with the classic channels (distilled+channels)",
         "e2e p99 <= 20 ms at 100 K items", _serving_channels),
+    Row("bench_serving_channels_no_prerank_quotas.json", "serving with the classic channels, before the pre-rank "
+        "kept their quotas", None, lambda d: (_serving_channels(d)[0], None)),
     Row("bench_serving_channels_no_history.json", "serving with the classic channels, before the towers' history",
         None, lambda d: (_serving_channels(d)[0], None)),
     Row("bench_soak.json", "soak (latency drift, memory)", "every check holds", _soak),
@@ -306,6 +310,8 @@ ROWS = [
     Row("ablation_movielens_100k.json", "distillation ablation, ML-100K", None, _checks_elsewhere),
     Row("real_data.json", "outcomes: distilled cascade vs ground truth and classic baselines",
         "auto >= ground truth; the cascade beats most-popular and the best classic channel", _real_data),
+    Row("real_data_no_prerank_quotas.json", "outcomes before the pre-rank kept the channels' quotas", None,
+        lambda d: (_real_data(d)[0], None)),
     Row("real_data_grid_as_given.json", "outcomes before the grids were widened at their edge", None,
         lambda d: (_real_data(d)[0], None)),
     Row("real_data_no_prior.json", "outcomes before the towers' popularity prior", None,
@@ -319,6 +325,9 @@ ROWS = [
     Row("popularity_headroom.json", "ML-100K: trailing popularity and what lies beyond it", None, _headroom),
     Row("real_data_ml_28d.json", "outcomes, ML-100K with a 28-day test split (345 requests)",
         "the cascade beats most-popular", lambda d: _real_data(d)),
+    Row("real_data_ml_28d_no_prerank_quotas.json",
+        "outcomes, ML-100K 28-day test, before the pre-rank kept the channels' quotas", None,
+        lambda d: (_real_data(d)[0], None)),
     Row("real_data_ml_28d_grid_as_given.json",
         "outcomes, ML-100K 28-day test, before the grids were widened at their edge", None,
         lambda d: (_real_data(d)[0], None)),

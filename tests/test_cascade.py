@@ -189,6 +189,38 @@ def test_merged_retrieval_names_its_channels_times_each_and_tells_who_proposed_e
     assert single.channels == () and single.origin is None and set(single.timing_s) == {"retrieval", "prerank", "rank"}
 
 
+def test_the_prerank_keeps_the_channels_quotas_when_asked(toy):
+    """Without quotas the pre-rank keeps its best n of the union, whatever channel proposed them; with them each
+    channel keeps its quota of the pre-rank's n (its own candidates in pre-rank score order), so a channel whose
+    candidates the pre-rank scores low still reaches the ranker. Without channels the option is an error."""
+    casc, (tt, a, b) = _merged_cascade(toy)
+    c = toy["cascade"]
+    quota = Cascade(casc.retriever, c.preranker, c.ranker, prerank_quotas=True)
+    req = Requests(np.array([1, 2]), np.array([5, 5]))
+    plain = casc.recommend(req, 8, 4, 3, return_stages=True)
+    kept = quota.recommend(req, 8, 4, 3, return_stages=True)
+    ri, ro = plain.stages["retrieval"][0], plain.origin
+    np.testing.assert_array_equal(ri, kept.stages["retrieval"][0])
+    pre_scores = c.preranker.scores(req, ri)
+    # quotas 1/2, 1/4, 1/4 of 4 slots, keys (r + 0.5) / quota: two-tower 1, 3, 5; a 2, 6; b 2, 6. User 1: the
+    # two-tower's best 2 by pre-rank score, a's best 1 and b's best 1; user 2 (b proposes nothing, a only 130):
+    # the two-tower's best 3 and 130
+    for row, per_channel in ((0, (2, 1, 1)), (1, (3, 1, 0))):
+        score = dict(zip(ri[row].tolist(), pre_scores[row].tolist()))
+        origin = dict(zip(ri[row].tolist(), ro[row].tolist()))
+        by_score = sorted(score, key=lambda x: -score[x])
+        assert plain.stages["prerank"][0][row].tolist() == by_score[:4]
+        want = [x for ch, n in enumerate(per_channel) for x in [y for y in by_score if origin[y] == ch][:n]]
+        got = kept.stages["prerank"][0][row]
+        assert sorted(got[got != PAD].tolist()) == sorted(want)
+        assert np.all(np.diff(kept.stages["prerank"][1][row][got != PAD]) <= 0)  # best pre-rank score first
+    # user 1: a's 121 and b's 160 reach the ranker only through their quotas (the pre-rank ranks them lower)
+    assert {121, 160} <= set(kept.stages["prerank"][0][0].tolist())
+    assert not {121, 160} & set(plain.stages["prerank"][0][0].tolist())
+    with pytest.raises(ValueError, match="single channel"):
+        Cascade(c.retriever, c.preranker, c.ranker, prerank_quotas=True)
+
+
 def test_merged_retrieval_filters_seen_items_and_keeps_the_origins_of_what_is_left(toy):
     from cascade.serve.cascade import select_unseen, select_unseen_origin
 

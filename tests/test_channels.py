@@ -15,6 +15,7 @@ from cascade.channels import (
     MergedRetriever,
     PopularChannel,
     RecentChannel,
+    quota_cut,
 )
 from cascade.channels.classic import als_factory, weighted_rows
 from cascade.channels.reference import als_lists, content_lists, itemcf_lists, popular_lists
@@ -132,6 +133,27 @@ def test_merger_quotas_dedup_and_origin():
         MergedRetriever({"a": a}, {"b": 1.0})
     with pytest.raises(ValueError, match="finite and > 0"):
         MergedRetriever({"a": a}, {"a": 0.0})
+
+
+def test_quota_cut_keeps_each_channels_quota_in_score_order():
+    # one row of 7 candidates from channels 0 (quota 1/2) and 1 and 2 (1/4 each), scored by a later stage
+    items = np.array([[10, 11, 12, 13, 14, 15, PAD]])
+    scores = np.array([[0.9, 0.8, 0.7, 0.1, 0.5, 0.2, 5.0]], np.float32)  # PAD's score never counts
+    origin = np.array([[0, 0, 0, 1, 1, 2, -1]])
+    quotas = np.array([0.5, 0.25, 0.25])
+    # by score: 10 (.9, ch0), 11 (.8, ch0), 12 (.7, ch0), 14 (.5, ch1), 15 (.2, ch2), 13 (.1, ch1)
+    # keys (r + 0.5) / q: ch0 1, 3, 5; ch1 14 -> 2, 13 -> 6; ch2 15 -> 2
+    # n = 4: keys 1 (10), 2 (14), 2 (15), 3 (11); back in score order: 10, 11, 14, 15 (the best overall 4 would
+    # have been 10, 11, 12, 14)
+    got, s, o = quota_cut(items, scores, origin, quotas, 4)
+    assert got.tolist() == [[10, 11, 14, 15]] and o.tolist() == [[0, 0, 1, 2]]
+    np.testing.assert_allclose(s, [[0.9, 0.8, 0.5, 0.2]])
+    # a channel with fewer candidates than its quota leaves its slots to the others; a short row is padded
+    got, s, o = quota_cut(items, scores, origin, quotas, 7)
+    assert got.tolist() == [[10, 11, 12, 14, 15, 13, PAD]] and o[0, -1] == -1 and s[0, -1] == -np.inf
+    # equal quotas on one channel alone: the stage's own top n
+    got, _, _ = quota_cut(items[:, :3], scores[:, :3], origin[:, :3], quotas, 2)
+    assert got.tolist() == [[10, 11]]
 
 
 def test_save_and_load_serve_the_same_lists(tmp_path):

@@ -127,6 +127,14 @@ def make_report_data() -> dict:
                      "prerank student (distilled)": {"epoch": [1, 2], "loss": [4.4806, 2.37555],
                                                      "valid": [None, 0.8009],
                                                      "valid_metric": "teacher-recall@10 on a rank-log sample"}},
+        "channels": {"union_click_recall": 0.6512, "prerank_quotas": True,
+                     "per_channel": {"two_tower": {"quota": 0.5, "click_recall_alone": 0.6251,
+                                                   "teacher_recall_alone": 0.8597, "union_without": 0.5803,
+                                                   "marginal": 0.0709},
+                                     "popular": {"quota": 0.5, "click_recall_alone": 0.6173,
+                                                 "teacher_recall_alone": 0.3821, "union_without": 0.6455,
+                                                 "marginal": 0.0057}},
+                     "final_origin_share": {"two_tower": 0.83, "popular": 0.17}},
         "ablation": {"metrics": ["teacher_recall", "auc"], "seeds": [0, 1, 2], "rows": [
             {"name": "ground truth only", "stage": "prerank",
              "values": {"teacher_recall": {"mean": 0.61, "std": 0.012, "n": 3},
@@ -227,8 +235,8 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
         width, height = struct.unpack(">II", png[16:24])  # IHDR: width, height big-endian after the chunk header
         assert 500 <= width <= 1400 and 250 <= height <= 1400
     # sections in the required order
-    order = ["Headline", "Per-stage metrics", "Teacher-recall@K curves", "Latency at batch 1", "Index", "Models",
-             "Training curves", "Choices made on validation", "Distillation ablation", "Data",
+    order = ["Headline", "Per-stage metrics", "Retrieval channels", "Teacher-recall@K curves", "Latency at batch 1",
+             "Index", "Models", "Training curves", "Choices made on validation", "Distillation ablation", "Data",
              "Run: configuration"]
     pos = [page.index(f"<h2>{t}") for t in order]
     assert pos == sorted(pos)
@@ -300,6 +308,17 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     assert _md_row(md, ["prerank student (distilled)", "1"]) == ["prerank student (distilled)", "1", "4.4806",
                                                                  "teacher-recall@10 on a rank-log sample", "–"]
     assert NOT_COMPUTED not in md
+
+
+def test_channels_section_shows_each_channel_alone_in_the_union_and_in_the_final_lists(written):
+    md = (written[0] / "report.md").read_text()
+    section = _md_section(md, "Retrieval channels")
+    # quota 0.5 -> 0.500; recall 0.6251 -> 0.625; the teacher's top-K in N1 0.8597 -> 0.860; union without 0.5803
+    # -> 0.580;
+    # marginal 0.0709 -> 0.071; share 0.83 -> 0.830
+    assert _md_row(section, ["two_tower"]) == ["two_tower", "0.500", "0.625", "0.860", "0.580", "0.071", "0.830"]
+    assert _md_row(section, ["popular"]) == ["popular", "0.500", "0.617", "0.382", "0.645", "0.006", "0.170"]
+    assert "click-recall@N1 is 0.651" in section and "the pre-rank keeps every channel's quota" in section
 
 
 @pytest.mark.parametrize("minimal", [{}, {"run": None, "data": None, "cascades": None, "index": None,
@@ -426,21 +445,25 @@ def test_outcome_rows_flag_a_loss_to_most_popular_with_its_paired_gap_and_pick_t
                 "sizes": {"retrieval": 300, "prerank": 50, "rank": 10}}
 
     gap = {"diff": -0.012, "se": 0.019, "n": 116}
-    summary = {"variants": {"distilled": q(0.111), "ground_truth": q(0.101)},
+    summary = {"variants": {"distilled": q(0.111), "ground_truth": q(0.101), "distilled+channels": q(0.112)},
                "references": {"teacher_corpus": q(0.108)},
                "baselines": {"popular (7 days)": q(0.124), "itemcf": q(0.106), "als (32 factors)": q(0.077)},
                "paired": {"distilled": {"popular (7 days)": {"rank_click_recall": gap},
                                         "ground_truth": {"rank_click_recall": {"diff": 0.01, "se": 0.004, "n": 116}},
                                         "itemcf": {"rank_click_recall": gap}},
-                          "ground_truth": {"popular (7 days)": {"rank_click_recall": gap}}}}
+                          "ground_truth": {"popular (7 days)": {"rank_click_recall": gap}},
+                          "distilled+channels": {"distilled": {"rank_click_recall": gap},
+                                                 "popular (7 days)": {"rank_click_recall": gap}}}}
     out = outcome_rows(summary)
     assert out["flags"][0] == ("The distilled cascade finds fewer of the test clicks than popular (7 days) "
                                "(click-recall@10 0.111 < 0.124; paired over 116 requests -0.0120 ± 0.0190 (SE): "
                                "within 2 SE, not distinguishable on these requests).")
-    # each cascade against ground truth and most-popular (here also the best baseline); no oracle on this data
+    # each cascade against ground truth and most-popular (here also the best baseline), the multi-channel one first
+    # against its two-tower alone; no oracle on this data
     assert [(g["cascade"], g["other"], g["beyond_2se"]) for g in out["gaps"]] == [
         ("distilled", "ground_truth", True), ("distilled", "popular (7 days)", False),
-        ("ground_truth", "popular (7 days)", False)]
+        ("ground_truth", "popular (7 days)", False), ("distilled+channels", "distilled", False),
+        ("distilled+channels", "popular (7 days)", False)]
 
 
 def test_rank_student_gate_flag_states_its_margin():

@@ -171,9 +171,10 @@ def test_channels_section_times_each_channel_and_checks_the_served_paths(toy):
     alone = toy["parts"].cascade
     merged = MergedRetriever({"two_tower": alone.retriever, **channels}, {"two_tower": 0.5, **{c: 0.125 for c in
                                                                                               channels}})
-    multi = Cascade(merged, alone.preranker, alone.ranker)
+    multi, by_score = (Cascade(merged, alone.preranker, alone.ranker, prerank_quotas=q) for q in (True, False))
     req = Requests(np.arange(N_USERS), np.full(N_USERS, 11 * 86_400_000, np.int64))
-    lat = bs.interleaved_latency({"two_tower": alone, "distilled+channels": multi}, req, 50, 20, 5)
+    lat = bs.interleaved_latency({"two_tower": alone, "distilled+channels": multi, bs.BY_SCORE: by_score}, req,
+                                 50, 20, 5)
     assert lat["two_tower"]["retrieval_channels_ms"] == {}
     assert list(lat["distilled+channels"]["retrieval_channels_ms"]) == ["two_tower", "popular", "itemcf", "content",
                                                                          "als"]
@@ -193,4 +194,5 @@ def test_channels_section_times_each_channel_and_checks_the_served_paths(toy):
                       "channel_paths": paths}]}
     md = bs.render_channels_markdown(res)
     assert "distilled+channels e2e p99" in md and ("PASS" in md or "FAIL" in md)
+    assert f"| 100,000 | {bs.BY_SCORE} |" in md  # both pre-rank cuts of the multi-channel cascade are timed
     assert "| 100,000 | als |" in md and "identical" in md and "**differ**" not in md

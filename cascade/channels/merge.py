@@ -1,4 +1,5 @@
-"""Several retrieval channels as one retrieval stage: their union, de-duplicated, with quotas and origins."""
+"""Several retrieval channels as one retrieval stage: their union, de-duplicated, with quotas and origins; and the
+same quotas kept when a later stage cuts the union (:func:`quota_cut`)."""
 
 from __future__ import annotations
 
@@ -10,6 +11,36 @@ import numpy as np
 from ..arrays import PAD, first_occurrence_columns
 from ..data.requests import Requests
 from .classic import check_select
+
+
+def quota_keys(origin: np.ndarray, quotas: np.ndarray) -> np.ndarray:
+    """Weighted-interleaving keys float64 [B, M] of a list whose elements come from channels ``origin`` int [B, M]
+    (index into ``quotas``; < 0 at padding), each channel's elements in its own order: the element that is channel
+    c's r-th (0-based) in its row gets (r + 0.5) / quotas[c], padding inf. Taking elements in key order gives
+    every channel about its quota of any prefix."""
+    order = np.argsort(origin, axis=1, kind="stable")  # each channel's elements together, in their own order
+    grouped = np.take_along_axis(origin, order, 1)
+    pos = np.broadcast_to(np.arange(origin.shape[1]), origin.shape)
+    first = np.ones(origin.shape, bool)
+    first[:, 1:] = grouped[:, 1:] != grouped[:, :-1]
+    rank = np.empty(origin.shape, np.int64)
+    np.put_along_axis(rank, order, pos - np.maximum.accumulate(np.where(first, pos, 0), axis=1), 1)
+    return np.where(origin >= 0, (rank + 0.5) / quotas[np.maximum(origin, 0)], np.inf)
+
+
+def quota_cut(items: np.ndarray, scores: np.ndarray, origin: np.ndarray, quotas: np.ndarray,
+              n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The n of each row that a later stage keeps when every channel keeps its quota: items int64 [B, M] (distinct
+    per row, PAD-padded) scored ``scores`` [B, M] by that stage, from channels ``origin`` [B, M] (-1 at PAD); each
+    channel's items in score order, interleaved by :func:`quota_keys` (a channel with fewer items leaves its slots
+    to the others). Returns (items, scores, origin) [B, n], best score first, PAD / -inf / -1 where a row is short."""
+    order = np.argsort(-np.where(items == PAD, -np.inf, scores), axis=1, kind="stable")
+    items, scores, origin = (np.take_along_axis(x, order, 1) for x in (items, scores, origin))
+    origin = np.where(items == PAD, -1, origin)
+    keep = np.sort(np.argsort(quota_keys(origin, quotas), axis=1, kind="stable")[:, :n], axis=1)  # score order
+    out = [np.take_along_axis(x, keep, 1) for x in (items, scores, origin)]
+    short = out[0] == PAD
+    return out[0], np.where(short, -np.inf, out[1]).astype(np.float32), np.where(short, -1, out[2]).astype(np.int8)
 
 
 class MergedRetriever:
@@ -39,16 +70,15 @@ class MergedRetriever:
     def select_with_origin(self, requests: Requests, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(items int64 [B, n], scores float32 [B, n], origin int8 [B, n]: index into ``names``, -1 at PAD)."""
         check_select("merged", None, n)
-        items, keys, origin = [], [], []
+        items, origin = [], []
         for c, ch in enumerate(self.channels):
             t0 = time.perf_counter()
             i, _ = ch.select(requests, None, n)
             self.last_timing_s[self.names[c]] = time.perf_counter() - t0
-            key = (np.arange(i.shape[1]) + 0.5) / self.quotas[c]
             items.append(i)
-            keys.append(np.where(i == PAD, np.inf, key[None, :]))
-            origin.append(np.full(i.shape, c, np.int8))
-        items, keys, origin = (np.concatenate(x, axis=1) for x in (items, keys, origin))
+            origin.append(np.where(i == PAD, -1, c).astype(np.int8))
+        items, origin = np.concatenate(items, axis=1), np.concatenate(origin, axis=1)
+        keys = quota_keys(origin, self.quotas)
         order = np.argsort(keys, axis=1, kind="stable")  # ties: the earlier channel first
         items, keys, origin = (np.take_along_axis(x, order, 1) for x in (items, keys, origin))
         cols = first_occurrence_columns(items, n)

@@ -485,9 +485,12 @@ class ReplaySection:
     recall_ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200, 500)
     # the multi-channel cascade ("distilled+channels"): the distilled two-tower plus these channels (built by the
     # channels step) in one retrieval stage, the two-tower taking two_tower_quota of the N1 slots and the channels
-    # sharing the rest evenly; () replays no multi-channel cascade
+    # sharing the rest evenly; () replays no multi-channel cascade. prerank_quotas: its pre-rank keeps those quotas
+    # (each channel's candidates in pre-rank score order, interleaved by quota) instead of cutting the union by the
+    # pre-rank score alone, which keeps almost only the two-tower's own candidates (cascade/serve/cascade.py)
     channels: tuple[str, ...] = ("popular", "itemcf", "als", "recent", "content")
     two_tower_quota: float = 0.5
+    prerank_quotas: bool = True
 
     def __post_init__(self) -> None:
         for name in ("k", "n_prerank", "n_retrieve", "batch_size", "latency_requests"):

@@ -148,12 +148,14 @@ def run(ctx: StepContext) -> StepResult:
         retr, pre, index = towers["distilled"]
         # the cascade load_cascade(run, "distilled+channels") serves
         casc = build_cascade(data, retr, pre, ranker, index, seen, channels={n: channels[n] for n in c.channels},
-                             two_tower_quota=c.two_tower_quota)
+                             two_tower_quota=c.two_tower_quota, prerank_quotas=c.prerank_quotas)
         merged = casc.retriever
         name = CHANNELS_VARIANT
         variants[name] = measure(name, casc, stage_auc(None, pre.scorer(data)(req_t, cand)[:, 0]))
-        variants[name]["channels"] = {"quotas": dict(zip(merged.names, merged.quotas.tolist()))}
+        variants[name]["channels"] = {"quotas": dict(zip(merged.names, merged.quotas.tolist())),
+                                      "prerank_quotas": c.prerank_quotas}
         channel_report = channel_contributions(merged, requests, inp, c.n_retrieve, c.k, seen)
+        channel_report["prerank_quotas"] = c.prerank_quotas
         finals = np.stack(per_request[name]["final_items"].to_list())
         channel_report["final_origin_share"] = final_origin_share(merged, sampled, c.n_retrieve, seen,
                                                                   finals[sample_rows])

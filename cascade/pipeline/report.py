@@ -59,6 +59,7 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
         latency = m["replay"]["metrics"].get("latency", {})  # measured times live in the manifest
         out["cascades"] = {v: _cascade_entry({**s, **latency.get(v, {})}) for v, s in summ["variants"].items()}
         out["outcomes"] = outcome_rows(summ, gate_flags(out["choices"]))
+        out["channels"] = summ.get("channels")  # the multi-channel cascade's channels, each alone and in the union
     if report_cfg is not None and report_cfg.ablation:
         out["ablation"] = A.read_json(report_cfg.ablation)
     return out
@@ -177,8 +178,9 @@ def describe_gap(gap: dict) -> str:
 
 
 def gap_rows(rows: list[dict], paired: dict) -> list[dict]:
-    """Each cascade against ground truth, most-popular and the best other baseline, paired on the same requests:
-    one row per (cascade, other list, metric) with the mean difference, its SE and the number of requests."""
+    """Each cascade against ground truth, most-popular and the best other baseline (a multi-channel cascade
+    "X+channels" also against X, its two-tower alone), paired on the same requests: one row per (cascade, other
+    list, metric) with the mean difference, its SE and the number of requests."""
     baselines = [r for r in rows if r["kind"] == "baseline"]
     out = []
     for metric, key in (("rank_click_recall", "click_recall"), ("oracle_ratio", "oracle_ratio")):
@@ -186,7 +188,8 @@ def gap_rows(rows: list[dict], paired: dict) -> list[dict]:
         best = max(scored, key=lambda r: r[key])["name"] if scored else None
         popular = [r["name"] for r in scored if r["name"].startswith("popular")]
         for cascade, against in paired.items():
-            others = dict.fromkeys(o for o in ("ground_truth", *popular, best) if o and o != cascade)
+            alone = cascade.split("+")[0] if "+" in cascade else None
+            others = dict.fromkeys(o for o in (alone, "ground_truth", *popular, best) if o and o != cascade)
             for other in others:
                 gap = against.get(other, {}).get(metric)
                 if gap is not None:

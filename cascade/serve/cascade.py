@@ -28,7 +28,7 @@ import torch
 
 from .. import artifacts as A
 from ..arrays import PAD, first_occurrences, topk_rows
-from ..channels import MergedRetriever, load_channels
+from ..channels import MergedRetriever, load_channels, quota_cut
 from ..data.history import EventHistory
 from ..data.requests import Requests
 from ..index.faiss_index import ItemIndex
@@ -91,14 +91,19 @@ class PairScorer:
     def __init__(self, score: Callable[[Requests, np.ndarray], np.ndarray]):
         self.score = score
 
-    def select(self, requests: Requests, candidates: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
-        if candidates is None:
-            raise ValueError("this stage re-scores candidates: pass candidates [B, N]")
+    def scores(self, requests: Requests, candidates: np.ndarray) -> np.ndarray:
+        """float32 [B, N]: the score of every candidate (padding -inf)."""
         candidates = _item_ids(candidates)
         s = np.asarray(self.score(requests, candidates), dtype=np.float32)
         if s.shape != candidates.shape:
             raise ValueError(f"scorer returned shape {s.shape}, expected {candidates.shape}")
-        return topk_rows(s, candidates, k)
+        return np.where(candidates == PAD, np.float32(-np.inf), s)
+
+    def select(self, requests: Requests, candidates: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
+        if candidates is None:
+            raise ValueError("this stage re-scores candidates: pass candidates [B, N]")
+        candidates = _item_ids(candidates)
+        return topk_rows(self.scores(requests, candidates), candidates, k)
 
 
 MAX_OVERFETCH = 4  # filtering first fetches at most (1 + this) x n items; rows still short are fetched again
@@ -198,14 +203,27 @@ class Cascade:
 
     seen: the logged history of what users were shown (an :class:`EventHistory` of impressions); with
     ``filter_seen=True`` an item the user was shown strictly before the request never reaches a list.
+
+    prerank_quotas: with a multi-channel retriever, the pre-rank keeps the retriever's channel quotas
+    (:func:`~cascade.channels.quota_cut`: each channel's candidates in pre-rank score order, interleaved by quota)
+    instead of its best n_prerank overall. The pre-rank tower is a student of the same teacher as the two-tower
+    retriever: cutting by its score alone keeps almost only the two-tower's own candidates, and the other channels'
+    never reach the ranker. Needs a :class:`PairScorer` pre-rank (it scores every candidate).
     """
 
     STAGE_NAMES = ("retrieval", "prerank", "rank")
 
     def __init__(self, retriever: Stage, preranker: Stage, ranker: Stage, seen: EventHistory | None = None,
-                 context_kinds: dict[str, str] | None = None):
+                 context_kinds: dict[str, str] | None = None, prerank_quotas: bool = False):
+        if prerank_quotas and not isinstance(retriever, MergedRetriever):
+            raise ValueError("prerank_quotas keeps the retrieval channels' quotas, but the retriever is a single "
+                             "channel: use a MergedRetriever, or prerank_quotas=False")
+        if prerank_quotas and not isinstance(preranker, PairScorer):
+            raise ValueError(f"prerank_quotas needs a PairScorer pre-rank (it scores every candidate), got "
+                             f"{type(preranker).__name__}")
         self.retriever, self.preranker, self.ranker, self.seen = retriever, preranker, ranker, seen
         self.context_kinds = context_kinds  # context name -> "int" | "float" | "str": checked per request
+        self.prerank_quotas = prerank_quotas
 
     @property
     def channels(self) -> tuple[str, ...]:
@@ -237,7 +255,10 @@ class Cascade:
             else:
                 ri, rs = select_unseen(self.retriever, req, n_retrieve, seen)
             t1 = time.perf_counter()
-            pi, ps = self.preranker.select(req, ri, n_prerank)
+            if self.prerank_quotas:
+                pi, ps, _ = quota_cut(ri, self.preranker.scores(req, ri), ro, self.retriever.quotas, n_prerank)
+            else:
+                pi, ps = self.preranker.select(req, ri, n_prerank)
             t2 = time.perf_counter()
             fi, fs = self.ranker.select(req, pi, k)
             t3 = time.perf_counter()
@@ -266,14 +287,14 @@ CHANNELS_VARIANT = "distilled+channels"  # the distilled two-tower and the class
 
 def build_cascade(data: RunData, retrieval: Towers, prerank: Towers, ranker: torch.nn.Module, index,
                   seen: EventHistory | None = None, channels: Mapping[str, Stage] | None = None,
-                  two_tower_quota: float = 0.5) -> Cascade:
+                  two_tower_quota: float = 0.5, prerank_quotas: bool = False) -> Cascade:
     """retrieval tower + index -> pre-rank tower -> ranker (teacher or distilled student). channels: classic
     channels (name -> stage) retrieving beside the two-tower (:func:`merged_retriever`), or None / {}: the two-tower
-    alone."""
+    alone; prerank_quotas: the pre-rank keeps their quotas (:class:`Cascade`)."""
     retriever = (merged_retriever(data, retrieval, index, channels, two_tower_quota) if channels
                  else Retriever(lambda r: retrieval.user_embed(data, r), index, retrieval, data))
     return Cascade(retriever, PairScorer(prerank.scorer(data)), PairScorer(ranker_scorer(ranker, data)), seen,
-                   context_kinds=data.context_kinds)
+                   context_kinds=data.context_kinds, prerank_quotas=prerank_quotas)
 
 
 def merged_retriever(data: RunData, retrieval: Towers, index, channels: Mapping[str, Stage],
@@ -289,9 +310,20 @@ def merged_retriever(data: RunData, retrieval: Towers, index, channels: Mapping[
                            {"two_tower": two_tower_quota, **{n: rest for n in channels}})
 
 
-def run_channel_settings(run_dir: str | Path) -> tuple[list[str], float]:
-    """(replay.channels, replay.two_tower_quota) of a run, as its replay builds "distilled+channels": from the
-    replay step's manifest when the replay has run (its config_hash checked), else from the run's config.json."""
+@dataclass(frozen=True)
+class ChannelSettings:
+    """How a run's replay builds "distilled+channels": its channels, the two-tower's share of the retrieval slots,
+    and whether the pre-rank keeps the channels' quotas (:class:`Cascade`)."""
+
+    channels: tuple[str, ...]
+    two_tower_quota: float
+    prerank_quotas: bool
+
+
+def run_channel_settings(run_dir: str | Path) -> ChannelSettings:
+    """The :class:`ChannelSettings` of a run's replay: from the replay step's manifest when the replay has run (its
+    config_hash checked), else from the run's config.json. A run from before ``replay.prerank_quotas`` existed was
+    replayed without them (False)."""
     run_dir = Path(run_dir)
     manifest = run_dir / "replay" / A.MANIFEST
     if manifest.is_file():
@@ -304,7 +336,8 @@ def run_channel_settings(run_dir: str | Path) -> tuple[list[str], float]:
     if "channels" not in replay or "two_tower_quota" not in replay:
         raise A.ArtifactError(f"{where}: no replay.channels / replay.two_tower_quota: the run predates the "
                               f"{CHANNELS_VARIANT!r} cascade")
-    return list(replay["channels"]), float(replay["two_tower_quota"])
+    return ChannelSettings(tuple(replay["channels"]), float(replay["two_tower_quota"]),
+                           bool(replay.get("prerank_quotas", False)))
 
 
 def cascade_variants(run_dir: str | Path) -> list[str]:
@@ -316,7 +349,7 @@ def cascade_variants(run_dir: str | Path) -> list[str]:
     towers = sorted(p.name for p in students.iterdir() if (p / "retrieval").is_dir()) if students.is_dir() else []
     if "distilled" in towers and (run_dir / "channels" / A.MANIFEST).is_file() and \
             ((run_dir / "replay" / A.MANIFEST).is_file() or (run_dir / "config.json").is_file()):
-        if run_channel_settings(run_dir)[0]:
+        if run_channel_settings(run_dir).channels:
             towers.append(CHANNELS_VARIANT)
     return towers
 
@@ -356,11 +389,12 @@ def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = 
                            expect_model_hash=A.sha256_file(sdir / "retrieval" / "model.pt"),
                            expect_dim=retr.item_emb.shape[1], expect_metric="ip", omp_threads=1)
     A.verify_listed(run_dir / "index", [f"{tower}/{f}" for f in ("manifest.json", "index.faiss", "item_ids.npy")])
-    channels, quota = None, 0.5
-    if with_channels:
-        names, quota = run_channel_settings(run_dir)
-        channels = load_channels(run_dir / "channels", data.history, names)
-    return data, build_cascade(data, retr, pre, model, index, channels=channels, two_tower_quota=quota)
+    if not with_channels:
+        return data, build_cascade(data, retr, pre, model, index)
+    settings = run_channel_settings(run_dir)
+    channels = load_channels(run_dir / "channels", data.history, list(settings.channels))
+    return data, build_cascade(data, retr, pre, model, index, channels=channels,
+                               two_tower_quota=settings.two_tower_quota, prerank_quotas=settings.prerank_quotas)
 
 
 def trace_requests(data: RunData, cascade: Cascade, requests: Requests, n_retrieve: int, n_prerank: int, k: int,

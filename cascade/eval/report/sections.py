@@ -326,6 +326,33 @@ def _section_models(data: Mapping) -> Section:
     return sec
 
 
+def _section_channels(data: Mapping) -> Section:
+    """The multi-channel cascade's retrieval channels: each alone (click-recall at the retrieval size, the share of
+    the teacher's top-K in its list of that size), what the union loses without it, and its share of the final
+    lists' items."""
+    sec = Section("channels", "Retrieval channels")
+    ch = as_mapping(data.get("channels"), "report_data['channels']")
+    if not ch:
+        return sec.note(f"No multi-channel cascade was replayed (replay.channels is empty) or its channel report is "
+                        f"{NOT_COMPUTED}.")
+    per = as_mapping(ch.get("per_channel"), "report_data['channels']['per_channel']") or {}
+    share = as_mapping(ch.get("final_origin_share"), "report_data['channels']['final_origin_share']") or {}
+    rows = [{"channel": name, "quota": e.get("quota"), "click-recall@N1 alone": e.get("click_recall_alone"),
+             "teacher's top-K in its N1": e.get("teacher_recall_alone"), "union without it": e.get("union_without"),
+             "marginal": e.get("marginal"), "share of final items": share.get(name)}
+            for name, e in ((n, as_mapping(v, f"per_channel[{n!r}]") or {}) for n, v in per.items())]
+    sec.blocks.append(("table", Table(pd.DataFrame(rows), ["", "quota_share", "click_recall", "teacher_recall",
+                                                           "click_recall", "click_recall", "share"])))
+    cut = ("the pre-rank keeps every channel's quota (each channel's candidates in pre-rank score order, "
+           "interleaved by quota)" if ch.get("prerank_quotas") else
+           "the pre-rank keeps its best N2 of the union by its own score")
+    union = format_value(ch.get("union_click_recall"), "click_recall")
+    sec.blocks.append(("p", f"The union's click-recall@N1 is {union}; marginal: what it loses without the channel "
+                            f"(the others' quotas renormalised). Share of final items: the channel that placed each "
+                            f"final item in the union; {cut}."))
+    return sec
+
+
 def _section_choices(data: Mapping) -> Section:
     """What the run chose on validation (the seen filter, channel settings, the teacher's exposure weight, the
     students' distillation scales) with every grid point, and the teacher-quality gates."""
@@ -565,6 +592,7 @@ def _section_run(data: Mapping) -> Section:
 
 def report_sections(data: Mapping) -> list[Section]:
     variants = _variants(data)
-    return [_section_headline(data, variants), _section_stages(variants), _section_curves(variants),
-            _section_latency(variants), _section_index(data), _section_models(data), _section_training(data),
-            _section_choices(data), _section_ablation(data), _section_data(data), _section_run(data)]
+    return [_section_headline(data, variants), _section_stages(variants), _section_channels(data),
+            _section_curves(variants), _section_latency(variants), _section_index(data), _section_models(data),
+            _section_training(data), _section_choices(data), _section_ablation(data), _section_data(data),
+            _section_run(data)]
