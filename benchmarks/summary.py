@@ -310,6 +310,8 @@ ROWS = [
     Row("ablation_movielens_100k.json", "distillation ablation, ML-100K", None, _checks_elsewhere),
     Row("real_data.json", "outcomes: distilled cascade vs ground truth and classic baselines",
         "auto >= ground truth; the cascade beats most-popular and the best classic channel", _real_data),
+    Row("real_data_exposure_lean_1.json", "outcomes before the random-slice judge took the smallest exposure weight "
+        "within one SE (it leaned to 1)", None, lambda d: (_real_data(d)[0], None)),
     Row("real_data_no_prerank_quotas.json", "outcomes before the pre-rank kept the channels' quotas", None,
         lambda d: (_real_data(d)[0], None)),
     Row("real_data_grid_as_given.json", "outcomes before the grids were widened at their edge", None,

@@ -211,6 +211,21 @@ def test_a_random_slice_needs_random_rows_with_both_labels():
         exposure_judge("random_auc", frame.assign(is_rand=0))
 
 
+def test_random_auc_judge_takes_the_smallest_weight_among_those_it_cannot_tell_apart(tiny_data):
+    """An exposure model that says nothing (every parameter 0: the same logit for every row) gives every weight the
+    click model's AUC; the random-slice judge then keeps 0 (no exposure term), where leaning to the product rule
+    would have taken 1."""
+    from cascade.train.entire_space import choose_exposure_weight_by_random_auc
+
+    model = EntireSpaceRanker(tiny_data.spec, CFG, seed=5).eval()
+    with torch.no_grad():
+        for p in model.exposure.parameters():
+            p.zero_()
+    choice, table = choose_exposure_weight_by_random_auc(model, tiny_data, [0.0, 0.5, 1.0, 2.0])
+    assert len({row["valid_random_auc"] for row in table}) == 1 and all(row["within_one_se"] for row in table)
+    assert choice == 0.0 and float(model.exposure_weight) == 0.0 and not model.uses_exposure
+
+
 def test_teacher_step_with_the_random_auc_judge_records_its_grid(tmp_path):
     from pathlib import Path
 
@@ -224,10 +239,10 @@ def test_teacher_step_with_the_random_auc_judge_records_its_grid(tmp_path):
     assert "random-exposure impressions" in es["judge"]
     aucs = {row["exposure_weight"]: row["valid_random_auc"] for row in es["grid"]}
     assert set(aucs) == set(cfg.teacher.entire_space.exposure_weights)
-    best = max(aucs.values())  # the one-SE rule: the weight closest to 1 within one SE of the best AUC
+    best = max(aucs.values())  # the one-SE rule: the smallest weight within one SE of the best AUC
     within = [row["exposure_weight"] for row in es["grid"]
               if best - row["valid_random_auc"] <= row["se_of_gap"] + 1e-12]
-    assert es["exposure_weight"] == min(within, key=lambda w: (abs(w - 1.0), w))
+    assert es["exposure_weight"] == min(within)
     assert all(0.0 < a < 1.0 for a in aucs.values())
 
 

@@ -9,9 +9,9 @@ on the same validation requests; its standard error is bootstrapped over request
 correlated), so the same rule serves a mean over requests (click-recall) and a statistic over rows grouped by
 request (AUC).
 
-Where a setting other than the smallest is the reference (the entire-space teacher's exposure weight: 1 is the
-product rule P(shown) P(click | shown), 0 drops exposure altogether, and neither is "no change"), ``prefer`` names
-it: among the settings within one SE of the best, the one closest to it is chosen.
+Where a setting other than the smallest is the reference (the entire-space teacher's exposure weight judged by
+logged clicks: 1 is the product rule P(shown) P(click | shown), 0 drops exposure altogether, and neither is "no
+change"), ``prefer`` names it: among the settings within one SE of the best, the one closest to it is chosen.
 
 :func:`one_se_choice` takes the statistic as a function of a sample of request indices; :func:`rows_of_units`
 turns a sample of requests into the row indices of their impressions. A grid whose largest value scores best stops

@@ -200,8 +200,10 @@ class EntireSpaceSection:
     random-exposure impressions (judge = "random_auc"; data with such a slice only: logged clicks favour what the
     logging policy showed, the random slice does not; benchmarks/exposure_judge.py). judge = "auto" (the default)
     takes "random_auc" where the validation split has random-exposure impressions with clicks and non-clicks and
-    "clicks" elsewhere; the teacher's manifest records which. 0 in the grid lets validation switch the exposure
-    term off. unshown_per_shown = 0 trains the plain P(click | shown) teacher. ``exposure_exclude``: columns the
+    "clicks" elsewhere; the teacher's manifest records which. Among the weights within one SE of the best, the
+    clicks judge takes the one closest to 1 (the product rule), the random-slice judge the smallest
+    (train/entire_space.py: PRODUCT_RULE). 0 in the grid lets validation switch the exposure term off.
+    unshown_per_shown = 0 trains the plain P(click | shown) teacher. ``exposure_exclude``: columns the
     exposure model does not read (default the item id: its embedding memorises the train period's exposure volume,
     which drifts; the item's windowed counts say what is shown now; models/entire_space.py)."""
 

@@ -36,8 +36,11 @@ from ..run_data import RunData
 
 log = logging.getLogger(__name__)
 
-#: The exposure weight the one-SE rule leans to among weights validation cannot tell apart: 1 ranks by
-#: log P(click | shown) + log P(shown), ESMM's P(click, shown); 0 (no exposure) is not a safer default
+#: The exposure weight the logged-clicks judge leans to among weights validation cannot tell apart: 1 ranks by
+#: log P(click | shown) + log P(shown), ESMM's P(click, shown); logged clicks need an exposure, so 0 (no exposure)
+#: is not a safer default there. The random-slice judge leans to 0 instead (the plain one-SE rule): it scores
+#: P(click | shown at random) itself, which the exposure term, the logging policy's, cannot improve where the
+#: judge cannot see it; 0 also skips the exposure model's forward wherever the teacher ranks
 PRODUCT_RULE = 1.0
 
 
@@ -201,8 +204,8 @@ def choose_exposure_weight_by_random_auc(model: EntireSpaceRanker, data: RunData
                                          seed: int = 0) -> tuple[float, list[dict]]:
     """The exposure weight of ``grid`` by the AUC of the ranking score log sigmoid(click) + weight x exposure on the
     validation split's randomly shown impressions (the one-SE rule of :mod:`cascade.eval.selection`, bootstrapped
-    over those requests: of the weights within one SE of the best AUC, the one closest to :data:`PRODUCT_RULE`), and
-    every weight's AUC. Sets ``model.exposure_weight`` to the choice."""
+    over those requests: the smallest weight within one SE of the best AUC; see :data:`PRODUCT_RULE` for why not
+    the one closest to 1), and every weight's AUC. Sets ``model.exposure_weight`` to the choice."""
     shown = random_slice(data.split_impressions("valid"), "teacher.entire_space.judge = \"random_auc\"")
     requests = impression_requests(shown, data.context_names)
     cat, num = data.pair_features(requests, shown["item_id"].to_numpy(np.int64)[:, None])
@@ -216,7 +219,7 @@ def choose_exposure_weight_by_random_auc(model: EntireSpaceRanker, data: RunData
         rows = rows_of_units(starts, lengths, units)
         return auc(y[rows], lc[rows] + b * le[rows])
 
-    choice, grid_rows = one_se_choice(grid, random_auc, len(starts), seed=seed, prefer=PRODUCT_RULE)
+    choice, grid_rows = one_se_choice(grid, random_auc, len(starts), seed=seed)
     table = [{"exposure_weight": r["value"], "valid_random_auc": r["score"], **one_se_columns(r)} for r in grid_rows]
     with torch.no_grad():
         model.exposure_weight.fill_(choice)

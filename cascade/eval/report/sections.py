@@ -430,8 +430,9 @@ def _section_choices(data: Mapping) -> Section:
     sec.blocks.append(("p", "Each grid is decided by the one-standard-error rule: the smallest value whose score is "
                             "within one standard error of the best score (the SE of the paired gap, bootstrapped "
                             "over the validation requests), so a setting that wins by less than the validation "
-                            "split's noise does not replace a simpler one; the teacher's exposure weight takes "
-                            "the value closest to 1 (the product rule P(shown) P(click | shown)) instead."))
+                            "split's noise does not replace a simpler one; the teacher's exposure weight, where "
+                            "logged clicks judge it, takes the value closest to 1 (the product rule P(shown) "
+                            "P(click | shown)) instead."))
     return sec
 
 
