@@ -152,8 +152,7 @@ def run(ctx: StepContext) -> StepResult:
         merged = casc.retriever
         name = CHANNELS_VARIANT
         variants[name] = measure(name, casc, stage_auc(None, pre.scorer(data)(req_t, cand)[:, 0]))
-        variants[name]["channels"] = {"quotas": dict(zip(merged.names, merged.quotas.tolist())),
-                                      "prerank_quotas": c.prerank_quotas}
+        variants[name]["channels"] = {"quotas": dict(zip(merged.names, merged.quotas.tolist()))}
         channel_report = channel_contributions(merged, requests, inp, c.n_retrieve, c.k, seen)
         channel_report["prerank_quotas"] = c.prerank_quotas
         finals = np.stack(per_request[name]["final_items"].to_list())

@@ -93,17 +93,20 @@ class PairScorer:
 
     def scores(self, requests: Requests, candidates: np.ndarray) -> np.ndarray:
         """float32 [B, N]: the score of every candidate (padding -inf)."""
-        candidates = _item_ids(candidates)
-        s = np.asarray(self.score(requests, candidates), dtype=np.float32)
-        if s.shape != candidates.shape:
-            raise ValueError(f"scorer returned shape {s.shape}, expected {candidates.shape}")
-        return np.where(candidates == PAD, np.float32(-np.inf), s)
+        ids = _item_ids(candidates)
+        return np.where(ids == PAD, np.float32(-np.inf), self._scored(requests, ids))
 
     def select(self, requests: Requests, candidates: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
         if candidates is None:
             raise ValueError("this stage re-scores candidates: pass candidates [B, N]")
-        candidates = _item_ids(candidates)
-        return topk_rows(self.scores(requests, candidates), candidates, k)
+        ids = _item_ids(candidates)
+        return topk_rows(self._scored(requests, ids), ids, k)  # topk_rows masks the padding itself
+
+    def _scored(self, requests: Requests, ids: np.ndarray) -> np.ndarray:
+        s = np.asarray(self.score(requests, ids), dtype=np.float32)
+        if s.shape != ids.shape:
+            raise ValueError(f"scorer returned shape {s.shape}, expected {ids.shape}")
+        return s
 
 
 MAX_OVERFETCH = 4  # filtering first fetches at most (1 + this) x n items; rows still short are fetched again
