@@ -6,6 +6,12 @@ Side by side with an older version: run this file alternately with PYTHONPATH on
 folder, the same machine) and compare medians. --profile adds each part's share of one build (cProfile,
 cumulative time): candidate sampling is timed apart (it happens before the log is built).
 
+Every result is also given against this machine's bound: the teacher's forward FLOPs per pair (counted by torch's
+FlopCounterMode on the scoring path itself, so the request-level work that ``forward_lists`` does once per list is
+counted once per list) and the GEMM rate of the dtype the scorer runs in, measured on the same threads before and
+after the builds (the better of the two: on a shared 2-vCPU machine the rate of 2 threads varies); their ratio is
+the pairs/s the GEMMs alone would allow.
+
     python benchmarks/bench_ranklog_step.py --run runs/default --threads 1 --reps 2
 """
 
@@ -24,10 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 import cascade
 from cascade.data.requests import to_requests
 from cascade.distill.ranklog import build_rank_log
+from cascade.machine import format_bounds, machine_bounds
 from cascade.models.scoring import ranker_scorer
 from cascade.pipeline.config import RankLogSection
 from cascade.pipeline.ranklog import rank_log_inputs, ranklog_channels
@@ -51,6 +59,15 @@ def shares(prof: cProfile.Profile, total_s: float) -> dict[str, float]:
         got = [cum[k] for k in keys if k in cum]
         out[part] = got[0] / total_s if got else 0.0
     return out
+
+
+def forward_flops_per_pair(score, requests, item_ids: np.ndarray, cands: np.ndarray, rows: int) -> float:
+    """FLOPs per pair of ``score`` on the first ``rows`` candidate lists (PAD slots are scored too: per scored
+    slot), counted by torch's FlopCounterMode (matrix products; elementwise work is not counted)."""
+    c = np.where(cands[:rows] >= 0, cands[:rows], 0)
+    with FlopCounterMode(display=False) as counter:
+        score(requests.take(np.arange(rows)), item_ids[c])
+    return counter.get_total_flops() / c.size
 
 
 def main() -> None:
@@ -79,6 +96,9 @@ def main() -> None:
         return score(requests.take(request_rows), item_ids[candidates])
 
     pairs = int(np.sum(cands >= 0))
+    flops = forward_flops_per_pair(score, requests, item_ids, cands, min(len(frame), cfg.requests_per_batch))
+    bounds = [machine_bounds(threads=a.threads, n=2048)]
+    dtype = "bf16" if score.autocast.bf16 else "float32"
     with tempfile.TemporaryDirectory() as tmp:
         def build(name: str, n: int | None = None) -> float:
             t = time.perf_counter()
@@ -88,20 +108,37 @@ def main() -> None:
 
         build("warm", 2 * cfg.requests_per_batch)
         walls = [build(f"log{i}") for i in range(a.reps)]
-        out = {"benchmark": "bench_ranklog_step", "code": str(Path(cascade.__file__).parent.parent),
-               "commit": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                        cwd=Path(cascade.__file__).parent).stdout.strip(),
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                cwd=Path(cascade.__file__).parent).stdout.strip()
+        out = {"benchmark": "bench_ranklog_step", "commit": commit,
                "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": a.threads,
                "n_requests": len(frame), "n_pairs": pairs, "sampling_s": sampling_s, "walls_s": walls,
                "pairs_per_s": [pairs / w for w in walls]}
+        bounds.append(machine_bounds(threads=a.threads, n=2048))
+        best = max(bounds, key=lambda b: b[f"{dtype}_gflops"])
+        gemm = best[f"{dtype}_gflops"] * 1e9
+        out["bound"] = {"scoring_dtype": dtype, "forward_flops_per_pair": flops, "machine": best,
+                        "gemm_gflops_before_after": [b[f"{dtype}_gflops"] for b in bounds],
+                        "gemm_bound_pairs_per_s": gemm / flops,
+                        "share_of_bound": float(np.median(out["pairs_per_s"])) / (gemm / flops)}
         if a.profile:
             prof = cProfile.Profile()
             prof.enable()
             wall = build("profiled")
             prof.disable()
             out["profile"] = {"wall_s": wall, "shares": shares(prof, wall)}
+            fwd_s = out["profile"]["shares"]["teacher forward"] * wall
+            out["bound"]["forward_pairs_per_s"] = pairs / fwd_s
+            out["bound"]["forward_share_of_bound"] = pairs / fwd_s / (gemm / flops)
     out["machine"] = {"cpu_count": os.cpu_count(), "load_avg_1_5_15": list(os.getloadavg()),
                       "platform": platform.platform(), "torch": torch.__version__}
+    b = out["bound"]
+    print(f"{format_bounds(b['machine'])}; the scorer runs in {dtype}: "
+          f"{b['forward_flops_per_pair'] / 1e3:,.0f} kFLOP per pair -> {b['gemm_bound_pairs_per_s']:,.0f} "
+          "pairs/s at the GEMM rate; measured "
+          f"{np.median(out['pairs_per_s']):,.0f} pairs/s = {b['share_of_bound']:.0%} of it"
+          + (f" (the forward alone {b['forward_pairs_per_s']:,.0f} pairs/s = {b['forward_share_of_bound']:.0%})"
+             if "forward_pairs_per_s" in b else ""))
     print(json.dumps(out))
     if a.out:
         Path(a.out).write_text(json.dumps(out, indent=2, sort_keys=True) + "\n")

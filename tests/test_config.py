@@ -113,6 +113,27 @@ def test_pipeline_overrides_change_one_value_of_the_section_default():
     assert distill.kd is None and distill.kd_loss == "hinton" and distill.w_kd == 1.0
 
 
+@pytest.mark.parametrize("key", ["replay.prerank_quotas=true", "replay.prerank_quotas=false",
+                                 "replay.two_tower_quota=0.5"])
+def test_a_channel_setting_beside_no_channels_is_refused(key):
+    from cascade.pipeline import load_config
+    from cascade.serve.cascade import channel_settings
+
+    name = key.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(name)} = \w.* is set but replay.channels is empty.*nothing"):
+        load_config(None, ["replay.channels=[]", key])
+    unset = load_config(None, ["replay.channels=[]"]).replay  # no channels and neither set: fine
+    assert unset.prerank_quotas is None and unset.two_tower_quota is None
+    with_channels = load_config(None, [key]).replay  # beside the default channels: taken as set
+    field_name = name.split(".")[1]
+    assert getattr(with_channels, field_name) == tomllib.loads(key.replace("replay.", ""))[field_name]
+    # unset beside channels: the cascade's defaults, 0.5 of the slots and a pre-rank that keeps the quotas
+    s = channel_settings(("popular", "itemcf"), None, None)
+    assert (s.channels, s.two_tower_quota, s.prerank_quotas) == (("popular", "itemcf"), 0.5, True)
+    s = channel_settings(("popular",), 0.25, False)
+    assert (s.two_tower_quota, s.prerank_quotas) == (0.25, False)
+
+
 @pytest.mark.parametrize("key, what", [("teacher.train.seed=7", "run.seed"),
                                        ("students.rank_student_train.seed=1", "run.seed"),
                                        ("students.prerank.progress=true", "--no-progress"),

@@ -594,9 +594,10 @@ def test_load_cascade_serves_the_replays_channel_cascade(run_a):
     assert cascade_variants(run_dir) == ["distilled", "ground_truth", "distilled+channels"]
     data, casc = load_cascade(run_dir, variant="distilled+channels", ranker=c["ranker"])
     assert casc.channels == ("two_tower", *c["channels"])
-    assert casc.prerank_quotas is c["prerank_quotas"] is True  # the default: the pre-rank keeps the quotas
-    rest = (1 - c["two_tower_quota"]) / len(c["channels"])
-    np.testing.assert_allclose(casc.retriever.quotas, [c["two_tower_quota"]] + [rest] * len(c["channels"]))
+    # neither set: the defaults, a pre-rank that keeps the quotas and half the slots for the two-tower
+    assert c["prerank_quotas"] is None and c["two_tower_quota"] is None and casc.prerank_quotas is True
+    rest = 0.5 / len(c["channels"])
+    np.testing.assert_allclose(casc.retriever.quotas, [0.5] + [rest] * len(c["channels"]))
     rows = pd.read_parquet(run_dir / "replay" / "distilled+channels_requests.parquet")
     frame = requests_frame(data.split_impressions("test"), data.context_names)
     frame = frame.set_index("request_id").loc[rows.request_id.to_numpy()].reset_index()

@@ -486,13 +486,14 @@ class ReplaySection:
     batch_size: int = 256
     recall_ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200, 500)
     # the multi-channel cascade ("distilled+channels"): the distilled two-tower plus these channels (built by the
-    # channels step) in one retrieval stage, the two-tower taking two_tower_quota of the N1 slots and the channels
-    # sharing the rest evenly; () replays no multi-channel cascade. prerank_quotas: its pre-rank keeps those quotas
-    # (each channel's candidates in pre-rank score order, interleaved by quota) instead of cutting the union by the
-    # pre-rank score alone, which keeps almost only the two-tower's own candidates (cascade/serve/cascade.py)
+    # channels step) in one retrieval stage, the two-tower taking two_tower_quota of the N1 slots (unset: 0.5) and
+    # the channels sharing the rest evenly; () replays no multi-channel cascade. prerank_quotas: its pre-rank keeps
+    # those quotas (unset: true; each channel's candidates in pre-rank score order, interleaved by quota) instead of
+    # cutting the union by the pre-rank score alone, which keeps almost only the two-tower's own candidates
+    # (cascade/serve/cascade.py: channel_settings). Either one set beside no channels is an error: it would do nothing.
     channels: tuple[str, ...] = ("popular", "itemcf", "als", "recent", "content")
-    two_tower_quota: float = 0.5
-    prerank_quotas: bool = True
+    two_tower_quota: float | None = None
+    prerank_quotas: bool | None = None
 
     def __post_init__(self) -> None:
         for name in ("k", "n_prerank", "n_retrieve", "batch_size", "latency_requests"):
@@ -510,7 +511,13 @@ class ReplaySection:
         if unknown or len(set(self.channels)) != len(self.channels):
             raise ValueError(f"replay.channels must name distinct channels of {list(CHANNEL_NAMES)}, got "
                              f"{list(self.channels)}")
-        if self.channels and not 0.0 < self.two_tower_quota < 1.0:
+        if not self.channels:
+            for name in ("two_tower_quota", "prerank_quotas"):
+                if getattr(self, name) is not None:
+                    raise ValueError(f"replay.{name} = {getattr(self, name)} is set but replay.channels is empty: "
+                                     "it shapes the multi-channel cascade, which is not replayed, so it would do "
+                                     "nothing (name channels, or leave it unset)")
+        elif self.two_tower_quota is not None and not 0.0 < self.two_tower_quota < 1.0:
             raise ValueError(f"replay.two_tower_quota must be in (0, 1), got {self.two_tower_quota}")
 
 

@@ -19,7 +19,7 @@ from ..eval.metrics import auc, gauc, paired_difference, recall_at_k
 from ..index.faiss_index import ItemIndex
 from ..models.scoring import ranker_scorer
 from ..run_data import RunData, load_ranker, load_towers
-from ..serve.cascade import CHANNELS_VARIANT, build_cascade, select_unseen, select_unseen_origin
+from ..serve.cascade import CHANNELS_VARIANT, build_cascade, channel_settings, select_unseen, select_unseen_origin
 from ..serve.replay import (
     ReplayInputs,
     list_quality,
@@ -147,14 +147,15 @@ def run(ctx: StepContext) -> StepResult:
                              f"(channels.build: {sorted(channels)})")
         retr, pre, index = towers["distilled"]
         # the cascade load_cascade(run, "distilled+channels") serves
+        settings = channel_settings(c.channels, c.two_tower_quota, c.prerank_quotas)
         casc = build_cascade(data, retr, pre, ranker, index, seen, channels={n: channels[n] for n in c.channels},
-                             two_tower_quota=c.two_tower_quota, prerank_quotas=c.prerank_quotas)
+                             two_tower_quota=settings.two_tower_quota, prerank_quotas=settings.prerank_quotas)
         merged = casc.retriever
         name = CHANNELS_VARIANT
         variants[name] = measure(name, casc, stage_auc(None, pre.scorer(data)(req_t, cand)[:, 0]))
         variants[name]["channels"] = {"quotas": dict(zip(merged.names, merged.quotas.tolist()))}
         channel_report = channel_contributions(merged, requests, inp, c.n_retrieve, c.k, seen)
-        channel_report["prerank_quotas"] = c.prerank_quotas
+        channel_report["prerank_quotas"] = settings.prerank_quotas
         finals = np.stack(per_request[name]["final_items"].to_list())
         channel_report["final_origin_share"] = final_origin_share(merged, sampled, c.n_retrieve, seen,
                                                                   finals[sample_rows])

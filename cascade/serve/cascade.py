@@ -17,7 +17,7 @@ then :meth:`Cascade.recommend` also times each channel and tells which channel p
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -323,10 +323,21 @@ class ChannelSettings:
     prerank_quotas: bool
 
 
+TWO_TOWER_QUOTA = 0.5  # the two-tower's share of the retrieval slots beside the channels where none is set
+
+
+def channel_settings(channels: Sequence[str], two_tower_quota: float | None = None,
+                     prerank_quotas: bool | None = None) -> ChannelSettings:
+    """The :class:`ChannelSettings` of a replay's ``channels``, an unset (None) quota or pre-rank choice taking
+    the default: :data:`TWO_TOWER_QUOTA`, and a pre-rank that keeps the quotas."""
+    return ChannelSettings(tuple(channels), TWO_TOWER_QUOTA if two_tower_quota is None else float(two_tower_quota),
+                           True if prerank_quotas is None else bool(prerank_quotas))
+
+
 def run_channel_settings(run_dir: str | Path) -> ChannelSettings:
     """The :class:`ChannelSettings` of a run's replay: from the replay step's manifest when the replay has run (its
-    config_hash checked), else from the run's config.json. A run from before ``replay.prerank_quotas`` existed was
-    replayed without them (False)."""
+    config_hash checked), else from the run's config.json (:func:`channel_settings`). A run from before
+    ``replay.prerank_quotas`` existed was replayed without them (False)."""
     run_dir = Path(run_dir)
     manifest = run_dir / "replay" / A.MANIFEST
     if manifest.is_file():
@@ -339,8 +350,7 @@ def run_channel_settings(run_dir: str | Path) -> ChannelSettings:
     if "channels" not in replay or "two_tower_quota" not in replay:
         raise A.ArtifactError(f"{where}: no replay.channels / replay.two_tower_quota: the run predates the "
                               f"{CHANNELS_VARIANT!r} cascade")
-    return ChannelSettings(tuple(replay["channels"]), float(replay["two_tower_quota"]),
-                           bool(replay.get("prerank_quotas", False)))
+    return channel_settings(replay["channels"], replay["two_tower_quota"], replay.get("prerank_quotas", False))
 
 
 def cascade_variants(run_dir: str | Path) -> list[str]:
