@@ -68,7 +68,10 @@ def _ranklog_bound(d: dict) -> tuple[str, bool]:
                      f"{b['share_of_bound']:.0%} of the {b['scoring_dtype']} GEMM bound "
                      f"({b['gemm_bound_pairs_per_s']:,.0f}; the forward alone {b['forward_share_of_bound']:.0%})")
     flops = d["runs"][0]["bound"]["forward_flops_per_pair"]
-    return f"{'; '.join(parts)} ({flops / 1e3:,.0f} kFLOP per pair, 2,000,000 pairs)", best >= 500_000
+    side = d["side_by_side"]["threads_2"]
+    return (f"{'; '.join(parts)} ({flops / 1e3:,.0f} kFLOP per pair, 2,000,000 pairs); side by side with the commit "
+            f"before, 2 threads: {side['median_after']:,.0f} vs {side['median_before']:,.0f} pairs/s "
+            f"({side['ratio']:.2f}x)", best >= 500_000)
 
 
 def _index(d: dict) -> tuple[str, bool]:

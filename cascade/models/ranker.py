@@ -28,7 +28,14 @@ from torch import nn
 from cascade.config import at_least, finite, require
 from cascade.data.batches import FeatureSpec
 from cascade.data.schema import SIDES
-from cascade.models.layers import MLP, NUMERIC_MODES, CrossNetV2, FactorizationMachine, FeatureEmbedding
+from cascade.models.layers import (
+    MLP,
+    NUMERIC_MODES,
+    CrossNetV2,
+    FactorizationMachine,
+    FeatureEmbedding,
+    inference_autocast,
+)
 from cascade.models.sequence import TargetAttention
 
 BACKBONES = ("dnn", "deepfm", "dcnv2")
@@ -435,6 +442,7 @@ class Ranker(nn.Module):
         # DCN-V2 in the permuted column order: the cross layers are elementwise in x0, so permuting their weights
         # computes the same function on the permuted input
         x0 = torch.cat([x_req[:, None, :].expand(r, list_len, dr), x_pair.view(r, list_len, -1)], dim=2).view(n, -1)
+        x0 = inference_autocast(x0)  # one cast, not one per cross layer (see there)
         x = x0
         for i, layer in enumerate(self.cross.layers):
             if self.cross.rank is None:
