@@ -15,7 +15,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from cascade.data.batches import FeatureSpec
-from cascade.models.layers import MLP, CrossNetV2, FactorizationMachine, FeatureEmbedding, inference_autocast
+from cascade.models.layers import MLP, CrossNetV2, FactorizationMachine, FeatureEmbedding, in_autocast_dtype
 from cascade.models.ranker import Ranker, RankerConfig, n_parameters, serving_latency
 from worlds import N_ITEMS, SPEC, make_table
 
@@ -50,23 +50,26 @@ def test_crossnet_v2_low_rank_matches_formula():
     assert sum(p.numel() for p in net.parameters()) == 60
 
 
-def test_inference_autocast_casts_x0_only_for_inference_under_autocast():
+def test_cross_layers_run_in_the_autocast_dtype():
     x = torch.randn(3, 4)
-    assert inference_autocast(x) is x  # no autocast
+    assert in_autocast_dtype(x) is x  # no autocast
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert inference_autocast(x) is x  # a gradient may be recorded: autocast's own rule (float32 x0)
-        with torch.no_grad():
-            assert inference_autocast(x).dtype == torch.bfloat16
-    # the cross layers under bf16 inference: the formula's values at bf16 precision, in bf16
+        assert in_autocast_dtype(x).dtype == torch.bfloat16
+    # the cross layers under bf16 autocast: the formula's values at bf16 precision, in bf16, in inference and in
+    # training (the gradient reaches x0 in float32)
     torch.manual_seed(0)
     net = CrossNetV2(6, 2, rank=2)
-    x0 = torch.randn(64, 6)
-    with torch.no_grad():
-        ref = net(x0)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            low = net(x0)
+    x0 = torch.randn(64, 6, requires_grad=True)
+    ref = net(x0)
+    ref.sum().backward()
+    g_ref, x0.grad = x0.grad.clone(), None
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = net(x0)
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low.float(), ref, rtol=0.05, atol=0.05)
+    low.float().sum().backward()
+    assert x0.grad.dtype == torch.float32
+    torch.testing.assert_close(x0.grad, g_ref, rtol=0.05, atol=0.05)
 
 
 def test_feature_embedding_selects_sides_and_maps_bad_codes_to_oov():

@@ -34,7 +34,7 @@ from cascade.models.layers import (
     CrossNetV2,
     FactorizationMachine,
     FeatureEmbedding,
-    inference_autocast,
+    in_autocast_dtype,
 )
 from cascade.models.sequence import TargetAttention
 
@@ -425,6 +425,8 @@ class Ranker(nn.Module):
             query = self.embedding.embed_columns(cat, num, qc, none).reshape(r, list_len, -1)
             pooled = self.attention(query, keys, req_cat.index_select(1, self._mask_cols) != 0)  # [R, L, A * d]
             x_pair = torch.cat([x_pair, pooled.reshape(n, -1)], dim=1)
+        # under autocast both parts are cast once here: the first linear maps and x0 below read them
+        x_req, x_pair = in_autocast_dtype(x_req), in_autocast_dtype(x_pair)
 
         def first_linear(w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
             """w [H, in_dim] (columns already permuted) applied to [x_req, x_pair] -> [N, H] without building x."""
@@ -442,7 +444,6 @@ class Ranker(nn.Module):
         # DCN-V2 in the permuted column order: the cross layers are elementwise in x0, so permuting their weights
         # computes the same function on the permuted input
         x0 = torch.cat([x_req[:, None, :].expand(r, list_len, dr), x_pair.view(r, list_len, -1)], dim=2).view(n, -1)
-        x0 = inference_autocast(x0)  # one cast, not one per cross layer (see there)
         x = x0
         for i, layer in enumerate(self.cross.layers):
             if self.cross.rank is None:
