@@ -12,7 +12,7 @@ from cascade.arrays import topk_rows
 from cascade.distill.ranklog import RankLog, build_rank_log, sample_candidates
 from cascade.eval.metrics import click_recall
 from cascade.models.two_tower import TowerConfig, build_two_tower, item_embeddings
-from cascade.pipeline.students import grid_search, teacher_gate
+from cascade.pipeline.students import auc_gate, grid_search, teacher_gate
 from cascade.train.students import ClickLists, StudentConfig, train_student
 from worlds import tower_world
 
@@ -110,6 +110,28 @@ def test_grid_search_ties_go_to_the_smaller_scale_and_gate_hand_worked():
     assert g["gain"] == pytest.approx(0.1) and g["standard_error"] == pytest.approx(0.2 / np.sqrt(3))
     assert not g["teacher_better"]
     assert teacher_gate(np.array([0.5, 0.6, 0.7]), np.array([0.4, 0.5, 0.55]))["teacher_better"]
+
+
+def test_random_slice_gate_by_auc_matches_sklearn_and_fires_on_a_useless_teacher():
+    """The gate where validation has a random-exposure slice: AUC of both models on the same impressions, paired
+    over requests. Over 3 seeds: a teacher that sees the click signal beats a student that sees half of it beyond
+    its bootstrap SE; a teacher of pure noise is not better (the gate fires)."""
+    from sklearn.metrics import roc_auc_score
+
+    for seed in range(3):
+        rng = np.random.default_rng(seed)
+        n, per = 4000, 10
+        z = rng.standard_normal(n)
+        y = (rng.random(n) < 1 / (1 + np.exp(-2 * z))).astype(np.float64)
+        request = np.repeat(rng.permutation(n // per), per)  # requests interleaved in no order
+        informed, half = z + 0.1 * rng.standard_normal(n), z + 2.0 * rng.standard_normal(n)
+        g = auc_gate(y, informed, half, request, seed)
+        assert g["teacher"] == pytest.approx(roc_auc_score(y, informed))
+        assert g["ground_truth_student"] == pytest.approx(roc_auc_score(y, half))
+        assert g["judged_by"] == "random_auc" and g["impressions"] == n
+        assert g["teacher_better"] and g["gain"] > 3 * g["standard_error"], g
+        useless = auc_gate(y, rng.standard_normal(n), half, request, seed)
+        assert not useless["teacher_better"] and useless["gain"] < 0, useless
 
 
 def test_trusted_requests_hand_worked(tmp_path):

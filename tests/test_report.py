@@ -466,6 +466,32 @@ def test_outcome_rows_flag_a_loss_to_most_popular_with_its_paired_gap_and_pick_t
         ("distilled+channels", "popular (7 days)", False)]
 
 
+def test_tower_gate_flag_names_its_judge():
+    from cascade.pipeline.report import gate_flags
+
+    logged = {"teacher": 0.279, "ground_truth_student": 0.281, "gain": -0.002, "standard_error": 0.014,
+              "teacher_better": False}
+    assert gate_flags({"students": {"prerank": {"size": 100, "gate": logged}}}) == [
+        "The teacher is not better than the ground-truth-only prerank student on validation (click-recall@100 0.279 "
+        "vs 0.281; gain -0.002, one standard error 0.014): distilling it can only copy a ranking no better than the "
+        "clicks give."]
+    by_auc = {"judged_by": "random_auc", "impressions": 3456, "teacher": 0.690, "ground_truth_student": 0.701,
+              "gain": -0.011, "standard_error": 0.004, "teacher_better": False}
+    assert gate_flags({"students": {"retrieval": {"size": 500, "gate": by_auc}}}) == [
+        "The teacher is not better than the ground-truth-only retrieval student on validation (AUC on the 3,456 "
+        "randomly shown validation impressions 0.690 vs 0.701; gain -0.011, one standard error 0.004): distilling it "
+        "can only copy a ranking no better than the clicks give."]
+    assert gate_flags({"students": {"retrieval": {"size": 500, "gate": {**by_auc, "teacher_better": True}}}}) == []
+    # the report's choices section says the same in words
+    from cascade.eval.report.sections import _section_choices
+
+    sec = _section_choices({"choices": {"students": {"retrieval": {"size": 500, "chosen_scale": 0.5, "grid": [],
+                                                                   "gate": by_auc}}}})
+    assert ("p", "Teacher gate: on the 3,456 randomly shown validation impressions the teacher's ranking score has "
+                 "AUC 0.6900, the ground-truth-only tower 0.7010 (gain -0.0110, one standard error 0.0040): the "
+                 "teacher is NOT better.") in sec.blocks
+
+
 def test_rank_student_gate_flag_states_its_margin():
     from cascade.pipeline.report import gate_flags
 

@@ -112,8 +112,10 @@ def gate_flags(choices: dict) -> list[str]:
     for stage in ("retrieval", "prerank"):
         g = (sel.get(stage) or {}).get("gate")
         if g and not g["teacher_better"]:
+            measure = (f"AUC on the {g['impressions']:,} randomly shown validation impressions"
+                       if g.get("judged_by") == "random_auc" else f"click-recall@{sel[stage]['size']}")
             flags.append(f"The teacher is not better than the ground-truth-only {stage} student on validation "
-                         f"(click-recall@{sel[stage]['size']} {g['teacher']:.3f} vs {g['ground_truth_student']:.3f}; "
+                         f"({measure} {g['teacher']:.3f} vs {g['ground_truth_student']:.3f}; "
                          f"gain {g['gain']:+.3f}, one standard error {g['standard_error']:.3f}): distilling it "
                          "can only copy a ranking no better than the clicks give.")
     g = (sel.get("rank_student") or {}).get("gate")

@@ -12,8 +12,11 @@ distillation scale is chosen the same way by validation AUC (its SE bootstrapped
 
 The teacher-quality gate: at each tower's size, the teacher's own top list over the corpus is compared with the
 ground-truth-only tower on the same validation requests; the teacher counts as better only when the mean per-request
-gain in click-recall exceeds one standard error of it (paired over requests). When it is not, distillation can only
-copy a ranking no better than the clicks give, and the report says so in its headline.
+gain in click-recall exceeds one standard error of it (paired over requests). Where the validation split has a
+random-exposure slice, logged clicks would favour whatever copies the logging policy, so the gate compares the AUC of
+the teacher's ranking score and of the ground-truth-only tower on those randomly shown impressions instead (the
+gain against one bootstrap standard error, resampling requests). When the teacher is not better, distillation can
+only copy a ranking no better than the clicks give, and the report says so in its headline.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ from ..arrays import topk_rows
 from ..channels import PopularChannel, load_channels
 from ..channels.prior import PRIOR_FILE, PopularityPrior
 from ..config import to_dict
-from ..data.requests import Requests
+from ..data.requests import Requests, impression_requests
 from ..distill.ranklog import RankLog
 from ..eval.metrics import auc, paired_difference
 from ..eval.selection import (
@@ -44,9 +47,11 @@ from ..eval.selection import (
     widen_top,
 )
 from ..models.ranker import Ranker
+from ..models.scoring import ranker_scorer
 from ..models.two_tower import build_two_tower, item_embeddings
 from ..run_data import RunData, Towers, load_ranker
 from ..serve.replay import teacher_top_over_corpus
+from ..train.entire_space import has_random_slice, random_slice
 from ..train.joint import DistillConfig, DistilledStudent, JointRanker, joint_loss, pfd_configs, teacher_first_loss
 from ..train.loop import evaluate, fit, predict
 from ..train.students import ClickLists, evaluate_on_log, is_ground_truth, train_student
@@ -112,21 +117,28 @@ def _tower_recall(towers: Towers, data: RunData, judge: Judge, n: int) -> np.nda
     return judge.recall(judge.lists(_ExactTowers(towers, data), n), n)
 
 
+def served_towers(model, inputs, popular: PopularChannel | None, weight: float) -> Towers:
+    """A trained tower pair (eval mode) as it is served: its item embeddings and, at ``weight`` > 0, the
+    recent-popularity prior over ``popular``'s counts."""
+    model.eval()
+    towers = Towers(model, inputs, item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num))
+    if weight:
+        towers.prior = PopularityPrior(popular, weight, towers.item_emb[: towers.n_real], towers.item_index,
+                                       model.temperature)
+    return towers
+
+
 def choose_prior(model, inputs, data: RunData, judge: Judge, n: int, popular: PopularChannel | None,
                  grid: tuple[float, ...], seed: int, doublings: int = 0) -> tuple[float, np.ndarray, list[dict]]:
     """The weight of a tower's recent-popularity prior (:class:`PopularityPrior` over ``popular``'s counts; None:
     no prior): the smallest of the weights tried within one SE of the best validation click-recall@n (one-SE
     rule). The weights tried: ``grid``, widened by :func:`~cascade.eval.selection.widen_top` (``doublings``).
     Returns (weight, the per-request click-recall at that weight, one row per weight tried)."""
-    model.eval()
-    towers = Towers(model, inputs, item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num))
     if popular is None:
-        return 0.0, _tower_recall(towers, data, judge, n), []
+        return 0.0, _tower_recall(served_towers(model, inputs, None, 0.0), data, judge, n), []
 
     def recall_at(w: float) -> np.ndarray:
-        towers.prior = (PopularityPrior(popular, w, towers.item_emb[: towers.n_real], towers.item_index,
-                                        model.temperature) if w else None)
-        return _tower_recall(towers, data, judge, n)
+        return _tower_recall(served_towers(model, inputs, popular, w), data, judge, n)
 
     recall = widen_top({float(w): recall_at(float(w)) for w in grid}, recall_at, np.nanmean, doublings)
     chosen, rows = one_se_choice(list(recall), lambda w, units: float(np.nanmean(recall[w][units])),
@@ -158,6 +170,36 @@ def teacher_gate(teacher: np.ndarray, student: np.ndarray) -> dict:
             "teacher_better": bool(gap["n"] > 1 and gap["diff"] > gap["se"])}
 
 
+def auc_gate(y: np.ndarray, teacher: np.ndarray, student: np.ndarray, request_id: np.ndarray, seed: int) -> dict:
+    """The teacher-quality gate by AUC: labels y [N] and the two models' scores [N] of the same impressions, paired
+    over their requests (``request_id`` [N]): the teacher is better when its AUC gain over the ground-truth-only
+    student exceeds one bootstrap standard error of the gain (resampling requests)."""
+    order, starts, lengths = unit_ranges(request_id)
+    y, teacher, student = y[order], teacher[order], student[order]
+
+    def at(s: np.ndarray):
+        return lambda units: auc(y[rows_of_units(starts, lengths, units)], s[rows_of_units(starts, lengths, units)])
+
+    scores, boot = paired_bootstrap({"teacher": at(teacher), "student": at(student)}, len(starts), seed=seed)
+    gain, se = scores["teacher"] - scores["student"], gap_se(boot["teacher"], boot["student"])
+    return {"judged_by": "random_auc", "impressions": int(len(y)), "teacher": scores["teacher"],
+            "ground_truth_student": scores["student"], "gain": gain, "standard_error": se,
+            "teacher_better": bool(np.isfinite(se) and gain > se)}
+
+
+def random_slice_gate(teacher, towers: Towers, data: RunData, seed: int) -> dict:
+    """The teacher-quality gate where the validation split has a random-exposure slice: the AUC of the teacher's
+    ranking score (the order of its own list over the corpus) and of the ground-truth-only tower as served on
+    those impressions, what users click among items shown at random, free of the logging policy's choice
+    (:func:`auc_gate`)."""
+    shown = random_slice(data.split_impressions("valid"), "the students' teacher gate")
+    requests = impression_requests(shown, data.context_names)
+    items = shown["item_id"].to_numpy(np.int64)[:, None]
+    t = ranker_scorer(teacher, data)(requests, items)[:, 0]
+    s = towers.scores(data, requests, items)[:, 0]
+    return auc_gate(shown["click"].to_numpy(), t, s, shown["request_id"].to_numpy(), seed)
+
+
 def _scaled(cfg: DistillConfig, scale: float) -> DistillConfig:
     """``cfg`` with every distillation weight (KD, hint, CR, RCR, PFD lambda) multiplied by ``scale``."""
     pfd = None if cfg.pfd_lambda is None else min(1.0, cfg.pfd_lambda * scale)
@@ -178,6 +220,7 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     t_lists, _ = teacher_top_over_corpus(teacher, data, judge.requests, max(sizes.values()), exclude_seen=judge.seen)
     outputs, metrics = [], {"judge": judge.what}
+    random_judge = has_random_slice(data.split_impressions("valid"))  # the gate's judge: random-slice AUC
     # a fixed sample of the rank log every two-tower student is evaluated on after each epoch (its training curve:
     # in-sample for a distilled student, the teacher's order it never trained on for a ground-truth one)
     curve_log = rank_log.subset(np.random.default_rng(ctx.seed).permutation(len(rank_log))[:CURVE_REQUESTS])
@@ -221,7 +264,12 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
             if popular is not None:
                 A.write_json(d / PRIOR_FILE, {"weight": weight, **popular.params()})
                 outputs.append(f"{variant}/{stage}/{PRIOR_FILE}")
-        gate = teacher_gate(judge.recall(t_lists, n), models[0.0][2]) if 0.0 in models else None
+        gate = None
+        if 0.0 in models and random_judge:
+            gate = random_slice_gate(teacher, served_towers(models[0.0][0], inputs, popular, models[0.0][3]), data,
+                                     ctx.seed)
+        elif 0.0 in models:
+            gate = teacher_gate(judge.recall(t_lists, n), models[0.0][2])
         metrics[stage] = {"size": n, "grid": grid, "chosen_scale": chosen, "variants": variants, "gate": gate}
         metrics[f"{stage}_epoch_seconds"] = {str(sc): [h.get("seconds") for h in m[1]]  # manifest only: not hashed
                                              for sc, m in models.items()}

@@ -411,12 +411,16 @@ def _section_choices(data: Mapping) -> Section:
         g = as_mapping(e.get("gate"), "gate")
         if g:
             verdict = "better" if g.get("teacher_better") else "NOT better"
-            cr = {k: format_value(g.get(k), "click_recall") for k in ("teacher", "ground_truth_student", "gain",
-                                                                      "standard_error")}
-            sec.blocks.append(("p", f"Teacher gate: the teacher's own top-{n} keeps {cr['teacher']} of the validation "
-                                    f"clicks, the ground-truth-only tower {cr['ground_truth_student']} (gain "
-                                    f"{cr['gain']}, one standard error {cr['standard_error']}): the teacher is "
-                                    f"{verdict}."))
+            by_auc = g.get("judged_by") == "random_auc"
+            cr = {k: format_value(g.get(k), "auc" if by_auc else "click_recall")
+                  for k in ("teacher", "ground_truth_student", "gain", "standard_error")}
+            what = (f"on the {format_value(g.get('impressions'))} randomly shown validation impressions the "
+                    f"teacher's ranking score has AUC {cr['teacher']}, the ground-truth-only tower "
+                    f"{cr['ground_truth_student']}" if by_auc else
+                    f"the teacher's own top-{n} keeps {cr['teacher']} of the validation clicks, the "
+                    f"ground-truth-only tower {cr['ground_truth_student']}")
+            sec.blocks.append(("p", f"Teacher gate: {what} (gain {cr['gain']}, one standard error "
+                                    f"{cr['standard_error']}): the teacher is {verdict}."))
     rs = as_mapping(st.get("rank_student"), "report_data['choices']['students']['rank_student']")
     if rs:
         grid = [as_mapping(g, "grid") or {} for g in as_list(rs.get("grid"), "grid") or []]
