@@ -117,15 +117,17 @@ def _tower_recall(towers: Towers, data: RunData, judge: Judge, n: int) -> np.nda
     return judge.recall(judge.lists(_ExactTowers(towers, data), n), n)
 
 
-def served_towers(model, inputs, popular: PopularChannel | None, weight: float) -> Towers:
-    """A trained tower pair (eval mode) as it is served: its item embeddings and, at ``weight`` > 0, the
-    recent-popularity prior over ``popular``'s counts."""
+def served_towers(model, inputs) -> Towers:
+    """A trained tower pair (put in eval mode) with its item embeddings, as it is served without a prior."""
     model.eval()
-    towers = Towers(model, inputs, item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num))
-    if weight:
-        towers.prior = PopularityPrior(popular, weight, towers.item_emb[: towers.n_real], towers.item_index,
-                                       model.temperature)
-    return towers
+    return Towers(model, inputs, item_embeddings(model.item_tower, inputs.item_cat, inputs.item_num))
+
+
+def with_prior(towers: Towers, popular: PopularChannel | None, weight: float) -> Towers:
+    """``towers`` with the recent-popularity prior over ``popular``'s counts at ``weight`` (0: none)."""
+    prior = (PopularityPrior(popular, weight, towers.item_emb[: towers.n_real], towers.item_index,
+                             towers.model.temperature) if weight else None)
+    return dataclasses.replace(towers, prior=prior)
 
 
 def choose_prior(model, inputs, data: RunData, judge: Judge, n: int, popular: PopularChannel | None,
@@ -134,11 +136,12 @@ def choose_prior(model, inputs, data: RunData, judge: Judge, n: int, popular: Po
     no prior): the smallest of the weights tried within one SE of the best validation click-recall@n (one-SE
     rule). The weights tried: ``grid``, widened by :func:`~cascade.eval.selection.widen_top` (``doublings``).
     Returns (weight, the per-request click-recall at that weight, one row per weight tried)."""
+    towers = served_towers(model, inputs)
     if popular is None:
-        return 0.0, _tower_recall(served_towers(model, inputs, None, 0.0), data, judge, n), []
+        return 0.0, _tower_recall(towers, data, judge, n), []
 
     def recall_at(w: float) -> np.ndarray:
-        return _tower_recall(served_towers(model, inputs, popular, w), data, judge, n)
+        return _tower_recall(with_prior(towers, popular, w), data, judge, n)
 
     recall = widen_top({float(w): recall_at(float(w)) for w in grid}, recall_at, np.nanmean, doublings)
     chosen, rows = one_se_choice(list(recall), lambda w, units: float(np.nanmean(recall[w][units])),
@@ -178,7 +181,10 @@ def auc_gate(y: np.ndarray, teacher: np.ndarray, student: np.ndarray, request_id
     y, teacher, student = y[order], teacher[order], student[order]
 
     def at(s: np.ndarray):
-        return lambda units: auc(y[rows_of_units(starts, lengths, units)], s[rows_of_units(starts, lengths, units)])
+        def score(units: np.ndarray) -> float:
+            rows = rows_of_units(starts, lengths, units)
+            return auc(y[rows], s[rows])
+        return score
 
     scores, boot = paired_bootstrap({"teacher": at(teacher), "student": at(student)}, len(starts), seed=seed)
     gain, se = scores["teacher"] - scores["student"], gap_se(boot["teacher"], boot["student"])
@@ -187,17 +193,17 @@ def auc_gate(y: np.ndarray, teacher: np.ndarray, student: np.ndarray, request_id
             "teacher_better": bool(np.isfinite(se) and gain > se)}
 
 
-def random_slice_gate(teacher, towers: Towers, data: RunData, seed: int) -> dict:
-    """The teacher-quality gate where the validation split has a random-exposure slice: the AUC of the teacher's
-    ranking score (the order of its own list over the corpus) and of the ground-truth-only tower as served on
-    those impressions, what users click among items shown at random, free of the logging policy's choice
-    (:func:`auc_gate`)."""
+def random_slice_gate(teacher, data: RunData, seed: int) -> Callable[[Towers], dict]:
+    """The teacher-quality gate where the validation split has a random-exposure slice: gate(towers) compares the
+    AUC of the teacher's ranking score (the order of its own list over the corpus) and of the ground-truth-only
+    ``towers`` as served on those impressions, what users click among items shown at random, free of the logging
+    policy's choice (:func:`auc_gate`). The teacher scores the slice once, for every stage's gate."""
     shown = random_slice(data.split_impressions("valid"), "the students' teacher gate")
     requests = impression_requests(shown, data.context_names)
     items = shown["item_id"].to_numpy(np.int64)[:, None]
+    y, request_id = shown["click"].to_numpy(), shown["request_id"].to_numpy()
     t = ranker_scorer(teacher, data)(requests, items)[:, 0]
-    s = towers.scores(data, requests, items)[:, 0]
-    return auc_gate(shown["click"].to_numpy(), t, s, shown["request_id"].to_numpy(), seed)
+    return lambda towers: auc_gate(y, t, towers.scores(data, requests, items)[:, 0], request_id, seed)
 
 
 def _scaled(cfg: DistillConfig, scale: float) -> DistillConfig:
@@ -220,7 +226,8 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
     t_lists, _ = teacher_top_over_corpus(teacher, data, judge.requests, max(sizes.values()), exclude_seen=judge.seen)
     outputs, metrics = [], {"judge": judge.what}
-    random_judge = has_random_slice(data.split_impressions("valid"))  # the gate's judge: random-slice AUC
+    random_gate = (random_slice_gate(teacher, data, ctx.seed) if has_random_slice(data.split_impressions("valid"))
+                   else None)  # where there is a random slice, the gate's judge is its AUC
     # a fixed sample of the rank log every two-tower student is evaluated on after each epoch (its training curve:
     # in-sample for a distilled student, the teacher's order it never trained on for a ground-truth one)
     curve_log = rank_log.subset(np.random.default_rng(ctx.seed).permutation(len(rank_log))[:CURVE_REQUESTS])
@@ -265,9 +272,8 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
                 A.write_json(d / PRIOR_FILE, {"weight": weight, **popular.params()})
                 outputs.append(f"{variant}/{stage}/{PRIOR_FILE}")
         gate = None
-        if 0.0 in models and random_judge:
-            gate = random_slice_gate(teacher, served_towers(models[0.0][0], inputs, popular, models[0.0][3]), data,
-                                     ctx.seed)
+        if 0.0 in models and random_gate is not None:
+            gate = random_gate(with_prior(served_towers(models[0.0][0], inputs), popular, models[0.0][3]))
         elif 0.0 in models:
             gate = teacher_gate(judge.recall(t_lists, n), models[0.0][2])
         metrics[stage] = {"size": n, "grid": grid, "chosen_scale": chosen, "variants": variants, "gate": gate}
