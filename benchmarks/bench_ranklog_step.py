@@ -3,8 +3,9 @@ through ``ranker_scorer`` (pair features built from the history, then the teache
 writes the parquet log, as ``cascade.pipeline.ranklog.run`` does. Prints one JSON line and, with --out, writes it.
 
 Side by side with an older version: run this file alternately with PYTHONPATH on each checkout (the same run
-folder, the same machine) and compare medians. --profile adds each part's share of one build (cProfile,
-cumulative time): candidate sampling is timed apart (it happens before the log is built).
+folder, the same machine) and compare medians. --workers: batches scored side by side, torch at one thread each
+(default --threads, as the pipeline's step does). --profile adds each part's share of one more build on one worker
+(cProfile sees one thread; cumulative time): candidate sampling is timed apart (it happens before the log is built).
 
 Every result is also given against this machine's bound: the teacher's forward FLOPs per pair (counted by torch's
 FlopCounterMode on the scoring path itself, so the request-level work that ``forward_lists`` does once per list is
@@ -74,11 +75,14 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--run", required=True, help="a run folder with finished data and teacher steps")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--workers", type=int, default=None,
+                   help="batches scored side by side (default: --threads, as the pipeline's ranklog step does)")
     p.add_argument("--reps", type=int, default=2)
     p.add_argument("--profile", action="store_true")
     p.add_argument("--out", default=None)
     a = p.parse_args()
     torch.set_num_threads(a.threads)
+    workers = a.threads if a.workers is None else a.workers
     run = Path(a.run)
     resolved = json.loads((run / "config.json").read_text())
     cfg = RankLogSection(**resolved["ranklog"])
@@ -100,9 +104,9 @@ def main() -> None:
     bounds = [machine_bounds(threads=a.threads, n=2048)]
     dtype = "bf16" if score.autocast.bf16 else "float32"
     with tempfile.TemporaryDirectory() as tmp:
-        def build(name: str, n: int | None = None) -> float:
+        def build(name: str, n: int | None = None, workers: int = workers) -> float:
             t = time.perf_counter()
-            build_rank_log(frame.iloc[:n], cands[:n], scorer, Path(tmp) / name,
+            build_rank_log(frame.iloc[:n], cands[:n], scorer, Path(tmp) / name, workers=workers,
                            requests_per_batch=cfg.requests_per_batch, progress=False, item_ids=item_ids, seed=seed)
             return time.perf_counter() - t
 
@@ -111,7 +115,7 @@ def main() -> None:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(cascade.__file__).parent).stdout.strip()
         out = {"benchmark": "bench_ranklog_step", "commit": commit,
-               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": a.threads,
+               "date": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "threads": a.threads, "workers": workers,
                "n_requests": len(frame), "n_pairs": pairs, "sampling_s": sampling_s, "walls_s": walls,
                "pairs_per_s": [pairs / w for w in walls]}
         bounds.append(machine_bounds(threads=a.threads, n=2048))
@@ -124,7 +128,7 @@ def main() -> None:
         if a.profile:
             prof = cProfile.Profile()
             prof.enable()
-            wall = build("profiled")
+            wall = build("profiled", workers=1)  # cProfile sees the calling thread only
             prof.disable()
             out["profile"] = {"wall_s": wall, "shares": shares(prof, wall)}
             fwd_s = out["profile"]["shares"]["teacher forward"] * wall

@@ -27,6 +27,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from cascade.threads import torch_threads
+
 log = logging.getLogger(__name__)
 
 AUTOCAST = ("auto", "bf16", "off")
@@ -267,13 +269,9 @@ def memory_bandwidth_gbs(mib: int = 256, repeats: int = 5) -> float:
 def machine_bounds(threads: int = 1, n: int = 1024, repeats: int = 5) -> dict:
     """The rates results are stated against, measured now on ``threads`` torch threads: float32 and bfloat16 GEMM
     GFLOP/s (n^3 matmul), memory bandwidth GB/s, whether AMX is present, and the CPU (:func:`cpu_capability`)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with torch_threads(threads):
         f32 = gemm_gflops(torch.float32, n, repeats)
         bf16 = gemm_gflops(torch.bfloat16, n, repeats)
-    finally:
-        torch.set_num_threads(before)
     cap = cpu_capability()
     amx = cap["torch"]["amx_tile"] if cap["torch"]["amx_tile"] is not None else cap["flags"]["amx_bf16"]
     return {"threads": threads, "float32_gflops": round(f32, 1), "bf16_gflops": round(bf16, 1),

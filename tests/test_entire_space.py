@@ -154,6 +154,11 @@ def test_choose_exposure_weight_picks_the_known_best(tiny_data):
     recall = {row["exposure_weight"]: row["valid_click_recall@20"] for row in table}
     assert recall[0.0] == 0.0 and recall[0.5] == recall[1.0] == recall[2.0] == 1.0
     assert model.exposure_weight.item() == 1.0
+    # blocks of requests scored two at a time give the same table (the blocks: 2 requests each here)
+    _, table2 = choose_exposure_weight(model, data, req, clicked, [0.0, 0.5, 1.0, 2.0], k=20,
+                                       pairs_per_batch=2 * len(data.item_ids), workers=2)
+    assert [(r["exposure_weight"], r["valid_click_recall@20"]) for r in table2] == \
+        [(r["exposure_weight"], r["valid_click_recall@20"]) for r in table]
     choice, _ = choose_exposure_weight(model, data, req, clicked, [0.0, 0.25, 0.5], k=20)
     assert choice == 0.5 and model.exposure_weight.item() == 0.5  # without 1 in the grid: the closest tie
 

@@ -1,5 +1,6 @@
 """Imports only go down: cli -> pipeline -> train / serve (and run_data) -> models / distill / index / eval -> data
--> the ground floor (config, artifacts, distributed, arrays). Checked on the source, module by module."""
+-> the ground floor (config, artifacts, distributed, arrays, threads, machine, run_lock). Checked on the source,
+module by module."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "cascade"
 
 LAYERS = {  # module prefix -> floor (higher floors may import lower ones, never the reverse)
     "cascade.config": 0, "cascade.artifacts": 0, "cascade.distributed": 0, "cascade.arrays": 0,
+    "cascade.threads": 0, "cascade.machine": 0, "cascade.run_lock": 0,
     "cascade.data": 1,
     "cascade.models": 2, "cascade.distill": 2, "cascade.index": 2, "cascade.eval": 2, "cascade.channels": 2,
     "cascade.run_data": 3, "cascade.train": 3, "cascade.serve": 3,

@@ -12,6 +12,7 @@ from cascade.distill.ranklog import RankLog, build_rank_log
 from cascade.models.ranker import Ranker, RankerConfig
 from cascade.models.scoring import ranker_scorer, score_pairs
 from cascade.run_data import OOV_ID
+from cascade.serve.replay import teacher_top_over_corpus
 
 
 def _lists(data, n_req: int = 12, n_cand: int = 40, seed: int = 0):
@@ -131,3 +132,38 @@ def test_scores_and_rank_log_equal_the_per_pair_path(tiny_data, tmp_path):
     np.testing.assert_array_equal(a.items, b.items)
     np.testing.assert_array_equal(a.ranks, b.ranks)
     np.testing.assert_array_equal(a.logits, b.logits)
+
+
+def test_batches_scored_side_by_side_equal_one_at_a_time(tiny_data, tmp_path):
+    """The rank log and the teacher's corpus lists with workers = 2 (two blocks at once, torch at one thread each)
+    give what one block at a time gives: the real scorer is safe to call from two threads."""
+    data = tiny_data
+    frame, cand = _lists(data, n_req=24, n_cand=30, seed=2)
+    cand[cand == 10**12] = data.item_ids[0]
+    requests = to_requests(frame, data.context_names)
+    model = Ranker(data.spec, RankerConfig(backbone="dcnv2", emb_dim=4, mlp=(16,), cross_layers=2, cross_rank=8),
+                   seed=5).eval()
+    frame["user_row"] = np.arange(len(frame))
+    item_ids = data.item_ids
+    rows = np.searchsorted(item_ids, np.where(cand >= 0, cand, item_ids[0]))
+    rows[cand < 0] = -1
+    score = ranker_scorer(model, data)
+
+    def scorer(request_rows, c):
+        return score(requests.take(request_rows), item_ids[c])
+
+    for workers in (1, 2):
+        build_rank_log(frame, rows, scorer, tmp_path / f"w{workers}", requests_per_batch=4, progress=False,
+                       item_ids=item_ids, workers=workers)
+    a, b = RankLog(tmp_path / "w1"), RankLog(tmp_path / "w2")
+    np.testing.assert_array_equal(a.items, b.items)
+    np.testing.assert_allclose(a.logits, b.logits, rtol=1e-5, atol=1e-6)  # one thread vs the process's: rounding
+
+    per_block = 3 * len(item_ids)  # blocks of 3 requests over the whole corpus: 8 blocks
+    top1, s1 = teacher_top_over_corpus(model, data, requests, 7, pairs_per_batch=per_block)
+    top2, s2 = teacher_top_over_corpus(model, data, requests, 7, pairs_per_batch=per_block, workers=2)
+    np.testing.assert_array_equal(top1, top2)
+    np.testing.assert_allclose(s1, s2, rtol=1e-5, atol=1e-6)
+    # and it is the top 7 of scoring the corpus in one pass
+    whole = ranker_scorer(model, data)(requests, np.broadcast_to(item_ids, (len(frame), len(item_ids))).copy())
+    np.testing.assert_allclose(np.sort(whole, 1)[:, ::-1][:, :7], s2, rtol=1e-5, atol=1e-6)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from cascade.artifacts import ArtifactError
 from cascade.data.sampling import CdfSampler
@@ -180,3 +181,28 @@ def test_sources_round_trip_through_shards(tmp_path):
                        source_names=names[:2])
     plain = build_rank_log(requests, cand, scorer, tmp_path / "plain", progress=False)
     assert "source_names" not in plain and RankLog(tmp_path / "plain").sources is None
+
+
+def test_workers_score_batches_side_by_side_into_the_same_log(tmp_path):
+    requests, cand, scorer, item_ids, _, _ = rank_log_world(r=53)
+    torch_threads_seen = []
+
+    def threaded(rows, c):
+        torch_threads_seen.append(torch.get_num_threads())
+        return scorer(rows, c)
+
+    before = torch.get_num_threads()
+    one = build_rank_log(requests, cand, scorer, tmp_path / "one", requests_per_batch=4, shard_rows=60,
+                         progress=False, item_ids=item_ids)
+    three = build_rank_log(requests, cand, threaded, tmp_path / "three", requests_per_batch=4, shard_rows=60,
+                           progress=False, item_ids=item_ids, workers=3)
+    assert torch.get_num_threads() == before  # restored
+    assert len(torch_threads_seen) == 14 and set(torch_threads_seen) == {1}  # 53 requests in batches of 4
+    # the same parts, byte for byte: the batches are written in their order
+    assert [(s["path"], s["rows"], s["sha256"]) for s in one["shards"]] == \
+        [(s["path"], s["rows"], s["sha256"]) for s in three["shards"]]
+    a, b = RankLog(tmp_path / "one"), RankLog(tmp_path / "three")
+    for name in ("items", "ranks", "logits", "request_rows"):
+        np.testing.assert_array_equal(getattr(a, name), getattr(b, name), err_msg=name)
+    with pytest.raises(ValueError, match="workers must be > 0"):
+        build_rank_log(requests, cand, scorer, tmp_path / "bad", progress=False, workers=0)

@@ -39,6 +39,7 @@ from cascade import artifacts
 from cascade.arrays import first_occurrences
 from cascade.data.sampling import CdfSampler
 from cascade.data.schema import DataValidationError, check_columns
+from cascade.threads import ordered_map, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +153,7 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
                    requests_per_batch: int = 256, shard_rows: int = 1_000_000, n_shards: int | None = None,
                    shard_index: int | None = None, progress: bool = True, item_ids: np.ndarray | None = None,
                    seed: int | None = None, sources: np.ndarray | None = None,
-                   source_names: list[str] | None = None) -> dict:
+                   source_names: list[str] | None = None, workers: int = 1) -> dict:
     """Score every request's candidate list with the teacher and write the long-format log. Returns the manifest.
 
     requests: one row per request with int columns ``request_id, user_id, user_row, time_ms`` (row r of the frame
@@ -166,6 +167,10 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
     boundary, so it may exceed shard_rows by one batch) and ``manifest.json``. With ``n_shards``/``shard_index``
     only the shard_index-th contiguous block of requests is scored, written under ``out_dir/shard-k-of-S/``;
     combine the shards with :func:`merge_manifests`.
+
+    workers > 1: that many threads score whole batches at once, torch at one intra-op thread each meanwhile
+    (:mod:`cascade.threads`; the scorer must be thread-safe, as :func:`cascade.models.scoring.ranker_scorer` is); the
+    log keeps the batches' order.
     """
     t0 = time.perf_counter()
     out_dir = Path(out_dir)
@@ -176,8 +181,8 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
         raise ValueError(f"build_rank_log: candidates must be [R={n_req}, L], got shape {candidates.shape}")
     if not np.issubdtype(candidates.dtype, np.integer):
         raise ValueError(f"build_rank_log: candidates must hold integer item rows, got {candidates.dtype}")
-    if requests_per_batch <= 0 or shard_rows <= 0:
-        raise ValueError("build_rank_log: requests_per_batch and shard_rows must be > 0")
+    if requests_per_batch <= 0 or shard_rows <= 0 or workers <= 0:
+        raise ValueError("build_rank_log: requests_per_batch, shard_rows and workers must be > 0")
     if (n_shards is None) != (shard_index is None):
         raise ValueError("build_rank_log: give both n_shards and shard_index, or neither")
     if n_shards is not None and not (n_shards >= 1 and 0 <= shard_index < n_shards):
@@ -239,15 +244,15 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
                       "n_requests": int(len(np.unique(rows_here)))})
         buf, buffered = [], 0
 
-    starts = range(lo_r, hi_r, requests_per_batch)
-    for s in tqdm(starts, disable=not progress, desc="rank log", unit="batch"):
+    def score_batch(s: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:
+        """(start, candidates [R_b, L], valid, logits, ranks, scoring seconds) of the batch of requests from row
+        s."""
         e = min(s + requests_per_batch, hi_r)
-        rows = np.arange(s, e, dtype=np.int64)
         cand = candidates[s:e].astype(np.int64, copy=False)
         valid = cand >= 0
         ts = time.perf_counter()
-        logits = scorer(rows, np.where(valid, cand, 0))
-        score_s += time.perf_counter() - ts
+        logits = scorer(np.arange(s, e, dtype=np.int64), np.where(valid, cand, 0))
+        took = time.perf_counter() - ts
         if isinstance(logits, torch.Tensor):
             logits = logits.detach().float().cpu().numpy()
         logits = np.asarray(logits, dtype=np.float32)
@@ -256,20 +261,28 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
         if not np.isfinite(logits[valid]).all():
             r_bad = s + int(np.argwhere(~np.isfinite(np.where(valid, logits, 0.0)))[0, 0])
             raise ValueError(f"build_rank_log: scorer returned a non-finite logit for request_id {rid[r_bad]}")
-        ranks = _ranks(logits, valid)
-        rr = np.broadcast_to(rows[:, None], cand.shape)[valid]
-        item_row = cand[valid]
-        buf.append({
-            "request_id": rid[rr], "user_id": uid[rr], "time_ms": tms[rr],
-            "item_id": item_ids[item_row] if item_ids is not None else item_row,
-            "teacher_logit": logits[valid], "rank": ranks[valid].astype(np.int16 if L < 2**15 else np.int32),
-            "request_row": rr, "user_row": urow[rr].astype(np.int32), "item_row": item_row.astype(np.int32),
-            "slot": np.broadcast_to(slot_row, cand.shape)[valid],
-            **({SOURCE: sources[s:e][valid]} if sources is not None else {}),
-        })
-        buffered += len(rr)
-        if buffered >= shard_rows:
-            flush()
+        return s, cand, valid, logits, _ranks(logits, valid), took
+
+    starts = range(lo_r, hi_r, requests_per_batch)
+    with torch_threads(1 if workers > 1 else None):
+        batches = ordered_map(score_batch, starts, workers)
+        for s, cand, valid, logits, ranks, took in tqdm(batches, total=len(starts), disable=not progress,
+                                                        desc="rank log", unit="batch"):
+            score_s += took
+            rows = np.arange(s, s + len(cand), dtype=np.int64)
+            rr = np.broadcast_to(rows[:, None], cand.shape)[valid]
+            item_row = cand[valid]
+            buf.append({
+                "request_id": rid[rr], "user_id": uid[rr], "time_ms": tms[rr],
+                "item_id": item_ids[item_row] if item_ids is not None else item_row,
+                "teacher_logit": logits[valid], "rank": ranks[valid].astype(np.int16 if L < 2**15 else np.int32),
+                "request_row": rr, "user_row": urow[rr].astype(np.int32), "item_row": item_row.astype(np.int32),
+                "slot": np.broadcast_to(slot_row, cand.shape)[valid],
+                **({SOURCE: sources[s:s + len(cand)][valid]} if sources is not None else {}),
+            })
+            buffered += len(rr)
+            if buffered >= shard_rows:
+                flush()
     flush()
 
     wall = time.perf_counter() - t0
@@ -284,8 +297,9 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
                "request_row_range": [lo_r, hi_r], "n_requests_total": n_req, "n_items": n_items,
                "columns": list(columns), **_source_fields(sources, source_names, lo_r, hi_r)},
     )
-    log.info("rank log: %d requests, %d pairs in %.2fs (%.0f pairs/s, scorer %.2fs) -> %s",
-             hi_r - lo_r, n_rows, wall, n_rows / max(wall, 1e-9), score_s, shard_dir)
+    log.info("rank log: %d requests, %d pairs in %.2fs (%.0f pairs/s, scorer %.2f thread-seconds on %d worker%s) "
+             "-> %s", hi_r - lo_r, n_rows, wall, n_rows / max(wall, 1e-9), score_s, workers,
+             "s" if workers > 1 else "", shard_dir)
     # the timings go back to the caller only
     return {**man, "wall_s": wall, "metrics": {**man["metrics"], "score_s": score_s,
                                                "pairs_per_s": n_rows / wall if wall > 0 else None}}

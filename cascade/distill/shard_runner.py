@@ -28,7 +28,8 @@ log = logging.getLogger(__name__)
 def build_rank_log_distributed(requests: pd.DataFrame, candidates: np.ndarray, scorer: Scorer, out_dir: str | Path,
                                requests_per_batch: int = 256, shard_rows: int = 1_000_000, progress: bool = True,
                                item_ids: np.ndarray | None = None, seed: int | None = None,
-                               sources: np.ndarray | None = None, source_names: list[str] | None = None) -> dict:
+                               sources: np.ndarray | None = None, source_names: list[str] | None = None,
+                               workers: int = 1) -> dict:
     """Score this rank's block of ``requests`` (see the module docstring) and return the merged manifest.
 
     requests: one row per request (request_id, user_id, user_row, time_ms); candidates: int [R, L] item rows,
@@ -38,7 +39,7 @@ def build_rank_log_distributed(requests: pd.DataFrame, candidates: np.ndarray, s
     """
     env = D.current_env()
     kwargs = dict(requests_per_batch=requests_per_batch, shard_rows=shard_rows, progress=progress and env.is_main,
-                  item_ids=item_ids, seed=seed, sources=sources, source_names=source_names)
+                  item_ids=item_ids, seed=seed, sources=sources, source_names=source_names, workers=workers)
     if not D.is_distributed():
         return build_rank_log(requests, candidates, scorer, out_dir, **kwargs)
     out_dir = Path(out_dir)

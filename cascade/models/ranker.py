@@ -37,6 +37,7 @@ from cascade.models.layers import (
     in_autocast_dtype,
 )
 from cascade.models.sequence import TargetAttention
+from cascade.threads import torch_threads
 
 BACKBONES = ("dnn", "deepfm", "dcnv2")
 CROSS_STRUCTURES = ("stacked", "parallel")
@@ -491,12 +492,10 @@ def serving_latency(model: nn.Module, spec: FeatureSpec | None = None, n_candida
     cat_t = torch.as_tensor(cat, dtype=torch.long, device=device)
     num_t = torch.as_tensor(num, device=device)
     was_training = model.training
-    threads = torch.get_num_threads()
     model.eval()
-    torch.set_num_threads(1)
     try:
         times = []
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads(1):
             for i in range(warmup + repeats):
                 t0 = time.perf_counter()
                 model(cat_t, num_t)
@@ -505,6 +504,5 @@ def serving_latency(model: nn.Module, spec: FeatureSpec | None = None, n_candida
                 if i >= warmup:
                     times.append(time.perf_counter() - t0)
     finally:
-        torch.set_num_threads(threads)
         model.train(was_training)
     return float(np.median(times) * 1e3)

@@ -216,7 +216,8 @@ def build_test_set(run_dir: Path, data, teacher: torch.nn.Module, settings: Abla
 
     build_rank_log(frame, cands, scorer, out / "log", progress=progress, item_ids=item_ids, seed=seed)
     corpus_rows = even_spread(len(frame), settings.n_corpus_requests)
-    t_top, t_logit = teacher_top_over_corpus(teacher, data, requests.take(corpus_rows), settings.k, progress=progress)
+    t_top, t_logit = teacher_top_over_corpus(teacher, data, requests.take(corpus_rows), settings.k, progress=progress,
+                                             workers=torch.get_num_threads())
     A.write_parquet(out / "requests.parquet", frame)
     A.write_npz(out / "teacher_top.npz", corpus_rows=corpus_rows, item_ids=t_top, logits=t_logit)
     A.write_json(out / "key.json", key)

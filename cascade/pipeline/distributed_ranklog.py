@@ -121,7 +121,7 @@ def run_distributed_ranklog(data_dir: str | Path, out: str | Path, epochs: int =
     D.barrier()
     t0 = time.perf_counter()
     man = build_rank_log_distributed(frame, cands, scorer, out / "log", progress=env.is_main, item_ids=item_ids,
-                                     seed=seed)
+                                     seed=seed, workers=torch.get_num_threads())
     log_s = time.perf_counter() - t0
     student_summary = (train_students(data, frame, out / "log", out / "students", student_batch_size,
                                       student_epochs, seed, env.is_main) if students else None)

@@ -11,6 +11,7 @@ import time
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import artifacts as A
 from ..arrays import PAD, first_occurrence_columns, first_occurrences, pad_by_row
@@ -166,11 +167,14 @@ def run(ctx: StepContext) -> StepResult:
     def scorer(request_rows: np.ndarray, candidates: np.ndarray) -> np.ndarray:
         return score(requests.take(request_rows), item_ids[candidates])
 
+    workers = torch.get_num_threads()
     t0 = time.perf_counter()
-    # one process: a plain log; under torchrun: one shard per rank, merged by rank 0 into one log
+    # one process: a plain log; under torchrun: one shard per rank, merged by rank 0 into one log. The run's
+    # threads score whole batches side by side (cascade.threads: 1.6-1.8x the pairs/s of one batch at a time on
+    # the run's intra-op threads, BENCHMARKS.md)
     build_rank_log_distributed(frame, cands, scorer, ctx.out / "log", requests_per_batch=c.requests_per_batch,
                                progress=ctx.progress, item_ids=item_ids, seed=ctx.seed,
-                               sources=source, source_names=names)
+                               sources=source, source_names=names, workers=workers)
     wall = time.perf_counter() - t0
     A.write_parquet(ctx.out / "requests.parquet", frame)
     log_files = [str(p.relative_to(ctx.out)) for p in sorted((ctx.out / "log").rglob("*")) if p.is_file()]
@@ -178,6 +182,7 @@ def run(ctx: StepContext) -> StepResult:
     pairs = int(np.sum(cands >= 0))
     share = source_share(source, names)
     metrics = {"n_requests": len(frame), "n_pairs": pairs, "pairs_per_s": pairs / max(wall, 1e-9),
-               "lists_s": lists_s, "source_share": share, "autocast": score.autocast.to_dict()}
+               "lists_s": lists_s, "source_share": share, "autocast": score.autocast.to_dict(),
+               "scoring_workers": workers}
     return StepResult(outputs, metrics, f"{pairs:,} pairs at {metrics['pairs_per_s']:,.0f} pairs/s; sources "
                       + ", ".join(f"{k} {v:.2f}" for k, v in share.items()))

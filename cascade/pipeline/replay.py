@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import artifacts as A
 from ..arrays import PAD, pad_by_row
@@ -48,7 +49,8 @@ def run(ctx: StepContext) -> StepResult:
     # the teacher's top list over the corpus: the grades below use the first 50, the ceiling row every stage size,
     # the teacher-recall@K curves the top-K of every K up to the retrieval stage's size
     ref_len = max(50, c.n_retrieve)
-    t_top, _ = teacher_top_over_corpus(teacher, data, requests, ref_len, progress=ctx.progress, exclude_seen=seen)
+    t_top, _ = teacher_top_over_corpus(teacher, data, requests, ref_len, progress=ctx.progress, exclude_seen=seen,
+                                      workers=torch.get_num_threads())
     grades = np.select([np.arange(ref_len) < 5, np.arange(ref_len) < 10, np.arange(ref_len) < 20,
                         np.arange(ref_len) < 50],
                        [4.0, 3.0, 2.0, 1.0], 0.0)

@@ -27,6 +27,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pandas as pd
+import torch
 from scipy.stats import rankdata
 
 from .. import artifacts as A
@@ -224,7 +225,8 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
     clicks = click_lists(data, inputs, frame)
     trusted = trusted_requests(rank_log, clicks, len(frame)) if c.confidence else None
     teacher = load_ranker(ctx.inputs["teacher"] / "teacher", data.spec)
-    t_lists, _ = teacher_top_over_corpus(teacher, data, judge.requests, max(sizes.values()), exclude_seen=judge.seen)
+    t_lists, _ = teacher_top_over_corpus(teacher, data, judge.requests, max(sizes.values()), exclude_seen=judge.seen,
+                                         workers=torch.get_num_threads())
     outputs, metrics = [], {"judge": judge.what}
     random_gate = (random_slice_gate(teacher, data, ctx.seed) if has_random_slice(data.split_impressions("valid"))
                    else None)  # where there is a random slice, the gate's judge is its AUC

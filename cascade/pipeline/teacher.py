@@ -11,6 +11,7 @@ import dataclasses
 
 import numpy as np
 import pandas as pd
+import torch
 
 from .. import artifacts as A
 from ..models.entire_space import EntireSpaceRanker, exposure_config
@@ -71,7 +72,8 @@ def run(ctx: StepContext) -> StepResult:
         else:
             judge = validation_judge(data, es.select_requests, ctx.seed)
             choice, grid = choose_exposure_weight(model, data, judge.requests, judge.clicked, es.exposure_weights,
-                                                  es.select_k, judge.seen, seed=ctx.seed)
+                                                  es.select_k, judge.seen, seed=ctx.seed,
+                                                  workers=torch.get_num_threads())
             what = judge.what
         if es.judge == "auto":
             what = (f"auto: {what}" + ("" if judge_by == "random_auc" else

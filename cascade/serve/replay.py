@@ -36,6 +36,7 @@ from ..data.requests import Requests
 from ..eval.metrics import click_ndcg, click_recall, hit_rate, latency_summary, list_diversity, ndcg_at_k, recall_at_k
 from ..models.scoring import ranker_scorer
 from ..run_data import RunData
+from ..threads import ordered_map, torch_threads
 from .cascade import Cascade
 
 STAGES = ("retrieval", "prerank", "rank")
@@ -213,20 +214,22 @@ def replay_latency(cascade: Cascade, requests: Requests, n_retrieve: int, n_prer
 
 def teacher_top_over_corpus(model: torch.nn.Module, data: RunData, requests: Requests, k: int,
                             pairs_per_batch: int = 262144, progress: bool = False,
-                            exclude_seen: EventHistory | None = None) -> tuple[np.ndarray, np.ndarray]:
+                            exclude_seen: EventHistory | None = None,
+                            workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """The ranker's top-k over the whole corpus for each request: (item ids [B, k], logits [B, k]).
 
     Scores B x I pairs in blocks of about ``pairs_per_batch`` (requests x item chunk), keeping a running top-k,
     so memory stays bounded for any corpus size. This is the reference list of teacher-recall. exclude_seen: leave
-    out the items each user was shown strictly before the request (when the cascade filters them too).
+    out the items each user was shown strictly before the request (when the cascade filters them too). workers > 1:
+    that many blocks of requests are scored side by side, torch at one thread each (:mod:`cascade.threads`).
     """
     b, n_items = len(requests), len(data.item_ids)
     item_chunk = min(n_items, pairs_per_batch)
     req_chunk = max(1, pairs_per_batch // item_chunk)
     score = ranker_scorer(model, data)
-    out_i = np.full((b, k), PAD, np.int64)
-    out_s = np.full((b, k), -np.inf, np.float32)
-    for r0 in tqdm(range(0, b, req_chunk), desc="teacher over corpus", disable=not progress, leave=False):
+
+    def top_of(r0: int) -> tuple[np.ndarray, np.ndarray]:
+        """(item ids, logits) [R_b, k] of the requests from row r0 (one block)."""
         sub = requests.take(np.arange(r0, min(r0 + req_chunk, b)))
         best_i = np.full((len(sub), 0), PAD, np.int64)
         best_s = np.zeros((len(sub), 0), np.float32)
@@ -237,5 +240,14 @@ def teacher_top_over_corpus(model: torch.nn.Module, data: RunData, requests: Req
             if exclude_seen is not None:
                 sc = np.where(exclude_seen.seen(sub.user_id, chunk, sub.time_ms), -np.inf, sc)
             best_i, best_s = topk_rows(np.concatenate([best_s, sc], 1), np.concatenate([best_i, chunk], 1), k)
-        out_i[r0:r0 + len(sub)], out_s[r0:r0 + len(sub)] = best_i, best_s
+        return best_i, best_s
+
+    out_i = np.full((b, k), PAD, np.int64)
+    out_s = np.full((b, k), -np.inf, np.float32)
+    starts = range(0, b, req_chunk)
+    with torch_threads(1 if workers > 1 else None):
+        tops = ordered_map(top_of, starts, workers)
+        for r0, (best_i, best_s) in zip(starts, tqdm(tops, total=len(starts), desc="teacher over corpus",
+                                                     disable=not progress, leave=False)):
+            out_i[r0:r0 + len(best_i)], out_s[r0:r0 + len(best_i)] = best_i, best_s
     return out_i, out_s

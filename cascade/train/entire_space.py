@@ -33,6 +33,7 @@ from ..eval.selection import one_se_choice, one_se_columns, rows_of_units, unit_
 from ..models.entire_space import EntireSpaceRanker
 from ..models.scoring import score_pairs
 from ..run_data import RunData
+from ..threads import ordered_map, torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -141,25 +142,26 @@ def entire_space_loss(w_exposure: float = 1.0):
 
 def choose_exposure_weight(model: EntireSpaceRanker, data: RunData, requests: Requests, clicked: np.ndarray,
                            grid: Sequence[float], k: int, exclude_seen=None,
-                           pairs_per_batch: int = 262_144, seed: int = 0) -> tuple[float, list[dict]]:
+                           pairs_per_batch: int = 262_144, seed: int = 0, workers: int = 1) -> tuple[float, list[dict]]:
     """The exposure weight of ``grid`` by how much of ``clicked`` (int64 [R, C]) its corpus-wide top-k keeps for
     ``requests`` (the one-SE rule of :mod:`cascade.eval.selection`: of the weights within one SE of the best
     click-recall@k, the one closest to :data:`PRODUCT_RULE`), and every weight's click-recall@k. Scores every
-    (request, item) pair once per model and keeps a running top-k per weight. Sets ``model.exposure_weight`` to the
-    choice."""
+    (request, item) pair once per model and keeps a running top-k per weight, ``workers`` blocks of requests side by
+    side (:mod:`cascade.threads`). Sets ``model.exposure_weight`` to the choice."""
     grid = [float(b) for b in grid]
     n_items = len(data.item_ids)
     item_chunk = min(n_items, pairs_per_batch)
     req_chunk = max(1, pairs_per_batch // item_chunk)
     parts: dict[float, list[np.ndarray]] = {b: [] for b in grid}
     model.eval()
-    for r0 in range(0, len(requests), req_chunk):
-        rows = np.arange(r0, min(r0 + req_chunk, len(requests)))
-        sub = requests.take(rows)
-        got = {b: (np.zeros((len(rows), 0), np.int64), np.zeros((len(rows), 0), np.float32)) for b in grid}
+
+    def tops_of(r0: int) -> dict[float, np.ndarray]:
+        """Each weight's top-k item ids [R_b, k] for the requests from row r0 (one block)."""
+        sub = requests.take(np.arange(r0, min(r0 + req_chunk, len(requests))))
+        got = {b: (np.zeros((len(sub), 0), np.int64), np.zeros((len(sub), 0), np.float32)) for b in grid}
         for s in range(0, n_items, item_chunk):
             chunk = np.ascontiguousarray(np.broadcast_to(data.item_ids[s:s + item_chunk],
-                                                         (len(rows), min(item_chunk, n_items - s))))
+                                                         (len(sub), min(item_chunk, n_items - s))))
             cat, num = data.pair_features(sub, chunk)
             lc = np.asarray(F.logsigmoid(torch.from_numpy(score_pairs(model.click, cat, num, list_len=chunk.shape[1]))))
             le = score_pairs(model.exposure, cat, num, list_len=chunk.shape[1])
@@ -169,8 +171,12 @@ def choose_exposure_weight(model: EntireSpaceRanker, data: RunData, requests: Re
             for b in grid:
                 i, sc = got[b]
                 got[b] = topk_rows(np.concatenate([sc, lc + b * le], 1), np.concatenate([i, chunk], 1), k)
-        for b in grid:
-            parts[b].append(got[b][0])
+        return {b: got[b][0] for b in grid}
+
+    with torch_threads(1 if workers > 1 else None):
+        for tops in ordered_map(tops_of, range(0, len(requests), req_chunk), workers):
+            for b in grid:
+                parts[b].append(tops[b])
     recall = {b: click_recall(clicked, np.concatenate(parts[b])) for b in grid}
     choice, rows = one_se_choice(grid, lambda b, units: float(np.nanmean(recall[b][units])), len(requests),
                                  seed=seed, prefer=PRODUCT_RULE)

@@ -30,7 +30,6 @@ from seed + rank. The logged train loss is the mean over ranks.
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 import math
@@ -52,6 +51,7 @@ from cascade.data.batches import EncodedTable, batch_indices, iter_batches
 from cascade.distill.losses import click_bce, mix
 from cascade.eval.metrics import auc, gauc, logloss
 from cascade.machine import AUTOCAST, largest_gemm, resolve_autocast
+from cascade.threads import torch_threads
 
 log = logging.getLogger(__name__)
 
@@ -207,17 +207,6 @@ def _mark_sparse(model: nn.Module) -> None:
             m.weight._cascade_sparse = True  # read by make_optimizer
 
 
-@contextlib.contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
 def to_tensors(batch: Mapping[str, np.ndarray], device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
     """numpy batch -> tensors: cat int64, num / label float32, other arrays with their own dtype."""
     out = {}
@@ -311,7 +300,7 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
         step_model = torch.compile(step_model)
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
 
-    with _threads(cfg.num_threads):  # probed on the threads it trains on
+    with torch_threads(cfg.num_threads):  # probed on the threads it trains on
         amp = resolve_autocast(cfg.autocast, device.type, largest_gemm(model, cfg.batch_size), what=label)
     result = FitResult(best_valid_auc=-math.inf, best_step=0, autocast=amp.to_dict())
     best_state: dict[str, torch.Tensor] | None = None
@@ -349,7 +338,7 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
         validate_s += time.perf_counter() - t_validate
 
     t_loop = time.perf_counter()
-    with _threads(cfg.num_threads), torch.random.fork_rng(devices=[]):
+    with torch_threads(cfg.num_threads), torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.seed + env.rank)  # dropout; the global RNG is restored on exit
         bar = tqdm(total=cfg.epochs * steps_per_epoch, disable=not cfg.progress or not env.is_main, desc=label,
                    unit="step", leave=False)

@@ -34,15 +34,30 @@ class _History:
         self.cum_click = np.concatenate([[0], np.cumsum(click[order], dtype=np.int64)])
         self.stride = stride
 
-    def counts(self, dense: np.ndarray, found: np.ndarray, rank_lo: np.ndarray,
-               rank_hi: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """(clicks, exposures) int64 [N] of events with key ``dense`` and time rank in [rank_lo, rank_hi)."""
-        base = np.where(found, dense, 0) * self.stride
-        lo = np.searchsorted(self.comb, base + rank_lo)
-        hi = np.searchsorted(self.comb, base + rank_hi)
-        expo = np.where(found, hi - lo, 0)
-        clicks = np.where(found, self.cum_click[hi] - self.cum_click[lo], 0)
-        return clicks, expo
+    def counts(self, dense: np.ndarray, found: np.ndarray, rank_hi: np.ndarray,
+               *rank_los: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """[(clicks, exposures) int64 [N] of events with key ``dense`` and time rank in [rank_lo, rank_hi)] for each
+        rank_lo [N] of ``rank_los`` (one search for the shared upper bound). Rows not ``found`` get 0 and are not
+        searched: most (user, item) and (user, author) keys of a candidate list have no event."""
+        sel = None if found.all() else np.flatnonzero(found)
+
+        def rows(x: np.ndarray) -> np.ndarray:
+            return x if sel is None else x[sel]
+
+        def full(x: np.ndarray) -> np.ndarray:
+            if sel is None:
+                return x
+            out = np.zeros(len(found), np.int64)
+            out[sel] = x
+            return out
+
+        base = rows(dense) * self.stride
+        hi = np.searchsorted(self.comb, base + rows(rank_hi))
+        out = []
+        for rank_lo in rank_los:
+            lo = np.searchsorted(self.comb, base + rows(rank_lo))
+            out.append((full(self.cum_click[hi] - self.cum_click[lo]), full(hi - lo)))
+        return out
 
     def lookup(self, keys: np.ndarray, valid: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(dense key [N], found bool [N]) of raw keys; a key without events is not found."""
@@ -201,15 +216,14 @@ class CrossFeatureStore:
         o_i = np.argsort(item_row * stride + hi_p)
         d, f = self.item_.lookup(item_row[o_i], np.ones(n, bool))
         req_i = request[o_i]
-        it_c, it_e = self.item_.counts(d, f, rank_lo[req_i], hi_p[o_i])
-        ir_c, ir_e = self.item_.counts(d, f, rank_recent[req_i], hi_p[o_i])
+        (it_c, it_e), (ir_c, ir_e) = self.item_.counts(d, f, hi_p[o_i], rank_lo[req_i], rank_recent[req_i])
 
         # requests in (user, time) order; the pairs follow their request (a stable sort keeps each list together)
         upos, uknown = self._user_index.find(user_ids)
         o_r = np.argsort(upos * stride + rank_hi)
         # users_ are exactly the keys of the user history, so a user's position is its dense key
         us_c, us_e = np.empty(r, np.int64), np.empty(r, np.int64)
-        us_c[o_r], us_e[o_r] = self.user_.counts(upos[o_r], uknown[o_r], rank_lo[o_r], rank_hi[o_r])
+        [(us_c[o_r], us_e[o_r])] = self.user_.counts(upos[o_r], uknown[o_r], rank_hi[o_r], rank_lo[o_r])
         place = np.empty(r, np.int64)
         place[o_r] = np.arange(r)
         o_u = np.argsort(place[request], kind="stable")
@@ -218,11 +232,11 @@ class CrossFeatureStore:
         lo, hi = rank_lo[req_u], rank_hi[req_u]
         tag, author = self.item_tag_[item_row[o_u]], self.item_author_[item_row[o_u]]
         d, f = self.user_tag_.lookup(up * max(self.n_tags_, 1) + tag, known & (tag >= 0))
-        ut_c, ut_e = self.user_tag_.counts(d, f, lo, hi)
+        [(ut_c, ut_e)] = self.user_tag_.counts(d, f, hi, lo)
         d, f = self.user_author_.lookup(up * max(self.n_authors_, 1) + author, known & (author >= 0))
-        ua_c, ua_e = self.user_author_.counts(d, f, lo, hi)
+        [(ua_c, ua_e)] = self.user_author_.counts(d, f, hi, lo)
         d, f = self.user_item_.lookup(up * max(len(self.item_ids_), 1) + item_row[o_u], known)
-        ui_c, ui_e = self.user_item_.counts(d, f, lo, hi)
+        [(ui_c, ui_e)] = self.user_item_.counts(d, f, hi, lo)
 
         def back(x: np.ndarray, order: np.ndarray) -> np.ndarray:
             out = np.empty(n, np.float64)
