@@ -100,27 +100,34 @@ def test_pair_features_of_lists_equal_the_per_pair_rows(tiny_data):
     np.testing.assert_array_equal(n1, num.reshape(*cand.shape, -1)[3])
 
 
-def test_scores_and_rank_log_equal_the_per_pair_path(tiny_data, tmp_path):
-    data = tiny_data
-    frame, cand = _lists(data, n_req=20, n_cand=30, seed=1)
+def _scored_lists(data, n_req: int, seed: int, model_seed: int):
+    """A tiny DCN-V2 ranker and n_req train requests' candidate lists in the rank log's inputs: (frame with
+    user_row, candidate ids [n_req, 30], item rows (-1 pad), requests, model, scorer(request_rows, item rows))."""
+    frame, cand = _lists(data, n_req=n_req, n_cand=30, seed=seed)
     cand[cand == 10**12] = data.item_ids[0]
     requests = to_requests(frame, data.context_names)
     model = Ranker(data.spec, RankerConfig(backbone="dcnv2", emb_dim=4, mlp=(16,), cross_layers=2, cross_rank=8),
-                   seed=3).eval()
+                   seed=model_seed).eval()
+    frame["user_row"] = np.arange(len(frame))
+    rows = np.searchsorted(data.item_ids, np.where(cand >= 0, cand, data.item_ids[0]))
+    rows[cand < 0] = -1
+    score = ranker_scorer(model, data)
+
+    def scorer(request_rows, c):
+        return score(requests.take(request_rows), data.item_ids[c])
+
+    return frame, cand, rows, requests, model, scorer
+
+
+def test_scores_and_rank_log_equal_the_per_pair_path(tiny_data, tmp_path):
+    data = tiny_data
+    frame, cand, rows, requests, model, fast = _scored_lists(data, n_req=20, seed=1, model_seed=3)
+    item_ids = data.item_ids
     ref_cat, ref_num = _reference_rows(data, requests, cand)
     with torch.inference_mode():
         want = model(torch.from_numpy(ref_cat), torch.from_numpy(ref_num)).numpy().reshape(cand.shape)
     got = ranker_scorer(model, data)(requests, cand)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
-
-    frame["user_row"] = np.arange(len(frame))
-    item_ids = data.item_ids
-    rows = np.searchsorted(item_ids, np.where(cand >= 0, cand, item_ids[0]))
-    rows[cand < 0] = -1
-    score = ranker_scorer(model, data)
-
-    def fast(request_rows, c):
-        return score(requests.take(request_rows), item_ids[c])
 
     def reference(request_rows, c):
         rc, rn = _reference_rows(data, requests.take(request_rows), item_ids[c])
@@ -138,20 +145,8 @@ def test_batches_scored_side_by_side_equal_one_at_a_time(tiny_data, tmp_path):
     """The rank log and the teacher's corpus lists with workers = 2 (two blocks at once, torch at one thread each)
     give what one block at a time gives: the real scorer is safe to call from two threads."""
     data = tiny_data
-    frame, cand = _lists(data, n_req=24, n_cand=30, seed=2)
-    cand[cand == 10**12] = data.item_ids[0]
-    requests = to_requests(frame, data.context_names)
-    model = Ranker(data.spec, RankerConfig(backbone="dcnv2", emb_dim=4, mlp=(16,), cross_layers=2, cross_rank=8),
-                   seed=5).eval()
-    frame["user_row"] = np.arange(len(frame))
+    frame, _, rows, requests, model, scorer = _scored_lists(data, n_req=24, seed=2, model_seed=5)
     item_ids = data.item_ids
-    rows = np.searchsorted(item_ids, np.where(cand >= 0, cand, item_ids[0]))
-    rows[cand < 0] = -1
-    score = ranker_scorer(model, data)
-
-    def scorer(request_rows, c):
-        return score(requests.take(request_rows), item_ids[c])
-
     for workers in (1, 2):
         build_rank_log(frame, rows, scorer, tmp_path / f"w{workers}", requests_per_batch=4, progress=False,
                        item_ids=item_ids, workers=workers)
