@@ -162,3 +162,7 @@ def test_batches_scored_side_by_side_equal_one_at_a_time(tiny_data, tmp_path):
     # and it is the top 7 of scoring the corpus in one pass
     whole = ranker_scorer(model, data)(requests, np.broadcast_to(item_ids, (len(frame), len(item_ids))).copy())
     np.testing.assert_allclose(np.sort(whole, 1)[:, ::-1][:, :7], s2, rtol=1e-5, atol=1e-6)
+    # a model in training mode is put in eval mode once, when its scorer is made (no thread switches it later)
+    model.train()
+    ranker_scorer(model, data)
+    assert not model.training

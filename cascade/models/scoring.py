@@ -69,8 +69,10 @@ def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto"):
     """score(requests, candidates [B, N]) -> ranking scores [B, N] (:func:`ranking_model`) with the pair features
     built on the fly by ``data.pair_features(requests, candidates)`` (a :class:`cascade.run_data.RunData`).
 
-    autocast: bfloat16 scoring, see :func:`scoring_autocast`; what it resolved to is ``score.autocast``."""
+    autocast: bfloat16 scoring, see :func:`scoring_autocast`; what it resolved to is ``score.autocast``. The model is
+    put in eval mode here, once: threads that score side by side (:mod:`cascade.threads`) then never switch it."""
     ranking = ranking_model(model)
+    ranking.eval()
     choice = scoring_autocast(ranking, autocast)
 
     def score(requests: Requests, candidates: np.ndarray) -> np.ndarray:
