@@ -186,6 +186,13 @@ def test_sparse_topk_hand_worked():
     # row 0: 2.0 at columns 1 and 3 tie: the lower column first; row 1 has nothing; row 2 one item
     np.testing.assert_array_equal(ids, [[11, 13], [PAD, PAD], [10, PAD]])
     np.testing.assert_array_equal(scores, [[2.0, 2.0], [-np.inf, -np.inf], [3.0, -np.inf]])
+    # the same scores given out of column order and with duplicates (1.5 + 0.5 at column 3): the same lists
+    unsorted = sp.csr_matrix((np.array([1.0, 1.5, 2.0, 0.5, 3.0]), np.array([4, 3, 1, 3, 0]), np.array([0, 4, 4, 5])),
+                             shape=(3, 5))
+    assert not unsorted.has_sorted_indices
+    ids2, scores2 = sparse_topk(unsorted, np.array([10, 11, 12, 13, 14]), 2)
+    np.testing.assert_array_equal(ids2, ids)
+    np.testing.assert_array_equal(scores2, scores)
 
 
 # ------------------------------------------------------------------------------------------------ fast paths

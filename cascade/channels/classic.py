@@ -58,10 +58,10 @@ def sparse_topk(scores: sp.csr_matrix, ids: np.ndarray, n: int) -> tuple[np.ndar
     """Top-n (ids, scores) per row of a sparse score matrix [B, I] (only stored entries are candidates; ties to
     the lower column): cost follows the stored entries, not B x I."""
     scores = scores.tocsr()
-    scores.sum_duplicates()
+    scores.sum_duplicates()  # canonical format: each row's columns ascending, so a stable sort keeps ties in that order
     b = scores.shape[0]
     rows = np.repeat(np.arange(b), np.diff(scores.indptr))
-    order = np.lexsort((scores.indices, -scores.data, rows))  # by row, score descending, column ascending
+    order = np.lexsort((-scores.data, rows))  # by row, score descending, column ascending
     rank = np.arange(len(order)) - scores.indptr[rows[order]]
     keep = order[rank < n]
     out_i = np.full((b, n), PAD, np.int64)
