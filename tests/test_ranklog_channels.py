@@ -15,11 +15,11 @@ from cascade.arrays import PAD
 from cascade.channels import ItemCFChannel, PopularChannel, RecentChannel
 from cascade.config import ConfigError
 from cascade.data.history import EventHistory
-from cascade.data.requests import request_start_ms, requests_frame
+from cascade.data.requests import request_start_ms, requests_frame, to_requests
 from cascade.distill.ranklog import RankLog
 from cascade.pipeline import load_config, run_pipeline
 from cascade.pipeline.config import RankLogSection
-from cascade.pipeline.ranklog import candidate_lists_with_sources, rank_log_inputs, source_names
+from cascade.pipeline.ranklog import candidate_lists_with_sources, channel_lists, rank_log_inputs, source_names
 
 TINY = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
 
@@ -114,6 +114,13 @@ def test_real_channels_fill_about_their_share_deterministically(tiny_data):
     np.testing.assert_array_equal(again[3], src)
     other = rank_log_inputs(tiny_data, cfg, seed=4, channels=chans)
     assert not np.array_equal(other[1], cands)
+    # the channels' lists in chunks of 32 requests, two chunks side by side: the lists of one call over all
+    requests = to_requests(frame, tiny_data.context_names)
+    whole = channel_lists(chans, requests, 25, chunk=len(frame))
+    side_by_side = channel_lists(chans, requests, 25, chunk=32, workers=2)
+    assert (whole[0] != PAD).sum() > 1000
+    for a, b in zip(whole, side_by_side):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_a_later_event_leaves_earlier_lists_unchanged(tiny_data):

@@ -21,6 +21,7 @@ from ..distill.ranklog import sample_candidates
 from ..distill.shard_runner import build_rank_log_distributed
 from ..models.scoring import ranker_scorer
 from ..run_data import RunData, load_ranker
+from ..threads import ordered_map, torch_threads
 from .config import RankLogSection
 from .runner import StepContext, StepResult
 
@@ -33,22 +34,30 @@ def popularity(data, item_ids: np.ndarray) -> np.ndarray:
 
 #: The rank log's candidate sources (its ``source`` column indexes ``[IMPRESSED, *channel names, SAMPLE]``).
 IMPRESSED, SAMPLE = "impressed", "sample"
-#: Requests per channel select call: large batches (no per-request Python), memory bounded.
-CHANNEL_CHUNK = 4096
+#: Requests per channel select call: batches (no per-request Python), memory bounded; the default world's 10,000
+#: rank-log requests took 4.9 s in chunks of 4,096, 3.9 s in chunks of 1,024 (their arrays stay in cache) and 2.1 s
+#: with two chunks side by side.
+CHANNEL_CHUNK = 1024
 
 
-def channel_lists(channels: dict[str, Channel], requests: Requests, n: int,
-                  chunk: int = CHANNEL_CHUNK) -> tuple[np.ndarray, np.ndarray]:
+def channel_lists(channels: dict[str, Channel], requests: Requests, n: int, chunk: int = CHANNEL_CHUNK,
+                  workers: int = 1) -> tuple[np.ndarray, np.ndarray]:
     """The channels' merged lists (equal quotas, de-duplicated; :class:`MergedRetriever`) for every request:
     (item ids int64 [R, n], PAD where short; origin int8 [R, n], the channel's index in ``channels``, -1 at PAD).
     Each channel reads only history strictly before a request's time. Selects run on chunks of ``chunk``
-    requests."""
+    requests, ``workers`` chunks side by side (:mod:`cascade.threads`; the lists do not depend on it)."""
     merged = MergedRetriever(channels, {name: 1.0 for name in channels})
     items = np.full((len(requests), n), PAD, np.int64)
     origin = np.full((len(requests), n), -1, np.int8)
-    for s in range(0, len(requests), chunk):
+
+    def lists_of(s: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         rows = np.arange(s, min(s + chunk, len(requests)))
-        items[rows], _, origin[rows] = merged.select_with_origin(requests.take(rows), n)
+        i, _, o = merged.select_with_origin(requests.take(rows), n)
+        return rows, i, o
+
+    with torch_threads(1 if workers > 1 else None):
+        for rows, i, o in ordered_map(lists_of, range(0, len(requests), chunk), workers):
+            items[rows], origin[rows] = i, o
     return items, origin
 
 
@@ -84,7 +93,7 @@ def candidate_lists_with_sources(data, frame: pd.DataFrame, impressions: pd.Data
         n_ask = int(min(n_real, (n_imp + want).max(initial=0)))  # enough after dropping the impressed ones
         if n_ask > 0:
             ids, origin = channel_lists({k: channels[k] for k in names}, to_requests(frame, data.context_names),
-                                        n_ask)
+                                        n_ask, workers=torch.get_num_threads())
             rows = np.where(ids == PAD, -1, inputs.item_rows(data.map_items(ids)))
             rows[rows >= n_real] = -1  # an id the data does not know maps to the OOV row: never a candidate
             x = np.concatenate([prefix, rows], axis=1)
