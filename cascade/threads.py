@@ -4,7 +4,7 @@ Scoring many small batches (the rank log's candidate lists) uses the CPU better 
 on one thread, than as one batch at a time with torch's intra-op threads: the pair features are numpy on one core
 whatever torch's setting, and the teacher's GEMMs ([4,096 x 472] by [472 x 32] and the like) gain little from a
 second thread (1.6x on two). numpy and torch release the GIL in their kernels, so Python threads run them in
-parallel (BENCHMARKS.md, "The ranklog step").
+parallel (BENCHMARKS.md, "Batches side by side").
 """
 
 from __future__ import annotations
@@ -38,9 +38,11 @@ def torch_threads(n: int | None) -> Iterator[None]:
 def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int = 1) -> Iterator[R]:
     """``fn(item)`` for each item, in the items' order, on ``workers`` threads (1: in the calling thread).
 
-    At most 2 x workers calls are submitted ahead of the result being read, so a slow reader holds a bounded number
-    of results. An exception raised by ``fn`` is raised here, at that item's turn; later calls are cancelled. ``fn``
-    must be safe to call from several threads at once where workers > 1.
+    workers > 1: torch runs at one intra-op thread (:func:`torch_threads`) until the map is read to its end or
+    closed, so that the workers' calls do not oversubscribe the cores. At most 2 x workers calls are submitted ahead
+    of the result being read, so a slow reader holds a bounded number of results. An exception raised by ``fn`` is
+    raised here, at that item's turn; later calls are cancelled. ``fn`` must be safe to call from several threads at
+    once where workers > 1.
     """
     if workers < 1:
         raise ValueError(f"ordered_map: workers must be >= 1, got {workers}")
@@ -48,7 +50,7 @@ def ordered_map(fn: Callable[[T], R], items: Iterable[T], workers: int = 1) -> I
         yield from map(fn, items)
         return
     it = iter(items)
-    with ThreadPoolExecutor(workers) as pool:
+    with torch_threads(1), ThreadPoolExecutor(workers) as pool:
         pending: deque[Future[R]] = deque()
         try:
             for item in it:

@@ -39,7 +39,7 @@ from cascade import artifacts
 from cascade.arrays import first_occurrences
 from cascade.data.sampling import CdfSampler
 from cascade.data.schema import DataValidationError, check_columns
-from cascade.threads import ordered_map, torch_threads
+from cascade.threads import ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -264,25 +264,24 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
         return s, cand, valid, logits, _ranks(logits, valid), took
 
     starts = range(lo_r, hi_r, requests_per_batch)
-    with torch_threads(1 if workers > 1 else None):
-        batches = ordered_map(score_batch, starts, workers)
-        for s, cand, valid, logits, ranks, took in tqdm(batches, total=len(starts), disable=not progress,
-                                                        desc="rank log", unit="batch"):
-            score_s += took
-            rows = np.arange(s, s + len(cand), dtype=np.int64)
-            rr = np.broadcast_to(rows[:, None], cand.shape)[valid]
-            item_row = cand[valid]
-            buf.append({
-                "request_id": rid[rr], "user_id": uid[rr], "time_ms": tms[rr],
-                "item_id": item_ids[item_row] if item_ids is not None else item_row,
-                "teacher_logit": logits[valid], "rank": ranks[valid].astype(np.int16 if L < 2**15 else np.int32),
-                "request_row": rr, "user_row": urow[rr].astype(np.int32), "item_row": item_row.astype(np.int32),
-                "slot": np.broadcast_to(slot_row, cand.shape)[valid],
-                **({SOURCE: sources[s:s + len(cand)][valid]} if sources is not None else {}),
-            })
-            buffered += len(rr)
-            if buffered >= shard_rows:
-                flush()
+    batches = ordered_map(score_batch, starts, workers)
+    for s, cand, valid, logits, ranks, took in tqdm(batches, total=len(starts), disable=not progress,
+                                                    desc="rank log", unit="batch"):
+        score_s += took
+        rows = np.arange(s, s + len(cand), dtype=np.int64)
+        rr = np.broadcast_to(rows[:, None], cand.shape)[valid]
+        item_row = cand[valid]
+        buf.append({
+            "request_id": rid[rr], "user_id": uid[rr], "time_ms": tms[rr],
+            "item_id": item_ids[item_row] if item_ids is not None else item_row,
+            "teacher_logit": logits[valid], "rank": ranks[valid].astype(np.int16 if L < 2**15 else np.int32),
+            "request_row": rr, "user_row": urow[rr].astype(np.int32), "item_row": item_row.astype(np.int32),
+            "slot": np.broadcast_to(slot_row, cand.shape)[valid],
+            **({SOURCE: sources[s:s + len(cand)][valid]} if sources is not None else {}),
+        })
+        buffered += len(rr)
+        if buffered >= shard_rows:
+            flush()
     flush()
 
     wall = time.perf_counter() - t0

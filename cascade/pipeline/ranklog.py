@@ -21,7 +21,7 @@ from ..distill.ranklog import sample_candidates
 from ..distill.shard_runner import build_rank_log_distributed
 from ..models.scoring import ranker_scorer
 from ..run_data import RunData, load_ranker
-from ..threads import ordered_map, torch_threads
+from ..threads import ordered_map
 from .config import RankLogSection
 from .runner import StepContext, StepResult
 
@@ -55,9 +55,8 @@ def channel_lists(channels: dict[str, Channel], requests: Requests, n: int, chun
         i, _, o = merged.select_with_origin(requests.take(rows), n)
         return rows, i, o
 
-    with torch_threads(1 if workers > 1 else None):
-        for rows, i, o in ordered_map(lists_of, range(0, len(requests), chunk), workers):
-            items[rows], origin[rows] = i, o
+    for rows, i, o in ordered_map(lists_of, range(0, len(requests), chunk), workers):
+        items[rows], origin[rows] = i, o
     return items, origin
 
 
@@ -179,8 +178,8 @@ def run(ctx: StepContext) -> StepResult:
     workers = torch.get_num_threads()
     t0 = time.perf_counter()
     # one process: a plain log; under torchrun: one shard per rank, merged by rank 0 into one log. The run's
-    # threads score whole batches side by side (cascade.threads: 1.6-1.8x the pairs/s of one batch at a time on
-    # the run's intra-op threads, BENCHMARKS.md)
+    # threads score whole batches side by side (cascade.threads: 1.40x the pairs/s of one batch at a time on the
+    # run's intra-op threads on the default world, BENCHMARKS.md)
     build_rank_log_distributed(frame, cands, scorer, ctx.out / "log", requests_per_batch=c.requests_per_batch,
                                progress=ctx.progress, item_ids=item_ids, seed=ctx.seed,
                                sources=source, source_names=names, workers=workers)

@@ -36,7 +36,7 @@ from ..data.requests import Requests
 from ..eval.metrics import click_ndcg, click_recall, hit_rate, latency_summary, list_diversity, ndcg_at_k, recall_at_k
 from ..models.scoring import ranker_scorer
 from ..run_data import RunData
-from ..threads import ordered_map, torch_threads
+from ..threads import ordered_map
 from .cascade import Cascade
 
 STAGES = ("retrieval", "prerank", "rank")
@@ -245,9 +245,8 @@ def teacher_top_over_corpus(model: torch.nn.Module, data: RunData, requests: Req
     out_i = np.full((b, k), PAD, np.int64)
     out_s = np.full((b, k), -np.inf, np.float32)
     starts = range(0, b, req_chunk)
-    with torch_threads(1 if workers > 1 else None):
-        tops = ordered_map(top_of, starts, workers)
-        for r0, (best_i, best_s) in zip(starts, tqdm(tops, total=len(starts), desc="teacher over corpus",
-                                                     disable=not progress, leave=False)):
-            out_i[r0:r0 + len(best_i)], out_s[r0:r0 + len(best_i)] = best_i, best_s
+    tops = ordered_map(top_of, starts, workers)
+    for r0, (best_i, best_s) in zip(starts, tqdm(tops, total=len(starts), desc="teacher over corpus",
+                                                 disable=not progress, leave=False)):
+        out_i[r0:r0 + len(best_i)], out_s[r0:r0 + len(best_i)] = best_i, best_s
     return out_i, out_s

@@ -33,7 +33,7 @@ from ..eval.selection import one_se_choice, one_se_columns, rows_of_units, unit_
 from ..models.entire_space import EntireSpaceRanker
 from ..models.scoring import score_pairs
 from ..run_data import RunData
-from ..threads import ordered_map, torch_threads
+from ..threads import ordered_map
 
 log = logging.getLogger(__name__)
 
@@ -173,10 +173,9 @@ def choose_exposure_weight(model: EntireSpaceRanker, data: RunData, requests: Re
                 got[b] = topk_rows(np.concatenate([sc, lc + b * le], 1), np.concatenate([i, chunk], 1), k)
         return {b: got[b][0] for b in grid}
 
-    with torch_threads(1 if workers > 1 else None):
-        for tops in ordered_map(tops_of, range(0, len(requests), req_chunk), workers):
-            for b in grid:
-                parts[b].append(tops[b])
+    for tops in ordered_map(tops_of, range(0, len(requests), req_chunk), workers):
+        for b in grid:
+            parts[b].append(tops[b])
     recall = {b: click_recall(clicked, np.concatenate(parts[b])) for b in grid}
     choice, rows = one_se_choice(grid, lambda b, units: float(np.nanmean(recall[b][units])), len(requests),
                                  seed=seed, prefer=PRODUCT_RULE)
