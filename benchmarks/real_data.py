@@ -14,6 +14,12 @@ distillation. Rows: those lists; columns: end-to-end click-recall@K / click-NDCG
 clicks, what the retrieval and pre-rank stages keep, teacher-recall@K (agreement, a diagnostic), distinct items in
 the final lists, and on the world the oracle ratio. Also the rank student's test AUC without and with distillation,
 and the scales chosen on validation. Mean +- std over seeds to benchmarks/results/real_data.{json,md}.
+
+``--origins K`` backtests K consecutive test periods per seed (rolling origin): the run as configured, then the same
+with ``data.drop_last_days`` = test_days, 2 x test_days, ... (each a full run on the log as it stood that many days
+earlier, its own train / valid / test split). A seed's rows are then the request-weighted means over the K test
+periods and its paired gaps are pooled over their requests (disjoint sets), so a short test period (ML-100K's last 14
+days hold 116 requests with clicks) is judged on K times as many; each period's own numbers are listed too.
 """
 from __future__ import annotations
 
@@ -85,11 +91,67 @@ def measure(run_dir: Path) -> dict:
     """One finished run's rows, paired gaps, rank-student AUCs, chosen scales and teacher test AUC."""
     summary = A.read_json(run_dir / "replay" / "summary.json")
     teacher = A.read_manifest(run_dir / "teacher")["metrics"]
+    quality = summary["variants"]["distilled"]["quality"]
     rows = {name: {c: q[c] for c in COLUMNS if c in q} for name, q in quality_rows(summary).items()}
     return {"rows": rows, "rank_student_auc": _rank_students(run_dir), "chosen_scales": _choices(run_dir),
             "baseline_settings": _settings(summary), "paired": _paired(summary),
-            "teacher_test_auc": teacher["models"][0]["auc"], "n_requests": summary["variants"]["distilled"]["quality"][
-                "n_requests"], "k": summary["variants"]["distilled"]["sizes"]["rank"]}
+            "teacher_test_auc": teacher["models"][0]["auc"], "n_requests": quality["n_requests"],
+            "n_requests_with_clicks": quality["n_requests_with_clicks"], "test_period": _test_period(run_dir),
+            "k": summary["variants"]["distilled"]["sizes"]["rank"]}
+
+
+def _test_period(run_dir: Path) -> dict:
+    """The run's test period: its first and last request times, test_days and drop_last_days."""
+    data = A.read_json(run_dir / "data" / "summary.json")
+    days = data["summary"]["split_days"]
+    return {"start": data["splits"]["test"]["start"], "end": data["splits"]["test"]["end"],
+            "test_days": days["test_days"], "drop_last_days": days.get("drop_last_days", 0)}
+
+
+CLICK_COLUMNS = ("rank_click_recall", "rank_click_ndcg", "rank_hit_rate", "retrieval_click_recall",
+                 "prerank_click_recall")
+
+
+def pool(periods: list[dict]) -> dict:
+    """One seed's measures over disjoint test periods (each :func:`measure`'s dict) as one: every column the mean
+    over the periods weighted by their requests (with clicks, for the held-out clicks' columns), paired gaps the mean
+    of the per-request gaps of all periods (SE: sqrt(sum (n se)^2) / sum n), AUCs weighted by requests; scales and
+    baseline settings those of the first period (the log as given); "periods" keeps each period's measures. A row
+    some period lacks is the mean over the periods that have it; a gap some period lacks is left out."""
+    if len(periods) == 1:
+        return periods[0]
+    n = np.array([p["n_requests"] for p in periods], float)
+    nc = np.array([p["n_requests_with_clicks"] for p in periods], float)
+
+    def mean(values: list, w: np.ndarray):
+        ok = [i for i, v in enumerate(values) if v is not None]
+        return float(np.average([values[i] for i in ok], weights=w[ok])) if ok else None
+
+    names = dict.fromkeys(name for p in periods for name in p["rows"])
+    rows = {}
+    for name in names:
+        cols = dict.fromkeys(c for p in periods for c in p["rows"].get(name, {}))
+        rows[name] = {c: mean([p["rows"].get(name, {}).get(c) for p in periods], nc if c in CLICK_COLUMNS else n)
+                      for c in cols}
+    paired = {}
+    for other in dict.fromkeys(o for p in periods for o in p["paired"]):
+        paired[other] = {}
+        for metric in dict.fromkeys(m for p in periods for m in p["paired"].get(other, {})):
+            gaps = [p["paired"].get(other, {}).get(metric) for p in periods]
+            if any(g is None for g in gaps):
+                continue  # a list one period lacks: no pooled gap
+            w = np.array([g["n"] for g in gaps], float)
+            paired[other][metric] = {"diff": float(np.dot(w, [g["diff"] for g in gaps]) / w.sum()),
+                                     "se": float(np.sqrt(np.sum((w * [g["se"] for g in gaps]) ** 2)) / w.sum()),
+                                     "n": int(w.sum())}
+    first = periods[0]
+    return {"rows": rows, "paired": paired,
+            "rank_student_auc": {k: mean([p["rank_student_auc"].get(k) for p in periods], n)
+                                 for k in first["rank_student_auc"]},
+            "teacher_test_auc": mean([p["teacher_test_auc"] for p in periods], n),
+            "chosen_scales": first["chosen_scales"], "baseline_settings": first["baseline_settings"],
+            "n_requests": int(n.sum()), "n_requests_with_clicks": int(nc.sum()), "k": first["k"],
+            "wall_s": float(sum(p["wall_s"] for p in periods)), "periods": periods}
 
 
 def _config(dataset: str) -> tuple[str, str | None, str]:
@@ -120,14 +182,16 @@ REMEASURED = ("replay", "report")  # what --remeasure redoes; every other finish
 
 
 def run_one(dataset: str, seed: int, runs_dir: str, extra: list[str], config: str | None = None,
-            confidence_too: bool = True, remeasure: bool = False) -> dict:
+            confidence_too: bool = True, remeasure: bool = False, drop_days: int = 0) -> dict:
     """Both confidence settings of one (dataset, seed): the run as configured, then --update with it switched.
     config: a pipeline file instead of the dataset's own (e.g. pipelines/tiny.toml for a smoke run). remeasure:
-    keep the run's finished models (written by earlier code) and redo only the replay and the report."""
+    keep the run's finished models (written by earlier code) and redo only the replay and the report. drop_days:
+    the log's last days left out (data.drop_last_days; its own run name)."""
     default_config, spec, name = _config(dataset)
     config = config or default_config
-    base = [f"run.seed={seed}", f"run.name='bench-{name}-seed{seed}'", f"run.runs_dir='{runs_dir}'",
-            "students.keep_fixed=true", *extra]
+    run_name = f"bench-{name}-seed{seed}" + (f"-drop{drop_days}d" if drop_days else "")
+    base = [f"run.seed={seed}", f"run.name='{run_name}'", f"run.runs_dir='{runs_dir}'",
+            "students.keep_fixed=true", *([f"data.drop_last_days={drop_days}"] if drop_days else []), *extra]
     out = {}
     for confidence in (False, True) if confidence_too else (False,):
         sets, data_spec = _data_args(config, spec)
@@ -138,8 +202,21 @@ def run_one(dataset: str, seed: int, runs_dir: str, extra: list[str], config: st
         run_pipeline(cfg, progress=False, update=True, frozen=frozen)
         out["confidence" if confidence else "plain"] = {**measure(Path(runs_dir) / cfg.run.name),
                                                         "wall_s": time.perf_counter() - t0}
-        print(f"{name} seed {seed} confidence={confidence}: {time.perf_counter() - t0:.0f} s", flush=True)
+        print(f"{run_name} confidence={confidence}: {time.perf_counter() - t0:.0f} s", flush=True)
     return out
+
+
+def run_origins(dataset: str, seed: int, origins: int, args: argparse.Namespace) -> dict:
+    """:func:`run_one` at ``origins`` consecutive test periods (the first as configured, each next one ending
+    test_days earlier, test_days as the first run resolved them), pooled per confidence setting (:func:`pool`)."""
+    def one(drop: int) -> dict:
+        return run_one(dataset, seed, args.runs_dir, args.overrides, args.config, not args.no_confidence,
+                       args.remeasure, drop)
+
+    runs = [one(0)]
+    step = runs[0]["plain"]["test_period"]["test_days"]
+    runs += [one(j * step) for j in range(1, origins)]
+    return {setting: pool([r[setting] for r in runs]) for setting in runs[0]}
 
 
 def _row_key(name: str) -> str:
@@ -178,6 +255,7 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
                                   for r in (p[setting] for p in per_seed.values())],
             "paired": [r.get("paired", {}) for r in runs],
             "n_requests": [r["n_requests"] for r in runs], "k": runs[0]["k"],
+            "periods": [r.get("periods") for r in runs],
             "wall_s": mean_std([r["wall_s"] for r in runs])}
     return out
 
@@ -218,6 +296,30 @@ def paired_lines(paired: list[dict], seeds: list[int], rows: dict) -> list[str]:
     return ["", "paired on the same test requests (mean ± SE over requests; * beyond 2 SE):", *out] if out else []
 
 
+PERIOD_ROWS = ("distilled", "ground_truth", "baseline: popular", "reference: teacher_corpus")
+
+
+def period_lines(periods: list, seeds: list[int]) -> list[str]:
+    """With --origins: each seed's test periods, their click-recall@K of the distilled and ground-truth cascades,
+    most-popular and the teacher's corpus list, and the distilled cascade minus most-popular (mean ± SE over the
+    period's requests)."""
+    if not any(periods):
+        return []
+    out = ["", "each test period (seed, the log's last days left out, test requests with clicks; click-recall@K):", "",
+           "| seed | days left out | test period | requests | " + " | ".join(PERIOD_ROWS) +
+           " | distilled minus popular |", "| ---: | ---: | --- | ---: |" + " ---: |" * (len(PERIOD_ROWS) + 1)]
+    for seed, runs in zip(seeds, periods):
+        for r in runs or []:
+            t = r["test_period"]
+            rows = {_row_key(n): v for n, v in r["rows"].items()}
+            gap = r["paired"].get("baseline: popular", {}).get("rank_click_recall")
+            cells = [f"{rows[n]['rank_click_recall']:.4f}" if n in rows else "–" for n in PERIOD_ROWS]
+            out.append(f"| {seed} | {t['drop_last_days']} | {t['start'][:10]} .. {t['end'][:10]} | "
+                       f"{r['n_requests_with_clicks']} | " + " | ".join(cells) + " | " +
+                       (f"{gap['diff']:+.4f} ± {gap['se']:.4f}" if gap else "–") + " |")
+    return out
+
+
 def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
     lines = []
     for setting, title in (("plain", "students.confidence = false"), ("confidence", "students.confidence = true")):
@@ -231,11 +333,15 @@ def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
                 "prerank_click_recall": "click-recall@N2 (pre-rank)", "rank_teacher_recall": f"teacher-recall@{k}",
                 "final_distinct": "distinct items", "oracle_ratio": "oracle ratio",
                 "rank_click_recall_rand": f"random slice click-recall@{k}"}
+        pooled = any(a.get("periods", []))
         lines += [f"### {dataset}, {title}", "",
+                  (f"{len(a['periods'][0])} test periods per seed, pooled (rows: request-weighted means; paired "
+                   "gaps: over all their requests); " if pooled else "") +
                   f"requests replayed per seed: {a['n_requests']}; teacher test AUC "
                   f"{cell(a['teacher_test_auc'], '.4f')};"
                   f" rank student test AUC: plain {cell(a['rank_student_auc']['plain'], '.4f')}, distilled (served) "
-                  f"{cell(a['rank_student_auc']['served'], '.4f')}; wall per run {cell(a['wall_s'], '.0f')} s", "",
+                  f"{cell(a['rank_student_auc']['served'], '.4f')}; wall per "
+                  f"{'seed (all its periods)' if pooled else 'run'} {cell(a['wall_s'], '.0f')} s", "",
                   "| list | " + " | ".join(head[c] for c in cols) + " |", "| --- |" + " ---: |" * len(cols)]
         for name, r in a["rows"].items():
             cells = [cell(r[c], ",.0f" if c == "final_distinct" else ".4f") if c in r else "–" for c in cols]
@@ -245,6 +351,7 @@ def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
             "", "baseline settings chosen on validation per seed: " +
             "; ".join(f"seed {s}: {', '.join(b)}" for s, b in zip(seeds, a["baseline_settings"]))]
         lines += paired_lines(a["paired"], seeds, a["rows"])
+        lines += period_lines(a.get("periods", []), seeds)
         lines += ["", "scales chosen on validation per seed (retrieval, pre-rank towers; rank student): " +
                   "; ".join(f"seed {s}: {c['retrieval']}, {c['prerank']}; {c['rank_student']}"
                             for s, c in zip(seeds, a["chosen_scales"])), ""]
@@ -269,7 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--remeasure", action="store_true",
                    help="runs already in --runs-dir keep their models; only the replay and the report are redone")
     p.add_argument("--render", metavar="JSON", help="only aggregate and write the tables again from a results JSON")
+    p.add_argument("--origins", type=int, default=1,
+                   help="consecutive test periods per seed, each test_days earlier (data.drop_last_days), pooled")
     args = p.parse_args(argv)
+    if args.origins < 1:
+        p.error(f"--origins must be >= 1, got {args.origins}")
     if args.render:
         out = A.read_json(args.render)
         for r in out["datasets"].values():
@@ -277,11 +388,11 @@ def main(argv: list[str] | None = None) -> int:
         return _write(out, args)
     results, t0 = {}, time.perf_counter()
     for dataset in args.dataset or []:
-        per_seed = {s: run_one(dataset, s, args.runs_dir, args.overrides, args.config, not args.no_confidence,
-                               args.remeasure) for s in args.seeds}
+        per_seed = {s: run_origins(dataset, s, args.origins, args) for s in args.seeds}
         results[_config(dataset)[2]] = {"per_seed": per_seed, "mean_std": aggregate(per_seed)}
     machine = f"{platform.machine()}, {os.cpu_count()} cores"
-    out = {"seeds": args.seeds, "overrides": args.overrides, "remeasured": args.remeasure, "datasets": results,
+    out = {"seeds": args.seeds, "overrides": args.overrides, "remeasured": args.remeasure, "origins": args.origins,
+           "datasets": results,
            "date": time.strftime("%Y-%m-%d"),
            "machine": machine, "wall_s": time.perf_counter() - t0}
     return _write(out, args)

@@ -12,7 +12,7 @@ from cascade.data.batches import EncodedTable
 from cascade.data.features import CrossFeatureStore, FeatureEncoder, PairEncoder, build_encoded
 from cascade.data.requests import request_start_ms
 from cascade.data.schema import Dataset, DataValidationError, Feature, Schema
-from cascade.data.split import DAY_MS, split_summary, time_split
+from cascade.data.split import DAY_MS, drop_last_days, split_summary, time_split
 
 T0 = 1_650_000_000_000 - (1_650_000_000_000 % DAY_MS)  # a UTC midnight
 
@@ -100,6 +100,28 @@ def test_time_split_empty_part_names_part_and_range():
     assert "UTC" in str(e.value) and "request starts span" in str(e.value)
     with pytest.raises(DataValidationError, match="'train' is empty"):
         time_split(ds, valid_days=0, test_days=1)
+
+
+def test_drop_last_days_leaves_out_the_last_days_and_who_only_they_had():
+    # requests start on days 0, 1, 2, 3 (r3 starts on day 2 and its 2nd row is on day 3: it stays with day 2);
+    # user 3 and item 12 appear only on day 3, user 4 and item 13 never (they stay: nothing dates them)
+    ts = [T0, T0 + DAY_MS, T0 + 3 * DAY_MS - 10, T0 + 3 * DAY_MS + 5, T0 + 3 * DAY_MS + 20]
+    imp = pd.DataFrame({"request_id": [1, 2, 3, 3, 4], "user_id": [1, 2, 1, 1, 3], "item_id": [10, 11, 10, 11, 12],
+                        "time_ms": ts, "position": [0, 0, 0, 1, 0], "click": [0, 1, 0, 1, 1], "is_rand": [0] * 5})
+    ds = Dataset(pd.DataFrame({"user_id": [1, 2, 3, 4]}), pd.DataFrame({"item_id": [10, 11, 12, 13]}), imp,
+                 Schema(()))
+    assert drop_last_days(ds, 0) is ds
+    cut = drop_last_days(ds, 1)
+    assert cut.impressions["request_id"].tolist() == [1, 2, 3, 3]
+    assert cut.users["user_id"].tolist() == [1, 2, 4] and cut.items["item_id"].tolist() == [10, 11, 13]
+    assert ds.impressions is imp and len(imp) == 5  # the dataset given is not changed
+    m = time_split(cut, valid_days=1, test_days=1)  # the test period now ends on day 2
+    assert m["test"].tolist() == [False, False, True, True] and m["train"].tolist() == [True, False, False, False]
+    assert drop_last_days(ds, 3).impressions["request_id"].tolist() == [1]
+    with pytest.raises(DataValidationError, match="drop_last_days = 4 leaves no request"):
+        drop_last_days(ds, 4)
+    with pytest.raises(ValueError, match="days must be >= 0"):
+        drop_last_days(ds, -1)
 
 
 # ---------------------------------------------------------------------------------------------------- encoder

@@ -87,7 +87,8 @@ def test_two_commands_from_a_csv_folder_to_a_report(tmp_path, monkeypatch, capsy
     assert f"report: {run_dir / 'report' / 'report.html'}" in out
     summary = A.read_json(run_dir / "data" / "summary.json")["summary"]
     assert summary["source"] == "custom" and summary["n_items"] == 600
-    assert summary["split_days"] == {"valid_days": 3, "test_days": 2, "chosen_by": "quantile of the request days"}
+    assert summary["split_days"] == {"valid_days": 3, "test_days": 2, "chosen_by": "quantile of the request days",
+                                     "drop_last_days": 0, "dropped_impressions": 0}
     assert summary["random_share"] > 0.04  # the is_rand column was used
     data = RunData(run_dir / "data")
     assert {"user_tag_clicks", "user_author_clicks"} <= set(data.encoder.cross_names_)
@@ -135,6 +136,32 @@ def test_cross_features_by_column_or_none_and_no_context_feature(tmp_path):
     from cascade.data.requests import Requests
     res = casc.recommend(Requests(data.user_ids[:3], np.full(3, data.impressions.time_ms.max()), {}), 100, 40, 10)
     assert res.errors == [None] * 3 and (res.items >= 0).all()
+
+
+def test_a_backtest_drops_the_last_days_before_the_split(tmp_path):
+    toml = own_logs(tmp_path)
+    runs = tmp_path / "runs"
+
+    def cfg(*overrides: str):
+        return load_config(TINY, [f"run.runs_dir={json.dumps(str(runs))}", "data.valid_days=2", "data.test_days=2",
+                                  *overrides], data_spec=f"custom:{toml}")
+
+    run_pipeline(cfg("run.name='whole'"), progress=False, until="data")
+    run_pipeline(cfg("run.name='earlier'", "data.drop_last_days=3"), progress=False, until="data")
+    whole, earlier = (A.read_json(runs / n / "data" / "summary.json") for n in ("whole", "earlier"))
+    imp = {n: pd.read_parquet(runs / n / "data" / "impressions.parquet") for n in ("whole", "earlier")}
+    day = {n: (imp[n].groupby("request_id").time_ms.transform("min") // DAY_MS) for n in imp}
+    # the kept log is the whole log's requests that start up to 3 days before its last day, row for row
+    kept = imp["whole"][(day["whole"] <= day["whole"].max() - 3).to_numpy()]
+    assert imp["earlier"].drop(columns="split").equals(kept.drop(columns="split").reset_index(drop=True))
+    assert earlier["summary"]["split_days"]["drop_last_days"] == 3
+    assert earlier["summary"]["split_days"]["dropped_impressions"] == len(imp["whole"]) - len(kept) > 0
+    # the test period is the last 2 days of what is left: it ends 3 days before the whole log's
+    test_days = {n: day[n][(imp[n].split == 2).to_numpy()] for n in imp}
+    assert test_days["earlier"].max() == test_days["whole"].max() - 3
+    assert test_days["earlier"].nunique() <= 2 and whole["summary"]["split_days"]["dropped_impressions"] == 0
+    with pytest.raises(Exception, match="drop_last_days.*must be an integer >= 0"):
+        cfg("data.drop_last_days=-1")
 
 
 def test_split_days_by_quantile_on_sparse_logs():

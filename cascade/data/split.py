@@ -4,10 +4,12 @@ A request is assigned to a split by its START time (the smallest ``time_ms`` amo
 request never straddles two splits and every item of a request sees the same history. Days are calendar days
 of the request start times, shifted by ``utc_offset_hours`` (KuaiRand's logs are in China time, UTC+8): the last
 ``test_days`` days that hold any request are test, the ``valid_days`` days before them are valid, the rest train.
+:func:`drop_last_days` first leaves out the log's last days, for a backtest on an earlier period.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -72,6 +74,34 @@ def time_split(dataset: Dataset, valid_days: int = 1, test_days: int = 1,
             )
     log.info("time_split: %s", {k: int(v.sum()) for k, v in masks.items()})
     return masks
+
+
+def drop_last_days(dataset: Dataset, days: int, utc_offset_hours: float = 0.0) -> Dataset:
+    """``dataset`` without the requests of its last ``days`` calendar days (request start days, as
+    :func:`time_split` counts them; 0: ``dataset`` itself), and without the users and items that only those
+    requests had: the log as it stood ``days`` days before it ends, for a backtest of an earlier period. Raises
+    :class:`DataValidationError` when nothing is left."""
+    if days < 0:
+        raise ValueError(f"drop_last_days: days must be >= 0, got {days}")
+    if days == 0:
+        return dataset
+    imp = dataset.impressions
+    day = request_days(dataset, utc_offset_hours)
+    last = int(day.max())
+    keep = day <= last - days
+    if not keep.any():
+        raise DataValidationError(
+            f"{dataset.source('impressions')}: data.drop_last_days = {days} leaves no request (the requests span "
+            f"{last - int(day.min()) + 1} calendar day(s))")
+    kept = imp[keep].reset_index(drop=True)
+    gone = imp[~keep]
+    # users / items first seen in the dropped days did not exist yet; those without any impression stay
+    users = dataset.users[~dataset.users["user_id"].isin(np.setdiff1d(gone["user_id"], kept["user_id"]))]
+    items = dataset.items[~dataset.items["item_id"].isin(np.setdiff1d(gone["item_id"], kept["item_id"]))]
+    log.info("drop_last_days: %d day(s), %d of %d impressions, %d users, %d items left out", days, len(gone),
+             len(imp), len(dataset.users) - len(users), len(dataset.items) - len(items))
+    return dataclasses.replace(dataset, users=users.reset_index(drop=True), items=items.reset_index(drop=True),
+                               impressions=kept)
 
 
 def request_days(dataset: Dataset, utc_offset_hours: float = 0.0) -> np.ndarray:

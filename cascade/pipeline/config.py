@@ -96,13 +96,16 @@ class RunSection:
 class DataSection:
     """source: where the logs come from; path: the directory (kuairand, movielens) or mapping TOML (custom).
     valid_days / test_days: the last days of the logs held out (unset: about the last 10% / 10% of the requests,
-    chosen from the data and recorded in data/summary.json)."""
+    chosen from the data and recorded in data/summary.json). drop_last_days: the log's last N calendar days are
+    left out before the split (their requests, and the users and items only they had), so the test period ends N
+    days before the log does: a backtest of an earlier period (benchmarks/real_data.py --origins)."""
 
     source: Literal["world", "kuairand", "movielens-100k", "movielens-1m", "custom"] = "world"
     path: str | None = None
     world: WorldConfig = field(default_factory=WorldConfig)
     valid_days: int | None = None  # None: chosen from the data (cascade.data.split.quantile_split_days), logged
     test_days: int | None = None
+    drop_last_days: int = 0
     min_count: int = 2
     numeric: Literal["standardize", "log_standardize", "quantile"] = "log_standardize"
     cross_window_days: float = 7.0
@@ -128,6 +131,8 @@ class DataSection:
         for name in ("valid_days", "test_days"):
             require(self, name, getattr(self, name) is None or at_least(getattr(self, name), 1),
                     "must be an integer >= 1, or unset (the last 10% of the days, see data.split)")
+        require(self, "drop_last_days", at_least(self.drop_last_days, 0),
+                "must be an integer >= 0 (0: the whole log)")
         require(self, "min_count", at_least(self.min_count, 1), "must be an integer >= 1")
         require(self, "cross_window_days", positive(self.cross_window_days), "must be a finite number > 0")
 

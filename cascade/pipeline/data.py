@@ -16,7 +16,7 @@ from ..data.history import EventHistory
 from ..data.leakage import check_leakage
 from ..data.requests import request_start_ms
 from ..data.schema import SIDES, DataValidationError
-from ..data.split import quantile_split_days, time_split
+from ..data.split import drop_last_days, quantile_split_days, time_split
 from ..data.world import generate_world
 from ..run_data import SPLIT_CODES
 from .config import DataSection, DataStepConfig
@@ -91,6 +91,8 @@ def run(ctx: StepContext) -> StepResult:
     ds, world = _load_source(c, ctx.out, ctx.seed, ctx.progress)
     # KuaiRand (and the world, which writes its layout) keep Beijing time: split on Beijing calendar days.
     utc_offset = kuairand_offset() if c.source in ("world", "kuairand") else 0.0
+    n_logged = len(ds.impressions)
+    ds = drop_last_days(ds, c.drop_last_days, utc_offset)
     valid_days, test_days, chosen = split_days(c, ds, utc_offset)
     masks = time_split(ds, valid_days=valid_days, test_days=test_days, utc_offset_hours=utc_offset)
     check_leakage(ds, masks["train"])
@@ -137,7 +139,9 @@ def run(ctx: StepContext) -> StepResult:
                "n_impressions": int(len(imp)), "n_requests": int(imp.request_id.nunique()),
                "ctr": float(imp.click.mean()),
                "random_share": float(imp.is_rand.mean()), "n_cat_columns": len(spec.cat_names),
-               "split_days": {"valid_days": valid_days, "test_days": test_days, "chosen_by": chosen},
+               "split_days": {"valid_days": valid_days, "test_days": test_days, "chosen_by": chosen,
+                              "drop_last_days": c.drop_last_days,
+                              "dropped_impressions": n_logged - int(len(imp))},
                "n_num_columns": len(spec.num_names),
                # share of train clicks on an item the same user had been shown before: re-consumption
                "repeat_click_share": repeat_share,
