@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import scipy.sparse as sp
@@ -17,8 +19,9 @@ from cascade.channels import (
     RecentChannel,
     quota_cut,
 )
-from cascade.channels.classic import als_factory, weighted_rows
-from cascade.channels.reference import als_lists, content_lists, itemcf_lists, popular_lists
+from cascade.channels.classic import als_factory, recent_weights, topk_entries, weighted_rows
+from cascade.channels.reference import als_lists, content_lists, itemcf_lists, plain_recent_weights, popular_lists
+from cascade.data.ids import IdIndex
 from worlds import event_history, requests_at
 
 DAY = 86_400_000
@@ -243,6 +246,27 @@ def test_content_keeps_the_items_tied_with_the_nth_at_the_cut():
         np.testing.assert_array_equal(got[0], want[0], err_msg=str(n))
         np.testing.assert_array_equal(got[1], want[1], err_msg=str(n))
     assert ch.select(req, None, 3)[0].tolist() == [[4, 0, 1]]  # 0..3 tie at float32(1.5): the lower columns win
+
+
+def test_recent_weights_built_in_csr_form_equal_scipys_conversion():
+    h, req, ids, _ = _world()
+    items = IdIndex(ids[::2], "item_id")  # half the clicked items outside the channel's items: left out
+    ch = SimpleNamespace(history=h, n_history=8, decay=0.8, _items=items)
+    got, want = recent_weights(h, req, 8, 0.8, items), plain_recent_weights(ch, req)
+    assert want.has_canonical_format and got.nnz == want.nnz > 0
+    for a in ("indptr", "indices", "data"):
+        np.testing.assert_array_equal(getattr(got, a), getattr(want, a), err_msg=a)
+
+
+def test_topk_entries_equals_the_dense_top_k():
+    # entries in canonical order, ties among them (kept by the lower column), a row without any entry
+    rows = np.array([0, 0, 0, 0, 2, 2, 2])
+    cols = np.array([1, 3, 4, 6, 0, 2, 5])
+    scores = np.array([0.5, 0.9, 0.5, 0.1, 0.3, 0.3, 0.7], np.float32)
+    ids = np.arange(100, 107)
+    got_i, got_s = topk_entries(rows, cols, scores, 3, ids, 3)
+    assert got_i.tolist() == [[103, 101, 104], [PAD, PAD, PAD], [105, 100, 102]]
+    np.testing.assert_array_equal(got_s, np.array([[0.9, 0.5, 0.5], [-np.inf] * 3, [0.7, 0.3, 0.3]], np.float32))
 
 
 def test_weighted_rows_is_scipys_product_bit_for_bit():

@@ -11,10 +11,22 @@ factors masked (:func:`als_lists`); the channel scores only the items with facto
 from __future__ import annotations
 
 import numpy as np
+import scipy.sparse as sp
 
 from ..arrays import PAD, topk_rows
 from ..data.requests import Requests
-from .classic import DAY_MS, ALSChannel, ContentChannel, ItemCFChannel, PopularChannel, recent_weights, sparse_topk
+from .classic import DAY_MS, ALSChannel, ContentChannel, ItemCFChannel, PopularChannel, sparse_topk
+
+
+def plain_recent_weights(ch: ItemCFChannel | ContentChannel, requests: Requests) -> sp.csr_matrix:
+    """The recent-click weights [B, I] (:func:`cascade.channels.classic.recent_weights`) through scipy's conversion
+    from coordinates: each request's last n_history clicked items, weighted decay ** age."""
+    recent, _ = ch.history.recent(requests.user_id, requests.time_ms, ch.n_history)
+    cols, known = ch._items.find(recent)
+    ok = known & (recent != PAD)
+    w = np.where(ok, ch.decay ** np.arange(ch.n_history)[None, :], 0.0)
+    rows = np.broadcast_to(np.arange(len(recent))[:, None], recent.shape)
+    return sp.csr_matrix((w[ok], (rows[ok], cols[ok])), shape=(len(recent), len(ch._items)))
 
 
 def popular_lists(ch: PopularChannel, requests: Requests, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -33,7 +45,7 @@ def popular_lists(ch: PopularChannel, requests: Requests, n: int) -> tuple[np.nd
 
 def itemcf_lists(ch: ItemCFChannel, requests: Requests, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Item-CF: scipy's product of the recent-click weights [B, I] and the whole similarity matrix [I, I]."""
-    scores = (recent_weights(ch.history, requests, ch.n_history, ch.decay, ch._items) @ ch._sim).tocsr()
+    scores = (plain_recent_weights(ch, requests) @ ch._sim).tocsr()
     scores.data = scores.data.astype(np.float32)
     scores.eliminate_zeros()
     return sparse_topk(scores, ch.item_ids_, n)
@@ -41,7 +53,7 @@ def itemcf_lists(ch: ItemCFChannel, requests: Requests, n: int) -> tuple[np.ndar
 
 def content_lists(ch: ContentChannel, requests: Requests, n: int) -> tuple[np.ndarray, np.ndarray]:
     """Content: every item of the request's categories scored, h @ item->category @ category->item + popularity."""
-    h = recent_weights(ch.history, requests, ch.n_history, ch.decay, ch._items)
+    h = plain_recent_weights(ch, requests)
     scores = ((h @ ch._to_category).tocsr() @ ch._to_category.T).tocsr()
     scores.data = (scores.data + ch.pop_rank_[scores.indices]).astype(np.float32)
     return sparse_topk(scores, ch.item_ids_, n)
