@@ -386,6 +386,8 @@ ROWS = [
         None, _exposure_weight_clicks),
     Row("real_data_ml_origins.json", "outcomes, ML-100K over 4 consecutive 14-day test periods (575 requests)",
         "the cascade beats most-popular", lambda d: _real_data(d)),
+    Row("real_data_ml_origins_sequence.json", "outcomes, ML-100K over 4 test periods, the behaviour-sequence teacher",
+        None, lambda d: (_real_data(d)[0], None)),
     Row("exposure_weight_ml_origins.json", "ML-100K, 4 test periods: the teacher's corpus list at every exposure "
         "weight vs most-popular", None, _exposure_weight_pooled),
     Row("real_data_ml_28d.json", "outcomes, ML-100K with a 28-day test split (345 requests)",
