@@ -350,6 +350,18 @@ def test_one_variant_without_oracle(tmp_path, report_data):
     assert len(IMG_RE.findall((tmp_path / "report.html").read_text())) == 4
 
 
+def test_the_headline_names_the_test_period_and_a_backtest(tmp_path, report_data):
+    write_report(report_data, tmp_path)
+    assert "test requests (2022-05-07 .. 2022-05-08); N1 = " in (tmp_path / "report.md").read_text()
+    report_data["data"]["summary"]["split_days"] = {"valid_days": 1, "test_days": 1, "drop_last_days": 14}
+    write_report(report_data, tmp_path)
+    md = (tmp_path / "report.md").read_text()
+    assert "test requests (2022-05-07 .. 2022-05-08; a backtest: the log's last 14 days left out); N1 = " in md
+    del report_data["data"]["splits"]
+    write_report(report_data, tmp_path)
+    assert "test requests; N1 = " in (tmp_path / "report.md").read_text()
+
+
 def test_bad_input_names_the_key(tmp_path, report_data):
     with pytest.raises(ValueError, match=r"report_data\['cascades'\] must be a dict"):
         write_report({"cascades": [1, 2]}, tmp_path)

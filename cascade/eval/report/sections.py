@@ -94,7 +94,7 @@ def _section_headline(data: Mapping, variants: dict[str, Mapping]) -> Section:
     keys = ["", ""] + [key for key, _ in present]
     k = rows[0].get("k")
     sizes = f"N1 = {rows[0].get('retrieval_size')}, N2 = {rows[0].get('prerank_size')}, K = {k}"
-    sec.blocks.append(("table", Table(frame, keys, caption=f"test requests; {sizes}")))
+    sec.blocks.append(("table", Table(frame, keys, caption=f"test requests{_test_period(data)}; {sizes}")))
     gaps = [as_mapping(g, f"report_data['outcomes']['gaps'][{i}]") or {}
             for i, g in enumerate(as_list(outcomes.get("gaps"), "report_data['outcomes']['gaps']") or [])]
     if gaps:
@@ -119,6 +119,21 @@ def _section_headline(data: Mapping, variants: dict[str, Mapping]) -> Section:
                             "top list over the corpus, the ceiling of a cascade that copies it."
                             + (f" Seen items: {fs.get('why')}." if fs.get("why") else "")))
     return sec
+
+
+def _test_period(data: Mapping) -> str:
+    """" (START .. END)" of the test split's requests where the data section has them, with the days a backtest left
+    out of the log (``data.drop_last_days``); "" where it has no test split."""
+    d = as_mapping(data.get("data"), "report_data['data']") or {}
+    test = as_mapping((as_mapping(d.get("splits"), "report_data['data']['splits']") or {}).get("test"),
+                      "report_data['data']['splits']['test']") or {}
+    if not (test.get("start") and test.get("end")):
+        return ""
+    days = as_mapping((as_mapping(d.get("summary"), "report_data['data']['summary']") or {}).get("split_days"),
+                      "report_data['data']['summary']['split_days']") or {}
+    drop = days.get("drop_last_days") or 0
+    back = f"; a backtest: the log's last {drop} days left out" if drop else ""
+    return f" ({str(test['start'])[:10]} .. {str(test['end'])[:10]}{back})"
 
 
 def _section_stages(variants: dict[str, Mapping]) -> Section:
