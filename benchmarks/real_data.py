@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from cascade import artifacts as A
+from cascade.eval.metrics import pooled_difference
 from cascade.pipeline import STEPS, load_config, run_pipeline
 
 CONFIGS = {"world": "pipelines/default.toml", "movielens-100k": "pipelines/movielens.toml",
@@ -114,10 +115,10 @@ CLICK_COLUMNS = ("rank_click_recall", "rank_click_ndcg", "rank_hit_rate", "retri
 
 def pool(periods: list[dict]) -> dict:
     """One seed's measures over disjoint test periods (each :func:`measure`'s dict) as one: every column the mean
-    over the periods weighted by their requests (with clicks, for the held-out clicks' columns), paired gaps the mean
-    of the per-request gaps of all periods (SE: sqrt(sum (n se)^2) / sum n), AUCs weighted by requests; scales and
-    baseline settings those of the first period (the log as given); "periods" keeps each period's measures. A row
-    some period lacks is the mean over the periods that have it; a gap some period lacks is left out."""
+    over the periods weighted by their requests (with clicks, for the held-out clicks' columns), paired gaps over
+    all the periods' requests (:func:`cascade.eval.metrics.pooled_difference`), AUCs weighted by requests; scales
+    and baseline settings those of the first period (the log as given); "periods" keeps each period's measures. A
+    row some period lacks is the mean over the periods that have it; a gap some period lacks is left out."""
     if len(periods) == 1:
         return periods[0]
     n = np.array([p["n_requests"] for p in periods], float)
@@ -140,10 +141,7 @@ def pool(periods: list[dict]) -> dict:
             gaps = [p["paired"].get(other, {}).get(metric) for p in periods]
             if any(g is None for g in gaps):
                 continue  # a list one period lacks: no pooled gap
-            w = np.array([g["n"] for g in gaps], float)
-            paired[other][metric] = {"diff": float(np.dot(w, [g["diff"] for g in gaps]) / w.sum()),
-                                     "se": float(np.sqrt(np.sum((w * [g["se"] for g in gaps]) ** 2)) / w.sum()),
-                                     "n": int(w.sum())}
+            paired[other][metric] = pooled_difference(gaps)
     first = periods[0]
     return {"rows": rows, "paired": paired,
             "rank_student_auc": {k: mean([p["rank_student_auc"].get(k) for p in periods], n)

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import re
 import statistics
 import sys
@@ -21,6 +20,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from cascade.eval.metrics import pooled_difference
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
@@ -295,8 +296,8 @@ def _exposure_weight_pooled(d: dict) -> tuple[str, None]:
         seeds.setdefault(re.sub(r"-drop\d+d$", "", name), []).append(r)
 
     def pooled(gaps: list[dict]) -> tuple[float, float]:
-        n = sum(g["n"] for g in gaps)
-        return (sum(g["n"] * g["mean"] for g in gaps) / n, math.sqrt(sum((g["n"] * g["se"]) ** 2 for g in gaps)) / n)
+        p = pooled_difference([{"diff": g["mean"], "se": g["se"], "n": g["n"]} for g in gaps])
+        return p["diff"], p["se"]
 
     parts = []
     for name, runs in seeds.items():

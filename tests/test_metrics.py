@@ -22,6 +22,7 @@ from cascade.eval.metrics import (
     logloss,
     ndcg_at_k,
     paired_difference,
+    pooled_difference,
     recall_at_k,
 )
 
@@ -232,3 +233,13 @@ def test_paired_difference_hand_worked_and_against_scipy():
     assert paired_difference([np.nan], [0.0])["n"] == 0
     with pytest.raises(ValueError, match="rows"):
         paired_difference([1.0, 2.0], [1.0])
+
+
+def test_pooled_difference_is_the_mean_over_the_union_with_the_stratified_se():
+    # two disjoint sets: differences [0.2, -0.1, 0.5] (mean 0.2, s 0.3) and [0.0, 0.4] (mean 0.2, s^2 0.08)
+    a = paired_difference([0.5, 0.1, 1.0], [0.3, 0.2, 0.5])
+    b = paired_difference([0.0, 0.4], [0.0, 0.0])
+    got = pooled_difference([a, b])
+    assert got["n"] == 5 and got["diff"] == pytest.approx(1.0 / 5)
+    assert got["se"] == pytest.approx(math.sqrt(3 * 0.09 + 2 * 0.08) / 5)
+    assert pooled_difference([a]) == pytest.approx(a)

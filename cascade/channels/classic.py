@@ -99,10 +99,11 @@ def recent_weights(history: EventHistory, requests: Requests, n_history: int, de
     cols, known = items.find(recent)
     ok = known & (recent != PAD)
     rows, age = np.nonzero(ok)  # row-major
-    order = np.lexsort((cols[ok], rows))
+    col = cols[ok]
+    order = np.lexsort((col, rows))
     indptr = np.zeros(len(recent) + 1, np.int64)
     np.cumsum(ok.sum(axis=1), out=indptr[1:])
-    return sp.csr_matrix(((decay ** np.arange(n_history))[age][order], cols[ok][order], indptr),
+    return sp.csr_matrix(((decay ** np.arange(n_history))[age][order], col[order], indptr),
                          shape=(len(recent), len(items)))
 
 

@@ -346,6 +346,17 @@ def paired_difference(a, b) -> dict[str, float]:
     return {"diff": float(d.mean()), "se": se, "n": int(d.size)}
 
 
+def pooled_difference(gaps) -> dict[str, float]:
+    """:func:`paired_difference` over the union of disjoint row sets, from each set's {"diff", "se", "n"} (e.g. the
+    test requests of consecutive periods): the mean over all rows, sum(n d) / N, and its stratified standard error
+    sqrt(sum (n se)^2) / N."""
+    n = np.array([g["n"] for g in gaps], np.float64)
+    d = np.array([g["diff"] for g in gaps], np.float64)
+    se = np.array([g["se"] for g in gaps], np.float64)
+    return {"diff": float(n @ d / n.sum()), "se": float(np.sqrt(np.sum((n * se) ** 2)) / n.sum()),
+            "n": int(n.sum())}
+
+
 def latency_summary(seconds) -> dict[str, float]:
     """Latency percentiles of per-request times in seconds [n] -> {"p50_ms", "p95_ms", "p99_ms", "mean_ms", "n"}."""
     t = np.asarray(seconds, dtype=np.float64).ravel()
