@@ -66,6 +66,7 @@ def forward_flops_per_pair(score, requests, item_ids: np.ndarray, cands: np.ndar
     """FLOPs per pair of ``score`` on the first ``rows`` candidate lists (PAD slots are scored too: per scored
     slot), counted by torch's FlopCounterMode (matrix products; elementwise work is not counted)."""
     c = np.where(cands[:rows] >= 0, cands[:rows], 0)
+    score(requests.take(np.arange(rows)), item_ids[c])  # the first call of a pass size probes bf16: not counted
     with FlopCounterMode(display=False) as counter:
         score(requests.take(np.arange(rows)), item_ids[c])
     return counter.get_total_flops() / c.size
@@ -102,7 +103,6 @@ def main() -> None:
     pairs = int(np.sum(cands >= 0))
     flops = forward_flops_per_pair(score, requests, item_ids, cands, min(len(frame), cfg.requests_per_batch))
     bounds = [machine_bounds(threads=a.threads, n=2048)]
-    dtype = "bf16" if score.autocast.bf16 else "float32"
     with tempfile.TemporaryDirectory() as tmp:
         def build(name: str, n: int | None = None, workers: int = workers) -> float:
             t = time.perf_counter()
@@ -111,6 +111,9 @@ def main() -> None:
             return time.perf_counter() - t
 
         build("warm", 2 * cfg.requests_per_batch)
+        # what the full passes of the log run in, at the threads each worker scores on (ranker_scorer's choices)
+        threads = 1 if workers > 1 else a.threads
+        dtype = max(kc for kc in score.autocast.items() if kc[0][2] == threads)[1].dtype
         walls = [build(f"log{i}") for i in range(a.reps)]
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                 cwd=Path(cascade.__file__).parent).stdout.strip()

@@ -7,8 +7,9 @@ or bfloat16 for one model, and :func:`machine_bounds` measures the rates the ben
 against.
 
 "auto" picks bfloat16 only where the CPU runs it natively (avx512_bf16 or AMX, as torch reports them) AND a short
-probe of the model's own largest GEMM is at least :data:`MIN_BF16_SPEEDUP` times faster under bfloat16 autocast
-than in float32; elsewhere float32. The probe runs once per shape and thread count in a process.
+probe is at least :data:`MIN_BF16_SPEEDUP` times faster under bfloat16 autocast than in float32; elsewhere float32.
+Training probes the model's own largest GEMM (once per shape and thread count in a process); scoring probes the
+model's whole forward at the size of its passes (:func:`cascade.models.scoring.ranker_scorer`).
 """
 
 from __future__ import annotations
@@ -203,14 +204,20 @@ def _log_once(level: int, msg: str, *args) -> None:
 
 
 def resolve_autocast(autocast, device_type: str = "cpu", gemm: tuple[int, int, int] | None = None,
-                     what: str = "model") -> AutocastChoice:
+                     what: str = "model", probe: tuple[str, Callable[[], float]] | None = None) -> AutocastChoice:
     """Whether to run ``what`` (a model's training forward or its scoring) under bfloat16 autocast.
 
     autocast: "auto" | "bf16" | "off" (None: "off"). device_type: "cuda" keeps its own path: "bf16" runs CUDA
     bf16 autocast, "auto" float32 (the CPU probe says nothing about a GPU). gemm: (rows, k, n) of the model's
-    largest GEMM (:func:`largest_gemm`), the shape "auto" probes; None (no GEMM): float32. The choice is logged
-    once per process; an explicit "bf16" without native support logs a warning (torch emulates it, slowly).
+    largest GEMM (:func:`largest_gemm`), the shape "auto" probes; None (no GEMM): float32. probe: instead of
+    gemm, (what it times, a function -> float32 time / bf16 time), called only where "auto" needs it (e.g. the
+    model's whole forward: :func:`cascade.models.scoring.scoring_autocast`). The choice is logged once per process;
+    an explicit "bf16" without native support logs a warning (torch emulates it, slowly).
     """
+    if gemm is not None and probe is not None:
+        raise ValueError("resolve_autocast: give gemm or probe, not both")
+    if gemm is not None:
+        probe = (f"GEMM {gemm[0]}x{gemm[1]}x{gemm[2]}", lambda: bf16_speedup(*gemm))
     autocast = check_autocast(autocast, what)
     if autocast == "off":
         return AutocastChoice("off", "float32", "autocast off")
@@ -226,13 +233,13 @@ def resolve_autocast(autocast, device_type: str = "cpu", gemm: tuple[int, int, i
         return AutocastChoice("bf16", "bf16", f"bf16 requested ({flags})")
     if not native:
         choice = AutocastChoice("auto", "float32", f"no native bf16 ({flags})")
-    elif gemm is None:
+    elif probe is None:
         choice = AutocastChoice("auto", "float32", f"no GEMM to speed up ({flags})")
     else:
-        s = round(bf16_speedup(*gemm), 3)
+        s = round(probe[1](), 3)
         verdict = "bf16" if s >= MIN_BF16_SPEEDUP else "float32"
-        choice = AutocastChoice("auto", verdict, f"{flags}; GEMM {gemm[0]}x{gemm[1]}x{gemm[2]} bf16 {s:.2f}x "
-                                f"float32 ({'>=' if verdict == 'bf16' else '<'} {MIN_BF16_SPEEDUP})", s)
+        choice = AutocastChoice("auto", verdict, f"{flags}; {probe[0]} bf16 {s:.2f}x float32 "
+                                f"({'>=' if verdict == 'bf16' else '<'} {MIN_BF16_SPEEDUP})", s)
     _log_once(logging.INFO, "%s: autocast auto -> %s (%s)", what, choice.dtype, choice.reason)
     return choice
 

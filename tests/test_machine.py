@@ -16,10 +16,11 @@ import torch
 from cascade import artifacts as A
 from cascade import machine as M
 from cascade.config import ConfigError, FieldError, from_dict
-from cascade.machine import largest_gemm
+from cascade.models import scoring as S
 from cascade.models.ranker import Ranker, RankerConfig
-from cascade.models.scoring import score_pairs, scoring_autocast
+from cascade.models.scoring import autocast_record, ranker_scorer, score_pairs, scoring_autocast
 from cascade.pipeline.config import PipelineConfig
+from cascade.threads import torch_threads
 from cascade.train.loop import TrainConfig, fit
 from worlds import SPEC, make_table
 
@@ -33,15 +34,17 @@ def small():
 
 
 def _capability(monkeypatch, native: bool, speedup: float | None):
-    """The detector says ``native``; the probe returns ``speedup`` (None: calling it fails the test)."""
+    """The detector says ``native``; the probes (a GEMM's for training, the forward's for scoring) return
+    ``speedup`` (None: calling one fails the test)."""
     monkeypatch.setattr(M, "native_bf16", lambda: (native, f"mocked native={native}"))
 
-    def probe(rows, k, n):
+    def probe(*args, **kwargs):
         if speedup is None:
             raise AssertionError("the probe ran although the CPU has no native bf16")
         return speedup
 
     monkeypatch.setattr(M, "bf16_speedup", probe)
+    monkeypatch.setattr(S, "forward_bf16_speedup", probe)
 
 
 # ------------------------------------------------------------------------------------------ detection
@@ -121,6 +124,14 @@ def test_the_probe_times_float32_and_bf16_in_turn(monkeypatch):
     assert calls == ["f32", "bf16"] * 6 and best == [4.0, 2.0]
 
 
+def test_largest_gemm_is_the_linear_with_the_most_weights():
+    model = torch.nn.Sequential(torch.nn.Linear(40, 8), torch.nn.ReLU(), torch.nn.Linear(8, 100))  # 320 vs 800
+    assert M.largest_gemm(model, 64) == (64, 8, 100)
+    assert M.largest_gemm(torch.nn.ReLU(), 64) is None
+    with pytest.raises(ValueError, match="gemm or probe"):
+        M.resolve_autocast("auto", "cpu", GEMM, probe=("x", lambda: 2.0))
+
+
 def test_off_none_bf16_and_cuda(monkeypatch, caplog):
     _capability(monkeypatch, native=False, speedup=None)
     assert M.resolve_autocast(None).dtype == M.resolve_autocast("off").dtype == "float32"
@@ -184,26 +195,76 @@ def test_bf16_scoring_keeps_the_top10_of_float32():
         assert agreement >= 0.99, agreement
 
 
-def test_scoring_autocast_follows_the_capability(monkeypatch):
-    model = Ranker(SPEC, TEACHER, seed=0)
+def test_scoring_autocast_follows_the_capability(monkeypatch, small):
+    model, rows = Ranker(SPEC, TEACHER, seed=0), small[0]
     _capability(monkeypatch, native=False, speedup=None)
-    assert scoring_autocast(model).dtype == "float32"
+    assert scoring_autocast(model, "auto", rows.cat, rows.num).dtype == "float32"
     _capability(monkeypatch, native=True, speedup=1.8)
-    assert scoring_autocast(model).dtype == "bf16"
-    assert scoring_autocast(model, "off").dtype == "float32"
+    c = scoring_autocast(model, "auto", rows.cat[:400], rows.num[:400], list_len=10)
+    assert (c.dtype, c.speedup) == ("bf16", 1.8) and "forward of 400 rows (lists of 10) bf16 1.80x" in c.reason
+    assert scoring_autocast(model, "off", rows.cat, rows.num).dtype == "float32"
 
 
-def test_scoring_autocast_reads_the_entire_space_teachers_ranking_score(monkeypatch):
-    """The default teacher is scored through its RankScore (not a module): the probe reads the parent's GEMMs."""
+def test_the_forward_probe_times_float32_and_bf16_scoring_of_the_rows_given(monkeypatch, small):
+    """forward_bf16_speedup = float32 time / bf16 time of score_pairs over exactly the rows given, as one pass."""
+    rows, calls = small[0], []
+    monkeypatch.setattr(S, "score_pairs", lambda m, cat, num, batch_size, list_len, bf16: calls.append(
+        (len(cat), batch_size, list_len, bf16)))
+    monkeypatch.setattr(S, "best_seconds_alternating", lambda fns, repeats: [f() for f in fns] and [3.0, 2.0])
+    assert S.forward_bf16_speedup(None, rows.cat[:300], rows.num[:300], list_len=10) == 1.5
+    assert calls == [(300, 300, 10, False), (300, 300, 10, True)]
+
+
+def test_scoring_autocast_probes_the_entire_space_teachers_ranking_forward(monkeypatch, small):
+    """The default teacher is scored through its RankScore: the probe runs that forward, float32 and bf16."""
     from cascade.models.entire_space import EntireSpaceRanker
     from cascade.models.scoring import ranking_model
 
+    monkeypatch.setattr(M, "native_bf16", lambda: (True, "mocked native=True"))
     ranking = ranking_model(EntireSpaceRanker(SPEC, TEACHER, seed=0))
-    linears = [m for m in Ranker(SPEC, TEACHER, seed=0).modules() if isinstance(m, torch.nn.Linear)]
-    big = max(linears, key=lambda m: m.in_features * m.out_features)
-    assert largest_gemm(ranking, 64) == (64, big.in_features, big.out_features)
-    _capability(monkeypatch, native=True, speedup=1.8)
-    assert scoring_autocast(ranking).dtype == "bf16"
+    c = scoring_autocast(ranking, "auto", small[0].cat[:200], small[0].num[:200], list_len=10)
+    assert c.speedup is not None and c.speedup > 0 and "forward of 200 rows (lists of 10)" in c.reason
+    assert c.dtype == ("bf16" if c.speedup >= M.MIN_BF16_SPEEDUP else "float32")
+
+
+class _Pairs:
+    """A stand-in for RunData: pair_features gives the table's first B*N rows for candidates [B, N]."""
+
+    def __init__(self, table):
+        self.table = table
+
+    def pair_features(self, requests, candidates):
+        n = candidates.size
+        return self.table.cat[:n], self.table.num[:n]
+
+
+def test_ranker_scorer_decides_bf16_per_pass_size_and_probes_each_size_once(monkeypatch):
+    """bf16 pays on large passes only (the probe says so here: 2.0x from 1,024 rows, 0.7x below): one list of 100
+    (batch-1 serving) scores in float32, 50 lists (passes of 4,000 rows) in bf16, each exactly as score_pairs does
+    in that dtype; each size class is probed once, and the record names both."""
+    table = make_table(5000, seed=33)
+    model = Ranker(SPEC, TEACHER, seed=0)
+    probed = []
+
+    def probe(m, cat, num, list_len=None):
+        probed.append((len(cat), list_len))
+        return 2.0 if len(cat) >= 1024 else 0.7
+
+    monkeypatch.setattr(M, "native_bf16", lambda: (True, "mocked native=True"))
+    monkeypatch.setattr(S, "forward_bf16_speedup", probe)
+    with torch_threads(1):
+        score = ranker_scorer(model, _Pairs(table))
+        one = score(None, np.zeros((1, 100), np.int64))
+        many = score(None, np.zeros((50, 100), np.int64))
+        score(None, np.zeros((1, 100), np.int64)), score(None, np.zeros((45, 100), np.int64))  # sizes seen: no probe
+    model.eval()
+    np.testing.assert_array_equal(one[0], score_pairs(model, table.cat[:100], table.num[:100], list_len=100))
+    np.testing.assert_array_equal(many.ravel(), score_pairs(model, table.cat, table.num, list_len=100, bf16=True))
+    assert not np.array_equal(many.ravel(), score_pairs(model, table.cat, table.num, list_len=100))
+    assert probed == [(100, 100), (4000, 100)]
+    rec = autocast_record(score)
+    assert list(rec) == ["128 rows, lists of 100, 1 threads", "4096 rows, lists of 100, 1 threads"]
+    assert [r["dtype"] for r in rec.values()] == ["float32", "bf16"]
 
 
 # ------------------------------------------------------------------------------------------ bounds

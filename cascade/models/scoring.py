@@ -7,11 +7,13 @@ function of the rank stage, the rank log and the teacher's reference lists.
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 
 from cascade.data.requests import Requests
-from cascade.machine import AutocastChoice, largest_gemm, resolve_autocast
+from cascade.machine import AutocastChoice, best_seconds_alternating, resolve_autocast
 
 LISTS_MIN = 8  # score_pairs uses forward_lists from this many candidate lists per forward pass on
 
@@ -36,9 +38,7 @@ def score_pairs(model: torch.nn.Module, cat: np.ndarray, num: np.ndarray, batch_
     was_training = model.training
     if was_training:  # served models are already in eval mode: a mode switch walks the module tree per call
         model.eval()
-    lists = (list_len is not None and hasattr(model, "forward_lists")
-             and min(len(cat), batch_size) >= LISTS_MIN * list_len)
-    step = max(1, batch_size // list_len) * list_len if lists else batch_size
+    lists, step = passes(model, len(cat), batch_size, list_len)
     try:
         for s in range(0, len(cat), step):
             c, x = torch.from_numpy(cat[s:s + step]), torch.from_numpy(num[s:s + step])
@@ -51,33 +51,81 @@ def score_pairs(model: torch.nn.Module, cat: np.ndarray, num: np.ndarray, batch_
     return out
 
 
+def passes(model: torch.nn.Module, n_rows: int, batch_size: int, list_len: int | None) -> tuple[bool, int]:
+    """How :func:`score_pairs` splits ``n_rows`` rows: (whether it scores lists with ``forward_lists``, the rows
+    of a pass)."""
+    lists = (list_len is not None and hasattr(model, "forward_lists")
+             and min(n_rows, batch_size) >= LISTS_MIN * list_len)
+    return lists, max(1, batch_size // list_len) * list_len if lists else batch_size
+
+
 def ranking_model(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose output orders candidates: a model's ``ranking`` (an entire-space ranker's corpus-wide
     score) where it has one, else the model itself (its logits)."""
     return getattr(model, "ranking", model)
 
 
-def scoring_autocast(model: torch.nn.Module, autocast: str | None = "auto",
-                     batch_size: int = 4096) -> AutocastChoice:
-    """Whether :func:`score_pairs` runs ``model`` under bfloat16 ("auto" | "bf16" | "off", None: "off";
-    :func:`cascade.machine.resolve_autocast` on the model's largest GEMM at ``batch_size`` rows). bf16 scoring
-    of a trained ranker keeps >= 0.99 of float32's top-10 (tests/test_machine.py)."""
-    return resolve_autocast(autocast, "cpu", largest_gemm(model, batch_size), what="scoring")
+def forward_bf16_speedup(model: torch.nn.Module, cat: np.ndarray, num: np.ndarray, list_len: int | None = None,
+                         repeats: int = 5) -> float:
+    """float32 time / bfloat16-autocast time of ``score_pairs(model, cat, num, list_len=list_len)`` on these rows
+    (one forward pass: give at most a pass's rows), best of ``repeats`` rounds that time the two in turn
+    (:func:`cascade.machine.best_seconds_alternating`). Unlike a GEMM alone, this counts everything the forward
+    casts and runs: at 100 rows (one list at batch-1 serving) bf16 autocast took 1.5x float32's time on a CPU
+    where the default teacher's largest GEMM ran 1.3x faster in bf16 (BENCHMARKS.md)."""
+    f32, bf16 = best_seconds_alternating(
+        [lambda b=b: score_pairs(model, cat, num, len(cat), list_len, bf16=b) for b in (False, True)], repeats)
+    return f32 / bf16
 
 
-def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto"):
+def scoring_autocast(model: torch.nn.Module, autocast: str | None, cat: np.ndarray, num: np.ndarray,
+                     list_len: int | None = None) -> AutocastChoice:
+    """Whether :func:`score_pairs` runs ``model`` under bfloat16 on passes like ``(cat [R, C], num [R, M])``
+    ("auto" | "bf16" | "off", None: "off"; :func:`cascade.machine.resolve_autocast`): "auto" probes the model's
+    own forward on these rows (:func:`forward_bf16_speedup`). bf16 scoring of a trained ranker keeps >= 0.99 of
+    float32's top-10 (tests/test_machine.py)."""
+    probe = (f"forward of {len(cat)} rows" + (f" (lists of {list_len})" if list_len else ""),
+             lambda: forward_bf16_speedup(model, cat, num, list_len))
+    return resolve_autocast(autocast, "cpu", what="scoring", probe=probe)
+
+
+def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto", batch_size: int = 4096):
     """score(requests, candidates [B, N]) -> ranking scores [B, N] (:func:`ranking_model`) with the pair features
-    built on the fly by ``data.pair_features(requests, candidates)`` (a :class:`cascade.run_data.RunData`).
+    built on the fly by ``data.pair_features(requests, candidates)`` (a :class:`cascade.run_data.RunData`), in
+    forward passes of about ``batch_size`` rows (:func:`score_pairs`).
 
-    autocast: bfloat16 scoring, see :func:`scoring_autocast`; what it resolved to is ``score.autocast``. The model is
-    put in eval mode here, once: threads that score side by side (:mod:`cascade.threads`) then never switch it."""
+    autocast: bfloat16 scoring, decided per size of pass: whether bf16 pays depends on it (one list of 100
+    candidates at batch-1 serving vs the rank log's passes of 4,096 rows), so "auto" probes the forward
+    (:func:`scoring_autocast`) on the first call whose passes fall in each power-of-two size class (per list
+    length and torch thread count) and every pass of a call runs in that one dtype. ``score.autocast`` maps
+    (pass rows' size class, list length, threads) -> the :class:`~cascade.machine.AutocastChoice` made so far
+    (:func:`autocast_record` writes it for a manifest). The
+    model is put in eval mode here, once: threads that score side by side (:mod:`cascade.threads`) then never
+    switch it; the choices are made under a lock."""
     ranking = ranking_model(model)
     ranking.eval()
-    choice = scoring_autocast(ranking, autocast)
+    choices: dict[tuple[int, int, int], AutocastChoice] = {}
+    lock = threading.Lock()
+
+    def choice_for(cat: np.ndarray, num: np.ndarray, list_len: int) -> AutocastChoice:
+        rows = min(len(cat), passes(ranking, len(cat), batch_size, list_len)[1])
+        size = min(1 << max(rows - 1, 0).bit_length(), batch_size)  # its power-of-two class
+        key = (size, list_len, torch.get_num_threads())
+        with lock:
+            if key not in choices:
+                choices[key] = scoring_autocast(ranking, autocast, cat[:rows], num[:rows], list_len)
+            return choices[key]
 
     def score(requests: Requests, candidates: np.ndarray) -> np.ndarray:
         cat, num = data.pair_features(requests, candidates)
-        return score_pairs(ranking, cat, num, list_len=candidates.shape[1], bf16=choice.bf16).reshape(candidates.shape)
+        n = candidates.shape[1]
+        return score_pairs(ranking, cat, num, batch_size, list_len=n,
+                           bf16=choice_for(cat, num, n).bf16).reshape(candidates.shape)
 
-    score.autocast = choice
+    score.autocast = choices
     return score
+
+
+def autocast_record(score) -> dict[str, dict]:
+    """The bfloat16 choices a :func:`ranker_scorer` made, for a manifest: "<rows> rows, lists of <N>, <t> threads"
+    -> the choice's fields (requested, dtype, reason, speedup)."""
+    return {f"{r} rows, lists of {n}, {t} threads": c.to_dict() for (r, n, t), c in sorted(score.autocast.items())}

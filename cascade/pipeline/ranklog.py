@@ -19,7 +19,7 @@ from ..channels import Channel, MergedRetriever, load_channels
 from ..data.requests import Requests, requests_frame, to_requests
 from ..distill.ranklog import sample_candidates
 from ..distill.shard_runner import build_rank_log_distributed
-from ..models.scoring import ranker_scorer
+from ..models.scoring import autocast_record, ranker_scorer
 from ..run_data import RunData, load_ranker
 from ..threads import ordered_map
 from .config import RankLogSection
@@ -190,7 +190,7 @@ def run(ctx: StepContext) -> StepResult:
     pairs = int(np.sum(cands >= 0))
     share = source_share(source, names)
     metrics = {"n_requests": len(frame), "n_pairs": pairs, "pairs_per_s": pairs / max(wall, 1e-9),
-               "lists_s": lists_s, "source_share": share, "autocast": score.autocast.to_dict(),
+               "lists_s": lists_s, "source_share": share, "autocast": autocast_record(score),
                "scoring_workers": workers}
     return StepResult(outputs, metrics, f"{pairs:,} pairs at {metrics['pairs_per_s']:,.0f} pairs/s; sources "
                       + ", ".join(f"{k} {v:.2f}" for k, v in share.items()))
