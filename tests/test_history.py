@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cascade.arrays import PAD, first_occurrence_columns, first_occurrences
+from cascade.arrays import PAD, distinct, first_occurrence_columns, first_occurrences
 from cascade.data.history import EventHistory
 
 BIG = 2**40  # ids that do not fit 32 bits
@@ -76,3 +76,13 @@ def test_first_occurrences_keeps_order_and_drops_pad():
     np.testing.assert_array_equal(vals, [[3, 1], [-1, -1]])
     np.testing.assert_array_equal(n, [2, 0])
     np.testing.assert_array_equal(first_occurrence_columns(x, 4), [[0, 1, 4, -1], [-1, -1, -1, -1]])
+
+
+def test_distinct_is_np_uniques_values():
+    np.testing.assert_array_equal(distinct(np.array([5, -1, 3, 5, 5, 0, -1])), [-1, 0, 3, 5])
+    rng = np.random.default_rng(0)
+    for n, hi in ((0, 5), (1, 5), (2, 1), (1000, 50), (1000, 10**9)):
+        x = rng.integers(-3, hi, n)
+        got = distinct(x)
+        np.testing.assert_array_equal(got, np.unique(x))
+        assert got.dtype == x.dtype

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..arrays import PAD, first_occurrence_columns
+from ..arrays import PAD, distinct, first_occurrence_columns
 from .ids import IdIndex
 
 
@@ -39,7 +39,7 @@ class EventHistory:
         # events of user code c: [start[c], start[c + 1]), in time order
         self.start = np.searchsorted(self.user_code, np.arange(len(self.users) + 1))
         # time ranks make (user, time) one sortable int64 key: user * stride + rank (both < number of events)
-        self.times = np.unique(self.time_ms)
+        self.times = distinct(self.time_ms)
         self.stride = len(self.times) + 1
         self.key = self.user_code * self.stride + np.searchsorted(self.times, self.time_ms)
         # the first time each (user, item) pair occurred, by sorted pair key (events of a user are in time order)

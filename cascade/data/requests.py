@@ -111,6 +111,8 @@ def _bad_values(values: np.ndarray, kind: str) -> np.ndarray:
     """bool [B]: rows whose value does not fit ``kind`` ("int_id", "int", "float", "str")."""
     if kind == "str":
         return np.zeros(len(values), dtype=bool)
+    if values.dtype.kind == "i" or (values.dtype.kind == "u" and values.dtype.itemsize < 8):  # integral, finite
+        return values < 0 if kind == "int_id" else np.zeros(len(values), dtype=bool)
     missing = pd.isna(values) if values.dtype.kind == "O" else (np.isnan(values) if values.dtype.kind == "f"
                                                                else np.zeros(len(values), dtype=bool))
     v = _numbers(values)

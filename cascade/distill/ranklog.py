@@ -36,7 +36,7 @@ import torch
 from tqdm.auto import tqdm
 
 from cascade import artifacts
-from cascade.arrays import first_occurrences
+from cascade.arrays import distinct, first_occurrences
 from cascade.data.sampling import CdfSampler
 from cascade.data.schema import DataValidationError, check_columns
 from cascade.threads import ordered_map
@@ -188,7 +188,7 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
     if n_shards is not None and not (n_shards >= 1 and 0 <= shard_index < n_shards):
         raise ValueError(f"build_rank_log: shard_index {shard_index} is not in [0, n_shards={n_shards})")
     rid = requests["request_id"].to_numpy(np.int64)
-    if len(np.unique(rid)) != n_req:
+    if len(distinct(rid)) != n_req:
         raise DataValidationError("build_rank_log: requests: column 'request_id' has duplicate values")
     if (sources is None) != (source_names is None):
         raise ValueError("build_rank_log: give both sources and source_names, or neither")
@@ -241,7 +241,7 @@ def build_rank_log(requests: pd.DataFrame, candidates: np.ndarray, scorer: Score
             pq.write_table(pa.table(cols), tmp)
         rows_here = cols["request_row"]
         parts.append({"path": name, "rows": int(len(rows_here)),
-                      "n_requests": int(len(np.unique(rows_here)))})
+                      "n_requests": int(len(distinct(rows_here)))})
         buf, buffered = [], 0
 
     def score_batch(s: int) -> tuple[int, np.ndarray, np.ndarray, np.ndarray, np.ndarray, float]:

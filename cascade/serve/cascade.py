@@ -27,7 +27,7 @@ import pandas as pd
 import torch
 
 from .. import artifacts as A
-from ..arrays import PAD, first_occurrences, topk_rows
+from ..arrays import PAD, distinct, first_occurrences, topk_rows
 from ..channels import MergedRetriever, load_channels, quota_cut
 from ..data.history import EventHistory
 from ..data.requests import Requests
@@ -77,7 +77,7 @@ class Retriever:
         rows = np.where(ids == PAD, PAD, towers.item_rows(ids))
         both = np.concatenate([rows, towers.prior.candidates(requests, k)], axis=1)
         if len(both) == 1:  # batch 1 (the serving path): each row once (their order does not matter: all are scored)
-            both = np.unique(both[0])[None, :]
+            both = distinct(both[0])[None, :]
         else:
             both = first_occurrences(both, 2 * k)[0]
         s = towers.row_scores(requests, u, np.where(both == PAD, towers.n_real, both))

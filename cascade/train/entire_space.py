@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from ..arrays import PAD, first_occurrences, topk_rows
+from ..arrays import PAD, distinct, first_occurrences, topk_rows
 from ..data.batches import EncodedTable
 from ..data.requests import Requests, impression_requests, request_start_ms, requests_frame, to_requests
 from ..eval.metrics import auc, click_recall
@@ -73,7 +73,7 @@ def sample_unshown(data: RunData, split: str, unshown_per_shown: float, populari
     width = int(want.max())
     r = len(frame)
     req_row = pd.Series(np.arange(len(frame)), index=frame.request_id.to_numpy()).loc[imp["request_id"]].to_numpy()
-    shown_keys = np.unique(req_row.astype(np.int64) * n_items + row_of)
+    shown_keys = distinct(req_row.astype(np.int64) * n_items + row_of)
     t = frame.time_ms.to_numpy(np.int64)
     out = np.full((r, width), PAD, np.int64)
     todo = np.arange(r)

@@ -71,7 +71,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cascade import distributed as D
-from cascade.arrays import pad_by_row, topk_rows
+from cascade.arrays import distinct, pad_by_row, topk_rows
 from cascade.config import FieldError, at_least, nonnegative, positive, require
 from cascade.distill import losses as L
 from cascade.distill.ranklog import RankLog
@@ -213,7 +213,7 @@ class ClickLists:
                 or self.labels.shape != self.items.shape:
             raise ValueError(f"ClickLists: shapes do not agree: request_rows {self.request_rows.shape}, user_rows "
                              f"{self.user_rows.shape}, items {self.items.shape}, labels {self.labels.shape}")
-        if len(np.unique(self.request_rows)) != r:
+        if len(distinct(self.request_rows)) != r:
             raise ValueError("ClickLists: a request row appears twice")
 
     @property

@@ -7,6 +7,7 @@ import logging
 import numpy as np
 import pandas as pd
 
+from ...arrays import distinct
 from ..history import EventHistory, query_runs
 from ..ids import IdIndex
 from ..requests import request_start_ms
@@ -140,7 +141,7 @@ class CrossFeatureStore:
         item_row = self._item_index.rows(impressions["item_id"].to_numpy())
         t = impressions["time_ms"].to_numpy(np.int64)
         click = impressions["click"].to_numpy(np.int64)
-        self.times_ = np.unique(t)
+        self.times_ = distinct(t)
         rank = np.searchsorted(self.times_, t).astype(np.int64)
         stride = len(self.times_) + 1
         self.users_, ucode = np.unique(user, return_inverse=True)

@@ -53,6 +53,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
+from ...arrays import distinct
 from ...artifacts import (
     MANIFEST,
     ArtifactError,
@@ -302,7 +303,7 @@ def generate_world_stream(out_dir: str | Path, config: WorldConfig | None = None
         with atomic_path(imp_dir / part_name(c)) as tmp:
             pq.write_table(table, tmp, compression=compression)
         n = table.num_rows
-        counters["requests"] += int(len(np.unique(table.column("request_id").to_numpy()))) if n else 0
+        counters["requests"] += int(len(distinct(table.column("request_id").to_numpy()))) if n else 0
         del table
         click, rnd = st["click"], st["is_rand"] == 1
         counters["rows"] += n

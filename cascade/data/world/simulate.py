@@ -8,6 +8,7 @@ import math
 import numpy as np
 from tqdm.auto import tqdm
 
+from ...arrays import distinct
 from ..sampling import CdfSampler
 from .config import GAP_MS, HOUR_MS, HOUR_WEIGHTS, HistoryState, WorldConfig
 from .model import History, World, sigmoid
@@ -52,7 +53,7 @@ def unique_requests(step: np.ndarray, user: np.ndarray, tab: np.ndarray, is_rand
     request's gap between impressions and start offset in its hour drawn from ``rng``. Shared by the in-memory
     and the chunked world (same draws in the same order)."""
     # step-major key: np.unique both removes duplicate keys and sorts the requests by time
-    key = np.unique(((step * n_users + user) * cfg.n_tabs + tab) * 2 + is_rand)
+    key = distinct(((step * n_users + user) * cfg.n_tabs + tab) * 2 + is_rand)
     is_rand = key % 2
     key //= 2
     tab = key % cfg.n_tabs
