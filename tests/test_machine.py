@@ -241,7 +241,7 @@ class _Pairs:
 def test_ranker_scorer_decides_bf16_per_pass_size_and_probes_each_size_once(monkeypatch):
     """bf16 pays on large passes only (the probe says so here: 2.0x from 1,024 rows, 0.7x below): one list of 100
     (batch-1 serving) scores in float32, 50 lists (passes of 4,000 rows) in bf16, each exactly as score_pairs does
-    in that dtype; each size class is probed once, and the record names both."""
+    in that dtype; each size class is probed once (``decide`` probes ahead of scoring), and the record names both."""
     table = make_table(5000, seed=33)
     model = Ranker(SPEC, TEACHER, seed=0)
     probed = []
@@ -254,6 +254,7 @@ def test_ranker_scorer_decides_bf16_per_pass_size_and_probes_each_size_once(monk
     monkeypatch.setattr(S, "forward_bf16_speedup", probe)
     with torch_threads(1):
         score = ranker_scorer(model, _Pairs(table))
+        assert score.decide(None, np.zeros((45, 100), np.int64)).dtype == "bf16"  # decided ahead: probed now
         one = score(None, np.zeros((1, 100), np.int64))
         many = score(None, np.zeros((50, 100), np.int64))
         score(None, np.zeros((1, 100), np.int64)), score(None, np.zeros((45, 100), np.int64))  # sizes seen: no probe
@@ -261,7 +262,7 @@ def test_ranker_scorer_decides_bf16_per_pass_size_and_probes_each_size_once(monk
     np.testing.assert_array_equal(one[0], score_pairs(model, table.cat[:100], table.num[:100], list_len=100))
     np.testing.assert_array_equal(many.ravel(), score_pairs(model, table.cat, table.num, list_len=100, bf16=True))
     assert not np.array_equal(many.ravel(), score_pairs(model, table.cat, table.num, list_len=100))
-    assert probed == [(100, 100), (4000, 100)]
+    assert probed == [(4000, 100), (100, 100)]
     rec = autocast_record(score)
     assert list(rec) == ["128 rows, lists of 100, 1 threads", "4096 rows, lists of 100, 1 threads"]
     assert [r["dtype"] for r in rec.values()] == ["float32", "bf16"]

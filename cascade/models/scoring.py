@@ -98,7 +98,8 @@ def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto", b
     (:func:`scoring_autocast`) on the first call whose passes fall in each power-of-two size class (per list
     length and torch thread count) and every pass of a call runs in that one dtype. ``score.autocast`` maps
     (pass rows' size class, list length, threads) -> the :class:`~cascade.machine.AutocastChoice` made so far
-    (:func:`autocast_record` writes it for a manifest). The
+    (:func:`autocast_record` writes it for a manifest); ``score.decide(requests, candidates)`` makes the choice of
+    such calls ahead of them (a step that times its scoring probes first). The
     model is put in eval mode here, once: threads that score side by side (:mod:`cascade.threads`) then never
     switch it; the choices are made under a lock."""
     ranking = ranking_model(model)
@@ -121,7 +122,12 @@ def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto", b
         return score_pairs(ranking, cat, num, batch_size, list_len=n,
                            bf16=choice_for(cat, num, n).bf16).reshape(candidates.shape)
 
+    def decide(requests: Requests, candidates: np.ndarray) -> AutocastChoice:
+        """Make (probe) the choice of calls like score(requests, candidates) now, without scoring them."""
+        return choice_for(*data.pair_features(requests, candidates), candidates.shape[1])
+
     score.autocast = choices
+    score.decide = decide
     return score
 
 

@@ -21,7 +21,7 @@ from ..distill.ranklog import sample_candidates
 from ..distill.shard_runner import build_rank_log_distributed
 from ..models.scoring import autocast_record, ranker_scorer
 from ..run_data import RunData, load_ranker
-from ..threads import ordered_map
+from ..threads import ordered_map, torch_threads
 from .config import RankLogSection
 from .runner import StepContext, StepResult
 
@@ -176,6 +176,9 @@ def run(ctx: StepContext) -> StepResult:
         return score(requests.take(request_rows), item_ids[candidates])
 
     workers = torch.get_num_threads()
+    with torch_threads(1 if workers > 1 else workers):  # the threads each worker scores on
+        first = np.arange(min(len(frame), c.requests_per_batch))
+        score.decide(requests.take(first), item_ids[np.maximum(cands[first], 0)])  # its bf16 probe: not timed
     t0 = time.perf_counter()
     # one process: a plain log; under torchrun: one shard per rank, merged by rank 0 into one log. The run's
     # threads score whole batches side by side (cascade.threads: 1.40x the pairs/s of one batch at a time on the
