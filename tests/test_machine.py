@@ -263,9 +263,22 @@ def test_ranker_scorer_decides_bf16_per_pass_size_and_probes_each_size_once(monk
     np.testing.assert_array_equal(many.ravel(), score_pairs(model, table.cat, table.num, list_len=100, bf16=True))
     assert not np.array_equal(many.ravel(), score_pairs(model, table.cat, table.num, list_len=100))
     assert probed == [(4000, 100), (100, 100)]
-    rec = autocast_record(score)
+    rec = autocast_record(model)["auto"]
     assert list(rec) == ["128 rows, lists of 100, 1 threads", "4096 rows, lists of 100, 1 threads"]
     assert [r["dtype"] for r in rec.values()] == ["float32", "bf16"]
+    # another scorer of the same model takes its choices (no probe: one dtype per pass size for the model in this
+    # process); another model, or the same one with autocast "off", is its own
+    with torch_threads(1):
+        again = ranker_scorer(model, _Pairs(table))
+        again(None, np.zeros((1, 100), np.int64))
+        assert probed == [(4000, 100), (100, 100)] and again.autocast is score.autocast
+        other = ranker_scorer(Ranker(SPEC, TEACHER, seed=1), _Pairs(table))
+        other(None, np.zeros((1, 100), np.int64))
+        assert probed == [(4000, 100), (100, 100), (100, 100)]
+        off = ranker_scorer(model, _Pairs(table), "off")
+        off(None, np.zeros((1, 100), np.int64))
+        assert len(probed) == 3
+        assert autocast_record(model)["off"]["128 rows, lists of 100, 1 threads"]["dtype"] == "float32"
 
 
 # ------------------------------------------------------------------------------------------ bounds

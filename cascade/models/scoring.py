@@ -8,6 +8,7 @@ function of the rank stage, the rank log and the teacher's reference lists.
 from __future__ import annotations
 
 import threading
+import weakref
 
 import numpy as np
 import torch
@@ -88,6 +89,13 @@ def scoring_autocast(model: torch.nn.Module, autocast: str | None, cat: np.ndarr
     return resolve_autocast(autocast, "cpu", what="scoring", probe=probe)
 
 
+#: model -> requested autocast -> (pass size class, list length, threads) -> choice: every scorer of one model in a
+#: process scores a pass size in one dtype (two cascades of a replay that share their ranker are compared on equal
+#: terms, whatever a second probe would have read)
+_CHOICES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+_CHOICES_LOCK = threading.Lock()
+
+
 def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto", batch_size: int = 4096):
     """score(requests, candidates [B, N]) -> ranking scores [B, N] (:func:`ranking_model`) with the pair features
     built on the fly by ``data.pair_features(requests, candidates)`` (a :class:`cascade.run_data.RunData`), in
@@ -96,22 +104,22 @@ def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto", b
     autocast: bfloat16 scoring, decided per size of pass: whether bf16 pays depends on it (one list of 100
     candidates at batch-1 serving vs the rank log's passes of 4,096 rows), so "auto" probes the forward
     (:func:`scoring_autocast`) on the first call whose passes fall in each power-of-two size class (per list
-    length and torch thread count) and every pass of a call runs in that one dtype. ``score.autocast`` maps
-    (pass rows' size class, list length, threads) -> the :class:`~cascade.machine.AutocastChoice` made so far
-    (:func:`autocast_record` writes it for a manifest); ``score.decide(requests, candidates)`` makes the choice of
-    such calls ahead of them (a step that times its scoring probes first). The
-    model is put in eval mode here, once: threads that score side by side (:mod:`cascade.threads`) then never
-    switch it; the choices are made under a lock."""
+    length and torch thread count; once per model in a process, for every scorer of it) and every pass of a call
+    runs in that one dtype. ``score.autocast`` maps (pass rows' size class, list length, threads) -> the
+    :class:`~cascade.machine.AutocastChoice` made so far (:func:`autocast_record` writes a model's choices for a
+    manifest); ``score.decide(requests, candidates)`` makes the choice of such calls ahead of them (a step that
+    times its scoring probes first). The model is put in eval mode here, once: threads that score side by side
+    (:mod:`cascade.threads`) then never switch it; the choices are made under a lock."""
     ranking = ranking_model(model)
     ranking.eval()
-    choices: dict[tuple[int, int, int], AutocastChoice] = {}
-    lock = threading.Lock()
+    with _CHOICES_LOCK:
+        choices = _CHOICES.setdefault(ranking, {}).setdefault(str(autocast), {})
 
     def choice_for(cat: np.ndarray, num: np.ndarray, list_len: int) -> AutocastChoice:
         rows = min(len(cat), passes(ranking, len(cat), batch_size, list_len)[1])
         size = min(1 << max(rows - 1, 0).bit_length(), batch_size)  # its power-of-two class
         key = (size, list_len, torch.get_num_threads())
-        with lock:
+        with _CHOICES_LOCK:
             if key not in choices:
                 choices[key] = scoring_autocast(ranking, autocast, cat[:rows], num[:rows], list_len)
             return choices[key]
@@ -131,7 +139,10 @@ def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto", b
     return score
 
 
-def autocast_record(score) -> dict[str, dict]:
-    """The bfloat16 choices a :func:`ranker_scorer` made, for a manifest: "<rows> rows, lists of <N>, <t> threads"
-    -> the choice's fields (requested, dtype, reason, speedup)."""
-    return {f"{r} rows, lists of {n}, {t} threads": c.to_dict() for (r, n, t), c in sorted(score.autocast.items())}
+def autocast_record(model: torch.nn.Module) -> dict[str, dict[str, dict]]:
+    """The bfloat16 choices the scorers of ``model`` made in this process, for a manifest: requested autocast ->
+    "<rows> rows, lists of <N>, <t> threads" -> the choice's fields (requested, dtype, reason, speedup)."""
+    with _CHOICES_LOCK:
+        made = {k: dict(v) for k, v in _CHOICES.get(ranking_model(model), {}).items()}
+    return {mode: {f"{r} rows, lists of {n}, {t} threads": c.to_dict() for (r, n, t), c in sorted(choices.items())}
+            for mode, choices in made.items() if choices}

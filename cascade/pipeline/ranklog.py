@@ -193,7 +193,7 @@ def run(ctx: StepContext) -> StepResult:
     pairs = int(np.sum(cands >= 0))
     share = source_share(source, names)
     metrics = {"n_requests": len(frame), "n_pairs": pairs, "pairs_per_s": pairs / max(wall, 1e-9),
-               "lists_s": lists_s, "source_share": share, "autocast": autocast_record(score),
+               "lists_s": lists_s, "source_share": share, "autocast": autocast_record(teacher),
                "scoring_workers": workers}
     return StepResult(outputs, metrics, f"{pairs:,} pairs at {metrics['pairs_per_s']:,.0f} pairs/s; sources "
                       + ", ".join(f"{k} {v:.2f}" for k, v in share.items()))

@@ -18,7 +18,7 @@ from ..data.requests import impression_requests, requests_frame, to_requests
 from ..data.world import World
 from ..eval.metrics import auc, gauc, paired_difference, recall_at_k
 from ..index.faiss_index import ItemIndex
-from ..models.scoring import ranker_scorer
+from ..models.scoring import autocast_record, ranker_scorer
 from ..run_data import RunData, load_ranker, load_towers
 from ..serve.cascade import CHANNELS_VARIANT, build_cascade, channel_settings, select_unseen, select_unseen_origin
 from ..serve.replay import (
@@ -168,7 +168,12 @@ def run(ctx: StepContext) -> StepResult:
     outputs.append("summary.json")
     everything = {**variants, **references, **baselines}
     head = {v: round(s["quality"]["rank_click_recall"], 4) for v, s in everything.items()}
-    return StepResult(outputs, {**{v: s["quality"] for v, s in everything.items()}, "latency": timings},
+    # the bf16 choices of the rankers' scoring, per pass size (manifest only: the probes vary from run to run)
+    scoring = {"teacher": autocast_record(teacher)}
+    if ranker is not teacher:
+        scoring["ranker"] = autocast_record(ranker)
+    return StepResult(outputs, {**{v: s["quality"] for v, s in everything.items()}, "latency": timings,
+                                "autocast": scoring},
                       f"end-to-end click-recall@{c.k}: {head}")
 
 
