@@ -278,6 +278,12 @@ def test_ranker_scorer_decides_bf16_per_pass_size_and_probes_each_size_once(monk
         off = ranker_scorer(model, _Pairs(table), "off")
         off(None, np.zeros((1, 100), np.int64))
         assert len(probed) == 3
+        # an entire-space teacher's ranking score is a new view per access: its scorers share through the model
+        from cascade.models.entire_space import EntireSpaceRanker
+        teacher = EntireSpaceRanker(SPEC, TEACHER, seed=0)
+        for _ in range(2):
+            ranker_scorer(teacher, _Pairs(table))(None, np.zeros((1, 100), np.int64))
+        assert len(probed) == 4 and list(autocast_record(teacher)["auto"]) == ["128 rows, lists of 100, 1 threads"]
         assert autocast_record(model)["off"]["128 rows, lists of 100, 1 threads"]["dtype"] == "float32"
 
 

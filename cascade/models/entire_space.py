@@ -92,7 +92,7 @@ def exposure_config(cfg: RankerConfig, exclude: tuple[str, ...], spec: FeatureSp
 
 class RankScore:
     """The ranking score of an :class:`EntireSpaceRanker` in a ranker's calling shape (``__call__``,
-    ``forward_lists``, ``training`` / ``eval`` / ``train``, ``modules``), so batched scoring
+    ``forward_lists``, ``training`` / ``eval`` / ``train``), so batched scoring
     (:func:`cascade.models.scoring.score_pairs`) treats it like any ranker. Not a module: it holds no parameter,
     and its mode is the parent's."""
 
@@ -116,10 +116,6 @@ class RankScore:
     def eval(self) -> RankScore:
         self.parent.eval()
         return self
-
-    def modules(self):
-        """The parent's modules (what the autocast probe reads the GEMM shapes from)."""
-        return self.parent.modules()
 
     def train(self, mode: bool = True) -> RankScore:
         self.parent.train(mode)

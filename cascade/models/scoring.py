@@ -112,8 +112,8 @@ def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto", b
     (:mod:`cascade.threads`) then never switch it; the choices are made under a lock."""
     ranking = ranking_model(model)
     ranking.eval()
-    with _CHOICES_LOCK:
-        choices = _CHOICES.setdefault(ranking, {}).setdefault(str(autocast), {})
+    with _CHOICES_LOCK:  # keyed by the model: an entire-space ranker's ranking score is a new view per access
+        choices = _CHOICES.setdefault(model, {}).setdefault(str(autocast), {})
 
     def choice_for(cat: np.ndarray, num: np.ndarray, list_len: int) -> AutocastChoice:
         rows = min(len(cat), passes(ranking, len(cat), batch_size, list_len)[1])
@@ -143,6 +143,6 @@ def autocast_record(model: torch.nn.Module) -> dict[str, dict[str, dict]]:
     """The bfloat16 choices the scorers of ``model`` made in this process, for a manifest: requested autocast ->
     "<rows> rows, lists of <N>, <t> threads" -> the choice's fields (requested, dtype, reason, speedup)."""
     with _CHOICES_LOCK:
-        made = {k: dict(v) for k, v in _CHOICES.get(ranking_model(model), {}).items()}
+        made = {k: dict(v) for k, v in _CHOICES.get(model, {}).items()}
     return {mode: {f"{r} rows, lists of {n}, {t} threads": c.to_dict() for (r, n, t), c in sorted(choices.items())}
             for mode, choices in made.items() if choices}
