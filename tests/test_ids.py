@@ -35,3 +35,28 @@ def test_duplicates_non_integers_and_empty_tables_are_refused_or_handled():
     assert empty.find(np.array([1, 2]))[1].tolist() == [False, False]
     with pytest.raises(DataValidationError, match="which is empty"):
         empty.rows(np.array([1]))
+
+
+def test_an_oov_sentinel_id_keeps_the_table_and_is_found_apart():
+    """A table with an OOV row's sentinel id (a large negative number) still looks the real ids up in a table, and
+    finds the sentinel (and only it) among the negative ids: the same answers as a binary search over all ids."""
+    sentinel = -(2**31)
+    ids = np.array([4, sentinel, 0, 2, 9, 3])  # the OOV row in second place
+    index = IdIndex(ids, "item_id")
+    assert index.table is not None and index.n_negative == 1 and len(index.table) == 10
+    queries = np.array([[9, sentinel, -1], [0, 5, 2**40]])
+    rows, found = index.find(queries)
+    np.testing.assert_array_equal(rows, [[4, 1, 0], [2, 0, 0]])
+    np.testing.assert_array_equal(found, [[True, True, False], [True, False, False]])
+    assert index.find(np.int64(sentinel))[0] == 1 and index.find(np.int64(sentinel))[1]  # a 0-d id
+    rng = np.random.default_rng(0)
+    many = np.r_[rng.choice(60000, 3000, replace=False), sentinel]  # sparse users: 3,000 over 60,000 ids
+    index = IdIndex(many, "user_id")
+    assert index.table is not None  # within 4 N + TABLE_SLACK slots
+    q = np.r_[rng.integers(-5, 60005, 5000), sentinel]
+    pos = np.minimum(np.searchsorted(np.sort(many), q), len(many) - 1)
+    expect_found = np.sort(many)[pos] == q
+    rows, found = index.find(q)
+    np.testing.assert_array_equal(found, expect_found)
+    np.testing.assert_array_equal(many[rows[found]], q[found])
+    assert IdIndex(np.r_[0, 10**7], "item_id").table is None  # sparse: binary search

@@ -3,8 +3,11 @@
 ``IdIndex(ids)`` takes the ids of a table's rows (int64 [N], any order, unique) and answers the row of any id:
 :meth:`IdIndex.find` gives (rows, found) without raising (the caller decides what an unknown id means, e.g. the
 OOV row at serving), :meth:`IdIndex.rows` raises :class:`~cascade.data.schema.DataValidationError` naming the
-first unknown id. Compact id ranges (the usual 0..N-1 ids) use a direct lookup table (one gather, several times
-faster than a binary search per id); sparse ranges use ``searchsorted`` on the sorted ids.
+first unknown id. Compact id ranges (the usual 0..N-1 ids, or ids spread over at most 4 N + 65,536 values) use a
+direct lookup table (one gather, several times faster than a binary search per id); sparse ranges use
+``searchsorted`` on the sorted ids. Negative ids are never data (every source's ids are >= 0): where a table
+holds an OOV row's sentinel id (a large negative number), the sentinels are searched apart and do not stretch the
+table's range.
 """
 
 from __future__ import annotations
@@ -12,6 +15,9 @@ from __future__ import annotations
 import numpy as np
 
 from .schema import DataValidationError
+
+
+TABLE_SLACK = 65536  # a lookup table may hold this many empty slots beyond 4 per id (512 KiB of int64)
 
 
 class IdIndex:
@@ -31,11 +37,12 @@ class IdIndex:
                                       f"{int(self.sorted_ids[dup[0]])}")
         self.identity = bool(np.array_equal(self.order, np.arange(len(ids))))  # sorted ids: row = position
         self.table = None
-        n = len(ids)
-        if n and int(self.sorted_ids[-1]) - int(self.sorted_ids[0]) < 4 * n + 1024:
-            self.lo = int(self.sorted_ids[0])
-            self.table = np.full(int(self.sorted_ids[-1]) - self.lo + 1, -1, np.int64)
-            self.table[self.sorted_ids - self.lo] = self.order
+        self.n_negative = int(np.searchsorted(self.sorted_ids, 0))  # sentinel ids, searched apart from the table
+        bulk = self.sorted_ids[self.n_negative:]
+        if len(bulk) and int(bulk[-1]) - int(bulk[0]) < 4 * len(bulk) + TABLE_SLACK:
+            self.lo = int(bulk[0])
+            self.table = np.full(int(bulk[-1]) - self.lo + 1, -1, np.int64)
+            self.table[bulk - self.lo] = self.order[self.n_negative:]
 
     def __len__(self) -> int:
         return len(self.sorted_ids)
@@ -46,11 +53,19 @@ class IdIndex:
         if len(self.sorted_ids) == 0:
             return np.zeros(ids.shape, np.int64), np.zeros(ids.shape, bool)
         if self.table is not None:
-            off = ids - self.lo
+            flat = ids.reshape(-1)
+            off = flat - self.lo
             inside = (off >= 0) & (off < len(self.table))
             rows = self.table[np.where(inside, off, 0)]
             found = inside & (rows >= 0)
-            return np.where(found, rows, 0), found
+            if self.n_negative:  # sentinel ids: found among the few below the table
+                neg = np.flatnonzero(flat < 0)
+                if len(neg):
+                    sentinels = self.sorted_ids[: self.n_negative]
+                    pos = np.minimum(np.searchsorted(sentinels, flat[neg]), self.n_negative - 1)
+                    hit = sentinels[pos] == flat[neg]
+                    rows[neg[hit]], found[neg[hit]] = self.order[pos[hit]], True
+            return np.where(found, rows, 0).reshape(ids.shape), found.reshape(ids.shape)
         pos = np.minimum(np.searchsorted(self.sorted_ids, ids), len(self.sorted_ids) - 1)
         found = self.sorted_ids[pos] == ids
         rows = pos if self.identity else self.order[pos]
