@@ -16,7 +16,6 @@ import numpy as np
 
 from .schema import DataValidationError
 
-
 TABLE_SLACK = 65536  # a lookup table may hold this many empty slots beyond 4 per id (512 KiB of int64)
 
 
