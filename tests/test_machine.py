@@ -263,6 +263,7 @@ def test_ranker_scorer_decides_bf16_per_pass_size_and_probes_each_size_once(monk
     np.testing.assert_array_equal(many.ravel(), score_pairs(model, table.cat, table.num, list_len=100, bf16=True))
     assert not np.array_equal(many.ravel(), score_pairs(model, table.cat, table.num, list_len=100))
     assert probed == [(4000, 100), (100, 100)]
+    assert score(None, np.zeros((0, 100), np.int64)).shape == (0, 100) and len(probed) == 2  # no rows: no probe
     rec = autocast_record(model)["auto"]
     assert list(rec) == ["128 rows, lists of 100, 1 threads", "4096 rows, lists of 100, 1 threads"]
     assert [r["dtype"] for r in rec.values()] == ["float32", "bf16"]

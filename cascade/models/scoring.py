@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from cascade.data.requests import Requests
-from cascade.machine import AutocastChoice, best_seconds_alternating, resolve_autocast
+from cascade.machine import AutocastChoice, best_seconds_alternating, check_autocast, resolve_autocast
 
 LISTS_MIN = 8  # score_pairs uses forward_lists from this many candidate lists per forward pass on
 
@@ -116,6 +116,8 @@ def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto", b
         choices = _CHOICES.setdefault(model, {}).setdefault(str(autocast), {})
 
     def choice_for(cat: np.ndarray, num: np.ndarray, list_len: int) -> AutocastChoice:
+        if len(cat) == 0:  # nothing to score, nothing to probe
+            return AutocastChoice(check_autocast(autocast, "scoring"), "float32", "no rows")
         rows = min(len(cat), passes(ranking, len(cat), batch_size, list_len)[1])
         size = min(1 << max(rows - 1, 0).bit_length(), batch_size)  # its power-of-two class
         key = (size, list_len, torch.get_num_threads())
