@@ -71,8 +71,8 @@ def forward_bf16_speedup(model: torch.nn.Module, cat: np.ndarray, num: np.ndarra
     """float32 time / bfloat16-autocast time of ``score_pairs(model, cat, num, list_len=list_len)`` on these rows
     (one forward pass: give at most a pass's rows), best of ``repeats`` rounds that time the two in turn
     (:func:`cascade.machine.best_seconds_alternating`). Unlike a GEMM alone, this counts everything the forward
-    casts and runs: at 100 rows (one list at batch-1 serving) bf16 autocast took 1.5x float32's time on a CPU
-    where the default teacher's largest GEMM ran 1.3x faster in bf16 (BENCHMARKS.md)."""
+    casts and runs: at 100 rows (one list at batch-1 serving) the default teacher's forward took 1.15x float32's
+    time under bf16 autocast, although its largest GEMM alone ran 1.3x faster (BENCHMARKS.md)."""
     f32, bf16 = best_seconds_alternating(
         [lambda b=b: score_pairs(model, cat, num, len(cat), list_len, bf16=b) for b in (False, True)], repeats)
     return f32 / bf16

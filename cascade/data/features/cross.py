@@ -26,7 +26,7 @@ class _History:
     """
 
     def __init__(self, keys: np.ndarray, time_rank: np.ndarray, click: np.ndarray, stride: int):
-        order = np.lexsort((time_rank, keys))  # by (key, time): one sort (np.unique's inverse and a sort took 2x)
+        order = np.lexsort((time_rank, keys))  # by (key, time): one sort (np.unique's inverse, then a sort: 1.35x)
         sorted_keys = keys[order]
         first = np.ones(len(order), bool)
         np.not_equal(sorted_keys[1:], sorted_keys[:-1], out=first[1:])
