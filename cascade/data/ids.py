@@ -57,8 +57,9 @@ class IdIndex:
             inside = (off >= 0) & (off < len(self.table))
             rows = self.table[np.where(inside, off, 0)]
             found = inside & (rows >= 0)
-            if self.n_negative:  # sentinel ids: found among the few below the table
-                neg = np.flatnonzero(flat < 0)
+            if self.n_negative and not found.all():  # sentinel ids: found among the few below the table
+                miss = np.flatnonzero(~found)
+                neg = miss[flat[miss] < 0]
                 if len(neg):
                     sentinels = self.sorted_ids[: self.n_negative]
                     pos = np.minimum(np.searchsorted(sentinels, flat[neg]), self.n_negative - 1)
