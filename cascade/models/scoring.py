@@ -112,18 +112,19 @@ def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto", b
     (:mod:`cascade.threads`) then never switch it; the choices are made under a lock."""
     ranking = ranking_model(model)
     ranking.eval()
+    mode = check_autocast(autocast, "scoring")  # a bad value raises here, before any scoring
     with _CHOICES_LOCK:  # keyed by the model: an entire-space ranker's ranking score is a new view per access
-        choices = _CHOICES.setdefault(model, {}).setdefault(str(autocast), {})
+        choices = _CHOICES.setdefault(model, {}).setdefault(mode, {})
 
     def choice_for(cat: np.ndarray, num: np.ndarray, list_len: int) -> AutocastChoice:
         if len(cat) == 0:  # nothing to score, nothing to probe
-            return AutocastChoice(check_autocast(autocast, "scoring"), "float32", "no rows")
+            return AutocastChoice(mode, "float32", "no rows")
         rows = min(len(cat), passes(ranking, len(cat), batch_size, list_len)[1])
         size = min(1 << max(rows - 1, 0).bit_length(), batch_size)  # its power-of-two class
         key = (size, list_len, torch.get_num_threads())
         with _CHOICES_LOCK:
             if key not in choices:
-                choices[key] = scoring_autocast(ranking, autocast, cat[:rows], num[:rows], list_len)
+                choices[key] = scoring_autocast(ranking, mode, cat[:rows], num[:rows], list_len)
             return choices[key]
 
     def score(requests: Requests, candidates: np.ndarray) -> np.ndarray:

@@ -176,7 +176,7 @@ def run(ctx: StepContext) -> StepResult:
         return score(requests.take(request_rows), item_ids[candidates])
 
     workers = torch.get_num_threads()
-    with torch_threads(1 if workers > 1 else workers):  # the threads each worker scores on
+    with torch_threads(1):  # what each worker scores on (one worker: the run's one thread)
         first = np.arange(min(len(frame), c.requests_per_batch))
         score.decide(requests.take(first), item_ids[np.maximum(cands[first], 0)])  # its bf16 probe: not timed
     t0 = time.perf_counter()
