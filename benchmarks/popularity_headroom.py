@@ -6,6 +6,9 @@ with clicks (the judge of cascade.pipeline.judge, seen items filtered as the run
 
 - most-popular of a trailing window of 1, 7 or 30 days, counting clicks (the popular channel) or every logged
   impression (on MovieLens: every rating, liked or not);
+- the split's own most-clicked items, counted over the very requests judged (hindsight: no list that anything could
+  serve; it ranks by clicks, not by each request's share of them, so it comes near, not exactly to, the best list
+  that is the same for all users: what lies well above it must be personal);
 - the run's most-popular re-ranked with its item-CF channel: score = log(1 + clicks in the window) + b x the
   request's item-CF score / its largest, over the popular list's top 200, b from a grid, chosen on validation
   click-recall@K (b = 0 is the popular list itself).
@@ -69,6 +72,23 @@ class Blend:
         return np.where(found, cf.ravel()[order][pos], 0.0).reshape(ids.shape)
 
 
+class Hindsight:
+    """One list for every request: the items most clicked in ``impressions`` (the split judged), ties by item id."""
+
+    def __init__(self, impressions) -> None:
+        clicks = impressions[impressions["click"] > 0].groupby("item_id").size()
+        order = np.lexsort((clicks.index.to_numpy(), -clicks.to_numpy()))
+        self.ids = clicks.index.to_numpy(np.int64)[order]
+        self.counts = clicks.to_numpy(np.float32)[order]
+
+    def select(self, requests, candidates, n: int):
+        ids = np.full(n, PAD, np.int64)
+        counts = np.full(n, -np.inf, np.float32)
+        m = min(n, len(self.ids))
+        ids[:m], counts[:m] = self.ids[:m], self.counts[:m]
+        return np.tile(ids, (len(requests), 1)), np.tile(counts, (len(requests), 1))
+
+
 def recall(judge: Judge, stage, k: int) -> np.ndarray:
     return judge.recall(judge.lists(stage, k), k)
 
@@ -90,6 +110,8 @@ def measure(run: Path, k: int) -> dict:
         lists[f"most-popular, clicks, {w:g} days"] = PopularChannel(data.history, w, refresh)
         lists[f"most-popular, every impression, {w:g} days"] = PopularChannel(shown, w, refresh)
     per = {name: {s: recall(j, stage, k) for s, j in judges.items()} for name, stage in lists.items()}
+    hindsight = "the split's own most-clicked (hindsight)"
+    per[hindsight] = {s: recall(j, Hindsight(data.split_impressions(s)), k) for s, j in judges.items()}
     blend = {b: {s: recall(j, Blend(chosen["popular"], chosen["itemcf"], b), k) for s, j in judges.items()}
              for b in BLEND}
     best = max(BLEND, key=lambda b: (np.nanmean(blend[b]["valid"]), -b))

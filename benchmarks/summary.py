@@ -264,16 +264,19 @@ def _random_slice(d: dict) -> tuple[str, bool]:
 
 
 def _headroom(d: dict) -> tuple[str, None]:
-    """Per run: the test click-recall@K of its most-popular, the best popularity variant on test (a ceiling chosen
-    after the fact), and what the item-CF blend chosen on validation adds on test (paired)."""
+    """Per run: the test click-recall@K of its most-popular, the best trailing popularity variant on test (a ceiling
+    chosen after the fact), the split's own most-clicked (hindsight, where the result has it) and what the item-CF
+    blend chosen on validation adds on test (paired)."""
     parts = []
     for r in d["runs"]:
-        test = {n: v["test"]["mean"] for n, v in r["lists"].items()}
+        test = {n: v["test"]["mean"] for n, v in r["lists"].items() if n.startswith("most-popular")}
+        hindsight = [v["test"]["mean"] for n, v in r["lists"].items() if "hindsight" in n]
         base = r["blend"]["0.0"]["test"]["mean"]
         gain = r["blend_minus_popular_test"]
         best = max(test, key=test.get)
         parts.append(f"{r['judges']['test'].split(' ')[0]} test requests: its most-popular {base:.3f}, the best "
-                     f"popularity variant on test {test[best]:.3f} ({best[14:]}), + item-CF (b = "
+                     f"popularity variant on test {test[best]:.3f} ({best[14:]})"
+                     + (f", hindsight {hindsight[0]:.3f}" if hindsight else "") + ", + item-CF (b = "
                      f"{r['blend_chosen_on_valid']:g} on validation) {gain['diff']:+.4f} ± {gain['se']:.4f}")
     return "; ".join(parts), None
 

@@ -8,8 +8,10 @@ against.
 
 "auto" picks bfloat16 only where the CPU runs it natively (avx512_bf16 or AMX, as torch reports them) AND a short
 probe is at least :data:`MIN_BF16_SPEEDUP` times faster under bfloat16 autocast than in float32; elsewhere float32.
-Training probes the model's own largest GEMM (once per shape and thread count in a process); scoring probes the
-model's whole forward at the size of its passes (:func:`cascade.models.scoring.ranker_scorer`).
+Training probes the model's own largest GEMM; scoring probes the model's whole forward at the size of its passes
+(:func:`cascade.models.scoring.ranker_scorer`). A probe is measured once per machine, thread count and shape and
+kept (:mod:`cascade.kept_probes`): runs on one machine then choose alike, where a probe near the threshold read
+afresh would flip with the machine's load.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from cascade.kept_probes import kept_speedup
 from cascade.threads import torch_threads
 
 log = logging.getLogger(__name__)
@@ -203,6 +206,16 @@ def _log_once(level: int, msg: str, *args) -> None:
         log.log(level, msg, *args)
 
 
+def probe_speedup(what: str, measure: Callable[[], float]) -> tuple[float, str | None]:
+    """(float32 time / bf16 time, when it was measured or None) of the probe ``what`` on torch's current thread
+    count: measured once per machine (CPU model, flags, torch version) and kept (:func:`kept_speedup`)."""
+    cap = cpu_capability()
+    flags = ",".join(f for f, on in cap["flags"].items() if on)
+    t = torch.get_num_threads()
+    key = f"{cap['cpu_model']} [{flags}] torch {torch.__version__}, {t} thread{'' if t == 1 else 's'}: {what}"
+    return kept_speedup(key, measure)
+
+
 def resolve_autocast(autocast, device_type: str = "cpu", gemm: tuple[int, int, int] | None = None,
                      what: str = "model", probe: tuple[str, Callable[[], float]] | None = None) -> AutocastChoice:
     """Whether to run ``what`` (a model's training forward or its scoring) under bfloat16 autocast.
@@ -210,9 +223,10 @@ def resolve_autocast(autocast, device_type: str = "cpu", gemm: tuple[int, int, i
     autocast: "auto" | "bf16" | "off" (None: "off"). device_type: "cuda" keeps its own path: "bf16" runs CUDA
     bf16 autocast, "auto" float32 (the CPU probe says nothing about a GPU). gemm: (rows, k, n) of the model's
     largest GEMM (:func:`largest_gemm`), the shape "auto" probes; None (no GEMM): float32. probe: instead of
-    gemm, (what it times, a function -> float32 time / bf16 time), called only where "auto" needs it (e.g. the
-    model's whole forward: :func:`cascade.models.scoring.scoring_autocast`). The choice is logged once per process;
-    an explicit "bf16" without native support logs a warning (torch emulates it, slowly).
+    gemm, (what it times, a function -> float32 time / bf16 time), called only where "auto" needs it and this
+    machine has not kept its value (:func:`probe_speedup`; e.g. the model's whole forward:
+    :func:`cascade.models.scoring.scoring_autocast`, whose name says the architecture). The choice is logged once
+    per process; an explicit "bf16" without native support logs a warning (torch emulates it, slowly).
     """
     if gemm is not None and probe is not None:
         raise ValueError("resolve_autocast: give gemm or probe, not both")
@@ -236,10 +250,13 @@ def resolve_autocast(autocast, device_type: str = "cpu", gemm: tuple[int, int, i
     elif probe is None:
         choice = AutocastChoice("auto", "float32", f"no GEMM to speed up ({flags})")
     else:
-        s = round(probe[1](), 3)
+        s, measured = probe_speedup(probe[0], probe[1])
+        s = round(s, 3)
         verdict = "bf16" if s >= MIN_BF16_SPEEDUP else "float32"
-        choice = AutocastChoice("auto", verdict, f"{flags}; {probe[0]} bf16 {s:.2f}x float32 "
-                                f"({'>=' if verdict == 'bf16' else '<'} {MIN_BF16_SPEEDUP})", s)
+        kept = "" if measured is None else f"; probed {measured}, kept"
+        t = torch.get_num_threads()
+        choice = AutocastChoice("auto", verdict, f"{flags}; {probe[0]} on {t} thread{'' if t == 1 else 's'} bf16 "
+                                f"{s:.2f}x float32 ({'>=' if verdict == 'bf16' else '<'} {MIN_BF16_SPEEDUP}{kept})", s)
     _log_once(logging.INFO, "%s: autocast auto -> %s (%s)", what, choice.dtype, choice.reason)
     return choice
 

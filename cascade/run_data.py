@@ -1,9 +1,10 @@
 """A finished run read back: its data, encoder and models, for the later pipeline steps, training and serving.
 
 :class:`RunData` reads the data step's folder (canonical tables, the saved feature encoder, the cross-feature
-store refitted from the logged history) and builds feature rows for any (request, item) pair. Unknown users,
-items and feature values map to the OOV index 0 of every vocabulary: the side tables get one extra all-missing
-row (user id / item id ``OOV_ID``) that every unknown id is routed to, so serving never fails on a new id.
+store refitted from the logged history, once per process for the same files) and builds feature rows for any
+(request, item) pair. Unknown users, items and feature values map to the OOV index 0 of every vocabulary: the side
+tables get one extra all-missing row (user id / item id ``OOV_ID``) that every unknown id is routed to, so serving
+never fails on a new id.
 :func:`load_ranker` and :func:`load_towers` read the saved models; :class:`Towers` is a two-tower student with
 its item embeddings, ready to embed requests and score candidates. :mod:`cascade.serve.cascade` assembles them
 into a cascade (``load_cascade``).
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -62,6 +64,36 @@ def _events(imp: pd.DataFrame) -> EventHistory:
                         imp["click"].to_numpy())
 
 
+#: the last fitted cross-feature store: (impressions' sha256, items' sha256, the store's settings) -> store. Every
+#: step of a run reads the same data folder; the fit (about 2 s on the default world) is then made once per process
+_LAST_CROSS: dict[tuple, CrossFeatureStore] = {}
+_LAST_CROSS_LOCK = threading.Lock()
+
+
+def _cross_store(manifest: dict, verified: bool, impressions: pd.DataFrame,
+                 items: pd.DataFrame) -> CrossFeatureStore | None:
+    """The data step's cross-feature store, refitted from the logged history (deterministic; queries only ever see
+    events before their time), None where the run has none. A store fitted on the same files (their sha256 in the
+    manifest, checked: ``verified``) with the same settings is taken as it is; it is never modified after its fit."""
+    cfg = manifest["config"]
+    if not cfg.get("cross_features", True):
+        return None
+    settings = dict(window_days=cfg["cross_window_days"], tag_column=cfg.get("cross_tag_column", "tag"),
+                    author_column=cfg.get("cross_author_column", "author_id"))
+    out = manifest["outputs"]
+    files = (out.get("impressions.parquet"), out.get("items.parquet"))
+    key = (*files, tuple(sorted(settings.items()))) if verified and None not in files else None
+    with _LAST_CROSS_LOCK:
+        if key in _LAST_CROSS:
+            return _LAST_CROSS[key]
+    store = CrossFeatureStore(**settings).fit(impressions, _with_oov_row(items, "item_id"))
+    if key is not None:
+        with _LAST_CROSS_LOCK:
+            _LAST_CROSS.clear()
+            _LAST_CROSS[key] = store
+    return store
+
+
 class RunData:
     """The data step of a run, ready for scoring. data_dir: runs/<run>/data."""
 
@@ -73,12 +105,7 @@ class RunData:
         self.items = pd.read_parquet(self.dir / "items.parquet")
         self.impressions = pd.read_parquet(self.dir / "impressions.parquet")
         self.encoder = FeatureEncoder.load(self.dir / "encoder")
-        cfg = self.manifest["config"]
-        # Refitted from the logged history (deterministic); queries only ever see events before their time.
-        self.cross = None if not cfg.get("cross_features", True) else CrossFeatureStore(
-            window_days=cfg["cross_window_days"], tag_column=cfg.get("cross_tag_column", "tag"),
-            author_column=cfg.get("cross_author_column", "author_id")
-        ).fit(self.impressions, _with_oov_row(self.items, "item_id"))
+        self.cross = _cross_store(self.manifest, verify, self.impressions, self.items)
         self.pairs = PairEncoder(self.encoder, self.cross, _with_oov_row(self.users, "user_id"),
                                  _with_oov_row(self.items, "item_id"))
         self.spec = self.pairs.spec

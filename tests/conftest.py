@@ -37,6 +37,8 @@ settings.load_profile(_profile)
 # finds it faster: results would depend on the machine. The suite runs as on a CPU without it (float32); set here, so
 # subprocesses (CLI runs, DDP workers) inherit it. tests/test_machine.py tests the detection and "auto" itself.
 os.environ["CASCADE_NATIVE_BF16"] = "0"
+# ... and keeps no probe (cascade.kept_probes): the tests of "auto" probe anew, and nothing lands in the home folder
+os.environ["CASCADE_PROBE_CACHE"] = ""
 
 THREADS = 1  # small tensors train faster on one thread, and results do not depend on the machine's core count
 

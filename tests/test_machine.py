@@ -97,7 +97,7 @@ def test_auto_is_float32_without_native_bf16_and_probes_nothing(monkeypatch):
 def test_auto_is_bf16_where_native_and_the_probe_is_fast_enough(monkeypatch):
     _capability(monkeypatch, native=True, speedup=2.0)
     c = M.resolve_autocast("auto", "cpu", GEMM)
-    assert (c.dtype, c.speedup) == ("bf16", 2.0) and "4096x200x128 bf16 2.00x" in c.reason
+    assert (c.dtype, c.speedup) == ("bf16", 2.0) and "GEMM 4096x200x128 on 1 thread bf16 2.00x" in c.reason
 
 
 def test_auto_is_float32_where_native_but_the_probe_is_slow(monkeypatch):
@@ -201,7 +201,8 @@ def test_scoring_autocast_follows_the_capability(monkeypatch, small):
     assert scoring_autocast(model, "auto", rows.cat, rows.num).dtype == "float32"
     _capability(monkeypatch, native=True, speedup=1.8)
     c = scoring_autocast(model, "auto", rows.cat[:400], rows.num[:400], list_len=10)
-    assert (c.dtype, c.speedup) == ("bf16", 1.8) and "forward of 400 rows (lists of 10) bf16 1.80x" in c.reason
+    assert (c.dtype, c.speedup) == ("bf16", 1.8)
+    assert "forward of 400 rows (lists of 10) on 1 thread bf16 1.80x" in c.reason
     assert scoring_autocast(model, "off", rows.cat, rows.num).dtype == "float32"
 
 
@@ -225,6 +226,11 @@ def test_scoring_autocast_probes_the_entire_space_teachers_ranking_forward(monke
     c = scoring_autocast(ranking, "auto", small[0].cat[:200], small[0].num[:200], list_len=10)
     assert c.speedup is not None and c.speedup > 0 and "forward of 200 rows (lists of 10)" in c.reason
     assert c.dtype == ("bf16" if c.speedup >= M.MIN_BF16_SPEEDUP else "float32")
+    # its kept probe is named by the ranker's architecture and whether the exposure model runs (half the forward)
+    assert f"RankScore of {S.architecture(ranking.parent)} forward of 200" in c.reason
+    with torch.no_grad():
+        ranking.parent.exposure_weight.zero_()
+    assert S.architecture(ranking) == f"RankScore of {S.architecture(ranking.parent)}, click only"
 
 
 class _Pairs:

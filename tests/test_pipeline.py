@@ -459,7 +459,11 @@ def test_popularity_headroom_benchmark_agrees_with_the_replay(run_a):
     window = A.read_json(run_dir / "channels" / "popular" / "channel.json")["params"]["window_days"]
     assert res["blend"]["0.0"]["test"]["mean"] == pytest.approx(
         res["lists"][f"most-popular, clicks, {window:g} days"]["test"]["mean"])
-    assert res["blend_chosen_on_valid"] in ph.BLEND and len(res["lists"]) == 2 * len(ph.WINDOWS)
+    assert res["blend_chosen_on_valid"] in ph.BLEND and len(res["lists"]) == 2 * len(ph.WINDOWS) + 1
+    # the hindsight list: the split's clicks counted, most first, ties by id, padded; the same for every request
+    imp = pd.DataFrame({"item_id": [7, 3, 7, 5, 3, 9], "click": [1, 1, 1, 1, 1, 0]})
+    ids, counts = ph.Hindsight(imp).select(list(range(2)), None, 5)
+    assert ids.tolist() == [[3, 7, 5, -1, -1]] * 2 and counts[0, :3].tolist() == [2, 2, 1]
     data = RunData(run_dir / "data")
     judge = split_judge(data, "test", 10**9, seed=0)
     popular = load_channels(run_dir / "channels", data.history, ["popular"])["popular"]

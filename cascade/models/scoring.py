@@ -7,6 +7,7 @@ function of the rank stage, the rank log and the teacher's reference lists.
 
 from __future__ import annotations
 
+import hashlib
 import threading
 import weakref
 
@@ -78,13 +79,25 @@ def forward_bf16_speedup(model: torch.nn.Module, cat: np.ndarray, num: np.ndarra
     return f32 / bf16
 
 
+def architecture(model: torch.nn.Module) -> str:
+    """The model's class and a digest of its parameters' and buffers' names, shapes and dtypes: what its forward's
+    speed depends on (not the values), so a kept probe of one architecture is never read for another. An
+    entire-space ranker's ranking score (a view, not a module) is named by its ranker and whether it runs the
+    exposure model."""
+    if not isinstance(model, torch.nn.Module):
+        parent = model.parent
+        return f"{type(model).__name__} of {architecture(parent)}" + ("" if parent.uses_exposure else ", click only")
+    shapes = [(n, tuple(t.shape), str(t.dtype)) for n, t in (*model.named_parameters(), *model.named_buffers())]
+    return f"{type(model).__name__} {hashlib.sha256(repr(shapes).encode()).hexdigest()[:12]}"
+
+
 def scoring_autocast(model: torch.nn.Module, autocast: str | None, cat: np.ndarray, num: np.ndarray,
                      list_len: int | None = None) -> AutocastChoice:
     """Whether :func:`score_pairs` runs ``model`` under bfloat16 on passes like ``(cat [R, C], num [R, M])``
     ("auto" | "bf16" | "off", None: "off"; :func:`cascade.machine.resolve_autocast`): "auto" probes the model's
     own forward on these rows (:func:`forward_bf16_speedup`). bf16 scoring of a trained ranker keeps >= 0.99 of
     float32's top-10 (tests/test_machine.py)."""
-    probe = (f"forward of {len(cat)} rows" + (f" (lists of {list_len})" if list_len else ""),
+    probe = (f"{architecture(model)} forward of {len(cat)} rows" + (f" (lists of {list_len})" if list_len else ""),
              lambda: forward_bf16_speedup(model, cat, num, list_len))
     return resolve_autocast(autocast, "cpu", what="scoring", probe=probe)
 
