@@ -13,7 +13,13 @@ with clicks (the judge of cascade.pipeline.judge, seen items filtered as the run
   request's item-CF score / its largest, over the popular list's top 200, b from a grid, chosen on validation
   click-recall@K (b = 0 is the popular list itself).
 
-For each list: click-recall@K on validation and test (mean and SE over requests), and for the chosen blend its
+- EASE (Steck, "Embarrassingly Shallow Autoencoders", 2019: item-item weights in closed form from the train
+  period's clicks, lambda from a grid) alone, over the user's every click before the request, and the run's
+  most-popular blended with it over the whole corpus: score = log(1 + clicks in the window) + b x the request's
+  EASE scores standardised over the corpus, (lambda, b) chosen on validation click-recall@K. Runs with more than
+  MAX_EASE_ITEMS items leave it out (it inverts a dense items x items matrix).
+
+For each list: click-recall@K on validation and test (mean and SE over requests), and for each chosen blend its
 test gain over most-popular paired on the same requests. Writes <out>/popularity_headroom.{json,md}.
 
     python benchmarks/popularity_headroom.py runs/ml-14d runs/ml-28d --out benchmarks/results
@@ -27,11 +33,13 @@ import time
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse as sp
 
 from cascade import artifacts as A
 from cascade.arrays import PAD, topk_rows
 from cascade.channels import PopularChannel, load_channels
 from cascade.data.history import EventHistory
+from cascade.data.ids import IdIndex
 from cascade.data.requests import request_start_ms
 from cascade.eval.metrics import paired_difference
 from cascade.machine import machine_record
@@ -39,6 +47,8 @@ from cascade.pipeline.judge import Judge, split_judge
 from cascade.run_data import RunData
 
 WINDOWS = (1.0, 7.0, 30.0)
+EASE_LAMBDAS = (50.0, 200.0, 800.0)
+MAX_EASE_ITEMS = 10_000
 BLEND = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 POOL = 200  # the popular items the blend re-ranks
 
@@ -89,6 +99,60 @@ class Hindsight:
         return np.tile(ids, (len(requests), 1)), np.tile(counts, (len(requests), 1))
 
 
+class Ease:
+    """EASE item-item weights B [I, I] (diagonal 0) from the binary users x items click matrix X of ``train``:
+    P = (X'X + lam I)^-1, B = -P / diag(P). scores(requests) -> float64 [R, I]: x_u @ B over the request's user's
+    every click before the request (``clicks``, an EventHistory of clicks; items outside ``item_ids`` left out)."""
+
+    def __init__(self, train: EventHistory, clicks: EventHistory, item_ids: np.ndarray, lam: float) -> None:
+        self.items = IdIndex(np.sort(np.asarray(item_ids, np.int64)), "item_id", "EASE")
+        self.clicks = clicks
+        c = train.click > 0
+        x = sp.csr_matrix((np.ones(int(c.sum())), (train.user_code[c], self.items.rows(train.item_id[c]))),
+                          shape=(len(train.users), len(self.items)))
+        x.data[:] = 1.0  # a pair clicked twice counts once
+        g = (x.T @ x).toarray()
+        g[np.diag_indices_from(g)] += lam
+        p = np.linalg.inv(g)
+        self.b = p / -np.diag(p)
+        np.fill_diagonal(self.b, 0.0)
+
+    def scores(self, requests) -> np.ndarray:
+        lo, hi = self.clicks.before(requests.user_id, requests.time_ms)
+        n = hi - lo
+        rows = np.repeat(np.arange(len(n)), n)
+        pos = np.repeat(lo, n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
+        cols, known = self.items.find(self.clicks.item_id[pos])
+        h = sp.csr_matrix((np.ones(int(known.sum())), (rows[known], cols[known])), shape=(len(n), len(self.items)))
+        h.data[:] = 1.0
+        return np.asarray(h @ self.b)
+
+    def select(self, requests, candidates, n: int):
+        return topk_rows(self.scores(requests).astype(np.float32), np.broadcast_to(self.items.sorted_ids,
+                         (len(requests), len(self.items))), n)
+
+
+class PopularEase:
+    """Over the whole corpus: log(1 + the popular channel's window clicks) + b x the request's EASE scores
+    standardised over the corpus (b = 0: most-popular's order, ties to the lower id)."""
+
+    def __init__(self, popular, ease: Ease, b: float) -> None:
+        self.popular, self.ease, self.b = popular, ease, b
+
+    def select(self, requests, candidates, n: int):
+        ids = self.ease.items.sorted_ids
+        score = np.zeros((len(requests), len(ids)))
+        period = requests.time_ms // self.popular.refresh_ms * self.popular.refresh_ms
+        for s in np.unique(period):
+            clicked, counts = self.popular.ranked(int(s))
+            rows, found = self.ease.items.find(clicked)
+            score[np.ix_(period == s, rows[found])] = np.log1p(counts[found])
+        if self.b:
+            e = self.ease.scores(requests)
+            score += self.b * (e - e.mean(axis=1, keepdims=True)) / np.maximum(e.std(axis=1, keepdims=True), 1e-12)
+        return topk_rows(score, np.broadcast_to(ids, score.shape), n)
+
+
 def recall(judge: Judge, stage, k: int) -> np.ndarray:
     return judge.recall(judge.lists(stage, k), k)
 
@@ -116,11 +180,28 @@ def measure(run: Path, k: int) -> dict:
              for b in BLEND}
     best = max(BLEND, key=lambda b: (np.nanmean(blend[b]["valid"]), -b))
     base = blend[0.0]["test"]
-    return {"run": run.name, "popular": chosen["popular"].params(), "judges": {s: j.what for s, j in judges.items()},
-            "lists": {name: {s: summary(v) for s, v in r.items()} for name, r in per.items()},
-            "blend": {str(b): {s: summary(v) for s, v in r.items()} for b, r in blend.items()},
-            "blend_chosen_on_valid": best,
-            "blend_minus_popular_test": paired_difference(blend[best]["test"], base)}
+    out = {"run": run.name, "popular": chosen["popular"].params(), "judges": {s: j.what for s, j in judges.items()},
+           "lists": {name: {s: summary(v) for s, v in r.items()} for name, r in per.items()},
+           "blend": {str(b): {s: summary(v) for s, v in r.items()} for b, r in blend.items()},
+           "blend_chosen_on_valid": best,
+           "blend_minus_popular_test": paired_difference(blend[best]["test"], base)}
+    if len(data.item_ids) > MAX_EASE_ITEMS:
+        out["ease"] = f"left out: {len(data.item_ids):,} items > {MAX_EASE_ITEMS:,}"
+        return out
+    train = data.split_history("train")
+    ease = {}
+    for lam in EASE_LAMBDAS:
+        model = Ease(train, data.click_history, data.item_ids, lam)
+        ease[f"EASE, lambda {lam:g}"] = {s: recall(j, model, k) for s, j in judges.items()}
+        for b in BLEND[1:]:
+            ease[f"its most-popular + {b:g} x EASE (lambda {lam:g})"] = {
+                s: recall(j, PopularEase(chosen["popular"], model, b), k) for s, j in judges.items()}
+    blends = [name for name in ease if name.startswith("its most-popular")]
+    pick = max(blends, key=lambda name: np.nanmean(ease[name]["valid"]))
+    out.update(ease={name: {s: summary(v) for s, v in r.items()} for name, r in ease.items()},
+               ease_blend_chosen_on_valid=pick, ease_blend_minus_popular_test=paired_difference(ease[pick]["test"],
+                                                                                                   base))
+    return out
 
 
 def markdown(res: dict) -> str:
@@ -138,9 +219,21 @@ def markdown(res: dict) -> str:
         for name, v in rows:
             lines.append(f"| {name} | {v['valid']['mean']:.4f} ± {v['valid']['se']:.4f} | "
                          f"{v['test']['mean']:.4f} ± {v['test']['se']:.4f} |")
+        if isinstance(r.get("ease"), dict):
+            for name, v in r["ease"].items():
+                chosen = " (chosen on validation)" if name == r["ease_blend_chosen_on_valid"] else ""
+                lines.append(f"| {name}{chosen} | {v['valid']['mean']:.4f} ± {v['valid']['se']:.4f} | "
+                             f"{v['test']['mean']:.4f} ± {v['test']['se']:.4f} |")
         d = r["blend_minus_popular_test"]
         lines += ["", f"chosen blend minus the run's most-popular on test, paired: {d['diff']:+.4f} ± {d['se']:.4f} "
-                      f"({d['n']} requests)", ""]
+                      f"({d['n']} requests)"]
+        if isinstance(r.get("ease"), dict):
+            d = r["ease_blend_minus_popular_test"]
+            lines.append(f"chosen EASE blend minus the run's most-popular on test, paired: {d['diff']:+.4f} ± "
+                         f"{d['se']:.4f} ({d['n']} requests)")
+        elif "ease" in r:
+            lines.append(f"EASE {r['ease']}")
+        lines.append("")
     return "\n".join(lines)
 
 

@@ -274,10 +274,17 @@ def _headroom(d: dict) -> tuple[str, None]:
         base = r["blend"]["0.0"]["test"]["mean"]
         gain = r["blend_minus_popular_test"]
         best = max(test, key=test.get)
+        ease = r.get("ease_blend_minus_popular_test")
         parts.append(f"{r['judges']['test'].split(' ')[0]} test requests: its most-popular {base:.3f}, the best "
                      f"popularity variant on test {test[best]:.3f} ({best[14:]})"
                      + (f", hindsight {hindsight[0]:.3f}" if hindsight else "") + ", + item-CF (b = "
-                     f"{r['blend_chosen_on_valid']:g} on validation) {gain['diff']:+.4f} ± {gain['se']:.4f}")
+                     f"{r['blend_chosen_on_valid']:g} on validation) {gain['diff']:+.4f} ± {gain['se']:.4f}"
+                     + (f", + EASE (chosen on validation) {ease['diff']:+.4f} ± {ease['se']:.4f}" if ease else ""))
+    eases = [r["ease_blend_minus_popular_test"] for r in d["runs"] if "ease_blend_minus_popular_test" in r]
+    if len(eases) > 1:
+        p = pooled_difference(eases)
+        parts.append(f"most-popular + EASE minus most-popular pooled over the {len(eases)} periods "
+                     f"{p['diff']:+.4f} ± {p['se']:.4f}")
     return "; ".join(parts), None
 
 

@@ -460,6 +460,7 @@ def test_popularity_headroom_benchmark_agrees_with_the_replay(run_a):
     assert res["blend"]["0.0"]["test"]["mean"] == pytest.approx(
         res["lists"][f"most-popular, clicks, {window:g} days"]["test"]["mean"])
     assert res["blend_chosen_on_valid"] in ph.BLEND and len(res["lists"]) == 2 * len(ph.WINDOWS) + 1
+    assert len(res["ease"]) == len(ph.EASE_LAMBDAS) * len(ph.BLEND) and res["ease_blend_chosen_on_valid"] in res["ease"]
     # the hindsight list: the split's clicks counted, most first, ties by id, padded; the same for every request
     imp = pd.DataFrame({"item_id": [7, 3, 7, 5, 3, 9], "click": [1, 1, 1, 1, 1, 0]})
     ids, counts = ph.Hindsight(imp).select(list(range(2)), None, 5)
@@ -472,6 +473,40 @@ def test_popularity_headroom_benchmark_agrees_with_the_replay(run_a):
     both = mine.merge(replay[["request_id", "rank_click_recall"]], on="request_id")
     assert len(both) >= 50
     np.testing.assert_allclose(both["mine"], both["rank_click_recall"])
+
+
+def test_popularity_headroom_ease_is_the_closed_form_on_a_hand_made_log():
+    """EASE's weights are (X'X + lam I)^-1 scaled by minus their diagonal, diagonal 0; a request scores x_u @ B over
+    every click of its user strictly before it; most-popular + b x EASE ranks by log(1 + count) at b = 0."""
+    import sys
+
+    import numpy as np
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import popularity_headroom as ph
+
+    from cascade.channels import PopularChannel
+    from cascade.data.history import EventHistory
+    from cascade.data.requests import Requests
+
+    # users 1-3 click items 10, 20, 30 (user 3 also sees 30 without a click, and clicks 10 twice)
+    u = np.array([1, 1, 2, 2, 3, 3, 3, 3])
+    i = np.array([10, 20, 20, 30, 10, 30, 10, 20])
+    t = np.array([1, 2, 3, 4, 5, 6, 7, 8]) * 1000
+    c = np.array([1, 1, 1, 1, 1, 0, 1, 1])
+    log = EventHistory(u, i, t, c)
+    ease = ph.Ease(log, EventHistory(u[c > 0], i[c > 0], t[c > 0]), np.array([30, 10, 20]), lam=2.0)
+    x = np.array([[1, 1, 0], [0, 1, 1], [1, 1, 0]], float)  # users x items (10, 20, 30), clicks once each
+    p = np.linalg.inv(x.T @ x + 2.0 * np.eye(3))
+    want = -p / np.diag(p)
+    np.fill_diagonal(want, 0.0)
+    np.testing.assert_allclose(ease.b, want, rtol=1e-12)
+    # user 3 at t = 7500 has clicked 10 (twice) before it; user 2 at t = 3500 has clicked 20 only; user 9 nothing
+    req = Requests(np.array([3, 2, 9]), np.array([7500, 3500, 7500]))
+    np.testing.assert_allclose(ease.scores(req), [want[0], want[1], np.zeros(3)], rtol=1e-12)
+    popular = PopularChannel(log, None, 1000)
+    ids, _ = ph.PopularEase(popular, ease, 0.0).select(req, None, 3)
+    assert ids[0].tolist() == [10, 20, 30]  # clicks before 7000: 10 twice (users 1, 3), 20 twice, 30 once; ties by id
 
 
 def test_export_onnx_matches_the_eager_models_in_onnxruntime(run_a, tmp_path):
