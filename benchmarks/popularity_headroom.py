@@ -16,8 +16,10 @@ with clicks (the judge of cascade.pipeline.judge, seen items filtered as the run
 - EASE (Steck, "Embarrassingly Shallow Autoencoders", 2019: item-item weights in closed form from the train
   period's clicks, lambda from a grid) alone, over the user's every click before the request, and the run's
   most-popular blended with it over the whole corpus: score = log(1 + clicks in the window) + b x the request's
-  EASE scores standardised over the corpus, (lambda, b) chosen on validation click-recall@K. Runs with more than
-  MAX_EASE_ITEMS items leave it out (it inverts a dense items x items matrix).
+  EASE scores standardised over the corpus, (lambda, b) chosen on validation click-recall@K; and the same with the
+  run's teacher's ranking score in place of the popularity term (b = 0: the teacher's own list over the corpus,
+  what every cascade of the run ends at), b chosen on validation at the lambda the first blend chose. Runs with
+  more than MAX_EASE_ITEMS items leave EASE out (it inverts a dense items x items matrix).
 
 For each list: click-recall@K on validation and test (mean and SE over requests), and for each chosen blend its
 test gain over most-popular paired on the same requests. Writes <out>/popularity_headroom.{json,md}.
@@ -43,8 +45,9 @@ from cascade.data.ids import IdIndex
 from cascade.data.requests import request_start_ms
 from cascade.eval.metrics import paired_difference
 from cascade.machine import machine_record
+from cascade.models.scoring import ranker_scorer
 from cascade.pipeline.judge import Judge, split_judge
-from cascade.run_data import RunData
+from cascade.run_data import RunData, load_ranker
 
 WINDOWS = (1.0, 7.0, 30.0)
 EASE_LAMBDAS = (50.0, 200.0, 800.0)
@@ -132,6 +135,22 @@ class Ease:
                          (len(requests), len(self.items))), n)
 
 
+class TeacherEase:
+    """Over the whole corpus: the run's teacher's ranking score (what its cascade ends at) + b x the request's EASE
+    scores standardised over the corpus (b = 0: the teacher's own list over the corpus)."""
+
+    def __init__(self, score, ease: Ease, b: float) -> None:
+        self.score, self.ease, self.b = score, ease, b
+
+    def select(self, requests, candidates, n: int):
+        ids = np.broadcast_to(self.ease.items.sorted_ids, (len(requests), len(self.ease.items)))
+        score = self.score(requests, np.ascontiguousarray(ids)).astype(np.float64)
+        if self.b:
+            e = self.ease.scores(requests)
+            score += self.b * (e - e.mean(axis=1, keepdims=True)) / np.maximum(e.std(axis=1, keepdims=True), 1e-12)
+        return topk_rows(score, ids, n)
+
+
 class PopularEase:
     """Over the whole corpus: log(1 + the popular channel's window clicks) + b x the request's EASE scores
     standardised over the corpus (b = 0: most-popular's order, ties to the lower id)."""
@@ -198,6 +217,18 @@ def measure(run: Path, k: int) -> dict:
                 s: recall(j, PopularEase(chosen["popular"], model, b), k) for s, j in judges.items()}
     blends = [name for name in ease if name.startswith("its most-popular")]
     pick = max(blends, key=lambda name: np.nanmean(ease[name]["valid"]))
+    # the teacher's own corpus list, and it + b x EASE at the lambda the popular blend chose
+    lam = float(pick.rsplit("lambda ", 1)[1].rstrip(")"))
+    model = Ease(train, data.click_history, data.item_ids, lam)
+    score = ranker_scorer(load_ranker(run / "teacher" / "teacher", data.spec), data)
+    for b in BLEND:
+        ease[f"its teacher + {b:g} x EASE (lambda {lam:g})"] = {
+            s: recall(j, TeacherEase(score, model, b), k) for s, j in judges.items()}
+    teacher = [name for name in ease if name.startswith("its teacher")]
+    pick_t = max(teacher, key=lambda name: np.nanmean(ease[name]["valid"]))
+    out.update(teacher_ease_chosen_on_valid=pick_t,
+               teacher_ease_minus_popular_test=paired_difference(ease[pick_t]["test"], base),
+               teacher_minus_popular_test=paired_difference(ease[teacher[0]]["test"], base))
     out.update(ease={name: {s: summary(v) for s, v in r.items()} for name, r in ease.items()},
                ease_blend_chosen_on_valid=pick, ease_blend_minus_popular_test=paired_difference(ease[pick]["test"],
                                                                                                    base))
@@ -221,7 +252,8 @@ def markdown(res: dict) -> str:
                          f"{v['test']['mean']:.4f} ± {v['test']['se']:.4f} |")
         if isinstance(r.get("ease"), dict):
             for name, v in r["ease"].items():
-                chosen = " (chosen on validation)" if name == r["ease_blend_chosen_on_valid"] else ""
+                picks = (r["ease_blend_chosen_on_valid"], r["teacher_ease_chosen_on_valid"])
+                chosen = " (chosen on validation)" if name in picks else ""
                 lines.append(f"| {name}{chosen} | {v['valid']['mean']:.4f} ± {v['valid']['se']:.4f} | "
                              f"{v['test']['mean']:.4f} ± {v['test']['se']:.4f} |")
         d = r["blend_minus_popular_test"]
@@ -231,6 +263,12 @@ def markdown(res: dict) -> str:
             d = r["ease_blend_minus_popular_test"]
             lines.append(f"chosen EASE blend minus the run's most-popular on test, paired: {d['diff']:+.4f} ± "
                          f"{d['se']:.4f} ({d['n']} requests)")
+            for key, what in (("teacher_minus_popular_test", "the teacher's corpus list"),
+                              ("teacher_ease_minus_popular_test", f"{r['teacher_ease_chosen_on_valid']} (chosen on "
+                                                                  f"validation)")):
+                d = r[key]
+                lines.append(f"{what} minus the run's most-popular on test, paired: {d['diff']:+.4f} ± "
+                             f"{d['se']:.4f} ({d['n']} requests)")
         elif "ease" in r:
             lines.append(f"EASE {r['ease']}")
         lines.append("")

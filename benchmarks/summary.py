@@ -280,11 +280,14 @@ def _headroom(d: dict) -> tuple[str, None]:
                      + (f", hindsight {hindsight[0]:.3f}" if hindsight else "") + ", + item-CF (b = "
                      f"{r['blend_chosen_on_valid']:g} on validation) {gain['diff']:+.4f} ± {gain['se']:.4f}"
                      + (f", + EASE (chosen on validation) {ease['diff']:+.4f} ± {ease['se']:.4f}" if ease else ""))
-    eases = [r["ease_blend_minus_popular_test"] for r in d["runs"] if "ease_blend_minus_popular_test" in r]
-    if len(eases) > 1:
-        p = pooled_difference(eases)
-        parts.append(f"most-popular + EASE minus most-popular pooled over the {len(eases)} periods "
-                     f"{p['diff']:+.4f} ± {p['se']:.4f}")
+    for key, what in (("ease_blend_minus_popular_test", "most-popular + EASE"),
+                      ("teacher_minus_popular_test", "the teacher's corpus list"),
+                      ("teacher_ease_minus_popular_test", "the teacher + EASE")):
+        gaps = [r[key] for r in d["runs"] if key in r]
+        if len(gaps) > 1:
+            p = pooled_difference(gaps)
+            parts.append(f"{what} minus most-popular pooled over the {len(gaps)} periods {p['diff']:+.4f} ± "
+                         f"{p['se']:.4f}")
     return "; ".join(parts), None
 
 

@@ -460,7 +460,8 @@ def test_popularity_headroom_benchmark_agrees_with_the_replay(run_a):
     assert res["blend"]["0.0"]["test"]["mean"] == pytest.approx(
         res["lists"][f"most-popular, clicks, {window:g} days"]["test"]["mean"])
     assert res["blend_chosen_on_valid"] in ph.BLEND and len(res["lists"]) == 2 * len(ph.WINDOWS) + 1
-    assert len(res["ease"]) == len(ph.EASE_LAMBDAS) * len(ph.BLEND) and res["ease_blend_chosen_on_valid"] in res["ease"]
+    assert len(res["ease"]) == (len(ph.EASE_LAMBDAS) + 1) * len(ph.BLEND)
+    assert {res["ease_blend_chosen_on_valid"], res["teacher_ease_chosen_on_valid"]} <= set(res["ease"])
     # the hindsight list: the split's clicks counted, most first, ties by id, padded; the same for every request
     imp = pd.DataFrame({"item_id": [7, 3, 7, 5, 3, 9], "click": [1, 1, 1, 1, 1, 0]})
     ids, counts = ph.Hindsight(imp).select(list(range(2)), None, 5)
@@ -470,6 +471,17 @@ def test_popularity_headroom_benchmark_agrees_with_the_replay(run_a):
     popular = load_channels(run_dir / "channels", data.history, ["popular"])["popular"]
     mine = pd.DataFrame({"request_id": np.asarray(judge.requests.request_id), "mine": ph.recall(judge, popular, k)})
     replay = pd.read_parquet(run_dir / "replay" / "baseline_popular_requests.parquet")
+    both = mine.merge(replay[["request_id", "rank_click_recall"]], on="request_id")
+    assert len(both) >= 50
+    np.testing.assert_allclose(both["mine"], both["rank_click_recall"])
+    # its teacher + 0 x EASE is the replay's teacher's own list over the corpus, request for request
+    from cascade.models.scoring import ranker_scorer
+    from cascade.run_data import load_ranker
+
+    ease = ph.Ease(data.split_history("train"), data.click_history, data.item_ids, 200.0)
+    teacher = ph.TeacherEase(ranker_scorer(load_ranker(run_dir / "teacher" / "teacher", data.spec), data), ease, 0.0)
+    mine = pd.DataFrame({"request_id": np.asarray(judge.requests.request_id), "mine": ph.recall(judge, teacher, k)})
+    replay = pd.read_parquet(run_dir / "replay" / "teacher_corpus_requests.parquet")
     both = mine.merge(replay[["request_id", "rank_click_recall"]], on="request_id")
     assert len(both) >= 50
     np.testing.assert_allclose(both["mine"], both["rank_click_recall"])
