@@ -291,6 +291,22 @@ def _headroom(d: dict) -> tuple[str, None]:
     return "; ".join(parts), None
 
 
+def _headroom_seeds(d: dict) -> tuple[str, None]:
+    """Runs of several seeds and test periods ("...-seed0", "...-seed0-drop14d", ...) pooled per seed: most-popular
+    + EASE, the teacher's corpus list and the teacher + EASE, each minus most-popular."""
+    seeds: dict[str, list[dict]] = {}
+    for r in d["runs"]:
+        seeds.setdefault(re.search(r"seed\d+", r["run"]).group(0), []).append(r)
+    parts = []
+    for seed, runs in sorted(seeds.items()):
+        gaps = [f"{what} {p['diff']:+.4f} ± {p['se']:.4f}" for what, p in (
+            (what, pooled_difference([r[key] for r in runs])) for key, what in (
+                ("ease_blend_minus_popular_test", "most-popular + EASE"),
+                ("teacher_minus_popular_test", "teacher"), ("teacher_ease_minus_popular_test", "teacher + EASE")))]
+        parts.append(f"{seed} ({len(runs)} periods): " + ", ".join(gaps))
+    return "minus most-popular, test click-recall@10 pooled: " + "; ".join(parts), None
+
+
 def _exposure_weight_clicks(d: dict) -> tuple[str, None]:
     parts = []
     for name, r in d["runs"].items():
@@ -398,6 +414,8 @@ ROWS = [
     Row("real_data_ml_item_id.json", "outcomes, ML-100K, the exposure model reading the item id", None,
         lambda d: (_real_data(d)[0], None)),
     Row("popularity_headroom.json", "ML-100K: trailing popularity and what lies beyond it", None, _headroom),
+    Row("popularity_headroom_seeds.json", "ML-100K: most-popular + EASE and the teacher + EASE, 3 seeds x 4 periods",
+        None, _headroom_seeds),
     Row("exposure_weight_ml.json", "ML-100K: the teacher's corpus list at every exposure weight vs most-popular",
         None, _exposure_weight_clicks),
     Row("real_data_ml_origins.json", "outcomes, ML-100K over 4 consecutive 14-day test periods (575 requests)",
