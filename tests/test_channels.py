@@ -13,6 +13,7 @@ from cascade.channels import (
     CHANNELS,
     ALSChannel,
     ContentChannel,
+    EaseChannel,
     ItemCFChannel,
     MergedRetriever,
     PopularChannel,
@@ -88,8 +89,42 @@ def test_als_recovers_two_planted_groups():
     assert (items[2] == PAD).all()  # a user without train clicks gets no list
 
 
+def test_ease_hand_worked_closed_form():
+    """B = -P / diag(P), P = (X'X + lam I)^-1, diagonal 0, from the train clicks (a pair clicked twice counts once;
+    an impression without a click counts nothing); a request scores x_u @ B over its user's every click before it,
+    read from the history it serves from; a user without one gets no list."""
+    train = event_history([(1, 10, 1, 1), (1, 11, 2, 1), (1, 11, 3, 1), (2, 11, 4, 1), (2, 12, 5, 1),
+                           (3, 10, 6, 1), (3, 12, 7, 0)])
+    x = np.array([[1, 1, 0], [0, 1, 1], [1, 0, 0]], float)  # users 1-3 x items 10, 11, 12
+    p = np.linalg.inv(x.T @ x + 2.0 * np.eye(3))
+    b = -p / np.diag(p)
+    np.fill_diagonal(b, 0.0)
+    history = event_history([(3, 10, 6, 1), (3, 12, 7, 0), (3, 11, 50, 1), (4, 12, 1, 0)])
+    ch = EaseChannel(history, lam=2.0).fit(train, np.array([12, 10, 11]))
+    np.testing.assert_allclose(ch.weights_, b, rtol=1e-6)
+    items, scores = ch.select(requests_at([3, 3, 4], [40, 60, 60]), None, 3)
+    # user 3 at t = 40: clicked 10 only (12 was shown, not clicked): scores are row 10 of B; at t = 60 also 11
+    for row, x_u in ((0, b[0]), (1, b[0] + b[1])):
+        order = np.argsort(-x_u, kind="stable")
+        np.testing.assert_array_equal(items[row], np.array([10, 11, 12])[order])
+        np.testing.assert_allclose(scores[row], x_u[order], rtol=1e-6)
+    assert (items[2] == PAD).all()  # user 4 never clicked
+    with pytest.raises(ValueError, match="lam must be"):
+        EaseChannel(history, lam=0.0)
+
+
+def test_ease_refuses_a_catalogue_too_large_for_its_dense_weights(monkeypatch):
+    import cascade.channels.classic as C
+
+    monkeypatch.setattr(C, "EASE_MAX_ITEMS", 2)
+    h = event_history([(1, 10, 1, 1)])
+    with pytest.raises(ValueError, match="3 items, at most 2 .*leave 'ease' out of channels.build"):
+        EaseChannel(h).fit(h, np.array([10, 11, 12]))
+
+
 @pytest.mark.parametrize("make", [
     lambda h: PopularChannel(h, window_days=2.0, refresh_ms=1000),
+    lambda h: EaseChannel(h).fit(event_history(TRAIN), np.arange(30)),
     lambda h: RecentChannel(h),
     lambda h: ItemCFChannel(h).fit(event_history(TRAIN), np.arange(30)),
     lambda h: ContentChannel(h).fit(event_history(TRAIN), np.arange(30), np.arange(30) % 4),
@@ -167,7 +202,8 @@ def test_save_and_load_serve_the_same_lists(tmp_path):
     for ch in (PopularChannel(h, window_days=None, refresh_ms=10), RecentChannel(h),
                ItemCFChannel(h, neighbours=7).fit(h, np.arange(30)),
                ContentChannel(h).fit(h, np.arange(30), np.arange(30) % 3),
-               ALSChannel(h, factors=3, iterations=5).fit(h, np.arange(30))):
+               ALSChannel(h, factors=3, iterations=5).fit(h, np.arange(30)),
+               EaseChannel(h, lam=5.0).fit(h, np.arange(30))):
         folder = tmp_path / ch.name
         files = ch.save(folder)
         assert all((folder / f).exists() for f in files)

@@ -772,3 +772,31 @@ def test_ddp_ranklog_entry_point_in_one_process(run_a, tmp_path, capsys):
     load_ranker(out / "teacher", data.spec)  # the pipeline's layout: loadable as it is
     assert len(RankLog(out / "log")) == 80
     load_towers(out / "students" / "distilled" / "retrieval", data)
+
+
+def test_the_ease_channel_is_built_tuned_and_loaded_when_asked(tmp_path):
+    """channels.build with "ease": the step fits one EASE per lambda of the grid, keeps the one with the best
+    validation click-recall@tune_k and saves it; load_channels serves it; the replay names its baseline by lambda.
+    Without "ease" in build its grid is refused as an option that would do nothing."""
+    import numpy as np
+
+    from cascade.channels import EaseChannel, load_channels
+    from cascade.pipeline.replay import baseline_name
+    from cascade.run_data import RunData
+
+    cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(tmp_path))}", "run.threads=1",
+                             'channels.build=["popular", "ease"]', "channels.ease_lambdas=[10.0, 100.0]",
+                             'ranklog.channels=["popular"]', 'replay.channels=["popular"]'])
+    run_pipeline(cfg, progress=False, until="channels")
+    m = A.read_manifest(tmp_path / "tiny" / "channels", verify=True)
+    grid = m["metrics"]["ease"]["grid"]
+    assert [g["params"]["lam"] for g in grid] == [10.0, 100.0]
+    best = max(grid, key=lambda g: g[f"valid_click_recall@{cfg.channels.tune_k}"])["params"]
+    assert m["metrics"]["ease"]["chosen"] == best
+    data = RunData(tmp_path / "tiny" / "data")
+    ease = load_channels(tmp_path / "tiny" / "channels", data.history, ["ease"])["ease"]
+    assert isinstance(ease, EaseChannel) and ease.lam == best["lam"]
+    assert ease.weights_.shape == (len(data.item_ids), len(data.item_ids)) and np.all(np.diag(ease.weights_) == 0)
+    assert baseline_name("ease", best) == f"ease (lambda {best['lam']:g})"
+    with pytest.raises(ConfigError, match="ease_lambdas.*channels.build has no \"ease\""):
+        load_config(TINY, ["channels.ease_lambdas=[10.0]"])

@@ -2,12 +2,12 @@
 
 Every channel answers the stage contract ``select(requests, None, n) -> (item_ids [B, n], scores [B, n])``. The
 classic ones (:mod:`.classic`: most-popular in a trailing window, the user's recent items, item-to-item
-collaborative filtering, content categories, ALS matrix factorisation) read logged history strictly before each
-request, and what they learn comes from the train period only. :class:`~.merge.MergedRetriever` unites several
-channels into one retrieval stage with per-channel quotas, keeping each candidate's channel of origin;
-:func:`~.merge.quota_cut` keeps those quotas when the pre-rank stage cuts the union. Each channel
-alone is also a reference baseline of the replay. :func:`~.classic.load_channels` reads back the channels a run's
-channels step saved (hash-checked), for the replay and for serving.
+collaborative filtering, content categories, ALS matrix factorisation, EASE item-item weights) read logged history
+strictly before each request, and what they learn comes from the train period only.
+:class:`~.merge.MergedRetriever` unites several channels into one retrieval stage with per-channel quotas, keeping
+each candidate's channel of origin; :func:`~.merge.quota_cut` keeps those quotas when the pre-rank stage cuts the
+union. Each channel alone is also a reference baseline of the replay. :func:`~.classic.load_channels` reads back
+the channels a run's channels step saved (hash-checked), for the replay and for serving.
 """
 
 from .classic import (
@@ -15,6 +15,7 @@ from .classic import (
     ALSChannel,
     Channel,
     ContentChannel,
+    EaseChannel,
     ItemCFChannel,
     PopularChannel,
     RecentChannel,
@@ -22,5 +23,5 @@ from .classic import (
 )
 from .merge import MergedRetriever, quota_cut
 
-__all__ = ["CHANNELS", "ALSChannel", "Channel", "ContentChannel", "ItemCFChannel", "MergedRetriever", "PopularChannel",
-           "RecentChannel", "load_channels", "quota_cut"]
+__all__ = ["CHANNELS", "ALSChannel", "Channel", "ContentChannel", "EaseChannel", "ItemCFChannel", "MergedRetriever",
+           "PopularChannel", "RecentChannel", "load_channels", "quota_cut"]

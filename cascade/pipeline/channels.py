@@ -16,7 +16,16 @@ import logging
 
 import numpy as np
 
-from ..channels import CHANNELS, ALSChannel, Channel, ContentChannel, ItemCFChannel, PopularChannel, RecentChannel
+from ..channels import (
+    CHANNELS,
+    ALSChannel,
+    Channel,
+    ContentChannel,
+    EaseChannel,
+    ItemCFChannel,
+    PopularChannel,
+    RecentChannel,
+)
 from ..data.history import EventHistory
 from ..run_data import RunData
 from .config import ChannelsSection
@@ -36,6 +45,8 @@ def candidates(c: ChannelsSection, name: str, history: EventHistory, seed: int) 
         return [ItemCFChannel(history, c.itemcf_neighbours, c.history_length, c.history_decay)]
     if name == "content":
         return [ContentChannel(history, c.history_length, c.history_decay)]
+    if name == "ease":
+        return [EaseChannel(history, lam) for lam in c.ease_lambdas]
     if name == "als":
         return [ALSChannel(history, f, r, a, c.als_iterations, seed)
                 for f, r, a in itertools.product(c.als_factors, c.als_regularization, c.als_alpha)]

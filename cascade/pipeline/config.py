@@ -137,7 +137,10 @@ class DataSection:
         require(self, "cross_window_days", positive(self.cross_window_days), "must be a finite number > 0")
 
 
-CHANNEL_NAMES = ("popular", "recent", "itemcf", "content", "als")
+CHANNEL_NAMES = ("popular", "recent", "itemcf", "content", "als", "ease")
+#: what channels.build holds unless set: every channel but "ease" (dense item-item weights: catalogues of at most
+#: 10,000 items, cascade.channels.classic.EASE_MAX_ITEMS)
+DEFAULT_CHANNELS = CHANNEL_NAMES[:-1]
 
 
 @dataclass(frozen=True)
@@ -148,12 +151,13 @@ class ChannelsSection:
 
     popular_window_days: trailing windows tried for most-popular; refresh_minutes: how often its list is recounted.
     history_length / history_decay: the recent clicks that drive itemcf and content. content_column: the item
-    column whose values are the content categories. als_*: the ALS grid (implicit's settings). als_index: the FAISS
+    column whose values are the content categories. ease_lambdas: the EASE channel's L2 grid (only with "ease" in
+    ``build``). als_*: the ALS grid (implicit's settings). als_index: the FAISS
     factory of the chosen ALS model's item-factor index, which serves its lists (None: exact Flat while items x
     factors <= 200K x 32, IVF above: cascade.channels.classic.als_factory); als_index_recall: the recall@100
     against exact search an approximate one is tuned to."""
 
-    build: tuple[str, ...] = CHANNEL_NAMES
+    build: tuple[str, ...] = DEFAULT_CHANNELS
     popular_window_days: tuple[float, ...] = (1.0, 7.0, 30.0)
     refresh_minutes: float = 60.0
     itemcf_neighbours: int = 100
@@ -166,6 +170,7 @@ class ChannelsSection:
     als_iterations: int = 15
     als_index: str | None = None
     als_index_recall: float = 0.95
+    ease_lambdas: tuple[float, ...] = (50.0, 200.0, 800.0)
     tune_requests: int = 2000
     tune_k: int = 10
 
@@ -175,7 +180,7 @@ class ChannelsSection:
             raise ValueError(f"channels.build: unknown channel(s) {unknown}; known: {list(CHANNEL_NAMES)}")
         if len(set(self.build)) != len(self.build):
             raise ValueError(f"channels.build lists a channel twice: {list(self.build)}")
-        for key in ("popular_window_days", "als_factors", "als_regularization", "als_alpha"):
+        for key in ("popular_window_days", "als_factors", "als_regularization", "als_alpha", "ease_lambdas"):
             if not getattr(self, key):
                 raise ValueError(f"channels.{key} needs at least one value")
         if any(not (np.isfinite(w) and w > 0) for w in self.popular_window_days):
@@ -187,6 +192,9 @@ class ChannelsSection:
             raise ValueError("channels.refresh_minutes must be > 0 and channels.history_decay in (0, 1]")
         require(self, "als_index_recall", finite(self.als_index_recall) and 0.0 < self.als_index_recall <= 1.0,
                 "must be in (0, 1]")
+        require(self, "ease_lambdas", all(positive(v) for v in self.ease_lambdas), "must be finite numbers > 0")
+        require(self, "ease_lambdas", "ease" in self.build or self.ease_lambdas == (50.0, 200.0, 800.0),
+                "is set but channels.build has no \"ease\": it would do nothing")
         if self.als_index is not None:
             try:
                 parse_factory(self.als_index, d=0)

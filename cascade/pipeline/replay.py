@@ -247,6 +247,8 @@ def baseline_name(channel: str, params: dict) -> str:
         return f"popular ({params['window_days']:g} days)"
     if channel == "als":
         return f"als ({params['factors']} factors)"
+    if channel == "ease":
+        return f"ease (lambda {params['lam']:g})"
     return channel
 
 
