@@ -19,7 +19,7 @@ with clicks (the judge of cascade.pipeline.judge, seen items filtered as the run
   EASE scores standardised over the corpus, (lambda, b) chosen on validation click-recall@K; and the same with the
   run's teacher's ranking score in place of the popularity term (b = 0: the teacher's own list over the corpus,
   what every cascade of the run ends at), b chosen on validation at the lambda the first blend chose. Runs with
-  more than MAX_EASE_ITEMS items leave EASE out (it inverts a dense items x items matrix).
+  more than ``EASE_MAX_ITEMS`` items leave EASE out (the channel's dense items x items weights).
 
 For each list: click-recall@K on validation and test (mean and SE over requests), and for each chosen blend its
 test gain over most-popular paired on the same requests. Writes <out>/popularity_headroom.{json,md}.
@@ -35,11 +35,11 @@ import time
 from pathlib import Path
 
 import numpy as np
-import scipy.sparse as sp
 
 from cascade import artifacts as A
 from cascade.arrays import PAD, topk_rows
-from cascade.channels import PopularChannel, load_channels
+from cascade.channels import EaseChannel, PopularChannel, load_channels
+from cascade.channels.classic import EASE_MAX_ITEMS
 from cascade.data.history import EventHistory
 from cascade.data.ids import IdIndex
 from cascade.data.requests import request_start_ms
@@ -51,7 +51,6 @@ from cascade.run_data import RunData, load_ranker
 
 WINDOWS = (1.0, 7.0, 30.0)
 EASE_LAMBDAS = (50.0, 200.0, 800.0)
-MAX_EASE_ITEMS = 10_000
 BLEND = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
 POOL = 200  # the popular items the blend re-ranks
 
@@ -102,52 +101,25 @@ class Hindsight:
         return np.tile(ids, (len(requests), 1)), np.tile(counts, (len(requests), 1))
 
 
-class Ease:
-    """EASE item-item weights B [I, I] (diagonal 0) from the binary users x items click matrix X of ``train``:
-    P = (X'X + lam I)^-1, B = -P / diag(P). scores(requests) -> float64 [R, I]: x_u @ B over the request's user's
-    every click before the request (``clicks``, an EventHistory of clicks; items outside ``item_ids`` left out)."""
-
-    def __init__(self, train: EventHistory, clicks: EventHistory, item_ids: np.ndarray, lam: float) -> None:
-        self.items = IdIndex(np.sort(np.asarray(item_ids, np.int64)), "item_id", "EASE")
-        self.clicks = clicks
-        c = train.click > 0
-        x = sp.csr_matrix((np.ones(int(c.sum())), (train.user_code[c], self.items.rows(train.item_id[c]))),
-                          shape=(len(train.users), len(self.items)))
-        x.data[:] = 1.0  # a pair clicked twice counts once
-        g = (x.T @ x).toarray()
-        g[np.diag_indices_from(g)] += lam
-        p = np.linalg.inv(g)
-        self.b = p / -np.diag(p)
-        np.fill_diagonal(self.b, 0.0)
-
-    def scores(self, requests) -> np.ndarray:
-        lo, hi = self.clicks.before(requests.user_id, requests.time_ms)
-        n = hi - lo
-        rows = np.repeat(np.arange(len(n)), n)
-        pos = np.repeat(lo, n) + np.arange(n.sum()) - np.repeat(np.cumsum(n) - n, n)
-        cols, known = self.items.find(self.clicks.item_id[pos])
-        h = sp.csr_matrix((np.ones(int(known.sum())), (rows[known], cols[known])), shape=(len(n), len(self.items)))
-        h.data[:] = 1.0
-        return np.asarray(h @ self.b)
-
-    def select(self, requests, candidates, n: int):
-        return topk_rows(self.scores(requests).astype(np.float32), np.broadcast_to(self.items.sorted_ids,
-                         (len(requests), len(self.items))), n)
+def standardised(ease: EaseChannel, requests) -> np.ndarray:
+    """float64 [R, I]: each request's EASE scores (:class:`cascade.channels.EaseChannel`) standardised over the
+    corpus (the channel's ``item_ids_`` order)."""
+    e = ease.scores(requests)[0].astype(np.float64)
+    return (e - e.mean(axis=1, keepdims=True)) / np.maximum(e.std(axis=1, keepdims=True), 1e-12)
 
 
 class TeacherEase:
     """Over the whole corpus: the run's teacher's ranking score (what its cascade ends at) + b x the request's EASE
     scores standardised over the corpus (b = 0: the teacher's own list over the corpus)."""
 
-    def __init__(self, score, ease: Ease, b: float) -> None:
+    def __init__(self, score, ease: EaseChannel, b: float) -> None:
         self.score, self.ease, self.b = score, ease, b
 
     def select(self, requests, candidates, n: int):
-        ids = np.broadcast_to(self.ease.items.sorted_ids, (len(requests), len(self.ease.items)))
+        ids = np.broadcast_to(self.ease.item_ids_, (len(requests), len(self.ease.item_ids_)))
         score = self.score(requests, np.ascontiguousarray(ids)).astype(np.float64)
         if self.b:
-            e = self.ease.scores(requests)
-            score += self.b * (e - e.mean(axis=1, keepdims=True)) / np.maximum(e.std(axis=1, keepdims=True), 1e-12)
+            score += self.b * standardised(self.ease, requests)
         return topk_rows(score, ids, n)
 
 
@@ -155,20 +127,20 @@ class PopularEase:
     """Over the whole corpus: log(1 + the popular channel's window clicks) + b x the request's EASE scores
     standardised over the corpus (b = 0: most-popular's order, ties to the lower id)."""
 
-    def __init__(self, popular, ease: Ease, b: float) -> None:
+    def __init__(self, popular, ease: EaseChannel, b: float) -> None:
         self.popular, self.ease, self.b = popular, ease, b
+        self.items = IdIndex(ease.item_ids_, "item_id", "EASE")
 
     def select(self, requests, candidates, n: int):
-        ids = self.ease.items.sorted_ids
+        ids = self.ease.item_ids_
         score = np.zeros((len(requests), len(ids)))
         period = requests.time_ms // self.popular.refresh_ms * self.popular.refresh_ms
         for s in np.unique(period):
             clicked, counts = self.popular.ranked(int(s))
-            rows, found = self.ease.items.find(clicked)
+            rows, found = self.items.find(clicked)
             score[np.ix_(period == s, rows[found])] = np.log1p(counts[found])
         if self.b:
-            e = self.ease.scores(requests)
-            score += self.b * (e - e.mean(axis=1, keepdims=True)) / np.maximum(e.std(axis=1, keepdims=True), 1e-12)
+            score += self.b * standardised(self.ease, requests)
         return topk_rows(score, np.broadcast_to(ids, score.shape), n)
 
 
@@ -204,13 +176,13 @@ def measure(run: Path, k: int) -> dict:
            "blend": {str(b): {s: summary(v) for s, v in r.items()} for b, r in blend.items()},
            "blend_chosen_on_valid": best,
            "blend_minus_popular_test": paired_difference(blend[best]["test"], base)}
-    if len(data.item_ids) > MAX_EASE_ITEMS:
-        out["ease"] = f"left out: {len(data.item_ids):,} items > {MAX_EASE_ITEMS:,}"
+    if len(data.item_ids) > EASE_MAX_ITEMS:
+        out["ease"] = f"left out: {len(data.item_ids):,} items > {EASE_MAX_ITEMS:,}"
         return out
     train = data.split_history("train")
     ease = {}
     for lam in EASE_LAMBDAS:
-        model = Ease(train, data.click_history, data.item_ids, lam)
+        model = EaseChannel(data.history, lam).fit(train, data.item_ids)
         ease[f"EASE, lambda {lam:g}"] = {s: recall(j, model, k) for s, j in judges.items()}
         for b in BLEND[1:]:
             ease[f"its most-popular + {b:g} x EASE (lambda {lam:g})"] = {
@@ -219,7 +191,7 @@ def measure(run: Path, k: int) -> dict:
     pick = max(blends, key=lambda name: np.nanmean(ease[name]["valid"]))
     # the teacher's own corpus list, and it + b x EASE at the lambda the popular blend chose
     lam = float(pick.rsplit("lambda ", 1)[1].rstrip(")"))
-    model = Ease(train, data.click_history, data.item_ids, lam)
+    model = EaseChannel(data.history, lam).fit(train, data.item_ids)
     score = ranker_scorer(load_ranker(run / "teacher" / "teacher", data.spec), data)
     for b in BLEND:
         ease[f"its teacher + {b:g} x EASE (lambda {lam:g})"] = {

@@ -475,10 +475,11 @@ def test_popularity_headroom_benchmark_agrees_with_the_replay(run_a):
     assert len(both) >= 50
     np.testing.assert_allclose(both["mine"], both["rank_click_recall"])
     # its teacher + 0 x EASE is the replay's teacher's own list over the corpus, request for request
+    from cascade.channels import EaseChannel
     from cascade.models.scoring import ranker_scorer
     from cascade.run_data import load_ranker
 
-    ease = ph.Ease(data.split_history("train"), data.click_history, data.item_ids, 200.0)
+    ease = EaseChannel(data.history, 200.0).fit(data.split_history("train"), data.item_ids)
     teacher = ph.TeacherEase(ranker_scorer(load_ranker(run_dir / "teacher" / "teacher", data.spec), data), ease, 0.0)
     mine = pd.DataFrame({"request_id": np.asarray(judge.requests.request_id), "mine": ph.recall(judge, teacher, k)})
     replay = pd.read_parquet(run_dir / "replay" / "teacher_corpus_requests.parquet")
@@ -487,9 +488,9 @@ def test_popularity_headroom_benchmark_agrees_with_the_replay(run_a):
     np.testing.assert_allclose(both["mine"], both["rank_click_recall"])
 
 
-def test_popularity_headroom_ease_is_the_closed_form_on_a_hand_made_log():
-    """EASE's weights are (X'X + lam I)^-1 scaled by minus their diagonal, diagonal 0; a request scores x_u @ B over
-    every click of its user strictly before it; most-popular + b x EASE ranks by log(1 + count) at b = 0."""
+def test_popularity_headroom_blends_most_popular_with_standardised_ease():
+    """most-popular + b x EASE ranks the corpus by log(1 + window clicks) + b x the request's EASE scores
+    standardised over the corpus; b = 0 is most-popular's order (ties by id)."""
     import sys
 
     import numpy as np
@@ -497,7 +498,7 @@ def test_popularity_headroom_ease_is_the_closed_form_on_a_hand_made_log():
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import popularity_headroom as ph
 
-    from cascade.channels import PopularChannel
+    from cascade.channels import EaseChannel, PopularChannel
     from cascade.data.history import EventHistory
     from cascade.data.requests import Requests
 
@@ -507,18 +508,19 @@ def test_popularity_headroom_ease_is_the_closed_form_on_a_hand_made_log():
     t = np.array([1, 2, 3, 4, 5, 6, 7, 8]) * 1000
     c = np.array([1, 1, 1, 1, 1, 0, 1, 1])
     log = EventHistory(u, i, t, c)
-    ease = ph.Ease(log, EventHistory(u[c > 0], i[c > 0], t[c > 0]), np.array([30, 10, 20]), lam=2.0)
-    x = np.array([[1, 1, 0], [0, 1, 1], [1, 1, 0]], float)  # users x items (10, 20, 30), clicks once each
-    p = np.linalg.inv(x.T @ x + 2.0 * np.eye(3))
-    want = -p / np.diag(p)
-    np.fill_diagonal(want, 0.0)
-    np.testing.assert_allclose(ease.b, want, rtol=1e-12)
-    # user 3 at t = 7500 has clicked 10 (twice) before it; user 2 at t = 3500 has clicked 20 only; user 9 nothing
-    req = Requests(np.array([3, 2, 9]), np.array([7500, 3500, 7500]))
-    np.testing.assert_allclose(ease.scores(req), [want[0], want[1], np.zeros(3)], rtol=1e-12)
-    popular = PopularChannel(log, None, 1000)
+    ease = EaseChannel(log, lam=2.0).fit(log, np.array([30, 10, 20]))
+    req = Requests(np.array([3]), np.array([7500]))  # user 3 has clicked 10 before: its EASE row is B[10]
+    e = ease.weights_[0].astype(np.float64)
+    z = (e - e.mean()) / e.std()
+    np.testing.assert_allclose(ph.standardised(ease, req)[0], z, rtol=1e-6)
+    popular = PopularChannel(log, None, 1000)  # clicks before 7000: 10 twice, 20 twice, 30 once
     ids, _ = ph.PopularEase(popular, ease, 0.0).select(req, None, 3)
-    assert ids[0].tolist() == [10, 20, 30]  # clicks before 7000: 10 twice (users 1, 3), 20 twice, 30 once; ties by id
+    assert ids[0].tolist() == [10, 20, 30]
+    ids, scores = ph.PopularEase(popular, ease, 3.0).select(req, None, 3)
+    want = np.log1p([2.0, 2.0, 1.0]) + 3.0 * z  # items 10, 20, 30
+    order = np.argsort(-want, kind="stable")
+    assert ids[0].tolist() == np.array([10, 20, 30])[order].tolist()
+    np.testing.assert_allclose(scores[0], want[order], rtol=1e-6)
 
 
 def test_export_onnx_matches_the_eager_models_in_onnxruntime(run_a, tmp_path):
