@@ -74,13 +74,18 @@ def kept_speedup(key: str, measure: Callable[[], float]) -> tuple[float, str | N
     entry = _read(path).get(key)
     if entry is None:
         value = float(measure())  # outside the lock: a probe takes a while
-        with _locked(path):
-            kept = _read(path)
-            if key not in kept:  # another process may have kept its own meanwhile: the first one wins
-                kept[key] = {"speedup": value, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
-                tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-                tmp.write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-                os.replace(tmp, path)
-                log.info("speed probe kept in %s: %s -> %.3f", path, key, value)
-            entry = kept[key]
+        try:
+            with _locked(path):
+                kept = _read(path)
+                if key not in kept:  # another process may have kept its own meanwhile: the first one wins
+                    kept[key] = {"speedup": value, "measured": time.strftime("%Y-%m-%d %H:%M:%S")}
+                    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+                    tmp.write_text(json.dumps(kept, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+                    os.replace(tmp, path)
+                    log.info("speed probe kept in %s: %s -> %.3f", path, key, value)
+                entry = kept[key]
+        except OSError as e:  # a read-only home (a container): the run goes on, probing afresh, and says so
+            log.warning("speed probe not kept: %s (%s); this process probes afresh, so another run may choose "
+                        "otherwise: set %s to a writable file, or \"\" to keep none", path, e, PROBE_CACHE_ENV)
+            return value, None
     return float(entry["speedup"]), entry["measured"]

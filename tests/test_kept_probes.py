@@ -1,6 +1,8 @@
 """Speed probes kept per machine (cascade.kept_probes) and the autocast choices that read them."""
 
 import json
+import logging
+import os
 
 import pytest
 import torch
@@ -89,3 +91,18 @@ def test_the_forward_probe_is_named_by_the_architecture_not_the_weights():
     assert S.architecture(a) != S.architecture(torch.nn.Linear(8, 5))
     assert S.architecture(a) != S.architecture(torch.nn.Sequential(torch.nn.Linear(8, 4)))
     assert S.architecture(a).startswith("Linear ")
+
+
+def test_a_folder_that_cannot_be_written_keeps_nothing_and_says_so(monkeypatch, tmp_path, caplog):
+    """A read-only cache folder (a container's home) does not stop a run: the value is this process's own, and a
+    warning names the file and the variable."""
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o500)
+    monkeypatch.setenv(K.PROBE_CACHE_ENV, str(ro / "sub" / "probes.json"))
+    if os.access(ro, os.W_OK):  # root ignores the mode bits: make the parent a file instead
+        monkeypatch.setenv(K.PROBE_CACHE_ENV, str(tmp_path / "file" / "probes.json"))
+        (tmp_path / "file").write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="cascade.kept_probes"):
+        assert K.kept_speedup("k", lambda: 1.3) == (1.3, None)
+    assert "speed probe not kept" in caplog.text and K.PROBE_CACHE_ENV in caplog.text
