@@ -718,6 +718,12 @@ def render_channels_markdown(res: dict) -> str:
 # ------------------------------------------------------------------------------------------------ report
 
 
+def _refresh(lat: dict) -> str:
+    """A replay_latency result's period refreshes, in words ("-" for results from before they were timed apart)."""
+    r = lat.get("refresh")
+    return "-" if r is None else f"{r['periods']} x {r['ms_per_period']:.1f} ms"
+
+
 def render_markdown(res: dict) -> str:
     """BENCHMARKS-ready Markdown of a bench_serving result."""
     a = res["args"]
@@ -788,11 +794,14 @@ def render_markdown(res: dict) -> str:
           f"batched throughput (batch {a['batch_size']}, {a['n_batched']} requests). Target: "
           "p99 <= 20 ms. The cpu-time "
           "column is the per-step breakdown's total on the thread's CPU clock (same requests, run separately): what "
-          "the cascade costs without waiting for a core taken by other jobs.", "",
+          "the cascade costs without waiting for a core taken by other jobs. What the stages keep per refresh "
+          "period (most-popular's lists, the towers' popularity priors) is prepared before each period's first "
+          "request, outside the timings, as a server's timer does (`Cascade.refresh`); its cost is the last "
+          "column.", "",
           "| items | retrieval index | recall@500 | e2e p50 | e2e p95 | e2e p99 | retrieval p50 / "
           "p99 | pre-rank p50 / p99 "
-          "| rank p50 / p99 | cpu-time e2e p50 / p99 | batched req/s |",
-          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+          "| rank p50 / p99 | cpu-time e2e p50 / p99 | batched req/s | period refresh (off the path) |",
+          "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for s in res["sizes"]:
         for name, e in s["end_to_end"].items():
             b1 = e["batch1"]
@@ -804,7 +813,7 @@ def render_markdown(res: dict) -> str:
                      f"{b1['rank_ms']['p50_ms']:.2f} / {b1['rank_ms']['p99_ms']:.2f} | "
                      f"{e['breakdown']['cpu']['total']['p50_ms']:.2f} / "
                      f"{e['breakdown']['cpu']['total']['p99_ms']:.2f} | "
-                     f"{e['batched']['requests_per_s']:,.0f} |")
+                     f"{e['batched']['requests_per_s']:,.0f} | {_refresh(b1)} |")
     L += ["", "**Per-step breakdown at batch 1** (p50 / p99 ms over the same requests, steps timed one by one in the "
           "cascade's order). *wall* is elapsed time; *cpu* is the thread's CPU time, which leaves out waiting for a "
           "core taken by other jobs (close to what an idle core would give). The teacher's cost = pair features "

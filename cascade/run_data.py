@@ -118,6 +118,7 @@ class RunData:
                  for c in self.encoder.columns_ if c["part"] == "context"}
         self.context_kinds = {c: kinds.get(c, "str") for c in self.context_names}  # what a request must hold
         self._last_recent: tuple | None = None  # (query, answer) of the last recent_clicks call
+        self._popular: dict[tuple, PopularChannel] = {}  # popular_channel's
 
     @functools.cached_property
     def history(self) -> EventHistory:
@@ -193,6 +194,14 @@ class RunData:
         self._last_recent = (key, out)
         return out
 
+    def popular_channel(self, window_days: float | None, refresh_ms: int) -> PopularChannel:
+        """The most-popular lists of this history with these settings, one per process for every user of them
+        (the pre-rank and retrieval towers' priors share their per-period counts)."""
+        key = (window_days, int(refresh_ms))
+        if key not in self._popular:
+            self._popular[key] = PopularChannel(self.history, window_days, refresh_ms)
+        return self._popular[key]
+
     @functools.cached_property
     def click_history(self) -> EventHistory:
         """The logged clicks alone, as events at their request's start (:attr:`history` less the unclicked
@@ -252,6 +261,10 @@ class Towers:
             u = self.model.user_tower(*x)
         return u.float().numpy()
 
+    def refresh(self, t_ms: np.ndarray) -> int:
+        """The prior's periods for the times ``t_ms`` [B] (:meth:`PopularityPrior.refresh`); 0 without a prior."""
+        return 0 if self.prior is None else self.prior.refresh(t_ms)
+
     def item_rows(self, item_ids: np.ndarray) -> np.ndarray:
         """Item rows int64 [...] of ids [...]: unknown ids and PAD -> the OOV row (``n_real``)."""
         rows, found = self.item_index.find(item_ids)
@@ -293,7 +306,7 @@ def load_towers(model_dir: str | Path, data: RunData, requests: pd.DataFrame | N
     if (model_dir / PRIOR_FILE).is_file():
         p = A.read_json(model_dir / PRIOR_FILE)
         if p["weight"] > 0:
-            popular = PopularChannel(data.history, p["window_days"], p["refresh_ms"])
+            popular = data.popular_channel(p["window_days"], p["refresh_ms"])
             towers.prior = PopularityPrior(popular, p["weight"], towers.item_emb[: towers.n_real], towers.item_index,
                                            model.temperature)
     return towers

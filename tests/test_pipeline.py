@@ -802,3 +802,36 @@ def test_the_ease_channel_is_built_tuned_and_loaded_when_asked(tmp_path):
     assert baseline_name("ease", best) == f"ease (lambda {best['lam']:g})"
     with pytest.raises(ConfigError, match="ease_lambdas.*channels.build has no \"ease\""):
         load_config(TINY, ["channels.ease_lambdas=[10.0]"])
+
+
+def test_cascade_refresh_prepares_the_periods_off_the_request_path(run_a):
+    """Cascade.refresh(times) prepares what the stages keep per refresh period (the two towers' priors share one
+    most-popular list per period); refreshed or not, the cascade serves the same lists; replay_latency refreshes
+    outside its timings and reports it."""
+    import numpy as np
+
+    from cascade.data.requests import requests_frame, to_requests
+    from cascade.serve.cascade import load_cascade
+    from cascade.serve.replay import replay_latency
+
+    _, run_dir, _ = run_a
+    data, casc = load_cascade(run_dir, "distilled")
+    retr, pre = casc.retriever.prior_towers, casc.preranker
+    assert retr is not None and retr.prior is not None
+    req = to_requests(requests_frame(data.split_impressions("test"), data.context_names), data.context_names)
+    req = req.take(np.arange(min(40, len(req))))
+    _, lazy = load_cascade(run_dir, "distilled")
+    want = lazy.recommend(req, 50, 20, 5)
+    refresh_ms = retr.prior.popular.refresh_ms
+    n_periods = len(np.unique(np.asarray(req.time_ms) // refresh_ms))
+    assert casc.refresh(req.time_ms) >= n_periods and casc.refresh(req.time_ms) == 0
+    got = casc.recommend(req, 50, 20, 5)
+    np.testing.assert_array_equal(got.items, want.items)
+    np.testing.assert_array_equal(got.scores, want.scores)
+    # one most-popular list per (window, refresh) in a process: the pre-rank tower's prior reads the same one
+    pre_prior = pre._refresh.__self__.prior
+    assert pre_prior is not None  # the tiny run's pre-rank tower has a prior too
+    assert pre_prior.popular is retr.prior.popular
+    _, fresh = load_cascade(run_dir, "distilled")
+    lat = replay_latency(fresh, req, 50, 20, 5, batch_size=1)
+    assert lat["refresh"]["periods"] >= n_periods and lat["refresh"]["ms_per_period"] > 0

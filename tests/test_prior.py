@@ -49,6 +49,22 @@ def test_counts_are_the_popular_channels_by_hand():
     np.testing.assert_allclose(prior.log_counts(one, rows), np.log1p([[3, 0, 0, 0], [3, 0, 0, 0]]), rtol=1e-6)
 
 
+def test_refresh_prepares_each_period_once_ahead_of_its_requests():
+    """refresh(times) counts each new refresh period's list and dense log counts once (a server's timer); the
+    requests of a prepared period then count nothing; the popular channel and the prior say how many were new."""
+    h = event_history([(1, 10, 1 * DAY, 1), (2, 11, 2 * DAY, 1), (3, 11, 2 * DAY, 1)])
+    popular = PopularChannel(h, window_days=3.0, refresh_ms=DAY)
+    prior = PopularityPrior(popular, 1.0, np.eye(3, dtype=np.float32), IdIndex(np.array([10, 11, 12])))
+    times = np.array([3 * DAY + 5, 3 * DAY + 9, 4 * DAY + 1])
+    assert prior.refresh(times) == 2 and prior.refresh(times) == 0  # periods 3 DAY and 4 DAY, then nothing new
+    assert popular.refresh(times) == 0 and popular.refresh(np.array([5 * DAY])) == 1
+    calls = []
+    h.clicked_items = lambda *a: calls.append(a)  # a request of a prepared period must not count again
+    req = requests_at([9], [3 * DAY + 7])
+    np.testing.assert_allclose(prior.log_counts(req, np.array([[0, 1, 2]])), np.log1p([[1, 2, 0]]), rtol=1e-6)
+    assert popular.select(req, None, 2)[0].tolist() == [[11, 10]] and calls == []
+
+
 def test_weight_must_be_finite_and_not_negative():
     ch = PopularChannel(event_history([(1, 10, 0, 1)]), 1.0, DAY)
     for w in (-0.5, float("nan")):

@@ -68,6 +68,11 @@ class MergedRetriever:
         self.quotas = np.array([quotas[k] / total for k in self.names])
         self.last_timing_s: dict[str, float] = {}
 
+    def refresh(self, t_ms: np.ndarray) -> int:
+        """Each channel's per-period state for the times ``t_ms`` [B], where it has some (``refresh``); returns how
+        many periods were prepared."""
+        return sum(ch.refresh(t_ms) for ch in self.channels if hasattr(ch, "refresh"))
+
     def select_with_origin(self, requests: Requests, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(items int64 [B, n], scores float32 [B, n], origin int8 [B, n]: index into ``names``, -1 at PAD)."""
         check_select("merged", None, n)

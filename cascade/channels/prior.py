@@ -74,6 +74,15 @@ class PopularityPrior:
             self._periods_seen[s] = (dense, rows)
         return self._periods_seen[s]
 
+    def refresh(self, t_ms: np.ndarray) -> int:
+        """Prepare the refresh periods of the times ``t_ms`` [B] (their lists and dense log counts) ahead of their
+        requests; returns how many were not prepared yet."""
+        r = self.popular.refresh_ms
+        new = [int(s) for s in np.unique((np.asarray(t_ms, np.int64) // r) * r) if int(s) not in self._periods_seen]
+        for s in new:
+            self.period(s)
+        return len(new)
+
     def log_counts(self, requests: Requests, rows: np.ndarray) -> np.ndarray:
         rows = np.where(np.asarray(rows, np.int64) == PAD, self.n_items, rows)
         period = self._periods(requests)

@@ -70,6 +70,10 @@ class Retriever:
             d = np.where(i == PAD, np.float32(-np.inf), d)
         return i, d
 
+    def refresh(self, t_ms: np.ndarray) -> int:
+        """The prior's periods for the times ``t_ms`` [B] (:meth:`Cascade.refresh`); 0 without a prior."""
+        return 0 if self.prior_towers is None else self.prior_towers.refresh(t_ms)
+
     def with_prior(self, requests: Requests, u: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """The index's answer ids [B, k] for user embeddings u [B, d] and the prior's k most clicked items, scored
         by the towers' full score: the best k (ids, scores)."""
@@ -88,8 +92,14 @@ class Retriever:
 class PairScorer:
     """A stage that scores (request, candidate) pairs with ``score(requests, candidates [B,N]) -> [B,N]``."""
 
-    def __init__(self, score: Callable[[Requests, np.ndarray], np.ndarray]):
+    def __init__(self, score: Callable[[Requests, np.ndarray], np.ndarray],
+                 refresh: Callable[[np.ndarray], int] | None = None):
         self.score = score
+        self._refresh = refresh
+
+    def refresh(self, t_ms: np.ndarray) -> int:
+        """The scorer's per-period state for the times ``t_ms`` [B] (a tower's prior), where it has some."""
+        return 0 if self._refresh is None else self._refresh(t_ms)
 
     def scores(self, requests: Requests, candidates: np.ndarray) -> np.ndarray:
         """float32 [B, N]: the score of every candidate (padding -inf)."""
@@ -228,6 +238,13 @@ class Cascade:
         self.context_kinds = context_kinds  # context name -> "int" | "float" | "str": checked per request
         self.prerank_quotas = prerank_quotas
 
+    def refresh(self, t_ms: np.ndarray) -> int:
+        """Prepare what the stages keep per refresh period (most-popular's lists, the towers' popularity priors)
+        for the request times ``t_ms`` [B], so that requests of those periods count nothing on their path: a server
+        calls it on a timer, ahead of each period (:func:`~cascade.serve.replay.replay_latency` does it outside its
+        timings and reports its cost). Returns how many (stage, period) pairs were not prepared yet."""
+        return sum(st.refresh(t_ms) for st in (self.retriever, self.preranker, self.ranker) if hasattr(st, "refresh"))
+
     @property
     def channels(self) -> tuple[str, ...]:
         """The retrieval channels (a :class:`MergedRetriever`'s names), () for a single retriever."""
@@ -296,7 +313,8 @@ def build_cascade(data: RunData, retrieval: Towers, prerank: Towers, ranker: tor
     alone; prerank_quotas: the pre-rank keeps their quotas (:class:`Cascade`)."""
     retriever = (merged_retriever(data, retrieval, index, channels, two_tower_quota) if channels
                  else Retriever(lambda r: retrieval.user_embed(data, r), index, retrieval, data))
-    return Cascade(retriever, PairScorer(prerank.scorer(data)), PairScorer(ranker_scorer(ranker, data)), seen,
+    return Cascade(retriever, PairScorer(prerank.scorer(data), prerank.refresh),
+                   PairScorer(ranker_scorer(ranker, data)), seen,
                    context_kinds=data.context_kinds, prerank_quotas=prerank_quotas)
 
 
