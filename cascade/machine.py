@@ -206,13 +206,18 @@ def _log_once(level: int, msg: str, *args) -> None:
         log.log(level, msg, *args)
 
 
+def _threads() -> str:
+    """torch's thread count in words ("1 thread", "2 threads")."""
+    t = torch.get_num_threads()
+    return f"{t} thread{'' if t == 1 else 's'}"
+
+
 def probe_speedup(what: str, measure: Callable[[], float]) -> tuple[float, str | None]:
     """(float32 time / bf16 time, when it was measured or None) of the probe ``what`` on torch's current thread
     count: measured once per machine (CPU model, flags, torch version) and kept (:func:`kept_speedup`)."""
     cap = cpu_capability()
     flags = ",".join(f for f, on in cap["flags"].items() if on)
-    t = torch.get_num_threads()
-    key = f"{cap['cpu_model']} [{flags}] torch {torch.__version__}, {t} thread{'' if t == 1 else 's'}: {what}"
+    key = f"{cap['cpu_model']} [{flags}] torch {torch.__version__}, {_threads()}: {what}"
     return kept_speedup(key, measure)
 
 
@@ -254,8 +259,7 @@ def resolve_autocast(autocast, device_type: str = "cpu", gemm: tuple[int, int, i
         s = round(s, 3)
         verdict = "bf16" if s >= MIN_BF16_SPEEDUP else "float32"
         kept = "" if measured is None else f"; probed {measured}, kept"
-        t = torch.get_num_threads()
-        choice = AutocastChoice("auto", verdict, f"{flags}; {probe[0]} on {t} thread{'' if t == 1 else 's'} bf16 "
+        choice = AutocastChoice("auto", verdict, f"{flags}; {probe[0]} on {_threads()} bf16 "
                                 f"{s:.2f}x float32 ({'>=' if verdict == 'bf16' else '<'} {MIN_BF16_SPEEDUP}{kept})", s)
     _log_once(logging.INFO, "%s: autocast auto -> %s (%s)", what, choice.dtype, choice.reason)
     return choice

@@ -212,18 +212,21 @@ class PopularChannel(Channel):
             self._cache[s] = (self.history.items.sorted_ids[codes[order]], counts[order].astype(np.float32))
         return self._cache[s]
 
+    def period_starts(self, t_ms: np.ndarray) -> np.ndarray:
+        """int64 [B]: the start of the refresh period of each time ``t_ms`` [B]."""
+        return (np.asarray(t_ms, np.int64) // self.refresh_ms) * self.refresh_ms
+
     def refresh(self, t_ms: np.ndarray) -> int:
         """Count the lists of the refresh periods of the times ``t_ms`` [B] ahead of their requests (a server does
         it on a timer, off the request path); returns how many were not counted yet."""
-        new = [int(s) for s in np.unique((np.asarray(t_ms, np.int64) // self.refresh_ms) * self.refresh_ms)
-               if int(s) not in self._cache]
+        new = [int(s) for s in np.unique(self.period_starts(t_ms)) if int(s) not in self._cache]
         for s in new:
             self.ranked(s)
         return len(new)
 
     def select(self, requests: Requests, candidates: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         check_select(self.name, candidates, n)
-        period = (np.asarray(requests.time_ms, np.int64) // self.refresh_ms) * self.refresh_ms
+        period = self.period_starts(requests.time_ms)
         items = np.full((len(requests), n), PAD, np.int64)
         scores = np.full((len(requests), n), -np.inf, np.float32)
         for s in np.unique(period):

@@ -77,8 +77,7 @@ class PopularityPrior:
     def refresh(self, t_ms: np.ndarray) -> int:
         """Prepare the refresh periods of the times ``t_ms`` [B] (their lists and dense log counts) ahead of their
         requests; returns how many were not prepared yet."""
-        r = self.popular.refresh_ms
-        new = [int(s) for s in np.unique((np.asarray(t_ms, np.int64) // r) * r) if int(s) not in self._periods_seen]
+        new = [int(s) for s in np.unique(self.popular.period_starts(t_ms)) if int(s) not in self._periods_seen]
         for s in new:
             self.period(s)
         return len(new)
@@ -116,5 +115,4 @@ class PopularityPrior:
         return out
 
     def _periods(self, requests: Requests) -> np.ndarray:
-        r = self.popular.refresh_ms
-        return (np.asarray(requests.time_ms, np.int64) // r) * r
+        return self.popular.period_starts(requests.time_ms)

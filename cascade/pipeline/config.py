@@ -141,6 +141,7 @@ CHANNEL_NAMES = ("popular", "recent", "itemcf", "content", "als", "ease")
 #: what channels.build holds unless set: every channel but "ease" (dense item-item weights: catalogues of at most
 #: 10,000 items, cascade.channels.classic.EASE_MAX_ITEMS)
 DEFAULT_CHANNELS = CHANNEL_NAMES[:-1]
+EASE_LAMBDAS = (50.0, 200.0, 800.0)  # channels.ease_lambdas unless set
 
 
 @dataclass(frozen=True)
@@ -170,7 +171,7 @@ class ChannelsSection:
     als_iterations: int = 15
     als_index: str | None = None
     als_index_recall: float = 0.95
-    ease_lambdas: tuple[float, ...] = (50.0, 200.0, 800.0)
+    ease_lambdas: tuple[float, ...] = EASE_LAMBDAS
     tune_requests: int = 2000
     tune_k: int = 10
 
@@ -193,7 +194,7 @@ class ChannelsSection:
         require(self, "als_index_recall", finite(self.als_index_recall) and 0.0 < self.als_index_recall <= 1.0,
                 "must be in (0, 1]")
         require(self, "ease_lambdas", all(positive(v) for v in self.ease_lambdas), "must be finite numbers > 0")
-        require(self, "ease_lambdas", "ease" in self.build or self.ease_lambdas == (50.0, 200.0, 800.0),
+        require(self, "ease_lambdas", "ease" in self.build or self.ease_lambdas == EASE_LAMBDAS,
                 "is set but channels.build has no \"ease\": it would do nothing")
         if self.als_index is not None:
             try:
