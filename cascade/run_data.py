@@ -24,7 +24,7 @@ import torch
 
 from . import artifacts as A
 from .arrays import PAD
-from .channels.classic import PopularChannel
+from .channels.classic import EaseChannel, PopularChannel
 from .channels.prior import PRIOR_FILE, PopularityPrior
 from .data.batches import EncodedTable, FeatureSpec
 from .data.features import CrossFeatureStore, FeatureEncoder, PairEncoder
@@ -32,6 +32,7 @@ from .data.history import EventHistory
 from .data.ids import IdIndex
 from .data.requests import Requests, request_start_ms
 from .data.schema import Schema
+from .models.collaborative import load_term
 from .models.entire_space import EntireSpaceRanker
 from .models.ranker import Ranker, RankerConfig
 from .models.two_tower import TowerConfig, TowerInputs, TwoTower, build_two_tower, item_embeddings
@@ -94,12 +95,28 @@ def _cross_store(manifest: dict, verified: bool, impressions: pd.DataFrame,
     return store
 
 
+#: the EASE fits of the last files (:meth:`RunData.ease`): (impressions' sha256, items' sha256) -> lambda -> the
+#: fitted channel (the teacher step fits its grid's lambdas once; the later steps of the process read the chosen one)
+_LAST_EASE: dict[tuple, dict[float, EaseChannel]] = {}
+_LAST_EASE_LOCK = threading.Lock()
+
+
+def drop_ease_fits(keep: tuple[float, ...] = ()) -> None:
+    """Forget the process's EASE fits (:meth:`RunData.ease`) but those of the lambdas ``keep``: each holds two
+    items x items float32 arrays (its weights and, once standardised scores were asked, B B')."""
+    with _LAST_EASE_LOCK:
+        for fits in _LAST_EASE.values():
+            for lam in [lam for lam in fits if lam not in keep]:
+                del fits[lam]
+
+
 class RunData:
     """The data step of a run, ready for scoring. data_dir: runs/<run>/data."""
 
     def __init__(self, data_dir: str | Path, verify: bool = True):
         self.dir = Path(data_dir)
         self.manifest = A.read_manifest(self.dir, verify=verify)
+        self.verified = verify
         self.schema = Schema.from_dict(A.read_json(self.dir / "schema.json"))
         self.users = pd.read_parquet(self.dir / "users.parquet")
         self.items = pd.read_parquet(self.dir / "items.parquet")
@@ -202,6 +219,26 @@ class RunData:
             self._popular[key] = PopularChannel(self.history, window_days, refresh_ms)
         return self._popular[key]
 
+    def ease(self, lam: float) -> EaseChannel:
+        """EASE item-item weights (:class:`~cascade.channels.EaseChannel`) fitted on the train split's clicks with
+        ``lam``, reading :attr:`history`: the teacher's collaborative term
+        (:class:`~cascade.models.collaborative.CollaborativeTerm`). One fit per process for the same verified files
+        and ``lam`` (a dense inverse of items x items: about 30 s at 7,583 items on 2 cores)."""
+        out = self.manifest["outputs"]
+        files = (out.get("impressions.parquet"), out.get("items.parquet"))
+        shared = self.verified and None not in files
+        with _LAST_EASE_LOCK:
+            kept = _LAST_EASE.get(files, {}).get(float(lam)) if shared else None
+        if kept is not None:  # the same weights, read over this instance's history
+            return kept if kept.history is self.history else kept.with_history(self.history)
+        fitted = EaseChannel(self.history, lam).fit(self.split_history("train"), self.item_ids)
+        if shared:
+            with _LAST_EASE_LOCK:
+                if files not in _LAST_EASE:
+                    _LAST_EASE.clear()
+                _LAST_EASE.setdefault(files, {})[float(lam)] = fitted
+        return fitted
+
     @functools.cached_property
     def click_history(self) -> EventHistory:
         """The logged clicks alone, as events at their request's start (:attr:`history` less the unclicked
@@ -217,7 +254,8 @@ def ranker_config_json(model: torch.nn.Module, cfg: RankerConfig) -> dict:
 
 
 def load_ranker(model_dir: str | Path, spec: FeatureSpec) -> Ranker | EntireSpaceRanker:
-    """A ranker saved by the pipeline: config.json (:func:`ranker_config_json`) + model.pt (weights_only)."""
+    """A ranker saved by the pipeline: config.json (:func:`ranker_config_json`) + model.pt (weights_only), and its
+    collaborative term where it has one (``collaborative.json``: :mod:`cascade.models.collaborative`)."""
     model_dir = Path(model_dir)
     meta = A.read_json(model_dir / "config.json")
     if meta.get("kind") == "entire_space":
@@ -229,6 +267,7 @@ def load_ranker(model_dir: str | Path, spec: FeatureSpec) -> Ranker | EntireSpac
     state = A.load_torch(model_dir / "model.pt")
     model.load_state_dict(state["model"] if "model" in state else state)
     model.eval()
+    model.collaborative = load_term(model_dir)
     return model
 
 

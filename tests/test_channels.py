@@ -113,6 +113,48 @@ def test_ease_hand_worked_closed_form():
         EaseChannel(history, lam=0.0)
 
 
+def test_ease_standardised_scores_hand_worked():
+    """Each candidate's EASE score standardised over the corpus for its request (the teacher's collaborative term):
+    (x_u @ B - its mean over the catalogue) / its SD; 0 for padding, an unknown item and a user without a click;
+    requests of one (user, time) share their row, whatever the chunk size."""
+    train = event_history([(1, 10, 1, 1), (1, 11, 2, 1), (2, 11, 4, 1), (2, 12, 5, 1), (3, 10, 6, 1), (3, 13, 7, 1)])
+    history = event_history([(3, 10, 6, 1), (3, 11, 50, 1), (4, 12, 1, 0)])
+    ch = EaseChannel(history, lam=2.0).fit(train, np.array([10, 11, 12, 13]))
+    b = ch.weights_.astype(np.float64)
+    row_40, row_60 = b[0], b[0] + b[1]  # user 3 clicked 10 before t = 40, and 11 too before t = 60
+    z = [(r - r.mean()) / r.std() for r in (row_40, row_60)]
+    req = requests_at([3, 3, 4, 3], [40, 60, 60, 40])
+    cand = np.array([[13, 12, PAD], [10, 99, 11], [10, 11, 12], [12, 10, 11]])
+    want = np.array([[z[0][3], z[0][2], 0.0], [z[1][0], 0.0, z[1][1]], [0.0, 0.0, 0.0], [z[0][2], z[0][0], z[0][1]]])
+    for chunk in (1 << 22, 1):  # one block; a request at a time
+        np.testing.assert_allclose(ch.standardised(req, cand, chunk=chunk), want, rtol=1e-5, atol=1e-6)
+    # a later click (user 3 at t = 55) changes the row at 60, not the one at 40
+    later = EaseChannel(event_history([(3, 10, 6, 1), (3, 12, 55, 1), (3, 11, 50, 1)]), lam=2.0)
+    later.item_ids_, later.weights_ = ch.item_ids_, ch.weights_
+    later._restored()
+    got = later.standardised(req, cand)
+    np.testing.assert_allclose(got[[0, 3]], want[[0, 3]], rtol=1e-5, atol=1e-6)
+    assert not np.allclose(got[1], want[1])
+
+
+def test_ease_standardised_scores_match_the_scored_corpus():
+    """The moments from the clicked items alone (B 1, B B') equal those of the scored corpus rows, on random clicks
+    of 40 users over 60 items, users with 0 to 30 clicks, several requests per user, blocks of every size."""
+    rng = np.random.default_rng(0)
+    rows = [(u, int(i), int(t), int(rng.random() < 0.7)) for u in range(40)
+            for t, i in enumerate(rng.choice(60, rng.integers(0, 31), replace=False))]
+    h = event_history(rows)
+    ch = EaseChannel(h, lam=5.0).fit(h, np.arange(60))
+    req = requests_at(np.repeat(np.arange(41), 3), np.tile([3, 15, 40], 41))
+    cand = rng.integers(-1, 62, size=(len(req), 9))  # padding, unknown ids 60 and 61
+    full, has = ch.scores(req)
+    z = (full - full.mean(1, keepdims=True)) / np.where(full.std(1, keepdims=True) > 0, full.std(1, keepdims=True), 1)
+    want = np.where(has[:, None] & (cand >= 0) & (cand < 60), np.take_along_axis(z, np.clip(cand, 0, 59), 1), 0.0)
+    assert has.sum() > 60 and (want != 0).sum() > 300
+    for chunk in (1 << 22, 500, 1):
+        np.testing.assert_allclose(ch.standardised(req, cand, chunk=chunk), want, rtol=1e-4, atol=1e-5)
+
+
 def test_ease_refuses_a_catalogue_too_large_for_its_dense_weights(monkeypatch):
     import cascade.channels.classic as C
 

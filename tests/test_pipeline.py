@@ -287,6 +287,9 @@ def test_export_torch_program_matches_the_eager_models(run_a, tmp_path, capsys):
             assert about["temperature"] == pytest.approx(t.model.temperature)
             prior = A.read_json(run_dir / "students" / v / s / "prior.json")
             assert about.get("popularity_prior") == (prior if prior["weight"] > 0 else None)
+    # the teacher's entry names its collaborative term, which the exported logit does not compute
+    term = A.read_json(run_dir / "teacher" / "manifest.json")["metrics"]["collaborative"].get("chosen")
+    assert m["models"]["teacher"].get("serving_score", {}).get("collaborative") == term
     with pytest.raises(ExportError, match="teacher: the torch-export model differs from the eager model by up to"):
         export_run(run_dir, "torch-export", tmp_path / "strict", tolerance=1e-12)
     with pytest.raises(ExportError, match=r"variant\(s\) \['nope'\] not in the run"):
@@ -835,3 +838,116 @@ def test_cascade_refresh_prepares_the_periods_off_the_request_path(run_a):
     _, fresh = load_cascade(run_dir, "distilled")
     lat = replay_latency(fresh, req, 50, 20, 5, batch_size=1)
     assert lat["refresh"]["periods"] >= n_periods and lat["refresh"]["ms_per_period"] > 0
+
+
+def test_the_teachers_collaborative_term_is_chosen_saved_and_served(run_a, tmp_path):
+    """teacher.collaborative (auto, a tiny catalogue): every (lambda, weight) of the grid is scored by the exposure
+    weight's judge (the tiny world's random slice: the AUC of ranking score + weight x standardised EASE, checked
+    against scikit-learn; the one-SE rule over the weights) and the choice saved beside the teacher; every scorer of
+    the loaded teacher adds it; the clicks judge's click-recall@k over the corpus is the headroom benchmark's teacher
+    + weight x EASE list; load_cascade refuses a run whose term file is missing or unlisted."""
+    import shutil
+    import sys
+
+    import numpy as np
+    from sklearn.metrics import roc_auc_score
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import popularity_headroom as ph
+
+    from cascade.channels import EaseChannel
+    from cascade.data.requests import impression_requests
+    from cascade.models.collaborative import CollaborativeTerm
+    from cascade.models.scoring import ranker_scorer
+    from cascade.pipeline.judge import validation_judge
+    from cascade.run_data import RunData, load_ranker
+    from cascade.serve.cascade import load_cascade
+    from cascade.train.collaborative import choose_collaborative, grid_choice
+
+    cfg, run_dir, _ = run_a
+    c = cfg.teacher
+    m = A.read_manifest(run_dir / "teacher")["metrics"]["collaborative"]
+    assert m["setting"] == "auto" and m["judge"].startswith("AUC on the validation split's random")
+    grid = {(r["lambda"], r["weight"]): r["valid_random_auc"] for r in m["grid"]}
+    assert set(grid) == {(lam, w) for lam in c.collaborative_lambdas for w in (0.0, *c.collaborative_weights)}
+    # the random-slice judge: the lambda of the best AUC, then the smallest weight within one SE of the best there
+    lam = grid_choice(grid)[0]
+    at_lam = [r for r in m["grid"] if r["lambda"] == lam]
+    assert all(r["gap_to_best"] == pytest.approx(max(grid.values()) - r["valid_random_auc"]) for r in at_lam)
+    w = min(r["weight"] for r in at_lam if r["within_one_se"])
+    assert m["chosen"] == (None if w == 0 else {"lam": lam, "weight": w})
+    chosen = f"{w:g} x EASE (lambda {lam:g})" if w else "none: weight 0"
+    assert f"Teacher: collaborative term added to its ranking score (chosen {chosen})" in (
+        run_dir / "report" / "report.md").read_text()
+    data = RunData(run_dir / "data")
+    teacher = load_ranker(run_dir / "teacher" / "teacher", data.spec)
+    assert teacher.collaborative == (None if w == 0 else CollaborativeTerm(lam, w))
+    # the grid's AUCs, recomputed: the teacher's own ranking score + weight x the standardised EASE scores
+    teacher.collaborative = None
+    valid = data.split_impressions("valid")
+    shown = valid[valid["is_rand"] == 1]
+    req = impression_requests(shown, data.context_names)
+    cand = shown["item_id"].to_numpy(np.int64)[:, None]
+    base = ranker_scorer(teacher, data)(req, cand)[:, 0]
+    for lam_, w_ in [(c.collaborative_lambdas[0], 0.0), (c.collaborative_lambdas[-1], c.collaborative_weights[-1])]:
+        ease = EaseChannel(data.history, lam_).fit(data.split_history("train"), data.item_ids)
+        z = ease.standardised(req, cand)[:, 0]
+        assert grid[(lam_, w_)] == pytest.approx(roc_auc_score(shown["click"], base + np.float32(w_) * z), abs=1e-9)
+    # a scorer of a teacher with a term adds weight x the standardised scores to the ranking score
+    term = CollaborativeTerm(c.collaborative_lambdas[0], 0.5)
+    teacher.collaborative = term
+    some = req.take(np.arange(min(40, len(req))))
+    items = np.tile(data.item_ids[:7], (len(some), 1))
+    ease = EaseChannel(data.history, term.lam).fit(data.split_history("train"), data.item_ids)
+    teacher.collaborative = None
+    own = ranker_scorer(teacher, data)(some, items)
+    teacher.collaborative = term
+    np.testing.assert_allclose(ranker_scorer(teacher, data)(some, items),
+                               own + np.float32(0.5) * ease.standardised(some, items), rtol=1e-6, atol=1e-6)
+    # the clicks judge: each pair's click-recall@k over the corpus is the benchmark's teacher + weight x EASE list's
+    judge = validation_judge(data, 10**9, seed=0)
+    chosen, rows = choose_collaborative(teacher, data, [term.lam], [0.5, 4.0], judge, k=5)
+    best = grid_choice({(r["lambda"], r["weight"]): r["valid_click_recall@5"] for r in rows})  # the best score
+    assert teacher.collaborative == chosen == (None if best[1] == 0 else CollaborativeTerm(*best))
+    assert grid_choice({(200.0, 0.0): 0.3, (200.0, 0.5): 0.3, (50.0, 0.5): 0.3}) == (200.0, 0.0)  # ties: 0 first
+    assert grid_choice({(200.0, 0.5): 0.3, (50.0, 0.5): 0.3, (50.0, 1.0): float("nan")}) == (50.0, 0.5)
+    teacher.collaborative = None
+    plain = ranker_scorer(teacher, data)
+    for row in rows:
+        bench = ph.TeacherEase(plain, ease, row["weight"])
+        assert row["valid_click_recall@5"] == pytest.approx(np.nanmean(judge.recall(judge.lists(bench, 5), 5)),
+                                                            abs=1e-9)
+    # load_cascade: a listed term file that is missing, or a term file the manifest does not list, is refused
+    fake = tmp_path / "run"
+    shutil.copytree(run_dir, fake)
+    saved = fake / "teacher" / "teacher" / "collaborative.json"
+    if saved.exists():
+        saved.unlink()
+        with pytest.raises(A.ArtifactError, match="collaborative.json: listed .* but missing"):
+            load_cascade(fake)
+    else:
+        term.save(saved.parent)
+        with pytest.raises(A.ArtifactError, match="collaborative.json: not listed"):
+            load_cascade(fake)
+
+
+def test_a_collaborative_term_the_catalogue_cannot_hold_is_refused_before_training(tmp_path, monkeypatch):
+    """teacher.collaborative = "on" for a catalogue above EASE's size stops the teacher step before it trains; "auto"
+    runs without the term and the manifest says why; grids set beside "off" would do nothing and are refused."""
+    import cascade.pipeline.teacher as T
+
+    monkeypatch.setattr(T, "EASE_MAX_ITEMS", 5)
+    base = [f"run.runs_dir={json.dumps(str(tmp_path))}", "run.threads=1", "teacher.lightgbm=false"]
+    with pytest.raises(ValueError, match=r"teacher.collaborative = \"on\", but the catalogue has .* items and the "
+                                         r"EASE fit takes at most 5"):
+        run_pipeline(load_config(TINY, [*base, 'teacher.collaborative="on"']), progress=False, until="teacher")
+    assert not (tmp_path / "tiny" / "teacher" / "teacher" / "model.pt").exists()
+    run_pipeline(load_config(TINY, base), progress=False, until="teacher", update=True)
+    m = A.read_manifest(tmp_path / "tiny" / "teacher", verify=True)["metrics"]["collaborative"]
+    assert m["off"].startswith('teacher.collaborative = "auto": ') and m["off"].endswith("> 5 (EASE's dense fit)")
+    assert not (tmp_path / "tiny" / "teacher" / "teacher" / "collaborative.json").exists()
+    for bad in ('teacher.collaborative="maybe"', 'teacher.collaborative_weights=[0.0]'):
+        with pytest.raises(ConfigError):
+            load_config(TINY, [bad])
+    with pytest.raises(ConfigError, match="is 'off', so collaborative_lambdas / collaborative_weights would do"):
+        load_config(TINY, ['teacher.collaborative="off"', "teacher.collaborative_weights=[0.5]"])

@@ -18,9 +18,12 @@ manifest.
 
 from __future__ import annotations
 
+import copy
+import threading
 from pathlib import Path
 
 import numpy as np
+import scipy.linalg
 import scipy.sparse as sp
 
 from .. import artifacts as A
@@ -33,6 +36,7 @@ from ..index.faiss_index import IDS_FILE, INDEX_FILE, ItemIndex
 
 DAY_MS = 86_400_000
 EASE_MAX_ITEMS = 10_000  # the ease channel's dense float32 weights: 400 MB at this size
+_GRAM_LOCK = threading.Lock()  # EaseChannel.corpus_moments' one-off B B'
 
 
 def check_select(name: str, candidates: np.ndarray | None, n: int) -> None:
@@ -518,15 +522,23 @@ class EaseChannel(Channel):
         x = _click_matrix(train, IdIndex(self.item_ids_, "item_id", "ease"))
         g = np.asarray((x.T @ x).toarray(), np.float64)
         g[np.diag_indices_from(g)] += self.lam
-        p = np.linalg.inv(g)
-        b = p / -np.diag(p)
-        np.fill_diagonal(b, 0.0)
-        self.weights_ = b.astype(np.float32)
+        # g is symmetric: its transpose is the Fortran-ordered array LAPACK inverts in place (one I x I float64)
+        p = scipy.linalg.inv(g.T, overwrite_a=True, check_finite=False)
+        p /= -np.diag(p).copy()  # B = -P / diag(P), column by column
+        np.fill_diagonal(p, 0.0)
+        self.weights_ = p.astype(np.float32, order="C")
         self._restored()
         return self
 
     def _restored(self) -> None:
         self._items = IdIndex(self.item_ids_, "item_id", "ease")
+        self._gram = self._row_sums = None  # corpus_moments' B B' and B 1, computed on first use
+
+    def with_history(self, history: EventHistory) -> EaseChannel:
+        """This channel's fitted weights (shared, not copied), reading ``history``."""
+        out = copy.copy(self)
+        out.history = history
+        return out
 
     def clicked_before(self, requests: Requests) -> sp.csr_matrix:
         """Binary [B, I]: the catalogue items each request's user clicked strictly before it (every click)."""
@@ -547,6 +559,67 @@ class EaseChannel(Channel):
         something before the request)."""
         x = self.clicked_before(requests)
         return np.asarray(x @ self.weights_, np.float32), np.diff(x.indptr) > 0
+
+    def standardised(self, requests: Requests, candidates: np.ndarray, chunk: int = 1 << 22) -> np.ndarray:
+        """float32 [B, N]: each candidate's score standardised over the corpus for its request ((score - the mean of
+        the request's scores of every catalogue item) / their SD); 0 for padding, items outside the catalogue and
+        users without a click before the request.
+
+        The corpus is never scored: with x the request's clicks, the mean is x . B 1 / I and the second moment
+        x' (B B') x / I (:meth:`corpus_moments`), so a request of h clicks and N candidates costs h^2 + h N
+        lookups, not h I. Requests of one (user, time) share their moments; ``chunk``: about this many lookups at
+        a time."""
+        cand = np.asarray(candidates, np.int64)
+        _, first, inverse = np.unique(np.stack([requests.user_id, requests.time_ms], 1), axis=0,
+                                      return_index=True, return_inverse=True)
+        inverse = inverse.ravel()
+        mean, sd = self.corpus_moments(requests.take(first), chunk)
+        x = self.clicked_before(requests.take(first))
+        cols, known = self._items.find(cand)
+        out = np.zeros(cand.shape, np.float32)
+        h = np.diff(x.indptr)[inverse]  # clicks of each request's user before it
+        step = max(1, chunk // max(int(h.max(initial=1)) * cand.shape[1], 1))
+        for r0 in range(0, len(cand), step):
+            rows = np.arange(r0, min(r0 + step, len(cand)))
+            rows = rows[(h[rows] > 0) & (sd[inverse[rows]] > 0)]
+            if not len(rows):
+                continue
+            u = inverse[rows]
+            owner = np.repeat(np.arange(len(rows)), h[rows])
+            clicked = x.indices[np.repeat(x.indptr[u], h[rows]) + np.arange(len(owner))
+                                - np.repeat(np.cumsum(h[rows]) - h[rows], h[rows])]
+            lookups = self.weights_[clicked[:, None], cols[rows][owner]]  # [clicks, N]
+            score = np.add.reduceat(lookups, np.cumsum(h[rows]) - h[rows], axis=0, dtype=np.float64)
+            z = (score - mean[u][:, None]) / sd[u][:, None]
+            out[rows] = np.where(known[rows], z, 0.0)
+        return out
+
+    def corpus_moments(self, requests: Requests, chunk: int = 1 << 22) -> tuple[np.ndarray, np.ndarray]:
+        """(mean, SD) float64 [B] of each request's scores over the whole catalogue, from its clicked items alone:
+        the mean x . (B 1) / I and the second moment x' (B B') x / I over the pairs of its clicks (B B' computed
+        once, float32 [I, I]); 0 for a user without a click before the request."""
+        x = self.clicked_before(requests)
+        with _GRAM_LOCK:  # the rank log's threads score side by side: one of them computes it
+            if self._gram is None:
+                self._row_sums = self.weights_.sum(axis=1, dtype=np.float64)
+                self._gram = self.weights_ @ self.weights_.T
+        n_items = len(self.item_ids_)
+        h = np.diff(x.indptr)
+        mean = np.asarray(x @ self._row_sums, np.float64) / n_items
+        second = np.zeros(len(h))
+        pairs = h.astype(np.int64) ** 2
+        ends = np.cumsum(pairs)
+        r0 = 0
+        while r0 < len(h):  # requests in blocks of about ``chunk`` pairs (one heavy user alone if need be)
+            r1 = max(r0 + 1, int(np.searchsorted(ends, ends[r0] - pairs[r0] + chunk, side="right")))
+            rows = np.arange(r0, min(r1, len(h)))
+            owner = np.repeat(rows, pairs[rows])
+            pos = np.arange(len(owner)) - np.repeat(np.cumsum(pairs[rows]) - pairs[rows], pairs[rows])
+            a, b = pos // h[owner], pos % h[owner]
+            j, k = x.indices[x.indptr[owner] + a], x.indices[x.indptr[owner] + b]
+            second[rows] = np.bincount(owner - rows[0], weights=self._gram[j, k], minlength=len(rows)) / n_items
+            r0 = rows[-1] + 1
+        return mean, np.sqrt(np.maximum(second - mean**2, 0.0))
 
     def select(self, requests: Requests, candidates: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         check_select(self.name, candidates, n)

@@ -16,6 +16,7 @@ import torch
 
 from cascade.data.requests import Requests
 from cascade.machine import AutocastChoice, best_seconds_alternating, check_autocast, resolve_autocast
+from cascade.models.collaborative import term_of
 
 LISTS_MIN = 8  # score_pairs uses forward_lists from this many candidate lists per forward pass on
 
@@ -112,7 +113,8 @@ _CHOICES_LOCK = threading.Lock()
 def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto", batch_size: int = 4096):
     """score(requests, candidates [B, N]) -> ranking scores [B, N] (:func:`ranking_model`) with the pair features
     built on the fly by ``data.pair_features(requests, candidates)`` (a :class:`cascade.run_data.RunData`), in
-    forward passes of about ``batch_size`` rows (:func:`score_pairs`).
+    forward passes of about ``batch_size`` rows (:func:`score_pairs`), plus the model's collaborative term where it
+    carries one (:mod:`cascade.models.collaborative`; its EASE weights from ``data.ease``).
 
     autocast: bfloat16 scoring, decided per size of pass: whether bf16 pays depends on it (one list of 100
     candidates at batch-1 serving vs the rank log's passes of 4,096 rows), so "auto" probes the forward
@@ -140,11 +142,17 @@ def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto", b
                 choices[key] = scoring_autocast(ranking, mode, cat[:rows], num[:rows], list_len)
             return choices[key]
 
+    term = term_of(model)
+    ease = None if term is None else data.ease(term.lam)
+
     def score(requests: Requests, candidates: np.ndarray) -> np.ndarray:
         cat, num = data.pair_features(requests, candidates)
         n = candidates.shape[1]
-        return score_pairs(ranking, cat, num, batch_size, list_len=n,
-                           bf16=choice_for(cat, num, n).bf16).reshape(candidates.shape)
+        s = score_pairs(ranking, cat, num, batch_size, list_len=n,
+                        bf16=choice_for(cat, num, n).bf16).reshape(candidates.shape)
+        if ease is not None:
+            s += np.float32(term.weight) * ease.standardised(requests, candidates)
+        return s
 
     def decide(requests: Requests, candidates: np.ndarray) -> AutocastChoice:
         """Make (probe) the choice of calls like score(requests, candidates) now, without scoring them."""

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from .. import artifacts as A
+from ..models.collaborative import term_of
 from ..models.ranker import RankerConfig, n_parameters, serving_latency
 from ..run_data import ranker_config_json
 from ..train.loop import TrainConfig
@@ -25,9 +26,15 @@ def with_seed(cfg: TrainConfig, seed: int) -> TrainConfig:
 
 
 def save_ranker(model: torch.nn.Module, cfg: RankerConfig, out: Path) -> list[str]:
+    """model.pt, config.json and the model's collaborative term (collaborative.json) where it carries one, in
+    ``out``; the file names relative to ``out``'s parent."""
     A.save_torch(out / "model.pt", model.state_dict())
     A.write_json(out / "config.json", ranker_config_json(model, cfg))
-    return [str(Path(out.name) / "model.pt"), str(Path(out.name) / "config.json")]
+    files = ["model.pt", "config.json"]
+    term = term_of(model)
+    if term is not None:
+        files.append(term.save(out))
+    return [str(Path(out.name) / f) for f in files]
 
 
 #: Keys of a models-table row that are measured times: kept in the step's manifest metrics (and so in the report),

@@ -142,6 +142,10 @@ CHANNEL_NAMES = ("popular", "recent", "itemcf", "content", "als", "ease")
 #: 10,000 items, cascade.channels.classic.EASE_MAX_ITEMS)
 DEFAULT_CHANNELS = CHANNEL_NAMES[:-1]
 EASE_LAMBDAS = (50.0, 200.0, 800.0)  # channels.ease_lambdas unless set
+#: teacher.collaborative_lambdas unless set: one fit (about 30 s at 7,583 items on 2 cores); on ML-100K's 12
+#: backtest runs 200 alone did as well as the grid above chosen on validation (BENCHMARKS.md)
+COLLABORATIVE_LAMBDAS = (200.0,)
+COLLABORATIVE_WEIGHTS = (0.1, 0.25, 0.5, 1.0)  # teacher.collaborative_weights unless set (0 is always tried)
 
 
 @dataclass(frozen=True)
@@ -258,7 +262,15 @@ class TeacherSection:
     where they are categorical item features), read through DIN target attention (cascade/models/sequence.py;
     model.attention_mlp: its score MLP). 0: no sequence. The data step builds the sequences' columns; the teacher's
     model reads side "history" exactly when N > 0 (:attr:`ranker`; an entire-space teacher's exposure model that
-    leaves the item id out goes without it, the item id being the attention's query)."""
+    leaves the item id out goes without it, the item id being the attention's query).
+
+    collaborative: the teacher's ranking score plus weight x the request's EASE scores standardised over the corpus
+    (cascade/models/collaborative.py), (lambda, weight) chosen from ``collaborative_lambdas`` x (0, and
+    ``collaborative_weights``) on validation outcomes by the exposure weight's judge (train/collaborative.py: on
+    logged clicks the best score, on the random slice the one-SE rule leaning to 0): "on",
+    "off", or "auto" (the default): on for catalogues of at most 10,000 items (the EASE fit inverts a dense items x
+    items matrix: cascade.channels.classic.EASE_MAX_ITEMS), off above; "on" above that size is refused. The
+    teacher's manifest records the choice and every score of the grid."""
 
     model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
                                                                      cross_layers=2, cross_rank=32))
@@ -268,10 +280,21 @@ class TeacherSection:
     lightgbm: bool = True
     lightgbm_trees: int = 100
     lightgbm_max_rows: int | None = 300_000  # the most recent train rows (GBDT cost grows with rows x features)
+    collaborative: str = "auto"
+    collaborative_lambdas: tuple[float, ...] = COLLABORATIVE_LAMBDAS
+    collaborative_weights: tuple[float, ...] = COLLABORATIVE_WEIGHTS
 
     def __post_init__(self) -> None:
         require(self, "sequence_length", self.sequence_length == 0 or at_least(self.sequence_length, 1),
                 "must be an integer >= 0 (0: no behaviour sequence)")
+        require(self, "collaborative", self.collaborative in ("auto", "on", "off"), "must be 'auto', 'on' or 'off'")
+        for key in ("collaborative_lambdas", "collaborative_weights"):
+            grid = getattr(self, key)
+            require(self, key, len(grid) > 0 and all(positive(v) for v in grid), "must be finite numbers > 0")
+        grids_unset = (self.collaborative_lambdas, self.collaborative_weights) == (COLLABORATIVE_LAMBDAS,
+                                                                                 COLLABORATIVE_WEIGHTS)
+        require(self, "collaborative", self.collaborative != "off" or grids_unset,
+                "is 'off', so collaborative_lambdas / collaborative_weights would do nothing: leave them unset")
         require(self, "model", "history" not in self.model.sides,
                 "sides must not name \"history\": set teacher.sequence_length = N instead (the teacher then reads "
                 "the sequence)")

@@ -91,7 +91,7 @@ def _cascade_entry(s: dict) -> dict:
 
 def choices(run_dir: Path, manifests: dict) -> dict:
     """What the run chose on validation, and on what: the seen-item filter, the channels' settings, the teacher's
-    exposure weight, the students' distillation scales and the teacher-quality gates."""
+    exposure weight and collaborative term, the students' distillation scales and the teacher-quality gates."""
     out: dict[str, Any] = {}
     if "data" in manifests:
         out["filter_seen"] = A.read_json(run_dir / "data" / "summary.json")["summary"].get("filter_seen")
@@ -100,6 +100,7 @@ def choices(run_dir: Path, manifests: dict) -> dict:
         out["channels"] = {k: v for k, v in mc.items()}
     if "teacher" in manifests:
         out["entire_space"] = manifests["teacher"]["metrics"].get("entire_space")
+        out["collaborative"] = manifests["teacher"]["metrics"].get("collaborative")
     if (run_dir / "students" / "selection.json").exists():
         out["students"] = A.read_json(run_dir / "students" / "selection.json")
     return out

@@ -14,10 +14,12 @@ import pandas as pd
 import torch
 
 from .. import artifacts as A
+from ..channels.classic import EASE_MAX_ITEMS
 from ..models.entire_space import EntireSpaceRanker, exposure_config
 from ..models.gbdt import GBDTRanker
 from ..models.ranker import Ranker
-from ..run_data import RunData
+from ..run_data import RunData, drop_ease_fits
+from ..train.collaborative import choose_collaborative
 from ..train.entire_space import (
     choose_exposure_weight,
     choose_exposure_weight_by_random_auc,
@@ -44,6 +46,39 @@ def exposure_judge(setting: str, valid: pd.DataFrame) -> str:
     return setting
 
 
+def collaborative_off(c: TeacherSection, n_items: int) -> str | None:
+    """Why the teacher has no collaborative term (``teacher.collaborative``), None where it is chosen; "on" for a
+    catalogue above EASE's size raises."""
+    if c.collaborative == "off":
+        return "teacher.collaborative = \"off\""
+    if n_items <= EASE_MAX_ITEMS:
+        return None
+    if c.collaborative == "on":
+        raise ValueError(f"teacher.collaborative = \"on\", but the catalogue has {n_items:,} items and the EASE fit "
+                         f"takes at most {EASE_MAX_ITEMS:,} (a dense items x items inverse): set it to \"auto\" or "
+                         f"\"off\"")
+    return f"teacher.collaborative = \"auto\": {n_items:,} items > {EASE_MAX_ITEMS:,} (EASE's dense fit)"
+
+
+def collaborative_term(c: TeacherSection, model, data: RunData, judge_by: str | None, seed: int) -> dict:
+    """Choose the teacher's collaborative term (``teacher.collaborative``; train/collaborative.py) by the exposure
+    weight's judge (``judge_by``; for a plain teacher the random slice where the validation split has one, else
+    logged clicks), set it on ``model``; what the manifest records: {"setting", "chosen": {"lam", "weight"} | None,
+    "grid", "judge"} or {"setting", "off": why}."""
+    model.collaborative = None
+    off = collaborative_off(c, len(data.item_ids))
+    if off:
+        return {"setting": c.collaborative, "off": off}
+    by = judge_by or exposure_judge("auto", data.split_impressions("valid"))
+    es = c.entire_space
+    judge = None if by == "random_auc" else validation_judge(data, es.select_requests, seed)
+    term, grid = choose_collaborative(model, data, c.collaborative_lambdas, c.collaborative_weights, judge,
+                                      es.select_k, seed)
+    drop_ease_fits(keep=() if term is None else (term.lam,))  # the later steps of the process read the chosen one
+    return {"setting": c.collaborative, "chosen": None if term is None else dataclasses.asdict(term), "grid": grid,
+            "judge": "AUC on the validation split's random-exposure impressions" if judge is None else judge.what}
+
+
 def run(ctx: StepContext) -> StepResult:
     c: TeacherSection = ctx.config
     data = RunData(ctx.inputs["data"])
@@ -54,6 +89,7 @@ def run(ctx: StepContext) -> StepResult:
     metrics = {}
     # before any training: data without a random slice is refused for judge = "random_auc"
     judge_by = exposure_judge(es.judge, data.split_impressions("valid")) if es.enabled else None
+    collaborative_off(c, len(data.item_ids))  # "on" for a catalogue EASE cannot fit is refused before training
     if es.enabled:
         columns = train.spec.cat_names + train.spec.num_names
         unknown = [n for n in es.exposure_exclude if n not in columns]
@@ -85,9 +121,13 @@ def run(ctx: StepContext) -> StepResult:
         model = Ranker(train.spec, c.ranker)
         res = fit(model, train, valid, tcfg, label="teacher")
         name = f"teacher ({c.ranker.backbone})"
+    model.cpu().eval()  # trained on run.device; the corpus scoring below and every later step read it on the CPU
+    metrics["collaborative"] = collaborative_term(c, model, data, judge_by, ctx.seed)
+    term = metrics["collaborative"].get("chosen")
+    if term:
+        name = name[:-1] + f", collaborative term {term['weight']:g} x EASE (lambda {term['lam']:g}))"
     metrics["autocast"] = res.autocast  # manifest only (its probed speed-up varies from run to run)
     metrics["train_throughput"] = res.throughput()  # measured: the manifest's metrics, never summary.json
-    model.cpu().eval()
     outputs = save_ranker(model, c.ranker, ctx.out / "teacher")
     A.write_json(ctx.out / "history.json", res.history)  # per evaluation: train loss terms, valid metrics
     outputs.append("history.json")

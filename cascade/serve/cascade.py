@@ -410,7 +410,12 @@ def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = 
     ranker_files = ["rank_student/model.pt", "rank_student/config.json"] if ranker == "student" else []
     A.verify_listed(run_dir / "students", towers + ranker_files)
     if ranker == "teacher":
-        A.verify_listed(run_dir / "teacher", ["teacher/model.pt", "teacher/config.json"])
+        # the teacher's collaborative term where the step saved one (or a file claims one): a missing term or an
+        # unlisted one raises
+        term = "teacher/collaborative.json"
+        listed = term in A.read_json(run_dir / "teacher" / A.MANIFEST).get("outputs", {})
+        A.verify_listed(run_dir / "teacher", ["teacher/model.pt", "teacher/config.json",
+                                              *([term] if listed or (run_dir / "teacher" / term).exists() else [])])
     retr, pre = load_towers(sdir / "retrieval", data), load_towers(sdir / "prerank", data)
     model_dir = run_dir / "teacher" / "teacher" if ranker == "teacher" else run_dir / "students" / "rank_student"
     model = load_ranker(model_dir, data.spec)

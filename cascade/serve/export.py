@@ -4,7 +4,9 @@ or ONNX files, each checked against the eager model on real rows of the run's te
 What is exported (every model a cascade serves):
 
 - ``teacher`` and ``rank_student`` (:class:`~cascade.models.ranker.Ranker`): ``(cat int64 [B, C], num float32
-  [B, M]) -> logit [B]`` over the encoded pair columns (the encoder's feature order, data/ in the run);
+  [B, M]) -> logit [B]`` over the encoded pair columns (the encoder's feature order, data/ in the run); a
+  teacher's collaborative term, which the export does not compute, is described in its manifest entry
+  (``serving_score``);
 - per variant (``distilled``, ``ground_truth``) and stage (``retrieval``, ``prerank``) the two towers:
   ``<variant>_<stage>_user_tower`` ``(user_cat [B, Cu], user_num [B, Mu], ctx_cat [B, Cc], ctx_num [B, Mc][,
   history [B, H]]) -> [B, d]`` (history, where the tower reads one: the user's last H clicked items as codes of
@@ -20,6 +22,7 @@ absolute difference from the eager model is recorded in ``manifest.json`` and mu
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import logging
 import os
@@ -35,6 +38,7 @@ from torch import nn
 from .. import artifacts as A
 from ..config import ConfigError
 from ..data.requests import requests_frame
+from ..models.collaborative import term_of
 from ..run_data import RunData, load_ranker, load_towers
 
 log = logging.getLogger(__name__)
@@ -78,7 +82,7 @@ def exportables(run_dir: str | os.PathLike, variants: tuple[str, ...] | None = N
         model = load_ranker(folder, data.spec).eval()
         cat, num = torch.as_tensor(test.cat, dtype=torch.long), torch.as_tensor(test.num, dtype=torch.float32)
         out.append(Exportable(name, folder / "model.pt", model, ("cat", "num"), "logit", (cat[rows[0]], num[rows[0]]),
-                              (cat[rows[1]], num[rows[1]])))
+                              (cat[rows[1]], num[rows[1]]), _ranking_score(model)))
     trained = sorted(p.name for p in (run_dir / "students").iterdir() if (p / "retrieval").is_dir())
     unknown = sorted(set(variants or ()) - set(trained))
     if unknown:
@@ -103,6 +107,16 @@ def exportables(run_dir: str | os.PathLike, variants: tuple[str, ...] | None = N
             out.append(Exportable(f"{variant}_{stage}_item_tower", weights, model.item_tower, ("item_cat", "item_num"),
                                   "item_embedding", inp.item_batch(item[0]), inp.item_batch(item[1])))
     return out
+
+
+def _ranking_score(model) -> dict | None:
+    """How serving ranks with this ranker beyond its exported click logit, where it adds something: the
+    collaborative term (cascade/models/collaborative.py), which an exported model does not compute."""
+    term = term_of(model)
+    if term is None:
+        return None
+    return {"score": "the ranking score + weight * the request's EASE scores (ridge lam, fitted on the train split's "
+                     "clicks) standardised over the corpus", "collaborative": dataclasses.asdict(term)}
 
 
 def _serving_score(towers) -> dict:

@@ -369,8 +369,8 @@ def _section_channels(data: Mapping) -> Section:
 
 
 def _section_choices(data: Mapping) -> Section:
-    """What the run chose on validation (the seen filter, channel settings, the teacher's exposure weight, the
-    students' distillation scales) with every grid point, and the teacher-quality gates."""
+    """What the run chose on validation (the seen filter, channel settings, the teacher's exposure weight and
+    collaborative term, the students' distillation scales) with every grid point, and the teacher-quality gates."""
     sec = Section("choices", "Choices made on validation")
     ch = as_mapping(data.get("choices"), "report_data['choices']")
     if not ch:
@@ -404,6 +404,21 @@ def _section_choices(data: Mapping) -> Section:
                                  f"{format_value(es.get('exposure_weight'))})"))
         sec.blocks.append(("table", Table(frame, ["", "click_recall", *_one_se_keys(grid)],
                                           caption=str(es.get("judge", "")))))
+    co = as_mapping(ch.get("collaborative"), "report_data['choices']['collaborative']")
+    if co and "off" in co:
+        sec.blocks.append(("p", f"Teacher: no collaborative term ({co['off']})."))
+    elif co:
+        grid = [as_mapping(g, "grid") or {} for g in as_list(co.get("grid"), "grid") or []]
+        key = next((k for k in (grid[0] if grid else {}) if k.startswith(("valid_click_recall", "valid_random_auc"))),
+                   "valid click-recall")
+        chosen = as_mapping(co.get("chosen"), "chosen")
+        what = (f"{format_value(chosen.get('weight'))} x EASE (lambda {format_value(chosen.get('lam'))})" if chosen
+                else "none: weight 0")
+        sec.blocks.append(("h3", f"Teacher: collaborative term added to its ranking score (chosen {what})"))
+        sec.blocks.append(("table", Table(pd.DataFrame({"EASE lambda": [g.get("lambda") for g in grid],
+                                                        "weight": [g.get("weight") for g in grid],
+                                                        key: [g.get(key) for g in grid]}),
+                                          ["", "", "click_recall"], caption=str(co.get("judge", "")))))
     st = as_mapping(ch.get("students"), "report_data['choices']['students']") or {}
     for stage in ("retrieval", "prerank"):
         e = as_mapping(st.get(stage), f"report_data['choices']['students'][{stage!r}]")
