@@ -307,6 +307,18 @@ def _headroom_seeds(d: dict) -> tuple[str, None]:
     return "minus most-popular, test click-recall@10 pooled: " + "; ".join(parts), None
 
 
+def _collaborative_choice(d: dict) -> tuple[str, None]:
+    """Per lambda grid and rule: how often it keeps the weight at 0 and its pooled test gain over the teacher."""
+    parts = []
+    for name, s in d["summary"].items():
+        if "picks" in s:
+            zero = sum(w == 0 for _, w in s["picks"].values())
+            t, p = s["minus_teacher"], s["minus_popular"]
+            parts.append(f"{name}: weight 0 in {zero} of {len(s['picks'])} runs, minus the teacher's own list "
+                         f"{t['diff']:+.4f} ± {t['se']:.4f}, minus most-popular {p['diff']:+.4f} ± {p['se']:.4f}")
+    return "; ".join(parts), None
+
+
 def _exposure_weight_clicks(d: dict) -> tuple[str, None]:
     parts = []
     for name, r in d["runs"].items():
@@ -401,6 +413,8 @@ ROWS = [
     Row("ablation_movielens_100k.json", "distillation ablation, ML-100K", None, _checks_elsewhere),
     Row("real_data.json", "outcomes: distilled cascade vs ground truth and classic baselines",
         "auto >= ground truth; the cascade beats most-popular and the best classic channel", _real_data),
+    Row("real_data_no_collaborative.json", "outcomes before the teacher's collaborative term", None,
+        lambda d: (_real_data(d)[0], None)),
     Row("real_data_exposure_lean_1.json", "outcomes before the random-slice judge took the smallest exposure weight "
         "within one SE (it leaned to 1)", None, lambda d: (_real_data(d)[0], None)),
     Row("real_data_no_prerank_quotas.json", "outcomes before the pre-rank kept the channels' quotas", None,
@@ -422,6 +436,10 @@ ROWS = [
         None, _exposure_weight_clicks),
     Row("real_data_ml_origins.json", "outcomes, ML-100K over 4 consecutive 14-day test periods (575 requests)",
         "the cascade beats most-popular", lambda d: _real_data(d)),
+    Row("collaborative_choice.json", "ML-100K, 4 test periods x 3 seeds: the teacher's collaborative term chosen by "
+        "the best validation score or the one-SE rule", None, _collaborative_choice),
+    Row("real_data_ml_origins_no_collaborative.json", "outcomes, ML-100K over 4 test periods, before the teacher's "
+        "collaborative term", None, lambda d: (_real_data(d)[0], None)),
     Row("real_data_ml_origins_sequence.json", "outcomes, ML-100K over 4 test periods, the behaviour-sequence teacher",
         None, lambda d: (_real_data(d)[0], None)),
     Row("exposure_weight_ml_origins.json", "ML-100K, 4 test periods: the teacher's corpus list at every exposure "
