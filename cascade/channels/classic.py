@@ -520,7 +520,7 @@ class EaseChannel(Channel):
                              f"dense items x items matrix); leave 'ease' out of channels.build for this catalogue")
         self.item_ids_ = np.sort(np.asarray(item_ids, np.int64))
         x = _click_matrix(train, IdIndex(self.item_ids_, "item_id", "ease"))
-        g = np.asarray((x.T @ x).toarray(), np.float64)
+        g = (x.T @ x).astype(np.float64).toarray()  # the one dense I x I float64 of the fit
         g[np.diag_indices_from(g)] += self.lam
         # g is symmetric: its transpose is the Fortran-ordered array LAPACK inverts in place (one I x I float64)
         p = scipy.linalg.inv(g.T, overwrite_a=True, check_finite=False)

@@ -116,6 +116,7 @@ def run(ctx: StepContext) -> StepResult:
                                        " (the validation split has no random-exposure impressions with both labels)"))
         metrics["entire_space"] = {"exposure_weight": choice, "grid": grid, "judge": what, "judged_by": judge_by,
                                    "train_rows": {"shown": int(len(train)), "unshown": int(len(table) - len(train))}}
+        del table  # the impressions and sampled items: freed before the collaborative term's EASE fit
         name = f"teacher ({c.ranker.backbone}, entire space: exposure weight {choice:g})"
     else:
         model = Ranker(train.spec, c.ranker)
