@@ -32,7 +32,7 @@ from cascade.models.scoring import ranker_scorer
 from cascade.pipeline.config import COLLABORATIVE_LAMBDAS, COLLABORATIVE_WEIGHTS, EASE_LAMBDAS
 from cascade.pipeline.judge import split_judge
 from cascade.run_data import RunData, load_ranker
-from cascade.train.collaborative import grid_choice
+from cascade.train.collaborative import corpus_scores, grid_choice
 
 WEIGHTS = (0.0, *COLLABORATIVE_WEIGHTS)
 LAMBDAS = tuple(sorted({*EASE_LAMBDAS, *COLLABORATIVE_LAMBDAS}))
@@ -49,10 +49,7 @@ def one_run(run: Path, k: int) -> dict:
     for split in ("valid", "test"):
         judge = split_judge(data, split, 10**9, seed=0)
         req = judge.requests
-        ids = np.ascontiguousarray(np.broadcast_to(data.item_ids, (len(req), len(data.item_ids))))
-        base = score(req, ids)
-        if judge.seen is not None:
-            base = np.where(judge.seen.seen(req.user_id, ids, req.time_ms), -np.inf, base)
+        ids, base = corpus_scores(score, data, req, judge.seen)
         rec = {"popular": judge.recall(judge.lists(popular, k), k)}
         for lam in LAMBDAS:
             z = data.ease(lam).standardised(req, ids)

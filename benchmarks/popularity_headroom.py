@@ -104,8 +104,8 @@ class Hindsight:
 def standardised(ease: EaseChannel, requests) -> np.ndarray:
     """float64 [R, I]: each request's EASE scores (:class:`cascade.channels.EaseChannel`) standardised over the
     corpus (the channel's ``item_ids_`` order)."""
-    e = ease.scores(requests)[0].astype(np.float64)
-    return (e - e.mean(axis=1, keepdims=True)) / np.maximum(e.std(axis=1, keepdims=True), 1e-12)
+    ids = np.broadcast_to(ease.item_ids_, (len(requests), len(ease.item_ids_)))
+    return ease.standardised(requests, ids).astype(np.float64)
 
 
 class TeacherEase:

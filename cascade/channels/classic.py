@@ -573,8 +573,8 @@ class EaseChannel(Channel):
         _, first, inverse = np.unique(np.stack([requests.user_id, requests.time_ms], 1), axis=0,
                                       return_index=True, return_inverse=True)
         inverse = inverse.ravel()
-        mean, sd = self.corpus_moments(requests.take(first), chunk)
         x = self.clicked_before(requests.take(first))
+        mean, sd = self._moments(x, chunk)
         cols, known = self._items.find(cand)
         out = np.zeros(cand.shape, np.float32)
         h = np.diff(x.indptr)[inverse]  # clicks of each request's user before it
@@ -598,7 +598,10 @@ class EaseChannel(Channel):
         """(mean, SD) float64 [B] of each request's scores over the whole catalogue, from its clicked items alone:
         the mean x . (B 1) / I and the second moment x' (B B') x / I over the pairs of its clicks (B B' computed
         once, float32 [I, I]); 0 for a user without a click before the request."""
-        x = self.clicked_before(requests)
+        return self._moments(self.clicked_before(requests), chunk)
+
+    def _moments(self, x: sp.csr_matrix, chunk: int) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`corpus_moments` of the click rows ``x`` (binary [B, I], :meth:`clicked_before`)."""
         with _GRAM_LOCK:  # the rank log's threads score side by side: one of them computes it
             if self._gram is None:
                 self._row_sums = self.weights_.sum(axis=1, dtype=np.float64)

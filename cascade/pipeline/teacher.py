@@ -60,13 +60,13 @@ def collaborative_off(c: TeacherSection, n_items: int) -> str | None:
     return f"teacher.collaborative = \"auto\": {n_items:,} items > {EASE_MAX_ITEMS:,} (EASE's dense fit)"
 
 
-def collaborative_term(c: TeacherSection, model, data: RunData, judge_by: str | None, seed: int) -> dict:
+def collaborative_term(c: TeacherSection, model, data: RunData, judge_by: str | None, seed: int,
+                       off: str | None) -> dict:
     """Choose the teacher's collaborative term (``teacher.collaborative``; train/collaborative.py) by the exposure
     weight's judge (``judge_by``; for a plain teacher the random slice where the validation split has one, else
-    logged clicks), set it on ``model``; what the manifest records: {"setting", "chosen": {"lam", "weight"} | None,
-    "grid", "judge"} or {"setting", "off": why}."""
+    logged clicks), set it on ``model``, unless ``off`` (:func:`collaborative_off`) says why not; what the manifest
+    records: {"setting", "chosen": {"lam", "weight"} | None, "grid", "judge"} or {"setting", "off": why}."""
     model.collaborative = None
-    off = collaborative_off(c, len(data.item_ids))
     if off:
         return {"setting": c.collaborative, "off": off}
     by = judge_by or exposure_judge("auto", data.split_impressions("valid"))
@@ -89,7 +89,7 @@ def run(ctx: StepContext) -> StepResult:
     metrics = {}
     # before any training: data without a random slice is refused for judge = "random_auc"
     judge_by = exposure_judge(es.judge, data.split_impressions("valid")) if es.enabled else None
-    collaborative_off(c, len(data.item_ids))  # "on" for a catalogue EASE cannot fit is refused before training
+    no_term = collaborative_off(c, len(data.item_ids))  # "on" for a catalogue EASE cannot fit: refused before training
     if es.enabled:
         columns = train.spec.cat_names + train.spec.num_names
         unknown = [n for n in es.exposure_exclude if n not in columns]
@@ -123,7 +123,7 @@ def run(ctx: StepContext) -> StepResult:
         res = fit(model, train, valid, tcfg, label="teacher")
         name = f"teacher ({c.ranker.backbone})"
     model.cpu().eval()  # trained on run.device; the corpus scoring below and every later step read it on the CPU
-    metrics["collaborative"] = collaborative_term(c, model, data, judge_by, ctx.seed)
+    metrics["collaborative"] = collaborative_term(c, model, data, judge_by, ctx.seed, no_term)
     term = metrics["collaborative"].get("chosen")
     if term:
         name = name[:-1] + f", collaborative term {term['weight']:g} x EASE (lambda {term['lam']:g}))"

@@ -37,6 +37,16 @@ def grid_choice(scores: dict[tuple[float, float], float]) -> tuple[float, float]
     return max(scores, key=lambda lw: (np.nan_to_num(scores[lw], nan=-np.inf), -lw[1], -lw[0]))
 
 
+def corpus_scores(score, data: RunData, requests, seen=None) -> tuple[np.ndarray, np.ndarray]:
+    """(item ids int64 [R, I], ``score(requests, ids)`` [R, I]) over the whole corpus, -inf where ``seen`` (an
+    :class:`~cascade.data.history.EventHistory`, or None) says the user was shown the item before the request."""
+    ids = np.ascontiguousarray(np.broadcast_to(data.item_ids, (len(requests), len(data.item_ids))))
+    s = score(requests, ids)
+    if seen is not None:
+        s = np.where(seen.seen(requests.user_id, ids, requests.time_ms), -np.inf, s)
+    return ids, s
+
+
 def choose_collaborative(model, data: RunData, lams: Sequence[float], weights: Sequence[float], judge=None,
                          k: int = 10, seed: int = 0,
                          pairs_per_batch: int = 262_144) -> tuple[CollaborativeTerm | None, list[dict]]:
@@ -45,23 +55,19 @@ def choose_collaborative(model, data: RunData, lams: Sequence[float], weights: S
     filtered as it says), or with ``judge`` None by the AUC on the validation split's randomly shown impressions
     (the one-SE rule over the weights, ``seed`` its bootstrap's; module docstring); and every pair's score
     [{"lambda", "weight", "valid_click_recall@k" | "valid_random_auc" (+ the one-SE columns at the chosen
-    lambda)}]. ``model`` is scored
-    without a term (its own ranking score), over the corpus in blocks of about ``pairs_per_batch`` pairs; sets
-    ``model.collaborative`` to the choice."""
+    lambda)}]. ``model`` is scored without a term (its own ranking score), over the corpus in blocks of about
+    ``pairs_per_batch`` pairs; sets ``model.collaborative`` to the choice."""
     model.collaborative = None
     score = ranker_scorer(model, data)
     grid = [(float(lam), float(w)) for lam in lams for w in sorted({0.0, *map(float, weights)})]
     lams = sorted({lam for lam, _ in grid})
     if judge is not None:
         what = f"valid_click_recall@{k}"
-        n_items = len(data.item_ids)
         tops: dict[tuple[float, float], list[np.ndarray]] = {lw: [] for lw in grid}
-        for r0 in range(0, len(judge.requests), max(1, pairs_per_batch // n_items)):
-            req = judge.requests.take(np.arange(r0, min(r0 + max(1, pairs_per_batch // n_items), len(judge.requests))))
-            ids = np.ascontiguousarray(np.broadcast_to(data.item_ids, (len(req), n_items)))
-            base = score(req, ids)
-            if judge.seen is not None:
-                base = np.where(judge.seen.seen(req.user_id, ids, req.time_ms), -np.inf, base)
+        block = max(1, pairs_per_batch // len(data.item_ids))
+        for r0 in range(0, len(judge.requests), block):
+            req = judge.requests.take(np.arange(r0, min(r0 + block, len(judge.requests))))
+            ids, base = corpus_scores(score, data, req, judge.seen)
             for lam in lams:
                 z = data.ease(lam).standardised(req, ids)
                 for lam_w in (lw for lw in grid if lw[0] == lam):
