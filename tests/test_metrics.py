@@ -22,6 +22,7 @@ from cascade.eval.metrics import (
     logloss,
     ndcg_at_k,
     paired_difference,
+    paired_ratio_difference,
     pooled_difference,
     recall_at_k,
 )
@@ -233,6 +234,27 @@ def test_paired_difference_hand_worked_and_against_scipy():
     assert paired_difference([np.nan], [0.0])["n"] == 0
     with pytest.raises(ValueError, match="rows"):
         paired_difference([1.0, 2.0], [1.0])
+
+
+def test_paired_ratio_difference_hand_worked_and_against_the_bootstrap():
+    # z = a - b = 1, 1, 2; sum(m) = 40: D = 4 / 40 = 0.1; z - D m = 0, -1, 1; SE = sqrt(3/2 * 2) / 40
+    out = paired_ratio_difference([1.0, 2.0, 3.0], [0.0, 1.0, 1.0], [10.0, 20.0, 10.0])
+    assert out["n"] == 3 and out["diff"] == pytest.approx(6 / 40 - 2 / 40)
+    assert out["se"] == pytest.approx(math.sqrt(3.0) / 40)
+    # a row with a nan is left out; one row: no SE
+    assert paired_ratio_difference([1.0, np.nan], [0.0, 0.0], [4.0, 1.0])["n"] == 1
+    assert math.isnan(paired_ratio_difference([1.0, np.nan], [0.0, 0.0], [4.0, 1.0])["se"])
+    with pytest.raises(ValueError, match="rows"):
+        paired_ratio_difference([1.0, 2.0], [1.0, 2.0], [1.0])
+    # the delta-method SE against the bootstrap over rows (400 rows, 4,000 resamples): within 10%
+    rng = np.random.default_rng(0)
+    m = rng.gamma(2.0, 50.0, 400)
+    a = m * rng.uniform(0.002, 0.004, 400)
+    b = a - m * rng.normal(1e-4, 1e-4, 400)
+    got = paired_ratio_difference(a, b, m)
+    idx = rng.integers(0, 400, (4000, 400))
+    boot = (a[idx] - b[idx]).sum(1) / m[idx].sum(1)
+    assert got["se"] == pytest.approx(boot.std(), rel=0.1)
 
 
 def test_pooled_difference_is_the_mean_over_the_union_with_the_stratified_se():

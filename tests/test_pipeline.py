@@ -21,8 +21,10 @@ import torch
 
 from cascade import artifacts as A
 from cascade.config import ConfigError
+from cascade.data.world import World
 from cascade.pipeline import STEPS, load_config, run_pipeline
 from cascade.pipeline.run import RunConfigMismatch
+from cascade.run_data import RunData
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "pipelines" / "tiny.toml"
@@ -60,6 +62,15 @@ def test_every_step_writes_verified_artifacts(run_a):
                **{b: f"baseline_{s['channel']}" for b, s in summary["baselines"].items()}}
     assert set(summary["paired"]["distilled"]) == set(stem_of) - {"distilled"}
     latency = A.read_manifest(run_dir / "replay")["metrics"]["latency"]  # measured times: in the manifest only
+    # the random slice's expected click-recall: each list's oracle clicks over the corpus's expected clicks, summed
+    # over the random-exposure requests (recomputed here from the world and the per-request rows)
+    rows = pd.read_parquet(run_dir / "replay" / "distilled_requests.parquet")
+    test = RunData(run_dir / "data").split_impressions("test")
+    ctx = test.groupby("request_id")[["user_id", "hour", "tab", "is_rand"]].first().loc[rows.request_id]
+    rand = ctx.is_rand.to_numpy() == 1
+    assert rand.sum() >= 10
+    world = World.load(run_dir / "data" / "world")
+    mass = world.corpus_click_mass(ctx.user_id.to_numpy()[rand], ctx.hour.to_numpy()[rand], ctx.tab.to_numpy()[rand])
     for name, v in summary["variants"].items():
         q = v["quality"]
         for st in ("retrieval", "prerank", "rank"):
@@ -76,10 +87,17 @@ def test_every_step_writes_verified_artifacts(run_a):
         assert 0.0 < q["oracle_ratio"] <= 1.0 + 1e-9
         # the paired gaps are the per-request rows' mean differences (the rows the parquet files hold)
         mine = pd.read_parquet(run_dir / "replay" / f"{name}_requests.parquet")
+        assert q["expected_click_recall_rand"] == pytest.approx(mine.oracle_clicks[rand].sum() / mass.sum())
+        assert 10 / len(world.item_ids) < q["expected_click_recall_rand"] < 1.0  # above a random list's share
         for other, gaps in summary["paired"][name].items():
             theirs = pd.read_parquet(run_dir / "replay" / f"{stem_of[other]}_requests.parquet")
             assert (theirs.request_id.to_numpy() == mine.request_id.to_numpy()).all()
+            assert set(gaps) == {"rank_click_recall", "oracle_ratio", "expected_click_recall_rand"}
             for metric, gap in gaps.items():
+                if metric == "expected_click_recall_rand":
+                    d = (mine.oracle_clicks - theirs.oracle_clicks)[rand].sum() / mass.sum()
+                    assert gap["n"] == rand.sum() and gap["diff"] == pytest.approx(d), (name, other)
+                    continue
                 d = (mine[metric] - theirs[metric])[mine.in_sample].dropna()
                 assert gap["n"] == len(d) and gap["diff"] == pytest.approx(d.mean()), (name, other, metric)
         assert 1 <= q["final_distinct"] <= 5 * q["n_requests"] and 0 < q["final_top_share"] <= 1.0

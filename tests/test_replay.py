@@ -1,5 +1,7 @@
 """The replay's choice of requests and its means: the logged sample and the random-exposure slice, hand-worked."""
 
+import math
+
 import numpy as np
 import pandas as pd
 import pytest
@@ -72,3 +74,36 @@ def test_paired_comparisons_take_the_logged_requests_with_clicks_of_both_lists()
     # differences 1.0 and 0.0: mean 0.5, std(ddof=1) = sqrt(0.5), SE = sqrt(0.5) / sqrt(2) = 0.5
     assert gap == {"diff": 0.5, "se": pytest.approx(0.5), "n": 2}
     assert "oracle_ratio" not in out["distilled"]["popular (7 days)"] and list(out) == ["distilled"]
+
+
+def test_the_random_slice_expected_click_recall_pools_the_oracle_clicks():
+    # two random requests (rows 1, 2) and one logged: expected clicks of the final lists 0.9, 0.3, 0.6 (oracle_prob
+    # reads the item id / 10); corpus masses 30 and 10 on the random ones -> (0.3 + 0.6) / 40
+    req = Requests(np.array([1, 2, 3]), np.array([10, 20, 30]))
+    clicked = np.array([[5, -1], [7, -1], [8, -1]])
+    top = np.tile(np.arange(10), (3, 1))
+    ranking = np.array([[5, 4], [1, 2], [2, 4]])
+    mass = np.array([np.nan, 30.0, 10.0])
+
+    def prob(_requests, items):
+        return items / 10.0
+
+    inp = ReplayInputs(req, clicked, top, np.ones_like(top, float), np.array([False, True, True]), 100,
+                       oracle_prob=prob, oracle_best=np.ones(3), oracle_mass=mass)
+    rows, q = ranking_quality(ranking, inp, {"retrieval": 2, "prerank": 2, "rank": 2}, 2)
+    assert rows.oracle_clicks.tolist() == pytest.approx([0.9, 0.3, 0.6])
+    assert q["expected_click_recall_rand"] == pytest.approx(0.9 / 40)
+    other = ranking_quality(np.array([[5, 4], [3, 2], [1, 4]]), inp, {"retrieval": 2, "prerank": 2, "rank": 2}, 2)[0]
+    # paired over the random requests: z = (0.3 - 0.5, 0.6 - 0.5); D = -0.1 / 40; the ratio SE of those two rows
+    out = paired_comparisons({"distilled": rows, "als": other}, ["distilled"], np.array([True, False, False]),
+                             np.array([False, True, True]), mass)
+    gap = out["distilled"]["als"]["expected_click_recall_rand"]
+    d = -0.1 / 40
+    se = math.sqrt(2 * ((-0.2 - d * 30) ** 2 + (0.1 - d * 10) ** 2)) / 40
+    assert gap == {"diff": pytest.approx(d), "se": pytest.approx(se), "n": 2}
+    # without the corpus mass (or without a random slice) there is no such gap
+    assert "expected_click_recall_rand" not in paired_comparisons(
+        {"distilled": rows, "als": other}, ["distilled"], np.array([True, False, False]))["distilled"]["als"]
+    with pytest.raises(ValueError, match="oracle_mass"):
+        ReplayInputs(req, clicked, top, np.ones_like(top, float), np.array([False, True, True]), 100,
+                     oracle_prob=prob, oracle_mass=np.array([np.nan, np.nan, 1.0]))

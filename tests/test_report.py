@@ -34,7 +34,8 @@ def _stage(size, tr, cr, ndcg, auc, gauc, p50):
 def _outcome(name, kind, cr, oracle, tr, distinct):
     return {"name": name, "kind": kind, "k": 10, "click_recall": cr, "hit_rate": min(1.0, 3 * cr),
             "click_ndcg": cr / 2, "teacher_recall": tr, "teacher_ndcg": None, "click_recall_rand": cr / 4,
-            "hit_rate_rand": None, "retrieval_click_recall": 4 * cr, "prerank_click_recall": 2 * cr,
+            "expected_click_recall_rand": cr / 50, "hit_rate_rand": None, "retrieval_click_recall": 4 * cr,
+            "prerank_click_recall": 2 * cr,
             "retrieval_size": 500, "prerank_size": 100, "oracle_clicks": oracle, "oracle_ratio": None,
             "final_distinct": distinct, "final_coverage": distinct / 5000, "final_top_share": 0.25,
             "n_requests_with_clicks": 1800, "n_rand_requests": 90}
@@ -106,7 +107,10 @@ def make_report_data() -> dict:
                      "gaps": [{"cascade": "distilled", "other": "popular (7 days)", "metric": "rank_click_recall",
                                "diff": -0.0039, "se": 0.0102, "n": 1800, "beyond_2se": False},
                               {"cascade": "distilled", "other": "ground_truth", "metric": "rank_click_recall",
-                               "diff": -0.0091, "se": 0.0031, "n": 1800, "beyond_2se": True}],
+                               "diff": -0.0091, "se": 0.0031, "n": 1800, "beyond_2se": True},
+                              {"cascade": "distilled", "other": "popular (7 days)",
+                               "metric": "expected_click_recall_rand", "diff": 0.000048, "se": 0.000012, "n": 90,
+                               "beyond_2se": True}],
                      "filter_seen": {"applied": False, "why": "auto: 7.7% of train clicks were re-clicks"}},
         "index": {"factory": "IVF64,Flat", "backend": "faiss-cpu", "metric": "inner_product", "n_items": 5000,
                   "dim": 32, "recall_vs_exact": 0.9871,
@@ -263,10 +267,14 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     assert _md_row(latency, ["rank"])[:3] == ["rank", "10", "2.35"]
     assert "end to end" not in outcomes and _md_row(latency, ["end to end"])[:3] == ["end to end", "–", "4.10"]
     # headline, outcomes first: click-recall 0.0611 -> 0.061, HitRate 0.1833 -> 0.183, click-NDCG 0.0306, random
-    # slice 0.015, oracle clicks 1.234, @N1 0.244, @N2 0.122, then agreement 0.642, 812 distinct items, coverage
-    # 812 / 5000 = 0.162, top-10 share 0.250 (the all-None teacher-NDCG and oracle-ratio columns are left out)
-    assert _md_row(md, ["distilled", "cascade"]) == ["distilled", "cascade", "0.061", "0.183", "0.0306", "0.015",
-                                                     "1.234", "0.244", "0.122", "0.642", "812", "0.162", "0.250"]
+    # slice 0.0153 and its expectation 0.001222 (more decimals: a top-K holds few random clicks), oracle clicks
+    # 1.234, @N1 0.244, @N2 0.122, then agreement 0.642, 812 distinct items, coverage 812 / 5000 = 0.162, top-10
+    # share 0.250 (the all-None teacher-NDCG and oracle-ratio columns are left out)
+    assert _md_row(md, ["distilled", "cascade"]) == ["distilled", "cascade", "0.061", "0.183", "0.0306", "0.0153",
+                                                     "0.001222", "1.234", "0.244", "0.122", "0.642", "812", "0.162",
+                                                     "0.250"]
+    assert _md_row(md, ["distilled", "popular (7 days)", "expected click-recall@10 (random slice)"])[3:] == [
+        "+0.000048 ± 0.000012", "yes", "90"]
     assert _md_row(md, ["popular (7 days)", "baseline"])[2] == "0.065"
     assert "Warning: The distilled cascade finds fewer of the test clicks than popular (7 days)." in md
     # the paired gaps: within 2 SE (0.0039 < 2 x 0.0102) and beyond it (0.0091 > 2 x 0.0031)
@@ -476,6 +484,26 @@ def test_outcome_rows_flag_a_loss_to_most_popular_with_its_paired_gap_and_pick_t
         ("distilled", "ground_truth", True), ("distilled", "popular (7 days)", False),
         ("ground_truth", "popular (7 days)", False), ("distilled+channels", "distilled", False),
         ("distilled+channels", "popular (7 days)", False)]
+
+
+def test_gap_rows_take_the_random_slice_expectation_against_ground_truth_popular_and_the_best_baseline():
+    from cascade.pipeline.report import outcome_rows
+
+    def q(expected):
+        return {"quality": {"rank_click_recall": 0.1, "expected_click_recall_rand": expected},
+                "sizes": {"retrieval": 300, "prerank": 50, "rank": 10}}
+
+    def g(d):
+        return {"expected_click_recall_rand": {"diff": d, "se": 0.00001, "n": 650}}
+
+    summary = {"variants": {"distilled": q(0.00326), "ground_truth": q(0.00322)},
+               "baselines": {"popular (1 days)": q(0.00281), "content": q(0.00323), "als (32 factors)": q(0.00309)},
+               "paired": {"distilled": {"ground_truth": g(0.00004), "popular (1 days)": g(0.00045),
+                                        "content": g(0.000013), "als (32 factors)": g(0.00017)}}}
+    out = outcome_rows(summary)
+    assert out["rows"][0]["expected_click_recall_rand"] == 0.00326
+    rand = [(r["other"], r["beyond_2se"]) for r in out["gaps"] if r["metric"] == "expected_click_recall_rand"]
+    assert rand == [("ground_truth", True), ("popular (1 days)", True), ("content", False)]  # content: the best
 
 
 def test_tower_gate_flag_names_its_judge():

@@ -215,6 +215,42 @@ def test_oracle_topk_equals_exhaustive_search(small):
         world.oracle_topk(users, 0, 0, world.n_items + 1)
 
 
+def test_corpus_click_mass_is_the_sum_over_the_corpus_and_what_random_exposure_converges_to(small):
+    world, _ = small
+    users = world.user_ids[[3, 100, 900]]
+    hour, tab = np.array([0, 12, 21]), np.array([0, 1, 4])
+    mass = world.corpus_click_mass(users, hour, tab, chunk_pairs=300)  # 100-item chunks
+    static = world.corpus_click_mass(users, hour, tab, history=None)
+    for b in range(3):
+        full = world.true_click_prob(np.full(world.n_items, users[b]), world.item_ids, hour[b], tab[b])
+        assert mass[b] == pytest.approx(full.sum(), rel=1e-12)
+        full = world.true_click_prob(np.full(world.n_items, users[b]), world.item_ids, hour[b], tab[b], None)
+        assert static[b] == pytest.approx(full.sum(), rel=1e-12)
+    # Random exposure (items uniform over the corpus at every position, clicked with exam(position) * p): the
+    # pooled share of the clicks that land on a fixed list -> sum_list p / sum_corpus p. Only each position's
+    # uniform marginal matters to that ratio, so items are drawn with replacement here (the world draws distinct
+    # items: the same marginals).
+    rng = np.random.default_rng(0)
+    r = 60
+    u, h, t = world.user_ids[rng.integers(0, world.n_users, r)], rng.integers(0, 24, r), rng.integers(0, 5, r)
+    lists, _ = world.oracle_topk(u, h, t, 10)
+    lists[::2] = world.item_ids[rng.integers(0, world.n_items, (r // 2, 10))]  # half the requests: random lists
+    p_all = np.stack([world.true_click_prob(np.full(world.n_items, u[b]), world.item_ids, h[b], t[b])
+                      for b in range(r)])  # [r, I]
+    in_list = np.stack([np.isin(world.item_ids, lists[b]) for b in range(r)])
+    expected = (p_all * in_list).sum() / p_all.sum()
+    size, draws = world.config.request_size, 20_000
+    exam = (1.0 + np.arange(size)) ** -world.config.position_bias
+    hits = clicks = 0
+    for b in range(r):
+        shown = rng.integers(0, world.n_items, (draws, size))
+        click = rng.random((draws, size)) < exam * p_all[b][shown]
+        clicks += click.sum()
+        hits += (click & in_list[b][shown]).sum()
+    # about 20,000 hits: a relative SE near 1%; 4% is 4 SE
+    assert hits > 10_000 and hits / clicks == pytest.approx(expected, rel=0.04)
+
+
 def test_deterministic_under_seed_and_different_under_another(small, tmp_path):
     world, out = small
     generate_world(tmp_path / "again", SMALL)

@@ -346,6 +346,23 @@ def paired_difference(a, b) -> dict[str, float]:
     return {"diff": float(d.mean()), "se": se, "n": int(d.size)}
 
 
+def paired_ratio_difference(a, b, m) -> dict[str, float]:
+    """Difference of two pooled ratios over the same rows [n], sum(a) / sum(m) - sum(b) / sum(m) (e.g. two lists'
+    expected clicks over the requests' expected clicks on the whole corpus), with its delta-method standard error
+    sqrt(n / (n - 1) * sum((z - D m)^2)) / sum(m), z = a - b, D the difference: {"diff", "se", "n"} (nan SE below
+    2 rows)."""
+    a, b, m = (np.asarray(x, np.float64).ravel() for x in (a, b, m))
+    if not a.shape == b.shape == m.shape:
+        raise ValueError(f"paired_ratio_difference: {a.shape}, {b.shape} and {m.shape} rows")
+    ok = np.isfinite(a) & np.isfinite(b) & np.isfinite(m)
+    z, m = (a - b)[ok], m[ok]
+    if z.size == 0 or m.sum() <= 0:
+        return {"diff": float("nan"), "se": float("nan"), "n": int(z.size)}
+    d = float(z.sum() / m.sum())
+    se = float(np.sqrt(z.size / (z.size - 1) * np.sum((z - d * m) ** 2)) / m.sum()) if z.size > 1 else float("nan")
+    return {"diff": d, "se": se, "n": int(z.size)}
+
+
 def pooled_difference(gaps) -> dict[str, float]:
     """:func:`paired_difference` over the union of disjoint row sets, from each set's {"diff", "se", "n"} (e.g. the
     test requests of consecutive periods): the mean over all rows, sum(n d) / N, and its stratified standard error

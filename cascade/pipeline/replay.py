@@ -16,7 +16,7 @@ from ..arrays import PAD, pad_by_row
 from ..channels import MergedRetriever, load_channels
 from ..data.requests import impression_requests, requests_frame, to_requests
 from ..data.world import World
-from ..eval.metrics import auc, gauc, paired_difference, recall_at_k
+from ..eval.metrics import auc, gauc, paired_difference, paired_ratio_difference, recall_at_k
 from ..index.faiss_index import ItemIndex
 from ..models.scoring import autocast_record, ranker_scorer
 from ..run_data import RunData, load_ranker, load_towers
@@ -60,7 +60,8 @@ def run(ctx: StepContext) -> StepResult:
     row_of = pd.Series(np.arange(len(frame)), index=frame.request_id.to_numpy())
     clicked = pad_by_row(row_of.loc[clicked_imp.request_id.to_numpy()].to_numpy(),
                          clicked_imp.item_id.to_numpy(np.int64), len(frame), fill=PAD)
-    oracle_prob = oracle_best = None
+    is_rand = (test.groupby("request_id").is_rand.max().reindex(frame.request_id).to_numpy() == 1)
+    oracle_prob = oracle_best = oracle_mass = None
     world_dir = ctx.inputs["data"] / "world"
     if (world_dir / "world.json").exists():
         world = World.load(world_dir)
@@ -78,9 +79,12 @@ def run(ctx: StepContext) -> StepResult:
         oracle_prob = true_prob
         _, best_p = world.oracle_topk(frame["user_id"].to_numpy(), hour, tab, c.k)
         oracle_best = best_p.sum(axis=1)
-    is_rand = (test.groupby("request_id").is_rand.max().reindex(frame.request_id).to_numpy() == 1)
+        if is_rand.any():
+            oracle_mass = np.full(len(frame), np.nan)
+            oracle_mass[is_rand] = world.corpus_click_mass(frame["user_id"].to_numpy()[is_rand], hour[is_rand],
+                                                           tab[is_rand])
     inp = ReplayInputs(requests, clicked, t_top, grades, is_rand if is_rand.any() else None, len(data.item_ids),
-                       oracle_prob, oracle_best, in_sample)
+                       oracle_prob, oracle_best, in_sample, oracle_mass)
     sampled = requests.take(sample_rows)  # the logged traffic's even spread: curves and latency
     sizes = {"retrieval": c.n_retrieve, "prerank": c.n_prerank, "rank": c.k}
     outputs, variants, timings = [], {}, {}
@@ -162,7 +166,8 @@ def run(ctx: StepContext) -> StepResult:
         channel_report["final_origin_share"] = final_origin_share(merged, sampled, c.n_retrieve, seen,
                                                                   finals[sample_rows])
     summary = {"variants": variants, "references": references, "baselines": baselines,
-               "paired": paired_comparisons(per_request, list(variants), in_sample), "channels": channel_report,
+               "paired": paired_comparisons(per_request, list(variants), in_sample, is_rand, oracle_mass),
+               "channels": channel_report,
                "filter_seen": {"applied": filter_seen, "why": filter_reason}}
     A.write_json(ctx.out / "summary.json", summary)
     outputs.append("summary.json")
@@ -180,17 +185,27 @@ def run(ctx: StepContext) -> StepResult:
 PAIRED_METRICS = ("rank_click_recall", "oracle_ratio")
 
 
-def paired_comparisons(per_request: dict[str, pd.DataFrame], cascades: list[str],
-                       in_sample: np.ndarray) -> dict:
-    """Each cascade variant minus every other list on the same logged requests: {cascade: {other: {metric:
-    paired_difference}}} for end-to-end click-recall@K (requests with clicks) and, on the world, the oracle ratio;
-    the SE over requests says whether a gap is beyond the test requests' noise."""
+def paired_comparisons(per_request: dict[str, pd.DataFrame], cascades: list[str], in_sample: np.ndarray,
+                       is_rand: np.ndarray | None = None, oracle_mass: np.ndarray | None = None) -> dict:
+    """Each cascade variant minus every other list on the same requests: {cascade: {other: {metric:
+    {"diff", "se", "n"}}}} for end-to-end click-recall@K (logged requests with clicks) and, on the world, the oracle
+    ratio and (given the corpus's expected clicks ``oracle_mass`` [R]) the random slice's expected click-recall
+    (``expected_click_recall_rand``: pooled over the random-exposure requests ``is_rand`` [R]); the SE over
+    requests says whether a gap is beyond the test requests' noise."""
     out: dict = {}
+    rand = None if oracle_mass is None or is_rand is None or not is_rand.any() else is_rand
     for name in cascades:
-        mine = per_request[name][in_sample]
-        out[name] = {other: {m: paired_difference(mine[m].to_numpy(), rows[in_sample][m].to_numpy())
-                             for m in PAIRED_METRICS if m in mine and m in rows}
-                     for other, rows in per_request.items() if other != name}
+        mine = per_request[name]
+        out[name] = {}
+        for other, rows in per_request.items():
+            if other == name:
+                continue
+            gaps = {m: paired_difference(mine[in_sample][m].to_numpy(), rows[in_sample][m].to_numpy())
+                    for m in PAIRED_METRICS if m in mine and m in rows}
+            if rand is not None:
+                gaps["expected_click_recall_rand"] = paired_ratio_difference(
+                    mine["oracle_clicks"].to_numpy()[rand], rows["oracle_clicks"].to_numpy()[rand], oracle_mass[rand])
+            out[name][other] = gaps
     return out
 
 

@@ -143,8 +143,9 @@ def outcome_rows(summary: dict, extra_flags: list[str] | None = None) -> dict:
                    **{f"{k}_rand": q.get(f"rank_{k}_rand") for k in ("click_recall", "hit_rate")},
                    **{f"{st}_click_recall": q.get(f"{st}_click_recall") for st in ("retrieval", "prerank")},
                    **{f"{st}_size": s["sizes"][st] for st in ("retrieval", "prerank")},
-                   **{k: q.get(k) for k in ("oracle_clicks", "oracle_ratio", "final_distinct", "final_coverage",
-                                            "final_top_share", "n_requests_with_clicks", "n_rand_requests")}}
+                   **{k: q.get(k) for k in ("oracle_clicks", "oracle_ratio", "expected_click_recall_rand",
+                                            "final_distinct", "final_coverage", "final_top_share",
+                                            "n_requests_with_clicks", "n_rand_requests")}}
             rows.append(row)
     paired = summary.get("paired") or {}
     flags = []
@@ -186,7 +187,8 @@ def gap_rows(rows: list[dict], paired: dict) -> list[dict]:
     list, metric) with the mean difference, its SE and the number of requests."""
     baselines = [r for r in rows if r["kind"] == "baseline"]
     out = []
-    for metric, key in (("rank_click_recall", "click_recall"), ("oracle_ratio", "oracle_ratio")):
+    for metric, key in (("rank_click_recall", "click_recall"), ("oracle_ratio", "oracle_ratio"),
+                        ("expected_click_recall_rand", "expected_click_recall_rand")):
         scored = [r for r in baselines if r.get(key) is not None]
         best = max(scored, key=lambda r: r[key])["name"] if scored else None
         popular = [r["name"] for r in scored if r["name"].startswith("popular")]

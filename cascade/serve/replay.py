@@ -8,7 +8,11 @@ N2, final K), :func:`list_quality` measures:
 - teacher-recall@K = |T_r ∩ S_r| / K with T_r the teacher's top-K over the whole corpus, and teacher-NDCG@K
   against the teacher's graded relevance: agreement with the ranker (a diagnostic: worth as much as the teacher);
 - on the synthetic world, the oracle expected clicks of the final list (true click probabilities) and its ratio
-  to the oracle's own top-K.
+  to the oracle's own top-K; on its random-exposure requests also the expected click-recall@K, the share of the
+  slice's expected clicks that the final lists hold: sum_r sum_{i in L_r} p(r, i) / sum_r sum_{i in corpus} p(r, i).
+  Random exposure shows items uniformly over the corpus in random order, so this is exactly what the slice's pooled
+  click-recall (its hits over its clicks) converges to as the exposures are drawn again; the slice's measured
+  click-recall@K rests on a handful of hits (a random click lands in a top-K of thousands by chance).
 
 Means over requests with clicks, and the same over the random-exposure requests (``*_rand``: the unbiased slice,
 where the data has one); diversity of the final lists (distinct items, catalogue coverage, share of the 10 most
@@ -52,6 +56,8 @@ class ReplayInputs:
     n_items: the catalogue size (diversity's coverage).
     oracle_prob: optional f(requests, items [B, k]) -> true click probability [B, k] (the world only).
     oracle_best: optional [B] expected clicks of the oracle's own top-k list.
+    oracle_mass: optional float [B] expected clicks over the whole corpus (the sum of the true click probabilities;
+    needed on the random-exposure requests only, nan elsewhere).
     in_sample: bool [B] the requests the overall means are taken over (None: all); the others are random-exposure
     requests replayed in addition, counted only in the random-slice (``*_rand``) means."""
 
@@ -64,6 +70,7 @@ class ReplayInputs:
     oracle_prob: Callable[[Requests, np.ndarray], np.ndarray] | None = None
     oracle_best: np.ndarray | None = None
     in_sample: np.ndarray | None = None
+    oracle_mass: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         b = len(self.requests)
@@ -76,6 +83,10 @@ class ReplayInputs:
                 raise ValueError(f"replay inputs disagree: {b} requests, {name} {getattr(self, name).shape}")
         if self.is_rand is not None and self.is_rand.shape != (b,):
             raise ValueError(f"replay inputs: is_rand has shape {self.is_rand.shape}, expected ({b},)")
+        if self.oracle_mass is not None and (self.oracle_mass.shape != (b,) or self.oracle_prob is None
+                                             or not np.isfinite(self.oracle_mass[rand]).all()):
+            raise ValueError("replay inputs: oracle_mass must be float [B], finite on every random-exposure request, "
+                             "beside oracle_prob")
 
 
 def list_quality(items: np.ndarray, inp: ReplayInputs, rows: np.ndarray, k: int) -> dict[str, np.ndarray]:
@@ -105,7 +116,8 @@ def _oracle_columns(final: np.ndarray, inp: ReplayInputs) -> dict[str, np.ndarra
 
 def _summary(rows: pd.DataFrame, final: np.ndarray, inp: ReplayInputs) -> dict:
     """Means over requests of every per-request column (nan-aware: click metrics over requests with clicks; the
-    oracle columns over all), random-slice means of the click metrics and the oracle ratio, and the diversity of
+    oracle columns over all), random-slice means of the click metrics and the oracle ratio, the random slice's
+    expected click-recall (pooled), and the diversity of
     the final lists."""
     skip = ("request_id", "user_id", "time_ms", "in_sample", "final_items", "error")
     sample = np.ones(len(rows), bool) if inp.in_sample is None else inp.in_sample
@@ -123,6 +135,9 @@ def _summary(rows: pd.DataFrame, final: np.ndarray, inp: ReplayInputs) -> dict:
         out["oracle_best"] = float(inp.oracle_best[sample].mean())
         if rand:
             out["oracle_ratio_rand"] = float(rows["oracle_ratio"].to_numpy()[inp.is_rand].mean())
+    if rand and inp.oracle_mass is not None:
+        out["expected_click_recall_rand"] = float(rows["oracle_clicks"].to_numpy()[inp.is_rand].sum()
+                                                  / inp.oracle_mass[inp.is_rand].sum())
     if inp.n_items:
         out.update({f"final_{k}": v for k, v in list_diversity(final[sample], inp.n_items).items()})
     out["n_requests"] = int(sample.sum())

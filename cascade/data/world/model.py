@@ -235,6 +235,35 @@ class World:
         users, or [B, C] ids per user. Rows are sorted by probability, descending. The probabilities equal
         :meth:`true_click_prob` up to float64 rounding (a matrix product sums in another order).
         """
+        B = len(np.asarray(user_ids))
+        best_l = np.full((B, 0), -np.inf)
+        best_i = np.zeros((B, 0), np.int64)
+        for items, logit in self._logit_chunks(user_ids, hour, tab, candidate_items, history, chunk_pairs, k):
+            items = np.broadcast_to(items, logit.shape)
+            if best_l.shape[1] == k:
+                # only entries above a row's current k-th best can enter its top k: keep those (few, after the
+                # first chunks), packed left into a [B, max_count] block, so the selection below stays small
+                rows, cols = np.nonzero(logit > best_l.min(axis=1, keepdims=True))
+                logit = pad_by_row(rows, logit[rows, cols], B, fill=-np.inf)
+                items = pad_by_row(rows, items[rows, cols], B, fill=PAD)
+            kk = min(k, best_l.shape[1] + logit.shape[1])
+            best_i, best_l = topk_rows(np.concatenate([best_l, logit], axis=1), np.concatenate([best_i, items], axis=1),
+                                       kk)
+        return self.item_ids[best_i], sigmoid(best_l)
+
+    def corpus_click_mass(self, user_ids: np.ndarray, hour: np.ndarray | int, tab: np.ndarray | int,
+                          history: str | HistoryState | None = "end", chunk_pairs: int = 1 << 20) -> np.ndarray:
+        """Sum over the whole corpus of the true click probability per user: float64 [B] (user_ids [B]; hour, tab
+        scalars or [B]; scanned in chunks as :meth:`oracle_topk`). A list's expected clicks divided by this is the
+        share of the user's clicks it would hold if every item were shown to the user at random."""
+        mass = np.zeros(len(np.asarray(user_ids)))
+        for _, logit in self._logit_chunks(user_ids, hour, tab, None, history, chunk_pairs, 1):
+            mass += sigmoid(logit).sum(axis=1)
+        return mass
+
+    def _logit_chunks(self, user_ids, hour, tab, candidate_items, history, chunk_pairs: int, k: int):
+        """Yield (item indexes [1 or B, c], true logits [B, c]) chunk by chunk over the corpus (or the candidates:
+        [C] shared or [B, C] per user), about ``chunk_pairs`` pairs per chunk and at least k items (k: 1..n)."""
         uid = np.asarray(user_ids)
         if uid.ndim != 1:
             raise ValueError(f"user_ids must be 1-D [B], got shape {uid.shape}")
@@ -275,8 +304,6 @@ class World:
         tv_off = (np.arange(B) * (n_tags * n_vt))[:, None]
         a_off = (np.arange(B) * c.author_buckets)[:, None]
 
-        best_l = np.full((B, 0), -np.inf)
-        best_i = np.zeros((B, 0), np.int64)
         step = max(k, chunk_pairs // max(B, 1))
         uv = self._c["user_vec"][u]
         iv = self._c["item_vec"]
@@ -293,17 +320,7 @@ class World:
             logit += tv_flat[tv_off + tag_vt[items]]
             if hist is not None:
                 logit += a_flat[a_off + a["item_bucket"][items]]
-            items = np.broadcast_to(items, logit.shape)
-            if best_l.shape[1] == k:
-                # only entries above a row's current k-th best can enter its top k: keep those (few, after the
-                # first chunks), packed left into a [B, max_count] block, so the selection below stays small
-                rows, cols = np.nonzero(logit > best_l.min(axis=1, keepdims=True))
-                logit = pad_by_row(rows, logit[rows, cols], B, fill=-np.inf)
-                items = pad_by_row(rows, items[rows, cols], B, fill=PAD)
-            kk = min(k, best_l.shape[1] + logit.shape[1])
-            best_i, best_l = topk_rows(np.concatenate([best_l, logit], axis=1), np.concatenate([best_i, items], axis=1),
-                                       kk)
-        return self.item_ids[best_i], sigmoid(best_l)
+            yield items, logit
 
     def summary(self) -> dict[str, Any]:
         """Rows, users, items, requests, CTR, random-slice CTR, CTR by position, oracle AUCs, wall time."""

@@ -53,6 +53,8 @@ MODEL_COLUMNS = (
 def _decimals(key: str) -> int | None:
     """Decimals for a metric by its name: AUC-like 4, recall and ratios 3, milliseconds 2, throughput 1."""
     k = key.lower()
+    if k.endswith("_rand") and any(s in k for s in ("recall", "hit_rate")):
+        return 6 if k.startswith("expected") else 4  # a top-K of thousands holds few random-exposure clicks
     if any(s in k for s in ("recall", "ratio", "hit_rate", "coverage", "share")) or k.startswith("oracle"):
         return 3
     if any(s in k for s in ("auc", "ndcg", "logloss", "loss", "ctr")):
@@ -188,11 +190,15 @@ def table_md(t: Table) -> str:
     return (f"{t.caption}\n\n{out}" if t.caption else out)
 
 
+WIDE_COLUMNS = 12  # a table with more columns (or two header levels) gets narrower cell padding
+
+
 def table_html(t: Table) -> str:
     e = html.escape
     cols = list(t.frame.columns)
     two_level = isinstance(t.frame.columns, pd.MultiIndex)
-    parts = ['<div class="tw"><table class="wide">' if two_level else '<div class="tw"><table>']
+    wide = two_level or len(cols) > WIDE_COLUMNS
+    parts = ['<div class="tw"><table class="wide">' if wide else '<div class="tw"><table>']
     if t.caption:
         parts.append(f"<caption>{e(t.caption)}</caption>")
     parts.append("<thead>")
