@@ -47,6 +47,7 @@ def quality_rows(summary: dict) -> dict[str, dict]:
     rows = {v: s["quality"] for v, s in summary["variants"].items()}
     rows.update({f"reference: {r}": s["quality"] for r, s in summary.get("references", {}).items()})
     rows.update({f"baseline: {s['channel']}": s["quality"] for s in summary.get("baselines", {}).values()})
+    rows.update({f"one channel: {n}": s["quality"] for n, s in summary.get("channel_cascades", {}).items()})
     return rows
 
 
@@ -85,6 +86,9 @@ def _paired(summary: dict) -> dict[str, dict]:
     out = {shown.get(other, other): gaps for other, gaps in paired.get("distilled", {}).items()}
     if "distilled" in paired.get("distilled+channels", {}):
         out["distilled+channels minus distilled"] = paired["distilled+channels"]["distilled"]
+    for n, e in ((summary.get("channels") or {}).get("per_channel") or {}).items():
+        if n != "two_tower" and "end_to_end" in e:  # the multi-channel cascade minus one classic channel's
+            out[f"distilled+channels minus one channel: {n}"] = e["end_to_end"]["union_minus_it"]
     return out
 
 
@@ -291,6 +295,10 @@ def paired_lines(paired: list[dict], seeds: list[int], rows: dict) -> list[str]:
         gaps = [p.get("distilled+channels minus distilled", {}).get(metric) for p in paired]
         if all(g is not None for g in gaps):
             out.append(line(label, "distilled+channels minus distilled (the two-tower alone)", gaps))
+        for key in dict.fromkeys(k for p in paired for k in p if k.startswith("distilled+channels minus one")):
+            gaps = [p.get(key, {}).get(metric) for p in paired]
+            if all(g is not None for g in gaps):
+                out.append(line(label, key + " (that channel alone, end to end)", gaps))
     return ["", "paired on the same test requests (mean ± SE over requests; * beyond 2 SE):", *out] if out else []
 
 

@@ -134,10 +134,16 @@ def make_report_data() -> dict:
         "channels": {"union_click_recall": 0.6512, "prerank_quotas": True,
                      "per_channel": {"two_tower": {"quota": 0.5, "click_recall_alone": 0.6251,
                                                    "teacher_recall_alone": 0.8597, "union_without": 0.5803,
-                                                   "marginal": 0.0709},
+                                                   "marginal": 0.0709,
+                                                   "end_to_end": {"rank_click_recall": 0.0791, "oracle_ratio": None,
+                                                                  "union_minus_it": {"rank_click_recall": {
+                                                                      "diff": -0.0112, "se": 0.0058, "n": 478}}}},
                                      "popular": {"quota": 0.5, "click_recall_alone": 0.6173,
                                                  "teacher_recall_alone": 0.3821, "union_without": 0.6455,
-                                                 "marginal": 0.0057}},
+                                                 "marginal": 0.0057,
+                                                 "end_to_end": {"rank_click_recall": 0.0702, "oracle_ratio": None,
+                                                                "union_minus_it": {"rank_click_recall": {
+                                                                    "diff": 0.0089, "se": 0.0031, "n": 478}}}}},
                      "final_origin_share": {"two_tower": 0.83, "popular": 0.17}},
         "ablation": {"metrics": ["teacher_recall", "auc"], "seeds": [0, 1, 2], "rows": [
             {"name": "ground truth only", "stage": "prerank",
@@ -323,9 +329,13 @@ def test_channels_section_shows_each_channel_alone_in_the_union_and_in_the_final
     section = _md_section(md, "Retrieval channels")
     # quota 0.5 -> 0.500; recall 0.6251 -> 0.625; the teacher's top-K in N1 0.8597 -> 0.860; union without 0.5803
     # -> 0.580;
-    # marginal 0.0709 -> 0.071; share 0.83 -> 0.830
-    assert _md_row(section, ["two_tower"]) == ["two_tower", "0.500", "0.625", "0.860", "0.580", "0.071", "0.830"]
-    assert _md_row(section, ["popular"]) == ["popular", "0.500", "0.617", "0.382", "0.645", "0.006", "0.170"]
+    # marginal 0.0709 -> 0.071; share 0.83 -> 0.830; end to end alone 0.0791 -> 0.079, the union's cascade minus it
+    # -0.0112 ± 0.0058 (within 2 SE) and +0.0089 ± 0.0031 (beyond: starred); no oracle columns off the world
+    assert _md_row(section, ["two_tower"]) == ["two_tower", "0.500", "0.625", "0.860", "0.580", "0.071", "0.830",
+                                               "0.079", "-0.0112 ± 0.0058"]
+    assert _md_row(section, ["popular"]) == ["popular", "0.500", "0.617", "0.382", "0.645", "0.006", "0.170",
+                                             "0.070", "+0.0089 ± 0.0031 *"]
+    assert "oracle ratio" not in section
     assert "click-recall@N1 is 0.651" in section and "the pre-rank keeps every channel's quota" in section
 
 

@@ -1,7 +1,8 @@
 """The replay step: the test requests in time order through both cascades, outcomes and latency per stage.
 
 Next to the cascades it measures, on the same requests and at the same stage sizes, the teacher's own top list over
-the whole corpus (the cascade's ceiling). Seen items are filtered when the data step decided so (``data.filter_seen``;
+the whole corpus (the cascade's ceiling), the classic channels' own lists, and with ``replay.channels`` each of those
+channels alone as the retrieval stage of the same cascade (what the multi-channel cascade adds over it). Seen items are filtered when the data step decided so (``data.filter_seen``;
 "auto": :func:`~cascade.pipeline.judge.decide_filter_seen`).
 """
 
@@ -20,7 +21,14 @@ from ..eval.metrics import auc, gauc, paired_difference, paired_ratio_difference
 from ..index.faiss_index import ItemIndex
 from ..models.scoring import autocast_record, ranker_scorer
 from ..run_data import RunData, load_ranker, load_towers
-from ..serve.cascade import CHANNELS_VARIANT, build_cascade, channel_settings, select_unseen, select_unseen_origin
+from ..serve.cascade import (
+    CHANNELS_VARIANT,
+    build_cascade,
+    cascade_from,
+    channel_settings,
+    select_unseen,
+    select_unseen_origin,
+)
 from ..serve.replay import (
     ReplayInputs,
     list_quality,
@@ -145,7 +153,7 @@ def run(ctx: StepContext) -> StepResult:
         shown = baseline_name(name, ch.params())
         write_rows(shown, rows, file_stem=f"baseline_{name}")
         baselines[shown] = {"quality": quality, "sizes": sizes, "channel": name, "params": ch.params()}
-    channel_report = None
+    channel_report, channel_cascades = None, {}
     if c.channels:
         missing = sorted(set(c.channels) - set(channels))
         if missing:
@@ -165,7 +173,23 @@ def run(ctx: StepContext) -> StepResult:
         finals = np.stack(per_request[name]["final_items"].to_list())
         channel_report["final_origin_share"] = final_origin_share(merged, sampled, c.n_retrieve, seen,
                                                                   finals[sample_rows])
+        # each channel alone as the retrieval stage, the same pre-rank and ranker after it: its own end-to-end list
+        alone = {"two_tower": per_request["distilled"]}
+        for n in c.channels:
+            alone[n], quality = replay_quality(cascade_from(data, channels[n], pre, ranker, seen), inp,
+                                               c.n_retrieve, c.n_prerank, c.k, c.batch_size, filter_seen, ctx.progress)
+            A.write_parquet(ctx.out / f"channel_{n}_alone_requests.parquet", alone[n])
+            outputs.append(f"channel_{n}_alone_requests.parquet")
+            channel_cascades[n] = {"quality": quality, "sizes": sizes, "channel": n}
+        gaps = paired_comparisons({name: per_request[name], **{f"{n} alone": r for n, r in alone.items()}}, [name],
+                                  in_sample, is_rand, oracle_mass)[name]
+        for n in alone:
+            own = variants["distilled"]["quality"] if n == "two_tower" else channel_cascades[n]["quality"]
+            channel_report["per_channel"][n]["end_to_end"] = {
+                **{m: own.get(m) for m in ("rank_click_recall", "oracle_ratio", "expected_click_recall_rand")},
+                "union_minus_it": gaps[f"{n} alone"]}
     summary = {"variants": variants, "references": references, "baselines": baselines,
+               "channel_cascades": channel_cascades,
                "paired": paired_comparisons(per_request, list(variants), in_sample, is_rand, oracle_mass),
                "channels": channel_report,
                "filter_seen": {"applied": filter_seen, "why": filter_reason}}

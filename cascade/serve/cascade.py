@@ -313,6 +313,13 @@ def build_cascade(data: RunData, retrieval: Towers, prerank: Towers, ranker: tor
     alone; prerank_quotas: the pre-rank keeps their quotas (:class:`Cascade`)."""
     retriever = (merged_retriever(data, retrieval, index, channels, two_tower_quota) if channels
                  else Retriever(lambda r: retrieval.user_embed(data, r), index, retrieval, data))
+    return cascade_from(data, retriever, prerank, ranker, seen, prerank_quotas)
+
+
+def cascade_from(data: RunData, retriever: Stage, prerank: Towers, ranker: torch.nn.Module,
+                 seen: EventHistory | None = None, prerank_quotas: bool = False) -> Cascade:
+    """``retriever`` (the two-tower, a merged retrieval stage or one classic channel alone) -> the pre-rank tower
+    -> ``ranker``, each request's context checked against the data's kinds."""
     return Cascade(retriever, PairScorer(prerank.scorer(data), prerank.refresh),
                    PairScorer(ranker_scorer(ranker, data)), seen,
                    context_kinds=data.context_kinds, prerank_quotas=prerank_quotas)

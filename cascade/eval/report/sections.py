@@ -67,6 +67,13 @@ OUTCOME_COLUMNS = (
 )
 
 
+def _gap_cell(gap: Mapping | None) -> str:
+    """A paired difference as a table cell: "+d ± se", starred beyond 2 SE; "–" without one."""
+    if not gap or gap.get("se") is None or gap["se"] != gap["se"]:
+        return MISSING
+    return _gap_text(gap) + (" *" if abs(gap["diff"]) > 2 * gap["se"] else "")
+
+
 def _gap_text(gap: Mapping) -> str:
     """A paired difference "+d ± se": 4 decimals, 6 for the random slice's expected click-recall (about 0.003)."""
     dec = 6 if str(gap.get("metric")).endswith("_rand") else 4
@@ -363,19 +370,35 @@ def _section_channels(data: Mapping) -> Section:
                         f"{NOT_COMPUTED}.")
     per = as_mapping(ch.get("per_channel"), "report_data['channels']['per_channel']") or {}
     share = as_mapping(ch.get("final_origin_share"), "report_data['channels']['final_origin_share']") or {}
-    rows = [{"channel": name, "quota": e.get("quota"), "click-recall@N1 alone": e.get("click_recall_alone"),
-             "teacher's top-K in its N1": e.get("teacher_recall_alone"), "union without it": e.get("union_without"),
-             "marginal": e.get("marginal"), "share of final items": share.get(name)}
-            for name, e in ((n, as_mapping(v, f"per_channel[{n!r}]") or {}) for n, v in per.items())]
-    sec.blocks.append(("table", Table(pd.DataFrame(rows), ["", "quota_share", "click_recall", "teacher_recall",
-                                                           "click_recall", "click_recall", "share"])))
+    rows, oracle = [], False
+    for name, e in ((n, as_mapping(v, f"per_channel[{n!r}]") or {}) for n, v in per.items()):
+        own = as_mapping(e.get("end_to_end"), f"per_channel[{name!r}]['end_to_end']") or {}
+        gaps = as_mapping(own.get("union_minus_it"), f"per_channel[{name!r}]['end_to_end']['union_minus_it']") or {}
+        oracle |= own.get("oracle_ratio") is not None
+        rows.append({"channel": name, "quota": e.get("quota"), "click-recall@N1 alone": e.get("click_recall_alone"),
+                     "teacher's top-K in its N1": e.get("teacher_recall_alone"),
+                     "union without it": e.get("union_without"), "marginal": e.get("marginal"),
+                     "share of final items": share.get(name),
+                     "alone end to end: click-recall@K": own.get("rank_click_recall"),
+                     "all channels minus it": _gap_cell(gaps.get("rank_click_recall")),
+                     "alone: oracle ratio": own.get("oracle_ratio"),
+                     "all minus it: oracle ratio": _gap_cell(gaps.get("oracle_ratio"))})
+    keys = ["", "quota_share", "click_recall", "teacher_recall", "click_recall", "click_recall", "share",
+            "click_recall", ""] + (["oracle_ratio", ""] if oracle else [])
+    frame = pd.DataFrame(rows)
+    if not oracle:
+        frame = frame.drop(columns=["alone: oracle ratio", "all minus it: oracle ratio"])
+    sec.blocks.append(("table", Table(frame, keys)))
     cut = ("the pre-rank keeps every channel's quota (each channel's candidates in pre-rank score order, "
            "interleaved by quota)" if ch.get("prerank_quotas") else
            "the pre-rank keeps its best N2 of the union by its own score")
     union = format_value(ch.get("union_click_recall"), "click_recall")
     sec.blocks.append(("p", f"The union's click-recall@N1 is {union}; marginal: what it loses without the channel "
                             f"(the others' quotas renormalised). Share of final items: the channel that placed each "
-                            f"final item in the union; {cut}."))
+                            f"final item in the union; {cut}. Alone end to end: the channel as the whole retrieval "
+                            f"stage, the same pre-rank and ranker after it (two_tower: the distilled cascade); all "
+                            f"channels minus it: the multi-channel cascade's per-request value minus that cascade's, "
+                            f"mean ± SE over the test requests (* beyond 2 SE)."))
     return sec
 
 
