@@ -2,8 +2,9 @@
 
 Next to the cascades it measures, on the same requests and at the same stage sizes, the teacher's own top list over
 the whole corpus (the cascade's ceiling), the classic channels' own lists, and with ``replay.channels`` each of those
-channels alone as the retrieval stage of the same cascade (what the multi-channel cascade adds over it). Seen items are filtered when the data step decided so (``data.filter_seen``;
-"auto": :func:`~cascade.pipeline.judge.decide_filter_seen`).
+channels alone as the retrieval stage of the same cascade (what the multi-channel cascade adds over it). Seen items
+are filtered when the data step decided so (``data.filter_seen``; "auto":
+:func:`~cascade.pipeline.judge.decide_filter_seen`).
 """
 
 from __future__ import annotations
