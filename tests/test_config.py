@@ -134,19 +134,6 @@ def test_a_channel_setting_beside_no_channels_is_refused(key):
     assert (s.two_tower_quota, s.prerank_quotas) == (0.25, False)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    (['students.prior_judge="auc"'], "students.prior_judge must be 'auto', 'clicks' or 'random_auc', got 'auc'"),
-    (['students.prior_judge="random_auc"', "students.popularity_prior_grid=[0.0]"],
-     "students.prior_judge = 'random_auc' is set but popularity_prior_grid = (0.0,): there is no prior weight"),
-])
-def test_the_prior_judge_is_checked(overrides, message):
-    from cascade.pipeline import load_config
-
-    with pytest.raises(ConfigError, match=re.escape(message)):
-        load_config(None, overrides)
-    assert load_config(None, ['students.prior_judge="clicks"']).students.prior_judge == "clicks"
-
-
 @pytest.mark.parametrize("key, what", [("teacher.train.seed=7", "run.seed"),
                                        ("students.rank_student_train.seed=1", "run.seed"),
                                        ("students.prerank.progress=true", "--no-progress"),

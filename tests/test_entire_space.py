@@ -195,7 +195,7 @@ def test_random_auc_judge_refuses_data_without_a_random_slice_and_a_bad_value(ti
     from cascade.train.entire_space import random_slice
 
     logged = tiny_data.split_impressions("valid").query("is_rand == 0")
-    with pytest.raises(ValueError, match=r"0 random-exposure impressions.*set it to \"clicks\" or \"auto\""):
+    with pytest.raises(ValueError, match=r"0 random-exposure impressions.*judge = \"clicks\""):
         random_slice(logged, 'teacher.entire_space.judge = "random_auc"')
     with pytest.raises(ValueError, match="judge must be 'auto', 'clicks' or 'random_auc', got 'auc'"):
         EntireSpaceSection(judge="auc")
@@ -208,15 +208,12 @@ def test_a_random_slice_needs_random_rows_with_both_labels():
     assert has_random_slice(frame)
     assert not has_random_slice(frame.assign(click=[1, 0, 0, 1]))  # the random rows hold one label only
     assert not has_random_slice(frame.assign(is_rand=0)) and not has_random_slice(frame.drop(columns="is_rand"))
-    from cascade.pipeline.judge import slice_or_clicks
+    from cascade.pipeline.teacher import exposure_judge
 
-    def judge(setting, f):
-        return slice_or_clicks(setting, f, 'teacher.entire_space.judge = "random_auc"')
-
-    assert judge("auto", frame) == "random_auc" and judge("auto", frame.assign(is_rand=0)) == "clicks"
-    assert judge("clicks", frame) == "clicks" and judge("random_auc", frame) == "random_auc"
-    with pytest.raises(ValueError, match='judge = "random_auc": the validation split has 0 random-exposure'):
-        judge("random_auc", frame.assign(is_rand=0))
+    assert exposure_judge("auto", frame) == "random_auc" and exposure_judge("auto", frame.assign(is_rand=0)) == "clicks"
+    assert exposure_judge("clicks", frame) == "clicks" and exposure_judge("random_auc", frame) == "random_auc"
+    with pytest.raises(ValueError, match="0 random-exposure impressions"):
+        exposure_judge("random_auc", frame.assign(is_rand=0))
 
 
 def test_random_auc_judge_takes_the_smallest_weight_among_those_it_cannot_tell_apart(tiny_data):

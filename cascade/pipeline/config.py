@@ -405,16 +405,12 @@ class StudentsSection:
     select_requests: validation requests of the judge.
     popularity_prior_grid: the weights tried for each tower's recent-popularity prior (cascade/channels/prior.py:
     the popular channel's trailing-window click counts added to the tower's scores, which fixed item embeddings
-    cannot hold); each trained tower keeps the smallest weight within one SE of its best validation score, and the
-    distillation scale is then chosen on those towers' click-recall at their stage size. (0,): no prior. A weight
-    above 0 needs "popular" in channels.build. prior_judge: what scores the prior's weights: "clicks" (the
-    validation click-recall at the tower's stage size), "random_auc" (the AUC of the tower's served score on the
-    validation split's random-exposure impressions: the prior is a popularity term, and logged clicks reward what
-    the logging policy showed; data with such a slice only) or "auto" (the default: "random_auc" where the
-    validation split has such a slice with both labels, "clicks" elsewhere; the students' manifest records which).
-    grid_doublings: every grid above ("auto" scales, prior weights) is widened while its largest value scores best
-    on validation: twice that value is tried too (a tower or rank student trained, a prior weight judged), at most
-    this many times (a best value on the grid's edge says the grid stops short; 0: the grids as given)."""
+    cannot hold); each trained tower keeps the smallest weight within one SE of its best validation click-recall at
+    its stage size, and the distillation scale is then chosen on those. (0,): no prior. A weight above 0 needs
+    "popular" in channels.build. grid_doublings: every grid above ("auto" scales, prior weights) is widened
+    while its largest value scores best on validation: twice that value is tried too (a tower or rank student
+    trained, a prior weight judged), at most this many times (a best value on the grid's edge says the grid stops
+    short; 0: the grids as given)."""
 
     # the user tower reads the user's last 20 clicked items (as many as the channels' history): without them a tower
     # cannot hold what the teacher knows from the user's history (BENCHMARKS.md, "Outcomes": with and without)
@@ -429,7 +425,6 @@ class StudentsSection:
     select_requests: int = 500
     # BENCHMARKS.md, "Outcomes": without the prior the towers lost to most-popular at their own stage sizes
     popularity_prior_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
-    prior_judge: str = "auto"
     grid_doublings: int = 3
     # The rank student is cheap to serve: a small MLP without the user x item cross features (no history lookups at
     # serving); distillation from the teacher, which has them, is how their knowledge reaches it.
@@ -462,12 +457,6 @@ class StudentsSection:
         _scale_grid(self.distill_grid, "distill_grid")
         _scale_grid(self.rank_distill_grid, "rank_distill_grid")
         _scale_grid(self.popularity_prior_grid, "popularity_prior_grid", "the tower without a prior")
-        if self.prior_judge not in ("auto", "clicks", "random_auc"):
-            raise ValueError(f"students.prior_judge must be 'auto', 'clicks' or 'random_auc', got "
-                             f"{self.prior_judge!r}")
-        if self.prior_judge != "auto" and not any(self.popularity_prior_grid):
-            raise ValueError(f"students.prior_judge = {self.prior_judge!r} is set but popularity_prior_grid = "
-                             f"{self.popularity_prior_grid}: there is no prior weight to judge")
         require(self, "grid_doublings", at_least(self.grid_doublings, 0),
                 "must be an integer >= 0 (0: the grids as given)")
         for key in ("distill", "rank_distill_scale"):

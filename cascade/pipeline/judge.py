@@ -25,7 +25,6 @@ from ..data.requests import Requests, requests_frame, to_requests
 from ..eval.metrics import click_recall
 from ..run_data import RunData
 from ..serve.cascade import select_unseen
-from ..train.entire_space import has_random_slice, random_slice
 
 REPEAT_SHARE_FILTER_MAX = 0.02
 
@@ -43,18 +42,6 @@ def decide_filter_seen(setting: bool | str, repeat_click_share: float) -> tuple[
     return verdict, (f"auto: {repeat_click_share:.1%} of train clicks were on items the user had been shown before "
                      f"({'<' if verdict else '>='} {REPEAT_SHARE_FILTER_MAX:.0%}): "
                      f"{'seen items filtered' if verdict else 'not filtered'}")
-
-
-def slice_or_clicks(setting: str, valid: pd.DataFrame, what: str) -> str:
-    """What judges a popularity or exposure weight ("clicks" | "random_auc") for ``setting`` ("auto" | "clicks" |
-    "random_auc") on the validation impressions ``valid``: "auto" takes the AUC on the random-exposure slice where
-    it has both labels (logged clicks reward what the logging policy showed), the clicks elsewhere; "random_auc" on
-    data without such a slice is a ValueError naming ``what``."""
-    if setting == "random_auc":
-        random_slice(valid, what)
-    if setting == "auto":
-        return "random_auc" if has_random_slice(valid) else "clicks"
-    return setting
 
 
 def seen_filter(data: RunData) -> tuple[EventHistory | None, str]:

@@ -10,11 +10,6 @@ and the smallest scale within one standard error of the best score (the one-SE r
 served as the ``distilled`` variant; scale 0 is saved as ``ground_truth`` for the comparison. The rank student's
 distillation scale is chosen the same way by validation AUC (its SE bootstrapped over validation requests).
 
-Each trained tower's recent-popularity prior weight is chosen before its scale is scored: by the same validation
-click-recall, or (``students.prior_judge = "auto"`` on data with a random-exposure slice) by the AUC of the tower's
-served score on the randomly shown validation impressions, since the prior is a popularity term and logged clicks
-reward what the logging policy showed.
-
 The teacher-quality gate: at each tower's size, the teacher's own top list over the corpus is compared with the
 ground-truth-only tower on the same validation requests; the teacher counts as better only when the mean per-request
 gain in click-recall exceeds one standard error of it (paired over requests). Where the validation split has a
@@ -63,7 +58,7 @@ from ..train.loop import evaluate, fit, predict
 from ..train.students import ClickLists, evaluate_on_log, is_ground_truth, train_student
 from .common import model_row, save_ranker, seeded, with_seed, without_timings
 from .config import StudentsSection
-from .judge import Judge, slice_or_clicks, validation_judge
+from .judge import Judge, validation_judge
 from .runner import StepContext, StepResult
 
 log = logging.getLogger(__name__)
@@ -136,65 +131,24 @@ def with_prior(towers: Towers, popular: PopularChannel | None, weight: float) ->
     return dataclasses.replace(towers, prior=prior)
 
 
-@dataclasses.dataclass
-class RandomSlice:
-    """The validation split's random-exposure impressions, grouped by request for the bootstrap: requests and
-    items [N, 1] to score, clicks y [N], and (order, starts, lengths) of :func:`~cascade.eval.selection.unit_ranges`
-    over their request ids."""
-
-    requests: Requests
-    items: np.ndarray
-    y: np.ndarray
-    request_id: np.ndarray
-    order: np.ndarray
-    starts: np.ndarray
-    lengths: np.ndarray
-
-    @classmethod
-    def of(cls, data: RunData, what: str) -> RandomSlice:
-        """The slice of ``data``'s validation split; a ValueError naming ``what`` where it has none to judge by."""
-        shown = random_slice(data.split_impressions("valid"), what)
-        request_id = shown["request_id"].to_numpy()
-        return cls(impression_requests(shown, data.context_names), shown["item_id"].to_numpy(np.int64)[:, None],
-                   shown["click"].to_numpy(), request_id, *unit_ranges(request_id))
-
-    def auc(self, scores: np.ndarray, units: np.ndarray | None = None) -> float:
-        """AUC of ``scores`` [N] (the impressions' order) over the requests ``units`` (default all)."""
-        rows = self.order if units is None else self.order[rows_of_units(self.starts, self.lengths, units)]
-        return auc(self.y[rows], scores[rows])
-
-
 def choose_prior(model, inputs, data: RunData, judge: Judge, n: int, popular: PopularChannel | None,
-                 grid: tuple[float, ...], seed: int, doublings: int = 0,
-                 by_slice: RandomSlice | None = None) -> tuple[float, np.ndarray, list[dict]]:
+                 grid: tuple[float, ...], seed: int, doublings: int = 0) -> tuple[float, np.ndarray, list[dict]]:
     """The weight of a tower's recent-popularity prior (:class:`PopularityPrior` over ``popular``'s counts; None:
-    no prior): the smallest of the weights tried within one SE of the best validation score (one-SE rule), the
-    score being the click-recall@n of the validation judge, or with ``by_slice`` the AUC of the tower's served
-    score on the random-exposure impressions (free of the logging policy, which logged clicks reward: the prior
-    is a popularity term). The weights tried: ``grid``, widened by :func:`~cascade.eval.selection.widen_top`
-    (``doublings``). Returns (weight, the per-request click-recall at that weight, one row per weight tried)."""
+    no prior): the smallest of the weights tried within one SE of the best validation click-recall@n (one-SE
+    rule). The weights tried: ``grid``, widened by :func:`~cascade.eval.selection.widen_top` (``doublings``).
+    Returns (weight, the per-request click-recall at that weight, one row per weight tried)."""
     towers = served_towers(model, inputs)
     if popular is None:
         return 0.0, _tower_recall(towers, data, judge, n), []
 
-    def evaluate_at(w: float) -> tuple[np.ndarray, np.ndarray | None]:
-        t = with_prior(towers, popular, w)
-        return (_tower_recall(t, data, judge, n),
-                None if by_slice is None else t.scores(data, by_slice.requests, by_slice.items)[:, 0])
+    def recall_at(w: float) -> np.ndarray:
+        return _tower_recall(with_prior(towers, popular, w), data, judge, n)
 
-    if by_slice is None:
-        def score(r, units=None):
-            return float(np.nanmean(r[0] if units is None else r[0][units]))
-        n_units = len(judge.requests)
-    else:
-        def score(r, units=None):
-            return by_slice.auc(r[1], units)
-        n_units = len(by_slice.starts)
-    tried = widen_top({float(w): evaluate_at(float(w)) for w in grid}, evaluate_at, score, doublings)
-    chosen, rows = one_se_choice(list(tried), lambda w, units: score(tried[w], units), n_units, seed=seed)
-    return chosen, tried[chosen][0], [
-        {"weight": r["value"], f"valid_click_recall@{n}": float(np.nanmean(tried[r["value"]][0])),
-         **({} if by_slice is None else {"valid_random_auc": r["score"]}), **one_se_columns(r)} for r in rows]
+    recall = widen_top({float(w): recall_at(float(w)) for w in grid}, recall_at, np.nanmean, doublings)
+    chosen, rows = one_se_choice(list(recall), lambda w, units: float(np.nanmean(recall[w][units])),
+                                 len(judge.requests), seed=seed)
+    return chosen, recall[chosen], [{"weight": r["value"], f"valid_click_recall@{n}": r["score"],
+                                     **one_se_columns(r)} for r in rows]
 
 
 def grid_search(scales, train: Callable[[float], object], statistic: Callable[[object, np.ndarray], float],
@@ -240,14 +194,17 @@ def auc_gate(y: np.ndarray, teacher: np.ndarray, student: np.ndarray, request_id
             "teacher_better": bool(np.isfinite(se) and gain > se)}
 
 
-def random_slice_gate(teacher, data: RunData, shown: RandomSlice, seed: int) -> Callable[[Towers], dict]:
-    """The teacher-quality gate where the validation split has a random-exposure slice (``shown``): gate(towers)
-    compares the AUC of the teacher's ranking score (the order of its own list over the corpus) and of the
-    ground-truth-only ``towers`` as served on those impressions, what users click among items shown at random, free
-    of the logging policy's choice (:func:`auc_gate`). The teacher scores the slice once, for every stage's gate."""
-    t = ranker_scorer(teacher, data)(shown.requests, shown.items)[:, 0]
-    return lambda towers: auc_gate(shown.y, t, towers.scores(data, shown.requests, shown.items)[:, 0],
-                                   shown.request_id, seed)
+def random_slice_gate(teacher, data: RunData, seed: int) -> Callable[[Towers], dict]:
+    """The teacher-quality gate where the validation split has a random-exposure slice: gate(towers) compares the
+    AUC of the teacher's ranking score (the order of its own list over the corpus) and of the ground-truth-only
+    ``towers`` as served on those impressions, what users click among items shown at random, free of the logging
+    policy's choice (:func:`auc_gate`). The teacher scores the slice once, for every stage's gate."""
+    shown = random_slice(data.split_impressions("valid"), "the students' teacher gate")
+    requests = impression_requests(shown, data.context_names)
+    items = shown["item_id"].to_numpy(np.int64)[:, None]
+    y, request_id = shown["click"].to_numpy(), shown["request_id"].to_numpy()
+    t = ranker_scorer(teacher, data)(requests, items)[:, 0]
+    return lambda towers: auc_gate(y, t, towers.scores(data, requests, items)[:, 0], request_id, seed)
 
 
 def _scaled(cfg: DistillConfig, scale: float) -> DistillConfig:
@@ -262,9 +219,6 @@ MACHINE_FACTS = ("seconds", "autocast")  # per-epoch history keys the machine de
 
 def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunData, judge: Judge) -> tuple:
     """Train every tower of the grid; save the chosen / ground-truth / fixed variants; return outputs and metrics."""
-    valid = data.split_impressions("valid")
-    prior_by = slice_or_clicks(c.prior_judge, valid, 'students.prior_judge = "random_auc"')  # before any training
-    shown = RandomSlice.of(data, "the students' random-slice judge") if has_random_slice(valid) else None
     frame = pd.read_parquet(ctx.inputs["ranklog"] / "requests.parquet")
     inputs = data.tower_inputs(frame, c.tower.history_length)
     rank_log = RankLog(ctx.inputs["ranklog"] / "log")
@@ -274,9 +228,7 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
     t_lists, _ = teacher_top_over_corpus(teacher, data, judge.requests, max(sizes.values()), exclude_seen=judge.seen,
                                          workers=torch.get_num_threads())
     outputs, metrics = [], {"judge": judge.what}
-    metrics["prior_judge"] = (f"AUC on the {len(shown.y):,} randomly shown validation impressions"
-                              if prior_by == "random_auc" else judge.what) + f" (students.prior_judge: {c.prior_judge})"
-    random_gate = (random_slice_gate(teacher, data, shown, ctx.seed) if shown is not None
+    random_gate = (random_slice_gate(teacher, data, ctx.seed) if has_random_slice(data.split_impressions("valid"))
                    else None)  # where there is a random slice, the gate's judge is its AUC
     # a fixed sample of the rank log every two-tower student is evaluated on after each epoch (its training curve:
     # in-sample for a distilled student, the teacher's order it never trained on for a ground-truth one)
@@ -295,8 +247,7 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
             hist = train_student(towers, inputs, rank_log if needs_log else None, clicks, scfg, trusted=trusted,
                                  valid=curve_log, label=f"{stage} student, distillation scale {scale:g}")
             weight, recall, prior_grid = choose_prior(towers, inputs, data, judge, n, popular,
-                                                      c.popularity_prior_grid, ctx.seed, c.grid_doublings,
-                                                      shown if prior_by == "random_auc" else None)
+                                                      c.popularity_prior_grid, ctx.seed, c.grid_doublings)
             return towers, hist, recall, weight, prior_grid
 
         best, table, models = grid_search(c.scales(), train, lambda m, units: float(np.nanmean(m[2][units])),

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 
 import numpy as np
+import pandas as pd
 import torch
 
 from .. import artifacts as A
@@ -24,14 +25,25 @@ from ..train.entire_space import (
     choose_exposure_weight_by_random_auc,
     entire_space_loss,
     entire_space_table,
+    has_random_slice,
+    random_slice,
 )
 from ..train.loop import evaluate, fit, score_metrics
 from .common import model_row, save_ranker, seeded, with_seed, without_timings
 from .config import TeacherSection
-from .judge import slice_or_clicks, validation_judge
+from .judge import validation_judge
 from .runner import StepContext, StepResult
 
-EXPOSURE_JUDGE = 'teacher.entire_space.judge = "random_auc"'
+
+def exposure_judge(setting: str, valid: pd.DataFrame) -> str:
+    """What judges the exposure weight ("clicks" | "random_auc") for ``teacher.entire_space.judge = setting`` on the
+    validation impressions ``valid``: "auto" takes the random slice where it has both labels; "random_auc" on data
+    without one is a ValueError."""
+    if setting == "random_auc":
+        random_slice(valid, 'teacher.entire_space.judge = "random_auc"')
+    if setting == "auto":
+        return "random_auc" if has_random_slice(valid) else "clicks"
+    return setting
 
 
 def collaborative_off(c: TeacherSection, n_items: int) -> str | None:
@@ -57,7 +69,7 @@ def collaborative_term(c: TeacherSection, model, data: RunData, judge_by: str | 
     model.collaborative = None
     if off:
         return {"setting": c.collaborative, "off": off}
-    by = judge_by or slice_or_clicks("auto", data.split_impressions("valid"), EXPOSURE_JUDGE)
+    by = judge_by or exposure_judge("auto", data.split_impressions("valid"))
     es = c.entire_space
     judge = None if by == "random_auc" else validation_judge(data, es.select_requests, seed)
     term, grid = choose_collaborative(model, data, c.collaborative_lambdas, c.collaborative_weights, judge,
@@ -76,7 +88,7 @@ def run(ctx: StepContext) -> StepResult:
     es = c.entire_space
     metrics = {}
     # before any training: data without a random slice is refused for judge = "random_auc"
-    judge_by = slice_or_clicks(es.judge, data.split_impressions("valid"), EXPOSURE_JUDGE) if es.enabled else None
+    judge_by = exposure_judge(es.judge, data.split_impressions("valid")) if es.enabled else None
     no_term = collaborative_off(c, len(data.item_ids))  # "on" for a catalogue EASE cannot fit: refused before training
     if es.enabled:
         columns = train.spec.cat_names + train.spec.num_names

@@ -201,7 +201,7 @@ def random_slice(impressions: pd.DataFrame, what: str) -> pd.DataFrame:
     if not has_random_slice(impressions):
         raise ValueError(f"{what}: the validation split has {len(r):,} random-exposure impressions"
                          f"{' with one class only' if len(r) else ''}: no random-slice AUC to judge by "
-                         f"(set it to \"clicks\" or \"auto\")")
+                         f"(use teacher.entire_space.judge = \"clicks\")")
     return r
 
 

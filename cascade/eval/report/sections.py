@@ -492,11 +492,9 @@ def _section_choices(data: Mapping) -> Section:
                               "valid AUC": [g.get("valid_auc") for g in grid], **_one_se_frame(grid)})
         sec.blocks.append(("h3", f"Rank student (scale {format_value(rs.get('chosen_scale'))} chosen)"))
         sec.blocks.append(("table", Table(frame, ["", "auc", *_one_se_keys(grid)])))
-    judged = st.get("prior_judge")
     sec.blocks.append(("p", "A tower's popularity prior adds the popular channel's recent click counts to its scores "
                             "(its item embeddings are fixed when the index is built); its weight is chosen per "
-                            "trained tower before the distillation scale is"
-                            + (f", judged by {judged}." if judged else ".")))
+                            "trained tower on the same validation requests before the distillation scale is."))
     sec.blocks.append(("p", "Each grid is decided by the one-standard-error rule: the smallest value whose score is "
                             "within one standard error of the best score (the SE of the paired gap, bootstrapped "
                             "over the validation requests), so a setting that wins by less than the validation "
