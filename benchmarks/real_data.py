@@ -38,7 +38,8 @@ from cascade.pipeline import STEPS, load_config, run_pipeline
 CONFIGS = {"world": "pipelines/default.toml", "movielens-100k": "pipelines/movielens.toml",
            "movielens-1m": "pipelines/movielens.toml"}
 COLUMNS = ("rank_click_recall", "rank_click_ndcg", "rank_hit_rate", "retrieval_click_recall", "prerank_click_recall",
-           "rank_teacher_recall", "final_distinct", "oracle_ratio", "rank_click_recall_rand")
+           "rank_teacher_recall", "final_distinct", "oracle_ratio", "rank_click_recall_rand",
+           "expected_click_recall_rand")
 CASCADES = ("ground_truth", "fixed", "distilled", "distilled+channels")
 
 
@@ -250,7 +251,8 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
             # paired over seeds: the same world / split / teacher, only the students differ
             "auto_minus_ground_truth": {c: mean_std([r["rows"]["distilled"][c] - r["rows"]["ground_truth"][c]
                                                       for r in runs])
-                                        for c in ("rank_click_recall", "oracle_ratio", "rank_click_recall_rand")
+                                        for c in ("rank_click_recall", "oracle_ratio", "rank_click_recall_rand",
+                                                  "expected_click_recall_rand")
                                         if all(c in r["rows"]["distilled"] for r in runs)},
             "baseline_settings": [sorted(r["baseline_settings"].values()) if "baseline_settings" in r else
                                   sorted(n[10:] for n in r["rows"] if n.startswith("baseline: "))
@@ -276,13 +278,15 @@ def paired_lines(paired: list[dict], seeds: list[int], rows: dict) -> list[str]:
     if not any(paired):
         return []
 
-    def line(label: str, what: str, gaps: list[dict]) -> str:
+    def line(label: str, what: str, gaps: list[dict], dec: int = 4) -> str:
         return f"- {label}, {what}: " + "; ".join(
-            f"seed {s} {g['diff']:+.4f} ± {g['se']:.4f}" + (" *" if abs(g["diff"]) > 2 * g["se"] else "")
+            f"seed {s} {g['diff']:+.{dec}f} ± {g['se']:.{dec}f}" + (" *" if abs(g["diff"]) > 2 * g["se"] else "")
             for s, g in zip(seeds, gaps)) + f" ({gaps[0]['n']} requests)"
 
     out = []
-    for metric, label in (("rank_click_recall", "click-recall@K"), ("oracle_ratio", "oracle ratio")):
+    for metric, label in (("rank_click_recall", "click-recall@K"), ("oracle_ratio", "oracle ratio"),
+                          ("expected_click_recall_rand", "the random slice's expected click-recall@K")):
+        dec = 6 if metric.endswith("_rand") else 4
         base = {n: r[metric]["mean"] for n, r in rows.items() if n.startswith("baseline: ") and metric in r
                 and r[metric]["mean"] is not None}
         if not base:
@@ -291,14 +295,14 @@ def paired_lines(paired: list[dict], seeds: list[int], rows: dict) -> list[str]:
         for other in dict.fromkeys(("ground_truth", "baseline: popular", best)):
             gaps = [p.get(other, {}).get(metric) for p in paired]
             if all(g is not None for g in gaps):
-                out.append(line(label, f"distilled minus {other}", gaps))
+                out.append(line(label, f"distilled minus {other}", gaps, dec))
         gaps = [p.get("distilled+channels minus distilled", {}).get(metric) for p in paired]
         if all(g is not None for g in gaps):
-            out.append(line(label, "distilled+channels minus distilled (the two-tower alone)", gaps))
+            out.append(line(label, "distilled+channels minus distilled (the two-tower alone)", gaps, dec))
         for key in dict.fromkeys(k for p in paired for k in p if k.startswith("distilled+channels minus one")):
             gaps = [p.get(key, {}).get(metric) for p in paired]
             if all(g is not None for g in gaps):
-                out.append(line(label, key + " (that channel alone, end to end)", gaps))
+                out.append(line(label, key + " (that channel alone, end to end)", gaps, dec))
     return ["", "paired on the same test requests (mean ± SE over requests; * beyond 2 SE):", *out] if out else []
 
 
@@ -338,7 +342,8 @@ def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
                 "rank_hit_rate": f"HitRate@{k}", "retrieval_click_recall": "click-recall@N1 (retrieval)",
                 "prerank_click_recall": "click-recall@N2 (pre-rank)", "rank_teacher_recall": f"teacher-recall@{k}",
                 "final_distinct": "distinct items", "oracle_ratio": "oracle ratio",
-                "rank_click_recall_rand": f"random slice click-recall@{k}"}
+                "rank_click_recall_rand": f"random slice click-recall@{k}",
+                "expected_click_recall_rand": f"random slice expected click-recall@{k}"}
         pooled = any(a.get("periods", []))
         lines += [f"### {dataset}, {title}", "",
                   (f"{len(a['periods'][0])} test periods per seed, pooled (rows: request-weighted means; paired "
@@ -350,10 +355,12 @@ def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
                   f"{'seed (all its periods)' if pooled else 'run'} {cell(a['wall_s'], '.0f')} s", "",
                   "| list | " + " | ".join(head[c] for c in cols) + " |", "| --- |" + " ---: |" * len(cols)]
         for name, r in a["rows"].items():
-            cells = [cell(r[c], ",.0f" if c == "final_distinct" else ".4f") if c in r else "–" for c in cols]
+            fmt = {"final_distinct": ",.0f", "expected_click_recall_rand": ".5f"}
+            cells = [cell(r[c], fmt.get(c, ".4f")) if c in r else "–" for c in cols]
             lines.append(f"| {name} | " + " | ".join(cells) + " |")
         lines += ["", "distilled (auto) minus ground truth, paired per seed: " + ", ".join(
-            f"{c} {cell(v, '+.4f')}" for c, v in a["auto_minus_ground_truth"].items()),
+            f"{c} {cell(v, '+.6f' if c == 'expected_click_recall_rand' else '+.4f')}"
+            for c, v in a["auto_minus_ground_truth"].items()),
             "", "baseline settings chosen on validation per seed: " +
             "; ".join(f"seed {s}: {', '.join(b)}" for s, b in zip(seeds, a["baseline_settings"]))]
         lines += paired_lines(a["paired"], seeds, a["rows"])
