@@ -12,7 +12,7 @@ from cascade.arrays import topk_rows
 from cascade.distill.ranklog import RankLog, build_rank_log, sample_candidates
 from cascade.eval.metrics import click_recall
 from cascade.models.two_tower import TowerConfig, build_two_tower, item_embeddings
-from cascade.pipeline.students import auc_gate, grid_search, teacher_gate
+from cascade.pipeline.students import auc_gate, choose_scale, teacher_gate, train_grid
 from cascade.train.students import ClickLists, StudentConfig, train_student
 from worlds import tower_world
 
@@ -72,7 +72,9 @@ def _search(inputs, rank_log, clicks, valid, clicked, scales):
             per_request[id(tt)] = recall(tt)
         return float(np.mean(per_request[id(tt)][units]))
 
-    return grid_search(scales, train, statistic, len(valid), 0), recall
+    models = train_grid(scales, train, statistic, len(valid))
+    best, table, _ = choose_scale(models, statistic, len(valid), 0, teacher_better=False)
+    return (best, table, models), recall
 
 
 def test_grid_search_picks_distillation_from_a_teacher_that_knows(tmp_path):
@@ -95,15 +97,27 @@ def test_gate_fires_and_search_refuses_a_useless_teacher(tmp_path):
     assert not gate["teacher_better"] and gate["gain"] < 0, gate
 
 
-def test_grid_search_ties_go_to_the_smaller_scale_and_gate_hand_worked():
-    # a constant score has no noise: 0 loses by 0.1 beyond its SE of 0, 0.5 ties the best
-    best, table, models = grid_search([1.0, 0.0, 0.5], lambda s: s, lambda s, units: 0.5 if s > 0 else 0.4, 5, 0)
-    assert best == 0.5 and [r["scale"] for r in table] == [0.0, 0.5, 1.0] and models[1.0] == 1.0
+def test_grid_search_ties_go_to_the_reference_and_gate_hand_worked():
+    # a constant score has no noise: 0 loses by 0.1 beyond its SE of 0, 0.5 and 1 tie the best: without the gate the
+    # smaller scale is served, with it the configured scale 1
+    def constant(s, units):
+        return 0.5 if s > 0 else 0.4
+
+    models = train_grid([1.0, 0.0, 0.5], lambda s: s, constant, 5)
+    best, table, reference = choose_scale(models, constant, 5, 0, teacher_better=False)
+    assert best == 0.5 and reference == 0.0 and [r["scale"] for r in table] == [0.0, 0.5, 1.0] and models[1.0] == 1.0
     assert [r["within_one_se"] for r in table] == [False, True, True] and table[0]["gap"] == pytest.approx(0.1)
+    assert choose_scale(models, constant, 5, 0, teacher_better=True)[::2] == (1.0, 1.0)
+    # the gate does not overrule the validation split: 0 within one SE of the best, 0.25 beyond it
+    assert choose_scale({0.0: 0.0, 0.25: 0.25}, lambda s, u: 0.5 if s == 0 else 0.4, 5, 0, True)[0] == 0.0
     # a score that keeps rising with the scale: the grid is widened (a model trained) while its top scores best
     trained = []
-    best, table, models = grid_search([0.0, 1.0], lambda s: trained.append(s) or s,
-                                      lambda s, units: min(s, 4.0) / 10, 5, 0, doublings=5)
+
+    def rising(s, units):
+        return min(s, 4.0) / 10
+
+    models = train_grid([0.0, 1.0], lambda s: trained.append(s) or s, rising, 5, doublings=5)
+    best, table, _ = choose_scale(models, rising, 5, 0, teacher_better=False)
     assert trained == [0.0, 1.0, 2.0, 4.0, 8.0] and [r["scale"] for r in table] == trained and best == 4.0
     # gains 0.1, 0.3, -0.1 (the nan request left out): mean 0.1, sd 0.2, se 0.2 / sqrt(3) = 0.1155 > 0.1
     g = teacher_gate(np.array([0.5, 0.6, 0.2, np.nan]), np.array([0.4, 0.3, 0.3, 0.1]))

@@ -540,6 +540,15 @@ def test_tower_gate_flag_names_its_judge():
     assert ("p", "Teacher gate: on the 3,456 randomly shown validation impressions the teacher's ranking score has "
                  "AUC 0.6900, the ground-truth-only tower 0.7010 (gain -0.0110, one standard error 0.0040): the "
                  "teacher is NOT better.") in sec.blocks
+    assert ("h3", "retrieval student (scale 0.5 chosen; 0 = ground truth only)") in sec.blocks  # recorded before
+    sec = _section_choices({"choices": {"students": {
+        "retrieval": {"size": 500, "chosen_scale": 1.0, "reference_scale": 1.0, "grid": [],
+                      "gate": {**by_auc, "teacher_better": True}},
+        "rank_student": {"chosen_scale": 0.0, "reference_scale": 0.0, "grid": []}}}})
+    assert ("h3", "retrieval student (scale 1 chosen: within one SE of the best, the closest to 1, as the teacher "
+                  "gate found the teacher better; 0 = ground truth only)") in sec.blocks
+    assert ("h3", "Rank student (scale 0 chosen: within one SE of the best, the closest to 0, as the teacher gate did "
+                  "not find the teacher better)") in sec.blocks
 
 
 def test_rank_student_gate_flag_states_its_margin():

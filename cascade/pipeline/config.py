@@ -394,9 +394,11 @@ class StudentsSection:
     (its ground-truth terms) plus weighted distillation from the teacher.
 
     distill: the scale of the towers' distillation terms (cascade/train/students.py ``distill_scale``), or
-    "auto": every scale of ``distill_grid`` is trained and the one whose tower keeps most validation clicks at
-    its stage size (click-recall@N1 / @N2 over the corpus, on the validation judge) is served; scale 0 is the
-    ground-truth-only student, saved as the ``ground_truth`` variant for comparison (compare_ground_truth).
+    "auto": every scale of ``distill_grid`` is trained and judged by the validation clicks its tower keeps at its
+    stage size (click-recall@N1 / @N2 over the corpus, on the validation judge); among the scales within one SE
+    of the best, the one closest to 0 is served, or to 1 where the teacher-quality gate found the teacher better
+    (cascade/pipeline/students.py). Scale 0 is the ground-truth-only student, saved as the ``ground_truth``
+    variant for comparison (compare_ground_truth).
     keep_fixed: also save the scale-1 students as the ``fixed`` variant (distillation at the configured
     weights, whatever validation says). rank_distill_scale / rank_distill_grid: the same for the rank student's
     distillation weights (rank_distill's KD, hint, CR, RCR or PFD lambda), chosen by validation AUC.

@@ -5,10 +5,13 @@ Every student learns from the clicks (its ground-truth terms) plus distillation 
 number. With ``students.distill = "auto"`` each tower is trained at every scale of ``distill_grid`` (0 included:
 the ground-truth-only student), scored by the validation clicks its tower keeps at its stage size (click-recall@N1
 for retrieval, @N2 for pre-rank, over the whole corpus, on the validation judge of :mod:`cascade.pipeline.judge`),
-and the smallest scale within one standard error of the best score (the one-SE rule of
-:mod:`cascade.eval.selection`: distillation is chosen only when it wins beyond the validation requests' noise) is
-served as the ``distilled`` variant; scale 0 is saved as ``ground_truth`` for the comparison. The rank student's
-distillation scale is chosen the same way by validation AUC (its SE bootstrapped over validation requests).
+and the scale the one-SE rule of :mod:`cascade.eval.selection` picks is served as the ``distilled`` variant: among
+the scales within one standard error of the best score, the one closest to a reference that the teacher-quality
+gate below decides (0, no distillation, unless the gate finds the teacher better; then the configured weights,
+scale 1), so neither distilling nor not distilling is chosen on a gain smaller than the validation requests' noise
+against what the gate's independent comparison supports. Scale 0 is saved as ``ground_truth`` for the comparison.
+The rank student's distillation scale is chosen the same way by validation AUC (its SE bootstrapped over
+validation requests), its gate the teacher's validation AUC against the plain student's.
 
 The teacher-quality gate: at each tower's size, the teacher's own top list over the corpus is compared with the
 ground-truth-only tower on the same validation requests; the teacher counts as better only when the mean per-request
@@ -151,18 +154,31 @@ def choose_prior(model, inputs, data: RunData, judge: Judge, n: int, popular: Po
                                      **one_se_columns(r)} for r in rows]
 
 
-def grid_search(scales, train: Callable[[float], object], statistic: Callable[[object, np.ndarray], float],
-                n_units: int, seed: int, doublings: int = 0) -> tuple[float, list, dict]:
-    """Train at every distillation scale, widen the grid while its largest scale scores best
-    (:func:`cascade.eval.selection.widen_top`, at most ``doublings`` times) and choose one by the one-standard-error
-    rule (:func:`cascade.eval.selection.one_se_choice`: the smallest scale within one SE of the best validation
-    score; statistic(model, request indices) -> its score over those validation requests). Returns (the chosen
-    scale, [{"scale", "score", "gap", "se", "within_one_se"}] in scale order, {scale: model})."""
+CONFIGURED_SCALE = 1.0  # the distillation terms at the weights the config gives them (the ``fixed`` variant)
+
+
+def train_grid(scales, train: Callable[[float], object], statistic: Callable[[object, np.ndarray], float],
+               n_units: int, doublings: int = 0) -> dict:
+    """Train at every distillation scale and widen the grid while its largest scale scores best
+    (:func:`cascade.eval.selection.widen_top`, at most ``doublings`` times); statistic(model, request indices) ->
+    its score over those validation requests. Returns {scale: model}."""
     everything = np.arange(n_units)
-    models = widen_top({float(scale): train(float(scale)) for scale in sorted(scales)}, train,
-                       lambda m: statistic(m, everything), doublings)
-    chosen, rows = one_se_choice(list(models), lambda v, units: statistic(models[v], units), n_units, seed=seed)
-    return chosen, [{"scale": r.pop("value"), **r} for r in rows], models
+    return widen_top({float(scale): train(float(scale)) for scale in sorted(scales)}, train,
+                     lambda m: statistic(m, everything), doublings)
+
+
+def choose_scale(models: dict, statistic: Callable[[object, np.ndarray], float], n_units: int, seed: int,
+                 teacher_better: bool) -> tuple[float, list, float]:
+    """The served scale of the trained ``models`` ({scale: model}) by the one-standard-error rule
+    (:func:`cascade.eval.selection.one_se_choice`) with a reference the teacher-quality gate decides: 0 (no
+    distillation) unless the gate found the teacher better, then CONFIGURED_SCALE. Among the scales within one SE
+    of the best validation score the one closest to the reference is served, so a setting that wins by less than
+    the validation split's noise never replaces the one the independent evidence supports. Returns (the chosen
+    scale, [{"scale", "score", "gap", "se", "within_one_se"}] in scale order, the reference)."""
+    reference = CONFIGURED_SCALE if teacher_better else 0.0
+    chosen, rows = one_se_choice(list(models), lambda v, units: statistic(models[v], units), n_units, seed=seed,
+                                 prefer=reference)
+    return chosen, [{"scale": r.pop("value"), **r} for r in rows], reference
 
 
 def teacher_gate(teacher: np.ndarray, student: np.ndarray) -> dict:
@@ -250,9 +266,18 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
                                                       c.popularity_prior_grid, ctx.seed, c.grid_doublings)
             return towers, hist, recall, weight, prior_grid
 
-        best, table, models = grid_search(c.scales(), train, lambda m, units: float(np.nanmean(m[2][units])),
-                                          len(judge.requests), ctx.seed,
-                                          c.grid_doublings if c.distill == "auto" else 0)
+        def recall_over(m, units: np.ndarray) -> float:
+            return float(np.nanmean(m[2][units]))
+
+        models = train_grid(c.scales(), train, recall_over, len(judge.requests),
+                            c.grid_doublings if c.distill == "auto" else 0)
+        gate = None
+        if 0.0 in models and random_gate is not None:
+            gate = random_gate(with_prior(served_towers(models[0.0][0], inputs), popular, models[0.0][3]))
+        elif 0.0 in models:
+            gate = teacher_gate(judge.recall(t_lists, n), models[0.0][2])
+        best, table, reference = choose_scale(models, recall_over, len(judge.requests), ctx.seed,
+                                              bool(gate and gate["teacher_better"]))
         grid = [{"scale": row["scale"], f"valid_click_recall@{n}": row["score"], **one_se_columns(row),
                  "popularity_prior": models[row["scale"]][3], "popularity_prior_grid": models[row["scale"]][4],
                  "teacher_agreement": evaluate_on_log(models[row["scale"]][0], inputs, rank_log, k=10)}
@@ -262,7 +287,7 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
         if c.compare_ground_truth:
             variants["ground_truth"] = 0.0
         if c.keep_fixed:
-            variants["fixed"] = 1.0
+            variants["fixed"] = CONFIGURED_SCALE
         for variant, scale in variants.items():
             towers, hist, _, weight, _ = models[scale]
             d = ctx.out / variant / stage
@@ -273,12 +298,8 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
             if popular is not None:
                 A.write_json(d / PRIOR_FILE, {"weight": weight, **popular.params()})
                 outputs.append(f"{variant}/{stage}/{PRIOR_FILE}")
-        gate = None
-        if 0.0 in models and random_gate is not None:
-            gate = random_gate(with_prior(served_towers(models[0.0][0], inputs), popular, models[0.0][3]))
-        elif 0.0 in models:
-            gate = teacher_gate(judge.recall(t_lists, n), models[0.0][2])
-        metrics[stage] = {"size": n, "grid": grid, "chosen_scale": chosen, "variants": variants, "gate": gate}
+        metrics[stage] = {"size": n, "grid": grid, "chosen_scale": chosen, "reference_scale": reference,
+                          "variants": variants, "gate": gate}
         metrics[f"{stage}_epoch_seconds"] = {str(sc): [h.get("seconds") for h in m[1]]  # manifest only: not hashed
                                              for sc, m in models.items()}
         metrics[f"{stage}_autocast"] = {str(sc): m[1][0]["autocast"] if m[1] else None for sc, m in models.items()}
@@ -340,11 +361,19 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection,
             predicted[id(m[0])] = predict(m[0], valid)[order]
         return auc_over(predicted[id(m[0])])(units)
 
-    best, table, trained = grid_search(c.rank_scales(), train_one, valid_auc, len(starts), ctx.seed,
-                                       c.grid_doublings if c.rank_distill_scale == "auto" else 0)
+    trained = train_grid(c.rank_scales(), train_one, valid_auc, len(starts),
+                         c.grid_doublings if c.rank_distill_scale == "auto" else 0)
+    plain, _, plain_history = trained[0.0]
+    valid_auc(trained[0.0], np.arange(len(starts)))  # the plain student's validation scores, for the gate
+    scores, boot = paired_bootstrap({"teacher": auc_over(predict(teacher, valid)[order]),
+                                     "plain": auc_over(predicted[id(plain)])}, len(starts), seed=ctx.seed)
+    gate = {"teacher_valid_auc": scores["teacher"], "plain_student_valid_auc": scores["plain"],
+            "gain": scores["teacher"] - scores["plain"], "standard_error": gap_se(boot["teacher"], boot["plain"])}
+    # the same margin as the towers' gate: better only by more than one standard error of the paired gain
+    gate["teacher_better"] = bool(gate["gain"] > gate["standard_error"])
+    best, table, reference = choose_scale(trained, valid_auc, len(starts), ctx.seed, gate["teacher_better"])
     grid = [{"scale": row["scale"], "valid_auc": row["score"], **one_se_columns(row)} for row in table]
     chosen = best if c.rank_distill_scale == "auto" else float(c.rank_distill_scale)
-    plain, _, plain_history = trained[0.0]
     served, pfd_teacher, served_history = trained[chosen]
     how = "PFD" if pfd else "logit KD" if c.rank_distill.kd_loss == "mse" else c.rank_distill.kd_loss
     rows = [model_row("rank student (no distillation)", "student", plain, evaluate(plain, test), train.spec),
@@ -354,17 +383,11 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection,
     if pfd_teacher is not None:
         rows.append(model_row(f"its PFD teacher (also reads the {side} side; not served)", "pfd_teacher",
                               pfd_teacher, evaluate(pfd_teacher, test), train.spec))
-    scores, boot = paired_bootstrap({"teacher": auc_over(predict(teacher, valid)[order]),
-                                     "plain": auc_over(predicted[id(plain)])}, len(starts), seed=ctx.seed)
-    gate = {"teacher_valid_auc": scores["teacher"], "plain_student_valid_auc": scores["plain"],
-            "gain": scores["teacher"] - scores["plain"], "standard_error": gap_se(boot["teacher"], boot["plain"])}
-    # the same margin as the towers' gate: better only by more than one standard error of the paired gain
-    gate["teacher_better"] = bool(gate["gain"] > gate["standard_error"])
     outputs = save_ranker(served, c.rank_student, ctx.out / "rank_student")
     A.write_json(ctx.out / "rank_student" / "history.json", served_history)
     A.write_json(ctx.out / "rank_student" / "history_no_distillation.json", plain_history)
     outputs += ["rank_student/history.json", "rank_student/history_no_distillation.json"]
-    return outputs, rows, {"grid": grid, "chosen_scale": chosen, "gate": gate}, autocast
+    return outputs, rows, {"grid": grid, "chosen_scale": chosen, "reference_scale": reference, "gate": gate}, autocast
 
 
 def run(ctx: StepContext) -> StepResult:

@@ -468,8 +468,8 @@ def _section_choices(data: Mapping) -> Section:
                               f"valid click-recall@{n}": [g.get(f"valid_click_recall@{n}") for g in grid], **prior,
                               "teacher-recall@10 on the rank log": [(g.get("teacher_agreement") or {}).get(
                                   "teacher_recall@10") for g in grid], **_one_se_frame(grid)})
-        sec.blocks.append(("h3", f"{stage} student (scale {format_value(e.get('chosen_scale'))} chosen; 0 = ground "
-                                 "truth only)"))
+        sec.blocks.append(("h3", f"{stage} student (scale {format_value(e.get('chosen_scale'))} chosen{_reference(e)}"
+                                 "; 0 = ground truth only)"))
         sec.blocks.append(("table", Table(frame, ["", "click_recall", *(["", "click_recall"] if prior else []),
                                                   "teacher_recall", *_one_se_keys(grid)])))
         g = as_mapping(e.get("gate"), "gate")
@@ -490,7 +490,7 @@ def _section_choices(data: Mapping) -> Section:
         grid = [as_mapping(g, "grid") or {} for g in as_list(rs.get("grid"), "grid") or []]
         frame = pd.DataFrame({"distillation scale": [g.get("scale") for g in grid],
                               "valid AUC": [g.get("valid_auc") for g in grid], **_one_se_frame(grid)})
-        sec.blocks.append(("h3", f"Rank student (scale {format_value(rs.get('chosen_scale'))} chosen)"))
+        sec.blocks.append(("h3", f"Rank student (scale {format_value(rs.get('chosen_scale'))} chosen{_reference(rs)})"))
         sec.blocks.append(("table", Table(frame, ["", "auc", *_one_se_keys(grid)])))
     sec.blocks.append(("p", "A tower's popularity prior adds the popular channel's recent click counts to its scores "
                             "(its item embeddings are fixed when the index is built); its weight is chosen per "
@@ -498,10 +498,22 @@ def _section_choices(data: Mapping) -> Section:
     sec.blocks.append(("p", "Each grid is decided by the one-standard-error rule: the smallest value whose score is "
                             "within one standard error of the best score (the SE of the paired gap, bootstrapped "
                             "over the validation requests), so a setting that wins by less than the validation "
-                            "split's noise does not replace a simpler one; the teacher's exposure weight, where "
-                            "logged clicks judge it, takes the value closest to 1 (the product rule P(shown) "
-                            "P(click | shown)) instead."))
+                            "split's noise does not replace a simpler one. Two grids have another reference: a "
+                            "student's distillation scale takes the value closest to 1 (the configured weights) "
+                            "where its teacher gate found the teacher better, and the teacher's exposure weight, "
+                            "where logged clicks judge it, the value closest to 1 (the product rule P(shown) "
+                            "P(click | shown))."))
     return sec
+
+
+def _reference(choice: Mapping) -> str:
+    """The one-SE rule's reference of a student's scale grid, as the report's heading states it (none for a run
+    recorded before the gate decided it)."""
+    ref = choice.get("reference_scale")
+    if ref is None:
+        return ""
+    why = "the teacher gate found the teacher better" if ref else "the teacher gate did not find the teacher better"
+    return f": within one SE of the best, the closest to {format_value(ref)}, as {why}"
 
 
 def _one_se_keys(grid: list[Mapping]) -> list[str]:
