@@ -75,6 +75,12 @@ def _choices(run_dir: Path) -> dict[str, float | None]:
     for s in ("retrieval", "prerank"):
         row = [g for g in metrics.get(s, {}).get("grid", []) if g.get("scale") == out[s]]
         out[f"{s}_prior"] = row[0].get("popularity_prior") if row else None
+        t = metrics.get(s, {}).get("temperature") or {}
+        if t.get("searched"):  # served at another temperature: its own prior weight
+            out[f"{s}_prior"] = next(r["popularity_prior"] for r in t["grid"] if r["temperature"] == t["chosen"])
+    for s in ("retrieval", "prerank", "rank_student"):
+        t = metrics.get(s, {}).get("temperature") or {}
+        out[f"{s}_temperature"] = t.get("chosen") if t.get("searched") else None
     return out
 
 
@@ -368,6 +374,14 @@ def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
         lines += ["", "scales chosen on validation per seed (retrieval, pre-rank towers; rank student): " +
                   "; ".join(f"seed {s}: {c['retrieval']}, {c['prerank']}; {c['rank_student']}"
                             for s, c in zip(seeds, a["chosen_scales"])), ""]
+        if any(c.get(f"{st}_temperature") is not None for c in a["chosen_scales"]
+               for st in ("retrieval", "prerank", "rank_student")):
+            lines += ["KD temperatures chosen at those scales per seed (retrieval, pre-rank towers; rank student; "
+                      "- where none was searched): " +
+                      "; ".join(f"seed {s}: " + ", ".join("-" if c.get(f"{st}_temperature") is None
+                                                          else f"{c[f'{st}_temperature']:g}"
+                                                          for st in ("retrieval", "prerank", "rank_student"))
+                                for s, c in zip(seeds, a["chosen_scales"])), ""]
         if any(c.get("retrieval_prior") is not None for c in a["chosen_scales"]):
             lines += ["popularity prior weights of the served towers per seed (retrieval, pre-rank): " +
                       "; ".join(f"seed {s}: {c['retrieval_prior']}, {c['prerank_prior']}"

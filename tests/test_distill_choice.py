@@ -170,3 +170,43 @@ def test_trusted_requests_hand_worked(tmp_path):
     clicks = ClickLists(np.arange(4), np.zeros(4, np.int64), np.tile([0, 1, 2], (4, 1)),
                         np.array([[1, 0, 0], [1, 0, 0], [0, 0, 0], [1, 0, 0]], np.float32))
     np.testing.assert_array_equal(trusted_requests(RankLog(tmp_path / "log"), clicks, 4), [True, False, True, True])
+
+
+def test_kd_temperature_read_set_and_chosen_hand_worked():
+    """The towers' KD temperature: read from the weighted listnet term (1 unless loss_params sets it; None without
+    such a term), set by with_kd_temperature, and chosen at the chosen scale by the one-SE rule leaning to the
+    configured temperature."""
+    from cascade.pipeline.config import StudentsSection
+    from cascade.pipeline.students import choose_temperature
+    from cascade.train.students import kd_temperature, with_kd_temperature
+
+    c = StudentsSection()
+    assert kd_temperature(c.retrieval) == 1.0 and kd_temperature(c.prerank) is None
+    hot = with_kd_temperature(c.retrieval, 2.0)
+    assert kd_temperature(hot) == 2.0 and hot.loss_params["listnet"] == {"temperature": 2.0}
+    assert kd_temperature(c.retrieval) == 1.0  # the original is left as it was
+    assert with_kd_temperature(c.prerank, 2.0).loss_params == {}  # no term with a temperature: nothing set
+
+    trained = []
+
+    def train_at(t):
+        trained.append(t)
+        return t
+
+    # constant scores have no noise: 0.5 ties 1 (the configured one is kept), 2 is beyond one SE below
+    model, rec = choose_temperature(1.0, 1.0, 1.0, (0.5, 1.0, 2.0), train_at,
+                                    lambda t, units: 0.3 if t == 2.0 else 0.4, 5, 0, "valid_auc")
+    assert trained == [0.5, 2.0] and model == 1.0 and rec["chosen"] == 1.0 and rec["searched"]
+    assert [(r["temperature"], r["within_one_se"]) for r in rec["grid"]] == [(0.5, True), (1.0, True), (2.0, False)]
+    assert rec["grid"][2]["gap_to_best"] == pytest.approx(0.1)
+    # a temperature better beyond one SE is served
+    model, rec = choose_temperature(1.0, 1.0, 1.0, (0.5, 2.0), lambda t: t,
+                                    lambda t, units: 0.5 if t == 2.0 else 0.4, 5, 0, "valid_auc")
+    assert model == 2.0 and rec["chosen"] == 2.0
+    # nothing searched: no temperature term, scale 0, or the configured temperature alone
+    for args, why in (((None, (0.5, 2.0)), "no distillation term with a temperature"),
+                      ((1.0, (1.0,)), "the grid holds the configured temperature alone")):
+        model, rec = choose_temperature("m", 1.0, *args, lambda t: pytest.fail("trained"), None, 5, 0, "k")
+        assert model == "m" and rec == {"configured": args[0], "searched": False, "why": why}
+    assert choose_temperature("m", 0.0, 1.0, (0.5,), lambda t: pytest.fail("trained"), None, 5, 0, "k")[1]["why"] \
+        == "scale 0 (no distillation)"

@@ -7,6 +7,7 @@ run resumes without corrupted artifacts and that the same config and seed reprod
 from __future__ import annotations
 
 import json
+import logging
 import math
 import os
 import signal
@@ -396,9 +397,23 @@ def test_towers_serve_the_popularity_prior_validation_chose(run_a):
     weights = []
     for stage in ("retrieval", "prerank"):
         by_scale = {g["scale"]: g for g in sel[stage]["grid"]}
+        temp = sel[stage]["temperature"]  # the KD temperature: the retrieval tower's listnet has one, pre-rank none
+        if stage == "prerank" or sel[stage]["chosen_scale"] == 0:
+            assert not temp["searched"] and temp["why"] in ("no distillation term with a temperature",
+                                                            "scale 0 (no distillation)"), temp
+        else:
+            assert temp["searched"] and temp["configured"] == 1.0
+            assert [r["temperature"] for r in temp["grid"]] == [0.5, 1.0, 2.0]
+            assert temp["chosen"] in [r["temperature"] for r in temp["grid"] if r["within_one_se"]]
+            # the configured temperature's row is the scale grid's row of the chosen scale
+            one = next(r for r in temp["grid"] if r["temperature"] == 1.0)
+            key = f"valid_click_recall@{sel[stage]['size']}"
+            assert one[key] == by_scale[sel[stage]["chosen_scale"]][key]
         for variant, scale in sel[stage]["variants"].items():
             saved = A.read_json(run_dir / "students" / variant / stage / PRIOR_FILE)
             row = by_scale[scale]
+            if variant == "distilled" and temp["searched"]:  # served at the temperature chosen at that scale
+                row = next(r for r in temp["grid"] if r["temperature"] == temp["chosen"])
             assert saved == {"weight": row["popularity_prior"], **popular}
             tried = [r["weight"] for r in row["popularity_prior_grid"]]
             assert tried[:6] == [0.0, 0.25, 0.5, 1.0, 2.0, 4.0] and tried[6:] == [8.0, 16.0, 32.0][:len(tried) - 6]
@@ -990,3 +1005,34 @@ def test_a_collaborative_term_the_catalogue_cannot_hold_is_refused_before_traini
             load_config(TINY, [bad])
     with pytest.raises(ConfigError, match="is 'off', so collaborative_lambdas / collaborative_weights would do"):
         load_config(TINY, ['teacher.collaborative="off"', "teacher.collaborative_weights=[0.5]"])
+
+
+def test_kd_temperature_searched_at_a_fixed_scale(tmp_path, caplog):
+    """With the scales fixed at 1, the retrieval tower (listnet) and a Hinton-KD rank student are each trained at
+    every temperature of kd_temperature_grid as well; the served variant is the one the one-SE rule keeps, and the
+    pre-rank tower, whose terms have no temperature, says so."""
+    from cascade.channels.prior import PRIOR_FILE
+
+    cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(tmp_path))}", "run.threads=1", "teacher.lightgbm=false",
+                             "students.distill=1.0", "students.rank_distill_scale=1.0",
+                             'students.rank_distill.kd="hinton"', "students.kd_temperature_grid=[0.5, 2.0]"])
+    with caplog.at_level(logging.INFO, logger="cascade"):
+        run_pipeline(cfg, progress=False, until="students")
+    sel = A.read_json(tmp_path / "tiny" / "students" / "selection.json")
+    for stage, key in (("retrieval", f"valid_click_recall@{sel['retrieval']['size']}"), ("rank_student", "valid_auc")):
+        t = sel[stage]["temperature"]
+        assert t["searched"] and t["configured"] == 1.0 and [r["temperature"] for r in t["grid"]] == [0.5, 1.0, 2.0]
+        best = max(r[key] for r in t["grid"])
+        within = [r["temperature"] for r in t["grid"] if r["within_one_se"]]
+        assert t["chosen"] in within and min(within, key=lambda v: (abs(v - 1.0), v)) == t["chosen"]
+        assert [r["gap_to_best"] for r in t["grid"]] == pytest.approx([best - r[key] for r in t["grid"]])
+    t = sel["retrieval"]["temperature"]
+    row = next(r for r in t["grid"] if r["temperature"] == t["chosen"])
+    saved = A.read_json(tmp_path / "tiny" / "students" / "distilled" / "retrieval" / PRIOR_FILE)
+    assert saved["weight"] == row["popularity_prior"]
+    assert sel["prerank"]["temperature"] == {"configured": None, "searched": False,
+                                             "why": "no distillation term with a temperature"}
+    log = caplog.text
+    for t_ in (0.5, 2):
+        assert f"retrieval student, distillation scale 1, temperature {t_:g}" in log
+        assert f"rank student, distillation scale 1, temperature {t_:g}" in log

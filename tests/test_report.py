@@ -549,6 +549,23 @@ def test_tower_gate_flag_names_its_judge():
                   "gate found the teacher better; 0 = ground truth only)") in sec.blocks
     assert ("h3", "Rank student (scale 0 chosen: within one SE of the best, the closest to 0, as the teacher gate did "
                   "not find the teacher better)") in sec.blocks
+    # the KD temperature: a table where it was searched, the reason where it was not
+    sec = _section_choices({"choices": {"students": {
+        "retrieval": {"size": 500, "chosen_scale": 1.0, "grid": [], "temperature": {
+            "configured": 1.0, "chosen": 2.0, "searched": True, "grid": [
+                {"temperature": 1.0, "valid_click_recall@500": 0.58, "gap_to_best": 0.02, "se_of_gap": 0.01,
+                 "within_one_se": False},
+                {"temperature": 2.0, "valid_click_recall@500": 0.60, "gap_to_best": 0.0, "se_of_gap": 0.0,
+                 "within_one_se": True}]}},
+        "prerank": {"size": 100, "chosen_scale": 1.0, "grid": [], "temperature": {
+            "configured": None, "searched": False, "why": "no distillation term with a temperature"}}}}})
+    assert ("p", "KD temperature at the chosen scale: 2 (configured 1; the closest to it within one SE of the best "
+                 "is served).") in sec.blocks
+    assert ("p", "KD temperature: not searched (no distillation term with a temperature).") in sec.blocks
+    tables = [b[1].frame for b in sec.blocks if b[0] == "table" and "KD temperature" in b[1].frame.columns]
+    assert len(tables) == 1 and tables[0]["KD temperature"].tolist() == [1.0, 2.0]
+    assert tables[0]["valid click-recall@500"].tolist() == [0.58, 0.60]
+    assert tables[0]["within one SE"].tolist() == [False, True]
 
 
 def test_rank_student_gate_flag_states_its_margin():

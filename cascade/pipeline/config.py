@@ -412,7 +412,11 @@ class StudentsSection:
     "popular" in channels.build. grid_doublings: every grid above ("auto" scales, prior weights) is widened
     while its largest value scores best on validation: twice that value is tried too (a tower or rank student
     trained, a prior weight judged), at most this many times (a best value on the grid's edge says the grid stops
-    short; 0: the grids as given)."""
+    short; 0: the grids as given).
+    kd_temperature_grid: the softmax temperatures tried for a student whose distillation terms have one (a
+    tower's listnet, the rank student's Hinton KD), at its served scale (chosen by "auto" or fixed) when that is
+    above 0: among those within one SE of the best validation score, the one closest to the configured
+    temperature (loss_params' / rank_distill's, else 1) is served. (): not searched."""
 
     # the user tower reads the user's last 20 clicked items (as many as the channels' history): without them a tower
     # cannot hold what the teacher knows from the user's history (BENCHMARKS.md, "Outcomes": with and without)
@@ -428,6 +432,7 @@ class StudentsSection:
     # BENCHMARKS.md, "Outcomes": without the prior the towers lost to most-popular at their own stage sizes
     popularity_prior_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
     grid_doublings: int = 3
+    kd_temperature_grid: tuple[float, ...] = (0.5, 1.0, 2.0)
     # The rank student is cheap to serve: a small MLP without the user x item cross features (no history lookups at
     # serving); distillation from the teacher, which has them, is how their knowledge reaches it.
     rank_student: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dnn", emb_dim=8, mlp=(64,),
@@ -461,6 +466,9 @@ class StudentsSection:
         _scale_grid(self.popularity_prior_grid, "popularity_prior_grid", "the tower without a prior")
         require(self, "grid_doublings", at_least(self.grid_doublings, 0),
                 "must be an integer >= 0 (0: the grids as given)")
+        if any(not (np.isfinite(t) and t > 0) for t in self.kd_temperature_grid):
+            raise ValueError(f"students.kd_temperature_grid must be temperatures > 0, got "
+                             f"{list(self.kd_temperature_grid)}")
         for key in ("distill", "rank_distill_scale"):
             v = getattr(self, key)
             if v != "auto" and not (np.isfinite(v) and v >= 0):

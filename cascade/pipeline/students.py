@@ -11,7 +11,10 @@ gate below decides (0, no distillation, unless the gate finds the teacher better
 scale 1), so neither distilling nor not distilling is chosen on a gain smaller than the validation requests' noise
 against what the gate's independent comparison supports. Scale 0 is saved as ``ground_truth`` for the comparison.
 The rank student's distillation scale is chosen the same way by validation AUC (its SE bootstrapped over
-validation requests), its gate the teacher's validation AUC against the plain student's.
+validation requests), its gate the teacher's validation AUC against the plain student's. Where a student's
+distillation has a softmax temperature (the retrieval tower's listnet term; the rank student's Hinton KD), the
+student is also trained at its served scale (chosen, or fixed by the config) at every temperature of
+``kd_temperature_grid``, and the one-SE rule serves the one closest to the configured temperature.
 
 The teacher-quality gate: at each tower's size, the teacher's own top list over the corpus is compared with the
 ground-truth-only tower on the same validation requests; the teacher counts as better only when the mean per-request
@@ -58,7 +61,14 @@ from ..serve.replay import teacher_top_over_corpus
 from ..train.entire_space import has_random_slice, random_slice
 from ..train.joint import DistillConfig, DistilledStudent, JointRanker, joint_loss, pfd_configs, teacher_first_loss
 from ..train.loop import evaluate, fit, predict
-from ..train.students import ClickLists, evaluate_on_log, is_ground_truth, train_student
+from ..train.students import (
+    ClickLists,
+    evaluate_on_log,
+    is_ground_truth,
+    kd_temperature,
+    train_student,
+    with_kd_temperature,
+)
 from .common import model_row, save_ranker, seeded, with_seed, without_timings
 from .config import StudentsSection
 from .judge import Judge, validation_judge
@@ -181,6 +191,28 @@ def choose_scale(models: dict, statistic: Callable[[object, np.ndarray], float],
     return chosen, [{"scale": r.pop("value"), **r} for r in rows], reference
 
 
+def choose_temperature(model, scale: float, configured: float | None, grid, train_at: Callable[[float], object],
+                       statistic: Callable[[object, np.ndarray], float], n_units: int, seed: int,
+                       score_key: str, extra: Callable[[object], dict] = lambda m: {}) -> tuple[object, dict]:
+    """The KD temperature of a student trained at its chosen ``scale``: ``model`` was trained at the ``configured``
+    temperature (None: its distillation terms have none); train_at(t) trains it at temperature t. Among the
+    configured and ``grid``'s temperatures, the one-SE rule serves the one closest to the configured one within
+    one SE of the best validation score (statistic(model, request indices) -> its score, recorded as
+    ``score_key``; extra(model) -> more columns of its row). Returns (the served model, {"configured", "chosen",
+    "searched": True, "grid": rows} or {"configured", "searched": False, "why"})."""
+    if configured is None:
+        return model, {"configured": None, "searched": False, "why": "no distillation term with a temperature"}
+    if scale == 0 or not set(grid) - {configured}:
+        why = "scale 0 (no distillation)" if scale == 0 else "the grid holds the configured temperature alone"
+        return model, {"configured": configured, "searched": False, "why": why}
+    tried = {configured: model, **{float(t): train_at(float(t)) for t in sorted(set(grid) - {configured})}}
+    chosen, rows = one_se_choice(list(tried), lambda t, units: statistic(tried[t], units), n_units, seed=seed,
+                                 prefer=configured)
+    return tried[chosen], {"configured": configured, "chosen": chosen, "searched": True,
+                           "grid": [{"temperature": r["value"], score_key: r["score"], **one_se_columns(r),
+                                     **extra(tried[r["value"]])} for r in rows]}
+
+
 def teacher_gate(teacher: np.ndarray, student: np.ndarray) -> dict:
     """Paired comparison of per-request validation click-recall (float [R], nan = no click): the teacher is better
     when its mean gain over the ground-truth-only student exceeds one standard error of the gain."""
@@ -256,12 +288,15 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
     for stage in STAGES:
         base, n = (c.prerank if stage == "prerank" else c.retrieval), sizes[stage]
 
-        def train(scale: float, base=base, n=n, stage=stage):
+        def train(scale: float, base=base, n=n, stage=stage, temperature: float | None = None):
             towers = build_two_tower(inputs, c.tower, seed=ctx.seed)
             scfg = dataclasses.replace(base, seed=ctx.seed, progress=ctx.progress, distill_scale=scale)
+            label = f"{stage} student, distillation scale {scale:g}"
+            if temperature is not None:
+                scfg, label = with_kd_temperature(scfg, temperature), f"{label}, temperature {temperature:g}"
             needs_log = any(scfg.weight(t) and not is_ground_truth(scfg, t) for t in scfg.loss_weights)
             hist = train_student(towers, inputs, rank_log if needs_log else None, clicks, scfg, trusted=trusted,
-                                 valid=curve_log, label=f"{stage} student, distillation scale {scale:g}")
+                                 valid=curve_log, label=label)
             weight, recall, prior_grid = choose_prior(towers, inputs, data, judge, n, popular,
                                                       c.popularity_prior_grid, ctx.seed, c.grid_doublings)
             return towers, hist, recall, weight, prior_grid
@@ -283,13 +318,17 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
                  "teacher_agreement": evaluate_on_log(models[row["scale"]][0], inputs, rank_log, k=10)}
                 for row in table]
         chosen = best if c.distill == "auto" else float(c.distill)
+        served, temperature = choose_temperature(
+            models[chosen], chosen, kd_temperature(base), c.kd_temperature_grid,
+            lambda t, train=train, s=chosen: train(s, temperature=t), recall_over, len(judge.requests), ctx.seed,
+            f"valid_click_recall@{n}", lambda m: {"popularity_prior": m[3], "popularity_prior_grid": m[4]})
         variants = {"distilled": chosen}
         if c.compare_ground_truth:
             variants["ground_truth"] = 0.0
         if c.keep_fixed:
             variants["fixed"] = CONFIGURED_SCALE
         for variant, scale in variants.items():
-            towers, hist, _, weight, _ = models[scale]
+            towers, hist, _, weight, _ = served if variant == "distilled" else models[scale]
             d = ctx.out / variant / stage
             A.save_torch(d / "model.pt", towers.state_dict())
             A.write_json(d / "config.json", to_dict(c.tower))
@@ -299,7 +338,7 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
                 A.write_json(d / PRIOR_FILE, {"weight": weight, **popular.params()})
                 outputs.append(f"{variant}/{stage}/{PRIOR_FILE}")
         metrics[stage] = {"size": n, "grid": grid, "chosen_scale": chosen, "reference_scale": reference,
-                          "variants": variants, "gate": gate}
+                          "temperature": temperature, "variants": variants, "gate": gate}
         metrics[f"{stage}_epoch_seconds"] = {str(sc): [h.get("seconds") for h in m[1]]  # manifest only: not hashed
                                              for sc, m in models.items()}
         metrics[f"{stage}_autocast"] = {str(sc): m[1][0]["autocast"] if m[1] else None for sc, m in models.items()}
@@ -325,11 +364,13 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection,
 
     autocast = {}  # scale -> what TrainConfig.autocast resolved to (manifest only: its probe varies run to run)
 
-    def train_one(scale: float):
+    def train_one(scale: float, temperature: float | None = None):
         seeded(ctx.seed)
         dcfg = _scaled(c.rank_distill, scale)
         extra = None
         label = f"rank student, distillation scale {scale:g}"
+        if temperature is not None:
+            dcfg, label = dataclasses.replace(dcfg, temperature=temperature), f"{label}, temperature {temperature:g}"
         if scale == 0:  # no distillation: the plain student on clicks
             model = Ranker(train.spec, c.rank_student)
             res = fit(model, train, valid, tcfg, label=label)
@@ -342,7 +383,7 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection,
                                 private_student_columns=c.rank_pfd_private_columns, seed=ctx.seed)
             res = fit(joint, train, valid, tcfg, loss_fn=joint_loss(dcfg), label=label)
             model, extra = joint.export_student(), joint.teacher
-        autocast[str(scale)] = res.autocast
+        autocast[str(scale) if temperature is None else f"{scale:g} at temperature {temperature:g}"] = res.autocast
         return model.eval(), extra, res.history
 
     order, starts, lengths = unit_ranges(valid.request_id)
@@ -374,7 +415,12 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection,
     best, table, reference = choose_scale(trained, valid_auc, len(starts), ctx.seed, gate["teacher_better"])
     grid = [{"scale": row["scale"], "valid_auc": row["score"], **one_se_columns(row)} for row in table]
     chosen = best if c.rank_distill_scale == "auto" else float(c.rank_distill_scale)
-    served, pfd_teacher, served_history = trained[chosen]
+    kd = c.rank_distill
+    configured = kd.temperature if kd.kd_loss == "hinton" and (kd.w_kd or kd.pfd_lambda is not None) else None
+    served_model, temperature = choose_temperature(trained[chosen], chosen, configured, c.kd_temperature_grid,
+                                                   lambda t: train_one(chosen, t), valid_auc, len(starts), ctx.seed,
+                                                   "valid_auc")
+    served, pfd_teacher, served_history = served_model
     how = "PFD" if pfd else "logit KD" if c.rank_distill.kd_loss == "mse" else c.rank_distill.kd_loss
     rows = [model_row("rank student (no distillation)", "student", plain, evaluate(plain, test), train.spec),
             model_row(f"rank student (served: {how} at scale {chosen:g}"
@@ -387,7 +433,8 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection,
     A.write_json(ctx.out / "rank_student" / "history.json", served_history)
     A.write_json(ctx.out / "rank_student" / "history_no_distillation.json", plain_history)
     outputs += ["rank_student/history.json", "rank_student/history_no_distillation.json"]
-    return outputs, rows, {"grid": grid, "chosen_scale": chosen, "reference_scale": reference, "gate": gate}, autocast
+    return outputs, rows, {"grid": grid, "chosen_scale": chosen, "reference_scale": reference,
+                           "temperature": temperature, "gate": gate}, autocast
 
 
 def run(ctx: StepContext) -> StepResult:

@@ -62,7 +62,7 @@ import inspect
 import logging
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -244,6 +244,30 @@ def sample_one_per_row(valid: torch.Tensor, generator: torch.Generator) -> tuple
     """One uniformly chosen True column per row of valid [B, L]: (column [B], row has one [B] bool)."""
     keys = torch.rand(valid.shape, generator=generator, device=valid.device).masked_fill(~valid, -1.0)
     return keys.argmax(dim=1), valid.any(dim=1)
+
+
+KD_TEMPERATURE_TERMS = ("listnet",)  # distillation terms with a softmax temperature (keyword "temperature")
+
+
+def kd_temperature(cfg: StudentConfig) -> float | None:
+    """The softmax temperature of ``cfg``'s weighted distillation terms that have one (KD_TEMPERATURE_TERMS; 1
+    unless loss_params sets it), None where no such term is weighted."""
+    names = [t for t in KD_TEMPERATURE_TERMS if cfg.loss_weights.get(t, 0.0)]
+    if not names:
+        return None
+    temps = {float(loss_params(cfg, t).get("temperature", 1.0)) for t in names}
+    if len(temps) > 1:
+        raise ValueError(f"StudentConfig: the distillation terms {names} have different temperatures {sorted(temps)}")
+    return temps.pop()
+
+
+def with_kd_temperature(cfg: StudentConfig, temperature: float) -> StudentConfig:
+    """``cfg`` with every weighted term of KD_TEMPERATURE_TERMS at softmax ``temperature``."""
+    params = {k: dict(v) for k, v in cfg.loss_params.items()}
+    for t in KD_TEMPERATURE_TERMS:
+        if cfg.loss_weights.get(t, 0.0):
+            params.setdefault(t, {})["temperature"] = float(temperature)
+    return replace(cfg, loss_params=params)
 
 
 def loss_params(cfg: StudentConfig, name: str) -> dict[str, Any]:

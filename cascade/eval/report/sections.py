@@ -485,6 +485,7 @@ def _section_choices(data: Mapping) -> Section:
                     f"ground-truth-only tower {cr['ground_truth_student']}")
             sec.blocks.append(("p", f"Teacher gate: {what} (gain {cr['gain']}, one standard error "
                                     f"{cr['standard_error']}): the teacher is {verdict}."))
+        sec.blocks += _temperature_blocks(e, f"valid_click_recall@{n}", f"valid click-recall@{n}", "click_recall")
     rs = as_mapping(st.get("rank_student"), "report_data['choices']['students']['rank_student']")
     if rs:
         grid = [as_mapping(g, "grid") or {} for g in as_list(rs.get("grid"), "grid") or []]
@@ -492,6 +493,7 @@ def _section_choices(data: Mapping) -> Section:
                               "valid AUC": [g.get("valid_auc") for g in grid], **_one_se_frame(grid)})
         sec.blocks.append(("h3", f"Rank student (scale {format_value(rs.get('chosen_scale'))} chosen{_reference(rs)})"))
         sec.blocks.append(("table", Table(frame, ["", "auc", *_one_se_keys(grid)])))
+        sec.blocks += _temperature_blocks(rs, "valid_auc", "valid AUC", "auc")
     sec.blocks.append(("p", "A tower's popularity prior adds the popular channel's recent click counts to its scores "
                             "(its item embeddings are fixed when the index is built); its weight is chosen per "
                             "trained tower on the same validation requests before the distillation scale is."))
@@ -504,6 +506,23 @@ def _section_choices(data: Mapping) -> Section:
                             "where logged clicks judge it, the value closest to 1 (the product rule P(shown) "
                             "P(click | shown))."))
     return sec
+
+
+def _temperature_blocks(choice: Mapping, key: str, label: str, fmt: str) -> list[tuple]:
+    """A student's KD temperature as its grid chose it: a table of the temperatures tried at the chosen scale (its
+    score ``key`` as column ``label``, formatted as ``fmt``), or a line saying why none was searched (nothing for a
+    run recorded before temperatures were)."""
+    t = as_mapping(choice.get("temperature"), "temperature")
+    if not t:
+        return []
+    if not t.get("searched"):
+        return [("p", f"KD temperature: not searched ({t.get('why')}).")]
+    grid = [as_mapping(g, "temperature grid") or {} for g in as_list(t.get("grid"), "temperature grid") or []]
+    frame = pd.DataFrame({"KD temperature": [g.get("temperature") for g in grid],
+                          label: [g.get(key) for g in grid], **_one_se_frame(grid)})
+    return [("p", f"KD temperature at the chosen scale: {format_value(t.get('chosen'))} (configured "
+                  f"{format_value(t.get('configured'))}; the closest to it within one SE of the best is served)."),
+            ("table", Table(frame, ["", fmt, *_one_se_keys(grid)]))]
 
 
 def _reference(choice: Mapping) -> str:
