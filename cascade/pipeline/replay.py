@@ -221,11 +221,13 @@ def paired_comparisons(per_request: dict[str, pd.DataFrame], cascades: list[str]
     rand = None if oracle_mass is None or is_rand is None or not is_rand.any() else is_rand
     for name in cascades:
         mine = per_request[name]
+        mine_in = mine[in_sample]
         out[name] = {}
         for other, rows in per_request.items():
             if other == name:
                 continue
-            gaps = {m: paired_difference(mine[in_sample][m].to_numpy(), rows[in_sample][m].to_numpy())
+            rows_in = rows[in_sample]
+            gaps = {m: paired_difference(mine_in[m].to_numpy(), rows_in[m].to_numpy())
                     for m in PAIRED_METRICS if m in mine and m in rows}
             if rand is not None:
                 gaps["expected_click_recall_rand"] = paired_ratio_difference(

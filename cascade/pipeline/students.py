@@ -397,17 +397,19 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection,
             return auc(label[rows], scores[rows])
         return on
 
-    def valid_auc(m, units: np.ndarray) -> float:
+    def valid_scores(m) -> np.ndarray:
         if id(m[0]) not in predicted:
             predicted[id(m[0])] = predict(m[0], valid)[order]
-        return auc_over(predicted[id(m[0])])(units)
+        return predicted[id(m[0])]
+
+    def valid_auc(m, units: np.ndarray) -> float:
+        return auc_over(valid_scores(m))(units)
 
     trained = train_grid(c.rank_scales(), train_one, valid_auc, len(starts),
                          c.grid_doublings if c.rank_distill_scale == "auto" else 0)
     plain, _, plain_history = trained[0.0]
-    valid_auc(trained[0.0], np.arange(len(starts)))  # the plain student's validation scores, for the gate
     scores, boot = paired_bootstrap({"teacher": auc_over(predict(teacher, valid)[order]),
-                                     "plain": auc_over(predicted[id(plain)])}, len(starts), seed=ctx.seed)
+                                     "plain": auc_over(valid_scores(trained[0.0]))}, len(starts), seed=ctx.seed)
     gate = {"teacher_valid_auc": scores["teacher"], "plain_student_valid_auc": scores["plain"],
             "gain": scores["teacher"] - scores["plain"], "standard_error": gap_se(boot["teacher"], boot["plain"])}
     # the same margin as the towers' gate: better only by more than one standard error of the paired gain
@@ -415,9 +417,8 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection,
     best, table, reference = choose_scale(trained, valid_auc, len(starts), ctx.seed, gate["teacher_better"])
     grid = [{"scale": row["scale"], "valid_auc": row["score"], **one_se_columns(row)} for row in table]
     chosen = best if c.rank_distill_scale == "auto" else float(c.rank_distill_scale)
-    kd = c.rank_distill
-    configured = kd.temperature if kd.kd_loss == "hinton" and (kd.w_kd or kd.pfd_lambda is not None) else None
-    served_model, temperature = choose_temperature(trained[chosen], chosen, configured, c.kd_temperature_grid,
+    served_model, temperature = choose_temperature(trained[chosen], chosen, c.rank_distill.soft_target_temperature,
+                                                   c.kd_temperature_grid,
                                                    lambda t: train_one(chosen, t), valid_auc, len(starts), ctx.seed,
                                                    "valid_auc")
     served, pfd_teacher, served_history = served_model

@@ -70,6 +70,11 @@ class DistillConfig:
     pfd_lambda: float | None = None
     warmup_steps: int = 0
 
+    @property
+    def soft_target_temperature(self) -> float | None:
+        """The temperature of the KD term where it has one (Hinton soft targets, weighted or under PFD), else None."""
+        return self.temperature if self.kd_loss == "hinton" and (self.w_kd or self.pfd_lambda is not None) else None
+
     def __post_init__(self) -> None:
         if self.kd is not None and self.kd not in KD_KINDS:
             raise ValueError(f"DistillConfig: kd {self.kd!r} is not one of {KD_KINDS}")

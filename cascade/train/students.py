@@ -246,27 +246,23 @@ def sample_one_per_row(valid: torch.Tensor, generator: torch.Generator) -> tuple
     return keys.argmax(dim=1), valid.any(dim=1)
 
 
-KD_TEMPERATURE_TERMS = ("listnet",)  # distillation terms with a softmax temperature (keyword "temperature")
+KD_TEMPERATURE_TERM = "listnet"  # the towers' distillation term with a softmax temperature (keyword "temperature")
 
 
 def kd_temperature(cfg: StudentConfig) -> float | None:
-    """The softmax temperature of ``cfg``'s weighted distillation terms that have one (KD_TEMPERATURE_TERMS; 1
-    unless loss_params sets it), None where no such term is weighted."""
-    names = [t for t in KD_TEMPERATURE_TERMS if cfg.loss_weights.get(t, 0.0)]
-    if not names:
+    """The softmax temperature of ``cfg``'s KD_TEMPERATURE_TERM (1 unless loss_params sets it), None where that term
+    is not weighted."""
+    if not cfg.loss_weights.get(KD_TEMPERATURE_TERM, 0.0):
         return None
-    temps = {float(loss_params(cfg, t).get("temperature", 1.0)) for t in names}
-    if len(temps) > 1:
-        raise ValueError(f"StudentConfig: the distillation terms {names} have different temperatures {sorted(temps)}")
-    return temps.pop()
+    return float(loss_params(cfg, KD_TEMPERATURE_TERM).get("temperature", 1.0))
 
 
 def with_kd_temperature(cfg: StudentConfig, temperature: float) -> StudentConfig:
-    """``cfg`` with every weighted term of KD_TEMPERATURE_TERMS at softmax ``temperature``."""
+    """``cfg`` with its KD_TEMPERATURE_TERM, where weighted, at softmax ``temperature``."""
+    if not cfg.loss_weights.get(KD_TEMPERATURE_TERM, 0.0):
+        return cfg
     params = {k: dict(v) for k, v in cfg.loss_params.items()}
-    for t in KD_TEMPERATURE_TERMS:
-        if cfg.loss_weights.get(t, 0.0):
-            params.setdefault(t, {})["temperature"] = float(temperature)
+    params.setdefault(KD_TEMPERATURE_TERM, {})["temperature"] = float(temperature)
     return replace(cfg, loss_params=params)
 
 
