@@ -9,9 +9,7 @@ and the scale the one-SE rule of :mod:`cascade.eval.selection` picks is served a
 the scales within one standard error of the best score, the one closest to a reference that the teacher-quality
 gate below decides (0, no distillation, unless the gate finds the teacher better; then the configured weights,
 scale 1), so neither distilling nor not distilling is chosen on a gain smaller than the validation requests' noise
-against what the gate's independent comparison supports; without the gate's support a scale above 0 must also beat
-scale 0 by more than two standard errors (:func:`choose_scale`). Scale 0 is saved as ``ground_truth`` for the
-comparison.
+against what the gate's independent comparison supports. Scale 0 is saved as ``ground_truth`` for the comparison.
 The rank student's distillation scale is chosen the same way by validation AUC (its SE bootstrapped over
 validation requests), its gate the teacher's validation AUC against the plain student's. Where a student's
 distillation has a softmax temperature (the retrieval tower's listnet term; the rank student's Hinton KD), the
@@ -167,7 +165,6 @@ def choose_prior(model, inputs, data: RunData, judge: Judge, n: int, popular: Po
 
 
 CONFIGURED_SCALE = 1.0  # the distillation terms at the weights the config gives them (the ``fixed`` variant)
-UNSUPPORTED_SE = 2.0  # without the gate, distillation is served only when it beats scale 0 by more SEs than this
 
 
 def train_grid(scales, train: Callable[[float], object], statistic: Callable[[object, np.ndarray], float],
@@ -186,19 +183,11 @@ def choose_scale(models: dict, statistic: Callable[[object, np.ndarray], float],
     (:func:`cascade.eval.selection.one_se_choice`) with a reference the teacher-quality gate decides: 0 (no
     distillation) unless the gate found the teacher better, then CONFIGURED_SCALE. Among the scales within one SE
     of the best validation score the one closest to the reference is served, so a setting that wins by less than
-    the validation split's noise never replaces the one the independent evidence supports.
-
-    Where the gate did not find the teacher better, the student's own validation grid is the only evidence for
-    distilling, and the best of several noisy scales clears scale 0 by one SE by chance alone (with independent
-    gaps, about 4 times in 10 for a grid of three scales above 0): 0 is then served unless the best beats it by
-    more than UNSUPPORTED_SE standard errors. Returns (the chosen scale, [{"scale", "score", "gap", "se",
-    "within_one_se"}] in scale order, the reference)."""
+    the validation split's noise never replaces the one the independent evidence supports. Returns (the chosen
+    scale, [{"scale", "score", "gap", "se", "within_one_se"}] in scale order, the reference)."""
     reference = CONFIGURED_SCALE if teacher_better else 0.0
     chosen, rows = one_se_choice(list(models), lambda v, units: statistic(models[v], units), n_units, seed=seed,
                                  prefer=reference)
-    zero = next((r for r in rows if r["value"] == 0.0), None)
-    if not teacher_better and zero is not None and not zero["gap"] > UNSUPPORTED_SE * zero["se"]:
-        chosen = 0.0
     return chosen, [{"scale": r.pop("value"), **r} for r in rows], reference
 
 
@@ -349,8 +338,7 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
                 A.write_json(d / PRIOR_FILE, {"weight": weight, **popular.params()})
                 outputs.append(f"{variant}/{stage}/{PRIOR_FILE}")
         metrics[stage] = {"size": n, "grid": grid, "chosen_scale": chosen, "reference_scale": reference,
-                          "unsupported_se": UNSUPPORTED_SE, "temperature": temperature, "variants": variants,
-                          "gate": gate}
+                          "temperature": temperature, "variants": variants, "gate": gate}
         metrics[f"{stage}_epoch_seconds"] = {str(sc): [h.get("seconds") for h in m[1]]  # manifest only: not hashed
                                              for sc, m in models.items()}
         metrics[f"{stage}_autocast"] = {str(sc): m[1][0]["autocast"] if m[1] else None for sc, m in models.items()}
@@ -447,7 +435,7 @@ def _train_rank_students(ctx: StepContext, c: StudentsSection,
     A.write_json(ctx.out / "rank_student" / "history_no_distillation.json", plain_history)
     outputs += ["rank_student/history.json", "rank_student/history_no_distillation.json"]
     return outputs, rows, {"grid": grid, "chosen_scale": chosen, "reference_scale": reference,
-                           "unsupported_se": UNSUPPORTED_SE, "temperature": temperature, "gate": gate}, autocast
+                           "temperature": temperature, "gate": gate}, autocast
 
 
 def run(ctx: StepContext) -> StepResult:

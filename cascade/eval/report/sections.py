@@ -531,12 +531,8 @@ def _reference(choice: Mapping) -> str:
     ref = choice.get("reference_scale")
     if ref is None:
         return ""
-    head = f": within one SE of the best, the closest to {format_value(ref)}, as the teacher gate "
-    if ref:
-        return head + "found the teacher better"
-    bar = choice.get("unsupported_se")  # none in a run recorded before the rule
-    return head + "did not find the teacher better" + (
-        f"; a scale above 0 only where the best beats 0 by more than {format_value(bar)} SE" if bar else "")
+    why = "the teacher gate found the teacher better" if ref else "the teacher gate did not find the teacher better"
+    return f": within one SE of the best, the closest to {format_value(ref)}, as {why}"
 
 
 def _one_se_keys(grid: list[Mapping]) -> list[str]:
