@@ -457,6 +457,12 @@ ROWS = [
         "teacher gate (always 0)", None, lambda d: (_world_scales(d)[0], None)),
     Row("real_data_reference_zero.json", "outcomes before the one-SE rule's reference followed the teacher gate",
         None, lambda d: (_real_data(d)[0], None)),
+    Row("real_data_two_se.json", "outcomes with a two-SE bar for distillation the teacher gate does not support "
+        "(tried, not kept)", None, lambda d: (_real_data(d)[0], None)),
+    Row("real_data_ml_origins_two_se.json", "outcomes, ML-100K over 4 test periods, with a two-SE bar for distillation "
+        "the teacher gate does not support (tried, not kept)", None, lambda d: (_real_data(d)[0], None)),
+    Row("real_data_ml_28d_two_se.json", "outcomes, ML-100K 28-day test, with a two-SE bar for distillation the "
+        "teacher gate does not support (tried, not kept)", None, lambda d: (_real_data(d)[0], None)),
     Row("real_data_ml_28d.json", "ML-100K with a 28-day test split: the multi-channel cascade vs each channel alone "
         "through the same cascade", "beats every single channel end to end", _channels_alone),
     Row("real_data_ml_origins.json", "ML-100K over 4 test periods: the multi-channel cascade vs each channel alone "
