@@ -109,6 +109,7 @@ def measure(run_dir: Path) -> dict:
             "baseline_settings": _settings(summary), "paired": _paired(summary),
             "teacher_test_auc": teacher["models"][0]["auc"], "n_requests": quality["n_requests"],
             "n_requests_with_clicks": quality["n_requests_with_clicks"], "test_period": _test_period(run_dir),
+            "n_rand_requests": quality.get("n_rand_requests"),
             "k": summary["variants"]["distilled"]["sizes"]["rank"]}
 
 
@@ -160,7 +161,13 @@ def pool(periods: list[dict]) -> dict:
             "teacher_test_auc": mean([p["teacher_test_auc"] for p in periods], n),
             "chosen_scales": first["chosen_scales"], "baseline_settings": first["baseline_settings"],
             "n_requests": int(n.sum()), "n_requests_with_clicks": int(nc.sum()), "k": first["k"],
+            "n_rand_requests": _total([p.get("n_rand_requests") for p in periods]),
             "wall_s": float(sum(p["wall_s"] for p in periods)), "periods": periods}
+
+
+def _total(counts: list[int | None]) -> int | None:
+    """The sum of per-period counts, None where a period has none (no random slice)."""
+    return None if any(c is None for c in counts) else int(sum(counts))
 
 
 def _config(dataset: str) -> tuple[str, str | None, str]:
@@ -265,6 +272,7 @@ def aggregate(per_seed: dict[int, dict]) -> dict:
                                   for r in (p[setting] for p in per_seed.values())],
             "paired": [r.get("paired", {}) for r in runs],
             "n_requests": [r["n_requests"] for r in runs], "k": runs[0]["k"],
+            "n_rand_requests": [r.get("n_rand_requests") for r in runs],
             "periods": [r.get("periods") for r in runs],
             "wall_s": mean_std([r["wall_s"] for r in runs])}
     return out
@@ -358,7 +366,9 @@ def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
                   f"{cell(a['teacher_test_auc'], '.4f')};"
                   f" rank student test AUC: plain {cell(a['rank_student_auc']['plain'], '.4f')}, distilled (served) "
                   f"{cell(a['rank_student_auc']['served'], '.4f')}; wall per "
-                  f"{'seed (all its periods)' if pooled else 'run'} {cell(a['wall_s'], '.0f')} s", "",
+                  f"{'seed (all its periods)' if pooled else 'run'} {cell(a['wall_s'], '.0f')} s" +
+                  (f"; random-exposure test requests per seed (the random slice's columns): {a['n_rand_requests']}"
+                   if any(a.get("n_rand_requests") or []) else ""), "",
                   "| list | " + " | ".join(head[c] for c in cols) + " |", "| --- |" + " ---: |" * len(cols)]
         for name, r in a["rows"].items():
             fmt = {"final_distinct": ",.0f", "expected_click_recall_rand": ".5f"}

@@ -41,6 +41,10 @@ def test_pool_weights_by_requests_and_pools_the_paired_gaps():
     assert gap["n"] == 32 and p["n_requests"] == 40 and p["n_requests_with_clicks"] == 32
     assert p["chosen_scales"] == a["chosen_scales"] and p["periods"] == [a, b] and p["wall_s"] == 120.0
     assert real_data.pool([a]) is a
+    # random-exposure requests add up over the periods; a period without a random slice (None) leaves no count
+    assert p["n_rand_requests"] is None
+    a["n_rand_requests"], b["n_rand_requests"] = 3, 5
+    assert real_data.pool([a, b])["n_rand_requests"] == 8
 
 
 def test_a_list_one_period_lacks_gets_no_pooled_gap():
