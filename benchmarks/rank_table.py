@@ -64,7 +64,8 @@ from cascade.train.loop import TrainConfig, evaluate, fit, score_metrics
 ROOT = Path(__file__).resolve().parents[1]
 # ML-100K as in benchmarks/ablation.py: a request is a user-day and the last day holds ~10 requests, so test on
 # the last 4 weeks and validate on the 2 weeks before.
-MOVIELENS = ["data.source=movielens-100k", "data.test_days=28", "data.valid_days=14",
+# (the dataset itself goes in as --data does, which also leaves out the config's ablation of the world)
+MOVIELENS = ["data.test_days=28", "data.valid_days=14",
              'data.cross_tag_column="genre"', 'data.cross_author_column="genre"']  # movies have no tag / author
 BACKBONES = ("dnn", "deepfm", "dcnv2")
 DISTILL_TEACHER = "dcnv2"  # the pipeline's teacher backbone
@@ -258,11 +259,13 @@ def main(argv: list[str] | None = None) -> int:
     batch_size = args.batch_size or (1024 if movielens else 2048)
 
     overrides = [f'run.runs_dir="{args.runs_dir}"', f'run.name="rank_{args.dataset.replace("-", "_")}"']
+    data_spec = None
     if movielens:
         if not args.data_path:
             p.error("--dataset movielens-100k needs --data-path (or CASCADE_ML100K)")
-        overrides += MOVIELENS + [f'data.path="{args.data_path}"']
-    cfg: PipelineConfig = load_config(args.config, overrides + args.overrides)
+        overrides += MOVIELENS
+        data_spec = f"movielens-100k:{args.data_path}"
+    cfg: PipelineConfig = load_config(args.config, overrides + args.overrides, data_spec=data_spec)
     t0 = time.perf_counter()
     if args.data_dir is None:
         run_pipeline(cfg, until="data", progress=False)
@@ -383,7 +386,9 @@ def main(argv: list[str] | None = None) -> int:
     meta = {"dataset": args.dataset, "seeds": args.seeds, "settings": settings,
             "load_average": {"start": load_start, "end": os.getloadavg()[0]},
             "rows": {"train": len(train), "train_full": len(train_full), "valid": len(valid), "test": len(test)}}
-    extra = {"data_config": dataclasses.asdict(cfg.data), "has_privileged_side": has_privileged}
+    # the data folder as given (a relative --data-path keeps this machine's paths out of the results)
+    data_config = {**dataclasses.asdict(cfg.data), **({"path": args.data_path} if movielens else {})}
+    extra = {"data_config": data_config, "has_privileged_side": has_privileged}
     write_results(Path(args.out), rows, meta, extra, wall_s=time.perf_counter() - t0)
     return 0
 
