@@ -487,6 +487,12 @@ ROWS = [
         "through the same cascade", "beats every single channel end to end", _channels_alone),
     Row("real_data_ml_origins.json", "ML-100K over 4 test periods: the multi-channel cascade vs each channel alone "
         "through the same cascade", "beats every single channel end to end", _channels_alone),
+    Row("real_data_quota_025.json", "the multi-channel cascade with the two-tower at 0.25 of the retrieval slots "
+        "instead of 0.5 (tried, not kept)", None, lambda d: (_channels_alone(d)[0], None)),
+    Row("real_data_ml_origins_quota_025.json", "ML-100K over 4 test periods: the multi-channel cascade with the "
+        "two-tower at 0.25 of the retrieval slots (tried, not kept)", None, lambda d: (_channels_alone(d)[0], None)),
+    Row("real_data_ml_28d_quota_025.json", "ML-100K 28-day test: the multi-channel cascade with the two-tower at "
+        "0.25 of the retrieval slots (tried, not kept)", None, lambda d: (_channels_alone(d)[0], None)),
     Row("real_data_no_collaborative.json", "outcomes before the teacher's collaborative term", None,
         lambda d: (_real_data(d)[0], None)),
     Row("real_data_exposure_lean_1.json", "outcomes before the random-slice judge took the smallest exposure weight "
