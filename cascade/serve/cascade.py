@@ -303,11 +303,12 @@ class Cascade:
 
 
 CHANNELS_VARIANT = "distilled+channels"  # the distilled two-tower and the classic channels in one retrieval stage
+TWO_TOWER_QUOTA = 0.5  # the two-tower's share of the retrieval slots beside the channels where none is set
 
 
 def build_cascade(data: RunData, retrieval: Towers, prerank: Towers, ranker: torch.nn.Module, index,
                   seen: EventHistory | None = None, channels: Mapping[str, Stage] | None = None,
-                  two_tower_quota: float = 0.5, prerank_quotas: bool = False) -> Cascade:
+                  two_tower_quota: float = TWO_TOWER_QUOTA, prerank_quotas: bool = False) -> Cascade:
     """retrieval tower + index -> pre-rank tower -> ranker (teacher or distilled student). channels: classic
     channels (name -> stage) retrieving beside the two-tower (:func:`merged_retriever`), or None / {}: the two-tower
     alone; prerank_quotas: the pre-rank keeps their quotas (:class:`Cascade`)."""
@@ -346,9 +347,6 @@ class ChannelSettings:
     channels: tuple[str, ...]
     two_tower_quota: float
     prerank_quotas: bool
-
-
-TWO_TOWER_QUOTA = 0.5  # the two-tower's share of the retrieval slots beside the channels where none is set
 
 
 def channel_settings(channels: Sequence[str], two_tower_quota: float | None = None,
