@@ -493,6 +493,10 @@ ROWS = [
         "two-tower at 0.25 of the retrieval slots (tried, not kept)", None, lambda d: (_channels_alone(d)[0], None)),
     Row("real_data_ml_28d_quota_025.json", "ML-100K 28-day test: the multi-channel cascade with the two-tower at "
         "0.25 of the retrieval slots (tried, not kept)", None, lambda d: (_channels_alone(d)[0], None)),
+    Row("real_data_ml_origins_epochs_3x.json", "outcomes, ML-100K over 4 test periods, the two-tower students "
+        "trained 3x the epochs (measured, not the default)", None, lambda d: (_real_data(d)[0], None)),
+    Row("real_data_world_epochs_3x.json", "outcomes, the world, the two-tower students trained 3x the epochs "
+        "(measured, not the default)", None, lambda d: (_real_data(d)[0], None)),
     Row("real_data_no_collaborative.json", "outcomes before the teacher's collaborative term", None,
         lambda d: (_real_data(d)[0], None)),
     Row("real_data_exposure_lean_1.json", "outcomes before the random-slice judge took the smallest exposure weight "
