@@ -41,6 +41,11 @@ class Row:
     result: Callable[[dict], tuple[str, bool | None]]
 
 
+def text_only(result: Callable[[dict], tuple[str, bool | None]]) -> Callable[[dict], tuple[str, None]]:
+    """``result``'s text without its verdict: a row without a target (an earlier state, a variant tried)."""
+    return lambda d: (result(d)[0], None)
+
+
 def _all_hold(checks: list[dict], key: str = "holds") -> tuple[int, int]:
     usable = [c for c in checks if c.get("available", True)]
     return sum(bool(c[key]) for c in usable), len(usable)
@@ -425,15 +430,15 @@ ROWS = [
     Row("bench_ranklog_step_bound.json", "the pipeline's ranklog step, default world, against the machine's bound",
         ">= 500,000 pairs/s", _ranklog_bound),
     Row("bench_ranklog_step_id_tables.json", "the ranklog step with the id tables, measured in a busier hour",
-        None, lambda d: (_ranklog_bound(d)[0], None)),
+        None, text_only(_ranklog_bound)),
     Row("bench_ranklog_step_sentinel_search.json", "the ranklog step before the id indexes kept their table beside "
-        "an OOV sentinel id", None, lambda d: (_ranklog_bound(d)[0], None)),
+        "an OOV sentinel id", None, text_only(_ranklog_bound)),
     Row("bench_ranklog_step_one_batch.json", "the ranklog step scoring one batch at a time on the torch threads "
-        "(before batches side by side)", None, lambda d: (_ranklog_bound(d)[0], None)),
+        "(before batches side by side)", None, text_only(_ranklog_bound)),
     Row("bench_ranklog_step.json", "the ranklog step when the exposure forward was skipped at weight 0 (side by "
-        "side)", None, lambda d: (_ranklog_step(d)[0], None)),
+        "side)", None, text_only(_ranklog_step)),
     Row("bench_ranklog_step_pair_lists.json", "the ranklog step before the exposure forward was skipped at weight 0 "
-        "(per-request pair features)", None, lambda d: (_ranklog_step(d)[0], None)),
+        "(per-request pair features)", None, text_only(_ranklog_step)),
     Row("bench_index.json", "item index (100 K / 1 M items)", "an approximate index at recall >= 0.95", _index),
     Row("bench_index_10m.json", "item index at 10 M items (CPU)", "smaller than float32, recall >= 0.95",
         _index_10m),
@@ -441,15 +446,15 @@ ROWS = [
         _bf16_quality),
     Row("bench_serving.json", "serving", "overhead <= 10%, e2e p99 <= 20 ms (<= 5 ms at 1 M items, IVF)", _serving),
     Row("bench_serving_no_history.json", "serving before the towers read the user's recent clicks", None,
-        lambda d: (_serving(d)[0], None)),
+        text_only(_serving)),
     Row("bench_serving_sequence.json", "serving with the behaviour-sequence teacher (sequences built per request)",
         "e2e p99 <= 20 ms at 100 K items", _serving),
     Row("bench_serving_channels.json", "serving with the classic channels (distilled+channels)",
         "e2e p99 <= 20 ms at 100 K items", _serving_channels),
     Row("bench_serving_channels_no_prerank_quotas.json", "serving with the classic channels, before the pre-rank "
-        "kept their quotas", None, lambda d: (_serving_channels(d)[0], None)),
+        "kept their quotas", None, text_only(_serving_channels)),
     Row("bench_serving_channels_no_history.json", "serving with the classic channels, before the towers' history",
-        None, lambda d: (_serving_channels(d)[0], None)),
+        None, text_only(_serving_channels)),
     Row("bench_soak.json", "soak (latency drift, memory)", "every check holds", _soak),
     Row("bench_stream_100m.json", "data larger than RAM (no cross features)", "peak memory < encoded tables",
         _stream_large),
@@ -459,11 +464,11 @@ ROWS = [
         ">= 8x and 50% of the bf16 bound), equal AUC", _train),
     Row("rank_table_world.json", "rank stage, default world", "every check holds", _checks),
     Row("rank_table_world_all_rows.json", "rank stage, default world, every train row (1.47 M) instead of the "
-        "most recent 300,000", None, lambda d: (_checks(d)[0], None)),
+        "most recent 300,000", None, text_only(_checks)),
     Row("rank_table_movielens_100k.json", "rank stage, ML-100K", None, _checks_elsewhere),
     Row("ablation_world.json", "distillation ablation, default world", "every check holds", _checks),
     Row("ablation_world_no_history.json", "distillation ablation, default world, before the towers read the recent "
-        "clicks", None, lambda d: (_checks(d)[0], None)),
+        "clicks", None, text_only(_checks)),
     Row("ablation_movielens_100k.json", "distillation ablation, ML-100K", None, _checks_elsewhere),
     Row("real_data.json", "outcomes: distilled cascade vs ground truth and classic baselines",
         "auto >= ground truth; the cascade beats most-popular and the best classic channel", _real_data),
@@ -474,83 +479,83 @@ ROWS = [
     Row("real_data_confidence.json", "confidence-aware distillation (students.confidence) off vs on, the distilled "
         "cascade", None, _confidence),
     Row("real_data_reference_zero.json", "the distillation scales before the one-SE rule's reference followed the "
-        "teacher gate (always 0)", None, lambda d: (_world_scales(d)[0], None)),
+        "teacher gate (always 0)", None, text_only(_world_scales)),
     Row("real_data_reference_zero.json", "outcomes before the one-SE rule's reference followed the teacher gate",
-        None, lambda d: (_real_data(d)[0], None)),
+        None, text_only(_real_data)),
     Row("real_data_two_se.json", "outcomes with a two-SE bar for distillation the teacher gate does not support "
-        "(tried, not kept)", None, lambda d: (_real_data(d)[0], None)),
+        "(tried, not kept)", None, text_only(_real_data)),
     Row("real_data_ml_origins_two_se.json", "outcomes, ML-100K over 4 test periods, with a two-SE bar for distillation "
-        "the teacher gate does not support (tried, not kept)", None, lambda d: (_real_data(d)[0], None)),
+        "the teacher gate does not support (tried, not kept)", None, text_only(_real_data)),
     Row("real_data_ml_28d_two_se.json", "outcomes, ML-100K 28-day test, with a two-SE bar for distillation the "
-        "teacher gate does not support (tried, not kept)", None, lambda d: (_real_data(d)[0], None)),
+        "teacher gate does not support (tried, not kept)", None, text_only(_real_data)),
     Row("real_data_ml_28d.json", "ML-100K with a 28-day test split: the multi-channel cascade vs each channel alone "
         "through the same cascade", "beats every single channel end to end", _channels_alone),
     Row("real_data_ml_origins.json", "ML-100K over 4 test periods: the multi-channel cascade vs each channel alone "
         "through the same cascade", "beats every single channel end to end", _channels_alone),
     Row("real_data_quota_025.json", "the multi-channel cascade with the two-tower at 0.25 of the retrieval slots "
-        "instead of 0.5 (tried, not kept)", None, lambda d: (_channels_alone(d)[0], None)),
+        "instead of 0.5 (tried, not kept)", None, text_only(_channels_alone)),
     Row("real_data_ml_origins_quota_025.json", "ML-100K over 4 test periods: the multi-channel cascade with the "
-        "two-tower at 0.25 of the retrieval slots (tried, not kept)", None, lambda d: (_channels_alone(d)[0], None)),
+        "two-tower at 0.25 of the retrieval slots (tried, not kept)", None, text_only(_channels_alone)),
     Row("real_data_ml_28d_quota_025.json", "ML-100K 28-day test: the multi-channel cascade with the two-tower at "
-        "0.25 of the retrieval slots (tried, not kept)", None, lambda d: (_channels_alone(d)[0], None)),
+        "0.25 of the retrieval slots (tried, not kept)", None, text_only(_channels_alone)),
     Row("real_data_ml_origins_epochs_3x.json", "outcomes, ML-100K over 4 test periods, the two-tower students "
-        "trained 3x the epochs (measured, not the default)", None, lambda d: (_real_data(d)[0], None)),
+        "trained 3x the epochs (measured, not the default)", None, text_only(_real_data)),
     Row("real_data_world_epochs_3x.json", "outcomes, the world, the two-tower students trained 3x the epochs "
-        "(measured, not the default)", None, lambda d: (_real_data(d)[0], None)),
+        "(measured, not the default)", None, text_only(_real_data)),
     Row("real_data_no_collaborative.json", "outcomes before the teacher's collaborative term", None,
-        lambda d: (_real_data(d)[0], None)),
+        text_only(_real_data)),
     Row("real_data_exposure_lean_1.json", "outcomes before the random-slice judge took the smallest exposure weight "
-        "within one SE (it leaned to 1)", None, lambda d: (_real_data(d)[0], None)),
+        "within one SE (it leaned to 1)", None, text_only(_real_data)),
     Row("real_data_no_prerank_quotas.json", "outcomes before the pre-rank kept the channels' quotas", None,
-        lambda d: (_real_data(d)[0], None)),
+        text_only(_real_data)),
     Row("real_data_grid_as_given.json", "outcomes before the grids were widened at their edge", None,
-        lambda d: (_real_data(d)[0], None)),
+        text_only(_real_data)),
     Row("real_data_no_prior.json", "outcomes before the towers' popularity prior", None,
-        lambda d: (_real_data(d)[0], None)),
+        text_only(_real_data)),
     Row("real_data_no_history.json", "outcomes before the towers read the user's recent clicks", None,
-        lambda d: (_real_data(d)[0], None)),
+        text_only(_real_data)),
     Row("real_data_one_se.json", "outcomes before the exposure model left the item id out", None,
-        lambda d: (_real_data(d)[0], None)),
+        text_only(_real_data)),
     Row("real_data_ml_item_id.json", "outcomes, ML-100K, the exposure model reading the item id", None,
-        lambda d: (_real_data(d)[0], None)),
+        text_only(_real_data)),
     Row("popularity_headroom.json", "ML-100K: trailing popularity and what lies beyond it", None, _headroom),
     Row("popularity_headroom_seeds.json", "ML-100K: most-popular + EASE and the teacher + EASE, 3 seeds x 4 periods",
         None, _headroom_seeds),
     Row("exposure_weight_ml.json", "ML-100K: the teacher's corpus list at every exposure weight vs most-popular",
         None, _exposure_weight_clicks),
     Row("real_data_ml_origins.json", "outcomes, ML-100K over 4 consecutive 14-day test periods (575 requests)",
-        "the cascade beats most-popular", lambda d: _real_data(d)),
+        "the cascade beats most-popular", _real_data),
     Row("collaborative_choice.json", "ML-100K, 4 test periods x 3 seeds: the teacher's collaborative term chosen by "
         "the best validation score or the one-SE rule", None, _collaborative_choice),
     Row("real_data_ml_origins_no_collaborative.json", "outcomes, ML-100K over 4 test periods, before the teacher's "
-        "collaborative term", None, lambda d: (_real_data(d)[0], None)),
+        "collaborative term", None, text_only(_real_data)),
     Row("real_data_ml_origins_sequence.json", "outcomes, ML-100K over 4 test periods, the behaviour-sequence teacher",
-        None, lambda d: (_real_data(d)[0], None)),
+        None, text_only(_real_data)),
     Row("exposure_weight_ml_origins.json", "ML-100K, 4 test periods: the teacher's corpus list at every exposure "
         "weight vs most-popular", None, _exposure_weight_pooled),
     Row("real_data_ml_28d.json", "outcomes, ML-100K with a 28-day test split (345 requests)",
-        "the cascade beats most-popular", lambda d: _real_data(d)),
+        "the cascade beats most-popular", _real_data),
     Row("real_data_ml_28d_no_collaborative.json",
         "outcomes, ML-100K 28-day test, before the teacher's collaborative term", None,
-        lambda d: (_real_data(d)[0], None)),
+        text_only(_real_data)),
     Row("real_data_ml_28d_no_prerank_quotas.json",
         "outcomes, ML-100K 28-day test, before the pre-rank kept the channels' quotas", None,
-        lambda d: (_real_data(d)[0], None)),
+        text_only(_real_data)),
     Row("real_data_ml_28d_grid_as_given.json",
         "outcomes, ML-100K 28-day test, before the grids were widened at their edge", None,
-        lambda d: (_real_data(d)[0], None)),
+        text_only(_real_data)),
     Row("real_data_ml_28d_no_prior.json", "outcomes, ML-100K 28-day test, before the towers' popularity prior",
-        None, lambda d: (_real_data(d)[0], None)),
+        None, text_only(_real_data)),
     Row("real_data_ml_28d_no_history.json", "outcomes, ML-100K 28-day test, before the towers read the recent clicks",
-        None, lambda d: (_real_data(d)[0], None)),
+        None, text_only(_real_data)),
     Row("real_data_ml_28d_item_id.json", "outcomes, ML-100K 28-day test, the exposure model reading the item id",
-        None, lambda d: (_real_data(d)[0], None)),
+        None, text_only(_real_data)),
     Row("real_data_clicks_judge.json", "outcomes with the exposure weight judged by logged clicks (one-SE rule)",
-        None, lambda d: (_real_data(d)[0], None)),
+        None, text_only(_real_data)),
     Row("real_data_logged_judge.json", "outcomes before the one-SE rule (logged-traffic judge, best score)", None,
-        lambda d: (_real_data(d)[0], None)),
+        text_only(_real_data)),
     Row("real_data_random_judge.json", "outcomes before the logged-traffic judge and the channel-fed rank log", None,
-        lambda d: (_real_data(d)[0], None)),
+        text_only(_real_data)),
     Row("real_data_ml_sequence.json", "outcomes with the behaviour-sequence teacher, ML-100K", None, _sequence),
     Row("real_data_world_sequence.json", "outcomes with the behaviour-sequence teacher, world", None, _sequence),
     Row("dataset_cost.json", "per-row cost on a log with long histories (ML-100K) vs the world",
