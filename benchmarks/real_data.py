@@ -69,15 +69,19 @@ def _rank_students(run_dir: Path) -> dict[str, float]:
 
 
 def _choices(run_dir: Path) -> dict[str, float | None]:
-    """The distillation scales chosen on validation, and the popularity prior weight of each served tower."""
+    """The distillation scales chosen on validation, and the popularity prior weight and epochs of each served
+    tower."""
     metrics = A.read_manifest(run_dir / "students")["metrics"]
     out = {s: metrics.get(s, {}).get("chosen_scale") for s in ("retrieval", "prerank", "rank_student")}
     for s in ("retrieval", "prerank"):
         row = [g for g in metrics.get(s, {}).get("grid", []) if g.get("scale") == out[s]]
-        out[f"{s}_prior"] = row[0].get("popularity_prior") if row else None
+        served = row[0] if row else {}
         t = metrics.get(s, {}).get("temperature") or {}
-        if t.get("searched"):  # served at another temperature: its own prior weight
-            out[f"{s}_prior"] = next(r["popularity_prior"] for r in t["grid"] if r["temperature"] == t["chosen"])
+        if t.get("searched"):  # served at another temperature: its own prior weight and epochs
+            served = next(r for r in t["grid"] if r["temperature"] == t["chosen"])
+        out[f"{s}_prior"] = served.get("popularity_prior")
+        epochs = served.get("epochs") or {}  # runs before the epochs were chosen have none
+        out[f"{s}_epochs"] = [epochs["chosen"], epochs["configured"], epochs["trained"]] if "chosen" in epochs else None
     for s in ("retrieval", "prerank", "rank_student"):
         t = metrics.get(s, {}).get("temperature") or {}
         out[f"{s}_temperature"] = t.get("chosen") if t.get("searched") else None
@@ -391,6 +395,12 @@ def markdown(dataset: str, agg: dict, seeds: list[int]) -> str:
                       "; ".join(f"seed {s}: " + ", ".join("-" if c.get(f"{st}_temperature") is None
                                                           else f"{c[f'{st}_temperature']:g}"
                                                           for st in ("retrieval", "prerank", "rank_student"))
+                                for s, c in zip(seeds, a["chosen_scales"])), ""]
+        if any(c.get("retrieval_epochs") is not None for c in a["chosen_scales"]):
+            lines += ["epochs of the served towers per seed, served (configured / trained) (retrieval, pre-rank): " +
+                      "; ".join(f"seed {s}: " + ", ".join("-" if c.get(f"{st}_epochs") is None else
+                                                          "{} ({} / {})".format(*c[f"{st}_epochs"])
+                                                          for st in ("retrieval", "prerank"))
                                 for s, c in zip(seeds, a["chosen_scales"])), ""]
         if any(c.get("retrieval_prior") is not None for c in a["chosen_scales"]):
             lines += ["popularity prior weights of the served towers per seed (retrieval, pre-rank): " +

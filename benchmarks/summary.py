@@ -502,6 +502,11 @@ ROWS = [
         "trained 3x the epochs (measured, not the default)", None, text_only(_real_data)),
     Row("real_data_world_epochs_3x.json", "outcomes, the world, the two-tower students trained 3x the epochs "
         "(measured, not the default)", None, text_only(_real_data)),
+    Row("real_data_epochs_chosen.json", "outcomes with each tower's training length chosen on validation "
+        "(students.max_epochs_factor = 3; measured, not the default)", None, text_only(_real_data)),
+    Row("real_data_ml_origins_epochs_chosen.json", "outcomes, ML-100K over 4 test periods, with each tower's training "
+        "length chosen on validation (students.max_epochs_factor = 3; measured, not the default)", None,
+        text_only(_real_data)),
     Row("real_data_no_collaborative.json", "outcomes before the teacher's collaborative term", None,
         text_only(_real_data)),
     Row("real_data_exposure_lean_1.json", "outcomes before the random-slice judge took the smallest exposure weight "

@@ -6,6 +6,7 @@ run resumes without corrupted artifacts and that the same config and seed reprod
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -24,8 +25,10 @@ from cascade import artifacts as A
 from cascade.config import ConfigError
 from cascade.data.world import World
 from cascade.pipeline import STEPS, load_config, run_pipeline
+from cascade.pipeline.judge import validation_judge
 from cascade.pipeline.run import RunConfigMismatch
-from cascade.run_data import RunData
+from cascade.pipeline.students import _tower_recall
+from cascade.run_data import RunData, load_towers
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "pipelines" / "tiny.toml"
@@ -34,10 +37,16 @@ STEP_NAMES = [s.name for s in STEPS]
 pytestmark = pytest.mark.slow
 
 
+# run A's settings: one thread, and every tower's training length chosen on validation (off by default), so that
+# the run tests that choice end to end
+A_SETS = ("run.threads=1", "students.max_epochs_factor=3")
+A_CLI = tuple(a for kv in A_SETS for a in ("--set", kv))
+
+
 @pytest.fixture(scope="module")
 def run_a(tmp_path_factory):
     runs = tmp_path_factory.mktemp("runs_a")
-    cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(runs))}", "run.threads=1", "tracking.tensorboard=true"])
+    cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(runs))}", *A_SETS, "tracking.tensorboard=true"])
     res = run_pipeline(cfg, progress=False)
     return cfg, runs / "tiny", res
 
@@ -151,8 +160,7 @@ def test_sigkill_midway_then_resume_matches_uninterrupted_run(run_a, tmp_path):
     runs_b = tmp_path / "runs_b"
     # the same thread count as run A (float sums, and so the weights, depend on it)
     cmd = [sys.executable, "-m", "cascade.cli", "run", str(TINY), "--no-progress", "--set",
-           f"run.runs_dir={json.dumps(str(runs_b))}",
-           "--set", "run.threads=1"]
+           f"run.runs_dir={json.dumps(str(runs_b))}", *A_CLI]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     # kill as soon as the students step has written its first model (it then still trains five more)
     first = runs_b / "tiny" / ".students.partial" / "distilled" / "prerank" / "model.pt"
@@ -206,21 +214,20 @@ def test_rerun_skips_everything_and_a_change_reruns_only_dependants(run_a):
     assert all(r["status"] == "skipped" for r in res.values())
     assert {s: _hashes(run_dir / s) for s in STEP_NAMES} == before
     # the same config from the command line, --quiet: nothing on stderr, the report's path on stdout
-    q = subprocess.run([sys.executable, "-m", "cascade.cli", "--quiet", "run", str(TINY), "--set", "run.threads=1",
+    q = subprocess.run([sys.executable, "-m", "cascade.cli", "--quiet", "run", str(TINY), *A_CLI,
                         "--set", f"run.runs_dir={json.dumps(str(run_dir.parent))}"], cwd=ROOT, capture_output=True,
                        text=True, timeout=120)
     assert q.returncode == 0 and q.stderr == "" and q.stdout == f"report: {run_dir / 'report' / 'report.html'}\n"
     assert "[teacher] skipped (up to date)" in (run_dir / "run.log").read_text()  # run.log keeps the INFO lines
-    cfg2 = load_config(TINY, [f"run.runs_dir={json.dumps(str(run_dir.parent))}", "run.threads=1", "replay.k=5"])
+    cfg2 = load_config(TINY, [f"run.runs_dir={json.dumps(str(run_dir.parent))}", *A_SETS, "replay.k=5"])
     # a different config on an existing run is refused, naming the key, before anything is written
     with pytest.raises(RunConfigMismatch, match=r"replay.k: 10 -> 5\); a run is never overwritten"):
         run_pipeline(cfg2, progress=False)
     assert {s: _hashes(run_dir / s) for s in STEP_NAMES} == before
     assert A.read_json(run_dir / "config.json")["replay"]["k"] == 10
-    r = subprocess.run([sys.executable, "-m", "cascade.cli", "run", str(TINY), "--set", "replay.k=5", "--set",
-                        "run.threads=1", "--set",
-                        f"run.runs_dir={json.dumps(str(run_dir.parent))}"], cwd=ROOT, capture_output=True, text=True,
-                       timeout=120)
+    r = subprocess.run([sys.executable, "-m", "cascade.cli", "run", str(TINY), "--set", "replay.k=5", *A_CLI,
+                        "--set", f"run.runs_dir={json.dumps(str(run_dir.parent))}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=120)
     assert r.returncode == 2 and r.stderr.startswith("cascade: error: run 'tiny'"), r.stderr
     assert "replay.k: 10 -> 5" in r.stderr and "--set run.name=NEW" in r.stderr and "--update" in r.stderr
     res = run_pipeline(cfg2, progress=False, update=True)
@@ -252,10 +259,23 @@ def test_training_curves_in_the_report_tensorboard_and_mlflow(run_a, tmp_path, m
     assert training["teacher"]["loss"] == [r["train_total"] for r in teacher]
     assert training["teacher"]["valid"] == [r["valid_auc"] for r in teacher]
     pre = A.read_json(run_dir / "students" / "distilled" / "prerank" / "history.json")
-    assert training["prerank student (distilled)"]["epoch"] == [1, 2]
+    # tiny.toml: 2 epochs configured, trained up to 3x as long (run A), each epoch judged by its validation
+    # click-recall
+    sel = A.read_json(run_dir / "students" / "selection.json")["prerank"]
+    epochs = next(g for g in sel["grid"] if g["scale"] == sel["chosen_scale"])["epochs"]
+    key = f"valid_click_recall@{sel['size']}"
+    assert epochs["configured"] == 2 and 2 <= epochs["trained"] <= 6 and 1 <= epochs["chosen"] <= epochs["trained"]
+    assert training["prerank student (distilled)"]["epoch"] == list(range(1, epochs["trained"] + 1))
+    assert [r[key] for r in pre] == [g[key] for g in epochs["grid"]]
+    # the saved towers are the chosen epoch's: without their prior they keep that epoch's validation click-recall
+    data = RunData(run_dir / "data")
+    towers = dataclasses.replace(load_towers(run_dir / "students" / "distilled" / "prerank", data), prior=None)
+    judge = validation_judge(data, cfg.students.select_requests, cfg.run.seed)
+    served = float(np.nanmean(_tower_recall(towers, data, judge, sel["size"])))
+    assert served == pytest.approx(epochs["grid"][epochs["chosen"] - 1][key], abs=1e-6)
     assert training["prerank student (distilled)"]["valid"] == [r["valid"]["teacher_recall@10"] for r in pre]
-    # the distilled pre-rank student fits the teacher's lists better after its second epoch than after its first
-    assert pre[1]["valid"]["teacher_recall@10"] > pre[0]["valid"]["teacher_recall@10"]
+    # the served pre-rank student fits the teacher's lists better at the epoch served than after its first
+    assert pre[epochs["chosen"] - 1]["valid"]["teacher_recall@10"] > pre[0]["valid"]["teacher_recall@10"] + 0.05
     assert "Training curves" in (run_dir / "report" / "report.md").read_text()
 
     ea = EventAccumulator(str(run_dir / "tensorboard"))

@@ -566,6 +566,20 @@ def test_tower_gate_flag_names_its_judge():
     assert len(tables) == 1 and tables[0]["KD temperature"].tolist() == [1.0, 2.0]
     assert tables[0]["valid click-recall@500"].tolist() == [0.58, 0.60]
     assert tables[0]["within one SE"].tolist() == [False, True]
+    # each tower's training length, where it was searched: the epochs served (configured / trained), and the
+    # configured count for a tower trained without the search
+    row = {"valid_click_recall@100": 0.3, "gap_to_best": 0.0, "se_of_gap": 0.0, "within_one_se": True}
+    sec = _section_choices({"choices": {"students": {"prerank": {"size": 100, "chosen_scale": 0.0, "grid": [
+        {"scale": 0.0, **row, "epochs": {"configured": 2, "trained": 5, "chosen": 3, "grid": []}},
+        {"scale": 1.0, **row, "epochs": {"configured": 2, "trained": 2}}]}}}})
+    tables = [b[1].frame for b in sec.blocks if b[0] == "table" and "distillation scale" in b[1].frame.columns]
+    assert tables[0]["epochs served (configured / trained)"].tolist() == ["3 (2 / 5)", "2"]
+    assert any(b[0] == "p" and b[1].startswith("Each tower's training length was chosen") for b in sec.blocks)
+    sec = _section_choices({"choices": {"students": {"prerank": {"size": 100, "chosen_scale": 0.0, "grid": [
+        {"scale": 0.0, **row, "epochs": {"configured": 2, "trained": 2}}]}}}})  # not searched (the default)
+    tables = [b[1].frame for b in sec.blocks if b[0] == "table" and "distillation scale" in b[1].frame.columns]
+    assert "epochs served (configured / trained)" not in tables[0].columns
+    assert not any(b[0] == "p" and b[1].startswith("Each tower's training length") for b in sec.blocks)
 
 
 def test_rank_student_gate_flag_states_its_margin():

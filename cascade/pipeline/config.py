@@ -416,7 +416,12 @@ class StudentsSection:
     kd_temperature_grid: the softmax temperatures tried for a student whose distillation terms have one (a
     tower's listnet, the rank student's Hinton KD), at its served scale (chosen by "auto" or fixed) when that is
     above 0: among those within one SE of the best validation score, the one closest to the configured
-    temperature (loss_params' / rank_distill's, else 1) is served. (): not searched."""
+    temperature (loss_params' / rank_distill's, else 1) is served. (): not searched.
+    max_epochs_factor: each tower (every scale, prior and temperature tried) trains for up to this many times its
+    configured epochs (prerank.epochs / retrieval.epochs); its validation click-recall at its stage size (on the
+    judge, without a prior) is measured after every epoch, it stops once epoch_patience epochs in a row bring no
+    better mean (None: 2), and among the epochs within one SE of the best the one closest to the configured count
+    is served (cascade/pipeline/tower_epochs.py). 1: the configured epochs, not searched."""
 
     # the user tower reads the user's last 20 clicked items (as many as the channels' history): without them a tower
     # cannot hold what the teacher knows from the user's history (BENCHMARKS.md, "Outcomes": with and without)
@@ -433,6 +438,11 @@ class StudentsSection:
     popularity_prior_grid: tuple[float, ...] = (0.0, 0.25, 0.5, 1.0, 2.0, 4.0)
     grid_doublings: int = 3
     kd_temperature_grid: tuple[float, ...] = (0.5, 1.0, 2.0)
+    # 1 (not searched) by default: with 3, measured on the world and ML-100K (BENCHMARKS.md, "The towers' training
+    # length chosen on validation"), nothing moved end to end, ML-100K's stages kept fewer clicks and the step took
+    # 2-2.5x as long
+    max_epochs_factor: int = 1
+    epoch_patience: int | None = None
     # The rank student is cheap to serve: a small MLP without the user x item cross features (no history lookups at
     # serving); distillation from the teacher, which has them, is how their knowledge reaches it.
     rank_student: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dnn", emb_dim=8, mlp=(64,),
@@ -466,6 +476,13 @@ class StudentsSection:
         _scale_grid(self.popularity_prior_grid, "popularity_prior_grid", "the tower without a prior")
         require(self, "grid_doublings", at_least(self.grid_doublings, 0),
                 "must be an integer >= 0 (0: the grids as given)")
+        require(self, "max_epochs_factor", at_least(self.max_epochs_factor, 1),
+                "must be an integer >= 1 (1: the configured epochs, not searched)")
+        require(self, "epoch_patience", self.epoch_patience is None or at_least(self.epoch_patience, 1),
+                "must be an integer >= 1 or None (2)")
+        require(self, "epoch_patience", self.epoch_patience is None or self.max_epochs_factor > 1,
+                "is set, but students.max_epochs_factor = 1 trains the configured epochs without judging them: "
+                "it would do nothing")
         if any(not (np.isfinite(t) and t > 0) for t in self.kd_temperature_grid):
             raise ValueError(f"students.kd_temperature_grid must be temperatures > 0, got "
                              f"{list(self.kd_temperature_grid)}")
@@ -481,6 +498,10 @@ class StudentsSection:
                                  f"clicks): a student always keeps one, so that distillation cannot take over")
         if self.select_requests < 1:
             raise ValueError(f"students.select_requests must be >= 1, got {self.select_requests}")
+
+    def patience(self) -> int:
+        """Epochs without a better validation click-recall before a tower stops (epoch_patience; None: 2)."""
+        return 2 if self.epoch_patience is None else self.epoch_patience
 
     def scales(self) -> tuple[float, ...]:
         """The distillation scales the towers are trained at."""

@@ -16,7 +16,8 @@ cascade.run_data.load_ranker); then every rank scores its block of the sampled t
 ``OUT/ddp_ranklog.json`` with the timings (the command prints them).
 
 With ``--students`` every rank then trains the distilled two-tower pre-rank and retrieval students (the default
-pipeline's StudentsSection: tower, loss weights, epochs; ``--student-batch-size`` is PER RANK) on that log with
+pipeline's StudentsSection: tower, loss weights, its configured epochs, not the pipeline's choice of training
+length, which needs the validation judge; ``--student-batch-size`` is PER RANK) on that log with
 DistributedDataParallel (cascade.train.students.train_student), and rank 0 writes
 ``OUT/students/distilled/{prerank,retrieval}/`` (model.pt, config.json, history.json: the pipeline's layout,
 loadable with cascade.run_data.load_towers). The students train on the CPU even in a ``--device cuda`` job.

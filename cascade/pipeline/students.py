@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections.abc import Callable
+from typing import Any, NamedTuple
 
 import numpy as np
 import pandas as pd
@@ -55,7 +56,7 @@ from ..eval.selection import (
 )
 from ..models.ranker import Ranker
 from ..models.scoring import ranker_scorer
-from ..models.two_tower import build_two_tower, item_embeddings
+from ..models.two_tower import TwoTower, build_two_tower, item_embeddings
 from ..run_data import RunData, Towers, load_ranker
 from ..serve.replay import teacher_top_over_corpus
 from ..train.entire_space import has_random_slice, random_slice
@@ -73,6 +74,7 @@ from .common import model_row, save_ranker, seeded, with_seed, without_timings
 from .config import StudentsSection
 from .judge import Judge, validation_judge
 from .runner import StepContext, StepResult
+from .tower_epochs import EpochChoice
 
 log = logging.getLogger(__name__)
 
@@ -265,6 +267,24 @@ def _scaled(cfg: DistillConfig, scale: float) -> DistillConfig:
 MACHINE_FACTS = ("seconds", "autocast")  # per-epoch history keys the machine decides: manifest only, never hashed
 
 
+class TrainedTower(NamedTuple):
+    """One tower of the grid: its weights (the chosen epoch's), training history (every epoch trained), validation
+    click-recall per judge request at its stage size (with its prior), the prior's weight and grid, and its epoch
+    choice (:meth:`EpochChoice.choose`, or {"configured", "trained"} where none was searched)."""
+
+    model: TwoTower
+    history: list[dict[str, Any]]
+    recall: np.ndarray
+    prior_weight: float
+    prior_grid: list[dict]
+    epochs: dict
+
+
+def _tower_columns(m: TrainedTower) -> dict:
+    """A trained tower's columns in the selection grids: its prior and its epoch choice."""
+    return {"popularity_prior": m.prior_weight, "popularity_prior_grid": m.prior_grid, "epochs": m.epochs}
+
+
 def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunData, judge: Judge) -> tuple:
     """Train every tower of the grid; save the chosen / ground-truth / fixed variants; return outputs and metrics."""
     frame = pd.read_parquet(ctx.inputs["ranklog"] / "requests.parquet")
@@ -295,40 +315,48 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
             if temperature is not None:
                 scfg, label = with_kd_temperature(scfg, temperature), f"{label}, temperature {temperature:g}"
             needs_log = any(scfg.weight(t) and not is_ground_truth(scfg, t) for t in scfg.loss_weights)
+            judged = None
+            if c.max_epochs_factor > 1:
+                judged = EpochChoice(lambda tw: _tower_recall(served_towers(tw, inputs), data, judge, n), scfg.epochs,
+                                     c.patience(), f"valid_click_recall@{n}")
+                scfg = dataclasses.replace(scfg, epochs=scfg.epochs * c.max_epochs_factor)
             hist = train_student(towers, inputs, rank_log if needs_log else None, clicks, scfg, trusted=trusted,
-                                 valid=curve_log, label=label)
+                                 valid=curve_log, label=label, after_epoch=judged)
+            epochs = (judged.choose(towers, ctx.seed) if judged is not None
+                      else {"configured": scfg.epochs, "trained": len(hist)})
             weight, recall, prior_grid = choose_prior(towers, inputs, data, judge, n, popular,
                                                       c.popularity_prior_grid, ctx.seed, c.grid_doublings)
-            return towers, hist, recall, weight, prior_grid
+            return TrainedTower(towers, hist, recall, weight, prior_grid, epochs)
 
-        def recall_over(m, units: np.ndarray) -> float:
-            return float(np.nanmean(m[2][units]))
+        def recall_over(m: TrainedTower, units: np.ndarray) -> float:
+            return float(np.nanmean(m.recall[units]))
 
         models = train_grid(c.scales(), train, recall_over, len(judge.requests),
                             c.grid_doublings if c.distill == "auto" else 0)
         gate = None
         if 0.0 in models and random_gate is not None:
-            gate = random_gate(with_prior(served_towers(models[0.0][0], inputs), popular, models[0.0][3]))
+            gate = random_gate(with_prior(served_towers(models[0.0].model, inputs), popular,
+                                          models[0.0].prior_weight))
         elif 0.0 in models:
-            gate = teacher_gate(judge.recall(t_lists, n), models[0.0][2])
+            gate = teacher_gate(judge.recall(t_lists, n), models[0.0].recall)
         best, table, reference = choose_scale(models, recall_over, len(judge.requests), ctx.seed,
                                               bool(gate and gate["teacher_better"]))
         grid = [{"scale": row["scale"], f"valid_click_recall@{n}": row["score"], **one_se_columns(row),
-                 "popularity_prior": models[row["scale"]][3], "popularity_prior_grid": models[row["scale"]][4],
-                 "teacher_agreement": evaluate_on_log(models[row["scale"]][0], inputs, rank_log, k=10)}
+                 **_tower_columns(models[row["scale"]]),
+                 "teacher_agreement": evaluate_on_log(models[row["scale"]].model, inputs, rank_log, k=10)}
                 for row in table]
         chosen = best if c.distill == "auto" else float(c.distill)
         served, temperature = choose_temperature(
             models[chosen], chosen, kd_temperature(base), c.kd_temperature_grid,
             lambda t, train=train, s=chosen: train(s, temperature=t), recall_over, len(judge.requests), ctx.seed,
-            f"valid_click_recall@{n}", lambda m: {"popularity_prior": m[3], "popularity_prior_grid": m[4]})
+            f"valid_click_recall@{n}", _tower_columns)
         variants = {"distilled": chosen}
         if c.compare_ground_truth:
             variants["ground_truth"] = 0.0
         if c.keep_fixed:
             variants["fixed"] = CONFIGURED_SCALE
         for variant, scale in variants.items():
-            towers, hist, _, weight, _ = served if variant == "distilled" else models[scale]
+            towers, hist, _, weight, _, _ = served if variant == "distilled" else models[scale]
             d = ctx.out / variant / stage
             A.save_torch(d / "model.pt", towers.state_dict())
             A.write_json(d / "config.json", to_dict(c.tower))
@@ -339,9 +367,10 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
                 outputs.append(f"{variant}/{stage}/{PRIOR_FILE}")
         metrics[stage] = {"size": n, "grid": grid, "chosen_scale": chosen, "reference_scale": reference,
                           "temperature": temperature, "variants": variants, "gate": gate}
-        metrics[f"{stage}_epoch_seconds"] = {str(sc): [h.get("seconds") for h in m[1]]  # manifest only: not hashed
+        metrics[f"{stage}_epoch_seconds"] = {str(sc): [h.get("seconds") for h in m.history]  # manifest only
                                              for sc, m in models.items()}
-        metrics[f"{stage}_autocast"] = {str(sc): m[1][0]["autocast"] if m[1] else None for sc, m in models.items()}
+        metrics[f"{stage}_autocast"] = {str(sc): m.history[0]["autocast"] if m.history else None
+                                        for sc, m in models.items()}
         log.info("students: %s scale %s chosen (%s); teacher gate %s", stage, chosen, grid, gate)
     return outputs, metrics
 

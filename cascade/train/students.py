@@ -61,7 +61,7 @@ from __future__ import annotations
 import inspect
 import logging
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -85,6 +85,8 @@ log = logging.getLogger(__name__)
 LIST_LOSSES = ("pointwise", "bpr", "lambda_ndcg", "approx_ndcg", "listnet", "logit_mse")
 LOSS_NAMES = LIST_LOSSES + ("click_bce", "sampled_softmax", "teacher_softmax")
 SOFTMAX_TERMS = ("sampled_softmax", "teacher_softmax")
+# after_epoch(epoch, towers) -> (fields for the epoch's history dict, stop training now)
+AfterEpoch = Callable[[int, TwoTower], tuple[dict[str, Any], bool]]
 STAGES = ("prerank", "retrieval")
 _LOSS_FN = {
     "pointwise": L.pointwise_topk_loss, "bpr": L.bpr_pairwise_loss, "lambda_ndcg": L.lambda_ndcg_loss,
@@ -420,7 +422,8 @@ def _positives(cfg: StudentConfig, name: str) -> str:
 
 def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | None, clicks: ClickLists | None,
                   cfg: StudentConfig, valid: RankLog | None = None,
-                  trusted: np.ndarray | None = None, label: str | None = None) -> list[dict[str, Any]]:
+                  trusted: np.ndarray | None = None, label: str | None = None,
+                  after_epoch: AfterEpoch | None = None) -> list[dict[str, Any]]:
     """Train ``towers`` in place on ``cfg.device`` (they come back on the CPU). Returns the history: one dict per
     epoch with the mean loss terms ("loss" is the weighted total), "seconds", "autocast" (the dtype the forward ran
     in: "bf16" or "float32"; like "seconds", a fact of the machine), and, when ``valid`` is given, "valid"
@@ -437,6 +440,10 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
 
     trusted: bool per request row (the rows of ``inputs``' context arrays): distillation terms learn only from
     these requests' teacher lists (the ground-truth terms from every request); None trusts every list.
+
+    after_epoch(epoch, towers) -> (fields, stop), called after every epoch (``cfg.epochs`` at most; not under
+    torch.distributed): ``fields`` go into the epoch's history dict, and ``stop`` ends the training there (e.g.
+    early stopping on a validation outcome the caller measures).
     """
     w = {n: cfg.weight(n) for n in LOSS_NAMES if cfg.weight(n) != 0}
     need_log = any(n in w for n in LIST_LOSSES) or any(n in w and _positives(cfg, n) == "teacher_topk"
@@ -453,6 +460,9 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
     env, ddp = D.current_env(), D.is_distributed()
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("StudentConfig.device='cuda' but torch sees no CUDA device")
+    if ddp and after_epoch is not None:
+        raise ValueError("train_student: after_epoch is not supported under torch.distributed (every rank would "
+                         "have to judge the towers and agree on stopping)")
     if ddp and cfg.device != "cpu":
         raise ValueError("train_student: under torch.distributed the students train on the CPU ranks (gloo); "
                          f"StudentConfig.device={cfg.device!r} is not supported there")
@@ -523,9 +533,15 @@ def train_student(towers: TwoTower, inputs: TowerInputs, rank_log: RankLog | Non
                 ev = evaluate_on_log(towers, inputs, valid, k=cfg.eval_k) if env.is_main else None
                 rec["valid"] = D.broadcast_object(ev)
                 shown.update({f"valid_{k}": f"{v:.4f}" for k, v in rec["valid"].items()})
+            stop = False
+            if after_epoch is not None:
+                fields, stop = after_epoch(epoch, towers)
+                rec.update(fields)
             log.info("%s epoch %d/%d: %s", label, epoch + 1, cfg.epochs,
                      {k: (round(v, 5) if isinstance(v, float) else v) for k, v in rec.items() if k != "epoch"})
             history.append(rec)
+            if stop:
+                break
     towers.to("cpu")  # trained on cfg.device, handed back where the callers save and serve them
     towers.eval()
     return history

@@ -454,6 +454,7 @@ def _section_choices(data: Mapping) -> Section:
                                                         key: [g.get(key) for g in grid]}),
                                           ["", "", "click_recall"], caption=str(co.get("judge", "")))))
     st = as_mapping(ch.get("students"), "report_data['choices']['students']") or {}
+    epochs_searched = False
     for stage in ("retrieval", "prerank"):
         e = as_mapping(st.get(stage), f"report_data['choices']['students'][{stage!r}]")
         if not e:
@@ -464,14 +465,19 @@ def _section_choices(data: Mapping) -> Section:
         if any("popularity_prior" in g for g in grid):  # runs before the prior have no such column
             prior = {"popularity prior weight": [g.get("popularity_prior") for g in grid],
                      f"valid click-recall@{n} without it": [_weight_zero_score(g, n) for g in grid]}
+        epochs = {}
+        if any("chosen" in (g.get("epochs") or {}) for g in grid):  # only where the training length was searched
+            epochs = {"epochs served (configured / trained)": [_epochs_text(g.get("epochs")) for g in grid]}
+            epochs_searched = True
         frame = pd.DataFrame({"distillation scale": [g.get("scale") for g in grid],
                               f"valid click-recall@{n}": [g.get(f"valid_click_recall@{n}") for g in grid], **prior,
-                              "teacher-recall@10 on the rank log": [(g.get("teacher_agreement") or {}).get(
+                              **epochs, "teacher-recall@10 on the rank log": [(g.get("teacher_agreement") or {}).get(
                                   "teacher_recall@10") for g in grid], **_one_se_frame(grid)})
         sec.blocks.append(("h3", f"{stage} student (scale {format_value(e.get('chosen_scale'))} chosen{_reference(e)}"
                                  "; 0 = ground truth only)"))
         sec.blocks.append(("table", Table(frame, ["", "click_recall", *(["", "click_recall"] if prior else []),
-                                                  "teacher_recall", *_one_se_keys(grid)])))
+                                                  *([""] if epochs else []), "teacher_recall",
+                                                  *_one_se_keys(grid)])))
         g = as_mapping(e.get("gate"), "gate")
         if g:
             verdict = "better" if g.get("teacher_better") else "NOT better"
@@ -497,6 +503,11 @@ def _section_choices(data: Mapping) -> Section:
     sec.blocks.append(("p", "A tower's popularity prior adds the popular channel's recent click counts to its scores "
                             "(its item embeddings are fixed when the index is built); its weight is chosen per "
                             "trained tower on the same validation requests before the distillation scale is."))
+    if epochs_searched:
+        sec.blocks.append(("p", "Each tower's training length was chosen on them too, before its prior: it trained "
+                                "up to students.max_epochs_factor times its configured epochs, judged after every "
+                                "epoch by its validation click-recall without the prior, and the epoch closest to "
+                                "the configured count within one standard error of the best is served."))
     sec.blocks.append(("p", "Each grid is decided by the one-standard-error rule: the smallest value whose score is "
                             "within one standard error of the best score (the SE of the paired gap, bootstrapped "
                             "over the validation requests), so a setting that wins by less than the validation "
@@ -506,6 +517,14 @@ def _section_choices(data: Mapping) -> Section:
                             "where logged clicks judge it, the value closest to 1 (the product rule P(shown) "
                             "P(click | shown))."))
     return sec
+
+
+def _epochs_text(epochs: Mapping | None) -> str:
+    """A tower's epoch choice as a grid cell: "4 (2 / 6)" when searched, "2" when the configured count trained."""
+    e = as_mapping(epochs, "epochs") or {}
+    if "chosen" not in e:
+        return format_value(e.get("trained"))
+    return f"{e['chosen']} ({e.get('configured')} / {e.get('trained')})"
 
 
 def _temperature_blocks(choice: Mapping, key: str, label: str, fmt: str) -> list[tuple]:
