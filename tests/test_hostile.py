@@ -182,6 +182,7 @@ def test_3_the_label_or_a_copy_of_it_is_refused_as_a_feature(tmp_path):
     ("students.rank_distill.w_kd=-1", "students.rank_distill.w_kd = -1.0"),
     ("students.kd_temperature_grid=[0.5, 0.0]", "students.kd_temperature_grid must be temperatures > 0"),
     ("students.max_epochs_factor=0", "students.max_epochs_factor = 0"),
+    ("teacher.train.min_steps_per_epoch=0", "teacher.train.min_steps_per_epoch = 0"),
     ("students.epoch_patience=0", "students.epoch_patience = 0"),
     ("students.prerank.grad_clip=0", "students.prerank.grad_clip = 0.0"),
     ("index.k=0", "index.k = 0"),

@@ -56,6 +56,39 @@ def test_same_seed_same_weights_other_seed_differs(small):
     assert not _states_equal(runs[0], runs[2])
 
 
+def test_min_steps_per_epoch_shrinks_the_batch_of_a_small_table_only(small):
+    train, valid = small  # 1,200 train rows
+    m = Ranker(SPEC, TINY, seed=0)
+    res = fit(m, train, valid, TrainConfig(lr=0.01, batch_size=4096, epochs=1, min_steps_per_epoch=16))
+    # 1,200 // 16 = 75 rows a batch: 16 steps, the one evaluation after the last
+    assert res.batch_size == 75 and res.history[-1]["step"] == 16 and res.train_samples == 1200
+    res = fit(Ranker(SPEC, TINY, seed=0), train, valid, TrainConfig(lr=0.01, batch_size=50, epochs=1,
+                                                                    min_steps_per_epoch=16))
+    assert res.batch_size == 50 and res.history[-1]["step"] == 24  # never grows: 1,200 / 50
+    res = fit(Ranker(SPEC, TINY, seed=0), train, valid, TrainConfig(lr=0.01, batch_size=4096, epochs=1,
+                                                                    min_steps_per_epoch=1000))
+    assert res.batch_size == 2 and res.history[-1]["step"] == 600  # never below 2 rows (BatchNorm's statistics)
+    # unset: the batch as given, whatever the table
+    res = fit(Ranker(SPEC, TINY, seed=0), train, valid, TrainConfig(lr=0.01, batch_size=4096, epochs=1))
+    assert res.batch_size == 4096 and res.history[-1]["step"] == 1
+    with pytest.raises(ValueError, match="TrainConfig.min_steps_per_epoch = 0"):
+        TrainConfig(min_steps_per_epoch=0)
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_small_table_at_a_large_batch_learns_with_min_steps_per_epoch(seed):
+    """1,200 train rows at 4,096 a batch are one step an epoch; with min_steps_per_epoch = 16 the same epoch takes
+    16 steps of 75 rows, and the test AUC is higher by at least 0.05 (measured: +0.11 to +0.17)."""
+    train, valid, test = (make_table(n, seed=31 + 10 * seed + i) for i, n in enumerate((1200, 800, 2000)))
+    aucs = []
+    for min_steps in (None, 16):
+        m = Ranker(SPEC, TINY, seed=seed)
+        fit(m, train, valid, TrainConfig(lr=0.01, batch_size=4096, epochs=1, seed=seed,
+                                         min_steps_per_epoch=min_steps))
+        aucs.append(evaluate(m, test)["auc"])
+    assert aucs[1] > aucs[0] + 0.05, aucs
+
+
 def test_fit_counts_the_rows_it_trained_on(small):
     train, valid = small
     res = fit(Ranker(SPEC, TINY), train, valid, TrainConfig(lr=0.01, batch_size=128, epochs=2))

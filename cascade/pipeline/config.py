@@ -275,7 +275,10 @@ class TeacherSection:
     model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
                                                                      cross_layers=2, cross_rank=32))
     sequence_length: int = 0
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=1, batch_size=4096))
+    # min_steps_per_epoch: on a small log the batch shrinks so that an epoch is 16 steps at least (BENCHMARKS.md,
+    # "Small logs: batches that leave an epoch a few steps"); the world and ML-100K take 180-720 steps an epoch
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=1, batch_size=4096,
+                                                                   min_steps_per_epoch=16))
     entire_space: EntireSpaceSection = field(default_factory=EntireSpaceSection)
     lightgbm: bool = True
     lightgbm_trees: int = 100
@@ -447,7 +450,8 @@ class StudentsSection:
     # serving); distillation from the teacher, which has them, is how their knowledge reaches it.
     rank_student: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dnn", emb_dim=8, mlp=(64,),
                                                                             sides=("user", "item", "context")))
-    rank_student_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=1, batch_size=4096))
+    rank_student_train: TrainConfig = field(default_factory=lambda: TrainConfig(lr=2e-3, epochs=1, batch_size=4096,
+                                                                                min_steps_per_epoch=16))
     # Logit KD: the best single distillation term for the rank student in benchmarks/results/rank_table_world.md
     # (+0.008 AUC over plain BCE on the world; CR and RCR gave +0.002 / +0.003). Setting pfd_lambda (e.g. 0.5, with
     # warmup_steps = 20) trains the rank student with PFD instead: a teacher that also reads rank_pfd_side

@@ -129,6 +129,7 @@ def run(ctx: StepContext) -> StepResult:
         name = name[:-1] + f", collaborative term {term['weight']:g} x EASE (lambda {term['lam']:g}))"
     metrics["autocast"] = res.autocast  # manifest only (its probed speed-up varies from run to run)
     metrics["train_throughput"] = res.throughput()  # measured: the manifest's metrics, never summary.json
+    metrics["train_batch_size"] = res.batch_size  # batch_size, or less where min_steps_per_epoch shrank it
     outputs = save_ranker(model, c.ranker, ctx.out / "teacher")
     A.write_json(ctx.out / "history.json", res.history)  # per evaluation: train loss terms, valid metrics
     outputs.append("history.json")

@@ -77,6 +77,10 @@ class TrainConfig:
     element-wise work around the GEMMs: the FM and embedding arithmetic, casts, activations); validation and
     everything after ``fit`` run the model as it is. The first steps pay the compilation (tens of seconds on a
     CPU, a C++ compiler needed), so it pays on long fits only (BENCHMARKS.md).
+    min_steps_per_epoch: None trains in batches of batch_size whatever the table's size; n: the batch shrinks
+    (never grows, and never below 2 rows) so that an epoch of the train table takes at least n optimiser steps. On a
+    small log a large batch leaves too few steps for the model to learn or for early stopping to judge (4,552 train
+    rows at 4,096 a batch are 2 steps an epoch); on a large one it changes nothing. Not under torch.distributed.
     """
 
     optimizer: str = "adamw"
@@ -94,10 +98,13 @@ class TrainConfig:
     eval_batch_size: int = 4096
     autocast: str | None = "auto"
     compile: bool = False
+    min_steps_per_epoch: int | None = None
 
     def __post_init__(self) -> None:
         require(self, "autocast", self.autocast is None or self.autocast in AUTOCAST,
                 f"must be one of {AUTOCAST} (None: 'off')")
+        require(self, "min_steps_per_epoch", self.min_steps_per_epoch is None or at_least(self.min_steps_per_epoch, 1),
+                "must be an integer >= 1 or None (batches of batch_size whatever the table's size)")
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"TrainConfig: optimizer {self.optimizer!r} is not one of {OPTIMIZERS}")
         if self.device not in ("cpu", "cuda"):
@@ -120,10 +127,12 @@ class FitResult:
     """best_valid_auc / best_step of the kept (best) model; history: one dict per evaluation. autocast: what
     TrainConfig.autocast resolved to ({requested, dtype, reason, speedup}, cascade.machine.AutocastChoice).
     train_samples / train_seconds: rows trained on and the wall time of the training steps (batch assembly,
-    forward, backward, optimizer; validation left out), this rank's."""
+    forward, backward, optimizer; validation left out), this rank's. batch_size: the rows of a training batch
+    (TrainConfig.batch_size, or less where min_steps_per_epoch shrank it)."""
 
     best_valid_auc: float
     best_step: int
+    batch_size: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     autocast: dict[str, Any] = field(default_factory=dict)
     train_samples: int = 0
@@ -279,7 +288,17 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
     _mark_sparse(model)
     optimizer = make_optimizer([p for p in model.parameters() if p.requires_grad], cfg)
     rng = np.random.default_rng([cfg.seed, env.rank] if train_shard else cfg.seed)
-    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    batch_size = cfg.batch_size
+    if cfg.min_steps_per_epoch is not None:
+        if ddp:
+            raise ValueError("fit: TrainConfig.min_steps_per_epoch is not supported under torch.distributed (set "
+                             "batch_size per rank instead)")
+        batch_size = max(2, min(cfg.batch_size, len(train) // cfg.min_steps_per_epoch))
+        if batch_size < cfg.batch_size:
+            log.info("%s: batches of %d rows instead of %d, so that an epoch of %d train rows takes at least %d "
+                     "steps (min_steps_per_epoch)", label, batch_size, cfg.batch_size, len(train),
+                     cfg.min_steps_per_epoch)
+    steps_per_epoch = math.ceil(len(train) / batch_size)
     step_model: nn.Module = _LossModule(model, loss_fn)
     if ddp:
         from torch.nn.parallel import DistributedDataParallel
@@ -301,8 +320,8 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
     ckpt_dir = Path(ckpt_dir) if ckpt_dir is not None else None
 
     with torch_threads(cfg.num_threads):  # probed on the threads it trains on
-        amp = resolve_autocast(cfg.autocast, device.type, largest_gemm(model, cfg.batch_size), what=label)
-    result = FitResult(best_valid_auc=-math.inf, best_step=0, autocast=amp.to_dict())
+        amp = resolve_autocast(cfg.autocast, device.type, largest_gemm(model, batch_size), what=label)
+    result = FitResult(best_valid_auc=-math.inf, best_step=0, autocast=amp.to_dict(), batch_size=batch_size)
     best_state: dict[str, torch.Tensor] | None = None
     evals_without_gain = 0
     step, stop = 0, False
@@ -346,7 +365,7 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
             model.train()
             bar.set_description(f"{label} epoch {epoch + 1}/{cfg.epochs}", refresh=False)
             if not ddp:
-                batches = iter_batches(train, cfg.batch_size, rng)
+                batches = iter_batches(train, batch_size, rng)
             elif train_shard:
                 batches = _rank_batches(train, (i for _, i in zip(range(steps_per_epoch),
                                                                   batch_indices(len(train), cfg.batch_size, rng))))
