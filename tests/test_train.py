@@ -56,7 +56,7 @@ def test_same_seed_same_weights_other_seed_differs(small):
     assert not _states_equal(runs[0], runs[2])
 
 
-def test_min_steps_per_epoch_shrinks_the_batch_of_a_small_table_only(small):
+def test_min_steps_per_epoch_shrinks_the_batch_of_a_small_table_only(small, monkeypatch):
     train, valid = small  # 1,200 train rows
     m = Ranker(SPEC, TINY, seed=0)
     res = fit(m, train, valid, TrainConfig(lr=0.01, batch_size=4096, epochs=1, min_steps_per_epoch=16))
@@ -73,6 +73,12 @@ def test_min_steps_per_epoch_shrinks_the_batch_of_a_small_table_only(small):
     assert res.batch_size == 4096 and res.history[-1]["step"] == 1
     with pytest.raises(ValueError, match="TrainConfig.min_steps_per_epoch = 0"):
         TrainConfig(min_steps_per_epoch=0)
+    # under torch.distributed the batch is per rank and taken as given (`cascade ddp-ranklog` sets no floor)
+    from cascade import distributed
+
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    with pytest.raises(ValueError, match="min_steps_per_epoch is not supported under torch.distributed"):
+        fit(Ranker(SPEC, TINY, seed=0), train, valid, TrainConfig(batch_size=4096, min_steps_per_epoch=16))
 
 
 @pytest.mark.parametrize("seed", range(3))

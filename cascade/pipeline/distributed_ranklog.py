@@ -98,8 +98,9 @@ def run_distributed_ranklog(data_dir: str | Path, out: str | Path, epochs: int =
     data = RunData(data_dir)
     train, valid = data.encoded("train"), data.encoded("valid")
     teacher_section = TeacherSection()
+    # --batch-size is per rank and taken as given: no small-log floor (fit refuses one under torch.distributed)
     train_cfg = dataclasses.replace(teacher_section.train, epochs=epochs, batch_size=batch_size, lr=lr,
-                                    seed=seed, device=device, progress=env.is_main)
+                                    seed=seed, device=device, progress=env.is_main, min_steps_per_epoch=None)
     torch.manual_seed(seed)
     model = Ranker(train.spec, teacher_section.model)  # DDP broadcasts rank 0's initial weights to every rank
     D.barrier()

@@ -278,8 +278,11 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
     if cfg.device == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("TrainConfig.device='cuda' but torch sees no CUDA device")
     loss_fn = loss_fn or default_loss
-    env = D.current_env()
     ddp = D.is_distributed()
+    if ddp and cfg.min_steps_per_epoch is not None:
+        raise ValueError("fit: TrainConfig.min_steps_per_epoch is not supported under torch.distributed (set "
+                         "batch_size per rank instead)")
+    env = D.current_env()
     if ddp and (cfg.device == "cuda") != (env.backend == "nccl"):
         raise ValueError(f"fit: TrainConfig.device={cfg.device!r} does not match the process group's backend "
                          f"{env.backend!r} (use 'cuda' with nccl, 'cpu' with gloo)")
@@ -290,9 +293,6 @@ def fit(model: nn.Module, train: EncodedTable, valid: EncodedTable, cfg: TrainCo
     rng = np.random.default_rng([cfg.seed, env.rank] if train_shard else cfg.seed)
     batch_size = cfg.batch_size
     if cfg.min_steps_per_epoch is not None:
-        if ddp:
-            raise ValueError("fit: TrainConfig.min_steps_per_epoch is not supported under torch.distributed (set "
-                             "batch_size per rank instead)")
         batch_size = max(2, min(cfg.batch_size, len(train) // cfg.min_steps_per_epoch))
         if batch_size < cfg.batch_size:
             log.info("%s: batches of %d rows instead of %d, so that an epoch of %d train rows takes at least %d "
