@@ -356,14 +356,15 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
         if c.keep_fixed:
             variants["fixed"] = CONFIGURED_SCALE
         for variant, scale in variants.items():
-            towers, hist, _, weight, _, _ = served if variant == "distilled" else models[scale]
+            t = served if variant == "distilled" else models[scale]
             d = ctx.out / variant / stage
-            A.save_torch(d / "model.pt", towers.state_dict())
+            A.save_torch(d / "model.pt", t.model.state_dict())
             A.write_json(d / "config.json", to_dict(c.tower))
-            A.write_json(d / "history.json", [{k: v for k, v in h.items() if k not in MACHINE_FACTS} for h in hist])
+            A.write_json(d / "history.json",
+                         [{k: v for k, v in h.items() if k not in MACHINE_FACTS} for h in t.history])
             outputs += [f"{variant}/{stage}/{f}" for f in ("model.pt", "config.json", "history.json")]
             if popular is not None:
-                A.write_json(d / PRIOR_FILE, {"weight": weight, **popular.params()})
+                A.write_json(d / PRIOR_FILE, {"weight": t.prior_weight, **popular.params()})
                 outputs.append(f"{variant}/{stage}/{PRIOR_FILE}")
         metrics[stage] = {"size": n, "grid": grid, "chosen_scale": chosen, "reference_scale": reference,
                           "temperature": temperature, "variants": variants, "gate": gate}
