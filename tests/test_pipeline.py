@@ -715,19 +715,24 @@ def test_load_cascade_serves_the_replays_channel_cascade(run_a):
     import numpy as np
     import pandas as pd
 
+    from cascade.channels import saved_channel_names
     from cascade.data.requests import requests_frame, to_requests
     from cascade.pipeline.judge import seen_filter
-    from cascade.serve.cascade import cascade_variants, load_cascade
+    from cascade.serve.cascade import cascade_variants, load_cascade, union_channels
 
     _, run_dir, _ = run_a
     c = A.read_manifest(run_dir / "replay")["config"]  # the replay as it ran (other tests may have redone it)
     assert cascade_variants(run_dir) == ["distilled", "ground_truth", "distilled+channels"]
     data, casc = load_cascade(run_dir, variant="distilled+channels", ranker=c["ranker"])
-    assert casc.channels == ("two_tower", *c["channels"])
+    # replay.channels unset: every channel the channels step built, in the union's order
+    assert c["channels"] is None
+    names = union_channels(None, saved_channel_names(run_dir / "channels"))
+    assert names == ("popular", "itemcf", "als", "recent", "content")  # the world re-consumes: nothing left out
+    assert casc.channels == ("two_tower", *names)
     # neither set: the defaults, a pre-rank that keeps the quotas and half the slots for the two-tower
     assert c["prerank_quotas"] is None and c["two_tower_quota"] is None and casc.prerank_quotas is True
-    rest = 0.5 / len(c["channels"])
-    np.testing.assert_allclose(casc.retriever.quotas, [0.5] + [rest] * len(c["channels"]))
+    rest = 0.5 / len(names)
+    np.testing.assert_allclose(casc.retriever.quotas, [0.5] + [rest] * len(names))
     rows = pd.read_parquet(run_dir / "replay" / "distilled+channels_requests.parquet")
     frame = requests_frame(data.split_impressions("test"), data.context_names)
     frame = frame.set_index("request_id").loc[rows.request_id.to_numpy()].reset_index()
@@ -739,7 +744,7 @@ def test_load_cascade_serves_the_replays_channel_cascade(run_a):
     np.testing.assert_array_equal(np.concatenate(finals), np.stack(rows.final_items.to_list()))
     # the replay's latency of this variant has each channel's, named as the run's channels
     lat = A.read_manifest(run_dir / "replay")["metrics"]["latency"]["distilled+channels"]["latency_batch1"]
-    assert set(lat["retrieval_channels_ms"]) == {"two_tower", *c["channels"]}
+    assert set(lat["retrieval_channels_ms"]) == {"two_tower", *names}
 
 
 def test_channel_cascade_times_each_channel_traces_origins_and_refuses_unknown_variants(run_a, tmp_path):
@@ -755,7 +760,7 @@ def test_channel_cascade_times_each_channel_traces_origins_and_refuses_unknown_v
                       data.context_names)
     res = casc.recommend(req, 100, 40, 10, return_stages=True)
     assert {t for t in res.timing_s if t.startswith("retrieval/")} == \
-        {f"retrieval/{n}" for n in ("two_tower", *cfg.replay.channels)}
+        {f"retrieval/{n}" for n in casc.channels}
     items = res.stages["retrieval"][0]
     assert res.origin.shape == items.shape and ((res.origin == -1) == (items == PAD)).all()
     # each candidate's origin is a channel that proposes it (the two-tower: the retriever's own list)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from pathlib import Path
 
 import numpy as np
@@ -12,14 +13,17 @@ import pytest
 
 from cascade import artifacts as A
 from cascade.arrays import PAD
-from cascade.channels import ItemCFChannel, PopularChannel, RecentChannel
+from cascade.channels import ItemCFChannel, PopularChannel, RecentChannel, load_channels, saved_channel_names
 from cascade.config import ConfigError
 from cascade.data.history import EventHistory
 from cascade.data.requests import request_start_ms, requests_frame, to_requests
 from cascade.distill.ranklog import RankLog
 from cascade.pipeline import load_config, run_pipeline
-from cascade.pipeline.config import RankLogSection
+from cascade.pipeline.channels import channels_to_build
+from cascade.pipeline.config import ChannelsSection, RankLogSection
 from cascade.pipeline.ranklog import candidate_lists_with_sources, channel_lists, rank_log_inputs, source_names
+from cascade.run_data import RunData
+from cascade.serve.cascade import union_channels
 
 TINY = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
 
@@ -164,9 +168,10 @@ def _cfg(*sets: str):
 def test_config_defaults_and_errors():
     c = _cfg()
     assert c.ranklog.channels is None and c.ranklog.channel_share == 0.5
-    assert c.ranklog.channels_of(c.channels.build) == c.channels.build
-    assert _cfg("ranklog.channel_share=0").ranklog.channels_of(c.channels.build) == ()
-    assert _cfg("ranklog.channels=['popular']").ranklog.channels_of(c.channels.build) == ("popular",)
+    assert c.channels.build is None and c.channels.names == ("popular", "recent", "itemcf", "content", "als")
+    assert c.ranklog.channels_of(c.channels.names) == c.channels.names
+    assert _cfg("ranklog.channel_share=0").ranklog.channels_of(c.channels.names) == ()
+    assert _cfg("ranklog.channels=['popular']").ranklog.channels_of(c.channels.names) == ("popular",)
     with pytest.raises(ConfigError, match=r"ranklog.channels names \['als'\], which the channels step does not "
                                           r"build \(channels.build = \['popular', 'recent'\]\)"):
         _cfg("channels.build=['popular', 'recent']", "ranklog.channels=['popular', 'als']")
@@ -219,3 +224,39 @@ def test_step_records_sources_and_reruns_on_a_channels_change(tmp_path, caplog):
                            until="ranklog", update=True)
     assert res["teacher"]["status"] == "skipped" and res["ranklog"]["status"] == "ran"
     assert "[ranklog] running (inputs changed: new outputs of channels)" in caplog.text
+
+
+# ------------------------------------------------------------------------------------------------ the seen filter
+
+
+def test_seen_filter_leaves_the_recent_channel_out_or_refuses_it(tmp_path):
+    """Every item "recent" proposes was shown to the user before, so where seen items are filtered it returns
+    nothing: the default channel list leaves it out (and says why, down to the report), a list that names it is
+    refused, before any work where the config already says so."""
+    for key in ("channels.build=['popular', 'recent']", "ranklog.channels=['recent']", "replay.channels=['recent']"):
+        name = key.split("=")[0]
+        with pytest.raises(ConfigError, match=rf"{re.escape(name)} names \['recent'\], but data.filter_seen = "
+                                              r"true drops every item the user was shown before.*return nothing"):
+            _cfg("data.filter_seen=true", key)
+    _cfg("data.filter_seen=false", "channels.build=['popular', 'recent']")  # no filter: fine
+    with pytest.raises(ConfigError, match=r"replay.channels names \['als'\], which the channels step does not "
+                                          r"build \(channels.build = \['popular'\]\)"):
+        _cfg("channels.build=['popular']", "replay.channels=['popular', 'als']")
+    sets = [f"run.runs_dir={json.dumps(str(tmp_path))}", "data.filter_seen=true"]
+    run_pipeline(load_config(TINY, sets), progress=False, until="channels")
+    folder = tmp_path / "tiny" / "channels"
+    assert saved_channel_names(folder) == ["als", "content", "itemcf", "popular"]
+    left_out = A.read_manifest(folder)["metrics"]["left_out"]
+    assert list(left_out) == ["recent"] and "seen filter drops (data.filter_seen = true)" in left_out["recent"]
+    assert union_channels(None, saved_channel_names(folder)) == ("popular", "itemcf", "als", "content")
+    assert union_channels(("content", "popular"), saved_channel_names(folder)) == ("content", "popular")
+    with pytest.raises(ValueError, match=r"no saved channel \['recent'\] .*; recent: left out: it proposes only "
+                                         r"items the user was shown before"):
+        load_channels(folder, RunData(tmp_path / "tiny" / "data").history, ["recent"])
+    # "auto" decides on the data: a list that names "recent" is refused by the step, naming the decision
+    c = ChannelsSection(build=("popular", "recent"))
+    with pytest.raises(ValueError, match=r"channels.build names \['recent'\], but the data step filters seen items "
+                                         r"\(auto: 0.5% of train clicks\)"):
+        channels_to_build(c, True, "auto: 0.5% of train clicks")
+    assert channels_to_build(c, False, "auto: 9% of train clicks") == (("popular", "recent"), {})
+    assert channels_to_build(ChannelsSection(), True, "x")[0] == ("popular", "itemcf", "content", "als")

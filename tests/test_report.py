@@ -83,7 +83,9 @@ def make_report_data() -> dict:
         "choices": {
             "filter_seen": {"applied": False, "why": "auto: 7.7% of train clicks were re-clicks"},
             "channels": {"judge": "300 validation requests", "popular": {"chosen": {"window_days": 7.0},
-                                                                         "grid": [{"valid_click_recall@10": 0.061}]}},
+                                                                         "grid": [{"valid_click_recall@10": 0.061}]},
+                         "left_out": {"recent": "left out: it proposes only items the user was shown before, "
+                                                "which the seen filter drops (data.filter_seen = true)"}},
             "entire_space": {"exposure_weight": 0.25, "judge": "846 validation requests",
                              "grid": [{"exposure_weight": 0.0, "valid_click_recall@10": 0.498},
                                       {"exposure_weight": 0.25, "valid_click_recall@10": 0.519}]},
@@ -287,6 +289,10 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     assert _md_row(md, ["distilled", "popular (7 days)", "click-recall@10"])[3:] == ["-0.0039 ± 0.0102", "no", "1,800"]
     assert _md_row(md, ["distilled", "ground_truth", "click-recall@10"])[3:] == ["-0.0091 ± 0.0031", "yes", "1,800"]
     assert "Seen items: auto: 7.7% of train clicks were re-clicks." in md
+    assert ("Channel recent: left out: it proposes only items the user was shown before, which the seen filter "
+            "drops (data.filter_seen = true).") in md
+    with pytest.raises(AssertionError, match="no table row"):  # a note, not a row of the settings table
+        _md_row(md, ["left_out"])
     # the choices made on validation: every grid point, the chosen one named, the gate's verdict in words
     assert _md_row(md, ["0.25", "0.519"]) and _md_row(md, ["0.25", "0.747", "0.731"])
     assert "retrieval student (scale 0.25 chosen; 0 = ground truth only)" in md

@@ -20,8 +20,11 @@ from .classic import (
     PopularChannel,
     RecentChannel,
     load_channels,
+    saved_channel_names,
+    why_left_out,
 )
 from .merge import MergedRetriever, quota_cut
 
 __all__ = ["CHANNELS", "ALSChannel", "Channel", "ContentChannel", "EaseChannel", "ItemCFChannel", "MergedRetriever",
-           "PopularChannel", "RecentChannel", "load_channels", "quota_cut"]
+           "PopularChannel", "RecentChannel", "load_channels", "quota_cut",
+           "saved_channel_names", "why_left_out"]

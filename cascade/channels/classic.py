@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -638,6 +639,18 @@ CHANNELS = {c.name: c for c in (PopularChannel, RecentChannel, ItemCFChannel, Co
                                 EaseChannel)}
 
 
+def saved_channel_names(folder: str | Path) -> list[str]:
+    """The channels a finished channels step saved in ``folder`` (its manifest's ``<name>/channel.json``), by name."""
+    outputs = A.read_json(Path(folder) / A.MANIFEST).get("outputs", {})
+    return sorted(rel.split("/")[0] for rel in outputs if rel.count("/") == 1 and rel.endswith("/channel.json"))
+
+
+def why_left_out(folder: str | Path, names: Sequence[str]) -> str:
+    """"; name: why" for each of ``names`` the channels step in ``folder`` left out (its manifest's ``left_out``)."""
+    left_out = (A.read_json(Path(folder) / A.MANIFEST).get("metrics") or {}).get("left_out") or {}
+    return "".join(f"; {n}: {left_out[n]}" for n in names if n in left_out)
+
+
 def load_channels(folder: str | Path, history: EventHistory,
                   names: tuple[str, ...] | list[str] | None = None) -> dict[str, Channel]:
     """The channels a finished channels step saved in ``folder`` (``<name>/channel.json``, ``channel.npz``, the ALS
@@ -647,11 +660,12 @@ def load_channels(folder: str | Path, history: EventHistory,
     altered file)."""
     folder = Path(folder)
     outputs = A.read_json(folder / A.MANIFEST).get("outputs", {})
-    saved = sorted(rel.split("/")[0] for rel in outputs if rel.count("/") == 1 and rel.endswith("/channel.json"))
+    saved = saved_channel_names(folder)
     names = saved if names is None else list(names)
     missing = [n for n in names if n not in saved]
     if missing:
-        raise ValueError(f"{folder}: no saved channel {missing} (the channels step saved {saved})")
+        raise ValueError(f"{folder}: no saved channel {missing} (the channels step saved {saved}"
+                         f"{why_left_out(folder, missing)})")
     out = {}
     for name in names:
         A.verify_listed(folder, sorted(rel for rel in outputs if rel.startswith(name + "/")))

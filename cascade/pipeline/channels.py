@@ -28,8 +28,8 @@ from ..channels import (
 )
 from ..data.history import EventHistory
 from ..run_data import RunData
-from .config import ChannelsSection
-from .judge import Judge, validation_judge
+from .config import EMPTIED_BY_SEEN_FILTER, ChannelsSection
+from .judge import Judge, seen_filter, validation_judge
 from .runner import StepContext, StepResult
 
 log = logging.getLogger(__name__)
@@ -77,13 +77,30 @@ def tune(c: ChannelsSection, name: str, data: RunData, train: EventHistory, judg
     return best, table
 
 
+def channels_to_build(c: ChannelsSection, filtered: bool, why: str) -> tuple[tuple[str, ...], dict[str, str]]:
+    """(the channels to build, {left-out channel: why}) given whether the data step filters seen items (``why``:
+    its reason). A channel the filter empties is left out of the default list, and refused where ``build`` names
+    it: it would return nothing."""
+    emptied = [n for n in c.names if filtered and n in EMPTIED_BY_SEEN_FILTER]
+    if emptied and c.build is not None:
+        raise ValueError(f"channels.build names {emptied}, but the data step filters seen items ({why}), which "
+                         f"drops every item {emptied} proposes: it would return nothing; leave it out of "
+                         "channels.build, or set data.filter_seen = false")
+    reason = f"left out: it proposes only items the user was shown before, which the seen filter drops ({why})"
+    return tuple(n for n in c.names if n not in emptied), {n: reason for n in emptied}
+
+
 def run(ctx: StepContext) -> StepResult:
     c: ChannelsSection = ctx.config
     data = RunData(ctx.inputs["data"])
+    seen, why = seen_filter(data)
+    names, left_out = channels_to_build(c, seen is not None, why)
+    for name, reason in left_out.items():
+        log.warning("channels: %s %s", name, reason)
     train = data.split_history("train")
     judge = validation_judge(data, c.tune_requests, ctx.seed)
-    outputs, metrics, best = [], {"judge": judge.what}, {}
-    for name in c.build:
+    outputs, metrics, best = [], {"judge": judge.what, **({"left_out": left_out} if left_out else {})}, {}
+    for name in names:
         ch, table = tune(c, name, data, train, judge, ctx.seed)
         metrics[name] = {"chosen": ch.params(), "grid": table}
         if isinstance(ch, ALSChannel):

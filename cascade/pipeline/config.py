@@ -139,8 +139,11 @@ class DataSection:
 
 CHANNEL_NAMES = ("popular", "recent", "itemcf", "content", "als", "ease")
 #: what channels.build holds unless set: every channel but "ease" (dense item-item weights: catalogues of at most
-#: 10,000 items, cascade.channels.classic.EASE_MAX_ITEMS)
+#: 10,000 items, cascade.channels.classic.EASE_MAX_ITEMS), less those the data leaves empty (the channels step:
+#: "recent" where seen items are filtered)
 DEFAULT_CHANNELS = CHANNEL_NAMES[:-1]
+#: the channels that return nothing where seen items are filtered: every item "recent" proposes was shown before
+EMPTIED_BY_SEEN_FILTER = ("recent",)
 EASE_LAMBDAS = (50.0, 200.0, 800.0)  # channels.ease_lambdas unless set
 #: teacher.collaborative_lambdas unless set: one fit (about 30 s at 7,583 items on 2 cores); on ML-100K's 12
 #: backtest runs 200 alone did as well as the grid above chosen on validation (BENCHMARKS.md)
@@ -160,9 +163,12 @@ class ChannelsSection:
     ``build``). als_*: the ALS grid (implicit's settings). als_index: the FAISS
     factory of the chosen ALS model's item-factor index, which serves its lists (None: exact Flat while items x
     factors <= 200K x 32, IVF above: cascade.channels.classic.als_factory); als_index_recall: the recall@100
-    against exact search an approximate one is tuned to."""
+    against exact search an approximate one is tuned to.
 
-    build: tuple[str, ...] = DEFAULT_CHANNELS
+    build unset (None): :data:`DEFAULT_CHANNELS`, less "recent" where the data step filters seen items (it would
+    return nothing; the step records why). A ``build`` that names a channel the seen filter empties is an error."""
+
+    build: tuple[str, ...] | None = None
     popular_window_days: tuple[float, ...] = (1.0, 7.0, 30.0)
     refresh_minutes: float = 60.0
     itemcf_neighbours: int = 100
@@ -179,12 +185,18 @@ class ChannelsSection:
     tune_requests: int = 2000
     tune_k: int = 10
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        """The channels ``build`` asks for (unset: :data:`DEFAULT_CHANNELS`); the step may leave out those the seen
+        filter empties where ``build`` is unset."""
+        return DEFAULT_CHANNELS if self.build is None else self.build
+
     def __post_init__(self) -> None:
-        unknown = sorted(set(self.build) - set(CHANNEL_NAMES))
+        unknown = sorted(set(self.names) - set(CHANNEL_NAMES))
         if unknown:
             raise ValueError(f"channels.build: unknown channel(s) {unknown}; known: {list(CHANNEL_NAMES)}")
-        if len(set(self.build)) != len(self.build):
-            raise ValueError(f"channels.build lists a channel twice: {list(self.build)}")
+        if len(set(self.names)) != len(self.names):
+            raise ValueError(f"channels.build lists a channel twice: {list(self.names)}")
         for key in ("popular_window_days", "als_factors", "als_regularization", "als_alpha", "ease_lambdas"):
             if not getattr(self, key):
                 raise ValueError(f"channels.{key} needs at least one value")
@@ -198,7 +210,7 @@ class ChannelsSection:
         require(self, "als_index_recall", finite(self.als_index_recall) and 0.0 < self.als_index_recall <= 1.0,
                 "must be in (0, 1]")
         require(self, "ease_lambdas", all(positive(v) for v in self.ease_lambdas), "must be finite numbers > 0")
-        require(self, "ease_lambdas", "ease" in self.build or self.ease_lambdas == EASE_LAMBDAS,
+        require(self, "ease_lambdas", "ease" in self.names or self.ease_lambdas == EASE_LAMBDAS,
                 "is set but channels.build has no \"ease\": it would do nothing")
         if self.als_index is not None:
             try:
@@ -558,12 +570,13 @@ class ReplaySection:
     batch_size: int = 256
     recall_ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200, 500)
     # the multi-channel cascade ("distilled+channels"): the distilled two-tower plus these channels (built by the
-    # channels step) in one retrieval stage, the two-tower taking two_tower_quota of the N1 slots (unset: 0.5) and
-    # the channels sharing the rest evenly; () replays no multi-channel cascade. prerank_quotas: its pre-rank keeps
+    # channels step; unset: every channel it built, cascade.serve.cascade.union_channels) in one retrieval stage, the
+    # two-tower taking two_tower_quota of the N1 slots (unset: 0.5) and the channels sharing the rest evenly; ()
+    # replays no multi-channel cascade. prerank_quotas: its pre-rank keeps
     # those quotas (unset: true; each channel's candidates in pre-rank score order, interleaved by quota) instead of
     # cutting the union by the pre-rank score alone, which keeps almost only the two-tower's own candidates
     # (cascade/serve/cascade.py: channel_settings). Either one set beside no channels is an error: it would do nothing.
-    channels: tuple[str, ...] = ("popular", "itemcf", "als", "recent", "content")
+    channels: tuple[str, ...] | None = None
     two_tower_quota: float | None = None
     prerank_quotas: bool | None = None
 
@@ -579,11 +592,11 @@ class ReplaySection:
                 "must be an integer >= 0 or None (every random-exposure test request)")
         require(self, "recall_ks", bool(self.recall_ks) and all(at_least(k, 1) for k in self.recall_ks),
                 "must be a non-empty list of integers >= 1")
-        unknown = sorted(set(self.channels) - set(CHANNEL_NAMES))
-        if unknown or len(set(self.channels)) != len(self.channels):
+        listed = self.channels or ()
+        if sorted(set(listed) - set(CHANNEL_NAMES)) or len(set(listed)) != len(listed):
             raise ValueError(f"replay.channels must name distinct channels of {list(CHANNEL_NAMES)}, got "
-                             f"{list(self.channels)}")
-        if not self.channels:
+                             f"{list(listed)}")
+        if self.channels == ():
             for name in ("two_tower_quota", "prerank_quotas"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"replay.{name} = {getattr(self, name)} is set but replay.channels is empty: "
@@ -663,19 +676,32 @@ class PipelineConfig:
 
     def __post_init__(self) -> None:
         """Checks across sections (each section checked its own values)."""
-        if any(self.students.popularity_prior_grid) and "popular" not in self.channels.build:
+        built = self.channels.names
+        if any(self.students.popularity_prior_grid) and "popular" not in built:
             raise ConfigError(f"students.popularity_prior_grid = {list(self.students.popularity_prior_grid)} tries a "
                               f"recent-popularity prior, which reads the popular channel, but channels.build = "
-                              f"{list(self.channels.build)} does not build it: add \"popular\", or set the grid to [0]")
-        drawn = self.ranklog.channels_of(self.channels.build)
-        missing = [n for n in drawn if n not in self.channels.build]
+                              f"{list(built)} does not build it: add \"popular\", or set the grid to [0]")
+        drawn = self.ranklog.channels_of(built)
+        missing = [n for n in drawn if n not in built]
         if missing:
             raise ConfigError(f"ranklog.channels names {missing}, which the channels step does not build "
-                              f"(channels.build = {list(self.channels.build)})")
+                              f"(channels.build = {list(built)})")
         if self.ranklog.channel_share > 0 and not drawn:
             raise ConfigError(f"ranklog.channel_share = {self.ranklog.channel_share} but no channel to draw from "
                               f"(ranklog.channels = {_listed(self.ranklog.channels)}, channels.build = "
-                              f"{list(self.channels.build)}): name channels, or set ranklog.channel_share = 0")
+                              f"{list(built)}): name channels, or set ranklog.channel_share = 0")
+        unbuilt = [n for n in self.replay.channels or () if n not in built]
+        if unbuilt:
+            raise ConfigError(f"replay.channels names {unbuilt}, which the channels step does not build "
+                              f"(channels.build = {list(built)})")
+        if self.data.filter_seen is True:
+            for key, named in (("channels.build", self.channels.build), ("ranklog.channels", self.ranklog.channels),
+                               ("replay.channels", self.replay.channels)):
+                emptied = [n for n in named or () if n in EMPTIED_BY_SEEN_FILTER]
+                if emptied:
+                    raise ConfigError(f"{key} names {emptied}, but data.filter_seen = true drops every item the user "
+                                      f"was shown before, which is every item {emptied} proposes: it would return "
+                                      f"nothing; leave it out, or set data.filter_seen = false")
         if self.teacher.sequence_length and not self.data.cross_features:
             raise ConfigError(f"teacher.sequence_length = {self.teacher.sequence_length} needs data.cross_features = "
                               "true (the cross-feature store answers the behaviour sequences, in its window)")

@@ -15,7 +15,7 @@ import torch
 
 from .. import artifacts as A
 from ..arrays import PAD, pad_by_row
-from ..channels import MergedRetriever, load_channels
+from ..channels import MergedRetriever, load_channels, why_left_out
 from ..data.requests import impression_requests, requests_frame, to_requests
 from ..data.world import World
 from ..eval.metrics import auc, gauc, paired_difference, paired_ratio_difference, recall_at_k
@@ -29,6 +29,7 @@ from ..serve.cascade import (
     channel_settings,
     select_unseen,
     select_unseen_origin,
+    union_channels,
 )
 from ..serve.replay import (
     ReplayInputs,
@@ -155,15 +156,16 @@ def run(ctx: StepContext) -> StepResult:
         write_rows(shown, rows, file_stem=f"baseline_{name}")
         baselines[shown] = {"quality": quality, "sizes": sizes, "channel": name, "params": ch.params()}
     channel_report, channel_cascades = None, {}
-    if c.channels:
-        missing = sorted(set(c.channels) - set(channels))
+    union = union_channels(c.channels, list(channels))
+    if union:
+        missing = sorted(set(union) - set(channels))
         if missing:
             raise ValueError(f"replay.channels names {missing}, which the channels step did not build "
-                             f"(channels.build: {sorted(channels)})")
+                             f"(it built {sorted(channels)}{why_left_out(ctx.inputs['channels'], missing)})")
         retr, pre, index = towers["distilled"]
         # the cascade load_cascade(run, "distilled+channels") serves
-        settings = channel_settings(c.channels, c.two_tower_quota, c.prerank_quotas)
-        casc = build_cascade(data, retr, pre, ranker, index, seen, channels={n: channels[n] for n in c.channels},
+        settings = channel_settings(union, c.two_tower_quota, c.prerank_quotas)
+        casc = build_cascade(data, retr, pre, ranker, index, seen, channels={n: channels[n] for n in union},
                              two_tower_quota=settings.two_tower_quota, prerank_quotas=settings.prerank_quotas)
         merged = casc.retriever
         name = CHANNELS_VARIANT
@@ -176,7 +178,7 @@ def run(ctx: StepContext) -> StepResult:
                                                                   finals[sample_rows])
         # each channel alone as the retrieval stage, the same pre-rank and ranker after it: its own end-to-end list
         alone = {"two_tower": per_request["distilled"]}
-        for n in c.channels:
+        for n in union:
             alone[n], quality = replay_quality(cascade_from(data, channels[n], pre, ranker, seen), inp,
                                                c.n_retrieve, c.n_prerank, c.k, c.batch_size, filter_seen, ctx.progress)
             A.write_parquet(ctx.out / f"channel_{n}_alone_requests.parquet", alone[n])

@@ -28,7 +28,7 @@ import torch
 
 from .. import artifacts as A
 from ..arrays import PAD, distinct, first_occurrences, topk_rows
-from ..channels import MergedRetriever, load_channels, quota_cut
+from ..channels import MergedRetriever, load_channels, quota_cut, saved_channel_names
 from ..data.history import EventHistory
 from ..data.requests import Requests
 from ..index.faiss_index import ItemIndex
@@ -349,6 +349,19 @@ class ChannelSettings:
     prerank_quotas: bool
 
 
+#: the order of the multi-channel union's channels where the replay does not name them (it breaks ties between
+#: equal interleaving keys)
+UNION_ORDER = ("popular", "itemcf", "als", "recent", "content", "ease")
+
+
+def union_channels(configured: Sequence[str] | None, saved: Sequence[str]) -> tuple[str, ...]:
+    """The classic channels of the multi-channel cascade: ``configured`` (replay.channels) as given, or where it is
+    unset (None) every channel of ``saved`` (those the channels step built) in :data:`UNION_ORDER`."""
+    if configured is not None:
+        return tuple(configured)
+    return tuple(n for n in UNION_ORDER if n in saved) + tuple(sorted(set(saved) - set(UNION_ORDER)))
+
+
 def channel_settings(channels: Sequence[str], two_tower_quota: float | None = None,
                      prerank_quotas: bool | None = None) -> ChannelSettings:
     """The :class:`ChannelSettings` of a replay's ``channels``, an unset (None) quota or pre-rank choice taking
@@ -359,8 +372,9 @@ def channel_settings(channels: Sequence[str], two_tower_quota: float | None = No
 
 def run_channel_settings(run_dir: str | Path) -> ChannelSettings:
     """The :class:`ChannelSettings` of a run's replay: from the replay step's manifest when the replay has run (its
-    config_hash checked), else from the run's config.json (:func:`channel_settings`). A run from before
-    ``replay.prerank_quotas`` existed was replayed without them (False)."""
+    config_hash checked), else from the run's config.json (:func:`channel_settings`; unset channels: those the
+    run's channels step saved, :func:`union_channels`). A run from before ``replay.prerank_quotas`` existed was
+    replayed without them (False)."""
     run_dir = Path(run_dir)
     manifest = run_dir / "replay" / A.MANIFEST
     if manifest.is_file():
@@ -373,7 +387,8 @@ def run_channel_settings(run_dir: str | Path) -> ChannelSettings:
     if "channels" not in replay or "two_tower_quota" not in replay:
         raise A.ArtifactError(f"{where}: no replay.channels / replay.two_tower_quota: the run predates the "
                               f"{CHANNELS_VARIANT!r} cascade")
-    return channel_settings(replay["channels"], replay["two_tower_quota"], replay.get("prerank_quotas", False))
+    channels = union_channels(replay["channels"], saved_channel_names(run_dir / "channels"))
+    return channel_settings(channels, replay["two_tower_quota"], replay.get("prerank_quotas", False))
 
 
 def cascade_variants(run_dir: str | Path) -> list[str]:

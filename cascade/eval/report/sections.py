@@ -415,7 +415,7 @@ def _section_choices(data: Mapping) -> Section:
     channels = as_mapping(ch.get("channels"), "report_data['choices']['channels']") or {}
     rows = []
     for name, entry in channels.items():
-        if name == "judge":
+        if name in ("judge", "left_out"):
             continue
         e = as_mapping(entry, f"report_data['choices']['channels'][{name!r}]")
         if not e:
@@ -427,6 +427,9 @@ def _section_choices(data: Mapping) -> Section:
         sec.blocks.append(("h3", "Retrieval channels (settings chosen by validation click-recall)"))
         sec.blocks.append(("table", Table(pd.DataFrame(rows), ["", "", "click_recall"],
                                           caption=str(channels.get("judge", "")))))
+    left_out = as_mapping(channels.get("left_out"), "report_data['choices']['channels']['left_out']") or {}
+    for name, why in left_out.items():
+        sec.blocks.append(("p", f"Channel {name}: {why}."))
     es = as_mapping(ch.get("entire_space"), "report_data['choices']['entire_space']")
     if es:
         grid = [as_mapping(g, "grid") or {} for g in as_list(es.get("grid"), "grid") or []]
