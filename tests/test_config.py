@@ -232,3 +232,23 @@ def test_model_and_training_configs_check_every_value():
                                 (DistillConfig, {"w_bce": -1.0}, "DistillConfig.w_bce = -1.0")):
         with pytest.raises(ConfigError, match=re.escape(needle)):
             cls(**kwargs)
+
+
+@pytest.mark.parametrize("key, value, needs", [
+    ("popular_window_days", "[3.0]", '"popular"'), ("itemcf_neighbours", "10", '"itemcf"'),
+    ("history_length", "5", '"itemcf" or "content"'), ("content_column", '"genre"', '"content"'),
+    ("als_factors", "[8]", '"als"'), ("als_index", '"Flat"', '"als"'), ("ease_lambdas", "[10.0]", '"ease"')])
+def test_a_channel_setting_beside_no_channel_that_reads_it_is_refused(key, value, needs):
+    from cascade.pipeline import load_config
+    from cascade.pipeline.config import ChannelsSection
+
+    built = ["channels.build=[\"recent\"]", "students.popularity_prior_grid=[0]", "ranklog.channel_share=0",
+             "replay.channels=[\"recent\"]"]
+    with pytest.raises(ConfigError, match=rf"channels.{key} = .*: is set but channels.build has no "
+                                          rf"{re.escape(needs)}: it would do nothing"):
+        load_config(None, [*built, f"channels.{key}={value}"])
+    load_config(None, [*built])  # left at their defaults: fine
+    # beside every channel it is taken as set
+    every = load_config(None, ['channels.build=["popular", "recent", "itemcf", "content", "als", "ease"]',
+                               f"channels.{key}={value}"]).channels
+    assert getattr(every, key) != getattr(ChannelsSection(), key)

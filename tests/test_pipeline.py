@@ -867,9 +867,10 @@ def test_the_ease_channel_is_built_tuned_and_loaded_when_asked(tmp_path):
     from cascade.channels import EaseChannel, load_channels
     from cascade.pipeline.replay import baseline_name
     from cascade.run_data import RunData
+    from worlds import tiny_channels
 
     cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(tmp_path))}", "run.threads=1",
-                             'channels.build=["popular", "ease"]', "channels.ease_lambdas=[10.0, 100.0]",
+                             *tiny_channels("popular", "ease"), "channels.ease_lambdas=[10.0, 100.0]",
                              'ranklog.channels=["popular"]', 'replay.channels=["popular"]'])
     run_pipeline(cfg, progress=False, until="channels")
     m = A.read_manifest(tmp_path / "tiny" / "channels", verify=True)

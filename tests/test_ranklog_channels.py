@@ -24,6 +24,7 @@ from cascade.pipeline.config import ChannelsSection, RankLogSection
 from cascade.pipeline.ranklog import candidate_lists_with_sources, channel_lists, rank_log_inputs, source_names
 from cascade.run_data import RunData
 from cascade.serve.cascade import union_channels
+from worlds import tiny_channels
 
 TINY = Path(__file__).resolve().parents[1] / "pipelines" / "tiny.toml"
 
@@ -174,9 +175,9 @@ def test_config_defaults_and_errors():
     assert _cfg("ranklog.channels=['popular']").ranklog.channels_of(c.channels.names) == ("popular",)
     with pytest.raises(ConfigError, match=r"ranklog.channels names \['als'\], which the channels step does not "
                                           r"build \(channels.build = \['popular', 'recent'\]\)"):
-        _cfg("channels.build=['popular', 'recent']", "ranklog.channels=['popular', 'als']")
+        _cfg(*tiny_channels("popular", "recent"), "ranklog.channels=['popular', 'als']")
     with pytest.raises(ConfigError, match=r"ranklog.channel_share = 0.5 but no channel to draw from"):
-        _cfg("channels.build=[]", "students.popularity_prior_grid=[0]")
+        _cfg(*tiny_channels(), "students.popularity_prior_grid=[0]")
     with pytest.raises(ConfigError, match=r"ranklog.channel_share = 0.3 but no channel to draw from"):
         _cfg("ranklog.channels=[]", "ranklog.channel_share=0.3")
     with pytest.raises(ConfigError, match=r"ranklog.channels = \('popular',\): names channels but "
@@ -186,13 +187,13 @@ def test_config_defaults_and_errors():
         _cfg("ranklog.channel_share=1.5")
     with pytest.raises(ConfigError, match=r"ranklog.channels = .*must name distinct channels"):
         _cfg("ranklog.channels=['two_tower']")
-    assert _cfg("channels.build=[]", "ranklog.channel_share=0",
+    assert _cfg(*tiny_channels(), "ranklog.channel_share=0",
                 "students.popularity_prior_grid=[0]").ranklog.channels_of(()) == ()
     # the towers' popularity prior reads the popular channel: without it, a grid with a weight above 0 is refused
     with pytest.raises(ConfigError, match=r"students.popularity_prior_grid = \[0.0, 0.25, 0.5, 1.0, 2.0, 4.0\] "
                                           r"tries a recent-popularity prior, which reads the popular channel, but "
                                           r"channels.build = \['recent'\] does not build it"):
-        _cfg("channels.build=['recent']")
+        _cfg(*tiny_channels("recent"))
     with pytest.raises(ConfigError, match=r"popularity_prior_grid.*must be values >= 0 that include 0 \(the "
                                           r"tower without a prior\)"):
         _cfg("students.popularity_prior_grid=[1.0]")
@@ -203,7 +204,7 @@ def test_config_defaults_and_errors():
 
 def test_step_records_sources_and_reruns_on_a_channels_change(tmp_path, caplog):
     sets = [f"run.runs_dir={json.dumps(str(tmp_path))}", "ranklog.max_requests=200", "ranklog.n_candidates=30",
-            "channels.build=['popular', 'recent']", "teacher.train.epochs=1", "teacher.lightgbm_trees=5"]
+            *tiny_channels("popular", "recent"), "teacher.train.epochs=1", "teacher.lightgbm_trees=5"]
     res = run_pipeline(load_config(TINY, sets), progress=False, until="ranklog")
     step = res["ranklog"]["manifest"]
     share = step["metrics"]["source_share"]
@@ -233,15 +234,16 @@ def test_seen_filter_leaves_the_recent_channel_out_or_refuses_it(tmp_path):
     """Every item "recent" proposes was shown to the user before, so where seen items are filtered it returns
     nothing: the default channel list leaves it out (and says why, down to the report), a list that names it is
     refused, before any work where the config already says so."""
-    for key in ("channels.build=['popular', 'recent']", "ranklog.channels=['recent']", "replay.channels=['recent']"):
-        name = key.split("=")[0]
+    for name, sets in (("channels.build", tiny_channels("popular", "recent")),
+                       ("ranklog.channels", ["ranklog.channels=['recent']"]),
+                       ("replay.channels", ["replay.channels=['recent']"])):
         with pytest.raises(ConfigError, match=rf"{re.escape(name)} names \['recent'\], but data.filter_seen = "
                                               r"true drops every item the user was shown before.*return nothing"):
-            _cfg("data.filter_seen=true", key)
-    _cfg("data.filter_seen=false", "channels.build=['popular', 'recent']")  # no filter: fine
+            _cfg("data.filter_seen=true", *sets)
+    _cfg("data.filter_seen=false", *tiny_channels("popular", "recent"))  # no filter: fine
     with pytest.raises(ConfigError, match=r"replay.channels names \['als'\], which the channels step does not "
                                           r"build \(channels.build = \['popular'\]\)"):
-        _cfg("channels.build=['popular']", "replay.channels=['popular', 'als']")
+        _cfg(*tiny_channels("popular"), "replay.channels=['popular', 'als']")
     sets = [f"run.runs_dir={json.dumps(str(tmp_path))}", "data.filter_seen=true"]
     run_pipeline(load_config(TINY, sets), progress=False, until="channels")
     folder = tmp_path / "tiny" / "channels"

@@ -231,3 +231,18 @@ def requests_at(users, times):
     from cascade.data.requests import Requests
 
     return Requests(np.array(users, np.int64), np.array(times, np.int64))
+
+
+def tiny_channels(*names: str) -> list[str]:
+    """``--set`` strings for pipelines/tiny.toml that build only the channels ``names``: tiny's settings of the
+    other channels put back to their defaults (set beside no channel that reads them, the config refuses them)."""
+    import json
+    import tomllib
+
+    from cascade.pipeline.config import CHANNEL_SETTINGS, ChannelsSection
+
+    tiny = tomllib.loads((REPO / "pipelines" / "tiny.toml").read_text())["channels"]
+    default = ChannelsSection()
+    back = [f"channels.{k}={json.dumps(list(getattr(default, k)))}" for k in tiny
+            if k in CHANNEL_SETTINGS and not set(CHANNEL_SETTINGS[k]) & set(names)]
+    return [f"channels.build={json.dumps(list(names))}", *back]

@@ -145,6 +145,13 @@ DEFAULT_CHANNELS = CHANNEL_NAMES[:-1]
 #: the channels that return nothing where seen items are filtered: every item "recent" proposes was shown before
 EMPTIED_BY_SEEN_FILTER = ("recent",)
 EASE_LAMBDAS = (50.0, 200.0, 800.0)  # channels.ease_lambdas unless set
+#: the channels.* settings that shape only these channels: set beside a build without any of them, they do nothing
+CHANNEL_SETTINGS = {
+    "popular_window_days": ("popular",), "refresh_minutes": ("popular",), "itemcf_neighbours": ("itemcf",),
+    "history_length": ("itemcf", "content"), "history_decay": ("itemcf", "content"), "content_column": ("content",),
+    "als_factors": ("als",), "als_regularization": ("als",), "als_alpha": ("als",), "als_iterations": ("als",),
+    "als_index": ("als",), "als_index_recall": ("als",), "ease_lambdas": ("ease",),
+}
 #: teacher.collaborative_lambdas unless set: one fit (about 30 s at 7,583 items on 2 cores); on ML-100K's 12
 #: backtest runs 200 alone did as well as the grid above chosen on validation (BENCHMARKS.md)
 COLLABORATIVE_LAMBDAS = (200.0,)
@@ -210,8 +217,11 @@ class ChannelsSection:
         require(self, "als_index_recall", finite(self.als_index_recall) and 0.0 < self.als_index_recall <= 1.0,
                 "must be in (0, 1]")
         require(self, "ease_lambdas", all(positive(v) for v in self.ease_lambdas), "must be finite numbers > 0")
-        require(self, "ease_lambdas", "ease" in self.names or self.ease_lambdas == EASE_LAMBDAS,
-                "is set but channels.build has no \"ease\": it would do nothing")
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key, users in CHANNEL_SETTINGS.items():
+            needs = " or ".join(f'"{n}"' for n in users)
+            require(self, key, getattr(self, key) == defaults[key] or any(n in self.names for n in users),
+                    f"is set but channels.build has no {needs}: it would do nothing")
         if self.als_index is not None:
             try:
                 parse_factory(self.als_index, d=0)
