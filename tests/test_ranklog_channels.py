@@ -21,7 +21,13 @@ from cascade.distill.ranklog import RankLog
 from cascade.pipeline import load_config, run_pipeline
 from cascade.pipeline.channels import channels_to_build
 from cascade.pipeline.config import ChannelsSection, RankLogSection
-from cascade.pipeline.ranklog import candidate_lists_with_sources, channel_lists, rank_log_inputs, source_names
+from cascade.pipeline.ranklog import (
+    candidate_lists_with_sources,
+    channel_lists,
+    rank_log_inputs,
+    ranklog_channels,
+    source_names,
+)
 from cascade.run_data import RunData
 from cascade.serve.cascade import union_channels
 from worlds import tiny_channels
@@ -255,6 +261,10 @@ def test_seen_filter_leaves_the_recent_channel_out_or_refuses_it(tmp_path):
     with pytest.raises(ValueError, match=r"no saved channel \['recent'\] .*; recent: left out: it proposes only "
                                          r"items the user was shown before"):
         load_channels(folder, RunData(tmp_path / "tiny" / "data").history, ["recent"])
+    with pytest.raises(ValueError, match=r"ranklog.channels names \['recent'\], which the channels step did not "
+                                         r"build \(it built \['als', 'content', 'itemcf', 'popular'\]; recent: left "
+                                         r"out: it proposes only items the user was shown before"):
+        ranklog_channels(RankLogSection(channels=("popular", "recent")), folder, RunData(tmp_path / "tiny" / "data"))
     # "auto" decides on the data: a list that names "recent" is refused by the step, naming the decision
     c = ChannelsSection(build=("popular", "recent"))
     with pytest.raises(ValueError, match=r"channels.build names \['recent'\], but the data step filters seen items "

@@ -15,7 +15,7 @@ import torch
 
 from .. import artifacts as A
 from ..arrays import PAD, first_occurrence_columns, first_occurrences, pad_by_row
-from ..channels import Channel, MergedRetriever, load_channels
+from ..channels import Channel, MergedRetriever, load_channels, why_left_out
 from ..data.requests import Requests, requests_frame, to_requests
 from ..distill.ranklog import sample_candidates
 from ..distill.shard_runner import build_rank_log_distributed
@@ -154,7 +154,7 @@ def ranklog_channels(cfg: RankLogSection, folder, data) -> dict[str, Channel]:
     missing = [n for n in names if n not in built]
     if missing:
         raise ValueError(f"ranklog.channels names {missing}, which the channels step did not build "
-                         f"(it built {sorted(built)})")
+                         f"(it built {sorted(built)}{why_left_out(folder, missing)})")
     if not names:
         raise ValueError(f"ranklog.channel_share = {cfg.channel_share} but the channels step built no channel")
     return {n: built[n] for n in names}
