@@ -122,6 +122,10 @@ def test_a_channel_setting_beside_no_channels_is_refused(key):
     name = key.split("=")[0]
     with pytest.raises(ConfigError, match=rf"{re.escape(name)} = \w.* is set but replay.channels is empty.*nothing"):
         load_config(None, ["replay.channels=[]", key])
+    # replay.channels unset beside a build of no channel: no multi-channel cascade either
+    with pytest.raises(ConfigError, match=rf"{re.escape(name)} = \w.* is set but channels.build builds no channel, "
+                                          r"so no multi-channel cascade is replayed: it would do nothing"):
+        load_config(None, ["channels.build=[]", "students.popularity_prior_grid=[0]", "ranklog.channel_share=0", key])
     unset = load_config(None, ["replay.channels=[]"]).replay  # no channels and neither set: fine
     assert unset.prerank_quotas is None and unset.two_tower_quota is None
     with_channels = load_config(None, [key]).replay  # beside the default channels: taken as set

@@ -700,6 +700,10 @@ class PipelineConfig:
             raise ConfigError(f"ranklog.channel_share = {self.ranklog.channel_share} but no channel to draw from "
                               f"(ranklog.channels = {_listed(self.ranklog.channels)}, channels.build = "
                               f"{list(built)}): name channels, or set ranklog.channel_share = 0")
+        shaping = [k for k in ("two_tower_quota", "prerank_quotas") if getattr(self.replay, k) is not None]
+        if self.replay.channels is None and not built and shaping:
+            raise ConfigError(f"replay.{shaping[0]} = {getattr(self.replay, shaping[0])} is set but channels.build "
+                              "builds no channel, so no multi-channel cascade is replayed: it would do nothing")
         unbuilt = [n for n in self.replay.channels or () if n not in built]
         if unbuilt:
             raise ConfigError(f"replay.channels names {unbuilt}, which the channels step does not build "
