@@ -265,3 +265,13 @@ def test_pooled_difference_is_the_mean_over_the_union_with_the_stratified_se():
     assert got["n"] == 5 and got["diff"] == pytest.approx(1.0 / 5)
     assert got["se"] == pytest.approx(math.sqrt(3 * 0.09 + 2 * 0.08) / 5)
     assert pooled_difference([a]) == pytest.approx(a)
+
+
+@pytest.mark.filterwarnings("error::RuntimeWarning")
+def test_row_mean_averages_the_defined_rows_and_is_nan_without_a_warning_where_none_is():
+    from cascade.eval.metrics import row_mean
+
+    assert row_mean([0.5, math.nan, 0.25]) == 0.375
+    assert math.isnan(row_mean([math.nan, math.nan])) and math.isnan(row_mean([]))
+    clicked = np.array([[3, -1], [-1, -1]])  # the second row has no click: nan, left out
+    assert row_mean(click_recall(clicked, np.array([[3, 4], [1, 2]]))) == 1.0

@@ -65,6 +65,7 @@ def test_a_gain_within_the_noise_keeps_the_configured_epochs():
     assert out["grid"][0]["within_one_se"] is False  # one epoch is clearly worse
 
 
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # bootstrap samples without a click: nan, no warning
 def test_requests_without_clicks_are_left_out_of_the_means():
     scores = [np.array([0.0, np.nan, 0.5]), np.array([1.0, np.nan, 1.0])]
     choice, module, _ = _judged(scores, configured=1)

@@ -3,7 +3,7 @@
 Scoring metrics (``auc``, ``gauc``, ``logloss``, ``calibration``) take flat arrays ``[n]``. List metrics
 (``recall_at_k``, ``click_recall``, ``ndcg_at_k``) take padded id arrays ``[B, *]`` whose padding value is
 ``pad`` (default -1) and return one value per row ``[B]`` (nan where the row has nothing to measure against;
-average with ``np.nanmean``).
+average with :func:`row_mean`).
 
 Undefined values are nan, not errors: ``auc`` of a set with one class only, ``gauc`` with no group having both
 classes, ``calibration`` without positives, recall of a row without reference ids, NDCG of a row whose ideal DCG
@@ -231,6 +231,14 @@ def mean_recall_at_k(reference, retrieved, pad: int = -1) -> float:
     if r.size == 0 or np.isnan(r).all():
         raise ValueError("mean_recall_at_k: no row has a reference id (all padding): recall is undefined")
     return float(np.nanmean(r))
+
+
+def row_mean(values) -> float:
+    """Mean of a list metric's defined rows (``values`` [B], nan where a row has nothing to measure against): nan,
+    without numpy's empty-slice warning, where no row is defined (a bootstrap sample of rows without clicks)."""
+    v = np.asarray(values, dtype=np.float64)
+    defined = v[~np.isnan(v)]
+    return float(defined.mean()) if defined.size else float("nan")
 
 
 def click_recall(clicked, retrieved, pad: int = -1) -> np.ndarray:

@@ -44,7 +44,7 @@ from ..channels.prior import PRIOR_FILE, PopularityPrior
 from ..config import to_dict
 from ..data.requests import Requests, impression_requests
 from ..distill.ranklog import RankLog
-from ..eval.metrics import auc, paired_difference
+from ..eval.metrics import auc, paired_difference, row_mean
 from ..eval.selection import (
     gap_se,
     one_se_choice,
@@ -160,7 +160,7 @@ def choose_prior(model, inputs, data: RunData, judge: Judge, n: int, popular: Po
         return _tower_recall(with_prior(towers, popular, w), data, judge, n)
 
     recall = widen_top({float(w): recall_at(float(w)) for w in grid}, recall_at, np.nanmean, doublings)
-    chosen, rows = one_se_choice(list(recall), lambda w, units: float(np.nanmean(recall[w][units])),
+    chosen, rows = one_se_choice(list(recall), lambda w, units: row_mean(recall[w][units]),
                                  len(judge.requests), seed=seed)
     return chosen, recall[chosen], [{"weight": r["value"], f"valid_click_recall@{n}": r["score"],
                                      **one_se_columns(r)} for r in rows]
@@ -329,7 +329,7 @@ def _train_towers(ctx: StepContext, c: StudentsSection, sizes: dict, data: RunDa
             return TrainedTower(towers, hist, recall, weight, prior_grid, epochs)
 
         def recall_over(m: TrainedTower, units: np.ndarray) -> float:
-            return float(np.nanmean(m.recall[units]))
+            return row_mean(m.recall[units])
 
         models = train_grid(c.scales(), train, recall_over, len(judge.requests),
                             c.grid_doublings if c.distill == "auto" else 0)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
+from ..eval.metrics import row_mean
 from ..eval.selection import one_se_choice, one_se_columns
 from ..models.two_tower import TwoTower
 
@@ -42,7 +43,7 @@ class EpochChoice:
             self.scores.append(np.asarray(self.recall(towers), dtype=np.float64))
         towers.train(was)
         self.states.append(copy.deepcopy({k: v.detach().cpu() for k, v in towers.state_dict().items()}))
-        means = [float(np.nanmean(s)) for s in self.scores]
+        means = [row_mean(s) for s in self.scores]
         best = int(np.argmax(means))
         return {self.key: means[-1]}, len(means) - 1 - best >= self.patience
 
@@ -52,7 +53,7 @@ class EpochChoice:
         if not self.scores:
             raise ValueError("EpochChoice.choose: no epoch was judged")
         chosen, rows = one_se_choice(range(1, len(self.scores) + 1),
-                                     lambda e, units: float(np.nanmean(self.scores[int(e) - 1][units])),
+                                     lambda e, units: row_mean(self.scores[int(e) - 1][units]),
                                      len(self.scores[0]), seed=seed, prefer=float(self.configured))
         towers.load_state_dict(self.states[int(chosen) - 1])
         return {"configured": self.configured, "trained": len(self.scores), "chosen": int(chosen),

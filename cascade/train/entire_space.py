@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from ..arrays import PAD, distinct, first_occurrences, topk_rows
 from ..data.batches import EncodedTable
 from ..data.requests import Requests, impression_requests, request_start_ms, requests_frame, to_requests
-from ..eval.metrics import auc, click_recall
+from ..eval.metrics import auc, click_recall, row_mean
 from ..eval.selection import one_se_choice, one_se_columns, rows_of_units, unit_ranges
 from ..models.entire_space import EntireSpaceRanker
 from ..models.scoring import score_pairs
@@ -177,7 +177,7 @@ def choose_exposure_weight(model: EntireSpaceRanker, data: RunData, requests: Re
         for b in grid:
             parts[b].append(tops[b])
     recall = {b: click_recall(clicked, np.concatenate(parts[b])) for b in grid}
-    choice, rows = one_se_choice(grid, lambda b, units: float(np.nanmean(recall[b][units])), len(requests),
+    choice, rows = one_se_choice(grid, lambda b, units: row_mean(recall[b][units]), len(requests),
                                  seed=seed, prefer=PRODUCT_RULE)
     table = [{"exposure_weight": r["value"], f"valid_click_recall@{k}": r["score"], **one_se_columns(r)}
              for r in rows]
