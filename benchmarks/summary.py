@@ -492,6 +492,8 @@ ROWS = [
         "through the same cascade", "beats every single channel end to end", _channels_alone),
     Row("real_data_ml_origins.json", "ML-100K over 4 test periods: the multi-channel cascade vs each channel alone "
         "through the same cascade", "beats every single channel end to end", _channels_alone),
+    Row("real_data_ml_origins_ranklog_unseen.json", "ML-100K over 4 test periods with the rank log following the "
+        "seen filter (no candidate the user was shown before; tried, not kept)", None, text_only(_real_data)),
     Row("real_data_ml_origins_n50.json", "ML-100K over 4 test periods at retrieval 50 / pre-rank 25 instead of 300 / "
         "100 (a diagnostic: a selective retrieval stage): the multi-channel cascade vs each channel alone", None,
         text_only(_channels_alone)),
