@@ -641,7 +641,10 @@ CHANNELS = {c.name: c for c in (PopularChannel, RecentChannel, ItemCFChannel, Co
 
 def saved_channel_names(folder: str | Path) -> list[str]:
     """The channels a finished channels step saved in ``folder`` (its manifest's ``<name>/channel.json``), by name."""
-    outputs = A.read_json(Path(folder) / A.MANIFEST).get("outputs", {})
+    return _saved_names(A.read_json(Path(folder) / A.MANIFEST).get("outputs", {}))
+
+
+def _saved_names(outputs) -> list[str]:
     return sorted(rel.split("/")[0] for rel in outputs if rel.count("/") == 1 and rel.endswith("/channel.json"))
 
 
@@ -660,7 +663,7 @@ def load_channels(folder: str | Path, history: EventHistory,
     altered file)."""
     folder = Path(folder)
     outputs = A.read_json(folder / A.MANIFEST).get("outputs", {})
-    saved = saved_channel_names(folder)
+    saved = _saved_names(outputs)
     names = saved if names is None else list(names)
     missing = [n for n in names if n not in saved]
     if missing:
