@@ -497,6 +497,13 @@ ROWS = [
     Row("real_data_ml_origins_n50.json", "ML-100K over 4 test periods at retrieval 50 / pre-rank 25 instead of 300 / "
         "100 (a diagnostic: a selective retrieval stage): the multi-channel cascade vs each channel alone", None,
         text_only(_channels_alone)),
+    Row("real_data_ml_n110.json", "ML-100K at the world's stage shares, retrieval 110 / pre-rank 22 instead of "
+        "300 / 100 (tried, not kept: the served outcome falls): the multi-channel cascade vs each channel alone",
+        None, text_only(_channels_alone)),
+    Row("real_data_ml_origins_n110.json", "ML-100K over 4 test periods at retrieval 110 / pre-rank 22 (tried, not "
+        "kept): the multi-channel cascade vs each channel alone", None, text_only(_channels_alone)),
+    Row("real_data_ml_28d_n110.json", "ML-100K 28-day test at retrieval 110 / pre-rank 22 (tried, not kept): the "
+        "multi-channel cascade vs each channel alone", None, text_only(_channels_alone)),
     Row("real_data_quota_025.json", "the multi-channel cascade with the two-tower at 0.25 of the retrieval slots "
         "instead of 0.5 (tried, not kept)", None, text_only(_channels_alone)),
     Row("real_data_ml_origins_quota_025.json", "ML-100K over 4 test periods: the multi-channel cascade with the "
