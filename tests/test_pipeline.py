@@ -129,6 +129,10 @@ def test_every_step_writes_verified_artifacts(run_a):
     ch = summary["channels"]
     assert sum(ch["final_origin_share"].values()) == pytest.approx(1.0)
     multi = pd.read_parquet(run_dir / "replay" / "distilled+channels_requests.parquet")
+    # the union measured by the channel report is the multi-channel cascade's own retrieval stage
+    in_sample = multi[multi.in_sample]
+    assert ch["union_click_recall"] == pytest.approx(in_sample.retrieval_click_recall.mean())
+    assert ch["union_teacher_recall"] == pytest.approx(in_sample.retrieval_teacher_recall.mean())
     differs = {}
     for name, e in ch["per_channel"].items():
         assert e["marginal"] == pytest.approx(ch["union_click_recall"] - e["union_without"]), name

@@ -133,7 +133,7 @@ def make_report_data() -> dict:
                      "prerank student (distilled)": {"epoch": [1, 2], "loss": [4.4806, 2.37555],
                                                      "valid": [None, 0.8009],
                                                      "valid_metric": "teacher-recall@10 on a rank-log sample"}},
-        "channels": {"union_click_recall": 0.6512, "prerank_quotas": True,
+        "channels": {"union_click_recall": 0.6512, "union_teacher_recall": 0.9148, "prerank_quotas": True,
                      "per_channel": {"two_tower": {"quota": 0.5, "click_recall_alone": 0.6251,
                                                    "teacher_recall_alone": 0.8597, "union_without": 0.5803,
                                                    "marginal": 0.0709,
@@ -343,6 +343,8 @@ def test_channels_section_shows_each_channel_alone_in_the_union_and_in_the_final
                                              "0.070", "+0.0089 ± 0.0031 *"]
     assert "oracle ratio" not in section
     assert "click-recall@N1 is 0.651" in section and "the pre-rank keeps every channel's quota" in section
+    # of the teacher's top-K: the union's N1 0.9148 -> 0.915, the best single channel two_tower's 0.8597 -> 0.860
+    assert "the union's N1 holds 0.915 and the best single channel's (two_tower) 0.860" in section
 
 
 @pytest.mark.parametrize("minimal", [{}, {"run": None, "data": None, "cascades": None, "index": None,

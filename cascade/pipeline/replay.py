@@ -257,12 +257,13 @@ def replayed_requests(frame: pd.DataFrame, test: pd.DataFrame, max_requests: int
 def channel_contributions(merged: MergedRetriever, requests, inp: ReplayInputs, n: int, k: int, seen) -> dict:
     """Per channel of the merged retrieval stage, on the (sampled) test requests: its own click-recall@n and
     teacher-recall@k within its top n, and what the union loses without it (click-recall@n of the union minus that
-    of the union of the others, quotas renormalised)."""
+    of the union of the others, quotas renormalised); the union's own click-recall@n and teacher-recall@k."""
     rows = np.arange(len(requests)) if inp.in_sample is None else np.flatnonzero(inp.in_sample)
     requests = requests.take(rows)
-    full = select_unseen(merged, requests, n, seen)[0]
-    full_recall = float(np.nanmean(list_quality(full, inp, rows, k)["click_recall"]))
-    out = {"union_click_recall": full_recall, "per_channel": {}}
+    full = list_quality(select_unseen(merged, requests, n, seen)[0], inp, rows, k)
+    full_recall = float(np.nanmean(full["click_recall"]))
+    out = {"union_click_recall": full_recall, "union_teacher_recall": float(np.nanmean(full["teacher_recall"])),
+           "per_channel": {}}
     for name, ch, q in zip(merged.names, merged.channels, merged.quotas):
         alone = list_quality(select_unseen(ch, requests, n, seen)[0], inp, rows, k)
         others = {m: c for m, c in zip(merged.names, merged.channels) if m != name}

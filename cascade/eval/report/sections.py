@@ -399,6 +399,16 @@ def _section_channels(data: Mapping) -> Section:
                             f"stage, the same pre-rank and ranker after it (two_tower: the distilled cascade); all "
                             f"channels minus it: the multi-channel cascade's per-request value minus that cascade's, "
                             f"mean ± SE over the test requests (* beyond 2 SE)."))
+    held = {r["channel"]: r["teacher's top-K in its N1"] for r in rows if r["teacher's top-K in its N1"] is not None}
+    if held and ch.get("union_teacher_recall") is not None:
+        best = max(held, key=held.get)
+        sec.blocks.append(("p", f"Of the teacher's top-K over the corpus, the union's N1 holds "
+                                f"{format_value(ch['union_teacher_recall'], 'teacher_recall')} and the best single "
+                                f"channel's ({best}) {format_value(held[best], 'teacher_recall')}. No stage after "
+                                f"retrieval adds an item, so where one channel's N1 already holds nearly all of it, "
+                                f"a cascade ranked by the teacher ends near the teacher's own top-K whichever channels "
+                                f"feed it, and the union can change little end to end; a smaller replay.n_retrieve "
+                                f"makes the retrieval stage choose."))
     return sec
 
 
