@@ -542,6 +542,8 @@ ROWS = [
         None, _exposure_weight_clicks),
     Row("real_data_ml_origins.json", "outcomes, ML-100K over 4 consecutive 14-day test periods (575 requests)",
         "the cascade beats most-popular", _real_data),
+    Row("real_data_ml_origins_before_classic_prior.json", "outcomes, ML-100K over 4 test periods, before the "
+        "teacher's collaborative term took the classic prior most-popular + EASE", None, text_only(_real_data)),
     Row("collaborative_choice.json", "ML-100K, 4 test periods x 3 seeds: the teacher's collaborative term chosen by "
         "the best validation score or the one-SE rule", None, _collaborative_choice),
     Row("real_data_ml_origins_no_collaborative.json", "outcomes, ML-100K over 4 test periods, before the teacher's "

@@ -43,6 +43,23 @@ def test_popular_counts_clicks_in_the_trailing_window_as_of_the_refresh():
     np.testing.assert_array_equal(all_time[0], [11, 10, 12])  # 3, 2, 1 clicks
 
 
+def test_popular_standardised_log_counts_hand_worked():
+    """Each candidate's log(1 + clicks in the request's window) standardised over a corpus of 5 items for its refresh
+    period (the teacher's collaborative term): an item without a click counts 0; 0 for padding; 0 for every item
+    where nothing was clicked in the window (SD 0)."""
+    h = event_history([(1, 10, 1 * DAY, 1), (2, 10, 1 * DAY, 1), (3, 11, 2 * DAY, 1), (4, 11, 2 * DAY, 1),
+                       (5, 11, 2 * DAY, 1), (6, 12, 2 * DAY, 0)])
+    ch = PopularChannel(h, window_days=1.5, refresh_ms=DAY)
+    # period 3 DAY, window [1.5 DAY, 3 DAY): 11 clicked 3 times; period 2 DAY, window [0.5 DAY, 2 DAY): 10 twice
+    at_3 = np.log1p(np.array([0.0, 3.0, 0.0, 0.0, 0.0]))  # items 10, 11, 12, 13, 14
+    at_2 = np.log1p(np.array([2.0, 0.0, 0.0, 0.0, 0.0]))
+    z3, z2 = ((x - x.mean()) / x.std() for x in (at_3, at_2))
+    req = requests_at([9, 9, 8], [3 * DAY + 10, 2 * DAY, 10 * DAY])
+    cand = np.array([[11, 10, PAD], [10, 14, 11], [10, 11, 12]])
+    want = np.array([[z3[1], z3[0], 0.0], [z2[0], z2[4], z2[1]], [0.0, 0.0, 0.0]])  # nothing clicked by 10 DAY
+    np.testing.assert_allclose(ch.standardised(req, cand, n_items=5), want, rtol=1e-6, atol=1e-7)
+
+
 def test_recent_is_the_users_own_clicks_most_recent_first():
     h = event_history([(1, 10, 100, 1), (1, 11, 200, 1), (1, 12, 300, 0), (1, 10, 400, 1)])
     items, scores = RecentChannel(h).select(requests_at([1, 1], [401, 250]), None, 3)

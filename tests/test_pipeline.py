@@ -946,7 +946,13 @@ def test_the_teachers_collaborative_term_is_chosen_saved_and_served(run_a, tmp_p
     from cascade.pipeline.judge import validation_judge
     from cascade.run_data import RunData, load_ranker
     from cascade.serve.cascade import load_cascade
-    from cascade.train.collaborative import choose_collaborative, grid_choice
+    from cascade.train.collaborative import (
+        PRIOR_EASE_LAMBDAS,
+        PRIOR_EASE_WEIGHTS,
+        PRIOR_WEIGHTS,
+        choose_collaborative,
+        grid_choice,
+    )
 
     cfg, run_dir, _ = run_a
     c = cfg.teacher
@@ -1001,6 +1007,45 @@ def test_the_teachers_collaborative_term_is_chosen_saved_and_served(run_a, tmp_p
         bench = ph.TeacherEase(plain, ease, row["weight"])
         assert row["valid_click_recall@5"] == pytest.approx(np.nanmean(judge.recall(judge.lists(bench, 5), 5)),
                                                             abs=1e-9)
+    # the classic prior's parts: a scorer adds popular_weight x the standardised log(1 + clicks) of its window and
+    # popular_ease_weight x the standardised EASE scores at its own lambda
+    both = CollaborativeTerm(term.lam, 0.5, 0.75, 7.0, 3_600_000, 50.0, 0.3)
+    teacher.collaborative = both
+    pop = data.popular_channel(7.0, 3_600_000).standardised(some, items, len(data.item_ids))
+    ease50 = EaseChannel(data.history, 50.0).fit(data.split_history("train"), data.item_ids)
+    assert np.abs(pop).max() > 0
+    np.testing.assert_allclose(ranker_scorer(teacher, data)(some, items),
+                               own + np.float32(0.5) * ease.standardised(some, items) + np.float32(0.75) * pop
+                               + np.float32(0.3) * ease50.standardised(some, items), rtol=1e-5, atol=1e-5)
+    # the clicks judge with popularity windows: the prior alone at every (days, EASE lambda, EASE weight), then the
+    # best of them at every weight beside the teacher (in units of the SD of its score); the term is the best of each
+    teacher.collaborative = None
+    chosen, rows = choose_collaborative(teacher, data, [term.lam], [0.5], judge, k=5, popular_days=[7.0, 30.0])
+    what = "valid_click_recall@5"
+    alone = {(r["popular_days"], r["prior_lambda"], r["prior_ease_weight"]): r[what]
+             for r in rows if r.get("part") == "prior alone"}
+    assert set(alone) == {(d, lam_, b) for d in (7.0, 30.0) for lam_ in PRIOR_EASE_LAMBDAS for b in PRIOR_EASE_WEIGHTS}
+    days, plam, b = max(alone, key=lambda x: (alone[x], -x[2], -x[1], -x[0]))
+    beside = [r for r in rows if r.get("part") == "beside the teacher"]
+    assert [r["prior_weight"] for r in beside] == [0.0, *PRIOR_WEIGHTS]
+    assert all((r["popular_days"], r["prior_lambda"], r["prior_ease_weight"]) == (days, plam, b) for r in beside)
+    t = max(beside, key=lambda r: (r[what], -r["prior_weight"]))["prior_weight"]
+    lam, w = grid_choice({(r["lambda"], r["weight"]): r[what] for r in rows if "lambda" in r})
+    if t == 0:
+        assert chosen == (None if w == 0 else CollaborativeTerm(lam, w))
+    else:
+        sd = beside[0]["score_sd"]
+        assert (chosen.lam, chosen.weight, chosen.popular_days, chosen.refresh_ms, chosen.popular_lam) == (
+            lam, w, days, 3_600_000, plam)
+        assert (chosen.popular_weight, chosen.popular_ease_weight) == pytest.approx((t * sd, t * sd * b))
+    # a row of the prior alone, recomputed over the corpus with the judge's seen items left out
+    full = np.ascontiguousarray(np.broadcast_to(data.item_ids, (len(judge.requests), len(data.item_ids))))
+    prior = (data.popular_channel(30.0, 3_600_000).standardised(judge.requests, full, len(data.item_ids))
+             + np.float32(0.5) * ease50.standardised(judge.requests, full))
+    if judge.seen is not None:
+        prior = np.where(judge.seen.seen(judge.requests.user_id, full, judge.requests.time_ms), -np.inf, prior)
+    top = np.take_along_axis(full, np.argsort(-prior, axis=1, kind="stable")[:, :5], 1)
+    assert alone[(30.0, 50.0, 0.5)] == pytest.approx(np.nanmean(judge.recall(top, 5)), abs=1e-9)
     # load_cascade: a listed term file that is missing, or a term file the manifest does not list, is refused
     fake = tmp_path / "run"
     shutil.copytree(run_dir, fake)
@@ -1030,11 +1075,17 @@ def test_a_collaborative_term_the_catalogue_cannot_hold_is_refused_before_traini
     m = A.read_manifest(tmp_path / "tiny" / "teacher", verify=True)["metrics"]["collaborative"]
     assert m["off"].startswith('teacher.collaborative = "auto": ') and m["off"].endswith("> 5 (EASE's dense fit)")
     assert not (tmp_path / "tiny" / "teacher" / "teacher" / "collaborative.json").exists()
-    for bad in ('teacher.collaborative="maybe"', 'teacher.collaborative_weights=[0.0]'):
+    for bad in ('teacher.collaborative="maybe"', 'teacher.collaborative_weights=[0.0]',
+                'teacher.collaborative_popular_days=[0.0]', 'teacher.collaborative_refresh_minutes=0'):
         with pytest.raises(ConfigError):
             load_config(TINY, [bad])
-    with pytest.raises(ConfigError, match="is 'off', so collaborative_lambdas / collaborative_weights would do"):
-        load_config(TINY, ['teacher.collaborative="off"', "teacher.collaborative_weights=[0.5]"])
+    for unused in ("teacher.collaborative_weights=[0.5]", "teacher.collaborative_popular_days=[3.0]"):
+        with pytest.raises(ConfigError, match="is 'off', so collaborative_lambdas / collaborative_weights / "
+                                              "collaborative_popular_days / collaborative_refresh_minutes would do"):
+            load_config(TINY, ['teacher.collaborative="off"', unused])
+    # the random-slice judge does not search the popularity prior: a window set beside it would do nothing
+    with pytest.raises(ConfigError, match="is searched only where logged clicks judge"):
+        load_config(TINY, ['teacher.entire_space.judge="random_auc"', "teacher.collaborative_popular_days=[3.0]"])
 
 
 def test_kd_temperature_searched_at_a_fixed_scale(tmp_path, caplog):

@@ -86,6 +86,17 @@ def make_report_data() -> dict:
                                                                          "grid": [{"valid_click_recall@10": 0.061}]},
                          "left_out": {"recent": "left out: it proposes only items the user was shown before, "
                                                 "which the seen filter drops (data.filter_seen = true)"}},
+            "collaborative": {"setting": "auto", "judge": "99 validation requests",
+                              "chosen": {"lam": 200.0, "weight": 0.25, "popular_weight": 0.9081,
+                                         "popular_days": 30.0, "refresh_ms": 3600000, "popular_lam": 50.0,
+                                         "popular_ease_weight": 0.2270},
+                              "grid": [{"lambda": 200.0, "weight": 0.0, "valid_click_recall@10": 0.1456},
+                                       {"lambda": 200.0, "weight": 0.25, "valid_click_recall@10": 0.1485},
+                                       {"part": "prior alone", "popular_days": 30.0, "prior_lambda": 50.0,
+                                        "prior_ease_weight": 0.25, "valid_click_recall@10": 0.1488},
+                                       {"part": "beside the teacher", "popular_days": 30.0, "prior_lambda": 50.0,
+                                        "prior_ease_weight": 0.25, "prior_weight": 0.5, "score_sd": 1.8161,
+                                        "valid_click_recall@10": 0.1615}]},
             "entire_space": {"exposure_weight": 0.25, "judge": "846 validation requests",
                              "grid": [{"exposure_weight": 0.0, "valid_click_recall@10": 0.498},
                                       {"exposure_weight": 0.25, "valid_click_recall@10": 0.519}]},
@@ -295,6 +306,12 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
         _md_row(md, ["left_out"])
     # the choices made on validation: every grid point, the chosen one named, the gate's verdict in words
     assert _md_row(md, ["0.25", "0.519"]) and _md_row(md, ["0.25", "0.747", "0.731"])
+    # the teacher's collaborative term: its EASE grid, then the popularity prior's rows in a table of their own
+    assert ("Teacher: collaborative term added to its ranking score (chosen 0.25 x EASE (lambda 200) + 0.9081 x "
+            "popularity (30 days) + 0.227 x EASE (lambda 50))") in md
+    assert _md_row(md, ["200", "0.25"]) == ["200", "0.25", "0.148"]  # 0.1485 is 0.14849... in binary
+    assert _md_row(md, ["prior alone"]) == ["prior alone", "30", "50", "0.25", "–", "0.149"]
+    assert _md_row(md, ["beside the teacher"]) == ["beside the teacher", "30", "50", "0.25", "0.5", "0.162"]
     assert "retrieval student (scale 0.25 chosen; 0 = ground truth only)" in md
     # the one-SE rule's columns where the grid has them: 0.5 wins by 0.0022 < its SE 0.0031, so 0 is chosen
     assert "Rank student (scale 0 chosen)" in md

@@ -71,7 +71,7 @@ def test_ease_weights_are_fitted_once_per_lambda_for_the_same_files(tiny_data, t
 
 def test_a_collaborative_term_file_is_read_back_or_refused_naming_it(tmp_path):
     """collaborative.json beside a ranker: saved and read back equal; absent -> None; a damaged or invalid file
-    raises naming it; a term needs lam > 0 and weight > 0 (weight 0 is no term, not a term)."""
+    raises naming it; a term needs lam > 0 and a weight > 0 (all weights 0 is no term, not a term)."""
     import pytest
 
     from cascade.models.collaborative import CollaborativeTerm, load_term
@@ -86,5 +86,17 @@ def test_a_collaborative_term_file_is_read_back_or_refused_naming_it(tmp_path):
     with pytest.raises(ValueError, match="collaborative.json: not a collaborative term .*weight=-1.0"):
         load_term(tmp_path)
     for lam, w in ((0.0, 0.5), (200.0, 0.0), (float("nan"), 0.5)):
-        with pytest.raises(ValueError, match="a collaborative term needs lam > 0 and weight > 0"):
+        with pytest.raises(ValueError, match="a collaborative term needs lam > 0, weights >= 0 and one of them > 0"):
             CollaborativeTerm(lam, w)
+    # the classic prior's parts: saved and read back; a file from before them reads back with them off (0); a part
+    # without its window or lambda, or a negative weight, is refused
+    both = CollaborativeTerm(200.0, 0.0, 0.9, 30.0, 3_600_000, 50.0, 0.23)
+    both.save(tmp_path)
+    assert load_term(tmp_path) == both
+    A.write_json(tmp_path / "collaborative.json", {"lam": 200.0, "weight": 0.5})
+    assert load_term(tmp_path) == CollaborativeTerm(200.0, 0.5, 0.0, None, 3_600_000, None, 0.0)
+    for bad, why in (((200.0, 0.0, 0.5), "needs popular_days > 0"), ((200.0, 0.0, 0.0, None, 1, None, 0.2),
+                                                                      "needs popular_lam > 0"),
+                     ((200.0, 0.5, -1.0, 7.0), "weights >= 0")):
+        with pytest.raises(ValueError, match=why):
+            CollaborativeTerm(*bad)

@@ -229,6 +229,29 @@ class PopularChannel(Channel):
             self.ranked(s)
         return len(new)
 
+    def standardised(self, requests: Requests, candidates: np.ndarray, n_items: int) -> np.ndarray:
+        """float32 [B, N]: each candidate's log(1 + its clicks in the request's window) standardised over a corpus of
+        ``n_items`` items for the request's refresh period (an item without a click there counts 0; mean and SD of
+        log(1 + count) over the corpus); 0 for padding, and where no item of the corpus was clicked (SD 0)."""
+        cand = np.asarray(candidates, np.int64)
+        period = self.period_starts(requests.time_ms)
+        out = np.zeros(cand.shape, np.float32)
+        for s in np.unique(period):
+            rows = np.flatnonzero(period == s)
+            ids, counts = self.ranked(int(s))
+            logs = np.log1p(counts.astype(np.float64))
+            mean = logs.sum() / n_items
+            sd = np.sqrt(max(float((logs ** 2).sum() / n_items - mean ** 2), 0.0))
+            if not sd > 0:
+                continue
+            order = np.argsort(ids)
+            sub = cand[rows]
+            pos = np.minimum(np.searchsorted(ids[order], sub), len(ids) - 1)
+            found = ids[order][pos] == sub
+            value = np.where(found, logs[order][pos], 0.0)
+            out[rows] = np.where(sub == PAD, 0.0, (value - mean) / sd)
+        return out
+
     def select(self, requests: Requests, candidates: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         check_select(self.name, candidates, n)
         period = self.period_starts(requests.time_ms)

@@ -114,7 +114,8 @@ def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto", b
     """score(requests, candidates [B, N]) -> ranking scores [B, N] (:func:`ranking_model`) with the pair features
     built on the fly by ``data.pair_features(requests, candidates)`` (a :class:`cascade.run_data.RunData`), in
     forward passes of about ``batch_size`` rows (:func:`score_pairs`), plus the model's collaborative term where it
-    carries one (:mod:`cascade.models.collaborative`; its EASE weights from ``data.ease``).
+    carries one (:mod:`cascade.models.collaborative`; its EASE weights from ``data.ease``, its click counts from
+    ``data.popular_channel``).
 
     autocast: bfloat16 scoring, decided per size of pass: whether bf16 pays depends on it (one list of 100
     candidates at batch-1 serving vs the rank log's passes of 4,096 rows), so "auto" probes the forward
@@ -143,7 +144,10 @@ def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto", b
             return choices[key]
 
     term = term_of(model)
-    ease = None if term is None else data.ease(term.lam)
+    ease = None if term is None or term.weight == 0 else data.ease(term.lam)
+    popular = (None if term is None or term.popular_weight == 0 else
+               data.popular_channel(term.popular_days, term.refresh_ms))
+    popular_ease = None if term is None or term.popular_ease_weight == 0 else data.ease(term.popular_lam)
 
     def score(requests: Requests, candidates: np.ndarray) -> np.ndarray:
         cat, num = data.pair_features(requests, candidates)
@@ -152,6 +156,10 @@ def ranker_scorer(model: torch.nn.Module, data, autocast: str | None = "auto", b
                         bf16=choice_for(cat, num, n).bf16).reshape(candidates.shape)
         if ease is not None:
             s += np.float32(term.weight) * ease.standardised(requests, candidates)
+        if popular is not None:
+            s += np.float32(term.popular_weight) * popular.standardised(requests, candidates, len(data.item_ids))
+        if popular_ease is not None:
+            s += np.float32(term.popular_ease_weight) * popular_ease.standardised(requests, candidates)
         return s
 
     def decide(requests: Requests, candidates: np.ndarray) -> AutocastChoice:

@@ -156,6 +156,7 @@ CHANNEL_SETTINGS = {
 #: backtest runs 200 alone did as well as the grid above chosen on validation (BENCHMARKS.md)
 COLLABORATIVE_LAMBDAS = (200.0,)
 COLLABORATIVE_WEIGHTS = (0.1, 0.25, 0.5, 1.0)  # teacher.collaborative_weights unless set (0 is always tried)
+COLLABORATIVE_POPULAR_DAYS = (7.0, 30.0)  # teacher.collaborative_popular_days unless set
 
 
 @dataclass(frozen=True)
@@ -292,7 +293,13 @@ class TeacherSection:
     logged clicks the best score, on the random slice the one-SE rule leaning to 0): "on",
     "off", or "auto" (the default): on for catalogues of at most 10,000 items (the EASE fit inverts a dense items x
     items matrix: cascade.channels.classic.EASE_MAX_ITEMS), off above; "on" above that size is refused. The
-    teacher's manifest records the choice and every score of the grid."""
+    teacher's manifest records the choice and every score of the grid.
+
+    collaborative_popular_days: where the judge is logged clicks, the term may also take the classic prior
+    most-popular + EASE (the click counts of these trailing windows, recounted every
+    ``collaborative_refresh_minutes``), its windows, EASE weight and weight beside the teacher chosen on validation
+    (train/collaborative.py); () searches no prior. The random-slice judge does not search it (its manifest says so),
+    so a judge set to "random_auc" refuses a non-default value."""
 
     model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
                                                                      cross_layers=2, cross_rank=32))
@@ -308,6 +315,8 @@ class TeacherSection:
     collaborative: str = "auto"
     collaborative_lambdas: tuple[float, ...] = COLLABORATIVE_LAMBDAS
     collaborative_weights: tuple[float, ...] = COLLABORATIVE_WEIGHTS
+    collaborative_popular_days: tuple[float, ...] = COLLABORATIVE_POPULAR_DAYS
+    collaborative_refresh_minutes: float = 60.0
 
     def __post_init__(self) -> None:
         require(self, "sequence_length", self.sequence_length == 0 or at_least(self.sequence_length, 1),
@@ -316,10 +325,20 @@ class TeacherSection:
         for key in ("collaborative_lambdas", "collaborative_weights"):
             grid = getattr(self, key)
             require(self, key, len(grid) > 0 and all(positive(v) for v in grid), "must be finite numbers > 0")
+        require(self, "collaborative_popular_days", all(positive(v) for v in self.collaborative_popular_days),
+                "must be finite numbers > 0 (or empty: no popularity prior)")
+        require(self, "collaborative_refresh_minutes", positive(self.collaborative_refresh_minutes),
+                "must be a finite number > 0")
+        popular_unset = (self.collaborative_popular_days, self.collaborative_refresh_minutes) == (
+            COLLABORATIVE_POPULAR_DAYS, 60.0)
         grids_unset = (self.collaborative_lambdas, self.collaborative_weights) == (COLLABORATIVE_LAMBDAS,
                                                                                  COLLABORATIVE_WEIGHTS)
-        require(self, "collaborative", self.collaborative != "off" or grids_unset,
-                "is 'off', so collaborative_lambdas / collaborative_weights would do nothing: leave them unset")
+        require(self, "collaborative", self.collaborative != "off" or (grids_unset and popular_unset),
+                "is 'off', so collaborative_lambdas / collaborative_weights / collaborative_popular_days / "
+                "collaborative_refresh_minutes would do nothing: leave them unset")
+        require(self, "collaborative_popular_days", self.entire_space.judge != "random_auc" or popular_unset,
+                "is searched only where logged clicks judge (teacher.entire_space.judge is \"random_auc\"), so it "
+                "would do nothing: leave it and collaborative_refresh_minutes unset")
         require(self, "model", "history" not in self.model.sides,
                 "sides must not name \"history\": set teacher.sequence_length = N instead (the teacher then reads "
                 "the sequence)")

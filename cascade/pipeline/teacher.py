@@ -72,11 +72,20 @@ def collaborative_term(c: TeacherSection, model, data: RunData, judge_by: str | 
     by = judge_by or exposure_judge("auto", data.split_impressions("valid"))
     es = c.entire_space
     judge = None if by == "random_auc" else validation_judge(data, es.select_requests, seed)
+    days = c.collaborative_popular_days if judge is not None else ()
     term, grid = choose_collaborative(model, data, c.collaborative_lambdas, c.collaborative_weights, judge,
-                                      es.select_k, seed)
-    drop_ease_fits(keep=() if term is None else (term.lam,))  # the later steps of the process read the chosen one
-    return {"setting": c.collaborative, "chosen": None if term is None else dataclasses.asdict(term), "grid": grid,
-            "judge": "AUC on the validation split's random-exposure impressions" if judge is None else judge.what}
+                                      es.select_k, seed, popular_days=days,
+                                      refresh_ms=int(round(c.collaborative_refresh_minutes * 60_000)))
+    # the later steps of the process read the chosen ones
+    drop_ease_fits(keep=() if term is None else tuple({term.lam, term.popular_lam} - {None}))
+    out = {"setting": c.collaborative, "chosen": None if term is None else dataclasses.asdict(term), "grid": grid,
+           "judge": "AUC on the validation split's random-exposure impressions" if judge is None else judge.what}
+    if judge is None and c.collaborative_popular_days:
+        out["popular_prior"] = ("not searched: the judge is the random slice, and the prior's click counts favour "
+                                "what the logging policy showed")
+    elif not c.collaborative_popular_days:
+        out["popular_prior"] = "not searched: teacher.collaborative_popular_days is empty"
+    return out
 
 
 def run(ctx: StepContext) -> StepResult:
@@ -126,7 +135,10 @@ def run(ctx: StepContext) -> StepResult:
     metrics["collaborative"] = collaborative_term(c, model, data, judge_by, ctx.seed, no_term)
     term = metrics["collaborative"].get("chosen")
     if term:
-        name = name[:-1] + f", collaborative term {term['weight']:g} x EASE (lambda {term['lam']:g}))"
+        popular = (f" + {term['popular_weight']:.3g} x popularity ({term['popular_days']:g} days)"
+                   f" + {term['popular_ease_weight']:.3g} x EASE (lambda {term['popular_lam']:g})"
+                   if term["popular_weight"] else "")
+        name = name[:-1] + f", collaborative term {term['weight']:.3g} x EASE (lambda {term['lam']:g}){popular})"
     metrics["autocast"] = res.autocast  # manifest only (its probed speed-up varies from run to run)
     metrics["train_throughput"] = res.throughput()  # measured: the manifest's metrics, never summary.json
     metrics["train_batch_size"] = res.batch_size  # batch_size, or less where min_steps_per_epoch shrank it

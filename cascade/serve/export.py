@@ -116,7 +116,9 @@ def _ranking_score(model) -> dict | None:
     if term is None:
         return None
     return {"score": "the ranking score + weight * the request's EASE scores (ridge lam, fitted on the train split's "
-                     "clicks) standardised over the corpus", "collaborative": dataclasses.asdict(term)}
+                     "clicks) standardised over the corpus + popular_weight * log(1 + the item's clicks in the "
+                     "trailing popular_days, recounted every refresh_ms) standardised over the corpus",
+            "collaborative": dataclasses.asdict(term)}
 
 
 def _serving_score(towers) -> dict:

@@ -455,17 +455,37 @@ def _section_choices(data: Mapping) -> Section:
     if co and "off" in co:
         sec.blocks.append(("p", f"Teacher: no collaborative term ({co['off']})."))
     elif co:
-        grid = [as_mapping(g, "grid") or {} for g in as_list(co.get("grid"), "grid") or []]
+        rows = [as_mapping(g, "grid") or {} for g in as_list(co.get("grid"), "grid") or []]
+        grid = [g for g in rows if "part" not in g]  # (lambda, weight); then the popularity prior's rows
+        prior = [g for g in rows if "part" in g]
         key = next((k for k in (grid[0] if grid else {}) if k.startswith(("valid_click_recall", "valid_random_auc"))),
                    "valid click-recall")
         chosen = as_mapping(co.get("chosen"), "chosen")
         what = (f"{format_value(chosen.get('weight'))} x EASE (lambda {format_value(chosen.get('lam'))})" if chosen
                 else "none: weight 0")
+        if chosen and chosen.get("popular_weight"):
+            what += (f" + {format_value(chosen.get('popular_weight'))} x popularity "
+                     f"({format_value(chosen.get('popular_days'))} days) + "
+                     f"{format_value(chosen.get('popular_ease_weight'))} x EASE (lambda "
+                     f"{format_value(chosen.get('popular_lam'))})")
         sec.blocks.append(("h3", f"Teacher: collaborative term added to its ranking score (chosen {what})"))
         sec.blocks.append(("table", Table(pd.DataFrame({"EASE lambda": [g.get("lambda") for g in grid],
                                                         "weight": [g.get("weight") for g in grid],
                                                         key: [g.get(key) for g in grid]}),
                                           ["", "", "click_recall"], caption=str(co.get("judge", "")))))
+        if prior:
+            sec.blocks.append(("p", "The classic prior most-popular + EASE (log(1 + clicks in the window) and the "
+                                    "EASE scores, each standardised over the corpus): alone at each window and EASE "
+                                    "weight, then the best of them beside the teacher, its weight in units of the SD "
+                                    "of the teacher's score over the corpus (0: no prior)."))
+            sec.blocks.append(("table", Table(pd.DataFrame({
+                "part": [g.get("part") for g in prior], "window days": [g.get("popular_days") for g in prior],
+                "EASE lambda": [g.get("prior_lambda") for g in prior],
+                "EASE weight": [g.get("prior_ease_weight") for g in prior],
+                "weight beside the teacher": [g.get("prior_weight") for g in prior],
+                key: [g.get(key) for g in prior]}), ["", "", "", "", "", "click_recall"])))
+        if co.get("popular_prior"):
+            sec.blocks.append(("p", f"Teacher: popularity prior {co['popular_prior']}."))
     st = as_mapping(ch.get("students"), "report_data['choices']['students']") or {}
     epochs_searched = False
     for stage in ("retrieval", "prerank"):
