@@ -476,6 +476,8 @@ ROWS = [
         "beats every single channel end to end", _channels_alone),
     Row("real_data.json", "the distillation scales chosen on validation, world",
         "above 0 on every seed (where the teacher's knowledge is real)", _world_scales),
+    Row("real_data_before_classic_prior.json", "outcomes before the teacher's collaborative term took the classic "
+        "prior most-popular + EASE", None, text_only(_real_data)),
     Row("real_data_confidence.json", "confidence-aware distillation (students.confidence) off vs on, the distilled "
         "cascade", None, _confidence),
     Row("real_data_reference_zero.json", "the distillation scales before the one-SE rule's reference followed the "
@@ -554,6 +556,8 @@ ROWS = [
         "weight vs most-popular", None, _exposure_weight_pooled),
     Row("real_data_ml_28d.json", "outcomes, ML-100K with a 28-day test split (345 requests)",
         "the cascade beats most-popular", _real_data),
+    Row("real_data_ml_28d_before_classic_prior.json", "outcomes, ML-100K 28-day test, before the teacher's "
+        "collaborative term took the classic prior most-popular + EASE", None, text_only(_real_data)),
     Row("real_data_ml_28d_no_collaborative.json",
         "outcomes, ML-100K 28-day test, before the teacher's collaborative term", None,
         text_only(_real_data)),
