@@ -1062,7 +1062,8 @@ def test_the_teachers_collaborative_term_is_chosen_saved_and_served(run_a, tmp_p
 
 def test_a_collaborative_term_the_catalogue_cannot_hold_is_refused_before_training(tmp_path, monkeypatch):
     """teacher.collaborative = "on" for a catalogue above EASE's size stops the teacher step before it trains; "auto"
-    runs without the term and the manifest says why; grids set beside "off" would do nothing and are refused."""
+    runs without the term and the manifest says why; grids set beside "off", and popularity windows beside a
+    random-slice judge, would do nothing and are refused."""
     import cascade.pipeline.teacher as T
 
     monkeypatch.setattr(T, "EASE_MAX_ITEMS", 5)
@@ -1083,9 +1084,15 @@ def test_a_collaborative_term_the_catalogue_cannot_hold_is_refused_before_traini
         with pytest.raises(ConfigError, match="is 'off', so collaborative_lambdas / collaborative_weights / "
                                               "collaborative_popular_days / collaborative_refresh_minutes would do"):
             load_config(TINY, ['teacher.collaborative="off"', unused])
-    # the random-slice judge does not search the popularity prior: a window set beside it would do nothing
+    # the random-slice judge does not search the popularity prior: a window set beside it would do nothing, refused
+    # by the config where the judge is named, by the teacher step before it trains where "auto" finds a random slice
     with pytest.raises(ConfigError, match="is searched only where logged clicks judge"):
         load_config(TINY, ['teacher.entire_space.judge="random_auc"', "teacher.collaborative_popular_days=[3.0]"])
+    monkeypatch.undo()  # the catalogue size back: the term is on
+    with pytest.raises(ValueError, match=r"teacher.collaborative_popular_days = \[3.0\] would do nothing: the "
+                                         r"validation split has random-exposure impressions"):
+        run_pipeline(load_config(TINY, [*base, "teacher.collaborative_popular_days=[3.0]"]), progress=False,
+                     until="teacher", update=True)
 
 
 def test_kd_temperature_searched_at_a_fixed_scale(tmp_path, caplog):

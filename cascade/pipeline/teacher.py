@@ -30,7 +30,7 @@ from ..train.entire_space import (
 )
 from ..train.loop import evaluate, fit, score_metrics
 from .common import model_row, save_ranker, seeded, with_seed, without_timings
-from .config import TeacherSection
+from .config import COLLABORATIVE_POPULAR_DAYS, TeacherSection
 from .judge import validation_judge
 from .runner import StepContext, StepResult
 
@@ -99,6 +99,11 @@ def run(ctx: StepContext) -> StepResult:
     # before any training: data without a random slice is refused for judge = "random_auc"
     judge_by = exposure_judge(es.judge, data.split_impressions("valid")) if es.enabled else None
     no_term = collaborative_off(c, len(data.item_ids))  # "on" for a catalogue EASE cannot fit: refused before training
+    if not no_term and c.collaborative_popular_days != COLLABORATIVE_POPULAR_DAYS and (
+            judge_by or exposure_judge("auto", data.split_impressions("valid"))) == "random_auc":
+        raise ValueError(f"teacher.collaborative_popular_days = {list(c.collaborative_popular_days)} would do nothing: "
+                         f"the validation split has random-exposure impressions, so the random slice judges the "
+                         f"teacher's choices and the popularity prior is not searched; leave it unset")
     if es.enabled:
         columns = train.spec.cat_names + train.spec.num_names
         unknown = [n for n in es.exposure_exclude if n not in columns]
