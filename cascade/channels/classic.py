@@ -204,6 +204,7 @@ class PopularChannel(Channel):
             raise ValueError(f"PopularChannel: refresh_ms must be >= 1, got {refresh_ms}")
         self.history, self.window_days, self.refresh_ms = history, window_days, int(refresh_ms)
         self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._logs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, float, float]] = {}  # standardised's
 
     def ranked(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         """The list of the refresh period starting at ``s``: (item ids int64 [m], click counts float32 [m]) of the
@@ -238,19 +239,29 @@ class PopularChannel(Channel):
         out = np.zeros(cand.shape, np.float32)
         for s in np.unique(period):
             rows = np.flatnonzero(period == s)
-            ids, counts = self.ranked(int(s))
-            logs = np.log1p(counts.astype(np.float64))
-            mean = logs.sum() / n_items
-            sd = np.sqrt(max(float((logs ** 2).sum() / n_items - mean ** 2), 0.0))
+            ids, logs, mean, sd = self._log_counts(int(s), n_items)
             if not sd > 0:
                 continue
-            order = np.argsort(ids)
             sub = cand[rows]
-            pos = np.minimum(np.searchsorted(ids[order], sub), len(ids) - 1)
-            found = ids[order][pos] == sub
-            value = np.where(found, logs[order][pos], 0.0)
+            pos = np.minimum(np.searchsorted(ids, sub), len(ids) - 1)
+            value = np.where(ids[pos] == sub, logs[pos], 0.0)
             out[rows] = np.where(sub == PAD, 0.0, (value - mean) / sd)
         return out
+
+    def _log_counts(self, s: int, n_items: int) -> tuple[np.ndarray, np.ndarray, float, float]:
+        """The period's clicked item ids in id order [m], their log(1 + count) [m], and its mean and SD over a
+        corpus of ``n_items`` (the unclicked items counting 0): counted once per period, as :meth:`ranked` is."""
+        key = (s, int(n_items))
+        if key not in self._logs:
+            ids, counts = self.ranked(s)
+            order = np.argsort(ids)
+            logs = np.log1p(counts[order].astype(np.float64))
+            mean = float(logs.sum() / n_items)
+            sd = float(np.sqrt(max(float((logs ** 2).sum() / n_items - mean ** 2), 0.0)))
+            if len(self._logs) >= 256:  # as ranked's cache: old periods are not asked again
+                self._logs.clear()
+            self._logs[key] = (ids[order], logs, mean, sd)
+        return self._logs[key]
 
     def select(self, requests: Requests, candidates: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         check_select(self.name, candidates, n)

@@ -60,16 +60,15 @@ def collaborative_off(c: TeacherSection, n_items: int) -> str | None:
     return f"teacher.collaborative = \"auto\": {n_items:,} items > {EASE_MAX_ITEMS:,} (EASE's dense fit)"
 
 
-def collaborative_term(c: TeacherSection, model, data: RunData, judge_by: str | None, seed: int,
-                       off: str | None) -> dict:
+def collaborative_term(c: TeacherSection, model, data: RunData, by: str, seed: int, off: str | None) -> dict:
     """Choose the teacher's collaborative term (``teacher.collaborative``; train/collaborative.py) by the exposure
-    weight's judge (``judge_by``; for a plain teacher the random slice where the validation split has one, else
-    logged clicks), set it on ``model``, unless ``off`` (:func:`collaborative_off`) says why not; what the manifest
-    records: {"setting", "chosen": {"lam", "weight"} | None, "grid", "judge"} or {"setting", "off": why}."""
+    weight's judge ``by`` ("random_auc" or logged clicks; for a plain teacher the random slice where the validation
+    split has one), set it on ``model``, unless ``off`` (:func:`collaborative_off`) says why not; what the manifest
+    records: {"setting", "chosen": {"lam", "weight", ...} | None, "grid", "judge"[, "popular_prior"]} or
+    {"setting", "off": why}."""
     model.collaborative = None
     if off:
         return {"setting": c.collaborative, "off": off}
-    by = judge_by or exposure_judge("auto", data.split_impressions("valid"))
     es = c.entire_space
     judge = None if by == "random_auc" else validation_judge(data, es.select_requests, seed)
     days = c.collaborative_popular_days if judge is not None else ()
@@ -99,8 +98,8 @@ def run(ctx: StepContext) -> StepResult:
     # before any training: data without a random slice is refused for judge = "random_auc"
     judge_by = exposure_judge(es.judge, data.split_impressions("valid")) if es.enabled else None
     no_term = collaborative_off(c, len(data.item_ids))  # "on" for a catalogue EASE cannot fit: refused before training
-    if not no_term and c.collaborative_popular_days != COLLABORATIVE_POPULAR_DAYS and (
-            judge_by or exposure_judge("auto", data.split_impressions("valid"))) == "random_auc":
+    term_judge = judge_by or exposure_judge("auto", data.split_impressions("valid"))  # the collaborative term's
+    if not no_term and c.collaborative_popular_days != COLLABORATIVE_POPULAR_DAYS and term_judge == "random_auc":
         raise ValueError(f"teacher.collaborative_popular_days = {list(c.collaborative_popular_days)} would do nothing: "
                          f"the validation split has random-exposure impressions, so the random slice judges the "
                          f"teacher's choices and the popularity prior is not searched; leave it unset")
@@ -137,7 +136,7 @@ def run(ctx: StepContext) -> StepResult:
         res = fit(model, train, valid, tcfg, label="teacher")
         name = f"teacher ({c.ranker.backbone})"
     model.cpu().eval()  # trained on run.device; the corpus scoring below and every later step read it on the CPU
-    metrics["collaborative"] = collaborative_term(c, model, data, judge_by, ctx.seed, no_term)
+    metrics["collaborative"] = collaborative_term(c, model, data, term_judge, ctx.seed, no_term)
     term = metrics["collaborative"].get("chosen")
     if term:
         popular = (f" + {term['popular_weight']:.3g} x popularity ({term['popular_days']:g} days)"
