@@ -958,20 +958,37 @@ def test_the_teachers_collaborative_term_is_chosen_saved_and_served(run_a, tmp_p
     c = cfg.teacher
     m = A.read_manifest(run_dir / "teacher")["metrics"]["collaborative"]
     assert m["setting"] == "auto" and m["judge"].startswith("AUC on the validation split's random")
-    grid = {(r["lambda"], r["weight"]): r["valid_random_auc"] for r in m["grid"]}
+    grid = {(r["lambda"], r["weight"]): r["valid_random_auc"] for r in m["grid"] if "part" not in r}
     assert set(grid) == {(lam, w) for lam in c.collaborative_lambdas for w in (0.0, *c.collaborative_weights)}
     # the random-slice judge: the lambda of the best AUC, then the smallest weight within one SE of the best there
     lam = grid_choice(grid)[0]
-    at_lam = [r for r in m["grid"] if r["lambda"] == lam]
+    at_lam = [r for r in m["grid"] if r.get("lambda") == lam]
     assert all(r["gap_to_best"] == pytest.approx(max(grid.values()) - r["valid_random_auc"]) for r in at_lam)
     w = min(r["weight"] for r in at_lam if r["within_one_se"])
-    assert m["chosen"] == (None if w == 0 else {"lam": lam, "weight": w})
-    chosen = f"{w:g} x EASE (lambda {lam:g})" if w else "none: weight 0"
-    assert f"Teacher: collaborative term added to its ranking score (chosen {chosen})" in (
-        run_dir / "report" / "report.md").read_text()
+    # then the classic prior: alone by the best AUC at every (days, EASE lambda, EASE weight), and its weight beside
+    # the teacher by the one-SE rule (0: none)
+    alone = {(r["popular_days"], r["prior_lambda"], r["prior_ease_weight"]): r["valid_random_auc"]
+             for r in m["grid"] if r.get("part") == "prior alone"}
+    assert set(alone) == {(d, lam_, b) for d in c.collaborative_popular_days for lam_ in PRIOR_EASE_LAMBDAS
+                          for b in PRIOR_EASE_WEIGHTS}
+    days, plam, b = max(alone, key=lambda x: (alone[x], -x[2], -x[1], -x[0]))
+    beside = [r for r in m["grid"] if r.get("part") == "beside the teacher"]
+    assert [(r["prior_weight"], r["popular_days"], r["prior_lambda"], r["prior_ease_weight"]) for r in beside] == [
+        (t_, days, plam, b) for t_ in (0.0, *PRIOR_WEIGHTS)]
+    top = max(r["valid_random_auc"] for r in beside)
+    assert all(r["gap_to_best"] == pytest.approx(top - r["valid_random_auc"]) for r in beside)
+    t = min(r["prior_weight"] for r in beside if r["within_one_se"])
+    sd = beside[0]["score_sd"]
+    expected = (None if w == t == 0 else CollaborativeTerm(lam, w) if t == 0 else
+                CollaborativeTerm(lam, w, t * sd, days, 3_600_000, plam, t * sd * b))
+    assert (None if m["chosen"] is None else CollaborativeTerm(**m["chosen"])) == expected
+    if t == 0:
+        chosen = f"{w:g} x EASE (lambda {lam:g})" if w else "none: weight 0"
+        assert f"Teacher: collaborative term added to its ranking score (chosen {chosen})" in (
+            run_dir / "report" / "report.md").read_text()
     data = RunData(run_dir / "data")
     teacher = load_ranker(run_dir / "teacher" / "teacher", data.spec)
-    assert teacher.collaborative == (None if w == 0 else CollaborativeTerm(lam, w))
+    assert teacher.collaborative == expected
     # the grid's AUCs, recomputed: the teacher's own ranking score + weight x the standardised EASE scores
     teacher.collaborative = None
     valid = data.split_impressions("valid")
@@ -983,6 +1000,16 @@ def test_the_teachers_collaborative_term_is_chosen_saved_and_served(run_a, tmp_p
         ease = EaseChannel(data.history, lam_).fit(data.split_history("train"), data.item_ids)
         z = ease.standardised(req, cand)[:, 0]
         assert grid[(lam_, w_)] == pytest.approx(roc_auc_score(shown["click"], base + np.float32(w_) * z), abs=1e-9)
+    # a cell of the prior alone and the prior beside the teacher, recomputed with scikit-learn over the same slice
+    zpop = data.popular_channel(days, 3_600_000).standardised(req, cand, len(data.item_ids))[:, 0]
+    zease = EaseChannel(data.history, plam).fit(data.split_history("train"), data.item_ids).standardised(req, cand)
+    assert alone[(days, plam, b)] == pytest.approx(roc_auc_score(shown["click"], zpop + np.float32(b) * zease[:, 0]),
+                                                   abs=1e-9)
+    served = base + (np.float32(w) * EaseChannel(data.history, lam).fit(data.split_history("train"), data.item_ids)
+                     .standardised(req, cand)[:, 0] if w else 0)
+    assert sd == pytest.approx(float(np.std(served)), rel=1e-5)
+    assert beside[-1]["valid_random_auc"] == pytest.approx(roc_auc_score(
+        shown["click"], served + np.float32(PRIOR_WEIGHTS[-1] * sd) * (zpop + np.float32(b) * zease[:, 0])), abs=1e-6)
     # a scorer of a teacher with a term adds weight x the standardised scores to the ranking score
     term = CollaborativeTerm(c.collaborative_lambdas[0], 0.5)
     teacher.collaborative = term
@@ -1062,8 +1089,7 @@ def test_the_teachers_collaborative_term_is_chosen_saved_and_served(run_a, tmp_p
 
 def test_a_collaborative_term_the_catalogue_cannot_hold_is_refused_before_training(tmp_path, monkeypatch):
     """teacher.collaborative = "on" for a catalogue above EASE's size stops the teacher step before it trains; "auto"
-    runs without the term and the manifest says why; grids set beside "off", and popularity windows beside a
-    random-slice judge, would do nothing and are refused."""
+    runs without the term and the manifest says why; grids set beside "off" would do nothing and are refused."""
     import cascade.pipeline.teacher as T
 
     monkeypatch.setattr(T, "EASE_MAX_ITEMS", 5)
@@ -1084,15 +1110,6 @@ def test_a_collaborative_term_the_catalogue_cannot_hold_is_refused_before_traini
         with pytest.raises(ConfigError, match="is 'off', so collaborative_lambdas / collaborative_weights / "
                                               "collaborative_popular_days / collaborative_refresh_minutes would do"):
             load_config(TINY, ['teacher.collaborative="off"', unused])
-    # the random-slice judge does not search the popularity prior: a window set beside it would do nothing, refused
-    # by the config where the judge is named, by the teacher step before it trains where "auto" finds a random slice
-    with pytest.raises(ConfigError, match="is searched only where logged clicks judge"):
-        load_config(TINY, ['teacher.entire_space.judge="random_auc"', "teacher.collaborative_popular_days=[3.0]"])
-    monkeypatch.undo()  # the catalogue size back: the term is on
-    with pytest.raises(ValueError, match=r"teacher.collaborative_popular_days = \[3.0\] would do nothing: the "
-                                         r"validation split has random-exposure impressions"):
-        run_pipeline(load_config(TINY, [*base, "teacher.collaborative_popular_days=[3.0]"]), progress=False,
-                     until="teacher", update=True)
 
 
 def test_kd_temperature_searched_at_a_fixed_scale(tmp_path, caplog):

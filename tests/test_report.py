@@ -20,6 +20,7 @@ import pytest
 from cascade.artifacts import ArtifactError, to_jsonable
 from cascade.eval.report import format_value, load_report, markdown_table, toml_dump, write_report
 from cascade.eval.report.blocks import MISSING, NOT_COMPUTED
+from cascade.eval.report.render import render_markdown
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 IMG_RE = re.compile(r'<img[^>]*\ssrc="data:image/png;base64,([A-Za-z0-9+/=]+)"')
@@ -391,6 +392,27 @@ def test_one_variant_without_oracle(tmp_path, report_data):
     assert "oracle clicks@K" not in md
     assert _md_row(md, ["distilled", "cascade"])[2:5] == ["0.061", "0.183", "0.0306"]
     assert len(IMG_RE.findall((tmp_path / "report.html").read_text())) == 4
+
+
+def test_the_classic_prior_judged_by_the_random_slice_shows_its_one_se_columns(report_data):
+    """The random slice's judge records the one-SE rule's columns on the prior's rows beside the teacher: the table
+    shows them (the rows of the prior alone, chosen by the best AUC, leave them empty)."""
+    report_data["choices"]["collaborative"] = {
+        "setting": "auto", "judge": "AUC on the validation split's random-exposure impressions", "chosen": None,
+        "grid": [{"lambda": 200.0, "weight": 0.0, "valid_random_auc": 0.7050, "gap_to_best": 0.0, "se_of_gap": 0.0,
+                  "within_one_se": True},
+                 {"part": "prior alone", "popular_days": 7.0, "prior_lambda": 800.0, "prior_ease_weight": 0.5,
+                  "valid_random_auc": 0.6808},
+                 {"part": "beside the teacher", "popular_days": 7.0, "prior_lambda": 800.0, "prior_ease_weight": 0.5,
+                  "prior_weight": 0.0, "score_sd": 0.63, "valid_random_auc": 0.7050, "gap_to_best": 0.0,
+                  "se_of_gap": 0.0, "within_one_se": True},
+                 {"part": "beside the teacher", "popular_days": 7.0, "prior_lambda": 800.0, "prior_ease_weight": 0.5,
+                  "prior_weight": 0.25, "score_sd": 0.63, "valid_random_auc": 0.7027, "gap_to_best": 0.0023,
+                  "se_of_gap": 0.0022, "within_one_se": False}]}
+    md = render_markdown(report_data)
+    assert "Teacher: collaborative term added to its ranking score (chosen none: weight 0)" in md
+    assert _md_row(md, ["prior alone"]) == ["prior alone", "7", "800", "0.5", "–", "0.681", "–", "–", "–"]
+    assert _md_row(md, ["beside the teacher", "7", "800", "0.5", "0.25"])[5:] == ["0.703", "0.0023", "0.0022", "no"]
 
 
 def test_the_headline_names_the_test_period_and_a_backtest(tmp_path, report_data):

@@ -295,11 +295,10 @@ class TeacherSection:
     items matrix: cascade.channels.classic.EASE_MAX_ITEMS), off above; "on" above that size is refused. The
     teacher's manifest records the choice and every score of the grid.
 
-    collaborative_popular_days: where the judge is logged clicks, the term may also take the classic prior
-    most-popular + EASE (the click counts of these trailing windows, recounted every
-    ``collaborative_refresh_minutes``), its windows, EASE weight and weight beside the teacher chosen on validation
-    (train/collaborative.py); () searches no prior. The random-slice judge does not search it (its manifest says so),
-    so a judge set to "random_auc" refuses a non-default value."""
+    collaborative_popular_days: the term may also take the classic prior most-popular + EASE (the click counts of
+    these trailing windows, recounted every ``collaborative_refresh_minutes``), its windows, EASE weight and weight
+    beside the teacher chosen on validation by the same judge (train/collaborative.py: on the random slice the
+    one-SE rule leaning to no prior); () searches no prior."""
 
     model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
                                                                      cross_layers=2, cross_rank=32))
@@ -336,9 +335,6 @@ class TeacherSection:
         require(self, "collaborative", self.collaborative != "off" or (grids_unset and popular_unset),
                 "is 'off', so collaborative_lambdas / collaborative_weights / collaborative_popular_days / "
                 "collaborative_refresh_minutes would do nothing: leave them unset")
-        require(self, "collaborative_popular_days", self.entire_space.judge != "random_auc" or popular_unset,
-                "is searched only where logged clicks judge (teacher.entire_space.judge is \"random_auc\"), so it "
-                "would do nothing: leave it and collaborative_refresh_minutes unset")
         require(self, "model", "history" not in self.model.sides,
                 "sides must not name \"history\": set teacher.sequence_length = N instead (the teacher then reads "
                 "the sequence)")

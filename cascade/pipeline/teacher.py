@@ -30,7 +30,7 @@ from ..train.entire_space import (
 )
 from ..train.loop import evaluate, fit, score_metrics
 from .common import model_row, save_ranker, seeded, with_seed, without_timings
-from .config import COLLABORATIVE_POPULAR_DAYS, TeacherSection
+from .config import TeacherSection
 from .judge import validation_judge
 from .runner import StepContext, StepResult
 
@@ -71,18 +71,14 @@ def collaborative_term(c: TeacherSection, model, data: RunData, by: str, seed: i
         return {"setting": c.collaborative, "off": off}
     es = c.entire_space
     judge = None if by == "random_auc" else validation_judge(data, es.select_requests, seed)
-    days = c.collaborative_popular_days if judge is not None else ()
     term, grid = choose_collaborative(model, data, c.collaborative_lambdas, c.collaborative_weights, judge,
-                                      es.select_k, seed, popular_days=days,
+                                      es.select_k, seed, popular_days=c.collaborative_popular_days,
                                       refresh_ms=int(round(c.collaborative_refresh_minutes * 60_000)))
     # the later steps of the process read the chosen ones
     drop_ease_fits(keep=() if term is None else tuple({term.lam, term.popular_lam} - {None}))
     out = {"setting": c.collaborative, "chosen": None if term is None else dataclasses.asdict(term), "grid": grid,
            "judge": "AUC on the validation split's random-exposure impressions" if judge is None else judge.what}
-    if judge is None and c.collaborative_popular_days:
-        out["popular_prior"] = ("not searched: the judge is the random slice, and the prior's click counts favour "
-                                "what the logging policy showed")
-    elif not c.collaborative_popular_days:
+    if not c.collaborative_popular_days:
         out["popular_prior"] = "not searched: teacher.collaborative_popular_days is empty"
     return out
 
@@ -99,10 +95,6 @@ def run(ctx: StepContext) -> StepResult:
     judge_by = exposure_judge(es.judge, data.split_impressions("valid")) if es.enabled else None
     no_term = collaborative_off(c, len(data.item_ids))  # "on" for a catalogue EASE cannot fit: refused before training
     term_judge = judge_by or exposure_judge("auto", data.split_impressions("valid"))  # the collaborative term's
-    if not no_term and c.collaborative_popular_days != COLLABORATIVE_POPULAR_DAYS and term_judge == "random_auc":
-        raise ValueError(f"teacher.collaborative_popular_days = {list(c.collaborative_popular_days)} would do nothing: "
-                         f"the validation split has random-exposure impressions, so the random slice judges the "
-                         f"teacher's choices and the popularity prior is not searched; leave it unset")
     if es.enabled:
         columns = train.spec.cat_names + train.spec.num_names
         unknown = [n for n in es.exposure_exclude if n not in columns]

@@ -12,14 +12,17 @@ Every (lambda, weight) of the grids is scored by the exposure weight's judge, on
   logging policy showed: on the world a weight of 0.1 that the AUC preferred by 0.00006 took the logged
   click-recall@10 of the distilled cascade from 0.079 to 0.108 and its oracle clicks@10 from 9.574 down to 9.470.
 
-With logged clicks as the judge (and ``popular_days``), the term can also take the classic prior most-popular + EASE
-that a ranker of rated logs trails: first the prior alone, log(1 + clicks in the trailing days) standardised over the
-corpus + b x the standardised EASE scores, (days, lambda, b) by its own validation click-recall@k; then
-the teacher's score (with the chosen EASE weight) + t x SD x the prior, SD the mean over the validation requests of
-the SD of that score over the corpus, t from (0, PRIOR_WEIGHTS) by the best score, ties to the smaller. On ML-100K's
-four last 14-day periods x 3 seeds it took the distilled cascade's test click-recall@10 from 0.1392 to 0.1469
-(BENCHMARKS.md, "The teacher's classic prior"). The random-slice judge does not search it: the prior is made of
-logged clicks, which favour what the logging policy showed.
+With ``popular_days``, the term can also take the classic prior most-popular + EASE that a ranker of rated logs
+trails: first the prior alone, log(1 + clicks in the trailing days) standardised over the corpus + b x the
+standardised EASE scores, (days, lambda, b) by its own validation score (the best, ties to the smaller b, lambda and
+window); then the teacher's score (with the chosen EASE weight) + t x SD x the prior, t from (0, PRIOR_WEIGHTS):
+
+- logged clicks: SD the mean over the validation requests of the SD of that score over the corpus; t of the best
+  score, ties to the smaller. On ML-100K's four last 14-day periods x 3 seeds it took the distilled cascade's test
+  click-recall@10 from 0.1392 to 0.1469 (BENCHMARKS.md, "The teacher's classic prior").
+- the random slice: SD that of the score over the randomly shown impressions (a random sample of the corpus); the
+  smallest t within one SE of the best AUC. The prior is made of logged clicks, which favour what the logging policy
+  showed; the slice, shown at random, does not: on the world every t > 0 lowers the AUC and 0 is kept (BENCHMARKS.md).
 """
 
 from __future__ import annotations
@@ -64,12 +67,15 @@ def corpus_scores(score, data: RunData, requests, seen=None) -> tuple[np.ndarray
     return ids, s
 
 
-def _popular_prior(data: RunData, blocks: list, lam: float, w: float, days_grid: Sequence[float], refresh_ms: int,
-                   recall_of, what: str) -> tuple[tuple[float, float, float, float] | None, list[dict]]:
-    """The classic prior most-popular + EASE, then its weight beside the teacher (module docstring), on the
-    validation blocks of :func:`choose_collaborative` (ranking score and EASE at ``lam`` already there): (the
-    prior's weight in ranking-score units, its EASE weight, days and lambda), None where weight 0 won; and the
-    grid's rows."""
+def _popular_prior(data: RunData, blocks: list, served: list, sd: float, days_grid: Sequence[float],
+                   refresh_ms: int, score_of, choose_weight, what: str
+                   ) -> tuple[tuple[float, float, float, float] | None, list[dict]]:
+    """The classic prior most-popular + EASE, then its weight beside the teacher (module docstring), on validation
+    blocks [(requests, item ids [R, I])] (the corpus for logged clicks, the randomly shown item [R, 1] for the random
+    slice), ``served`` the teacher's served score per block [R, I] (-inf: a seen item) and ``sd`` its spread.
+    score_of(blend) -> the validation score of blend(i) -> scores [R, I] of block i; choose_weight(weights,
+    blend_of_t) -> (the chosen t, {t: the grid row's score columns}). Returns (the prior's weight in ranking-score
+    units, its EASE weight, days and lambda), None where weight 0 won; and the grid's rows."""
     zpop = {d: [data.popular_channel(d, refresh_ms).standardised(b[0], b[1], len(data.item_ids)) for b in blocks]
             for d in days_grid}
     zease = {lam_: [data.ease(lam_).standardised(b[0], b[1]) for b in blocks] for lam_ in PRIOR_EASE_LAMBDAS}
@@ -77,23 +83,16 @@ def _popular_prior(data: RunData, blocks: list, lam: float, w: float, days_grid:
     for d in days_grid:
         for lam_ in PRIOR_EASE_LAMBDAS:
             for b in PRIOR_EASE_WEIGHTS:
-                prior[(d, lam_, b)] = recall_of(lambda i, d=d, lam_=lam_, b=b: np.where(  # -inf: a seen item
-                    np.isfinite(blocks[i][2]), zpop[d][i] + np.float32(b) * zease[lam_][i], -np.inf))
+                prior[(d, lam_, b)] = score_of(lambda i, d=d, lam_=lam_, b=b: np.where(  # -inf: a seen item
+                    np.isfinite(served[i]), zpop[d][i] + np.float32(b) * zease[lam_][i], -np.inf))
                 rows.append({"popular_days": d, "prior_lambda": lam_, "prior_ease_weight": b,
                              what: prior[(d, lam_, b)], "part": "prior alone"})
     # ties: the smaller EASE weight, then the smaller lambda and window
-    days, plam, b = max(prior, key=lambda x: (prior[x], -x[2], -x[1], -x[0]))
-    # the teacher's served score (with the chosen EASE term) per request over the corpus: its mean SD puts the
-    # standardised prior on the ranking score's scale
-    served = [blk[2] + np.float32(w) * blk[3][lam] for blk in blocks]
-    sd = float(np.mean(np.concatenate([np.nanstd(np.where(np.isfinite(s), s, np.nan), axis=1) for s in served])))
-    blend = {}
-    for t in (0.0, *PRIOR_WEIGHTS):
-        blend[t] = recall_of(lambda i, t=t: served[i] + np.float32(t * sd) * (
-            zpop[days][i] + np.float32(b) * zease[plam][i]))
-        rows.append({"popular_days": days, "prior_lambda": plam, "prior_ease_weight": b, "prior_weight": t,
-                     "score_sd": sd, what: blend[t], "part": "beside the teacher"})
-    t = max(blend, key=lambda t_: (blend[t_], -t_))  # the best score, ties to the smaller weight (0: no prior)
+    days, plam, b = max(prior, key=lambda x: (np.nan_to_num(prior[x], nan=-np.inf), -x[2], -x[1], -x[0]))
+    t, columns = choose_weight((0.0, *PRIOR_WEIGHTS), lambda t_: lambda i: served[i] + np.float32(t_ * sd) * (
+        zpop[days][i] + np.float32(b) * zease[plam][i]))
+    rows += [{"popular_days": days, "prior_lambda": plam, "prior_ease_weight": b, "prior_weight": t_,
+              "score_sd": sd, **columns[t_], "part": "beside the teacher"} for t_ in (0.0, *PRIOR_WEIGHTS)]
     return (None if t == 0 else (t * sd, b, days, plam)), rows
 
 
@@ -132,7 +131,19 @@ def choose_collaborative(model, data: RunData, lams: Sequence[float], weights: S
         lam, w = grid_choice(scores)
         table = [{"lambda": lam_, "weight": w_, what: scores[(lam_, w_)]} for lam_, w_ in grid]
         if popular_days:
-            popular, popular_table = _popular_prior(data, blocks, lam, w, popular_days, refresh_ms, recall_of, what)
+            # the teacher's served score (with the chosen EASE term) per request over the corpus: the mean of its SD
+            # per request puts the standardised prior on the ranking score's scale
+            served = [blk[2] + np.float32(w) * blk[3][lam] for blk in blocks]
+            sd = float(np.mean(np.concatenate([np.nanstd(np.where(np.isfinite(s), s, np.nan), axis=1)
+                                               for s in served])))
+
+            def best_weight(weights, blend_of_t) -> tuple[float, dict]:
+                """The weight of the best score, ties to the smaller (0: no prior)."""
+                by_t = {t: recall_of(blend_of_t(t)) for t in weights}
+                return max(by_t, key=lambda t: (by_t[t], -t)), {t: {what: v} for t, v in by_t.items()}
+
+            popular, popular_table = _popular_prior(data, [blk[:2] for blk in blocks], served, sd, popular_days,
+                                                    refresh_ms, recall_of, best_weight, what)
             table += popular_table
     else:
         shown = random_slice(data.split_impressions("valid"), "the collaborative term's random-slice judge")
@@ -155,6 +166,22 @@ def choose_collaborative(model, data: RunData, lams: Sequence[float], weights: S
         one_se = {r["value"]: one_se_columns(r) for r in rows}
         table = [{"lambda": lam_, "weight": w_, what: scores[(lam_, w_)], **(one_se[w_] if lam_ == lam else {})}
                  for lam_, w_ in grid]
+        if popular_days:
+            # the teacher's served score over the randomly shown impressions: its SD there (over a random sample of
+            # the corpus, across requests) puts the standardised prior on the ranking score's scale
+            served = base + np.float32(w) * z[lam]
+
+            def one_se_weight(weights, blend_of_t) -> tuple[float, dict]:
+                """The smallest weight within one SE of the best AUC (0: no prior)."""
+                blended = {t: blend_of_t(t)(0)[:, 0] for t in weights}
+                t, by_t = one_se_choice(weights, lambda t_, u: auc(y[(r := rows_of_units(starts, lengths, u))],
+                                                                   blended[t_][r]), len(starts), seed=seed)
+                return t, {row["value"]: {what: row["score"], **one_se_columns(row)} for row in by_t}
+
+            popular, popular_table = _popular_prior(data, [(req, cand)], [served[:, None]], float(np.std(served)),
+                                                    popular_days, refresh_ms, lambda blend: auc(y, blend(0)[:, 0]),
+                                                    one_se_weight, what)
+            table += popular_table
     if popular is not None:  # (prior weight x SD, its EASE weight b, days, its lambda)
         pw, b, days, plam = popular
         term = CollaborativeTerm(lam, w, pw, days, refresh_ms, plam, pw * b)

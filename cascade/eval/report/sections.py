@@ -477,13 +477,16 @@ def _section_choices(data: Mapping) -> Section:
             sec.blocks.append(("p", "The classic prior most-popular + EASE (log(1 + clicks in the window) and the "
                                     "EASE scores, each standardised over the corpus): alone at each window and EASE "
                                     "weight, then the best of them beside the teacher, its weight in units of the SD "
-                                    "of the teacher's score over the corpus (0: no prior)."))
+                                    "of the teacher's score over the corpus (0: no prior; the random slice's judge "
+                                    "takes its SD over the randomly shown impressions and the smallest weight "
+                                    "within one SE of the best)."))
             sec.blocks.append(("table", Table(pd.DataFrame({
                 "part": [g.get("part") for g in prior], "window days": [g.get("popular_days") for g in prior],
                 "EASE lambda": [g.get("prior_lambda") for g in prior],
                 "EASE weight": [g.get("prior_ease_weight") for g in prior],
                 "weight beside the teacher": [g.get("prior_weight") for g in prior],
-                key: [g.get(key) for g in prior]}), ["", "", "", "", "", "click_recall"])))
+                key: [g.get(key) for g in prior], **_one_se_frame(prior)}),
+                ["", "", "", "", "", "click_recall", *_one_se_keys(prior)])))
         if co.get("popular_prior"):
             sec.blocks.append(("p", f"Teacher: popularity prior {co['popular_prior']}."))
     st = as_mapping(ch.get("students"), "report_data['choices']['students']") or {}
