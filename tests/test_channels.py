@@ -172,6 +172,39 @@ def test_ease_standardised_scores_match_the_scored_corpus():
         np.testing.assert_allclose(ch.standardised(req, cand, chunk=chunk), want, rtol=1e-4, atol=1e-5)
 
 
+def test_popular_ease_lists_the_corpus_by_the_sum_of_both_standardised_scores():
+    """The classic prior alone: per request z(log(1 + window clicks)) + b x z(EASE) over the corpus, its top n best
+    first (ties to the lower item id), block by block as in one; candidates are refused (it lists the corpus)."""
+    from cascade.channels import PopularEase
+
+    train = event_history([(1, 10, 1 * DAY, 1), (1, 11, 1 * DAY + 1, 1), (2, 11, 1 * DAY + 2, 1),
+                           (2, 12, 1 * DAY + 3, 1), (3, 10, 1 * DAY + 4, 1), (3, 13, 1 * DAY + 5, 1),
+                           (4, 11, 1 * DAY + 6, 1), (4, 14, 1 * DAY + 7, 0)])
+    corpus = np.array([10, 11, 12, 13, 14])
+    popular = PopularChannel(train, window_days=2.0, refresh_ms=DAY)
+    ease = EaseChannel(train, lam=2.0).fit(train, corpus)
+    req = requests_at([3, 1, 9], [2 * DAY, 2 * DAY + 5, 2 * DAY])
+    # window [0, 2 DAY) at the period 2 DAY: clicks 10: 2, 11: 3, 12: 1, 13: 1, 14: 0
+    logs = np.log1p(np.array([2.0, 3.0, 1.0, 1.0, 0.0]))
+    zpop = (logs - logs.mean()) / logs.std()
+    b = ease.weights_.astype(np.float64)
+    rows = [b[0] + b[3], b[0] + b[1], None]  # user 3 clicked 10 and 13, user 1 10 and 11, user 9 nothing
+    want = np.stack([zpop + 0.5 * (np.zeros(5) if r is None else (r - r.mean()) / r.std()) for r in rows])
+    for block in (1 << 22, 5):  # one block; a request at a time (5 pairs)
+        prior = PopularEase(popular, ease, 0.5, corpus[::-1], pairs_per_batch=block)
+        assert prior.params() == {"window_days": 2.0, "lam": 2.0, "ease_weight": 0.5}
+        np.testing.assert_allclose(prior.score(req, np.tile(corpus, (3, 1))), want, rtol=1e-5, atol=1e-6)
+        items, scores = prior.select(req, None, 3)
+        order = np.argsort(-want, axis=1, kind="stable")[:, :3]
+        np.testing.assert_array_equal(items, corpus[order])
+        np.testing.assert_allclose(scores, np.take_along_axis(want, order, 1), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(items[2], [11, 10, 12])  # no click of user 9: most-popular's order, ties to 12
+    with pytest.raises(ValueError, match="candidates must be None"):
+        prior.select(req, np.tile(corpus, (3, 1)), 3)
+    with pytest.raises(ValueError, match="ease_weight must be"):
+        PopularEase(popular, ease, -1.0, corpus)
+
+
 def test_ease_refuses_a_catalogue_too_large_for_its_dense_weights(monkeypatch):
     import cascade.channels.classic as C
 

@@ -939,13 +939,13 @@ def test_the_teachers_collaborative_term_is_chosen_saved_and_served(run_a, tmp_p
     sys.path.insert(0, str(ROOT / "benchmarks"))
     import popularity_headroom as ph
 
-    from cascade.channels import EaseChannel
-    from cascade.data.requests import impression_requests
+    from cascade.channels import EaseChannel, PopularEase
+    from cascade.data.requests import Requests, impression_requests
     from cascade.models.collaborative import CollaborativeTerm
     from cascade.models.scoring import ranker_scorer
-    from cascade.pipeline.judge import validation_judge
+    from cascade.pipeline.judge import seen_filter, validation_judge
     from cascade.run_data import RunData, load_ranker
-    from cascade.serve.cascade import load_cascade
+    from cascade.serve.cascade import load_cascade, select_unseen
     from cascade.train.collaborative import (
         PRIOR_EASE_LAMBDAS,
         PRIOR_EASE_WEIGHTS,
@@ -989,6 +989,17 @@ def test_the_teachers_collaborative_term_is_chosen_saved_and_served(run_a, tmp_p
     data = RunData(run_dir / "data")
     teacher = load_ranker(run_dir / "teacher" / "teacher", data.spec)
     assert teacher.collaborative == expected
+    # the prior alone that was chosen is recorded, and the replay serves it as a baseline: each replayed request's
+    # final list is the PopularEase top-K of the corpus, seen items left out where the run filters them
+    assert m["prior_alone"] == {"window_days": days, "lam": plam, "ease_weight": b, "refresh_ms": 3_600_000}
+    shown = f"popular + EASE ({days:g} days, lambda {plam:g}, b {b:g})"
+    assert A.read_json(run_dir / "replay" / "summary.json")["baselines"][shown]["channel"] == "popular_ease"
+    rows = pd.read_parquet(run_dir / "replay" / "baseline_popular_ease_requests.parquet")
+    some = rows.iloc[:25]
+    prior_list = PopularEase(data.popular_channel(days, 3_600_000), data.ease(plam), b, data.item_ids)
+    replayed = Requests(some["user_id"].to_numpy(), some["time_ms"].to_numpy())  # the prior reads no context
+    lists = select_unseen(prior_list, replayed, cfg.replay.n_retrieve, seen_filter(data)[0])[0][:, :cfg.replay.k]
+    np.testing.assert_array_equal(np.stack(some["final_items"].to_list()), lists)
     # the grid's AUCs, recomputed: the teacher's own ranking score + weight x the standardised EASE scores
     teacher.collaborative = None
     valid = data.split_impressions("valid")

@@ -6,7 +6,8 @@ collaborative filtering, content categories, ALS matrix factorisation, EASE item
 strictly before each request, and what they learn comes from the train period only.
 :class:`~.merge.MergedRetriever` unites several channels into one retrieval stage with per-channel quotas, keeping
 each candidate's channel of origin; :func:`~.merge.quota_cut` keeps those quotas when the pre-rank stage cuts the
-union. Each channel alone is also a reference baseline of the replay. :func:`~.classic.load_channels` reads back
+union. Each channel alone is also a reference baseline of the replay, as is :class:`~.popular_ease.PopularEase`, the
+classic prior most-popular + EASE the teacher's collaborative term chooses. :func:`~.classic.load_channels` reads back
 the channels a run's channels step saved (hash-checked), for the replay and for serving.
 """
 
@@ -24,7 +25,8 @@ from .classic import (
     why_left_out,
 )
 from .merge import MergedRetriever, quota_cut
+from .popular_ease import PopularEase
 
 __all__ = ["CHANNELS", "ALSChannel", "Channel", "ContentChannel", "EaseChannel", "ItemCFChannel", "MergedRetriever",
-           "PopularChannel", "RecentChannel", "load_channels", "quota_cut",
+           "PopularChannel", "PopularEase", "RecentChannel", "load_channels", "quota_cut",
            "saved_channel_names", "why_left_out"]

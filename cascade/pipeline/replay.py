@@ -1,10 +1,11 @@
 """The replay step: the test requests in time order through both cascades, outcomes and latency per stage.
 
 Next to the cascades it measures, on the same requests and at the same stage sizes, the teacher's own top list over
-the whole corpus (the cascade's ceiling), the classic channels' own lists, and with ``replay.channels`` each of those
-channels alone as the retrieval stage of the same cascade (what the multi-channel cascade adds over it). Seen items
-are filtered when the data step decided so (``data.filter_seen``; "auto":
-:func:`~cascade.pipeline.judge.decide_filter_seen`).
+the whole corpus (the cascade's ceiling), the classic channels' own lists, the classic prior most-popular + EASE
+the teacher's collaborative term chose (:class:`~cascade.channels.PopularEase`, where it searched one), and with
+``replay.channels`` each of those channels alone as the retrieval stage of the same cascade (what the
+multi-channel cascade adds over it). Seen items are filtered when the data step decided so (``data.filter_seen``;
+"auto": :func:`~cascade.pipeline.judge.decide_filter_seen`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import torch
 
 from .. import artifacts as A
 from ..arrays import PAD, pad_by_row
-from ..channels import MergedRetriever, load_channels, why_left_out
+from ..channels import MergedRetriever, PopularEase, load_channels, why_left_out
 from ..data.requests import impression_requests, requests_frame, to_requests
 from ..data.world import World
 from ..eval.metrics import auc, gauc, paired_difference, paired_ratio_difference, recall_at_k
@@ -155,6 +156,15 @@ def run(ctx: StepContext) -> StepResult:
         shown = baseline_name(name, ch.params())
         write_rows(shown, rows, file_stem=f"baseline_{name}")
         baselines[shown] = {"quality": quality, "sizes": sizes, "channel": name, "params": ch.params()}
+    # the classic prior most-popular + EASE alone, as the teacher's collaborative term chose it
+    prior = (A.read_manifest(ctx.inputs["teacher"])["metrics"].get("collaborative") or {}).get("prior_alone")
+    if prior:
+        ch = PopularEase(data.popular_channel(prior["window_days"], prior["refresh_ms"]), data.ease(prior["lam"]),
+                         prior["ease_weight"], data.item_ids)
+        rows, quality = ranking_quality(select_unseen(ch, requests, c.n_retrieve, seen)[0], inp, sizes, c.k)
+        shown = baseline_name(ch.name, ch.params())
+        write_rows(shown, rows, file_stem=f"baseline_{ch.name}")
+        baselines[shown] = {"quality": quality, "sizes": sizes, "channel": ch.name, "params": ch.params()}
     channel_report, channel_cascades = None, {}
     union = union_channels(c.channels, list(channels))
     if union:
@@ -294,6 +304,8 @@ def baseline_name(channel: str, params: dict) -> str:
         return f"als ({params['factors']} factors)"
     if channel == "ease":
         return f"ease (lambda {params['lam']:g})"
+    if channel == "popular_ease":
+        return f"popular + EASE ({params['window_days']:g} days, lambda {params['lam']:g}, b {params['ease_weight']:g})"
     return channel
 
 

@@ -64,7 +64,8 @@ def collaborative_term(c: TeacherSection, model, data: RunData, by: str, seed: i
     """Choose the teacher's collaborative term (``teacher.collaborative``; train/collaborative.py) by the exposure
     weight's judge ``by`` ("random_auc" or logged clicks; for a plain teacher the random slice where the validation
     split has one), set it on ``model``, unless ``off`` (:func:`collaborative_off`) says why not; what the manifest
-    records: {"setting", "chosen": {"lam", "weight", ...} | None, "grid", "judge"[, "popular_prior"]} or
+    records: {"setting", "chosen": {"lam", "weight", ...} | None, "grid", "judge"[, "prior_alone": {"window_days",
+    "lam", "ease_weight", "refresh_ms"} (the classic prior alone chosen), "popular_prior" (why none was searched)]} or
     {"setting", "off": why}."""
     model.collaborative = None
     if off:
@@ -78,6 +79,11 @@ def collaborative_term(c: TeacherSection, model, data: RunData, by: str, seed: i
     drop_ease_fits(keep=() if term is None else tuple({term.lam, term.popular_lam} - {None}))
     out = {"setting": c.collaborative, "chosen": None if term is None else dataclasses.asdict(term), "grid": grid,
            "judge": "AUC on the validation split's random-exposure impressions" if judge is None else judge.what}
+    beside = [g for g in grid if g.get("part") == "beside the teacher"]
+    if beside:  # the prior alone that was chosen (the replay's baseline "popular + EASE")
+        out["prior_alone"] = {"window_days": beside[0]["popular_days"], "lam": beside[0]["prior_lambda"],
+                              "ease_weight": beside[0]["prior_ease_weight"],
+                              "refresh_ms": int(round(c.collaborative_refresh_minutes * 60_000))}
     if not c.collaborative_popular_days:
         out["popular_prior"] = "not searched: teacher.collaborative_popular_days is empty"
     return out
