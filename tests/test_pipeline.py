@@ -1056,7 +1056,7 @@ def test_the_teachers_collaborative_term_is_chosen_saved_and_served(run_a, tmp_p
                                own + np.float32(0.5) * ease.standardised(some, items) + np.float32(0.75) * pop
                                + np.float32(0.3) * ease50.standardised(some, items), rtol=1e-5, atol=1e-5)
     # the clicks judge with popularity windows: the prior alone at every (days, EASE lambda, EASE weight), then the
-    # best of them at every weight beside the teacher (in units of the SD of its score); the term is the best of each
+    # best of them at every weight beside the teacher (in units of the SD of its score)
     teacher.collaborative = None
     chosen, rows = choose_collaborative(teacher, data, [term.lam], [0.5], judge, k=5, popular_days=[7.0, 30.0])
     what = "valid_click_recall@5"
@@ -1067,7 +1067,11 @@ def test_the_teachers_collaborative_term_is_chosen_saved_and_served(run_a, tmp_p
     beside = [r for r in rows if r.get("part") == "beside the teacher"]
     assert [r["prior_weight"] for r in beside] == [0.0, *PRIOR_WEIGHTS]
     assert all((r["popular_days"], r["prior_lambda"], r["prior_ease_weight"]) == (days, plam, b) for r in beside)
-    t = max(beside, key=lambda r: (r[what], -r["prior_weight"]))["prior_weight"]
+    # the weight beside the teacher: the largest within one SE of the best (the one-SE rule leaning to the prior)
+    top = max(r[what] for r in beside)
+    assert all(r["gap_to_best"] == pytest.approx(top - r[what]) for r in beside)
+    assert all(r["within_one_se"] == (r[what] == top or r["gap_to_best"] <= r["se_of_gap"]) for r in beside)
+    t = max(r["prior_weight"] for r in beside if r["within_one_se"])
     lam, w = grid_choice({(r["lambda"], r["weight"]): r[what] for r in rows if "lambda" in r})
     if t == 0:
         assert chosen == (None if w == 0 else CollaborativeTerm(lam, w))

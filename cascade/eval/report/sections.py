@@ -477,9 +477,9 @@ def _section_choices(data: Mapping) -> Section:
             sec.blocks.append(("p", "The classic prior most-popular + EASE (log(1 + clicks in the window) and the "
                                     "EASE scores, each standardised over the corpus): alone at each window and EASE "
                                     "weight, then the best of them beside the teacher, its weight in units of the SD "
-                                    "of the teacher's score over the corpus (0: no prior; the random slice's judge "
-                                    "takes its SD over the randomly shown impressions and the smallest weight "
-                                    "within one SE of the best)."))
+                                    "of the teacher's score over the corpus (0: no prior), chosen by the one-SE rule: "
+                                    "logged clicks take the largest weight within one SE of the best, the random "
+                                    "slice's AUC (the SD over its randomly shown impressions) the smallest."))
             sec.blocks.append(("table", Table(pd.DataFrame({
                 "part": [g.get("part") for g in prior], "window days": [g.get("popular_days") for g in prior],
                 "EASE lambda": [g.get("prior_lambda") for g in prior],
