@@ -180,10 +180,10 @@ def _checks_elsewhere(d: dict) -> tuple[str, None]:
 
 def _real_data(d: dict) -> tuple[str, bool]:
     """Per dataset: end-to-end click-recall@K of the distilled (auto) and ground-truth cascades, most-popular and
-    the best other classic baseline (a channel, or the classic prior most-popular + EASE; mean over seeds), and on the world their oracle ratio. Met: auto >= ground truth
-    within one std, and the cascade above most-popular and the best classic channel, on every dataset, judged as
-    the outcome issue asks: by click-recall@K on real data, by oracle clicks on the world (whose logged clicks
-    favour what its logging policy showed)."""
+    the best other classic baseline (a channel, or the classic prior most-popular + EASE; mean over seeds), and on
+    the world their oracle ratio. Met: auto >= ground truth within one std, and the cascade above most-popular and
+    the best classic baseline, on every dataset, judged as the outcome issue asks: by click-recall@K on real data,
+    by oracle clicks on the world (whose logged clicks favour what its logging policy showed)."""
     parts, ok = [], True
     for name, r in d["datasets"].items():
         rows = r["mean_std"]["plain"]["rows"]
