@@ -998,7 +998,8 @@ def test_the_teachers_collaborative_term_is_chosen_saved_and_served(run_a, tmp_p
     some = rows.iloc[:25]
     prior_list = PopularEase(data.popular_channel(days, 3_600_000), data.ease(plam), b, data.item_ids)
     replayed = Requests(some["user_id"].to_numpy(), some["time_ms"].to_numpy())  # the prior reads no context
-    lists = select_unseen(prior_list, replayed, cfg.replay.n_retrieve, seen_filter(data)[0])[0][:, :cfg.replay.k]
+    replay = A.read_json(run_dir / "config.json")["replay"]  # another test of this module replays at k = 5
+    lists = select_unseen(prior_list, replayed, replay["n_retrieve"], seen_filter(data)[0])[0][:, :replay["k"]]
     np.testing.assert_array_equal(np.stack(some["final_items"].to_list()), lists)
     # the grid's AUCs, recomputed: the teacher's own ranking score + weight x the standardised EASE scores
     teacher.collaborative = None
