@@ -476,6 +476,8 @@ ROWS = [
         "beats every single channel end to end", _channels_alone),
     Row("real_data.json", "the distillation scales chosen on validation, world",
         "above 0 on every seed (where the teacher's knowledge is real)", _world_scales),
+    Row("real_data_before_lean.json", "outcomes, the classic prior's weight beside the teacher by the best validation "
+        "score (before the one-SE rule leaning to the prior)", None, text_only(_real_data)),
     Row("real_data_before_classic_prior.json", "outcomes before the teacher's collaborative term took the classic "
         "prior most-popular + EASE", None, text_only(_real_data)),
     Row("real_data_confidence.json", "confidence-aware distillation (students.confidence) off vs on, the distilled "
