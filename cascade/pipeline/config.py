@@ -297,8 +297,8 @@ class TeacherSection:
 
     collaborative_popular_days: the term may also take the classic prior most-popular + EASE (the click counts of
     these trailing windows, recounted every ``collaborative_refresh_minutes``), its windows, EASE weight and weight
-    beside the teacher chosen on validation by the same judge (train/collaborative.py: on the random slice the
-    one-SE rule leaning to no prior); () searches no prior."""
+    beside the teacher chosen on validation by the same judge (train/collaborative.py: the one-SE rule, leaning to
+    the prior's largest weight on logged clicks and to no prior on the random slice); () searches no prior."""
 
     model: RankerConfig = field(default_factory=lambda: RankerConfig(backbone="dcnv2", emb_dim=8, mlp=(128, 64),
                                                                      cross_layers=2, cross_rank=32))
