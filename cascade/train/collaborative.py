@@ -22,7 +22,8 @@ window); then the teacher's score (with the chosen EASE weight) + t x SD x the p
   beat the classic prior, a list that logged clicks reward and that learns nothing, by more than the validation's
   noise to weigh more than at the grid's largest t. On ML-100K's four last 14-day periods x 3 seeds the prior took
   the distilled cascade's test click-recall@10 from 0.1392 to 0.1469 with t of the best score, and leaning to the
-  prior from 0.1469 to 0.15xx, where the prior alone keeps 0.1523 (BENCHMARKS.md, "The teacher's classic prior").
+  prior from 0.1469 to 0.1531, where the prior alone keeps 0.1523 (BENCHMARKS.md, "The teacher's classic prior"
+  and "The classic prior alone as a baseline").
 - the random slice: SD that of the score over the randomly shown impressions (a random sample of the corpus); the
   smallest t within one SE of the best AUC. The prior is made of logged clicks, which favour what the logging policy
   showed; the slice, shown at random, does not: on the world every t > 0 lowers the AUC and 0 is kept (BENCHMARKS.md).
@@ -108,8 +109,9 @@ def choose_collaborative(model, data: RunData, lams: Sequence[float], weights: S
     filtered as it says), or with ``judge`` None by the AUC on the validation split's randomly shown impressions
     (the one-SE rule over the weights, ``seed`` its bootstrap's; module docstring); and every pair's score
     [{"lambda", "weight", "valid_click_recall@k" | "valid_random_auc" (+ the one-SE columns at the chosen
-    lambda)}]. ``model`` is scored without a term (its own ranking score), over the corpus in blocks of about
-    ``pairs_per_batch`` pairs; sets ``model.collaborative`` to the choice."""
+    lambda)}], then with ``popular_days`` the classic prior's rows ({"part": "prior alone" | "beside the teacher",
+    ...}: :func:`_popular_prior`). ``model`` is scored without a term (its own ranking score), over the corpus in
+    blocks of about ``pairs_per_batch`` pairs; sets ``model.collaborative`` to the choice."""
     model.collaborative = None
     score = ranker_scorer(model, data)
     grid = [(float(lam), float(w)) for lam in lams for w in sorted({0.0, *map(float, weights)})]
