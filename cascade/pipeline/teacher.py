@@ -75,8 +75,6 @@ def collaborative_term(c: TeacherSection, model, data: RunData, by: str, seed: i
     term, grid = choose_collaborative(model, data, c.collaborative_lambdas, c.collaborative_weights, judge,
                                       es.select_k, seed, popular_days=c.collaborative_popular_days,
                                       refresh_ms=int(round(c.collaborative_refresh_minutes * 60_000)))
-    # the later steps of the process read the chosen ones
-    drop_ease_fits(keep=() if term is None else tuple({term.lam, term.popular_lam} - {None}))
     out = {"setting": c.collaborative, "chosen": None if term is None else dataclasses.asdict(term), "grid": grid,
            "judge": "AUC on the validation split's random-exposure impressions" if judge is None else judge.what}
     beside = [g for g in grid if g.get("part") == "beside the teacher"]
@@ -84,6 +82,9 @@ def collaborative_term(c: TeacherSection, model, data: RunData, by: str, seed: i
         out["prior_alone"] = {"window_days": beside[0]["popular_days"], "lam": beside[0]["prior_lambda"],
                               "ease_weight": beside[0]["prior_ease_weight"],
                               "refresh_ms": int(round(c.collaborative_refresh_minutes * 60_000))}
+    # the later steps of the process read the chosen ones, and the replay the prior alone's
+    keep = set() if term is None else {term.lam, term.popular_lam}
+    drop_ease_fits(keep=tuple(sorted((keep | {out.get("prior_alone", {}).get("lam")}) - {None})))
     if not c.collaborative_popular_days:
         out["popular_prior"] = "not searched: teacher.collaborative_popular_days is empty"
     return out
