@@ -543,6 +543,36 @@ def test_outcome_rows_flag_a_loss_to_most_popular_with_its_paired_gap_and_pick_t
         ("distilled+channels", "popular (7 days)", False)]
 
 
+def test_where_the_data_have_an_oracle_a_loss_to_a_popularity_baseline_is_flagged_on_oracle_clicks():
+    """On the world the headline leads with oracle clicks and logged clicks follow the logging policy: a cascade
+    above the classic prior on oracle clicks but below it on logged click-recall is not flagged; one below it on
+    oracle clicks is, with the paired gap of the oracle's share."""
+    from cascade.pipeline.report import outcome_rows
+
+    def q(cr, oracle_clicks):
+        return {"quality": {"rank_click_recall": cr, "oracle_clicks": oracle_clicks,
+                            "oracle_ratio": oracle_clicks / 9.9},
+                "sizes": {"retrieval": 500, "prerank": 100, "rank": 10}}
+
+    gap = {"diff": -0.0031, "se": 0.0012, "n": 500}
+    prior = "popular + EASE (7 days, lambda 800, b 1)"
+    summary = {"variants": {"distilled": q(0.079, 9.574), "ground_truth": q(0.086, 9.2)},
+               "baselines": {"popular (1 days)": q(0.084, 8.647), prior: q(0.102, 9.273)},
+               "paired": {"ground_truth": {prior: {"oracle_ratio": gap, "rank_click_recall": gap}}}}
+    flags = outcome_rows(summary)["flags"]
+    assert flags == [f"The ground_truth cascade gets fewer oracle clicks than {prior} (oracle clicks@10 9.200 < "
+                     "9.273; the oracle's share paired over 500 requests -0.0031 ± 0.0012 (SE): beyond 2 SE)."]
+    # the same lists without an oracle: logged click-recall judges; both cascades trail the prior, distilled also
+    # most-popular
+    for s in (*summary["variants"].values(), *summary["baselines"].values()):
+        s["quality"].pop("oracle_clicks"), s["quality"].pop("oracle_ratio")
+    flags = outcome_rows(summary)["flags"]
+    assert [f.split(" (click-recall")[0] for f in flags] == [
+        "The distilled cascade finds fewer of the test clicks than popular (1 days)",
+        f"The distilled cascade finds fewer of the test clicks than {prior}",
+        f"The ground_truth cascade finds fewer of the test clicks than {prior}"]
+
+
 def test_gap_rows_take_the_random_slice_expectation_against_ground_truth_popular_and_the_best_baseline():
     from cascade.pipeline.report import outcome_rows
 

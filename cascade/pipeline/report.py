@@ -132,7 +132,7 @@ def outcome_rows(summary: dict, extra_flags: list[str] | None = None) -> dict:
     """The report's outcome table: one row per cascade variant, reference (the teacher's own ranking of the
     corpus) and baseline, with the end-to-end click metrics at K, the click-recall kept at each stage size, the
     random-slice numbers, oracle clicks, agreement with the teacher and the diversity of the final lists; and the
-    flags that a reader must see first (a cascade that loses to most-popular)."""
+    flags that a reader must see first (a cascade that loses to most-popular: :func:`below_popular`)."""
     kinds = {"variants": "cascade", "references": "reference", "baselines": "baseline"}
     rows = []
     for group, kind in kinds.items():
@@ -148,20 +148,32 @@ def outcome_rows(summary: dict, extra_flags: list[str] | None = None) -> dict:
                                             "n_requests_with_clicks", "n_rand_requests")}}
             rows.append(row)
     paired = summary.get("paired") or {}
+    return {"rows": rows, "flags": below_popular(rows, paired) + list(extra_flags or []),
+            "gaps": gap_rows(rows, paired), "filter_seen": summary.get("filter_seen")}
+
+
+def below_popular(rows: list[dict], paired: dict) -> list[str]:
+    """A flag for each cascade below a popularity baseline (most-popular, the classic prior most-popular + EASE) on
+    the outcome the headline leads with: oracle clicks where the data have an oracle (the world: its logged clicks
+    follow the logging policy), else the click-recall of the logged test clicks; with the paired gap."""
+    oracle = any(r.get("oracle_clicks") is not None for r in rows)
+    key, metric = ("oracle_clicks", "oracle_ratio") if oracle else ("click_recall", "rank_click_recall")
     flags = []
     popular = [r for r in rows if r["kind"] == "baseline" and r["name"].startswith("popular")]
     for r in rows:
         if r["kind"] != "cascade":
             continue
         for p in popular:
-            mine, theirs = r["click_recall"], p["click_recall"]
-            if mine is not None and theirs is not None and mine < theirs:
-                gap = paired.get(r["name"], {}).get(p["name"], {}).get("rank_click_recall")
-                flags.append(f"The {r['name']} cascade finds fewer of the test clicks than {p['name']} "
-                             f"(click-recall@{r['k']} {r['click_recall']:.3f} < {p['click_recall']:.3f}"
-                             + (f"; {describe_gap(gap)}" if gap else "") + ").")
-    return {"rows": rows, "flags": flags + list(extra_flags or []), "gaps": gap_rows(rows, paired),
-            "filter_seen": summary.get("filter_seen")}
+            mine, theirs = r.get(key), p.get(key)
+            if mine is None or theirs is None or mine >= theirs:
+                continue
+            gap = paired.get(r["name"], {}).get(p["name"], {}).get(metric)
+            what = (f"gets fewer oracle clicks than {p['name']} (oracle clicks@{r['k']} {mine:.3f} < {theirs:.3f}"
+                    + (f"; the oracle's share {describe_gap(gap)}" if gap else "") if oracle else
+                    f"finds fewer of the test clicks than {p['name']} (click-recall@{r['k']} {mine:.3f} < "
+                    f"{theirs:.3f}" + (f"; {describe_gap(gap)}" if gap else ""))
+            flags.append(f"The {r['name']} cascade {what}).")
+    return flags
 
 
 def beyond_two_se(gap: dict) -> bool | None:
