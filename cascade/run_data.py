@@ -71,6 +71,16 @@ _LAST_CROSS: dict[tuple, CrossFeatureStore] = {}
 _LAST_CROSS_LOCK = threading.Lock()
 
 
+def item_columns(manifest: dict) -> dict:
+    """{"tag", "author"}: the item columns of a tag and an author the data step chose ("": none), from its
+    ``manifest`` (a run from before the step recorded them: its config's, which were never unset then)."""
+    chosen = ((manifest.get("metrics") or {}).get("summary") or {}).get("item_columns")
+    if chosen is not None:
+        return {"tag": chosen["tag"], "author": chosen["author"]}
+    cfg = manifest["config"]
+    return {"tag": cfg.get("cross_tag_column", "tag"), "author": cfg.get("cross_author_column", "author_id")}
+
+
 def _cross_store(manifest: dict, verified: bool, impressions: pd.DataFrame,
                  items: pd.DataFrame) -> CrossFeatureStore | None:
     """The data step's cross-feature store, refitted from the logged history (deterministic; queries only ever see
@@ -79,8 +89,8 @@ def _cross_store(manifest: dict, verified: bool, impressions: pd.DataFrame,
     cfg = manifest["config"]
     if not cfg.get("cross_features", True):
         return None
-    settings = dict(window_days=cfg["cross_window_days"], tag_column=cfg.get("cross_tag_column", "tag"),
-                    author_column=cfg.get("cross_author_column", "author_id"))
+    columns = item_columns(manifest)
+    settings = dict(window_days=cfg["cross_window_days"], tag_column=columns["tag"], author_column=columns["author"])
     out = manifest["outputs"]
     files = (out.get("impressions.parquet"), out.get("items.parquet"))
     key = (*files, tuple(sorted(settings.items()))) if verified and None not in files else None

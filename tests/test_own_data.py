@@ -109,6 +109,46 @@ def test_two_commands_from_a_csv_folder_to_a_report(tmp_path, monkeypatch, capsy
     assert "[data] running (" in capsys.readouterr().err
 
 
+def test_a_named_source_brings_its_own_item_columns_on_any_pipeline_config(tmp_path):
+    """`cascade run CONFIG --data movielens-100k:DIR`: movies have no tag or author, and with data.cross_tag_column
+    / cross_author_column and channels.content_column unset the source's own column (the first genre) serves the
+    cross features and the content channel, recorded by the data step and read back by RunData; a column named
+    in the config that the items lack is refused naming the key, and so is an unset one a custom log lacks."""
+    from worlds import write_ml100k
+
+    d = tmp_path / "ml-100k"
+    write_ml100k(d)
+    runs = tmp_path / "runs"
+
+    def cfg(*overrides: str, spec: str = f"movielens-100k:{d}"):
+        return load_config(TINY, [f"run.runs_dir={json.dumps(str(runs))}", *overrides], data_spec=spec)
+
+    run_pipeline(cfg(), progress=False, until="channels")
+    summary = A.read_json(runs / "movielens-100k" / "data" / "summary.json")["summary"]
+    assert summary["item_columns"] == {"tag": "genre", "author": "genre", "chosen_by": {
+        "cross_tag_column": "the source's own", "cross_author_column": "the source's own"}}
+    data = RunData(runs / "movielens-100k" / "data")
+    assert (data.cross.tag_column, data.cross.author_column) == ("genre", "genre")
+    assert {"user_tag_clicks", "user_author_clicks"} <= set(data.encoder.cross_names_)
+    # the content channel's categories are the movies' genres (codes in the order of first appearance over the
+    # sorted item ids)
+    assert "content" in A.read_manifest(runs / "movielens-100k" / "channels")["metrics"]
+    content = np.load(runs / "movielens-100k" / "channels" / "content" / "channel.npz")
+    np.testing.assert_array_equal(content["item_ids_"], data.item_ids)
+    genres = data.items.set_index("item_id")["genre"].reindex(data.item_ids).to_numpy()
+    np.testing.assert_array_equal(content["category_"], pd.factorize(genres)[0])
+    with pytest.raises(DataValidationError, match=r"data.cross_tag_column = 'tag': the items .* have no column 'tag'"):
+        run_pipeline(cfg("data.cross_tag_column='tag'", "run.name='bad'"), progress=False, until="data")
+    # a custom log whose items lack the tag column: the unset key and the default it took are named
+    toml = own_logs(tmp_path)
+    text = toml.read_text(encoding="utf-8")
+    toml.write_text(text.replace('tag = "category"', "").replace('name = "tag"', 'name = "category"'),
+                    encoding="utf-8")
+    with pytest.raises(DataValidationError, match=r"data.cross_tag_column unset: the custom source's own 'tag': "
+                                                  r"the items .* have no column 'tag'"):
+        run_pipeline(cfg("run.name='no-tag'", spec=f"custom:{toml}"), progress=False, until="data")
+
+
 def test_cross_features_by_column_or_none_and_no_context_feature(tmp_path):
     toml = own_logs(tmp_path)
     runs = tmp_path / "runs"

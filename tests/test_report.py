@@ -533,7 +533,7 @@ def test_outcome_rows_flag_a_loss_to_most_popular_with_its_paired_gap_and_pick_t
                                                  "popular (7 days)": {"rank_click_recall": gap}}}}
     out = outcome_rows(summary)
     assert out["flags"][0] == ("The distilled cascade finds fewer of the test clicks than popular (7 days) "
-                               "(click-recall@10 0.111 < 0.124; paired over 116 requests -0.0120 ± 0.0190 (SE): "
+                               "(click-recall@10 0.1110 < 0.1240; paired over 116 requests -0.0120 ± 0.0190 (SE): "
                                "within 2 SE, not distinguishable on these requests).")
     # each cascade against ground truth and most-popular (here also the best baseline), the multi-channel one first
     # against its two-tower alone; no oracle on this data

@@ -4,7 +4,8 @@
   (the rankers' tests, training, distributed training);
 - :func:`rank_log_world`: requests, candidate lists and a planted scorer (rank logs);
 - :func:`tower_world`: users, items, requests and a teacher with effects no tower sees (two-tower students);
-- :func:`kuairand_dir`, :func:`write_ml1m`, :func:`write_custom_example`: tiny files in each loader's layout;
+- :func:`kuairand_dir`, :func:`write_ml1m`, :func:`write_ml100k`, :func:`write_custom_example`: tiny files in each
+  loader's layout;
 - :func:`event_history`, :func:`requests_at`: a hand-written event log and requests (channels, the towers' prior).
 
 ``conftest.py`` wraps the file builders as fixtures (``kuairand_logs``, ``ml1m_dir``, ``custom_example``).
@@ -197,6 +198,33 @@ def write_ml1m(d: Path) -> None:
     (d / "movies.dat").write_text(
         "10::GoldenEye (1995)::Action|Adventure|Thriller\n20::Angela (1995)::Drama\n"
         "30::Toy Story (1995)::Animation|Children's|Comedy\n40::Caf\xe9 Film::Comedy\n", encoding="latin-1")
+
+
+def write_ml100k(d: Path, n_users: int = 80, n_items: int = 40, days: int = 60, seed: int = 0) -> None:
+    """A MovieLens-100K folder (u.data, u.user, u.item in the official layout) of ``n_users`` users who each rate
+    8-20 of ``n_items`` movies on 1-3 days of ``days``; a user likes the movies of one genre (rating 4-5), the rest
+    get 1-3."""
+    rng = np.random.default_rng(seed)
+    d.mkdir()
+    genre = rng.integers(1, 7, n_items)  # each movie's one genre: GENRES[1..6]
+    rows, t0 = [], 880_000_000
+    for u in range(1, n_users + 1):
+        liked = rng.integers(1, 7)
+        rated = rng.choice(n_items, rng.integers(8, 21), replace=False)
+        on = np.sort(rng.choice(days, rng.integers(1, 4), replace=False))
+        for i in rated:
+            t = t0 + int(rng.choice(on)) * 86_400 + int(rng.integers(0, 80_000))
+            r = int(rng.integers(4, 6)) if genre[i] == liked else int(rng.integers(1, 4))
+            rows.append(f"{u}\t{i + 1}\t{r}\t{t}")
+    (d / "u.data").write_text("\n".join(rows) + "\n", encoding="latin-1")
+    jobs = ("student", "engineer", "writer", "other")
+    (d / "u.user").write_text("".join(f"{u}|{int(rng.integers(15, 70))}|{'MF'[u % 2]}|{jobs[u % 4]}|{10000 + u}\n"
+                                      for u in range(1, n_users + 1)), encoding="latin-1")
+    flags = np.zeros((n_items, 19), np.int64)
+    flags[np.arange(n_items), genre] = 1
+    (d / "u.item").write_text("".join(f"{i + 1}|Movie {i + 1} (1995)|01-Jan-1995||http://x/{i + 1}|"
+                                      + "|".join(map(str, flags[i])) + "\n" for i in range(n_items)),
+                              encoding="latin-1")
 
 
 def write_custom_example(d: Path) -> Path:

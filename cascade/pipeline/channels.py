@@ -27,7 +27,7 @@ from ..channels import (
     RecentChannel,
 )
 from ..data.history import EventHistory
-from ..run_data import RunData
+from ..run_data import RunData, item_columns
 from .config import EMPTIED_BY_SEEN_FILTER, ChannelsSection
 from .judge import Judge, seen_filter, validation_judge
 from .runner import StepContext, StepResult
@@ -53,22 +53,33 @@ def candidates(c: ChannelsSection, name: str, history: EventHistory, seed: int) 
     raise ValueError(f"channels.build: unknown channel {name!r} (known: {sorted(CHANNELS)})")
 
 
-def fit_channel(ch: Channel, data: RunData, train: EventHistory, category_column: str) -> Channel:
+def content_column(c: ChannelsSection, data: RunData) -> str:
+    """The item column of the content channel's categories: channels.content_column, unset the data step's tag
+    column (:func:`~cascade.run_data.item_columns`); one the items lack, or none, raises naming the key."""
+    col = item_columns(data.manifest)["tag"] if c.content_column is None else c.content_column
+    if not col or col not in data.items.columns:
+        shown = (f"channels.content_column = {col!r}" if c.content_column is not None else
+                 f"channels.content_column unset: the data step's tag column {col!r}")
+        raise ValueError(f"{shown} is not an item column (items have {sorted(data.items.columns)}); set "
+                         "channels.content_column to one of them, or leave 'content' out of channels.build")
+    return col
+
+
+def fit_channel(ch: Channel, data: RunData, train: EventHistory, category_column: str | None) -> Channel:
+    """``ch`` fitted on ``train``; a content channel's categories from the items' ``category_column``."""
     if isinstance(ch, ContentChannel):
-        if category_column not in data.items.columns:
-            raise ValueError(f"channels.content_column {category_column!r} is not an item column "
-                             f"(items have {sorted(data.items.columns)})")
         codes = data.items.set_index("item_id")[category_column].reindex(data.item_ids)
         return ch.fit(train, data.item_ids, np.asarray(codes.factorize()[0], np.int64))
     return ch.fit(train, data.item_ids)
 
 
-def tune(c: ChannelsSection, name: str, data: RunData, train: EventHistory, judge: Judge,
-         seed: int) -> tuple[Channel, list[dict]]:
-    """The channel of the grid with the best validation click-recall@tune_k, and every grid point's score."""
+def tune(c: ChannelsSection, name: str, data: RunData, train: EventHistory, judge: Judge, seed: int,
+         category_column: str | None) -> tuple[Channel, list[dict]]:
+    """The channel of the grid with the best validation click-recall@tune_k, and every grid point's score
+    (``category_column``: the content channel's, :func:`content_column`)."""
     best, best_score, table = None, -np.inf, []
     for ch in candidates(c, name, data.history, seed):
-        fit_channel(ch, data, train, c.content_column)
+        fit_channel(ch, data, train, category_column)
         score = float(np.nanmean(judge.recall(judge.lists(ch, c.tune_k), c.tune_k)))
         table.append({"params": ch.params(), f"valid_click_recall@{c.tune_k}": score})
         if score > best_score:
@@ -97,11 +108,12 @@ def run(ctx: StepContext) -> StepResult:
     names, left_out = channels_to_build(c, seen is not None, why)
     for name, reason in left_out.items():
         log.warning("channels: %s %s", name, reason)
+    category = content_column(c, data) if "content" in names else None  # before any fit
     train = data.split_history("train")
     judge = validation_judge(data, c.tune_requests, ctx.seed)
     outputs, metrics, best = [], {"judge": judge.what, **({"left_out": left_out} if left_out else {})}, {}
     for name in names:
-        ch, table = tune(c, name, data, train, judge, ctx.seed)
+        ch, table = tune(c, name, data, train, judge, ctx.seed, category)
         metrics[name] = {"chosen": ch.params(), "grid": table}
         if isinstance(ch, ALSChannel):
             index = ch.build_index(c.als_index, c.als_index_recall, seed=ctx.seed)

@@ -109,10 +109,11 @@ class DataSection:
     min_count: int = 2
     numeric: Literal["standardize", "log_standardize", "quantile"] = "log_standardize"
     cross_window_days: float = 7.0
-    # the item columns whose user x value histories the cross features count ("": leave that family out);
+    # the item columns whose user x value histories the cross features count ("": leave that family out; unset:
+    # the source's own, cascade.pipeline.data.SOURCE_ITEM_COLUMNS: "tag" and "author_id", MovieLens's "genre");
     # cross_features = false: no cross features at all (the teacher then reads user, item and context only)
-    cross_tag_column: str = "tag"
-    cross_author_column: str = "author_id"
+    cross_tag_column: str | None = None
+    cross_author_column: str | None = None
     cross_features: bool = True
     # drop items a user was shown before from every list (cascade, baselines, validation); "auto": when the train
     # log shows little re-consumption (pipeline/judge.py)
@@ -167,7 +168,8 @@ class ChannelsSection:
 
     popular_window_days: trailing windows tried for most-popular; refresh_minutes: how often its list is recounted.
     history_length / history_decay: the recent clicks that drive itemcf and content. content_column: the item
-    column whose values are the content categories. ease_lambdas: the EASE channel's L2 grid (only with "ease" in
+    column whose values are the content categories (unset: the data step's tag column, data.cross_tag_column or
+    the source's own). ease_lambdas: the EASE channel's L2 grid (only with "ease" in
     ``build``). als_*: the ALS grid (implicit's settings). als_index: the FAISS
     factory of the chosen ALS model's item-factor index, which serves its lists (None: exact Flat while items x
     factors <= 200K x 32, IVF above: cascade.channels.classic.als_factory); als_index_recall: the recall@100
@@ -182,7 +184,7 @@ class ChannelsSection:
     itemcf_neighbours: int = 100
     history_length: int = 20
     history_decay: float = 0.9
-    content_column: str = "tag"
+    content_column: str | None = None
     als_factors: tuple[int, ...] = (32, 128)
     als_regularization: tuple[float, ...] = (0.01, 0.1)
     als_alpha: tuple[float, ...] = (1.0, 10.0)

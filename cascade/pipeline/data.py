@@ -71,24 +71,50 @@ def split_days(c: DataSection, ds, utc_offset: float) -> tuple[int, int, str]:
     return valid, test, "quantile of the request days"
 
 
-def cross_store(c: DataSection, ds) -> CrossFeatureStore | None:
-    """The fitted cross-feature store of data.cross_* (None with data.cross_features = false); a cross column the
-    items lack raises naming the key."""
+#: each source's item columns of a tag and an author, where data.cross_tag_column / cross_author_column are unset
+#: (the cross features count them; the content channel takes the tag): the KuaiRand layout's (the world's, and what
+#: a custom mapping maps onto), and MovieLens's first genre for both, as movies have neither
+SOURCE_ITEM_COLUMNS = {"movielens-100k": ("genre", "genre"), "movielens-1m": ("genre", "genre")}
+ITEM_COLUMNS = ("tag", "author_id")
+
+
+def item_columns(c: DataSection, ds) -> dict:
+    """{"tag", "author": the item columns of data.cross_tag_column / cross_author_column, each unset one the
+    source's own (:data:`SOURCE_ITEM_COLUMNS`; "": none), "chosen_by": {key: "config" | "the source's own"}}. A
+    column the items lack raises naming the key, before any work; without cross features (data.cross_features =
+    false) an unset one the items lack is "" (the content channel, which takes the tag, then needs
+    channels.content_column)."""
+    own = SOURCE_ITEM_COLUMNS.get(c.source, ITEM_COLUMNS)
+    out, chosen = {}, {}
+    for (key, part), col in zip((("cross_tag_column", "tag"), ("cross_author_column", "author")), own):
+        given = getattr(c, key)
+        out[part] = col if given is None else given
+        chosen[key] = "the source's own" if given is None else "config"
+        if given is None and not c.cross_features and col not in ds.items.columns:
+            out[part] = ""
+        elif out[part] and out[part] not in ds.items.columns:
+            shown = (f"data.{key} = {given!r}" if given is not None
+                     else f"data.{key} unset: the {c.source} source's own {col!r}")
+            raise DataValidationError(
+                f"{shown}: the items ({ds.source('items')}) have no column {out[part]!r} (they have "
+                f"{list(ds.items.columns)}); set data.{key} to one of them, \"\" to leave out the user x "
+                f"{part} cross features, or data.cross_features = false for none at all")
+    return {**out, "chosen_by": chosen}
+
+
+def cross_store(c: DataSection, ds, columns: dict) -> CrossFeatureStore | None:
+    """The fitted cross-feature store of data.cross_* over the item ``columns`` (:func:`item_columns`); None with
+    data.cross_features = false."""
     if not c.cross_features:
         return None
-    for key, col in (("cross_tag_column", c.cross_tag_column), ("cross_author_column", c.cross_author_column)):
-        if col and col not in ds.items.columns:
-            raise DataValidationError(
-                f"data.{key} = {col!r}: the items ({ds.source('items')}) have no column {col!r} (they have "
-                f"{list(ds.items.columns)}); set data.{key} to one of them, \"\" to leave out the user x "
-                f"{key.split('_')[1]} cross features, or data.cross_features = false for none at all")
-    return CrossFeatureStore(window_days=c.cross_window_days, tag_column=c.cross_tag_column,
-                             author_column=c.cross_author_column).fit(ds.impressions, ds.items)
+    return CrossFeatureStore(window_days=c.cross_window_days, tag_column=columns["tag"],
+                             author_column=columns["author"]).fit(ds.impressions, ds.items)
 
 
 def run(ctx: StepContext) -> StepResult:
     c: DataSection = ctx.config
     ds, world = _load_source(c, ctx.out, ctx.seed, ctx.progress)
+    columns = item_columns(c, ds)
     # KuaiRand (and the world, which writes its layout) keep Beijing time: split on Beijing calendar days.
     utc_offset = kuairand_offset() if c.source in ("world", "kuairand") else 0.0
     n_logged = len(ds.impressions)
@@ -96,7 +122,7 @@ def run(ctx: StepContext) -> StepResult:
     valid_days, test_days, chosen = split_days(c, ds, utc_offset)
     masks = time_split(ds, valid_days=valid_days, test_days=test_days, utc_offset_hours=utc_offset)
     check_leakage(ds, masks["train"])
-    cross = cross_store(c, ds)
+    cross = cross_store(c, ds, columns)
     # the teacher's behaviour sequence (teacher.sequence_length, carried by the step's config: DataStepConfig)
     n_seq = c.sequence_length if isinstance(c, DataStepConfig) else 0
     enc = FeatureEncoder(ds.schema, min_count=c.min_count, numeric=c.numeric,
@@ -147,7 +173,9 @@ def run(ctx: StepContext) -> StepResult:
                "repeat_click_share": repeat_share,
                "filter_seen": {"applied": applied, "why": why},
                "sides": {s: len(spec.cat_index(s)) + len(spec.num_index(s)) for s in SIDES},
-               "history_attributes": enc.history_attrs_}
+               "history_attributes": enc.history_attrs_,
+               # the item columns of a tag and an author (the cross features', the content channel's tag)
+               "item_columns": columns}
     A.write_json(ctx.out / "summary.json", {"summary": summary, "splits": splits})
     outputs.append("summary.json")
     metrics = {"summary": summary, "splits": splits}

@@ -170,8 +170,8 @@ def below_popular(rows: list[dict], paired: dict) -> list[str]:
             gap = paired.get(r["name"], {}).get(p["name"], {}).get(metric)
             what = (f"gets fewer oracle clicks than {p['name']} (oracle clicks@{r['k']} {mine:.3f} < {theirs:.3f}"
                     + (f"; the oracle's share {describe_gap(gap)}" if gap else "") if oracle else
-                    f"finds fewer of the test clicks than {p['name']} (click-recall@{r['k']} {mine:.3f} < "
-                    f"{theirs:.3f}" + (f"; {describe_gap(gap)}" if gap else ""))
+                    f"finds fewer of the test clicks than {p['name']} (click-recall@{r['k']} {mine:.4f} < "
+                    f"{theirs:.4f}" + (f"; {describe_gap(gap)}" if gap else ""))
             flags.append(f"The {r['name']} cascade {what}).")
     return flags
 
