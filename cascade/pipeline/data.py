@@ -78,7 +78,7 @@ SOURCE_ITEM_COLUMNS = {"movielens-100k": ("genre", "genre"), "movielens-1m": ("g
 ITEM_COLUMNS = ("tag", "author_id")
 
 
-def item_columns(c: DataSection, ds) -> dict:
+def choose_item_columns(c: DataSection, ds) -> dict:
     """{"tag", "author": the item columns of data.cross_tag_column / cross_author_column, each unset one the
     source's own (:data:`SOURCE_ITEM_COLUMNS`; "": none), "chosen_by": {key: "config" | "the source's own"}}. A
     column the items lack raises naming the key, before any work; without cross features (data.cross_features =
@@ -103,7 +103,7 @@ def item_columns(c: DataSection, ds) -> dict:
 
 
 def cross_store(c: DataSection, ds, columns: dict) -> CrossFeatureStore | None:
-    """The fitted cross-feature store of data.cross_* over the item ``columns`` (:func:`item_columns`); None with
+    """The fitted cross-feature store of data.cross_* over the item ``columns`` (:func:`choose_item_columns`); None with
     data.cross_features = false."""
     if not c.cross_features:
         return None
@@ -114,7 +114,7 @@ def cross_store(c: DataSection, ds, columns: dict) -> CrossFeatureStore | None:
 def run(ctx: StepContext) -> StepResult:
     c: DataSection = ctx.config
     ds, world = _load_source(c, ctx.out, ctx.seed, ctx.progress)
-    columns = item_columns(c, ds)
+    columns = choose_item_columns(c, ds)
     # KuaiRand (and the world, which writes its layout) keep Beijing time: split on Beijing calendar days.
     utc_offset = kuairand_offset() if c.source in ("world", "kuairand") else 0.0
     n_logged = len(ds.impressions)
