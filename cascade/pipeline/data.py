@@ -75,7 +75,7 @@ def split_days(c: DataSection, ds, utc_offset: float) -> tuple[int, int, str]:
 #: (the cross features count them; the content channel takes the tag): the KuaiRand layout's (the world's, and what
 #: a custom mapping maps onto), and MovieLens's first genre for both, as movies have neither
 SOURCE_ITEM_COLUMNS = {"movielens-100k": ("genre", "genre"), "movielens-1m": ("genre", "genre")}
-ITEM_COLUMNS = ("tag", "author_id")
+DEFAULT_ITEM_COLUMNS = ("tag", "author_id")
 
 
 def choose_item_columns(c: DataSection, ds) -> dict:
@@ -84,7 +84,7 @@ def choose_item_columns(c: DataSection, ds) -> dict:
     column the items lack raises naming the key, before any work; without cross features (data.cross_features =
     false) an unset one the items lack is "" (the content channel, which takes the tag, then needs
     channels.content_column)."""
-    own = SOURCE_ITEM_COLUMNS.get(c.source, ITEM_COLUMNS)
+    own = SOURCE_ITEM_COLUMNS.get(c.source, DEFAULT_ITEM_COLUMNS)
     out, chosen = {}, {}
     for (key, part), col in zip((("cross_tag_column", "tag"), ("cross_author_column", "author")), own):
         given = getattr(c, key)

@@ -168,11 +168,14 @@ def below_popular(rows: list[dict], paired: dict) -> list[str]:
             if mine is None or theirs is None or mine >= theirs:
                 continue
             gap = paired.get(r["name"], {}).get(p["name"], {}).get(metric)
-            what = (f"gets fewer oracle clicks than {p['name']} (oracle clicks@{r['k']} {mine:.3f} < {theirs:.3f}"
-                    + (f"; the oracle's share {describe_gap(gap)}" if gap else "") if oracle else
-                    f"finds fewer of the test clicks than {p['name']} (click-recall@{r['k']} {mine:.4f} < "
-                    f"{theirs:.4f}" + (f"; {describe_gap(gap)}" if gap else ""))
-            flags.append(f"The {r['name']} cascade {what}).")
+            if oracle:
+                what = f"gets fewer oracle clicks than {p['name']} (oracle clicks@{r['k']} {mine:.3f} < {theirs:.3f}"
+                share = "the oracle's share "
+            else:
+                what = (f"finds fewer of the test clicks than {p['name']} (click-recall@{r['k']} {mine:.4f} < "
+                        f"{theirs:.4f}")
+                share = ""
+            flags.append(f"The {r['name']} cascade {what}" + (f"; {share}{describe_gap(gap)}" if gap else "") + ").")
     return flags
 
 

@@ -84,7 +84,9 @@ def collaborative_term(c: TeacherSection, model, data: RunData, by: str, seed: i
                               "refresh_ms": int(round(c.collaborative_refresh_minutes * 60_000))}
     # the later steps of the process read the chosen ones, and the replay the prior alone's
     keep = set() if term is None else {term.lam, term.popular_lam}
-    drop_ease_fits(keep=tuple(sorted((keep | {out.get("prior_alone", {}).get("lam")}) - {None})))
+    if "prior_alone" in out:
+        keep.add(out["prior_alone"]["lam"])
+    drop_ease_fits(keep=tuple(keep - {None}))
     if not c.collaborative_popular_days:
         out["popular_prior"] = "not searched: teacher.collaborative_popular_days is empty"
     return out
