@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import pytest
 
 from cascade.config import ConfigError, apply_overrides, coerce, from_dict, load, parse_override, to_dict
@@ -236,6 +237,56 @@ def test_model_and_training_configs_check_every_value():
                                 (DistillConfig, {"w_bce": -1.0}, "DistillConfig.w_bce = -1.0")):
         with pytest.raises(ConfigError, match=re.escape(needle)):
             cls(**kwargs)
+
+
+def test_channel_quotas_weigh_the_channels_share_of_the_retrieval_slots():
+    from cascade.channels import MergedRetriever
+    from cascade.pipeline import load_config
+    from cascade.serve.cascade import channel_settings, channel_shares
+
+    # hand-worked: the two-tower keeps 0.5; popular weighs 2, itemcf and als 1 each (unnamed): 0.5 x 2/4, 0.5 x 1/4
+    assert channel_shares(("popular", "itemcf", "als"), 0.5, {"popular": 2.0}) == \
+        {"popular": 0.25, "itemcf": 0.125, "als": 0.125}
+    assert channel_shares(("popular", "itemcf"), 0.2, None) == {"popular": 0.4, "itemcf": 0.4}  # evenly
+    s = channel_settings(("popular", "itemcf", "als"), None, None, {"als": 3.0})
+    assert s.quotas == {"popular": 1.0, "itemcf": 1.0, "als": 3.0}
+    with pytest.raises(ValueError, match=r"replay.channel_quotas weighs \['content'\], which the multi-channel "
+                                         r"cascade does not hold \(its channels: \['popular'\]\)"):
+        channel_settings(("popular",), None, None, {"content": 2.0})
+
+    # the merged stage fills the slots in those shares: channels with disjoint lists, 40 slots
+    class Fixed:
+        def __init__(self, start):
+            self.start = start
+
+        def select(self, requests, candidates, n):
+            items = np.arange(self.start, self.start + n)[None, :].repeat(len(requests), 0)
+            return items, np.zeros(items.shape, np.float32)
+
+    shares = channel_shares(("popular", "itemcf", "als"), 0.5, {"popular": 2.0})
+    merged = MergedRetriever({"two_tower": Fixed(0), "popular": Fixed(1000), "itemcf": Fixed(2000),
+                              "als": Fixed(3000)}, {"two_tower": 0.5, **shares})
+    _, _, origin = merged.select_with_origin(np.zeros(3), 40)
+    assert [int((origin[0] == c).sum()) for c in range(4)] == [20, 10, 5, 5]
+
+    # the config: a table of positive weights over channels the multi-channel cascade holds
+    cfg = load_config(None, ["replay.channel_quotas={popular=2, als=0.5}"]).replay
+    assert cfg.channel_quotas == {"popular": 2.0, "als": 0.5}
+    for override, needle in (
+            ("replay.channel_quotas={two_tower=2}", "the two-tower's share of the slots is replay.two_tower_quota"),
+            ("replay.channel_quotas={popularity=2}", r"names unknown channel\(s\) \['popularity'\]"),
+            ("replay.channel_quotas={popular=0}", r"every weight must be a finite number > 0, got \{'popular': 0.0\}"),
+            ("replay.channel_quotas={popular=nan}", "every weight must be a finite number > 0")):
+        with pytest.raises(ConfigError, match=needle):
+            load_config(None, [override])
+    with pytest.raises(ConfigError, match=r"replay.channel_quotas = \{'popular': 2.0\} is set but replay.channels is "
+                                          r"empty.*it would do nothing"):
+        load_config(None, ["replay.channels=[]", "replay.channel_quotas={popular=2}"])
+    with pytest.raises(ConfigError, match=r"replay.channel_quotas weighs \['als'\], which the multi-channel cascade "
+                                          r"does not hold \(replay.channels = \['popular', 'itemcf'\]\)"):
+        load_config(None, ['replay.channels=["popular", "itemcf"]', "replay.channel_quotas={als=2}"])
+    with pytest.raises(ConfigError, match=r"weighs \['ease'\].*every channel of channels.build"):
+        load_config(None, ["replay.channel_quotas={ease=2}"])  # ease is not built by default
 
 
 @pytest.mark.parametrize("key, value, needs", [

@@ -235,6 +235,26 @@ def test_4_values_known_after_the_data_step_are_checked_before_the_teacher(tmp_p
     assert warnings[0] in caplog.text
 
 
+def test_4_a_replay_key_naming_a_channel_the_seen_filter_left_out_is_refused_after_the_data_step(tmp_path):
+    # a data step that filters seen items (a log without repeats): the channels step leaves "recent" out where
+    # channels.build is unset, so a replay key naming it would fail only at the replay, after every training step
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    summary = {"summary": {"n_items": 500, "source": "custom",
+                           "filter_seen": {"applied": True, "why": "no (user, item) pair repeats"}}, "splits": {}}
+    (data_dir / "summary.json").write_text(json.dumps(summary))
+    for override, key in (('replay.channels=["popular", "recent"]', "replay.channels"),
+                          ("replay.channel_quotas={recent=2}", "replay.channel_quotas")):
+        with pytest.raises(ConfigError, match=rf"{key} names \['recent'\], which the channels step leaves out here: "
+                                              r"the data step filters seen items \(no \(user, item\) pair repeats\)"):
+            check_against_data(tiny(tmp_path, override), data_dir, steps=("replay",))
+        summary["summary"]["filter_seen"]["applied"] = False  # a log that re-consumes keeps the channel
+        (data_dir / "summary.json").write_text(json.dumps(summary))
+        assert check_against_data(tiny(tmp_path, override), data_dir, steps=("replay",)) == []
+        summary["summary"]["filter_seen"]["applied"] = True
+        (data_dir / "summary.json").write_text(json.dumps(summary))
+
+
 def test_4_train_clicks_of_one_class_are_refused_before_training(tmp_path):
     d = tmp_path / "shop"
     shutil.copytree(ROOT / "examples" / "own_logs", d)

@@ -751,6 +751,29 @@ def test_load_cascade_serves_the_replays_channel_cascade(run_a):
     assert set(lat["retrieval_channels_ms"]) == {"two_tower", *names}
 
 
+def test_channel_quotas_redo_only_the_replay_and_the_served_cascade_keeps_them(run_a, tmp_path):
+    import shutil
+
+    from cascade.serve.cascade import load_cascade
+
+    _, run_dir, _ = run_a
+    shutil.copytree(run_dir, tmp_path / "tiny")
+    cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(tmp_path))}", *A_SETS, "tracking.tensorboard=true",
+                             "replay.channel_quotas={popular=3}"])
+    res = run_pipeline(cfg, progress=False, update=True)
+    assert [s for s, r in res.items() if r["status"] == "ran"] == ["replay", "report"]
+    names = ("popular", "itemcf", "als", "recent", "content")
+    # the two-tower keeps half the slots; popular weighs 3 and the four others 1: 0.5 x 3/7 and 0.5 x 1/7
+    want = {"two_tower": 0.5, "popular": 1.5 / 7, **{n: 0.5 / 7 for n in names[1:]}}
+    recorded = A.read_json(tmp_path / "tiny" / "replay" / "summary.json")["variants"]["distilled+channels"]
+    assert recorded["channels"]["quotas"] == pytest.approx(want)
+    _, casc = load_cascade(tmp_path / "tiny", variant="distilled+channels")
+    assert dict(zip(casc.retriever.names, casc.retriever.quotas)) == pytest.approx(want)
+    # the report's channel table gives each channel the quota it took
+    per_channel = A.read_json(tmp_path / "tiny" / "report" / "report.json")["channels"]["per_channel"]
+    assert {n: e["quota"] for n, e in per_channel.items()} == pytest.approx(want)
+
+
 def test_channel_cascade_times_each_channel_traces_origins_and_refuses_unknown_variants(run_a, tmp_path):
     import shutil
 

@@ -10,7 +10,7 @@ from .. import artifacts as A
 from ..config import ConfigError
 from ..data.schema import DataValidationError
 from ..index.factory import parse_factory
-from .config import PipelineConfig
+from .config import EMPTIED_BY_SEEN_FILTER, PipelineConfig
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +22,8 @@ def check_against_data(cfg: PipelineConfig, data_dir: Path,
     steps: the steps that will run (the keys of the others are not checked).
 
     Errors: replay.n_retrieve (>= n_prerank >= k) above the number of items; an IVF factory with more lists than
-    items; a train or valid split whose clicks are all 0 or all 1 (nothing to learn or to stop on).
+    items; a train or valid split whose clicks are all 0 or all 1 (nothing to learn or to stop on); replay.channels
+    or replay.channel_quotas naming a channel the seen filter empties, which the channels step leaves out.
     Warnings: a stage size >= the corpus (its recall is trivially 1), ranklog.n_candidates or index.k above it
     (cut to the corpus)."""
     summary = A.read_json(data_dir / "summary.json")
@@ -42,6 +43,15 @@ def check_against_data(cfg: PipelineConfig, data_dir: Path,
             f"replay.n_retrieve = {r.n_retrieve} is more than the {n_items:,} items of the data: set "
             f"replay.n_retrieve <= {n_items} (and k <= n_prerank <= n_retrieve: replay.k = {r.k}, "
             f"replay.n_prerank = {r.n_prerank})")
+    filtered = summary["summary"].get("filter_seen", {})
+    if "replay" in steps and filtered.get("applied") and cfg.channels.build is None:
+        # the channels step leaves out what the seen filter empties; a replay key that names one would fail late
+        for key, named in (("replay.channels", r.channels), ("replay.channel_quotas", r.channel_quotas)):
+            emptied = [n for n in named or () if n in EMPTIED_BY_SEEN_FILTER]
+            if emptied:
+                raise ConfigError(f"{key} names {emptied}, which the channels step leaves out here: the data step "
+                                  f"filters seen items ({filtered.get('why')}), which drops every item {emptied} "
+                                  "proposes; leave it out, or set data.filter_seen = false")
     if "index" in steps and cfg.index.factory is not None:
         spec = parse_factory(cfg.index.factory, cfg.students.tower.out_dim)
         if spec.get("nlist", 0) > n_items:

@@ -598,13 +598,16 @@ class ReplaySection:
     recall_ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200, 500)
     # the multi-channel cascade ("distilled+channels"): the distilled two-tower plus these channels (built by the
     # channels step; unset: every channel it built, cascade.serve.cascade.union_channels) in one retrieval stage, the
-    # two-tower taking two_tower_quota of the N1 slots (unset: 0.5) and the channels sharing the rest evenly; ()
-    # replays no multi-channel cascade. prerank_quotas: its pre-rank keeps
+    # two-tower taking two_tower_quota of the N1 slots (unset: 0.5) and the channels sharing the rest in proportion
+    # to channel_quotas (channel -> weight > 0; a channel it leaves out weighs 1; unset: evenly); () replays no
+    # multi-channel cascade. prerank_quotas: its pre-rank keeps
     # those quotas (unset: true; each channel's candidates in pre-rank score order, interleaved by quota) instead of
     # cutting the union by the pre-rank score alone, which keeps almost only the two-tower's own candidates
-    # (cascade/serve/cascade.py: channel_settings). Either one set beside no channels is an error: it would do nothing.
+    # (cascade/serve/cascade.py: channel_settings). Any of the three set beside no channels is an error: it would do
+    # nothing; so is a channel_quotas key that names no channel of the union.
     channels: tuple[str, ...] | None = None
     two_tower_quota: float | None = None
+    channel_quotas: dict[str, float] | None = None
     prerank_quotas: bool | None = None
 
     def __post_init__(self) -> None:
@@ -623,8 +626,19 @@ class ReplaySection:
         if sorted(set(listed) - set(CHANNEL_NAMES)) or len(set(listed)) != len(listed):
             raise ValueError(f"replay.channels must name distinct channels of {list(CHANNEL_NAMES)}, got "
                              f"{list(listed)}")
+        if self.channel_quotas is not None:
+            if "two_tower" in self.channel_quotas:
+                raise ValueError("replay.channel_quotas weighs the classic channels among themselves; the two-tower's "
+                                 "share of the slots is replay.two_tower_quota")
+            unknown = sorted(set(self.channel_quotas) - set(CHANNEL_NAMES))
+            if unknown:
+                raise ValueError(f"replay.channel_quotas names unknown channel(s) {unknown}; known: "
+                                 f"{list(CHANNEL_NAMES)}")
+            bad = {k: v for k, v in self.channel_quotas.items() if not positive(v)}
+            if bad:
+                raise ValueError(f"replay.channel_quotas: every weight must be a finite number > 0, got {bad}")
         if self.channels == ():
-            for name in ("two_tower_quota", "prerank_quotas"):
+            for name in ("two_tower_quota", "channel_quotas", "prerank_quotas"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"replay.{name} = {getattr(self, name)} is set but replay.channels is empty: "
                                      "it shapes the multi-channel cascade, which is not replayed, so it would do "
@@ -717,7 +731,8 @@ class PipelineConfig:
             raise ConfigError(f"ranklog.channel_share = {self.ranklog.channel_share} but no channel to draw from "
                               f"(ranklog.channels = {_listed(self.ranklog.channels)}, channels.build = "
                               f"{list(built)}): name channels, or set ranklog.channel_share = 0")
-        shaping = [k for k in ("two_tower_quota", "prerank_quotas") if getattr(self.replay, k) is not None]
+        shaping = [k for k in ("two_tower_quota", "channel_quotas", "prerank_quotas")
+                   if getattr(self.replay, k) is not None]
         if self.replay.channels is None and not built and shaping:
             raise ConfigError(f"replay.{shaping[0]} = {getattr(self.replay, shaping[0])} is set but channels.build "
                               "builds no channel, so no multi-channel cascade is replayed: it would do nothing")
@@ -725,9 +740,17 @@ class PipelineConfig:
         if unbuilt:
             raise ConfigError(f"replay.channels names {unbuilt}, which the channels step does not build "
                               f"(channels.build = {list(built)})")
+        union = built if self.replay.channels is None else self.replay.channels
+        outside = sorted(set(self.replay.channel_quotas or ()) - set(union))
+        if outside:
+            where = (f"replay.channels = {list(self.replay.channels)}" if self.replay.channels is not None
+                     else f"every channel of channels.build = {list(built)}")
+            raise ConfigError(f"replay.channel_quotas weighs {outside}, which the multi-channel cascade does not "
+                              f"hold ({where}): the weight would do nothing")
         if self.data.filter_seen is True:
             for key, named in (("channels.build", self.channels.build), ("ranklog.channels", self.ranklog.channels),
-                               ("replay.channels", self.replay.channels)):
+                               ("replay.channels", self.replay.channels),
+                               ("replay.channel_quotas", self.replay.channel_quotas)):
                 emptied = [n for n in named or () if n in EMPTIED_BY_SEEN_FILTER]
                 if emptied:
                     raise ConfigError(f"{key} names {emptied}, but data.filter_seen = true drops every item the user "

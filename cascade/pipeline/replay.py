@@ -174,9 +174,10 @@ def run(ctx: StepContext) -> StepResult:
                              f"(it built {sorted(channels)}{why_left_out(ctx.inputs['channels'], missing)})")
         retr, pre, index = towers["distilled"]
         # the cascade load_cascade(run, "distilled+channels") serves
-        settings = channel_settings(union, c.two_tower_quota, c.prerank_quotas)
+        settings = channel_settings(union, c.two_tower_quota, c.prerank_quotas, c.channel_quotas)
         casc = build_cascade(data, retr, pre, ranker, index, seen, channels={n: channels[n] for n in union},
-                             two_tower_quota=settings.two_tower_quota, prerank_quotas=settings.prerank_quotas)
+                             two_tower_quota=settings.two_tower_quota, prerank_quotas=settings.prerank_quotas,
+                             channel_quotas=settings.quotas)
         merged = casc.retriever
         name = CHANNELS_VARIANT
         variants[name] = measure(name, casc, stage_auc(None, pre.scorer(data)(req_t, cand)[:, 0]))

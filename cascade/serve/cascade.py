@@ -308,11 +308,13 @@ TWO_TOWER_QUOTA = 0.5  # the two-tower's share of the retrieval slots beside the
 
 def build_cascade(data: RunData, retrieval: Towers, prerank: Towers, ranker: torch.nn.Module, index,
                   seen: EventHistory | None = None, channels: Mapping[str, Stage] | None = None,
-                  two_tower_quota: float = TWO_TOWER_QUOTA, prerank_quotas: bool = False) -> Cascade:
+                  two_tower_quota: float = TWO_TOWER_QUOTA, prerank_quotas: bool = False,
+                  channel_quotas: Mapping[str, float] | None = None) -> Cascade:
     """retrieval tower + index -> pre-rank tower -> ranker (teacher or distilled student). channels: classic
-    channels (name -> stage) retrieving beside the two-tower (:func:`merged_retriever`), or None / {}: the two-tower
-    alone; prerank_quotas: the pre-rank keeps their quotas (:class:`Cascade`)."""
-    retriever = (merged_retriever(data, retrieval, index, channels, two_tower_quota) if channels
+    channels (name -> stage) retrieving beside the two-tower (:func:`merged_retriever`, with ``two_tower_quota``
+    and ``channel_quotas``), or None / {}: the two-tower alone; prerank_quotas: the pre-rank keeps their quotas
+    (:class:`Cascade`)."""
+    retriever = (merged_retriever(data, retrieval, index, channels, two_tower_quota, channel_quotas) if channels
                  else Retriever(lambda r: retrieval.user_embed(data, r), index, retrieval, data))
     return cascade_from(data, retriever, prerank, ranker, seen, prerank_quotas)
 
@@ -327,26 +329,50 @@ def cascade_from(data: RunData, retriever: Stage, prerank: Towers, ranker: torch
 
 
 def merged_retriever(data: RunData, retrieval: Towers, index, channels: Mapping[str, Stage],
-                     two_tower_quota: float) -> MergedRetriever:
+                     two_tower_quota: float, channel_quotas: Mapping[str, float] | None = None) -> MergedRetriever:
     """The two-tower retriever (user tower + index) and ``channels`` as one retrieval stage: the two-tower takes
-    ``two_tower_quota`` of the slots, the channels share the rest evenly (in ``channels``' order, which breaks
-    ties between equal keys)."""
+    ``two_tower_quota`` of the slots, the channels share the rest (:func:`channel_shares`; in ``channels``' order,
+    which breaks ties between equal keys)."""
     if channels and not 0.0 < two_tower_quota < 1.0:
         raise ValueError(f"two_tower_quota must be in (0, 1) beside channels, got {two_tower_quota}")
     two_tower = Retriever(lambda r: retrieval.user_embed(data, r), index, retrieval, data)
-    rest = (1.0 - two_tower_quota) / max(len(channels), 1)
     return MergedRetriever({"two_tower": two_tower, **channels},
-                           {"two_tower": two_tower_quota, **{n: rest for n in channels}})
+                           {"two_tower": two_tower_quota, **channel_shares(list(channels), two_tower_quota,
+                                                                           channel_quotas)})
+
+
+def channel_shares(channels: Sequence[str], two_tower_quota: float,
+                   channel_quotas: Mapping[str, float] | None = None) -> dict[str, float]:
+    """Each classic channel's share of the retrieval slots beside a two-tower that takes ``two_tower_quota``: the
+    rest, 1 - two_tower_quota, split in proportion to ``channel_quotas`` (channel -> weight > 0; a channel it does
+    not name weighs 1; None: evenly). A weight for a channel not in ``channels`` raises: it would do nothing."""
+    weights = dict(channel_quotas or {})
+    outside = sorted(set(weights) - set(channels))
+    if outside:
+        raise ValueError(f"replay.channel_quotas weighs {outside}, which the multi-channel cascade does not hold "
+                         f"(its channels: {list(channels)})")
+    bad = {k: v for k, v in weights.items() if not (np.isfinite(v) and v > 0)}
+    if bad:
+        raise ValueError(f"replay.channel_quotas: every weight must be a finite number > 0, got {bad}")
+    w = np.array([float(weights.get(n, 1.0)) for n in channels])
+    return {n: float(x) for n, x in zip(channels, (1.0 - two_tower_quota) * w / max(w.sum(), 1e-300))}
 
 
 @dataclass(frozen=True)
 class ChannelSettings:
     """How a run's replay builds "distilled+channels": its channels, the two-tower's share of the retrieval slots,
-    and whether the pre-rank keeps the channels' quotas (:class:`Cascade`)."""
+    each channel's weight in the rest (``channel_quotas``, aligned with ``channels``; :func:`channel_shares`), and
+    whether the pre-rank keeps the channels' quotas (:class:`Cascade`)."""
 
     channels: tuple[str, ...]
     two_tower_quota: float
     prerank_quotas: bool
+    channel_quotas: tuple[float, ...] = ()
+
+    @property
+    def quotas(self) -> dict[str, float]:
+        """Each classic channel's weight, by name (what :func:`build_cascade` takes as ``channel_quotas``)."""
+        return dict(zip(self.channels, self.channel_quotas))
 
 
 #: the order of the multi-channel union's channels where the replay does not name them (it breaks ties between
@@ -363,11 +389,15 @@ def union_channels(configured: Sequence[str] | None, saved: Sequence[str]) -> tu
 
 
 def channel_settings(channels: Sequence[str], two_tower_quota: float | None = None,
-                     prerank_quotas: bool | None = None) -> ChannelSettings:
+                     prerank_quotas: bool | None = None,
+                     channel_quotas: Mapping[str, float] | None = None) -> ChannelSettings:
     """The :class:`ChannelSettings` of a replay's ``channels``, an unset (None) quota or pre-rank choice taking
-    the default: :data:`TWO_TOWER_QUOTA`, and a pre-rank that keeps the quotas."""
-    return ChannelSettings(tuple(channels), TWO_TOWER_QUOTA if two_tower_quota is None else float(two_tower_quota),
-                           True if prerank_quotas is None else bool(prerank_quotas))
+    the default: :data:`TWO_TOWER_QUOTA`, channels weighing 1 each, and a pre-rank that keeps the quotas. A
+    ``channel_quotas`` weight for a channel not in ``channels`` raises (:func:`channel_shares`)."""
+    quota = TWO_TOWER_QUOTA if two_tower_quota is None else float(two_tower_quota)
+    channel_shares(channels, quota, channel_quotas)  # checks the weights
+    weights = tuple(float((channel_quotas or {}).get(n, 1.0)) for n in channels)
+    return ChannelSettings(tuple(channels), quota, True if prerank_quotas is None else bool(prerank_quotas), weights)
 
 
 def run_channel_settings(run_dir: str | Path) -> ChannelSettings:
@@ -388,7 +418,8 @@ def run_channel_settings(run_dir: str | Path) -> ChannelSettings:
         raise A.ArtifactError(f"{where}: no replay.channels / replay.two_tower_quota: the run predates the "
                               f"{CHANNELS_VARIANT!r} cascade")
     channels = union_channels(replay["channels"], saved_channel_names(run_dir / "channels"))
-    return channel_settings(channels, replay["two_tower_quota"], replay.get("prerank_quotas", False))
+    return channel_settings(channels, replay["two_tower_quota"], replay.get("prerank_quotas", False),
+                            replay.get("channel_quotas"))
 
 
 def cascade_variants(run_dir: str | Path) -> list[str]:
@@ -450,7 +481,8 @@ def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = 
     settings = run_channel_settings(run_dir)
     channels = load_channels(run_dir / "channels", data.history, list(settings.channels))
     return data, build_cascade(data, retr, pre, model, index, channels=channels,
-                               two_tower_quota=settings.two_tower_quota, prerank_quotas=settings.prerank_quotas)
+                               two_tower_quota=settings.two_tower_quota, prerank_quotas=settings.prerank_quotas,
+                               channel_quotas=settings.quotas)
 
 
 def trace_requests(data: RunData, cascade: Cascade, requests: Requests, n_retrieve: int, n_prerank: int, k: int,
