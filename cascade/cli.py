@@ -222,9 +222,11 @@ def cmd_data(args: argparse.Namespace) -> int:
         return 0
     from .data import custom, kuairand, movielens
     from .data.describe import describe_dataset
+    from .data.schema import DataValidationError
 
     given = [f for f, v in (("--out", args.out), ("--seed", args.seed), ("--n-users", args.n_users),
-                            ("--n-items", args.n_items), ("--n-days", args.n_days)) if v is not None]
+                            ("--n-items", args.n_items), ("--n-days", args.n_days),
+                            ("--wait", args.wait or None)) if v is not None]
     if given:
         raise UsageError(f"cascade data {args.source}: {given[0]} applies to `cascade data world` only")
     if not args.path:
@@ -234,7 +236,11 @@ def cmd_data(args: argparse.Namespace) -> int:
                "movielens-1m": movielens.load_movielens_1m, "custom": custom.load_custom}
     ds = loaders[args.source](args.path)
     offset = float(kuairand.BEIJING_UTC_OFFSET_HOURS) if args.source == "kuairand" else 0.0
-    print(json.dumps(describe_dataset(ds, offset), indent=2, default=str))
+    described = describe_dataset(ds, offset)
+    print(json.dumps(described, indent=2, default=str))
+    if described["problems"]:
+        raise DataValidationError(f"{args.path}: `cascade run` would refuse these data: "
+                                  + "; ".join(described["problems"]))
     print(f"ok: run it with `cascade run --data {args.source}:{args.path}`", file=sys.stderr)
     return 0
 

@@ -200,6 +200,7 @@ def test_3_the_label_or_a_copy_of_it_is_refused_as_a_feature(tmp_path):
     ("teacher.model.dropout=1.5", "teacher.model.dropout = 1.5"),
     ("replay.recall_ks=[0,-1]", "replay.recall_ks = (0, -1)"),
     ("replay.max_requests=0", "replay.max_requests = 0"),
+    ("replay.recall_ks=[1,5000]", "replay.recall_ks = (1, 5000): holds [5000], above replay.n_retrieve = 100"),
     ("report.ablation='/etc/passwd'", "report.ablation = '/etc/passwd': is not an ablation JSON"),
     ("data.world.n_days=0", "data.world.n_days = 0"),
     ("teacher.lightgbm_trees=0", "teacher.lightgbm_trees = 0"),
@@ -253,6 +254,39 @@ def test_4_a_replay_key_naming_a_channel_the_seen_filter_left_out_is_refused_aft
         assert check_against_data(tiny(tmp_path, override), data_dir, steps=("replay",)) == []
         summary["summary"]["filter_seen"]["applied"] = True
         (data_dir / "summary.json").write_text(json.dumps(summary))
+
+
+def test_4_world_settings_beside_another_source_and_a_data_check_option_of_the_world_are_refused(tmp_path):
+    mapping = ROOT / "examples" / "own_logs" / "mapping.toml"
+    with pytest.raises(ConfigError, match=r"data.world = \{'n_users': 10\}: is set but data.source = 'custom': the "
+                                          r"world's settings shape the generated world only"):
+        load_config(TINY, ["data.world.n_users=10"], data_spec=f"custom:{mapping}")
+    assert load_config(TINY, ["data.world.n_users=10"]).data.world.n_users == 10  # the world's own: taken
+    r = cli("data", "custom", str(mapping), "--wait")
+    assert r.returncode == 2 and "cascade: error: cascade data custom: --wait applies to `cascade data world` only" \
+        in r.stderr
+
+
+def test_4_a_min_count_no_item_reaches_is_refused_after_the_data_split_naming_it(tmp_path):
+    runs = tmp_path / "runs"
+    with pytest.raises(DataValidationError, match=r"data.min_count = 100000: 0 item id\(s\) of the train split .* "
+                                                  r"reach it \(the most shown item has [\d,]+ train impressions\)"):
+        run_pipeline(tiny(runs, "data.min_count=100000"), progress=False)
+    assert not (runs / "tiny" / "data").exists()
+
+
+def test_4_the_data_check_says_what_a_run_would_refuse(tmp_path):
+    d = tmp_path / "shop"
+    shutil.copytree(ROOT / "examples" / "own_logs", d)
+    r = cli("data", "custom", str(d / "mapping.toml"), "--check")
+    assert r.returncode == 0 and json.loads(r.stdout)["problems"] == [] and "ok: run it with" in r.stderr
+    imp = pd.read_csv(d / "impressions.csv")
+    imp["clicked"] = 0
+    imp.to_csv(d / "impressions.csv", index=False)
+    r = cli("data", "custom", str(d / "mapping.toml"), "--check")
+    assert r.returncode == 2 and "ok: run it" not in r.stderr and "Traceback" not in r.stderr
+    assert "`cascade run` would refuse these data: no impression is a click" in r.stderr
+    assert json.loads(r.stdout)["clicks"] == 0  # what the data hold is still shown
 
 
 def test_4_train_clicks_of_one_class_are_refused_before_training(tmp_path):

@@ -15,6 +15,7 @@ import pytest
 
 from cascade import artifacts as A
 from cascade.cli import main
+from cascade.config import ConfigError
 from cascade.data.custom import load_custom
 from cascade.data.schema import Dataset, DataValidationError, Feature, Schema
 from cascade.data.split import DAY_MS, quantile_split_days, time_split
@@ -139,6 +140,11 @@ def test_a_named_source_brings_its_own_item_columns_on_any_pipeline_config(tmp_p
     np.testing.assert_array_equal(content["category_"], pd.factorize(genres)[0])
     with pytest.raises(DataValidationError, match=r"data.cross_tag_column = 'tag': the items .* have no column 'tag'"):
         run_pipeline(cfg("data.cross_tag_column='tag'", "run.name='bad'"), progress=False, until="data")
+    # a content column the movies lack: a config error naming the key, before any channel is fitted
+    with pytest.raises(ConfigError, match=r"channels.content_column = 'plot' is not an item column \(items have "):
+        run_pipeline(cfg("channels.content_column='plot'", "run.name='bad-content'"), progress=False,
+                     until="channels")
+    assert not (runs / "bad-content" / "channels").exists()
     # a custom log whose items lack the tag column: the unset key and the default it took are named
     toml = own_logs(tmp_path)
     text = toml.read_text(encoding="utf-8")

@@ -12,7 +12,8 @@ from .split import DAY_MS, quantile_split_days, request_days
 def describe_dataset(ds: Dataset, utc_offset_hours: float = 0.0) -> dict:
     """rows, users, items, requests, clicks, CTR, random-exposure share, the days the requests span, the features
     per side (name: kind) and the suggested split days (:func:`cascade.data.split.quantile_split_days`; None with
-    the reason when the data cannot be split by day)."""
+    the reason when the data cannot be split by day) and the problems that `cascade run` would refuse (no
+    split by day, clicks of one class)."""
     imp = ds.impressions
     day = request_days(ds, utc_offset_hours)
     first, last = int(day.min()), int(day.max())
@@ -22,6 +23,11 @@ def describe_dataset(ds: Dataset, utc_offset_hours: float = 0.0) -> dict:
                  "set_with": f"--set data.valid_days={valid_days} --set data.test_days={test_days}"}
     except DataValidationError as e:
         split = {"valid_days": None, "test_days": None, "problem": str(e)}
+    clicks = int(imp["click"].sum())
+    problems = [split["problem"]] if "problem" in split else []
+    if clicks in (0, len(imp)):
+        problems.append(f"{'no impression is a click' if clicks == 0 else 'every impression is a click'}: a "
+                        "teacher cannot learn from one class (check the click column)")
     return {
         "name": ds.name,
         "files": dict(ds.sources),
@@ -29,13 +35,14 @@ def describe_dataset(ds: Dataset, utc_offset_hours: float = 0.0) -> dict:
         "users": int(len(ds.users)),
         "items": int(len(ds.items)),
         "requests": int(imp["request_id"].nunique()),
-        "clicks": int(imp["click"].sum()),
+        "clicks": clicks,
         "ctr": float(imp["click"].mean()),
         "random_share": float(imp["is_rand"].mean()),
         "days": {"first": _date(first), "last": _date(last), "span": last - first + 1,
                  "with_requests": int(len(np.unique(day)))},
         "features": {s: {f.name: f.kind for f in ds.schema.by_side(s)} for s in SIDES},
         "suggested_split": split,
+        "problems": problems,
     }
 
 

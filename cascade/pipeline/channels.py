@@ -26,6 +26,7 @@ from ..channels import (
     PopularChannel,
     RecentChannel,
 )
+from ..config import ConfigError
 from ..data.history import EventHistory
 from ..run_data import RunData, item_columns
 from .config import EMPTIED_BY_SEEN_FILTER, ChannelsSection
@@ -60,7 +61,7 @@ def content_column(c: ChannelsSection, data: RunData) -> str:
     if not col or col not in data.items.columns:
         shown = (f"channels.content_column = {col!r}" if c.content_column is not None else
                  f"channels.content_column unset: the data step's tag column {col!r}")
-        raise ValueError(f"{shown} is not an item column (items have {sorted(data.items.columns)}); set "
+        raise ConfigError(f"{shown} is not an item column (items have {sorted(data.items.columns)}); set "
                          "channels.content_column to one of them, or leave 'content' out of channels.build")
     return col
 

@@ -125,6 +125,11 @@ class DataSection:
         require(self, "path", self.source != "world" or self.path is None,
                 "must be unset for data.source = 'world' (the world is generated)")
         require(self, "path", not self.path or Path(self.path).exists(), "does not exist")
+        changed = {f.name: getattr(self.world, f.name) for f in dataclasses.fields(WorldConfig)
+                   if getattr(self.world, f.name) != getattr(WorldConfig(), f.name)}
+        if self.source != "world" and changed:
+            raise FieldError(type(self).__name__, "world", changed, f"is set but data.source = {self.source!r}: the "
+                             "world's settings shape the generated world only, so they would do nothing")
         require(self, "path", self.source != "custom" or not self.path or Path(self.path).is_file(),
                 "must be a mapping TOML file for data.source = 'custom'")
         require(self, "path", self.source in ("world", "custom") or not self.path or Path(self.path).is_dir(),
@@ -583,6 +588,10 @@ class IndexSection:
             require(self, "factory", all(v >= 1 for v in sizes.values()), f"sizes {sizes} must be >= 1")
 
 
+#: the K of the teacher-recall@K curves where replay.recall_ks is not set (cut to the retrieval stage's length)
+RECALL_KS = (1, 5, 10, 20, 50, 100, 200, 500)
+
+
 @dataclass(frozen=True)
 class ReplaySection:
     n_retrieve: int = 500
@@ -595,7 +604,7 @@ class ReplaySection:
     max_rand_requests: int | None = 1000
     latency_requests: int = 300
     batch_size: int = 256
-    recall_ks: tuple[int, ...] = (1, 5, 10, 20, 50, 100, 200, 500)
+    recall_ks: tuple[int, ...] = RECALL_KS  # the teacher-recall@K curves' K (the default: up to n_retrieve)
     # the multi-channel cascade ("distilled+channels"): the distilled two-tower plus these channels (built by the
     # channels step; unset: every channel it built, cascade.serve.cascade.union_channels) in one retrieval stage, the
     # two-tower taking two_tower_quota of the N1 slots (unset: 0.5) and the channels sharing the rest in proportion
@@ -622,6 +631,11 @@ class ReplaySection:
                 "must be an integer >= 0 or None (every random-exposure test request)")
         require(self, "recall_ks", bool(self.recall_ks) and all(at_least(k, 1) for k in self.recall_ks),
                 "must be a non-empty list of integers >= 1")
+        # the default ladder is cut to the retrieval stage's length; a list that is set must fit it
+        above = [k for k in self.recall_ks if k > self.n_retrieve]
+        require(self, "recall_ks", self.recall_ks == RECALL_KS or not above,
+                f"holds {above}, above replay.n_retrieve = {self.n_retrieve}: the retrieval stage keeps "
+                f"{self.n_retrieve} items, so teacher-recall@K cannot be measured there")
         listed = self.channels or ()
         if sorted(set(listed) - set(CHANNEL_NAMES)) or len(set(listed)) != len(listed):
             raise ValueError(f"replay.channels must name distinct channels of {list(CHANNEL_NAMES)}, got "

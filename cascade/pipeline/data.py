@@ -78,6 +78,23 @@ SOURCE_ITEM_COLUMNS = {"movielens-100k": ("genre", "genre"), "movielens-1m": ("g
 DEFAULT_ITEM_COLUMNS = ("tag", "author_id")
 
 
+def check_min_count(min_count: int, train_items: pd.Series, source: str) -> None:
+    """Refuse a data.min_count that leaves fewer than two item ids in the vocabulary (every item would share the
+    out-of-vocabulary code: the towers' click histories could not tell items apart); warn where the items below it
+    hold more than half of the train impressions. train_items: the item id of each train impression."""
+    counts = train_items.value_counts()
+    kept = counts[counts >= min_count]
+    if len(kept) < 2:
+        raise DataValidationError(
+            f"data.min_count = {min_count}: {len(kept)} item id(s) of the train split ({source}) reach it (the most "
+            f"shown item has {int(counts.max()) if len(counts) else 0:,} train impressions), so every item id would "
+            "fall to the out-of-vocabulary code; lower data.min_count")
+    share = 1.0 - kept.sum() / counts.sum()
+    if share > 0.5:
+        log.warning("data.min_count = %d: items shown fewer times hold %.0f%% of the train impressions; their ids "
+                    "all share the out-of-vocabulary code", min_count, 100 * share)
+
+
 def choose_item_columns(c: DataSection, ds) -> dict:
     """{"tag", "author": the item columns of data.cross_tag_column / cross_author_column, each unset one the
     source's own (:data:`SOURCE_ITEM_COLUMNS`; "": none), "chosen_by": {key: "config" | "the source's own"}}. A
@@ -122,6 +139,7 @@ def run(ctx: StepContext) -> StepResult:
     valid_days, test_days, chosen = split_days(c, ds, utc_offset)
     masks = time_split(ds, valid_days=valid_days, test_days=test_days, utc_offset_hours=utc_offset)
     check_leakage(ds, masks["train"])
+    check_min_count(c.min_count, ds.impressions["item_id"][np.asarray(masks["train"])], ds.source("impressions"))
     cross = cross_store(c, ds, columns)
     # the teacher's behaviour sequence (teacher.sequence_length, carried by the step's config: DataStepConfig)
     n_seq = c.sequence_length if isinstance(c, DataStepConfig) else 0
