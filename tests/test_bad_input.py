@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import re
 from pathlib import Path
 
@@ -172,7 +173,7 @@ def test_movielens_1m_time_in_milliseconds(ml1m_dir):
 def test_custom_unknown_toml_key(custom_example):
     toml = custom_example
     text = toml.read_text(encoding="utf-8")
-    write(toml, text.replace("request_gap_s = 1800", "request_gap = 1800"))
+    write(toml, text.replace('unit = "s"', 'unit = "s"\nrequest_gap = 1800'))
     raises([str(toml), "'request_gap'"], load_custom, toml)
     write(toml, text.replace('time_ms = "ts"', 'time_sm = "ts"'))
     raises(["columns.impressions.", "'time_sm'"], load_custom, toml)
@@ -249,3 +250,216 @@ def test_seconds_never_pass_as_milliseconds(x):
     with pytest.raises(DataValidationError, match=re.escape(f"{x!r}")):
         check_time_unit(np.array([x]), "ms", "f.csv", "time_ms")
     check_time_unit(np.array([x]), "s", "f.csv", "time_ms")
+
+
+# ---------------------------------------------------------------------------------------------------- own logs
+
+# 1_700_000_000 s = 2023-11-14 22:13:20 UTC, a Tuesday (weekday 1).
+SHOP_MAPPING = """[files]
+users = "users.csv"
+items = "items.csv"
+impressions = "impressions.csv"
+
+[columns.impressions]
+time_ms = "ts"
+click = "clicked"
+
+[time]
+unit = "s"
+"""
+SHOP_IMPRESSIONS = "user_id,item_id,ts,clicked\n7,100,1700000000,1\n7,101,1700000060,0\n8,100,1700000030,0\n"
+
+
+def shop(d: Path, impressions: str = SHOP_IMPRESSIONS, users: str = "user_id\n7\n8\n",
+         items: str = "item_id\n100\n101\n", mapping: str = SHOP_MAPPING) -> Path:
+    """A tiny own-logs folder in ``d`` (the CSV texts as given) and its mapping; the mapping's path."""
+    write(d / "users.csv", users)
+    write(d / "items.csv", items)
+    write(d / "impressions.csv", impressions)
+    return write(d / "mapping.toml", mapping)
+
+
+def context_feature(name: str, table: str = "impressions", side: str = "context") -> str:
+    return f'\n[[features]]\nname = "{name}"\ntable = "{table}"\nkind = "categorical"\nside = "{side}"\n'
+
+
+def test_custom_shop_loads(tmp_path):
+    ds = load_custom(shop(tmp_path))
+    assert ds.impressions["user_id"].tolist() == [7, 7, 8] and ds.impressions["hour"].tolist() == [22, 22, 22]
+
+
+def test_custom_own_hour_and_weekday_columns_are_used_and_checked(tmp_path):
+    """A file's hour / weekday column is read, declared as a feature or not, mapped or not; never recomputed."""
+    imp = ("user_id,item_id,ts,clicked,hour,weekday\n"
+           "7,100,1700000000,1,5,6\n7,101,1700000060,0,5,6\n8,100,1700000030,0,4,0\n")
+    toml = shop(tmp_path, imp, mapping=SHOP_MAPPING + context_feature("hour") + context_feature("weekday"))
+    ds = load_custom(toml)
+    assert ds.impressions["hour"].tolist() == [5, 5, 4] and ds.impressions["weekday"].tolist() == [6, 6, 0]
+    write(toml, SHOP_MAPPING)  # not features: still read, not derived (22 h, Tuesday)
+    assert load_custom(toml).impressions["hour"].tolist() == [5, 5, 4]
+    write(tmp_path / "impressions.csv", imp.replace(",4,0", ",99,0"))
+    raises(["impressions.csv line 4", "column 'hour'", "0..23", "99"], load_custom, toml)
+    write(tmp_path / "impressions.csv", imp.replace("1,5,6\n7", "1,5,7\n7"))
+    raises(["impressions.csv line 2", "column 'weekday'", "0..6", "7"], load_custom, toml)
+    # mapped: checked the same way, under the file's name
+    write(toml, SHOP_MAPPING.replace('click = "clicked"', 'click = "clicked"\nhour = "hr"'))
+    write(tmp_path / "impressions.csv",
+          "user_id,item_id,ts,clicked,hr\n7,100,1700000000,1,3\n8,101,1700000030,0,noon\n")
+    raises(["impressions.csv line 3", "column 'hr'", "'noon'"], load_custom, toml)
+    # parquet: a missing hour is not passed over
+    pd.DataFrame({"user_id": [7, 8], "item_id": [100, 101], "ts": [1_700_000_000, 1_700_000_030], "clicked": [1, 0],
+                  "hour": [3.0, np.nan]}).to_parquet(tmp_path / "imp.parquet")
+    write(toml, SHOP_MAPPING.replace("impressions.csv", "imp.parquet") + context_feature("hour"))
+    raises(["imp.parquet", "column 'hour'", "nan", "line 2"], load_custom, toml)
+
+
+def test_custom_utc_offset_beside_own_hour_and_weekday_is_refused(tmp_path):
+    imp = "user_id,item_id,ts,clicked,hour,weekday\n7,100,1700000000,1,5,6\n"
+    toml = shop(tmp_path, imp, mapping=SHOP_MAPPING + "utc_offset_hours = 2\n")
+    raises([str(toml), "time.utc_offset_hours does nothing", "impressions.csv", "'hour'", "'weekday'"], load_custom,
+           toml)
+    write(tmp_path / "impressions.csv", imp.replace(",weekday", "").replace(",6\n", "\n"))
+    assert load_custom(toml).impressions["weekday"].tolist() == [2]  # derived at UTC+2: Wednesday 00:13
+
+
+def test_custom_items_tag_column_is_read_unmapped(tmp_path):
+    toml = shop(tmp_path, items="item_id,tag\n100,shoe\n101,hat\n",
+                mapping=SHOP_MAPPING + context_feature("tag", "items", "item"))
+    assert load_custom(toml).items["tag"].tolist() == ["shoe", "hat"]
+    write(tmp_path / "items.csv", "item_id,category\n100,shoe\n101,hat\n")
+    raises(["items.csv", "'tag'"], load_custom, toml)
+
+
+def test_custom_ids_with_leading_zeros_are_text(tmp_path):
+    """"0007" is a text id: it never meets 7 (refused, naming both spellings), and "0001" and "1" are two users."""
+    toml = shop(tmp_path, users="user_id\n0007\n8\n")
+    raises(["impressions.csv line 2", "column 'user_id'", "unknown user 7", "users.csv has '0007'"], load_custom, toml)
+    imp = "user_id,item_id,ts,clicked\n0001,100,1700000000,1\n1,101,1700000060,0\n"
+    ds = load_custom(shop(tmp_path, imp, users="user_id\n0001\n1\n"))
+    assert ds.users["user_key"].tolist() == ["0001", "1"] and sorted(ds.impressions["user_id"]) == [0, 1]
+    # one integer written twice: both lines and spellings
+    shop(tmp_path, users="user_id\n7\n 7\n8\n")
+    raises(["users.csv", "column 'user_id'", "duplicate id 7", "line 2 '7'", "line 3 ' 7'"], load_custom, toml)
+
+
+def test_custom_line_numbers_count_blank_lines(tmp_path):
+    imp = "user_id,item_id,ts,clicked\n7,100,1700000000,1\n\n\r\n7,101,1700000060,7\n"
+    raises(["impressions.csv line 5", "'clicked'", "7"], load_custom, shop(tmp_path, imp))
+    p = write(tmp_path / "b.csv", "user_id,score,name\n1,0.5,a\n\n\n2,,b\n")
+    raises(["b.csv", "'score'", "line 5"], read, p)
+    p = write(tmp_path / "c.csv", "user_id,score,name\n\n1,0.5,a\n\n2,high,b\n")
+    raises(["c.csv", "'high'", "line 5"], read, p)
+
+
+def test_custom_repeated_impression_without_position_is_refused(tmp_path):
+    imp = SHOP_IMPRESSIONS + "7,100,1700000000,1\n"
+    raises(["impressions.csv line 5", "impressions.csv line 2", "user_id=7", "item_id=100", "ts=1700000000",
+            "position column"], load_custom, shop(tmp_path, imp))
+    # the same item again a second later is another impression
+    assert len(load_custom(shop(tmp_path, SHOP_IMPRESSIONS + "7,100,1700000001,0\n")).impressions) == 4
+
+
+def test_custom_mapping_file_itself(tmp_path):
+    shop(tmp_path)
+    raises([str(tmp_path), "is a directory", "mapping.toml"], load_custom, tmp_path)
+    p = tmp_path / "latin.toml"
+    p.write_bytes('name = "x"\n# caf\xe9\n'.encode("latin-1"))
+    raises([str(p), "line 2", "not valid UTF-8", "0xe9"], load_custom, p)
+
+
+@pytest.mark.parametrize("section, line, named", [
+    ("csv", 'sep = ""', ["csv.sep", "''"]),
+    ("csv", "sep = 5", ["csv.sep", "5"]),
+    ("time", 'utc_offset_hours = "abc"', ["time.utc_offset_hours", "'abc'"]),
+    ("time", "utc_offset_hours = nan", ["time.utc_offset_hours", "nan"]),
+    ("time", "utc_offset_hours = 1000", ["time.utc_offset_hours", "-12..14", "1000"]),
+    ("time", 'request_gap_s = "x"', ["time.request_gap_s", "'x'"]),
+    ("time", "request_gap_s = true", ["time.request_gap_s", "True"]),
+    ("time", "request_gap_s = inf", ["time.request_gap_s", "inf"]),
+    ("columns", 'users = "customer"', ["columns.users must be a table", "'customer'"]),
+])
+def test_custom_bad_mapping_values_are_named_before_reading(tmp_path, section, line, named):
+    """Refused from the mapping alone: no data file exists."""
+    p = write(tmp_path / "mapping.toml", SHOP_MAPPING + ("" if section == "time" else f"\n[{section}]\n") + line + "\n")
+    raises([str(p), *named], load_custom, p)
+
+
+def test_custom_mapping_declares_a_feature_twice_or_an_empty_file(tmp_path):
+    p = write(tmp_path / "mapping.toml", SHOP_MAPPING + context_feature("age", "users", "user")
+              + context_feature("age", "users", "user"))
+    raises([str(p), "features[1]", "'age'", "features[0]"], load_custom, p)  # no data file exists
+    p = write(tmp_path / "mapping.toml", SHOP_MAPPING.replace('users = "users.csv"', 'users = ""'))
+    raises([str(p), "files.users is empty"], load_custom, p)
+    (tmp_path / "sub").mkdir()
+    p = write(tmp_path / "mapping.toml", SHOP_MAPPING.replace('users = "users.csv"', 'users = "sub"'))
+    raises([str(p), "files.users = 'sub'", "directory"], load_custom, p)
+
+
+def test_custom_request_gap_beside_request_ids_is_refused(tmp_path):
+    """request_gap_s would do nothing where the files name the requests: mapped, or under the canonical name."""
+    imp = "user_id,item_id,ts,clicked,session\n7,100,1700000000,1,s1\n7,101,1700000060,0,s1\n8,100,1700000030,0,s2\n"
+    toml = shop(tmp_path, imp, mapping=SHOP_MAPPING.replace('click = "clicked"', 'click = "clicked"\n'
+                                                            'request_id = "session"') + "request_gap_s = 60\n")
+    raises([str(toml), "time.request_gap_s does nothing", "'session'"], load_custom, toml)
+    shop(tmp_path, imp.replace("session", "request_id"), mapping=SHOP_MAPPING + "request_gap_s = 60\n")
+    raises([str(toml), "time.request_gap_s does nothing", "impressions.csv", "'request_id'"], load_custom, toml)
+    write(toml, SHOP_MAPPING)
+    assert load_custom(toml).impressions["request_id"].nunique() == 2
+
+
+def test_custom_bad_position_values(tmp_path):
+    imp = "user_id,item_id,ts,clicked,position\n7,100,1700000000,1,0\n7,101,1700000060,0,first\n"
+    raises(["impressions.csv line 3", "column 'position'", "'first'"], load_custom, shop(tmp_path, imp))
+    imp = "user_id,item_id,ts,clicked,position\n7,100,1700000000,1,0\n\n7,101,1700000060,0,0\n"
+    raises(["impressions.csv line 4", "column 'position'", "repeats position 0", "impressions.csv line 2"],
+           load_custom, shop(tmp_path, imp))
+
+
+def test_custom_unreadable_file(tmp_path, monkeypatch):
+    import builtins
+
+    toml = shop(tmp_path)
+    real_open, real_read_bytes = builtins.open, Path.read_bytes
+
+    def refuse(path, *args, **kwargs):
+        if Path(path).name == "users.csv":
+            raise PermissionError(13, "Permission denied", str(path))
+        return real_open(path, *args, **kwargs)
+
+    def refuse_bytes(self):
+        if self.name == "users.csv":
+            raise PermissionError(13, "Permission denied", str(self))
+        return real_read_bytes(self)
+
+    monkeypatch.setattr(builtins, "open", refuse)
+    monkeypatch.setattr(Path, "read_bytes", refuse_bytes)
+    raises(["users.csv", "cannot be read", "Permission denied"], load_custom, toml)
+    raises(["users.csv", "cannot be read", "Permission denied"], read, tmp_path / "users.csv")
+
+
+def test_custom_compressed_or_parquet_file_under_a_csv_name(tmp_path):
+    import gzip
+
+    toml = shop(tmp_path)
+    (tmp_path / "impressions.csv").write_bytes(gzip.compress(SHOP_IMPRESSIONS.encode()))
+    raises(["impressions.csv", "gzip-compressed", "decompress"], load_custom, toml)
+    pd.read_csv(io.StringIO(SHOP_IMPRESSIONS)).to_parquet(tmp_path / "impressions.csv")
+    raises(["impressions.csv", "a parquet file", "*.parquet"], load_custom, toml)
+
+
+def test_custom_unknown_ids_name_the_file_column_and_line(tmp_path):
+    """An unknown integer user inside a session is named as such (not as a session of two users)."""
+    mapping = SHOP_MAPPING.replace("[columns.impressions]", '[columns.users]\nuser_id = "customer"\n\n'
+                                   '[columns.impressions]\nuser_id = "customer"\nrequest_id = "session"')
+    imp = "customer,item_id,ts,clicked,session\n7,100,1700000000,1,s1\n9,101,1700000060,0,s1\n"
+    toml = shop(tmp_path, imp, users="customer\n7\n8\n", mapping=mapping)
+    raises(["impressions.csv line 3", "column 'customer'", "unknown user 9", "users.csv"], load_custom, toml)
+    write(tmp_path / "impressions.csv", imp.replace("9,101", "8,101"))
+    raises(["impressions.csv line 3", "request 's1'", "column 'session'", "more than one user",
+            "impressions.csv line 2"], load_custom, toml)
+
+
+def test_custom_fractional_milliseconds_name_the_line(tmp_path):
+    toml = shop(tmp_path, "user_id,item_id,ts,clicked\n7,100,1700000000000,1\n7,101,1700000060000.5,0\n",
+                mapping=SHOP_MAPPING.replace('unit = "s"', 'unit = "ms"'))
+    raises(["impressions.csv line 3", "column 'ts'", "whole milliseconds", "1700000060000.5"], load_custom, toml)

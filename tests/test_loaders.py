@@ -54,6 +54,39 @@ def test_kuairand_standard_only(kuairand_logs):
     assert ds.name == "kuairand-pure"
 
 
+def test_kuairand_a_log_copied_beside_itself_is_warned_and_kept(kuairand_logs, caplog):
+    import logging
+    import shutil
+
+    with caplog.at_level(logging.WARNING, logger="cascade.data.kuairand"):
+        assert len(load_kuairand(kuairand_logs).impressions) == 7 and "repeat another row" not in caplog.text
+        # the copy matches log_standard_*pure*.csv too: its five rows repeat the original's in every column
+        shutil.copy(kuairand_logs / "log_standard_4_08_to_4_21_pure.csv", kuairand_logs / "log_standard_copy_pure.csv")
+        ds = load_kuairand(kuairand_logs)
+    assert len(ds.impressions) == 12  # kept: the official files may hold such rows
+    assert "KuaiRand logs: 5 row(s) repeat another row in every column (41.67% of 12); the first is in " \
+           "log_standard_4_08_to_4_21_pure.csv and log_standard_copy_pure.csv" in caplog.text
+
+
+@pytest.mark.parametrize("write", ["ml100k", "ml1m"])
+def test_movielens_a_user_who_rated_a_movie_twice_is_refused_naming_the_lines(tmp_path, write):
+    from cascade.data.schema import DataValidationError
+    from worlds import write_ml1m, write_ml100k
+
+    d = tmp_path / write
+    (write_ml100k if write == "ml100k" else write_ml1m)(d)
+    name, sep = ("u.data", "\t") if write == "ml100k" else ("ratings.dat", "::")
+    lines = (d / name).read_text(encoding="latin-1").splitlines()
+    user, movie = lines[1].split(sep)[:2]
+    lines.insert(3, sep.join([user, movie, "1", lines[1].split(sep)[3]]))  # line 4: line 2's pair rated again
+    (d / name).write_text("\n".join(lines) + "\n", encoding="latin-1")
+    load = load_movielens_100k if write == "ml100k" else load_movielens_1m
+    with pytest.raises(DataValidationError, match=rf"{name}: user {user} rated movie {movie} twice \(lines 2 and 4; "
+                                                  r"1 repeated pair\(s\) in all\): a MovieLens ratings file holds "
+                                                  r"one rating per user and movie"):
+        load(d)
+
+
 @pytest.fixture(scope="module")
 def ml100k():
     if ML100K is None or not (ML100K / "u.data").exists():

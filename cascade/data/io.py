@@ -13,8 +13,9 @@ message names the file and, where it applies, the column, the offending value an
 - missing / NaN / inf values where they cannot be, negative values in non-negative columns: the column and line;
 - duplicate ids: the column, the value and both lines.
 
-Line numbers count physical lines from 1 and include the header line; they assume that no quoted field spans
-several lines (true of every file format these loaders read).
+Line numbers count physical lines from 1 and include the header line and any empty line (which pyarrow skips);
+they assume that no quoted field spans several lines (true of every file format these loaders read). A compressed
+file (gzip, zip, xz, zstd) or a parquet file under a CSV name is refused naming what it is.
 
 The module also holds the helpers every loader shares: the time-unit check, request / position assignment from
 group keys and time, hour / weekday from epoch milliseconds, and the missing-value policy for side tables.
@@ -28,7 +29,7 @@ import io
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -109,15 +110,65 @@ def _find_bad_row(text: str, sep: str, n_fields: int, quoting: bool, first_line:
     return -1, -1, ""
 
 
+#: Leading bytes of files that are not text: what each is.
+_MAGIC = ((b"\x1f\x8b", "gzip-compressed", "decompress it first (gunzip)"),
+          (b"PK\x03\x04", "a zip archive", "unzip it first"),
+          (b"\xfd7zXZ\x00", "xz-compressed", "decompress it first (unxz)"),
+          (b"\x28\xb5\x2f\xfd", "zstd-compressed", "decompress it first (unzstd)"),
+          (b"PAR1", "a parquet file", "name it *.parquet (the suffix picks the reader)"))
+
+
+def _check_text(head: bytes, path: Path) -> None:
+    """Raise naming what the file is when its first bytes say it is compressed or parquet, not delimited text."""
+    for magic, what, fix in _MAGIC:
+        if head.startswith(magic):
+            raise DataValidationError(f"{path}: is {what}, not a delimited text file; {fix}")
+
+
+def _open_error(path: Path, exc: OSError) -> DataValidationError:
+    return DataValidationError(f"{path}: cannot be read ({exc.strerror or exc})")
+
+
 def _read_bytes(path: Path) -> bytes:
     if not path.exists():
         raise DataValidationError(f"{path}: file not found")
     if path.is_dir():
         raise DataValidationError(f"{path}: is a directory, expected a file")
-    raw = path.read_bytes()
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    _check_text(raw[:8], path)
     if _NON_SPACE.search(raw) is None:
         raise DataValidationError(f"{path}: file is empty")
     return raw
+
+
+def _row_line(raw: bytes, row: int, first_data_line: int) -> int:
+    """The physical line (from 1) of data row ``row`` (from 0) of delimited text ``raw`` whose first data row is
+    on line ``first_data_line``: pyarrow skips empty lines, and each one before the row shifts it down a line."""
+    b = np.frombuffer(raw, dtype=np.uint8)
+    ends = np.flatnonzero(b == 10)
+    starts = np.r_[0, ends + 1][: len(ends) + 1]
+    ends = np.r_[ends, len(b)]
+    length = ends - starts
+    empty = (length == 0) | ((length == 1) & (b[np.minimum(starts, len(b) - 1)] == 13))
+    data = np.flatnonzero(~empty[first_data_line - 1:]) + first_data_line
+    return int(data[row]) if row < len(data) else row + first_data_line
+
+
+def data_line(path: PathLike, row: int, header: bool = True) -> int:
+    """The line number (from 1) that messages give for data row ``row`` (from 0) of a file read by
+    :func:`read_table_strict`: parquet ``row + 1``; CSV (an ASCII-compatible encoding) the physical line, counting
+    the header and empty lines. Reads the file again: for error messages only."""
+    path = Path(path)
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return row + 1
+    try:
+        raw = path.read_bytes()
+    except OSError:
+        return row + (2 if header else 1)
+    return _row_line(raw, row, 2 if header else 1)
 
 
 def _check_encoding(raw: bytes, path: Path, encoding: str) -> None:
@@ -199,6 +250,10 @@ def read_csv_strict(
         if missing:
             raise ValueError(f"read_csv_strict: required column {missing[0]!r} is not in names {columns}")
         first_data_line = 1
+
+    def line_of(row: int) -> int:
+        return _row_line(raw, row, first_data_line)
+
     if len(sep) > 1:
         # pyarrow takes a one-byte delimiter only: map the multi-character one onto the ASCII unit separator.
         if b"\x1f" in raw:
@@ -243,7 +298,7 @@ def read_csv_strict(
                 f"malformed row)"
             ) from None
         if "conversion error" in msg:
-            _raise_conversion_error(raw, path, read_opts, parse_opts, keep, dtypes, columns, first_data_line)
+            _raise_conversion_error(raw, path, read_opts, parse_opts, keep, dtypes, columns, line_of)
         raise DataValidationError(f"{path}: cannot parse: {msg}") from None
     if table.num_rows == 0:
         raise DataValidationError(f"{path}: has no data rows")
@@ -253,15 +308,15 @@ def read_csv_strict(
         if arr.null_count and col not in nullable:
             row = int(np.flatnonzero(pc.is_null(arr).to_numpy(zero_copy_only=False))[0])
             raise DataValidationError(
-                f"{path}: column {col!r} has a missing value at line {row + first_data_line}"
+                f"{path}: column {col!r} has a missing value at line {line_of(row)}"
             )
     df = table.to_pandas()
-    _check_values(df, str(path), nullable, nonnegative, unique, first_data_line)
+    _check_values(df, str(path), nullable, nonnegative, unique, line_of)
     return df
 
 
 def _raise_conversion_error(raw: bytes, path: Path, read_opts, parse_opts, keep, dtypes: Mapping[str, str],
-                            columns: Sequence[str], first_data_line: int) -> None:
+                            columns: Sequence[str], line_of: Callable[[int], int]) -> None:
     """Slow path, only after a conversion error: find the first non-numeric value of a numeric column."""
     as_text = {c: pa.string() for c, t in dtypes.items() if t in _NUMERIC and c in columns}
     table = pacsv.read_csv(io.BytesIO(raw), read_options=read_opts, parse_options=parse_opts,
@@ -278,15 +333,16 @@ def _raise_conversion_error(raw: bytes, path: Path, read_opts, parse_opts, keep,
         if bad.any():
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataValidationError(
-                f"{path}: column {col!r} must be {dtypes[col]} but line {row + first_data_line} holds "
+                f"{path}: column {col!r} must be {dtypes[col]} but line {line_of(row)} holds "
                 f"{py_scalar(s.iloc[row])!r}"
             )
     raise DataValidationError(f"{path}: a numeric column holds a value that cannot be parsed")
 
 
 def _check_values(df: pd.DataFrame, source: str, nullable: set[str], nonnegative: Iterable[str],
-                  unique: Iterable[str], first_line: int) -> None:
-    """NaN / inf / negative / duplicate checks shared by the CSV and parquet readers."""
+                  unique: Iterable[str], line_of: Callable[[int], int]) -> None:
+    """NaN / inf / negative / duplicate checks shared by the CSV and parquet readers (``line_of(row)``: the line
+    number of 0-based row ``row``, for messages)."""
     for col in df.columns:
         v = df[col].to_numpy()
         if v.dtype.kind == "f":
@@ -294,11 +350,11 @@ def _check_values(df: pd.DataFrame, source: str, nullable: set[str], nonnegative
             if bad.any():
                 row = int(np.flatnonzero(bad)[0])
                 raise DataValidationError(
-                    f"{source}: column {col!r} has a non-finite value {py_scalar(v[row])!r} at line {row + first_line}"
+                    f"{source}: column {col!r} has a non-finite value {py_scalar(v[row])!r} at line {line_of(row)}"
                 )
         elif col not in nullable and df[col].isna().any():
             row = int(np.flatnonzero(df[col].isna().to_numpy())[0])
-            raise DataValidationError(f"{source}: column {col!r} has a missing value at line {row + first_line}")
+            raise DataValidationError(f"{source}: column {col!r} has a missing value at line {line_of(row)}")
     for col in nonnegative:
         if col not in df.columns:
             continue
@@ -310,7 +366,7 @@ def _check_values(df: pd.DataFrame, source: str, nullable: set[str], nonnegative
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
             raise DataValidationError(
-                f"{source}: column {col!r} has a negative value {py_scalar(v[row])!r} at line {row + first_line}"
+                f"{source}: column {col!r} has a negative value {py_scalar(v[row])!r} at line {line_of(row)}"
             )
     for col in unique:
         if col not in df.columns:
@@ -321,8 +377,8 @@ def _check_values(df: pd.DataFrame, source: str, nullable: set[str], nonnegative
             value = df[col].iloc[rows[0]]
             second = rows[1:][df[col].iloc[rows[1:]].to_numpy() == value][0]
             raise DataValidationError(
-                f"{source}: column {col!r} has duplicate id {py_scalar(value)!r} (lines {rows[0] + first_line} and "
-                f"{second + first_line})"
+                f"{source}: column {col!r} has duplicate id {py_scalar(value)!r} (lines {line_of(rows[0])} and "
+                f"{line_of(second)})"
             )
 
 
@@ -343,23 +399,34 @@ def read_parquet_strict(
     path = Path(path)
     if not path.exists():
         raise DataValidationError(f"{path}: file not found")
-    try:
-        schema = pq.read_schema(path)
-    except (pa.ArrowInvalid, OSError) as exc:
-        raise DataValidationError(f"{path}: not a readable parquet file ({exc})") from None
+    schema = _parquet_schema(path)
     missing = [c for c in required_columns if c not in schema.names]
     if missing:
         raise DataValidationError(
             f"{path}: has no required column {missing[0]!r} (needs {list(required_columns)}; has {schema.names})"
         )
-    df = pq.read_table(path, columns=list(usecols) if usecols is not None else None).to_pandas()
+    try:
+        df = pq.read_table(path, columns=list(usecols) if usecols is not None else None).to_pandas()
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataValidationError(f"{path}: not a readable parquet file ({exc})") from None
     if len(df) == 0:
         raise DataValidationError(f"{path}: has no rows")
     for col, dt in (dtypes or {}).items():
         if col in df.columns:
             df[col] = _cast_column(df[col], dt, str(path), col, first_line=1)
-    _check_values(df, str(path), set(nullable), nonnegative, unique, first_line=1)
+    _check_values(df, str(path), set(nullable), nonnegative, unique, lambda row: row + 1)
     return df
+
+
+def _parquet_schema(path: Path) -> pa.Schema:
+    if path.is_dir():
+        raise DataValidationError(f"{path}: is a directory, expected a file")
+    try:
+        return pq.read_schema(path)
+    except PermissionError as exc:
+        raise _open_error(path, exc) from None
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise DataValidationError(f"{path}: not a readable parquet file ({exc})") from None
 
 
 def _cast_column(s: pd.Series, dtype: str, source: str, col: str, first_line: int) -> pd.Series:
@@ -398,16 +465,17 @@ def table_columns(path: PathLike, sep: str = ",", encoding: str = "utf-8") -> li
     if path.suffix.lower() in (".parquet", ".pq"):
         if not path.exists():
             raise DataValidationError(f"{path}: file not found")
-        try:
-            return list(pq.read_schema(path).names)
-        except (pa.ArrowInvalid, OSError) as exc:
-            raise DataValidationError(f"{path}: not a readable parquet file ({exc})") from None
+        return list(_parquet_schema(path).names)
     if not path.exists():
         raise DataValidationError(f"{path}: file not found")
     if path.is_dir():
         raise DataValidationError(f"{path}: is a directory, expected a file")
-    with open(path, "rb") as f:
-        line = f.readline(1 << 20)
+    try:
+        with open(path, "rb") as f:
+            line = f.readline(1 << 20)
+    except OSError as exc:
+        raise _open_error(path, exc) from None
+    _check_text(line[:8], path)
     _check_encoding(line, path, encoding)
     return _split_header(_first_line(line, encoding), sep)
 
@@ -429,12 +497,13 @@ _MIN_PLAUSIBLE_MS = 10**11
 _MAX_PLAUSIBLE_MS = 10**14
 
 
-def check_time_unit(values: np.ndarray, unit: str, source: str, column: str, first_line: int | None = None) -> None:
+def check_time_unit(values: np.ndarray, unit: str, source: str, column: str, first_line: int | None = None,
+                    line_of: Callable[[int], int] | None = None) -> None:
     """Check that epoch timestamps ``values`` [N] look like ``unit`` ("ms" or "s").
 
     Milliseconds must lie in [1e11, 1e14) (1973 .. 5138); seconds in [1e8, 1e11) (1973 .. 5138). A value outside
-    raises DataValidationError naming the file, the column, the value, its place (``line row + first_line`` when
-    ``first_line`` is given, else the 0-based row) and the unit it seems to be in.
+    raises DataValidationError naming the file, the column, the value, its place (``line line_of(row)`` or ``line
+    row + first_line`` when given, else the 0-based row) and the unit it seems to be in.
     """
     if unit not in ("ms", "s"):
         raise ValueError(f"time unit must be 'ms' or 's', got {unit!r}")
@@ -445,7 +514,8 @@ def check_time_unit(values: np.ndarray, unit: str, source: str, column: str, fir
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         x = v[row]
-        where = f"line {row + first_line}" if first_line is not None else f"row {row}"
+        where = (f"line {line_of(row)}" if line_of is not None else f"line {row + first_line}"
+                 if first_line is not None else f"row {row}")
         seems = ("seconds" if 10**8 <= x < 10**11 else "milliseconds" if 10**11 <= x < 10**14
                  else "microseconds or nanoseconds" if x >= 10**14 else "not an epoch time")
         raise DataValidationError(

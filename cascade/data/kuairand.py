@@ -110,7 +110,7 @@ def _detect_variant(directory: Path) -> str:
         found = [p.name for p in paths] or "none"
         raise DataValidationError(
             f"{directory}: cannot tell the KuaiRand variant: expected exactly one user_features_<variant>.csv, "
-            f"found {found}; pass variant='pure' / '1k' / ..."
+            f"found {found}; keep one variant's files in the folder"
         )
     return paths[0].stem[len("user_features_"):]
 
@@ -207,6 +207,22 @@ def read_log(path: Path) -> pd.DataFrame:
     return df
 
 
+def warn_repeated_rows(logs: pd.DataFrame, files: list[str]) -> int:
+    """Warn where rows of the logs repeat another row in every column (a log file copied beside itself, which the
+    file patterns match twice, doubles every impression): how many, and the files of the first one. Kept: the
+    official files may hold such rows. Returns the number of repeats. files: each row's file name."""
+    again = logs.duplicated(keep=False).to_numpy()
+    if not again.any():
+        return 0
+    rows = np.flatnonzero(again)
+    same = rows[(logs.iloc[rows] == logs.iloc[rows[0]]).all(axis=1).to_numpy()]
+    n = int(logs.duplicated().sum())
+    log.warning("KuaiRand logs: %d row(s) repeat another row in every column (%.2f%% of %d); the first is in %s. "
+                "A log file copied beside itself doubles every impression: keep one copy in the folder", n,
+                100 * n / len(logs), len(logs), " and ".join(sorted({files[i] for i in same})))
+    return n
+
+
 def load_kuairand(directory: str | Path, logs: Sequence[str] = ("standard", "random"),
                   variant: str | None = None) -> Dataset:
     """Load a KuaiRand directory in the official layout into a validated :class:`Dataset`.
@@ -237,7 +253,8 @@ def load_kuairand(directory: str | Path, logs: Sequence[str] = ("standard", "ran
             found = sorted(directory.glob(pattern))
             if not found:
                 raise DataValidationError(
-                    f"{directory / pattern}: no {kind} log file matches (pass logs= without {kind!r} to skip it)"
+                    f"{directory / pattern}: no {kind} log file matches (the official layout has one; from Python, "
+                    f"load_kuairand(..., logs=...) without {kind!r} skips it)"
                 )
             log_paths += found
     frames = []
@@ -245,6 +262,7 @@ def load_kuairand(directory: str | Path, logs: Sequence[str] = ("standard", "ran
         frames.append(read_log(p))
         log.info("read %s: %d rows", p, len(frames[-1]))
     imp = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
+    warn_repeated_rows(imp, [p.name for p, f in zip(log_paths, frames) for _ in range(len(f))])
     imp = imp.rename(columns={"video_id": "item_id", "is_click": "click"})
     t = imp["time_ms"].to_numpy()
     group = group_ids(imp, ["user_id", "date", "hourmin", "tab", "is_rand"])

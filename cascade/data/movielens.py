@@ -72,6 +72,15 @@ def _ratings_to_impressions(ratings: pd.DataFrame, source: str) -> pd.DataFrame:
         raise DataValidationError(
             f"{source}: column 'rating' must be in 1..5, line {row + 1} holds {py_scalar(r[row])!r}"
         )
+    pair = ratings[["user_id", "item_id"]]
+    again = pair.duplicated(keep=False).to_numpy()
+    if again.any():
+        rows = np.flatnonzero(again)
+        first = rows[(pair.iloc[rows] == pair.iloc[rows[0]]).all(axis=1).to_numpy()][:2]
+        raise DataValidationError(
+            f"{source}: user {py_scalar(pair.iloc[first[0], 0])} rated movie {py_scalar(pair.iloc[first[0], 1])} "
+            f"twice (lines {first[0] + 1} and {first[1] + 1}; {int(pair.duplicated().sum()):,} repeated pair(s) in "
+            "all): a MovieLens ratings file holds one rating per user and movie")
     imp = pd.DataFrame({"user_id": ratings["user_id"].to_numpy(np.int64),
                         "item_id": ratings["item_id"].to_numpy(np.int64)})
     imp["time_ms"] = ts * 1000
