@@ -463,3 +463,23 @@ def test_custom_fractional_milliseconds_name_the_line(tmp_path):
     toml = shop(tmp_path, "user_id,item_id,ts,clicked\n7,100,1700000000000,1\n7,101,1700000060000.5,0\n",
                 mapping=SHOP_MAPPING.replace('unit = "s"', 'unit = "ms"'))
     raises(["impressions.csv line 3", "column 'ts'", "whole milliseconds", "1700000060000.5"], load_custom, toml)
+
+
+def test_custom_feature_sides_ids_and_a_csv_table_beside_parquet_files_are_checked(tmp_path):
+    """A users / items column describes the user / the item; an id is a categorical feature of its own table;
+    a [csv] table where every file is parquet would do nothing: each refused from the mapping, naming it."""
+    raises(["features[0] ('colour')", "a column of the items table describes the item, so its side is 'item', "
+            "not 'context'"], load_custom, shop(tmp_path, mapping=SHOP_MAPPING + context_feature("colour", "items")))
+    numeric_id = '\n[[features]]\nname = "user_id"\ntable = "users"\nkind = "numeric"\nside = "user"\n'
+    raises(["features[0] ('user_id'): an id is a categorical feature of the users table", "got kind 'numeric'"],
+           load_custom, shop(tmp_path, mapping=SHOP_MAPPING + numeric_id))
+    d = tmp_path / "pq"
+    d.mkdir()
+    pd.DataFrame({"user_id": [7, 8]}).to_parquet(d / "users.parquet")
+    pd.DataFrame({"item_id": [100, 101]}).to_parquet(d / "items.parquet")
+    pd.DataFrame({"user_id": [7, 7, 8], "item_id": [100, 101, 100], "ts": [1700000000, 1700000060, 1700000030],
+                  "clicked": [1, 0, 0]}).to_parquet(d / "impressions.parquet")
+    mapping = SHOP_MAPPING.replace(".csv", ".parquet")
+    assert len(load_custom(write(d / "mapping.toml", mapping)).impressions) == 3
+    raises(["mapping.toml: [csv] is set but every file is parquet: its settings would do nothing"],
+           load_custom, write(d / "mapping.toml", mapping + '\n[csv]\nsep = ";"\n'))

@@ -179,6 +179,15 @@ def _parse(toml_path: Path) -> dict:
         if first < k:
             raise DataValidationError(f"{toml_path}: features[{k}] repeats the name {f['name']!r} of "
                                       f"features[{first}]; a feature name is declared once")
+        own = {"users": "user", "items": "item"}.get(f["table"])
+        if own is not None and f["side"] != own:
+            raise DataValidationError(f"{toml_path}: features[{k}] ({f['name']!r}): a column of the {f['table']} "
+                                      f"table describes the {own}, so its side is {own!r}, not {f['side']!r}")
+        ids = {"user_id": "users", "item_id": "items"}
+        if f["name"] in ids and (f["kind"] != "categorical" or f["table"] != ids[f["name"]]):
+            raise DataValidationError(f"{toml_path}: features[{k}] ({f['name']!r}): an id is a categorical feature "
+                                      f"of the {ids[f['name']]} table (kind = \"categorical\", table = "
+                                      f"\"{ids[f['name']]}\"), got kind {f['kind']!r}, table {f['table']!r}")
     columns = cfg.get("columns", {})
     for table in ("users", "items", "impressions"):
         mapping = columns.get(table, {})
@@ -228,7 +237,8 @@ def _parse(toml_path: Path) -> dict:
             )
     return {"name": str(cfg.get("name", toml_path.stem)), "files": files, "sep": sep, "encoding": encoding,
             "columns": columns, "unit": unit, "utc_offset_hours": offset, "gap_s": gap, "fill": fill,
-            "features": features, "allow_outside": outside, "set_in_time": set(time)}
+            "features": features, "allow_outside": outside, "set_in_time": set(time),
+            "csv_set": bool(cfg.get("csv"))}
 
 
 def _confined(base: Path, rel: str, key: str, toml_path: Path, allow_outside: bool) -> Path:
@@ -275,6 +285,9 @@ def _paths(cfg: dict, toml_path: Path) -> tuple[Path, Path, list[Path], Path]:
                                           "name a file")
             if not q.exists():
                 raise DataValidationError(f"{toml_path}: files.{key} = {files[key]!r}: {q}: file not found")
+    if cfg["csv_set"] and all(q.suffix.lower() in (".parquet", ".pq") for q in [user_path, item_path, *imp_paths]):
+        raise DataValidationError(f"{toml_path}: [csv] is set but every file is parquet: its settings would do "
+                                  "nothing; remove the [csv] table")
     return user_path, item_path, imp_paths, imp_pattern
 
 
