@@ -313,13 +313,22 @@ def test_custom_own_hour_and_weekday_columns_are_used_and_checked(tmp_path):
     raises(["imp.parquet", "column 'hour'", "nan", "line 2"], load_custom, toml)
 
 
-def test_custom_utc_offset_beside_own_hour_and_weekday_is_refused(tmp_path):
+def test_custom_utc_offset_sets_the_logs_local_days_beside_its_own_hour_and_weekday(tmp_path):
+    from cascade.data.describe import describe_dataset
+    from cascade.data.split import request_days
+
+    # 1700000000 s is Tuesday 2023-11-14 22:13 UTC, Wednesday 2023-11-15 00:13 at UTC+2
     imp = "user_id,item_id,ts,clicked,hour,weekday\n7,100,1700000000,1,5,6\n"
     toml = shop(tmp_path, imp, mapping=SHOP_MAPPING + "utc_offset_hours = 2\n")
-    raises([str(toml), "time.utc_offset_hours does nothing", "impressions.csv", "'hour'", "'weekday'"], load_custom,
-           toml)
+    ds = load_custom(toml)
+    assert ds.utc_offset_hours == 2.0  # the time split cuts the local days, so the key does something here too
+    assert (ds.impressions["hour"].tolist(), ds.impressions["weekday"].tolist()) == ([5], [6])  # the file's own
+    assert describe_dataset(ds, ds.utc_offset_hours)["days"]["first"] == "2023-11-15"
+    assert request_days(ds, ds.utc_offset_hours).tolist() == [19676]  # 2023-11-15 as days since 1970-01-01
     write(tmp_path / "impressions.csv", imp.replace(",weekday", "").replace(",6\n", "\n"))
     assert load_custom(toml).impressions["weekday"].tolist() == [2]  # derived at UTC+2: Wednesday 00:13
+    write(toml, SHOP_MAPPING)
+    assert load_custom(toml).utc_offset_hours == 0.0
 
 
 def test_custom_items_tag_column_is_read_unmapped(tmp_path):

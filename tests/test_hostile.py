@@ -246,7 +246,7 @@ def test_4_a_replay_key_naming_a_channel_the_seen_filter_left_out_is_refused_aft
     (data_dir / "summary.json").write_text(json.dumps(summary))
     for override, key in (('replay.channels=["popular", "recent"]', "replay.channels"),
                           ("replay.channel_quotas={recent=2}", "replay.channel_quotas")):
-        with pytest.raises(ConfigError, match=rf"{key} names \['recent'\], which the channels step leaves out here: "
+        with pytest.raises(ConfigError, match=rf"{key} names 'recent', which the channels step leaves out here: "
                                               r"the data step filters seen items \(no \(user, item\) pair repeats\)"):
             check_against_data(tiny(tmp_path, override), data_dir, steps=("replay",))
         summary["summary"]["filter_seen"]["applied"] = False  # a log that re-consumes keeps the channel
@@ -254,6 +254,17 @@ def test_4_a_replay_key_naming_a_channel_the_seen_filter_left_out_is_refused_aft
         assert check_against_data(tiny(tmp_path, override), data_dir, steps=("replay",)) == []
         summary["summary"]["filter_seen"]["applied"] = True
         (data_dir / "summary.json").write_text(json.dumps(summary))
+    # items without a tag column: content is left out unless channels.content_column names another column
+    summary["summary"].update(filter_seen={"applied": False, "why": "re-consumption"},
+                              item_columns={"tag": "", "author": "", "chosen_by": {}})
+    (data_dir / "summary.json").write_text(json.dumps(summary))
+    for override in ('ranklog.channels=["content"]', 'replay.channels=["popular", "content"]',
+                     "replay.channel_quotas={content=2}"):
+        with pytest.raises(ConfigError, match=r"names 'content', which the channels step leaves out here: the items "
+                                              r"have no tag column for its categories"):
+            check_against_data(tiny(tmp_path, override), data_dir, steps=("ranklog", "replay"))
+        assert check_against_data(tiny(tmp_path, override, "channels.content_column='colour'"), data_dir,
+                                  steps=("ranklog", "replay")) == []
 
 
 def test_4_world_settings_beside_another_source_and_a_data_check_option_of_the_world_are_refused(tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import logging
 import shutil
 from pathlib import Path
 
@@ -89,7 +90,7 @@ def test_two_commands_from_a_csv_folder_to_a_report(tmp_path, monkeypatch, capsy
     summary = A.read_json(run_dir / "data" / "summary.json")["summary"]
     assert summary["source"] == "custom" and summary["n_items"] == 600
     assert summary["split_days"] == {"valid_days": 3, "test_days": 2, "chosen_by": "quantile of the request days",
-                                     "drop_last_days": 0, "dropped_impressions": 0}
+                                     "utc_offset_hours": 0.0, "drop_last_days": 0, "dropped_impressions": 0}
     assert summary["random_share"] > 0.04  # the is_rand column was used
     data = RunData(run_dir / "data")
     assert {"user_tag_clicks", "user_author_clicks"} <= set(data.encoder.cross_names_)
@@ -110,7 +111,7 @@ def test_two_commands_from_a_csv_folder_to_a_report(tmp_path, monkeypatch, capsy
     assert "[data] running (" in capsys.readouterr().err
 
 
-def test_a_named_source_brings_its_own_item_columns_on_any_pipeline_config(tmp_path):
+def test_a_named_source_brings_its_own_item_columns_on_any_pipeline_config(tmp_path, caplog):
     """`cascade run CONFIG --data movielens-100k:DIR`: movies have no tag or author, and with data.cross_tag_column
     / cross_author_column and channels.content_column unset the source's own column (the first genre) serves the
     cross features and the content channel, recorded by the data step and read back by RunData; a column named
@@ -145,14 +146,22 @@ def test_a_named_source_brings_its_own_item_columns_on_any_pipeline_config(tmp_p
         run_pipeline(cfg("channels.content_column='plot'", "run.name='bad-content'"), progress=False,
                      until="channels")
     assert not (runs / "bad-content" / "channels").exists()
-    # a custom log whose items lack the tag column: the unset key and the default it took are named
+    # a custom log whose items lack the tag column: unset, the tag's cross features are left out with a warning and
+    # so is the content channel, each saying why; named, the column is refused (above)
     toml = own_logs(tmp_path)
     text = toml.read_text(encoding="utf-8")
     toml.write_text(text.replace('tag = "category"', "").replace('name = "tag"', 'name = "category"'),
                     encoding="utf-8")
-    with pytest.raises(DataValidationError, match=r"data.cross_tag_column unset: the custom source's own 'tag': "
-                                                  r"the items .* have no column 'tag'"):
-        run_pipeline(cfg("run.name='no-tag'", spec=f"custom:{toml}"), progress=False, until="data")
+    with caplog.at_level(logging.WARNING, logger="cascade.pipeline.data"):
+        run_pipeline(cfg("run.name='no-tag'", spec=f"custom:{toml}"), progress=False, until="channels")
+    assert "data.cross_tag_column unset: the items" in caplog.text and "have no 'tag' column" in caplog.text
+    summary = A.read_json(runs / "no-tag" / "data" / "summary.json")["summary"]
+    assert summary["item_columns"]["tag"] == "" and summary["item_columns"]["author"] == "author_id"
+    assert summary["item_columns"]["chosen_by"]["cross_tag_column"] == "the source's own 'tag': the items have none"
+    names = RunData(runs / "no-tag" / "data").encoder.cross_names_
+    assert "user_tag_clicks" not in names and "user_author_clicks" in names
+    channels = A.read_manifest(runs / "no-tag" / "channels")["metrics"]
+    assert "content" not in channels and "the items have no tag column" in channels["left_out"]["content"]
 
 
 def test_cross_features_by_column_or_none_and_no_context_feature(tmp_path):

@@ -43,8 +43,9 @@ Rules:
   Present: must be non-negative integers, unique within a request.
 - ``is_rand`` absent: 0 (no randomly exposed traffic). ``click``: 0/1 or booleans.
 - ``hour`` and ``weekday`` are the impressions' own columns where they have them (mapped or not; whole numbers
-  0..23 / 0..6, checked), else derived from ``time_ms`` shifted by ``utc_offset_hours`` (-12..14; refused when
-  both are the file's); declare them as ``context`` features to use them.
+  0..23 / 0..6, checked), else derived from ``time_ms`` shifted by ``utc_offset_hours`` (-12..14, the log's local
+  time, whose calendar days the time split cuts: ``Dataset.utc_offset_hours``); declare them as ``context``
+  features to use them.
 - ``user_id`` and ``item_id`` are always categorical features (sides user / item), added when not declared.
 - ``[missing] fill = false`` (default): a NaN in a feature column raises. ``true``: categorical NaN gets its own
   value (-1 / "missing"), numeric NaN the column median plus a 0/1 ``<col>_missing`` categorical feature.
@@ -560,14 +561,11 @@ def _side_missing(df: pd.DataFrame, features: list[Feature], table: str, source:
 
 def _check_time_keys(cfg: dict, imp_columns: dict[str, str], imp_file: Path, toml_path: Path) -> None:
     """Refuse a [time] key that the impressions' own columns (``imp_columns``: canonical -> file column) make do
-    nothing: request_gap_s beside a request_id column, utc_offset_hours beside both hour and weekday."""
+    nothing: request_gap_s beside a request_id column. (utc_offset_hours always does something: the time split
+    cuts the log's local days.)"""
     if "request_gap_s" in cfg["set_in_time"] and "request_id" in imp_columns:
         raise DataValidationError(f"{toml_path}: time.request_gap_s does nothing: {imp_file} has a column "
                                   "'request_id', whose sessions are the requests; remove request_gap_s (or the column)")
-    if "utc_offset_hours" in cfg["set_in_time"] and {"hour", "weekday"} <= set(imp_columns):
-        raise DataValidationError(f"{toml_path}: time.utc_offset_hours does nothing: {imp_file} has its own hour and "
-                                  f"weekday columns ({imp_columns['hour']!r}, {imp_columns['weekday']!r}), used as "
-                                  "they are; remove utc_offset_hours")
 
 
 def load_custom(mapping_toml_path: str | Path) -> Dataset:
@@ -640,5 +638,6 @@ def load_custom(mapping_toml_path: str | Path) -> Dataset:
     front = ["request_id", "user_id", "item_id", "time_ms", "position", "click", "is_rand"]
     imp = sort_impressions(imp[front + [c for c in imp.columns if c not in front]])
     sources = {"users": str(user_path), "items": str(item_path), "impressions": imp_src}
-    ds = Dataset(users, items, imp, Schema(tuple(features)), name=cfg["name"], sources=sources)
+    ds = Dataset(users, items, imp, Schema(tuple(features)), name=cfg["name"], sources=sources,
+                 utc_offset_hours=cfg["utc_offset_hours"])
     return ds.validate()

@@ -281,5 +281,6 @@ def load_kuairand(directory: str | Path, logs: Sequence[str] = ("standard", "ran
     sources = {"users": str(user_path), "items": str(item_path),
                "impressions": str(log_paths[0]) if len(log_paths) == 1 else
                ", ".join(str(directory / f"log_{k}_*{variant}*.csv") for k in ("standard", "random") if k in logs)}
-    ds = Dataset(users, items, imp, Schema(tuple(features)), name=f"kuairand-{variant}", sources=sources)
+    ds = Dataset(users, items, imp, Schema(tuple(features)), name=f"kuairand-{variant}", sources=sources,
+                 utc_offset_hours=BEIJING_UTC_OFFSET_HOURS)
     return ds.validate()

@@ -194,6 +194,8 @@ class Dataset:
     """The three canonical tables, the schema, and where they came from.
 
     sources: table name -> the file (or label) each table was read from, used in error messages.
+    utc_offset_hours: the log's local time (KuaiRand: Beijing, UTC+8; your own logs: the mapping's
+    ``utc_offset_hours``): its calendar days, which the time split cuts, and its hours and weekdays.
     """
 
     users: pd.DataFrame
@@ -202,6 +204,7 @@ class Dataset:
     schema: Schema
     name: str = "dataset"
     sources: dict[str, str] = field(default_factory=dict)
+    utc_offset_hours: float = 0.0
 
     def source(self, table: str) -> str:
         return self.sources.get(table, f"{self.name}:{table}")

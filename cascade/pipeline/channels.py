@@ -107,6 +107,10 @@ def run(ctx: StepContext) -> StepResult:
     data = RunData(ctx.inputs["data"])
     seen, why = seen_filter(data)
     names, left_out = channels_to_build(c, seen is not None, why)
+    if "content" in names and c.build is None and c.content_column is None and not item_columns(data.manifest)["tag"]:
+        names = tuple(n for n in names if n != "content")
+        left_out["content"] = ("left out: the items have no tag column for its categories (the data step's "
+                               "item_columns); set channels.content_column to an item column")
     for name, reason in left_out.items():
         log.warning("channels: %s %s", name, reason)
     category = content_column(c, data) if "content" in names else None  # before any fit

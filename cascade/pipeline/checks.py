@@ -22,8 +22,9 @@ def check_against_data(cfg: PipelineConfig, data_dir: Path,
     steps: the steps that will run (the keys of the others are not checked).
 
     Errors: replay.n_retrieve (>= n_prerank >= k) above the number of items; an IVF factory with more lists than
-    items; a train or valid split whose clicks are all 0 or all 1 (nothing to learn or to stop on); replay.channels
-    or replay.channel_quotas naming a channel the seen filter empties, which the channels step leaves out.
+    items; a train or valid split whose clicks are all 0 or all 1 (nothing to learn or to stop on); ranklog.channels,
+    replay.channels or replay.channel_quotas naming a channel the channels step leaves out on these data (the
+    user's recent items where seen items are filtered, content where the items have no tag column).
     Warnings: a stage size >= the corpus (its recall is trivially 1), ranklog.n_candidates or index.k above it
     (cut to the corpus)."""
     summary = A.read_json(data_dir / "summary.json")
@@ -43,15 +44,22 @@ def check_against_data(cfg: PipelineConfig, data_dir: Path,
             f"replay.n_retrieve = {r.n_retrieve} is more than the {n_items:,} items of the data: set "
             f"replay.n_retrieve <= {n_items} (and k <= n_prerank <= n_retrieve: replay.k = {r.k}, "
             f"replay.n_prerank = {r.n_prerank})")
+    # the channels step leaves out, where channels.build is unset, what these data leave empty; a later key that
+    # names one would fail only at its step
     filtered = summary["summary"].get("filter_seen", {})
-    if "replay" in steps and filtered.get("applied") and cfg.channels.build is None:
-        # the channels step leaves out what the seen filter empties; a replay key that names one would fail late
-        for key, named in (("replay.channels", r.channels), ("replay.channel_quotas", r.channel_quotas)):
-            emptied = [n for n in named or () if n in EMPTIED_BY_SEEN_FILTER]
-            if emptied:
-                raise ConfigError(f"{key} names {emptied}, which the channels step leaves out here: the data step "
-                                  f"filters seen items ({filtered.get('why')}), which drops every item {emptied} "
-                                  "proposes; leave it out, or set data.filter_seen = false")
+    left_out = {}
+    if filtered.get("applied"):
+        left_out.update({n: f"the data step filters seen items ({filtered.get('why')}), which drops every item it "
+                            "proposes; leave it out, or set data.filter_seen = false" for n in EMPTIED_BY_SEEN_FILTER})
+    if cfg.channels.content_column is None and not (summary["summary"].get("item_columns") or {"tag": "-"})["tag"]:
+        left_out["content"] = ("the items have no tag column for its categories; leave it out, or set "
+                               "channels.content_column to an item column")
+    named_by = (("ranklog.channels", cfg.ranklog.channels, "ranklog"), ("replay.channels", r.channels, "replay"),
+                ("replay.channel_quotas", r.channel_quotas, "replay"))
+    for key, named, step in named_by if cfg.channels.build is None else ():
+        out = [n for n in named or () if n in left_out and step in steps]
+        if out:
+            raise ConfigError(f"{key} names {out[0]!r}, which the channels step leaves out here: {left_out[out[0]]}")
     if "index" in steps and cfg.index.factory is not None:
         spec = parse_factory(cfg.index.factory, cfg.students.tower.out_dim)
         if spec.get("nlist", 0) > n_items:

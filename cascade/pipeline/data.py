@@ -40,10 +40,6 @@ def _load_source(c: DataSection, out: Path, seed: int, progress: bool):
     return custom.load_custom(c.path), None
 
 
-def kuairand_offset() -> float:
-    return float(kuairand.BEIJING_UTC_OFFSET_HOURS)
-
-
 def input_fingerprint(c: DataSection) -> dict[str, str]:
     """sha256 over the names, sizes and contents of the files the data step reads (the mapping and the files it
     names; every file of a dataset folder), so that editing a data file re-runs the step. The world is generated
@@ -97,23 +93,26 @@ def check_min_count(min_count: int, train_items: pd.Series, source: str) -> None
 
 def choose_item_columns(c: DataSection, ds) -> dict:
     """{"tag", "author": the item columns of data.cross_tag_column / cross_author_column, each unset one the
-    source's own (:data:`SOURCE_ITEM_COLUMNS`; "": none), "chosen_by": {key: "config" | "the source's own"}}. A
-    column the items lack raises naming the key, before any work; without cross features (data.cross_features =
-    false) an unset one the items lack is "" (the content channel, which takes the tag, then needs
-    channels.content_column)."""
+    source's own (:data:`SOURCE_ITEM_COLUMNS`; "": none), "chosen_by": {key: how}}. A column set in the config that
+    the items lack raises naming the key, before any work; an unset one the items lack is "" (none: its user x
+    column cross features are left out, with a warning where there are cross features; the content channel, which
+    takes the tag, is then left out where channels.build is unset)."""
     own = SOURCE_ITEM_COLUMNS.get(c.source, DEFAULT_ITEM_COLUMNS)
     out, chosen = {}, {}
     for (key, part), col in zip((("cross_tag_column", "tag"), ("cross_author_column", "author")), own):
         given = getattr(c, key)
         out[part] = col if given is None else given
         chosen[key] = "the source's own" if given is None else "config"
-        if given is None and not c.cross_features and col not in ds.items.columns:
+        if given is None and col not in ds.items.columns:
             out[part] = ""
+            chosen[key] = f"the source's own {col!r}: the items have none"
+            if c.cross_features:
+                log.warning("data.%s unset: the items (%s) have no %r column, the %s source's own, so the user x %s "
+                            "cross features are left out; map a column of yours onto %r, or set data.%s to one of "
+                            "%s", key, ds.source("items"), col, c.source, part, col, key, list(ds.items.columns))
         elif out[part] and out[part] not in ds.items.columns:
-            shown = (f"data.{key} = {given!r}" if given is not None
-                     else f"data.{key} unset: the {c.source} source's own {col!r}")
             raise DataValidationError(
-                f"{shown}: the items ({ds.source('items')}) have no column {out[part]!r} (they have "
+                f"data.{key} = {given!r}: the items ({ds.source('items')}) have no column {out[part]!r} (they have "
                 f"{list(ds.items.columns)}); set data.{key} to one of them, \"\" to leave out the user x "
                 f"{part} cross features, or data.cross_features = false for none at all")
     return {**out, "chosen_by": chosen}
@@ -132,8 +131,9 @@ def run(ctx: StepContext) -> StepResult:
     c: DataSection = ctx.config
     ds, world = _load_source(c, ctx.out, ctx.seed, ctx.progress)
     columns = choose_item_columns(c, ds)
-    # KuaiRand (and the world, which writes its layout) keep Beijing time: split on Beijing calendar days.
-    utc_offset = kuairand_offset() if c.source in ("world", "kuairand") else 0.0
+    # the log's local calendar days (KuaiRand and the world, which writes its layout: Beijing; your own logs: the
+    # mapping's time.utc_offset_hours)
+    utc_offset = ds.utc_offset_hours
     n_logged = len(ds.impressions)
     ds = drop_last_days(ds, c.drop_last_days, utc_offset)
     valid_days, test_days, chosen = split_days(c, ds, utc_offset)
@@ -184,6 +184,7 @@ def run(ctx: StepContext) -> StepResult:
                "ctr": float(imp.click.mean()),
                "random_share": float(imp.is_rand.mean()), "n_cat_columns": len(spec.cat_names),
                "split_days": {"valid_days": valid_days, "test_days": test_days, "chosen_by": chosen,
+                              "utc_offset_hours": utc_offset,
                               "drop_last_days": c.drop_last_days,
                               "dropped_impressions": n_logged - int(len(imp))},
                "n_num_columns": len(spec.num_names),

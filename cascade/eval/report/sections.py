@@ -140,8 +140,9 @@ def _section_headline(data: Mapping, variants: dict[str, Mapping]) -> Section:
 
 
 def _test_period(data: Mapping) -> str:
-    """" (START .. END)" of the test split's requests where the data section has them, with the days a backtest left
-    out of the log (``data.drop_last_days``); "" where it has no test split."""
+    """" (START .. END)" of the test split's requests where the data section has them, as the log's local dates
+    (the split's ``utc_offset_hours``), with the days a backtest left out of the log (``data.drop_last_days``); ""
+    where it has no test split."""
     d = as_mapping(data.get("data"), "report_data['data']") or {}
     test = as_mapping((as_mapping(d.get("splits"), "report_data['data']['splits']") or {}).get("test"),
                       "report_data['data']['splits']['test']") or {}
@@ -151,7 +152,9 @@ def _test_period(data: Mapping) -> str:
                       "report_data['data']['summary']['split_days']") or {}
     drop = days.get("drop_last_days") or 0
     back = f"; a backtest: the log's last {drop} days left out" if drop else ""
-    return f" ({str(test['start'])[:10]} .. {str(test['end'])[:10]}{back})"
+    shift = pd.Timedelta(hours=float(days.get("utc_offset_hours") or 0.0))
+    start, end = ((pd.Timestamp(test[k]) + shift).strftime("%Y-%m-%d") for k in ("start", "end"))
+    return f" ({start} .. {end}{back})"
 
 
 def _section_stages(variants: dict[str, Mapping]) -> Section:
