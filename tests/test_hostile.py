@@ -278,6 +278,24 @@ def test_4_world_settings_beside_another_source_and_a_data_check_option_of_the_w
         in r.stderr
 
 
+def test_4_a_file_that_is_no_pipeline_is_named_for_what_it_is_and_data_drops_config_settings_loudly(caplog):
+    with pytest.raises(ConfigError, match=r"ablation.toml is an ablation file, not a pipeline: run it with `cascade "
+                                          r"ablation .*ablation.toml`"):
+        load_config(ROOT / "pipelines" / "ablation.toml")
+    with pytest.raises(ConfigError, match=r"custom.example.toml is a data mapping of your own logs, not a pipeline: "
+                                          r"give it as the data of a pipeline, `cascade run --data custom:"):
+        load_config(ROOT / "pipelines" / "custom.example.toml")
+    from cascade.pipeline.ablation import load_ablation_config
+
+    assert load_ablation_config(ROOT / "pipelines" / "ablation.toml")[1].seeds  # its own command reads it
+    # --data replaces the config's [data] table: settings tuned for the data are named as they go
+    with caplog.at_level(logging.WARNING, logger="cascade.pipeline.config"):
+        cfg = load_config(ROOT / "pipelines" / "movielens.toml", data_spec="custom:" + str(
+            ROOT / "examples" / "own_logs" / "mapping.toml"))
+    assert cfg.data.source == "custom" and cfg.data.valid_days is None
+    assert "replaces the config's [data] table: its " in caplog.text and "valid_days = 7" in caplog.text
+
+
 def test_4_a_min_count_no_item_reaches_is_refused_after_the_data_split_naming_it(tmp_path):
     runs = tmp_path / "runs"
     with pytest.raises(DataValidationError, match=r"data.min_count = 100000: 0 item id\(s\) of the train split .* "

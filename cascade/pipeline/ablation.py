@@ -131,7 +131,7 @@ def load_ablation_config(path: str | Path | None, overrides: list[str] | None = 
     Overrides ``a.b=v`` apply to both (``ablation.seeds=[0]``, ``data.source=...``); unknown keys raise
     ConfigError naming the key, as for :func:`cascade.pipeline.load_config`.
     """
-    data = config_data(path, overrides)
+    data = config_data(path, overrides, ablation=True)
     ab = data.pop("ablation", {})
     return with_run_device(from_dict(PipelineConfig, data)), from_dict(AblationSettings, ab, prefix="ablation")
 

@@ -879,15 +879,21 @@ def _dataset_run_name(source: str, path: str | None) -> str:
 
 
 def config_data(path: str | Path | None = None, overrides: list[str] | None = None,
-                data_spec: str | None = None) -> dict[str, Any]:
+                data_spec: str | None = None, ablation: bool = False) -> dict[str, Any]:
     """The plain config data of a pipeline file with ``key.path=value`` overrides, paths resolved (see
     :data:`PATH_KEYS`) and, with ``data_spec`` (``--data SOURCE[:PATH]``), the dataset replaced: the file's
     [data] table is dropped for source and path (every other data key at its default unless a --set gives it),
     the run is named after the dataset (the mapping's ``name``, or the source) unless a --set names it, and a
-    report.ablation of another dataset is dropped (each logged)."""
+    report.ablation of another dataset is dropped (each logged). ablation: the file may hold an [ablation] table
+    (`cascade ablation`); elsewhere one is refused, and so is a data mapping given as the pipeline."""
     import logging
 
     data = load_toml(path) if path is not None else {}
+    if "ablation" in data and not ablation:
+        raise ConfigError(f"{path} is an ablation file, not a pipeline: run it with `cascade ablation {path}`")
+    if {"files", "columns"} & set(data):
+        raise ConfigError(f"{path} is a data mapping of your own logs, not a pipeline: give it as the data of a "
+                          f"pipeline, `cascade run --data custom:{path}`")
     if path is not None:
         _resolve_paths(data, Path(path).resolve().parent)
     given = apply_overrides({}, list(overrides or []))
@@ -897,11 +903,13 @@ def config_data(path: str | Path | None = None, overrides: list[str] | None = No
         source, data_path = parse_data_spec(data_spec)
         if "data" in given and {"source", "path"} & set(given["data"]):
             raise ConfigError("--data and --set data.source / data.path both name the dataset; use one")
-        dropped = sorted(data.pop("data", {}) or {})
+        table = data.pop("data", {}) or {}
         log = logging.getLogger(__name__)
-        if dropped:
-            log.info("--data %s replaces the config's [data] table (%s back at their defaults)", data_spec,
-                     ", ".join(dropped))
+        settings = {k: v for k, v in sorted(table.items()) if k not in ("source", "path")}
+        if settings:
+            log.warning("--data %s replaces the config's [data] table: its %s are back at their defaults (give them "
+                        "with --set data.KEY=VALUE)", data_spec,
+                        ", ".join(f"{k} = {v!r}" for k, v in settings.items()))
         data["data"] = {"source": source, **({"path": data_path} if data_path else {})}
         if "name" not in given.get("run", {}):
             name = _dataset_run_name(source, data_path)
