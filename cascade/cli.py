@@ -5,8 +5,12 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
+import shutil
 import sys
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 DEFAULT_CONFIG = Path("pipelines") / "default.toml"
@@ -102,6 +106,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _other_steps(*own: str) -> tuple[str, ...]:
+    """Every pipeline step but ``own``: the steps `cascade replay` / `cascade report` take as they are."""
+    from .pipeline.run import STEP_NAMES
+
+    return tuple(s for s in STEP_NAMES if s not in own)
+
+
 def cmd_replay(args: argparse.Namespace) -> int:
     from .pipeline import run_pipeline
 
@@ -109,7 +120,7 @@ def cmd_replay(args: argparse.Namespace) -> int:
     cfg = _run_config(run_dir, args.set, "replay")
     _setup_logging(args, run_dir / "run.log")
     res = run_pipeline(cfg, force=("replay", "report"), progress=_progress(args), update=args.update,
-                       frozen=("data", "teacher", "ranklog", "students", "index"), wait=args.wait)
+                       frozen=_other_steps("replay", "report"), wait=args.wait)
     print(json.dumps(res["replay"]["manifest"]["metrics"], indent=2, default=str))
     return 0
 
@@ -120,8 +131,8 @@ def cmd_report(args: argparse.Namespace) -> int:
     run_dir = Path(args.run)
     cfg = _run_config(run_dir, args.set, "report")
     _setup_logging(args)
-    run_pipeline(cfg, force=("report",), progress=False, update=args.update,
-                 frozen=("data", "teacher", "ranklog", "students", "index", "replay"), wait=args.wait)
+    run_pipeline(cfg, force=("report",), progress=False, update=args.update, frozen=_other_steps("report"),
+                 wait=args.wait)
     print(f"report: {run_dir / 'report' / 'report.html'}")
     return 0
 
@@ -179,10 +190,14 @@ def cmd_export(args: argparse.Namespace) -> int:
     from .serve.export import export_run
 
     _setup_logging(args)
+    if not (math.isfinite(args.tolerance) and args.tolerance > 0):
+        raise UsageError(f"--tolerance {args.tolerance:g}: must be a finite number > 0 (the largest allowed "
+                         "|exported - eager|)")
     run_dir = find_run(args.run, args.runs_dir)
     out = Path(args.out) if args.out else run_dir / "export" / args.format
-    m = export_run(run_dir, args.format, out, variants=tuple(args.variant) if args.variant else None,
-                   tolerance=args.tolerance)
+    with _new_output(out):
+        m = export_run(run_dir, args.format, out, variants=tuple(args.variant) if args.variant else None,
+                       tolerance=args.tolerance)
     for name, info in m["models"].items():
         ins = ", ".join(f"{i['name']} {i['dtype']} [{', '.join(map(str, i['shape']))}]" for i in info["inputs"])
         print(f"{name}: {out / info['file']}  ({ins}) -> [{', '.join(map(str, info['output']['shape']))}], "
@@ -235,8 +250,7 @@ def cmd_data(args: argparse.Namespace) -> int:
     loaders = {"kuairand": kuairand.load_kuairand, "movielens-100k": movielens.load_movielens_100k,
                "movielens-1m": movielens.load_movielens_1m, "custom": custom.load_custom}
     ds = loaders[args.source](args.path)
-    offset = float(kuairand.BEIJING_UTC_OFFSET_HOURS) if args.source == "kuairand" else 0.0
-    described = describe_dataset(ds, offset)
+    described = describe_dataset(ds, ds.utc_offset_hours)
     print(json.dumps(described, indent=2, default=str))
     if described["problems"]:
         raise DataValidationError(f"{args.path}: `cascade run` would refuse these data: "
@@ -259,54 +273,205 @@ def _npy(path: str | None, option: str, action: str):
         raise UsageError(f"{option} {path}: not a .npy array ({e})") from None
 
 
+def _matrix(x, option: str, path: str, d: int | None = None, of: str = ""):
+    """``x``, read from ``path`` (given with ``option``), as float32 [n, d]; another shape (``d``: the dimension
+    ``of`` has), a dtype that is no number or a non-finite value is a UsageError naming the option and the file."""
+    from .index.exact import as_float32_matrix
+
+    if x.ndim != 2:
+        raise UsageError(f"{option} {path}: must be a 2-d array [n, d], got shape {x.shape}")
+    if d is not None and x.shape[1] != d:
+        raise UsageError(f"{option} {path}: vectors of dimension {x.shape[1]}, but {of} has dimension {d}")
+    try:
+        return as_float32_matrix(x, f"{option} {path}")
+    except ValueError as e:  # a dtype that is no number, a nan / inf
+        raise UsageError(str(e)) from None
+
+
+def _k(k: int | None, n_items: int, of: str) -> int:
+    """--k: results per query; None -> 100 (all ``n_items`` items of ``of`` where fewer). Below 1, or above the
+    items (the rest of a row would be -1 ids), is refused."""
+    if k is None:
+        return min(100, n_items)
+    if k < 1:
+        raise UsageError(f"--k {k}: must be an integer >= 1")
+    if k > n_items:
+        raise UsageError(f"--k {k} is more than the {n_items:,} items of {of}: use --k {n_items} or less")
+    return k
+
+
+def _check_recall_target(target: float | None) -> None:
+    if target is not None and not (math.isfinite(target) and 0.0 < target <= 1.0):
+        raise UsageError(f"--recall-target {target:g}: must be in (0, 1]")
+
+
+def _check_factory(factory: str, n: int, d: int, name: str) -> str:
+    """``factory`` checked against a corpus of ``n`` items of dimension ``d``; a UsageError names ``name``."""
+    from .index.factory import check_factory
+
+    try:
+        check_factory(factory, n, d, name)
+    except ValueError as e:
+        raise UsageError(str(e)) from None
+    return factory
+
+
+def _refuse(args: argparse.Namespace, options: tuple[str, ...], message: str) -> None:
+    """A UsageError if one of ``options`` (e.g. "--model-hash") was given: ``message`` with it for ``{}``."""
+    given = [o for o in options if getattr(args, o[2:].replace("-", "_")) is not None]
+    if given:
+        raise UsageError(message.format(given[0]))
+
+
+@contextmanager
+def _new_output(out: Path, wait: bool | None = None) -> Iterator[None]:
+    """For a ``with`` block that writes the folder ``out`` (holding its lock unless ``wait`` is None). If the block
+    fails, what was made for it goes: the topmost of ``out`` and its parents that did not exist before, unless another
+    process wrote into ``out`` meanwhile. A folder that existed before is never removed."""
+    from .run_lock import LOCK_FILE, folder_lock
+
+    new = None
+    for p in (out, *out.parents):
+        if p.exists() or p.is_symlink():
+            break
+        new = p
+    with nullcontext() if wait is None else folder_lock(out, wait=wait):
+        if out.is_dir() and any(f.name != LOCK_FILE for f in out.iterdir()):
+            new = None  # made and written by a process this one waited for (--wait)
+        try:
+            yield
+        except BaseException:
+            if new is not None and new.is_dir():
+                shutil.rmtree(new)
+            raise
+
+
 def cmd_index(args: argparse.Namespace) -> int:
+    _setup_logging(args)
+    if args.action == "search":
+        return _index_search(args)
+    return _index_build_run(args) if args.run else _index_build(args)
+
+
+def _index_build_run(args: argparse.Namespace) -> int:
+    """cascade index build --run RUN: the index of a finished run's retrieval tower (its inputs checked first)."""
+    import pandas as pd
+
+    from . import artifacts as A
+    from .config import from_dict
+    from .index.factory import default_factory
+    from .index.faiss_index import UnreachableRecallError
+    from .pipeline.config import IndexSection
+    from .pipeline.index import build_run_index
+
+    _refuse(args, ("--embeddings", "--ids", "--queries", "--model-hash", "--metric", "--index"),
+            "cascade index build --run takes the run's tower, its item ids, queries, hash and metric; {} does not "
+            "apply")
+    run = Path(args.run)
+    if not (run / "config.json").is_file():
+        raise UsageError(f"--run {args.run}: not a finished run (no config.json)")
+    variant = args.variant or "distilled"
+    students = run / "students"
+    if not (students / A.MANIFEST).is_file():
+        raise UsageError(f"--run {args.run}: the run has not finished its students step (no {students / A.MANIFEST}), "
+                         "which trains the retrieval tower to index; finish the run with `cascade run`")
+    retrieval = students / variant / "retrieval"
+    if not retrieval.is_dir():
+        have = sorted(p.name for p in students.iterdir() if (p / "retrieval").is_dir())
+        raise UsageError(f"--run {args.run} --variant {variant}: the run has no {variant!r} retrieval tower (it has "
+                         f"{have})")
+    A.verify_listed(students, [f"{variant}/retrieval/model.pt", f"{variant}/retrieval/config.json"])
+    n = len(pd.read_parquet(run / "data" / "items.parquet", columns=["item_id"]))
+    d = int(A.read_json(retrieval / "config.json")["out_dim"])  # the tower's embedding dimension
+    if args.k is not None:
+        _k(args.k, n, f"the run {args.run}")
+    _check_recall_target(args.recall_target)
+    saved = A.read_json(run / "config.json").get("index", {})
+    _check_factory(args.factory or saved.get("factory") or default_factory(n), n, d,
+                   "--factory" if args.factory else f"the run's index.factory ({run / 'config.json'})")
+    given = {k: v for k, v in (("factory", args.factory), ("k", args.k), ("recall_target", args.recall_target))
+             if v is not None}
+    c = from_dict(IndexSection, {**saved, **given}, prefix="index")
+    with _new_output(Path(args.out), wait=args.wait):
+        try:
+            m = build_run_index(run, args.out, variant=variant, c=c)
+        except UnreachableRecallError as e:
+            option = "--recall-target" if args.recall_target is not None else "the run's index.recall_target"
+            raise UsageError(f"{option} {c.recall_target:g}: {e}") from None
+    print(json.dumps(m, indent=2, default=str))
+    return 0
+
+
+def _index_build(args: argparse.Namespace) -> int:
+    """cascade index build --embeddings FILE: the index of the given vectors (every input checked first)."""
     import numpy as np
 
-    from .index.faiss_index import ItemIndex
-    from .run_lock import folder_lock
+    from .index.factory import default_factory
+    from .index.faiss_index import ItemIndex, UnreachableRecallError, check_item_ids
 
-    _setup_logging(args)
-    if args.action == "build":
-        if args.run:
-            from .pipeline.config import IndexSection
-            from .pipeline.index import build_run_index
-
-            clash = [o for o, v in (("--embeddings", args.embeddings), ("--ids", args.ids), ("--queries", args.queries),
-                                    ("--model-hash", args.model_hash)) if v]
-            if clash:
-                raise UsageError(f"cascade index build --run takes the run's tower, its item ids, queries and hash; "
-                                 f"{clash[0]} does not apply")
-            if not (Path(args.run) / "config.json").is_file():
-                raise UsageError(f"--run {args.run}: not a finished run (no config.json)")
-            from . import artifacts as A
-            from .config import from_dict
-
-            saved = A.read_json(Path(args.run) / "config.json").get("index", {})
-            given = {k: v for k, v in (("factory", args.factory), ("k", args.k), ("recall_target", args.recall_target))
-                     if v is not None}
-            c = from_dict(IndexSection, {**saved, **given}, prefix="index")
-            with folder_lock(args.out, wait=args.wait):
-                m = build_run_index(args.run, args.out, variant=args.variant, c=c)
-            print(json.dumps(m, indent=2, default=str))
-            return 0
-        xb = _npy(args.embeddings, "--embeddings", "build")
-        ids = _npy(args.ids, "--ids", "build") if args.ids else np.arange(len(xb), dtype=np.int64)
-        with folder_lock(args.out, wait=args.wait):
-            index = ItemIndex.build(xb, ids, metric=args.metric, factory=args.factory)
-            if not index.is_exact and args.queries:
-                index.sweep(_npy(args.queries, "--queries", "build"), args.k or 100)
-                index.set_operating_point(args.recall_target or 0.95)
-            m = index.save(args.out, model_hash=args.model_hash or "unknown")
-        print(json.dumps(m, indent=2, default=str))
+    _refuse(args, ("--variant", "--index"), "cascade index build --embeddings indexes the vectors given; {} does not "
+                                            "apply")
+    xb = _matrix(_npy(args.embeddings, "--embeddings", "build"), "--embeddings", args.embeddings)
+    n, d = xb.shape
+    if n == 0:
+        raise UsageError(f"--embeddings {args.embeddings}: no rows, nothing to index")
+    ids = np.arange(n, dtype=np.int64)
+    if args.ids:
+        try:
+            ids = check_item_ids(_npy(args.ids, "--ids", "build"), n)
+        except ValueError as e:
+            raise UsageError(f"--ids {args.ids}: {e}") from None
+    factory = _check_factory(args.factory or default_factory(n), n, d, "--factory")
+    xq, k = None, None
+    if args.queries:
+        xq = _matrix(_npy(args.queries, "--queries", "build"), "--queries", args.queries, d,
+                     f"--embeddings {args.embeddings}")
+        k = _k(args.k, n, f"--embeddings {args.embeddings}")
     else:
-        if not args.index or not (Path(args.index) / "manifest.json").is_file():
-            raise UsageError(f"cascade index search needs --index FOLDER written by `cascade index build` "
-                             f"(got {args.index!r})")
-        xq = _npy(args.queries, "--queries", "search")
-        index = ItemIndex.load(args.index, expect_model_hash=args.model_hash)
-        scores, items = index.search(xq, args.k or 100)
-        np.save(args.out, items)
-        print(f"searched {len(xq)} queries, k={args.k or 100}: item ids saved to {args.out}")
+        _refuse(args, ("--k", "--recall-target"), "cascade index build: {} sets the recall sweep, which runs on "
+                                                  "--queries; give them too")
+    _check_recall_target(args.recall_target)
+    target = 0.95 if args.recall_target is None else args.recall_target
+    with _new_output(Path(args.out), wait=args.wait):
+        index = ItemIndex.build(xb, ids, metric=args.metric or "ip", factory=factory)
+        if xq is not None and index.is_exact:
+            logging.getLogger("cascade.cli").warning(
+                "index build: %s is exact search, so --queries has no nprobe / efSearch sweep to drive", factory)
+        elif xq is not None:
+            index.sweep(xq, k)
+            try:
+                index.set_operating_point(target)
+            except UnreachableRecallError as e:
+                raise UsageError(f"--recall-target {target:g}: {e}") from None
+        m = index.save(args.out, model_hash=args.model_hash or "unknown")
+    print(json.dumps(m, indent=2, default=str))
+    return 0
+
+
+def _index_search(args: argparse.Namespace) -> int:
+    """cascade index search: the top --k item ids of each query, saved as int64 [nq, k] .npy."""
+    import numpy as np
+
+    from . import artifacts as A
+    from .index.faiss_index import ItemIndex
+
+    _refuse(args, ("--run", "--embeddings", "--ids", "--factory", "--recall-target", "--metric", "--variant"),
+            "cascade index search uses the index as it was built; {} applies to `cascade index build`")
+    if not args.index or not (Path(args.index) / "manifest.json").is_file():
+        raise UsageError(f"cascade index search needs --index FOLDER written by `cascade index build` "
+                         f"(got {args.index!r})")
+    queries = _npy(args.queries, "--queries", "search")
+    index = ItemIndex.load(args.index, expect_model_hash=args.model_hash)
+    xq = _matrix(queries, "--queries", args.queries, index.dim, f"the index {args.index}")
+    k = _k(args.k, index.n_items, f"the index {args.index}")
+    _, items = index.search(xq, k)
+    short = int((items < 0).any(axis=1).sum())
+    if short:  # an approximate index can find fewer than k items
+        logging.getLogger("cascade.cli").warning("index search: %d of %d queries found fewer than %d items: their "
+                                                 "rows end in -1 ids", short, len(xq), k)
+    with A.atomic_path(args.out) as tmp, open(tmp, "wb") as f:  # a file object: np.save on a path appends ".npy"
+        np.save(f, items, allow_pickle=False)
+    print(f"searched {len(xq)} queries, k={k}: item ids saved to {args.out}")
     return 0
 
 
@@ -461,14 +626,16 @@ def build_parser() -> argparse.ArgumentParser:
                        formatter_class=raw)
     i.add_argument("action", choices=("build", "search"))
     i.add_argument("--run", help="build: a finished run folder; indexes its retrieval tower's items")
-    i.add_argument("--variant", default="distilled", help="build --run: the student variant (default: distilled)")
+    i.add_argument("--variant", default=None, help="build --run: the student variant (default: distilled)")
     i.add_argument("--embeddings", help="build: float32 [n, d] .npy of item embeddings")
     i.add_argument("--ids", help="build: int64 [n] .npy of item ids (default 0..n-1)")
     i.add_argument("--factory", default=None,
                    help="Flat | IVF{n},Flat | HNSW{M} | IVF{n},PQ{m} (default: by corpus size; --run: the run's)")
-    i.add_argument("--metric", default="ip", choices=("ip", "l2"))
+    i.add_argument("--metric", default=None, choices=("ip", "l2"), help="build --embeddings: the metric (default ip)")
     i.add_argument("--queries", help=".npy of float32 [nq, d] queries (build: for the nprobe/efSearch sweep)")
-    i.add_argument("--k", type=int, default=None, help="results per query (default 100)")
+    i.add_argument("--k", type=int, default=None,
+                   help="results per query, at most the items (default 100, or all the items where fewer; build "
+                        "--run: the run's index.k)")
     i.add_argument("--recall-target", type=float, default=None, help="build: the operating point (default 0.95)")
     i.add_argument("--index", help="search: index folder")
     i.add_argument("--model-hash", default=None,

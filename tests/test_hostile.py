@@ -500,8 +500,8 @@ def test_10_a_symlinked_step_folder_is_swapped_at_its_target_and_a_leftover_old_
 def test_11_replay_refuses_upstream_changes_and_never_rewrites_a_finished_run(finished, tmp_path):
     run_dir = copy_run(finished, tmp_path)
     config_bytes = (run_dir / "config.json").read_bytes()
-    upstream = {s: (run_dir / s / "manifest.json").read_bytes() for s in ("data", "teacher", "ranklog", "students",
-                                                                          "index")}
+    upstream = {s: (run_dir / s / "manifest.json").read_bytes() for s in ("data", "channels", "teacher", "ranklog",
+                                                                          "students", "index")}
     r = cli("replay", str(run_dir), "--set", "teacher.train.lr=0.03", "--no-progress")
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert "cascade replay --set teacher.train.lr: replay redoes only the replay and report step(s)" in r.stderr

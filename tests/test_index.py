@@ -16,8 +16,14 @@ from cascade.index.exact import (  # noqa: E402
     clustered_vectors,
     exact_topk,
 )
-from cascade.index.factory import default_factory, parse_factory  # noqa: E402
-from cascade.index.faiss_index import IDS_FILE, INDEX_FILE, IndexMismatchError, ItemIndex  # noqa: E402
+from cascade.index.factory import check_factory, default_factory, parse_factory  # noqa: E402
+from cascade.index.faiss_index import (  # noqa: E402
+    IDS_FILE,
+    INDEX_FILE,
+    IndexMismatchError,
+    ItemIndex,
+    UnreachableRecallError,
+)
 
 N, D, N_CLUSTERS, NQ = 20_000, 32, 64, 200
 
@@ -181,7 +187,9 @@ def test_ivf_operating_point_reaches_target_and_survives_reload(data, ivf, tmp_p
 
 def test_unreachable_recall_target_is_refused(ivf):
     index, points = ivf
-    with pytest.raises(ValueError, match=r"reaches recall@100 >= 1.01: the best is [01]\.\d{4} at nprobe=128"):
+    # its own class (a ValueError), which `cascade index build` turns into a one-line error naming --recall-target
+    with pytest.raises(UnreachableRecallError, match=r"reaches recall@100 >= 1.01: the best is [01]\.\d{4} at "
+                                                     r"nprobe=128"):
         index.set_operating_point(1.01)
 
 
@@ -348,6 +356,20 @@ def test_build_rejects_bad_ids_and_factories(data):
         ItemIndex.build(xb[:10], ids[:10], metric="ip", factory="IVF64,Flat")
     with pytest.raises(ValueError, match="nprobe applies to IVF indexes, not 'Flat'"):
         ItemIndex.build(xb[:10], ids[:10], metric="ip", factory="Flat", nprobe=4)
+
+
+def test_factory_is_checked_against_the_corpus_before_any_work():
+    """check_factory: the string and its sizes against n items of dimension d, the messages naming the string as
+    the caller calls it (the CLI: --factory)."""
+    assert check_factory("IVF10,Flat", 10, 8) == {"kind": "ivf", "nlist": 10}
+    with pytest.raises(ValueError, match=r"^factory 'IVF11,Flat': nlist 11 exceeds the 10 items to cluster$"):
+        check_factory("IVF11,Flat", 10, 8)
+    with pytest.raises(ValueError, match=r"^--factory 'IVF9999,Flat': nlist 9999 exceeds the 1,682 items to cluster$"):
+        check_factory("IVF9999,Flat", 1682, 16, "--factory")
+    with pytest.raises(ValueError, match=r"^--factory 'IVF4,PQ5': PQ5 needs the dimension 16 to be a multiple of 5$"):
+        check_factory("IVF4,PQ5", 1682, 16, "--factory")
+    with pytest.raises(ValueError, match=r"^--factory 'LSH' is not supported"):
+        check_factory("LSH", 1682, 16, "--factory")
 
 
 def test_default_factory_follows_corpus_size():

@@ -41,25 +41,35 @@ FACTORIES = {
 
 
 
-def parse_factory(factory: str, d: int) -> dict[str, Any]:
-    """Classify a factory string: {"kind": "flat"|"ivf"|"hnsw"|"ivfpq", "nlist", "M", "m", ...}; raise on others."""
+def parse_factory(factory: str, d: int, name: str = "factory") -> dict[str, Any]:
+    """Classify a factory string: {"kind": "flat"|"ivf"|"hnsw"|"ivfpq", "nlist", "M", "m", ...}; raise on others.
+    name: what the messages call the string (e.g. the command-line option it came from)."""
     for kind, pat in FACTORIES.items():
         m = pat.match(factory)
         if m:
             out = {"kind": kind, **{k: int(v) for k, v in m.groupdict().items() if v is not None}}
             zero = [k for k, v in out.items() if k != "kind" and v < 1]
             if zero:
-                raise ValueError(f"factory {factory!r}: {zero[0]} must be >= 1")
+                raise ValueError(f"{name} {factory!r}: {zero[0]} must be >= 1")
             if kind == "ivfpq" and d % out["m"] != 0:
-                raise ValueError(f"factory {factory!r}: PQ{out['m']} needs the dimension {d} to "
+                raise ValueError(f"{name} {factory!r}: PQ{out['m']} needs the dimension {d} to "
                                  f"be a multiple of {out['m']}")
             if kind == "ivfpq" and "opq" in out and out["opq"] != out["m"]:
-                raise ValueError(f"factory {factory!r}: OPQ{out['opq']} must match PQ{out['m']}")
+                raise ValueError(f"{name} {factory!r}: OPQ{out['opq']} must match PQ{out['m']}")
             return out
     raise ValueError(
-        f"factory {factory!r} is not supported: use 'Flat', 'IVF{{nlist}},Flat', 'HNSW{{M}}', 'IVF{{nlist}},PQ{{m}}' "
+        f"{name} {factory!r} is not supported: use 'Flat', 'IVF{{nlist}},Flat', 'HNSW{{M}}', 'IVF{{nlist}},PQ{{m}}' "
         "or 'OPQ{m},IVF{nlist},PQ{m}'"
     )
+
+
+def check_factory(factory: str, n: int, d: int, name: str = "factory") -> dict[str, Any]:
+    """:func:`parse_factory`, and its sizes against a corpus of ``n`` items of dimension ``d``: an IVF with more
+    lists than items raises (k-means cannot make them)."""
+    spec = parse_factory(factory, d, name)
+    if "nlist" in spec and spec["nlist"] > n:
+        raise ValueError(f"{name} {factory!r}: nlist {spec['nlist']} exceeds the {n:,} items to cluster")
+    return spec
 
 
 def default_factory(n_items: int) -> str:

@@ -44,6 +44,7 @@ from cascade.index.factory import (
     DEFAULT_EF_SEARCHES,
     DEFAULT_NPROBES,
     GPU_MAX_K,
+    check_factory,
     check_omp_threads,
     check_refine,
     default_factory,
@@ -63,6 +64,10 @@ IDS_FILE = "item_ids.npy"
 
 class IndexMismatchError(ArtifactError):
     """A saved index that does not fit the caller: another model hash, embedding dimension or metric."""
+
+
+class UnreachableRecallError(ValueError):
+    """No swept operating point reaches the recall target (the message names the best recall seen)."""
 
 
 class ItemIndex:
@@ -172,12 +177,12 @@ class ItemIndex:
 
         xb = as_float32_matrix(xb, "xb")
         n, d = xb.shape
-        item_ids = _check_item_ids(item_ids, n)
+        item_ids = check_item_ids(item_ids, n)
         check_metric(metric)
         if n == 0:
             raise ValueError("xb has no rows: cannot build an index over an empty corpus")
         factory = factory or default_factory(n)
-        spec = parse_factory(factory, d)
+        spec = check_factory(factory, n, d)
         check_refine(refine)
         if refine != "Flat" and spec["kind"] != "ivfpq":
             raise ValueError(f"refine={refine!r} applies to IVF-PQ indexes, not {factory!r}")
@@ -191,8 +196,6 @@ class ItemIndex:
             log.warning("item index: %s", reason)
         with faiss_threads(omp_threads):  # k-means, graph construction and add on faiss's threads (checked first)
             set_blas_threshold(n, blas_threshold)  # k-means assignment and IVF add are large batches
-            if "nlist" in spec and spec["nlist"] > n:
-                raise ValueError(f"factory {factory!r}: nlist {spec['nlist']} exceeds the {n} items to cluster")
             t0 = time.perf_counter()
             index = faiss.index_factory(d, factory, faiss_metric(metric))
             if spec["kind"] in ("ivf", "ivfpq"):
@@ -427,7 +430,8 @@ class ItemIndex:
     def set_operating_point(self, recall_target: float) -> dict:
         """Apply the cheapest swept point (smallest nprobe / efSearch) whose recall@k >= ``recall_target``.
 
-        Raises if :meth:`sweep` has not run or no point reaches the target (naming the best recall seen).
+        Raises if :meth:`sweep` has not run, or :class:`UnreachableRecallError` if no point reaches the target (naming
+        the best recall seen).
         Returns the chosen point; ``recall_`` records its recall.
         """
         if not self.operating_points_:
@@ -435,7 +439,7 @@ class ItemIndex:
         ok = [p for p in self.operating_points_ if p["recall_at_k"] >= recall_target]
         if not ok:
             best = max(self.operating_points_, key=lambda p: p["recall_at_k"])
-            raise ValueError(
+            raise UnreachableRecallError(
                 f"no operating point of {self.factory!r} reaches recall@{best['k']} >= {recall_target}: the best is "
                 f"{best['recall_at_k']:.4f} at {best['param']}={best['value']}; sweep larger "
                 "values or use another factory"
@@ -617,7 +621,8 @@ class ItemIndex:
         return faiss.index_cpu_to_all_gpus(cpu_index, co=co, ngpu=ngpu)
 
 
-def _check_item_ids(item_ids, n: int) -> np.ndarray:
+def check_item_ids(item_ids, n: int) -> np.ndarray:
+    """``item_ids`` as int64 [n]: one unique id >= 0 per row of xb; raise a ValueError saying what is wrong."""
     ids = np.asarray(item_ids)
     if ids.ndim != 1 or len(ids) != n:
         raise ValueError(f"item_ids must be a 1-d array of {n} ids (one per row of xb), got shape {ids.shape}")

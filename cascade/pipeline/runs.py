@@ -2,13 +2,14 @@
 two or more runs (``cascade compare``): their config differences and their headline metrics.
 
 A run is a folder holding ``config.json`` (written by :func:`cascade.pipeline.run_pipeline`); its metrics come
-from its step outputs (``replay/summary.json``, ``teacher/models.json``, ``students/models.json``), so a run
-without a report step still shows what it has.
+from its step outputs (``replay/summary.json`` and the measured latencies in ``replay/manifest.json``,
+``teacher/models.json``, ``students/models.json``), so a run without a report step still shows what it has.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,9 @@ _STEPS = tuple(s.name for s in STEPS)
 def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
     """The run's headline metrics, [{metric (label), key (for formatting), value}], in a fixed order: per cascade
     variant the final list's teacher-recall@K and click-recall, the oracle ratio (world), every stage's
-    teacher-recall and click-recall and the end-to-end p99; then each model's test AUC. Missing outputs give no
-    rows."""
+    teacher-recall and click-recall and the end-to-end p99; then each model's test AUC, on a row named by the model
+    (:func:`model_identity`, so runs that chose other settings share it) with a row of its settings after it.
+    Missing outputs give no rows."""
     out: list[dict[str, Any]] = []
     summary_path = run_dir / "replay" / "summary.json"
     if summary_path.is_file():
@@ -84,6 +86,11 @@ def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
         if "variants" not in summary:
             raise RunLayoutError(f"{summary_path}: a replay summary in an older layout (no 'variants'); redo the "
                                  f"replay with this version: cascade replay {run_dir}")
+        manifest_path = run_dir / "replay" / A.MANIFEST
+        # measured latencies: the manifest's metrics.latency (summary.json holds what models and data determine);
+        # runs written before that kept them in summary.json
+        latency = ((A.read_json(manifest_path).get("metrics") or {}).get("latency") or {}
+                   if manifest_path.is_file() else {})
         for variant, s in summary["variants"].items():
             q, k = s.get("quality", {}), s.get("sizes", {}).get("rank")
             out += [{"metric": f"{variant}: final teacher-recall@{k}", "key": "teacher_recall",
@@ -98,15 +105,44 @@ def run_metrics(run_dir: Path) -> list[dict[str, Any]]:
                          "value": q.get(f"{stage}_teacher_recall")},
                         {"metric": f"{variant}: {stage} click-recall (N={n})", "key": "click_recall",
                          "value": q.get(f"{stage}_click_recall")}]
-            e2e = (s.get("latency_batch1") or {}).get("end_to_end_ms") or {}
+            batch1 = (latency.get(variant) or {}).get("latency_batch1") or s.get("latency_batch1") or {}
+            e2e = batch1.get("end_to_end_ms") or {}
             out.append({"metric": f"{variant}: end-to-end p99 ms (batch 1)", "key": "p99_ms",
                         "value": e2e.get("p99_ms")})
+    seen: set[str] = set()
     for step in ("teacher", "students"):
         p = run_dir / step / "models.json"
-        if p.is_file():
-            out += [{"metric": f"test AUC: {m.get('name')}", "key": "auc", "value": m.get("auc")}
-                    for m in A.read_json(p)]
+        for m in A.read_json(p) if p.is_file() else []:
+            name = str(m.get("name"))
+            model = model_identity(m)
+            model = name if model in seen else model  # two rows of one role: each keeps its full name
+            seen.add(model)
+            out.append({"metric": f"test AUC: {model}", "key": "auc", "value": m.get("auc")})
+            if name != model:  # what this run chose (on validation) or set (in its config), beside the AUC
+                detail = name.partition(" (")[2]
+                out.append({"metric": f"{model}: settings", "key": "",
+                            "value": detail[:-1] if detail.endswith(")") else name})
     return out
+
+
+#: models.json roles whose rows are one model each, named by the role (their display names add run settings)
+ROLE_MODELS = {"teacher": "teacher", "pfd_teacher": "PFD teacher (not served)"}
+
+
+def model_identity(row: dict[str, Any]) -> str:
+    """The name of a models.json row's model that is the same in every run: its role (the teacher, the LightGBM
+    baseline, the rank student as served or without distillation), without the values the run chose on validation
+    or set in its config, which its display name carries (``teacher (dcnv2, entire space: exposure weight 4,
+    ...)`` -> ``teacher``; ``rank student (served: logit KD at scale 1, ...)`` -> ``rank student (served)``)."""
+    name, role = str(row.get("name")), row.get("role")
+    base, _, detail = name.partition(" (")
+    if role in ROLE_MODELS:
+        return ROLE_MODELS[role]
+    if role == "baseline":
+        return base
+    if role == "student" and detail:
+        return f"{base} ({re.split(r'[:,)]', detail, maxsplit=1)[0]})"
+    return name
 
 
 def list_runs(runs_dir: str | os.PathLike = "runs") -> list[dict[str, Any]]:
@@ -120,7 +156,7 @@ def list_runs(runs_dir: str | os.PathLike = "runs") -> list[dict[str, Any]]:
             metrics, problem = {m["metric"]: m["value"] for m in run_metrics(d)}, None
         except RunLayoutError as e:  # listed all the same, its metrics as "–" and the reason beside
             metrics, problem = {}, str(e)
-        teacher = next((v for k, v in metrics.items() if k.startswith("test AUC: teacher")), None)
+        teacher = metrics.get("test AUC: teacher")
         recall = next(((k, v) for k, v in metrics.items() if k.startswith("distilled: final teacher-recall@")),
                       (None, None))
         rows.append({**facts, "teacher_auc": teacher, "teacher_recall": recall[1],

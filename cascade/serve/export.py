@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.util
 import logging
+import math
 import os
 import warnings
 from collections.abc import Callable
@@ -46,6 +47,7 @@ log = logging.getLogger(__name__)
 FORMATS = ("torch-export", "onnx")
 SUFFIX = {"torch-export": ".pt2", "onnx": ".onnx"}
 ONNX_PACKAGES = ("onnx", "onnxscript", "onnxruntime")
+STEPS_EXPORTED = ("data", "teacher", "students")  # the run's steps whose models (and test rows) are exported
 TRACE_ROWS, CHECK_ROWS = 64, 257  # example batch of the trace; the parity batch (another size: the batch is dynamic)
 
 
@@ -73,6 +75,11 @@ def exportables(run_dir: str | os.PathLike, variants: tuple[str, ...] | None = N
     variants: the two-tower variants to include (None: every variant the run trained); an unknown one is an
     error."""
     run_dir = Path(run_dir)
+    unfinished = [s for s in STEPS_EXPORTED if not (run_dir / s / A.MANIFEST).is_file()]
+    if unfinished:
+        raise ExportError(f"the run {run_dir} has not finished the step(s) {', '.join(unfinished)} whose models "
+                          f"export needs (no {run_dir / unfinished[0] / A.MANIFEST}); finish it first: `cascade run` "
+                          "with the config it was started with resumes it")
     data = RunData(run_dir / "data")
     test = data.encoded("test")
     rows = _rows(len(test))
@@ -170,9 +177,15 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike 
     """Export the models of a finished run in format ``fmt`` ("torch-export" or "onnx") into ``out_dir`` (default
     ``RUN/export/<fmt>/``), check each against its eager model, and write ``manifest.json`` (per model: file,
     inputs with dtype and shape, output, max_abs_diff, checked_rows, the sha256 of the weights it came from).
-    Returns the manifest. Raises ExportError on a format or package that is not there, or a parity failure."""
+    Returns the manifest. Raises ExportError on a format or package that is not there, a tolerance that is not a
+    finite number > 0, a run that has not finished its models, or a parity failure; all but the last before
+    ``out_dir`` is made."""
     if fmt not in FORMATS:
         raise ExportError(f"export format {fmt!r} is not one of {FORMATS}")
+    number = isinstance(tolerance, (int, float, np.floating)) and not isinstance(tolerance, bool)
+    if not (number and math.isfinite(tolerance) and tolerance > 0):
+        raise ExportError(f"export tolerance {tolerance!r} must be a finite number > 0 (the largest allowed "
+                          "|exported - eager|)")
     if fmt == "onnx":
         missing = [p for p in ONNX_PACKAGES if importlib.util.find_spec(p) is None]
         if missing:
@@ -180,9 +193,9 @@ def export_run(run_dir: str | os.PathLike, fmt: str, out_dir: str | os.PathLike 
                               "pip install 'cascade-distill[export]'")
     run_dir = Path(run_dir)
     out_dir = Path(out_dir) if out_dir is not None else run_dir / "export" / fmt
+    ms = exportables(run_dir, variants)  # checks the run and the variants before anything is written
     out_dir.mkdir(parents=True, exist_ok=True)
     models = {}
-    ms = exportables(run_dir, variants)
     for m in ms:
         path = out_dir / f"{m.name}{SUFFIX[fmt]}"
         with _quiet_exporter():
