@@ -153,6 +153,13 @@ class RunData:
         past (queries only ever see events strictly before their time)."""
         return _events(self.impressions)
 
+    @property
+    def seen_filter(self) -> tuple[EventHistory | None, str]:
+        """(the shown-items history where the data step decided to filter seen items, else None; why), as its
+        summary records (``data.filter_seen``)."""
+        decision = self.manifest["metrics"]["summary"]["filter_seen"]
+        return (self.history if decision["applied"] else None), decision["why"]
+
     def split_history(self, split: str) -> EventHistory:
         """The events of one split only (e.g. "train": what a model built at the end of train may know)."""
         return _events(self.split_impressions(split))

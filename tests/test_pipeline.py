@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -772,6 +773,69 @@ def test_channel_quotas_redo_only_the_replay_and_the_served_cascade_keeps_them(r
     # the report's channel table gives each channel the quota it took
     per_channel = A.read_json(tmp_path / "tiny" / "report" / "report.json")["channels"]["per_channel"]
     assert {n: e["quota"] for n, e in per_channel.items()} == pytest.approx(want)
+
+
+def test_a_served_run_filters_seen_items_as_its_data_step_decided_and_a_request_gets_one_list_in_any_batch(
+        run_a, tmp_path):
+    """load_cascade serves what the replay measured: seen items filtered where the run's data step decided so (here
+    a copy of run A whose data step's recorded decision says so), and a request's list never depends on what the
+    other requests of its batch saw (each row over-fetches by what its own user saw)."""
+    import numpy as np
+
+    from cascade.data.requests import requests_frame, to_requests
+    from cascade.run_lock import RunLockedError
+    from cascade.serve.cascade import load_cascade, trace_requests
+
+    _, run_dir, _ = run_a
+    run = tmp_path / "tiny"
+    shutil.copytree(run_dir, run)
+    manifest = A.read_json(run / "data" / "manifest.json")
+    manifest["metrics"]["summary"]["filter_seen"] = {"applied": True, "why": "as if the log did not re-consume"}
+    A.write_json(run / "data" / "manifest.json", manifest)
+    data, casc = load_cascade(run, "distilled+channels", ranker="student", autocast="off")
+    assert casc.seen is not None
+    req = to_requests(requests_frame(data.split_impressions("test"), data.context_names), data.context_names)
+    req = req.take(np.arange(min(60, len(req))))
+    served = casc.recommend(req, 100, 40, 10, return_stages=True)
+    shown = data.history.seen(req.user_id, served.items, req.time_ms)
+    assert not shown.any()  # no final item was shown to its user before the request
+    plain = casc.recommend(req, 100, 40, 10, filter_seen=False).items
+    assert data.history.seen(req.user_id, plain, req.time_ms).any()  # the world re-consumes: there was some
+    # the same list alone as in the batch, at every stage
+    for b in range(0, len(req), 7):
+        alone = casc.recommend(req.take(np.array([b])), 100, 40, 10, return_stages=True)
+        np.testing.assert_array_equal(alone.items[0], served.items[b])
+        np.testing.assert_array_equal(alone.stages["retrieval"][0][0], served.stages["retrieval"][0][b])
+    # every channel's timing adds up its fetches (filtering fetches some rows twice)
+    assert sum(served.timing_s[f"retrieval/{c}"] for c in casc.channels) <= served.timing_s["retrieval"]
+    # a trace follows the served lists, and names a request it cannot serve
+    assert [t["item_id"].tolist() for t in trace_requests(data, casc, req.take(np.arange(3)), 100, 40, 10)] == \
+        [served.items[b].tolist() for b in range(3)]
+    bad = req.take(np.arange(2))
+    bad.user_id = np.array([-1, bad.user_id[1]])
+    with pytest.raises(ValueError, match=r"trace_requests: 1 request\(s\) cannot be served, the first: request .* "
+                                         r"invalid user_id -1"):
+        trace_requests(data, casc, bad, 100, 40, 10)
+    # sizes that are no integers, and what is no Requests, are named
+    with pytest.raises(TypeError, match=r"n_retrieve must be an integer, got 100.0"):
+        casc.recommend(req, 100.0, 40, 10)
+    with pytest.raises(TypeError, match=r"requests must be a cascade.data.requests.Requests .*got DataFrame"):
+        casc.recommend(requests_frame(data.split_impressions("test"), data.context_names), 100, 40, 10)
+    # a folder that is no run, and a run another process is writing
+    with pytest.raises(FileNotFoundError, match=r"not a run folder"):
+        load_cascade(run / "data")
+    with pytest.raises(FileNotFoundError, match=r"no such run folder"):
+        load_cascade(tmp_path / "nowhere")
+    holder = subprocess.Popen([sys.executable, "-c", f"import time\nfrom cascade.run_lock import folder_lock\n"
+                               f"with folder_lock({str(run)!r}, command='cascade run'):\n    print('locked', "
+                               f"flush=True)\n    time.sleep(60)"], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(RunLockedError, match=rf"in use by pid {holder.pid} \(cascade run"):
+            load_cascade(run)
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def test_channel_cascade_times_each_channel_traces_origins_and_refuses_unknown_variants(run_a, tmp_path):

@@ -51,7 +51,8 @@ class MergedRetriever:
     channels). quotas: name -> share of the n slots (> 0; normalised to sum 1). Weighted interleaving: channel c's
     item at rank r (0-based) gets the key (r + 0.5) / quota_c; the union is taken in key order and an item several
     channels propose keeps its best key, so every channel fills about its quota of the slots and a shared item
-    takes one. scores: -key (higher comes first). ``last_timing_s``: seconds per channel in the last call.
+    takes one. scores: -key (higher comes first). ``last_timing_s``: seconds per channel, added up over the calls
+    since it was last emptied (:class:`~cascade.serve.cascade.Cascade` empties it per request batch).
     """
 
     def __init__(self, channels: Mapping[str, object], quotas: Mapping[str, float]) -> None:
@@ -80,7 +81,7 @@ class MergedRetriever:
         for c, ch in enumerate(self.channels):
             t0 = time.perf_counter()
             i, _ = ch.select(requests, None, n)
-            self.last_timing_s[self.names[c]] = time.perf_counter() - t0
+            self.last_timing_s[self.names[c]] = self.last_timing_s.get(self.names[c], 0.0) + time.perf_counter() - t0
             key = (np.arange(i.shape[1]) + 0.5) / self.quotas[c]  # quota_keys of a list that is one channel's
             items.append(i)
             keys.append(np.where(i == PAD, np.inf, key[None, :]))

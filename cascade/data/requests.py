@@ -66,17 +66,19 @@ class Requests:
     def validity(self, context_kinds: dict[str, str] | None = None) -> list[str | None]:
         """Per request: None when valid, else the reason it cannot be served (one message per bad row).
 
-        user_id and time_ms must be integers >= 0 (an integral float or a numeric text counts; NaN, 1.5, "abc" or
-        -1 do not). context_kinds: context name -> "int" (integer codes: an int, an integral float or a numeric
-        text; NaN / None is a missing value, served as unknown), "float" (a number or NaN) or "str" (anything);
-        a context column it names that the batch lacks raises ValueError naming it and the columns there are."""
+        user_id, time_ms (epoch milliseconds) and request_id must be integers >= 0 (an integral float or a numeric
+        text counts; NaN, None, 1.5, "abc" or -1 do not). context_kinds: context name -> "int" (integer codes: an
+        int, an integral float or a numeric text; NaN / None is a missing value, served as unknown), "float" (a
+        number or NaN) or "str" (anything); a context column it names that the batch lacks raises ValueError naming
+        it and the columns there are."""
         out: list[str | None] = [None] * len(self)
         if context_kinds:
             missing = [c for c in context_kinds if c not in self.context]
             if missing:
                 raise ValueError(f"requests have no context column {missing[0]!r} (the cascade reads "
                                  f"{list(context_kinds)}; the requests have {list(self.context)})")
-        checks = [("user_id", self.user_id, "int_id"), ("time_ms", self.time_ms, "int_id")]
+        checks = [("user_id", self.user_id, "int_id"), ("time_ms", self.time_ms, "int_id"),
+                  ("request_id", self.request_id, "int_id")]
         checks += [(f"context {c!r}", self.context[c], k) for c, k in (context_kinds or {}).items()]
         for what, values, kind in checks:
             for i in np.flatnonzero(_bad_values(values, kind)):

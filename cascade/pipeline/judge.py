@@ -18,7 +18,6 @@ from dataclasses import dataclass
 import numpy as np
 import pandas as pd
 
-from .. import artifacts as A
 from ..arrays import PAD, pad_by_row
 from ..data.history import EventHistory
 from ..data.requests import Requests, requests_frame, to_requests
@@ -45,9 +44,9 @@ def decide_filter_seen(setting: bool | str, repeat_click_share: float) -> tuple[
 
 
 def seen_filter(data: RunData) -> tuple[EventHistory | None, str]:
-    """(the shown-items history when the run filters seen items, else None; why), as the data step decided."""
-    decision = A.read_json(data.dir / "summary.json")["summary"]["filter_seen"]
-    return (data.history if decision["applied"] else None), decision["why"]
+    """(the shown-items history when the run filters seen items, else None; why), as the data step decided
+    (:attr:`~cascade.run_data.RunData.seen_filter`)."""
+    return data.seen_filter
 
 
 @dataclass

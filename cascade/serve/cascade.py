@@ -16,8 +16,9 @@ then :meth:`Cascade.recommend` also times each channel and tells which channel p
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol
@@ -34,6 +35,7 @@ from ..data.requests import Requests
 from ..index.faiss_index import ItemIndex
 from ..models.scoring import ranker_scorer
 from ..run_data import RunData, Towers, load_ranker, load_towers
+from ..run_lock import folder_lock
 
 
 class Stage(Protocol):
@@ -122,6 +124,13 @@ class PairScorer:
 MAX_OVERFETCH = 4  # filtering first fetches at most (1 + this) x n items; rows still short are fetched again
 
 
+def _widths(count: np.ndarray) -> np.ndarray:
+    """Each row's over-fetch for ``count`` [B] items its user saw: the next power of two (0 for none), so that a
+    request fetches the same list whatever the other requests of its batch saw (a stage's top n is not always a
+    prefix of its top m), and a batch needs few distinct fetch sizes."""
+    return np.where(count > 0, 1 << np.ceil(np.log2(np.maximum(count, 1))).astype(np.int64), 0)
+
+
 def select_unseen(stage: Stage, requests: Requests, n: int, seen: EventHistory | None) -> tuple[np.ndarray, np.ndarray]:
     """``stage.select(requests, None, n)``, without the items each user was shown strictly before the request when
     ``seen`` is given: over-fetch by what the users saw (at most MAX_OVERFETCH x n more), drop the seen items,
@@ -145,22 +154,33 @@ def select_unseen_origin(retriever: MergedRetriever, requests: Requests, n: int,
 
 def _unseen(fetch, requests: Requests, n: int, seen: EventHistory, pads: tuple) -> tuple[list, np.ndarray]:
     """The best n unseen of ``fetch(requests, m) -> (items [B, m], scores [B, m], *aligned)``: ([items, *aligned]
-    gathered [B, n], scores [B, n]), padded with ``pads``. A row left short although its user saw more than was
-    over-fetched is fetched again with n + all its user saw (at most that many can be seen, so n unseen are in)."""
+    gathered [B, n], scores [B, n]), padded with ``pads``. Each row over-fetches by what its own user saw
+    (:func:`_widths`, at most MAX_OVERFETCH x n); a row left short although its user saw more is fetched again
+    with n + all its user saw, rounded the same way (at most that many can be seen, so n unseen are in)."""
     lo, hi = seen.before(requests.user_id, requests.time_ms)
     count = hi - lo
-    extra = min(int(count.max(initial=0)), MAX_OVERFETCH * n)
-    got = fetch(requests, n + extra)
-    cols, scores = _unseen_columns(got[0], got[1], requests, n, seen)
-    out = [_gather(a, cols, pad) for a, pad in zip((got[0], *got[2:]), pads)]
-    short = np.flatnonzero((cols == PAD).any(axis=1) & (count > extra))
-    if len(short):
-        sub = requests.take(short)
-        again = fetch(sub, n + int(count[short].max()))
-        cols2, scores[short] = _unseen_columns(again[0], again[1], sub, n, seen)
-        for o, a, pad in zip(out, (again[0], *again[2:]), pads):
-            o[short] = _gather(a, cols2, pad)
+    extra = np.minimum(_widths(count), MAX_OVERFETCH * n)
+    out = [np.full((len(requests), n), pad, np.int64) for pad in pads]
+    scores = np.full((len(requests), n), -np.inf, np.float32)
+    short = np.zeros(len(requests), bool)
+    for width, rows in ((w, np.flatnonzero(extra == w)) for w in np.unique(extra)):
+        cols = _fetch_unseen(fetch, requests.take(rows), n, int(width), seen, pads, out, scores, rows)
+        short[rows] = (cols == PAD).any(axis=1) & (count[rows] > width)
+    again = np.where(short, _widths(count), 0)
+    for width, rows in ((w, np.flatnonzero(short & (again == w))) for w in np.unique(again[short])):
+        _fetch_unseen(fetch, requests.take(rows), n, int(width), seen, pads, out, scores, rows)
     return out, scores
+
+
+def _fetch_unseen(fetch, requests: Requests, n: int, extra: int, seen: EventHistory, pads: tuple, out: list,
+                  scores: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Fetch n + extra for ``requests`` (rows ``rows`` of the batch) and write their best n unseen into ``out`` /
+    ``scores`` at those rows; returns the columns kept ([len(rows), n], PAD where short)."""
+    got = fetch(requests, n + extra)
+    cols, scores[rows] = _unseen_columns(got[0], got[1], requests, n, seen)
+    for o, a, pad in zip(out, (got[0], *got[2:]), pads):
+        o[rows] = _gather(a, cols, pad)
+    return cols
 
 
 def _unseen_columns(items: np.ndarray, scores: np.ndarray, requests: Requests, n: int,
@@ -214,8 +234,9 @@ class CascadeResult:
 class Cascade:
     """retrieval -> pre-rank -> rank. The ranker can be the teacher or the distilled rank student.
 
-    seen: the logged history of what users were shown (an :class:`EventHistory` of impressions); with
-    ``filter_seen=True`` an item the user was shown strictly before the request never reaches a list.
+    seen: the logged history of what users were shown (an :class:`EventHistory` of impressions); where it is given
+    (:func:`load_cascade`: where the run's data step filters seen items) an item the user was shown strictly before
+    the request never reaches a list, unless ``recommend(..., filter_seen=False)``.
 
     prerank_quotas: with a multi-channel retriever, the pre-rank keeps the retriever's channel quotas
     (:func:`~cascade.channels.quota_cut`: each channel's candidates in pre-rank score order, interleaved by quota)
@@ -251,12 +272,22 @@ class Cascade:
         return tuple(self.retriever.names) if isinstance(self.retriever, MergedRetriever) else ()
 
     def recommend(self, requests: Requests, n_retrieve: int, n_prerank: int, k: int,
-                  return_stages: bool = False, filter_seen: bool = False) -> CascadeResult:
+                  return_stages: bool = False, filter_seen: bool | None = None) -> CascadeResult:
+        """The final [B, k] lists of ``requests`` (internal int ids; ``RunData.items.item_key`` holds your own
+        where they were text). filter_seen: None: filter seen items where the cascade holds the seen history."""
+        if not isinstance(requests, Requests):
+            raise TypeError(f"requests must be a cascade.data.requests.Requests (e.g. to_requests(frame, "
+                            f"data.context_names)), got {type(requests).__name__}")
+        for name, v in (("n_retrieve", n_retrieve), ("n_prerank", n_prerank), ("k", k)):
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)):
+                raise TypeError(f"{name} must be an integer, got {v!r}")
         if not (0 < k <= n_prerank <= n_retrieve):
             raise ValueError(f"need 0 < k <= n_prerank <= n_retrieve, got k={k}, n_prerank={n_prerank}, "
                              f"n_retrieve={n_retrieve}")
         if filter_seen and self.seen is None:
             raise ValueError("filter_seen=True but the cascade was built without the seen history")
+        filter_seen = self.seen is not None if filter_seen is None else filter_seen
+        n_retrieve, n_prerank, k = int(n_retrieve), int(n_prerank), int(k)
         b = len(requests)
         errors = requests.validity(self.context_kinds)
         ok = np.array([e is None for e in errors], dtype=bool)
@@ -271,6 +302,7 @@ class Cascade:
             seen = self.seen if filter_seen else None
             t0 = time.perf_counter()
             if channels:
+                self.retriever.last_timing_s = {}  # each channel's fetches add up (filtering may fetch twice)
                 ri, rs, ro = select_unseen_origin(self.retriever, req, n_retrieve, seen)
             else:
                 ri, rs = select_unseen(self.retriever, req, n_retrieve, seen)
@@ -309,22 +341,23 @@ TWO_TOWER_QUOTA = 0.5  # the two-tower's share of the retrieval slots beside the
 def build_cascade(data: RunData, retrieval: Towers, prerank: Towers, ranker: torch.nn.Module, index,
                   seen: EventHistory | None = None, channels: Mapping[str, Stage] | None = None,
                   two_tower_quota: float = TWO_TOWER_QUOTA, prerank_quotas: bool = False,
-                  channel_quotas: Mapping[str, float] | None = None) -> Cascade:
+                  channel_quotas: Mapping[str, float] | None = None, autocast: str = "auto") -> Cascade:
     """retrieval tower + index -> pre-rank tower -> ranker (teacher or distilled student). channels: classic
     channels (name -> stage) retrieving beside the two-tower (:func:`merged_retriever`, with ``two_tower_quota``
     and ``channel_quotas``), or None / {}: the two-tower alone; prerank_quotas: the pre-rank keeps their quotas
     (:class:`Cascade`)."""
     retriever = (merged_retriever(data, retrieval, index, channels, two_tower_quota, channel_quotas) if channels
                  else Retriever(lambda r: retrieval.user_embed(data, r), index, retrieval, data))
-    return cascade_from(data, retriever, prerank, ranker, seen, prerank_quotas)
+    return cascade_from(data, retriever, prerank, ranker, seen, prerank_quotas, autocast)
 
 
 def cascade_from(data: RunData, retriever: Stage, prerank: Towers, ranker: torch.nn.Module,
-                 seen: EventHistory | None = None, prerank_quotas: bool = False) -> Cascade:
+                 seen: EventHistory | None = None, prerank_quotas: bool = False, autocast: str = "auto") -> Cascade:
     """``retriever`` (the two-tower, a merged retrieval stage or one classic channel alone) -> the pre-rank tower
-    -> ``ranker``, each request's context checked against the data's kinds."""
+    -> ``ranker`` (its bf16 scoring: ``autocast``, :func:`~cascade.models.scoring.ranker_scorer`), each request's
+    context checked against the data's kinds."""
     return Cascade(retriever, PairScorer(prerank.scorer(data), prerank.refresh),
-                   PairScorer(ranker_scorer(ranker, data)), seen,
+                   PairScorer(ranker_scorer(ranker, data, autocast)), seen,
                    context_kinds=data.context_kinds, prerank_quotas=prerank_quotas)
 
 
@@ -437,19 +470,49 @@ def cascade_variants(run_dir: str | Path) -> list[str]:
 
 
 def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = "teacher",
-                 data: RunData | None = None) -> tuple[RunData, Cascade]:
+                 data: RunData | None = None, autocast: str = "auto") -> tuple[RunData, Cascade]:
     """The servable cascade of a finished run: (RunData, Cascade). variant: a students/ sub-folder ("distilled" or
     "ground_truth": its two-tower retrieves alone) or "distilled+channels" (the distilled two-tower and the classic
     channels of the run's channels step in one retrieval stage, with the channels and quotas of the run's replay:
     :func:`run_channel_settings`; the replay's variant of that name, request for request); :func:`cascade_variants`
     lists what a run has, and another name raises naming them. ranker: "teacher" or "student" (the distilled rank
-    student).
+    student). The cascade filters seen items where the run's data step decided to (as the replay did). autocast:
+    the ranker's bfloat16 scoring ("auto": where a probe finds it faster for the size of pass, which may differ
+    between a batch and a single request, and between processes; "off": float32 always, the same scores for a
+    request alone or in any batch; "bf16"). data: the run's RunData, where the caller has it loaded.
 
     Every file it loads is checked against the sha256 its step's manifest records (RunData checks the data step's
-    tables): an altered checkpoint, table, index or channel raises ArtifactError naming the file."""
+    tables): an altered checkpoint, table, index or channel raises ArtifactError naming the file. The run's lock is
+    held while it loads: a run another process is writing raises RunLockedError naming it."""
     run_dir = Path(run_dir)
     if ranker not in ("teacher", "student"):
         raise ValueError(f"ranker {ranker!r} must be 'teacher' or 'student'")
+    if not run_dir.is_dir():
+        raise FileNotFoundError(f"{run_dir}: no such run folder")
+    if not (run_dir / "config.json").is_file() or not (run_dir / "data").is_dir():
+        raise FileNotFoundError(f"{run_dir}: not a run folder (no config.json and data/ step written by `cascade "
+                                "run`)")
+    if data is not None and not isinstance(data, RunData):
+        raise TypeError(f"data must be the run's RunData, got {type(data).__name__}")
+    if data is not None and data.dir.resolve() != (run_dir / "data").resolve():
+        raise ValueError(f"data is the RunData of {data.dir}, not of this run ({run_dir / 'data'})")
+    with _reading(run_dir):
+        return _load_cascade(run_dir, variant, ranker, data, autocast)
+
+
+@contextlib.contextmanager
+def _reading(run_dir: Path) -> Iterator[None]:
+    """Hold the run's lock for a consistent read (a read-only run folder, which cannot hold a lock file: none)."""
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(folder_lock(run_dir, command="load_cascade"))
+        except OSError:
+            pass
+        yield
+
+
+def _load_cascade(run_dir: Path, variant: str, ranker: str, data: RunData | None,
+                  autocast: str) -> tuple[RunData, Cascade]:
     have = cascade_variants(run_dir)
     if variant not in have:
         raise FileNotFoundError(f"{run_dir}: no cascade variant {variant!r} (the run has {have})")
@@ -476,20 +539,26 @@ def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = 
                            expect_model_hash=A.sha256_file(sdir / "retrieval" / "model.pt"),
                            expect_dim=retr.item_emb.shape[1], expect_metric="ip", omp_threads=1)
     A.verify_listed(run_dir / "index", [f"{tower}/{f}" for f in ("manifest.json", "index.faiss", "item_ids.npy")])
+    seen = data.seen_filter[0]
     if not with_channels:
-        return data, build_cascade(data, retr, pre, model, index)
+        return data, build_cascade(data, retr, pre, model, index, seen, autocast=autocast)
     settings = run_channel_settings(run_dir)
     channels = load_channels(run_dir / "channels", data.history, list(settings.channels))
-    return data, build_cascade(data, retr, pre, model, index, channels=channels,
+    return data, build_cascade(data, retr, pre, model, index, seen, channels=channels,
                                two_tower_quota=settings.two_tower_quota, prerank_quotas=settings.prerank_quotas,
-                               channel_quotas=settings.quotas)
+                               channel_quotas=settings.quotas, autocast=autocast)
 
 
 def trace_requests(data: RunData, cascade: Cascade, requests: Requests, n_retrieve: int, n_prerank: int, k: int,
                    show: int = 10) -> list[pd.DataFrame]:
     """For each request, a table of its final items with the rank each got at every stage (a funnel trace); with a
-    multi-channel retriever also the channel that proposed each item ("channel")."""
+    multi-channel retriever also the channel that proposed each item ("channel"). Served as ``recommend`` serves
+    them (seen items filtered where the cascade holds the seen history); a request it cannot serve raises naming
+    why."""
     res = cascade.recommend(requests, n_retrieve, n_prerank, k, return_stages=True)
+    bad = [e for e in res.errors if e is not None]
+    if bad:
+        raise ValueError(f"trace_requests: {len(bad)} request(s) cannot be served, the first: {bad[0]}")
     tables = []
     for b in range(len(requests)):
         final = res.items[b][:show]
