@@ -496,6 +496,9 @@ ROWS = [
         "through the same cascade", "beats every single channel end to end", _channels_alone),
     Row("real_data_ml_origins.json", "ML-100K over 4 test periods: the multi-channel cascade vs each channel alone "
         "through the same cascade", "beats every single channel end to end", _channels_alone),
+    Row("real_data_ml_origins_row_overfetch.json", "ML-100K over 4 test periods, remeasured with each request "
+        "over-fetching by what its own user saw (the served lists no longer depend on the batch)", None,
+        text_only(_real_data)),
     Row("real_data_ml_origins_ranklog_unseen.json", "ML-100K over 4 test periods with the rank log following the "
         "seen filter (no candidate the user was shown before; tried, not kept)", None, text_only(_real_data)),
     Row("real_data_ml_origins_n50.json", "ML-100K over 4 test periods at retrieval 50 / pre-rank 25 instead of 300 / "
