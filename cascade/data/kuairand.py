@@ -207,10 +207,13 @@ def read_log(path: Path) -> pd.DataFrame:
     return df
 
 
-def warn_repeated_rows(logs: pd.DataFrame, files: list[str]) -> int:
+def warn_repeated_rows(logs: pd.DataFrame, files: np.ndarray) -> int:
     """Warn where rows of the logs repeat another row in every column (a log file copied beside itself, which the
     file patterns match twice, doubles every impression): how many, and the files of the first one. Kept: the
-    official files may hold such rows. Returns the number of repeats. files: each row's file name."""
+    official files may hold such rows. Returns the number of repeats. files: each row's file name [N]."""
+    key = pd.util.hash_pandas_object(logs, index=False)  # one 64-bit hash a row: a repeat shares it
+    if not key.duplicated().any():
+        return 0
     again = logs.duplicated(keep=False).to_numpy()
     if not again.any():
         return 0
@@ -262,7 +265,7 @@ def load_kuairand(directory: str | Path, logs: Sequence[str] = ("standard", "ran
         frames.append(read_log(p))
         log.info("read %s: %d rows", p, len(frames[-1]))
     imp = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
-    warn_repeated_rows(imp, [p.name for p, f in zip(log_paths, frames) for _ in range(len(f))])
+    warn_repeated_rows(imp, np.repeat([p.name for p in log_paths], [len(f) for f in frames]))
     imp = imp.rename(columns={"video_id": "item_id", "is_click": "click"})
     t = imp["time_ms"].to_numpy()
     group = group_ids(imp, ["user_id", "date", "hourmin", "tab", "is_rand"])
