@@ -275,7 +275,8 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     # 2.345 is 2.34500000000000019984, just above the half)
     # one table per metric family (outcomes, agreement with the teacher, AUC, latency), each narrow enough to read
     outcomes, agreement, aucs, latency = (_md_section(md, t) for t in (
-        "Outcomes: the held-out clicks", "Agreement with the teacher", "AUC on the test impressions",
+        "Outcomes: the held-out clicks", "Agreement with the teacher",
+        "AUC of each stage's served score on the test impressions",
         "Latency per request (batch 1)"))
     for table in (outcomes, agreement, aucs, latency):
         header = next(line for line in table.splitlines() if line.startswith("| stage"))
@@ -308,8 +309,11 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     # the choices made on validation: every grid point, the chosen one named, the gate's verdict in words
     assert _md_row(md, ["0.25", "0.519"]) and _md_row(md, ["0.25", "0.747", "0.731"])
     # the teacher's collaborative term: its EASE grid, then the popularity prior's rows in a table of their own
-    assert ("Teacher: collaborative term added to its ranking score (chosen 0.25 x EASE (lambda 200) + 0.9081 x "
-            "popularity (30 days) + 0.227 x EASE (lambda 50))") in md
+    # the chosen term in the grids' units: the prior's EASE weight 0.2270 / 0.9081 = 0.25 and its weight beside the
+    # teacher 0.9081 / 1.8161 (the SD of the teacher's score) = 0.5, then the coefficients of the standardised scores
+    assert ("Teacher: collaborative term added to its ranking score (chosen 0.25 x EASE (lambda 200) + the classic "
+            "prior (popularity over 30 days + 0.25 x EASE (lambda 50)) at weight 0.5 beside the teacher (SDs of its "
+            "score); on the standardised scores: 0.9081 x popularity + 0.227 x EASE)") in md
     assert _md_row(md, ["200", "0.25"]) == ["200", "0.25", "0.148"]  # 0.1485 is 0.14849... in binary
     assert _md_row(md, ["prior alone"]) == ["prior alone", "30", "50", "0.25", "–", "0.149"]
     assert _md_row(md, ["beside the teacher"]) == ["beside the teacher", "30", "50", "0.25", "0.5", "0.162"]
@@ -411,17 +415,28 @@ def test_the_classic_prior_judged_by_the_random_slice_shows_its_one_se_columns(r
                   "se_of_gap": 0.0022, "within_one_se": False}]}
     md = render_markdown(report_data)
     assert "Teacher: collaborative term added to its ranking score (chosen none: weight 0)" in md
-    assert _md_row(md, ["prior alone"]) == ["prior alone", "7", "800", "0.5", "–", "0.681", "–", "–", "–"]
-    assert _md_row(md, ["beside the teacher", "7", "800", "0.5", "0.25"])[5:] == ["0.703", "0.0023", "0.0022", "no"]
+    # AUC at 4 decimals, as everywhere else in the report
+    assert _md_row(md, ["prior alone"]) == ["prior alone", "7", "800", "0.5", "–", "0.6808", "–", "–", "–"]
+    assert _md_row(md, ["beside the teacher", "7", "800", "0.5", "0.25"])[5:] == ["0.7027", "0.0023", "0.0022",
+                                                                                   "no"]
+    assert "| EASE lambda | weight | valid AUC (random slice) | gap to best | SE of the gap | within one SE |" in md
 
 
 def test_the_headline_names_the_test_period_and_a_backtest(tmp_path, report_data):
     write_report(report_data, tmp_path)
-    assert "test requests (2022-05-07 .. 2022-05-08); N1 = " in (tmp_path / "report.md").read_text()
+    # a data step that recorded no utc_offset_hours: its dates are UTC dates, and the caption says so
+    assert "test requests (2022-05-07 .. 2022-05-08 UTC); N1 = " in (tmp_path / "report.md").read_text()
     report_data["data"]["summary"]["split_days"] = {"valid_days": 1, "test_days": 1, "drop_last_days": 14}
     write_report(report_data, tmp_path)
     md = (tmp_path / "report.md").read_text()
-    assert "test requests (2022-05-07 .. 2022-05-08; a backtest: the log's last 14 days left out); N1 = " in md
+    assert "test requests (2022-05-07 .. 2022-05-08 UTC; a backtest: the log's last 14 days left out); N1 = " in md
+    # with the offset: the log's local dates, the offset named (2022-05-08 20:00 UTC is the 9th at UTC+8)
+    report_data["data"]["summary"]["split_days"] = {"drop_last_days": 0, "utc_offset_hours": 8.0}
+    report_data["data"]["splits"]["test"]["end"] = "2022-05-08T20:00:00"
+    md = render_markdown(report_data)
+    assert "test requests (2022-05-07 .. 2022-05-09, local dates at UTC+8); N1 = " in md
+    # the splits table's times are UTC and say so
+    assert "| split | rows | requests | ctr | start (UTC) | end (UTC) |" in md
     del report_data["data"]["splits"]
     write_report(report_data, tmp_path)
     assert "test requests; N1 = " in (tmp_path / "report.md").read_text()
@@ -598,16 +613,23 @@ def test_tower_gate_flag_names_its_judge():
 
     logged = {"teacher": 0.279, "ground_truth_student": 0.281, "gain": -0.002, "standard_error": 0.014,
               "teacher_better": False}
-    assert gate_flags({"students": {"prerank": {"size": 100, "gate": logged}}}) == [
+    assert gate_flags({"students": {"prerank": {"size": 100, "chosen_scale": 0.0, "gate": logged}}}) == [
         "The teacher is not better than the ground-truth-only prerank student on validation (click-recall@100 0.279 "
-        "vs 0.281; gain -0.002, one standard error 0.014): distilling it can only copy a ranking no better than the "
-        "clicks give."]
+        "vs 0.281; gain -0.002, one standard error 0.014): validation does not show that distilling it helps. The "
+        "distilled cascade serves the prerank student at distillation scale 0 (ground truth only, as the "
+        "ground_truth cascade does)."]
+    # a positive gain within one SE is "not distinguishable", not "not better"; and the scale served is named
+    within = {**logged, "teacher": 0.290, "gain": 0.009, "standard_error": 0.043}
+    assert gate_flags({"students": {"prerank": {"size": 100, "chosen_scale": 1.0, "gate": within}}}) == [
+        "The teacher is not distinguishable from the ground-truth-only prerank student on validation "
+        "(click-recall@100 0.290 vs 0.281; gain +0.009, within one standard error 0.043): validation does not show "
+        "that distilling it helps. The distilled cascade still serves the prerank student at distillation scale 1."]
     by_auc = {"judged_by": "random_auc", "impressions": 3456, "teacher": 0.690, "ground_truth_student": 0.701,
               "gain": -0.011, "standard_error": 0.004, "teacher_better": False}
     assert gate_flags({"students": {"retrieval": {"size": 500, "gate": by_auc}}}) == [
         "The teacher is not better than the ground-truth-only retrieval student on validation (AUC on the 3,456 "
-        "randomly shown validation impressions 0.690 vs 0.701; gain -0.011, one standard error 0.004): distilling it "
-        "can only copy a ranking no better than the clicks give."]
+        "randomly shown validation impressions 0.690 vs 0.701; gain -0.011, one standard error 0.004): validation "
+        "does not show that distilling it helps."]
     assert gate_flags({"students": {"retrieval": {"size": 500, "gate": {**by_auc, "teacher_better": True}}}}) == []
     # the report's choices section says the same in words
     from cascade.eval.report.sections import _section_choices
@@ -668,3 +690,174 @@ def test_rank_student_gate_flag_states_its_margin():
         "The teacher's validation AUC (0.7010) is not above the plain rank student's (0.6995; gain +0.0015, one "
         "standard error 0.0031) by more than one standard error."]
     assert gate_flags({"students": {"rank_student": {"gate": {**gate, "teacher_better": True}}}}) == []
+    # the replay's rank stage named: the teacher itself (the rank student is not served), or the student's scale
+    assert gate_flags({"ranker": "teacher", "students": {"rank_student": {"chosen_scale": 0.0, "gate": gate}}})[0]\
+        .endswith("by more than one standard error. The replay ranks with the teacher itself (replay.ranker = "
+                  "teacher): the rank student is not served.")
+    assert gate_flags({"ranker": "student", "students": {"rank_student": {"chosen_scale": 0.0, "gate": gate}}})[0]\
+        .endswith("The replay's rank student is served at distillation scale 0 (ground truth only).")
+
+
+def test_the_headline_states_how_many_requests_each_measure_is_over(report_data):
+    """The caption names the logged traffic's sample (of the test split's requests, those with clicks) and the random
+    slice's random-exposure requests (those with clicks): a random-slice 0.0000 over 6 requests reads as such."""
+    for r in report_data["outcomes"]["rows"]:
+        r["n_requests"] = 1900
+    report_data["outcomes"]["n_rand_requests_with_clicks"] = 6
+    md = render_markdown(report_data)
+    assert ("test requests (2022-05-07 .. 2022-05-08 UTC); N1 = 500, N2 = 100, K = 10. Logged traffic: an even "
+            "sample of 1,900 of the 2,000 test requests (1,800 with clicks: the click metrics are means over these); "
+            "random slice: 90 random-exposure requests (6 with clicks).") in md
+    for r in report_data["outcomes"]["rows"]:
+        r["n_requests"], r["n_rand_requests"] = 2000, None
+    assert ("K = 10. Logged traffic: all 2,000 test requests (1,800 with clicks: the click metrics are means over "
+            "these).\n") in render_markdown(report_data)
+
+
+def test_rand_requests_with_clicks_counts_the_random_slice_requests_a_click_metric_averages(tmp_path):
+    import pandas as pd
+
+    from cascade.pipeline.report import rand_requests_with_clicks
+
+    (tmp_path / "replay").mkdir()
+    (tmp_path / "data").mkdir()
+    # requests 1-4 random-exposure (1, 2 and 4 with a click: click-recall not NaN), 5 and 6 logged
+    pd.DataFrame({"request_id": [1, 2, 3, 4, 5, 6], "rank_click_recall": [0.0, 0.5, np.nan, 1.0, 0.2, np.nan]}) \
+        .to_parquet(tmp_path / "replay" / "distilled_requests.parquet")
+    pd.DataFrame({"request_id": [1, 1, 2, 3, 4, 5, 6, 7], "is_rand": [1, 1, 1, 1, 1, 0, 0, 1],
+                  "click": [0, 1, 1, 0, 1, 1, 0, 1]}).to_parquet(tmp_path / "data" / "impressions.parquet")
+    summary = {"variants": {"distilled": {}}}
+    assert rand_requests_with_clicks(tmp_path, summary) == 3
+    assert rand_requests_with_clicks(tmp_path, {"variants": {"other": {}}}) is None  # no per-request rows
+
+
+def test_a_stage_that_keeps_the_whole_catalogue_is_flagged():
+    from cascade.pipeline.report import whole_catalogue_flags
+
+    summary = {"variants": {"distilled": {"sizes": {"retrieval": 500, "prerank": 100, "rank": 10}}}}
+    assert whole_catalogue_flags(summary, 500) == [
+        "The retrieval stage keeps N1 = 500 of the 500 items, the whole catalogue: its recall is trivially 1 (a "
+        "smaller replay.n_retrieve makes the stage choose)."]
+    assert whole_catalogue_flags(summary, 501) == [] and whole_catalogue_flags(summary, None) == []
+
+
+def test_the_headline_note_explains_only_the_measures_the_data_have(report_data):
+    """Off the world there is no oracle or expected click-recall, on MovieLens no random slice: their explanations
+    go with them; teacher_corpus is the ceiling of teacher-recall, not of the click metrics."""
+    md = render_markdown(report_data)
+    note = next(line for line in md.splitlines() if line.startswith("click-recall@K: share"))
+    assert "Random slice:" in note and "'expected'" in note and "Oracle clicks:" in note
+    assert "synthetic world only" not in note
+    assert ("Reference 'teacher_corpus': the teacher's own top list over the corpus, the ceiling of teacher-recall (1 "
+            "by construction), not of the click metrics: a cascade can find more of the held-out clicks than it.") \
+        in note
+    for r in report_data["outcomes"]["rows"]:
+        r.update(oracle_clicks=None, expected_click_recall_rand=None, click_recall_rand=None)
+    note = next(line for line in render_markdown(report_data).splitlines() if line.startswith("click-recall@K: share"))
+    assert "Random slice" not in note and "'expected'" not in note and "Oracle" not in note
+
+
+def test_the_world_generator_settings_are_left_out_of_another_source_config(report_data):
+    world = {"n_days": 21, "position_bias": 0.8}
+    report_data["run"]["config"] = {"data": {"source": "kuairand", "test_days": None, "world": world}}
+    md = render_markdown(report_data)
+    assert "[data.world]\n" not in md and "position_bias" not in md
+    assert "[data.world] left out: the synthetic world's generator settings do nothing for data.source = " \
+           "'kuairand'." in md
+    report_data["run"]["config"]["data"]["source"] = "world"
+    assert "[data.world]\nn_days = 21\nposition_bias = 0.8" in render_markdown(report_data)
+
+
+def test_aucs_throughput_and_the_random_slice_auc_are_labelled_and_shown(report_data):
+    """The per-stage AUC is the served score's (the teacher's with its exposure weight and collaborative term), the
+    Models table's the model's alone; the stages' random-slice AUC and the end-to-end throughput are shown."""
+    report_data["cascades"]["distilled"]["stages"]["rank"]["rand_auc"] = 0.6362
+    md = render_markdown(report_data)
+    aucs = _md_section(md, "AUC of each stage's served score on the test impressions")
+    assert _md_row(aucs, ["rank"])[-1] == "0.6362"  # AUC (random slice): only distilled's was measured
+    assert "AUC (random slice) distilled |" in aucs and "AUC (random slice) ground_truth" not in aucs
+    assert "not the Models table's AUC of the model alone" in md
+    assert ("The teacher's row scores the model alone (its click probability); the cascade's rank stage ranks by its "
+            "ranking score (with the exposure weight and collaborative term), whose AUC is the per-stage table's rank "
+            "row.") in md
+    throughput = _md_section(md, "Throughput end to end")
+    assert "| variant | requests / s at batch 1 | batch | requests / s batched |" in throughput
+    assert _md_row(throughput, ["distilled"]) == ["distilled", "231.4", "256", "5,812.3"]
+
+
+def test_header_names_the_runs_machine_and_when_the_report_was_built(report_data):
+    from cascade.pipeline.report import run_machine
+
+    rec = {"cpu_model": "AMD EPYC", "logical_cores": 2, "threads": {"torch": 1}, "versions": {"torch": "2.13.0"}}
+    assert run_machine({"data": {"machine": rec}, "replay": {"machine": rec}}) == \
+        "AMD EPYC, 2 logical cores, 1 torch thread, torch 2.13.0"
+    gpu = {**rec, "cpu_model": "Intel Xeon", "logical_cores": 16, "threads": {"torch": 16}}
+    assert run_machine({"data": {"machine": rec}, "teacher": {"machine": gpu}, "replay": {"machine": rec}}) == (
+        "data, replay: AMD EPYC, 2 logical cores, 1 torch thread, torch 2.13.0; teacher: Intel Xeon, 16 logical "
+        "cores, 16 torch threads, torch 2.13.0")
+    assert run_machine({"data": {}}) is None
+    report_data["run"]["report_machine"] = "x86_64, 2 CPUs"
+    md = render_markdown(report_data)
+    assert md.splitlines()[2] == ("report built: 2026-11-22T10:00:00Z · run's machine: 2-core test box · report built "
+                                  "on: x86_64, 2 CPUs")
+
+
+def test_data_summary_shows_nested_values_in_full(report_data):
+    report_data["data"]["summary"]["split_days"] = {"chosen_by": "quantile of the request days", "drop_last_days": 0,
+                                                    "dropped_impressions": 0, "test_days": 1, "utc_offset_hours": 8.0,
+                                                    "valid_days": 1}
+    md = render_markdown(report_data)
+    assert _md_row(md, ["split_days.utc_offset_hours"]) == ["split_days.utc_offset_hours", "8"]
+    assert _md_row(md, ["split_days.test_days"]) == ["split_days.test_days", "1"]
+    assert _md_row(md, ["split_days.chosen_by"]) == ["split_days.chosen_by", "quantile of the request days"]
+    # MovieLens' clicks are ratings >= 4: its ctr is their share
+    report_data["data"]["summary"]["source"] = "movielens-100k"
+    md = render_markdown(report_data)
+    assert _md_row(md, ["ctr (share of ratings >= 4)"]) == ["ctr (share of ratings >= 4)", "0.0457"]
+    assert "| split | rows | requests | ctr (share of ratings >= 4) | start (UTC) | end (UTC) |" in md
+
+
+def test_the_curve_note_names_the_requests_it_averages(written):
+    md = (written[0] / "report.md").read_text()
+    assert "mean over all replayed requests" not in md
+    assert ("mean over the logged traffic's sample of test requests (the random-exposure requests replayed only for "
+            "the random slice are left out)") in md
+
+
+def test_choices_print_the_rank_gate_and_every_grid_rule():
+    from cascade.eval.report.sections import _section_choices
+
+    gate = {"teacher_valid_auc": 0.6993, "plain_student_valid_auc": 0.5391, "gain": 0.1602, "standard_error": 0.0081,
+            "teacher_better": True}
+    sec = _section_choices({"choices": {"students": {"rank_student": {"chosen_scale": 0.0, "grid": [],
+                                                                      "gate": gate}}}})
+    assert ("p", "Teacher gate: the teacher's validation AUC is 0.6993, the plain rank student's 0.5391 (gain "
+                 "0.1602, one standard error 0.0081): the teacher is better by more than one standard error.") \
+        in sec.blocks
+    rules = sec.blocks[-1][1]
+    assert "the classic prior's weight beside the teacher, where logged clicks judge it, the largest value" in rules
+    assert "a student's KD temperature the value closest to the configured one" in rules
+
+
+def test_the_collaborative_grid_shows_its_one_se_columns(report_data):
+    report_data["choices"]["collaborative"]["grid"][:2] = [
+        {"lambda": 200.0, "weight": 0.0, "valid_click_recall@10": 0.1456, "gap_to_best": 0.0029, "se_of_gap": 0.0011,
+         "within_one_se": False},
+        {"lambda": 200.0, "weight": 0.25, "valid_click_recall@10": 0.1485, "gap_to_best": 0.0, "se_of_gap": 0.0,
+         "within_one_se": True}]
+    md = render_markdown(report_data)
+    assert _md_row(md, ["200", "0"]) == ["200", "0", "0.146", "0.0029", "0.0011", "no"]
+    assert _md_row(md, ["200", "0.25"]) == ["200", "0.25", "0.148", "0", "0", "yes"]
+
+
+def test_an_exact_index_says_there_is_nothing_to_sweep(report_data):
+    report_data["index"] = {"variant": "distilled", "factory": "Flat", "backend": "faiss-cpu", "metric": "ip",
+                            "is_exact": True, "n_items": 500, "dim": 16, "recall_vs_exact": 1.0, "recall_k": 50,
+                            "recall_target": 0.95, "operating_points": [], "operating_point": None}
+    section = _md_section(render_markdown(report_data), "Index")
+    assert NOT_COMPUTED not in section
+    assert ("The index is exact (a flat search of every item): it returns the true top-k, so there is no search "
+            "parameter to sweep.") in section
+    assert _md_row(section, ["recall@50 vs exact"]) == ["recall@50 vs exact", "1.000"]
+    assert _md_row(section, ["recall target"]) == ["recall target", "0.950"]
+    assert _md_row(section, ["variant shown"]) == ["variant shown", "distilled"]

@@ -316,8 +316,9 @@ def curve_ks(c: ReplaySection, n_items: int) -> list[int]:
 
 
 def recall_curves(casc, requests, teacher_top: np.ndarray, c: ReplaySection, filter_seen: bool) -> dict:
-    """Teacher-recall@K of each stage for every K of :func:`curve_ks` up to the stage's length, over all replayed
-    requests: |the teacher's top-K over the corpus ∩ the stage's first K| / K, mean over requests. teacher_top:
+    """Teacher-recall@K of each stage for every K of :func:`curve_ks` up to the stage's length, over ``requests``
+    (the replay passes the logged traffic's sample, without the random-slice-only requests): |the teacher's top-K
+    over the corpus ∩ the stage's first K| / K, mean over requests. teacher_top:
     int64 [B, L >= max K], best first. {stage: {"k": [K], "teacher_recall": [mean]}}; the rank stage at K = c.k
     is the quality summary's final teacher-recall."""
     ks = curve_ks(c, teacher_top.shape[1])

@@ -8,6 +8,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
+import pyarrow as pa
 import torch
 
 from .. import artifacts as A
@@ -29,10 +31,11 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
     run_dir = Path(run_dir)
     steps = ("data", "channels", "teacher", "ranklog", "students", "index", "replay")
     m = {s: A.read_manifest(run_dir / s, verify=False) for s in steps if (run_dir / s / A.MANIFEST).exists()}
-    machine = (f"{platform.machine()} {platform.processor() or ''}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-               f"cuda {'yes' if torch.cuda.is_available() else 'no'}")
+    here = ", ".join(x for x in (platform.machine(), platform.processor()) if x)
+    report_machine = (f"{here}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
+                      f"cuda {'yes' if torch.cuda.is_available() else 'no'}")
     out: dict[str, Any] = {"run": {"name": run_dir.name, "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-                                   "machine": machine,
+                                   "machine": run_machine(m), "report_machine": report_machine,
                                    "config": {s: mm["config"] for s, mm in m.items()},
                                    "versions": next(iter(m.values()))["versions"] if m else {},
                                    "step_wall_s": {s: mm.get("wall_s") for s, mm in m.items()}}}
@@ -45,12 +48,16 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
     out["models"] = models
     out["training"] = training_histories(run_dir) or None
     if "index" in m:
-        first = next(iter(m["index"]["metrics"].values()), None)
+        variant, first = next(iter(m["index"]["metrics"].items()), (None, None))
         if first:
-            im = A.read_json(next((run_dir / "index").glob("*/manifest.json")))
-            out["index"] = {"factory": first["factory"], "backend": first["backend"], "metric": im.get("metric", "ip"),
+            shown = run_dir / "index" / variant / A.MANIFEST  # the shown variant's own index, not any glob's first
+            im = A.read_json(shown) if shown.exists() else {}
+            recall = first.get("recall") or {}
+            out["index"] = {"variant": variant, "factory": first["factory"], "backend": first["backend"],
+                            "metric": im.get("metric", "ip"), "is_exact": im.get("is_exact"),
                             "n_items": im.get("n_items"), "dim": im.get("embedding_dim"),
-                            "recall_vs_exact": (first.get("recall") or {}).get("recall_at_k"),
+                            "recall_vs_exact": recall.get("recall_at_k"), "recall_k": recall.get("k"),
+                            "recall_target": (m["index"].get("config") or {}).get("recall_target"),
                             "operating_points": first.get("operating_points", []),
                             "operating_point": _operating_point(first)}
     out["choices"] = choices(run_dir, m)
@@ -58,11 +65,63 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
         summ = A.read_json(run_dir / "replay" / "summary.json")
         latency = m["replay"]["metrics"].get("latency", {})  # measured times live in the manifest
         out["cascades"] = {v: _cascade_entry({**s, **latency.get(v, {})}) for v, s in summ["variants"].items()}
-        out["outcomes"] = outcome_rows(summ, gate_flags(out["choices"]))
+        n_items = (out.get("data") or {}).get("summary", {}).get("n_items")
+        out["outcomes"] = outcome_rows(summ, whole_catalogue_flags(summ, n_items) + gate_flags(out["choices"]))
+        out["outcomes"]["n_rand_requests_with_clicks"] = rand_requests_with_clicks(run_dir, summ)
         out["channels"] = summ.get("channels")  # the multi-channel cascade's channels, each alone and in the union
     if report_cfg is not None and report_cfg.ablation:
         out["ablation"] = A.read_json(report_cfg.ablation)
     return out
+
+
+def run_machine(manifests: dict) -> str | None:
+    """The machine the run's steps ran on, from their manifests' machine records (CPU model, logical cores, torch
+    threads and version); steps on different machines each named; None where no manifest records one."""
+    described: dict[str, list[str]] = {}
+    for step, mm in manifests.items():
+        rec = mm.get("machine")
+        if not isinstance(rec, dict) or not rec.get("cpu_model"):
+            continue
+        threads = (rec.get("threads") or {}).get("torch")
+        text = ", ".join(x for x in (
+            rec["cpu_model"], rec.get("logical_cores") and f"{rec['logical_cores']} logical cores",
+            threads and f"{threads} torch thread{'s' if threads != 1 else ''}",
+            (rec.get("versions") or {}).get("torch") and f"torch {rec['versions']['torch']}") if x)
+        described.setdefault(text, []).append(step)
+    if len(described) <= 1:
+        return next(iter(described), None)
+    return "; ".join(f"{', '.join(steps)}: {text}" for text, steps in described.items())
+
+
+def rand_requests_with_clicks(run_dir: Path, summary: dict) -> int | None:
+    """How many of the replayed random-exposure requests have a click (the random slice's click metrics are means
+    over these), from a cascade's per-request rows and the data step's impressions; None where either is missing."""
+    name = next(iter(summary.get("variants") or {}), None)
+    rows_path, imp_path = run_dir / "replay" / f"{name}_requests.parquet", run_dir / "data" / "impressions.parquet"
+    if name is None or not (rows_path.exists() and imp_path.exists()):
+        return None
+    rows = pd.read_parquet(rows_path, columns=["request_id", "rank_click_recall"])
+    try:
+        rand = pd.read_parquet(imp_path, columns=["request_id"], filters=[("is_rand", "==", 1)])
+    except (KeyError, ValueError, pa.ArrowInvalid):  # impressions written without an is_rand column
+        return None
+    with_clicks = rows["rank_click_recall"].notna().to_numpy()  # NaN: a request without clicks
+    return int((with_clicks & rows["request_id"].isin(rand["request_id"]).to_numpy()).sum())
+
+
+STAGE_KEYS_OF = {"retrieval": ("replay.n_retrieve", "N1"), "prerank": ("replay.n_prerank", "N2"),
+                 "rank": ("replay.k", "K")}
+
+
+def whole_catalogue_flags(summary: dict, n_items: int | None) -> list[str]:
+    """A warning for each stage whose output keeps the whole catalogue (size >= n_items): its recall is trivially
+    1 (the check the pipeline logs before the run)."""
+    sizes = next(iter((summary.get("variants") or {}).values()), {}).get("sizes") or {}
+    if not n_items:
+        return []
+    return [f"The {st} stage keeps {STAGE_KEYS_OF[st][1]} = {sizes[st]:,} of the {n_items:,} items, the whole "
+            f"catalogue: its recall is trivially 1 (a smaller {STAGE_KEYS_OF[st][0]} makes the stage choose)."
+            for st in STAGES if sizes.get(st) is not None and sizes[st] >= n_items]
 
 
 STAGES = ("retrieval", "prerank", "rank")
@@ -76,7 +135,7 @@ def _cascade_entry(s: dict) -> dict:
     for st in STAGES:
         lat = s["latency_batch1"][f"{st}_ms"]
         stages[st] = {"size": s["sizes"][st], **{k: q.get(f"{st}_{k}") for k in STAGE_KEYS},
-                      "auc": s["stage_auc"].get(st, {}).get("auc"), "gauc": s["stage_auc"].get(st, {}).get("gauc"),
+                      **{k: s["stage_auc"].get(st, {}).get(k) for k in ("auc", "gauc", "rand_auc")},
                       "p50_ms": lat["p50_ms"], "p95_ms": lat["p95_ms"], "p99_ms": lat["p99_ms"]}
     e2e = s["latency_batch1"]["end_to_end_ms"]
     return {"stages": stages,
@@ -101,13 +160,17 @@ def choices(run_dir: Path, manifests: dict) -> dict:
     if "teacher" in manifests:
         out["entire_space"] = manifests["teacher"]["metrics"].get("entire_space")
         out["collaborative"] = manifests["teacher"]["metrics"].get("collaborative")
+    if "replay" in manifests:
+        out["ranker"] = (manifests["replay"].get("config") or {}).get("ranker")
     if (run_dir / "students" / "selection.json").exists():
         out["students"] = A.read_json(run_dir / "students" / "selection.json")
     return out
 
 
 def gate_flags(choices: dict) -> list[str]:
-    """Headline warnings where the teacher was not better than the ground-truth-only student on validation."""
+    """Headline warnings where the teacher was not better than the ground-truth-only student on validation by more
+    than one standard error, each with what the run serves: a positive gain within one SE is "not distinguishable",
+    not "not better"."""
     flags = []
     sel = choices.get("students") or {}
     for stage in ("retrieval", "prerank"):
@@ -115,17 +178,37 @@ def gate_flags(choices: dict) -> list[str]:
         if g and not g["teacher_better"]:
             measure = (f"AUC on the {g['impressions']:,} randomly shown validation impressions"
                        if g.get("judged_by") == "random_auc" else f"click-recall@{sel[stage]['size']}")
-            flags.append(f"The teacher is not better than the ground-truth-only {stage} student on validation "
+            verdict, within = (("not distinguishable from", "within ") if g["gain"] > 0 else ("not better than", ""))
+            flags.append(f"The teacher is {verdict} the ground-truth-only {stage} student on validation "
                          f"({measure} {g['teacher']:.3f} vs {g['ground_truth_student']:.3f}; "
-                         f"gain {g['gain']:+.3f}, one standard error {g['standard_error']:.3f}): distilling it "
-                         "can only copy a ranking no better than the clicks give.")
+                         f"gain {g['gain']:+.3f}, {within}one standard error {g['standard_error']:.3f}): validation "
+                         "does not show that distilling it helps." + _served_tower(stage, sel[stage]))
     g = (sel.get("rank_student") or {}).get("gate")
     if g and not g["teacher_better"]:
         margin = (f"; gain {g['gain']:+.4f}, one standard error {g['standard_error']:.4f}" if "standard_error" in g
                   else "")
+        served = ""
+        if choices.get("ranker") == "teacher":
+            served = (" The replay ranks with the teacher itself (replay.ranker = teacher): the rank student is not "
+                      "served.")
+        elif (scale := sel["rank_student"].get("chosen_scale")) is not None:
+            served = (f" The replay's rank student is served at distillation scale {scale:g}"
+                      + (" (ground truth only)." if scale == 0 else "."))
         flags.append(f"The teacher's validation AUC ({g['teacher_valid_auc']:.4f}) is not above the plain rank "
-                     f"student's ({g['plain_student_valid_auc']:.4f}{margin}) by more than one standard error.")
+                     f"student's ({g['plain_student_valid_auc']:.4f}{margin}) by more than one standard error."
+                     + served)
     return flags
+
+
+def _served_tower(stage: str, choice: dict) -> str:
+    """Which distillation scale the distilled cascade serves for a tower (the ground_truth cascade's is 0)."""
+    scale = choice.get("chosen_scale")
+    if scale is None:
+        return ""
+    if scale == 0:
+        return (f" The distilled cascade serves the {stage} student at distillation scale 0 (ground truth only, as "
+                "the ground_truth cascade does).")
+    return f" The distilled cascade still serves the {stage} student at distillation scale {scale:g}."
 
 
 def outcome_rows(summary: dict, extra_flags: list[str] | None = None) -> dict:
@@ -145,7 +228,7 @@ def outcome_rows(summary: dict, extra_flags: list[str] | None = None) -> dict:
                    **{f"{st}_size": s["sizes"][st] for st in ("retrieval", "prerank")},
                    **{k: q.get(k) for k in ("oracle_clicks", "oracle_ratio", "expected_click_recall_rand",
                                             "final_distinct", "final_coverage", "final_top_share",
-                                            "n_requests_with_clicks", "n_rand_requests")}}
+                                            "n_requests", "n_requests_with_clicks", "n_rand_requests")}}
             rows.append(row)
     paired = summary.get("paired") or {}
     return {"rows": rows, "flags": below_popular(rows, paired) + list(extra_flags or []),

@@ -4,16 +4,17 @@ page: inline CSS, plots as base64 PNG ``<img>``; no script, no external URL).
 The pipeline assembles one plain dict ``report_data`` and calls :func:`write_report`. Its schema (every section is
 optional; a missing or ``None`` section is rendered as a one-line "not computed in this run" note)::
 
-    run:       {name, created, machine, config: dict, versions: dict, step_wall_s: {step: s}}
+    run:       {name, created (when the report was built), machine (the run's, from its manifests),
+                report_machine (where the report was built), config: dict, versions: dict, step_wall_s: {step: s}}
     data:      {summary: {fact: scalar}, splits: {train|valid|test: {rows, requests, ctr, start, end}}}
     cascades:  {variant: {stages: {retrieval|prerank|rank: {size, teacher_recall, click_recall, ndcg, auc, gauc,
-                                                            p50_ms, p95_ms, p99_ms}},
+                                                            rand_auc?, p50_ms, p95_ms, p99_ms}},
                           end_to_end: {p50_ms, p95_ms, p99_ms, requests_per_s_batch1, requests_per_s_batched,
                                        batch_size},
                           oracle: {oracle_clicks, oracle_best, oracle_ratio} | None,
                           recall_curves: {stage: {k: [int], teacher_recall: [float]}},
                           latency_samples_ms: {stage | end_to_end: [float]}}}
-    index:     {factory, backend, metric, n_items, dim, recall_vs_exact,
+    index:     {variant, factory, backend, metric, is_exact, n_items, dim, recall_vs_exact, recall_k, recall_target,
                 operating_points: [{param, value, recall_at_k, qps}], operating_point: {param, value} | None}
     models:    [{name, role, auc, gauc, logloss, rand_auc?, rand_gauc?, latency_ms_per_100, n_params, size_mb}]
     training:  {model: {epoch: [int], loss: [float], valid: [float | None], valid_metric: str | None}} | None

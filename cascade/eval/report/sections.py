@@ -36,7 +36,11 @@ from .plots import plot_index, plot_latency, plot_recall_curves, plot_training
 def header(data: Mapping) -> tuple[str, list[tuple[str, str]]]:
     run = as_mapping(data.get("run"), "report_data['run']") or {}
     name = str(run.get("name") or "unnamed run")
-    facts = [("created", format_value(run.get("created"))), ("machine", format_value(run.get("machine")))]
+    facts = [("report built", format_value(run.get("created")))]
+    if run.get("machine") is not None:  # the run's steps' machine, as their manifests record it
+        facts.append(("run's machine", format_value(run.get("machine"))))
+    if run.get("report_machine") is not None:
+        facts.append(("report built on", format_value(run.get("report_machine"))))
     return name, facts
 
 
@@ -109,7 +113,8 @@ def _section_headline(data: Mapping, variants: dict[str, Mapping]) -> Section:
     keys = ["", ""] + [key for key, _ in present]
     k = rows[0].get("k")
     sizes = f"N1 = {rows[0].get('retrieval_size')}, N2 = {rows[0].get('prerank_size')}, K = {k}"
-    sec.blocks.append(("table", Table(frame, keys, caption=f"test requests{_test_period(data)}; {sizes}")))
+    sec.blocks.append(("table", Table(frame, keys, caption=f"test requests{_test_period(data)}; {sizes}. "
+                                                          + _request_counts(data, rows[0], outcomes))))
     gaps = [as_mapping(g, f"report_data['outcomes']['gaps'][{i}]") or {}
             for i, g in enumerate(as_list(outcomes.get("gaps"), "report_data['outcomes']['gaps']") or [])]
     if gaps:
@@ -125,24 +130,55 @@ def _section_headline(data: Mapping, variants: dict[str, Mapping]) -> Section:
                                           caption="paired on the same test requests: the cascade's per-request "
                                                   "value minus the other list's, mean ± standard error")))
     fs = as_mapping(outcomes.get("filter_seen"), "report_data['outcomes']['filter_seen']") or {}
-    sec.blocks.append(("p", "click-recall@K: share of each request's held-out clicked items that the list keeps "
-                            "(HitRate: any of them; click-NDCG: their positions); @N1 / @N2: what the retrieval and "
-                            "pre-rank stages keep. Random slice: the randomly exposed requests, free of the logging "
-                            "policy's bias; their clicks land on random items, so a top-K holds few of them, and "
-                            "'expected' is what that click-recall converges to under the true click model (the "
-                            "list's share of the slice's expected clicks; synthetic world only). Oracle clicks: "
-                            "expected clicks of the final list under the true click "
-                            "model (synthetic world only). teacher-recall: agreement with the teacher's top-K over "
-                            "the corpus (worth as much as the teacher). Reference 'teacher_corpus': the teacher's own "
-                            "top list over the corpus, the ceiling of a cascade that copies it."
-                            + (f" Seen items: {fs.get('why')}." if fs.get("why") else "")))
+    has = {key for key, _ in present}
+    text = ("click-recall@K: share of each request's held-out clicked items that the list keeps (HitRate: any of "
+            "them; click-NDCG: their positions); @N1 / @N2: what the retrieval and pre-rank stages keep.")
+    if "click_recall_rand" in has:
+        text += (" Random slice: the randomly exposed requests, free of the logging policy's bias; their clicks land "
+                 "on random items, so a top-K holds few of them.")
+    if "expected_click_recall_rand" in has:
+        text += (" 'expected': what that click-recall converges to under the true click model (the list's share of "
+                 "the slice's expected clicks).")
+    if oracle:
+        text += " Oracle clicks: expected clicks of the final list under the true click model."
+    text += (" teacher-recall: agreement with the teacher's top-K over the corpus (worth as much as the teacher).")
+    if any(r.get("name") == "teacher_corpus" for r in rows):
+        text += (" Reference 'teacher_corpus': the teacher's own top list over the corpus, the ceiling of "
+                 "teacher-recall (1 by construction), not of the click metrics: a cascade can find more of the "
+                 "held-out clicks than it.")
+    sec.blocks.append(("p", text + (f" Seen items: {fs.get('why')}." if fs.get("why") else "")))
     return sec
+
+
+def _request_counts(data: Mapping, row: Mapping, outcomes: Mapping) -> str:
+    """How many test requests each measure of the headline is a mean over: the logged traffic's sample (those with
+    clicks for the click metrics) and the random slice's random-exposure requests (those with clicks)."""
+    d = as_mapping(data.get("data"), "report_data['data']") or {}
+    test = as_mapping((as_mapping(d.get("splits"), "report_data['data']['splits']") or {}).get("test"),
+                      "report_data['data']['splits']['test']") or {}
+    n, total, clicks = row.get("n_requests"), test.get("requests"), row.get("n_requests_with_clicks")
+    if n is None and clicks is None:
+        return ""
+    if n is None:
+        logged = "Logged traffic: the replayed test requests"
+    elif total is not None and n < total:
+        logged = f"Logged traffic: an even sample of {format_value(n)} of the {format_value(total)} test requests"
+    else:
+        logged = f"Logged traffic: all {format_value(n)} test requests"
+    if clicks is not None:
+        logged += f" ({format_value(clicks)} with clicks: the click metrics are means over these)"
+    n_rand = row.get("n_rand_requests")
+    if n_rand is None:
+        return logged + "."
+    rand_clicks = outcomes.get("n_rand_requests_with_clicks")
+    return (logged + f"; random slice: {format_value(n_rand)} random-exposure requests"
+            + (f" ({format_value(rand_clicks)} with clicks)" if rand_clicks is not None else "") + ".")
 
 
 def _test_period(data: Mapping) -> str:
     """" (START .. END)" of the test split's requests where the data section has them, as the log's local dates
-    (the split's ``utc_offset_hours``), with the days a backtest left out of the log (``data.drop_last_days``); ""
-    where it has no test split."""
+    (the split's ``utc_offset_hours``, named) or, where the data step recorded no offset, as UTC dates (said so),
+    with the days a backtest left out of the log (``data.drop_last_days``); "" where it has no test split."""
     d = as_mapping(data.get("data"), "report_data['data']") or {}
     test = as_mapping((as_mapping(d.get("splits"), "report_data['data']['splits']") or {}).get("test"),
                       "report_data['data']['splits']['test']") or {}
@@ -152,9 +188,12 @@ def _test_period(data: Mapping) -> str:
                       "report_data['data']['summary']['split_days']") or {}
     drop = days.get("drop_last_days") or 0
     back = f"; a backtest: the log's last {drop} days left out" if drop else ""
-    shift = pd.Timedelta(hours=float(days.get("utc_offset_hours") or 0.0))
+    offset = days.get("utc_offset_hours")
+    shift = pd.Timedelta(hours=float(offset or 0.0))
     start, end = ((pd.Timestamp(test[k]) + shift).strftime("%Y-%m-%d") for k in ("start", "end"))
-    return f" ({start} .. {end}{back})"
+    # a data step from before utc_offset_hours recorded no offset: its dates are UTC dates
+    zone = " UTC" if offset is None else f", local dates at UTC{float(offset):+g}"
+    return f" ({start} .. {end}{zone}{back})"
 
 
 def _section_stages(variants: dict[str, Mapping]) -> Section:
@@ -176,7 +215,10 @@ def _section_stages(variants: dict[str, Mapping]) -> Section:
     sec.blocks.append(("p", "size: the stage's output length (N1 / N2 / K). click-recall / HitRate over the stage's "
                             "whole output and click-NDCG of its first K against the held-out clicks; teacher-recall "
                             "and teacher-NDCG against the teacher's top-K; AUC / GAUC of the stage's scoring function "
-                            "on the test impressions; latency per request at batch 1."))
+                            "on the test impressions (and on their random-exposure slice where there is one): the "
+                            "rank stage's is the score the cascade ranks by (the teacher's: its model with the "
+                            "exposure weight and collaborative term chosen on validation), not the Models table's "
+                            "AUC of the model alone; latency per request at batch 1."))
     return sec
 
 
@@ -233,8 +275,10 @@ def _section_curves(variants: dict[str, Mapping]) -> Section:
         return sec.note(f"Recall curves {NOT_COMPUTED}.")
     sec.blocks.append(("img", plot_recall_curves(curves), "teacher-recall@K per stage and variant, log-x"))
     sec.blocks.append(("p", "teacher-recall@K: the share of the teacher's top-K over the whole corpus among the "
-                            "first K items of a stage's output, mean over all replayed requests. The rank stage's "
-                            "point at K = the final list's length is the headline's teacher-recall@K; the per-stage "
+                            "first K items of a stage's output, mean over the logged traffic's sample of test "
+                            "requests (the random-exposure requests replayed only for the random slice are left "
+                            "out), the headline's logged-traffic requests. The rank stage's point at K = the final "
+                            "list's length is the headline's teacher-recall@K; the per-stage "
                             "table's teacher-recall of retrieval and pre-rank is another measure (the teacher's "
                             "top-K of the final K anywhere in the stage's whole output)."))
     return sec
@@ -251,9 +295,21 @@ def _section_latency(variants: dict[str, Mapping]) -> Section:
             x = x[np.isfinite(x)]
             if x.size:
                 samples.setdefault(stage, {})[v] = x
-    if not samples:
-        return sec.note(f"Latency samples {NOT_COMPUTED}.")
-    sec.blocks.append(("img", plot_latency(samples), "per-request latency histograms per stage and end to end"))
+    if samples:
+        sec.blocks.append(("img", plot_latency(samples), "per-request latency histograms per stage and end to end"))
+    else:
+        sec.note(f"Latency samples {NOT_COMPUTED}.")
+    e2e = {v: as_mapping(e.get("end_to_end"), f"report_data['cascades'][{v!r}]['end_to_end']") or {}
+           for v, e in variants.items()}
+    rows = [{"variant": v, "requests / s at batch 1": t.get("requests_per_s_batch1"),
+             "batch": t.get("batch_size"), "requests / s batched": t.get("requests_per_s_batched")}
+            for v, t in e2e.items() if t.get("requests_per_s_batch1") is not None
+            or t.get("requests_per_s_batched") is not None]
+    if rows:
+        sec.blocks.append(("h3", "Throughput end to end"))
+        sec.blocks.append(("table", Table(pd.DataFrame(rows), ["", "requests_per_s", "batch", "requests_per_s"],
+                                          caption="requests served per second, one request at a time and in "
+                                                  "batches of the given size")))
     return sec
 
 
@@ -262,15 +318,24 @@ def _section_index(data: Mapping) -> Section:
     idx = as_mapping(data.get("index"), "report_data['index']")
     if not idx:
         return sec.note(f"Index {NOT_COMPUTED}.")
-    facts = {k: v for k, v in idx.items() if k not in ("operating_points", "operating_point")}
+    k = idx.get("recall_k")
+    labels = {"recall_vs_exact": f"recall@{k} vs exact" if k is not None else "recall vs exact",
+              "variant": "variant shown", "is_exact": "exact", "recall_target": "recall target"}
+    facts = {labels.get(key, key): v for key, v in idx.items()
+             if key not in ("operating_points", "operating_point", "recall_k")}
     if facts:
-        sec.blocks.append(("table", kv_table(facts, "property")))
+        sec.blocks.append(("table", Table(pd.DataFrame({"property": list(facts), "value": [
+            format_value(v, "recall" if key in ("recall target", labels["recall_vs_exact"]) else key)
+            for key, v in facts.items()]}), ["", ""])))
     ops = as_list(idx.get("operating_points"), "report_data['index']['operating_points']") or []
     rows = [as_mapping(p, f"report_data['index']['operating_points'][{i}]") or {} for i, p in enumerate(ops)]
+    if not rows and (idx.get("is_exact") or str(idx.get("factory")) == "Flat"):
+        return sec.note("The index is exact (a flat search of every item): it returns the true top-k, so there is "
+                        "no search parameter to sweep.")
     if not rows:
         return sec.note(f"Operating points {NOT_COMPUTED}.")
     frame = pd.DataFrame([{c: r.get(c) for c in ("param", "value", "recall_at_k", "qps")} for r in rows])
-    shown = frame.rename(columns={"param": "search parameter", "recall_at_k": "recall@k vs exact",
+    shown = frame.rename(columns={"param": "search parameter", "recall_at_k": f"recall@{k or 'k'} vs exact",
                                   "qps": "queries / s"})
     op = as_mapping(idx.get("operating_point"), "report_data['index']['operating_point']")
     chosen = (str(op.get("param")), op.get("value")) if op else None
@@ -281,7 +346,10 @@ def _section_index(data: Mapping) -> Section:
     sec.blocks.append(("table", Table(shown, ["", "value", "recall_at_k", "qps"],
                                       bold=np.repeat(is_chosen[:, None], 4, axis=1),
                                       caption=(f"operating point in bold: {chosen[0]}={chosen[1]}, the cheapest "
-                                               "setting that reaches the recall target" if chosen else ""))))
+                                               "setting that reaches the recall target"
+                                               + (f" ({format_value(idx['recall_target'], 'recall')})"
+                                                  if idx.get("recall_target") is not None else "")
+                                               if chosen else ""))))
     pts = frame.assign(recall_at_k=pd.to_numeric(frame["recall_at_k"], errors="coerce"),
                        qps=pd.to_numeric(frame["qps"], errors="coerce"),
                        param=frame["param"].astype(str))
@@ -358,7 +426,10 @@ def _section_models(data: Mapping) -> Section:
     bold = _best_mask(vals, ["all"] * len(frame), [lower_is_better(k) for k in keys])
     sec.blocks.append(("table", Table(frame, keys, bold=bold)))
     sec.blocks.append(("p", "Scores on the test impressions (and on the random-exposure slice where there is one); "
-                            "best quality value in bold. ms / 100 pairs: scoring time of 100 (user, item) pairs."))
+                            "best quality value in bold. ms / 100 pairs: scoring time of 100 (user, item) pairs. "
+                            "The teacher's row scores the model alone (its click probability); the cascade's rank "
+                            "stage ranks by its ranking score (with the exposure weight and collaborative term), "
+                            "whose AUC is the per-stage table's rank row."))
     return sec
 
 
@@ -448,11 +519,12 @@ def _section_choices(data: Mapping) -> Section:
         grid = [as_mapping(g, "grid") or {} for g in as_list(es.get("grid"), "grid") or []]
         key = next((k for k in (grid[0] if grid else {}) if k.startswith(("valid_click_recall", "valid_random_auc"))),
                    None)
+        label, fmt = _score_column(key)
         frame = pd.DataFrame({"exposure weight": [g.get("exposure_weight") for g in grid],
-                              key or "valid click-recall": [g.get(key) for g in grid], **_one_se_frame(grid)})
+                              label: [g.get(key) for g in grid], **_one_se_frame(grid)})
         sec.blocks.append(("h3", f"Teacher: exposure weight of the corpus-wide ranking (chosen "
                                  f"{format_value(es.get('exposure_weight'))})"))
-        sec.blocks.append(("table", Table(frame, ["", "click_recall", *_one_se_keys(grid)],
+        sec.blocks.append(("table", Table(frame, ["", fmt, *_one_se_keys(grid)],
                                           caption=str(es.get("judge", "")))))
     co = as_mapping(ch.get("collaborative"), "report_data['choices']['collaborative']")
     if co and "off" in co:
@@ -463,19 +535,14 @@ def _section_choices(data: Mapping) -> Section:
         prior = [g for g in rows if "part" in g]
         key = next((k for k in (grid[0] if grid else {}) if k.startswith(("valid_click_recall", "valid_random_auc"))),
                    "valid click-recall")
+        label, fmt = _score_column(key)
         chosen = as_mapping(co.get("chosen"), "chosen")
-        what = (f"{format_value(chosen.get('weight'))} x EASE (lambda {format_value(chosen.get('lam'))})" if chosen
-                else "none: weight 0")
-        if chosen and chosen.get("popular_weight"):
-            what += (f" + {format_value(chosen.get('popular_weight'))} x popularity "
-                     f"({format_value(chosen.get('popular_days'))} days) + "
-                     f"{format_value(chosen.get('popular_ease_weight'))} x EASE (lambda "
-                     f"{format_value(chosen.get('popular_lam'))})")
-        sec.blocks.append(("h3", f"Teacher: collaborative term added to its ranking score (chosen {what})"))
+        sec.blocks.append(("h3", f"Teacher: collaborative term added to its ranking score (chosen "
+                                 f"{_collaborative_text(chosen, prior)})"))
         sec.blocks.append(("table", Table(pd.DataFrame({"EASE lambda": [g.get("lambda") for g in grid],
                                                         "weight": [g.get("weight") for g in grid],
-                                                        key: [g.get(key) for g in grid]}),
-                                          ["", "", "click_recall"], caption=str(co.get("judge", "")))))
+                                                        label: [g.get(key) for g in grid], **_one_se_frame(grid)}),
+                                          ["", "", fmt, *_one_se_keys(grid)], caption=str(co.get("judge", "")))))
         if prior:
             sec.blocks.append(("p", "The classic prior most-popular + EASE (log(1 + clicks in the window) and the "
                                     "EASE scores, each standardised over the corpus): alone at each window and EASE "
@@ -488,8 +555,8 @@ def _section_choices(data: Mapping) -> Section:
                 "EASE lambda": [g.get("prior_lambda") for g in prior],
                 "EASE weight": [g.get("prior_ease_weight") for g in prior],
                 "weight beside the teacher": [g.get("prior_weight") for g in prior],
-                key: [g.get(key) for g in prior], **_one_se_frame(prior)}),
-                ["", "", "", "", "", "click_recall", *_one_se_keys(prior)])))
+                label: [g.get(key) for g in prior], **_one_se_frame(prior)}),
+                ["", "", "", "", "", fmt, *_one_se_keys(prior)])))
         if co.get("popular_prior"):
             sec.blocks.append(("p", f"Teacher: popularity prior {co['popular_prior']}."))
     st = as_mapping(ch.get("students"), "report_data['choices']['students']") or {}
@@ -538,6 +605,15 @@ def _section_choices(data: Mapping) -> Section:
                               "valid AUC": [g.get("valid_auc") for g in grid], **_one_se_frame(grid)})
         sec.blocks.append(("h3", f"Rank student (scale {format_value(rs.get('chosen_scale'))} chosen{_reference(rs)})"))
         sec.blocks.append(("table", Table(frame, ["", "auc", *_one_se_keys(grid)])))
+        g = as_mapping(rs.get("gate"), "gate")
+        if g:
+            verdict = "better" if g.get("teacher_better") else "NOT better"
+            margin = (f" (gain {format_value(g.get('gain'), 'auc')}, one standard error "
+                      f"{format_value(g.get('standard_error'), 'auc')})" if "standard_error" in g else "")
+            sec.blocks.append(("p", f"Teacher gate: the teacher's validation AUC is "
+                                    f"{format_value(g.get('teacher_valid_auc'), 'auc')}, the plain rank student's "
+                                    f"{format_value(g.get('plain_student_valid_auc'), 'auc')}{margin}: the teacher "
+                                    f"is {verdict} by more than one standard error."))
         sec.blocks += _temperature_blocks(rs, "valid_auc", "valid AUC", "auc")
     sec.blocks.append(("p", "A tower's popularity prior adds the popular channel's recent click counts to its scores "
                             "(its item embeddings are fixed when the index is built); its weight is chosen per "
@@ -550,12 +626,46 @@ def _section_choices(data: Mapping) -> Section:
     sec.blocks.append(("p", "Each grid is decided by the one-standard-error rule: the smallest value whose score is "
                             "within one standard error of the best score (the SE of the paired gap, bootstrapped "
                             "over the validation requests), so a setting that wins by less than the validation "
-                            "split's noise does not replace a simpler one. Two grids have another reference: a "
+                            "split's noise does not replace a simpler one. Some grids have another reference: a "
                             "student's distillation scale takes the value closest to 1 (the configured weights) "
-                            "where its teacher gate found the teacher better, and the teacher's exposure weight, "
+                            "where its teacher gate found the teacher better; the teacher's exposure weight, "
                             "where logged clicks judge it, the value closest to 1 (the product rule P(shown) "
-                            "P(click | shown))."))
+                            "P(click | shown)); the classic prior's weight beside the teacher, where logged clicks "
+                            "judge it, the largest value; a student's KD temperature the value closest to the "
+                            "configured one."))
     return sec
+
+
+def _score_column(key: str | None) -> tuple[str, str]:
+    """A validation grid's score column ("valid_click_recall@10", "valid_random_auc") as (label, format key)."""
+    if key and key.startswith("valid_random_auc"):
+        return "valid AUC (random slice)", "auc"
+    return (key or "valid click-recall").replace("_", " ").replace("click recall", "click-recall"), "click_recall"
+
+
+def _collaborative_text(chosen: Mapping | None, prior: list[Mapping]) -> str:
+    """The chosen collaborative term in the grids' units: the EASE weight, and the classic prior as its window, its
+    EASE weight and its weight beside the teacher (in SDs of the teacher's score), with the coefficients that
+    multiply the standardised scores."""
+    if not chosen:
+        return "none: weight 0"
+    what = f"{format_value(chosen.get('weight'))} x EASE (lambda {format_value(chosen.get('lam'))})"
+    pw, ew = chosen.get("popular_weight"), chosen.get("popular_ease_weight") or 0.0
+    if not pw:
+        return what
+    days = chosen.get("popular_days")
+    sd = next((g.get("score_sd") for g in prior if g.get("part") == "beside the teacher"
+               and g.get("popular_days") == days and g.get("prior_lambda") == chosen.get("popular_lam")
+               and g.get("score_sd")), None)
+    beside = (f" at weight {format_value(pw / sd)} beside the teacher (SDs of its score)" if sd else "")
+    return (f"{what} + the classic prior (popularity over {_days(days)} + {format_value(ew / pw)} x EASE (lambda "
+            f"{format_value(chosen.get('popular_lam'))})){beside}; on the standardised scores: "
+            f"{format_value(pw)} x popularity + {format_value(ew)} x EASE")
+
+
+def _days(days: Any) -> str:
+    """A window length in days: "1 day", "30 days"."""
+    return f"{format_value(days)} day" + ("" if days == 1 else "s")
 
 
 def _epochs_text(epochs: Mapping | None) -> str:
@@ -665,21 +775,39 @@ def _section_data(data: Mapping) -> Section:
     if not d:
         return sec.note(f"Data summary {NOT_COMPUTED}.")
     summary = as_mapping(d.get("summary"), "report_data['data']['summary']")
+    # MovieLens has no impressions: a "click" is a rating >= 4, so its ctr is the share of such ratings
+    ctr = "ctr (share of ratings >= 4)" if str((summary or {}).get("source", "")).startswith("movielens") else "ctr"
     if summary:
         sec.blocks.append(("h3", "Summary"))
-        sec.blocks.append(("table", kv_table(summary)))
+        flat = _flatten(summary)
+        shown = {k: json.dumps(v) if isinstance(v, list) else v for k, v in flat.items()}  # lists in full too
+        if "ctr" in shown:  # formatted as a ctr under its longer label
+            shown = {(ctr if k == "ctr" else k): format_value(v, k) for k, v in shown.items()}
+        sec.blocks.append(("table", kv_table(shown)))
     splits = as_mapping(d.get("splits"), "report_data['data']['splits']")
     if splits:
         names = stage_order(splits, ("train", "valid", "test"))
         recs = []
         for s in names:
             sp = as_mapping(splits[s], f"report_data['data']['splits'][{s!r}]") or {}
-            recs.append({"split": s, **{c: sp.get(c) for c in ("rows", "requests", "ctr", "start", "end")}})
+            recs.append({"split": s, "rows": sp.get("rows"), "requests": sp.get("requests"), ctr: sp.get("ctr"),
+                         "start (UTC)": sp.get("start"), "end (UTC)": sp.get("end")})
         sec.blocks.append(("h3", "Splits (by time)"))
         sec.blocks.append(("table", Table(pd.DataFrame(recs), ["", "rows", "requests", "ctr", "", ""])))
     if not summary and not splits:
         sec.note(f"Data summary {NOT_COMPUTED}.")
     return sec
+
+
+def _flatten(facts: Mapping, prefix: str = "") -> dict[str, Any]:
+    """Nested facts as one row per leaf ("split_days.test_days"), so no value is cut to fit a cell."""
+    out: dict[str, Any] = {}
+    for k, v in facts.items():
+        if isinstance(v, Mapping) and v:
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
 
 
 def _toml_value(v: Any) -> str:
@@ -742,6 +870,13 @@ def _section_run(data: Mapping) -> Section:
     if cfg is None:
         sec.note(f"Configuration {NOT_COMPUTED}.")
     elif isinstance(cfg, Mapping):
+        data_cfg = cfg.get("data") if isinstance(cfg.get("data"), Mapping) else {}
+        source = data_cfg.get("source")
+        if "world" in data_cfg and source not in (None, "world"):
+            # the world generator's settings do nothing for another source
+            cfg = {**cfg, "data": {k: v for k, v in data_cfg.items() if k != "world"}}
+            sec.blocks.append(("p", f"[data.world] left out: the synthetic world's generator settings do nothing "
+                                    f"for data.source = {source!r}."))
         sec.blocks.append(("pre", toml_dump(cfg) or "# (empty)"))
     else:
         sec.blocks.append(("pre", str(cfg)))
