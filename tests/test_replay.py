@@ -107,3 +107,13 @@ def test_the_random_slice_expected_click_recall_pools_the_oracle_clicks():
     with pytest.raises(ValueError, match="oracle_mass"):
         ReplayInputs(req, clicked, top, np.ones_like(top, float), np.array([False, True, True]), 100,
                      oracle_prob=prob, oracle_mass=np.array([np.nan, np.nan, 1.0]))
+
+
+def test_a_baselines_name_says_the_setting_chosen_for_it():
+    from cascade.pipeline.replay import baseline_name
+
+    assert baseline_name("popular", {"window_days": 1.0}) == "popular (1 day)"
+    assert baseline_name("popular", {"window_days": 7.0}) == "popular (7 days)"
+    assert baseline_name("popular_ease", {"window_days": 30.0, "lam": 50.0, "ease_weight": 0.25}) == \
+        "popular + EASE (30 days, lambda 50, b 0.25)"
+    assert baseline_name("als", {"factors": 32}) == "als (32 factors)"

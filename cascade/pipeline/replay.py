@@ -297,16 +297,20 @@ def final_origin_share(merged: MergedRetriever, requests, n: int, seen, finals: 
             for i, name in enumerate(merged.names)}
 
 
+def _days(n: float) -> str:
+    return f"{n:g} day" + ("" if n == 1 else "s")
+
+
 def baseline_name(channel: str, params: dict) -> str:
     """A baseline's row name: the channel and the setting that was chosen for it ("popular (7 days)")."""
     if channel == "popular":
-        return f"popular ({params['window_days']:g} days)"
+        return f"popular ({_days(params['window_days'])})"
     if channel == "als":
         return f"als ({params['factors']} factors)"
     if channel == "ease":
         return f"ease (lambda {params['lam']:g})"
     if channel == "popular_ease":
-        return f"popular + EASE ({params['window_days']:g} days, lambda {params['lam']:g}, b {params['ease_weight']:g})"
+        return f"popular + EASE ({_days(params['window_days'])}, lambda {params['lam']:g}, b {params['ease_weight']:g})"
     return channel
 
 
