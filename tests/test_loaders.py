@@ -181,3 +181,26 @@ def test_custom_parquet_glob_and_derived_requests(tmp_path):
         [0, 1, 5, 0, 1], [0, 1, 6, 1, 1], [1, 2, 6, 0, 0], [2, 1, 7, 0, 0]]
     assert ds.impressions["is_rand"].tolist() == [0, 0, 0, 0]
     assert ds.schema.names == ["user_id", "item_id"]
+
+
+def test_movielens_and_kuairand_messages_give_the_physical_line_past_blank_lines(tmp_path, kuairand_logs):
+    from cascade.data.schema import DataValidationError
+    from worlds import write_ml100k
+
+    d = tmp_path / "ml"
+    write_ml100k(d)
+    lines = (d / "u.data").read_text(encoding="latin-1").splitlines()
+    user, movie, _, t = lines[2].split("\t")
+    lines[2] = "\t".join([user, movie, "9", t])  # physical line 5 once two blank lines come before it
+    (d / "u.data").write_text("\n".join([lines[0], "", "", *lines[1:]]) + "\n", encoding="latin-1")
+    with pytest.raises(DataValidationError, match=r"u.data: column 'rating' must be in 1..5, line 5 holds 9"):
+        load_movielens_100k(d)
+    log = kuairand_logs / "log_standard_4_08_to_4_21_pure.csv"
+    rows = log.read_text().splitlines()
+    cells = rows[3].split(",")
+    cells[rows[0].split(",").index("is_click")] = "2"
+    rows[3] = ",".join(cells)  # the third data row: physical line 5 after one blank line
+    log.write_text("\n".join([rows[0], "", *rows[1:]]) + "\n")
+    with pytest.raises(DataValidationError, match=r"log_standard_4_08_to_4_21_pure.csv: column 'is_click' must be "
+                                                  r"0/1, line 5 holds 2"):
+        load_kuairand(kuairand_logs)

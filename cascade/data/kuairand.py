@@ -38,6 +38,7 @@ from .io import (
     MISSING_INT,
     assign_requests,
     check_time_unit,
+    data_line,
     fill_missing_categorical,
     fill_missing_numeric,
     group_ids,
@@ -137,7 +138,7 @@ def first_tag(tags: pd.Series, source: str) -> np.ndarray:
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataValidationError(
-            f"{source}: column 'tag' must hold comma-separated integer tags, line {row + 2} holds "
+            f"{source}: column 'tag' must hold comma-separated integer tags, line {data_line(source, row)} holds "
             f"{py_scalar(tags.iloc[row])!r}"
         )
     return num.fillna(MISSING_INT).to_numpy().astype(np.int64)
@@ -169,8 +170,9 @@ def read_log(path: Path) -> pd.DataFrame:
         frac = v != np.floor(v)
         if frac.any():
             row = int(np.flatnonzero(frac)[0])
+            line = data_line(src, row)
             raise DataValidationError(
-                f"{src}: column {col!r} must hold whole milliseconds, line {row + 2} holds {py_scalar(v[row])!r}"
+                f"{src}: column {col!r} must hold whole milliseconds, line {line} holds {py_scalar(v[row])!r}"
             )
         df[col] = v.astype(np.int64)
     for col in _LOG_FLAGS:
@@ -178,16 +180,17 @@ def read_log(path: Path) -> pd.DataFrame:
         bad = (v != 0) & (v != 1)
         if bad.any():
             row = int(np.flatnonzero(bad)[0])
-            raise DataValidationError(f"{src}: column {col!r} must be 0/1, line {row + 2} holds {py_scalar(v[row])!r}")
+            line = data_line(src, row)
+            raise DataValidationError(f"{src}: column {col!r} must be 0/1, line {line} holds {py_scalar(v[row])!r}")
         df[col] = v.astype(np.int8)
     t = df["time_ms"].to_numpy()
-    check_time_unit(t, "ms", src, "time_ms", first_line=2)
+    check_time_unit(t, "ms", src, "time_ms", line_of=lambda row: data_line(src, row))
     hourmin = df["hourmin"].to_numpy()
     bad = (hourmin < 0) | (hourmin // 100 > 23) | (hourmin % 100 > 59)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
         raise DataValidationError(
-            f"{src}: column 'hourmin' must be HHMM, line {row + 2} holds {py_scalar(hourmin[row])!r}"
+            f"{src}: column 'hourmin' must be HHMM, line {data_line(src, row)} holds {py_scalar(hourmin[row])!r}"
         )
     hour, weekday = hour_weekday(t, BEIJING_UTC_OFFSET_HOURS)
     date = yyyymmdd(t, BEIJING_UTC_OFFSET_HOURS)
@@ -197,8 +200,9 @@ def read_log(path: Path) -> pd.DataFrame:
     bad = (df["date"].to_numpy() != date) | (hourmin // 100 != hour) | ((hm != 0) & (hm != minute))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
+        line = data_line(src, row)
         raise DataValidationError(
-            f"{src}: line {row + 2}: date={int(df['date'].iloc[row])}, hourmin={int(hourmin[row])} disagree with "
+            f"{src}: line {line}: date={int(df['date'].iloc[row])}, hourmin={int(hourmin[row])} disagree with "
             f"time_ms={int(t[row])}, which is {int(date[row])} {int(hour[row]):02d}:{int(minute[row]):02d} in "
             f"Beijing time (UTC+8)"
         )

@@ -29,6 +29,7 @@ import pandas as pd
 from .io import (
     assign_requests,
     check_time_unit,
+    data_line,
     fill_missing_numeric,
     group_ids,
     hour_weekday,
@@ -64,22 +65,25 @@ def age_bucket(age: np.ndarray) -> np.ndarray:
 def _ratings_to_impressions(ratings: pd.DataFrame, source: str) -> pd.DataFrame:
     """ratings (user_id, item_id, rating, timestamp in seconds) -> canonical impressions (see module docstring)."""
     ts = ratings["timestamp"].to_numpy(np.int64)
-    check_time_unit(ts, "s", source, "timestamp", first_line=1)
+    check_time_unit(ts, "s", source, "timestamp", line_of=lambda row: data_line(source, row, header=False))
     r = ratings["rating"].to_numpy()
     bad = (r < 1) | (r > 5)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
+        line = data_line(source, row, header=False)
         raise DataValidationError(
-            f"{source}: column 'rating' must be in 1..5, line {row + 1} holds {py_scalar(r[row])!r}"
+            f"{source}: column 'rating' must be in 1..5, line {line} holds {py_scalar(r[row])!r}"
         )
     pair = ratings[["user_id", "item_id"]]
     again = pair.duplicated(keep=False).to_numpy()
     if again.any():
         rows = np.flatnonzero(again)
         first = rows[(pair.iloc[rows] == pair.iloc[rows[0]]).all(axis=1).to_numpy()][:2]
+        line1 = data_line(source, first[0], header=False)
+        line2 = data_line(source, first[1], header=False)
         raise DataValidationError(
             f"{source}: user {py_scalar(pair.iloc[first[0], 0])} rated movie {py_scalar(pair.iloc[first[0], 1])} "
-            f"twice (lines {first[0] + 1} and {first[1] + 1}; {int(pair.duplicated().sum()):,} repeated pair(s) in "
+            f"twice (lines {line1} and {line2}; {int(pair.duplicated().sum()):,} repeated pair(s) in "
             "all): a MovieLens ratings file holds one rating per user and movie")
     imp = pd.DataFrame({"user_id": ratings["user_id"].to_numpy(np.int64),
                         "item_id": ratings["item_id"].to_numpy(np.int64)})
@@ -151,8 +155,9 @@ def load_movielens_100k(directory: str | Path) -> Dataset:
     flags = items[flag_names].to_numpy()
     if not np.isin(flags, (0, 1)).all():
         row, col = map(int, np.argwhere(~np.isin(flags, (0, 1)))[0])
+        line = data_line(item_p, row, header=False)
         raise DataValidationError(
-            f"{item_p}: genre flag {GENRES[col]!r} must be 0/1, line {row + 1} holds {py_scalar(flags[row, col])!r}"
+            f"{item_p}: genre flag {GENRES[col]!r} must be 0/1, line {line} holds {py_scalar(flags[row, col])!r}"
         )
     out_items = items[["item_id", "title"]].copy()
     genre_cols = _genre_flags(out_items, flags.astype(bool), GENRES)
@@ -197,8 +202,9 @@ def load_movielens_1m(directory: str | Path) -> Dataset:
     bad_age = ~np.isin(users["age"].to_numpy(), AGE_BUCKETS)
     if bad_age.any():
         row = int(np.flatnonzero(bad_age)[0])
+        line = data_line(user_p, row, header=False)
         raise DataValidationError(
-            f"{user_p}: column 'age' must be one of the ML-1M codes {AGE_BUCKETS}, line {row + 1} holds "
+            f"{user_p}: column 'age' must be one of the ML-1M codes {AGE_BUCKETS}, line {line} holds "
             f"{int(users['age'].iloc[row])}"
         )
     genres = GENRES[1:]
@@ -211,8 +217,9 @@ def load_movielens_1m(directory: str | Path) -> Dataset:
     if unknown.any():
         pos = int(np.flatnonzero(unknown.to_numpy())[0])
         row = int(exploded.index[pos])
+        line = data_line(item_p, row, header=False)
         raise DataValidationError(
-            f"{item_p}: column 'genres' holds unknown genre {py_scalar(exploded.iloc[pos])!r} at line {row + 1} "
+            f"{item_p}: column 'genres' holds unknown genre {py_scalar(exploded.iloc[pos])!r} at line {line} "
             f"(known: {list(genres)})"
         )
     flags = np.zeros((len(movies), len(genres)), dtype=bool)
