@@ -204,3 +204,16 @@ def test_movielens_and_kuairand_messages_give_the_physical_line_past_blank_lines
     with pytest.raises(DataValidationError, match=r"log_standard_4_08_to_4_21_pure.csv: column 'is_click' must be "
                                                   r"0/1, line 5 holds 2"):
         load_kuairand(kuairand_logs)
+
+
+def test_kuairand_a_row_of_the_other_log_is_refused_naming_its_line(kuairand_logs):
+    from cascade.data.schema import DataValidationError
+
+    log = kuairand_logs / "log_standard_4_22_to_5_08_pure.csv"
+    rows = log.read_text().splitlines()
+    cells = rows[1].split(",")
+    cells[rows[0].split(",").index("is_rand")] = "1"
+    log.write_text("\n".join([rows[0], ",".join(cells)]) + "\n")
+    with pytest.raises(DataValidationError, match=r"log_standard_4_22_to_5_08_pure.csv: a standard log, but line 2 "
+                                                  r"has is_rand = 1 \(the standard log's rows have is_rand = 0\)"):
+        load_kuairand(kuairand_logs)

@@ -254,6 +254,7 @@ def load_kuairand(directory: str | Path, logs: Sequence[str] = ("standard", "ran
     items, item_feats = read_items(item_path)
 
     log_paths: list[Path] = []
+    kinds: list[str] = []
     for kind in ("standard", "random"):
         if kind in logs:
             pattern = f"log_{kind}_*{variant}*.csv"
@@ -264,10 +265,16 @@ def load_kuairand(directory: str | Path, logs: Sequence[str] = ("standard", "ran
                     f"load_kuairand(..., logs=...) without {kind!r} skips it)"
                 )
             log_paths += found
+            kinds += [kind] * len(found)
     frames = []
-    for p in log_paths:
+    for p, kind in zip(log_paths, kinds):
         frames.append(read_log(p))
         log.info("read %s: %d rows", p, len(frames[-1]))
+        other = np.flatnonzero(frames[-1]["is_rand"].to_numpy() != (kind == "random"))
+        if len(other):
+            raise DataValidationError(f"{p}: a {kind} log, but line {data_line(p, int(other[0]))} has is_rand = "
+                                      f"{int(frames[-1]['is_rand'].iloc[other[0]])} (the {kind} log's rows have "
+                                      f"is_rand = {int(kind == 'random')}): a row of the other log, or a misnamed file")
     imp = pd.concat(frames, ignore_index=True) if len(frames) > 1 else frames[0]
     warn_repeated_rows(imp, np.repeat([p.name for p in log_paths], [len(f) for f in frames]))
     imp = imp.rename(columns={"video_id": "item_id", "is_click": "click"})
