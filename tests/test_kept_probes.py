@@ -30,19 +30,20 @@ def _counting(values):
 
 
 def test_a_probe_is_measured_once_and_read_back_after(cache):
-    measure, calls = _counting([1.33, 1.04])
+    measure, calls = _counting([1.32, 1.34, 1.04, 1.04])
     first = K.kept_speedup("machine, 2 threads: GEMM 256x500x128", measure)
     second = K.kept_speedup("machine, 2 threads: GEMM 256x500x128", measure)
-    assert first[0] == second[0] == 1.33 and first[1] == second[1] is not None and len(calls) == 1
+    # two readings that agree: their median
+    assert first[0] == second[0] == 1.33 and first[1] == second[1] is not None and len(calls) == 2
     kept = json.loads(cache.read_text())
     assert kept["machine, 2 threads: GEMM 256x500x128"]["speedup"] == 1.33
     # another key (another thread count, shape or machine) is measured on its own
-    assert K.kept_speedup("machine, 1 thread: GEMM 256x500x128", measure)[0] == 1.04 and len(calls) == 2
+    assert K.kept_speedup("machine, 1 thread: GEMM 256x500x128", measure)[0] == 1.04 and len(calls) == 4
 
 
 def test_nothing_is_kept_where_the_variable_is_empty(monkeypatch, tmp_path):
     monkeypatch.setenv(K.PROBE_CACHE_ENV, "")
-    measure, calls = _counting([1.33, 1.04])
+    measure, calls = _counting([1.33, 1.33, 1.04, 1.04])
     assert K.kept_speedup("k", measure) == (1.33, None) and K.kept_speedup("k", measure) == (1.04, None)
     assert K.probe_cache_path() is None
 
@@ -74,10 +75,10 @@ def test_auto_keeps_its_choice_where_a_second_probe_would_read_otherwise(cache, 
     """The towers' probe read 1.33x in one run and 1.04x in the next: with the first kept, both runs train in
     bf16; the reason says the value was kept."""
     monkeypatch.setattr(M, "native_bf16", lambda: (True, "mocked"))
-    measure, calls = _counting([1.33, 1.04])
+    measure, calls = _counting([1.33, 1.33, 1.04, 1.04])
     a = M.resolve_autocast("auto", "cpu", probe=("GEMM 256x500x128", measure))
     b = M.resolve_autocast("auto", "cpu", probe=("GEMM 256x500x128", measure))
-    assert a == b and a.dtype == "bf16" and a.speedup == 1.33 and "kept" in a.reason and len(calls) == 1
+    assert a == b and a.dtype == "bf16" and a.speedup == 1.33 and "kept" in a.reason and len(calls) == 2
     with M.torch_threads(2):  # another thread count is another probe
         c = M.resolve_autocast("auto", "cpu", probe=("GEMM 256x500x128", measure))
     assert c.dtype == "float32" and c.speedup == 1.04 and "on 2 threads" in c.reason
@@ -106,3 +107,15 @@ def test_a_folder_that_cannot_be_written_keeps_nothing_and_says_so(monkeypatch, 
     with caplog.at_level(logging.WARNING, logger="cascade.kept_probes"):
         assert K.kept_speedup("k", lambda: 1.3) == (1.3, None)
     assert "speed probe not kept" in caplog.text and K.PROBE_CACHE_ENV in caplog.text
+
+
+def test_a_reading_one_burst_of_load_made_is_not_kept(cache, caplog):
+    """Two readings that disagree by more than 1.25x are measured again until two in a row agree (at most five),
+    and the median is kept: a fluke reading of 56x beside 0.5-0.6x does not steer every later process."""
+    measure, calls = _counting([56.0, 0.5, 0.6])
+    assert K.kept_speedup("fluke", measure)[0] == 0.6 and len(calls) == 3
+    assert json.loads(cache.read_text())["fluke"]["speedup"] == 0.6
+    with caplog.at_level(logging.WARNING, logger="cascade.kept_probes"):
+        never, calls = _counting([3.0, 1.0, 3.0, 1.0, 3.0])  # they never agree: five readings, the median
+        assert K.kept_speedup("noisy", never)[0] == 3.0 and len(calls) == 5
+    assert "speed probe readings disagree: [3.0, 1.0, 3.0, 1.0, 3.0]" in caplog.text
