@@ -816,6 +816,14 @@ def test_a_served_run_filters_seen_items_as_its_data_step_decided_and_a_request_
     with pytest.raises(ValueError, match=r"trace_requests: 1 request\(s\) cannot be served, the first: request .* "
                                          r"invalid user_id -1"):
         trace_requests(data, casc, bad, 100, 40, 10)
+    # a time in seconds reads as 1970, before the log: refused per request, the others served
+    secs = req.take(np.arange(2))
+    secs.time_ms = np.array([secs.time_ms[0] // 1000, secs.time_ms[1]])
+    res = casc.recommend(secs, 100, 40, 10)
+    assert res.errors[0].startswith(f"request {int(secs.request_id[0])}: time_ms {int(secs.time_ms[0])} is before "
+                                    "the log begins") and "epoch milliseconds" in res.errors[0]
+    assert res.errors[1] is None and (res.items[0] == -1).all()
+    np.testing.assert_array_equal(res.items[1], served.items[1])
     # sizes that are no integers, and what is no Requests, are named
     with pytest.raises(TypeError, match=r"n_retrieve must be an integer, got 100.0"):
         casc.recommend(req, 100.0, 40, 10)

@@ -248,7 +248,8 @@ class Cascade:
     STAGE_NAMES = ("retrieval", "prerank", "rank")
 
     def __init__(self, retriever: Stage, preranker: Stage, ranker: Stage, seen: EventHistory | None = None,
-                 context_kinds: dict[str, str] | None = None, prerank_quotas: bool = False):
+                 context_kinds: dict[str, str] | None = None, prerank_quotas: bool = False,
+                 log_start_ms: int | None = None):
         if prerank_quotas and not isinstance(retriever, MergedRetriever):
             raise ValueError("prerank_quotas keeps the retrieval channels' quotas, but the retriever is a single "
                              "channel: use a MergedRetriever, or prerank_quotas=False")
@@ -258,6 +259,7 @@ class Cascade:
         self.retriever, self.preranker, self.ranker, self.seen = retriever, preranker, ranker, seen
         self.context_kinds = context_kinds  # context name -> "int" | "float" | "str": checked per request
         self.prerank_quotas = prerank_quotas
+        self.log_start_ms = log_start_ms  # a request before the log's first event is refused (a time in seconds)
 
     def refresh(self, t_ms: np.ndarray) -> int:
         """Prepare what the stages keep per refresh period (most-popular's lists, the towers' popularity priors)
@@ -291,6 +293,16 @@ class Cascade:
         b = len(requests)
         errors = requests.validity(self.context_kinds)
         ok = np.array([e is None for e in errors], dtype=bool)
+        if self.log_start_ms is not None and ok.any():
+            idx = np.flatnonzero(ok)
+            t = requests.take(idx).valid_rows(self.context_kinds).time_ms
+            start = pd.Timestamp(self.log_start_ms, unit="ms").strftime("%Y-%m-%d %H:%M UTC")
+            for i, ti in zip(idx[t < self.log_start_ms], t[t < self.log_start_ms]):
+                rid = requests.request_id[i]
+                errors[i] = (f"request {rid.item() if isinstance(rid, np.generic) else rid!r}: time_ms {int(ti)} "
+                             f"is before the log begins "
+                             f"({self.log_start_ms} ms, {start}): request times are epoch milliseconds")
+                ok[i] = False
         items = np.full((b, k), PAD, np.int64)
         scores = np.full((b, k), -np.inf, np.float32)
         channels = self.channels
@@ -358,7 +370,8 @@ def cascade_from(data: RunData, retriever: Stage, prerank: Towers, ranker: torch
     context checked against the data's kinds."""
     return Cascade(retriever, PairScorer(prerank.scorer(data), prerank.refresh),
                    PairScorer(ranker_scorer(ranker, data, autocast)), seen,
-                   context_kinds=data.context_kinds, prerank_quotas=prerank_quotas)
+                   context_kinds=data.context_kinds, prerank_quotas=prerank_quotas,
+                   log_start_ms=int(data.impressions["time_ms"].min()))
 
 
 def merged_retriever(data: RunData, retrieval: Towers, index, channels: Mapping[str, Stage],
