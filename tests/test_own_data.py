@@ -217,6 +217,13 @@ def test_a_backtest_drops_the_last_days_before_the_split(tmp_path):
     assert test_days["earlier"].nunique() <= 2 and whole["summary"]["split_days"]["dropped_impressions"] == 0
     with pytest.raises(Exception, match="drop_last_days.*must be an integer >= 0"):
         cfg("data.drop_last_days=-1")
+    # a backtest that leaves too few days to split: the message names the key that left them out
+    short = load_config(TINY, [f"run.runs_dir={json.dumps(str(runs))}", "run.name='short'",
+                               "data.drop_last_days=18"], data_spec=f"custom:{toml}")
+    with pytest.raises(DataValidationError, match=r"the requests span \d calendar day\(s\).* \(after "
+                                                  r"data.drop_last_days = 18 left out the log's last 18 days: leave "
+                                                  r"out fewer\)"):
+        run_pipeline(short, progress=False, until="data")
 
 
 def test_split_days_by_quantile_on_sparse_logs():

@@ -136,7 +136,13 @@ def run(ctx: StepContext) -> StepResult:
     utc_offset = ds.utc_offset_hours
     n_logged = len(ds.impressions)
     ds = drop_last_days(ds, c.drop_last_days, utc_offset)
-    valid_days, test_days, chosen = split_days(c, ds, utc_offset)
+    try:
+        valid_days, test_days, chosen = split_days(c, ds, utc_offset)
+    except DataValidationError as e:
+        if not c.drop_last_days:
+            raise
+        raise DataValidationError(f"{e} (after data.drop_last_days = {c.drop_last_days} left out the log's last "
+                                  f"{c.drop_last_days} days: leave out fewer)") from None
     masks = time_split(ds, valid_days=valid_days, test_days=test_days, utc_offset_hours=utc_offset)
     check_leakage(ds, masks["train"])
     check_min_count(c.min_count, ds.impressions["item_id"][np.asarray(masks["train"])], ds.source("impressions"))
