@@ -722,7 +722,6 @@ def test_load_cascade_serves_the_replays_channel_cascade(run_a):
 
     from cascade.channels import saved_channel_names
     from cascade.data.requests import requests_frame, to_requests
-    from cascade.pipeline.judge import seen_filter
     from cascade.serve.cascade import cascade_variants, load_cascade, union_channels
 
     _, run_dir, _ = run_a
@@ -742,7 +741,7 @@ def test_load_cascade_serves_the_replays_channel_cascade(run_a):
     frame = requests_frame(data.split_impressions("test"), data.context_names)
     frame = frame.set_index("request_id").loc[rows.request_id.to_numpy()].reset_index()
     req = to_requests(frame, data.context_names)
-    casc.seen, _ = seen_filter(data)
+    casc.seen, _ = data.seen_filter
     b = c["batch_size"]
     finals = [casc.recommend(req.take(np.arange(s, min(s + b, len(req)))), c["n_retrieve"], c["n_prerank"], c["k"],
                              filter_seen=casc.seen is not None).items for s in range(0, len(req), b)]
@@ -1038,7 +1037,7 @@ def test_the_teachers_collaborative_term_is_chosen_saved_and_served(run_a, tmp_p
     from cascade.data.requests import Requests, impression_requests
     from cascade.models.collaborative import CollaborativeTerm
     from cascade.models.scoring import ranker_scorer
-    from cascade.pipeline.judge import seen_filter, validation_judge
+    from cascade.pipeline.judge import validation_judge
     from cascade.run_data import RunData, load_ranker
     from cascade.serve.cascade import load_cascade, select_unseen
     from cascade.train.collaborative import (
@@ -1094,7 +1093,7 @@ def test_the_teachers_collaborative_term_is_chosen_saved_and_served(run_a, tmp_p
     prior_list = PopularEase(data.popular_channel(days, 3_600_000), data.ease(plam), b, data.item_ids)
     replayed = Requests(some["user_id"].to_numpy(), some["time_ms"].to_numpy())  # the prior reads no context
     replay = A.read_json(run_dir / "config.json")["replay"]  # another test of this module replays at k = 5
-    lists = select_unseen(prior_list, replayed, replay["n_retrieve"], seen_filter(data)[0])[0][:, :replay["k"]]
+    lists = select_unseen(prior_list, replayed, replay["n_retrieve"], data.seen_filter[0])[0][:, :replay["k"]]
     np.testing.assert_array_equal(np.stack(some["final_items"].to_list()), lists)
     # the grid's AUCs, recomputed: the teacher's own ranking score + weight x the standardised EASE scores
     teacher.collaborative = None

@@ -30,7 +30,7 @@ from ..config import ConfigError
 from ..data.history import EventHistory
 from ..run_data import RunData, item_columns
 from .config import EMPTIED_BY_SEEN_FILTER, ChannelsSection
-from .judge import Judge, seen_filter, validation_judge
+from .judge import Judge, validation_judge
 from .runner import StepContext, StepResult
 
 log = logging.getLogger(__name__)
@@ -89,28 +89,31 @@ def tune(c: ChannelsSection, name: str, data: RunData, train: EventHistory, judg
     return best, table
 
 
-def channels_to_build(c: ChannelsSection, filtered: bool, why: str) -> tuple[tuple[str, ...], dict[str, str]]:
+def channels_to_build(c: ChannelsSection, filtered: bool, why: str,
+                      tag_column: str = "tag") -> tuple[tuple[str, ...], dict[str, str]]:
     """(the channels to build, {left-out channel: why}) given whether the data step filters seen items (``why``:
-    its reason). A channel the filter empties is left out of the default list, and refused where ``build`` names
-    it: it would return nothing."""
+    its reason) and the data step's tag column (``tag_column``; "": the items have none). Left out of the default
+    list: a channel the filter empties (refused where ``build`` names it: it would return nothing), and content
+    where neither the tag column nor channels.content_column gives its categories (:func:`content_column` refuses
+    it where ``build`` names it)."""
     emptied = [n for n in c.names if filtered and n in EMPTIED_BY_SEEN_FILTER]
     if emptied and c.build is not None:
         raise ValueError(f"channels.build names {emptied}, but the data step filters seen items ({why}), which "
                          f"drops every item {emptied} proposes: it would return nothing; leave it out of "
                          "channels.build, or set data.filter_seen = false")
-    reason = f"left out: it proposes only items the user was shown before, which the seen filter drops ({why})"
-    return tuple(n for n in c.names if n not in emptied), {n: reason for n in emptied}
+    left_out = {n: f"left out: it proposes only items the user was shown before, which the seen filter drops ({why})"
+                for n in emptied}
+    if "content" in c.names and c.build is None and c.content_column is None and not tag_column:
+        left_out["content"] = ("left out: the items have no tag column for its categories (the data step's "
+                               "item_columns); set channels.content_column to an item column")
+    return tuple(n for n in c.names if n not in left_out), left_out
 
 
 def run(ctx: StepContext) -> StepResult:
     c: ChannelsSection = ctx.config
     data = RunData(ctx.inputs["data"])
-    seen, why = seen_filter(data)
-    names, left_out = channels_to_build(c, seen is not None, why)
-    if "content" in names and c.build is None and c.content_column is None and not item_columns(data.manifest)["tag"]:
-        names = tuple(n for n in names if n != "content")
-        left_out["content"] = ("left out: the items have no tag column for its categories (the data step's "
-                               "item_columns); set channels.content_column to an item column")
+    seen, why = data.seen_filter
+    names, left_out = channels_to_build(c, seen is not None, why, item_columns(data.manifest)["tag"])
     for name, reason in left_out.items():
         log.warning("channels: %s %s", name, reason)
     category = content_column(c, data) if "content" in names else None  # before any fit

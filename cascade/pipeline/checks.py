@@ -10,6 +10,7 @@ from .. import artifacts as A
 from ..config import ConfigError
 from ..data.schema import DataValidationError
 from ..index.factory import parse_factory
+from .channels import channels_to_build
 from .config import EMPTIED_BY_SEEN_FILTER, PipelineConfig
 
 log = logging.getLogger(__name__)
@@ -44,22 +45,22 @@ def check_against_data(cfg: PipelineConfig, data_dir: Path,
             f"replay.n_retrieve = {r.n_retrieve} is more than the {n_items:,} items of the data: set "
             f"replay.n_retrieve <= {n_items} (and k <= n_prerank <= n_retrieve: replay.k = {r.k}, "
             f"replay.n_prerank = {r.n_prerank})")
-    # the channels step leaves out, where channels.build is unset, what these data leave empty; a later key that
+    # what the channels step leaves out of its default list on these data (channels_to_build); a later key that
     # names one would fail only at its step
     filtered = summary["summary"].get("filter_seen", {})
-    left_out = {}
-    if filtered.get("applied"):
-        left_out.update({n: f"the data step filters seen items ({filtered.get('why')}), which drops every item it "
-                            "proposes; leave it out, or set data.filter_seen = false" for n in EMPTIED_BY_SEEN_FILTER})
-    if cfg.channels.content_column is None and not (summary["summary"].get("item_columns") or {"tag": "-"})["tag"]:
-        left_out["content"] = ("the items have no tag column for its categories; leave it out, or set "
-                               "channels.content_column to an item column")
+    tag = (summary["summary"].get("item_columns") or {"tag": "tag"})["tag"]  # a run from before: its config's tag
+    left_out = channels_to_build(cfg.channels, bool(filtered.get("applied")), filtered.get("why", ""), tag)[1] \
+        if cfg.channels.build is None else {}
+    why = {**{n: f"the data step filters seen items ({filtered.get('why')}), which drops every item it proposes; "
+                 "leave it out, or set data.filter_seen = false" for n in EMPTIED_BY_SEEN_FILTER},
+           "content": "the items have no tag column for its categories; leave it out, or set channels.content_column "
+                      "to an item column"}
     named_by = (("ranklog.channels", cfg.ranklog.channels, "ranklog"), ("replay.channels", r.channels, "replay"),
                 ("replay.channel_quotas", r.channel_quotas, "replay"))
-    for key, named, step in named_by if cfg.channels.build is None else ():
+    for key, named, step in named_by:
         out = [n for n in named or () if n in left_out and step in steps]
         if out:
-            raise ConfigError(f"{key} names {out[0]!r}, which the channels step leaves out here: {left_out[out[0]]}")
+            raise ConfigError(f"{key} names {out[0]!r}, which the channels step leaves out here: {why[out[0]]}")
     if "index" in steps and cfg.index.factory is not None:
         spec = parse_factory(cfg.index.factory, cfg.students.tower.out_dim)
         if spec.get("nlist", 0) > n_items:

@@ -7,8 +7,8 @@ randomly shown clicked item is one of the whole corpus, so click-recall@K over t
 nearly always 0 (on the world 0.002-0.005 at K = 10 for every list, and the same at K = 100 for the
 two-tower students that test traffic tells apart at 0.22 vs 0.12): a choice made on it is a coin toss. The slice
 stays a report of its own (AUC on the randomly shown items, oracle clicks). Items the user was shown before are
-filtered as the replay filters them (:func:`seen_filter`: the data step's decision, :func:`decide_filter_seen`),
-so a choice is judged on the lists users would get.
+filtered as the replay filters them (:attr:`~cascade.run_data.RunData.seen_filter`: the data step's decision,
+:func:`decide_filter_seen`), so a choice is judged on the lists users would get.
 """
 
 from __future__ import annotations
@@ -41,12 +41,6 @@ def decide_filter_seen(setting: bool | str, repeat_click_share: float) -> tuple[
     return verdict, (f"auto: {repeat_click_share:.1%} of train clicks were on items the user had been shown before "
                      f"({'<' if verdict else '>='} {REPEAT_SHARE_FILTER_MAX:.0%}): "
                      f"{'seen items filtered' if verdict else 'not filtered'}")
-
-
-def seen_filter(data: RunData) -> tuple[EventHistory | None, str]:
-    """(the shown-items history when the run filters seen items, else None; why), as the data step decided
-    (:attr:`~cascade.run_data.RunData.seen_filter`)."""
-    return data.seen_filter
 
 
 @dataclass
@@ -90,7 +84,7 @@ def split_judge(data: RunData, split: str, max_requests: int, seed: int) -> Judg
     clicks = imp[(imp.click == 1) & imp.request_id.isin(frame.request_id)]
     row = pd.Series(np.arange(len(frame)), index=frame.request_id.to_numpy()).loc[clicks.request_id.to_numpy()]
     clicked = pad_by_row(row.to_numpy(), clicks.item_id.to_numpy(np.int64), len(frame), fill=PAD)
-    seen, _ = seen_filter(data)
+    seen, _ = data.seen_filter
     what = (f"{len(frame):,} {name} requests with clicks (logged traffic; seen items "
             f"{'filtered' if seen is not None else 'kept'})")
     return Judge(to_requests(frame, data.context_names), clicked, seen, what)

@@ -41,14 +41,13 @@ from ..serve.replay import (
     teacher_top_over_corpus,
 )
 from .config import ReplaySection
-from .judge import seen_filter
 from .runner import StepContext, StepResult
 
 
 def run(ctx: StepContext) -> StepResult:
     c: ReplaySection = ctx.config
     data = RunData(ctx.inputs["data"])
-    seen, filter_reason = seen_filter(data)
+    seen, filter_reason = data.seen_filter
     filter_seen = seen is not None
     test = data.split_impressions("test")
     frame = requests_frame(test, data.context_names)

@@ -293,16 +293,15 @@ class Cascade:
         b = len(requests)
         errors = requests.validity(self.context_kinds)
         ok = np.array([e is None for e in errors], dtype=bool)
-        if self.log_start_ms is not None and ok.any():
-            idx = np.flatnonzero(ok)
-            t = requests.take(idx).valid_rows(self.context_kinds).time_ms
-            start = pd.Timestamp(self.log_start_ms, unit="ms").strftime("%Y-%m-%d %H:%M UTC")
-            for i, ti in zip(idx[t < self.log_start_ms], t[t < self.log_start_ms]):
-                rid = requests.request_id[i]
-                errors[i] = (f"request {rid.item() if isinstance(rid, np.generic) else rid!r}: time_ms {int(ti)} "
-                             f"is before the log begins "
-                             f"({self.log_start_ms} ms, {start}): request times are epoch milliseconds")
-                ok[i] = False
+        req = requests.take(np.flatnonzero(ok)).valid_rows(self.context_kinds)
+        early = req.time_ms < self.log_start_ms if self.log_start_ms is not None else np.zeros(len(req), bool)
+        if early.any():  # a time in seconds reads as 1970: before any logged event
+            start = f"{self.log_start_ms} ms, {pd.Timestamp(self.log_start_ms, unit='ms'):%Y-%m-%d %H:%M} UTC"
+            for i, rid, t in zip(np.flatnonzero(ok)[early], req.request_id[early], req.time_ms[early]):
+                errors[i] = (f"request {int(rid)}: time_ms {int(t)} is before the log begins ({start}): request "
+                             "times are epoch milliseconds")
+            ok[np.flatnonzero(ok)[early]] = False
+            req = req.take(np.flatnonzero(~early))
         items = np.full((b, k), PAD, np.int64)
         scores = np.full((b, k), -np.inf, np.float32)
         channels = self.channels
@@ -310,7 +309,6 @@ class Cascade:
         stages: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         origin = None
         if ok.any():
-            req = requests.take(np.flatnonzero(ok)).valid_rows(self.context_kinds)
             seen = self.seen if filter_seen else None
             t0 = time.perf_counter()
             if channels:
