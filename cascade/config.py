@@ -232,6 +232,8 @@ def load_toml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"config file {path} does not exist")
+    if not path.is_file():
+        raise ConfigError(f"config file {path} is not a regular file (a directory, FIFO or device)")
     try:
         return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 from pathlib import Path
 
@@ -12,10 +13,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cascade.config import ConfigError, load_toml
 from cascade.data.custom import load_custom
-from cascade.data.io import assign_requests, check_time_unit, read_csv_strict, read_parquet_strict
+from cascade.data.io import assign_requests, check_time_unit, read_csv_strict, read_parquet_strict, read_table_strict
 from cascade.data.kuairand import load_kuairand
-from cascade.data.movielens import load_movielens_1m
+from cascade.data.movielens import load_movielens_1m, load_movielens_100k
 from cascade.data.schema import DataValidationError
 from worlds import T0, log_row, write_log
 
@@ -374,6 +376,29 @@ def test_custom_mapping_file_itself(tmp_path):
     p = tmp_path / "latin.toml"
     p.write_bytes('name = "x"\n# caf\xe9\n'.encode("latin-1"))
     raises([str(p), "line 2", "not valid UTF-8", "0xe9"], load_custom, p)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+@pytest.mark.timeout(60)
+def test_a_fifo_given_as_a_file_is_refused_not_read(tmp_path):
+    """Reading a FIFO blocks until a writer comes: every file a loader or the config reads is refused unread (a
+    hang here fails by the timeout, not by passing)."""
+    toml = shop(tmp_path)
+    (tmp_path / "users.csv").unlink()
+    os.mkfifo(tmp_path / "users.csv")
+    raises([str(toml), "files.users = 'users.csv'", "not a regular file"], load_custom, toml)
+    os.mkfifo(tmp_path / "fifo.toml")
+    raises([str(tmp_path / "fifo.toml"), "not a regular file"], load_custom, tmp_path / "fifo.toml")
+    for name in ("c.csv", "c.parquet"):
+        os.mkfifo(tmp_path / name)
+        raises([str(tmp_path / name), "not a regular file"], read_table_strict, tmp_path / name, ["user_id"])
+    ml = tmp_path / "ml"
+    ml.mkdir()
+    for name in ("u.data", "u.user", "u.item"):
+        os.mkfifo(ml / name)
+    raises([str(ml / "u.data"), "not a regular file"], load_movielens_100k, ml)
+    with pytest.raises(ConfigError, match="fifo.toml is not a regular file"):
+        load_toml(tmp_path / "fifo.toml")
 
 
 @pytest.mark.parametrize("section, line, named", [

@@ -66,6 +66,7 @@ import pandas as pd
 
 from .io import (
     assign_requests,
+    check_file,
     check_time_unit,
     data_line,
     expand_glob,
@@ -124,6 +125,7 @@ def _read_toml(toml_path: Path) -> dict:
     if toml_path.is_dir():
         raise DataValidationError(f"{toml_path}: is a directory; give the mapping TOML file (e.g. "
                                   f"{toml_path / 'mapping.toml'})")
+    check_file(toml_path)
     try:
         raw = toml_path.read_bytes()
     except OSError as exc:
@@ -286,6 +288,9 @@ def _paths(cfg: dict, toml_path: Path) -> tuple[Path, Path, list[Path], Path]:
                                           "name a file")
             if not q.exists():
                 raise DataValidationError(f"{toml_path}: files.{key} = {files[key]!r}: {q}: file not found")
+            if not q.is_file():
+                raise DataValidationError(f"{toml_path}: files.{key} = {files[key]!r}: {q} is not a regular file "
+                                          "(a FIFO, socket or device); copy the data to a file")
     if cfg["csv_set"] and all(q.suffix.lower() in (".parquet", ".pq") for q in [user_path, item_path, *imp_paths]):
         raise DataValidationError(f"{toml_path}: [csv] is set but every file is parquet: its settings would do "
                                   "nothing; remove the [csv] table")

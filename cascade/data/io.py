@@ -129,11 +129,19 @@ def _open_error(path: Path, exc: OSError) -> DataValidationError:
     return DataValidationError(f"{path}: cannot be read ({exc.strerror or exc})")
 
 
-def _read_bytes(path: Path) -> bytes:
+def check_file(path: Path) -> None:
+    """Raise a :class:`DataValidationError` naming ``path`` unless it is a regular file: missing, a directory, or a
+    FIFO / socket / device (reading a FIFO would block until a writer comes, a device would never end)."""
     if not path.exists():
         raise DataValidationError(f"{path}: file not found")
     if path.is_dir():
         raise DataValidationError(f"{path}: is a directory, expected a file")
+    if not path.is_file():
+        raise DataValidationError(f"{path}: is not a regular file (a FIFO, socket or device); copy the data to a file")
+
+
+def _read_bytes(path: Path) -> bytes:
+    check_file(path)
     try:
         raw = path.read_bytes()
     except OSError as exc:
@@ -397,8 +405,6 @@ def read_parquet_strict(
     dtypes: column -> "int64" | "float64" | "str"; a column whose stored values cannot be cast raises, naming it.
     """
     path = Path(path)
-    if not path.exists():
-        raise DataValidationError(f"{path}: file not found")
     schema = _parquet_schema(path)
     missing = [c for c in required_columns if c not in schema.names]
     if missing:
@@ -419,8 +425,7 @@ def read_parquet_strict(
 
 
 def _parquet_schema(path: Path) -> pa.Schema:
-    if path.is_dir():
-        raise DataValidationError(f"{path}: is a directory, expected a file")
+    check_file(path)
     try:
         return pq.read_schema(path)
     except PermissionError as exc:
@@ -463,13 +468,8 @@ def table_columns(path: PathLike, sep: str = ",", encoding: str = "utf-8") -> li
     """The column names of a parquet file (its schema) or a CSV file (its header line), reading nothing else."""
     path = Path(path)
     if path.suffix.lower() in (".parquet", ".pq"):
-        if not path.exists():
-            raise DataValidationError(f"{path}: file not found")
         return list(_parquet_schema(path).names)
-    if not path.exists():
-        raise DataValidationError(f"{path}: file not found")
-    if path.is_dir():
-        raise DataValidationError(f"{path}: is a directory, expected a file")
+    check_file(path)
     try:
         with open(path, "rb") as f:
             line = f.readline(1 << 20)
