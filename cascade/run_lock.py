@@ -54,17 +54,8 @@ def folder_lock(folder: str | os.PathLike, wait: bool = False, command: str | No
             _held[key] -= 1
         return
     path = folder / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = _locked(folder, path, wait)
     try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            holder = _holder(path)
-            if not wait:
-                raise RunLockedError(f"run folder {folder} is in use by {holder}; wait for it to finish "
-                                     "(or pass --wait to queue behind it)") from None
-            log.info("run folder %s is in use by %s: waiting", folder, holder)
-            fcntl.flock(fd, fcntl.LOCK_EX)
         what = command or " ".join([Path(sys.argv[0]).name if sys.argv else "?", *sys.argv[1:]])[:200]
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "command": what,
@@ -76,3 +67,38 @@ def folder_lock(folder: str | os.PathLike, wait: bool = False, command: str | No
             del _held[key]
     finally:
         os.close(fd)  # releases the lock
+
+
+def _locked(folder: Path, path: Path, wait: bool) -> int:
+    """An open descriptor of ``path`` holding its exclusive lock. A holder that removes the folder (a failed
+    command cleans up what it made) leaves the one it waited on locking a deleted file: the lock then guards
+    nothing, so the waiter opens the folder's lock file anew and locks that."""
+    while True:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = _holder(path)
+                if not wait:
+                    raise RunLockedError(f"run folder {folder} is in use by {holder}; wait for it to finish "
+                                         "(or pass --wait to queue behind it)") from None
+                log.info("run folder %s is in use by %s: waiting", folder, holder)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+            if _same_file(fd, path):
+                return fd
+        except BaseException:
+            os.close(fd)
+            raise
+        os.close(fd)
+
+
+def _same_file(fd: int, path: Path) -> bool:
+    """Whether ``path`` still names the file open at ``fd`` (not removed or replaced since it was opened)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        return False
+    own = os.fstat(fd)
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)

@@ -122,6 +122,22 @@ def test_1_wait_queues_behind_the_holder(tmp_path):
     assert 0.3 < waited < 30
 
 
+def test_1_a_waiter_whose_holder_removed_the_folder_locks_the_folder_it_finds(tmp_path):
+    """A failed command removes the output folder it made, lock file included, while another waits on it: the
+    waiter must then hold the lock of the folder as it is, or a third process would get in beside it."""
+    d = tmp_path / "out"
+    holder = subprocess.Popen([sys.executable, "-c", "import shutil, time\nfrom cascade.run_lock import folder_lock\n"
+                               f"with folder_lock({str(d)!r}):\n    print('locked', flush=True)\n    time.sleep(1.5)\n"
+                               f"    shutil.rmtree({str(d)!r})"], stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "locked"
+    with folder_lock(d, wait=True) as lock_file:
+        assert holder.wait() == 0
+        assert json.loads(lock_file.read_text())["pid"] == os.getpid()
+        r = subprocess.run([sys.executable, "-c", f"from cascade.run_lock import folder_lock\n"
+                            f"with folder_lock({str(d)!r}): pass"], capture_output=True, text=True)
+    assert r.returncode != 0 and f"in use by pid {os.getpid()}" in r.stderr, r.stderr[-2000:]
+
+
 # ------------------------------------------------------------------------------------------------ 3. leakage
 
 
