@@ -159,7 +159,9 @@ def make_report_data() -> dict:
                                                                 "union_minus_it": {"rank_click_recall": {
                                                                     "diff": 0.0089, "se": 0.0031, "n": 478}}}}},
                      "final_origin_share": {"two_tower": 0.83, "popular": 0.17}},
-        "ablation": {"metrics": ["teacher_recall", "auc"], "seeds": [0, 1, 2], "rows": [
+        "ablation": {"metrics": ["teacher_recall", "auc"], "seeds": [0, 1, 2], "source": "ablation_world.json",
+                     "dataset": "world", "date": "2026-12-06",
+                     "config": {"ablation": {"n_test_requests": 1000, "n_corpus_requests": 100}}, "rows": [
             {"name": "ground truth only", "stage": "prerank",
              "values": {"teacher_recall": {"mean": 0.61, "std": 0.012, "n": 3},
                         "auc": {"mean": 0.7011, "std": 0.002, "n": 3}}},
@@ -334,6 +336,9 @@ def test_write_report_files_roundtrip_html_md(written, report_data):
     assert _md_row(md, ["**nprobe**"]) == ["**nprobe**", "**16**", "**0.987**", "**2,600.0**"]
     assert _md_row(md, ["nprobe", "4"]) == ["nprobe", "4", "0.874", "9,100.0"]
     assert "operating point in bold: nprobe=16" in md
+    assert ("From the ablation's own pipeline runs (`ablation_world.json`, dataset world, date 2026-12-06; 3 seeds), "
+            "not this run's models. Per seed, list metrics over 1,000 test requests, corpus-wide ones over the first "
+            "100 of them.") in md
     # ablation, best per stage: prerank teacher-recall 0.7034 (NDCG) but AUC 0.7011 (ground truth);
     # retrieval: recall 0.770 with n=2 of 3 seeds flagged; the mix's NaN AUC is "–", so GT's 0.6801 is best
     assert _md_row(md, ["prerank", "ground truth only"])[2:] == ["0.610 ± 0.012", "**0.7011 ± 0.0020**"]

@@ -70,7 +70,7 @@ def build_report_data(run_dir: Path, report_cfg: ReportSection | None = None) ->
         out["outcomes"]["n_rand_requests_with_clicks"] = rand_requests_with_clicks(run_dir, summ)
         out["channels"] = summ.get("channels")  # the multi-channel cascade's channels, each alone and in the union
     if report_cfg is not None and report_cfg.ablation:
-        out["ablation"] = A.read_json(report_cfg.ablation)
+        out["ablation"] = {**A.read_json(report_cfg.ablation), "source": Path(report_cfg.ablation).name}
     return out
 
 

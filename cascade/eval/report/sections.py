@@ -738,6 +738,7 @@ def _section_ablation(data: Mapping) -> Section:
     if not metrics:  # fall back to the metrics the rows carry, in first-seen order
         metrics = list(dict.fromkeys(m for r in rows for m in (as_mapping(r.get("values"), "values") or {})))
     seeds = as_list(ab.get("seeds"), "report_data['ablation']['seeds']") or []
+    sec.note(_ablation_origin(ab, len(seeds)))
     # group rows by stage (first-seen order) so "best per stage" reads down one block
     stage_order = list(dict.fromkeys(str(r.get("stage")) for r in rows))
     rows = sorted(rows, key=lambda r: stage_order.index(str(r.get("stage"))))
@@ -767,6 +768,22 @@ def _section_ablation(data: Mapping) -> Section:
     cap = f"mean ± std over seeds [{seeds_txt}]; best mean per stage in bold"
     sec.blocks.append(("table", Table(frame, keys, bold=bold, caption=cap)))
     return sec
+
+
+def _ablation_origin(ab: Mapping, n_seeds: int) -> str:
+    """Where the ablation table comes from: its file, dataset and date, and the requests each seed measured on."""
+    known = {k: ab.get(k) for k in ("source", "dataset", "date") if ab.get(k) is not None}
+    origin = ", ".join(f"{k} {v}" if k != "source" else f"`{v}`" for k, v in known.items()) or MISSING
+    settings = as_mapping((as_mapping(ab.get("config"), "report_data['ablation']['config']") or {}).get("ablation"),
+                          "report_data['ablation']['config']['ablation']") or {}
+    text = (f"From the ablation's own pipeline runs ({origin}; {n_seeds} seed{'s' if n_seeds != 1 else ''}), "
+            "not this run's models.")
+    n_test, n_corpus = settings.get("n_test_requests"), settings.get("n_corpus_requests")
+    if n_test is not None:
+        text += f" Per seed, list metrics over {format_value(n_test, 'count')} test requests"
+        text += (f", corpus-wide ones over the first {format_value(n_corpus, 'count')} of them." if n_corpus is not None
+                 else ".")
+    return text
 
 
 def _section_data(data: Mapping) -> Section:
