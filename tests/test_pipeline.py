@@ -644,6 +644,19 @@ def test_an_unavailable_tracker_asked_for_is_an_error(monkeypatch):
         load_config(TINY, ['tracking.mlflow_tracking_uri="file:x"'])
 
 
+def test_a_tracking_store_mlflow_cannot_use_is_a_one_line_error_before_any_step(tmp_path):
+    """mlflow-skinny (the dev extra's) has no database store, MLflow's default: the run stopped on a traceback."""
+    pytest.importorskip("mlflow", reason="mlflow is not installed (the tracking or dev extra)")
+    r = subprocess.run([sys.executable, "-m", "cascade.cli", "run", str(TINY), "--set",
+                        f"run.runs_dir={json.dumps(str(tmp_path / 'runs'))}", "--set", "tracking.mlflow=true", "--set",
+                        'tracking.mlflow_tracking_uri="bogus://nowhere"'], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    assert "cascade: error: tracking.mlflow: MLflow cannot use the tracking store (bogus://nowhere)" in r.stderr
+    assert "tracking.mlflow_tracking_uri" in r.stderr.split("bogus://nowhere)", 1)[1]
+    made = sorted(p.name for p in (tmp_path / "runs" / "tiny").iterdir())
+    assert made == [".lock", "config.json", "run.log"]  # no step ran
+
+
 def test_bad_config_fails_before_any_work(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[teacher.model]\nbackbone = 'dcnv2'\nmlpp = [8]\n")

@@ -13,10 +13,12 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from ..config import ConfigError
 from .config import TrackingSection
 from .histories import training_histories
 
@@ -78,7 +80,16 @@ class Trackers:
 
             if cfg.mlflow_tracking_uri is not None:
                 mlflow.set_tracking_uri(cfg.mlflow_tracking_uri)
-            mlflow.set_experiment(cfg.mlflow_experiment or "cascade")
+            try:
+                mlflow.set_experiment(cfg.mlflow_experiment or "cascade")
+            except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for a store it cannot use
+                store = cfg.mlflow_tracking_uri or f"MLflow's default, {mlflow.get_tracking_uri()}"
+                first = textwrap.shorten(str(exc).strip().splitlines()[0] if str(exc).strip() else "", 240)
+                raise ConfigError(
+                    f"tracking.mlflow: MLflow cannot use the tracking store ({store}): {type(exc).__name__}: "
+                    f"{first}. Set tracking.mlflow_tracking_uri to a store this MLflow installation can write "
+                    "(a tracking server's http:// address; a database store needs the full mlflow package: "
+                    "pip install 'cascade-distill[tracking]')") from None
             self.mlflow = mlflow
             self.mlflow_run = mlflow.start_run(run_name=run_name, tags={"cascade.run_dir": str(self.run_dir)})
             mlflow.log_params(flat_params(config))
