@@ -515,7 +515,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     r = sub.add_parser("run", parents=[common, lock], formatter_class=raw, epilog=EPILOG_RUN,
-                       help="run the pipeline data -> teacher -> ranklog -> students -> index -> replay -> report",
+                       help="run the pipeline data -> channels -> teacher -> ranklog -> students -> index -> replay "
+                            "-> report",
                        description="Run (or resume) the pipeline; steps whose config and inputs are unchanged are "
                                    "skipped.")
     r.add_argument("config", nargs="?", help="pipeline TOML (default: pipelines/default.toml)")

@@ -1,4 +1,4 @@
-"""The offline pipeline: data -> teacher -> ranklog -> students -> index -> replay -> report.
+"""The offline pipeline: data -> channels -> teacher -> ranklog -> students -> index -> replay -> report.
 
 One module per step (``data``, ``teacher``, ``ranklog``, ``students``, ``index``, ``replay``, ``report``, each
 with a ``run(ctx)``), the config schema (:mod:`.config`), the generic runner with skip-if-unchanged and crash
