@@ -364,6 +364,20 @@ def _headroom_seeds(d: dict) -> tuple[str, None]:
     return "minus most-popular, test click-recall@10 pooled: " + "; ".join(parts), None
 
 
+def _channel_stacker(d: dict) -> tuple[str, None]:
+    """Each stacker's pooled test gap to the teacher's order of the multi-channel cascade's candidates."""
+    runs = d["runs"].values()
+    valid = [r["valid_requests"] for r in runs]
+    parts = []
+    for metric, by_order in d["summary"].items():
+        label = {"click_recall": f"click-recall@{d['k']}", "oracle_ratio": f"oracle ratio@{d['k']}"}[metric]
+        gaps = ", ".join(f"{name} {s['minus_teacher']['diff']:+.4f} ± {s['minus_teacher']['se']:.4f}"
+                         for name, s in by_order.items() if name != "teacher's order")
+        parts.append(f"{label} minus the teacher's order: {gaps}")
+    return f"{len(valid)} runs, {min(valid):,}-{max(valid):,} validation requests with clicks each; " + "; ".join(
+        parts), None
+
+
 def _collaborative_choice(d: dict) -> tuple[str, None]:
     """Per lambda grid and rule: how often it keeps the weight at 0 and its pooled test gain over the teacher."""
     parts = []
@@ -496,6 +510,11 @@ ROWS = [
         "through the same cascade", "beats every single channel end to end", _channels_alone),
     Row("real_data_ml_origins.json", "ML-100K over 4 test periods: the multi-channel cascade vs each channel alone "
         "through the same cascade", "beats every single channel end to end", _channels_alone),
+    Row("channel_stacker_ml_origins.json", "ML-100K, 4 test periods x 3 seeds: a ranker fitted on validation over the "
+        "multi-channel cascade's candidates, the channels' ranks among its features (tried, not kept)", None,
+        _channel_stacker),
+    Row("channel_stacker_world.json", "the world, 3 seeds: a ranker fitted on validation's logged clicks over the "
+        "multi-channel cascade's candidates (tried, not kept)", None, _channel_stacker),
     Row("real_data_ml_origins_row_overfetch.json", "ML-100K over 4 test periods, remeasured with each request "
         "over-fetching by what its own user saw (the served lists no longer depend on the batch)", None,
         text_only(_real_data)),
