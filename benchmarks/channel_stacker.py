@@ -17,20 +17,17 @@ Writes <out>/<name>.{json,md}.
 
 from __future__ import annotations
 
-import argparse
-import os
-import time
 from pathlib import Path
 
 import lightgbm as lgb
 import numpy as np
+from offline_runs import offline_main
 from sklearn.linear_model import LogisticRegression
 
 from cascade import artifacts as A
 from cascade.arrays import PAD
 from cascade.data.world import World
 from cascade.eval.metrics import click_recall, paired_difference, pooled_difference
-from cascade.machine import machine_record
 from cascade.pipeline.judge import split_judge
 from cascade.serve.cascade import load_cascade, select_unseen
 
@@ -142,21 +139,8 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="finished runs with the classic channels (a replay step)")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--name", default="channel_stacker")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = p.parse_args(argv)
-    t0 = time.time()
-    runs = {run.name: one_run(run, args.k) for run in args.runs}
-    res = {"date": time.strftime("%Y-%m-%d"), "k": args.k, "machine": f"{os.cpu_count()} CPUs",
-           "cpu": machine_record(), "summary": summarise(runs), "runs": runs}
-    res["wall_s"] = time.time() - t0
-    A.write_json(args.out / f"{args.name}.json", res)
-    A.write_text(args.out / f"{args.name}.md", markdown(res))
-    print(markdown(res))
-    return 0
+    return offline_main(__doc__, "channel_stacker", "finished runs with the classic channels (a replay step)",
+                        one_run, summarise, markdown, argv)
 
 
 if __name__ == "__main__":

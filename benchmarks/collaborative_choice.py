@@ -15,19 +15,15 @@ paired on the same requests and pooled over the runs. Writes <out>/<name>.{json,
 
 from __future__ import annotations
 
-import argparse
-import os
-import time
 from pathlib import Path
 
 import numpy as np
+from offline_runs import offline_main
 
-from cascade import artifacts as A
 from cascade.arrays import topk_rows
 from cascade.channels import load_channels
 from cascade.eval.metrics import paired_difference, pooled_difference
 from cascade.eval.selection import one_se_choice
-from cascade.machine import machine_record
 from cascade.models.scoring import ranker_scorer
 from cascade.pipeline.config import COLLABORATIVE_LAMBDAS, COLLABORATIVE_WEIGHTS, EASE_LAMBDAS
 from cascade.pipeline.judge import split_judge
@@ -115,21 +111,8 @@ def markdown(res: dict) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", type=Path, help="finished runs (data, channels, teacher steps)")
-    p.add_argument("--k", type=int, default=10)
-    p.add_argument("--name", default="collaborative_choice")
-    p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    args = p.parse_args(argv)
-    t0 = time.time()
-    runs = {run.name: one_run(run, args.k) for run in args.runs}
-    res = {"date": time.strftime("%Y-%m-%d"), "k": args.k, "machine": f"{os.cpu_count()} CPUs",
-           "cpu": machine_record(), "summary": summarise(runs), "runs": runs}
-    res["wall_s"] = time.time() - t0
-    A.write_json(args.out / f"{args.name}.json", res)
-    A.write_text(args.out / f"{args.name}.md", markdown(res))
-    print(markdown(res))
-    return 0
+    return offline_main(__doc__, "collaborative_choice", "finished runs (data, channels, teacher steps)",
+                        one_run, summarise, markdown, argv)
 
 
 if __name__ == "__main__":
