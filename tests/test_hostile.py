@@ -3,8 +3,8 @@
 1 run-folder lock, 3 leakage guard, 4 config values named before any work, 5 load_cascade verifies what it loads,
 6 per-request validation, 7 non-UTF-8 CSV, 8 rank-log lists longer than the corpus, 9 an unchanged redo keeps the
 downstream cache, 10 symlinked step folders, 11 replay / report never rewrite a finished run, 12 loader messages
-and mapping paths, 13 thread counts pinned by the run. (2, the seen filter's 32-bit id packing, is left to the
-rewrite of the seen filter.)
+and mapping paths, 13 thread counts pinned by the run, and threads sharing one loaded cascade. (2, the seen
+filter's 32-bit id packing, is left to the rewrite of the seen filter.)
 """
 
 from __future__ import annotations
@@ -621,3 +621,25 @@ def test_13_two_processes_with_different_thread_settings_train_the_same_teacher(
     assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
     for n in ("a", "b"):
         assert A.read_manifest(tmp_path / n / "tiny" / "teacher")["threads"] == 1  # tiny.toml's run.threads
+
+
+def test_13_threads_sharing_one_loaded_cascade_get_what_each_call_alone_gets(finished):
+    """A server calls one loaded cascade from a thread pool. The merged retriever kept each channel's time on itself,
+    so a call read another's times or failed with a KeyError (about a third of such calls). Requests over many
+    refresh periods (the popularity caches hold 16 and 256, and are cleared when full), batches of 1 to 8."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from cascade.data.requests import to_requests
+
+    data, casc = load_cascade(finished[1], "distilled+channels", autocast="off")
+    imp = data.impressions.drop_duplicates("request_id")
+    frame = imp.iloc[np.linspace(0, len(imp) - 1, 96).astype(int)]
+    batches = [to_requests(frame.iloc[s:s + b], data.context_names) for s, b in zip(range(0, 96, 4), [1, 4, 8] * 8)]
+    alone = [casc.recommend(r, 100, 40, 10).items for r in batches]
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        for _ in range(5):
+            results = list(pool.map(lambda r: casc.recommend(r, 100, 40, 10), batches))
+            for res, want in zip(results, alone):
+                np.testing.assert_array_equal(res.items, want)
+                assert set(res.timing_s) == {"retrieval", "prerank", "rank", *(f"retrieval/{c}" for c in casc.channels)}
+                assert sum(res.timing_s[f"retrieval/{c}"] for c in casc.channels) <= res.timing_s["retrieval"]

@@ -209,14 +209,16 @@ class PopularChannel(Channel):
     def ranked(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         """The list of the refresh period starting at ``s``: (item ids int64 [m], click counts float32 [m]) of the
         m items clicked in its window, most clicked first, ties to the lower item id."""
-        if s not in self._cache:
+        kept = self._cache.get(s)  # the entry itself, never a second lookup: another thread may clear the cache
+        if kept is None:
             window = None if self.window_days is None else int(round(self.window_days * DAY_MS))
             codes, counts = self.history.clicked_items(s, window)
             order = np.lexsort((codes, -counts))  # count descending, then item code (= id order) ascending
+            kept = (self.history.items.sorted_ids[codes[order]], counts[order].astype(np.float32))
             if len(self._cache) >= 256:  # a replay walks forward in time: old periods are not asked again
                 self._cache.clear()
-            self._cache[s] = (self.history.items.sorted_ids[codes[order]], counts[order].astype(np.float32))
-        return self._cache[s]
+            self._cache[s] = kept
+        return kept
 
     def period_starts(self, t_ms: np.ndarray) -> np.ndarray:
         """int64 [B]: the start of the refresh period of each time ``t_ms`` [B]."""
@@ -252,16 +254,18 @@ class PopularChannel(Channel):
         """The period's clicked item ids in id order [m], their log(1 + count) [m], and its mean and SD over a
         corpus of ``n_items`` (the unclicked items counting 0): counted once per period, as :meth:`ranked` is."""
         key = (s, int(n_items))
-        if key not in self._logs:
+        kept = self._logs.get(key)  # as ranked's cache: one lookup
+        if kept is None:
             ids, counts = self.ranked(s)
             order = np.argsort(ids)
             logs = np.log1p(counts[order].astype(np.float64))
             mean = float(logs.sum() / n_items)
             sd = float(np.sqrt(max(float((logs ** 2).sum() / n_items - mean ** 2), 0.0)))
+            kept = (ids[order], logs, mean, sd)
             if len(self._logs) >= 256:  # as ranked's cache: old periods are not asked again
                 self._logs.clear()
-            self._logs[key] = (ids[order], logs, mean, sd)
-        return self._logs[key]
+            self._logs[key] = kept
+        return kept
 
     def select(self, requests: Requests, candidates: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         check_select(self.name, candidates, n)

@@ -51,8 +51,7 @@ class MergedRetriever:
     channels). quotas: name -> share of the n slots (> 0; normalised to sum 1). Weighted interleaving: channel c's
     item at rank r (0-based) gets the key (r + 0.5) / quota_c; the union is taken in key order and an item several
     channels propose keeps its best key, so every channel fills about its quota of the slots and a shared item
-    takes one. scores: -key (higher comes first). ``last_timing_s``: seconds per channel, added up over the calls
-    since it was last emptied (:class:`~cascade.serve.cascade.Cascade` empties it per request batch).
+    takes one. scores: -key (higher comes first). It holds no state a call changes: threads may share it.
     """
 
     def __init__(self, channels: Mapping[str, object], quotas: Mapping[str, float]) -> None:
@@ -67,21 +66,23 @@ class MergedRetriever:
         self.channels = [channels[k] for k in self.names]
         total = float(sum(quotas.values()))
         self.quotas = np.array([quotas[k] / total for k in self.names])
-        self.last_timing_s: dict[str, float] = {}
 
     def refresh(self, t_ms: np.ndarray) -> int:
         """Each channel's per-period state for the times ``t_ms`` [B], where it has some (``refresh``); returns how
         many periods were prepared."""
         return sum(ch.refresh(t_ms) for ch in self.channels if hasattr(ch, "refresh"))
 
-    def select_with_origin(self, requests: Requests, n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """(items int64 [B, n], scores float32 [B, n], origin int8 [B, n]: index into ``names``, -1 at PAD)."""
+    def select_with_origin(self, requests: Requests, n: int, timing: dict[str, float] | None = None
+                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(items int64 [B, n], scores float32 [B, n], origin int8 [B, n]: index into ``names``, -1 at PAD).
+        timing: where given, each channel's wall seconds are added to ``timing[name]``."""
         check_select("merged", None, n)
         items, keys, origin = [], [], []
         for c, ch in enumerate(self.channels):
             t0 = time.perf_counter()
             i, _ = ch.select(requests, None, n)
-            self.last_timing_s[self.names[c]] = self.last_timing_s.get(self.names[c], 0.0) + time.perf_counter() - t0
+            if timing is not None:
+                timing[self.names[c]] = timing.get(self.names[c], 0.0) + time.perf_counter() - t0
             key = (np.arange(i.shape[1]) + 0.5) / self.quotas[c]  # quota_keys of a list that is one channel's
             items.append(i)
             keys.append(np.where(i == PAD, np.inf, key[None, :]))

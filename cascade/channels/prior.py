@@ -63,16 +63,18 @@ class PopularityPrior:
     def period(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         """The refresh period starting at s: (log1p click counts float32 [I + 1] by row, the last entry 0; rows
         int64 [m] of its clicked items, most clicked first)."""
-        if s not in self._periods_seen:
+        kept = self._periods_seen.get(s)  # the entry itself, never a second lookup: another thread may clear
+        if kept is None:
             ids, counts = self.popular.ranked(s)
             rows, found = self._rows.find(ids)
             rows, counts = rows[found], counts[found]
             dense = np.zeros(self.n_items + 1, np.float32)
             dense[rows] = np.log1p(counts)
+            kept = (dense, rows)
             if len(self._periods_seen) >= 16:  # a replay walks forward in time: old periods are not asked again
                 self._periods_seen.clear()
-            self._periods_seen[s] = (dense, rows)
-        return self._periods_seen[s]
+            self._periods_seen[s] = kept
+        return kept
 
     def refresh(self, t_ms: np.ndarray) -> int:
         """Prepare the refresh periods of the times ``t_ms`` [B] (their lists and dense log counts) ahead of their

@@ -142,13 +142,17 @@ def select_unseen(stage: Stage, requests: Requests, n: int, seen: EventHistory |
     return items, scores
 
 
-def select_unseen_origin(retriever: MergedRetriever, requests: Requests, n: int,
-                         seen: EventHistory | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def select_unseen_origin(retriever: MergedRetriever, requests: Requests, n: int, seen: EventHistory | None,
+                         timing: dict[str, float] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """:func:`select_unseen` through a merged retriever, keeping each item's channel of origin: (items, scores,
-    origin int8 [B, n]: index into ``retriever.names``, -1 at padding)."""
+    origin int8 [B, n]: index into ``retriever.names``, -1 at padding). timing: where given, each channel's wall
+    seconds, added up over its fetches (filtering may fetch twice), are added to ``timing[name]``."""
+    def fetch(r: Requests, m: int):
+        return retriever.select_with_origin(r, m, timing)
+
     if seen is None:
-        return retriever.select_with_origin(requests, n)
-    (items, origin), scores = _unseen(retriever.select_with_origin, requests, n, seen, (PAD, -1))
+        return fetch(requests, n)
+    (items, origin), scores = _unseen(fetch, requests, n, seen, (PAD, -1))
     return items, scores, origin.astype(np.int8)
 
 
@@ -311,9 +315,9 @@ class Cascade:
         if ok.any():
             seen = self.seen if filter_seen else None
             t0 = time.perf_counter()
+            channel_s: dict[str, float] = {}  # per call: threads may share the cascade
             if channels:
-                self.retriever.last_timing_s = {}  # each channel's fetches add up (filtering may fetch twice)
-                ri, rs, ro = select_unseen_origin(self.retriever, req, n_retrieve, seen)
+                ri, rs, ro = select_unseen_origin(self.retriever, req, n_retrieve, seen, channel_s)
             else:
                 ri, rs = select_unseen(self.retriever, req, n_retrieve, seen)
             t1 = time.perf_counter()
@@ -326,7 +330,7 @@ class Cascade:
             t3 = time.perf_counter()
             timing.update({"retrieval": t1 - t0, "prerank": t2 - t1, "rank": t3 - t2})
             if channels:
-                timing.update({f"retrieval/{c}": self.retriever.last_timing_s[c] for c in channels})
+                timing.update({f"retrieval/{c}": channel_s[c] for c in channels})
             items[ok], scores[ok] = fi, fs
             if return_stages:
                 for name, (si, ss) in zip(self.STAGE_NAMES, ((ri, rs), (pi, ps), (fi, fs))):
