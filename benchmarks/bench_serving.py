@@ -52,7 +52,7 @@ from cascade.artifacts import package_versions, write_json
 from cascade.data.requests import Requests
 from cascade.eval.metrics import latency_summary, mean_recall_at_k
 from cascade.index.exact import exact_topk
-from cascade.index.factory import set_blas_threshold
+from cascade.index.factory import blas_threshold_for
 from cascade.index.faiss_index import INDEX_FILE, ItemIndex
 from cascade.serve.cascade import Cascade, PairScorer, Retriever
 from cascade.serve.replay import replay_latency
@@ -228,8 +228,8 @@ def time_retrieval(bare, index: ItemIndex, user_embed, xq: np.ndarray, requests:
 
     def run_bare(sl: slice):
         # the same BLAS-threshold value ItemIndex.search sets for this batch size, so both do identical work
-        set_blas_threshold(len(qs[0]), index.blas_threshold)
-        return [bare.search(q, k)[1] for q in qs[sl]]
+        with blas_threshold_for(len(qs[0]), index.blas_threshold):
+            return [bare.search(q, k)[1] for q in qs[sl]]
 
     methods = {
         "bare_faiss": run_bare,

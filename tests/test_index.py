@@ -458,3 +458,33 @@ print(shared, after_build, after_search, torch.get_num_threads())
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.split() == ["True", "2", "2", "2"], out.stdout
+
+
+def test_searches_from_several_threads_get_what_each_gets_alone():
+    """faiss's BLAS threshold is one process-wide value that a search of >= 20 queries sets low and a smaller one
+    sets back; the two paths' scores differ in the last digits. Two threads of single queries beside a thread of
+    25-query batches changed 5-11 of 300 batches' scores (and some single queries') before the searches took turns
+    by value."""
+    import threading
+
+    rng = np.random.default_rng(0)
+    index = ItemIndex.build(rng.standard_normal((20_000, 32)).astype(np.float32), np.arange(20_000), factory="Flat",
+                            metric="ip", omp_threads=1)
+    xq = rng.standard_normal((25, 32)).astype(np.float32)
+    batch_alone, single_alone = index.search(xq, 50)[0], index.search(xq[:1], 50)[0]
+    stop, single_diffs = threading.Event(), []
+
+    def singles():
+        while not stop.is_set():
+            single_diffs.append(not np.array_equal(index.search(xq[:1].copy(), 50)[0], single_alone))
+
+    threads = [threading.Thread(target=singles) for _ in range(2)]
+    for t in threads:
+        t.start()
+    try:
+        batch_diffs = sum(not np.array_equal(index.search(xq, 50)[0], batch_alone) for _ in range(300))
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+    assert batch_diffs == 0 and sum(single_diffs) == 0 and len(single_diffs) > 100

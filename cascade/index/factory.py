@@ -5,8 +5,9 @@ Process-wide faiss settings that decide CPU speed (measured by benchmarks/bench_
   per query instead of one GEMM. Measured here (100k x 64 Flat, k=100, 1 thread): 128000 -> 1269 q/s for a batch
   of 500, 20 -> 4715 q/s; but for a single query 20 is 4x slower (256 vs 1082 q/s). So each search sets it:
   ``blas_threshold`` (20) for batches of at least that many queries, faiss's default for smaller ones. It is a
-  process-wide variable: concurrent searches from several Python threads may see each other's value (a speed
-  effect only, never a correctness one).
+  process-wide variable, and the two paths' scores differ in the last digits, so searches from several Python
+  threads that need different values take turns (:func:`blas_threshold_for`); those that need the same one run
+  side by side.
 - ``faiss.omp_set_num_threads`` (``omp_threads``): single queries are fastest on 1 thread; on this 2-core machine
   shared with other jobs, 2 OpenMP threads made batched Flat search 15x slower (spinning threads fight for the core).
   faiss and torch share one OpenMP runtime in a process, so this count is torch's intra-op thread count too: it is
@@ -18,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import math
 import re
+import threading
 from collections.abc import Iterator
 from typing import Any
 
@@ -147,14 +149,57 @@ def faiss_threads(omp_threads: int | None) -> Iterator[None]:
         faiss.omp_set_num_threads(before)
 
 
-def set_blas_threshold(nq: int, blas_threshold: int | None) -> None:
-    """Before a search of nq queries: BLAS (one GEMM) for batches of >= blas_threshold queries, faiss's default
-    (a scan per query, faster for one or a few queries) below. None leaves the setting alone."""
-    import faiss
+class _BlasSetting:
+    """faiss's process-wide BLAS threshold, held at one value by every search that runs. A search needing another
+    value waits until those running finish, and while one waits no new search joins the running ones (it would
+    never get its turn); searches needing the same value, with none waiting for another, run side by side."""
 
-    if blas_threshold is not None:
-        value = int(blas_threshold) if nq >= blas_threshold else FAISS_BLAS_THRESHOLD_DEFAULT
-        faiss.cvar.distance_compute_blas_threshold = value
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._running = 0
+        self._waiting: dict[int, int] = {}  # value -> searches waiting for it
+
+    def _may_run(self, value: int) -> bool:
+        import faiss
+
+        if self._running == 0:
+            return True
+        others = sum(n for v, n in self._waiting.items() if v != value)
+        return faiss.cvar.distance_compute_blas_threshold == value and others == 0
+
+    @contextlib.contextmanager
+    def held(self, value: int) -> Iterator[None]:
+        import faiss
+
+        with self._cond:
+            self._waiting[value] = self._waiting.get(value, 0) + 1
+            try:
+                self._cond.wait_for(lambda: self._may_run(value))
+            finally:
+                self._waiting[value] -= 1
+            faiss.cvar.distance_compute_blas_threshold = value
+            self._running += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._running -= 1
+                self._cond.notify_all()
+
+
+_BLAS = _BlasSetting()
+
+
+@contextlib.contextmanager
+def blas_threshold_for(nq: int, blas_threshold: int | None) -> Iterator[None]:
+    """The block runs a faiss search (or build) of nq queries: BLAS (one GEMM) for batches of >= blas_threshold
+    queries, faiss's default (a scan per query, faster for one or a few queries) below, held for the block against
+    other threads' searches. None leaves the setting alone."""
+    if blas_threshold is None:
+        yield
+        return
+    with _BLAS.held(int(blas_threshold) if nq >= blas_threshold else FAISS_BLAS_THRESHOLD_DEFAULT):
+        yield
 
 
 def import_faiss():

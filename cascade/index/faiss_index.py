@@ -44,6 +44,7 @@ from cascade.index.factory import (
     DEFAULT_EF_SEARCHES,
     DEFAULT_NPROBES,
     GPU_MAX_K,
+    blas_threshold_for,
     check_factory,
     check_omp_threads,
     check_refine,
@@ -53,7 +54,6 @@ from cascade.index.factory import (
     import_faiss,
     parse_factory,
     select_backend,
-    set_blas_threshold,
 )
 
 log = logging.getLogger(__name__)
@@ -77,7 +77,7 @@ class ItemIndex:
 
     Attributes: ``metric``, ``factory``, ``dim``, ``backend`` ("faiss-cpu" | "faiss-gpu" | "torch"),
     ``item_ids`` [n] int64, ``nprobe`` / ``ef_search`` / ``k_factor`` (search settings, None where not applicable),
-    ``ef_construction`` (HNSW build setting), ``blas_threshold`` (see :func:`set_blas_threshold`),
+    ``ef_construction`` (HNSW build setting), ``blas_threshold`` (see :func:`blas_threshold_for`),
     ``operating_points_`` (from :meth:`sweep`), ``recall_`` ({"recall_at_k", "k", "nq"} or None), ``seed``.
     """
 
@@ -171,7 +171,7 @@ class ItemIndex:
         device: "auto" | "cpu" | "gpu" | "torch" (see module docs). seed: k-means / PQ training seed and the seed of
         the training subsample. train_size: rows used to train IVF / PQ (default min(n, max(64 * nlist, 10000))).
         omp_threads: faiss's threads while it builds and searches (:func:`faiss_threads`); blas_threshold: batches
-        of at least this many queries use one GEMM (:func:`set_blas_threshold`; None leaves faiss's setting alone).
+        of at least this many queries use one GEMM (:func:`blas_threshold_for`; None leaves faiss's setting alone).
         """
         import faiss
 
@@ -194,8 +194,9 @@ class ItemIndex:
                 raise RuntimeError(f"factory {factory!r}: faiss has no GPU HNSW; use IVF on the GPU or device='cpu'")
             backend, reason = "faiss-cpu", "faiss has no GPU HNSW, so the HNSW index stays on the CPU"
             log.warning("item index: %s", reason)
-        with faiss_threads(omp_threads):  # k-means, graph construction and add on faiss's threads (checked first)
-            set_blas_threshold(n, blas_threshold)  # k-means assignment and IVF add are large batches
+        # k-means, graph construction and add on faiss's threads (checked first); k-means assignment and IVF add are
+        # large batches
+        with faiss_threads(omp_threads), blas_threshold_for(n, blas_threshold):
             t0 = time.perf_counter()
             index = faiss.index_factory(d, factory, faiss_metric(metric))
             if spec["kind"] in ("ivf", "ivfpq"):
@@ -298,8 +299,7 @@ class ItemIndex:
         return self._faiss_search(self._live, xq, int(k))
 
     def _faiss_search(self, index, xq: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        set_blas_threshold(len(xq), self.blas_threshold)
-        with faiss_threads(self.omp_threads):
+        with faiss_threads(self.omp_threads), blas_threshold_for(len(xq), self.blas_threshold):
             D, I = index.search(xq, k)
         # faiss pads missing results with -1 and +-FLT_MAX; use +-inf so padding never looks like a score. Results
         # are sorted, so padding sits at the end of a row: one look at the last column tells whether there is any.

@@ -493,8 +493,10 @@ def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = 
     lists what a run has, and another name raises naming them. ranker: "teacher" or "student" (the distilled rank
     student). The cascade filters seen items where the run's data step decided to (as the replay did). autocast:
     the ranker's bfloat16 scoring ("auto": where a probe finds it faster for the size of pass, which may differ
-    between a batch and a single request, and between processes; "off": float32 always, the same scores for a
-    request alone or in any batch; "bf16"). data: the run's RunData, where the caller has it loaded.
+    between a batch and a single request, and between processes; "off": float32 always, the same list for a
+    request alone or in any batch, its scores to the last digits, as passes of different sizes sum in different
+    orders; "bf16"). Threads may share the cascade: a call returns what it returns alone. data: the run's
+    RunData, where the caller has it loaded.
 
     Every file it loads is checked against the sha256 its step's manifest records (RunData checks the data step's
     tables): an altered checkpoint, table, index or channel raises ArtifactError naming the file. The run's lock is
