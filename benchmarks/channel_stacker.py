@@ -35,6 +35,7 @@ STACKERS = {
     "lambdarank, small": dict(n_estimators=100, learning_rate=0.05, num_leaves=4, min_child_samples=100),
     "lambdarank, medium": dict(n_estimators=200, learning_rate=0.05, num_leaves=8, min_child_samples=50),
 }
+ORDERS = ("teacher's order", *STACKERS, "logistic")  # the teacher's, then each stacker's
 
 
 def standardised_in_list(x: np.ndarray) -> np.ndarray:
@@ -44,13 +45,26 @@ def standardised_in_list(x: np.ndarray) -> np.ndarray:
     return np.nan_to_num(z, nan=-10.0)
 
 
+def row_positions(x: np.ndarray, lists: np.ndarray) -> np.ndarray:
+    """The position of each x[b, j] in lists[b] (first occurrence), -1 where the row lacks it or x is padding: int64
+    [B, N] for x [B, N] and lists [B, L], one sort over every row's keys (row * id span + id)."""
+    if x.size == 0 or lists.size == 0:
+        return np.full(x.shape, -1, np.int64)
+    lo = min(int(x.min()), int(lists.min()))
+    span = max(int(x.max()), int(lists.max())) - lo + 1
+    rows = np.arange(len(x), dtype=np.int64)[:, None] * span
+    list_keys = (rows + lists - lo).ravel()
+    order = np.argsort(list_keys, kind="stable")
+    keys = (rows + x - lo).ravel()
+    at = np.minimum(np.searchsorted(list_keys[order], keys), list_keys.size - 1)
+    pos = np.where(list_keys[order][at] == keys, order[at] % lists.shape[1], -1).reshape(x.shape)
+    return np.where(x == PAD, -1, pos)
+
+
 def channel_rank_feature(candidates: np.ndarray, lists: np.ndarray) -> np.ndarray:
     """1 / (10 + the candidate's position in the row's channel list), 0 where the list lacks it: float64 [B, N]."""
-    out = np.zeros(candidates.shape)
-    for b in range(len(candidates)):
-        pos = {int(x): j for j, x in enumerate(lists[b]) if x != PAD}
-        out[b] = [1.0 / (10 + pos[int(x)]) if int(x) in pos else 0.0 for x in candidates[b]]
-    return out
+    pos = row_positions(candidates, lists)
+    return np.where(pos >= 0, 1.0 / (10 + np.maximum(pos, 0)), 0.0)
 
 
 def split_lists(data, cascade, split: str, n_retrieve: int, n_prerank: int):
@@ -66,13 +80,14 @@ def split_lists(data, cascade, split: str, n_retrieve: int, n_prerank: int):
     lo, hi = data.history.before(judge.requests.user_id, judge.requests.time_ms)
     feats.append(np.broadcast_to(np.log1p(hi - lo)[:, None], cands.shape))
     clicked = np.asarray(judge.clicked)
-    rel = np.stack([np.isin(cands[b], clicked[b][clicked[b] != PAD]) for b in range(len(cands))]).astype(np.int32)
+    rel = (row_positions(cands, clicked) >= 0).astype(np.int32)
     return np.stack(feats, -1), rel, cands, clicked, judge.requests
 
 
 def one_run(run: Path, k: int) -> dict:
-    """Per order (the teacher's, each stacker's): per-request test click-recall@k and, on the world, oracle ratio
-    (expected clicks of the top k under the world's click model / those of its best k); the splits' sizes."""
+    """Per order (the teacher's, each stacker's): test click-recall@k and, on the world, oracle ratio (expected
+    clicks of the top k under the world's click model / those of its best k), as :func:`run_summary`; the splits'
+    sizes."""
     cfg = A.read_json(run / "replay" / "manifest.json")["config"]
     data, cascade = load_cascade(run, "distilled+channels")
     xv, yv, _, _, _ = split_lists(data, cascade, "valid", cfg["n_retrieve"], cfg["n_prerank"])
@@ -87,13 +102,13 @@ def one_run(run: Path, k: int) -> dict:
     lr = LogisticRegression(C=1.0, max_iter=2000).fit(xv.reshape(-1, f), yv.reshape(-1))
     scores["logistic"] = lr.decision_function(xt.reshape(-1, f)).reshape(ct.shape)
     tops = {name: np.take_along_axis(ct, np.argsort(-s, 1, kind="stable")[:, :k], 1) for name, s in scores.items()}
-    out = {"valid_requests": int(len(xv)), "test_requests": int(len(ct)),
-           "click_recall": {name: click_recall(clicked, top).tolist() for name, top in tops.items()}}
+    per_request = {"click_recall": {name: click_recall(clicked, top) for name, top in tops.items()}}
     world_dir = run / "data" / "world"
     if (world_dir / "world.json").exists():
         world = World.load(world_dir)
         hour, tab = req.context["hour"], req.context["tab"]
         best = world.oracle_topk(req.user_id, hour, tab, k)[1].sum(axis=1)
+
         def expected_clicks(top: np.ndarray) -> np.ndarray:
             ok = (top != PAD).ravel()
             p = np.zeros(top.size)
@@ -101,21 +116,30 @@ def one_run(run: Path, k: int) -> dict:
                                           np.repeat(tab, k)[ok])
             return p.reshape(top.shape).sum(axis=1)
 
-        out["oracle_ratio"] = {name: (expected_clicks(top) / best).tolist() for name, top in tops.items()}
-    return out
+        per_request["oracle_ratio"] = {name: expected_clicks(top) / best for name, top in tops.items()}
+    return {"valid_requests": int(len(xv)), "test_requests": int(len(ct)), **run_summary(per_request)}
+
+
+def run_summary(per_request: dict) -> dict:
+    """metric -> order -> {"mean", "n" (requests it is finite on), "minus_teacher": the paired gap} of one run's
+    per-request values (metric -> order -> float64 [R])."""
+    return {metric: {name: {"mean": float(np.nanmean(v)), "n": int(np.isfinite(v).sum()),
+                            "minus_teacher": paired_difference(v, by_order["teacher's order"])}
+                     for name, v in by_order.items()}
+            for metric, by_order in per_request.items()}
 
 
 def summarise(runs: dict) -> dict:
     """Per metric and order: its mean over the runs' test requests and its gap to the teacher's order, paired per
-    run and pooled."""
+    run (:func:`run_summary`) and pooled."""
     out = {}
     for metric in ("click_recall", "oracle_ratio"):
         have = [r[metric] for r in runs.values() if metric in r]
         if not have:
             continue
-        out[metric] = {name: {"mean": float(np.nanmean(np.concatenate([h[name] for h in have]))),
-                              "minus_teacher": pooled_difference([paired_difference(h[name], h["teacher's order"])
-                                                                  for h in have])}
+        out[metric] = {name: {"mean": sum(h[name]["mean"] * h[name]["n"] for h in have) / sum(h[name]["n"]
+                                                                                        for h in have),
+                              "minus_teacher": pooled_difference([h[name]["minus_teacher"] for h in have])}
                        for name in have[0]}
     return out
 
@@ -131,8 +155,8 @@ def markdown(res: dict) -> str:
     for metric, by_order in res["summary"].items():
         label = {"click_recall": f"click-recall@{k}", "oracle_ratio": f"oracle ratio@{k}"}[metric]
         lines += [f"| order | {label} | minus the teacher's order |", "| --- | ---: | ---: |"]
-        for name, s in by_order.items():
-            g = s["minus_teacher"]
+        for name in ORDERS:  # a JSON read back holds them sorted by name
+            s, g = by_order[name], by_order[name]["minus_teacher"]
             lines.append(f"| {name} | {s['mean']:.4f} | {g['diff']:+.4f} ± {g['se']:.4f} |")
         lines.append("")
     return "\n".join(lines)
