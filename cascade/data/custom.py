@@ -283,14 +283,10 @@ def _paths(cfg: dict, toml_path: Path) -> tuple[Path, Path, list[Path], Path]:
         imp_paths = [imp_pattern]
     for key, paths in (("users", [user_path]), ("items", [item_path]), ("impressions", imp_paths)):
         for q in paths:
-            if q.is_dir():
-                raise DataValidationError(f"{toml_path}: files.{key} = {files[key]!r} names the directory {q}; "
-                                          "name a file")
-            if not q.exists():
-                raise DataValidationError(f"{toml_path}: files.{key} = {files[key]!r}: {q}: file not found")
-            if not q.is_file():
-                raise DataValidationError(f"{toml_path}: files.{key} = {files[key]!r}: {q} is not a regular file "
-                                          "(a FIFO, socket or device); copy the data to a file")
+            try:
+                check_file(q)
+            except DataValidationError as e:
+                raise DataValidationError(f"{toml_path}: files.{key} = {files[key]!r}: {e}") from None
     if cfg["csv_set"] and all(q.suffix.lower() in (".parquet", ".pq") for q in [user_path, item_path, *imp_paths]):
         raise DataValidationError(f"{toml_path}: [csv] is set but every file is parquet: its settings would do "
                                   "nothing; remove the [csv] table")

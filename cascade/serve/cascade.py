@@ -17,6 +17,7 @@ then :meth:`Cascade.recommend` also times each channel and tells which channel p
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -519,12 +520,14 @@ def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = 
 
 @contextlib.contextmanager
 def _reading(run_dir: Path) -> Iterator[None]:
-    """Hold the run's lock for a consistent read (a read-only run folder, which cannot hold a lock file: none)."""
+    """Hold the run's lock for a consistent read (a read-only run folder, which cannot hold a lock file and which
+    no process can be writing: none)."""
     with contextlib.ExitStack() as stack:
         try:
             stack.enter_context(folder_lock(run_dir, command="load_cascade"))
-        except OSError:
-            pass
+        except OSError as e:
+            if e.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                raise
         yield
 
 
