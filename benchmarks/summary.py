@@ -530,6 +530,11 @@ ROWS = [
         "kept): the multi-channel cascade vs each channel alone", None, text_only(_channels_alone)),
     Row("real_data_ml_28d_n110.json", "ML-100K 28-day test at retrieval 110 / pre-rank 22 (tried, not kept): the "
         "multi-channel cascade vs each channel alone", None, text_only(_channels_alone)),
+    Row("real_data_world_scores.json", "the world: the multi-channel cascade with a score-normalised union "
+        "(replay.merge = scores) instead of quotas (measured, not the default)", None, text_only(_channels_alone)),
+    Row("real_data_ml_origins_scores.json", "ML-100K over 4 test periods: the multi-channel cascade with a "
+        "score-normalised union (replay.merge = scores; measured, not the default)", None,
+        text_only(_channels_alone)),
     Row("real_data_quota_025.json", "the multi-channel cascade with the two-tower at 0.25 of the retrieval slots "
         "instead of 0.5 (tried, not kept)", None, text_only(_channels_alone)),
     Row("real_data_ml_origins_quota_025.json", "ML-100K over 4 test periods: the multi-channel cascade with the "

@@ -93,6 +93,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
                 return coerce(value, a, key)
             except ConfigError as e:
                 errors.append(str(e))
+        if len(errors) == 1:  # X | None: what X wants says more than the union's name
+            raise ConfigError(f"{errors[0]} (or unset)")
         raise ConfigError(f"{key}: value {value!r} is not a {_type_name(tp)}")
     if origin is typing.Literal:
         if value not in get_args(tp):

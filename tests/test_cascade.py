@@ -152,6 +152,30 @@ class FixedLists:
         return out, np.where(out == PAD, -np.inf, -np.arange(n, dtype=np.float32)[None, :]).astype(np.float32)
 
 
+def test_a_score_normalised_unions_pre_rank_keeps_each_channels_share_of_the_requests_union(toy):
+    from cascade.channels import MergedRetriever, origin_shares, quota_cut
+
+    c = toy["cascade"]
+    a = FixedLists({1: [118, 121, 124, 127], 2: [130]})
+    scored = MergedRetriever({"two_tower": c.retriever, "a": a}, None, "scores")
+    casc = Cascade(scored, c.preranker, c.ranker, prerank_quotas=True)
+    req = Requests(np.array([1, 2]), np.array([5, 5]))
+    res = casc.recommend(req, n_retrieve=10, n_prerank=4, k=2, return_stages=True)
+    ri, ro = res.stages["retrieval"][0], res.origin
+    shares = origin_shares(ro, 2)
+    # each row's shares: what each channel placed in that request's union
+    filled = ri != PAD
+    np.testing.assert_allclose(shares, [[np.mean(ro[b][filled[b]] == ch) for ch in (0, 1)] for b in range(2)])
+    assert (shares[0] > 0).all() and not np.allclose(shares[0], shares[1])
+    want = quota_cut(ri, c.preranker.scores(req, ri), ro, shares, 4)[0]
+    np.testing.assert_array_equal(res.stages["prerank"][0], want)
+    # the same per-row shares as fixed quotas give each row what its own shares give it
+    for b in range(2):
+        one = quota_cut(ri[b:b + 1], c.preranker.scores(req.take(np.array([b])), ri[b:b + 1]), ro[b:b + 1],
+                        shares[b], 4)[0]
+        np.testing.assert_array_equal(one[0], want[b])
+
+
 def _merged_cascade(toy, seen=None):
     from cascade.channels import MergedRetriever
 

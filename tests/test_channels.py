@@ -18,6 +18,7 @@ from cascade.channels import (
     MergedRetriever,
     PopularChannel,
     RecentChannel,
+    origin_shares,
     quota_cut,
 )
 from cascade.channels.classic import als_factory, recent_weights, topk_entries, weighted_rows
@@ -265,6 +266,41 @@ def test_merger_quotas_dedup_and_origin():
         MergedRetriever({"a": a}, {"a": 0.0})
 
 
+class _Scored:
+    def __init__(self, lists, scores):
+        self.lists, self.scores = np.array(lists, np.int64), np.array(scores, np.float32)
+
+    def select(self, requests, candidates, n):
+        return self.lists[:, :n], np.where(self.lists[:, :n] == PAD, -np.inf, self.scores[:, :n]).astype(np.float32)
+
+
+def test_score_normalised_union_takes_each_channels_standardised_scores_dedups_and_keeps_origin():
+    # a: scores 10, 6, 2, 2 (mean 5, std sqrt(11)): z = 1.508, 0.302, -0.905, -0.905
+    # b: scores 1000, 0, 0, PAD (mean 333.3, std 471.4 over its 3 entries): z = 1.414, -0.707, -0.707
+    # c: all equal: z = 0 for each
+    a = _Scored([[1, 2, 3, 4]], [[10, 6, 2, 2]])
+    b = _Scored([[2, 5, 6, PAD]], [[1000, 0, 0, 0]])
+    c = _Scored([[7, 3, 8, 9]], [[4, 4, 4, 4]])
+    m = MergedRetriever({"a": a, "b": b, "c": c}, None, "scores")
+    items, scores, origin = m.select_with_origin(requests_at([1], [0]), 4)
+    # by z: a1 1.508, b2 1.414, a2 0.302 (2 already placed by b), then c's four at 0 (c3 from c: a's 3 is at
+    # -0.905), b5 and b6 at -0.707, a4 at -0.905
+    np.testing.assert_array_equal(items[0], [1, 2, 7, 3])
+    np.testing.assert_array_equal(origin[0], [0, 1, 2, 2])
+    np.testing.assert_allclose(scores[0], [5 / np.sqrt(11), 2 / np.sqrt(2), 0, 0], rtol=1e-6)
+    # every item once; longer: the rest in z order, shared items once, padding never counted
+    items, _, origin = m.select_with_origin(requests_at([1], [0]), 9)
+    np.testing.assert_array_equal(items[0], [1, 2, 7, 3, 8, 9, 5, 6, 4])
+    np.testing.assert_array_equal(origin[0], [0, 1, 2, 2, 2, 2, 1, 1, 0])
+    # shifting or scaling one channel's scores changes nothing: only where they stand within its own list counts
+    moved = MergedRetriever({"a": _Scored([[1, 2, 3, 4]], [[-70, -90, -110, -110]]), "b": b, "c": c}, None, "scores")
+    np.testing.assert_array_equal(moved.select_with_origin(requests_at([1], [0]), 9)[0], items)
+    with pytest.raises(ValueError, match="has no quotas; they would do nothing"):
+        MergedRetriever({"a": a}, {"a": 1.0}, "scores")
+    with pytest.raises(ValueError, match=r"merge must be one of \['quotas', 'scores'\], got 'rrf'"):
+        MergedRetriever({"a": a}, {"a": 1.0}, "rrf")
+
+
 def test_quota_cut_keeps_each_channels_quota_in_score_order():
     # one row of 7 candidates from channels 0 (quota 1/2) and 1 and 2 (1/4 each), scored by a later stage
     items = np.array([[10, 11, 12, 13, 14, 15, PAD]])
@@ -284,6 +320,18 @@ def test_quota_cut_keeps_each_channels_quota_in_score_order():
     # equal quotas on one channel alone: the stage's own top n
     got, _, _ = quota_cut(items[:, :3], scores[:, :3], origin[:, :3], quotas, 2)
     assert got.tolist() == [[10, 11]]
+    # a quota per row: the row's own origin shares (3/6, 2/6, 1/6: keys ch0 1, 3, 5; ch1 14 -> 1.5, 13 -> 4.5;
+    # ch2 15 -> 3), and a second row where channel 0 has no share and no candidate
+    assert origin_shares(origin, 3).tolist() == [[0.5, 2 / 6, 1 / 6]]
+    two = np.array([[0, 0, 0, 1, 1, 2, -1], [-1, -1, 1, 1, 2, 2, -1]])
+    shares = origin_shares(two, 3)
+    assert shares.tolist() == [[0.5, 2 / 6, 1 / 6], [0.0, 0.5, 0.5]]
+    # n = 3. Row 0: keys 1 (10), 1.5 (14), 3 (11, and 15 at 3 too but after 11 in score order) -> 10, 11, 14;
+    # row 1 (items 12..15 from ch1 and ch2, scored .7 .1 .5 .2): ch1 12 -> 1, 13 -> 3; ch2 14 -> 1, 15 -> 3; of
+    # the equal keys 3 the better score (15) comes first
+    got, _, o = quota_cut(np.array([items[0], [PAD, PAD, 12, 13, 14, 15, PAD]]), np.repeat(scores, 2, 0), two,
+                          shares, 3)
+    assert got.tolist() == [[10, 11, 14], [12, 14, 15]] and o.tolist() == [[0, 0, 1], [1, 2, 2]]
 
 
 def test_save_and_load_serve_the_same_lists(tmp_path):

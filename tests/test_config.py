@@ -239,6 +239,31 @@ def test_model_and_training_configs_check_every_value():
             cls(**kwargs)
 
 
+@pytest.mark.parametrize("key", ["replay.two_tower_quota=0.3", "replay.channel_quotas={popular=2}"])
+def test_a_quota_setting_beside_a_score_normalised_union_is_refused(key):
+    from cascade.pipeline import load_config
+    from cascade.serve.cascade import channel_settings
+
+    name = key.split("=")[0]
+    with pytest.raises(ConfigError, match=rf"{re.escape(name)} = .* is set but replay.merge = 'scores' merges "
+                                          r"the channels by their standardised scores, without quotas: it would do "
+                                          r"nothing"):
+        load_config(None, ['replay.merge="scores"', key])
+    with pytest.raises(ValueError, match=r"replay.merge = 'scores' .* replay.two_tower_quota = 0.3 is set"):
+        channel_settings(("popular",), 0.3, None, None, "scores")
+    # the pre-rank keeps each channel's share of the request's union unless told not to
+    for sets, keep in (([], True), (["replay.prerank_quotas=false"], False)):
+        cfg = load_config(None, ['replay.merge="scores"', *sets]).replay
+        s = channel_settings(("popular", "itemcf"), cfg.two_tower_quota, cfg.prerank_quotas, cfg.channel_quotas,
+                             cfg.merge)
+        assert (s.merge, s.two_tower_quota, s.prerank_quotas, s.quotas) == ("scores", None, keep, {})
+    with pytest.raises(ConfigError, match=r"replay.merge = scores is set but replay.channels is empty.*nothing"):
+        load_config(None, ["replay.channels=[]", 'replay.merge="scores"'])
+    with pytest.raises(ConfigError, match=r"^replay.merge: value 'rrf' is not one of \['quotas', 'scores'\] "
+                                          r"\(or unset\)$"):
+        load_config(None, ['replay.merge="rrf"'])
+
+
 def test_channel_quotas_weigh_the_channels_share_of_the_retrieval_slots():
     from cascade.channels import MergedRetriever
     from cascade.pipeline import load_config

@@ -787,6 +787,56 @@ def test_channel_quotas_redo_only_the_replay_and_the_served_cascade_keeps_them(r
     assert {n: e["quota"] for n, e in per_channel.items()} == pytest.approx(want)
 
 
+def test_a_score_normalised_union_redoes_only_the_replay_and_the_served_cascade_merges_as_it_did(run_a, tmp_path):
+    """replay.merge = "scores": the replay and report alone run again; load_cascade serves the replay's lists request
+    for request, its union taken by the channels' standardised scores (not the quota union's lists), and the report
+    shows no quotas."""
+    import shutil
+
+    import numpy as np
+    import pandas as pd
+
+    from cascade.data.requests import requests_frame, to_requests
+    from cascade.serve.cascade import load_cascade
+
+    _, run_dir, _ = run_a
+    shutil.copytree(run_dir, tmp_path / "tiny")
+    cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(tmp_path))}", *A_SETS, "tracking.tensorboard=true",
+                             'replay.merge="scores"'])
+    res = run_pipeline(cfg, progress=False, update=True)
+    assert [s for s, r in res.items() if r["status"] == "ran"] == ["replay", "report"]
+    recorded = A.read_json(tmp_path / "tiny" / "replay" / "summary.json")["variants"]["distilled+channels"]
+    assert recorded["channels"] == {"merge": "scores", "quotas": None}
+    data, casc = load_cascade(tmp_path / "tiny", variant="distilled+channels")
+    # the pre-rank keeps each channel's share of the request's union (replay.prerank_quotas unset)
+    assert casc.retriever.merge == "scores" and casc.retriever.quotas is None and casc.prerank_quotas is True
+    c = A.read_manifest(tmp_path / "tiny" / "replay")["config"]
+    rows = pd.read_parquet(tmp_path / "tiny" / "replay" / "distilled+channels_requests.parquet")
+    frame = requests_frame(data.split_impressions("test"), data.context_names)
+    req = to_requests(frame.set_index("request_id").loc[rows.request_id.to_numpy()].reset_index(), data.context_names)
+    casc.seen, _ = data.seen_filter
+    b = c["batch_size"]
+    finals = [casc.recommend(req.take(np.arange(s, min(s + b, len(req)))), c["n_retrieve"], c["n_prerank"], c["k"],
+                             filter_seen=casc.seen is not None).items for s in range(0, len(req), b)]
+    np.testing.assert_array_equal(np.concatenate(finals), np.stack(rows.final_items.to_list()))
+    # the union is not the quota union's: its retrieval lists differ on most requests
+    _, quota_casc = load_cascade(run_dir, variant="distilled+channels")
+    first = req.take(np.arange(min(b, len(req))))
+    by_scores = casc.recommend(first, c["n_retrieve"], c["n_prerank"], c["k"], return_stages=True)
+    by_quotas = quota_casc.recommend(first, c["n_retrieve"], c["n_prerank"], c["k"], return_stages=True)
+    same = [set(x) == set(y) for x, y in zip(by_scores.stages["retrieval"][0], by_quotas.stages["retrieval"][0])]
+    assert np.mean(same) < 0.5
+    report = A.read_json(tmp_path / "tiny" / "report" / "report.json")["channels"]
+    assert report["merge"] == "scores" and all(e["quota"] is None for e in report["per_channel"].values())
+    md = (tmp_path / "tiny" / "report" / "report.md").read_text()
+    section = md[md.index("## Retrieval channels\n"):]
+    section = section[:section.index("\n## ")]
+    assert "| channel | click-recall@N1 alone |" in section and "quota" not in section.split("\n\n")[1]
+    assert "The union (each channel's scores standardised over its own list of the request, an item taking its " \
+           "best: replay.merge = 'scores') has click-recall@N1" in section
+    assert "the pre-rank keeps every channel's share of the request's union" in section
+
+
 def test_a_served_run_filters_seen_items_as_its_data_step_decided_and_a_request_gets_one_list_in_any_batch(
         run_a, tmp_path):
     """load_cascade serves what the replay measured: seen items filtered where the run's data step decided so (here

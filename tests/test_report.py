@@ -369,7 +369,8 @@ def test_channels_section_shows_each_channel_alone_in_the_union_and_in_the_final
     assert _md_row(section, ["popular"]) == ["popular", "0.500", "0.617", "0.382", "0.645", "0.006", "0.170",
                                              "0.070", "+0.0089 ± 0.0031 *"]
     assert "oracle ratio" not in section
-    assert "click-recall@N1 is 0.651" in section and "the pre-rank keeps every channel's quota" in section
+    assert "The union (the channels interleaved by quota) has click-recall@N1 0.651" in section
+    assert "the pre-rank keeps every channel's quota" in section
     # of the teacher's top-K: the union's N1 0.9148 -> 0.915, the best single channel two_tower's 0.8597 -> 0.860
     assert "the union's N1 holds 0.915 and the best single channel's (two_tower) 0.860" in section
 

@@ -4,11 +4,12 @@ Every channel answers the stage contract ``select(requests, None, n) -> (item_id
 classic ones (:mod:`.classic`: most-popular in a trailing window, the user's recent items, item-to-item
 collaborative filtering, content categories, ALS matrix factorisation, EASE item-item weights) read logged history
 strictly before each request, and what they learn comes from the train period only.
-:class:`~.merge.MergedRetriever` unites several channels into one retrieval stage with per-channel quotas, keeping
-each candidate's channel of origin; :func:`~.merge.quota_cut` keeps those quotas when the pre-rank stage cuts the
-union. Each channel alone is also a reference baseline of the replay, as is :class:`~.popular_ease.PopularEase`, the
-classic prior most-popular + EASE the teacher's collaborative term chooses. :func:`~.classic.load_channels` reads back
-the channels a run's channels step saved (hash-checked), for the replay and for serving.
+:class:`~.merge.MergedRetriever` unites several channels into one retrieval stage, by per-channel quotas or by
+their standardised scores, keeping each candidate's channel of origin; :func:`~.merge.quota_cut` keeps those quotas
+when the pre-rank stage cuts the union. Each channel alone is also a reference baseline of the replay, as is
+:class:`~.popular_ease.PopularEase`, the classic prior most-popular + EASE the teacher's collaborative term chooses.
+:func:`~.classic.load_channels` reads back the channels a run's channels step saved (hash-checked), for the replay
+and for serving.
 """
 
 from .classic import (
@@ -24,9 +25,9 @@ from .classic import (
     saved_channel_names,
     why_left_out,
 )
-from .merge import MergedRetriever, quota_cut
+from .merge import MERGES, MergedRetriever, origin_shares, quota_cut
 from .popular_ease import PopularEase
 
-__all__ = ["CHANNELS", "ALSChannel", "Channel", "ContentChannel", "EaseChannel", "ItemCFChannel", "MergedRetriever",
-           "PopularChannel", "PopularEase", "RecentChannel", "load_channels", "quota_cut",
-           "saved_channel_names", "why_left_out"]
+__all__ = ["CHANNELS", "MERGES", "ALSChannel", "Channel", "ContentChannel", "EaseChannel", "ItemCFChannel",
+           "MergedRetriever", "PopularChannel", "PopularEase", "RecentChannel", "load_channels", "origin_shares",
+           "quota_cut", "saved_channel_names", "why_left_out"]

@@ -1,5 +1,6 @@
-"""Several retrieval channels as one retrieval stage: their union, de-duplicated, with quotas and origins; and the
-same quotas kept when a later stage cuts the union (:func:`quota_cut`)."""
+"""Several retrieval channels as one retrieval stage: their union, de-duplicated, with origins, merged by quotas or
+by each channel's standardised scores; and the same quotas kept when a later stage cuts the union
+(:func:`quota_cut`)."""
 
 from __future__ import annotations
 
@@ -13,12 +14,22 @@ from ..data.requests import Requests
 from .classic import check_select
 
 
+def origin_shares(origin: np.ndarray, n_channels: int) -> np.ndarray:
+    """Each channel's share of each row's filled entries: origin int [B, M] (channel index, < 0 at padding) ->
+    float64 [B, n_channels], rows summing to 1 (0 where a row is empty)."""
+    counts = np.zeros((origin.shape[0], n_channels))
+    rows, cols = np.nonzero(origin >= 0)
+    np.add.at(counts, (rows, origin[rows, cols]), 1.0)
+    return counts / np.maximum(counts.sum(axis=1, keepdims=True), 1.0)
+
+
 def quota_keys(origin: np.ndarray, quotas: np.ndarray) -> np.ndarray:
     """Weighted-interleaving keys float64 [B, M] of a list whose elements come from channels ``origin`` int [B, M]
-    (index into ``quotas``; < 0 at padding), each channel's elements in its own order: the element that is channel
-    c's r-th (0-based) in its row gets (r + 0.5) / quotas[c], padding inf. Taking elements in key order gives
-    every channel about its quota of any prefix. (:class:`MergedRetriever` has each channel's list as one block,
-    where r is the column: it computes these keys directly, 13x faster than here for 256 requests x 3,000.)"""
+    (index into ``quotas`` [C], or [B, C] for a quota per row; < 0 at padding), each channel's elements in its own
+    order: the element that is channel c's r-th (0-based) in its row gets (r + 0.5) / quotas[c], padding inf.
+    Taking elements in key order gives every channel about its quota of any prefix. (:class:`MergedRetriever` has
+    each channel's list as one block, where r is the column: it computes these keys directly, 13x faster than here
+    for 256 requests x 3,000.)"""
     order = np.argsort(origin, axis=1, kind="stable")  # each channel's elements together, in their own order
     grouped = np.take_along_axis(origin, order, 1)
     pos = np.broadcast_to(np.arange(origin.shape[1]), origin.shape)
@@ -26,15 +37,19 @@ def quota_keys(origin: np.ndarray, quotas: np.ndarray) -> np.ndarray:
     first[:, 1:] = grouped[:, 1:] != grouped[:, :-1]
     rank = np.empty(origin.shape, np.int64)
     np.put_along_axis(rank, order, pos - np.maximum.accumulate(np.where(first, pos, 0), axis=1), 1)
-    return np.where(origin >= 0, (rank + 0.5) / quotas[np.maximum(origin, 0)], np.inf)
+    c = np.maximum(origin, 0)
+    q = quotas[c] if quotas.ndim == 1 else np.take_along_axis(quotas, c, 1)
+    with np.errstate(divide="ignore"):  # a channel with no share in a row has no element there
+        return np.where(origin >= 0, (rank + 0.5) / q, np.inf)
 
 
 def quota_cut(items: np.ndarray, scores: np.ndarray, origin: np.ndarray, quotas: np.ndarray,
               n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The n of each row that a later stage keeps when every channel keeps its quota: items int64 [B, M] (distinct
-    per row, PAD-padded) scored ``scores`` [B, M] by that stage, from channels ``origin`` [B, M] (-1 at PAD); each
-    channel's items in score order, interleaved by :func:`quota_keys` (a channel with fewer items leaves its slots
-    to the others). Returns (items, scores, origin) [B, n], best score first, PAD / -inf / -1 where a row is short."""
+    """The n of each row that a later stage keeps when every channel keeps its quota (``quotas`` [C], or [B, C] per
+    row): items int64 [B, M] (distinct per row, PAD-padded) scored ``scores`` [B, M] by that stage, from channels
+    ``origin`` [B, M] (-1 at PAD); each channel's items in score order, interleaved by :func:`quota_keys` (a channel
+    with fewer items leaves its slots to the others). Returns (items, scores, origin) [B, n], best score first,
+    PAD / -inf / -1 where a row is short."""
     order = np.argsort(-np.where(items == PAD, -np.inf, scores), axis=1, kind="stable")
     items, scores, origin = (np.take_along_axis(x, order, 1) for x in (items, scores, origin))
     origin = np.where(items == PAD, -1, origin)
@@ -44,26 +59,57 @@ def quota_cut(items: np.ndarray, scores: np.ndarray, origin: np.ndarray, quotas:
     return out[0], np.where(short, -np.inf, out[1]).astype(np.float32), np.where(short, -1, out[2]).astype(np.int8)
 
 
+def standardised(scores: np.ndarray) -> np.ndarray:
+    """Each row of one channel's list scores float [B, n] (-inf at padding) as z-scores over its own finite
+    entries: (s - mean) / std, 0 where a row's entries are all equal; padding stays -inf. float64 [B, n]."""
+    s = np.asarray(scores, np.float64)
+    ok = np.isfinite(s)
+    count = np.maximum(ok.sum(axis=1, keepdims=True), 1)
+    mean = np.where(ok, s, 0.0).sum(axis=1, keepdims=True) / count
+    std = np.sqrt(np.where(ok, (s - mean) ** 2, 0.0).sum(axis=1, keepdims=True) / count)
+    z = np.divide(s - mean, std, out=np.zeros_like(s), where=ok & (std > 0))
+    return np.where(ok, z, -np.inf)
+
+
+#: how a :class:`MergedRetriever` merges its channels' lists
+MERGES = ("quotas", "scores")
+
+
 class MergedRetriever:
     """The union of several channels' lists, cut to n, each candidate tagged with the channel that placed it.
 
     channels: name -> a stage answering ``select(requests, None, n)`` (the two-tower Retriever, the classic
-    channels). quotas: name -> share of the n slots (> 0; normalised to sum 1). Weighted interleaving: channel c's
-    item at rank r (0-based) gets the key (r + 0.5) / quota_c; the union is taken in key order and an item several
-    channels propose keeps its best key, so every channel fills about its quota of the slots and a shared item
-    takes one. scores: -key (higher comes first). It holds no state a call changes: threads may share it.
+    channels). merge "quotas": quotas (name -> share of the n slots, > 0; normalised to sum 1) by weighted
+    interleaving: channel c's item at rank r (0-based) gets the key (r + 0.5) / quota_c, so every channel fills
+    about its quota of the slots. merge "scores" (quotas None): a score-normalised union (CombMAX over z-scores):
+    each channel's scores are standardised over its own list of the request (:func:`standardised`), and the key is
+    minus that z-score, so a channel takes the slots where its scores stand out of its own list. Either way the
+    union is taken in key order and an item several channels propose keeps its best key (a shared item takes one
+    slot; ties: the earlier channel). scores: -key (higher comes first). It holds no state a call changes: threads
+    may share it.
     """
 
-    def __init__(self, channels: Mapping[str, object], quotas: Mapping[str, float]) -> None:
+    def __init__(self, channels: Mapping[str, object], quotas: Mapping[str, float] | None,
+                 merge: str = "quotas") -> None:
         if not channels:
             raise ValueError("MergedRetriever: no channels")
-        if set(quotas) != set(channels):
-            raise ValueError(f"MergedRetriever: quotas name {sorted(quotas)}, the channels are {sorted(channels)}")
+        if merge not in MERGES:
+            raise ValueError(f"MergedRetriever: merge must be one of {list(MERGES)}, got {merge!r}")
+        self.names = list(channels)
+        self.channels = [channels[k] for k in self.names]
+        self.merge = merge
+        self.quotas: np.ndarray | None = None
+        if merge == "scores":
+            if quotas is not None:
+                raise ValueError("MergedRetriever: a score-normalised union (merge='scores') has no quotas; they "
+                                 "would do nothing: pass quotas=None")
+            return
+        if quotas is None or set(quotas) != set(channels):
+            raise ValueError(f"MergedRetriever: quotas name {sorted(quotas or ())}, the channels are "
+                             f"{sorted(channels)}")
         bad = {k: v for k, v in quotas.items() if not (np.isfinite(v) and v > 0)}
         if bad:
             raise ValueError(f"MergedRetriever: every quota must be finite and > 0, got {bad}")
-        self.names = list(channels)
-        self.channels = [channels[k] for k in self.names]
         total = float(sum(quotas.values()))
         self.quotas = np.array([quotas[k] / total for k in self.names])
 
@@ -80,12 +126,15 @@ class MergedRetriever:
         items, keys, origin = [], [], []
         for c, ch in enumerate(self.channels):
             t0 = time.perf_counter()
-            i, _ = ch.select(requests, None, n)
+            i, s = ch.select(requests, None, n)
             if timing is not None:
                 timing[self.names[c]] = timing.get(self.names[c], 0.0) + time.perf_counter() - t0
-            key = (np.arange(i.shape[1]) + 0.5) / self.quotas[c]  # quota_keys of a list that is one channel's
+            if self.quotas is not None:  # quota_keys of a list that is one channel's
+                key = np.broadcast_to((np.arange(i.shape[1]) + 0.5) / self.quotas[c], i.shape)
+            else:
+                key = -standardised(s)
             items.append(i)
-            keys.append(np.where(i == PAD, np.inf, key[None, :]))
+            keys.append(np.where(i == PAD, np.inf, key))
             origin.append(np.full(i.shape, c, np.int8))
         items, keys, origin = (np.concatenate(x, axis=1) for x in (items, keys, origin))
         order = np.argsort(keys, axis=1, kind="stable")  # ties: the earlier channel first

@@ -612,12 +612,16 @@ class ReplaySection:
     # multi-channel cascade. prerank_quotas: its pre-rank keeps
     # those quotas (unset: true; each channel's candidates in pre-rank score order, interleaved by quota) instead of
     # cutting the union by the pre-rank score alone, which keeps almost only the two-tower's own candidates
-    # (cascade/serve/cascade.py: channel_settings). Any of the three set beside no channels is an error: it would do
-    # nothing; so is a channel_quotas key that names no channel of the union.
+    # (cascade/serve/cascade.py: channel_settings). merge: how the union is taken, "quotas" (unset: the above) or
+    # "scores": each channel's scores standardised over its own list of the request, the union by the best of them
+    # (cascade.channels.MergedRetriever); there two_tower_quota and channel_quotas would do nothing and are an
+    # error, and prerank_quotas keeps each channel's share of the request's union. Any of the four set beside no
+    # channels is an error: it would do nothing; so is a channel_quotas key that names no channel of the union.
     channels: tuple[str, ...] | None = None
     two_tower_quota: float | None = None
     channel_quotas: dict[str, float] | None = None
     prerank_quotas: bool | None = None
+    merge: Literal["quotas", "scores"] | None = None
 
     def __post_init__(self) -> None:
         for name in ("k", "n_prerank", "n_retrieve", "batch_size", "latency_requests"):
@@ -651,8 +655,14 @@ class ReplaySection:
             bad = {k: v for k, v in self.channel_quotas.items() if not positive(v)}
             if bad:
                 raise ValueError(f"replay.channel_quotas: every weight must be a finite number > 0, got {bad}")
+        if self.merge == "scores":
+            shaping = [n for n in ("two_tower_quota", "channel_quotas") if getattr(self, n) is not None]
+            if shaping:
+                raise ValueError(f"replay.{shaping[0]} = {getattr(self, shaping[0])} is set but replay.merge = "
+                                 "'scores' merges the channels by their standardised scores, without quotas: it "
+                                 "would do nothing (leave it unset, or set replay.merge = 'quotas')")
         if self.channels == ():
-            for name in ("two_tower_quota", "channel_quotas", "prerank_quotas"):
+            for name in ("two_tower_quota", "channel_quotas", "prerank_quotas", "merge"):
                 if getattr(self, name) is not None:
                     raise ValueError(f"replay.{name} = {getattr(self, name)} is set but replay.channels is empty: "
                                      "it shapes the multi-channel cascade, which is not replayed, so it would do "
@@ -745,7 +755,7 @@ class PipelineConfig:
             raise ConfigError(f"ranklog.channel_share = {self.ranklog.channel_share} but no channel to draw from "
                               f"(ranklog.channels = {_listed(self.ranklog.channels)}, channels.build = "
                               f"{list(built)}): name channels, or set ranklog.channel_share = 0")
-        shaping = [k for k in ("two_tower_quota", "channel_quotas", "prerank_quotas")
+        shaping = [k for k in ("two_tower_quota", "channel_quotas", "prerank_quotas", "merge")
                    if getattr(self.replay, k) is not None]
         if self.replay.channels is None and not built and shaping:
             raise ConfigError(f"replay.{shaping[0]} = {getattr(self.replay, shaping[0])} is set but channels.build "

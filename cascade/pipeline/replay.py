@@ -173,16 +173,18 @@ def run(ctx: StepContext) -> StepResult:
                              f"(it built {sorted(channels)}{why_left_out(ctx.inputs['channels'], missing)})")
         retr, pre, index = towers["distilled"]
         # the cascade load_cascade(run, "distilled+channels") serves
-        settings = channel_settings(union, c.two_tower_quota, c.prerank_quotas, c.channel_quotas)
+        settings = channel_settings(union, c.two_tower_quota, c.prerank_quotas, c.channel_quotas, c.merge)
         casc = build_cascade(data, retr, pre, ranker, index, seen, channels={n: channels[n] for n in union},
                              two_tower_quota=settings.two_tower_quota, prerank_quotas=settings.prerank_quotas,
-                             channel_quotas=settings.quotas)
+                             channel_quotas=settings.quotas, merge=settings.merge)
         merged = casc.retriever
         name = CHANNELS_VARIANT
         variants[name] = measure(name, casc, stage_auc(None, pre.scorer(data)(req_t, cand)[:, 0]))
-        variants[name]["channels"] = {"quotas": dict(zip(merged.names, merged.quotas.tolist()))}
+        variants[name]["channels"] = {"merge": merged.merge, "quotas": None if merged.quotas is None else
+                                      dict(zip(merged.names, merged.quotas.tolist()))}
         channel_report = channel_contributions(merged, requests, inp, c.n_retrieve, c.k, seen)
         channel_report["prerank_quotas"] = settings.prerank_quotas
+        channel_report["merge"] = settings.merge
         finals = np.stack(per_request[name]["final_items"].to_list())
         channel_report["final_origin_share"] = final_origin_share(merged, sampled, c.n_retrieve, seen,
                                                                   finals[sample_rows])
@@ -267,20 +269,23 @@ def replayed_requests(frame: pd.DataFrame, test: pd.DataFrame, max_requests: int
 def channel_contributions(merged: MergedRetriever, requests, inp: ReplayInputs, n: int, k: int, seen) -> dict:
     """Per channel of the merged retrieval stage, on the (sampled) test requests: its own click-recall@n and
     teacher-recall@k within its top n, and what the union loses without it (click-recall@n of the union minus that
-    of the union of the others, quotas renormalised); the union's own click-recall@n and teacher-recall@k."""
+    of the union of the others, merged the same way, quotas renormalised); the union's own click-recall@n and
+    teacher-recall@k."""
     rows = np.arange(len(requests)) if inp.in_sample is None else np.flatnonzero(inp.in_sample)
     requests = requests.take(rows)
     full = list_quality(select_unseen(merged, requests, n, seen)[0], inp, rows, k)
     full_recall = float(np.nanmean(full["click_recall"]))
     out = {"union_click_recall": full_recall, "union_teacher_recall": float(np.nanmean(full["teacher_recall"])),
            "per_channel": {}}
-    for name, ch, q in zip(merged.names, merged.channels, merged.quotas):
+    shares = [None] * len(merged.names) if merged.quotas is None else merged.quotas.tolist()
+    for name, ch, q in zip(merged.names, merged.channels, shares):
         alone = list_quality(select_unseen(ch, requests, n, seen)[0], inp, rows, k)
         others = {m: c for m, c in zip(merged.names, merged.channels) if m != name}
-        quotas = {m: float(qq) for m, qq in zip(merged.names, merged.quotas) if m != name}
-        without = float(np.nanmean(list_quality(select_unseen(MergedRetriever(others, quotas), requests, n, seen)[0],
-                                                inp, rows, k)["click_recall"])) if others else 0.0
-        out["per_channel"][name] = {"quota": float(q), "click_recall_alone": float(np.nanmean(alone["click_recall"])),
+        quotas = None if q is None else {m: qq for m, qq in zip(merged.names, shares) if m != name}
+        without = float(np.nanmean(list_quality(
+            select_unseen(MergedRetriever(others, quotas, merged.merge), requests, n, seen)[0], inp, rows, k
+        )["click_recall"])) if others else 0.0
+        out["per_channel"][name] = {"quota": q, "click_recall_alone": float(np.nanmean(alone["click_recall"])),
                                     "teacher_recall_alone": float(np.nanmean(alone["teacher_recall"])),
                                     "union_without": without, "marginal": full_recall - without}
     return out

@@ -30,7 +30,7 @@ import torch
 
 from .. import artifacts as A
 from ..arrays import PAD, distinct, first_occurrences, topk_rows
-from ..channels import MergedRetriever, load_channels, quota_cut, saved_channel_names
+from ..channels import MergedRetriever, load_channels, origin_shares, quota_cut, saved_channel_names
 from ..data.history import EventHistory
 from ..data.requests import Requests
 from ..index.faiss_index import ItemIndex
@@ -244,7 +244,8 @@ class Cascade:
     the request never reaches a list, unless ``recommend(..., filter_seen=False)``.
 
     prerank_quotas: with a multi-channel retriever, the pre-rank keeps the retriever's channel quotas
-    (:func:`~cascade.channels.quota_cut`: each channel's candidates in pre-rank score order, interleaved by quota)
+    (:func:`~cascade.channels.quota_cut`: each channel's candidates in pre-rank score order, interleaved by quota;
+    a score-normalised union has none, and each channel's share of the request's union stands in for its quota)
     instead of its best n_prerank overall. The pre-rank tower is a student of the same teacher as the two-tower
     retriever: cutting by its score alone keeps almost only the two-tower's own candidates, and the other channels'
     never reach the ranker. Needs a :class:`PairScorer` pre-rank (it scores every candidate).
@@ -323,7 +324,10 @@ class Cascade:
                 ri, rs = select_unseen(self.retriever, req, n_retrieve, seen)
             t1 = time.perf_counter()
             if self.prerank_quotas:
-                pi, ps, _ = quota_cut(ri, self.preranker.scores(req, ri), ro, self.retriever.quotas, n_prerank)
+                quotas = self.retriever.quotas
+                if quotas is None:  # a score-normalised union: each channel's share of the request's union
+                    quotas = origin_shares(ro, len(channels))
+                pi, ps, _ = quota_cut(ri, self.preranker.scores(req, ri), ro, quotas, n_prerank)
             else:
                 pi, ps = self.preranker.select(req, ri, n_prerank)
             t2 = time.perf_counter()
@@ -355,14 +359,15 @@ TWO_TOWER_QUOTA = 0.5  # the two-tower's share of the retrieval slots beside the
 
 def build_cascade(data: RunData, retrieval: Towers, prerank: Towers, ranker: torch.nn.Module, index,
                   seen: EventHistory | None = None, channels: Mapping[str, Stage] | None = None,
-                  two_tower_quota: float = TWO_TOWER_QUOTA, prerank_quotas: bool = False,
-                  channel_quotas: Mapping[str, float] | None = None, autocast: str = "auto") -> Cascade:
+                  two_tower_quota: float | None = TWO_TOWER_QUOTA, prerank_quotas: bool = False,
+                  channel_quotas: Mapping[str, float] | None = None, autocast: str = "auto",
+                  merge: str = "quotas") -> Cascade:
     """retrieval tower + index -> pre-rank tower -> ranker (teacher or distilled student). channels: classic
     channels (name -> stage) retrieving beside the two-tower (:func:`merged_retriever`, with ``two_tower_quota``
-    and ``channel_quotas``), or None / {}: the two-tower alone; prerank_quotas: the pre-rank keeps their quotas
-    (:class:`Cascade`)."""
-    retriever = (merged_retriever(data, retrieval, index, channels, two_tower_quota, channel_quotas) if channels
-                 else Retriever(lambda r: retrieval.user_embed(data, r), index, retrieval, data))
+    and ``channel_quotas``, or ``merge="scores"``), or None / {}: the two-tower alone; prerank_quotas: the
+    pre-rank keeps their quotas (:class:`Cascade`)."""
+    retriever = (merged_retriever(data, retrieval, index, channels, two_tower_quota, channel_quotas, merge)
+                 if channels else Retriever(lambda r: retrieval.user_embed(data, r), index, retrieval, data))
     return cascade_from(data, retriever, prerank, ranker, seen, prerank_quotas, autocast)
 
 
@@ -378,13 +383,17 @@ def cascade_from(data: RunData, retriever: Stage, prerank: Towers, ranker: torch
 
 
 def merged_retriever(data: RunData, retrieval: Towers, index, channels: Mapping[str, Stage],
-                     two_tower_quota: float, channel_quotas: Mapping[str, float] | None = None) -> MergedRetriever:
-    """The two-tower retriever (user tower + index) and ``channels`` as one retrieval stage: the two-tower takes
-    ``two_tower_quota`` of the slots, the channels share the rest (:func:`channel_shares`; in ``channels``' order,
-    which breaks ties between equal keys)."""
-    if channels and not 0.0 < two_tower_quota < 1.0:
-        raise ValueError(f"two_tower_quota must be in (0, 1) beside channels, got {two_tower_quota}")
+                     two_tower_quota: float | None, channel_quotas: Mapping[str, float] | None = None,
+                     merge: str = "quotas") -> MergedRetriever:
+    """The two-tower retriever (user tower + index) and ``channels`` as one retrieval stage (in ``channels``'
+    order, which breaks ties between equal keys). merge "quotas": the two-tower takes ``two_tower_quota`` of the
+    slots, the channels share the rest (:func:`channel_shares`); "scores": the score-normalised union
+    (:class:`~cascade.channels.MergedRetriever`), where the quotas are not used."""
     two_tower = Retriever(lambda r: retrieval.user_embed(data, r), index, retrieval, data)
+    if merge == "scores":
+        return MergedRetriever({"two_tower": two_tower, **channels}, None, merge)
+    if channels and not (two_tower_quota is not None and 0.0 < two_tower_quota < 1.0):
+        raise ValueError(f"two_tower_quota must be in (0, 1) beside channels, got {two_tower_quota}")
     return MergedRetriever({"two_tower": two_tower, **channels},
                            {"two_tower": two_tower_quota, **channel_shares(list(channels), two_tower_quota,
                                                                            channel_quotas)})
@@ -410,13 +419,16 @@ def channel_shares(channels: Sequence[str], two_tower_quota: float,
 @dataclass(frozen=True)
 class ChannelSettings:
     """How a run's replay builds "distilled+channels": its channels, the two-tower's share of the retrieval slots,
-    each channel's weight in the rest (``channel_quotas``, aligned with ``channels``; :func:`channel_shares`), and
-    whether the pre-rank keeps the channels' quotas (:class:`Cascade`)."""
+    each channel's weight in the rest (``channel_quotas``, aligned with ``channels``; :func:`channel_shares`),
+    whether the pre-rank keeps the channels' quotas (:class:`Cascade`), and how the union merges (``merge``:
+    "quotas", or "scores" where there are no quotas and the pre-rank keeps each channel's share of the request's
+    union instead)."""
 
     channels: tuple[str, ...]
-    two_tower_quota: float
+    two_tower_quota: float | None
     prerank_quotas: bool
     channel_quotas: tuple[float, ...] = ()
+    merge: str = "quotas"
 
     @property
     def quotas(self) -> dict[str, float]:
@@ -439,14 +451,27 @@ def union_channels(configured: Sequence[str] | None, saved: Sequence[str]) -> tu
 
 def channel_settings(channels: Sequence[str], two_tower_quota: float | None = None,
                      prerank_quotas: bool | None = None,
-                     channel_quotas: Mapping[str, float] | None = None) -> ChannelSettings:
-    """The :class:`ChannelSettings` of a replay's ``channels``, an unset (None) quota or pre-rank choice taking
-    the default: :data:`TWO_TOWER_QUOTA`, channels weighing 1 each, and a pre-rank that keeps the quotas. A
-    ``channel_quotas`` weight for a channel not in ``channels`` raises (:func:`channel_shares`)."""
+                     channel_quotas: Mapping[str, float] | None = None,
+                     merge: str | None = None) -> ChannelSettings:
+    """The :class:`ChannelSettings` of a replay's ``channels``, an unset (None) quota, pre-rank or merge choice
+    taking the default: :data:`TWO_TOWER_QUOTA`, channels weighing 1 each, a pre-rank that keeps the quotas, and
+    the union by quotas. A ``channel_quotas`` weight for a channel not in ``channels`` raises
+    (:func:`channel_shares`), and so does a quota setting beside ``merge="scores"`` (it would do nothing)."""
+    keep = True if prerank_quotas is None else bool(prerank_quotas)
+    if merge == "scores":
+        shaping = {k: v for k, v in (("two_tower_quota", two_tower_quota), ("channel_quotas", channel_quotas))
+                   if v is not None}
+        if shaping:
+            raise ValueError(f"replay.merge = 'scores' merges the channels by their standardised scores, without "
+                             f"quotas, but {', '.join(f'replay.{k} = {v}' for k, v in shaping.items())} is set: it "
+                             f"would do nothing (leave it unset, or set replay.merge = 'quotas')")
+        return ChannelSettings(tuple(channels), None, keep, (), "scores")
+    if merge not in (None, "quotas"):
+        raise ValueError(f"replay.merge must be 'quotas' or 'scores', got {merge!r}")
     quota = TWO_TOWER_QUOTA if two_tower_quota is None else float(two_tower_quota)
     channel_shares(channels, quota, channel_quotas)  # checks the weights
     weights = tuple(float((channel_quotas or {}).get(n, 1.0)) for n in channels)
-    return ChannelSettings(tuple(channels), quota, True if prerank_quotas is None else bool(prerank_quotas), weights)
+    return ChannelSettings(tuple(channels), quota, keep, weights)
 
 
 def run_channel_settings(run_dir: str | Path) -> ChannelSettings:
@@ -468,7 +493,7 @@ def run_channel_settings(run_dir: str | Path) -> ChannelSettings:
                               f"{CHANNELS_VARIANT!r} cascade")
     channels = union_channels(replay["channels"], saved_channel_names(run_dir / "channels"))
     return channel_settings(channels, replay["two_tower_quota"], replay.get("prerank_quotas", False),
-                            replay.get("channel_quotas"))
+                            replay.get("channel_quotas"), replay.get("merge"))
 
 
 def cascade_variants(run_dir: str | Path) -> list[str]:
@@ -566,7 +591,7 @@ def _load_cascade(run_dir: Path, variant: str, ranker: str, data: RunData | None
     channels = load_channels(run_dir / "channels", data.history, list(settings.channels))
     return data, build_cascade(data, retr, pre, model, index, seen, channels=channels,
                                two_tower_quota=settings.two_tower_quota, prerank_quotas=settings.prerank_quotas,
-                               channel_quotas=settings.quotas, autocast=autocast)
+                               channel_quotas=settings.quotas, autocast=autocast, merge=settings.merge)
 
 
 def trace_requests(data: RunData, cascade: Cascade, requests: Requests, n_retrieve: int, n_prerank: int, k: int,

@@ -462,13 +462,20 @@ def _section_channels(data: Mapping) -> Section:
     frame = pd.DataFrame(rows)
     if not oracle:
         frame = frame.drop(columns=["alone: oracle ratio", "all minus it: oracle ratio"])
+    by_scores = ch.get("merge") == "scores"
+    if by_scores:  # a score-normalised union has no quotas
+        frame, keys = frame.drop(columns=["quota"]), keys[:1] + keys[2:]
     sec.blocks.append(("table", Table(frame, keys)))
-    cut = ("the pre-rank keeps every channel's quota (each channel's candidates in pre-rank score order, "
-           "interleaved by quota)" if ch.get("prerank_quotas") else
+    quota = "share of the request's union" if by_scores else "quota"
+    cut = (f"the pre-rank keeps every channel's {quota} (each channel's candidates in pre-rank score order, "
+           f"interleaved by {quota})" if ch.get("prerank_quotas") else
            "the pre-rank keeps its best N2 of the union by its own score")
     union = format_value(ch.get("union_click_recall"), "click_recall")
-    sec.blocks.append(("p", f"The union's click-recall@N1 is {union}; marginal: what it loses without the channel "
-                            f"(the others' quotas renormalised). Share of final items: the channel that placed each "
+    how, others = (("each channel's scores standardised over its own list of the request, an item taking its best: "
+                    "replay.merge = 'scores'", "the others merged the same way") if by_scores else
+                   ("the channels interleaved by quota", "the others' quotas renormalised"))
+    sec.blocks.append(("p", f"The union ({how}) has click-recall@N1 {union}; marginal: what it loses without the "
+                            f"channel ({others}). Share of final items: the channel that placed each "
                             f"final item in the union; {cut}. Alone end to end: the channel as the whole retrieval "
                             f"stage, the same pre-rank and ranker after it (two_tower: the distilled cascade); all "
                             f"channels minus it: the multi-channel cascade's per-request value minus that cascade's, "
