@@ -60,13 +60,14 @@ def quota_cut(items: np.ndarray, scores: np.ndarray, origin: np.ndarray, quotas:
 
 
 def standardised(scores: np.ndarray) -> np.ndarray:
-    """Each row of one channel's list scores float [B, n] (-inf at padding) as z-scores over its own finite
-    entries: (s - mean) / std, 0 where a row's entries are all equal; padding stays -inf. float64 [B, n]."""
+    """Each list of scores float [..., n] (one channel's list of one request on the last axis; -inf at padding) as
+    z-scores over its own finite entries: (s - mean) / std, 0 where a list's entries are all equal; padding stays
+    -inf. float64 [..., n]."""
     s = np.asarray(scores, np.float64)
     ok = np.isfinite(s)
-    count = np.maximum(ok.sum(axis=1, keepdims=True), 1)
-    mean = np.where(ok, s, 0.0).sum(axis=1, keepdims=True) / count
-    std = np.sqrt(np.where(ok, (s - mean) ** 2, 0.0).sum(axis=1, keepdims=True) / count)
+    count = np.maximum(ok.sum(axis=-1, keepdims=True), 1)
+    mean = np.where(ok, s, 0.0).sum(axis=-1, keepdims=True) / count
+    std = np.sqrt(np.where(ok, (s - mean) ** 2, 0.0).sum(axis=-1, keepdims=True) / count)
     z = np.divide(s - mean, std, out=np.zeros_like(s), where=ok & (std > 0))
     return np.where(ok, z, -np.inf)
 
@@ -123,20 +124,25 @@ class MergedRetriever:
         """(items int64 [B, n], scores float32 [B, n], origin int8 [B, n]: index into ``names``, -1 at PAD).
         timing: where given, each channel's wall seconds are added to ``timing[name]``."""
         check_select("merged", None, n)
-        items, keys, origin = [], [], []
-        for c, ch in enumerate(self.channels):
+        lists = []
+        for name, ch in zip(self.names, self.channels):
             t0 = time.perf_counter()
-            i, s = ch.select(requests, None, n)
+            lists.append(ch.select(requests, None, n))
             if timing is not None:
-                timing[self.names[c]] = timing.get(self.names[c], 0.0) + time.perf_counter() - t0
-            if self.quotas is not None:  # quota_keys of a list that is one channel's
-                key = np.broadcast_to((np.arange(i.shape[1]) + 0.5) / self.quotas[c], i.shape)
-            else:
-                key = -standardised(s)
-            items.append(i)
-            keys.append(np.where(i == PAD, np.inf, key))
-            origin.append(np.full(i.shape, c, np.int8))
-        items, keys, origin = (np.concatenate(x, axis=1) for x in (items, keys, origin))
+                timing[name] = timing.get(name, 0.0) + time.perf_counter() - t0
+        w = max(i.shape[1] for i, _ in lists)  # a channel may return fewer than n: padded to the widest
+        if any(i.shape[1] < w for i, _ in lists):
+            lists = [(np.pad(i, ((0, 0), (0, w - i.shape[1])), constant_values=PAD),
+                      np.pad(s, ((0, 0), (0, w - s.shape[1])), constant_values=-np.inf)) for i, s in lists]
+        items = np.stack([i for i, _ in lists], axis=1)  # [B, C, w]: every channel's list in channel order
+        if self.quotas is not None:  # quota_keys of lists that are one channel's each
+            keys = np.broadcast_to((np.arange(w) + 0.5) / self.quotas[:, None], items.shape)
+        else:
+            keys = -standardised(np.stack([s for _, s in lists], axis=1))
+        b = items.shape[0]
+        keys = np.where(items == PAD, np.inf, keys).reshape(b, -1)
+        items = items.reshape(b, -1)
+        origin = np.broadcast_to(np.repeat(np.arange(len(lists), dtype=np.int8), w), items.shape)
         order = np.argsort(keys, axis=1, kind="stable")  # ties: the earlier channel first
         items, keys, origin = (np.take_along_axis(x, order, 1) for x in (items, keys, origin))
         cols = first_occurrence_columns(items, n)
