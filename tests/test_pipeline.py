@@ -657,6 +657,38 @@ def test_a_tracking_store_mlflow_cannot_use_is_a_one_line_error_before_any_step(
     assert made == [".lock", "config.json", "run.log"]  # no step ran
 
 
+def test_mlflows_long_refusal_keeps_its_remedy_and_the_hint_fits_the_installed_package(tmp_path, monkeypatch):
+    """MLflow says what to do at the end of a long message (a file store: "set MLFLOW_ALLOW_FILE_STORE=true"): the
+    one-line error keeps its start and its end; the hint names a database store only where one can be written."""
+    import importlib.util
+
+    mlflow = pytest.importorskip("mlflow", reason="mlflow is not installed (the tracking or dev extra)")
+    from cascade.pipeline.config import TrackingSection
+    from cascade.pipeline.tracking import Trackers, one_line
+
+    assert one_line("a  b\n c.") == "a b c."
+    long = "start " + "x" * 500 + " end: set THIS=true to opt out."
+    assert one_line(long, head=10, tail=25) == "start xxxx ... set THIS=true to opt out."
+
+    def refuse(name):
+        raise mlflow.exceptions.MlflowException("The filesystem backend is in maintenance mode.\n" + "y " * 300
+                                                + "set `MLFLOW_ALLOW_FILE_STORE=true` to opt out of this exception.")
+
+    monkeypatch.setattr(mlflow, "set_experiment", refuse)
+    monkeypatch.setattr(mlflow, "set_tracking_uri", lambda uri: None)
+    cfg = TrackingSection(mlflow=True, mlflow_tracking_uri="file:///somewhere")
+    for full, hint in ((True, "a database such as sqlite:///mlflow.db)"),
+                       (False, "a database store needs the full mlflow package")):
+        monkeypatch.setattr(importlib.util, "find_spec", lambda name, full=full: object() if full else None)
+        with pytest.raises(ConfigError) as err:
+            Trackers(cfg, tmp_path, "tiny", {})
+        msg = str(err.value)
+        assert "\n" not in msg and msg.startswith("tracking.mlflow: MLflow cannot use the tracking store "
+                                                   "(file:///somewhere): MlflowException: The filesystem backend")
+        assert "... y y" in msg and "`MLFLOW_ALLOW_FILE_STORE=true` to opt out of this exception. Set " in msg
+        assert msg.endswith(hint + ("" if full else ": pip install 'cascade-distill[tracking]')"))
+
+
 def test_bad_config_fails_before_any_work(tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[teacher.model]\nbackbone = 'dcnv2'\nmlpp = [8]\n")

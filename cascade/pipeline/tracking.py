@@ -10,10 +10,10 @@ TensorBoard text). Names keep only the characters MLflow allows (letters, digits
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import re
 import shutil
-import textwrap
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -57,6 +57,13 @@ def flat_params(cfg: Any, prefix: str = "") -> dict[str, str]:
     return {prefix: json.dumps(cfg, default=str)[:MLFLOW_PARAM_CHARS]}
 
 
+def one_line(message: str, head: int = 200, tail: int = 240) -> str:
+    """A message on one line (whitespace collapsed); a long one keeps its start and its end, where MLflow says what
+    to do, with " ... " between."""
+    text = " ".join(message.split())
+    return text if len(text) <= head + tail + 5 else f"{text[:head]} ... {text[-tail:]}"
+
+
 class Trackers:
     """The trackers a run asked for (none, TensorBoard, MLflow or both). step(name, status, manifest) after each
     step; close(ok) at the end. TensorBoard's folder ``runs/<run>/tensorboard`` is written anew by each pipeline
@@ -84,12 +91,14 @@ class Trackers:
                 mlflow.set_experiment(cfg.mlflow_experiment or "cascade")
             except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for a store it cannot use
                 store = cfg.mlflow_tracking_uri or f"MLflow's default, {mlflow.get_tracking_uri()}"
-                first = textwrap.shorten(str(exc).strip().splitlines()[0] if str(exc).strip() else "", 240)
+                full = importlib.util.find_spec("sqlalchemy") is not None  # the full package's database stores
+                said = one_line(str(exc)).rstrip(".")
                 raise ConfigError(
                     f"tracking.mlflow: MLflow cannot use the tracking store ({store}): {type(exc).__name__}: "
-                    f"{first}. Set tracking.mlflow_tracking_uri to a store this MLflow installation can write "
-                    "(a tracking server's http:// address; a database store needs the full mlflow package: "
-                    "pip install 'cascade-distill[tracking]')") from None
+                    f"{said}. Set tracking.mlflow_tracking_uri to a store this MLflow installation "
+                    "can write (a tracking server's http:// address; " + (
+                        "a database such as sqlite:///mlflow.db)" if full else "a database store needs the full "
+                        "mlflow package: pip install 'cascade-distill[tracking]')")) from None
             self.mlflow = mlflow
             self.mlflow_run = mlflow.start_run(run_name=run_name, tags={"cascade.run_dir": str(self.run_dir)})
             mlflow.log_params(flat_params(config))
