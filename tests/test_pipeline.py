@@ -796,17 +796,22 @@ def test_load_cascade_serves_the_replays_channel_cascade(run_a):
     assert set(lat["retrieval_channels_ms"]) == {"two_tower", *names}
 
 
-def test_channel_quotas_redo_only_the_replay_and_the_served_cascade_keeps_them(run_a, tmp_path):
+def _replayed_again(run_a, tmp_path, override: str) -> Path:
+    """A copy of run A in tmp_path / "tiny" updated with a replay ``override``: only the replay and report run."""
     import shutil
 
-    from cascade.serve.cascade import load_cascade
-
-    _, run_dir, _ = run_a
-    shutil.copytree(run_dir, tmp_path / "tiny")
+    shutil.copytree(run_a[1], tmp_path / "tiny")
     cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(tmp_path))}", *A_SETS, "tracking.tensorboard=true",
-                             "replay.channel_quotas={popular=3}"])
+                             override])
     res = run_pipeline(cfg, progress=False, update=True)
     assert [s for s, r in res.items() if r["status"] == "ran"] == ["replay", "report"]
+    return tmp_path / "tiny"
+
+
+def test_channel_quotas_redo_only_the_replay_and_the_served_cascade_keeps_them(run_a, tmp_path):
+    from cascade.serve.cascade import load_cascade
+
+    _replayed_again(run_a, tmp_path, "replay.channel_quotas={popular=3}")
     names = ("popular", "itemcf", "als", "recent", "content")
     # the two-tower keeps half the slots; popular weighs 3 and the four others 1: 0.5 x 3/7 and 0.5 x 1/7
     want = {"two_tower": 0.5, "popular": 1.5 / 7, **{n: 0.5 / 7 for n in names[1:]}}
@@ -823,20 +828,14 @@ def test_a_score_normalised_union_redoes_only_the_replay_and_the_served_cascade_
     """replay.merge = "scores": the replay and report alone run again; load_cascade serves the replay's lists request
     for request, its union taken by the channels' standardised scores (not the quota union's lists), and the report
     shows no quotas."""
-    import shutil
-
     import numpy as np
     import pandas as pd
 
     from cascade.data.requests import requests_frame, to_requests
     from cascade.serve.cascade import load_cascade
 
-    _, run_dir, _ = run_a
-    shutil.copytree(run_dir, tmp_path / "tiny")
-    cfg = load_config(TINY, [f"run.runs_dir={json.dumps(str(tmp_path))}", *A_SETS, "tracking.tensorboard=true",
-                             'replay.merge="scores"'])
-    res = run_pipeline(cfg, progress=False, update=True)
-    assert [s for s, r in res.items() if r["status"] == "ran"] == ["replay", "report"]
+    run_dir = run_a[1]
+    _replayed_again(run_a, tmp_path, 'replay.merge="scores"')
     recorded = A.read_json(tmp_path / "tiny" / "replay" / "summary.json")["variants"]["distilled+channels"]
     assert recorded["channels"] == {"merge": "scores", "quotas": None}
     data, casc = load_cascade(tmp_path / "tiny", variant="distilled+channels")
