@@ -94,7 +94,8 @@ def coerce(value: Any, tp: Any, key: str) -> Any:
             except ConfigError as e:
                 errors.append(str(e))
         if len(errors) == 1:  # X | None: what X wants says more than the union's name
-            raise ConfigError(f"{errors[0]} (or unset)")
+            # (a nested element's error, replay.channels[0]: ..., is about the element, which cannot be unset)
+            raise ConfigError(f"{errors[0]} (or unset)" if errors[0].startswith(f"{key}:") else errors[0])
         raise ConfigError(f"{key}: value {value!r} is not a {_type_name(tp)}")
     if origin is typing.Literal:
         if value not in get_args(tp):

@@ -176,6 +176,26 @@ def test_a_score_normalised_unions_pre_rank_keeps_each_channels_share_of_the_req
         np.testing.assert_array_equal(one[0], want[b])
 
 
+def test_the_served_union_refuses_an_unknown_merge_and_quota_settings_beside_scores():
+    """build_cascade / load_cascade go through merged_retriever: a merge it does not know, or a quota setting the
+    score union would ignore, is refused, not served as quotas."""
+    from types import SimpleNamespace
+
+    from cascade.serve.cascade import merged_retriever
+
+    towers, channels = SimpleNamespace(prior=None), {"a": FixedLists({})}
+    with pytest.raises(ValueError, match=r"merge must be one of \['quotas', 'scores'\], got 'Scores'"):
+        merged_retriever(None, towers, None, channels, None, merge="Scores")
+    for quota, weights, named in ((0.7, None, "replay.two_tower_quota = 0.7"),
+                                  (None, {"a": 2.0}, r"replay.channel_quotas = \{'a': 2.0\}")):
+        with pytest.raises(ValueError, match=rf"without quotas, but {named} is set: it would do nothing"):
+            merged_retriever(None, towers, None, channels, quota, weights, merge="scores")
+    scored = merged_retriever(None, towers, None, channels, None, merge="scores")
+    assert scored.merge == "scores" and scored.quotas is None and scored.names == ["two_tower", "a"]
+    quoted = merged_retriever(None, towers, None, channels, None)  # unset: the default share
+    assert quoted.quotas.tolist() == [0.5, 0.5]
+
+
 def _merged_cascade(toy, seen=None):
     from cascade.channels import MergedRetriever
 

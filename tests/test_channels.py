@@ -22,6 +22,7 @@ from cascade.channels import (
     quota_cut,
 )
 from cascade.channels.classic import als_factory, recent_weights, topk_entries, weighted_rows
+from cascade.channels.merge import standardised
 from cascade.channels.reference import als_lists, content_lists, itemcf_lists, plain_recent_weights, popular_lists
 from cascade.data.ids import IdIndex
 from worlds import event_history, requests_at
@@ -267,11 +268,14 @@ def test_merger_quotas_dedup_and_origin():
 
 
 class _Scored:
+    """A stub channel: every request gets the same list, scored as given."""
+
     def __init__(self, lists, scores):
         self.lists, self.scores = np.array(lists, np.int64), np.array(scores, np.float32)
 
     def select(self, requests, candidates, n):
-        return self.lists[:, :n], np.where(self.lists[:, :n] == PAD, -np.inf, self.scores[:, :n]).astype(np.float32)
+        items, scores = (np.repeat(x[:1, :n], len(requests), 0) for x in (self.lists, self.scores))
+        return items, np.where(items == PAD, -np.inf, scores).astype(np.float32)
 
 
 def test_score_normalised_union_takes_each_channels_standardised_scores_dedups_and_keeps_origin():
@@ -299,6 +303,40 @@ def test_score_normalised_union_takes_each_channels_standardised_scores_dedups_a
         MergedRetriever({"a": a}, {"a": 1.0}, "scores")
     with pytest.raises(ValueError, match=r"merge must be one of \['quotas', 'scores'\], got 'rrf'"):
         MergedRetriever({"a": a}, {"a": 1.0}, "rrf")
+
+
+def test_a_score_normalised_unions_list_does_not_move_with_what_else_its_user_saw():
+    """Filtering seen items over-fetches each channel by what the user saw; the z-scores keep the mean and std of
+    the n asked for, so items seen that no channel proposes leave the list as it is, as under quotas."""
+    from cascade.serve.cascade import select_unseen_origin
+
+    rng = np.random.default_rng(3)
+    width = 40
+    a = _Scored([np.arange(width)], [np.sort(rng.exponential(size=width))[::-1]])
+    b = _Scored([np.arange(100, 100 + width)], [np.linspace(1, 0, width)])
+    req = requests_at([1], [10 * DAY])
+    for merged in (MergedRetriever({"a": a, "b": b}, None, "scores"), MergedRetriever({"a": a, "b": b},
+                                                                                      {"a": 1.0, "b": 1.0})):
+        lists = [select_unseen_origin(merged, req, 8, event_history(seen))[0][0].tolist() for seen in (
+            [(2, 500, 0, 1)],  # another user's event: nothing seen
+            [(1, 900 + i, i, 0) for i in range(8)],  # eight items no channel proposes
+            [(1, 0, 0, 1), (1, 101, 1, 0)])]  # two the channels propose: dropped, the next ones move up
+        assert lists[0] == lists[1], merged.merge
+        assert 0 not in lists[2] and 101 not in lists[2] and len(set(lists[0]) - set(lists[2])) == 2
+    # before the fix the 8 unrelated items moved the score union's z-scores: the widths differed (8 vs 16)
+    z8 = standardised(np.array([np.linspace(1, 0, 8)]))
+    np.testing.assert_allclose(standardised(np.array([np.linspace(1, -1, 16)]), 8)[:, :8], z8)
+
+
+def test_the_union_takes_no_requests_and_at_most_127_channels():
+    a = _Scored([[1, 2]], [[1.0, 0.5]])
+    for merge, quotas in (("scores", None), ("quotas", {"a": 1.0, "b": 1.0})):
+        items, scores, origin = MergedRetriever({"a": a, "b": a}, quotas, merge).select_with_origin(
+            requests_at([], []), 3)
+        assert items.shape == scores.shape == origin.shape == (0, 3)
+    many = {f"c{i}": a for i in range(128)}
+    with pytest.raises(ValueError, match=r"at most 127 channels \(origins are int8\), got 128"):
+        MergedRetriever(many, None, "scores")
 
 
 def test_quota_cut_keeps_each_channels_quota_in_score_order():

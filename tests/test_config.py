@@ -245,12 +245,17 @@ def test_a_quota_setting_beside_a_score_normalised_union_is_refused(key):
     from cascade.serve.cascade import channel_settings
 
     name = key.split("=")[0]
-    with pytest.raises(ConfigError, match=rf"{re.escape(name)} = .* is set but replay.merge = 'scores' merges "
-                                          r"the channels by their standardised scores, without quotas: it would do "
-                                          r"nothing"):
+    with pytest.raises(ConfigError, match=r"replay.merge = 'scores' merges the channels by their standardised "
+                                          rf"scores, without quotas, but {re.escape(name)} = .* is set: it would do "
+                                          r"nothing \(leave it unset, or set replay.merge = 'quotas'\)"):
         load_config(None, ['replay.merge="scores"', key])
     with pytest.raises(ValueError, match=r"replay.merge = 'scores' .* replay.two_tower_quota = 0.3 is set"):
         channel_settings(("popular",), 0.3, None, None, "scores")
+    with pytest.raises(ValueError, match=r"but replay.two_tower_quota = 0.3, replay.channel_quotas = \{'popular': "
+                                         r"2.0\} are set: it would do nothing \(leave them unset"):
+        channel_settings(("popular",), 0.3, None, {"popular": 2.0}, "scores")
+    with pytest.raises(ValueError, match=r"replay.merge must be one of \['quotas', 'scores'\], got 'Scores'"):
+        channel_settings(("popular",), None, None, None, "Scores")
     # the pre-rank keeps each channel's share of the request's union unless told not to
     for sets, keep in (([], True), (["replay.prerank_quotas=false"], False)):
         cfg = load_config(None, ['replay.merge="scores"', *sets]).replay
@@ -262,6 +267,9 @@ def test_a_quota_setting_beside_a_score_normalised_union_is_refused(key):
     with pytest.raises(ConfigError, match=r"^replay.merge: value 'rrf' is not one of \['quotas', 'scores'\] "
                                           r"\(or unset\)$"):
         load_config(None, ['replay.merge="rrf"'])
+    # "(or unset)" only where the key itself may be unset, not for an element of it
+    with pytest.raises(ConfigError, match=r"^replay.channel_quotas.popular: expected a number, got 'x'$"):
+        load_config(None, ['replay.channel_quotas={popular="x"}'])
 
 
 def test_channel_quotas_weigh_the_channels_share_of_the_retrieval_slots():

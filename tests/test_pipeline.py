@@ -660,9 +660,8 @@ def test_a_tracking_store_mlflow_cannot_use_is_a_one_line_error_before_any_step(
 def test_mlflows_long_refusal_keeps_its_remedy_and_the_hint_fits_the_installed_package(tmp_path, monkeypatch):
     """MLflow says what to do at the end of a long message (a file store: "set MLFLOW_ALLOW_FILE_STORE=true"): the
     one-line error keeps its start and its end; the hint names a database store only where one can be written."""
-    import importlib.util
-
     mlflow = pytest.importorskip("mlflow", reason="mlflow is not installed (the tracking or dev extra)")
+    from cascade.pipeline import tracking
     from cascade.pipeline.config import TrackingSection
     from cascade.pipeline.tracking import Trackers, one_line
 
@@ -679,7 +678,7 @@ def test_mlflows_long_refusal_keeps_its_remedy_and_the_hint_fits_the_installed_p
     cfg = TrackingSection(mlflow=True, mlflow_tracking_uri="file:///somewhere")
     for full, hint in ((True, "a database such as sqlite:///mlflow.db)"),
                        (False, "a database store needs the full mlflow package")):
-        monkeypatch.setattr(importlib.util, "find_spec", lambda name, full=full: object() if full else None)
+        monkeypatch.setattr(tracking, "_installed", lambda name, full=full: full and name == "mlflow")
         with pytest.raises(ConfigError) as err:
             Trackers(cfg, tmp_path, "tiny", {})
         msg = str(err.value)

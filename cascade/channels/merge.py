@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Literal, get_args
 
 import numpy as np
 
@@ -59,21 +60,39 @@ def quota_cut(items: np.ndarray, scores: np.ndarray, origin: np.ndarray, quotas:
     return out[0], np.where(short, -np.inf, out[1]).astype(np.float32), np.where(short, -1, out[2]).astype(np.int8)
 
 
-def standardised(scores: np.ndarray) -> np.ndarray:
-    """Each list of scores float [..., n] (one channel's list of one request on the last axis; -inf at padding) as
-    z-scores over its own finite entries: (s - mean) / std, 0 where a list's entries are all equal; padding stays
-    -inf. float64 [..., n]."""
+def standardised(scores: np.ndarray, width: int | None = None) -> np.ndarray:
+    """Each list of scores float [..., m] (one channel's list of one request on the last axis; -inf at padding) as
+    z-scores, (s - mean) / std, with the mean and std of the finite entries among its first ``width`` (None: all;
+    a list fetched longer than asked, to filter seen items, standardises as the list asked for would); 0 where
+    those entries are all equal. A non-finite score (padding, NaN, inf) counts as no score: -inf. float64 [..., m]."""
     s = np.asarray(scores, np.float64)
     ok = np.isfinite(s)
-    count = np.maximum(ok.sum(axis=-1, keepdims=True), 1)
-    mean = np.where(ok, s, 0.0).sum(axis=-1, keepdims=True) / count
-    std = np.sqrt(np.where(ok, (s - mean) ** 2, 0.0).sum(axis=-1, keepdims=True) / count)
+    head, okh = s[..., :width], ok[..., :width]
+    count = np.maximum(okh.sum(axis=-1, keepdims=True), 1)
+    mean = np.where(okh, head, 0.0).sum(axis=-1, keepdims=True) / count
+    std = np.sqrt(np.where(okh, (head - mean) ** 2, 0.0).sum(axis=-1, keepdims=True) / count)
     z = np.divide(s - mean, std, out=np.zeros_like(s), where=ok & (std > 0))
     return np.where(ok, z, -np.inf)
 
 
 #: how a :class:`MergedRetriever` merges its channels' lists
-MERGES = ("quotas", "scores")
+Merge = Literal["quotas", "scores"]
+MERGES: tuple[str, ...] = get_args(Merge)
+#: the most channels one union holds (origins are int8)
+MAX_CHANNELS = 127
+
+
+def unused_quota_settings(merge: str | None, settings: Mapping[str, object]) -> None:
+    """Raise ValueError naming each quota setting of ``settings`` (replay key -> value, None where unset) that is
+    set beside ``merge = "scores"``, whose union has no quotas: it would do nothing."""
+    if merge != "scores":
+        return
+    given = {k: v for k, v in settings.items() if v is not None}
+    if given:
+        raise ValueError(f"replay.merge = 'scores' merges the channels by their standardised scores, without "
+                         f"quotas, but {', '.join(f'replay.{k} = {v}' for k, v in given.items())} "
+                         f"{'is' if len(given) == 1 else 'are'} set: it would do nothing (leave "
+                         f"{'it' if len(given) == 1 else 'them'} unset, or set replay.merge = 'quotas')")
 
 
 class MergedRetriever:
@@ -96,6 +115,9 @@ class MergedRetriever:
             raise ValueError("MergedRetriever: no channels")
         if merge not in MERGES:
             raise ValueError(f"MergedRetriever: merge must be one of {list(MERGES)}, got {merge!r}")
+        if len(channels) > MAX_CHANNELS:
+            raise ValueError(f"MergedRetriever: at most {MAX_CHANNELS} channels (origins are int8), got "
+                             f"{len(channels)}")
         self.names = list(channels)
         self.channels = [channels[k] for k in self.names]
         self.merge = merge
@@ -119,10 +141,12 @@ class MergedRetriever:
         many periods were prepared."""
         return sum(ch.refresh(t_ms) for ch in self.channels if hasattr(ch, "refresh"))
 
-    def select_with_origin(self, requests: Requests, n: int, timing: dict[str, float] | None = None
-                           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    def select_with_origin(self, requests: Requests, n: int, timing: dict[str, float] | None = None,
+                           asked: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """(items int64 [B, n], scores float32 [B, n], origin int8 [B, n]: index into ``names``, -1 at PAD).
-        timing: where given, each channel's wall seconds are added to ``timing[name]``."""
+        timing: where given, each channel's wall seconds are added to ``timing[name]``. asked: the n a caller that
+        over-fetches (to filter seen items) asked for; a score-normalised union standardises each channel's scores
+        over that many, so that the extra items do not move the others (None: n)."""
         check_select("merged", None, n)
         lists = []
         for name, ch in zip(self.names, self.channels):
@@ -138,10 +162,10 @@ class MergedRetriever:
         if self.quotas is not None:  # quota_keys of lists that are one channel's each
             keys = np.broadcast_to((np.arange(w) + 0.5) / self.quotas[:, None], items.shape)
         else:
-            keys = -standardised(np.stack([s for _, s in lists], axis=1))
-        b = items.shape[0]
-        keys = np.where(items == PAD, np.inf, keys).reshape(b, -1)
-        items = items.reshape(b, -1)
+            keys = -standardised(np.stack([s for _, s in lists], axis=1), asked)
+        b, width = items.shape[0], len(lists) * w
+        keys = np.where(items == PAD, np.inf, keys).reshape(b, width)
+        items = items.reshape(b, width)
         origin = np.broadcast_to(np.repeat(np.arange(len(lists), dtype=np.int8), w), items.shape)
         order = np.argsort(keys, axis=1, kind="stable")  # ties: the earlier channel first
         items, keys, origin = (np.take_along_axis(x, order, 1) for x in (items, keys, origin))

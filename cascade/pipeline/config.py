@@ -22,6 +22,7 @@ from typing import Any, Literal
 import numpy as np
 
 from .. import artifacts as A
+from ..channels.merge import Merge, unused_quota_settings
 from ..config import (
     ConfigError,
     FieldError,
@@ -621,7 +622,7 @@ class ReplaySection:
     two_tower_quota: float | None = None
     channel_quotas: dict[str, float] | None = None
     prerank_quotas: bool | None = None
-    merge: Literal["quotas", "scores"] | None = None
+    merge: Merge | None = None
 
     def __post_init__(self) -> None:
         for name in ("k", "n_prerank", "n_retrieve", "batch_size", "latency_requests"):
@@ -655,12 +656,8 @@ class ReplaySection:
             bad = {k: v for k, v in self.channel_quotas.items() if not positive(v)}
             if bad:
                 raise ValueError(f"replay.channel_quotas: every weight must be a finite number > 0, got {bad}")
-        if self.merge == "scores":
-            shaping = [n for n in ("two_tower_quota", "channel_quotas") if getattr(self, n) is not None]
-            if shaping:
-                raise ValueError(f"replay.{shaping[0]} = {getattr(self, shaping[0])} is set but replay.merge = "
-                                 "'scores' merges the channels by their standardised scores, without quotas: it "
-                                 "would do nothing (leave it unset, or set replay.merge = 'quotas')")
+        unused_quota_settings(self.merge, {"two_tower_quota": self.two_tower_quota,
+                                           "channel_quotas": self.channel_quotas})
         if self.channels == ():
             for name in ("two_tower_quota", "channel_quotas", "prerank_quotas", "merge"):
                 if getattr(self, name) is not None:

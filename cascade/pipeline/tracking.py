@@ -10,7 +10,7 @@ TensorBoard text). Names keep only the characters MLflow allows (letters, digits
 
 from __future__ import annotations
 
-import importlib.util
+import importlib.metadata
 import json
 import re
 import shutil
@@ -57,6 +57,15 @@ def flat_params(cfg: Any, prefix: str = "") -> dict[str, str]:
     return {prefix: json.dumps(cfg, default=str)[:MLFLOW_PARAM_CHARS]}
 
 
+def _installed(distribution: str) -> bool:
+    """Whether the named distribution is installed (``mlflow``, not only ``mlflow-skinny``)."""
+    try:
+        importlib.metadata.version(distribution)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
 def one_line(message: str, head: int = 200, tail: int = 240) -> str:
     """A message on one line (whitespace collapsed); a long one keeps its start and its end, where MLflow says what
     to do, with " ... " between."""
@@ -91,7 +100,7 @@ class Trackers:
                 mlflow.set_experiment(cfg.mlflow_experiment or "cascade")
             except Exception as exc:  # noqa: BLE001 - MLflow raises many kinds for a store it cannot use
                 store = cfg.mlflow_tracking_uri or f"MLflow's default, {mlflow.get_tracking_uri()}"
-                full = importlib.util.find_spec("sqlalchemy") is not None  # the full package's database stores
+                full = _installed("mlflow")  # the full package (not only mlflow-skinny) writes database stores
                 said = one_line(str(exc)).rstrip(".")
                 raise ConfigError(
                     f"tracking.mlflow: MLflow cannot use the tracking store ({store}): {type(exc).__name__}: "

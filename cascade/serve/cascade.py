@@ -31,6 +31,7 @@ import torch
 from .. import artifacts as A
 from ..arrays import PAD, distinct, first_occurrences, topk_rows
 from ..channels import MergedRetriever, load_channels, origin_shares, quota_cut, saved_channel_names
+from ..channels.merge import MERGES, unused_quota_settings
 from ..data.history import EventHistory
 from ..data.requests import Requests
 from ..index.faiss_index import ItemIndex
@@ -149,7 +150,7 @@ def select_unseen_origin(retriever: MergedRetriever, requests: Requests, n: int,
     origin int8 [B, n]: index into ``retriever.names``, -1 at padding). timing: where given, each channel's wall
     seconds, added up over its fetches (filtering may fetch twice), are added to ``timing[name]``."""
     def fetch(r: Requests, m: int):
-        return retriever.select_with_origin(r, m, timing)
+        return retriever.select_with_origin(r, m, timing, asked=n)
 
     if seen is None:
         return fetch(requests, n)
@@ -359,13 +360,13 @@ TWO_TOWER_QUOTA = 0.5  # the two-tower's share of the retrieval slots beside the
 
 def build_cascade(data: RunData, retrieval: Towers, prerank: Towers, ranker: torch.nn.Module, index,
                   seen: EventHistory | None = None, channels: Mapping[str, Stage] | None = None,
-                  two_tower_quota: float | None = TWO_TOWER_QUOTA, prerank_quotas: bool = False,
+                  two_tower_quota: float | None = None, prerank_quotas: bool = False,
                   channel_quotas: Mapping[str, float] | None = None, autocast: str = "auto",
                   merge: str = "quotas") -> Cascade:
     """retrieval tower + index -> pre-rank tower -> ranker (teacher or distilled student). channels: classic
     channels (name -> stage) retrieving beside the two-tower (:func:`merged_retriever`, with ``two_tower_quota``
-    and ``channel_quotas``, or ``merge="scores"``), or None / {}: the two-tower alone; prerank_quotas: the
-    pre-rank keeps their quotas (:class:`Cascade`)."""
+    (None: :data:`TWO_TOWER_QUOTA`) and ``channel_quotas``, or ``merge="scores"``), or None / {}: the two-tower
+    alone; prerank_quotas: the pre-rank keeps their quotas (:class:`Cascade`)."""
     retriever = (merged_retriever(data, retrieval, index, channels, two_tower_quota, channel_quotas, merge)
                  if channels else Retriever(lambda r: retrieval.user_embed(data, r), index, retrieval, data))
     return cascade_from(data, retriever, prerank, ranker, seen, prerank_quotas, autocast)
@@ -390,9 +391,11 @@ def merged_retriever(data: RunData, retrieval: Towers, index, channels: Mapping[
     slots, the channels share the rest (:func:`channel_shares`); "scores": the score-normalised union
     (:class:`~cascade.channels.MergedRetriever`), where the quotas are not used."""
     two_tower = Retriever(lambda r: retrieval.user_embed(data, r), index, retrieval, data)
-    if merge == "scores":
+    unused_quota_settings(merge, {"two_tower_quota": two_tower_quota, "channel_quotas": channel_quotas})
+    if merge != "quotas":  # MergedRetriever checks the name
         return MergedRetriever({"two_tower": two_tower, **channels}, None, merge)
-    if channels and not (two_tower_quota is not None and 0.0 < two_tower_quota < 1.0):
+    two_tower_quota = TWO_TOWER_QUOTA if two_tower_quota is None else two_tower_quota
+    if channels and not 0.0 < two_tower_quota < 1.0:
         raise ValueError(f"two_tower_quota must be in (0, 1) beside channels, got {two_tower_quota}")
     return MergedRetriever({"two_tower": two_tower, **channels},
                            {"two_tower": two_tower_quota, **channel_shares(list(channels), two_tower_quota,
@@ -458,16 +461,11 @@ def channel_settings(channels: Sequence[str], two_tower_quota: float | None = No
     the union by quotas. A ``channel_quotas`` weight for a channel not in ``channels`` raises
     (:func:`channel_shares`), and so does a quota setting beside ``merge="scores"`` (it would do nothing)."""
     keep = True if prerank_quotas is None else bool(prerank_quotas)
+    if merge not in (None, *MERGES):
+        raise ValueError(f"replay.merge must be one of {list(MERGES)}, got {merge!r}")
+    unused_quota_settings(merge, {"two_tower_quota": two_tower_quota, "channel_quotas": channel_quotas})
     if merge == "scores":
-        shaping = {k: v for k, v in (("two_tower_quota", two_tower_quota), ("channel_quotas", channel_quotas))
-                   if v is not None}
-        if shaping:
-            raise ValueError(f"replay.merge = 'scores' merges the channels by their standardised scores, without "
-                             f"quotas, but {', '.join(f'replay.{k} = {v}' for k, v in shaping.items())} is set: it "
-                             f"would do nothing (leave it unset, or set replay.merge = 'quotas')")
         return ChannelSettings(tuple(channels), None, keep, (), "scores")
-    if merge not in (None, "quotas"):
-        raise ValueError(f"replay.merge must be 'quotas' or 'scores', got {merge!r}")
     quota = TWO_TOWER_QUOTA if two_tower_quota is None else float(two_tower_quota)
     channel_shares(channels, quota, channel_quotas)  # checks the weights
     weights = tuple(float((channel_quotas or {}).get(n, 1.0)) for n in channels)
