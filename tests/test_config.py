@@ -261,7 +261,7 @@ def test_a_quota_setting_beside_a_score_normalised_union_is_refused(key):
         cfg = load_config(None, ['replay.merge="scores"', *sets]).replay
         s = channel_settings(("popular", "itemcf"), cfg.two_tower_quota, cfg.prerank_quotas, cfg.channel_quotas,
                              cfg.merge)
-        assert (s.merge, s.two_tower_quota, s.prerank_quotas, s.quotas) == ("scores", None, keep, {})
+        assert (s.merge, s.two_tower_quota, s.prerank_quotas, s.quotas) == ("scores", None, keep, None)
     with pytest.raises(ConfigError, match=r"replay.merge = scores is set but replay.channels is empty.*nothing"):
         load_config(None, ["replay.channels=[]", 'replay.merge="scores"'])
     with pytest.raises(ConfigError, match=r"^replay.merge: value 'rrf' is not one of \['quotas', 'scores'\] "

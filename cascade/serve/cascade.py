@@ -434,9 +434,10 @@ class ChannelSettings:
     merge: str = "quotas"
 
     @property
-    def quotas(self) -> dict[str, float]:
-        """Each classic channel's weight, by name (what :func:`build_cascade` takes as ``channel_quotas``)."""
-        return dict(zip(self.channels, self.channel_quotas))
+    def quotas(self) -> dict[str, float] | None:
+        """Each classic channel's weight, by name (what :func:`build_cascade` takes as ``channel_quotas``); None for
+        a score-normalised union, which has none."""
+        return None if self.merge == "scores" else dict(zip(self.channels, self.channel_quotas))
 
 
 #: the order of the multi-channel union's channels where the replay does not name them (it breaks ties between
