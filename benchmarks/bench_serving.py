@@ -610,7 +610,8 @@ def bench_channels(n_items: int, args) -> dict:
     timed = cycle(requests, args.n_latency)
     merged = multi.retriever
     out: dict = {"n_items": n_items, "n_test_requests": len(requests), "channels": merged.names,
-                 "quotas": dict(zip(merged.names, merged.quotas.tolist()))}
+                 "merge": merged.merge, "quotas": None if merged.quotas is None else
+                 dict(zip(merged.names, merged.quotas.tolist()))}
     index = alone.retriever.index
     out["two_tower_index"] = {"factory": index.factory, "nprobe": index.nprobe, "recall": index.recall_}
     out["channels_step"] = {k: v for k, v in A.read_manifest(run_dir / "channels")["metrics"].items() if k != "judge"}
@@ -650,8 +651,10 @@ def render_channels_markdown(res: dict) -> str:
          f"channels step) on the synthetic world with {a['n_users']} users and {a['n_days']} days. The cascades "
          "are `load_cascade(run, \"distilled\")` (the two-tower retrieves alone) and `load_cascade(run, "
          "\"distilled+channels\")` (the two-tower and the classic channels in one retrieval stage, as the replay "
-         "builds it, its pre-rank keeping the channels' quotas; and the same stages with a pre-rank that keeps its "
-         "best n_prerank by score, as before `replay.prerank_quotas`), all with the DCNv2 teacher as ranker and "
+         "builds it, its pre-rank keeping the channels' " + ("shares of each request's union: a score-normalised "
+         "union, `replay.merge = \"scores\"`" if res["sizes"][0].get("merge") == "scores" else "quotas") + "; "
+         "and the same stages with a pre-rank that keeps its best n_prerank by score, as before "
+         "`replay.prerank_quotas`), all with the DCNv2 teacher as ranker and "
          "the run's own index settings; every request is served by each in turn, in a random order per request "
          f"({a['n_latency']} test requests). Cascade sizes: "
          f"n_retrieve {a['n_retrieve']}, n_prerank {a['n_prerank']}, k {a['k']}. What the stages keep per "
@@ -683,10 +686,11 @@ def render_channels_markdown(res: dict) -> str:
             L.append(f"| {s['n_items']:,} | {name} | {idx} | {e['end_to_end_ms']['p50_ms']:.2f} | "
                      f"{e['end_to_end_ms']['p95_ms']:.2f} | **{e['end_to_end_ms']['p99_ms']:.2f}** | "
                      f"{f('end_to_end_cpu_ms')} | {f('retrieval_ms')} | {f('prerank_ms')} | {f('rank_ms')} |")
-    names = res["sizes"][0]["channels"]
+    names, quotas = res["sizes"][0]["channels"], res["sizes"][0]["quotas"]
+    merged = ("the union by standardised scores, no quotas" if quotas is None else
+              f"quotas: the two-tower {quotas['two_tower']:.2f}, the others sharing the rest")
     L += ["", "**Per channel** inside the distilled+channels retrieval stage (batch 1, p50 / p99 ms; "
-          "`CascadeResult.timing_s[\"retrieval/<channel>\"]`; quotas: the two-tower "
-          f"{res['sizes'][0]['quotas']['two_tower']:.2f}, the others sharing the rest).", "",
+          f"`CascadeResult.timing_s[\"retrieval/<channel>\"]`; {merged}).", "",
           "| items | " + " | ".join(names) + " | ALS index |", "|---:|" + "---:|" * len(names) + "---|"]
     for s in res["sizes"]:
         ch = s["batch1"]["distilled+channels"]["retrieval_channels_ms"]

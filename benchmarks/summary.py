@@ -465,6 +465,8 @@ ROWS = [
         "e2e p99 <= 20 ms at 100 K items", _serving),
     Row("bench_serving_channels.json", "serving with the classic channels (distilled+channels)",
         "e2e p99 <= 20 ms at 100 K items", _serving_channels),
+    Row("bench_serving_channels_scores.json", "serving with the classic channels merged by their standardised "
+        "scores (replay.merge = scores, not the default)", "e2e p99 <= 20 ms at 100 K items", _serving_channels),
     Row("bench_serving_channels_no_prerank_quotas.json", "serving with the classic channels, before the pre-rank "
         "kept their quotas", None, text_only(_serving_channels)),
     Row("bench_serving_channels_no_history.json", "serving with the classic channels, before the towers' history",
