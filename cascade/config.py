@@ -185,7 +185,9 @@ def from_dict(cls: type[T], data: Mapping[str, Any], prefix: str = "", base: T |
     except (ValueError, TypeError) as e:
         if isinstance(e, ConfigError):
             raise
-        raise ConfigError(f"{prefix or cls.__name__}: {e}") from None
+        said = str(e)  # a message that names its own key under the section already says where
+        raise ConfigError(said if prefix and said.startswith(f"{prefix}.") else f"{prefix or cls.__name__}: {said}"
+                          ) from None
 
 
 def to_dict(obj: Any) -> Any:

@@ -245,7 +245,8 @@ def test_a_quota_setting_beside_a_score_normalised_union_is_refused(key):
     from cascade.serve.cascade import channel_settings
 
     name = key.split("=")[0]
-    with pytest.raises(ConfigError, match=r"replay.merge = 'scores' merges the channels by their standardised "
+    # the message names its key: no section prefix before it ("replay: replay.merge ...")
+    with pytest.raises(ConfigError, match=r"^replay.merge = 'scores' merges the channels by their standardised "
                                           rf"scores, without quotas, but {re.escape(name)} = .* is set: it would do "
                                           r"nothing \(leave it unset, or set replay.merge = 'quotas'\)"):
         load_config(None, ['replay.merge="scores"', key])
