@@ -795,6 +795,18 @@ def test_load_cascade_serves_the_replays_channel_cascade(run_a):
     assert set(lat["retrieval_channels_ms"]) == {"two_tower", *names}
 
 
+def test_the_report_says_what_its_oracle_ratio_is_which_ranker_serves_and_what_a_channel_gap_compares(run_a):
+    """Three things a first reader misread (a review of the default run's report): the paired gaps' oracle ratio,
+    which the headline does not show; a rank student labelled served where the cascades rank with the teacher; and
+    the channel table's gap, the union's cascade minus the channel's cascade alone (not the union without it)."""
+    md = (run_a[1] / "report" / "report.md").read_text()
+    assert "oracle ratio: a request's oracle clicks@K over the most any 10 items could get it" in md
+    assert "| oracle ratio |" in md  # the paired table has such rows on the world
+    assert ('The replay\'s cascades rank with the teacher (replay.ranker = "teacher"): the rank student marked '
+            'served is the one load_cascade(..., ranker="student") serves') in md
+    assert "| all channels minus it alone |" in md and "| all channels minus it |" not in md
+
+
 def _replayed_again(run_a, tmp_path, override: str) -> Path:
     """A copy of run A in tmp_path / "tiny" updated with a replay ``override``: only the replay and report run."""
     import shutil

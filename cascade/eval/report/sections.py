@@ -126,9 +126,13 @@ def _section_headline(data: Mapping, variants: dict[str, Mapping]) -> Section:
             "difference ± SE": [_gap_text(g) if g.get("beyond_2se") is not None else MISSING for g in gaps],
             "beyond 2 SE": [g.get("beyond_2se") for g in gaps],
             "requests": [g.get("n") for g in gaps]})
+        ratio = any(g.get("metric") == "oracle_ratio" for g in gaps)
         sec.blocks.append(("table", Table(frame, ["", "", "", "", "beyond", "requests"],
                                           caption="paired on the same test requests: the cascade's per-request "
-                                                  "value minus the other list's, mean ± standard error")))
+                                                  "value minus the other list's, mean ± standard error"
+                                                  + ("; oracle ratio: a request's oracle clicks@K over the most any "
+                                                     f"{k} items could get it (the oracle clicks@K column, per "
+                                                     "request on a common scale)" if ratio else ""))))
     fs = as_mapping(outcomes.get("filter_seen"), "report_data['outcomes']['filter_seen']") or {}
     has = {key for key, _ in present}
     text = ("click-recall@K: share of each request's held-out clicked items that the list keeps (HitRate: any of "
@@ -430,6 +434,11 @@ def _section_models(data: Mapping) -> Section:
                             "The teacher's row scores the model alone (its click probability); the cascade's rank "
                             "stage ranks by its ranking score (with the exposure weight and collaborative term), "
                             "whose AUC is the per-stage table's rank row."))
+    ranker = (as_mapping(data.get("choices"), "report_data['choices']") or {}).get("ranker")
+    if ranker == "teacher" and any(str(r.get("name", "")).startswith("rank student (served") for r in rows):
+        sec.blocks.append(("p", "The replay's cascades rank with the teacher (replay.ranker = \"teacher\"): the rank "
+                                "student marked served is the one load_cascade(..., ranker=\"student\") serves, and "
+                                "no cascade of this report ranks with it."))
     return sec
 
 
@@ -454,14 +463,14 @@ def _section_channels(data: Mapping) -> Section:
                      "union without it": e.get("union_without"), "marginal": e.get("marginal"),
                      "share of final items": share.get(name),
                      "alone end to end: click-recall@K": own.get("rank_click_recall"),
-                     "all channels minus it": _gap_cell(gaps.get("rank_click_recall")),
+                     "all channels minus it alone": _gap_cell(gaps.get("rank_click_recall")),
                      "alone: oracle ratio": own.get("oracle_ratio"),
-                     "all minus it: oracle ratio": _gap_cell(gaps.get("oracle_ratio"))})
+                     "all minus it alone: oracle ratio": _gap_cell(gaps.get("oracle_ratio"))})
     keys = ["", "quota_share", "click_recall", "teacher_recall", "click_recall", "click_recall", "share",
             "click_recall", ""] + (["oracle_ratio", ""] if oracle else [])
     frame = pd.DataFrame(rows)
     if not oracle:
-        frame = frame.drop(columns=["alone: oracle ratio", "all minus it: oracle ratio"])
+        frame = frame.drop(columns=["alone: oracle ratio", "all minus it alone: oracle ratio"])
     by_scores = ch.get("merge") == "scores"
     if by_scores:  # a score-normalised union has no quotas
         frame, keys = frame.drop(columns=["quota"]), keys[:1] + keys[2:]
@@ -478,8 +487,8 @@ def _section_channels(data: Mapping) -> Section:
                             f"channel ({others}). Share of final items: the channel that placed each "
                             f"final item in the union; {cut}. Alone end to end: the channel as the whole retrieval "
                             f"stage, the same pre-rank and ranker after it (two_tower: the distilled cascade); all "
-                            f"channels minus it: the multi-channel cascade's per-request value minus that cascade's, "
-                            f"mean ± SE over the test requests (* beyond 2 SE)."))
+                            f"channels minus it alone: the multi-channel cascade's per-request value minus that "
+                            f"cascade's, mean ± SE over the test requests (* beyond 2 SE)."))
     held = {r["channel"]: r["teacher's top-K in its N1"] for r in rows if r["teacher's top-K in its N1"] is not None}
     if held and ch.get("union_teacher_recall") is not None:
         best = max(held, key=held.get)
