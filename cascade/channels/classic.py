@@ -186,6 +186,33 @@ class Channel:
         """Rebuild derived state after ``load`` set the learned arrays."""
 
 
+class PeriodCache:
+    """Values computed once per key (a refresh period) and kept, at most ``size`` of them: a replay walks forward
+    in time and does not ask old periods again, so a full cache is emptied, not evicted entry by entry. Threads may
+    share it: :meth:`get` returns the entry it found or computed, never a second lookup another thread's
+    :meth:`clear` could miss."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._kept: dict = {}
+
+    def __contains__(self, key) -> bool:
+        return key in self._kept
+
+    def get(self, key, compute):
+        """The value kept for ``key``, or ``compute()`` kept for it."""
+        kept = self._kept.get(key)
+        if kept is None:
+            kept = compute()
+            if len(self._kept) >= self.size:
+                self._kept.clear()
+            self._kept[key] = kept
+        return kept
+
+    def clear(self) -> None:
+        self._kept.clear()
+
+
 class PopularChannel(Channel):
     """The most clicked items of the ``window_days`` (None: all history) before the request, as of the last
     refresh: a request at t sees the clicks in [s - window, s) with s = t rounded down to ``refresh_ms``, so the
@@ -203,22 +230,19 @@ class PopularChannel(Channel):
         if refresh_ms < 1:
             raise ValueError(f"PopularChannel: refresh_ms must be >= 1, got {refresh_ms}")
         self.history, self.window_days, self.refresh_ms = history, window_days, int(refresh_ms)
-        self._cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        self._logs: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, float, float]] = {}  # standardised's
+        self._cache = PeriodCache(256)  # period start -> ranked's list
+        self._logs = PeriodCache(256)  # (period start, corpus size) -> standardised's log counts
 
     def ranked(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         """The list of the refresh period starting at ``s``: (item ids int64 [m], click counts float32 [m]) of the
         m items clicked in its window, most clicked first, ties to the lower item id."""
-        kept = self._cache.get(s)  # the entry itself, never a second lookup: another thread may clear the cache
-        if kept is None:
-            window = None if self.window_days is None else int(round(self.window_days * DAY_MS))
-            codes, counts = self.history.clicked_items(s, window)
-            order = np.lexsort((codes, -counts))  # count descending, then item code (= id order) ascending
-            kept = (self.history.items.sorted_ids[codes[order]], counts[order].astype(np.float32))
-            if len(self._cache) >= 256:  # a replay walks forward in time: old periods are not asked again
-                self._cache.clear()
-            self._cache[s] = kept
-        return kept
+        return self._cache.get(s, lambda: self._counted(s))
+
+    def _counted(self, s: int) -> tuple[np.ndarray, np.ndarray]:
+        window = None if self.window_days is None else int(round(self.window_days * DAY_MS))
+        codes, counts = self.history.clicked_items(s, window)
+        order = np.lexsort((codes, -counts))  # count descending, then item code (= id order) ascending
+        return self.history.items.sorted_ids[codes[order]], counts[order].astype(np.float32)
 
     def period_starts(self, t_ms: np.ndarray) -> np.ndarray:
         """int64 [B]: the start of the refresh period of each time ``t_ms`` [B]."""
@@ -253,19 +277,15 @@ class PopularChannel(Channel):
     def _log_counts(self, s: int, n_items: int) -> tuple[np.ndarray, np.ndarray, float, float]:
         """The period's clicked item ids in id order [m], their log(1 + count) [m], and its mean and SD over a
         corpus of ``n_items`` (the unclicked items counting 0): counted once per period, as :meth:`ranked` is."""
-        key = (s, int(n_items))
-        kept = self._logs.get(key)  # as ranked's cache: one lookup
-        if kept is None:
+        def computed() -> tuple[np.ndarray, np.ndarray, float, float]:
             ids, counts = self.ranked(s)
             order = np.argsort(ids)
             logs = np.log1p(counts[order].astype(np.float64))
             mean = float(logs.sum() / n_items)
             sd = float(np.sqrt(max(float((logs ** 2).sum() / n_items - mean ** 2), 0.0)))
-            kept = (ids[order], logs, mean, sd)
-            if len(self._logs) >= 256:  # as ranked's cache: old periods are not asked again
-                self._logs.clear()
-            self._logs[key] = kept
-        return kept
+            return ids[order], logs, mean, sd
+
+        return self._logs.get((s, int(n_items)), computed)
 
     def select(self, requests: Requests, candidates: np.ndarray | None, n: int) -> tuple[np.ndarray, np.ndarray]:
         check_select(self.name, candidates, n)

@@ -24,7 +24,7 @@ import numpy as np
 from ..arrays import PAD
 from ..data.ids import IdIndex
 from ..data.requests import Requests
-from .classic import PopularChannel
+from .classic import PeriodCache, PopularChannel
 
 PRIOR_FILE = "prior.json"  # a saved tower's prior: PopularityPrior.params()
 
@@ -49,7 +49,7 @@ class PopularityPrior:
         self.cov = np.cov(np.asarray(item_emb, np.float64), rowvar=False).reshape(item_emb.shape[1], -1)
         self.n_items = len(items)
         self._rows = items
-        self._periods_seen: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        self._periods_seen = PeriodCache(16)  # period start -> (dense log counts, rows)
 
     def params(self) -> dict:
         """What a saved tower records to rebuild the prior: the channel's settings and the weight."""
@@ -63,18 +63,15 @@ class PopularityPrior:
     def period(self, s: int) -> tuple[np.ndarray, np.ndarray]:
         """The refresh period starting at s: (log1p click counts float32 [I + 1] by row, the last entry 0; rows
         int64 [m] of its clicked items, most clicked first)."""
-        kept = self._periods_seen.get(s)  # the entry itself, never a second lookup: another thread may clear
-        if kept is None:
+        def computed() -> tuple[np.ndarray, np.ndarray]:
             ids, counts = self.popular.ranked(s)
             rows, found = self._rows.find(ids)
             rows, counts = rows[found], counts[found]
             dense = np.zeros(self.n_items + 1, np.float32)
             dense[rows] = np.log1p(counts)
-            kept = (dense, rows)
-            if len(self._periods_seen) >= 16:  # a replay walks forward in time: old periods are not asked again
-                self._periods_seen.clear()
-            self._periods_seen[s] = kept
-        return kept
+            return dense, rows
+
+        return self._periods_seen.get(s, computed)
 
     def refresh(self, t_ms: np.ndarray) -> int:
         """Prepare the refresh periods of the times ``t_ms`` [B] (their lists and dense log counts) ahead of their
