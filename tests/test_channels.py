@@ -308,7 +308,7 @@ def test_score_normalised_union_takes_each_channels_standardised_scores_dedups_a
 def test_a_score_normalised_unions_list_does_not_move_with_what_else_its_user_saw():
     """Filtering seen items over-fetches each channel by what the user saw; the z-scores keep the mean and std of
     the n asked for, so items seen that no channel proposes leave the list as it is, as under quotas."""
-    from cascade.serve.cascade import select_unseen_origin
+    from cascade.serve.cascade import select_unseen, select_unseen_origin
 
     rng = np.random.default_rng(3)
     width = 40
@@ -322,6 +322,10 @@ def test_a_score_normalised_unions_list_does_not_move_with_what_else_its_user_sa
             [(1, 900 + i, i, 0) for i in range(8)],  # eight items no channel proposes
             [(1, 0, 0, 1), (1, 101, 1, 0)])]  # two the channels propose: dropped, the next ones move up
         assert lists[0] == lists[1], merged.merge
+        # the stage contract's path (the replay's channel report) serves the same lists
+        plain = [select_unseen(merged, req, 8, event_history(seen))[0][0].tolist() for seen in (
+            [(2, 500, 0, 1)], [(1, 900 + i, i, 0) for i in range(8)], [(1, 0, 0, 1), (1, 101, 1, 0)])]
+        assert plain == lists, merged.merge
         assert 0 not in lists[2] and 101 not in lists[2] and len(set(lists[0]) - set(lists[2])) == 2
     # before the fix the 8 unrelated items moved the score union's z-scores: the widths differed (8 vs 16)
     z8 = standardised(np.array([np.linspace(1, 0, 8)]))

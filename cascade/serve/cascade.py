@@ -137,7 +137,10 @@ def select_unseen(stage: Stage, requests: Requests, n: int, seen: EventHistory |
     """``stage.select(requests, None, n)``, without the items each user was shown strictly before the request when
     ``seen`` is given: over-fetch by what the users saw (at most MAX_OVERFETCH x n more), drop the seen items,
     keep the best n; the rows of users who saw more than that and are left short are fetched again with all they
-    saw on top, so filtering does not shrink a list the stage could fill."""
+    saw on top, so filtering does not shrink a list the stage could fill. A merged retrieval stage goes through
+    :func:`select_unseen_origin` (its union is told the n asked for when it over-fetches)."""
+    if isinstance(stage, MergedRetriever):
+        return select_unseen_origin(stage, requests, n, seen)[:2]
     if seen is None:
         return stage.select(requests, None, n)
     (items,), scores = _unseen(lambda r, m: stage.select(r, None, m), requests, n, seen, (PAD,))
