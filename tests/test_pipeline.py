@@ -806,6 +806,18 @@ def test_the_report_says_what_its_oracle_ratio_is_which_ranker_serves_and_what_a
     assert ('The replay\'s cascades rank with the teacher (replay.ranker = "teacher"): the rank student marked '
             'served is the one load_cascade(..., ranker="student") serves') in md
     assert "| all channels minus it alone |" in md and "| all channels minus it |" not in md
+    # the headline's verdict: the cascade with the best oracle share of the report's own rows, said before the table
+    rows = A.read_json(run_a[1] / "report" / "report.json")["outcomes"]["rows"]
+    best = max((r for r in rows if r["kind"] == "cascade"), key=lambda r: r["oracle_ratio"])
+    verdict = (f"Verdict, by the oracle's share of the best possible clicks (oracle ratio@{k}: the true click model, "
+               f"which the logging policy does not bias): {best['name']} leads the cascades "
+               f"({best['oracle_ratio']:.4f}).")
+    assert verdict in md and md.index(verdict) < md.index("| list | kind |")
+    # what a reader asked after: the union's missing retrieval AUC, grids beyond the configured ones, and why the
+    # exposure weight's and the collaborative term's tables differ in the last digit at weight 0
+    assert "A retrieval stage that merges channels has no AUC ('–')" in md
+    assert "at most students.grid_doublings times, so a table may hold values beyond the configured grid" in md
+    assert "the exposure weight's table scores in float32" in md
 
 
 def _replayed_again(run_a, tmp_path, override: str) -> Path:

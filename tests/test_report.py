@@ -594,6 +594,54 @@ def test_where_the_data_have_an_oracle_a_loss_to_a_popularity_baseline_is_flagge
         f"The ground_truth cascade finds fewer of the test clicks than {prior}"]
 
 
+def test_the_verdict_names_the_best_cascade_by_the_headline_outcome_with_its_paired_gaps():
+    """Hand-worked: where the data have an oracle, the oracle's share judges (the best cascade, its gap to the best
+    classic baseline and to the next cascade, and the list logged clicks would pick instead); without one, logged
+    click-recall judges; a gap without an SE is "too few requests to tell"; no cascade, no verdict."""
+    from cascade.pipeline.report import outcome_rows
+
+    def q(cr, ratio=None):
+        return {"quality": {"rank_click_recall": cr, **({} if ratio is None else {"oracle_ratio": ratio})},
+                "sizes": {"retrieval": 500, "prerank": 100, "rank": 10}}
+
+    prior = "popular + EASE (7 days, lambda 800, b 1)"
+    summary = {"variants": {"distilled": q(0.079, 0.9636), "distilled+channels": q(0.066, 0.9670),
+                            "ground_truth": q(0.086, 0.9541)},
+               "references": {"teacher_corpus": q(0.066, 0.9690)},  # a reference is neither a cascade nor a baseline
+               "baselines": {"content": q(0.094, 0.9479), prior: q(0.102, 0.9455)},
+               "paired": {"distilled+channels": {
+                   "content": {"oracle_ratio": {"diff": 0.0191, "se": 0.0051, "n": 500}},
+                   "distilled": {"oracle_ratio": {"diff": 0.0034, "se": 0.0009, "n": 500}}}}}
+    v = outcome_rows(summary)["verdict"]
+    assert (v["judge"], v["best"], v["value"], v["logged_best"]) == ("oracle_ratio", "distilled+channels", 0.9670,
+                                                                     prior)
+    assert [(a["other"], a["role"]) for a in v["against"]] == [("content", "the best classic baseline"),
+                                                                ("distilled", "the next cascade")]
+    assert v["text"] == (
+        "Verdict, by the oracle's share of the best possible clicks (oracle ratio@10: the true click model, which the "
+        "logging policy does not bias): distilled+channels leads the cascades (0.9670). Against the best classic "
+        "baseline, content (0.9479): +0.0191 ± 0.0051 paired over 500 requests, ahead (beyond 2 SE). Against the "
+        "next cascade, distilled (0.9636): +0.0034 ± 0.0009 paired over 500 requests, ahead (beyond 2 SE). Logged "
+        f"click-recall@10 would pick {prior} (0.1020; distilled+channels 0.0660): the logged clicks follow what the "
+        "logging policy showed, which the oracle does not.")
+
+    # no oracle: logged click-recall judges; a tie within 2 SE; a next cascade without a paired gap is left out
+    summary = {"variants": {"distilled": q(0.1531), "ground_truth": q(0.1523)},
+               "baselines": {prior: q(0.1523), "popular (7 days)": q(0.1308)},
+               "paired": {"distilled": {prior: {"rank_click_recall": {"diff": 0.0007, "se": 0.0023, "n": 575}}}}}
+    v = outcome_rows(summary)["verdict"]
+    assert v["text"] == ("Verdict, by click-recall@10 of the held-out clicks: distilled leads the cascades (0.1531). "
+                         f"Against the best classic baseline, {prior} (0.1523): +0.0007 ± 0.0023 paired over 575 "
+                         "requests, a tie on these requests (within 2 SE).")
+    assert v["logged_best"] is None and [a["other"] for a in v["against"]] == [prior]
+    summary["paired"]["distilled"][prior]["rank_click_recall"] = {"diff": -0.02, "se": float("nan"), "n": 1}
+    assert outcome_rows(summary)["verdict"]["text"].endswith(f"{prior} (0.1523): too few requests to tell.")
+    summary["paired"]["distilled"][prior]["rank_click_recall"] = {"diff": -0.02, "se": 0.005, "n": 575}
+    assert outcome_rows(summary)["verdict"]["text"].endswith("-0.0200 ± 0.0050 paired over 575 requests, behind "
+                                                             "(beyond 2 SE).")
+    assert outcome_rows({"baselines": summary["baselines"]})["verdict"] is None
+
+
 def test_gap_rows_take_the_random_slice_expectation_against_ground_truth_popular_and_the_best_baseline():
     from cascade.pipeline.report import outcome_rows
 

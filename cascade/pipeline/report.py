@@ -232,7 +232,53 @@ def outcome_rows(summary: dict, extra_flags: list[str] | None = None) -> dict:
             rows.append(row)
     paired = summary.get("paired") or {}
     return {"rows": rows, "flags": below_popular(rows, paired) + list(extra_flags or []),
-            "gaps": gap_rows(rows, paired), "filter_seen": summary.get("filter_seen")}
+            "verdict": verdict(rows, paired), "gaps": gap_rows(rows, paired), "filter_seen": summary.get("filter_seen")}
+
+
+def verdict(rows: list[dict], paired: dict) -> dict | None:
+    """Which list the run's outcomes favour, judged by the outcome the headline leads with (the oracle's share of the
+    best possible clicks where the data have an oracle, else the click-recall of the logged test clicks): the best
+    cascade, its paired gaps to the best classic baseline and to the next cascade, and, where the oracle judges, the
+    list logged click-recall would pick instead. {"judge", "best", "value", "against": [{"other", "role", "value",
+    "gap"}], "logged_best", "text"}; None without a cascade scored by that outcome."""
+    oracle = any(r.get("oracle_ratio") is not None for r in rows)
+    key, metric = ("oracle_ratio", "oracle_ratio") if oracle else ("click_recall", "rank_click_recall")
+    scored = [r for r in rows if r.get(key) is not None]
+    cascades = sorted((r for r in scored if r["kind"] == "cascade"), key=lambda r: -r[key])
+    if not cascades:
+        return None
+    best, k = cascades[0], cascades[0]["k"]
+    what = (f"the oracle's share of the best possible clicks (oracle ratio@{k}: the true click model, which the "
+            "logging policy does not bias)" if oracle else f"click-recall@{k} of the held-out clicks")
+    fmt = "{:.4f}"
+    text = f"Verdict, by {what}: {best['name']} leads the cascades ({fmt.format(best[key])})."
+    against = []
+    baselines = sorted((r for r in scored if r["kind"] == "baseline"), key=lambda r: -r[key])
+    for role, other in (("the best classic baseline", baselines[0] if baselines else None),
+                        ("the next cascade", cascades[1] if len(cascades) > 1 else None)):
+        gap = paired.get(best["name"], {}).get(other["name"], {}).get(metric) if other else None
+        if gap is None:
+            continue
+        against.append({"other": other["name"], "role": role, "value": other[key], "gap": gap})
+        beyond = beyond_two_se(gap)
+        text += f" Against {role}, {other['name']} ({fmt.format(other[key])}): "
+        if beyond is None:
+            text += "too few requests to tell."
+        else:
+            word = ("ahead" if gap["diff"] > 0 else "behind") if beyond else "a tie on these requests"
+            text += (f"{gap['diff']:+.4f} ± {gap['se']:.4f} paired over {gap['n']} requests, {word} "
+                     f"({'beyond' if beyond else 'within'} 2 SE).")
+    logged_best = None
+    if oracle:
+        logged = [r for r in rows if r["kind"] in ("cascade", "baseline") and r.get("click_recall") is not None]
+        top = max(logged, key=lambda r: r["click_recall"], default=None)
+        if top is not None and top["name"] != best["name"] and best.get("click_recall") is not None:
+            logged_best = top["name"]
+            text += (f" Logged click-recall@{k} would pick {top['name']} ({top['click_recall']:.4f}; {best['name']} "
+                     f"{best['click_recall']:.4f}): the logged clicks follow what the logging policy showed, which "
+                     "the oracle does not.")
+    return {"judge": metric, "best": best["name"], "value": best[key], "against": against,
+            "logged_best": logged_best, "text": text}
 
 
 def below_popular(rows: list[dict], paired: dict) -> list[str]:

@@ -94,6 +94,9 @@ def _section_headline(data: Mapping, variants: dict[str, Mapping]) -> Section:
         return sec.note(f"Cascade replay {NOT_COMPUTED}.")
     for flag in as_list(outcomes.get("flags"), "report_data['outcomes']['flags']") or []:
         sec.blocks.append(("p", f"Warning: {flag}"))
+    verdict = as_mapping(outcomes.get("verdict"), "report_data['outcomes']['verdict']")
+    if verdict and verdict.get("text"):
+        sec.blocks.append(("p", str(verdict["text"])))
     oracle = any(r.get("oracle_clicks") is not None for r in rows)
     cards = []
     for r in rows:
@@ -200,7 +203,8 @@ def _test_period(data: Mapping) -> str:
     return f" ({start} .. {end}{zone}{back})"
 
 
-def _section_stages(variants: dict[str, Mapping]) -> Section:
+def _section_stages(variants: dict[str, Mapping], merged: bool = False) -> Section:
+    """The per-stage tables of every variant; ``merged``: a variant's retrieval stage merges channels."""
     sec = Section("stages", "Per-stage metrics")
     per_variant = {v: _stages_of(v, e) for v, e in variants.items()}
     if not any(per_variant.values()):
@@ -222,7 +226,11 @@ def _section_stages(variants: dict[str, Mapping]) -> Section:
                             "on the test impressions (and on their random-exposure slice where there is one): the "
                             "rank stage's is the score the cascade ranks by (the teacher's: its model with the "
                             "exposure weight and collaborative term chosen on validation), not the Models table's "
-                            "AUC of the model alone; latency per request at batch 1."))
+                            "AUC of the model alone; latency per request at batch 1."
+                            + (" A retrieval stage that merges channels has no AUC ('–'): each channel scores on its "
+                               "own scale, so no one score orders the test impressions."
+                               if merged and any((st.get("retrieval") or {}).get("auc") is None
+                                                 for st in per_variant.values()) else "")))
     return sec
 
 
@@ -559,6 +567,11 @@ def _section_choices(data: Mapping) -> Section:
                                                         "weight": [g.get("weight") for g in grid],
                                                         label: [g.get(key) for g in grid], **_one_se_frame(grid)}),
                                           ["", "", fmt, *_one_se_keys(grid)], caption=str(co.get("judge", "")))))
+        if es:
+            sec.blocks.append(("p", "Weight 0 is the teacher's ranking score at the chosen exposure weight, scored "
+                                    "as the cascade serves it (in bfloat16 where the scoring probe found it faster); "
+                                    "the exposure weight's table scores in float32, so the same list can differ "
+                                    "there in the fourth decimal."))
         if prior:
             sec.blocks.append(("p", "The classic prior most-popular + EASE (log(1 + clicks in the window) and the "
                                     "EASE scores, each standardised over the corpus): alone at each window and EASE "
@@ -648,7 +661,10 @@ def _section_choices(data: Mapping) -> Section:
                             "where logged clicks judge it, the value closest to 1 (the product rule P(shown) "
                             "P(click | shown)); the classic prior's weight beside the teacher, where logged clicks "
                             "judge it, the largest value; a student's KD temperature the value closest to the "
-                            "configured one."))
+                            "configured one. Before the rule, a student's grid (its distillation scale, its "
+                            "popularity prior weight) whose largest value scores best is widened: that value doubled, "
+                            "at most students.grid_doublings times, so a table may hold values beyond the configured "
+                            "grid."))
     return sec
 
 
@@ -918,7 +934,8 @@ def _section_run(data: Mapping) -> Section:
 
 def report_sections(data: Mapping) -> list[Section]:
     variants = _variants(data)
-    return [_section_headline(data, variants), _section_stages(variants), _section_channels(data),
+    return [_section_headline(data, variants), _section_stages(variants, bool(data.get("channels"))),
+            _section_channels(data),
             _section_curves(variants), _section_latency(variants), _section_index(data), _section_models(data),
             _section_training(data), _section_choices(data), _section_ablation(data), _section_data(data),
             _section_run(data)]
