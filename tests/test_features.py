@@ -412,3 +412,27 @@ def test_build_encoded_layout_and_pairs_match():
 
     no_priv = build_encoded(ds, masks, enc, store, privileged=False)["valid"]
     assert no_priv.spec == nonpriv and "play_time_ms" not in no_priv.extra
+
+
+def test_a_column_constant_up_to_rounding_standardises_with_scale_one_as_scikit_learn_decides():
+    """The encoder's column statistics are axis-0 reductions of a 2-D array, whose rounding leaves a constant column a
+    std of about 1e-14 (a custom log's user CTR, the same on every train row, then made every validation value
+    ~1e13 and the teacher's scores ~1e30). scale() calls such a column constant as scikit-learn's StandardScaler
+    does (scale 1), keeps a real spread, and keeps the absolute floor for spreads too small for float32."""
+    from sklearn.preprocessing import StandardScaler
+
+    from cascade.data.features.columns import scale
+
+    c = float(np.log1p(np.float64(np.float32(0.1))))
+    for n in (5192, 10346, 100_000):
+        x = np.tile(np.array([[c, 0.0]]), (n, 1))
+        x[:, 1] = np.linspace(0.0, 1.0, n)
+        mean, std = x.mean(axis=0), x.std(axis=0)
+        assert 0 < std[0] < 1e-12  # the rounding this guards against
+        got = scale(std, mean, n)
+        np.testing.assert_allclose(got, StandardScaler().fit(x).scale_)
+        assert got[0] == 1.0 and got[1] == pytest.approx(std[1])
+        assert abs((0.5 - mean[0]) / got[0] - (0.5 - c)) < 1e-12  # an unseen value stays on its own scale
+        assert scale(std[0], mean[0], n) == 1.0  # a scalar as the numeric columns' fit passes it
+    # a spread below 10 machine epsilons is constant too (0 and 4e-110: std 2e-110), and a plain column is kept
+    assert scale(2e-110, 2e-110, 2) == 1.0 and scale(0.25, 3.0, 2) == 0.25

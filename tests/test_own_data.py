@@ -243,3 +243,104 @@ def test_split_days_by_quantile_on_sparse_logs():
     two_days = ds.impressions.assign(time_ms=(days > 2) * DAY_MS)
     with pytest.raises(DataValidationError, match="span 2 calendar day"):
         quantile_split_days(Dataset(ds.users, ds.items, two_days, ds.schema))
+
+
+def _same_load(a: Dataset, b: Dataset) -> None:
+    for table in ("users", "items", "impressions"):
+        pd.testing.assert_frame_equal(getattr(a, table), getattr(b, table), check_like=True)
+
+
+def test_a_header_with_spaces_around_its_names_reads_as_the_names(tmp_path):
+    """'session, customer, sku' is read as the columns the header check found (it crashed in pyarrow before)."""
+    mapping = own_logs(tmp_path)
+    for name in ("impressions.csv", "users.csv"):
+        path = mapping.parent / name
+        head, rest = path.read_text().split("\n", 1)
+        path.write_text(", ".join(head.split(",")) + " \n" + rest)
+    _same_load(load_custom(mapping), load_custom(EXAMPLE / "mapping.toml"))
+
+
+def test_a_parquet_timestamp_column_is_read_as_the_instant_it_holds(tmp_path):
+    """A time column stored as a parquet timestamp (what pandas writes for datetimes) in any unit: with a time zone
+    the instant, without one the wall clock in the log's local time ([time] utc_offset_hours); [time] unit beside it
+    would do nothing and is refused. Each loads exactly as the example's epoch seconds do."""
+    mapping = own_logs(tmp_path)
+    imp = pd.read_csv(mapping.parent / "impressions.csv")
+    text = mapping.read_text()
+    assert '[time]\nunit = "s"\n' in text
+    want = load_custom(EXAMPLE / "mapping.toml")
+    stamps = pd.to_datetime(imp["ts"], unit="s", utc=True)
+    for ts, offset in ((stamps, 0), (stamps.dt.tz_convert("Asia/Tokyo").astype("datetime64[us, Asia/Tokyo]"), 0),
+                       (stamps.dt.tz_convert("Etc/GMT-3").dt.tz_localize(None).astype("datetime64[ms]"), 3)):
+        imp.assign(ts=ts).to_parquet(mapping.parent / "impressions.parquet")
+        mapping.write_text(text.replace("impressions.csv", "impressions.parquet")
+                           .replace('[time]\nunit = "s"\n', f"[time]\nutc_offset_hours = {offset}\n"))
+        got = load_custom(mapping)
+        if offset:  # the same instants; the log's local days are 3 hours later
+            np.testing.assert_array_equal(got.impressions["time_ms"], want.impressions["time_ms"])
+        else:
+            _same_load(got, want)
+    mapping.write_text(text.replace("impressions.csv", "impressions.parquet"))  # unit = "s" beside a timestamp
+    with pytest.raises(DataValidationError, match=r"impressions.parquet: column 'ts' is a parquet timestamp "
+                                                  r"\(timestamp\[ms\]\), which carries its own unit: \[time\] unit = "
+                                                  r"'s' would do nothing; remove it"):
+        load_custom(mapping)
+
+
+def test_a_request_id_that_runs_for_days_is_refused_naming_it_and_its_lines(tmp_path):
+    """A session column that names a customer, not a page view: its impressions run over the whole log, and the time
+    split (which reads a request's first impression) would put later days' events in an earlier split. The run then
+    failed deep in the teacher; now the loader refuses it, naming the request, its first and last lines."""
+    mapping = own_logs(tmp_path)
+    path = mapping.parent / "impressions.csv"
+    imp = pd.read_csv(path)
+    imp.loc[imp["customer"] == "c0276", "session"] = "c0276"
+    imp.drop(columns="position").to_csv(path, index=False)
+    rows = np.flatnonzero(imp["customer"].to_numpy() == "c0276")
+    first, last = rows[np.argmin(imp["ts"].to_numpy()[rows])], rows[np.argmax(imp["ts"].to_numpy()[rows])]
+    days = (imp["ts"].iloc[last] - imp["ts"].iloc[first]) / 86_400
+    with pytest.raises(DataValidationError, match=(
+            rf"impressions.csv line {last + 2}: request 'c0276' \(column 'session'\) runs {days:.1f} days past its "
+            rf"first impression at .*impressions.csv line {first + 2}; a request is one serving call's list")):
+        load_custom(mapping)
+    # within a day it is one request (a page view whose impressions were logged over an hour, say)
+    imp = pd.read_csv(EXAMPLE / "impressions.csv")
+    one = imp["session"] == imp["session"].iloc[0]
+    imp.loc[one, "ts"] = imp.loc[one, "ts"].to_numpy() + 3600 * np.arange(one.sum())
+    imp.to_csv(path, index=False)
+    assert load_custom(mapping).impressions["request_id"].nunique() == 1200
+
+
+def test_messages_for_a_future_time_a_date_as_time_a_spaced_id_and_a_gap_fill_does_not_cover(tmp_path):
+    """Four mistakes of real exports, each refused in one line that says what to do: an impression dated after today
+    (it was accepted, and the suggested split spanned 27,000 days); ISO dates in the time column; an id with a space
+    that the side table writes without one; a gap in a column mapped as the items' author that fill = true leaves."""
+    mapping = own_logs(tmp_path)
+    path = mapping.parent / "impressions.csv"
+    original = path.read_text()
+    imp = pd.read_csv(path)
+    imp.loc[10, "ts"] = 4102448400  # 2100-01-01 01:00 UTC
+    imp.to_csv(path, index=False)
+    with pytest.raises(DataValidationError, match=r"impressions.csv line 12: column 'ts' holds 4102448400.0, which is "
+                                                  r"2100-01-01 01:00 UTC, after today: a logged impression lies in the "
+                                                  r"past"):
+        load_custom(mapping)
+    imp = pd.read_csv(mapping.parent / "impressions.csv")
+    imp["ts"] = pd.to_datetime(imp["ts"], unit="s", utc=True).dt.strftime("%Y-%m-%dT%H:%M:%S+00:00")
+    imp.to_csv(path, index=False)
+    with pytest.raises(DataValidationError, match=r"column 'ts' must be float64 but line 2 holds "
+                                                  r"'2024-01-01T00:25:21\+00:00', a date: give times as epoch numbers"):
+        load_custom(mapping)
+    path.write_text(original.replace("\ns01101,c0276,", "\ns01101, c0276,", 1))
+    with pytest.raises(DataValidationError, match=r"unknown user ' c0276' .* has 'c0276': ids are compared as "
+                                                  r"written, and spaces around an id are part of it"):
+        load_custom(mapping)
+    path.write_text(original)
+    items = pd.read_csv(mapping.parent / "items.csv")
+    items.loc[3, "brand"] = None
+    items.to_csv(mapping.parent / "items.csv", index=False)
+    mapping.write_text(mapping.read_text() + "\n[missing]\nfill = true\n")
+    with pytest.raises(DataValidationError, match=r"items.csv: column 'brand' has a missing value at line 5; \[missing\] "
+                                                  r"fill fills the declared features, and 'brand' is mapped as "
+                                                  r"items.author_id without being one"):
+        load_custom(mapping)

@@ -36,7 +36,10 @@ Rules:
 - ``request_id`` absent: a request is a run of one user's impressions in which consecutive impressions are at
   most ``request_gap_s`` seconds apart (default 1800 = 30 minutes, the usual web-session cut-off); the user's next
   impression after a longer gap opens a new request. Present: any values (text or numbers) naming sessions; one
-  session must belong to one user (``request_gap_s`` set beside it would do nothing, so it is refused). Either way
+  session must belong to one user, and its impressions must lie within one day of its first (a request is one
+  serving call's list; the time split and the features from earlier events read its first impression's time, so
+  a session id that runs for days would put later days' events in an earlier split); ``request_gap_s`` set beside it
+  would do nothing, so it is refused. Either way
   request ids are re-numbered 0..R-1 in time order of the request's first impression.
 - ``position`` absent: 0-based order by (time, file order) within the request, and an impression repeated exactly
   (same request or user, item, time and click) raises naming both lines (the copy would count its click twice).
@@ -69,16 +72,19 @@ from .io import (
     check_file,
     check_time_unit,
     data_line,
+    epoch_ms_of_timestamps,
     expand_glob,
     fill_missing_categorical,
     fill_missing_numeric,
     hour_weekday,
+    parquet_timestamp,
     py_scalar,
     read_table_strict,
     sort_impressions,
     table_columns,
 )
 from .schema import IMPRESSION_COLUMNS, Dataset, DataValidationError, Feature, Schema
+from .split import DAY_MS
 
 log = logging.getLogger(__name__)
 
@@ -332,15 +338,31 @@ def _read(paths: list[Path], table: str, cfg: dict, features: list[Feature],
             dtypes[src(f.name)] = "float64"
     id_cols = [src(c) for c in required_canon if c in ("user_id", "item_id")]
     nullable = [src(c) for c in feat_names] if cfg["fill"] else []
+    # canonical columns that are not features: never filled; with fill on, a gap in one gets its own message
+    unfilled = {rename[c]: c for c in _OPTIONAL[table] if c in rename and c not in feat_names} if cfg["fill"] else {}
     frames, counts = [], []
     for q in paths:
         checks: dict[str, Any] = {"unique": id_cols if table != "impressions" else ()}
         if q.suffix.lower() not in (".parquet", ".pq"):
             checks["sep"] = cfg["sep"]
             checks["encoding"] = cfg["encoding"]
+        stamp = parquet_timestamp(q, src("time_ms")) if table == "impressions" else None
+        if stamp is not None and "unit" in cfg["set_in_time"]:
+            raise DataValidationError(
+                f"{q}: column {src('time_ms')!r} is a parquet timestamp ({stamp}), which carries its own unit: "
+                f"[time] unit = {cfg['unit']!r} would do nothing; remove it")
         # Columns neither canonical nor declared as features are not read: they may hold anything.
-        df = read_table_strict(q, required, dtypes, usecols=list(dict.fromkeys(required)), nullable=nullable,
-                               **checks)
+        df = read_table_strict(q, required, {c: t for c, t in dtypes.items() if stamp is None or c != src("time_ms")},
+                               usecols=list(dict.fromkeys(required)), nullable=[*nullable, *unfilled], **checks)
+        for col, canonical in unfilled.items():
+            if df[col].isna().any():
+                raise DataValidationError(
+                    f"{q}: column {col!r} has a missing value at line "
+                    f"{data_line(q, int(np.flatnonzero(df[col].isna().to_numpy())[0]))}; [missing] fill fills the "
+                    f"declared features, and {col!r} is mapped as {table}.{canonical} without being one: fill it in "
+                    "the file, or declare it as a feature")
+        if stamp is not None:  # epoch milliseconds, the default unit
+            df[src("time_ms")] = epoch_ms_of_timestamps(df[src("time_ms")], cfg["utc_offset_hours"])
         # canonical name <- its source column; one source may serve two names (a feature and the cross tag)
         own = {c for c in (*required_canon, *feat_names) if c not in rename}  # read under their own names
         renamed = {k: df[v] for k, v in rename.items()}
@@ -419,8 +441,9 @@ def _ids(users: pd.DataFrame, items: pd.DataFrame, imp: pd.DataFrame, sources: d
             bad = py_scalar(imp[col].iloc[row])
             number = str(bad).strip().lstrip("0")
             alike = [k for k in map(str, keys) if k.strip().lstrip("0") == number and k != str(bad)][:1]
-            hint = (f"; {sources[table]} has {alike[0]!r}: ids are compared as written, and an id with a leading zero "
-                    "is text, not a number" if alike else "")
+            why = ("spaces around an id are part of it" if alike and alike[0].strip() == str(bad).strip()
+                   else "an id with a leading zero is text, not a number")
+            hint = f"; {sources[table]} has {alike[0]!r}: ids are compared as written, and {why}" if alike else ""
             raise DataValidationError(f"{where(row)}: column {names['impressions'][col]!r} references unknown "
                                       f"{table[:-1]} {bad!r} (not in column {names[table][col]!r} of "
                                       f"{sources[table]}){hint}")
@@ -494,6 +517,19 @@ def _derive_requests(imp: pd.DataFrame, gap_ms: float, where, names: dict[str, s
                 f"{where(other)}: request {py_scalar(imp['request_id'].iloc[other])!r} (column "
                 f"{names['request_id']!r}) holds impressions of more than one user (another at {where(int(rows[0]))}); "
                 "a request is one user's"
+            )
+        spread = pd.Series(t).groupby(group).agg(["min", "max"])
+        long = spread.index[(spread["max"] - spread["min"]).to_numpy() > DAY_MS]
+        if len(long):
+            rows = np.flatnonzero(group == long[0])
+            first, last = int(rows[np.argmin(t[rows])]), int(rows[np.argmax(t[rows])])
+            raise DataValidationError(
+                f"{where(last)}: request {py_scalar(imp['request_id'].iloc[last])!r} (column "
+                f"{names['request_id']!r}) runs {(t[last] - t[first]) / DAY_MS:.1f} days past its first impression "
+                f"at {where(first)}; a request is one serving call's list, and the time split and the features from "
+                "earlier events read its first impression's time. Map a column that names one page view or call, "
+                "or leave request_id unmapped to cut each user's impressions into requests at gaps of [time] "
+                "request_gap_s"
             )
     else:
         order = np.lexsort((np.arange(len(imp)), t, user))
@@ -617,6 +653,13 @@ def load_custom(mapping_toml_path: str | Path) -> Dataset:
             f"{where(row)}: column {mapped['time_ms']!r} must hold whole milliseconds, but holds {py_scalar(t[row])!r}"
         )
     imp["time_ms"] = t_ms.astype(np.int64)
+    late = t_ms > pd.Timestamp.now(tz="UTC").value // 10**6 + DAY_MS  # a day of slack for the time zone
+    if late.any():
+        row = int(np.flatnonzero(late)[0])
+        raise DataValidationError(
+            f"{where(row)}: column {mapped['time_ms']!r} holds {py_scalar(t[row])!r}, which is "
+            f"{pd.Timestamp(int(t_ms[row]), unit='ms'):%Y-%m-%d %H:%M} UTC, after today: a logged impression "
+            "lies in the past")
 
     _binary(imp, "click", where, mapped["click"])
     if "is_rand" in imp.columns:

@@ -282,7 +282,8 @@ def read_csv_strict(
 
     keep = list(usecols) if usecols is not None else None
     col_types = {c: _ARROW_TYPES[t] for c, t in dtypes.items() if c in columns}
-    read_opts = pacsv.ReadOptions(encoding=encoding, column_names=columns if names is not None else None,
+    # the header's names as checked above (spaces around a name stripped), not pyarrow's own reading of line 1
+    read_opts = pacsv.ReadOptions(encoding=encoding, column_names=columns, skip_rows=0 if names is not None else 1,
                                   block_size=1 << 24)
     parse_opts = pacsv.ParseOptions(delimiter=arrow_sep, quote_char='"' if quoting else False,
                                     invalid_row_handler=on_invalid)
@@ -342,9 +343,21 @@ def _raise_conversion_error(raw: bytes, path: Path, read_opts, parse_opts, keep,
             row = int(np.flatnonzero(bad.to_numpy())[0])
             raise DataValidationError(
                 f"{path}: column {col!r} must be {dtypes[col]} but line {line_of(row)} holds "
-                f"{py_scalar(s.iloc[row])!r}"
+                f"{py_scalar(s.iloc[row])!r}{_date_hint(s.iloc[row])}"
             )
     raise DataValidationError(f"{path}: a numeric column holds a value that cannot be parsed")
+
+
+def _date_hint(value: str) -> str:
+    """For a number that did not parse: where it reads as a date or time, what a numeric column wants instead."""
+    try:
+        stamp = pd.Timestamp(value.strip())
+    except (ValueError, TypeError, OverflowError):
+        return ""
+    if pd.isna(stamp):
+        return ""
+    return (", a date: give times as epoch numbers (seconds or milliseconds, [time] unit), or store them in a "
+            "parquet timestamp column")
 
 
 def _check_values(df: pd.DataFrame, source: str, nullable: set[str], nonnegative: Iterable[str],
@@ -424,6 +437,30 @@ def read_parquet_strict(
     return df
 
 
+def parquet_timestamp(path: PathLike, column: str) -> pa.DataType | None:
+    """The stored type of ``column`` in a parquet file where it is a timestamp (``timestamp[us, tz=UTC]``, ...);
+    None for a column of another type, a file without it, or a file that is not parquet."""
+    path = Path(path)
+    if path.suffix.lower() not in (".parquet", ".pq"):
+        return None
+    schema = _parquet_schema(path)
+    if column not in schema.names:
+        return None
+    kind = schema.field(column).type
+    return kind if pa.types.is_timestamp(kind) else None
+
+
+def epoch_ms_of_timestamps(s: pd.Series, utc_offset_hours: float) -> np.ndarray:
+    """float64 [N] epoch milliseconds of a timestamp column ``s`` (datetime64, any unit): the instant where it has a
+    time zone; where it has none, its wall-clock time read in the log's local time (``utc_offset_hours``)."""
+    if s.dt.tz is not None:
+        s = s.dt.tz_convert("UTC").dt.tz_localize(None)
+        offset_ms = 0
+    else:
+        offset_ms = int(round(utc_offset_hours * 3_600_000))
+    return (s.to_numpy().astype("datetime64[ms]").astype(np.int64) - offset_ms).astype(np.float64)
+
+
 def _parquet_schema(path: Path) -> pa.Schema:
     check_file(path)
     try:
@@ -448,9 +485,9 @@ def _cast_column(s: pd.Series, dtype: str, source: str, col: str, first_line: in
             bad |= num.notna().to_numpy() & (num.to_numpy() != np.floor(num.to_numpy()))
     if bad.any():
         row = int(np.flatnonzero(bad)[0])
-        raise DataValidationError(
-            f"{source}: column {col!r} must be {dtype} but line {row + first_line} holds {py_scalar(s.iloc[row])!r}"
-        )
+        value = py_scalar(s.iloc[row])
+        raise DataValidationError(f"{source}: column {col!r} must be {dtype} but line {row + first_line} holds "
+                                  f"{value!r}{_date_hint(value) if isinstance(value, str) else ''}")
     if dtype == "int64" and not num.isna().any():
         return num.astype("int64")  # integer-valued: exact when to_numeric parsed it as int64
     return num.astype("float64")

@@ -129,17 +129,18 @@ class FeatureEncoder:
             starts = request_start_ms(imp)[np.asarray(train_mask)]
             q = cross_store.query(train["user_id"].to_numpy(), train["item_id"].to_numpy(), starts)
             x = np.log1p(np.stack([q[n].astype(np.float64) for n in cross_store.feature_names], axis=1))
-            cross = (cross_store.feature_names, x.mean(axis=0), x.std(axis=0))
+            cross = (cross_store.feature_names, x.mean(axis=0), x.std(axis=0), len(x))
         history = None if cross_store is None else tuple(c for c in (cross_store.tag_column,
                                                                      cross_store.author_column) if c)
         return self.set_fitted(columns, vocab, edges, cross, history)
 
     def set_fitted(self, columns: list[dict], vocab: dict, edges: dict,
-                   cross: tuple[Any, np.ndarray, np.ndarray] | None,
+                   cross: tuple[Any, np.ndarray, np.ndarray, int] | None,
                    history_columns: tuple[str, ...] | None = None) -> FeatureEncoder:
         """Store what a fit learned: column metadata, vocabularies, quantile edges, the cross features'
-        (names, mean [K], std [K]) of log1p (None: no cross features; std is guarded as every scale is) and the
-        behaviour sequence's attributes from the candidate item columns ``history_columns`` (tag, author)."""
+        (names, mean [K], std [K], n train rows) of log1p (None: no cross features; std is guarded as every scale
+        is) and the behaviour sequence's attributes from the candidate item columns ``history_columns`` (tag,
+        author)."""
         self.history_attrs_ = history_attributes(columns, history_columns or (), self.history_length)
         clash = set(history_names(self.history_attrs_, self.history_length)) & set(self.schema.names)
         if clash:
@@ -149,8 +150,8 @@ class FeatureEncoder:
         self.cross_mean_ = np.zeros(0)
         self.cross_std_ = np.ones(0)
         if cross is not None:
-            names, mean, std = cross
-            self.cross_names_, self.cross_mean_, self.cross_std_ = list(names), mean, scale(std)
+            names, mean, std, n = cross
+            self.cross_names_, self.cross_mean_, self.cross_std_ = list(names), mean, scale(std, mean, n)
         log.info("FeatureEncoder fitted: %d columns, %d cross features, behaviour sequence of %d x %s", len(columns),
                  len(self.cross_names_), self.history_length, self.history_attrs_)
         return self

@@ -134,7 +134,7 @@ def fit_numeric(col: dict, values: TrainValues | WeightedValues, numeric: str, n
         col.update(out="cat", cardinality=int(len(edges) + 2))
         return edges
     mean, std = values.mean_std()
-    col.update(out="num", mean=mean, std=scale(std))
+    col.update(out="num", mean=mean, std=scale(std, mean, values.n_finite))
     return None
 
 

@@ -171,7 +171,7 @@ def fit_encoder_stream(sd: StreamDataset, split: StreamSplit, min_count: int = 1
                 edges[f.name] = e
         columns.append(col)
     enc.set_fitted(columns, vocab, edges,
-                   None if cross is None else (cross.feature_names, cross_stats.mean, cross_stats.std()),
+                   None if cross is None else (cross.feature_names, cross_stats.mean, cross_stats.std(), cross_stats.n),
                    None if cross is None else tuple(c for c in (cross_tag_column, cross_author_column) if c))
     if cross is not None:
         log.info("fit_encoder_stream: cross features from %d chunk fits, at most %d events buffered",
