@@ -431,6 +431,58 @@ def test_6_integer_columns_are_checked_as_their_object_copies_are():
                             {k: v.astype(object) for k, v in ctx.items()}).validity(kinds)
 
 
+def test_6_a_server_s_mistakes_are_refused_or_served_within_the_catalogue(finished):
+    """A review of the serving API as a server calls it (each failed before the fix): a time in micro- or
+    nanoseconds was served (seconds were refused); a uint64 time above 2**63 was named wrapped; stages of a batch
+    with no valid request were {}; a stage size of 10**7 allocated for 10**7 items of a 500-item catalogue; "false"
+    for filter_seen filtered; a bad autocast was found after every model loaded; a stage's select took k = -1, no
+    candidates and candidate id -5; refresh() took times in seconds."""
+    with pytest.raises(ValueError, match=r"load_cascade: autocast 'fp16' must be one of"):
+        load_cascade(finished[1] / "no-such-run", autocast="fp16")  # refused before the folder is even looked at
+    data, casc = load_cascade(finished[1], variant="distilled+channels")
+    t0 = int(data.impressions.time_ms.max())
+    ctx = {"hour": np.full(4, 20), "weekday": np.full(4, 2), "tab": np.full(4, 1)}
+    times = np.array([t0, t0 * 1000, t0 * 1_000_000, t0], dtype=np.uint64)
+    times[3] = 2**63 + 5
+    res = casc.recommend(Requests(data.user_ids[:4], times, ctx), 100, 40, 10)
+    assert res.errors[0] is None
+    for i in (1, 2):
+        assert res.errors[i] == (f"request {i}: time_ms {int(times[i])} lies past the year 5138: request times are "
+                                 "epoch milliseconds (this looks like microseconds or nanoseconds)")
+    assert res.errors[3] == f"request 3: invalid time_ms {2**63 + 5} (an integer >= 0 is needed)"
+    # a batch with no valid request still has every stage, all padding, and the channel of origin -1
+    bad = casc.recommend(Requests(data.user_ids[1:3], times[1:3], {k: v[:2] for k, v in ctx.items()}), 100, 40, 10,
+                         return_stages=True)
+    assert {n: s[0].shape for n, s in bad.stages.items()} == {"retrieval": (2, 100), "prerank": (2, 40),
+                                                              "rank": (2, 10)}
+    assert all((s[0] == PAD).all() and np.isneginf(s[1]).all() for s in bad.stages.values())
+    assert bad.origin.shape == (2, 100) and (bad.origin == -1).all()
+    # sizes beyond the 500-item catalogue: the same lists as at its size, padded, for the catalogue's cost
+    one = Requests(data.user_ids[:1], np.array([t0]), {k: v[:1] for k, v in ctx.items()})
+    n_items = len(data.item_ids)
+    huge = casc.recommend(one, 10**7, 10**7, 10, return_stages=True)
+    exact = casc.recommend(one, n_items, n_items, 10, return_stages=True)
+    assert np.array_equal(huge.items, exact.items)
+    assert huge.stages["retrieval"][0].shape == (1, 10**7) and (huge.stages["retrieval"][0][:, n_items:] == PAD).all()
+    assert np.array_equal(huge.stages["retrieval"][0][:, :n_items], exact.stages["retrieval"][0])
+    for name, v in (("filter_seen", "false"), ("return_stages", "no")):
+        with pytest.raises(TypeError, match=f"{name} must be True or False"):
+            casc.recommend(one, 100, 40, 10, **{name: v})
+    cand = np.array([[int(data.item_ids[0]), int(data.item_ids[1])]])
+    for k, c, msg in ((-1, cand, "k must be a positive integer, got -1"),
+                      (2, cand[:, :0], r"candidates \(1, 0\) hold no column"),
+                      (2, np.array([[-5, int(data.item_ids[1])]]), r"candidates\[0, 0\] = -5 is not an item id")):
+        for stage in (casc.preranker, casc.ranker):
+            with pytest.raises(ValueError, match=msg):
+                stage.select(one, c, k)
+    start = int(data.impressions.time_ms.min())
+    for bad_t in (t0 // 1000, np.nan, t0 * 1000):
+        with pytest.raises(ValueError, match=rf"refresh: t_ms\[0\] = .* is not a request time: integer epoch "
+                                             rf"milliseconds from the log's start, {start}, up to the year 5138"):
+            casc.refresh(np.array([bad_t]))
+    assert casc.refresh(np.array([t0])) >= 0
+
+
 # ------------------------------------------------------------------------------------------------ 7. encoding
 
 

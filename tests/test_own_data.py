@@ -340,7 +340,7 @@ def test_messages_for_a_future_time_a_date_as_time_a_spaced_id_and_a_gap_fill_do
     items.loc[3, "brand"] = None
     items.to_csv(mapping.parent / "items.csv", index=False)
     mapping.write_text(mapping.read_text() + "\n[missing]\nfill = true\n")
-    with pytest.raises(DataValidationError, match=r"items.csv: column 'brand' has a missing value at line 5; \[missing\] "
-                                                  r"fill fills the declared features, and 'brand' is mapped as "
-                                                  r"items.author_id without being one"):
+    with pytest.raises(DataValidationError, match=r"items.csv: column 'brand' has a missing value at line 5; "
+                                                  r"\[missing\] fill fills the declared features, and 'brand' is "
+                                                  r"mapped as items.author_id without being one"):
         load_custom(mapping)

@@ -531,7 +531,7 @@ def expand_glob(pattern: PathLike) -> list[Path]:
 #: Epoch values below this many milliseconds (1973-03-03) are taken to be seconds read as milliseconds.
 _MIN_PLAUSIBLE_MS = 10**11
 #: Epoch values above this many milliseconds (year 5138) are taken to be micro- or nanoseconds.
-_MAX_PLAUSIBLE_MS = 10**14
+MAX_PLAUSIBLE_MS = 10**14
 
 
 def check_time_unit(values: np.ndarray, unit: str, source: str, column: str, first_line: int | None = None,
@@ -546,7 +546,7 @@ def check_time_unit(values: np.ndarray, unit: str, source: str, column: str, fir
         raise ValueError(f"time unit must be 'ms' or 's', got {unit!r}")
     v = np.asarray(values)
     scale = 1 if unit == "ms" else 1000
-    lo, hi = _MIN_PLAUSIBLE_MS // scale, _MAX_PLAUSIBLE_MS // scale
+    lo, hi = _MIN_PLAUSIBLE_MS // scale, MAX_PLAUSIBLE_MS // scale
     bad = (v < lo) | (v >= hi)
     if bad.any():
         row = int(np.flatnonzero(bad)[0])

@@ -15,6 +15,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from .io import MAX_PLAUSIBLE_MS
 from .schema import DataValidationError
 
 #: Kinds of context values a cascade can encode: integer codes, any text (str keys), numbers.
@@ -41,8 +42,8 @@ class Requests:
         if self.user_id.ndim != 1:
             raise ValueError(f"Requests: user_id must be 1-d [B], got shape {self.user_id.shape}")
         self.time_ms = np.asarray(self.time_ms)
-        if self.time_ms.dtype.kind in "iub":
-            self.time_ms = self.time_ms.astype(np.int64)
+        if self.time_ms.dtype.kind in "ib" or self.time_ms.dtype.kind == "u" and self.time_ms.dtype.itemsize < 8:
+            self.time_ms = self.time_ms.astype(np.int64)  # a uint64 above 2**63 would wrap: validity names it
         b = len(self.user_id)
         if self.time_ms.shape != (b,):
             raise ValueError(f"Requests: time_ms has shape {self.time_ms.shape}, expected ({b},)")
@@ -86,6 +87,12 @@ class Requests:
                     out[i] = f"request {_show(self.request_id[i])}: invalid {what} {_show(values[i])} " + {
                         "int_id": "(an integer >= 0 is needed)", "int": "(an integer code is needed)",
                         "float": "(a number is needed)"}[kind]
+        with np.errstate(invalid="ignore"):
+            late = _numbers(self.time_ms) >= MAX_PLAUSIBLE_MS
+        for i in np.flatnonzero(late):
+            if out[i] is None:
+                out[i] = (f"request {_show(self.request_id[i])}: time_ms {_show(self.time_ms[i])} lies past the year "
+                          "5138: request times are epoch milliseconds (this looks like microseconds or nanoseconds)")
         return out
 
     def valid_rows(self, context_kinds: dict[str, str] | None = None) -> Requests:

@@ -33,8 +33,10 @@ from ..arrays import PAD, distinct, first_occurrences, topk_rows
 from ..channels import MergedRetriever, load_channels, origin_shares, quota_cut, saved_channel_names
 from ..channels.merge import MERGES, unused_quota_settings
 from ..data.history import EventHistory
+from ..data.io import MAX_PLAUSIBLE_MS
 from ..data.requests import Requests
 from ..index.faiss_index import ItemIndex
+from ..machine import check_autocast
 from ..models.scoring import ranker_scorer
 from ..run_data import RunData, Towers, load_ranker, load_towers
 from ..run_lock import folder_lock
@@ -113,7 +115,11 @@ class PairScorer:
     def select(self, requests: Requests, candidates: np.ndarray | None, k: int) -> tuple[np.ndarray, np.ndarray]:
         if candidates is None:
             raise ValueError("this stage re-scores candidates: pass candidates [B, N]")
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ValueError(f"k must be a positive integer, got {k!r}")
         ids = _item_ids(candidates)
+        if ids.shape[1] == 0:
+            raise ValueError(f"candidates {ids.shape} hold no column: pass at least one per request (-1 pads)")
         return topk_rows(self._scored(requests, ids), ids, k)  # topk_rows masks the padding itself
 
     def _scored(self, requests: Requests, ids: np.ndarray) -> np.ndarray:
@@ -204,21 +210,25 @@ def _gather(x: np.ndarray, cols: np.ndarray, pad: int) -> np.ndarray:
 
 
 def _item_ids(candidates: np.ndarray) -> np.ndarray:
-    """Candidate item ids as int64 [B, N]; a NaN, fractional or non-numeric id raises naming its row and column
-    (padding is -1, never NaN: a NaN cast to int64 would come back as a real-looking item)."""
+    """Candidate item ids as int64 [B, N]; a NaN, fractional, non-numeric or negative id (other than the padding
+    -1) raises naming its row and column (padding is never NaN: a NaN cast to int64 would come back as a
+    real-looking item)."""
     c = np.asarray(candidates)
     if c.ndim != 2:
         raise ValueError(f"candidates must be [B, N] item ids, got shape {c.shape}")
-    if c.dtype.kind in "iu":
-        return c.astype(np.int64, copy=False)
-    v = pd.to_numeric(pd.Series(c.ravel(), dtype=object), errors="coerce").to_numpy(np.float64).reshape(c.shape)
-    with np.errstate(invalid="ignore"):
-        bad = ~np.isfinite(v) | (v != np.floor(v))
+    if c.dtype.kind in "iu" and (c.dtype.kind == "i" or c.dtype.itemsize < 8):
+        ids = c.astype(np.int64, copy=False)
+        bad = ids < PAD
+    else:
+        v = pd.to_numeric(pd.Series(c.ravel(), dtype=object), errors="coerce").to_numpy(np.float64).reshape(c.shape)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(v) | (v != np.floor(v)) | (v < PAD) | (v >= 2.0**63)
+        ids = None if bad.any() else v.astype(np.int64)
     if bad.any():
         b, j = (int(x[0]) for x in np.nonzero(bad))
         x = c[b, j].item() if isinstance(c[b, j], np.generic) else c[b, j]
-        raise ValueError(f"candidates[{b}, {j}] = {x!r} is not an item id: ids are integers, padding is -1")
-    return v.astype(np.int64)
+        raise ValueError(f"candidates[{b}, {j}] = {x!r} is not an item id: ids are integers >= 0, padding is -1")
+    return ids
 
 
 @dataclass
@@ -247,6 +257,9 @@ class Cascade:
     (:func:`load_cascade`: where the run's data step filters seen items) an item the user was shown strictly before
     the request never reaches a list, unless ``recommend(..., filter_seen=False)``.
 
+    n_items: the catalogue's size, where known: a stage size above it is served as it (the rest of the list is
+    padding), so a size of 10^7 costs no more than the catalogue.
+
     prerank_quotas: with a multi-channel retriever, the pre-rank keeps the retriever's channel quotas
     (:func:`~cascade.channels.quota_cut`: each channel's candidates in pre-rank score order, interleaved by quota;
     a score-normalised union has none, and each channel's share of the request's union stands in for its quota)
@@ -259,7 +272,7 @@ class Cascade:
 
     def __init__(self, retriever: Stage, preranker: Stage, ranker: Stage, seen: EventHistory | None = None,
                  context_kinds: dict[str, str] | None = None, prerank_quotas: bool = False,
-                 log_start_ms: int | None = None):
+                 log_start_ms: int | None = None, n_items: int | None = None):
         if prerank_quotas and not isinstance(retriever, MergedRetriever):
             raise ValueError("prerank_quotas keeps the retrieval channels' quotas, but the retriever is a single "
                              "channel: use a MergedRetriever, or prerank_quotas=False")
@@ -270,12 +283,27 @@ class Cascade:
         self.context_kinds = context_kinds  # context name -> "int" | "float" | "str": checked per request
         self.prerank_quotas = prerank_quotas
         self.log_start_ms = log_start_ms  # a request before the log's first event is refused (a time in seconds)
+        self.n_items = n_items  # the catalogue: no stage is asked for more (a longer list is padding)
 
     def refresh(self, t_ms: np.ndarray) -> int:
         """Prepare what the stages keep per refresh period (most-popular's lists, the towers' popularity priors)
         for the request times ``t_ms`` [B], so that requests of those periods count nothing on their path: a server
         calls it on a timer, ahead of each period (:func:`~cascade.serve.replay.replay_latency` does it outside its
-        timings and reports its cost). Returns how many (stage, period) pairs were not prepared yet."""
+        timings and reports its cost). Returns how many (stage, period) pairs were not prepared yet. A time that
+        :meth:`recommend` would refuse (not an integer, before the log begins, past the year 5138) raises naming it:
+        a timer in seconds would otherwise prepare periods of 1970 and leave the real ones to the requests."""
+        t = np.asarray(t_ms)
+        if t.ndim != 1:
+            raise ValueError(f"refresh: t_ms must be 1-d [B] epoch milliseconds, got shape {t.shape}")
+        v = pd.to_numeric(pd.Series(t, dtype=object), errors="coerce").to_numpy(np.float64)
+        with np.errstate(invalid="ignore"):
+            bad = ~np.isfinite(v) | (v != np.floor(v)) | (v < (self.log_start_ms or 0)) | (v >= MAX_PLAUSIBLE_MS)
+        if bad.any():
+            i = int(np.flatnonzero(bad)[0])
+            start = "" if self.log_start_ms is None else f" from the log's start, {self.log_start_ms},"
+            raise ValueError(f"refresh: t_ms[{i}] = {t[i].item() if isinstance(t[i], np.generic) else t[i]!r} is not "
+                             f"a request time: integer epoch milliseconds{start} up to the year 5138 are needed")
+        t_ms = v.astype(np.int64)
         return sum(st.refresh(t_ms) for st in (self.retriever, self.preranker, self.ranker) if hasattr(st, "refresh"))
 
     @property
@@ -296,10 +324,16 @@ class Cascade:
         if not (0 < k <= n_prerank <= n_retrieve):
             raise ValueError(f"need 0 < k <= n_prerank <= n_retrieve, got k={k}, n_prerank={n_prerank}, "
                              f"n_retrieve={n_retrieve}")
+        for name, v in (("return_stages", return_stages), ("filter_seen", filter_seen)):
+            if not isinstance(v, (bool, np.bool_)) and not (name == "filter_seen" and v is None):
+                raise TypeError(f"{name} must be True or False{' (or None)' if name == 'filter_seen' else ''}, "
+                                f"got {v!r}")
         if filter_seen and self.seen is None:
             raise ValueError("filter_seen=True but the cascade was built without the seen history")
         filter_seen = self.seen is not None if filter_seen is None else filter_seen
         n_retrieve, n_prerank, k = int(n_retrieve), int(n_prerank), int(k)
+        cap = n_retrieve if self.n_items is None else min(n_retrieve, self.n_items)  # what any stage can fill
+        n_r, n_p, n_k = cap, min(n_prerank, cap), min(k, cap)
         b = len(requests)
         errors = requests.validity(self.context_kinds)
         ok = np.array([e is None for e in errors], dtype=bool)
@@ -322,34 +356,37 @@ class Cascade:
             seen = self.seen if filter_seen else None
             t0 = time.perf_counter()
             channel_s: dict[str, float] = {}  # per call: threads may share the cascade
+            ro = None
             if channels:
-                ri, rs, ro = select_unseen_origin(self.retriever, req, n_retrieve, seen, channel_s)
+                ri, rs, ro = select_unseen_origin(self.retriever, req, n_r, seen, channel_s)
             else:
-                ri, rs = select_unseen(self.retriever, req, n_retrieve, seen)
+                ri, rs = select_unseen(self.retriever, req, n_r, seen)
             t1 = time.perf_counter()
             if self.prerank_quotas:
                 quotas = self.retriever.quotas
                 if quotas is None:  # a score-normalised union: each channel's share of the request's union
                     quotas = origin_shares(ro, len(channels))
-                pi, ps, _ = quota_cut(ri, self.preranker.scores(req, ri), ro, quotas, n_prerank)
+                pi, ps, _ = quota_cut(ri, self.preranker.scores(req, ri), ro, quotas, n_p)
             else:
-                pi, ps = self.preranker.select(req, ri, n_prerank)
+                pi, ps = self.preranker.select(req, ri, n_p)
             t2 = time.perf_counter()
-            fi, fs = self.ranker.select(req, pi, k)
+            fi, fs = self.ranker.select(req, pi, n_k)
             t3 = time.perf_counter()
             timing.update({"retrieval": t1 - t0, "prerank": t2 - t1, "rank": t3 - t2})
             if channels:
                 timing.update({f"retrieval/{c}": channel_s[c] for c in channels})
-            items[ok], scores[ok] = fi, fs
-            if return_stages:
-                for name, (si, ss) in zip(self.STAGE_NAMES, ((ri, rs), (pi, ps), (fi, fs))):
-                    full_i = np.full((b, si.shape[1]), PAD, np.int64)
-                    full_s = np.full((b, si.shape[1]), -np.inf, np.float32)
-                    full_i[ok], full_s[ok] = si, ss
-                    stages[name] = (full_i, full_s)
-                if channels:
-                    origin = np.full((b, ro.shape[1]), -1, np.int8)
-                    origin[ok] = ro
+            items[ok, :n_k], scores[ok, :n_k] = fi, fs
+        if return_stages:  # every stage, padding where a request was not served or the catalogue ran out
+            for name, width, got in zip(self.STAGE_NAMES, (n_retrieve, n_prerank, k),
+                                        ((ri, rs), (pi, ps), (fi, fs)) if ok.any() else (None,) * 3):
+                full_i, full_s = np.full((b, width), PAD, np.int64), np.full((b, width), -np.inf, np.float32)
+                if got is not None:
+                    full_i[ok, :got[0].shape[1]], full_s[ok, :got[0].shape[1]] = got
+                stages[name] = (full_i, full_s)
+            if channels:
+                origin = np.full((b, n_retrieve), -1, np.int8)
+                if ok.any():
+                    origin[ok, :ro.shape[1]] = ro
         return CascadeResult(items, scores, errors, timing, stages, origin, channels)
 
 
@@ -383,7 +420,7 @@ def cascade_from(data: RunData, retriever: Stage, prerank: Towers, ranker: torch
     return Cascade(retriever, PairScorer(prerank.scorer(data), prerank.refresh),
                    PairScorer(ranker_scorer(ranker, data, autocast)), seen,
                    context_kinds=data.context_kinds, prerank_quotas=prerank_quotas,
-                   log_start_ms=int(data.impressions["time_ms"].min()))
+                   log_start_ms=int(data.impressions["time_ms"].min()), n_items=len(data.item_ids))
 
 
 def merged_retriever(data: RunData, retrieval: Towers, index, channels: Mapping[str, Stage],
@@ -532,6 +569,7 @@ def load_cascade(run_dir: str | Path, variant: str = "distilled", ranker: str = 
     run_dir = Path(run_dir)
     if ranker not in ("teacher", "student"):
         raise ValueError(f"ranker {ranker!r} must be 'teacher' or 'student'")
+    check_autocast(autocast, "load_cascade")  # before anything is loaded
     if not run_dir.is_dir():
         raise FileNotFoundError(f"{run_dir}: no such run folder")
     if not (run_dir / "config.json").is_file() or not (run_dir / "data").is_dir():
