@@ -268,6 +268,10 @@ def verdict(rows: list[dict], paired: dict) -> dict | None:
             word = ("ahead" if gap["diff"] > 0 else "behind") if beyond else "a tie on these requests"
             text += (f"{gap['diff']:+.4f} ± {gap['se']:.4f} paired over {gap['n']} requests, {word} "
                      f"({'beyond' if beyond else 'within'} 2 SE).")
+    teacher = next((r for r in scored if r["kind"] == "reference" and r["name"] == "teacher_corpus"), None)
+    if teacher is not None:
+        text += (f" The teacher's own list over the whole corpus scores {fmt.format(teacher[key])}; the cascade "
+                 f"minus it: {best[key] - teacher[key]:+.4f}.")
     logged_best = None
     if oracle:
         logged = [r for r in rows if r["kind"] in ("cascade", "baseline") and r.get("click_recall") is not None]
