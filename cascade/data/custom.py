@@ -32,7 +32,9 @@ Rules:
   impression naming it where the side table has the other spelling is refused as an unknown id, naming both).
 - A feature may not be the click label: the ``click`` column, or another name for the same file column, is refused
   as a feature on every side.
-- ``time_ms`` is converted from ``[time] unit`` ("ms" or "s") to epoch milliseconds and its unit is checked.
+- ``time_ms`` is converted from ``[time] unit`` ("ms" or "s") to epoch milliseconds and its unit is checked; a
+  parquet timestamp column (any unit) is read as the instant it holds, one without a time zone in the log's local
+  time (``utc_offset_hours``), and ``[time] unit`` beside it is refused; a time after today is refused.
 - ``request_id`` absent: a request is a run of one user's impressions in which consecutive impressions are at
   most ``request_gap_s`` seconds apart (default 1800 = 30 minutes, the usual web-session cut-off); the user's next
   impression after a longer gap opens a new request. Present: any values (text or numbers) naming sessions; one
