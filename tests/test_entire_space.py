@@ -201,12 +201,19 @@ def test_random_auc_judge_refuses_data_without_a_random_slice_and_a_bad_value(ti
         EntireSpaceSection(judge="auc")
 
 
-def test_a_random_slice_needs_random_rows_with_both_labels():
-    from cascade.train.entire_space import has_random_slice
+def test_a_random_slice_needs_random_rows_with_both_labels_from_two_requests():
+    """Two requests at least: the choices' SEs are bootstrapped over requests, and a slice of one request resampled
+    to itself, an SE of 0 that made every gap "beyond one SE" (a custom log's 7 random impressions of one request)."""
+    from cascade.train.entire_space import has_random_slice, random_slice
 
-    frame = pd.DataFrame({"is_rand": [0, 1, 1, 0], "click": [1, 0, 1, 0]})
+    frame = pd.DataFrame({"request_id": [0, 1, 2, 0], "is_rand": [0, 1, 1, 0], "click": [1, 0, 1, 0]})
     assert has_random_slice(frame)
     assert not has_random_slice(frame.assign(click=[1, 0, 0, 1]))  # the random rows hold one label only
+    one = frame.assign(request_id=[0, 1, 1, 0])  # both labels, one request
+    assert not has_random_slice(one)
+    with pytest.raises(ValueError, match="the validation split has 2 random-exposure impressions from 1 request: no "
+                                         "random-slice AUC to judge by"):
+        random_slice(one, "x")
     assert not has_random_slice(frame.assign(is_rand=0)) and not has_random_slice(frame.drop(columns="is_rand"))
     from cascade.pipeline.teacher import exposure_judge
 

@@ -247,10 +247,20 @@ def test_encoder_bad_input_errors():
     enc = FeatureEncoder(ds.schema).fit(ds, train)
     with pytest.raises(DataValidationError, match="'city'"):
         enc.encode_users(ds.users.drop(columns=["city"]))
-    bad = ds.items.copy()
-    bad["duration"] = [1.0, -5.0, 2.0]  # log1p column, non-negative in train
-    with pytest.raises(DataValidationError, match="'duration'.*-5"):
-        enc.encode_items(bad)
+
+def test_a_log1p_column_takes_a_negative_value_met_after_train_on_the_mirrored_curve():
+    """duration is non-negative in train (log1p over train rows [1, 3, 1]); -5 met later (validation, a served
+    request) encodes as -log1p(5), in order below 0, where it used to stop the run and fail a served batch."""
+    ds, train = _tiny_dataset()
+    enc = FeatureEncoder(ds.schema).fit(ds, train)
+    x = np.log1p(np.array([1.0, 3.0, 1.0]))
+    mean, std = x.mean(), x.std()
+    later = ds.items.copy()
+    later["duration"] = [1.0, -5.0, 0.0]
+    _, num = enc.encode_items(later)
+    np.testing.assert_allclose(num[:, 0], (np.array([np.log1p(1.0), -np.log1p(5.0), 0.0]) - mean) / std, rtol=1e-6)
+    np.testing.assert_array_equal(enc.encode_items(ds.items)[1][:, 0],  # train's range: log1p as before
+                                  ((np.log1p(np.array([1.0, 3.0, 1000.0])) - mean) / std).astype(np.float32))
 
 
 # ---------------------------------------------------------------------------------------------------- cross

@@ -272,3 +272,20 @@ def test_seen_filter_leaves_the_recent_channel_out_or_refuses_it(tmp_path):
         channels_to_build(c, True, "auto: 0.5% of train clicks")
     assert channels_to_build(c, False, "auto: 9% of train clicks") == (("popular", "recent"), {})
     assert channels_to_build(ChannelsSection(), True, "x")[0] == ("popular", "itemcf", "content", "als")
+
+
+def test_a_request_that_showed_more_items_than_a_list_holds_is_cut_and_the_cut_is_said(tiny_data, caplog):
+    """Request 0 shows I0..I11 (12 distinct items, I5 twice) where a list holds 10: the first 10 by position are
+    kept, and the log says how many requests and what share of the impressed items were left out (2 of 12)."""
+    frame, _, inputs, ids = _two_requests(tiny_data)
+    shown = ids[[0, 1, 2, 3, 4, 5, 5, 6, 7, 8, 9, 10, 11]]
+    imp = pd.DataFrame({"request_id": int(frame.request_id[0]), "item_id": shown, "position": range(len(shown))})
+    caplog.set_level("WARNING", logger="cascade.pipeline.ranklog")
+    cands, src = candidate_lists_with_sources(tiny_data, frame, imp, inputs, 10, 0.5, np.random.default_rng(0))
+    assert cands[0].tolist() == inputs.item_rows(ids[:10]).tolist() and (src[0] == 0).all()
+    assert ("rank log: 1 of 2 requests showed more than 10 distinct items (ranklog.n_candidates, at most the "
+            "corpus); their lists keep the first 10 by position, and 16.7% of the impressed items are left out") \
+        in caplog.text
+    caplog.clear()
+    candidate_lists_with_sources(tiny_data, frame, imp.iloc[:11], inputs, 10, 0.5, np.random.default_rng(0))
+    assert "rank log:" not in caplog.text  # 10 distinct items (I5 twice): nothing is cut

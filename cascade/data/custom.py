@@ -339,9 +339,11 @@ def _read(paths: list[Path], table: str, cfg: dict, features: list[Feature],
         if f.table == table and f.kind == "numeric" and f.name not in required_canon:
             dtypes[src(f.name)] = "float64"
     id_cols = [src(c) for c in required_canon if c in ("user_id", "item_id")]
-    nullable = [src(c) for c in feat_names] if cfg["fill"] else []
-    # canonical columns that are not features: never filled; with fill on, a gap in one gets its own message
-    unfilled = {rename[c]: c for c in _OPTIONAL[table] if c in rename and c not in feat_names} if cfg["fill"] else {}
+    # a gap in a feature column is filled with fill on, and named with the remedy with it off; a canonical column
+    # that is not a feature is never filled, and with fill on a gap in one gets its own message
+    gaps = {src(c): "feature" for c in feat_names}
+    if cfg["fill"]:
+        gaps = {rename[c]: f"{table}.{c}" for c in _OPTIONAL[table] if c in rename and c not in feat_names}
     frames, counts = [], []
     for q in paths:
         checks: dict[str, Any] = {"unique": id_cols if table != "impressions" else ()}
@@ -355,14 +357,16 @@ def _read(paths: list[Path], table: str, cfg: dict, features: list[Feature],
                 f"[time] unit = {cfg['unit']!r} would do nothing; remove it")
         # Columns neither canonical nor declared as features are not read: they may hold anything.
         df = read_table_strict(q, required, {c: t for c, t in dtypes.items() if stamp is None or c != src("time_ms")},
-                               usecols=list(dict.fromkeys(required)), nullable=[*nullable, *unfilled], **checks)
-        for col, canonical in unfilled.items():
-            if df[col].isna().any():
+                               usecols=list(dict.fromkeys(required)),
+                               nullable=[*(src(c) for c in feat_names), *gaps] if cfg["fill"] else [*gaps], **checks)
+        for col, what in gaps.items():
+            if col in df.columns and df[col].isna().any():  # an impressions' hour / weekday may be derived
+                at = f"{q}: column {col!r} has a missing value at line {data_line(q, int(df[col].isna().argmax()))}"
                 raise DataValidationError(
-                    f"{q}: column {col!r} has a missing value at line "
-                    f"{data_line(q, int(np.flatnonzero(df[col].isna().to_numpy())[0]))}; [missing] fill fills the "
-                    f"declared features, and {col!r} is mapped as {table}.{canonical} without being one: fill it in "
-                    "the file, or declare it as a feature")
+                    f"{at}; [missing] fill = true in the mapping fills gaps in feature columns (categorical: a value "
+                    "of their own; numeric: the train median and a <column>_missing flag)" if what == "feature" else
+                    f"{at}; [missing] fill fills the declared features, and {col!r} is mapped as {what} without "
+                    "being one: fill it in the file, or declare it as a feature")
         if stamp is not None:  # epoch milliseconds, the default unit
             df[src("time_ms")] = epoch_ms_of_timestamps(df[src("time_ms")], cfg["utc_offset_hours"])
         # canonical name <- its source column; one source may serve two names (a feature and the cross tag)

@@ -7,6 +7,7 @@ from; the step's metrics give each source's share."""
 
 from __future__ import annotations
 
+import logging
 import time
 
 import numpy as np
@@ -24,6 +25,8 @@ from ..run_data import RunData, load_ranker
 from ..threads import ordered_map, torch_threads
 from .config import RankLogSection
 from .runner import StepContext, StepResult
+
+log = logging.getLogger(__name__)
 
 
 def popularity(data, item_ids: np.ndarray) -> np.ndarray:
@@ -85,6 +88,13 @@ def candidate_lists_with_sources(data, frame: pd.DataFrame, impressions: pd.Data
     # no list longer than the corpus (checks.check_against_data warns): [R, n_candidates] would be mostly padding
     width = min(n_candidates, n_real)
     prefix, n_imp = first_occurrences(impressed, width)
+    if impressed.shape[1] > width:  # a request showed more distinct items than a list holds: say what is cut
+        shown = first_occurrences(impressed, impressed.shape[1])[1]
+        if (shown > width).any():
+            log.warning("rank log: %d of %d requests showed more than %d distinct items (ranklog.n_candidates, at "
+                        "most the corpus); their lists keep the first %d by position, and %.1f%% of the impressed "
+                        "items are left out (a larger ranklog.n_candidates keeps them)", int((shown > width).sum()),
+                        len(shown), width, width, 100.0 * float((shown - n_imp).sum()) / max(int(shown.sum()), 1))
     source = np.where(prefix >= 0, 0, -1).astype(np.int8)
     names = list(channels or {}) if channel_share > 0 else []
     if names:

@@ -21,6 +21,7 @@ from ..models.ranker import Ranker
 from ..run_data import RunData, drop_ease_fits
 from ..train.collaborative import choose_collaborative
 from ..train.entire_space import (
+    MIN_SLICE_REQUESTS,
     choose_exposure_weight,
     choose_exposure_weight_by_random_auc,
     entire_space_loss,
@@ -127,7 +128,8 @@ def run(ctx: StepContext) -> StepResult:
             what = judge.what
         if es.judge == "auto":
             what = (f"auto: {what}" + ("" if judge_by == "random_auc" else
-                                       " (the validation split has no random-exposure impressions with both labels)"))
+                                       " (the validation split has no random-exposure impressions with both labels "
+                                       f"from at least {MIN_SLICE_REQUESTS} requests)"))
         metrics["entire_space"] = {"exposure_weight": choice, "grid": grid, "judge": what, "judged_by": judge_by,
                                    "train_rows": {"shown": int(len(train)), "unshown": int(len(table) - len(train))}}
         del table  # the impressions and sampled items: freed before the collaborative term's EASE fit

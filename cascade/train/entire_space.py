@@ -187,11 +187,18 @@ def choose_exposure_weight(model: EntireSpaceRanker, data: RunData, requests: Re
     return choice, table
 
 
+#: the fewest requests a random slice judges by: its choices' standard errors are bootstrapped over requests, and
+#: one request resamples to itself (an SE of 0, which would make any gap "beyond one SE")
+MIN_SLICE_REQUESTS = 2
+
+
 def has_random_slice(impressions: pd.DataFrame) -> bool:
-    """Whether ``impressions`` hold random-exposure rows (``is_rand == 1``) with both labels (an AUC to judge by)."""
+    """Whether ``impressions`` hold random-exposure rows (``is_rand == 1``) with both labels (an AUC to judge by)
+    from at least :data:`MIN_SLICE_REQUESTS` requests (a standard error to judge with)."""
     if "is_rand" not in impressions.columns:
         return False
-    return impressions.loc[impressions["is_rand"] == 1, "click"].nunique() == 2
+    rand = impressions.loc[impressions["is_rand"] == 1]
+    return rand["click"].nunique() == 2 and rand["request_id"].nunique() >= MIN_SLICE_REQUESTS
 
 
 def random_slice(impressions: pd.DataFrame, what: str) -> pd.DataFrame:
@@ -199,9 +206,11 @@ def random_slice(impressions: pd.DataFrame, what: str) -> pd.DataFrame:
     none or they hold only one class (no AUC to judge by)."""
     r = impressions[impressions["is_rand"] == 1] if "is_rand" in impressions.columns else impressions.iloc[:0]
     if not has_random_slice(impressions):
+        few = r["request_id"].nunique() < MIN_SLICE_REQUESTS if len(r) else False
         raise ValueError(f"{what}: the validation split has {len(r):,} random-exposure impressions"
-                         f"{' with one class only' if len(r) else ''}: no random-slice AUC to judge by "
-                         f"(use teacher.entire_space.judge = \"clicks\")")
+                         f"{' with one class only' if len(r) and not few else ''}"
+                         f"{f' from {r.request_id.nunique()} request' if few else ''}: no random-slice AUC to judge "
+                         f"by (use teacher.entire_space.judge = \"clicks\")")
     return r
 
 

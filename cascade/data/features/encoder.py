@@ -41,9 +41,11 @@ class FeatureEncoder:
 
     numeric: ``"standardize"`` ((x - mean) / std), ``"log_standardize"`` (log1p first for every column whose
     train minimum is >= 0: log1p is monotone, tames heavy tails such as follower counts or watch time, and only
-    rescales a bounded column), or ``"quantile"`` (``n_buckets`` train quantile buckets, encoded as a
-    categorical column with indices 1..B+1; the bucketed column moves from ``num`` to ``cat``). NaN is filled
-    with the train median before any transform. A column that is constant in train standardises to 0.
+    rescales a bounded column; a value below 0 met later, at validation or serving, takes -log1p(-x), the same curve
+    mirrored, so it stays in order below 0 instead of failing), or ``"quantile"`` (``n_buckets`` train quantile
+    buckets, encoded as a categorical column with indices 1..B+1; the bucketed column moves from ``num`` to
+    ``cat``). NaN is filled with the train median before any transform. A column that is constant in train
+    standardises to 0.
 
     Learned attributes (after :meth:`fit`): ``columns_`` (per-column metadata, JSON-able), ``vocab_`` (column
     name -> sorted vocabulary array; index i of the vocabulary encodes as i + 1), ``edges_`` (column name ->
@@ -179,11 +181,8 @@ class FeatureEncoder:
                 continue
             v = float_values(s, source, c["name"])
             v = np.where(np.isnan(v), c["median"], v)
-            if c["log1p"]:
-                if (v < 0).any():
-                    raise DataValidationError(
-                        f"{source}: column {c['name']!r} was non-negative in train (log1p) but holds {v[v < 0][0]!r}")
-                v = np.log1p(v)
+            if c["log1p"]:  # sign(x) log1p(|x|): log1p on the train range, monotone beyond it
+                v = np.sign(v) * np.log1p(np.abs(v))
             if c["out"] == "cat":
                 cat_out.append(np.searchsorted(self.edges_[c["name"]], v, side="right").astype(np.int64) + 1)
             else:
