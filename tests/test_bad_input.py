@@ -312,7 +312,7 @@ def test_custom_own_hour_and_weekday_columns_are_used_and_checked(tmp_path):
     pd.DataFrame({"user_id": [7, 8], "item_id": [100, 101], "ts": [1_700_000_000, 1_700_000_030], "clicked": [1, 0],
                   "hour": [3.0, np.nan]}).to_parquet(tmp_path / "imp.parquet")
     write(toml, SHOP_MAPPING.replace("impressions.csv", "imp.parquet") + context_feature("hour"))
-    raises(["imp.parquet", "column 'hour'", "nan", "line 2"], load_custom, toml)
+    raises(["imp.parquet", "column 'hour'", "missing value at line 2", "[missing] fill = true"], load_custom, toml)
 
 
 def test_custom_utc_offset_sets_the_logs_local_days_beside_its_own_hour_and_weekday(tmp_path):

@@ -820,6 +820,28 @@ def test_the_report_says_what_its_oracle_ratio_is_which_ranker_serves_and_what_a
     assert "the exposure weight's table scores in float32" in md
 
 
+def test_the_data_step_counts_the_cold_start_of_each_later_split_and_the_report_shows_it(run_a):
+    """For valid and test: the share of requests whose user has no train impression, and of clicks on items with
+    none (no model fitted on train knows them), recomputed here from the step's own impressions."""
+    from cascade.run_data import SPLIT_CODES
+
+    run_dir = run_a[1]
+    splits = A.read_json(run_dir / "data" / "summary.json")["splits"]
+    imp = pd.read_parquet(run_dir / "data" / "impressions.parquet", columns=["request_id", "user_id", "item_id",
+                                                                              "click", "split"])
+    train = imp[imp["split"] == SPLIT_CODES["train"]]
+    assert "requests_of_new_users" not in splits["train"]
+    for name in ("valid", "test"):
+        sub = imp[imp["split"] == SPLIT_CODES[name]]
+        users = sub.drop_duplicates("request_id")["user_id"]
+        clicked = sub.loc[sub["click"] == 1, "item_id"]
+        assert splits[name]["requests_of_new_users"] == pytest.approx((~users.isin(set(train["user_id"]))).mean())
+        assert splits[name]["clicks_on_new_items"] == pytest.approx((~clicked.isin(set(train["item_id"]))).mean())
+    md = (run_dir / "report" / "report.md").read_text()
+    assert "| split | rows | requests | ctr | requests of users new to train | clicks on items new to train |" in md
+    assert "new to train: a user or item with no train impression" in md
+
+
 def _replayed_again(run_a, tmp_path, override: str) -> Path:
     """A copy of run A in tmp_path / "tiny" updated with a replay ``override``: only the replay and report run."""
     import shutil

@@ -173,6 +173,7 @@ def run(ctx: StepContext) -> StepResult:
     if world is not None:
         outputs += [str(p.relative_to(ctx.out)) for p in sorted((ctx.out / "world").iterdir())
                     if p.is_file() and p.suffix in (".json", ".npz")]
+    tr = imp[split_col == SPLIT_CODES["train"]]
     splits = {}
     for name, m in masks.items():
         sub = imp[np.asarray(m)]
@@ -180,7 +181,13 @@ def run(ctx: StepContext) -> StepResult:
                         "ctr": float(sub.click.mean()),
                         "start": pd.to_datetime(sub.time_ms.min(), unit="ms").isoformat(),
                         "end": pd.to_datetime(sub.time_ms.max(), unit="ms").isoformat()}
-    tr = imp[split_col == SPLIT_CODES["train"]]
+        if name != "train":  # cold start: what no model learned from train can know
+            first = sub.drop_duplicates("request_id")
+            clicks = sub[sub.click == 1]
+            splits[name]["requests_of_new_users"] = (float((~first.user_id.isin(tr.user_id)).mean()) if len(first)
+                                                     else None)
+            splits[name]["clicks_on_new_items"] = (float((~clicks.item_id.isin(tr.item_id)).mean()) if len(clicks)
+                                                   else None)
     train_events = EventHistory(tr["user_id"].to_numpy(np.int64), tr["item_id"].to_numpy(np.int64),
                                 request_start_ms(tr), tr["click"].to_numpy())
     repeat_share = train_events.repeat_share(int(tr.time_ms.min()), int(tr.time_ms.max()) + 1)

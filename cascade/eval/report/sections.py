@@ -840,9 +840,18 @@ def _section_data(data: Mapping) -> Section:
         for s in names:
             sp = as_mapping(splits[s], f"report_data['data']['splits'][{s!r}]") or {}
             recs.append({"split": s, "rows": sp.get("rows"), "requests": sp.get("requests"), ctr: sp.get("ctr"),
+                         "requests of users new to train": sp.get("requests_of_new_users"),
+                         "clicks on items new to train": sp.get("clicks_on_new_items"),
                          "start (UTC)": sp.get("start"), "end (UTC)": sp.get("end")})
+        frame = pd.DataFrame(recs)
+        unknown = [c for c in ("requests of users new to train", "clicks on items new to train")
+                   if frame[c].isna().all()]  # runs written before these were counted have neither
+        frame = frame.drop(columns=unknown)
+        cold = 2 - len(unknown)
         sec.blocks.append(("h3", "Splits (by time)"))
-        sec.blocks.append(("table", Table(pd.DataFrame(recs), ["", "rows", "requests", "ctr", "", ""])))
+        sec.blocks.append(("table", Table(frame, ["", "rows", "requests", "ctr", *(["share"] * cold), "", ""],
+                                          caption="new to train: a user or item with no train impression, whom no "
+                                                  "model fitted on train knows (cold start)" if cold else "")))
     if not summary and not splits:
         sec.note(f"Data summary {NOT_COMPUTED}.")
     return sec
