@@ -537,7 +537,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, fn, help_, also in (
             ("replay", cmd_replay, "replay the test requests of a finished run again (then rebuild its report)",
-             "  cascade replay runs/default --set replay.k=20 --set replay.n_prerank=50"),
+             "  cascade replay runs/default --set replay.k=20 --set replay.n_prerank=50 --update"),
             ("report", cmd_report, "rebuild a finished run's report", "  cascade report runs/tiny -v")):
         q = sub.add_parser(name, parents=[common, lock], help=help_, description=help_[0].upper() + help_[1:] + ". "
                            f"Only the {name} step(s) are redone; the other steps are used as they are (verified).",

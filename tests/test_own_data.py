@@ -344,3 +344,18 @@ def test_messages_for_a_future_time_a_date_as_time_a_spaced_id_and_a_gap_fill_do
                                                   r"\[missing\] fill fills the declared features, and 'brand' is "
                                                   r"mapped as items.author_id without being one"):
         load_custom(mapping)
+
+
+def test_check_names_a_feature_that_gives_the_click_away_as_run_would(tmp_path, capsys):
+    """`--check` runs the data step's leakage guard on the suggested split's train rows: a post-click field declared
+    on the context side is a problem there (exit 2), not only after `cascade run`'s data step."""
+    mapping = own_logs(tmp_path)
+    imp = pd.read_csv(mapping.parent / "impressions.csv")
+    imp.assign(dwell_s=np.where(imp["clicked"] == 1, 30.0, 0.0)).to_csv(mapping.parent / "impressions.csv",
+                                                                         index=False)
+    mapping.write_text(mapping.read_text() + '\n[[features]]\nname = "dwell_s"\ntable = "impressions"\n'
+                                             'kind = "numeric"\nside = "context"\n')
+    assert main(["data", "custom", str(mapping), "--check"]) == 2
+    found = json.loads(capsys.readouterr().out)
+    assert len(found["problems"]) == 1
+    assert "feature 'dwell_s' (side 'context') predicts the click perfectly on the train split" in found["problems"][0]

@@ -244,6 +244,13 @@ def test_rerun_skips_everything_and_a_change_reruns_only_dependants(run_a):
 
     assert main(["report", str(run_dir), "--set", "replay.k=7"]) == 2
     assert A.read_json(run_dir / "config.json")["replay"]["k"] == 5
+    # its refusal offers what a report or replay can do: --update, or a new run by `cascade run` (a replay's
+    # --set run.name is refused)
+    with pytest.raises(RunConfigMismatch, match=r"pass --update \(run_pipeline\(update=True\)\) to redo the steps "
+                                                r"the change affects in this run, or `cascade run CONFIG --set "
+                                                r"run.name=NEW ...` for a new run beside it"):
+        run_pipeline(load_config(TINY, [f"run.runs_dir={json.dumps(str(run_dir.parent))}", *A_SETS, "replay.k=7"]),
+                     force=("report",), progress=False, frozen=tuple(s for s in STEP_NAMES if s != "report"))
 
 
 def test_training_curves_in_the_report_tensorboard_and_mlflow(run_a, tmp_path, monkeypatch):

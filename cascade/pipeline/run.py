@@ -114,10 +114,13 @@ def run_pipeline(cfg: PipelineConfig, force: tuple[str, ...] = (), only: tuple[s
         config_path = run_dir / "config.json"
         diff = run_config_diff(A.read_json(config_path), to_dict(cfg)) if config_path.is_file() else None
         if diff and not update:
+            # a replay or report of a finished run (frozen steps) keeps its name: a new run is `cascade run`'s
+            beside = ("`cascade run CONFIG --set run.name=NEW ...` for a new run beside it" if frozen else
+                      "--set run.name=NEW for a new run beside it")
             raise RunConfigMismatch(
                 f"run {cfg.run.name!r} ({run_dir}) was made with another config ({format_diff(diff)}); a run is never "
-                f"overwritten by a different config: pass --set run.name=NEW for a new run beside it, or --update "
-                f"(run_pipeline(update=True)) to redo the steps the change affects in this run")
+                f"overwritten by a different config: pass --update (run_pipeline(update=True)) to redo the steps the "
+                f"change affects in this run, or {beside}")
         if diff is None or diff:
             A.write_json(config_path, to_dict(cfg))
         threads = torch.get_num_threads()
