@@ -228,6 +228,29 @@ def test_4_every_bad_value_is_named_by_its_dotted_key_when_the_config_is_read(ov
     assert "root:" not in str(e.value)  # report.ablation=/etc/passwd: never its contents
 
 
+@pytest.mark.parametrize("overrides, message", [
+    (["teacher.entire_space.unshown_per_shown=0", 'teacher.entire_space.judge="clicks"'],
+     "teacher.entire_space.judge is set, but unshown_per_shown = 0 trains the plain P(click | shown) teacher, with "
+     "no exposure model: it would do nothing"),
+    (["teacher.entire_space.unshown_per_shown=0", "teacher.entire_space.exposure_weights=[0, 1]"],
+     "teacher.entire_space.exposure_weights is set, but unshown_per_shown = 0"),
+    (["teacher.collaborative_popular_days=[]", "teacher.collaborative_refresh_minutes=30"],
+     "teacher.collaborative_refresh_minutes = 30.0: is set, but collaborative_popular_days = [] searches no "
+     "popularity prior to recount: it would do nothing"),
+    (['index.factory="Flat"', "index.recall_target=0.9"],
+     'index.recall_target = 0.9: is set, but index.factory = "Flat" searches exactly, with no operating point to '
+     "pick: it would do nothing"),
+])
+def test_4_a_setting_its_neighbours_leave_unused_is_refused(overrides, message):
+    """Settings an audit found accepted and unread (two runs differing only in them wrote identical outputs); each
+    alone, with its neighbour at its default, is accepted."""
+    with pytest.raises(ConfigError) as e:
+        load_config(TINY, overrides)
+    assert message in str(e.value)
+    for one in overrides:
+        load_config(TINY, [one])
+
+
 def test_4_bad_values_fail_on_the_command_line_before_any_folder_is_written(tmp_path):
     r = cli("run", str(TINY), "--set", "teacher.train.grad_clip=-1", "--set",
             f"run.runs_dir={json.dumps(str(tmp_path / 'r'))}")

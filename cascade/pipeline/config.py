@@ -280,6 +280,12 @@ class EntireSpaceSection:
                              f"{list(self.exposure_weights)}")
         if self.select_k < 1 or self.select_requests < 1:
             raise ValueError("teacher.entire_space.select_k and select_requests must be >= 1")
+        defaults = EntireSpaceSection.__dataclass_fields__
+        unused = [k for k in ("popularity_share", "w_exposure", "exposure_weights", "exposure_exclude", "judge")
+                  if getattr(self, k) != defaults[k].default]
+        if self.unshown_per_shown == 0 and unused:
+            raise ValueError(f"teacher.entire_space.{unused[0]} is set, but unshown_per_shown = 0 trains the plain "
+                             "P(click | shown) teacher, with no exposure model: it would do nothing")
 
     @property
     def enabled(self) -> bool:
@@ -347,6 +353,10 @@ class TeacherSection:
                 "sides must not name \"history\": set teacher.sequence_length = N instead (the teacher then reads "
                 "the sequence)")
         require(self, "lightgbm_trees", at_least(self.lightgbm_trees, 1), "must be an integer >= 1")
+        require(self, "collaborative_refresh_minutes",
+                bool(self.collaborative_popular_days) or self.collaborative_refresh_minutes == 60.0,
+                "is set, but collaborative_popular_days = [] searches no popularity prior to recount: it would do "
+                "nothing")
         require(self, "lightgbm_max_rows", self.lightgbm_max_rows is None or at_least(self.lightgbm_max_rows, 1),
                 "must be an integer >= 1 or None (all train rows)")
 
@@ -587,6 +597,9 @@ class IndexSection:
                 raise FieldError(type(self).__name__, "factory", self.factory, str(e)) from None
             sizes = {k: v for k, v in spec.items() if k in ("nlist", "M", "m", "nbits", "opq")}
             require(self, "factory", all(v >= 1 for v in sizes.values()), f"sizes {sizes} must be >= 1")
+            require(self, "recall_target", spec["kind"] != "flat" or self.recall_target == 0.95,
+                    "is set, but index.factory = \"Flat\" searches exactly, with no operating point to pick: it "
+                    "would do nothing")
 
 
 #: the K of the teacher-recall@K curves where replay.recall_ks is not set (cut to the retrieval stage's length)
