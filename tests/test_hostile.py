@@ -234,6 +234,9 @@ def test_4_every_bad_value_is_named_by_its_dotted_key_when_the_config_is_read(ov
      "no exposure model: it would do nothing"),
     (["teacher.entire_space.unshown_per_shown=0", "teacher.entire_space.exposure_weights=[0, 1]"],
      "teacher.entire_space.exposure_weights is set, but unshown_per_shown = 0"),
+    (['teacher.entire_space.judge="random_auc"', "teacher.entire_space.select_requests=50"],
+     'teacher.entire_space.select_requests is set, but judge = "random_auc" judges the exposure weight and the '
+     "collaborative term by the random slice's AUC, not by logged clicks: it would do nothing"),
     (["teacher.collaborative_popular_days=[]", "teacher.collaborative_refresh_minutes=30"],
      "teacher.collaborative_refresh_minutes = 30.0: is set, but collaborative_popular_days = [] searches no "
      "popularity prior to recount: it would do nothing"),

@@ -286,6 +286,11 @@ class EntireSpaceSection:
         if self.unshown_per_shown == 0 and unused:
             raise ValueError(f"teacher.entire_space.{unused[0]} is set, but unshown_per_shown = 0 trains the plain "
                              "P(click | shown) teacher, with no exposure model: it would do nothing")
+        logged = [k for k in ("select_k", "select_requests") if getattr(self, k) != defaults[k].default]
+        if self.judge == "random_auc" and logged:
+            raise ValueError(f"teacher.entire_space.{logged[0]} is set, but judge = \"random_auc\" judges the exposure "
+                             "weight and the collaborative term by the random slice's AUC, not by logged clicks: it "
+                             "would do nothing")
 
     @property
     def enabled(self) -> bool:
